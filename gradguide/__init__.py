@@ -1,0 +1,19 @@
+"""gradguide: fast guided sampling for diffusion models.
+
+Implements PixelAsParam (Dinh, Liu & Xu, ICML 2023) and gradient guidance (Guo et al.,
+NeurIPS 2024) next to the guidance methods users already know, built around one step shape:
+per-sample reductions, then one linear combination (see DESIGN.md and :mod:`gradguide.ops`).
+"""
+from . import ops
+from .guidance import APG, CFG, DPS, CFGPlusPlus, CFGZeroStar, Classifier, GuidanceTerm, LookAhead, \
+    NaiveGradient, Rescale
+from .metrics import off_support_ratio
+from .projection import PixelAsParam, project
+from .sampling import StepRecord, sample
+from .schedules import Schedule, Timesteps
+
+__version__ = "0.1.0"
+
+__all__ = ["APG", "CFG", "CFGPlusPlus", "CFGZeroStar", "Classifier", "DPS", "GuidanceTerm", "LookAhead",
+           "NaiveGradient", "PixelAsParam", "Rescale", "Schedule", "StepRecord", "Timesteps", "off_support_ratio",
+           "ops", "project", "sample"]

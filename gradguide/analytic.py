@@ -1,0 +1,123 @@
+"""Models with exact scores, for tests and the demo (SPEC.md §5 "Analytic score for tests").
+
+- :class:`GaussianMixture` — isotropic Gaussian components; exact unconditional and
+  class-conditional ε-predictions at every noise level, and the exact noisy classifier
+  ``log p(y | x_t)``. Classifier guidance at scale 1 (or CFG at w = 1) must reproduce the
+  class-conditional law.
+- :class:`SubspaceGaussian` — ``x_0 = A u``, ``u ~ N(0, I_d)``, ``A`` orthonormal; with
+  ``P = AAᵀ`` the exact score is ``−(1/h)(I − P)x_t − P x_t`` and ``x̂_0 = α P x_t``, so
+  ``∇(gᵀx̂_0) = α P g ∈ span(A)`` (Theorem 1 of the gradient-guidance paper).
+
+Both take ``model(x_t, t, **cond)`` with integer training timesteps ``t`` of a
+:class:`~gradguide.Schedule` and return ε-predictions.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .schedules import Schedule
+
+
+def _abar(schedule: Schedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    a = schedule.alphas_cumprod.to(device=like.device, dtype=like.dtype)
+    return a.index_select(0, t.to(like.device)).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+class GaussianMixture:
+    """A mixture of isotropic Gaussians ``Σ_k π_k N(m_k, v_k I)`` in D dimensions."""
+
+    def __init__(self, schedule: Schedule, weights: Sequence[float], means, variances: Sequence[float]):
+        self.schedule = schedule
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+        self.variances = torch.as_tensor(variances, dtype=torch.float64)
+        if self.means.dim() != 2 or self.means.shape[0] != self.weights.numel() != self.variances.numel():
+            raise ValueError("GaussianMixture: expected weights [K], means [K, D], variances [K]")
+        if abs(float(self.weights.sum()) - 1) > 1e-9 or (self.weights <= 0).any() or (self.variances <= 0).any():
+            raise ValueError("GaussianMixture: weights must be positive and sum to 1; variances positive")
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def num_classes(self) -> int:
+        return self.means.shape[0]
+
+    def _noisy(self, x: torch.Tensor, t: torch.Tensor):
+        """Per component: mean ``a m_k`` and variance ``a² v_k + 1 − ᾱ`` of ``x_t``."""
+        abar = _abar(self.schedule, t, x)                     # [B, 1]
+        a = abar.sqrt()
+        means = a.unsqueeze(1) * self.means.to(x).unsqueeze(0)            # [B, K, D]
+        var = abar * self.variances.to(x).unsqueeze(0) + (1 - abar)       # [B, K]
+        return means, var, (1 - abar).sqrt()
+
+    def log_joint(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``log π_k + log N(x_t; a m_k, var_k I)``, ``[B, K]``."""
+        means, var, _ = self._noisy(x, t)
+        d = x.shape[1]
+        sq = ((x.unsqueeze(1) - means) ** 2).sum(-1)
+        return self.weights.to(x).log() - 0.5 * sq / var - 0.5 * d * torch.log(2 * torch.pi * var)
+
+    def log_prob_class(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **_) -> torch.Tensor:
+        """The exact noisy classifier ``log p(y | x_t)``, ``[B]``."""
+        return torch.log_softmax(self.log_joint(x, t), dim=1).gather(1, y.view(-1, 1)).squeeze(1)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Exact ε-prediction: unconditional, or of class ``y`` (``[B]`` int) when given."""
+        means, var, s = self._noisy(x, t)
+        per_component = -(x.unsqueeze(1) - means) / var.unsqueeze(-1)    # component scores [B, K, D]
+        if y is None:
+            resp = torch.softmax(self.log_joint(x, t), dim=1)
+            score = (resp.unsqueeze(-1) * per_component).sum(1)
+        else:
+            score = per_component.gather(1, y.view(-1, 1, 1).expand(-1, 1, x.shape[1])).squeeze(1)
+        return -s * score
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        """Most probable component of clean samples (t = 0 of the data law)."""
+        var = self.variances.to(x)
+        sq = ((x.unsqueeze(1) - self.means.to(x).unsqueeze(0)) ** 2).sum(-1)
+        log_joint = self.weights.to(x).log() - 0.5 * sq / var - 0.5 * x.shape[1] * var.log()
+        return log_joint.argmax(1)
+
+    def sample_data(self, n: int, y: Optional[int] = None, generator=None) -> torch.Tensor:
+        """Exact draws from the mixture (or from component ``y``)."""
+        if y is None:
+            ks = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        else:
+            ks = torch.full((n,), y, dtype=torch.int64)
+        z = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
+        return self.means[ks] + self.variances[ks].sqrt().unsqueeze(1) * z
+
+
+class SubspaceGaussian:
+    """``x_0 = A u`` with ``A`` ``[D, d]`` orthonormal and ``u ~ N(0, I_d)``; exact ε-prediction."""
+
+    def __init__(self, schedule: Schedule, basis: torch.Tensor):
+        if basis.dim() != 2 or basis.shape[0] < basis.shape[1]:
+            raise ValueError(f"SubspaceGaussian: basis: expected [D, d] with D >= d, got {tuple(basis.shape)}")
+        eye = torch.eye(basis.shape[1], dtype=basis.dtype, device=basis.device)
+        if not torch.allclose(basis.T @ basis, eye, atol=1e-5):
+            raise ValueError("SubspaceGaussian: basis: columns must be orthonormal")
+        self.schedule = schedule
+        self.basis = basis
+
+    @classmethod
+    def random(cls, schedule: Schedule, D: int = 64, d: int = 16, seed: int = 0, dtype=torch.float32):
+        g = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(D, d, generator=g, dtype=torch.float64))
+        return cls(schedule, q.to(dtype))
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        A = self.basis.to(x)
+        return (x @ A) @ A.T
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **_) -> torch.Tensor:
+        abar = _abar(self.schedule, t, x)
+        h = 1 - abar
+        px = self.project(x)
+        score = -(x - px) / h - px
+        return -h.sqrt() * score

@@ -1,0 +1,142 @@
+"""What a guidance term sees of a step, and the four places a term can act.
+
+A term acts at one of four places of the step (SPEC.md §3), in this order:
+
+- ``"branches"`` — combines the conditional and unconditional predictions (CFG and its
+  variants: APG, rescale, CFG-Zero*, CFG++). At most one such term per sampling run.
+- ``"score"`` — shifts the score: ``ε̃ = ε̂ − √(1−ᾱ_t) G`` (G, G_loss, classifier score form).
+- ``"mean"`` — shifts the posterior mean: ``μ += Σ_t s ∇ log p`` (classifier, DDPM mean form).
+- ``"post"`` — shifts ``x_{t−1}`` after the sampler step (DPS).
+
+Each term returns :class:`~gradguide.linear.LinComb` values over the step's operands; the
+step adds its own operands through ``ctx.ops.add`` and asks for gradients through
+``ctx.grad_wrt_input``. No term synchronises with the host or branches on tensor values.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import torch
+
+from ..linear import LinComb, Operands
+from .. import predictions
+
+
+@dataclass
+class StepContext:
+    """One step as the guidance terms see it."""
+    ops: Operands
+    index: int                       # step number (host int: for host-side bookkeeping only)
+    t: torch.Tensor                  # [B] int64 training timesteps given to the model
+    scalars: Dict[str, torch.Tensor]  # 0-d device tensors from the sampler tables
+    cond: dict
+    x: LinComb                       # x_t as an operand
+    x_input: torch.Tensor            # x_t as passed to the model (a grad leaf when needed)
+    state: Dict[str, torch.Tensor]   # tensors carried from the previous step
+    new_state: Dict[str, torch.Tensor] = field(default_factory=dict)
+    tracked_x0: Optional[Callable[[], torch.Tensor]] = None  # x̂_0 with its autograd graph
+    sampler: str = "ddpm"
+    learned_log_var: Optional[torch.Tensor] = None  # ADM learned-range log Σ (elementwise)
+
+    @property
+    def a(self) -> torch.Tensor:
+        """√ᾱ_t (SPEC.md's α(t))."""
+        return self.scalars["sqrt_abar"]
+
+    @property
+    def s(self) -> torch.Tensor:
+        """√(1−ᾱ_t)."""
+        return self.scalars["sqrt_1m_abar"]
+
+    @property
+    def h(self) -> torch.Tensor:
+        """h(t) = 1 − ᾱ_t."""
+        return self.s * self.s
+
+    def eps_of_x0(self, x0: LinComb) -> LinComb:
+        return predictions.eps_from_x0(x0, self.x, self.a, self.s)
+
+    def x0_of_eps(self, eps: LinComb) -> LinComb:
+        return predictions.x0_from_eps(eps, self.x, self.a, self.s)
+
+    def grad_wrt_input(self, objective: torch.Tensor) -> torch.Tensor:
+        """∇_{x_t} of ``objective.sum()`` (objective is per-sample, ``[B]``)."""
+        (g,) = torch.autograd.grad(objective.sum(), self.x_input, retain_graph=True)
+        return g.detach()
+
+
+class GuidanceTerm:
+    """Base class. ``place`` is one of ``"branches"``, ``"score"``, ``"mean"``, ``"post"``."""
+    place: str = "score"
+    needs_cond: bool = False          # needs ``cond=`` (a conditional model)
+    needs_model_grad: bool = False    # needs autograd through the model (a VJP)
+    needs_input_grad: bool = False    # needs autograd w.r.t. x_t (not through the model)
+    name: str = "guidance"
+
+    def bind(self, shape, device, dtype, sampler: str) -> "GuidanceTerm":
+        """Check this term against a run (batch ``shape``, device, dtype, sampler) and return
+        the term to use for it (a bound copy where inputs are prepared). Raises clear errors
+        naming the argument that does not fit."""
+        return self
+
+    def initial_state(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Tensors this term carries from step to step (zeros before the first step)."""
+        return {}
+
+    # one of these, according to ``place``
+    def branches(self, ctx: StepContext, eps_c: LinComb, eps_u: LinComb):
+        raise NotImplementedError(f"{type(self).__name__} does not combine branches")
+
+    def score(self, ctx: StepContext, x0: LinComb) -> LinComb:
+        raise NotImplementedError(f"{type(self).__name__} does not shift the score")
+
+    def mean(self, ctx: StepContext) -> LinComb:
+        raise NotImplementedError(f"{type(self).__name__} does not shift the mean")
+
+    def post(self, ctx: StepContext, x0: LinComb) -> LinComb:
+        raise NotImplementedError(f"{type(self).__name__} does not shift x_(t-1)")
+
+
+def check_number(name: str, value, low=None, high=None, owner: str = "") -> float:
+    where = f"{owner}: " if owner else ""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        raise TypeError(f"{where}{name}: expected a number, got {value!r}")
+    if low is not None and value < low or high is not None and value > high:
+        raise ValueError(f"{where}{name}: expected a value in [{low}, {high}], got {value!r}")
+    return float(value)
+
+
+def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    """``num/den`` where ``den > 0``, else 0 (zero-norm partners are handled per sample)."""
+    ok = den > 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def batch_tensor(name: str, value, shape, device, dtype, owner: str) -> torch.Tensor:
+    """A ``[B]`` tensor from a number or a ``[B]`` tensor, checked against the batch."""
+    b = shape[0]
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return torch.full((b,), float(value), device=device, dtype=dtype)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{owner}: {name}: expected a number or a [B] tensor, got {type(value).__name__}")
+    if value.shape != (b,):
+        raise ValueError(f"{owner}: {name}: expected shape [B] = [{b}], got {tuple(value.shape)}")
+    if value.device != torch.device(device):
+        raise ValueError(f"{owner}: {name}: on {value.device}, but the samples are on {device}")
+    return value.to(dtype)
+
+
+def sample_like(name: str, value, shape, device, owner: str) -> torch.Tensor:
+    """A tensor shaped like the batch, from one that is or broadcasts to it."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{owner}: {name}: expected a tensor, got {type(value).__name__}")
+    if value.device != torch.device(device):
+        raise ValueError(f"{owner}: {name}: on {value.device}, but the samples are on {device}")
+    if not value.is_floating_point():
+        raise TypeError(f"{owner}: {name}: expected a floating tensor, got {value.dtype}")
+    try:
+        return value.expand(shape)
+    except RuntimeError:
+        raise ValueError(f"{owner}: {name}: shape {tuple(value.shape)} does not broadcast to the batch "
+                         f"shape {tuple(shape)}") from None

@@ -1,0 +1,142 @@
+"""Linear combinations of a step's operands: the algebra every rule is written in.
+
+A guided step (DESIGN.md) is: K operand tensors (``x_t``, model outputs, guidance
+gradients, noise, ...), one ``reduce`` pass giving the per-sample Gram matrix and sums, a
+tiny coefficient program, and one ``combine`` pass. Rules (CFG variants, G / G_loss,
+PixelAsParam projections, samplers) never touch the big tensors: they manipulate
+:class:`LinComb` values, i.e. coefficient vectors ``[B, G, K]`` meaning
+``sum_k coef[:, :, k] * operand_k``, and ask :class:`Operands` for inner products, which it
+answers from the Gram matrix (``<u, v> = u^T Gram v``). Everything here is tensor algebra on
+tiny tensors: no host synchronisation, no branching on tensor values.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+
+from . import ops
+
+
+class LinComb:
+    """``sum_k coef[b, g, k] * operand_k[b, g]`` over the operands of one :class:`Operands`."""
+
+    __slots__ = ("space", "coef")
+
+    def __init__(self, space: "Operands", coef: torch.Tensor):
+        self.space = space
+        self.coef = coef
+
+    def _padded(self, k: int) -> torch.Tensor:
+        have = self.coef.shape[-1]
+        return self.coef if have == k else torch.nn.functional.pad(self.coef, (0, k - have))
+
+    def _scale(self, s) -> torch.Tensor:
+        """Turn a scalar, a 0-d tensor, a per-sample ``[B]`` or per-group ``[B, G]`` factor into
+        something that broadcasts against ``coef``."""
+        if not isinstance(s, torch.Tensor):
+            return s
+        if s.dim() == 0:
+            return s
+        if s.dim() == 1:
+            return s.reshape(-1, 1, 1)
+        if s.dim() == 2:
+            return s.unsqueeze(-1)
+        raise ValueError(f"a LinComb factor must be a scalar, [B] or [B, G]; got shape {tuple(s.shape)}")
+
+    def __add__(self, other: "LinComb") -> "LinComb":
+        k = max(self.coef.shape[-1], other.coef.shape[-1])
+        return LinComb(self.space, self._padded(k) + other._padded(k))
+
+    def __sub__(self, other: "LinComb") -> "LinComb":
+        k = max(self.coef.shape[-1], other.coef.shape[-1])
+        return LinComb(self.space, self._padded(k) - other._padded(k))
+
+    def __neg__(self) -> "LinComb":
+        return LinComb(self.space, -self.coef)
+
+    def __mul__(self, s) -> "LinComb":
+        return LinComb(self.space, self.coef * self._scale(s))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, s) -> "LinComb":
+        return LinComb(self.space, self.coef / self._scale(s))
+
+
+class Operands:
+    """The operand tensors of one step, with their Gram matrix computed lazily by ``ops.reduce``.
+
+    ``groups`` > 1 gives per-(sample, group) statistics (PixelAsParam's per-channel
+    granularity); ``dot(..., per="sample")`` sums them back to per-sample values.
+    ``compute_dtype`` is the dtype of coefficients (float64 for float64 operands, else float32).
+    """
+
+    def __init__(self, like: torch.Tensor, groups: int = 1, backend: str = "reference"):
+        self.batch = like.shape[0]
+        self.shape = like.shape
+        self.groups = groups
+        self.backend = backend
+        self.device = like.device
+        self.dtype = like.dtype
+        self.compute_dtype = ops.reference.accumulation_dtype(like.dtype)
+        self.tensors: List[torch.Tensor] = []
+        self.names: List[str] = []
+        self._gram = None
+        self._sums = None
+
+    # -- building ---------------------------------------------------------------------------
+    def add(self, name: str, tensor: torch.Tensor) -> LinComb:
+        """Register an operand; returns it as a LinComb (unit coefficient)."""
+        if tensor.shape != self.shape:
+            raise ValueError(f"{name}: expected shape {tuple(self.shape)}, got {tuple(tensor.shape)}")
+        self.tensors.append(tensor.to(self.dtype))
+        self.names.append(name)
+        k = len(self.tensors)
+        coef = torch.zeros(self.batch, 1, k, device=self.device, dtype=self.compute_dtype)
+        coef[:, :, k - 1] = 1.0
+        return LinComb(self, coef)
+
+    def zero(self) -> LinComb:
+        return LinComb(self, torch.zeros(self.batch, 1, max(len(self.tensors), 1),
+                                         device=self.device, dtype=self.compute_dtype))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.tensors[self.names.index(name)]
+
+    # -- statistics -------------------------------------------------------------------------
+    def _reduced(self):
+        if self._gram is None or self._gram.shape[-1] != len(self.tensors):
+            self._gram, self._sums = ops.reduce(self.tensors, self.groups, backend=self.backend)
+        return self._gram, self._sums
+
+    def _full(self, u: LinComb) -> torch.Tensor:
+        return u._padded(len(self.tensors)).expand(self.batch, self.groups, -1)
+
+    def dot(self, u: LinComb, v: LinComb, per: str = "sample") -> torch.Tensor:
+        """Inner product ``<u, v>``: ``[B]`` (per sample) or ``[B, G]`` (per group)."""
+        gram, _ = self._reduced()
+        d = torch.einsum("bgk,bgkl,bgl->bg", self._full(u), gram, self._full(v))
+        return d.sum(1) if per == "sample" else d
+
+    def norm2(self, u: LinComb, per: str = "sample") -> torch.Tensor:
+        return self.dot(u, u, per).clamp_min(0.0)  # exact algebra can round to tiny negatives
+
+    def total(self, u: LinComb, per: str = "sample") -> torch.Tensor:
+        """Sum of the elements of ``u``: ``[B]`` or ``[B, G]``."""
+        _, sums = self._reduced()
+        s = (self._full(u) * sums).sum(-1)
+        return s.sum(1) if per == "sample" else s
+
+    def numel(self, per: str = "sample") -> int:
+        n = self.tensors[0][0].numel()
+        return n if per == "sample" else n // self.groups
+
+    # -- materialising ----------------------------------------------------------------------
+    def combine(self, u: LinComb, out: Optional[torch.Tensor] = None, clamp=None) -> torch.Tensor:
+        coef = self._full(u)
+        return ops.combine(coef, self.tensors, out=out, clamp=clamp, backend=self.backend)
+
+    def materialize(self, name: str, u: LinComb, clamp=None) -> LinComb:
+        """Write ``u`` out as a new operand (needed where a rule is not linear, e.g. clipping)."""
+        return self.add(name, self.combine(u, clamp=clamp))

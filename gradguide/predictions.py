@@ -1,0 +1,54 @@
+"""Model-output parametrisations (SPEC.md §1) and their conversions.
+
+With ``a = √ᾱ_t`` and ``s = √(1−ᾱ_t)``: ``x_t = a x_0 + s ε`` and ``v = a ε − s x_0``, so
+every conversion is affine in ``(x_t, output)``. The functions work on tensors and on
+:class:`~gradguide.linear.LinComb` values alike (the guided step uses the latter), with the
+tensor-like argument first so both types' operators apply.
+"""
+from __future__ import annotations
+
+PREDICTIONS = ("eps", "x0", "v")
+VARIANCES = ("fixed-small", "fixed-large", "learned-range")
+
+
+def check_prediction(prediction: str) -> str:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction: expected one of {PREDICTIONS}, got {prediction!r}")
+    return prediction
+
+
+def eps_from(prediction: str, out, x, a, s):
+    """ε̂ from a model output. ``a = √ᾱ``, ``s = √(1−ᾱ)``."""
+    if prediction == "eps":
+        return out
+    if prediction == "x0":
+        return (x - out * a) / s
+    return x * s + out * a  # v: ε = √(1−ᾱ) x_t + √ᾱ v
+
+
+def x0_from(prediction: str, out, x, a, s):
+    """x̂_0 from a model output (Tweedie for ε: ``(x_t − √(1−ᾱ) ε̂)/√ᾱ``)."""
+    if prediction == "eps":
+        return (x - out * s) / a
+    if prediction == "x0":
+        return out
+    return x * a - out * s  # v: x_0 = √ᾱ x_t − √(1−ᾱ) v
+
+
+def x0_from_eps(eps, x, a, s):
+    return (x - eps * s) / a
+
+
+def eps_from_x0(x0, x, a, s):
+    return (x - x0 * a) / s
+
+
+def v_from(eps, x0, a, s):
+    """``v = √ᾱ ε − √(1−ᾱ) x_0``."""
+    return eps * a - x0 * s
+
+
+def learned_range_log_variance(v_channels, log_var_min, log_var_max):
+    """ADM's learned-range variance: ``log Σ = f log β_t + (1−f) log β̃_t``, ``f = (v+1)/2``."""
+    frac = (v_channels + 1) / 2
+    return frac * log_var_max + (1 - frac) * log_var_min

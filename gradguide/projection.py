@@ -1,0 +1,164 @@
+"""PixelAsParam (Dinh, Liu & Xu, ICML 2023): guidance terms as conflicting update directions.
+
+Pixels are the parameters; each additive term of a sampling step is an update direction.
+For DDPM with classifier guidance (SPEC.md §4):
+
+    x_{t−1} = c2 x_t + g_den + g_cls + g_div,  g_den = c1 x̂_0, g_cls = s Σ_t ∇log p, g_div = σ_t z.
+
+When two directions conflict (negative inner product, per sample), project one against the
+other: ``PC_δ(a|b) = a − δ min(0, <a,b>)/‖b‖² b``; ``a`` is unchanged where ``‖b‖ = 0`` (per
+sample). Each member of a pair is projected against the *original* other member.
+
+- Policy A (conditional model + classifier): ``g_cls' = PC(g_cls|g_den)``, ``g_den' = PC(g_den|g_cls)``.
+- Policy B (unconditional model + classifier): A, then ``g_cls'' = PC(g_cls'|g_div)``,
+  ``g_div' = PC(g_div|g_cls)``.
+- Policy C (classifier-free guidance, in x̂_0 space): ``Δ = w'(x̂_0c − x̂_0u)`` (``w' = w − 1``),
+  ``x̂_0 = clip(PC_δ1(x̂_0c|Δ) + PC_δ2(Δ|x̂_0c))``, then the sampler step.
+- ``pcgrad=True``: N-way PCGrad (Yu et al. 2020) over the denoising direction, each guidance
+  term's direction and (policy B) the noise, each projected in turn against every other
+  original direction; the denoising–diversity pair is never projected. With one guidance
+  term it equals policy A (or B) exactly.
+
+**Other samplers.** Every sampler here writes its step as
+``x_{t−1} = c_x x_t + c_0 x̂_0 + c_h x̂_0^{prev} + σ z`` (see :mod:`gradguide.samplers`). The
+directions are the terms' contributions to ``x_{t−1}``: ``g_den = c_0 x̂_0`` (the prediction
+before score-level guidance), each guidance direction is its own contribution (for a score
+shift G: ``c_0 (1−ᾱ_t)/√ᾱ_t G``; for a mean shift, the shift itself; for DPS its update),
+``g_div = σ z``, and ``c_x x_t + c_h x̂_0^{prev}`` is never touched. For DDPM
+(``c_x = c2``, ``c_0 = c1``) this is exactly the formulas above; for DDIM and DPM-Solver++
+it is the same policy applied to the same decomposition. Policy C acts in x̂_0 space and
+applies to every sampler unchanged.
+
+**Telemetry** (the paper's gradient-view plots): per step and per pair, per-sample cosine
+similarity, the share of samples with cos < 0 and ``Φ = 2‖a‖‖b‖/(‖a‖² + ‖b‖²)``.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+import torch
+
+from .guidance.base import check_number, safe_div
+from .linear import LinComb, Operands
+
+POLICIES = ("A", "B", "C")
+GRANULARITIES = ("sample", "channel")
+
+
+def pc(ops: Operands, a: LinComb, b: LinComb, delta=1.0, per: str = "sample") -> LinComb:
+    """``PC_δ(a|b) = a − δ min(0, <a,b>)/‖b‖² b``, per sample (or per group); ``a`` where ``‖b‖ = 0``."""
+    factor = safe_div(ops.dot(a, b, per).clamp(max=0.0), ops.norm2(b, per))
+    return a - b * (factor * delta)
+
+
+def pair_telemetry(ops: Operands, a: LinComb, b: LinComb) -> Dict[str, torch.Tensor]:
+    """Per-sample cosine, the share of samples with cos < 0, and Φ for directions ``a``, ``b``."""
+    aa, bb, ab = ops.norm2(a), ops.norm2(b), ops.dot(a, b)
+    cos = safe_div(ab, (aa * bb).sqrt())
+    phi = safe_div(2 * (aa * bb).sqrt(), aa + bb)
+    return {"cos": cos, "conflict_share": (cos < 0).to(cos.dtype).mean(), "phi": phi}
+
+
+def step_telemetry(ops: Operands, den: LinComb, guide: Optional[LinComb], div: Optional[LinComb]):
+    pairs = {}
+    if guide is not None:
+        pairs["den/cls"] = pair_telemetry(ops, den, guide)
+        if div is not None:
+            pairs["cls/div"] = pair_telemetry(ops, guide, div)
+    if div is not None:
+        pairs["den/div"] = pair_telemetry(ops, den, div)
+    return pairs
+
+
+class PixelAsParam:
+    """PixelAsParam projection, passed to :func:`gradguide.sample` as ``projection=``.
+
+    ``policy``: ``"A"``, ``"B"`` or ``"C"`` (see the module doc). ``delta``: δ of every
+    projection (policy C's δ1); ``delta2``: policy C's δ2 (defaults to ``delta``).
+    ``granularity``: conflicts tested per ``"sample"`` (the paper) or per ``"channel"`` (per
+    sample and channel, which the authors also tried). ``pcgrad``: N-way PCGrad over all
+    guidance directions (policies A and B).
+    """
+
+    def __init__(self, policy: str = "A", delta: float = 1.0, delta2: Optional[float] = None,
+                 granularity: str = "sample", pcgrad: bool = False):
+        if policy not in POLICIES:
+            raise ValueError(f"PixelAsParam: policy: expected one of {POLICIES}, got {policy!r}")
+        if granularity not in GRANULARITIES:
+            raise ValueError(f"PixelAsParam: granularity: expected one of {GRANULARITIES}, got {granularity!r}")
+        if pcgrad and policy == "C":
+            raise ValueError("PixelAsParam: pcgrad applies to policies A and B (policy C is a single pair)")
+        self.policy = policy
+        self.delta = check_number("delta", delta, 0.0, owner="PixelAsParam")
+        self.delta2 = self.delta if delta2 is None else check_number("delta2", delta2, 0.0, owner="PixelAsParam")
+        self.granularity = granularity
+        self.pcgrad = bool(pcgrad)
+
+    @property
+    def per(self) -> str:
+        return "sample" if self.granularity == "sample" else "group"
+
+    def groups(self, shape) -> int:
+        if self.granularity == "sample":
+            return 1
+        if len(shape) < 3:
+            raise ValueError(f"PixelAsParam: granularity='channel' needs samples shaped [B, C, ...], got {tuple(shape)}")
+        return int(shape[1])
+
+    def __repr__(self) -> str:
+        return (f"PixelAsParam(policy={self.policy!r}, delta={self.delta}, delta2={self.delta2}, "
+                f"granularity={self.granularity!r}, pcgrad={self.pcgrad})")
+
+    # -- policies A and B: on the step's directions ------------------------------------------
+    def project_directions(self, ops: Operands, den: LinComb, guides: List[LinComb], div: LinComb) -> LinComb:
+        """The sum of the projected directions (``den + guidance + div``, projected)."""
+        if self.pcgrad:
+            return self._pcgrad(ops, den, guides, div)
+        cls = guides[0]
+        for g in guides[1:]:
+            cls = cls + g
+        cls1 = pc(ops, cls, den, self.delta, self.per)
+        den1 = pc(ops, den, cls, self.delta, self.per)
+        if self.policy == "A":
+            return den1 + cls1 + div
+        cls2 = pc(ops, cls1, div, self.delta, self.per)
+        div1 = pc(ops, div, cls, self.delta, self.per)
+        return den1 + cls2 + div1
+
+    def _pcgrad(self, ops: Operands, den: LinComb, guides: List[LinComb], div: LinComb) -> LinComb:
+        directions = [("den", den)] + [(f"cls{j}", g) for j, g in enumerate(guides)]
+        if self.policy == "B":
+            directions.append(("div", div))
+        total = None
+        for name_i, d_i in directions:
+            projected = d_i
+            for name_j, d_j in directions:
+                if name_j == name_i or {name_i, name_j} == {"den", "div"}:
+                    continue
+                projected = pc(ops, projected, d_j, self.delta, self.per)
+            total = projected if total is None else total + projected
+        return total if self.policy == "B" else total + div
+
+    # -- policy C: on the two CFG branches in x̂_0 space --------------------------------------
+    def combine_cfg(self, ops: Operands, x0_cond: LinComb, x0_uncond: LinComb, scale: float):
+        """Policy C's ``x̂_0 = PC_δ1(x̂_0c|Δ) + PC_δ2(Δ|x̂_0c)``, ``Δ = (w − 1)(x̂_0c − x̂_0u)``,
+        and the pair's telemetry."""
+        delta = (x0_cond - x0_uncond) * (scale - 1.0)
+        x0 = pc(ops, x0_cond, delta, self.delta, self.per) + pc(ops, delta, x0_cond, self.delta2, self.per)
+        return x0, {"cond/cfg": pair_telemetry(ops, x0_cond, delta)}
+
+
+def project(a: torch.Tensor, b: torch.Tensor, delta: float = 1.0, granularity: str = "sample",
+            backend: str = "auto") -> torch.Tensor:
+    """``PC_δ(a|b) = a − δ min(0, <a,b>)/‖b‖² b`` per sample (``granularity="channel"``: per
+    sample and channel); ``a`` unchanged for samples where ``‖b‖ = 0``."""
+    from . import ops as _ops
+    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        raise TypeError("project: a and b must be tensors")
+    _ops.check_operands([a, b], name="project(a, b)")
+    if a.dim() < 2:
+        raise ValueError(f"project: a: expected a batch [B, ...] with at least 2 dimensions, got {tuple(a.shape)}")
+    proj = PixelAsParam("A", delta=delta, granularity=granularity)
+    space = Operands(a, groups=proj.groups(a.shape), backend=_ops.resolve_backend(backend, a.device))
+    ua, ub = space.add("a", a), space.add("b", b)
+    return space.combine(pc(space, ua, ub, delta, proj.per))

@@ -1,0 +1,428 @@
+"""``gradguide.sample``: the guided sampling loop.
+
+One step, for every sampler and guidance combination (DESIGN.md):
+
+1. **operands** — ``x_t``, the model output(s), guidance gradients, noise, carried state;
+2. **reduce** — the per-sample Gram matrix and sums, computed lazily by
+   :class:`~gradguide.linear.Operands` the first time a rule asks for an inner product;
+3. **coefficients** — guidance terms, the sampler's scalars and the projection policy turn
+   them into one :class:`~gradguide.linear.LinComb` for ``x_{t−1}``;
+4. **combine** — one pass writes ``x_{t−1}``.
+
+Nothing in a step reads a tensor value on the host: per-step scalars come from a device
+table indexed by a device step index, and which steps draw noise is known from the host-side
+tables. ``check_sync=True`` enforces this (see :mod:`gradguide.debug`).
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+
+from . import ops, predictions
+from .debug import forbid_host_sync
+from .guidance.base import GuidanceTerm, StepContext
+from .linear import LinComb, Operands
+from .projection import PixelAsParam, step_telemetry
+from .samplers import SAMPLERS, SamplerTables, build
+from .schedules import Schedule, Timesteps
+
+
+@dataclass
+class StepRecord:
+    """What a callback receives after each step (tensors stay on the device; no sync)."""
+    index: int                 # step number, 0 = noisiest
+    timestep: int              # training timestep of this step
+    x: torch.Tensor            # x_{t−1}
+    x0: torch.Tensor           # the guided prediction x̂_0 used by the step
+    telemetry: Dict[str, Dict[str, torch.Tensor]]  # per pair: cos [B], conflict_share [], phi [B]
+    backend: str               # the ops backend that ran
+
+
+@dataclass
+class _Run:
+    """Everything fixed for a sampling run, validated once before the first step."""
+    model: Callable
+    shape: tuple
+    device: torch.device
+    dtype: torch.dtype
+    tables: SamplerTables
+    table_rows: torch.Tensor
+    table_index: Dict[str, int]
+    timesteps_dev: torch.Tensor
+    prediction: str
+    branch: Optional[GuidanceTerm]
+    score_terms: List[GuidanceTerm]
+    mean_terms: List[GuidanceTerm]
+    post_terms: List[GuidanceTerm]
+    projection: Optional[PixelAsParam]
+    cond: dict
+    clip: Optional[tuple]
+    backend: str
+    telemetry: bool
+    generator: object
+    groups: int = 1
+    needs_model_grad: bool = False
+    needs_input_grad: bool = False
+    variance_channels: bool = False
+    step_ids: torch.Tensor = field(default=None)
+    timestep_list: List[int] = field(default_factory=list)
+
+
+def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler: str = "ddpm",
+           steps=None, eta: float = 0.0, guidance: Union[GuidanceTerm, Sequence[GuidanceTerm]] = (),
+           projection: Optional[PixelAsParam] = None, cond: Optional[dict] = None,
+           x_T: Optional[torch.Tensor] = None, generator=None, backend: str = "auto", graph: bool = False,
+           callback: Optional[Callable[[StepRecord], None]] = None, prediction: str = "eps",
+           variance: str = "fixed-small", clip=None, spacing: str = "adm", timesteps: Optional[Timesteps] = None,
+           device=None, dtype: Optional[torch.dtype] = None, telemetry: bool = False, progress: bool = False,
+           check_sync: bool = False) -> torch.Tensor:
+    """Draw samples from a diffusion model with guidance.
+
+    ``model(x_t, t, **cond)`` returns the model's prediction (``prediction``: ``"eps"``,
+    ``"x0"`` or ``"v"``; with ``variance="learned-range"`` twice the channels, ADM style);
+    ``t`` is an int64 ``[B]`` tensor of original training timesteps (0-based).
+
+    ``sampler``: ``"ddpm"``, ``"ddim"`` (with ``eta``) or ``"dpmpp-2m"``. ``steps``: ``None``
+    (all T), a count, an ADM section string, or explicit timesteps; ``spacing``: ``"adm"``
+    (default), ``"leading"``, ``"trailing"``, ``"linspace"``; ``timesteps`` overrides both.
+    ``guidance``: one term or several (:mod:`gradguide.guidance`); ``projection``: a
+    :class:`~gradguide.PixelAsParam`. ``cond``: inputs passed to the model and guidance terms.
+    ``x_T``: the initial noise (default: drawn with ``generator``; a list of B generators
+    draws each sample's noise from its own). ``clip``: ``None`` (default), ``True`` for
+    [−1, 1], or ``(low, high)``: clips x̂_0 (image models). ``backend``: ops backend.
+    ``callback(record)``: called after every step with a :class:`StepRecord`; ``telemetry``:
+    fill in the PixelAsParam conflict telemetry even without a projection.
+    ``graph``: capture the step as a CUDA graph (CUDA only; on CPU a notice and eager).
+    ``check_sync``: raise if any step synchronises with the host.
+    Returns the samples ``x_0``, shaped ``shape``.
+    """
+    run = _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, cond, x_T, generator,
+                   backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry)
+    if graph:
+        if run.device.type != "cuda":
+            warnings.warn("graph=True: CUDA graphs need a CUDA device; sampling eagerly on "
+                          f"{run.device.type}", stacklevel=2)
+        else:
+            raise ValueError("graph=True: CUDA-graph capture of the sampling loop is not available in this "
+                             "version; use graph=False")
+    x = x_T.to(run.dtype) if x_T is not None else _noise(run.shape, run.generator, run.device, run.dtype)
+    state = _initial_state(run, x)
+    n = len(run.tables.timesteps)
+    bar = _progress(n, progress)
+    for i in range(n):
+        with forbid_host_sync() if check_sync else contextlib.nullcontext():
+            x, state, record = _step(run, x, i, state, want_record=callback is not None)
+        if callback is not None:
+            callback(record)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return x
+
+
+# -- one step -------------------------------------------------------------------------------
+
+def _step(run: _Run, x: torch.Tensor, i: int, state: Dict[str, torch.Tensor], want_record: bool):
+    with torch.set_grad_enabled(run.needs_input_grad):
+        return _step_body(run, x, i, state, want_record)
+
+
+def _step_body(run: _Run, x: torch.Tensor, i: int, state: Dict[str, torch.Tensor], want_record: bool):
+    idx = run.step_ids[i:i + 1]
+    column = run.table_rows.index_select(1, idx).squeeze(1)
+    scalars = {name: column[j] for name, j in run.table_index.items()}
+    b = run.shape[0]
+    t = run.timesteps_dev.index_select(0, idx).expand(b)
+    ops_ = Operands(x, groups=run.groups, backend=run.backend)
+    x_input = x.detach().requires_grad_(True) if run.needs_input_grad else x
+    model_input = x_input if run.needs_model_grad else x.detach()
+    tracked = {"x": x_input}
+    X = ops_.add("x", x.detach())
+    ctx = StepContext(ops=ops_, index=i, t=t, scalars=scalars, cond=run.cond, x=X, x_input=x_input,
+                      state=state, sampler=run.tables.name)
+
+    # model branches -> ε forms
+    out_c, log_var = _call_model(run, model_input, t, run.cond, "model(x_t, t, **cond)")
+    ctx.learned_log_var = _learned_log_var(run, log_var, scalars)
+    eps_c = _eps_form(run, ctx, ops_.add("model_cond", out_c.detach()), X)
+    tracked["model_cond"] = out_c
+    renoise = None
+    telemetry = {}
+    if run.branch is not None:
+        out_u, _ = _call_model(run, model_input, t, run.branch.uncond_inputs(run.cond), "model(x_t, t, **uncond)")
+        eps_u = _eps_form(run, ctx, ops_.add("model_uncond", out_u.detach()), X)
+        tracked["model_uncond"] = out_u
+        if run.projection is not None and run.projection.policy == "C":
+            x0_pre, telemetry = run.projection.combine_cfg(ops_, ctx.x0_of_eps(eps_c), ctx.x0_of_eps(eps_u),
+                                                           run.branch.scale)
+            eps_pre = ctx.eps_of_x0(x0_pre)
+        else:
+            eps_pre, renoise = run.branch.branches(ctx, eps_c, eps_u)
+            x0_pre = ctx.x0_of_eps(eps_pre)
+    else:
+        eps_pre, x0_pre = eps_c, ctx.x0_of_eps(eps_c)
+    ctx.tracked_x0 = _tracked_x0(ops_, tracked, x0_pre)
+
+    # score-level guidance: ε̃ = ε̂ − √(1−ᾱ) Σ G  <=>  x̂_0 += (1−ᾱ)/√ᾱ Σ G
+    score_shifts = [term.score(ctx, x0_pre) * (ctx.h / ctx.a) for term in run.score_terms]
+    x0_guided = _sum(x0_pre, score_shifts)
+    if run.clip is not None:
+        x0_pre = ops_.materialize("x0_clipped", x0_pre, clamp=run.clip)
+        x0_guided = ops_.materialize("x0_guided_clipped", x0_guided, clamp=run.clip) if score_shifts else x0_pre
+        score_shifts = [x0_guided - x0_pre] if score_shifts else []
+
+    # the sampler step as directions: base (untouched), denoising, guidance, diversity
+    c_0 = scalars["c_0"]
+    base = X * scalars["c_x"]
+    if run.tables.multistep:
+        base = base + ops_.add("x0_prev", state["x0_prev"]) * scalars["c_h"]
+    den = x0_pre * c_0
+    if renoise is not None:  # CFG++: re-noise with ε_u instead of the ε consistent with x̂_0
+        a_e = scalars["c_x"] * ctx.s
+        den = den + (renoise - ctx.eps_of_x0(x0_guided)) * a_e
+    guides = [shift * c_0 for shift in score_shifts]
+    guides += [term.mean(ctx) for term in run.mean_terms]
+    guides += [term.post(ctx, x0_pre) for term in run.post_terms]
+    div = _diversity(run, ctx, i)
+
+    if run.projection is not None and run.projection.policy != "C":
+        x_next = base + run.projection.project_directions(ops_, den, guides, div)
+    else:
+        x_next = _sum(base + den, guides) + div
+    if run.telemetry or run.projection is not None:
+        telemetry.update(step_telemetry(ops_, den, _sum(None, guides) if guides else None,
+                                        div if run.tables.draws_noise[i] else None))
+
+    x_new = ops_.combine(x_next)
+    new_state = dict(ctx.new_state)
+    x0_tensor = None
+    if run.tables.multistep or want_record:
+        x0_tensor = ops_.combine(x0_guided)
+    if run.tables.multistep:
+        new_state["x0_prev"] = x0_tensor
+    for key, value in state.items():
+        new_state.setdefault(key, value)
+    record = None
+    if want_record:
+        record = StepRecord(index=i, timestep=run.timestep_list[i], x=x_new, x0=x0_tensor,
+                            telemetry=telemetry, backend=run.backend)
+    return x_new, new_state, record
+
+
+def _sum(first: Optional[LinComb], rest: List[LinComb]) -> LinComb:
+    total = first
+    for r in rest:
+        total = r if total is None else total + r
+    return total
+
+
+def _call_model(run: _Run, x_in: torch.Tensor, t: torch.Tensor, inputs: dict, what: str):
+    out = run.model(x_in, t, **inputs)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"model: {what} returned {type(out).__name__}, expected a tensor")
+    learned = run.tables.learned_variance or run.variance_channels
+    expected = (run.shape[0], run.shape[1] * 2) + tuple(run.shape[2:]) if learned else tuple(run.shape)
+    if tuple(out.shape) != expected:
+        raise ValueError(f"model: {what} returned shape {tuple(out.shape)}, expected {expected}"
+                         + (" (learned-range variance: twice the channels)" if learned else ""))
+    if learned:
+        out, var_channels = out.split(run.shape[1], dim=1)
+        return out.to(run.dtype), var_channels
+    return out.to(run.dtype), None
+
+
+def _learned_log_var(run: _Run, var_channels, scalars):
+    if var_channels is None or not run.tables.learned_variance:
+        return None
+    return predictions.learned_range_log_variance(var_channels.detach().to(run.dtype),
+                                                  scalars["log_var_min"], scalars["log_var_max"])
+
+
+def _eps_form(run: _Run, ctx: StepContext, out: LinComb, X: LinComb) -> LinComb:
+    return predictions.eps_from(run.prediction, out, X, ctx.a, ctx.s)
+
+
+def _tracked_x0(ops_: Operands, tracked: Dict[str, torch.Tensor], x0: LinComb):
+    """x̂_0 with its autograd graph: the same combination, over the grad-tracked operands.
+    The coefficients are constants here (see :mod:`gradguide.guidance.gradient`)."""
+    cache = {}
+    coef = x0.coef.detach()
+
+    def compute():
+        if "x0" not in cache:
+            tensors = [tracked.get(name, tensor) for name, tensor in zip(ops_.names, ops_.tensors)]
+            k = len(tensors)
+            c = torch.nn.functional.pad(coef, (0, k - coef.shape[-1])).expand(ops_.batch, ops_.groups, -1)
+            cache["x0"] = ops.reference.combine(c, tensors)
+        return cache["x0"]
+    return compute
+
+
+def _diversity(run: _Run, ctx: StepContext, i: int) -> LinComb:
+    if not run.tables.draws_noise[i]:
+        return ctx.ops.zero()
+    z = _noise(run.shape, run.generator, run.device, run.dtype)
+    if ctx.learned_log_var is not None:
+        z = torch.exp(0.5 * ctx.learned_log_var) * z
+    return ctx.ops.add("noise", z) * ctx.scalars["sigma"]
+
+
+def _noise(shape, generator, device, dtype) -> torch.Tensor:
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype)
+                            for g in generator])
+    return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+
+
+def _initial_state(run: _Run, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    state = {}
+    if run.tables.multistep:
+        state["x0_prev"] = torch.zeros_like(x)
+    for term in [run.branch] + run.score_terms + run.mean_terms + run.post_terms:
+        if term is not None:
+            state.update(term.initial_state(x))
+    return state
+
+
+def _progress(n: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=n, desc="sampling", unit="step")
+
+
+# -- validation -----------------------------------------------------------------------------
+
+def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, cond, x_T, generator,
+             backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry) -> _Run:
+    if not callable(model):
+        raise TypeError(f"model: expected a callable model(x_t, t, **cond), got {type(model).__name__}")
+    if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) < 2 or \
+            not all(isinstance(s, int) and not isinstance(s, bool) and s >= 1 for s in shape):
+        raise ValueError(f"shape: expected a batch shape (B, ...) of positive integers with at least 2 "
+                         f"dimensions, got {shape!r}")
+    shape = tuple(shape)
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule: expected a gradguide.Schedule, got {type(schedule).__name__}")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
+    if backend not in ops.BACKENDS:
+        raise ValueError(f"backend: expected one of {ops.BACKENDS}, got {backend!r}")
+    predictions.check_prediction(prediction)
+    if variance not in predictions.VARIANCES:
+        raise ValueError(f"variance: expected one of {predictions.VARIANCES}, got {variance!r}")
+
+    # device and dtype
+    if x_T is not None:
+        if not isinstance(x_T, torch.Tensor):
+            raise TypeError(f"x_T: expected a tensor, got {type(x_T).__name__}")
+        if tuple(x_T.shape) != shape:
+            raise ValueError(f"x_T: shape {tuple(x_T.shape)} does not match shape={shape}")
+        if not x_T.is_floating_point():
+            raise TypeError(f"x_T: expected a floating dtype, got {x_T.dtype}")
+        if device is not None and torch.device(device) != x_T.device:
+            raise ValueError(f"x_T: on {x_T.device}, but device={device}")
+        if dtype is not None and dtype != x_T.dtype:
+            raise TypeError(f"x_T: dtype {x_T.dtype} differs from dtype={dtype}")
+        if not torch.isfinite(x_T).all():
+            raise ValueError("x_T: contains NaN or inf values")
+        device, dtype = x_T.device, x_T.dtype
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    dtype = dtype or torch.float32
+    if dtype not in ops.FLOAT_DTYPES:
+        raise TypeError(f"dtype: expected one of {ops.FLOAT_DTYPES}, got {dtype}")
+    _check_generator(generator, shape, device)
+
+    # cond
+    if cond is not None and not isinstance(cond, dict):
+        raise TypeError(f"cond: expected a dict of keyword inputs for the model, got {type(cond).__name__}")
+    cond = dict(cond or {})
+    for key, value in cond.items():
+        if isinstance(value, torch.Tensor) and value.device != device:
+            raise ValueError(f"cond[{key!r}]: on {value.device}, but the samples are on {device}")
+
+    # timesteps and sampler tables
+    if timesteps is None:
+        timesteps = schedule.timesteps(steps, spacing)
+    elif not isinstance(timesteps, Timesteps):
+        raise TypeError(f"timesteps: expected a gradguide.schedules.Timesteps, got {type(timesteps).__name__}")
+    if variance == "learned-range" and sampler != "ddpm":
+        raise ValueError(f"variance='learned-range' is DDPM's; sampler={sampler!r} ignores model variances "
+                         "(split the model output yourself or use sampler='ddpm')")
+    tables = build(sampler, timesteps, eta=eta, variance=variance)
+    if sampler != "ddim" and eta != 0.0:
+        raise ValueError(f"eta: only the DDIM sampler takes eta, got eta={eta} with sampler={sampler!r}")
+
+    # guidance terms
+    terms = [guidance] if isinstance(guidance, GuidanceTerm) else list(guidance or ())
+    for j, term in enumerate(terms):
+        if not isinstance(term, GuidanceTerm):
+            raise TypeError(f"guidance[{j}]: expected a guidance term (gradguide.CFG, Classifier, ...), "
+                            f"got {type(term).__name__}")
+    terms = [term.bind(shape, device, dtype, sampler) for term in terms]
+    branch_terms = [t for t in terms if t.place == "branches"]
+    if len(branch_terms) > 1:
+        raise ValueError("guidance: at most one of CFG, APG, Rescale, CFGZeroStar, CFGPlusPlus per run, got "
+                         + ", ".join(type(t).__name__ for t in branch_terms))
+    for term in terms:
+        if term.needs_cond and not cond:
+            raise ValueError(f"guidance: {type(term).__name__} needs a conditional model: pass cond= with the "
+                             "conditioning inputs (and uncond= on the term for the unconditional branch)")
+    branch = branch_terms[0] if branch_terms else None
+    score_terms = [t for t in terms if t.place == "score"]
+    mean_terms = [t for t in terms if t.place == "mean"]
+    post_terms = [t for t in terms if t.place == "post"]
+
+    if projection is not None:
+        if not isinstance(projection, PixelAsParam):
+            raise TypeError(f"projection: expected a gradguide.PixelAsParam, got {type(projection).__name__}")
+        if projection.policy == "C":
+            if branch is None or type(branch).__name__ != "CFG":
+                raise ValueError("projection: policy C projects the two branches of classifier-free guidance; "
+                                 "add gradguide.CFG(...) to guidance=")
+        elif not (score_terms or mean_terms or post_terms):
+            raise ValueError(f"projection: policy {projection.policy} projects guidance directions against "
+                             "the denoising direction; add a term that adds one (Classifier, NaiveGradient, "
+                             "LookAhead, DPS)")
+    if clip is True:
+        clip = (-1.0, 1.0)
+    elif clip is False:
+        clip = None
+    if clip is not None and (not isinstance(clip, (tuple, list)) or len(clip) != 2 or clip[0] >= clip[1]):
+        raise ValueError(f"clip: expected None, True or (low, high) with low < high, got {clip!r}")
+
+    resolved = ops.resolve_backend(backend, device)
+    compute = ops.reference.accumulation_dtype(dtype)
+    rows, index = tables.stacked(device, compute)
+    run = _Run(model=model, shape=shape, device=device, dtype=dtype, tables=tables, table_rows=rows,
+               table_index=index, timesteps_dev=timesteps.t.to(device), prediction=prediction, branch=branch,
+               score_terms=score_terms, mean_terms=mean_terms, post_terms=post_terms, projection=projection,
+               cond=cond, clip=tuple(clip) if clip is not None else None, backend=resolved,
+               telemetry=telemetry, generator=generator,
+               groups=projection.groups(shape) if projection is not None else 1)
+    run.needs_model_grad = any(t.needs_model_grad for t in terms)
+    run.needs_input_grad = run.needs_model_grad or any(t.needs_input_grad for t in terms)
+    run.variance_channels = variance == "learned-range"
+    run.step_ids = torch.arange(len(timesteps), device=device)
+    run.timestep_list = timesteps.t.tolist()
+    return run
+
+
+def _check_generator(generator, shape, device) -> None:
+    gens = generator if isinstance(generator, (list, tuple)) else [generator]
+    if isinstance(generator, (list, tuple)) and len(generator) != shape[0]:
+        raise ValueError(f"generator: a list needs one generator per sample ({shape[0]}), got {len(generator)}")
+    for g in gens:
+        if g is None and not isinstance(generator, (list, tuple)):
+            continue
+        if not isinstance(g, torch.Generator):
+            raise TypeError(f"generator: expected a torch.Generator (or a list of them), got {type(g).__name__}")
+        if g.device.type != device.type:
+            raise ValueError(f"generator: on {g.device}, but the samples are on {device}")

@@ -1,0 +1,172 @@
+"""Noise schedules (SPEC.md §1) and the timesteps a sampler visits.
+
+A :class:`Schedule` holds the training ``alphas_cumprod`` (``ᾱ_t`` for 0-based timesteps
+``t = 0..T-1``, as in diffusers and ADM; SPEC.md's ``ᾱ_{t+1}``). :meth:`Schedule.timesteps`
+picks the steps a sampler visits and returns a :class:`Timesteps`: the kept timesteps in
+sampling order and, for each, ``ᾱ`` there and ``ᾱ`` at the step it moves to. Every sampler
+is written against a :class:`Timesteps`, so ADM respacing and diffusers' spacings are the
+same code path.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+SPACINGS = ("adm", "leading", "trailing", "linspace")
+
+
+@dataclass(frozen=True)
+class Timesteps:
+    """The steps a sampler visits, in sampling order (noisiest first).
+
+    ``t``: original training timesteps passed to the model, int64 ``[n]``.
+    ``abar``: ``ᾱ`` at ``t`` (float64 ``[n]``); ``abar_prev``: ``ᾱ`` at the step each one
+    moves to (the next kept timestep; 1.0, i.e. clean data, after the last).
+    """
+    t: torch.Tensor
+    abar: torch.Tensor
+    abar_prev: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.t.shape[0])
+
+
+class Schedule:
+    """A discrete variance-preserving schedule, ``ᾱ_t`` for ``t = 0..T-1``."""
+
+    def __init__(self, alphas_cumprod):
+        a = torch.as_tensor(np.asarray(alphas_cumprod, dtype=np.float64) if not isinstance(alphas_cumprod, torch.Tensor)
+                            else alphas_cumprod.detach().cpu().to(torch.float64))
+        if a.dim() != 1 or a.numel() < 2:
+            raise ValueError(f"alphas_cumprod: expected a 1-D sequence of length >= 2, got shape {tuple(a.shape)}")
+        if not torch.isfinite(a).all() or (a <= 0).any() or (a > 1).any():
+            raise ValueError("alphas_cumprod: expected finite values in (0, 1]")
+        if (a[1:] > a[:-1]).any():
+            raise ValueError("alphas_cumprod: expected a non-increasing sequence (noise grows with t)")
+        self.alphas_cumprod = a
+
+    # -- constructors --------------------------------------------------------------------
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod) -> "Schedule":
+        """From a user's ``ᾱ`` (e.g. a diffusers scheduler's ``alphas_cumprod``)."""
+        return cls(alphas_cumprod)
+
+    @classmethod
+    def from_betas(cls, betas) -> "Schedule":
+        b = torch.as_tensor(np.asarray(betas, dtype=np.float64))
+        if (b <= 0).any() or (b >= 1).any():
+            raise ValueError("betas: expected values in (0, 1)")
+        return cls(torch.cumprod(1.0 - b, 0))
+
+    @classmethod
+    def linear(cls, T: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> "Schedule":
+        """DDPM / ADM linear betas, scaled by 1000/T as ADM does (identical at T = 1000)."""
+        _check_T(T)
+        scale = 1000.0 / T
+        return cls.from_betas(np.linspace(scale * beta_start, scale * beta_end, T, dtype=np.float64))
+
+    @classmethod
+    def cosine(cls, T: int = 1000, s: float = 0.008, max_beta: float = 0.999) -> "Schedule":
+        """Nichol & Dhariwal's cosine schedule, betas clipped at ``max_beta``."""
+        _check_T(T)
+        f = lambda u: math.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2
+        betas = [min(1 - f(i + 1) / f(i), max_beta) for i in range(T)]
+        return cls.from_betas(betas)
+
+    # -- properties ----------------------------------------------------------------------
+    @property
+    def T(self) -> int:
+        return int(self.alphas_cumprod.numel())
+
+    @property
+    def betas(self) -> torch.Tensor:
+        a = self.alphas_cumprod
+        return 1.0 - a / torch.cat([a.new_ones(1), a[:-1]])
+
+    def __repr__(self) -> str:
+        return f"Schedule(T={self.T}, abar[0]={self.alphas_cumprod[0]:.6g}, abar[-1]={self.alphas_cumprod[-1]:.6g})"
+
+    # -- timesteps -----------------------------------------------------------------------
+    def timesteps(self, steps: Optional[Union[int, str, Sequence[int]]] = None, spacing: str = "adm",
+                  steps_offset: int = 0) -> Timesteps:
+        """The timesteps a sampler visits.
+
+        ``steps``: ``None`` (all T), a count, an ADM section string (``"10,15,20"`` or
+        ``"ddim50"``), or an explicit list of timesteps.
+        ``spacing``: ``"adm"`` (ADM's ``space_timesteps``; the default), or diffusers'
+        ``"leading"``, ``"trailing"``, ``"linspace"``. Each step moves to the next kept
+        timestep (ADM respacing: ``β'_i = 1 − ᾱ_{S_i}/ᾱ_{S_{i−1}}``), the last one to ``ᾱ = 1``.
+        """
+        T = self.T
+        if spacing not in SPACINGS:
+            raise ValueError(f"spacing: expected one of {SPACINGS}, got {spacing!r}")
+        if steps is None:
+            kept = list(range(T))
+        elif isinstance(steps, (list, tuple, np.ndarray, torch.Tensor)):
+            kept = sorted({int(s) for s in steps})
+            if not kept or kept[0] < 0 or kept[-1] >= T:
+                raise ValueError(f"steps: explicit timesteps must lie in [0, {T - 1}]")
+        elif isinstance(steps, str):
+            if spacing != "adm":
+                raise ValueError("steps: section strings are ADM respacing; use spacing='adm'")
+            kept = space_timesteps(T, steps)
+        else:
+            n = _check_steps(steps, T)
+            kept = _spaced(T, n, spacing, steps_offset)
+        kept_t = torch.tensor(sorted(kept, reverse=True), dtype=torch.int64)
+        abar = self.alphas_cumprod[kept_t]
+        abar_prev = torch.cat([abar[1:], abar.new_ones(1)])
+        return Timesteps(kept_t, abar, abar_prev)
+
+
+def _check_T(T) -> None:
+    if not isinstance(T, int) or T < 2:
+        raise ValueError(f"T: expected an integer >= 2, got {T!r}")
+
+
+def _check_steps(steps, T: int) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps: expected a positive integer, got {steps!r}")
+    if steps > T:
+        raise ValueError(f"steps: {steps} is more than the schedule's T = {T}")
+    return int(steps)
+
+
+def _spaced(T: int, n: int, spacing: str, steps_offset: int = 0):
+    if spacing == "adm":
+        return space_timesteps(T, str(n))
+    if spacing == "linspace":  # diffusers: np.linspace(0, T-1, n).round()
+        return np.linspace(0, T - 1, n).round().astype(np.int64).tolist()
+    if spacing == "leading":  # diffusers: arange(n) * (T // n) + steps_offset
+        return ((np.arange(0, n) * (T // n)).round().astype(np.int64) + steps_offset).tolist()
+    # trailing: diffusers: round(arange(T, 0, -T/n)) - 1
+    return (np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1).tolist()
+
+
+def space_timesteps(T: int, section_counts: str):
+    """ADM's ``space_timesteps``: split [0, T) into equal sections and take evenly strided
+    steps from each (``"10,15,20"``), or ``"ddimN"`` for DDIM's fixed stride."""
+    if section_counts.startswith("ddim"):
+        n = _check_steps(int(section_counts[len("ddim"):]), T)
+        for stride in range(1, T):
+            if len(range(0, T, stride)) == n:
+                return list(range(0, T, stride))
+        raise ValueError(f"steps: cannot create exactly {n} DDIM steps with an integer stride from T = {T}")
+    try:
+        counts = [int(c) for c in section_counts.split(",")]
+    except ValueError:
+        raise ValueError(f"steps: expected a count, 'ddimN' or comma-separated counts, got {section_counts!r}") from None
+    size_per, extra = divmod(T, len(counts))
+    start, kept = 0, []
+    for i, count in enumerate(counts):
+        size = size_per + (1 if i < extra else 0)
+        if count > size or count < 1:
+            raise ValueError(f"steps: cannot take {count} steps from a section of {size} (T = {T})")
+        frac_stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        kept += [start + round(j * frac_stride) for j in range(count)]
+        start += size
+    return sorted(set(kept))
