@@ -4,7 +4,7 @@ Posterior mean ``μ = c1 x̂_0 + c2 x_t`` with ``c1 = β_t √ᾱ_{t−1}/(1−�
 ``c2 = √α_t (1−ᾱ_{t−1})/(1−ᾱ_t)``; on respaced steps ``β_t = 1 − ᾱ_t/ᾱ_{t−1}`` (ADM).
 Variance: fixed-small ``β̃_t = β_t (1−ᾱ_{t−1})/(1−ᾱ_t)``, fixed-large ``β_t``, or ADM's
 learned range between ``log β̃_t`` (clipped at the last step as ADM does) and ``log β_t``.
-No noise at the last step. ``var_mean`` is the Σ_t of ADM's ``condition_mean``.
+No noise on the step that lands on clean data (ᾱ_{t−1} = 1). ``var_mean`` is the Σ_t of ADM's ``condition_mean``.
 """
 from __future__ import annotations
 
@@ -30,18 +30,16 @@ def tables(ts, variance: str = "fixed-small") -> SamplerTables:
         beta_tilde_clipped[last] = beta_tilde[-2]
     else:
         beta_tilde_clipped[last] = beta[last]
-    final = torch.zeros_like(beta, dtype=torch.bool)
-    final[-1] = True
     t = common_tables(ts)
     t.update(c_x=c2, c_0=c1, c_h=torch.zeros_like(c1))
     if variance == "fixed-small":
         t.update(sigma=beta_tilde.sqrt(), var_mean=beta_tilde)
     elif variance == "fixed-large":
         var = torch.where(last, beta_tilde_clipped, beta)
-        t.update(sigma=torch.where(final, 0.0, var.sqrt()), var_mean=var)
+        t.update(sigma=torch.where(last, 0.0, var.sqrt()), var_mean=var)
     else:
         # σ multiplies exp(½ log Σ) ⊙ z elementwise; it only switches the noise off at the end
-        t.update(sigma=torch.where(final, 0.0, 1.0).to(torch.float64), var_mean=torch.ones_like(beta),
+        t.update(sigma=torch.where(last, 0.0, 1.0).to(torch.float64), var_mean=torch.ones_like(beta),
                  log_var_min=beta_tilde_clipped.log(), log_var_max=beta.log())
     sigma = t["sigma"]
     return SamplerTables("ddpm", ts, t, learned_variance=variance == "learned-range",

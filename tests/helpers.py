@@ -1,0 +1,56 @@
+"""Shared pieces for the core tests: one-step runs and independent float64 formulas."""
+import torch
+
+import gradguide as gg
+from gradguide.schedules import Timesteps
+
+SCHEDULE = gg.Schedule.linear(1000)
+
+
+def one_step(t: int, t_prev=None, schedule=SCHEDULE) -> Timesteps:
+    """A single step from training timestep ``t`` to ``t_prev`` (None: to clean data)."""
+    abar = schedule.alphas_cumprod
+    prev = torch.tensor([1.0 if t_prev is None else float(abar[t_prev])], dtype=torch.float64)
+    return Timesteps(torch.tensor([t]), abar[[t]].clone(), prev)
+
+
+def coeffs(ts: Timesteps):
+    """DDPM posterior coefficients of SPEC.md §2 for the single step ``ts``."""
+    abar, abar_prev = ts.abar[0].item(), ts.abar_prev[0].item()
+    alpha = abar / abar_prev
+    beta = 1 - alpha
+    c1 = beta * abar_prev ** 0.5 / (1 - abar)
+    c2 = alpha ** 0.5 * (1 - abar_prev) / (1 - abar)
+    beta_tilde = beta * (1 - abar_prev) / (1 - abar)
+    return dict(abar=abar, abar_prev=abar_prev, beta=beta, c1=c1, c2=c2, beta_tilde=beta_tilde,
+                a=abar ** 0.5, s=(1 - abar) ** 0.5)
+
+
+def per_sample_dot(a, b):
+    return (a * b).flatten(1).sum(1)
+
+
+def pc_ref(a, b, delta=1.0):
+    """PC_δ(a|b) per sample with an explicit loop (a where ‖b‖ = 0)."""
+    out = a.clone()
+    for i in range(a.shape[0]):
+        ab = float((a[i] * b[i]).sum())
+        bb = float((b[i] * b[i]).sum())
+        if bb > 0 and ab < 0:
+            out[i] = a[i] - delta * ab / bb * b[i]
+    return out
+
+
+class FixedModel:
+    """A 'model' returning given ε tensors (conditional when ``y`` is passed)."""
+
+    def __init__(self, eps_c, eps_u=None):
+        self.eps_c, self.eps_u = eps_c, eps_u
+
+    def __call__(self, x, t, y=None):
+        return self.eps_c if y is not None or self.eps_u is None else self.eps_u
+
+
+def linear_log_prob(direction):
+    """log p(y|x) = <direction, x> per sample: its gradient is ``direction``."""
+    return lambda x, t, y=None: per_sample_dot(direction, x)

@@ -1,0 +1,77 @@
+"""No host synchronisation inside a step (issue acceptance).
+
+On CPU, ``check_sync=True`` runs every step with ``.item()``/``.tolist()``/``.numpy()``/
+``float()``/``int()``/tensor-valued ``if`` made to raise; where CUDA exists it also turns on
+``torch.cuda.set_sync_debug_mode("error")``. Every sampler x guidance x projection runs under it.
+"""
+import pytest
+import torch
+
+import gradguide as gg
+from gradguide.analytic import SubspaceGaussian
+from gradguide.debug import HostSyncError, forbid_host_sync
+from gradguide.demo_mixture import default_mixture
+
+SCHED = gg.Schedule.linear(200)
+GM = default_mixture(SCHED)
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+Y = torch.full((8,), 2)
+
+
+def uncond(x, t, **_):
+    return GM(x, t)
+
+
+TERMS = {
+    "cfg": ([gg.CFG(3.0)], None, GM),
+    "apg-momentum": ([gg.APG(3.0, momentum=-0.5)], None, GM),
+    "rescale": ([gg.Rescale(3.0)], None, GM),
+    "cfg-zero*": ([gg.CFGZeroStar(3.0, zero_init_steps=1)], None, GM),
+    "cfg++": ([gg.CFGPlusPlus(0.5)], None, GM),
+    "classifier+A": ([gg.Classifier(GM.log_prob_class, 2.0)], gg.PixelAsParam("A"), GM),
+    "classifier+B-pcgrad": ([gg.Classifier(GM.log_prob_class, 2.0)], gg.PixelAsParam("B", pcgrad=True), uncond),
+    "cfg+C": ([gg.CFG(3.0)], gg.PixelAsParam("C"), GM),
+    "G": ([gg.NaiveGradient(torch.tensor([1.0, 0.0]), 2.0)], None, uncond),
+    "G_loss+classifier": ([gg.LookAhead(torch.tensor([1.0, 0.0]), 2.0), gg.Classifier(GM.log_prob_class, 1.0)],
+                          gg.PixelAsParam("A"), uncond),
+    "dps": ([gg.DPS(lambda x0: x0, torch.zeros(8, 2))], None, uncond),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim", "dpmpp-2m"])
+@pytest.mark.parametrize("name", list(TERMS))
+def test_steps_never_synchronise(name, sampler, device):
+    terms, projection, model = TERMS[name]
+    records = []
+    gg.sample(model, (8, 2), schedule=SCHED, sampler=sampler, steps=6, guidance=terms, projection=projection,
+              cond={"y": Y}, clip=(-5, 5), telemetry=True, callback=records.append, check_sync=True,
+              generator=torch.Generator().manual_seed(0), device=device)
+    assert len(records) == 6
+
+
+def test_the_guard_catches_item_and_tensor_valued_if():
+    with pytest.raises(HostSyncError, match="Tensor.item"):
+        gg.sample(lambda x, t: x * t.max().item(), (4, 2), schedule=SCHED, steps=3, check_sync=True)
+
+    def branching_model(x, t):
+        if (x > 0).any():
+            return x
+        return -x
+    with pytest.raises(HostSyncError, match="__bool__"):
+        gg.sample(branching_model, (4, 2), schedule=SCHED, steps=3, check_sync=True)
+    # the guard is lifted afterwards
+    assert torch.ones(1).item() == 1.0 and bool(torch.ones(1))
+    with forbid_host_sync():
+        with pytest.raises(HostSyncError):
+            torch.zeros(2).tolist()
+    assert torch.zeros(2).tolist() == [0.0, 0.0]
+
+
+def test_learned_range_and_subspace_steps_never_synchronise():
+    sub = SubspaceGaussian.random(gg.Schedule.cosine(50), D=8, d=2)
+    gg.sample(sub, (4, 8), schedule=gg.Schedule.cosine(50), guidance=gg.LookAhead(torch.ones(8), 1.0),
+              check_sync=True)
+    gg.sample(lambda x, t: torch.cat([0.1 * x, torch.zeros_like(x)], 1), (2, 3, 4), schedule=SCHED, steps=5,
+              variance="learned-range", guidance=gg.Classifier(lambda x, t: x.flatten(1).sum(1), 1.0),
+              check_sync=True)
