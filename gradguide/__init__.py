@@ -14,6 +14,14 @@ from .schedules import Schedule, Timesteps
 
 __version__ = "0.1.0"
 
+
+def __getattr__(name):
+    # diffusers is an optional extra: import the adapter (and diffusers) only when asked for
+    if name == "from_diffusers":
+        from .integrations.diffusers import from_diffusers
+        return from_diffusers
+    raise AttributeError(f"module 'gradguide' has no attribute {name!r}")
+
 __all__ = ["APG", "CFG", "CFGPlusPlus", "CFGZeroStar", "Classifier", "DPS", "GuidanceTerm", "LookAhead",
            "NaiveGradient", "PixelAsParam", "Rescale", "Schedule", "StepRecord", "Timesteps", "off_support_ratio",
            "ops", "project", "sample"]

@@ -48,11 +48,102 @@ def _info(args) -> int:
     return 0
 
 
+def _register_sample(sub) -> None:
+    p = sub.add_parser("sample", help="draw N samples into .npz shards + a manifest (resumable; torchrun-aware)",
+                       description="Sharded, resumable sampling; launch under torchrun for several processes/GPUs. "
+                                   "Samples depend only on --seed and their index, not on the process count.")
+    p.add_argument("--model", default="mixture",
+                   help="'mixture' (2-D Gaussian mixture), 'subspace' (64-D subspace Gaussian) or 'module:function' "
+                        "returning a model, (model, schedule) or a dict (see docs/sampling-at-scale.md)")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, required=True,
+                   help="number of samples (under torchrun write --num-samples: torchrun's parser reads --n as "
+                        "an ambiguous abbreviation of its own options)")
+    p.add_argument("--out", required=True, help="output directory (shards, samples.npz, manifest.json)")
+    p.add_argument("--seed", type=int, default=0, help="base seed; sample i uses sample_seed(seed, i) (default 0)")
+    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard file (default 1000)")
+    p.add_argument("--batch-size", type=int, default=500, help="samples per model call (default 500)")
+    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpmpp-2m"], help="sampler (default ddpm)")
+    p.add_argument("--steps", type=int, default=100, help="sampling steps (default 100)")
+    p.add_argument("--spacing", default="adm", choices=["adm", "leading", "trailing", "linspace"],
+                   help="timestep spacing (default adm; a diffusers schedule uses its own)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale w (diffusers convention)")
+    p.add_argument("--classifier-scale", type=float, default=None, help="classifier guidance scale s")
+    p.add_argument("--projection", choices=["A", "B", "C"], default=None, help="PixelAsParam policy")
+    p.add_argument("--class-label", type=int, default=None, help="target class of the mixture (default 2)")
+    p.add_argument("--conditional", action="store_true", help="use the class-conditional mixture model")
+    p.add_argument("--shape", default=None, help="one sample's shape for user models, e.g. 3,32,32")
+    p.add_argument("--clip", default="auto", help="clip x0 to [-r, r]: 'auto' (the model's default), 'none' or r")
+    p.add_argument("--backend", default="auto", help="ops backend (default auto)")
+    p.add_argument("--device", default="auto", help="'auto' (cuda:LOCAL_RANK when available, else cpu), 'cpu', 'cuda'")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--verbose", action="store_true", help="log from every rank, not only rank 0")
+    p.set_defaults(func=_sample)
+
+
+
+def _sample(args) -> int:
+    from . import sharded
+    try:
+        return sharded.main(args)
+    except ValueError as exc:
+        raise SystemExit(f"gradguide sample: {exc}") from None
+
+
+
+def _register_bench(sub) -> None:
+    p = sub.add_parser("bench", help="benchmark the compute backends (writes JSON + markdown)")
+    p.add_argument("--suite", choices=["ops"], default="ops",
+                   help="'ops': reduce + combine of each built-in policy on every backend, side by side")
+    p.add_argument("--quick", action="store_true", help="small sizes only (seconds; for CI and tests)")
+    p.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="operand dtype (default float32)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--backends", default=None,
+                   help="comma-separated subset of reference,compile,native,triton (default: all available)")
+    p.add_argument("--note", default="", help="a line added to the markdown (e.g. 'shared 2-core CPU')")
+    p.set_defaults(func=_bench)
+
+
+
+def _bench(args) -> int:
+    import importlib.util
+    import os
+
+    import torch
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_ops.py")
+    if not os.path.exists(path):
+        raise SystemExit(f"gradguide bench: {path} not found: the benchmark harness ships with the source "
+                         "checkout (install it editable: pip install --no-build-isolation -e .)")
+    spec = importlib.util.spec_from_file_location("gradguide_bench_ops", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("gradguide bench: --threads must be positive")
+        torch.set_num_threads(args.threads)
+    backends = args.backends.split(",") if args.backends else None
+    unknown = set(backends or ()) - {"reference", "compile", "native", "triton"}
+    if unknown:
+        raise SystemExit(f"gradguide bench: --backends: unknown {sorted(unknown)}; "
+                         "expected reference, compile, native, triton")
+    result = bench.run(quick=args.quick, device=args.device, dtype=getattr(torch, args.dtype), backends=backends)
+    for path in bench.write(result, args.out, note=args.note):
+        print(path)
+    print(bench.markdown(result, args.note))
+    return 0
+
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradguide", description="Fast guided sampling for diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
     _register_demo(sub)
     _register_info(sub)
+    _register_bench(sub)
+    _register_sample(sub)
     return parser
 
 

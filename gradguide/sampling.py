@@ -70,14 +70,16 @@ class _Run:
     variance_channels: bool = False
     step_ids: torch.Tensor = field(default=None)
     timestep_list: List[int] = field(default_factory=list)
+    clip_eps: str = "clipped"
 
 
 def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler: str = "ddpm",
            steps=None, eta: float = 0.0, guidance: Union[GuidanceTerm, Sequence[GuidanceTerm]] = (),
            projection: Optional[PixelAsParam] = None, cond: Optional[dict] = None,
-           x_T: Optional[torch.Tensor] = None, generator=None, backend: str = "auto", graph: bool = False,
+           x_T: Optional[torch.Tensor] = None, generator=None, backend: str = "auto", graph=False,
            callback: Optional[Callable[[StepRecord], None]] = None, prediction: str = "eps",
-           variance: str = "fixed-small", clip=None, spacing: str = "adm", timesteps: Optional[Timesteps] = None,
+           variance: str = "fixed-small", clip=None, clip_eps: str = "clipped", spacing: str = "adm",
+           timesteps: Optional[Timesteps] = None,
            device=None, dtype: Optional[torch.dtype] = None, telemetry: bool = False, progress: bool = False,
            check_sync: bool = False) -> torch.Tensor:
     """Draw samples from a diffusion model with guidance.
@@ -93,47 +95,73 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     :class:`~gradguide.PixelAsParam`. ``cond``: inputs passed to the model and guidance terms.
     ``x_T``: the initial noise (default: drawn with ``generator``; a list of B generators
     draws each sample's noise from its own). ``clip``: ``None`` (default), ``True`` for
-    [−1, 1], or ``(low, high)``: clips x̂_0 (image models). ``backend``: ops backend.
+    [−1, 1], or ``(low, high)``: clips x̂_0 (image models). ``clip_eps``: the ε a clipped step
+    re-noises with: ``"clipped"`` (default; consistent with the clipped x̂_0, as GLIDE/ADM and
+    diffusers' ``use_clipped_model_output=True``) or ``"model"`` (the unclipped one, diffusers'
+    DDIM default; meant for DDIM). ``backend``: ops backend.
     ``callback(record)``: called after every step with a :class:`StepRecord`; ``telemetry``:
     fill in the PixelAsParam conflict telemetry even without a projection.
-    ``graph``: capture the step as a CUDA graph (CUDA only; on CPU a notice and eager).
+    ``graph``: ``True`` captures the step as a CUDA graph and replays it (CUDA only; on CPU a
+    one-line notice, then eager); a :class:`~gradguide.graphs.GraphCache` keeps captures across calls.
     ``check_sync``: raise if any step synchronises with the host.
     Returns the samples ``x_0``, shaped ``shape``.
     """
     run = _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, cond, x_T, generator,
                    backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry)
-    if graph:
-        if run.device.type != "cuda":
-            warnings.warn("graph=True: CUDA graphs need a CUDA device; sampling eagerly on "
-                          f"{run.device.type}", stacklevel=2)
-        else:
-            raise ValueError("graph=True: CUDA-graph capture of the sampling loop is not available in this "
-                             "version; use graph=False")
+    if clip_eps not in ("clipped", "model"):
+        raise ValueError(f"clip_eps: expected 'clipped' or 'model', got {clip_eps!r}")
+    run.clip_eps = clip_eps
+    stepper = _stepper(run, graph)
     x = x_T.to(run.dtype) if x_T is not None else _noise(run.shape, run.generator, run.device, run.dtype)
     state = _initial_state(run, x)
     n = len(run.tables.timesteps)
     bar = _progress(n, progress)
     for i in range(n):
+        # noise is drawn before the step (outside any captured graph) from the run's generator(s)
+        noise = _noise(run.shape, run.generator, run.device, run.dtype) if run.tables.draws_noise[i] else None
         with forbid_host_sync() if check_sync else contextlib.nullcontext():
-            x, state, record = _step(run, x, i, state, want_record=callback is not None)
+            x, state, record = stepper(x, i, state, noise, callback is not None)
         if callback is not None:
             callback(record)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    return x
+    return stepper.finish(x)
+
+
+def _stepper(run: "_Run", graph):
+    """The eager step, or CUDA-graph replay of it (``graph=True`` or a :class:`GraphCache`)."""
+    from .graphs import EagerStepper, GraphCache
+    if graph is False or graph is None:
+        return EagerStepper(run)
+    if graph is True:
+        if run.device.type != "cuda":
+            warnings.warn(f"graph=True: CUDA graphs need a CUDA device; sampling eagerly on {run.device.type}",
+                          stacklevel=3)
+            return EagerStepper(run)
+        graph = GraphCache()
+    if not isinstance(graph, GraphCache):
+        raise TypeError(f"graph: expected True, False or a gradguide.graphs.GraphCache, got {type(graph).__name__}")
+    if run.device.type != "cuda" and not graph.emulate:
+        warnings.warn(f"graph: CUDA graphs need a CUDA device; sampling eagerly on {run.device.type}", stacklevel=3)
+        return EagerStepper(run)
+    return graph.stepper(run)
 
 
 # -- one step -------------------------------------------------------------------------------
 
-def _step(run: _Run, x: torch.Tensor, i: int, state: Dict[str, torch.Tensor], want_record: bool):
+def step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dict[str, torch.Tensor],
+         noise: Optional[torch.Tensor], want_record: bool):
+    """One guided step. ``i`` is the host step number (it selects only host-side variants, see
+    :meth:`GuidanceTerm.variant`); ``idx`` is the same number as a device tensor ``[1]``, from
+    which every per-step scalar is read, so a captured step can be replayed for any step."""
     with torch.set_grad_enabled(run.needs_input_grad):
-        return _step_body(run, x, i, state, want_record)
+        return _step_body(run, x, i, idx, state, noise, want_record)
 
 
-def _step_body(run: _Run, x: torch.Tensor, i: int, state: Dict[str, torch.Tensor], want_record: bool):
-    idx = run.step_ids[i:i + 1]
+def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dict[str, torch.Tensor],
+               noise: Optional[torch.Tensor], want_record: bool):
     column = run.table_rows.index_select(1, idx).squeeze(1)
     scalars = {name: column[j] for name, j in run.table_index.items()}
     b = run.shape[0]
@@ -171,6 +199,8 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, state: Dict[str, torch.Tensor
     # score-level guidance: ε̃ = ε̂ − √(1−ᾱ) Σ G  <=>  x̂_0 += (1−ᾱ)/√ᾱ Σ G
     score_shifts = [term.score(ctx, x0_pre) * (ctx.h / ctx.a) for term in run.score_terms]
     x0_guided = _sum(x0_pre, score_shifts)
+    if run.clip is not None and run.clip_eps == "model" and renoise is None:
+        renoise = ctx.eps_of_x0(x0_guided)  # re-noise with the unclipped ε (diffusers' DDIM default)
     if run.clip is not None:
         x0_pre = ops_.materialize("x0_clipped", x0_pre, clamp=run.clip)
         x0_guided = ops_.materialize("x0_guided_clipped", x0_guided, clamp=run.clip) if score_shifts else x0_pre
@@ -188,7 +218,7 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, state: Dict[str, torch.Tensor
     guides = [shift * c_0 for shift in score_shifts]
     guides += [term.mean(ctx) for term in run.mean_terms]
     guides += [term.post(ctx, x0_pre) for term in run.post_terms]
-    div = _diversity(run, ctx, i)
+    div = _diversity(ctx, noise)
 
     if run.projection is not None and run.projection.policy != "C":
         x_next = base + run.projection.project_directions(ops_, den, guides, div)
@@ -263,10 +293,9 @@ def _tracked_x0(ops_: Operands, tracked: Dict[str, torch.Tensor], x0: LinComb):
     return compute
 
 
-def _diversity(run: _Run, ctx: StepContext, i: int) -> LinComb:
-    if not run.tables.draws_noise[i]:
+def _diversity(ctx: StepContext, z: Optional[torch.Tensor]) -> LinComb:
+    if z is None:
         return ctx.ops.zero()
-    z = _noise(run.shape, run.generator, run.device, run.dtype)
     if ctx.learned_log_var is not None:
         z = torch.exp(0.5 * ctx.learned_log_var) * z
     return ctx.ops.add("noise", z) * ctx.scalars["sigma"]

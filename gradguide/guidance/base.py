@@ -80,6 +80,27 @@ class GuidanceTerm:
         naming the argument that does not fit."""
         return self
 
+    def variant(self, index: int):
+        """Host-side choice this term makes at step ``index`` (hashable). Steps with different
+        variants are captured as different CUDA graphs; most terms have none."""
+        return None
+
+    def graph_tensors(self) -> Dict[str, torch.Tensor]:
+        """The tensors a captured step reads from this (bound) term: a later run with the same
+        structure copies its values into them instead of re-capturing."""
+        found = {}
+        for key, value in vars(self).items():
+            if isinstance(value, torch.Tensor):
+                found[key] = value
+            elif isinstance(value, dict):
+                found.update({f"{key}.{k}": v for k, v in value.items() if isinstance(v, torch.Tensor)})
+        return found
+
+    def graph_signature(self) -> tuple:
+        """Everything but tensor values that a captured step depends on: numbers and strings by
+        value, tensors by shape/dtype/device, callables by identity. Unequal signatures re-capture."""
+        return tuple(sorted((k, _signature_of(v)) for k, v in vars(self).items()))
+
     def initial_state(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Tensors this term carries from step to step (zeros before the first step)."""
         return {}
@@ -96,6 +117,18 @@ class GuidanceTerm:
 
     def post(self, ctx: StepContext, x0: LinComb) -> LinComb:
         raise NotImplementedError(f"{type(self).__name__} does not shift x_(t-1)")
+
+
+def _signature_of(value):
+    if isinstance(value, torch.Tensor):
+        return ("tensor", tuple(value.shape), tuple(value.stride()), value.dtype, str(value.device))
+    if isinstance(value, dict):
+        return ("dict", tuple(sorted((k, _signature_of(v)) for k, v in value.items())))
+    if isinstance(value, (list, tuple)):
+        return ("seq", tuple(_signature_of(v) for v in value))
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return ("object", id(value))
 
 
 def check_number(name: str, value, low=None, high=None, owner: str = "") -> float:

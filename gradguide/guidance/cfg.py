@@ -60,12 +60,15 @@ class CFGZeroStar(_TwoBranch):
             raise ValueError(f"CFGZeroStar: zero_init_steps: expected an integer >= 0, got {zero_init_steps!r}")
         self.zero_init_steps = zero_init_steps
 
+    def variant(self, index: int):
+        return index < self.zero_init_steps
+
     def branches(self, ctx: StepContext, eps_c: LinComb, eps_u: LinComb):
         ops = ctx.ops
         s_star = safe_div(ops.dot(eps_c, eps_u), ops.norm2(eps_u))
         scaled_u = eps_u * s_star
         out = scaled_u + (eps_c - scaled_u) * self.scale
-        if ctx.index < self.zero_init_steps:  # host-side step count, not a tensor value
+        if self.variant(ctx.index):  # host-side step count, not a tensor value
             out = out * 0.0
         return out, None
 

@@ -10,28 +10,37 @@ or ``"auto"``; :func:`available_backends` says which ones this installation has.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from . import reference
+from . import native_backend, policies, reference, triton_backend
 
 BACKENDS = ("reference", "triton", "native", "auto")
+MAX_K = 8  # operands per step the kernels take (DESIGN.md: K <= 8)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def available_backends() -> dict:
-    """Map each concrete backend to ``True`` or to the reason it is unavailable."""
-    return {"reference": True,
-            "triton": "not built yet: the Triton kernels are not part of this installation",
-            "native": "not built yet: the csrc extension is not part of this installation"}
+def available_backends(device=None) -> dict:
+    """Map each concrete backend to ``True`` or to the reason it is unavailable.
+
+    ``device`` (optional): ask for a device (``"cpu"``, ``"cuda"``); by default CUDA when
+    present, else CPU. ``"triton"`` needs triton and a CUDA device, or ``TRITON_INTERPRET=1``
+    (set before the kernels are imported) for CPU tensors; ``"native"`` needs the compiled
+    ``gradguide._C`` extension with kernels for that device.
+    """
+    dev = torch.device(device) if device is not None else None
+    return {"reference": True, "triton": triton_backend.status(dev), "native": native_backend.status(dev)}
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
-    """Name of the backend that will run for ``backend`` on ``device`` (errors if unavailable)."""
+    """Name of the backend that will run for ``backend`` on ``device`` (errors if unavailable).
+
+    ``"auto"``: Triton on CUDA, the native ops on CPU when built, else the reference."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
-    have = available_backends()
+    device = torch.device(device)
+    have = available_backends(device)
     if backend == "auto":
         preferred = ("triton", "native") if device.type == "cuda" else ("native",)
         for name in preferred:
@@ -39,8 +48,18 @@ def resolve_backend(backend: str, device: torch.device) -> str:
                 return name
         return "reference"
     if have[backend] is not True:
-        raise RuntimeError(f"backend={backend!r} is unavailable: {have[backend]}")
+        raise RuntimeError(f"backend={backend!r} is unavailable on {device.type}: {have[backend]}")
     return backend
+
+
+def _implementation(name: str):
+    return {"reference": reference, "triton": triton_backend, "native": native_backend}[name]
+
+
+def _contiguous(operands: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    """Kernels address rows as contiguous memory: non-contiguous operands are copied (this
+    costs one extra pass over that operand; pass contiguous tensors to avoid it)."""
+    return [op if op.is_contiguous() else op.contiguous() for op in operands]
 
 
 def check_operands(operands: Sequence[torch.Tensor], groups: int = 1, name: str = "operands") -> None:
@@ -72,8 +91,12 @@ def reduce(operands: Sequence[torch.Tensor], groups: int = 1, backend: str = "au
     gives per-(sample, channel) statistics for NCHW tensors).
     """
     check_operands(operands, groups)
-    resolve_backend(backend, operands[0].device)
-    return reference.reduce(operands, groups)
+    name = resolve_backend(backend, operands[0].device)
+    if name == "reference":
+        return reference.reduce(operands, groups)
+    if len(operands) > MAX_K:
+        raise ValueError(f"operands: backend {name!r} takes at most {MAX_K} operands, got {len(operands)}")
+    return _implementation(name).reduce(_contiguous(operands), groups)
 
 
 def combine(coef: torch.Tensor, operands: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None,
@@ -96,5 +119,103 @@ def combine(coef: torch.Tensor, operands: Sequence[torch.Tensor], out: Optional[
                             or out.device != operands[0].device):
         raise ValueError(f"out: expected {tuple(operands[0].shape)} {operands[0].dtype} on {operands[0].device}, "
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
-    resolve_backend(backend, operands[0].device)
-    return reference.combine(coef, operands, out=out, clamp=clamp)
+    name = resolve_backend(backend, operands[0].device)
+    if name == "reference":
+        return reference.combine(coef, operands, out=out, clamp=clamp)
+    if len(operands) > MAX_K:
+        raise ValueError(f"operands: backend {name!r} takes at most {MAX_K} operands, got {len(operands)}")
+    if coef.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"coef: expected a floating dtype, got {coef.dtype}")
+    coef = coef.to(reference.accumulation_dtype(operands[0].dtype)).contiguous()
+    target = out if out is None or out.is_contiguous() else None
+    result = _implementation(name).combine(coef, _contiguous(operands), out=target, clamp=clamp)
+    return out.copy_(result) if out is not None and target is None else result
+
+
+def _scalar(name: str, value, b: int, device, dtype) -> torch.Tensor:
+    """A policy scalar as a 1-element or ``[B]`` tensor (kept on the device: no host sync)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
+        raise TypeError(f"{name}: expected a number or a 0-d / [B] tensor, got {type(value).__name__}")
+    if not isinstance(value, torch.Tensor):
+        return torch.full((1,), float(value), device=device, dtype=dtype)
+    if value.device != device:
+        raise ValueError(f"{name}: on {value.device}, but the operands are on {device}")
+    if value.numel() == 1:
+        return value.reshape(1).to(dtype)
+    if value.shape != (b,):
+        raise ValueError(f"{name}: expected a number, a 0-d tensor or a [B={b}] tensor, got shape {tuple(value.shape)}")
+    return value.to(dtype).contiguous()
+
+
+def fused_combine(policy: str, operands: Sequence[torch.Tensor], *, gram: Optional[torch.Tensor] = None,
+                  out: Optional[torch.Tensor] = None, clamp: Optional[tuple] = None, backend: str = "auto",
+                  **params: Union[torch.Tensor, float]) -> torch.Tensor:
+    """A built-in policy's coefficient program and the combine, in one pass where possible.
+
+    ``policy``: one of :data:`gradguide.ops.policies.POLICIES` (``"cfg"``, ``"pxp-a"``,
+    ``"pxp-b"``, ``"pxp-c"``, ``"apg"``, ``"gloss"``; formulas in :mod:`gradguide.ops.policies`).
+    ``params``: the policy's coefficient vectors (LinCombs over ``operands``, ``[B, K]`` or
+    ``[B, G, K]`` tensors) and scalars (numbers, 0-d or ``[B]`` device tensors) by name.
+    ``gram``: the operands' Gram matrix ``[B, G, K, K]`` from :func:`reduce` (computed here
+    when a policy needs it and it is not given). On ``"triton"`` the coefficient program runs
+    inside the combine kernel; other backends evaluate it in torch, then combine.
+    """
+    if policy not in policies.POLICIES:
+        raise ValueError(f"policy: expected one of {tuple(policies.POLICIES)}, got {policy!r}")
+    check_operands(operands)
+    first = operands[0]
+    b, k = first.shape[0], len(operands)
+    acc = reference.accumulation_dtype(first.dtype)
+    vector_names, scalar_defaults = policies.POLICIES[policy]
+    unknown = set(params) - set(vector_names) - set(scalar_defaults)
+    if unknown:
+        raise TypeError(f"fused_combine({policy!r}): unexpected parameters {sorted(unknown)}; "
+                        f"expected vectors {vector_names} and scalars {tuple(scalar_defaults)}")
+    groups = None
+    vectors: Dict[str, torch.Tensor] = {}
+    for name in vector_names:
+        if name not in params:
+            raise TypeError(f"fused_combine({policy!r}): missing coefficient vector {name!r}")
+        v = params[name]
+        if not isinstance(v, torch.Tensor) or v.dim() not in (2, 3) or v.shape[0] != b or v.shape[-1] != k:
+            got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+            raise ValueError(f"{name}: expected a [B={b}, K={k}] or [B={b}, G, K={k}] tensor, got {got}")
+        if v.device != first.device:
+            raise ValueError(f"{name}: on {v.device}, but the operands are on {first.device}")
+        v = v.unsqueeze(1) if v.dim() == 2 else v
+        if v.shape[1] != 1:
+            if groups not in (None, v.shape[1]):
+                raise ValueError(f"{name}: {v.shape[1]} groups, but another vector has {groups}")
+            groups = v.shape[1]
+        vectors[name] = v
+    if gram is not None:
+        if not isinstance(gram, torch.Tensor) or gram.dim() != 4 or gram.shape[0] != b or gram.shape[2:] != (k, k):
+            got = tuple(gram.shape) if isinstance(gram, torch.Tensor) else type(gram).__name__
+            raise ValueError(f"gram: expected [B={b}, G, K={k}, K={k}] (from ops.reduce), got {got}")
+        if groups not in (None, gram.shape[1]):
+            raise ValueError(f"gram: {gram.shape[1]} groups, but the coefficient vectors have {groups}")
+        groups = gram.shape[1]
+    groups = groups or 1
+    check_operands(operands, groups)
+    vectors = {n: v.to(acc).expand(b, groups, k).contiguous() for n, v in vectors.items()}
+    scalars = {}
+    for name, default in scalar_defaults.items():
+        if name not in params and default is None:
+            raise TypeError(f"fused_combine({policy!r}): missing scalar {name!r}")
+        scalars[name] = _scalar(name, params.get(name, default), b, first.device, acc)
+    if out is not None and (out.shape != first.shape or out.dtype != first.dtype or out.device != first.device):
+        raise ValueError(f"out: expected {tuple(first.shape)} {first.dtype} on {first.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    name = resolve_backend(backend, first.device)
+    if policies.NEEDS_GRAM[policy]:
+        gram = reduce(operands, groups, backend=name)[0] if gram is None else gram.to(acc).contiguous()
+    if name == "triton":
+        if len(operands) > MAX_K:
+            raise ValueError(f"operands: backend 'triton' takes at most {MAX_K} operands, got {len(operands)}")
+        target = out if out is None or out.is_contiguous() else None
+        result = triton_backend.fused_combine(policy, gram, list(vectors.values()), list(scalars.values()),
+                                              _contiguous(operands), out=target, clamp=clamp)
+        return out.copy_(result) if out is not None and target is None else result
+    shaped = {n: s.reshape(-1, 1, 1) for n, s in scalars.items()}
+    coef = policies.coefficients(policy, gram, vectors, shaped)
+    return combine(coef, operands, out=out, clamp=clamp, backend=name)

@@ -1,0 +1,269 @@
+"""The ``gradguide bench --suite ops`` harness: reduce + combine of a guided step, per policy.
+
+For each built-in policy (plus the bare ``reduce + combine``) and each size, from a Stable
+Diffusion latent batch (B = 1 and 8, 4x64x64) to an ADM-256 batch (B = 64, 3x256x256), it
+times one step's two passes on every backend side by side in one run: the eager reference,
+``torch.compile`` of the same reference function, the native ops and Triton (where each is
+available), and writes JSON + a markdown table (DESIGN.md "Benchmarks and results").
+
+Bytes moved are the minimum for the step: each operand read once per pass that needs it
+(``reduce`` when the policy needs the Gram matrix, then ``combine``) and the output written
+once. GB/s is that over the median time; "copy fraction" divides it by the bandwidth of
+``dst.copy_(src)`` measured in the same run; "speedup" is the eager reference's median over
+this backend's, same policy and size. CPU times are ``time.perf_counter`` medians; CUDA
+times come from CUDA events (after a synchronize). On a shared CPU quote ratios, not times.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from gradguide import ops
+from gradguide.ops import policies, reference
+
+K = 4  # operands of a typical step: x_t, model output(s) / guidance gradient, noise
+
+FULL_SIZES = [("SD latent B=1", (1, 4, 64, 64)), ("SD latent B=8", (8, 4, 64, 64)),
+              ("ADM-256 B=64", (64, 3, 256, 256))]
+QUICK_SIZES = [("tiny B=2", (2, 4, 16, 16)), ("small B=4", (4, 3, 32, 32))]
+
+# workload -> the fused policy it runs (None: bare reduce + combine with given weights)
+WORKLOADS = {"reduce+combine": None, "cfg": "cfg", "pxp-a": "pxp-a", "pxp-b": "pxp-b", "pxp-c": "pxp-c",
+             "apg": "apg", "gloss": "gloss"}
+
+
+def _params(policy: str, b: int, device, acc) -> Dict[str, object]:
+    g = torch.Generator().manual_seed(0)
+    out = {}
+    for name in policies.POLICIES[policy][0]:
+        out[name] = torch.randn(b, 1, K, generator=g, dtype=acc).to(device)
+    scalars = {"cfg": {"scale": 7.5}, "pxp-a": {"delta": 1.0}, "pxp-b": {"delta": 1.0},
+               "pxp-c": {"scale": 4.0, "delta": 1.0, "delta2": 1.0, "post": 0.5},
+               "apg": {"scale": 5.0, "eta": 0.0, "norm_threshold": 15.0, "post": 0.5},
+               "gloss": {"a": 0.7, "h": 0.51, "sigma": 0.1, "residual": 1.0, "post": 0.3}}[policy]
+    for name, value in scalars.items():  # per-step scalars live on the device, as in a step
+        out[name] = torch.full((b,), value, dtype=acc, device=device)
+    return out
+
+
+def _eager_bare(ops_, coef):
+    gram, _ = reference.reduce(ops_, 1)
+    return reference.combine(coef + 1e-3 * gram[..., 0], ops_)  # weights that depend on the Gram
+
+
+def _eager_policy(policy, ops_, vectors, scalars):
+    names_v, names_s = policies.POLICIES[policy]
+    gram = reference.reduce(ops_, 1)[0] if policies.NEEDS_GRAM[policy] else None
+    coef = policies.coefficients(policy, gram, dict(zip(names_v, vectors)),
+                                 {n: s.reshape(-1, 1, 1) for n, s in zip(names_s, scalars)})
+    return reference.combine(coef, ops_)
+
+
+_COMPILED: Dict[str, Callable] = {}
+
+
+def _compiled(workload: str) -> Callable:
+    """One torch.compile per workload, dynamic shapes, so sizes do not each recompile."""
+    if workload not in _COMPILED:
+        # all policies share _eager_policy's code object, and dynamo's per-code cache would
+        # otherwise hit its recompile limit and silently run the later policies eagerly
+        for name in ("recompile_limit", "cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(64, getattr(torch._dynamo.config, name)))
+        policy = WORKLOADS[workload]
+        fn = _eager_bare if policy is None else (lambda o, v, s, _p=policy: _eager_policy(_p, o, v, s))
+        _COMPILED[workload] = torch.compile(fn, dynamic=True)
+    return _COMPILED[workload]
+
+
+def _step_fn(workload: str, backend: str, operands, device) -> Callable[[], torch.Tensor]:
+    """One step's passes for ``workload`` on ``backend`` (``"compile"``: torch.compile of the
+    reference function)."""
+    b = operands[0].shape[0]
+    acc = reference.accumulation_dtype(operands[0].dtype)
+    policy = WORKLOADS[workload]
+    if policy is None:
+        coef = torch.randn(b, 1, K, generator=torch.Generator().manual_seed(1), dtype=acc).to(device)
+        if backend == "reference":
+            return lambda: _eager_bare(operands, coef)
+        if backend == "compile":
+            fn = _compiled(workload)
+            return lambda: fn(operands, coef)
+
+        def run():
+            gram, _ = ops.reduce(operands, 1, backend=backend)
+            return ops.combine(coef + 1e-3 * gram[..., 0], operands, backend=backend)
+        return run
+
+    params = _params(policy, b, device, acc)
+    vectors = [params[n] for n in policies.POLICIES[policy][0]]
+    scalars = [params[n] for n in policies.POLICIES[policy][1]]
+    if backend == "reference":
+        return lambda: _eager_policy(policy, operands, vectors, scalars)
+    if backend == "compile":
+        fn = _compiled(workload)
+        return lambda: fn(operands, vectors, scalars)
+    return lambda: ops.fused_combine(policy, operands, backend=backend, **params)
+
+
+def _time(fn: Callable[[], object], device, reps: int, warmup: int) -> float:
+    """Median milliseconds of ``fn``."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        for _ in range(reps):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(device)
+            times.append(start.elapsed_time(end))
+    else:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def _device_name(device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{name} ({torch.get_num_threads()} threads)"
+
+
+def run(quick: bool = False, device: Optional[str] = None, dtype: torch.dtype = torch.float32,
+        backends: Optional[List[str]] = None, workloads: Optional[List[str]] = None, reps: Optional[int] = None,
+        compile_reference: bool = True, progress: bool = True) -> dict:
+    """Run the suite; returns the result dict (see :func:`write` for the files)."""
+    dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    sizes = QUICK_SIZES if quick else FULL_SIZES
+    reps = reps or (3 if quick else 5)
+    have = ops.available_backends(dev)
+    wanted = backends or ["reference", "compile", "native", "triton"]
+    if not compile_reference and "compile" in wanted:
+        wanted.remove("compile")
+    chosen, skipped = [], {}
+    for b in wanted:
+        if b in ("reference", "compile"):
+            chosen.append(b)
+        elif have.get(b) is True and not (b == "triton" and dev.type == "cpu"):
+            chosen.append(b)  # interpreted Triton on CPU measures the interpreter, not a kernel
+        else:
+            skipped[b] = have.get(b) if have.get(b) is not True else "the Triton interpreter is not a benchmark"
+    workloads = workloads or list(WORKLOADS)
+    largest = max(sizes, key=lambda s: torch.Size(s[1]).numel())[1]
+    src = torch.randn(largest, device=dev, dtype=dtype)
+    dst = torch.empty_like(src)
+    copy_ms = _time(lambda: dst.copy_(src), dev, max(reps, 5), 2)
+    copy_gbs = 2 * src.numel() * src.element_size() / copy_ms / 1e6
+    del src, dst
+
+    rows = []
+    jobs = [(w, label, shape) for label, shape in sizes for w in workloads]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(jobs) * len(chosen), desc="bench ops", unit="row")
+    for label, shape in sizes:
+        g = torch.Generator().manual_seed(0)
+        operands = [torch.randn(shape, generator=g).to(device=dev, dtype=dtype) for _ in range(K)]
+        numel = operands[0].numel() * operands[0].element_size()
+        for workload in workloads:
+            policy = WORKLOADS[workload]
+            passes = (2 * K + 1) if (policy is None or policies.NEEDS_GRAM[policy]) else (K + 1)
+            nbytes = passes * numel
+            eager_ms = None
+            for backend in chosen:
+                t_compile = None
+                fn = _step_fn(workload, backend, operands, dev)
+                if backend == "compile":
+                    t0 = time.perf_counter()
+                    fn()
+                    t_compile = time.perf_counter() - t0
+                ms = _time(fn, dev, reps, 1)
+                if backend == "reference":
+                    eager_ms = ms
+                gbs = nbytes / ms / 1e6
+                rows.append({"workload": workload, "size": label, "backend": backend, "shape": list(shape),
+                             "dtype": str(dtype).replace("torch.", ""), "k": K, "median_ms": ms,
+                             "bytes_moved": nbytes, "gb_per_s": gbs, "copy_fraction": gbs / copy_gbs,
+                             "speedup_vs_eager": (eager_ms / ms) if eager_ms else None,
+                             "compile_s": t_compile})
+                if bar is not None:
+                    bar.update(1)
+        del operands
+    if bar is not None:
+        bar.close()
+    versions = {"torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        import triton
+        versions["triton"] = triton.__version__
+    except Exception:
+        versions["triton"] = None
+    return {"suite": "ops", "quick": quick,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": _git_commit(), "device": _device_name(dev), "device_type": dev.type,
+            "threads": torch.get_num_threads(), "versions": versions, "dtype": str(dtype).replace("torch.", ""),
+            "copy_bandwidth_gb_per_s": copy_gbs, "backends": chosen, "skipped_backends": skipped,
+            "timer": "CUDA events" if dev.type == "cuda" else "time.perf_counter", "reps": reps, "rows": rows}
+
+
+def markdown(result: dict, note: str = "") -> str:
+    lines = [f"# gradguide bench --suite ops ({'quick' if result['quick'] else 'full'})", "",
+             f"- device: {result['device']}; torch {result['versions']['torch']}, triton "
+             f"{result['versions']['triton']}, CUDA {result['versions']['cuda']}",
+             f"- commit {result['commit']}, {result['date']}, dtype {result['dtype']}, K = {K} operands, "
+             f"median of {result['reps']} ({result['timer']})",
+             f"- measured copy bandwidth (`dst.copy_(src)`): {result['copy_bandwidth_gb_per_s']:.1f} GB/s"]
+    for b, why in result["skipped_backends"].items():
+        lines.append(f"- backend `{b}` not run: {why}")
+    if note:
+        lines.append(f"- {note}")
+    lines += ["", "| workload | size | backend | median ms | bytes moved | GB/s | copy fraction | speedup vs eager |",
+              "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        speed = f"{r['speedup_vs_eager']:.2f}x" if r["speedup_vs_eager"] else "-"
+        lines.append(f"| {r['workload']} | {r['size']} | {r['backend']} | {r['median_ms']:.3f} | "
+                     f"{r['bytes_moved'] / 1e6:.1f} MB | {r['gb_per_s']:.2f} | {r['copy_fraction']:.2f} | {speed} |")
+    return "\n".join(lines) + "\n"
+
+
+def write(result: dict, out_dir: str, note: str = "") -> List[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    date = result["date"][:10]
+    stem = f"ops-{result['device_type']}-{'quick-' if result['quick'] else ''}{date}"
+    paths = [os.path.join(out_dir, stem + ".json"), os.path.join(out_dir, stem + ".md")]
+    with open(paths[0], "w") as f:
+        json.dump(dict(result, note=note), f, indent=2)
+    with open(paths[1], "w") as f:
+        f.write(markdown(result, note))
+    return paths

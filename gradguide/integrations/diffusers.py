@@ -1,0 +1,355 @@
+"""diffusers drop-in: run a diffusers UNet and scheduler with :func:`gradguide.sample`, and use
+gradguide's guidance inside diffusers pipelines.
+
+- :func:`from_diffusers` ``(unet, scheduler) -> (model, schedule)``. ``model(x_t, t, **cond)``
+  calls the UNet and returns its raw output; ``model.prediction`` is the scheduler's
+  ``prediction_type`` in gradguide's names (``"eps"``, ``"v"``, ``"x0"``) and
+  ``model.sample_defaults`` holds the keywords that reproduce the scheduler's configuration
+  (``prediction``, ``clip`` from ``clip_sample``/``clip_sample_range``, ``variance`` for
+  DDPM's ``variance_type``): pass ``**model.sample_defaults`` to :func:`gradguide.sample`.
+  ``schedule`` is a :class:`DiffusersSchedule`: its timesteps are the scheduler's own
+  ``set_timesteps(steps)`` (spacing, ``steps_offset``) and each step moves to the ᾱ the
+  scheduler's own ``step`` moves to — DDIM: ``t − T // n``, or ``final_alpha_cumprod``
+  (``set_alpha_to_one``) below 0 (Song et al. 2021, eq. 12 as diffusers implements it);
+  DDPM and others: the next timestep, ᾱ = 1 after the last (Ho et al. 2020, eq. 7).
+- Guiders following diffusers' ``BaseGuidance`` interface, computed with
+  :func:`gradguide.ops.reduce` / :func:`gradguide.ops.combine` (one reduction and one
+  combination per step): :class:`GradguideCFG` (Ho & Salimans 2022, with Lin et al. 2023's
+  rescale), :class:`GradguideAPG` (Sadat et al., ICLR 2025) and
+  :class:`GradguidePixelAsParam` (Dinh, Liu & Xu, ICML 2023, policy C).
+
+Clipping: with ``clip_sample=True`` a diffusers DDIM step re-noises with the model's
+*unclipped* ε unless ``use_clipped_model_output=True``. ``from_diffusers`` reproduces the
+scheduler's default (``sample_defaults["clip_eps"] = "model"`` for DDIM schedulers) and
+``from_diffusers(..., use_clipped_model_output=True)`` the other choice (gradguide's own
+default, GLIDE's / ADM's convention). DDPM uses the clipped x̂_0 in its posterior mean only.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+try:
+    import diffusers  # noqa: F401
+    from diffusers.guiders import AdaptiveProjectedGuidance, ClassifierFreeGuidance
+    from diffusers.guiders.guider_utils import GuiderOutput
+except ImportError as exc:  # pragma: no cover - exercised only without diffusers
+    raise ImportError("gradguide.integrations.diffusers needs diffusers: pip install diffusers==0.42.1") from exc
+
+from .. import ops
+from ..schedules import SPACINGS, Schedule, Timesteps
+
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+VARIANCE_TYPES = {"fixed_small": "fixed-small", "fixed_large": "fixed-large", "learned_range": "learned-range"}
+
+
+class DiffusersSchedule(Schedule):
+    """A :class:`~gradguide.Schedule` whose :meth:`timesteps` are a diffusers scheduler's own.
+
+    The scheduler is copied (its ``set_timesteps`` state is never touched). ``rule`` is
+    ``"ddim"`` (step to ``t − T // n``, ``final_alpha_cumprod`` below 0) or ``"next"`` (the
+    next timestep, ᾱ = 1 after the last), chosen from the scheduler's class.
+    ``suggested_sampler`` names gradguide's sampler for that scheduler.
+    """
+
+    def __init__(self, scheduler):
+        if not hasattr(scheduler, "alphas_cumprod") or not hasattr(scheduler, "set_timesteps"):
+            raise TypeError(f"scheduler: expected a diffusers scheduler with alphas_cumprod and set_timesteps, "
+                            f"got {type(scheduler).__name__}")
+        if float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
+            raise ValueError(f"scheduler: {type(scheduler).__name__} is a sigma-space (k-diffusion style) scheduler "
+                             "(init_noise_sigma != 1); use DDIMScheduler, DDPMScheduler or DPMSolverMultistepScheduler")
+        super().__init__(scheduler.alphas_cumprod)
+        self.scheduler = copy.deepcopy(scheduler)
+        name = type(scheduler).__name__
+        self.rule = "ddim" if name.startswith("DDIM") else "next"
+        final = getattr(scheduler, "final_alpha_cumprod", None)
+        self.final_alpha_cumprod = 1.0 if final is None else float(final)
+        self.suggested_sampler = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm",
+                                  "DPMSolverMultistepScheduler": "dpmpp-2m"}.get(name, "ddim")
+
+    def __repr__(self) -> str:
+        return f"DiffusersSchedule({type(self.scheduler).__name__}, T={self.T}, rule={self.rule!r})"
+
+    def timesteps(self, steps: Optional[Union[int, str, Sequence[int]]] = None, spacing: str = "adm",
+                  steps_offset: int = 0) -> Timesteps:
+        """The scheduler's timesteps for ``steps`` inference steps (``None``: all T).
+
+        ``spacing``: ``"adm"`` (the default of :func:`gradguide.sample`) means the scheduler's
+        own ``timestep_spacing``; ``"leading"``, ``"trailing"``, ``"linspace"`` override it.
+        An explicit list of timesteps steps from each to the next; an ADM section string uses
+        ADM respacing on the scheduler's ᾱ.
+        """
+        if spacing not in SPACINGS:
+            raise ValueError(f"spacing: expected one of {SPACINGS}, got {spacing!r}")
+        if isinstance(steps, str):
+            return super().timesteps(steps, "adm")
+        ac = self.alphas_cumprod
+        if isinstance(steps, (list, tuple, np.ndarray, torch.Tensor)):
+            t = torch.tensor(sorted({int(s) for s in steps}, reverse=True), dtype=torch.int64)
+            if t.numel() == 0 or t[-1] < 0 or t[0] >= self.T:
+                raise ValueError(f"steps: explicit timesteps must lie in [0, {self.T - 1}]")
+            abar = ac[t]
+            return Timesteps(t, abar, torch.cat([abar[1:], abar.new_ones(1)]))
+        n = self.T if steps is None else steps
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= self.T:
+            raise ValueError(f"steps: expected an integer in [1, {self.T}] (the scheduler's num_train_timesteps), "
+                             f"got {steps!r}")
+        n = int(n)
+        sched = self.scheduler
+        overrides = {}
+        if spacing != "adm" and spacing != sched.config.get("timestep_spacing"):
+            overrides["timestep_spacing"] = spacing
+        if steps_offset:
+            overrides["steps_offset"] = steps_offset
+        if overrides:
+            sched = type(sched).from_config({**sched.config, **overrides})
+        else:
+            sched = copy.deepcopy(sched)
+        sched.set_timesteps(n)
+        t = torch.as_tensor(sched.timesteps).to(torch.int64).cpu()
+        abar = ac[t]
+        if self.rule == "ddim":
+            prev = t - self.T // n
+            abar_prev = torch.where(prev >= 0, ac[prev.clamp_min(0)],
+                                    torch.tensor(self.final_alpha_cumprod, dtype=torch.float64))
+        else:
+            abar_prev = torch.cat([abar[1:], abar.new_ones(1)])
+        return Timesteps(t, abar, abar_prev)
+
+
+class DiffusersModel(torch.nn.Module):
+    """``model(x_t, t, **cond)`` over a diffusers UNet (or any module returning ``.sample``)."""
+
+    def __init__(self, unet, scheduler, use_clipped_model_output: bool = False):
+        super().__init__()
+        self.unet = unet
+        config = scheduler.config
+        ptype = config.get("prediction_type", "epsilon")
+        if ptype not in PREDICTION_TYPES:
+            raise ValueError(f"scheduler: prediction_type {ptype!r} is not one of {sorted(PREDICTION_TYPES)}")
+        if config.get("thresholding", False):
+            raise ValueError("scheduler: dynamic thresholding (thresholding=True) is not supported; "
+                             "gradguide clips x̂_0 to a fixed range (clip_sample)")
+        self.prediction = PREDICTION_TYPES[ptype]
+        clip = None
+        if config.get("clip_sample", False):
+            r = float(config.get("clip_sample_range", 1.0))
+            clip = (-r, r)
+        self.sample_defaults = {"prediction": self.prediction, "clip": clip}
+        if clip is not None and type(scheduler).__name__.startswith("DDIM") and not use_clipped_model_output:
+            self.sample_defaults["clip_eps"] = "model"
+        vtype = config.get("variance_type")
+        if vtype is not None and vtype != "fixed_small":
+            if vtype not in VARIANCE_TYPES:
+                raise ValueError(f"scheduler: variance_type {vtype!r} is not supported; "
+                                 f"expected one of {sorted(VARIANCE_TYPES)}")
+            self.sample_defaults["variance"] = VARIANCE_TYPES[vtype]
+        in_channels = getattr(getattr(unet, "config", None), "in_channels", None)
+        size = getattr(getattr(unet, "config", None), "sample_size", None)
+        if in_channels is not None and size is not None:
+            size = (size, size) if isinstance(size, int) else tuple(size)
+            self.sample_shape = (int(in_channels),) + tuple(int(s) for s in size)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        dtype = getattr(self.unet, "dtype", x.dtype)
+        out = self.unet(x.to(dtype), t, **cond, return_dict=False)[0]
+        return out.to(x.dtype)
+
+
+def from_diffusers(unet, scheduler, use_clipped_model_output: bool = False):
+    """``(model, schedule)`` for :func:`gradguide.sample` from a diffusers UNet and scheduler.
+
+    Pass ``**model.sample_defaults`` (prediction type, clipping, DDPM variance) and the
+    sampler matching the scheduler (``schedule.suggested_sampler``). ``use_clipped_model_output``
+    mirrors the argument of diffusers' ``DDIMScheduler.step`` (only matters with clipping)::
+
+        model, schedule = gradguide.from_diffusers(pipe.unet, pipe.scheduler)
+        x = gradguide.sample(model, (4, 3, 64, 64), schedule=schedule, sampler="ddim", steps=50,
+                             generator=torch.Generator().manual_seed(0), **model.sample_defaults)
+    """
+    if not callable(unet):
+        raise TypeError(f"unet: expected a callable diffusers model, got {type(unet).__name__}")
+    return DiffusersModel(unet, scheduler, use_clipped_model_output), DiffusersSchedule(scheduler)
+
+
+# -- guiders ----------------------------------------------------------------------------------
+
+def _flat_std_ratio(gram, sums, a, b, n):
+    """std(c) / std(a c + b u) per sample from the Gram matrix and sums of (c, u)."""
+    ss_c = gram[:, 0, 0]
+    s_c = sums[:, 0]
+    ss_p = a * a * gram[:, 0, 0] + 2 * a * b * gram[:, 0, 1] + b * b * gram[:, 1, 1]
+    s_p = a * sums[:, 0] + b * sums[:, 1]
+    var_c = (ss_c - s_c * s_c / n).clamp_min(0)
+    var_p = (ss_p - s_p * s_p / n).clamp_min(0)
+    return (var_c / var_p).sqrt()   # the (n − 1) of the unbiased std cancels
+
+
+class GradguideCFG(ClassifierFreeGuidance):
+    """diffusers' ``ClassifierFreeGuidance`` computed with gradguide's ops: one combination
+    ``u + w (c − u)`` (``c + w (c − u)`` with ``use_original_formulation``), and with
+    ``guidance_rescale = φ > 0`` Lin et al.'s rescale from one reduction (std per sample)."""
+
+    backend = "auto"
+
+    def forward(self, pred_cond: torch.Tensor, pred_uncond: Optional[torch.Tensor] = None) -> GuiderOutput:
+        if not self._is_cfg_enabled():
+            return GuiderOutput(pred=pred_cond, pred_cond=pred_cond, pred_uncond=pred_uncond)
+        w = float(self.guidance_scale)
+        a, b = (1.0 + w, -w) if self.use_original_formulation else (w, 1.0 - w)
+        operands = [pred_cond, pred_uncond]
+        bsz = pred_cond.shape[0]
+        coef = torch.tensor([a, b], dtype=torch.float32, device=pred_cond.device).expand(bsz, 2)
+        if self.guidance_rescale > 0.0:
+            gram, sums = ops.reduce(operands, backend=self.backend)
+            n = pred_cond[0].numel()
+            ratio = _flat_std_ratio(gram[:, 0], sums[:, 0], a, b, n)
+            phi = float(self.guidance_rescale)
+            coef = coef * (phi * ratio + (1 - phi)).unsqueeze(1).to(coef.dtype)
+        pred = ops.combine(coef, operands, backend=self.backend)
+        return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
+
+
+class GradguideAPG(AdaptiveProjectedGuidance):
+    """diffusers' ``AdaptiveProjectedGuidance`` (its formula: ``u + w (Δ_⊥ + η Δ_∥)`` on the
+    model outputs, Δ clipped to norm r, optional momentum) from one reduction of
+    ``(c, u[, running Δ])`` and one combination. Only per-sample norms
+    (``adaptive_projected_guidance_norm_dim=None``) are supported."""
+
+    backend = "auto"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.adaptive_projected_guidance_norm_dim is not None:
+            raise ValueError("GradguideAPG: adaptive_projected_guidance_norm_dim: only None (per-sample norms over "
+                             f"all dimensions) is supported, got {self.adaptive_projected_guidance_norm_dim!r}")
+
+    def forward(self, pred_cond: torch.Tensor, pred_uncond: Optional[torch.Tensor] = None) -> GuiderOutput:
+        if not self._is_apg_enabled():
+            return GuiderOutput(pred=pred_cond, pred_cond=pred_cond, pred_uncond=pred_uncond)
+        w, eta = float(self.guidance_scale), float(self.eta)
+        r = float(self.adaptive_projected_guidance_rescale)
+        operands = [pred_cond, pred_uncond]
+        d = [1.0, -1.0]                                     # Δ over the operands
+        buffer = self.momentum_buffer
+        if buffer is not None:
+            if isinstance(buffer.running_average, torch.Tensor):
+                operands.append(buffer.running_average.to(pred_cond.dtype))
+                d.append(float(buffer.momentum))
+        gram, _ = ops.reduce(operands, backend=self.backend)
+        gram = gram[:, 0].to(torch.float64)
+        dv = torch.tensor(d, dtype=torch.float64, device=gram.device)
+        g_d = gram @ dv                                     # [B, K]: <operand_k, Δ>
+        dd = (g_d * dv).sum(-1)                             # ‖Δ‖²
+        dc = g_d[:, 0]                                      # <Δ, c>
+        cc = gram[:, 0, 0]
+        f = torch.ones_like(dd)
+        if r > 0:
+            f = torch.minimum(f, r / dd.sqrt())             # ‖Δ‖ = 0 gives inf, min keeps 1
+        par = torch.where(cc > 0, f * dc / cc.clamp_min(1e-300), torch.zeros_like(cc))
+        k = len(operands)
+        coef = torch.zeros(gram.shape[0], k, dtype=torch.float64, device=gram.device)
+        coef[:, 0 if self.use_original_formulation else 1] = 1.0
+        coef = coef + w * f.unsqueeze(1) * dv
+        coef[:, 0] -= w * (1.0 - eta) * par
+        if self.guidance_rescale > 0.0:
+            raise ValueError("GradguideAPG: guidance_rescale > 0 is not supported; use GradguideCFG's rescale")
+        pred = ops.combine(coef.to(torch.float32), operands, backend=self.backend)
+        if buffer is not None:   # diffusers' MomentumBuffer: running = Δ + m · running
+            buffer.running_average = ops.combine(dv.to(torch.float32).expand(gram.shape[0], k), operands,
+                                                 backend=self.backend)
+        return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
+
+
+class GradguidePixelAsParam(ClassifierFreeGuidance):
+    """PixelAsParam policy C (Dinh, Liu & Xu, ICML 2023) as a diffusers guider.
+
+    In x̂_0 space, with ``Δ = (w − 1)(x̂_0c − x̂_0u)``:
+    ``x̂_0 = clip(PC_δ1(x̂_0c | Δ) + PC_δ2(Δ | x̂_0c))``, ``PC_δ(a|b) = a − δ min(0, <a,b>)/‖b‖² b``
+    per sample; the guider returns the prediction (ε, v or x̂_0, the scheduler's
+    ``prediction_type``) consistent with that x̂_0, for the scheduler's ``step``.
+
+    Policy C needs ``x_t`` and ``ᾱ_t``: build it with :meth:`from_scheduler` and call
+    :meth:`set_sample` with the current latents before each guider call (the timestep comes
+    from ``set_state``, which diffusers' denoising loops already call).
+    """
+
+    backend = "auto"
+
+    def __init__(self, guidance_scale: float = 7.5, alphas_cumprod: Optional[Sequence[float]] = None,
+                 prediction_type: str = "epsilon", delta1: float = 1.0, delta2: float = 1.0,
+                 clip_range: Optional[float] = None, start: float = 0.0, stop: float = 1.0, enabled: bool = True):
+        super().__init__(guidance_scale=guidance_scale, start=start, stop=stop, enabled=enabled)
+        if alphas_cumprod is None:
+            raise ValueError("GradguidePixelAsParam: alphas_cumprod: required (use from_scheduler(scheduler, ...))")
+        if prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"GradguidePixelAsParam: prediction_type: expected one of {sorted(PREDICTION_TYPES)}, "
+                             f"got {prediction_type!r}")
+        self.register_to_config(alphas_cumprod=[float(a) for a in alphas_cumprod], prediction_type=prediction_type,
+                                delta1=delta1, delta2=delta2, clip_range=clip_range)
+        self._abar = torch.tensor([float(a) for a in alphas_cumprod], dtype=torch.float64)
+        self.prediction_type = prediction_type
+        self.delta1, self.delta2, self.clip_range = float(delta1), float(delta2), clip_range
+        self._sample = None
+
+    @classmethod
+    def from_scheduler(cls, scheduler, guidance_scale: float = 7.5, **kwargs) -> "GradguidePixelAsParam":
+        config = scheduler.config
+        clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", False) else None
+        kwargs.setdefault("clip_range", clip)
+        return cls(guidance_scale=guidance_scale, alphas_cumprod=scheduler.alphas_cumprod.tolist(),
+                   prediction_type=config.get("prediction_type", "epsilon"), **kwargs)
+
+    def set_sample(self, sample: torch.Tensor) -> None:
+        """The current ``x_t`` (the latents the model was called on)."""
+        self._sample = sample
+
+    def forward(self, pred_cond: torch.Tensor, pred_uncond: Optional[torch.Tensor] = None) -> GuiderOutput:
+        if not self._is_cfg_enabled():
+            return GuiderOutput(pred=pred_cond, pred_cond=pred_cond, pred_uncond=pred_uncond)
+        x = self._sample
+        if x is None or x.shape != pred_cond.shape:
+            raise ValueError("GradguidePixelAsParam: call guider.set_sample(latents) with the current x_t "
+                             f"(shape {tuple(pred_cond.shape)}) before each guider call")
+        if self._timestep is None:
+            raise ValueError("GradguidePixelAsParam: call guider.set_state(step, num_inference_steps, timestep) "
+                             "first (diffusers' denoising loops do)")
+        t = torch.as_tensor(self._timestep).reshape(-1)[0].long().cpu()
+        abar = float(self._abar[t])
+        a, s = math.sqrt(abar), math.sqrt(1 - abar)
+        bsz = x.shape[0]
+        # x̂_0 of each branch as coefficients over (x, c, u); every step below is per-sample linear algebra
+        if self.prediction_type == "epsilon":
+            x0c, x0u = [1 / a, -s / a, 0.0], [1 / a, 0.0, -s / a]
+        elif self.prediction_type == "v_prediction":
+            x0c, x0u = [a, -s, 0.0], [a, 0.0, -s]
+        else:
+            x0c, x0u = [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]
+        operands = [x, pred_cond, pred_uncond]
+        gram, _ = ops.reduce(operands, backend=self.backend)
+        gram = gram[:, 0].to(torch.float64)
+        vc = torch.tensor(x0c, dtype=torch.float64, device=gram.device)
+        wp = float(self.guidance_scale) - 1.0
+        vd = wp * (vc - torch.tensor(x0u, dtype=torch.float64, device=gram.device))
+        cc = torch.einsum("i,bij,j->b", vc, gram, vc)
+        dd = torch.einsum("i,bij,j->b", vd, gram, vd)
+        cd = torch.einsum("i,bij,j->b", vc, gram, vd)
+        neg = cd.clamp(max=0.0)
+        f1 = torch.where(dd > 0, neg / dd.clamp_min(1e-300), torch.zeros_like(dd))   # PC(x̂_0c | Δ)
+        f2 = torch.where(cc > 0, neg / cc.clamp_min(1e-300), torch.zeros_like(cc))   # PC(Δ | x̂_0c)
+        coef_x0 = (vc - self.delta1 * f1[:, None] * vd) + (vd - self.delta2 * f2[:, None] * vc)
+        clamp = None if self.clip_range is None else (-float(self.clip_range), float(self.clip_range))
+        x0 = ops.combine(coef_x0.to(torch.float32), operands, clamp=clamp, backend=self.backend)
+        if self.prediction_type == "sample":
+            pred = x0
+        else:
+            # back to the scheduler's parametrisation: ε = (x − a x̂_0)/s, v = (a x − x̂_0)/s
+            cx, c0 = ((1 / s, -a / s) if self.prediction_type == "epsilon" else (a / s, -1 / s))
+            coef = torch.tensor([cx, c0], dtype=torch.float32, device=x.device).expand(bsz, 2)
+            pred = ops.combine(coef, [x.to(x0.dtype), x0], backend=self.backend)
+        return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)

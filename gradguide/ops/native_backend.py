@@ -1,0 +1,75 @@
+"""Glue to the native (csrc/) ops ``torch.ops.gradguide.reduce / combine / combine_out``.
+
+The extension ``gradguide._C`` is built by ``setup.py`` where a compiler (and, for CUDA,
+nvcc with a CUDA torch) exists; importing it registers the ops with the dispatcher. This
+module loads it on first use, registers the fake (meta) kernels that let the ops run under
+``torch.compile`` and ``FakeTensor`` tracing, and says why the backend is missing otherwise.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+_state = {"loaded": None, "reason": None}
+
+
+def load() -> bool:
+    """Import the extension once; ``True`` if the ops are registered."""
+    if _state["loaded"] is None:
+        try:
+            from gradguide import _C  # noqa: F401  (registration happens at import)
+        except Exception as exc:  # not built, or built against another torch
+            _state["loaded"] = False
+            _state["reason"] = (f"the csrc extension gradguide._C is not built or does not load ({exc}); "
+                                "reinstall with `pip install --no-build-isolation -e .` where a C++ compiler exists")
+        else:
+            _register_fakes()
+            _state["loaded"] = True
+    return _state["loaded"]
+
+
+def status(device: Optional[torch.device] = None):
+    """``True`` or the reason the native backend cannot run on ``device``."""
+    if not load():
+        return _state["reason"]
+    if device is not None:
+        key = "CUDA" if device.type == "cuda" else "CPU" if device.type == "cpu" else None
+        if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key("gradguide::reduce", key):
+            return f"the native ops were not built for {device.type} (CUDA needs a CUDA torch and nvcc at build time)"
+    return True
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("gradguide::reduce")
+    def _reduce_fake(operands, groups):
+        first = operands[0]
+        b, k = first.shape[0], len(operands)
+        acc = _acc(first.dtype)
+        return first.new_empty((b, groups, k, k), dtype=acc), first.new_empty((b, groups, k), dtype=acc)
+
+    @torch.library.register_fake("gradguide::combine")
+    def _combine_fake(coef, operands, low, high):
+        return torch.empty_like(operands[0], memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("gradguide::combine_out")
+    def _combine_out_fake(coef, operands, low, high, out):
+        return None
+
+
+def reduce(operands, groups: int = 1):
+    return torch.ops.gradguide.reduce(list(operands), groups)
+
+
+def combine(coef, operands, out=None, clamp=None):
+    low, high = (None, None) if clamp is None else (clamp[0], clamp[1])
+    low = None if low is None else float(low)
+    high = None if high is None else float(high)
+    if out is None:
+        return torch.ops.gradguide.combine(coef, list(operands), low, high)
+    torch.ops.gradguide.combine_out(coef, list(operands), low, high, out)
+    return out

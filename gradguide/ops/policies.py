@@ -1,0 +1,93 @@
+"""Coefficient programs of the built-in policies, for the fused combine (DESIGN.md, step 3).
+
+A fused combine evaluates one of these tiny per-row programs on the Gram matrix and a few
+coefficient vectors (LinCombs over the step's operands, ``[B, G, K]``) and writes
+``sum_k C[b, g, k] op_k`` in the same pass. This module is the plain-torch truth of each
+program; the Triton kernel (``kernels/fused.py``) evaluates the same formulas in the combine
+kernel's prologue, and the reference/native backends run these functions and then their
+own ``combine``. Inner products are per row (a sample, or a (sample, group) pair), exactly
+``gradguide.linear.Operands.dot(..., per="group")``; with one group, per sample.
+
+Programs (vectors in *italics* are coefficient vectors; all others per-sample scalars, a
+number or a 0-d / ``[B]`` device tensor):
+
+- ``"cfg"`` (Ho & Salimans 2022, diffusers' ``w``): ``base + uncond + scale (cond − uncond)``.
+- ``"pxp-a"`` (PixelAsParam policy A, SPEC §4): ``base + PC(den|cls) + PC(cls|den) + div``.
+- ``"pxp-b"`` (policy B): ``base + PC(den|cls) + PC(PC(cls|den)|div) + PC(div|cls)``.
+- ``"pxp-c"`` (policy C): ``Δ = (scale − 1)(x0_cond − x0_uncond)``,
+  ``base + post (PC_delta(x0_cond|Δ) + PC_delta2(Δ|x0_cond))``.
+- ``"apg"`` (Sadat et al. 2025, no momentum): ``Δ = d_cond − d_uncond`` clipped to norm
+  ``norm_threshold`` (if > 0), ``Δ_∥ = <Δ, d_c>/‖d_c‖² d_c``,
+  ``base + post (d_cond + (scale − 1)(Δ − Δ_∥ + eta Δ_∥))``.
+- ``"gloss"`` (Guo et al. 2024, Definition 1, the per-sample β): with ``v`` = *vjp*,
+  ``β = (a²/2)/(a² sigma² + h ‖v‖²)``, ``base + post · residual · β · v`` where ``residual`` is
+  ``2·multiplier·(y − gᵀx̂_0)`` per sample and ``post`` maps a score shift to the step
+  (``c_0 h / a``).
+
+``PC_δ(a|b) = a − δ min(0, <a,b>)/‖b‖² b``, ``a`` where ``‖b‖ = 0`` (per row).
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+# name -> (coefficient vectors, scalars with their defaults; None = required)
+POLICIES = {
+    "cfg": (("base", "cond", "uncond"), {"scale": None}),
+    "pxp-a": (("base", "den", "cls", "div"), {"delta": 1.0}),
+    "pxp-b": (("base", "den", "cls", "div"), {"delta": 1.0}),
+    "pxp-c": (("base", "x0_cond", "x0_uncond"), {"scale": None, "delta": 1.0, "delta2": 1.0, "post": 1.0}),
+    "apg": (("base", "d_cond", "d_uncond"), {"scale": None, "eta": 0.0, "norm_threshold": 15.0, "post": 1.0}),
+    "gloss": (("base", "vjp"), {"a": None, "h": None, "sigma": 0.1, "residual": None, "post": 1.0}),
+}
+NEEDS_GRAM = {name: name != "cfg" for name in POLICIES}
+
+
+def _safe_div(num, den):
+    ok = den > 0
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def _dot(gram, u, v):
+    return torch.einsum("bgk,bgkl,bgl->bg", u, gram, v).unsqueeze(-1)
+
+
+def _pc(gram, a, b, delta):
+    factor = _safe_div(_dot(gram, a, b).clamp(max=0.0), _dot(gram, b, b).clamp_min(0.0))
+    return a - b * (factor * delta)
+
+
+def coefficients(policy: str, gram, vectors: Dict[str, torch.Tensor], scalars: Dict[str, torch.Tensor]):
+    """``C[B, G, K]`` of ``policy``. ``vectors[name]`` are ``[B, G, K]``; ``scalars[name]`` are
+    ``[B, 1, 1]`` (see :func:`gradguide.ops.fused_combine` for the checked entry point)."""
+    v, s = vectors, scalars
+    if policy == "cfg":
+        return v["base"] + v["uncond"] + s["scale"] * (v["cond"] - v["uncond"])
+    if policy in ("pxp-a", "pxp-b"):
+        den, cls, div, d = v["den"], v["cls"], v["div"], s["delta"]
+        den1, cls1 = _pc(gram, den, cls, d), _pc(gram, cls, den, d)
+        if policy == "pxp-a":
+            return v["base"] + den1 + cls1 + div
+        return v["base"] + den1 + _pc(gram, cls1, div, d) + _pc(gram, div, cls, d)
+    if policy == "pxp-c":
+        xc = v["x0_cond"]
+        delta = (xc - v["x0_uncond"]) * (s["scale"] - 1.0)
+        x0 = _pc(gram, xc, delta, s["delta"]) + _pc(gram, delta, xc, s["delta2"])
+        return v["base"] + s["post"] * x0
+    if policy == "apg":
+        dc = v["d_cond"]
+        delta = dc - v["d_uncond"]
+        r = s["norm_threshold"]
+        norm = _dot(gram, delta, delta).clamp_min(0.0).sqrt()
+        clip = torch.where(norm > 0, _safe_div(r.expand_as(norm), norm).clamp(max=1.0), torch.ones_like(norm))
+        delta = torch.where(r > 0, delta * clip, delta)
+        par = dc * _safe_div(_dot(gram, delta, dc), _dot(gram, dc, dc).clamp_min(0.0))
+        out = dc + (delta - par + par * s["eta"]) * (s["scale"] - 1.0)
+        return v["base"] + s["post"] * out
+    if policy == "gloss":
+        vjp = v["vjp"]
+        a2 = s["a"] * s["a"]
+        beta = (a2 / 2) / (a2 * s["sigma"] ** 2 + s["h"] * _dot(gram, vjp, vjp).clamp_min(0.0))
+        return v["base"] + vjp * (s["post"] * s["residual"] * beta)
+    raise ValueError(f"policy: expected one of {tuple(POLICIES)}, got {policy!r}")

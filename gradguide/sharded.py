@@ -1,0 +1,508 @@
+"""Sharded, resumable sampling of large evaluation sets, in one process or under ``torchrun``.
+
+The run is planned by **sample index**, never by process: sample ``i`` is drawn from its own
+generator seeded with :func:`sample_seed` ``(seed, i)`` (its initial noise and every step's
+noise come from it, see :func:`gradguide.sample`), and samples are grouped into shards of a
+fixed ``shard_size``. So the set does not depend on the number of processes, nor on which
+process drew which shard, nor on the batch size (up to the model's own batch-size
+invariance; the embedded analytic models are exactly invariant).
+
+- Rank ``r`` of ``W`` draws the shards ``k`` with ``k ≡ r (mod W)`` (torch.distributed: nccl on
+  GPU, gloo on CPU, initialised from ``torchrun``'s environment; one process needs none).
+- Each shard is written atomically (temporary file, fsync, ``os.replace``) as
+  ``shard-00012.npz`` holding ``samples``, ``indices``, ``seeds``, the run's configuration
+  hash and a SHA-256 of the three arrays, checked whenever a shard is read.
+- Starting again with the same ``out`` resumes: valid shards are kept, missing, truncated or
+  corrupt ones are drawn again (the same samples, since each depends only on its seed).
+- Rank 0 then merges: ``samples.npz`` (``samples``, ``indices``, ``seeds`` in index order) and
+  ``manifest.json`` (configuration, shards with their checksums, the merged file's checksum),
+  after checking that every index appears once and in order.
+
+``GRADGUIDE_EXIT_AFTER_SHARDS=k`` makes every rank exit abruptly after writing ``k`` shards in
+this run: a test hook that simulates a killed job.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+SHARD_PATTERN = "shard-{:05d}.npz"
+MERGED = "samples.npz"
+MANIFEST = "manifest.json"
+CONFIG = "run-config.json"
+EXIT_HOOK = "GRADGUIDE_EXIT_AFTER_SHARDS"
+EMBEDDED_MODELS = ("mixture", "subspace")
+# configuration keys that cannot change the samples: they stay out of the run's hash
+_NOT_HASHED = ("out", "batch_size", "progress", "device")
+
+
+@dataclasses.dataclass
+class SampleConfig:
+    """Everything a sharded run needs; every field but those in ``_NOT_HASHED`` fixes the samples."""
+    out: str
+    n: int
+    model: str = "mixture"
+    seed: int = 0
+    shard_size: int = 1000
+    batch_size: int = 500
+    sampler: str = "ddpm"
+    steps: Optional[int] = 100
+    spacing: str = "adm"
+    eta: float = 0.0
+    cfg: Optional[float] = None
+    classifier_scale: Optional[float] = None
+    projection: Optional[str] = None
+    class_label: Optional[int] = None
+    conditional: bool = False
+    shape: Optional[Tuple[int, ...]] = None
+    clip: Optional[str] = "auto"
+    backend: str = "auto"
+    device: str = "auto"
+    progress: bool = True
+
+    def check(self) -> "SampleConfig":
+        for name in ("n", "shard_size", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected a positive integer, got {value!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed: expected an integer >= 0, got {self.seed!r}")
+        if self.projection not in (None, "A", "B", "C"):
+            raise ValueError(f"projection: expected A, B or C, got {self.projection!r}")
+        if self.projection == "C" and self.cfg is None:
+            raise ValueError("projection: policy C projects classifier-free guidance; give --cfg too")
+        if self.projection in ("A", "B") and self.classifier_scale is None:
+            raise ValueError(f"projection: policy {self.projection} projects classifier guidance; "
+                             "give --classifier-scale too")
+        if self.model not in EMBEDDED_MODELS and ":" not in self.model:
+            raise ValueError(f"model: expected one of {EMBEDDED_MODELS} or 'module:function', got {self.model!r}")
+        return self
+
+    def hashed(self) -> Dict[str, Any]:
+        d = dataclasses.asdict(self)
+        for key in _NOT_HASHED:
+            d.pop(key)
+        if d["shape"] is not None:
+            d["shape"] = list(d["shape"])
+        return d
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.hashed(), sort_keys=True).encode()).hexdigest()
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index``: a 63-bit value mixed from ``(seed, index)`` by NumPy's
+    SeedSequence, so nearby seeds and indices give unrelated streams."""
+    state = np.random.SeedSequence(entropy=seed, spawn_key=(index,)).generate_state(2, np.uint32)
+    return int((int(state[0]) << 32 | int(state[1])) & (2 ** 63 - 1))
+
+
+def plan_shards(n: int, shard_size: int) -> List[Tuple[int, int, int]]:
+    """``(shard, start, stop)`` for every shard; fixed by ``n`` and ``shard_size`` alone."""
+    return [(k, start, min(start + shard_size, n)) for k, start in enumerate(range(0, n, shard_size))]
+
+
+# -- models -----------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model and what the run needs around it."""
+    model: Callable
+    schedule: Any
+    shape: Tuple[int, ...]
+    cond: Callable[[np.ndarray, torch.device], dict]      # sample indices -> model inputs
+    classifier: Optional[Callable] = None                 # log p(y | x_t), [B]
+    uncond: Optional[dict] = None                         # CFG's unconditional inputs
+    defaults: Dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+def load_model(config: SampleConfig) -> LoadedModel:
+    """The embedded analytic models or a user's ``module:function``.
+
+    The function is called with no arguments and returns a model, a ``(model, schedule)``
+    pair (e.g. :func:`gradguide.from_diffusers`), or a dict with keys ``model``, and
+    optionally ``schedule`` (default: linear, T = 1000), ``shape`` (one sample's shape),
+    ``cond`` (a dict of tensors with leading dimension 1, broadcast, or ``n``, indexed by
+    sample), ``uncond`` (CFG's unconditional inputs) and ``classifier``
+    (``log p(y | x_t, t, **cond)``).
+    """
+    from .schedules import Schedule
+    if config.model == "mixture":
+        from .demo_mixture import TARGET_CLASS, default_mixture
+        gm = default_mixture(Schedule.linear(1000))
+        label = TARGET_CLASS if config.class_label is None else config.class_label
+        if not 0 <= label < gm.num_classes:
+            raise ValueError(f"class_label: the mixture has classes 0..{gm.num_classes - 1}, got {label}")
+        conditional = config.conditional or config.cfg is not None or config.projection == "A"
+        model = gm if conditional else (lambda x, t, **_: gm(x, t))
+        cond = lambda idx, device: {"y": torch.full((len(idx),), label, dtype=torch.int64, device=device)}
+        return LoadedModel(model, gm.schedule, (gm.dim,), cond,
+                           classifier=lambda x, t, y: gm.log_prob_class(x, t, y))
+    if config.model == "subspace":
+        from .analytic import SubspaceGaussian
+        sg = SubspaceGaussian.random(Schedule.cosine(200), D=64, d=16, seed=0)
+        return LoadedModel(sg, sg.schedule, (64,), lambda idx, device: {})
+    return _load_user(config)
+
+
+def _load_user(config: SampleConfig) -> LoadedModel:
+    from .schedules import Schedule
+    module_name, _, func_name = config.model.partition(":")
+    if not module_name or not func_name:
+        raise ValueError(f"model: expected 'module:function', got {config.model!r}")
+    if os.getcwd() not in sys.path:  # let users point at a file in the working directory
+        sys.path.insert(0, os.getcwd())
+    try:
+        func = getattr(importlib.import_module(module_name), func_name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"model: cannot load {config.model!r}: {exc}") from exc
+    got = func()
+    spec: Dict[str, Any]
+    if isinstance(got, dict):
+        spec = dict(got)
+    elif isinstance(got, tuple) and len(got) == 2:
+        spec = {"model": got[0], "schedule": got[1]}
+    else:
+        spec = {"model": got}
+    unknown = set(spec) - {"model", "schedule", "shape", "cond", "uncond", "classifier"}
+    if unknown or "model" not in spec or not callable(spec["model"]):
+        raise ValueError(f"model: {config.model!r} must return a model, (model, schedule) or a dict with a callable "
+                         f"'model' and optional schedule/shape/cond/uncond/classifier; got keys {sorted(spec)}")
+    model = spec["model"]
+    schedule = spec.get("schedule") or Schedule.linear(1000)
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"model: {config.model!r} returned a schedule of type {type(schedule).__name__}, "
+                        "expected a gradguide.Schedule")
+    shape = config.shape or spec.get("shape") or getattr(model, "sample_shape", None)
+    if shape is None:
+        raise ValueError(f"shape: {config.model!r} gives no sample shape; pass --shape, e.g. --shape 3,32,32")
+    shape = tuple(int(s) for s in shape)
+    user_cond = spec.get("cond") or {}
+
+    def cond(idx: np.ndarray, device) -> dict:
+        out = {}
+        for key, value in user_cond.items():
+            value = torch.as_tensor(value)
+            if value.shape[0] == 1:
+                value = value.expand(len(idx), *value.shape[1:])
+            elif value.shape[0] == config.n:
+                value = value[torch.as_tensor(idx)]
+            else:
+                raise ValueError(f"cond[{key!r}]: leading dimension must be 1 or n = {config.n}, got {value.shape[0]}")
+            out[key] = value.to(device)
+        return out
+    defaults = dict(getattr(model, "sample_defaults", {}) or {})
+    return LoadedModel(model, schedule, shape, cond, classifier=spec.get("classifier"), uncond=spec.get("uncond"),
+                       defaults=defaults)
+
+
+def _guidance(config: SampleConfig, loaded: LoadedModel):
+    from .guidance import CFG, Classifier
+    from .projection import PixelAsParam
+    terms = []
+    if config.cfg is not None:
+        terms.append(CFG(config.cfg, uncond=loaded.uncond))
+    if config.classifier_scale is not None:
+        if loaded.classifier is None:
+            raise ValueError(f"classifier_scale: model {config.model!r} has no classifier")
+        terms.append(Classifier(loaded.classifier, config.classifier_scale))
+    projection = PixelAsParam(config.projection) if config.projection else None
+    return terms, projection
+
+
+def _clip(config: SampleConfig, loaded: LoadedModel):
+    if config.clip in (None, "none"):
+        return None
+    if config.clip == "auto":
+        return loaded.defaults.get("clip")
+    r = float(config.clip)
+    if r <= 0:
+        raise ValueError(f"clip: expected 'auto', 'none' or a positive range r (clips x̂_0 to [-r, r]), got {config.clip!r}")
+    return (-r, r)
+
+
+# -- shards on disk ---------------------------------------------------------------------------
+
+def _checksum(samples: np.ndarray, indices: np.ndarray, seeds: np.ndarray) -> str:
+    h = hashlib.sha256()
+    for a in (samples, indices, seeds):
+        h.update(str(a.dtype).encode() + str(a.shape).encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
+
+
+def _atomic_savez(path: str, **arrays) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        np.savez(f, **arrays)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(path))
+
+
+def _fsync_dir(path: str) -> None:
+    try:
+        fd = os.open(path or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_shard(path: str, samples: np.ndarray, indices: np.ndarray, seeds: np.ndarray, digest: str) -> str:
+    checksum = _checksum(samples, indices, seeds)
+    _atomic_savez(path, samples=samples, indices=indices, seeds=seeds, sha256=np.array(checksum),
+                  config=np.array(digest))
+    return checksum
+
+
+def read_shard(path: str, start: int, stop: int, seed: int, digest: str):
+    """The shard's arrays and checksum, or ``None`` (with the reason) when it is missing,
+    truncated, corrupt, from another configuration or not the expected samples."""
+    if not os.path.exists(path):
+        return None, "missing"
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in ("samples", "indices", "seeds", "sha256", "config")}
+    except Exception as exc:  # a truncated or damaged zip raises many different types
+        return None, f"unreadable ({type(exc).__name__}: {exc})"
+    if str(arrays["config"]) != digest:
+        return None, "written by a run with another configuration"
+    if not np.array_equal(arrays["indices"], np.arange(start, stop, dtype=np.int64)):
+        return None, "wrong sample indices"
+    if not np.array_equal(arrays["seeds"], np.array([sample_seed(seed, i) for i in range(start, stop)],
+                                                    dtype=np.int64)):
+        return None, "wrong seeds"
+    checksum = _checksum(arrays["samples"], arrays["indices"], arrays["seeds"])
+    if checksum != str(arrays["sha256"]):
+        return None, "checksum mismatch"
+    return (arrays["samples"], arrays["indices"], arrays["seeds"], checksum), "ok"
+
+
+# -- distributed ------------------------------------------------------------------------------
+
+class _Dist:
+    """torch.distributed when launched by torchrun (``WORLD_SIZE`` > 1), else a single process."""
+
+    def __init__(self, device_pref: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        use_cuda = torch.cuda.is_available() if device_pref == "auto" else device_pref.startswith("cuda")
+        if use_cuda:
+            self.device = torch.device("cuda", local if device_pref in ("auto", "cuda") else
+                                       torch.device(device_pref).index or 0)
+            torch.cuda.set_device(self.device)
+        else:
+            self.device = torch.device("cpu")
+        self.initialised_here = False
+        if self.world > 1:
+            import torch.distributed as dist
+            if not dist.is_initialized():
+                dist.init_process_group("nccl" if use_cuda else "gloo")
+                self.initialised_here = True
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+            if self.device.type == "cuda":
+                dist.barrier(device_ids=[self.device.index])
+            else:
+                dist.barrier()
+
+    def close(self) -> None:
+        if self.initialised_here:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+def run(config: SampleConfig, log: Callable[[str], None] = print) -> Optional[dict]:
+    """Draw (or finish drawing) ``config.n`` samples into ``config.out``; returns the manifest
+    on rank 0 (``None`` on the other ranks)."""
+    config.check()
+    env = _Dist(config.device)
+    try:
+        return _run(config, env, log)
+    finally:
+        env.close()
+
+
+def _run(config: SampleConfig, env: _Dist, log) -> Optional[dict]:
+    from .sampling import sample
+    out = config.out
+    digest = config.digest()
+    if env.rank == 0:
+        os.makedirs(out, exist_ok=True)
+        _check_config_file(out, config)
+    env.barrier()
+
+    loaded = load_model(config)
+    terms, projection = _guidance(config, loaded)
+    clip = _clip(config, loaded)
+    extra = {k: v for k, v in loaded.defaults.items() if k in ("variance", "prediction", "clip_eps")}
+    shards = plan_shards(config.n, config.shard_size)
+    mine = [s for s in shards if s[0] % env.world == env.rank]
+    exit_after = int(os.environ.get(EXIT_HOOK, "0") or 0)
+
+    bar = None
+    if env.rank == 0 and config.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(shards), desc=f"sampling ({env.world} process{'es' if env.world > 1 else ''})",
+                   unit="shard")
+    written = redone = kept = 0
+    for k, start, stop in mine:
+        path = os.path.join(out, SHARD_PATTERN.format(k))
+        _remove_stale_tmp(path)
+        got, why = read_shard(path, start, stop, config.seed, digest)
+        if got is not None:
+            kept += 1
+        else:
+            if why != "missing":
+                log(f"rank {env.rank}: shard {k} is {why}; drawing it again")
+                redone += 1
+            seeds = np.array([sample_seed(config.seed, i) for i in range(start, stop)], dtype=np.int64)
+            parts = []
+            for b0 in range(start, stop, config.batch_size):
+                b1 = min(b0 + config.batch_size, stop)
+                idx = np.arange(b0, b1)
+                gens = [torch.Generator(env.device).manual_seed(int(s)) for s in seeds[b0 - start:b1 - start]]
+                x = sample(loaded.model, (b1 - b0,) + loaded.shape, schedule=loaded.schedule, sampler=config.sampler,
+                           steps=config.steps, spacing=config.spacing, eta=config.eta, guidance=terms,
+                           projection=projection, cond=loaded.cond(idx, env.device), generator=gens,
+                           backend=config.backend, device=env.device, clip=clip, **extra)
+                parts.append(x.detach().float().cpu().numpy())
+            write_shard(path, np.concatenate(parts), np.arange(start, stop, dtype=np.int64), seeds, digest)
+            written += 1
+            if exit_after and written >= exit_after:
+                log(f"rank {env.rank}: {EXIT_HOOK}={exit_after}: exiting after {written} shard(s)")
+                sys.stdout.flush()
+                os._exit(3)
+        if bar is not None:
+            bar.n = sum(os.path.exists(os.path.join(out, SHARD_PATTERN.format(s[0]))) for s in shards)
+            bar.refresh()
+    if bar is not None:
+        bar.n = len(shards)
+        bar.close()
+    log(f"rank {env.rank}: {len(mine)} shard(s): {kept} kept, {written} drawn ({redone} redone)")
+    env.barrier()
+    manifest = merge(config, log) if env.rank == 0 else None
+    env.barrier()
+    return manifest
+
+
+def _check_config_file(out: str, config: SampleConfig) -> None:
+    path = os.path.join(out, CONFIG)
+    mine = config.hashed()
+    if os.path.exists(path):
+        with open(path) as f:
+            theirs = json.load(f)
+        if theirs != mine:
+            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+            raise ValueError(f"out: {out!r} holds a run with another configuration (differs in {', '.join(diff)}); "
+                             "use a new output directory")
+    else:
+        _atomic_write_text(path, json.dumps(mine, indent=2, sort_keys=True))
+
+
+def _remove_stale_tmp(path: str) -> None:
+    folder, name = os.path.split(path)
+    for entry in os.listdir(folder or "."):
+        if entry.startswith(name + ".tmp-"):
+            os.remove(os.path.join(folder, entry))
+
+
+def merge(config: SampleConfig, log: Callable[[str], None] = print) -> dict:
+    """Rank 0: read every shard, verify it and the order and count of indices, and write
+    ``samples.npz`` and ``manifest.json`` atomically."""
+    import gradguide
+    digest = config.digest()
+    shards = plan_shards(config.n, config.shard_size)
+    samples, indices, seeds, entries = [], [], [], []
+    for k, start, stop in shards:
+        name = SHARD_PATTERN.format(k)
+        got, why = read_shard(os.path.join(config.out, name), start, stop, config.seed, digest)
+        if got is None:
+            raise RuntimeError(f"merge: shard {name} is {why}; run the same command again to redo it")
+        s, i, sd, checksum = got
+        samples.append(s)
+        indices.append(i)
+        seeds.append(sd)
+        entries.append({"file": name, "start": start, "stop": stop, "sha256": checksum})
+    samples, indices, seeds = np.concatenate(samples), np.concatenate(indices), np.concatenate(seeds)
+    if not np.array_equal(indices, np.arange(config.n)):
+        raise RuntimeError("merge: the shards do not hold every sample index exactly once and in order")
+    checksum = _checksum(samples, indices, seeds)
+    _atomic_savez(os.path.join(config.out, MERGED), samples=samples, indices=indices, seeds=seeds,
+                  sha256=np.array(checksum), config=np.array(digest))
+    manifest = {"format": "gradguide-samples/1", "n": config.n, "sample_shape": list(samples.shape[1:]),
+                "dtype": str(samples.dtype), "config": config.hashed(), "config_sha256": digest,
+                "seed_rule": "sample_seed(seed, i): NumPy SeedSequence(entropy=seed, spawn_key=(i,)), 63 bits",
+                "samples_file": MERGED, "samples_sha256": checksum, "shards": entries,
+                "gradguide": gradguide.__version__, "torch": torch.__version__,
+                "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    _atomic_write_text(os.path.join(config.out, MANIFEST), json.dumps(manifest, indent=2))
+    log(f"merged {config.n} samples from {len(shards)} shard(s) into {os.path.join(config.out, MERGED)}")
+    return manifest
+
+
+def load_samples(out: str, verify: bool = True) -> Dict[str, np.ndarray]:
+    """The merged ``samples``, ``indices`` and ``seeds`` of a finished run, checksum-verified."""
+    with np.load(os.path.join(out, MERGED), allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    if verify and _checksum(arrays["samples"], arrays["indices"], arrays["seeds"]) != str(arrays["sha256"]):
+        raise ValueError(f"{os.path.join(out, MERGED)}: checksum mismatch (the file is corrupt)")
+    return arrays
+
+
+def parse_shape(text: Optional[str]) -> Optional[Tuple[int, ...]]:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(s) for s in text.split(","))
+    except ValueError:
+        raise ValueError(f"shape: expected comma-separated sizes such as 3,32,32, got {text!r}") from None
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"shape: expected positive sizes, got {text!r}")
+    return shape
+
+
+def main(args) -> int:
+    """``gradguide sample``: argparse namespace -> run."""
+    config = SampleConfig(out=args.out, n=args.n, model=args.model, seed=args.seed, shard_size=args.shard_size,
+                          batch_size=args.batch_size, sampler=args.sampler, steps=args.steps, spacing=args.spacing,
+                          eta=args.eta, cfg=args.cfg, classifier_scale=args.classifier_scale,
+                          projection=args.projection, class_label=args.class_label, conditional=args.conditional,
+                          shape=parse_shape(args.shape), clip=args.clip, backend=args.backend, device=args.device,
+                          progress=not args.no_progress)
+    rank = int(os.environ.get("RANK", "0"))
+    manifest = run(config, log=(print if rank == 0 or args.verbose else (lambda *_: None)))
+    if manifest is not None:
+        print(f"wrote {manifest['n']} samples, sha256 {manifest['samples_sha256'][:16]}..., manifest "
+              f"{os.path.join(config.out, MANIFEST)}")
+    return 0

@@ -1,0 +1,391 @@
+"""Every backend of ``reduce`` / ``combine`` / ``fused_combine`` against the float64 reference.
+
+Triton runs through its interpreter on CPU (``TRITON_INTERPRET=1``, set in conftest.py
+before any import); the interpreter pays per program, so interpreted shapes stay small.
+Tolerances: a backend's error against the float64 truth must stay within a small multiple
+of the reference's own error in the same dtype, or within a per-dtype bound scaled by the
+magnitudes involved (Cauchy-Schwarz for Gram entries, ``sum |c_k x_k|`` for combine).
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gradguide
+from gradguide import ops
+from gradguide.ops import policies, reference
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+# per-dtype bound on |error| / scale: fp32 accumulation for low precision inputs (exact upcast),
+# rounding of the output to the dtype for combine
+REDUCE_TOL = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5, torch.float64: 1e-12}
+COMBINE_TOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-13}
+
+
+def _backend(name):
+    status = ops.available_backends("cpu")[name]
+    if status is not True:
+        pytest.skip(f"backend {name!r} unavailable: {status}")
+    return name
+
+
+BACKENDS = ["reference", "triton", "native"]
+
+
+def _operands(shape, k, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(shape, generator=g, dtype=torch.float64).mul(1 + j).to(dtype) for j in range(k)]
+
+
+def _check_reduce(operands, groups, backend):
+    gram, sums = ops.reduce(operands, groups, backend=backend)
+    k, dtype = len(operands), operands[0].dtype
+    acc = reference.accumulation_dtype(dtype)
+    assert gram.shape == (operands[0].shape[0], groups, k, k) and gram.dtype == acc
+    assert sums.shape == (operands[0].shape[0], groups, k) and sums.dtype == acc
+    exact = [op.to(torch.float64) for op in operands]
+    g64, s64 = reference.reduce(exact, groups)
+    diag = torch.diagonal(g64, dim1=-2, dim2=-1)
+    scale = (diag.unsqueeze(-1) * diag.unsqueeze(-2)).sqrt() + 1e-30
+    abs_sum = reference.reduce([op.abs() for op in exact], groups)[1] + 1e-30
+    tol = REDUCE_TOL[dtype]
+    assert ((gram.double() - g64).abs() / scale).max() <= tol
+    assert ((sums.double() - s64).abs() / abs_sum).max() <= tol
+    return gram, sums
+
+
+def _check_combine(coef, operands, backend, clamp=None, out=None):
+    got = ops.combine(coef, operands, out=out, clamp=clamp, backend=backend)
+    dtype = operands[0].dtype
+    assert got.dtype == dtype and got.shape == operands[0].shape
+    c3 = coef if coef.dim() == 3 else coef.unsqueeze(1)
+    exact = [op.to(torch.float64) for op in operands]
+    truth = reference.combine(c3.double(), exact, clamp=clamp)
+    scale = reference.combine(c3.double().abs(), [op.abs() for op in exact]) + 1e-30
+    own = (reference.combine(c3, operands, clamp=clamp).double() - truth).abs()  # the reference's own error
+    err = (got.double() - truth).abs()
+    assert (err <= torch.maximum(2 * own, COMBINE_TOL[dtype] * scale)).all(), float((err / scale).max())
+    return got
+
+
+# -- reduce / combine on awkward shapes ------------------------------------------------------
+
+SHAPES = [((1, 1023), 1), ((3, 7, 13), 1), ((3, 7, 13), 7), ((2, 4, 5, 3), 4)]
+
+
+def _shapes(backend, dtype):
+    """Every shape on compiled backends; the interpreter (triton) gets every shape in fp32 and
+    two of them in the other dtypes, to keep the suite within its time budget."""
+    if backend == "triton" and dtype != torch.float32:
+        return [SHAPES[0], SHAPES[2]]
+    return SHAPES
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_reduce_odd_shapes_all_k(backend, dtype):
+    _backend(backend)
+    for i, (shape, groups) in enumerate(_shapes(backend, dtype)):
+        for k in ((1, 8) if backend == "triton" else range(1, 9)):
+            _check_reduce(_operands(shape, k, dtype, seed=i * 10 + k), groups, backend)
+    if backend == "triton" and dtype == torch.float32:  # every K once, one shape (the interpreter is slow)
+        for k in range(2, 8):
+            _check_reduce(_operands((2, 33), k, dtype, seed=k), 1, backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_combine_odd_shapes_all_k(backend, dtype):
+    _backend(backend)
+    g = torch.Generator().manual_seed(1)
+    for i, (shape, groups) in enumerate(_shapes(backend, dtype)):
+        for k in ((1, 8) if backend == "triton" else range(1, 9)):
+            ops_ = _operands(shape, k, dtype, seed=i * 10 + k)
+            coef = torch.randn(shape[0], groups, k, generator=g)
+            _check_combine(coef, ops_, backend)
+            _check_combine(coef, ops_, backend, clamp=(-1.0, 0.5))
+
+
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_combine_into_preallocated_out(backend):
+    _backend(backend)
+    ops_ = _operands((3, 7, 13), 3, torch.float32)
+    coef = torch.randn(3, 3, generator=torch.Generator().manual_seed(0))
+    out = torch.full_like(ops_[0], float("nan"))
+    got = _check_combine(coef, ops_, backend, out=out)
+    assert got.data_ptr() == out.data_ptr()
+    # a non-contiguous out is written through a temporary
+    out_t = torch.zeros(13, 7, 3).permute(2, 1, 0)
+    _check_combine(coef, ops_, backend, out=out_t)
+    torch.testing.assert_close(out_t, out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_non_contiguous_operands(backend):
+    _backend(backend)
+    base = _operands((2, 13, 7, 3), 4, torch.float32)
+    views = [t.permute(0, 3, 2, 1) for t in base]  # [2, 3, 7, 13], non-contiguous
+    assert not views[0].is_contiguous()
+    gram, sums = ops.reduce(views, 3, backend=backend)
+    g_ref, s_ref = ops.reduce([v.contiguous() for v in views], 3, backend="reference")
+    torch.testing.assert_close(gram, g_ref, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(sums, s_ref, rtol=1e-5, atol=1e-4)
+    coef = torch.randn(2, 3, 4)
+    torch.testing.assert_close(ops.combine(coef, views, backend=backend),
+                               ops.combine(coef, [v.contiguous() for v in views], backend="reference"),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_rejects_bad_input(backend):
+    _backend(backend)
+    nine = _operands((2, 5), 9, torch.float32)
+    with pytest.raises(ValueError, match="at most 8"):
+        ops.reduce(nine, backend=backend)
+    with pytest.raises(ValueError, match="at most 8"):
+        ops.combine(torch.ones(2, 9), nine, backend=backend)
+    two = _operands((2, 6), 2, torch.float32)
+    with pytest.raises(ValueError, match="groups"):
+        ops.reduce(two, 4, backend=backend)
+    with pytest.raises(ValueError, match="coef"):
+        ops.combine(torch.ones(2, 3), two, backend=backend)
+    with pytest.raises(TypeError, match="dtype"):
+        ops.reduce([two[0], two[1].double()], backend=backend)
+
+
+def test_unavailable_backend_says_why(monkeypatch):
+    from gradguide.ops import native_backend
+    monkeypatch.setitem(native_backend._state, "loaded", False)
+    monkeypatch.setitem(native_backend._state, "reason", "not built in this test")
+    assert ops.available_backends("cpu")["native"] == "not built in this test"
+    with pytest.raises(RuntimeError, match="native.*not built in this test"):
+        ops.reduce(_operands((2, 3), 2, torch.float32), backend="native")
+    assert ops.resolve_backend("auto", torch.device("cpu")) == "reference"
+    with pytest.raises(ValueError, match="backend"):
+        ops.resolve_backend("cuda-magic", torch.device("cpu"))
+
+
+# -- random cases ----------------------------------------------------------------------------
+
+@st.composite
+def _cases(draw, max_n):
+    b = draw(st.integers(1, 4))
+    groups = draw(st.sampled_from([1, 1, 2, 3]))
+    n = groups * draw(st.integers(1, max_n // groups))
+    k = draw(st.integers(1, 8))
+    dtype = draw(st.sampled_from(DTYPES))
+    seed = draw(st.integers(0, 2 ** 16))
+    return (b, n), groups, k, dtype, seed
+
+
+def _random_case(case, backend):
+    shape, groups, k, dtype, seed = case
+    ops_ = _operands(shape, k, dtype, seed)
+    _check_reduce(ops_, groups, backend)
+    coef = torch.randn(shape[0], groups, k, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    _check_combine(coef, ops_, backend)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_cases(max_n=5000))
+def test_native_random(case):
+    _random_case(case, _backend("native"))
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=_cases(max_n=3000))
+def test_triton_random(case):
+    _random_case(case, _backend("triton"))
+
+
+# -- non-finite inputs: identical behaviour on every backend ------------------------------------
+
+def _nonfinite_operands():
+    ops_ = _operands((2, 3, 5), 3, torch.float32)
+    ops_ = [o.clone() for o in ops_]
+    ops_[1][0, 1, 2] = float("nan")
+    ops_[2][1, 0, 4] = float("inf")
+    return ops_
+
+
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_nonfinite_inputs_match_reference(backend):
+    _backend(backend)
+    ops_ = _nonfinite_operands()
+    for groups in (1, 3):
+        got, ref = ops.reduce(ops_, groups, backend=backend), ops.reduce(ops_, groups, backend="reference")
+        for a, r in zip(got, ref):
+            assert torch.equal(torch.isnan(a), torch.isnan(r)) and torch.equal(torch.isinf(a), torch.isinf(r))
+            assert torch.equal(a[torch.isinf(a)], r[torch.isinf(r)])  # same signs
+            fin = torch.isfinite(r)
+            torch.testing.assert_close(a[fin], r[fin], rtol=1e-5, atol=1e-5)
+        # the poisoned rows are exactly those of the non-finite operands' samples
+        gram = got[0]
+        assert torch.isnan(gram[0, :, 1, 1]).any() and not torch.isnan(gram[1, :, 1, 1]).any()
+    coef = torch.tensor([[1.0, 0.0, 2.0], [1.0, 2.0, 0.0]])  # zero weights on the poisoned operands
+    out, ref = ops.combine(coef, ops_, backend=backend), ops.combine(coef, ops_, backend="reference")
+    assert torch.equal(torch.isnan(out), torch.isnan(ref)) and torch.isnan(out[0, 1, 2]) and torch.isnan(out[1, 0, 4])
+    assert torch.isfinite(out).sum() == out.numel() - 2
+    clamped = ops.combine(coef, ops_, clamp=(-0.5, 0.5), backend=backend)
+    assert torch.isnan(clamped[0, 1, 2]) and clamped[torch.isfinite(clamped)].abs().max() <= 0.5
+
+
+# -- fused policies ------------------------------------------------------------------------------
+
+def _space(operands, groups):
+    from gradguide.linear import Operands
+    space = Operands(operands[0], groups=groups, backend="reference")
+    handles = [space.add(f"op{j}", t) for j, t in enumerate(operands)]
+    return space, handles
+
+
+def _library_composition(policy, space, h, params, per):
+    """The same step written with the library's own rules (projection.pc, APG's formulas)."""
+    from gradguide.guidance.base import safe_div
+    from gradguide.projection import pc
+    from gradguide.linear import LinComb
+    v = {name: LinComb(space, params[name]) for name in policies.POLICIES[policy][0]}
+    if policy == "cfg":
+        total = v["base"] + v["uncond"] + (v["cond"] - v["uncond"]) * params["scale"]
+    elif policy in ("pxp-a", "pxp-b"):
+        den, cls, div, d = v["den"], v["cls"], v["div"], params["delta"]
+        den1, cls1 = pc(space, den, cls, d, per), pc(space, cls, den, d, per)
+        total = v["base"] + den1 + (cls1 + div if policy == "pxp-a" else
+                                    pc(space, cls1, div, d, per) + pc(space, div, cls, d, per))
+    elif policy == "pxp-c":
+        delta = (v["x0_cond"] - v["x0_uncond"]) * (params["scale"] - 1.0)
+        x0 = pc(space, v["x0_cond"], delta, params["delta"], per) + pc(space, delta, v["x0_cond"], params["delta2"], per)
+        total = v["base"] + x0 * params["post"]
+    elif policy == "apg":
+        dc, delta = v["d_cond"], v["d_cond"] - v["d_uncond"]
+        norm = space.norm2(delta, per).sqrt()
+        factor = safe_div(norm.new_full(norm.shape, params["norm_threshold"]), norm).clamp(max=1.0)
+        delta = delta * factor.where(norm > 0, norm.new_ones(()))
+        par = dc * safe_div(space.dot(delta, dc, per), space.norm2(dc, per))
+        total = v["base"] + (dc + (delta - par + par * params["eta"]) * (params["scale"] - 1.0)) * params["post"]
+    else:
+        a, hh, s = params["a"], params["h"], params["sigma"]
+        beta = (a * a / 2) / (a * a * s * s + hh * space.norm2(v["vjp"], per))
+        residual = params["residual"] if per == "sample" else params["residual"][:, None]
+        total = v["base"] + v["vjp"] * (params["post"] * residual * beta)
+    return space.combine(total)
+
+
+def _policy_params(policy, b, groups, k, zero=()):
+    g = torch.Generator().manual_seed(3)
+    params = {}
+    for name in policies.POLICIES[policy][0]:
+        vec = torch.randn(b, groups, k, generator=g)
+        params[name] = torch.zeros_like(vec) if name in zero else vec
+    params.update({"cfg": {"scale": 3.0}, "pxp-a": {"delta": 1.0}, "pxp-b": {"delta": 0.7},
+                   "pxp-c": {"scale": 4.0, "delta": 1.0, "delta2": 0.5, "post": 0.3},
+                   "apg": {"scale": 5.0, "eta": 0.2, "norm_threshold": 2.0, "post": 0.8},
+                   "gloss": {"a": 0.7, "h": 0.51, "sigma": 0.1, "residual": torch.randn(b, generator=g),
+                             "post": 0.2}}[policy])
+    return params
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("policy", list(policies.POLICIES))
+def test_fused_policies_match_library_rules(backend, policy):
+    _backend(backend)
+    for groups, zero in ((1, ()), (3, ()), (1, ("cls", "x0_uncond", "d_cond", "vjp"))):
+        operands = _operands((2, 3, 5), 5, torch.float32, seed=groups)
+        params = _policy_params(policy, 2, groups, 5, zero)
+        space, handles = _space(operands, groups)
+        want = _library_composition(policy, space, handles, params, "sample" if groups == 1 else "group")
+        got = ops.fused_combine(policy, operands, backend=backend, **params)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        gram = ops.reduce(operands, groups, backend="reference")[0]
+        out = torch.empty_like(operands[0])
+        got2 = ops.fused_combine(policy, operands, gram=gram, out=out, clamp=(-2.0, 2.0), backend=backend, **params)
+        assert got2.data_ptr() == out.data_ptr()
+        torch.testing.assert_close(got2, want.clamp(-2.0, 2.0), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_per_sample_scalars_and_errors():
+    operands = _operands((3, 4), 3, torch.float32)
+    g = torch.Generator().manual_seed(0)
+    base, cond, uncond = (torch.randn(3, 3, generator=g) for _ in range(3))
+    scale = torch.tensor([1.0, 2.0, 3.0])
+    got = ops.fused_combine("cfg", operands, base=base, cond=cond, uncond=uncond, scale=scale, backend="reference")
+    coef = base + uncond + scale[:, None] * (cond - uncond)
+    torch.testing.assert_close(got, ops.combine(coef, operands, backend="reference"))
+    with pytest.raises(TypeError, match="missing scalar 'scale'"):
+        ops.fused_combine("cfg", operands, base=base, cond=cond, uncond=uncond)
+    with pytest.raises(TypeError, match="unexpected parameters"):
+        ops.fused_combine("cfg", operands, base=base, cond=cond, uncond=uncond, scale=1.0, delta=1.0)
+    with pytest.raises(ValueError, match="policy"):
+        ops.fused_combine("pcgrad", operands)
+    with pytest.raises(ValueError, match="uncond"):
+        ops.fused_combine("cfg", operands, base=base, cond=cond, uncond=uncond[:, :2], scale=1.0)
+    with pytest.raises(ValueError, match="scale"):
+        ops.fused_combine("cfg", operands, base=base, cond=cond, uncond=uncond, scale=torch.ones(2))
+
+
+# -- full samplers on the closed-form mixture --------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_sample_matches_reference_backend(backend):
+    _backend(backend)
+    from gradguide import CFG, Classifier, PixelAsParam, Schedule, sample
+    from gradguide.demo_mixture import default_mixture
+    schedule = Schedule.linear(1000)
+    gm = default_mixture(schedule)
+    y = torch.full((6,), 2, dtype=torch.int64)
+    log_prob = lambda x, t, y: gm.log_prob_class(x, t, y)  # noqa: E731
+    runs = [dict(sampler="ddpm", guidance=[CFG(3.0)], projection=PixelAsParam("C"), clip=(-4.0, 4.0)),
+            dict(sampler="ddim", eta=0.5, guidance=[Classifier(log_prob, 4.0)], projection=PixelAsParam("B"))]
+    if backend == "native":  # the compiled backend can afford the multistep sampler too
+        runs.append(dict(sampler="dpmpp-2m", guidance=[CFG(2.0)]))
+    for kw in runs:
+        records = []
+        results = {}
+        for b in ("reference", backend):
+            results[b] = sample(gm, (6, 2), schedule=schedule, steps=6, cond={"y": y}, backend=b,
+                                generator=torch.Generator().manual_seed(0), callback=records.append, **kw)
+        torch.testing.assert_close(results[backend], results["reference"], rtol=1e-4, atol=1e-4)
+        assert {r.backend for r in records} == {"reference", backend}
+
+
+# -- native ops: dispatcher registration, fake kernels, torch.compile ------------------------------
+
+def test_native_opcheck():
+    _backend("native")
+    operands = _operands((2, 3, 5), 3, torch.float32)
+    coef = torch.randn(2, 3, 3)
+    torch.library.opcheck(torch.ops.gradguide.reduce.default, (operands, 3))
+    torch.library.opcheck(torch.ops.gradguide.reduce.default, ([o.double() for o in operands], 1))
+    torch.library.opcheck(torch.ops.gradguide.combine.default, (coef, operands, -1.0, None))
+    torch.library.opcheck(torch.ops.gradguide.combine_out.default,
+                          (coef, operands, None, 1.0, torch.empty_like(operands[0])))
+
+
+def test_native_under_fake_tensors():
+    _backend("native")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        operands = [torch.empty(4, 3, 7) for _ in range(5)]
+        gram, sums = torch.ops.gradguide.reduce(operands, 3)
+        out = torch.ops.gradguide.combine(torch.empty(4, 3, 5), operands, None, None)
+    assert gram.shape == (4, 3, 5, 5) and sums.shape == (4, 3, 5) and out.shape == (4, 3, 7)
+
+
+def test_auto_prefers_native_on_cpu():
+    status = ops.available_backends("cpu")
+    want = "native" if status["native"] is True else "reference"
+    assert ops.resolve_backend("auto", torch.device("cpu")) == want
+    assert gradguide.project(torch.ones(2, 3), -torch.ones(2, 3), backend="auto").abs().max() == 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "native"])
+def test_project_backend(backend):
+    _backend(backend)
+    a, b = _operands((3, 2, 4, 4), 2, torch.float32)
+    for granularity in ("sample", "channel"):
+        torch.testing.assert_close(gradguide.project(a, b, granularity=granularity, backend=backend),
+                                   gradguide.project(a, b, granularity=granularity, backend="reference"),
+                                   rtol=1e-5, atol=1e-5)
+    assert math.isfinite(float(gradguide.project(a, torch.zeros_like(b), backend=backend).sum()))
