@@ -12,24 +12,52 @@ from typing import List, Optional
 
 def _register_demo(sub) -> None:
     p = sub.add_parser("demo", help="run the embedded default example and print a table")
-    p.add_argument("--example", choices=["mixture"], default="mixture",
-                   help="which example: 'mixture' (every guidance method on an exact Gaussian mixture)")
-    p.add_argument("--n", type=int, default=2000, help="samples per method (default 2000)")
-    p.add_argument("--steps", type=int, default=100, help="sampling steps (default 100)")
+    p.add_argument("--example", choices=["optimize", "mixture"], default="optimize",
+                   help="which example: 'optimize' (default: Algorithms 1 and 2 with G and G_loss on the "
+                        "subspace simulation, f1/theta2) or 'mixture' (every guidance method on an exact "
+                        "Gaussian mixture)")
+    p.add_argument("--n", type=int, default=2000, help="mixture: samples per method (default 2000)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="sampling steps (default: 50 for optimize, 200 with --full; 100 for mixture)")
     p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpmpp-2m"], help="sampler (default ddpm)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    p.add_argument("--plot", default="gradguide-demo.png", help="scatter plot path (default gradguide-demo.png)")
-    p.add_argument("--json", default=None, help="also write the table as JSON to this path")
+    p.add_argument("--seed", type=int, default=None, help="random seed (default: 1234 for optimize, 0 for mixture)")
+    p.add_argument("--plot", default=None,
+                   help="plot path (default gradguide-demo-optimize.png / gradguide-demo.png)")
+    p.add_argument("--json", default=None, help="also write the results as JSON to this path")
+    p.add_argument("--full", action="store_true",
+                   help="optimize: the paper's settings (1000/1200 rounds, 200 steps, k_ft 40/60; long on CPU)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="optimize: rounds of Algorithm 1 (Algorithm 2 runs 1.2x; default 100, --full 1000)")
+    p.add_argument("--ft-lr", type=float, default=None,
+                   help="optimize: fine-tuning lr (default 1e-4 for the demo, 1e-5 with --full)")
     p.set_defaults(func=_demo)
 
 
 def _demo(args) -> int:
+    if args.example == "optimize":
+        from . import demo_optimize
+        return demo_optimize.run_cli(args)
     from . import demo_mixture
-    if args.n < 1 or args.steps < 1:
+    steps = 100 if args.steps is None else args.steps
+    if args.n < 1 or steps < 1:
         raise SystemExit("gradguide demo: --n and --steps must be positive")
-    demo_mixture.run(n=args.n, steps=args.steps, sampler=args.sampler, seed=args.seed, plot=args.plot,
-                     json_path=args.json)
+    demo_mixture.run(n=args.n, steps=steps, sampler=args.sampler, seed=0 if args.seed is None else args.seed,
+                     plot=args.plot or "gradguide-demo.png", json_path=args.json)
     return 0
+
+
+def _register_optimize(sub) -> None:
+    p = sub.add_parser("optimize", help="generative optimisation: Algorithms 1 and 2 on the subspace simulation")
+    from .optimize import add_arguments
+    add_arguments(p)
+    p.set_defaults(func=lambda args: __import__("gradguide.optimize", fromlist=["run_cli"]).run_cli(args))
+
+
+def _register_train_sim(sub) -> None:
+    p = sub.add_parser("train-sim", help="retrain the shipped small score network of the simulation (deterministic)")
+    from .simulation import add_train_arguments
+    add_train_arguments(p)
+    p.set_defaults(func=lambda args: __import__("gradguide.simulation", fromlist=["run_train"]).run_train(args))
 
 
 def _register_info(sub) -> None:
@@ -81,14 +109,12 @@ def _register_sample(sub) -> None:
     p.set_defaults(func=_sample)
 
 
-
 def _sample(args) -> int:
     from . import sharded
     try:
         return sharded.main(args)
     except ValueError as exc:
         raise SystemExit(f"gradguide sample: {exc}") from None
-
 
 
 def _register_bench(sub) -> None:
@@ -105,7 +131,6 @@ def _register_bench(sub) -> None:
                    help="comma-separated subset of reference,compile,native,triton (default: all available)")
     p.add_argument("--note", default="", help="a line added to the markdown (e.g. 'shared 2-core CPU')")
     p.set_defaults(func=_bench)
-
 
 
 def _bench(args) -> int:
@@ -136,11 +161,12 @@ def _bench(args) -> int:
     return 0
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradguide", description="Fast guided sampling for diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
     _register_demo(sub)
+    _register_optimize(sub)
+    _register_train_sim(sub)
     _register_info(sub)
     _register_bench(sub)
     _register_sample(sub)
