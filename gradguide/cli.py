@@ -117,6 +117,24 @@ def _sample(args) -> int:
         raise SystemExit(f"gradguide sample: {exc}") from None
 
 
+def _register_digits(sub) -> None:
+    # issue 6: PixelAsParam on the 8x8 digits (scikit-learn is imported only when a digits command runs)
+    p = sub.add_parser("train-digits", help="retrain the shipped 8x8-digits models (deterministic, one thread)")
+    from .digits.train import add_train_arguments
+    add_train_arguments(p)
+    p.set_defaults(func=lambda args: __import__("gradguide.digits.train", fromlist=["run_train"]).run_train(args))
+    p = sub.add_parser("evaluate", help="accuracy, classifier-FID, precision/recall of 8x8 digit samples "
+                                        "against the held-out digits (SPEC.md section 6)")
+    from .evaluation import add_arguments as add_eval_arguments
+    add_eval_arguments(p)
+    p.set_defaults(func=lambda args: __import__("gradguide.evaluation", fromlist=["run_cli"]).run_cli(args))
+    p = sub.add_parser("sweep-digits", help="guidance sweeps on the digits: baseline vs PixelAsParam, "
+                                            "policies A/B/C, DDPM and DDIM, with plots")
+    from .digits.sweep import add_arguments as add_sweep_arguments
+    add_sweep_arguments(p)
+    p.set_defaults(func=lambda args: __import__("gradguide.digits.sweep", fromlist=["run_cli"]).run_cli(args))
+
+
 def _register_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmark the compute backends (writes JSON + markdown)")
     p.add_argument("--suite", choices=["ops"], default="ops",
@@ -170,6 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_info(sub)
     _register_bench(sub)
     _register_sample(sub)
+    _register_digits(sub)
     return parser
 
 
