@@ -213,17 +213,21 @@ def test_naive_gradient_G(case):
     assert torch.allclose(got, ddim0(x, ec - c["s"] * G, c), atol=1e-10)
 
 
-def test_lookahead_G_loss_on_the_subspace_model():
+def subspace_step():
+    """The exact subspace model, one DDIM step from t = 120 to 100, and its projector P = AAᵀ."""
     from gradguide.analytic import SubspaceGaussian
     sched = gg.Schedule.cosine(200)
     sub = SubspaceGaussian.random(sched, D=12, d=3, seed=1, dtype=D)
     ts = one_step(120, 100, sched)
-    c = coeffs(ts)
-    x, g = rand(4, 12, seed=1), rand(12, seed=2)
+    return sched, sub, ts, coeffs(ts), sub.basis @ sub.basis.T, rand(4, 12, seed=1)
+
+
+def test_lookahead_G_loss_on_the_subspace_model():
+    sched, sub, ts, c, P, x = subspace_step()
+    g = rand(12, seed=2)
     target = torch.tensor([3.0, -1.0, 0.0, 2.0], dtype=D)
     got = gg.sample(sub, x.shape, schedule=sched, timesteps=ts, x_T=x, sampler="ddim",
                     guidance=gg.LookAhead(g, target, sigma=0.1))
-    P = sub.basis @ sub.basis.T
     x0 = c["a"] * x @ P                       # x̂_0 = α P x_t
     grad = (c["a"] * P @ g).expand_as(x)      # ∇(gᵀx̂_0) = α P g
     beta = (c["a"] ** 2 / 2) / (c["a"] ** 2 * 0.01 + (1 - c["abar"]) * per_sample_dot(grad, grad))
@@ -238,15 +242,10 @@ def test_lookahead_G_loss_on_the_subspace_model():
 
 
 def test_dps():
-    from gradguide.analytic import SubspaceGaussian
-    sched = gg.Schedule.cosine(200)
-    sub = SubspaceGaussian.random(sched, D=12, d=3, seed=1, dtype=D)
-    ts = one_step(120, 100, sched)
-    c = coeffs(ts)
-    x, meas = rand(4, 12, seed=1), rand(4, 12, seed=5)
+    sched, sub, ts, c, P, x = subspace_step()
+    meas = rand(4, 12, seed=5)
     got = gg.sample(sub, x.shape, schedule=sched, timesteps=ts, x_T=x, sampler="ddim",
                     guidance=gg.DPS(lambda x0: x0, meas, zeta=0.7))
-    P = sub.basis @ sub.basis.T
     x0 = c["a"] * x @ P
     r = meas - x0
     grad = -(c["a"] * r @ P) / r.norm(dim=1, keepdim=True)   # ∇_x ‖y − αPx‖
