@@ -5,8 +5,8 @@ NeurIPS 2024) next to the guidance methods users already know, built around one 
 per-sample reductions, then one linear combination (see DESIGN.md and :mod:`gradguide.ops`).
 """
 from . import ops
-from .guidance import APG, CFG, DPS, CFGPlusPlus, CFGZeroStar, Classifier, GuidanceTerm, LookAhead, \
-    NaiveGradient, Rescale
+from .guidance import APG, CFG, DPS, CFGPlusPlus, CFGZeroStar, Classifier, DecodedLookAhead, GuidanceTerm, \
+    LookAhead, NaiveGradient, Rescale
 from .metrics import off_support_ratio
 from .projection import PixelAsParam, project
 from .sampling import StepRecord, sample
@@ -22,6 +22,6 @@ def __getattr__(name):
         return from_diffusers
     raise AttributeError(f"module 'gradguide' has no attribute {name!r}")
 
-__all__ = ["APG", "CFG", "CFGPlusPlus", "CFGZeroStar", "Classifier", "DPS", "GuidanceTerm", "LookAhead",
+__all__ = ["APG", "CFG", "CFGPlusPlus", "CFGZeroStar", "Classifier", "DPS", "DecodedLookAhead", "GuidanceTerm", "LookAhead",
            "NaiveGradient", "PixelAsParam", "Rescale", "Schedule", "StepRecord", "Timesteps", "off_support_ratio",
            "ops", "project", "sample"]

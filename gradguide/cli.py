@@ -137,8 +137,11 @@ def _register_digits(sub) -> None:
 
 def _register_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmark the compute backends (writes JSON + markdown)")
-    p.add_argument("--suite", choices=["ops"], default="ops",
-                   help="'ops': reduce + combine of each built-in policy on every backend, side by side")
+    p.add_argument("--suite", choices=["ops", "loop", "paper"], default="ops",
+                   help="'ops': reduce + combine of each built-in policy on every backend, side by side; "
+                        "'loop': whole sampling passes with a cheap model (the loop's own cost); 'paper': the "
+                        "papers' workloads (simulation pass, SD-1.5 + VAE + G_loss, ADM + classifier + PixelAsParam), "
+                        "each eager / fused / fused+graph / torch.compile")
     p.add_argument("--quick", action="store_true", help="small sizes only (seconds; for CI and tests)")
     p.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
@@ -148,7 +151,40 @@ def _register_bench(sub) -> None:
     p.add_argument("--backends", default=None,
                    help="comma-separated subset of reference,compile,native,triton (default: all available)")
     p.add_argument("--note", default="", help="a line added to the markdown (e.g. 'shared 2-core CPU')")
+    _register_bench_loop(p)
     p.set_defaults(func=_bench)
+
+
+def _register_bench_loop(p) -> None:
+    # options of --suite loop|paper (benchmarks/bench_loop.py, loaded lazily like bench_ops.py)
+    p.add_argument("--workloads", default=None,
+                   help="loop/paper: comma-separated workloads (default: the suite's; see benchmarks/bench_loop.py)")
+    p.add_argument("--variants", default=None,
+                   help="loop/paper: comma-separated subset of eager,fused,fused+graph,compile "
+                        "(default: all; --quick: eager,fused,fused+graph)")
+    p.add_argument("--reps", type=int, default=None, help="loop/paper: timed passes per row (default 5; --quick 1)")
+    p.add_argument("--seed", type=int, default=0, help="loop/paper: seed of weights, inputs and noise (default 0)")
+    p.add_argument("--model-dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="loop/paper: SD/ADM network weights (default float16 on CUDA, float32 on CPU)")
+
+
+def _bench_loop(args) -> int:
+    import importlib.util
+    import os
+
+    import torch
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_loop.py")
+    if not os.path.exists(path):
+        raise SystemExit(f"gradguide bench: {path} not found: the benchmark harness ships with the source "
+                         "checkout (install it editable: pip install --no-build-isolation -e .)")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise SystemExit("gradguide bench: --threads must be positive")
+        torch.set_num_threads(args.threads)
+    spec = importlib.util.spec_from_file_location("gradguide_bench_loop", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.run_cli(args)
 
 
 def _bench(args) -> int:
@@ -156,6 +192,8 @@ def _bench(args) -> int:
     import os
 
     import torch
+    if args.suite in ("loop", "paper"):
+        return _bench_loop(args)
     path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_ops.py")
     if not os.path.exists(path):
         raise SystemExit(f"gradguide bench: {path} not found: the benchmark harness ships with the source "
@@ -179,6 +217,14 @@ def _bench(args) -> int:
     return 0
 
 
+def _register_profile(sub) -> None:
+    p = sub.add_parser("profile", help="peak memory per phase (forward, backward, guidance, graph pool) of a "
+                                       "sampling run, a memory-over-time plot, an optional torch.profiler trace")
+    from .profiling import add_arguments
+    add_arguments(p)
+    p.set_defaults(func=lambda args: __import__("gradguide.profiling", fromlist=["run_cli"]).run_cli(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradguide", description="Fast guided sampling for diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -189,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_bench(sub)
     _register_sample(sub)
     _register_digits(sub)
+    _register_profile(sub)
     return parser
 
 

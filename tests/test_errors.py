@@ -47,6 +47,9 @@ def call(**kw):
     (dict(model=lambda x, t: x[:, :1]), r"model: model\(x_t, t, \*\*cond\) returned shape \(4, 1\), expected \(4, 2\)"),
     (dict(model=lambda x, t: x, variance="learned-range"), "twice the channels"),
     (dict(variance="learned-range", sampler="ddim"), "learned-range"),
+    (dict(guidance=gg.DecodedLookAhead(lambda z: z, torch.ones(4, 3))), "DecodedLookAhead: grad: shape"),
+    (dict(guidance=gg.DecodedLookAhead(lambda z: z, torch.ones(2), offset=torch.ones(5))),
+     r"DecodedLookAhead: offset: expected shape \[B\]"),
 ])
 def test_bad_input_names_the_argument(kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -79,6 +82,8 @@ def test_bad_term_arguments():
         gg.Classifier(3.0)
     with pytest.raises(ValueError, match="Rescale: phi"):
         gg.Rescale(3.0, phi=2.0)
+    with pytest.raises(TypeError, match="DecodedLookAhead: decode: expected a callable"):
+        gg.DecodedLookAhead("vae", torch.ones(2))
 
 
 def test_ops_errors():

@@ -3,8 +3,8 @@ from .apg import APG
 from .base import GuidanceTerm, StepContext
 from .cfg import CFG, CFGPlusPlus, CFGZeroStar
 from .classifier import Classifier
-from .gradient import DPS, LookAhead, NaiveGradient
+from .gradient import DPS, DecodedLookAhead, LookAhead, NaiveGradient
 from .rescale import Rescale
 
-__all__ = ["APG", "CFG", "CFGPlusPlus", "CFGZeroStar", "Classifier", "DPS", "GuidanceTerm", "LookAhead",
+__all__ = ["APG", "CFG", "CFGPlusPlus", "CFGZeroStar", "Classifier", "DPS", "DecodedLookAhead", "GuidanceTerm", "LookAhead",
            "NaiveGradient", "Rescale", "StepContext"]

@@ -14,6 +14,12 @@ Both enter as a score shift, ``ε̃ = ε̂ − √(1−ᾱ_t) G``. ``x̂_0`` is 
 CFG-family combination; in the VJP, data-dependent combination weights (APG, rescale,
 CFG-Zero*) are held constant.
 
+- **Decoded G_loss** (the paper's Stable Diffusion experiment, SPEC.md §5): for latent models,
+  ``x̂_0 = decode(ẑ_0 / scaling)`` with Tweedie's latent ``ẑ_0``, ``L = ½(gᵀx̂_0 + b − y*)²`` with
+  a reward linearised at the last image (``g = ∇r``, ``b = r − gᵀx``), and the score shift
+  ``G = −β ∇_{z_t} L`` (``ε̃ = ε̂ + √(1−ᾱ_t) β ∇L``), the gradient flowing through the
+  denoiser (both CFG branches) and the decoder.
+
 - **DPS** (Chung et al., ICLR 2023): after the sampler step,
   ``x_{t−1} ← x_{t−1} − ζ ∇_{x_t} ‖y − 𝒜(x̂_0(x_t))‖`` per sample. (The paper's
   ``ζ_t = ζ'/‖y − 𝒜(x̂_0)‖`` on the squared norm is the same update with ``ζ = 2ζ'``.)
@@ -86,6 +92,52 @@ class LookAhead(_RewardGradient):
         else:
             beta = ctx.a.new_full((), self.beta)
         return vjp * (2 * self.multiplier * beta * (self.target - g_x0.detach().to(beta.dtype)))
+
+
+class DecodedLookAhead(GuidanceTerm):
+    """G_loss through a decoder (the gradient-guidance paper's Stable Diffusion experiment).
+
+    ``decode(latents) -> images``; ``grad``: the reward gradient in image space (shaped like
+    the decoded batch or broadcastable to it); ``offset``: ``b = r(x) − gᵀx``, ``[B]`` or a number;
+    ``target``: y*; ``beta``: the constant step β; ``scaling``: the latent scaling (SD: 0.18215).
+    """
+    place = "score"
+    needs_model_grad = True
+    name = "G_loss(decoded)"
+
+    def __init__(self, decode, grad: torch.Tensor, offset=0.0, target: float = 10.0, beta: float = 100.0,
+                 scaling: float = 0.18215):
+        if not callable(decode):
+            raise TypeError(f"DecodedLookAhead: decode: expected a callable latents -> images, got {type(decode).__name__}")
+        if not isinstance(grad, torch.Tensor):
+            raise TypeError(f"DecodedLookAhead: grad: expected a tensor in image space, got {type(grad).__name__}")
+        self.decode = decode
+        self.grad = grad
+        self.offset = offset
+        self.target = check_number("target", target, owner="DecodedLookAhead")
+        self.beta = check_number("beta", beta, owner="DecodedLookAhead")
+        self.scaling = check_number("scaling", scaling, owner="DecodedLookAhead")
+        if self.scaling <= 0:
+            raise ValueError(f"DecodedLookAhead: scaling: expected a positive number, got {scaling!r}")
+
+    def bind(self, shape, device, dtype, sampler: str):
+        if self.grad.device != torch.device(device):
+            raise ValueError(f"DecodedLookAhead: grad: on {self.grad.device}, but the samples are on {device}")
+        bound = copy.copy(self)
+        bound.offset = batch_tensor("offset", self.offset, shape, device, torch.float32, "DecodedLookAhead")
+        return bound
+
+    def score(self, ctx: StepContext, x0: LinComb) -> LinComb:
+        with torch.enable_grad():
+            image = self.decode(ctx.tracked_x0() / self.scaling)
+            try:
+                g = self.grad.expand_as(image)
+            except RuntimeError:
+                raise ValueError(f"DecodedLookAhead: grad: shape {tuple(self.grad.shape)} does not broadcast to the "
+                                 f"decoded images {tuple(image.shape)}") from None
+            residual = (g * image).flatten(1).float().sum(1) + self.offset - self.target
+            grad = ctx.grad_wrt_input(0.5 * residual ** 2)
+        return ctx.ops.add("decoded_lookahead_grad", grad) * (-self.beta)
 
 
 class DPS(GuidanceTerm):
