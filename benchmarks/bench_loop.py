@@ -53,7 +53,6 @@ comparable with the paper. On a shared CPU quote ratios, not times.
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import statistics
 import sys
@@ -66,12 +65,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradguide
-from gradguide import ops
+from gradguide import DecodedLookAhead, ops
 from gradguide.graphs import GraphCache
-from gradguide import DecodedLookAhead
 from gradguide.profiling import MemorySampler
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench_ops  # noqa: E402  (shared result writing)
 from bench_ops import _device_name, _git_commit  # noqa: E402  (shared run metadata)
 
 PAPER_PASS_S = 4.6        # SPEC.md §5: one guided sampling pass, 200 steps, B = 32, one A100
@@ -690,15 +689,7 @@ def markdown(result: dict, note: str = "") -> str:
 
 
 def write(result: dict, out_dir: str, note: str = "") -> List[str]:
-    os.makedirs(out_dir, exist_ok=True)
-    stem = f"{result['suite']}-{result['device_type']}-{'quick-' if result['quick'] else ''}{result['date'][:10]}"
-    paths = [os.path.join(out_dir, stem + ".json"), os.path.join(out_dir, stem + ".md")]
-    with open(paths[0], "w") as f:
-        json.dump(dict(result, note=note), f, indent=2)
-    with open(paths[1], "w") as f:
-        f.write(markdown(result, note))
-    return paths
-
+    return bench_ops.write(result, out_dir, note, render=markdown)
 
 def run_cli(args) -> int:
     """``gradguide bench --suite loop|paper`` (arguments from gradguide/cli.py)."""

@@ -257,13 +257,13 @@ def markdown(result: dict, note: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write(result: dict, out_dir: str, note: str = "") -> List[str]:
+def write(result: dict, out_dir: str, note: str = "", render=None) -> List[str]:
+    """Write ``<suite>-<device>-[quick-]<date>.json`` and ``.md`` (``render``: the suite's markdown)."""
     os.makedirs(out_dir, exist_ok=True)
-    date = result["date"][:10]
-    stem = f"ops-{result['device_type']}-{'quick-' if result['quick'] else ''}{date}"
+    stem = f"{result['suite']}-{result['device_type']}-{'quick-' if result['quick'] else ''}{result['date'][:10]}"
     paths = [os.path.join(out_dir, stem + ".json"), os.path.join(out_dir, stem + ".md")]
     with open(paths[0], "w") as f:
         json.dump(dict(result, note=note), f, indent=2)
     with open(paths[1], "w") as f:
-        f.write(markdown(result, note))
+        f.write((render or markdown)(result, note))
     return paths

@@ -168,43 +168,17 @@ def _register_bench_loop(p) -> None:
                    help="loop/paper: SD/ADM network weights (default float16 on CUDA, float32 on CPU)")
 
 
-def _bench_loop(args) -> int:
-    import importlib.util
-    import os
-
-    import torch
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_loop.py")
-    if not os.path.exists(path):
-        raise SystemExit(f"gradguide bench: {path} not found: the benchmark harness ships with the source "
-                         "checkout (install it editable: pip install --no-build-isolation -e .)")
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit("gradguide bench: --threads must be positive")
-        torch.set_num_threads(args.threads)
-    spec = importlib.util.spec_from_file_location("gradguide_bench_loop", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench.run_cli(args)
-
-
 def _bench(args) -> int:
-    import importlib.util
-    import os
-
     import torch
-    if args.suite in ("loop", "paper"):
-        return _bench_loop(args)
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_ops.py")
-    if not os.path.exists(path):
-        raise SystemExit(f"gradguide bench: {path} not found: the benchmark harness ships with the source "
-                         "checkout (install it editable: pip install --no-build-isolation -e .)")
-    spec = importlib.util.spec_from_file_location("gradguide_bench_ops", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+
+    from .harness import load
     if args.threads is not None:
         if args.threads < 1:
             raise SystemExit("gradguide bench: --threads must be positive")
         torch.set_num_threads(args.threads)
+    if args.suite in ("loop", "paper"):
+        return load("bench_loop", "gradguide bench").run_cli(args)
+    bench = load("bench_ops", "gradguide bench")
     backends = args.backends.split(",") if args.backends else None
     unknown = set(backends or ()) - {"reference", "compile", "native", "triton"}
     if unknown:

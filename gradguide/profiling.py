@@ -477,22 +477,11 @@ def add_arguments(p) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def _load_bench_loop():
-    import importlib.util
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_loop.py")
-    if not os.path.exists(path):
-        raise SystemExit(f"gradguide profile: {path} not found: the workloads ship with the source checkout "
-                         "(install it editable: pip install --no-build-isolation -e .)")
-    spec = importlib.util.spec_from_file_location("gradguide_bench_loop", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def run_cli(args) -> int:
     if args.interval <= 0:
         raise SystemExit("gradguide profile: --interval must be positive")
-    bench = _load_bench_loop()
+    from .harness import load
+    bench = load("bench_loop", "gradguide profile")
     dev = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.workload not in bench.ALL_WORKLOADS:
         raise SystemExit(f"gradguide profile: --workload: expected one of {', '.join(bench.ALL_WORKLOADS)}, "

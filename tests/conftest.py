@@ -6,7 +6,18 @@ kernel module is imported: here, before the tests import gradguide.
 """
 import os
 
+import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: on a loaded 2-core machine two threads can be 10-50x
+    slower (OpenMP spinning) for the small models of the benchmark and profiler tests."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -1,7 +1,6 @@
 """``gradguide bench --suite loop|paper`` (benchmarks/bench_loop.py): quick runs on CPU write
 valid JSON + markdown, rows carry what the issue asks for, failures become notes, and the
 workloads are the papers' architectures."""
-import importlib.util
 import json
 import os
 
@@ -10,28 +9,14 @@ import torch
 
 import gradguide
 from gradguide import cli, ops
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("gradguide_bench_loop_test",
-                                                  os.path.join(ROOT, "benchmarks", "bench_loop.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from gradguide.harness import load
 
 
-bl = _load()
+
+bl = load("bench_loop", "tests")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # two torch threads on a loaded 2-core machine can be 10-50x slower (OpenMP spinning)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _check_ok_row(row, steps, batch):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gradguide as gg
-from gradguide.analytic import GaussianMixture, SubspaceGaussian
+from gradguide.analytic import SubspaceGaussian
 from gradguide.demo_mixture import default_mixture
 
 N = 4000

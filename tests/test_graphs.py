@@ -4,7 +4,6 @@ The emulated cache runs exactly the capture/replay plumbing of the real one (sta
 copied in before each replay, per-variant captures, signature-based reuse, tensor values
 loaded into a reused capture), with "replay" re-running the recorded step.
 """
-import warnings
 
 import pytest
 import torch

@@ -1,5 +1,4 @@
 """``gradguide profile`` (gradguide/profiling.py): phases, memory sources, the quick CLI run."""
-import importlib.util
 import json
 import os
 
@@ -12,12 +11,7 @@ from gradguide.profiling import (MemorySampler, NVMLReader, PhaseTracker, RSSRea
                                  profile_sampling)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_cli_profile_quick(tmp_path):
@@ -48,11 +42,8 @@ def test_cli_profile_quick(tmp_path):
 def test_phases_classifier_workload():
     """Classifier guidance + PixelAsParam: two forwards per step (model, classifier), one VJP
     (through the classifier only)."""
-    spec = importlib.util.spec_from_file_location(
-        "gradguide_bench_loop_profile_test",
-        os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_loop.py"))
-    bl = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bl)
+    from gradguide.harness import load
+    bl = load("bench_loop", "tests")
     w = bl.build_workload("loop-cls-pxpA", quick=True)
     result = profile_sampling(lambda wrap: w.sample_kwargs(wrap=wrap), "cpu", progress=False)
     assert result["phases"]["forward"]["count"] == 2 * w.steps

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Union
 
-import torch
-
 from ..linear import LinComb
 from .base import GuidanceTerm, StepContext, check_number, safe_div
 
