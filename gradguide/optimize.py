@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -77,7 +78,7 @@ def optimize(model: Callable, reward: Optional[Callable] = None, *, reward_grad:
              batch_size: int = 32, sampler: str = "ddpm", steps=None, query: str = "per-sample", sigma: float = 0.1,
              basis: Optional[torch.Tensor] = None, k_ft: int = 40, finetune: str = "per-round", ft_lr: float = 1e-6,
              ft_betas=(0.9, 0.99), ft_steps: int = 1, history: int = 10, history_decay: float = 0.9,
-             seed: int = 0, snapshot_rounds=(), progress: bool = True, backend: str = "auto",
+             seed: int = 0, snapshot_rounds=(), progress: bool = True, backend: str = "auto", graph=False,
              callback: Optional[Callable[[RoundLog, torch.Tensor], None]] = None) -> OptimizeResult:
     """Run Algorithm 1 or 2 and return the per-round log (see the module docstring).
 
@@ -87,7 +88,11 @@ def optimize(model: Callable, reward: Optional[Callable] = None, *, reward_grad:
     ``basis``: the subspace ``A`` ``[dim, d]`` for ``r_off`` (None: r_off not logged).
     ``steps``: sampler steps (None: all T). ``seed`` fixes the noise of every round and the
     fine-tuning draws. ``snapshot_rounds``: rounds whose batch is kept for plots.
-    ``callback(round_log, z_k)`` runs after each round.
+    ``callback(round_log, z_k)`` runs after each round. ``graph``: ``True`` samples every round
+    by replaying CUDA graphs kept in one :class:`~gradguide.graphs.GraphCache` (captured in the
+    first guided round; later rounds load their new gradients and targets into it, and
+    Algorithm 2's in-place fine-tuning is read by the replays); a ``GraphCache`` may be passed
+    instead. On CPU, ``True`` runs eagerly with a notice.
     """
     _check(model, reward, reward_grad, dim, rounds, delta, algorithm, guidance, batch_size, query, k_ft, finetune,
            ft_lr, ft_steps, history, history_decay)
@@ -100,7 +105,8 @@ def optimize(model: Callable, reward: Optional[Callable] = None, *, reward_grad:
         if finetune == "history":
             settings.update({"history": history, "history_decay": history_decay})
     device = _device_of(model)
-    noise_gen = torch.Generator().manual_seed(seed)
+    noise_gen = torch.Generator(device=device).manual_seed(seed)
+    graphs = _graph_cache(graph, device)
     ft_gen = torch.Generator().manual_seed(seed + 7919)
     params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
     opt = torch.optim.Adam(params, lr=ft_lr, betas=tuple(ft_betas)) if algorithm == 2 else None
@@ -109,11 +115,12 @@ def optimize(model: Callable, reward: Optional[Callable] = None, *, reward_grad:
     past: List[torch.Tensor] = []
 
     def draw(guide_terms):
-        x_T = torch.randn((batch_size, dim), generator=noise_gen).to(device)
+        x_T = torch.randn((batch_size, dim), generator=noise_gen, device=device)
         _requires_grad(params, False)  # sampling never needs weight gradients
         try:
             z = sample(model, (batch_size, dim), schedule=schedule, sampler=sampler, steps=steps,
-                       guidance=guide_terms, x_T=x_T, generator=noise_gen, backend=backend)
+                       guidance=guide_terms, x_T=x_T, generator=noise_gen, backend=backend,
+                       graph=graphs if graphs is not None else False)
         finally:
             _requires_grad(params, True)
         return z.detach()
@@ -356,6 +363,21 @@ PAPER_DELTA = {("f1-theta2", "G"): 0.9, ("f1-theta2", "G_loss"): 0.2, ("f1-theta
                ("f2-b2", "G"): 1.0, ("f2-b2", "G_loss"): 1.0}
 PAPER_ROUNDS = {"f1-theta2": (1000, 1200), "f1-theta1": (1000, 1200), "f2-b1": (50, 50), "f2-b2": (50, 50)}
 PAPER_KFT = {"G": 40, "G_loss": 60}
+
+
+def _graph_cache(graph, device):
+    """The GraphCache the rounds share, or None for eager sampling."""
+    from .graphs import GraphCache
+    if graph is False or graph is None:
+        return None
+    if isinstance(graph, GraphCache):
+        return graph
+    if graph is not True:
+        raise TypeError(f"optimize: graph: expected True, False or a GraphCache, got {type(graph).__name__}")
+    if device.type != "cuda":
+        warnings.warn(f"optimize: graph=True needs a CUDA device; optimising eagerly on {device.type}", stacklevel=3)
+        return None
+    return GraphCache()
 
 
 def add_arguments(p) -> None:
