@@ -39,16 +39,19 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     ``"auto"``: Triton on CUDA, the native ops on CPU when built, else the reference."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return backend
     device = torch.device(device)
-    have = available_backends(device)
-    if backend == "auto":
+    status = {"triton": triton_backend.status, "native": native_backend.status}
+    if backend == "auto":   # called on every reduce/combine: ask only the backends that could win
         preferred = ("triton", "native") if device.type == "cuda" else ("native",)
         for name in preferred:
-            if have.get(name) is True:
+            if status[name](device) is True:
                 return name
         return "reference"
-    if have[backend] is not True:
-        raise RuntimeError(f"backend={backend!r} is unavailable on {device.type}: {have[backend]}")
+    reason = status[backend](device)
+    if reason is not True:
+        raise RuntimeError(f"backend={backend!r} is unavailable on {device.type}: {reason}")
     return backend
 
 
