@@ -7,7 +7,6 @@ of the reference's own error in the same dtype, or within a per-dtype bound scal
 magnitudes involved (Cauchy-Schwarz for Gram entries, ``sum |c_k x_k|`` for combine).
 """
 import math
-
 import os
 
 import pytest
