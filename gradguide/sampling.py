@@ -172,7 +172,7 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     tracked = {"x": x_input}
     X = ops_.add("x", x.detach())
     ctx = StepContext(ops=ops_, index=i, t=t, scalars=scalars, cond=run.cond, x=X, x_input=x_input,
-                      state=state, sampler=run.tables.name)
+                      state=state, sampler=run.tables.name, prediction=run.prediction)
 
     # model branches -> ε forms
     out_c, log_var = _call_model(run, model_input, t, run.cond, "model(x_t, t, **cond)")
