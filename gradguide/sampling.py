@@ -182,12 +182,15 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     renoise = None
     telemetry = {}
     if run.branch is not None:
-        out_u, _ = _call_model(run, model_input, t, run.branch.uncond_inputs(run.cond), "model(x_t, t, **uncond)")
+        out_u, log_var_u = _call_model(run, model_input, t, run.branch.uncond_inputs(run.cond),
+                                       "model(x_t, t, **uncond)")
         eps_u = _eps_form(run, ctx, ops_.add("model_uncond", out_u.detach()), X)
         tracked["model_uncond"] = out_u
         if run.projection is not None and run.projection.policy == "C":
+            if run.projection.sigma_from_uncond and log_var_u is not None:  # the authors' code's σ
+                ctx.learned_log_var = _learned_log_var(run, log_var_u, scalars)
             x0_pre, telemetry = run.projection.combine_cfg(ops_, ctx.x0_of_eps(eps_c), ctx.x0_of_eps(eps_u),
-                                                           run.branch.scale)
+                                                           run.branch.scale, clip=run.clip)
             eps_pre = ctx.eps_of_x0(x0_pre)
         else:
             eps_pre, renoise = run.branch.branches(ctx, eps_c, eps_u)
@@ -285,7 +288,13 @@ def _tracked_x0(ops_: Operands, tracked: Dict[str, torch.Tensor], x0: LinComb):
 
     def compute():
         if "x0" not in cache:
-            tensors = [tracked.get(name, tensor) for name, tensor in zip(ops_.names, ops_.tensors)]
+            tensors = []
+            for name, tensor in zip(ops_.names, ops_.tensors):
+                if name in ops_.recipes:   # a materialised (e.g. clipped) operand: recompute it with autograd
+                    c, clamp = ops_.recipes[name]
+                    c = torch.nn.functional.pad(c, (0, len(tensors) - c.shape[-1])).expand(ops_.batch, ops_.groups, -1)
+                    tensor = ops.reference.combine(c, tensors, clamp=clamp)
+                tensors.append(tracked.get(name, tensor))
             k = len(tensors)
             c = torch.nn.functional.pad(coef, (0, k - coef.shape[-1])).expand(ops_.batch, ops_.groups, -1)
             cache["x0"] = ops.reference.combine(c, tensors)

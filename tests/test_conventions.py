@@ -174,3 +174,57 @@ def test_bad_convention():
     for make in (gg.CFG, gg.APG, gg.Rescale, gg.CFGZeroStar):
         with pytest.raises(ValueError, match="convention: expected one of"):
             make(3.0, convention="k-diffusion")
+
+
+# -- PixelAsParam policy C: the official code's conventions (SPEC §7) ----------------------------
+
+def _pc_factor(a, b):
+    """The per-sample factor f of PC(a|b) = a − f b (f = min(0, <a,b>)/‖b‖², 0 where ‖b‖ = 0)."""
+    ab, bb = (a * b).flatten(1).sum(1), (b * b).flatten(1).sum(1)
+    f = torch.where(bb > 0, ab.clamp(max=0) / torch.where(bb > 0, bb, torch.ones_like(bb)), torch.zeros_like(bb))
+    return f.view(-1, *[1] * (a.dim() - 1))
+
+
+def test_policy_C_official_clip_keeps_the_lookahead_gradient():
+    """G_loss with policy C and clipping: the VJP goes through the clipped branches (clip′ = 0
+    outside the range), not through a detached copy of them."""
+    t_now, t_prev = 400, 300
+    shape = (3, 2, 4)
+    w_c = torch.randn(shape[1:], generator=torch.Generator().manual_seed(3), dtype=D)
+
+    def eps_model(x, t, y=None):
+        out = 0.3 * x + 0.2 * torch.sin(2 * x)
+        return out if y is None else out + 0.3 * torch.cos(x + w_c)
+    x = 2.0 * torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=D)
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=D)
+    target = torch.tensor([2.0, -1.0, 0.5], dtype=D)
+    records = []
+    gg.sample(eps_model, shape, schedule=SCHED, sampler="ddim", steps=[t_now, t_prev], x_T=x, clip=True,
+              guidance=[gg.CFG(3.0), gg.LookAhead(g, target)], projection=gg.PixelAsParam("C"),
+              cond={"y": torch.zeros(3, dtype=torch.long)}, callback=records.append)
+    abar = SCHED.alphas_cumprod[t_now].item()
+    a, s = math.sqrt(abar), math.sqrt(1 - abar)
+    xg = x.clone().requires_grad_(True)
+    x0c = ((xg - s * eps_model(xg, None, y=0)) / a).clamp(-1, 1)
+    x0u = ((xg - s * eps_model(xg, None)) / a).clamp(-1, 1)
+    assert ((x0c.detach().abs() == 1).double().mean() > 0.1)   # clipping is active
+    delta = 2.0 * (x0c - x0u)
+    f1, f2 = _pc_factor(x0c.detach(), delta.detach()), _pc_factor(delta.detach(), x0c.detach())
+    x0_pre = (x0c - f1 * delta) + (delta - f2 * x0c)    # projection weights held constant (gradient.py)
+    gx0 = (g * x0_pre).flatten(1).sum(1)
+    (vjp,) = torch.autograd.grad(gx0.sum(), xg)
+    assert vjp.abs().max() > 1e-3
+    beta = (a * a / 2) / (a * a * 0.1 ** 2 + (1 - abar) * (vjp * vjp).flatten(1).sum(1))
+    G = (2 * beta * (target - gx0.detach())).view(-1, 1, 1) * vjp
+    want = (x0_pre.detach() + (1 - abar) / a * G).clamp(-1, 1)
+    torch.testing.assert_close(records[0].x0, want, rtol=1e-10, atol=1e-10)
+
+
+def test_policy_C_conventions_are_equal_without_clipping():
+    x = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=D)
+    runs = [gg.sample(model, SHAPE, schedule=SCHED, sampler="ddpm", steps=TIMESTEPS, x_T=x, guidance=gg.CFG(3.0, uncond=NU),
+                      cond={"y": Y}, projection=gg.PixelAsParam("C", convention=c),
+                      generator=torch.Generator().manual_seed(1)) for c in ("official", "paper")]
+    assert torch.equal(runs[0], runs[1])
+    with pytest.raises(ValueError, match="PixelAsParam: convention"):
+        gg.PixelAsParam("C", convention="diffusers")
