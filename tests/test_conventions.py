@@ -228,3 +228,61 @@ def test_policy_C_conventions_are_equal_without_clipping():
     assert torch.equal(runs[0], runs[1])
     with pytest.raises(ValueError, match="PixelAsParam: convention"):
         gg.PixelAsParam("C", convention="diffusers")
+
+
+# -- DecodedLookAhead: the official Stable Diffusion code's β (SPEC §7) ---------------------------
+
+def _decoded_case(batch):
+    lat_shape = (batch, 2, 3, 3)
+    w_dec = torch.randn(3, 2, generator=torch.Generator().manual_seed(5), dtype=D)
+
+    def decode(z):   # a small nonlinear "VAE decoder": 2 latent channels -> 3 image channels
+        return torch.tanh(torch.einsum("oc,bchw->bohw", w_dec, z))
+
+    def eps_model(x, t, y=None):
+        out = 0.4 * x + 0.1 * torch.sin(3 * x)
+        return out if y is None else out + 0.2 * torch.cos(x)
+    x = torch.randn(lat_shape, generator=torch.Generator().manual_seed(1), dtype=D)
+    g = torch.randn((batch, 3, 3, 3), generator=torch.Generator().manual_seed(2), dtype=D)
+    offset = torch.randn(batch, generator=torch.Generator().manual_seed(3), dtype=D)
+    return lat_shape, decode, eps_model, x, g, offset
+
+
+def _decoded_x0(batch, **kw):
+    lat_shape, decode, eps_model, x, g, offset = _decoded_case(batch)
+    records = []
+    gg.sample(eps_model, lat_shape, schedule=SCHED, sampler="ddim", steps=[500, 400], x_T=x,
+              guidance=[gg.CFG(7.5), gg.DecodedLookAhead(decode, g, offset=offset, target=10.0, scaling=0.5, **kw)],
+              cond={"y": torch.zeros(batch, dtype=torch.long)}, callback=records.append)
+    return records[0].x0
+
+
+def test_decoded_lookahead_official_batch_scaling_is_beta_over_B():
+    # --guidance 100 at batch 5 in the authors' code is beta = 20 per sample
+    official = _decoded_x0(5, beta=100.0, official_batch_scaling=True)
+    # (the loss is accumulated in float32 by DecodedLookAhead, hence rtol 1e-6)
+    torch.testing.assert_close(official, _decoded_x0(5, beta=20.0), rtol=1e-6, atol=1e-6)
+    assert (official - _decoded_x0(5, beta=100.0)).abs().max() > 1e-3
+
+
+def test_decoded_lookahead_official_batch_scaling_matches_the_authors_loss():
+    """The authors' pipeline: l2 = 0.5 * MSELoss()(out [B], target [B, 1]) (broadcast),
+    noise_pred += sqrt(1 − ᾱ) * β * ∇_latents l2, with out = <g, decode(ẑ_0 / scaling)> + b."""
+    import warnings
+    batch, beta, t = 5, 100.0, 500
+    lat_shape, decode, eps_model, x, g, offset = _decoded_case(batch)
+    abar = SCHED.alphas_cumprod[t].item()
+    a, s = math.sqrt(abar), math.sqrt(1 - abar)
+    lat = x.clone().requires_grad_(True)
+    e_u, e_c = eps_model(lat, None), eps_model(lat, None, y=0)
+    noise_pred = e_u + 7.5 * (e_c - e_u)
+    clean = decode(((lat - s * noise_pred) / a) / 0.5)
+    out = torch.einsum("bijk,bijk->b", g, clean) + offset
+    target = torch.full((batch, 1), 10.0, dtype=D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # MSELoss warns about the broadcast the authors rely on
+        l2 = 0.5 * torch.nn.MSELoss()(out, target)
+    (grad,) = torch.autograd.grad(l2, lat)
+    eps = noise_pred.detach() + s * beta * grad
+    got = _decoded_x0(batch, beta=beta, official_batch_scaling=True)
+    torch.testing.assert_close(got, (x - s * eps) / a, rtol=1e-6, atol=1e-6)
