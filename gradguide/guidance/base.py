@@ -60,9 +60,17 @@ class StepContext:
     def x0_of_eps(self, eps: LinComb) -> LinComb:
         return predictions.x0_from_eps(eps, self.x, self.a, self.s)
 
-    def grad_wrt_input(self, objective: torch.Tensor) -> torch.Tensor:
-        """∇_{x_t} of ``objective.sum()`` (objective is per-sample, ``[B]``)."""
-        (g,) = torch.autograd.grad(objective.sum(), self.x_input, retain_graph=True)
+    def grad_wrt_input(self, objective: torch.Tensor, what: str = "objective") -> torch.Tensor:
+        """∇_{x_t} of ``objective.sum()`` (objective is per-sample, ``[B]``). ``what`` names the
+        user function that produced it, for the error when it does not depend on ``x_t``."""
+        if not objective.requires_grad:
+            raise ValueError(f"{what}: returned a tensor with no gradient with respect to x_t (it is detached, "
+                             "computed under torch.no_grad(), or does not depend on x_t)")
+        if not objective.is_floating_point():
+            raise TypeError(f"{what}: expected a real floating tensor, got {objective.dtype}")
+        (g,) = torch.autograd.grad(objective.sum(), self.x_input, retain_graph=True, allow_unused=True)
+        if g is None:
+            raise ValueError(f"{what}: returned a tensor that does not depend on x_t (no gradient)")
         return g.detach()
 
 
@@ -131,10 +139,13 @@ def _signature_of(value):
     return ("object", id(value))
 
 
-def check_number(name: str, value, low=None, high=None, owner: str = "") -> float:
+def check_number(name: str, value, low=None, high=None, owner: str = "", allow_inf: bool = False) -> float:
+    """A real number (not bool, not NaN; finite unless ``allow_inf``) in ``[low, high]``."""
     where = f"{owner}: " if owner else ""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise TypeError(f"{where}{name}: expected a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{where}{name}: expected a number, got {type(value).__name__} {value!r}")
+    if value != value or (not allow_inf and value in (float("inf"), float("-inf"))):
+        raise ValueError(f"{where}{name}: expected a finite number, got {value!r}")
     if low is not None and value < low or high is not None and value > high:
         raise ValueError(f"{where}{name}: expected a value in [{low}, {high}], got {value!r}")
     return float(value)

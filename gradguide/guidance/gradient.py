@@ -85,7 +85,7 @@ class LookAhead(_RewardGradient):
         ops = ctx.ops
         with torch.enable_grad():
             g_x0 = (self.grad * ctx.tracked_x0()).flatten(1).sum(1)  # gᵀx̂_0(x_t), per sample
-            vjp = ops.add("lookahead_vjp", ctx.grad_wrt_input(g_x0))
+            vjp = ops.add("lookahead_vjp", ctx.grad_wrt_input(g_x0, "LookAhead: model (the VJP runs through its output)"))
         if self.beta is None:
             a2 = ctx.a * ctx.a
             beta = (a2 / 2) / (a2 * self.sigma ** 2 + ctx.h * ops.norm2(vjp))
@@ -136,7 +136,7 @@ class DecodedLookAhead(GuidanceTerm):
                 raise ValueError(f"DecodedLookAhead: grad: shape {tuple(self.grad.shape)} does not broadcast to the "
                                  f"decoded images {tuple(image.shape)}") from None
             residual = (g * image).flatten(1).float().sum(1) + self.offset - self.target
-            grad = ctx.grad_wrt_input(0.5 * residual ** 2)
+            grad = ctx.grad_wrt_input(0.5 * residual ** 2, "DecodedLookAhead: decode")
         return ctx.ops.add("decoded_lookahead_grad", grad) * (-self.beta)
 
 
@@ -171,5 +171,5 @@ class DPS(GuidanceTerm):
                 raise ValueError(f"DPS: operator returned {got}, expected the measurement's shape "
                                  f"{tuple(self.measurement.shape)}")
             residual = (self.measurement - predicted).flatten(1).norm(dim=1)
-            grad = ctx.grad_wrt_input(residual)
+            grad = ctx.grad_wrt_input(residual, "DPS: operator")
         return ctx.ops.add("dps_grad", grad) * (-self.zeta)
