@@ -135,8 +135,8 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
         with forbid_host_sync() if check_sync else contextlib.nullcontext():
             x, state, record = stepper(x, i, state, noise, callback is not None)
         if run.check_finite == "step" and not bool(torch.isfinite(x).all()):
-            raise ValueError(f"check_finite: x_(t-1) is not finite after step {i} (t = {run.timestep_list[i]}) "
-                             f"with dtype={run.dtype}: the guided update overflowed or a guidance term "
+            raise ValueError(f"check_finite: x_(t-1) is not finite after step {i} (t = {run.timestep_list[i]}): "
+                             f"the guided update overflowed{_range_hint(run.dtype)} or a guidance term "
                              "returned NaN/inf")
         if callback is not None:
             callback(record)
@@ -146,10 +146,17 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
         bar.close()
     result = stepper.finish(x)
     if run.check_finite == "end" and not bool(torch.isfinite(result).all()):
-        raise ValueError(f"check_finite: the samples contain NaN or inf (dtype={run.dtype}, finite x_T): a model "
-                         "output, a guidance gradient or the update went non-finite; pass check_finite='step' "
-                         "to find the first step, check_finite=False to get them anyway")
+        raise ValueError(f"check_finite: the samples contain NaN or inf (from a finite x_T): a model output, a "
+                         f"guidance gradient or the update went non-finite{_range_hint(run.dtype)}; pass "
+                         "check_finite='step' to find the first step, check_finite=False to get them anyway")
     return result
+
+
+def _range_hint(dtype: torch.dtype) -> str:
+    if dtype in (torch.float16, torch.bfloat16):
+        return (f" (dtype={dtype} holds magnitudes up to {torch.finfo(dtype).max:.6g}; the ops combine in float32 "
+                "but x_(t-1) is stored in the run's dtype: use dtype=torch.float32)")
+    return ""
 
 
 def _check_finite_policy(value, graph, check_sync):
