@@ -102,7 +102,7 @@ class PixelAsParam:
         if self.granularity == "sample":
             return 1
         if len(shape) < 3:
-            raise ValueError(f"PixelAsParam: granularity='channel' needs samples shaped [B, C, ...], got {tuple(shape)}")
+            raise ValueError(f"PixelAsParam: granularity: 'channel' needs samples shaped [B, C, ...], got {tuple(shape)}")
         return int(shape[1])
 
     def __repr__(self) -> str:

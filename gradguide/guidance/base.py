@@ -152,8 +152,10 @@ def check_number(name: str, value, low=None, high=None, owner: str = "", allow_i
 
 
 def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """``num/den`` where ``den > 0``, else 0 (zero-norm partners are handled per sample)."""
-    ok = den > 0
+    """``num/den``, and 0 where ``den == 0`` (zero-norm partners are handled per sample). A NaN
+    ``den`` (from a non-finite operand) gives NaN, never 0: a non-finite operand poisons the
+    sample (or group) instead of silently skipping its projection."""
+    ok = den != 0
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 

@@ -232,7 +232,9 @@ def combine(coef: torch.Tensor, operands: Sequence[torch.Tensor], out: Optional[
     b, k = operands[0].shape[0], len(operands)
     if coef.dim() != 3 or coef.shape[0] != b or coef.shape[2] != k:
         raise ValueError(f"coef: expected shape [B={b}, K={k}] or [B={b}, G, K={k}], got {tuple(coef.shape)}")
-    check_operands(operands, coef.shape[1])
+    if operands[0][0].numel() % coef.shape[1]:
+        raise ValueError(f"coef: {coef.shape[1]} groups (its dimension 1) do not divide the per-sample size "
+                         f"{operands[0][0].numel()}")
     if coef.device != operands[0].device:
         raise ValueError(f"coef: device {coef.device} differs from the operands' {operands[0].device}")
     _check_out(out, operands[0])
