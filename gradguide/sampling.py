@@ -122,6 +122,8 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
                    backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry)
     if clip_eps not in ("clipped", "model"):
         raise ValueError(f"clip_eps: expected 'clipped' or 'model', got {clip_eps!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a callable(record) or None, got {type(callback).__name__}")
     run.clip_eps = clip_eps
     run.check_finite = _check_finite_policy(check_finite, graph, check_sync)
     stepper = _stepper(run, graph)

@@ -98,6 +98,15 @@ class SampleConfig:
                              "give --classifier-scale too")
         if self.model not in EMBEDDED_MODELS and ":" not in self.model:
             raise ValueError(f"model: expected one of {EMBEDDED_MODELS} or 'module:function', got {self.model!r}")
+        _check_device_pref(self.device)
+        if self.clip not in (None, "auto", "none"):
+            try:
+                r = float(self.clip)
+            except (TypeError, ValueError):
+                r = float("nan")
+            if not (r > 0 and r != float("inf")):
+                raise ValueError(f"clip: expected 'auto', 'none' or a positive number r (clips x0 to [-r, r]), "
+                                 f"got {self.clip!r}")
         return self
 
     def hashed(self) -> Dict[str, Any]:
@@ -110,6 +119,22 @@ class SampleConfig:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.hashed(), sort_keys=True).encode()).hexdigest()
+
+
+def _check_device_pref(device: str) -> None:
+    """``--device``: 'auto', 'cpu', 'cuda' or 'cuda:N' (and CUDA must exist for the last two)."""
+    if device in ("auto", "cpu"):
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type != "cuda":
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested, but CUDA is not available here")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {device!r}, but only {torch.cuda.device_count()} CUDA device(s) exist")
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -237,9 +262,7 @@ def _clip(config: SampleConfig, loaded: LoadedModel):
         return None
     if config.clip == "auto":
         return loaded.defaults.get("clip")
-    r = float(config.clip)
-    if r <= 0:
-        raise ValueError(f"clip: expected 'auto', 'none' or a positive range r (clips x̂_0 to [-r, r]), got {config.clip!r}")
+    r = float(config.clip)  # validated by SampleConfig.check
     return (-r, r)
 
 

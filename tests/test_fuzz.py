@@ -22,8 +22,8 @@ from gradguide.bench import fuzz
 
 SLOW = os.environ.get("GRADGUIDE_FUZZ_SLOW", "") not in ("", "0")
 # cases per target: CI mode | slow mode (the slow total is 10,400)
-EXAMPLES = {"reduce": (60, 1600), "combine": (100, 3000), "fused_combine": (60, 2000), "project": (40, 1300),
-            "off_support_ratio": (40, 1000), "sample": (25, 1500)}
+EXAMPLES = {"reduce": (100, 1600), "combine": (150, 3000), "fused_combine": (100, 2000), "project": (60, 1300),
+            "off_support_ratio": (60, 1000), "sample": (40, 1500)}
 BACKENDS = [name for name, ok in ops.available_backends("cpu").items() if ok is True]
 # the Triton interpreter costs ~0.1-1 s a call on CPU: a few cases in CI, a share in slow mode
 FAST_BACKENDS = [b for b in BACKENDS if b != "triton"]

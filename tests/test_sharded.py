@@ -317,3 +317,27 @@ def test_debug_shows_the_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADGUIDE_DEBUG", "1")
     with pytest.raises(OSError):
         cli_main(["sample", "--n", "4", "--out", str(tmp_path / "a_file"), *ARGS])
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--device", "gpu"], "device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+    (["--clip", "abc"], "clip: expected 'auto', 'none' or a positive number"),
+    (["--clip", "-1"], "clip: expected"),
+    (["--clip", "nan"], "clip: expected"),
+    (["--steps", "0"], "steps: expected a positive integer"),
+    (["--backend", "magic"], "backend: expected one of"),
+    (["--cfg", "inf"], "CFG: scale: expected a finite number"),
+    (["--n", "0"], "n: expected a positive integer"),
+    (["--shape", "3,x"], "shape: expected comma-separated sizes"),
+])
+def test_cli_option_errors_are_one_line_naming_the_option(tmp_path, argv, match):
+    base = ["sample", "--n", "4", "--out", str(tmp_path / "x"), "--steps", "3", "--no-progress"]
+    with pytest.raises(SystemExit, match=match) as info:
+        cli_main(base + argv)
+    assert "\n" not in str(info.value) and str(info.value).startswith("gradguide sample: error: ")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only error")
+def test_cli_cuda_on_a_cpu_build(tmp_path):
+    with pytest.raises(SystemExit, match="device: 'cuda' requested, but CUDA is not available"):
+        cli_main(["sample", "--n", "4", "--out", str(tmp_path / "x"), "--device", "cuda", "--no-progress"])

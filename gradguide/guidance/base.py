@@ -163,9 +163,11 @@ def batch_tensor(name: str, value, shape, device, dtype, owner: str) -> torch.Te
     """A ``[B]`` tensor from a number or a ``[B]`` tensor, checked against the batch."""
     b = shape[0]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.full((b,), float(value), device=device, dtype=dtype)
+        return torch.full((b,), check_number(name, value, owner=owner), device=device, dtype=dtype)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{owner}: {name}: expected a number or a [B] tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{owner}: {name}: expected a real floating tensor, got {value.dtype}")
     if value.shape != (b,):
         raise ValueError(f"{owner}: {name}: expected shape [B] = [{b}], got {tuple(value.shape)}")
     if value.device != torch.device(device):
