@@ -409,3 +409,13 @@ def test_float32_guided_sampling_matches_float64(backend):
                          backend=backend, generator=torch.Generator().manual_seed(1))
     single, double = run(torch.float32), run(torch.float64)
     assert (single.double() - double).abs().max() <= 1e-4 * double.abs().max()
+
+
+@needs_native
+def test_raw_native_ops_are_differentiable():
+    """The registered ops themselves (``torch.ops.gradguide.*``) carry gradients, not only the glue."""
+    a = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b, c: torch.ops.gradguide.combine(c, [a, b, a], -0.5, 0.7), (a, b, c))
+    assert torch.autograd.gradcheck(lambda a, b: torch.ops.gradguide.reduce([a, b, a], 3), (a, b))
