@@ -28,6 +28,7 @@ BACKENDS = [name for name, ok in ops.available_backends("cpu").items() if ok is 
 # the Triton interpreter costs ~0.1-1 s a call on CPU: a few cases in CI, a share in slow mode
 FAST_BACKENDS = [b for b in BACKENDS if b != "triton"]
 COUNTS = {}
+BY_BACKEND = {}
 RUNNER = fuzz.IsolatedRunner(timeout=120.0) if SLOW else None
 
 
@@ -39,6 +40,7 @@ def _settings(target):
 def _run(spec):
     outcome, detail = RUNNER(spec) if RUNNER is not None else fuzz.run_case(spec)
     fuzz.tally(COUNTS, spec["target"], outcome)
+    fuzz.tally(BY_BACKEND, spec.get("backend", "-"), outcome)
     assert outcome in fuzz.OK, f"{outcome}: {detail}\nspec = {spec!r}"
 
 
@@ -255,6 +257,7 @@ def test_zz_report():
     """Last in this file: the counts (printed; written to GRADGUIDE_FUZZ_REPORT when set)."""
     total = sum(sum(c.values()) for c in COUNTS.values())
     report = {"mode": "slow" if SLOW else "ci", "backends": BACKENDS, "total": total, "counts": COUNTS,
+              "by_backend": BY_BACKEND, "isolated": RUNNER is not None,
               "torch": torch.__version__, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     print(json.dumps(report, indent=1))
     path = os.environ.get("GRADGUIDE_FUZZ_REPORT")
