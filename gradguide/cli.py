@@ -6,8 +6,11 @@ runs, so this file only wires them together.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
+
+DEBUG_ENV = "GRADGUIDE_DEBUG"
 
 
 def _register_demo(sub) -> None:
@@ -106,15 +109,15 @@ def _register_sample(sub) -> None:
     p.add_argument("--device", default="auto", help="'auto' (cuda:LOCAL_RANK when available, else cpu), 'cpu', 'cuda'")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="log from every rank, not only rank 0")
+    p.add_argument("--wait-lock", action="store_true",
+                   help="if another run holds --out, wait for it to finish (default: refuse with an error naming "
+                        "its pid and host)")
     p.set_defaults(func=_sample)
 
 
 def _sample(args) -> int:
     from . import sharded
-    try:
-        return sharded.main(args)
-    except ValueError as exc:
-        raise SystemExit(f"gradguide sample: {exc}") from None
+    return sharded.main(args)
 
 
 def _register_digits(sub) -> None:
@@ -201,6 +204,8 @@ def _register_profile(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradguide", description="Fast guided sampling for diffusion models.")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the full traceback of an error instead of one line (or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     _register_demo(sub)
     _register_optimize(sub)
@@ -213,9 +218,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(exc: BaseException) -> str:
+    """One line for a user error: the message (it names the argument), or for an OS error its
+    reason and the path."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+        for name in (exc.filename, exc.filename2):
+            if name is not None and str(name) not in text:
+                text += f": {name}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, OSError) as exc:  # user errors (bad input, unwritable output): one line
+        if debug:
+            raise
+        raise SystemExit(f"gradguide {args.command}: error: {error_line(exc)} "
+                         f"(--debug or {DEBUG_ENV}=1 for the traceback)") from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        raise SystemExit(f"gradguide {args.command}: interrupted") from None
 
 
 if __name__ == "__main__":

@@ -116,7 +116,7 @@ class PixelAsParam:
         if self.granularity == "sample":
             return 1
         if len(shape) < 3:
-            raise ValueError(f"PixelAsParam: granularity='channel' needs samples shaped [B, C, ...], got {tuple(shape)}")
+            raise ValueError(f"PixelAsParam: granularity: 'channel' needs samples shaped [B, C, ...], got {tuple(shape)}")
         return int(shape[1])
 
     def __repr__(self) -> str:
@@ -177,8 +177,9 @@ def project(a: torch.Tensor, b: torch.Tensor, delta: float = 1.0, granularity: s
     """``PC_δ(a|b) = a − δ min(0, <a,b>)/‖b‖² b`` per sample (``granularity="channel"``: per
     sample and channel); ``a`` unchanged for samples where ``‖b‖ = 0``."""
     from . import ops as _ops
-    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-        raise TypeError("project: a and b must be tensors")
+    for name, value in (("a", a), ("b", b)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"project: {name}: expected a tensor, got {type(value).__name__}")
     _ops.check_operands([a, b], name="project(a, b)")
     if a.dim() < 2:
         raise ValueError(f"project: a: expected a batch [B, ...] with at least 2 dimensions, got {tuple(a.shape)}")

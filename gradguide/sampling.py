@@ -71,6 +71,10 @@ class _Run:
     step_ids: torch.Tensor = field(default=None)
     timestep_list: List[int] = field(default_factory=list)
     clip_eps: str = "clipped"
+    check_finite: object = "end"
+
+
+CHECK_FINITE = ("end", "step", False)
 
 
 def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler: str = "ddpm",
@@ -81,7 +85,7 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
            variance: str = "fixed-small", clip=None, clip_eps: str = "clipped", spacing: str = "adm",
            timesteps: Optional[Timesteps] = None,
            device=None, dtype: Optional[torch.dtype] = None, telemetry: bool = False, progress: bool = False,
-           check_sync: bool = False) -> torch.Tensor:
+           check_sync: bool = False, check_finite="end") -> torch.Tensor:
     """Draw samples from a diffusion model with guidance.
 
     ``model(x_t, t, **cond)`` returns the model's prediction (``prediction``: ``"eps"``,
@@ -104,13 +108,24 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     ``graph``: ``True`` captures the step as a CUDA graph and replays it (CUDA only; on CPU a
     one-line notice, then eager); a :class:`~gradguide.graphs.GraphCache` keeps captures across calls.
     ``check_sync``: raise if any step synchronises with the host.
+    ``check_finite``: the finiteness policy. ``"end"`` (default): one check of the returned
+    samples (one host sync after the loop); non-finite samples raise a ValueError instead of
+    being returned. ``"step"`` (or ``True``): every model output and every ``x_(t-1)`` is
+    checked, and the error names the first step and call that went non-finite (one host sync
+    per model call; not with ``graph`` capture or ``check_sync``). ``False``: no check, NaN/inf
+    propagate. float16/bfloat16 runs combine in float32 and round once per step; a model
+    output, guidance gradient or sample beyond the dtype's range (65504 for float16) cannot be
+    stored and becomes inf, which this check reports (use ``dtype=torch.float32`` then).
     Returns the samples ``x_0``, shaped ``shape``.
     """
     run = _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, cond, x_T, generator,
                    backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry)
     if clip_eps not in ("clipped", "model"):
         raise ValueError(f"clip_eps: expected 'clipped' or 'model', got {clip_eps!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a callable(record) or None, got {type(callback).__name__}")
     run.clip_eps = clip_eps
+    run.check_finite = _check_finite_policy(check_finite, graph, check_sync)
     stepper = _stepper(run, graph)
     x = x_T.to(run.dtype) if x_T is not None else _noise(run.shape, run.generator, run.device, run.dtype)
     state = _initial_state(run, x)
@@ -121,13 +136,40 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
         noise = _noise(run.shape, run.generator, run.device, run.dtype) if run.tables.draws_noise[i] else None
         with forbid_host_sync() if check_sync else contextlib.nullcontext():
             x, state, record = stepper(x, i, state, noise, callback is not None)
+        if run.check_finite == "step" and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"check_finite: x_(t-1) is not finite after step {i} (t = {run.timestep_list[i]}): "
+                             f"the guided update overflowed{_range_hint(run.dtype)} or a guidance term "
+                             "returned NaN/inf")
         if callback is not None:
             callback(record)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    return stepper.finish(x)
+    result = stepper.finish(x)
+    if run.check_finite == "end" and not bool(torch.isfinite(result).all()):
+        raise ValueError(f"check_finite: the samples contain NaN or inf (from a finite x_T): a model output, a "
+                         f"guidance gradient or the update went non-finite{_range_hint(run.dtype)}; pass "
+                         "check_finite='step' to find the first step, check_finite=False to get them anyway")
+    return result
+
+
+def _range_hint(dtype: torch.dtype) -> str:
+    if dtype in (torch.float16, torch.bfloat16):
+        return (f" (dtype={dtype} holds magnitudes up to {torch.finfo(dtype).max:.6g}; the ops combine in float32 "
+                "but x_(t-1) is stored in the run's dtype: use dtype=torch.float32)")
+    return ""
+
+
+def _check_finite_policy(value, graph, check_sync):
+    if value is True:
+        value = "step"
+    if value is None or not any(value is v or (isinstance(value, str) and value == v) for v in CHECK_FINITE):
+        raise ValueError(f"check_finite: expected 'end', 'step', True or False, got {value!r}")
+    if value == "step" and (graph not in (False, None) or check_sync):
+        raise ValueError("check_finite: 'step' reads every model output on the host; it cannot run with graph "
+                         "capture or check_sync=True (use 'end')")
+    return value
 
 
 def _stepper(run: "_Run", graph):
@@ -256,8 +298,7 @@ def _sum(first: Optional[LinComb], rest: List[LinComb]) -> LinComb:
 
 def _call_model(run: _Run, x_in: torch.Tensor, t: torch.Tensor, inputs: dict, what: str):
     out = run.model(x_in, t, **inputs)
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"model: {what} returned {type(out).__name__}, expected a tensor")
+    _check_model_output(run, out, t, what)
     learned = run.tables.learned_variance or run.variance_channels
     expected = (run.shape[0], run.shape[1] * 2) + tuple(run.shape[2:]) if learned else tuple(run.shape)
     if tuple(out.shape) != expected:
@@ -267,6 +308,19 @@ def _call_model(run: _Run, x_in: torch.Tensor, t: torch.Tensor, inputs: dict, wh
         out, var_channels = out.split(run.shape[1], dim=1)
         return out.to(run.dtype), var_channels
     return out.to(run.dtype), None
+
+
+def _check_model_output(run: _Run, out, t: torch.Tensor, what: str) -> None:
+    """A model output must be a real floating tensor on the run's device (never cast from int,
+    bool or complex); under ``check_finite="step"`` it must also be finite."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"model: {what} returned {type(out).__name__}, expected a tensor")
+    if out.dtype not in ops.FLOAT_DTYPES:
+        raise TypeError(f"model: {what} returned dtype {out.dtype}, expected a real floating dtype")
+    if out.device != run.device:
+        raise ValueError(f"model: {what} returned a tensor on {out.device}, but the samples are on {run.device}")
+    if run.check_finite == "step" and not bool(torch.isfinite(out).all()):
+        raise ValueError(f"model: {what} returned NaN or inf at t = {int(t[0])} (check_finite='step')")
 
 
 def _learned_log_var(run: _Run, var_channels, scalars):
@@ -359,6 +413,8 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     if x_T is not None:
         if not isinstance(x_T, torch.Tensor):
             raise TypeError(f"x_T: expected a tensor, got {type(x_T).__name__}")
+        if x_T.device.type == "meta":
+            raise ValueError("x_T: a meta tensor holds no values; sampling needs a cpu or cuda tensor")
         if tuple(x_T.shape) != shape:
             raise ValueError(f"x_T: shape {tuple(x_T.shape)} does not match shape={shape}")
         if not x_T.is_floating_point():
@@ -370,7 +426,7 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
         if not torch.isfinite(x_T).all():
             raise ValueError("x_T: contains NaN or inf values")
         device, dtype = x_T.device, x_T.dtype
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = _check_device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = dtype or torch.float32
@@ -382,9 +438,7 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     if cond is not None and not isinstance(cond, dict):
         raise TypeError(f"cond: expected a dict of keyword inputs for the model, got {type(cond).__name__}")
     cond = dict(cond or {})
-    for key, value in cond.items():
-        if isinstance(value, torch.Tensor) and value.device != device:
-            raise ValueError(f"cond[{key!r}]: on {value.device}, but the samples are on {device}")
+    _check_inputs("cond", cond, shape[0], device)
 
     # timesteps and sampler tables
     if timesteps is None:
@@ -399,6 +453,9 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
         raise ValueError(f"eta: only the DDIM sampler takes eta, got eta={eta} with sampler={sampler!r}")
 
     # guidance terms
+    if guidance is not None and not isinstance(guidance, (GuidanceTerm, list, tuple)):
+        raise TypeError(f"guidance: expected a guidance term (gradguide.CFG, Classifier, ...) or a list of them, "
+                        f"got {type(guidance).__name__}")
     terms = [guidance] if isinstance(guidance, GuidanceTerm) else list(guidance or ())
     for j, term in enumerate(terms):
         if not isinstance(term, GuidanceTerm):
@@ -414,6 +471,12 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
             raise ValueError(f"guidance: {type(term).__name__} needs a conditional model: pass cond= with the "
                              "conditioning inputs (and uncond= on the term for the unconditional branch)")
     branch = branch_terms[0] if branch_terms else None
+    if branch is not None:
+        uncond = branch.uncond_inputs(cond)
+        if not isinstance(uncond, dict):
+            raise TypeError(f"{type(branch).__name__}: uncond: expected a dict (or a callable returning one), "
+                            f"got {type(uncond).__name__}")
+        _check_inputs(f"{type(branch).__name__}: uncond", uncond, shape[0], device)
     score_terms = [t for t in terms if t.place == "score"]
     mean_terms = [t for t in terms if t.place == "mean"]
     post_terms = [t for t in terms if t.place == "post"]
@@ -433,7 +496,11 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
         clip = (-1.0, 1.0)
     elif clip is False:
         clip = None
-    if clip is not None and (not isinstance(clip, (tuple, list)) or len(clip) != 2 or clip[0] >= clip[1]):
+    if isinstance(clip, (tuple, list)):  # 0-d tensor bounds are read once here, before the loop
+        clip = tuple(float(c) if isinstance(c, torch.Tensor) and c.numel() == 1 and c.is_floating_point()
+                     and c.device.type != "meta" else c for c in clip)
+    clip = ops.check_clamp(clip, "clip")   # the ops' clamp rule: numbers, no NaN
+    if clip is not None and (None in clip or not clip[0] < clip[1]):
         raise ValueError(f"clip: expected None, True or (low, high) with low < high, got {clip!r}")
 
     resolved = ops.resolve_backend(backend, device)
@@ -451,6 +518,36 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     run.step_ids = torch.arange(len(timesteps), device=device)
     run.timestep_list = timesteps.t.tolist()
     return run
+
+
+def _check_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    if not isinstance(device, (str, torch.device, int)) or isinstance(device, bool):
+        raise TypeError(f"device: expected a torch.device or a string such as 'cpu' or 'cuda', "
+                        f"got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"device: {device!r} is not a device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {str(device)!r} requested, but CUDA is not available "
+                         f"(torch {torch.__version__}{' is a CPU-only build' if torch.version.cuda is None else ''})")
+    if device.type == "meta":
+        raise ValueError("device: meta tensors hold no values; sampling needs 'cpu' or 'cuda'")
+    return device
+
+
+def _check_inputs(name: str, inputs: dict, batch: int, device: torch.device) -> None:
+    """Model inputs (``cond``, CFG's ``uncond``): tensors on the samples' device, batched like them."""
+    for key, value in inputs.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.device != device:
+            raise ValueError(f"{name}[{key!r}]: on {value.device}, but the samples are on {device}")
+        if value.dim() >= 1 and value.shape[0] != batch:
+            raise ValueError(f"{name}[{key!r}]: leading (batch) dimension {value.shape[0]}, but the batch has "
+                             f"B = {batch} samples; give one row per sample")
 
 
 def _check_generator(generator, shape, device) -> None:

@@ -40,7 +40,8 @@ class APG(_TwoBranch):
             eta = 0.0 if convention == "paper" else 1.0
         self.eta = check_number("eta", eta, owner="APG")
         self.momentum = check_number("momentum", momentum, owner="APG")
-        self.norm_threshold = check_number("norm_threshold", norm_threshold, 0.0, owner="APG")
+        self.norm_threshold = check_number("norm_threshold", norm_threshold, 0.0, owner="APG",
+                                           allow_inf=True)  # inf: no norm clipping
 
     def initial_state(self, x):
         return {"apg_running": x.new_zeros(x.shape)} if self.momentum != 0.0 else {}

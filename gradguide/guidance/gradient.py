@@ -89,7 +89,7 @@ class LookAhead(_RewardGradient):
         ops = ctx.ops
         with torch.enable_grad():
             g_x0 = (self.grad * ctx.tracked_x0()).flatten(1).sum(1)  # gᵀx̂_0(x_t), per sample
-            vjp = ops.add("lookahead_vjp", ctx.grad_wrt_input(g_x0))
+            vjp = ops.add("lookahead_vjp", ctx.grad_wrt_input(g_x0, "LookAhead: model (the VJP runs through its output)"))
         if self.beta is None:
             a2 = ctx.a * ctx.a
             beta = (a2 / 2) / (a2 * self.sigma ** 2 + ctx.h * ops.norm2(vjp))
@@ -149,7 +149,7 @@ class DecodedLookAhead(GuidanceTerm):
             loss = 0.5 * residual ** 2
             if self.official_batch_scaling:   # the authors' broadcast MSELoss: a mean over B×B entries
                 loss = loss / residual.shape[0]
-            grad = ctx.grad_wrt_input(loss)
+            grad = ctx.grad_wrt_input(loss, "DecodedLookAhead: decode")
         return ctx.ops.add("decoded_lookahead_grad", grad) * (-self.beta)
 
 
@@ -184,5 +184,5 @@ class DPS(GuidanceTerm):
                 raise ValueError(f"DPS: operator returned {got}, expected the measurement's shape "
                                  f"{tuple(self.measurement.shape)}")
             residual = (self.measurement - predicted).flatten(1).norm(dim=1)
-            grad = ctx.grad_wrt_input(residual)
+            grad = ctx.grad_wrt_input(residual, "DPS: operator")
         return ctx.ops.add("dps_grad", grad) * (-self.zeta)
