@@ -45,7 +45,14 @@ class Timesteps:
 
 
 class Schedule:
-    """A discrete variance-preserving schedule, ``ᾱ_t`` for ``t = 0..T-1``."""
+    """A discrete variance-preserving schedule, ``ᾱ_t`` for ``t = 0..T-1``.
+
+    ``suggested_sampler``: what :func:`gradguide.sample` uses without ``sampler=`` (``"ddpm"``
+    for a plain schedule; a diffusers scheduler's own for :func:`gradguide.from_diffusers`).
+    ``sampler_options``: per sampler name, settings passed to its table builder.
+    """
+    suggested_sampler = "ddpm"
+    sampler_options: dict = {}
 
     def __init__(self, alphas_cumprod):
         a = torch.as_tensor(np.asarray(alphas_cumprod, dtype=np.float64) if not isinstance(alphas_cumprod, torch.Tensor)
@@ -94,7 +101,7 @@ class Schedule:
         s = self.alphas_cumprod.sqrt()
         s0, sT = s[0].clone(), s[-1].clone()
         s = (s - sT) * s0 / (s0 - sT)
-        return type(self)(s ** 2) if type(self) is Schedule else Schedule(s ** 2)
+        return Schedule(s ** 2)
 
     @property
     def zero_terminal_snr(self) -> bool:

@@ -130,7 +130,12 @@ class DiffusersSchedule(Schedule):
             raise TypeError(f"scheduler: expected a diffusers scheduler with alphas_cumprod and set_timesteps, "
                             f"got {type(scheduler).__name__}")
         sampler, options = scheduler_sampler(scheduler)
-        super().__init__(scheduler.alphas_cumprod)
+        ac = torch.as_tensor(scheduler.alphas_cumprod).detach().cpu().to(torch.float64)
+        if SCHEDULER_SAMPLERS[type(scheduler).__name__] not in ("ddim", "ddpm"):
+            # zero-SNR σ-table schedulers replace ᾱ_T = 0 by 2**-24, which can exceed ᾱ_{T−1}; they step on
+            # their own σ table, so only sigma_to_t (sigmas=) reads this ᾱ: keep it non-increasing
+            ac = torch.cummin(ac, 0).values
+        super().__init__(ac)
         self.scheduler = copy.deepcopy(scheduler)
         self.rule = {"ddim": "ddim", "ddpm": "next"}.get(sampler, "sigmas")
         final = getattr(scheduler, "final_alpha_cumprod", None)
@@ -198,6 +203,9 @@ class DiffusersSchedule(Schedule):
         sig = torch.as_tensor(sched.sigmas).cpu().to(torch.float64)
         if self.suggested_sampler == "heun":   # un-expand [σ0, σ1, σ1, ..., σ_{n−1}, σ_{n−1}, 0]
             t, sig = t[0::2], torch.cat([sig[0:-1:2], sig[-1:]])
+        # step i goes from sigmas[i] to sigmas[i + 1]; diffusers' Euler(interpolation_type="log_linear") has one
+        # σ more that its loop never reaches: sampling ends (and returns x_σ) at sigmas[n]
+        sig = sig[:t.numel() + 1]
         if t.numel() + 1 != sig.numel():
             raise ValueError(f"scheduler: {type(sched).__name__}: {t.numel()} timesteps for {sig.numel()} σ's; "
                              "expected one σ more (the final one)")
