@@ -252,9 +252,9 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     # the sampler step as directions: base (untouched), denoising, guidance, diversity
     c_0 = scalars["c_0"]
     base = X * scalars["c_x"]
-    carried = {name: ops_.add(name, state[name]) for name in run.tables.state_names()}
-    for name, operand in carried.items():   # multistep history and Heun's / UniPC's carried sample
-        base = base + operand * scalars[HISTORY_COEFS[name]]
+    carried = _carried(run, ops_, state, scalars)
+    if carried is not None:   # multistep history and Heun's / UniPC's carried sample
+        base = base + carried[0]
     den = x0_pre * c_0
     if renoise is not None:  # CFG++: re-noise with ε_u instead of the ε consistent with x̂_0
         a_e = scalars["c_x"] * ctx.s
@@ -282,10 +282,7 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
         if run.tables.history > 1:
             new_state["x0_prev2"] = state["x0_prev"]
     if run.tables.carries_x:
-        carry = X * scalars["u_x"] + x0_guided * scalars["u_0"]
-        for name, operand in carried.items():
-            carry = carry + operand * scalars[CARRY_COEFS[name]]
-        new_state["x_carry"] = ops_.combine(carry)
+        new_state["x_carry"] = ops_.combine(X * scalars["u_x"] + x0_guided * scalars["u_0"] + carried[1])
     for key, value in state.items():
         new_state.setdefault(key, value)
     record = None
@@ -293,6 +290,29 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
         record = StepRecord(index=i, timestep=run.timestep_list[i], x=x_new, x0=x0_tensor,
                             telemetry=telemetry, backend=run.backend)
     return x_new, new_state, record
+
+
+def _carried(run: _Run, ops_: Operands, state: Dict[str, torch.Tensor], scalars):
+    """The carried state's share of the step output and of the carried-sample update, as
+    operands. One carried tensor is added as it is; several (UniPC: D_{−1}, D_{−2}, x_carry) are
+    first summed with this step's coefficients, so the step has at most two operands for them
+    (the native kernels take at most 8 operands)."""
+    names = run.tables.state_names()
+    if not names:
+        return None
+    if len(names) == 1:
+        operand = ops_.add(names[0], state[names[0]])
+        carry = operand * scalars[CARRY_COEFS[names[0]]] if run.tables.carries_x else None
+        return operand * scalars[HISTORY_COEFS[names[0]]], carry
+    tensors = [state[name] for name in names]
+    b = run.shape[0]
+
+    def summed(label, coefs):
+        coef = torch.stack([scalars[c] for c in coefs]).to(ops_.compute_dtype).view(1, 1, -1).expand(b, 1, -1)
+        return ops_.add(label, ops.combine(coef, tensors, backend=run.backend))
+    base = summed("history", [HISTORY_COEFS[n] for n in names])
+    carry = summed("carry_history", [CARRY_COEFS[n] for n in names]) if run.tables.carries_x else None
+    return base, carry
 
 
 def _sum(first: Optional[LinComb], rest: List[LinComb]) -> LinComb:
