@@ -2,16 +2,16 @@
 gradguide's guidance inside diffusers pipelines.
 
 - :func:`from_diffusers` ``(unet, scheduler) -> (model, schedule)``. ``model(x_t, t, **cond)``
-  calls the UNet and returns its raw output; ``model.prediction`` is the scheduler's
-  ``prediction_type`` in gradguide's names (``"eps"``, ``"v"``, ``"x0"``) and
-  ``model.sample_defaults`` holds the keywords that reproduce the scheduler's configuration
-  (``prediction``, ``clip`` from ``clip_sample``/``clip_sample_range``, ``variance`` for
-  DDPM's ``variance_type``): pass ``**model.sample_defaults`` to :func:`gradguide.sample`.
-  ``schedule`` is a :class:`DiffusersSchedule`: its timesteps are the scheduler's own
-  ``set_timesteps(steps)`` (spacing, ``steps_offset``) and each step moves to the ᾱ the
-  scheduler's own ``step`` moves to — DDIM: ``t − T // n``, or ``final_alpha_cumprod``
-  (``set_alpha_to_one``) below 0 (Song et al. 2021, eq. 12 as diffusers implements it);
-  DDPM and others: the next timestep, ᾱ = 1 after the last (Ho et al. 2020, eq. 7).
+  calls the UNet and returns its raw output. Everything the scheduler fixes travels with the
+  two objects and is what :func:`gradguide.sample` uses unless overridden, so
+  ``sample(model, shape, schedule=schedule, steps=N, x_T=noise)`` runs diffusers' own loop:
+  ``model.sample_defaults`` (prediction type, ``clip`` from ``clip_sample``/``clip_sample_range``,
+  DDIM's ``clip_eps``, DDPM's ``variance``), ``schedule.suggested_sampler`` and
+  ``schedule.sampler_options`` (:func:`scheduler_sampler`: DDIM, DDPM with diffusers' t > 0
+  final-noise rule, Euler, Euler ancestral, Heun, DPM-Solver++(2M)/SDE, UniPC; any other
+  class or setting raises), and ``schedule.timesteps(N)`` (the scheduler's own
+  ``set_timesteps``: spacing, ``steps_offset``, final ᾱ, σ schedule; see
+  :class:`DiffusersSchedule`).
 - Guiders following diffusers' ``BaseGuidance`` interface, computed with
   :func:`gradguide.ops.reduce` / :func:`gradguide.ops.combine` (one reduction and one
   combination per step): :class:`GradguideCFG` (Ho & Salimans 2022, with Lin et al. 2023's
@@ -256,13 +256,15 @@ class DiffusersModel(torch.nn.Module):
 def from_diffusers(unet, scheduler, use_clipped_model_output: bool = False):
     """``(model, schedule)`` for :func:`gradguide.sample` from a diffusers UNet and scheduler.
 
-    Pass ``**model.sample_defaults`` (prediction type, clipping, DDPM variance) and the
-    sampler matching the scheduler (``schedule.suggested_sampler``). ``use_clipped_model_output``
-    mirrors the argument of diffusers' ``DDIMScheduler.step`` (only matters with clipping)::
+    With no other keyword, :func:`gradguide.sample` then reproduces the scheduler's own loop
+    (sampler, timesteps, σ's, prediction type, clipping, variance, final-step noise); a
+    scheduler or setting gradguide cannot reproduce raises a ``ValueError`` naming it.
+    ``use_clipped_model_output`` mirrors the argument of diffusers' ``DDIMScheduler.step``
+    (only matters with clipping)::
 
         model, schedule = gradguide.from_diffusers(pipe.unet, pipe.scheduler)
-        x = gradguide.sample(model, (4, 3, 64, 64), schedule=schedule, sampler="ddim", steps=50,
-                             generator=torch.Generator().manual_seed(0), **model.sample_defaults)
+        x = gradguide.sample(model, (4, 3, 64, 64), schedule=schedule, steps=50,
+                             generator=torch.Generator().manual_seed(0))
     """
     if not callable(unet):
         raise TypeError(f"unet: expected a callable diffusers model, got {type(unet).__name__}")
