@@ -27,7 +27,7 @@ from .debug import forbid_host_sync
 from .guidance.base import GuidanceTerm, StepContext
 from .linear import LinComb, Operands
 from .projection import PixelAsParam, step_telemetry
-from .samplers import CARRY_COEFS, HISTORY_COEFS, SAMPLERS, SamplerTables, build
+from .samplers import SAMPLERS, SamplerTables, build
 from .schedules import Schedule, Timesteps
 
 
@@ -71,6 +71,7 @@ class _Run:
     step_ids: torch.Tensor = field(default=None)
     timestep_list: List[int] = field(default_factory=list)
     clip_eps: str = "clipped"
+    needs_x0: bool = False       # a sampler slot stores the guided x̂_0
 
 
 def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler: Optional[str] = None,
@@ -253,8 +254,8 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     c_0 = scalars["c_0"]
     base = X * scalars["c_x"]
     carried = _carried(run, ops_, state, scalars)
-    if carried is not None:   # multistep history and Heun's / UniPC's carried sample
-        base = base + carried[0]
+    if carried is not None:   # multistep history, Heun's / UniPC's carried sample, ... (the sampler's slots)
+        base = base + carried
     den = x0_pre * c_0
     if renoise is not None:  # CFG++: re-noise with ε_u instead of the ε consistent with x̂_0
         a_e = scalars["c_x"] * ctx.s
@@ -275,14 +276,9 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     x_new = ops_.combine(x_next)
     new_state = dict(ctx.new_state)
     x0_tensor = None
-    if run.tables.history or want_record:
+    if run.needs_x0 or want_record:
         x0_tensor = ops_.combine(x0_guided)
-    if run.tables.history:
-        new_state["x0_prev"] = x0_tensor
-        if run.tables.history > 1:
-            new_state["x0_prev2"] = state["x0_prev"]
-    if run.tables.carries_x:
-        new_state["x_carry"] = ops_.combine(X * scalars["u_x"] + x0_guided * scalars["u_0"] + carried[1])
+    new_state.update(_new_slots(run, scalars, x.detach(), x0_tensor, state))
     for key, value in state.items():
         new_state.setdefault(key, value)
     record = None
@@ -292,27 +288,38 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     return x_new, new_state, record
 
 
-def _carried(run: _Run, ops_: Operands, state: Dict[str, torch.Tensor], scalars):
-    """The carried state's share of the step output and of the carried-sample update, as
-    operands. One carried tensor is added as it is; several (UniPC: D_{−1}, D_{−2}, x_carry) are
-    first summed with this step's coefficients, so the step has at most two operands for them
-    (the native kernels take at most 8 operands)."""
-    names = run.tables.state_names()
-    if not names:
+def _carried(run: _Run, ops_: Operands, state: Dict[str, torch.Tensor], scalars) -> Optional[LinComb]:
+    """The carried state's share of the step output, as an operand: one slot is added as it
+    is; several are first summed with this step's coefficients (one operand: the native
+    kernels take at most 8)."""
+    slots = run.tables.slots
+    if not slots:
         return None
-    if len(names) == 1:
-        operand = ops_.add(names[0], state[names[0]])
-        carry = operand * scalars[CARRY_COEFS[names[0]]] if run.tables.carries_x else None
-        return operand * scalars[HISTORY_COEFS[names[0]]], carry
-    tensors = [state[name] for name in names]
-    b = run.shape[0]
+    if len(slots) == 1:
+        return ops_.add(slots[0], state[slots[0]]) * scalars["c_" + slots[0]]
+    return ops_.add("history", _combine_state(run, scalars, [("c_" + s, state[s]) for s in slots]))
 
-    def summed(label, coefs):
-        coef = torch.stack([scalars[c] for c in coefs]).to(ops_.compute_dtype).view(1, 1, -1).expand(b, 1, -1)
-        return ops_.add(label, ops.combine(coef, tensors, backend=run.backend))
-    base = summed("history", [HISTORY_COEFS[n] for n in names])
-    carry = summed("carry_history", [CARRY_COEFS[n] for n in names]) if run.tables.carries_x else None
-    return base, carry
+
+def _combine_state(run: _Run, scalars, pairs) -> torch.Tensor:
+    """``Σ scalars[name] · tensor`` in one combine pass (state bookkeeping outside the operands)."""
+    b = run.shape[0]
+    coef = torch.stack([scalars[name] for name, _ in pairs]).view(1, 1, -1).expand(b, 1, -1)
+    tensors = [t for _, t in pairs]
+    return ops.combine(coef.to(ops.reference.accumulation_dtype(tensors[0].dtype)), tensors, backend=run.backend)
+
+
+def _new_slots(run: _Run, scalars, x: torch.Tensor, x0: Optional[torch.Tensor], state) -> Dict[str, torch.Tensor]:
+    """Each slot after the step, from the old slots, x and the guided x̂_0 (all read before any is written)."""
+    sources = {"x": x, "0": x0}
+    sources.update({slot: state[slot] for slot in run.tables.slots})
+    new = {}
+    for slot in run.tables.slots:
+        src = run.tables.moves.get(slot)
+        if src is not None:
+            new[slot] = sources[src]
+        else:
+            new[slot] = _combine_state(run, scalars, [(f"u_{slot}_{k}", v) for k, v in sources.items()])
+    return new
 
 
 def _sum(first: Optional[LinComb], rest: List[LinComb]) -> LinComb:
@@ -380,7 +387,7 @@ def _noise(shape, generator, device, dtype) -> torch.Tensor:
 
 
 def _initial_state(run: _Run, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-    state = {name: torch.zeros_like(x) for name in run.tables.state_names()}
+    state = {name: torch.zeros_like(x) for name in run.tables.slots}
     for term in [run.branch] + run.score_terms + run.mean_terms + run.post_terms:
         if term is not None:
             state.update(term.initial_state(x))
@@ -512,6 +519,7 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     run.needs_model_grad = any(t.needs_model_grad for t in terms)
     run.needs_input_grad = run.needs_model_grad or any(t.needs_input_grad for t in terms)
     run.variance_channels = variance == "learned-range"
+    run.needs_x0 = tables.needs_x0()
     run.step_ids = torch.arange(len(tables.timesteps), device=device)
     run.timestep_list = tables.timesteps.t.tolist()
     return run

@@ -3,13 +3,14 @@
 Every sampler step of SPEC.md §2 is linear in its terms. Written against the denoiser's
 prediction ``D = x̂_0`` (with ``ε`` re-derived from it), each one is
 
-    x_next = c_x · x + c_0 · D + c_h · D_{−1} + c_h2 · D_{−2} + c_l · x_carry + σ · z
+    x_next = c_x · x + c_0 · D + Σ_k c_k · S_k + σ · z
 
-where ``D_{−1}``, ``D_{−2}`` are the (guided) predictions of the previous model evaluations
-(multistep solvers, Heun's second stage) and ``x_carry`` is one carried sample (Heun's
-``x_i`` before its Euler half-step, UniPC's corrected sample); after the step the carried
-sample becomes ``u_x x + u_0 D + u_h D_{−1} + u_h2 D_{−2} + u_l x_carry``. Absent coefficients
-are zero. One *step* here is one model evaluation (Heun has 2n − 1 of them for n steps).
+over carried state tensors ``S_k`` (*slots*: previous predictions of multistep solvers, Heun's
+and UniPC's carried sample, PLMS's previous ε's, LMS's previous derivatives). After the step
+each slot is either a plain copy (``moves``: ``D_{−2} ← D_{−1}``, ``D_{−1} ← D``) or
+``u_x x + u_0 D + Σ_j u_j S_j`` with its own per-step coefficients (tables ``u_<slot>_x``,
+``u_<slot>_0``, ``u_<slot>_<slot j>``); the output's are ``c_<slot>``. Absent coefficients are
+zero. One *step* here is one model evaluation (Heun has 2n − 1 of them for n steps).
 
 A sampler is therefore a set of scalar tables over the evaluations (:class:`SamplerTables`),
 built on the host in float64 from a :class:`~gradguide.schedules.Timesteps`; the step itself
@@ -22,16 +23,14 @@ CFG++ uses it to re-noise with a different ε.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 
 from ..schedules import Timesteps
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp-2m", "dpmpp-2m-sde", "euler", "euler_a", "heun", "unipc")
-# coefficients of the step output on the carried operands, and of the carried-sample update
-HISTORY_COEFS = {"x0_prev": "c_h", "x0_prev2": "c_h2", "x_carry": "c_l"}
-CARRY_COEFS = {"x0_prev": "u_h", "x0_prev2": "u_h2", "x_carry": "u_l"}
+SAMPLERS = ("ddpm", "ddim", "dpmpp-2m", "dpmpp-2m-sde", "euler", "euler_a", "heun", "lms", "plms", "unipc")
+SOURCES = ("x", "0")   # a slot update reads x (the evaluated sample), D (the guided x̂_0) and the old slots
 
 
 @dataclass
@@ -39,24 +38,31 @@ class SamplerTables:
     """Scalar tables (float64, one entry per model evaluation) describing a sampler.
 
     ``timesteps``: the evaluations (the model's timestep and ᾱ at each; for Heun the
-    expanded list). ``history``: how many previous predictions the step reads (0, 1 or 2);
-    ``carries_x``: whether it carries a sample (``u_*`` tables).
+    expanded list). ``slots``: the carried state tensors, zeros before the first step;
+    ``moves``: ``{slot: source}`` for slots that are a plain copy of ``"x"``, ``"0"`` (the
+    guided x̂_0) or another slot at every step; every other slot is updated from its ``u_``
+    tables.
     """
     name: str
     timesteps: Timesteps
     tables: Dict[str, torch.Tensor]
-    history: int = 0
-    carries_x: bool = False
+    slots: Tuple[str, ...] = ()
+    moves: Dict[str, str] = field(default_factory=dict)
     learned_variance: bool = False
     # which steps draw noise; known on the host, so no step ever branches on a tensor
     draws_noise: list = field(default_factory=list)
 
     def __post_init__(self):
         n = len(self.timesteps)
-        needed = [HISTORY_COEFS[k] for k in self.state_names()] + \
-            ([CARRY_COEFS[k] for k in self.state_names()] + ["u_x", "u_0"] if self.carries_x else [])
-        for key in needed:   # absent coefficients are zero
-            self.tables.setdefault(key, torch.zeros(n, dtype=torch.float64))
+        for slot in self.slots:   # absent coefficients are zero
+            keys = ["c_" + slot]
+            if slot not in self.moves:
+                keys += [f"u_{slot}_{src}" for src in SOURCES + tuple(self.slots)]
+            for key in keys:
+                self.tables.setdefault(key, torch.zeros(n, dtype=torch.float64))
+        for slot, src in self.moves.items():
+            if slot not in self.slots or src not in SOURCES + tuple(self.slots):
+                raise ValueError(f"sampler {self.name!r}: bad move {slot} <- {src}")
         bad = [k for k, v in self.tables.items() if not torch.isfinite(v).all()]
         if bad:
             raise ValueError(f"sampler {self.name!r}: non-finite step coefficients ({', '.join(sorted(bad))}) on these "
@@ -64,12 +70,13 @@ class SamplerTables:
 
     @property
     def multistep(self) -> bool:
-        """Whether a step reads carried state (previous predictions or a carried sample)."""
-        return self.history > 0 or self.carries_x
+        """Whether a step reads carried state."""
+        return bool(self.slots)
 
-    def state_names(self):
-        names = ["x0_prev", "x0_prev2"][:self.history]
-        return names + (["x_carry"] if self.carries_x else [])
+    def needs_x0(self) -> bool:
+        """Whether a slot update reads the guided x̂_0 (it is then materialised each step)."""
+        return any(src == "0" for src in self.moves.values()) or any(
+            bool((self.tables[f"u_{slot}_0"] != 0).any()) for slot in self.slots if slot not in self.moves)
 
     def stacked(self, device, dtype):
         """All tables as one ``[n_tables, n_steps]`` tensor and the row of each name."""

@@ -46,7 +46,7 @@ def tables(ts, sde: bool = False, solver_order: int = 2, solver_type: str = "mid
         c_x = s_t / s_s
         c_0 = a_t * (1 - exp_neg_h)
         sigma = torch.zeros_like(c_0)
-    c_h = torch.zeros_like(c_0)
+    c_h = torch.zeros_like(c_0)   # on D_{−1}
     for i in range(1, n):
         last = i == n - 1
         if solver_order == 1 or (last and (euler_at_final or (lower_order_final and n < 15) or final_zero)):
@@ -62,5 +62,6 @@ def tables(ts, sde: bool = False, solver_order: int = 2, solver_type: str = "mid
         c_0[i] = c_0[i] + b / r
         c_h[i] = -b / r
     t = common_tables(ts)
-    t.update(c_x=c_x, c_0=c_0, c_h=c_h, sigma=sigma, var_mean=sigma ** 2)
-    return SamplerTables(name, ts, t, history=1, draws_noise=[bool(s > 0) for s in sigma])
+    t.update(c_x=c_x, c_0=c_0, c_x0_prev=c_h, sigma=sigma, var_mean=sigma ** 2)
+    return SamplerTables(name, ts, t, slots=("x0_prev",), moves={"x0_prev": "0"},
+                         draws_noise=[bool(s > 0) for s in sigma])

@@ -105,9 +105,11 @@ def tables(ts, solver_order: int = 2, solver_type: str = "bh2", lower_order_fina
         carry_rows.append(sample)
     out_rows, carry_rows = torch.stack(out_rows), torch.stack(carry_rows)
     t = common_tables(ts)
-    for j, k in enumerate(BASIS):
-        t["c_" + k] = out_rows[:, j]
-        t["u_" + k] = carry_rows[:, j]
+    for j, k in enumerate(BASIS):   # basis -> table names: the output's c_*, the carried sample's u_x_carry_*
+        name = {"x": "x", "0": "0", "h": "x0_prev", "h2": "x0_prev2", "l": "x_carry"}[k]
+        t["c_" + name] = out_rows[:, j]
+        t["u_x_carry_" + name] = carry_rows[:, j]
     t["sigma"] = torch.zeros(n, dtype=torch.float64)
     t["var_mean"] = torch.zeros(n, dtype=torch.float64)
-    return SamplerTables("unipc", ts, t, history=2, carries_x=True, draws_noise=[False] * n)
+    return SamplerTables("unipc", ts, t, slots=("x0_prev", "x0_prev2", "x_carry"),
+                         moves={"x0_prev": "0", "x0_prev2": "x0_prev"}, draws_noise=[False] * n)
