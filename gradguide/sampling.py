@@ -90,7 +90,8 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     ``t`` is an int64 ``[B]`` tensor of original training timesteps (0-based).
 
     ``sampler``: ``"ddpm"``, ``"ddim"`` (with ``eta``), ``"dpmpp-2m"``, ``"dpmpp-2m-sde"``,
-    ``"euler"``, ``"euler_a"``, ``"heun"`` or ``"unipc"`` (:mod:`gradguide.samplers`); default
+    ``"euler"``, ``"euler_a"``, ``"heun"``, ``"lms"``, ``"plms"`` or ``"unipc"``
+    (:mod:`gradguide.samplers`); default
     ``schedule.suggested_sampler`` (``"ddpm"`` for a plain :class:`Schedule`; the matching
     sampler for a diffusers scheduler). ``steps``: ``None``
     (all T), a count, an ADM section string, or explicit timesteps; ``spacing``: ``"adm"``

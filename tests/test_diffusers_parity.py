@@ -142,6 +142,15 @@ SUPPORTED = [
     (DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++", solver_type="heun", use_karras_sigmas=True)),
     (DPMSolverMultistepScheduler, dict(prediction_type="v_prediction", rescale_betas_zero_snr=True,
                                        timestep_spacing="trailing")),
+    # PLMS (PNDM with skip_prk_steps=True: Stable Diffusion 1.x's scheduler)
+    (PNDMScheduler, dict(skip_prk_steps=True)),
+    (PNDMScheduler, dict(skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False, beta_schedule="scaled_linear",
+                         beta_start=0.00085, beta_end=0.012)),
+    (PNDMScheduler, dict(skip_prk_steps=True, prediction_type="v_prediction")),
+    # LMS (order 4, the default of LMSDiscreteScheduler.step)
+    (LMSDiscreteScheduler, {}),
+    (LMSDiscreteScheduler, dict(use_karras_sigmas=True, prediction_type="v_prediction")),
+    (LMSDiscreteScheduler, dict(timestep_spacing="leading", steps_offset=1, prediction_type="sample")),
     # UniPC (bh2 is diffusers' default)
     (UniPCMultistepScheduler, {}),
     (UniPCMultistepScheduler, dict(use_karras_sigmas=True, prediction_type="v_prediction")),
@@ -174,7 +183,8 @@ def test_supported_configuration_matches_diffusers_by_default(case):
 UNET_CASES = [(DDIMScheduler, dict(clip_sample=True)), (DDPMScheduler, dict(variance_type="fixed_large", steps_offset=1)),
               (EulerAncestralDiscreteScheduler, {}), (HeunDiscreteScheduler, dict(use_karras_sigmas=True)),
               (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True, algorithm_type="sde-dpmsolver++")),
-              (UniPCMultistepScheduler, {})]
+              (UniPCMultistepScheduler, {}), (PNDMScheduler, dict(skip_prk_steps=True)),
+              (LMSDiscreteScheduler, dict(use_karras_sigmas=True))]
 
 
 @pytest.mark.parametrize("case", UNET_CASES, ids=[_id(c) for c in UNET_CASES])
@@ -206,13 +216,13 @@ def test_defaults_travel_and_user_overrides_win():
 
 
 UNSUPPORTED = [
-    (PNDMScheduler, {}, "PNDMScheduler"),
+    (PNDMScheduler, {}, "skip_prk_steps"),
+    (PNDMScheduler, dict(skip_prk_steps=True, timestep_spacing="trailing"), "timestep_spacing"),
     (DPMSolverSinglestepScheduler, {}, "DPMSolverSinglestepScheduler"),
     (DEISMultistepScheduler, {}, "DEISMultistepScheduler"),
     (LCMScheduler, {}, "LCMScheduler"),
     (TCDScheduler, {}, "TCDScheduler"),
     (SASolverScheduler, {}, "SASolverScheduler"),
-    (LMSDiscreteScheduler, {}, "LMSDiscreteScheduler"),
     (KDPM2DiscreteScheduler, {}, "KDPM2DiscreteScheduler"),
     (DDIMScheduler, dict(thresholding=True), "thresholding"),
     (DDPMScheduler, dict(variance_type="fixed_small_log"), "variance_type"),

@@ -13,7 +13,7 @@ from gradguide.samplers import build
 SCHED = gg.Schedule.linear(200)
 GM = default_mixture(SCHED)
 Y = torch.full((8,), 2)
-NEW = ["euler", "euler_a", "heun", "dpmpp-2m", "dpmpp-2m-sde", "unipc"]
+NEW = ["euler", "euler_a", "heun", "lms", "dpmpp-2m", "dpmpp-2m-sde", "unipc", "plms"]
 
 
 def uncond(x, t, **_):
@@ -45,7 +45,8 @@ def test_every_guidance_term_and_projection_runs_without_host_sync(name, sampler
                   cond={"y": Y}, clip=(-5, 5), telemetry=True, callback=records.append, check_sync=True,
                   generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(x).all()
-    assert len(records) == (11 if sampler == "heun" else 6)   # Heun: two evaluations per step, one on the last
+    # Heun: two evaluations per step, one on the last; PLMS: the first step twice
+    assert len(records) == {"heun": 11, "plms": 7}.get(sampler, 6)
 
 
 def test_euler_is_ddim_on_the_same_grid():
@@ -69,8 +70,10 @@ def _eps_model(schedule):
 
 
 def _kdiffusion(sampler, model, schedule, sigmas, x, gen):
-    """k-diffusion's sample_euler / sample_euler_ancestral / sample_heun / sample_dpmpp_2m, written out."""
+    """k-diffusion's sample_euler / sample_euler_ancestral / sample_heun / sample_lms / sample_dpmpp_2m, written out."""
+    from scipy import integrate
     sigmas = sigmas.tolist()
+    ds = []
 
     def denoise(x, s):
         t = schedule.sigma_to_t(torch.tensor([s])).expand(x.shape[0])
@@ -94,6 +97,19 @@ def _kdiffusion(sampler, model, schedule, sigmas, x, gen):
             else:
                 x2 = x + dd * (s1 - s)
                 x = x + (dd + (x2 - denoise(x2, s1)) / s1) / 2 * (s1 - s)
+        elif sampler == "lms":   # order 4, coefficients by quadrature as k-diffusion's linear_multistep_coeff
+            ds = (ds + [(x - d) / s])[-4:]
+            order = len(ds)
+
+            def coeff(j):
+                def fn(tau):
+                    p = 1.0
+                    for k in range(order):
+                        if k != j:
+                            p *= (tau - sigmas[i - k]) / (sigmas[i - j] - sigmas[i - k])
+                    return p
+                return integrate.quad(fn, s, s1, epsrel=1e-10)[0]
+            x = x + sum(coeff(j) * dj for j, dj in enumerate(reversed(ds)))
         else:   # dpmpp_2m
             t, t1 = -math.log(s), -math.log(s1) if s1 > 0 else math.inf
             h = t1 - t
@@ -106,7 +122,7 @@ def _kdiffusion(sampler, model, schedule, sigmas, x, gen):
     return x
 
 
-@pytest.mark.parametrize("sampler", ["euler", "euler_a", "heun", "dpmpp-2m"])
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "heun", "lms", "dpmpp-2m"])
 @pytest.mark.parametrize("kind", ["karras", "exponential"])
 def test_kdiffusion_style_sigmas_match_kdiffusion_algorithms(sampler, kind):
     schedule = gg.Schedule.linear(1000)

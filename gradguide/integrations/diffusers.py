@@ -50,8 +50,9 @@ VARIANCE_TYPES = {"fixed_small": "fixed-small", "fixed_large": "fixed-large", "l
 # diffusers scheduler class -> gradguide sampler; every other class is refused (never mapped silently)
 SCHEDULER_SAMPLERS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolverMultistepScheduler": "dpmpp-2m",
                       "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a",
-                      "HeunDiscreteScheduler": "heun", "UniPCMultistepScheduler": "unipc"}
-SIGMA_SPACE = ("euler", "euler_a", "heun")   # latents are x_σ = x/√ᾱ, the model sees x_σ/√(1+σ²)
+                      "HeunDiscreteScheduler": "heun", "UniPCMultistepScheduler": "unipc", "PNDMScheduler": "plms",
+                      "LMSDiscreteScheduler": "lms"}
+SIGMA_SPACE = ("euler", "euler_a", "heun", "lms")   # latents are x_σ = x/√ᾱ, the model sees x_σ/√(1+σ²)
 VP_SIGMA_TABLE = ("dpmpp-2m", "dpmpp-2m-sde", "unipc")   # VP latents on the scheduler's own σ table
 
 
@@ -108,6 +109,16 @@ def scheduler_sampler(scheduler):
         options.update(solver_order=config.get("solver_order", 2), solver_type=config.get("solver_type", "bh2"),
                        lower_order_final=config.get("lower_order_final", True),
                        disable_corrector=tuple(config.get("disable_corrector", ()) or ()))
+    elif sampler == "plms":
+        if not config.get("skip_prk_steps", False):
+            _refuse(scheduler, "skip_prk_steps", False, "PNDM's Runge–Kutta warm-up is not implemented (Stable "
+                    "Diffusion's PNDMScheduler has skip_prk_steps=True, which is)")
+        if ptype == "sample":
+            _refuse(scheduler, "prediction_type", ptype, "diffusers' PNDMScheduler does not implement it")
+        if config.get("timestep_spacing", "leading") != "leading":
+            _refuse(scheduler, "timestep_spacing", config.get("timestep_spacing"), "diffusers' PLMS warm-up then steps "
+                    "from ᾱ(τ_1 + T/n) instead of the ᾱ of its sample; only 'leading' (the default) is reproduced")
+        options["combine"] = "v" if ptype == "v_prediction" else "eps"
     elif sampler == "euler_a" and ptype == "sample":
         _refuse(scheduler, "prediction_type", ptype, "diffusers' EulerAncestralDiscreteScheduler does not implement it")
     return sampler, options
@@ -131,13 +142,13 @@ class DiffusersSchedule(Schedule):
                             f"got {type(scheduler).__name__}")
         sampler, options = scheduler_sampler(scheduler)
         ac = torch.as_tensor(scheduler.alphas_cumprod).detach().cpu().to(torch.float64)
-        if SCHEDULER_SAMPLERS[type(scheduler).__name__] not in ("ddim", "ddpm"):
+        if SCHEDULER_SAMPLERS[type(scheduler).__name__] not in ("ddim", "ddpm", "plms"):
             # zero-SNR σ-table schedulers replace ᾱ_T = 0 by 2**-24, which can exceed ᾱ_{T−1}; they step on
             # their own σ table, so only sigma_to_t (sigmas=) reads this ᾱ: keep it non-increasing
             ac = torch.cummin(ac, 0).values
         super().__init__(ac)
         self.scheduler = copy.deepcopy(scheduler)
-        self.rule = {"ddim": "ddim", "ddpm": "next"}.get(sampler, "sigmas")
+        self.rule = {"ddim": "ddim", "plms": "ddim", "ddpm": "next"}.get(sampler, "sigmas")
         final = getattr(scheduler, "final_alpha_cumprod", None)
         self.final_alpha_cumprod = 1.0 if final is None else float(final)
         self.suggested_sampler = sampler
@@ -188,6 +199,8 @@ class DiffusersSchedule(Schedule):
         if self.rule == "sigmas":
             return self._sigma_timesteps(sched)
         t = torch.as_tensor(sched.timesteps).to(torch.int64).cpu()
+        if self.suggested_sampler == "plms":   # PNDM lists its first step twice; the sampler expands it itself
+            t = torch.unique(t).flip(0)
         abar = ac[t]
         if self.rule == "ddim":
             prev = t - self.T // n

@@ -95,7 +95,7 @@ def common_tables(ts: Timesteps) -> Dict[str, torch.Tensor]:
 def build(name: str, ts: Timesteps, *, eta: float = 0.0, variance: str = "fixed-small", **options) -> SamplerTables:
     """The tables of sampler ``name`` on ``ts``. ``options`` are the sampler's own settings
     (e.g. DPM-Solver's ``solver_type``, DDPM's ``final_noise``); unknown ones raise."""
-    from . import ddim, ddpm, dpmpp, ksigma, unipc
+    from . import ddim, ddpm, dpmpp, ksigma, plms, unipc
     if name == "ddpm":
         return ddpm.tables(ts, variance, **options)
     if name == "ddim":
@@ -104,8 +104,10 @@ def build(name: str, ts: Timesteps, *, eta: float = 0.0, variance: str = "fixed-
         return dpmpp.tables(ts, **options)
     if name == "dpmpp-2m-sde":
         return dpmpp.tables(ts, sde=True, **options)
-    if name in ("euler", "euler_a", "heun"):
+    if name in ("euler", "euler_a", "heun", "lms"):
         return ksigma.tables(name, ts, **options)
     if name == "unipc":
         return unipc.tables(ts, **options)
+    if name == "plms":
+        return plms.tables(ts, **options)
     raise ValueError(f"sampler: expected one of {SAMPLERS}, got {name!r}")

@@ -11,6 +11,11 @@ is gradguide's variance-preserving ``x = √ᾱ x_σ``. With ``a = √ᾱ`` at t
   ``c_0 = a_t (1 − σ_t/σ_s)`` (DDIM(0) on σ's grid).
 - Euler ancestral: the same to ``σ_down`` plus ``σ_up z``, ``σ_up = √(σ_t² (σ_s² − σ_t²)/σ_s²)``,
   ``σ_down = √(σ_t² − σ_up²)``.
+- LMS (linear multistep, k-diffusion's ``sample_lms``, diffusers' ``LMSDiscreteScheduler``):
+  ``x_σ' = x_σ + Σ_k c_k d_{−k}`` over the current and up to ``order − 1`` previous
+  derivatives ``d = (x_σ − D)/σ``, ``c_k = ∫_{σ_i}^{σ_{i+1}} ℓ_k(τ) dτ`` with ``ℓ_k`` the
+  Lagrange basis polynomial on the σ's of those steps (integrated exactly here; diffusers uses
+  ``scipy.integrate.quad``, exact for these polynomials). The previous derivatives are slots.
 - Heun: two evaluations per step (2n − 1 for n steps: the step to σ = 0 is Euler only).
   The first is the Euler step to ``x̃`` at ``σ_{i+1}`` (carrying ``x_i``); the second, at
   ``x̃``, finishes ``x_{i+1} = x_i + (σ_{i+1} − σ_i)/2 · (d_1 + d_2)``,
@@ -20,6 +25,7 @@ is gradguide's variance-preserving ``x = √ᾱ x_σ``. With ``a = √ᾱ`` at t
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..schedules import Timesteps
@@ -31,6 +37,7 @@ def _sigma(abar: torch.Tensor) -> torch.Tensor:
 
 
 def tables(name: str, ts: Timesteps, **options) -> SamplerTables:
+    order = options.pop("order", 4) if name == "lms" else None
     if options:
         raise ValueError(f"sampler {name!r}: unknown options {sorted(options)}")
     if (ts.abar == 0).any():
@@ -38,6 +45,8 @@ def tables(name: str, ts: Timesteps, **options) -> SamplerTables:
                          "ᾱ_T as diffusers does (2**-24) or use sampler='ddim'")
     if name == "heun":
         return _heun(ts)
+    if name == "lms":
+        return _lms(ts, order)
     a_s, a_t = ts.abar.sqrt(), ts.abar_prev.sqrt()
     sig_s, sig_t = _sigma(ts.abar), _sigma(ts.abar_prev)
     if name == "euler":
@@ -80,3 +89,40 @@ def _heun(ts: Timesteps) -> SamplerTables:
     # slots: D_1 of the first evaluation, and x_i (carried over the Euler half-step)
     return SamplerTables("heun", evals, t, slots=("x0_prev", "x_carry"), moves={"x0_prev": "0"},
                          draws_noise=[False] * len(rows))
+
+
+def _lms_coefficient(sig, i: int, order: int, k: int) -> float:
+    """``∫_{σ_i}^{σ_{i+1}} Π_{j ≠ k} (τ − σ_{i−j})/(σ_{i−k} − σ_{i−j}) dτ`` (j, k < order), exactly."""
+    p = np.poly1d([1.0])
+    for j in range(order):
+        if j != k:
+            p = p * np.poly1d([1.0, -sig[i - j]]) / (sig[i - k] - sig[i - j])
+    P = p.integ()
+    return float(P(sig[i + 1]) - P(sig[i]))
+
+
+def _lms(ts: Timesteps, order: int) -> SamplerTables:
+    if isinstance(order, bool) or not isinstance(order, int) or not 1 <= order <= 4:
+        raise ValueError(f"sampler 'lms': order: expected an integer in [1, 4], got {order!r}")
+    n = len(ts)
+    abar = torch.cat([ts.abar, ts.abar_prev[-1:]])
+    a, sig = abar.sqrt().tolist(), _sigma(abar).tolist()
+    slots = ("d1", "d2", "d3")[:order - 1]
+    cols = {k: [] for k in ["c_x", "c_0"] + ["c_" + s for s in slots] + ["u_d1_x", "u_d1_0"]}
+    for i in range(n):
+        o = min(i + 1, order)
+        coef = [_lms_coefficient(sig, i, o, k) for k in range(o)] + [0.0] * (order - o)
+        p_x, p_0 = 1 / (a[i] * sig[i]), -1 / sig[i]   # d = (x_σ − D)/σ with x_σ = x/a
+        cols["c_x"].append(a[i + 1] * (1 / a[i] + coef[0] * p_x))
+        cols["c_0"].append(a[i + 1] * coef[0] * p_0)
+        for k, slot in enumerate(slots, start=1):
+            cols["c_" + slot].append(a[i + 1] * coef[k])
+        cols["u_d1_x"].append(p_x)
+        cols["u_d1_0"].append(p_0)
+    t = common_tables(ts)
+    t.update({k: torch.tensor(v, dtype=torch.float64) for k, v in cols.items() if k.startswith("c_") or slots})
+    zeros = torch.zeros(n, dtype=torch.float64)
+    t.update(sigma=zeros, var_mean=zeros.clone())
+    moves = {"d2": "d1", "d3": "d2"}
+    return SamplerTables("lms", ts, t, slots=slots, moves={k: v for k, v in moves.items() if k in slots},
+                         draws_noise=[False] * n)
