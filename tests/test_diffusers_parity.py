@@ -138,6 +138,10 @@ SUPPORTED = [
     (DPMSolverMultistepScheduler, dict(final_sigmas_type="sigma_min", lower_order_final=False)),
     (DPMSolverMultistepScheduler, dict(final_sigmas_type="sigma_min", euler_at_final=True)),
     (DPMSolverMultistepScheduler, dict(solver_order=1, prediction_type="sample")),
+    (DPMSolverMultistepScheduler, dict(solver_order=3)),
+    (DPMSolverMultistepScheduler, dict(solver_order=3, lower_order_final=False, final_sigmas_type="sigma_min",
+                                       timestep_spacing="trailing")),
+    (DPMSolverMultistepScheduler, dict(solver_order=3, algorithm_type="sde-dpmsolver++", prediction_type="v_prediction")),
     (DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++")),
     (DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++", solver_type="heun", use_karras_sigmas=True)),
     (DPMSolverMultistepScheduler, dict(prediction_type="v_prediction", rescale_betas_zero_snr=True,
@@ -156,6 +160,9 @@ SUPPORTED = [
     (UniPCMultistepScheduler, dict(use_karras_sigmas=True, prediction_type="v_prediction")),
     (UniPCMultistepScheduler, dict(solver_type="bh1", final_sigmas_type="sigma_min")),
     (UniPCMultistepScheduler, dict(solver_order=1)),
+    (UniPCMultistepScheduler, dict(solver_order=3)),
+    (UniPCMultistepScheduler, dict(solver_order=3, lower_order_final=False, final_sigmas_type="sigma_min",
+                                   timestep_spacing="trailing", prediction_type="v_prediction", disable_corrector=[2])),
     (UniPCMultistepScheduler, dict(disable_corrector=[0, 3], timestep_spacing="trailing")),
     (UniPCMultistepScheduler, dict(final_sigmas_type="sigma_min", lower_order_final=False)),
 ]
@@ -227,12 +234,12 @@ UNSUPPORTED = [
     (DDIMScheduler, dict(thresholding=True), "thresholding"),
     (DDPMScheduler, dict(variance_type="fixed_small_log"), "variance_type"),
     (DDPMScheduler, dict(variance_type="learned"), "variance_type"),
-    (DPMSolverMultistepScheduler, dict(solver_order=3), "solver_order"),
+    (DPMSolverMultistepScheduler, dict(solver_order=4), "solver_order"),
     (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver"), "algorithm_type"),
     (DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver"), "algorithm_type"),
     (DPMSolverMultistepScheduler, dict(variance_type="learned_range"), "variance_type"),
     (DPMSolverMultistepScheduler, dict(use_flow_sigmas=True, prediction_type="flow_prediction"), "prediction_type"),
-    (UniPCMultistepScheduler, dict(solver_order=3), "solver_order"),
+    (UniPCMultistepScheduler, dict(solver_order=4), "solver_order"),
     (UniPCMultistepScheduler, dict(predict_x0=False), "predict_x0"),
     (UniPCMultistepScheduler, dict(thresholding=True), "thresholding"),
     (EulerAncestralDiscreteScheduler, dict(prediction_type="sample"), "prediction_type"),
@@ -246,15 +253,23 @@ def test_unsupported_configuration_is_refused(case):
         gradguide.from_diffusers(torch.nn.Identity(), cls(**cfg))
 
 
-@pytest.mark.parametrize("case", [(UniPCMultistepScheduler, dict(solver_type="bh1"), "bh1"),
-                                  (UniPCMultistepScheduler, dict(lower_order_final=False), "lower_order_final"),
-                                  (DDIMScheduler, dict(rescale_betas_zero_snr=True, timestep_spacing="trailing"),
-                                   "zero terminal SNR")])
+@pytest.mark.parametrize("case", [
+    (UniPCMultistepScheduler, dict(solver_type="bh1"), "bh1", True),
+    (UniPCMultistepScheduler, dict(lower_order_final=False), "lower_order_final", True),
+    (DPMSolverMultistepScheduler, dict(solver_order=3, lower_order_final=False, final_sigmas_type="sigma_min",
+                                       use_karras_sigmas=True), "equal σ", True),
+    (DDIMScheduler, dict(rescale_betas_zero_snr=True, timestep_spacing="trailing"), "zero terminal SNR", False)])
 def test_configurations_that_fail_at_sampling_are_refused(case):
-    """Settings that give NaN in diffusers (UniPC bh1 or second order onto σ = 0) or that have
-    no meaning (an ε model at ᾱ = 0) raise when sampling, naming the reason."""
-    cls, cfg, named = case
+    """Settings where diffusers' own loop returns NaN or inf (UniPC bh1 or second order onto σ = 0,
+    third order between the two equal final σ's of Karras + final σ_min) or that have no
+    meaning (an ε model at ᾱ = 0) raise when sampling, naming the reason."""
+    cls, cfg, named, nonfinite_in_diffusers = case
     sched = cls(**cfg)
-    model, schedule = gradguide.from_diffusers(Toy(sched.alphas_cumprod, "epsilon"), sched)
+    toy = Toy(sched.alphas_cumprod, "epsilon")
+    if nonfinite_in_diffusers:
+        with torch.no_grad():
+            ref = diffusers_loop(toy, cls(**cfg), 6, torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)), 0)
+        assert not torch.isfinite(ref).all()
+    model, schedule = gradguide.from_diffusers(toy, sched)
     with pytest.raises(ValueError, match=named):
         gradguide.sample(model, SHAPE, schedule=schedule, steps=6)

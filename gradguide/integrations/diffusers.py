@@ -92,8 +92,8 @@ def scheduler_sampler(scheduler):
                     "'sde-dpmsolver++' are implemented")
         if algo == "sde-dpmsolver++":
             sampler = "dpmpp-2m-sde"
-        if config.get("solver_order", 2) not in (1, 2):
-            _refuse(scheduler, "solver_order", config.get("solver_order"), "orders 1 and 2 are implemented")
+        if config.get("solver_order", 2) not in (1, 2, 3):
+            _refuse(scheduler, "solver_order", config.get("solver_order"), "orders 1, 2 and 3 are implemented")
         if config.get("variance_type") is not None:
             _refuse(scheduler, "variance_type", config.get("variance_type"), "learned variances are DDPM's")
         options.update(solver_order=config.get("solver_order", 2), solver_type=config.get("solver_type", "midpoint"),
@@ -104,8 +104,8 @@ def scheduler_sampler(scheduler):
             _refuse(scheduler, "predict_x0", False, "only the data-prediction UniPC (predict_x0=True) is implemented")
         if getattr(scheduler, "solver_p", None) is not None:
             _refuse(scheduler, "solver_p", type(scheduler.solver_p).__name__, "a custom predictor is not reproduced")
-        if config.get("solver_order", 2) not in (1, 2):
-            _refuse(scheduler, "solver_order", config.get("solver_order"), "orders 1 and 2 are implemented")
+        if config.get("solver_order", 2) not in (1, 2, 3):
+            _refuse(scheduler, "solver_order", config.get("solver_order"), "orders 1, 2 and 3 are implemented")
         options.update(solver_order=config.get("solver_order", 2), solver_type=config.get("solver_type", "bh2"),
                        lower_order_final=config.get("lower_order_final", True),
                        disable_corrector=tuple(config.get("disable_corrector", ()) or ()))

@@ -66,7 +66,8 @@ class SamplerTables:
         bad = [k for k, v in self.tables.items() if not torch.isfinite(v).all()]
         if bad:
             raise ValueError(f"sampler {self.name!r}: non-finite step coefficients ({', '.join(sorted(bad))}) on these "
-                             "timesteps (e.g. σ = ∞ at ᾱ = 0, or a second-order step landing on σ = 0)")
+                             "timesteps (e.g. σ = ∞ at ᾱ = 0, a second-order step landing on σ = 0, or a higher-order "
+                             "step between two equal σ's; diffusers' own loop returns NaN or inf in the last two cases)")
 
     @property
     def multistep(self) -> bool:
