@@ -74,7 +74,7 @@ def _heun(ts: Timesteps) -> SamplerTables:
         if i + 1 >= n:
             raise ValueError("sampler 'heun': the last σ must be 0 (the second stage at the final σ has no timestep; "
                              "diffusers and k-diffusion both end Heun with an Euler step to σ = 0)")
-        rows.append((ts.t[i], abar[i], abar[i + 1], dict(euler, u_x_carry_x=torch.tensor(1.0, dtype=torch.float64))))
+        rows.append((ts.t[i], abar[i], abar[i + 1], euler))
         rows.append((ts.t[i + 1], abar[i + 1], abar[i + 1],
                      {"c_x": dt / (2 * sig[i + 1]), "c_0": -a[i + 1] * dt / (2 * sig[i + 1]),
                       "c_x0_prev": -a[i + 1] * dt / (2 * sig[i]),
@@ -83,11 +83,12 @@ def _heun(ts: Timesteps) -> SamplerTables:
     evals = Timesteps(t_eval, torch.stack([r[1] for r in rows]), torch.stack([r[2] for r in rows]),
                       init_scale=ts.init_scale, final_scale=ts.final_scale)
     t = common_tables(evals)
-    for key in ("c_x", "c_0", "c_x0_prev", "c_x_carry", "u_x_carry_x"):
+    for key in ("c_x", "c_0", "c_x0_prev", "c_x_carry"):
         t[key] = torch.stack([torch.as_tensor(r[3].get(key, 0.0), dtype=torch.float64) for r in rows])
     t.update(sigma=torch.zeros(len(rows), dtype=torch.float64), var_mean=torch.zeros(len(rows), dtype=torch.float64))
-    # slots: D_1 of the first evaluation, and x_i (carried over the Euler half-step)
-    return SamplerTables("heun", evals, t, slots=("x0_prev", "x_carry"), moves={"x0_prev": "0"},
+    # slots: D_1 of the first evaluation, and x_i (carried over the Euler half-step; copied at every
+    # evaluation, read only by second stages)
+    return SamplerTables("heun", evals, t, slots=("x0_prev", "x_carry"), moves={"x0_prev": "0", "x_carry": "x"},
                          draws_noise=[False] * len(rows))
 
 
