@@ -316,8 +316,12 @@ def _new_slots(run: _Run, scalars, x: torch.Tensor, x0: Optional[torch.Tensor], 
     new = {}
     for slot in run.tables.slots:
         src = run.tables.moves.get(slot)
-        if src is not None:
-            new[slot] = sources[src]
+        if src == "0":
+            new[slot] = x0   # a fresh output of this step
+        elif src is not None:
+            # a copy, not the input itself: a captured step's inputs are static buffers that the next
+            # replay overwrites (CUDA graphs), so a state tensor must never alias them
+            new[slot] = sources[src].clone()
         else:
             new[slot] = _combine_state(run, scalars, [(f"u_{slot}_{k}", v) for k, v in sources.items()])
     return new

@@ -185,3 +185,16 @@ def test_ddpm_final_noise_rule():
     assert build("ddpm", ts0, final_noise="t>0").draws_noise[-1] is False
     with pytest.raises(ValueError, match="final_noise"):
         build("ddpm", ts, final_noise="always")
+
+
+@pytest.mark.parametrize("sampler", NEW)
+def test_graph_replay_equals_eager(sampler):
+    """Captured-step replay (emulated without CUDA) carries the slots exactly as eager sampling:
+    slots moved from x or from other slots must not alias the capture's static inputs."""
+    from gradguide.graphs import GraphCache
+    kw = dict(schedule=SCHED, sampler=sampler, steps=7, guidance=[gg.CFG(2.0)], cond={"y": Y},
+              generator=torch.Generator().manual_seed(0))
+    eager = gg.sample(GM, (8, 2), **kw)
+    kw["generator"] = torch.Generator().manual_seed(0)
+    replayed = gg.sample(GM, (8, 2), graph=GraphCache(emulate=True), **kw)
+    torch.testing.assert_close(replayed, eager, rtol=0, atol=0)
