@@ -72,18 +72,19 @@ class _Run:
     timestep_list: List[int] = field(default_factory=list)
     clip_eps: str = "clipped"
     check_finite: object = "end"
+    needs_x0: bool = False       # a sampler slot stores the guided x̂_0
 
 
 CHECK_FINITE = ("end", "step", False)
 
 
-def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler: str = "ddpm",
+def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler: Optional[str] = None,
            steps=None, eta: float = 0.0, guidance: Union[GuidanceTerm, Sequence[GuidanceTerm]] = (),
            projection: Optional[PixelAsParam] = None, cond: Optional[dict] = None,
            x_T: Optional[torch.Tensor] = None, generator=None, backend: str = "auto", graph=False,
-           callback: Optional[Callable[[StepRecord], None]] = None, prediction: str = "eps",
-           variance: str = "fixed-small", clip=None, clip_eps: str = "clipped", spacing: str = "adm",
-           timesteps: Optional[Timesteps] = None,
+           callback: Optional[Callable[[StepRecord], None]] = None, prediction: Optional[str] = None,
+           variance: Optional[str] = None, clip=None, clip_eps: Optional[str] = None, spacing: str = "adm",
+           timesteps: Optional[Timesteps] = None, sigmas=None,
            device=None, dtype: Optional[torch.dtype] = None, telemetry: bool = False, progress: bool = False,
            check_sync: bool = False, check_finite="end") -> torch.Tensor:
     """Draw samples from a diffusion model with guidance.
@@ -92,14 +93,29 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     ``"x0"`` or ``"v"``; with ``variance="learned-range"`` twice the channels, ADM style);
     ``t`` is an int64 ``[B]`` tensor of original training timesteps (0-based).
 
-    ``sampler``: ``"ddpm"``, ``"ddim"`` (with ``eta``) or ``"dpmpp-2m"``. ``steps``: ``None``
+    ``sampler``: ``"ddpm"``, ``"ddim"`` (with ``eta``), ``"dpmpp-2m"``, ``"dpmpp-2m-sde"``,
+    ``"euler"``, ``"euler_a"``, ``"heun"``, ``"lms"``, ``"plms"`` or ``"unipc"``
+    (:mod:`gradguide.samplers`); default
+    ``schedule.suggested_sampler`` (``"ddpm"`` for a plain :class:`Schedule`; the matching
+    sampler for a diffusers scheduler). ``steps``: ``None``
     (all T), a count, an ADM section string, or explicit timesteps; ``spacing``: ``"adm"``
     (default), ``"leading"``, ``"trailing"``, ``"linspace"``; ``timesteps`` overrides both.
+    ``sigmas``: k-diffusion-style σ-space timesteps instead (a decreasing list ending where
+    sampling ends, usually 0, e.g. :func:`gradguide.sigmas_karras`): the model is called at
+    fractional timesteps ``schedule.sigma_to_t(σ)``, ``x_T`` is scaled to ``σ_0 · x_T`` and the
+    σ-space sample is returned, as k-diffusion's samplers do.
+    Defaults travel with the model and schedule: ``prediction``, ``variance``, ``clip``,
+    ``clip_eps`` left at ``None`` are taken from ``model.sample_defaults`` and
+    ``schedule.sample_defaults`` (what :func:`gradguide.from_diffusers` learnt from the
+    scheduler), else ``"eps"``, ``"fixed-small"``, no clipping, ``"clipped"``; sampler
+    settings (DPM-Solver's ``solver_type``, DDPM's final-step noise rule, ...) come from
+    ``schedule.sampler_options``.
     ``guidance``: one term or several (:mod:`gradguide.guidance`); ``projection``: a
     :class:`~gradguide.PixelAsParam`. ``cond``: inputs passed to the model and guidance terms.
     ``x_T``: the initial noise (default: drawn with ``generator``; a list of B generators
-    draws each sample's noise from its own). ``clip``: ``None`` (default), ``True`` for
-    [−1, 1], or ``(low, high)``: clips x̂_0 (image models). ``clip_eps``: the ε a clipped step
+    draws each sample's noise from its own). ``clip``: ``None`` (default: the model's or
+    schedule's default, else off), ``False``, ``True`` for [−1, 1], or ``(low, high)``: clips
+    x̂_0 (image models). ``clip_eps``: the ε a clipped step
     re-noises with: ``"clipped"`` (default; consistent with the clipped x̂_0, as GLIDE/ADM and
     diffusers' ``use_clipped_model_output=True``) or ``"model"`` (the unclipped one, diffusers'
     DDIM default; meant for DDIM). ``backend``: ops backend.
@@ -118,6 +134,14 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     stored and becomes inf, which this check reports (use ``dtype=torch.float32`` then).
     Returns the samples ``x_0``, shaped ``shape``.
     """
+    sampler, prediction, variance, clip, clip_eps = _defaults(model, schedule, sampler, prediction, variance, clip,
+                                                              clip_eps)
+    if sigmas is not None:
+        if timesteps is not None or steps is not None:
+            raise ValueError("sigmas: pass either sigmas= or steps=/timesteps=, not both")
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule: expected a gradguide.Schedule, got {type(schedule).__name__}")
+        timesteps = schedule.timesteps_from_sigmas(sigmas)
     run = _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, cond, x_T, generator,
                    backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry)
     if clip_eps not in ("clipped", "model"):
@@ -128,6 +152,9 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     run.check_finite = _check_finite_policy(check_finite, graph, check_sync)
     stepper = _stepper(run, graph)
     x = x_T.to(run.dtype) if x_T is not None else _noise(run.shape, run.generator, run.device, run.dtype)
+    init_scale, final_scale = run.tables.timesteps.init_scale, run.tables.timesteps.final_scale
+    if init_scale != 1.0:   # σ-space samplers start from σ_max · z (as the variance-preserving x)
+        x = x * init_scale
     state = _initial_state(run, x)
     n = len(run.tables.timesteps)
     bar = _progress(n, progress)
@@ -147,6 +174,8 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     if bar is not None:
         bar.close()
     result = stepper.finish(x)
+    if final_scale != 1.0:   # σ-space samplers return x_σ at the last σ
+        result = result * final_scale
     if run.check_finite == "end" and not bool(torch.isfinite(result).all()):
         raise ValueError(f"check_finite: the samples contain NaN or inf (from a finite x_T): a model output, a "
                          f"guidance gradient or the update went non-finite{_range_hint(run.dtype)}; pass "
@@ -170,6 +199,23 @@ def _check_finite_policy(value, graph, check_sync):
         raise ValueError("check_finite: 'step' reads every model output on the host; it cannot run with graph "
                          "capture or check_sync=True (use 'end')")
     return value
+
+
+def _defaults(model, schedule, sampler, prediction, variance, clip, clip_eps):
+    """Arguments left at ``None`` from ``model.sample_defaults`` / ``schedule.sample_defaults``
+    (the configuration :func:`gradguide.from_diffusers` learnt), else gradguide's defaults."""
+    found = dict(getattr(schedule, "sample_defaults", None) or {})
+    found.update(getattr(model, "sample_defaults", None) or {})
+    if sampler is None:
+        sampler = getattr(schedule, "suggested_sampler", None) or "ddpm"
+    prediction = prediction if prediction is not None else found.get("prediction", "eps")
+    if variance is None:
+        # a DDPM variance setting only travels to the DDPM sampler
+        variance = found.get("variance", "fixed-small") if sampler == "ddpm" else "fixed-small"
+    if clip is None:
+        clip = found.get("clip")
+    clip_eps = clip_eps if clip_eps is not None else found.get("clip_eps", "clipped")
+    return sampler, prediction, variance, clip, clip_eps
 
 
 def _stepper(run: "_Run", graph):
@@ -254,8 +300,9 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     # the sampler step as directions: base (untouched), denoising, guidance, diversity
     c_0 = scalars["c_0"]
     base = X * scalars["c_x"]
-    if run.tables.multistep:
-        base = base + ops_.add("x0_prev", state["x0_prev"]) * scalars["c_h"]
+    carried = _carried(run, ops_, state, scalars)
+    if carried is not None:   # multistep history, Heun's / UniPC's carried sample, ... (the sampler's slots)
+        base = base + carried
     den = x0_pre * c_0
     if renoise is not None:  # CFG++: re-noise with ε_u instead of the ε consistent with x̂_0
         a_e = scalars["c_x"] * ctx.s
@@ -276,10 +323,9 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     x_new = ops_.combine(x_next)
     new_state = dict(ctx.new_state)
     x0_tensor = None
-    if run.tables.multistep or want_record:
+    if run.needs_x0 or want_record:
         x0_tensor = ops_.combine(x0_guided)
-    if run.tables.multistep:
-        new_state["x0_prev"] = x0_tensor
+    new_state.update(_new_slots(run, scalars, x.detach(), x0_tensor, state))
     for key, value in state.items():
         new_state.setdefault(key, value)
     record = None
@@ -287,6 +333,44 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
         record = StepRecord(index=i, timestep=run.timestep_list[i], x=x_new, x0=x0_tensor,
                             telemetry=telemetry, backend=run.backend)
     return x_new, new_state, record
+
+
+def _carried(run: _Run, ops_: Operands, state: Dict[str, torch.Tensor], scalars) -> Optional[LinComb]:
+    """The carried state's share of the step output, as an operand: one slot is added as it
+    is; several are first summed with this step's coefficients (one operand: the native
+    kernels take at most 8)."""
+    slots = run.tables.slots
+    if not slots:
+        return None
+    if len(slots) == 1:
+        return ops_.add(slots[0], state[slots[0]]) * scalars["c_" + slots[0]]
+    return ops_.add("history", _combine_state(run, scalars, [("c_" + s, state[s]) for s in slots]))
+
+
+def _combine_state(run: _Run, scalars, pairs) -> torch.Tensor:
+    """``Σ scalars[name] · tensor`` in one combine pass (state bookkeeping outside the operands)."""
+    b = run.shape[0]
+    coef = torch.stack([scalars[name] for name, _ in pairs]).view(1, 1, -1).expand(b, 1, -1)
+    tensors = [t for _, t in pairs]
+    return ops.combine(coef.to(ops.reference.accumulation_dtype(tensors[0].dtype)), tensors, backend=run.backend)
+
+
+def _new_slots(run: _Run, scalars, x: torch.Tensor, x0: Optional[torch.Tensor], state) -> Dict[str, torch.Tensor]:
+    """Each slot after the step, from the old slots, x and the guided x̂_0 (all read before any is written)."""
+    sources = {"x": x, "0": x0}
+    sources.update({slot: state[slot] for slot in run.tables.slots})
+    new = {}
+    for slot in run.tables.slots:
+        src = run.tables.moves.get(slot)
+        if src == "0":
+            new[slot] = x0   # a fresh output of this step
+        elif src is not None:
+            # a copy, not the input itself: a captured step's inputs are static buffers that the next
+            # replay overwrites (CUDA graphs), so a state tensor must never alias them
+            new[slot] = sources[src].clone()
+        else:
+            new[slot] = _combine_state(run, scalars, [(f"u_{slot}_{k}", v) for k, v in sources.items()])
+    return new
 
 
 def _sum(first: Optional[LinComb], rest: List[LinComb]) -> LinComb:
@@ -372,9 +456,7 @@ def _noise(shape, generator, device, dtype) -> torch.Tensor:
 
 
 def _initial_state(run: _Run, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-    state = {}
-    if run.tables.multistep:
-        state["x0_prev"] = torch.zeros_like(x)
+    state = {name: torch.zeros_like(x) for name in run.tables.slots}
     for term in [run.branch] + run.score_terms + run.mean_terms + run.post_terms:
         if term is not None:
             state.update(term.initial_state(x))
@@ -448,7 +530,11 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     if variance == "learned-range" and sampler != "ddpm":
         raise ValueError(f"variance='learned-range' is DDPM's; sampler={sampler!r} ignores model variances "
                          "(split the model output yourself or use sampler='ddpm')")
-    tables = build(sampler, timesteps, eta=eta, variance=variance)
+    if timesteps.abar[0] == 0 and prediction == "eps":
+        raise ValueError("prediction='eps' cannot start at ᾱ = 0 (zero terminal SNR): x̂_0 = (x − √(1−ᾱ) ε)/√ᾱ is "
+                         "undefined there; zero-terminal-SNR schedules need a v- or x0-prediction model (Lin et al. 2024)")
+    options = dict((getattr(schedule, "sampler_options", None) or {}).get(sampler, {}))
+    tables = build(sampler, timesteps, eta=eta, variance=variance, **options)
     if sampler != "ddim" and eta != 0.0:
         raise ValueError(f"eta: only the DDIM sampler takes eta, got eta={eta} with sampler={sampler!r}")
 
@@ -507,7 +593,7 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     compute = ops.reference.accumulation_dtype(dtype)
     rows, index = tables.stacked(device, compute)
     run = _Run(model=model, shape=shape, device=device, dtype=dtype, tables=tables, table_rows=rows,
-               table_index=index, timesteps_dev=timesteps.t.to(device), prediction=prediction, branch=branch,
+               table_index=index, timesteps_dev=tables.timesteps.t.to(device), prediction=prediction, branch=branch,
                score_terms=score_terms, mean_terms=mean_terms, post_terms=post_terms, projection=projection,
                cond=cond, clip=tuple(clip) if clip is not None else None, backend=resolved,
                telemetry=telemetry, generator=generator,
@@ -515,8 +601,9 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     run.needs_model_grad = any(t.needs_model_grad for t in terms)
     run.needs_input_grad = run.needs_model_grad or any(t.needs_input_grad for t in terms)
     run.variance_channels = variance == "learned-range"
-    run.step_ids = torch.arange(len(timesteps), device=device)
-    run.timestep_list = timesteps.t.tolist()
+    run.needs_x0 = tables.needs_x0()
+    run.step_ids = torch.arange(len(tables.timesteps), device=device)
+    run.timestep_list = tables.timesteps.t.tolist()
     return run
 
 
