@@ -25,6 +25,7 @@ import torch
 from . import ops, predictions
 from .debug import forbid_host_sync
 from .guidance.base import GuidanceTerm, StepContext
+from .guidance.cfg import BranchInputsError, batch_branch_inputs, split_branches
 from .linear import LinComb, Operands
 from .projection import PixelAsParam, step_telemetry
 from .samplers import SAMPLERS, SamplerTables, build
@@ -71,6 +72,8 @@ class _Run:
     step_ids: torch.Tensor = field(default=None)
     timestep_list: List[int] = field(default_factory=list)
     clip_eps: str = "clipped"
+    uncond: dict = field(default_factory=dict)     # the unconditional branch's model inputs
+    batched: Optional[dict] = None                 # both branches' inputs stacked for one 2B call
 
 
 def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler: str = "ddpm",
@@ -81,7 +84,7 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
            variance: str = "fixed-small", clip=None, clip_eps: str = "clipped", spacing: str = "adm",
            timesteps: Optional[Timesteps] = None,
            device=None, dtype: Optional[torch.dtype] = None, telemetry: bool = False, progress: bool = False,
-           check_sync: bool = False) -> torch.Tensor:
+           check_sync: bool = False, batch_branches="auto") -> torch.Tensor:
     """Draw samples from a diffusion model with guidance.
 
     ``model(x_t, t, **cond)`` returns the model's prediction (``prediction``: ``"eps"``,
@@ -104,10 +107,17 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     ``graph``: ``True`` captures the step as a CUDA graph and replays it (CUDA only; on CPU a
     one-line notice, then eager); a :class:`~gradguide.graphs.GraphCache` keeps captures across calls.
     ``check_sync``: raise if any step synchronises with the host.
+    ``batch_branches``: how a two-branch term (CFG, APG, Rescale, CFG-Zero*, CFG++) calls the
+    model: ``"auto"`` (default) evaluates both branches in one call of batch 2B, as diffusers
+    pipelines do, when their inputs stack (same keys, batch tensors, equal other values; see
+    :mod:`gradguide.guidance.cfg`) and calls twice otherwise; ``True`` requires the one call
+    (``ValueError`` naming the input that does not stack); ``False`` calls the model twice
+    (for models that cannot take a mixed batch). Outputs are the same either way.
     Returns the samples ``x_0``, shaped ``shape``.
     """
     run = _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, cond, x_T, generator,
-                   backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry)
+                   backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry,
+                   batch_branches)
     if clip_eps not in ("clipped", "model"):
         raise ValueError(f"clip_eps: expected 'clipped' or 'model', got {clip_eps!r}")
     run.clip_eps = clip_eps
@@ -175,14 +185,13 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
                       state=state, sampler=run.tables.name)
 
     # model branches -> ε forms
-    out_c, log_var = _call_model(run, model_input, t, run.cond, "model(x_t, t, **cond)")
+    out_c, out_u, log_var = _model_branches(run, model_input, t)
     ctx.learned_log_var = _learned_log_var(run, log_var, scalars)
     eps_c = _eps_form(run, ctx, ops_.add("model_cond", out_c.detach()), X)
     tracked["model_cond"] = out_c
     renoise = None
     telemetry = {}
     if run.branch is not None:
-        out_u, _ = _call_model(run, model_input, t, run.branch.uncond_inputs(run.cond), "model(x_t, t, **uncond)")
         eps_u = _eps_form(run, ctx, ops_.add("model_uncond", out_u.detach()), X)
         tracked["model_uncond"] = out_u
         if run.projection is not None and run.projection.policy == "C":
@@ -251,12 +260,31 @@ def _sum(first: Optional[LinComb], rest: List[LinComb]) -> LinComb:
     return total
 
 
-def _call_model(run: _Run, x_in: torch.Tensor, t: torch.Tensor, inputs: dict, what: str):
+def _model_branches(run: _Run, x_in: torch.Tensor, t: torch.Tensor):
+    """``(out_cond, out_uncond or None, learned variance channels of the cond branch)``: one
+    call of batch 2B when ``run.batched`` holds both branches' stacked inputs (unconditional rows
+    first, as diffusers pipelines), else one call per branch. Under G_loss the batched call is
+    also one backward pass through the model."""
+    if run.branch is None:
+        out_c, log_var = _call_model(run, x_in, t, run.cond, "model(x_t, t, **cond)")
+        return out_c, None, log_var
+    if run.batched is not None:
+        out, var = _call_model(run, torch.cat([x_in, x_in]), torch.cat([t, t]), run.batched,
+                               "model(cat[x_t, x_t], cat[t, t], **cat[uncond, cond])", batch=2 * run.shape[0])
+        out_c, out_u = split_branches(out, run.shape[0])
+        return out_c, out_u, None if var is None else split_branches(var, run.shape[0])[0]
+    out_c, log_var = _call_model(run, x_in, t, run.cond, "model(x_t, t, **cond)")
+    out_u, _ = _call_model(run, x_in, t, run.uncond, "model(x_t, t, **uncond)")
+    return out_c, out_u, log_var
+
+
+def _call_model(run: _Run, x_in: torch.Tensor, t: torch.Tensor, inputs: dict, what: str, batch: int = 0):
     out = run.model(x_in, t, **inputs)
     if not isinstance(out, torch.Tensor):
         raise TypeError(f"model: {what} returned {type(out).__name__}, expected a tensor")
     learned = run.tables.learned_variance or run.variance_channels
-    expected = (run.shape[0], run.shape[1] * 2) + tuple(run.shape[2:]) if learned else tuple(run.shape)
+    b = batch or run.shape[0]
+    expected = (b, run.shape[1] * 2) + tuple(run.shape[2:]) if learned else (b,) + tuple(run.shape[1:])
     if tuple(out.shape) != expected:
         raise ValueError(f"model: {what} returned shape {tuple(out.shape)}, expected {expected}"
                          + (" (learned-range variance: twice the channels)" if learned else ""))
@@ -328,7 +356,8 @@ def _progress(n: int, enabled: bool):
 # -- validation -----------------------------------------------------------------------------
 
 def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, cond, x_T, generator,
-             backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry) -> _Run:
+             backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry,
+             batch_branches="auto") -> _Run:
     if not callable(model):
         raise TypeError(f"model: expected a callable model(x_t, t, **cond), got {type(model).__name__}")
     if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) < 2 or \
@@ -441,7 +470,32 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     run.variance_channels = variance == "learned-range"
     run.step_ids = torch.arange(len(timesteps), device=device)
     run.timestep_list = timesteps.t.tolist()
+    if branch is not None:
+        run.uncond, run.batched = _branch_inputs(branch, cond, shape[0], device, batch_branches)
+    elif batch_branches not in ("auto", True, False):
+        raise ValueError(f"batch_branches: expected 'auto', True or False, got {batch_branches!r}")
     return run
+
+
+def _branch_inputs(branch: GuidanceTerm, cond: dict, b: int, device, batch_branches):
+    """The unconditional branch's inputs (computed once per run) and, where the two branches
+    are evaluated in one call, their stacked inputs (see :mod:`gradguide.guidance.cfg`)."""
+    if batch_branches not in ("auto", True, False):
+        raise ValueError(f"batch_branches: expected 'auto', True or False, got {batch_branches!r}")
+    uncond = branch.uncond_inputs(cond)
+    for key, value in uncond.items():
+        if isinstance(value, torch.Tensor) and value.device != device:
+            raise ValueError(f"{type(branch).__name__}: uncond[{key!r}]: on {value.device}, but the samples are "
+                             f"on {device}")
+    if batch_branches is False:
+        return uncond, None
+    try:
+        return uncond, batch_branch_inputs(uncond, cond, b)
+    except BranchInputsError as exc:
+        if batch_branches is True:
+            raise ValueError(f"batch_branches=True: {type(branch).__name__}'s two branches cannot share one model "
+                             f"call: {exc} (or pass batch_branches=False)") from None
+        return uncond, None
 
 
 def _check_generator(generator, shape, device) -> None:
