@@ -57,3 +57,18 @@ def test_bad_arguments():
         peers.run(quick=True, sizes=["sd-b1000"], progress=False)
     with pytest.raises(SystemExit, match="runs on the CPU"):
         cli.main(["bench", "--suite", "peers", "--device", "cuda"])
+
+
+def test_from_diffusers_follows_a_recast_unet():
+    # DiffusersModel caches the U-Net's dtype (diffusers' ModelMixin.dtype costs ~1 ms a call); a
+    # recast after from_diffusers must still be followed
+    import gradguide
+    unet = peers.tiny_unet(4, 8, seed=0, quick=True)
+    model, _ = gradguide.from_diffusers(unet, peers.Workload("cheap", "sd-b1", False, True, 0).scheduler)
+    x, t, e = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, peers.TEXT_LEN, peers.TEXT_DIM)
+    out32 = model(x, t, encoder_hidden_states=e)
+    unet.double()
+    out64 = model(x, t, encoder_hidden_states=e.double())
+    assert out64.dtype == torch.float32 and torch.allclose(out64, out32, atol=1e-4)
+    ref = unet(x.double(), t, encoder_hidden_states=e.double()).sample
+    assert torch.equal(out64, ref.float())

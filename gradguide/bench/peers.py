@@ -59,20 +59,22 @@ UNET_TOLERANCE = 1e-4   # the issue's bound on max |gradguide − diffusers| for
 
 
 class CheapModel(nn.Module):
-    """ε = 1×1 conv(x) + the first C entries of the text embedding's first token, per channel."""
+    """ε = 1×1 conv(x) + the first C entries of the text embedding's first token, per channel; the
+    convolution is near 0.9·identity so that samples stay of order one over the 25 steps."""
 
     def __init__(self, channels: int, seed: int):
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.conv = nn.Conv2d(channels, channels, 1)
         with torch.no_grad():
-            self.conv.weight.copy_(torch.randn(self.conv.weight.shape, generator=g) * 0.3)
-            self.conv.bias.copy_(torch.randn(channels, generator=g) * 0.1)
+            w = 0.9 * torch.eye(channels) + 0.05 * torch.randn(channels, channels, generator=g)
+            self.conv.weight.copy_(w.reshape(channels, channels, 1, 1))
+            self.conv.bias.copy_(torch.randn(channels, generator=g) * 0.01)
         self.requires_grad_(False)
 
     def forward(self, x, t, encoder_hidden_states):
         c = x.shape[1]
-        return self.conv(x) + encoder_hidden_states[:, 0, :c, None, None]
+        return self.conv(x) + 0.01 * encoder_hidden_states[:, 0, :c, None, None]
 
 
 def tiny_unet(channels: int, size: int, seed: int, quick: bool = False):
