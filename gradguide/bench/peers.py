@@ -172,13 +172,16 @@ def run_workload(w: Workload, reps: Optional[int] = None, budget_s: float = 3.0)
         slowest = max(first.values())
         reps = int(min(40, max(5, budget_s // max(slowest, 1e-9))))
     times: Dict[str, List[float]] = {name: [] for name in runners}
+    cpu: Dict[str, List[float]] = {name: [] for name in runners}
     order = list(runners)
     for r in range(reps):
         for name in (order if r % 2 == 0 else order[::-1]):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             runners[name]()
             times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
     per_step = {name: statistics.median(ts) / w.steps for name, ts in times.items()}
+    cpu_step = {name: statistics.median(ts) / w.steps for name, ts in cpu.items()}
     diff = (outputs["gradguide"] - outputs["diffusers"]).abs().max().item()
     scale = outputs["diffusers"].abs().max().item()
     row = dict(workload=w.name, **w.config(), reps=reps,
@@ -186,6 +189,8 @@ def run_workload(w: Workload, reps: Optional[int] = None, budget_s: float = 3.0)
                pass_s={name: statistics.median(ts) for name, ts in times.items()},
                pass_s_all=times, first_pass_s=first, calls_per_step={k: v / w.steps for k, v in calls.items()},
                speed_ratio=per_step["diffusers"] / per_step["gradguide"],
+               cpu_per_step_ms={name: v * 1e3 for name, v in cpu_step.items()},
+               cpu_speed_ratio=cpu_step["diffusers"] / cpu_step["gradguide"] if cpu_step["gradguide"] > 0 else None,
                paired_ratio_median=statistics.median(d / g for d, g in zip(times["diffusers"], times["gradguide"])),
                max_abs_diff=diff, output_scale=scale,
                finite=bool(torch.isfinite(outputs["gradguide"]).all()))
@@ -272,6 +277,8 @@ def markdown(result: dict, note: str = "") -> str:
              f"- {result['steps']} DDIM steps, SD-1.5 scheduler configuration, CFG {result['guidance_scale']}; "
              "per-step = median pass time / steps over interleaved timed passes (order flipped every repetition) "
              "after one warm-up pass each; speed ratio = diffusers time / gradguide time (> 1: gradguide faster); "
+             "paired ratio = median over repetitions of the two runners' adjacent passes; CPU ratio = the same "
+             "from process CPU time (all threads; less sensitive to being descheduled on a shared machine); "
              "max |Δ| between the two runners' warm-up outputs",
              "- diffusers runner: the pipelines' loop (cat latents, scale_model_input, one model call with "
              "[negative, positive] embeddings, u + w (c − u), DDIMScheduler.step); gradguide runner: "
@@ -279,13 +286,14 @@ def markdown(result: dict, note: str = "") -> str:
     if note:
         lines.append(f"- {note}")
     lines += ["", "| model | shape | B | guidance | gradguide ms/step | diffusers ms/step | speed ratio | "
-                  "paired ratio | model calls/step (gg / diffusers) | max abs diff | reps |",
-              "|---|---|---:|---|---:|---:|---:|---:|---|---:|---:|"]
+                  "paired ratio | CPU ratio | model calls/step (gg / diffusers) | max abs diff | reps |",
+              "|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|"]
     for r in result["rows"]:
         ok = "" if r.get("within_tolerance", True) else " (> 1e-4)"
         lines.append(f"| {r['model']} | {'×'.join(map(str, r['shape']))} | {r['batch']} | {r['guidance']} | "
                      f"{r['per_step_ms']['gradguide']:.2f} | {r['per_step_ms']['diffusers']:.2f} | "
                      f"{r['speed_ratio']:.2f}x | {r['paired_ratio_median']:.2f}x | "
+                     + (f"{r['cpu_speed_ratio']:.2f}x | " if r.get("cpu_speed_ratio") else "- | ") +
                      f"{r['calls_per_step']['gradguide']:g} / {r['calls_per_step']['diffusers']:g} | "
                      f"{r['max_abs_diff']:.1e}{ok} | {r['reps']} |")
     params = {r["model"]: r["params"] for r in result["rows"]}
