@@ -41,11 +41,12 @@ class EagerStepper:
     """Runs each step directly."""
 
     def __init__(self, run):
-        self.run = run
+        from .sampling import step
+        self.run, self._step = run, step
+        self._ids = run.step_ids.split(1)   # the device step indices [1], sliced once per run
 
     def __call__(self, x, i, state, noise, want_record):
-        from .sampling import step
-        return step(self.run, x, i, self.run.step_ids[i:i + 1], state, noise, want_record)
+        return self._step(self.run, x, i, self._ids[i], state, noise, want_record)
 
     def finish(self, x):
         return x
