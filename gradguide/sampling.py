@@ -25,6 +25,7 @@ import torch
 from . import ops, predictions
 from .debug import forbid_host_sync
 from .guidance.base import GuidanceTerm, StepContext
+from .guidance.cfg import BranchInputsError, batch_branch_inputs, split_branches
 from .linear import LinComb, Operands
 from .projection import PixelAsParam, step_telemetry
 from .samplers import SAMPLERS, SamplerTables, build
@@ -73,6 +74,8 @@ class _Run:
     clip_eps: str = "clipped"
     check_finite: object = "end"
     needs_x0: bool = False       # a sampler slot stores the guided x̂_0
+    uncond: dict = field(default_factory=dict)     # the unconditional branch's model inputs
+    batched: Optional[dict] = None                 # both branches' inputs stacked for one 2B call
 
 
 CHECK_FINITE = ("end", "step", False)
@@ -86,7 +89,7 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
            variance: Optional[str] = None, clip=None, clip_eps: Optional[str] = None, spacing: str = "adm",
            timesteps: Optional[Timesteps] = None, sigmas=None,
            device=None, dtype: Optional[torch.dtype] = None, telemetry: bool = False, progress: bool = False,
-           check_sync: bool = False, check_finite="end") -> torch.Tensor:
+           check_sync: bool = False, check_finite="end", batch_branches="auto") -> torch.Tensor:
     """Draw samples from a diffusion model with guidance.
 
     ``model(x_t, t, **cond)`` returns the model's prediction (``prediction``: ``"eps"``,
@@ -132,6 +135,12 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     propagate. float16/bfloat16 runs combine in float32 and round once per step; a model
     output, guidance gradient or sample beyond the dtype's range (65504 for float16) cannot be
     stored and becomes inf, which this check reports (use ``dtype=torch.float32`` then).
+    ``batch_branches``: how a two-branch term (CFG, APG, Rescale, CFG-Zero*, CFG++) calls the
+    model: ``"auto"`` (default) evaluates both branches in one call of batch 2B, as diffusers
+    pipelines do, when their inputs stack (same keys, batch tensors, equal other values; see
+    :mod:`gradguide.guidance.cfg`) and calls twice otherwise; ``True`` requires the one call
+    (``ValueError`` naming the input that does not stack); ``False`` calls the model twice
+    (for models that cannot take a mixed batch). Outputs are the same either way.
     Returns the samples ``x_0``, shaped ``shape``.
     """
     sampler, prediction, variance, clip, clip_eps = _defaults(model, schedule, sampler, prediction, variance, clip,
@@ -143,7 +152,8 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
             raise TypeError(f"schedule: expected a gradguide.Schedule, got {type(schedule).__name__}")
         timesteps = schedule.timesteps_from_sigmas(sigmas)
     run = _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, cond, x_T, generator,
-                   backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry)
+                   backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry,
+                   batch_branches)
     if clip_eps not in ("clipped", "model"):
         raise ValueError(f"clip_eps: expected 'clipped' or 'model', got {clip_eps!r}")
     if callback is not None and not callable(callback):
@@ -263,15 +273,13 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
                       state=state, sampler=run.tables.name, prediction=run.prediction)
 
     # model branches -> ε forms
-    out_c, log_var = _call_model(run, model_input, t, run.cond, "model(x_t, t, **cond)")
+    out_c, out_u, log_var, log_var_u = _model_branches(run, model_input, t)
     ctx.learned_log_var = _learned_log_var(run, log_var, scalars)
     eps_c = _eps_form(run, ctx, ops_.add("model_cond", out_c.detach()), X)
     tracked["model_cond"] = out_c
     renoise = None
     telemetry = {}
     if run.branch is not None:
-        out_u, log_var_u = _call_model(run, model_input, t, run.branch.uncond_inputs(run.cond),
-                                       "model(x_t, t, **uncond)")
         eps_u = _eps_form(run, ctx, ops_.add("model_uncond", out_u.detach()), X)
         tracked["model_uncond"] = out_u
         if run.projection is not None and run.projection.policy == "C":
@@ -380,11 +388,31 @@ def _sum(first: Optional[LinComb], rest: List[LinComb]) -> LinComb:
     return total
 
 
-def _call_model(run: _Run, x_in: torch.Tensor, t: torch.Tensor, inputs: dict, what: str):
+def _model_branches(run: _Run, x_in: torch.Tensor, t: torch.Tensor):
+    """``(out_cond, out_uncond or None, learned variance channels of each branch or None)``: one
+    call of batch 2B when ``run.batched`` holds both branches' stacked inputs (unconditional rows
+    first, as diffusers pipelines), else one call per branch. Under G_loss the batched call is
+    also one backward pass through the model."""
+    if run.branch is None:
+        out_c, log_var = _call_model(run, x_in, t, run.cond, "model(x_t, t, **cond)")
+        return out_c, None, log_var, None
+    if run.batched is not None:
+        out, var = _call_model(run, torch.cat([x_in, x_in]), torch.cat([t, t]), run.batched,
+                               "model(cat[x_t, x_t], cat[t, t], **cat[uncond, cond])", batch=2 * run.shape[0])
+        out_c, out_u = split_branches(out, run.shape[0])
+        var_c, var_u = (None, None) if var is None else split_branches(var, run.shape[0])
+        return out_c, out_u, var_c, var_u
+    out_c, log_var = _call_model(run, x_in, t, run.cond, "model(x_t, t, **cond)")
+    out_u, log_var_u = _call_model(run, x_in, t, run.uncond, "model(x_t, t, **uncond)")
+    return out_c, out_u, log_var, log_var_u
+
+
+def _call_model(run: _Run, x_in: torch.Tensor, t: torch.Tensor, inputs: dict, what: str, batch: int = 0):
     out = run.model(x_in, t, **inputs)
     _check_model_output(run, out, t, what)
     learned = run.tables.learned_variance or run.variance_channels
-    expected = (run.shape[0], run.shape[1] * 2) + tuple(run.shape[2:]) if learned else tuple(run.shape)
+    b = batch or run.shape[0]
+    expected = (b, run.shape[1] * 2) + tuple(run.shape[2:]) if learned else (b,) + tuple(run.shape[1:])
     if tuple(out.shape) != expected:
         raise ValueError(f"model: {what} returned shape {tuple(out.shape)}, expected {expected}"
                          + (" (learned-range variance: twice the channels)" if learned else ""))
@@ -473,7 +501,8 @@ def _progress(n: int, enabled: bool):
 # -- validation -----------------------------------------------------------------------------
 
 def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, cond, x_T, generator,
-             backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry) -> _Run:
+             backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry,
+             batch_branches="auto") -> _Run:
     if not callable(model):
         raise TypeError(f"model: expected a callable model(x_t, t, **cond), got {type(model).__name__}")
     if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) < 2 or \
@@ -604,6 +633,10 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     run.needs_x0 = tables.needs_x0()
     run.step_ids = torch.arange(len(tables.timesteps), device=device)
     run.timestep_list = tables.timesteps.t.tolist()
+    if branch is not None:
+        run.uncond, run.batched = _branch_inputs(branch, cond, uncond, shape[0], batch_branches)
+    elif batch_branches not in ("auto", True, False):
+        raise ValueError(f"batch_branches: expected 'auto', True or False, got {batch_branches!r}")
     return run
 
 
@@ -635,6 +668,22 @@ def _check_inputs(name: str, inputs: dict, batch: int, device: torch.device) -> 
         if value.dim() >= 1 and value.shape[0] != batch:
             raise ValueError(f"{name}[{key!r}]: leading (batch) dimension {value.shape[0]}, but the batch has "
                              f"B = {batch} samples; give one row per sample")
+
+
+def _branch_inputs(branch: GuidanceTerm, cond: dict, uncond: dict, b: int, batch_branches):
+    """The unconditional branch's inputs (computed once per run) and, where the two branches
+    are evaluated in one call, their stacked inputs (see :mod:`gradguide.guidance.cfg`)."""
+    if batch_branches not in ("auto", True, False):
+        raise ValueError(f"batch_branches: expected 'auto', True or False, got {batch_branches!r}")
+    if batch_branches is False:
+        return uncond, None
+    try:
+        return uncond, batch_branch_inputs(uncond, cond, b)
+    except BranchInputsError as exc:
+        if batch_branches is True:
+            raise ValueError(f"batch_branches=True: {type(branch).__name__}'s two branches cannot share one model "
+                             f"call: {exc} (or pass batch_branches=False)") from None
+        return uncond, None
 
 
 def _check_generator(generator, shape, device) -> None:

@@ -20,10 +20,22 @@ benchmarks) use ``w = 1`` for the conditional model.
 The unconditional branch is the model called with ``uncond``: ``None`` (default) calls
 ``model(x_t, t)`` with no conditioning inputs; a dict calls ``model(x_t, t, **uncond)``; a
 callable maps the ``cond`` dict to the unconditional one.
+
+**One model call for both branches.** As diffusers pipelines do, the two branches are
+evaluated in one call of batch 2B, ``model(cat[x_t, x_t], cat[t, t], **batched)``, unconditional
+rows first, when their inputs can be stacked (:func:`batch_branch_inputs`): the same keys;
+tensors with a leading batch dimension B concatenated along dim 0; lists, tuples and dicts
+elementwise; ``None`` in both; any other value (numbers, strings, a shared tensor without a
+batch dimension) equal in both and passed once. ``sample(batch_branches=...)`` chooses:
+``"auto"`` (default) batches when the inputs stack and calls twice otherwise (e.g. ``uncond=None``
+with a non-empty ``cond``); ``True`` requires it (a ``ValueError`` names the input that does not
+stack); ``False`` always calls twice (models that cannot take a mixed batch).
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Union
+from typing import Callable, Optional, Tuple, Union
+
+import torch
 
 from ..linear import LinComb
 from .base import GuidanceTerm, StepContext, check_number, safe_div
@@ -57,6 +69,64 @@ class _TwoBranch(GuidanceTerm):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(scale={self.scale})"
+
+
+class BranchInputsError(ValueError):
+    """The two branches' model inputs cannot be stacked into one call (the message names the input)."""
+
+
+def batch_branch_inputs(uncond: dict, cond: dict, batch: int) -> dict:
+    """The keyword inputs of one model call of batch ``2 * batch`` evaluating the unconditional
+    branch (rows ``[0, B)``) and the conditional one (rows ``[B, 2B)``); raises
+    :class:`BranchInputsError` naming the first input that does not stack."""
+    if set(uncond) != set(cond):
+        only_c, only_u = sorted(set(cond) - set(uncond)), sorted(set(uncond) - set(cond))
+        raise BranchInputsError(
+            "the branches take different inputs (" + "; ".join(
+                part for part in (f"only cond has {only_c}" if only_c else "",
+                                  f"only uncond has {only_u}" if only_u else "") if part)
+            + "): pass uncond= with the same keys (e.g. the null label or empty-prompt embedding)")
+    return {key: _stack(uncond[key], cond[key], batch, f"cond[{key!r}]") for key in cond}
+
+
+def _stack(u, c, batch: int, where: str):
+    if isinstance(c, torch.Tensor) or isinstance(u, torch.Tensor):
+        if not (isinstance(c, torch.Tensor) and isinstance(u, torch.Tensor)):
+            raise BranchInputsError(f"{where}: a tensor in one branch, {type(u if isinstance(c, torch.Tensor) else c).__name__} "
+                                    "in the other")
+        if c.dim() >= 1 and c.shape[0] == batch:
+            if u.shape != c.shape or u.dtype != c.dtype or u.device != c.device:
+                raise BranchInputsError(f"{where}: cond is {tuple(c.shape)} {c.dtype} on {c.device}, uncond is "
+                                        f"{tuple(u.shape)} {u.dtype} on {u.device}: expected the same shape, dtype "
+                                        "and device to concatenate along dim 0")
+            return torch.cat([u, c])
+        if u is c:   # a shared input without a batch dimension (e.g. a lookup table): passed once
+            return c
+        raise BranchInputsError(f"{where}: shape {tuple(c.shape)} has no leading batch dimension {batch} and "
+                                "the branches pass different tensors: cannot stack them")
+    if isinstance(c, (list, tuple)) and isinstance(u, (list, tuple)) and type(c) is type(u):
+        if len(c) != len(u):
+            raise BranchInputsError(f"{where}: {len(c)} items in cond, {len(u)} in uncond")
+        return type(c)(_stack(a, b, batch, f"{where}[{j}]") for j, (a, b) in enumerate(zip(u, c)))
+    if isinstance(c, dict) and isinstance(u, dict):
+        if set(c) != set(u):
+            raise BranchInputsError(f"{where}: keys {sorted(c)} in cond, {sorted(u)} in uncond")
+        return {k: _stack(u[k], c[k], batch, f"{where}[{k!r}]") for k in c}
+    if c is None and u is None:
+        return None
+    try:
+        same = type(c) is type(u) and bool(c == u)
+    except Exception:
+        same = False
+    if not same:
+        raise BranchInputsError(f"{where}: {c!r} in cond but {u!r} in uncond: values that are not tensors "
+                                "must be equal in both branches to share one model call")
+    return c
+
+
+def split_branches(out: torch.Tensor, batch: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(cond, uncond)`` rows of a batched call's output (unconditional rows first)."""
+    return out[batch:], out[:batch]
 
 
 class CFG(_TwoBranch):
