@@ -476,7 +476,7 @@ def markdown(result: Dict[str, object], arch: int, command: str) -> str:
              f"- torch {env['torch']}, triton {env['triton']}, ptxas {env['ptxas']}; git commit {env['git_commit']}",
              f"- variants: {result['subset']} ({len(rows)} distinct compiled kernels); "
              f"gates: 0 spill bytes, ≤ {REG_LIMIT} registers (reduce with K ≥ {REDUCE_WIDE_K}: ≤ "
-             f"{REDUCE_WIDE_REG_LIMIT}, see below), 128-bit operand loads when aligned",
+             f"{REDUCE_WIDE_REG_LIMIT}, see note), 128-bit operand loads when aligned",
              f"- result: **{'all pass' if not fails else f'{len(fails)} fail'}**", "",
              "Compiled by Triton's own compiler for a CUDA target, specialised as the glue launches them "
              "(`gradguide/bench/compile_gates.py`); registers, stack/local (spill) bytes and shared memory "
@@ -484,6 +484,12 @@ def markdown(result: Dict[str, object], arch: int, command: str) -> str:
              "an operand pointer). Occupancy is the CUDA occupancy bound from registers, shared memory and "
              "warp/block limits, not a measurement. 'aligned': 16-byte aligned operands, rows of 4096 "
              "elements; 'unaligned': operands offset by one element, rows of 4095 (scalar loads expected).",
+             "", f"Note on `_reduce_partials` with K ≥ {REDUCE_WIDE_K}: each thread keeps K(K+1)/2 + K accumulators "
+             "and K 128-bit operand vectors live (fp32, K = 8: 44 + 32 = 76 registers of state before any "
+             "address), so ≤ 64 registers is out of reach without spilling or re-reading operands "
+             "(`maxnreg=64` spills 96 B (fp32) to 464 B (bf16) per thread). It is held to ≤ "
+             f"{REDUCE_WIDE_REG_LIMIT} registers (25 % occupancy bound) with 0 spills; at that occupancy each "
+             "SM still has ≥ 16 warps × 32 threads × K 16-byte loads in flight.",
              "", "| kernel | variant | warps | regs | spill B | smem B | occupancy bound (limiter) | "
              "operand loads | other loads (bits) | stores (bits) | gates |", "|" + "---|" * 11]
     for r in rows:
