@@ -199,6 +199,14 @@ def _register_profile(sub) -> None:
     p.set_defaults(func=lambda args: __import__("gradguide.profiling", fromlist=["run_cli"]).run_cli(args))
 
 
+def _register_dryrun(sub) -> None:
+    p = sub.add_parser("dryrun", help="run guided steps on fake CUDA tensors (no GPU): device/sync/trace checks, "
+                                      "launches, bytes vs minimum, projected GPU memory and time")
+    from .bench.dryrun import add_arguments
+    add_arguments(p)
+    p.set_defaults(func=lambda args: __import__("gradguide.bench.dryrun", fromlist=["run_cli"]).run_cli(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradguide", description="Fast guided sampling for diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -210,6 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_sample(sub)
     _register_digits(sub)
     _register_profile(sub)
+    _register_dryrun(sub)
     return parser
 
 
