@@ -137,11 +137,16 @@ def _register_digits(sub) -> None:
 
 def _register_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmark the compute backends (writes JSON + markdown)")
-    p.add_argument("--suite", choices=["ops", "loop", "paper"], default="ops",
+    p.add_argument("--suite", choices=["ops", "loop", "paper", "gpu"], default="ops",
                    help="'ops': reduce + combine of each built-in policy on every backend, side by side; "
                         "'loop': whole sampling passes with a cheap model (the loop's own cost); 'paper': the "
                         "papers' workloads (simulation pass, SD-1.5 + VAE + G_loss, ADM + classifier + PixelAsParam), "
-                        "each eager / fused / fused+graph / torch.compile")
+                        "each eager / fused / fused+graph / torch.compile; 'gpu': the GPU acceptance run (bandwidth "
+                        "sweep, graph-vs-eager equality and speed, paper workloads, NVML memory) in one report "
+                        "(needs a CUDA device; see docs/performance.md)")
+    p.add_argument("--allow-cpu", action="store_true",
+                   help="gpu suite: run its plumbing on the CPU (a test hook; the report is labelled and its numbers "
+                        "are not GPU measurements; default: refuse without a CUDA device)")
     p.add_argument("--quick", action="store_true", help="small sizes only (seconds; for CI and tests)")
     p.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
@@ -176,6 +181,9 @@ def _bench(args) -> int:
         if args.threads < 1:
             raise SystemExit("gradguide bench: --threads must be positive")
         torch.set_num_threads(args.threads)
+    if args.suite == "gpu":
+        from .bench.gpu import run_cli
+        return run_cli(args)
     if args.suite in ("loop", "paper"):
         return load("bench_loop", "gradguide bench").run_cli(args)
     bench = load("bench_ops", "gradguide bench")
