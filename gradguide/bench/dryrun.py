@@ -421,8 +421,9 @@ def minimum_bytes(log: dict, run, x: torch.Tensor) -> int:
 
     Each operand read once per pass that needs it, each output written once: one reduce pass
     over the operands that enter inner products (the most any reduce of the step took), one
-    pass per combined output (x_{t−1}; x̂_0 where the sampler carries it; clipped operands)
-    reading its K operands and writing the output, the noise written once, and per
+    pass per combined output (x_{t−1}; x̂_0 where the sampler carries it) reading its K
+    operands and writing the output (materialised intermediates such as the clipped x̂_0 are
+    not operands: a fused pass recomputes them elementwise), the noise written once, and per
     vector-Jacobian product the cotangent's formation (read the reward direction, write the
     cotangent, at the size of what the term differentiates) plus, where a term feeds x̂_0 to a
     callable (decoder, DPS operator), x̂_0 written once from its operands."""
@@ -441,25 +442,45 @@ def minimum_bytes(log: dict, run, x: torch.Tensor) -> int:
 
 @contextlib.contextmanager
 def _structure_log(log: dict):
-    """Record the step's structure for :func:`minimum_bytes` (how many operands each reduce and
-    combine takes); a wrapper, not a change: the originals run."""
+    """Record the step's structure for :func:`minimum_bytes`: how many *original* operands each
+    reduce and each output combine takes. Operands that the step materialises (clipped x̂_0)
+    are intermediates, not operands: a fused kernel recomputes them on the fly (clamp is
+    elementwise), so they count in no minimum. A wrapper, not a change: the originals run."""
     from gradguide import linear
-    real_reduced, real_combine = linear.Operands._reduced, linear.Operands.combine
+    real_reduced, real_combine, real_mat = linear.Operands._reduced, linear.Operands.combine, \
+        linear.Operands.materialize
+    inside = {"materialize": 0}
+    originals = ("x", "model_cond", "model_uncond")
+
+    def own(self):
+        return len(self.tensors) - len(getattr(self, "_dryrun_materialized", ()))
 
     def reduced(self):
-        log["reduce_k"] = max(log["reduce_k"], len(self.tensors))
-        log["tracked_k"] = max(log["tracked_k"], len([n for n in self.names if n in ("x", "model_cond", "model_uncond")]))
+        log["reduce_k"] = max(log["reduce_k"], own(self))
+        log["tracked_k"] = max(log["tracked_k"], len([n for n in self.names if n in originals]))
         return real_reduced(self)
 
     def combine(self, u, out=None, clamp=None):
-        log["combine_k"].append(len(self.tensors))
-        log["tracked_k"] = max(log["tracked_k"], len([n for n in self.names if n in ("x", "model_cond", "model_uncond")]))
+        if not inside["materialize"]:
+            log["combine_k"].append(own(self))
+        log["tracked_k"] = max(log["tracked_k"], len([n for n in self.names if n in originals]))
         return real_combine(self, u, out=out, clamp=clamp)
-    linear.Operands._reduced, linear.Operands.combine = reduced, combine
+
+    def materialize(self, name, u, clamp=None):
+        inside["materialize"] += 1
+        try:
+            result = real_mat(self, name, u, clamp=clamp)
+        finally:
+            inside["materialize"] -= 1
+        self._dryrun_materialized = getattr(self, "_dryrun_materialized", ()) + (name,)
+        log["materialized"] += 1
+        return result
+    linear.Operands._reduced, linear.Operands.combine, linear.Operands.materialize = reduced, combine, materialize
     try:
         yield
     finally:
-        linear.Operands._reduced, linear.Operands.combine = real_reduced, real_combine
+        linear.Operands._reduced, linear.Operands.combine, linear.Operands.materialize = \
+            real_reduced, real_combine, real_mat
 
 
 def _phase_summary(counter: Counter) -> dict:
@@ -537,7 +558,7 @@ def dry_run(model: Callable, shape, *, steps_measured=None, graph: bool = True, 
             counter.live.clear()
             counter.live_bytes = 0
             inputs_bytes = counter.track_existing(persistent)
-            log = {"reduce_k": 0, "combine_k": [], "noise": 0, "tracked_k": 0}
+            log = {"reduce_k": 0, "combine_k": [], "noise": 0, "tracked_k": 0, "materialized": 0}
             tracker.stack[:] = ["guidance"]
             with _structure_log(log), forbid_host_sync():
                 noise = None
@@ -588,6 +609,7 @@ def _graph_path(run, x, state, steps_measured, counter, tracker, shape, world) -
     buffers = 2 + len(cap.state) + (cap.noise is not None)
     return {"captures": cache.captures, "static_buffer_bytes": static_bytes, "static_buffers": buffers,
             "copy_in_launches": buffers,   # one copy_ per static buffer before each replay
+            "noise_launches": int(cap.noise is not None),   # the noise is drawn outside the graph
             "first_call_launches": sum(counter.stats[p]["launches"] for p in PHASES),
             "step_peak_live_bytes": max(counter.peak.values()) - before,
             "note": "torch.cuda.graph capture itself not run (no CUDA runtime): static buffers, copy-in and the "
@@ -789,7 +811,8 @@ def summarize(result: dict) -> dict:
     memory = result["weight_bytes"] + max(peaks.values()) + graph.get("static_buffer_bytes", 0)
     return {"name": result["name"], "status": "ok", "fake_device": result["fake_device"], "backend": result["backend"],
             "model_launches": model_launches, "guidance_launches": g["launches"],
-            "graph_replay_launches": (1 + graph["copy_in_launches"]) if graph else None,
+            # host-side launches per replayed step: the graph, the copy-ins, the noise draw
+            "graph_replay_launches": (1 + graph["copy_in_launches"] + graph["noise_launches"]) if graph else None,
             "guidance_bytes": big, "minimum_bytes": step["min_guidance_bytes"],
             "ratio": big / step["min_guidance_bytes"] if step["min_guidance_bytes"] else None,
             "model_bytes": sum(step[p]["bytes_read"] + step[p]["bytes_written"] for p in ("forward", "backward")),
@@ -865,14 +888,14 @@ def markdown(report: dict) -> str:
 def projection_table(report: dict) -> str:
     from . import projection
     lines = ["| workload | steps | H100 eager pass s | H100 graph pass s | A100 eager pass s | A100 graph pass s | "
-             "guidance kernel share (A100) | papers' figure |", "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "beyond-model share of an eager step (A100) | papers' figure |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["workloads"]:
         p = r["projection"]
         a = p["A100-SXM"]
-        share = a["guidance_kernel_s"] / max(a["model_kernel_s"] + a["guidance_kernel_s"], 1e-30)
+        share = a["guidance_eager_s"] / a["eager_step_s"]   # guidance/sampler kernels + their launches
         lines.append(f"| {r['name']}{' (quick)' if r.get('quick') else ''} | {r['steps']} | "
                      f"{p['H100-SXM']['eager_pass_s']:.3f} | {p['H100-SXM']['graph_pass_s']:.3f} | "
-                     f"{a['eager_pass_s']:.3f} | {a['graph_pass_s']:.3f} | {share:.2%} | "
+                     f"{a['eager_pass_s']:.3f} | {a['graph_pass_s']:.3f} | {share:.1%} | "
                      f"{PAPER_FIGURES.get(r['workload'], '-')} |")
     return "\n".join(lines)
 

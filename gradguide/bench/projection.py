@@ -69,6 +69,7 @@ def project_step(step: dict, graph_launches_extra: int = 0) -> Dict[str, dict]:
             + graph_launches_extra * EAGER_LAUNCH_US * 1e-6
         out[name] = {"model_kernel_s": model_s, "guidance_kernel_s": guid_s, "guidance_minimum_s": guid_min_s,
                      "launch_eager_s": launches * EAGER_LAUNCH_US * 1e-6,
+                     "guidance_eager_s": guid_s + launches_guid * EAGER_LAUNCH_US * 1e-6,
                      "eager_step_s": eager, "graph_step_s": graph}
     return out
 
@@ -77,7 +78,8 @@ def project_workload(result: dict) -> dict:
     """Per-step and per-pass projections for a workload's dry run (the measured step stands for
     every step of the pass)."""
     step = next(iter(result["steps_measured"].values()))
-    extra = result.get("graph", {}).get("copy_in_launches", 0) if result.get("graph") else 0
+    g = result.get("graph") or {}
+    extra = g.get("copy_in_launches", 0) + g.get("noise_launches", 0)
     per_step = project_step(step, extra)
     n = result["steps"]
     return {gpu: dict(p, eager_pass_s=p["eager_step_s"] * n, graph_pass_s=p["graph_step_s"] * n)
