@@ -514,7 +514,7 @@ def dry_run(model: Callable, shape, *, steps_measured=None, graph: bool = True, 
     from gradguide.profiling import phased
 
     # host-side preparation (validation, tables), on the meta device, before the fake mode
-    kw = {k: v for k, v in kwargs.items() if k not in ("clip_eps",)}
+    kw = {k: v for k, v in kwargs.items() if k != "clip_eps"}
     clip_eps = kwargs.get("clip_eps", "clipped")
     prepared = sampling._prepare(phased(model, tracker), tuple(shape), kw.pop("schedule"), kw.pop("sampler", "ddpm"),
                                  kw.pop("steps", None), kw.pop("eta", 0.0), kw.pop("guidance", ()),
@@ -679,7 +679,17 @@ def run_workload(name: str, quick: bool = False, backend: str = "auto", graph: b
 
 # -- every sampler x guidance x projection -----------------------------------------------------------
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp-2m")
+# sampler variants: name -> sample() arguments (DDPM's three variances, DDIM deterministic and
+# stochastic, DPM-Solver++(2M)); "learned-range" makes the model output 2C channels
+SAMPLER_VARIANTS = {
+    "ddpm": {"sampler": "ddpm"},
+    "ddpm-large": {"sampler": "ddpm", "variance": "fixed-large"},
+    "ddpm-learned": {"sampler": "ddpm", "variance": "learned-range"},
+    "ddim": {"sampler": "ddim"},
+    "ddim-eta1": {"sampler": "ddim", "eta": 1.0},
+    "dpmpp-2m": {"sampler": "dpmpp-2m"},
+}
+SAMPLERS = tuple(SAMPLER_VARIANTS)
 GUIDANCE = ("none", "cfg", "classifier", "G", "G_loss", "dps", "apg", "rescale", "cfg-zero*", "cfg++")
 PROJECTIONS = ("none", "A", "B", "C", "pcgrad")
 
@@ -687,10 +697,11 @@ PROJECTIONS = ("none", "A", "B", "C", "pcgrad")
 class _TinyEps(nn.Module):
     """A small conditional ε-model (3×3 convolution, timestep scale, class embedding)."""
 
-    def __init__(self, channels: int = 4, classes: int = 10):
+    def __init__(self, channels: int = 4, classes: int = 10, out_channels: Optional[int] = None):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.embed = nn.Embedding(classes, channels)
+        out = out_channels or channels
+        self.conv = nn.Conv2d(channels, out, 3, padding=1)
+        self.embed = nn.Embedding(classes, out)
 
     def forward(self, x, t, class_labels=None):
         h = self.conv(x) * (1.0 + 1e-3 * t.to(x.dtype)).view(-1, 1, 1, 1)
@@ -748,8 +759,12 @@ def run_combination(sampler: str, guidance: str, projection: str, backend: str =
                     shape=(2, 4, 8, 8), steps: int = 6) -> dict:
     """Dry-run one ``sampler × guidance × projection`` on a small conditional model.
     A combination that ``gradguide.sample`` refuses is returned with ``status: refused``."""
+    if sampler not in SAMPLER_VARIANTS:
+        raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
+    variant = SAMPLER_VARIANTS[sampler]
+    learned = variant.get("variance") == "learned-range"
     tracker = Tracker()
-    model = _TinyEps(shape[1]).to("meta").eval().requires_grad_(False)
+    model = _TinyEps(shape[1], out_channels=2 * shape[1] if learned else None).to("meta").eval().requires_grad_(False)
     terms = _guidance_terms(guidance, shape, tracker)
     for term in terms:
         for v in vars(term).values():
@@ -758,10 +773,10 @@ def run_combination(sampler: str, guidance: str, projection: str, backend: str =
     labels = torch.zeros(shape[0], dtype=torch.long, device="meta")
     name = f"{sampler} + {guidance} + {projection}"
     try:
-        result = dry_run(model, shape, schedule=gg.Schedule.linear(1000), sampler=sampler, steps=steps,
-                         guidance=terms, projection=_projection(projection), cond={"class_labels": labels},
+        result = dry_run(model, shape, schedule=gg.Schedule.linear(1000), steps=steps, guidance=terms,
+                         projection=_projection(projection), cond={"class_labels": labels},
                          clip=(-5.0, 5.0) if sampler != "dpmpp-2m" else None, graph=graph, backend=backend,
-                         tracker=tracker, name=name)
+                         tracker=tracker, name=name, **variant)
     except ValueError as exc:
         if "projection" in str(exc) or "guidance" in str(exc):
             return {"name": name, "status": "refused", "reason": str(exc).splitlines()[0]}
@@ -771,7 +786,7 @@ def run_combination(sampler: str, guidance: str, projection: str, backend: str =
     return result
 
 
-def run_all_combinations(backend: str = "auto", progress: bool = True, graph: bool = False) -> List[dict]:
+def run_all_combinations(backend: str = "auto", progress: bool = True, graph: bool = True) -> List[dict]:
     combos = [(s, g, p) for s in SAMPLERS for g in GUIDANCE for p in PROJECTIONS]
     bar = None
     if progress:
