@@ -215,6 +215,14 @@ def _register_dryrun(sub) -> None:
     p.set_defaults(func=lambda args: __import__("gradguide.bench.dryrun", fromlist=["run_cli"]).run_cli(args))
 
 
+def _register_check_kernels(sub) -> None:
+    p = sub.add_parser("check-kernels", help="compile every Triton kernel variant (and csrc/*.cu with nvcc) for "
+                                             "sm_80/sm_90 without a GPU; check registers, spills, load widths")
+    from .bench.compile_gates import add_arguments
+    add_arguments(p)
+    p.set_defaults(func=lambda args: __import__("gradguide.bench.compile_gates", fromlist=["run_cli"]).run_cli(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradguide", description="Fast guided sampling for diffusion models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -227,6 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     _register_digits(sub)
     _register_profile(sub)
     _register_dryrun(sub)
+    _register_check_kernels(sub)
     return parser
 
 

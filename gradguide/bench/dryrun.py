@@ -380,6 +380,8 @@ def probe_backend(name: str, device: str = "cuda") -> Optional[str]:
 
 
 def _probe(name: str, device: str) -> Optional[str]:
+    if device == "cuda" and fake_cuda_status():
+        return fake_cuda_status()
     world = FakeWorld(device)
     try:
         with _backends_on_fake_devices(), world.mode, warnings.catch_warnings():
