@@ -114,9 +114,12 @@ def test_fake_cuda_is_available():
     assert dryrun.fake_cuda_status() is None
 
 
-def test_native_ops_trace_on_fake_tensors():
+def test_native_and_triton_ops_trace_on_fake_tensors():
     assert dryrun.probe_backend("native", "cuda") is None
     assert dryrun.probe_backend("reference", "meta") is None
+    # the Triton kernels are custom ops with fake kernels: "auto" picks them on a fake GPU
+    assert dryrun.probe_backend("triton", "cuda") is None and dryrun.probe_backend("triton", "meta") is None
+    assert dryrun.pick_backend("auto", "cuda") == ("triton", [])
 
 
 # every guidance x projection on DDPM; every guidance on the other samplers

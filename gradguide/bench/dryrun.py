@@ -507,7 +507,7 @@ def dry_run(model: Callable, shape, *, steps_measured=None, graph: bool = True, 
     ``graph``: also run the graph stepper's bookkeeping (``GraphCache(emulate=True)``: static
     buffers, copy-in, the captured step's body) on the fake device. ``tracker``: the phase stack
     that callables wrapped with :func:`gradguide.profiling.phased` mark (the model is wrapped
-    here). Returns a dict (see :func:`table`).
+    here). Returns a dict (its table row: :func:`summarize`).
     """
     t_start = time.perf_counter()
     kwargs = dict(sample_kwargs)
@@ -871,14 +871,16 @@ def markdown(report: dict) -> str:
     if report.get("workloads"):
         lines += ["## Paper workloads (one guided step)", "",
                   "| workload | fake device | backend | launches: model | launches beyond the model (eager) | "
-                  "graph replay launches | guidance bytes / minimum | weights MiB | peak live MiB fwd / bwd / guidance "
-                  "| graph static MiB | projected GPU memory MiB |", "|---|---|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+                  "graph replay launches | guidance bytes / minimum | model GFLOP, GiB moved | weights MiB | "
+                  "peak live MiB fwd / bwd / guidance | graph static MiB | projected GPU memory MiB |",
+                  "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|"]
         for r in report["workloads"]:
             s = r["summary"]
             p = s["peak_live_bytes"]
             lines.append(f"| {r['name']}{' (quick)' if r.get('quick') else ''} | {s['fake_device']} | {s['backend']} | "
                          f"{s['model_launches']} | {s['guidance_launches']} | {s['graph_replay_launches']} | "
                          f"{s['ratio']:.2f}× ({_mib(s['guidance_bytes'])} / {_mib(s['minimum_bytes'])} MiB) | "
+                         f"{s['model_flops'] / 1e9:.1f}, {s['model_bytes'] / 2 ** 30:.2f} | "
                          f"{_mib(s['weight_bytes'])} | {_mib(p['forward'])} / {_mib(p['backward'])} / "
                          f"{_mib(p['guidance'])} | {_mib(s['graph_static_bytes'])} | {_mib(s['projected_memory_bytes'])} |")
         lines += ["", "Most frequent ops beyond the model (launches, large-tensor bytes):", ""]
