@@ -167,3 +167,16 @@ def test_roofline_formula():
            (0, 312e9, "float16", "mm"),                   # 1 ms of fp16 tensor-core FLOPs
            (2.039e6, 19.5e9, "float32", "mm")]            # max(1 µs, 1 ms) on CUDA cores
     assert projection.kernel_time(ops, gpu) == pytest.approx(3e-3)
+
+
+def test_cli(tmp_path, capsys):
+    from gradguide.cli import main
+    assert main(["dryrun", "--quick", "--workload", "sim-gloss", "--no-combinations", "--no-progress",
+                 "--out", str(tmp_path)]) == 0
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and files[0].startswith("dryrun-quick-") and files[0].endswith(".json")
+    assert "| sim-gloss (quick) | meta | triton |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--workload: unknown"):
+        main(["dryrun", "--workload", "sdxl", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--backend"):
+        main(["dryrun", "--backend", "cuda", "--out", str(tmp_path)])
