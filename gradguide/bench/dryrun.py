@@ -681,14 +681,15 @@ def run_workload(name: str, quick: bool = False, backend: str = "auto", graph: b
 
 # -- every sampler x guidance x projection -----------------------------------------------------------
 
-# sampler variants: name -> sample() arguments (DDPM's three variances, DDIM deterministic and
-# stochastic, DPM-Solver++(2M)); "learned-range" makes the model output 2C channels
+# sampler variants: name -> sample() arguments (DDPM's three variances, DDIM deterministic,
+# stochastic and with x̂_0 clipping, DPM-Solver++(2M)); "learned-range": the model outputs 2C channels
 SAMPLER_VARIANTS = {
     "ddpm": {"sampler": "ddpm"},
     "ddpm-large": {"sampler": "ddpm", "variance": "fixed-large"},
     "ddpm-learned": {"sampler": "ddpm", "variance": "learned-range"},
     "ddim": {"sampler": "ddim"},
     "ddim-eta1": {"sampler": "ddim", "eta": 1.0},
+    "ddim-clip": {"sampler": "ddim", "clip": (-1.0, 1.0)},   # x̂_0 clipping (image models; ADM clips)
     "dpmpp-2m": {"sampler": "dpmpp-2m"},
 }
 SAMPLERS = tuple(SAMPLER_VARIANTS)
@@ -776,9 +777,8 @@ def run_combination(sampler: str, guidance: str, projection: str, backend: str =
     name = f"{sampler} + {guidance} + {projection}"
     try:
         result = dry_run(model, shape, schedule=gg.Schedule.linear(1000), steps=steps, guidance=terms,
-                         projection=_projection(projection), cond={"class_labels": labels},
-                         clip=(-5.0, 5.0) if sampler != "dpmpp-2m" else None, graph=graph, backend=backend,
-                         tracker=tracker, name=name, **variant)
+                         projection=_projection(projection), cond={"class_labels": labels}, graph=graph,
+                         backend=backend, tracker=tracker, name=name, **variant)
     except ValueError as exc:
         if "projection" in str(exc) or "guidance" in str(exc):
             return {"name": name, "status": "refused", "reason": str(exc).splitlines()[0]}
