@@ -475,6 +475,9 @@ def add_arguments(p) -> None:
     p.add_argument("--interval", type=float, default=0.005, help="polling interval in seconds (default 0.005)")
     p.add_argument("--seed", type=int, default=0, help="seed of the workload's inputs and noise (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-projection", action="store_true",
+                   help="without CUDA, skip the projected GPU memory from the fake-CUDA dry run (default: report it "
+                        "next to RSS; it costs one dry-run step of the workload)")
 
 
 def run_cli(args) -> int:
@@ -498,7 +501,7 @@ def run_cli(args) -> int:
     common = bench.run_header(dev)
     result = dict(common, suite="profile", workload=args.workload, quick=args.quick, backend=args.backend,
                   config=workload.config, params=workload.params, **result)
-    if dev.type != "cuda":
+    if dev.type != "cuda" and not getattr(args, "no_projection", False):
         result["projected_gpu"] = projected_gpu_memory(args.workload, args.quick)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"profile-{args.workload}-{dev.type}-{'quick-' if args.quick else ''}"
