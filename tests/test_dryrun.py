@@ -176,7 +176,20 @@ def test_cli(tmp_path, capsys):
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) == 2 and files[0].startswith("dryrun-quick-") and files[0].endswith(".json")
     assert "| sim-gloss (quick) | meta | triton |" in capsys.readouterr().out
+    assert main(["dryrun", "--from-json", str(tmp_path / files[0])]) == 0      # re-render, no run
+    assert "| sim-gloss (quick) | meta | triton |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--workload: unknown"):
         main(["dryrun", "--workload", "sdxl", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--backend"):
         main(["dryrun", "--backend", "cuda", "--out", str(tmp_path)])
+
+
+def test_targets_table_marks_what_is_met():
+    def combo(s, g, p, launches, ratio):
+        return {"sampler": s, "guidance": g, "projection": p, "status": "ok", "guidance_launches": launches,
+                "ratio": ratio}
+    report = {"combinations": [combo("ddim", "cfg", "none", 6, 1.0), combo("ddpm", "G_loss", "none", 9, 1.0),
+                               combo("ddim", "cfg", "C", 5, 1.2)]}
+    lines = dryrun.targets_table(report).splitlines()[2:]
+    assert lines == ["| ddim + cfg | 6 | 1.00× | yes |", "| ddpm + G_loss | 9 | 1.00× | no |",
+                     "| ddim + cfg + C | 5 | 1.20× | no |"]

@@ -811,6 +811,26 @@ PAPER_FIGURES = {"sim-gloss": "4.6 s per pass, one A100 (Guo et al. 2024, SPEC.m
                  "sd-cfg-gloss": "not given per pass", "adm64-cls-pxpA": "not given per pass"}
 
 
+# issue 11's targets for the fused step: <= 8 launches beyond the model, bytes <= 1.1x the minimum
+TARGETS = (("ddim", "cfg", "none"), ("ddpm", "classifier", "A"), ("ddpm", "G_loss", "none"), ("ddim", "apg", "none"),
+           ("ddim", "cfg", "C"))
+TARGET_LAUNCHES, TARGET_RATIO = 8, 1.1
+
+
+def targets_table(report: dict) -> str:
+    rows = {(c.get("sampler"), c.get("guidance"), c.get("projection")): c for c in report.get("combinations", [])}
+    lines = [f"| step | launches beyond the model (target ≤ {TARGET_LAUNCHES}) | bytes / minimum (target ≤ "
+             f"{TARGET_RATIO}) | met |", "|---|---:|---:|---|"]
+    for key in TARGETS:
+        c = rows.get(key)
+        if c is None or c.get("status") != "ok":
+            continue
+        met = c["guidance_launches"] <= TARGET_LAUNCHES and (c["ratio"] or 0) <= TARGET_RATIO
+        lines.append(f"| {' + '.join(k for k in key if k != 'none')} | {c['guidance_launches']} | {c['ratio']:.2f}× | "
+                     f"{'yes' if met else 'no'} |")
+    return "\n".join(lines)
+
+
 def _mib(v) -> str:
     return "-" if v is None else f"{v / 2 ** 20:.1f}"
 
@@ -890,6 +910,7 @@ def markdown(report: dict) -> str:
         lines += ["", "## Projected GPU time (PROJECTION)", "", projection_table(report), "",
                   projection.ASSUMPTIONS, ""]
     if report.get("combinations"):
+        lines += ["## Issue 11 targets for the fused step", "", targets_table(report), ""]
         ok = [c for c in report["combinations"] if c["status"] == "ok"]
         lines += ["## Every sampler × guidance × projection (small model, shape 2×4×8×8)", "",
                   f"{len(ok)} combinations ran, {len(report['combinations']) - len(ok)} refused by `sample` "
@@ -977,6 +998,9 @@ def add_arguments(p) -> None:
     p.add_argument("--write-docs", action="store_true",
                    help="also regenerate the projection table in docs/performance.md")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--from-json", default=None,
+                   help="re-render a saved report (dryrun-*.json: rewrites the .md next to it; with --write-docs "
+                        "also the docs) instead of running")
 
 
 def run_cli(args) -> int:
@@ -989,6 +1013,16 @@ def run_cli(args) -> int:
     if unknown:
         raise SystemExit(f"gradguide dryrun: --workload: unknown {unknown}; expected some of "
                          f"{', '.join(bench.ALL_WORKLOADS)} or 'none'")
+    if args.from_json:
+        with open(args.from_json) as f:
+            report = json.load(f)
+        if args.from_json.endswith(".json"):   # the markdown next to it follows the current renderer
+            with open(args.from_json[:-5] + ".md", "w") as f:
+                f.write(markdown(report))
+        if args.write_docs:
+            print(write_docs(report))
+        print(markdown(report))
+        return 0
     command = "gradguide " + " ".join(sys.argv[1:]) if sys.argv and "dryrun" in sys.argv else "gradguide dryrun"
     report = build_report(workloads, combinations=not args.no_combinations, quick=args.quick, backend=args.backend,
                           progress=not args.no_progress, command=command)
@@ -1022,6 +1056,8 @@ def write_docs(report: dict, path: Optional[str] = None) -> str:
     block = "\n".join([DOCS_BEGIN, "",
                        f"Generated {report['date'][:10]} at commit {report['git_commit'][:12]} by `{report['command']}`.",
                        "", "Dry run (counted on fake tensors, one guided step):", ""] + rows +
+                      (["", "Issue 11's targets for the fused step (small model, every combination in the report):", "",
+                        targets_table(report)] if report.get("combinations") else []) +
                       ["", "Projected time per sampling pass (PROJECTION, not measured):", "",
                        projection_table(report), "", projection.ASSUMPTIONS, "", DOCS_END])
     start, end = text.index(DOCS_BEGIN), text.index(DOCS_END) + len(DOCS_END)
