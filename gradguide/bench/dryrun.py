@@ -205,7 +205,8 @@ class FakeWorld:
     def __init__(self, device: str):
         if device not in FAKE_DEVICES:
             raise ValueError(f"device: expected one of {FAKE_DEVICES}, got {device!r}")
-        self.device = torch.device(device)
+        # a CUDA device always has an index (fake tensors report cuda:0; sample() normalises to it)
+        self.device = torch.device("cuda", 0) if device == "cuda" else torch.device(device)
         self.mode = FakeTensorMode(allow_non_fake_inputs=False)
         self.memo: Dict[int, torch.Tensor] = {}
         self.weight_bytes = 0
@@ -351,22 +352,23 @@ def fake_cuda_status() -> Optional[str]:
 
 @contextlib.contextmanager
 def _backends_on_fake_devices():
-    """``ops.resolve_backend`` asks whether a backend runs on the device: on a fake device the
-    question is whether its ops trace, which :func:`pick_backend` answers by running them."""
-    from gradguide.ops import native_backend, triton_backend
-    real = {"triton": triton_backend.status, "native": native_backend.status}
+    """``ops.resolve_backend`` asks whether a backend runs on the device (a real CUDA device, a
+    built extension; never on ``meta``). On a fake device the question is whether its ops trace,
+    which :func:`pick_backend` answers by running them: here a named backend resolves to itself
+    (``"auto"`` as on a GPU: Triton)."""
+    real = ops.resolve_backend
 
-    def patched(name):
-        def status(device=None):
-            if device is not None and torch.device(device).type in FAKE_DEVICES:
-                return True if name != "native" or native_backend.load() else native_backend._state["reason"]
-            return real[name](device)
-        return status
-    triton_backend.status, native_backend.status = patched("triton"), patched("native")
+    def resolve(backend, device):
+        if torch.device(device).type in FAKE_DEVICES and backend in ("triton", "native", "auto"):
+            if backend == "native" and not ops.native_backend.load():
+                raise RuntimeError(f"backend='native' is unavailable: {ops.native_backend._state['reason']}")
+            return "triton" if backend == "auto" else backend
+        return real(backend, device)
+    ops.resolve_backend = resolve
     try:
         yield
     finally:
-        triton_backend.status, native_backend.status = real["triton"], real["native"]
+        ops.resolve_backend = real
 
 
 _probes: Dict[tuple, Optional[str]] = {}
@@ -496,6 +498,25 @@ def _phase_summary(counter: Counter) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def _meta_preparation():
+    """``sample`` refuses the ``meta`` device (meta tensors hold no values, so nothing could be
+    sampled); the dry run's host-side preparation runs on it on purpose: the tables are built
+    on the host, and every device tensor is made fake right after."""
+    real = sampling._check_device
+
+    def check(device):
+        if device is not None and not isinstance(device, bool) and isinstance(device, (str, torch.device)) \
+                and torch.device(device).type == "meta":
+            return torch.device("meta")
+        return real(device)
+    sampling._check_device = check
+    try:
+        yield
+    finally:
+        sampling._check_device = real
+
+
 def dry_run(model: Callable, shape, *, steps_measured=None, graph: bool = True, backend: str = "auto",
             device: Optional[str] = None, name: str = "", tracker: Optional[Tracker] = None, **sample_kwargs) -> dict:
     """Run guided steps of ``gradguide.sample(model, shape, **sample_kwargs)`` on fake tensors.
@@ -518,12 +539,14 @@ def dry_run(model: Callable, shape, *, steps_measured=None, graph: bool = True, 
     # host-side preparation (validation, tables), on the meta device, before the fake mode
     kw = {k: v for k, v in kwargs.items() if k != "clip_eps"}
     clip_eps = kwargs.get("clip_eps", "clipped")
-    prepared = sampling._prepare(phased(model, tracker), tuple(shape), kw.pop("schedule"), kw.pop("sampler", "ddpm"),
-                                 kw.pop("steps", None), kw.pop("eta", 0.0), kw.pop("guidance", ()),
-                                 kw.pop("projection", None), kw.pop("cond", None), None, None, "reference",
-                                 kw.pop("prediction", "eps"), kw.pop("variance", "fixed-small"), kw.pop("clip", None),
-                                 kw.pop("spacing", "adm"), kw.pop("timesteps", None), torch.device("meta"),
-                                 kw.pop("dtype", None), kw.pop("telemetry", False))
+    with _meta_preparation():
+        prepared = sampling._prepare(phased(model, tracker), tuple(shape), kw.pop("schedule"),
+                                     kw.pop("sampler", "ddpm"), kw.pop("steps", None), kw.pop("eta", 0.0),
+                                     kw.pop("guidance", ()), kw.pop("projection", None), kw.pop("cond", None), None,
+                                     None, "reference", kw.pop("prediction", "eps"), kw.pop("variance", "fixed-small"),
+                                     kw.pop("clip", None), kw.pop("spacing", "adm"), kw.pop("timesteps", None),
+                                     torch.device("meta"), kw.pop("dtype", None), kw.pop("telemetry", False),
+                                     kw.pop("batch_branches", "auto"))
     if kw:
         raise TypeError(f"dry_run: unsupported sample() arguments {sorted(kw)}")
     run = prepared
