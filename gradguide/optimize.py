@@ -397,6 +397,11 @@ def add_arguments(p) -> None:
     p.add_argument("--k-ft", type=int, default=None, help="first fine-tuning round (default 40 for G, 60 for G_loss)")
     p.add_argument("--finetune", choices=FINETUNES, default="per-round", help="per-round (code) or history (paper)")
     p.add_argument("--ft-lr", type=float, default=1e-5, help="fine-tuning Adam lr (default 1e-5, see docs)")
+    p.add_argument("--ft-steps", type=int, default=1, help="Adam steps per fine-tuning round (default 1)")
+    p.add_argument("--history", type=int, default=10,
+                   help="--finetune history: generated batches kept, newest first (default 10)")
+    p.add_argument("--history-decay", type=float, default=0.9,
+                   help="--finetune history: batch k-j weighted by decay^j (default 0.9; 1 = equal weights)")
     p.add_argument("--model", choices=["small", "analytic", "unet"], default="small",
                    help="score: the shipped small network, the exact analytic score, or the paper's U-Net (--weights)")
     p.add_argument("--weights", default=None,
@@ -448,7 +453,7 @@ def run_cli(args) -> int:
     if args.model == "analytic" and 2 in args.algorithm:
         raise SystemExit("gradguide optimize: --algorithm 2 fine-tunes a network; the analytic score has no "
                          "weights (use --model small or unet)")
-    for name in ("rounds", "batch_size", "steps", "threads"):
+    for name in ("rounds", "batch_size", "steps", "threads", "ft_steps", "history"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "rounds" else 1):
             raise SystemExit(f"gradguide optimize: --{name.replace('_', '-')} must be positive, got {value}")
@@ -468,7 +473,9 @@ def run_cli(args) -> int:
                 res = optimize(model, objective, dim=sim.D, schedule=sim.schedule, rounds=rounds, delta=delta,
                                algorithm=alg, guidance=guid, batch_size=args.batch_size, sampler=args.sampler,
                                steps=args.steps, query=args.query, basis=sim.basis, k_ft=k_ft,
-                               finetune=args.finetune, ft_lr=args.ft_lr, seed=seed, progress=not args.no_progress,
+                               finetune=args.finetune, ft_lr=args.ft_lr, ft_steps=args.ft_steps,
+                               history=args.history, history_decay=args.history_decay, seed=seed,
+                               progress=not args.no_progress,
                                callback=partial)
                 wall = time.perf_counter() - start
                 f = res.final
@@ -476,7 +483,7 @@ def run_cli(args) -> int:
                       f"(top-4 {f.reward_top4:.3f})  r_off {f.r_off_mean:.4g}  {wall:.1f} s"
                       + (f"  STOPPED: {res.stopped}" if res.stopped else ""), flush=True)
                 entry = {"algorithm": alg, "guidance": guid, "objective": args.objective, "seed": seed,
-                         "model": args.model, "sim_seed": args.sim_seed, "rounds": rounds,
+                         "model": args.model, "weights": args.weights, "sim_seed": args.sim_seed, "rounds": rounds,
                          "final_reward": f.reward_mean, "final_r_off": f.r_off_mean, "wall_s": wall,
                          **res.to_dict()}
                 runs.append(entry)
