@@ -63,3 +63,76 @@ def test_queue_lists_runs_and_skips_finished_ones(tmp_path):
     state = {line.split()[1]: line.split()[0] for line in out}
     assert state[first] == "done" and state[names[1]] == "pending"
     assert sum(v == "done" for v in state.values()) == 1
+
+
+def _tiny_run(name):
+    return {"name": name, "args": ["optimize", "--objective", "f2-b1", "--algorithm", "1", "--guidance", "G",
+                                   "--rounds", "2", "--steps", "3", "--no-progress"]}
+
+
+def test_queue_runs_extra_runs_records_time_and_skips_them_next_time(tmp_path):
+    from gradguide.bench import reproduce_runs as rr
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps([_tiny_run("tiny_a"), dict(_tiny_run("tiny_b"), after="tiny_a")]))
+    argv = ["--out", str(tmp_path), "--extra", str(extra), "--only", "tiny_*", "--nice", "0"]
+    assert rr.main(argv) == 0
+    for name in ("tiny_a", "tiny_b"):
+        rec = json.loads((tmp_path / f"{name}.time.json").read_text())
+        assert rec["returncode"] == 0 and rec["wall_s"] > 0 and rec["user_s"] > 0
+        run = json.loads((tmp_path / f"{name}.json").read_text())["runs"][0]
+        assert run["rounds"] == 2 and len(run["log"]) == 3
+    first = (tmp_path / "tiny_a.json").stat().st_mtime
+    assert rr.main(argv) == 0  # both done: nothing runs again
+    assert (tmp_path / "tiny_a.json").stat().st_mtime == first
+
+
+def test_queue_adopts_a_live_run_of_an_earlier_queue(tmp_path, monkeypatch):
+    from gradguide.bench import reproduce_runs as rr
+    monkeypatch.setattr(rr, "POLL_S", 0.2)
+    extra = tmp_path / "extra.json"
+    extra.write_text(json.dumps([_tiny_run("tiny_c")]))
+    out = tmp_path / "tiny_c.json"
+    # an "earlier queue's" run: a process naming the run, which writes a complete JSON and exits
+    code = ("import json, time; time.sleep(1); json.dump({'runs': [{'rounds': 2, 'log': [{'round': 2}]}]}, "
+            f"open({str(out)!r}, 'w'))  # tiny_c")
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    (tmp_path / "tiny_c.pid").write_text(json.dumps({"pid": proc.pid, "start": 0.0, "command": "x"}))
+    try:
+        assert rr.main(["--out", str(tmp_path), "--extra", str(extra), "--only", "tiny_*"]) == 0
+    finally:
+        proc.wait()
+    rec = json.loads((tmp_path / "tiny_c.time.json").read_text())
+    assert rec["returncode"] == 0 and "adopted" in rec["cpu_note"]
+    # adopted, not run again: the JSON is still the stand-in's
+    assert json.loads(out.read_text())["runs"][0]["log"] == [{"round": 2}]
+
+
+def test_optimize_ft_rounds_stops_fine_tuning(tmp_path):
+    run = _optimize(tmp_path, "--ft-rounds", "1")
+    assert run["settings"]["ft_rounds"] == 1
+    assert [r["finetuned"] for r in run["log"]] == [False, False, True, False]
+
+
+def test_report_tables_from_the_committed_logs(tmp_path):
+    from gradguide.bench import reproduce_report as rep
+    runs, partial = rep.load_runs([os.path.join(REPO, p) for p in rep.DEFAULT_INPUTS])
+    alg2 = {(r["guidance"], r["seed"]) for r in runs if r["algorithm"] == 2 and r["variant"] == "paper"
+            and r["objective"] == "f1-theta2"}
+    assert {("G", 1234), ("G_loss", 1234), ("G", 2345), ("G_loss", 2345)} <= alg2
+    md = tmp_path / "t.md"
+    assert rep.main([os.path.join(REPO, p) for p in rep.DEFAULT_INPUTS] + ["--md", str(md),
+                                                                           "--figures", str(tmp_path)]) == 0
+    text = md.read_text()
+    assert "Algorithm 2, r_off ratio G_loss / G along the run" in text and "| 1234 |" in text
+    assert (tmp_path / "repro_roff_ratio.png").stat().st_size > 10_000
+
+
+def test_report_variant_names_what_differs_from_the_paper():
+    from gradguide.bench.reproduce_report import variant_of
+    base = {"algorithm": 2, "guidance": "G_loss", "objective": "f1-theta2", "rounds": 1200, "model": "small",
+            "settings": {"ft_lr": 1e-5, "finetune": "per-round", "k_ft": 60, "delta": 0.2, "ft_rounds": None}}
+    assert variant_of(base) == "paper"
+    assert variant_of(dict(base, settings=dict(base["settings"], ft_lr=1e-6))) == "ft-lr 1e-06"
+    assert variant_of(dict(base, settings=dict(base["settings"], ft_rounds=540))) == \
+        "fine-tuning stops at round 600"
+    assert variant_of(dict(base, weights="/x/sim_h256_d4.safetensors")) == "net sim_h256_d4"
