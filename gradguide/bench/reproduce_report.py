@@ -222,12 +222,14 @@ def hypothesis_pairs(runs, objective="f1-theta2", seed=1234):
     for v in ["paper"] + [v for v in variants if v != "paper"]:
         g, gl = idx.get((objective, 2, "G", seed, v)), idx.get((objective, 2, "G_loss", seed, v))
         label = "baseline (lr 1e-5, per-round, k_ft 40/60, shipped net)" if v == "paper" else v
-        if g is None and gl is not None:
+        # k_ft variants change one guidance by design (the paper's k_ft differs: 40 for G, 60 for
+        # G_loss): pair them with the other guidance's baseline; other one-sided variants are pending
+        if v.startswith("k_ft") and g is None and gl is not None:
             g = idx.get((objective, 2, "G", seed, "paper"))
-            label = f"G_loss {v}; G baseline"
-        elif gl is None and g is not None:
+            label = f"G_loss {v}, G baseline (k_ft 40): both {v}"
+        elif v.startswith("k_ft") and gl is None and g is not None:
             gl = idx.get((objective, 2, "G_loss", seed, "paper"))
-            label = f"G {v}; G_loss baseline"
+            label = f"G {v}, G_loss baseline (k_ft 60): both {v}"
         if g is not None or gl is not None:
             pairs.append((label, g, gl))
     return pairs
@@ -295,7 +297,7 @@ def plot_ratio(runs, out, objective="f1-theta2") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     idx = index(runs)
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    fig, axes = plt.subplots(1, 4, figsize=(21, 4.4))
     seeds = sorted({r["seed"] for r in runs if r["objective"] == objective and r["algorithm"] == 2
                     and r["variant"] == "paper"})
     for seed in seeds:
@@ -308,6 +310,7 @@ def plot_ratio(runs, out, objective="f1-theta2") -> None:
         if g and gl:
             ks, ratio = _ratio_curve(g, gl)
             line, = axes[1].plot(ks, ratio, lw=1, label=label[:48])
+            axes[3].plot([window_mean(g, k, "reward_mean") for k in ks], ratio, lw=0.8, color=line.get_color())
             axes[2].plot([r["round"] for r in gl["log"]], [r["reward_mean"] for r in gl["log"]], lw=0.8,
                          color=line.get_color())
             axes[2].plot([r["round"] for r in g["log"]], [r["reward_mean"] for r in g["log"]], lw=0.8, ls=":",
@@ -322,6 +325,10 @@ def plot_ratio(runs, out, objective="f1-theta2") -> None:
     axes[2].set_xlabel("round")
     axes[2].set_ylabel("mean reward (solid G_loss, dotted G)")
     axes[2].set_title("reward, same settings as the middle panel", fontsize=9)
+    axes[3].axhline(1 / 3, color="k", lw=0.8, ls="--")
+    axes[3].set_xlabel("G's mean reward (51-round means)")
+    axes[3].set_ylabel("r_off ratio G_loss / G")
+    axes[3].set_title("ratio against G's progress (middle panel's runs)", fontsize=9)
     fig.suptitle(f"{objective}, Algorithm 2: r_off of G_loss relative to G", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
