@@ -285,6 +285,25 @@ def table_objectives(runs) -> List[str]:
     return lines
 
 
+def table_costs(runs, extra_records=()) -> List[str]:
+    """Every queue run with its command and what it cost (the timing ``--collect`` merged in;
+    ``extra_records``: timing records of runs without a run JSON, e.g. training)."""
+    timed = [r for r in runs if r.get("timing")] + [{"timing": t} for t in extra_records]
+    timed.sort(key=lambda r: r["timing"].get("finished", ""))
+    if not timed:
+        return []
+    lines = ["**Queue runs: command and cost** (wall / CPU seconds of the one process, `nice 10`, one torch "
+             "thread, on the shared 2-core machine)", "",
+             "| finished | run | command | wall s | CPU s |", "|---|---|---|---|---|"]
+    for r in timed:
+        t = r["timing"]
+        cmd = t.get("command", "").split("gradguide.cli ", 1)[-1].split(" --json ")[0].strip()
+        lines.append(f"| {t.get('finished', '–')} | {t.get('name', '–')} | `gradguide {cmd}` | {t['wall_s']:.0f} "
+                     f"| {cpu_s(r):.0f} |")
+    lines.append("")
+    return lines
+
+
 # -- plots ------------------------------------------------------------------------------------
 
 def _ratio_curve(g, gl, step=10):
@@ -412,6 +431,11 @@ def main(argv=None) -> int:
         lines += table_ratio_curve(runs, objective)
     lines += table_hypotheses(runs)
     lines += table_objectives(runs)
+    records = []
+    for path in glob.glob(os.path.join(args.seeds_dir, "*.time.json")):
+        with open(path) as f:
+            records.append(json.load(f))
+    lines += table_costs(runs, records)
     if partial:
         lines += ["**In progress when generated** (partial logs, not in the tables above):", ""]
         lines += [f"- {r['objective']} Alg.{r['algorithm']} {r['guidance']} seed {r['seed']} ({r['variant']}): "
