@@ -20,7 +20,7 @@ DT = torch.float64
 
 class BatchModel(torch.nn.Module):
     """A per-sample nonlinear ε model with structured conditioning: a label tensor, a list
-    (tensor, None), a nested dict, a string and a shared 0-d tensor.
+    (tensor, None), a nested dict, a string and a shared tensor without a batch dimension.
     Records the batch size of every call and counts backward passes through it."""
 
     def __init__(self, learned=False):
@@ -66,7 +66,9 @@ class _CountBackward(torch.autograd.Function):
 
 def _inputs():
     g = torch.Generator().manual_seed(1)
-    table = torch.randn((), dtype=DT, generator=g)   # shared, no batch dimension: passed once
+    # a shared input with no batch dimension: sample() accepts only 0-d tensors as shared
+    # (a tensor with a leading dimension must have B rows), and the batched call passes it once
+    table = torch.randn((), dtype=DT, generator=g)
     cond = {"y": torch.tensor([0, 1, 2]), "ctx": [torch.randn(B, C, dtype=DT, generator=g), None],
             "extra": {"w": torch.rand(B, dtype=DT, generator=g)}, "mode": "tanh", "table": table}
     uncond = {"y": torch.full((B,), 4), "ctx": [torch.zeros(B, C, dtype=DT), None],
