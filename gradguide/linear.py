@@ -69,7 +69,8 @@ class Operands:
 
     ``groups`` > 1 gives per-(sample, group) statistics (PixelAsParam's per-channel
     granularity); ``dot(..., per="sample")`` sums them back to per-sample values.
-    ``compute_dtype`` is the dtype of coefficients (float64 for float64 operands, else float32).
+    ``compute_dtype`` is the dtype of coefficients and of the Gram matrix: float64 for every
+    operand dtype (why: :mod:`gradguide.ops.reference`).
     """
 
     def __init__(self, like: torch.Tensor, groups: int = 1, backend: str = "reference"):
@@ -79,7 +80,7 @@ class Operands:
         self.backend = backend
         self.device = like.device
         self.dtype = like.dtype
-        self.compute_dtype = ops.reference.accumulation_dtype(like.dtype)
+        self.compute_dtype = ops.reference.coefficient_dtype(like.dtype)
         self.tensors: List[torch.Tensor] = []
         self.names: List[str] = []
         self._gram = None
@@ -111,7 +112,7 @@ class Operands:
         return self._gram, self._sums
 
     def _full(self, u: LinComb) -> torch.Tensor:
-        return u._padded(len(self.tensors)).expand(self.batch, self.groups, -1)
+        return u._padded(len(self.tensors)).to(self.compute_dtype).expand(self.batch, self.groups, -1)
 
     def dot(self, u: LinComb, v: LinComb, per: str = "sample") -> torch.Tensor:
         """Inner product ``<u, v>``: ``[B]`` (per sample) or ``[B, G]`` (per group)."""

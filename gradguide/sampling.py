@@ -428,7 +428,7 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
         raise ValueError(f"clip: expected None, True or (low, high) with low < high, got {clip!r}")
 
     resolved = ops.resolve_backend(backend, device)
-    compute = ops.reference.accumulation_dtype(dtype)
+    compute = ops.reference.coefficient_dtype(dtype)
     rows, index = tables.stacked(device, compute)
     run = _Run(model=model, shape=shape, device=device, dtype=dtype, tables=tables, table_rows=rows,
                table_index=index, timesteps_dev=timesteps.t.to(device), prediction=prediction, branch=branch,

@@ -88,7 +88,8 @@ def check_operands(operands: Sequence[torch.Tensor], groups: int = 1, name: str 
 
 
 def reduce(operands: Sequence[torch.Tensor], groups: int = 1, backend: str = "auto"):
-    """Per-sample Gram matrix ``[B, G, K, K]`` and sums ``[B, G, K]`` of K operands.
+    """Per-sample Gram matrix ``[B, G, K, K]`` and sums ``[B, G, K]`` of K operands, float64
+    for every input dtype (why: :mod:`gradguide.ops.reference`).
 
     ``groups`` splits each flattened sample into G equal contiguous chunks (G = channels
     gives per-(sample, channel) statistics for NCHW tensors).
@@ -99,7 +100,7 @@ def reduce(operands: Sequence[torch.Tensor], groups: int = 1, backend: str = "au
         return reference.reduce(operands, groups)
     if len(operands) > MAX_K:
         raise ValueError(f"operands: backend {name!r} takes at most {MAX_K} operands, got {len(operands)}")
-    return _implementation(name).reduce(_contiguous(operands), groups)
+    return reduce_unchecked(_contiguous(operands), groups, name)
 
 
 def combine(coef: torch.Tensor, operands: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None,
@@ -159,9 +160,12 @@ def fused_combine(policy: str, operands: Sequence[torch.Tensor], *, gram: Option
     ``"pxp-b"``, ``"pxp-c"``, ``"apg"``, ``"gloss"``; formulas in :mod:`gradguide.ops.policies`).
     ``params``: the policy's coefficient vectors (LinCombs over ``operands``, ``[B, K]`` or
     ``[B, G, K]`` tensors) and scalars (numbers, 0-d or ``[B]`` device tensors) by name.
-    ``gram``: the operands' Gram matrix ``[B, G, K, K]`` from :func:`reduce` (computed here
-    when a policy needs it and it is not given). On ``"triton"`` the coefficient program runs
-    inside the combine kernel; other backends evaluate it in torch, then combine.
+    ``gram``: the Gram matrix ``[B, G, Kg, Kg]`` of the first ``Kg`` <= K operands from
+    :func:`reduce` (the vectors whose inner products the policy takes must be zero beyond them;
+    computed here over all K when a policy needs it and it is not given). The coefficient
+    program runs inside the combine on ``"native"`` (one C++ call) and ``"triton"`` (the fused
+    kernel's prologue, for the policies it has); the reference evaluates it in torch, then combines.
+    Coefficients are computed in float64.
     """
     if policy not in policies.POLICIES:
         raise ValueError(f"policy: expected one of {tuple(policies.POLICIES)}, got {policy!r}")
@@ -192,33 +196,76 @@ def fused_combine(policy: str, operands: Sequence[torch.Tensor], *, gram: Option
             groups = v.shape[1]
         vectors[name] = v
     if gram is not None:
-        if not isinstance(gram, torch.Tensor) or gram.dim() != 4 or gram.shape[0] != b or gram.shape[2:] != (k, k):
+        if not isinstance(gram, torch.Tensor) or gram.dim() != 4 or gram.shape[0] != b or \
+                gram.shape[2] != gram.shape[3] or not 1 <= gram.shape[2] <= k:
             got = tuple(gram.shape) if isinstance(gram, torch.Tensor) else type(gram).__name__
-            raise ValueError(f"gram: expected [B={b}, G, K={k}, K={k}] (from ops.reduce), got {got}")
+            raise ValueError(f"gram: expected [B={b}, G, Kg, Kg] over the first Kg <= K={k} operands "
+                             f"(from ops.reduce), got {got}")
         if groups not in (None, gram.shape[1]):
             raise ValueError(f"gram: {gram.shape[1]} groups, but the coefficient vectors have {groups}")
         groups = gram.shape[1]
     groups = groups or 1
     check_operands(operands, groups)
-    vectors = {n: v.to(acc).expand(b, groups, k).contiguous() for n, v in vectors.items()}
+    coef_dtype = reference.coefficient_dtype(first.dtype)
+    vectors = {n: v.to(coef_dtype) for n, v in vectors.items()}
     scalars = {}
     for name, default in scalar_defaults.items():
         if name not in params and default is None:
             raise TypeError(f"fused_combine({policy!r}): missing scalar {name!r}")
-        scalars[name] = _scalar(name, params.get(name, default), b, first.device, acc)
+        scalars[name] = _scalar(name, params.get(name, default), b, first.device, coef_dtype)
     if out is not None and (out.shape != first.shape or out.dtype != first.dtype or out.device != first.device):
         raise ValueError(f"out: expected {tuple(first.shape)} {first.dtype} on {first.device}, "
                          f"got {tuple(out.shape)} {out.dtype} on {out.device}")
     name = resolve_backend(backend, first.device)
+    if name != "reference" and len(operands) > MAX_K:
+        raise ValueError(f"operands: backend {name!r} takes at most {MAX_K} operands, got {len(operands)}")
+    operands = _contiguous(operands) if name != "reference" else list(operands)
     if policies.NEEDS_GRAM[policy]:
-        gram = reduce(operands, groups, backend=name)[0] if gram is None else gram.to(acc).contiguous()
-    if name == "triton":
-        if len(operands) > MAX_K:
-            raise ValueError(f"operands: backend 'triton' takes at most {MAX_K} operands, got {len(operands)}")
-        target = out if out is None or out.is_contiguous() else None
-        result = triton_backend.fused_combine(policy, gram, list(vectors.values()), list(scalars.values()),
-                                              _contiguous(operands), out=target, clamp=clamp)
-        return out.copy_(result) if out is not None and target is None else result
-    shaped = {n: s.reshape(-1, 1, 1) for n, s in scalars.items()}
-    coef = policies.coefficients(policy, gram, vectors, shaped)
-    return combine(coef, operands, out=out, clamp=clamp, backend=name)
+        gram = reduce_unchecked(operands, groups, name)[0] if gram is None else gram.to(coef_dtype).contiguous()
+    else:
+        gram = None
+    result = fused_unchecked(policy, name, operands, gram, list(vectors.values()), list(scalars.values()),
+                             groups, clamp)
+    return result if out is None else out.copy_(result)
+
+
+# -- the unchecked entries a sampling step uses (validated once, when the run was prepared) --------
+
+def reduce_unchecked(operands: List[torch.Tensor], groups: int, backend: str):
+    """:func:`reduce` without argument checks (contiguous operands of one dtype/device/shape;
+    ``backend`` resolved): a step's per-call overhead is what small batches pay for."""
+    if backend == "reference":
+        return reference.reduce(operands, groups)
+    gram, sums = _implementation(backend).reduce(operands, groups)
+    if gram.dtype != torch.float64:  # the Gram contract is float64 (reference.py); a float32 kernel is upcast
+        gram, sums = gram.double(), sums.double()
+    return gram, sums
+
+
+def fused_unchecked(policy: str, backend: str, operands: List[torch.Tensor], gram: Optional[torch.Tensor],
+                    vectors: List[torch.Tensor], scalars: List[torch.Tensor], groups: int = 1,
+                    clamp: Optional[tuple] = None) -> torch.Tensor:
+    """:func:`fused_combine` without argument checks. ``vectors``: ``[1 or B, 1 or G, K]``
+    (broadcast over the batch); ``scalars``: 1- or B-element tensors; ``gram``: float64
+    ``[B, G, Kg, Kg]`` over the first ``Kg`` operands, or None for a policy without one.
+    native: the program runs inside ``gradguide::fused_combine`` (one call); triton: inside the
+    fused kernel for :data:`policies.TRITON_POLICIES`; otherwise the torch program, then combine."""
+    if backend == "native" and operands[0].device.type == "cpu":  # (the CUDA ops have no fused_combine yet)
+        return native_backend.fused_combine(policy, operands, gram, vectors, scalars, clamp)
+    b, k = operands[0].shape[0], len(operands)
+    if gram is not None and gram.shape[-1] < k:  # the torch program and the kernel index a K x K Gram
+        pad = k - gram.shape[-1]
+        gram = torch.nn.functional.pad(gram, (0, pad, 0, pad))
+    g = gram.shape[1] if gram is not None else max(v.shape[1] for v in vectors)
+    if backend == "triton" and policy in policies.TRITON_POLICIES:
+        acc = reference.accumulation_dtype(operands[0].dtype)
+        full = [v.to(acc).expand(b, g, k).contiguous() for v in vectors]
+        return triton_backend.fused_combine(policy, None if gram is None else gram.to(acc), full,
+                                            [s.to(acc) for s in scalars], operands, clamp=clamp)
+    names_v, names_s = policies.POLICIES[policy]
+    coef = policies.coefficients(policy, gram, {n: v.expand(b, g, k) for n, v in zip(names_v, vectors)},
+                                 {n: s.reshape(-1, 1, 1) for n, s in zip(names_s, scalars)})
+    if backend == "reference":
+        return reference.combine(coef, operands, clamp=clamp)
+    coef = coef.expand(b, g, k).to(reference.accumulation_dtype(operands[0].dtype)).contiguous()
+    return _implementation(backend).combine(coef, operands, clamp=clamp)

@@ -49,7 +49,8 @@ def _register_fakes() -> None:
     def _reduce_fake(operands, groups):
         first = operands[0]
         b, k = first.shape[0], len(operands)
-        acc = _acc(first.dtype)
+        # the CPU op accumulates the Gram in float64 (reference.py); the CUDA op in float32
+        acc = torch.float64 if first.device.type == "cpu" else _acc(first.dtype)
         return first.new_empty((b, groups, k, k), dtype=acc), first.new_empty((b, groups, k), dtype=acc)
 
     @torch.library.register_fake("gradguide::combine")
@@ -59,6 +60,19 @@ def _register_fakes() -> None:
     @torch.library.register_fake("gradguide::combine_out")
     def _combine_out_fake(coef, operands, low, high, out):
         return None
+
+    if torch._C._dispatch_has_kernel_for_dispatch_key("gradguide::fused_combine", "CPU"):
+        @torch.library.register_fake("gradguide::fused_combine")
+        def _fused_combine_fake(policy, operands, gram, vectors, scalars, low, high):
+            return torch.empty_like(operands[0], memory_format=torch.contiguous_format)
+
+
+def fused_combine(policy, operands, gram, vectors, scalars, clamp=None):
+    """``gradguide::fused_combine``: the policy's coefficient program (float64) and the combine."""
+    low, high = (None, None) if clamp is None else clamp
+    return torch.ops.gradguide.fused_combine(policy, operands, gram, vectors, scalars,
+                                             None if low is None else float(low),
+                                             None if high is None else float(high))
 
 
 def reduce(operands, groups: int = 1):
