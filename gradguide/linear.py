@@ -141,3 +141,36 @@ class Operands:
     def materialize(self, name: str, u: LinComb, clamp=None) -> LinComb:
         """Write ``u`` out as a new operand (needed where a rule is not linear, e.g. clipping)."""
         return self.add(name, self.combine(u, clamp=clamp))
+
+
+class SymbolicOperands(Operands):
+    """Operands without tensors, for weights known before sampling (:mod:`gradguide.stepplan`):
+    the "batch" axis is the step axis, so per-step scalars (``[n_steps]`` tables) scale
+    LinCombs exactly as per-sample factors do. Only the algebra works; no inner products."""
+
+    def __init__(self, n_steps: int):
+        self.batch = n_steps
+        self.shape = None
+        self.groups = 1
+        self.backend = "reference"
+        self.device = torch.device("cpu")
+        self.dtype = torch.float64
+        self.compute_dtype = torch.float64
+        self.tensors = []
+        self.names = []
+        self._gram = self._sums = None
+
+    def add(self, name: str, tensor: Optional[torch.Tensor] = None) -> LinComb:
+        if name in self.names:
+            raise ValueError(f"operand {name!r} added twice")
+        self.names.append(name)
+        k = len(self.names)
+        coef = torch.zeros(self.batch, 1, k, dtype=torch.float64)
+        coef[:, :, k - 1] = 1.0
+        return LinComb(self, coef)
+
+    def zero(self) -> LinComb:
+        return LinComb(self, torch.zeros(self.batch, 1, max(len(self.names), 1), dtype=torch.float64))
+
+    def _reduced(self):
+        raise TypeError("SymbolicOperands has no tensors: inner products need a step's operands")

@@ -71,6 +71,8 @@ class _Run:
     step_ids: torch.Tensor = field(default=None)
     timestep_list: List[int] = field(default_factory=list)
     clip_eps: str = "clipped"
+    plan: object = None                  # stepplan.StepPlan when the step is a built-in program
+    fused_reason: Optional[str] = None   # why not, otherwise
 
 
 def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler: str = "ddpm",
@@ -81,7 +83,7 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
            variance: str = "fixed-small", clip=None, clip_eps: str = "clipped", spacing: str = "adm",
            timesteps: Optional[Timesteps] = None,
            device=None, dtype: Optional[torch.dtype] = None, telemetry: bool = False, progress: bool = False,
-           check_sync: bool = False) -> torch.Tensor:
+           check_sync: bool = False, fused: bool = True) -> torch.Tensor:
     """Draw samples from a diffusion model with guidance.
 
     ``model(x_t, t, **cond)`` returns the model's prediction (``prediction``: ``"eps"``,
@@ -104,6 +106,8 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     ``graph``: ``True`` captures the step as a CUDA graph and replays it (CUDA only; on CPU a
     one-line notice, then eager); a :class:`~gradguide.graphs.GraphCache` keeps captures across calls.
     ``check_sync``: raise if any step synchronises with the host.
+    ``fused``: ``True`` (default) runs a step that matches a built-in program (:mod:`gradguide.stepplan`)
+    as reduce + one fused combine; ``False`` always takes the general LinComb path (its reference).
     Returns the samples ``x_0``, shaped ``shape``.
     """
     run = _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, cond, x_T, generator,
@@ -111,6 +115,9 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     if clip_eps not in ("clipped", "model"):
         raise ValueError(f"clip_eps: expected 'clipped' or 'model', got {clip_eps!r}")
     run.clip_eps = clip_eps
+    if not isinstance(fused, bool):
+        raise TypeError(f"fused: expected True or False, got {fused!r}")
+    _finish_prepare(run, fused)
     stepper = _stepper(run, graph)
     x = x_T.to(run.dtype) if x_T is not None else _noise(run.shape, run.generator, run.device, run.dtype)
     state = _initial_state(run, x)
@@ -157,7 +164,57 @@ def step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dict[str,
     :meth:`GuidanceTerm.variant`); ``idx`` is the same number as a device tensor ``[1]``, from
     which every per-step scalar is read, so a captured step can be replayed for any step."""
     with torch.set_grad_enabled(run.needs_input_grad):
+        if run.plan is not None and not want_record:
+            return _fused_step(run, x, i, idx, state, noise)
         return _step_body(run, x, i, idx, state, noise, want_record)
+
+
+def _finish_prepare(run: _Run, fused: bool = True) -> None:
+    """Plan the built-in fused step (appends its per-step weights to ``run.table_rows``)."""
+    from . import stepplan
+    run.plan = stepplan.build(run) if fused else None
+    if not fused:
+        run.fused_reason = "fused=False"
+
+
+def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dict[str, torch.Tensor],
+                noise: Optional[torch.Tensor]):
+    """The step as ``run.plan``'s stages (:mod:`gradguide.stepplan`): the model call(s), the
+    guidance gradients, then at most reduce + one fused combine per stage. Equal to
+    :func:`_step_body` (tests/test_fused_step.py), which stays the general path."""
+    from . import stepplan
+    variant = run.plan.variants[noise is not None]
+    column = run.table_rows.index_select(1, idx).squeeze(1)   # per-step scalars and weights
+    t = run.timesteps_dev.index_select(0, idx).expand(run.shape[0])
+    x_input = x.detach().requires_grad_(True) if run.needs_input_grad else x
+    model_input = x_input if run.needs_model_grad else x.detach()
+    out_c, _ = _call_model(run, model_input, t, run.cond, "model(x_t, t, **cond)")
+    tensors = {"x": x.detach(), "model_cond": out_c.detach()}
+    if run.branch is not None:
+        out_u, _ = _call_model(run, model_input, t, run.branch.uncond_inputs(run.cond), "model(x_t, t, **uncond)")
+        tensors["model_uncond"] = out_u.detach()
+    if noise is not None:
+        tensors["noise"] = noise
+    if run.tables.multistep:
+        tensors["x0_prev"] = state["x0_prev"]
+    if run.score_terms or run.mean_terms:
+        ctx = StepContext(ops=Operands(x, backend=run.backend), index=i, t=t, scalars={}, cond=run.cond, x=None,
+                          x_input=x_input, state=state, sampler=run.tables.name)
+        for j, term in enumerate(run.score_terms):
+            if isinstance(term, stepplan.LookAhead):   # ∇(gᵀx̂_0) = c_x g + c_o Jᵀg: ask autograd for Jᵀg
+                (tensors["model_vjp"],) = torch.autograd.grad(out_c, x_input, grad_outputs=term.grad)
+                tensors["reward_grad"] = term.grad
+            else:
+                tensors[f"classifier_grad{j}"] = term.gradient(ctx)
+        for j, term in enumerate(run.mean_terms):
+            tensors[f"classifier_grad_mean{j}"] = term.gradient(ctx)
+    if run.backend != "reference":   # kernels address rows as contiguous memory
+        tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
+    stepplan.run_stages(run, variant, column, tensors)
+    new_state = dict(state)
+    if run.plan.x0_output is not None:
+        new_state["x0_prev"] = tensors[run.plan.x0_output]
+    return tensors["x_next"], new_state, None
 
 
 def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dict[str, torch.Tensor],
@@ -202,9 +259,17 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     if run.clip is not None and run.clip_eps == "model" and renoise is None:
         renoise = ctx.eps_of_x0(x0_guided)  # re-noise with the unclipped ε (diffusers' DDIM default)
     if run.clip is not None:
-        x0_pre = ops_.materialize("x0_clipped", x0_pre, clamp=run.clip)
-        x0_guided = ops_.materialize("x0_guided_clipped", x0_guided, clamp=run.clip) if score_shifts else x0_pre
-        score_shifts = [x0_guided - x0_pre] if score_shifts else []
+        if score_shifts:
+            # the clipped guidance shift clip(p + s) − clip(p) (p = x̂_0, s = the shifts) is an
+            # operand of its own, formed from s itself where neither side clips: as a difference
+            # of the two clipped x̂_0 (norm ~1 each, the shift ~1e-3) it would keep only the
+            # precision of p, relative to s ~1e3 times worse (issue 12)
+            p, s = ops_.combine(x0_pre), ops_.combine(_sum(None, score_shifts))
+            x0_pre = ops_.add("x0_clipped", p.clamp(*run.clip))
+            shift = ops_.add("clip_shift", clip_shift(p, s, run.clip))
+            x0_guided, score_shifts = x0_pre + shift, [shift]
+        else:
+            x0_pre = x0_guided = ops_.materialize("x0_clipped", x0_pre, clamp=run.clip)
 
     # the sampler step as directions: base (untouched), denoising, guidance, diversity
     c_0 = scalars["c_0"]
@@ -242,6 +307,13 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
         record = StepRecord(index=i, timestep=run.timestep_list[i], x=x_new, x0=x0_tensor,
                             telemetry=telemetry, backend=run.backend)
     return x_new, new_state, record
+
+
+def clip_shift(p: torch.Tensor, s: torch.Tensor, clip: tuple) -> torch.Tensor:
+    """``clip(p + s) − clip(p)`` elementwise, exact to the precision of ``s`` where neither clips."""
+    low, high = clip
+    inside = (p > low) & (p < high) & (p + s > low) & (p + s < high)
+    return torch.where(inside, s, (p + s).clamp(low, high) - p.clamp(low, high))
 
 
 def _sum(first: Optional[LinComb], rest: List[LinComb]) -> LinComb:

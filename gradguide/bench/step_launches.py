@@ -161,8 +161,9 @@ WORKLOADS = _workloads
 
 
 def count_step(workload: Workload, shape=(2, 3, 8, 8), step_index: int = 1, backend: str = "auto",
-               steps: int = 4) -> dict:
-    """Launches and big-tensor bytes of step ``step_index`` (a noisy, guided step) of ``workload``."""
+               steps: int = 4, fused: bool = True) -> dict:
+    """Launches and big-tensor bytes of step ``step_index`` (a noisy, guided step) of ``workload``
+    (``fused=False``: the general LinComb step)."""
     import gradguide as gg
     from gradguide import sampling
     kwargs = workload.kwargs(shape)
@@ -170,7 +171,7 @@ def count_step(workload: Workload, shape=(2, 3, 8, 8), step_index: int = 1, back
     run = sampling._prepare(model, shape, gg.Schedule.linear(1000), kwargs.pop("sampler"), steps, 0.0,
                             kwargs.pop("guidance", ()), kwargs.pop("projection", None), kwargs.pop("cond", None),
                             None, None, backend, "eps", "fixed-small", None, "adm", None, None, None, False)
-    getattr(sampling, "_finish_prepare", lambda r: None)(run)
+    sampling._finish_prepare(run, fused)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=g)
     state = sampling._initial_state(run, x)
@@ -181,15 +182,16 @@ def count_step(workload: Workload, shape=(2, 3, 8, 8), step_index: int = 1, back
     with counter:
         sampling.step(run, x, step_index, idx, state, noise, False)
     sample_bytes = x.numel() * x.element_size()
-    return {"workload": workload.name, "backend": run.backend, "launches": len(counter.ops), "ops": counter.ops,
+    return {"workload": workload.name, "backend": run.backend, "fused": run.plan is not None, "launches": len(counter.ops), "ops": counter.ops,
             "bytes": counter.bytes, "minimum_bytes": workload.passes * sample_bytes,
             "traffic_ratio": counter.bytes / (workload.passes * sample_bytes)}
 
 
 def table(rows: List[dict]) -> str:
-    lines = ["| workload | backend | launches | big-tensor bytes / minimum | ops |", "|---|---|---:|---:|---|"]
+    lines = ["| workload | backend | step | launches | big-tensor bytes / minimum | ops |",
+             "|---|---|---|---:|---:|---|"]
     for r in rows:
-        lines.append(f"| {r['workload']} | {r['backend']} | {r['launches']} | {r['traffic_ratio']:.2f} | "
+        lines.append(f"| {r['workload']} | {r['backend']} | {'fused' if r['fused'] else 'general'} | {r['launches']} | {r['traffic_ratio']:.2f} | "
                      f"{' '.join(r['ops'])} |")
     return "\n".join(lines)
 
@@ -198,8 +200,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     import argparse
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backend", default="auto", help="ops backend (default: auto)")
+    p.add_argument("--general", action="store_true", help="count the general LinComb step (sample(fused=False))")
     args = p.parse_args(argv)
-    rows = [count_step(w, backend=args.backend) for w in WORKLOADS().values()]
+    rows = [count_step(w, backend=args.backend, fused=not args.general) for w in WORKLOADS().values()]
     print(table(rows))
 
 
