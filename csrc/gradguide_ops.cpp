@@ -22,7 +22,11 @@
 // which is 8 % of such a norm^2 (issue 12). Products of float32 (or fp16/bf16) values are exact
 // in float64, so the float64 Gram is as good as the inputs. Cost: the tile is converted to
 // double and the FMAs run at half the SIMD width, which stays under the memory bound (measured
-// with `gradguide bench --suite ops`). combine accumulates in float32 (float64 for fp64).
+// with `gradguide bench --suite ops`). combine also accumulates in float64 (weights in float64):
+// a step's weights cancel (x̂_0 = (x_t − √(1−ᾱ) ε)/√ᾱ has |weights| ~160 at t = 999 for a
+// result of size 1), and a float32 accumulator turns that into 1e-5 relative errors that
+// projections and clipping carry to the samples (2e-4 on issue 12's eta = 1 case; 5e-5 with
+// float64). On a CPU the pass is memory-bound either way.
 // Non-finite inputs: every product is formed, so NaN/inf poison exactly the Gram entries and
 // outputs the reference poisons (0 * inf = NaN in combine). Clamping keeps NaN.
 // Limits: K <= 8 operands of one dtype, shape and device; non-contiguous operands are made
@@ -71,7 +75,8 @@ static void check_operands(const std::vector<at::Tensor>& ops, const char* op) {
               ": operands: expected float16, bfloat16, float32 or float64, got ", st);
 }
 
-static at::ScalarType acc_type(at::ScalarType st) { return st == at::kDouble ? at::kDouble : at::kFloat; }
+// combine's weights and accumulator: float64 (see "Accumulation" above)
+static at::ScalarType acc_type(at::ScalarType) { return at::kDouble; }
 
 // ---------------------------------------------------------------------------------------
 // reduce
@@ -193,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_cpu(at::TensorList operands, int64_t g
 // combine
 
 template <typename scalar_t>
-using combine_acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+using combine_acc_t = double;
 
 // cf: [rows, K] contiguous weights in the accumulation type
 template <int K, typename scalar_t>
@@ -485,12 +490,109 @@ at::Tensor fused_combine_cpu(c10::string_view policy_name, at::TensorList operan
   return out;
 }
 
+
+// ---------------------------------------------------------------------------------------
+// clip_shift: a clipped x̂_0 and the clipped guidance shift, in one pass
+//
+//   gradguide::clip_shift(Tensor coef_p, Tensor coef_s, Tensor[] operands, float low, float high)
+//       -> (Tensor clipped, Tensor shift)
+//   p = sum_k coef_p[b, k] op_k,  s = sum_k coef_s[b, k] op_k  (coef: [1 or B, K])
+//   clipped = clamp(p),  shift = clamp(p + s) - clamp(p), and exactly s where neither clips:
+//   formed as a difference of the two clamped values, the shift (~1e-3 of |p| in a guided
+//   step) would keep only p's absolute precision (issue 12). Reference: ops/reference.py.
+
+template <int K, typename scalar_t>
+static void clip_shift_impl(const std::vector<at::Tensor>& ops, const std::vector<double>& wp_all,
+                            const std::vector<double>& ws_all, int64_t coef_rows, int64_t b, int64_t n, double low_d,
+                            double high_d, at::Tensor& clipped, at::Tensor& shift) {
+  using acc_t = combine_acc_t<scalar_t>;
+  const int64_t chunks = std::max<int64_t>(1, (n + kChunk - 1) / kChunk);
+  std::array<const scalar_t*, K> base;
+  for (int k = 0; k < K; ++k) base[k] = ops[k].data_ptr<scalar_t>();
+  scalar_t* out_c = clipped.data_ptr<scalar_t>();
+  scalar_t* out_s = shift.data_ptr<scalar_t>();
+  const acc_t low = static_cast<acc_t>(low_d), high = static_cast<acc_t>(high_d);
+  at::parallel_for(0, b * chunks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t item = lo; item < hi; ++item) {
+      const int64_t r = item / chunks, c = item % chunks;
+      const int64_t row = coef_rows == 1 ? 0 : r;
+      std::array<acc_t, K> wp, ws;
+      for (int k = 0; k < K; ++k) {
+        wp[k] = static_cast<acc_t>(wp_all[row * K + k]);
+        ws[k] = static_cast<acc_t>(ws_all[row * K + k]);
+      }
+      const int64_t begin = r * n + c * kChunk, end = r * n + std::min(n, (c + 1) * kChunk);
+      for (int64_t e = begin; e < end; ++e) {
+        acc_t p = 0, sh = 0;
+        for (int k = 0; k < K; ++k) {
+          const acc_t v = static_cast<acc_t>(base[k][e]);
+          p += wp[k] * v;
+          sh += ws[k] * v;
+        }
+        const acc_t q = p + sh;
+        const acc_t pc = p < low ? low : (p > high ? high : p);
+        const acc_t qc = q < low ? low : (q > high ? high : q);
+        const bool inside = p > low && p < high && q > low && q < high;
+        out_c[e] = static_cast<scalar_t>(pc);
+        out_s[e] = static_cast<scalar_t>(inside ? sh : qc - pc);
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+static void clip_shift_dispatch_k(const std::vector<at::Tensor>& ops, const std::vector<double>& wp,
+                                  const std::vector<double>& ws, int64_t rows, int64_t b, int64_t n, double low,
+                                  double high, at::Tensor& clipped, at::Tensor& shift) {
+  switch (ops.size()) {
+    case 1: return clip_shift_impl<1, scalar_t>(ops, wp, ws, rows, b, n, low, high, clipped, shift);
+    case 2: return clip_shift_impl<2, scalar_t>(ops, wp, ws, rows, b, n, low, high, clipped, shift);
+    case 3: return clip_shift_impl<3, scalar_t>(ops, wp, ws, rows, b, n, low, high, clipped, shift);
+    case 4: return clip_shift_impl<4, scalar_t>(ops, wp, ws, rows, b, n, low, high, clipped, shift);
+    case 5: return clip_shift_impl<5, scalar_t>(ops, wp, ws, rows, b, n, low, high, clipped, shift);
+    case 6: return clip_shift_impl<6, scalar_t>(ops, wp, ws, rows, b, n, low, high, clipped, shift);
+    case 7: return clip_shift_impl<7, scalar_t>(ops, wp, ws, rows, b, n, low, high, clipped, shift);
+    case 8: return clip_shift_impl<8, scalar_t>(ops, wp, ws, rows, b, n, low, high, clipped, shift);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> clip_shift_cpu(const at::Tensor& coef_p, const at::Tensor& coef_s,
+                                                  at::TensorList operands, double low, double high) {
+  const char* op = "gradguide::clip_shift";
+  std::vector<at::Tensor> ops(operands.begin(), operands.end());
+  check_operands(ops, op);
+  const auto& first = ops[0];
+  TORCH_CHECK(first.device().is_cpu(), op, ": operands: expected CPU tensors, got ", first.device());
+  TORCH_CHECK(low < high, op, ": expected low < high, got ", low, " and ", high);
+  const int64_t b = first.size(0), k = static_cast<int64_t>(ops.size());
+  for (const auto* t : {&coef_p, &coef_s})
+    TORCH_CHECK(t->dim() == 2 && (t->size(0) == 1 || t->size(0) == b) && t->size(1) == k && t->size(0) == coef_p.size(0) &&
+                    t->device() == first.device() && (t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble),
+                op, ": coef: expected float32/float64 [1 or B=", b, ", K=", k, "] tensors (both alike), got ",
+                t->sizes(), " ", t->scalar_type());
+  const int64_t rows = coef_p.size(0);
+  std::vector<double> wp(rows * k), ws(rows * k);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t i = 0; i < k; ++i) {
+      wp[r * k + i] = read_double(coef_p, r * coef_p.stride(0) + i * coef_p.stride(1));
+      ws[r * k + i] = read_double(coef_s, r * coef_s.stride(0) + i * coef_s.stride(1));
+    }
+  const int64_t n = first.numel() / b;
+  at::Tensor clipped = at::empty_like(first, at::MemoryFormat::Contiguous);
+  at::Tensor shift = at::empty_like(first, at::MemoryFormat::Contiguous);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "gradguide_clip_shift", [&] {
+    clip_shift_dispatch_k<scalar_t>(ops, wp, ws, rows, b, n, low, high, clipped, shift);
+  });
+  return {clipped, shift};
+}
+
 TORCH_LIBRARY(gradguide, m) {
   m.def("reduce(Tensor[] operands, int groups) -> (Tensor, Tensor)");
   m.def("combine(Tensor coef, Tensor[] operands, float? low, float? high) -> Tensor");
   m.def("combine_out(Tensor coef, Tensor[] operands, float? low, float? high, Tensor(a!) out) -> ()");
   m.def("fused_combine(str policy, Tensor[] operands, Tensor? gram, Tensor[] vectors, Tensor[] scalars, "
         "float? low, float? high) -> Tensor");
+  m.def("clip_shift(Tensor coef_p, Tensor coef_s, Tensor[] operands, float low, float high) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(gradguide, CPU, m) {
@@ -498,6 +600,7 @@ TORCH_LIBRARY_IMPL(gradguide, CPU, m) {
   m.impl("combine", &combine_cpu);
   m.impl("combine_out", &combine_out_cpu);
   m.impl("fused_combine", &fused_combine_cpu);
+  m.impl("clip_shift", &clip_shift_cpu);
 }
 
 }  // namespace gradguide

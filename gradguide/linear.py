@@ -138,6 +138,11 @@ class Operands:
         coef = self._full(u)
         return ops.combine(coef, self.tensors, out=out, clamp=clamp, backend=self.backend)
 
+    def clip_shift(self, p: LinComb, s: LinComb, clip: tuple):
+        """``(clamp(p), clamp(p + s) − clamp(p))`` as tensors (:func:`gradguide.ops.clip_shift`)."""
+        k = len(self.tensors)
+        return ops.clip_shift(p._padded(k)[:, 0, :], s._padded(k)[:, 0, :], self.tensors, clip, backend=self.backend)
+
     def materialize(self, name: str, u: LinComb, clamp=None) -> LinComb:
         """Write ``u`` out as a new operand (needed where a rule is not linear, e.g. clipping)."""
         return self.add(name, self.combine(u, clamp=clamp))

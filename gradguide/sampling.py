@@ -264,9 +264,8 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
             # operand of its own, formed from s itself where neither side clips: as a difference
             # of the two clipped x̂_0 (norm ~1 each, the shift ~1e-3) it would keep only the
             # precision of p, relative to s ~1e3 times worse (issue 12)
-            p, s = ops_.combine(x0_pre), ops_.combine(_sum(None, score_shifts))
-            x0_pre = ops_.add("x0_clipped", p.clamp(*run.clip))
-            shift = ops_.add("clip_shift", clip_shift(p, s, run.clip))
+            clipped, shift = ops_.clip_shift(x0_pre, _sum(None, score_shifts), run.clip)
+            x0_pre, shift = ops_.add("x0_clipped", clipped), ops_.add("clip_shift", shift)
             x0_guided, score_shifts = x0_pre + shift, [shift]
         else:
             x0_pre = x0_guided = ops_.materialize("x0_clipped", x0_pre, clamp=run.clip)
@@ -307,13 +306,6 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
         record = StepRecord(index=i, timestep=run.timestep_list[i], x=x_new, x0=x0_tensor,
                             telemetry=telemetry, backend=run.backend)
     return x_new, new_state, record
-
-
-def clip_shift(p: torch.Tensor, s: torch.Tensor, clip: tuple) -> torch.Tensor:
-    """``clip(p + s) − clip(p)`` elementwise, exact to the precision of ``s`` where neither clips."""
-    low, high = clip
-    inside = (p > low) & (p < high) & (p + s > low) & (p + s < high)
-    return torch.where(inside, s, (p + s).clamp(low, high) - p.clamp(low, high))
 
 
 def _sum(first: Optional[LinComb], rest: List[LinComb]) -> LinComb:

@@ -170,6 +170,19 @@ class _Builder:
         return self.space.add(output)
 
 
+    def clip_shift(self, p: LinComb, s: LinComb, clip: tuple):
+        """Stage ``(x0_clipped, clip_shift) = (clamp(p), clamp(p + s) − clamp(p))`` (ops.clip_shift)."""
+        k_all = len(self.space.names)
+        cp, cs = p._padded(k_all)[:, 0, :], s._padded(k_all)[:, 0, :]
+        order = [j for j in range(k_all) if bool((cp[:, j] != 0).any() or (cs[:, j] != 0).any())]
+        if len(order) > ops.MAX_K:
+            raise _TooMany()
+        rows = [[self._row(c[:, j]) for j in order][0] for c in (cp, cs)]
+        self.stages.append(Stage("clip-shift", [self.space.names[j] for j in order], 0, rows, [], clip,
+                                 "x0_clipped,clip_shift"))
+        return self.space.add("x0_clipped"), self.space.add("clip_shift")
+
+
 class _TooMany(Exception):
     pass
 
@@ -238,13 +251,12 @@ def _program(run, sc: Dict[str, torch.Tensor], noisy: bool, extra, first_row):
         renoise = None
         if run.clip is not None and run.clip_eps == "model":
             renoise = ctx.eps_of_x0(x0_guided)
-        if run.clip is not None and not isinstance(run.branch, APG) and not (proj is not None and proj.policy == "C"):
-            x0_pre = bld.stage("linear", {"coef": x0_pre}, {}, "x0_clipped", clamp=run.clip)
         if run.clip is not None and shifts:   # the clipped shift as an operand of its own (sampling._step_body)
-            x0_gc = bld.stage("linear", {"coef": x0_guided}, {}, "x0_guided_clipped", clamp=run.clip)
-            shift = bld.stage("linear", {"coef": x0_gc - x0_pre}, {}, "clip_shift")
+            x0_pre, shift = bld.clip_shift(x0_pre, _sum(shifts), run.clip)
             x0_guided, shifts = x0_pre + shift, [shift]
         elif run.clip is not None:
+            if not isinstance(run.branch, APG) and not (proj is not None and proj.policy == "C"):
+                x0_pre = bld.stage("linear", {"coef": x0_pre}, {}, "x0_clipped", clamp=run.clip)
             x0_guided = x0_pre
         den = x0_pre * c_0
         if renoise is not None:
@@ -290,7 +302,7 @@ def _sum(items: List[LinComb]) -> LinComb:
 
 
 def _inputs(bld: _Builder) -> List[str]:
-    produced = {s.output for s in bld.stages}
+    produced = {name for s in bld.stages for name in s.output.split(",")}
     names = []
     for s in bld.stages:
         names += [n for n in s.operands if n not in produced and n not in names]
@@ -305,6 +317,11 @@ def run_stages(run, variant: Variant, column: torch.Tensor, tensors: Dict[str, t
     for st in variant.stages:
         operands = [tensors[name] for name in st.operands]
         k = len(operands)
+        if st.policy == "clip-shift":
+            coef_p, coef_s = (column[r:r + k].view(1, k) for r in st.vector_rows)
+            tensors["x0_clipped"], tensors["clip_shift"] = ops.clip_shift_unchecked(coef_p, coef_s, operands,
+                                                                                    st.clamp, run.backend)
+            continue
         gram = ops.reduce_unchecked(operands[:st.n_gram], run.groups, run.backend)[0] if st.n_gram else None
         vectors = [column[r:r + k].view(1, 1, k) for r in st.vector_rows]
         scalars = [column[v:v + 1] if kind == "row" else v for kind, v in st.scalars]

@@ -130,7 +130,8 @@ def combine(coef: torch.Tensor, operands: Sequence[torch.Tensor], out: Optional[
         raise ValueError(f"operands: backend {name!r} takes at most {MAX_K} operands, got {len(operands)}")
     if coef.dtype not in FLOAT_DTYPES:
         raise TypeError(f"coef: expected a floating dtype, got {coef.dtype}")
-    coef = coef.to(reference.accumulation_dtype(operands[0].dtype)).contiguous()
+    acc = reference.combine_dtype if name == "native" else reference.accumulation_dtype
+    coef = coef.to(acc(operands[0].dtype)).contiguous()
     target = out if out is None or out.is_contiguous() else None
     result = _implementation(name).combine(coef, _contiguous(operands), out=target, clamp=clamp)
     return out.copy_(result) if out is not None and target is None else result
@@ -267,5 +268,40 @@ def fused_unchecked(policy: str, backend: str, operands: List[torch.Tensor], gra
                                  {n: s.reshape(-1, 1, 1) for n, s in zip(names_s, scalars)})
     if backend == "reference":
         return reference.combine(coef, operands, clamp=clamp)
-    coef = coef.expand(b, g, k).to(reference.accumulation_dtype(operands[0].dtype)).contiguous()
+    acc = reference.combine_dtype if backend == "native" else reference.accumulation_dtype
+    coef = coef.expand(b, g, k).to(acc(operands[0].dtype)).contiguous()
     return _implementation(backend).combine(coef, operands, clamp=clamp)
+
+
+def clip_shift(coef_p: torch.Tensor, coef_s: torch.Tensor, operands: Sequence[torch.Tensor], clip: tuple,
+               backend: str = "auto"):
+    """A clipped x̂_0 and the clipped guidance shift, in one pass where possible.
+
+    With ``p = Σ_k coef_p[b, k] op_k`` and ``s = Σ_k coef_s[b, k] op_k`` (``coef``: ``[B, K]``
+    or ``[1, K]``), returns ``(clamp(p), clamp(p + s) − clamp(p))``; the shift is exactly ``s``
+    where neither side clips, so it keeps ``s``'s relative precision (issue 12)."""
+    check_operands(operands)
+    b, k = operands[0].shape[0], len(operands)
+    for name, c in (("coef_p", coef_p), ("coef_s", coef_s)):
+        if not isinstance(c, torch.Tensor) or c.dim() != 2 or c.shape[0] not in (1, b) or c.shape[1] != k:
+            got = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
+            raise ValueError(f"{name}: expected a [B={b} or 1, K={k}] tensor, got {got}")
+        if c.device != operands[0].device:
+            raise ValueError(f"{name}: on {c.device}, but the operands are on {operands[0].device}")
+    if coef_p.shape != coef_s.shape:
+        raise ValueError(f"coef_p and coef_s: shapes differ ({tuple(coef_p.shape)} vs {tuple(coef_s.shape)})")
+    if not isinstance(clip, (tuple, list)) or len(clip) != 2 or not clip[0] < clip[1]:
+        raise ValueError(f"clip: expected (low, high) with low < high, got {clip!r}")
+    name = resolve_backend(backend, operands[0].device)
+    if name != "reference" and len(operands) > MAX_K:
+        raise ValueError(f"operands: backend {name!r} takes at most {MAX_K} operands, got {len(operands)}")
+    dtype = reference.coefficient_dtype(operands[0].dtype)
+    return clip_shift_unchecked(coef_p.to(dtype), coef_s.to(dtype),
+                                _contiguous(operands) if name != "reference" else list(operands), clip, name)
+
+
+def clip_shift_unchecked(coef_p, coef_s, operands: List[torch.Tensor], clip: tuple, backend: str):
+    """:func:`clip_shift` without checks (native: one C++ pass; else the reference formula)."""
+    if backend == "native" and operands[0].device.type == "cpu":
+        return native_backend.clip_shift(coef_p, coef_s, operands, clip)
+    return reference.clip_shift(coef_p, coef_s, operands, clip)

@@ -66,6 +66,13 @@ def _register_fakes() -> None:
         def _fused_combine_fake(policy, operands, gram, vectors, scalars, low, high):
             return torch.empty_like(operands[0], memory_format=torch.contiguous_format)
 
+    if torch._C._dispatch_has_kernel_for_dispatch_key("gradguide::clip_shift", "CPU"):
+        @torch.library.register_fake("gradguide::clip_shift")
+        def _clip_shift_fake(coef_p, coef_s, operands, low, high):
+            like = operands[0]
+            return (torch.empty_like(like, memory_format=torch.contiguous_format),
+                    torch.empty_like(like, memory_format=torch.contiguous_format))
+
 
 def fused_combine(policy, operands, gram, vectors, scalars, clamp=None):
     """``gradguide::fused_combine``: the policy's coefficient program (float64) and the combine."""
@@ -73,6 +80,11 @@ def fused_combine(policy, operands, gram, vectors, scalars, clamp=None):
     return torch.ops.gradguide.fused_combine(policy, operands, gram, vectors, scalars,
                                              None if low is None else float(low),
                                              None if high is None else float(high))
+
+
+def clip_shift(coef_p, coef_s, operands, clip):
+    """``gradguide::clip_shift``: ``clamp(p)`` and ``clamp(p + s) − clamp(p)`` in one pass."""
+    return torch.ops.gradguide.clip_shift(coef_p, coef_s, list(operands), float(clip[0]), float(clip[1]))
 
 
 def reduce(operands, groups: int = 1):
