@@ -25,6 +25,7 @@ import torch
 from . import ops, predictions
 from .debug import forbid_host_sync
 from .guidance.base import GuidanceTerm, StepContext
+from .guidance.cfg import BranchInputsError, batch_branch_inputs, split_branches
 from .linear import LinComb, Operands
 from .projection import PixelAsParam, step_telemetry
 from .samplers import SAMPLERS, SamplerTables, build
@@ -71,33 +72,56 @@ class _Run:
     step_ids: torch.Tensor = field(default=None)
     timestep_list: List[int] = field(default_factory=list)
     clip_eps: str = "clipped"
+    check_finite: object = "end"
+    needs_x0: bool = False       # a sampler slot stores the guided x̂_0
+    uncond: dict = field(default_factory=dict)     # the unconditional branch's model inputs
+    batched: Optional[dict] = None                 # both branches' inputs stacked for one 2B call
     plan: object = None                  # stepplan.StepPlan when the step is a built-in program
     fused_reason: Optional[str] = None   # why not, otherwise
 
 
-def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler: str = "ddpm",
+CHECK_FINITE = ("end", "step", False)
+
+
+def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler: Optional[str] = None,
            steps=None, eta: float = 0.0, guidance: Union[GuidanceTerm, Sequence[GuidanceTerm]] = (),
            projection: Optional[PixelAsParam] = None, cond: Optional[dict] = None,
            x_T: Optional[torch.Tensor] = None, generator=None, backend: str = "auto", graph=False,
-           callback: Optional[Callable[[StepRecord], None]] = None, prediction: str = "eps",
-           variance: str = "fixed-small", clip=None, clip_eps: str = "clipped", spacing: str = "adm",
-           timesteps: Optional[Timesteps] = None,
+           callback: Optional[Callable[[StepRecord], None]] = None, prediction: Optional[str] = None,
+           variance: Optional[str] = None, clip=None, clip_eps: Optional[str] = None, spacing: str = "adm",
+           timesteps: Optional[Timesteps] = None, sigmas=None,
            device=None, dtype: Optional[torch.dtype] = None, telemetry: bool = False, progress: bool = False,
-           check_sync: bool = False, fused: bool = True) -> torch.Tensor:
+           check_sync: bool = False, check_finite="end", batch_branches="auto",
+           fused: bool = True) -> torch.Tensor:
     """Draw samples from a diffusion model with guidance.
 
     ``model(x_t, t, **cond)`` returns the model's prediction (``prediction``: ``"eps"``,
     ``"x0"`` or ``"v"``; with ``variance="learned-range"`` twice the channels, ADM style);
     ``t`` is an int64 ``[B]`` tensor of original training timesteps (0-based).
 
-    ``sampler``: ``"ddpm"``, ``"ddim"`` (with ``eta``) or ``"dpmpp-2m"``. ``steps``: ``None``
+    ``sampler``: ``"ddpm"``, ``"ddim"`` (with ``eta``), ``"dpmpp-2m"``, ``"dpmpp-2m-sde"``,
+    ``"euler"``, ``"euler_a"``, ``"heun"``, ``"lms"``, ``"plms"`` or ``"unipc"``
+    (:mod:`gradguide.samplers`); default
+    ``schedule.suggested_sampler`` (``"ddpm"`` for a plain :class:`Schedule`; the matching
+    sampler for a diffusers scheduler). ``steps``: ``None``
     (all T), a count, an ADM section string, or explicit timesteps; ``spacing``: ``"adm"``
     (default), ``"leading"``, ``"trailing"``, ``"linspace"``; ``timesteps`` overrides both.
+    ``sigmas``: k-diffusion-style σ-space timesteps instead (a decreasing list ending where
+    sampling ends, usually 0, e.g. :func:`gradguide.sigmas_karras`): the model is called at
+    fractional timesteps ``schedule.sigma_to_t(σ)``, ``x_T`` is scaled to ``σ_0 · x_T`` and the
+    σ-space sample is returned, as k-diffusion's samplers do.
+    Defaults travel with the model and schedule: ``prediction``, ``variance``, ``clip``,
+    ``clip_eps`` left at ``None`` are taken from ``model.sample_defaults`` and
+    ``schedule.sample_defaults`` (what :func:`gradguide.from_diffusers` learnt from the
+    scheduler), else ``"eps"``, ``"fixed-small"``, no clipping, ``"clipped"``; sampler
+    settings (DPM-Solver's ``solver_type``, DDPM's final-step noise rule, ...) come from
+    ``schedule.sampler_options``.
     ``guidance``: one term or several (:mod:`gradguide.guidance`); ``projection``: a
     :class:`~gradguide.PixelAsParam`. ``cond``: inputs passed to the model and guidance terms.
     ``x_T``: the initial noise (default: drawn with ``generator``; a list of B generators
-    draws each sample's noise from its own). ``clip``: ``None`` (default), ``True`` for
-    [−1, 1], or ``(low, high)``: clips x̂_0 (image models). ``clip_eps``: the ε a clipped step
+    draws each sample's noise from its own). ``clip``: ``None`` (default: the model's or
+    schedule's default, else off), ``False``, ``True`` for [−1, 1], or ``(low, high)``: clips
+    x̂_0 (image models). ``clip_eps``: the ε a clipped step
     re-noises with: ``"clipped"`` (default; consistent with the clipped x̂_0, as GLIDE/ADM and
     diffusers' ``use_clipped_model_output=True``) or ``"model"`` (the unclipped one, diffusers'
     DDIM default; meant for DDIM). ``backend``: ops backend.
@@ -106,20 +130,49 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     ``graph``: ``True`` captures the step as a CUDA graph and replays it (CUDA only; on CPU a
     one-line notice, then eager); a :class:`~gradguide.graphs.GraphCache` keeps captures across calls.
     ``check_sync``: raise if any step synchronises with the host.
+    ``check_finite``: the finiteness policy. ``"end"`` (default): one check of the returned
+    samples (one host sync after the loop); non-finite samples raise a ValueError instead of
+    being returned. ``"step"`` (or ``True``): every model output and every ``x_(t-1)`` is
+    checked, and the error names the first step and call that went non-finite (one host sync
+    per model call; not with ``graph`` capture or ``check_sync``). ``False``: no check, NaN/inf
+    propagate. float16/bfloat16 runs combine in float32 and round once per step; a model
+    output, guidance gradient or sample beyond the dtype's range (65504 for float16) cannot be
+    stored and becomes inf, which this check reports (use ``dtype=torch.float32`` then).
+    ``batch_branches``: how a two-branch term (CFG, APG, Rescale, CFG-Zero*, CFG++) calls the
+    model: ``"auto"`` (default) evaluates both branches in one call of batch 2B, as diffusers
+    pipelines do, when their inputs stack (same keys, batch tensors, equal other values; see
+    :mod:`gradguide.guidance.cfg`) and calls twice otherwise; ``True`` requires the one call
+    (``ValueError`` naming the input that does not stack); ``False`` calls the model twice
+    (for models that cannot take a mixed batch). Outputs are the same either way.
     ``fused``: ``True`` (default) runs a step that matches a built-in program (:mod:`gradguide.stepplan`)
     as reduce + one fused combine; ``False`` always takes the general LinComb path (its reference).
     Returns the samples ``x_0``, shaped ``shape``.
     """
+    sampler, prediction, variance, clip, clip_eps = _defaults(model, schedule, sampler, prediction, variance, clip,
+                                                              clip_eps)
+    if sigmas is not None:
+        if timesteps is not None or steps is not None:
+            raise ValueError("sigmas: pass either sigmas= or steps=/timesteps=, not both")
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule: expected a gradguide.Schedule, got {type(schedule).__name__}")
+        timesteps = schedule.timesteps_from_sigmas(sigmas)
     run = _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, cond, x_T, generator,
-                   backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry)
+                   backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry,
+                   batch_branches)
     if clip_eps not in ("clipped", "model"):
         raise ValueError(f"clip_eps: expected 'clipped' or 'model', got {clip_eps!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a callable(record) or None, got {type(callback).__name__}")
     run.clip_eps = clip_eps
+    run.check_finite = _check_finite_policy(check_finite, graph, check_sync)
     if not isinstance(fused, bool):
         raise TypeError(f"fused: expected True or False, got {fused!r}")
     _finish_prepare(run, fused)
     stepper = _stepper(run, graph)
     x = x_T.to(run.dtype) if x_T is not None else _noise(run.shape, run.generator, run.device, run.dtype)
+    init_scale, final_scale = run.tables.timesteps.init_scale, run.tables.timesteps.final_scale
+    if init_scale != 1.0:   # σ-space samplers start from σ_max · z (as the variance-preserving x)
+        x = x * init_scale
     state = _initial_state(run, x)
     n = len(run.tables.timesteps)
     bar = _progress(n, progress)
@@ -128,13 +181,59 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
         noise = _noise(run.shape, run.generator, run.device, run.dtype) if run.tables.draws_noise[i] else None
         with forbid_host_sync() if check_sync else contextlib.nullcontext():
             x, state, record = stepper(x, i, state, noise, callback is not None)
+        if run.check_finite == "step" and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"check_finite: x_(t-1) is not finite after step {i} (t = {run.timestep_list[i]}): "
+                             f"the guided update overflowed{_range_hint(run.dtype)} or a guidance term "
+                             "returned NaN/inf")
         if callback is not None:
             callback(record)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    return stepper.finish(x)
+    result = stepper.finish(x)
+    if final_scale != 1.0:   # σ-space samplers return x_σ at the last σ
+        result = result * final_scale
+    if run.check_finite == "end" and not bool(torch.isfinite(result).all()):
+        raise ValueError(f"check_finite: the samples contain NaN or inf (from a finite x_T): a model output, a "
+                         f"guidance gradient or the update went non-finite{_range_hint(run.dtype)}; pass "
+                         "check_finite='step' to find the first step, check_finite=False to get them anyway")
+    return result
+
+
+def _range_hint(dtype: torch.dtype) -> str:
+    if dtype in (torch.float16, torch.bfloat16):
+        return (f" (dtype={dtype} holds magnitudes up to {torch.finfo(dtype).max:.6g}; the ops combine in float32 "
+                "but x_(t-1) is stored in the run's dtype: use dtype=torch.float32)")
+    return ""
+
+
+def _check_finite_policy(value, graph, check_sync):
+    if value is True:
+        value = "step"
+    if value is None or not any(value is v or (isinstance(value, str) and value == v) for v in CHECK_FINITE):
+        raise ValueError(f"check_finite: expected 'end', 'step', True or False, got {value!r}")
+    if value == "step" and (graph not in (False, None) or check_sync):
+        raise ValueError("check_finite: 'step' reads every model output on the host; it cannot run with graph "
+                         "capture or check_sync=True (use 'end')")
+    return value
+
+
+def _defaults(model, schedule, sampler, prediction, variance, clip, clip_eps):
+    """Arguments left at ``None`` from ``model.sample_defaults`` / ``schedule.sample_defaults``
+    (the configuration :func:`gradguide.from_diffusers` learnt), else gradguide's defaults."""
+    found = dict(getattr(schedule, "sample_defaults", None) or {})
+    found.update(getattr(model, "sample_defaults", None) or {})
+    if sampler is None:
+        sampler = getattr(schedule, "suggested_sampler", None) or "ddpm"
+    prediction = prediction if prediction is not None else found.get("prediction", "eps")
+    if variance is None:
+        # a DDPM variance setting only travels to the DDPM sampler
+        variance = found.get("variance", "fixed-small") if sampler == "ddpm" else "fixed-small"
+    if clip is None:
+        clip = found.get("clip")
+    clip_eps = clip_eps if clip_eps is not None else found.get("clip_eps", "clipped")
+    return sampler, prediction, variance, clip, clip_eps
 
 
 def _stepper(run: "_Run", graph):
@@ -188,18 +287,15 @@ def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Di
     t = run.timesteps_dev.index_select(0, idx).expand(run.shape[0])
     x_input = x.detach().requires_grad_(True) if run.needs_input_grad else x
     model_input = x_input if run.needs_model_grad else x.detach()
-    out_c, _ = _call_model(run, model_input, t, run.cond, "model(x_t, t, **cond)")
+    out_c, out_u, _, _ = _model_branches(run, model_input, t)
     tensors = {"x": x.detach(), "model_cond": out_c.detach()}
-    if run.branch is not None:
-        out_u, _ = _call_model(run, model_input, t, run.branch.uncond_inputs(run.cond), "model(x_t, t, **uncond)")
+    if out_u is not None:
         tensors["model_uncond"] = out_u.detach()
     if noise is not None:
         tensors["noise"] = noise
-    if run.tables.multistep:
-        tensors["x0_prev"] = state["x0_prev"]
     if run.score_terms or run.mean_terms:
         ctx = StepContext(ops=Operands(x, backend=run.backend), index=i, t=t, scalars={}, cond=run.cond, x=None,
-                          x_input=x_input, state=state, sampler=run.tables.name)
+                          x_input=x_input, state=state, sampler=run.tables.name, prediction=run.prediction)
         for j, term in enumerate(run.score_terms):
             if isinstance(term, stepplan.LookAhead):   # ∇(gᵀx̂_0) = c_x g + c_o Jᵀg: ask autograd for Jᵀg
                 (tensors["model_vjp"],) = torch.autograd.grad(out_c, x_input, grad_outputs=term.grad)
@@ -211,10 +307,7 @@ def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Di
     if run.backend != "reference":   # kernels address rows as contiguous memory
         tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
     stepplan.run_stages(run, variant, column, tensors)
-    new_state = dict(state)
-    if run.plan.x0_output is not None:
-        new_state["x0_prev"] = tensors[run.plan.x0_output]
-    return tensors["x_next"], new_state, None
+    return tensors["x_next"], dict(state), None
 
 
 def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dict[str, torch.Tensor],
@@ -229,22 +322,23 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     tracked = {"x": x_input}
     X = ops_.add("x", x.detach())
     ctx = StepContext(ops=ops_, index=i, t=t, scalars=scalars, cond=run.cond, x=X, x_input=x_input,
-                      state=state, sampler=run.tables.name)
+                      state=state, sampler=run.tables.name, prediction=run.prediction)
 
     # model branches -> ε forms
-    out_c, log_var = _call_model(run, model_input, t, run.cond, "model(x_t, t, **cond)")
+    out_c, out_u, log_var, log_var_u = _model_branches(run, model_input, t)
     ctx.learned_log_var = _learned_log_var(run, log_var, scalars)
     eps_c = _eps_form(run, ctx, ops_.add("model_cond", out_c.detach()), X)
     tracked["model_cond"] = out_c
     renoise = None
     telemetry = {}
     if run.branch is not None:
-        out_u, _ = _call_model(run, model_input, t, run.branch.uncond_inputs(run.cond), "model(x_t, t, **uncond)")
         eps_u = _eps_form(run, ctx, ops_.add("model_uncond", out_u.detach()), X)
         tracked["model_uncond"] = out_u
         if run.projection is not None and run.projection.policy == "C":
+            if run.projection.sigma_from_uncond and log_var_u is not None:  # the authors' code's σ
+                ctx.learned_log_var = _learned_log_var(run, log_var_u, scalars)
             x0_pre, telemetry = run.projection.combine_cfg(ops_, ctx.x0_of_eps(eps_c), ctx.x0_of_eps(eps_u),
-                                                           run.branch.scale)
+                                                           run.branch.scale, clip=run.clip)
             eps_pre = ctx.eps_of_x0(x0_pre)
         else:
             eps_pre, renoise = run.branch.branches(ctx, eps_c, eps_u)
@@ -273,8 +367,9 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     # the sampler step as directions: base (untouched), denoising, guidance, diversity
     c_0 = scalars["c_0"]
     base = X * scalars["c_x"]
-    if run.tables.multistep:
-        base = base + ops_.add("x0_prev", state["x0_prev"]) * scalars["c_h"]
+    carried = _carried(run, ops_, state, scalars)
+    if carried is not None:   # multistep history, Heun's / UniPC's carried sample, ... (the sampler's slots)
+        base = base + carried
     den = x0_pre * c_0
     if renoise is not None:  # CFG++: re-noise with ε_u instead of the ε consistent with x̂_0
         a_e = scalars["c_x"] * ctx.s
@@ -295,10 +390,9 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     x_new = ops_.combine(x_next)
     new_state = dict(ctx.new_state)
     x0_tensor = None
-    if run.tables.multistep or want_record:
+    if run.needs_x0 or want_record:
         x0_tensor = ops_.combine(x0_guided)
-    if run.tables.multistep:
-        new_state["x0_prev"] = x0_tensor
+    new_state.update(_new_slots(run, scalars, x.detach(), x0_tensor, state))
     for key, value in state.items():
         new_state.setdefault(key, value)
     record = None
@@ -308,6 +402,44 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     return x_new, new_state, record
 
 
+def _carried(run: _Run, ops_: Operands, state: Dict[str, torch.Tensor], scalars) -> Optional[LinComb]:
+    """The carried state's share of the step output, as an operand: one slot is added as it
+    is; several are first summed with this step's coefficients (one operand: the native
+    kernels take at most 8)."""
+    slots = run.tables.slots
+    if not slots:
+        return None
+    if len(slots) == 1:
+        return ops_.add(slots[0], state[slots[0]]) * scalars["c_" + slots[0]]
+    return ops_.add("history", _combine_state(run, scalars, [("c_" + s, state[s]) for s in slots]))
+
+
+def _combine_state(run: _Run, scalars, pairs) -> torch.Tensor:
+    """``Σ scalars[name] · tensor`` in one combine pass (state bookkeeping outside the operands)."""
+    b = run.shape[0]
+    coef = torch.stack([scalars[name] for name, _ in pairs]).view(1, 1, -1).expand(b, 1, -1)
+    tensors = [t for _, t in pairs]
+    return ops.combine(coef.to(ops.reference.accumulation_dtype(tensors[0].dtype)), tensors, backend=run.backend)
+
+
+def _new_slots(run: _Run, scalars, x: torch.Tensor, x0: Optional[torch.Tensor], state) -> Dict[str, torch.Tensor]:
+    """Each slot after the step, from the old slots, x and the guided x̂_0 (all read before any is written)."""
+    sources = {"x": x, "0": x0}
+    sources.update({slot: state[slot] for slot in run.tables.slots})
+    new = {}
+    for slot in run.tables.slots:
+        src = run.tables.moves.get(slot)
+        if src == "0":
+            new[slot] = x0   # a fresh output of this step
+        elif src is not None:
+            # a copy, not the input itself: a captured step's inputs are static buffers that the next
+            # replay overwrites (CUDA graphs), so a state tensor must never alias them
+            new[slot] = sources[src].clone()
+        else:
+            new[slot] = _combine_state(run, scalars, [(f"u_{slot}_{k}", v) for k, v in sources.items()])
+    return new
+
+
 def _sum(first: Optional[LinComb], rest: List[LinComb]) -> LinComb:
     total = first
     for r in rest:
@@ -315,12 +447,31 @@ def _sum(first: Optional[LinComb], rest: List[LinComb]) -> LinComb:
     return total
 
 
-def _call_model(run: _Run, x_in: torch.Tensor, t: torch.Tensor, inputs: dict, what: str):
+def _model_branches(run: _Run, x_in: torch.Tensor, t: torch.Tensor):
+    """``(out_cond, out_uncond or None, learned variance channels of each branch or None)``: one
+    call of batch 2B when ``run.batched`` holds both branches' stacked inputs (unconditional rows
+    first, as diffusers pipelines), else one call per branch. Under G_loss the batched call is
+    also one backward pass through the model."""
+    if run.branch is None:
+        out_c, log_var = _call_model(run, x_in, t, run.cond, "model(x_t, t, **cond)")
+        return out_c, None, log_var, None
+    if run.batched is not None:
+        out, var = _call_model(run, torch.cat([x_in, x_in]), torch.cat([t, t]), run.batched,
+                               "model(cat[x_t, x_t], cat[t, t], **cat[uncond, cond])", batch=2 * run.shape[0])
+        out_c, out_u = split_branches(out, run.shape[0])
+        var_c, var_u = (None, None) if var is None else split_branches(var, run.shape[0])
+        return out_c, out_u, var_c, var_u
+    out_c, log_var = _call_model(run, x_in, t, run.cond, "model(x_t, t, **cond)")
+    out_u, log_var_u = _call_model(run, x_in, t, run.uncond, "model(x_t, t, **uncond)")
+    return out_c, out_u, log_var, log_var_u
+
+
+def _call_model(run: _Run, x_in: torch.Tensor, t: torch.Tensor, inputs: dict, what: str, batch: int = 0):
     out = run.model(x_in, t, **inputs)
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"model: {what} returned {type(out).__name__}, expected a tensor")
+    _check_model_output(run, out, t, what)
     learned = run.tables.learned_variance or run.variance_channels
-    expected = (run.shape[0], run.shape[1] * 2) + tuple(run.shape[2:]) if learned else tuple(run.shape)
+    b = batch or run.shape[0]
+    expected = (b, run.shape[1] * 2) + tuple(run.shape[2:]) if learned else (b,) + tuple(run.shape[1:])
     if tuple(out.shape) != expected:
         raise ValueError(f"model: {what} returned shape {tuple(out.shape)}, expected {expected}"
                          + (" (learned-range variance: twice the channels)" if learned else ""))
@@ -328,6 +479,19 @@ def _call_model(run: _Run, x_in: torch.Tensor, t: torch.Tensor, inputs: dict, wh
         out, var_channels = out.split(run.shape[1], dim=1)
         return out.to(run.dtype), var_channels
     return out.to(run.dtype), None
+
+
+def _check_model_output(run: _Run, out, t: torch.Tensor, what: str) -> None:
+    """A model output must be a real floating tensor on the run's device (never cast from int,
+    bool or complex); under ``check_finite="step"`` it must also be finite."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"model: {what} returned {type(out).__name__}, expected a tensor")
+    if out.dtype not in ops.FLOAT_DTYPES:
+        raise TypeError(f"model: {what} returned dtype {out.dtype}, expected a real floating dtype")
+    if out.device != run.device:
+        raise ValueError(f"model: {what} returned a tensor on {out.device}, but the samples are on {run.device}")
+    if run.check_finite == "step" and not bool(torch.isfinite(out).all()):
+        raise ValueError(f"model: {what} returned NaN or inf at t = {int(t[0])} (check_finite='step')")
 
 
 def _learned_log_var(run: _Run, var_channels, scalars):
@@ -349,7 +513,13 @@ def _tracked_x0(ops_: Operands, tracked: Dict[str, torch.Tensor], x0: LinComb):
 
     def compute():
         if "x0" not in cache:
-            tensors = [tracked.get(name, tensor) for name, tensor in zip(ops_.names, ops_.tensors)]
+            tensors = []
+            for name, tensor in zip(ops_.names, ops_.tensors):
+                if name in ops_.recipes:   # a materialised (e.g. clipped) operand: recompute it with autograd
+                    c, clamp = ops_.recipes[name]
+                    c = torch.nn.functional.pad(c, (0, len(tensors) - c.shape[-1])).expand(ops_.batch, ops_.groups, -1)
+                    tensor = ops.reference.combine(c, tensors, clamp=clamp)
+                tensors.append(tracked.get(name, tensor))
             k = len(tensors)
             c = torch.nn.functional.pad(coef, (0, k - coef.shape[-1])).expand(ops_.batch, ops_.groups, -1)
             cache["x0"] = ops.reference.combine(c, tensors)
@@ -373,9 +543,7 @@ def _noise(shape, generator, device, dtype) -> torch.Tensor:
 
 
 def _initial_state(run: _Run, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-    state = {}
-    if run.tables.multistep:
-        state["x0_prev"] = torch.zeros_like(x)
+    state = {name: torch.zeros_like(x) for name in run.tables.slots}
     for term in [run.branch] + run.score_terms + run.mean_terms + run.post_terms:
         if term is not None:
             state.update(term.initial_state(x))
@@ -392,7 +560,8 @@ def _progress(n: int, enabled: bool):
 # -- validation -----------------------------------------------------------------------------
 
 def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, cond, x_T, generator,
-             backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry) -> _Run:
+             backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry,
+             batch_branches="auto") -> _Run:
     if not callable(model):
         raise TypeError(f"model: expected a callable model(x_t, t, **cond), got {type(model).__name__}")
     if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) < 2 or \
@@ -414,6 +583,8 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     if x_T is not None:
         if not isinstance(x_T, torch.Tensor):
             raise TypeError(f"x_T: expected a tensor, got {type(x_T).__name__}")
+        if x_T.device.type == "meta":
+            raise ValueError("x_T: a meta tensor holds no values; sampling needs a cpu or cuda tensor")
         if tuple(x_T.shape) != shape:
             raise ValueError(f"x_T: shape {tuple(x_T.shape)} does not match shape={shape}")
         if not x_T.is_floating_point():
@@ -425,7 +596,7 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
         if not torch.isfinite(x_T).all():
             raise ValueError("x_T: contains NaN or inf values")
         device, dtype = x_T.device, x_T.dtype
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = _check_device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = dtype or torch.float32
@@ -437,9 +608,7 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     if cond is not None and not isinstance(cond, dict):
         raise TypeError(f"cond: expected a dict of keyword inputs for the model, got {type(cond).__name__}")
     cond = dict(cond or {})
-    for key, value in cond.items():
-        if isinstance(value, torch.Tensor) and value.device != device:
-            raise ValueError(f"cond[{key!r}]: on {value.device}, but the samples are on {device}")
+    _check_inputs("cond", cond, shape[0], device)
 
     # timesteps and sampler tables
     if timesteps is None:
@@ -449,11 +618,18 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     if variance == "learned-range" and sampler != "ddpm":
         raise ValueError(f"variance='learned-range' is DDPM's; sampler={sampler!r} ignores model variances "
                          "(split the model output yourself or use sampler='ddpm')")
-    tables = build(sampler, timesteps, eta=eta, variance=variance)
+    if timesteps.abar[0] == 0 and prediction == "eps":
+        raise ValueError("prediction='eps' cannot start at ᾱ = 0 (zero terminal SNR): x̂_0 = (x − √(1−ᾱ) ε)/√ᾱ is "
+                         "undefined there; zero-terminal-SNR schedules need a v- or x0-prediction model (Lin et al. 2024)")
+    options = dict((getattr(schedule, "sampler_options", None) or {}).get(sampler, {}))
+    tables = build(sampler, timesteps, eta=eta, variance=variance, **options)
     if sampler != "ddim" and eta != 0.0:
         raise ValueError(f"eta: only the DDIM sampler takes eta, got eta={eta} with sampler={sampler!r}")
 
     # guidance terms
+    if guidance is not None and not isinstance(guidance, (GuidanceTerm, list, tuple)):
+        raise TypeError(f"guidance: expected a guidance term (gradguide.CFG, Classifier, ...) or a list of them, "
+                        f"got {type(guidance).__name__}")
     terms = [guidance] if isinstance(guidance, GuidanceTerm) else list(guidance or ())
     for j, term in enumerate(terms):
         if not isinstance(term, GuidanceTerm):
@@ -469,6 +645,12 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
             raise ValueError(f"guidance: {type(term).__name__} needs a conditional model: pass cond= with the "
                              "conditioning inputs (and uncond= on the term for the unconditional branch)")
     branch = branch_terms[0] if branch_terms else None
+    if branch is not None:
+        uncond = branch.uncond_inputs(cond)
+        if not isinstance(uncond, dict):
+            raise TypeError(f"{type(branch).__name__}: uncond: expected a dict (or a callable returning one), "
+                            f"got {type(uncond).__name__}")
+        _check_inputs(f"{type(branch).__name__}: uncond", uncond, shape[0], device)
     score_terms = [t for t in terms if t.place == "score"]
     mean_terms = [t for t in terms if t.place == "mean"]
     post_terms = [t for t in terms if t.place == "post"]
@@ -488,14 +670,18 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
         clip = (-1.0, 1.0)
     elif clip is False:
         clip = None
-    if clip is not None and (not isinstance(clip, (tuple, list)) or len(clip) != 2 or clip[0] >= clip[1]):
+    if isinstance(clip, (tuple, list)):  # 0-d tensor bounds are read once here, before the loop
+        clip = tuple(float(c) if isinstance(c, torch.Tensor) and c.numel() == 1 and c.is_floating_point()
+                     and c.device.type != "meta" else c for c in clip)
+    clip = ops.check_clamp(clip, "clip")   # the ops' clamp rule: numbers, no NaN
+    if clip is not None and (None in clip or not clip[0] < clip[1]):
         raise ValueError(f"clip: expected None, True or (low, high) with low < high, got {clip!r}")
 
     resolved = ops.resolve_backend(backend, device)
     compute = ops.reference.coefficient_dtype(dtype)
     rows, index = tables.stacked(device, compute)
     run = _Run(model=model, shape=shape, device=device, dtype=dtype, tables=tables, table_rows=rows,
-               table_index=index, timesteps_dev=timesteps.t.to(device), prediction=prediction, branch=branch,
+               table_index=index, timesteps_dev=tables.timesteps.t.to(device), prediction=prediction, branch=branch,
                score_terms=score_terms, mean_terms=mean_terms, post_terms=post_terms, projection=projection,
                cond=cond, clip=tuple(clip) if clip is not None else None, backend=resolved,
                telemetry=telemetry, generator=generator,
@@ -503,9 +689,60 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     run.needs_model_grad = any(t.needs_model_grad for t in terms)
     run.needs_input_grad = run.needs_model_grad or any(t.needs_input_grad for t in terms)
     run.variance_channels = variance == "learned-range"
-    run.step_ids = torch.arange(len(timesteps), device=device)
-    run.timestep_list = timesteps.t.tolist()
+    run.needs_x0 = tables.needs_x0()
+    run.step_ids = torch.arange(len(tables.timesteps), device=device)
+    run.timestep_list = tables.timesteps.t.tolist()
+    if branch is not None:
+        run.uncond, run.batched = _branch_inputs(branch, cond, uncond, shape[0], batch_branches)
+    elif batch_branches not in ("auto", True, False):
+        raise ValueError(f"batch_branches: expected 'auto', True or False, got {batch_branches!r}")
     return run
+
+
+def _check_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    if not isinstance(device, (str, torch.device, int)) or isinstance(device, bool):
+        raise TypeError(f"device: expected a torch.device or a string such as 'cpu' or 'cuda', "
+                        f"got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"device: {device!r} is not a device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {str(device)!r} requested, but CUDA is not available "
+                         f"(torch {torch.__version__}{' is a CPU-only build' if torch.version.cuda is None else ''})")
+    if device.type == "meta":
+        raise ValueError("device: meta tensors hold no values; sampling needs 'cpu' or 'cuda'")
+    return device
+
+
+def _check_inputs(name: str, inputs: dict, batch: int, device: torch.device) -> None:
+    """Model inputs (``cond``, CFG's ``uncond``): tensors on the samples' device, batched like them."""
+    for key, value in inputs.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.device != device:
+            raise ValueError(f"{name}[{key!r}]: on {value.device}, but the samples are on {device}")
+        if value.dim() >= 1 and value.shape[0] != batch:
+            raise ValueError(f"{name}[{key!r}]: leading (batch) dimension {value.shape[0]}, but the batch has "
+                             f"B = {batch} samples; give one row per sample")
+
+
+def _branch_inputs(branch: GuidanceTerm, cond: dict, uncond: dict, b: int, batch_branches):
+    """The unconditional branch's inputs (computed once per run) and, where the two branches
+    are evaluated in one call, their stacked inputs (see :mod:`gradguide.guidance.cfg`)."""
+    if batch_branches not in ("auto", True, False):
+        raise ValueError(f"batch_branches: expected 'auto', True or False, got {batch_branches!r}")
+    if batch_branches is False:
+        return uncond, None
+    try:
+        return uncond, batch_branch_inputs(uncond, cond, b)
+    except BranchInputsError as exc:
+        if batch_branches is True:
+            raise ValueError(f"batch_branches=True: {type(branch).__name__}'s two branches cannot share one model "
+                             f"call: {exc} (or pass batch_branches=False)") from None
+        return uncond, None
 
 
 def _check_generator(generator, shape, device) -> None:

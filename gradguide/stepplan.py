@@ -20,8 +20,8 @@ materialising combine per clipped quantity (clipping is not linear).
 Built-in programs (anything else takes the general path, which stays the truth the fused
 path is tested against in tests/test_fused_step.py):
 
-- samplers DDPM, DDIM, DPM-Solver++(2M) (multistep: with a linear x̂_0, i.e. without APG /
-  policy C / G_loss); ε, x0 and v predictions; fixed variances;
+- samplers DDPM and DDIM (samplers that carry state between steps — multistep, Heun, UniPC,
+  PLMS — take the general path); ε, x0 and v predictions; fixed variances;
 - guidance: none, :class:`~gradguide.CFG`, :class:`~gradguide.APG` (no momentum),
   :class:`~gradguide.Classifier` (mean or score form, any number), one
   :class:`~gradguide.LookAhead` alone (no clipping);
@@ -73,11 +73,12 @@ class Variant:
 @dataclass
 class StepPlan:
     variants: Dict[bool, Variant] = field(default_factory=dict)   # keyed by "draws noise"
-    x0_output: Optional[str] = None      # multistep: the stage output that is the next x0_prev
 
 
 def unsupported(run) -> Optional[str]:
     """Why ``run``'s step is not a built-in program (``None`` if it is)."""
+    if run.tables.name not in ("ddpm", "ddim") or run.tables.slots:
+        return f"sampler {run.tables.name!r} (carried state or not a built-in program)"
     if run.tables.learned_variance or run.variance_channels:
         return "learned-range variance"
     if run.telemetry:
@@ -87,8 +88,8 @@ def unsupported(run) -> Optional[str]:
     branch, proj = run.branch, run.projection
     if branch is not None and type(branch) not in (CFG, APG):
         return f"{type(branch).__name__} guidance"
-    if isinstance(branch, APG) and branch.momentum != 0.0:
-        return "APG momentum"
+    if isinstance(branch, APG) and (branch.momentum != 0.0 or branch.convention != "paper"):
+        return "APG momentum or a diffusers convention"
     for term in run.score_terms + run.mean_terms:
         if type(term) not in (Classifier, LookAhead):
             return f"{type(term).__name__} guidance"
@@ -101,8 +102,6 @@ def unsupported(run) -> Optional[str]:
         return "APG / policy C with further guidance terms"
     if proj is not None and proj.pcgrad:
         return "PCGrad projection"
-    if run.tables.multistep and (gram_x0 or lookahead):
-        return "multistep sampler with a data-dependent x̂_0"
     if gram_x0 and run.clip is not None and run.clip_eps == "model":
         return "clip_eps='model' with a data-dependent x̂_0"
     return None
@@ -120,11 +119,10 @@ def build(run) -> Optional[StepPlan]:
     first_row = run.table_rows.shape[0]
     plan = StepPlan()
     for noisy in sorted(set(run.tables.draws_noise)):
-        variant, x0_output = _program(run, scalars, noisy, extra, first_row)
+        variant = _program(run, scalars, noisy, extra, first_row)
         if variant is None:
             return None
         plan.variants[noisy] = variant
-        plan.x0_output = x0_output
     if extra:
         table = torch.stack(extra).to(device=run.table_rows.device, dtype=run.table_rows.dtype)
         run.table_rows = torch.cat([run.table_rows, table])
@@ -200,7 +198,7 @@ def _program(run, sc: Dict[str, torch.Tensor], noisy: bool, extra, first_row):
     sp = SymbolicOperands(n)
     X = sp.add("x")
     ctx = StepContext(ops=sp, index=0, t=None, scalars=sc, cond={}, x=X, x_input=None, state={},
-                      sampler=run.tables.name)
+                      sampler=run.tables.name, prediction=run.prediction)
     bld = _Builder(sp, extra, first_row, n)
     eps_c = predictions.eps_from(run.prediction, sp.add("model_cond"), X, ctx.a, ctx.s)
     eps_u = None
@@ -208,8 +206,6 @@ def _program(run, sc: Dict[str, torch.Tensor], noisy: bool, extra, first_row):
         eps_u = predictions.eps_from(run.prediction, sp.add("model_uncond"), X, ctx.a, ctx.s)
     c_0 = sc["c_0"]
     base = X * sc["c_x"]
-    if run.tables.multistep:
-        base = base + sp.add("x0_prev") * sc["c_h"]
     noise_terms = []
     div = sp.add("noise") * sc["sigma"] if noisy else None
     if div is not None:
@@ -227,11 +223,14 @@ def _program(run, sc: Dict[str, torch.Tensor], noisy: bool, extra, first_row):
                 policy = "pxp-c"
                 vectors = {"x0_cond": ctx.x0_of_eps(eps_c), "x0_uncond": ctx.x0_of_eps(eps_u)}
                 scalars = {"scale": run.branch.scale, "delta": proj.delta, "delta2": proj.delta2}
+                if run.clip is not None and proj.convention == "official":   # branches clipped first
+                    vectors = {name: bld.stage("linear", {"coef": v}, {}, f"{name}_clipped", clamp=run.clip)
+                               for name, v in vectors.items()}
             gram_vectors = tuple(vectors)
             if run.clip is None:
                 vectors["base"] = _sum([base] + noise_terms)
                 bld.stage(policy, vectors, dict(scalars, post=c_0), "x_next", gram_vectors=gram_vectors)
-                return Variant(bld.stages, _inputs(bld)), None
+                return Variant(bld.stages, _inputs(bld))
             x0_pre = bld.stage(policy, dict(vectors, base=sp.zero()), dict(scalars, post=1.0), "x0_clipped",
                                gram_vectors=gram_vectors, clamp=run.clip)
         elif run.branch is not None:   # CFG: linear
@@ -265,10 +264,6 @@ def _program(run, sc: Dict[str, torch.Tensor], noisy: bool, extra, first_row):
         for j, term in enumerate(run.mean_terms):   # Classifier, mean form: μ += s Σ ∇log p
             guides.append(sp.add(f"classifier_grad_mean{j}") * (sc["var_mean"] * term.scale))
 
-        x0_output = None
-        if run.tables.multistep:
-            bld.stage("linear", {"coef": x0_guided}, {}, "x0_out")
-            x0_output = "x0_out"
         if lookahead is not None:
             r, v = sp.add("reward_grad"), sp.add("model_vjp")
             k_x, k_m = sp.names.index("x"), sp.names.index("model_cond")
@@ -290,8 +285,8 @@ def _program(run, sc: Dict[str, torch.Tensor], noisy: bool, extra, first_row):
             bld.stage("linear", {"coef": _sum([base, den] + guides + noise_terms)}, {}, "x_next")
     except _TooMany:
         run.fused_reason = f"more than {ops.MAX_K} operands in one pass"
-        return None, None
-    return Variant(bld.stages, _inputs(bld)), x0_output
+        return None
+    return Variant(bld.stages, _inputs(bld))
 
 
 def _sum(items: List[LinComb]) -> LinComb:
