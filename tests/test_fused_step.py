@@ -203,3 +203,88 @@ def test_callback_records_use_the_general_step():
     records = []
     _run("ddim", "cfg", "none", None, fused=True, callback=records.append)
     assert len(records) == 5 and records[-1].x0 is not None
+
+
+# -- the native ops behind the fused step ---------------------------------------------------------
+
+NATIVE = gg.ops.available_backends("cpu")["native"] is True
+
+
+@pytest.mark.skipif(not NATIVE, reason="native ops not built")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("policy", ["linear", "pxp-a", "pxp-b", "pxp-c", "apg", "lookahead"])
+def test_native_fused_combine_matches_the_torch_program(policy, dtype):
+    """Broadcast [1, 1, K] vectors, a Gram over the first Kg < K operands, per-group rows,
+    per-sample scalars: the C++ program equals policies.coefficients + the reference combine."""
+    from gradguide.ops import policies
+    g = torch.Generator().manual_seed(3)
+    shape, k, groups = (3, 2, 7, 5), 5, 2
+    operands = [torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) for _ in range(k)]
+    names_v, names_s = policies.POLICIES[policy]
+    kg = k - 1 if policies.NEEDS_GRAM[policy] else 0
+    vectors = [torch.randn(1, 1, k, generator=g, dtype=torch.float64) for _ in names_v]
+    if kg:   # vectors whose inner products are taken vanish beyond Kg; "base"/"coef" need not
+        vectors = [v if n in ("base", "coef") else torch.cat([v[..., :kg], torch.zeros(1, 1, k - kg,
+                                                                                       dtype=torch.float64)], -1)
+                   for n, v in zip(names_v, vectors)]
+    scalars = [torch.rand(3, generator=g, dtype=torch.float64) + 0.5 for _ in names_s]
+    gram = gg.ops.reduce(operands[:kg], groups, backend="reference")[0] if kg else None
+    got = gg.ops.fused_unchecked(policy, "native", operands, gram, vectors, scalars, groups if kg else 1)
+    want = gg.ops.fused_unchecked(policy, "reference", operands, gram, vectors, scalars, groups if kg else 1)
+    tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 1e-6, torch.float64: 1e-12}[dtype]
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not NATIVE, reason="native ops not built")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_native_clip_shift_matches_reference_and_is_exact_inside(dtype):
+    g = torch.Generator().manual_seed(4)
+    operands = [(2 * torch.randn(2, 3, 1023, generator=g, dtype=torch.float64)).to(dtype) for _ in range(3)]
+    coef_p = torch.tensor([[0.7, -0.2, 0.0]], dtype=torch.float64)
+    coef_s = torch.tensor([[0.0, 0.0, 1e-3]], dtype=torch.float64)
+    got = gg.ops.clip_shift(coef_p, coef_s, operands, (-1.0, 1.0), backend="native")
+    want = gg.ops.clip_shift(coef_p, coef_s, operands, (-1.0, 1.0), backend="reference")
+    tol = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-6, torch.float64: 1e-12}[dtype]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol)
+    clipped, shift = got
+    assert clipped.abs().max() <= 1
+    p = 0.7 * operands[0].double() - 0.2 * operands[1].double()
+    s = 1e-3 * operands[2].double()
+    inside = (p.abs() < 1 - 1e-2) & ((p + s).abs() < 1 - 1e-2)
+    # where nothing clips the shift is s itself, to s's own precision (not p's)
+    torch.testing.assert_close(shift.double()[inside], s[inside].to(dtype).double(), rtol=tol, atol=0)
+
+
+@pytest.mark.skipif(not NATIVE, reason="native ops not built")
+def test_native_fused_ops_opcheck():
+    g = torch.Generator().manual_seed(5)
+    operands = [torch.randn(2, 3, 8, generator=g) for _ in range(4)]
+    gram = gg.ops.reduce(operands[:3], 3, backend="native")[0]
+    vectors = [torch.randn(1, 1, 4, generator=g, dtype=torch.float64) for _ in range(4)]
+    vectors = [v if j == 0 else torch.cat([v[..., :3], torch.zeros(1, 1, 1, dtype=torch.float64)], -1)
+               for j, v in enumerate(vectors)]
+    torch.library.opcheck(torch.ops.gradguide.fused_combine.default,
+                          ("pxp-a", operands, gram, vectors, [torch.ones(1, dtype=torch.float64)], None, 1.5))
+    torch.library.opcheck(torch.ops.gradguide.fused_combine.default,
+                          ("linear", operands, None, vectors[:1], [], -1.0, None))
+    coef = torch.randn(1, 4, generator=g, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.gradguide.clip_shift.default, (coef, 0.01 * coef, operands, -1.0, 1.0))
+
+
+def test_compiled_fused_step_fullgraph_equals_eager():
+    """torch.compile of the whole fused step, fullgraph (no graph break), with the native ops."""
+    run = sampling._prepare(_model, SHAPE, SCHED, "ddim", 5, 0.0, [gg.CFG(3.0)], gg.PixelAsParam("C"),
+                            {"y": torch.ones(SHAPE[0])}, None, None, "auto", "eps", "fixed-small", None, "adm", None,
+                            None, None, False)
+    sampling._finish_prepare(run)
+    assert run.plan is not None
+    x = torch.randn(SHAPE)
+    state = sampling._initial_state(run, x)
+
+    def step(x, idx):
+        return sampling.step(run, x, 2, idx, state, None, False)[0]
+    compiled = torch.compile(step, fullgraph=True)
+    idx = run.step_ids[2:3]
+    torch.testing.assert_close(compiled(x, idx), step(x, idx), rtol=1e-6, atol=1e-6)
