@@ -419,3 +419,17 @@ def test_raw_native_ops_are_differentiable():
     c = torch.randn(2, 3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b, c: torch.ops.gradguide.combine(c, [a, b, a], -0.5, 0.7), (a, b, c))
     assert torch.autograd.gradcheck(lambda a, b: torch.ops.gradguide.reduce([a, b, a], 3), (a, b))
+
+
+@needs_native
+def test_raw_native_combine_out_refuses_overlap_and_nan_bounds():
+    """The registered op itself checks what the glue works around (C++: the root)."""
+    buf = torch.randn(2001)
+    a, b, c = buf[:2000].view(2, 1000), torch.randn(2, 1000), torch.ones(2, 1, 2)
+    with pytest.raises(RuntimeError, match="refer to a single memory location"):
+        torch.ops.gradguide.combine_out(c, [a, b], None, None, buf[1:].view(2, 1000))
+    with pytest.raises(ValueError, match="low: NaN is not a bound"):
+        torch.ops.gradguide.combine(c, [a, b], NAN, None)
+    want = a + b
+    torch.ops.gradguide.combine_out(c, [a, b], None, None, a)   # exactly an operand: in place
+    torch.testing.assert_close(a, want)
