@@ -140,11 +140,13 @@ def _register_digits(sub) -> None:
 
 def _register_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmark the compute backends (writes JSON + markdown)")
-    p.add_argument("--suite", choices=["ops", "loop", "paper"], default="ops",
+    p.add_argument("--suite", choices=["ops", "loop", "paper", "peers"], default="ops",
                    help="'ops': reduce + combine of each built-in policy on every backend, side by side; "
                         "'loop': whole sampling passes with a cheap model (the loop's own cost); 'paper': the "
                         "papers' workloads (simulation pass, SD-1.5 + VAE + G_loss, ADM + classifier + PixelAsParam), "
-                        "each eager / fused / fused+graph / torch.compile")
+                        "each eager / fused / fused+graph / torch.compile; 'peers': gradguide vs the plain "
+                        "diffusers DDIM loop, side by side (cheap model and tiny SD U-Net, unguided and CFG 7.5; "
+                        "see gradguide/bench/peers.py)")
     p.add_argument("--quick", action="store_true", help="small sizes only (seconds; for CI and tests)")
     p.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
@@ -161,11 +163,17 @@ def _register_bench(sub) -> None:
 def _register_bench_loop(p) -> None:
     # options of --suite loop|paper (benchmarks/bench_loop.py, loaded lazily like bench_ops.py)
     p.add_argument("--workloads", default=None,
-                   help="loop/paper: comma-separated workloads (default: the suite's; see benchmarks/bench_loop.py)")
+                   help="loop/paper: comma-separated workloads (default: the suite's; see benchmarks/bench_loop.py); "
+                        "peers: models, some of cheap,unet (default both)")
+    p.add_argument("--sizes", default=None,
+                   help="peers: comma-separated sizes, some of sd-b1,sd-b4,sd-b8,px-b16 (default all; --quick: "
+                        "sd-b1,px-b3)")
     p.add_argument("--variants", default=None,
                    help="loop/paper: comma-separated subset of eager,fused,fused+graph,compile "
                         "(default: all; --quick: eager,fused,fused+graph)")
-    p.add_argument("--reps", type=int, default=None, help="loop/paper: timed passes per row (default 5; --quick 1)")
+    p.add_argument("--reps", type=int, default=None,
+                   help="loop/paper: timed passes per row (default 5; --quick 1); peers: timed passes per runner "
+                        "(default: 3 s worth, 5 to 40; 2 for the U-Net at B >= 8)")
     p.add_argument("--seed", type=int, default=0, help="loop/paper: seed of weights, inputs and noise (default 0)")
     p.add_argument("--model-dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="loop/paper: SD/ADM network weights (default float16 on CUDA, float32 on CPU)")
@@ -179,6 +187,9 @@ def _bench(args) -> int:
         if args.threads < 1:
             raise SystemExit("gradguide bench: --threads must be positive")
         torch.set_num_threads(args.threads)
+    if args.suite == "peers":
+        from .bench import peers
+        return peers.run_cli(args)
     if args.suite in ("loop", "paper"):
         return load("bench_loop", "gradguide bench").run_cli(args)
     bench = load("bench_ops", "gradguide bench")

@@ -25,6 +25,7 @@ import torch
 from . import ops, predictions
 from .debug import forbid_host_sync
 from .guidance.base import GuidanceTerm, StepContext
+from .guidance.cfg import BranchInputsError, batch_branch_inputs, split_branches
 from .linear import LinComb, Operands
 from .projection import PixelAsParam, step_telemetry
 from .samplers import SAMPLERS, SamplerTables, build
@@ -72,34 +73,52 @@ class _Run:
     timestep_list: List[int] = field(default_factory=list)
     clip_eps: str = "clipped"
     check_finite: object = "end"
+    needs_x0: bool = False       # a sampler slot stores the guided x̂_0
+    uncond: dict = field(default_factory=dict)     # the unconditional branch's model inputs
+    batched: Optional[dict] = None                 # both branches' inputs stacked for one 2B call
 
 
 CHECK_FINITE = ("end", "step", False)
 
 
-def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler: str = "ddpm",
+def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler: Optional[str] = None,
            steps=None, eta: float = 0.0, guidance: Union[GuidanceTerm, Sequence[GuidanceTerm]] = (),
            projection: Optional[PixelAsParam] = None, cond: Optional[dict] = None,
            x_T: Optional[torch.Tensor] = None, generator=None, backend: str = "auto", graph=False,
-           callback: Optional[Callable[[StepRecord], None]] = None, prediction: str = "eps",
-           variance: str = "fixed-small", clip=None, clip_eps: str = "clipped", spacing: str = "adm",
-           timesteps: Optional[Timesteps] = None,
+           callback: Optional[Callable[[StepRecord], None]] = None, prediction: Optional[str] = None,
+           variance: Optional[str] = None, clip=None, clip_eps: Optional[str] = None, spacing: str = "adm",
+           timesteps: Optional[Timesteps] = None, sigmas=None,
            device=None, dtype: Optional[torch.dtype] = None, telemetry: bool = False, progress: bool = False,
-           check_sync: bool = False, check_finite="end") -> torch.Tensor:
+           check_sync: bool = False, check_finite="end", batch_branches="auto") -> torch.Tensor:
     """Draw samples from a diffusion model with guidance.
 
     ``model(x_t, t, **cond)`` returns the model's prediction (``prediction``: ``"eps"``,
     ``"x0"`` or ``"v"``; with ``variance="learned-range"`` twice the channels, ADM style);
     ``t`` is an int64 ``[B]`` tensor of original training timesteps (0-based).
 
-    ``sampler``: ``"ddpm"``, ``"ddim"`` (with ``eta``) or ``"dpmpp-2m"``. ``steps``: ``None``
+    ``sampler``: ``"ddpm"``, ``"ddim"`` (with ``eta``), ``"dpmpp-2m"``, ``"dpmpp-2m-sde"``,
+    ``"euler"``, ``"euler_a"``, ``"heun"``, ``"lms"``, ``"plms"`` or ``"unipc"``
+    (:mod:`gradguide.samplers`); default
+    ``schedule.suggested_sampler`` (``"ddpm"`` for a plain :class:`Schedule`; the matching
+    sampler for a diffusers scheduler). ``steps``: ``None``
     (all T), a count, an ADM section string, or explicit timesteps; ``spacing``: ``"adm"``
     (default), ``"leading"``, ``"trailing"``, ``"linspace"``; ``timesteps`` overrides both.
+    ``sigmas``: k-diffusion-style σ-space timesteps instead (a decreasing list ending where
+    sampling ends, usually 0, e.g. :func:`gradguide.sigmas_karras`): the model is called at
+    fractional timesteps ``schedule.sigma_to_t(σ)``, ``x_T`` is scaled to ``σ_0 · x_T`` and the
+    σ-space sample is returned, as k-diffusion's samplers do.
+    Defaults travel with the model and schedule: ``prediction``, ``variance``, ``clip``,
+    ``clip_eps`` left at ``None`` are taken from ``model.sample_defaults`` and
+    ``schedule.sample_defaults`` (what :func:`gradguide.from_diffusers` learnt from the
+    scheduler), else ``"eps"``, ``"fixed-small"``, no clipping, ``"clipped"``; sampler
+    settings (DPM-Solver's ``solver_type``, DDPM's final-step noise rule, ...) come from
+    ``schedule.sampler_options``.
     ``guidance``: one term or several (:mod:`gradguide.guidance`); ``projection``: a
     :class:`~gradguide.PixelAsParam`. ``cond``: inputs passed to the model and guidance terms.
     ``x_T``: the initial noise (default: drawn with ``generator``; a list of B generators
-    draws each sample's noise from its own). ``clip``: ``None`` (default), ``True`` for
-    [−1, 1], or ``(low, high)``: clips x̂_0 (image models). ``clip_eps``: the ε a clipped step
+    draws each sample's noise from its own). ``clip``: ``None`` (default: the model's or
+    schedule's default, else off), ``False``, ``True`` for [−1, 1], or ``(low, high)``: clips
+    x̂_0 (image models). ``clip_eps``: the ε a clipped step
     re-noises with: ``"clipped"`` (default; consistent with the clipped x̂_0, as GLIDE/ADM and
     diffusers' ``use_clipped_model_output=True``) or ``"model"`` (the unclipped one, diffusers'
     DDIM default; meant for DDIM). ``backend``: ops backend.
@@ -116,10 +135,25 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     propagate. float16/bfloat16 runs combine in float32 and round once per step; a model
     output, guidance gradient or sample beyond the dtype's range (65504 for float16) cannot be
     stored and becomes inf, which this check reports (use ``dtype=torch.float32`` then).
+    ``batch_branches``: how a two-branch term (CFG, APG, Rescale, CFG-Zero*, CFG++) calls the
+    model: ``"auto"`` (default) evaluates both branches in one call of batch 2B, as diffusers
+    pipelines do, when their inputs stack (same keys, batch tensors, equal other values; see
+    :mod:`gradguide.guidance.cfg`) and calls twice otherwise; ``True`` requires the one call
+    (``ValueError`` naming the input that does not stack); ``False`` calls the model twice
+    (for models that cannot take a mixed batch). Outputs are the same either way.
     Returns the samples ``x_0``, shaped ``shape``.
     """
+    sampler, prediction, variance, clip, clip_eps = _defaults(model, schedule, sampler, prediction, variance, clip,
+                                                              clip_eps)
+    if sigmas is not None:
+        if timesteps is not None or steps is not None:
+            raise ValueError("sigmas: pass either sigmas= or steps=/timesteps=, not both")
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule: expected a gradguide.Schedule, got {type(schedule).__name__}")
+        timesteps = schedule.timesteps_from_sigmas(sigmas)
     run = _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, cond, x_T, generator,
-                   backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry)
+                   backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry,
+                   batch_branches)
     if clip_eps not in ("clipped", "model"):
         raise ValueError(f"clip_eps: expected 'clipped' or 'model', got {clip_eps!r}")
     if callback is not None and not callable(callback):
@@ -128,6 +162,9 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     run.check_finite = _check_finite_policy(check_finite, graph, check_sync)
     stepper = _stepper(run, graph)
     x = x_T.to(run.dtype) if x_T is not None else _noise(run.shape, run.generator, run.device, run.dtype)
+    init_scale, final_scale = run.tables.timesteps.init_scale, run.tables.timesteps.final_scale
+    if init_scale != 1.0:   # σ-space samplers start from σ_max · z (as the variance-preserving x)
+        x = x * init_scale
     state = _initial_state(run, x)
     n = len(run.tables.timesteps)
     bar = _progress(n, progress)
@@ -147,6 +184,8 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     if bar is not None:
         bar.close()
     result = stepper.finish(x)
+    if final_scale != 1.0:   # σ-space samplers return x_σ at the last σ
+        result = result * final_scale
     if run.check_finite == "end" and not bool(torch.isfinite(result).all()):
         raise ValueError(f"check_finite: the samples contain NaN or inf (from a finite x_T): a model output, a "
                          f"guidance gradient or the update went non-finite{_range_hint(run.dtype)}; pass "
@@ -170,6 +209,23 @@ def _check_finite_policy(value, graph, check_sync):
         raise ValueError("check_finite: 'step' reads every model output on the host; it cannot run with graph "
                          "capture or check_sync=True (use 'end')")
     return value
+
+
+def _defaults(model, schedule, sampler, prediction, variance, clip, clip_eps):
+    """Arguments left at ``None`` from ``model.sample_defaults`` / ``schedule.sample_defaults``
+    (the configuration :func:`gradguide.from_diffusers` learnt), else gradguide's defaults."""
+    found = dict(getattr(schedule, "sample_defaults", None) or {})
+    found.update(getattr(model, "sample_defaults", None) or {})
+    if sampler is None:
+        sampler = getattr(schedule, "suggested_sampler", None) or "ddpm"
+    prediction = prediction if prediction is not None else found.get("prediction", "eps")
+    if variance is None:
+        # a DDPM variance setting only travels to the DDPM sampler
+        variance = found.get("variance", "fixed-small") if sampler == "ddpm" else "fixed-small"
+    if clip is None:
+        clip = found.get("clip")
+    clip_eps = clip_eps if clip_eps is not None else found.get("clip_eps", "clipped")
+    return sampler, prediction, variance, clip, clip_eps
 
 
 def _stepper(run: "_Run", graph):
@@ -214,22 +270,23 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     tracked = {"x": x_input}
     X = ops_.add("x", x.detach())
     ctx = StepContext(ops=ops_, index=i, t=t, scalars=scalars, cond=run.cond, x=X, x_input=x_input,
-                      state=state, sampler=run.tables.name)
+                      state=state, sampler=run.tables.name, prediction=run.prediction)
 
     # model branches -> ε forms
-    out_c, log_var = _call_model(run, model_input, t, run.cond, "model(x_t, t, **cond)")
+    out_c, out_u, log_var, log_var_u = _model_branches(run, model_input, t)
     ctx.learned_log_var = _learned_log_var(run, log_var, scalars)
     eps_c = _eps_form(run, ctx, ops_.add("model_cond", out_c.detach()), X)
     tracked["model_cond"] = out_c
     renoise = None
     telemetry = {}
     if run.branch is not None:
-        out_u, _ = _call_model(run, model_input, t, run.branch.uncond_inputs(run.cond), "model(x_t, t, **uncond)")
         eps_u = _eps_form(run, ctx, ops_.add("model_uncond", out_u.detach()), X)
         tracked["model_uncond"] = out_u
         if run.projection is not None and run.projection.policy == "C":
+            if run.projection.sigma_from_uncond and log_var_u is not None:  # the authors' code's σ
+                ctx.learned_log_var = _learned_log_var(run, log_var_u, scalars)
             x0_pre, telemetry = run.projection.combine_cfg(ops_, ctx.x0_of_eps(eps_c), ctx.x0_of_eps(eps_u),
-                                                           run.branch.scale)
+                                                           run.branch.scale, clip=run.clip)
             eps_pre = ctx.eps_of_x0(x0_pre)
         else:
             eps_pre, renoise = run.branch.branches(ctx, eps_c, eps_u)
@@ -251,8 +308,9 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     # the sampler step as directions: base (untouched), denoising, guidance, diversity
     c_0 = scalars["c_0"]
     base = X * scalars["c_x"]
-    if run.tables.multistep:
-        base = base + ops_.add("x0_prev", state["x0_prev"]) * scalars["c_h"]
+    carried = _carried(run, ops_, state, scalars)
+    if carried is not None:   # multistep history, Heun's / UniPC's carried sample, ... (the sampler's slots)
+        base = base + carried
     den = x0_pre * c_0
     if renoise is not None:  # CFG++: re-noise with ε_u instead of the ε consistent with x̂_0
         a_e = scalars["c_x"] * ctx.s
@@ -273,10 +331,9 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     x_new = ops_.combine(x_next)
     new_state = dict(ctx.new_state)
     x0_tensor = None
-    if run.tables.multistep or want_record:
+    if run.needs_x0 or want_record:
         x0_tensor = ops_.combine(x0_guided)
-    if run.tables.multistep:
-        new_state["x0_prev"] = x0_tensor
+    new_state.update(_new_slots(run, scalars, x.detach(), x0_tensor, state))
     for key, value in state.items():
         new_state.setdefault(key, value)
     record = None
@@ -286,6 +343,44 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     return x_new, new_state, record
 
 
+def _carried(run: _Run, ops_: Operands, state: Dict[str, torch.Tensor], scalars) -> Optional[LinComb]:
+    """The carried state's share of the step output, as an operand: one slot is added as it
+    is; several are first summed with this step's coefficients (one operand: the native
+    kernels take at most 8)."""
+    slots = run.tables.slots
+    if not slots:
+        return None
+    if len(slots) == 1:
+        return ops_.add(slots[0], state[slots[0]]) * scalars["c_" + slots[0]]
+    return ops_.add("history", _combine_state(run, scalars, [("c_" + s, state[s]) for s in slots]))
+
+
+def _combine_state(run: _Run, scalars, pairs) -> torch.Tensor:
+    """``Σ scalars[name] · tensor`` in one combine pass (state bookkeeping outside the operands)."""
+    b = run.shape[0]
+    coef = torch.stack([scalars[name] for name, _ in pairs]).view(1, 1, -1).expand(b, 1, -1)
+    tensors = [t for _, t in pairs]
+    return ops.combine(coef.to(ops.reference.accumulation_dtype(tensors[0].dtype)), tensors, backend=run.backend)
+
+
+def _new_slots(run: _Run, scalars, x: torch.Tensor, x0: Optional[torch.Tensor], state) -> Dict[str, torch.Tensor]:
+    """Each slot after the step, from the old slots, x and the guided x̂_0 (all read before any is written)."""
+    sources = {"x": x, "0": x0}
+    sources.update({slot: state[slot] for slot in run.tables.slots})
+    new = {}
+    for slot in run.tables.slots:
+        src = run.tables.moves.get(slot)
+        if src == "0":
+            new[slot] = x0   # a fresh output of this step
+        elif src is not None:
+            # a copy, not the input itself: a captured step's inputs are static buffers that the next
+            # replay overwrites (CUDA graphs), so a state tensor must never alias them
+            new[slot] = sources[src].clone()
+        else:
+            new[slot] = _combine_state(run, scalars, [(f"u_{slot}_{k}", v) for k, v in sources.items()])
+    return new
+
+
 def _sum(first: Optional[LinComb], rest: List[LinComb]) -> LinComb:
     total = first
     for r in rest:
@@ -293,11 +388,31 @@ def _sum(first: Optional[LinComb], rest: List[LinComb]) -> LinComb:
     return total
 
 
-def _call_model(run: _Run, x_in: torch.Tensor, t: torch.Tensor, inputs: dict, what: str):
+def _model_branches(run: _Run, x_in: torch.Tensor, t: torch.Tensor):
+    """``(out_cond, out_uncond or None, learned variance channels of each branch or None)``: one
+    call of batch 2B when ``run.batched`` holds both branches' stacked inputs (unconditional rows
+    first, as diffusers pipelines), else one call per branch. Under G_loss the batched call is
+    also one backward pass through the model."""
+    if run.branch is None:
+        out_c, log_var = _call_model(run, x_in, t, run.cond, "model(x_t, t, **cond)")
+        return out_c, None, log_var, None
+    if run.batched is not None:
+        out, var = _call_model(run, torch.cat([x_in, x_in]), torch.cat([t, t]), run.batched,
+                               "model(cat[x_t, x_t], cat[t, t], **cat[uncond, cond])", batch=2 * run.shape[0])
+        out_c, out_u = split_branches(out, run.shape[0])
+        var_c, var_u = (None, None) if var is None else split_branches(var, run.shape[0])
+        return out_c, out_u, var_c, var_u
+    out_c, log_var = _call_model(run, x_in, t, run.cond, "model(x_t, t, **cond)")
+    out_u, log_var_u = _call_model(run, x_in, t, run.uncond, "model(x_t, t, **uncond)")
+    return out_c, out_u, log_var, log_var_u
+
+
+def _call_model(run: _Run, x_in: torch.Tensor, t: torch.Tensor, inputs: dict, what: str, batch: int = 0):
     out = run.model(x_in, t, **inputs)
     _check_model_output(run, out, t, what)
     learned = run.tables.learned_variance or run.variance_channels
-    expected = (run.shape[0], run.shape[1] * 2) + tuple(run.shape[2:]) if learned else tuple(run.shape)
+    b = batch or run.shape[0]
+    expected = (b, run.shape[1] * 2) + tuple(run.shape[2:]) if learned else (b,) + tuple(run.shape[1:])
     if tuple(out.shape) != expected:
         raise ValueError(f"model: {what} returned shape {tuple(out.shape)}, expected {expected}"
                          + (" (learned-range variance: twice the channels)" if learned else ""))
@@ -339,7 +454,13 @@ def _tracked_x0(ops_: Operands, tracked: Dict[str, torch.Tensor], x0: LinComb):
 
     def compute():
         if "x0" not in cache:
-            tensors = [tracked.get(name, tensor) for name, tensor in zip(ops_.names, ops_.tensors)]
+            tensors = []
+            for name, tensor in zip(ops_.names, ops_.tensors):
+                if name in ops_.recipes:   # a materialised (e.g. clipped) operand: recompute it with autograd
+                    c, clamp = ops_.recipes[name]
+                    c = torch.nn.functional.pad(c, (0, len(tensors) - c.shape[-1])).expand(ops_.batch, ops_.groups, -1)
+                    tensor = ops.reference.combine(c, tensors, clamp=clamp)
+                tensors.append(tracked.get(name, tensor))
             k = len(tensors)
             c = torch.nn.functional.pad(coef, (0, k - coef.shape[-1])).expand(ops_.batch, ops_.groups, -1)
             cache["x0"] = ops.reference.combine(c, tensors)
@@ -363,9 +484,7 @@ def _noise(shape, generator, device, dtype) -> torch.Tensor:
 
 
 def _initial_state(run: _Run, x: torch.Tensor) -> Dict[str, torch.Tensor]:
-    state = {}
-    if run.tables.multistep:
-        state["x0_prev"] = torch.zeros_like(x)
+    state = {name: torch.zeros_like(x) for name in run.tables.slots}
     for term in [run.branch] + run.score_terms + run.mean_terms + run.post_terms:
         if term is not None:
             state.update(term.initial_state(x))
@@ -382,7 +501,8 @@ def _progress(n: int, enabled: bool):
 # -- validation -----------------------------------------------------------------------------
 
 def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, cond, x_T, generator,
-             backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry) -> _Run:
+             backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry,
+             batch_branches="auto") -> _Run:
     if not callable(model):
         raise TypeError(f"model: expected a callable model(x_t, t, **cond), got {type(model).__name__}")
     if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) < 2 or \
@@ -439,7 +559,11 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     if variance == "learned-range" and sampler != "ddpm":
         raise ValueError(f"variance='learned-range' is DDPM's; sampler={sampler!r} ignores model variances "
                          "(split the model output yourself or use sampler='ddpm')")
-    tables = build(sampler, timesteps, eta=eta, variance=variance)
+    if timesteps.abar[0] == 0 and prediction == "eps":
+        raise ValueError("prediction='eps' cannot start at ᾱ = 0 (zero terminal SNR): x̂_0 = (x − √(1−ᾱ) ε)/√ᾱ is "
+                         "undefined there; zero-terminal-SNR schedules need a v- or x0-prediction model (Lin et al. 2024)")
+    options = dict((getattr(schedule, "sampler_options", None) or {}).get(sampler, {}))
+    tables = build(sampler, timesteps, eta=eta, variance=variance, **options)
     if sampler != "ddim" and eta != 0.0:
         raise ValueError(f"eta: only the DDIM sampler takes eta, got eta={eta} with sampler={sampler!r}")
 
@@ -498,7 +622,7 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     compute = ops.reference.accumulation_dtype(dtype)
     rows, index = tables.stacked(device, compute)
     run = _Run(model=model, shape=shape, device=device, dtype=dtype, tables=tables, table_rows=rows,
-               table_index=index, timesteps_dev=timesteps.t.to(device), prediction=prediction, branch=branch,
+               table_index=index, timesteps_dev=tables.timesteps.t.to(device), prediction=prediction, branch=branch,
                score_terms=score_terms, mean_terms=mean_terms, post_terms=post_terms, projection=projection,
                cond=cond, clip=tuple(clip) if clip is not None else None, backend=resolved,
                telemetry=telemetry, generator=generator,
@@ -506,8 +630,13 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     run.needs_model_grad = any(t.needs_model_grad for t in terms)
     run.needs_input_grad = run.needs_model_grad or any(t.needs_input_grad for t in terms)
     run.variance_channels = variance == "learned-range"
-    run.step_ids = torch.arange(len(timesteps), device=device)
-    run.timestep_list = timesteps.t.tolist()
+    run.needs_x0 = tables.needs_x0()
+    run.step_ids = torch.arange(len(tables.timesteps), device=device)
+    run.timestep_list = tables.timesteps.t.tolist()
+    if branch is not None:
+        run.uncond, run.batched = _branch_inputs(branch, cond, uncond, shape[0], batch_branches)
+    elif batch_branches not in ("auto", True, False):
+        raise ValueError(f"batch_branches: expected 'auto', True or False, got {batch_branches!r}")
     return run
 
 
@@ -539,6 +668,22 @@ def _check_inputs(name: str, inputs: dict, batch: int, device: torch.device) -> 
         if value.dim() >= 1 and value.shape[0] != batch:
             raise ValueError(f"{name}[{key!r}]: leading (batch) dimension {value.shape[0]}, but the batch has "
                              f"B = {batch} samples; give one row per sample")
+
+
+def _branch_inputs(branch: GuidanceTerm, cond: dict, uncond: dict, b: int, batch_branches):
+    """The unconditional branch's inputs (computed once per run) and, where the two branches
+    are evaluated in one call, their stacked inputs (see :mod:`gradguide.guidance.cfg`)."""
+    if batch_branches not in ("auto", True, False):
+        raise ValueError(f"batch_branches: expected 'auto', True or False, got {batch_branches!r}")
+    if batch_branches is False:
+        return uncond, None
+    try:
+        return uncond, batch_branch_inputs(uncond, cond, b)
+    except BranchInputsError as exc:
+        if batch_branches is True:
+            raise ValueError(f"batch_branches=True: {type(branch).__name__}'s two branches cannot share one model "
+                             f"call: {exc} (or pass batch_branches=False)") from None
+        return uncond, None
 
 
 def _check_generator(generator, shape, device) -> None:

@@ -23,28 +23,45 @@ SPACINGS = ("adm", "leading", "trailing", "linspace")
 class Timesteps:
     """The steps a sampler visits, in sampling order (noisiest first).
 
-    ``t``: original training timesteps passed to the model, int64 ``[n]``.
-    ``abar``: ``ᾱ`` at ``t`` (float64 ``[n]``); ``abar_prev``: ``ᾱ`` at the step each one
-    moves to (the next kept timestep; 1.0, i.e. clean data, after the last).
+    ``t``: the timesteps passed to the model, ``[n]``: int64 training timesteps, or float64
+    where a σ-space schedule falls between them (diffusers' Euler/Heun ``linspace`` or Karras
+    timesteps, k-diffusion's ``sigma_to_t``).
+    ``abar``: ``ᾱ`` at each step (float64 ``[n]``; for σ-space steps ``1/(1+σ²)``);
+    ``abar_prev``: ``ᾱ`` at the step each one moves to (the next kept timestep; 1.0, i.e.
+    clean data, after the last).
+    ``init_scale``: the initial latent is ``init_scale · x_T`` (1 for variance-preserving
+    samplers; a σ-space sampler starting from ``σ_max · z`` has ``σ_max √ᾱ_max``).
+    ``final_scale``: the returned sample is ``final_scale · x`` (1, or ``1/√ᾱ`` to return
+    the σ-space latent ``x_σ`` when the last σ is not 0, as diffusers and k-diffusion do).
     """
     t: torch.Tensor
     abar: torch.Tensor
     abar_prev: torch.Tensor
+    init_scale: float = 1.0
+    final_scale: float = 1.0
 
     def __len__(self) -> int:
         return int(self.t.shape[0])
 
 
 class Schedule:
-    """A discrete variance-preserving schedule, ``ᾱ_t`` for ``t = 0..T-1``."""
+    """A discrete variance-preserving schedule, ``ᾱ_t`` for ``t = 0..T-1``.
+
+    ``suggested_sampler``: what :func:`gradguide.sample` uses without ``sampler=`` (``"ddpm"``
+    for a plain schedule; a diffusers scheduler's own for :func:`gradguide.from_diffusers`).
+    ``sampler_options``: per sampler name, settings passed to its table builder.
+    """
+    suggested_sampler = "ddpm"
+    sampler_options: dict = {}
 
     def __init__(self, alphas_cumprod):
         a = torch.as_tensor(np.asarray(alphas_cumprod, dtype=np.float64) if not isinstance(alphas_cumprod, torch.Tensor)
                             else alphas_cumprod.detach().cpu().to(torch.float64))
         if a.dim() != 1 or a.numel() < 2:
             raise ValueError(f"alphas_cumprod: expected a 1-D sequence of length >= 2, got shape {tuple(a.shape)}")
-        if not torch.isfinite(a).all() or (a <= 0).any() or (a > 1).any():
-            raise ValueError("alphas_cumprod: expected finite values in (0, 1]")
+        if not torch.isfinite(a).all() or (a[:-1] <= 0).any() or a[-1] < 0 or (a > 1).any():
+            raise ValueError("alphas_cumprod: expected finite values in (0, 1] (ᾱ_T = 0, zero terminal SNR, is allowed "
+                             "at the last timestep)")
         if (a[1:] > a[:-1]).any():
             raise ValueError("alphas_cumprod: expected a non-increasing sequence (noise grows with t)")
         self.alphas_cumprod = a
@@ -81,6 +98,56 @@ class Schedule:
         f = lambda u: math.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2
         betas = [min(1 - f(i + 1) / f(i), max_beta) for i in range(T)]
         return cls.from_betas(betas)
+
+    def rescale_zero_terminal_snr(self) -> "Schedule":
+        """The same schedule rescaled to zero terminal SNR (Lin et al. 2024, Alg. 1; diffusers'
+        ``rescale_betas_zero_snr=True``): ``√ᾱ`` shifted and scaled so ``√ᾱ_0`` is kept and
+        ``ᾱ_T = 0``. Only v- and x0-prediction models can be sampled from ᾱ_T = 0."""
+        s = self.alphas_cumprod.sqrt()
+        s0, sT = s[0].clone(), s[-1].clone()
+        s = (s - sT) * s0 / (s0 - sT)
+        return Schedule(s ** 2)
+
+    @property
+    def zero_terminal_snr(self) -> bool:
+        return bool(self.alphas_cumprod[-1] == 0)
+
+    @property
+    def sigmas(self) -> torch.Tensor:
+        """k-diffusion's σ_t = √((1−ᾱ_t)/ᾱ_t) for t = 0..T−1 (float64; ∞ at zero terminal SNR)."""
+        a = self.alphas_cumprod
+        return ((1 - a) / a).sqrt()
+
+    def sigma_to_t(self, sigma) -> torch.Tensor:
+        """Fractional timesteps of σ values (k-diffusion's ``DiscreteSchedule.sigma_to_t``,
+        diffusers' ``_sigma_to_t``): linear interpolation of ``log σ`` between training steps."""
+        log_sigmas = np.log(self.sigmas.numpy())
+        sigma = np.asarray(sigma, dtype=np.float64)
+        log_sigma = np.log(np.maximum(sigma, 1e-10))
+        dists = log_sigma - log_sigmas[:, np.newaxis]
+        low = np.cumsum(dists >= 0, axis=0).argmax(axis=0).clip(max=log_sigmas.shape[0] - 2)
+        high = low + 1
+        w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[high]), 0, 1)
+        return torch.as_tensor((1 - w) * low + w * high, dtype=torch.float64).reshape(sigma.shape)
+
+    def timesteps_from_sigmas(self, sigmas) -> Timesteps:
+        """σ-space timesteps, k-diffusion style: a decreasing ``sigmas`` list (its last entry
+        is where sampling ends, usually 0). The model is called at ``sigma_to_t(σ_i)`` on the
+        variance-preserving ``x_σ/√(1+σ²)``; sampling starts from ``x_σ = σ_0 · x_T`` and
+        returns ``x_σ`` at the last σ, as k-diffusion's samplers do."""
+        sig = torch.as_tensor(np.asarray(sigmas, dtype=np.float64) if not isinstance(sigmas, torch.Tensor)
+                              else sigmas.detach().cpu().to(torch.float64))
+        if sig.dim() != 1 or sig.numel() < 2:
+            raise ValueError(f"sigmas: expected a 1-D sequence of at least 2 σ values (the last is where sampling "
+                             f"ends), got shape {tuple(sig.shape)}")
+        if not torch.isfinite(sig).all() or (sig < 0).any() or (sig[:-1] <= 0).any() or (sig[1:] >= sig[:-1]).any():
+            raise ValueError("sigmas: expected finite, strictly decreasing values, positive except possibly the last")
+        abar_all = 1 / (1 + sig ** 2)
+        t = self.sigma_to_t(sig[:-1].numpy())
+        if torch.equal(t, t.round()):
+            t = t.to(torch.int64)
+        return Timesteps(t, abar_all[:-1], abar_all[1:], init_scale=float(sig[0] * abar_all[0].sqrt()),
+                         final_scale=float(1 / abar_all[-1].sqrt()))
 
     # -- properties ----------------------------------------------------------------------
     @property
@@ -187,3 +254,28 @@ def space_timesteps(T: int, section_counts: str):
         kept += [start + round(j * frac_stride) for j in range(count)]
         start += size
     return sorted(set(kept))
+
+
+def sigmas_karras(n: int, sigma_min: float, sigma_max: float, rho: float = 7.0, append_zero: bool = True) -> torch.Tensor:
+    """Karras et al. (2022) σ's: ``(σ_max^{1/ρ} + i/(n−1) (σ_min^{1/ρ} − σ_max^{1/ρ}))^ρ``, then 0
+    (k-diffusion's ``get_sigmas_karras``; float64)."""
+    n = _check_n_sigmas(n, sigma_min, sigma_max)
+    ramp = torch.linspace(0, 1, n, dtype=torch.float64)
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    sig = (hi + ramp * (lo - hi)) ** rho
+    return torch.cat([sig, sig.new_zeros(1)]) if append_zero else sig
+
+
+def sigmas_exponential(n: int, sigma_min: float, sigma_max: float, append_zero: bool = True) -> torch.Tensor:
+    """σ's evenly spaced in log σ from σ_max to σ_min, then 0 (k-diffusion's ``get_sigmas_exponential``)."""
+    n = _check_n_sigmas(n, sigma_min, sigma_max)
+    sig = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
+    return torch.cat([sig, sig.new_zeros(1)]) if append_zero else sig
+
+
+def _check_n_sigmas(n, sigma_min, sigma_max) -> int:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n: expected a positive integer, got {n!r}")
+    if not (0 < sigma_min < sigma_max < math.inf):
+        raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max < inf, got {sigma_min!r}, {sigma_max!r}")
+    return int(n)

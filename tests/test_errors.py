@@ -17,7 +17,7 @@ def call(**kw):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(sampler="euler"), "sampler: expected one of"),
+    (dict(sampler="lcm"), "sampler: expected one of"),
     (dict(backend="cuda-magic"), "backend: expected one of"),
     (dict(steps=101), "steps: 101 is more than the schedule's T = 100"),
     (dict(steps=0), "steps: expected a positive integer"),

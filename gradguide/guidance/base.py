@@ -38,6 +38,7 @@ class StepContext:
     tracked_x0: Optional[Callable[[], torch.Tensor]] = None  # x̂_0 with its autograd graph
     sampler: str = "ddpm"
     learned_log_var: Optional[torch.Tensor] = None  # ADM learned-range log Σ (elementwise)
+    prediction: str = "eps"          # the model's parametrisation ("eps", "x0", "v")
 
     @property
     def a(self) -> torch.Tensor:
@@ -59,6 +60,13 @@ class StepContext:
 
     def x0_of_eps(self, eps: LinComb) -> LinComb:
         return predictions.x0_from_eps(eps, self.x, self.a, self.s)
+
+    def output_of_eps(self, eps: LinComb) -> LinComb:
+        """The model's own prediction (ε, x̂_0 or v) with this ε̂: what diffusers' guiders combine."""
+        return predictions.output_from_eps(self.prediction, eps, self.x, self.a, self.s)
+
+    def eps_of_output(self, out: LinComb) -> LinComb:
+        return predictions.eps_from(self.prediction, out, self.x, self.a, self.s)
 
     def grad_wrt_input(self, objective: torch.Tensor, what: str = "objective") -> torch.Tensor:
         """∇_{x_t} of ``objective.sum()`` (objective is per-sample, ``[B]``). ``what`` names the

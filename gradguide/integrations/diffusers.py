@@ -2,16 +2,16 @@
 gradguide's guidance inside diffusers pipelines.
 
 - :func:`from_diffusers` ``(unet, scheduler) -> (model, schedule)``. ``model(x_t, t, **cond)``
-  calls the UNet and returns its raw output; ``model.prediction`` is the scheduler's
-  ``prediction_type`` in gradguide's names (``"eps"``, ``"v"``, ``"x0"``) and
-  ``model.sample_defaults`` holds the keywords that reproduce the scheduler's configuration
-  (``prediction``, ``clip`` from ``clip_sample``/``clip_sample_range``, ``variance`` for
-  DDPM's ``variance_type``): pass ``**model.sample_defaults`` to :func:`gradguide.sample`.
-  ``schedule`` is a :class:`DiffusersSchedule`: its timesteps are the scheduler's own
-  ``set_timesteps(steps)`` (spacing, ``steps_offset``) and each step moves to the ᾱ the
-  scheduler's own ``step`` moves to — DDIM: ``t − T // n``, or ``final_alpha_cumprod``
-  (``set_alpha_to_one``) below 0 (Song et al. 2021, eq. 12 as diffusers implements it);
-  DDPM and others: the next timestep, ᾱ = 1 after the last (Ho et al. 2020, eq. 7).
+  calls the UNet and returns its raw output. Everything the scheduler fixes travels with the
+  two objects and is what :func:`gradguide.sample` uses unless overridden, so
+  ``sample(model, shape, schedule=schedule, steps=N, x_T=noise)`` runs diffusers' own loop:
+  ``model.sample_defaults`` (prediction type, ``clip`` from ``clip_sample``/``clip_sample_range``,
+  DDIM's ``clip_eps``, DDPM's ``variance``), ``schedule.suggested_sampler`` and
+  ``schedule.sampler_options`` (:func:`scheduler_sampler`: DDIM, DDPM with diffusers' t > 0
+  final-noise rule, Euler, Euler ancestral, Heun, DPM-Solver++(2M)/SDE, UniPC; any other
+  class or setting raises), and ``schedule.timesteps(N)`` (the scheduler's own
+  ``set_timesteps``: spacing, ``steps_offset``, final ᾱ, σ schedule; see
+  :class:`DiffusersSchedule`).
 - Guiders following diffusers' ``BaseGuidance`` interface, computed with
   :func:`gradguide.ops.reduce` / :func:`gradguide.ops.combine` (one reduction and one
   combination per step): :class:`GradguideCFG` (Ho & Salimans 2022, with Lin et al. 2023's
@@ -47,30 +47,112 @@ PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 VARIANCE_TYPES = {"fixed_small": "fixed-small", "fixed_large": "fixed-large", "learned_range": "learned-range"}
 
 
+# diffusers scheduler class -> gradguide sampler; every other class is refused (never mapped silently)
+SCHEDULER_SAMPLERS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolverMultistepScheduler": "dpmpp-2m",
+                      "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a",
+                      "HeunDiscreteScheduler": "heun", "UniPCMultistepScheduler": "unipc", "PNDMScheduler": "plms",
+                      "LMSDiscreteScheduler": "lms"}
+SIGMA_SPACE = ("euler", "euler_a", "heun", "lms")   # latents are x_σ = x/√ᾱ, the model sees x_σ/√(1+σ²)
+VP_SIGMA_TABLE = ("dpmpp-2m", "dpmpp-2m-sde", "unipc")   # VP latents on the scheduler's own σ table
+
+
+def _refuse(scheduler, option: str, value, why: str):
+    raise ValueError(f"scheduler: {type(scheduler).__name__}({option}={value!r}) is not supported: {why}")
+
+
+def scheduler_sampler(scheduler):
+    """``(sampler, options)`` reproducing ``scheduler`` exactly, or a ``ValueError`` naming the
+    class or option gradguide cannot reproduce."""
+    name = type(scheduler).__name__
+    if name not in SCHEDULER_SAMPLERS:
+        raise ValueError(f"scheduler: {name} is not supported (gradguide has no sampler that reproduces it exactly); "
+                         f"supported: {', '.join(sorted(SCHEDULER_SAMPLERS))}")
+    config = scheduler.config
+    sampler = SCHEDULER_SAMPLERS[name]
+    if config.get("thresholding", False):
+        _refuse(scheduler, "thresholding", True, "gradguide clips x̂_0 to a fixed range (clip_sample), it has no "
+                "dynamic thresholding")
+    ptype = config.get("prediction_type", "epsilon")
+    if ptype not in PREDICTION_TYPES:
+        _refuse(scheduler, "prediction_type", ptype, f"expected one of {sorted(PREDICTION_TYPES)}")
+    for flag, why in (("use_flow_sigmas", "flow-matching σ's"), ("use_dynamic_shifting", "resolution-dependent "
+                      "shifting needs the pipeline's mu")):
+        if config.get(flag, False):
+            _refuse(scheduler, flag, True, why)
+    options = {}
+    if sampler == "ddpm":
+        vtype = config.get("variance_type", "fixed_small")
+        if vtype not in VARIANCE_TYPES:
+            _refuse(scheduler, "variance_type", vtype, f"expected one of {sorted(VARIANCE_TYPES)}")
+        options["final_noise"] = "t>0"   # diffusers adds noise whenever t > 0
+    elif sampler == "dpmpp-2m":
+        algo = config.get("algorithm_type", "dpmsolver++")
+        if algo not in ("dpmsolver++", "sde-dpmsolver++"):
+            _refuse(scheduler, "algorithm_type", algo, "only the data-prediction solvers 'dpmsolver++' and "
+                    "'sde-dpmsolver++' are implemented")
+        if algo == "sde-dpmsolver++":
+            sampler = "dpmpp-2m-sde"
+        if config.get("solver_order", 2) not in (1, 2, 3):
+            _refuse(scheduler, "solver_order", config.get("solver_order"), "orders 1, 2 and 3 are implemented")
+        if config.get("variance_type") is not None:
+            _refuse(scheduler, "variance_type", config.get("variance_type"), "learned variances are DDPM's")
+        options.update(solver_order=config.get("solver_order", 2), solver_type=config.get("solver_type", "midpoint"),
+                       lower_order_final=config.get("lower_order_final", True),
+                       euler_at_final=config.get("euler_at_final", False))
+    elif sampler == "unipc":
+        if not config.get("predict_x0", True):
+            _refuse(scheduler, "predict_x0", False, "only the data-prediction UniPC (predict_x0=True) is implemented")
+        if getattr(scheduler, "solver_p", None) is not None:
+            _refuse(scheduler, "solver_p", type(scheduler.solver_p).__name__, "a custom predictor is not reproduced")
+        if config.get("solver_order", 2) not in (1, 2, 3):
+            _refuse(scheduler, "solver_order", config.get("solver_order"), "orders 1, 2 and 3 are implemented")
+        options.update(solver_order=config.get("solver_order", 2), solver_type=config.get("solver_type", "bh2"),
+                       lower_order_final=config.get("lower_order_final", True),
+                       disable_corrector=tuple(config.get("disable_corrector", ()) or ()))
+    elif sampler == "plms":
+        if not config.get("skip_prk_steps", False):
+            _refuse(scheduler, "skip_prk_steps", False, "PNDM's Runge–Kutta warm-up is not implemented (Stable "
+                    "Diffusion's PNDMScheduler has skip_prk_steps=True, which is)")
+        if ptype == "sample":
+            _refuse(scheduler, "prediction_type", ptype, "diffusers' PNDMScheduler does not implement it")
+        if config.get("timestep_spacing", "leading") != "leading":
+            _refuse(scheduler, "timestep_spacing", config.get("timestep_spacing"), "diffusers' PLMS warm-up then steps "
+                    "from ᾱ(τ_1 + T/n) instead of the ᾱ of its sample; only 'leading' (the default) is reproduced")
+        options["combine"] = "v" if ptype == "v_prediction" else "eps"
+    elif sampler == "euler_a" and ptype == "sample":
+        _refuse(scheduler, "prediction_type", ptype, "diffusers' EulerAncestralDiscreteScheduler does not implement it")
+    return sampler, options
+
+
 class DiffusersSchedule(Schedule):
     """A :class:`~gradguide.Schedule` whose :meth:`timesteps` are a diffusers scheduler's own.
 
-    The scheduler is copied (its ``set_timesteps`` state is never touched). ``rule`` is
-    ``"ddim"`` (step to ``t − T // n``, ``final_alpha_cumprod`` below 0) or ``"next"`` (the
-    next timestep, ᾱ = 1 after the last), chosen from the scheduler's class.
-    ``suggested_sampler`` names gradguide's sampler for that scheduler.
+    The scheduler is copied (its ``set_timesteps`` state is never touched). ``rule`` says
+    where each step lands: ``"ddim"`` (``t − T // n``, ``final_alpha_cumprod`` below 0),
+    ``"next"`` (DDPM: the next timestep, ᾱ = 1 after the last) or ``"sigmas"`` (the
+    scheduler's own σ table, ``ᾱ = 1/(1+σ²)``: DPM-Solver++, UniPC, Euler, Euler ancestral,
+    Heun). ``suggested_sampler`` and ``sampler_options`` name gradguide's sampler and the
+    settings that reproduce the scheduler (:func:`scheduler_sampler`); unsupported
+    schedulers and settings raise.
     """
 
     def __init__(self, scheduler):
         if not hasattr(scheduler, "alphas_cumprod") or not hasattr(scheduler, "set_timesteps"):
             raise TypeError(f"scheduler: expected a diffusers scheduler with alphas_cumprod and set_timesteps, "
                             f"got {type(scheduler).__name__}")
-        if float(getattr(scheduler, "init_noise_sigma", 1.0)) != 1.0:
-            raise ValueError(f"scheduler: {type(scheduler).__name__} is a sigma-space (k-diffusion style) scheduler "
-                             "(init_noise_sigma != 1); use DDIMScheduler, DDPMScheduler or DPMSolverMultistepScheduler")
-        super().__init__(scheduler.alphas_cumprod)
+        sampler, options = scheduler_sampler(scheduler)
+        ac = torch.as_tensor(scheduler.alphas_cumprod).detach().cpu().to(torch.float64)
+        if SCHEDULER_SAMPLERS[type(scheduler).__name__] not in ("ddim", "ddpm", "plms"):
+            # zero-SNR σ-table schedulers replace ᾱ_T = 0 by 2**-24, which can exceed ᾱ_{T−1}; they step on
+            # their own σ table, so only sigma_to_t (sigmas=) reads this ᾱ: keep it non-increasing
+            ac = torch.cummin(ac, 0).values
+        super().__init__(ac)
         self.scheduler = copy.deepcopy(scheduler)
-        name = type(scheduler).__name__
-        self.rule = "ddim" if name.startswith("DDIM") else "next"
+        self.rule = {"ddim": "ddim", "plms": "ddim", "ddpm": "next"}.get(sampler, "sigmas")
         final = getattr(scheduler, "final_alpha_cumprod", None)
         self.final_alpha_cumprod = 1.0 if final is None else float(final)
-        self.suggested_sampler = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm",
-                                  "DPMSolverMultistepScheduler": "dpmpp-2m"}.get(name, "ddim")
+        self.suggested_sampler = sampler
+        self.sampler_options = {sampler: options}
 
     def __repr__(self) -> str:
         return f"DiffusersSchedule({type(self.scheduler).__name__}, T={self.T}, rule={self.rule!r})"
@@ -81,14 +163,17 @@ class DiffusersSchedule(Schedule):
 
         ``spacing``: ``"adm"`` (the default of :func:`gradguide.sample`) means the scheduler's
         own ``timestep_spacing``; ``"leading"``, ``"trailing"``, ``"linspace"`` override it.
-        An explicit list of timesteps steps from each to the next; an ADM section string uses
-        ADM respacing on the scheduler's ᾱ.
+        For DDIM and DDPM schedulers an explicit list of timesteps steps from each to the next
+        and an ADM section string uses ADM respacing on the scheduler's ᾱ.
         """
         if spacing not in SPACINGS:
             raise ValueError(f"spacing: expected one of {SPACINGS}, got {spacing!r}")
+        ac = self.alphas_cumprod
+        if isinstance(steps, (str, list, tuple, np.ndarray, torch.Tensor)) and self.rule == "sigmas":
+            raise ValueError(f"steps: {type(self.scheduler).__name__} takes a step count (its own σ table); for "
+                             "explicit σ's pass sigmas= to gradguide.sample")
         if isinstance(steps, str):
             return super().timesteps(steps, "adm")
-        ac = self.alphas_cumprod
         if isinstance(steps, (list, tuple, np.ndarray, torch.Tensor)):
             t = torch.tensor(sorted({int(s) for s in steps}, reverse=True), dtype=torch.int64)
             if t.numel() == 0 or t[-1] < 0 or t[0] >= self.T:
@@ -111,7 +196,11 @@ class DiffusersSchedule(Schedule):
         else:
             sched = copy.deepcopy(sched)
         sched.set_timesteps(n)
+        if self.rule == "sigmas":
+            return self._sigma_timesteps(sched)
         t = torch.as_tensor(sched.timesteps).to(torch.int64).cpu()
+        if self.suggested_sampler == "plms":   # PNDM lists its first step twice; the sampler expands it itself
+            t = torch.unique(t).flip(0)
         abar = ac[t]
         if self.rule == "ddim":
             prev = t - self.T // n
@@ -121,6 +210,27 @@ class DiffusersSchedule(Schedule):
             abar_prev = torch.cat([abar[1:], abar.new_ones(1)])
         return Timesteps(t, abar, abar_prev)
 
+    def _sigma_timesteps(self, sched) -> Timesteps:
+        """Timesteps on the scheduler's own σ table (after ``set_timesteps``)."""
+        t = torch.as_tensor(sched.timesteps).cpu().to(torch.float64)
+        sig = torch.as_tensor(sched.sigmas).cpu().to(torch.float64)
+        if self.suggested_sampler == "heun":   # un-expand [σ0, σ1, σ1, ..., σ_{n−1}, σ_{n−1}, 0]
+            t, sig = t[0::2], torch.cat([sig[0:-1:2], sig[-1:]])
+        # step i goes from sigmas[i] to sigmas[i + 1]; diffusers' Euler(interpolation_type="log_linear") has one
+        # σ more that its loop never reaches: sampling ends (and returns x_σ) at sigmas[n]
+        sig = sig[:t.numel() + 1]
+        if t.numel() + 1 != sig.numel():
+            raise ValueError(f"scheduler: {type(sched).__name__}: {t.numel()} timesteps for {sig.numel()} σ's; "
+                             "expected one σ more (the final one)")
+        if torch.equal(t, t.round()):
+            t = t.to(torch.int64)
+        abar = 1 / (1 + sig ** 2)
+        init_scale = final_scale = 1.0
+        if self.suggested_sampler in SIGMA_SPACE:   # latents in σ-space: x_σ = x/√ᾱ
+            init_scale = float(sched.init_noise_sigma) * float(abar[0].sqrt())
+            final_scale = float(1 / abar[-1].sqrt())
+        return Timesteps(t, abar[:-1], abar[1:], init_scale=init_scale, final_scale=final_scale)
+
 
 class DiffusersModel(torch.nn.Module):
     """``model(x_t, t, **cond)`` over a diffusers UNet (or any module returning ``.sample``)."""
@@ -129,12 +239,8 @@ class DiffusersModel(torch.nn.Module):
         super().__init__()
         self.unet = unet
         config = scheduler.config
+        scheduler_sampler(scheduler)   # refuses what gradguide cannot reproduce
         ptype = config.get("prediction_type", "epsilon")
-        if ptype not in PREDICTION_TYPES:
-            raise ValueError(f"scheduler: prediction_type {ptype!r} is not one of {sorted(PREDICTION_TYPES)}")
-        if config.get("thresholding", False):
-            raise ValueError("scheduler: dynamic thresholding (thresholding=True) is not supported; "
-                             "gradguide clips x̂_0 to a fixed range (clip_sample)")
         self.prediction = PREDICTION_TYPES[ptype]
         clip = None
         if config.get("clip_sample", False):
@@ -144,19 +250,29 @@ class DiffusersModel(torch.nn.Module):
         if clip is not None and type(scheduler).__name__.startswith("DDIM") and not use_clipped_model_output:
             self.sample_defaults["clip_eps"] = "model"
         vtype = config.get("variance_type")
-        if vtype is not None and vtype != "fixed_small":
-            if vtype not in VARIANCE_TYPES:
-                raise ValueError(f"scheduler: variance_type {vtype!r} is not supported; "
-                                 f"expected one of {sorted(VARIANCE_TYPES)}")
+        if vtype is not None and vtype != "fixed_small":   # DDPM's (others are refused above)
             self.sample_defaults["variance"] = VARIANCE_TYPES[vtype]
         in_channels = getattr(getattr(unet, "config", None), "in_channels", None)
         size = getattr(getattr(unet, "config", None), "sample_size", None)
         if in_channels is not None and size is not None:
             size = (size, size) if isinstance(size, int) else tuple(size)
             self.sample_shape = (int(in_channels),) + tuple(int(s) for s in size)
+        self._dtype_key = self._dtype = None
+
+    def _unet_dtype(self, default: torch.dtype) -> torch.dtype:
+        """The U-Net's compute dtype. diffusers' ``ModelMixin.dtype`` walks every submodule (≈1.5 ms
+        for a small U-Net: more than gradguide's whole step), so it is read again only when the
+        first parameter's dtype changes (``unet.half()``, ``.to(...)``, layerwise casting)."""
+        first = next(iter(self.unet.parameters()), None)
+        key = None if first is None else first.dtype
+        if self._dtype is None or key != self._dtype_key:
+            self._dtype_key, self._dtype = key, getattr(self.unet, "dtype", None)
+        return self._dtype or default
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        dtype = getattr(self.unet, "dtype", x.dtype)
+        dtype = self._unet_dtype(x.dtype)
+        if t.is_floating_point():   # fractional σ-space timesteps: diffusers passes them as float32
+            t = t.to(torch.float32)
         out = self.unet(x.to(dtype), t, **cond, return_dict=False)[0]
         return out.to(x.dtype)
 
@@ -164,13 +280,15 @@ class DiffusersModel(torch.nn.Module):
 def from_diffusers(unet, scheduler, use_clipped_model_output: bool = False):
     """``(model, schedule)`` for :func:`gradguide.sample` from a diffusers UNet and scheduler.
 
-    Pass ``**model.sample_defaults`` (prediction type, clipping, DDPM variance) and the
-    sampler matching the scheduler (``schedule.suggested_sampler``). ``use_clipped_model_output``
-    mirrors the argument of diffusers' ``DDIMScheduler.step`` (only matters with clipping)::
+    With no other keyword, :func:`gradguide.sample` then reproduces the scheduler's own loop
+    (sampler, timesteps, σ's, prediction type, clipping, variance, final-step noise); a
+    scheduler or setting gradguide cannot reproduce raises a ``ValueError`` naming it.
+    ``use_clipped_model_output`` mirrors the argument of diffusers' ``DDIMScheduler.step``
+    (only matters with clipping)::
 
         model, schedule = gradguide.from_diffusers(pipe.unet, pipe.scheduler)
-        x = gradguide.sample(model, (4, 3, 64, 64), schedule=schedule, sampler="ddim", steps=50,
-                             generator=torch.Generator().manual_seed(0), **model.sample_defaults)
+        x = gradguide.sample(model, (4, 3, 64, 64), schedule=schedule, steps=50,
+                             generator=torch.Generator().manual_seed(0))
     """
     if not callable(unet):
         raise TypeError(f"unet: expected a callable diffusers model, got {type(unet).__name__}")
@@ -277,21 +395,29 @@ class GradguidePixelAsParam(ClassifierFreeGuidance):
     Policy C needs ``x_t`` and ``ᾱ_t``: build it with :meth:`from_scheduler` and call
     :meth:`set_sample` with the current latents before each guider call (the timestep comes
     from ``set_state``, which diffusers' denoising loops already call).
+
+    ``convention="official"`` (default, as :class:`gradguide.PixelAsParam`): with ``clip_range``
+    set, x̂_0c and x̂_0u are clipped before Δ and the projections (the authors' code);
+    ``"paper"``: only the result is clipped.
     """
 
     backend = "auto"
 
     def __init__(self, guidance_scale: float = 7.5, alphas_cumprod: Optional[Sequence[float]] = None,
                  prediction_type: str = "epsilon", delta1: float = 1.0, delta2: float = 1.0,
-                 clip_range: Optional[float] = None, start: float = 0.0, stop: float = 1.0, enabled: bool = True):
+                 clip_range: Optional[float] = None, start: float = 0.0, stop: float = 1.0, enabled: bool = True,
+                 convention: str = "official"):
         super().__init__(guidance_scale=guidance_scale, start=start, stop=stop, enabled=enabled)
+        if convention not in ("official", "paper"):
+            raise ValueError(f"GradguidePixelAsParam: convention: expected 'official' or 'paper', got {convention!r}")
+        self.convention = convention
         if alphas_cumprod is None:
             raise ValueError("GradguidePixelAsParam: alphas_cumprod: required (use from_scheduler(scheduler, ...))")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"GradguidePixelAsParam: prediction_type: expected one of {sorted(PREDICTION_TYPES)}, "
                              f"got {prediction_type!r}")
         self.register_to_config(alphas_cumprod=[float(a) for a in alphas_cumprod], prediction_type=prediction_type,
-                                delta1=delta1, delta2=delta2, clip_range=clip_range)
+                                delta1=delta1, delta2=delta2, clip_range=clip_range, convention=convention)
         self._abar = torch.tensor([float(a) for a in alphas_cumprod], dtype=torch.float64)
         self.prediction_type = prediction_type
         self.delta1, self.delta2, self.clip_range = float(delta1), float(delta2), clip_range
@@ -331,11 +457,19 @@ class GradguidePixelAsParam(ClassifierFreeGuidance):
         else:
             x0c, x0u = [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]
         operands = [x, pred_cond, pred_uncond]
+        clamp = None if self.clip_range is None else (-float(self.clip_range), float(self.clip_range))
+        vc = torch.tensor(x0c, dtype=torch.float64, device=x.device)
+        vu = torch.tensor(x0u, dtype=torch.float64, device=x.device)
+        if clamp is not None and self.convention == "official":
+            # the authors' code clips each branch's x̂_0 before Δ and the projections
+            operands = [ops.combine(v.to(torch.float32).expand(bsz, 3), operands, clamp=clamp, backend=self.backend)
+                        for v in (vc, vu)]
+            vc = torch.tensor([1.0, 0.0], dtype=torch.float64, device=x.device)
+            vu = torch.tensor([0.0, 1.0], dtype=torch.float64, device=x.device)
         gram, _ = ops.reduce(operands, backend=self.backend)
         gram = gram[:, 0].to(torch.float64)
-        vc = torch.tensor(x0c, dtype=torch.float64, device=gram.device)
         wp = float(self.guidance_scale) - 1.0
-        vd = wp * (vc - torch.tensor(x0u, dtype=torch.float64, device=gram.device))
+        vd = wp * (vc - vu)
         cc = torch.einsum("i,bij,j->b", vc, gram, vc)
         dd = torch.einsum("i,bij,j->b", vd, gram, vd)
         cd = torch.einsum("i,bij,j->b", vc, gram, vd)
@@ -343,7 +477,6 @@ class GradguidePixelAsParam(ClassifierFreeGuidance):
         f1 = torch.where(dd > 0, neg / dd.clamp_min(1e-300), torch.zeros_like(dd))   # PC(x̂_0c | Δ)
         f2 = torch.where(cc > 0, neg / cc.clamp_min(1e-300), torch.zeros_like(cc))   # PC(Δ | x̂_0c)
         coef_x0 = (vc - self.delta1 * f1[:, None] * vd) + (vd - self.delta2 * f2[:, None] * vc)
-        clamp = None if self.clip_range is None else (-float(self.clip_range), float(self.clip_range))
         x0 = ops.combine(coef_x0.to(torch.float32), operands, clamp=clamp, backend=self.backend)
         if self.prediction_type == "sample":
             pred = x0

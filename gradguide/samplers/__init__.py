@@ -1,38 +1,83 @@
 """Samplers as per-step scalar tables.
 
 Every sampler step of SPEC.md §2 is linear in its terms. Written against the denoiser's
-prediction ``x̂_0`` (with ``ε`` re-derived from it), each one is
+prediction ``D = x̂_0`` (with ``ε`` re-derived from it), each one is
 
-    x_{t−1} = c_x · x_t + c_0 · x̂_0 + c_h · x̂_0^{prev} + σ · z
+    x_next = c_x · x + c_0 · D + Σ_k c_k · S_k + σ · z
 
-(``c_h`` only for multistep solvers). A sampler is therefore a set of scalar tables over the
-steps (:class:`SamplerTables`), built on the host in float64 from a
-:class:`~gradguide.schedules.Timesteps`; the step itself reads them from a device tensor.
-The ``(x̂_0, ε)`` form of the same step, ``a_0 x̂_0 + a_e ε``, has ``a_e = c_x √(1−ᾱ_t)``;
+over carried state tensors ``S_k`` (*slots*: previous predictions of multistep solvers, Heun's
+and UniPC's carried sample, PLMS's previous ε's, LMS's previous derivatives). After the step
+each slot is either a plain copy (``moves``: ``D_{−2} ← D_{−1}``, ``D_{−1} ← D``) or
+``u_x x + u_0 D + Σ_j u_j S_j`` with its own per-step coefficients (tables ``u_<slot>_x``,
+``u_<slot>_0``, ``u_<slot>_<slot j>``); the output's are ``c_<slot>``. Absent coefficients are
+zero. One *step* here is one model evaluation (Heun has 2n − 1 of them for n steps).
+
+A sampler is therefore a set of scalar tables over the evaluations (:class:`SamplerTables`),
+built on the host in float64 from a :class:`~gradguide.schedules.Timesteps`; the step itself
+reads them from a device tensor. ``x`` is always the variance-preserving latent
+``√ᾱ x_0 + √(1−ᾱ) ε`` the model is called on; σ-space (k-diffusion) samplers are the same
+steps with ``σ = √((1−ᾱ)/ᾱ)`` (``x_σ = x / √ᾱ``), see :mod:`gradguide.samplers.ksigma`.
+The ``(x̂_0, ε)`` form of a step, ``a_0 x̂_0 + a_e ε``, has ``a_e = c_x √(1−ᾱ_t)``;
 CFG++ uses it to re-noise with a different ε.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict
+from typing import Dict, Tuple
 
 import torch
 
 from ..schedules import Timesteps
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp-2m")
+SAMPLERS = ("ddpm", "ddim", "dpmpp-2m", "dpmpp-2m-sde", "euler", "euler_a", "heun", "lms", "plms", "unipc")
+SOURCES = ("x", "0")   # a slot update reads x (the evaluated sample), D (the guided x̂_0) and the old slots
 
 
 @dataclass
 class SamplerTables:
-    """Scalar tables (float64, one entry per step) describing a sampler on given timesteps."""
+    """Scalar tables (float64, one entry per model evaluation) describing a sampler.
+
+    ``timesteps``: the evaluations (the model's timestep and ᾱ at each; for Heun the
+    expanded list). ``slots``: the carried state tensors, zeros before the first step;
+    ``moves``: ``{slot: source}`` for slots that are a plain copy of ``"x"``, ``"0"`` (the
+    guided x̂_0) or another slot at every step; every other slot is updated from its ``u_``
+    tables.
+    """
     name: str
     timesteps: Timesteps
     tables: Dict[str, torch.Tensor]
-    multistep: bool = False
+    slots: Tuple[str, ...] = ()
+    moves: Dict[str, str] = field(default_factory=dict)
     learned_variance: bool = False
     # which steps draw noise; known on the host, so no step ever branches on a tensor
     draws_noise: list = field(default_factory=list)
+
+    def __post_init__(self):
+        n = len(self.timesteps)
+        for slot in self.slots:   # absent coefficients are zero
+            keys = ["c_" + slot]
+            if slot not in self.moves:
+                keys += [f"u_{slot}_{src}" for src in SOURCES + tuple(self.slots)]
+            for key in keys:
+                self.tables.setdefault(key, torch.zeros(n, dtype=torch.float64))
+        for slot, src in self.moves.items():
+            if slot not in self.slots or src not in SOURCES + tuple(self.slots):
+                raise ValueError(f"sampler {self.name!r}: bad move {slot} <- {src}")
+        bad = [k for k, v in self.tables.items() if not torch.isfinite(v).all()]
+        if bad:
+            raise ValueError(f"sampler {self.name!r}: non-finite step coefficients ({', '.join(sorted(bad))}) on these "
+                             "timesteps (e.g. σ = ∞ at ᾱ = 0, a second-order step landing on σ = 0, or a higher-order "
+                             "step between two equal σ's; diffusers' own loop returns NaN or inf in the last two cases)")
+
+    @property
+    def multistep(self) -> bool:
+        """Whether a step reads carried state."""
+        return bool(self.slots)
+
+    def needs_x0(self) -> bool:
+        """Whether a slot update reads the guided x̂_0 (it is then materialised each step)."""
+        return any(src == "0" for src in self.moves.values()) or any(
+            bool((self.tables[f"u_{slot}_0"] != 0).any()) for slot in self.slots if slot not in self.moves)
 
     def stacked(self, device, dtype):
         """All tables as one ``[n_tables, n_steps]`` tensor and the row of each name."""
@@ -42,15 +87,28 @@ class SamplerTables:
 
 
 def common_tables(ts: Timesteps) -> Dict[str, torch.Tensor]:
-    return {"sqrt_abar": ts.abar.sqrt(), "sqrt_1m_abar": (1 - ts.abar).sqrt()}
+    # ᾱ = 0 (zero terminal SNR) enters the x̂_0 ↔ ε conversions as 1e-16: x̂_0 = √ᾱ x − √(1−ᾱ) v
+    # is then exact to 1e-8 |x| and no coefficient divides by zero (ε models are refused there)
+    abar = ts.abar.clamp_min(1e-16)
+    return {"sqrt_abar": abar.sqrt(), "sqrt_1m_abar": (1 - abar).sqrt()}
 
 
-def build(name: str, ts: Timesteps, *, eta: float = 0.0, variance: str = "fixed-small") -> SamplerTables:
-    from . import ddim, ddpm, dpmpp
+def build(name: str, ts: Timesteps, *, eta: float = 0.0, variance: str = "fixed-small", **options) -> SamplerTables:
+    """The tables of sampler ``name`` on ``ts``. ``options`` are the sampler's own settings
+    (e.g. DPM-Solver's ``solver_type``, DDPM's ``final_noise``); unknown ones raise."""
+    from . import ddim, ddpm, dpmpp, ksigma, plms, unipc
     if name == "ddpm":
-        return ddpm.tables(ts, variance)
+        return ddpm.tables(ts, variance, **options)
     if name == "ddim":
-        return ddim.tables(ts, eta)
+        return ddim.tables(ts, eta, **options)
     if name == "dpmpp-2m":
-        return dpmpp.tables(ts)
+        return dpmpp.tables(ts, **options)
+    if name == "dpmpp-2m-sde":
+        return dpmpp.tables(ts, sde=True, **options)
+    if name in ("euler", "euler_a", "heun", "lms"):
+        return ksigma.tables(name, ts, **options)
+    if name == "unipc":
+        return unipc.tables(ts, **options)
+    if name == "plms":
+        return plms.tables(ts, **options)
     raise ValueError(f"sampler: expected one of {SAMPLERS}, got {name!r}")

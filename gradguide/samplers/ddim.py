@@ -12,7 +12,9 @@ import math
 from . import SamplerTables, common_tables
 
 
-def tables(ts, eta: float = 0.0) -> SamplerTables:
+def tables(ts, eta: float = 0.0, **options) -> SamplerTables:
+    if options:
+        raise ValueError(f"sampler 'ddim': unknown options {sorted(options)} (DDIM takes only eta)")
     if not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
         raise ValueError(f"eta: expected a finite number >= 0, got {eta!r}")
     abar, abar_prev = ts.abar, ts.abar_prev
@@ -21,5 +23,5 @@ def tables(ts, eta: float = 0.0) -> SamplerTables:
     c_x = d / (1 - abar).sqrt()
     c_0 = abar_prev.sqrt() - c_x * abar.sqrt()
     t = common_tables(ts)
-    t.update(c_x=c_x, c_0=c_0, c_h=c_x * 0, sigma=sigma, var_mean=sigma ** 2)
+    t.update(c_x=c_x, c_0=c_0, sigma=sigma, var_mean=sigma ** 2)
     return SamplerTables("ddim", ts, t, draws_noise=[bool(s > 0) for s in sigma])

@@ -1,0 +1,275 @@
+"""Parity by default (issue 13): ``from_diffusers(model, scheduler)`` + ``sample(model, shape,
+schedule=schedule, steps=N, x_T=noise)`` with no other keyword (plus ``generator=`` where the
+scheduler draws noise) equals diffusers' own loop (``set_timesteps(N)``, ``scale_model_input``,
+``step``) on the same model and noise, for every supported scheduler configuration; every
+configuration gradguide cannot reproduce raises an error naming the class or option.
+
+Models: a deterministic toy denoiser (the Gaussian-data optimum, mixed with a fixed conv, in
+the scheduler's prediction type, at fractional timesteps too) for the full matrix, and a tiny
+random ``UNet2DModel`` for a representative subset.
+"""
+import inspect
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,  # noqa: E402
+                       DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
+                       HeunDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
+                       PNDMScheduler, SASolverScheduler, TCDScheduler, UNet2DModel, UniPCMultistepScheduler)
+
+import gradguide  # noqa: E402
+
+SHAPE = (2, 3, 8, 8)
+TOL = 1e-4
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class Toy(torch.nn.Module):
+    """The optimal denoiser for N(0, 0.25 I) data, with a fixed 3x3 conv mixed in, returned in
+    ``ptype``; ᾱ at fractional t is interpolated linearly. ``learned``: ADM-style extra
+    variance channels (a fixed function of x in [−1, 1])."""
+
+    def __init__(self, alphas_cumprod, ptype, learned=False, continuous=False):
+        super().__init__()
+        self.continuous = continuous   # EDM-style timesteps t = log(σ)/4
+        self.ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        self.ptype, self.learned = ptype, learned
+        self.w = torch.randn(3, 3, 3, 3, generator=torch.Generator().manual_seed(0)) * 0.05
+
+    def forward(self, x, t, return_dict=False):
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)[:1].expand(x.shape[0])
+        if self.continuous:
+            abar = (1 / (1 + torch.exp(8 * t))).float().view(-1, 1, 1, 1)
+        else:
+            t = t.clamp(0, len(self.ac) - 1)
+            lo = t.floor().long().clamp(0, len(self.ac) - 1)
+            hi = (lo + 1).clamp(max=len(self.ac) - 1)
+            abar = ((1 - (t - lo)) * self.ac[lo] + (t - lo) * self.ac[hi]).float().view(-1, 1, 1, 1)
+        a, s = abar.sqrt(), (1 - abar).sqrt()
+        x0 = a * 0.25 / (abar * 0.25 + s * s) * (x + torch.nn.functional.conv2d(x, self.w, padding=1))
+        eps = (x - a * x0) / s.clamp_min(1e-6)
+        out = {"epsilon": eps, "v_prediction": a * eps - s * x0, "sample": x0}[self.ptype]
+        if self.learned:
+            out = torch.cat([out, torch.tanh(x)], 1)
+        return (out,)
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    net = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                      down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                      norm_num_groups=4)
+    return net.eval().requires_grad_(False)
+
+
+def diffusers_loop(model, sched, steps, noise, seed):
+    """diffusers' own loop, as its pipelines write it."""
+    sched.set_timesteps(steps)
+    x = noise * sched.init_noise_sigma
+    kw = {"generator": torch.Generator().manual_seed(seed)} if "generator" in inspect.signature(sched.step).parameters \
+        else {}
+    for t in sched.timesteps:
+        out = model(sched.scale_model_input(x, t), t, return_dict=False)[0]
+        x = sched.step(out, t, x, **kw).prev_sample
+    return x
+
+
+def run_both(model, sched, steps=8, seed=5):
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = diffusers_loop(model, sched, steps, noise.clone(), seed)
+    gmodel, schedule = gradguide.from_diffusers(model, sched)
+    got = gradguide.sample(gmodel, SHAPE, schedule=schedule, steps=steps, x_T=noise.clone(),
+                           generator=torch.Generator().manual_seed(seed))
+    return got, ref
+
+
+SUPPORTED = [
+    # DDIM: spacings, offsets, final alpha, clipping (range), prediction types, zero terminal SNR
+    (DDIMScheduler, {}),
+    (DDIMScheduler, dict(timestep_spacing="leading", steps_offset=1)),
+    (DDIMScheduler, dict(timestep_spacing="linspace", set_alpha_to_one=False)),
+    (DDIMScheduler, dict(timestep_spacing="trailing", clip_sample=True, clip_sample_range=0.5)),
+    (DDIMScheduler, dict(prediction_type="v_prediction", clip_sample=True)),
+    (DDIMScheduler, dict(prediction_type="sample", clip_sample=True, clip_sample_range=0.3)),
+    (DDIMScheduler, dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")),
+    (DDIMScheduler, dict(prediction_type="sample", rescale_betas_zero_snr=True, timestep_spacing="trailing")),
+    # DDPM: variances and the t > 0 final-noise rule (trailing spacing, steps_offset=1)
+    (DDPMScheduler, {}),
+    (DDPMScheduler, dict(variance_type="fixed_large", timestep_spacing="trailing")),
+    (DDPMScheduler, dict(variance_type="fixed_large", steps_offset=1)),
+    (DDPMScheduler, dict(variance_type="learned_range", timestep_spacing="trailing")),
+    (DDPMScheduler, dict(variance_type="learned_range", steps_offset=1, clip_sample=False)),
+    (DDPMScheduler, dict(prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2", timestep_spacing="trailing")),
+    (DDPMScheduler, dict(prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing")),
+    # Euler: spacings, Karras / exponential / beta σ's, final σ, continuous timesteps, log-linear σ's
+    (EulerDiscreteScheduler, {}),
+    (EulerDiscreteScheduler, dict(timestep_spacing="leading", steps_offset=1)),
+    (EulerDiscreteScheduler, dict(timestep_spacing="trailing", prediction_type="v_prediction")),
+    (EulerDiscreteScheduler, dict(use_karras_sigmas=True, final_sigmas_type="sigma_min")),
+    (EulerDiscreteScheduler, dict(use_exponential_sigmas=True, prediction_type="sample")),
+    (EulerDiscreteScheduler, dict(interpolation_type="log_linear")),
+    (EulerDiscreteScheduler, dict(prediction_type="v_prediction", timestep_type="continuous", use_karras_sigmas=True)),
+    (EulerDiscreteScheduler, dict(prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                  timestep_spacing="trailing")),
+    # Euler ancestral
+    (EulerAncestralDiscreteScheduler, {}),
+    (EulerAncestralDiscreteScheduler, dict(timestep_spacing="leading", steps_offset=1, prediction_type="v_prediction")),
+    # Heun
+    (HeunDiscreteScheduler, {}),
+    (HeunDiscreteScheduler, dict(use_karras_sigmas=True, prediction_type="v_prediction")),
+    (HeunDiscreteScheduler, dict(timestep_spacing="trailing", clip_sample=True, clip_sample_range=0.4)),
+    # DPM-Solver++(2M) and SDE: σ schedules, final σ, order, solver type, final-step rules
+    (DPMSolverMultistepScheduler, {}),
+    (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True)),
+    (DPMSolverMultistepScheduler, dict(use_exponential_sigmas=True, final_sigmas_type="sigma_min")),
+    (DPMSolverMultistepScheduler, dict(use_lu_lambdas=True, prediction_type="v_prediction")),
+    (DPMSolverMultistepScheduler, dict(solver_type="heun", timestep_spacing="trailing")),
+    (DPMSolverMultistepScheduler, dict(final_sigmas_type="sigma_min", lower_order_final=False)),
+    (DPMSolverMultistepScheduler, dict(final_sigmas_type="sigma_min", euler_at_final=True)),
+    (DPMSolverMultistepScheduler, dict(solver_order=1, prediction_type="sample")),
+    (DPMSolverMultistepScheduler, dict(solver_order=3)),
+    (DPMSolverMultistepScheduler, dict(solver_order=3, lower_order_final=False, final_sigmas_type="sigma_min",
+                                       timestep_spacing="trailing")),
+    (DPMSolverMultistepScheduler, dict(solver_order=3, algorithm_type="sde-dpmsolver++", prediction_type="v_prediction")),
+    (DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++")),
+    (DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver++", solver_type="heun", use_karras_sigmas=True)),
+    (DPMSolverMultistepScheduler, dict(prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                       timestep_spacing="trailing")),
+    # PLMS (PNDM with skip_prk_steps=True: Stable Diffusion 1.x's scheduler)
+    (PNDMScheduler, dict(skip_prk_steps=True)),
+    (PNDMScheduler, dict(skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False, beta_schedule="scaled_linear",
+                         beta_start=0.00085, beta_end=0.012)),
+    (PNDMScheduler, dict(skip_prk_steps=True, prediction_type="v_prediction")),
+    # LMS (order 4, the default of LMSDiscreteScheduler.step)
+    (LMSDiscreteScheduler, {}),
+    (LMSDiscreteScheduler, dict(use_karras_sigmas=True, prediction_type="v_prediction")),
+    (LMSDiscreteScheduler, dict(timestep_spacing="leading", steps_offset=1, prediction_type="sample")),
+    # UniPC (bh2 is diffusers' default)
+    (UniPCMultistepScheduler, {}),
+    (UniPCMultistepScheduler, dict(use_karras_sigmas=True, prediction_type="v_prediction")),
+    (UniPCMultistepScheduler, dict(solver_type="bh1", final_sigmas_type="sigma_min")),
+    (UniPCMultistepScheduler, dict(solver_order=1)),
+    (UniPCMultistepScheduler, dict(solver_order=3)),
+    (UniPCMultistepScheduler, dict(solver_order=3, lower_order_final=False, final_sigmas_type="sigma_min",
+                                   timestep_spacing="trailing", prediction_type="v_prediction", disable_corrector=[2])),
+    (UniPCMultistepScheduler, dict(disable_corrector=[0, 3], timestep_spacing="trailing")),
+    (UniPCMultistepScheduler, dict(final_sigmas_type="sigma_min", lower_order_final=False)),
+]
+
+
+def _id(case):
+    cls, cfg = case
+    return cls.__name__.replace("Scheduler", "") + "".join(f"-{k}={v}" for k, v in cfg.items())
+
+
+@pytest.mark.parametrize("case", SUPPORTED, ids=[_id(c) for c in SUPPORTED])
+def test_supported_configuration_matches_diffusers_by_default(case):
+    cls, cfg = case
+    sched = cls(**cfg)
+    ptype = sched.config.prediction_type
+    learned = sched.config.get("variance_type") == "learned_range"
+    continuous = sched.config.get("timestep_type") == "continuous"
+    got, ref = run_both(Toy(sched.alphas_cumprod, ptype, learned, continuous), sched)
+    err, scale = (got - ref).abs().max().item(), ref.abs().max().item()
+    print(f"PARITY {_id(case)} max_err={err:.2e} scale={scale:.2f}")
+    assert 0.05 < scale < 20      # outputs of size ~1
+    assert err <= TOL, f"max error {err:.3g} for outputs of size {scale:.3g}"
+
+
+UNET_CASES = [(DDIMScheduler, dict(clip_sample=True)), (DDPMScheduler, dict(variance_type="fixed_large", steps_offset=1)),
+              (EulerAncestralDiscreteScheduler, {}), (HeunDiscreteScheduler, dict(use_karras_sigmas=True)),
+              (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True, algorithm_type="sde-dpmsolver++")),
+              (UniPCMultistepScheduler, {}), (PNDMScheduler, dict(skip_prk_steps=True)),
+              (LMSDiscreteScheduler, dict(use_karras_sigmas=True))]
+
+
+@pytest.mark.parametrize("case", UNET_CASES, ids=[_id(c) for c in UNET_CASES])
+def test_unet_matches_diffusers_by_default(unet, case):
+    cls, cfg = case
+    got, ref = run_both(unet, cls(**cfg), steps=6)
+    err, scale = (got - ref).abs().max().item(), ref.abs().max().item()
+    print(f"PARITY unet {_id(case)} max_err={err:.2e} scale={scale:.2f}")
+    assert err <= TOL * max(1.0, scale), f"max error {err:.3g} for outputs of size {scale:.3g}"
+
+
+def test_defaults_travel_and_user_overrides_win():
+    sched = DDIMScheduler(prediction_type="v_prediction", clip_sample=True, timestep_spacing="trailing")
+    model = Toy(sched.alphas_cumprod, "v_prediction")
+    gmodel, schedule = gradguide.from_diffusers(model, sched)
+    assert schedule.suggested_sampler == "ddim"
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    default = gradguide.sample(gmodel, SHAPE, schedule=schedule, steps=6, x_T=noise)
+    explicit = gradguide.sample(gmodel, SHAPE, schedule=schedule, steps=6, x_T=noise, sampler="ddim",
+                                **gmodel.sample_defaults)
+    torch.testing.assert_close(default, explicit, rtol=0, atol=0)
+    # an override is used, and really changes the result
+    eps_read = gradguide.sample(gmodel, SHAPE, schedule=schedule, steps=6, x_T=noise, prediction="eps")
+    assert (eps_read - default).abs().max() > 1e-2
+    unclipped = gradguide.sample(gmodel, SHAPE, schedule=schedule, steps=6, x_T=noise, clip=False)
+    assert (unclipped - default).abs().max() > 1e-3
+    # a plain Schedule keeps DDPM as the default sampler
+    assert gradguide.Schedule.linear(50).suggested_sampler == "ddpm"
+
+
+UNSUPPORTED = [
+    (PNDMScheduler, {}, "skip_prk_steps"),
+    (PNDMScheduler, dict(skip_prk_steps=True, timestep_spacing="trailing"), "timestep_spacing"),
+    (DPMSolverSinglestepScheduler, {}, "DPMSolverSinglestepScheduler"),
+    (DEISMultistepScheduler, {}, "DEISMultistepScheduler"),
+    (LCMScheduler, {}, "LCMScheduler"),
+    (TCDScheduler, {}, "TCDScheduler"),
+    (SASolverScheduler, {}, "SASolverScheduler"),
+    (KDPM2DiscreteScheduler, {}, "KDPM2DiscreteScheduler"),
+    (DDIMScheduler, dict(thresholding=True), "thresholding"),
+    (DDPMScheduler, dict(variance_type="fixed_small_log"), "variance_type"),
+    (DDPMScheduler, dict(variance_type="learned"), "variance_type"),
+    (DPMSolverMultistepScheduler, dict(solver_order=4), "solver_order"),
+    (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver"), "algorithm_type"),
+    (DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver"), "algorithm_type"),
+    (DPMSolverMultistepScheduler, dict(variance_type="learned_range"), "variance_type"),
+    (DPMSolverMultistepScheduler, dict(use_flow_sigmas=True, prediction_type="flow_prediction"), "prediction_type"),
+    (UniPCMultistepScheduler, dict(solver_order=4), "solver_order"),
+    (UniPCMultistepScheduler, dict(predict_x0=False), "predict_x0"),
+    (UniPCMultistepScheduler, dict(thresholding=True), "thresholding"),
+    (EulerAncestralDiscreteScheduler, dict(prediction_type="sample"), "prediction_type"),
+]
+
+
+@pytest.mark.parametrize("case", UNSUPPORTED, ids=[_id(c[:2]) for c in UNSUPPORTED])
+def test_unsupported_configuration_is_refused(case):
+    cls, cfg, named = case
+    with pytest.raises(ValueError, match=named):
+        gradguide.from_diffusers(torch.nn.Identity(), cls(**cfg))
+
+
+@pytest.mark.parametrize("case", [
+    (UniPCMultistepScheduler, dict(solver_type="bh1"), "bh1", True),
+    (UniPCMultistepScheduler, dict(lower_order_final=False), "lower_order_final", True),
+    (DPMSolverMultistepScheduler, dict(solver_order=3, lower_order_final=False, final_sigmas_type="sigma_min",
+                                       use_karras_sigmas=True), "equal σ", True),
+    (DDIMScheduler, dict(rescale_betas_zero_snr=True, timestep_spacing="trailing"), "zero terminal SNR", False)])
+def test_configurations_that_fail_at_sampling_are_refused(case):
+    """Settings where diffusers' own loop returns NaN or inf (UniPC bh1 or second order onto σ = 0,
+    third order between the two equal final σ's of Karras + final σ_min) or that have no
+    meaning (an ε model at ᾱ = 0) raise when sampling, naming the reason."""
+    cls, cfg, named, nonfinite_in_diffusers = case
+    sched = cls(**cfg)
+    toy = Toy(sched.alphas_cumprod, "epsilon")
+    if nonfinite_in_diffusers:
+        with torch.no_grad():
+            ref = diffusers_loop(toy, cls(**cfg), 6, torch.randn(SHAPE, generator=torch.Generator().manual_seed(1)), 0)
+        assert not torch.isfinite(ref).all()
+    model, schedule = gradguide.from_diffusers(toy, sched)
+    with pytest.raises(ValueError, match=named):
+        gradguide.sample(model, SHAPE, schedule=schedule, steps=6)
