@@ -583,7 +583,7 @@ def _sample(spec):
     except (TypeError, ValueError) as exc:
         raise Result("unclean_error", f"valid setup refused: {exc}")
     if m == "sampler_bad":
-        kw["sampler"], expect = "euler", ("sampler",)
+        kw["sampler"], expect = "no-such-sampler", ("sampler",)
     elif m == "steps_bad":
         kw["steps"] = [0, "ddimx", torch.tensor(3), 2.5, [1.5, 3], spec["T"] + 1][spec["seed"] % 6]
         expect = ("steps",)
