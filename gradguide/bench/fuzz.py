@@ -591,9 +591,9 @@ def _sample(spec):
         kw["guidance"], expect = 3, ("guidance",)
     elif m == "clip_bad":
         kw["clip"], expect = [(float("nan"), 1.0), (1.0,), 0.5, "yes", (2.0, -2.0)][spec["seed"] % 5], ("clip",)
-    elif m == "cond_batch":
-        kw["cond"], expect = {"y": torch.ones(shape[0] + 1, dtype=torch.int64)}, ("cond",)
-        kw["guidance"] = [gg.CFG(2.0)]
+    elif m == "cond_batch":   # the unconditional branch's label batched differently from cond's
+        kw["cond"], expect = {"y": torch.ones(shape[0], dtype=torch.int64)}, ("uncond",)
+        kw["guidance"] = [gg.CFG(2.0, uncond={"y": torch.zeros(shape[0] + 1, dtype=torch.int64)})]
         kw.pop("projection", None)
     elif m == "x_T_nan":
         kw["x_T"] = kw["x_T"].clone()
