@@ -36,6 +36,9 @@
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
+
+#include <cmath>
 
 #include <algorithm>
 #include <cmath>
@@ -269,6 +272,14 @@ void combine_out_cpu(const at::Tensor& coef_in, at::TensorList operands, std::op
                   out.device() == first.device() && out.is_contiguous(),
               "gradguide::combine: out: expected a contiguous ", first.sizes(), " ", first.scalar_type(),
               " tensor on ", first.device(), ", got ", out.sizes(), " ", out.scalar_type(), " on ", out.device());
+  // The kernel is elementwise: out may be exactly an operand (in place), but memory shared any
+  // other way would be read after it was written (the Python glue computes into a temporary).
+  at::assert_no_internal_overlap(out);
+  for (const auto& t : ops) at::assert_no_partial_overlap(out, t);
+  at::assert_no_overlap(out, coef_in);
+  // one clamp rule on every backend: a NaN bound is an error, not an ignored bound
+  TORCH_CHECK_VALUE(!(low.has_value() && std::isnan(*low)), "gradguide::combine: low: NaN is not a bound");
+  TORCH_CHECK_VALUE(!(high.has_value() && std::isnan(*high)), "gradguide::combine: high: NaN is not a bound");
   at::Tensor coef = coef_in.to(acc_type(first.scalar_type())).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "gradguide_combine", [&] {
     combine_dispatch_k<scalar_t>(ops, coef.data_ptr<combine_acc_t<scalar_t>>(), b * groups, n, low.has_value(),

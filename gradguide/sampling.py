@@ -608,7 +608,6 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     if cond is not None and not isinstance(cond, dict):
         raise TypeError(f"cond: expected a dict of keyword inputs for the model, got {type(cond).__name__}")
     cond = dict(cond or {})
-    _check_inputs("cond", cond, shape[0], device)
 
     # timesteps and sampler tables
     if timesteps is None:
@@ -645,12 +644,15 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
             raise ValueError(f"guidance: {type(term).__name__} needs a conditional model: pass cond= with the "
                              "conditioning inputs (and uncond= on the term for the unconditional branch)")
     branch = branch_terms[0] if branch_terms else None
+    uncond = {}
     if branch is not None:
         uncond = branch.uncond_inputs(cond)
         if not isinstance(uncond, dict):
             raise TypeError(f"{type(branch).__name__}: uncond: expected a dict (or a callable returning one), "
                             f"got {type(uncond).__name__}")
-        _check_inputs(f"{type(branch).__name__}: uncond", uncond, shape[0], device)
+    _check_inputs("cond", cond, shape[0], device)
+    if branch is not None:
+        _check_inputs(f"{type(branch).__name__}: uncond", uncond, shape[0], device, cond)
     score_terms = [t for t in terms if t.place == "score"]
     mean_terms = [t for t in terms if t.place == "mean"]
     post_terms = [t for t in terms if t.place == "post"]
@@ -717,16 +719,24 @@ def _check_device(device) -> torch.device:
     return device
 
 
-def _check_inputs(name: str, inputs: dict, batch: int, device: torch.device) -> None:
-    """Model inputs (``cond``, CFG's ``uncond``): tensors on the samples' device, batched like them."""
+def _check_inputs(name: str, inputs: dict, batch: int, device: torch.device, cond: Optional[dict] = None) -> None:
+    """Model inputs (``cond``, CFG's ``uncond``): tensors on the samples' device. A tensor in
+    ``cond`` whose leading dimension is not B is a shared input (e.g. a lookup table, passed
+    as is); a tensor in the unconditional inputs (``cond`` given) must match the conditional
+    one under the same key when either is per-sample, so the two branches see the same batch."""
     for key, value in inputs.items():
         if not isinstance(value, torch.Tensor):
             continue
         if value.device != device:
             raise ValueError(f"{name}[{key!r}]: on {value.device}, but the samples are on {device}")
-        if value.dim() >= 1 and value.shape[0] != batch:
-            raise ValueError(f"{name}[{key!r}]: leading (batch) dimension {value.shape[0]}, but the batch has "
-                             f"B = {batch} samples; give one row per sample")
+        if cond is None:
+            continue
+        other = cond.get(key)
+        per_sample = value.dim() >= 1 and value.shape[0] == batch
+        other_per_sample = isinstance(other, torch.Tensor) and other.dim() >= 1 and other.shape[0] == batch
+        if (per_sample or other_per_sample) and isinstance(other, torch.Tensor) and other.shape != value.shape:
+            raise ValueError(f"{name}[{key!r}]: shape {tuple(value.shape)}, but cond[{key!r}] is {tuple(other.shape)} with "
+                             f"B = {batch} samples: the two branches must get the same batch")
 
 
 def _branch_inputs(branch: GuidanceTerm, cond: dict, uncond: dict, b: int, batch_branches):

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from gradguide import ops
 from gradguide.bench import fuzz
+from gradguide.samplers import SAMPLERS
 
 SLOW = os.environ.get("GRADGUIDE_FUZZ_SLOW", "") not in ("", "0")
 # cases per target: CI mode | slow mode (the slow total is 10,400)
@@ -169,7 +170,7 @@ def sample_cases(draw):
         projection = draw(st.sampled_from([None, "A", "B"]))
     elif guidance == "cfg":
         projection = draw(st.sampled_from([None, "C"]))
-    sampler = draw(st.sampled_from(["ddpm", "ddim", "dpmpp-2m"]))
+    sampler = draw(st.sampled_from(SAMPLERS))
     if guidance == "classifier" and sampler != "ddpm" and projection == "B":
         projection = "A"
     return dict(target="sample", backend=_backend(draw, allow_triton=False), seed=draw(st.integers(0, 2 ** 20)),

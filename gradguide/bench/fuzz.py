@@ -583,7 +583,7 @@ def _sample(spec):
     except (TypeError, ValueError) as exc:
         raise Result("unclean_error", f"valid setup refused: {exc}")
     if m == "sampler_bad":
-        kw["sampler"], expect = "euler", ("sampler",)
+        kw["sampler"], expect = "no-such-sampler", ("sampler",)
     elif m == "steps_bad":
         kw["steps"] = [0, "ddimx", torch.tensor(3), 2.5, [1.5, 3], spec["T"] + 1][spec["seed"] % 6]
         expect = ("steps",)
@@ -591,9 +591,9 @@ def _sample(spec):
         kw["guidance"], expect = 3, ("guidance",)
     elif m == "clip_bad":
         kw["clip"], expect = [(float("nan"), 1.0), (1.0,), 0.5, "yes", (2.0, -2.0)][spec["seed"] % 5], ("clip",)
-    elif m == "cond_batch":
-        kw["cond"], expect = {"y": torch.ones(shape[0] + 1, dtype=torch.int64)}, ("cond",)
-        kw["guidance"] = [gg.CFG(2.0)]
+    elif m == "cond_batch":   # the unconditional branch's label batched differently from cond's
+        kw["cond"], expect = {"y": torch.ones(shape[0], dtype=torch.int64)}, ("uncond",)
+        kw["guidance"] = [gg.CFG(2.0, uncond={"y": torch.zeros(shape[0] + 1, dtype=torch.int64)})]
         kw.pop("projection", None)
     elif m == "x_T_nan":
         kw["x_T"] = kw["x_T"].clone()
