@@ -720,23 +720,24 @@ def _check_device(device) -> torch.device:
 
 
 def _check_inputs(name: str, inputs: dict, batch: int, device: torch.device, cond: Optional[dict] = None) -> None:
-    """Model inputs (``cond``, CFG's ``uncond``): tensors on the samples' device. A tensor in
-    ``cond`` whose leading dimension is not B is a shared input (e.g. a lookup table, passed
-    as is); a tensor in the unconditional inputs (``cond`` given) must match the conditional
-    one under the same key when either is per-sample, so the two branches see the same batch."""
+    """Model inputs (``cond``, CFG's ``uncond``): tensors on the samples' device, with one row per
+    sample (a leading dimension of B); a 0-d tensor is a shared scalar. A wrong batch size is
+    refused rather than guessed to be a shared input: bind inputs that have no batch dimension
+    into the model (a closure or ``functools.partial``). The unconditional inputs (``cond``
+    given) must match the conditional ones key by key, so both branches see the same batch."""
     for key, value in inputs.items():
         if not isinstance(value, torch.Tensor):
             continue
         if value.device != device:
             raise ValueError(f"{name}[{key!r}]: on {value.device}, but the samples are on {device}")
-        if cond is None:
-            continue
-        other = cond.get(key)
-        per_sample = value.dim() >= 1 and value.shape[0] == batch
-        other_per_sample = isinstance(other, torch.Tensor) and other.dim() >= 1 and other.shape[0] == batch
-        if (per_sample or other_per_sample) and isinstance(other, torch.Tensor) and other.shape != value.shape:
-            raise ValueError(f"{name}[{key!r}]: shape {tuple(value.shape)}, but cond[{key!r}] is {tuple(other.shape)} with "
-                             f"B = {batch} samples: the two branches must get the same batch")
+        if value.dim() >= 1 and value.shape[0] != batch:
+            raise ValueError(f"{name}[{key!r}]: leading (batch) dimension {value.shape[0]}, but the batch has "
+                             f"B = {batch} samples; give one row per sample (bind an input with no batch "
+                             "dimension into the model, e.g. with functools.partial)")
+        other = None if cond is None else cond.get(key)
+        if isinstance(other, torch.Tensor) and other.shape != value.shape:
+            raise ValueError(f"{name}[{key!r}]: shape {tuple(value.shape)}, but cond[{key!r}] is {tuple(other.shape)}: "
+                             "the two branches must get the same shapes")
 
 
 def _branch_inputs(branch: GuidanceTerm, cond: dict, uncond: dict, b: int, batch_branches):
