@@ -6,8 +6,11 @@ runs, so this file only wires them together.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import List, Optional
+
+DEBUG_ENV = "GRADGUIDE_DEBUG"
 
 
 def _register_demo(sub) -> None:
@@ -106,15 +109,15 @@ def _register_sample(sub) -> None:
     p.add_argument("--device", default="auto", help="'auto' (cuda:LOCAL_RANK when available, else cpu), 'cpu', 'cuda'")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--verbose", action="store_true", help="log from every rank, not only rank 0")
+    p.add_argument("--wait-lock", action="store_true",
+                   help="if another run holds --out, wait for it to finish (default: refuse with an error naming "
+                        "its pid and host)")
     p.set_defaults(func=_sample)
 
 
 def _sample(args) -> int:
     from . import sharded
-    try:
-        return sharded.main(args)
-    except ValueError as exc:
-        raise SystemExit(f"gradguide sample: {exc}") from None
+    return sharded.main(args)
 
 
 def _register_digits(sub) -> None:
@@ -137,11 +140,13 @@ def _register_digits(sub) -> None:
 
 def _register_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmark the compute backends (writes JSON + markdown)")
-    p.add_argument("--suite", choices=["ops", "loop", "paper"], default="ops",
+    p.add_argument("--suite", choices=["ops", "loop", "paper", "peers"], default="ops",
                    help="'ops': reduce + combine of each built-in policy on every backend, side by side; "
                         "'loop': whole sampling passes with a cheap model (the loop's own cost); 'paper': the "
                         "papers' workloads (simulation pass, SD-1.5 + VAE + G_loss, ADM + classifier + PixelAsParam), "
-                        "each eager / fused / fused+graph / torch.compile")
+                        "each eager / fused / fused+graph / torch.compile; 'peers': gradguide vs the plain "
+                        "diffusers DDIM loop, side by side (cheap model and tiny SD U-Net, unguided and CFG 7.5; "
+                        "see gradguide/bench/peers.py)")
     p.add_argument("--quick", action="store_true", help="small sizes only (seconds; for CI and tests)")
     p.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
@@ -158,11 +163,17 @@ def _register_bench(sub) -> None:
 def _register_bench_loop(p) -> None:
     # options of --suite loop|paper (benchmarks/bench_loop.py, loaded lazily like bench_ops.py)
     p.add_argument("--workloads", default=None,
-                   help="loop/paper: comma-separated workloads (default: the suite's; see benchmarks/bench_loop.py)")
+                   help="loop/paper: comma-separated workloads (default: the suite's; see benchmarks/bench_loop.py); "
+                        "peers: models, some of cheap,unet (default both)")
+    p.add_argument("--sizes", default=None,
+                   help="peers: comma-separated sizes, some of sd-b1,sd-b4,sd-b8,px-b16 (default all; --quick: "
+                        "sd-b1,px-b3)")
     p.add_argument("--variants", default=None,
                    help="loop/paper: comma-separated subset of eager,fused,fused+graph,compile "
                         "(default: all; --quick: eager,fused,fused+graph)")
-    p.add_argument("--reps", type=int, default=None, help="loop/paper: timed passes per row (default 5; --quick 1)")
+    p.add_argument("--reps", type=int, default=None,
+                   help="loop/paper: timed passes per row (default 5; --quick 1); peers: timed passes per runner "
+                        "(default: 3 s worth, 5 to 40; 2 for the U-Net at B >= 8)")
     p.add_argument("--seed", type=int, default=0, help="loop/paper: seed of weights, inputs and noise (default 0)")
     p.add_argument("--model-dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="loop/paper: SD/ADM network weights (default float16 on CUDA, float32 on CPU)")
@@ -176,6 +187,9 @@ def _bench(args) -> int:
         if args.threads < 1:
             raise SystemExit("gradguide bench: --threads must be positive")
         torch.set_num_threads(args.threads)
+    if args.suite == "peers":
+        from .bench import peers
+        return peers.run_cli(args)
     if args.suite in ("loop", "paper"):
         return load("bench_loop", "gradguide bench").run_cli(args)
     bench = load("bench_ops", "gradguide bench")
@@ -201,6 +215,8 @@ def _register_profile(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradguide", description="Fast guided sampling for diffusion models.")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"show the full traceback of an error instead of one line (or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
     _register_demo(sub)
     _register_optimize(sub)
@@ -213,9 +229,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def error_line(exc: BaseException) -> str:
+    """One line for a user error: the message (it names the argument), or for an OS error its
+    reason and the path."""
+    if isinstance(exc, OSError) and exc.strerror:
+        text = exc.strerror
+        for name in (exc.filename, exc.filename2):
+            if name is not None and str(name) not in text:
+                text += f": {name}"
+    else:
+        text = str(exc) or type(exc).__name__
+    return " ".join(text.split())
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, OSError) as exc:  # user errors (bad input, unwritable output): one line
+        if debug:
+            raise
+        raise SystemExit(f"gradguide {args.command}: error: {error_line(exc)} "
+                         f"(--debug or {DEBUG_ENV}=1 for the traceback)") from None
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        raise SystemExit(f"gradguide {args.command}: interrupted") from None
 
 
 if __name__ == "__main__":

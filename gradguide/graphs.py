@@ -18,7 +18,7 @@ numbers eager sampling draws.
 reuses a capture only if its *signature* is equal: model and callables by identity; shape,
 dtype, device, sampler, step count, prediction, clipping, backend, projection, and every
 guidance term's hyperparameters by value; tensors (term inputs such as G_loss's ``grad`` and
-``target``, ``cond`` entries) by shape/stride/dtype/device. Their *values*, the sampler's
+``target``, ``cond`` and ``uncond`` entries, both branches' stacked inputs) by shape/stride/dtype/device. Their *values*, the sampler's
 scalar tables and timesteps are copied into the captured buffers, so a new schedule with the
 same step count, or Algorithm 1's new per-round gradients, replay without re-capture. Any
 other change captures anew: output is never stale. The model's parameters are read in place,
@@ -41,11 +41,12 @@ class EagerStepper:
     """Runs each step directly."""
 
     def __init__(self, run):
-        self.run = run
+        from .sampling import step
+        self.run, self._step = run, step
+        self._ids = run.step_ids.split(1)   # the device step indices [1], sliced once per run
 
     def __call__(self, x, i, state, noise, want_record):
-        from .sampling import step
-        return step(self.run, x, i, self.run.step_ids[i:i + 1], state, noise, want_record)
+        return self._step(self.run, x, i, self._ids[i], state, noise, want_record)
 
     def finish(self, x):
         return x
@@ -61,7 +62,7 @@ def run_signature(run) -> tuple:
         tuple(sorted(run.table_index.items())), run.prediction, run.clip, run.telemetry, run.variance_channels,
         repr(run.projection),
         tuple((type(t).__name__, t.graph_signature()) for t in terms if t is not None),
-        _signature_of(run.cond),
+        _signature_of(run.cond), _signature_of(run.uncond), _signature_of(run.batched),
     )
 
 
@@ -72,8 +73,21 @@ def _run_tensors(run) -> Dict[str, torch.Tensor]:
     for j, term in enumerate(terms):
         if term is not None:
             tensors.update({f"term{j}.{k}": v for k, v in term.graph_tensors().items()})
-    tensors.update({f"cond.{k}": v for k, v in run.cond.items() if isinstance(v, torch.Tensor)})
+    for name in ("cond", "uncond", "batched"):   # batched: both branches' inputs stacked for one call
+        _flat_tensors(name, getattr(run, name), tensors)
     return tensors
+
+
+def _flat_tensors(prefix: str, value, out: Dict[str, torch.Tensor]) -> None:
+    """The tensors in a (nested) dict / list / tuple of model inputs, by path."""
+    if isinstance(value, torch.Tensor):
+        out[prefix] = value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _flat_tensors(f"{prefix}.{k}", v, out)
+    elif isinstance(value, (list, tuple)):
+        for j, v in enumerate(value):
+            _flat_tensors(f"{prefix}[{j}]", v, out)
 
 
 class _Capture:

@@ -11,7 +11,7 @@ tiny tensors: no host synchronisation, no branching on tensor values.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 
@@ -84,6 +84,7 @@ class Operands:
         self.names: List[str] = []
         self._gram = None
         self._sums = None
+        self.recipes: Dict[str, tuple] = {}   # materialised operand -> (coef, clamp), for autograd replays
 
     # -- building ---------------------------------------------------------------------------
     def add(self, name: str, tensor: torch.Tensor) -> LinComb:
@@ -139,4 +140,5 @@ class Operands:
 
     def materialize(self, name: str, u: LinComb, clamp=None) -> LinComb:
         """Write ``u`` out as a new operand (needed where a rule is not linear, e.g. clipping)."""
+        self.recipes[name] = (u.coef.detach(), clamp)
         return self.add(name, self.combine(u, clamp=clamp))

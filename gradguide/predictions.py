@@ -35,6 +35,16 @@ def x0_from(prediction: str, out, x, a, s):
     return x * a - out * s  # v: x_0 = √ᾱ x_t − √(1−ᾱ) v
 
 
+def output_from_eps(prediction: str, eps, x, a, s):
+    """The model output of parametrisation ``prediction`` whose ε̂ is ``eps`` (inverse of
+    :func:`eps_from`; for v: ``v = (ε − √(1−ᾱ) x_t)/√ᾱ``)."""
+    if prediction == "eps":
+        return eps
+    if prediction == "x0":
+        return x0_from_eps(eps, x, a, s)
+    return (eps - x * s) / a
+
+
 def x0_from_eps(eps, x, a, s):
     return (x - eps * s) / a
 

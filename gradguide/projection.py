@@ -14,6 +14,13 @@ sample). Each member of a pair is projected against the *original* other member.
   ``g_div' = PC(g_div|g_cls)``.
 - Policy C (classifier-free guidance, in x̂_0 space): ``Δ = w'(x̂_0c − x̂_0u)`` (``w' = w − 1``),
   ``x̂_0 = clip(PC_δ1(x̂_0c|Δ) + PC_δ2(Δ|x̂_0c))``, then the sampler step.
+  ``convention="official"`` (default) follows the authors' code (``ClassFreeMLT6``), with
+  which the paper's numbers were made: with clipping on, x̂_0c and x̂_0u are clipped *before*
+  Δ and the projections (then the result is clipped again), and with ADM's learned-range
+  variance the noise σ comes from the unconditional branch. ``convention="paper"`` is the
+  formula as printed: unclipped branches, σ from the conditional branch. Without clipping and
+  learned variance the two are identical. (docs/pixelasparam.md lists every difference from
+  the official code.)
 - ``pcgrad=True``: N-way PCGrad (Yu et al. 2020) over the denoising direction, each guidance
   term's direction and (policy B) the noise, each projected in turn against every other
   original direction; the denoising–diversity pair is never projected. With one guidance
@@ -43,6 +50,7 @@ from .linear import LinComb, Operands
 
 POLICIES = ("A", "B", "C")
 GRANULARITIES = ("sample", "channel")
+CONVENTIONS = ("official", "paper")
 
 
 def pc(ops: Operands, a: LinComb, b: LinComb, delta=1.0, per: str = "sample") -> LinComb:
@@ -77,11 +85,14 @@ class PixelAsParam:
     projection (policy C's δ1); ``delta2``: policy C's δ2 (defaults to ``delta``).
     ``granularity``: conflicts tested per ``"sample"`` (the paper) or per ``"channel"`` (per
     sample and channel, which the authors also tried). ``pcgrad``: N-way PCGrad over all
-    guidance directions (policies A and B).
+    guidance directions (policies A and B). ``convention``: policy C's ``"official"``
+    (default: the authors' code — clip the branches' x̂_0 before projecting, σ from the
+    unconditional branch) or ``"paper"`` (the printed formula); they differ only with
+    clipping or learned-range variance, and policies A and B ignore it.
     """
 
     def __init__(self, policy: str = "A", delta: float = 1.0, delta2: Optional[float] = None,
-                 granularity: str = "sample", pcgrad: bool = False):
+                 granularity: str = "sample", pcgrad: bool = False, convention: str = "official"):
         if policy not in POLICIES:
             raise ValueError(f"PixelAsParam: policy: expected one of {POLICIES}, got {policy!r}")
         if granularity not in GRANULARITIES:
@@ -93,6 +104,9 @@ class PixelAsParam:
         self.delta2 = self.delta if delta2 is None else check_number("delta2", delta2, 0.0, owner="PixelAsParam")
         self.granularity = granularity
         self.pcgrad = bool(pcgrad)
+        if convention not in CONVENTIONS:
+            raise ValueError(f"PixelAsParam: convention: expected one of {CONVENTIONS}, got {convention!r}")
+        self.convention = convention
 
     @property
     def per(self) -> str:
@@ -102,12 +116,12 @@ class PixelAsParam:
         if self.granularity == "sample":
             return 1
         if len(shape) < 3:
-            raise ValueError(f"PixelAsParam: granularity='channel' needs samples shaped [B, C, ...], got {tuple(shape)}")
+            raise ValueError(f"PixelAsParam: granularity: 'channel' needs samples shaped [B, C, ...], got {tuple(shape)}")
         return int(shape[1])
 
     def __repr__(self) -> str:
         return (f"PixelAsParam(policy={self.policy!r}, delta={self.delta}, delta2={self.delta2}, "
-                f"granularity={self.granularity!r}, pcgrad={self.pcgrad})")
+                f"granularity={self.granularity!r}, pcgrad={self.pcgrad}, convention={self.convention!r})")
 
     # -- policies A and B: on the step's directions ------------------------------------------
     def project_directions(self, ops: Operands, den: LinComb, guides: List[LinComb], div: LinComb) -> LinComb:
@@ -140,9 +154,19 @@ class PixelAsParam:
         return total if self.policy == "B" else total + div
 
     # -- policy C: on the two CFG branches in x̂_0 space --------------------------------------
-    def combine_cfg(self, ops: Operands, x0_cond: LinComb, x0_uncond: LinComb, scale: float):
+    @property
+    def sigma_from_uncond(self) -> bool:
+        """Policy C, official convention: learned-range σ from the unconditional branch."""
+        return self.policy == "C" and self.convention == "official"
+
+    def combine_cfg(self, ops: Operands, x0_cond: LinComb, x0_uncond: LinComb, scale: float, clip=None):
         """Policy C's ``x̂_0 = PC_δ1(x̂_0c|Δ) + PC_δ2(Δ|x̂_0c)``, ``Δ = (w − 1)(x̂_0c − x̂_0u)``,
-        and the pair's telemetry."""
+        and the pair's telemetry (the caller clips the result). ``clip``: the run's
+        ``(low, high)`` or None; under the official convention the branches' x̂_0 are clipped
+        first, each written out as its own operand (clipping is not linear)."""
+        if clip is not None and self.convention == "official":
+            x0_cond = ops.materialize("x0_cond_clipped", x0_cond, clamp=clip)
+            x0_uncond = ops.materialize("x0_uncond_clipped", x0_uncond, clamp=clip)
         delta = (x0_cond - x0_uncond) * (scale - 1.0)
         x0 = pc(ops, x0_cond, delta, self.delta, self.per) + pc(ops, delta, x0_cond, self.delta2, self.per)
         return x0, {"cond/cfg": pair_telemetry(ops, x0_cond, delta)}
@@ -153,8 +177,9 @@ def project(a: torch.Tensor, b: torch.Tensor, delta: float = 1.0, granularity: s
     """``PC_δ(a|b) = a − δ min(0, <a,b>)/‖b‖² b`` per sample (``granularity="channel"``: per
     sample and channel); ``a`` unchanged for samples where ``‖b‖ = 0``."""
     from . import ops as _ops
-    if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
-        raise TypeError("project: a and b must be tensors")
+    for name, value in (("a", a), ("b", b)):
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"project: {name}: expected a tensor, got {type(value).__name__}")
     _ops.check_operands([a, b], name="project(a, b)")
     if a.dim() < 2:
         raise ValueError(f"project: a: expected a batch [B, ...] with at least 2 dimensions, got {tuple(a.shape)}")

@@ -25,6 +25,7 @@ import torch
 from . import ops, predictions
 from .debug import forbid_host_sync
 from .guidance.base import GuidanceTerm, StepContext
+from .guidance.cfg import BranchInputsError, batch_branch_inputs, split_branches
 from .linear import LinComb, Operands
 from .projection import PixelAsParam, step_telemetry
 from .samplers import SAMPLERS, SamplerTables, build
@@ -71,7 +72,13 @@ class _Run:
     step_ids: torch.Tensor = field(default=None)
     timestep_list: List[int] = field(default_factory=list)
     clip_eps: str = "clipped"
+    check_finite: object = "end"
     needs_x0: bool = False       # a sampler slot stores the guided x̂_0
+    uncond: dict = field(default_factory=dict)     # the unconditional branch's model inputs
+    batched: Optional[dict] = None                 # both branches' inputs stacked for one 2B call
+
+
+CHECK_FINITE = ("end", "step", False)
 
 
 def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler: Optional[str] = None,
@@ -82,7 +89,7 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
            variance: Optional[str] = None, clip=None, clip_eps: Optional[str] = None, spacing: str = "adm",
            timesteps: Optional[Timesteps] = None, sigmas=None,
            device=None, dtype: Optional[torch.dtype] = None, telemetry: bool = False, progress: bool = False,
-           check_sync: bool = False) -> torch.Tensor:
+           check_sync: bool = False, check_finite="end", batch_branches="auto") -> torch.Tensor:
     """Draw samples from a diffusion model with guidance.
 
     ``model(x_t, t, **cond)`` returns the model's prediction (``prediction``: ``"eps"``,
@@ -121,6 +128,20 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     ``graph``: ``True`` captures the step as a CUDA graph and replays it (CUDA only; on CPU a
     one-line notice, then eager); a :class:`~gradguide.graphs.GraphCache` keeps captures across calls.
     ``check_sync``: raise if any step synchronises with the host.
+    ``check_finite``: the finiteness policy. ``"end"`` (default): one check of the returned
+    samples (one host sync after the loop); non-finite samples raise a ValueError instead of
+    being returned. ``"step"`` (or ``True``): every model output and every ``x_(t-1)`` is
+    checked, and the error names the first step and call that went non-finite (one host sync
+    per model call; not with ``graph`` capture or ``check_sync``). ``False``: no check, NaN/inf
+    propagate. float16/bfloat16 runs combine in float32 and round once per step; a model
+    output, guidance gradient or sample beyond the dtype's range (65504 for float16) cannot be
+    stored and becomes inf, which this check reports (use ``dtype=torch.float32`` then).
+    ``batch_branches``: how a two-branch term (CFG, APG, Rescale, CFG-Zero*, CFG++) calls the
+    model: ``"auto"`` (default) evaluates both branches in one call of batch 2B, as diffusers
+    pipelines do, when their inputs stack (same keys, batch tensors, equal other values; see
+    :mod:`gradguide.guidance.cfg`) and calls twice otherwise; ``True`` requires the one call
+    (``ValueError`` naming the input that does not stack); ``False`` calls the model twice
+    (for models that cannot take a mixed batch). Outputs are the same either way.
     Returns the samples ``x_0``, shaped ``shape``.
     """
     sampler, prediction, variance, clip, clip_eps = _defaults(model, schedule, sampler, prediction, variance, clip,
@@ -132,10 +153,14 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
             raise TypeError(f"schedule: expected a gradguide.Schedule, got {type(schedule).__name__}")
         timesteps = schedule.timesteps_from_sigmas(sigmas)
     run = _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, cond, x_T, generator,
-                   backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry)
+                   backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry,
+                   batch_branches)
     if clip_eps not in ("clipped", "model"):
         raise ValueError(f"clip_eps: expected 'clipped' or 'model', got {clip_eps!r}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a callable(record) or None, got {type(callback).__name__}")
     run.clip_eps = clip_eps
+    run.check_finite = _check_finite_policy(check_finite, graph, check_sync)
     stepper = _stepper(run, graph)
     x = x_T.to(run.dtype) if x_T is not None else _noise(run.shape, run.generator, run.device, run.dtype)
     init_scale, final_scale = run.tables.timesteps.init_scale, run.tables.timesteps.final_scale
@@ -149,14 +174,42 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
         noise = _noise(run.shape, run.generator, run.device, run.dtype) if run.tables.draws_noise[i] else None
         with forbid_host_sync() if check_sync else contextlib.nullcontext():
             x, state, record = stepper(x, i, state, noise, callback is not None)
+        if run.check_finite == "step" and not bool(torch.isfinite(x).all()):
+            raise ValueError(f"check_finite: x_(t-1) is not finite after step {i} (t = {run.timestep_list[i]}): "
+                             f"the guided update overflowed{_range_hint(run.dtype)} or a guidance term "
+                             "returned NaN/inf")
         if callback is not None:
             callback(record)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    x = stepper.finish(x)
-    return x * final_scale if final_scale != 1.0 else x   # σ-space samplers return x_σ at the last σ
+    result = stepper.finish(x)
+    if final_scale != 1.0:   # σ-space samplers return x_σ at the last σ
+        result = result * final_scale
+    if run.check_finite == "end" and not bool(torch.isfinite(result).all()):
+        raise ValueError(f"check_finite: the samples contain NaN or inf (from a finite x_T): a model output, a "
+                         f"guidance gradient or the update went non-finite{_range_hint(run.dtype)}; pass "
+                         "check_finite='step' to find the first step, check_finite=False to get them anyway")
+    return result
+
+
+def _range_hint(dtype: torch.dtype) -> str:
+    if dtype in (torch.float16, torch.bfloat16):
+        return (f" (dtype={dtype} holds magnitudes up to {torch.finfo(dtype).max:.6g}; the ops combine in float32 "
+                "but x_(t-1) is stored in the run's dtype: use dtype=torch.float32)")
+    return ""
+
+
+def _check_finite_policy(value, graph, check_sync):
+    if value is True:
+        value = "step"
+    if value is None or not any(value is v or (isinstance(value, str) and value == v) for v in CHECK_FINITE):
+        raise ValueError(f"check_finite: expected 'end', 'step', True or False, got {value!r}")
+    if value == "step" and (graph not in (False, None) or check_sync):
+        raise ValueError("check_finite: 'step' reads every model output on the host; it cannot run with graph "
+                         "capture or check_sync=True (use 'end')")
+    return value
 
 
 def _defaults(model, schedule, sampler, prediction, variance, clip, clip_eps):
@@ -218,22 +271,23 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     tracked = {"x": x_input}
     X = ops_.add("x", x.detach())
     ctx = StepContext(ops=ops_, index=i, t=t, scalars=scalars, cond=run.cond, x=X, x_input=x_input,
-                      state=state, sampler=run.tables.name)
+                      state=state, sampler=run.tables.name, prediction=run.prediction)
 
     # model branches -> ε forms
-    out_c, log_var = _call_model(run, model_input, t, run.cond, "model(x_t, t, **cond)")
+    out_c, out_u, log_var, log_var_u = _model_branches(run, model_input, t)
     ctx.learned_log_var = _learned_log_var(run, log_var, scalars)
     eps_c = _eps_form(run, ctx, ops_.add("model_cond", out_c.detach()), X)
     tracked["model_cond"] = out_c
     renoise = None
     telemetry = {}
     if run.branch is not None:
-        out_u, _ = _call_model(run, model_input, t, run.branch.uncond_inputs(run.cond), "model(x_t, t, **uncond)")
         eps_u = _eps_form(run, ctx, ops_.add("model_uncond", out_u.detach()), X)
         tracked["model_uncond"] = out_u
         if run.projection is not None and run.projection.policy == "C":
+            if run.projection.sigma_from_uncond and log_var_u is not None:  # the authors' code's σ
+                ctx.learned_log_var = _learned_log_var(run, log_var_u, scalars)
             x0_pre, telemetry = run.projection.combine_cfg(ops_, ctx.x0_of_eps(eps_c), ctx.x0_of_eps(eps_u),
-                                                           run.branch.scale)
+                                                           run.branch.scale, clip=run.clip)
             eps_pre = ctx.eps_of_x0(x0_pre)
         else:
             eps_pre, renoise = run.branch.branches(ctx, eps_c, eps_u)
@@ -335,12 +389,31 @@ def _sum(first: Optional[LinComb], rest: List[LinComb]) -> LinComb:
     return total
 
 
-def _call_model(run: _Run, x_in: torch.Tensor, t: torch.Tensor, inputs: dict, what: str):
+def _model_branches(run: _Run, x_in: torch.Tensor, t: torch.Tensor):
+    """``(out_cond, out_uncond or None, learned variance channels of each branch or None)``: one
+    call of batch 2B when ``run.batched`` holds both branches' stacked inputs (unconditional rows
+    first, as diffusers pipelines), else one call per branch. Under G_loss the batched call is
+    also one backward pass through the model."""
+    if run.branch is None:
+        out_c, log_var = _call_model(run, x_in, t, run.cond, "model(x_t, t, **cond)")
+        return out_c, None, log_var, None
+    if run.batched is not None:
+        out, var = _call_model(run, torch.cat([x_in, x_in]), torch.cat([t, t]), run.batched,
+                               "model(cat[x_t, x_t], cat[t, t], **cat[uncond, cond])", batch=2 * run.shape[0])
+        out_c, out_u = split_branches(out, run.shape[0])
+        var_c, var_u = (None, None) if var is None else split_branches(var, run.shape[0])
+        return out_c, out_u, var_c, var_u
+    out_c, log_var = _call_model(run, x_in, t, run.cond, "model(x_t, t, **cond)")
+    out_u, log_var_u = _call_model(run, x_in, t, run.uncond, "model(x_t, t, **uncond)")
+    return out_c, out_u, log_var, log_var_u
+
+
+def _call_model(run: _Run, x_in: torch.Tensor, t: torch.Tensor, inputs: dict, what: str, batch: int = 0):
     out = run.model(x_in, t, **inputs)
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"model: {what} returned {type(out).__name__}, expected a tensor")
+    _check_model_output(run, out, t, what)
     learned = run.tables.learned_variance or run.variance_channels
-    expected = (run.shape[0], run.shape[1] * 2) + tuple(run.shape[2:]) if learned else tuple(run.shape)
+    b = batch or run.shape[0]
+    expected = (b, run.shape[1] * 2) + tuple(run.shape[2:]) if learned else (b,) + tuple(run.shape[1:])
     if tuple(out.shape) != expected:
         raise ValueError(f"model: {what} returned shape {tuple(out.shape)}, expected {expected}"
                          + (" (learned-range variance: twice the channels)" if learned else ""))
@@ -348,6 +421,19 @@ def _call_model(run: _Run, x_in: torch.Tensor, t: torch.Tensor, inputs: dict, wh
         out, var_channels = out.split(run.shape[1], dim=1)
         return out.to(run.dtype), var_channels
     return out.to(run.dtype), None
+
+
+def _check_model_output(run: _Run, out, t: torch.Tensor, what: str) -> None:
+    """A model output must be a real floating tensor on the run's device (never cast from int,
+    bool or complex); under ``check_finite="step"`` it must also be finite."""
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"model: {what} returned {type(out).__name__}, expected a tensor")
+    if out.dtype not in ops.FLOAT_DTYPES:
+        raise TypeError(f"model: {what} returned dtype {out.dtype}, expected a real floating dtype")
+    if out.device != run.device:
+        raise ValueError(f"model: {what} returned a tensor on {out.device}, but the samples are on {run.device}")
+    if run.check_finite == "step" and not bool(torch.isfinite(out).all()):
+        raise ValueError(f"model: {what} returned NaN or inf at t = {int(t[0])} (check_finite='step')")
 
 
 def _learned_log_var(run: _Run, var_channels, scalars):
@@ -369,7 +455,13 @@ def _tracked_x0(ops_: Operands, tracked: Dict[str, torch.Tensor], x0: LinComb):
 
     def compute():
         if "x0" not in cache:
-            tensors = [tracked.get(name, tensor) for name, tensor in zip(ops_.names, ops_.tensors)]
+            tensors = []
+            for name, tensor in zip(ops_.names, ops_.tensors):
+                if name in ops_.recipes:   # a materialised (e.g. clipped) operand: recompute it with autograd
+                    c, clamp = ops_.recipes[name]
+                    c = torch.nn.functional.pad(c, (0, len(tensors) - c.shape[-1])).expand(ops_.batch, ops_.groups, -1)
+                    tensor = ops.reference.combine(c, tensors, clamp=clamp)
+                tensors.append(tracked.get(name, tensor))
             k = len(tensors)
             c = torch.nn.functional.pad(coef, (0, k - coef.shape[-1])).expand(ops_.batch, ops_.groups, -1)
             cache["x0"] = ops.reference.combine(c, tensors)
@@ -410,7 +502,8 @@ def _progress(n: int, enabled: bool):
 # -- validation -----------------------------------------------------------------------------
 
 def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, cond, x_T, generator,
-             backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry) -> _Run:
+             backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry,
+             batch_branches="auto") -> _Run:
     if not callable(model):
         raise TypeError(f"model: expected a callable model(x_t, t, **cond), got {type(model).__name__}")
     if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) < 2 or \
@@ -432,6 +525,8 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     if x_T is not None:
         if not isinstance(x_T, torch.Tensor):
             raise TypeError(f"x_T: expected a tensor, got {type(x_T).__name__}")
+        if x_T.device.type == "meta":
+            raise ValueError("x_T: a meta tensor holds no values; sampling needs a cpu or cuda tensor")
         if tuple(x_T.shape) != shape:
             raise ValueError(f"x_T: shape {tuple(x_T.shape)} does not match shape={shape}")
         if not x_T.is_floating_point():
@@ -443,7 +538,7 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
         if not torch.isfinite(x_T).all():
             raise ValueError("x_T: contains NaN or inf values")
         device, dtype = x_T.device, x_T.dtype
-    device = torch.device(device) if device is not None else torch.device("cpu")
+    device = _check_device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = dtype or torch.float32
@@ -455,9 +550,7 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     if cond is not None and not isinstance(cond, dict):
         raise TypeError(f"cond: expected a dict of keyword inputs for the model, got {type(cond).__name__}")
     cond = dict(cond or {})
-    for key, value in cond.items():
-        if isinstance(value, torch.Tensor) and value.device != device:
-            raise ValueError(f"cond[{key!r}]: on {value.device}, but the samples are on {device}")
+    _check_inputs("cond", cond, shape[0], device)
 
     # timesteps and sampler tables
     if timesteps is None:
@@ -476,6 +569,9 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
         raise ValueError(f"eta: only the DDIM sampler takes eta, got eta={eta} with sampler={sampler!r}")
 
     # guidance terms
+    if guidance is not None and not isinstance(guidance, (GuidanceTerm, list, tuple)):
+        raise TypeError(f"guidance: expected a guidance term (gradguide.CFG, Classifier, ...) or a list of them, "
+                        f"got {type(guidance).__name__}")
     terms = [guidance] if isinstance(guidance, GuidanceTerm) else list(guidance or ())
     for j, term in enumerate(terms):
         if not isinstance(term, GuidanceTerm):
@@ -491,6 +587,12 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
             raise ValueError(f"guidance: {type(term).__name__} needs a conditional model: pass cond= with the "
                              "conditioning inputs (and uncond= on the term for the unconditional branch)")
     branch = branch_terms[0] if branch_terms else None
+    if branch is not None:
+        uncond = branch.uncond_inputs(cond)
+        if not isinstance(uncond, dict):
+            raise TypeError(f"{type(branch).__name__}: uncond: expected a dict (or a callable returning one), "
+                            f"got {type(uncond).__name__}")
+        _check_inputs(f"{type(branch).__name__}: uncond", uncond, shape[0], device)
     score_terms = [t for t in terms if t.place == "score"]
     mean_terms = [t for t in terms if t.place == "mean"]
     post_terms = [t for t in terms if t.place == "post"]
@@ -510,7 +612,11 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
         clip = (-1.0, 1.0)
     elif clip is False:
         clip = None
-    if clip is not None and (not isinstance(clip, (tuple, list)) or len(clip) != 2 or clip[0] >= clip[1]):
+    if isinstance(clip, (tuple, list)):  # 0-d tensor bounds are read once here, before the loop
+        clip = tuple(float(c) if isinstance(c, torch.Tensor) and c.numel() == 1 and c.is_floating_point()
+                     and c.device.type != "meta" else c for c in clip)
+    clip = ops.check_clamp(clip, "clip")   # the ops' clamp rule: numbers, no NaN
+    if clip is not None and (None in clip or not clip[0] < clip[1]):
         raise ValueError(f"clip: expected None, True or (low, high) with low < high, got {clip!r}")
 
     resolved = ops.resolve_backend(backend, device)
@@ -528,7 +634,57 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     run.needs_x0 = tables.needs_x0()
     run.step_ids = torch.arange(len(tables.timesteps), device=device)
     run.timestep_list = tables.timesteps.t.tolist()
+    if branch is not None:
+        run.uncond, run.batched = _branch_inputs(branch, cond, uncond, shape[0], batch_branches)
+    elif batch_branches not in ("auto", True, False):
+        raise ValueError(f"batch_branches: expected 'auto', True or False, got {batch_branches!r}")
     return run
+
+
+def _check_device(device) -> torch.device:
+    if device is None:
+        return torch.device("cpu")
+    if not isinstance(device, (str, torch.device, int)) or isinstance(device, bool):
+        raise TypeError(f"device: expected a torch.device or a string such as 'cpu' or 'cuda', "
+                        f"got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"device: {device!r} is not a device ({exc})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {str(device)!r} requested, but CUDA is not available "
+                         f"(torch {torch.__version__}{' is a CPU-only build' if torch.version.cuda is None else ''})")
+    if device.type == "meta":
+        raise ValueError("device: meta tensors hold no values; sampling needs 'cpu' or 'cuda'")
+    return device
+
+
+def _check_inputs(name: str, inputs: dict, batch: int, device: torch.device) -> None:
+    """Model inputs (``cond``, CFG's ``uncond``): tensors on the samples' device, batched like them."""
+    for key, value in inputs.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        if value.device != device:
+            raise ValueError(f"{name}[{key!r}]: on {value.device}, but the samples are on {device}")
+        if value.dim() >= 1 and value.shape[0] != batch:
+            raise ValueError(f"{name}[{key!r}]: leading (batch) dimension {value.shape[0]}, but the batch has "
+                             f"B = {batch} samples; give one row per sample")
+
+
+def _branch_inputs(branch: GuidanceTerm, cond: dict, uncond: dict, b: int, batch_branches):
+    """The unconditional branch's inputs (computed once per run) and, where the two branches
+    are evaluated in one call, their stacked inputs (see :mod:`gradguide.guidance.cfg`)."""
+    if batch_branches not in ("auto", True, False):
+        raise ValueError(f"batch_branches: expected 'auto', True or False, got {batch_branches!r}")
+    if batch_branches is False:
+        return uncond, None
+    try:
+        return uncond, batch_branch_inputs(uncond, cond, b)
+    except BranchInputsError as exc:
+        if batch_branches is True:
+            raise ValueError(f"batch_branches=True: {type(branch).__name__}'s two branches cannot share one model "
+                             f"call: {exc} (or pass batch_branches=False)") from None
+        return uncond, None
 
 
 def _check_generator(generator, shape, device) -> None:

@@ -84,6 +84,11 @@ class Schedule:
         """DDPM / ADM linear betas, scaled by 1000/T as ADM does (identical at T = 1000)."""
         _check_T(T)
         scale = 1000.0 / T
+        if not 0 < scale * beta_start <= scale * beta_end < 1:
+            smallest = math.floor(1000.0 * beta_end) + 1
+            raise ValueError(f"T: Schedule.linear scales the betas by 1000/T (ADM), so T = {T} gives betas from "
+                             f"{scale * beta_start:.4g} to {scale * beta_end:.4g}, outside (0, 1); use T >= {smallest} "
+                             f"with beta_end = {beta_end}, or Schedule.from_betas for unscaled betas")
         return cls.from_betas(np.linspace(scale * beta_start, scale * beta_end, T, dtype=np.float64))
 
     @classmethod
@@ -173,8 +178,11 @@ class Schedule:
             raise ValueError(f"spacing: expected one of {SPACINGS}, got {spacing!r}")
         if steps is None:
             kept = list(range(T))
+        elif isinstance(steps, (torch.Tensor, np.ndarray)) and steps.ndim == 0:
+            raise TypeError(f"steps: expected a count (int), a section string or a 1-D sequence of timesteps, "
+                            f"got a 0-d {type(steps).__name__}; pass int(steps) for a count")
         elif isinstance(steps, (list, tuple, np.ndarray, torch.Tensor)):
-            kept = sorted({int(s) for s in steps})
+            kept = sorted({_timestep(s) for s in (steps.tolist() if hasattr(steps, "tolist") else steps)})
             if not kept or kept[0] < 0 or kept[-1] >= T:
                 raise ValueError(f"steps: explicit timesteps must lie in [0, {T - 1}]")
         elif isinstance(steps, str):
@@ -188,6 +196,12 @@ class Schedule:
         abar = self.alphas_cumprod[kept_t]
         abar_prev = torch.cat([abar[1:], abar.new_ones(1)])
         return Timesteps(kept_t, abar, abar_prev)
+
+
+def _timestep(value) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"steps: explicit timesteps must be integers, got {value!r}")
+    return int(value)
 
 
 def _check_T(T) -> None:
@@ -218,7 +232,10 @@ def space_timesteps(T: int, section_counts: str):
     """ADM's ``space_timesteps``: split [0, T) into equal sections and take evenly strided
     steps from each (``"10,15,20"``), or ``"ddimN"`` for DDIM's fixed stride."""
     if section_counts.startswith("ddim"):
-        n = _check_steps(int(section_counts[len("ddim"):]), T)
+        count = section_counts[len("ddim"):]
+        if not count.isdigit():
+            raise ValueError(f"steps: expected 'ddimN' with N a positive integer, got {section_counts!r}")
+        n = _check_steps(int(count), T)
         for stride in range(1, T):
             if len(range(0, T, stride)) == n:
                 return list(range(0, T, stride))

@@ -14,6 +14,15 @@ invariance; the embedded analytic models are exactly invariant).
   hash and a SHA-256 of the three arrays, checked whenever a shard is read.
 - Starting again with the same ``out`` resumes: valid shards are kept, missing, truncated or
   corrupt ones are drawn again (the same samples, since each depends only on its seed).
+- One run per output directory: rank 0 holds an advisory lock (``fcntl.flock`` on
+  ``.gradguide-sample.lock`` in ``out``, which records the holder's pid and host) for the whole
+  run; a second run on the same ``out`` is refused with an error naming the holder, or waits
+  with ``wait_lock=True`` (``--wait-lock``). ``run-config.json`` is created atomically (written
+  to a temporary, then hard-linked into place, which fails if another process won the race).
+- Temporary files are named per process (``shard-00012.npz.tmp-HOST-PID``) and removed only
+  when their owner is dead (same host, pid gone) or is this process. A failed write (full
+  disk, permissions) removes its temporary and raises an ``OSError`` naming the file; the
+  shards already written stay valid, so the same command resumes once the cause is fixed.
 - Rank 0 then merges: ``samples.npz`` (``samples``, ``indices``, ``seeds`` in index order) and
   ``manifest.json`` (configuration, shards with their checksums, the merged file's checksum),
   after checking that every index appears once and in order.
@@ -24,10 +33,12 @@ this run: a test hook that simulates a killed job.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import importlib
 import json
 import os
+import socket
 import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -39,10 +50,11 @@ SHARD_PATTERN = "shard-{:05d}.npz"
 MERGED = "samples.npz"
 MANIFEST = "manifest.json"
 CONFIG = "run-config.json"
+LOCK = ".gradguide-sample.lock"
 EXIT_HOOK = "GRADGUIDE_EXIT_AFTER_SHARDS"
 EMBEDDED_MODELS = ("mixture", "subspace")
 # configuration keys that cannot change the samples: they stay out of the run's hash
-_NOT_HASHED = ("out", "batch_size", "progress", "device")
+_NOT_HASHED = ("out", "batch_size", "progress", "device", "wait_lock")
 
 
 @dataclasses.dataclass
@@ -68,6 +80,7 @@ class SampleConfig:
     backend: str = "auto"
     device: str = "auto"
     progress: bool = True
+    wait_lock: bool = False
 
     def check(self) -> "SampleConfig":
         for name in ("n", "shard_size", "batch_size"):
@@ -85,6 +98,15 @@ class SampleConfig:
                              "give --classifier-scale too")
         if self.model not in EMBEDDED_MODELS and ":" not in self.model:
             raise ValueError(f"model: expected one of {EMBEDDED_MODELS} or 'module:function', got {self.model!r}")
+        _check_device_pref(self.device)
+        if self.clip not in (None, "auto", "none"):
+            try:
+                r = float(self.clip)
+            except (TypeError, ValueError):
+                r = float("nan")
+            if not (r > 0 and r != float("inf")):
+                raise ValueError(f"clip: expected 'auto', 'none' or a positive number r (clips x0 to [-r, r]), "
+                                 f"got {self.clip!r}")
         return self
 
     def hashed(self) -> Dict[str, Any]:
@@ -97,6 +119,22 @@ class SampleConfig:
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(self.hashed(), sort_keys=True).encode()).hexdigest()
+
+
+def _check_device_pref(device: str) -> None:
+    """``--device``: 'auto', 'cpu', 'cuda' or 'cuda:N' (and CUDA must exist for the last two)."""
+    if device in ("auto", "cpu"):
+        return
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type != "cuda":
+        raise ValueError(f"device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested, but CUDA is not available here")
+    if dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ValueError(f"device: {device!r}, but only {torch.cuda.device_count()} CUDA device(s) exist")
 
 
 def sample_seed(seed: int, index: int) -> int:
@@ -224,9 +262,7 @@ def _clip(config: SampleConfig, loaded: LoadedModel):
         return None
     if config.clip == "auto":
         return loaded.defaults.get("clip")
-    r = float(config.clip)
-    if r <= 0:
-        raise ValueError(f"clip: expected 'auto', 'none' or a positive range r (clips x̂_0 to [-r, r]), got {config.clip!r}")
+    r = float(config.clip)  # validated by SampleConfig.check
     return (-r, r)
 
 
@@ -240,24 +276,44 @@ def _checksum(samples: np.ndarray, indices: np.ndarray, seeds: np.ndarray) -> st
     return h.hexdigest()
 
 
-def _atomic_savez(path: str, **arrays) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _tmp_name(path: str) -> str:
+    """A temporary next to ``path``, named after this process (host and pid) so that a cleaner
+    can tell whether its owner is still alive."""
+    return f"{path}.tmp-{socket.gethostname()}-{os.getpid()}"
+
+
+def _write_atomically(path: str, mode: str, write) -> None:
+    """Write through a per-process temporary, fsync, ``os.replace``. On failure (full disk,
+    permissions) the temporary is removed and an ``OSError`` naming ``path`` is raised."""
+    tmp = _tmp_name(path)
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        _remove_quietly(tmp)
+        raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}", path) from exc
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
     _fsync_dir(os.path.dirname(path))
+
+
+def _atomic_savez(path: str, **arrays) -> None:
+    _write_atomically(path, "wb", lambda f: np.savez(f, **arrays))
 
 
 def _atomic_write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(os.path.dirname(path))
+    _write_atomically(path, "w", lambda f: f.write(text))
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def _fsync_dir(path: str) -> None:
@@ -326,6 +382,15 @@ class _Dist:
                 dist.init_process_group("nccl" if use_cuda else "gloo")
                 self.initialised_here = True
 
+    def share(self, value):
+        """Rank 0's ``value`` on every rank (a barrier too)."""
+        if self.world == 1:
+            return value
+        import torch.distributed as dist
+        box = [value]
+        dist.broadcast_object_list(box, src=0, device=self.device if self.device.type == "cuda" else None)
+        return box[0]
+
     def barrier(self) -> None:
         if self.world > 1:
             import torch.distributed as dist
@@ -354,13 +419,29 @@ def run(config: SampleConfig, log: Callable[[str], None] = print) -> Optional[di
 
 
 def _run(config: SampleConfig, env: _Dist, log) -> Optional[dict]:
+    lock, failure = None, None
+    if env.rank == 0:
+        try:
+            lock = _prepare_out(config, log)
+        except Exception as exc:
+            failure = exc
+    # every rank learns whether rank 0 could prepare the directory (instead of waiting forever)
+    message = env.share(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise ValueError(f"out: rank 0 could not prepare {config.out!r}: {message}")
+    try:
+        return _draw(config, env, log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _draw(config: SampleConfig, env: _Dist, log) -> Optional[dict]:
     from .sampling import sample
     out = config.out
     digest = config.digest()
-    if env.rank == 0:
-        os.makedirs(out, exist_ok=True)
-        _check_config_file(out, config)
-    env.barrier()
 
     loaded = load_model(config)
     terms, projection = _guidance(config, loaded)
@@ -416,25 +497,148 @@ def _run(config: SampleConfig, env: _Dist, log) -> Optional[dict]:
     return manifest
 
 
+class OutputInUse(ValueError):
+    """Another ``gradguide sample`` run holds the output directory's lock."""
+
+
+class _OutputLock:
+    """Advisory lock on ``out`` for the whole run (rank 0). ``flock`` locks are released by the
+    kernel when the holder dies, so a killed run never leaves the directory locked."""
+
+    def __init__(self, out: str, wait: bool, log):
+        self.path = os.path.join(out, LOCK)
+        self.fd = None
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: no advisory locks; say so instead of pretending
+            log(f"out: advisory locks need fcntl (POSIX); {out} is not protected against a second run")
+            return
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder()
+            if not wait:
+                os.close(self.fd)
+                self.fd = None
+                raise OutputInUse(f"out: {out!r} is in use by another gradguide sample run ({holder}); wait for "
+                                  "it to finish, pass --wait-lock (wait_lock=True) to wait, or choose another --out")
+            log(f"out: {out!r} is in use by another run ({holder}); waiting for it to finish (--wait-lock)")
+            fcntl.flock(self.fd, fcntl.LOCK_EX)
+        info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                           "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, info.encode(), 0)
+
+    def _holder(self) -> str:
+        try:
+            info = json.loads(os.pread(self.fd, 4096, 0).decode() or "{}")
+            return f"pid {info['pid']} on host {info['host']}, since {info['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "holder unknown: it is still starting"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.ftruncate(self.fd, 0)
+            except OSError:
+                pass
+            os.close(self.fd)  # closing the descriptor releases the flock
+            self.fd = None
+
+
+def _prepare_out(config: SampleConfig, log) -> _OutputLock:
+    """Rank 0: create ``out``, take its lock, check or create ``run-config.json``."""
+    out = config.out
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise OSError(exc.errno, f"out: cannot create the output directory {out}: {exc.strerror or exc}",
+                      out) from exc
+    if not os.path.isdir(out):
+        raise OSError(errno.ENOTDIR, f"out: {out} exists and is not a directory", out)
+    try:
+        lock = _OutputLock(out, config.wait_lock, log)
+    except OSError as exc:
+        raise OSError(exc.errno, f"out: cannot create the lock file in {out}: {exc.strerror or exc}",
+                      os.path.join(out, LOCK)) from exc
+    try:
+        _check_config_file(out, config)
+    except BaseException:
+        lock.release()
+        raise
+    return lock
+
+
 def _check_config_file(out: str, config: SampleConfig) -> None:
     path = os.path.join(out, CONFIG)
     mine = config.hashed()
-    if os.path.exists(path):
+    if not os.path.exists(path):
+        # atomic create: a complete temporary hard-linked into place; the link fails if the
+        # file appeared in the meantime, and then the file that won is compared below
+        tmp = _tmp_name(path)
+        try:
+            _atomic_write_text(tmp, json.dumps(mine, indent=2, sort_keys=True))
+        except OSError as exc:
+            raise OSError(exc.errno, f"cannot write {path}: {exc.__cause__.strerror if exc.__cause__ else exc}",
+                          path) from exc
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        except OSError as exc:  # no hard links on this file system: exclusive create instead
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EXDEV):
+                raise OSError(exc.errno, f"cannot write {path}: {exc.strerror or exc}", path) from exc
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                pass
+            else:
+                with os.fdopen(fd, "w") as f:
+                    f.write(json.dumps(mine, indent=2, sort_keys=True))
+                    f.flush()
+                    os.fsync(f.fileno())
+        finally:
+            _remove_quietly(tmp)
+    try:
         with open(path) as f:
             theirs = json.load(f)
-        if theirs != mine:
-            diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
-            raise ValueError(f"out: {out!r} holds a run with another configuration (differs in {', '.join(diff)}); "
-                             "use a new output directory")
-    else:
-        _atomic_write_text(path, json.dumps(mine, indent=2, sort_keys=True))
+        if not isinstance(theirs, dict):
+            raise ValueError(f"expected a JSON object, got {type(theirs).__name__}")
+    except ValueError as exc:
+        raise ValueError(f"out: {path} is damaged ({exc}); it records the configuration of the run in {out!r}: "
+                         "delete it only if the shards there are not wanted, or choose another --out") from None
+    if theirs != mine:
+        diff = sorted(k for k in set(mine) | set(theirs) if mine.get(k) != theirs.get(k))
+        raise ValueError(f"out: {out!r} holds a run with another configuration (differs in {', '.join(diff)}); "
+                         "use a new output directory")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except OverflowError:
+        return False
+    return True
 
 
 def _remove_stale_tmp(path: str) -> None:
+    """Remove ``path``'s temporaries whose owner is dead (same host, pid gone) or is this
+    process; a live process's temporary, or one from another host, is left alone."""
     folder, name = os.path.split(path)
+    here = socket.gethostname()
     for entry in os.listdir(folder or "."):
-        if entry.startswith(name + ".tmp-"):
-            os.remove(os.path.join(folder, entry))
+        if not entry.startswith(name + ".tmp-"):
+            continue
+        host, _, pid = entry[len(name) + len(".tmp-"):].rpartition("-")
+        if not pid.isdigit() or host not in ("", here):
+            continue
+        if int(pid) == os.getpid() or not _pid_alive(int(pid)):
+            _remove_quietly(os.path.join(folder, entry))
 
 
 def merge(config: SampleConfig, log: Callable[[str], None] = print) -> dict:
@@ -499,7 +703,7 @@ def main(args) -> int:
                           eta=args.eta, cfg=args.cfg, classifier_scale=args.classifier_scale,
                           projection=args.projection, class_label=args.class_label, conditional=args.conditional,
                           shape=parse_shape(args.shape), clip=args.clip, backend=args.backend, device=args.device,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, wait_lock=args.wait_lock)
     rank = int(os.environ.get("RANK", "0"))
     manifest = run(config, log=(print if rank == 0 or args.verbose else (lambda *_: None)))
     if manifest is not None:

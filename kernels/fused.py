@@ -48,14 +48,25 @@ def _dot(G, u, v):
 
 @triton.jit
 def _safe_div(num, den):
-    ok = den > 0
+    # 0 where den == 0 (a zero-norm partner); NaN propagates (a non-finite operand poisons the row)
+    ok = den != 0
     return tl.where(ok, num / tl.where(ok, den, 1.0), 0.0)
+
+
+@triton.jit
+def _min0(x):  # min(x, 0) keeping NaN, as torch.clamp (tl.minimum may drop NaN)
+    return tl.where(x > 0.0, 0.0, x)
+
+
+@triton.jit
+def _max0(x):  # max(x, 0) keeping NaN
+    return tl.where(x < 0.0, 0.0, x)
 
 
 @triton.jit
 def _pc(G, a, b, delta):
     """PC_δ(a|b) = a − δ min(0, <a,b>)/‖b‖² b, a where ‖b‖ = 0."""
-    f = _safe_div(tl.minimum(_dot(G, a, b), 0.0), tl.maximum(_dot(G, b, b), 0.0))
+    f = _safe_div(_min0(_dot(G, a, b)), _max0(_dot(G, b, b)))
     return a - b * (f * delta)
 
 
@@ -104,10 +115,10 @@ def _fused(base, d0, d1, d2, d3, d4, d5, d6, d7, gram, v0, v1, v2, v3,
         r = tl.load(s2 + b * t2).to(ACC)
         post = tl.load(s3 + b * t3).to(ACC)
         dlt = va - vc
-        norm = tl.sqrt(tl.maximum(_dot(G, dlt, dlt), 0.0))
+        norm = tl.sqrt(_max0(_dot(G, dlt, dlt)))
         clip = tl.where(norm > 0, tl.minimum(_safe_div(r, norm), 1.0), 1.0)
         dlt = tl.where(r > 0, dlt * clip, dlt)
-        par = va * _safe_div(_dot(G, dlt, va), tl.maximum(_dot(G, va, va), 0.0))
+        par = va * _safe_div(_dot(G, dlt, va), _max0(_dot(G, va, va)))
         coef = vb + post * (va + (dlt - par + par * eta) * (w - 1.0))
     else:  # G_loss: v1 = vjp; s = a, h, sigma, residual, post
         a = tl.load(s0 + b * t0).to(ACC)
@@ -116,7 +127,7 @@ def _fused(base, d0, d1, d2, d3, d4, d5, d6, d7, gram, v0, v1, v2, v3,
         res = tl.load(s3 + b * t3).to(ACC)
         post = tl.load(s4 + b * t4).to(ACC)
         a2 = a * a
-        beta = (a2 / 2) / (a2 * sg * sg + h * tl.maximum(_dot(G, va, va), 0.0))
+        beta = (a2 / 2) / (a2 * sg * sg + h * _max0(_dot(G, va, va)))
         coef = vb + va * (post * res * beta)
     coef = tl.where(kmask, coef, 0.0)
     # --- the combine ---------------------------------------------------------------------

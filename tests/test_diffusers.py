@@ -149,8 +149,9 @@ def test_pixelasparam_guider_in_a_diffusers_loop_equals_gradguide_sample(unet, p
     _close(got, ref)
 
 
+@pytest.mark.parametrize("convention", ["official", "paper"])
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
-def test_pixelasparam_guider_formula(prediction_type):
+def test_pixelasparam_guider_formula(prediction_type, convention):
     """Policy C on random tensors (about half the samples conflict) against gradguide.project."""
     sched = DDIMScheduler(prediction_type=prediction_type, clip_sample=prediction_type == "sample")
     t = 600
@@ -162,12 +163,14 @@ def test_pixelasparam_guider_formula(prediction_type):
     from_x0 = {"epsilon": lambda z: (x - a * z) / s, "v_prediction": lambda z: (a * x - z) / s, "sample": lambda z: z}
     c, u = from_x0[prediction_type](x0c), from_x0[prediction_type](x0u)
     w = 3.0
-    guider = GradguidePixelAsParam.from_scheduler(sched, guidance_scale=w)
+    guider = GradguidePixelAsParam.from_scheduler(sched, guidance_scale=w, convention=convention)
     guider.set_state(step=0, num_inference_steps=10, timestep=torch.tensor(t))
     guider.set_sample(x)
     pred = guider.forward(c, u).pred
     to_x0 = {"epsilon": lambda o: (x - s * o) / a, "v_prediction": lambda o: a * x - s * o, "sample": lambda o: o}
     x0c, x0u = to_x0[prediction_type](c), to_x0[prediction_type](u)
+    if sched.config.clip_sample and convention == "official":   # the authors' code clips the branches first
+        x0c, x0u = x0c.clamp(-1, 1), x0u.clamp(-1, 1)
     delta = (w - 1) * (x0c - x0u)
     x0 = gradguide.project(x0c, delta) + gradguide.project(delta, x0c)
     if sched.config.clip_sample:

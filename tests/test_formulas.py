@@ -390,22 +390,49 @@ def test_pcgrad_n_way():
     assert torch.allclose(got, c_x * x + den_p + d1_p + d2_p, atol=1e-10)
 
 
+@pytest.mark.parametrize("convention", ["paper", "official"])
 @pytest.mark.parametrize("clip", [None, True])
-def test_policy_C_matches_spec_for_ddpm(clip):
+def test_policy_C_matches_spec_for_ddpm(clip, convention):
     ts = one_step(300, 250)
     c = coeffs(ts)
     x, ec, eu = rand(*SHAPE, seed=1), rand(*SHAPE, seed=2), rand(*SHAPE, seed=3)
     eu[2] = 2 * ec[2]   # makes x̂_0c and Δ conflict in sample 2
     y = torch.zeros(SHAPE[0], dtype=torch.long)
     w = 3.0
-    got = run(FixedModel(ec, eu), ts, x, guidance=gg.CFG(w), projection=gg.PixelAsParam("C"), cond={"y": y},
-              clip=clip)
+    got = run(FixedModel(ec, eu), ts, x, guidance=gg.CFG(w), projection=gg.PixelAsParam("C", convention=convention),
+              cond={"y": y}, clip=clip)
     x0c, x0u = (x - c["s"] * ec) / c["a"], (x - c["s"] * eu) / c["a"]
+    if clip and convention == "official":   # the authors' code clips both branches' x̂_0 first (SPEC §7)
+        x0c, x0u = x0c.clamp(-1, 1), x0u.clamp(-1, 1)
     delta = (w - 1) * (x0c - x0u)   # Ho's w' = w − 1
     x0 = pc_ref(x0c, delta) + pc_ref(delta, x0c)
     if clip:
         x0 = x0.clamp(-1, 1)
     want = c["c1"] * x0 + c["c2"] * x + math.sqrt(c["beta_tilde"]) * noise()
+    assert torch.allclose(got, want, atol=1e-10)
+    if clip:   # the two conventions really differ here
+        other = run(FixedModel(ec, eu), ts, x, guidance=gg.CFG(w), cond={"y": y}, clip=clip,
+                    projection=gg.PixelAsParam("C", convention={"paper": "official", "official": "paper"}[convention]))
+        assert (other - got).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("convention", ["paper", "official"])
+def test_policy_C_learned_range_sigma(convention):
+    """Official code: σ from the unconditional branch's variance channels; paper: the conditional's."""
+    ts = one_step(300, 250)
+    c = coeffs(ts)
+    x, ec, eu = rand(*SHAPE, seed=1), rand(*SHAPE, seed=2), rand(*SHAPE, seed=3)
+    vc, vu = rand(*SHAPE, seed=4).tanh(), rand(*SHAPE, seed=5).tanh()
+    y = torch.zeros(SHAPE[0], dtype=torch.long)
+    model = FixedModel(torch.cat([ec, vc], 1), torch.cat([eu, vu], 1))
+    got = run(model, ts, x, guidance=gg.CFG(3.0), projection=gg.PixelAsParam("C", convention=convention),
+              cond={"y": y}, variance="learned-range")
+    x0c, x0u = (x - c["s"] * ec) / c["a"], (x - c["s"] * eu) / c["a"]
+    delta = 2.0 * (x0c - x0u)
+    x0 = pc_ref(x0c, delta) + pc_ref(delta, x0c)
+    f = ((vu if convention == "official" else vc) + 1) / 2
+    log_var = f * math.log(c["beta"]) + (1 - f) * math.log(c["beta_tilde"])
+    want = c["c1"] * x0 + c["c2"] * x + torch.exp(0.5 * log_var) * noise()
     assert torch.allclose(got, want, atol=1e-10)
 
 

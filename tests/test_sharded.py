@@ -151,3 +151,193 @@ def test_cli_errors_name_the_argument(tmp_path):
         cli_main(["sample", "--n", "4", "--out", str(tmp_path / "x"), "--shard-size", "0"])
     with pytest.raises(SystemExit, match="model: cannot load"):
         cli_main(["sample", "--n", "4", "--out", str(tmp_path / "x"), "--model", "no_such_module:f"])
+
+
+# -- one writer per output directory, atomic files, clean OS errors (issue 14) ----------------
+
+import errno
+import socket
+import textwrap
+import time
+
+
+def _hold_lock(out, seconds):
+    """A separate process that holds ``out``'s lock for ``seconds`` (prints once it holds it)."""
+    code = textwrap.dedent(f"""
+        import sys, time
+        from gradguide import sharded
+        lock = sharded._OutputLock({str(out)!r}, False, print)
+        print("locked", flush=True)
+        time.sleep({seconds})
+        lock.release()
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_second_writer_is_refused_naming_the_holder(tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    holder = _hold_lock(out, 60)
+    try:
+        with pytest.raises(sharded.OutputInUse, match=rf"out: .* in use by another gradguide sample run "
+                                                      rf"\(pid {holder.pid} on host {socket.gethostname()}"):
+            sharded.run(_config(out, n=8), log=lambda *_: None)
+        with pytest.raises(SystemExit, match=rf"in use .*pid {holder.pid}.*--wait-lock") as info:
+            cli_main(["sample", "--n", "8", "--out", str(out), *ARGS])
+        assert "\n" not in str(info.value)
+        assert not any(p.startswith("shard-") for p in os.listdir(out))   # nothing drawn
+    finally:
+        holder.kill()
+        holder.wait()
+    # the kernel released the dead holder's lock: the directory is usable again
+    manifest = sharded.run(_config(out, n=8), log=lambda *_: None)
+    assert manifest["n"] == 8
+
+
+def test_wait_lock_waits_for_the_holder(tmp_path):
+    out = tmp_path / "wait"
+    out.mkdir()
+    holder = _hold_lock(out, 3)
+    messages = []
+    start = time.monotonic()
+    manifest = sharded.run(_config(out, n=8, wait_lock=True), log=messages.append)
+    assert holder.wait() == 0 and manifest["n"] == 8
+    assert time.monotonic() - start > 1.0
+    assert any("waiting for it to finish" in m and f"pid {holder.pid}" in m for m in messages), messages
+
+
+def test_run_config_creation_is_atomic(tmp_path, monkeypatch):
+    """Another process creating run-config.json between our check and our write: ours does not
+    overwrite it; it is compared instead (here: another seed, refused)."""
+    out = tmp_path / "race"
+    out.mkdir()
+    real_link = os.link
+
+    def racing_link(src, dst):
+        with open(dst, "w") as f:
+            json.dump(_config(out, seed=99).hashed(), f)
+        return real_link(src, dst)
+    monkeypatch.setattr(sharded.os, "link", racing_link)
+    with pytest.raises(ValueError, match="another configuration.*seed"):
+        sharded.run(_config(out), log=lambda *_: None)
+    assert json.load(open(out / "run-config.json"))["seed"] == 99
+    assert not [p for p in os.listdir(out) if ".tmp-" in p]
+
+
+def test_damaged_run_config_names_the_file(tmp_path):
+    out = tmp_path / "damaged"
+    out.mkdir()
+    (out / "run-config.json").write_text('{"seed": 7,')
+    with pytest.raises(SystemExit, match=r"error: out: .*run-config.json is damaged"):
+        cli_main(["sample", "--n", "8", "--out", str(out), *ARGS])
+
+
+def test_temporaries_are_removed_only_when_their_owner_is_dead(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    here = socket.gethostname()
+    path = tmp_path / "shard-00000.npz"
+    names = {"dead": f"shard-00000.npz.tmp-{here}-{dead.pid}", "legacy_dead": f"shard-00000.npz.tmp-{dead.pid}",
+             "mine": f"shard-00000.npz.tmp-{here}-{os.getpid()}", "live": f"shard-00000.npz.tmp-{here}-{os.getppid()}",
+             "other_host": f"shard-00000.npz.tmp-some-other-host-{dead.pid}",
+             "other_shard": f"shard-00001.npz.tmp-{here}-{dead.pid}"}
+    for name in names.values():
+        (tmp_path / name).write_bytes(b"partial")
+    sharded._remove_stale_tmp(str(path))
+    left = {k for k, name in names.items() if (tmp_path / name).exists()}
+    assert left == {"live", "other_host", "other_shard"}
+
+
+def test_full_disk_is_one_clean_error_and_resumable(reference, tmp_path, monkeypatch):
+    out = tmp_path / "full"
+    real_savez = np.savez
+    calls = {"n": 0}
+
+    def savez_until_full(f, **arrays):
+        calls["n"] += 1
+        if calls["n"] == 3:          # the third shard: half written, then the disk is full
+            f.write(b"PK\x03\x04 half a shard")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_savez(f, **arrays)
+    monkeypatch.setattr(sharded.np, "savez", savez_until_full)
+    with pytest.raises(SystemExit) as info:
+        cli_main(["sample", "--n", str(N), "--out", str(out), "--batch-size", "5", *ARGS])
+    line = str(info.value)
+    assert "\n" not in line and "No space left on device" in line and str(out / "shard-00002.npz") in line, line
+    left = sorted(os.listdir(out))
+    assert left == [".gradguide-sample.lock", "run-config.json", "shard-00000.npz", "shard-00001.npz"], left
+    monkeypatch.setattr(sharded.np, "savez", real_savez)   # space freed: the same command resumes
+    messages = []
+    sharded.run(_config(out), log=messages.append)
+    assert any("2 kept, 3 drawn (0 redone)" in m for m in messages), messages
+    assert np.array_equal(sharded.load_samples(str(out))["samples"], reference[2]["samples"])
+
+
+def test_unwritable_outputs_are_one_clean_line(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("x")
+    for out, reason in [(tmp_path / "a_file", "File exists"), (tmp_path / "a_file" / "sub", "Not a directory")]:
+        with pytest.raises(SystemExit) as info:
+            cli_main(["sample", "--n", "4", "--out", str(out), *ARGS])
+        line = str(info.value)
+        assert "\n" not in line and reason in line and str(out) in line, line
+    # a directory we may not write into (simulated: this test may run as root, which ignores modes)
+    real_open = open
+
+    def read_only(path, mode="r", *a, **kw):
+        if any(c in mode for c in "wax+"):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_open(path, mode, *a, **kw)
+    monkeypatch.setattr(sharded, "open", read_only, raising=False)
+    with pytest.raises(SystemExit) as info:
+        cli_main(["sample", "--n", "4", "--out", str(tmp_path / "ro"), *ARGS])
+    line = str(info.value)
+    assert "\n" not in line and "Permission denied" in line and "run-config.json" in line, line
+    assert not [p for p in os.listdir(tmp_path / "ro") if ".tmp-" in p]
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root ignores directory permissions")
+def test_read_only_directory_for_real(tmp_path):
+    out = tmp_path / "ro"
+    out.mkdir()
+    out.chmod(0o555)
+    try:
+        with pytest.raises(SystemExit, match="Permission denied"):
+            cli_main(["sample", "--n", "4", "--out", str(out), *ARGS])
+    finally:
+        out.chmod(0o755)
+
+
+def test_debug_shows_the_traceback(tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(OSError):
+        cli_main(["--debug", "sample", "--n", "4", "--out", str(tmp_path / "a_file"), *ARGS])
+    monkeypatch.setenv("GRADGUIDE_DEBUG", "1")
+    with pytest.raises(OSError):
+        cli_main(["sample", "--n", "4", "--out", str(tmp_path / "a_file"), *ARGS])
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--device", "gpu"], "device: expected 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+    (["--clip", "abc"], "clip: expected 'auto', 'none' or a positive number"),
+    (["--clip", "-1"], "clip: expected"),
+    (["--clip", "nan"], "clip: expected"),
+    (["--steps", "0"], "steps: expected a positive integer"),
+    (["--backend", "magic"], "backend: expected one of"),
+    (["--cfg", "inf"], "CFG: scale: expected a finite number"),
+    (["--n", "0"], "n: expected a positive integer"),
+    (["--shape", "3,x"], "shape: expected comma-separated sizes"),
+])
+def test_cli_option_errors_are_one_line_naming_the_option(tmp_path, argv, match):
+    base = ["sample", "--n", "4", "--out", str(tmp_path / "x"), "--steps", "3", "--no-progress"]
+    with pytest.raises(SystemExit, match=match) as info:
+        cli_main(base + argv)
+    assert "\n" not in str(info.value) and str(info.value).startswith("gradguide sample: error: ")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only error")
+def test_cli_cuda_on_a_cpu_build(tmp_path):
+    with pytest.raises(SystemExit, match="device: 'cuda' requested, but CUDA is not available"):
+        cli_main(["sample", "--n", "4", "--out", str(tmp_path / "x"), "--device", "cuda", "--no-progress"])

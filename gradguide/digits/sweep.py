@@ -75,8 +75,10 @@ def sample_point(m: Models, policy: str, scale: float, project: bool, sampler: s
             r["phi"].append(float(tel["phi"].mean()))
             r["cos"].append(float(tel["cos"].mean()))
 
+    # convention="paper": docs/digits.md's policy C results were made with the printed formula
+    # (unclipped branches), before the official-code convention became the default
     x = sample(model, (n, 1, 8, 8), schedule=m.schedule, sampler=sampler, steps=steps, guidance=guidance,
-               projection=PixelAsParam(policy) if project else None, cond=cond, clip=True,
+               projection=PixelAsParam(policy, convention="paper") if project else None, cond=cond, clip=True,
                generator=torch.Generator().manual_seed(seed), backend="reference",
                callback=callback if telemetry else None, telemetry=telemetry, progress=progress)
     return x.detach(), labels, (records if telemetry else None)

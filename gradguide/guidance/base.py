@@ -38,6 +38,7 @@ class StepContext:
     tracked_x0: Optional[Callable[[], torch.Tensor]] = None  # x̂_0 with its autograd graph
     sampler: str = "ddpm"
     learned_log_var: Optional[torch.Tensor] = None  # ADM learned-range log Σ (elementwise)
+    prediction: str = "eps"          # the model's parametrisation ("eps", "x0", "v")
 
     @property
     def a(self) -> torch.Tensor:
@@ -60,9 +61,24 @@ class StepContext:
     def x0_of_eps(self, eps: LinComb) -> LinComb:
         return predictions.x0_from_eps(eps, self.x, self.a, self.s)
 
-    def grad_wrt_input(self, objective: torch.Tensor) -> torch.Tensor:
-        """∇_{x_t} of ``objective.sum()`` (objective is per-sample, ``[B]``)."""
-        (g,) = torch.autograd.grad(objective.sum(), self.x_input, retain_graph=True)
+    def output_of_eps(self, eps: LinComb) -> LinComb:
+        """The model's own prediction (ε, x̂_0 or v) with this ε̂: what diffusers' guiders combine."""
+        return predictions.output_from_eps(self.prediction, eps, self.x, self.a, self.s)
+
+    def eps_of_output(self, out: LinComb) -> LinComb:
+        return predictions.eps_from(self.prediction, out, self.x, self.a, self.s)
+
+    def grad_wrt_input(self, objective: torch.Tensor, what: str = "objective") -> torch.Tensor:
+        """∇_{x_t} of ``objective.sum()`` (objective is per-sample, ``[B]``). ``what`` names the
+        user function that produced it, for the error when it does not depend on ``x_t``."""
+        if not objective.requires_grad:
+            raise ValueError(f"{what}: returned a tensor with no gradient with respect to x_t (it is detached, "
+                             "computed under torch.no_grad(), or does not depend on x_t)")
+        if not objective.is_floating_point():
+            raise TypeError(f"{what}: expected a real floating tensor, got {objective.dtype}")
+        (g,) = torch.autograd.grad(objective.sum(), self.x_input, retain_graph=True, allow_unused=True)
+        if g is None:
+            raise ValueError(f"{what}: returned a tensor that does not depend on x_t (no gradient)")
         return g.detach()
 
 
@@ -131,18 +147,23 @@ def _signature_of(value):
     return ("object", id(value))
 
 
-def check_number(name: str, value, low=None, high=None, owner: str = "") -> float:
+def check_number(name: str, value, low=None, high=None, owner: str = "", allow_inf: bool = False) -> float:
+    """A real number (not bool, not NaN; finite unless ``allow_inf``) in ``[low, high]``."""
     where = f"{owner}: " if owner else ""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
-        raise TypeError(f"{where}{name}: expected a number, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{where}{name}: expected a number, got {type(value).__name__} {value!r}")
+    if value != value or (not allow_inf and value in (float("inf"), float("-inf"))):
+        raise ValueError(f"{where}{name}: expected a finite number, got {value!r}")
     if low is not None and value < low or high is not None and value > high:
         raise ValueError(f"{where}{name}: expected a value in [{low}, {high}], got {value!r}")
     return float(value)
 
 
 def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """``num/den`` where ``den > 0``, else 0 (zero-norm partners are handled per sample)."""
-    ok = den > 0
+    """``num/den``, and 0 where ``den == 0`` (zero-norm partners are handled per sample). A NaN
+    ``den`` (from a non-finite operand) gives NaN, never 0: a non-finite operand poisons the
+    sample (or group) instead of silently skipping its projection."""
+    ok = den != 0
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
@@ -150,9 +171,11 @@ def batch_tensor(name: str, value, shape, device, dtype, owner: str) -> torch.Te
     """A ``[B]`` tensor from a number or a ``[B]`` tensor, checked against the batch."""
     b = shape[0]
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return torch.full((b,), float(value), device=device, dtype=dtype)
+        return torch.full((b,), check_number(name, value, owner=owner), device=device, dtype=dtype)
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{owner}: {name}: expected a number or a [B] tensor, got {type(value).__name__}")
+    if not value.is_floating_point():
+        raise TypeError(f"{owner}: {name}: expected a real floating tensor, got {value.dtype}")
     if value.shape != (b,):
         raise ValueError(f"{owner}: {name}: expected shape [B] = [{b}], got {tuple(value.shape)}")
     if value.device != torch.device(device):

@@ -53,7 +53,7 @@ class Classifier(GuidanceTerm):
             if not isinstance(log_p, torch.Tensor) or log_p.shape != (ctx.ops.batch,):
                 got = tuple(log_p.shape) if isinstance(log_p, torch.Tensor) else type(log_p).__name__
                 raise ValueError(f"Classifier: log_prob must return a [B] = [{ctx.ops.batch}] tensor, got {got}")
-            return ctx.grad_wrt_input(log_p)
+            return ctx.grad_wrt_input(log_p, "Classifier: log_prob")
 
     def score(self, ctx: StepContext, x0: LinComb) -> LinComb:
         return ctx.ops.add("classifier_grad", self.gradient(ctx)) * self.scale

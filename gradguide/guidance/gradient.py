@@ -18,7 +18,11 @@ CFG-Zero*) are held constant.
   ``x̂_0 = decode(ẑ_0 / scaling)`` with Tweedie's latent ``ẑ_0``, ``L = ½(gᵀx̂_0 + b − y*)²`` with
   a reward linearised at the last image (``g = ∇r``, ``b = r − gᵀx``), and the score shift
   ``G = −β ∇_{z_t} L`` (``ε̃ = ε̂ + √(1−ᾱ_t) β ∇L``), the gradient flowing through the
-  denoiser (both CFG branches) and the decoder.
+  denoiser (both CFG branches) and the decoder. β is per sample, as the paper writes it.
+  The authors' Stable Diffusion code computes ``0.5 * MSELoss()(out, target)`` with ``out``
+  ``[B]`` and ``target`` ``[B, 1]``: the loss broadcasts to a B×B mean, which scales each
+  sample's gradient by 1/B, so its ``--guidance β`` is ``β/B`` per sample here (``--guidance
+  100`` at batch 5 is ``beta=20``). ``official_batch_scaling=True`` reproduces that scaling.
 
 - **DPS** (Chung et al., ICLR 2023): after the sampler step,
   ``x_{t−1} ← x_{t−1} − ζ ∇_{x_t} ‖y − 𝒜(x̂_0(x_t))‖`` per sample. (The paper's
@@ -85,7 +89,7 @@ class LookAhead(_RewardGradient):
         ops = ctx.ops
         with torch.enable_grad():
             g_x0 = (self.grad * ctx.tracked_x0()).flatten(1).sum(1)  # gᵀx̂_0(x_t), per sample
-            vjp = ops.add("lookahead_vjp", ctx.grad_wrt_input(g_x0))
+            vjp = ops.add("lookahead_vjp", ctx.grad_wrt_input(g_x0, "LookAhead: model (the VJP runs through its output)"))
         if self.beta is None:
             a2 = ctx.a * ctx.a
             beta = (a2 / 2) / (a2 * self.sigma ** 2 + ctx.h * ops.norm2(vjp))
@@ -99,14 +103,16 @@ class DecodedLookAhead(GuidanceTerm):
 
     ``decode(latents) -> images``; ``grad``: the reward gradient in image space (shaped like
     the decoded batch or broadcastable to it); ``offset``: ``b = r(x) − gᵀx``, ``[B]`` or a number;
-    ``target``: y*; ``beta``: the constant step β; ``scaling``: the latent scaling (SD: 0.18215).
+    ``target``: y*; ``beta``: the constant step β, per sample; ``scaling``: the latent scaling
+    (SD: 0.18215). ``official_batch_scaling``: ``False`` (default, the paper) or ``True``, the
+    authors' code's 1/B scaling of every sample's gradient (its β is ``B ×`` this one's).
     """
     place = "score"
     needs_model_grad = True
     name = "G_loss(decoded)"
 
     def __init__(self, decode, grad: torch.Tensor, offset=0.0, target: float = 10.0, beta: float = 100.0,
-                 scaling: float = 0.18215):
+                 scaling: float = 0.18215, official_batch_scaling: bool = False):
         if not callable(decode):
             raise TypeError(f"DecodedLookAhead: decode: expected a callable latents -> images, got {type(decode).__name__}")
         if not isinstance(grad, torch.Tensor):
@@ -119,6 +125,10 @@ class DecodedLookAhead(GuidanceTerm):
         self.scaling = check_number("scaling", scaling, owner="DecodedLookAhead")
         if self.scaling <= 0:
             raise ValueError(f"DecodedLookAhead: scaling: expected a positive number, got {scaling!r}")
+        if not isinstance(official_batch_scaling, bool):
+            raise TypeError(f"DecodedLookAhead: official_batch_scaling: expected True or False, "
+                            f"got {official_batch_scaling!r}")
+        self.official_batch_scaling = official_batch_scaling
 
     def bind(self, shape, device, dtype, sampler: str):
         if self.grad.device != torch.device(device):
@@ -136,7 +146,10 @@ class DecodedLookAhead(GuidanceTerm):
                 raise ValueError(f"DecodedLookAhead: grad: shape {tuple(self.grad.shape)} does not broadcast to the "
                                  f"decoded images {tuple(image.shape)}") from None
             residual = (g * image).flatten(1).float().sum(1) + self.offset - self.target
-            grad = ctx.grad_wrt_input(0.5 * residual ** 2)
+            loss = 0.5 * residual ** 2
+            if self.official_batch_scaling:   # the authors' broadcast MSELoss: a mean over B×B entries
+                loss = loss / residual.shape[0]
+            grad = ctx.grad_wrt_input(loss, "DecodedLookAhead: decode")
         return ctx.ops.add("decoded_lookahead_grad", grad) * (-self.beta)
 
 
@@ -171,5 +184,5 @@ class DPS(GuidanceTerm):
                 raise ValueError(f"DPS: operator returned {got}, expected the measurement's shape "
                                  f"{tuple(self.measurement.shape)}")
             residual = (self.measurement - predicted).flatten(1).norm(dim=1)
-            grad = ctx.grad_wrt_input(residual)
+            grad = ctx.grad_wrt_input(residual, "DPS: operator")
         return ctx.ops.add("dps_grad", grad) * (-self.zeta)

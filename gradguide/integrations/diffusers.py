@@ -257,9 +257,20 @@ class DiffusersModel(torch.nn.Module):
         if in_channels is not None and size is not None:
             size = (size, size) if isinstance(size, int) else tuple(size)
             self.sample_shape = (int(in_channels),) + tuple(int(s) for s in size)
+        self._dtype_key = self._dtype = None
+
+    def _unet_dtype(self, default: torch.dtype) -> torch.dtype:
+        """The U-Net's compute dtype. diffusers' ``ModelMixin.dtype`` walks every submodule (≈1.5 ms
+        for a small U-Net: more than gradguide's whole step), so it is read again only when the
+        first parameter's dtype changes (``unet.half()``, ``.to(...)``, layerwise casting)."""
+        first = next(iter(self.unet.parameters()), None)
+        key = None if first is None else first.dtype
+        if self._dtype is None or key != self._dtype_key:
+            self._dtype_key, self._dtype = key, getattr(self.unet, "dtype", None)
+        return self._dtype or default
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
-        dtype = getattr(self.unet, "dtype", x.dtype)
+        dtype = self._unet_dtype(x.dtype)
         if t.is_floating_point():   # fractional σ-space timesteps: diffusers passes them as float32
             t = t.to(torch.float32)
         out = self.unet(x.to(dtype), t, **cond, return_dict=False)[0]
@@ -384,21 +395,29 @@ class GradguidePixelAsParam(ClassifierFreeGuidance):
     Policy C needs ``x_t`` and ``ᾱ_t``: build it with :meth:`from_scheduler` and call
     :meth:`set_sample` with the current latents before each guider call (the timestep comes
     from ``set_state``, which diffusers' denoising loops already call).
+
+    ``convention="official"`` (default, as :class:`gradguide.PixelAsParam`): with ``clip_range``
+    set, x̂_0c and x̂_0u are clipped before Δ and the projections (the authors' code);
+    ``"paper"``: only the result is clipped.
     """
 
     backend = "auto"
 
     def __init__(self, guidance_scale: float = 7.5, alphas_cumprod: Optional[Sequence[float]] = None,
                  prediction_type: str = "epsilon", delta1: float = 1.0, delta2: float = 1.0,
-                 clip_range: Optional[float] = None, start: float = 0.0, stop: float = 1.0, enabled: bool = True):
+                 clip_range: Optional[float] = None, start: float = 0.0, stop: float = 1.0, enabled: bool = True,
+                 convention: str = "official"):
         super().__init__(guidance_scale=guidance_scale, start=start, stop=stop, enabled=enabled)
+        if convention not in ("official", "paper"):
+            raise ValueError(f"GradguidePixelAsParam: convention: expected 'official' or 'paper', got {convention!r}")
+        self.convention = convention
         if alphas_cumprod is None:
             raise ValueError("GradguidePixelAsParam: alphas_cumprod: required (use from_scheduler(scheduler, ...))")
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"GradguidePixelAsParam: prediction_type: expected one of {sorted(PREDICTION_TYPES)}, "
                              f"got {prediction_type!r}")
         self.register_to_config(alphas_cumprod=[float(a) for a in alphas_cumprod], prediction_type=prediction_type,
-                                delta1=delta1, delta2=delta2, clip_range=clip_range)
+                                delta1=delta1, delta2=delta2, clip_range=clip_range, convention=convention)
         self._abar = torch.tensor([float(a) for a in alphas_cumprod], dtype=torch.float64)
         self.prediction_type = prediction_type
         self.delta1, self.delta2, self.clip_range = float(delta1), float(delta2), clip_range
@@ -438,11 +457,19 @@ class GradguidePixelAsParam(ClassifierFreeGuidance):
         else:
             x0c, x0u = [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]
         operands = [x, pred_cond, pred_uncond]
+        clamp = None if self.clip_range is None else (-float(self.clip_range), float(self.clip_range))
+        vc = torch.tensor(x0c, dtype=torch.float64, device=x.device)
+        vu = torch.tensor(x0u, dtype=torch.float64, device=x.device)
+        if clamp is not None and self.convention == "official":
+            # the authors' code clips each branch's x̂_0 before Δ and the projections
+            operands = [ops.combine(v.to(torch.float32).expand(bsz, 3), operands, clamp=clamp, backend=self.backend)
+                        for v in (vc, vu)]
+            vc = torch.tensor([1.0, 0.0], dtype=torch.float64, device=x.device)
+            vu = torch.tensor([0.0, 1.0], dtype=torch.float64, device=x.device)
         gram, _ = ops.reduce(operands, backend=self.backend)
         gram = gram[:, 0].to(torch.float64)
-        vc = torch.tensor(x0c, dtype=torch.float64, device=gram.device)
         wp = float(self.guidance_scale) - 1.0
-        vd = wp * (vc - torch.tensor(x0u, dtype=torch.float64, device=gram.device))
+        vd = wp * (vc - vu)
         cc = torch.einsum("i,bij,j->b", vc, gram, vc)
         dd = torch.einsum("i,bij,j->b", vd, gram, vd)
         cd = torch.einsum("i,bij,j->b", vc, gram, vd)
@@ -450,7 +477,6 @@ class GradguidePixelAsParam(ClassifierFreeGuidance):
         f1 = torch.where(dd > 0, neg / dd.clamp_min(1e-300), torch.zeros_like(dd))   # PC(x̂_0c | Δ)
         f2 = torch.where(cc > 0, neg / cc.clamp_min(1e-300), torch.zeros_like(cc))   # PC(Δ | x̂_0c)
         coef_x0 = (vc - self.delta1 * f1[:, None] * vd) + (vd - self.delta2 * f2[:, None] * vc)
-        clamp = None if self.clip_range is None else (-float(self.clip_range), float(self.clip_range))
         x0 = ops.combine(coef_x0.to(torch.float32), operands, clamp=clamp, backend=self.backend)
         if self.prediction_type == "sample":
             pred = x0

@@ -10,6 +10,7 @@ or ``"auto"``; :func:`available_backends` says which ones this installation has.
 """
 from __future__ import annotations
 
+import numbers
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
@@ -42,6 +43,11 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "reference":
         return backend
     device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        if backend == "auto":   # meta / other devices: only the reference (plain torch) runs there
+            return "reference"
+        raise ValueError(f"backend: {backend!r} runs on cpu and cuda tensors, got tensors on {device.type} "
+                         "(use backend='reference' or 'auto')")
     status = {"triton": triton_backend.status, "native": native_backend.status}
     if backend == "auto":   # called on every reduce/combine: ask only the backends that could win
         preferred = ("triton", "native") if device.type == "cuda" else ("native",)
@@ -83,8 +89,115 @@ def check_operands(operands: Sequence[torch.Tensor], groups: int = 1, name: str 
     if first.dim() < 1 or first.shape[0] == 0:
         raise ValueError(f"{name}: expected tensors shaped [B, ...] with B >= 1, got {tuple(first.shape)}")
     per_sample = first[0].numel()
-    if not isinstance(groups, int) or groups < 1 or per_sample % groups:
+    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or per_sample % groups:
         raise ValueError(f"groups: expected a positive divisor of the per-sample size {per_sample}, got {groups!r}")
+
+
+def check_clamp(clamp, name: str = "clamp"):
+    """``None`` or ``(low, high)`` as floats (``None`` for an open side; both ``None`` is ``None``).
+
+    One rule on every backend: NaN bounds are refused (``torch.clamp`` would return all NaN,
+    a comparison-based kernel would ignore the bound), and so is ``low > high``."""
+    if clamp is None:
+        return None
+    if not isinstance(clamp, (tuple, list)):
+        raise TypeError(f"{name}: expected None or a (low, high) pair of numbers, got {type(clamp).__name__} {clamp!r}")
+    if len(clamp) != 2:
+        raise ValueError(f"{name}: expected a (low, high) pair of numbers, got {len(clamp)} value(s) {tuple(clamp)!r}")
+    bounds = []
+    for side, value in zip(("low", "high"), clamp):
+        if value is None:
+            bounds.append(None)
+            continue
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name}: {side}: expected a real number or None, got {type(value).__name__} {value!r}")
+        value = float(value)
+        if value != value:
+            raise ValueError(f"{name}: {side}: NaN is not a bound (expected a number, or None for no bound)")
+        bounds.append(value)
+    if bounds[0] is None and bounds[1] is None:
+        return None
+    if bounds[0] is not None and bounds[1] is not None and bounds[0] > bounds[1]:
+        raise ValueError(f"{name}: expected low <= high, got {tuple(bounds)!r}")
+    return tuple(bounds)
+
+
+def _check_float_tensor(name: str, value, expected: str) -> None:
+    """A tensor of a real floating dtype (integers and complex numbers are refused, never cast)."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name}: expected {expected}, got {type(value).__name__}")
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a real floating dtype in {FLOAT_DTYPES}, got {value.dtype}")
+
+
+def _check_out(out, like: torch.Tensor) -> None:
+    if out is None:
+        return
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"out: expected a tensor or None, got {type(out).__name__}")
+    if out.shape != like.shape or out.dtype != like.dtype or out.device != like.device:
+        raise ValueError(f"out: expected {tuple(like.shape)} {like.dtype} on {like.device}, "
+                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    if out.device.type != "meta" and torch._debug_has_internal_overlap(out) == 1:
+        raise ValueError(f"out: several of its elements share memory (stride {tuple(out.stride())}, e.g. an "
+                         "expanded tensor); pass a tensor with one memory location per element")
+    if out.requires_grad and out.is_leaf and torch.is_grad_enabled():
+        raise ValueError("out: a leaf tensor that requires grad cannot receive a result in place; "
+                         "leave out=None or detach it")
+
+
+def _span(t: torch.Tensor):
+    """[first, last) byte addresses a tensor's elements can touch."""
+    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+    lowest = t.data_ptr() - t.element_size() * sum((size - 1) * -stride for size, stride in
+                                                   zip(t.shape, t.stride()) if stride < 0)
+    return lowest, lowest + (extent + 1) * t.element_size()
+
+
+def _overlap(out: torch.Tensor, t: torch.Tensor) -> str:
+    """``"none"``, ``"same"`` (exactly the same elements: safe for the elementwise kernels) or
+    ``"partial"`` (shared memory laid out differently: a kernel would read what it already wrote)."""
+    if t.device != out.device or t.device.type == "meta" or t.numel() == 0 or out.numel() == 0:
+        return "none"
+    (a0, a1), (b0, b1) = _span(out), _span(t)
+    if a1 <= b0 or b1 <= a0:
+        return "none"
+    if (t.data_ptr() == out.data_ptr() and t.shape == out.shape and t.stride() == out.stride()
+            and t.dtype == out.dtype):
+        return "same"
+    return "partial"
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+class _ReferenceBackward(torch.autograd.Function):
+    """A fast backend's forward with the reference's backward: the kernels compute no
+    gradients, so ``backward`` recomputes the reference forward on the saved inputs and
+    differentiates it (exactly the gradient of the reference; it costs one extra forward)."""
+
+    @staticmethod
+    def forward(ctx, fast, ref, *inputs):
+        ctx.ref = ref
+        ctx.save_for_backward(*inputs)
+        return fast(*inputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        inputs = ctx.saved_tensors
+        wanted = [i for i, t in enumerate(inputs) if ctx.needs_input_grad[i + 2]]
+        with torch.enable_grad():
+            leaves = [t.detach().requires_grad_(i in wanted) for i, t in enumerate(inputs)]
+            outs = ctx.ref(*leaves)
+            outs = outs if isinstance(outs, tuple) else (outs,)
+            pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+            got = torch.autograd.grad([o for o, _ in pairs], [leaves[i] for i in wanted],
+                                      [g for _, g in pairs], allow_unused=True) if pairs else [None] * len(wanted)
+        result = [None] * len(inputs)
+        for i, g in zip(wanted, got):
+            result[i] = g
+        return (None, None, *result)
 
 
 def reduce(operands: Sequence[torch.Tensor], groups: int = 1, backend: str = "auto"):
@@ -99,7 +212,10 @@ def reduce(operands: Sequence[torch.Tensor], groups: int = 1, backend: str = "au
         return reference.reduce(operands, groups)
     if len(operands) > MAX_K:
         raise ValueError(f"operands: backend {name!r} takes at most {MAX_K} operands, got {len(operands)}")
-    return _implementation(name).reduce(_contiguous(operands), groups)
+    fast = lambda *ops_: _implementation(name).reduce(_contiguous(ops_), groups)
+    if _needs_grad(*operands):  # the kernels compute no gradients: differentiate the reference
+        return _ReferenceBackward.apply(fast, lambda *ops_: reference.reduce(ops_, groups), *operands)
+    return fast(*operands)
 
 
 def combine(coef: torch.Tensor, operands: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None,
@@ -110,29 +226,39 @@ def combine(coef: torch.Tensor, operands: Sequence[torch.Tensor], out: Optional[
     optionally clips the result elementwise to ``(low, high)``; ``out`` receives the result.
     """
     check_operands(operands)
+    _check_float_tensor("coef", coef, "a [B, K] or [B, G, K] tensor")
     if coef.dim() == 2:
         coef = coef.unsqueeze(1)
     b, k = operands[0].shape[0], len(operands)
     if coef.dim() != 3 or coef.shape[0] != b or coef.shape[2] != k:
         raise ValueError(f"coef: expected shape [B={b}, K={k}] or [B={b}, G, K={k}], got {tuple(coef.shape)}")
-    check_operands(operands, coef.shape[1])
+    if operands[0][0].numel() % coef.shape[1]:
+        raise ValueError(f"coef: {coef.shape[1]} groups (its dimension 1) do not divide the per-sample size "
+                         f"{operands[0][0].numel()}")
     if coef.device != operands[0].device:
         raise ValueError(f"coef: device {coef.device} differs from the operands' {operands[0].device}")
-    if out is not None and (out.shape != operands[0].shape or out.dtype != operands[0].dtype
-                            or out.device != operands[0].device):
-        raise ValueError(f"out: expected {tuple(operands[0].shape)} {operands[0].dtype} on {operands[0].device}, "
-                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    _check_out(out, operands[0])
+    clamp = check_clamp(clamp)
     name = resolve_backend(backend, operands[0].device)
     if name == "reference":
         return reference.combine(coef, operands, out=out, clamp=clamp)
     if len(operands) > MAX_K:
         raise ValueError(f"operands: backend {name!r} takes at most {MAX_K} operands, got {len(operands)}")
-    if coef.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"coef: expected a floating dtype, got {coef.dtype}")
-    coef = coef.to(reference.accumulation_dtype(operands[0].dtype)).contiguous()
-    target = out if out is None or out.is_contiguous() else None
-    result = _implementation(name).combine(coef, _contiguous(operands), out=target, clamp=clamp)
-    return out.copy_(result) if out is not None and target is None else result
+    impl = _implementation(name)
+    acc = reference.accumulation_dtype(operands[0].dtype)
+    if _needs_grad(coef, *operands):  # the kernels compute no gradients: differentiate the reference
+        fast = lambda c, *ops_: impl.combine(c.to(acc).contiguous(), _contiguous(ops_), clamp=clamp)
+        result = _ReferenceBackward.apply(fast, lambda c, *ops_: reference.combine(c, ops_, clamp=clamp),
+                                          coef, *operands)
+        return result if out is None else out.copy_(result)
+    coef = coef.to(acc).contiguous()
+    # The kernels are elementwise: ``out`` may be exactly an operand (in-place update), but
+    # memory shared any other way (a shifted view, coef inside out, a non-contiguous out)
+    # would be read after it was written: compute into a temporary, then copy.
+    direct = out is not None and out.is_contiguous() and _overlap(out, coef) == "none" and \
+        all(_overlap(out, op) != "partial" for op in operands)
+    result = impl.combine(coef, _contiguous(operands), out=out if direct else None, clamp=clamp)
+    return out.copy_(result) if out is not None and not direct else result
 
 
 def _scalar(name: str, value, b: int, device, dtype) -> torch.Tensor:
@@ -141,6 +267,8 @@ def _scalar(name: str, value, b: int, device, dtype) -> torch.Tensor:
         raise TypeError(f"{name}: expected a number or a 0-d / [B] tensor, got {type(value).__name__}")
     if not isinstance(value, torch.Tensor):
         return torch.full((1,), float(value), device=device, dtype=dtype)
+    if value.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a real floating tensor, got {value.dtype}")
     if value.device != device:
         raise ValueError(f"{name}: on {value.device}, but the operands are on {device}")
     if value.numel() == 1:
@@ -163,7 +291,7 @@ def fused_combine(policy: str, operands: Sequence[torch.Tensor], *, gram: Option
     when a policy needs it and it is not given). On ``"triton"`` the coefficient program runs
     inside the combine kernel; other backends evaluate it in torch, then combine.
     """
-    if policy not in policies.POLICIES:
+    if not isinstance(policy, str) or policy not in policies.POLICIES:
         raise ValueError(f"policy: expected one of {tuple(policies.POLICIES)}, got {policy!r}")
     check_operands(operands)
     first = operands[0]
@@ -180,7 +308,8 @@ def fused_combine(policy: str, operands: Sequence[torch.Tensor], *, gram: Option
         if name not in params:
             raise TypeError(f"fused_combine({policy!r}): missing coefficient vector {name!r}")
         v = params[name]
-        if not isinstance(v, torch.Tensor) or v.dim() not in (2, 3) or v.shape[0] != b or v.shape[-1] != k:
+        _check_float_tensor(name, v, f"a [B={b}, K={k}] or [B={b}, G, K={k}] tensor")
+        if v.dim() not in (2, 3) or v.shape[0] != b or v.shape[-1] != k:
             got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
             raise ValueError(f"{name}: expected a [B={b}, K={k}] or [B={b}, G, K={k}] tensor, got {got}")
         if v.device != first.device:
@@ -192,7 +321,10 @@ def fused_combine(policy: str, operands: Sequence[torch.Tensor], *, gram: Option
             groups = v.shape[1]
         vectors[name] = v
     if gram is not None:
-        if not isinstance(gram, torch.Tensor) or gram.dim() != 4 or gram.shape[0] != b or gram.shape[2:] != (k, k):
+        _check_float_tensor("gram", gram, "a [B, G, K, K] tensor from ops.reduce")
+        if gram.device != first.device:
+            raise ValueError(f"gram: on {gram.device}, but the operands are on {first.device}")
+        if gram.dim() != 4 or gram.shape[0] != b or gram.shape[2:] != (k, k):
             got = tuple(gram.shape) if isinstance(gram, torch.Tensor) else type(gram).__name__
             raise ValueError(f"gram: expected [B={b}, G, K={k}, K={k}] (from ops.reduce), got {got}")
         if groups not in (None, gram.shape[1]):
@@ -206,16 +338,20 @@ def fused_combine(policy: str, operands: Sequence[torch.Tensor], *, gram: Option
         if name not in params and default is None:
             raise TypeError(f"fused_combine({policy!r}): missing scalar {name!r}")
         scalars[name] = _scalar(name, params.get(name, default), b, first.device, acc)
-    if out is not None and (out.shape != first.shape or out.dtype != first.dtype or out.device != first.device):
-        raise ValueError(f"out: expected {tuple(first.shape)} {first.dtype} on {first.device}, "
-                         f"got {tuple(out.shape)} {out.dtype} on {out.device}")
+    _check_out(out, first)
+    clamp = check_clamp(clamp)
     name = resolve_backend(backend, first.device)
     if policies.NEEDS_GRAM[policy]:
         gram = reduce(operands, groups, backend=name)[0] if gram is None else gram.to(acc).contiguous()
-    if name == "triton":
+    # the fused kernel computes no gradients: with grad-tracking inputs, take the unfused path
+    # below (torch coefficient program + combine, differentiable through the reference backward)
+    differentiable = _needs_grad(gram, *operands, *vectors.values(), *scalars.values())
+    if name == "triton" and not differentiable:
         if len(operands) > MAX_K:
             raise ValueError(f"operands: backend 'triton' takes at most {MAX_K} operands, got {len(operands)}")
-        target = out if out is None or out.is_contiguous() else None
+        target = out if out is not None and out.is_contiguous() and all(
+            _overlap(out, t) != "partial" for t in operands) and all(
+            _overlap(out, t) == "none" for t in [gram, *vectors.values(), *scalars.values()] if t is not None) else None
         result = triton_backend.fused_combine(policy, gram, list(vectors.values()), list(scalars.values()),
                                               _contiguous(operands), out=target, clamp=clamp)
         return out.copy_(result) if out is not None and target is None else result

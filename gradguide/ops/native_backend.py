@@ -60,6 +60,60 @@ def _register_fakes() -> None:
     def _combine_out_fake(coef, operands, low, high, out):
         return None
 
+    _register_autograd()
+
+
+def _register_autograd() -> None:
+    """Gradients of the raw ops (``torch.ops.gradguide.reduce / combine``), written with torch
+    ops as the reference's: without them autograd would drop the graph with only a warning.
+    ``combine_out`` writes into ``out`` and stays non-differentiable (the glue never calls it
+    with grad-tracking inputs)."""
+
+    def reduce_setup(ctx, inputs, output):
+        operands, groups = inputs
+        ctx.groups = groups
+        ctx.save_for_backward(*operands)
+
+    def reduce_backward(ctx, grad_gram, grad_sums):
+        operands = ctx.saved_tensors
+        b, k, groups = operands[0].shape[0], len(operands), ctx.groups
+        acc = _acc(operands[0].dtype)
+        rows = torch.stack([op.reshape(b, groups, -1).to(acc) for op in operands], 2)      # [B, G, K, N]
+        grad = torch.zeros_like(rows)
+        if grad_gram is not None:
+            sym = grad_gram.to(acc) + grad_gram.to(acc).transpose(-1, -2)
+            grad = grad + sym @ rows
+        if grad_sums is not None:
+            grad = grad + grad_sums.to(acc).unsqueeze(-1)
+        return [grad[:, :, j].reshape(operands[j].shape).to(operands[j].dtype) for j in range(k)], None
+
+    torch.library.register_autograd("gradguide::reduce", reduce_backward, setup_context=reduce_setup)
+
+    def combine_setup(ctx, inputs, output):
+        coef, operands, low, high = inputs
+        ctx.low, ctx.high = low, high
+        ctx.save_for_backward(coef, *operands)
+
+    def combine_backward(ctx, grad_out):
+        coef, *operands = ctx.saved_tensors
+        b, groups = operands[0].shape[0], coef.shape[1]
+        acc = coef.dtype
+        rows = torch.stack([op.reshape(b, groups, -1).to(acc) for op in operands], 2)      # [B, G, K, N]
+        g = grad_out.reshape(b, groups, -1).to(acc)
+        if ctx.low is not None or ctx.high is not None:   # torch.clamp's rule: pass where low <= x <= high
+            x = (coef.unsqueeze(-1) * rows).sum(2)
+            keep = torch.ones_like(x, dtype=torch.bool)
+            if ctx.low is not None:
+                keep &= x >= ctx.low
+            if ctx.high is not None:
+                keep &= x <= ctx.high
+            g = g * keep
+        grad_coef = (g.unsqueeze(2) * rows).sum(-1)
+        grad_ops = [(coef[:, :, j:j + 1] * g).reshape(op.shape).to(op.dtype) for j, op in enumerate(operands)]
+        return grad_coef, grad_ops, None, None
+
+    torch.library.register_autograd("gradguide::combine", combine_backward, setup_context=combine_setup)
+
 
 def reduce(operands, groups: int = 1):
     return torch.ops.gradguide.reduce(list(operands), groups)

@@ -45,7 +45,9 @@ NEEDS_GRAM = {name: name != "cfg" for name in POLICIES}
 
 
 def _safe_div(num, den):
-    ok = den > 0
+    """``num/den``; 0 where ``den == 0`` (a zero-norm partner); NaN propagates (a non-finite
+    operand poisons its row, the rule of every backend)."""
+    ok = den != 0
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 

@@ -40,7 +40,14 @@ def reduce(operands: Sequence[torch.Tensor], groups: int = 1):
 
 def combine(coef: torch.Tensor, operands: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None,
             clamp: Optional[tuple] = None) -> torch.Tensor:
-    """``out[b, g] = sum_k coef[b, g, k] * op_k[b, g]``, optionally clamped elementwise."""
+    """``out[b, g] = sum_k coef[b, g, k] * op_k[b, g]``, optionally clamped elementwise.
+
+    ``clamp``: ``(low, high)`` (``None`` for an open side); NaN bounds are refused, the rule
+    of every backend (:func:`gradguide.ops.check_clamp`)."""
+    from . import check_clamp  # the package's one clamp rule (imported late: the package imports us)
+    clamp = check_clamp(clamp)
+    if coef.is_complex() or not (coef.is_floating_point()):
+        raise TypeError(f"coef: expected a real floating dtype, got {coef.dtype}")
     rows = _rows(operands, coef.shape[1])
     result = (coef.to(rows.dtype).unsqueeze(-1) * rows).sum(2)
     if clamp is not None:

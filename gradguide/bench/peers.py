@@ -1,0 +1,332 @@
+"""``gradguide bench --suite peers``: gradguide against the loop users already run.
+
+The peer is the plain diffusers loop as its pipelines write it (``StableDiffusionPipeline``):
+``scheduler.set_timesteps(n)``; per step ``cat([latents] * 2)`` with CFG, ``scale_model_input``,
+one U-Net call with the negative and positive prompt embeddings stacked, the CFG line
+``u + w (c − u)`` and ``DDIMScheduler.step``. gradguide runs the same workload as a user
+switching over would: :func:`gradguide.from_diffusers` (or the bare model), the scheduler's
+schedule, ``gradguide.sample(..., sampler="ddim", guidance=CFG(w, uncond=...))`` with every
+default (backend ``"auto"``, both branches in one call).
+
+Both runners get the same model, the same initial noise and the same sizes, in one process;
+passes alternate between the runners (the order flips every repetition) after one warm-up
+pass each, whose outputs are compared (``max |Δ|``). Workloads, each unguided and with CFG 7.5,
+25 DDIM steps on SD-1.5's scheduler configuration (scaled-linear betas 0.00085–0.012,
+``steps_offset=1``, "leading" spacing, ``set_alpha_to_one=False``, no clipping, ε prediction):
+
+- ``cheap``: a fixed 1×1 convolution plus a per-channel bias read from the text embedding, so
+  the time is the samplers' own per-step cost;
+- ``unet``: a tiny SD-architecture ``UNet2DConditionModel`` (random weights, built in code from
+  :data:`UNET_CONFIG`: 3 levels of 16/32/32 channels, cross-attention at the lowest resolution,
+  77×32 text embeddings), end to end.
+
+Sizes: SD latents 4×64×64 at B = 1, 4, 8 and 3×64×64 at B = 16. Per row: the per-step median
+(pass time / steps, median over the timed passes) of each runner, the speed ratio
+``diffusers time / gradguide time`` (> 1: gradguide is faster) and model calls per step. On a
+shared CPU quote ratios, not times; ``OMP_WAIT_POLICY=PASSIVE`` keeps 2 threads usable when
+the cores are contended.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch import nn
+
+import gradguide
+
+STEPS = 25
+GUIDANCE_SCALE = 7.5
+SIZES = {"sd-b1": (1, 4, 64), "sd-b4": (4, 4, 64), "sd-b8": (8, 4, 64), "px-b16": (16, 3, 64)}
+QUICK_SIZES = {"sd-b1": (1, 4, 8), "px-b3": (3, 3, 8)}
+MODELS = ("cheap", "unet")
+TEXT_LEN, TEXT_DIM = 77, 32
+UNET_CONFIG = dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
+                   down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+                   up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                   cross_attention_dim=TEXT_DIM, attention_head_dim=8)
+QUICK_UNET_CONFIG = dict(UNET_CONFIG, block_out_channels=(8, 8, 8), norm_num_groups=4)
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                    set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
+UNET_TOLERANCE = 1e-4   # the issue's bound on max |gradguide − diffusers| for the U-Net rows
+
+
+class CheapModel(nn.Module):
+    """ε = 1×1 conv(x) + the first C entries of the text embedding's first token, per channel; the
+    convolution is near 0.9·identity so that samples stay of order one over the 25 steps."""
+
+    def __init__(self, channels: int, seed: int):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.conv = nn.Conv2d(channels, channels, 1)
+        with torch.no_grad():
+            w = 0.9 * torch.eye(channels) + 0.05 * torch.randn(channels, channels, generator=g)
+            self.conv.weight.copy_(w.reshape(channels, channels, 1, 1))
+            self.conv.bias.copy_(torch.randn(channels, generator=g) * 0.01)
+        self.requires_grad_(False)
+
+    def forward(self, x, t, encoder_hidden_states):
+        c = x.shape[1]
+        return self.conv(x) + 0.01 * encoder_hidden_states[:, 0, :c, None, None]
+
+
+def tiny_unet(channels: int, size: int, seed: int, quick: bool = False):
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(seed)
+    config = QUICK_UNET_CONFIG if quick else UNET_CONFIG
+    return UNet2DConditionModel(sample_size=size, in_channels=channels, out_channels=channels,
+                                **config).eval().requires_grad_(False)
+
+
+class Workload:
+    """One row: model, scheduler, noise and prompt embeddings shared by both runners."""
+
+    def __init__(self, model_kind: str, size: str, cfg: bool, quick: bool, seed: int):
+        from diffusers import DDIMScheduler
+        b, c, hw = (QUICK_SIZES if quick else SIZES)[size]
+        self.name = f"{model_kind}-{size}-{'cfg' if cfg else 'none'}"
+        self.model_kind, self.size, self.cfg = model_kind, size, cfg
+        self.shape = (b, c, hw, hw)
+        self.steps = 3 if quick else STEPS
+        self.model = CheapModel(c, seed) if model_kind == "cheap" else tiny_unet(c, hw, seed, quick)
+        self.scheduler = DDIMScheduler(**SD_SCHEDULER)
+        g = torch.Generator().manual_seed(seed + 1)
+        self.x_T = torch.randn(self.shape, generator=g)
+        self.pos = torch.randn(b, TEXT_LEN, TEXT_DIM, generator=g)
+        self.neg = torch.randn(b, TEXT_LEN, TEXT_DIM, generator=g)
+        self.params = sum(p.numel() for p in self.model.parameters())
+
+    def forward(self, x, t, embeddings):
+        if self.model_kind == "unet":
+            return self.model(x, t, encoder_hidden_states=embeddings, return_dict=False)[0]
+        return self.model(x, t, encoder_hidden_states=embeddings)
+
+    # -- the two runners ----------------------------------------------------------------------
+    def diffusers_pass(self) -> torch.Tensor:
+        """The denoising loop of diffusers' pipelines (StableDiffusionPipeline.__call__, eta = 0)."""
+        sched = self.scheduler
+        with torch.no_grad():
+            sched.set_timesteps(self.steps)
+            latents = self.x_T * sched.init_noise_sigma
+            embeddings = torch.cat([self.neg, self.pos]) if self.cfg else self.pos
+            for t in sched.timesteps:
+                latent_in = torch.cat([latents] * 2) if self.cfg else latents
+                latent_in = sched.scale_model_input(latent_in, t)
+                noise_pred = self.forward(latent_in, t, embeddings)
+                if self.cfg:
+                    noise_uncond, noise_text = noise_pred.chunk(2)
+                    noise_pred = noise_uncond + GUIDANCE_SCALE * (noise_text - noise_uncond)
+                latents = sched.step(noise_pred, t, latents, return_dict=False)[0]
+        return latents
+
+    def gradguide_runner(self) -> Callable[[], torch.Tensor]:
+        """gradguide as a switching user writes it (set up once, like a pipeline; then a call per pass)."""
+        from gradguide.integrations.diffusers import DiffusersSchedule
+        if self.model_kind == "unet":
+            model, schedule = gradguide.from_diffusers(self.model, self.scheduler)
+            defaults = model.sample_defaults
+        else:
+            model, schedule, defaults = self.model, DiffusersSchedule(self.scheduler), {}
+        guidance = gradguide.CFG(GUIDANCE_SCALE, uncond={"encoder_hidden_states": self.neg}) if self.cfg else ()
+
+        def one_pass():
+            return gradguide.sample(model, self.shape, schedule=schedule, sampler="ddim", steps=self.steps,
+                                    x_T=self.x_T, cond={"encoder_hidden_states": self.pos}, guidance=guidance,
+                                    **defaults)
+        return one_pass
+
+    def config(self) -> dict:
+        return {"model": self.model_kind, "shape": list(self.shape[1:]), "batch": self.shape[0],
+                "guidance": f"CFG {GUIDANCE_SCALE}" if self.cfg else "none", "steps": self.steps,
+                "params": self.params}
+
+
+def _count_calls(module: nn.Module, fn: Callable[[], torch.Tensor]):
+    """``(output, calls)`` of ``fn()``, counting the module's forward calls."""
+    calls = []
+    handle = module.register_forward_pre_hook(lambda m, args: calls.append(1))
+    try:
+        out = fn()
+    finally:
+        handle.remove()
+    return out, len(calls)
+
+
+def run_workload(w: Workload, reps: Optional[int] = None, budget_s: float = 3.0) -> dict:
+    """Warm-up pass of each runner (outputs compared), then ``reps`` interleaved timed passes each
+    (default: as many as fit ``budget_s`` per runner, 5 to 40)."""
+    runners = {"gradguide": w.gradguide_runner(), "diffusers": w.diffusers_pass}
+    outputs, calls, first = {}, {}, {}
+    for name, fn in runners.items():
+        start = time.perf_counter()
+        outputs[name], calls[name] = _count_calls(w.model, fn)
+        first[name] = time.perf_counter() - start
+    if reps is None:
+        slowest = max(first.values())
+        reps = int(min(40, max(5, budget_s // max(slowest, 1e-9))))
+    times: Dict[str, List[float]] = {name: [] for name in runners}
+    cpu: Dict[str, List[float]] = {name: [] for name in runners}
+    order = list(runners)
+    for r in range(reps):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            start, start_cpu = time.perf_counter(), time.process_time()
+            runners[name]()
+            times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+    per_step = {name: statistics.median(ts) / w.steps for name, ts in times.items()}
+    cpu_step = {name: statistics.median(ts) / w.steps for name, ts in cpu.items()}
+    diff = (outputs["gradguide"] - outputs["diffusers"]).abs().max().item()
+    scale = outputs["diffusers"].abs().max().item()
+    row = dict(workload=w.name, **w.config(), reps=reps,
+               per_step_ms={name: v * 1e3 for name, v in per_step.items()},
+               pass_s={name: statistics.median(ts) for name, ts in times.items()},
+               pass_s_all=times, first_pass_s=first, calls_per_step={k: v / w.steps for k, v in calls.items()},
+               speed_ratio=per_step["diffusers"] / per_step["gradguide"],
+               cpu_per_step_ms={name: v * 1e3 for name, v in cpu_step.items()},
+               cpu_speed_ratio=cpu_step["diffusers"] / cpu_step["gradguide"] if cpu_step["gradguide"] > 0 else None,
+               paired_ratio_median=statistics.median(d / g for d, g in zip(times["diffusers"], times["gradguide"])),
+               max_abs_diff=diff, output_scale=scale,
+               finite=bool(torch.isfinite(outputs["gradguide"]).all()))
+    if w.model_kind == "unet":
+        row["within_tolerance"] = diff <= UNET_TOLERANCE
+    return row
+
+
+def _cpu_name() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return name
+
+
+def _git_commit() -> str:
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                              timeout=10).stdout.strip() or "unknown"
+    except Exception:
+        return "unknown"
+
+
+def run(quick: bool = False, models=MODELS, sizes=None, reps: Optional[int] = None, seed: int = 0,
+        progress: bool = True, command: str = "") -> dict:
+    """Run the suite (CPU); returns the result dict (see :func:`write`)."""
+    import diffusers
+    bad = [m for m in models if m not in MODELS]
+    if bad:
+        raise ValueError(f"models: unknown {bad}; expected some of {', '.join(MODELS)}")
+    table = QUICK_SIZES if quick else SIZES
+    sizes = list(sizes or table)
+    bad = [s for s in sizes if s not in table]
+    if bad:
+        raise ValueError(f"sizes: unknown {bad}; expected some of {', '.join(table)}")
+    if reps is not None and reps < 1:
+        raise ValueError(f"reps: expected a positive count, got {reps}")
+    plan = [(m, s, cfg) for m in models for s in sizes for cfg in (False, True)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(plan), desc="bench peers", unit="row")
+    rows = []
+    for m, s, cfg in plan:
+        w = Workload(m, s, cfg, quick, seed)
+        if bar is not None:
+            bar.set_postfix_str(w.name)
+        # the model-bound rows: a few passes are enough (the ratio tends to 1 there)
+        row_reps = reps if reps is not None else (2 if m == "unet" and w.shape[0] >= 8 and not quick else None)
+        rows.append(run_workload(w, row_reps, budget_s=0.5 if quick else 3.0))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    return {"suite": "peers", "quick": quick,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "commit": _git_commit(), "device": f"{_cpu_name()} ({torch.get_num_threads()} threads)",
+            "device_type": "cpu", "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "load_average_at_end": list(load) if load else None,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                         "gradguide": gradguide.__version__},
+            "command": command, "steps": STEPS if not quick else 3, "guidance_scale": GUIDANCE_SCALE,
+            "scheduler": SD_SCHEDULER, "unet_config": QUICK_UNET_CONFIG if quick else UNET_CONFIG,
+            "unet_tolerance": UNET_TOLERANCE, "rows": rows}
+
+
+def markdown(result: dict, note: str = "") -> str:
+    v = result["versions"]
+    lines = [f"# gradguide bench --suite peers ({'quick' if result['quick'] else 'full'})", "",
+             f"- machine: {result['device']}, {result['cpu_count']} CPUs; load average at the end "
+             f"{', '.join(f'{x:.1f}' for x in result['load_average_at_end'] or [])}; "
+             f"OMP_WAIT_POLICY={result['omp_wait_policy']}",
+             f"- torch {v['torch']}, diffusers {v['diffusers']}, gradguide {v['gradguide']}; commit {result['commit']}; "
+             f"{result['date']}",
+             f"- command: `{result['command']}`" if result.get("command") else "- command: (library call)",
+             f"- {result['steps']} DDIM steps, SD-1.5 scheduler configuration, CFG {result['guidance_scale']}; "
+             "per-step = median pass time / steps over interleaved timed passes (order flipped every repetition) "
+             "after one warm-up pass each; speed ratio = diffusers time / gradguide time (> 1: gradguide faster); "
+             "paired ratio = median over repetitions of the two runners' adjacent passes; CPU ratio = the same "
+             "from process CPU time (all threads; less sensitive to being descheduled on a shared machine); "
+             "max |Δ| between the two runners' warm-up outputs",
+             "- diffusers runner: the pipelines' loop (cat latents, scale_model_input, one model call with "
+             "[negative, positive] embeddings, u + w (c − u), DDIMScheduler.step); gradguide runner: "
+             "gradguide.sample(sampler='ddim', guidance=CFG(w, uncond=...)) with every default"]
+    if note:
+        lines.append(f"- {note}")
+    lines += ["", "| model | shape | B | guidance | gradguide ms/step | diffusers ms/step | speed ratio | "
+                  "paired ratio | CPU ratio | model calls/step (gg / diffusers) | max abs diff | reps |",
+              "|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    for r in result["rows"]:
+        ok = "" if r.get("within_tolerance", True) else " (> 1e-4)"
+        lines.append(f"| {r['model']} | {'×'.join(map(str, r['shape']))} | {r['batch']} | {r['guidance']} | "
+                     f"{r['per_step_ms']['gradguide']:.2f} | {r['per_step_ms']['diffusers']:.2f} | "
+                     f"{r['speed_ratio']:.2f}x | {r['paired_ratio_median']:.2f}x | "
+                     + (f"{r['cpu_speed_ratio']:.2f}x | " if r.get("cpu_speed_ratio") else "- | ") +
+                     f"{r['calls_per_step']['gradguide']:g} / {r['calls_per_step']['diffusers']:g} | "
+                     f"{r['max_abs_diff']:.1e}{ok} | {r['reps']} |")
+    params = {r["model"]: r["params"] for r in result["rows"]}
+    lines += ["", "Models: " + "; ".join(f"`{m}` {p / 1e3:.1f} k parameters" for m, p in params.items())
+              + f". U-Net configuration: {result['unet_config']}."]
+    return "\n".join(lines) + "\n"
+
+
+def write(result: dict, out_dir: str, note: str = "") -> List[str]:
+    """``peers-cpu-[quick-]<date>.json`` and ``.md`` in ``out_dir``."""
+    os.makedirs(out_dir, exist_ok=True)
+    stem = f"peers-{result['device_type']}-{'quick-' if result['quick'] else ''}{result['date'][:10]}"
+    paths = [os.path.join(out_dir, stem + ".json"), os.path.join(out_dir, stem + ".md")]
+    with open(paths[0], "w") as f:
+        json.dump(dict(result, note=note), f, indent=2)
+    with open(paths[1], "w") as f:
+        f.write(markdown(result, note))
+    return paths
+
+
+def run_cli(args) -> int:
+    """``gradguide bench --suite peers`` (arguments from gradguide/cli.py)."""
+    import sys
+    if args.device not in (None, "cpu"):
+        raise SystemExit("gradguide bench --suite peers: runs on the CPU (--device cpu)")
+    models = args.workloads.split(",") if args.workloads else MODELS
+    sizes = args.sizes.split(",") if getattr(args, "sizes", None) else None
+    try:
+        result = run(quick=args.quick, models=models, sizes=sizes, reps=args.reps, seed=args.seed,
+                     command=" ".join(["gradguide"] + sys.argv[1:]))
+    except ValueError as exc:
+        raise SystemExit(f"gradguide bench: {exc}") from None
+    for path in write(result, args.out, note=args.note):
+        print(path)
+    print(markdown(result, args.note))
+    return 0

@@ -1,0 +1,74 @@
+"""Plumbing of `gradguide bench --suite peers` on tiny sizes: both runners run, their outputs
+agree, gradguide's CFG evaluates both branches in one model call like the diffusers loop, and
+the result files name the machine, versions, commit and command."""
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+from gradguide import cli  # noqa: E402
+from gradguide.bench import peers  # noqa: E402
+
+
+def test_quick_suite_rows(one_thread):
+    result = peers.run(quick=True, sizes=["sd-b1"], reps=1, progress=False)
+    rows = {r["workload"]: r for r in result["rows"]}
+    assert set(rows) == {"cheap-sd-b1-none", "cheap-sd-b1-cfg", "unet-sd-b1-none", "unet-sd-b1-cfg"}
+    for name, r in rows.items():
+        assert r["finite"] and r["speed_ratio"] > 0 and r["per_step_ms"]["gradguide"] > 0
+        assert len(r["pass_s_all"]["gradguide"]) == len(r["pass_s_all"]["diffusers"]) == 1
+        assert r["calls_per_step"] == {"gradguide": 1.0, "diffusers": 1.0}, name   # CFG: one batched call
+        assert r["max_abs_diff"] <= 1e-4 * max(1.0, r["output_scale"]), (name, r["max_abs_diff"])
+    assert rows["unet-sd-b1-cfg"]["within_tolerance"]
+    assert result["versions"]["diffusers"] and result["device"]
+
+
+def test_runners_really_differ_from_a_wrong_loop():
+    # the comparison can fail: a loop with another guidance scale is far from gradguide's output
+    w = peers.Workload("cheap", "px-b3", True, quick=True, seed=0)
+    ref = w.gradguide_runner()()
+    assert (ref - w.diffusers_pass()).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+    scale = peers.GUIDANCE_SCALE
+    try:
+        peers.GUIDANCE_SCALE = 2.0
+        other = w.diffusers_pass()
+    finally:
+        peers.GUIDANCE_SCALE = scale
+    assert (ref - other).abs().max() > 1e-2
+
+
+def test_cli_writes_results(tmp_path, one_thread, capsys):
+    rc = cli.main(["bench", "--suite", "peers", "--quick", "--sizes", "px-b3", "--workloads", "cheap", "--reps", "1",
+                   "--out", str(tmp_path), "--note", "test run"])
+    assert rc == 0
+    (js,) = tmp_path.glob("peers-cpu-quick-*.json")
+    data = json.loads(js.read_text())
+    assert [r["workload"] for r in data["rows"]] == ["cheap-px-b3-none", "cheap-px-b3-cfg"]
+    assert data["command"].startswith("gradguide ") and data["commit"] and data["threads"] == torch.get_num_threads()
+    md = js.with_suffix(".md").read_text()
+    assert "| cheap | 3×8×8 | 3 | CFG 7.5 |" in md and "test run" in md and "torch " in md
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="models: unknown"):
+        peers.run(quick=True, models=["vae"], progress=False)
+    with pytest.raises(ValueError, match="sizes: unknown"):
+        peers.run(quick=True, sizes=["sd-b1000"], progress=False)
+    with pytest.raises(SystemExit, match="runs on the CPU"):
+        cli.main(["bench", "--suite", "peers", "--device", "cuda"])
+
+
+def test_from_diffusers_follows_a_recast_unet():
+    # DiffusersModel caches the U-Net's dtype (diffusers' ModelMixin.dtype costs ~1 ms a call); a
+    # recast after from_diffusers must still be followed
+    import gradguide
+    unet = peers.tiny_unet(4, 8, seed=0, quick=True)
+    model, _ = gradguide.from_diffusers(unet, peers.Workload("cheap", "sd-b1", False, True, 0).scheduler)
+    x, t, e = torch.randn(1, 4, 8, 8), torch.tensor([10]), torch.randn(1, peers.TEXT_LEN, peers.TEXT_DIM)
+    out32 = model(x, t, encoder_hidden_states=e)
+    unet.double()
+    out64 = model(x, t, encoder_hidden_states=e.double())
+    assert out64.dtype == torch.float32 and torch.allclose(out64, out32, atol=1e-4)
+    ref = unet(x.double(), t, encoder_hidden_states=e.double()).sample
+    assert torch.equal(out64, ref.float())
