@@ -140,13 +140,18 @@ def _register_digits(sub) -> None:
 
 def _register_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmark the compute backends (writes JSON + markdown)")
-    p.add_argument("--suite", choices=["ops", "loop", "paper", "peers"], default="ops",
+    p.add_argument("--suite", choices=["ops", "loop", "paper", "peers", "gpu"], default="ops",
                    help="'ops': reduce + combine of each built-in policy on every backend, side by side; "
                         "'loop': whole sampling passes with a cheap model (the loop's own cost); 'paper': the "
                         "papers' workloads (simulation pass, SD-1.5 + VAE + G_loss, ADM + classifier + PixelAsParam), "
                         "each eager / fused / fused+graph / torch.compile; 'peers': gradguide vs the plain "
                         "diffusers DDIM loop, side by side (cheap model and tiny SD U-Net, unguided and CFG 7.5; "
-                        "see gradguide/bench/peers.py)")
+                        "see gradguide/bench/peers.py); 'gpu': the GPU acceptance run (bandwidth sweep, "
+                        "graph-vs-eager equality and speed, paper workloads, NVML memory) in one report (needs a "
+                        "CUDA device; see docs/performance.md)")
+    p.add_argument("--allow-cpu", action="store_true",
+                   help="gpu suite: run its plumbing on the CPU (a test hook; the report is labelled and its numbers "
+                        "are not GPU measurements; default: refuse without a CUDA device)")
     p.add_argument("--quick", action="store_true", help="small sizes only (seconds; for CI and tests)")
     p.add_argument("--out", default="benchmarks/results", help="output folder (default benchmarks/results)")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
@@ -187,6 +192,9 @@ def _bench(args) -> int:
         if args.threads < 1:
             raise SystemExit("gradguide bench: --threads must be positive")
         torch.set_num_threads(args.threads)
+    if args.suite == "gpu":
+        from .bench.gpu import run_cli
+        return run_cli(args)
     if args.suite == "peers":
         from .bench import peers
         return peers.run_cli(args)
@@ -213,6 +221,22 @@ def _register_profile(sub) -> None:
     p.set_defaults(func=lambda args: __import__("gradguide.profiling", fromlist=["run_cli"]).run_cli(args))
 
 
+def _register_dryrun(sub) -> None:
+    p = sub.add_parser("dryrun", help="run guided steps on fake CUDA tensors (no GPU): device/sync/trace checks, "
+                                      "launches, bytes vs minimum, projected GPU memory and time")
+    from .bench.dryrun import add_arguments
+    add_arguments(p)
+    p.set_defaults(func=lambda args: __import__("gradguide.bench.dryrun", fromlist=["run_cli"]).run_cli(args))
+
+
+def _register_check_kernels(sub) -> None:
+    p = sub.add_parser("check-kernels", help="compile every Triton kernel variant (and csrc/*.cu with nvcc) for "
+                                             "sm_80/sm_90 without a GPU; check registers, spills, load widths")
+    from .bench.compile_gates import add_arguments
+    add_arguments(p)
+    p.set_defaults(func=lambda args: __import__("gradguide.bench.compile_gates", fromlist=["run_cli"]).run_cli(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gradguide", description="Fast guided sampling for diffusion models.")
     parser.add_argument("--debug", action="store_true",
@@ -226,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
     _register_sample(sub)
     _register_digits(sub)
     _register_profile(sub)
+    _register_dryrun(sub)
+    _register_check_kernels(sub)
     return parser
 
 

@@ -78,7 +78,8 @@ def optimize(model: Callable, reward: Optional[Callable] = None, *, reward_grad:
              batch_size: int = 32, sampler: str = "ddpm", steps=None, query: str = "per-sample", sigma: float = 0.1,
              basis: Optional[torch.Tensor] = None, k_ft: int = 40, finetune: str = "per-round", ft_lr: float = 1e-6,
              ft_betas=(0.9, 0.99), ft_steps: int = 1, history: int = 10, history_decay: float = 0.9,
-             seed: int = 0, snapshot_rounds=(), progress: bool = True, backend: str = "auto", graph=False,
+             ft_rounds: Optional[int] = None, seed: int = 0, snapshot_rounds=(), progress: bool = True,
+             backend: str = "auto", graph=False,
              callback: Optional[Callable[[RoundLog, torch.Tensor], None]] = None) -> OptimizeResult:
     """Run Algorithm 1 or 2 and return the per-round log (see the module docstring).
 
@@ -87,7 +88,9 @@ def optimize(model: Callable, reward: Optional[Callable] = None, *, reward_grad:
     (gradients by autograd), or ``reward_grad(x) -> (values [B], gradients [B, dim])``.
     ``basis``: the subspace ``A`` ``[dim, d]`` for ``r_off`` (None: r_off not logged).
     ``steps``: sampler steps (None: all T). ``seed`` fixes the noise of every round and the
-    fine-tuning draws. ``snapshot_rounds``: rounds whose batch is kept for plots.
+    fine-tuning draws. ``ft_rounds``: fine-tune in rounds ``k_ft .. k_ft + ft_rounds − 1`` only
+    (the authors' ``--sm_ft_round``; None: to the last round, as their published commands).
+    ``snapshot_rounds``: rounds whose batch is kept for plots.
     ``callback(round_log, z_k)`` runs after each round. ``graph``: ``True`` samples every round
     by replaying CUDA graphs kept in one :class:`~gradguide.graphs.GraphCache` (captured in the
     first guided round; later rounds load their new gradients and targets into it, and
@@ -96,12 +99,14 @@ def optimize(model: Callable, reward: Optional[Callable] = None, *, reward_grad:
     """
     _check(model, reward, reward_grad, dim, rounds, delta, algorithm, guidance, batch_size, query, k_ft, finetune,
            ft_lr, ft_steps, history, history_decay)
+    if ft_rounds is not None and (not isinstance(ft_rounds, int) or isinstance(ft_rounds, bool) or ft_rounds < 1):
+        raise ValueError(f"optimize: ft_rounds: expected None or an integer >= 1, got {ft_rounds!r}")
     settings = {"algorithm": algorithm, "guidance": guidance, "rounds": rounds, "delta": delta,
                 "batch_size": batch_size, "sampler": sampler, "steps": steps, "query": query, "sigma": sigma,
                 "seed": seed, "dim": dim}
     if algorithm == 2:
         settings.update({"k_ft": k_ft, "finetune": finetune, "ft_lr": ft_lr, "ft_betas": list(ft_betas),
-                         "ft_steps": ft_steps})
+                         "ft_steps": ft_steps, "ft_rounds": ft_rounds})
         if finetune == "history":
             settings.update({"history": history, "history_decay": history_decay})
     device = _device_of(model)
@@ -156,7 +161,7 @@ def optimize(model: Callable, reward: Optional[Callable] = None, *, reward_grad:
             y = (g * z).sum(1) + delta
         # Algorithm 2: fine-tune on generated samples from round k_ft on (authors' order: before sampling)
         ft_loss = None
-        if algorithm == 2 and k >= k_ft:
+        if algorithm == 2 and k >= k_ft and (ft_rounds is None or k < k_ft + ft_rounds):
             past.append(z)
             del past[:-history]
             ft_loss = _finetune(model, opt, z, past, schedule, finetune, ft_steps, history_decay, ft_gen)
@@ -397,6 +402,14 @@ def add_arguments(p) -> None:
     p.add_argument("--k-ft", type=int, default=None, help="first fine-tuning round (default 40 for G, 60 for G_loss)")
     p.add_argument("--finetune", choices=FINETUNES, default="per-round", help="per-round (code) or history (paper)")
     p.add_argument("--ft-lr", type=float, default=1e-5, help="fine-tuning Adam lr (default 1e-5, see docs)")
+    p.add_argument("--ft-steps", type=int, default=1, help="Adam steps per fine-tuning round (default 1)")
+    p.add_argument("--ft-rounds", type=int, default=None,
+                   help="fine-tune in this many rounds from k_ft on, then stop (the authors' --sm_ft_round; "
+                        "default: to the last round)")
+    p.add_argument("--history", type=int, default=10,
+                   help="--finetune history: generated batches kept, newest first (default 10)")
+    p.add_argument("--history-decay", type=float, default=0.9,
+                   help="--finetune history: batch k-j weighted by decay^j (default 0.9; 1 = equal weights)")
     p.add_argument("--model", choices=["small", "analytic", "unet"], default="small",
                    help="score: the shipped small network, the exact analytic score, or the paper's U-Net (--weights)")
     p.add_argument("--weights", default=None,
@@ -448,7 +461,7 @@ def run_cli(args) -> int:
     if args.model == "analytic" and 2 in args.algorithm:
         raise SystemExit("gradguide optimize: --algorithm 2 fine-tunes a network; the analytic score has no "
                          "weights (use --model small or unet)")
-    for name in ("rounds", "batch_size", "steps", "threads"):
+    for name in ("rounds", "batch_size", "steps", "threads", "ft_steps", "history", "ft_rounds"):
         value = getattr(args, name)
         if value is not None and value < (0 if name == "rounds" else 1):
             raise SystemExit(f"gradguide optimize: --{name.replace('_', '-')} must be positive, got {value}")
@@ -468,15 +481,16 @@ def run_cli(args) -> int:
                 res = optimize(model, objective, dim=sim.D, schedule=sim.schedule, rounds=rounds, delta=delta,
                                algorithm=alg, guidance=guid, batch_size=args.batch_size, sampler=args.sampler,
                                steps=args.steps, query=args.query, basis=sim.basis, k_ft=k_ft,
-                               finetune=args.finetune, ft_lr=args.ft_lr, seed=seed, progress=not args.no_progress,
-                               callback=partial)
+                               finetune=args.finetune, ft_lr=args.ft_lr, ft_steps=args.ft_steps,
+                               ft_rounds=args.ft_rounds, history=args.history, history_decay=args.history_decay,
+                               seed=seed, progress=not args.no_progress, callback=partial)
                 wall = time.perf_counter() - start
                 f = res.final
                 print(f"Alg.{alg} {guid:6s} seed {seed}: rounds {f.round}/{rounds}  reward {f.reward_mean:.3f} "
                       f"(top-4 {f.reward_top4:.3f})  r_off {f.r_off_mean:.4g}  {wall:.1f} s"
                       + (f"  STOPPED: {res.stopped}" if res.stopped else ""), flush=True)
                 entry = {"algorithm": alg, "guidance": guid, "objective": args.objective, "seed": seed,
-                         "model": args.model, "sim_seed": args.sim_seed, "rounds": rounds,
+                         "model": args.model, "weights": args.weights, "sim_seed": args.sim_seed, "rounds": rounds,
                          "final_reward": f.reward_mean, "final_r_off": f.r_off_mean, "wall_s": wall,
                          **res.to_dict()}
                 runs.append(entry)

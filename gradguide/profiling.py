@@ -475,6 +475,9 @@ def add_arguments(p) -> None:
     p.add_argument("--interval", type=float, default=0.005, help="polling interval in seconds (default 0.005)")
     p.add_argument("--seed", type=int, default=0, help="seed of the workload's inputs and noise (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-projection", action="store_true",
+                   help="without CUDA, skip the projected GPU memory from the fake-CUDA dry run (default: report it "
+                        "next to RSS; it costs one dry-run step of the workload)")
 
 
 def run_cli(args) -> int:
@@ -498,6 +501,8 @@ def run_cli(args) -> int:
     common = bench.run_header(dev)
     result = dict(common, suite="profile", workload=args.workload, quick=args.quick, backend=args.backend,
                   config=workload.config, params=workload.params, **result)
+    if dev.type != "cuda" and not getattr(args, "no_projection", False):
+        result["projected_gpu"] = projected_gpu_memory(args.workload, args.quick)
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"profile-{args.workload}-{dev.type}-{'quick-' if args.quick else ''}"
                                   f"{result['date'][:10]}")
@@ -510,6 +515,21 @@ def run_cli(args) -> int:
         print(result["trace"])
     print(summary_text(result))
     return 0
+
+
+def projected_gpu_memory(workload: str, quick: bool) -> dict:
+    """Without a CUDA device: the GPU memory the same workload would need, from the fake-CUDA
+    dry run (:mod:`gradguide.bench.dryrun`; weights + peak live tensor bytes per phase + graph
+    static buffers). A projection, labelled so; an error becomes the entry's ``error``."""
+    try:
+        from .bench import dryrun
+        r = dryrun.run_workload(workload, quick=quick)
+    except Exception as exc:   # the projection is an addition to the profile: never fail the profile for it
+        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+    s = dryrun.summarize(r)
+    return {"source": f"gradguide dryrun (fake {r['fake_device']} tensors, backend {r['backend']}; a projection)",
+            "weight_bytes": s["weight_bytes"], "peak_live_bytes": s["peak_live_bytes"],
+            "graph_static_bytes": s["graph_static_bytes"], "total_bytes": s["projected_memory_bytes"]}
 
 
 def _mib(value) -> str:
@@ -526,6 +546,14 @@ def summary_text(result: dict) -> str:
         lines.append(f"| {phase} | {row['count']} | {row['time_s']:.3f} | "
                      f"{_mib(row.get('peak_cuda_allocated_bytes'))} | {_mib(row.get('peak_nvml_bytes'))} | "
                      f"{_mib(row.get('peak_rss_bytes'))} |")
+    proj = result.get("projected_gpu")
+    if proj and "error" not in proj:
+        lines.append(f"Projected GPU memory ({proj['source']}): weights {_mib(proj['weight_bytes'])} MiB + peak live "
+                     + ", ".join(f"{p} {_mib(v)}" for p, v in proj["peak_live_bytes"].items())
+                     + f" MiB + graph buffers {_mib(proj['graph_static_bytes'])} MiB = "
+                       f"{_mib(proj['total_bytes'])} MiB (measured RSS above is this CPU process, not a GPU)")
+    elif proj:
+        lines.append(f"Projected GPU memory: unavailable ({proj['error']})")
     g = result.get("graph")
     if g:
         if g.get("captured"):

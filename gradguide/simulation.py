@@ -250,6 +250,8 @@ def add_train_arguments(p) -> None:
                    help="small (the shipped network) or unet (the paper's 14.9 M U-Net: 20 epochs, lr 1e-4, "
                         "batch 32; use a GPU)")
     p.add_argument("--epochs", type=int, default=None, help="epochs over the 65,536 samples (default 40 / 20)")
+    p.add_argument("--hidden", type=int, default=128, help="small: hidden width of the MLP (default 128, shipped)")
+    p.add_argument("--depth", type=int, default=3, help="small: hidden layers of the MLP (default 3, shipped)")
     p.add_argument("--device", default="cpu", help="training device (default cpu)")
     p.add_argument("--out", default=None, help=f"output safetensors (default {SMALL_WEIGHTS} for small)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -262,8 +264,11 @@ def run_train(args) -> int:
         net, info = train_unet(seed=args.seed, sim_seed=args.sim_seed, epochs=args.epochs or 20,
                                device=args.device, progress=not args.no_progress)
     else:
+        for name in ("hidden", "depth"):
+            if getattr(args, name) < 1:
+                raise SystemExit(f"gradguide train-sim: --{name} must be positive, got {getattr(args, name)}")
         net, info = train_small(seed=args.seed, sim_seed=args.sim_seed, epochs=args.epochs or 40,
-                                progress=not args.no_progress)
+                                hidden=args.hidden, depth=args.depth, progress=not args.no_progress)
     args.out = args.out or SMALL_WEIGHTS
     net = net.cpu()
     with torch.no_grad():

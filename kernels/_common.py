@@ -1,10 +1,16 @@
-"""Helpers shared by the Triton kernels: operand addressing and launch sizes.
+"""Helpers shared by the Triton kernels: operand pointers, vector widths and launch sizes.
 
-The K operands of a step are separate tensors of one shape and dtype. A Triton kernel takes
-one base pointer (operand 0) and K element offsets ``d_k = (ptr_k - ptr_0) / itemsize``
-passed as scalar arguments, so the kernel can load a ``[K, BLOCK]`` tile with one masked
-``tl.load`` and no host-to-device copy of a pointer table (graph-capturable). Every tensor's
-address is a multiple of its itemsize, so the offsets are exact integers.
+The K <= 8 operands of a step are separate tensors of one shape and dtype. Each kernel takes
+them as eight separate pointer arguments ``x0..x7`` (unused ones repeat ``x0`` and are never
+read: ``K`` is a compile-time constant), so Triton sees every operand's own alignment (it
+specialises pointers that are 16-byte aligned) and no host pointer arithmetic is needed: the
+glue traces under FakeTensor / ``torch.compile`` and is graph-capturable.
+
+Rows (a sample, or one of its G groups) are N contiguous elements; row r starts at ``r * N``.
+The glue passes ``N`` as ``NR = N // ALIGN`` plus the compile-time ``ALIGN``: when N is a
+multiple of the 128-bit vector width ``VEC`` (4 fp32, 8 fp16/bf16, 2 fp64 elements), ALIGN =
+VEC and Triton can prove every row start 16-byte aligned, so operand loads compile to
+``ld.global.v4`` (``gradguide check-kernels`` asserts it); otherwise ALIGN = 1 (scalar loads).
 """
 from __future__ import annotations
 
@@ -13,23 +19,33 @@ import os
 import torch
 
 MAX_K = 8
+NUM_WARPS = 4  # 128 threads; each thread loads one 128-bit vector per operand per step
 
 
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def element_offsets(operands):
-    """Offsets (in elements) of each operand from operand 0, padded to MAX_K with zeros."""
-    base = operands[0].data_ptr()
-    size = operands[0].element_size()
-    offsets = []
-    for k, op in enumerate(operands):
-        diff = op.data_ptr() - base
-        if diff % size:  # cannot happen for tensors of one dtype; guard the assumption anyway
-            raise ValueError(f"operands[{k}]: address not aligned to its element size")
-        offsets.append(diff // size)
-    return offsets + [0] * (MAX_K - len(offsets))
+def vec(dtype: torch.dtype) -> int:
+    """Elements per 128-bit vector."""
+    return 16 // torch.empty((), dtype=dtype).element_size()
+
+
+def row_align(n: int, dtype: torch.dtype) -> int:
+    """The ALIGN constexpr: VEC when rows of n elements keep 16-byte alignment, else 1."""
+    v = vec(dtype)
+    return v if n % v == 0 else 1
+
+
+def pointers(operands):
+    """The eight pointer arguments ``x0..x7``: the operands, padded with operand 0 (never read)."""
+    return list(operands) + [operands[0]] * (MAX_K - len(operands))
+
+
+def tile_rows() -> int:
+    """Thread rows of a tile: one vector per thread on a GPU; the interpreter runs programs one
+    after another and pays per step, not per element, so it gets few wide steps."""
+    return 512 if interpreted() else 32 * NUM_WARPS
 
 
 def next_pow2(n: int) -> int:

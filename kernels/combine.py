@@ -2,17 +2,20 @@
 
 Design
 ------
-A 1-D grid over ``rows x blocks`` (a row is a sample, or a group of it; rows on the slow
-index, so the grid never hits the 65535 limit of the second axis). Each program loads the
-row's ``[KP]`` weights (fp32; fp64 for fp64 operands), the ``[KP, BLOCK]`` tile of all K
-operands with one masked load (base pointer + per-operand element offsets, see
-``_common.py``), sums ``w[:, None] * x`` over K in the accumulation type, optionally clamps
-and stores in the operands' dtype, into a fresh or a preallocated output.
+A 2-D grid ``(rows, blocks)`` (a row is a sample, or a group of it). Program (r, s) reads the
+row's K weights (fp32; fp64 for fp64 operands) once, then for its blocks ``s, s + blocks, ...``
+(one block per program unless a row has more than 65535 of them) loads a ``[BLOCK]`` tile of
+every operand from the operand's own pointer (BLOCK = one 128-bit vector per thread, so the
+loads compile to ``ld.global.v4`` when rows keep 16-byte alignment, see ``_common.py``), sums
+``w_k * x_k`` in the accumulation type, optionally clamps and stores in the operands' dtype,
+into a fresh or a preallocated output. Per thread the state is K vectors in flight and one
+accumulator vector.
 
 Limits: K <= 8 operands of one dtype (fp16, bf16, fp32, fp64), contiguous, one device; any
-B and N (masking). Every operand is multiplied by its weight even when the weight is zero,
-so a NaN/inf operand poisons the output exactly as in the reference (0 * inf = NaN); the
-clamp keeps NaN (comparisons with NaN are false), as ``torch.clamp`` does.
+B and N (masking); rows shorter than 2**31 elements. Every operand is multiplied by its
+weight even when the weight is zero, so a NaN/inf operand poisons the output exactly as in
+the reference (0 * inf = NaN); the clamp keeps NaN (comparisons with NaN are false), as
+``torch.clamp`` does.
 
 Reference: :func:`reference` below (the same maths as ``gradguide.ops.reference.combine``).
 """
@@ -22,8 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, element_offsets, interpreted, k_padded, next_pow2
-from .reduce import _offsets
+from ._common import NUM_WARPS, acc_dtype, pointers, row_align, tile_rows, vec
+
+MAX_GRID_1 = 65535  # CUDA's limit on the second grid axis
 
 
 def reference(coef, operands, clamp=None):
@@ -47,46 +51,95 @@ def _clamp(v, low, high, HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr):
 
 
 @triton.jit
-def _combine(base, d0, d1, d2, d3, d4, d5, d6, d7, coef, out, N, BLOCKS, low, high,
-             K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+def _weighted_tiles(x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3, c4, c5, c6, c7, offs, m,
+                    K: tl.constexpr, ACC: tl.constexpr):
+    """sum_k c_k * x_k[offs] over the first K operands (each from its own pointer)."""
+    acc = c0 * tl.load(x0 + offs, mask=m, other=0.0).to(ACC)
+    if K > 1:
+        acc += c1 * tl.load(x1 + offs, mask=m, other=0.0).to(ACC)
+    if K > 2:
+        acc += c2 * tl.load(x2 + offs, mask=m, other=0.0).to(ACC)
+    if K > 3:
+        acc += c3 * tl.load(x3 + offs, mask=m, other=0.0).to(ACC)
+    if K > 4:
+        acc += c4 * tl.load(x4 + offs, mask=m, other=0.0).to(ACC)
+    if K > 5:
+        acc += c5 * tl.load(x5 + offs, mask=m, other=0.0).to(ACC)
+    if K > 6:
+        acc += c6 * tl.load(x6 + offs, mask=m, other=0.0).to(ACC)
+    if K > 7:
+        acc += c7 * tl.load(x7 + offs, mask=m, other=0.0).to(ACC)
+    return acc
+
+
+@triton.jit
+def _coef(coef, k: tl.constexpr, K: tl.constexpr, ACC: tl.constexpr):
+    if k < K:
+        return tl.load(coef + k).to(ACC)
+    else:
+        return tl.zeros([], dtype=ACC)
+
+
+@triton.jit
+def _stream(x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3, c4, c5, c6, c7, out, row, NR, ITERS, low, high,
+            K: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+            HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr):
+    """The combine of one program's blocks of row ``row`` with weights c_k (shared with fused.py)."""
+    N = NR * ALIGN  # a multiple of ALIGN that Triton can see: row starts keep their alignment
+    base = row * N
+    blk = tl.program_id(1)
+    blocks = tl.num_programs(1)
+    for i in range(ITERS):
+        e = (blk + i * blocks) * BLOCK + tl.arange(0, BLOCK)
+        m = e < N
+        v = _weighted_tiles(x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3, c4, c5, c6, c7, base + e, m, K, ACC)
+        v = _clamp(v, low, high, HAS_LOW, HAS_HIGH)
+        tl.store(out + base + e, v.to(out.dtype.element_ty), mask=m)
+
+
+@triton.jit(do_not_specialize=["NR", "ITERS"])
+def _combine(x0, x1, x2, x3, x4, x5, x6, x7, coef, out, NR, ITERS, low, high,
+             K: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
              HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr):
-    pid = tl.program_id(0)
-    row = (pid // BLOCKS).to(tl.int64)
-    blk = pid % BLOCKS
-    ks = tl.arange(0, KP)
-    kmask = ks < K
-    w = tl.load(coef + row * K + ks, mask=kmask, other=0.0).to(ACC)
-    e = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    emask = e < N
-    offs = _offsets(d0, d1, d2, d3, d4, d5, d6, d7, ks) + row * N
-    x = tl.load(base + offs[:, None] + e[None, :], mask=kmask[:, None] & emask[None, :], other=0.0).to(ACC)
-    v = _clamp(tl.sum(w[:, None] * x, axis=0), low, high, HAS_LOW, HAS_HIGH)
-    tl.store(out + row * N + e, v.to(out.dtype.element_ty), mask=emask)
+    row = tl.program_id(0).to(tl.int64)
+    w = coef + row * K
+    _stream(x0, x1, x2, x3, x4, x5, x6, x7,
+            _coef(w, 0, K, ACC), _coef(w, 1, K, ACC), _coef(w, 2, K, ACC), _coef(w, 3, K, ACC),
+            _coef(w, 4, K, ACC), _coef(w, 5, K, ACC), _coef(w, 6, K, ACC), _coef(w, 7, K, ACC),
+            out, row, NR, ITERS, low, high, K, ALIGN, BLOCK, ACC, HAS_LOW, HAS_HIGH)
 
 
-def launch_config(k: int, n: int):
-    kp = k_padded(k)
-    block = 8192 // kp if interpreted() else max(128, 4096 // kp)
-    block = min(block, max(16, next_pow2(n)))
-    return kp, block, -(-n // block)
+def launch_config(n: int, dtype: torch.dtype):
+    """(BLOCK, ALIGN, blocks, iters) for rows of n elements: ``blocks`` programs per row, each
+    handling ``iters`` blocks (1 unless a row has more than 65535 blocks)."""
+    block = tile_rows() * vec(dtype)
+    tiles = -(-n // block)
+    iters = -(-tiles // MAX_GRID_1)
+    return block, row_align(n, dtype), -(-tiles // iters), iters
+
+
+def clamp_args(clamp):
+    """(low, high, HAS_LOW, HAS_HIGH) of ``clamp`` = None or (low | None, high | None)."""
+    has_low = clamp is not None and clamp[0] is not None
+    has_high = clamp is not None and clamp[1] is not None
+    return float(clamp[0]) if has_low else 0.0, float(clamp[1]) if has_high else 0.0, has_low, has_high
+
+
+def tl_acc(dtype: torch.dtype):
+    return tl.float64 if acc_dtype(dtype) == torch.float64 else tl.float32
 
 
 def combine(coef, operands, out=None, clamp=None):
-    """Weighted sum of K contiguous operands with ``coef[B, G, K]``; writes into ``out`` if given."""
+    """Weighted sum of K contiguous operands with ``coef[B, G, K]`` (contiguous, in the
+    accumulation dtype); writes into ``out`` if given."""
     first = operands[0]
-    k = len(operands)
     b, groups = first.shape[0], coef.shape[1]
     n = first[0].numel() // groups
-    acc = acc_dtype(first.dtype)
-    coef = coef.to(acc).contiguous()
     if out is None:
         out = torch.empty_like(first, memory_format=torch.contiguous_format)
-    kp, block, blocks = launch_config(k, n)
-    has_low = clamp is not None and clamp[0] is not None
-    has_high = clamp is not None and clamp[1] is not None
-    low = float(clamp[0]) if has_low else 0.0
-    high = float(clamp[1]) if has_high else 0.0
-    _combine[(b * groups * blocks,)](first, *element_offsets(operands), coef, out, n, blocks, low, high,
-                                     K=k, KP=kp, BLOCK=block, ACC=tl.float64 if acc == torch.float64 else tl.float32,
-                                     HAS_LOW=has_low, HAS_HIGH=has_high)
+    block, align, blocks, iters = launch_config(n, first.dtype)
+    low, high, has_low, has_high = clamp_args(clamp)
+    _combine[(b * groups, blocks)](*pointers(operands), coef, out, n // align, iters, low, high,
+                                   K=len(operands), ALIGN=align, BLOCK=block, ACC=tl_acc(first.dtype),
+                                   HAS_LOW=has_low, HAS_HIGH=has_high, num_warps=NUM_WARPS)
     return out

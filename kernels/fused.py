@@ -2,15 +2,17 @@
 
 Design
 ------
-Same grid, tiles and store as ``combine.py`` (1-D grid over ``rows x blocks``, one masked
-``[KP, BLOCK]`` load of the K operands, sum over K in fp32/fp64, optional clamp). The
-prologue of every program evaluates the policy's coefficient program for its row instead of
-reading precomputed weights: it loads the row's ``[KP, KP]`` Gram matrix (from ``reduce``),
-up to four ``[KP]`` coefficient vectors and up to six per-sample scalars (device tensors,
+Same grid, tiles, loads and store as ``combine.py`` (grid ``(rows, blocks)``, one pointer
+argument per operand, 128-bit loads when rows keep 16-byte alignment, sum over K in
+fp32/fp64, optional clamp: the loop is combine's ``_stream``). The prologue of every
+program evaluates the policy's coefficient program for its row instead of reading
+precomputed weights: it loads the row's ``[KP, KP]`` Gram matrix (from ``reduce``), up to
+four ``[KP]`` coefficient vectors and up to six per-sample scalars (device tensors,
 broadcast with stride 0 when shared by the batch), and computes inner products as
 ``u^T Gram v``. The programs of one row repeat this ~100-flop prologue; that costs nothing
 next to the tile, and it removes the tiny launches of a separate coefficient step and keeps
-every per-step scalar on the device (no host sync, graph-capturable).
+every per-step scalar on the device (no host sync, graph-capturable). The ``[KP]``
+coefficient vector is then split into K scalar weights for the streaming loop.
 
 Policies (the formulas and their plain-torch truth are in ``gradguide/ops/policies.py``):
 ``cfg``, ``pxp-a``, ``pxp-b``, ``pxp-c``, ``apg`` (no momentum), ``gloss``.
@@ -27,9 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, element_offsets
-from .combine import _clamp, launch_config
-from .reduce import _offsets
+from ._common import NUM_WARPS, k_padded, pointers
+from .combine import _stream, clamp_args, launch_config, tl_acc
 
 POLICY_IDS = {"cfg": 0, "pxp-a": 1, "pxp-b": 2, "pxp-c": 3, "apg": 4, "gloss": 5}
 
@@ -71,14 +72,21 @@ def _pc(G, a, b, delta):
 
 
 @triton.jit
-def _fused(base, d0, d1, d2, d3, d4, d5, d6, d7, gram, v0, v1, v2, v3,
+def _pick(coef, ks, k: tl.constexpr, K: tl.constexpr):
+    """Entry k of the [KP] coefficient vector as a scalar (0 past K)."""
+    if k < K:
+        return tl.sum(tl.where(ks == k, coef, 0.0), 0)
+    else:
+        return tl.sum(tl.where(ks == 0, coef, 0.0), 0) * 0.0
+
+
+@triton.jit(do_not_specialize=["NR", "ITERS", "GROUPS"])
+def _fused(x0, x1, x2, x3, x4, x5, x6, x7, gram, v0, v1, v2, v3,
            s0, s1, s2, s3, s4, s5, t0, t1, t2, t3, t4, t5,
-           out, N, BLOCKS, GROUPS, low, high,
-           POLICY: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-           HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr):
-    pid = tl.program_id(0)
-    row = (pid // BLOCKS).to(tl.int64)
-    blk = pid % BLOCKS
+           out, NR, ITERS, GROUPS, low, high,
+           POLICY: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr,
+           ACC: tl.constexpr, HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
     b = row // GROUPS
     ks = tl.arange(0, KP)
     kmask = ks < K
@@ -129,14 +137,11 @@ def _fused(base, d0, d1, d2, d3, d4, d5, d6, d7, gram, v0, v1, v2, v3,
         a2 = a * a
         beta = (a2 / 2) / (a2 * sg * sg + h * _max0(_dot(G, va, va)))
         coef = vb + va * (post * res * beta)
-    coef = tl.where(kmask, coef, 0.0)
-    # --- the combine ---------------------------------------------------------------------
-    e = blk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    emask = e < N
-    offs = _offsets(d0, d1, d2, d3, d4, d5, d6, d7, ks) + row * N
-    x = tl.load(base + offs[:, None] + e[None, :], mask=kmask[:, None] & emask[None, :], other=0.0).to(ACC)
-    v = _clamp(tl.sum(coef[:, None] * x, axis=0), low, high, HAS_LOW, HAS_HIGH)
-    tl.store(out + row * N + e, v.to(out.dtype.element_ty), mask=emask)
+    # --- the combine (combine.py's loop, with these weights) -------------------------------
+    _stream(x0, x1, x2, x3, x4, x5, x6, x7,
+            _pick(coef, ks, 0, K), _pick(coef, ks, 1, K), _pick(coef, ks, 2, K), _pick(coef, ks, 3, K),
+            _pick(coef, ks, 4, K), _pick(coef, ks, 5, K), _pick(coef, ks, 6, K), _pick(coef, ks, 7, K),
+            out, row, NR, ITERS, low, high, K, ALIGN, BLOCK, ACC, HAS_LOW, HAS_HIGH)
 
 
 def fused_combine(policy, gram, vectors, scalars, operands, out=None, clamp=None):
@@ -146,23 +151,22 @@ def fused_combine(policy, gram, vectors, scalars, operands, out=None, clamp=None
     vectors in order, each ``[B, G, K]`` contiguous in the accumulation dtype; ``scalars``: its
     scalars in order, each a 1-element or ``[B]`` tensor in the accumulation dtype.
     """
+    if policy not in POLICY_IDS:
+        raise NotImplementedError(f"policy {policy!r}: the Triton fused kernel implements {tuple(POLICY_IDS)}")
     first = operands[0]
     k = len(operands)
     b, groups = first.shape[0], vectors[0].shape[1]
     n = first[0].numel() // groups
-    acc = acc_dtype(first.dtype)
     if out is None:
         out = torch.empty_like(first, memory_format=torch.contiguous_format)
-    kp, block, blocks = launch_config(k, n)
+    block, align, blocks, iters = launch_config(n, first.dtype)
     vecs = list(vectors) + [vectors[0]] * (4 - len(vectors))
     sc = list(scalars) + [vectors[0]] * (6 - len(scalars))
     strides = [1 if t.numel() > 1 else 0 for t in scalars] + [0] * (6 - len(scalars))
-    has_low = clamp is not None and clamp[0] is not None
-    has_high = clamp is not None and clamp[1] is not None
+    low, high, has_low, has_high = clamp_args(clamp)
     g = gram if gram is not None else vectors[0]
-    _fused[(b * groups * blocks,)](
-        first, *element_offsets(operands), g, *vecs, *sc, *strides, out, n, blocks, groups,
-        float(clamp[0]) if has_low else 0.0, float(clamp[1]) if has_high else 0.0,
-        POLICY=POLICY_IDS[policy], K=k, KP=kp, BLOCK=block,
-        ACC=tl.float64 if acc == torch.float64 else tl.float32, HAS_LOW=has_low, HAS_HIGH=has_high)
+    _fused[(b * groups, blocks)](
+        *pointers(operands), g, *vecs, *sc, *strides, out, n // align, iters, groups, low, high,
+        POLICY=POLICY_IDS[policy], K=k, KP=k_padded(k), ALIGN=align, BLOCK=block, ACC=tl_acc(first.dtype),
+        HAS_LOW=has_low, HAS_HIGH=has_high, num_warps=NUM_WARPS)
     return out

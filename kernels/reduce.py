@@ -4,20 +4,26 @@ Design
 ------
 A row is one sample (or one group of a sample: G equal contiguous chunks of the flattened
 sample), N elements long; rows are few (B <= 64) and long (up to millions), so one program
-per row cannot fill a GPU. Stage 1 runs a 1-D grid over ``rows x splits``: each program
-walks its contiguous slice of a row in BLOCK-wide steps, loads the ``[KP, BLOCK]`` tile of all
-K operands with one masked load (operands addressed as base + per-operand element offset,
-see ``_common.py``), converts to the accumulation type (fp32; fp64 for fp64 inputs) and
-accumulates ``x[:, None, :] * x[None, :, :]`` and ``x`` elementwise; it reduces over BLOCK only
-at the end and writes one fp32 partial ``[KP, KP]`` Gram and ``[KP]`` sums. Stage 2 (one
-program per row) adds the partials of a row in a fixed tree order and writes the ``[K, K]``
-Gram and ``[K]`` sums. No atomics: the result is deterministic for a given split count.
+per row cannot fill a GPU. Stage 1 runs a 2-D grid ``(rows, splits)``: program (r, s) walks
+its contiguous slice of row r in tiles of ``[R, VEC]`` elements (R = 128 thread rows, VEC =
+one 128-bit vector per thread), loads each operand from its own pointer (``_common.py``: the
+loads compile to ``ld.global.v4`` when rows keep 16-byte alignment), converts to the
+accumulation type (fp32; fp64 for fp64 inputs) and adds, per thread, the VEC-element dot
+products of every pair ``i <= j`` and the VEC-element sums into one register each: these
+K(K+1)/2 + K accumulators are the whole per-thread state. At the end each program reduces
+its accumulators over the tile and writes one partial ``[K, K]`` Gram (both triangles from
+the same value, so it is exactly symmetric) and ``[K]`` sums in fp32 (fp64). Stage 2 (one
+program per row) adds a row's partials in a fixed order. No atomics: the result is
+deterministic for a given split count.
 
-Limits: K <= 8 operands, one dtype (fp16, bf16, fp32, fp64), contiguous (the Python glue
-makes them so), all on one device; any N and B (masking, no power-of-two assumption);
-``KP * KP * BLOCK`` is capped at 8192 accumulators per program. The whole Gram is computed
-(both triangles) with identical products, so it is exactly symmetric. Non-finite inputs
-poison the Gram entries and sums that involve them, as the reference does.
+The accumulators are written out one by one (``g{i}{j}``, ``s{j}``) rather than as a
+``[K, K, BLOCK]`` tensor: an outer-product tile keeps K*K values per element and per thread
+and compiled to ~110 registers (25 % occupancy) in the previous design.
+
+Limits: K <= 8 operands of one dtype (fp16, bf16, fp32, fp64), contiguous (the Python glue
+makes them so), all on one device; any N and B (masking, no power-of-two assumption); rows
+shorter than 2**31 elements. Non-finite inputs poison the Gram entries and sums that involve
+them, as the reference does.
 
 Reference: :func:`reference` below (the same maths as ``gradguide.ops.reference.reduce``).
 """
@@ -27,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, element_offsets, interpreted, k_padded, next_pow2, target_programs
+from ._common import acc_dtype, next_pow2, pointers, row_align, target_programs, tile_rows, vec, NUM_WARPS
 
 
 def reference(operands, groups: int = 1):
@@ -38,77 +44,173 @@ def reference(operands, groups: int = 1):
 
 
 @triton.jit
-def _offsets(d0, d1, d2, d3, d4, d5, d6, d7, ks):
-    """The [KP] vector of per-operand element offsets, from scalar arguments."""
-    d = tl.where(ks == 0, d0, 0).to(tl.int64)
-    d += tl.where(ks == 1, d1, 0).to(tl.int64)
-    d += tl.where(ks == 2, d2, 0).to(tl.int64)
-    d += tl.where(ks == 3, d3, 0).to(tl.int64)
-    d += tl.where(ks == 4, d4, 0).to(tl.int64)
-    d += tl.where(ks == 5, d5, 0).to(tl.int64)
-    d += tl.where(ks == 6, d6, 0).to(tl.int64)
-    d += tl.where(ks == 7, d7, 0).to(tl.int64)
-    return d
+def _store_pair(pg, i: tl.constexpr, j: tl.constexpr, K: tl.constexpr, v):
+    tl.store(pg + i * K + j, v)
+    if i != j:
+        tl.store(pg + j * K + i, v)
 
 
-@triton.jit
-def _reduce_partials(base, d0, d1, d2, d3, d4, d5, d6, d7, part_gram, part_sums, N, SPLIT_LEN, SPLITS,
-                     K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    pid = tl.program_id(0)
-    row = pid // SPLITS
-    split = pid % SPLITS
-    ks = tl.arange(0, KP)
-    kmask = ks < K
-    offs = _offsets(d0, d1, d2, d3, d4, d5, d6, d7, ks) + row.to(tl.int64) * N
-    lo = split.to(tl.int64) * SPLIT_LEN
-    hi = tl.minimum(lo + SPLIT_LEN, N)
-    acc = tl.zeros([KP, KP, BLOCK], dtype=ACC)
-    sacc = tl.zeros([KP, BLOCK], dtype=ACC)
-    for start in range(lo, hi, BLOCK):
-        e = start + tl.arange(0, BLOCK)
-        m = kmask[:, None] & (e < hi)[None, :]
-        x = tl.load(base + offs[:, None] + e[None, :], mask=m, other=0.0).to(ACC)
-        sacc += x
-        acc += x[:, None, :] * x[None, :, :]
-    gram = tl.sum(acc, axis=2)
-    sums = tl.sum(sacc, axis=1)
-    out = pid.to(tl.int64) * KP * KP + ks[:, None] * KP + ks[None, :]
-    tl.store(part_gram + out, gram)
-    tl.store(part_sums + pid.to(tl.int64) * KP + ks, sums)
-
-
-@triton.jit
-def _reduce_finish(part_gram, part_sums, gram, sums, SPLITS, K: tl.constexpr, KP: tl.constexpr,
-                   SP2: tl.constexpr):
+@triton.jit(do_not_specialize=["NR", "ITERS"])
+def _reduce_partials(x0, x1, x2, x3, x4, x5, x6, x7, part, NR, ITERS,
+                     K: tl.constexpr, ALIGN: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr,
+                     ACC: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
-    sp = tl.arange(0, SP2)
-    idx = tl.arange(0, KP * KP)
-    smask = sp < SPLITS
-    pg = tl.load(part_gram + (row * SPLITS + sp[:, None]) * (KP * KP) + idx[None, :], mask=smask[:, None],
-                 other=0.0)
-    g = tl.sum(pg, axis=0)
-    i = idx // KP
-    j = idx % KP
-    tl.store(gram + row * K * K + i * K + j, g, mask=(i < K) & (j < K))
-    ks = tl.arange(0, KP)
-    ps = tl.load(part_sums + (row * SPLITS + sp[:, None]) * KP + ks[None, :], mask=smask[:, None], other=0.0)
-    tl.store(sums + row * K + ks, tl.sum(ps, axis=0), mask=ks < K)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    N = NR * ALIGN  # a multiple of ALIGN that Triton can see: row starts keep their alignment
+    base = row * N
+    t = tl.arange(0, R)[:, None] * VEC + tl.arange(0, VEC)[None, :]  # [R, VEC]: VEC contiguous per thread
+    zero = tl.zeros([R], dtype=ACC)
+    g00, g01, g11, g02, g12, g22, g03, g13, g23, g33, g04 = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
+    g14, g24, g34, g44, g05, g15, g25, g35, g45, g55, g06 = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
+    g16, g26, g36, g46, g56, g66, g07, g17, g27, g37, g47 = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
+    g57, g67, g77, s0, s1, s2, s3, s4, s5, s6, s7 = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
+    for i in range(ITERS):
+        e = (split * ITERS + i) * (R * VEC) + t
+        m = e < N
+        a0 = tl.load(x0 + base + e, mask=m, other=0.0).to(ACC)
+        s0 += tl.sum(a0, 1)
+        g00 += tl.sum(a0 * a0, 1)
+        if K > 1:
+            a1 = tl.load(x1 + base + e, mask=m, other=0.0).to(ACC)
+            s1 += tl.sum(a1, 1)
+            g01 += tl.sum(a0 * a1, 1)
+            g11 += tl.sum(a1 * a1, 1)
+        if K > 2:
+            a2 = tl.load(x2 + base + e, mask=m, other=0.0).to(ACC)
+            s2 += tl.sum(a2, 1)
+            g02 += tl.sum(a0 * a2, 1)
+            g12 += tl.sum(a1 * a2, 1)
+            g22 += tl.sum(a2 * a2, 1)
+        if K > 3:
+            a3 = tl.load(x3 + base + e, mask=m, other=0.0).to(ACC)
+            s3 += tl.sum(a3, 1)
+            g03 += tl.sum(a0 * a3, 1)
+            g13 += tl.sum(a1 * a3, 1)
+            g23 += tl.sum(a2 * a3, 1)
+            g33 += tl.sum(a3 * a3, 1)
+        if K > 4:
+            a4 = tl.load(x4 + base + e, mask=m, other=0.0).to(ACC)
+            s4 += tl.sum(a4, 1)
+            g04 += tl.sum(a0 * a4, 1)
+            g14 += tl.sum(a1 * a4, 1)
+            g24 += tl.sum(a2 * a4, 1)
+            g34 += tl.sum(a3 * a4, 1)
+            g44 += tl.sum(a4 * a4, 1)
+        if K > 5:
+            a5 = tl.load(x5 + base + e, mask=m, other=0.0).to(ACC)
+            s5 += tl.sum(a5, 1)
+            g05 += tl.sum(a0 * a5, 1)
+            g15 += tl.sum(a1 * a5, 1)
+            g25 += tl.sum(a2 * a5, 1)
+            g35 += tl.sum(a3 * a5, 1)
+            g45 += tl.sum(a4 * a5, 1)
+            g55 += tl.sum(a5 * a5, 1)
+        if K > 6:
+            a6 = tl.load(x6 + base + e, mask=m, other=0.0).to(ACC)
+            s6 += tl.sum(a6, 1)
+            g06 += tl.sum(a0 * a6, 1)
+            g16 += tl.sum(a1 * a6, 1)
+            g26 += tl.sum(a2 * a6, 1)
+            g36 += tl.sum(a3 * a6, 1)
+            g46 += tl.sum(a4 * a6, 1)
+            g56 += tl.sum(a5 * a6, 1)
+            g66 += tl.sum(a6 * a6, 1)
+        if K > 7:
+            a7 = tl.load(x7 + base + e, mask=m, other=0.0).to(ACC)
+            s7 += tl.sum(a7, 1)
+            g07 += tl.sum(a0 * a7, 1)
+            g17 += tl.sum(a1 * a7, 1)
+            g27 += tl.sum(a2 * a7, 1)
+            g37 += tl.sum(a3 * a7, 1)
+            g47 += tl.sum(a4 * a7, 1)
+            g57 += tl.sum(a5 * a7, 1)
+            g67 += tl.sum(a6 * a7, 1)
+            g77 += tl.sum(a7 * a7, 1)
+    pg = part + (row * splits + split) * (K * K + K)  # partial Gram [K, K], then sums [K]
+    ps = pg + K * K
+    tl.store(ps + 0, tl.sum(s0, 0))
+    _store_pair(pg, 0, 0, K, tl.sum(g00, 0))
+    if K > 1:
+        tl.store(ps + 1, tl.sum(s1, 0))
+        _store_pair(pg, 0, 1, K, tl.sum(g01, 0))
+        _store_pair(pg, 1, 1, K, tl.sum(g11, 0))
+    if K > 2:
+        tl.store(ps + 2, tl.sum(s2, 0))
+        _store_pair(pg, 0, 2, K, tl.sum(g02, 0))
+        _store_pair(pg, 1, 2, K, tl.sum(g12, 0))
+        _store_pair(pg, 2, 2, K, tl.sum(g22, 0))
+    if K > 3:
+        tl.store(ps + 3, tl.sum(s3, 0))
+        _store_pair(pg, 0, 3, K, tl.sum(g03, 0))
+        _store_pair(pg, 1, 3, K, tl.sum(g13, 0))
+        _store_pair(pg, 2, 3, K, tl.sum(g23, 0))
+        _store_pair(pg, 3, 3, K, tl.sum(g33, 0))
+    if K > 4:
+        tl.store(ps + 4, tl.sum(s4, 0))
+        _store_pair(pg, 0, 4, K, tl.sum(g04, 0))
+        _store_pair(pg, 1, 4, K, tl.sum(g14, 0))
+        _store_pair(pg, 2, 4, K, tl.sum(g24, 0))
+        _store_pair(pg, 3, 4, K, tl.sum(g34, 0))
+        _store_pair(pg, 4, 4, K, tl.sum(g44, 0))
+    if K > 5:
+        tl.store(ps + 5, tl.sum(s5, 0))
+        _store_pair(pg, 0, 5, K, tl.sum(g05, 0))
+        _store_pair(pg, 1, 5, K, tl.sum(g15, 0))
+        _store_pair(pg, 2, 5, K, tl.sum(g25, 0))
+        _store_pair(pg, 3, 5, K, tl.sum(g35, 0))
+        _store_pair(pg, 4, 5, K, tl.sum(g45, 0))
+        _store_pair(pg, 5, 5, K, tl.sum(g55, 0))
+    if K > 6:
+        tl.store(ps + 6, tl.sum(s6, 0))
+        _store_pair(pg, 0, 6, K, tl.sum(g06, 0))
+        _store_pair(pg, 1, 6, K, tl.sum(g16, 0))
+        _store_pair(pg, 2, 6, K, tl.sum(g26, 0))
+        _store_pair(pg, 3, 6, K, tl.sum(g36, 0))
+        _store_pair(pg, 4, 6, K, tl.sum(g46, 0))
+        _store_pair(pg, 5, 6, K, tl.sum(g56, 0))
+        _store_pair(pg, 6, 6, K, tl.sum(g66, 0))
+    if K > 7:
+        tl.store(ps + 7, tl.sum(s7, 0))
+        _store_pair(pg, 0, 7, K, tl.sum(g07, 0))
+        _store_pair(pg, 1, 7, K, tl.sum(g17, 0))
+        _store_pair(pg, 2, 7, K, tl.sum(g27, 0))
+        _store_pair(pg, 3, 7, K, tl.sum(g37, 0))
+        _store_pair(pg, 4, 7, K, tl.sum(g47, 0))
+        _store_pair(pg, 5, 7, K, tl.sum(g57, 0))
+        _store_pair(pg, 6, 7, K, tl.sum(g67, 0))
+        _store_pair(pg, 7, 7, K, tl.sum(g77, 0))
+
+
+@triton.jit(do_not_specialize=["SPLITS"])
+def _reduce_finish(part, gram, sums, SPLITS, K: tl.constexpr, PP: tl.constexpr, CHUNK: tl.constexpr):
+    """Row r: the sum over splits of ``part[r, s]`` (Gram then sums), in a fixed order."""
+    row = tl.program_id(0).to(tl.int64)
+    P: tl.constexpr = K * K + K
+    sp = tl.arange(0, CHUNK)
+    idx = tl.arange(0, PP)
+    acc = tl.zeros([PP], dtype=part.dtype.element_ty)
+    for c in range(0, SPLITS, CHUNK):
+        s = c + sp
+        m = (s < SPLITS)[:, None] & (idx < P)[None, :]
+        acc += tl.sum(tl.load(part + (row * SPLITS + s[:, None]) * P + idx[None, :], mask=m, other=0.0), 0)
+    tl.store(gram + row * (K * K) + idx, acc, mask=idx < K * K)
+    tl.store(sums + row * K + (idx - K * K), acc, mask=(idx >= K * K) & (idx < P))
 
 
 MAX_SPLITS = 1024
 
 
-def launch_config(k: int, n: int, rows: int, device: torch.device):
-    """(KP, BLOCK, splits, split_len) for K operands, rows of N elements."""
-    kp = k_padded(k)
-    block = max(16, min(8192 // (kp * kp), 4096))
-    if interpreted():
-        block = 2048 // kp  # the interpreter pays per step, not per element: few, wide steps
-    block = min(block, max(16, next_pow2(n)))
-    splits = max(1, min(MAX_SPLITS, -(-target_programs(device) // rows), -(-n // block)))
-    split_len = -(-(-(-n // splits)) // block) * block  # ceil(n / splits) rounded up to BLOCK
-    splits = -(-n // split_len)
-    return kp, block, splits, split_len
+def launch_config(n: int, rows: int, dtype: torch.dtype, device: torch.device):
+    """(R, VEC, splits, iters): tiles of R x VEC elements, ``splits`` programs per row of n
+    elements, each walking ``iters`` consecutive tiles."""
+    # unaligned rows load one element per thread and step: scalar loads gain nothing from a
+    # wider tile, and a [R, 8] fp16 tile of scalar loads crashes LLVM's optimiser for sm_90
+    r, v = tile_rows(), (vec(dtype) if row_align(n, dtype) > 1 else 1)
+    tiles = -(-n // (r * v))
+    splits = max(1, min(MAX_SPLITS, -(-target_programs(device) // rows), tiles))
+    iters = -(-tiles // splits)
+    return r, v, -(-tiles // iters), iters
 
 
 def reduce(operands, groups: int = 1):
@@ -119,14 +221,14 @@ def reduce(operands, groups: int = 1):
     b = first.shape[0]
     n = first[0].numel() // groups
     rows = b * groups
-    kp, block, splits, split_len = launch_config(k, n, rows, first.device)
+    r, v, splits, iters = launch_config(n, rows, first.dtype, first.device)
+    align = row_align(n, first.dtype)
     acc = acc_dtype(first.dtype)
-    tl_acc = tl.float64 if acc == torch.float64 else tl.float32
-    part_gram = torch.empty(rows * splits * kp * kp, device=first.device, dtype=acc)
-    part_sums = torch.empty(rows * splits * kp, device=first.device, dtype=acc)
-    _reduce_partials[(rows * splits,)](first, *element_offsets(operands), part_gram, part_sums, n, split_len,
-                                       splits, K=k, KP=kp, BLOCK=block, ACC=tl_acc)
+    part = torch.empty(rows * splits * (k * k + k), device=first.device, dtype=acc)
+    _reduce_partials[(rows, splits)](*pointers(operands), part, n // align, iters, K=k, ALIGN=align, R=r, VEC=v,
+                                     ACC=tl.float64 if acc == torch.float64 else tl.float32,
+                                     num_warps=NUM_WARPS)
     gram = torch.empty(b, groups, k, k, device=first.device, dtype=acc)
     sums = torch.empty(b, groups, k, device=first.device, dtype=acc)
-    _reduce_finish[(rows,)](part_gram, part_sums, gram, sums, splits, K=k, KP=kp, SP2=max(2, next_pow2(splits)))
+    _reduce_finish[(rows,)](part, gram, sums, splits, K=k, PP=next_pow2(k * k + k), CHUNK=16, num_warps=NUM_WARPS)
     return gram, sums

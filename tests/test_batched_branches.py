@@ -66,7 +66,9 @@ class _CountBackward(torch.autograd.Function):
 
 def _inputs():
     g = torch.Generator().manual_seed(1)
-    table = torch.randn(7, dtype=DT, generator=g)
+    # a shared input with no batch dimension: sample() accepts only 0-d tensors as shared
+    # (a tensor with a leading dimension must have B rows), and the batched call passes it once
+    table = torch.randn((), dtype=DT, generator=g)
     cond = {"y": torch.tensor([0, 1, 2]), "ctx": [torch.randn(B, C, dtype=DT, generator=g), None],
             "extra": {"w": torch.rand(B, dtype=DT, generator=g)}, "mode": "tanh", "table": table}
     uncond = {"y": torch.full((B,), 4), "ctx": [torch.zeros(B, C, dtype=DT), None],

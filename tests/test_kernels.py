@@ -393,3 +393,111 @@ def test_project_backend(backend):
                                    gradguide.project(a, b, granularity=granularity, backend="reference"),
                                    rtol=1e-5, atol=1e-5)
     assert math.isfinite(float(gradguide.project(a, torch.zeros_like(b), backend=backend).sum()))
+
+
+# -- Triton addressing: 128-bit aligned rows, offset (unaligned) operands, split and looped rows ----
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_aligned_rows_splits_and_offsets(dtype, monkeypatch):
+    """Rows that are a multiple of 8 elements take the ALIGN > 1 (128-bit load) path; operands
+    offset by one element (not 16-byte aligned) the scalar one; long rows are split across
+    programs and walked in several steps; combine's block loop runs when blocks are capped."""
+    _backend("triton")
+    from kernels import combine as kcombine
+    g = torch.Generator().manual_seed(5)
+    long_row = (1, 20000) if dtype == torch.float32 else (1, 6000)
+    for shape, groups in (((2, 3, 64), 3), (long_row, 1)):
+        for k in (1, 3, 8):
+            ops_ = _operands(shape, k, dtype, seed=k)
+            _check_reduce(ops_, groups, "triton")
+            coef = torch.randn(shape[0], groups, k, generator=g)
+            _check_combine(coef, ops_, "triton", clamp=(-1.0, 0.5))
+    # operands at odd addresses (views one element into a buffer): same results, scalar path
+    flat = [torch.randn(2 * 64 + 1, generator=g, dtype=torch.float64).to(dtype) for _ in range(3)]
+    offset = [f[1:].view(2, 64) for f in flat]
+    assert offset[0].data_ptr() % 16 and offset[0].is_contiguous()
+    _check_reduce(offset, 2, "triton")
+    _check_combine(torch.randn(2, 2, 3, generator=g), offset, "triton")
+    # more blocks than the grid allows: each program loops over several blocks
+    monkeypatch.setattr(kcombine, "MAX_GRID_1", 2)
+    ops_ = _operands((2, 9000), 2, dtype, seed=9)
+    _check_combine(torch.randn(2, 1, 2, generator=g), ops_, "triton")
+    params = _policy_params("cfg", 2, 1, 2)
+    got = ops.fused_combine("cfg", ops_, backend="triton", **params)
+    torch.testing.assert_close(got, ops.fused_combine("cfg", ops_, backend="reference", **params),
+                               **({} if dtype in (torch.float32, torch.float64) else dict(rtol=1e-2, atol=1e-2)))
+
+
+# -- custom ops: opcheck, FakeTensor, torch.compile ------------------------------------------------
+
+def _triton_op_cases():
+    operands = _operands((2, 3, 8), 3, torch.float32)
+    coef = torch.randn(2, 3, 3, generator=torch.Generator().manual_seed(0))
+    gram = ops.reduce(operands, 3, backend="reference")[0]
+    out = torch.empty_like(operands[0])
+    t = torch.ops.gradguide_triton
+    return [(t.reduce.default, (operands, 3)),
+            (t.reduce.default, ([o.to(torch.bfloat16) for o in operands], 1)),
+            (t.combine.default, (coef, operands, -1.0, None)),
+            (t.combine_out.default, (coef, operands, None, 1.0, out)),
+            (t.fused_combine.default, ("cfg", None, [coef] * 3, [torch.full((1,), 2.0)], operands, None, None)),
+            (t.fused_combine_out.default, ("gloss", gram, [coef] * 2, [torch.ones(1)] * 3 + [torch.randn(2), torch.ones(1)],
+                                            operands, -1.0, 1.0, out))]
+
+
+def test_triton_opcheck():
+    """The Triton kernels are torch custom ops with fake kernels: schema, fake tensors, autograd
+    registration and AOT dispatch with dynamic shapes all check out."""
+    _backend("triton")
+    for op, args in _triton_op_cases():
+        torch.library.opcheck(op, args)
+
+
+def test_triton_ops_under_fake_cuda_tensors():
+    """Shapes, dtypes and devices propagate on fake CUDA tensors (no data, no GPU, no data_ptr)."""
+    _backend("triton")
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from gradguide.ops import triton_backend
+    with FakeTensorMode(allow_non_fake_inputs=False):
+        operands = [torch.empty(4, 3, 8, device="cuda", dtype=torch.bfloat16) for _ in range(5)]
+        gram, sums = triton_backend.reduce(operands, 3)
+        coef = torch.empty(4, 3, 5, device="cuda")
+        out = triton_backend.combine(coef, operands, clamp=(-1.0, None))
+        fused = triton_backend.fused_combine("pxp-a", gram, [coef] * 4, [torch.ones(1, device="cuda")], operands)
+        into = torch.empty_like(operands[0])
+        same = triton_backend.fused_combine("cfg", None, [coef] * 3, [torch.ones(4, device="cuda")], operands, out=into)
+    assert gram.shape == (4, 3, 5, 5) and gram.dtype == torch.float32 and gram.device.type == "cuda"
+    assert sums.shape == (4, 3, 5) and out.shape == fused.shape == (4, 3, 8) and out.dtype == torch.bfloat16
+    assert same is into
+
+
+def test_triton_ops_compile_fullgraph():
+    """``torch.compile(fullgraph=True)`` traces reduce -> fused combine -> combine through
+    gradguide.ops with backend='triton' without a graph break, and matches eager."""
+    _backend("triton")
+    operands = _operands((2, 3, 8), 4, torch.float32, seed=2)
+    params = _policy_params("pxp-a", 2, 1, 4)
+
+    def step(a, b, c, d, w):
+        gram, _ = ops.reduce([a, b, c, d], 1, backend="triton")
+        x = ops.fused_combine("pxp-a", [a, b, c, d], gram=gram, backend="triton", **params)
+        return ops.combine(w, [x, b], clamp=(-3.0, 3.0), backend="triton")
+
+    w = torch.randn(2, 2, generator=torch.Generator().manual_seed(1))
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True)(*operands, w)
+    torch.testing.assert_close(got, step(*operands, w))
+
+
+def test_fused_policy_lists_agree():
+    """triton_backend says which policies the fused kernel implements; the kernel agrees, and an
+    unknown policy is refused by name instead of running the wrong coefficient program."""
+    _backend("triton")
+    from gradguide.ops import triton_backend
+    from kernels.fused import POLICY_IDS
+    assert set(POLICY_IDS) == set(triton_backend.FUSED_POLICIES)
+    assert all(triton_backend.supports_policy(p) for p in triton_backend.FUSED_POLICIES)
+    assert not triton_backend.supports_policy("pcgrad")
+    operands = _operands((2, 8), 2, torch.float32)
+    with pytest.raises(NotImplementedError, match="'pcgrad'.*implements"):
+        triton_backend.fused_combine("pcgrad", None, [torch.zeros(2, 1, 2)], [], operands)

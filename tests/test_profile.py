@@ -32,6 +32,10 @@ def test_cli_profile_quick(tmp_path):
     assert sum(r["time_s"] for r in phases.values()) <= result["pass_s"] * 1.01
     assert result["graph"]["captured"] is False and "eagerly" in result["graph"]["note"]
     assert "not a CUDA device" in result["nvml"] and result["rss_method"] in ("psutil", "statm")
+    # no CUDA device: the dry run's projected GPU memory is reported next to RSS
+    proj = result["projected_gpu"]
+    assert "error" not in proj and proj["total_bytes"] > proj["weight_bytes"] > 0
+    assert proj["peak_live_bytes"]["backward"] > 0
     assert len(result["timeline"]) >= 2 and all("rss" in p for p in result["timeline"])
     png = tmp_path / name.replace(".json", ".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -100,7 +100,7 @@ def _stack(u, c, batch: int, where: str):
                                         f"{tuple(u.shape)} {u.dtype} on {u.device}: expected the same shape, dtype "
                                         "and device to concatenate along dim 0")
             return torch.cat([u, c])
-        if u is c:   # a shared input without a batch dimension (e.g. a lookup table): passed once
+        if u is c:   # a shared input without a batch dimension (a 0-d tensor): passed once
             return c
         raise BranchInputsError(f"{where}: shape {tuple(c.shape)} has no leading batch dimension {batch} and "
                                 "the branches pass different tensors: cannot stack them")

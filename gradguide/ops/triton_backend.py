@@ -1,18 +1,28 @@
-"""Glue to the Triton kernels in the top-level ``kernels`` package.
+"""Glue to the Triton kernels in the top-level ``kernels`` package, as torch custom ops.
 
 Triton runs on CUDA tensors, and on CPU tensors only through Triton's interpreter
 (``TRITON_INTERPRET=1``, for tests). The interpreter is chosen when a kernel is *defined*,
 so what counts is the value of ``TRITON_INTERPRET`` when ``kernels`` is first imported:
 this module imports it lazily and remembers that mode.
+
+The kernels are registered as custom ops ``torch.ops.gradguide_triton.{reduce, combine,
+combine_out, fused_combine, fused_combine_out}`` with fake (meta) kernels, so a step that
+calls them runs under ``FakeTensorMode`` (shapes and devices without data) and is one opaque
+node under ``torch.compile(fullgraph=True)`` (no graph break; Inductor calls the op). The
+public functions below (``reduce``, ``combine``, ``fused_combine``, ``status``) call the ops.
 """
 from __future__ import annotations
 
 import os
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 
 _state = {"module": None, "reason": None, "interpret": None}
+
+# the policies kernels/fused.py evaluates in its prologue (tests check the two lists agree);
+# ops.fused_combine must not send any other policy here (see supports_policy)
+FUSED_POLICIES = ("cfg", "pxp-a", "pxp-b", "pxp-c", "apg", "gloss")
 
 
 def _interpret_env() -> bool:
@@ -30,6 +40,8 @@ def _load():
             import kernels
             _state["module"] = kernels
             _state["interpret"] = _interpret_env()
+    if _state["module"] is None:
+        raise RuntimeError(f"the Triton backend is unavailable: {_state['reason']}")
     return _state["module"]
 
 
@@ -52,18 +64,119 @@ def status(device: Optional[torch.device] = None):
             return "Triton needs a CUDA device (on CPU only under TRITON_INTERPRET=1, set before import)"
     else:
         return f"Triton does not run on {device.type}"
-    if _load() is None:
+    try:
+        _load()
+    except RuntimeError:
         return _state["reason"]
     return True
 
 
-def reduce(operands, groups: int = 1):
+def supports_policy(policy: str) -> bool:
+    """Whether the fused Triton kernel evaluates ``policy`` (others: coefficients in torch, then combine)."""
+    return policy in FUSED_POLICIES
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _clamp(low: Optional[float], high: Optional[float]):
+    return None if low is None and high is None else (low, high)
+
+
+# -- custom ops: the kernels, and their fake kernels (shapes only) ---------------------------------
+
+@torch.library.custom_op("gradguide_triton::reduce", mutates_args=())
+def _reduce_op(operands: List[torch.Tensor], groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
     return _load().reduce.reduce(list(operands), groups)
 
 
+@_reduce_op.register_fake
+def _(operands, groups):
+    first, k = operands[0], len(operands)
+    acc = _acc(first.dtype)
+    return first.new_empty((first.shape[0], groups, k, k), dtype=acc), first.new_empty((first.shape[0], groups, k),
+                                                                                          dtype=acc)
+
+
+@torch.library.custom_op("gradguide_triton::combine", mutates_args=())
+def _combine_op(coef: torch.Tensor, operands: List[torch.Tensor], low: Optional[float],
+                high: Optional[float]) -> torch.Tensor:
+    return _load().combine.combine(coef, list(operands), clamp=_clamp(low, high))
+
+
+@_combine_op.register_fake
+def _(coef, operands, low, high):
+    return torch.empty_like(operands[0], memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("gradguide_triton::combine_out", mutates_args=("out",))
+def _combine_out_op(coef: torch.Tensor, operands: List[torch.Tensor], low: Optional[float], high: Optional[float],
+                    out: torch.Tensor) -> None:
+    _load().combine.combine(coef, list(operands), out=out, clamp=_clamp(low, high))
+
+
+@_combine_out_op.register_fake
+def _(coef, operands, low, high, out):
+    return None
+
+
+@torch.library.custom_op("gradguide_triton::fused_combine", mutates_args=())
+def _fused_op(policy: str, gram: Optional[torch.Tensor], vectors: List[torch.Tensor], scalars: List[torch.Tensor],
+              operands: List[torch.Tensor], low: Optional[float], high: Optional[float]) -> torch.Tensor:
+    return _load().fused.fused_combine(policy, gram, list(vectors), list(scalars), list(operands),
+                                       clamp=_clamp(low, high))
+
+
+@_fused_op.register_fake
+def _(policy, gram, vectors, scalars, operands, low, high):
+    return torch.empty_like(operands[0], memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("gradguide_triton::fused_combine_out", mutates_args=("out",))
+def _fused_out_op(policy: str, gram: Optional[torch.Tensor], vectors: List[torch.Tensor],
+                  scalars: List[torch.Tensor], operands: List[torch.Tensor], low: Optional[float],
+                  high: Optional[float], out: torch.Tensor) -> None:
+    _load().fused.fused_combine(policy, gram, list(vectors), list(scalars), list(operands), out=out,
+                                clamp=_clamp(low, high))
+
+
+@_fused_out_op.register_fake
+def _(policy, gram, vectors, scalars, operands, low, high, out):
+    return None
+
+
+# -- the backend interface (gradguide.ops calls these, after validating the inputs) ----------------
+
+def _bounds(clamp) -> Tuple[Optional[float], Optional[float]]:
+    if clamp is None:
+        return None, None
+    return (None if clamp[0] is None else float(clamp[0])), (None if clamp[1] is None else float(clamp[1]))
+
+
+def reduce(operands, groups: int = 1):
+    return torch.ops.gradguide_triton.reduce(list(operands), groups)
+
+
 def combine(coef, operands, out=None, clamp=None):
-    return _load().combine.combine(coef, list(operands), out=out, clamp=clamp)
+    low, high = _bounds(clamp)
+    if out is None:
+        return torch.ops.gradguide_triton.combine(coef, list(operands), low, high)
+    torch.ops.gradguide_triton.combine_out(coef, list(operands), low, high, out)
+    return out
 
 
 def fused_combine(policy, gram, vectors, scalars, operands, out=None, clamp=None):
-    return _load().fused.fused_combine(policy, gram, vectors, scalars, list(operands), out=out, clamp=clamp)
+    """``policy``'s coefficient program and the combine in one kernel; ``policy`` must be one
+    of :data:`FUSED_POLICIES` (NotImplementedError otherwise: evaluate its coefficients in
+    torch and call :func:`combine`)."""
+    if not supports_policy(policy):
+        raise NotImplementedError(f"policy {policy!r}: the fused Triton kernel implements {FUSED_POLICIES}; "
+                                  "compute its coefficients in torch and call combine")
+    low, high = _bounds(clamp)
+    if out is None:
+        return torch.ops.gradguide_triton.fused_combine(policy, gram, list(vectors), list(scalars), list(operands),
+                                                        low, high)
+    torch.ops.gradguide_triton.fused_combine_out(policy, gram, list(vectors), list(scalars), list(operands), low,
+                                                 high, out)
+    return out

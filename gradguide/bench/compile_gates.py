@@ -1,0 +1,605 @@
+"""Compile gates: every Triton kernel variant the glue can launch, compiled for sm_80 / sm_90
+on a machine without a GPU, and checked from its PTX and cubin (DESIGN.md, "Verifying the
+GPU path without a GPU").
+
+How: Triton's active driver is replaced by :class:`FakeCudaDriver`, which reports a CUDA
+target, and ``JITFunction.run`` is made to compile instead of launch (``warmup=True``). Then
+the real glue (``gradguide.ops.triton_backend``) is called on CPU tensors shaped and aligned
+as a variant needs, so each kernel is specialised exactly as a real launch would be (pointer
+alignment, ``do_not_specialize`` ints, constexprs). Triton compiles through its own
+``ptxas``; ``cuobjdump -res-usage`` (shipped with triton) reads registers, stack, local memory
+and shared memory from the cubin; the PTX shows every global load's width, and a small
+dataflow pass over the PTX tells which loads read an operand (their address derives from a
+pointer argument ``x0..x7``).
+
+Gates, per compiled kernel:
+- **no spills**: ``LOCAL`` and ``STACK`` are 0 bytes (spills go to local memory);
+- **registers** <= 64 per thread for the streaming kernels (combine, fused combine, reduce
+  with K <= 4, reduce's finishing pass). reduce with K >= 5 keeps K(K+1)/2 + K accumulators
+  and K 128-bit vectors per thread live at once (44 + 32 = 76 registers of state for fp32,
+  K = 8: more than 64 before any address), so it is held to <= 128 registers (25 %
+  occupancy bound; its 8 wide loads per thread keep enough bytes in flight) and 0 spills;
+- **128-bit operand loads**: when the variant's operands are 16-byte aligned and rows are a
+  multiple of the vector width (8 elements covers every dtype), every operand load is
+  ``ld.global.v4.b32`` (or ``v2.b64``).
+
+``variants("ci")`` is a representative subset (every op, policy and dtype, K in {1, 4/5, 8},
+clamp on/off, aligned and unaligned) for the test suite; ``variants("all")`` is every
+combination (``gradguide check-kernels``). Triton caches compiled kernels on disk
+(``~/.triton/cache``), so a second run is fast.
+
+Must run with ``TRITON_INTERPRET`` unset (the interpreter replaces the JIT when the kernels
+are defined): :func:`run` starts a subprocess when the variable is set.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+REG_LIMIT = 64
+REDUCE_WIDE_K, REDUCE_WIDE_REG_LIMIT = 5, 128  # see the module docstring
+ARCHS = (80, 90)
+# per-SM limits used for the occupancy bound (CUDA occupancy rules; A100 = sm_80, H100 = sm_90)
+SM = {80: dict(gpu="A100", regs=65536, max_warps=64, max_blocks=32, smem=167936),
+      90: dict(gpu="H100", regs=65536, max_warps=64, max_blocks=32, smem=233472)}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
+POLICIES = ("cfg", "pxp-a", "pxp-b", "pxp-c", "apg", "gloss")
+ALIGNED_N, UNALIGNED_N = 4096, 4095  # row lengths: a multiple of every vector width, and odd
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    op: str  # "reduce", "combine" or "fused"
+    dtype: str
+    k: int
+    aligned: bool  # 16-byte aligned operands and rows of a multiple of 8 elements
+    clamp: bool = False
+    policy: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        op = f"fused[{self.policy}]" if self.op == "fused" else self.op
+        return (f"{op} {self.dtype} K={self.k} {'aligned' if self.aligned else 'unaligned'}"
+                + (" clamp" if self.clamp else ""))
+
+
+def variants(subset: str = "all") -> List[Variant]:
+    """Every variant the glue can launch (``"all"``), or the representative CI subset (``"ci"``)."""
+    if subset not in ("all", "ci"):
+        raise ValueError(f"subset: expected 'all' or 'ci', got {subset!r}")
+    out: List[Variant] = []
+    if subset == "all":
+        for dt in DTYPES:
+            for k in range(1, 9):
+                for aligned in (True, False):
+                    out.append(Variant("reduce", dt, k, aligned))
+                    for clamp in (False, True):
+                        out.append(Variant("combine", dt, k, aligned, clamp))
+                        out.extend(Variant("fused", dt, k, aligned, clamp, p) for p in POLICIES)
+        return out
+    for dt in DTYPES:
+        for k in (1, 4, 8):
+            out.append(Variant("reduce", dt, k, True))
+        out.append(Variant("combine", dt, 1, True, False))
+        out.append(Variant("combine", dt, 8, True, True))
+    out += [Variant("reduce", "fp16", 8, False), Variant("combine", "fp32", 3, False, True)]
+    for i, p in enumerate(POLICIES):
+        out.append(Variant("fused", "fp32", 8, True, i % 2 == 0, p))
+        out.append(Variant("fused", "bf16", 5, True, i % 2 == 1, p))
+    out += [Variant("fused", "fp16", 8, True, True, "pxp-b"), Variant("fused", "fp64", 4, True, False, "apg"),
+            Variant("fused", "fp32", 4, False, True, "gloss")]
+    return out
+
+
+# -- compiling for a CUDA target without a GPU -------------------------------------------------
+
+class _FakeUtils:
+    def __init__(self, arch):
+        self.arch = arch
+
+    def get_device_properties(self, device):
+        return {"max_shared_mem": SM[self.arch]["smem"] - 1024, "multiprocessor_count": 132}
+
+
+class FakeCudaDriver:
+    """The part of Triton's driver interface that compiling (not launching) uses."""
+
+    def __init__(self, arch: int):
+        self.arch = arch
+        self.utils = _FakeUtils(arch)
+
+    def get_current_device(self):
+        return f"fake-sm{self.arch}"  # keys Triton's per-device kernel caches: one per arch
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_current_target(self):
+        from triton.backends.compiler import GPUTarget
+        return GPUTarget("cuda", self.arch, 32)
+
+    def get_active_torch_device(self):
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def compiling_for(arch: int):
+    """Inside, Triton kernels compile for ``sm_<arch>`` and are recorded instead of launched."""
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+    records = []
+    original = JITFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        kernel = original(self, *args, grid=grid, warmup=True, **kwargs)
+        records.append(kernel)
+        return kernel
+
+    previous = driver._active  # None on a machine without a GPU driver
+    driver.set_active(FakeCudaDriver(arch))
+    JITFunction.run = run
+    try:
+        yield records
+    finally:
+        JITFunction.run = original
+        driver._active = previous
+
+
+def _operands(v: Variant) -> List[torch.Tensor]:
+    dtype = DTYPES[v.dtype]
+    n = ALIGNED_N if v.aligned else UNALIGNED_N
+    ops = []
+    for _ in range(v.k):
+        flat = torch.zeros(2 * n + 1, dtype=dtype)  # CPU tensors: data_ptr is 64-byte aligned
+        ops.append((flat[:-1] if v.aligned else flat[1:]).view(2, n))
+    return ops
+
+
+def launch(v: Variant) -> None:
+    """Call the glue for variant ``v`` (inside :func:`compiling_for`: compiles, launches nothing)."""
+    from gradguide.ops import policies, triton_backend
+    ops = _operands(v)
+    acc = torch.float64 if v.dtype == "fp64" else torch.float32
+    clamp = (-1.0, 1.0) if v.clamp else None
+    if v.op == "reduce":
+        triton_backend.reduce(ops, 1)
+    elif v.op == "combine":
+        triton_backend.combine(torch.zeros(2, 1, v.k, dtype=acc), ops, clamp=clamp)
+    else:
+        vec_names, scalar_names = policies.POLICIES[v.policy]
+        vectors = [torch.zeros(2, 1, v.k, dtype=acc) for _ in vec_names]
+        scalars = [torch.zeros(1, dtype=acc) for _ in scalar_names]
+        triton_backend.fused_combine(v.policy, torch.zeros(2, 1, v.k, v.k, dtype=acc), vectors, scalars, ops,
+                                     clamp=clamp)
+
+
+# -- reading PTX and cubin ---------------------------------------------------------------------
+
+def triton_bin(tool: str) -> str:
+    import triton
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool)
+
+
+def resource_usage(cubin: bytes) -> Dict[str, int]:
+    """``cuobjdump -res-usage``: REG, STACK, SHARED, LOCAL (bytes) of the cubin's one kernel."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([triton_bin("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", text))
+    if set(fields) != {"REG", "STACK", "SHARED", "LOCAL"}:
+        raise RuntimeError(f"cannot read cuobjdump -res-usage output:\n{text}")
+    return {k.lower(): int(x) for k, x in fields.items()}
+
+
+_REG = re.compile(r"%[A-Za-z]+\d*")
+_LOAD = re.compile(r"^(?:@!?%\w+\s+)?ld\.global\S*\s+(\{[^}]*\}|%\w+),\s*\[\s*(%\w+)")
+_STORE = re.compile(r"^(?:@!?%\w+\s+)?st\.global\S*")
+
+
+def _width(instr: str) -> int:
+    """Bits moved by one ld/st.global instruction (``ld.global.v4.b32`` -> 128)."""
+    op = instr.split()[0] if not instr.startswith("@") else instr.split()[1]
+    vec = re.search(r"\.v(\d)\b", op)
+    bits = re.findall(r"\.[bfsu](\d+)\b", op)
+    return (int(vec.group(1)) if vec else 1) * int(bits[-1])
+
+
+def ptx_loads(ptx: str, params: List[str], operand_params: List[str]) -> Dict[str, object]:
+    """Global loads and stores of a kernel's PTX; operand loads are found by a flow-insensitive
+    taint pass: a register is tainted by ``x_k`` when it is computed from ``ld.param [x_k]``
+    (loaded values do not carry the taint: a loaded number is data, not an address)."""
+    taint: Dict[str, set] = defaultdict(set)
+    rules = []  # (destinations, sources)
+    loads = []  # (width, address register)
+    stores = []
+    for raw in ptx.splitlines():
+        line = raw.strip()
+        m = re.match(r"ld\.param\.\S+\s+(%\w+),\s*\[\w+_param_(\d+)\]", line)
+        if m:
+            name = params[int(m.group(2))] if int(m.group(2)) < len(params) else None
+            if name in operand_params:
+                taint[m.group(1)].add(name)
+            continue
+        m = _LOAD.match(line)
+        if m:
+            loads.append((_width(line), m.group(2)))
+            continue
+        if _STORE.match(line):
+            stores.append(_width(line))
+            continue
+        body = re.sub(r"^@!?%\w+\s+", "", line)
+        if not body or body[0] in "./{}" or not body.endswith(";"):
+            continue
+        parts = body[:-1].split(None, 1)
+        if len(parts) < 2 or parts[0].startswith(("setp", "bra", "st.", "bar", "ret")):
+            continue
+        args = parts[1]
+        if args.startswith("{"):
+            dst_text, _, src_text = args.partition("}")
+            dsts, srcs = _REG.findall(dst_text), _REG.findall(src_text)
+        else:
+            regs = _REG.findall(args)
+            dsts, srcs = regs[:1], regs[1:]
+        rules.append((dsts, srcs))
+    changed = True
+    while changed:
+        changed = False
+        for dsts, srcs in rules:
+            t = set().union(*(taint[s] for s in srcs)) if srcs else set()
+            for d in dsts:
+                if not t <= taint[d]:
+                    taint[d] |= t
+                    changed = True
+    per_operand: Dict[str, List[int]] = {p: [] for p in operand_params}
+    other: List[int] = []
+    for width, addr in loads:
+        owners = taint[addr]
+        if owners:
+            for o in owners:
+                per_operand[o].append(width)
+        else:
+            other.append(width)
+    return {"operand_loads": per_operand, "other_loads": other, "stores": stores}
+
+
+def occupancy(arch: int, regs: int, num_warps: int, smem: int) -> Dict[str, object]:
+    """Upper bound on resident warps per SM from registers, shared memory and warp/block limits."""
+    lim = SM[arch]
+    regs_per_warp = -(-max(regs, 1) * 32 // 256) * 256  # allocated per warp in units of 256
+    bounds = {"warps": lim["max_warps"] // num_warps, "blocks": lim["max_blocks"],
+              "registers": (lim["regs"] // regs_per_warp) // num_warps,
+              "shared memory": lim["smem"] // smem if smem else lim["max_blocks"]}
+    limiter = min(bounds, key=bounds.get)
+    blocks = bounds[limiter]
+    return {"blocks_per_sm": blocks, "occupancy": blocks * num_warps / lim["max_warps"], "limiter": limiter}
+
+
+def analyse(kernel, arch: int, variant: Variant) -> Dict[str, object]:
+    sig = kernel.src.signature
+    params = [name for name, ty in sig.items() if ty != "constexpr"]
+    operand_params = [p for p in params if re.fullmatch(r"x[0-7]", p)][:variant.k]
+    res = resource_usage(kernel.asm["cubin"])
+    num_warps = kernel.metadata.num_warps
+    smem = kernel.metadata.shared + res["shared"]
+    loads = ptx_loads(kernel.asm["ptx"], params, operand_params)
+    row = {"arch": arch, "kernel": kernel.name, "variant": variant.name, "op": variant.op, "dtype": variant.dtype,
+           "k": variant.k, "aligned": variant.aligned, "clamp": variant.clamp, "policy": variant.policy,
+           "num_warps": num_warps, "registers": res["reg"], "stack_bytes": res["stack"],
+           "local_bytes": res["local"], "shared_bytes": smem, **occupancy(arch, res["reg"], num_warps, smem),
+           **loads, "hash": kernel.hash}
+    row["failures"] = gate_failures(row)
+    return row
+
+
+def register_limit(kernel: str, k: int) -> int:
+    return REDUCE_WIDE_REG_LIMIT if kernel == "_reduce_partials" and k >= REDUCE_WIDE_K else REG_LIMIT
+
+
+def gate_failures(row: Dict[str, object]) -> List[str]:
+    """What a compiled kernel breaks (empty: it passes)."""
+    fails = []
+    if row["local_bytes"] or row["stack_bytes"]:
+        fails.append(f"spills: {row['local_bytes']} B local, {row['stack_bytes']} B stack")
+    limit = register_limit(row["kernel"], row["k"])
+    if row["registers"] > limit:
+        fails.append(f"{row['registers']} registers > {limit}")
+    if row["kernel"] != "_reduce_finish":
+        missing = [o for o, w in row["operand_loads"].items() if not w]
+        if missing:
+            fails.append(f"no load found for operands {missing}")
+        if row["aligned"]:
+            narrow = {o: sorted(set(w) - {128}) for o, w in row["operand_loads"].items() if set(w) - {128}}
+            if narrow:
+                fails.append(f"operand loads narrower than 128 bits: {narrow}")
+    return fails
+
+
+# -- nvcc: the native CUDA ops (csrc/*.cu) --------------------------------------------------------
+
+CUDA_MACROS_HEADER = """#pragma once
+// Written by gradguide.bench.compile_gates: CMake generates this header in CUDA builds of torch
+// and CPU wheels lack it. Its CUDA-build content is empty apart from the guard.
+"""
+
+
+def nvcc_gate(archs=ARCHS, sources=None) -> Dict[str, object]:
+    """Compile ``csrc/*.cu`` with nvcc (host and device code, every arch in one call, the flags
+    torch's CUDAExtension uses) against this torch's headers; parse ``-Xptxas -v``.
+
+    Returns ``{"nvcc": version or None, "reason", "rows": [{arch, function, registers,
+    spill_stores, spill_loads, stack_bytes, failures}], "command"}``; ``nvcc`` is None when no
+    nvcc is on PATH (the caller decides whether that is a skip or a failure)."""
+    import shutil
+    import sysconfig
+    from torch.utils import cpp_extension
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return {"nvcc": None, "reason": "nvcc is not on PATH", "rows": []}
+    root = Path(__file__).resolve().parents[2]
+    sources = sources or sorted(str(p) for p in (root / "csrc").glob("*.cu"))
+    if not sources:
+        return {"nvcc": None, "reason": f"no csrc/*.cu under {root} (not a source checkout)", "rows": []}
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
+    version = (re.findall(r"release [\d.]+, V[\d.]+", version) or ["unknown version"])[0]
+    rows, commands = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        header = Path(tmp) / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+        header.parent.mkdir(parents=True)
+        header.write_text(CUDA_MACROS_HEADER)
+        includes = [tmp] + cpp_extension.include_paths() + [sysconfig.get_paths()["include"]]
+        for src in sources:
+            cmd = [nvcc, "-c", src, "-o", os.path.join(tmp, "out.o"), "-std=c++20", "-O3", "--use_fast_math",
+                   "-DGRADGUIDE_WITH_CUDA=1", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
+                   *cpp_extension.COMMON_NVCC_FLAGS, "-Xptxas", "-v"]
+            for a in archs:
+                cmd += ["-gencode", f"arch=compute_{a},code=sm_{a}"]
+            cmd += [f"-I{i}" for i in includes]
+            commands.append(" ".join(Path(c).name if c == nvcc else c for c in cmd).replace(tmp, "$TMP"))
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"nvcc failed on {src} (exit status {proc.returncode}):\n{proc.stderr[-4000:]}")
+            rows += parse_ptxas_verbose(proc.stderr, Path(src).name)
+    return {"nvcc": version, "reason": None, "rows": rows, "command": commands}
+
+
+def parse_ptxas_verbose(text: str, source: str = "") -> List[Dict[str, object]]:
+    """One row per (entry function, arch) from ``-Xptxas -v`` output."""
+    rows: List[Dict[str, object]] = []
+    for line in text.splitlines():
+        m = re.search(r"Compiling entry function '(\S+)' for 'sm_(\d+)'", line)
+        if m:
+            rows.append({"source": source, "function": m.group(1), "arch": int(m.group(2))})
+            continue
+        if not rows:
+            continue
+        m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+        if m:
+            rows[-1].update(stack_bytes=int(m.group(1)), spill_stores=int(m.group(2)), spill_loads=int(m.group(3)))
+        m = re.search(r"Used (\d+) registers", line)
+        if m:
+            rows[-1]["registers"] = int(m.group(1))
+    for r in rows:
+        if "spill_stores" not in r or "registers" not in r:
+            raise RuntimeError(f"cannot read ptxas -v output for {r['function']} (sm_{r['arch']})")
+        r["failures"] = ([f"spills: {r['spill_stores']} B stores, {r['spill_loads']} B loads"]
+                         if r["spill_stores"] or r["spill_loads"] else [])
+    return rows
+
+
+# -- running ----------------------------------------------------------------------------------
+
+def compile_all(archs=ARCHS, subset: str = "all", progress: bool = True) -> List[Dict[str, object]]:
+    """Compile every variant of ``subset`` for each arch (in this process: TRITON_INTERPRET unset)."""
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        raise RuntimeError("TRITON_INTERPRET is set: the kernels are interpreted, not compiled; use run()")
+    todo = [(a, v) for a in archs for v in variants(subset)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(todo), desc="compiling kernels", unit="variant", file=sys.stderr)
+    rows, seen = [], set()
+    for arch, v in todo:
+        with compiling_for(arch) as records:
+            launch(v)
+        for kernel in records:
+            key = (arch, kernel.hash)
+            if key not in seen:
+                seen.add(key)
+                rows.append(analyse(kernel, arch, v))
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+def environment() -> Dict[str, str]:
+    import triton
+    ptxas = subprocess.run([triton_bin("ptxas"), "--version"], capture_output=True, text=True).stdout
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                                text=True, timeout=10).stdout.strip()
+    except Exception:
+        commit = ""
+    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, no GPU)",
+            "torch": torch.__version__, "triton": triton.__version__,
+            "ptxas": (re.findall(r"release [\d.]+, V[\d.]+", ptxas) or ["?"])[0], "git_commit": commit}
+
+
+def run(archs=ARCHS, subset: str = "all", progress: bool = True) -> Dict[str, object]:
+    """``{"environment", "subset", "rows"}``; in a subprocess when TRITON_INTERPRET is set here."""
+    if os.environ.get("TRITON_INTERPRET", "0") in ("", "0"):
+        return {"environment": environment(), "subset": subset, "rows": compile_all(archs, subset, progress)}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "gates.json")
+        cmd = [sys.executable, "-m", "gradguide.bench.compile_gates", "--arch", ",".join(map(str, archs)),
+               "--subset", subset, "--json", path, "--quiet", "--no-nvcc"] + ([] if progress else ["--no-progress"])
+        proc = subprocess.run(cmd, env=env)  # exit status 1 = some gate failed: the JSON says which
+        if proc.returncode not in (0, 1) or not os.path.exists(path):
+            raise RuntimeError(f"{' '.join(cmd)} failed with exit status {proc.returncode}")
+        with open(path) as f:
+            return json.load(f)
+
+
+def _loads_cell(row) -> str:
+    widths = [w for ws in row["operand_loads"].values() for w in ws]
+    if not widths:
+        return "-"
+    wide = sum(w == 128 for w in widths)
+    return f"{wide}/{len(widths)} × 128-bit" if wide else f"0/{len(widths)} (widths {sorted(set(widths))})"
+
+
+def markdown(result: Dict[str, object], arch: int, command: str) -> str:
+    rows = [r for r in result["rows"] if r["arch"] == arch]
+    env = result["environment"]
+    fails = [r for r in rows if r["failures"]]
+    lines = [f"# Triton kernels compiled for sm_{arch} ({SM[arch]['gpu']}) without a GPU", "",
+             f"- command: `{command}`", f"- date: {env['date']}; machine: {env['machine']}",
+             f"- torch {env['torch']}, triton {env['triton']}, ptxas {env['ptxas']}; git commit {env['git_commit']}",
+             f"- variants: {result['subset']} ({len(rows)} distinct compiled kernels); "
+             f"gates: 0 spill bytes, ≤ {REG_LIMIT} registers (reduce with K ≥ {REDUCE_WIDE_K}: ≤ "
+             f"{REDUCE_WIDE_REG_LIMIT}, see note), 128-bit operand loads when aligned",
+             f"- result: **{'all pass' if not fails else f'{len(fails)} fail'}**", "",
+             "Compiled by Triton's own compiler for a CUDA target, specialised as the glue launches them "
+             "(`gradguide/bench/compile_gates.py`); registers, stack/local (spill) bytes and shared memory "
+             "from `cuobjdump -res-usage`; load widths from the PTX (operand loads: address derived from "
+             "an operand pointer). Occupancy is the CUDA occupancy bound from registers, shared memory and "
+             "warp/block limits, not a measurement. 'aligned': 16-byte aligned operands, rows of 4096 "
+             "elements; 'unaligned': operands offset by one element, rows of 4095 (scalar loads expected).",
+             "", f"Note on `_reduce_partials` with K ≥ {REDUCE_WIDE_K}: each thread keeps K(K+1)/2 + K accumulators "
+             "and K 128-bit operand vectors live (fp32, K = 8: 44 + 32 = 76 registers of state before any "
+             "address), so ≤ 64 registers is out of reach without spilling or re-reading operands "
+             "(`maxnreg=64` spills 96 B (fp32) to 464 B (bf16) per thread). It is held to ≤ "
+             f"{REDUCE_WIDE_REG_LIMIT} registers (25 % occupancy bound) with 0 spills; at that occupancy each "
+             "SM still has ≥ 16 warps × 32 threads × K 16-byte loads in flight.",
+             "", "| kernel | variant | warps | regs | spill B | smem B | occupancy bound (limiter) | "
+             "operand loads | other loads (bits) | stores (bits) | gates |", "|" + "---|" * 11]
+    for r in rows:
+        other = ",".join(f"{w}×{c}" for w, c in sorted(_count(r["other_loads"]).items())) or "-"
+        stores = ",".join(f"{w}×{c}" for w, c in sorted(_count(r["stores"]).items())) or "-"
+        lines.append(f"| `{r['kernel']}` | {r['variant']} | {r['num_warps']} | {r['registers']} | "
+                     f"{r['local_bytes'] + r['stack_bytes']} | {r['shared_bytes']} | "
+                     f"{r['occupancy']:.0%} ({r['limiter']}) | {_loads_cell(r)} | {other} | {stores} | "
+                     f"{'pass' if not r['failures'] else '; '.join(r['failures'])} |")
+    native = result.get("nvcc")
+    if native is not None:
+        lines += ["", f"## Native CUDA ops (`csrc/*.cu`) compiled with nvcc for sm_{arch}", ""]
+        if native["nvcc"] is None:
+            lines.append(f"Not compiled: {native['reason']}.")
+        else:
+            nrows = [r for r in native["rows"] if r["arch"] == arch]
+            lines += [f"- nvcc {native['nvcc']}; command: `{native['command'][0]}` (`$TMP` holds the generated "
+                      "`c10/cuda/impl/cuda_cmake_macros.h` that CPU torch wheels lack)",
+                      f"- {len(nvcc_rows_failed(nrows))} of {len(nrows)} functions spill; registers from "
+                      f"`-Xptxas -v`", "", "| function | regs | stack B | spill stores B | spill loads B |",
+                      "|---|---|---|---|---|"]
+            names = demangle([r["function"] for r in nrows])
+            for r, name in zip(nrows, names):
+                lines.append(f"| `{name}` | {r['registers']} | {r['stack_bytes']} | {r['spill_stores']} | "
+                             f"{r['spill_loads']} |")
+    return "\n".join(lines) + "\n"
+
+
+def nvcc_rows_failed(rows):
+    return [r for r in rows if r["failures"]]
+
+
+def demangle(names: List[str]) -> List[str]:
+    """C++ names for mangled CUDA kernel names (c++filt when present)."""
+    try:
+        out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True,
+                             timeout=30).stdout.splitlines()
+        return out if len(out) == len(names) else names
+    except Exception:
+        return names
+
+
+def _count(xs):
+    out: Dict[int, int] = {}
+    for x in xs:
+        out[x] = out.get(x, 0) + 1
+    return out
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default: 80,90)")
+    p.add_argument("--subset", choices=("all", "ci"), default="all",
+                   help="all: every variant the glue can launch (default); ci: the test suite's subset")
+    p.add_argument("--json", default=None, help="write every compiled kernel's figures to this JSON file")
+    p.add_argument("--markdown-dir", default=None,
+                   help="write kernels-sm<arch>.md tables into this directory (default: none)")
+    p.add_argument("--no-nvcc", action="store_true",
+                   help="skip compiling csrc/*.cu with nvcc (default: compile it when nvcc is on PATH)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="print only failures and the summary")
+
+
+def run_cli(args) -> int:
+    archs = tuple(int(a) for a in str(args.arch).split(",") if a.strip())
+    for a in archs:
+        if a not in SM:
+            raise SystemExit(f"--arch: expected compute capabilities in {tuple(SM)}, got {a}")
+    result = run(archs, args.subset, progress=not args.no_progress)
+    if not args.no_nvcc:
+        result["nvcc"] = nvcc_gate(archs)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    command = "gradguide check-kernels " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["check-kernels"] else \
+        f"gradguide check-kernels --arch {args.arch} --subset {args.subset}"
+    if args.markdown_dir:
+        for a in archs:
+            path = Path(args.markdown_dir) / f"kernels-sm{a}.md"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(markdown(result, a, command))
+    rows = result["rows"]
+    failed = [r for r in rows if r["failures"]]
+    native = result.get("nvcc")
+    if native is not None:
+        if native["nvcc"] is None:
+            print(f"nvcc gate skipped: {native['reason']}")
+        else:
+            bad = [r for r in native["rows"] if r["failures"]]
+            for r in bad:
+                print(f"FAIL nvcc sm_{r['arch']} {r['function']}: {'; '.join(r['failures'])}")
+            print(f"nvcc ({native['nvcc']}): {len(native['rows'])} CUDA functions of csrc/*.cu, "
+                  f"{len(native['rows']) - len(bad)} without spills, {len(bad)} with")
+            failed = failed + bad
+    if not args.quiet:
+        for r in rows:
+            print(f"sm_{r['arch']} {r['kernel']:<18} {r['variant']:<38} regs {r['registers']:>3}  "
+                  f"spill {r['local_bytes'] + r['stack_bytes']}  loads {_loads_cell(r)}")
+    for r in failed:
+        print(f"FAIL sm_{r['arch']} {r['kernel']} {r['variant']}: {'; '.join(r['failures'])}")
+    bad_triton = [r for r in rows if r["failures"]]
+    print(f"Triton: {len(rows)} compiled kernels for sm_{', sm_'.join(map(str, archs))}: "
+          f"{len(rows) - len(bad_triton)} pass, {len(bad_triton)} fail")
+    return 1 if failed else 0
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m gradguide.bench.compile_gates", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    return run_cli(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,195 @@
+"""The fake-CUDA dry run (issue 11 item 3): guided steps on fake tensors prove device, sync and
+trace properties, and count launches, bytes and memory. Small shapes: the whole module runs in
+about a minute on two CPU cores."""
+import pytest
+import torch
+from torch import nn
+
+import gradguide as gg
+from gradguide.bench import dryrun, projection
+from gradguide.debug import HostSyncError
+
+SCHED = gg.Schedule.linear(1000)
+SHAPE = (2, 4, 8, 8)
+S = 2 * 4 * 8 * 8 * 4   # bytes of one float32 x_t
+
+
+class Scale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.ones(4, 1, 1), requires_grad=False)
+
+    def forward(self, x, t, **_):
+        return x * self.w
+
+
+def _meta(module):
+    return module.to("meta")
+
+
+def test_unguided_ddim_counts_are_exact():
+    # model: one mul; step: x_{t-1} = c_x x + c_0 x̂_0 is one reduce-free combine of (x, eps)
+    r = dryrun.dry_run(_meta(Scale()), SHAPE, schedule=SCHED, sampler="ddim", steps=5, backend="reference",
+                       graph=True, steps_measured=[1])
+    step = r["steps_measured"]["1"]
+    assert r["fake_device"] == "cuda" and r["backend"] == "reference"
+    assert step["forward"]["launches"] == 1 and step["forward"]["ops"] == {"aten.mul": {"launches": 1,
+                                                                                       "large_bytes": 2 * S}}
+    assert step["backward"]["launches"] == 0
+    # minimum: one combine reading x and eps, writing x_{t-1}
+    assert step["structure"]["combine_k"] == [2] and step["min_guidance_bytes"] == 3 * S
+    assert step["guidance"]["bytes_read"] + step["guidance"]["bytes_written"] >= 3 * S
+    assert r["weight_bytes"] == 16
+    g = r["graph"]
+    assert g["captures"] == 1 and g["static_buffers"] == 2          # x and idx (no noise, no state)
+    assert g["static_buffer_bytes"] == S + 8
+
+
+def test_views_are_zero_launches_and_large_bytes_are_counted():
+    tracker = dryrun.Tracker()
+    world = dryrun.FakeWorld("meta")
+    counter = dryrun.Counter(tracker, large=1000)
+    tracker.enter("guidance")
+    with world.mode, counter:
+        a = torch.randn(10, 100, device="meta")       # 1 launch, written 4000 B (large)
+        v = a.view(100, 10).t().unsqueeze(0)          # views: 0 launches
+        b = a.sum(1)                                  # 1 launch, reads 4000 B, writes 40 B (small)
+        del v, b
+    s = counter.stats["guidance"]
+    assert s["launches"] == 2 and s["views"] == 3
+    assert s["bytes_written"] == 4000 and s["bytes_read"] == 4000
+    assert counter.peak["guidance"] >= 4000
+
+
+def test_peak_memory_sees_a_models_activations():
+    class Wide(nn.Module):
+        def forward(self, x, t, **_):
+            h = x.repeat(1, 8, 1, 1)          # 8 S alive at once
+            return h[:, :4] + h[:, 4:8]
+    r = dryrun.dry_run(Wide(), SHAPE, schedule=SCHED, sampler="ddim", steps=5, backend="reference", graph=False)
+    step = next(iter(r["steps_measured"].values()))
+    assert step["forward"]["peak_live_bytes"] >= 8 * S + S   # activations + the input x
+
+
+class CpuMixer(nn.Module):
+    def forward(self, x, t, **_):
+        return x + torch.ones(SHAPE)          # a CPU tensor inside the step
+
+
+class Syncer(nn.Module):
+    def forward(self, x, t, **_):
+        return x * x.abs().max().item()
+
+
+class Brancher(nn.Module):
+    def forward(self, x, t, **_):
+        if (x > 0).any():
+            return x
+        return -x
+
+
+@pytest.mark.parametrize("device", ["cuda", "meta"])
+def test_a_cpu_tensor_in_the_step_raises(device):
+    with pytest.raises(Exception, match="device|Device|non-Fake|fake"):
+        dryrun.dry_run(CpuMixer(), SHAPE, schedule=SCHED, sampler="ddim", steps=3, backend="reference",
+                       graph=False, device=device)
+
+
+@pytest.mark.parametrize("model", [Syncer(), Brancher()], ids=["item", "branch"])
+def test_host_sync_and_data_dependent_branches_raise(model):
+    with pytest.raises((HostSyncError, RuntimeError)):
+        dryrun.dry_run(model, SHAPE, schedule=SCHED, sampler="ddim", steps=3, backend="reference", graph=False)
+
+
+def test_vjp_steps_need_meta_on_cpu_only_torch():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA torch runs autograd on fake cuda tensors")
+    with pytest.raises(ValueError, match="vector-Jacobian"):
+        dryrun.dry_run(_meta(Scale()), SHAPE, schedule=SCHED, sampler="ddim", steps=3, backend="reference",
+                       guidance=gg.LookAhead(torch.empty(SHAPE, device="meta"), 0.0), device="cuda")
+
+
+def test_fake_cuda_is_available():
+    # fake cuda tensors need a CUDA device guard: built once with torch's load_inline (ninja + g++)
+    assert dryrun.fake_cuda_status() is None
+
+
+def test_native_and_triton_ops_trace_on_fake_tensors():
+    assert dryrun.probe_backend("native", "cuda") is None
+    assert dryrun.probe_backend("reference", "meta") is None
+    # the Triton kernels are custom ops with fake kernels: "auto" picks them on a fake GPU
+    assert dryrun.probe_backend("triton", "cuda") is None and dryrun.probe_backend("triton", "meta") is None
+    assert dryrun.pick_backend("auto", "cuda") == ("triton", [])
+
+
+# every guidance x projection on DDPM; every guidance on the other samplers
+GUIDANCE_SUBSET = [("ddpm", g, p) for g in dryrun.GUIDANCE for p in dryrun.PROJECTIONS] + \
+    [(s, g, "none") for s in dryrun.SAMPLERS if s != "ddpm" for g in dryrun.GUIDANCE]
+
+
+@pytest.mark.parametrize("sampler,guidance,proj", GUIDANCE_SUBSET)
+def test_every_combination_runs_or_is_refused(sampler, guidance, proj):
+    r = dryrun.run_combination(sampler, guidance, proj, backend="native", graph=(proj == "none"), steps=4)
+    if r["status"] == "refused":
+        assert proj != "none" and ("projection" in r["reason"])
+        return
+    s = dryrun.summarize(r)
+    assert s["guidance_launches"] > 0 and s["model_launches"] > 0
+    assert s["fake_device"] == ("meta" if guidance in ("classifier", "G_loss", "dps") else "cuda")
+    assert s["guidance_bytes"] >= s["minimum_bytes"] > 0
+    assert s["projected_memory_bytes"] > s["weight_bytes"]
+
+
+def test_quick_paper_workload_report_and_projection(tmp_path):
+    report = dryrun.build_report(["sim-gloss"], combinations=False, quick=True, backend="native", progress=False,
+                                 command="test")
+    (r,) = report["workloads"]
+    s = r["summary"]
+    assert r["fake_device"] == "meta" and s["backend"] == "native"
+    assert s["model_launches"] > 0 and s["guidance_launches"] > 0 and s["peak_live_bytes"]["backward"] > 0
+    assert s["graph_replay_launches"] == 1 + r["graph"]["copy_in_launches"] + r["graph"]["noise_launches"]
+    p = r["projection"]["A100-SXM"]
+    assert p["graph_pass_s"] < p["eager_pass_s"]        # replay saves the per-op host cost
+    assert r["projection"]["H100-SXM"]["model_kernel_s"] < p["model_kernel_s"]
+    paths = dryrun.write(report, str(tmp_path))
+    md = open(paths[1]).read()
+    assert "sim-gloss (quick)" in md and "PROJECTION" in md
+    docs = tmp_path / "performance.md"
+    docs.write_text(f"# x\n\n{dryrun.DOCS_BEGIN}\nold\n{dryrun.DOCS_END}\ntail\n")
+    dryrun.write_docs(report, str(docs))
+    text = docs.read_text()
+    assert "old" not in text and "sim-gloss (quick)" in text and text.endswith("tail\n")
+
+
+def test_roofline_formula():
+    gpu = projection.GPUS["A100-SXM"]
+    ops = [(2.039e9, 0, "float32", "add"),                 # 1 ms of bandwidth
+           (0, 312e9, "float16", "mm"),                   # 1 ms of fp16 tensor-core FLOPs
+           (2.039e6, 19.5e9, "float32", "mm")]            # max(1 µs, 1 ms) on CUDA cores
+    assert projection.kernel_time(ops, gpu) == pytest.approx(3e-3)
+
+
+def test_cli(tmp_path, capsys):
+    from gradguide.cli import main
+    assert main(["dryrun", "--quick", "--workload", "sim-gloss", "--no-combinations", "--no-progress",
+                 "--out", str(tmp_path)]) == 0
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and files[0].startswith("dryrun-quick-") and files[0].endswith(".json")
+    assert "| sim-gloss (quick) | meta | triton |" in capsys.readouterr().out
+    assert main(["dryrun", "--from-json", str(tmp_path / files[0])]) == 0      # re-render, no run
+    assert "| sim-gloss (quick) | meta | triton |" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--workload: unknown"):
+        main(["dryrun", "--workload", "sdxl", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="--backend"):
+        main(["dryrun", "--backend", "cuda", "--out", str(tmp_path)])
+
+
+def test_targets_table_marks_what_is_met():
+    def combo(s, g, p, launches, ratio):
+        return {"sampler": s, "guidance": g, "projection": p, "status": "ok", "guidance_launches": launches,
+                "ratio": ratio}
+    report = {"combinations": [combo("ddim", "cfg", "none", 6, 1.0), combo("ddpm", "G_loss", "none", 9, 1.0),
+                               combo("ddim", "cfg", "C", 5, 1.2)]}
+    lines = dryrun.targets_table(report).splitlines()[2:]
+    assert lines == ["| ddim + cfg | 6 | 1.00× | yes |", "| ddpm + G_loss | 9 | 1.00× | no |",
+                     "| ddim + cfg + C | 5 | 1.20× | no |"]
