@@ -97,7 +97,8 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
 
     ``model(x_t, t, **cond)`` returns the model's prediction (``prediction``: ``"eps"``,
     ``"x0"`` or ``"v"``; with ``variance="learned-range"`` twice the channels, ADM style);
-    ``t`` is an int64 ``[B]`` tensor of original training timesteps (0-based).
+    ``t`` is an int64 ``[B]`` tensor of original training timesteps (0-based), or float64 where
+    a σ-space schedule falls between them (``sigmas=``, diffusers' Euler/Heun/LMS timesteps).
 
     ``sampler``: ``"ddpm"``, ``"ddim"`` (with ``eta``), ``"dpmpp-2m"``, ``"dpmpp-2m-sde"``,
     ``"euler"``, ``"euler_a"``, ``"heun"``, ``"lms"``, ``"plms"`` or ``"unipc"``
@@ -111,9 +112,9 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     fractional timesteps ``schedule.sigma_to_t(σ)``, ``x_T`` is scaled to ``σ_0 · x_T`` and the
     σ-space sample is returned, as k-diffusion's samplers do.
     Defaults travel with the model and schedule: ``prediction``, ``variance``, ``clip``,
-    ``clip_eps`` left at ``None`` are taken from ``model.sample_defaults`` and
-    ``schedule.sample_defaults`` (what :func:`gradguide.from_diffusers` learnt from the
-    scheduler), else ``"eps"``, ``"fixed-small"``, no clipping, ``"clipped"``; sampler
+    ``clip_eps`` left at ``None`` are taken from ``model.sample_defaults`` (what
+    :func:`gradguide.from_diffusers` learnt from the scheduler; a schedule may carry
+    ``sample_defaults`` too), else ``"eps"``, ``"fixed-small"``, no clipping, ``"clipped"``; sampler
     settings (DPM-Solver's ``solver_type``, DDPM's final-step noise rule, ...) come from
     ``schedule.sampler_options``.
     ``guidance``: one term or several (:mod:`gradguide.guidance`); ``projection``: a

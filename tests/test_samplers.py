@@ -198,3 +198,15 @@ def test_graph_replay_equals_eager(sampler):
     kw["generator"] = torch.Generator().manual_seed(0)
     replayed = gg.sample(GM, (8, 2), graph=GraphCache(emulate=True), **kw)
     torch.testing.assert_close(replayed, eager, rtol=0, atol=0)
+
+
+def test_sampler_options_travel_with_a_plain_schedule():
+    """diffusers' DDPM rule for your own schedule: schedule.sampler_options, used by sample()."""
+    kw = dict(shape=(4, 3), steps=5, spacing="trailing", variance="fixed-large")
+    own = gg.Schedule.linear(200)
+    rule = gg.Schedule.linear(200)
+    rule.sampler_options = {"ddpm": {"final_noise": "t>0"}}
+    a = gg.sample(lambda x, t: 0.1 * x, schedule=own, generator=torch.Generator().manual_seed(0), **kw)
+    b = gg.sample(lambda x, t: 0.1 * x, schedule=rule, generator=torch.Generator().manual_seed(0), **kw)
+    assert (a - b).abs().max() > 1e-3     # the last step adds noise only under the t > 0 rule
+    assert gg.Schedule.linear(200).sampler_options == {}   # the class default is untouched
