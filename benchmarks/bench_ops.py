@@ -114,6 +114,78 @@ def _step_fn(workload: str, backend: str, operands, device) -> Callable[[], torc
     return lambda: ops.fused_combine(policy, operands, backend=backend, **params)
 
 
+# -- whole guided steps: general LinComb step, fused step, and torch.compile of the fused step --------
+
+STEP_WORKLOADS = ("DDIM + CFG", "DDIM + APG", "DDPM + CFG + PxP-C")
+STEP_SIZES = [("SD latent B=1", (1, 4, 64, 64)), ("SD latent B=8", (8, 4, 64, 64))]
+STEP_QUICK_SIZES = [("tiny B=2", (2, 4, 16, 16))]
+
+
+def _cheap_model(x, t, y=None):
+    """A model that costs one elementwise pass, so the sampler's own cost shows."""
+    return 0.5 * x + 0.1 if y is not None else 0.5 * x
+
+
+def _step_callable(workload: str, shape, device, dtype, fused: bool):
+    """One guided step of ``workload`` as a function of (x, idx, noise), and its inputs."""
+    import gradguide as gg
+    from gradguide import sampling
+    cond = {"y": torch.zeros(shape[0], device=device)}
+    sampler, terms, projection = {"DDIM + CFG": ("ddim", gg.CFG(7.5), None),
+                                  "DDIM + APG": ("ddim", gg.APG(5.0), None),
+                                  "DDPM + CFG + PxP-C": ("ddpm", gg.CFG(3.0), gg.PixelAsParam("C"))}[workload]
+    run = sampling._prepare(_cheap_model, shape, gg.Schedule.linear(1000), sampler, 10, 0.0, terms, projection, cond,
+                            None, None, "auto", "eps", "fixed-small", None, "adm", None, device, dtype, False)
+    sampling._finish_prepare(run, fused)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+    state = sampling._initial_state(run, x)
+    i = 2
+    noise = torch.randn(shape, generator=g).to(device=device, dtype=dtype) if run.tables.draws_noise[i] else None
+    idx = run.step_ids[i:i + 1]
+    return (lambda x, idx, noise: sampling.step(run, x, i, idx, state, noise, False)[0]), (x, idx, noise), run
+
+
+def step_rows(quick: bool, device, dtype, reps: int, progress: bool = True) -> List[dict]:
+    """Per-step medians of the general step (``sample(fused=False)``), the fused step, and
+    ``torch.compile(fused step, fullgraph=True)`` (the whole step, the native custom ops inside;
+    issue 12 item 5), timed interleaved in one run; ratios against the general step."""
+    rows = []
+    sizes = STEP_QUICK_SIZES if quick else STEP_SIZES
+    for label, shape in sizes:
+        for workload in STEP_WORKLOADS:
+            general, inputs, run_g = _step_callable(workload, shape, device, dtype, fused=False)
+            fused, _, run_f = _step_callable(workload, shape, device, dtype, fused=True)
+            t0 = time.perf_counter()
+            compiled = torch.compile(fused, fullgraph=True)
+            compiled(*inputs)
+            compile_s = time.perf_counter() - t0
+            ref = general(*inputs)
+            err = max(float((compiled(*inputs) - ref).abs().max()), float((fused(*inputs) - ref).abs().max()))
+            fns = {"general eager": general, "fused eager": fused, "fused compiled (fullgraph)": compiled}
+            times = {k: [] for k in fns}
+            for _ in range(max(reps, 5)):   # interleaved: the machine's load hits every variant alike
+                for k, fn in fns.items():
+                    times[k].append(_time(lambda: fn(*inputs), device, 3, 1))
+            base = statistics.median(times["general eager"])
+            for k, ts in times.items():
+                ms = statistics.median(ts)
+                rows.append({"workload": workload, "size": label, "shape": list(shape), "variant": k,
+                             "backend": run_f.backend, "median_ms": ms, "speedup_vs_general": base / ms,
+                             "max_abs_diff_vs_general": err, "compile_s": compile_s if "compiled" in k else None})
+    return rows
+
+
+def step_markdown(rows: List[dict]) -> str:
+    lines = ["", "## Whole guided step (cheap model): general vs fused vs torch.compile(fullgraph=True)", "",
+             "| workload | size | variant | backend | median ms | speedup vs general step | max abs diff |",
+             "|---|---|---|---|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['workload']} | {r['size']} | {r['variant']} | {r['backend']} | {r['median_ms']:.3f} | "
+                     f"{r['speedup_vs_general']:.2f}x | {r['max_abs_diff_vs_general']:.1e} |")
+    return "\n".join(lines) + "\n"
+
+
 def _time(fn: Callable[[], object], device, reps: int, warmup: int) -> float:
     """Median milliseconds of ``fn``."""
     for _ in range(warmup):
@@ -162,8 +234,9 @@ def _device_name(device) -> str:
 
 def run(quick: bool = False, device: Optional[str] = None, dtype: torch.dtype = torch.float32,
         backends: Optional[List[str]] = None, workloads: Optional[List[str]] = None, reps: Optional[int] = None,
-        compile_reference: bool = True, progress: bool = True) -> dict:
-    """Run the suite; returns the result dict (see :func:`write` for the files)."""
+        compile_reference: bool = True, progress: bool = True, steps: bool = True) -> dict:
+    """Run the suite; returns the result dict (see :func:`write` for the files). ``steps``: also
+    time whole guided steps (:func:`step_rows`: general, fused, compiled fused)."""
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     sizes = QUICK_SIZES if quick else FULL_SIZES
     reps = reps or (3 if quick else 5)
@@ -229,7 +302,8 @@ def run(quick: bool = False, device: Optional[str] = None, dtype: torch.dtype = 
         versions["triton"] = triton.__version__
     except Exception:
         versions["triton"] = None
-    return {"suite": "ops", "quick": quick,
+    srows = step_rows(quick, dev, dtype, reps) if steps and dev.type == "cpu" else []
+    return {"suite": "ops", "quick": quick, "step_rows": srows,
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "commit": _git_commit(), "device": _device_name(dev), "device_type": dev.type,
             "threads": torch.get_num_threads(), "versions": versions, "dtype": str(dtype).replace("torch.", ""),
@@ -254,7 +328,7 @@ def markdown(result: dict, note: str = "") -> str:
         speed = f"{r['speedup_vs_eager']:.2f}x" if r["speedup_vs_eager"] else "-"
         lines.append(f"| {r['workload']} | {r['size']} | {r['backend']} | {r['median_ms']:.3f} | "
                      f"{r['bytes_moved'] / 1e6:.1f} MB | {r['gb_per_s']:.2f} | {r['copy_fraction']:.2f} | {speed} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + (step_markdown(result["step_rows"]) if result.get("step_rows") else "")
 
 
 def write(result: dict, out_dir: str, note: str = "", render=None) -> List[str]:

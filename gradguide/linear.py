@@ -69,7 +69,8 @@ class Operands:
 
     ``groups`` > 1 gives per-(sample, group) statistics (PixelAsParam's per-channel
     granularity); ``dot(..., per="sample")`` sums them back to per-sample values.
-    ``compute_dtype`` is the dtype of coefficients (float64 for float64 operands, else float32).
+    ``compute_dtype`` is the dtype of coefficients and of the Gram matrix: float64 for every
+    operand dtype (why: :mod:`gradguide.ops.reference`).
     """
 
     def __init__(self, like: torch.Tensor, groups: int = 1, backend: str = "reference"):
@@ -79,7 +80,7 @@ class Operands:
         self.backend = backend
         self.device = like.device
         self.dtype = like.dtype
-        self.compute_dtype = ops.reference.accumulation_dtype(like.dtype)
+        self.compute_dtype = ops.reference.coefficient_dtype(like.dtype)
         self.tensors: List[torch.Tensor] = []
         self.names: List[str] = []
         self._gram = None
@@ -112,7 +113,7 @@ class Operands:
         return self._gram, self._sums
 
     def _full(self, u: LinComb) -> torch.Tensor:
-        return u._padded(len(self.tensors)).expand(self.batch, self.groups, -1)
+        return u._padded(len(self.tensors)).to(self.compute_dtype).expand(self.batch, self.groups, -1)
 
     def dot(self, u: LinComb, v: LinComb, per: str = "sample") -> torch.Tensor:
         """Inner product ``<u, v>``: ``[B]`` (per sample) or ``[B, G]`` (per group)."""
@@ -138,7 +139,45 @@ class Operands:
         coef = self._full(u)
         return ops.combine(coef, self.tensors, out=out, clamp=clamp, backend=self.backend)
 
+    def clip_shift(self, p: LinComb, s: LinComb, clip: tuple):
+        """``(clamp(p), clamp(p + s) − clamp(p))`` as tensors (:func:`gradguide.ops.clip_shift`)."""
+        k = len(self.tensors)
+        return ops.clip_shift(p._padded(k)[:, 0, :], s._padded(k)[:, 0, :], self.tensors, clip, backend=self.backend)
+
     def materialize(self, name: str, u: LinComb, clamp=None) -> LinComb:
         """Write ``u`` out as a new operand (needed where a rule is not linear, e.g. clipping)."""
         self.recipes[name] = (u.coef.detach(), clamp)
         return self.add(name, self.combine(u, clamp=clamp))
+
+
+class SymbolicOperands(Operands):
+    """Operands without tensors, for weights known before sampling (:mod:`gradguide.stepplan`):
+    the "batch" axis is the step axis, so per-step scalars (``[n_steps]`` tables) scale
+    LinCombs exactly as per-sample factors do. Only the algebra works; no inner products."""
+
+    def __init__(self, n_steps: int):
+        self.batch = n_steps
+        self.shape = None
+        self.groups = 1
+        self.backend = "reference"
+        self.device = torch.device("cpu")
+        self.dtype = torch.float64
+        self.compute_dtype = torch.float64
+        self.tensors = []
+        self.names = []
+        self._gram = self._sums = None
+
+    def add(self, name: str, tensor: Optional[torch.Tensor] = None) -> LinComb:
+        if name in self.names:
+            raise ValueError(f"operand {name!r} added twice")
+        self.names.append(name)
+        k = len(self.names)
+        coef = torch.zeros(self.batch, 1, k, dtype=torch.float64)
+        coef[:, :, k - 1] = 1.0
+        return LinComb(self, coef)
+
+    def zero(self) -> LinComb:
+        return LinComb(self, torch.zeros(self.batch, 1, max(len(self.names), 1), dtype=torch.float64))
+
+    def _reduced(self):
+        raise TypeError("SymbolicOperands has no tensors: inner products need a step's operands")

@@ -76,6 +76,8 @@ class _Run:
     needs_x0: bool = False       # a sampler slot stores the guided x̂_0
     uncond: dict = field(default_factory=dict)     # the unconditional branch's model inputs
     batched: Optional[dict] = None                 # both branches' inputs stacked for one 2B call
+    plan: object = None                  # stepplan.StepPlan when the step is a built-in program
+    fused_reason: Optional[str] = None   # why not, otherwise
 
 
 CHECK_FINITE = ("end", "step", False)
@@ -89,7 +91,8 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
            variance: Optional[str] = None, clip=None, clip_eps: Optional[str] = None, spacing: str = "adm",
            timesteps: Optional[Timesteps] = None, sigmas=None,
            device=None, dtype: Optional[torch.dtype] = None, telemetry: bool = False, progress: bool = False,
-           check_sync: bool = False, check_finite="end", batch_branches="auto") -> torch.Tensor:
+           check_sync: bool = False, check_finite="end", batch_branches="auto",
+           fused: bool = True) -> torch.Tensor:
     """Draw samples from a diffusion model with guidance.
 
     ``model(x_t, t, **cond)`` returns the model's prediction (``prediction``: ``"eps"``,
@@ -141,6 +144,8 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     :mod:`gradguide.guidance.cfg`) and calls twice otherwise; ``True`` requires the one call
     (``ValueError`` naming the input that does not stack); ``False`` calls the model twice
     (for models that cannot take a mixed batch). Outputs are the same either way.
+    ``fused``: ``True`` (default) runs a step that matches a built-in program (:mod:`gradguide.stepplan`)
+    as reduce + one fused combine; ``False`` always takes the general LinComb path (its reference).
     Returns the samples ``x_0``, shaped ``shape``.
     """
     sampler, prediction, variance, clip, clip_eps = _defaults(model, schedule, sampler, prediction, variance, clip,
@@ -160,6 +165,9 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
         raise TypeError(f"callback: expected a callable(record) or None, got {type(callback).__name__}")
     run.clip_eps = clip_eps
     run.check_finite = _check_finite_policy(check_finite, graph, check_sync)
+    if not isinstance(fused, bool):
+        raise TypeError(f"fused: expected True or False, got {fused!r}")
+    _finish_prepare(run, fused)
     stepper = _stepper(run, graph)
     x = x_T.to(run.dtype) if x_T is not None else _noise(run.shape, run.generator, run.device, run.dtype)
     init_scale, final_scale = run.tables.timesteps.init_scale, run.tables.timesteps.final_scale
@@ -255,7 +263,51 @@ def step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dict[str,
     :meth:`GuidanceTerm.variant`); ``idx`` is the same number as a device tensor ``[1]``, from
     which every per-step scalar is read, so a captured step can be replayed for any step."""
     with torch.set_grad_enabled(run.needs_input_grad):
+        if run.plan is not None and not want_record:
+            return _fused_step(run, x, i, idx, state, noise)
         return _step_body(run, x, i, idx, state, noise, want_record)
+
+
+def _finish_prepare(run: _Run, fused: bool = True) -> None:
+    """Plan the built-in fused step (appends its per-step weights to ``run.table_rows``)."""
+    from . import stepplan
+    run.plan = stepplan.build(run) if fused else None
+    if not fused:
+        run.fused_reason = "fused=False"
+
+
+def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dict[str, torch.Tensor],
+                noise: Optional[torch.Tensor]):
+    """The step as ``run.plan``'s stages (:mod:`gradguide.stepplan`): the model call(s), the
+    guidance gradients, then at most reduce + one fused combine per stage. Equal to
+    :func:`_step_body` (tests/test_fused_step.py), which stays the general path."""
+    from . import stepplan
+    variant = run.plan.variants[noise is not None]
+    column = run.table_rows.index_select(1, idx).squeeze(1)   # per-step scalars and weights
+    t = run.timesteps_dev.index_select(0, idx).expand(run.shape[0])
+    x_input = x.detach().requires_grad_(True) if run.needs_input_grad else x
+    model_input = x_input if run.needs_model_grad else x.detach()
+    out_c, out_u, _, _ = _model_branches(run, model_input, t)
+    tensors = {"x": x.detach(), "model_cond": out_c.detach()}
+    if out_u is not None:
+        tensors["model_uncond"] = out_u.detach()
+    if noise is not None:
+        tensors["noise"] = noise
+    if run.score_terms or run.mean_terms:
+        ctx = StepContext(ops=Operands(x, backend=run.backend), index=i, t=t, scalars={}, cond=run.cond, x=None,
+                          x_input=x_input, state=state, sampler=run.tables.name, prediction=run.prediction)
+        for j, term in enumerate(run.score_terms):
+            if isinstance(term, stepplan.LookAhead):   # ∇(gᵀx̂_0) = c_x g + c_o Jᵀg: ask autograd for Jᵀg
+                (tensors["model_vjp"],) = torch.autograd.grad(out_c, x_input, grad_outputs=term.grad)
+                tensors["reward_grad"] = term.grad
+            else:
+                tensors[f"classifier_grad{j}"] = term.gradient(ctx)
+        for j, term in enumerate(run.mean_terms):
+            tensors[f"classifier_grad_mean{j}"] = term.gradient(ctx)
+    if run.backend != "reference":   # kernels address rows as contiguous memory
+        tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
+    stepplan.run_stages(run, variant, column, tensors)
+    return tensors["x_next"], dict(state), None
 
 
 def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dict[str, torch.Tensor],
@@ -301,9 +353,16 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     if run.clip is not None and run.clip_eps == "model" and renoise is None:
         renoise = ctx.eps_of_x0(x0_guided)  # re-noise with the unclipped ε (diffusers' DDIM default)
     if run.clip is not None:
-        x0_pre = ops_.materialize("x0_clipped", x0_pre, clamp=run.clip)
-        x0_guided = ops_.materialize("x0_guided_clipped", x0_guided, clamp=run.clip) if score_shifts else x0_pre
-        score_shifts = [x0_guided - x0_pre] if score_shifts else []
+        if score_shifts:
+            # the clipped guidance shift clip(p + s) − clip(p) (p = x̂_0, s = the shifts) is an
+            # operand of its own, formed from s itself where neither side clips: as a difference
+            # of the two clipped x̂_0 (norm ~1 each, the shift ~1e-3) it would keep only the
+            # precision of p, relative to s ~1e3 times worse (issue 12)
+            clipped, shift = ops_.clip_shift(x0_pre, _sum(None, score_shifts), run.clip)
+            x0_pre, shift = ops_.add("x0_clipped", clipped), ops_.add("clip_shift", shift)
+            x0_guided, score_shifts = x0_pre + shift, [shift]
+        else:
+            x0_pre = x0_guided = ops_.materialize("x0_clipped", x0_pre, clamp=run.clip)
 
     # the sampler step as directions: base (untouched), denoising, guidance, diversity
     c_0 = scalars["c_0"]
@@ -619,7 +678,7 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
         raise ValueError(f"clip: expected None, True or (low, high) with low < high, got {clip!r}")
 
     resolved = ops.resolve_backend(backend, device)
-    compute = ops.reference.accumulation_dtype(dtype)
+    compute = ops.reference.coefficient_dtype(dtype)
     rows, index = tables.stacked(device, compute)
     run = _Run(model=model, shape=shape, device=device, dtype=dtype, tables=tables, table_rows=rows,
                table_index=index, timesteps_dev=tables.timesteps.t.to(device), prediction=prediction, branch=branch,

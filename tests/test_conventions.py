@@ -127,6 +127,16 @@ def test_row_matches_diffusers_guider(make_term, make_guider, prediction, moment
     assert_rows_equal(make_term(), make_guider(), prediction, momentum)
 
 
+@pytest.mark.parametrize("make_term, prediction", [pytest.param(r[1], r[3][-1], id=r[0]) for r in ROWS])
+def test_row_is_the_same_without_a_callback(make_term, prediction):
+    """The rows above read x̂_0 from callback records; a run without a callback (which fast
+    paths may take) must give the same samples."""
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=D)
+    runs = [gg.sample(model, SHAPE, schedule=SCHED, sampler="ddim", steps=TIMESTEPS, x_T=x_T, prediction=prediction,
+                      guidance=make_term(), cond={"y": Y}, callback=cb) for cb in (None, lambda record: None)]
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-9, atol=1e-9)
+
+
 def test_conventions_differ_where_the_table_says():
     """The switch changes the result (else the rows above would prove nothing)."""
     def x0s(term, prediction="v"):
@@ -218,6 +228,15 @@ def test_policy_C_official_clip_keeps_the_lookahead_gradient():
     G = (2 * beta * (target - gx0.detach())).view(-1, 1, 1) * vjp
     want = (x0_pre.detach() + (1 - abar) / a * G).clamp(-1, 1)
     torch.testing.assert_close(records[0].x0, want, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
+def test_policy_C_official_clip_is_the_same_without_a_callback(sampler):
+    x_T = 3 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=D)
+    runs = [gg.sample(model, SHAPE, schedule=SCHED, sampler=sampler, steps=TIMESTEPS, x_T=x_T, clip=True,
+                      guidance=gg.CFG(3.0, uncond=NU), cond={"y": Y}, projection=gg.PixelAsParam("C"),
+                      generator=torch.Generator().manual_seed(1), callback=cb) for cb in (None, lambda record: None)]
+    torch.testing.assert_close(runs[0], runs[1], rtol=1e-9, atol=1e-9)
 
 
 def test_policy_C_conventions_are_equal_without_clipping():

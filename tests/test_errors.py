@@ -390,8 +390,6 @@ def test_project_errors_name_the_argument():
         gg.project(torch.zeros(2, 3), torch.zeros(2, 3), delta=math.inf)
 
 
-@pytest.mark.xfail(strict=True, reason="issue 12 (float32 you can trust): the fix lands with the `fused` branch; "
-                                       "the lead flips this to a plain test after merging it")
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float32_guided_sampling_matches_float64(backend):
     """Issue 14 case 5 (= issue 12's precision case): DDIM, classifier guidance 1.5,

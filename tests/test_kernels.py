@@ -46,7 +46,7 @@ def _operands(shape, k, dtype, seed=0):
 def _check_reduce(operands, groups, backend):
     gram, sums = ops.reduce(operands, groups, backend=backend)
     k, dtype = len(operands), operands[0].dtype
-    acc = reference.accumulation_dtype(dtype)
+    acc = reference.coefficient_dtype(dtype)  # the Gram contract: float64 for every dtype
     assert gram.shape == (operands[0].shape[0], groups, k, k) and gram.dtype == acc
     assert sums.shape == (operands[0].shape[0], groups, k) and sums.dtype == acc
     exact = [op.to(torch.float64) for op in operands]
@@ -251,7 +251,14 @@ def _library_composition(policy, space, h, params, per):
     from gradguide.projection import pc
     from gradguide.linear import LinComb
     v = {name: LinComb(space, params[name]) for name in policies.POLICIES[policy][0]}
-    if policy == "cfg":
+    if policy == "linear":
+        total = v["coef"]
+    elif policy == "lookahead":
+        a, hh, s = params["a"], params["h"], params["sigma"]
+        beta = (a * a / 2) / (a * a * s * s + hh * space.norm2(v["vjp"], per))
+        residual = 2 * params["multiplier"] * (params["target"] - space.dot(v["reward"], v["x0"], per))
+        total = v["base"] + v["vjp"] * (params["post"] * residual * beta)
+    elif policy == "cfg":
         total = v["base"] + v["uncond"] + (v["cond"] - v["uncond"]) * params["scale"]
     elif policy in ("pxp-a", "pxp-b"):
         den, cls, div, d = v["den"], v["cls"], v["div"], params["delta"]
@@ -287,7 +294,10 @@ def _policy_params(policy, b, groups, k, zero=()):
                    "pxp-c": {"scale": 4.0, "delta": 1.0, "delta2": 0.5, "post": 0.3},
                    "apg": {"scale": 5.0, "eta": 0.2, "norm_threshold": 2.0, "post": 0.8},
                    "gloss": {"a": 0.7, "h": 0.51, "sigma": 0.1, "residual": torch.randn(b, generator=g),
-                             "post": 0.2}}[policy])
+                             "post": 0.2},
+                   "linear": {},
+                   "lookahead": {"a": 0.7, "h": 0.51, "sigma": 0.1, "target": 0.3, "multiplier": 1.5,
+                                 "post": 0.2}}[policy])
     return params
 
 

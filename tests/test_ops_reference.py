@@ -21,15 +21,18 @@ def test_reduce_groups_are_channel_chunks():
     g = torch.Generator().manual_seed(1)
     a, b = torch.randn(2, 3, 7, generator=g), torch.randn(2, 3, 7, generator=g)
     gram, sums = gg.ops.reduce([a, b], groups=3)
-    assert torch.allclose(gram[:, :, 0, 1], (a * b).sum(-1), atol=1e-5)
-    assert torch.allclose(sums[:, :, 1], b.sum(-1), atol=1e-5)
+    assert torch.allclose(gram[:, :, 0, 1], (a.double() * b.double()).sum(-1), atol=1e-5)
+    assert torch.allclose(sums[:, :, 1], b.double().sum(-1), atol=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_low_precision_accumulates_in_float32(dtype):
+def test_low_precision_reduce_accumulates_in_float64(dtype):
     x = torch.full((1, 4096), 1.0, dtype=dtype)
     gram, sums = gg.ops.reduce([x])
-    assert gram.dtype == torch.float32 and gram.item() == 4096.0 and sums.item() == 4096.0
+    assert gram.dtype == torch.float64 and gram.item() == 4096.0 and sums.item() == 4096.0
+    # 2^24 + 1 is not a float32: a float32 accumulator would stop at 2^24
+    y = torch.ones(1, 2 ** 24 + 1, dtype=dtype)
+    assert gg.ops.reduce([y])[1].item() == 2 ** 24 + 1
 
 
 def test_combine_per_sample_and_per_group_and_clamp():

@@ -10,7 +10,8 @@ import torch
 
 pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
-from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline,  # noqa: E402
+from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
+                       EulerAncestralDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
                        UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
@@ -73,8 +74,13 @@ def sd_scheduler(cls=DDIMScheduler, **kw):
     """Stable Diffusion v1's scheduler configuration."""
     config = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                   steps_offset=1)
-    if cls is DDIMScheduler:
+    if cls in (DDIMScheduler, PNDMScheduler):
         config["set_alpha_to_one"] = False
+    if cls is PNDMScheduler:   # SD 1.x's default scheduler (PLMS)
+        config["skip_prk_steps"] = True
+        del config["clip_sample"]
+    if cls in (DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler):
+        del config["clip_sample"]
     config.update(kw)
     return cls(**config)
 
@@ -104,10 +110,14 @@ CASES = [
                                                                                  guidance_rescale=0.7)),
     dict(scheduler=lambda: sd_scheduler(DDPMScheduler), kw=dict(guidance_scale=7.5)),
     dict(scheduler=lambda: sd_scheduler(), kw=dict(guidance_scale=1.0)),   # no CFG, as diffusers
+    dict(scheduler=lambda: sd_scheduler(PNDMScheduler), kw=dict(guidance_scale=7.5)),
+    dict(scheduler=lambda: sd_scheduler(DPMSolverMultistepScheduler), kw=dict(guidance_scale=7.5)),
+    dict(scheduler=lambda: sd_scheduler(EulerAncestralDiscreteScheduler), kw=dict(guidance_scale=7.5)),
 ]
 
 
-@pytest.mark.parametrize("case", CASES, ids=["ddim-cfg", "trailing-negative-n2", "v-rescale", "ddpm-noise", "no-cfg"])
+@pytest.mark.parametrize("case", CASES, ids=["ddim-cfg", "trailing-negative-n2", "v-rescale", "ddpm-noise", "no-cfg",
+                                             "pndm-sd-default", "dpmpp-2m", "euler-ancestral-sigma-space"])
 def test_pipeline_equals_diffusers(components, case):
     sd, pipe = _pipes(components, case["scheduler"]())
     kw = dict(num_inference_steps=4, height=SIZE, width=SIZE, **case["kw"])

@@ -274,15 +274,15 @@ class FakeWorld:
 
     def run(self, run) -> None:
         """Convert a prepared :class:`gradguide.sampling._Run` in place."""
+        import dataclasses
         run.device = self.device
         run.generator = None   # noise comes from the device's default generator (fake: no values)
-        for name in ("table_rows", "timesteps_dev", "step_ids"):
-            setattr(run, name, self.tensor(getattr(run, name)))
-        run.cond = self.value(run.cond)
-        run.model = self.value(run.model)
-        for term in [run.branch] + run.score_terms + run.mean_terms + run.post_terms:
-            if term is not None:
-                self.value(term)
+        # every field: tables, timesteps, step ids, cond / uncond / batched inputs, the model,
+        # guidance terms and the projection (tensors inside them are converted in place)
+        for f in dataclasses.fields(run):
+            if f.name in ("device", "generator", "tables"):
+                continue
+            setattr(run, f.name, self.value(getattr(run, f.name)))
 
 
 @contextlib.contextmanager

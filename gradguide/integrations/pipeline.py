@@ -11,7 +11,7 @@ PixelAsParam — including G_loss reward guidance through the VAE decoder
     from gradguide.integrations.pipeline import GuidedPipeline
 
     sd = StableDiffusionPipeline.from_pretrained(...)
-    pipe = GuidedPipeline.from_pipe(sd, scheduler=DDIMScheduler.from_config(sd.scheduler.config))
+    pipe = GuidedPipeline.from_pipe(sd)   # or scheduler=DDIMScheduler.from_config(sd.scheduler.config)
     images = pipe("a photo of a cat", num_inference_steps=50, guidance_scale=7.5,
                   generator=torch.Generator().manual_seed(0)).images          # PIL images
     reward = pipe.reward_guidance(grad, offset=b, target=10.0, beta=100.0)   # G_loss through the VAE

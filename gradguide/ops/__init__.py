@@ -201,7 +201,8 @@ class _ReferenceBackward(torch.autograd.Function):
 
 
 def reduce(operands: Sequence[torch.Tensor], groups: int = 1, backend: str = "auto"):
-    """Per-sample Gram matrix ``[B, G, K, K]`` and sums ``[B, G, K]`` of K operands.
+    """Per-sample Gram matrix ``[B, G, K, K]`` and sums ``[B, G, K]`` of K operands, float64
+    for every input dtype (why: :mod:`gradguide.ops.reference`).
 
     ``groups`` splits each flattened sample into G equal contiguous chunks (G = channels
     gives per-(sample, channel) statistics for NCHW tensors).
@@ -212,7 +213,7 @@ def reduce(operands: Sequence[torch.Tensor], groups: int = 1, backend: str = "au
         return reference.reduce(operands, groups)
     if len(operands) > MAX_K:
         raise ValueError(f"operands: backend {name!r} takes at most {MAX_K} operands, got {len(operands)}")
-    fast = lambda *ops_: _implementation(name).reduce(_contiguous(ops_), groups)
+    fast = lambda *ops_: reduce_unchecked(_contiguous(ops_), groups, name)
     if _needs_grad(*operands):  # the kernels compute no gradients: differentiate the reference
         return _ReferenceBackward.apply(fast, lambda *ops_: reference.reduce(ops_, groups), *operands)
     return fast(*operands)
@@ -245,7 +246,8 @@ def combine(coef: torch.Tensor, operands: Sequence[torch.Tensor], out: Optional[
     if len(operands) > MAX_K:
         raise ValueError(f"operands: backend {name!r} takes at most {MAX_K} operands, got {len(operands)}")
     impl = _implementation(name)
-    acc = reference.accumulation_dtype(operands[0].dtype)
+    # native CPU combine accumulates in float64, the Triton/CUDA kernels in float32 (reference.py)
+    acc = (reference.combine_dtype if name == "native" else reference.accumulation_dtype)(operands[0].dtype)
     if _needs_grad(coef, *operands):  # the kernels compute no gradients: differentiate the reference
         fast = lambda c, *ops_: impl.combine(c.to(acc).contiguous(), _contiguous(ops_), clamp=clamp)
         result = _ReferenceBackward.apply(fast, lambda c, *ops_: reference.combine(c, ops_, clamp=clamp),
@@ -287,16 +289,18 @@ def fused_combine(policy: str, operands: Sequence[torch.Tensor], *, gram: Option
     ``"pxp-b"``, ``"pxp-c"``, ``"apg"``, ``"gloss"``; formulas in :mod:`gradguide.ops.policies`).
     ``params``: the policy's coefficient vectors (LinCombs over ``operands``, ``[B, K]`` or
     ``[B, G, K]`` tensors) and scalars (numbers, 0-d or ``[B]`` device tensors) by name.
-    ``gram``: the operands' Gram matrix ``[B, G, K, K]`` from :func:`reduce` (computed here
-    when a policy needs it and it is not given). On ``"triton"`` the coefficient program runs
-    inside the combine kernel; other backends evaluate it in torch, then combine.
+    ``gram``: the Gram matrix ``[B, G, Kg, Kg]`` of the first ``Kg`` <= K operands from
+    :func:`reduce` (the vectors whose inner products the policy takes must be zero beyond them;
+    computed here over all K when a policy needs it and it is not given). The coefficient
+    program runs inside the combine on ``"native"`` (one C++ call) and ``"triton"`` (the fused
+    kernel's prologue, for the policies it has); the reference evaluates it in torch, then combines.
+    Coefficients are computed in float64.
     """
     if not isinstance(policy, str) or policy not in policies.POLICIES:
         raise ValueError(f"policy: expected one of {tuple(policies.POLICIES)}, got {policy!r}")
     check_operands(operands)
     first = operands[0]
     b, k = first.shape[0], len(operands)
-    acc = reference.accumulation_dtype(first.dtype)
     vector_names, scalar_defaults = policies.POLICIES[policy]
     unknown = set(params) - set(vector_names) - set(scalar_defaults)
     if unknown:
@@ -321,40 +325,121 @@ def fused_combine(policy: str, operands: Sequence[torch.Tensor], *, gram: Option
             groups = v.shape[1]
         vectors[name] = v
     if gram is not None:
-        _check_float_tensor("gram", gram, "a [B, G, K, K] tensor from ops.reduce")
+        _check_float_tensor("gram", gram, "a [B, G, Kg, Kg] tensor from ops.reduce")
         if gram.device != first.device:
             raise ValueError(f"gram: on {gram.device}, but the operands are on {first.device}")
-        if gram.dim() != 4 or gram.shape[0] != b or gram.shape[2:] != (k, k):
+        if gram.dim() != 4 or gram.shape[0] != b or gram.shape[2] != gram.shape[3] or not 1 <= gram.shape[2] <= k:
             got = tuple(gram.shape) if isinstance(gram, torch.Tensor) else type(gram).__name__
-            raise ValueError(f"gram: expected [B={b}, G, K={k}, K={k}] (from ops.reduce), got {got}")
+            raise ValueError(f"gram: expected [B={b}, G, Kg, Kg] over the first Kg <= K={k} operands "
+                             f"(from ops.reduce), got {got}")
         if groups not in (None, gram.shape[1]):
             raise ValueError(f"gram: {gram.shape[1]} groups, but the coefficient vectors have {groups}")
         groups = gram.shape[1]
     groups = groups or 1
     check_operands(operands, groups)
-    vectors = {n: v.to(acc).expand(b, groups, k).contiguous() for n, v in vectors.items()}
+    coef_dtype = reference.coefficient_dtype(first.dtype)
+    vectors = {n: v.to(coef_dtype) for n, v in vectors.items()}
     scalars = {}
     for name, default in scalar_defaults.items():
         if name not in params and default is None:
             raise TypeError(f"fused_combine({policy!r}): missing scalar {name!r}")
-        scalars[name] = _scalar(name, params.get(name, default), b, first.device, acc)
+        scalars[name] = _scalar(name, params.get(name, default), b, first.device, coef_dtype)
     _check_out(out, first)
     clamp = check_clamp(clamp)
     name = resolve_backend(backend, first.device)
+    if name != "reference" and len(operands) > MAX_K:
+        raise ValueError(f"operands: backend {name!r} takes at most {MAX_K} operands, got {len(operands)}")
+    operands = _contiguous(operands) if name != "reference" else list(operands)
     if policies.NEEDS_GRAM[policy]:
-        gram = reduce(operands, groups, backend=name)[0] if gram is None else gram.to(acc).contiguous()
-    # the fused kernel computes no gradients: with grad-tracking inputs, take the unfused path
-    # below (torch coefficient program + combine, differentiable through the reference backward)
-    differentiable = _needs_grad(gram, *operands, *vectors.values(), *scalars.values())
-    if name == "triton" and not differentiable:
-        if len(operands) > MAX_K:
-            raise ValueError(f"operands: backend 'triton' takes at most {MAX_K} operands, got {len(operands)}")
-        target = out if out is not None and out.is_contiguous() and all(
-            _overlap(out, t) != "partial" for t in operands) and all(
-            _overlap(out, t) == "none" for t in [gram, *vectors.values(), *scalars.values()] if t is not None) else None
-        result = triton_backend.fused_combine(policy, gram, list(vectors.values()), list(scalars.values()),
-                                              _contiguous(operands), out=target, clamp=clamp)
-        return out.copy_(result) if out is not None and target is None else result
-    shaped = {n: s.reshape(-1, 1, 1) for n, s in scalars.items()}
-    coef = policies.coefficients(policy, gram, vectors, shaped)
-    return combine(coef, operands, out=out, clamp=clamp, backend=name)
+        gram = (reduce(operands, groups, backend=name)[0] if gram is None else gram.to(coef_dtype).contiguous())
+    else:
+        gram = None
+    # the fused kernels compute no gradients: with grad-tracking inputs, take the unfused path
+    # (torch coefficient program + combine, differentiable through the reference backward)
+    if _needs_grad(gram, *operands, *vectors.values(), *scalars.values()):
+        b_, g_ = first.shape[0], groups
+        full = {n: v.expand(b_, g_, k) for n, v in vectors.items()}
+        if gram is not None and gram.shape[-1] < k:
+            gram = torch.nn.functional.pad(gram, (0, k - gram.shape[-1], 0, k - gram.shape[-1]))
+        coef = policies.coefficients(policy, gram, full, {n: s.reshape(-1, 1, 1) for n, s in scalars.items()})
+        return combine(coef, operands, out=out, clamp=clamp, backend=name)
+    result = fused_unchecked(policy, name, operands, gram, list(vectors.values()), list(scalars.values()),
+                             groups, clamp)
+    return result if out is None else out.copy_(result)
+
+
+# -- the unchecked entries a sampling step uses (validated once, when the run was prepared) --------
+
+def reduce_unchecked(operands: List[torch.Tensor], groups: int, backend: str):
+    """:func:`reduce` without argument checks (contiguous operands of one dtype/device/shape;
+    ``backend`` resolved): a step's per-call overhead is what small batches pay for."""
+    if backend == "reference":
+        return reference.reduce(operands, groups)
+    gram, sums = _implementation(backend).reduce(operands, groups)
+    if gram.dtype != torch.float64:  # the Gram contract is float64 (reference.py); a float32 kernel is upcast
+        gram, sums = gram.double(), sums.double()
+    return gram, sums
+
+
+def fused_unchecked(policy: str, backend: str, operands: List[torch.Tensor], gram: Optional[torch.Tensor],
+                    vectors: List[torch.Tensor], scalars: List[torch.Tensor], groups: int = 1,
+                    clamp: Optional[tuple] = None) -> torch.Tensor:
+    """:func:`fused_combine` without argument checks. ``vectors``: ``[1 or B, 1 or G, K]``
+    (broadcast over the batch); ``scalars``: 1- or B-element tensors; ``gram``: float64
+    ``[B, G, Kg, Kg]`` over the first ``Kg`` operands, or None for a policy without one.
+    native: the program runs inside ``gradguide::fused_combine`` (one call); triton: inside the
+    fused kernel for :data:`policies.TRITON_POLICIES`; otherwise the torch program, then combine."""
+    if backend == "native" and operands[0].device.type == "cpu":  # (the CUDA ops have no fused_combine yet)
+        return native_backend.fused_combine(policy, operands, gram, vectors, scalars, clamp)
+    b, k = operands[0].shape[0], len(operands)
+    if gram is not None and gram.shape[-1] < k:  # the torch program and the kernel index a K x K Gram
+        pad = k - gram.shape[-1]
+        gram = torch.nn.functional.pad(gram, (0, pad, 0, pad))
+    g = gram.shape[1] if gram is not None else max(v.shape[1] for v in vectors)
+    if backend == "triton" and policy in policies.TRITON_POLICIES:
+        acc = reference.accumulation_dtype(operands[0].dtype)
+        full = [v.to(acc).expand(b, g, k).contiguous() for v in vectors]
+        return triton_backend.fused_combine(policy, None if gram is None else gram.to(acc), full,
+                                            [s.to(acc) for s in scalars], operands, clamp=clamp)
+    names_v, names_s = policies.POLICIES[policy]
+    coef = policies.coefficients(policy, gram, {n: v.expand(b, g, k) for n, v in zip(names_v, vectors)},
+                                 {n: s.reshape(-1, 1, 1) for n, s in zip(names_s, scalars)})
+    if backend == "reference":
+        return reference.combine(coef, operands, clamp=clamp)
+    acc = reference.combine_dtype if backend == "native" else reference.accumulation_dtype
+    coef = coef.expand(b, g, k).to(acc(operands[0].dtype)).contiguous()
+    return _implementation(backend).combine(coef, operands, clamp=clamp)
+
+
+def clip_shift(coef_p: torch.Tensor, coef_s: torch.Tensor, operands: Sequence[torch.Tensor], clip: tuple,
+               backend: str = "auto"):
+    """A clipped x̂_0 and the clipped guidance shift, in one pass where possible.
+
+    With ``p = Σ_k coef_p[b, k] op_k`` and ``s = Σ_k coef_s[b, k] op_k`` (``coef``: ``[B, K]``
+    or ``[1, K]``), returns ``(clamp(p), clamp(p + s) − clamp(p))``; the shift is exactly ``s``
+    where neither side clips, so it keeps ``s``'s relative precision (issue 12)."""
+    check_operands(operands)
+    b, k = operands[0].shape[0], len(operands)
+    for name, c in (("coef_p", coef_p), ("coef_s", coef_s)):
+        if not isinstance(c, torch.Tensor) or c.dim() != 2 or c.shape[0] not in (1, b) or c.shape[1] != k:
+            got = tuple(c.shape) if isinstance(c, torch.Tensor) else type(c).__name__
+            raise ValueError(f"{name}: expected a [B={b} or 1, K={k}] tensor, got {got}")
+        if c.device != operands[0].device:
+            raise ValueError(f"{name}: on {c.device}, but the operands are on {operands[0].device}")
+    if coef_p.shape != coef_s.shape:
+        raise ValueError(f"coef_p and coef_s: shapes differ ({tuple(coef_p.shape)} vs {tuple(coef_s.shape)})")
+    if not isinstance(clip, (tuple, list)) or len(clip) != 2 or not clip[0] < clip[1]:
+        raise ValueError(f"clip: expected (low, high) with low < high, got {clip!r}")
+    name = resolve_backend(backend, operands[0].device)
+    if name != "reference" and len(operands) > MAX_K:
+        raise ValueError(f"operands: backend {name!r} takes at most {MAX_K} operands, got {len(operands)}")
+    dtype = reference.coefficient_dtype(operands[0].dtype)
+    return clip_shift_unchecked(coef_p.to(dtype), coef_s.to(dtype),
+                                _contiguous(operands) if name != "reference" else list(operands), clip, name)
+
+
+def clip_shift_unchecked(coef_p, coef_s, operands: List[torch.Tensor], clip: tuple, backend: str):
+    """:func:`clip_shift` without checks (native: one C++ pass; else the reference formula)."""
+    if backend == "native" and operands[0].device.type == "cpu":
+        return native_backend.clip_shift(coef_p, coef_s, operands, clip)
+    return reference.clip_shift(coef_p, coef_s, operands, clip)

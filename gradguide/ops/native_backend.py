@@ -49,7 +49,8 @@ def _register_fakes() -> None:
     def _reduce_fake(operands, groups):
         first = operands[0]
         b, k = first.shape[0], len(operands)
-        acc = _acc(first.dtype)
+        # the CPU op accumulates the Gram in float64 (reference.py); the CUDA op in float32
+        acc = torch.float64 if first.device.type == "cpu" else _acc(first.dtype)
         return first.new_empty((b, groups, k, k), dtype=acc), first.new_empty((b, groups, k), dtype=acc)
 
     @torch.library.register_fake("gradguide::combine")
@@ -59,6 +60,18 @@ def _register_fakes() -> None:
     @torch.library.register_fake("gradguide::combine_out")
     def _combine_out_fake(coef, operands, low, high, out):
         return None
+
+    if torch._C._dispatch_has_kernel_for_dispatch_key("gradguide::fused_combine", "CPU"):
+        @torch.library.register_fake("gradguide::fused_combine")
+        def _fused_combine_fake(policy, operands, gram, vectors, scalars, low, high):
+            return torch.empty_like(operands[0], memory_format=torch.contiguous_format)
+
+    if torch._C._dispatch_has_kernel_for_dispatch_key("gradguide::clip_shift", "CPU"):
+        @torch.library.register_fake("gradguide::clip_shift")
+        def _clip_shift_fake(coef_p, coef_s, operands, low, high):
+            like = operands[0]
+            return (torch.empty_like(like, memory_format=torch.contiguous_format),
+                    torch.empty_like(like, memory_format=torch.contiguous_format))
 
     _register_autograd()
 
@@ -113,6 +126,19 @@ def _register_autograd() -> None:
         return grad_coef, grad_ops, None, None
 
     torch.library.register_autograd("gradguide::combine", combine_backward, setup_context=combine_setup)
+
+
+def fused_combine(policy, operands, gram, vectors, scalars, clamp=None):
+    """``gradguide::fused_combine``: the policy's coefficient program (float64) and the combine."""
+    low, high = (None, None) if clamp is None else clamp
+    return torch.ops.gradguide.fused_combine(policy, operands, gram, vectors, scalars,
+                                             None if low is None else float(low),
+                                             None if high is None else float(high))
+
+
+def clip_shift(coef_p, coef_s, operands, clip):
+    """``gradguide::clip_shift``: ``clamp(p)`` and ``clamp(p + s) − clamp(p)`` in one pass."""
+    return torch.ops.gradguide.clip_shift(coef_p, coef_s, list(operands), float(clip[0]), float(clip[1]))
 
 
 def reduce(operands, groups: int = 1):

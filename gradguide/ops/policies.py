@@ -11,6 +11,9 @@ own ``combine``. Inner products are per row (a sample, or a (sample, group) pair
 Programs (vectors in *italics* are coefficient vectors; all others per-sample scalars, a
 number or a 0-d / ``[B]`` device tensor):
 
+- ``"linear"``: ``coef`` (no Gram: a combine whose weights need no inner product, e.g. a
+  plain sampler step or CFG with the weights of every step precomputed).
+
 - ``"cfg"`` (Ho & Salimans 2022, diffusers' ``w``): ``base + uncond + scale (cond − uncond)``.
 - ``"pxp-a"`` (PixelAsParam policy A, SPEC §4): ``base + PC(den|cls) + PC(cls|den) + div``.
 - ``"pxp-b"`` (policy B): ``base + PC(den|cls) + PC(PC(cls|den)|div) + PC(div|cls)``.
@@ -23,6 +26,10 @@ number or a 0-d / ``[B]`` device tensor):
   ``β = (a²/2)/(a² sigma² + h ‖v‖²)``, ``base + post · residual · β · v`` where ``residual`` is
   ``2·multiplier·(y − gᵀx̂_0)`` per sample and ``post`` maps a score shift to the step
   (``c_0 h / a``).
+- ``"lookahead"`` (the same G_loss, with the residual from the Gram matrix, as a step runs it):
+  ``v`` = *vjp*, ``β`` = the per-sample formula above if ``beta_per_sample`` ≠ 0, else ``beta``;
+  ``residual = 2·multiplier·(target − <reward, x0>)`` (``gᵀx̂_0`` with *reward* = ``g`` and
+  *x0* = ``x̂_0`` as vectors); ``base + post · residual · β · v``.
 
 ``PC_δ(a|b) = a − δ min(0, <a,b>)/‖b‖² b``, ``a`` where ``‖b‖ = 0`` (per row).
 """
@@ -34,14 +41,20 @@ import torch
 
 # name -> (coefficient vectors, scalars with their defaults; None = required)
 POLICIES = {
+    "linear": (("coef",), {}),
     "cfg": (("base", "cond", "uncond"), {"scale": None}),
     "pxp-a": (("base", "den", "cls", "div"), {"delta": 1.0}),
     "pxp-b": (("base", "den", "cls", "div"), {"delta": 1.0}),
     "pxp-c": (("base", "x0_cond", "x0_uncond"), {"scale": None, "delta": 1.0, "delta2": 1.0, "post": 1.0}),
     "apg": (("base", "d_cond", "d_uncond"), {"scale": None, "eta": 0.0, "norm_threshold": 15.0, "post": 1.0}),
     "gloss": (("base", "vjp"), {"a": None, "h": None, "sigma": 0.1, "residual": None, "post": 1.0}),
+    "lookahead": (("base", "x0", "vjp", "reward"), {"a": None, "h": None, "sigma": 0.1, "target": None,
+                                                    "multiplier": 1.0, "beta": 0.0, "beta_per_sample": 1.0,
+                                                    "post": 1.0}),
 }
-NEEDS_GRAM = {name: name != "cfg" for name in POLICIES}
+NEEDS_GRAM = {name: name not in ("cfg", "linear") for name in POLICIES}
+# the policies the Triton fused kernel evaluates in its prologue (the others: torch, then combine)
+TRITON_POLICIES = ("cfg", "pxp-a", "pxp-b", "pxp-c", "apg", "gloss")
 
 
 def _safe_div(num, den):
@@ -52,6 +65,10 @@ def _safe_div(num, den):
 
 
 def _dot(gram, u, v):
+    """``<u, v>`` per row from the Gram matrix of the first ``Kg`` operands (``u``, ``v`` are
+    zero beyond them), in the Gram's dtype (float64: see :mod:`gradguide.ops.reference`)."""
+    kg = gram.shape[-1]
+    u, v = u[..., :kg].to(gram.dtype), v[..., :kg].to(gram.dtype)
     return torch.einsum("bgk,bgkl,bgl->bg", u, gram, v).unsqueeze(-1)
 
 
@@ -64,6 +81,8 @@ def coefficients(policy: str, gram, vectors: Dict[str, torch.Tensor], scalars: D
     """``C[B, G, K]`` of ``policy``. ``vectors[name]`` are ``[B, G, K]``; ``scalars[name]`` are
     ``[B, 1, 1]`` (see :func:`gradguide.ops.fused_combine` for the checked entry point)."""
     v, s = vectors, scalars
+    if policy == "linear":
+        return v["coef"]
     if policy == "cfg":
         return v["base"] + v["uncond"] + s["scale"] * (v["cond"] - v["uncond"])
     if policy in ("pxp-a", "pxp-b"):
@@ -92,4 +111,11 @@ def coefficients(policy: str, gram, vectors: Dict[str, torch.Tensor], scalars: D
         a2 = s["a"] * s["a"]
         beta = (a2 / 2) / (a2 * s["sigma"] ** 2 + s["h"] * _dot(gram, vjp, vjp).clamp_min(0.0))
         return v["base"] + vjp * (s["post"] * s["residual"] * beta)
+    if policy == "lookahead":
+        vjp = v["vjp"]
+        a2 = s["a"] * s["a"]
+        per_sample = (a2 / 2) / (a2 * s["sigma"] ** 2 + s["h"] * _dot(gram, vjp, vjp).clamp_min(0.0))
+        beta = torch.where(s["beta_per_sample"] != 0, per_sample, s["beta"])
+        residual = 2 * s["multiplier"] * (s["target"] - _dot(gram, v["reward"], v["x0"]))
+        return v["base"] + vjp * (s["post"] * residual * beta)
     raise ValueError(f"policy: expected one of {tuple(POLICIES)}, got {policy!r}")

@@ -3,7 +3,16 @@
 These are the truth every other backend is tested against: any device, any float dtype,
 float64 capable, differentiable (the look-ahead VJP runs through ``combine``).
 
-Accumulation: float64 inputs accumulate in float64, everything else in float32.
+Accumulation: ``combine`` accumulates in float64 here and in the native CPU op (weights that
+cancel: x̂_0 = (x_t − √(1−ᾱ) ε)/√ᾱ has weights ~160 at t = 999 for a result of size 1; a
+float32 accumulator made issue 12's eta = 1 case 2e-4 off, float64 5e-5); the Triton and CUDA
+kernels accumulate in float32 (:func:`accumulation_dtype`). ``reduce`` accumulates in float64 for every dtype and returns a float64 Gram matrix and sums,
+and the coefficient programs run in float64 (:func:`coefficient_dtype`): rules take inner
+products of small combinations of large operands (``uᵀ G u`` for a clipped guidance shift,
+or where two directions nearly cancel), and a float32 Gram loses ``~1e-7·‖op‖²`` absolutely,
+which can be most of such a norm² (issue 12: 8 % off, 2e-2 error in the samples). Products
+of float32 values are exact in float64, so a float64 Gram is as good as its inputs; the cost
+is one pass's FMAs at double width, under the memory bound.
 Non-finite inputs propagate: a NaN/inf element in an operand makes the Gram entries of
 that operand non-finite, and ``combine`` multiplies every operand by its coefficient even
 when the coefficient is zero (0 * inf = NaN), so a non-finite operand always poisons the
@@ -17,13 +26,23 @@ import torch
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the Triton (and CUDA) kernels' ``combine``: float32, float64 for fp64."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _rows(operands: Sequence[torch.Tensor], groups: int) -> torch.Tensor:
-    """Stack operands as [B, G, K, N/G] in the accumulation dtype."""
+def combine_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of the reference and native CPU ``combine``: float64 (module doc)."""
+    return torch.float64
+
+
+def coefficient_dtype(dtype: torch.dtype) -> torch.dtype:
+    """dtype of the Gram matrix, sums and coefficient programs: always float64 (module doc)."""
+    return torch.float64
+
+
+def _rows(operands: Sequence[torch.Tensor], groups: int, acc: torch.dtype) -> torch.Tensor:
+    """Stack operands as [B, G, K, N/G] in ``acc``."""
     b = operands[0].shape[0]
-    acc = accumulation_dtype(operands[0].dtype)
     return torch.stack([op.reshape(b, groups, -1).to(acc) for op in operands], dim=2)
 
 
@@ -34,7 +53,7 @@ def reduce(operands: Sequence[torch.Tensor], groups: int = 1):
     ``sums[B, G, K]`` with ``sums[b, g, k] = sum(op_k[b, g])``. Group ``g`` is the g-th of
     ``groups`` equal contiguous chunks of a flattened sample (channels, for NCHW).
     """
-    rows = _rows(operands, groups)
+    rows = _rows(operands, groups, coefficient_dtype(operands[0].dtype))
     return rows @ rows.transpose(-1, -2), rows.sum(-1)
 
 
@@ -48,7 +67,7 @@ def combine(coef: torch.Tensor, operands: Sequence[torch.Tensor], out: Optional[
     clamp = check_clamp(clamp)
     if coef.is_complex() or not (coef.is_floating_point()):
         raise TypeError(f"coef: expected a real floating dtype, got {coef.dtype}")
-    rows = _rows(operands, coef.shape[1])
+    rows = _rows(operands, coef.shape[1], combine_dtype(operands[0].dtype))
     result = (coef.to(rows.dtype).unsqueeze(-1) * rows).sum(2)
     if clamp is not None:
         result = result.clamp(clamp[0], clamp[1])
@@ -56,3 +75,20 @@ def combine(coef: torch.Tensor, operands: Sequence[torch.Tensor], out: Optional[
     if out is None:
         return result
     return out.copy_(result)
+
+
+def clip_shift(coef_p: torch.Tensor, coef_s: torch.Tensor, operands: Sequence[torch.Tensor], clip: tuple):
+    """A clipped x̂_0 and the clipped guidance shift: with ``p = Σ coef_p[b, k] op_k`` and
+    ``s = Σ coef_s[b, k] op_k`` (``coef``: ``[B or 1, K]``), returns ``clamp(p)`` and
+    ``clamp(p + s) − clamp(p)``, the latter exactly ``s`` where neither side clips (formed as a
+    difference of the two clamped values it would keep only ``p``'s absolute precision)."""
+    b, k = operands[0].shape[0], len(operands)
+    acc = combine_dtype(operands[0].dtype)
+    rows = _rows(operands, 1, acc)[:, 0]                                   # [B, K, N]
+    p = (coef_p.to(acc).expand(b, k).unsqueeze(-1) * rows).sum(1).reshape(operands[0].shape)
+    s = (coef_s.to(acc).expand(b, k).unsqueeze(-1) * rows).sum(1).reshape(operands[0].shape)
+    low, high = clip
+    q = p + s
+    inside = (p > low) & (p < high) & (q > low) & (q < high)
+    shift = torch.where(inside, s, q.clamp(low, high) - p.clamp(low, high))
+    return p.clamp(low, high).to(operands[0].dtype), shift.to(operands[0].dtype)

@@ -1,0 +1,290 @@
+"""The fused step (gradguide.stepplan, issue 11 item 5 / issue 12 item 2).
+
+- A guided step that matches a built-in program runs as reduce + one fused combine: at most 8
+  launches beyond the model (counted on CPU with a TorchDispatchMode: aten ops that are not
+  views, plus custom ops) and big-tensor traffic within 1.1x the minimum, for the five workloads.
+- Its output equals the general LinComb path's (``fused=False``, the reference) for every
+  built-in sampler x guidance x projection x clipping x prediction combination.
+- Combinations outside the built-ins take the general path; no host sync; the graph stepper works.
+"""
+import itertools
+
+import pytest
+import torch
+
+import gradguide as gg
+from gradguide import sampling
+from gradguide.bench import step_launches
+
+SCHED = gg.Schedule.linear(1000)
+SHAPE = (3, 2, 4, 4)
+
+
+# -- launches and traffic ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", list(step_launches.WORKLOADS()))
+def test_a_guided_step_is_at_most_8_launches_at_minimum_traffic(name):
+    if gg.ops.available_backends("cpu")["native"] is not True:
+        pytest.skip("native ops not built")
+    row = step_launches.count_step(step_launches.WORKLOADS()[name], backend="native")
+    assert row["launches"] <= 8, row["ops"]
+    assert row["traffic_ratio"] <= 1.1, row
+    assert "gradguide::fused_combine" in row["ops"]
+    # the general LinComb path really is the many-launch one this replaces
+    general = step_launches.count_step(step_launches.WORKLOADS()[name], backend="native", fused=False)
+    assert general["launches"] > 2 * row["launches"]
+
+
+def test_launch_counter_counts_custom_ops_and_skips_views_and_the_model():
+    x = torch.randn(2, 8)
+    counter = step_launches.LaunchCounter(big_numel=16)
+    with counter:
+        y = x.view(16).reshape(2, 8).detach()   # views: 0
+        with step_launches.paused():
+            y = y * 2                            # "the model": 0
+        z = y + 1                                # 1
+        if gg.ops.available_backends("cpu")["native"] is True:
+            gg.ops.native_backend.reduce([z], 1)  # 1 custom op
+    assert counter.ops[0] == "add" and len(counter.ops) in (1, 2)
+    assert counter.bytes == 2 * 64 + (64 if len(counter.ops) == 2 else 0)   # add: read + write; reduce: read
+
+
+# -- equal to the general path --------------------------------------------------------------------
+
+def _model(x, t, y=None):
+    """A per-sample nonlinear ε model near the exact one for N(0, I) data (ε = √(1−ᾱ) x_t), with
+    perturbations scaled by √ᾱ so x̂_0 stays O(1) at every t; the conditional branch differs."""
+    abar = SCHED.alphas_cumprod.to(x.dtype)[t].reshape(-1, *([1] * (x.dim() - 1)))
+    a, s = abar.sqrt(), (1 - abar).sqrt()
+    out = s * x + a * (0.3 * torch.tanh(1.3 * x) + 0.2 * x.roll(1, -1))
+    return out + a * 0.4 * torch.sin(x + 1.0) if y is not None else out
+
+
+_D = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
+
+
+def _log_prob(x, t, y=None):
+    return (torch.sin(2 * x) * _D.to(x.dtype)).flatten(1).sum(1)
+
+
+def _log_prob2(x, t, y=None):
+    return -(0.3 * (x - 0.5) ** 2).flatten(1).sum(1)
+
+
+def _guidance(name):
+    """Scales that keep 5 steps from t = 999 bounded (the score form multiplies by h/a ~ 150 there),
+    so that outputs are compared, not amplified rounding."""
+    g = 0.1 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
+    return {
+        "none": [], "cfg": [gg.CFG(3.0)], "apg": [gg.APG(4.0, eta=0.3, norm_threshold=2.0)],
+        "classifier": [gg.Classifier(_log_prob, 0.05)],
+        "two-classifiers": [gg.Classifier(_log_prob, 0.04), gg.Classifier(_log_prob2, 0.03)],
+        "cfg+classifier": [gg.CFG(2.0), gg.Classifier(_log_prob, 0.05)],
+        "lookahead": [gg.LookAhead(g, target=torch.linspace(-1, 1, SHAPE[0]))],
+        "lookahead-beta": [gg.LookAhead(g, target=0.5, beta=0.02, multiplier=2.0)],
+    }[name]
+
+
+PROJECTIONS = {"none": None, "A": gg.PixelAsParam("A"), "B": gg.PixelAsParam("B", delta=0.8),
+               "B-channel": gg.PixelAsParam("B", granularity="channel"), "C": gg.PixelAsParam("C", delta2=0.6)}
+
+
+def _valid(guidance, projection):
+    if projection == "C":
+        return guidance == "cfg"
+    if projection in ("A", "B", "B-channel"):
+        return "classifier" in guidance
+    return True
+
+
+CASES = [c for c in itertools.product(["ddpm", "ddim", "ddim-eta1", "dpmpp-2m"], ["none", "cfg", "apg", "classifier",
+                                                                                 "two-classifiers", "cfg+classifier",
+                                                                                 "lookahead", "lookahead-beta"],
+                                      list(PROJECTIONS), [None, True]) if _valid(c[1], c[2])]
+
+
+def _run(sampler, guidance, projection, clip, fused, dtype=torch.float64, prediction="eps", clip_eps="clipped",
+         backend="auto", steps=5, **kw):
+    eta = 1.0 if sampler == "ddim-eta1" else 0.0
+    terms = _guidance(guidance)
+    x_T = 1.5 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    runs = {}
+    original = sampling._finish_prepare
+
+    def spy(run, fused_flag=True):
+        original(run, fused_flag)
+        runs["run"] = run
+    sampling._finish_prepare = spy
+    noise = sampling._noise
+    # float32 and float64 runs must see the same noise: torch.randn's float32 and float64 streams
+    # differ, so draw in float64 and round
+    sampling._noise = lambda shape, gen, device, dt: noise(shape, gen, device, torch.float64).to(dt)
+    try:
+        out = gg.sample(_model, SHAPE, schedule=SCHED, sampler=sampler.split("-eta")[0], eta=eta, steps=steps,
+                        guidance=terms, projection=PROJECTIONS[projection], cond={"y": torch.ones(SHAPE[0])},
+                        clip=clip, clip_eps=clip_eps, x_T=x_T.to(dtype), prediction=prediction, backend=backend,
+                        generator=torch.Generator().manual_seed(2), fused=fused, **kw)
+    finally:
+        sampling._finish_prepare, sampling._noise = original, noise
+    return out, runs["run"]
+
+
+def _expect_fused(sampler, guidance, projection, clip):
+    if guidance.startswith("lookahead") and clip:
+        return False
+    return sampler != "dpmpp-2m"   # samplers with carried state take the general path
+
+
+@pytest.mark.parametrize("sampler,guidance,projection,clip", CASES)
+def test_fused_step_equals_the_general_path(sampler, guidance, projection, clip):
+    want, general = _run(sampler, guidance, projection, clip, fused=False)
+    got, run = _run(sampler, guidance, projection, clip, fused=True)
+    assert general.plan is None
+    assert (run.plan is not None) == _expect_fused(sampler, guidance, projection, clip), run.fused_reason
+    assert want.abs().max() < 50
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    if clip:  # the case really clips (else the clip stages are untested)
+        assert (want - _run(sampler, guidance, projection, None, fused=False)[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("prediction", ["x0", "v"])
+@pytest.mark.parametrize("case", [("ddim", "cfg", "none"), ("ddpm", "classifier", "B"), ("ddim", "apg", "none"),
+                                  ("ddpm", "lookahead", "none"), ("ddpm", "cfg", "C")])
+def test_fused_step_other_predictions(prediction, case):
+    want, _ = _run(*case, None, fused=False, prediction=prediction)
+    got, run = _run(*case, None, fused=True, prediction=prediction)
+    assert run.plan is not None
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", [("ddim", "cfg", "none"), ("ddim", "classifier", "A"), ("ddim-eta1", "cfg+classifier", "B")])
+def test_fused_step_clip_eps_model(case):
+    want, _ = _run(*case, True, fused=False, clip_eps="model")
+    got, run = _run(*case, True, fused=True, clip_eps="model")
+    assert run.plan is not None
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("case", [("ddpm", "classifier", "A", True), ("ddim", "apg", "none", None),
+                                  ("ddpm", "lookahead", "none", None), ("ddpm", "cfg", "C", True)])
+def test_fused_step_float32_every_backend(backend, case):
+    if gg.ops.available_backends("cpu")[backend] is not True:
+        pytest.skip(f"{backend} not available")
+    want, _ = _run(*case, fused=False, backend="reference")
+    got, run = _run(*case, fused=True, dtype=torch.float32, backend=backend)
+    assert run.plan is not None and run.backend == backend
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("terms,projection,why", [
+    ([gg.CFGPlusPlus(0.5)], None, "CFGPlusPlus"), ([gg.APG(3.0, momentum=-0.5)], None, "momentum"),
+    ([gg.Classifier(_log_prob, 1.0)], gg.PixelAsParam("A", pcgrad=True), "PCGrad"),
+    ([gg.DPS(lambda x0: x0, torch.zeros(SHAPE))], None, "DPS"),
+    ([gg.Rescale(3.0)], None, "Rescale")])
+def test_other_combinations_take_the_general_path(terms, projection, why):
+    run = sampling._prepare(_model, SHAPE, SCHED, "ddpm", 4, 0.0, terms, projection, {"y": torch.ones(3)}, None,
+                            None, "auto", "eps", "fixed-small", None, "adm", None, None, None, False)
+    sampling._finish_prepare(run)
+    assert run.plan is None and why in run.fused_reason
+
+
+def test_fused_steps_never_synchronise_and_replay_in_the_graph_stepper():
+    from gradguide.graphs import GraphCache
+    for case in [("ddpm", "classifier", "A", True), ("ddim", "cfg", "C", None), ("ddpm", "lookahead", "none", None)]:
+        want, _ = _run(*case, fused=True, check_sync=True)
+        cache = GraphCache(emulate=True)
+        got, run = _run(*case, fused=True, graph=cache)
+        assert run.plan is not None and cache.captures >= 1
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_callback_records_use_the_general_step():
+    records = []
+    _run("ddim", "cfg", "none", None, fused=True, callback=records.append)
+    assert len(records) == 5 and records[-1].x0 is not None
+
+
+# -- the native ops behind the fused step ---------------------------------------------------------
+
+NATIVE = gg.ops.available_backends("cpu")["native"] is True
+
+
+@pytest.mark.skipif(not NATIVE, reason="native ops not built")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("policy", ["linear", "pxp-a", "pxp-b", "pxp-c", "apg", "lookahead"])
+def test_native_fused_combine_matches_the_torch_program(policy, dtype):
+    """Broadcast [1, 1, K] vectors, a Gram over the first Kg < K operands, per-group rows,
+    per-sample scalars: the C++ program equals policies.coefficients + the reference combine."""
+    from gradguide.ops import policies
+    g = torch.Generator().manual_seed(3)
+    shape, k, groups = (3, 2, 7, 5), 5, 2
+    operands = [torch.randn(shape, generator=g, dtype=torch.float64).to(dtype) for _ in range(k)]
+    names_v, names_s = policies.POLICIES[policy]
+    kg = k - 1 if policies.NEEDS_GRAM[policy] else 0
+    vectors = [torch.randn(1, 1, k, generator=g, dtype=torch.float64) for _ in names_v]
+    if kg:   # vectors whose inner products are taken vanish beyond Kg; "base"/"coef" need not
+        vectors = [v if n in ("base", "coef") else torch.cat([v[..., :kg], torch.zeros(1, 1, k - kg,
+                                                                                       dtype=torch.float64)], -1)
+                   for n, v in zip(names_v, vectors)]
+    scalars = [torch.rand(3, generator=g, dtype=torch.float64) + 0.5 for _ in names_s]
+    gram = gg.ops.reduce(operands[:kg], groups, backend="reference")[0] if kg else None
+    got = gg.ops.fused_unchecked(policy, "native", operands, gram, vectors, scalars, groups if kg else 1)
+    want = gg.ops.fused_unchecked(policy, "reference", operands, gram, vectors, scalars, groups if kg else 1)
+    tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float32: 1e-6, torch.float64: 1e-12}[dtype]
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not NATIVE, reason="native ops not built")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_native_clip_shift_matches_reference_and_is_exact_inside(dtype):
+    g = torch.Generator().manual_seed(4)
+    operands = [(2 * torch.randn(2, 3, 1023, generator=g, dtype=torch.float64)).to(dtype) for _ in range(3)]
+    coef_p = torch.tensor([[0.7, -0.2, 0.0]], dtype=torch.float64)
+    coef_s = torch.tensor([[0.0, 0.0, 1e-3]], dtype=torch.float64)
+    got = gg.ops.clip_shift(coef_p, coef_s, operands, (-1.0, 1.0), backend="native")
+    want = gg.ops.clip_shift(coef_p, coef_s, operands, (-1.0, 1.0), backend="reference")
+    tol = {torch.float16: 1e-3, torch.bfloat16: 1e-2, torch.float32: 1e-6, torch.float64: 1e-12}[dtype]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol)
+    clipped, shift = got
+    assert clipped.abs().max() <= 1
+    p = 0.7 * operands[0].double() - 0.2 * operands[1].double()
+    s = 1e-3 * operands[2].double()
+    inside = (p.abs() < 1 - 1e-2) & ((p + s).abs() < 1 - 1e-2)
+    # where nothing clips the shift is s itself, to s's own precision (not p's)
+    torch.testing.assert_close(shift.double()[inside], s[inside].to(dtype).double(), rtol=tol, atol=0)
+
+
+@pytest.mark.skipif(not NATIVE, reason="native ops not built")
+def test_native_fused_ops_opcheck():
+    g = torch.Generator().manual_seed(5)
+    operands = [torch.randn(2, 3, 8, generator=g) for _ in range(4)]
+    gram = gg.ops.reduce(operands[:3], 3, backend="native")[0]
+    vectors = [torch.randn(1, 1, 4, generator=g, dtype=torch.float64) for _ in range(4)]
+    vectors = [v if j == 0 else torch.cat([v[..., :3], torch.zeros(1, 1, 1, dtype=torch.float64)], -1)
+               for j, v in enumerate(vectors)]
+    torch.library.opcheck(torch.ops.gradguide.fused_combine.default,
+                          ("pxp-a", operands, gram, vectors, [torch.ones(1, dtype=torch.float64)], None, 1.5))
+    torch.library.opcheck(torch.ops.gradguide.fused_combine.default,
+                          ("linear", operands, None, vectors[:1], [], -1.0, None))
+    coef = torch.randn(1, 4, generator=g, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.gradguide.clip_shift.default, (coef, 0.01 * coef, operands, -1.0, 1.0))
+
+
+def test_compiled_fused_step_fullgraph_equals_eager():
+    """torch.compile of the whole fused step, fullgraph (no graph break), with the native ops."""
+    run = sampling._prepare(_model, SHAPE, SCHED, "ddim", 5, 0.0, [gg.CFG(3.0)], gg.PixelAsParam("C"),
+                            {"y": torch.ones(SHAPE[0])}, None, None, "auto", "eps", "fixed-small", None, "adm", None,
+                            None, None, False)
+    sampling._finish_prepare(run)
+    assert run.plan is not None
+    x = torch.randn(SHAPE)
+    state = sampling._initial_state(run, x)
+
+    def step(x, idx):
+        return sampling.step(run, x, 2, idx, state, None, False)[0]
+    compiled = torch.compile(step, fullgraph=True)
+    idx = run.step_ids[2:3]
+    torch.testing.assert_close(compiled(x, idx), step(x, idx), rtol=1e-6, atol=1e-6)
