@@ -59,6 +59,7 @@ def run_signature(run) -> tuple:
     return (
         ("model", id(run.model)), tuple(run.shape), run.dtype, str(run.device), run.backend, run.groups,
         run.tables.name, run.tables.multistep, run.tables.learned_variance, tuple(run.table_rows.shape),
+        run.timesteps_dev.dtype,   # int64 training steps vs float σ-space timesteps of the same length
         tuple(sorted(run.table_index.items())), run.prediction, run.clip, run.telemetry, run.variance_channels,
         repr(run.projection),
         tuple((type(t).__name__, t.graph_signature()) for t in terms if t is not None),

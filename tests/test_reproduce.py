@@ -92,9 +92,22 @@ def test_queue_adopts_a_live_run_of_an_earlier_queue(tmp_path, monkeypatch):
     extra = tmp_path / "extra.json"
     extra.write_text(json.dumps([_tiny_run("tiny_c")]))
     out = tmp_path / "tiny_c.json"
-    # an "earlier queue's" run: a process naming the run, which writes a complete JSON and exits
-    code = ("import json, time; time.sleep(1); json.dump({'runs': [{'rounds': 2, 'log': [{'round': 2}]}]}, "
+    # an "earlier queue's" run: a process naming the run that stays alive until the queue has
+    # adopted it (the first CPU reading releases it; no timing assumption on a loaded machine),
+    # then writes a complete JSON and exits
+    release = tmp_path / "release"
+    code = ("import json, os, time\n"
+            f"while not os.path.exists({str(release)!r}): time.sleep(0.05)\n"
+            "json.dump({'runs': [{'rounds': 2, 'log': [{'round': 2}]}]}, "
             f"open({str(out)!r}, 'w'))  # tiny_c")
+    real_cpu = rr._proc_cpu
+
+    def cpu_then_release(pid):
+        value = real_cpu(pid)
+        release.touch()
+        return value
+
+    monkeypatch.setattr(rr, "_proc_cpu", cpu_then_release)
     proc = subprocess.Popen([sys.executable, "-c", code])
     (tmp_path / "tiny_c.pid").write_text(json.dumps({"pid": proc.pid, "start": 0.0, "command": "x"}))
     try:
