@@ -13,6 +13,11 @@ from typing import List, Optional
 DEBUG_ENV = "GRADGUIDE_DEBUG"
 
 
+def _sampler_names():
+    from .samplers import SAMPLERS   # every sampler is a LinComb step: each one works with every guidance
+    return sorted(SAMPLERS)
+
+
 def _register_demo(sub) -> None:
     p = sub.add_parser("demo", help="run the embedded default example and print a table")
     p.add_argument("--example", choices=["optimize", "mixture"], default="optimize",
@@ -22,7 +27,7 @@ def _register_demo(sub) -> None:
     p.add_argument("--n", type=int, default=2000, help="mixture: samples per method (default 2000)")
     p.add_argument("--steps", type=int, default=None,
                    help="sampling steps (default: 50 for optimize, 200 with --full; 100 for mixture)")
-    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpmpp-2m"], help="sampler (default ddpm)")
+    p.add_argument("--sampler", default="ddpm", choices=_sampler_names(), help="sampler (default ddpm)")
     p.add_argument("--seed", type=int, default=None, help="random seed (default: 1234 for optimize, 0 for mixture)")
     p.add_argument("--plot", default=None,
                    help="plot path (default gradguide-demo-optimize.png / gradguide-demo.png)")
@@ -93,7 +98,7 @@ def _register_sample(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="base seed; sample i uses sample_seed(seed, i) (default 0)")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard file (default 1000)")
     p.add_argument("--batch-size", type=int, default=500, help="samples per model call (default 500)")
-    p.add_argument("--sampler", default="ddpm", choices=["ddpm", "ddim", "dpmpp-2m"], help="sampler (default ddpm)")
+    p.add_argument("--sampler", default="ddpm", choices=_sampler_names(), help="sampler (default ddpm)")
     p.add_argument("--steps", type=int, default=100, help="sampling steps (default 100)")
     p.add_argument("--spacing", default="adm", choices=["adm", "leading", "trailing", "linspace"],
                    help="timestep spacing (default adm; a diffusers schedule uses its own)")
