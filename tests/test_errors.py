@@ -315,7 +315,9 @@ def test_cuda_device_on_a_cpu_build():
     (dict(model=lambda x, t: torch.zeros(4, 2, device="meta")), ValueError, "model: .* returned a tensor on meta"),
     (dict(model=lambda x, t, y=None: GM(x, t), guidance=gg.CFG(3.0, uncond={"y": torch.zeros(2)}),
           cond={"y": torch.zeros(4, dtype=torch.long)}), ValueError,
-     r"CFG: uncond\['y'\]: shape \(2,\), but cond\['y'\] is \(4,\) with B = 4"),
+     r"CFG: uncond\['y'\]: leading \(batch\) dimension 2, but the batch has B = 4 samples"),
+    (dict(model=lambda x, t, y=None: GM(x, t), cond={"y": torch.zeros(7, dtype=torch.long)}), ValueError,
+     r"cond\['y'\]: leading \(batch\) dimension 7, but the batch has B = 4 samples"),
     (dict(check_finite="sometimes"), ValueError, "check_finite: expected"),
     (dict(check_finite="step", check_sync=True), ValueError, "check_finite: 'step' reads"),
 ])

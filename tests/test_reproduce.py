@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -97,7 +98,8 @@ def test_queue_adopts_a_live_run_of_an_earlier_queue(tmp_path, monkeypatch):
     # then writes a complete JSON and exits
     release = tmp_path / "release"
     code = ("import json, os, time\n"
-            f"while not os.path.exists({str(release)!r}): time.sleep(0.05)\n"
+            "deadline = time.time() + 120\n"
+            f"while not os.path.exists({str(release)!r}) and time.time() < deadline: time.sleep(0.05)\n"
             "json.dump({'runs': [{'rounds': 2, 'log': [{'round': 2}]}]}, "
             f"open({str(out)!r}, 'w'))  # tiny_c")
     real_cpu = rr._proc_cpu
@@ -110,10 +112,19 @@ def test_queue_adopts_a_live_run_of_an_earlier_queue(tmp_path, monkeypatch):
     monkeypatch.setattr(rr, "_proc_cpu", cpu_then_release)
     proc = subprocess.Popen([sys.executable, "-c", code])
     (tmp_path / "tiny_c.pid").write_text(json.dumps({"pid": proc.pid, "start": 0.0, "command": "x"}))
+    # the stand-in is visible as alive before the queue starts (the queue's own check)
+    deadline = time.time() + 30
+    while rr._alive(str(tmp_path), "tiny_c") is None and time.time() < deadline:
+        time.sleep(0.1)
+    try:
+        cmdline = open(f"/proc/{proc.pid}/cmdline", "rb").read()[-80:]
+    except OSError as exc:
+        cmdline = repr(exc)
+    assert rr._alive(str(tmp_path), "tiny_c") is not None, (proc.poll(), cmdline)
     try:
         assert rr.main(["--out", str(tmp_path), "--extra", str(extra), "--only", "tiny_*"]) == 0
     finally:
-        proc.wait()
+        proc.wait(timeout=180)
     rec = json.loads((tmp_path / "tiny_c.time.json").read_text())
     assert rec["returncode"] == 0 and "adopted" in rec["cpu_note"]
     # adopted, not run again: the JSON is still the stand-in's

@@ -243,7 +243,7 @@ class FakeWorld:
 
     def value(self, v, depth: int = 0):
         """Convert tensors, modules and containers reachable from ``v`` (objects in place)."""
-        if depth > 6:
+        if depth > 10:   # deep enough for run.plan -> variants -> stages -> scalar specs -> tensor
             return v
         if isinstance(v, torch.Tensor):
             return self.tensor(v)
@@ -266,7 +266,10 @@ class FakeWorld:
                 if isinstance(content, torch.Tensor):
                     cell.cell_contents = new
             return v
-        if isinstance(v, gg.GuidanceTerm) or isinstance(v, gg.PixelAsParam):
+        # guidance terms, the projection, and the fused step's plan (its stages hold per-sample
+        # tensors such as G_loss's target)
+        if (isinstance(v, (gg.GuidanceTerm, gg.PixelAsParam))
+                or type(v).__module__ == "gradguide.stepplan" and hasattr(v, "__dict__")):
             for k, x in list(vars(v).items()):
                 setattr(v, k, self.value(x, depth + 1))
             return v
@@ -444,6 +447,20 @@ def minimum_bytes(log: dict, run, x: torch.Tensor) -> int:
     return total
 
 
+def _plan_structure(log: dict, variant) -> None:
+    """:func:`minimum_bytes`' record for a fused step (``gradguide.stepplan``): the most operands
+    any stage's Gram takes, and the operands of each stage whose output is not an intermediate
+    (the clipped x̂_0 and its shift are recomputable elementwise, as for the general path)."""
+    originals = ("x", "model_cond", "model_uncond")
+    intermediates = {"x0_clipped", "clip_shift", "x0_clipped,clip_shift"}
+    for stage in variant.stages:
+        own = [n for n in stage.operands if n not in intermediates]
+        log["reduce_k"] = max(log["reduce_k"], min(stage.n_gram, len(own)))
+        if stage.output not in intermediates:
+            log["combine_k"].append(len(own))
+        log["tracked_k"] = max(log["tracked_k"], len([n for n in stage.operands if n in originals]))
+
+
 @contextlib.contextmanager
 def _structure_log(log: dict):
     """Record the step's structure for :func:`minimum_bytes`: how many *original* operands each
@@ -537,7 +554,7 @@ def dry_run(model: Callable, shape, *, steps_measured=None, graph: bool = True, 
     from gradguide.profiling import phased
 
     # host-side preparation (validation, tables), on the meta device, before the fake mode
-    kw = {k: v for k, v in kwargs.items() if k != "clip_eps"}
+    kw = {k: v for k, v in kwargs.items() if k not in ("clip_eps", "fused")}
     clip_eps = kwargs.get("clip_eps", "clipped")
     with _meta_preparation():
         prepared = sampling._prepare(phased(model, tracker), tuple(shape), kw.pop("schedule"),
@@ -551,6 +568,8 @@ def dry_run(model: Callable, shape, *, steps_measured=None, graph: bool = True, 
         raise TypeError(f"dry_run: unsupported sample() arguments {sorted(kw)}")
     run = prepared
     run.clip_eps = clip_eps
+    with _meta_preparation():
+        sampling._finish_prepare(run, kwargs.get("fused", True))   # the built-in fused step, as sample() plans it
     fake_device = device or ("meta" if run.needs_input_grad or fake_cuda_status() else "cuda")
     if fake_device == "cuda" and run.needs_input_grad:
         raise ValueError("device='cuda': this step takes a vector-Jacobian product, which a CPU-only torch cannot "
@@ -591,6 +610,8 @@ def dry_run(model: Callable, shape, *, steps_measured=None, graph: bool = True, 
                     noise = torch.randn(tuple(shape), device=world.device, dtype=run.dtype)
                     log["noise"] = 1
                 x_new, state_new, _ = sampling.step(run, x, i, run.step_ids[i:i + 1], state, noise, False)
+                if run.plan is not None:
+                    _plan_structure(log, run.plan.variants[bool(run.tables.draws_noise[i])])
             tracker.stack[:] = []
             if x_new.device.type != world.device.type or x_new.shape != x.shape:
                 raise AssertionError(f"step {i}: output on {x_new.device} shaped {tuple(x_new.shape)}")
