@@ -439,7 +439,9 @@ def minimum_bytes(log: dict, run, x: torch.Tensor) -> int:
     total += s * log["noise"]
     for term in run.score_terms + run.mean_terms + run.post_terms:
         if type(term).__name__ in ("LookAhead",):
-            total += 2 * s
+            # the general path forms the cotangent of the VJP (read g, write it); the fused step
+            # asks autograd for Jᵀg with the reward direction itself as the cotangent
+            total += 0 if log.get("fused") else 2 * s
         elif type(term).__name__ == "DecodedLookAhead":
             total += 2 * _nbytes(term.grad) + (log["tracked_k"] + 1) * s
         elif type(term).__name__ == "DPS":
@@ -453,6 +455,7 @@ def _plan_structure(log: dict, variant) -> None:
     (the clipped x̂_0 and its shift are recomputable elementwise, as for the general path)."""
     originals = ("x", "model_cond", "model_uncond")
     intermediates = {"x0_clipped", "clip_shift", "x0_clipped,clip_shift"}
+    log["fused"] = True
     for stage in variant.stages:
         own = [n for n in stage.operands if n not in intermediates]
         log["reduce_k"] = max(log["reduce_k"], min(stage.n_gram, len(own)))
