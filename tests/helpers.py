@@ -54,3 +54,25 @@ class FixedModel:
 def linear_log_prob(direction):
     """log p(y|x) = <direction, x> per sample: its gradient is ``direction``."""
     return lambda x, t, y=None: per_sample_dot(direction, x)
+
+
+def guidance_cases(gm):
+    """Every guidance family (and PixelAsParam policy) on the closed-form mixture ``gm``:
+    name -> (terms, projection, model), for the sampler x guidance sweeps."""
+    def uncond(x, t, **_):
+        return gm(x, t)
+
+    return {
+        "cfg": ([gg.CFG(3.0)], None, gm),
+        "apg-momentum": ([gg.APG(3.0, momentum=-0.5)], None, gm),
+        "rescale": ([gg.Rescale(3.0)], None, gm),
+        "cfg-zero*": ([gg.CFGZeroStar(3.0, zero_init_steps=1)], None, gm),
+        "cfg++": ([gg.CFGPlusPlus(0.5)], None, gm),
+        "classifier+A": ([gg.Classifier(gm.log_prob_class, 2.0)], gg.PixelAsParam("A"), gm),
+        "classifier+B-pcgrad": ([gg.Classifier(gm.log_prob_class, 2.0)], gg.PixelAsParam("B", pcgrad=True), uncond),
+        "cfg+C": ([gg.CFG(3.0)], gg.PixelAsParam("C"), gm),
+        "G": ([gg.NaiveGradient(torch.tensor([1.0, 0.0]), 2.0)], None, uncond),
+        "G_loss+classifier": ([gg.LookAhead(torch.tensor([1.0, 0.0]), 2.0), gg.Classifier(gm.log_prob_class, 1.0)],
+                              gg.PixelAsParam("A"), uncond),
+        "dps": ([gg.DPS(lambda x0: x0, torch.zeros(8, 2))], None, uncond),
+    }

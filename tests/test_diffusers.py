@@ -20,13 +20,7 @@ SHAPE = (2, 3, 8, 8)
 NULL = 3          # the class label used as "unconditional"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # tiny convolutions: threads only add overhead, and oversubscribe a shared 2-core CI box
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import gradguide as gg
+from helpers import guidance_cases
 from gradguide.analytic import SubspaceGaussian
 from gradguide.debug import HostSyncError, forbid_host_sync
 from gradguide.demo_mixture import default_mixture
@@ -18,24 +19,7 @@ DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 Y = torch.full((8,), 2)
 
 
-def uncond(x, t, **_):
-    return GM(x, t)
-
-
-TERMS = {
-    "cfg": ([gg.CFG(3.0)], None, GM),
-    "apg-momentum": ([gg.APG(3.0, momentum=-0.5)], None, GM),
-    "rescale": ([gg.Rescale(3.0)], None, GM),
-    "cfg-zero*": ([gg.CFGZeroStar(3.0, zero_init_steps=1)], None, GM),
-    "cfg++": ([gg.CFGPlusPlus(0.5)], None, GM),
-    "classifier+A": ([gg.Classifier(GM.log_prob_class, 2.0)], gg.PixelAsParam("A"), GM),
-    "classifier+B-pcgrad": ([gg.Classifier(GM.log_prob_class, 2.0)], gg.PixelAsParam("B", pcgrad=True), uncond),
-    "cfg+C": ([gg.CFG(3.0)], gg.PixelAsParam("C"), GM),
-    "G": ([gg.NaiveGradient(torch.tensor([1.0, 0.0]), 2.0)], None, uncond),
-    "G_loss+classifier": ([gg.LookAhead(torch.tensor([1.0, 0.0]), 2.0), gg.Classifier(GM.log_prob_class, 1.0)],
-                          gg.PixelAsParam("A"), uncond),
-    "dps": ([gg.DPS(lambda x0: x0, torch.zeros(8, 2))], None, uncond),
-}
+TERMS = guidance_cases(GM)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -22,12 +22,7 @@ PROMPTS = ["a cat", "dog"]
 SIZE = 16          # image side; latents are 8×8 (VAE scale factor 2)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def tiny_tokenizer(max_length=8):
