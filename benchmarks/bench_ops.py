@@ -20,13 +20,13 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from typing import Callable, Dict, List, Optional
 
 import torch
 
 from gradguide import ops
+from gradguide.bench.meta import git_commit as _git_commit
 from gradguide.ops import policies, reference
 
 K = 4  # operands of a typical step: x_t, model output(s) / guidance gradient, noise
@@ -206,15 +206,6 @@ def _time(fn: Callable[[], object], device, reps: int, warmup: int) -> float:
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
     return statistics.median(times)
-
-
-def _git_commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
 
 
 def _device_name(device) -> str:

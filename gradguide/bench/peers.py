@@ -33,7 +33,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import time
 from typing import Callable, Dict, List, Optional
 
@@ -41,6 +40,7 @@ import torch
 from torch import nn
 
 import gradguide
+from gradguide.bench.meta import git_commit as _git_commit
 
 STEPS = 25
 GUIDANCE_SCALE = 7.5
@@ -209,15 +209,6 @@ def _cpu_name() -> str:
     except OSError:
         pass
     return name
-
-
-def _git_commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
-                              timeout=10).stdout.strip() or "unknown"
-    except Exception:
-        return "unknown"
 
 
 def run(quick: bool = False, models=MODELS, sizes=None, reps: Optional[int] = None, seed: int = 0,
