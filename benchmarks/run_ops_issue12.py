@@ -1,7 +1,7 @@
 import sys, torch
 sys.path.insert(0, ".")
 torch.set_num_threads(2)
-from benchmarks import bench_ops as b
+from gradguide.bench import ops as b
 b.FULL_SIZES = [("SD latent B=1", (1, 4, 64, 64)), ("ADM-256 B=64", (64, 3, 256, 256))]
 res = b.run(quick=False, device="cpu", backends=["reference", "native"], workloads=["reduce+combine", "pxp-a", "apg"],
             reps=5, compile_reference=False, progress=False)

@@ -1,5 +1,5 @@
 """pytest-benchmark suites of whole guided passes at small sizes (the quick configurations of
-``bench_loop.py``): each workload in each variant, so ``--benchmark-compare`` tracks the loop
+``gradguide/bench/loop.py``): each workload in each variant, so ``--benchmark-compare`` tracks the loop
 across commits. Not part of the test run (``testpaths = ["tests"]``); run with
 
     python -m pytest benchmarks/test_bench_small.py              # CPU: eager, fused, fused+graph
@@ -8,14 +8,10 @@ across commits. Not part of the test run (``testpaths = ["tests"]``); run with
 On CUDA the timed function ends with a synchronize (DESIGN.md: GPU times are medians of
 synchronised passes) and ``fused+graph`` replays captured steps after the warm-up round.
 """
-import os
-import sys
-
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_loop  # noqa: E402
+from gradguide.bench import loop as bench_loop
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 WORKLOADS = ["sim-gloss", "sim-unguided", "sd-cfg-gloss", "adm64-cls-pxpA", "loop-cfg-pxpC", "loop-gloss"]

@@ -43,9 +43,9 @@ def _register_demo(sub) -> None:
 
 def _demo(args) -> int:
     if args.example == "optimize":
-        from . import demo_optimize
+        from .experiments import demo_optimize
         return demo_optimize.run_cli(args)
-    from . import demo_mixture
+    from .experiments import demo_mixture
     steps = 100 if args.steps is None else args.steps
     if args.n < 1 or steps < 1:
         raise SystemExit("gradguide demo: --n and --steps must be positive")
@@ -56,16 +56,16 @@ def _demo(args) -> int:
 
 def _register_optimize(sub) -> None:
     p = sub.add_parser("optimize", help="generative optimisation: Algorithms 1 and 2 on the subspace simulation")
-    from .optimize import add_arguments
+    from .experiments.optimize import add_arguments
     add_arguments(p)
-    p.set_defaults(func=lambda args: __import__("gradguide.optimize", fromlist=["run_cli"]).run_cli(args))
+    p.set_defaults(func=lambda args: __import__("gradguide.experiments.optimize", fromlist=["run_cli"]).run_cli(args))
 
 
 def _register_train_sim(sub) -> None:
     p = sub.add_parser("train-sim", help="retrain the shipped small score network of the simulation (deterministic)")
-    from .simulation import add_train_arguments
+    from .experiments.simulation import add_train_arguments
     add_train_arguments(p)
-    p.set_defaults(func=lambda args: __import__("gradguide.simulation", fromlist=["run_train"]).run_train(args))
+    p.set_defaults(func=lambda args: __import__("gradguide.experiments.simulation", fromlist=["run_train"]).run_train(args))
 
 
 def _register_info(sub) -> None:
@@ -121,26 +121,26 @@ def _register_sample(sub) -> None:
 
 
 def _sample(args) -> int:
-    from . import sharded
+    from .tools import sharded
     return sharded.main(args)
 
 
 def _register_digits(sub) -> None:
     # issue 6: PixelAsParam on the 8x8 digits (scikit-learn is imported only when a digits command runs)
     p = sub.add_parser("train-digits", help="retrain the shipped 8x8-digits models (deterministic, one thread)")
-    from .digits.train import add_train_arguments
+    from .experiments.digits.train import add_train_arguments
     add_train_arguments(p)
-    p.set_defaults(func=lambda args: __import__("gradguide.digits.train", fromlist=["run_train"]).run_train(args))
+    p.set_defaults(func=lambda args: __import__("gradguide.experiments.digits.train", fromlist=["run_train"]).run_train(args))
     p = sub.add_parser("evaluate", help="accuracy, classifier-FID, precision/recall of 8x8 digit samples "
                                         "against the held-out digits (SPEC.md section 6)")
-    from .evaluation import add_arguments as add_eval_arguments
+    from .experiments.evaluation import add_arguments as add_eval_arguments
     add_eval_arguments(p)
-    p.set_defaults(func=lambda args: __import__("gradguide.evaluation", fromlist=["run_cli"]).run_cli(args))
+    p.set_defaults(func=lambda args: __import__("gradguide.experiments.evaluation", fromlist=["run_cli"]).run_cli(args))
     p = sub.add_parser("sweep-digits", help="guidance sweeps on the digits: baseline vs PixelAsParam, "
                                             "policies A/B/C, DDPM and DDIM, with plots")
-    from .digits.sweep import add_arguments as add_sweep_arguments
+    from .experiments.digits.sweep import add_arguments as add_sweep_arguments
     add_sweep_arguments(p)
-    p.set_defaults(func=lambda args: __import__("gradguide.digits.sweep", fromlist=["run_cli"]).run_cli(args))
+    p.set_defaults(func=lambda args: __import__("gradguide.experiments.digits.sweep", fromlist=["run_cli"]).run_cli(args))
 
 
 def _register_bench(sub) -> None:
@@ -171,9 +171,9 @@ def _register_bench(sub) -> None:
 
 
 def _register_bench_loop(p) -> None:
-    # options of --suite loop|paper (benchmarks/bench_loop.py, loaded lazily like bench_ops.py)
+    # options of --suite loop|paper (gradguide/bench/loop.py, imported lazily like bench/ops.py)
     p.add_argument("--workloads", default=None,
-                   help="loop/paper: comma-separated workloads (default: the suite's; see benchmarks/bench_loop.py); "
+                   help="loop/paper: comma-separated workloads (default: the suite's; see gradguide/bench/loop.py); "
                         "peers: models, some of cheap,unet (default both)")
     p.add_argument("--sizes", default=None,
                    help="peers: comma-separated sizes, some of sd-b1,sd-b4,sd-b8,px-b16 (default all; --quick: "
@@ -192,7 +192,6 @@ def _register_bench_loop(p) -> None:
 def _bench(args) -> int:
     import torch
 
-    from .harness import load
     if args.threads is not None:
         if args.threads < 1:
             raise SystemExit("gradguide bench: --threads must be positive")
@@ -204,8 +203,9 @@ def _bench(args) -> int:
         from .bench import peers
         return peers.run_cli(args)
     if args.suite in ("loop", "paper"):
-        return load("bench_loop", "gradguide bench").run_cli(args)
-    bench = load("bench_ops", "gradguide bench")
+        from .bench import loop
+        return loop.run_cli(args)
+    from .bench import ops as bench
     backends = args.backends.split(",") if args.backends else None
     unknown = set(backends or ()) - {"reference", "compile", "native", "triton"}
     if unknown:
@@ -221,9 +221,9 @@ def _bench(args) -> int:
 def _register_profile(sub) -> None:
     p = sub.add_parser("profile", help="peak memory per phase (forward, backward, guidance, graph pool) of a "
                                        "sampling run, a memory-over-time plot, an optional torch.profiler trace")
-    from .profiling import add_arguments
+    from .bench.profiling import add_arguments
     add_arguments(p)
-    p.set_defaults(func=lambda args: __import__("gradguide.profiling", fromlist=["run_cli"]).run_cli(args))
+    p.set_defaults(func=lambda args: __import__("gradguide.bench.profiling", fromlist=["run_cli"]).run_cli(args))
 
 
 def _register_dryrun(sub) -> None:

@@ -1,4 +1,4 @@
-"""``gradguide bench --suite loop|paper`` (benchmarks/bench_loop.py): quick runs on CPU write
+"""``gradguide bench --suite loop|paper`` (gradguide/bench/loop.py): quick runs on CPU write
 valid JSON + markdown, rows carry what the issue asks for, failures become notes, and the
 workloads are the papers' architectures."""
 import json
@@ -9,11 +9,7 @@ import torch
 
 import gradguide
 from gradguide import cli, ops
-from gradguide.harness import load
-
-
-
-bl = load("bench_loop", "tests")
+from gradguide.bench import loop as bl
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -115,7 +111,7 @@ def test_bad_arguments():
 def test_architectures_match_the_papers():
     """Parameter counts on the meta device (nothing allocated): SD-1.5's U-Net and VAE exactly,
     the 1-D U-Net ≈ 14.9 M, ResNet-18 with a 1-output head, ADM-like sizes near ADM's."""
-    from gradguide.nets import UNet1D
+    from gradguide.experiments.nets import UNet1D
     count = lambda m: sum(p.numel() for p in m.parameters())
     with torch.device("meta"):
         assert count(bl.sd15_unet(False)) == 859_520_964

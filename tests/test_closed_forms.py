@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import gradguide as gg
-from gradguide.analytic import SubspaceGaussian
-from gradguide.demo_mixture import default_mixture
+from gradguide.experiments.analytic import SubspaceGaussian
+from gradguide.experiments.demo_mixture import default_mixture
 
 N = 4000
 SCHED = gg.Schedule.linear(1000)

@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip("sklearn", reason="gradguide.digits needs scikit-learn (pip install scikit-learn)")
 
-from gradguide.digits import data, models, sweep  # noqa: E402
-from gradguide.evaluation import DigitsEvaluator  # noqa: E402
+from gradguide.experiments.digits import data, models, sweep  # noqa: E402
+from gradguide.experiments.evaluation import DigitsEvaluator  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_train_is_deterministic():
 
 
 def models_train(name):
-    from gradguide.digits.train import train_model
+    from gradguide.experiments.digits.train import train_model
     return train_model(name, steps=15, seed=3, progress=False, log=lambda *_: None)
 
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import gradguide as gg
-from gradguide.demo_mixture import default_mixture
+from gradguide.experiments.demo_mixture import default_mixture
 
 SCHED = gg.Schedule.linear(100)
 GM = default_mixture(SCHED)
@@ -396,7 +396,7 @@ def test_float32_guided_sampling_matches_float64(backend):
     """Issue 14 case 5 (= issue 12's precision case): DDIM, classifier guidance 1.5,
     PixelAsParam B per channel, clip=True, 5 steps on the shipped 8x8-digits models. float64 is
     well conditioned here; float32 must agree to 1e-4 relative (it was 1.6e-2 off)."""
-    from gradguide.digits import models
+    from gradguide.experiments.digits import models
     schedule, unc, cls = models.digits_schedule(), models.load("eps_uncond"), models.load("noisy_classifier")
     y = torch.arange(8) % 10
     x_T = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

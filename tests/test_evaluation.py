@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from gradguide.evaluation import fid_from_features, frechet_distance, gaussian_fit, precision_recall
+from gradguide.experiments.evaluation import fid_from_features, frechet_distance, gaussian_fit, precision_recall
 
 
 def _rng(seed=0):

@@ -215,7 +215,7 @@ def test_naive_gradient_G(case):
 
 def subspace_step():
     """The exact subspace model, one DDIM step from t = 120 to 100, and its projector P = AAᵀ."""
-    from gradguide.analytic import SubspaceGaussian
+    from gradguide.experiments.analytic import SubspaceGaussian
     sched = gg.Schedule.cosine(200)
     sub = SubspaceGaussian.random(sched, D=12, d=3, seed=1, dtype=D)
     ts = one_step(120, 100, sched)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import gradguide as gg
-from gradguide.analytic import SubspaceGaussian
-from gradguide.demo_mixture import default_mixture
+from gradguide.experiments.analytic import SubspaceGaussian
+from gradguide.experiments.demo_mixture import default_mixture
 from gradguide.graphs import GraphCache
 
 SCHED = gg.Schedule.linear(200)

@@ -345,7 +345,7 @@ def test_fused_per_sample_scalars_and_errors():
 def test_sample_matches_reference_backend(backend):
     _backend(backend)
     from gradguide import CFG, Classifier, PixelAsParam, Schedule, sample
-    from gradguide.demo_mixture import default_mixture
+    from gradguide.experiments.demo_mixture import default_mixture
     schedule = Schedule.linear(1000)
     gm = default_mixture(schedule)
     y = torch.full((6,), 2, dtype=torch.int64)

@@ -9,9 +9,9 @@ import torch
 
 import gradguide as gg
 from helpers import guidance_cases
-from gradguide.analytic import SubspaceGaussian
+from gradguide.experiments.analytic import SubspaceGaussian
 from gradguide.debug import HostSyncError, forbid_host_sync
-from gradguide.demo_mixture import default_mixture
+from gradguide.experiments.demo_mixture import default_mixture
 
 SCHED = gg.Schedule.linear(200)
 GM = default_mixture(SCHED)

@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from gradguide.analytic import SubspaceGaussian
-from gradguide.nets import SmallScoreNet, UNet1D, count_parameters
-from gradguide.optimize import optimize
-from gradguide.simulation import Simulation, diffusion_loss, load_small
+from gradguide.experiments.analytic import SubspaceGaussian
+from gradguide.experiments.nets import SmallScoreNet, UNet1D, count_parameters
+from gradguide.experiments.optimize import optimize
+from gradguide.experiments.simulation import Simulation, diffusion_loss, load_small
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +165,7 @@ def test_paper_unet_shape_and_size():
 
 
 def test_demo_json(tmp_path):
-    from gradguide import demo_optimize
+    from gradguide.experiments import demo_optimize
     path = tmp_path / "demo.json"
     lines = []
     runs = demo_optimize.run(rounds=4, steps=5, plot=str(tmp_path / "demo.png"), json_path=str(path),

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 import gradguide as gg
 from gradguide import sampling
-from gradguide.demo_mixture import default_mixture
+from gradguide.experiments.demo_mixture import default_mixture
 
 TOL = 1e-4
 SCHED = gg.Schedule.linear(1000)

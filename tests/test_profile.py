@@ -1,4 +1,4 @@
-"""``gradguide profile`` (gradguide/profiling.py): phases, memory sources, the quick CLI run."""
+"""``gradguide profile`` (gradguide/bench/profiling.py): phases, memory sources, the quick CLI run."""
 import json
 import os
 
@@ -7,7 +7,7 @@ import torch
 
 import gradguide
 from gradguide import cli
-from gradguide.profiling import (MemorySampler, NVMLReader, PhaseTracker, RSSReader, _uuid_key, phased,
+from gradguide.bench.profiling import (MemorySampler, NVMLReader, PhaseTracker, RSSReader, _uuid_key, phased,
                                  profile_sampling)
 
 
@@ -46,8 +46,7 @@ def test_cli_profile_quick(tmp_path):
 def test_phases_classifier_workload():
     """Classifier guidance + PixelAsParam: two forwards per step (model, classifier), one VJP
     (through the classifier only)."""
-    from gradguide.harness import load
-    bl = load("bench_loop", "tests")
+    from gradguide.bench import loop as bl
     w = bl.build_workload("loop-cls-pxpA", quick=True)
     result = profile_sampling(lambda wrap: w.sample_kwargs(wrap=wrap), "cpu", progress=False)
     assert result["phases"]["forward"]["count"] == 2 * w.steps

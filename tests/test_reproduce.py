@@ -37,8 +37,8 @@ def test_optimize_rejects_non_positive_counts(tmp_path, flag):
 
 
 def test_train_sim_width_and_depth_round_trip(tmp_path):
-    from gradguide.nets import count_parameters
-    from gradguide.simulation import load_small
+    from gradguide.experiments.nets import count_parameters
+    from gradguide.experiments.simulation import load_small
     out = tmp_path / "w.safetensors"
     assert cli_main(["train-sim", "--hidden", "24", "--depth", "2", "--epochs", "1", "--no-progress",
                      "--out", str(out)]) == 0

@@ -8,7 +8,7 @@ import torch
 
 import gradguide as gg
 from helpers import guidance_cases
-from gradguide.demo_mixture import default_mixture
+from gradguide.experiments.demo_mixture import default_mixture
 from gradguide.samplers import build
 
 SCHED = gg.Schedule.linear(200)

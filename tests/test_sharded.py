@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from gradguide import sharded
+from gradguide.tools import sharded
 from gradguide.cli import main as cli_main
 
 N, SHARD, STEPS = 40, 8, 10          # 5 shards: ranks of 2 get 3 and 2
@@ -127,7 +127,7 @@ def test_cli_user_model_and_guidance(tmp_path, monkeypatch):
     (tmp_path / "my_models.py").write_text(
         "import torch\n"
         "from gradguide import Schedule\n"
-        "from gradguide.demo_mixture import default_mixture\n"
+        "from gradguide.experiments.demo_mixture import default_mixture\n"
         "def build():\n"
         "    gm = default_mixture(Schedule.linear(1000))\n"
         "    return {'model': gm, 'schedule': gm.schedule, 'shape': (2,), 'cond': {'y': torch.tensor([1])}}\n")
@@ -165,7 +165,7 @@ def _hold_lock(out, seconds):
     """A separate process that holds ``out``'s lock for ``seconds`` (prints once it holds it)."""
     code = textwrap.dedent(f"""
         import sys, time
-        from gradguide import sharded
+        from gradguide.tools import sharded
         lock = sharded._OutputLock({str(out)!r}, False, print)
         print("locked", flush=True)
         time.sleep({seconds})

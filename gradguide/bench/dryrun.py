@@ -554,7 +554,7 @@ def dry_run(model: Callable, shape, *, steps_measured=None, graph: bool = True, 
     kwargs = dict(sample_kwargs)
     requested_backend = backend
     tracker = tracker or Tracker()   # classifiers/decoders wrapped with phased(fn, tracker) count as model
-    from gradguide.profiling import phased
+    from gradguide.bench.profiling import phased
 
     # host-side preparation (validation, tables), on the meta device, before the fake mode
     kw = {k: v for k, v in kwargs.items() if k not in ("clip_eps", "fused")}
@@ -668,8 +668,8 @@ def _graph_path(run, x, state, steps_measured, counter, tracker, shape, world) -
 # -- workloads ------------------------------------------------------------------------------------------
 
 def _load_bench():
-    from gradguide.harness import load
-    return load("bench_loop", "gradguide dryrun")
+    from gradguide.bench import loop
+    return loop
 
 
 class _BigOnMeta(torch.overrides.TorchFunctionMode):
@@ -700,10 +700,10 @@ class _BigOnMeta(torch.overrides.TorchFunctionMode):
 
 def paper_workload(name: str, tracker: Tracker, quick: bool = False, dtype: Optional[torch.dtype] = None) -> tuple:
     """``(model, shape, sample kwargs, facts)`` of a workload of the bench harness
-    (``benchmarks/bench_loop.py``), built on the ``meta`` device, with its classifier or decoder
+    (``gradguide/bench/loop.py``), built on the ``meta`` device, with its classifier or decoder
     marked as a model phase on ``tracker``. U-Net weights default to float16, as the harness
     runs them on CUDA."""
-    from gradguide.profiling import phased
+    from gradguide.bench.profiling import phased
     bench = _load_bench()
     if name not in bench.ALL_WORKLOADS:
         raise ValueError(f"workload: expected one of {', '.join(bench.ALL_WORKLOADS)}, got {name!r}")
@@ -772,7 +772,7 @@ class _TinyClassifier(nn.Module):
 
 
 def _guidance_terms(name: str, shape, tracker: Tracker):
-    from gradguide.profiling import phased
+    from gradguide.bench.profiling import phased
     meta = torch.device("meta")
     b = shape[0]
     if name == "none":

@@ -518,7 +518,7 @@ def _off_support(spec):
 
 def _sample_setup(spec):
     import gradguide as gg
-    from gradguide.demo_mixture import default_mixture
+    from gradguide.experiments.demo_mixture import default_mixture
     schedule = gg.Schedule.linear(spec["T"])
     b = spec["b"]
     if spec["model"] == "mixture":

@@ -4,14 +4,14 @@ On a machine with a CUDA device it runs, side by side in one process, and writes
 markdown report (``gpu-<device>-<date>.{json,md}``):
 
 1. **bandwidth** — reduce + combine of every built-in policy vs ``dst.copy_(src)`` (the
-   ops suite, ``benchmarks/bench_ops.py``): GB/s and the fraction of the measured copy
+   ops suite, ``gradguide/bench/ops.py``): GB/s and the fraction of the measured copy
    bandwidth, fp32 and fp16;
 2. **graph** — CUDA-graph replay vs eager on the loop workloads: the same seed must give the
    same samples (max |Δ|, ``torch.allclose`` at the dtype's tolerance), and the speedup
    (median pass times, CUDA events);
 3. **paper** — the papers' workloads (simulation pass, SD-1.5 + VAE + G_loss, ADM +
    classifier + PixelAsParam A) eager / fused / fused+graph / torch.compile
-   (``benchmarks/bench_loop.py``), with the ratio to the paper's 4.6 s per simulation pass;
+   (``gradguide/bench/loop.py``), with the ratio to the paper's 4.6 s per simulation pass;
 4. **memory** — a profiled pass (``gradguide profile``'s machinery): per-phase peak of torch's
    allocator and of NVML's device-wide used memory, and the graph pool, next to the dry run's
    projected memory for the same workload.
@@ -116,7 +116,7 @@ def graph_vs_eager(bench, names, dev, quick: bool, reps: int, seed: int = 0) -> 
 def memory(bench, name: str, dev, quick: bool, seed: int = 0) -> dict:
     """A profiled pass of ``name`` (allocator + NVML per phase, graph pool) and the dry run's
     projection for the same workload, side by side."""
-    from gradguide import profiling
+    from gradguide.bench import profiling
     w = bench.build_workload(name, quick=quick, device=dev, seed=seed)
 
     def make_run(wrap):
@@ -139,9 +139,7 @@ def run(device: Optional[str] = None, quick: bool = False, allow_cpu: bool = Fal
         sections=("bandwidth", "graph", "paper", "memory"), progress: bool = True) -> dict:
     """Run the GPU acceptance suite; returns one report dict (see :func:`write`)."""
     dev = _device(allow_cpu, device)
-    from gradguide.harness import load
-    bench_ops = load("bench_ops", "gradguide bench --suite gpu")
-    bench_loop = load("bench_loop", "gradguide bench --suite gpu")
+    from gradguide.bench import loop as bench_loop, ops as bench_ops
     reps = reps or (1 if quick else 5)
     report = dict(bench_loop.run_header(dev), suite="gpu", quick=quick,
                   plumbing_test=dev.type != "cuda", sections=list(sections))
@@ -166,13 +164,12 @@ def _mib(v) -> str:
 
 
 def markdown(report: dict) -> str:
-    from gradguide.harness import load
     title = "GPU acceptance" if not report["plumbing_test"] else \
         "PLUMBING TEST ON CPU — not a GPU measurement"
     lines = [f"# gradguide bench --suite gpu: {title}", "",
              f"- device: {report['device']}; versions {report['versions']}; commit {report['commit']}, {report['date']}"]
     if "bandwidth" in report:
-        bench_ops = load("bench_ops", "gradguide bench --suite gpu")
+        from gradguide.bench import ops as bench_ops
         for b in report["bandwidth"]:
             lines += ["", "## Kernel vs copy bandwidth", "", bench_ops.markdown(b)]
     if "graph" in report:
@@ -183,7 +180,7 @@ def markdown(report: dict) -> str:
             lines.append(f"| {r['workload']} | {r['steps']} | {r['graph']} | {r['equal']} | {r['max_abs_diff']:.2e} | "
                          f"{r['captures']} | {r['eager_pass_s']:.4f} | {r['graph_pass_s']:.4f} | {r['speedup']:.2f}x |")
     if "paper" in report:
-        bench_loop = load("bench_loop", "gradguide bench --suite gpu")
+        from gradguide.bench import loop as bench_loop
         lines += ["", "## Paper workloads", "", bench_loop.markdown(report["paper"])]
     if "memory" in report:
         m = report["memory"]

@@ -35,7 +35,7 @@ DEFAULT_INPUTS = ("docs/figures/full_alg1_G.json", "docs/figures/full_alg1_G_los
 
 
 def _paper():
-    from gradguide.optimize import PAPER_DELTA, PAPER_KFT, PAPER_ROUNDS
+    from gradguide.experiments.optimize import PAPER_DELTA, PAPER_KFT, PAPER_ROUNDS
     return PAPER_DELTA, PAPER_KFT, PAPER_ROUNDS
 
 
@@ -264,7 +264,7 @@ def table_hypotheses(runs, objective="f1-theta2", seed=1234) -> List[str]:
 
 def table_objectives(runs) -> List[str]:
     """Every objective × algorithm × guidance at the paper's settings: mean ± std over seeds."""
-    from gradguide.simulation import Simulation
+    from gradguide.experiments.simulation import Simulation
     lines = ["**All objectives, paper settings** (final round; mean ± std over seeds)", "",
              "| objective | optimum | algorithm | guidance | seeds | final reward | final top-4 | r_off final "
              "| r_off last 50 | wall s per run (mean) |", "|---|---|---|---|---|---|---|---|---|---|"]

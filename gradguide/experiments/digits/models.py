@@ -20,9 +20,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..schedules import Schedule
+from ...schedules import Schedule
 
-WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "weights", "digits")
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "weights",
+                           "digits")  # gradguide/weights/digits
 MODEL_NAMES = ("eps_cond", "eps_uncond", "noisy_classifier", "eval_classifier")
 T_STEPS = 1000
 

@@ -13,7 +13,7 @@ from typing import List, Optional
 
 import torch
 
-from . import APG, CFG, CFGPlusPlus, CFGZeroStar, Classifier, PixelAsParam, Rescale, Schedule, sample
+from .. import APG, CFG, CFGPlusPlus, CFGZeroStar, Classifier, PixelAsParam, Rescale, Schedule, sample
 from .analytic import GaussianMixture
 
 TARGET_CLASS = 2

@@ -53,9 +53,7 @@ comparable with the paper. On a shared CPU quote ratios, not times.
 from __future__ import annotations
 
 import datetime
-import os
 import statistics
-import sys
 import time
 import warnings
 from typing import Callable, List, Optional
@@ -67,11 +65,9 @@ from torch import nn
 import gradguide
 from gradguide import DecodedLookAhead, ops
 from gradguide.graphs import GraphCache
-from gradguide.profiling import MemorySampler
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import bench_ops  # noqa: E402  (shared result writing)
-from bench_ops import _device_name, _git_commit  # noqa: E402  (shared run metadata)
+from gradguide.bench import ops as bench_ops  # shared result writing
+from gradguide.bench.ops import _device_name, _git_commit  # shared run metadata
+from gradguide.bench.profiling import MemorySampler
 
 PAPER_PASS_S = 4.6        # SPEC.md §5: one guided sampling pass, 200 steps, B = 32, one A100
 PAPER_RUN_MIN = 76.0      # one simulation run (Algorithm 1, 1000 rounds)
@@ -300,7 +296,7 @@ def _prepare(module: nn.Module, device, dtype=torch.float32) -> nn.Module:
 
 
 def _sim(name, quick, device, seed):
-    from gradguide.nets import UNet1D
+    from gradguide.experiments.nets import UNet1D
     torch.manual_seed(seed)
     width, mults = (8, (1, 2)) if quick else (64, (1, 2, 4, 8))
     b, steps = (4, 4) if quick else (32, 200)

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from .schedules import Schedule
+from ..schedules import Schedule
 
 
 def _abar(schedule: Schedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

@@ -30,9 +30,9 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from .guidance import LookAhead, NaiveGradient
-from .sampling import sample
-from .schedules import Schedule
+from ..guidance import LookAhead, NaiveGradient
+from ..sampling import sample
+from ..schedules import Schedule
 
 GUIDANCES = ("G", "G_loss")
 QUERIES = ("per-sample", "mean")
@@ -278,7 +278,7 @@ def _round_log(k, values, z, basis, seconds, finetuned=False, ft_loss=None) -> R
     top = values.topk(min(TOP_K, values.numel())).indices
     r_mean = r_top = None
     if basis is not None:
-        from .metrics import off_support_ratio
+        from ..metrics import off_support_ratio
         r = off_support_ratio(z, basis.to(device=z.device, dtype=z.dtype))
         r_mean, r_top = float(r.mean()), float(r[top].mean())
     return RoundLog(round=k, reward_mean=float(values.mean()), reward_top4=float(values[top].mean()),
@@ -372,7 +372,7 @@ PAPER_KFT = {"G": 40, "G_loss": 60}
 
 def _graph_cache(graph, device):
     """The GraphCache the rounds share, or None for eager sampling."""
-    from .graphs import GraphCache
+    from ..graphs import GraphCache
     if graph is False or graph is None:
         return None
     if isinstance(graph, GraphCache):

@@ -25,11 +25,11 @@ from typing import Callable, Dict, Optional
 
 import torch
 
-from .metrics import off_support_ratio
-from .schedules import Schedule
+from ..metrics import off_support_ratio
+from ..schedules import Schedule
 
 D_OUTER, D_INNER, T_STEPS, N_PRETRAIN = 64, 16, 200, 65536
-WEIGHTS_DIR = os.path.join(os.path.dirname(__file__), "weights")
+WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")  # gradguide/weights
 SMALL_WEIGHTS = os.path.join(WEIGHTS_DIR, "sim_small.safetensors")
 OBJECTIVES = ("f1-theta1", "f1-theta2", "f2-b1", "f2-b2")
 
@@ -230,7 +230,7 @@ def _bar(total: int, enabled: bool, desc: str):
 
 def unguided_check(net, sim: Simulation, n: int = 512, seed: int = 0, steps=None) -> Dict[str, float]:
     """Mean ``r_off`` and norm of unguided samples from ``net`` (a quick quality check)."""
-    from .sampling import sample
+    from ..sampling import sample
     with torch.no_grad():
         x = sample(net, (n, sim.D), schedule=sim.schedule, sampler="ddpm", steps=steps,
                    generator=torch.Generator().manual_seed(seed))

@@ -382,7 +382,7 @@ def _graph_pass(make_run, dev, sampler, run_pass) -> dict:
     CPU the documented eager fallback (recorded, not measured as a graph)."""
     import warnings
 
-    from .graphs import GraphCache
+    from ..graphs import GraphCache
     cache = GraphCache()
     kwargs = make_run(lambda fn: fn)
     kwargs["graph"] = cache
@@ -462,7 +462,7 @@ def plot(result: dict, path: str, title: str = "") -> str:
 
 def add_arguments(p) -> None:
     p.add_argument("--workload", default="sim-gloss",
-                   help="a workload of the bench harness (benchmarks/bench_loop.py): sim-gloss (default), "
+                   help="a workload of the bench harness (gradguide/bench/loop.py): sim-gloss (default), "
                         "sim-unguided, sd-cfg-gloss, adm64-cls-pxpA, adm128-cls-pxpA, adm256-cls-pxpA, or a "
                         "loop-* workload")
     p.add_argument("--quick", action="store_true", help="the workload's tiny configuration (seconds on a CPU)")
@@ -483,8 +483,7 @@ def add_arguments(p) -> None:
 def run_cli(args) -> int:
     if args.interval <= 0:
         raise SystemExit("gradguide profile: --interval must be positive")
-    from .harness import load
-    bench = load("bench_loop", "gradguide profile")
+    from . import loop as bench
     dev = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.workload not in bench.ALL_WORKLOADS:
         raise SystemExit(f"gradguide profile: --workload: expected one of {', '.join(bench.ALL_WORKLOADS)}, "
@@ -522,7 +521,7 @@ def projected_gpu_memory(workload: str, quick: bool) -> dict:
     dry run (:mod:`gradguide.bench.dryrun`; weights + peak live tensor bytes per phase + graph
     static buffers). A projection, labelled so; an error becomes the entry's ``error``."""
     try:
-        from .bench import dryrun
+        from . import dryrun
         r = dryrun.run_workload(workload, quick=quick)
     except Exception as exc:   # the projection is an addition to the profile: never fail the profile for it
         return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}

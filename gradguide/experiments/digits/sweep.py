@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from .. import CFG, Classifier, PixelAsParam, sample
+from ... import CFG, Classifier, PixelAsParam, sample
 from . import models
 from .data import NUM_CLASSES
 

@@ -173,9 +173,9 @@ def load_model(config: SampleConfig) -> LoadedModel:
     sample), ``uncond`` (CFG's unconditional inputs) and ``classifier``
     (``log p(y | x_t, t, **cond)``).
     """
-    from .schedules import Schedule
+    from ..schedules import Schedule
     if config.model == "mixture":
-        from .demo_mixture import TARGET_CLASS, default_mixture
+        from ..experiments.demo_mixture import TARGET_CLASS, default_mixture
         gm = default_mixture(Schedule.linear(1000))
         label = TARGET_CLASS if config.class_label is None else config.class_label
         if not 0 <= label < gm.num_classes:
@@ -186,14 +186,14 @@ def load_model(config: SampleConfig) -> LoadedModel:
         return LoadedModel(model, gm.schedule, (gm.dim,), cond,
                            classifier=lambda x, t, y: gm.log_prob_class(x, t, y))
     if config.model == "subspace":
-        from .analytic import SubspaceGaussian
+        from ..experiments.analytic import SubspaceGaussian
         sg = SubspaceGaussian.random(Schedule.cosine(200), D=64, d=16, seed=0)
         return LoadedModel(sg, sg.schedule, (64,), lambda idx, device: {})
     return _load_user(config)
 
 
 def _load_user(config: SampleConfig) -> LoadedModel:
-    from .schedules import Schedule
+    from ..schedules import Schedule
     module_name, _, func_name = config.model.partition(":")
     if not module_name or not func_name:
         raise ValueError(f"model: expected 'module:function', got {config.model!r}")
@@ -244,8 +244,8 @@ def _load_user(config: SampleConfig) -> LoadedModel:
 
 
 def _guidance(config: SampleConfig, loaded: LoadedModel):
-    from .guidance import CFG, Classifier
-    from .projection import PixelAsParam
+    from ..guidance import CFG, Classifier
+    from ..projection import PixelAsParam
     terms = []
     if config.cfg is not None:
         terms.append(CFG(config.cfg, uncond=loaded.uncond))
@@ -439,7 +439,7 @@ def _run(config: SampleConfig, env: _Dist, log) -> Optional[dict]:
 
 
 def _draw(config: SampleConfig, env: _Dist, log) -> Optional[dict]:
-    from .sampling import sample
+    from ..sampling import sample
     out = config.out
     digest = config.digest()
 
