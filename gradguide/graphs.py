@@ -1,6 +1,7 @@
 """CUDA-graph capture of a sampling step, and the eager stepper it replaces.
 
-A step (:func:`gradguide.sampling.step`) reads every per-step quantity from device tensors:
+The steppers are handed the step function (:func:`gradguide.sampling.step`) by ``sample``, so
+this module does not import :mod:`gradguide.sampling` (which imports it). A step reads every per-step quantity from device tensors:
 the step index ``idx`` (a ``[1]`` int64 tensor) selects a column of the sampler's scalar
 table and the model's timesteps, and the noise arrives as a tensor drawn outside the step.
 So one captured step replays for every step of a run. What is left on the host is the step
@@ -30,18 +31,20 @@ re-running it on the static buffers: the test suite uses it to check the plumbin
 """
 from __future__ import annotations
 
-from typing import Dict
+import dataclasses
+from typing import Callable, Dict
 
 import torch
+
+from .guidance.base import _signature_of
 
 WARMUP_RUNS = 3  # side-stream runs before capture
 
 
 class EagerStepper:
-    """Runs each step directly."""
+    """Runs each step directly (``step``: :func:`gradguide.sampling.step`)."""
 
-    def __init__(self, run):
-        from .sampling import step
+    def __init__(self, run, step: Callable):
         self.run, self._step = run, step
         self._ids = run.step_ids.split(1)   # the device step indices [1], sliced once per run
 
@@ -54,7 +57,6 @@ class EagerStepper:
 
 def run_signature(run) -> tuple:
     """Everything but tensor values that a captured step of ``run`` depends on."""
-    from .guidance.base import _signature_of
     terms = [run.branch] + run.score_terms + run.mean_terms + run.post_terms
     return (
         ("model", id(run.model)), tuple(run.shape), run.dtype, str(run.device), run.backend, run.groups,
@@ -94,8 +96,7 @@ def _flat_tensors(prefix: str, value, out: Dict[str, torch.Tensor]) -> None:
 class _Capture:
     """One captured step variant: static inputs, the captured outputs, and how to replay."""
 
-    def __init__(self, run, i: int, x, state, noise, want_record: bool, emulate: bool):
-        from .sampling import step
+    def __init__(self, run, step: Callable, i: int, x, state, noise, want_record: bool, emulate: bool):
         self.x = x.detach().clone()
         self.state = {k: v.detach().clone() for k, v in state.items()}
         self.idx = run.step_ids[i:i + 1].clone()
@@ -138,8 +139,8 @@ class _Capture:
 class GraphStepper:
     """Replays captured steps; captures a variant the first time it is needed."""
 
-    def __init__(self, run, captures: Dict, emulate: bool):
-        self.run = run
+    def __init__(self, run, step: Callable, captures: Dict, emulate: bool):
+        self.run, self.step = run, step
         self.captures = captures
         self.emulate = emulate
         self.captured = 0   # captures made by this stepper (for tests and telemetry)
@@ -151,16 +152,15 @@ class GraphStepper:
     def __call__(self, x, i, state, noise, want_record):
         key = self._variant(i, want_record)
         if key not in self.captures:
-            self.captures[key] = _Capture(self.run, i, x, state, noise, want_record, self.emulate)
+            self.captures[key] = _Capture(self.run, self.step, i, x, state, noise, want_record, self.emulate)
             self.captured += 1
         cap = self.captures[key]
         x_new, new_state, record = cap.replay(x, self.run.step_ids[i:i + 1], state, noise)
         if record is not None:  # the captured record lives in static memory: copy it out
-            from .sampling import StepRecord
-            record = StepRecord(index=i, timestep=self.run.timestep_list[i], x=x_new.clone(),
-                                x0=None if record.x0 is None else record.x0.clone(),
-                                telemetry={p: {k: v.clone() for k, v in d.items()} for p, d in record.telemetry.items()},
-                                backend=record.backend)
+            record = dataclasses.replace(
+                record, index=i, timestep=self.run.timestep_list[i], x=x_new.clone(),
+                x0=None if record.x0 is None else record.x0.clone(),
+                telemetry={p: {k: v.clone() for k, v in d.items()} for p, d in record.telemetry.items()})
         return x_new, new_state, record
 
     def finish(self, x):
@@ -181,7 +181,8 @@ class GraphCache:
         self.captures = 0
         self.reuses = 0
 
-    def stepper(self, run) -> GraphStepper:
+    def stepper(self, run, step: Callable) -> GraphStepper:
+        """The stepper of ``run``, replaying ``step`` (:func:`gradguide.sampling.step`)."""
         sig = run_signature(run)
         entry = self._entries.get(sig)
         if entry is not None:
@@ -189,10 +190,10 @@ class GraphCache:
             if captured_run.model is run.model:
                 self._load(captured_run, run)
                 self.reuses += 1
-                return _Counting(GraphStepper(captured_run, captures, self.emulate), self)
+                return _Counting(GraphStepper(captured_run, step, captures, self.emulate), self)
         captures: Dict = {}
         self._entries[sig] = (run, captures, run.model)   # keeps the model alive: ids stay unique
-        return _Counting(GraphStepper(run, captures, self.emulate), self)
+        return _Counting(GraphStepper(run, step, captures, self.emulate), self)
 
     @staticmethod
     def _load(captured_run, run) -> None:

@@ -24,6 +24,7 @@ import torch
 
 from . import ops, predictions
 from .debug import forbid_host_sync
+from .graphs import EagerStepper, GraphCache
 from .guidance.base import GuidanceTerm, StepContext
 from .guidance.cfg import BranchInputsError, batch_branch_inputs, split_branches
 from .linear import LinComb, Operands
@@ -239,21 +240,20 @@ def _defaults(model, schedule, sampler, prediction, variance, clip, clip_eps):
 
 def _stepper(run: "_Run", graph):
     """The eager step, or CUDA-graph replay of it (``graph=True`` or a :class:`GraphCache`)."""
-    from .graphs import EagerStepper, GraphCache
     if graph is False or graph is None:
-        return EagerStepper(run)
+        return EagerStepper(run, step)
     if graph is True:
         if run.device.type != "cuda":
             warnings.warn(f"graph=True: CUDA graphs need a CUDA device; sampling eagerly on {run.device.type}",
                           stacklevel=3)
-            return EagerStepper(run)
+            return EagerStepper(run, step)
         graph = GraphCache()
     if not isinstance(graph, GraphCache):
         raise TypeError(f"graph: expected True, False or a gradguide.graphs.GraphCache, got {type(graph).__name__}")
     if run.device.type != "cuda" and not graph.emulate:
         warnings.warn(f"graph: CUDA graphs need a CUDA device; sampling eagerly on {run.device.type}", stacklevel=3)
-        return EagerStepper(run)
-    return graph.stepper(run)
+        return EagerStepper(run, step)
+    return graph.stepper(run, step)
 
 
 # -- one step -------------------------------------------------------------------------------

@@ -641,7 +641,7 @@ def _graph_path(run, x, state, steps_measured, counter, tracker, shape, world) -
     ``torch.cuda.graph`` itself, which needs a CUDA runtime)."""
     from gradguide.graphs import GraphCache
     cache = GraphCache(emulate=True)
-    stepper = cache.stepper(run)
+    stepper = cache.stepper(run, sampling.step)
     i = steps_measured[0]
     noise = torch.randn(tuple(shape), device=world.device, dtype=run.dtype) if run.tables.draws_noise[i] else None
     counter.reset()
