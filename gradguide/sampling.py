@@ -26,7 +26,7 @@ from . import ops, predictions
 from .debug import forbid_host_sync
 from .graphs import EagerStepper, GraphCache
 from .guidance.base import GuidanceTerm, StepContext
-from .guidance.cfg import BranchInputsError, batch_branch_inputs, split_branches
+from .guidance.cfg import BranchInputsError, batch_branch_inputs, per_sample, split_branches
 from .linear import LinComb, Operands
 from .projection import PixelAsParam, step_telemetry
 from .samplers import SAMPLERS, SamplerTables, build
@@ -731,7 +731,7 @@ def _check_inputs(name: str, inputs: dict, batch: int, device: torch.device, con
             continue
         if value.device != device:
             raise ValueError(f"{name}[{key!r}]: on {value.device}, but the samples are on {device}")
-        if value.dim() >= 1 and value.shape[0] != batch:
+        if value.dim() >= 1 and not per_sample(value, batch):
             raise ValueError(f"{name}[{key!r}]: leading (batch) dimension {value.shape[0]}, but the batch has "
                              f"B = {batch} samples; give one row per sample (bind an input with no batch "
                              "dimension into the model, e.g. with functools.partial)")

@@ -71,6 +71,14 @@ class _TwoBranch(GuidanceTerm):
         return f"{type(self).__name__}(scale={self.scale})"
 
 
+def per_sample(value: torch.Tensor, batch: int) -> bool:
+    """The batch rule of model inputs: a tensor with a leading dimension of ``batch`` holds one
+    row per sample; any other tensor (a 0-d scalar, or a shared tensor nested in a list or dict)
+    is one value for the whole batch. ``sample`` refuses top-level ``cond``/``uncond`` tensors
+    that are neither per-sample nor 0-d; the one-call branches concatenate the per-sample ones."""
+    return value.dim() >= 1 and value.shape[0] == batch
+
+
 class BranchInputsError(ValueError):
     """The two branches' model inputs cannot be stacked into one call (the message names the input)."""
 
@@ -94,7 +102,7 @@ def _stack(u, c, batch: int, where: str):
         if not (isinstance(c, torch.Tensor) and isinstance(u, torch.Tensor)):
             raise BranchInputsError(f"{where}: a tensor in one branch, {type(u if isinstance(c, torch.Tensor) else c).__name__} "
                                     "in the other")
-        if c.dim() >= 1 and c.shape[0] == batch:
+        if per_sample(c, batch):
             if u.shape != c.shape or u.dtype != c.dtype or u.device != c.device:
                 raise BranchInputsError(f"{where}: cond is {tuple(c.shape)} {c.dtype} on {c.device}, uncond is "
                                         f"{tuple(u.shape)} {u.dtype} on {u.device}: expected the same shape, dtype "
