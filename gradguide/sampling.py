@@ -150,32 +150,19 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     as reduce + one fused combine; ``False`` always takes the general LinComb path (its reference).
     Returns the samples ``x_0``, shaped ``shape``.
     """
-    sampler, prediction, variance, clip, clip_eps = _defaults(model, schedule, sampler, prediction, variance, clip,
-                                                              clip_eps)
-    if sigmas is not None:
-        if timesteps is not None or steps is not None:
-            raise ValueError("sigmas: pass either sigmas= or steps=/timesteps=, not both")
-        if not isinstance(schedule, Schedule):
-            raise TypeError(f"schedule: expected a gradguide.Schedule, got {type(schedule).__name__}")
-        timesteps = schedule.timesteps_from_sigmas(sigmas)
-    run = _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, cond, x_T, generator,
-                   backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry,
-                   batch_branches)
-    if clip_eps not in ("clipped", "model"):
-        raise ValueError(f"clip_eps: expected 'clipped' or 'model', got {clip_eps!r}")
+    run = prepare_run(model, shape, schedule=schedule, sampler=sampler, steps=steps, eta=eta, guidance=guidance,
+                      projection=projection, cond=cond, x_T=x_T, generator=generator, backend=backend, graph=graph,
+                      prediction=prediction, variance=variance, clip=clip, clip_eps=clip_eps, spacing=spacing,
+                      timesteps=timesteps, sigmas=sigmas, device=device, dtype=dtype, telemetry=telemetry,
+                      check_sync=check_sync, check_finite=check_finite, batch_branches=batch_branches, fused=fused)
     if callback is not None and not callable(callback):
         raise TypeError(f"callback: expected a callable(record) or None, got {type(callback).__name__}")
-    run.clip_eps = clip_eps
-    run.check_finite = _check_finite_policy(check_finite, graph, check_sync)
-    if not isinstance(fused, bool):
-        raise TypeError(f"fused: expected True or False, got {fused!r}")
-    _finish_prepare(run, fused)
     stepper = _stepper(run, graph)
     x = x_T.to(run.dtype) if x_T is not None else _noise(run.shape, run.generator, run.device, run.dtype)
     init_scale, final_scale = run.tables.timesteps.init_scale, run.tables.timesteps.final_scale
     if init_scale != 1.0:   # σ-space samplers start from σ_max · z (as the variance-preserving x)
         x = x * init_scale
-    state = _initial_state(run, x)
+    state = initial_state(run, x)
     n = len(run.tables.timesteps)
     bar = _progress(n, progress)
     for i in range(n):
@@ -201,6 +188,40 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
                          f"guidance gradient or the update went non-finite{_range_hint(run.dtype)}; pass "
                          "check_finite='step' to find the first step, check_finite=False to get them anyway")
     return result
+
+
+def prepare_run(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler: Optional[str] = None,
+                steps=None, eta: float = 0.0, guidance=(), projection: Optional[PixelAsParam] = None,
+                cond: Optional[dict] = None, x_T: Optional[torch.Tensor] = None, generator=None,
+                backend: str = "auto", graph=False, prediction: Optional[str] = None, variance: Optional[str] = None,
+                clip=None, clip_eps: Optional[str] = None, spacing: str = "adm", timesteps: Optional[Timesteps] = None,
+                sigmas=None, device=None, dtype: Optional[torch.dtype] = None, telemetry: bool = False,
+                check_sync: bool = False, check_finite="end", batch_branches="auto", fused: bool = True,
+                meta: bool = False) -> _Run:
+    """The validated and planned run that :func:`sample` steps through; the seam of the harness
+    (dry run, launch counts, step benchmarks), which then calls :func:`initial_state` and
+    :func:`step` itself. Takes :func:`sample`'s arguments but ``callback`` and ``progress``.
+    ``meta=True`` accepts ``device="meta"`` (the dry run's host-side preparation: tables are
+    built on the host and every device tensor is made fake afterwards; ``sample`` refuses it)."""
+    sampler, prediction, variance, clip, clip_eps = _defaults(model, schedule, sampler, prediction, variance, clip,
+                                                              clip_eps)
+    if sigmas is not None:
+        if timesteps is not None or steps is not None:
+            raise ValueError("sigmas: pass either sigmas= or steps=/timesteps=, not both")
+        if not isinstance(schedule, Schedule):
+            raise TypeError(f"schedule: expected a gradguide.Schedule, got {type(schedule).__name__}")
+        timesteps = schedule.timesteps_from_sigmas(sigmas)
+    run = _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, cond, x_T, generator,
+                   backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry,
+                   batch_branches, allow_meta=meta)
+    if clip_eps not in ("clipped", "model"):
+        raise ValueError(f"clip_eps: expected 'clipped' or 'model', got {clip_eps!r}")
+    run.clip_eps = clip_eps
+    run.check_finite = _check_finite_policy(check_finite, graph, check_sync)
+    if not isinstance(fused, bool):
+        raise TypeError(f"fused: expected True or False, got {fused!r}")
+    _finish_prepare(run, fused)
+    return run
 
 
 def _range_hint(dtype: torch.dtype) -> str:
@@ -543,7 +564,8 @@ def _noise(shape, generator, device, dtype) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
 
 
-def _initial_state(run: _Run, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+def initial_state(run: _Run, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """The carried state before the first step (sampler slots, guidance terms' state)."""
     state = {name: torch.zeros_like(x) for name in run.tables.slots}
     for term in [run.branch] + run.score_terms + run.mean_terms + run.post_terms:
         if term is not None:
@@ -562,7 +584,7 @@ def _progress(n: int, enabled: bool):
 
 def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, cond, x_T, generator,
              backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry,
-             batch_branches="auto") -> _Run:
+             batch_branches="auto", allow_meta: bool = False) -> _Run:
     if not callable(model):
         raise TypeError(f"model: expected a callable model(x_t, t, **cond), got {type(model).__name__}")
     if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) < 2 or \
@@ -597,7 +619,7 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
         if not torch.isfinite(x_T).all():
             raise ValueError("x_T: contains NaN or inf values")
         device, dtype = x_T.device, x_T.dtype
-    device = _check_device(device)
+    device = _check_device(device, allow_meta)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = dtype or torch.float32
@@ -702,7 +724,7 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     return run
 
 
-def _check_device(device) -> torch.device:
+def _check_device(device, allow_meta: bool = False) -> torch.device:
     if device is None:
         return torch.device("cpu")
     if not isinstance(device, (str, torch.device, int)) or isinstance(device, bool):
@@ -715,7 +737,7 @@ def _check_device(device) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device: {str(device)!r} requested, but CUDA is not available "
                          f"(torch {torch.__version__}{' is a CPU-only build' if torch.version.cuda is None else ''})")
-    if device.type == "meta":
+    if device.type == "meta" and not allow_meta:
         raise ValueError("device: meta tensors hold no values; sampling needs 'cpu' or 'cuda'")
     return device
 

@@ -183,9 +183,8 @@ def test_fused_step_float32_every_backend(backend, case):
     ([gg.DPS(lambda x0: x0, torch.zeros(SHAPE))], None, "DPS"),
     ([gg.Rescale(3.0)], None, "Rescale")])
 def test_other_combinations_take_the_general_path(terms, projection, why):
-    run = sampling._prepare(_model, SHAPE, SCHED, "ddpm", 4, 0.0, terms, projection, {"y": torch.ones(3)}, None,
-                            None, "auto", "eps", "fixed-small", None, "adm", None, None, None, False)
-    sampling._finish_prepare(run)
+    run = sampling.prepare_run(_model, SHAPE, schedule=SCHED, sampler="ddpm", steps=4, guidance=terms,
+                               projection=projection, cond={"y": torch.ones(3)})
     assert run.plan is None and why in run.fused_reason
 
 
@@ -275,13 +274,11 @@ def test_native_fused_ops_opcheck():
 
 def test_compiled_fused_step_fullgraph_equals_eager():
     """torch.compile of the whole fused step, fullgraph (no graph break), with the native ops."""
-    run = sampling._prepare(_model, SHAPE, SCHED, "ddim", 5, 0.0, [gg.CFG(3.0)], gg.PixelAsParam("C"),
-                            {"y": torch.ones(SHAPE[0])}, None, None, "auto", "eps", "fixed-small", None, "adm", None,
-                            None, None, False)
-    sampling._finish_prepare(run)
+    run = sampling.prepare_run(_model, SHAPE, schedule=SCHED, sampler="ddim", steps=5, guidance=[gg.CFG(3.0)],
+                               projection=gg.PixelAsParam("C"), cond={"y": torch.ones(SHAPE[0])})
     assert run.plan is not None
     x = torch.randn(SHAPE)
-    state = sampling._initial_state(run, x)
+    state = sampling.initial_state(run, x)
 
     def step(x, idx):
         return sampling.step(run, x, 2, idx, state, None, False)[0]

@@ -518,23 +518,10 @@ def _phase_summary(counter: Counter) -> dict:
     return out
 
 
-@contextlib.contextmanager
-def _meta_preparation():
-    """``sample`` refuses the ``meta`` device (meta tensors hold no values, so nothing could be
-    sampled); the dry run's host-side preparation runs on it on purpose: the tables are built
-    on the host, and every device tensor is made fake right after."""
-    real = sampling._check_device
-
-    def check(device):
-        if device is not None and not isinstance(device, bool) and isinstance(device, (str, torch.device)) \
-                and torch.device(device).type == "meta":
-            return torch.device("meta")
-        return real(device)
-    sampling._check_device = check
-    try:
-        yield
-    finally:
-        sampling._check_device = real
+# the sample() arguments a dry run takes (device, backend, x_T, generator, graph are its own)
+PREPARE_ARGS = frozenset({"schedule", "sampler", "steps", "eta", "guidance", "projection", "cond", "prediction",
+                          "variance", "clip", "clip_eps", "spacing", "timesteps", "sigmas", "dtype", "telemetry",
+                          "batch_branches", "fused"})
 
 
 def dry_run(model: Callable, shape, *, steps_measured=None, graph: bool = True, backend: str = "auto",
@@ -556,23 +543,13 @@ def dry_run(model: Callable, shape, *, steps_measured=None, graph: bool = True, 
     tracker = tracker or Tracker()   # classifiers/decoders wrapped with phased(fn, tracker) count as model
     from gradguide.bench.profiling import phased
 
-    # host-side preparation (validation, tables), on the meta device, before the fake mode
-    kw = {k: v for k, v in kwargs.items() if k not in ("clip_eps", "fused")}
-    clip_eps = kwargs.get("clip_eps", "clipped")
-    with _meta_preparation():
-        prepared = sampling._prepare(phased(model, tracker), tuple(shape), kw.pop("schedule"),
-                                     kw.pop("sampler", "ddpm"), kw.pop("steps", None), kw.pop("eta", 0.0),
-                                     kw.pop("guidance", ()), kw.pop("projection", None), kw.pop("cond", None), None,
-                                     None, "reference", kw.pop("prediction", "eps"), kw.pop("variance", "fixed-small"),
-                                     kw.pop("clip", None), kw.pop("spacing", "adm"), kw.pop("timesteps", None),
-                                     torch.device("meta"), kw.pop("dtype", None), kw.pop("telemetry", False),
-                                     kw.pop("batch_branches", "auto"))
-    if kw:
-        raise TypeError(f"dry_run: unsupported sample() arguments {sorted(kw)}")
-    run = prepared
-    run.clip_eps = clip_eps
-    with _meta_preparation():
-        sampling._finish_prepare(run, kwargs.get("fused", True))   # the built-in fused step, as sample() plans it
+    # host-side preparation (validation, tables, the built-in fused step's plan: what sample()
+    # does before its loop), on the meta device, before the fake mode
+    unsupported = set(kwargs) - PREPARE_ARGS
+    if unsupported:
+        raise TypeError(f"dry_run: unsupported sample() arguments {sorted(unsupported)}")
+    run = sampling.prepare_run(phased(model, tracker), tuple(shape), **{"sampler": "ddpm", **kwargs},
+                               backend="reference", device="meta", meta=True)
     fake_device = device or ("meta" if run.needs_input_grad or fake_cuda_status() else "cuda")
     if fake_device == "cuda" and run.needs_input_grad:
         raise ValueError("device='cuda': this step takes a vector-Jacobian product, which a CPU-only torch cannot "
@@ -598,7 +575,7 @@ def dry_run(model: Callable, shape, *, steps_measured=None, graph: bool = True, 
     with _backends_on_fake_devices(), _cuda_attention(), world.mode, counter, warnings.catch_warnings():
         warnings.simplefilter("ignore")
         x = torch.randn(tuple(shape), device=world.device, dtype=run.dtype)
-        state = sampling._initial_state(run, x)
+        state = sampling.initial_state(run, x)
         persistent = [x] + list(state.values()) + _term_tensors(run)
         for i in steps_measured:
             counter.reset()

@@ -134,12 +134,11 @@ def _step_callable(workload: str, shape, device, dtype, fused: bool):
     sampler, terms, projection = {"DDIM + CFG": ("ddim", gg.CFG(7.5), None),
                                   "DDIM + APG": ("ddim", gg.APG(5.0), None),
                                   "DDPM + CFG + PxP-C": ("ddpm", gg.CFG(3.0), gg.PixelAsParam("C"))}[workload]
-    run = sampling._prepare(_cheap_model, shape, gg.Schedule.linear(1000), sampler, 10, 0.0, terms, projection, cond,
-                            None, None, "auto", "eps", "fixed-small", None, "adm", None, device, dtype, False)
-    sampling._finish_prepare(run, fused)
+    run = sampling.prepare_run(_cheap_model, shape, schedule=gg.Schedule.linear(1000), sampler=sampler, steps=10,
+                               guidance=terms, projection=projection, cond=cond, device=device, dtype=dtype, fused=fused)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
-    state = sampling._initial_state(run, x)
+    state = sampling.initial_state(run, x)
     i = 2
     noise = torch.randn(shape, generator=g).to(device=device, dtype=dtype) if run.tables.draws_noise[i] else None
     idx = run.step_ids[i:i + 1]

@@ -168,13 +168,12 @@ def count_step(workload: Workload, shape=(2, 3, 8, 8), step_index: int = 1, back
     from gradguide import sampling
     kwargs = workload.kwargs(shape)
     model = OpaqueModel(shape)
-    run = sampling._prepare(model, shape, gg.Schedule.linear(1000), kwargs.pop("sampler"), steps, 0.0,
-                            kwargs.pop("guidance", ()), kwargs.pop("projection", None), kwargs.pop("cond", None),
-                            None, None, backend, "eps", "fixed-small", None, "adm", None, None, None, False)
-    sampling._finish_prepare(run, fused)
+    run = sampling.prepare_run(model, shape, schedule=gg.Schedule.linear(1000), sampler=kwargs.pop("sampler"),
+                               steps=steps, guidance=kwargs.pop("guidance", ()), projection=kwargs.pop("projection", None),
+                               cond=kwargs.pop("cond", None), backend=backend, fused=fused)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=g)
-    state = sampling._initial_state(run, x)
+    state = sampling.initial_state(run, x)
     noise = torch.randn(shape, generator=g) if run.tables.draws_noise[step_index] else None
     idx = run.step_ids[step_index:step_index + 1]
     sampling.step(run, x, step_index, idx, state, noise, False)  # warm (lazy imports, caches)
