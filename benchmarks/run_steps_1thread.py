@@ -1,15 +1,13 @@
-import sys, json, torch, datetime, subprocess
+import sys, torch
 sys.path.insert(0, ".")
 torch.set_num_threads(1)
-from gradguide.bench import ops as b
+from gradguide.bench import meta, ops as b
 rows = b.step_rows(False, torch.device("cpu"), torch.float32, 7)
-commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+commit, date = meta.git_commit(), meta.now()
 md = ("# Whole guided step, 1 thread: general vs fused vs torch.compile(fullgraph=True) of the fused step\n\n"
-      f"- {b._device_name(torch.device('cpu'))}; torch {torch.__version__}; commit {commit}; {date}\n"
+      f"- {meta.device_name(torch.device('cpu'))}; torch {torch.__version__}; commit {commit}; {date}\n"
       "- command: `OMP_NUM_THREADS=1 python -c \"from gradguide.bench import ops as b; b.step_rows(False, cpu, float32, 7)\"`\n"
       "- cheap elementwise model; interleaved, median of 7 x median-of-3; shared 2-core CPU (load ~12): ratios only\n"
       + b.step_markdown(rows))
-open(f"benchmarks/results/steps-cpu-1thread-{date[:10]}.md", "w").write(md)
-json.dump({"date": date, "commit": commit, "threads": 1, "rows": rows}, open(f"benchmarks/results/steps-cpu-1thread-{date[:10]}.json", "w"), indent=2)
+meta.write_report("benchmarks/results", f"steps-cpu-1thread-{date[:10]}", {"date": date, "commit": commit, "threads": 1, "rows": rows}, md)
 print(md)

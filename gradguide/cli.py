@@ -212,10 +212,8 @@ def _bench(args) -> int:
         raise SystemExit(f"gradguide bench: --backends: unknown {sorted(unknown)}; "
                          "expected reference, compile, native, triton")
     result = bench.run(quick=args.quick, device=args.device, dtype=getattr(torch, args.dtype), backends=backends)
-    for path in bench.write(result, args.out, note=args.note):
-        print(path)
-    print(bench.markdown(result, args.note))
-    return 0
+    from .bench import meta
+    return meta.print_report(bench.write(result, args.out, note=args.note), bench.markdown(result, args.note))
 
 
 def _register_profile(sub) -> None:

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import json
 import os
 import platform
@@ -431,16 +430,11 @@ def compile_all(archs=ARCHS, subset: str = "all", progress: bool = True) -> List
 
 def environment() -> Dict[str, str]:
     import triton
+    from . import meta
     ptxas = subprocess.run([triton_bin("ptxas"), "--version"], capture_output=True, text=True).stdout
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                text=True, timeout=10).stdout.strip()
-    except Exception:
-        commit = ""
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, no GPU)",
+    return {"date": meta.now(), "machine": f"{platform.node()} ({meta.cpu_name()}, no GPU)",
             "torch": torch.__version__, "triton": triton.__version__,
-            "ptxas": (re.findall(r"release [\d.]+, V[\d.]+", ptxas) or ["?"])[0], "git_commit": commit}
+            "ptxas": (re.findall(r"release [\d.]+, V[\d.]+", ptxas) or ["?"])[0], "git_commit": meta.git_commit()}
 
 
 def run(archs=ARCHS, subset: str = "all", progress: bool = True) -> Dict[str, object]:

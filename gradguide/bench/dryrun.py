@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import datetime
 import json
 import os
 import time
@@ -885,20 +884,9 @@ def summarize(result: dict) -> dict:
 
 def header() -> dict:
     import platform
-    import subprocess
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-    except Exception:
-        commit = ""
-    try:
-        import triton
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = None
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": platform.node(), "cpu": platform.processor() or platform.machine(),
-            "torch": torch.__version__, "triton": triton_version, "gradguide": gg.__version__, "git_commit": commit,
+    from . import meta
+    return {"date": meta.now(), "machine": platform.node(), "cpu": meta.cpu_name(),
+            **meta.versions("torch", "triton", "gradguide"), "git_commit": meta.git_commit(),
             "cuda_available": torch.cuda.is_available()}
 
 
@@ -1000,13 +988,9 @@ def build_report(workloads=PAPER, combinations: bool = True, quick: bool = False
 
 
 def write(report: dict, out_dir: str) -> List[str]:
-    os.makedirs(out_dir, exist_ok=True)
-    stem = os.path.join(out_dir, f"dryrun-{'quick-' if report['quick'] else ''}{report['date'][:10]}")
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(report))
-    return [stem + ".json", stem + ".md"]
+    from . import meta
+    return meta.write_report(out_dir, f"dryrun-{'quick-' if report['quick'] else ''}{report['date'][:10]}", report,
+                             markdown(report), indent=1)
 
 
 def add_arguments(p) -> None:

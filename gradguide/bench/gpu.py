@@ -23,14 +23,14 @@ title and its numbers are not GPU measurements.
 """
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import time
 import warnings
 from typing import List, Optional
 
 import torch
+
+from gradguide.bench import meta
+from gradguide.bench.loop import sync, timed_passes
 
 GRAPH_WORKLOADS = ("loop-cfg", "loop-apg", "loop-cfg-pxpC", "loop-cls-pxpA", "loop-gloss")
 PAPER_WORKLOADS = ("sim-gloss", "sd-cfg-gloss", "adm64-cls-pxpA")
@@ -58,28 +58,6 @@ def _device(allow_cpu: bool, device: Optional[str]) -> torch.device:
     return dev
 
 
-def _sync(dev):
-    if dev.type == "cuda":
-        torch.cuda.synchronize(dev)
-
-
-def _timed(fn, dev, reps: int) -> List[float]:
-    times = []
-    for _ in range(reps):
-        if dev.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize(dev)
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return times
-
-
 def graph_vs_eager(bench, names, dev, quick: bool, reps: int, seed: int = 0) -> List[dict]:
     """Graph replay vs eager, same seed: equality and speed per loop workload."""
     import gradguide
@@ -99,9 +77,9 @@ def graph_vs_eager(bench, names, dev, quick: bool, reps: int, seed: int = 0) -> 
             warnings.simplefilter("ignore")
             eager = one(False)
             graphed = one(cache)          # captures each step variant, then replays
-            _sync(dev)
-            t_eager = _timed(lambda: one(False), dev, reps)
-            t_graph = _timed(lambda: one(cache), dev, reps)
+            sync(dev)
+            t_eager = timed_passes(lambda: one(False), dev, reps)
+            t_graph = timed_passes(lambda: one(cache), dev, reps)
         diff = (eager - graphed).abs().max().item()
         rtol = 1e-5 if eager.dtype == torch.float32 else 1e-2
         rows.append({"workload": name, "shape": list(w.shape), "steps": w.steps, "max_abs_diff": diff,
@@ -198,14 +176,9 @@ def markdown(report: dict) -> str:
 
 
 def write(report: dict, out_dir: str) -> List[str]:
-    os.makedirs(out_dir, exist_ok=True)
     kind = report["device_type"] if not report["plumbing_test"] else "cpu-plumbing"
-    stem = os.path.join(out_dir, f"gpu-{kind}-{'quick-' if report['quick'] else ''}{report['date'][:10]}")
-    with open(stem + ".json", "w") as f:
-        json.dump(report, f, indent=1, default=str)
-    with open(stem + ".md", "w") as f:
-        f.write(markdown(report))
-    return [stem + ".json", stem + ".md"]
+    stem = f"gpu-{kind}-{'quick-' if report['quick'] else ''}{report['date'][:10]}"
+    return meta.write_report(out_dir, stem, report, markdown(report), indent=1)
 
 
 def run_cli(args) -> int:
@@ -215,7 +188,4 @@ def run_cli(args) -> int:
                      paper_workloads=args.workloads.split(",") if args.workloads else None)
     except GPURequired as exc:
         raise SystemExit(f"gradguide bench --suite gpu: {exc}") from None
-    for path in write(report, args.out):
-        print(path)
-    print(markdown(report))
-    return 0
+    return meta.print_report(write(report, args.out), markdown(report))

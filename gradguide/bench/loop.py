@@ -52,7 +52,6 @@ comparable with the paper. On a shared CPU quote ratios, not times.
 """
 from __future__ import annotations
 
-import datetime
 import statistics
 import time
 import warnings
@@ -65,8 +64,7 @@ from torch import nn
 import gradguide
 from gradguide import DecodedLookAhead, ops
 from gradguide.graphs import GraphCache
-from gradguide.bench import ops as bench_ops  # shared result writing
-from gradguide.bench.ops import _device_name, _git_commit  # shared run metadata
+from gradguide.bench import meta, ops as bench_ops  # run metadata, result writing
 from gradguide.bench.profiling import MemorySampler
 
 PAPER_PASS_S = 4.6        # SPEC.md §5: one guided sampling pass, 200 steps, B = 32, one A100
@@ -445,7 +443,25 @@ def build_workload(name: str, quick: bool = False, device="cpu", seed: int = 0,
 
 # -- timing -------------------------------------------------------------------------------------------
 
-def _sync(dev):
+def timed_passes(fn: Callable, dev, reps: int) -> List[float]:
+    """Seconds of ``reps`` calls of ``fn``: CUDA events around each on CUDA, ``perf_counter`` on CPU."""
+    times = []
+    for _ in range(reps):
+        if dev.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize(dev)
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def sync(dev):
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
 
@@ -495,32 +511,20 @@ def _run_variant(w: Workload, variant: str, dev, reps: int, seed: int, progress:
         # warm-up pass: torch.compile compiles here, CUDA graphs capture here, kernels autotune here
         t0 = time.perf_counter()
         out = one_pass()
-        _sync(dev)
+        sync(dev)
         row["first_pass_s"] = time.perf_counter() - t0
         row["finite"] = bool(torch.isfinite(out).all())
         if cache is not None and dev.type == "cuda":
             one_pass(lambda record: None)   # a step with a record is its own capture: make it now, untimed
         if cache is not None:
             row["graph_captures"] = cache.captures
-        times = []
         peak = None
         sampler = MemorySampler(dev, interval=0.01, nvml=False) if dev.type != "cuda" else None
         if sampler is not None:
             sampler.start()
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
-        for _ in range(reps):
-            if dev.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                one_pass()
-                end.record()
-                torch.cuda.synchronize(dev)
-                times.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                one_pass()
-                times.append(time.perf_counter() - t0)
+        times = timed_passes(one_pass, dev, reps)
         if dev.type == "cuda":
             peak, source = torch.cuda.max_memory_allocated(dev), "cuda max_memory_allocated"
         else:
@@ -570,15 +574,9 @@ def _run_variant(w: Workload, variant: str, dev, reps: int, seed: int, progress:
 
 
 def run_header(dev) -> dict:
-    versions = {"torch": torch.__version__, "cuda": torch.version.cuda, "gradguide": gradguide.__version__}
-    for mod in ("triton", "diffusers"):
-        try:
-            versions[mod] = __import__(mod).__version__
-        except Exception:
-            versions[mod] = None
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": _git_commit(), "device": _device_name(dev), "device_type": dev.type,
-            "threads": torch.get_num_threads(), "versions": versions,
+    return {"date": meta.now(), "commit": meta.git_commit(), "device": meta.device_name(dev), "device_type": dev.type,
+            "threads": torch.get_num_threads(),
+            "versions": meta.versions("torch", "cuda", "gradguide", "triton", "diffusers"),
             "available_backends": {k: (v is True) for k, v in ops.available_backends(dev).items()}}
 
 
@@ -697,7 +695,4 @@ def run_cli(args) -> int:
                      seed=args.seed, dtype=dtype)
     except ValueError as exc:
         raise SystemExit(f"gradguide bench: {exc}") from None
-    for path in write(result, args.out, note=args.note):
-        print(path)
-    print(markdown(result, args.note))
-    return 0
+    return meta.print_report(write(result, args.out, note=args.note), markdown(result, args.note))

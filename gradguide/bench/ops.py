@@ -15,10 +15,6 @@ times come from CUDA events (after a synchronize). On a shared CPU quote ratios,
 """
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import platform
 import statistics
 import time
 from typing import Callable, Dict, List, Optional
@@ -26,7 +22,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from gradguide import ops
-from gradguide.bench.meta import git_commit as _git_commit
+from gradguide.bench import meta
 from gradguide.ops import policies, reference
 
 K = 4  # operands of a typical step: x_t, model output(s) / guidance gradient, noise
@@ -207,21 +203,6 @@ def _time(fn: Callable[[], object], device, reps: int, warmup: int) -> float:
     return statistics.median(times)
 
 
-def _device_name(device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{name} ({torch.get_num_threads()} threads)"
-
-
 def run(quick: bool = False, device: Optional[str] = None, dtype: torch.dtype = torch.float32,
         backends: Optional[List[str]] = None, workloads: Optional[List[str]] = None, reps: Optional[int] = None,
         compile_reference: bool = True, progress: bool = True, steps: bool = True) -> dict:
@@ -286,17 +267,10 @@ def run(quick: bool = False, device: Optional[str] = None, dtype: torch.dtype = 
         del operands
     if bar is not None:
         bar.close()
-    versions = {"torch": torch.__version__, "cuda": torch.version.cuda}
-    try:
-        import triton
-        versions["triton"] = triton.__version__
-    except Exception:
-        versions["triton"] = None
     srows = step_rows(quick, dev, dtype, reps) if steps and dev.type == "cpu" else []
     return {"suite": "ops", "quick": quick, "step_rows": srows,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": _git_commit(), "device": _device_name(dev), "device_type": dev.type,
-            "threads": torch.get_num_threads(), "versions": versions, "dtype": str(dtype).replace("torch.", ""),
+            "date": meta.now(), "commit": meta.git_commit(), "device": meta.device_name(dev), "device_type": dev.type,
+            "threads": torch.get_num_threads(), "versions": meta.versions("torch", "cuda", "triton"), "dtype": str(dtype).replace("torch.", ""),
             "copy_bandwidth_gb_per_s": copy_gbs, "backends": chosen, "skipped_backends": skipped,
             "timer": "CUDA events" if dev.type == "cuda" else "time.perf_counter", "reps": reps, "rows": rows}
 
@@ -323,11 +297,5 @@ def markdown(result: dict, note: str = "") -> str:
 
 def write(result: dict, out_dir: str, note: str = "", render=None) -> List[str]:
     """Write ``<suite>-<device>-[quick-]<date>.json`` and ``.md`` (``render``: the suite's markdown)."""
-    os.makedirs(out_dir, exist_ok=True)
     stem = f"{result['suite']}-{result['device_type']}-{'quick-' if result['quick'] else ''}{result['date'][:10]}"
-    paths = [os.path.join(out_dir, stem + ".json"), os.path.join(out_dir, stem + ".md")]
-    with open(paths[0], "w") as f:
-        json.dump(dict(result, note=note), f, indent=2)
-    with open(paths[1], "w") as f:
-        f.write((render or markdown)(result, note))
-    return paths
+    return meta.write_report(out_dir, stem, dict(result, note=note), (render or markdown)(result, note))

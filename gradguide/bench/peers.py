@@ -28,10 +28,7 @@ the cores are contended.
 """
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import platform
 import statistics
 import time
 from typing import Callable, Dict, List, Optional
@@ -40,7 +37,7 @@ import torch
 from torch import nn
 
 import gradguide
-from gradguide.bench.meta import git_commit as _git_commit
+from gradguide.bench import meta
 
 STEPS = 25
 GUIDANCE_SCALE = 7.5
@@ -199,22 +196,10 @@ def run_workload(w: Workload, reps: Optional[int] = None, budget_s: float = 3.0)
     return row
 
 
-def _cpu_name() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return name
-
-
 def run(quick: bool = False, models=MODELS, sizes=None, reps: Optional[int] = None, seed: int = 0,
         progress: bool = True, command: str = "") -> dict:
     """Run the suite (CPU); returns the result dict (see :func:`write`)."""
-    import diffusers
+    import diffusers  # noqa: F401  (the suite compares against it: fail before any work without it)
     bad = [m for m in models if m not in MODELS]
     if bad:
         raise ValueError(f"models: unknown {bad}; expected some of {', '.join(MODELS)}")
@@ -244,13 +229,11 @@ def run(quick: bool = False, models=MODELS, sizes=None, reps: Optional[int] = No
         bar.close()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"suite": "peers", "quick": quick,
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "commit": _git_commit(), "device": f"{_cpu_name()} ({torch.get_num_threads()} threads)",
+            "date": meta.now(), "commit": meta.git_commit(), "device": meta.device_name(torch.device("cpu")),
             "device_type": "cpu", "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "load_average_at_end": list(load) if load else None,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                         "gradguide": gradguide.__version__},
+            "versions": meta.versions("torch", "diffusers", "gradguide"),
             "command": command, "steps": STEPS if not quick else 3, "guidance_scale": GUIDANCE_SCALE,
             "scheduler": SD_SCHEDULER, "unet_config": QUICK_UNET_CONFIG if quick else UNET_CONFIG,
             "unet_tolerance": UNET_TOLERANCE, "rows": rows}
@@ -295,14 +278,8 @@ def markdown(result: dict, note: str = "") -> str:
 
 def write(result: dict, out_dir: str, note: str = "") -> List[str]:
     """``peers-cpu-[quick-]<date>.json`` and ``.md`` in ``out_dir``."""
-    os.makedirs(out_dir, exist_ok=True)
     stem = f"peers-{result['device_type']}-{'quick-' if result['quick'] else ''}{result['date'][:10]}"
-    paths = [os.path.join(out_dir, stem + ".json"), os.path.join(out_dir, stem + ".md")]
-    with open(paths[0], "w") as f:
-        json.dump(dict(result, note=note), f, indent=2)
-    with open(paths[1], "w") as f:
-        f.write(markdown(result, note))
-    return paths
+    return meta.write_report(out_dir, stem, dict(result, note=note), markdown(result, note))
 
 
 def run_cli(args) -> int:
@@ -317,7 +294,4 @@ def run_cli(args) -> int:
                      command=" ".join(["gradguide"] + sys.argv[1:]))
     except ValueError as exc:
         raise SystemExit(f"gradguide bench: {exc}") from None
-    for path in write(result, args.out, note=args.note):
-        print(path)
-    print(markdown(result, args.note))
-    return 0
+    return meta.print_report(write(result, args.out, note=args.note), markdown(result, args.note))

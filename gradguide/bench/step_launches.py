@@ -197,12 +197,10 @@ def table(rows: List[dict]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> None:
     import argparse
-    import datetime
-    import json
-    import os
     import platform
-    import subprocess
     import sys
+
+    from . import meta
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--backends", default="native,reference", help="comma-separated ops backends (default: native,reference)")
     p.add_argument("--out", default=None, help="write step-launches-cpu-<date>.{json,md} into this folder")
@@ -211,25 +209,21 @@ def main(argv: Optional[List[str]] = None) -> None:
             for w in WORKLOADS().values()]
     print(table(rows))
     if args.out:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-        meta = {"command": "python -m gradguide.bench.step_launches " + " ".join(argv if argv is not None else sys.argv[1:]),
+        commit, date = meta.git_commit(), meta.now()
+        info = {"command": "python -m gradguide.bench.step_launches " + " ".join(argv if argv is not None else sys.argv[1:]),
                 "date": date, "commit": commit, "torch": torch.__version__, "machine": platform.machine(),
                 "shape": [2, 3, 8, 8], "step": 1}
-        os.makedirs(args.out, exist_ok=True)
-        stem = os.path.join(args.out, f"step-launches-cpu-{date[:10]}")
-        with open(stem + ".json", "w") as f:
-            json.dump(dict(meta, rows=rows), f, indent=2)
-        with open(stem + ".md", "w") as f:
-            f.write("# Kernel launches and big-tensor traffic of one guided step beyond the model (CPU count)\n\n"
-                    f"- command: `{meta['command']}`; commit {commit}, {date}, torch {torch.__version__}\n"
-                    "- counted with a TorchDispatchMode: aten ops that are not views + custom ops "
-                    "(`gradguide::*`); the model and the classifier (forward and backward) are not counted\n"
-                    "- `general`: the LinComb step (`sample(fused=False)`, the path before issue 11 item 5); "
-                    "`fused`: `gradguide.stepplan`\n"
-                    "- traffic: bytes of tensors as large as the batch read/written by counted ops, over the "
-                    "minimum (each operand read once per pass that needs it, x_{t-1} written once)\n\n"
-                    + table(rows) + "\n")
+        meta.write_report(
+            args.out, f"step-launches-cpu-{date[:10]}", dict(info, rows=rows),
+            "# Kernel launches and big-tensor traffic of one guided step beyond the model (CPU count)\n\n"
+            f"- command: `{info['command']}`; commit {commit}, {date}, torch {torch.__version__}\n"
+            "- counted with a TorchDispatchMode: aten ops that are not views + custom ops "
+            "(`gradguide::*`); the model and the classifier (forward and backward) are not counted\n"
+            "- `general`: the LinComb step (`sample(fused=False)`, the path before issue 11 item 5); "
+            "`fused`: `gradguide.stepplan`\n"
+            "- traffic: bytes of tensors as large as the batch read/written by counted ops, over the "
+            "minimum (each operand read once per pass that needs it, x_{t-1} written once)\n\n"
+            + table(rows) + "\n")
 
 
 if __name__ == "__main__":
