@@ -171,7 +171,7 @@ class GraphCache:
     """Captured sampling steps, reusable across ``gradguide.sample`` calls.
 
     Pass ``graph=GraphCache()`` to keep captures between calls (e.g. the rounds of
-    :func:`gradguide.optimize`); ``graph=True`` uses a fresh cache for one call.
+    :func:`gradguide.experiments.optimize.optimize`); ``graph=True`` uses a fresh cache for one call.
     ``emulate=True`` runs the same bookkeeping without CUDA (for tests).
     """
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("sklearn", reason="gradguide.digits needs scikit-learn (pip install scikit-learn)")
+pytest.importorskip("sklearn", reason="gradguide.experiments.digits needs scikit-learn (pip install scikit-learn)")
 
 from gradguide.experiments.digits import data, models, sweep  # noqa: E402
 from gradguide.experiments.evaluation import DigitsEvaluator  # noqa: E402

@@ -14,7 +14,7 @@ and results"):
 Workloads (``--suite paper``; SPEC.md §5 and §4, the papers' runtime settings):
 
 - ``sim-gloss`` / ``sim-unguided`` — the gradient-guidance paper's simulation pass (Guo et al.,
-  NeurIPS 2024, §5 and Table 1): its 1-D U-Net (:class:`gradguide.nets.UNet1D`, ≈14.9 M
+  NeurIPS 2024, §5 and Table 1): its 1-D U-Net (:class:`gradguide.experiments.nets.UNet1D`, ≈14.9 M
   parameters, random weights: cost does not depend on them), D = 64, B = 32, cosine schedule
   T = 200, 200 DDPM steps, look-ahead guidance G_loss (Definition 1); and the same pass unguided.
   These rows carry the ratio to the paper's ≈4.6 s per pass and ≈76 min per 1000-round run
@@ -46,7 +46,7 @@ Per row: the median per-pass time over ``reps`` timed passes (CUDA events on a G
 ``time.perf_counter`` on a CPU), samples/s = B / pass, the per-step median from one further pass
 timed at every step by a callback (which also materialises the step's x̂_0 record), peak memory
 over the timed passes (CUDA: ``max_memory_allocated``; CPU: peak process RSS polled by
-:class:`gradguide.profiling.MemorySampler`), and the speedup over ``eager``. ``--quick`` runs the
+:class:`gradguide.bench.profiling.MemorySampler`), and the speedup over ``eager``. ``--quick`` runs the
 same code paths on tiny configurations (small widths and sizes, few steps): they are for CI, not
 comparable with the paper. On a shared CPU quote ratios, not times.
 """

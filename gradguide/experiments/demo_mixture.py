@@ -1,7 +1,7 @@
 """The closed-form Gaussian-mixture demo: every guidance method on an exact model.
 
 A 2-D mixture of three isotropic Gaussians has an exact score and an exact noisy classifier
-(:mod:`gradguide.analytic`), so each guidance method can be compared with the law it should
+(:mod:`gradguide.experiments.analytic`), so each guidance method can be compared with the law it should
 produce: unguided sampling reproduces the mixture, classifier guidance at scale 1 and CFG at
 w = 1 reproduce the class-conditional law, larger scales sharpen it.
 """

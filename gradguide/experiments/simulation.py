@@ -10,7 +10,7 @@ Data ``x = A u`` with ``A`` a seeded random orthonormal ``64 × 16`` basis and `
 
 :class:`Simulation` builds everything from one seed; :func:`train_small` trains the small score
 network whose weights ship in ``gradguide/weights/`` (``gradguide train-sim`` or
-``python -m gradguide.simulation`` retrains them deterministically).
+``python -m gradguide.experiments.simulation`` retrains them deterministically).
 """
 from __future__ import annotations
 
@@ -123,7 +123,7 @@ def diffusion_loss(net, x0: torch.Tensor, schedule: Schedule, generator: Optiona
 
 def train_small(seed: int = 0, sim_seed: int = 0, epochs: int = 40, batch: int = 512, lr: float = 2e-3,
                 hidden: int = 128, depth: int = 3, progress: bool = True):
-    """Train :class:`~gradguide.nets.SmallScoreNet` on the 65,536 pre-training samples.
+    """Train :class:`~gradguide.experiments.nets.SmallScoreNet` on the 65,536 pre-training samples.
 
     Adam (betas 0.9, 0.99) with a cosine-decayed learning rate; one thread and fixed seeds, so
     the result is bit-reproducible on one machine. Returns ``(net, info)``.
@@ -137,7 +137,7 @@ def train_small(seed: int = 0, sim_seed: int = 0, epochs: int = 40, batch: int =
 
 def train_unet(seed: int = 0, sim_seed: int = 0, epochs: int = 20, batch: int = 32, lr: float = 1e-4,
                device: str = "cpu", progress: bool = True):
-    """Train the paper's :class:`~gradguide.nets.UNet1D` with the paper's recipe (20 epochs, Adam
+    """Train the paper's :class:`~gradguide.experiments.nets.UNet1D` with the paper's recipe (20 epochs, Adam
     lr 1e-4, batch 32; SPEC.md §5). About 41k steps of a 14.9 M-parameter network: a GPU job."""
     from .nets import UNet1D
     sim = Simulation(sim_seed)
@@ -192,7 +192,7 @@ def save_small(net, info: dict, path: str = SMALL_WEIGHTS) -> None:
 
 
 def load_small(path: str = SMALL_WEIGHTS):
-    """The shipped (or a retrained) :class:`~gradguide.nets.SmallScoreNet`, in eval mode."""
+    """The shipped (or a retrained) :class:`~gradguide.experiments.nets.SmallScoreNet`, in eval mode."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
@@ -211,7 +211,7 @@ def load_small(path: str = SMALL_WEIGHTS):
 
 
 def load_unet(path: str, device: str = "cpu"):
-    """A :class:`~gradguide.nets.UNet1D` trained with ``gradguide train-sim --arch unet``."""
+    """A :class:`~gradguide.experiments.nets.UNet1D` trained with ``gradguide train-sim --arch unet``."""
     from safetensors.torch import load_file
 
     from .nets import UNet1D

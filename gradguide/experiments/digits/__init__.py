@@ -7,7 +7,7 @@
 - :mod:`.train` — deterministic training (``gradguide train-digits``);
 - :mod:`.sweep` — guidance sweeps, baseline vs PixelAsParam (``gradguide sweep-digits``).
 
-Metrics live in :mod:`gradguide.evaluation` (``gradguide evaluate``).
+Metrics live in :mod:`gradguide.experiments.evaluation` (``gradguide evaluate``).
 """
 from .data import load_split
 from .models import load, MODEL_NAMES

@@ -3,7 +3,7 @@
 The split is fixed: stratified, 360 held-out images (36 per class), ``random_state=0``; the
 remaining 1,437 train every model. Pixels (integers 0..16) are scaled to [−1, 1] and shaped
 ``[N, 1, 8, 8]``. The held-out images are never seen in training and are the reference set of
-:mod:`gradguide.evaluation`.
+:mod:`gradguide.experiments.evaluation`.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def _sklearn():
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError as exc:  # optional dependency: say how to get it
-        raise ImportError("gradguide.digits needs scikit-learn (its bundled 8x8 digits): "
+        raise ImportError("gradguide.experiments.digits needs scikit-learn (its bundled 8x8 digits): "
                           "pip install scikit-learn") from exc
     return load_digits, train_test_split
 

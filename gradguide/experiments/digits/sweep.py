@@ -11,7 +11,7 @@ Each point is sampled twice from the same initial noise and the same per-step no
 generator): without projection (baseline) and with :class:`~gradguide.PixelAsParam`; with DDPM
 (respaced, the paper's sampler) and DDIM (η = 0, the generalisation of gradguide: there is no
 diversity direction, so policy B acts like A). Target labels cycle through the ten classes.
-Metrics (:mod:`gradguide.evaluation`): accuracy under the evaluation classifier, classifier-FID
+Metrics (:mod:`gradguide.experiments.evaluation`): accuracy under the evaluation classifier, classifier-FID
 and precision / recall against the 360 held-out digits. Conflict telemetry (share of samples
 with cos < 0 and Φ per pair and step) is recorded for the first seed.
 
