@@ -16,7 +16,7 @@ stepper's bookkeeping, :class:`gradguide.graphs.GraphCache` in emulation) on the
 
 A :class:`Counter` (a ``TorchDispatchMode`` inside the fake mode) attributes each op to a phase
 — ``forward`` / ``backward`` (the model, classifier, decoder: everything wrapped as a model,
-via :func:`gradguide.profiling.phased`), ``guidance`` (the rest of the step: guidance terms,
+via :func:`gradguide.bench.profiling.phased`), ``guidance`` (the rest of the step: guidance terms,
 coefficient programs, reduce/combine, sampler, noise) — and counts per phase: kernel launches
 (one per aten or custom op, zero for views and metadata ops: :data:`ZERO_LAUNCH`), bytes read
 and written by *large* tensors (at least as many elements as ``x_t``; all bytes too, for the
@@ -86,7 +86,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 
 class Tracker:
-    """The phase stack that :func:`gradguide.profiling.phased` drives (``enter``/``exit``)."""
+    """The phase stack that :func:`gradguide.bench.profiling.phased` drives (``enter``/``exit``)."""
 
     def __init__(self):
         self.stack: List[str] = []
@@ -533,7 +533,7 @@ def dry_run(model: Callable, shape, *, steps_measured=None, graph: bool = True, 
     ``steps_measured``: host step numbers to count (default: step 1, or 0, and the last step).
     ``graph``: also run the graph stepper's bookkeeping (``GraphCache(emulate=True)``: static
     buffers, copy-in, the captured step's body) on the fake device. ``tracker``: the phase stack
-    that callables wrapped with :func:`gradguide.profiling.phased` mark (the model is wrapped
+    that callables wrapped with :func:`gradguide.bench.profiling.phased` mark (the model is wrapped
     here). Returns a dict (its table row: :func:`summarize`).
     """
     t_start = time.perf_counter()
@@ -1047,10 +1047,14 @@ DOCS_END = "<!-- dryrun:end -->"
 
 
 def write_docs(report: dict, path: Optional[str] = None) -> str:
-    """Replace the generated block of ``docs/performance.md`` with this report's tables."""
+    """Replace the generated block of ``docs/performance.md`` with this report's tables (default:
+    the checkout's, when the package runs from one; else ``docs/performance.md`` under the
+    working directory, never a file inside an installed package)."""
     from . import projection
-    path = path or os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    if path is None:
+        checkout = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                                 "docs", "performance.md")
+        path = checkout if os.path.exists(checkout) else os.path.join("docs", "performance.md")
     text = open(path).read() if os.path.exists(path) else f"# Performance\n\n{DOCS_BEGIN}\n{DOCS_END}\n"
     if DOCS_BEGIN not in text or DOCS_END not in text:
         raise ValueError(f"{path}: the markers {DOCS_BEGIN!r} … {DOCS_END!r} are missing")
