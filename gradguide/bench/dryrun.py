@@ -720,22 +720,6 @@ GUIDANCE = ("none", "cfg", "classifier", "G", "G_loss", "dps", "apg", "rescale",
 PROJECTIONS = ("none", "A", "B", "C", "pcgrad")
 
 
-class _TinyEps(nn.Module):
-    """A small conditional ε-model (3×3 convolution, timestep scale, class embedding)."""
-
-    def __init__(self, channels: int = 4, classes: int = 10, out_channels: Optional[int] = None):
-        super().__init__()
-        out = out_channels or channels
-        self.conv = nn.Conv2d(channels, out, 3, padding=1)
-        self.embed = nn.Embedding(classes, out)
-
-    def forward(self, x, t, class_labels=None):
-        h = self.conv(x) * (1.0 + 1e-3 * t.to(x.dtype)).view(-1, 1, 1, 1)
-        if class_labels is not None:
-            h = h + self.embed(class_labels)[:, :, None, None]
-        return h
-
-
 class _TinyClassifier(nn.Module):
     def __init__(self, channels: int = 4, classes: int = 10):
         super().__init__()
@@ -790,7 +774,7 @@ def run_combination(sampler: str, guidance: str, projection: str, backend: str =
     variant = SAMPLER_VARIANTS[sampler]
     learned = variant.get("variance") == "learned-range"
     tracker = Tracker()
-    model = _TinyEps(shape[1], out_channels=2 * shape[1] if learned else None).to("meta").eval().requires_grad_(False)
+    model = _load_bench().CheapEps(shape[1], out_channels=2 * shape[1] if learned else None).to("meta").eval().requires_grad_(False)
     terms = _guidance_terms(guidance, shape, tracker)
     for term in terms:
         for v in vars(term).values():

@@ -172,14 +172,16 @@ class NoisyClassifier(nn.Module):
         return logits.log_softmax(-1).gather(1, class_labels[:, None])[:, 0].to(x.dtype)
 
 
-class _CheapEps(nn.Module):
+class CheapEps(nn.Module):
     """A model that costs almost nothing (one 3×3 convolution, a timestep scale and, when
-    conditional, a class embedding), so the loop's own cost shows."""
+    conditional, a class embedding), so the loop's own cost shows (also the dry run's small
+    model; ``out_channels=2 * channels`` for a learned-variance output)."""
 
-    def __init__(self, channels: int, num_classes: int = 10):
+    def __init__(self, channels: int, num_classes: int = 10, out_channels: Optional[int] = None):
         super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-        self.embed = nn.Embedding(num_classes, channels)
+        out = out_channels or channels
+        self.conv = nn.Conv2d(channels, out, 3, padding=1)
+        self.embed = nn.Embedding(num_classes, out)
 
     def forward(self, x, t, class_labels=None):
         h = self.conv(x) * (1.0 + 1e-3 * t.to(x.dtype)).view(-1, 1, 1, 1)
@@ -391,7 +393,7 @@ def _loop(name, quick, device, seed):
     torch.manual_seed(seed)
     shape = (2, 4, 16, 16) if quick else (8, 4, 64, 64)
     steps = 6 if quick else 50
-    net = _prepare(_CheapEps(shape[1]), device)
+    net = _prepare(CheapEps(shape[1]), device)
     b = shape[0]
     labels = torch.arange(b, device=device) % 10
     gen = torch.Generator().manual_seed(seed + 1)
