@@ -1,10 +1,10 @@
 """CUDA-graph capture of a sampling step, and the eager stepper it replaces.
 
 The steppers are handed the step function (:func:`gradguide.sampling.step`) by ``sample``, so
-this module does not import :mod:`gradguide.sampling` (which imports it). A step reads every per-step quantity from device tensors:
-the step index ``idx`` (a ``[1]`` int64 tensor) selects a column of the sampler's scalar
-table and the model's timesteps, and the noise arrives as a tensor drawn outside the step.
-So one captured step replays for every step of a run. What is left on the host is the step
+this module does not import :mod:`gradguide.sampling` (which imports it). A step reads every
+per-step quantity from device tensors: the step index ``idx`` (a ``[1]`` int64 tensor) selects
+a column of the sampler's scalar table and the model's timesteps, and the noise arrives as a
+tensor drawn outside the step. So one captured step replays for every step of a run. What is left on the host is the step
 *variant*: whether the step draws noise (not on the step that lands on clean data) and any
 term's host-side choice (:meth:`GuidanceTerm.variant`, e.g. CFG-Zero*'s zero-init steps);
 each variant is captured once.
