@@ -219,9 +219,9 @@ def _bench(args) -> int:
 def _register_profile(sub) -> None:
     p = sub.add_parser("profile", help="peak memory per phase (forward, backward, guidance, graph pool) of a "
                                        "sampling run, a memory-over-time plot, an optional torch.profiler trace")
-    from .bench.profiling import add_arguments
+    from .bench.profile import add_arguments
     add_arguments(p)
-    p.set_defaults(func=lambda args: __import__("gradguide.bench.profiling", fromlist=["run_cli"]).run_cli(args))
+    p.set_defaults(func=lambda args: __import__("gradguide.bench.profile", fromlist=["run_cli"]).run_cli(args))
 
 
 def _register_dryrun(sub) -> None:

@@ -18,7 +18,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-HARNESS = ["gradguide/bench/loop.py", "gradguide/bench/ops.py", "gradguide/bench/profiling.py",
+HARNESS = ["gradguide/bench/loop.py", "gradguide/bench/ops.py", "gradguide/bench/profiling.py", "gradguide/bench/profile.py",
            "gradguide/bench/dryrun.py", "gradguide/bench/meta.py", "gradguide/bench/gpu.py",
            "gradguide/bench/peers.py", "gradguide/cli.py", "gradguide/experiments/simulation.py",
            "gradguide/experiments/digits/models.py", "gradguide/tools/sharded.py", "kernels/fused.py"]

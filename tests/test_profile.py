@@ -1,4 +1,4 @@
-"""``gradguide profile`` (gradguide/bench/profiling.py): phases, memory sources, the quick CLI run."""
+"""``gradguide profile`` (gradguide/bench/profile.py, gradguide/bench/profiling.py): phases, memory sources, the quick CLI run."""
 import json
 import os
 
