@@ -274,8 +274,10 @@ def test_native_fused_ops_opcheck():
 
 def test_compiled_fused_step_fullgraph_equals_eager():
     """torch.compile of the whole fused step, fullgraph (no graph break), with the native ops."""
-    run = sampling.prepare_run(_model, SHAPE, schedule=SCHED, sampler="ddim", steps=5, guidance=[gg.CFG(3.0)],
-                               projection=gg.PixelAsParam("C"), cond={"y": torch.ones(SHAPE[0])})
+    run = sampling._prepare(_model, SHAPE, SCHED, "ddim", 5, 0.0, [gg.CFG(3.0)], gg.PixelAsParam("C"),
+                            {"y": torch.ones(SHAPE[0])}, None, None, "auto", "eps", "fixed-small", None, "adm", None,
+                            None, None, False)
+    sampling._finish_prepare(run)
     assert run.plan is not None
     x = torch.randn(SHAPE)
     state = sampling.initial_state(run, x)

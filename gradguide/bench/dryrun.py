@@ -32,7 +32,7 @@ what it does not exercise is host code that branches on ``device.type == "cuda"`
 resolution is pinned explicitly here; graph capture is emulated on either device). Each row
 says which device ran.
 
-Host-side preparation (schedule tables, validation: :func:`gradguide.sampling._prepare`) runs
+Host-side preparation (schedule tables, validation: :func:`gradguide.sampling.prepare_run`) runs
 before the mode is entered, on the ``meta`` device; the prepared run's tensors and the modules'
 weights are then converted to fake tensors (weights are built on ``meta``: no memory, no init).
 """
