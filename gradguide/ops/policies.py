@@ -53,8 +53,6 @@ POLICIES = {
                                                     "post": 1.0}),
 }
 NEEDS_GRAM = {name: name not in ("cfg", "linear") for name in POLICIES}
-# the policies the Triton fused kernel evaluates in its prologue (the others: torch, then combine)
-TRITON_POLICIES = ("cfg", "pxp-a", "pxp-b", "pxp-c", "apg", "gloss")
 
 
 def _safe_div(num, den):
