@@ -461,7 +461,7 @@ def test_fused_kernel_matches_float64_truth(policy, dtype):
     _backend("triton")
     from gradguide.ops import triton_backend
     names_v, names_s = policies.POLICIES[policy]
-    g = torch.Generator().manual_seed(hash((policy, str(dtype))) % 2 ** 31)
+    g = torch.Generator().manual_seed(10 * list(policies.POLICIES).index(policy) + DTYPES.index(dtype))
     for b, per_sample, groups, k, kg, gram_dtype in ((3, (5, 7), 1, 5, 3, torch.float32),
                                                       (2, (3, 8), 3, 8, 8, torch.float64),
                                                       (1, (64,), 4, 1, 1, torch.float64)):
@@ -486,8 +486,13 @@ def test_fused_kernel_matches_float64_truth(policy, dtype):
         got = triton_backend.fused_combine(policy, gram, vectors, scalars, operands, clamp=(-4.0, None))
         want, scale = _fused_truth(policy, gram, vectors, scalars, operands)
         assert got.dtype == dtype and got.shape == operands[0].shape
-        err = (got.double() - want.clamp(min=-4.0)).abs()
-        bound = COMBINE_TOL[dtype] * (scale + want.abs()) + 1e-300
+        want = want.clamp(min=-4.0)
+        # a weight product (lookahead's residual · β) can leave float16's range: the output
+        # rounds to inf exactly where the truth is beyond the dtype's largest value
+        big = want.abs() > torch.finfo(dtype).max
+        assert torch.isinf(got[big]).all()
+        err = (got.double() - want).abs()[~big]
+        bound = (COMBINE_TOL[dtype] * (scale + want.abs()))[~big] + 1e-300
         assert (err <= bound).all(), (policy, dtype, b, groups, k, (err / bound).max().item())
 
 
