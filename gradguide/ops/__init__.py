@@ -285,16 +285,17 @@ def fused_combine(policy: str, operands: Sequence[torch.Tensor], *, gram: Option
                   **params: Union[torch.Tensor, float]) -> torch.Tensor:
     """A built-in policy's coefficient program and the combine, in one pass where possible.
 
-    ``policy``: one of :data:`gradguide.ops.policies.POLICIES` (``"cfg"``, ``"pxp-a"``,
-    ``"pxp-b"``, ``"pxp-c"``, ``"apg"``, ``"gloss"``; formulas in :mod:`gradguide.ops.policies`).
+    ``policy``: one of :data:`gradguide.ops.policies.POLICIES` (``"linear"``, ``"cfg"``,
+    ``"pxp-a"``, ``"pxp-b"``, ``"pxp-c"``, ``"apg"``, ``"gloss"``, ``"lookahead"``; formulas in
+    :mod:`gradguide.ops.policies`).
     ``params``: the policy's coefficient vectors (LinCombs over ``operands``, ``[B, K]`` or
     ``[B, G, K]`` tensors) and scalars (numbers, 0-d or ``[B]`` device tensors) by name.
     ``gram``: the Gram matrix ``[B, G, Kg, Kg]`` of the first ``Kg`` <= K operands from
     :func:`reduce` (the vectors whose inner products the policy takes must be zero beyond them;
     computed here over all K when a policy needs it and it is not given). The coefficient
-    program runs inside the combine on ``"native"`` (one C++ call) and ``"triton"`` (the fused
-    kernel's prologue, for the policies it has); the reference evaluates it in torch, then combines.
-    Coefficients are computed in float64.
+    program runs inside the combine on ``"native"`` (one C++ call on CPU) and ``"triton"`` (the
+    fused kernel's prologue, every policy); the reference (and the native CUDA op, which has no
+    fused combine yet) evaluates it in torch, then combines. Coefficients are computed in float64.
     """
     if not isinstance(policy, str) or policy not in policies.POLICIES:
         raise ValueError(f"policy: expected one of {tuple(policies.POLICIES)}, got {policy!r}")
