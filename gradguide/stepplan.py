@@ -317,7 +317,7 @@ def run_stages(run, variant: Variant, column: torch.Tensor, tensors: Dict[str, t
             tensors["x0_clipped"], tensors["clip_shift"] = ops.clip_shift_unchecked(coef_p, coef_s, operands,
                                                                                     st.clamp, run.backend)
             continue
-        gram = ops.reduce_unchecked(operands[:st.n_gram], run.groups, run.backend)[0] if st.n_gram else None
+        gram = ops.gram_unchecked(operands[:st.n_gram], run.groups, run.backend) if st.n_gram else None
         vectors = [column[r:r + k].view(1, 1, k) for r in st.vector_rows]
         scalars = [column[v:v + 1] if kind == "row" else v for kind, v in st.scalars]
         tensors[st.output] = ops.fused_unchecked(st.policy, run.backend, operands, gram, vectors, scalars,

@@ -6,19 +6,32 @@ Same grid, tiles, loads and store as ``combine.py`` (grid ``(rows, blocks)``, on
 argument per operand, 128-bit loads when rows keep 16-byte alignment, sum over K in
 fp32/fp64, optional clamp: the loop is combine's ``_stream``). The prologue of every
 program evaluates the policy's coefficient program for its row instead of reading
-precomputed weights: it loads the row's ``[KP, KP]`` Gram matrix (from ``reduce``), up to
-four ``[KP]`` coefficient vectors and up to six per-sample scalars (device tensors,
-broadcast with stride 0 when shared by the batch), and computes inner products as
-``u^T Gram v``. The programs of one row repeat this ~100-flop prologue; that costs nothing
-next to the tile, and it removes the tiny launches of a separate coefficient step and keeps
-every per-step scalar on the device (no host sync, graph-capturable). The ``[KP]``
-coefficient vector is then split into K scalar weights for the streaming loop.
+precomputed weights: it loads the row's ``[Kg, Kg]`` Gram matrix (from ``reduce``, over the
+first Kg <= K operands), up to four ``[K]`` coefficient vectors and up to eight per-sample
+scalars, and computes inner products as ``u^T Gram v``. The programs of one row repeat this
+~100-flop prologue; that costs nothing next to the tile, and it removes the tiny launches of
+a separate coefficient step and keeps every per-step scalar on the device (no host sync,
+graph-capturable). The ``[KP]`` coefficient vector is then split into K scalar weights for
+the streaming loop.
+
+The prologue runs in float64 whatever the operands' dtype, as the native op
+(``csrc/gradguide_ops.cpp``) and the torch truth (``gradguide/ops/policies.py``) do: rules
+take inner products of small combinations of large operands (issue 12), and a float32
+``u^T G u`` loses what the float64 Gram keeps. The weights are rounded to the streaming
+accumulator's dtype (fp32; fp64 for fp64 operands) only once, for the loop.
+
+Inputs are read as the step holds them, so the glue launches nothing but this kernel: the
+Gram in its own dtype and size (``Kg`` is a constexpr; no padding to K), the coefficient
+vectors as ``[1 or B, 1 or G, K]`` views (a row reads them through strides, 0 for a
+broadcast dimension; no expand/copy), the scalars as 1- or B-element tensors (stride 0 or 1)
+of any float dtype (no cast).
 
 Policies (the formulas and their plain-torch truth are in ``gradguide/ops/policies.py``):
-``cfg``, ``pxp-a``, ``pxp-b``, ``pxp-c``, ``apg`` (no momentum), ``gloss``.
+``linear``, ``cfg``, ``pxp-a``, ``pxp-b``, ``pxp-c``, ``apg`` (no momentum), ``gloss``,
+``lookahead``.
 
-Limits: those of ``combine.py``; the Gram matrix must be the one of these operands (same K,
-same rows). Zero-norm partners follow the safe division of the reference (a projection
+Limits: those of ``combine.py``; the Gram matrix must be the one of the first Kg operands
+(same rows). Zero-norm partners follow the safe division of the reference (a projection
 against a zero vector is the identity; APG's clip leaves a zero Δ alone).
 
 Reference: :func:`reference` below.
@@ -32,14 +45,25 @@ import triton.language as tl
 from ._common import NUM_WARPS, k_padded, pointers
 from .combine import _stream, clamp_args, launch_config, tl_acc
 
-POLICY_IDS = {"cfg": 0, "pxp-a": 1, "pxp-b": 2, "pxp-c": 3, "apg": 4, "gloss": 5}
+POLICY_IDS = {"cfg": 0, "pxp-a": 1, "pxp-b": 2, "pxp-c": 3, "apg": 4, "gloss": 5, "linear": 6, "lookahead": 7}
+# coefficient vectors and scalars each policy reads (the order of gradguide/ops/policies.py)
+ARITY = {"cfg": (3, 1), "pxp-a": (4, 1), "pxp-b": (4, 1), "pxp-c": (3, 4), "apg": (3, 4), "gloss": (2, 5),
+         "linear": (1, 0), "lookahead": (4, 8)}
+NEEDS_GRAM = {p: p not in ("cfg", "linear") for p in POLICY_IDS}
+MAX_VECTORS, MAX_SCALARS = 4, 8
 
 
 def reference(policy, gram, vectors, scalars, operands, clamp=None):
-    """Plain torch: the policy's coefficients, then the reference combine."""
+    """Plain torch in float64: the policy's coefficients, then the reference combine."""
     from gradguide.ops import policies
     from .combine import reference as combine_reference
-    return combine_reference(policies.coefficients(policy, gram, vectors, scalars), operands, clamp)
+    b, k = operands[0].shape[0], len(operands)
+    groups = gram.shape[1] if gram is not None else max(v.shape[1] for v in vectors)
+    names_v, names_s = policies.POLICIES[policy]
+    vec = {n: v.double().expand(b, groups, k) for n, v in zip(names_v, vectors)}
+    sc = {n: s.double().reshape(-1, 1, 1) for n, s in zip(names_s, scalars)}
+    coef = policies.coefficients(policy, None if gram is None else gram.double(), vec, sc)
+    return combine_reference(coef, operands, clamp)
 
 
 @triton.jit
@@ -72,38 +96,55 @@ def _pc(G, a, b, delta):
 
 
 @triton.jit
-def _pick(coef, ks, k: tl.constexpr, K: tl.constexpr):
-    """Entry k of the [KP] coefficient vector as a scalar (0 past K)."""
+def _vector(v, sb, sg, b, g, ks, kmask):
+    """Row (b, g) of a ``[1 or B, 1 or G, K]`` coefficient vector (stride 0 on a broadcast dim), float64."""
+    return tl.load(v + b * sb + g * sg + ks, mask=kmask, other=0.0).to(tl.float64)
+
+
+@triton.jit
+def _scalar(s, st, b):
+    """Sample b's value of a 1- or B-element scalar (stride 0 or 1), float64."""
+    return tl.load(s + b * st).to(tl.float64)
+
+
+@triton.jit
+def _pick(coef, ks, k: tl.constexpr, K: tl.constexpr, ACC: tl.constexpr):
+    """Entry k of the [KP] coefficient vector as a scalar weight in ACC (0 past K)."""
     if k < K:
-        return tl.sum(tl.where(ks == k, coef, 0.0), 0)
+        return tl.sum(tl.where(ks == k, coef, 0.0), 0).to(ACC)
     else:
-        return tl.sum(tl.where(ks == 0, coef, 0.0), 0) * 0.0
+        return tl.zeros([], dtype=ACC)
 
 
 @triton.jit(do_not_specialize=["NR", "ITERS", "GROUPS"])
-def _fused(x0, x1, x2, x3, x4, x5, x6, x7, gram, v0, v1, v2, v3,
-           s0, s1, s2, s3, s4, s5, t0, t1, t2, t3, t4, t5,
+def _fused(x0, x1, x2, x3, x4, x5, x6, x7, gram, v0, v1, v2, v3, vb0, vg0, vb1, vg1, vb2, vg2, vb3, vg3,
+           s0, s1, s2, s3, s4, s5, s6, s7, t0, t1, t2, t3, t4, t5, t6, t7,
            out, NR, ITERS, GROUPS, low, high,
-           POLICY: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr,
-           ACC: tl.constexpr, HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr):
+           POLICY: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, KG: tl.constexpr, ALIGN: tl.constexpr,
+           BLOCK: tl.constexpr, ACC: tl.constexpr, HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = row // GROUPS
+    g = row % GROUPS
     ks = tl.arange(0, KP)
     kmask = ks < K
-    # --- prologue: the coefficient program of this row --------------------------------
-    vb = tl.load(v0 + row * K + ks, mask=kmask, other=0.0).to(ACC)
-    va = tl.load(v1 + row * K + ks, mask=kmask, other=0.0).to(ACC)
-    if POLICY != 5:
-        vc = tl.load(v2 + row * K + ks, mask=kmask, other=0.0).to(ACC)
-    if POLICY != 0:
-        G = tl.load(gram + row * K * K + ks[:, None] * K + ks[None, :],
-                    mask=kmask[:, None] & kmask[None, :], other=0.0).to(ACC)
-    if POLICY == 0:  # cfg: base + uncond + w (cond − uncond)
-        w = tl.load(s0 + b * t0).to(ACC)
+    # --- prologue: the coefficient program of this row, in float64 ---------------------------
+    vb = _vector(v0, vb0, vg0, b, g, ks, kmask)
+    if POLICY != 6:   # every policy but linear has a second vector
+        va = _vector(v1, vb1, vg1, b, g, ks, kmask)
+    if POLICY != 6 and POLICY != 5:
+        vc = _vector(v2, vb2, vg2, b, g, ks, kmask)
+    if POLICY != 0 and POLICY != 6:   # the Gram of the first KG operands (zero beyond them)
+        gmask = ks < KG
+        G = tl.load(gram + row * KG * KG + ks[:, None] * KG + ks[None, :],
+                    mask=gmask[:, None] & gmask[None, :], other=0.0).to(tl.float64)
+    if POLICY == 6:  # linear: the weights themselves
+        coef = vb
+    elif POLICY == 0:  # cfg: base + uncond + w (cond − uncond)
+        w = _scalar(s0, t0, b)
         coef = vb + vc + w * (va - vc)
     elif POLICY == 1 or POLICY == 2:  # PixelAsParam A / B: v1 = den, v2 = cls, v3 = div
-        vd = tl.load(v3 + row * K + ks, mask=kmask, other=0.0).to(ACC)
-        dl = tl.load(s0 + b * t0).to(ACC)
+        vd = _vector(v3, vb3, vg3, b, g, ks, kmask)
+        dl = _scalar(s0, t0, b)
         den1 = _pc(G, va, vc, dl)
         cls1 = _pc(G, vc, va, dl)
         if POLICY == 1:
@@ -111,62 +152,109 @@ def _fused(x0, x1, x2, x3, x4, x5, x6, x7, gram, v0, v1, v2, v3,
         else:
             coef = vb + den1 + _pc(G, cls1, vd, dl) + _pc(G, vd, vc, dl)
     elif POLICY == 3:  # PixelAsParam C: v1 = x0_cond, v2 = x0_uncond; s = scale, delta, delta2, post
-        w = tl.load(s0 + b * t0).to(ACC)
-        dl1 = tl.load(s1 + b * t1).to(ACC)
-        dl2 = tl.load(s2 + b * t2).to(ACC)
-        post = tl.load(s3 + b * t3).to(ACC)
+        w = _scalar(s0, t0, b)
+        dl1 = _scalar(s1, t1, b)
+        dl2 = _scalar(s2, t2, b)
+        post = _scalar(s3, t3, b)
         dlt = (va - vc) * (w - 1.0)
         coef = vb + post * (_pc(G, va, dlt, dl1) + _pc(G, dlt, va, dl2))
     elif POLICY == 4:  # APG: v1 = d_cond, v2 = d_uncond; s = scale, eta, norm_threshold, post
-        w = tl.load(s0 + b * t0).to(ACC)
-        eta = tl.load(s1 + b * t1).to(ACC)
-        r = tl.load(s2 + b * t2).to(ACC)
-        post = tl.load(s3 + b * t3).to(ACC)
+        w = _scalar(s0, t0, b)
+        eta = _scalar(s1, t1, b)
+        r = _scalar(s2, t2, b)
+        post = _scalar(s3, t3, b)
         dlt = va - vc
         norm = tl.sqrt(_max0(_dot(G, dlt, dlt)))
         clip = tl.where(norm > 0, tl.minimum(_safe_div(r, norm), 1.0), 1.0)
         dlt = tl.where(r > 0, dlt * clip, dlt)
         par = va * _safe_div(_dot(G, dlt, va), _max0(_dot(G, va, va)))
         coef = vb + post * (va + (dlt - par + par * eta) * (w - 1.0))
-    else:  # G_loss: v1 = vjp; s = a, h, sigma, residual, post
-        a = tl.load(s0 + b * t0).to(ACC)
-        h = tl.load(s1 + b * t1).to(ACC)
-        sg = tl.load(s2 + b * t2).to(ACC)
-        res = tl.load(s3 + b * t3).to(ACC)
-        post = tl.load(s4 + b * t4).to(ACC)
+    elif POLICY == 5:  # G_loss: v1 = vjp; s = a, h, sigma, residual, post
+        a = _scalar(s0, t0, b)
+        h = _scalar(s1, t1, b)
+        sg = _scalar(s2, t2, b)
+        res = _scalar(s3, t3, b)
+        post = _scalar(s4, t4, b)
         a2 = a * a
         beta = (a2 / 2) / (a2 * sg * sg + h * _max0(_dot(G, va, va)))
         coef = vb + va * (post * res * beta)
+    else:  # lookahead: v1 = x0, v2 = vjp, v3 = reward; s = a, h, sigma, target, multiplier, beta,
+        #   beta_per_sample, post (G_loss with gᵀx̂_0 from the Gram, as a fused step runs it)
+        vr = _vector(v3, vb3, vg3, b, g, ks, kmask)
+        a = _scalar(s0, t0, b)
+        h = _scalar(s1, t1, b)
+        sg = _scalar(s2, t2, b)
+        target = _scalar(s3, t3, b)
+        mult = _scalar(s4, t4, b)
+        beta_fixed = _scalar(s5, t5, b)
+        per = _scalar(s6, t6, b)
+        post = _scalar(s7, t7, b)
+        a2 = a * a
+        beta = (a2 / 2) / (a2 * sg * sg + h * _max0(_dot(G, vc, vc)))
+        beta = tl.where(per != 0, beta, beta_fixed)
+        residual = 2 * mult * (target - _dot(G, vr, va))
+        coef = vb + vc * (post * residual * beta)
     # --- the combine (combine.py's loop, with these weights) -------------------------------
     _stream(x0, x1, x2, x3, x4, x5, x6, x7,
-            _pick(coef, ks, 0, K), _pick(coef, ks, 1, K), _pick(coef, ks, 2, K), _pick(coef, ks, 3, K),
-            _pick(coef, ks, 4, K), _pick(coef, ks, 5, K), _pick(coef, ks, 6, K), _pick(coef, ks, 7, K),
+            _pick(coef, ks, 0, K, ACC), _pick(coef, ks, 1, K, ACC), _pick(coef, ks, 2, K, ACC),
+            _pick(coef, ks, 3, K, ACC), _pick(coef, ks, 4, K, ACC), _pick(coef, ks, 5, K, ACC),
+            _pick(coef, ks, 6, K, ACC), _pick(coef, ks, 7, K, ACC),
             out, row, NR, ITERS, low, high, K, ALIGN, BLOCK, ACC, HAS_LOW, HAS_HIGH)
+
+
+def _broadcast_strides(v, b, groups, k):
+    """(batch stride, group stride) of a ``[1 or B, 1 or G, K]`` vector; 0 on a broadcast dimension."""
+    if v.dim() != 3 or v.shape[0] not in (1, b) or v.shape[1] not in (1, groups) or v.shape[2] != k \
+            or v.stride(2) != 1:
+        raise ValueError(f"vectors: expected [1 or B={b}, 1 or G={groups}, K={k}] with unit stride over K, "
+                         f"got {tuple(v.shape)} strides {tuple(v.stride())}")
+    return (v.stride(0) if v.shape[0] > 1 else 0), (v.stride(1) if v.shape[1] > 1 else 0)
 
 
 def fused_combine(policy, gram, vectors, scalars, operands, out=None, clamp=None):
     """``policy``'s coefficients and the combine in one kernel.
 
-    ``gram``: ``[B, G, K, K]`` (ignored by ``cfg``); ``vectors``: the policy's coefficient
-    vectors in order, each ``[B, G, K]`` contiguous in the accumulation dtype; ``scalars``: its
-    scalars in order, each a 1-element or ``[B]`` tensor in the accumulation dtype.
+    ``gram``: ``[B, G, Kg, Kg]`` over the first Kg <= K operands, contiguous, any float dtype
+    (None for ``cfg``/``linear``); ``vectors``: the policy's coefficient vectors in order, each
+    ``[1 or B, 1 or G, K]`` with unit stride over K, any float dtype; ``scalars``: its scalars
+    in order, each a 1-element or ``[B]`` contiguous tensor of any float dtype.
     """
     if policy not in POLICY_IDS:
         raise NotImplementedError(f"policy {policy!r}: the Triton fused kernel implements {tuple(POLICY_IDS)}")
+    n_vec, n_sc = ARITY[policy]
+    if len(vectors) != n_vec or len(scalars) != n_sc:
+        raise ValueError(f"policy {policy!r}: expected {n_vec} coefficient vectors and {n_sc} scalars, "
+                         f"got {len(vectors)} and {len(scalars)}")
     first = operands[0]
-    k = len(operands)
-    b, groups = first.shape[0], vectors[0].shape[1]
+    k, b = len(operands), first.shape[0]
+    if NEEDS_GRAM[policy]:
+        if gram is None or gram.dim() != 4 or gram.shape[0] != b or gram.shape[2] != gram.shape[3] \
+                or not 1 <= gram.shape[2] <= k or not gram.is_contiguous():
+            got = None if gram is None else tuple(gram.shape)
+            raise ValueError(f"gram: policy {policy!r} needs a contiguous [B={b}, G, Kg, Kg] Gram matrix "
+                             f"with Kg <= K={k}, got {got}")
+        groups, kg = gram.shape[1], gram.shape[2]
+    else:
+        groups, kg = max(v.shape[1] for v in vectors), 1
     n = first[0].numel() // groups
     if out is None:
         out = torch.empty_like(first, memory_format=torch.contiguous_format)
     block, align, blocks, iters = launch_config(n, first.dtype)
-    vecs = list(vectors) + [vectors[0]] * (4 - len(vectors))
-    sc = list(scalars) + [vectors[0]] * (6 - len(scalars))
-    strides = [1 if t.numel() > 1 else 0 for t in scalars] + [0] * (6 - len(scalars))
+    strides = []
+    for v in vectors:
+        strides += _broadcast_strides(v, b, groups, k)
+    vecs = list(vectors) + [vectors[0]] * (MAX_VECTORS - n_vec)       # unused: never read
+    strides += [0] * (2 * MAX_VECTORS - len(strides))
+    for j, s in enumerate(scalars):
+        if s.numel() not in (1, b) or not s.is_contiguous():
+            raise ValueError(f"scalars[{j}]: expected a contiguous tensor of 1 or B={b} elements, "
+                             f"got {tuple(s.shape)}")
+    sc = list(scalars) + [vectors[0]] * (MAX_SCALARS - n_sc)           # unused: never read
+    sc_strides = [1 if s.numel() > 1 else 0 for s in scalars] + [0] * (MAX_SCALARS - n_sc)
     low, high, has_low, has_high = clamp_args(clamp)
-    g = gram if gram is not None else vectors[0]
+    g = gram if NEEDS_GRAM[policy] else vectors[0]                     # unused without a Gram
     _fused[(b * groups, blocks)](
-        *pointers(operands), g, *vecs, *sc, *strides, out, n // align, iters, groups, low, high,
-        POLICY=POLICY_IDS[policy], K=k, KP=k_padded(k), ALIGN=align, BLOCK=block, ACC=tl_acc(first.dtype),
+        *pointers(operands), g, *vecs, *strides, *sc, *sc_strides, out, n // align, iters, groups, low, high,
+        POLICY=POLICY_IDS[policy], K=k, KP=k_padded(k), KG=kg, ALIGN=align, BLOCK=block, ACC=tl_acc(first.dtype),
         HAS_LOW=has_low, HAS_HIGH=has_high, num_warps=NUM_WARPS)
     return out

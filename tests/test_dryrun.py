@@ -193,3 +193,20 @@ def test_targets_table_marks_what_is_met():
     lines = dryrun.targets_table(report).splitlines()[2:]
     assert lines == ["| ddim + cfg | 6 | 1.00× | yes |", "| ddpm + G_loss | 9 | 1.00× | no |",
                      "| ddim + cfg + C | 5 | 1.20× | no |"]
+
+
+@pytest.mark.parametrize("key", dryrun.TARGETS, ids=[" + ".join(k) for k in dryrun.TARGETS])
+def test_issue11_targets_on_triton(key):
+    """Issue 11 item 5 on the GPU path: each target step, on fake tensors with backend "triton",
+    is at most 8 launches beyond the model at <= 1.1x the minimum big-tensor bytes, and runs as
+    the Triton reduce + fused combine (no torch coefficient ops, no padded Gram)."""
+    r = dryrun.run_combination(*key, backend="triton")
+    assert r["status"] == "ok" and r["backend"] == "triton"
+    s = dryrun.summarize(r)
+    ops_ = next(iter(r["steps_measured"].values()))["guidance"]["ops"]
+    assert s["guidance_launches"] <= dryrun.TARGET_LAUNCHES, ops_
+    assert s["ratio"] <= dryrun.TARGET_RATIO, s
+    assert "gradguide_triton.fused_combine" in ops_ and "gradguide_triton.combine" not in ops_
+    assert not {"aten.constant_pad_nd", "aten._to_copy", "aten.clone", "aten.bmm"} & set(ops_), ops_
+    table = dryrun.targets_table({"combinations": [dict(s, sampler=key[0], guidance=key[1], projection=key[2])]})
+    assert table.splitlines()[-1].endswith("| yes |")

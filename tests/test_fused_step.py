@@ -22,16 +22,21 @@ SHAPE = (3, 2, 4, 4)
 
 # -- launches and traffic ----------------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", ["native", "triton"])
 @pytest.mark.parametrize("name", list(step_launches.WORKLOADS()))
-def test_a_guided_step_is_at_most_8_launches_at_minimum_traffic(name):
-    if gg.ops.available_backends("cpu")["native"] is not True:
-        pytest.skip("native ops not built")
-    row = step_launches.count_step(step_launches.WORKLOADS()[name], backend="native")
+def test_a_guided_step_is_at_most_8_launches_at_minimum_traffic(name, backend):
+    if gg.ops.available_backends("cpu")[backend] is not True:
+        pytest.skip(f"{backend} not available")
+    row = step_launches.count_step(step_launches.WORKLOADS()[name], backend=backend)
     assert row["launches"] <= 8, row["ops"]
     assert row["traffic_ratio"] <= 1.1, row
-    assert "gradguide::fused_combine" in row["ops"]
+    ns = "gradguide" if backend == "native" else "gradguide_triton"
+    assert f"{ns}::fused_combine" in row["ops"]
+    # no small torch ops around the kernels: what is left is the step's column of the tables
+    # (index_select: weights and timesteps) and the classifier's backward seed (sum, ones_like)
+    assert set(row["ops"]) <= {"index_select", "sum", "ones_like", f"{ns}::reduce", f"{ns}::fused_combine"}, row["ops"]
     # the general LinComb path really is the many-launch one this replaces
-    general = step_launches.count_step(step_launches.WORKLOADS()[name], backend="native", fused=False)
+    general = step_launches.count_step(step_launches.WORKLOADS()[name], backend=backend, fused=False)
     assert general["launches"] > 2 * row["launches"]
 
 
@@ -165,12 +170,47 @@ def test_fused_step_clip_eps_model(case):
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize("backend", ["reference", "native"])
+TRITON = gg.ops.available_backends("cpu")["triton"] is True
+
+
+@pytest.mark.skipif(not TRITON, reason="triton (interpreted) not available")
+@pytest.mark.parametrize("case", [("ddim", "cfg", "none", None), ("ddpm", "classifier", "A", None),
+                                  ("ddim-eta1", "cfg+classifier", "B-channel", True), ("ddim", "apg", "none", True),
+                                  ("ddpm", "lookahead", "none", None), ("ddim", "lookahead-beta", "none", None),
+                                  ("ddpm", "cfg", "C", True), ("ddim", "two-classifiers", "none", True)])
+def test_fused_step_on_triton_equals_the_general_reference_path(case):
+    """float64 on the Triton kernels (interpreted): the fused step equals the general LinComb
+    step on the reference backend, and it really ran the fused kernel for every stage."""
+    want, _ = _run(*case, fused=False, backend="reference")
+    calls = []
+    real = gg.ops.triton_backend.fused_combine
+
+    def spy(policy, *args, **kwargs):
+        calls.append(policy)
+        return real(policy, *args, **kwargs)
+    gg.ops.triton_backend.fused_combine = spy
+    try:
+        got, run = _run(*case, fused=True, backend="triton")
+    finally:
+        gg.ops.triton_backend.fused_combine = real
+    assert run.plan is not None and run.backend == "triton"
+    stages = [st.policy for v in run.plan.variants.values() for st in v.stages if st.policy != "clip-shift"]
+    assert set(calls) == set(stages) and len(calls) >= 5
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native", "triton"])
 @pytest.mark.parametrize("case", [("ddpm", "classifier", "A", True), ("ddim", "apg", "none", None),
                                   ("ddpm", "lookahead", "none", None), ("ddpm", "cfg", "C", True)])
-def test_fused_step_float32_every_backend(backend, case):
+def test_fused_step_float32_every_backend(backend, case, request):
     if gg.ops.available_backends("cpu")[backend] is not True:
         pytest.skip(f"{backend} not available")
+    if backend == "triton" and case[1] == "apg":
+        # Known, open (issue 12 item 4): the Triton reduce kernel accumulates the Gram in float32,
+        # and APG's ‖d_cond − d_uncond‖ cancels in it (1.2e-3 here; with a float64 Gram the same
+        # fused kernel is 6.5e-6 off, the native op 5.2e-6; the general path on triton is 1.2e-3
+        # too). kernels/reduce.py is being reworked separately. Strict: must pass once fixed.
+        request.node.add_marker(pytest.mark.xfail(strict=True, reason="Triton reduce: float32 Gram (issue 12)"))
     want, _ = _run(*case, fused=False, backend="reference")
     got, run = _run(*case, fused=True, dtype=torch.float32, backend=backend)
     assert run.plan is not None and run.backend == backend
@@ -272,13 +312,17 @@ def test_native_fused_ops_opcheck():
     torch.library.opcheck(torch.ops.gradguide.clip_shift.default, (coef, 0.01 * coef, operands, -1.0, 1.0))
 
 
-def test_compiled_fused_step_fullgraph_equals_eager():
-    """torch.compile of the whole fused step, fullgraph (no graph break), with the native ops."""
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_compiled_fused_step_fullgraph_equals_eager(backend):
+    """torch.compile of the whole fused step, fullgraph (no graph break), with the native ops
+    ("auto" on CPU) or the Triton custom ops."""
+    if gg.ops.available_backends("cpu")[backend if backend != "auto" else "reference"] is not True:
+        pytest.skip(f"{backend} not available")
     run = sampling._prepare(_model, SHAPE, SCHED, "ddim", 5, 0.0, [gg.CFG(3.0)], gg.PixelAsParam("C"),
-                            {"y": torch.ones(SHAPE[0])}, None, None, "auto", "eps", "fixed-small", None, "adm", None,
+                            {"y": torch.ones(SHAPE[0])}, None, None, backend, "eps", "fixed-small", None, "adm", None,
                             None, None, False)
     sampling._finish_prepare(run)
-    assert run.plan is not None
+    assert run.plan is not None and (backend == "auto" or run.backend == "triton")
     x = torch.randn(SHAPE)
     state = sampling.initial_state(run, x)
 

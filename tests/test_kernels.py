@@ -438,6 +438,104 @@ def test_triton_aligned_rows_splits_and_offsets(dtype, monkeypatch):
                                **({} if dtype in (torch.float32, torch.float64) else dict(rtol=1e-2, atol=1e-2)))
 
 
+def _fused_truth(policy, gram, vectors, scalars, operands):
+    """float64 truth of a fused combine (the torch program on the same Gram, operands upcast
+    exactly), and the per-element scale sum_k |c_k x_k| its rounding is measured against."""
+    b, k = operands[0].shape[0], len(operands)
+    groups = gram.shape[1] if gram is not None else max(v.shape[1] for v in vectors)
+    names_v, names_s = policies.POLICIES[policy]
+    coef = policies.coefficients(policy, None if gram is None else gram.double(),
+                                 {n: v.double().expand(b, groups, k) for n, v in zip(names_v, vectors)},
+                                 {n: t.double().reshape(-1, 1, 1) for n, t in zip(names_s, scalars)})
+    exact = [op.double() for op in operands]
+    return reference.combine(coef, exact), reference.combine(coef.abs(), [x.abs() for x in exact])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("policy", list(policies.POLICIES))
+def test_fused_kernel_matches_float64_truth(policy, dtype):
+    """The fused kernel itself (no glue between) against the float64 truth, with the inputs a
+    step passes: coefficient vectors broadcast ([1, 1, K], [B, 1, K]) or per row ([B, G, K]) in
+    float64 or float32, scalars of 1 or B elements, a Gram over the first Kg < K operands in
+    float32 (what the fp32 reduce kernel writes) or float64, awkward row lengths, groups."""
+    _backend("triton")
+    from gradguide.ops import triton_backend
+    names_v, names_s = policies.POLICIES[policy]
+    g = torch.Generator().manual_seed(10 * list(policies.POLICIES).index(policy) + DTYPES.index(dtype))
+    for b, per_sample, groups, k, kg, gram_dtype in ((3, (5, 7), 1, 5, 3, torch.float32),
+                                                      (2, (3, 8), 3, 8, 8, torch.float64),
+                                                      (1, (64,), 4, 1, 1, torch.float64)):
+        operands = [torch.randn(b, *per_sample, generator=g, dtype=torch.float64).mul(1 + j).to(dtype)
+                    for j in range(k)]
+        shapes = [(1, 1, k), (b, 1, k), (b, groups, k), (1, groups, k)]
+        vectors = []
+        for j in range(len(names_v)):
+            v = torch.randn(shapes[j % 4], generator=g, dtype=torch.float64 if j % 2 == 0 else torch.float32)
+            if j > 0:   # the vectors whose inner products a policy takes live on the Gram's operands
+                v[..., kg:] = 0
+            vectors.append(v)
+        scalars = [(torch.rand(b if j % 2 else 1, generator=g, dtype=torch.float64) + 0.5)
+                   .to(torch.float32 if j % 3 == 2 else torch.float64) for j in range(len(names_s))]
+        if policy == "lookahead":   # both branches of beta_per_sample across the batch
+            scalars[6] = torch.arange(b, dtype=torch.float64) % 2
+        if policy == "apg":         # a threshold that clips some rows
+            scalars[2] = torch.full((1,), 0.5, dtype=torch.float64)
+        gram = None
+        if policies.NEEDS_GRAM[policy]:
+            gram = reference.reduce(operands[:kg], groups)[0].to(gram_dtype)
+        got = triton_backend.fused_combine(policy, gram, vectors, scalars, operands, clamp=(-4.0, None))
+        want, scale = _fused_truth(policy, gram, vectors, scalars, operands)
+        assert got.dtype == dtype and got.shape == operands[0].shape
+        want = want.clamp(min=-4.0)
+        # a weight product (lookahead's residual · β) can leave float16's range: the output
+        # rounds to inf exactly where the truth is beyond the dtype's largest value
+        big = want.abs() > torch.finfo(dtype).max
+        assert torch.isinf(got[big]).all()
+        err = (got.double() - want).abs()[~big]
+        bound = (COMBINE_TOL[dtype] * (scale + want.abs()))[~big] + 1e-300
+        assert (err <= bound).all(), (policy, dtype, b, groups, k, (err / bound).max().item())
+
+
+def test_fused_kernel_coefficient_program_is_float64():
+    """G_loss's β of a small direction of two large float32 operands: ‖v‖² = G00 − 2 G01 + G11
+    cancels to ~1e-6 of the entries, which a float32 program would get ~10 % wrong (issue 12);
+    the kernel's float64 prologue on the float64 Gram keeps it, as the native op does."""
+    _backend("triton")
+    from gradguide.ops import triton_backend
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 4096, generator=g, dtype=torch.float64)
+    operands = [x.float(), (x + 1e-3 * torch.randn(2, 4096, generator=g, dtype=torch.float64)).float()]
+    gram = reference.reduce(operands, 1)[0]
+    f64 = lambda *v: torch.tensor(v, dtype=torch.float64)
+    vectors = [f64(0.0, 0.0).view(1, 1, 2), f64(-1.0, 1.0).view(1, 1, 2)]      # base = 0, vjp = op1 − op0
+    scalars = [f64(1.0), f64(1e3), f64(1e-3), f64(1.0), f64(1.0)]            # a, h (β ∝ 1/‖v‖²), σ, residual, post
+    for policy, vecs, scs in (("gloss", vectors, scalars),
+                              ("lookahead", [vectors[0], vectors[0], vectors[1], vectors[0]],
+                               scalars[:3] + [f64(0.5), f64(1.0), f64(0.0), f64(1.0), f64(1.0)])):
+        got = triton_backend.fused_combine(policy, gram, vecs, scs, operands)
+        want, _ = _fused_truth(policy, gram, vecs, scs, operands)
+        # the streaming loop's float32 rounding (~1e-7 |op| / 1e-3 |v|) is 1e-4 of the result
+        torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3 * want.abs().max().item())
+
+
+def test_triton_fused_step_launches_one_kernel_and_no_small_ops():
+    """ops.fused_unchecked on "triton" is one custom op for every policy: no padded Gram, no
+    expanded or cast vectors, no torch coefficient program (each would be a GPU launch)."""
+    _backend("triton")
+    from gradguide.bench.step_launches import LaunchCounter
+    operands = _operands((2, 3, 8), 4, torch.float32, seed=4)
+    column = torch.randn(40, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for policy, (names_v, names_s) in policies.POLICIES.items():
+        vectors = [column[4 * j:4 * j + 4].view(1, 1, 4) for j in range(len(names_v))]
+        scalars = [column[20 + j:21 + j] for j in range(len(names_s))]
+        counter = LaunchCounter(big_numel=operands[0].numel())
+        with counter:
+            gram = ops.gram_unchecked(operands[:3], 3, "triton") if policies.NEEDS_GRAM[policy] else None
+            ops.fused_unchecked(policy, "triton", operands, gram, vectors, scalars, 3 if gram is not None else 1)
+        want = (["gradguide_triton::reduce"] if gram is not None else []) + ["gradguide_triton::fused_combine"]
+        assert counter.ops == want, (policy, counter.ops)
+
+
 # -- custom ops: opcheck, FakeTensor, torch.compile ------------------------------------------------
 
 def _triton_op_cases():
@@ -452,7 +550,23 @@ def _triton_op_cases():
             (t.combine_out.default, (coef, operands, None, 1.0, out)),
             (t.fused_combine.default, ("cfg", None, [coef] * 3, [torch.full((1,), 2.0)], operands, None, None)),
             (t.fused_combine_out.default, ("gloss", gram, [coef] * 2, [torch.ones(1)] * 3 + [torch.randn(2), torch.ones(1)],
-                                            operands, -1.0, 1.0, out))]
+                                            operands, -1.0, 1.0, out))] + _step_op_cases(operands)
+
+
+def _step_op_cases(operands):
+    """``linear`` and ``lookahead`` with the inputs a fused step passes: [1, 1, K] float64 views
+    of the step's table column, 1-element views as scalars (a [B] target), a float32 Gram of the
+    first Kg < K operands (groups 3)."""
+    t = torch.ops.gradguide_triton
+    k = len(operands)
+    column = torch.randn(4 * k + 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    vectors = [column[j * k:(j + 1) * k].view(1, 1, k) for j in range(4)]
+    scalars = [column[4 * k + j:4 * k + j + 1] for j in range(8)]
+    scalars[3] = torch.randn(2, dtype=torch.float64)
+    scalars[6] = torch.ones(1, dtype=torch.float64)
+    gram = ops.reduce(operands[:2], 3, backend="reference")[0].float()
+    return [(t.fused_combine.default, ("linear", None, vectors[:1], [], operands, None, 0.5)),
+            (t.fused_combine.default, ("lookahead", gram, vectors, scalars, operands, None, None))]
 
 
 def test_triton_opcheck():
@@ -476,9 +590,14 @@ def test_triton_ops_under_fake_cuda_tensors():
         fused = triton_backend.fused_combine("pxp-a", gram, [coef] * 4, [torch.ones(1, device="cuda")], operands)
         into = torch.empty_like(operands[0])
         same = triton_backend.fused_combine("cfg", None, [coef] * 3, [torch.ones(4, device="cuda")], operands, out=into)
+        column = torch.empty(20, device="cuda", dtype=torch.float64)
+        vec = [column.narrow(0, 5 * j, 5).view(1, 1, 5) for j in range(4)]   # (no Python indexing of
+        one = column.narrow(0, 0, 1)                                          # cuda tensors on CPU torch)
+        look = triton_backend.fused_combine("lookahead", torch.empty(4, 3, 3, 3, device="cuda"), vec,
+                                            [one] * 3 + [torch.ones(4, device="cuda")] + [one] * 4, operands)
     assert gram.shape == (4, 3, 5, 5) and gram.dtype == torch.float32 and gram.device.type == "cuda"
     assert sums.shape == (4, 3, 5) and out.shape == fused.shape == (4, 3, 8) and out.dtype == torch.bfloat16
-    assert same is into
+    assert same is into and look.shape == (4, 3, 8) and look.dtype == torch.bfloat16 and look.device.type == "cuda"
 
 
 def test_triton_ops_compile_fullgraph():
@@ -500,12 +619,14 @@ def test_triton_ops_compile_fullgraph():
 
 
 def test_fused_policy_lists_agree():
-    """triton_backend says which policies the fused kernel implements; the kernel agrees, and an
-    unknown policy is refused by name instead of running the wrong coefficient program."""
+    """The fused kernel implements every built-in coefficient program (so a step on "triton"
+    never falls back to torch coefficient ops); an unknown policy is refused by name instead of
+    running the wrong coefficient program."""
     _backend("triton")
     from gradguide.ops import triton_backend
-    from kernels.fused import POLICY_IDS
-    assert set(POLICY_IDS) == set(triton_backend.FUSED_POLICIES)
+    from kernels.fused import ARITY, POLICY_IDS
+    assert set(POLICY_IDS) == set(triton_backend.FUSED_POLICIES) == set(policies.POLICIES)
+    assert all(ARITY[p] == (len(v), len(s)) for p, (v, s) in policies.POLICIES.items())
     assert all(triton_backend.supports_policy(p) for p in triton_backend.FUSED_POLICIES)
     assert not triton_backend.supports_policy("pcgrad")
     operands = _operands((2, 8), 2, torch.float32)

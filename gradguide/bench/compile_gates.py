@@ -56,7 +56,7 @@ ARCHS = (80, 90)
 SM = {80: dict(gpu="A100", regs=65536, max_warps=64, max_blocks=32, smem=167936),
       90: dict(gpu="H100", regs=65536, max_warps=64, max_blocks=32, smem=233472)}
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
-POLICIES = ("cfg", "pxp-a", "pxp-b", "pxp-c", "apg", "gloss")
+POLICIES = ("linear", "cfg", "pxp-a", "pxp-b", "pxp-c", "apg", "gloss", "lookahead")
 ALIGNED_N, UNALIGNED_N = 4096, 4095  # row lengths: a multiple of every vector width, and odd
 
 
@@ -179,11 +179,20 @@ def launch(v: Variant) -> None:
     elif v.op == "combine":
         triton_backend.combine(torch.zeros(2, 1, v.k, dtype=acc), ops, clamp=clamp)
     else:
+        # as a fused step launches it (gradguide.stepplan.run_stages): the coefficient vectors
+        # are [1, 1, K] float64 views into the step's table column, the scalars 1-element float64
+        # views of it (or a [B] tensor: G_loss's target), the Gram the reduce kernel's own output
+        # over the first Kg operands
         vec_names, scalar_names = policies.POLICIES[v.policy]
-        vectors = [torch.zeros(2, 1, v.k, dtype=acc) for _ in vec_names]
-        scalars = [torch.zeros(1, dtype=acc) for _ in scalar_names]
-        triton_backend.fused_combine(v.policy, torch.zeros(2, 1, v.k, v.k, dtype=acc), vectors, scalars, ops,
-                                     clamp=clamp)
+        column = torch.zeros(len(vec_names) * v.k + len(scalar_names), dtype=torch.float64)
+        vectors = [column[j * v.k:(j + 1) * v.k].view(1, 1, v.k) for j in range(len(vec_names))]
+        scalars = [column[len(vec_names) * v.k + j:len(vec_names) * v.k + j + 1] for j in range(len(scalar_names))]
+        if v.policy == "lookahead":
+            scalars[3] = torch.zeros(2, dtype=torch.float64)   # the per-sample target
+        gram = None
+        if policies.NEEDS_GRAM[v.policy]:
+            gram = torch.zeros(2, 1, max(1, v.k - 1), max(1, v.k - 1), dtype=acc)
+        triton_backend.fused_combine(v.policy, gram, vectors, scalars, ops, clamp=clamp)
 
 
 # -- reading PTX and cubin ---------------------------------------------------------------------

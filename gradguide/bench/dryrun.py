@@ -716,7 +716,10 @@ SAMPLER_VARIANTS = {
     "dpmpp-2m": {"sampler": "dpmpp-2m"},
 }
 SAMPLERS = tuple(SAMPLER_VARIANTS)
-GUIDANCE = ("none", "cfg", "classifier", "G", "G_loss", "dps", "apg", "rescale", "cfg-zero*", "cfg++")
+# "apg": the paper's APG (no momentum: a built-in fused program); "apg-momentum": with a running
+# average of Δ carried between steps (state: the general path)
+GUIDANCE = ("none", "cfg", "classifier", "G", "G_loss", "dps", "apg", "apg-momentum", "rescale", "cfg-zero*",
+            "cfg++")
 PROJECTIONS = ("none", "A", "B", "C", "pcgrad")
 
 
@@ -740,6 +743,8 @@ def _guidance_terms(name: str, shape, tracker: Tracker):
     if name == "cfg":
         return [gg.CFG(4.0)]
     if name == "apg":
+        return [gg.APG(4.0)]
+    if name == "apg-momentum":
         return [gg.APG(4.0, momentum=-0.5)]
     if name == "rescale":
         return [gg.Rescale(4.0)]

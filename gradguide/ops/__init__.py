@@ -285,16 +285,17 @@ def fused_combine(policy: str, operands: Sequence[torch.Tensor], *, gram: Option
                   **params: Union[torch.Tensor, float]) -> torch.Tensor:
     """A built-in policy's coefficient program and the combine, in one pass where possible.
 
-    ``policy``: one of :data:`gradguide.ops.policies.POLICIES` (``"cfg"``, ``"pxp-a"``,
-    ``"pxp-b"``, ``"pxp-c"``, ``"apg"``, ``"gloss"``; formulas in :mod:`gradguide.ops.policies`).
+    ``policy``: one of :data:`gradguide.ops.policies.POLICIES` (``"linear"``, ``"cfg"``,
+    ``"pxp-a"``, ``"pxp-b"``, ``"pxp-c"``, ``"apg"``, ``"gloss"``, ``"lookahead"``; formulas in
+    :mod:`gradguide.ops.policies`).
     ``params``: the policy's coefficient vectors (LinCombs over ``operands``, ``[B, K]`` or
     ``[B, G, K]`` tensors) and scalars (numbers, 0-d or ``[B]`` device tensors) by name.
     ``gram``: the Gram matrix ``[B, G, Kg, Kg]`` of the first ``Kg`` <= K operands from
     :func:`reduce` (the vectors whose inner products the policy takes must be zero beyond them;
     computed here over all K when a policy needs it and it is not given). The coefficient
-    program runs inside the combine on ``"native"`` (one C++ call) and ``"triton"`` (the fused
-    kernel's prologue, for the policies it has); the reference evaluates it in torch, then combines.
-    Coefficients are computed in float64.
+    program runs inside the combine on ``"native"`` (one C++ call on CPU) and ``"triton"`` (the
+    fused kernel's prologue, every policy); the reference (and the native CUDA op, which has no
+    fused combine yet) evaluates it in torch, then combines. Coefficients are computed in float64.
     """
     if not isinstance(policy, str) or policy not in policies.POLICIES:
         raise ValueError(f"policy: expected one of {tuple(policies.POLICIES)}, got {policy!r}")
@@ -338,7 +339,7 @@ def fused_combine(policy: str, operands: Sequence[torch.Tensor], *, gram: Option
     groups = groups or 1
     check_operands(operands, groups)
     coef_dtype = reference.coefficient_dtype(first.dtype)
-    vectors = {n: v.to(coef_dtype) for n, v in vectors.items()}
+    vectors = {n: v.to(coef_dtype).contiguous() for n, v in vectors.items()}   # kernels read rows of K
     scalars = {}
     for name, default in scalar_defaults.items():
         if name not in params and default is None:
@@ -359,8 +360,6 @@ def fused_combine(policy: str, operands: Sequence[torch.Tensor], *, gram: Option
     if _needs_grad(gram, *operands, *vectors.values(), *scalars.values()):
         b_, g_ = first.shape[0], groups
         full = {n: v.expand(b_, g_, k) for n, v in vectors.items()}
-        if gram is not None and gram.shape[-1] < k:
-            gram = torch.nn.functional.pad(gram, (0, k - gram.shape[-1], 0, k - gram.shape[-1]))
         coef = policies.coefficients(policy, gram, full, {n: s.reshape(-1, 1, 1) for n, s in scalars.items()})
         return combine(coef, operands, out=out, clamp=clamp, backend=name)
     result = fused_unchecked(policy, name, operands, gram, list(vectors.values()), list(scalars.values()),
@@ -381,28 +380,33 @@ def reduce_unchecked(operands: List[torch.Tensor], groups: int, backend: str):
     return gram, sums
 
 
+def gram_unchecked(operands: List[torch.Tensor], groups: int, backend: str) -> torch.Tensor:
+    """The Gram matrix for :func:`fused_unchecked`, in the dtype the backend's reduce wrote it:
+    the fused combines read any float Gram and compute in float64, and upcasting a float32 Gram
+    here would add two launches (Gram and sums) and no precision (the values are the same)."""
+    if backend == "reference":
+        return reference.reduce(operands, groups)[0]
+    return _implementation(backend).reduce(operands, groups)[0]
+
+
 def fused_unchecked(policy: str, backend: str, operands: List[torch.Tensor], gram: Optional[torch.Tensor],
                     vectors: List[torch.Tensor], scalars: List[torch.Tensor], groups: int = 1,
                     clamp: Optional[tuple] = None) -> torch.Tensor:
     """:func:`fused_combine` without argument checks. ``vectors``: ``[1 or B, 1 or G, K]``
-    (broadcast over the batch); ``scalars``: 1- or B-element tensors; ``gram``: float64
-    ``[B, G, Kg, Kg]`` over the first ``Kg`` operands, or None for a policy without one.
-    native: the program runs inside ``gradguide::fused_combine`` (one call); triton: inside the
-    fused kernel for :data:`policies.TRITON_POLICIES`; otherwise the torch program, then combine."""
+    (broadcast over the batch); ``scalars``: 1- or B-element tensors; ``gram``: ``[B, G, Kg,
+    Kg]`` over the first ``Kg`` operands (float64; the Triton kernel reads a float32 one too),
+    or None for a policy without one. native (CPU): the program runs inside
+    ``gradguide::fused_combine``; triton: inside the fused kernel's prologue (one launch each,
+    nothing padded, expanded or cast on the way); otherwise the torch program, then combine."""
     if backend == "native" and operands[0].device.type == "cpu":  # (the CUDA ops have no fused_combine yet)
         return native_backend.fused_combine(policy, operands, gram, vectors, scalars, clamp)
+    if backend == "triton":
+        return triton_backend.fused_combine(policy, gram, vectors, scalars, operands, clamp=clamp)
     b, k = operands[0].shape[0], len(operands)
-    if gram is not None and gram.shape[-1] < k:  # the torch program and the kernel index a K x K Gram
-        pad = k - gram.shape[-1]
-        gram = torch.nn.functional.pad(gram, (0, pad, 0, pad))
     g = gram.shape[1] if gram is not None else max(v.shape[1] for v in vectors)
-    if backend == "triton" and policy in policies.TRITON_POLICIES:
-        acc = reference.accumulation_dtype(operands[0].dtype)
-        full = [v.to(acc).expand(b, g, k).contiguous() for v in vectors]
-        return triton_backend.fused_combine(policy, None if gram is None else gram.to(acc), full,
-                                            [s.to(acc) for s in scalars], operands, clamp=clamp)
-    names_v, names_s = policies.POLICIES[policy]
-    coef = policies.coefficients(policy, gram, {n: v.expand(b, g, k) for n, v in zip(names_v, vectors)},
+    names_v, names_s = policies.POLICIES[policy]   # (policies._dot reads a Gram over the first Kg operands)
+    coef = policies.coefficients(policy, None if gram is None else gram.double(),
+                                 {n: v.expand(b, g, k) for n, v in zip(names_v, vectors)},
                                  {n: s.reshape(-1, 1, 1) for n, s in zip(names_s, scalars)})
     if backend == "reference":
         return reference.combine(coef, operands, clamp=clamp)

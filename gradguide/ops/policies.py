@@ -3,9 +3,9 @@
 A fused combine evaluates one of these tiny per-row programs on the Gram matrix and a few
 coefficient vectors (LinCombs over the step's operands, ``[B, G, K]``) and writes
 ``sum_k C[b, g, k] op_k`` in the same pass. This module is the plain-torch truth of each
-program; the Triton kernel (``kernels/fused.py``) evaluates the same formulas in the combine
-kernel's prologue, and the reference/native backends run these functions and then their
-own ``combine``. Inner products are per row (a sample, or a (sample, group) pair), exactly
+program; the Triton kernel (``kernels/fused.py``) and the native CPU op
+(``csrc/gradguide_ops.cpp``) evaluate the same formulas in float64 inside their combine, and
+the reference backend runs these functions and then its ``combine``. Inner products are per row (a sample, or a (sample, group) pair), exactly
 ``gradguide.linear.Operands.dot(..., per="group")``; with one group, per sample.
 
 Programs (vectors in *italics* are coefficient vectors; all others per-sample scalars, a
@@ -53,8 +53,6 @@ POLICIES = {
                                                     "post": 1.0}),
 }
 NEEDS_GRAM = {name: name not in ("cfg", "linear") for name in POLICIES}
-# the policies the Triton fused kernel evaluates in its prologue (the others: torch, then combine)
-TRITON_POLICIES = ("cfg", "pxp-a", "pxp-b", "pxp-c", "apg", "gloss")
 
 
 def _safe_div(num, den):

@@ -20,9 +20,9 @@ import torch
 
 _state = {"module": None, "reason": None, "interpret": None}
 
-# the policies kernels/fused.py evaluates in its prologue (tests check the two lists agree);
-# ops.fused_combine must not send any other policy here (see supports_policy)
-FUSED_POLICIES = ("cfg", "pxp-a", "pxp-b", "pxp-c", "apg", "gloss")
+# the policies kernels/fused.py evaluates in its prologue: every built-in program of
+# gradguide/ops/policies.py (tests check the lists agree); any other name is refused
+FUSED_POLICIES = ("linear", "cfg", "pxp-a", "pxp-b", "pxp-c", "apg", "gloss", "lookahead")
 
 
 def _interpret_env() -> bool:
@@ -72,7 +72,7 @@ def status(device: Optional[torch.device] = None):
 
 
 def supports_policy(policy: str) -> bool:
-    """Whether the fused Triton kernel evaluates ``policy`` (others: coefficients in torch, then combine)."""
+    """Whether the fused Triton kernel evaluates ``policy``."""
     return policy in FUSED_POLICIES
 
 
@@ -167,12 +167,14 @@ def combine(coef, operands, out=None, clamp=None):
 
 
 def fused_combine(policy, gram, vectors, scalars, operands, out=None, clamp=None):
-    """``policy``'s coefficient program and the combine in one kernel; ``policy`` must be one
-    of :data:`FUSED_POLICIES` (NotImplementedError otherwise: evaluate its coefficients in
-    torch and call :func:`combine`)."""
+    """``policy``'s coefficient program (float64) and the combine in one kernel launch.
+
+    The inputs go to the kernel as the step holds them (kernels/fused.py): ``gram`` ``[B, G,
+    Kg, Kg]`` over the first Kg operands in the reduce's dtype, ``vectors`` ``[1 or B, 1 or G,
+    K]`` views, ``scalars`` 1- or B-element tensors; nothing is padded, expanded or cast here
+    (each would be a launch). ``policy`` must be one of :data:`FUSED_POLICIES`."""
     if not supports_policy(policy):
-        raise NotImplementedError(f"policy {policy!r}: the fused Triton kernel implements {FUSED_POLICIES}; "
-                                  "compute its coefficients in torch and call combine")
+        raise NotImplementedError(f"policy {policy!r}: the fused Triton kernel implements {FUSED_POLICIES}")
     low, high = _bounds(clamp)
     if out is None:
         return torch.ops.gradguide_triton.fused_combine(policy, gram, list(vectors), list(scalars), list(operands),
