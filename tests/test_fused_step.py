@@ -318,10 +318,9 @@ def test_compiled_fused_step_fullgraph_equals_eager(backend):
     ("auto" on CPU) or the Triton custom ops."""
     if gg.ops.available_backends("cpu")[backend if backend != "auto" else "reference"] is not True:
         pytest.skip(f"{backend} not available")
-    run = sampling._prepare(_model, SHAPE, SCHED, "ddim", 5, 0.0, [gg.CFG(3.0)], gg.PixelAsParam("C"),
-                            {"y": torch.ones(SHAPE[0])}, None, None, backend, "eps", "fixed-small", None, "adm", None,
-                            None, None, False)
-    sampling._finish_prepare(run)
+    run = sampling.prepare_run(_model, SHAPE, schedule=SCHED, sampler="ddim", steps=5, guidance=[gg.CFG(3.0)],
+                               projection=gg.PixelAsParam("C"), cond={"y": torch.ones(SHAPE[0])}, backend=backend,
+                               prediction="eps", variance="fixed-small")
     assert run.plan is not None and (backend == "auto" or run.backend == "triton")
     x = torch.randn(SHAPE)
     state = sampling.initial_state(run, x)
