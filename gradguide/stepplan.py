@@ -15,7 +15,8 @@ A step then reads one column of that table (the index_select the general step do
 calls ``reduce`` over the operands whose inner products the policy takes, and one
 ``fused_combine`` (:mod:`gradguide.ops.policies`: ``linear``, ``pxp-a``, ``pxp-b``, ``pxp-c``,
 ``apg``, ``lookahead``) — on the native backend that is two C++ calls. Clipping x̂_0 adds one
-materialising combine per clipped quantity (clipping is not linear).
+materialising pass (clipping is not linear): a clamped combine, or ``ops.clip_shift`` for a
+clipped x̂_0 and a small clipped difference (a guidance shift; policy C's branch difference).
 
 Built-in programs (anything else takes the general path, which stays the truth the fused
 path is tested against in tests/test_fused_step.py):
