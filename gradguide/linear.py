@@ -149,6 +149,18 @@ class Operands:
         self.recipes[name] = (u.coef.detach(), clamp)
         return self.add(name, self.combine(u, clamp=clamp))
 
+    def materialize_clip_shift(self, names, p: LinComb, s: LinComb, clip: tuple):
+        """Write ``clamp(p)`` and ``clamp(p + s) − clamp(p)`` out as two new operands (one pass,
+        :func:`gradguide.ops.clip_shift`): for ``s`` small beside ``p`` (a clipped guidance shift,
+        policy C's clipped branch difference) the second keeps ``s``'s relative precision, where
+        the difference of two materialised clipped tensors would keep only ``p``'s (issue 12)."""
+        k = len(self.tensors)
+        cp, cs = p._padded(k).detach(), s._padded(k).detach()
+        clipped, shift = self.clip_shift(p, s, clip)
+        self.recipes[names[0]] = (cp, clip)
+        self.recipes[names[1]] = (cp, clip, cs)   # autograd replays: clamp(p + s) − clamp(p), reference formula
+        return self.add(names[0], clipped), self.add(names[1], shift)
+
 
 class SymbolicOperands(Operands):
     """Operands without tensors, for weights known before sampling (:mod:`gradguide.stepplan`):

@@ -163,11 +163,17 @@ class PixelAsParam:
         """Policy C's ``x̂_0 = PC_δ1(x̂_0c|Δ) + PC_δ2(Δ|x̂_0c)``, ``Δ = (w − 1)(x̂_0c − x̂_0u)``,
         and the pair's telemetry (the caller clips the result). ``clip``: the run's
         ``(low, high)`` or None; under the official convention the branches' x̂_0 are clipped
-        first, each written out as its own operand (clipping is not linear)."""
+        first (clipping is not linear): ``clip(x̂_0u)`` and the clipped difference
+        ``clip(x̂_0c) − clip(x̂_0u)`` are written out as operands of their own, so that Δ, small
+        where the branches agree, is not a difference of two large materialised tensors (in
+        float32 that kept only their absolute precision: 1e-3 off float64, issue 12)."""
         if clip is not None and self.convention == "official":
-            x0_cond = ops.materialize("x0_cond_clipped", x0_cond, clamp=clip)
-            x0_uncond = ops.materialize("x0_uncond_clipped", x0_uncond, clamp=clip)
-        delta = (x0_cond - x0_uncond) * (scale - 1.0)
+            x0_uncond, diff = ops.materialize_clip_shift(("x0_uncond_clipped", "x0_cfg_diff_clipped"), x0_uncond,
+                                                         x0_cond - x0_uncond, clip)
+            x0_cond = x0_uncond + diff
+            delta = diff * (scale - 1.0)
+        else:
+            delta = (x0_cond - x0_uncond) * (scale - 1.0)
         x0 = pc(ops, x0_cond, delta, self.delta, self.per) + pc(ops, delta, x0_cond, self.delta2, self.per)
         return x0, {"cond/cfg": pair_telemetry(ops, x0_cond, delta)}
 

@@ -538,9 +538,13 @@ def _tracked_x0(ops_: Operands, tracked: Dict[str, torch.Tensor], x0: LinComb):
             tensors = []
             for name, tensor in zip(ops_.names, ops_.tensors):
                 if name in ops_.recipes:   # a materialised (e.g. clipped) operand: recompute it with autograd
-                    c, clamp = ops_.recipes[name]
-                    c = torch.nn.functional.pad(c, (0, len(tensors) - c.shape[-1])).expand(ops_.batch, ops_.groups, -1)
-                    tensor = ops.reference.combine(c, tensors, clamp=clamp)
+                    c, clamp, *shift = ops_.recipes[name]
+                    c = torch.nn.functional.pad(c, (0, len(tensors) - c.shape[-1]))
+                    if shift:   # clamp(p + s) − clamp(p) (Operands.materialize_clip_shift)
+                        s = torch.nn.functional.pad(shift[0], (0, len(tensors) - shift[0].shape[-1]))
+                        tensor = ops.reference.clip_shift(c[:, 0], s[:, 0], tensors, clamp)[1]
+                    else:
+                        tensor = ops.reference.combine(c.expand(ops_.batch, ops_.groups, -1), tensors, clamp=clamp)
                 tensors.append(tracked.get(name, tensor))
             k = len(tensors)
             c = torch.nn.functional.pad(coef, (0, k - coef.shape[-1])).expand(ops_.batch, ops_.groups, -1)

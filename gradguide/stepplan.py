@@ -15,7 +15,8 @@ A step then reads one column of that table (the index_select the general step do
 calls ``reduce`` over the operands whose inner products the policy takes, and one
 ``fused_combine`` (:mod:`gradguide.ops.policies`: ``linear``, ``pxp-a``, ``pxp-b``, ``pxp-c``,
 ``apg``, ``lookahead``) — on the native backend that is two C++ calls. Clipping x̂_0 adds one
-materialising combine per clipped quantity (clipping is not linear).
+materialising pass (clipping is not linear): a clamped combine, or ``ops.clip_shift`` for a
+clipped x̂_0 and a small clipped difference (a guidance shift; policy C's branch difference).
 
 Built-in programs (anything else takes the general path, which stays the truth the fused
 path is tested against in tests/test_fused_step.py):
@@ -168,8 +169,8 @@ class _Builder:
         return self.space.add(output)
 
 
-    def clip_shift(self, p: LinComb, s: LinComb, clip: tuple):
-        """Stage ``(x0_clipped, clip_shift) = (clamp(p), clamp(p + s) − clamp(p))`` (ops.clip_shift)."""
+    def clip_shift(self, p: LinComb, s: LinComb, clip: tuple, names=("x0_clipped", "clip_shift")):
+        """Stage ``names = (clamp(p), clamp(p + s) − clamp(p))`` (ops.clip_shift)."""
         k_all = len(self.space.names)
         cp, cs = p._padded(k_all)[:, 0, :], s._padded(k_all)[:, 0, :]
         order = [j for j in range(k_all) if bool((cp[:, j] != 0).any() or (cs[:, j] != 0).any())]
@@ -177,8 +178,8 @@ class _Builder:
             raise _TooMany()
         rows = [[self._row(c[:, j]) for j in order][0] for c in (cp, cs)]
         self.stages.append(Stage("clip-shift", [self.space.names[j] for j in order], 0, rows, [], clip,
-                                 "x0_clipped,clip_shift"))
-        return self.space.add("x0_clipped"), self.space.add("clip_shift")
+                                 ",".join(names)))
+        return self.space.add(names[0]), self.space.add(names[1])
 
 
 class _TooMany(Exception):
@@ -223,9 +224,11 @@ def _program(run, sc: Dict[str, torch.Tensor], noisy: bool, extra, first_row):
                 policy = "pxp-c"
                 vectors = {"x0_cond": ctx.x0_of_eps(eps_c), "x0_uncond": ctx.x0_of_eps(eps_u)}
                 scalars = {"scale": run.branch.scale, "delta": proj.delta, "delta2": proj.delta2}
-                if run.clip is not None and proj.convention == "official":   # branches clipped first
-                    vectors = {name: bld.stage("linear", {"coef": v}, {}, f"{name}_clipped", clamp=run.clip)
-                               for name, v in vectors.items()}
+                if run.clip is not None and proj.convention == "official":   # branches clipped first, their
+                    # difference an operand of its own (PixelAsParam.combine_cfg, issue 12)
+                    x0_u, diff = bld.clip_shift(vectors["x0_uncond"], vectors["x0_cond"] - vectors["x0_uncond"],
+                                                run.clip, ("x0_uncond_clipped", "x0_cfg_diff_clipped"))
+                    vectors = {"x0_cond": x0_u + diff, "x0_uncond": x0_u}
             gram_vectors = tuple(vectors)
             if run.clip is None:
                 vectors["base"] = _sum([base] + noise_terms)
@@ -314,8 +317,8 @@ def run_stages(run, variant: Variant, column: torch.Tensor, tensors: Dict[str, t
         k = len(operands)
         if st.policy == "clip-shift":
             coef_p, coef_s = (column[r:r + k].view(1, k) for r in st.vector_rows)
-            tensors["x0_clipped"], tensors["clip_shift"] = ops.clip_shift_unchecked(coef_p, coef_s, operands,
-                                                                                    st.clamp, run.backend)
+            out_p, out_s = st.output.split(",")
+            tensors[out_p], tensors[out_s] = ops.clip_shift_unchecked(coef_p, coef_s, operands, st.clamp, run.backend)
             continue
         gram = ops.gram_unchecked(operands[:st.n_gram], run.groups, run.backend) if st.n_gram else None
         vectors = [column[r:r + k].view(1, 1, k) for r in st.vector_rows]

@@ -5,13 +5,19 @@ The loss the issue traced: rules take inner products of small combinations of la
 from the Gram matrix (``uᵀGu``); with a float32 Gram the clipped guidance shift
 ``x̂0_guided,clipped − x̂0_clipped`` (norm ~1e-3 between operands of norm ~1.4) had its norm²
 8 % off. Fixed at the root: the Gram matrix, sums and coefficient programs are float64
-(gradguide/ops/reference.py) and the clipped shift is an operand of its own.
+(gradguide/ops/reference.py), and small differences of clipped tensors are operands of their
+own (``ops.clip_shift``: the classifier's clipped shift; policy C's clipped branch difference Δ).
 
-float32 and float64 runs see the same x_T and noise (drawn in float64, rounded): torch.randn's
-float32 and float64 streams differ. The model and the classifier evaluate in float64 and return
-the run's dtype (their outputs rounded): what is measured is gradguide's own arithmetic, not the
+Like with like: both runs get the same inputs. x_T and the noise are drawn in float64 and
+rounded to float32 values for *both* runs (a float32 run cannot see the unrounded values; with
+them the float64 run started 1.2e-7 away, which the guided samplings here amplify to 1-1.5e-4).
+The model and the classifier evaluate in float64 and return the run's dtype, their outputs
+rounded to float32 values in both runs: what is measured is gradguide's own arithmetic, not the
 user model's float32 error (with the test model evaluated in float32 the issue case moves by
-1.1e-4 through the model alone, guidance or not).
+1.1e-4 through the model alone, guidance or not). What a float32 run cannot avoid is storing
+its sample x_t in float32 after every step; where the sampling amplifies that rounding beyond
+the goal (:func:`float32_floor`), float32 is held to that floor instead (reference and native
+are bit-identical to it: their arithmetic adds nothing).
 """
 import pytest
 import torch
@@ -31,7 +37,8 @@ BACKENDS = [b for b, ok in gg.ops.available_backends("cpu").items() if ok is Tru
 @pytest.fixture(autouse=True)
 def float64_noise(monkeypatch):
     draw = sampling._noise
-    monkeypatch.setattr(sampling, "_noise", lambda shape, gen, device, dt: draw(shape, gen, device, torch.float64).to(dt))
+    monkeypatch.setattr(sampling, "_noise",
+                        lambda shape, gen, device, dt: draw(shape, gen, device, torch.float64).float().to(dt))
 
 
 class _Float32Values(torch.autograd.Function):
@@ -74,20 +81,47 @@ def relative_error(x32, x64):
     return float((x32.double() - x64).abs().max() / x64.abs().max())
 
 
-def sensitivity(seed=0, **kw):
-    """How far the float64 run itself moves when x_T moves by float32 rounding (1e-7 relative):
-    where that exceeds TOL the sampling is ill-conditioned (e.g. policy C's projection onto a
-    vanishing Δ = x̂0_c − x̂0_u is discontinuous) and no float32 arithmetic can meet TOL."""
-    x_T = torch.randn(kw["shape"], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    bumped = x_T * (1 + 1e-7 * torch.randn(x_T.shape, generator=torch.Generator().manual_seed(99),
-                                           dtype=torch.float64))
-    runs = [gg.sample(x_T=x, backend="reference", generator=torch.Generator().manual_seed(seed + 1), **kw)
-            for x in (x_T, bumped)]
-    return relative_error(runs[1], runs[0])
+def float32_floor(seed=0, **kw):
+    """How far the float64 run moves under the perturbations every float32 run must take, its
+    arithmetic staying float64: its sample x_t (and the sampler's carried state) stored as
+    float32 values after every step, and, as that is one realisation of float32 rounding, also
+    with x_T moved by 1e-7 relative (about one rounding; two draws). The largest: the
+    sampling's conditioning times float32 rounding, which no float32 arithmetic can beat
+    (policy C's projection onto a vanishing Δ = x̂0_c − x̂0_u is discontinuous; so is DPS's
+    ∇‖x̂_0‖ where x̂_0 → 0; issue 12's case amplifies one rounding of x_t up to ~1000x).
+    Intermediates (clipped x̂_0, shifts) are not rounded here: how they are formed is gradguide's
+    choice, and forming a small one as a difference of two stored large ones is what this file
+    catches."""
+    real = sampling.step
+
+    def stored(*args, **kwargs):
+        x, state, record = real(*args, **kwargs)
+        return x.float().double(), {k: v.float().double() for k, v in state.items()}, record
+    x_T = torch.randn(kw["shape"], generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float().double()
+    starts = [x_T] + [x_T * (1 + 1e-7 * torch.randn(x_T.shape, generator=torch.Generator().manual_seed(99 + j),
+                                                    dtype=torch.float64)) for j in range(2)]
+
+    def run(x, step):
+        sampling.step = step   # read when the run's stepper is made
+        try:
+            return gg.sample(x_T=x, backend="reference", generator=torch.Generator().manual_seed(seed + 1), **kw)
+        finally:
+            sampling.step = real
+    exact = run(x_T, real)
+    return max(relative_error(run(x, stored), exact) for x in starts)
+
+
+def check_float32(err, seed=0, **kw):
+    """``err`` (float32 vs float64) within TOL; or, where the sampling's conditioning puts the
+    float32 floor above TOL / 2, within 3x that floor (one realisation of float32-sized
+    perturbations; others differ by a few times)."""
+    if err > TOL:
+        floor = float32_floor(seed=seed, **kw)
+        assert floor > TOL / 2 and err <= 3 * floor, (err, floor)
 
 
 def _pair(backend, seed=0, **kw):
-    x_T = torch.randn(kw["shape"], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    x_T = torch.randn(kw["shape"], generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float()
     out = {}
     for dtype in (torch.float64, torch.float32):
         out[dtype] = gg.sample(x_T=x_T.to(dtype), backend=backend,
@@ -121,35 +155,26 @@ def test_issue_case_backends_agree_in_float32():
         assert relative_error(other, outs[0].double()) <= TOL
 
 
-# Across seeds float32 reaches 1.0-1.5e-4 on some draws (float64's own sensitivity there is 5-8e-5):
-# issue 12's 1e-4 goal is missed by up to 1.5x. The property test holds what is achieved (the
-# issue's case was 2e-2 / 3e-1 before the float64 Gram); the pinned cases below hold the goal.
-ACHIEVED = 2e-4
+def _check_float32_across_seeds(seed, eta, scale, backends):
+    kw = issue_case(eta, seed, scale)
+    for backend in backends:
+        check_float32(_pair(backend, seed=seed, **kw), seed=seed, **kw)
 
 
-def _check_float32_across_seeds(seed, eta, scale, tol):
-    for backend in BACKENDS:
-        if backend == "triton":
-            continue   # interpreted Triton: covered by the parametrised tests, too slow for many examples
-        kw = issue_case(eta, seed, scale)
-        err = _pair(backend, seed=seed, **kw)
-        if err > tol:   # allowed only where float64 itself moves that much under float32-sized noise
-            sens = sensitivity(seed=seed, **kw)
-            assert sens > tol and err <= 10 * sens, (backend, err, sens)
-
-
-# derandomised: CI sees the same examples on every run (a fresh random draw found the case below)
+# derandomised: CI sees the same examples on every run. Interpreted Triton is too slow for many
+# examples: the pinned cases below run it.
 @settings(max_examples=8, deadline=None, derandomize=True)
 @given(seed=st.integers(0, 10_000), eta=st.sampled_from([0.0, 1.0]), scale=st.floats(0.5, 4.0))
 def test_property_float32_matches_float64_across_seeds(seed, eta, scale):
-    _check_float32_across_seeds(seed, eta, scale, ACHIEVED)
+    _check_float32_across_seeds(seed, eta, scale, [b for b in BACKENDS if b != "triton"])
 
 
-@pytest.mark.xfail(strict=True, reason="open (issue 12): float32 is 1.0-1.5e-4 from float64 on the reference "
-                   "backend here, above the 1e-4 goal, where float64's own sensitivity is 5-8e-5")
 @pytest.mark.parametrize("seed,eta,scale", [(65, 1.0, 3.26171875), (377, 1.0, 1.0), (244, 0.0, 2.5)])
-def test_float32_cases_found_by_hypothesis_miss_the_goal(seed, eta, scale):
-    _check_float32_across_seeds(seed, eta, scale, TOL)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float32_cases_found_by_hypothesis(seed, eta, scale, backend):
+    """Found by hypothesis at 1.0-1.5e-4 when the float64 run started from the unrounded x_T
+    and noise; like with like they are 3-6e-5: the strict goal, no floor."""
+    assert _pair(backend, seed=seed, **issue_case(eta, seed, scale)) <= TOL
 
 
 # -- every sampler x guidance x projection combination of the suite (tests/test_no_host_sync.py) ---
@@ -195,30 +220,22 @@ TERMS = {
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim", "ddim-eta1", "dpmpp-2m"])
 @pytest.mark.parametrize("name", list(TERMS))
-def test_every_combination_float32_matches_float64(name, sampler, backend, request):
-    if name == "cfg+C" and sampler == "dpmpp-2m":
-        # Known, open (issue 12): policy C's official convention (the default since the authors'
-        # clip-then-project order) forms Δ from the two materialised clipped x̂_0's on the general
-        # path, and the Gram of that difference cancels in float32 (measured 1.2e-3 against a
-        # float64 sensitivity of 3e-7). ddpm/ddim take the fused step, which keeps the shift an
-        # operand of its own. Strict: this test must start passing when that is fixed.
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason="policy C official convention, general "
-                                                  "path: Gram cancellation of clip(x0_c) - clip(x0_u) (issue 12)"))
+def test_every_combination_float32_matches_float64(name, sampler, backend):
     terms, projection, model = TERMS[name]
     for clip in (None, (-5.0, 5.0)):
         kw = dict(model=model, shape=(8, 2), schedule=GM.schedule, sampler=sampler.split("-eta")[0],
                   eta=1.0 if sampler == "ddim-eta1" else 0.0, steps=6, guidance=terms, projection=projection,
                   cond={"y": Y}, clip=clip)
-        err = _pair(backend, **kw)
-        if err > TOL:   # allowed only where float64 itself moves that much under float32-sized noise
-            sens = sensitivity(**kw)
-            assert sens > TOL and err <= 10 * sens, (clip, err, sens)
+        check_float32(_pair(backend, **kw), **kw)
 
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton (interpreted) not available")
-@pytest.mark.parametrize("name", ["cfg", "classifier+A", "cfg+C", "G_loss"])
-def test_triton_interpreted_float32_matches_float64(name):
+@pytest.mark.parametrize("name,sampler", [("cfg", "ddpm"), ("classifier+A", "ddpm"), ("cfg+C", "ddpm"),
+                                          ("G_loss", "ddpm"), ("cfg+C", "dpmpp-2m")])
+def test_triton_interpreted_float32_matches_float64(name, sampler):
+    """(cfg+C on dpmpp-2m: the general path's clipped Δ, 1.2e-3 off when it was the difference of
+    the two materialised clipped branches.)"""
     terms, projection, model = TERMS[name]
-    err = _pair("triton", model=model, shape=(8, 2), schedule=GM.schedule, sampler="ddpm", steps=6,
+    err = _pair("triton", model=model, shape=(8, 2), schedule=GM.schedule, sampler=sampler, steps=6,
                 guidance=terms, projection=projection, cond={"y": Y}, clip=(-5.0, 5.0))
     assert err <= TOL, err

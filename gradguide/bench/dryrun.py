@@ -453,7 +453,8 @@ def _plan_structure(log: dict, variant) -> None:
     any stage's Gram takes, and the operands of each stage whose output is not an intermediate
     (the clipped x̂_0 and its shift are recomputable elementwise, as for the general path)."""
     originals = ("x", "model_cond", "model_uncond")
-    intermediates = {"x0_clipped", "clip_shift", "x0_clipped,clip_shift"}
+    clip_pairs = (("x0_clipped", "clip_shift"), ("x0_uncond_clipped", "x0_cfg_diff_clipped"))   # (policy C's)
+    intermediates = {name for pair in clip_pairs for name in pair + (",".join(pair),)}
     log["fused"] = True
     for stage in variant.stages:
         own = [n for n in stage.operands if n not in intermediates]
@@ -472,6 +473,7 @@ def _structure_log(log: dict):
     from gradguide import linear
     real_reduced, real_combine, real_mat = linear.Operands._reduced, linear.Operands.combine, \
         linear.Operands.materialize
+    real_mat_shift = linear.Operands.materialize_clip_shift
     inside = {"materialize": 0}
     originals = ("x", "model_cond", "model_uncond")
 
@@ -498,12 +500,20 @@ def _structure_log(log: dict):
         self._dryrun_materialized = getattr(self, "_dryrun_materialized", ()) + (name,)
         log["materialized"] += 1
         return result
+
+    def materialize_clip_shift(self, names, p, s, clip):   # clamp(p) and its clipped shift: intermediates too
+        result = real_mat_shift(self, names, p, s, clip)
+        self._dryrun_materialized = getattr(self, "_dryrun_materialized", ()) + tuple(names)
+        log["materialized"] += len(names)
+        return result
     linear.Operands._reduced, linear.Operands.combine, linear.Operands.materialize = reduced, combine, materialize
+    linear.Operands.materialize_clip_shift = materialize_clip_shift
     try:
         yield
     finally:
         linear.Operands._reduced, linear.Operands.combine, linear.Operands.materialize = \
             real_reduced, real_combine, real_mat
+        linear.Operands.materialize_clip_shift = real_mat_shift
 
 
 def _phase_summary(counter: Counter) -> dict:
