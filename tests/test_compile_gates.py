@@ -51,12 +51,11 @@ def test_no_spills(gates):
 
 
 def test_registers(gates):
-    """<= 64 registers for the streaming kernels (combine, fused, reduce with K <= 4); reduce with
-    K >= 5 is held to its documented bound."""
+    """<= 64 registers for every kernel but fp32 reduce, which is held to its documented bound."""
     over = [(r["arch"], r["variant"], r["registers"]) for r in gates["rows"]
-            if r["registers"] > cg.register_limit(r["kernel"], r["k"])]
+            if r["registers"] > cg.register_limit(r["kernel"], r["dtype"])]
     assert not over
-    streaming = [r for r in gates["rows"] if r["kernel"] in ("_combine", "_fused")]
+    streaming = [r for r in gates["rows"] if r["kernel"] in ("_combine", "_fused") or r["dtype"] != "fp32"]
     assert streaming and max(r["registers"] for r in streaming) <= 64
 
 
