@@ -7,8 +7,8 @@ sample), N elements long; rows are few (B <= 64) and long (up to millions), so o
 per row cannot fill a GPU. Stage 1 runs a 2-D grid ``(rows, splits)``: program (r, s) walks
 its contiguous slice of row r in tiles ``X[16, BK]``: row k < K of the tile is operand k
 (loaded from its own pointer with a row mask, ``_common.py``: one 128-bit ``ld.global.v4``
-per thread and tile when rows keep 16-byte alignment, BK = 8 vectors), row K is ones and the
-rest zeros. The tile's Gram ``X X^T`` on tensor cores (``tl.dot``) gives every pair's dot
+per thread and tile when rows keep 16-byte alignment: BK = 16 for fp32 (2 warps) and fp64,
+64 for fp16/bf16 (4 warps)), row K is ones and the rest zeros. The tile's Gram ``X X^T`` on tensor cores (``tl.dot``) gives every pair's dot
 product and, in column K, every operand's sum; each tile's Gram starts from zero and is added
 to the program's running fp32 (fp64) ``[16, 16]`` accumulator. At the end each program writes
 one partial ``[K, K]`` Gram (both triangles from the upper one, so it is exactly symmetric)
@@ -19,8 +19,9 @@ Why tensor cores: the accumulators live in the MMA layout, spread over the warp 
 registers per thread), instead of K(K+1)/2 + K per thread. The previous design (per-thread
 accumulators for every pair, written out as ``g{i}{j}``) needed 92-128 registers for K = 8
 (fp32 data of K vectors + 44 accumulators, 88 registers of them in fp64): no layout of
-per-thread accumulators fits 64 registers; see benchmarks/results/kernels-before-after.md
-for the options measured. Exactness per dtype:
+per-thread accumulators fits 64 registers. This design compiles to 30-56 registers, 0 spills,
+for every K, dtype and alignment on sm_80 and sm_90; benchmarks/results/kernels-before-after.md
+lists the options measured. Exactness per dtype:
 - fp16 / bf16: products are exact in fp32 (11 / 8-bit significands), summed in fp32;
 - fp64: DMMA (``mma.m8n8k4.f64``), IEEE fp64 fused multiply-adds;
 - fp32: split exactly into three bf16 pieces ``x = hi + mid + lo`` and summed as
@@ -143,10 +144,17 @@ def _reduce_finish(part, gram, sums, SPLITS, K: tl.constexpr, PP: tl.constexpr, 
 MAX_SPLITS = 1024
 
 
+def warps(dtype: torch.dtype) -> int:
+    """fp32 takes 2 warps and half-width tiles: its three bf16 pieces' MMA operands grow with BK,
+    and BK = 16 keeps it at <= 56 registers (4 warps, BK = 32: 56-65)."""
+    return 2 if dtype == torch.float32 else NUM_WARPS
+
+
 def tile_width(dtype: torch.dtype) -> int:
-    """BK: a [16, BK] tile is one 128-bit vector per thread (8 vectors per tile row) on a GPU;
-    the interpreter pays per step, not per element, so it gets few wide tiles."""
-    return 1024 if interpreted() else 8 * vec(dtype)
+    """BK: a [16, BK] tile is one 128-bit vector per thread on a GPU (BK = 16 for fp32 and fp64,
+    32 x 4 warps / 16 rows x VEC = 64 for fp16/bf16); the interpreter pays per step, not per
+    element, so it gets few wide tiles."""
+    return 1024 if interpreted() else 32 * warps(dtype) * vec(dtype) // 16
 
 
 def launch_config(n: int, rows: int, dtype: torch.dtype, device: torch.device):
@@ -175,7 +183,7 @@ def reduce(operands, groups: int = 1):
     # memory); occupancy hides the load latency
     _reduce_partials[(rows, splits)](*pointers(operands), part, n // align, iters, K=k, ALIGN=align, BK=bk,
                                      ACC=tl.float64 if acc == torch.float64 else tl.float32,
-                                     UPCAST=interpreted(), num_warps=NUM_WARPS, num_stages=1)
+                                     UPCAST=interpreted(), num_warps=warps(first.dtype), num_stages=1)
     gram = torch.empty(b, groups, k, k, device=first.device, dtype=acc)
     sums = torch.empty(b, groups, k, device=first.device, dtype=acc)
     _reduce_finish[(rows,)](part, gram, sums, splits, K=k, PP=next_pow2(k * k + k), CHUNK=16, num_warps=NUM_WARPS)

@@ -14,10 +14,9 @@ pointer argument ``x0..x7``).
 
 Gates, per compiled kernel:
 - **no spills**: ``LOCAL`` and ``STACK`` are 0 bytes (spills go to local memory);
-- **registers** <= 64 per thread for every kernel except reduce's fp32 variant: the reduce
-  kernel accumulates the Gram on tensor cores (kernels/reduce.py) and fp32 inputs are split
-  into three bf16 pieces, which compiles to 56-65 registers (65 on sm_90 for a few K; capping
-  at 64 spills 8 B), so fp32 reduce is held to <= 72 (open: one register over on sm_90);
+- **registers** <= 64 per thread for every kernel (reduce accumulates its Gram on tensor
+  cores, kernels/reduce.py: its accumulators are spread over the warp, not K(K+1)/2 + K per
+  thread);
 - **128-bit operand loads**: when the variant's operands are 16-byte aligned and rows are a
   multiple of the vector width (8 elements covers every dtype), every operand load is
   ``ld.global.v4.b32`` (or ``v2.b64``).
@@ -50,7 +49,6 @@ from typing import Dict, List, Optional
 import torch
 
 REG_LIMIT = 64
-REDUCE_FP32_REG_LIMIT = 72  # see the module docstring
 ARCHS = (80, 90)
 # per-SM limits used for the occupancy bound (CUDA occupancy rules; A100 = sm_80, H100 = sm_90)
 SM = {80: dict(gpu="A100", regs=65536, max_warps=64, max_blocks=32, smem=167936),
@@ -306,18 +304,13 @@ def analyse(kernel, arch: int, variant: Variant) -> Dict[str, object]:
     return row
 
 
-def register_limit(kernel: str, dtype: str) -> int:
-    return REDUCE_FP32_REG_LIMIT if kernel == "_reduce_partials" and dtype == "fp32" else REG_LIMIT
-
-
 def gate_failures(row: Dict[str, object]) -> List[str]:
     """What a compiled kernel breaks (empty: it passes)."""
     fails = []
     if row["local_bytes"] or row["stack_bytes"]:
         fails.append(f"spills: {row['local_bytes']} B local, {row['stack_bytes']} B stack")
-    limit = register_limit(row["kernel"], row["dtype"])
-    if row["registers"] > limit:
-        fails.append(f"{row['registers']} registers > {limit}")
+    if row["registers"] > REG_LIMIT:
+        fails.append(f"{row['registers']} registers > {REG_LIMIT}")
     if row["kernel"] != "_reduce_finish":
         missing = [o for o, w in row["operand_loads"].items() if not w]
         if missing:
@@ -474,8 +467,7 @@ def markdown(result: Dict[str, object], arch: int, command: str) -> str:
              f"- command: `{command}`", f"- date: {env['date']}; machine: {env['machine']}",
              f"- torch {env['torch']}, triton {env['triton']}, ptxas {env['ptxas']}; git commit {env['git_commit']}",
              f"- variants: {result['subset']} ({len(rows)} distinct compiled kernels); "
-             f"gates: 0 spill bytes, ≤ {REG_LIMIT} registers (fp32 reduce: ≤ {REDUCE_FP32_REG_LIMIT}, see note), "
-             "128-bit operand loads when aligned",
+             f"gates: 0 spill bytes, ≤ {REG_LIMIT} registers, 128-bit operand loads when aligned",
              f"- result: **{'all pass' if not fails else f'{len(fails)} fail'}**", "",
              "Compiled by Triton's own compiler for a CUDA target, specialised as the glue launches them "
              "(`gradguide/bench/compile_gates.py`); registers, stack/local (spill) bytes and shared memory "
@@ -484,11 +476,9 @@ def markdown(result: Dict[str, object], arch: int, command: str) -> str:
              "warp/block limits, not a measurement. 'aligned': 16-byte aligned operands, rows of 4096 "
              "elements; 'unaligned': operands offset by one element, rows of 4095 (scalar loads expected).",
              "", "Note on `_reduce_partials`: it accumulates each tile's Gram on tensor cores (`tl.dot` of a "
-             "[16, BK] tile with itself; fp32 inputs split exactly into three bf16 pieces, six MMAs), so "
-             "its accumulators are spread over the warp; fp16/bf16/fp64 compile to ≤ 64 registers; fp32 to "
-             f"56-65 (65 on sm_90 for a few K; `maxnreg=64` spills 8 B), held to ≤ {REDUCE_FP32_REG_LIMIT}. "
-             "The previous per-thread-accumulator design used 92-128 registers for K = 8 "
-             "(kernels-before-after.md).",
+             "[16, BK] tile with itself; fp32 inputs split exactly into three bf16 pieces, six MMAs, on 2 "
+             "warps), so its accumulators are spread over the warp; the previous per-thread-accumulator "
+             "design used 92-128 registers for K = 8 (kernels-before-after.md).",
              "", "| kernel | variant | warps | regs | spill B | smem B | occupancy bound (limiter) | "
              "operand loads | other loads (bits) | stores (bits) | gates |", "|" + "---|" * 11]
     for r in rows:
