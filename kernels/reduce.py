@@ -8,8 +8,8 @@ per row cannot fill a GPU. Stage 1 runs a 2-D grid ``(rows, splits)``: program (
 its contiguous slice of row r in tiles ``X[16, BK]``: row k < K of the tile is operand k
 (loaded from its own pointer with a row mask, ``_common.py``: one 128-bit ``ld.global.v4``
 per thread and tile when rows keep 16-byte alignment: BK = 16 for fp32 (2 warps) and fp64,
-64 for fp16/bf16 (4 warps)), row K is ones and the rest zeros. The tile's Gram ``X X^T`` on tensor cores (``tl.dot``) gives every pair's dot
-product and, in column K, every operand's sum; each tile's Gram starts from zero and is added
+64 for fp16/bf16 (4 warps)), row K is ones and the rest zeros. The tile's Gram ``X X^T`` on
+tensor cores (``tl.dot``) gives every pair's dot product and, in column K, every operand's sum; each tile's Gram starts from zero and is added
 to the program's running fp32 (fp64) ``[16, 16]`` accumulator. At the end each program writes
 one partial ``[K, K]`` Gram (both triangles from the upper one, so it is exactly symmetric)
 and ``[K]`` sums. Stage 2 (one program per row) adds a row's partials in a fixed order. No
@@ -27,7 +27,10 @@ lists the options measured. Exactness per dtype:
 - fp32: split exactly into three bf16 pieces ``x = hi + mid + lo`` and summed as
   ``hi hi' + hi mid' + mid hi' + mid mid' + hi lo' + lo hi'`` (six bf16 MMAs, exact products in
   fp32): the three dropped terms are <= 2**-23 |x_i x_j| per product, the size of one fp32
-  rounding, so the partials keep fp32 accuracy (tf32, 10-bit, would not).
+  rounding, so the partials keep fp32 accuracy (tf32, 10-bit, would not). The split is exact
+  while the pieces are normal bf16 numbers (|x| >= ~2**-110). A non-finite x splits into
+  (x, 0, 0) and the cross terms use a zeroed hi, so no inf * 0 NaN appears that the reference
+  would not have.
 Within a tile the MMA sums BK products; tiles are added one by one in fp32 (fp64).
 
 Limits: K <= 8 operands of one dtype (fp16, bf16, fp32, fp64), contiguous (the Python glue
