@@ -5,20 +5,33 @@ Design
 A row is one sample (or one group of a sample: G equal contiguous chunks of the flattened
 sample), N elements long; rows are few (B <= 64) and long (up to millions), so one program
 per row cannot fill a GPU. Stage 1 runs a 2-D grid ``(rows, splits)``: program (r, s) walks
-its contiguous slice of row r in tiles of ``[R, VEC]`` elements (R = 128 thread rows, VEC =
-one 128-bit vector per thread), loads each operand from its own pointer (``_common.py``: the
-loads compile to ``ld.global.v4`` when rows keep 16-byte alignment), converts to the
-accumulation type (fp32; fp64 for fp64 inputs) and adds, per thread, the VEC-element dot
-products of every pair ``i <= j`` and the VEC-element sums into one register each: these
-K(K+1)/2 + K accumulators are the whole per-thread state. At the end each program reduces
-its accumulators over the tile and writes one partial ``[K, K]`` Gram (both triangles from
-the same value, so it is exactly symmetric) and ``[K]`` sums in fp32 (fp64). Stage 2 (one
-program per row) adds a row's partials in a fixed order. No atomics: the result is
-deterministic for a given split count.
+its contiguous slice of row r in tiles ``X[16, BK]``: row k < K of the tile is operand k
+(loaded from its own pointer with a row mask, ``_common.py``: one 128-bit ``ld.global.v4``
+per thread and tile when rows keep 16-byte alignment: BK = 16 for fp32 (2 warps) and fp64,
+64 for fp16/bf16 (4 warps)), row K is ones and the rest zeros. The tile's Gram ``X X^T`` on
+tensor cores (``tl.dot``) gives every pair's dot product and, in column K, every operand's sum; each tile's Gram starts from zero and is added
+to the program's running fp32 (fp64) ``[16, 16]`` accumulator. At the end each program writes
+one partial ``[K, K]`` Gram (both triangles from the upper one, so it is exactly symmetric)
+and ``[K]`` sums. Stage 2 (one program per row) adds a row's partials in a fixed order. No
+atomics: the result is deterministic for a given split count.
 
-The accumulators are written out one by one (``g{i}{j}``, ``s{j}``) rather than as a
-``[K, K, BLOCK]`` tensor: an outer-product tile keeps K*K values per element and per thread
-and compiled to ~110 registers (25 % occupancy) in the previous design.
+Why tensor cores: the accumulators live in the MMA layout, spread over the warp (a few
+registers per thread), instead of K(K+1)/2 + K per thread. The previous design (per-thread
+accumulators for every pair, written out as ``g{i}{j}``) needed 92-128 registers for K = 8
+(fp32 data of K vectors + 44 accumulators, 88 registers of them in fp64): no layout of
+per-thread accumulators fits 64 registers. This design compiles to 30-56 registers, 0 spills,
+for every K, dtype and alignment on sm_80 and sm_90; benchmarks/results/kernels-before-after.md
+lists the options measured. Exactness per dtype:
+- fp16 / bf16: products are exact in fp32 (11 / 8-bit significands), summed in fp32;
+- fp64: DMMA (``mma.m8n8k4.f64``), IEEE fp64 fused multiply-adds;
+- fp32: split exactly into three bf16 pieces ``x = hi + mid + lo`` and summed as
+  ``hi hi' + hi mid' + mid hi' + mid mid' + hi lo' + lo hi'`` (six bf16 MMAs, exact products in
+  fp32): the three dropped terms are <= 2**-23 |x_i x_j| per product, the size of one fp32
+  rounding, so the partials keep fp32 accuracy (tf32, 10-bit, would not). The split is exact
+  while the pieces are normal bf16 numbers (|x| >= ~2**-110). A non-finite x splits into
+  (x, 0, 0) and the cross terms use a zeroed hi, so no inf * 0 NaN appears that the reference
+  would not have.
+Within a tile the MMA sums BK products; tiles are added one by one in fp32 (fp64).
 
 Limits: K <= 8 operands of one dtype (fp16, bf16, fp32, fp64), contiguous (the Python glue
 makes them so), all on one device; any N and B (masking, no power-of-two assumption); rows
@@ -33,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import acc_dtype, next_pow2, pointers, row_align, target_programs, tile_rows, vec, NUM_WARPS
+from ._common import acc_dtype, interpreted, next_pow2, pointers, row_align, target_programs, vec, NUM_WARPS
 
 
 def reference(operands, groups: int = 1):
@@ -44,142 +57,75 @@ def reference(operands, groups: int = 1):
 
 
 @triton.jit
-def _store_pair(pg, i: tl.constexpr, j: tl.constexpr, K: tl.constexpr, v):
-    tl.store(pg + i * K + j, v)
-    if i != j:
-        tl.store(pg + j * K + i, v)
+def _dot_t(a, b, acc, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + a b^T`` on tensor cores. UPCAST (interpreter only): Triton 3.9's interpreter
+    multiplies bf16 tiles wrongly, so it gets the same exact products in fp32."""
+    if UPCAST and a.dtype != tl.float64:
+        return tl.dot(a.to(tl.float32), tl.trans(b.to(tl.float32)), acc, input_precision="ieee", out_dtype=ACC)
+    return tl.dot(a, tl.trans(b), acc, out_dtype=ACC)
+
+
+@triton.jit
+def _tile_gram(x, ACC: tl.constexpr, UPCAST: tl.constexpr):
+    """``x x^T`` of one [16, BK] tile, exact products summed in ACC (see the header)."""
+    if x.dtype == tl.float32:
+        hi = x.to(tl.bfloat16)
+        r = x - hi.to(tl.float32)
+        ok = r == r  # NaN for non-finite x: hi carries it alone, so inf * 0 adds no NaN
+        hf = tl.where(ok, hi, 0.0).to(tl.bfloat16)
+        r = tl.where(ok, r, 0.0)
+        mid = r.to(tl.bfloat16)
+        lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
+        g = _dot_t(hi, hi, None, ACC, UPCAST)
+        g = _dot_t(hf, mid, g, ACC, UPCAST)
+        g = _dot_t(mid, hf, g, ACC, UPCAST)
+        g = _dot_t(mid, mid, g, ACC, UPCAST)
+        g = _dot_t(hf, lo, g, ACC, UPCAST)
+        g = _dot_t(lo, hf, g, ACC, UPCAST)
+    else:
+        g = _dot_t(x, x, None, ACC, UPCAST)
+    return g
 
 
 @triton.jit(do_not_specialize=["NR", "ITERS"])
 def _reduce_partials(x0, x1, x2, x3, x4, x5, x6, x7, part, NR, ITERS,
-                     K: tl.constexpr, ALIGN: tl.constexpr, R: tl.constexpr, VEC: tl.constexpr,
-                     ACC: tl.constexpr):
+                     K: tl.constexpr, ALIGN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
+                     UPCAST: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
     N = NR * ALIGN  # a multiple of ALIGN that Triton can see: row starts keep their alignment
     base = row * N
-    t = tl.arange(0, R)[:, None] * VEC + tl.arange(0, VEC)[None, :]  # [R, VEC]: VEC contiguous per thread
-    zero = tl.zeros([R], dtype=ACC)
-    g00, g01, g11, g02, g12, g22, g03, g13, g23, g33, g04 = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
-    g14, g24, g34, g44, g05, g15, g25, g35, g45, g55, g06 = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
-    g16, g26, g36, g46, g56, g66, g07, g17, g27, g37, g47 = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
-    g57, g67, g77, s0, s1, s2, s3, s4, s5, s6, s7 = zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero
+    k = tl.arange(0, 16)[:, None]  # tile row: operand k < K, ones at K, zeros after
+    c = tl.arange(0, BK)[None, :] + 0 * k
+    acc = tl.zeros([16, 16], dtype=ACC)
     for i in range(ITERS):
-        e = (split * ITERS + i) * (R * VEC) + t
+        e = (split * ITERS + i) * BK + c
         m = e < N
-        a0 = tl.load(x0 + base + e, mask=m, other=0.0).to(ACC)
-        s0 += tl.sum(a0, 1)
-        g00 += tl.sum(a0 * a0, 1)
+        # each operand fills its own tile row: the masked-off rows issue no memory traffic
+        x = tl.load(x0 + base + e, mask=m & (k == 0), other=0.0)
         if K > 1:
-            a1 = tl.load(x1 + base + e, mask=m, other=0.0).to(ACC)
-            s1 += tl.sum(a1, 1)
-            g01 += tl.sum(a0 * a1, 1)
-            g11 += tl.sum(a1 * a1, 1)
+            x = tl.load(x1 + base + e, mask=m & (k == 1), other=x)
         if K > 2:
-            a2 = tl.load(x2 + base + e, mask=m, other=0.0).to(ACC)
-            s2 += tl.sum(a2, 1)
-            g02 += tl.sum(a0 * a2, 1)
-            g12 += tl.sum(a1 * a2, 1)
-            g22 += tl.sum(a2 * a2, 1)
+            x = tl.load(x2 + base + e, mask=m & (k == 2), other=x)
         if K > 3:
-            a3 = tl.load(x3 + base + e, mask=m, other=0.0).to(ACC)
-            s3 += tl.sum(a3, 1)
-            g03 += tl.sum(a0 * a3, 1)
-            g13 += tl.sum(a1 * a3, 1)
-            g23 += tl.sum(a2 * a3, 1)
-            g33 += tl.sum(a3 * a3, 1)
+            x = tl.load(x3 + base + e, mask=m & (k == 3), other=x)
         if K > 4:
-            a4 = tl.load(x4 + base + e, mask=m, other=0.0).to(ACC)
-            s4 += tl.sum(a4, 1)
-            g04 += tl.sum(a0 * a4, 1)
-            g14 += tl.sum(a1 * a4, 1)
-            g24 += tl.sum(a2 * a4, 1)
-            g34 += tl.sum(a3 * a4, 1)
-            g44 += tl.sum(a4 * a4, 1)
+            x = tl.load(x4 + base + e, mask=m & (k == 4), other=x)
         if K > 5:
-            a5 = tl.load(x5 + base + e, mask=m, other=0.0).to(ACC)
-            s5 += tl.sum(a5, 1)
-            g05 += tl.sum(a0 * a5, 1)
-            g15 += tl.sum(a1 * a5, 1)
-            g25 += tl.sum(a2 * a5, 1)
-            g35 += tl.sum(a3 * a5, 1)
-            g45 += tl.sum(a4 * a5, 1)
-            g55 += tl.sum(a5 * a5, 1)
+            x = tl.load(x5 + base + e, mask=m & (k == 5), other=x)
         if K > 6:
-            a6 = tl.load(x6 + base + e, mask=m, other=0.0).to(ACC)
-            s6 += tl.sum(a6, 1)
-            g06 += tl.sum(a0 * a6, 1)
-            g16 += tl.sum(a1 * a6, 1)
-            g26 += tl.sum(a2 * a6, 1)
-            g36 += tl.sum(a3 * a6, 1)
-            g46 += tl.sum(a4 * a6, 1)
-            g56 += tl.sum(a5 * a6, 1)
-            g66 += tl.sum(a6 * a6, 1)
+            x = tl.load(x6 + base + e, mask=m & (k == 6), other=x)
         if K > 7:
-            a7 = tl.load(x7 + base + e, mask=m, other=0.0).to(ACC)
-            s7 += tl.sum(a7, 1)
-            g07 += tl.sum(a0 * a7, 1)
-            g17 += tl.sum(a1 * a7, 1)
-            g27 += tl.sum(a2 * a7, 1)
-            g37 += tl.sum(a3 * a7, 1)
-            g47 += tl.sum(a4 * a7, 1)
-            g57 += tl.sum(a5 * a7, 1)
-            g67 += tl.sum(a6 * a7, 1)
-            g77 += tl.sum(a7 * a7, 1)
+            x = tl.load(x7 + base + e, mask=m & (k == 7), other=x)
+        x = tl.where((k == K) & m, 1.0, x).to(x.dtype)  # G[i, K] = sum of operand i
+        acc += _tile_gram(x, ACC, UPCAST)  # a fresh tile Gram, added with one rounding per tile
     pg = part + (row * splits + split) * (K * K + K)  # partial Gram [K, K], then sums [K]
-    ps = pg + K * K
-    tl.store(ps + 0, tl.sum(s0, 0))
-    _store_pair(pg, 0, 0, K, tl.sum(g00, 0))
-    if K > 1:
-        tl.store(ps + 1, tl.sum(s1, 0))
-        _store_pair(pg, 0, 1, K, tl.sum(g01, 0))
-        _store_pair(pg, 1, 1, K, tl.sum(g11, 0))
-    if K > 2:
-        tl.store(ps + 2, tl.sum(s2, 0))
-        _store_pair(pg, 0, 2, K, tl.sum(g02, 0))
-        _store_pair(pg, 1, 2, K, tl.sum(g12, 0))
-        _store_pair(pg, 2, 2, K, tl.sum(g22, 0))
-    if K > 3:
-        tl.store(ps + 3, tl.sum(s3, 0))
-        _store_pair(pg, 0, 3, K, tl.sum(g03, 0))
-        _store_pair(pg, 1, 3, K, tl.sum(g13, 0))
-        _store_pair(pg, 2, 3, K, tl.sum(g23, 0))
-        _store_pair(pg, 3, 3, K, tl.sum(g33, 0))
-    if K > 4:
-        tl.store(ps + 4, tl.sum(s4, 0))
-        _store_pair(pg, 0, 4, K, tl.sum(g04, 0))
-        _store_pair(pg, 1, 4, K, tl.sum(g14, 0))
-        _store_pair(pg, 2, 4, K, tl.sum(g24, 0))
-        _store_pair(pg, 3, 4, K, tl.sum(g34, 0))
-        _store_pair(pg, 4, 4, K, tl.sum(g44, 0))
-    if K > 5:
-        tl.store(ps + 5, tl.sum(s5, 0))
-        _store_pair(pg, 0, 5, K, tl.sum(g05, 0))
-        _store_pair(pg, 1, 5, K, tl.sum(g15, 0))
-        _store_pair(pg, 2, 5, K, tl.sum(g25, 0))
-        _store_pair(pg, 3, 5, K, tl.sum(g35, 0))
-        _store_pair(pg, 4, 5, K, tl.sum(g45, 0))
-        _store_pair(pg, 5, 5, K, tl.sum(g55, 0))
-    if K > 6:
-        tl.store(ps + 6, tl.sum(s6, 0))
-        _store_pair(pg, 0, 6, K, tl.sum(g06, 0))
-        _store_pair(pg, 1, 6, K, tl.sum(g16, 0))
-        _store_pair(pg, 2, 6, K, tl.sum(g26, 0))
-        _store_pair(pg, 3, 6, K, tl.sum(g36, 0))
-        _store_pair(pg, 4, 6, K, tl.sum(g46, 0))
-        _store_pair(pg, 5, 6, K, tl.sum(g56, 0))
-        _store_pair(pg, 6, 6, K, tl.sum(g66, 0))
-    if K > 7:
-        tl.store(ps + 7, tl.sum(s7, 0))
-        _store_pair(pg, 0, 7, K, tl.sum(g07, 0))
-        _store_pair(pg, 1, 7, K, tl.sum(g17, 0))
-        _store_pair(pg, 2, 7, K, tl.sum(g27, 0))
-        _store_pair(pg, 3, 7, K, tl.sum(g37, 0))
-        _store_pair(pg, 4, 7, K, tl.sum(g47, 0))
-        _store_pair(pg, 5, 7, K, tl.sum(g57, 0))
-        _store_pair(pg, 6, 7, K, tl.sum(g67, 0))
-        _store_pair(pg, 7, 7, K, tl.sum(g77, 0))
+    j = tl.arange(0, 16)[None, :]
+    upper = (k <= j) & (j < K)
+    tl.store(pg + k * K + j, acc, mask=upper)
+    tl.store(pg + j * K + k, acc, mask=upper)
+    tl.store(pg + K * K + k + 0 * j, acc, mask=(k < K) & (j == K))
 
 
 @triton.jit(do_not_specialize=["SPLITS"])
@@ -201,16 +147,27 @@ def _reduce_finish(part, gram, sums, SPLITS, K: tl.constexpr, PP: tl.constexpr, 
 MAX_SPLITS = 1024
 
 
+def warps(dtype: torch.dtype) -> int:
+    """fp32 takes 2 warps and half-width tiles: its three bf16 pieces' MMA operands grow with BK,
+    and BK = 16 keeps it at <= 56 registers (4 warps, BK = 32: 56-65)."""
+    return 2 if dtype == torch.float32 else NUM_WARPS
+
+
+def tile_width(dtype: torch.dtype) -> int:
+    """BK: a [16, BK] tile is one 128-bit vector per thread on a GPU (BK = 16 for fp32 and fp64,
+    32 x 4 warps / 16 rows x VEC = 64 for fp16/bf16); the interpreter pays per step, not per
+    element, so it gets few wide tiles."""
+    return 1024 if interpreted() else 32 * warps(dtype) * vec(dtype) // 16
+
+
 def launch_config(n: int, rows: int, dtype: torch.dtype, device: torch.device):
-    """(R, VEC, splits, iters): tiles of R x VEC elements, ``splits`` programs per row of n
-    elements, each walking ``iters`` consecutive tiles."""
-    # unaligned rows load one element per thread and step: scalar loads gain nothing from a
-    # wider tile, and a [R, 8] fp16 tile of scalar loads crashes LLVM's optimiser for sm_90
-    r, v = tile_rows(), (vec(dtype) if row_align(n, dtype) > 1 else 1)
-    tiles = -(-n // (r * v))
+    """(BK, splits, iters): ``splits`` programs per row of n elements, each walking ``iters``
+    consecutive tiles of BK elements."""
+    bk = tile_width(dtype)
+    tiles = -(-n // bk)
     splits = max(1, min(MAX_SPLITS, -(-target_programs(device) // rows), tiles))
     iters = -(-tiles // splits)
-    return r, v, -(-tiles // iters), iters
+    return bk, -(-tiles // iters), iters
 
 
 def reduce(operands, groups: int = 1):
@@ -221,13 +178,15 @@ def reduce(operands, groups: int = 1):
     b = first.shape[0]
     n = first[0].numel() // groups
     rows = b * groups
-    r, v, splits, iters = launch_config(n, rows, first.dtype, first.device)
+    bk, splits, iters = launch_config(n, rows, first.dtype, first.device)
     align = row_align(n, first.dtype)
     acc = acc_dtype(first.dtype)
     part = torch.empty(rows * splits * (k * k + k), device=first.device, dtype=acc)
-    _reduce_partials[(rows, splits)](*pointers(operands), part, n // align, iters, K=k, ALIGN=align, R=r, VEC=v,
+    # num_stages=1: no software pipelining (it would stage the loads through cp.async and shared
+    # memory); occupancy hides the load latency
+    _reduce_partials[(rows, splits)](*pointers(operands), part, n // align, iters, K=k, ALIGN=align, BK=bk,
                                      ACC=tl.float64 if acc == torch.float64 else tl.float32,
-                                     num_warps=NUM_WARPS)
+                                     UPCAST=interpreted(), num_warps=warps(first.dtype), num_stages=1)
     gram = torch.empty(b, groups, k, k, device=first.device, dtype=acc)
     sums = torch.empty(b, groups, k, device=first.device, dtype=acc)
     _reduce_finish[(rows,)](part, gram, sums, splits, K=k, PP=next_pow2(k * k + k), CHUNK=16, num_warps=NUM_WARPS)

@@ -407,6 +407,28 @@ def test_project_backend(backend):
 
 # -- Triton addressing: 128-bit aligned rows, offset (unaligned) operands, split and looped rows ----
 
+def test_triton_reduce_fp32_split_keeps_fp32_accuracy():
+    """The Triton reduce splits fp32 into three bf16 pieces (x = hi + mid + lo) for its tensor-core
+    Gram. x = 1 + 2**-12 + 2**-20 has all three non-zero (lo = 2**-20) and the same sign in every
+    element, so a piece left out of the sum would shift the Gram by >= 2**-19 relative (1.9e-6);
+    fp32 accumulation of 3000 such terms stays within a few 1e-7. Non-finite values pass through
+    (inf where the reference has inf, not the NaN of inf * 0)."""
+    _backend("triton")
+    x = 1 + 2.0 ** -12 + 2.0 ** -20
+    n = 3000
+    ops_ = [torch.full((2, n), x), torch.full((2, n), -3 * x), torch.linspace(-1, 1, 2 * n).view(2, n)]
+    gram, sums = ops.reduce(ops_, 1, backend="triton")
+    g64, s64 = reference.reduce([o.double() for o in ops_], 1)
+    diag = torch.diagonal(g64, dim1=-2, dim2=-1)
+    scale = (diag.unsqueeze(-1) * diag.unsqueeze(-2)).sqrt()
+    assert ((gram - g64).abs() / scale).max() <= 5e-7
+    assert ((sums - s64).abs() / n).max() <= 5e-7
+    inf = [torch.full((1, 64), x), torch.full((1, 64), x)]
+    inf[0][0, 5] = float("inf")
+    got = ops.reduce(inf, 1, backend="triton")[0]
+    assert torch.isinf(got[0, 0, 0, 0]) and torch.isinf(got[0, 0, 0, 1]) and torch.isfinite(got[0, 0, 1, 1])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_triton_aligned_rows_splits_and_offsets(dtype, monkeypatch):
     """Rows that are a multiple of 8 elements take the ALIGN > 1 (128-bit load) path; operands

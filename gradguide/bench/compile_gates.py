@@ -14,11 +14,9 @@ pointer argument ``x0..x7``).
 
 Gates, per compiled kernel:
 - **no spills**: ``LOCAL`` and ``STACK`` are 0 bytes (spills go to local memory);
-- **registers** <= 64 per thread for the streaming kernels (combine, fused combine, reduce
-  with K <= 4, reduce's finishing pass). reduce with K >= 5 keeps K(K+1)/2 + K accumulators
-  and K 128-bit vectors per thread live at once (44 + 32 = 76 registers of state for fp32,
-  K = 8: more than 64 before any address), so it is held to <= 128 registers (25 %
-  occupancy bound; its 8 wide loads per thread keep enough bytes in flight) and 0 spills;
+- **registers** <= 64 per thread for every kernel (reduce accumulates its Gram on tensor
+  cores, kernels/reduce.py: its accumulators are spread over the warp, not K(K+1)/2 + K per
+  thread);
 - **128-bit operand loads**: when the variant's operands are 16-byte aligned and rows are a
   multiple of the vector width (8 elements covers every dtype), every operand load is
   ``ld.global.v4.b32`` (or ``v2.b64``).
@@ -50,7 +48,6 @@ from typing import Dict, List, Optional
 import torch
 
 REG_LIMIT = 64
-REDUCE_WIDE_K, REDUCE_WIDE_REG_LIMIT = 5, 128  # see the module docstring
 ARCHS = (80, 90)
 # per-SM limits used for the occupancy bound (CUDA occupancy rules; A100 = sm_80, H100 = sm_90)
 SM = {80: dict(gpu="A100", regs=65536, max_warps=64, max_blocks=32, smem=167936),
@@ -315,18 +312,13 @@ def analyse(kernel, arch: int, variant: Variant) -> Dict[str, object]:
     return row
 
 
-def register_limit(kernel: str, k: int) -> int:
-    return REDUCE_WIDE_REG_LIMIT if kernel == "_reduce_partials" and k >= REDUCE_WIDE_K else REG_LIMIT
-
-
 def gate_failures(row: Dict[str, object]) -> List[str]:
     """What a compiled kernel breaks (empty: it passes)."""
     fails = []
     if row["local_bytes"] or row["stack_bytes"]:
         fails.append(f"spills: {row['local_bytes']} B local, {row['stack_bytes']} B stack")
-    limit = register_limit(row["kernel"], row["k"])
-    if row["registers"] > limit:
-        fails.append(f"{row['registers']} registers > {limit}")
+    if row["registers"] > REG_LIMIT:
+        fails.append(f"{row['registers']} registers > {REG_LIMIT}")
     if row["kernel"] != "_reduce_finish":
         missing = [o for o, w in row["operand_loads"].items() if not w]
         if missing:
@@ -478,8 +470,7 @@ def markdown(result: Dict[str, object], arch: int, command: str) -> str:
              f"- command: `{command}`", f"- date: {env['date']}; machine: {env['machine']}",
              f"- torch {env['torch']}, triton {env['triton']}, ptxas {env['ptxas']}; git commit {env['git_commit']}",
              f"- variants: {result['subset']} ({len(rows)} distinct compiled kernels); "
-             f"gates: 0 spill bytes, ≤ {REG_LIMIT} registers (reduce with K ≥ {REDUCE_WIDE_K}: ≤ "
-             f"{REDUCE_WIDE_REG_LIMIT}, see note), 128-bit operand loads when aligned",
+             f"gates: 0 spill bytes, ≤ {REG_LIMIT} registers, 128-bit operand loads when aligned",
              f"- result: **{'all pass' if not fails else f'{len(fails)} fail'}**", "",
              "Compiled by Triton's own compiler for a CUDA target, specialised as the glue launches them "
              "(`gradguide/bench/compile_gates.py`); registers, stack/local (spill) bytes and shared memory "
@@ -487,12 +478,10 @@ def markdown(result: Dict[str, object], arch: int, command: str) -> str:
              "an operand pointer). Occupancy is the CUDA occupancy bound from registers, shared memory and "
              "warp/block limits, not a measurement. 'aligned': 16-byte aligned operands, rows of 4096 "
              "elements; 'unaligned': operands offset by one element, rows of 4095 (scalar loads expected).",
-             "", f"Note on `_reduce_partials` with K ≥ {REDUCE_WIDE_K}: each thread keeps K(K+1)/2 + K accumulators "
-             "and K 128-bit operand vectors live (fp32, K = 8: 44 + 32 = 76 registers of state before any "
-             "address), so ≤ 64 registers is out of reach without spilling or re-reading operands "
-             "(`maxnreg=64` spills 96 B (fp32) to 464 B (bf16) per thread). It is held to ≤ "
-             f"{REDUCE_WIDE_REG_LIMIT} registers (25 % occupancy bound) with 0 spills; at that occupancy each "
-             "SM still has ≥ 16 warps × 32 threads × K 16-byte loads in flight.",
+             "", "Note on `_reduce_partials`: it accumulates each tile's Gram on tensor cores (`tl.dot` of a "
+             "[16, BK] tile with itself; fp32 inputs split exactly into three bf16 pieces, six MMAs, on 2 "
+             "warps), so its accumulators are spread over the warp; the previous per-thread-accumulator "
+             "design used 92-128 registers for K = 8 (kernels-before-after.md).",
              "", "| kernel | variant | warps | regs | spill B | smem B | occupancy bound (limiter) | "
              "operand loads | other loads (bits) | stores (bits) | gates |", "|" + "---|" * 11]
     for r in rows:
