@@ -56,6 +56,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "gradguide_fused_args.h"
 #include "gradguide_policies.h"
 
 namespace gradguide {
@@ -334,17 +335,10 @@ at::Tensor combine_cpu(const at::Tensor& coef, at::TensorList operands, std::opt
 // ---------------------------------------------------------------------------------------
 // fused_combine: a built-in policy's coefficient program, then combine, in one call
 //
-//   gradguide::fused_combine(str policy, Tensor[] operands, Tensor? gram, Tensor[] vectors,
-//                            Tensor[] scalars, float? low, float? high) -> Tensor
-//
-// The per-row (sample, or sample x group) coefficient program of gradguide/ops/policies.py —
-// the plain-torch truth, mirrored line by line in coefficients() below — runs here in float64
+// The per-row (sample, or sample x group) coefficient program (gradguide_policies.h, shared
+// with the CUDA op; the plain-torch truth is gradguide/ops/policies.py) runs here in float64
 // on the float64 Gram matrix, then the rows are combined as in combine. So a CPU step is one
-// reduce and one fused_combine: no tiny torch ops in between.
-//   vectors[v]: [Bv, Gv, K] (Bv in {1, B}, Gv in {1, G}, any strides; float32 or float64);
-//   scalars[s]: 1 or B elements (float32 or float64, contiguous);
-//   gram: [B, G, Kg, Kg] float64 contiguous over the FIRST Kg operands (Kg <= K); the vectors
-//   whose inner products a policy takes are zero beyond Kg (the caller orders the operands).
+// reduce and one fused_combine: no tiny torch ops in between. Arguments: gradguide_fused_args.h.
 
 static double read_double(const at::Tensor& t, int64_t offset) {
   return t.scalar_type() == at::kDouble ? t.const_data_ptr<double>()[offset]
@@ -359,68 +353,13 @@ at::Tensor fused_combine_cpu(c10::string_view policy_name, at::TensorList operan
   check_operands(ops, op);
   const auto& first = ops[0];
   TORCH_CHECK(first.device().is_cpu(), op, ": operands: expected CPU tensors, got ", first.device());
-  const PolicyInfo* info = find_policy(policy_name.data(), policy_name.size());
-  TORCH_CHECK(info != nullptr, op, ": policy: expected ", kPolicyNames, ", got '", policy_name, "'");
-  const Policy policy = info->id;
-  const int64_t n_vectors = info->n_vectors, n_scalars = info->n_scalars;
-  const bool needs_gram = info->needs_gram;
   const int64_t b = first.size(0), k = static_cast<int64_t>(ops.size());
-  TORCH_CHECK(static_cast<int64_t>(vectors.size()) == n_vectors, op, ": vectors: policy '", policy_name, "' takes ",
-              n_vectors, " coefficient vectors, got ", vectors.size());
-  TORCH_CHECK(static_cast<int64_t>(scalars.size()) == n_scalars, op, ": scalars: policy '", policy_name, "' takes ",
-              n_scalars, " scalars, got ", scalars.size());
-  int64_t groups = 1, kg = 0;
-  if (needs_gram) {
-    TORCH_CHECK(gram.has_value(), op, ": gram: policy '", policy_name, "' needs the Gram matrix (from reduce)");
-    const auto& g = *gram;
-    TORCH_CHECK(g.dim() == 4 && g.size(0) == b && g.size(2) == g.size(3) && g.size(2) >= 1 && g.size(2) <= k &&
-                    g.scalar_type() == at::kDouble && g.is_contiguous() && g.device() == first.device(),
-                op, ": gram: expected a contiguous float64 [B=", b, ", G, Kg, Kg] tensor with Kg <= K=", k,
-                " on ", first.device(), ", got ", g.sizes(), " ", g.scalar_type());
-    groups = g.size(1);
-    kg = g.size(2);
-  }
-  for (size_t v = 0; v < vectors.size(); ++v) {
-    const auto& t = vectors[v];
-    TORCH_CHECK(t.dim() == 3 && (t.size(0) == 1 || t.size(0) == b) && t.size(2) == k && t.device() == first.device() &&
-                    (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
-                op, ": vectors[", v, "]: expected a float32/float64 [1 or B=", b, ", G, K=", k, "] tensor on ",
-                first.device(), ", got ", t.sizes(), " ", t.scalar_type());
-    if (!needs_gram && t.size(1) != 1) groups = std::max(groups, t.size(1));
-  }
-  for (size_t v = 0; v < vectors.size(); ++v)
-    TORCH_CHECK(vectors[v].size(1) == 1 || vectors[v].size(1) == groups, op, ": vectors[", v, "]: ",
-                vectors[v].size(1), " groups, expected 1 or ", groups);
-  for (size_t j = 0; j < scalars.size(); ++j) {
-    const auto& t = scalars[j];
-    TORCH_CHECK((t.numel() == 1 || t.numel() == b) && t.is_contiguous() && t.device() == first.device() &&
-                    (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
-                op, ": scalars[", j, "]: expected a contiguous float32/float64 tensor of 1 or B=", b, " elements on ",
-                first.device(), ", got ", t.sizes(), " ", t.scalar_type());
-  }
-  const int64_t n = check_groups(first, groups, op);
-  const int64_t rows = b * groups;
-
+  int64_t n = 0;
+  const ProgramArgs args = fused_program_args(op, policy_name, first, k, gram, vectors, scalars, n);
+  const int64_t rows = b * args.groups;
   // coefficient program, per row, in float64 (rows are few: B x G)
   std::vector<double> coef(rows * k);
-  Vec vec[kMaxVectors];
-  double sc[kMaxScalars] = {};
-  for (auto& v : vec) v = zero_vec();
-  const double* gram_data = needs_gram ? gram->const_data_ptr<double>() : nullptr;
-  for (int64_t bi = 0; bi < b; ++bi) {
-    for (size_t j = 0; j < scalars.size(); ++j) sc[j] = read_double(scalars[j], scalars[j].numel() == 1 ? 0 : bi);
-    for (int64_t gi = 0; gi < groups; ++gi) {
-      for (size_t v = 0; v < vectors.size(); ++v) {
-        const auto& t = vectors[v];
-        const int64_t base = (t.size(0) == 1 ? 0 : bi) * t.stride(0) + (t.size(1) == 1 ? 0 : gi) * t.stride(1);
-        for (int64_t i = 0; i < k; ++i) vec[v][i] = read_double(t, base + i * t.stride(2));
-      }
-      const int64_t r = bi * groups + gi;
-      RowProgram prog{gram_data ? gram_data + r * kg * kg : nullptr, static_cast<int>(kg), static_cast<int>(k)};
-      const Vec c = coefficients(policy, prog, vec, sc);
-      for (int64_t i = 0; i < k; ++i) coef[r * k + i] = c[i];
-    }
-  }
+  for (int64_t r = 0; r < rows; ++r) row_coefficients(args, r, coef.data() + r * k);
   at::Tensor out = empty_output(first);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "gradguide_fused_combine", [&] {
     combine_dispatch_k<scalar_t>(ops, coef.data(), rows, n, low.has_value(), low.value_or(0.0), high.has_value(),

@@ -149,4 +149,43 @@ GG_HD inline Vec coefficients(Policy policy, const RowProgram& p, const Vec* v, 
   return c;
 }
 
+// One coefficient vector ([1 or B, 1 or G, K]) or scalar (1 or B elements) as the program
+// reads it: float32 or float64 data, strides in elements, 0 along a broadcast dimension.
+struct ArgView {
+  const void* data;
+  int64_t s0, s1, s2;
+  bool is_double;
+  GG_HD double at(int64_t offset) const {
+    return is_double ? static_cast<const double*>(data)[offset]
+                     : static_cast<double>(static_cast<const float*>(data)[offset]);
+  }
+};
+
+// Everything a row's program reads (built and checked on the host: gradguide_fused_args.h).
+struct ProgramArgs {
+  Policy policy;
+  int k, kg;              // operands; Gram size (0 without a Gram)
+  int64_t groups;         // rows = B x groups
+  const double* gram;     // [B, G, Kg, Kg] contiguous float64, or nullptr
+  int n_vectors, n_scalars;
+  ArgView vectors[kMaxVectors], scalars[kMaxScalars];
+};
+
+// The K combine weights of row `row` (= sample b x groups + group g), in float64.
+GG_HD inline void row_coefficients(const ProgramArgs& a, int64_t row, double* weights) {
+  const int64_t b = row / a.groups, g = row % a.groups;
+  Vec v[kMaxVectors];
+  double s[kMaxScalars];
+  for (int j = 0; j < kMaxVectors; ++j) v[j] = zero_vec();
+  for (int j = 0; j < kMaxScalars; ++j) s[j] = 0.0;
+  for (int j = 0; j < a.n_vectors; ++j) {
+    const ArgView& t = a.vectors[j];
+    for (int i = 0; i < a.k; ++i) v[j][i] = t.at(b * t.s0 + g * t.s1 + i * t.s2);
+  }
+  for (int j = 0; j < a.n_scalars; ++j) s[j] = a.scalars[j].at(b * a.scalars[j].s0);
+  const RowProgram prog{a.gram ? a.gram + row * a.kg * a.kg : nullptr, a.kg, a.k};
+  const Vec c = coefficients(a.policy, prog, v, s);
+  for (int i = 0; i < a.k; ++i) weights[i] = c[i];
+}
+
 }  // namespace gradguide

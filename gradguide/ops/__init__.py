@@ -389,7 +389,7 @@ def fused_unchecked(policy: str, backend: str, operands: List[torch.Tensor], gra
     ``[B, G, Kg, Kg]`` over the first ``Kg`` operands, or None for a policy without one.
     native: the program runs inside ``gradguide::fused_combine`` (one call); triton: inside the
     fused kernel for :data:`policies.TRITON_POLICIES`; otherwise the torch program, then combine."""
-    if backend == "native" and operands[0].device.type == "cpu":  # (the CUDA ops have no fused_combine yet)
+    if backend == "native" and native_backend.has_kernel("fused_combine", operands[0].device):
         return native_backend.fused_combine(policy, operands, gram, vectors, scalars, clamp)
     b, k = operands[0].shape[0], len(operands)
     if gram is not None and gram.shape[-1] < k:  # the torch program and the kernel index a K x K Gram
@@ -440,6 +440,6 @@ def clip_shift(coef_p: torch.Tensor, coef_s: torch.Tensor, operands: Sequence[to
 
 def clip_shift_unchecked(coef_p, coef_s, operands: List[torch.Tensor], clip: tuple, backend: str):
     """:func:`clip_shift` without checks (native: one C++ pass; else the reference formula)."""
-    if backend == "native" and operands[0].device.type == "cpu":
+    if backend == "native" and native_backend.has_kernel("clip_shift", operands[0].device):
         return native_backend.clip_shift(coef_p, coef_s, operands, clip)
     return reference.clip_shift(coef_p, coef_s, operands, clip)

@@ -40,6 +40,13 @@ def status(device: Optional[torch.device] = None):
     return True
 
 
+def has_kernel(op: str, device: torch.device) -> bool:
+    """Whether ``gradguide::<op>`` has a kernel for ``device`` in this build (CPU and CUDA
+    builds register ``fused_combine`` and ``clip_shift``; older builds may lack them)."""
+    key = "CUDA" if device.type == "cuda" else "CPU" if device.type == "cpu" else None
+    return key is not None and load() and torch._C._dispatch_has_kernel_for_dispatch_key(f"gradguide::{op}", key)
+
+
 def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
