@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-_state = {"loaded": None, "reason": None}
+_state = {"loaded": None, "reason": None, "kernels": frozenset()}
 
 
 def load() -> bool:
@@ -25,6 +25,9 @@ def load() -> bool:
                                 "reinstall with `pip install --no-build-isolation -e .` where a C++ compiler exists")
         else:
             _register_fakes()
+            _state["kernels"] = frozenset(
+                (op, dev) for op in ("fused_combine", "clip_shift") for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                if torch._C._dispatch_has_kernel_for_dispatch_key(f"gradguide::{op}", key))
             _state["loaded"] = True
     return _state["loaded"]
 
@@ -42,9 +45,9 @@ def status(device: Optional[torch.device] = None):
 
 def has_kernel(op: str, device: torch.device) -> bool:
     """Whether ``gradguide::<op>`` has a kernel for ``device`` in this build (CPU and CUDA
-    builds register ``fused_combine`` and ``clip_shift``; older builds may lack them)."""
-    key = "CUDA" if device.type == "cuda" else "CPU" if device.type == "cpu" else None
-    return key is not None and load() and torch._C._dispatch_has_kernel_for_dispatch_key(f"gradguide::{op}", key)
+    builds register ``fused_combine`` and ``clip_shift``; older builds may lack them). Plain
+    Python on a set found at load time, so torch.compile traces it without a graph break."""
+    return load() and (op, device.type) in _state["kernels"]
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
