@@ -38,7 +38,9 @@ def _native_extensions():
     if not os.path.exists(os.path.join(here, cpp)):
         _notice(f"{cpp} not found; building without the native ops")
         return [], {}
-    cxx = ["-O3", "-fopenmp", "-std=c++20"]
+    # -ffp-contract=off: no FMA contraction, so the AVX-512, AVX2 and baseline variants of the
+    # CPU kernels (csrc/gradguide_cpu_kernels.h) round identically
+    cxx = ["-O3", "-fopenmp", "-std=c++20", "-ffp-contract=off", "-Wno-psabi"]
     nvcc_ok = shutil.which("nvcc") is not None or cpp_extension.CUDA_HOME is not None
     if torch.version.cuda and nvcc_ok and os.path.exists(os.path.join(here, cu)):
         ext = cpp_extension.CUDAExtension(

@@ -10,19 +10,23 @@
 // long (B <= 64, N up to millions), so each row is cut into chunks and the (row, chunk) pairs
 // are spread over torch's intra-op threads (at::parallel_for, OpenMP). reduce writes one
 // partial per chunk (fixed chunk size => the result does not depend on the thread count)
-// and a second, serial stage adds the partials in chunk order. Inner loops work on tiles of
-// kTile elements converted to the accumulation type, with kLanes independent accumulators per
-// Gram entry, so the compiler vectorises them and the sums are blocked (better rounding than
-// one long serial sum).
+// and a second, serial stage adds the partials in chunk order. The inner loops
+// (gradguide_cpu_kernels.h) work on blocks of 8 elements in vector registers, compiled for
+// AVX-512, AVX2 and the baseline and picked at run time (cpu_isa()); every variant sums in
+// the same order, so results do not depend on the instruction set either.
+// Outputs: fresh outputs of 4 MiB and more are advised to use transparent huge pages
+// (empty_output()): on first touch the kernel then maps and zeroes 2 MiB at a time instead
+// of faulting every 4 KiB page, which otherwise costs more than the pass itself at ADM-256.
 //
 // Accumulation: reduce accumulates in float64 for every input dtype and returns a float64 Gram
 // matrix and sums (as the reference). Why: rules take inner products of *small combinations of
 // large operands* from the Gram matrix (u^T G u, e.g. a clipped guidance shift x0_gc - x0_c
 // of norm 1e-3 between operands of norm 1.4); a float32 Gram loses ~1e-7 * |op|^2 absolutely,
 // which is 8 % of such a norm^2 (issue 12). Products of float32 (or fp16/bf16) values are exact
-// in float64, so the float64 Gram is as good as the inputs. Cost: the tile is converted to
-// double and the FMAs run at half the SIMD width, which stays under the memory bound (measured
-// with `gradguide bench --suite ops`). combine also accumulates in float64 (weights in float64):
+// in float64, so the float64 Gram is as good as the inputs. Cost: the operands are converted to
+// double and the products run at half the SIMD width, which stays under the memory bound with
+// AVX-512 or AVX2 (benchmarks/native_bandwidth_issue12.py). combine also accumulates in
+// float64 (weights in float64):
 // a step's weights cancel (x̂_0 = (x_t − √(1−ᾱ) ε)/√ᾱ has |weights| ~160 at t = 999 for a
 // result of size 1), and a float32 accumulator turns that into 1e-5 relative errors that
 // projections and clipping carry to the samples (2e-4 on issue 12's eta = 1 case; 5e-5 with
@@ -38,21 +42,105 @@
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 
-#include <cmath>
-
 #include <algorithm>
+#include <array>
 #include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 #include <tuple>
-#include <array>
+#include <type_traits>
 #include <vector>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+#include "gradguide_fused_args.h"
+#include "gradguide_policies.h"
 
 namespace gradguide {
 
-constexpr int kMaxK = 8;
-constexpr int64_t kTile = 256;     // elements per tile (fits L1 for K = 8 in float32)
-constexpr int kLanes = 16;         // independent accumulators per Gram entry
-constexpr int64_t kChunk = 16384;  // elements per parallel work item in reduce / combine
+// The inner loops, once per instruction set (see the top of gradguide_cpu_kernels.h).
+#define GG_ISA isa_default
+#define GG_TARGET
+#include "gradguide_cpu_kernels.h"
+#undef GG_ISA
+#undef GG_TARGET
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define GG_X86_DISPATCH 1
+#define GG_ISA isa_avx2
+#define GG_TARGET __attribute__((target("avx2,fma,f16c")))
+#include "gradguide_cpu_kernels.h"
+#undef GG_ISA
+#undef GG_TARGET
+#define GG_ISA isa_avx512
+#define GG_TARGET __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma,f16c")))
+#include "gradguide_cpu_kernels.h"
+#undef GG_ISA
+#undef GG_TARGET
+#endif
+
+constexpr int64_t kChunk = 16384;  // elements per parallel work item (a multiple of the 8-element block)
+
+enum class Isa { kDefault, kAvx2, kAvx512 };
+
+// The widest instruction set this CPU has, capped by ATEN_CPU_CAPABILITY (torch's knob for its
+// own kernels: "default", "avx2", "avx512"), so tests can run every variant on one machine.
+static Isa detect_isa() {
+  Isa best = Isa::kDefault;
+#if defined(GG_X86_DISPATCH)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")) {
+    best = Isa::kAvx2;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq"))
+      best = Isa::kAvx512;
+  }
+#endif
+  if (const char* cap = std::getenv("ATEN_CPU_CAPABILITY")) {
+    const std::string c(cap);
+    if (c == "default") best = Isa::kDefault;
+    else if (c == "avx2" && best == Isa::kAvx512) best = Isa::kAvx2;
+  }
+  return best;
+}
+
+static Isa cpu_isa() {
+  static const Isa isa = detect_isa();
+  return isa;
+}
+
+static const char* isa_name(Isa isa) {
+  return isa == Isa::kAvx512 ? "avx512" : isa == Isa::kAvx2 ? "avx2" : "default";
+}
+
+// The per-ISA variants of one kernel template, as a function pointer for this CPU.
+#if defined(GG_X86_DISPATCH)
+#define GG_PICK(kernel, ...)                                                     \
+  (cpu_isa() == Isa::kAvx512 ? &isa_avx512::kernel<__VA_ARGS__>                   \
+   : cpu_isa() == Isa::kAvx2 ? &isa_avx2::kernel<__VA_ARGS__>                     \
+                             : &isa_default::kernel<__VA_ARGS__>)
+#else
+#define GG_PICK(kernel, ...) (&isa_default::kernel<__VA_ARGS__>)
+#endif
+
+// A fresh contiguous output like `like`. Large ones are advised to use transparent huge pages
+// before anything touches them (Linux, THP in "madvise" or "always" mode; a no-op elsewhere):
+// see "Outputs" at the top.
+static at::Tensor empty_output(const at::Tensor& like) {
+  at::Tensor out = at::empty_like(like, at::MemoryFormat::Contiguous);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const size_t bytes = out.nbytes();
+  if (like.device().is_cpu() && bytes >= 2 * kHuge) {
+    const uintptr_t p = reinterpret_cast<uintptr_t>(out.data_ptr());
+    const uintptr_t lo = (p + kHuge - 1) & ~(kHuge - 1), hi = (p + bytes) & ~(kHuge - 1);
+    if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // advice only
+  }
+#endif
+  return out;
+}
 
 // ---------------------------------------------------------------------------------------
 // checks shared by both ops
@@ -84,46 +172,6 @@ static at::ScalarType acc_type(at::ScalarType) { return at::kDouble; }
 // ---------------------------------------------------------------------------------------
 // reduce
 
-// Partial Gram (upper triangle, row-major i <= j) and sums of K rows over [begin, end).
-template <int K, typename scalar_t, typename acc_t>
-static void reduce_span(const scalar_t* const* rows, int64_t begin, int64_t end, acc_t* gram_out,
-                        acc_t* sums_out) {
-  constexpr int P = K * (K + 1) / 2;
-  alignas(64) acc_t acc[P][kLanes];
-  alignas(64) acc_t sum[K][kLanes];
-  alignas(64) acc_t tile[K][kTile];
-  for (int p = 0; p < P; ++p)
-    for (int l = 0; l < kLanes; ++l) acc[p][l] = 0;
-  for (int k = 0; k < K; ++k)
-    for (int l = 0; l < kLanes; ++l) sum[k][l] = 0;
-  for (int64_t start = begin; start < end; start += kTile) {
-    const int64_t n = std::min(kTile, end - start);
-    for (int k = 0; k < K; ++k) {
-      const scalar_t* src = rows[k] + start;
-      for (int64_t e = 0; e < n; ++e) tile[k][e] = static_cast<acc_t>(src[e]);
-      for (int64_t e = n; e < kTile; ++e) tile[k][e] = 0;  // zero padding adds nothing
-    }
-    for (int k = 0; k < K; ++k)
-      for (int64_t e = 0; e < kTile; e += kLanes)
-        for (int l = 0; l < kLanes; ++l) sum[k][l] += tile[k][e + l];
-    int p = 0;
-    for (int i = 0; i < K; ++i)
-      for (int j = i; j < K; ++j, ++p)
-        for (int64_t e = 0; e < kTile; e += kLanes)
-          for (int l = 0; l < kLanes; ++l) acc[p][l] += tile[i][e + l] * tile[j][e + l];
-  }
-  for (int p = 0; p < P; ++p) {
-    acc_t s = 0;
-    for (int l = 0; l < kLanes; ++l) s += acc[p][l];
-    gram_out[p] = s;
-  }
-  for (int k = 0; k < K; ++k) {
-    acc_t s = 0;
-    for (int l = 0; l < kLanes; ++l) s += sum[k][l];
-    sums_out[k] = s;
-  }
-}
-
 template <int K, typename scalar_t>
 static void reduce_impl(const std::vector<at::Tensor>& ops, int64_t rows, int64_t n, at::Tensor& gram,
                         at::Tensor& sums) {
@@ -133,13 +181,16 @@ static void reduce_impl(const std::vector<at::Tensor>& ops, int64_t rows, int64_
   std::vector<acc_t> part_gram(rows * chunks * P), part_sums(rows * chunks * K);
   std::array<const scalar_t*, K> base;
   for (int k = 0; k < K; ++k) base[k] = ops[k].data_ptr<scalar_t>();
+  // AVX-512 holds every accumulator in a register; the narrower sets run the tiled variant
+  const auto span = cpu_isa() == Isa::kAvx512 ? GG_PICK(reduce_span, K, scalar_t)
+                                              : GG_PICK(reduce_span_tiled, K, scalar_t);
   at::parallel_for(0, rows * chunks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t r = item / chunks, c = item % chunks;
       std::array<const scalar_t*, K> ptrs;
       for (int k = 0; k < K; ++k) ptrs[k] = base[k] + r * n;
-      reduce_span<K, scalar_t, acc_t>(ptrs.data(), c * kChunk, std::min(n, (c + 1) * kChunk),
-                                      part_gram.data() + item * P, part_sums.data() + item * K);
+      span(ptrs.data(), c * kChunk, std::min(n, (c + 1) * kChunk), part_gram.data() + item * P,
+           part_sums.data() + item * K);
     }
   });
   // second stage: add the partials in chunk order (deterministic), mirror the triangle
@@ -203,38 +254,23 @@ std::tuple<at::Tensor, at::Tensor> reduce_cpu(at::TensorList operands, int64_t g
 template <typename scalar_t>
 using combine_acc_t = double;
 
-// cf: [rows, K] contiguous weights in the accumulation type
+// cf: [rows, K] contiguous float64 weights
 template <int K, typename scalar_t>
 static void combine_impl(const std::vector<at::Tensor>& ops, const combine_acc_t<scalar_t>* cf, int64_t rows,
-                         int64_t n, bool has_low, double low_d, bool has_high, double high_d, at::Tensor& out) {
-  using acc_t = combine_acc_t<scalar_t>;
+                         int64_t n, bool has_low, double low, bool has_high, double high, at::Tensor& out) {
+  static_assert(std::is_same_v<combine_acc_t<scalar_t>, double>, "the combine kernels accumulate in float64");
   const int64_t chunks = std::max<int64_t>(1, (n + kChunk - 1) / kChunk);
   std::array<const scalar_t*, K> base;
   for (int k = 0; k < K; ++k) base[k] = ops[k].data_ptr<scalar_t>();
   scalar_t* dst = out.data_ptr<scalar_t>();
-  const acc_t low = static_cast<acc_t>(low_d), high = static_cast<acc_t>(high_d);
+  const auto span = GG_PICK(combine_span, K, scalar_t);
   at::parallel_for(0, rows * chunks, 1, [&](int64_t lo, int64_t hi) {
-    alignas(64) acc_t acc[kTile];
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t r = item / chunks, c = item % chunks;
-      const int64_t end = std::min(n, (c + 1) * kChunk);
-      std::array<acc_t, K> w;
-      for (int k = 0; k < K; ++k) w[k] = cf[r * K + k];
-      for (int64_t start = c * kChunk; start < end; start += kTile) {
-        const int64_t m = std::min(kTile, end - start);
-        const int64_t off = r * n + start;
-        // every operand is multiplied, even by a zero weight: 0 * inf = NaN, as the reference
-        for (int64_t e = 0; e < m; ++e) acc[e] = w[0] * static_cast<acc_t>(base[0][off + e]);
-        for (int k = 1; k < K; ++k) {
-          const scalar_t* src = base[k] + off;
-          for (int64_t e = 0; e < m; ++e) acc[e] += w[k] * static_cast<acc_t>(src[e]);
-        }
-        if (has_low)  // comparisons are false for NaN, so NaN stays NaN (torch.clamp does the same)
-          for (int64_t e = 0; e < m; ++e) acc[e] = acc[e] < low ? low : acc[e];
-        if (has_high)
-          for (int64_t e = 0; e < m; ++e) acc[e] = acc[e] > high ? high : acc[e];
-        for (int64_t e = 0; e < m; ++e) dst[off + e] = static_cast<scalar_t>(acc[e]);
-      }
+      std::array<const scalar_t*, K> ptrs;
+      for (int k = 0; k < K; ++k) ptrs[k] = base[k] + r * n;
+      span(ptrs.data(), cf + r * K, c * kChunk, std::min(n, (c + 1) * kChunk), has_low, low, has_high, high,
+           dst + r * n);
     }
   });
 }
@@ -290,7 +326,7 @@ void combine_out_cpu(const at::Tensor& coef_in, at::TensorList operands, std::op
 at::Tensor combine_cpu(const at::Tensor& coef, at::TensorList operands, std::optional<double> low,
                        std::optional<double> high) {
   TORCH_CHECK(!operands.empty(), "gradguide::combine: operands: expected a non-empty list of tensors");
-  at::Tensor out = at::empty_like(operands[0], at::MemoryFormat::Contiguous);
+  at::Tensor out = empty_output(operands[0]);
   combine_out_cpu(coef, operands, low, high, out);
   return out;
 }
@@ -299,125 +335,10 @@ at::Tensor combine_cpu(const at::Tensor& coef, at::TensorList operands, std::opt
 // ---------------------------------------------------------------------------------------
 // fused_combine: a built-in policy's coefficient program, then combine, in one call
 //
-//   gradguide::fused_combine(str policy, Tensor[] operands, Tensor? gram, Tensor[] vectors,
-//                            Tensor[] scalars, float? low, float? high) -> Tensor
-//
-// The per-row (sample, or sample x group) coefficient program of gradguide/ops/policies.py —
-// the plain-torch truth, mirrored line by line in coefficients() below — runs here in float64
+// The per-row (sample, or sample x group) coefficient program (gradguide_policies.h, shared
+// with the CUDA op; the plain-torch truth is gradguide/ops/policies.py) runs here in float64
 // on the float64 Gram matrix, then the rows are combined as in combine. So a CPU step is one
-// reduce and one fused_combine: no tiny torch ops in between.
-//   vectors[v]: [Bv, Gv, K] (Bv in {1, B}, Gv in {1, G}, any strides; float32 or float64);
-//   scalars[s]: 1 or B elements (float32 or float64, contiguous);
-//   gram: [B, G, Kg, Kg] float64 contiguous over the FIRST Kg operands (Kg <= K); the vectors
-//   whose inner products a policy takes are zero beyond Kg (the caller orders the operands).
-
-enum Policy { kLinear, kCfg, kPxpA, kPxpB, kPxpC, kApg, kGloss, kLookahead };
-
-static Policy policy_id(const std::string& name, int64_t& n_vectors, int64_t& n_scalars, bool& needs_gram) {
-  static const std::vector<std::tuple<std::string, Policy, int, int, bool>> table = {
-      {"linear", kLinear, 1, 0, false},   {"cfg", kCfg, 3, 1, false},  {"pxp-a", kPxpA, 4, 1, true},
-      {"pxp-b", kPxpB, 4, 1, true},       {"pxp-c", kPxpC, 3, 4, true}, {"apg", kApg, 3, 4, true},
-      {"gloss", kGloss, 2, 5, true},      {"lookahead", kLookahead, 4, 8, true}};
-  for (const auto& [n, id, nv, ns, g] : table) {
-    if (n == name) {
-      n_vectors = nv;
-      n_scalars = ns;
-      needs_gram = g;
-      return id;
-    }
-  }
-  TORCH_CHECK(false, "gradguide::fused_combine: policy: expected linear, cfg, pxp-a, pxp-b, pxp-c, apg, gloss or "
-              "lookahead, got '", name, "'");
-}
-
-using Vec = std::array<double, kMaxK>;
-
-struct RowProgram {
-  const double* gram;  // [Kg, Kg] of this row (nullptr without a Gram)
-  int kg, k;
-  double dot(const Vec& u, const Vec& v) const {
-    double total = 0;
-    for (int i = 0; i < kg; ++i) {
-      double gv = 0;
-      for (int j = 0; j < kg; ++j) gv += gram[i * kg + j] * v[j];
-      total += u[i] * gv;
-    }
-    return total;
-  }
-  static double safe_div(double num, double den) { return den > 0 ? num / den : 0.0; }
-  Vec axpy(const Vec& a, double f, const Vec& b) const {  // a + f b
-    Vec r{};
-    for (int i = 0; i < k; ++i) r[i] = a[i] + f * b[i];
-    return r;
-  }
-  // PC_delta(a|b) = a - delta min(0, <a,b>)/|b|^2 b  (a where |b| = 0)
-  Vec pc(const Vec& a, const Vec& b, double delta) const {
-    const double f = safe_div(std::min(dot(a, b), 0.0), std::max(dot(b, b), 0.0));
-    return axpy(a, -f * delta, b);
-  }
-};
-
-// C = policy(vectors, scalars) for one row; mirrors gradguide/ops/policies.py::coefficients
-static Vec coefficients(Policy policy, const RowProgram& p, const std::vector<Vec>& v, const std::vector<double>& s) {
-  const int k = p.k;
-  Vec c{};
-  switch (policy) {
-    case kLinear:
-      return v[0];
-    case kCfg:  // base + uncond + scale (cond - uncond)
-      for (int i = 0; i < k; ++i) c[i] = v[0][i] + v[2][i] + s[0] * (v[1][i] - v[2][i]);
-      return c;
-    case kPxpA:
-    case kPxpB: {  // base, den, cls, div; delta
-      const Vec den1 = p.pc(v[1], v[2], s[0]), cls1 = p.pc(v[2], v[1], s[0]);
-      if (policy == kPxpA) {
-        for (int i = 0; i < k; ++i) c[i] = v[0][i] + den1[i] + cls1[i] + v[3][i];
-        return c;
-      }
-      const Vec cls2 = p.pc(cls1, v[3], s[0]), div1 = p.pc(v[3], v[2], s[0]);
-      for (int i = 0; i < k; ++i) c[i] = v[0][i] + den1[i] + cls2[i] + div1[i];
-      return c;
-    }
-    case kPxpC: {  // base, x0_cond, x0_uncond; scale, delta, delta2, post
-      Vec delta{};
-      for (int i = 0; i < k; ++i) delta[i] = (v[1][i] - v[2][i]) * (s[0] - 1.0);
-      const Vec a = p.pc(v[1], delta, s[1]), b = p.pc(delta, v[1], s[2]);
-      for (int i = 0; i < k; ++i) c[i] = v[0][i] + s[3] * (a[i] + b[i]);
-      return c;
-    }
-    case kApg: {  // base, d_cond, d_uncond; scale, eta, norm_threshold, post
-      const Vec& dc = v[1];
-      Vec delta{};
-      for (int i = 0; i < k; ++i) delta[i] = dc[i] - v[2][i];
-      const double r = s[2];
-      const double norm = std::sqrt(std::max(p.dot(delta, delta), 0.0));
-      const double clip = norm > 0 ? std::min(RowProgram::safe_div(r, norm), 1.0) : 1.0;
-      if (r > 0)
-        for (int i = 0; i < k; ++i) delta[i] *= clip;
-      const double f = RowProgram::safe_div(p.dot(delta, dc), std::max(p.dot(dc, dc), 0.0));
-      for (int i = 0; i < k; ++i) {
-        const double par = dc[i] * f;
-        c[i] = v[0][i] + s[3] * (dc[i] + (delta[i] - par + par * s[1]) * (s[0] - 1.0));
-      }
-      return c;
-    }
-    case kGloss: {  // base, vjp; a, h, sigma, residual, post
-      const double a2 = s[0] * s[0];
-      const double beta = (a2 / 2) / (a2 * s[2] * s[2] + s[1] * std::max(p.dot(v[1], v[1]), 0.0));
-      for (int i = 0; i < k; ++i) c[i] = v[0][i] + v[1][i] * (s[4] * s[3] * beta);
-      return c;
-    }
-    case kLookahead: {  // base, x0, vjp, reward; a, h, sigma, target, multiplier, beta, beta_per_sample, post
-      const double a2 = s[0] * s[0];
-      const double per_sample = (a2 / 2) / (a2 * s[2] * s[2] + s[1] * std::max(p.dot(v[2], v[2]), 0.0));
-      const double beta = s[6] != 0.0 ? per_sample : s[5];
-      const double residual = 2 * s[4] * (s[3] - p.dot(v[3], v[1]));
-      for (int i = 0; i < k; ++i) c[i] = v[0][i] + v[2][i] * (s[7] * residual * beta);
-      return c;
-    }
-  }
-  return c;
-}
+// reduce and one fused_combine: no tiny torch ops in between. Arguments: gradguide_fused_args.h.
 
 static double read_double(const at::Tensor& t, int64_t offset) {
   return t.scalar_type() == at::kDouble ? t.const_data_ptr<double>()[offset]
@@ -432,70 +353,16 @@ at::Tensor fused_combine_cpu(c10::string_view policy_name, at::TensorList operan
   check_operands(ops, op);
   const auto& first = ops[0];
   TORCH_CHECK(first.device().is_cpu(), op, ": operands: expected CPU tensors, got ", first.device());
-  int64_t n_vectors = 0, n_scalars = 0;
-  bool needs_gram = false;
-  const Policy policy = policy_id(std::string(policy_name), n_vectors, n_scalars, needs_gram);
   const int64_t b = first.size(0), k = static_cast<int64_t>(ops.size());
-  TORCH_CHECK(static_cast<int64_t>(vectors.size()) == n_vectors, op, ": vectors: policy '", policy_name, "' takes ",
-              n_vectors, " coefficient vectors, got ", vectors.size());
-  TORCH_CHECK(static_cast<int64_t>(scalars.size()) == n_scalars, op, ": scalars: policy '", policy_name, "' takes ",
-              n_scalars, " scalars, got ", scalars.size());
-  int64_t groups = 1, kg = 0;
-  if (needs_gram) {
-    TORCH_CHECK(gram.has_value(), op, ": gram: policy '", policy_name, "' needs the Gram matrix (from reduce)");
-    const auto& g = *gram;
-    TORCH_CHECK(g.dim() == 4 && g.size(0) == b && g.size(2) == g.size(3) && g.size(2) >= 1 && g.size(2) <= k &&
-                    g.scalar_type() == at::kDouble && g.is_contiguous() && g.device() == first.device(),
-                op, ": gram: expected a contiguous float64 [B=", b, ", G, Kg, Kg] tensor with Kg <= K=", k,
-                " on ", first.device(), ", got ", g.sizes(), " ", g.scalar_type());
-    groups = g.size(1);
-    kg = g.size(2);
-  }
-  for (size_t v = 0; v < vectors.size(); ++v) {
-    const auto& t = vectors[v];
-    TORCH_CHECK(t.dim() == 3 && (t.size(0) == 1 || t.size(0) == b) && t.size(2) == k && t.device() == first.device() &&
-                    (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
-                op, ": vectors[", v, "]: expected a float32/float64 [1 or B=", b, ", G, K=", k, "] tensor on ",
-                first.device(), ", got ", t.sizes(), " ", t.scalar_type());
-    if (!needs_gram && t.size(1) != 1) groups = std::max(groups, t.size(1));
-  }
-  for (size_t v = 0; v < vectors.size(); ++v)
-    TORCH_CHECK(vectors[v].size(1) == 1 || vectors[v].size(1) == groups, op, ": vectors[", v, "]: ",
-                vectors[v].size(1), " groups, expected 1 or ", groups);
-  for (size_t j = 0; j < scalars.size(); ++j) {
-    const auto& t = scalars[j];
-    TORCH_CHECK((t.numel() == 1 || t.numel() == b) && t.is_contiguous() && t.device() == first.device() &&
-                    (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
-                op, ": scalars[", j, "]: expected a contiguous float32/float64 tensor of 1 or B=", b, " elements on ",
-                first.device(), ", got ", t.sizes(), " ", t.scalar_type());
-  }
-  const int64_t n = check_groups(first, groups, op);
-  const int64_t rows = b * groups;
-
+  int64_t n = 0;
+  const ProgramArgs args = fused_program_args(op, policy_name, first, k, gram, vectors, scalars, n);
+  const int64_t rows = b * args.groups;
   // coefficient program, per row, in float64 (rows are few: B x G)
   std::vector<double> coef(rows * k);
-  std::vector<Vec> vec(vectors.size());
-  std::vector<double> sc(scalars.size());
-  const double* gram_data = needs_gram ? gram->const_data_ptr<double>() : nullptr;
-  for (int64_t bi = 0; bi < b; ++bi) {
-    for (size_t j = 0; j < scalars.size(); ++j) sc[j] = read_double(scalars[j], scalars[j].numel() == 1 ? 0 : bi);
-    for (int64_t gi = 0; gi < groups; ++gi) {
-      for (size_t v = 0; v < vectors.size(); ++v) {
-        const auto& t = vectors[v];
-        const int64_t base = (t.size(0) == 1 ? 0 : bi) * t.stride(0) + (t.size(1) == 1 ? 0 : gi) * t.stride(1);
-        for (int64_t i = 0; i < k; ++i) vec[v][i] = read_double(t, base + i * t.stride(2));
-      }
-      const int64_t r = bi * groups + gi;
-      RowProgram prog{gram_data ? gram_data + r * kg * kg : nullptr, static_cast<int>(kg), static_cast<int>(k)};
-      const Vec c = coefficients(policy, prog, vec, sc);
-      for (int64_t i = 0; i < k; ++i) coef[r * k + i] = c[i];
-    }
-  }
-  at::Tensor out = at::empty_like(first, at::MemoryFormat::Contiguous);
+  for (int64_t r = 0; r < rows; ++r) row_coefficients(args, r, coef.data() + r * k);
+  at::Tensor out = empty_output(first);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "gradguide_fused_combine", [&] {
-    using acc_t = combine_acc_t<scalar_t>;
-    std::vector<acc_t> cf(coef.begin(), coef.end());
-    combine_dispatch_k<scalar_t>(ops, cf.data(), rows, n, low.has_value(), low.value_or(0.0), high.has_value(),
+    combine_dispatch_k<scalar_t>(ops, coef.data(), rows, n, low.has_value(), low.value_or(0.0), high.has_value(),
                                  high.value_or(0.0), out);
   });
   return out;
@@ -514,39 +381,22 @@ at::Tensor fused_combine_cpu(c10::string_view policy_name, at::TensorList operan
 
 template <int K, typename scalar_t>
 static void clip_shift_impl(const std::vector<at::Tensor>& ops, const std::vector<double>& wp_all,
-                            const std::vector<double>& ws_all, int64_t coef_rows, int64_t b, int64_t n, double low_d,
-                            double high_d, at::Tensor& clipped, at::Tensor& shift) {
-  using acc_t = combine_acc_t<scalar_t>;
+                            const std::vector<double>& ws_all, int64_t coef_rows, int64_t b, int64_t n, double low,
+                            double high, at::Tensor& clipped, at::Tensor& shift) {
   const int64_t chunks = std::max<int64_t>(1, (n + kChunk - 1) / kChunk);
   std::array<const scalar_t*, K> base;
   for (int k = 0; k < K; ++k) base[k] = ops[k].data_ptr<scalar_t>();
   scalar_t* out_c = clipped.data_ptr<scalar_t>();
   scalar_t* out_s = shift.data_ptr<scalar_t>();
-  const acc_t low = static_cast<acc_t>(low_d), high = static_cast<acc_t>(high_d);
+  const auto span = GG_PICK(clip_shift_span, K, scalar_t);
   at::parallel_for(0, b * chunks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t r = item / chunks, c = item % chunks;
       const int64_t row = coef_rows == 1 ? 0 : r;
-      std::array<acc_t, K> wp, ws;
-      for (int k = 0; k < K; ++k) {
-        wp[k] = static_cast<acc_t>(wp_all[row * K + k]);
-        ws[k] = static_cast<acc_t>(ws_all[row * K + k]);
-      }
-      const int64_t begin = r * n + c * kChunk, end = r * n + std::min(n, (c + 1) * kChunk);
-      for (int64_t e = begin; e < end; ++e) {
-        acc_t p = 0, sh = 0;
-        for (int k = 0; k < K; ++k) {
-          const acc_t v = static_cast<acc_t>(base[k][e]);
-          p += wp[k] * v;
-          sh += ws[k] * v;
-        }
-        const acc_t q = p + sh;
-        const acc_t pc = p < low ? low : (p > high ? high : p);
-        const acc_t qc = q < low ? low : (q > high ? high : q);
-        const bool inside = p > low && p < high && q > low && q < high;
-        out_c[e] = static_cast<scalar_t>(pc);
-        out_s[e] = static_cast<scalar_t>(inside ? sh : qc - pc);
-      }
+      std::array<const scalar_t*, K> ptrs;
+      for (int k = 0; k < K; ++k) ptrs[k] = base[k] + r * n;
+      span(ptrs.data(), wp_all.data() + row * K, ws_all.data() + row * K, c * kChunk, std::min(n, (c + 1) * kChunk),
+           low, high, out_c + r * n, out_s + r * n);
     }
   });
 }
@@ -589,8 +439,8 @@ std::tuple<at::Tensor, at::Tensor> clip_shift_cpu(const at::Tensor& coef_p, cons
       ws[r * k + i] = read_double(coef_s, r * coef_s.stride(0) + i * coef_s.stride(1));
     }
   const int64_t n = first.numel() / b;
-  at::Tensor clipped = at::empty_like(first, at::MemoryFormat::Contiguous);
-  at::Tensor shift = at::empty_like(first, at::MemoryFormat::Contiguous);
+  at::Tensor clipped = empty_output(first);
+  at::Tensor shift = empty_output(first);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "gradguide_clip_shift", [&] {
     clip_shift_dispatch_k<scalar_t>(ops, wp, ws, rows, b, n, low, high, clipped, shift);
   });
@@ -616,6 +466,13 @@ TORCH_LIBRARY_IMPL(gradguide, CPU, m) {
 
 }  // namespace gradguide
 
-// An importable (empty) Python module: importing it runs the static registration above.
-static struct PyModuleDef gradguide_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+// The Python module: importing it runs the static registration above. cpu_isa() names the
+// instruction set the CPU kernels run with ("avx512", "avx2" or "default"; benchmarks record it).
+static PyObject* gradguide_cpu_isa(PyObject*, PyObject*) {
+  return PyUnicode_FromString(gradguide::isa_name(gradguide::cpu_isa()));
+}
+static PyMethodDef gradguide_c_methods[] = {
+    {"cpu_isa", gradguide_cpu_isa, METH_NOARGS, "The instruction set of the CPU kernels: avx512, avx2 or default."},
+    {nullptr, nullptr, 0, nullptr}};
+static struct PyModuleDef gradguide_c_module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, gradguide_c_methods};
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&gradguide_c_module); }

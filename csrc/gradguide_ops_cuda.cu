@@ -7,9 +7,17 @@
 // entry) adds the partials in split order (deterministic; no atomics).
 // combine: one thread per element (grid-stride), weights of its row from global memory,
 // every operand multiplied (0 * inf = NaN, as the reference), NaN-preserving clamp.
+// fused_combine: grid = rows x blocks_per_row; thread 0 of each block runs its row's
+// coefficient program in float64 (gradguide_policies.h: the same code as the CPU op, so the
+// CPU tests check its math) into shared memory, then the block streams its part of the row
+// with 16-byte loads (4 fp32, 2 fp64, 8 fp16/bf16) where the operands, the output and the
+// row length allow, else element by element. One launch per step: no coefficient tensors.
+// clip_shift: the same grid and loads, two outputs (see gradguide_ops.cpp).
+// Accumulation: float32 for fp32/fp16/bf16 (float64 for fp64), as the Triton kernels; the
+// CPU op accumulates combine in float64 (reference.py says why each).
 // Limits: K <= 8, contiguous operands of one dtype on one device (checked); per-step scalars
-// are read from device tensors (no host sync). Status: compiled where nvcc and a CUDA torch
-// exist; not run on a GPU in this repository's CI (see README).
+// are read from device tensors (no host sync). Status: compiled for sm_80 / sm_90 by the
+// compile gates (gradguide/bench/compile_gates.py); not run on a GPU in this repository's CI.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -22,9 +30,12 @@
 #include <optional>
 #include <vector>
 
+#include "gradguide_fused_args.h"
+#include "gradguide_policies.h"
+
 namespace gradguide {
 
-constexpr int kMaxKCuda = 8;
+constexpr int kMaxKCuda = kMaxK;
 constexpr int kThreads = 256;
 
 static int64_t multiprocessors(const at::Device& device) {
@@ -239,10 +250,238 @@ at::Tensor combine_cuda(const at::Tensor& coef, at::TensorList operands, std::op
   return out;
 }
 
+// ---------------------------------------------------------------------------------------
+// fused_combine and clip_shift: rows x blocks_per_row blocks, 16-byte loads
+
+// V elements of 16 bytes, loaded and stored as one
+template <typename T, int V>
+struct alignas(sizeof(T) * V) Pack {
+  T v[V];
+};
+
+// elements per 16-byte pack when every pointer is 16-byte aligned and rows are whole packs, else 1
+template <typename scalar_t>
+static int pack_width(const std::vector<at::Tensor>& tensors, int64_t n) {
+  constexpr int v = 16 / sizeof(scalar_t);
+  if (n % v) return 1;
+  for (const auto& t : tensors)
+    if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16) return 1;
+  return v;
+}
+
+static int64_t blocks_per_row(const at::Device& device, int64_t rows, int64_t packs) {
+  const int64_t target = 4 * multiprocessors(device);  // enough blocks to fill the GPU
+  const int64_t per_row = std::max<int64_t>(1, (target + rows - 1) / rows);
+  return std::max<int64_t>(1, std::min<int64_t>(per_row, (packs + kThreads - 1) / kThreads));
+}
+
+template <int K, typename scalar_t, int V>
+__global__ void fused_combine_kernel(Ptrs<scalar_t> ptrs, ProgramArgs args, int64_t n, int64_t per_row,
+                                     bool has_low, double low_d, bool has_high, double high_d, scalar_t* out) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  using pack_t = Pack<scalar_t, V>;
+  __shared__ acc_t shared_w[K];
+  const int64_t row = blockIdx.x / per_row, part = blockIdx.x % per_row;
+  if (threadIdx.x == 0) {  // the row's program, float64, once per block (a few hundred flops)
+    double w[kMaxK];
+    row_coefficients(args, row, w);
+#pragma unroll
+    for (int k = 0; k < K; ++k) shared_w[k] = static_cast<acc_t>(w[k]);
+  }
+  __syncthreads();
+  acc_t w[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) w[k] = shared_w[k];
+  const acc_t low = static_cast<acc_t>(low_d), high = static_cast<acc_t>(high_d);
+  const int64_t packs = n / V, base = row * packs;
+  for (int64_t i = part * blockDim.x + threadIdx.x; i < packs; i += per_row * (int64_t)blockDim.x) {
+    acc_t acc[V];
+    const pack_t x0 = reinterpret_cast<const pack_t*>(ptrs.p[0])[base + i];
+#pragma unroll
+    for (int l = 0; l < V; ++l) acc[l] = w[0] * static_cast<acc_t>(x0.v[l]);
+#pragma unroll
+    for (int k = 1; k < K; ++k) {  // every operand, even with a zero weight: 0 * inf = NaN
+      const pack_t x = reinterpret_cast<const pack_t*>(ptrs.p[k])[base + i];
+#pragma unroll
+      for (int l = 0; l < V; ++l) acc[l] += w[k] * static_cast<acc_t>(x.v[l]);
+    }
+    pack_t y;
+#pragma unroll
+    for (int l = 0; l < V; ++l) {
+      acc_t v = acc[l];
+      if (has_low) v = v < low ? low : v;  // NaN compares false: stays NaN
+      if (has_high) v = v > high ? high : v;
+      y.v[l] = static_cast<scalar_t>(v);
+    }
+    reinterpret_cast<pack_t*>(out)[base + i] = y;
+  }
+}
+
+template <int K, typename scalar_t>
+static void fused_combine_launch(const std::vector<at::Tensor>& ops, const ProgramArgs& args, int64_t rows, int64_t n,
+                                 std::optional<double> low, std::optional<double> high, at::Tensor& out) {
+  Ptrs<scalar_t> ptrs{};
+  for (int k = 0; k < K; ++k) ptrs.p[k] = ops[k].data_ptr<scalar_t>();
+  std::vector<at::Tensor> all(ops);
+  all.push_back(out);
+  const int v = pack_width<scalar_t>(all, n);
+  const int64_t per_row = blocks_per_row(ops[0].device(), rows, n / v);
+  TORCH_CHECK(rows * per_row < (int64_t(1) << 31), "gradguide::fused_combine: too many rows (", rows, ")");
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const double lo = low.value_or(0.0), hi = high.value_or(0.0);
+  constexpr int kV = 16 / sizeof(scalar_t);
+  if (v == kV)
+    fused_combine_kernel<K, scalar_t, kV><<<rows * per_row, kThreads, 0, stream>>>(
+        ptrs, args, n, per_row, low.has_value(), lo, high.has_value(), hi, out.data_ptr<scalar_t>());
+  else
+    fused_combine_kernel<K, scalar_t, 1><<<rows * per_row, kThreads, 0, stream>>>(
+        ptrs, args, n, per_row, low.has_value(), lo, high.has_value(), hi, out.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor fused_combine_cuda(c10::string_view policy_name, at::TensorList operands,
+                              const std::optional<at::Tensor>& gram, at::TensorList vectors, at::TensorList scalars,
+                              std::optional<double> low, std::optional<double> high) {
+  const char* op = "gradguide::fused_combine";
+  std::vector<at::Tensor> ops(operands.begin(), operands.end());
+  check_cuda_operands(ops, op);
+  const auto& first = ops[0];
+  c10::cuda::CUDAGuard guard(first.device());
+  TORCH_CHECK_VALUE(!(low.has_value() && std::isnan(*low)), op, ": low: NaN is not a bound");
+  TORCH_CHECK_VALUE(!(high.has_value() && std::isnan(*high)), op, ": high: NaN is not a bound");
+  const int64_t b = first.size(0), k = static_cast<int64_t>(ops.size());
+  int64_t n = 0;
+  const ProgramArgs args = fused_program_args(op, policy_name, first, k, gram, vectors, scalars, n);
+  at::Tensor out = at::empty_like(first, at::MemoryFormat::Contiguous);
+  if (out.numel() == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "gradguide_fused_combine_cuda", [&] {
+    switch (k) {
+      case 1: fused_combine_launch<1, scalar_t>(ops, args, b * args.groups, n, low, high, out); break;
+      case 2: fused_combine_launch<2, scalar_t>(ops, args, b * args.groups, n, low, high, out); break;
+      case 3: fused_combine_launch<3, scalar_t>(ops, args, b * args.groups, n, low, high, out); break;
+      case 4: fused_combine_launch<4, scalar_t>(ops, args, b * args.groups, n, low, high, out); break;
+      case 5: fused_combine_launch<5, scalar_t>(ops, args, b * args.groups, n, low, high, out); break;
+      case 6: fused_combine_launch<6, scalar_t>(ops, args, b * args.groups, n, low, high, out); break;
+      case 7: fused_combine_launch<7, scalar_t>(ops, args, b * args.groups, n, low, high, out); break;
+      case 8: fused_combine_launch<8, scalar_t>(ops, args, b * args.groups, n, low, high, out); break;
+    }
+  });
+  return out;
+}
+
+// coef_p / coef_s: [1 or B, K] float32/float64, any strides (ArgView: s0 = 0 when shared)
+template <int K, typename scalar_t, int V>
+__global__ void clip_shift_kernel(Ptrs<scalar_t> ptrs, ArgView coef_p, ArgView coef_s, int64_t n, int64_t per_row,
+                                  double low_d, double high_d, scalar_t* out_c, scalar_t* out_s) {
+  using acc_t = typename AccOf<scalar_t>::type;
+  using pack_t = Pack<scalar_t, V>;
+  const int64_t row = blockIdx.x / per_row, part = blockIdx.x % per_row;
+  acc_t wp[K], ws[K];
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    wp[k] = static_cast<acc_t>(coef_p.at(row * coef_p.s0 + k * coef_p.s2));
+    ws[k] = static_cast<acc_t>(coef_s.at(row * coef_s.s0 + k * coef_s.s2));
+  }
+  const acc_t low = static_cast<acc_t>(low_d), high = static_cast<acc_t>(high_d);
+  const int64_t packs = n / V, base = row * packs;
+  for (int64_t i = part * blockDim.x + threadIdx.x; i < packs; i += per_row * (int64_t)blockDim.x) {
+    acc_t p[V], s[V];
+#pragma unroll
+    for (int l = 0; l < V; ++l) p[l] = s[l] = 0;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const pack_t x = reinterpret_cast<const pack_t*>(ptrs.p[k])[base + i];
+#pragma unroll
+      for (int l = 0; l < V; ++l) {
+        const acc_t v = static_cast<acc_t>(x.v[l]);
+        p[l] += wp[k] * v;
+        s[l] += ws[k] * v;
+      }
+    }
+    pack_t yc, ys;
+#pragma unroll
+    for (int l = 0; l < V; ++l) {
+      const acc_t q = p[l] + s[l];
+      const acc_t pc = p[l] < low ? low : (p[l] > high ? high : p[l]);
+      const acc_t qc = q < low ? low : (q > high ? high : q);
+      const bool inside = p[l] > low && p[l] < high && q > low && q < high;
+      yc.v[l] = static_cast<scalar_t>(pc);
+      ys.v[l] = static_cast<scalar_t>(inside ? s[l] : qc - pc);
+    }
+    reinterpret_cast<pack_t*>(out_c)[base + i] = yc;
+    reinterpret_cast<pack_t*>(out_s)[base + i] = ys;
+  }
+}
+
+template <int K, typename scalar_t>
+static void clip_shift_launch(const std::vector<at::Tensor>& ops, const ArgView& cp, const ArgView& cs, int64_t b,
+                              int64_t n, double low, double high, at::Tensor& clipped, at::Tensor& shift) {
+  Ptrs<scalar_t> ptrs{};
+  for (int k = 0; k < K; ++k) ptrs.p[k] = ops[k].data_ptr<scalar_t>();
+  std::vector<at::Tensor> all(ops);
+  all.push_back(clipped);
+  all.push_back(shift);
+  const int v = pack_width<scalar_t>(all, n);
+  const int64_t per_row = blocks_per_row(ops[0].device(), b, n / v);
+  TORCH_CHECK(b * per_row < (int64_t(1) << 31), "gradguide::clip_shift: too many samples (", b, ")");
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  constexpr int kV = 16 / sizeof(scalar_t);
+  if (v == kV)
+    clip_shift_kernel<K, scalar_t, kV><<<b * per_row, kThreads, 0, stream>>>(
+        ptrs, cp, cs, n, per_row, low, high, clipped.data_ptr<scalar_t>(),
+        shift.data_ptr<scalar_t>());
+  else
+    clip_shift_kernel<K, scalar_t, 1><<<b * per_row, kThreads, 0, stream>>>(
+        ptrs, cp, cs, n, per_row, low, high, clipped.data_ptr<scalar_t>(),
+        shift.data_ptr<scalar_t>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<at::Tensor, at::Tensor> clip_shift_cuda(const at::Tensor& coef_p, const at::Tensor& coef_s,
+                                                   at::TensorList operands, double low, double high) {
+  const char* op = "gradguide::clip_shift";
+  std::vector<at::Tensor> ops(operands.begin(), operands.end());
+  check_cuda_operands(ops, op);
+  const auto& first = ops[0];
+  c10::cuda::CUDAGuard guard(first.device());
+  TORCH_CHECK(low < high, op, ": expected low < high, got ", low, " and ", high);
+  const int64_t b = first.size(0), k = static_cast<int64_t>(ops.size());
+  for (const auto* t : {&coef_p, &coef_s})
+    TORCH_CHECK(t->dim() == 2 && (t->size(0) == 1 || t->size(0) == b) && t->size(1) == k &&
+                    t->size(0) == coef_p.size(0) && t->device() == first.device() &&
+                    (t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble),
+                op, ": coef: expected float32/float64 [1 or B=", b, ", K=", k, "] tensors (both alike) on ",
+                first.device(), ", got ", t->sizes(), " ", t->scalar_type());
+  auto view = [](const at::Tensor& t) {
+    return ArgView{t.const_data_ptr(), t.size(0) == 1 ? 0 : t.stride(0), 0, t.stride(1),
+                   t.scalar_type() == at::kDouble};
+  };
+  const ArgView cp = view(coef_p), cs = view(coef_s);
+  const int64_t n = first.numel() / b;
+  at::Tensor clipped = at::empty_like(first, at::MemoryFormat::Contiguous);
+  at::Tensor shift = at::empty_like(first, at::MemoryFormat::Contiguous);
+  if (first.numel() == 0) return {clipped, shift};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "gradguide_clip_shift_cuda", [&] {
+    switch (k) {
+      case 1: clip_shift_launch<1, scalar_t>(ops, cp, cs, b, n, low, high, clipped, shift); break;
+      case 2: clip_shift_launch<2, scalar_t>(ops, cp, cs, b, n, low, high, clipped, shift); break;
+      case 3: clip_shift_launch<3, scalar_t>(ops, cp, cs, b, n, low, high, clipped, shift); break;
+      case 4: clip_shift_launch<4, scalar_t>(ops, cp, cs, b, n, low, high, clipped, shift); break;
+      case 5: clip_shift_launch<5, scalar_t>(ops, cp, cs, b, n, low, high, clipped, shift); break;
+      case 6: clip_shift_launch<6, scalar_t>(ops, cp, cs, b, n, low, high, clipped, shift); break;
+      case 7: clip_shift_launch<7, scalar_t>(ops, cp, cs, b, n, low, high, clipped, shift); break;
+      case 8: clip_shift_launch<8, scalar_t>(ops, cp, cs, b, n, low, high, clipped, shift); break;
+    }
+  });
+  return {clipped, shift};
+}
+
 TORCH_LIBRARY_IMPL(gradguide, CUDA, m) {
   m.impl("reduce", &reduce_cuda);
   m.impl("combine", &combine_cuda);
   m.impl("combine_out", &combine_out_cuda);
+  m.impl("fused_combine", &fused_combine_cuda);
+  m.impl("clip_shift", &clip_shift_cuda);
 }
 
 }  // namespace gradguide

@@ -129,7 +129,8 @@ def test_native_cuda_ops_compile_without_spills():
     rows = result["rows"]
     for arch in ARCHS:
         names = {r["function"] for r in rows if r["arch"] == arch}
-        for kernel in ("reduce_partials_kernel", "reduce_finish_kernel", "combine_kernel"):
+        for kernel in ("reduce_partials_kernel", "reduce_finish_kernel", "combine_kernel", "fused_combine_kernel",
+                       "clip_shift_kernel"):
             assert any(kernel in n for n in names), (arch, kernel)
     assert not [(r["arch"], r["function"], r["failures"]) for r in rows if r["failures"]]
 

@@ -377,6 +377,75 @@ def test_native_opcheck():
                           (coef, operands, None, 1.0, torch.empty_like(operands[0])))
 
 
+_ISA_SCRIPT = r"""
+import sys, torch
+from gradguide import _C
+from gradguide.ops import native_backend
+assert native_backend.load()
+results = {"isa": _C.cpu_isa()}
+for key, (ops_, groups, coef, vec, sc) in torch.load(sys.argv[1]).items():
+    results[key + " reduce"] = torch.ops.gradguide.reduce(ops_, groups)
+    results[key + " combine"] = torch.ops.gradguide.combine(coef, ops_, -1.5, 2.0)
+    results[key + " clip_shift"] = torch.ops.gradguide.clip_shift(coef[:, 0], 0.1 * coef[:, 0], ops_, -1.0, 1.0)
+    if len(ops_) >= 4:
+        gram = torch.ops.gradguide.reduce(ops_, 1)[0]
+        results[key + " apg"] = torch.ops.gradguide.fused_combine("apg", ops_, gram, vec, sc, None, None)
+torch.save(results, sys.argv[2])
+"""
+
+
+def _isa_inputs():
+    """Operands for every dtype; rows of 1, 7 (tail only), 8, 16387 (blocks + tail) and
+    3 x 16389 elements in 3 groups (several chunks); a NaN in one operand."""
+    g = torch.Generator().manual_seed(7)
+    cases = {}
+    for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        for shape, groups in (((2, 1), 1), ((3, 7), 1), ((2, 8), 1), ((2, 16387), 1), ((2, 3, 16389), 3)):
+            for k in (1, 4, 8):
+                ops_ = [torch.randn(shape, generator=g).mul(1 + j).to(dtype) for j in range(k)]
+                ops_[-1].view(-1)[-1] = float("nan")
+                coef = torch.randn(shape[0], groups, k, generator=g, dtype=torch.float64)
+                vec = [torch.randn(shape[0], 1, k, generator=g) for _ in range(3)]
+                sc = [torch.tensor([5.0]), torch.tensor([0.2]), torch.tensor([3.0]), torch.tensor([0.5])]
+                cases[f"{dtype} {shape} {groups} {k}"] = (ops_, groups, coef, vec, sc)
+    return cases
+
+
+def test_native_cpu_instruction_sets_agree_bitwise(tmp_path):
+    """The CPU kernels are compiled for AVX-512, AVX2 and the baseline and picked at run time
+    (csrc/gradguide_cpu_kernels.h); all sum in the same order, so each variant this CPU can run
+    (ATEN_CPU_CAPABILITY caps the choice) gives bit-identical results, NaNs included."""
+    _backend("native")
+    import subprocess
+    import sys
+    from gradguide import _C
+    best = _C.cpu_isa()
+    caps = {"avx512": ["avx512", "avx2", "default"], "avx2": ["avx2", "default"], "default": ["default"]}[best]
+    if len(caps) == 1:
+        pytest.skip("this CPU runs only the baseline variant of the native CPU kernels")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    inputs = tmp_path / "inputs.pt"  # made here: torch's own random kernels differ between capabilities
+    torch.save(_isa_inputs(), inputs)
+    runs = {}
+    for cap in caps:
+        path = tmp_path / f"{cap}.pt"
+        env = dict(os.environ, ATEN_CPU_CAPABILITY=cap, OMP_NUM_THREADS="2",
+                   PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+        proc = subprocess.run([sys.executable, "-c", _ISA_SCRIPT, str(inputs), str(path)], env=env, capture_output=True,
+                              text=True, cwd=root)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        runs[cap] = torch.load(path)
+        assert runs[cap].pop("isa") == cap
+    first = runs[caps[0]]
+    for cap in caps[1:]:
+        assert runs[cap].keys() == first.keys()
+        for key, want in first.items():
+            for a, b in zip(want if isinstance(want, tuple) else (want,),
+                            runs[cap][key] if isinstance(want, tuple) else (runs[cap][key],)):
+                assert torch.equal(a.isnan(), b.isnan()), (cap, key)
+                assert torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)), (cap, key)
+
+
 def test_native_under_fake_tensors():
     _backend("native")
     from torch._subclasses.fake_tensor import FakeTensorMode

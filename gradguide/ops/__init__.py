@@ -395,10 +395,11 @@ def fused_unchecked(policy: str, backend: str, operands: List[torch.Tensor], gra
     """:func:`fused_combine` without argument checks. ``vectors``: ``[1 or B, 1 or G, K]``
     (broadcast over the batch); ``scalars``: 1- or B-element tensors; ``gram``: ``[B, G, Kg,
     Kg]`` over the first ``Kg`` operands (float64; the Triton kernel reads a float32 one too),
-    or None for a policy without one. native (CPU): the program runs inside
-    ``gradguide::fused_combine``; triton: inside the fused kernel's prologue (one launch each,
-    nothing padded, expanded or cast on the way); otherwise the torch program, then combine."""
-    if backend == "native" and operands[0].device.type == "cpu":  # (the CUDA ops have no fused_combine yet)
+    or None for a policy without one. native (CPU, and CUDA where the op was built with it): the
+    program runs inside ``gradguide::fused_combine``; triton: inside the fused kernel's prologue
+    (one launch each, nothing padded, expanded or cast on the way); otherwise the torch program,
+    then combine."""
+    if backend == "native" and native_backend.has_kernel("fused_combine", operands[0].device):
         return native_backend.fused_combine(policy, operands, gram, vectors, scalars, clamp)
     if backend == "triton":
         return triton_backend.fused_combine(policy, gram, vectors, scalars, operands, clamp=clamp)
@@ -444,6 +445,6 @@ def clip_shift(coef_p: torch.Tensor, coef_s: torch.Tensor, operands: Sequence[to
 
 def clip_shift_unchecked(coef_p, coef_s, operands: List[torch.Tensor], clip: tuple, backend: str):
     """:func:`clip_shift` without checks (native: one C++ pass; else the reference formula)."""
-    if backend == "native" and operands[0].device.type == "cpu":
+    if backend == "native" and native_backend.has_kernel("clip_shift", operands[0].device):
         return native_backend.clip_shift(coef_p, coef_s, operands, clip)
     return reference.clip_shift(coef_p, coef_s, operands, clip)

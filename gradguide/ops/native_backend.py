@@ -11,7 +11,7 @@ from typing import Optional
 
 import torch
 
-_state = {"loaded": None, "reason": None}
+_state = {"loaded": None, "reason": None, "kernels": frozenset()}
 
 
 def load() -> bool:
@@ -25,6 +25,9 @@ def load() -> bool:
                                 "reinstall with `pip install --no-build-isolation -e .` where a C++ compiler exists")
         else:
             _register_fakes()
+            _state["kernels"] = frozenset(
+                (op, dev) for op in ("fused_combine", "clip_shift") for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                if torch._C._dispatch_has_kernel_for_dispatch_key(f"gradguide::{op}", key))
             _state["loaded"] = True
     return _state["loaded"]
 
@@ -38,6 +41,13 @@ def status(device: Optional[torch.device] = None):
         if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key("gradguide::reduce", key):
             return f"the native ops were not built for {device.type} (CUDA needs a CUDA torch and nvcc at build time)"
     return True
+
+
+def has_kernel(op: str, device: torch.device) -> bool:
+    """Whether ``gradguide::<op>`` has a kernel for ``device`` in this build (CPU and CUDA
+    builds register ``fused_combine`` and ``clip_shift``; older builds may lack them). Plain
+    Python on a set found at load time, so torch.compile traces it without a graph break."""
+    return load() and (op, device.type) in _state["kernels"]
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:

@@ -1,0 +1,152 @@
+"""Native CPU ops against this machine's copy bandwidth (issue 12: reduce + combine at ADM-256
+>= 70 % of copy bandwidth on 2 threads; >= 2x the eager reference at SD-latent B=1).
+
+Each pass is timed interleaved with the copy baselines in one process (round-robin, so load
+from other processes hits every row alike) and reported as wall-clock median and minimum and
+as CPU-time median (``time.process_time``: all threads of the process, so it shows work, not
+waiting). Bytes are the minimum a pass must move, counted as ``benchmarks/bench_ops.py`` does:
+
+- reduce: K operands read; combine: K read + 1 written; reduce+combine: (2K + 1) x the operand
+  size (the step of ``gradguide bench --suite ops``: reduce, weights from the Gram, combine into
+  a fresh output);
+- copy_ (the denominator of "copy fraction", as in bench_ops): ``dst.copy_(src)`` into an
+  existing ``dst``, 1 read + 1 write; clone: the same into a fresh tensor (first-touch page
+  faults included, which a fresh op output pays too), shown for comparison.
+
+copy fraction = (bytes / median time of the pass) / (2 x size / median time of copy_).
+
+``--lib PATH`` loads that build of the extension with ``torch.ops.load_library`` instead of
+``gradguide._C`` (to compare builds: ``--ab OLD.so NEW.so`` alternates the two in separate
+processes, ``--rounds`` times, and prints every round).
+Command used for benchmarks/results/native-bandwidth-cpu-2026-11-23.md:
+    OMP_NUM_THREADS=2 python benchmarks/native_bandwidth_issue12.py --ab old/_C.so gradguide/_C*.so --rounds 3
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+K = 4
+SIZES = {"ADM-256 B=64": (64, 3, 256, 256), "SD latent B=1": (1, 4, 64, 64)}
+
+
+def _load(lib):
+    if lib:
+        torch.ops.load_library(lib)
+        return "?"
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from gradguide import _C
+    return _C.cpu_isa() if hasattr(_C, "cpu_isa") else "?"
+
+
+def measure(label: str, shape, reps: int) -> dict:
+    from gradguide.ops import reference
+    g = torch.Generator().manual_seed(0)
+    ops_ = [torch.randn(shape, generator=g) for _ in range(K)]
+    b = shape[0]
+    coef = torch.randn(b, 1, K, generator=g, dtype=torch.float64)
+    size = ops_[0].numel() * ops_[0].element_size()
+    src, dst, out = ops_[0], torch.empty_like(ops_[0]), torch.empty_like(ops_[0])
+    native = torch.ops.gradguide
+
+    def step():  # bench_ops' "reduce+combine": weights that depend on the Gram
+        gram, _ = native.reduce(ops_, 1)
+        return native.combine(coef + 1e-3 * gram[..., 0], ops_, None, None)
+
+    def eager():
+        gram, _ = reference.reduce(ops_, 1)
+        return reference.combine(coef + 1e-3 * gram[..., 0], ops_)
+
+    rows = {"copy_ (existing dst)": (lambda: dst.copy_(src), 2 * size),
+            "clone (fresh dst)": (lambda: src.clone(), 2 * size),
+            "reduce": (lambda: native.reduce(ops_, 1), K * size),
+            "combine (fresh out)": (lambda: native.combine(coef, ops_, None, None), (K + 1) * size),
+            "combine_out (existing out)": (lambda: native.combine_out(coef, ops_, None, None, out), (K + 1) * size),
+            "reduce+combine": (step, (2 * K + 1) * size)}
+    if size <= 1 << 22:  # the eager reference takes seconds at ADM-256: timed at small sizes only
+        rows["reduce+combine eager reference"] = (eager, (2 * K + 1) * size)
+    torch.testing.assert_close(step(), eager(), rtol=1e-5, atol=1e-5)
+    wall = {k: [] for k in rows}
+    cpu = {k: [] for k in rows}
+    inner = max(1, int(2e7 // (2 * K + 1) // size))  # small sizes: several calls per sample
+    for fn, _ in rows.values():
+        fn()
+    for _ in range(reps):
+        for k, (fn, _) in rows.items():
+            c0, t0 = time.process_time(), time.perf_counter()
+            for _ in range(inner):
+                fn()
+            t1, c1 = time.perf_counter(), time.process_time()
+            wall[k].append((t1 - t0) * 1e3 / inner)
+            cpu[k].append((c1 - c0) * 1e3 / inner)
+    copy_ms = statistics.median(wall["copy_ (existing dst)"])
+    copy_gbs = 2 * size / copy_ms / 1e6
+    out_rows = []
+    for k, (_, nbytes) in rows.items():
+        ms = statistics.median(wall[k])
+        out_rows.append({"pass": k, "bytes": nbytes, "median_ms": ms, "min_ms": min(wall[k]),
+                         "cpu_ms": statistics.median(cpu[k]), "gb_per_s": nbytes / ms / 1e6,
+                         "copy_fraction": nbytes / ms / 1e6 / copy_gbs})
+    eager = wall.get("reduce+combine eager reference")
+    return {"size": label, "shape": list(shape), "copy_gb_per_s": copy_gbs, "rows": out_rows,
+            "speedup_vs_eager": statistics.median(eager) / statistics.median(wall["reduce+combine"]) if eager else None}
+
+
+def table(result: dict) -> str:
+    speed = result["speedup_vs_eager"]
+    lines = [f"### {result['size']} {tuple(result['shape'])}, K = {K}, float32: copy_ {result['copy_gb_per_s']:.2f} GB/s"
+             + (f"; reduce+combine {speed:.2f}x the eager reference" if speed else ""), "",
+             "| pass | bytes | median ms | min ms | CPU ms | GB/s | copy fraction |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        lines.append(f"| {r['pass']} | {r['bytes'] / 1e6:.1f} MB | {r['median_ms']:.3f} | {r['min_ms']:.3f} | "
+                     f"{r['cpu_ms']:.3f} | {r['gb_per_s']:.2f} | {r['copy_fraction']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--lib", help="a build of the extension to load instead of gradguide._C")
+    p.add_argument("--ab", nargs=2, metavar=("OLD", "NEW"), help="alternate two builds in separate processes")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--reps", type=int, default=9)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--json", help="write the results here")
+    args = p.parse_args(argv)
+    if args.ab:
+        results = []
+        for rnd in range(args.rounds):
+            for tag, lib in zip(("old", "new"), args.ab):
+                cmd = [sys.executable, os.path.abspath(__file__), "--lib", lib, "--reps", str(args.reps),
+                       "--threads", str(args.threads), "--sizes", *args.sizes, "--json", "/dev/stdout"]
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
+                res = json.loads(proc.stdout.strip().splitlines()[-1])
+                results.append(dict(res, build=tag, round=rnd, lib=lib))
+                print(f"## round {rnd}, {tag} build ({lib}), load average {res['load']:.1f}\n")
+                for r in res["results"]:
+                    print(table(r) + "\n")
+        return 0
+    torch.set_num_threads(args.threads)
+    isa = _load(args.lib)
+    results = [measure(label, SIZES[label], args.reps) for label in args.sizes]
+    res = {"threads": args.threads, "isa": isa, "torch": torch.__version__, "load": os.getloadavg()[0],
+           "results": results}
+    if args.json:
+        with open(args.json, "w") as f:
+            f.write(json.dumps(res) + "\n")
+    else:
+        print(f"threads {args.threads}, CPU kernels {isa}, load average {res['load']:.1f}\n")
+        for r in results:
+            print(table(r) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+// gradguide native ops: the argument checks of gradguide::fused_combine, shared by the CPU op
+// (gradguide_ops.cpp) and the CUDA op (gradguide_ops_cuda.cu); host code only.
+//
+//   gradguide::fused_combine(str policy, Tensor[] operands, Tensor? gram, Tensor[] vectors,
+//                            Tensor[] scalars, float? low, float? high) -> Tensor
+//   vectors[v]: [Bv, Gv, K] (Bv in {1, B}, Gv in {1, G}, any strides; float32 or float64);
+//   scalars[s]: 1 or B elements (float32 or float64, contiguous);
+//   gram: [B, G, Kg, Kg] float64 contiguous over the FIRST Kg operands (Kg <= K); the vectors
+//   whose inner products a policy takes are zero beyond Kg (the caller orders the operands).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <optional>
+
+#include "gradguide_policies.h"
+
+namespace gradguide {
+
+// The checked program arguments; `n` receives the row length (elements per sample and group).
+// The operands themselves are checked by the caller (shape, dtype, device, contiguity).
+inline ProgramArgs fused_program_args(const char* op, c10::string_view policy_name, const at::Tensor& first, int64_t k,
+                                      const std::optional<at::Tensor>& gram, at::TensorList vectors,
+                                      at::TensorList scalars, int64_t& n) {
+  const PolicyInfo* info = find_policy(policy_name.data(), policy_name.size());
+  TORCH_CHECK(info != nullptr, op, ": policy: expected ", kPolicyNames, ", got '", policy_name, "'");
+  const int64_t b = first.size(0);
+  TORCH_CHECK(static_cast<int64_t>(vectors.size()) == info->n_vectors, op, ": vectors: policy '", policy_name,
+              "' takes ", info->n_vectors, " coefficient vectors, got ", vectors.size());
+  TORCH_CHECK(static_cast<int64_t>(scalars.size()) == info->n_scalars, op, ": scalars: policy '", policy_name,
+              "' takes ", info->n_scalars, " scalars, got ", scalars.size());
+  ProgramArgs a{};
+  a.policy = info->id;
+  a.k = static_cast<int>(k);
+  a.kg = 0;
+  a.groups = 1;
+  a.gram = nullptr;
+  a.n_vectors = info->n_vectors;
+  a.n_scalars = info->n_scalars;
+  if (info->needs_gram) {
+    TORCH_CHECK(gram.has_value(), op, ": gram: policy '", policy_name, "' needs the Gram matrix (from reduce)");
+    const auto& g = *gram;
+    TORCH_CHECK(g.dim() == 4 && g.size(0) == b && g.size(2) == g.size(3) && g.size(2) >= 1 && g.size(2) <= k &&
+                    g.scalar_type() == at::kDouble && g.is_contiguous() && g.device() == first.device(),
+                op, ": gram: expected a contiguous float64 [B=", b, ", G, Kg, Kg] tensor with Kg <= K=", k,
+                " on ", first.device(), ", got ", g.sizes(), " ", g.scalar_type());
+    a.groups = g.size(1);
+    a.kg = static_cast<int>(g.size(2));
+    a.gram = g.const_data_ptr<double>();
+  }
+  for (size_t v = 0; v < vectors.size(); ++v) {
+    const auto& t = vectors[v];
+    TORCH_CHECK(t.dim() == 3 && (t.size(0) == 1 || t.size(0) == b) && t.size(2) == k && t.device() == first.device() &&
+                    (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
+                op, ": vectors[", v, "]: expected a float32/float64 [1 or B=", b, ", G, K=", k, "] tensor on ",
+                first.device(), ", got ", t.sizes(), " ", t.scalar_type());
+    if (!info->needs_gram && t.size(1) != 1) a.groups = std::max(a.groups, t.size(1));
+  }
+  for (size_t v = 0; v < vectors.size(); ++v) {
+    const auto& t = vectors[v];
+    TORCH_CHECK(t.size(1) == 1 || t.size(1) == a.groups, op, ": vectors[", v, "]: ", t.size(1),
+                " groups, expected 1 or ", a.groups);
+    a.vectors[v] = ArgView{t.const_data_ptr(), t.size(0) == 1 ? 0 : t.stride(0), t.size(1) == 1 ? 0 : t.stride(1),
+                           t.stride(2), t.scalar_type() == at::kDouble};
+  }
+  for (size_t j = 0; j < scalars.size(); ++j) {
+    const auto& t = scalars[j];
+    TORCH_CHECK((t.numel() == 1 || t.numel() == b) && t.is_contiguous() && t.device() == first.device() &&
+                    (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
+                op, ": scalars[", j, "]: expected a contiguous float32/float64 tensor of 1 or B=", b, " elements on ",
+                first.device(), ", got ", t.sizes(), " ", t.scalar_type());
+    a.scalars[j] = ArgView{t.const_data_ptr(), t.numel() == 1 ? 0 : 1, 0, 0, t.scalar_type() == at::kDouble};
+  }
+  const int64_t per_sample = first.numel() / b;
+  TORCH_CHECK(per_sample % a.groups == 0, op, ": groups: expected a positive divisor of the per-sample size ",
+              per_sample, ", got ", a.groups);
+  n = per_sample / a.groups;
+  return a;
+}
+
+}  // namespace gradguide
