@@ -4,7 +4,7 @@
 Each pass is timed interleaved with the copy baselines in one process (round-robin, so load
 from other processes hits every row alike) and reported as wall-clock median and minimum and
 as CPU-time median (``time.process_time``: all threads of the process, so it shows work, not
-waiting). Bytes are the minimum a pass must move, counted as ``benchmarks/bench_ops.py`` does:
+waiting). Bytes are the minimum a pass must move, counted as ``gradguide/bench/ops.py`` does:
 
 - reduce: K operands read; combine: K read + 1 written; reduce+combine: (2K + 1) x the operand
   size (the step of ``gradguide bench --suite ops``: reduce, weights from the Gram, combine into
