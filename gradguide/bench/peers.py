@@ -159,14 +159,35 @@ def _count_calls(module: nn.Module, fn: Callable[[], torch.Tensor]):
     return out, len(calls)
 
 
+def _count_fused_steps(fn: Callable[[], torch.Tensor]):
+    """``(output, steps)`` of ``fn()``, counting the steps gradguide ran as its fused step
+    (:func:`gradguide.sampling._fused_step`; the others took the general LinComb path)."""
+    from gradguide import sampling
+    fused, counted = sampling._fused_step, []
+
+    def counting(*args, **kwargs):
+        counted.append(1)
+        return fused(*args, **kwargs)
+    sampling._fused_step = counting
+    try:
+        out = fn()
+    finally:
+        sampling._fused_step = fused
+    return out, len(counted)
+
+
 def run_workload(w: Workload, reps: Optional[int] = None, budget_s: float = 3.0) -> dict:
     """Warm-up pass of each runner (outputs compared), then ``reps`` interleaved timed passes each
     (default: as many as fit ``budget_s`` per runner, 5 to 40)."""
     runners = {"gradguide": w.gradguide_runner(), "diffusers": w.diffusers_pass}
     outputs, calls, first = {}, {}, {}
+    fused_steps = 0
     for name, fn in runners.items():
         start = time.perf_counter()
-        outputs[name], calls[name] = _count_calls(w.model, fn)
+        if name == "gradguide":
+            (outputs[name], calls[name]), fused_steps = _count_fused_steps(lambda: _count_calls(w.model, fn))
+        else:
+            outputs[name], calls[name] = _count_calls(w.model, fn)
         first[name] = time.perf_counter() - start
     if reps is None:
         slowest = max(first.values())
@@ -192,6 +213,7 @@ def run_workload(w: Workload, reps: Optional[int] = None, budget_s: float = 3.0)
                cpu_per_step_ms={name: v * 1e3 for name, v in cpu_step.items()},
                cpu_speed_ratio=cpu_step["diffusers"] / cpu_step["gradguide"] if cpu_step["gradguide"] > 0 else None,
                paired_ratio_median=statistics.median(d / g for d, g in zip(times["diffusers"], times["gradguide"])),
+               gradguide_step="fused" if fused_steps == w.steps else f"general ({w.steps - fused_steps} of {w.steps})",
                max_abs_diff=diff, output_scale=scale,
                finite=bool(torch.isfinite(outputs["gradguide"]).all()))
     if w.model_kind == "unet":
@@ -276,17 +298,26 @@ def markdown(result: dict, note: str = "") -> str:
              "gradguide.sample(sampler='ddim', guidance=CFG(w, uncond=...)) with every default"]
     if note:
         lines.append(f"- {note}")
-    lines += ["", "| model | shape | B | guidance | gradguide ms/step | diffusers ms/step | speed ratio | "
-                  "paired ratio | CPU ratio | model calls/step (gg / diffusers) | max abs diff | reps |",
-              "|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    lines += ["- like with like: both runners hold float32 samples and run on the same torch threads in one "
+              "process. gradguide's default also does what the plain loop skips: it validates its arguments and "
+              "builds its step tables and fused-step plan on every call (per pass, in the per-step figures), "
+              "checks x_T and the result for NaN/inf (check_finite='end'), and forms its step coefficients "
+              "in float64 (the native CPU combine accumulates float32 operands in float64); diffusers' "
+              "DDIMScheduler.step works in float32 throughout",
+              "", "| model | shape | B | guidance | gradguide ms/step | diffusers ms/step | speed ratio | "
+                  "paired ratio | gradguide CPU ms/step | diffusers CPU ms/step | CPU ratio | "
+                  "model calls/step (gg / diffusers) | gradguide step | max abs diff | reps |",
+              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
     for r in result["rows"]:
         ok = "" if r.get("within_tolerance", True) else " (> 1e-4)"
+        cpu = r.get("cpu_per_step_ms", {})
         lines.append(f"| {r['model']} | {'×'.join(map(str, r['shape']))} | {r['batch']} | {r['guidance']} | "
                      f"{r['per_step_ms']['gradguide']:.2f} | {r['per_step_ms']['diffusers']:.2f} | "
                      f"{r['speed_ratio']:.2f}x | {r['paired_ratio_median']:.2f}x | "
+                     + "".join(f"{cpu[k]:.2f} | " if k in cpu else "- | " for k in ("gradguide", "diffusers"))
                      + (f"{r['cpu_speed_ratio']:.2f}x | " if r.get("cpu_speed_ratio") else "- | ") +
                      f"{r['calls_per_step']['gradguide']:g} / {r['calls_per_step']['diffusers']:g} | "
-                     f"{r['max_abs_diff']:.1e}{ok} | {r['reps']} |")
+                     f"{r.get('gradguide_step', '-')} | {r['max_abs_diff']:.1e}{ok} | {r['reps']} |")
     params = {r["model"]: r["params"] for r in result["rows"]}
     lines += ["", "Models: " + "; ".join(f"`{m}` {p / 1e3:.1f} k parameters" for m, p in params.items())
               + f". U-Net configuration: {result['unet_config']}."]
@@ -294,9 +325,15 @@ def markdown(result: dict, note: str = "") -> str:
 
 
 def write(result: dict, out_dir: str, note: str = "") -> List[str]:
-    """``peers-cpu-[quick-]<date>.json`` and ``.md`` in ``out_dir``."""
+    """``peers-cpu-[quick-]<date>.json`` and ``.md`` in ``out_dir``; a later run on the same date
+    gets the next free letter (``<date>b``, ``<date>c``, ...) instead of overwriting."""
     os.makedirs(out_dir, exist_ok=True)
-    stem = f"peers-{result['device_type']}-{'quick-' if result['quick'] else ''}{result['date'][:10]}"
+    base = f"peers-{result['device_type']}-{'quick-' if result['quick'] else ''}{result['date'][:10]}"
+    stem = base
+    for letter in "bcdefghijklmnopqrstuvwxyz":
+        if not any(os.path.exists(os.path.join(out_dir, stem + ext)) for ext in (".json", ".md")):
+            break
+        stem = base + letter
     paths = [os.path.join(out_dir, stem + ".json"), os.path.join(out_dir, stem + ".md")]
     with open(paths[0], "w") as f:
         json.dump(dict(result, note=note), f, indent=2)
