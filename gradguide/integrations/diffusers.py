@@ -167,7 +167,9 @@ class DiffusersSchedule(Schedule):
         ``spacing``: ``"adm"`` (the default of :func:`gradguide.sample`) means the scheduler's
         own ``timestep_spacing``; ``"leading"``, ``"trailing"``, ``"linspace"`` override it.
         For DDIM and DDPM schedulers an explicit list of timesteps steps from each to the next
-        and an ADM section string uses ADM respacing on the scheduler's ᾱ.
+        and an ADM section string uses ADM respacing on the scheduler's ᾱ. A step count's
+        timesteps are computed once per ``(steps, spacing, steps_offset)`` and the same
+        (read-only) :class:`Timesteps` is returned after that.
         """
         if spacing not in SPACINGS:
             raise ValueError(f"spacing: expected one of {SPACINGS}, got {spacing!r}")
