@@ -147,8 +147,9 @@ class _Builder:
               gram_vectors=(), clamp=None) -> LinComb:
         k_all = len(self.space.names)
         coefs = {name: v._padded(k_all)[:, 0, :] for name, v in vectors.items()}   # [n, K_all]
-        used = [j for j in range(k_all) if any(bool((c[:, j] != 0).any()) for c in coefs.values())]
-        in_gram = [j for j in used if any(bool((coefs[v][:, j] != 0).any()) for v in gram_vectors)]
+        nonzero = {name: (c != 0).any(0).tolist() for name, c in coefs.items()}   # per operand, at any step
+        used = [j for j in range(k_all) if any(nz[j] for nz in nonzero.values())]
+        in_gram = [j for j in used if any(nonzero[v][j] for v in gram_vectors)]
         order = in_gram + [j for j in used if j not in in_gram]
         if len(order) > ops.MAX_K:
             raise _TooMany()

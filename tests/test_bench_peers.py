@@ -20,6 +20,7 @@ def test_quick_suite_rows(one_thread):
         assert len(r["pass_s_all"]["gradguide"]) == len(r["pass_s_all"]["diffusers"]) == 1
         assert r["calls_per_step"] == {"gradguide": 1.0, "diffusers": 1.0}, name   # CFG: one batched call
         assert r["max_abs_diff"] <= 1e-4 * max(1.0, r["output_scale"]), (name, r["max_abs_diff"])
+        assert r["gradguide_step"] == "fused", name   # DDIM (+ CFG) is a built-in fused program
     assert rows["unet-sd-b1-cfg"]["within_tolerance"]
     assert result["versions"]["diffusers"] and result["device"]
 
@@ -48,6 +49,11 @@ def test_cli_writes_results(tmp_path, one_thread, capsys):
     assert data["command"].startswith("gradguide ") and data["commit"] and data["threads"] == torch.get_num_threads()
     md = js.with_suffix(".md").read_text()
     assert "| cheap | 3×8×8 | 3 | CFG 7.5 |" in md and "test run" in md and "torch " in md
+    assert "| fused |" in md and "like with like" in md
+    # a second run on the same date gets the next letter; the first results stay
+    again = peers.write(data, str(tmp_path))
+    assert [p.rsplit("/", 1)[1] for p in again] == [js.stem + "b.json", js.stem + "b.md"]
+    assert json.loads(js.read_text()) == data
 
 
 def test_bad_arguments():
@@ -72,3 +78,13 @@ def test_from_diffusers_follows_a_recast_unet():
     assert out64.dtype == torch.float32 and torch.allclose(out64, out32, atol=1e-4)
     ref = unet(x.double(), t, encoder_hidden_states=e.double()).sample
     assert torch.equal(out64, ref.float())
+
+
+def test_cheap_model_is_its_convolution():
+    # the cheap model contracts channels with einsum (torch's CPU conv2d is ~30x slower from batch 16):
+    # the same 1×1 convolution, checked against conv2d at the batch where the paths differ
+    m = peers.CheapModel(4, seed=0)
+    x, e = torch.randn(16, 4, 8, 8, dtype=torch.float64), torch.randn(16, peers.TEXT_LEN, peers.TEXT_DIM)
+    m = m.double()
+    ref = m.conv(x) + 0.01 * e.double()[:, 0, :4, None, None]
+    assert torch.allclose(m(x, None, e.double()), ref, rtol=1e-12, atol=1e-12)

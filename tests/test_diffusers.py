@@ -101,6 +101,21 @@ def test_ddim_timesteps_follow_the_scheduler():
     assert torch.allclose(ts.abar_prev, torch.stack([ac[749], ac[416], ac[83], ac[0]]))
 
 
+def test_step_count_timesteps_are_computed_once_per_setting():
+    # a step count's timesteps are remembered per (steps, spacing, steps_offset): sample() asks for them on
+    # every call, and computing them copies the scheduler; each setting still gets its own
+    schedule = gradguide.from_diffusers(torch.nn.Identity(), DDIMScheduler(set_alpha_to_one=False))[1]
+    first = schedule.timesteps(4)
+    assert schedule.timesteps(4) is first
+    for other in (schedule.timesteps(5), schedule.timesteps(4, "trailing"), schedule.timesteps(4, steps_offset=1)):
+        assert other is not first and not torch.equal(other.t, first.t)
+    for spacing, offset in (("adm", 0), ("trailing", 0), ("adm", 1)):
+        sched = DDIMScheduler(set_alpha_to_one=False, steps_offset=offset,
+                              timestep_spacing="leading" if spacing == "adm" else spacing)
+        sched.set_timesteps(4)
+        assert schedule.timesteps(4, spacing, steps_offset=offset).t.tolist() == sched.timesteps.tolist()
+
+
 @pytest.mark.parametrize("spacing", ["leading", "trailing"])
 def test_ddpm_matches_diffusers_with_shared_generator(unet, spacing):
     sched = DDPMScheduler(clip_sample=True, timestep_spacing=spacing)

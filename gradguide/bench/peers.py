@@ -14,8 +14,8 @@ pass each, whose outputs are compared (``max |Δ|``). Workloads, each unguided a
 25 DDIM steps on SD-1.5's scheduler configuration (scaled-linear betas 0.00085–0.012,
 ``steps_offset=1``, "leading" spacing, ``set_alpha_to_one=False``, no clipping, ε prediction):
 
-- ``cheap``: a fixed 1×1 convolution plus a per-channel bias read from the text embedding, so
-  the time is the samplers' own per-step cost;
+- ``cheap``: a fixed 1×1 convolution (computed as a channel contraction) plus a per-channel
+  bias read from the text embedding, so the time is the samplers' own per-step cost;
 - ``unet``: a tiny SD-architecture ``UNet2DConditionModel`` (random weights, built in code from
   :data:`UNET_CONFIG`: 3 levels of 16/32/32 channels, cross-attention at the lowest resolution,
   77×32 text embeddings), end to end.
@@ -71,7 +71,12 @@ class CheapModel(nn.Module):
 
     def forward(self, x, t, encoder_hidden_states):
         c = x.shape[1]
-        return self.conv(x) + 0.01 * encoder_hidden_states[:, 0, :c, None, None]
+        # the 1×1 convolution as a channel contraction: torch's CPU conv2d takes a slow path from
+        # batch 16 (5.7 ms instead of 0.17 ms at 16×4×64×64 on the 2026-11-23 machine), which made
+        # the B = 8 + CFG and B = 16 rows time that path instead of the samplers
+        w = self.conv.weight[:, :, 0, 0]
+        y = torch.einsum("oc,bchw->bohw", w, x) + self.conv.bias[:, None, None]
+        return y + 0.01 * encoder_hidden_states[:, 0, :c, None, None]
 
 
 def tiny_unet(channels: int, size: int, seed: int, quick: bool = False):
@@ -156,14 +161,35 @@ def _count_calls(module: nn.Module, fn: Callable[[], torch.Tensor]):
     return out, len(calls)
 
 
+def _count_fused_steps(fn: Callable[[], torch.Tensor]):
+    """``(output, steps)`` of ``fn()``, counting the steps gradguide ran as its fused step
+    (:func:`gradguide.sampling._fused_step`; the others took the general LinComb path)."""
+    from gradguide import sampling
+    fused, counted = sampling._fused_step, []
+
+    def counting(*args, **kwargs):
+        counted.append(1)
+        return fused(*args, **kwargs)
+    sampling._fused_step = counting
+    try:
+        out = fn()
+    finally:
+        sampling._fused_step = fused
+    return out, len(counted)
+
+
 def run_workload(w: Workload, reps: Optional[int] = None, budget_s: float = 3.0) -> dict:
     """Warm-up pass of each runner (outputs compared), then ``reps`` interleaved timed passes each
     (default: as many as fit ``budget_s`` per runner, 5 to 40)."""
     runners = {"gradguide": w.gradguide_runner(), "diffusers": w.diffusers_pass}
     outputs, calls, first = {}, {}, {}
+    fused_steps = 0
     for name, fn in runners.items():
         start = time.perf_counter()
-        outputs[name], calls[name] = _count_calls(w.model, fn)
+        if name == "gradguide":
+            (outputs[name], calls[name]), fused_steps = _count_fused_steps(lambda: _count_calls(w.model, fn))
+        else:
+            outputs[name], calls[name] = _count_calls(w.model, fn)
         first[name] = time.perf_counter() - start
     if reps is None:
         slowest = max(first.values())
@@ -189,6 +215,7 @@ def run_workload(w: Workload, reps: Optional[int] = None, budget_s: float = 3.0)
                cpu_per_step_ms={name: v * 1e3 for name, v in cpu_step.items()},
                cpu_speed_ratio=cpu_step["diffusers"] / cpu_step["gradguide"] if cpu_step["gradguide"] > 0 else None,
                paired_ratio_median=statistics.median(d / g for d, g in zip(times["diffusers"], times["gradguide"])),
+               gradguide_step="fused" if fused_steps == w.steps else f"general ({w.steps - fused_steps} of {w.steps})",
                max_abs_diff=diff, output_scale=scale,
                finite=bool(torch.isfinite(outputs["gradguide"]).all()))
     if w.model_kind == "unet":
@@ -259,17 +286,26 @@ def markdown(result: dict, note: str = "") -> str:
              "gradguide.sample(sampler='ddim', guidance=CFG(w, uncond=...)) with every default"]
     if note:
         lines.append(f"- {note}")
-    lines += ["", "| model | shape | B | guidance | gradguide ms/step | diffusers ms/step | speed ratio | "
-                  "paired ratio | CPU ratio | model calls/step (gg / diffusers) | max abs diff | reps |",
-              "|---|---|---:|---|---:|---:|---:|---:|---:|---|---:|---:|"]
+    lines += ["- like with like: both runners hold float32 samples and run on the same torch threads in one "
+              "process. gradguide's default also does what the plain loop skips: it validates its arguments and "
+              "builds its step tables and fused-step plan on every call (per pass, in the per-step figures), "
+              "checks x_T and the result for NaN/inf (check_finite='end'), and forms its step coefficients "
+              "in float64 (the native CPU combine accumulates float32 operands in float64); diffusers' "
+              "DDIMScheduler.step works in float32 throughout",
+              "", "| model | shape | B | guidance | gradguide ms/step | diffusers ms/step | speed ratio | "
+                  "paired ratio | gradguide CPU ms/step | diffusers CPU ms/step | CPU ratio | "
+                  "model calls/step (gg / diffusers) | gradguide step | max abs diff | reps |",
+              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
     for r in result["rows"]:
         ok = "" if r.get("within_tolerance", True) else " (> 1e-4)"
+        cpu = r.get("cpu_per_step_ms", {})
         lines.append(f"| {r['model']} | {'×'.join(map(str, r['shape']))} | {r['batch']} | {r['guidance']} | "
                      f"{r['per_step_ms']['gradguide']:.2f} | {r['per_step_ms']['diffusers']:.2f} | "
                      f"{r['speed_ratio']:.2f}x | {r['paired_ratio_median']:.2f}x | "
+                     + "".join(f"{cpu[k]:.2f} | " if k in cpu else "- | " for k in ("gradguide", "diffusers"))
                      + (f"{r['cpu_speed_ratio']:.2f}x | " if r.get("cpu_speed_ratio") else "- | ") +
                      f"{r['calls_per_step']['gradguide']:g} / {r['calls_per_step']['diffusers']:g} | "
-                     f"{r['max_abs_diff']:.1e}{ok} | {r['reps']} |")
+                     f"{r.get('gradguide_step', '-')} | {r['max_abs_diff']:.1e}{ok} | {r['reps']} |")
     params = {r["model"]: r["params"] for r in result["rows"]}
     lines += ["", "Models: " + "; ".join(f"`{m}` {p / 1e3:.1f} k parameters" for m, p in params.items())
               + f". U-Net configuration: {result['unet_config']}."]
@@ -277,8 +313,14 @@ def markdown(result: dict, note: str = "") -> str:
 
 
 def write(result: dict, out_dir: str, note: str = "") -> List[str]:
-    """``peers-cpu-[quick-]<date>.json`` and ``.md`` in ``out_dir``."""
-    stem = f"peers-{result['device_type']}-{'quick-' if result['quick'] else ''}{result['date'][:10]}"
+    """``peers-cpu-[quick-]<date>.json`` and ``.md`` in ``out_dir``; a later run on the same date
+    gets the next free letter (``<date>b``, ``<date>c``, ...) instead of overwriting."""
+    base = f"peers-{result['device_type']}-{'quick-' if result['quick'] else ''}{result['date'][:10]}"
+    stem = base
+    for letter in "bcdefghijklmnopqrstuvwxyz":
+        if not any(os.path.exists(os.path.join(out_dir, stem + ext)) for ext in (".json", ".md")):
+            break
+        stem = base + letter
     return meta.write_report(out_dir, stem, dict(result, note=note), markdown(result, note))
 
 

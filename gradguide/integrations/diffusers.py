@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Optional, Sequence, Union
+from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -153,6 +153,9 @@ class DiffusersSchedule(Schedule):
         self.final_alpha_cumprod = 1.0 if final is None else float(final)
         self.suggested_sampler = sampler
         self.sampler_options = {sampler: options}
+        # (steps, spacing, steps_offset) -> Timesteps: a step count's timesteps depend on nothing else, and
+        # computing them copies the scheduler (set_timesteps mutates it), ~1 ms a call: once per setting
+        self._count_timesteps: Dict[tuple, Timesteps] = {}
 
     def __repr__(self) -> str:
         return f"DiffusersSchedule({type(self.scheduler).__name__}, T={self.T}, rule={self.rule!r})"
@@ -164,7 +167,9 @@ class DiffusersSchedule(Schedule):
         ``spacing``: ``"adm"`` (the default of :func:`gradguide.sample`) means the scheduler's
         own ``timestep_spacing``; ``"leading"``, ``"trailing"``, ``"linspace"`` override it.
         For DDIM and DDPM schedulers an explicit list of timesteps steps from each to the next
-        and an ADM section string uses ADM respacing on the scheduler's ᾱ.
+        and an ADM section string uses ADM respacing on the scheduler's ᾱ. A step count's
+        timesteps are computed once per ``(steps, spacing, steps_offset)`` and the same
+        (read-only) :class:`Timesteps` is returned after that.
         """
         if spacing not in SPACINGS:
             raise ValueError(f"spacing: expected one of {SPACINGS}, got {spacing!r}")
@@ -185,14 +190,22 @@ class DiffusersSchedule(Schedule):
             raise ValueError(f"steps: expected an integer in [1, {self.T}] (the scheduler's num_train_timesteps), "
                              f"got {steps!r}")
         n = int(n)
+        key = (n, spacing, steps_offset)
+        if key not in self._count_timesteps:
+            self._count_timesteps[key] = self._scheduler_timesteps(n, spacing, steps_offset)
+        return self._count_timesteps[key]
+
+    def _scheduler_timesteps(self, n: int, spacing: str, steps_offset: int) -> Timesteps:
+        """The timesteps of a copy of the scheduler after ``set_timesteps(n)``."""
+        ac = self.alphas_cumprod
         sched = self.scheduler
         overrides = {}
         if spacing != "adm" and spacing != sched.config.get("timestep_spacing"):
             overrides["timestep_spacing"] = spacing
         if steps_offset:
             overrides["steps_offset"] = steps_offset
-        if overrides:
-            sched = type(sched).from_config({**sched.config, **overrides})
+        if overrides:   # as keywords: a merged dict keeps diffusers' _use_default_values, which resets them
+            sched = type(sched).from_config(sched.config, **overrides)
         else:
             sched = copy.deepcopy(sched)
         sched.set_timesteps(n)

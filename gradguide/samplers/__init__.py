@@ -63,8 +63,9 @@ class SamplerTables:
         for slot, src in self.moves.items():
             if slot not in self.slots or src not in SOURCES + tuple(self.slots):
                 raise ValueError(f"sampler {self.name!r}: bad move {slot} <- {src}")
-        bad = [k for k, v in self.tables.items() if not torch.isfinite(v).all()]
-        if bad:
+        values = list(self.tables.values())   # one check of all tables; the names only on failure
+        if values and not bool(torch.isfinite(torch.cat([v.reshape(-1) for v in values])).all()):
+            bad = [k for k, v in self.tables.items() if not torch.isfinite(v).all()]
             raise ValueError(f"sampler {self.name!r}: non-finite step coefficients ({', '.join(sorted(bad))}) on these "
                              "timesteps (e.g. σ = ∞ at ᾱ = 0, a second-order step landing on σ = 0, or a higher-order "
                              "step between two equal σ's; diffusers' own loop returns NaN or inf in the last two cases)")

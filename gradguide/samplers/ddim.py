@@ -24,4 +24,4 @@ def tables(ts, eta: float = 0.0, **options) -> SamplerTables:
     c_0 = abar_prev.sqrt() - c_x * abar.sqrt()
     t = common_tables(ts)
     t.update(c_x=c_x, c_0=c_0, sigma=sigma, var_mean=sigma ** 2)
-    return SamplerTables("ddim", ts, t, draws_noise=[bool(s > 0) for s in sigma])
+    return SamplerTables("ddim", ts, t, draws_noise=(sigma > 0).tolist())

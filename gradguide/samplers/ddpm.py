@@ -57,7 +57,7 @@ def tables(ts, variance: str = "fixed-small", final_noise: str = "never", **opti
                  log_var_min=beta_tilde_clipped.log(), log_var_max=beta.log())
     sigma = t["sigma"]
     return SamplerTables("ddpm", ts, t, learned_variance=variance == "learned-range",
-                         draws_noise=[bool(s > 0) for s in sigma])
+                         draws_noise=(sigma > 0).tolist())
 
 
 def _diffusers_tables(ts, variance: str) -> SamplerTables:
@@ -78,4 +78,4 @@ def _diffusers_tables(ts, variance: str) -> SamplerTables:
     else:
         t.update(sigma=noisy, var_mean=torch.ones_like(beta), log_var_min=beta_tilde.log(), log_var_max=beta.log())
     return SamplerTables("ddpm", ts, t, learned_variance=variance == "learned-range",
-                         draws_noise=[bool(s > 0) for s in t["sigma"]])
+                         draws_noise=(t["sigma"] > 0).tolist())

@@ -91,6 +91,6 @@ def tables(ts, sde: bool = False, solver_order: int = 2, solver_type: str = "mid
     if solver_order == 3:
         t["c_x0_prev2"] = c_h2
         return SamplerTables(name, ts, t, slots=("x0_prev", "x0_prev2"), moves={"x0_prev": "0", "x0_prev2": "x0_prev"},
-                             draws_noise=[bool(s > 0) for s in sigma])
+                             draws_noise=(sigma > 0).tolist())
     return SamplerTables(name, ts, t, slots=("x0_prev",), moves={"x0_prev": "0"},
-                         draws_noise=[bool(s > 0) for s in sigma])
+                         draws_noise=(sigma > 0).tolist())

@@ -57,7 +57,7 @@ def tables(name: str, ts: Timesteps, **options) -> SamplerTables:
     t = common_tables(ts)
     sigma = a_t * up
     t.update(c_x=a_t * ratio / a_s, c_0=a_t * (1 - ratio), sigma=sigma, var_mean=sigma ** 2)
-    return SamplerTables(name, ts, t, draws_noise=[bool(s > 0) for s in sigma])
+    return SamplerTables(name, ts, t, draws_noise=(sigma > 0).tolist())
 
 
 def _heun(ts: Timesteps) -> SamplerTables:
