@@ -152,6 +152,8 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     (for models that cannot take a mixed batch). Outputs are the same either way.
     ``fused``: ``True`` (default) runs a step that matches a built-in program (:mod:`gradguide.stepplan`)
     as reduce + one fused combine; ``False`` always takes the general LinComb path (its reference).
+    The sampler's tables and the fused plan depend only on the configuration: repeated calls with
+    the same one take them from a small cache (see ``_PLAN_CACHE``), with the same results.
     Returns the samples ``x_0``, shaped ``shape``.
     """
     run = prepare_run(model, shape, schedule=schedule, sampler=sampler, steps=steps, eta=eta, guidance=guidance,
@@ -353,9 +355,13 @@ class _Unkeyable(Exception):
 
 
 def _plain(value):
-    """``value`` if it is an immutable plain value (a number, string, None or a tuple of them)."""
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
+    """A key for an immutable plain value (a number, string, None or a tuple of them). The type
+    is part of it (``True``, ``1`` and ``1.0`` are equal keys otherwise), and floats go by their
+    repr (``-0.0`` and ``0.0`` too)."""
+    if isinstance(value, float):
+        return float, repr(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return type(value), value
     if isinstance(value, (tuple, list)):
         return tuple(_plain(v) for v in value)
     raise _Unkeyable
@@ -380,8 +386,9 @@ def _plan_key(run: _Run, fused: bool) -> Optional[tuple]:
         return None
     try:
         proj = run.projection
-        return (sampler, ts.t.dtype, ts.t.numpy().tobytes(), ts.abar.dtype, ts.abar.numpy().tobytes(),
-                ts.abar_prev.numpy().tobytes(), ts.init_scale, ts.final_scale, _plain(eta), variance,
+        return (sampler, ts.t.dtype, ts.t.detach().numpy().tobytes(), ts.abar.dtype, ts.abar.detach().numpy().tobytes(),
+                ts.abar_prev.detach().numpy().tobytes(), _plain(ts.init_scale), _plain(ts.final_scale), _plain(eta),
+                variance,
                 tuple(sorted((k, _plain(v)) for k, v in options.items())), run.device, run.dtype, fused,
                 run.prediction, run.variance_channels, run.telemetry, _plain(run.clip), run.clip_eps,
                 None if proj is None else (type(proj),) + tuple(_plain(getattr(proj, name)) for name in

@@ -203,3 +203,11 @@ def test_lookahead_runs_are_not_cached():
                           target=torch.linspace(-1, 1, SHAPE[0]))
     run = sampling.prepare_run(_model, SHAPE, schedule=SCHED, sampler="ddpm", steps=5, guidance=[reward])
     assert run.plan is not None and len(sampling._PLAN_CACHE) == 0
+
+
+def test_keys_tell_apart_values_that_compare_equal():
+    assert sampling._plain(True) != sampling._plain(1) != sampling._plain(1.0)
+    assert sampling._plain(-0.0) != sampling._plain(0.0)
+    assert sampling._plain((1.0, "a")) == sampling._plain([1.0, "a"])
+    with pytest.raises(sampling._Unkeyable):
+        sampling._plain(torch.tensor(1.0))
