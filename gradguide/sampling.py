@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import threading
 import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -301,15 +302,17 @@ def _finish_prepare(run: _Run, fused: bool = True) -> None:
     per-step weights to ``run.table_rows``): from :data:`_PLAN_CACHE` when an earlier call had
     the same configuration, else built (:func:`_build_tables_and_plan`) and remembered."""
     key = _plan_key(run, fused)
-    entry = _PLAN_CACHE.get(key) if key is not None else None
+    with _PLAN_CACHE_LOCK:   # sample() may be called from several threads (serving)
+        entry = _PLAN_CACHE.get(key) if key is not None else None
+        if entry is not None:
+            _PLAN_CACHE.move_to_end(key)
     if entry is None:
         entry = _build_tables_and_plan(run, fused)
         if key is not None:
-            _PLAN_CACHE[key] = entry
-            if len(_PLAN_CACHE) > PLAN_CACHE_SIZE:
-                _PLAN_CACHE.popitem(last=False)   # least recently used
-    else:
-        _PLAN_CACHE.move_to_end(key)
+            with _PLAN_CACHE_LOCK:
+                _PLAN_CACHE[key] = entry
+                while len(_PLAN_CACHE) > PLAN_CACHE_SIZE:
+                    _PLAN_CACHE.popitem(last=False)   # least recently used
     # copy on use: the run owns its tensors and plan, so nothing a caller does to them reaches the cache
     tables, rows, index, plan, run.fused_reason, run.needs_x0, timestep_list = entry
     run.tables, run.table_rows, run.table_index = _copy_tables(tables), rows.clone(), dict(index)
@@ -348,6 +351,7 @@ def _build_tables_and_plan(run: _Run, fused: bool) -> tuple:
 # are built afresh. Per-call tensors (cond, x_T, generator, model) never enter an entry.
 PLAN_CACHE_SIZE = 16
 _PLAN_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_PLAN_CACHE_LOCK = threading.Lock()
 
 
 class _Unkeyable(Exception):
@@ -403,7 +407,8 @@ def _plan_key(run: _Run, fused: bool) -> Optional[tuple]:
 
 def clear_plan_cache() -> None:
     """Forget every cached setup (tests; the cache never needs it for correctness)."""
-    _PLAN_CACHE.clear()
+    with _PLAN_CACHE_LOCK:
+        _PLAN_CACHE.clear()
 
 
 def _copy_tables(tables: SamplerTables) -> SamplerTables:

@@ -211,3 +211,14 @@ def test_keys_tell_apart_values_that_compare_equal():
     assert sampling._plain((1.0, "a")) == sampling._plain([1.0, "a"])
     with pytest.raises(sampling._Unkeyable):
         sampling._plain(torch.tensor(1.0))
+
+
+def test_threads_sharing_a_small_cache_get_their_own_answers(monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+    configs = [dict(steps=s) for s in (3, 4, 5, 6)]
+    expected = [_uncached(monkeypatch, **c) for c in configs]
+    monkeypatch.setattr(sampling, "PLAN_CACHE_SIZE", 2)   # entries evicted while other threads use them
+    with ThreadPoolExecutor(4) as pool:
+        outs = list(pool.map(lambda j: (j % 4, _sample(**configs[j % 4])), range(24)))
+    for j, out in outs:
+        assert torch.equal(out, expected[j])
