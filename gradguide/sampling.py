@@ -16,7 +16,11 @@ tables. ``check_sync=True`` enforces this (see :mod:`gradguide.debug`).
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
+import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Union
 
@@ -26,7 +30,7 @@ from . import ops, predictions
 from .debug import forbid_host_sync
 from .graphs import EagerStepper, GraphCache
 from .guidance.base import GuidanceTerm, StepContext
-from .guidance.cfg import BranchInputsError, batch_branch_inputs, per_sample, split_branches
+from .guidance.cfg import CFG, BranchInputsError, batch_branch_inputs, per_sample, split_branches
 from .linear import LinComb, Operands
 from .projection import PixelAsParam, step_telemetry
 from .samplers import SAMPLERS, SamplerTables, build
@@ -79,6 +83,7 @@ class _Run:
     batched: Optional[dict] = None                 # both branches' inputs stacked for one 2B call
     plan: object = None                  # stepplan.StepPlan when the step is a built-in program
     fused_reason: Optional[str] = None   # why not, otherwise
+    table_spec: Optional[tuple] = None   # (sampler, Timesteps, eta, variance, options): what the tables are built from
 
 
 CHECK_FINITE = ("end", "step", False)
@@ -148,6 +153,8 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     (for models that cannot take a mixed batch). Outputs are the same either way.
     ``fused``: ``True`` (default) runs a step that matches a built-in program (:mod:`gradguide.stepplan`)
     as reduce + one fused combine; ``False`` always takes the general LinComb path (its reference).
+    The sampler's tables and the fused plan depend only on the configuration: repeated calls with
+    the same one take them from a small cache (see ``_PLAN_CACHE``), with the same results.
     Returns the samples ``x_0``, shaped ``shape``.
     """
     run = prepare_run(model, shape, schedule=schedule, sampler=sampler, steps=steps, eta=eta, guidance=guidance,
@@ -291,11 +298,127 @@ def step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dict[str,
 
 
 def _finish_prepare(run: _Run, fused: bool = True) -> None:
-    """Plan the built-in fused step (appends its per-step weights to ``run.table_rows``)."""
+    """The sampler's tables on the device and the built-in fused step's plan (which appends its
+    per-step weights to ``run.table_rows``): from :data:`_PLAN_CACHE` when an earlier call had
+    the same configuration, else built (:func:`_build_tables_and_plan`) and remembered."""
+    key = _plan_key(run, fused)
+    with _PLAN_CACHE_LOCK:   # sample() may be called from several threads (serving)
+        entry = _PLAN_CACHE.get(key) if key is not None else None
+        if entry is not None:
+            _PLAN_CACHE.move_to_end(key)
+    if entry is None:
+        entry = _build_tables_and_plan(run, fused)
+        if key is not None:
+            with _PLAN_CACHE_LOCK:
+                _PLAN_CACHE[key] = entry
+                while len(_PLAN_CACHE) > PLAN_CACHE_SIZE:
+                    _PLAN_CACHE.popitem(last=False)   # least recently used
+    # copy on use: the run owns its tensors and plan, so nothing a caller does to them reaches the cache
+    tables, rows, index, plan, run.fused_reason, run.needs_x0, timestep_list = entry
+    run.tables, run.table_rows, run.table_index = _copy_tables(tables), rows.clone(), dict(index)
+    run.timesteps_dev = run.tables.timesteps.t.to(run.device)
+    run.timestep_list = list(timestep_list)
+    run.step_ids = torch.arange(len(timestep_list), device=run.device)
     from . import stepplan
+    run.plan = stepplan.copy_plan(plan)
+
+
+def _build_tables_and_plan(run: _Run, fused: bool) -> tuple:
+    """What :func:`_finish_prepare` caches: ``(tables, table_rows, table_index, plan,
+    fused_reason, needs_x0, timestep_list)``, computed from host-side configuration only."""
+    from . import stepplan
+    sampler, timesteps, eta, variance, options = run.table_spec
+    run.tables = build(sampler, timesteps, eta=eta, variance=variance, **options)
+    run.table_rows, run.table_index = run.tables.stacked(run.device, ops.reference.coefficient_dtype(run.dtype))
     run.plan = stepplan.build(run) if fused else None
     if not fused:
         run.fused_reason = "fused=False"
+    return (run.tables, run.table_rows, run.table_index, run.plan, run.fused_reason, run.tables.needs_x0(),
+            tuple(run.tables.timesteps.t.tolist()))
+
+
+# -- the setup cache ----------------------------------------------------------------------------
+# Why: a caller sampling repeatedly with one configuration (benchmarks, serving) would otherwise
+# rebuild the same sampler tables and re-derive the same fused plan symbolically on every call
+# (issue 12: ~60 % of sample()'s per-call setup). What the key covers: everything those two
+# read, as immutable values: the timesteps' values (not the schedule object, which a caller may
+# change), the sampler, eta, variance and the schedule's sampler options, device and dtype,
+# prediction, clip and clip_eps, telemetry, fused, the projection's parameters, and each
+# guidance term's type and place plus the parameters the plan reads (CFG's scale, APG's
+# scale/eta/threshold/momentum/convention, Classifier's scale), read at every call, so changing
+# `cfg.scale` between calls gives a new entry. Runs the key cannot describe (a LookAhead, whose
+# plan holds its per-call target tensor; non-plain parameter values; meta/timesteps off the CPU)
+# are built afresh. Per-call tensors (cond, x_T, generator, model) never enter an entry.
+PLAN_CACHE_SIZE = 16
+_PLAN_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
+_PLAN_CACHE_LOCK = threading.Lock()
+
+
+class _Unkeyable(Exception):
+    pass
+
+
+def _plain(value):
+    """A key for an immutable plain value (a number, string, None or a tuple of them). The type
+    is part of it (``True``, ``1`` and ``1.0`` are equal keys otherwise), and floats go by their
+    repr (``-0.0`` and ``0.0`` too)."""
+    if isinstance(value, float):
+        return float, repr(value)
+    if value is None or isinstance(value, (bool, int, str)):
+        return type(value), value
+    if isinstance(value, (tuple, list)):
+        return tuple(_plain(v) for v in value)
+    raise _Unkeyable
+
+
+def _term_key(term: GuidanceTerm) -> tuple:
+    from .guidance.apg import APG
+    from .guidance.classifier import Classifier
+    from .guidance.gradient import LookAhead
+    read = {CFG: ("scale",), APG: ("scale", "eta", "norm_threshold", "momentum", "convention"),
+            Classifier: ("scale",)}
+    if type(term) is LookAhead:   # the plan holds its target tensor
+        raise _Unkeyable
+    # any other type takes the general step: the plan reads nothing of it but its type
+    return (type(term), _plain(term.place)) + tuple(_plain(getattr(term, name)) for name in read.get(type(term), ()))
+
+
+def _plan_key(run: _Run, fused: bool) -> Optional[tuple]:
+    """The cache key of ``run``'s tables and plan (``None``: not cached)."""
+    sampler, ts, eta, variance, options = run.table_spec
+    if run.device.type == "meta" or any(v.device.type != "cpu" for v in (ts.t, ts.abar, ts.abar_prev)):
+        return None
+    try:
+        proj = run.projection
+        return (sampler, ts.t.dtype, ts.t.detach().numpy().tobytes(), ts.abar.dtype, ts.abar.detach().numpy().tobytes(),
+                ts.abar_prev.detach().numpy().tobytes(), _plain(ts.init_scale), _plain(ts.final_scale), _plain(eta),
+                variance,
+                tuple(sorted((k, _plain(v)) for k, v in options.items())), run.device, run.dtype, fused,
+                run.prediction, run.variance_channels, run.telemetry, _plain(run.clip), run.clip_eps,
+                None if proj is None else (type(proj),) + tuple(_plain(getattr(proj, name)) for name in
+                                                                ("policy", "delta", "delta2", "pcgrad", "convention",
+                                                                 "granularity")),
+                None if run.branch is None else _term_key(run.branch),
+                tuple(_term_key(t) for t in run.score_terms), tuple(_term_key(t) for t in run.mean_terms),
+                tuple(_term_key(t) for t in run.post_terms))
+    except _Unkeyable:
+        return None
+
+
+def clear_plan_cache() -> None:
+    """Forget every cached setup (tests; the cache never needs it for correctness)."""
+    with _PLAN_CACHE_LOCK:
+        _PLAN_CACHE.clear()
+
+
+def _copy_tables(tables: SamplerTables) -> SamplerTables:
+    """A copy of ``tables`` with its own tensors (no re-validation)."""
+    ts = tables.timesteps
+    out = copy.copy(tables)
+    out.timesteps = dataclasses.replace(ts, t=ts.t.clone(), abar=ts.abar.clone(), abar_prev=ts.abar_prev.clone())
+    out.tables = {k: v.clone() for k, v in tables.tables.items()}
+    out.moves, out.draws_noise = dict(tables.moves), list(tables.draws_noise)
+    return out
 
 
 def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dict[str, torch.Tensor],
@@ -649,7 +772,6 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
         raise ValueError("prediction='eps' cannot start at ᾱ = 0 (zero terminal SNR): x̂_0 = (x − √(1−ᾱ) ε)/√ᾱ is "
                          "undefined there; zero-terminal-SNR schedules need a v- or x0-prediction model (Lin et al. 2024)")
     options = dict((getattr(schedule, "sampler_options", None) or {}).get(sampler, {}))
-    tables = build(sampler, timesteps, eta=eta, variance=variance, **options)
     if sampler != "ddim" and eta != 0.0:
         raise ValueError(f"eta: only the DDIM sampler takes eta, got eta={eta} with sampler={sampler!r}")
 
@@ -708,10 +830,9 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
         raise ValueError(f"clip: expected None, True or (low, high) with low < high, got {clip!r}")
 
     resolved = ops.resolve_backend(backend, device)
-    compute = ops.reference.coefficient_dtype(dtype)
-    rows, index = tables.stacked(device, compute)
-    run = _Run(model=model, shape=shape, device=device, dtype=dtype, tables=tables, table_rows=rows,
-               table_index=index, timesteps_dev=tables.timesteps.t.to(device), prediction=prediction, branch=branch,
+    # the sampler tables and the fused plan are built (or taken from _PLAN_CACHE) by _finish_prepare
+    run = _Run(model=model, shape=shape, device=device, dtype=dtype, tables=None, table_rows=None,
+               table_index=None, timesteps_dev=None, prediction=prediction, branch=branch,
                score_terms=score_terms, mean_terms=mean_terms, post_terms=post_terms, projection=projection,
                cond=cond, clip=tuple(clip) if clip is not None else None, backend=resolved,
                telemetry=telemetry, generator=generator,
@@ -719,9 +840,7 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     run.needs_model_grad = any(t.needs_model_grad for t in terms)
     run.needs_input_grad = run.needs_model_grad or any(t.needs_input_grad for t in terms)
     run.variance_channels = variance == "learned-range"
-    run.needs_x0 = tables.needs_x0()
-    run.step_ids = torch.arange(len(tables.timesteps), device=device)
-    run.timestep_list = tables.timesteps.t.tolist()
+    run.table_spec = (sampler, timesteps, eta, variance, options)
     if branch is not None:
         run.uncond, run.batched = _branch_inputs(branch, cond, uncond, shape[0], batch_branches)
     elif batch_branches not in ("auto", True, False):

@@ -130,6 +130,16 @@ def build(run) -> Optional[StepPlan]:
     return plan
 
 
+def copy_plan(plan: Optional[StepPlan]) -> Optional[StepPlan]:
+    """A copy of ``plan`` that shares no list or dict with it (a run's own, see
+    ``sampling._finish_prepare``'s cache); tensors in scalar specs are shared, not copied."""
+    if plan is None:
+        return None
+    return StepPlan({noisy: Variant([Stage(s.policy, list(s.operands), s.n_gram, list(s.vector_rows), list(s.scalars),
+                                           s.clamp, s.output) for s in v.stages], list(v.inputs))
+                     for noisy, v in plan.variants.items()})
+
+
 class _Builder:
     """Collects stages; vectors/scalars go to table rows."""
 
