@@ -1,0 +1,141 @@
+"""Triton ``clip_shift``: ``clamp(p)`` and ``clamp(p + s) - clamp(p)`` in one pass (issue 12).
+
+With ``p = sum_k coef_p[b, k] op_k`` and ``s = sum_k coef_s[b, k] op_k``, a clipped x̂_0 and its
+clipped guidance shift (policy C's clipped branch difference). The shift is ``s`` itself where
+neither ``p`` nor ``p + s`` lies outside ``(low, high)`` and ``clamp(p + s) - clamp(p)``
+elsewhere: formed as a difference of the two clamped values it would keep only ``p``'s
+absolute precision, which is most of a small ``s``.
+
+Design
+------
+Grid, tiles and loads of ``combine.py``: ``(rows, blocks)`` with a row a sample, one pointer
+argument per operand, 128-bit loads when rows keep 16-byte alignment, K <= 8 operands loaded
+once each and accumulated into both ``p`` and ``s`` (fp32; fp64 for fp64 operands, as the
+CUDA op ``csrc/gradguide_ops_cuda.cu``). The float64 coefficient rows ``[1 or B, K]`` are read
+through strides (0 on a broadcast batch dimension; no expand, cast or copy in the glue) and
+rounded to the accumulator once per program. Two stores, in the operands' dtype.
+
+NaN and inf follow the reference: every operand is multiplied by both weights (0 * inf =
+NaN), the clamp keeps NaN (comparisons with NaN are false), and a NaN ``p`` or ``p + s`` is
+never "inside", so its shift is ``clamp(q) - clamp(p)`` = NaN.
+
+Limits: those of ``combine.py`` (one dtype and device, contiguous operands, rows shorter than
+2**31 elements); ``low < high``, both finite or infinite, checked by ``gradguide.ops``.
+
+Reference: :func:`reference` below (the maths of ``gradguide.ops.reference.clip_shift`` in
+the kernel's accumulation dtype).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._common import NUM_WARPS, acc_dtype, pointers
+from .combine import launch_config, tl_acc
+
+
+def reference(coef_p, coef_s, operands, clip, acc=None):
+    """Plain torch in ``acc`` (default: the kernel's accumulation dtype); coefs ``[1 or B, K]``."""
+    first = operands[0]
+    acc = acc or acc_dtype(first.dtype)
+    b, k = first.shape[0], len(operands)
+    rows = torch.stack([op.reshape(b, -1).to(acc) for op in operands], dim=1)     # [B, K, N]
+    p = (coef_p.to(acc).expand(b, k).unsqueeze(-1) * rows).sum(1)
+    s = (coef_s.to(acc).expand(b, k).unsqueeze(-1) * rows).sum(1)
+    low, high = clip
+    q = p + s
+    inside = (p > low) & (p < high) & (q > low) & (q < high)
+    shift = torch.where(inside, s, q.clamp(low, high) - p.clamp(low, high))
+    return p.clamp(low, high).reshape(first.shape).to(first.dtype), shift.reshape(first.shape).to(first.dtype)
+
+
+@triton.jit
+def _clip(v, low, high):
+    return tl.where(v < low, low, tl.where(v > high, high, v))   # NaN stays NaN
+
+
+@triton.jit
+def _w(row_ptr, sk, k: tl.constexpr, K: tl.constexpr, ACC: tl.constexpr):
+    """Weight k of a coefficient row (float64 in memory; stride sk over K), in ACC."""
+    if k < K:
+        return tl.load(row_ptr + k * sk).to(ACC)
+    else:
+        return tl.zeros([], dtype=ACC)
+
+
+@triton.jit
+def _acc2(x, a, b, offs, m, p, s, ACC: tl.constexpr):
+    """One operand's tile into both sums: p += a * x, s += b * x."""
+    v = tl.load(x + offs, mask=m, other=0.0).to(ACC)
+    return p + a * v, s + b * v
+
+
+@triton.jit(do_not_specialize=["NR", "ITERS"])
+def _clip_shift(x0, x1, x2, x3, x4, x5, x6, x7, cp, cs, cp_sb, cp_sk, cs_sb, cs_sk, out_c, out_s, NR, ITERS,
+                low, high, K: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    wp = cp + row * cp_sb
+    ws = cs + row * cs_sb
+    a0, a1, a2, a3 = _w(wp, cp_sk, 0, K, ACC), _w(wp, cp_sk, 1, K, ACC), _w(wp, cp_sk, 2, K, ACC), _w(wp, cp_sk, 3, K, ACC)
+    a4, a5, a6, a7 = _w(wp, cp_sk, 4, K, ACC), _w(wp, cp_sk, 5, K, ACC), _w(wp, cp_sk, 6, K, ACC), _w(wp, cp_sk, 7, K, ACC)
+    b0, b1, b2, b3 = _w(ws, cs_sk, 0, K, ACC), _w(ws, cs_sk, 1, K, ACC), _w(ws, cs_sk, 2, K, ACC), _w(ws, cs_sk, 3, K, ACC)
+    b4, b5, b6, b7 = _w(ws, cs_sk, 4, K, ACC), _w(ws, cs_sk, 5, K, ACC), _w(ws, cs_sk, 6, K, ACC), _w(ws, cs_sk, 7, K, ACC)
+    lo = low + tl.zeros([], dtype=ACC)   # (a float argument is fp32, as combine's clamp bounds)
+    hi = high + tl.zeros([], dtype=ACC)
+    N = NR * ALIGN  # a multiple of ALIGN that Triton can see: row starts keep their alignment
+    base = row * N
+    blk = tl.program_id(1)
+    blocks = tl.num_programs(1)
+    for i in range(ITERS):
+        e = (blk + i * blocks) * BLOCK + tl.arange(0, BLOCK)
+        m = e < N
+        offs = base + e
+        v = tl.load(x0 + offs, mask=m, other=0.0).to(ACC)
+        p = a0 * v
+        s = b0 * v
+        if K > 1:
+            p, s = _acc2(x1, a1, b1, offs, m, p, s, ACC)
+        if K > 2:
+            p, s = _acc2(x2, a2, b2, offs, m, p, s, ACC)
+        if K > 3:
+            p, s = _acc2(x3, a3, b3, offs, m, p, s, ACC)
+        if K > 4:
+            p, s = _acc2(x4, a4, b4, offs, m, p, s, ACC)
+        if K > 5:
+            p, s = _acc2(x5, a5, b5, offs, m, p, s, ACC)
+        if K > 6:
+            p, s = _acc2(x6, a6, b6, offs, m, p, s, ACC)
+        if K > 7:
+            p, s = _acc2(x7, a7, b7, offs, m, p, s, ACC)
+        q = p + s
+        pc = _clip(p, lo, hi)
+        inside = (p > lo) & (p < hi) & (q > lo) & (q < hi)
+        shift = tl.where(inside, s, _clip(q, lo, hi) - pc)   # exactly s where nothing clips
+        tl.store(out_c + offs, pc.to(out_c.dtype.element_ty), mask=m)
+        tl.store(out_s + offs, shift.to(out_s.dtype.element_ty), mask=m)
+
+
+def _strides(c, name):
+    """(batch stride, K stride) of a ``[1 or B, K]`` coefficient row set; 0 on a broadcast batch."""
+    if c.dtype != torch.float64 or c.dim() != 2:
+        raise ValueError(f"{name}: expected a float64 [1 or B, K] tensor, got {c.dtype} {tuple(c.shape)}")
+    return (c.stride(0) if c.shape[0] > 1 else 0), c.stride(1)
+
+
+def clip_shift(coef_p, coef_s, operands, clip):
+    """``(clamp(p), clamp(p + s) - clamp(p))`` of K <= 8 contiguous operands ``[B, ...]``;
+    ``coef_p`` / ``coef_s``: float64 ``[1 or B, K]`` (any strides); ``clip = (low, high)``."""
+    first = operands[0]
+    b = first.shape[0]
+    n = first.numel() // b if b else 0
+    clipped = torch.empty_like(first, memory_format=torch.contiguous_format)
+    shift = torch.empty_like(first, memory_format=torch.contiguous_format)
+    if first.numel() == 0:
+        return clipped, shift
+    block, align, blocks, iters = launch_config(n, first.dtype)
+    _clip_shift[(b, blocks)](*pointers(operands), coef_p, coef_s, *_strides(coef_p, "coef_p"),
+                             *_strides(coef_s, "coef_s"), clipped, shift, n // align, iters,
+                             float(clip[0]), float(clip[1]), K=len(operands), ALIGN=align, BLOCK=block,
+                             ACC=tl_acc(first.dtype), num_warps=NUM_WARPS)
+    return clipped, shift
