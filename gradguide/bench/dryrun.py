@@ -451,16 +451,28 @@ def minimum_bytes(log: dict, run, x: torch.Tensor) -> int:
 def _plan_structure(log: dict, variant) -> None:
     """:func:`minimum_bytes`' record for a fused step (``gradguide.stepplan``): the most operands
     any stage's Gram takes, and the operands of each stage whose output is not an intermediate
-    (the clipped x̂_0 and its shift are recomputable elementwise, as for the general path)."""
+    (the clipped x̂_0 and its shift are recomputable elementwise, as for the general path: a
+    stage reading one counts the operands it is recomputed from instead, not nothing)."""
     originals = ("x", "model_cond", "model_uncond")
     clip_pairs = (("x0_clipped", "clip_shift"), ("x0_uncond_clipped", "x0_cfg_diff_clipped"))   # (policy C's)
     intermediates = {name for pair in clip_pairs for name in pair + (",".join(pair),)}
     log["fused"] = True
+    sources = {}   # intermediate -> the operands it is recomputed from (a fused pass reads those instead)
+
+    def own(names):
+        out = []
+        for n in names:
+            out += [m for m in sources.get(n, [n]) if m not in out]
+        return out
+
     for stage in variant.stages:
-        own = [n for n in stage.operands if n not in intermediates]
-        log["reduce_k"] = max(log["reduce_k"], min(stage.n_gram, len(own)))
-        if stage.output not in intermediates:
-            log["combine_k"].append(len(own))
+        operands = own(stage.operands)
+        if stage.n_gram:
+            log["reduce_k"] = max(log["reduce_k"], len(own(stage.operands[:stage.n_gram])))
+        if stage.output in intermediates:
+            sources.update({name: operands for name in stage.output.split(",")})
+        else:
+            log["combine_k"].append(len(operands))
         log["tracked_k"] = max(log["tracked_k"], len([n for n in stage.operands if n in originals]))
 
 
