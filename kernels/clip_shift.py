@@ -20,7 +20,9 @@ NaN), the clamp keeps NaN (comparisons with NaN are false), and a NaN ``p`` or `
 never "inside", so its shift is ``clamp(q) - clamp(p)`` = NaN.
 
 Limits: those of ``combine.py`` (one dtype and device, contiguous operands, rows shorter than
-2**31 elements); ``low < high``, both finite or infinite, checked by ``gradguide.ops``.
+2**31 elements); ``low < high`` (checked by ``gradguide.ops``), passed as fp32 kernel
+arguments like combine's clamp bounds (exact for the usual ±1; a bound not representable in
+fp32 is rounded to it, also for fp64 operands).
 
 Reference: :func:`reference` below (the maths of ``gradguide.ops.reference.clip_shift`` in
 the kernel's accumulation dtype).

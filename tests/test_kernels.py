@@ -698,6 +698,7 @@ def test_triton_clip_shift_bounds_and_nonfinite(dtype):
     dtype (p == bound counts as clipped); NaN and ±inf follow the reference (NaN in, NaN out;
     an infinite p clips to the bound; inf − inf is NaN)."""
     _backend("triton")
+    from kernels import clip_shift as kclip
     vals = [1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 0.75, 1.5, -3.0, 0.0, 0.25]
     x = torch.tensor([vals, vals[::-1]], dtype=dtype)
     for cp, cs in ((1.0, 0.5), (1.0, -0.5), (-1.0, 0.25), (2.0, -4.0)):
@@ -706,6 +707,8 @@ def test_triton_clip_shift_bounds_and_nonfinite(dtype):
         got_c, got_s = ops.clip_shift(coef_p, coef_s, [x], CLIP, backend="triton")
         want_c, want_s = reference.clip_shift(coef_p, coef_s, [x.double()], CLIP)
         assert torch.equal(got_c.double(), want_c) and torch.equal(got_s.double(), want_s), (cp, cs)
+        own_c, own_s = kclip.reference(coef_p, coef_s, [x], CLIP)   # the kernel file's own reference
+        assert torch.equal(own_c, got_c) and torch.equal(own_s, got_s)
     operands = [t.clone() for t in _operands((2, 3, 5), 3, dtype, seed=7)]
     operands[1][0, 1, 2] = float("nan")
     operands[2][1, 0, 4] = float("inf")
