@@ -10,10 +10,14 @@ Design
 ------
 Grid, tiles and loads of ``combine.py``: ``(rows, blocks)`` with a row a sample, one pointer
 argument per operand, 128-bit loads when rows keep 16-byte alignment, K <= 8 operands loaded
-once each and accumulated into both ``p`` and ``s`` (fp32; fp64 for fp64 operands, as the
-CUDA op ``csrc/gradguide_ops_cuda.cu``). The float64 coefficient rows ``[1 or B, K]`` are read
-through strides (0 on a broadcast batch dimension; no expand, cast or copy in the glue) and
-rounded to the accumulator once per program. Two stores, in the operands' dtype.
+once each and accumulated into both ``p`` and ``s`` in float64 for every dtype, as the
+reference and the native CPU op do: ``p`` is an x̂_0 = (x − √(1−ᾱ) ε)/√ᾱ whose weights (~160
+at t = 999) cancel to a result of size 1, and a float32 accumulator here put issue 12's
+float32-vs-float64 sample error over 1e-4 (1.4-3.9e-4, tests/test_precision.py); products of
+fp16/bf16/fp32 values are exact in float64. The cost is 2K float64 FMAs per element, under
+the memory bound on A100/H100 (fp64 at half the fp32 rate). The float64 coefficient rows
+``[1 or B, K]`` are read through strides (0 on a broadcast batch dimension; no expand, cast or
+copy in the glue). Two stores, rounded once to the operands' dtype.
 
 NaN and inf follow the reference: every operand is multiplied by both weights (0 * inf =
 NaN), the clamp keeps NaN (comparisons with NaN are false), and a NaN ``p`` or ``p + s`` is
@@ -24,8 +28,7 @@ Limits: those of ``combine.py`` (one dtype and device, contiguous operands, rows
 arguments like combine's clamp bounds (exact for the usual ±1; a bound not representable in
 fp32 is rounded to it, also for fp64 operands).
 
-Reference: :func:`reference` below (the maths of ``gradguide.ops.reference.clip_shift`` in
-the kernel's accumulation dtype).
+Reference: :func:`reference` below (the maths of ``gradguide.ops.reference.clip_shift``).
 """
 from __future__ import annotations
 
@@ -33,14 +36,14 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import NUM_WARPS, acc_dtype, pointers
-from .combine import launch_config, tl_acc
+from ._common import NUM_WARPS, pointers, tile_rows
+from .combine import MAX_GRID_1, launch_config
 
 
-def reference(coef_p, coef_s, operands, clip, acc=None):
-    """Plain torch in ``acc`` (default: the kernel's accumulation dtype); coefs ``[1 or B, K]``."""
+def reference(coef_p, coef_s, operands, clip):
+    """Plain torch, accumulated in float64 as the kernel; coefs ``[1 or B, K]``."""
     first = operands[0]
-    acc = acc or acc_dtype(first.dtype)
+    acc = torch.float64
     b, k = first.shape[0], len(operands)
     rows = torch.stack([op.reshape(b, -1).to(acc) for op in operands], dim=1)     # [B, K, N]
     p = (coef_p.to(acc).expand(b, k).unsqueeze(-1) * rows).sum(1)
@@ -136,8 +139,13 @@ def clip_shift(coef_p, coef_s, operands, clip):
     if first.numel() == 0:
         return clipped, shift
     block, align, blocks, iters = launch_config(n, first.dtype)
+    if align == 1:   # scalar loads: 2 elements a thread (not a vector's worth), so the float64
+        block = tile_rows() * 2   # accumulators of fp16/bf16/fp32 rows stay within 64 registers
+        tiles = -(-n // block)
+        iters = -(-tiles // MAX_GRID_1)
+        blocks = -(-tiles // iters)
     _clip_shift[(b, blocks)](*pointers(operands), coef_p, coef_s, *_strides(coef_p, "coef_p"),
                              *_strides(coef_s, "coef_s"), clipped, shift, n // align, iters,
                              float(clip[0]), float(clip[1]), K=len(operands), ALIGN=align, BLOCK=block,
-                             ACC=tl_acc(first.dtype), num_warps=NUM_WARPS)
+                             ACC=tl.float64, num_warps=NUM_WARPS)
     return clipped, shift
