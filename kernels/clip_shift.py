@@ -17,7 +17,8 @@ float32-vs-float64 sample error over 1e-4 (1.4-3.9e-4, tests/test_precision.py);
 fp16/bf16/fp32 values are exact in float64. The cost is 2K float64 FMAs per element, under
 the memory bound on A100/H100 (fp64 at half the fp32 rate). The float64 coefficient rows
 ``[1 or B, K]`` are read through strides (0 on a broadcast batch dimension; no expand, cast or
-copy in the glue). Two stores, rounded once to the operands' dtype.
+copy in the glue). Two stores in the operands' dtype (fp16/bf16 through fp32: a double
+rounding, at most one unit in the last place on a tie).
 
 NaN and inf follow the reference: every operand is multiplied by both weights (0 * inf =
 NaN), the clamp keeps NaN (comparisons with NaN are false), and a NaN ``p`` or ``p + s`` is
@@ -78,7 +79,8 @@ def _acc2(x, a, b, offs, m, p, s, ACC: tl.constexpr):
 
 @triton.jit(do_not_specialize=["NR", "ITERS"])
 def _clip_shift(x0, x1, x2, x3, x4, x5, x6, x7, cp, cs, cp_sb, cp_sk, cs_sb, cs_sk, out_c, out_s, NR, ITERS,
-                low, high, K: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+                low, high, K: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
+                OUT64: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     wp = cp + row * cp_sb
     ws = cs + row * cs_sb
@@ -117,6 +119,9 @@ def _clip_shift(x0, x1, x2, x3, x4, x5, x6, x7, cp, cs, cp_sb, cp_sk, cs_sb, cs_
         pc = _clip(p, lo, hi)
         inside = (p > lo) & (p < hi) & (q > lo) & (q < hi)
         shift = tl.where(inside, s, _clip(q, lo, hi) - pc)   # exactly s where nothing clips
+        if not OUT64:   # float64 -> fp32 -> dtype (the interpreter's direct float64 -> bf16 is wrong)
+            pc = pc.to(tl.float32)
+            shift = shift.to(tl.float32)
         tl.store(out_c + offs, pc.to(out_c.dtype.element_ty), mask=m)
         tl.store(out_s + offs, shift.to(out_s.dtype.element_ty), mask=m)
 
@@ -147,5 +152,6 @@ def clip_shift(coef_p, coef_s, operands, clip):
     _clip_shift[(b, blocks)](*pointers(operands), coef_p, coef_s, *_strides(coef_p, "coef_p"),
                              *_strides(coef_s, "coef_s"), clipped, shift, n // align, iters,
                              float(clip[0]), float(clip[1]), K=len(operands), ALIGN=align, BLOCK=block,
-                             ACC=tl.float64, num_warps=NUM_WARPS)
+                             ACC=tl.float64,
+                             OUT64=first.dtype == torch.float64, num_warps=NUM_WARPS)
     return clipped, shift
