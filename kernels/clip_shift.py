@@ -71,16 +71,22 @@ def _w(row_ptr, sk, k: tl.constexpr, K: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _acc2(x, a, b, offs, m, p, s, ACC: tl.constexpr):
-    """One operand's tile into both sums: p += a * x, s += b * x."""
+def _acc2(x, a, b, wp, ws, sp, ss, k: tl.constexpr, offs, m, p, s, ACC: tl.constexpr, LATE: tl.constexpr):
+    """Operand k's tile into both sums: p += a * x, s += b * x. LATE: the two float64 weights
+    are loaded here, next to their use (one cached 8-byte load each per tile), instead of
+    hoisted for all K: fp32 rows (4 float64 lanes of two sums) with 2K hoisted float64 weights
+    need 72-80 registers at K = 7, 8; fp16/bf16 rows (8 lanes) fit only with them hoisted."""
     v = tl.load(x + offs, mask=m, other=0.0).to(ACC)
+    if LATE:
+        a = tl.load(wp + k * sp).to(ACC)
+        b = tl.load(ws + k * ss).to(ACC)
     return p + a * v, s + b * v
 
 
 @triton.jit(do_not_specialize=["NR", "ITERS"])
 def _clip_shift(x0, x1, x2, x3, x4, x5, x6, x7, cp, cs, cp_sb, cp_sk, cs_sb, cs_sk, out_c, out_s, NR, ITERS,
                 low, high, K: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-                OUT64: tl.constexpr):
+                NARROW: tl.constexpr, LATE: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     wp = cp + row * cp_sb
     ws = cs + row * cs_sb
@@ -98,28 +104,28 @@ def _clip_shift(x0, x1, x2, x3, x4, x5, x6, x7, cp, cs, cp_sb, cp_sk, cs_sb, cs_
         e = (blk + i * blocks) * BLOCK + tl.arange(0, BLOCK)
         m = e < N
         offs = base + e
-        v = tl.load(x0 + offs, mask=m, other=0.0).to(ACC)
-        p = a0 * v
-        s = b0 * v
+        p = tl.zeros([BLOCK], dtype=ACC)
+        s = tl.zeros([BLOCK], dtype=ACC)
+        p, s = _acc2(x0, a0, b0, wp, ws, cp_sk, cs_sk, 0, offs, m, p, s, ACC, LATE)
         if K > 1:
-            p, s = _acc2(x1, a1, b1, offs, m, p, s, ACC)
+            p, s = _acc2(x1, a1, b1, wp, ws, cp_sk, cs_sk, 1, offs, m, p, s, ACC, LATE)
         if K > 2:
-            p, s = _acc2(x2, a2, b2, offs, m, p, s, ACC)
+            p, s = _acc2(x2, a2, b2, wp, ws, cp_sk, cs_sk, 2, offs, m, p, s, ACC, LATE)
         if K > 3:
-            p, s = _acc2(x3, a3, b3, offs, m, p, s, ACC)
+            p, s = _acc2(x3, a3, b3, wp, ws, cp_sk, cs_sk, 3, offs, m, p, s, ACC, LATE)
         if K > 4:
-            p, s = _acc2(x4, a4, b4, offs, m, p, s, ACC)
+            p, s = _acc2(x4, a4, b4, wp, ws, cp_sk, cs_sk, 4, offs, m, p, s, ACC, LATE)
         if K > 5:
-            p, s = _acc2(x5, a5, b5, offs, m, p, s, ACC)
+            p, s = _acc2(x5, a5, b5, wp, ws, cp_sk, cs_sk, 5, offs, m, p, s, ACC, LATE)
         if K > 6:
-            p, s = _acc2(x6, a6, b6, offs, m, p, s, ACC)
+            p, s = _acc2(x6, a6, b6, wp, ws, cp_sk, cs_sk, 6, offs, m, p, s, ACC, LATE)
         if K > 7:
-            p, s = _acc2(x7, a7, b7, offs, m, p, s, ACC)
+            p, s = _acc2(x7, a7, b7, wp, ws, cp_sk, cs_sk, 7, offs, m, p, s, ACC, LATE)
         q = p + s
         pc = _clip(p, lo, hi)
         inside = (p > lo) & (p < hi) & (q > lo) & (q < hi)
         shift = tl.where(inside, s, _clip(q, lo, hi) - pc)   # exactly s where nothing clips
-        if not OUT64:   # float64 -> fp32 -> dtype (the interpreter's direct float64 -> bf16 is wrong)
+        if NARROW:   # fp16/bf16: float64 -> fp32 -> dtype (the interpreter's direct float64 -> bf16 is wrong)
             pc = pc.to(tl.float32)
             shift = shift.to(tl.float32)
         tl.store(out_c + offs, pc.to(out_c.dtype.element_ty), mask=m)
@@ -153,5 +159,6 @@ def clip_shift(coef_p, coef_s, operands, clip):
                              *_strides(coef_s, "coef_s"), clipped, shift, n // align, iters,
                              float(clip[0]), float(clip[1]), K=len(operands), ALIGN=align, BLOCK=block,
                              ACC=tl.float64,
-                             OUT64=first.dtype == torch.float64, num_warps=NUM_WARPS)
+                             NARROW=first.dtype in (torch.float16, torch.bfloat16),
+                             LATE=first.dtype == torch.float32, num_warps=NUM_WARPS)
     return clipped, shift

@@ -86,7 +86,7 @@ def variants(subset: str = "all") -> List[Variant]:
                     for clamp in (False, True):
                         out.append(Variant("combine", dt, k, aligned, clamp))
                         out.extend(Variant("fused", dt, k, aligned, clamp, p) for p in POLICIES)
-                out.append(Variant("clip_shift", dt, k, aligned, True))
+                    out.append(Variant("clip_shift", dt, k, aligned, True))
         return out
     for dt in DTYPES:
         for k in (1, 4, 8):
