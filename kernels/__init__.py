@@ -1,4 +1,4 @@
-"""Triton kernels of gradguide's two passes (reduce, combine, fused policy combine).
+"""Triton kernels of gradguide's two passes (reduce, combine, fused policy combine, clip_shift).
 
 Only :mod:`gradguide.ops` imports this package (lazily, through
 ``gradguide/ops/triton_backend.py``); each kernel file states its design and limits in its

@@ -33,7 +33,9 @@ def _kernel_rows(gates, arch, variant):
 
 def test_every_ci_variant_compiles_for_both_archs(gates):
     variants = cg.variants("ci")
-    assert {v.op for v in variants} == {"reduce", "combine", "fused"}
+    assert {v.op for v in variants} == {"reduce", "combine", "fused", "clip_shift"}
+    assert {v.k for v in variants if v.op == "clip_shift" and v.dtype == "fp32"} == set(range(1, 9))
+    assert {v.dtype for v in variants if v.op == "clip_shift"} == set(cg.DTYPES)
     assert {v.policy for v in variants if v.op == "fused"} == set(cg.POLICIES)
     assert {v.dtype for v in variants} == set(cg.DTYPES) and {1, 8} <= {v.k for v in variants}
     assert {v.aligned for v in variants} == {True, False} and {v.clamp for v in variants} == {True, False}
@@ -41,7 +43,8 @@ def test_every_ci_variant_compiles_for_both_archs(gates):
         for v in variants:
             main = [r for r in _kernel_rows(gates, arch, v) if r["kernel"] != "_reduce_finish"]
             assert len(main) == 1, (arch, v.name)  # one distinct specialisation per variant
-            assert main[0]["kernel"] == {"reduce": "_reduce_partials", "combine": "_combine", "fused": "_fused"}[v.op]
+            assert main[0]["kernel"] == {"reduce": "_reduce_partials", "combine": "_combine", "fused": "_fused",
+                                         "clip_shift": "_clip_shift"}[v.op]
 
 
 def test_no_spills(gates):
@@ -51,10 +54,11 @@ def test_no_spills(gates):
 
 
 def test_registers(gates):
-    """<= 64 registers for every kernel: combine, fused, both reduce stages, every K and dtype."""
+    """<= 64 registers for every kernel: combine, fused, clip_shift, both reduce stages, every K and dtype."""
     over = [(r["arch"], r["variant"], r["kernel"], r["registers"]) for r in gates["rows"] if r["registers"] > 64]
     assert not over
-    assert cg.REG_LIMIT == 64 and {r["kernel"] for r in gates["rows"]} >= {"_reduce_partials", "_combine", "_fused"}
+    assert cg.REG_LIMIT == 64 and {r["kernel"] for r in gates["rows"]} >= {"_reduce_partials", "_combine", "_fused",
+                                                                       "_clip_shift"}
 
 
 def test_operand_loads_are_128_bit_when_aligned(gates):

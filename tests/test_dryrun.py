@@ -210,3 +210,24 @@ def test_issue11_targets_on_triton(key):
     assert not {"aten.constant_pad_nd", "aten._to_copy", "aten.clone", "aten.bmm"} & set(ops_), ops_
     table = dryrun.targets_table({"combinations": [dict(s, sampler=key[0], guidance=key[1], projection=key[2])]})
     assert table.splitlines()[-1].endswith("| yes |")
+
+
+def test_ddim_clip_cfg_pxp_c_on_triton_runs_the_clip_shift_kernel():
+    """ddim-clip + cfg + policy C on "triton": the clipped branch difference (issue 12's
+    clamp(p + s) − clamp(p)) is the Triton clip_shift kernel, not the torch reference (which
+    made this step 28 launches at 58x the minimum bytes): <= 8 launches, and the big-tensor
+    traffic is exactly the plan's four passes: clip_shift (read x, both model outputs; write
+    the clipped x̂_0 and the shift), the reduce over those two, the fused pxp-c combine (read
+    2, write x̂_0) and the linear x_next (read 2, write 1): 13 tensors, 1.86x the 7-tensor
+    minimum of a two-pass step that recomputes the clip in both passes (issue 11's 1.5x would
+    need clip_shift folded into the reduce and the combine)."""
+    r = dryrun.run_combination("ddim-clip", "cfg", "C", backend="triton")
+    assert r["status"] == "ok" and r["backend"] == "triton"
+    s = dryrun.summarize(r)
+    ops_ = next(iter(r["steps_measured"].values()))["guidance"]["ops"]
+    assert ops_["gradguide_triton.clip_shift"]["launches"] == 1, ops_
+    assert not {"aten.clamp", "aten.where", "aten.sub", "aten.stack", "aten._to_copy"} & set(ops_), ops_
+    assert s["guidance_launches"] <= 8, ops_
+    big = sum(o["large_bytes"] for o in ops_.values())
+    assert s["minimum_bytes"] == 7 * S and big == s["guidance_bytes"] == 13 * S, (big, s)
+    assert s["ratio"] <= 1.9, s

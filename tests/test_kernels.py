@@ -627,6 +627,128 @@ def test_triton_fused_step_launches_one_kernel_and_no_small_ops():
         assert counter.ops == want, (policy, counter.ops)
 
 
+# -- clip_shift: clamp(p) and clamp(p + s) − clamp(p) (kernels/clip_shift.py) -------------------
+
+CLIP = (-1.0, 1.0)
+
+
+def _clip_shift_truth(coef_p, coef_s, operands):
+    """float64 truth of both outputs, the scales Σ|c_k||x_k| of p and s, and p, q = p + s."""
+    exact = [op.double() for op in operands]
+    b, k = exact[0].shape[0], len(exact)
+    rows = torch.stack([x.reshape(b, -1) for x in exact], 1)
+    absr = rows.abs()
+    cp, cs = coef_p.double().expand(b, k).unsqueeze(-1), coef_s.double().expand(b, k).unsqueeze(-1)
+    p, s = (cp * rows).sum(1), (cs * rows).sum(1)
+    scale_p, scale_s = (cp.abs() * absr).sum(1), (cs.abs() * absr).sum(1)
+    clipped, shift = reference.clip_shift(coef_p.double(), coef_s.double(), exact, CLIP)
+    shape = exact[0].shape
+    return clipped, shift, *(t.reshape(shape) for t in (scale_p, scale_s, p, p + s))
+
+
+def _check_clip_shift(coef_p, coef_s, operands):
+    got_c, got_s = ops.clip_shift(coef_p, coef_s, operands, CLIP, backend="triton")
+    dtype = operands[0].dtype
+    assert got_c.dtype == got_s.dtype == dtype and got_c.shape == got_s.shape == operands[0].shape
+    clipped, shift, scale_p, scale_s, p, q = _clip_shift_truth(coef_p, coef_s, operands)
+    tol = COMBINE_TOL[dtype]
+    fin = torch.isfinite(scale_p) & torch.isfinite(scale_s)
+    # non-finite elements: the same NaNs and the same values elsewhere (bounds, 0, their difference)
+    assert torch.equal(torch.isnan(got_c), torch.isnan(clipped)) and torch.equal(torch.isnan(got_s), torch.isnan(shift))
+    for got, want in ((got_c, clipped), (got_s, shift)):
+        odd = ~fin & ~torch.isnan(want)
+        assert torch.equal(got.double()[odd], want[odd])
+    err_c = (got_c.double() - clipped).abs()[fin]
+    assert (err_c <= tol * scale_p[fin] + 1e-300).all(), (dtype, float((err_c / scale_p[fin]).max()))
+    # the shift keeps s's own relative precision wherever p and q are clearly inside the bounds
+    # (a difference of clamped values would be off by ~eps·|p| there, >> tol·|s| for a small
+    # s); where one clips it is bound − p (p's absolute precision), and within the
+    # accumulator's error of a bound the clip decision may go either way
+    margin = 4 * tol * (scale_p + scale_s)
+    away = fin & (p > CLIP[0] + margin) & (p < CLIP[1] - margin) & (q > CLIP[0] + margin) & (q < CLIP[1] - margin)
+    err_s = (got_s.double() - shift).abs()
+    spacing = torch.finfo(dtype).smallest_normal * torch.finfo(dtype).eps   # a subnormal output's rounding
+    assert (err_s[away] <= tol * scale_s[away] + spacing).all(), (dtype, float((err_s[away] / scale_s[away]).max()))
+    assert (err_s[fin] <= 2 * tol * (scale_p + scale_s)[fin] + 1e-300).all()
+    return got_c, got_s, away
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_clip_shift_matches_float64_truth(dtype):
+    """The Triton clip_shift against the float64 truth on fresh random inputs: odd rows, B = 1,
+    rows a multiple of 8 (the 128-bit path), K = 1..8, coefficient rows [1, K] (broadcast),
+    [B, K] and a strided view, p spread over ±3 (much of it clipped) and a shift 1e-3 of it."""
+    _backend("triton")
+    g = torch.Generator().manual_seed(1000 + DTYPES.index(dtype))
+    cases = [((1, 1023), 1, 1), ((3, 7, 13), 3, 3), ((2, 4096), 8, 1), ((4, 5, 3), 5, 4), ((2, 16), 2, 2)]
+    inside_seen = 0
+    for shape, k, bc in cases:
+        operands = [torch.randn(shape, generator=g, dtype=torch.float64).mul(1 + j).to(dtype) for j in range(k)]
+        coef_p = torch.randn(bc, k, generator=g, dtype=torch.float64) * 1.5 / k
+        coef_s = torch.randn(bc, k, generator=g, dtype=torch.float64) * 1e-3
+        if bc == 4:   # a strided [B, K] view (the K stride is 2): read in place, not copied
+            coef_p = torch.randn(bc, 2 * k, generator=g, dtype=torch.float64)[:, ::2] * 1.5 / k
+        inside_seen += int(_check_clip_shift(coef_p, coef_s, operands)[2].sum())
+    assert inside_seen > 1000   # the precision check above actually ran on many elements
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_clip_shift_bounds_and_nonfinite(dtype):
+    """Values exactly at and over the bounds give the exact clipped values and shifts in every
+    dtype (p == bound counts as clipped); NaN and ±inf follow the reference (NaN in, NaN out;
+    an infinite p clips to the bound; inf − inf is NaN)."""
+    _backend("triton")
+    from kernels import clip_shift as kclip
+    vals = [1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 0.75, 1.5, -3.0, 0.0, 0.25]
+    x = torch.tensor([vals, vals[::-1]], dtype=dtype)
+    for cp, cs in ((1.0, 0.5), (1.0, -0.5), (-1.0, 0.25), (2.0, -4.0)):
+        coef_p = torch.tensor([[cp]], dtype=torch.float64)
+        coef_s = torch.tensor([[cs]], dtype=torch.float64)
+        got_c, got_s = ops.clip_shift(coef_p, coef_s, [x], CLIP, backend="triton")
+        want_c, want_s = reference.clip_shift(coef_p, coef_s, [x.double()], CLIP)
+        assert torch.equal(got_c.double(), want_c) and torch.equal(got_s.double(), want_s), (cp, cs)
+        own_c, own_s = kclip.reference(coef_p, coef_s, [x], CLIP)   # the kernel file's own reference
+        assert torch.equal(own_c, got_c) and torch.equal(own_s, got_s)
+    operands = [t.clone() for t in _operands((2, 3, 5), 3, dtype, seed=7)]
+    operands[1][0, 1, 2] = float("nan")
+    operands[2][1, 0, 4] = float("inf")
+    operands[0][1, 2, 0] = float("-inf")
+    for coef_s in (torch.tensor([[0.1, 0.0, 0.2]]), torch.tensor([[0.1, -0.3, -0.2]]), torch.zeros(1, 3)):
+        coef_p = torch.tensor([[1.0, 0.5, 0.0]], dtype=torch.float64)   # zero weight on an inf: NaN
+        got_c, got_s, _ = _check_clip_shift(coef_p, coef_s.double(), operands)
+        assert torch.isnan(got_c[0, 1, 2]) and torch.isnan(got_s[0, 1, 2]) and torch.isnan(got_c[1, 0, 4])
+        assert got_c[1, 2, 0] == -1.0
+
+
+def test_triton_clip_shift_is_one_launch():
+    """ops.clip_shift_unchecked on "triton" is one custom op (no torch fallback, no coefficient
+    expand/cast): the [1, K] float64 views of a fused step's table column go in as they are."""
+    _backend("triton")
+    from gradguide.bench.step_launches import LaunchCounter
+    operands = _operands((2, 3, 8), 4, torch.float32, seed=4)
+    column = torch.randn(8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    counter = LaunchCounter(big_numel=operands[0].numel())
+    with counter:
+        ops.clip_shift_unchecked(column[:4].view(1, 4), column[4:].view(1, 4), operands, CLIP, "triton")
+    assert counter.ops == ["gradguide_triton::clip_shift"], counter.ops
+
+
+def test_triton_clip_shift_compile_fullgraph():
+    """torch.compile(fullgraph=True) traces ops.clip_shift on "triton" (one opaque custom op)
+    and matches eager."""
+    _backend("triton")
+    operands = _operands((2, 3, 8), 3, torch.float32, seed=3)
+
+    def step(a, b, c, cp, cs):
+        clipped, shift = ops.clip_shift(cp, cs, [a, b, c], CLIP, backend="triton")
+        return clipped + shift
+
+    cp = torch.randn(1, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    torch._dynamo.reset()
+    got = torch.compile(step, fullgraph=True)(*operands, cp, 0.01 * cp)
+    torch.testing.assert_close(got, step(*operands, cp, 0.01 * cp))
+
+
 # -- custom ops: opcheck, FakeTensor, torch.compile ------------------------------------------------
 
 def _triton_op_cases():
@@ -641,7 +763,10 @@ def _triton_op_cases():
             (t.combine_out.default, (coef, operands, None, 1.0, out)),
             (t.fused_combine.default, ("cfg", None, [coef] * 3, [torch.full((1,), 2.0)], operands, None, None)),
             (t.fused_combine_out.default, ("gloss", gram, [coef] * 2, [torch.ones(1)] * 3 + [torch.randn(2), torch.ones(1)],
-                                            operands, -1.0, 1.0, out))] + _step_op_cases(operands)
+                                            operands, -1.0, 1.0, out)),
+            (t.clip_shift.default, (coef[:1, 0].double(), 0.01 * coef[:1, 1].double(), operands, -1.0, 1.0)),
+            (t.clip_shift.default, (coef[:, 0].double(), coef[:, :, 1].double(), operands, -0.5, 2.0))] \
+        + _step_op_cases(operands)
 
 
 def _step_op_cases(operands):
@@ -686,9 +811,13 @@ def test_triton_ops_under_fake_cuda_tensors():
         one = column.narrow(0, 0, 1)                                          # cuda tensors on CPU torch)
         look = triton_backend.fused_combine("lookahead", torch.empty(4, 3, 3, 3, device="cuda"), vec,
                                             [one] * 3 + [torch.ones(4, device="cuda")] + [one] * 4, operands)
+        clipped, shift = triton_backend.clip_shift(column.narrow(0, 0, 5).view(1, 5), column.narrow(0, 5, 5).view(1, 5),
+                                                   operands, (-1.0, 1.0))
     assert gram.shape == (4, 3, 5, 5) and gram.dtype == torch.float32 and gram.device.type == "cuda"
     assert sums.shape == (4, 3, 5) and out.shape == fused.shape == (4, 3, 8) and out.dtype == torch.bfloat16
     assert same is into and look.shape == (4, 3, 8) and look.dtype == torch.bfloat16 and look.device.type == "cuda"
+    assert clipped.shape == shift.shape == (4, 3, 8) and clipped.dtype == shift.dtype == torch.bfloat16
+    assert clipped.device.type == shift.device.type == "cuda"
 
 
 def test_triton_ops_compile_fullgraph():

@@ -59,7 +59,7 @@ ALIGNED_N, UNALIGNED_N = 4096, 4095  # row lengths: a multiple of every vector w
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    op: str  # "reduce", "combine" or "fused"
+    op: str  # "reduce", "combine", "fused" or "clip_shift" (always clamped: clamp=True)
     dtype: str
     k: int
     aligned: bool  # 16-byte aligned operands and rows of a multiple of 8 elements
@@ -86,6 +86,7 @@ def variants(subset: str = "all") -> List[Variant]:
                     for clamp in (False, True):
                         out.append(Variant("combine", dt, k, aligned, clamp))
                         out.extend(Variant("fused", dt, k, aligned, clamp, p) for p in POLICIES)
+                    out.append(Variant("clip_shift", dt, k, aligned, True))
         return out
     for dt in DTYPES:
         for k in (1, 4, 8):
@@ -98,6 +99,11 @@ def variants(subset: str = "all") -> List[Variant]:
         out.append(Variant("fused", "bf16", 5, True, i % 2 == 1, p))
     out += [Variant("fused", "fp16", 8, True, True, "pxp-b"), Variant("fused", "fp64", 4, True, False, "apg"),
             Variant("fused", "fp32", 4, False, True, "gloss")]
+    # clip_shift: every K in fp32 (two accumulators per operand load: the register-heaviest
+    # streaming loop), K = 1 and 8 in the other dtypes, two unaligned row lengths
+    out += [Variant("clip_shift", "fp32", k, True, True) for k in range(1, 9)]
+    out += [Variant("clip_shift", dt, k, True, True) for dt in ("fp16", "bf16", "fp64") for k in (1, 8)]
+    out += [Variant("clip_shift", "fp32", 3, False, True), Variant("clip_shift", "bf16", 5, False, True)]
     return out
 
 
@@ -175,6 +181,10 @@ def launch(v: Variant) -> None:
         triton_backend.reduce(ops, 1)
     elif v.op == "combine":
         triton_backend.combine(torch.zeros(2, 1, v.k, dtype=acc), ops, clamp=clamp)
+    elif v.op == "clip_shift":
+        # as a fused step launches it (stepplan.run_stages): [1, K] float64 views of the table column
+        column = torch.zeros(2 * v.k, dtype=torch.float64)
+        triton_backend.clip_shift(column[:v.k].view(1, v.k), column[v.k:].view(1, v.k), ops, clamp)
     else:
         # as a fused step launches it (gradguide.stepplan.run_stages): the coefficient vectors
         # are [1, 1, K] float64 views into the step's table column, the scalars 1-element float64

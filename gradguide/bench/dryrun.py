@@ -452,7 +452,7 @@ def _plan_structure(log: dict, variant) -> None:
     """:func:`minimum_bytes`' record for a fused step (``gradguide.stepplan``): the most operands
     any stage's Gram takes, and the operands of each stage whose output is not an intermediate
     (the clipped x̂_0 and its shift are recomputable elementwise, as for the general path: a
-    stage reading one counts the operands it is recomputed from instead)."""
+    stage reading one counts the operands it is recomputed from instead, not nothing)."""
     originals = ("x", "model_cond", "model_uncond")
     clip_pairs = (("x0_clipped", "clip_shift"), ("x0_uncond_clipped", "x0_cfg_diff_clipped"))   # (policy C's)
     intermediates = {name for pair in clip_pairs for name in pair + (",".join(pair),)}

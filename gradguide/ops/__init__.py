@@ -444,7 +444,10 @@ def clip_shift(coef_p: torch.Tensor, coef_s: torch.Tensor, operands: Sequence[to
 
 
 def clip_shift_unchecked(coef_p, coef_s, operands: List[torch.Tensor], clip: tuple, backend: str):
-    """:func:`clip_shift` without checks (native: one C++ pass; else the reference formula)."""
+    """:func:`clip_shift` without checks (native: one C++/CUDA pass; triton: one kernel launch;
+    else the reference formula)."""
     if backend == "native" and native_backend.has_kernel("clip_shift", operands[0].device):
         return native_backend.clip_shift(coef_p, coef_s, operands, clip)
+    if backend == "triton":
+        return triton_backend.clip_shift(coef_p, coef_s, operands, clip)
     return reference.clip_shift(coef_p, coef_s, operands, clip)

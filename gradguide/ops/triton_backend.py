@@ -6,10 +6,11 @@ so what counts is the value of ``TRITON_INTERPRET`` when ``kernels`` is first im
 this module imports it lazily and remembers that mode.
 
 The kernels are registered as custom ops ``torch.ops.gradguide_triton.{reduce, combine,
-combine_out, fused_combine, fused_combine_out}`` with fake (meta) kernels, so a step that
+combine_out, fused_combine, fused_combine_out, clip_shift}`` with fake (meta) kernels, so a step that
 calls them runs under ``FakeTensorMode`` (shapes and devices without data) and is one opaque
 node under ``torch.compile(fullgraph=True)`` (no graph break; Inductor calls the op). The
-public functions below (``reduce``, ``combine``, ``fused_combine``, ``status``) call the ops.
+public functions below (``reduce``, ``combine``, ``fused_combine``, ``clip_shift``, ``status``)
+call the ops.
 """
 from __future__ import annotations
 
@@ -33,7 +34,7 @@ def _load():
     if _state["module"] is None and _state["reason"] is None:
         try:
             import triton  # noqa: F401
-            from kernels import combine, fused, reduce  # noqa: F401
+            from kernels import clip_shift, combine, fused, reduce  # noqa: F401
         except Exception as exc:
             _state["reason"] = f"triton or the kernels package cannot be imported ({exc})"
         else:
@@ -146,6 +147,19 @@ def _(policy, gram, vectors, scalars, operands, low, high, out):
     return None
 
 
+@torch.library.custom_op("gradguide_triton::clip_shift", mutates_args=())
+def _clip_shift_op(coef_p: torch.Tensor, coef_s: torch.Tensor, operands: List[torch.Tensor], low: float,
+                   high: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    return _load().clip_shift.clip_shift(coef_p, coef_s, list(operands), (low, high))
+
+
+@_clip_shift_op.register_fake
+def _(coef_p, coef_s, operands, low, high):
+    first = operands[0]
+    return (torch.empty_like(first, memory_format=torch.contiguous_format),
+            torch.empty_like(first, memory_format=torch.contiguous_format))
+
+
 # -- the backend interface (gradguide.ops calls these, after validating the inputs) ----------------
 
 def _bounds(clamp) -> Tuple[Optional[float], Optional[float]]:
@@ -182,3 +196,9 @@ def fused_combine(policy, gram, vectors, scalars, operands, out=None, clamp=None
     torch.ops.gradguide_triton.fused_combine_out(policy, gram, list(vectors), list(scalars), list(operands), low,
                                                  high, out)
     return out
+
+
+def clip_shift(coef_p, coef_s, operands, clip):
+    """``(clamp(p), clamp(p + s) − clamp(p))`` in one launch (kernels/clip_shift.py); the
+    float64 ``[1 or B, K]`` coefficient rows go to the kernel as they are (strides, no copy)."""
+    return torch.ops.gradguide_triton.clip_shift(coef_p, coef_s, list(operands), float(clip[0]), float(clip[1]))
