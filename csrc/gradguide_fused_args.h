@@ -1,4 +1,5 @@
-// gradguide native ops: the argument checks of gradguide::fused_combine, shared by the CPU op
+// gradguide native ops: the argument checks of gradguide::fused_combine and gradguide::clip_shift,
+// shared by the CPU op
 // (gradguide_ops.cpp) and the CUDA op (gradguide_ops_cuda.cu); host code only.
 //
 //   gradguide::fused_combine(str policy, Tensor[] operands, Tensor? gram, Tensor[] vectors,
@@ -77,6 +78,20 @@ inline ProgramArgs fused_program_args(const char* op, c10::string_view policy_na
               per_sample, ", got ", a.groups);
   n = per_sample / a.groups;
   return a;
+}
+
+// clip_shift's coefficient rows and clip bounds (the operands are checked by the caller):
+// coef_p and coef_s alike, [1 or B, K], float32 or float64, on the operands' device.
+inline void check_clip_shift_args(const char* op, const at::Tensor& coef_p, const at::Tensor& coef_s,
+                                  const at::Tensor& first, int64_t k, double low, double high) {
+  TORCH_CHECK(low < high, op, ": expected low < high, got ", low, " and ", high);
+  const int64_t b = first.size(0);
+  for (const auto* t : {&coef_p, &coef_s})
+    TORCH_CHECK(t->dim() == 2 && (t->size(0) == 1 || t->size(0) == b) && t->size(1) == k &&
+                    t->size(0) == coef_p.size(0) && t->device() == first.device() &&
+                    (t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble),
+                op, ": coef: expected float32/float64 [1 or B=", b, ", K=", k, "] tensors (both alike) on ",
+                first.device(), ", got ", t->sizes(), " ", t->scalar_type());
 }
 
 }  // namespace gradguide

@@ -424,13 +424,8 @@ std::tuple<at::Tensor, at::Tensor> clip_shift_cpu(const at::Tensor& coef_p, cons
   check_operands(ops, op);
   const auto& first = ops[0];
   TORCH_CHECK(first.device().is_cpu(), op, ": operands: expected CPU tensors, got ", first.device());
-  TORCH_CHECK(low < high, op, ": expected low < high, got ", low, " and ", high);
   const int64_t b = first.size(0), k = static_cast<int64_t>(ops.size());
-  for (const auto* t : {&coef_p, &coef_s})
-    TORCH_CHECK(t->dim() == 2 && (t->size(0) == 1 || t->size(0) == b) && t->size(1) == k && t->size(0) == coef_p.size(0) &&
-                    t->device() == first.device() && (t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble),
-                op, ": coef: expected float32/float64 [1 or B=", b, ", K=", k, "] tensors (both alike), got ",
-                t->sizes(), " ", t->scalar_type());
+  check_clip_shift_args(op, coef_p, coef_s, first, k, low, high);
   const int64_t rows = coef_p.size(0);
   std::vector<double> wp(rows * k), ws(rows * k);
   for (int64_t r = 0; r < rows; ++r)

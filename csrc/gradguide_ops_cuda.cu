@@ -444,14 +444,8 @@ std::tuple<at::Tensor, at::Tensor> clip_shift_cuda(const at::Tensor& coef_p, con
   check_cuda_operands(ops, op);
   const auto& first = ops[0];
   c10::cuda::CUDAGuard guard(first.device());
-  TORCH_CHECK(low < high, op, ": expected low < high, got ", low, " and ", high);
   const int64_t b = first.size(0), k = static_cast<int64_t>(ops.size());
-  for (const auto* t : {&coef_p, &coef_s})
-    TORCH_CHECK(t->dim() == 2 && (t->size(0) == 1 || t->size(0) == b) && t->size(1) == k &&
-                    t->size(0) == coef_p.size(0) && t->device() == first.device() &&
-                    (t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble),
-                op, ": coef: expected float32/float64 [1 or B=", b, ", K=", k, "] tensors (both alike) on ",
-                first.device(), ", got ", t->sizes(), " ", t->scalar_type());
+  check_clip_shift_args(op, coef_p, coef_s, first, k, low, high);
   auto view = [](const at::Tensor& t) {
     return ArgView{t.const_data_ptr(), t.size(0) == 1 ? 0 : t.stride(0), 0, t.stride(1),
                    t.scalar_type() == at::kDouble};
