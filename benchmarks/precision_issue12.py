@@ -3,7 +3,8 @@
 Cases (tests/test_precision.py): issue 12's case (DDIM, classifier, PixelAsParam("B",
 granularity="channel"), clip=True, 5 steps; eta 0 and 1, seed 0, scale 1.5), the three draws
 hypothesis found at 1.0-1.5e-4, and policy C (official convention) on the general path
-(dpmpp-2m, CFG 3, clip (-5, 5), the suite's Gaussian mixture). The model and classifier
+(dpmpp-2m, CFG 3, clip (-5, 5), the suite's Gaussian mixture), and APG (scale 3, DDIM, the
+fused step) on the same mixture. The model and classifier
 evaluate in float64 with float32-rounded values in both runs, exactly as the tests.
 
 Per case and backend, max |x32 - x64| / max |x64| measured two ways:
@@ -54,6 +55,9 @@ def cases():
         kw = tp.issue_case(eta, seed, scale)
         kw.pop("fused")
         yield f"hypothesis seed {seed}, eta {eta:g}, scale {scale:g}", seed, kw
+    terms, _, model = tp.TERMS["apg"]
+    yield "APG 3, ddim (fused step)", 0, dict(model=model, shape=(8, 2), schedule=tp.GM.schedule, sampler="ddim",
+                                              steps=6, guidance=terms, cond={"y": tp.Y})
     terms, _, model = tp.TERMS["cfg+C"]
     yield "cfg + C (official), dpmpp-2m, clip", 0, dict(
         model=model, shape=(8, 2), schedule=tp.GM.schedule, sampler="dpmpp-2m", steps=6, guidance=terms,

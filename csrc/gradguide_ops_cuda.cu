@@ -49,10 +49,19 @@ struct Ptrs {
   const scalar_t* p[kMaxKCuda];
 };
 
+// accumulation: double for float and double data (small combinations of large operands cancel:
+// kernels/reduce.py's header, issue 12; per element a few FMAs, far under the memory bound even
+// at consumer GPUs' fp64 rate), float for half/bfloat16 (their products are exact in float)
 template <typename T>
 struct AccOf { using type = float; };
 template <>
+struct AccOf<float> { using type = double; };
+template <>
 struct AccOf<double> { using type = double; };
+
+static at::ScalarType acc_type(at::ScalarType data) {
+  return data == at::kHalf || data == at::kBFloat16 ? at::kFloat : at::kDouble;
+}
 
 static void check_cuda_operands(const std::vector<at::Tensor>& ops, const char* op) {
   TORCH_CHECK(!ops.empty() && ops.size() <= kMaxKCuda, op, ": operands: expected 1 to ", kMaxKCuda,
@@ -158,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_cuda(at::TensorList operands, int64_t 
               "gradguide::reduce: groups: expected a positive divisor of the per-sample size ", per_sample,
               ", got ", groups);
   const int64_t n = per_sample / groups;
-  auto acc = first.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto acc = acc_type(first.scalar_type());
   at::Tensor gram = at::empty({b, groups, k, k}, first.options().dtype(acc));
   at::Tensor sums = at::empty({b, groups, k}, first.options().dtype(acc));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "gradguide_reduce_cuda", [&] {
@@ -225,7 +234,7 @@ void combine_out_cuda(const at::Tensor& coef_in, at::TensorList operands, std::o
   TORCH_CHECK(out.sizes() == first.sizes() && out.scalar_type() == first.scalar_type() &&
                   out.device() == first.device() && out.is_contiguous(),
               "gradguide::combine: out: expected a contiguous tensor like operands[0]");
-  auto acc = first.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  auto acc = acc_type(first.scalar_type());
   at::Tensor coef = coef_in.to(acc).contiguous();
   const int64_t n = per_sample / groups;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "gradguide_combine_cuda", [&] {

@@ -10,7 +10,7 @@ its contiguous slice of row r in tiles ``X[16, BK]``: row k < K of the tile is o
 per thread and tile when rows keep 16-byte alignment: BK = 16 for fp32 (2 warps) and fp64,
 64 for fp16/bf16 (4 warps)), row K is ones and the rest zeros. The tile's Gram ``X X^T`` on
 tensor cores (``tl.dot``) gives every pair's dot product and, in column K, every operand's sum; each tile's Gram starts from zero and is added
-to the program's running fp32 (fp64) ``[16, 16]`` accumulator. At the end each program writes
+to the program's running fp64 (fp32 for fp16/bf16) ``[16, 16]`` accumulator. At the end each program writes
 one partial ``[K, K]`` Gram (both triangles from the upper one, so it is exactly symmetric)
 and ``[K]`` sums. Stage 2 (one program per row) adds a row's partials in a fixed order. No
 atomics: the result is deterministic for a given split count.
@@ -23,15 +23,19 @@ per-thread accumulators fits 64 registers. This design compiles to 30-56 registe
 for every K, dtype and alignment on sm_80 and sm_90; benchmarks/results/kernels-before-after.md
 lists the options measured. Exactness per dtype:
 - fp16 / bf16: products are exact in fp32 (11 / 8-bit significands), summed in fp32;
-- fp64: DMMA (``mma.m8n8k4.f64``), IEEE fp64 fused multiply-adds;
-- fp32: split exactly into three bf16 pieces ``x = hi + mid + lo`` and summed as
-  ``hi hi' + hi mid' + mid hi' + mid mid' + hi lo' + lo hi'`` (six bf16 MMAs, exact products in
-  fp32): the three dropped terms are <= 2**-23 |x_i x_j| per product, the size of one fp32
-  rounding, so the partials keep fp32 accuracy (tf32, 10-bit, would not). The split is exact
-  while the pieces are normal bf16 numbers (|x| >= ~2**-110). A non-finite x splits into
-  (x, 0, 0) and the cross terms use a zeroed hi, so no inf * 0 NaN appears that the reference
-  would not have.
-Within a tile the MMA sums BK products; tiles are added one by one in fp32 (fp64).
+- fp32 and fp64: fp32 tiles are widened to fp64 (exactly) and both go through DMMA
+  (``mma.m8n8k4.f64``): exact products, IEEE fp64 sums, the same Gram as the float64 sums of
+  the native and reference backends. Why fp64 for fp32 (issue 12): the policies take small
+  combinations of large operands (APG's ‖Δ‖ = ‖d_c − d_u‖, x̂_0 = (x − σ ε)/α at high noise),
+  ``uᵀ G u`` cancels, and Gram entries with fp32's ~1e-7 relative error left float32 APG 1.2e-3
+  from float64 (fp32 sums of exact products, as the previous bf16-split design had; a
+  difference basis for cond/uncond alone gave 5.5e-4: x̂_0 cancels too). Cost: a [16, BK]
+  tile's Gram is 2·16·16·BK flops for K·BK elements, 128/K flops per byte of fp32 input, while
+  DMMA peaks at 19.5 (A100) / 67 (H100 SXM) TFLOP/s against 2.0 / 3.35 TB/s: the pass stays at
+  the memory bound for K >= 7 on H100 and runs at ~1.6x (K = 4) to 2.1x (K = 3) of it there,
+  ~3.3x / 4.4x on A100 (a projection; fp64-poor GPUs pay far more). The model call dwarfs it at
+  every size benchmarked (benchmarks/results/gpu-projection-*.md).
+Within a tile the MMA sums BK products; tiles are added one by one in the accumulator's dtype.
 
 Limits: K <= 8 operands of one dtype (fp16, bf16, fp32, fp64), contiguous (the Python glue
 makes them so), all on one device; any N and B (masking, no power-of-two assumption); rows
@@ -69,22 +73,8 @@ def _dot_t(a, b, acc, ACC: tl.constexpr, UPCAST: tl.constexpr):
 def _tile_gram(x, ACC: tl.constexpr, UPCAST: tl.constexpr):
     """``x x^T`` of one [16, BK] tile, exact products summed in ACC (see the header)."""
     if x.dtype == tl.float32:
-        hi = x.to(tl.bfloat16)
-        r = x - hi.to(tl.float32)
-        ok = r == r  # NaN for non-finite x: hi carries it alone, so inf * 0 adds no NaN
-        hf = tl.where(ok, hi, 0.0).to(tl.bfloat16)
-        r = tl.where(ok, r, 0.0)
-        mid = r.to(tl.bfloat16)
-        lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
-        g = _dot_t(hi, hi, None, ACC, UPCAST)
-        g = _dot_t(hf, mid, g, ACC, UPCAST)
-        g = _dot_t(mid, hf, g, ACC, UPCAST)
-        g = _dot_t(mid, mid, g, ACC, UPCAST)
-        g = _dot_t(hf, lo, g, ACC, UPCAST)
-        g = _dot_t(lo, hf, g, ACC, UPCAST)
-    else:
-        g = _dot_t(x, x, None, ACC, UPCAST)
-    return g
+        x = x.to(tl.float64)
+    return _dot_t(x, x, None, ACC, UPCAST)
 
 
 @triton.jit(do_not_specialize=["NR", "ITERS"])
@@ -148,8 +138,8 @@ MAX_SPLITS = 1024
 
 
 def warps(dtype: torch.dtype) -> int:
-    """fp32 takes 2 warps and half-width tiles: its three bf16 pieces' MMA operands grow with BK,
-    and BK = 16 keeps it at <= 56 registers (4 warps, BK = 32: 56-65)."""
+    """fp32 takes 2 warps: BK = 16 is then one 128-bit load per thread and tile, and the tile
+    widened to fp64 is 4 values per thread (32-40 registers on sm_80/sm_90)."""
     return 2 if dtype == torch.float32 else NUM_WARPS
 
 
@@ -171,8 +161,8 @@ def launch_config(n: int, rows: int, dtype: torch.dtype, device: torch.device):
 
 
 def reduce(operands, groups: int = 1):
-    """``(gram[B, G, K, K], sums[B, G, K])`` of K contiguous operands, accumulated in fp32
-    (fp64 for fp64 inputs)."""
+    """``(gram[B, G, K, K], sums[B, G, K])`` of K contiguous operands, accumulated in fp64
+    (fp32 for fp16/bf16 inputs, whose products are exact in fp32)."""
     first = operands[0]
     k = len(operands)
     b = first.shape[0]

@@ -202,15 +202,9 @@ def test_fused_step_on_triton_equals_the_general_reference_path(case):
 @pytest.mark.parametrize("backend", ["reference", "native", "triton"])
 @pytest.mark.parametrize("case", [("ddpm", "classifier", "A", True), ("ddim", "apg", "none", None),
                                   ("ddpm", "lookahead", "none", None), ("ddpm", "cfg", "C", True)])
-def test_fused_step_float32_every_backend(backend, case, request):
+def test_fused_step_float32_every_backend(backend, case):
     if gg.ops.available_backends("cpu")[backend] is not True:
         pytest.skip(f"{backend} not available")
-    if backend == "triton" and case[1] == "apg":
-        # Known, open (issue 12 item 4): the Triton reduce kernel accumulates the Gram in float32,
-        # and APG's ‖d_cond − d_uncond‖ cancels in it (1.2e-3 here; with a float64 Gram the same
-        # fused kernel is 6.5e-6 off, the native op 5.2e-6; the general path on triton is 1.2e-3
-        # too). kernels/reduce.py is being reworked separately. Strict: must pass once fixed.
-        request.node.add_marker(pytest.mark.xfail(strict=True, reason="Triton reduce: float32 Gram (issue 12)"))
     want, _ = _run(*case, fused=False, backend="reference")
     got, run = _run(*case, fused=True, dtype=torch.float32, backend=backend)
     assert run.plan is not None and run.backend == backend

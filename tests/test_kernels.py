@@ -20,8 +20,8 @@ from gradguide.ops import policies, reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # per-dtype bound on |error| / scale: fp32 accumulation for low precision inputs (exact upcast),
-# rounding of the output to the dtype for combine
-REDUCE_TOL = {torch.float32: 2e-5, torch.float16: 2e-5, torch.bfloat16: 2e-5, torch.float64: 1e-12}
+# fp64 for fp32 and fp64 (kernels/_common.py); rounding of the output to the dtype for combine
+REDUCE_TOL = {torch.float32: 1e-12, torch.float16: 2e-5, torch.bfloat16: 2e-5, torch.float64: 1e-12}
 COMBINE_TOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-13}
 
 
@@ -476,22 +476,29 @@ def test_project_backend(backend):
 
 # -- Triton addressing: 128-bit aligned rows, offset (unaligned) operands, split and looped rows ----
 
-def test_triton_reduce_fp32_split_keeps_fp32_accuracy():
-    """The Triton reduce splits fp32 into three bf16 pieces (x = hi + mid + lo) for its tensor-core
-    Gram. x = 1 + 2**-12 + 2**-20 has all three non-zero (lo = 2**-20) and the same sign in every
-    element, so a piece left out of the sum would shift the Gram by >= 2**-19 relative (1.9e-6);
-    fp32 accumulation of 3000 such terms stays within a few 1e-7. Non-finite values pass through
-    (inf where the reference has inf, not the NaN of inf * 0)."""
+def test_triton_reduce_fp32_sums_in_float64():
+    """The Triton reduce widens fp32 tiles to fp64 (exact) and sums on DMMA in fp64 (issue 12:
+    a float32 Gram lost small combinations such as APG's ‖d_c − d_u‖). x = 1 + 2**-12 + 2**-20
+    needs all 24 significand bits, two operands nearly cancel (x and −x(1 + 2**-20)), and
+    3000 same-sign terms: an fp32 accumulator, or products rounded to fewer bits, would be off
+    by >= 1e-7 relative, and the nearly cancelling ‖a + b‖² by far more. Non-finite values pass
+    through (inf where the reference has inf, not the NaN of inf * 0)."""
     _backend("triton")
     x = 1 + 2.0 ** -12 + 2.0 ** -20
     n = 3000
-    ops_ = [torch.full((2, n), x), torch.full((2, n), -3 * x), torch.linspace(-1, 1, 2 * n).view(2, n)]
+    ops_ = [torch.full((2, n), x), torch.full((2, n), -x * (1 + 2.0 ** -20)),
+            torch.linspace(-1, 1, 2 * n).view(2, n)]
     gram, sums = ops.reduce(ops_, 1, backend="triton")
     g64, s64 = reference.reduce([o.double() for o in ops_], 1)
+    assert gram.dtype == torch.float64
     diag = torch.diagonal(g64, dim1=-2, dim2=-1)
     scale = (diag.unsqueeze(-1) * diag.unsqueeze(-2)).sqrt()
-    assert ((gram - g64).abs() / scale).max() <= 5e-7
-    assert ((sums - s64).abs() / n).max() <= 5e-7
+    assert ((gram - g64).abs() / scale).max() <= 1e-13
+    assert ((sums - s64).abs() / n).max() <= 1e-13
+    u = torch.tensor([1.0, 1.0, 0.0], dtype=torch.float64)   # ‖op0 + op1‖², ~4e-13 of ‖op0‖²
+    small = torch.einsum("k,bgkl,l->bg", u, gram, u)
+    small64 = torch.einsum("k,bgkl,l->bg", u, g64, u)
+    assert ((small - small64).abs() / small64).max() <= 1e-3
     inf = [torch.full((1, 64), x), torch.full((1, 64), x)]
     inf[0][0, 5] = float("inf")
     got = ops.reduce(inf, 1, backend="triton")[0]
@@ -772,7 +779,7 @@ def _triton_op_cases():
 def _step_op_cases(operands):
     """``linear`` and ``lookahead`` with the inputs a fused step passes: [1, 1, K] float64 views
     of the step's table column, 1-element views as scalars (a [B] target), a float32 Gram of the
-    first Kg < K operands (groups 3)."""
+    first Kg < K operands (groups 3; a fused kernel reads any float Gram)."""
     t = torch.ops.gradguide_triton
     k = len(operands)
     column = torch.randn(4 * k + 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

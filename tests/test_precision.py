@@ -173,16 +173,11 @@ def test_property_float32_matches_float64_across_seeds(seed, eta, scale):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float32_cases_found_by_hypothesis(seed, eta, scale, backend):
     """Found by hypothesis at 1.0-1.5e-4 when the float64 run started from the unrounded x_T
-    and noise; like with like they are 3-6e-5 on reference and native: the strict goal, no
-    floor. Triton (interpreted) forms the Gram on tensor-core tiles with float32 sums inside a
-    tile, and two of these cases land at 1.1e-4 / 2.3e-4 there, inside their float32 floors
-    (1.65e-4 / 3.9e-4): held to the floor rule, and the strict goal is reported as an xfail
-    there (a pass once the error is under 1e-4)."""
+    and noise; like with like they are 3-6e-5 on reference and native. Triton reached 1.1e-4 /
+    2.3e-4 on two of them while its kernels summed float32 data in float32 (tensor-core tiles):
+    they sum in float64 now (kernels/reduce.py), like the other backends."""
     kw = issue_case(eta, seed, scale)
     err = _pair(backend, seed=seed, **kw)
-    if backend == "triton" and err > TOL:
-        check_float32(err, seed=seed, **kw)
-        pytest.xfail(f"strict 1e-4 goal on triton: {err:.3g} (within the float32 floor; issue 12)")
     assert err <= TOL
 
 

@@ -489,8 +489,8 @@ def markdown(result: Dict[str, object], arch: int, command: str) -> str:
              "warp/block limits, not a measurement. 'aligned': 16-byte aligned operands, rows of 4096 "
              "elements; 'unaligned': operands offset by one element, rows of 4095 (scalar loads expected).",
              "", "Note on `_reduce_partials`: it accumulates each tile's Gram on tensor cores (`tl.dot` of a "
-             "[16, BK] tile with itself; fp32 inputs split exactly into three bf16 pieces, six MMAs, on 2 "
-             "warps), so its accumulators are spread over the warp; the previous per-thread-accumulator "
+             "[16, BK] tile with itself; fp32 inputs widened to fp64 for DMMA, fp64 sums, on 2 warps), so "
+             "its accumulators are spread over the warp; the previous per-thread-accumulator "
              "design used 92-128 registers for K = 8 (kernels-before-after.md).",
              "", "| kernel | variant | warps | regs | spill B | smem B | occupancy bound (limiter) | "
              "operand loads | other loads (bits) | stores (bits) | gates |", "|" + "---|" * 11]

@@ -157,6 +157,11 @@ class Counter(TorchDispatchMode):
                 flops = int(fn(*args, **kwargs, out_val=out))
             except Exception:   # a shape function the counter does not know: no FLOPs counted
                 flops = 0
+        if func.namespace == "gradguide_triton" and name == "reduce" and ins[0].dtype in (torch.float32,
+                                                                                        torch.float64):
+            # kernels/reduce.py: each [16, BK] tile's Gram on fp64 tensor cores, 2·16·16 FLOPs per
+            # element of one operand whatever K (the projection's DMMA peak: projection.py)
+            flops = 512 * ins[0].numel()
         s["flops"] += flops
         dtype = outs[0].dtype if outs else (ins[0].dtype if ins else torch.float32)
         s["roofline"].append((read + written, flops, str(dtype).replace("torch.", ""), name))

@@ -403,7 +403,7 @@ def _fused(spec):
             dtype=torch.float64)).reshape(-1, 1, 1) for n in scalar_defaults}
     c = policies.coefficients(policy, gram64, vec64, sc64)                     # [B, 1, K]
     truth = _clamp64((c.unsqueeze(-1) * rows).sum(2), clamp).reshape(exact[0].shape)
-    # coefficients come from float32 Gram entries: a tolerance relative to the row's scale
+    # the output rounds to its dtype (fp16/bf16 Grams sum in float32): a tolerance relative to the row's scale
     mag = (c.abs().unsqueeze(-1) * rows.abs()).sum(2)
     scale = mag.amax(-1, keepdim=True).expand_as(mag).reshape(exact[0].shape)
     finite = all(bool(torch.isfinite(e).all()) for e in exact)

@@ -10,7 +10,8 @@ Assumptions (stated in every table): spec peak bandwidth and spec dense peak FLO
 efficiency factor: a real GPU reaches ~80-90 % of spec bandwidth and less of spec FLOPs, so
 the projection is a *lower bound* on kernel time); every op a separate kernel that goes to
 DRAM (no cache reuse between ops); FLOPs only for matmuls, convolutions and attention (torch's
-flop registry); fp16/bf16 matmuls and convolutions on tensor cores; fp32 convolutions on TF32
+flop registry) and for the Triton reduce on fp32/fp64 data (its tile Grams run on fp64 tensor
+cores, DMMA: 512 FLOPs per element of an operand, kernels/reduce.py); fp16/bf16 matmuls and convolutions on tensor cores; fp32 convolutions on TF32
 tensor cores (cuDNN's default, ``torch.backends.cudnn.allow_tf32``), fp32 matmuls on CUDA
 cores (``torch.backends.cuda.matmul.allow_tf32`` defaults to False). Launch cost: eager
 ≈ :data:`EAGER_LAUNCH_US` per op (PyTorch's host-side dispatch + launch, which bounds small
@@ -22,8 +23,8 @@ from typing import Dict, List
 
 # spec sheets: NVIDIA H100 SXM5 80GB and A100 SXM4 80GB datasheets (dense, no sparsity)
 GPUS: Dict[str, dict] = {
-    "H100-SXM": {"bandwidth": 3.35e12, "fp16_tc": 989e12, "tf32_tc": 494.5e12, "fp32": 66.9e12},
-    "A100-SXM": {"bandwidth": 2.039e12, "fp16_tc": 312e12, "tf32_tc": 156e12, "fp32": 19.5e12},
+    "H100-SXM": {"bandwidth": 3.35e12, "fp16_tc": 989e12, "tf32_tc": 494.5e12, "fp32": 66.9e12, "fp64_tc": 66.9e12},
+    "A100-SXM": {"bandwidth": 2.039e12, "fp16_tc": 312e12, "tf32_tc": 156e12, "fp32": 19.5e12, "fp64_tc": 19.5e12},
 }
 EAGER_LAUNCH_US = 5.0    # per eager op: host dispatch + launch (typical PyTorch eager overhead on a fast CPU)
 GRAPH_LAUNCH_US = 1.0    # per kernel node inside a replayed CUDA graph
@@ -34,6 +35,8 @@ _CONV = {"convolution", "convolution_backward", "_convolution", "cudnn_convoluti
 
 
 def _peak(gpu: dict, dtype: str, name: str) -> float:
+    if name == "reduce" and dtype == "float64":   # the Triton reduce's DMMA (the only reduce with FLOPs)
+        return gpu["fp64_tc"]
     if dtype in ("float16", "bfloat16"):
         return gpu["fp16_tc"]
     if name in _CONV:

@@ -6,7 +6,9 @@ float64 capable, differentiable (the look-ahead VJP runs through ``combine``).
 Accumulation: ``combine`` accumulates in float64 here and in the native CPU op (weights that
 cancel: x̂_0 = (x_t − √(1−ᾱ) ε)/√ᾱ has weights ~160 at t = 999 for a result of size 1; a
 float32 accumulator made issue 12's eta = 1 case 2e-4 off, float64 5e-5); the Triton and CUDA
-kernels accumulate in float32 (:func:`accumulation_dtype`). ``reduce`` accumulates in float64 for every dtype and returns a float64 Gram matrix and sums,
+kernels too for float32 and float64 data, in float32 for float16/bfloat16 whose products are
+exact there (:func:`accumulation_dtype`). ``reduce`` accumulates in float64 for every dtype here
+and returns a float64 Gram matrix and sums (the kernels: the same but float32 for fp16/bf16),
 and the coefficient programs run in float64 (:func:`coefficient_dtype`): rules take inner
 products of small combinations of large operands (``uᵀ G u`` for a clipped guidance shift,
 or where two directions nearly cancel), and a float32 Gram loses ``~1e-7·‖op‖²`` absolutely,
@@ -26,8 +28,9 @@ import torch
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of the Triton (and CUDA) kernels' ``combine``: float32, float64 for fp64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    """Accumulation dtype of the Triton kernels (kernels/_common.py ``acc_dtype``): float64 for
+    float32 and float64 data, float32 for float16/bfloat16 (their products are exact in float32)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else torch.float64
 
 
 def combine_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -78,7 +78,8 @@ def supports_policy(policy: str) -> bool:
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    from .reference import accumulation_dtype   # the kernels' rule (kernels/_common.py)
+    return accumulation_dtype(dtype)
 
 
 def _clamp(low: Optional[float], high: Optional[float]):
