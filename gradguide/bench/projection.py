@@ -91,10 +91,11 @@ def project_workload(result: dict) -> dict:
 
 ASSUMPTIONS = (
     "PROJECTION, not a measurement: no GPU ran this. Per op max(bytes / spec bandwidth, FLOPs / spec dense peak), "
-    "summed; every op a separate DRAM round trip; FLOPs counted for matmul/conv/attention only; fp16/bf16 on tensor "
+    "summed; every op a separate DRAM round trip; FLOPs counted for matmul/conv/attention and for the Triton "
+    "reduce on fp32/fp64 data (512 per operand element, fp64 tensor cores); fp16/bf16 on tensor "
     "cores, fp32 convolutions on TF32 tensor cores, fp32 matmuls on CUDA cores. Launch cost: eager "
     f"{EAGER_LAUNCH_US:g} µs per op, graph replay {GRAPH_LAUNCH_US:g} µs per kernel + {GRAPH_REPLAY_US:g} µs per "
     "replay + the copy-in launches at eager cost. Spec: H100 SXM 3.35 TB/s, 989 TFLOP/s fp16, 495 TF32, 67 fp32; "
-    "A100 SXM 80GB 2.04 TB/s, 312 fp16, 156 TF32, 19.5 fp32. Real kernels reach ~80-90 % of spec bandwidth: "
+    "A100 SXM 80GB 2.04 TB/s, 312 fp16, 156 TF32, 19.5 fp32; fp64 tensor cores 67 / 19.5. Real kernels reach ~80-90 % of spec bandwidth: "
     "read these as lower bounds on kernel time."
 )
