@@ -235,10 +235,12 @@ def test_every_combination_float32_matches_float64(name, sampler, backend):
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="Triton (interpreted) not available")
 @pytest.mark.parametrize("name,sampler", [("cfg", "ddpm"), ("classifier+A", "ddpm"), ("cfg+C", "ddpm"),
-                                          ("G_loss", "ddpm"), ("cfg+C", "dpmpp-2m")])
+                                          ("G_loss", "ddpm"), ("cfg+C", "dpmpp-2m"), ("apg", "ddim"),
+                                          ("apg-momentum", "ddim")])
 def test_triton_interpreted_float32_matches_float64(name, sampler):
     """(cfg+C on dpmpp-2m: the general path's clipped Δ, 1.2e-3 off when it was the difference of
-    the two materialised clipped branches.)"""
+    the two materialised clipped branches; APG, fused and general (momentum): 1.3e-4 while the
+    Triton kernels summed float32 in float32.)"""
     terms, projection, model = TERMS[name]
     err = _pair("triton", model=model, shape=(8, 2), schedule=GM.schedule, sampler=sampler, steps=6,
                 guidance=terms, projection=projection, cond={"y": Y}, clip=(-5.0, 5.0))
