@@ -47,20 +47,23 @@ def _holders(t: torch.Tensor) -> tuple:
     """What references ``t`` and its memory: Python references to the tensor object (which
     autograd's saved tensors add to as well: they reference its TensorImpl, which then keeps
     the Python object), weak references, the storage's use count (every tensor on it: views,
-    ``detach()``, the input a model kept) and Python references to the storage object."""
+    ``detach()``, the input a model kept) and Python references to the storage object; for a
+    view (the reference combine returns a reshape of its result), the same of its base."""
     storage = t.untyped_storage()
+    base = t._base
     return (sys.getrefcount(t), weakref.getweakrefcount(t), torch._C._storage_Use_Count(storage._cdata),
-            sys.getrefcount(storage))
+            sys.getrefcount(storage),
+            None if base is None else (sys.getrefcount(base), weakref.getweakrefcount(base), base._base is None))
 
 
-def _alone() -> tuple:
-    """:func:`_holders` of a tensor that one local variable holds (measured: the counts depend
-    on the Python version's calling convention and on torch's)."""
-    probe = torch.empty(1)
+def _alone(view: bool) -> tuple:
+    """:func:`_holders` of a tensor (or a view whose base nothing else holds) that one local
+    variable holds: measured, as the counts depend on the Python version and on torch's."""
+    probe = torch.empty(4).view(2, 2) if view else torch.empty(4)
     return _holders(probe)
 
 
-_ALONE = _alone()
+_ALONE = {False: _alone(False), True: _alone(True)}
 
 
 class EagerStepper:
@@ -101,7 +104,7 @@ class EagerStepper:
     def _buffer(self, x):
         """The previous step's input if it may receive this step's output, else None."""
         prev, self._previous = self._previous, None
-        if prev is None or prev.device.type == "meta" or _holders(prev) != _ALONE:   # held elsewhere
+        if prev is None or prev.device.type == "meta" or _holders(prev) != _ALONE[prev._base is not None]:
             return None
         if (prev.shape != x.shape or prev.dtype != x.dtype or prev.device != x.device or not prev.is_contiguous()
                 or prev.requires_grad or prev.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()):
