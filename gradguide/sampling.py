@@ -153,6 +153,8 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     (for models that cannot take a mixed batch). Outputs are the same either way.
     ``fused``: ``True`` (default) runs a step that matches a built-in program (:mod:`gradguide.stepplan`)
     as reduce + one fused combine; ``False`` always takes the general LinComb path (its reference).
+    The fused step writes ``x_(t-1)`` into the previous step's input when nothing else holds that
+    tensor or its memory (spares a fresh output's page faults on CPU; :class:`gradguide.graphs.EagerStepper`).
     The sampler's tables and the fused plan depend only on the configuration: repeated calls with
     the same one take them from a small cache (see ``_PLAN_CACHE``), with the same results.
     Returns the samples ``x_0``, shaped ``shape``.
