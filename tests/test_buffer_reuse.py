@@ -82,6 +82,11 @@ def test_overlapping_out_is_computed_through_a_temporary(backend):
     out = buf[5:].view_as(operands[0])
     gg.ops.fused_unchecked("pxp-a", backend, ops_, gram, vectors, scalars, groups, out=out)
     torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+    # a non-contiguous out (the kernels write contiguous rows)
+    out = torch.zeros(operands[0].shape[::-1], dtype=torch.float64).permute(2, 1, 0)
+    want = expect(operands, vectors)
+    assert gg.ops.fused_unchecked("pxp-a", backend, operands, gram, vectors, scalars, groups, out=out) is out
+    torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
     # a program vector inside out's memory (read while the output is written)
     out = torch.zeros_like(operands[0])
     vecs = [out.view(-1)[3 * j:3 * j + 3].view(1, 1, 3).copy_(v) for j, v in enumerate(vectors)]

@@ -410,15 +410,17 @@ def fused_unchecked(policy: str, backend: str, operands: List[torch.Tensor], gra
     (one launch each, nothing padded, expanded or cast on the way); otherwise the torch program,
     then combine.
 
-    ``out``: an existing contiguous tensor like ``operands[0]`` to write the result into (and
-    return): a sampling loop's recycled buffer (:class:`gradguide.graphs.EagerStepper`), which
-    spares a fresh output's first-touch page faults on CPU. Where it shares memory with the
-    inputs other than by being exactly an operand, the result goes through a temporary (the
-    native op decides that itself, cheaply; elsewhere :func:`_direct_out`). The fused kernels
-    compute no gradients, so ``out`` is refused with inputs that require grad."""
+    ``out``: an existing tensor like ``operands[0]`` to write the result into (and return), e.g.
+    a sampling loop's recycled buffer (:class:`gradguide.graphs.EagerStepper`), which spares a
+    fresh output's first-touch page faults on CPU. Where it is not contiguous, or shares memory
+    with the inputs other than by being exactly an operand, the result goes through a temporary
+    (the native op decides the latter itself, cheaply; elsewhere :func:`_direct_out`). The fused
+    kernels compute no gradients, so ``out`` is refused with inputs that require grad."""
     if out is not None and _needs_grad(out, gram, *operands, *vectors, *scalars):
         raise ValueError("out: the fused kernels compute no gradients and do not write into out with inputs "
                          "that require grad (ops.fused_combine takes the differentiable path for those)")
+    if out is not None and not out.is_contiguous():   # the kernels write contiguous rows: a temporary, copied
+        return out.copy_(fused_unchecked(policy, backend, operands, gram, vectors, scalars, groups, clamp))
     if backend == "native" and native_backend.has_kernel("fused_combine", operands[0].device):
         return native_backend.fused_combine(policy, operands, gram, vectors, scalars, clamp, out=out)
     if backend == "triton":
