@@ -5,9 +5,11 @@ The fused step writes x_(t-1) into the previous step's input when nothing else h
 fresh, as before. Both variants run the same loop, interleaved round by round in one process
 (load from other processes hits both alike): DDIM, CFG 3.0 (both branches in one 2B model
 call), a cheap model (a 1x1 channel mix, ``einsum``), ``x_T`` drawn by the loop. Reported per
-step: wall-clock median and minimum, CPU-time median (all threads of the process), and minor
-page faults (``getrusage``: a count that load does not disturb: what recycling removes is the
-first touch of a fresh output's pages), and the ratio of the medians. Outputs are checked equal.
+step: wall-clock median and minimum, CPU-time median (all threads of the process), minor page
+faults (``getrusage``; mostly the model's own fresh tensors: the native op advises a fresh output
+to use 2 MiB pages, so the faults recycling removes are few but each zeroes 2 MiB), and the ratio
+of the medians. Outputs are checked equal. Expect a gain only where a fresh output is mapped anew
+(glibc: 32 MiB and more, e.g. ADM-256); below that freed heap memory comes back without faults.
 
     OMP_NUM_THREADS=2 python benchmarks/loop_recycling_issue12.py --threads 2 --rounds 9
 """
