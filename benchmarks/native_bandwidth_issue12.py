@@ -9,6 +9,12 @@ waiting). Bytes are the minimum a pass must move, counted as ``gradguide/bench/o
 - reduce: K operands read; combine: K read + 1 written; reduce+combine: (2K + 1) x the operand
   size (the step of ``gradguide bench --suite ops``: reduce, weights from the Gram, combine into
   a fresh output);
+- reduce+combine (step: recycled output): the same into an existing output, and reduce+fused
+  combine the same through ``gradguide::fused_combine`` / ``fused_combine_out`` (policy
+  ``pxp-a``: its coefficient program inside the combine), fresh and recycled. A sampling loop's
+  fused step writes into a recycled buffer (``gradguide.graphs.EagerStepper``: the previous
+  step's input, when nothing else holds it), so "step" is like with like against copy_ into an
+  existing dst; the fresh rows show what a fresh output's first-touch page faults cost;
 - copy_ (the denominator of "copy fraction", as in bench_ops): ``dst.copy_(src)`` into an
   existing ``dst``, 1 read + 1 write; clone: the same into a fresh tensor (first-touch page
   faults included, which a fresh op output pays too), shown for comparison.
@@ -53,12 +59,31 @@ def measure(label: str, shape, reps: int) -> dict:
     b = shape[0]
     coef = torch.randn(b, 1, K, generator=g, dtype=torch.float64)
     size = ops_[0].numel() * ops_[0].element_size()
-    src, dst, out = ops_[0], torch.empty_like(ops_[0]), torch.empty_like(ops_[0])
+    src, dst, out, out2 = ops_[0], torch.empty_like(ops_[0]), torch.empty_like(ops_[0]), torch.empty_like(ops_[0])
     native = torch.ops.gradguide
 
     def step():  # bench_ops' "reduce+combine": weights that depend on the Gram
         gram, _ = native.reduce(ops_, 1)
         return native.combine(coef + 1e-3 * gram[..., 0], ops_, None, None)
+
+    def step_recycled():  # the same, into an existing output (the sampling loop's recycled buffer)
+        gram, _ = native.reduce(ops_, 1)
+        native.combine_out(coef + 1e-3 * gram[..., 0], ops_, None, None, out)
+        return out
+
+    # the fused step's own call: policy pxp-a's program (Gram of den, cls) inside the combine
+    vectors = [torch.tensor([[[0.9, 0.0, 0.0, 0.0]]], dtype=torch.float64),
+               torch.tensor([[[0.0, -0.05, 0.0, 0.0]]], dtype=torch.float64),
+               torch.tensor([[[0.0, 0.0, 0.02, 0.0]]], dtype=torch.float64),
+               torch.tensor([[[0.0, 0.0, 0.0, 0.01]]], dtype=torch.float64)]
+    delta = [torch.ones(1, dtype=torch.float64)]
+
+    def fused(into=None):
+        gram, _ = native.reduce(ops_[:3], 1)   # the Gram over den, cls, div (pxp-a reads den, cls)
+        if into is None:
+            return native.fused_combine("pxp-a", ops_, gram, vectors, delta, None, None)
+        native.fused_combine_out("pxp-a", ops_, gram, vectors, delta, None, None, into)
+        return into
 
     def eager():
         gram, _ = reference.reduce(ops_, 1)
@@ -69,10 +94,16 @@ def measure(label: str, shape, reps: int) -> dict:
             "reduce": (lambda: native.reduce(ops_, 1), K * size),
             "combine (fresh out)": (lambda: native.combine(coef, ops_, None, None), (K + 1) * size),
             "combine_out (existing out)": (lambda: native.combine_out(coef, ops_, None, None, out), (K + 1) * size),
-            "reduce+combine": (step, (2 * K + 1) * size)}
+            "reduce+combine": (step, (2 * K + 1) * size),
+            "reduce+combine (step: recycled output)": (step_recycled, (2 * K + 1) * size)}
+    if hasattr(native, "fused_combine_out"):
+        rows["reduce+fused_combine (fresh out)"] = (fused, (3 + K + 1) * size)
+        rows["reduce+fused_combine (step: recycled output)"] = (lambda: fused(out2), (3 + K + 1) * size)
+        torch.testing.assert_close(fused(out2), fused(), rtol=0, atol=0)
     if size <= 1 << 22:  # the eager reference takes seconds at ADM-256: timed at small sizes only
         rows["reduce+combine eager reference"] = (eager, (2 * K + 1) * size)
     torch.testing.assert_close(step(), eager(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(step_recycled(), step(), rtol=0, atol=0)
     wall = {k: [] for k in rows}
     cpu = {k: [] for k in rows}
     inner = max(1, int(2e7 // (2 * K + 1) // size))  # small sizes: several calls per sample
@@ -95,7 +126,10 @@ def measure(label: str, shape, reps: int) -> dict:
                          "cpu_ms": statistics.median(cpu[k]), "gb_per_s": nbytes / ms / 1e6,
                          "copy_fraction": nbytes / ms / 1e6 / copy_gbs})
     eager = wall.get("reduce+combine eager reference")
+    frac = {r["pass"]: r["copy_fraction"] for r in out_rows}
     return {"size": label, "shape": list(shape), "copy_gb_per_s": copy_gbs, "rows": out_rows,
+            "step_copy_fraction": frac["reduce+combine (step: recycled output)"],
+            "fresh_copy_fraction": frac["reduce+combine"],
             "speedup_vs_eager": statistics.median(eager) / statistics.median(wall["reduce+combine"]) if eager else None}
 
 
@@ -103,6 +137,10 @@ def table(result: dict) -> str:
     speed = result["speedup_vs_eager"]
     lines = [f"### {result['size']} {tuple(result['shape'])}, K = {K}, float32: copy_ {result['copy_gb_per_s']:.2f} GB/s"
              + (f"; reduce+combine {speed:.2f}x the eager reference" if speed else ""), "",
+             f"Headline (like with like: copy_ into an existing dst vs. the step writing into its recycled "
+             f"output, as the sampling loop does): reduce+combine at {result['step_copy_fraction']:.2f} of copy "
+             f"bandwidth; into a fresh output (first-touch page faults included) {result['fresh_copy_fraction']:.2f}.",
+             "",
              "| pass | bytes | median ms | min ms | CPU ms | GB/s | copy fraction |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         lines.append(f"| {r['pass']} | {r['bytes'] / 1e6:.1f} MB | {r['median_ms']:.3f} | {r['min_ms']:.3f} | "

@@ -4,6 +4,7 @@
 //
 //   gradguide::fused_combine(str policy, Tensor[] operands, Tensor? gram, Tensor[] vectors,
 //                            Tensor[] scalars, float? low, float? high) -> Tensor
+//   gradguide::fused_combine_out(..., Tensor(a!) out) -> ()   (the same, into `out`)
 //   vectors[v]: [Bv, Gv, K] (Bv in {1, B}, Gv in {1, G}, any strides; float32 or float64);
 //   scalars[s]: 1 or B elements (float32 or float64, contiguous);
 //   gram: [B, G, Kg, Kg] float64 contiguous over the FIRST Kg operands (Kg <= K); the vectors
@@ -11,6 +12,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/MemoryOverlap.h>
 
 #include <algorithm>
 #include <optional>
@@ -78,6 +80,37 @@ inline ProgramArgs fused_program_args(const char* op, c10::string_view policy_na
               per_sample, ", got ", a.groups);
   n = per_sample / a.groups;
   return a;
+}
+
+// fused_combine_out's `out`: a contiguous tensor like operands[0], no element stored twice.
+inline void check_fused_out(const char* op, const at::Tensor& out, const at::Tensor& first) {
+  TORCH_CHECK(out.sizes() == first.sizes() && out.scalar_type() == first.scalar_type() &&
+                  out.device() == first.device() && out.is_contiguous(),
+              op, ": out: expected a contiguous ", first.sizes(), " ", first.scalar_type(), " tensor on ",
+              first.device(), " (like operands[0]), got ", out.sizes(), " ", out.scalar_type(), " on ", out.device(),
+              out.is_contiguous() ? "" : " (not contiguous)");
+  at::assert_no_internal_overlap(out);
+}
+
+// Whether fused_combine_out must compute into a temporary and copy (the repository's rule for
+// an overlapping `out`): the kernels are elementwise, so `out` may be exactly an operand (an
+// in-place update), but memory shared any other way with an operand would be read after it
+// was written, and the CUDA kernel reads the program's inputs (gram, vectors, scalars) in
+// every block while other blocks already write. Cheap: pointer and stride arithmetic.
+inline bool fused_out_needs_temporary(const at::Tensor& out, at::TensorList operands,
+                                      const std::optional<at::Tensor>& gram, at::TensorList vectors,
+                                      at::TensorList scalars) {
+  for (const auto& t : operands) {
+    const auto s = at::get_overlap_status(out, t);
+    if (s != at::MemOverlapStatus::No && s != at::MemOverlapStatus::Full) return true;
+  }
+  auto touches = [&](const at::Tensor& t) { return at::get_overlap_status(out, t) != at::MemOverlapStatus::No; };
+  if (gram.has_value() && touches(*gram)) return true;
+  for (const auto& t : vectors)
+    if (touches(t)) return true;
+  for (const auto& t : scalars)
+    if (touches(t)) return true;
+  return false;
 }
 
 // clip_shift's coefficient rows and clip bounds (the operands are checked by the caller):

@@ -5,6 +5,8 @@
 //   gradguide::combine(Tensor coef, Tensor[] operands, float? low, float? high) -> Tensor
 //   gradguide::combine_out(Tensor coef, Tensor[] operands, float? low, float? high, Tensor(a!) out) -> ()
 //       out[b, g, :] = clamp(sum_k coef[b, g, k] * op_k[b, g, :])
+//   gradguide::fused_combine / fused_combine_out: a built-in policy's coefficient program, then
+//       combine (below; arguments in gradguide_fused_args.h)
 //
 // Design: a sample (or a group of it) is a "row" of N contiguous elements; rows are few and
 // long (B <= 64, N up to millions), so each row is cut into chunks and the (row, chunk) pairs
@@ -345,14 +347,14 @@ static double read_double(const at::Tensor& t, int64_t offset) {
                                         : static_cast<double>(t.const_data_ptr<float>()[offset]);
 }
 
-at::Tensor fused_combine_cpu(c10::string_view policy_name, at::TensorList operands, const std::optional<at::Tensor>& gram,
-                             at::TensorList vectors, at::TensorList scalars, std::optional<double> low,
-                             std::optional<double> high) {
-  const char* op = "gradguide::fused_combine";
-  std::vector<at::Tensor> ops(operands.begin(), operands.end());
-  check_operands(ops, op);
+// The checks and the coefficient program, then the combine into `out` (checked by the caller).
+static void fused_combine_into(const char* op, c10::string_view policy_name, const std::vector<at::Tensor>& ops,
+                               const std::optional<at::Tensor>& gram, at::TensorList vectors,
+                               at::TensorList scalars, std::optional<double> low, std::optional<double> high,
+                               at::Tensor& out) {
   const auto& first = ops[0];
-  TORCH_CHECK(first.device().is_cpu(), op, ": operands: expected CPU tensors, got ", first.device());
+  TORCH_CHECK_VALUE(!(low.has_value() && std::isnan(*low)), op, ": low: NaN is not a bound");
+  TORCH_CHECK_VALUE(!(high.has_value() && std::isnan(*high)), op, ": high: NaN is not a bound");
   const int64_t b = first.size(0), k = static_cast<int64_t>(ops.size());
   int64_t n = 0;
   const ProgramArgs args = fused_program_args(op, policy_name, first, k, gram, vectors, scalars, n);
@@ -360,12 +362,45 @@ at::Tensor fused_combine_cpu(c10::string_view policy_name, at::TensorList operan
   // coefficient program, per row, in float64 (rows are few: B x G)
   std::vector<double> coef(rows * k);
   for (int64_t r = 0; r < rows; ++r) row_coefficients(args, r, coef.data() + r * k);
-  at::Tensor out = empty_output(first);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "gradguide_fused_combine", [&] {
     combine_dispatch_k<scalar_t>(ops, coef.data(), rows, n, low.has_value(), low.value_or(0.0), high.has_value(),
                                  high.value_or(0.0), out);
   });
+}
+
+static std::vector<at::Tensor> fused_operands(const char* op, at::TensorList operands) {
+  std::vector<at::Tensor> ops(operands.begin(), operands.end());
+  check_operands(ops, op);
+  TORCH_CHECK(ops[0].device().is_cpu(), op, ": operands: expected CPU tensors, got ", ops[0].device());
+  return ops;
+}
+
+at::Tensor fused_combine_cpu(c10::string_view policy_name, at::TensorList operands, const std::optional<at::Tensor>& gram,
+                             at::TensorList vectors, at::TensorList scalars, std::optional<double> low,
+                             std::optional<double> high) {
+  const char* op = "gradguide::fused_combine";
+  const auto ops = fused_operands(op, operands);
+  at::Tensor out = empty_output(ops[0]);
+  fused_combine_into(op, policy_name, ops, gram, vectors, scalars, low, high, out);
   return out;
+}
+
+// Into an existing `out` (a sampling loop's recycled buffer: no fresh pages to fault in, see
+// "Outputs" at the top). `out` may overlap the inputs: exactly an operand is an in-place
+// update, any other overlap is computed into a temporary and copied (gradguide_fused_args.h).
+void fused_combine_out_cpu(c10::string_view policy_name, at::TensorList operands,
+                           const std::optional<at::Tensor>& gram, at::TensorList vectors, at::TensorList scalars,
+                           std::optional<double> low, std::optional<double> high, at::Tensor& out) {
+  const char* op = "gradguide::fused_combine_out";
+  const auto ops = fused_operands(op, operands);
+  check_fused_out(op, out, ops[0]);
+  if (fused_out_needs_temporary(out, operands, gram, vectors, scalars)) {
+    at::Tensor tmp = empty_output(ops[0]);
+    fused_combine_into(op, policy_name, ops, gram, vectors, scalars, low, high, tmp);
+    out.copy_(tmp);
+    return;
+  }
+  fused_combine_into(op, policy_name, ops, gram, vectors, scalars, low, high, out);
 }
 
 
@@ -448,6 +483,8 @@ TORCH_LIBRARY(gradguide, m) {
   m.def("combine_out(Tensor coef, Tensor[] operands, float? low, float? high, Tensor(a!) out) -> ()");
   m.def("fused_combine(str policy, Tensor[] operands, Tensor? gram, Tensor[] vectors, Tensor[] scalars, "
         "float? low, float? high) -> Tensor");
+  m.def("fused_combine_out(str policy, Tensor[] operands, Tensor? gram, Tensor[] vectors, Tensor[] scalars, "
+        "float? low, float? high, Tensor(a!) out) -> ()");
   m.def("clip_shift(Tensor coef_p, Tensor coef_s, Tensor[] operands, float low, float high) -> (Tensor, Tensor)");
 }
 
@@ -456,6 +493,7 @@ TORCH_LIBRARY_IMPL(gradguide, CPU, m) {
   m.impl("combine", &combine_cpu);
   m.impl("combine_out", &combine_out_cpu);
   m.impl("fused_combine", &fused_combine_cpu);
+  m.impl("fused_combine_out", &fused_combine_out_cpu);
   m.impl("clip_shift", &clip_shift_cpu);
 }
 

@@ -12,6 +12,7 @@
 // CPU tests check its math) into shared memory, then the block streams its part of the row
 // with 16-byte loads (4 fp32, 2 fp64, 8 fp16/bf16) where the operands, the output and the
 // row length allow, else element by element. One launch per step: no coefficient tensors.
+// fused_combine_out: the same into an existing `out` (a sampling loop's recycled buffer).
 // clip_shift: the same grid and loads, two outputs (see gradguide_ops.cpp).
 // Accumulation: float32 for fp32/fp16/bf16 (float64 for fp64), as the Triton kernels; the
 // CPU op accumulates combine in float64 (reference.py says why each).
@@ -348,21 +349,18 @@ static void fused_combine_launch(const std::vector<at::Tensor>& ops, const Progr
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor fused_combine_cuda(c10::string_view policy_name, at::TensorList operands,
-                              const std::optional<at::Tensor>& gram, at::TensorList vectors, at::TensorList scalars,
-                              std::optional<double> low, std::optional<double> high) {
-  const char* op = "gradguide::fused_combine";
-  std::vector<at::Tensor> ops(operands.begin(), operands.end());
-  check_cuda_operands(ops, op);
+// The checks and the program's arguments, then one launch writing `out` (checked by the caller).
+static void fused_combine_into(const char* op, c10::string_view policy_name, const std::vector<at::Tensor>& ops,
+                               const std::optional<at::Tensor>& gram, at::TensorList vectors,
+                               at::TensorList scalars, std::optional<double> low, std::optional<double> high,
+                               at::Tensor& out) {
   const auto& first = ops[0];
-  c10::cuda::CUDAGuard guard(first.device());
   TORCH_CHECK_VALUE(!(low.has_value() && std::isnan(*low)), op, ": low: NaN is not a bound");
   TORCH_CHECK_VALUE(!(high.has_value() && std::isnan(*high)), op, ": high: NaN is not a bound");
   const int64_t b = first.size(0), k = static_cast<int64_t>(ops.size());
   int64_t n = 0;
   const ProgramArgs args = fused_program_args(op, policy_name, first, k, gram, vectors, scalars, n);
-  at::Tensor out = at::empty_like(first, at::MemoryFormat::Contiguous);
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "gradguide_fused_combine_cuda", [&] {
     switch (k) {
       case 1: fused_combine_launch<1, scalar_t>(ops, args, b * args.groups, n, low, high, out); break;
@@ -375,7 +373,37 @@ at::Tensor fused_combine_cuda(c10::string_view policy_name, at::TensorList opera
       case 8: fused_combine_launch<8, scalar_t>(ops, args, b * args.groups, n, low, high, out); break;
     }
   });
+}
+
+at::Tensor fused_combine_cuda(c10::string_view policy_name, at::TensorList operands,
+                              const std::optional<at::Tensor>& gram, at::TensorList vectors, at::TensorList scalars,
+                              std::optional<double> low, std::optional<double> high) {
+  const char* op = "gradguide::fused_combine";
+  std::vector<at::Tensor> ops(operands.begin(), operands.end());
+  check_cuda_operands(ops, op);
+  c10::cuda::CUDAGuard guard(ops[0].device());
+  at::Tensor out = at::empty_like(ops[0], at::MemoryFormat::Contiguous);
+  fused_combine_into(op, policy_name, ops, gram, vectors, scalars, low, high, out);
   return out;
+}
+
+// Into an existing `out`; any overlap with the inputs other than exactly an operand goes
+// through a temporary (gradguide_fused_args.h), copied on the current stream.
+void fused_combine_out_cuda(c10::string_view policy_name, at::TensorList operands,
+                            const std::optional<at::Tensor>& gram, at::TensorList vectors, at::TensorList scalars,
+                            std::optional<double> low, std::optional<double> high, at::Tensor& out) {
+  const char* op = "gradguide::fused_combine_out";
+  std::vector<at::Tensor> ops(operands.begin(), operands.end());
+  check_cuda_operands(ops, op);
+  c10::cuda::CUDAGuard guard(ops[0].device());
+  check_fused_out(op, out, ops[0]);
+  if (fused_out_needs_temporary(out, operands, gram, vectors, scalars)) {
+    at::Tensor tmp = at::empty_like(ops[0], at::MemoryFormat::Contiguous);
+    fused_combine_into(op, policy_name, ops, gram, vectors, scalars, low, high, tmp);
+    out.copy_(tmp);
+    return;
+  }
+  fused_combine_into(op, policy_name, ops, gram, vectors, scalars, low, high, out);
 }
 
 // coef_p / coef_s: [1 or B, K] float32/float64, any strides (ArgView: s0 = 0 when shared)
@@ -484,6 +512,7 @@ TORCH_LIBRARY_IMPL(gradguide, CUDA, m) {
   m.impl("combine", &combine_cuda);
   m.impl("combine_out", &combine_out_cuda);
   m.impl("fused_combine", &fused_combine_cuda);
+  m.impl("fused_combine_out", &fused_combine_out_cuda);
   m.impl("clip_shift", &clip_shift_cuda);
 }
 

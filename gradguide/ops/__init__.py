@@ -148,6 +148,9 @@ def _check_out(out, like: torch.Tensor) -> None:
 
 def _span(t: torch.Tensor):
     """[first, last) byte addresses a tensor's elements can touch."""
+    if t.is_contiguous():   # the common case, cheaply (a sampling step asks this every step)
+        first = t.data_ptr()
+        return first, first + t.numel() * t.element_size()
     extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
     lowest = t.data_ptr() - t.element_size() * sum((size - 1) * -stride for size, stride in
                                                    zip(t.shape, t.stride()) if stride < 0)
@@ -166,6 +169,16 @@ def _overlap(out: torch.Tensor, t: torch.Tensor) -> str:
             and t.dtype == out.dtype):
         return "same"
     return "partial"
+
+
+def _direct_out(out: torch.Tensor, operands: Sequence[torch.Tensor], inputs: Sequence[Optional[torch.Tensor]]) -> bool:
+    """Whether a kernel may write ``out`` directly; otherwise the result is computed into a
+    temporary and copied. The kernels are elementwise, so ``out`` may be exactly an operand (an
+    in-place update), but memory shared any other way (a shifted view, a non-contiguous out)
+    would be read after it was written; ``inputs`` (weights, Gram matrix, program vectors and
+    scalars) are read while the output is written, so they may not share memory with it at all."""
+    return out.is_contiguous() and all(_overlap(out, op) != "partial" for op in operands) and \
+        all(t is None or _overlap(out, t) == "none" for t in inputs)
 
 
 def _needs_grad(*tensors) -> bool:
@@ -254,11 +267,7 @@ def combine(coef: torch.Tensor, operands: Sequence[torch.Tensor], out: Optional[
                                           coef, *operands)
         return result if out is None else out.copy_(result)
     coef = coef.to(acc).contiguous()
-    # The kernels are elementwise: ``out`` may be exactly an operand (in-place update), but
-    # memory shared any other way (a shifted view, coef inside out, a non-contiguous out)
-    # would be read after it was written: compute into a temporary, then copy.
-    direct = out is not None and out.is_contiguous() and _overlap(out, coef) == "none" and \
-        all(_overlap(out, op) != "partial" for op in operands)
+    direct = out is not None and _direct_out(out, operands, [coef])   # else a temporary, then copy
     result = impl.combine(coef, _contiguous(operands), out=out if direct else None, clamp=clamp)
     return out.copy_(result) if out is not None and not direct else result
 
@@ -362,9 +371,10 @@ def fused_combine(policy: str, operands: Sequence[torch.Tensor], *, gram: Option
         full = {n: v.expand(b_, g_, k) for n, v in vectors.items()}
         coef = policies.coefficients(policy, gram, full, {n: s.reshape(-1, 1, 1) for n, s in scalars.items()})
         return combine(coef, operands, out=out, clamp=clamp, backend=name)
-    result = fused_unchecked(policy, name, operands, gram, list(vectors.values()), list(scalars.values()),
-                             groups, clamp)
-    return result if out is None else out.copy_(result)
+    args = (policy, name, operands, gram, list(vectors.values()), list(scalars.values()), groups, clamp)
+    if out is not None and _needs_grad(out):   # an out tracked by autograd receives the result by copy_
+        return out.copy_(fused_unchecked(*args))
+    return fused_unchecked(*args, out=out)
 
 
 # -- the unchecked entries a sampling step uses (validated once, when the run was prepared) --------
@@ -391,29 +401,45 @@ def gram_unchecked(operands: List[torch.Tensor], groups: int, backend: str) -> t
 
 def fused_unchecked(policy: str, backend: str, operands: List[torch.Tensor], gram: Optional[torch.Tensor],
                     vectors: List[torch.Tensor], scalars: List[torch.Tensor], groups: int = 1,
-                    clamp: Optional[tuple] = None) -> torch.Tensor:
+                    clamp: Optional[tuple] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`fused_combine` without argument checks. ``vectors``: ``[1 or B, 1 or G, K]``
     (broadcast over the batch); ``scalars``: 1- or B-element tensors; ``gram``: ``[B, G, Kg,
     Kg]`` over the first ``Kg`` operands (float64; the Triton kernel reads a float32 one too),
     or None for a policy without one. native (CPU, and CUDA where the op was built with it): the
     program runs inside ``gradguide::fused_combine``; triton: inside the fused kernel's prologue
     (one launch each, nothing padded, expanded or cast on the way); otherwise the torch program,
-    then combine."""
+    then combine.
+
+    ``out``: an existing tensor like ``operands[0]`` to write the result into (and return), e.g.
+    a sampling loop's recycled buffer (:class:`gradguide.graphs.EagerStepper`), which spares a
+    fresh output's first-touch page faults on CPU. Where it is not contiguous, or shares memory
+    with the inputs other than by being exactly an operand, the result goes through a temporary
+    (the native op decides the latter itself, cheaply; elsewhere :func:`_direct_out`). The fused
+    kernels compute no gradients, so ``out`` is refused with inputs that require grad."""
+    if out is not None and _needs_grad(out, gram, *operands, *vectors, *scalars):
+        raise ValueError("out: the fused kernels compute no gradients and do not write into out with inputs "
+                         "that require grad (ops.fused_combine takes the differentiable path for those)")
+    if out is not None and not out.is_contiguous():   # the kernels write contiguous rows: a temporary, copied
+        return out.copy_(fused_unchecked(policy, backend, operands, gram, vectors, scalars, groups, clamp))
     if backend == "native" and native_backend.has_kernel("fused_combine", operands[0].device):
-        return native_backend.fused_combine(policy, operands, gram, vectors, scalars, clamp)
+        return native_backend.fused_combine(policy, operands, gram, vectors, scalars, clamp, out=out)
     if backend == "triton":
-        return triton_backend.fused_combine(policy, gram, vectors, scalars, operands, clamp=clamp)
+        if out is not None and not _direct_out(out, operands, [gram, *vectors, *scalars]):
+            return out.copy_(triton_backend.fused_combine(policy, gram, vectors, scalars, operands, clamp=clamp))
+        return triton_backend.fused_combine(policy, gram, vectors, scalars, operands, out=out, clamp=clamp)
     b, k = operands[0].shape[0], len(operands)
     g = gram.shape[1] if gram is not None else max(v.shape[1] for v in vectors)
     names_v, names_s = policies.POLICIES[policy]   # (policies._dot reads a Gram over the first Kg operands)
     coef = policies.coefficients(policy, None if gram is None else gram.double(),
                                  {n: v.expand(b, g, k) for n, v in zip(names_v, vectors)},
                                  {n: s.reshape(-1, 1, 1) for n, s in zip(names_s, scalars)})
-    if backend == "reference":
-        return reference.combine(coef, operands, clamp=clamp)
+    if backend == "reference":   # computes into a temporary, then copies into out
+        return reference.combine(coef, operands, out=out, clamp=clamp)
     acc = reference.combine_dtype if backend == "native" else reference.accumulation_dtype
     coef = coef.expand(b, g, k).to(acc(operands[0].dtype)).contiguous()
-    return _implementation(backend).combine(coef, operands, clamp=clamp)
+    if out is not None and not _direct_out(out, operands, [coef]):
+        return out.copy_(_implementation(backend).combine(coef, operands, clamp=clamp))
+    return _implementation(backend).combine(coef, operands, out=out, clamp=clamp)
 
 
 def clip_shift(coef_p: torch.Tensor, coef_s: torch.Tensor, operands: Sequence[torch.Tensor], clip: tuple,

@@ -1,4 +1,5 @@
-"""Glue to the native (csrc/) ops ``torch.ops.gradguide.reduce / combine / combine_out``.
+"""Glue to the native (csrc/) ops ``torch.ops.gradguide.reduce / combine / combine_out /
+fused_combine / fused_combine_out / clip_shift``.
 
 The extension ``gradguide._C`` is built by ``setup.py`` where a compiler (and, for CUDA,
 nvcc with a CUDA torch) exists; importing it registers the ops with the dispatcher. This
@@ -26,7 +27,7 @@ def load() -> bool:
         else:
             _register_fakes()
             _state["kernels"] = frozenset(
-                (op, dev) for op in ("fused_combine", "clip_shift") for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
+                (op, dev) for op in ("fused_combine", "fused_combine_out", "clip_shift") for dev, key in (("cpu", "CPU"), ("cuda", "CUDA"))
                 if torch._C._dispatch_has_kernel_for_dispatch_key(f"gradguide::{op}", key))
             _state["loaded"] = True
     return _state["loaded"]
@@ -76,6 +77,11 @@ def _register_fakes() -> None:
         def _fused_combine_fake(policy, operands, gram, vectors, scalars, low, high):
             return torch.empty_like(operands[0], memory_format=torch.contiguous_format)
 
+    if torch._C._dispatch_has_kernel_for_dispatch_key("gradguide::fused_combine_out", "CPU"):
+        @torch.library.register_fake("gradguide::fused_combine_out")
+        def _fused_combine_out_fake(policy, operands, gram, vectors, scalars, low, high, out):
+            return None
+
     if torch._C._dispatch_has_kernel_for_dispatch_key("gradguide::clip_shift", "CPU"):
         @torch.library.register_fake("gradguide::clip_shift")
         def _clip_shift_fake(coef_p, coef_s, operands, low, high):
@@ -89,8 +95,9 @@ def _register_fakes() -> None:
 def _register_autograd() -> None:
     """Gradients of the raw ops (``torch.ops.gradguide.reduce / combine``), written with torch
     ops as the reference's: without them autograd would drop the graph with only a warning.
-    ``combine_out`` writes into ``out`` and stays non-differentiable (the glue never calls it
-    with grad-tracking inputs)."""
+    ``combine_out`` and ``fused_combine_out`` write into ``out`` and stay non-differentiable
+    (the glue never calls them with grad-tracking inputs: ``ops.fused_unchecked`` refuses an
+    ``out`` with them)."""
 
     def reduce_setup(ctx, inputs, output):
         operands, groups = inputs
@@ -138,12 +145,20 @@ def _register_autograd() -> None:
     torch.library.register_autograd("gradguide::combine", combine_backward, setup_context=combine_setup)
 
 
-def fused_combine(policy, operands, gram, vectors, scalars, clamp=None):
-    """``gradguide::fused_combine``: the policy's coefficient program (float64) and the combine."""
+def fused_combine(policy, operands, gram, vectors, scalars, clamp=None, out=None):
+    """``gradguide::fused_combine``: the policy's coefficient program (float64) and the combine;
+    with ``out``, ``gradguide::fused_combine_out`` writes it there (any overlap with the inputs
+    other than exactly an operand goes through a temporary inside the op) and returns ``out``."""
     low, high = (None, None) if clamp is None else clamp
-    return torch.ops.gradguide.fused_combine(policy, operands, gram, vectors, scalars,
-                                             None if low is None else float(low),
-                                             None if high is None else float(high))
+    low = None if low is None else float(low)
+    high = None if high is None else float(high)
+    if out is None:
+        return torch.ops.gradguide.fused_combine(policy, operands, gram, vectors, scalars, low, high)
+    if has_kernel("fused_combine_out", out.device):
+        torch.ops.gradguide.fused_combine_out(policy, operands, gram, vectors, scalars, low, high, out)
+        return out
+    # an older build without the out= op: a fresh output, copied
+    return out.copy_(torch.ops.gradguide.fused_combine(policy, operands, gram, vectors, scalars, low, high))
 
 
 def clip_shift(coef_p, coef_s, operands, clip):
