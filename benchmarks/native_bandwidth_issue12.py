@@ -9,12 +9,14 @@ waiting). Bytes are the minimum a pass must move, counted as ``gradguide/bench/o
 - reduce: K operands read; combine: K read + 1 written; reduce+combine: (2K + 1) x the operand
   size (the step of ``gradguide bench --suite ops``: reduce, weights from the Gram, combine into
   a fresh output);
-- reduce+combine (step: recycled output): the same into an existing output, and reduce+fused
-  combine the same through ``gradguide::fused_combine`` / ``fused_combine_out`` (policy
-  ``pxp-a``: its coefficient program inside the combine), fresh and recycled. A sampling loop's
-  fused step writes into a recycled buffer (``gradguide.graphs.EagerStepper``: the previous
-  step's input, when nothing else holds it), so "step" is like with like against copy_ into an
-  existing dst; the fresh rows show what a fresh output's first-touch page faults cost;
+- reduce+fused_combine: reduce, then ``gradguide::fused_combine`` (policy ``pxp-a``: its
+  coefficient program inside the combine), the fused step's own two calls: into a fresh output
+  as ``sample()`` runs it (the headline), and into an existing one through ``fused_combine_out``;
+  reduce+combine (existing out): bench_ops' step into an existing output. The existing-output
+  rows are like with like against copy_ into an existing dst; the gap to the fresh rows is a
+  fresh output's first-touch page faults (recycling the loop's outputs was tried and measured
+  no faster for a whole loop, where the model's own fresh tensors dominate:
+  benchmarks/results/native-bandwidth-cpu-2026-11-24.md);
 - copy_ (the denominator of "copy fraction", as in bench_ops): ``dst.copy_(src)`` into an
   existing ``dst``, 1 read + 1 write; clone: the same into a fresh tensor (first-touch page
   faults included, which a fresh op output pays too), shown for comparison.
@@ -66,7 +68,7 @@ def measure(label: str, shape, reps: int) -> dict:
         gram, _ = native.reduce(ops_, 1)
         return native.combine(coef + 1e-3 * gram[..., 0], ops_, None, None)
 
-    def step_recycled():  # the same, into an existing output (the sampling loop's recycled buffer)
+    def step_existing():  # the same, into an existing output
         gram, _ = native.reduce(ops_, 1)
         native.combine_out(coef + 1e-3 * gram[..., 0], ops_, None, None, out)
         return out
@@ -95,15 +97,15 @@ def measure(label: str, shape, reps: int) -> dict:
             "combine (fresh out)": (lambda: native.combine(coef, ops_, None, None), (K + 1) * size),
             "combine_out (existing out)": (lambda: native.combine_out(coef, ops_, None, None, out), (K + 1) * size),
             "reduce+combine": (step, (2 * K + 1) * size),
-            "reduce+combine (step: recycled output)": (step_recycled, (2 * K + 1) * size)}
+            "reduce+combine (existing out)": (step_existing, (2 * K + 1) * size)}
     if hasattr(native, "fused_combine_out"):
         rows["reduce+fused_combine (fresh out)"] = (fused, (3 + K + 1) * size)
-        rows["reduce+fused_combine (step: recycled output)"] = (lambda: fused(out2), (3 + K + 1) * size)
+        rows["reduce+fused_combine (existing out)"] = (lambda: fused(out2), (3 + K + 1) * size)
         torch.testing.assert_close(fused(out2), fused(), rtol=0, atol=0)
     if size <= 1 << 22:  # the eager reference takes seconds at ADM-256: timed at small sizes only
         rows["reduce+combine eager reference"] = (eager, (2 * K + 1) * size)
     torch.testing.assert_close(step(), eager(), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(step_recycled(), step(), rtol=0, atol=0)
+    torch.testing.assert_close(step_existing(), step(), rtol=0, atol=0)
     wall = {k: [] for k in rows}
     cpu = {k: [] for k in rows}
     inner = max(1, int(2e7 // (2 * K + 1) // size))  # small sizes: several calls per sample
@@ -128,8 +130,9 @@ def measure(label: str, shape, reps: int) -> dict:
     eager = wall.get("reduce+combine eager reference")
     frac = {r["pass"]: r["copy_fraction"] for r in out_rows}
     return {"size": label, "shape": list(shape), "copy_gb_per_s": copy_gbs, "rows": out_rows,
-            "step_copy_fraction": frac["reduce+combine (step: recycled output)"],
+            "fused_step_copy_fraction": frac.get("reduce+fused_combine (fresh out)"),
             "fresh_copy_fraction": frac["reduce+combine"],
+            "existing_out_copy_fraction": frac["reduce+combine (existing out)"],
             "speedup_vs_eager": statistics.median(eager) / statistics.median(wall["reduce+combine"]) if eager else None}
 
 
@@ -137,9 +140,11 @@ def table(result: dict) -> str:
     speed = result["speedup_vs_eager"]
     lines = [f"### {result['size']} {tuple(result['shape'])}, K = {K}, float32: copy_ {result['copy_gb_per_s']:.2f} GB/s"
              + (f"; reduce+combine {speed:.2f}x the eager reference" if speed else ""), "",
-             f"Headline (like with like: copy_ into an existing dst vs. the step writing into its recycled "
-             f"output, as the sampling loop does): reduce+combine at {result['step_copy_fraction']:.2f} of copy "
-             f"bandwidth; into a fresh output (first-touch page faults included) {result['fresh_copy_fraction']:.2f}.",
+             ("" if result["fused_step_copy_fraction"] is None else
+              f"Headline: the fused step's reduce + fused_combine into a fresh output, as sample() runs it, at "
+              f"{result['fused_step_copy_fraction']:.2f} of copy bandwidth; ")
+             + f"reduce + combine {result['fresh_copy_fraction']:.2f} (into an existing output, like with like "
+             f"against copy_: {result['existing_out_copy_fraction']:.2f}).",
              "",
              "| pass | bytes | median ms | min ms | CPU ms | GB/s | copy fraction |", "|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:

@@ -32,8 +32,6 @@ re-running it on the static buffers: the test suite uses it to check the plumbin
 from __future__ import annotations
 
 import dataclasses
-import sys
-import weakref
 from typing import Callable, Dict
 
 import torch
@@ -43,76 +41,17 @@ from .guidance.base import _signature_of
 WARMUP_RUNS = 3  # side-stream runs before capture
 
 
-def _holders(t: torch.Tensor) -> tuple:
-    """What references ``t`` and its memory: Python references to the tensor object (which
-    autograd's saved tensors add to as well: they reference its TensorImpl, which then keeps
-    the Python object), weak references, the storage's use count (every tensor on it: views,
-    ``detach()``, the input a model kept) and Python references to the storage object; for a
-    view (the reference combine returns a reshape of its result), the same of its base."""
-    storage = t.untyped_storage()
-    base = t._base
-    return (sys.getrefcount(t), weakref.getweakrefcount(t), torch._C._storage_Use_Count(storage._cdata),
-            sys.getrefcount(storage),
-            None if base is None else (sys.getrefcount(base), weakref.getweakrefcount(base), base._base is None))
-
-
-def _alone(view: bool) -> tuple:
-    """:func:`_holders` of a tensor (or a view whose base nothing else holds) that one local
-    variable holds: measured, as the counts depend on the Python version and on torch's."""
-    probe = torch.empty(4).view(2, 2) if view else torch.empty(4)
-    return _holders(probe)
-
-
-_ALONE = {False: _alone(False), True: _alone(True)}
-
-
 class EagerStepper:
-    """Runs each step directly (``step``: :func:`gradguide.sampling.step`).
-
-    **Recycled outputs.** A fused step (:mod:`gradguide.stepplan`) writes ``x_(t-1)`` into an
-    existing buffer when it is given one: the stepper keeps the ``x`` it was handed at the
-    previous step and, at the next step, offers it as that buffer, so a run alternates between
-    two buffers. Why: on CPU a fresh large output is mapped anew by the C library and every page
-    is faulted in and zeroed by the kernel on first touch, which costs about as much as the
-    step's own combine at ADM-256 (issue 12); on CUDA the caching allocator hides that, and
-    recycling only spares the allocator call. The rule that makes it safe: the buffer is
-    offered only when **nothing else holds it or its memory** (:func:`_holders`: the
-    tensor's Python references and its storage's use count), it matches ``x`` (shape, dtype,
-    device, contiguous, not requiring grad) and is not ``x``'s memory. So the caller's ``x_T``,
-    a callback's record, a model that kept its input, autograd's saved tensors all keep their
-    values: those buffers are simply not reused, and a fresh output is allocated as before.
-    The general step (:func:`gradguide.sampling._step_body`) ignores the buffer. The CUDA-graph
-    stepper has static buffers of its own (:class:`GraphStepper`).
-    """
-
-    recycle = True   # False: every step's output is fresh (tests and benchmarks compare the two)
+    """Runs each step directly (``step``: :func:`gradguide.sampling.step`)."""
 
     def __init__(self, run, step: Callable):
         self.run, self._step = run, step
         self._ids = run.step_ids.split(1)   # the device step indices [1], sliced once per run
-        self._previous = None               # the x handed to the previous step
-        self.offered = 0                    # steps offered a recycled buffer
 
     def __call__(self, x, i, state, noise, want_record):
-        out = self._buffer(x) if self.recycle else None
-        self.offered += out is not None
-        result = self._step(self.run, x, i, self._ids[i], state, noise, want_record, out=out)
-        del out
-        self._previous = x if self.recycle else None
-        return result
-
-    def _buffer(self, x):
-        """The previous step's input if it may receive this step's output, else None."""
-        prev, self._previous = self._previous, None
-        if prev is None or prev.device.type == "meta" or _holders(prev) != _ALONE[prev._base is not None]:
-            return None
-        if (prev.shape != x.shape or prev.dtype != x.dtype or prev.device != x.device or not prev.is_contiguous()
-                or prev.requires_grad or prev.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()):
-            return None
-        return prev
+        return self._step(self.run, x, i, self._ids[i], state, noise, want_record)
 
     def finish(self, x):
-        self._previous = None
         return x
 
 

@@ -153,8 +153,6 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     (for models that cannot take a mixed batch). Outputs are the same either way.
     ``fused``: ``True`` (default) runs a step that matches a built-in program (:mod:`gradguide.stepplan`)
     as reduce + one fused combine; ``False`` always takes the general LinComb path (its reference).
-    The fused step writes ``x_(t-1)`` into the previous step's input when nothing else holds that
-    tensor or its memory (spares a fresh output's page faults on CPU; :class:`gradguide.graphs.EagerStepper`).
     The sampler's tables and the fused plan depend only on the configuration: repeated calls with
     the same one take them from a small cache (see ``_PLAN_CACHE``), with the same results.
     Returns the samples ``x_0``, shaped ``shape``.
@@ -289,16 +287,13 @@ def _stepper(run: "_Run", graph):
 # -- one step -------------------------------------------------------------------------------
 
 def step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dict[str, torch.Tensor],
-         noise: Optional[torch.Tensor], want_record: bool, out: Optional[torch.Tensor] = None):
+         noise: Optional[torch.Tensor], want_record: bool):
     """One guided step. ``i`` is the host step number (it selects only host-side variants, see
     :meth:`GuidanceTerm.variant`); ``idx`` is the same number as a device tensor ``[1]``, from
-    which every per-step scalar is read, so a captured step can be replayed for any step.
-    ``out``: a buffer nothing else holds (not ``x``) that the fused step may write ``x_(t-1)``
-    into (:class:`gradguide.graphs.EagerStepper` recycles the previous step's input); the
-    general path ignores it and returns a fresh tensor (its many small ops allocate anyway)."""
+    which every per-step scalar is read, so a captured step can be replayed for any step."""
     with torch.set_grad_enabled(run.needs_input_grad):
         if run.plan is not None and not want_record:
-            return _fused_step(run, x, i, idx, state, noise, out)
+            return _fused_step(run, x, i, idx, state, noise)
         return _step_body(run, x, i, idx, state, noise, want_record)
 
 
@@ -427,7 +422,7 @@ def _copy_tables(tables: SamplerTables) -> SamplerTables:
 
 
 def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dict[str, torch.Tensor],
-                noise: Optional[torch.Tensor], out: Optional[torch.Tensor] = None):
+                noise: Optional[torch.Tensor]):
     """The step as ``run.plan``'s stages (:mod:`gradguide.stepplan`): the model call(s), the
     guidance gradients, then at most reduce + one fused combine per stage. Equal to
     :func:`_step_body` (tests/test_fused_step.py), which stays the general path."""
@@ -456,7 +451,7 @@ def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Di
             tensors[f"classifier_grad_mean{j}"] = term.gradient(ctx)
     if run.backend != "reference":   # kernels address rows as contiguous memory
         tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
-    stepplan.run_stages(run, variant, column, tensors, out=out)
+    stepplan.run_stages(run, variant, column, tensors)
     return tensors["x_next"], dict(state), None
 
 

@@ -320,12 +320,9 @@ def _inputs(bld: _Builder) -> List[str]:
 
 # -- running a plan ----------------------------------------------------------------------------
 
-def run_stages(run, variant: Variant, column: torch.Tensor, tensors: Dict[str, torch.Tensor],
-               out: Optional[torch.Tensor] = None):
+def run_stages(run, variant: Variant, column: torch.Tensor, tensors: Dict[str, torch.Tensor]):
     """Execute ``variant``'s stages; ``tensors`` maps operand names to (contiguous) tensors and
-    receives each stage's output. ``out``: an existing buffer for the stage that writes
-    ``"x_next"`` (the sampling loop's recycled buffer, :class:`gradguide.graphs.EagerStepper`);
-    the other stages' outputs are fresh."""
+    receives each stage's output."""
     for st in variant.stages:
         operands = [tensors[name] for name in st.operands]
         k = len(operands)
@@ -338,6 +335,5 @@ def run_stages(run, variant: Variant, column: torch.Tensor, tensors: Dict[str, t
         vectors = [column[r:r + k].view(1, 1, k) for r in st.vector_rows]
         scalars = [column[v:v + 1] if kind == "row" else v for kind, v in st.scalars]
         tensors[st.output] = ops.fused_unchecked(st.policy, run.backend, operands, gram, vectors, scalars,
-                                                 run.groups if st.n_gram else 1, st.clamp,
-                                                 out=out if st.output == "x_next" else None)
+                                                 run.groups if st.n_gram else 1, st.clamp)
     return tensors

@@ -404,15 +404,15 @@ def fused_unchecked(policy: str, backend: str, operands: List[torch.Tensor], gra
                     clamp: Optional[tuple] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`fused_combine` without argument checks. ``vectors``: ``[1 or B, 1 or G, K]``
     (broadcast over the batch); ``scalars``: 1- or B-element tensors; ``gram``: ``[B, G, Kg,
-    Kg]`` over the first ``Kg`` operands (float64; the Triton kernel reads a float32 one too),
+    Kg]`` over the first ``Kg`` operands (float64; the fused kernels read a float32 one too),
     or None for a policy without one. native (CPU, and CUDA where the op was built with it): the
     program runs inside ``gradguide::fused_combine``; triton: inside the fused kernel's prologue
     (one launch each, nothing padded, expanded or cast on the way); otherwise the torch program,
     then combine.
 
     ``out``: an existing tensor like ``operands[0]`` to write the result into (and return), e.g.
-    a sampling loop's recycled buffer (:class:`gradguide.graphs.EagerStepper`), which spares a
-    fresh output's first-touch page faults on CPU. Where it is not contiguous, or shares memory
+    a buffer a caller's own loop keeps, which spares a fresh output's first-touch page faults on
+    CPU (``sample()`` allocates fresh: benchmarks/results/native-bandwidth-cpu-2026-11-24.md). Where it is not contiguous, or shares memory
     with the inputs other than by being exactly an operand, the result goes through a temporary
     (the native op decides the latter itself, cheaply; elsewhere :func:`_direct_out`). The fused
     kernels compute no gradients, so ``out`` is refused with inputs that require grad."""
