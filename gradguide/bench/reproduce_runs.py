@@ -89,6 +89,13 @@ def runs() -> List[Run]:
                     group="roff", variant="k_ft 40"))
     out.append(_opt("roff_kft60_alg2_G_1234", "f1-theta2", 2, "G", 1234, "--k-ft", "60",
                     group="roff", variant="k_ft 60"))
+    # the wider network at two more seeds: at seed 1234 it was the one change that moved the
+    # ratio well under 1/3 (0.18), so it needs more than one seed
+    for seed in SEEDS[1:3]:
+        for guid in ("G_loss", "G"):
+            out.append(_opt(f"roff_h256_alg2_{guid}_{seed}", "f1-theta2", 2, guid, seed,
+                            "--weights", "{out}/" + WIDE_WEIGHTS, after="train_h256_d4", group="roff",
+                            variant="hidden 256 depth 4"))
     # 2. the remaining f1/θ2 seeds of Algorithm 2
     for seed in SEEDS[3:]:
         for guid in ("G_loss", "G"):
