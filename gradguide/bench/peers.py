@@ -99,6 +99,9 @@ class Workload:
         self.steps = 3 if quick else STEPS
         self.model = CheapModel(c, seed) if model_kind == "cheap" else tiny_unet(c, hw, seed, quick)
         self.scheduler = DDIMScheduler(**SD_SCHEDULER)
+        timesteps = DDIMScheduler(**SD_SCHEDULER)
+        timesteps.set_timesteps(self.steps)
+        self.timesteps = list(timesteps.timesteps)   # the model-only runner's (its cost ignores t)
         g = torch.Generator().manual_seed(seed + 1)
         self.x_T = torch.randn(self.shape, generator=g)
         self.pos = torch.randn(b, TEXT_LEN, TEXT_DIM, generator=g)
@@ -127,6 +130,19 @@ class Workload:
                     noise_pred = noise_uncond + GUIDANCE_SCALE * (noise_text - noise_uncond)
                 latents = sched.step(noise_pred, t, latents, return_dict=False)[0]
         return latents
+
+    def model_only_pass(self) -> torch.Tensor:
+        """What every runner of this row pays per step and no sampler can avoid: the model input
+        (the 2B ``cat`` with CFG) and the model call; no guidance line, no scheduler step.
+        diffusers' time over this runner's is the most any sampler can be faster than diffusers
+        here (the *ceiling*)."""
+        with torch.no_grad():
+            latents = self.x_T
+            embeddings = torch.cat([self.neg, self.pos]) if self.cfg else self.pos
+            for t in self.timesteps:
+                latent_in = torch.cat([latents] * 2) if self.cfg else latents
+                out = self.forward(latent_in, t, embeddings)
+        return out
 
     def gradguide_runner(self) -> Callable[[], torch.Tensor]:
         """gradguide as a switching user writes it (set up once, like a pipeline; then a call per pass)."""
@@ -181,7 +197,7 @@ def _count_fused_steps(fn: Callable[[], torch.Tensor]):
 def run_workload(w: Workload, reps: Optional[int] = None, budget_s: float = 3.0) -> dict:
     """Warm-up pass of each runner (outputs compared), then ``reps`` interleaved timed passes each
     (default: as many as fit ``budget_s`` per runner, 5 to 40)."""
-    runners = {"gradguide": w.gradguide_runner(), "diffusers": w.diffusers_pass}
+    runners = {"gradguide": w.gradguide_runner(), "diffusers": w.diffusers_pass, "model only": w.model_only_pass}
     outputs, calls, first = {}, {}, {}
     fused_steps = 0
     for name, fn in runners.items():
@@ -191,13 +207,16 @@ def run_workload(w: Workload, reps: Optional[int] = None, budget_s: float = 3.0)
         else:
             outputs[name], calls[name] = _count_calls(w.model, fn)
         first[name] = time.perf_counter() - start
+    if calls["model only"] != calls["diffusers"]:
+        raise RuntimeError(f"the model-only runner made {calls['model only']} model calls, diffusers "
+                           f"{calls['diffusers']}: the ceiling would not be like with like")
     if reps is None:
         slowest = max(first.values())
         reps = int(min(40, max(5, budget_s // max(slowest, 1e-9))))
     times: Dict[str, List[float]] = {name: [] for name in runners}
     cpu: Dict[str, List[float]] = {name: [] for name in runners}
     order = list(runners)
-    for r in range(reps):
+    for r in range(reps):   # interleaved, order reversed every repetition
         for name in (order if r % 2 == 0 else order[::-1]):
             start, start_cpu = time.perf_counter(), time.process_time()
             runners[name]()
@@ -212,6 +231,7 @@ def run_workload(w: Workload, reps: Optional[int] = None, budget_s: float = 3.0)
                pass_s={name: statistics.median(ts) for name, ts in times.items()},
                pass_s_all=times, first_pass_s=first, calls_per_step={k: v / w.steps for k, v in calls.items()},
                speed_ratio=per_step["diffusers"] / per_step["gradguide"],
+               ceiling=per_step["diffusers"] / per_step["model only"],
                cpu_per_step_ms={name: v * 1e3 for name, v in cpu_step.items()},
                cpu_speed_ratio=cpu_step["diffusers"] / cpu_step["gradguide"] if cpu_step["gradguide"] > 0 else None,
                paired_ratio_median=statistics.median(d / g for d, g in zip(times["diffusers"], times["gradguide"])),
@@ -283,7 +303,9 @@ def markdown(result: dict, note: str = "") -> str:
              "max |Δ| between the two runners' warm-up outputs",
              "- diffusers runner: the pipelines' loop (cat latents, scale_model_input, one model call with "
              "[negative, positive] embeddings, u + w (c − u), DDIMScheduler.step); gradguide runner: "
-             "gradguide.sample(sampler='ddim', guidance=CFG(w, uncond=...)) with every default"]
+             "gradguide.sample(sampler='ddim', guidance=CFG(w, uncond=...)) with every default; model-only "
+             "runner: per step the cat and the model call alone, interleaved with the two: ceiling = "
+             "diffusers time / model-only time, the most any sampler could be faster than diffusers on that row"]
     if note:
         lines.append(f"- {note}")
     lines += ["- like with like: both runners hold float32 samples and run on the same torch threads in one "
@@ -293,15 +315,16 @@ def markdown(result: dict, note: str = "") -> str:
               "in float64 (the native CPU combine accumulates float32 operands in float64); diffusers' "
               "DDIMScheduler.step works in float32 throughout",
               "", "| model | shape | B | guidance | gradguide ms/step | diffusers ms/step | speed ratio | "
-                  "paired ratio | gradguide CPU ms/step | diffusers CPU ms/step | CPU ratio | "
+                  "paired ratio | ceiling | gradguide CPU ms/step | diffusers CPU ms/step | CPU ratio | "
                   "model calls/step (gg / diffusers) | gradguide step | max abs diff | reps |",
-              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
+              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
     for r in result["rows"]:
         ok = "" if r.get("within_tolerance", True) else " (> 1e-4)"
         cpu = r.get("cpu_per_step_ms", {})
         lines.append(f"| {r['model']} | {'×'.join(map(str, r['shape']))} | {r['batch']} | {r['guidance']} | "
                      f"{r['per_step_ms']['gradguide']:.2f} | {r['per_step_ms']['diffusers']:.2f} | "
                      f"{r['speed_ratio']:.2f}x | {r['paired_ratio_median']:.2f}x | "
+                     + (f"{r['ceiling']:.2f}x | " if "ceiling" in r else "- | ")
                      + "".join(f"{cpu[k]:.2f} | " if k in cpu else "- | " for k in ("gradguide", "diffusers"))
                      + (f"{r['cpu_speed_ratio']:.2f}x | " if r.get("cpu_speed_ratio") else "- | ") +
                      f"{r['calls_per_step']['gradguide']:g} / {r['calls_per_step']['diffusers']:g} | "
