@@ -412,8 +412,9 @@ def fused_unchecked(policy: str, backend: str, operands: List[torch.Tensor], gra
 
     ``out``: an existing tensor like ``operands[0]`` to write the result into (and return), e.g.
     a buffer a caller's own loop keeps, which spares a fresh output's first-touch page faults on
-    CPU (``sample()`` allocates fresh: benchmarks/results/native-bandwidth-cpu-2026-11-24.md). Where it is not contiguous, or shares memory
-    with the inputs other than by being exactly an operand, the result goes through a temporary
+    CPU (``sample()`` allocates fresh: benchmarks/results/native-bandwidth-cpu-2026-11-24.md).
+    Where it is not contiguous, or shares memory with the inputs other than by being exactly an
+    operand, the result goes through a temporary
     (the native op decides the latter itself, cheaply; elsewhere :func:`_direct_out`). The fused
     kernels compute no gradients, so ``out`` is refused with inputs that require grad."""
     if out is not None and _needs_grad(out, gram, *operands, *vectors, *scalars):
