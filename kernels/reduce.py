@@ -19,7 +19,7 @@ Why tensor cores: the accumulators live in the MMA layout, spread over the warp 
 registers per thread), instead of K(K+1)/2 + K per thread. The previous design (per-thread
 accumulators for every pair, written out as ``g{i}{j}``) needed 92-128 registers for K = 8
 (fp32 data of K vectors + 44 accumulators, 88 registers of them in fp64): no layout of
-per-thread accumulators fits 64 registers. This design compiles to 30-56 registers, 0 spills,
+per-thread accumulators fits 64 registers. This design compiles to 32-48 registers, 0 spills,
 for every K, dtype and alignment on sm_80 and sm_90; benchmarks/results/kernels-before-after.md
 lists the options measured. Exactness per dtype:
 - fp16 / bf16: products are exact in fp32 (11 / 8-bit significands), summed in fp32;
@@ -33,8 +33,9 @@ lists the options measured. Exactness per dtype:
   tile's Gram is 2·16·16·BK flops for K·BK elements, 128/K flops per byte of fp32 input, while
   DMMA peaks at 19.5 (A100) / 67 (H100 SXM) TFLOP/s against 2.0 / 3.35 TB/s: the pass stays at
   the memory bound for K >= 7 on H100 and runs at ~1.6x (K = 4) to 2.1x (K = 3) of it there,
-  ~3.3x / 4.4x on A100 (a projection; fp64-poor GPUs pay far more). The model call dwarfs it at
-  every size benchmarked (benchmarks/results/gpu-projection-*.md).
+  ~3.3x / 4.4x on A100 (a projection; fp64-poor GPUs pay far more). The dry run's roofline
+  counts these FLOPs: with them everything beyond the model stays 0.4-4.8 % of a projected A100
+  step of the paper workloads (benchmarks/results/dryrun-2026-11-24.md).
 Within a tile the MMA sums BK products; tiles are added one by one in the accumulator's dtype.
 
 Limits: K <= 8 operands of one dtype (fp16, bf16, fp32, fp64), contiguous (the Python glue
