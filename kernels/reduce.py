@@ -19,7 +19,8 @@ Why tensor cores: the accumulators live in the MMA layout, spread over the warp 
 registers per thread), instead of K(K+1)/2 + K per thread. The previous design (per-thread
 accumulators for every pair, written out as ``g{i}{j}``) needed 92-128 registers for K = 8
 (fp32 data of K vectors + 44 accumulators, 88 registers of them in fp64): no layout of
-per-thread accumulators fits 64 registers. This design compiles to 32-48 registers, 0 spills,
+per-thread accumulators fits 64 registers. This design compiles to 30-40 registers (stage 1;
+stage 2: 18-48), 0 spills,
 for every K, dtype and alignment on sm_80 and sm_90; benchmarks/results/kernels-before-after.md
 lists the options measured. Exactness per dtype:
 - fp16 / bf16: products are exact in fp32 (11 / 8-bit significands), summed in fp32;
