@@ -90,3 +90,13 @@ def test_cheap_model_is_its_convolution():
     m = m.double()
     ref = m.conv(x) + 0.01 * e.double()[:, 0, :4, None, None]
     assert torch.allclose(m(x, None, e.double()), ref, rtol=1e-12, atol=1e-12)
+
+
+def test_model_only_runner_follows_the_step_count():
+    # benchmarks/callgrind/peers_pass.py changes ``steps`` after construction: the ceiling's runner
+    # must make as many model calls as the other two then
+    w = peers.Workload("cheap", "px-b3", True, quick=True, seed=0)
+    w.steps = 5
+    for fn in (w.model_only_pass, w.diffusers_pass):
+        _, calls = peers._count_calls(w.model, fn)
+        assert calls == 5

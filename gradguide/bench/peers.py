@@ -99,9 +99,7 @@ class Workload:
         self.steps = 3 if quick else STEPS
         self.model = CheapModel(c, seed) if model_kind == "cheap" else tiny_unet(c, hw, seed, quick)
         self.scheduler = DDIMScheduler(**SD_SCHEDULER)
-        timesteps = DDIMScheduler(**SD_SCHEDULER)
-        timesteps.set_timesteps(self.steps)
-        self.timesteps = list(timesteps.timesteps)   # the model-only runner's (its cost ignores t)
+        self._timesteps = None
         g = torch.Generator().manual_seed(seed + 1)
         self.x_T = torch.randn(self.shape, generator=g)
         self.pos = torch.randn(b, TEXT_LEN, TEXT_DIM, generator=g)
@@ -130,6 +128,16 @@ class Workload:
                     noise_pred = noise_uncond + GUIDANCE_SCALE * (noise_text - noise_uncond)
                 latents = sched.step(noise_pred, t, latents, return_dict=False)[0]
         return latents
+
+    @property
+    def timesteps(self) -> list:
+        """The model-only runner's timesteps (its cost ignores t), for the current ``steps``."""
+        if self._timesteps is None or len(self._timesteps) != self.steps:
+            from diffusers import DDIMScheduler
+            sched = DDIMScheduler(**SD_SCHEDULER)
+            sched.set_timesteps(self.steps)
+            self._timesteps = list(sched.timesteps)
+        return self._timesteps
 
     def model_only_pass(self) -> torch.Tensor:
         """What every runner of this row pays per step and no sampler can avoid: the model input
