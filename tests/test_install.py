@@ -21,7 +21,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HARNESS = ["gradguide/bench/loop.py", "gradguide/bench/ops.py", "gradguide/bench/profiling.py", "gradguide/bench/profile.py",
            "gradguide/bench/dryrun.py", "gradguide/bench/meta.py", "gradguide/bench/gpu.py",
            "gradguide/bench/peers.py", "gradguide/cli.py", "gradguide/experiments/simulation.py",
-           "gradguide/experiments/digits/models.py", "gradguide/tools/sharded.py", "kernels/fused.py"]
+           "gradguide/experiments/digits/models.py", "gradguide/tools/sharded.py", "gradguide/kernels/fused.py"]
 WEIGHTS = ["gradguide/weights/sim_small.safetensors", "gradguide/weights/digits/eps_cond.safetensors",
            "gradguide/weights/digits/eps_uncond.safetensors", "gradguide/weights/digits/eval_classifier.safetensors",
            "gradguide/weights/digits/noisy_classifier.safetensors"]
@@ -34,8 +34,7 @@ def wheel(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("install")
     src = tmp / "src"
     ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info")
-    for folder in ("gradguide", "kernels"):
-        shutil.copytree(os.path.join(ROOT, folder), src / folder, ignore=ignore)
+    shutil.copytree(os.path.join(ROOT, "gradguide"), src / "gradguide", ignore=ignore)
     for name in ("pyproject.toml", "setup.py", "README.md"):
         shutil.copy(os.path.join(ROOT, name), src / name)
     env = dict(os.environ, GRADGUIDE_NO_NATIVE="1", PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INDEX="1")
@@ -78,10 +77,10 @@ assert cli.main(["bench", "--suite", "loop", "--workloads", "loop-cfg", "--varia
 assert cli.main(["profile", "--workload", "loop-cfg", "--no-projection", "--no-progress"] + common) == 0
 assert cli.main(["dryrun", "--workload", "loop-cfg", "--no-combinations", "--no-progress"] + common) == 0
 ours = {{m: getattr(v, "__file__", None) or "" for m, v in list(sys.modules.items())
-        if m.split(".")[0] in ("gradguide", "kernels")}}
+        if m.split(".")[0] == "gradguide"}}
 elsewhere = {{m: f for m, f in ours.items() if f and not f.startswith({str(site)!r})}}
 assert not elsewhere, elsewhere   # nothing from the checkout (or another install)
-assert "kernels" in ours or "gradguide.bench.loop" in ours
+assert "gradguide.bench.loop" in ours
 print(sorted(os.listdir("out")))
 """
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

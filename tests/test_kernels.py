@@ -20,7 +20,7 @@ from gradguide.ops import policies, reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # per-dtype bound on |error| / scale: fp32 accumulation for low precision inputs (exact upcast),
-# fp64 for fp32 and fp64 (kernels/_common.py); rounding of the output to the dtype for combine
+# fp64 for fp32 and fp64 (gradguide/kernels/_common.py); rounding of the output to the dtype for combine
 REDUCE_TOL = {torch.float32: 1e-12, torch.float16: 2e-5, torch.bfloat16: 2e-5, torch.float64: 1e-12}
 COMBINE_TOL = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3, torch.float64: 1e-13}
 
@@ -511,7 +511,7 @@ def test_triton_aligned_rows_splits_and_offsets(dtype, monkeypatch):
     offset by one element (not 16-byte aligned) the scalar one; long rows are split across
     programs and walked in several steps; combine's block loop runs when blocks are capped."""
     _backend("triton")
-    from kernels import combine as kcombine
+    from gradguide.kernels import combine as kcombine
     g = torch.Generator().manual_seed(5)
     long_row = (1, 20000) if dtype == torch.float32 else (1, 6000)
     for shape, groups in (((2, 3, 64), 3), (long_row, 1)):
@@ -634,7 +634,7 @@ def test_triton_fused_step_launches_one_kernel_and_no_small_ops():
         assert counter.ops == want, (policy, counter.ops)
 
 
-# -- clip_shift: clamp(p) and clamp(p + s) − clamp(p) (kernels/clip_shift.py) -------------------
+# -- clip_shift: clamp(p) and clamp(p + s) − clamp(p) (gradguide/kernels/clip_shift.py) -------------------
 
 CLIP = (-1.0, 1.0)
 
@@ -705,7 +705,7 @@ def test_triton_clip_shift_bounds_and_nonfinite(dtype):
     dtype (p == bound counts as clipped); NaN and ±inf follow the reference (NaN in, NaN out;
     an infinite p clips to the bound; inf − inf is NaN)."""
     _backend("triton")
-    from kernels import clip_shift as kclip
+    from gradguide.kernels import clip_shift as kclip
     vals = [1.0, -1.0, 2.0, -2.0, 0.5, -0.5, 0.75, 1.5, -3.0, 0.0, 0.25]
     x = torch.tensor([vals, vals[::-1]], dtype=dtype)
     for cp, cs in ((1.0, 0.5), (1.0, -0.5), (-1.0, 0.25), (2.0, -4.0)):
@@ -851,7 +851,7 @@ def test_fused_policy_lists_agree():
     running the wrong coefficient program."""
     _backend("triton")
     from gradguide.ops import triton_backend
-    from kernels.fused import ARITY, POLICY_IDS
+    from gradguide.kernels.fused import ARITY, POLICY_IDS
     assert set(POLICY_IDS) == set(triton_backend.FUSED_POLICIES) == set(policies.POLICIES)
     assert all(ARITY[p] == (len(v), len(s)) for p, (v, s) in policies.POLICIES.items())
     assert all(triton_backend.supports_policy(p) for p in triton_backend.FUSED_POLICIES)

@@ -175,7 +175,7 @@ def test_float32_cases_found_by_hypothesis(seed, eta, scale, backend):
     """Found by hypothesis at 1.0-1.5e-4 when the float64 run started from the unrounded x_T
     and noise; like with like they are 3-6e-5 on reference and native. Triton reached 1.1e-4 /
     2.3e-4 on two of them while its kernels summed float32 data in float32 (tensor-core tiles):
-    they sum in float64 now (kernels/reduce.py), like the other backends."""
+    they sum in float64 now (gradguide/kernels/reduce.py), like the other backends."""
     kw = issue_case(eta, seed, scale)
     err = _pair(backend, seed=seed, **kw)
     assert err <= TOL

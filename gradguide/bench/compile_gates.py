@@ -15,7 +15,7 @@ pointer argument ``x0..x7``).
 Gates, per compiled kernel:
 - **no spills**: ``LOCAL`` and ``STACK`` are 0 bytes (spills go to local memory);
 - **registers** <= 64 per thread for every kernel (reduce accumulates its Gram on tensor
-  cores, kernels/reduce.py: its accumulators are spread over the warp, not K(K+1)/2 + K per
+  cores, gradguide/kernels/reduce.py: its accumulators are spread over the warp, not K(K+1)/2 + K per
   thread);
 - **128-bit operand loads**: when the variant's operands are 16-byte aligned and rows are a
   multiple of the vector width (8 elements covers every dtype), every operand load is

@@ -159,7 +159,7 @@ class Counter(TorchDispatchMode):
                 flops = 0
         if func.namespace == "gradguide_triton" and name == "reduce" and ins[0].dtype in (torch.float32,
                                                                                         torch.float64):
-            # kernels/reduce.py: each [16, BK] tile's Gram on fp64 tensor cores, 2·16·16 FLOPs per
+            # gradguide/kernels/reduce.py: each [16, BK] tile's Gram on fp64 tensor cores, 2·16·16 FLOPs per
             # element of one operand whatever K (the projection's DMMA peak: projection.py)
             flops = 512 * ins[0].numel()
         s["flops"] += flops

@@ -11,7 +11,7 @@ efficiency factor: a real GPU reaches ~80-90 % of spec bandwidth and less of spe
 the projection is a *lower bound* on kernel time); every op a separate kernel that goes to
 DRAM (no cache reuse between ops); FLOPs only for matmuls, convolutions and attention (torch's
 flop registry) and for the Triton reduce on fp32/fp64 data (its tile Grams run on fp64 tensor
-cores, DMMA: 512 FLOPs per element of an operand, kernels/reduce.py); fp16/bf16 matmuls and convolutions on tensor cores; fp32 convolutions on TF32
+cores, DMMA: 512 FLOPs per element of an operand, gradguide/kernels/reduce.py); fp16/bf16 matmuls and convolutions on tensor cores; fp32 convolutions on TF32
 tensor cores (cuDNN's default, ``torch.backends.cudnn.allow_tf32``), fp32 matmuls on CUDA
 cores (``torch.backends.cuda.matmul.allow_tf32`` defaults to False). Launch cost: eager
 ≈ :data:`EAGER_LAUNCH_US` per op (PyTorch's host-side dispatch + launch, which bounds small

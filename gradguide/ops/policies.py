@@ -3,7 +3,7 @@
 A fused combine evaluates one of these tiny per-row programs on the Gram matrix and a few
 coefficient vectors (LinCombs over the step's operands, ``[B, G, K]``) and writes
 ``sum_k C[b, g, k] op_k`` in the same pass. This module is the plain-torch truth of each
-program; the Triton kernel (``kernels/fused.py``) and the native CPU op
+program; the Triton kernel (``gradguide/kernels/fused.py``) and the native CPU op
 (``csrc/gradguide_ops.cpp``) evaluate the same formulas in float64 inside their combine, and
 the reference backend runs these functions and then its ``combine``. Inner products are per row (a sample, or a (sample, group) pair), exactly
 ``gradguide.linear.Operands.dot(..., per="group")``; with one group, per sample.

@@ -28,7 +28,7 @@ import torch
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Accumulation dtype of the Triton kernels (kernels/_common.py ``acc_dtype``): float64 for
+    """Accumulation dtype of the Triton kernels (gradguide/kernels/_common.py ``acc_dtype``): float64 for
     float32 and float64 data, float32 for float16/bfloat16 (their products are exact in float32)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else torch.float64
 

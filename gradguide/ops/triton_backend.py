@@ -1,8 +1,8 @@
-"""Glue to the Triton kernels in the top-level ``kernels`` package, as torch custom ops.
+"""Glue to the Triton kernels in ``gradguide.kernels``, as torch custom ops.
 
 Triton runs on CUDA tensors, and on CPU tensors only through Triton's interpreter
 (``TRITON_INTERPRET=1``, for tests). The interpreter is chosen when a kernel is *defined*,
-so what counts is the value of ``TRITON_INTERPRET`` when ``kernels`` is first imported:
+so what counts is the value of ``TRITON_INTERPRET`` when ``gradguide.kernels`` is first imported:
 this module imports it lazily and remembers that mode.
 
 The kernels are registered as custom ops ``torch.ops.gradguide_triton.{reduce, combine,
@@ -21,7 +21,7 @@ import torch
 
 _state = {"module": None, "reason": None, "interpret": None}
 
-# the policies kernels/fused.py evaluates in its prologue: every built-in program of
+# the policies gradguide/kernels/fused.py evaluates in its prologue: every built-in program of
 # gradguide/ops/policies.py (tests check the lists agree); any other name is refused
 FUSED_POLICIES = ("linear", "cfg", "pxp-a", "pxp-b", "pxp-c", "apg", "gloss", "lookahead")
 
@@ -34,11 +34,11 @@ def _load():
     if _state["module"] is None and _state["reason"] is None:
         try:
             import triton  # noqa: F401
-            from kernels import clip_shift, combine, fused, reduce  # noqa: F401
+            from gradguide.kernels import clip_shift, combine, fused, reduce  # noqa: F401
         except Exception as exc:
             _state["reason"] = f"triton or the kernels package cannot be imported ({exc})"
         else:
-            import kernels
+            from gradguide import kernels
             _state["module"] = kernels
             _state["interpret"] = _interpret_env()
     if _state["module"] is None:
@@ -78,7 +78,7 @@ def supports_policy(policy: str) -> bool:
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
-    from .reference import accumulation_dtype   # the kernels' rule (kernels/_common.py)
+    from .reference import accumulation_dtype   # the kernels' rule (gradguide/kernels/_common.py)
     return accumulation_dtype(dtype)
 
 
@@ -184,7 +184,7 @@ def combine(coef, operands, out=None, clamp=None):
 def fused_combine(policy, gram, vectors, scalars, operands, out=None, clamp=None):
     """``policy``'s coefficient program (float64) and the combine in one kernel launch.
 
-    The inputs go to the kernel as the step holds them (kernels/fused.py): ``gram`` ``[B, G,
+    The inputs go to the kernel as the step holds them (gradguide/kernels/fused.py): ``gram`` ``[B, G,
     Kg, Kg]`` over the first Kg operands in the reduce's dtype, ``vectors`` ``[1 or B, 1 or G,
     K]`` views, ``scalars`` 1- or B-element tensors; nothing is padded, expanded or cast here
     (each would be a launch). ``policy`` must be one of :data:`FUSED_POLICIES`."""
@@ -200,6 +200,6 @@ def fused_combine(policy, gram, vectors, scalars, operands, out=None, clamp=None
 
 
 def clip_shift(coef_p, coef_s, operands, clip):
-    """``(clamp(p), clamp(p + s) − clamp(p))`` in one launch (kernels/clip_shift.py); the
+    """``(clamp(p), clamp(p + s) − clamp(p))`` in one launch (gradguide/kernels/clip_shift.py); the
     float64 ``[1 or B, K]`` coefficient rows go to the kernel as they are (strides, no copy)."""
     return torch.ops.gradguide_triton.clip_shift(coef_p, coef_s, list(operands), float(clip[0]), float(clip[1]))
