@@ -291,6 +291,40 @@ class GuidedPipeline:
         :func:`gradguide.sample` are passed to it.
         """
         _refuse_keywords(sample_kwargs)
+        self._check_call(ip_adapter_image, ip_adapter_image_embeds, output_type, return_dict, num_images_per_prompt,
+                         guidance_scale, cross_attention_kwargs)
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("prompt: pass prompt= (a string or a list of strings) or prompt_embeds=")
+        if prompt_embeds is None and self.text_encoder is None:
+            raise ValueError("prompt: this pipeline has no text_encoder/tokenizer; pass prompt_embeds= instead")
+        lora_scale = None if cross_attention_kwargs is None else cross_attention_kwargs.get("scale")
+
+        def encode(do_cfg):
+            cond_embeds, neg_embeds = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, do_cfg,
+                                                         prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip,
+                                                         lora_scale=lora_scale)
+            cond = {"encoder_hidden_states": cond_embeds}
+            uncond = {"encoder_hidden_states": neg_embeds} if do_cfg else None
+            # what diffusers' callback_on_step_end sees: the CFG batch (negative rows first)
+            tensors = {"prompt_embeds": cond_embeds if neg_embeds is None else torch.cat([neg_embeds, cond_embeds]),
+                       "negative_prompt_embeds": neg_embeds}
+            return cond, uncond, tensors
+
+        out = self._generate(encode, TENSOR_INPUTS, num_inference_steps=num_inference_steps, timesteps=timesteps,
+                             sigmas=sigmas, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                             guidance=guidance, projection=projection, height=height, width=width, eta=eta,
+                             generator=generator, latents=latents, cross_attention_kwargs=cross_attention_kwargs,
+                             callback_on_step_end=callback_on_step_end,
+                             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, sampler=sampler,
+                             progress=progress, callback=callback, backend=backend, sample_kwargs=sample_kwargs)
+        images = self._images(out, output_type)
+        if not return_dict:
+            return images, None   # diffusers' (images, nsfw_content_detected); no safety checker runs
+        return GuidedPipelineOutput(images=images, latents=out)
+
+    @staticmethod
+    def _check_call(ip_adapter_image, ip_adapter_image_embeds, output_type, return_dict, num_images_per_prompt,
+                    guidance_scale, cross_attention_kwargs):
         if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
             which = "ip_adapter_image" if ip_adapter_image is not None else "ip_adapter_image_embeds"
             raise ValueError(f"GuidedPipeline: {which}: IP-Adapter image conditioning is not supported")
@@ -306,11 +340,14 @@ class GuidedPipeline:
         if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
             raise TypeError("cross_attention_kwargs: expected a dict or None, got "
                             f"{type(cross_attention_kwargs).__name__}")
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("prompt: pass prompt= (a string or a list of strings) or prompt_embeds=")
-        if prompt_embeds is None and self.text_encoder is None:
-            raise ValueError("prompt: this pipeline has no text_encoder/tokenizer; pass prompt_embeds= instead")
-        step_end = _StepEnd.of(callback_on_step_end, callback_on_step_end_tensor_inputs)
+
+    def _generate(self, encode, tensor_inputs, *, num_inference_steps, timesteps, sigmas, guidance_scale,
+                  guidance_rescale, guidance, projection, height, width, eta, generator, latents,
+                  cross_attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs, sampler,
+                  progress, callback, backend, sample_kwargs) -> torch.Tensor:
+        """The denoising loop shared by the pipelines: ``encode(do_cfg)`` gives the branches' model
+        inputs ``(cond, uncond or None, tensors for callback_on_step_end)``; returns the latents."""
+        step_end = _StepEnd.of(callback_on_step_end, callback_on_step_end_tensor_inputs, tensor_inputs)
         terms = [guidance] if isinstance(guidance, GuidanceTerm) else list(guidance or ())
         for j, term in enumerate(terms):
             if not isinstance(term, GuidanceTerm):
@@ -321,12 +358,7 @@ class GuidedPipeline:
         user_branch = [t for t in terms if t.place == "branches"]
         do_cfg = guidance_scale > 1.0 or bool(user_branch)   # diffusers: CFG only when guidance_scale > 1
 
-        lora_scale = None if cross_attention_kwargs is None else cross_attention_kwargs.get("scale")
-        cond_embeds, neg_embeds = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, do_cfg,
-                                                     prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip,
-                                                     lora_scale=lora_scale)
-        cond = {"encoder_hidden_states": cond_embeds}
-        uncond = {"encoder_hidden_states": neg_embeds} if do_cfg else None
+        cond, uncond, tensors = encode(do_cfg)
         if cross_attention_kwargs is not None:   # the same dict in both branches: shared by the batched call
             cond["cross_attention_kwargs"] = cross_attention_kwargs
             if uncond is not None:
@@ -338,11 +370,11 @@ class GuidedPipeline:
                 else CFG(guidance_scale, uncond=uncond)
             terms = [branch] + terms
 
-        batch = cond_embeds.shape[0]
+        embeds = cond["encoder_hidden_states"]
         height, width = self._size(height, width)
-        shape = (batch, int(self.unet.config.in_channels), height // self.vae_scale_factor,
+        shape = (embeds.shape[0], int(self.unet.config.in_channels), height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
-        dtype = cond_embeds.dtype
+        dtype = embeds.dtype
         if latents is None:
             latents = _randn(shape, generator, self.device, dtype)   # as diffusers' prepare_latents draws them
         elif tuple(latents.shape) != shape:
@@ -355,22 +387,19 @@ class GuidedPipeline:
         self._num_timesteps = len(ts)
         on_step = callback
         if step_end is not None:
-            embeds = {"prompt_embeds": cond_embeds if neg_embeds is None else torch.cat([neg_embeds, cond_embeds]),
-                      "negative_prompt_embeds": neg_embeds}
-            on_step = step_end.hook(self, scheduler, ts, embeds, callback)
-        out = sample(model, shape, schedule=schedule, sampler=sampler, timesteps=ts, guidance=terms,
-                     projection=projection, cond=cond, x_T=latents.to(self.device, dtype), generator=generator,
-                     backend=backend, progress=progress, callback=on_step, **kwargs)
+            on_step = step_end.hook(self, scheduler, ts, tensors, callback)
+        return sample(model, shape, schedule=schedule, sampler=sampler, timesteps=ts, guidance=terms,
+                      projection=projection, cond=cond, x_T=latents.to(self.device, dtype), generator=generator,
+                      backend=backend, progress=progress, callback=on_step, **kwargs)
+
+    def _images(self, out: torch.Tensor, output_type: str):
+        """Decoded and post-processed as diffusers' pipeline does (``"latent"``: the latents)."""
         if output_type == "latent":
-            images = out
-        else:
-            with torch.no_grad():
-                image = self.decode_latents(out)
-            images = self.image_processor.postprocess(image, output_type=output_type,
-                                                      do_denormalize=[True] * image.shape[0])
-        if not return_dict:
-            return images, None   # diffusers' (images, nsfw_content_detected); no safety checker runs
-        return GuidedPipelineOutput(images=images, latents=out)
+            return out
+        with torch.no_grad():
+            image = self.decode_latents(out)
+        return self.image_processor.postprocess(image, output_type=output_type,
+                                                do_denormalize=[True] * image.shape[0])
 
     def _timesteps(self, schedule, num_inference_steps, timesteps, sigmas, sample_kwargs):
         """The run's :class:`~gradguide.schedules.Timesteps`, as diffusers' ``retrieve_timesteps``
@@ -490,7 +519,7 @@ class _StepEnd:
         self.fn, self.inputs = fn, inputs
 
     @classmethod
-    def of(cls, fn, inputs) -> Optional["_StepEnd"]:
+    def of(cls, fn, inputs, allowed=TENSOR_INPUTS) -> Optional["_StepEnd"]:
         if fn is None:
             return None
         try:
@@ -504,9 +533,9 @@ class _StepEnd:
                             f"got {type(fn).__name__}")
         if isinstance(inputs, str) or not all(isinstance(k, str) for k in (inputs or ())):
             raise TypeError(f"callback_on_step_end_tensor_inputs: expected a list of names, got {inputs!r}")
-        bad = [k for k in inputs or () if k not in TENSOR_INPUTS]
+        bad = [k for k in inputs or () if k not in allowed]
         if bad:
-            raise ValueError(f"callback_on_step_end_tensor_inputs: {bad[0]!r} is not one of {list(TENSOR_INPUTS)}")
+            raise ValueError(f"callback_on_step_end_tensor_inputs: {bad[0]!r} is not one of {list(allowed)}")
         return cls(fn, tuple(inputs or ()))
 
     def hook(self, pipe, scheduler, ts, embeds: dict, callback):
@@ -531,7 +560,7 @@ class _StepEnd:
             if not isinstance(out, dict):
                 raise TypeError(f"callback_on_step_end: returned {type(out).__name__}; expected a dict (diffusers "
                                 "reads the latents from it)")
-            for key in ("prompt_embeds", "negative_prompt_embeds"):
+            for key in embeds:
                 if key in out and out[key] is not given[key]:
                     raise ValueError(f"GuidedPipeline: callback_on_step_end: returned new {key}; changing the "
                                      "conditioning during sampling is not supported")
