@@ -82,9 +82,7 @@ class GuidedPipeline:
             if not callable(value):
                 raise TypeError(f"GuidedPipeline: {name}: expected a diffusers model, got {type(value).__name__}")
         config = getattr(unet, "config", None)
-        if getattr(config, "addition_embed_type", None) is not None:
-            raise ValueError(f"GuidedPipeline: unet: addition_embed_type={config.addition_embed_type!r} needs "
-                             "added_cond_kwargs (SDXL-style conditioning), which this pipeline does not build")
+        self._check_addition_embed(getattr(config, "addition_embed_type", None))
         if getattr(config, "time_cond_proj_dim", None) is not None:
             raise ValueError("GuidedPipeline: unet: time_cond_proj_dim is set (a guidance-distilled U-Net, e.g. LCM); "
                              "its guidance embedding is not supported")
@@ -103,6 +101,16 @@ class GuidedPipeline:
         self._guidance_scale = self._run_guidance_scale = None
         self._num_timesteps = None
 
+    @staticmethod
+    def _check_addition_embed(kind) -> None:
+        if kind == "text_time":
+            raise ValueError("GuidedPipeline: unet: addition_embed_type='text_time' (SDXL) needs added_cond_kwargs "
+                             "(text_embeds, time_ids): use gradguide.integrations.pipeline_xl.GuidedXLPipeline "
+                             "(GuidedPipeline.from_pipe picks it for a StableDiffusionXLPipeline)")
+        if kind is not None:
+            raise ValueError(f"GuidedPipeline: unet: addition_embed_type={kind!r} needs added_cond_kwargs, "
+                             "which this pipeline does not build")
+
     @classmethod
     def from_pipe(cls, pipe, scheduler=None) -> "GuidedPipeline":
         """From a diffusers pipeline object (``StableDiffusionPipeline`` and the like);
@@ -112,6 +120,10 @@ class GuidedPipeline:
         missing = [name for name in ("unet", "scheduler", "vae") if getattr(pipe, name, None) is None]
         if missing:
             raise TypeError(f"GuidedPipeline.from_pipe: pipe: {type(pipe).__name__} has no {', '.join(missing)}")
+        if cls is GuidedPipeline and hasattr(pipe, "text_encoder_2") and \
+                getattr(pipe.unet.config, "addition_embed_type", None) == "text_time":
+            from .pipeline_xl import GuidedXLPipeline   # an SDXL pipeline
+            return GuidedXLPipeline.from_pipe(pipe, scheduler)
         out = cls(pipe.unet, scheduler if scheduler is not None else pipe.scheduler, pipe.vae,
                   getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None),
                   getattr(pipe, "image_processor", None))
