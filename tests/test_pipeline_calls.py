@@ -89,6 +89,7 @@ def test_unsupported_scheduler_is_refused_by_name(components):
 def _nudge(seen):
     """A callback_on_step_end that records its calls and changes the latents after step 1."""
     def fn(pipe, i, t, kwargs):
+        assert pipe.num_timesteps == 3 and pipe.do_classifier_free_guidance and pipe.guidance_scale == 5.0
         seen.append((i, float(t), tuple(kwargs["prompt_embeds"].shape), float(kwargs["latents"].abs().mean())))
         if i == 1:
             kwargs["latents"] = kwargs["latents"] * 0.8 + 0.1
@@ -258,3 +259,26 @@ def test_unknown_and_unsupported_keywords_name_the_pipeline(components):
         pipe(PROMPTS, num_inference_steps=2.5, guidance_scale=5.0, progress=False)
     with pytest.raises(TypeError, match="return_dict"):
         pipe(PROMPTS, return_dict="no", progress=False, **KW)
+
+
+def test_sample_callback_tensor_replaces_x():
+    """gradguide.sample's side of callback_on_step_end: a tensor the callback returns is the
+    x_(t-1) the next step starts from (here: one DDIM run split at step 2 equals two runs)."""
+    import gradguide as gg
+    schedule = gg.Schedule.linear(1000)
+    ts = schedule.timesteps(5)
+
+    def model(x, t):
+        return 0.3 * x + 0.01 * t.to(x.dtype).view(-1, 1)
+    x_T = torch.randn(2, 6, generator=_gen(2))
+    nudged = gg.sample(model, (2, 6), schedule=schedule, sampler="ddim", timesteps=ts, x_T=x_T,
+                       callback=lambda r: r.x + 0.5 if r.index == 2 else None)
+    first = gg.sample(model, (2, 6), schedule=schedule, sampler="ddim",
+                      timesteps=type(ts)(ts.t[:3], ts.abar[:3], ts.abar_prev[:3]), x_T=x_T)
+    second = gg.sample(model, (2, 6), schedule=schedule, sampler="ddim",
+                       timesteps=type(ts)(ts.t[3:], ts.abar[3:], ts.abar_prev[3:]), x_T=first + 0.5)
+    _close(nudged, second, 1e-6)
+    plain = gg.sample(model, (2, 6), schedule=schedule, sampler="ddim", timesteps=ts, x_T=x_T)
+    assert (nudged - plain).abs().max() > 1e-3
+    with pytest.raises(TypeError, match="callback: returned int"):
+        gg.sample(model, (2, 6), schedule=schedule, sampler="ddim", timesteps=ts, x_T=x_T, callback=lambda r: 1)

@@ -175,6 +175,11 @@ class GuidedPipeline:
         return self._guidance_scale
 
     @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether the running call uses CFG (``guidance_scale > 1``, as diffusers)."""
+        return self._guidance_scale is not None and self._guidance_scale > 1
+
+    @property
     def num_timesteps(self):
         """The running (or last) call's number of denoising steps (diffusers' ``num_timesteps``)."""
         return self._num_timesteps
