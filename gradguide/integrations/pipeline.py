@@ -151,7 +151,7 @@ class GuidedPipeline:
         sched = self.scheduler
         config = dict(getattr(sched, "config", {}) or {})
         done = self._converted
-        if done is None or done[0] is not sched or done[1] != config:
+        if done is None or done[0] is not sched or not _same_config(done[1], config):
             try:
                 model, schedule = from_diffusers(self.unet, sched)
             except ValueError as exc:
@@ -476,6 +476,13 @@ class GuidedPipeline:
                 raise ValueError(f"{name}: expected a positive multiple of the VAE's scale factor "
                                  f"{self.vae_scale_factor}, got {value!r}")
         return height, width
+
+
+def _same_config(a: dict, b: dict) -> bool:
+    try:
+        return bool(a == b)
+    except (ValueError, RuntimeError):   # array-valued entries (trained_betas) do not compare to one bool
+        return False
 
 
 def _repeat(embeds: torch.Tensor, n: int) -> torch.Tensor:
