@@ -126,6 +126,10 @@ def test_callback_on_step_end_refusals(components):
         pipe(PROMPTS, progress=False, callback_on_step_end=new_embeds,
              callback_on_step_end_tensor_inputs=["prompt_embeds"], **KW)
 
+    from diffusers.callbacks import SDCFGCutoffCallback   # a PipelineCallback: names its own tensor inputs
+    with pytest.raises(ValueError, match="callback_on_step_end: returned new prompt_embeds"):
+        pipe(PROMPTS, progress=False, callback_on_step_end=SDCFGCutoffCallback(cutoff_step_ratio=0.4), **KW)
+
     def cfg_off(p, i, t, kwargs):
         p._guidance_scale = 0.0
         return kwargs

@@ -98,3 +98,17 @@ def test_pixart_equals_diffusers(pixart):
     _close(out, ref)
     _close(_decode(vae, out), _decode(vae, ref))
     assert ref.std() > 1e-2
+
+
+def test_pixart_1024_needs_resolution_conditioning():
+    """A 1024-px PixArt (sample_size 128) conditions on the image size: without
+    cond['added_cond_kwargs'] the adapter refuses, naming it (before calling the model)."""
+    torch.manual_seed(0)
+    transformer = PixArtTransformer2DModel(
+        sample_size=128, num_layers=1, patch_size=2, attention_head_dim=8, num_attention_heads=1, caption_channels=8,
+        in_channels=4, cross_attention_dim=8, out_channels=8, num_embeds_ada_norm=1000, norm_type="ada_norm_single",
+        norm_elementwise_affine=False, norm_eps=1e-6)
+    assert transformer.use_additional_conditions
+    model, _ = gg.from_diffusers(transformer, DDIMScheduler())
+    with pytest.raises(ValueError, match=r"cond\['added_cond_kwargs'\]"):
+        model(torch.zeros(1, 4, 128, 128), torch.tensor([10]), encoder_hidden_states=torch.zeros(1, 3, 8))
