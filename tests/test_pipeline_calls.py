@@ -257,6 +257,8 @@ def test_unknown_and_unsupported_keywords_name_the_pipeline(components):
         pipe(PROMPTS, ip_adapter_image=np.zeros((8, 8, 3)), progress=False, **KW)
     with pytest.raises(ValueError, match="GuidedPipeline: ip_adapter_image_embeds"):
         pipe(PROMPTS, ip_adapter_image_embeds=[torch.zeros(2, 1, 8)], progress=False, **KW)
+    with pytest.raises(ValueError, match="GuidedPipeline: callback: takes \\(step, timestep, latents\\)"):
+        pipe(PROMPTS, callback=lambda step, t, latents: None, progress=False, **KW)
     with pytest.raises(ValueError, match="callback_steps"):
         pipe(PROMPTS, callback_steps=1, progress=False, **KW)
     with pytest.raises(ValueError, match="num_inference_steps"):

@@ -365,6 +365,10 @@ class GuidedPipeline:
         """The denoising loop shared by the pipelines: ``encode(do_cfg)`` gives the branches' model
         inputs ``(cond, uncond or None, tensors for callback_on_step_end)``; returns the latents."""
         step_end = _StepEnd.of(callback_on_step_end, callback_on_step_end_tensor_inputs, tensor_inputs)
+        if _required_positional(callback) >= 3:
+            raise ValueError("GuidedPipeline: callback: takes (step, timestep, latents) like diffusers' deprecated "
+                             "callback; GuidedPipeline's callback= receives gradguide's StepRecord: use "
+                             "callback_on_step_end= for diffusers' per-step callback")
         terms = [guidance] if isinstance(guidance, GuidanceTerm) else list(guidance or ())
         for j, term in enumerate(terms):
             if not isinstance(term, GuidanceTerm):
@@ -476,6 +480,17 @@ class GuidedPipeline:
                 raise ValueError(f"{name}: expected a positive multiple of the VAE's scale factor "
                                  f"{self.vae_scale_factor}, got {value!r}")
         return height, width
+
+
+def _required_positional(fn) -> int:
+    """How many positional parameters without a default ``fn`` has (0 when unknown)."""
+    if fn is None:
+        return 0
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return 0
+    return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty for p in params)
 
 
 def _same_config(a: dict, b: dict) -> bool:
