@@ -226,6 +226,13 @@ def test_timesteps_and_sigmas_lists_as_diffusers(components):
     dpm_sd, dpm = _pipes(components, sd_scheduler(DPMSolverMultistepScheduler))
     ref = dpm_sd(PROMPTS, generator=_gen(), timesteps=[999, 700, 300, 50], **kw).images
     _close(dpm(PROMPTS, generator=_gen(), timesteps=[999, 700, 300, 50], progress=False, **kw).images, ref)
+    heun_sd, heun = _pipes(components, HeunDiscreteScheduler.from_config(sd.scheduler.config))
+    ref = heun_sd(PROMPTS, generator=_gen(), timesteps=[999, 600, 250, 40], **kw).images
+    _close(heun(PROMPTS, generator=_gen(), timesteps=[999, 600, 250, 40], progress=False, **kw).images, ref)
+    # a list the scheduler itself rejects (UniPC takes sigmas only for flow models): its own error, as diffusers
+    _, unipc = _pipes(components, UniPCMultistepScheduler.from_config(sd.scheduler.config))
+    with pytest.raises(ValueError, match="GuidedPipeline: .*use_flow_sigmas"):
+        unipc(PROMPTS, sigmas=[10.0, 3.0, 0.9, 0.2], progress=False, **kw)
     ddim_sd, ddim = _pipes(components, sd_scheduler())
     with pytest.raises(ValueError, match="timesteps: DDIMScheduler.set_timesteps takes no custom timesteps"):
         ddim(PROMPTS, timesteps=[900, 500, 100], progress=False, **kw)
