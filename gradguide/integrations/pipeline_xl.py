@@ -18,7 +18,8 @@ import torch
 
 from ..guidance.base import GuidanceTerm
 from ..projection import PixelAsParam
-from .pipeline import GuidedPipeline, GuidedPipelineOutput, _lora_scaled, _refuse_keywords, _repeat
+from .pipeline import GuidedPipeline, GuidedPipelineOutput, _repeat
+from .pipeline_call import _lora_scaled, _refuse_keywords
 
 # what StableDiffusionXLPipeline offers callback_on_step_end
 XL_TENSOR_INPUTS = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids")
