@@ -314,13 +314,12 @@ class DiffusersModel(torch.nn.Module):
         self._dtype_key = self._dtype = None
         self._timestep_keyword = _takes_keyword(unet, "timestep")
         self._needs_added_cond = bool(getattr(unet, "use_additional_conditions", False))
-        # learned-σ channels the sampler does not read: dropped, as diffusers' DiT/PixArt pipelines do
         cfg = getattr(unet, "config", None)
         c_in, c_out = getattr(cfg, "in_channels", None), getattr(cfg, "out_channels", None)
-        self._keep_channels = None
-        learned = config.get("variance_type") in ("learned", "learned_range")
-        if isinstance(c_in, int) and c_out == 2 * c_in and not learned:
-            self._keep_channels = c_in
+        # a learned-σ model's channel count; from_diffusers sets drop_variance_channels when the sampler
+        # does not read them (everything but DDPM's learned_range)
+        self._sigma_channels = c_in if isinstance(c_in, int) and c_out == 2 * c_in else None
+        self.drop_variance_channels = False
 
     def _unet_dtype(self, default: torch.dtype) -> torch.dtype:
         """The U-Net's compute dtype. diffusers' ``ModelMixin.dtype`` walks every submodule (≈1.5 ms
@@ -344,8 +343,9 @@ class DiffusersModel(torch.nn.Module):
             out = self.unet(x.to(dtype), timestep=t, **cond, return_dict=False)[0]
         else:
             out = self.unet(x.to(dtype), t, **cond, return_dict=False)[0]
-        if self._keep_channels is not None and out.shape[1] == 2 * self._keep_channels:
-            out = out[:, :self._keep_channels]
+        if self.drop_variance_channels and self._sigma_channels is not None \
+                and out.shape[1] == 2 * self._sigma_channels:
+            out = out[:, :self._sigma_channels]   # as diffusers' DiT/PixArt pipelines split them off
         return out.to(x.dtype)
 
 
@@ -375,7 +375,11 @@ def from_diffusers(unet, scheduler, use_clipped_model_output: bool = False):
     """
     if not callable(unet):
         raise TypeError(f"unet: expected a callable diffusers model, got {type(unet).__name__}")
-    return DiffusersModel(unet, scheduler, use_clipped_model_output), DiffusersSchedule(scheduler)
+    model = DiffusersModel(unet, scheduler, use_clipped_model_output)
+    # learned-σ channels are read only by DDPM's learned variance; otherwise they are dropped, as
+    # diffusers' DiT / PixArt pipelines split them off before the scheduler
+    model.drop_variance_channels = scheduler.config.get("variance_type") not in ("learned", "learned_range")
+    return model, DiffusersSchedule(scheduler)
 
 
 # -- guiders ----------------------------------------------------------------------------------
