@@ -437,6 +437,8 @@ class GuidedPipeline:
         name = "timesteps" if timesteps is not None else "sigmas"
         if "spacing" in sample_kwargs:
             raise ValueError(f"spacing: not with {name}= (the list fixes the steps)")
+        if not hasattr(schedule, "custom_timesteps"):
+            raise ValueError(f"GuidedPipeline: {name}: {type(schedule).__name__} takes no custom {name} list here")
         try:
             ts = schedule.custom_timesteps(timesteps=timesteps, sigmas=sigmas)
         except ValueError as exc:
