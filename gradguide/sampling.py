@@ -132,7 +132,8 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     re-noises with: ``"clipped"`` (default; consistent with the clipped x̂_0, as GLIDE/ADM and
     diffusers' ``use_clipped_model_output=True``) or ``"model"`` (the unclipped one, diffusers'
     DDIM default; meant for DDIM). ``backend``: ops backend.
-    ``callback(record)``: called after every step with a :class:`StepRecord`; ``telemetry``:
+    ``callback(record)``: called after every step with a :class:`StepRecord`; a tensor it returns
+    replaces ``x_(t-1)`` (what diffusers' ``callback_on_step_end`` does with returned latents); ``telemetry``:
     fill in the PixelAsParam conflict telemetry even without a projection.
     ``graph``: ``True`` captures the step as a CUDA graph and replays it (CUDA only; on CPU a
     one-line notice, then eager); a :class:`~gradguide.graphs.GraphCache` keeps captures across calls.
@@ -182,7 +183,12 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
                              f"the guided update overflowed{_range_hint(run.dtype)} or a guidance term "
                              "returned NaN/inf")
         if callback is not None:
-            callback(record)
+            replaced = callback(record)
+            if replaced is not None:   # a tensor returned by the callback is the x_(t-1) the next step starts from
+                if not isinstance(replaced, torch.Tensor) or tuple(replaced.shape) != tuple(x.shape):
+                    raise TypeError(f"callback: returned {type(replaced).__name__}; expected None or a tensor of "
+                                    f"shape {tuple(x.shape)} (the x_(t-1) to continue from)")
+                x = replaced.to(device=x.device, dtype=x.dtype)
         if bar is not None:
             bar.update(1)
     if bar is not None:

@@ -27,6 +27,7 @@ default, GLIDE's / ADM's convention). DDPM uses the clipped x̂_0 in its posteri
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from typing import Dict, Optional, Sequence, Union
 
@@ -195,6 +196,35 @@ class DiffusersSchedule(Schedule):
             self._count_timesteps[key] = self._scheduler_timesteps(n, spacing, steps_offset)
         return self._count_timesteps[key]
 
+    def custom_timesteps(self, timesteps=None, sigmas=None) -> Timesteps:
+        """The scheduler's timesteps after ``set_timesteps(timesteps=...)`` or
+        ``set_timesteps(sigmas=...)`` on a copy of it: a diffusers pipeline's ``timesteps=`` /
+        ``sigmas=`` lists, with diffusers' meaning (the scheduler validates and converts them).
+        A scheduler whose ``set_timesteps`` takes no such list is refused, as diffusers does."""
+        if (timesteps is None) == (sigmas is None):
+            raise ValueError("timesteps, sigmas: pass exactly one of them")
+        name, values = ("timesteps", timesteps) if timesteps is not None else ("sigmas", sigmas)
+        if isinstance(values, torch.Tensor):
+            values = values.detach().cpu().tolist()
+        elif isinstance(values, np.ndarray):
+            values = values.tolist()
+        if not isinstance(values, (list, tuple)) or not values:
+            raise TypeError(f"{name}: expected a non-empty list, got {values!r}")
+        cls = type(self.scheduler).__name__
+        if name not in inspect.signature(self.scheduler.set_timesteps).parameters:
+            raise ValueError(f"{name}: {cls}.set_timesteps takes no custom {name} list (diffusers refuses it too); "
+                             f"use a scheduler that does or pass num_inference_steps")
+        sched = copy.deepcopy(self.scheduler)
+        sched.set_timesteps(**{name: list(values)})
+        if self.rule == "sigmas":
+            return self._sigma_timesteps(sched)
+        if self.rule != "next":   # DDIM/PNDM take no list: refused above
+            raise ValueError(f"{name}: {cls} takes a step count")
+        t = torch.as_tensor(sched.timesteps).to(torch.int64).cpu()
+        abar = self.alphas_cumprod[t]
+        # DDPM steps from each custom timestep to the next one, to ᾱ = 1 after the last
+        return Timesteps(t, abar, torch.cat([abar[1:], abar.new_ones(1)]))
+
     def _scheduler_timesteps(self, n: int, spacing: str, steps_offset: int) -> Timesteps:
         """The timesteps of a copy of the scheduler after ``set_timesteps(n)``."""
         ac = self.alphas_cumprod
@@ -246,7 +276,18 @@ class DiffusersSchedule(Schedule):
 
 
 class DiffusersModel(torch.nn.Module):
-    """``model(x_t, t, **cond)`` over a diffusers UNet (or any module returning ``.sample``)."""
+    """``model(x_t, t, **cond)`` over a diffusers UNet or transformer (or any module returning
+    ``.sample``).
+
+    The call is adapted to the model's ``forward`` signature, so no wrapper is needed:
+    the timestep goes in as the keyword ``timestep`` where ``forward`` has one (a
+    ``PixArtTransformer2DModel`` takes ``encoder_hidden_states`` second), positionally
+    otherwise; ``cond`` is passed as keywords (``encoder_hidden_states``, ``class_labels``,
+    ``encoder_attention_mask``, ``added_cond_kwargs``, ...). A learned-σ transformer
+    (``out_channels = 2 × in_channels``: DiT, PixArt) returns only its first ``in_channels``
+    channels, as diffusers' ``DiTPipeline`` / ``PixArtAlphaPipeline`` split them off, unless
+    the scheduler's ``variance_type`` uses the learned variance (DDPM's ``learned_range``).
+    """
 
     def __init__(self, unet, scheduler, use_clipped_model_output: bool = False):
         super().__init__()
@@ -271,6 +312,14 @@ class DiffusersModel(torch.nn.Module):
             size = (size, size) if isinstance(size, int) else tuple(size)
             self.sample_shape = (int(in_channels),) + tuple(int(s) for s in size)
         self._dtype_key = self._dtype = None
+        self._timestep_keyword = _takes_keyword(unet, "timestep")
+        self._needs_added_cond = bool(getattr(unet, "use_additional_conditions", False))
+        cfg = getattr(unet, "config", None)
+        c_in, c_out = getattr(cfg, "in_channels", None), getattr(cfg, "out_channels", None)
+        # a learned-σ model's channel count; from_diffusers sets drop_variance_channels when the sampler
+        # does not read them (everything but DDPM's learned_range)
+        self._sigma_channels = c_in if isinstance(c_in, int) and c_out == 2 * c_in else None
+        self.drop_variance_channels = False
 
     def _unet_dtype(self, default: torch.dtype) -> torch.dtype:
         """The U-Net's compute dtype. diffusers' ``ModelMixin.dtype`` walks every submodule (≈1.5 ms
@@ -286,8 +335,29 @@ class DiffusersModel(torch.nn.Module):
         dtype = self._unet_dtype(x.dtype)
         if t.is_floating_point():   # fractional σ-space timesteps: diffusers passes them as float32
             t = t.to(torch.float32)
-        out = self.unet(x.to(dtype), t, **cond, return_dict=False)[0]
+        if self._needs_added_cond and cond.get("added_cond_kwargs") is None:
+            raise ValueError(f"cond: {type(self.unet).__name__} (use_additional_conditions) needs "
+                             "cond['added_cond_kwargs'] = {'resolution': [B, 2], 'aspect_ratio': [B, 1]} (the image's "
+                             "height/width, as PixArtAlphaPipeline builds them)")
+        if self._timestep_keyword:
+            out = self.unet(x.to(dtype), timestep=t, **cond, return_dict=False)[0]
+        else:
+            out = self.unet(x.to(dtype), t, **cond, return_dict=False)[0]
+        if self.drop_variance_channels and self._sigma_channels is not None \
+                and out.shape[1] == 2 * self._sigma_channels:
+            out = out[:, :self._sigma_channels]   # as diffusers' DiT/PixArt pipelines split them off
         return out.to(x.dtype)
+
+
+def _takes_keyword(fn, name: str) -> bool:
+    """Whether ``fn`` (a module: its ``forward``) has a parameter ``name`` that can be passed by keyword."""
+    target = getattr(fn, "forward", fn)
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):   # a builtin without a signature: keep the positional call
+        return False
+    p = params.get(name)
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
 
 
 def from_diffusers(unet, scheduler, use_clipped_model_output: bool = False):
@@ -305,7 +375,11 @@ def from_diffusers(unet, scheduler, use_clipped_model_output: bool = False):
     """
     if not callable(unet):
         raise TypeError(f"unet: expected a callable diffusers model, got {type(unet).__name__}")
-    return DiffusersModel(unet, scheduler, use_clipped_model_output), DiffusersSchedule(scheduler)
+    model = DiffusersModel(unet, scheduler, use_clipped_model_output)
+    # learned-σ channels are read only by DDPM's learned variance; otherwise they are dropped, as
+    # diffusers' DiT / PixArt pipelines split them off before the scheduler
+    model.drop_variance_channels = scheduler.config.get("variance_type") not in ("learned", "learned_range")
+    return model, DiffusersSchedule(scheduler)
 
 
 # -- guiders ----------------------------------------------------------------------------------
