@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 from typing import Optional
 
+import numpy as np
 import torch
 
 from ..schedules import FlowSchedule, Timesteps
@@ -85,6 +86,9 @@ def check_flow_solver(scheduler) -> None:
     for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas", "use_lu_lambdas"):
         if config.get(flag, False):
             _refuse(scheduler, flag, True, "only the plain flow σ's (shifted linspace) are reproduced with use_flow_sigmas")
+    if type(scheduler).__name__ == "UniPCMultistepScheduler" and config.get("final_sigmas_type", "zero") == "sigma_min":
+        _refuse(scheduler, "final_sigmas_type", "sigma_min", "with flow σ's diffusers' UniPC repeats its last σ, a "
+                "zero-length final step (use 'zero')")
     if config.get("time_shift_type", "exponential") != "exponential":
         _refuse(scheduler, "time_shift_type", config.get("time_shift_type"), "only the exponential time shift")
 
@@ -123,7 +127,7 @@ class SolverFlowSchedule(FlowSchedule):
             sched = copy.deepcopy(self.scheduler)   # set_timesteps mutates it (DPM-Solver's flow_shift too)
             kwargs = {} if mu is None or not self.use_dynamic_shifting else {"mu": mu}
             if sigmas is not None:
-                sched.set_timesteps(sigmas=list(sigmas), **kwargs)
+                sched.set_timesteps(sigmas=np.asarray(sigmas, dtype=np.float64), **kwargs)
             else:
                 sched.set_timesteps(n, **kwargs)
             t = torch.as_tensor(sched.timesteps).cpu()
