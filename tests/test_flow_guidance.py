@@ -128,3 +128,14 @@ def test_the_fused_step_runs_the_flow_samplers(sampler, guidance, policy):
                                 guidance=guidance, projection=projection, fused=f,
                                 generator=torch.Generator().manual_seed(2)) for f in (True, False))
     assert torch.allclose(fused, general, atol=1e-10)
+
+
+@pytest.mark.parametrize("sampler", ["flow-euler", "flow-heun", "flow-lcm"])
+def test_flow_steps_never_sync_and_replay_as_captured_graphs(sampler):
+    from gradguide.graphs import GraphCache
+    sched = gg.FlowSchedule(shift=3.0)
+    kw = dict(schedule=sched, sampler=sampler, steps=4, x_T=X_T.clone(), cond={"y": Y}, guidance=[gg.CFG(3.0)])
+    eager = gg.sample(model, (B, D), generator=torch.Generator().manual_seed(2), **kw)
+    checked = gg.sample(model, (B, D), generator=torch.Generator().manual_seed(2), check_sync=True, **kw)
+    replayed = gg.sample(model, (B, D), generator=torch.Generator().manual_seed(2), graph=GraphCache(emulate=True), **kw)
+    assert torch.allclose(eager, checked, atol=0) and torch.allclose(eager, replayed, atol=1e-12)
