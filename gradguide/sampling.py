@@ -102,7 +102,9 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     """Draw samples from a diffusion model with guidance.
 
     ``model(x_t, t, **cond)`` returns the model's prediction (``prediction``: ``"eps"``,
-    ``"x0"`` or ``"v"``; with ``variance="learned-range"`` twice the channels, ADM style);
+    ``"x0"``, ``"v"`` or ``"flow"``, a flow-matching velocity called on ``x_σ`` at the σ timesteps
+    of a :class:`~gradguide.FlowSchedule`, docs/flow.md; with ``variance="learned-range"`` twice the
+    channels, ADM style);
     ``t`` is an int64 ``[B]`` tensor of original training timesteps (0-based), or float64 where
     a σ-space schedule falls between them (``sigmas=``, diffusers' Euler/Heun/LMS timesteps).
 

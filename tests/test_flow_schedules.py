@@ -109,3 +109,16 @@ def test_flow_prediction_and_flow_schedule_go_together():
         gg.sample(model, (2, 3), schedule=gg.FlowSchedule(), prediction="eps", steps=3)
     out = gg.sample(model, (2, 3), schedule=gg.FlowSchedule(), steps=3, x_T=torch.ones(2, 3))
     assert torch.allclose(out, torch.ones(2, 3))   # zero velocity: x_σ never moves
+
+
+def test_a_model_taking_sigma_samples_like_one_taking_sigma_times_1000():
+    from gradguide.experiments.analytic import FlowGaussianMixture
+    per_1000 = FlowGaussianMixture([0.4, 0.6], [[1.0, 0.0], [-1.0, 0.5]], [0.2, 0.3])
+    per_sigma = FlowGaussianMixture([0.4, 0.6], [[1.0, 0.0], [-1.0, 0.5]], [0.2, 0.3], timestep_scale=1.0)
+    seen = []
+    x_T = torch.randn(8, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    a = gg.sample(per_1000, (8, 2), schedule=gg.FlowSchedule(shift=3.0), steps=6, x_T=x_T)
+    b = gg.sample(lambda x, t: seen.append(t) or per_sigma(x, t), (8, 2),
+                  schedule=gg.FlowSchedule(shift=3.0, timestep_scale=1.0), steps=6, x_T=x_T)
+    assert torch.allclose(a, b, atol=1e-12)
+    assert 0 < float(seen[-1][0]) < float(seen[0][0]) <= 1.0   # the model saw σ itself
