@@ -109,7 +109,8 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     a σ-space schedule falls between them (``sigmas=``, diffusers' Euler/Heun/LMS timesteps).
 
     ``sampler``: ``"ddpm"``, ``"ddim"`` (with ``eta``), ``"dpmpp-2m"``, ``"dpmpp-2m-sde"``,
-    ``"euler"``, ``"euler_a"``, ``"heun"``, ``"lms"``, ``"plms"`` or ``"unipc"``
+    ``"euler"``, ``"euler_a"``, ``"heun"``, ``"lms"``, ``"plms"``, ``"unipc"``, or the flow-matching
+    ``"flow-euler"``, ``"flow-heun"``, ``"flow-lcm"``
     (:mod:`gradguide.samplers`); default
     ``schedule.suggested_sampler`` (``"ddpm"`` for a plain :class:`Schedule`; the matching
     sampler for a diffusers scheduler). ``steps``: ``None``
