@@ -15,7 +15,6 @@ import torch
 import gradguide as gg
 from gradguide import predictions
 from gradguide.experiments.analytic import FlowGaussianMixture, FlowSubspaceGaussian, GaussianMixture
-from gradguide.schedules import flow_sigma
 
 F64 = torch.float64
 GAUSS = FlowGaussianMixture([1.0], [[0.7, -0.4, 0.2]], [0.3 ** 2])
