@@ -43,8 +43,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without diffuser
 
 from .. import ops
 from ..schedules import SPACINGS, Schedule, Timesteps
+from . import diffusers_flow
 
-PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
 VARIANCE_TYPES = {"fixed_small": "fixed-small", "fixed_large": "fixed-large", "learned_range": "learned-range"}
 
 
@@ -52,7 +53,8 @@ VARIANCE_TYPES = {"fixed_small": "fixed-small", "fixed_large": "fixed-large", "l
 SCHEDULER_SAMPLERS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolverMultistepScheduler": "dpmpp-2m",
                       "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a",
                       "HeunDiscreteScheduler": "heun", "UniPCMultistepScheduler": "unipc", "PNDMScheduler": "plms",
-                      "LMSDiscreteScheduler": "lms"}
+                      "LMSDiscreteScheduler": "lms", "FlowMatchEulerDiscreteScheduler": "flow-euler",
+                      "FlowMatchHeunDiscreteScheduler": "flow-heun", "FlowMatchLCMScheduler": "flow-lcm"}
 SIGMA_SPACE = ("euler", "euler_a", "heun", "lms")   # latents are x_σ = x/√ᾱ, the model sees x_σ/√(1+σ²)
 VP_SIGMA_TABLE = ("dpmpp-2m", "dpmpp-2m-sde", "unipc")   # VP latents on the scheduler's own σ table
 
@@ -70,6 +72,15 @@ def scheduler_sampler(scheduler):
                          f"supported: {', '.join(sorted(SCHEDULER_SAMPLERS))}")
     config = scheduler.config
     sampler = SCHEDULER_SAMPLERS[name]
+    flow = diffusers_flow.is_flow(scheduler)
+    if name in diffusers_flow.FLOW_MATCH:   # flow-matching schedulers: their own mapping (diffusers_flow)
+        options = {"stochastic": True} if name.startswith("FlowMatchEuler") and config.get("stochastic_sampling") else {}
+        return sampler, options
+    if flow:
+        diffusers_flow.check_flow_solver(scheduler)
+    elif config.get("prediction_type") == "flow_prediction":
+        _refuse(scheduler, "prediction_type", "flow_prediction", "diffusers steps flow models with FlowMatch* "
+                "schedulers or UniPC / DPM-Solver++ with use_flow_sigmas=True")
     if config.get("thresholding", False):
         _refuse(scheduler, "thresholding", True, "gradguide clips x̂_0 to a fixed range (clip_sample), it has no "
                 "dynamic thresholding")
@@ -78,8 +89,9 @@ def scheduler_sampler(scheduler):
         _refuse(scheduler, "prediction_type", ptype, f"expected one of {sorted(PREDICTION_TYPES)}")
     for flag, why in (("use_flow_sigmas", "flow-matching σ's"), ("use_dynamic_shifting", "resolution-dependent "
                       "shifting needs the pipeline's mu")):
-        if config.get(flag, False):
-            _refuse(scheduler, flag, True, why)
+        if config.get(flag, False) and not flow:
+            _refuse(scheduler, flag, True, why + " (with prediction_type='flow_prediction' and use_flow_sigmas=True "
+                    "they are supported)")
     options = {}
     if sampler == "ddpm":
         vtype = config.get("variance_type", "fixed_small")
@@ -294,7 +306,7 @@ class DiffusersModel(torch.nn.Module):
         self.unet = unet
         config = scheduler.config
         scheduler_sampler(scheduler)   # refuses what gradguide cannot reproduce
-        ptype = config.get("prediction_type", "epsilon")
+        ptype = "flow_prediction" if diffusers_flow.is_flow(scheduler) else config.get("prediction_type", "epsilon")
         self.prediction = PREDICTION_TYPES[ptype]
         clip = None
         if config.get("clip_sample", False):
@@ -360,14 +372,18 @@ def _takes_keyword(fn, name: str) -> bool:
     return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
 
 
-def from_diffusers(unet, scheduler, use_clipped_model_output: bool = False):
+def from_diffusers(unet, scheduler, use_clipped_model_output: bool = False, mu: Optional[float] = None):
     """``(model, schedule)`` for :func:`gradguide.sample` from a diffusers UNet and scheduler.
 
     With no other keyword, :func:`gradguide.sample` then reproduces the scheduler's own loop
     (sampler, timesteps, σ's, prediction type, clipping, variance, final-step noise); a
     scheduler or setting gradguide cannot reproduce raises a ``ValueError`` naming it.
     ``use_clipped_model_output`` mirrors the argument of diffusers' ``DDIMScheduler.step``
-    (only matters with clipping)::
+    (only matters with clipping). Flow-matching schedulers (``FlowMatchEulerDiscrete``,
+    ``FlowMatchHeunDiscrete``, ``FlowMatchLCM``, UniPC / DPM-Solver++ with flow σ's) give a
+    :class:`~gradguide.FlowSchedule` (docs/flow.md); ``mu`` is dynamic shifting's, as
+    diffusers' ``set_timesteps(mu=...)`` takes it (required for ``use_dynamic_shifting``, at
+    sampling time, as diffusers requires it)::
 
         model, schedule = gradguide.from_diffusers(pipe.unet, pipe.scheduler)
         x = gradguide.sample(model, (4, 3, 64, 64), schedule=schedule, steps=50,
@@ -375,11 +391,18 @@ def from_diffusers(unet, scheduler, use_clipped_model_output: bool = False):
     """
     if not callable(unet):
         raise TypeError(f"unet: expected a callable diffusers model, got {type(unet).__name__}")
+    if diffusers_flow.is_flow(scheduler):
+        schedule = diffusers_flow.flow_schedule(scheduler, mu, scheduler_sampler(scheduler))
+    elif mu is not None:
+        raise ValueError(f"mu: only flow-matching schedulers with dynamic shifting take mu, got "
+                         f"{type(scheduler).__name__}")
+    else:
+        schedule = DiffusersSchedule(scheduler)
     model = DiffusersModel(unet, scheduler, use_clipped_model_output)
     # learned-σ channels are read only by DDPM's learned variance; otherwise they are dropped, as
     # diffusers' DiT / PixArt pipelines split them off before the scheduler
     model.drop_variance_channels = scheduler.config.get("variance_type") not in ("learned", "learned_range")
-    return model, DiffusersSchedule(scheduler)
+    return model, schedule
 
 
 # -- guiders ----------------------------------------------------------------------------------
