@@ -322,10 +322,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         with outputs.guard(force=getattr(args, "force", False)):
             return args.func(args)
     except ImportError as exc:   # a missing optional dependency: one line naming the extra
-        module = extras.missing_module(exc)
-        if debug or module is None:
+        line = extras.describe(exc)
+        if debug or line is None:
             raise
-        raise SystemExit(f"gradguide {args.command}: error: {extras.message(module)}") from None
+        raise SystemExit(f"gradguide {args.command}: error: {line}") from None
     except (ValueError, TypeError, OSError) as exc:  # user errors (bad input, unwritable output): one line
         if debug:
             raise

@@ -253,6 +253,20 @@ def test_dryrun_default_runs_without_diffusers_and_names_what_it_skips(tmp_path)
     assert "Skipped workload `sd-cfg-gloss`" in js.with_suffix(".md").read_text()
 
 
+def test_bench_paper_default_runs_without_diffusers(tmp_path):
+    r = run_without(["diffusers"], "bench", "--suite", "paper", "--quick", "--variants", "eager", "--reps", "1",
+                    "--no-progress", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines() == [
+        'gradguide bench: skipping sd-cfg-gloss, adm64-cls-pxpA (they build diffusers modules): diffusers is '
+        'not installed: pip install "gradguide[diffusers]"']
+    (js,) = (tmp_path / "benchmarks" / "results").glob("paper-cpu-quick-*.json")
+    report = json.loads(js.read_text())
+    assert [w["workload"] for w in report["rows"]] == ["sim-gloss", "sim-unguided"]
+    assert set(report["skipped_workloads"]) == {"sd-cfg-gloss", "adm64-cls-pxpA"}
+    assert "skipped workload `adm64-cls-pxpA`" in js.with_suffix(".md").read_text()
+
+
 def test_missing_module_follows_the_cause_chain():
     from gradguide.tools import extras
     try:
@@ -265,6 +279,11 @@ def test_missing_module_follows_the_cause_chain():
     assert extras.missing_module(ModuleNotFoundError("x", name="gradguide._C")) is None   # a bug, not an extra
     assert extras.missing_module(ValueError("x")) is None
     assert extras.message("psutil") == 'psutil is not installed: pip install "gradguide[profile]"'
+    # installed, but not the version gradguide needs: said so, not "not installed"
+    wrong = ImportError("cannot import name 'UNet9DModel' from 'diffusers'", name="diffusers")
+    assert extras.describe(wrong) == ("diffusers is installed but does not import as gradguide needs (cannot import "
+                                      "name 'UNet9DModel' from 'diffusers'): pip install \"gradguide[diffusers]\" "
+                                      "installs the tested version")
 
 
 # -- benchmark spread ---------------------------------------------------------------------------------

@@ -666,6 +666,8 @@ def markdown(result: dict, note: str = "") -> str:
                      "with the paper's figures")
     if note:
         lines.append(f"- {note}")
+    for name, why in (result.get("skipped_workloads") or {}).items():
+        lines.append(f"- skipped workload `{name}`: {why}")
     if result["suite"] == "paper":
         lines.append(f"- paper (Guo et al. 2024, Table 1, one A100): ≈{result['paper']['pass_s']} s per guided pass "
                      f"(200 steps, B = 32), ≈{result['paper']['run_min']:.0f} min per {result['paper']['rounds']}-round "
@@ -698,17 +700,37 @@ def markdown(result: dict, note: str = "") -> str:
 def write(result: dict, out_dir: str, note: str = "") -> List[str]:
     return bench_ops.write(result, out_dir, note, render=markdown)
 
+def default_workloads(suite: str, quick: bool, log=None):
+    """``(workloads, skipped)``: the suite's workloads, less those that build diffusers modules
+    where diffusers does not import (``skipped``: name -> reason; ``log`` gets one line naming
+    them and the extra to install)."""
+    from gradguide.tools import extras
+    names = list((QUICK_SUITES if quick else SUITES)[suite])
+    needs = [n for n in names if needs_diffusers(n)]
+    why = extras.unavailable("diffusers") if needs else None
+    if why is None:
+        return names, {}
+    if log is not None:
+        log(f"gradguide bench: skipping {', '.join(needs)} (they build diffusers modules): {why}")
+    return [n for n in names if n not in needs], {n: f"it builds diffusers modules, and {why}" for n in needs}
+
+
 def run_cli(args) -> int:
     """``gradguide bench --suite loop|paper`` (arguments from gradguide/cli.py)."""
+    import sys
     dtype = getattr(torch, args.model_dtype) if getattr(args, "model_dtype", None) else None
+    workloads, skipped = (args.workloads.split(","), {}) if args.workloads else \
+        default_workloads(args.suite, args.quick, log=lambda line: print(line, file=sys.stderr))
+    if not workloads:
+        raise SystemExit("gradguide bench: no workload left to run")
     meta.claim_report(args.out, bench_ops.stem(args.suite, meta.device_type(args.device), args.quick, meta.today()))
     try:
-        result = run(suite=args.suite, quick=args.quick, device=args.device,
-                     workloads=args.workloads.split(",") if args.workloads else None,
+        result = run(suite=args.suite, quick=args.quick, device=args.device, workloads=workloads,
                      variants=args.variants.split(",") if args.variants else None, reps=args.reps,
                      seed=args.seed, dtype=dtype, progress=not getattr(args, "no_progress", False))
     except ValueError as exc:
         raise SystemExit(f"gradguide bench: {exc}") from None
+    result["skipped_workloads"] = skipped
     status = meta.print_report(write(result, args.out, note=args.note), markdown(result, args.note))
     meta.warn_unstable("gradguide bench", result["unstable_rows"], result["timed_rows"])
     return status

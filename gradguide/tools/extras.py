@@ -30,6 +30,22 @@ def missing_module(exc: BaseException) -> Optional[str]:
     return None
 
 
+def describe(exc: BaseException) -> Optional[str]:
+    """The one line for an import failure ``exc`` of a third-party module (``None`` for anything
+    else): not installed, or installed but not what gradguide needs (``cannot import name ...``,
+    e.g. another version than the extra pins)."""
+    module = missing_module(exc)
+    if module is None:
+        return None
+    found = exc
+    while found is not None and not (isinstance(found, ImportError) and getattr(found, "name", None)):
+        found = found.__cause__ or found.__context__
+    if isinstance(found, ModuleNotFoundError):
+        return message(module)
+    hint = f': pip install "gradguide[{EXTRAS[module][1]}]" installs the tested version' if module in EXTRAS else ""
+    return f"{module} is installed but does not import as gradguide needs ({' '.join(str(found).split())}){hint}"
+
+
 def message(module: str) -> str:
     """One line naming what to install for ``module``."""
     if module in EXTRAS:
