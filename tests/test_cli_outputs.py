@@ -181,10 +181,24 @@ def test_explicit_paths_are_refused_too(tmp_path, monkeypatch):
              (["optimize", "--plot", "o.png"], "--plot: o.png exists"),
              (["evaluate", "--real", "heldout", "--json", "e.json"], "--json: e.json exists"),
              (["check-kernels", "--json", "k.json"], "--json: k.json exists")]
+    # date-named and per-model outputs: refused before the workload is built or a model trained
+    prof = tmp_path / "benchmarks" / "results" / f"profile-sim-gloss-cpu-quick-{meta.today()}.png"
+    weights = tmp_path / "digits-weights" / "eval_classifier.safetensors"
+    for path in (prof, weights):
+        path.parent.mkdir(parents=True)
+        path.write_text("keep")
+    cases += [(["profile", "--quick", "--no-progress"], f"{prof.name} exists"),
+              (["train-digits", "--models", "eval_classifier", "--steps", "1", "--no-progress"],
+               "eval_classifier.safetensors exists")]
+    from gradguide.bench import loop
+    from gradguide.experiments.digits import train
+    monkeypatch.setattr(loop, "build_workload", lambda *a, **k: pytest.fail("built although refused"))
+    monkeypatch.setattr(train, "train_model", lambda *a, **k: pytest.fail("trained although refused"))
     for argv, match in cases:
         with pytest.raises(SystemExit, match=match):
             cli.main(argv)
     assert all((tmp_path / n).read_text() == "keep" for n in ("d.json", "o.png", "e.json", "k.json"))
+    assert prof.read_text() == weights.read_text() == "keep"
 
 
 def test_every_writing_command_documents_force():
