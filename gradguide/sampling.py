@@ -725,7 +725,7 @@ def _progress(n: int, enabled: bool):
     if not enabled:
         return None
     from tqdm.auto import tqdm
-    return tqdm(total=n, desc="sampling", unit="step")
+    return tqdm(total=n, desc="sampling", unit="step", disable=None)  # None: off when stderr is not a terminal
 
 
 # -- validation -----------------------------------------------------------------------------
