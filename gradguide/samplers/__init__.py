@@ -29,7 +29,8 @@ import torch
 
 from ..schedules import Timesteps
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp-2m", "dpmpp-2m-sde", "euler", "euler_a", "heun", "lms", "plms", "unipc")
+SAMPLERS = ("ddpm", "ddim", "dpmpp-2m", "dpmpp-2m-sde", "dpmpp-3m-sde", "euler", "euler_a", "heun", "lms", "plms",
+            "unipc")
 SOURCES = ("x", "0")   # a slot update reads x (the evaluated sample), D (the guided x̂_0) and the old slots
 
 
@@ -94,18 +95,25 @@ def common_tables(ts: Timesteps) -> Dict[str, torch.Tensor]:
     return {"sqrt_abar": abar.sqrt(), "sqrt_1m_abar": (1 - abar).sqrt()}
 
 
-def build(name: str, ts: Timesteps, *, eta: float = 0.0, variance: str = "fixed-small", **options) -> SamplerTables:
+def build(name: str, ts: Timesteps, *, eta=None, variance: str = "fixed-small", **options) -> SamplerTables:
     """The tables of sampler ``name`` on ``ts``. ``options`` are the sampler's own settings
-    (e.g. DPM-Solver's ``solver_type``, DDPM's ``final_noise``); unknown ones raise."""
+    (e.g. DPM-Solver's ``solver_type``, DDPM's ``final_noise``, the ancestral and SDE samplers'
+    ``eta`` and ``s_noise``); unknown ones raise. ``eta=None``: the sampler's own default (0 for
+    DDIM, 1 for the ancestral and SDE samplers)."""
     from . import ddim, ddpm, dpmpp, ksigma, plms, unipc
+    if eta is not None:
+        options["eta"] = eta
     if name == "ddpm":
         return ddpm.tables(ts, variance, **options)
     if name == "ddim":
-        return ddim.tables(ts, eta, **options)
+        return ddim.tables(ts, **options)
     if name == "dpmpp-2m":
         return dpmpp.tables(ts, **options)
     if name == "dpmpp-2m-sde":
         return dpmpp.tables(ts, sde=True, **options)
+    if name == "dpmpp-3m-sde":   # k-diffusion's sample_dpmpp_3m_sde
+        options = {"solver_order": 3, "solver_type": "heun", "lower_order_final": False, **options}
+        return dpmpp.tables(ts, sde=True, name=name, **options)
     if name in ("euler", "euler_a", "heun", "lms"):
         return ksigma.tables(name, ts, **options)
     if name == "unipc":
