@@ -328,7 +328,9 @@ def _build_tables_and_plan(run: _Run, fused: bool) -> tuple:
     fused_reason, needs_x0, timestep_list)``, computed from host-side configuration only."""
     from . import stepplan
     sampler, timesteps, eta, variance, options = run.table_spec
-    run.tables = build(sampler, timesteps, eta=eta if sampler == "ddim" else None, variance=variance, **options)
+    if sampler == "ddim":   # sample()'s eta is DDIM's; the ancestral/SDE samplers' comes with their options
+        options = {**options, "eta": eta}
+    run.tables = build(sampler, timesteps, variance=variance, **options)
     run.table_rows, run.table_index = run.tables.stacked(run.device, ops.reference.coefficient_dtype(run.dtype))
     run.plan = stepplan.build(run) if fused else None
     if not fused:
