@@ -10,7 +10,7 @@ from .guidance import APG, CFG, DPS, CFGPlusPlus, CFGZeroStar, Classifier, Decod
 from .metrics import off_support_ratio
 from .projection import PixelAsParam, project
 from .sampling import StepRecord, sample
-from .schedules import Schedule, Timesteps, sigmas_exponential, sigmas_karras
+from .schedules import Schedule, Timesteps, sigmas_exponential, sigmas_karras, sigmas_polyexponential, sigmas_vp
 
 __version__ = "0.1.0"
 
@@ -24,4 +24,5 @@ def __getattr__(name):
 
 __all__ = ["APG", "CFG", "CFGPlusPlus", "CFGZeroStar", "Classifier", "DPS", "DecodedLookAhead", "GuidanceTerm", "LookAhead",
            "NaiveGradient", "PixelAsParam", "Rescale", "Schedule", "StepRecord", "Timesteps", "off_support_ratio",
-           "ops", "project", "sample", "sigmas_exponential", "sigmas_karras"]
+           "ops", "project", "sample", "sigmas_exponential", "sigmas_karras",
+           "sigmas_polyexponential", "sigmas_vp"]

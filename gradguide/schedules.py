@@ -273,6 +273,35 @@ def sigmas_exponential(n: int, sigma_min: float, sigma_max: float, append_zero: 
     return torch.cat([sig, sig.new_zeros(1)]) if append_zero else sig
 
 
+def sigmas_polyexponential(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0,
+                           append_zero: bool = True) -> torch.Tensor:
+    """σ's whose log is a polynomial ramp: ``log σ_i = log σ_min + (1 − i/(n−1))^ρ (log σ_max − log σ_min)``,
+    then 0 (k-diffusion's ``get_sigmas_polyexponential``; ρ = 1 is :func:`sigmas_exponential`; float64)."""
+    n = _check_n_sigmas(n, sigma_min, sigma_max)
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 < rho < math.inf:
+        raise ValueError(f"rho: expected a finite number > 0, got {rho!r}")
+    ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** rho
+    sig = torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
+    return torch.cat([sig, sig.new_zeros(1)]) if append_zero else sig
+
+
+def sigmas_vp(n: int, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3,
+              append_zero: bool = True) -> torch.Tensor:
+    """σ's of the continuous VP SDE (Song et al. 2021) at ``t`` evenly spaced from 1 to ``eps_s``:
+    ``σ(t) = √(exp(β_d t²/2 + β_min t) − 1)``, then 0 (k-diffusion's ``get_sigmas_vp``; float64)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n: expected a positive integer, got {n!r}")
+    for key, value in (("beta_d", beta_d), ("beta_min", beta_min), ("eps_s", eps_s)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{key}: expected a finite number, got {value!r}")
+    if not 0 < eps_s < 1 or beta_min < 0 or beta_d <= 0:
+        raise ValueError(f"sigmas_vp: expected beta_d > 0, beta_min >= 0 and 0 < eps_s < 1, got beta_d={beta_d!r}, "
+                         f"beta_min={beta_min!r}, eps_s={eps_s!r}")
+    t = torch.linspace(1, eps_s, int(n), dtype=torch.float64)
+    sig = torch.expm1(beta_d * t ** 2 / 2 + beta_min * t).sqrt()
+    return torch.cat([sig, sig.new_zeros(1)]) if append_zero else sig
+
+
 def _check_n_sigmas(n, sigma_min, sigma_max) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
         raise ValueError(f"n: expected a positive integer, got {n!r}")

@@ -1,0 +1,140 @@
+"""gradguide against k-diffusion's own ``sample_*`` functions (k-diffusion 0.1.1.post1).
+
+As a k-diffusion user runs it: a discrete schedule (``Schedule.linear(1000)``; the model is
+called at ``sigma_to_t(σ)``), σ's from k-diffusion's helpers (Karras, exponential,
+polyexponential, VP) or the training table itself, the same exact Gaussian-mixture denoiser on
+both sides, float64, and the same noise: k-diffusion gets a ``noise_sampler`` returning the
+draws gradguide makes from its generator, in order. Outputs agree to ≤ 1e-6 (they agree to
+~1e-12: the difference is σ → t → σ round-off). k-diffusion's ``sampling.py`` is loaded on
+its own (see :func:`helpers.load_kdiffusion_sampling`).
+"""
+import inspect
+
+import pytest
+import torch
+
+import gradguide as gg
+from helpers import load_kdiffusion_sampling
+
+SCHEDULE = gg.Schedule.linear(1000)
+SHAPE = (3, 4)
+TOL = 1e-6
+W, MU, VAR = (0.3, 0.7), (-0.8, 0.6), (0.05, 0.1)
+
+
+def denoise(x, sigma):
+    """E[x_0 | x_σ] for a 1-D two-Gaussian mixture per coordinate (k-diffusion's model interface)."""
+    s2 = sigma.to(torch.float64).view(-1, *([1] * (x.dim() - 1))) ** 2
+    w, mu, var = (torch.tensor(v, dtype=torch.float64) for v in (W, MU, VAR))
+    v = var + s2.unsqueeze(-1)
+    logp = w.log() - 0.5 * (x.unsqueeze(-1) - mu) ** 2 / v - 0.5 * v.log()
+    resp = torch.softmax(logp, -1)
+    return (resp * (var * x.unsqueeze(-1) + s2.unsqueeze(-1) * mu) / v).sum(-1)
+
+
+def sigma_of_t(t):
+    """The inverse of ``Schedule.sigma_to_t``: log σ interpolated linearly between training steps."""
+    log_sigmas = SCHEDULE.sigmas.log()
+    t = t.to(torch.float64).clamp(0, len(log_sigmas) - 1)
+    low = t.floor().long().clamp(max=len(log_sigmas) - 2)
+    w = t - low
+    return ((1 - w) * log_sigmas[low] + w * log_sigmas[low + 1]).exp()
+
+
+def eps_model(x, t):
+    """gradguide's side: the ε of the same denoiser, at the variance-preserving x = x_σ/√(1+σ²)."""
+    sigma = sigma_of_t(t).view(-1, *([1] * (x.dim() - 1)))
+    x_sigma = x * (1 + sigma ** 2).sqrt()
+    return (x_sigma - denoise(x_sigma, sigma.view(-1))) / sigma
+
+
+def sigma_schedules(K):
+    lo, hi = float(SCHEDULE.sigmas[0]), float(SCHEDULE.sigmas[-1])
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)   # k-diffusion builds its σ's in the default dtype
+    try:
+        table = SCHEDULE.sigmas.flip(0)[torch.tensor([0, 150, 400, 650, 820, 930, 985, 999])]
+        return {"karras": K.get_sigmas_karras(8, lo, hi), "exponential": K.get_sigmas_exponential(8, lo, hi),
+                "polyexponential": K.get_sigmas_polyexponential(8, lo, hi, rho=2.0),
+                "vp": K.get_sigmas_vp(8), "table": torch.cat([table, table.new_zeros(1)])}
+    finally:
+        torch.set_default_dtype(before)
+
+
+# (gradguide sampler, its options, k-diffusion function, its keywords)
+CASES = [
+    ("euler", {}, "sample_euler", {}),
+    ("euler_a", {}, "sample_euler_ancestral", {}),
+    ("euler_a", {"eta": 0.5, "s_noise": 0.8}, "sample_euler_ancestral", {"eta": 0.5, "s_noise": 0.8}),
+    ("heun", {}, "sample_heun", {}),
+    ("lms", {}, "sample_lms", {}),
+    ("dpmpp-2m", {}, "sample_dpmpp_2m", {}),
+    ("dpmpp-2m-sde", {}, "sample_dpmpp_2m_sde", {}),
+    ("dpmpp-2m-sde", {"solver_type": "heun"}, "sample_dpmpp_2m_sde", {"solver_type": "heun"}),
+    ("dpmpp-2m-sde", {"eta": 0.5, "s_noise": 0.7}, "sample_dpmpp_2m_sde", {"eta": 0.5, "s_noise": 0.7}),
+    ("dpmpp-2m-sde", {"eta": 0.0}, "sample_dpmpp_2m_sde", {"eta": 0.0}),
+    ("dpmpp-3m-sde", {}, "sample_dpmpp_3m_sde", {}),
+    ("dpmpp-3m-sde", {"eta": 0.5, "s_noise": 0.8}, "sample_dpmpp_3m_sde", {"eta": 0.5, "s_noise": 0.8}),
+]
+
+
+def _id(case):
+    return case[2] + "".join(f"-{k}={v}" for k, v in case[3].items())
+
+
+def run_both(K, case, sigmas):
+    name, options, fn, kwargs = case
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    schedule = gg.Schedule.linear(1000)
+    schedule.sampler_options = {name: dict(options)}
+    got = gg.sample(eps_model, SHAPE, schedule=schedule, sampler=name, sigmas=sigmas, x_T=z,
+                    generator=torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(2)   # the draws gradguide made, in its order
+    kw = dict(kwargs)
+    if "noise_sampler" in inspect.signature(getattr(K, fn)).parameters:
+        kw["noise_sampler"] = lambda sigma, sigma_next: torch.randn(SHAPE, generator=gen, dtype=torch.float64)
+    ref = getattr(K, fn)(denoise, z * sigmas[0], sigmas, disable=True, **kw)
+    return got, ref
+
+
+@pytest.mark.parametrize("kind", ["karras", "exponential", "polyexponential", "vp", "table"])
+@pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
+def test_matches_kdiffusion(case, kind):
+    K = load_kdiffusion_sampling()
+    sigmas = sigma_schedules(K)[kind]
+    got, ref = run_both(K, case, sigmas)
+    err = (got - ref).abs().max().item()
+    assert 0.05 < ref.abs().max().item() < 50
+    assert err <= TOL, f"max difference {err:.3g}"
+
+
+def test_sigma_helpers_match_kdiffusion():
+    K = load_kdiffusion_sampling()
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        pairs = [(gg.sigmas_karras(9, 0.03, 14.6, rho=5.0), K.get_sigmas_karras(9, 0.03, 14.6, rho=5.0)),
+                 (gg.sigmas_exponential(9, 0.03, 14.6), K.get_sigmas_exponential(9, 0.03, 14.6)),
+                 (gg.sigmas_polyexponential(9, 0.03, 14.6, rho=2.5), K.get_sigmas_polyexponential(9, 0.03, 14.6, rho=2.5)),
+                 (gg.sigmas_vp(9), K.get_sigmas_vp(9)),
+                 (gg.sigmas_vp(6, beta_d=10.0, beta_min=0.5, eps_s=1e-2), K.get_sigmas_vp(6, 10.0, 0.5, 1e-2))]
+    finally:
+        torch.set_default_dtype(before)
+    for ours, theirs in pairs:
+        assert ours.dtype == torch.float64
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(gg.sigmas_polyexponential(9, 0.03, 14.6), gg.sigmas_exponential(9, 0.03, 14.6))
+    with pytest.raises(ValueError, match="rho"):
+        gg.sigmas_polyexponential(5, 0.1, 10.0, rho=0.0)
+    with pytest.raises(ValueError, match="eps_s"):
+        gg.sigmas_vp(5, eps_s=0.0)
+
+
+def test_dpmpp_3m_sde_as_diffusers_computes_it_differs_from_kdiffusion():
+    """diffusers 0.42's third-order SDE weight (kept only for from_diffusers) is not k-diffusion's."""
+    K = load_kdiffusion_sampling()
+    sigmas = sigma_schedules(K)["karras"]
+    case = ("dpmpp-2m-sde", {"solver_order": 3, "solver_type": "heun", "lower_order_final": False,
+                             "d2_weight": "diffusers"}, "sample_dpmpp_3m_sde", {})
+    got, ref = run_both(K, case, sigmas)
+    assert (got - ref).abs().max().item() > 1e-2
