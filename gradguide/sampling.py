@@ -174,7 +174,7 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     bar = _progress(n, progress)
     for i in range(n):
         # noise is drawn before the step (outside any captured graph) from the run's generator(s)
-        noise = _noise(run.shape, run.generator, run.device, run.dtype) if run.tables.draws_noise[i] else None
+        noise = _step_noise(run, i) if run.tables.draws_noise[i] else None
         with forbid_host_sync() if check_sync else contextlib.nullcontext():
             x, state, record = stepper(x, i, state, noise, callback is not None)
         if run.check_finite == "step" and not bool(torch.isfinite(x).all()):
@@ -692,6 +692,20 @@ def _noise(shape, generator, device, dtype) -> torch.Tensor:
         return torch.stack([torch.randn(tuple(shape[1:]), generator=g, device=device, dtype=dtype)
                             for g in generator])
     return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+
+
+def _step_noise(run: _Run, i: int) -> torch.Tensor:
+    """Step ``i``'s standard normal draws: from the sampler's ``noise_sampler(σ, σ_next)`` where one
+    was given (k-diffusion's interface, e.g. a Brownian tree), else from the run's generator(s)."""
+    sampler = run.tables.noise_sampler
+    if sampler is None:
+        return _noise(run.shape, run.generator, run.device, run.dtype)
+    sigma, sigma_next = (torch.tensor(v, dtype=torch.float64) for v in run.tables.noise_sigmas[i])
+    z = sampler(sigma, sigma_next)
+    if not isinstance(z, torch.Tensor) or tuple(z.shape) != run.shape:
+        raise ValueError(f"noise_sampler: expected a tensor of shape {run.shape} at step {i}, got "
+                         f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+    return z.to(device=run.device, dtype=run.dtype)
 
 
 def initial_state(run: _Run, x: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -138,3 +138,39 @@ def test_dpmpp_3m_sde_as_diffusers_computes_it_differs_from_kdiffusion():
                              "d2_weight": "diffusers"}, "sample_dpmpp_3m_sde", {})
     got, ref = run_both(K, case, sigmas)
     assert (got - ref).abs().max().item() > 1e-2
+
+
+@pytest.mark.parametrize("seed", [42, [5, 6, 7]], ids=["one-path", "path-per-sample"])
+@pytest.mark.parametrize("case", [CASES[2], CASES[6], CASES[7], CASES[11]], ids=_id)
+def test_brownian_tree_noise_reproduces_a_kdiffusion_sde_sample(case, seed):
+    """k-diffusion's SDE samplers default to Brownian-tree noise: the same tree (seed, σ range,
+    shape) given to gradguide as its noise_sampler reproduces k-diffusion's sample."""
+    from gradguide.samplers.noise import BrownianTreeNoiseSampler
+    K = load_kdiffusion_sampling()
+    name, options, fn, kwargs = case
+    sigmas = sigma_schedules(K)["karras"]
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    lo, hi = sigmas[sigmas > 0].min(), sigmas.max()
+    schedule = gg.Schedule.linear(1000)
+    schedule.sampler_options = {name: {**options, "noise_sampler": BrownianTreeNoiseSampler(z, lo, hi, seed=seed)}}
+    got = gg.sample(eps_model, SHAPE, schedule=schedule, sampler=name, sigmas=sigmas, x_T=z)
+    ref = getattr(K, fn)(denoise, z * sigmas[0], sigmas, disable=True,
+                         noise_sampler=K.BrownianTreeNoiseSampler(z, lo, hi, seed=seed), **kwargs)
+    assert (got - ref).abs().max().item() <= TOL
+    # and it is the tree's noise that is used: another seed gives another sample
+    schedule.sampler_options[name]["noise_sampler"] = BrownianTreeNoiseSampler(z, lo, hi, seed=1234)
+    other = gg.sample(eps_model, SHAPE, schedule=schedule, sampler=name, sigmas=sigmas, x_T=z)
+    assert (other - ref).abs().max().item() > 1e-2
+
+
+def test_noise_sampler_is_checked():
+    schedule = gg.Schedule.linear(1000)
+    schedule.sampler_options = {"euler_a": {"noise_sampler": "brownian"}}
+    with pytest.raises(TypeError, match="noise_sampler"):
+        gg.sample(eps_model, SHAPE, schedule=schedule, sampler="euler_a", steps=4)
+    schedule.sampler_options = {"euler_a": {"noise_sampler": lambda s, sn: torch.zeros(2, 2)}}
+    with pytest.raises(ValueError, match="noise_sampler: expected a tensor of shape"):
+        gg.sample(eps_model, SHAPE, schedule=schedule, sampler="euler_a", steps=4)
+    schedule.sampler_options = {"euler": {"noise_sampler": lambda s, sn: torch.zeros(SHAPE)}}
+    with pytest.raises(ValueError, match="draws no noise"):
+        gg.sample(eps_model, SHAPE, schedule=schedule, sampler="euler", steps=4)

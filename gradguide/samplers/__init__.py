@@ -23,7 +23,7 @@ CFG++ uses it to re-noise with a different ε.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
@@ -52,9 +52,18 @@ class SamplerTables:
     learned_variance: bool = False
     # which steps draw noise; known on the host, so no step ever branches on a tensor
     draws_noise: list = field(default_factory=list)
+    # where each evaluation's noise lives, as k-diffusion names it to a noise_sampler: (σ, σ_next)
+    # in σ-space (default: from the evaluation's ᾱ to the ᾱ it moves to)
+    noise_sigmas: list = field(default_factory=list)
+    # a user's noise_sampler(σ, σ_next) -> standard normal draws shaped like x (None: the run's generator)
+    noise_sampler: Optional[Callable] = None
 
     def __post_init__(self):
         n = len(self.timesteps)
+        if not self.noise_sigmas:
+            ts = self.timesteps
+            sig = lambda abar: ((1 - abar) / abar.clamp_min(1e-300)).sqrt().tolist()  # noqa: E731
+            self.noise_sigmas = list(zip(sig(ts.abar), sig(ts.abar_prev)))
         for slot in self.slots:   # absent coefficients are zero
             keys = ["c_" + slot]
             if slot not in self.moves:
@@ -99,7 +108,23 @@ def build(name: str, ts: Timesteps, *, eta=None, variance: str = "fixed-small", 
     """The tables of sampler ``name`` on ``ts``. ``options`` are the sampler's own settings
     (e.g. DPM-Solver's ``solver_type``, DDPM's ``final_noise``, the ancestral and SDE samplers'
     ``eta`` and ``s_noise``); unknown ones raise. ``eta=None``: the sampler's own default (0 for
-    DDIM, 1 for the ancestral and SDE samplers)."""
+    DDIM, 1 for the ancestral and SDE samplers). ``noise_sampler``: a callable
+    ``noise_sampler(σ, σ_next)`` (k-diffusion's interface, σ-space values as float64 0-d tensors)
+    returning the standard normal draws of each noisy step shaped like the sample, instead of
+    the run's generator (e.g. :class:`gradguide.samplers.noise.BrownianTreeNoiseSampler`)."""
+    noise_sampler = options.pop("noise_sampler", None)
+    if noise_sampler is not None and not callable(noise_sampler):
+        raise TypeError(f"noise_sampler: expected a callable noise_sampler(sigma, sigma_next) returning standard "
+                        f"normal draws shaped like the sample, got {type(noise_sampler).__name__}")
+    tables = _build(name, ts, eta, variance, options)
+    if noise_sampler is not None:
+        if not any(tables.draws_noise):
+            raise ValueError(f"noise_sampler: sampler {name!r} draws no noise with these options")
+        tables.noise_sampler = noise_sampler
+    return tables
+
+
+def _build(name: str, ts: Timesteps, eta, variance: str, options) -> SamplerTables:
     from . import ddim, ddpm, dpmpp, ksigma, plms, unipc
     if eta is not None:
         options["eta"] = eta
