@@ -10,8 +10,8 @@ same code path.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -33,12 +33,17 @@ class Timesteps:
     samplers; a σ-space sampler starting from ``σ_max · z`` has ``σ_max √ᾱ_max``).
     ``final_scale``: the returned sample is ``final_scale · x`` (1, or ``1/√ᾱ`` to return
     the σ-space latent ``x_σ`` when the last σ is not 0, as diffusers and k-diffusion do).
+    ``sigma_to_t``: ``σ -> t`` (float64 tensors) where the model may be called at σ's between
+    the listed ones (``Schedule.sigma_to_t`` for σ-space timesteps; ``None`` otherwise).
     """
     t: torch.Tensor
     abar: torch.Tensor
     abar_prev: torch.Tensor
     init_scale: float = 1.0
     final_scale: float = 1.0
+    # σ -> model timestep, for samplers that call the model between the given σ's (k-diffusion's
+    # churn, DPM-Solver-2's midpoint); set by Schedule.timesteps_from_sigmas
+    sigma_to_t: Optional[Callable] = field(default=None, compare=False, repr=False)
 
     def __len__(self) -> int:
         return int(self.t.shape[0])
@@ -147,6 +152,7 @@ class Schedule:
         if torch.equal(t, t.round()):
             t = t.to(torch.int64)
         return Timesteps(t, abar_all[:-1], abar_all[1:], init_scale=float(sig[0] * abar_all[0].sqrt()),
+                         sigma_to_t=self.sigma_to_t,
                          final_scale=float(1 / abar_all[-1].sqrt()))
 
     # -- properties ----------------------------------------------------------------------
@@ -195,7 +201,7 @@ class Schedule:
         kept_t = torch.tensor(sorted(kept, reverse=True), dtype=torch.int64)
         abar = self.alphas_cumprod[kept_t]
         abar_prev = torch.cat([abar[1:], abar.new_ones(1)])
-        return Timesteps(kept_t, abar, abar_prev)
+        return Timesteps(kept_t, abar, abar_prev, sigma_to_t=self.sigma_to_t)
 
 
 def _timestep(value) -> int:

@@ -57,7 +57,7 @@ def timesteps(sig) -> Timesteps:
     """σ-space timesteps whose model timestep *is* σ (the closed-form models read σ from t)."""
     sig = torch.as_tensor(np.asarray(sig, dtype=np.float64))
     abar = 1 / (1 + sig ** 2)
-    return Timesteps(sig[:-1].clone(), abar[:-1], abar[1:])
+    return Timesteps(sig[:-1].clone(), abar[:-1], abar[1:], sigma_to_t=lambda s: s)
 
 
 def mixture_denoiser(x, sigma):
@@ -80,9 +80,11 @@ def run_paths(tables, denoise, x_sigma, noises=None):
     ts = tables.timesteps
     a = ts.abar.sqrt().numpy()
     sig = ((1 - ts.abar) / ts.abar).sqrt().numpy()
-    x = np.asarray(x_sigma, dtype=np.float64) * a[0]
-    state = {s: np.zeros_like(x) for s in tables.slots}
     noises = iter(noises or ())
+    x = np.asarray(x_sigma, dtype=np.float64) * a[0]   # at the first evaluation's σ (after any churn noise)
+    if tables.initial_noise:
+        x = x + tables.initial_noise * next(noises)
+    state = {s: np.zeros_like(x) for s in tables.slots}
     for i in range(len(ts)):
         c = _coef(tables, i)
         d = denoise(x / a[i], sig[i])
@@ -96,17 +98,30 @@ def run_paths(tables, denoise, x_sigma, noises=None):
     return x / math.sqrt(float(ts.abar_prev[-1]))
 
 
-def run_moments(tables, mu=GAUSS_MU, var=GAUSS_VAR):
+def _brownian_correlation(first, second):
+    """Correlation of the normalised increments of one Brownian path over two σ intervals."""
+    (a0, a1), (b0, b1) = sorted(first), sorted(second)
+    overlap = max(0.0, min(a1, b1) - max(a0, b0))
+    return overlap / math.sqrt((a1 - a0) * (b1 - b0)) if a1 > a0 and b1 > b0 else 0.0
+
+
+def run_moments(tables, mu=GAUSS_MU, var=GAUSS_VAR, sigma_start=None, brownian=False):
     """Exact mean and variance of ``x_σ`` at the last σ for data ``N(mu, var)``, from the exact
-    marginal at the first σ: the state ``(x, slots)`` is affine in the previous state and ``z``."""
+    marginal at the first σ: the state ``(x, slots)`` is affine in the previous state and ``z``.
+    ``brownian``: each step's ``z`` is the normalised increment of one Brownian path over its
+    ``noise_sigmas`` (a Brownian-tree noise sampler), correlated with the previous draw; the
+    previous draw is then part of the state. Otherwise draws are independent (the generator)."""
     ts = tables.timesteps
     a = ts.abar.sqrt().numpy()
     sig = ((1 - ts.abar) / ts.abar).sqrt().numpy()
-    names = ("x",) + tuple(tables.slots)
+    names = ("x",) + tuple(tables.slots) + ("z",)
     m = len(names)
     e = {k: np.eye(m)[j] for j, k in enumerate(names)}
     mean, cov = np.zeros(m), np.zeros((m, m))
-    mean[0], cov[0, 0] = a[0] * mu, a[0] ** 2 * (var + sig[0] ** 2)
+    # the exact marginal at the first listed σ, in the first evaluation's variance-preserving scale
+    mean[0] = a[0] * mu
+    cov[0, 0] = a[0] ** 2 * (var + (sig[0] if sigma_start is None else sigma_start) ** 2) + tables.initial_noise ** 2
+    last = None
     for i in range(len(ts)):
         c = _coef(tables, i)
         # D = E[x_0 | x] = p x + q for Gaussian data (x the variance-preserving sample)
@@ -117,7 +132,14 @@ def run_moments(tables, mu=GAUSS_MU, var=GAUSS_VAR):
             return (sum(w * rows[k][0] for k, w in weights.items()), sum(w * rows[k][1] for k, w in weights.items()))
         M, b, g = np.zeros((m, m)), np.zeros(m), np.zeros(m)
         M[0], b[0] = affine({"x": c("c_x"), "0": c("c_0"), **{s: c("c_" + s) for s in tables.slots}})
-        g[0] = c("sigma") if tables.draws_noise[i] else 0.0
+        if tables.draws_noise[i]:   # z = ρ z_previous + √(1 − ρ²) ξ
+            rho = _brownian_correlation(last, tables.noise_sigmas[i]) if brownian and last else 0.0
+            M[0] += c("sigma") * rho * e["z"]
+            g[0] = c("sigma") * math.sqrt(1 - rho * rho)
+            M[-1], g[-1] = rho * e["z"], math.sqrt(1 - rho * rho)
+            last = tables.noise_sigmas[i]
+        else:
+            M[-1] = e["z"]
         for s in tables.slots:
             j = names.index(s)
             if s in tables.moves:
@@ -161,10 +183,13 @@ def ode_errors(name, options, kind, smax=SIGMA_MAX, smin=SIGMA_MIN, ns=NS):
     return errors
 
 
-def weak_errors(name, options, kind="exp", ns=NS):
+def weak_errors(name, options, kind="exp", ns=NS, brownian=False):
     errors = []
+    if brownian:   # tables as for a Brownian-tree noise_sampler (the correlation is then run_moments')
+        options = {**options, "noise_sampler": lambda sigma, sigma_next: None}
     for n in ns:
-        mean, var = run_moments(build(name, timesteps(sigma_grid(n, kind)), **options))
+        mean, var = run_moments(build(name, timesteps(sigma_grid(n, kind)), **options), sigma_start=SIGMA_MAX,
+                                brownian=brownian)
         errors.append(abs(mean - GAUSS_MU) + abs(var - (GAUSS_VAR + SIGMA_MIN ** 2)))
     return errors
 
@@ -194,6 +219,15 @@ ODE_CASES = [
     ("plms", "plms", {}, "exp", 2,
      "PNDM's fixed Adams–Bashforth weights (55, −59, 37, −9)/24 are those of equal steps; on steps of unequal "
      "length in σ (here equal in log σ) the combination is consistent to second order only"),
+]
+ODE_CASES += [
+    ("dpm_2", "dpm_2", {}, "exp", 2, "the derivative at the log-midpoint of the step (an explicit midpoint rule)"),
+    ("dpm_2_ancestral-eta0", "dpm_2_ancestral", {"eta": 0.0}, "exp", 2, "at η = 0 it is dpm_2"),
+    ("dpmpp_2s_ancestral-eta0", "dpmpp_2s_ancestral", {"eta": 0.0}, "exp", 2,
+     "DPM-Solver++(2S): data-prediction exponential integrator with the prediction at the λ-midpoint"),
+    ("dpmpp_sde-eta0", "dpmpp_sde", {"eta": 0.0}, "exp", 2, "at η = 0, DPM-Solver++(2S) with r = 1/2"),
+    ("dpmpp_sde-eta0-r0.3", "dpmpp_sde", {"eta": 0.0, "r": 0.3}, "exp", 2,
+     "(1 − 1/(2r)) D_1 + 1/(2r) D_2 is the linear Taylor term for any r"),
 ]
 for p in (1, 2, 3):
     for bh in ("bh1", "bh2"):
@@ -238,6 +272,23 @@ SDE_CASES = [
     ("dpmpp-3m-sde-diffusers", "dpmpp-2m-sde", {"solver_order": 3, "lower_order_final": False,
                                                 "d2_weight": "diffusers"}, 1,
      "diffusers 0.42's D2 weight tends to −α_t, not 0: an O(1) error in an O(h) correction, first order"),
+]
+
+
+SDE_CASES += [
+    # an ancestral or churned step is an ODE step (to σ_down, or from σ̂ up from σ) plus fresh noise that
+    # makes up the variance exactly; on Gaussian data the marginal after an exact ODE step plus that noise
+    # is exact, so the weak order is the ODE step's
+    ("dpm_2_ancestral", "dpm_2_ancestral", {}, 2, "dpm_2 to σ_down (second order) plus exact fresh noise"),
+    ("dpm_2_ancestral-eta0.6", "dpm_2_ancestral", {"eta": 0.6, "s_noise": 1.0}, 2, "as η = 1"),
+    ("dpmpp_2s_ancestral", "dpmpp_2s_ancestral", {}, 2, "DPM-Solver++(2S) to σ_down plus exact fresh noise"),
+    ("euler-churn", "euler", {"s_churn": 1.0}, 1, "noise up to σ̂ = (1+γ)σ, then Euler (first order)"),
+    ("euler-churn-window", "euler", {"s_churn": 1.0, "s_tmin": 0.5, "s_tmax": 5.0}, 1, "as without the window"),
+    ("heun-churn", "heun", {"s_churn": 1.0}, 2, "noise up to σ̂, then Heun (second order)"),
+    ("heun-churn-strong", "heun", {"s_churn": 10.0}, 2, "γ capped at √2 − 1; as above"),
+    ("dpm_2-churn", "dpm_2", {"s_churn": 1.0}, 2, "noise up to σ̂, then dpm_2"),
+    ("dpmpp_sde", "dpmpp_sde", {}, 2, "two stochastic stages whose noises are one Brownian path's increments"),
+    ("dpmpp_sde-eta0.5", "dpmpp_sde", {"eta": 0.5}, 2, "as η = 1"),
 ]
 
 
@@ -291,12 +342,25 @@ def test_interpreter_is_gradguide_sample(sampler, options):
     schedule.sampler_options = {sampler: options}
     got = gg.sample(_sigma_model, (5, 1), schedule=schedule, sampler=sampler, **own,
                     timesteps=Timesteps(ts.t, ts.abar, ts.abar_prev, init_scale=float(sig[0] * ts.abar[0].sqrt()),
-                                        final_scale=float(1 / ts.abar_prev[-1].sqrt())),
+                                        final_scale=float(1 / ts.abar_prev[-1].sqrt()), sigma_to_t=ts.sigma_to_t),
                     x_T=z, generator=torch.Generator().manual_seed(4))
     gen = torch.Generator().manual_seed(4)
-    noises = [torch.randn(5, 1, generator=gen, dtype=torch.float64).numpy() for drawn in tables.draws_noise if drawn]
+    count = int(bool(tables.initial_noise)) + sum(tables.draws_noise)
+    noises = [torch.randn(5, 1, generator=gen, dtype=torch.float64).numpy() for _ in range(count)]
 
     def denoise(x, s):
         return (GAUSS_VAR * x + s * s * GAUSS_MU) / (GAUSS_VAR + s * s)
     ref = run_paths(tables, denoise, z.numpy() * sig[0], noises)
     np.testing.assert_allclose(got.numpy(), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_dpmpp_sde_needs_brownian_noise():
+    """dpmpp_sde's two noises per step must be one Brownian path's increments (correlated, nested
+    intervals): with a Brownian-tree noise_sampler, and with gradguide's own draws (the tables
+    correlate them), it is weak order 2; fed independent draws it falls to order 1."""
+    brownian = weak_errors("dpmpp_sde", {}, brownian=True)
+    independent = weak_errors("dpmpp_sde", {"noise_sampler": lambda sigma, sigma_next: None})
+    built_in = weak_errors("dpmpp_sde", {})
+    assert abs(slope(NS[1:], brownian[1:]) - 2) <= 0.25
+    assert abs(slope(NS[1:], independent[1:]) - 1) <= 0.25
+    np.testing.assert_allclose(built_in, brownian, rtol=1e-8)

@@ -48,6 +48,14 @@ def eps_model(x, t):
     return (x_sigma - denoise(x_sigma, sigma.view(-1))) / sigma
 
 
+def kd_model(x, sigma):
+    """k-diffusion's side, as its discrete-ε wrapper runs a model: ε at ``sigma_to_t(σ)`` (clamped to
+    the training table, as k-diffusion's ``DiscreteSchedule`` does), ``D = x − σ ε``."""
+    t = SCHEDULE.sigma_to_t(sigma.to(torch.float64))
+    s = sigma.to(torch.float64).view(-1, *([1] * (x.dim() - 1)))
+    return x - s * eps_model(x / (1 + s ** 2).sqrt(), t.reshape(-1))
+
+
 def sigma_schedules(K):
     lo, hi = float(SCHEDULE.sigmas[0]), float(SCHEDULE.sigmas[-1])
     before = torch.get_default_dtype()
@@ -75,11 +83,45 @@ CASES = [
     ("dpmpp-2m-sde", {"eta": 0.0}, "sample_dpmpp_2m_sde", {"eta": 0.0}),
     ("dpmpp-3m-sde", {}, "sample_dpmpp_3m_sde", {}),
     ("dpmpp-3m-sde", {"eta": 0.5, "s_noise": 0.8}, "sample_dpmpp_3m_sde", {"eta": 0.5, "s_noise": 0.8}),
+    ("dpm_2", {}, "sample_dpm_2", {}),
+    ("dpm_2_ancestral", {}, "sample_dpm_2_ancestral", {}),
+    ("dpm_2_ancestral", {"eta": 0.6, "s_noise": 0.9}, "sample_dpm_2_ancestral", {"eta": 0.6, "s_noise": 0.9}),
+    ("dpmpp_2s_ancestral", {}, "sample_dpmpp_2s_ancestral", {}),
+    ("dpmpp_2s_ancestral", {"eta": 0.6, "s_noise": 0.9}, "sample_dpmpp_2s_ancestral", {"eta": 0.6, "s_noise": 0.9}),
+    ("dpmpp_sde", {}, "sample_dpmpp_sde", {}),
+    ("dpmpp_sde", {"eta": 0.6, "s_noise": 0.9, "r": 0.4}, "sample_dpmpp_sde", {"eta": 0.6, "s_noise": 0.9, "r": 0.4}),
+]
+# Karras et al.'s churn: k-diffusion draws it from torch's global generator at every step
+CHURN_CASES = [
+    ("euler", {"s_churn": 1.0}, "sample_euler"),
+    ("euler", {"s_churn": 2.0, "s_tmin": 0.05, "s_tmax": 20.0, "s_noise": 1.003}, "sample_euler"),
+    ("heun", {"s_churn": 1.0}, "sample_heun"),
+    ("heun", {"s_churn": 4.0, "s_tmin": 0.3, "s_tmax": 10.0, "s_noise": 0.9}, "sample_heun"),
+    ("dpm_2", {"s_churn": 1.0}, "sample_dpm_2"),
+    ("dpm_2", {"s_churn": 2.0, "s_tmin": 0.05, "s_tmax": 20.0, "s_noise": 1.003}, "sample_dpm_2"),
 ]
 
 
 def _id(case):
     return case[2] + "".join(f"-{k}={v}" for k, v in case[3].items())
+
+
+def nested_draws(gen):
+    """What gradguide's dpmpp_sde does with its generator's draws: the second noise of a step (over
+    [σ_{i+1}, σ_i]) is correlated with the first (over [σ_s, σ_i]) as one Brownian path's increments,
+    ρ z_1 + √(1 − ρ²) ξ, ρ² = (σ_i − σ_s)/(σ_i − σ_{i+1})."""
+    first = {}
+
+    def sampler(sigma, sigma_next):
+        xi = torch.randn(SHAPE, generator=gen, dtype=torch.float64)
+        if first and float(first["sigma"]) == float(sigma):
+            rho = float((sigma - first["next"]) / (sigma - sigma_next)) ** 0.5
+            z = rho * first.pop("z") + (1 - rho * rho) ** 0.5 * xi
+            first.clear()
+            return z
+        first.update(sigma=sigma, next=sigma_next, z=xi)
+        return xi
+    return sampler
 
 
 def run_both(K, case, sigmas):
@@ -92,8 +134,9 @@ def run_both(K, case, sigmas):
     gen = torch.Generator().manual_seed(2)   # the draws gradguide made, in its order
     kw = dict(kwargs)
     if "noise_sampler" in inspect.signature(getattr(K, fn)).parameters:
-        kw["noise_sampler"] = lambda sigma, sigma_next: torch.randn(SHAPE, generator=gen, dtype=torch.float64)
-    ref = getattr(K, fn)(denoise, z * sigmas[0], sigmas, disable=True, **kw)
+        kw["noise_sampler"] = nested_draws(gen) if name == "dpmpp_sde" else \
+            (lambda sigma, sigma_next: torch.randn(SHAPE, generator=gen, dtype=torch.float64))
+    ref = getattr(K, fn)(kd_model, z * sigmas[0], sigmas, disable=True, **kw)
     return got, ref
 
 
@@ -141,7 +184,7 @@ def test_dpmpp_3m_sde_as_diffusers_computes_it_differs_from_kdiffusion():
 
 
 @pytest.mark.parametrize("seed", [42, [5, 6, 7]], ids=["one-path", "path-per-sample"])
-@pytest.mark.parametrize("case", [CASES[2], CASES[6], CASES[7], CASES[11]], ids=_id)
+@pytest.mark.parametrize("case", [CASES[2], CASES[6], CASES[7], CASES[11], CASES[15], CASES[17], CASES[18]], ids=_id)
 def test_brownian_tree_noise_reproduces_a_kdiffusion_sde_sample(case, seed):
     """k-diffusion's SDE samplers default to Brownian-tree noise: the same tree (seed, σ range,
     shape) given to gradguide as its noise_sampler reproduces k-diffusion's sample."""
@@ -154,7 +197,7 @@ def test_brownian_tree_noise_reproduces_a_kdiffusion_sde_sample(case, seed):
     schedule = gg.Schedule.linear(1000)
     schedule.sampler_options = {name: {**options, "noise_sampler": BrownianTreeNoiseSampler(z, lo, hi, seed=seed)}}
     got = gg.sample(eps_model, SHAPE, schedule=schedule, sampler=name, sigmas=sigmas, x_T=z)
-    ref = getattr(K, fn)(denoise, z * sigmas[0], sigmas, disable=True,
+    ref = getattr(K, fn)(kd_model, z * sigmas[0], sigmas, disable=True,
                          noise_sampler=K.BrownianTreeNoiseSampler(z, lo, hi, seed=seed), **kwargs)
     assert (got - ref).abs().max().item() <= TOL
     # and it is the tree's noise that is used: another seed gives another sample
@@ -174,3 +217,37 @@ def test_noise_sampler_is_checked():
     schedule.sampler_options = {"euler": {"noise_sampler": lambda s, sn: torch.zeros(SHAPE)}}
     with pytest.raises(ValueError, match="draws no noise"):
         gg.sample(eps_model, SHAPE, schedule=schedule, sampler="euler", steps=4)
+
+
+@pytest.mark.parametrize("kind", ["karras", "exponential", "vp"])
+@pytest.mark.parametrize("case", CHURN_CASES, ids=[c[2] + "".join(f"-{k}={v}" for k, v in c[1].items()) for c in CHURN_CASES])
+def test_churn_matches_kdiffusion(case, kind):
+    """gradguide draws the churn noise of step i from its noise_sampler(σ_i, σ̂_i): given the draws
+    k-diffusion makes with torch.randn_like (one per step, used or not), the samples agree."""
+    K = load_kdiffusion_sampling()
+    name, options, fn = case
+    sigmas = sigma_schedules(K)[kind]
+    n = len(sigmas) - 1
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    state = torch.get_rng_state()
+    try:
+        torch.manual_seed(7)
+        draws = [torch.randn(SHAPE, dtype=torch.float64) for _ in range(n)]
+        torch.manual_seed(7)
+        ref = getattr(K, fn)(kd_model, z * sigmas[0], sigmas, disable=True, **options)
+    finally:
+        torch.set_rng_state(state)
+    used = []
+
+    def noise_sampler(sigma, sigma_hat):
+        i = int((sigmas[:-1] - sigma).abs().argmin())
+        assert abs(float(sigmas[i] - sigma)) <= 1e-9 * float(sigma) and sigma_hat > sigma
+        used.append(i)
+        return draws[i]
+    schedule = gg.Schedule.linear(1000)
+    schedule.sampler_options = {name: {**options, "noise_sampler": noise_sampler}}
+    got = gg.sample(eps_model, SHAPE, schedule=schedule, sampler=name, sigmas=sigmas, x_T=z)
+    assert used and used == sorted(set(used))   # one draw per churned step, in order
+    assert (got - ref).abs().max().item() <= TOL
+    plain = gg.sample(eps_model, SHAPE, schedule=gg.Schedule.linear(1000), sampler=name, sigmas=sigmas, x_T=z)
+    assert (plain - ref).abs().max().item() > 1e-3   # the churn is really there

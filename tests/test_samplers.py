@@ -14,7 +14,8 @@ from gradguide.samplers import build
 SCHED = gg.Schedule.linear(200)
 GM = default_mixture(SCHED)
 Y = torch.full((8,), 2)
-NEW = ["euler", "euler_a", "heun", "lms", "dpmpp-2m", "dpmpp-2m-sde", "unipc", "plms"]
+NEW = ["euler", "euler_a", "heun", "lms", "dpmpp-2m", "dpmpp-2m-sde", "unipc", "plms", "dpmpp-3m-sde", "dpm_2",
+       "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde"]
 
 
 TERMS = guidance_cases(GM)
@@ -29,8 +30,9 @@ def test_every_guidance_term_and_projection_runs_without_host_sync(name, sampler
                   cond={"y": Y}, clip=(-5, 5), telemetry=True, callback=records.append, check_sync=True,
                   generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(x).all()
-    # Heun: two evaluations per step, one on the last; PLMS: the first step twice
-    assert len(records) == {"heun": 11, "plms": 7}.get(sampler, 6)
+    # Heun, DPM-2 and the two-stage samplers: two evaluations per step, one on the last; PLMS: the first step twice
+    assert len(records) == {"heun": 11, "plms": 7, "dpm_2": 11, "dpm_2_ancestral": 11, "dpmpp_2s_ancestral": 11,
+                            "dpmpp_sde": 11}.get(sampler, 6)
 
 
 def test_euler_is_ddim_on_the_same_grid():

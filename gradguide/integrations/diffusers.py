@@ -256,7 +256,8 @@ class DiffusersSchedule(Schedule):
         if self.suggested_sampler in SIGMA_SPACE:   # latents in σ-space: x_σ = x/√ᾱ
             init_scale = float(sched.init_noise_sigma) * float(abar[0].sqrt())
             final_scale = float(1 / abar[-1].sqrt())
-        return Timesteps(t, abar[:-1], abar[1:], init_scale=init_scale, final_scale=final_scale)
+        return Timesteps(t, abar[:-1], abar[1:], init_scale=init_scale, final_scale=final_scale,
+                         sigma_to_t=self.sigma_to_t)
 
 
 class DiffusersModel(torch.nn.Module):

@@ -29,8 +29,9 @@ import torch
 
 from ..schedules import Timesteps
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp-2m", "dpmpp-2m-sde", "dpmpp-3m-sde", "euler", "euler_a", "heun", "lms", "plms",
-            "unipc")
+SAMPLERS = ("ddpm", "ddim", "dpm_2", "dpm_2_ancestral", "dpmpp-2m", "dpmpp-2m-sde", "dpmpp-3m-sde",
+            "dpmpp_2s_ancestral", "dpmpp_sde", "euler", "euler_a", "heun", "lms", "plms", "unipc")
+CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")   # Karras et al.'s churn on euler and heun
 SOURCES = ("x", "0")   # a slot update reads x (the evaluated sample), D (the guided x̂_0) and the old slots
 
 
@@ -57,6 +58,10 @@ class SamplerTables:
     noise_sigmas: list = field(default_factory=list)
     # a user's noise_sampler(σ, σ_next) -> standard normal draws shaped like x (None: the run's generator)
     noise_sampler: Optional[Callable] = None
+    # noise added to the initial latent before the first evaluation (k-diffusion's churn at the first
+    # σ): x ← init_scale · x_T + initial_noise · z, z drawn for initial_noise_sigmas
+    initial_noise: float = 0.0
+    initial_noise_sigmas: tuple = ()
 
     def __post_init__(self):
         n = len(self.timesteps)
@@ -116,16 +121,22 @@ def build(name: str, ts: Timesteps, *, eta=None, variance: str = "fixed-small", 
     if noise_sampler is not None and not callable(noise_sampler):
         raise TypeError(f"noise_sampler: expected a callable noise_sampler(sigma, sigma_next) returning standard "
                         f"normal draws shaped like the sample, got {type(noise_sampler).__name__}")
+    if name == "dpmpp_sde":   # without a Brownian noise_sampler the two stages' noise is correlated in the tables
+        options = {**options, "nested_noise": noise_sampler is None}
     tables = _build(name, ts, eta, variance, options)
     if noise_sampler is not None:
-        if not any(tables.draws_noise):
+        if not any(tables.draws_noise) and not tables.initial_noise:
             raise ValueError(f"noise_sampler: sampler {name!r} draws no noise with these options")
         tables.noise_sampler = noise_sampler
     return tables
 
 
 def _build(name: str, ts: Timesteps, eta, variance: str, options) -> SamplerTables:
-    from . import ddim, ddpm, dpmpp, ksigma, plms, unipc
+    from . import ddim, ddpm, dpmpp, kdiff, ksigma, plms, unipc
+    if name in kdiff.SAMPLERS or (name in ("euler", "heun") and any(k in options for k in CHURN)):
+        if eta is not None:
+            options["eta"] = eta
+        return kdiff.tables(name, ts, **options)
     if eta is not None:
         options["eta"] = eta
     if name == "ddpm":
