@@ -13,9 +13,11 @@ answer, fits the slope of ``log error`` against ``log n`` and asserts the theore
   for which ``D`` is affine in ``x``; every step is then affine in the state (the sample and the
   sampler's slots) plus ``σ z``, so the mean and covariance of the state propagate *exactly*
   (no seeds, no Monte Carlo noise). Started from the exact marginal ``N(μ, s² + σ_max²)``, the
-  weak error is ``|mean − μ| + |var − (s² + σ_min²)|`` at the end. For this target the mean of
-  the sample obeys the same recursion as the deterministic solver on the mean ODE (``E D(x) =
-  D(E x)``), so a solver's weak order here is its deterministic order.
+  weak error is ``|mean − μ| + |var − (s² + σ_min²)|`` at the end. (The mean is exact for any
+  consistent step here, ``x_σ ≡ μ`` being a fixed point; the error is the variance's.) An
+  ancestral or churned step (an ODE step plus fresh noise that makes up the variance) is exact on
+  Gaussian data when its ODE step is, so its weak order is the ODE step's; the multistep SDE
+  solvers measure 2.
 
 Grids: ``exp``: uniform in ``λ = −log σ`` (k-diffusion's exponential σ's); ``graded``: the
 same with ``λ`` at ``(k/n)²`` of the way, so the first steps are ``O(h²)`` long: a multistep
@@ -262,13 +264,13 @@ SDE_CASES = [
     ("euler_a", "euler_a", {}, 1, "Euler to σ_down, then fresh noise to σ_next"),
     ("euler_a-eta0.5", "euler_a", {"eta": 0.5}, 1, "as η = 1"),
     ("dpmpp-2m-sde-midpoint", "dpmpp-2m-sde", {"lower_order_final": False}, 2,
-     "second-order multistep in the mean (see the module docstring), exact noise"),
+     "the second-order multistep drift with the exactly integrated linear part and noise"),
     ("dpmpp-2m-sde-heun", "dpmpp-2m-sde", {"solver_type": "heun", "lower_order_final": False}, 2, "as midpoint"),
     ("dpmpp-2m-sde-eta0.5", "dpmpp-2m-sde", {"eta": 0.5, "lower_order_final": False}, 2, "as η = 1"),
     ("dpmpp-3m-sde", "dpmpp-3m-sde", {}, 2, "the published D2 weight (second order, like its ODE limit)"),
     ("dpmpp-3m-sde-eta0.5", "dpmpp-3m-sde", {"eta": 0.5}, 2, "as η = 1"),
     ("dpmpp-3m-sde-taylor", "dpmpp-3m-sde", {"d2_weight": "taylor"}, 2,
-     "the Taylor D2 weight; the mean's recursion is third order but reads D's of noisy samples, weak order 2"),
+     "the Taylor D2 weight: third order on the ODE, but the variance's recursion stays second order"),
     ("dpmpp-3m-sde-diffusers", "dpmpp-2m-sde", {"solver_order": 3, "lower_order_final": False,
                                                 "d2_weight": "diffusers"}, 1,
      "diffusers 0.42's D2 weight tends to −α_t, not 0: an O(1) error in an O(h) correction, first order"),
