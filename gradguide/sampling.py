@@ -107,8 +107,9 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     a σ-space schedule falls between them (``sigmas=``, diffusers' Euler/Heun/LMS timesteps).
 
     ``sampler``: ``"ddpm"``, ``"ddim"`` (with ``eta``), ``"dpmpp-2m"``, ``"dpmpp-2m-sde"``,
-    ``"euler"``, ``"euler_a"``, ``"heun"``, ``"lms"``, ``"plms"`` or ``"unipc"``
-    (:mod:`gradguide.samplers`); default
+    ``"dpmpp-3m-sde"``, ``"euler"``, ``"euler_a"``, ``"heun"``, ``"dpm_2"``, ``"dpm_2_ancestral"``,
+    ``"dpmpp_2s_ancestral"``, ``"dpmpp_sde"``, ``"lms"``, ``"plms"`` or ``"unipc"``
+    (:mod:`gradguide.samplers`, docs/samplers.md); default
     ``schedule.suggested_sampler`` (``"ddpm"`` for a plain :class:`Schedule`; the matching
     sampler for a diffusers scheduler). ``steps``: ``None``
     (all T), a count, an ADM section string, or explicit timesteps; ``spacing``: ``"adm"``
