@@ -108,7 +108,7 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
 
     ``sampler``: ``"ddpm"``, ``"ddim"`` (with ``eta``), ``"dpmpp-2m"``, ``"dpmpp-2m-sde"``,
     ``"dpmpp-3m-sde"``, ``"euler"``, ``"euler_a"``, ``"heun"``, ``"dpm_2"``, ``"dpm_2_ancestral"``,
-    ``"dpmpp_2s_ancestral"``, ``"dpmpp_sde"``, ``"lms"``, ``"plms"`` or ``"unipc"``
+    ``"dpmpp_2s_ancestral"``, ``"dpmpp_sde"``, ``"dpm_fast"``, ``"lms"``, ``"plms"`` or ``"unipc"``
     (:mod:`gradguide.samplers`, docs/samplers.md); default
     ``schedule.suggested_sampler`` (``"ddpm"`` for a plain :class:`Schedule`; the matching
     sampler for a diffusers scheduler). ``steps``: ``None``

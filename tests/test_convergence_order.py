@@ -325,11 +325,14 @@ def _sigma_model(x, t):
 INTERPRETED = sorted({(c[1], tuple(sorted(c[2].items()))) for c in ODE_CASES + SDE_CASES})
 
 
+INTERPRETED += [("dpm_fast", (("nfe", 8),)), ("dpm_fast", (("eta", 1.0), ("nfe", 7)))]
+
+
 @pytest.mark.parametrize("sampler,options", INTERPRETED, ids=[f"{s}{dict(o)}" for s, o in INTERPRETED])
 def test_interpreter_is_gradguide_sample(sampler, options):
     """The interpreter above is how gradguide.sample applies a sampler's tables (same noise)."""
     options = dict(options)
-    sig = sigma_grid(9, "exp")
+    sig = sigma_grid(9, "exp") if sampler != "dpm_fast" else np.array([SIGMA_MAX, SIGMA_MIN])
     if sampler == "heun":
         sig = np.append(sig, 0.0)
     tables = build(sampler, timesteps(sig), **options)
@@ -366,3 +369,25 @@ def test_dpmpp_sde_needs_brownian_noise():
     assert abs(slope(NS[1:], brownian[1:]) - 2) <= 0.25
     assert abs(slope(NS[1:], independent[1:]) - 1) <= 0.25
     np.testing.assert_allclose(built_in, brownian, rtol=1e-8)
+
+
+@pytest.mark.parametrize("nfes,order,eta", [((26, 50, 98, 194), 3, 0.0), ((24, 48, 96, 192), 2, 0.0),
+                                            ((98, 194, 386, 770), 3, 1.0)],
+                         ids=["nfe=3k+2", "nfe=3k", "nfe=3k+2-eta1"])
+def test_dpm_fast_order(nfes, order, eta):
+    """DPM-Solver-fast: singlestep DPM-Solver-3 steps (local error O(h⁴)), the last ones of lower
+    order. With nfe = 3k + 2 the last step is second order (local O(h³)): global order 3. With
+    nfe = 3k the last step is first order (local O(h²), not contracted afterwards): global order 2.
+    With η > 0 each step is that ODE step to σ_down plus exact fresh noise: weak order 3 on
+    Gaussian data."""
+    x0, ref = ode_reference()
+    errors = []
+    for nfe in nfes:
+        tables = build("dpm_fast", timesteps([SIGMA_MAX, SIGMA_MIN]), nfe=nfe, eta=eta)
+        if eta:
+            mean, var = run_moments(tables, sigma_start=SIGMA_MAX)
+            errors.append(abs(mean - GAUSS_MU) + abs(var - (GAUSS_VAR + SIGMA_MIN ** 2)))
+        else:
+            errors.append(float(np.abs(run_paths(tables, mixture_denoiser, x0) - ref).max()))
+    observed = slope(nfes[1:], errors[1:])
+    assert abs(observed - order) <= 0.3, f"observed order {observed:.2f}, expected {order} (errors {errors})"

@@ -251,3 +251,31 @@ def test_churn_matches_kdiffusion(case, kind):
     assert (got - ref).abs().max().item() <= TOL
     plain = gg.sample(eps_model, SHAPE, schedule=gg.Schedule.linear(1000), sampler=name, sigmas=sigmas, x_T=z)
     assert (plain - ref).abs().max().item() > 1e-3   # the churn is really there
+
+
+@pytest.mark.parametrize("nfe", [1, 2, 3, 4, 8, 10, 12])
+@pytest.mark.parametrize("eta", [0.0, 0.7])
+def test_dpm_fast_matches_kdiffusion(nfe, eta):
+    """sample_dpm_fast(model, x, sigma_min, sigma_max, n) = sampler 'dpm_fast' with
+    sigmas=[sigma_max, sigma_min] and nfe=n (k-diffusion run in float64: it builds its t grid in
+    the default dtype)."""
+    K = load_kdiffusion_sampling()
+    lo, hi = 0.05, 60.0
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    schedule = gg.Schedule.linear(1000)
+    options = {"nfe": nfe, "eta": eta, "s_noise": 0.9} if eta else {"nfe": nfe}
+    schedule.sampler_options = {"dpm_fast": options}
+    got = gg.sample(eps_model, SHAPE, schedule=schedule, sampler="dpm_fast", sigmas=[hi, lo], x_T=z,
+                    generator=torch.Generator().manual_seed(2))
+    gen = torch.Generator().manual_seed(2)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        # k-diffusion calls its noise sampler after every step, eta = 0 too (then with weight 0)
+        ref = K.sample_dpm_fast(kd_model, z * hi, torch.tensor(lo), torch.tensor(hi), nfe, disable=True, eta=eta,
+                                s_noise=0.9 if eta else 1.0,
+                                noise_sampler=lambda s, sn: torch.randn(SHAPE, generator=gen, dtype=torch.float64)
+                                if eta else torch.zeros(SHAPE, dtype=torch.float64))
+    finally:
+        torch.set_default_dtype(before)
+    assert (got - ref).abs().max().item() <= TOL

@@ -196,3 +196,22 @@ def test_sampler_options_travel_with_a_plain_schedule():
     b = gg.sample(lambda x, t: 0.1 * x, schedule=rule, generator=torch.Generator().manual_seed(0), **kw)
     assert (a - b).abs().max() > 1e-3     # the last step adds noise only under the t > 0 rule
     assert gg.Schedule.linear(200).sampler_options == {}   # the class default is untouched
+
+
+@pytest.mark.parametrize("sampler,options", [("dpm_fast", {"nfe": 5, "eta": 1.0}), ("euler", {"s_churn": 2.0}),
+                                             ("heun", {"s_churn": 2.0, "s_tmax": 5.0})])
+@pytest.mark.parametrize("name", list(TERMS))
+def test_every_guidance_term_runs_on_dpm_fast_and_churn(name, sampler, options):
+    """DPM-Solver-fast (its own steps between two σ's) and churned Euler/Heun (noise before the
+    model call) are LinComb steps too: every guidance term and projection, no host sync."""
+    terms, projection, model = TERMS[name]
+    schedule = gg.Schedule.linear(200)
+    schedule.sampler_options = {sampler: options}
+    lo, hi = float(schedule.sigmas[0]), float(schedule.sigmas[-1])
+    sigmas = [hi, lo] if sampler == "dpm_fast" else gg.sigmas_karras(5, lo, hi)
+    records = []
+    x = gg.sample(model, (8, 2), schedule=schedule, sampler=sampler, sigmas=sigmas, guidance=terms,
+                  projection=projection, cond={"y": Y}, clip=(-5, 5), telemetry=True, callback=records.append,
+                  check_sync=True, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(x).all()
+    assert len(records) == {"dpm_fast": 5, "euler": 5, "heun": 9}[sampler]

@@ -30,7 +30,7 @@ import torch
 from ..schedules import Timesteps
 
 SAMPLERS = ("ddpm", "ddim", "dpm_2", "dpm_2_ancestral", "dpmpp-2m", "dpmpp-2m-sde", "dpmpp-3m-sde",
-            "dpmpp_2s_ancestral", "dpmpp_sde", "euler", "euler_a", "heun", "lms", "plms", "unipc")
+            "dpmpp_2s_ancestral", "dpmpp_sde", "dpm_fast", "euler", "euler_a", "heun", "lms", "plms", "unipc")
 CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")   # Karras et al.'s churn on euler and heun
 SOURCES = ("x", "0")   # a slot update reads x (the evaluated sample), D (the guided x̂_0) and the old slots
 
@@ -133,6 +133,10 @@ def build(name: str, ts: Timesteps, *, eta=None, variance: str = "fixed-small", 
 
 def _build(name: str, ts: Timesteps, eta, variance: str, options) -> SamplerTables:
     from . import ddim, ddpm, dpmpp, kdiff, ksigma, plms, unipc
+    if name == "dpm_fast":
+        if eta is not None:
+            options["eta"] = eta
+        return kdiff.dpm_fast_tables(ts, **options)
     if name in kdiff.SAMPLERS or (name in ("euler", "heun") and any(k in options for k in CHURN)):
         if eta is not None:
             options["eta"] = eta

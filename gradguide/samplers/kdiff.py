@@ -221,3 +221,99 @@ def _tables(name: str, ts: Timesteps, rows: List[_Row], sig: List[float], first_
         tables.initial_noise = a(first_sigma) * initial_noise
         tables.initial_noise_sigmas = (sig[0], first_sigma)
     return tables
+
+
+def dpm_fast_tables(ts: Timesteps, nfe=None, eta: float = 0.0, s_noise: float = 1.0) -> SamplerTables:
+    """k-diffusion's ``sample_dpm_fast(model, x, sigma_min, sigma_max, n)``: DPM-Solver-fast (Lu et
+    al. 2022, the noise-prediction singlestep solvers of orders 3, 2, 1) with ``nfe = n`` model
+    evaluations on steps uniform in ``t = −log σ`` from σ_max to σ_min, the listed σ's being
+    exactly ``[σ_max, σ_min]``. Per step of order k (``r_1 = 1/3, r_2 = 2/3`` for k = 3,
+    ``r_1 = 1/2`` for k = 2), with ``ε_j`` the model's ε at the j-th stage point ``s_j = t + r_j h``:
+
+    - order 1: ``x' = x − σ' (e^h − 1) ε_0``;
+    - order 2: ``u_1 = x − σ(s_1)(e^{r_1 h} − 1) ε_0``, ``x' = x − σ'(e^h − 1) ε_0 − σ'/(2 r_1) (e^h − 1)(ε_1 − ε_0)``;
+    - order 3: ``u_1`` as above, ``u_2 = x − σ(s_2)(e^{r_2 h} − 1) ε_0 − σ(s_2) (r_2/r_1) ((e^{r_2 h} − 1)/(r_2 h) − 1)(ε_1 − ε_0)``,
+      ``x' = x − σ'(e^h − 1) ε_0 − σ'/r_2 ((e^h − 1)/h − 1)(ε_2 − ε_0)``.
+
+    With ``eta > 0`` each step goes to ``σ_down`` (k-diffusion's ancestral split, capped at σ_min)
+    and adds ``s_noise √(σ'² − σ_down²) z``. The step's start ``x`` and ``ε_0`` are slots
+    (``start``, ``e0``) in σ-space."""
+    name = "dpm_fast"
+    if len(ts) != 1 or float(ts.abar_prev[0]) == 1.0:
+        raise ValueError("sampler 'dpm_fast': pass sigmas=[sigma_max, sigma_min] (both > 0; the solver makes its own "
+                         "steps between them, as k-diffusion's sample_dpm_fast(model, x, sigma_min, sigma_max, n)) and "
+                         "the option nfe=n")
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise ValueError(f"sampler 'dpm_fast': nfe: expected a positive integer (model evaluations), got {nfe!r}")
+    eta = _number(name, "eta", eta)
+    s_noise = _number(name, "s_noise", s_noise)
+    if ts.sigma_to_t is None:
+        raise ValueError("sampler 'dpm_fast' calls the model between the listed σ's: pass sigmas= to gradguide.sample")
+    s_max = math.sqrt((1 - float(ts.abar[0])) / float(ts.abar[0]))
+    s_min = math.sqrt((1 - float(ts.abar_prev[0])) / float(ts.abar_prev[0]))
+    t_start, t_end = -math.log(s_max), -math.log(s_min)
+    m = nfe // 3 + 1
+    grid = torch.linspace(t_start, t_end, m + 1, dtype=torch.float64).tolist()
+    orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+    sig = lambda t: math.exp(-t)   # noqa: E731
+    # rows: (σ of the evaluation, σ the output is stored at, σ-space weights, noise weight, noise σ's, starts a step)
+    rows = []
+    for i, order in enumerate(orders):
+        t, t_next = grid[i], grid[i + 1]
+        if eta:
+            down, up = ancestral_step(sig(t), sig(t_next), eta)
+            t_to = min(t_end, -math.log(down)) if down > 0 else t_end
+            noise = s_noise * math.sqrt(max(sig(t_next) ** 2 - sig(t_to) ** 2, 0.0))
+        else:
+            t_to, noise = t_next, 0.0
+        h = t_to - t
+        s_to = sig(t_to)
+        # weights over start (σ-space x of the step), e0 (ε_0), cur (this stage's ε), x and D read at the evaluation
+        if order == 1:
+            stages = [(t, {"start": 1.0, "e0": -s_to * math.expm1(h)})]
+        elif order == 2:
+            r1 = 0.5
+            s1 = t + r1 * h
+            stages = [(t, {"start": 1.0, "e0": -sig(s1) * math.expm1(r1 * h)}),
+                      (s1, {"start": 1.0, "e0": -s_to * math.expm1(h) + s_to / (2 * r1) * math.expm1(h),
+                            "cur": -s_to / (2 * r1) * math.expm1(h)})]
+        else:
+            r1, r2 = 1 / 3, 2 / 3
+            s1, s2 = t + r1 * h, t + r2 * h
+            c2 = sig(s2) * (r2 / r1) * (math.expm1(r2 * h) / (r2 * h) - 1)
+            c3 = s_to / r2 * (math.expm1(h) / h - 1)
+            stages = [(t, {"start": 1.0, "e0": -sig(s1) * math.expm1(r1 * h)}),
+                      (s1, {"start": 1.0, "e0": -sig(s2) * math.expm1(r2 * h) + c2, "cur": -c2}),
+                      (s2, {"start": 1.0, "e0": -s_to * math.expm1(h) + c3, "cur": -c3})]
+        for k, (t_eval, w) in enumerate(stages):
+            last = k == len(stages) - 1
+            rows.append((sig(t_eval), w, noise if last else 0.0, (sig(t), sig(t_next)), k == 0))
+    a = lambda s: 1 / math.sqrt(1 + s * s)   # noqa: E731
+    out_sigma = [r[0] for r in rows[1:]] + [s_min]
+    n = len(rows)
+    cols = {k: [0.0] * n for k in ("c_x", "c_0", "c_start", "c_e0", "sigma", "u_start_x", "u_start_start",
+                                   "u_e0_x", "u_e0_0", "u_e0_e0")}
+    for j, ((s_eval, w, noise, _, starts), s_out) in enumerate(zip(rows, out_sigma)):
+        a_in, a_out = a(s_eval), a(s_out)
+        # ε here = (x/a_in − D)/s_eval; at a step's first stage start = x/a_in and e0 = ε, so read x, D directly
+        e_x, e_0 = 1 / (a_in * s_eval), -1 / s_eval
+        if starts:
+            cols["c_x"][j] = a_out * (w["start"] / a_in + w["e0"] * e_x)
+            cols["c_0"][j] = a_out * w["e0"] * e_0
+            cols["u_start_x"][j], cols["u_e0_x"][j], cols["u_e0_0"][j] = 1 / a_in, e_x, e_0
+        else:
+            cols["c_start"][j], cols["c_e0"][j] = a_out * w["start"], a_out * w["e0"]
+            cols["c_x"][j], cols["c_0"][j] = a_out * w.get("cur", 0.0) * e_x, a_out * w.get("cur", 0.0) * e_0
+            cols["u_start_start"][j], cols["u_e0_e0"][j] = 1.0, 1.0
+        cols["sigma"][j] = a_out * noise
+    t_eval = torch.as_tensor(ts.sigma_to_t(torch.tensor([r[0] for r in rows], dtype=torch.float64)),
+                             dtype=torch.float64).reshape(-1)
+    abar = torch.tensor([1 / (1 + r[0] ** 2) for r in rows], dtype=torch.float64)
+    abar_out = torch.tensor([1 / (1 + s ** 2) for s in out_sigma], dtype=torch.float64)
+    evals = Timesteps(t_eval, abar, abar_out, init_scale=ts.init_scale * a(rows[0][0]) / a(s_max),
+                      final_scale=ts.final_scale, sigma_to_t=ts.sigma_to_t)
+    t = common_tables(evals)
+    t.update({k: torch.tensor(v, dtype=torch.float64) for k, v in cols.items()})
+    t["var_mean"] = t["sigma"] ** 2
+    return SamplerTables(name, evals, t, slots=("start", "e0"), draws_noise=[r[2] > 0 for r in rows],
+                         noise_sigmas=[r[3] for r in rows])
