@@ -804,7 +804,9 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
                          "undefined there; zero-terminal-SNR schedules need a v- or x0-prediction model (Lin et al. 2024)")
     options = dict((getattr(schedule, "sampler_options", None) or {}).get(sampler, {}))
     if sampler != "ddim" and eta != 0.0:
-        raise ValueError(f"eta: only the DDIM sampler takes eta, got eta={eta} with sampler={sampler!r}")
+        raise ValueError(f"eta: only the DDIM sampler takes eta from sample(), got eta={eta} with sampler={sampler!r}; "
+                         "the ancestral and SDE samplers take theirs as a sampler option: "
+                         f"schedule.sampler_options = {{{sampler!r}: {{'eta': {eta}}}}}")
 
     # guidance terms
     if guidance is not None and not isinstance(guidance, (GuidanceTerm, list, tuple)):
