@@ -391,3 +391,37 @@ def test_dpm_fast_order(nfes, order, eta):
             errors.append(float(np.abs(run_paths(tables, mixture_denoiser, x0) - ref).max()))
     observed = slope(nfes[1:], errors[1:])
     assert abs(observed - order) <= 0.3, f"observed order {observed:.2f}, expected {order} (errors {errors})"
+
+
+class _SigmaIsT(gg.Schedule):
+    """A schedule whose model timestep is σ itself (the closed-form models here read σ from t)."""
+
+    def sigma_to_t(self, sigma):
+        return torch.as_tensor(np.asarray(sigma, dtype=np.float64))
+
+
+def _mixture_eps(x, t):
+    s = t.to(torch.float64).view(-1, 1)
+    x_sigma = x * (1 + s * s).sqrt()
+    d = torch.as_tensor(np.stack([mixture_denoiser(x_sigma[j].numpy(), float(s[j])) for j in range(len(s))]))
+    return (x_sigma - d) / s
+
+
+@pytest.mark.parametrize("order,rtols", [(3, (1e-2, 1e-3, 1e-4, 1e-5)), (2, (1e-2, 1e-3, 1e-4))])
+def test_dpm_adaptive_error_falls_with_the_order_of_its_solution(order, rtols):
+    """DPM-Solver-23 / -12 with error-per-step control: steps of size h ~ tol^(1/order) (the
+    embedded estimate is O(h^order)), the propagated solution's global error O(h^order), so
+    error ~ nfe^(−order) or faster (local extrapolation) as the tolerance shrinks."""
+    from gradguide.samplers.adaptive import sample_dpm_adaptive
+    x0, ref = ode_reference()
+    schedule = _SigmaIsT(gg.Schedule.linear(1000).alphas_cumprod)
+    nfes, errors = [], []
+    for rtol in rtols:
+        x, info = sample_dpm_adaptive(_mixture_eps, (4, 1), schedule=schedule, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX,
+                                      x_T=torch.as_tensor(x0 / SIGMA_MAX)[:, None], order=order, rtol=rtol,
+                                      atol=rtol / 10, return_info=True)
+        nfes.append(info["nfe"])
+        errors.append(float(np.abs(x[:, 0].numpy() - ref).max()))
+    assert all(b < a for a, b in zip(errors, errors[1:])) and all(b > a for a, b in zip(nfes, nfes[1:]))
+    observed = slope(nfes[1:], errors[1:])
+    assert order - 0.3 <= observed <= order + 1.3, f"observed {observed:.2f} (nfe {nfes}, errors {errors})"

@@ -279,3 +279,27 @@ def test_dpm_fast_matches_kdiffusion(nfe, eta):
     finally:
         torch.set_default_dtype(before)
     assert (got - ref).abs().max().item() <= TOL
+
+
+@pytest.mark.parametrize("order,eta", [(3, 0.0), (2, 0.0), (3, 0.5)])
+def test_dpm_adaptive_matches_kdiffusion(order, eta):
+    """sample_dpm_adaptive: the same accepted and rejected steps, evaluations and output."""
+    from gradguide.samplers.adaptive import sample_dpm_adaptive
+    K = load_kdiffusion_sampling()
+    lo, hi = 0.05, 60.0
+    z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    kw = dict(order=order, rtol=0.02, atol=0.005, eta=eta, s_noise=0.9)
+    got, info = sample_dpm_adaptive(eps_model, SHAPE, schedule=gg.Schedule.linear(1000), sigma_min=lo, sigma_max=hi,
+                                    x_T=z, generator=torch.Generator().manual_seed(2), return_info=True, **kw)
+    gen = torch.Generator().manual_seed(2)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        ref, ref_info = K.sample_dpm_adaptive(
+            kd_model, z * hi, lo, hi, disable=True, return_info=True,
+            noise_sampler=lambda s, sn: torch.randn(SHAPE, generator=gen, dtype=torch.float64) if eta else
+            torch.zeros(SHAPE, dtype=torch.float64), **kw)
+    finally:
+        torch.set_default_dtype(before)
+    assert info == ref_info and info["n_accept"] > 3
+    assert (got - ref).abs().max().item() <= TOL

@@ -223,11 +223,13 @@ def _tables(name: str, ts: Timesteps, rows: List[_Row], sig: List[float], first_
     return tables
 
 
-def dpm_fast_tables(ts: Timesteps, nfe=None, eta: float = 0.0, s_noise: float = 1.0) -> SamplerTables:
+def dpm_fast_tables(ts: Timesteps, nfe=None, eta: float = 0.0, s_noise: float = 1.0, orders=None) -> SamplerTables:
     """k-diffusion's ``sample_dpm_fast(model, x, sigma_min, sigma_max, n)``: DPM-Solver-fast (Lu et
     al. 2022, the noise-prediction singlestep solvers of orders 3, 2, 1) with ``nfe = n`` model
     evaluations on steps uniform in ``t = −log σ`` from σ_max to σ_min, the listed σ's being
-    exactly ``[σ_max, σ_min]``. Per step of order k (``r_1 = 1/3, r_2 = 2/3`` for k = 3,
+    exactly ``[σ_max, σ_min]``. ``orders`` (instead of ``nfe``): the orders of the steps, e.g.
+    ``(3,)`` for one DPM-Solver-3 step (what :func:`gradguide.samplers.adaptive.sample_dpm_adaptive`
+    attempts). Per step of order k (``r_1 = 1/3, r_2 = 2/3`` for k = 3,
     ``r_1 = 1/2`` for k = 2), with ``ε_j`` the model's ε at the j-th stage point ``s_j = t + r_j h``:
 
     - order 1: ``x' = x − σ' (e^h − 1) ε_0``;
@@ -243,7 +245,12 @@ def dpm_fast_tables(ts: Timesteps, nfe=None, eta: float = 0.0, s_noise: float = 
         raise ValueError("sampler 'dpm_fast': pass sigmas=[sigma_max, sigma_min] (both > 0; the solver makes its own "
                          "steps between them, as k-diffusion's sample_dpm_fast(model, x, sigma_min, sigma_max, n)) and "
                          "the option nfe=n")
-    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+    if orders is not None:
+        if nfe is not None or not isinstance(orders, (list, tuple)) or not orders or \
+                any(isinstance(k, bool) or k not in (1, 2, 3) for k in orders):
+            raise ValueError(f"sampler 'dpm_fast': orders: expected a non-empty sequence of 1, 2 or 3 (and no nfe), "
+                             f"got {orders!r}")
+    elif isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise ValueError(f"sampler 'dpm_fast': nfe: expected a positive integer (model evaluations), got {nfe!r}")
     eta = _number(name, "eta", eta)
     s_noise = _number(name, "s_noise", s_noise)
@@ -252,9 +259,10 @@ def dpm_fast_tables(ts: Timesteps, nfe=None, eta: float = 0.0, s_noise: float = 
     s_max = math.sqrt((1 - float(ts.abar[0])) / float(ts.abar[0]))
     s_min = math.sqrt((1 - float(ts.abar_prev[0])) / float(ts.abar_prev[0]))
     t_start, t_end = -math.log(s_max), -math.log(s_min)
-    m = nfe // 3 + 1
-    grid = torch.linspace(t_start, t_end, m + 1, dtype=torch.float64).tolist()
-    orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+    if orders is None:
+        m = nfe // 3 + 1
+        orders = [3] * (m - 2) + [2, 1] if nfe % 3 == 0 else [3] * (m - 1) + [nfe % 3]
+    grid = torch.linspace(t_start, t_end, len(orders) + 1, dtype=torch.float64).tolist()
     sig = lambda t: math.exp(-t)   # noqa: E731
     # rows: (σ of the evaluation, σ the output is stored at, σ-space weights, noise weight, noise σ's, starts a step)
     rows = []
