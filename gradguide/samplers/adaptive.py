@@ -97,9 +97,10 @@ def sample_dpm_adaptive(model, shape, *, schedule, sigma_min: float, sigma_max: 
             x_prev = x_low
             x = x_high
             if su:
-                z = noise_sampler(torch.tensor(sigma(s), dtype=torch.float64), torch.tensor(sigma(t), dtype=torch.float64)) \
-                    if noise_sampler is not None else torch.randn(x.shape, generator=generator, dtype=x.dtype,
-                                                                  device=x.device)
+                if noise_sampler is not None:
+                    z = noise_sampler(*(torch.tensor(sigma(v), dtype=torch.float64) for v in (s, t)))
+                else:
+                    z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
                 x = x + su * s_noise * z.to(x)
             s = t
             info["n_accept"] += 1

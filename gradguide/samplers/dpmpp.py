@@ -9,10 +9,10 @@ probability-flow ODE, ``dpmsolver++``; ``η = 1``: ``sde-dpmsolver++``), ``u = (
 
     x_t = (σ_t/σ_s) e^{−ηh} x_s + α_t ∫_0^h (1+η) e^{−(1+η)(h−τ)} x̂_0(λ_s + τ) dτ + s_noise σ_t √(1 − e^{−2ηh}) z
 
-with ``x̂_0`` replaced by its Taylor polynomial in ``λ`` from the last predictions. The
-weights of ``D``, ``h D'`` and ``h² D''/2`` are ``1 − e^{−u}``, ``h φ_2(u)`` ... i.e.
-``α_t (1 − e^{−u}) D + B D1 + C D2`` with ``D1 = (D − D_{−1})/r`` (``≈ h D'``) and, third order,
-``D1``, ``D2 ≈ h² D''/2`` the divided differences of Lu et al.:
+with ``x̂_0`` replaced by its Taylor polynomial in ``λ`` from the last predictions:
+``x_t = (σ_t/σ_s) e^{−ηh} x_s + α_t (1 − e^{−u}) D + B D1 + C D2 + s_noise σ_t √(1 − e^{−2ηh}) z``
+with ``D1 = (D − D_{−1})/r ≈ h D'`` (second order) or, third order, Lu et al.'s divided
+differences ``D1 ≈ h D'``, ``D2 ≈ h² D''/2``:
 
 - ``B = ½ α_t (1 − e^{−u})`` (``solver_type="midpoint"``) or ``α_t φ_2(u)``,
   ``φ_2(u) = (e^{−u} − 1)/u + 1`` (``"heun"``; the exact weight of the linear term);
@@ -67,7 +67,8 @@ def tables(ts, sde: bool = False, solver_order: int = 2, solver_type: str = "mid
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
             raise ValueError(f"{name}: {key}: expected a finite number >= 0, got {value!r}")
     if d2_weight == "diffusers" and sde and eta != 1.0:
-        raise ValueError(f"{name}: d2_weight='diffusers' reproduces diffusers' sde-dpmsolver++ (eta = 1), got eta={eta}")
+        raise ValueError(f"{name}: d2_weight='diffusers' reproduces diffusers' sde-dpmsolver++ (eta = 1), "
+                         f"got eta={eta}")
     if (ts.abar == 0).any():
         raise ValueError(f"{name}: needs ᾱ > 0 at every visited step (λ = −∞ at zero terminal SNR); clamp ᾱ_T "
                          "as diffusers does (2**-24) or use sampler='ddim'")

@@ -120,8 +120,9 @@ def tables(name: str, ts: Timesteps, nested_noise: bool = False, **options) -> S
             elif name == "heun":   # Euler to x̃ at σ_{i+1}, then the trapezoid from the carried x̂_i
                 dt = s_next - sh
                 first.coef = _euler(sh, s_next)
-                rows += [first, _Row(s_next, i + 1 if i + 1 < n else None, {"x_carry": 1 + dt / (2 * sh), "x0_prev": -dt / (2 * sh),
-                                                     "x": dt / (2 * s_next), "0": -dt / (2 * s_next)})]
+                grid = i + 1 if i + 1 < n else None   # σ_n is not a listed step's σ
+                rows += [first, _Row(s_next, grid, {"x_carry": 1 + dt / (2 * sh), "x0_prev": -dt / (2 * sh),
+                                                    "x": dt / (2 * s_next), "0": -dt / (2 * s_next)})]
             else:                  # dpm_2: derivative at the log-midpoint
                 sm = math.exp(math.log(sh) + 0.5 * (math.log(s_next) - math.log(sh)))
                 dt = s_next - sh
@@ -234,7 +235,8 @@ def dpm_fast_tables(ts: Timesteps, nfe=None, eta: float = 0.0, s_noise: float = 
 
     - order 1: ``x' = x − σ' (e^h − 1) ε_0``;
     - order 2: ``u_1 = x − σ(s_1)(e^{r_1 h} − 1) ε_0``, ``x' = x − σ'(e^h − 1) ε_0 − σ'/(2 r_1) (e^h − 1)(ε_1 − ε_0)``;
-    - order 3: ``u_1`` as above, ``u_2 = x − σ(s_2)(e^{r_2 h} − 1) ε_0 − σ(s_2) (r_2/r_1) ((e^{r_2 h} − 1)/(r_2 h) − 1)(ε_1 − ε_0)``,
+    - order 3: ``u_1`` as above,
+      ``u_2 = x − σ(s_2)(e^{r_2 h} − 1) ε_0 − σ(s_2) (r_2/r_1) ((e^{r_2 h} − 1)/(r_2 h) − 1)(ε_1 − ε_0)``,
       ``x' = x − σ'(e^h − 1) ε_0 − σ'/r_2 ((e^h − 1)/h − 1)(ε_2 − ε_0)``.
 
     With ``eta > 0`` each step goes to ``σ_down`` (k-diffusion's ancestral split, capped at σ_min)
