@@ -412,7 +412,7 @@ def test_dpm_adaptive_error_falls_with_the_order_of_its_solution(order, rtols):
     """DPM-Solver-23 / -12 with error-per-step control: steps of size h ~ tol^(1/order) (the
     embedded estimate is O(h^order)), the propagated solution's global error O(h^order), so
     error ~ nfe^(−order) or faster (local extrapolation) as the tolerance shrinks."""
-    from gradguide.samplers.adaptive import sample_dpm_adaptive
+    from gradguide.adaptive import sample_dpm_adaptive
     x0, ref = ode_reference()
     schedule = _SigmaIsT(gg.Schedule.linear(1000).alphas_cumprod)
     nfes, errors = [], []

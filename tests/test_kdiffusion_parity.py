@@ -284,7 +284,7 @@ def test_dpm_fast_matches_kdiffusion(nfe, eta):
 @pytest.mark.parametrize("order,eta", [(3, 0.0), (2, 0.0), (3, 0.5)])
 def test_dpm_adaptive_matches_kdiffusion(order, eta):
     """sample_dpm_adaptive: the same accepted and rejected steps, evaluations and output."""
-    from gradguide.samplers.adaptive import sample_dpm_adaptive
+    from gradguide.adaptive import sample_dpm_adaptive
     K = load_kdiffusion_sampling()
     lo, hi = 0.05, 60.0
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)

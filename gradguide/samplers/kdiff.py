@@ -229,7 +229,7 @@ def dpm_fast_tables(ts: Timesteps, nfe=None, eta: float = 0.0, s_noise: float = 
     al. 2022, the noise-prediction singlestep solvers of orders 3, 2, 1) with ``nfe = n`` model
     evaluations on steps uniform in ``t = −log σ`` from σ_max to σ_min, the listed σ's being
     exactly ``[σ_max, σ_min]``. ``orders`` (instead of ``nfe``): the orders of the steps, e.g.
-    ``(3,)`` for one DPM-Solver-3 step (what :func:`gradguide.samplers.adaptive.sample_dpm_adaptive`
+    ``(3,)`` for one DPM-Solver-3 step (what :func:`gradguide.adaptive.sample_dpm_adaptive`
     attempts). Per step of order k (``r_1 = 1/3, r_2 = 2/3`` for k = 3,
     ``r_1 = 1/2`` for k = 2), with ``ε_j`` the model's ε at the j-th stage point ``s_j = t + r_j h``:
 

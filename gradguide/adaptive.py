@@ -1,5 +1,6 @@
 """DPM-Solver-12 / -23 with adaptive step size (Lu et al. 2022, §4; k-diffusion's
-``sample_dpm_adaptive``), driven from the host.
+``sample_dpm_adaptive``), driven from the host: a loop over :func:`gradguide.sample` calls (it sits above the sampling
+loop, not in :mod:`gradguide.samplers`, whose tables the loop reads).
 
 Each attempted step from ``t = −log σ`` to ``t + h`` is one :func:`gradguide.sample` call of the
 ``dpm_fast`` tables with a single step of order 3 (order 2 for ``order=2``): a LinComb step, so
@@ -21,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from .kdiff import ancestral_step
+from .samplers.kdiff import ancestral_step
 
 
 class PIDStepSizeController:
@@ -113,7 +114,7 @@ def sample_dpm_adaptive(model, shape, *, schedule, sigma_min: float, sigma_max: 
 
 def _attempt(model, shape, schedule, s_from, s_to, x, records, sample_kwargs):
     """One DPM-Solver step of the schedule's order from σ-space ``x`` at ``s_from`` to ``s_to``."""
-    from ..sampling import sample
+    from .sampling import sample
     return sample(model, shape, schedule=schedule, sampler="dpm_fast", sigmas=[s_from, s_to], x_T=x / s_from,
                   callback=records.append, **sample_kwargs)
 
