@@ -36,7 +36,7 @@ from ``sigmas=`` carry it).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -44,7 +44,7 @@ import torch
 from ..schedules import Timesteps
 from . import SamplerTables, common_tables
 
-SAMPLERS = ("dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde")
+SAMPLERS = ("dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde")   # and euler/heun with churn, dpm_fast
 SLOTS = ("x0_prev", "x_carry")
 
 
@@ -55,7 +55,6 @@ class _Row:
     coef: Dict[str, float]             # σ-space weights of "x", "0", "x0_prev", "x_carry"
     noise: float = 0.0                 # σ-space weight of z in the output
     noise_sigmas: Tuple[float, float] = (0.0, 0.0)
-    extra: dict = field(default_factory=dict)
 
 
 def _number(name: str, key: str, value, low: float = 0.0) -> float:
