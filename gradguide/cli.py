@@ -1,7 +1,8 @@
 """The ``gradguide`` command line: ``gradguide demo | info`` (more subcommands per module).
 
 Each subcommand is registered by a ``register(subparsers)`` function next to the code it
-runs, so this file only wires them together.
+runs, so this file only wires them together. The rules every subcommand follows (where files
+go, ``--force``, one-line errors, progress bars) are in :data:`RULES`, printed by ``--help``.
 """
 from __future__ import annotations
 
@@ -10,7 +11,23 @@ import os
 import sys
 from typing import List, Optional
 
+from .tools import outputs
+
 DEBUG_ENV = "GRADGUIDE_DEBUG"
+
+RULES = """\
+outputs: every command writes under the working directory (or --out / --json / --plot ...), never
+into the installed gradguide package (its shipped weights are only read), and never over an
+existing file: it refuses before running, naming the file, unless given --force. `sample` and
+`sweep-digits` resume into their own run folder (finished files are kept, not rewritten).
+errors: a user error or a missing optional dependency is one line (the latter names the extra:
+pip install "gradguide[diffusers]", "gradguide[digits]", ...) and a non-zero exit; --debug shows
+the traceback. progress bars go to stderr only when it is a terminal; --no-progress turns them off.
+"""
+
+# subcommands that write files: they take --force (see RULES)
+WRITES_FILES = ("demo", "optimize", "train-sim", "bench", "train-digits", "evaluate", "sweep-digits", "profile",
+                "dryrun", "check-kernels")
 
 
 def _sampler_names():
@@ -39,19 +56,30 @@ def _register_demo(sub) -> None:
                    help="optimize: rounds of Algorithm 1 (Algorithm 2 runs 1.2x; default 100, --full 1000)")
     p.add_argument("--ft-lr", type=float, default=None,
                    help="optimize: fine-tuning lr (default 1e-4 for the demo, 1e-5 with --full)")
+    p.add_argument("--no-progress", action="store_true", help="optimize: no progress bar")
     p.set_defaults(func=_demo)
+
+
+def _claim_demo_outputs(args) -> None:
+    """The demo's plot (default name per example) and JSON: checked before it runs."""
+    if args.plot is None:
+        args.plot = "gradguide-demo-optimize.png" if args.example == "optimize" else "gradguide-demo.png"
+    outputs.claim(args.plot, option="--plot")
+    if args.json:
+        outputs.claim(args.json, option="--json")
 
 
 def _demo(args) -> int:
     if args.example == "optimize":
         from .experiments import demo_optimize
-        return demo_optimize.run_cli(args)
+        return demo_optimize.run_cli(args, before=_claim_demo_outputs)
     from .experiments import demo_mixture
     steps = 100 if args.steps is None else args.steps
     if args.n < 1 or steps < 1:
         raise SystemExit("gradguide demo: --n and --steps must be positive")
+    _claim_demo_outputs(args)
     demo_mixture.run(n=args.n, steps=steps, sampler=args.sampler, seed=0 if args.seed is None else args.seed,
-                     plot=args.plot or "gradguide-demo.png", json_path=args.json)
+                     plot=args.plot, json_path=args.json)
     return 0
 
 
@@ -123,6 +151,8 @@ def _register_sample(sub) -> None:
 
 def _sample(args) -> int:
     from .tools import sharded
+    if outputs.inside_package(args.out):   # a resumable folder: only the package rule applies
+        outputs.claim(args.out)
     return sharded.main(args)
 
 
@@ -167,6 +197,8 @@ def _register_bench(sub) -> None:
     p.add_argument("--backends", default=None,
                    help="comma-separated subset of reference,compile,native,triton (default: all available)")
     p.add_argument("--note", default="", help="a line added to the markdown (e.g. 'shared 2-core CPU')")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (bars are off anyway when stderr is not a terminal)")
     _register_bench_loop(p)
     p.set_defaults(func=_bench)
 
@@ -212,9 +244,13 @@ def _bench(args) -> int:
     if unknown:
         raise SystemExit(f"gradguide bench: --backends: unknown {sorted(unknown)}; "
                          "expected reference, compile, native, triton")
-    result = bench.run(quick=args.quick, device=args.device, dtype=getattr(torch, args.dtype), backends=backends)
     from .bench import meta
-    return meta.print_report(bench.write(result, args.out, note=args.note), bench.markdown(result, args.note))
+    meta.claim_report(args.out, bench.stem("ops", meta.device_type(args.device), args.quick, meta.today()))
+    result = bench.run(quick=args.quick, device=args.device, dtype=getattr(torch, args.dtype), backends=backends,
+                       progress=not args.no_progress)
+    status = meta.print_report(bench.write(result, args.out, note=args.note), bench.markdown(result, args.note))
+    meta.warn_unstable("gradguide bench", result["unstable_rows"], result["timed_rows"])
+    return status
 
 
 def _register_profile(sub) -> None:
@@ -242,7 +278,8 @@ def _register_check_kernels(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gradguide", description="Fast guided sampling for diffusion models.")
+    parser = argparse.ArgumentParser(prog="gradguide", description="Fast guided sampling for diffusion models.",
+                                     epilog=RULES, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--debug", action="store_true",
                         help=f"show the full traceback of an error instead of one line (or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -256,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     _register_profile(sub)
     _register_dryrun(sub)
     _register_check_kernels(sub)
+    for name in WRITES_FILES:
+        p = sub.choices[name]
+        p.add_argument("--force", action="store_true",
+                       help="overwrite existing output files (default: refuse, naming the file; never writes into "
+                            "the installed package)")
+        p.epilog, p.formatter_class = RULES, argparse.RawDescriptionHelpFormatter
     return parser
 
 
@@ -273,10 +316,17 @@ def error_line(exc: BaseException) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .tools import extras
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     try:
-        return args.func(args)
+        with outputs.guard(force=getattr(args, "force", False)):
+            return args.func(args)
+    except ImportError as exc:   # a missing optional dependency: one line naming the extra
+        line = extras.describe(exc)
+        if debug or line is None:
+            raise
+        raise SystemExit(f"gradguide {args.command}: error: {line}") from None
     except (ValueError, TypeError, OSError) as exc:  # user errors (bad input, unwritable output): one line
         if debug:
             raise

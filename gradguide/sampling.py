@@ -102,13 +102,16 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     """Draw samples from a diffusion model with guidance.
 
     ``model(x_t, t, **cond)`` returns the model's prediction (``prediction``: ``"eps"``,
-    ``"x0"`` or ``"v"``; with ``variance="learned-range"`` twice the channels, ADM style);
+    ``"x0"``, ``"v"`` or ``"flow"``, a flow-matching velocity called on ``x_σ`` at the σ timesteps
+    of a :class:`~gradguide.FlowSchedule`, docs/flow.md; with ``variance="learned-range"`` twice the
+    channels, ADM style);
     ``t`` is an int64 ``[B]`` tensor of original training timesteps (0-based), or float64 where
     a σ-space schedule falls between them (``sigmas=``, diffusers' Euler/Heun/LMS timesteps).
 
     ``sampler``: ``"ddpm"``, ``"ddim"`` (with ``eta``), ``"dpmpp-2m"``, ``"dpmpp-2m-sde"``,
     ``"dpmpp-3m-sde"``, ``"euler"``, ``"euler_a"``, ``"heun"``, ``"dpm_2"``, ``"dpm_2_ancestral"``,
-    ``"dpmpp_2s_ancestral"``, ``"dpmpp_sde"``, ``"dpm_fast"``, ``"lms"``, ``"plms"`` or ``"unipc"``
+    ``"dpmpp_2s_ancestral"``, ``"dpmpp_sde"``, ``"dpm_fast"``, ``"lms"``, ``"plms"``, ``"unipc"``, or the
+    flow-matching ``"flow-euler"``, ``"flow-heun"``, ``"flow-lcm"``
     (:mod:`gradguide.samplers`, docs/samplers.md); default
     ``schedule.suggested_sampler`` (``"ddpm"`` for a plain :class:`Schedule`; the matching
     sampler for a diffusers scheduler). ``steps``: ``None``
@@ -133,7 +136,8 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     re-noises with: ``"clipped"`` (default; consistent with the clipped x̂_0, as GLIDE/ADM and
     diffusers' ``use_clipped_model_output=True``) or ``"model"`` (the unclipped one, diffusers'
     DDIM default; meant for DDIM). ``backend``: ops backend.
-    ``callback(record)``: called after every step with a :class:`StepRecord`; ``telemetry``:
+    ``callback(record)``: called after every step with a :class:`StepRecord`; a tensor it returns
+    replaces ``x_(t-1)`` (what diffusers' ``callback_on_step_end`` does with returned latents); ``telemetry``:
     fill in the PixelAsParam conflict telemetry even without a projection.
     ``graph``: ``True`` captures the step as a CUDA graph and replays it (CUDA only; on CPU a
     one-line notice, then eager); a :class:`~gradguide.graphs.GraphCache` keeps captures across calls.
@@ -185,7 +189,12 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
                              f"the guided update overflowed{_range_hint(run.dtype)} or a guidance term "
                              "returned NaN/inf")
         if callback is not None:
-            callback(record)
+            replaced = callback(record)
+            if replaced is not None:   # a tensor returned by the callback is the x_(t-1) the next step starts from
+                if not isinstance(replaced, torch.Tensor) or tuple(replaced.shape) != tuple(x.shape):
+                    raise TypeError(f"callback: returned {type(replaced).__name__}; expected None or a tensor of "
+                                    f"shape {tuple(x.shape)} (the x_(t-1) to continue from)")
+                x = replaced.to(device=x.device, dtype=x.dtype)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -449,7 +458,8 @@ def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Di
     t = run.timesteps_dev.index_select(0, idx).expand(run.shape[0])
     x_input = x.detach().requires_grad_(True) if run.needs_input_grad else x
     model_input = x_input if run.needs_model_grad else x.detach()
-    out_c, out_u, _, _ = _model_branches(run, model_input, t)
+    scale = _flow_scale(run, column)
+    out_c, out_u, _, _ = _model_branches(run, model_input if scale is None else model_input * scale, t)
     tensors = {"x": x.detach(), "model_cond": out_c.detach()}
     if out_u is not None:
         tensors["model_uncond"] = out_u.detach()
@@ -457,7 +467,8 @@ def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Di
         tensors["noise"] = noise
     if run.score_terms or run.mean_terms:
         ctx = StepContext(ops=Operands(x, backend=run.backend), index=i, t=t, scalars={}, cond=run.cond, x=None,
-                          x_input=x_input, state=state, sampler=run.tables.name, prediction=run.prediction)
+                          x_input=x_input, state=state, sampler=run.tables.name, prediction=run.prediction,
+                          input_scale=scale)
         for j, term in enumerate(run.score_terms):
             if isinstance(term, stepplan.LookAhead):   # ∇(gᵀx̂_0) = c_x g + c_o Jᵀg: ask autograd for Jᵀg
                 (tensors["model_vjp"],) = torch.autograd.grad(out_c, x_input, grad_outputs=term.grad)
@@ -483,11 +494,12 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     model_input = x_input if run.needs_model_grad else x.detach()
     tracked = {"x": x_input}
     X = ops_.add("x", x.detach())
+    scale = _flow_scale(run, column)
     ctx = StepContext(ops=ops_, index=i, t=t, scalars=scalars, cond=run.cond, x=X, x_input=x_input,
-                      state=state, sampler=run.tables.name, prediction=run.prediction)
+                      state=state, sampler=run.tables.name, prediction=run.prediction, input_scale=scale)
 
     # model branches -> ε forms
-    out_c, out_u, log_var, log_var_u = _model_branches(run, model_input, t)
+    out_c, out_u, log_var, log_var_u = _model_branches(run, model_input if scale is None else model_input * scale, t)
     ctx.learned_log_var = _learned_log_var(run, log_var, scalars)
     eps_c = _eps_form(run, ctx, ops_.add("model_cond", out_c.detach()), X)
     tracked["model_cond"] = out_c
@@ -562,6 +574,14 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
         record = StepRecord(index=i, timestep=run.timestep_list[i], x=x_new, x0=x0_tensor,
                             telemetry=telemetry, backend=run.backend)
     return x_new, new_state, record
+
+
+def _flow_scale(run: _Run, column: torch.Tensor) -> Optional[torch.Tensor]:
+    """A flow model's input scale ``x_σ = x/(√ᾱ + √(1−ᾱ))`` at this step (0-d, on the device), else None."""
+    if run.prediction != "flow":
+        return None
+    j = run.table_index["flow_in"]
+    return column[j]   # a 0-d float64 factor keeps x's dtype under type promotion
 
 
 def _carried(run: _Run, ops_: Operands, state: Dict[str, torch.Tensor], scalars) -> Optional[LinComb]:
@@ -736,7 +756,7 @@ def _progress(n: int, enabled: bool):
     if not enabled:
         return None
     from tqdm.auto import tqdm
-    return tqdm(total=n, desc="sampling", unit="step")
+    return tqdm(total=n, desc="sampling", unit="step", disable=None)  # None: off when stderr is not a terminal
 
 
 # -- validation -----------------------------------------------------------------------------
@@ -802,6 +822,7 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     if timesteps.abar[0] == 0 and prediction == "eps":
         raise ValueError("prediction='eps' cannot start at ᾱ = 0 (zero terminal SNR): x̂_0 = (x − √(1−ᾱ) ε)/√ᾱ is "
                          "undefined there; zero-terminal-SNR schedules need a v- or x0-prediction model (Lin et al. 2024)")
+    _check_flow(schedule, prediction)
     options = dict((getattr(schedule, "sampler_options", None) or {}).get(sampler, {}))
     if sampler != "ddim" and eta != 0.0:
         raise ValueError(f"eta: only the DDIM sampler takes eta from sample(), got eta={eta} with sampler={sampler!r}; "
@@ -879,6 +900,18 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     elif batch_branches not in ("auto", True, False):
         raise ValueError(f"batch_branches: expected 'auto', True or False, got {batch_branches!r}")
     return run
+
+
+def _check_flow(schedule: Schedule, prediction: str) -> None:
+    """A flow model needs σ timesteps and a σ schedule needs a flow model (docs/flow.md)."""
+    from .schedules import FlowSchedule
+    flow_schedule = isinstance(schedule, FlowSchedule)
+    if prediction == "flow" and not flow_schedule:
+        raise ValueError("prediction='flow' needs a gradguide.FlowSchedule (σ timesteps and the model's timestep "
+                         f"convention), got {type(schedule).__name__}")
+    if flow_schedule and prediction != "flow":
+        raise ValueError(f"prediction={prediction!r}: a FlowSchedule drives flow-matching (velocity) models; use "
+                         "prediction='flow' (or leave it unset)")
 
 
 def _check_device(device, allow_meta: bool = False) -> torch.device:

@@ -21,8 +21,8 @@ clipped x̂_0 and a small clipped difference (a guidance shift; policy C's branc
 Built-in programs (anything else takes the general path, which stays the truth the fused
 path is tested against in tests/test_fused_step.py):
 
-- samplers DDPM and DDIM (samplers that carry state between steps — multistep, Heun, UniPC,
-  PLMS — take the general path); ε, x0 and v predictions; fixed variances;
+- samplers DDPM, DDIM, flow-euler and flow-lcm (samplers that carry state between steps — multistep, Heun, UniPC,
+  PLMS — take the general path); ε, x0, v and flow predictions; fixed variances;
 - guidance: none, :class:`~gradguide.CFG`, :class:`~gradguide.APG` (no momentum),
   :class:`~gradguide.Classifier` (mean or score form, any number), one
   :class:`~gradguide.LookAhead` alone (no clipping);
@@ -78,7 +78,7 @@ class StepPlan:
 
 def unsupported(run) -> Optional[str]:
     """Why ``run``'s step is not a built-in program (``None`` if it is)."""
-    if run.tables.name not in ("ddpm", "ddim") or run.tables.slots:
+    if run.tables.name not in ("ddpm", "ddim", "flow-euler", "flow-lcm") or run.tables.slots:
         return f"sampler {run.tables.name!r} (carried state or not a built-in program)"
     if run.tables.learned_variance or run.variance_channels:
         return "learned-range variance"

@@ -52,9 +52,11 @@ def test_cli_writes_results(tmp_path, one_thread, capsys):
     md = js.with_suffix(".md").read_text()
     assert "| cheap | 3×8×8 | 3 | CFG 7.5 |" in md and "test run" in md and "torch " in md
     assert "| fused |" in md and "like with like" in md
-    # a second run on the same date gets the next letter; the first results stay
-    again = peers.write(data, str(tmp_path))
-    assert [p.rsplit("/", 1)[1] for p in again] == [js.stem + "b.json", js.stem + "b.md"]
+    assert "| spread |" in md and all(r["spread"] is None and not r["unstable"] for r in data["rows"])  # one rep
+    # a second run on the same date is refused before it runs (no --force); the first results stay
+    with pytest.raises(SystemExit, match=f"{js.name} exists; pass --force"):
+        cli.main(["bench", "--suite", "peers", "--quick", "--sizes", "px-b3", "--workloads", "cheap", "--reps", "1",
+                  "--out", str(tmp_path)])
     assert json.loads(js.read_text()) == data
 
 

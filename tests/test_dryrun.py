@@ -176,7 +176,9 @@ def test_cli(tmp_path, capsys):
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) == 2 and files[0].startswith("dryrun-quick-") and files[0].endswith(".json")
     assert "| sim-gloss (quick) | meta | triton |" in capsys.readouterr().out
-    assert main(["dryrun", "--from-json", str(tmp_path / files[0])]) == 0      # re-render, no run
+    with pytest.raises(SystemExit, match=r"\.md exists; pass --force"):      # the markdown is kept...
+        main(["dryrun", "--from-json", str(tmp_path / files[0])])
+    assert main(["dryrun", "--from-json", str(tmp_path / files[0]), "--force"]) == 0   # ...or re-rendered, no run
     assert "| sim-gloss (quick) | meta | triton |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--workload: unknown"):
         main(["dryrun", "--workload", "sdxl", "--out", str(tmp_path)])

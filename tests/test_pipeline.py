@@ -224,4 +224,4 @@ def test_pipeline_errors(components):
     with pytest.raises(TypeError, match="guidance\\[0\\]"):
         pipe("a cat", guidance=[object()], progress=False)
     with pytest.raises(ValueError, match="clip_skip"):
-        pipe("a cat", clip_skip=1, progress=False)
+        pipe("a cat", clip_skip=1.5, progress=False)

@@ -422,7 +422,8 @@ def compile_all(archs=ARCHS, subset: str = "all", progress: bool = True) -> List
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(todo), desc="compiling kernels", unit="variant", file=sys.stderr)
+        bar = tqdm(total=len(todo), desc="compiling kernels", unit="variant", file=sys.stderr,
+                   disable=None)  # None: off when stderr is not a terminal
     rows, seen = [], set()
     for arch, v in todo:
         with compiling_for(arch) as records:
@@ -559,6 +560,11 @@ def run_cli(args) -> int:
     for a in archs:
         if a not in SM:
             raise SystemExit(f"--arch: expected compute capabilities in {tuple(SM)}, got {a}")
+    from ..tools import outputs
+    if args.json:   # refused before compiling, not after
+        outputs.claim(args.json, option="--json")
+    if args.markdown_dir:
+        outputs.claim(*(str(Path(args.markdown_dir) / f"kernels-sm{a}.md") for a in archs), option="--markdown-dir")
     result = run(archs, args.subset, progress=not args.no_progress)
     if not args.no_nvcc:
         result["nvcc"] = nvcc_gate(archs)

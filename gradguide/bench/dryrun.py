@@ -832,7 +832,7 @@ def run_all_combinations(backend: str = "auto", progress: bool = True, graph: bo
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(combos), desc="dry run: combinations", unit="combo")
+        bar = tqdm(total=len(combos), desc="dry run: combinations", unit="combo", disable=None)  # off on a non-tty
     out = []
     for s, g, p in combos:
         out.append(run_combination(s, g, p, backend=backend, graph=graph))
@@ -916,6 +916,8 @@ def markdown(report: dict) -> str:
              + ", …). Bytes: tensors with at least as many elements as x_t, read + written. Minimum: each operand "
              "read once per pass that needs it, each output written once (gradguide.bench.dryrun.minimum_bytes). "
              "Memory: weights + peak live tensor bytes of the step + graph static buffers.", ""]
+    for name, why in (report.get("skipped_workloads") or {}).items():
+        lines += [f"Skipped workload `{name}`: {why}.", ""]
     if report.get("workloads"):
         lines += ["## Paper workloads (one guided step)", "",
                   "| workload | fake device | backend | launches: model | launches beyond the model (eager) | "
@@ -976,7 +978,7 @@ def build_report(workloads=PAPER, combinations: bool = True, quick: bool = False
     bar = None
     if progress and workloads:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(workloads), desc="dry run: workloads", unit="workload")
+        bar = tqdm(total=len(workloads), desc="dry run: workloads", unit="workload", disable=None)  # off on a non-tty
     checks = set()
     for name in workloads:
         r = run_workload(name, quick=quick, backend=backend)
@@ -1003,15 +1005,19 @@ def build_report(workloads=PAPER, combinations: bool = True, quick: bool = False
     return report
 
 
+def stem(quick: bool, date: str) -> str:
+    return f"dryrun-{'quick-' if quick else ''}{date[:10]}"
+
+
 def write(report: dict, out_dir: str) -> List[str]:
     from . import meta
-    return meta.write_report(out_dir, f"dryrun-{'quick-' if report['quick'] else ''}{report['date'][:10]}", report,
-                             markdown(report), indent=1)
+    return meta.write_report(out_dir, stem(report["quick"], report["date"]), report, markdown(report), indent=1)
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--workload", default=",".join(PAPER),
-                   help=f"comma-separated workloads of the bench harness, or 'none' (default: {','.join(PAPER)})")
+    p.add_argument("--workload", default=None,
+                   help=f"comma-separated workloads of the bench harness, or 'none' (default: {','.join(PAPER)}; "
+                        "without diffusers installed, those that need it are skipped with a notice)")
     p.add_argument("--no-combinations", action="store_true",
                    help="skip the sampler x guidance x projection sweep (default: run it)")
     p.add_argument("--quick", action="store_true", help="the workloads' tiny configurations (seconds; for CI)")
@@ -1020,19 +1026,44 @@ def add_arguments(p) -> None:
                         "else reference), triton, native or reference")
     p.add_argument("--out", default="benchmarks/results", help="folder for dryrun-*.json/.md (default benchmarks/results)")
     p.add_argument("--write-docs", action="store_true",
-                   help="also regenerate the projection table in docs/performance.md")
+                   help="also regenerate the projection table in docs/performance.md (this option is the permission "
+                        "to rewrite that file's generated block; the rest of the file is kept)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--from-json", default=None,
                    help="re-render a saved report (dryrun-*.json: rewrites the .md next to it; with --write-docs "
                         "also the docs) instead of running")
 
 
+def default_workloads(log=None) -> tuple:
+    """``(workloads, skipped)``: :data:`PAPER`, less those that need diffusers where it does not
+    import (``skipped``: name -> reason; ``log`` gets one line naming them)."""
+    from gradguide.tools import extras
+    bench = _load_bench()
+    why = extras.unavailable("diffusers") if any(bench.needs_diffusers(w) for w in PAPER) else None
+    if why is None:
+        return list(PAPER), {}
+    skipped = {w: f"it builds diffusers modules, and {why}" for w in PAPER if bench.needs_diffusers(w)}
+    if log is not None:
+        log(f"gradguide dryrun: skipping {', '.join(skipped)} (they build diffusers modules): {why}")
+    return [w for w in PAPER if w not in skipped], skipped
+
+
 def run_cli(args) -> int:
     import sys
+
+    from gradguide.bench import meta
+    from gradguide.tools import outputs
     if args.backend not in ops.BACKENDS:
         raise SystemExit(f"gradguide dryrun: --backend: expected one of {ops.BACKENDS}, got {args.backend!r}")
-    workloads = [] if args.workload == "none" else [w for w in args.workload.split(",") if w]
     bench = _load_bench()
+    skipped = {}
+    if args.workload is None:
+        if args.from_json:
+            workloads = []
+        else:
+            workloads, skipped = default_workloads(log=lambda line: print(line, file=sys.stderr))
+    else:
+        workloads = [] if args.workload == "none" else [w for w in args.workload.split(",") if w]
     unknown = [w for w in workloads if w not in bench.ALL_WORKLOADS]
     if unknown:
         raise SystemExit(f"gradguide dryrun: --workload: unknown {unknown}; expected some of "
@@ -1041,6 +1072,7 @@ def run_cli(args) -> int:
         with open(args.from_json) as f:
             report = json.load(f)
         if args.from_json.endswith(".json"):   # the markdown next to it follows the current renderer
+            outputs.claim(args.from_json[:-5] + ".md", option="--from-json")
             with open(args.from_json[:-5] + ".md", "w") as f:
                 f.write(markdown(report))
         if args.write_docs:
@@ -1048,8 +1080,10 @@ def run_cli(args) -> int:
         print(markdown(report))
         return 0
     command = "gradguide " + " ".join(sys.argv[1:]) if sys.argv and "dryrun" in sys.argv else "gradguide dryrun"
+    meta.claim_report(args.out, stem(args.quick, meta.today()))   # refused before the run, not after
     report = build_report(workloads, combinations=not args.no_combinations, quick=args.quick, backend=args.backend,
                           progress=not args.no_progress, command=command)
+    report["skipped_workloads"] = skipped
     for path in write(report, args.out):
         print(path)
     if args.write_docs:

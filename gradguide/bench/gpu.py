@@ -81,13 +81,17 @@ def graph_vs_eager(bench, names, dev, quick: bool, reps: int, seed: int = 0) -> 
             t_eager = timed_passes(lambda: one(False), dev, reps)
             t_graph = timed_passes(lambda: one(cache), dev, reps)
         diff = (eager - graphed).abs().max().item()
+        spreads = {"eager": meta.spread(t_eager), "graph": meta.spread(t_graph)}
         rtol = 1e-5 if eager.dtype == torch.float32 else 1e-2
         rows.append({"workload": name, "shape": list(w.shape), "steps": w.steps, "max_abs_diff": diff,
                      "equal": bool(torch.allclose(eager, graphed, rtol=rtol, atol=rtol)),
                      "captures": cache.captures, "eager_pass_s": statistics.median(t_eager),
                      "graph_pass_s": statistics.median(t_graph),
                      "speedup": statistics.median(t_eager) / statistics.median(t_graph),
-                     "graph": "CUDA graph" if dev.type == "cuda" else "emulated (CPU plumbing test)"})
+                     "graph": "CUDA graph" if dev.type == "cuda" else "emulated (CPU plumbing test)",
+                     "eager_pass_s_all": t_eager, "graph_pass_s_all": t_graph, "spread_by_variant": spreads,
+                     "spread": max((v for v in spreads.values() if v is not None), default=None),
+                     "unstable": meta.unstable(*spreads.values())})
     return rows
 
 
@@ -134,7 +138,19 @@ def run(device: Optional[str] = None, quick: bool = False, allow_cpu: bool = Fal
                                          progress=progress)
     if "memory" in sections:
         report["memory"] = memory(bench_loop, memory_workload, dev, quick)
+    report["spread_limit"] = meta.SPREAD_LIMIT
+    report["unstable_rows"], report["timed_rows"] = _flagged(report)
     return report
+
+
+def _flagged(report: dict):
+    """(unstable rows, timed rows) over the report's sections."""
+    parts = [(b["unstable_rows"], b["timed_rows"]) for b in report.get("bandwidth", ())]
+    if "graph" in report:
+        parts.append((meta.count_unstable(report["graph"]), len(report["graph"])))
+    if "paper" in report:
+        parts.append((report["paper"]["unstable_rows"], report["paper"]["timed_rows"]))
+    return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 
 def _mib(v) -> str:
@@ -152,11 +168,14 @@ def markdown(report: dict) -> str:
             lines += ["", "## Kernel vs copy bandwidth", "", bench_ops.markdown(b)]
     if "graph" in report:
         lines += ["", "## Graph replay vs eager (same seed)", "",
-                  "| workload | steps | graph | equal | max abs diff | captures | eager pass s | graph pass s | speedup |",
-                  "|---|---:|---|---|---:|---:|---:|---:|---:|"]
+                  f"{meta.spread_note(report.get('spread_limit', meta.SPREAD_LIMIT))}", "",
+                  "| workload | steps | graph | equal | max abs diff | captures | eager pass s | graph pass s | speedup | "
+                  "spread |",
+                  "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
         for r in report["graph"]:
             lines.append(f"| {r['workload']} | {r['steps']} | {r['graph']} | {r['equal']} | {r['max_abs_diff']:.2e} | "
-                         f"{r['captures']} | {r['eager_pass_s']:.4f} | {r['graph_pass_s']:.4f} | {r['speedup']:.2f}x |")
+                         f"{r['captures']} | {r['eager_pass_s']:.4f} | {r['graph_pass_s']:.4f} | {r['speedup']:.2f}x | "
+                         f"{meta.spread_cell(r)} |")
     if "paper" in report:
         from gradguide.bench import loop as bench_loop
         lines += ["", "## Paper workloads", "", bench_loop.markdown(report["paper"])]
@@ -175,17 +194,26 @@ def markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def stem(device_type: str, quick: bool, date: str) -> str:
+    kind = device_type if device_type == "cuda" else "cpu-plumbing"
+    return f"gpu-{kind}-{'quick-' if quick else ''}{date[:10]}"
+
+
 def write(report: dict, out_dir: str) -> List[str]:
-    kind = report["device_type"] if not report["plumbing_test"] else "cpu-plumbing"
-    stem = f"gpu-{kind}-{'quick-' if report['quick'] else ''}{report['date'][:10]}"
-    return meta.write_report(out_dir, stem, report, markdown(report), indent=1)
+    return meta.write_report(out_dir, stem(report["device_type"], report["quick"], report["date"]), report,
+                             markdown(report), indent=1)
 
 
 def run_cli(args) -> int:
     """``gradguide bench --suite gpu`` (arguments from gradguide/cli.py)."""
     try:
+        dev = _device(args.allow_cpu, args.device)   # refuse a GPU-less machine before anything else
+        meta.claim_report(args.out, stem(dev.type, args.quick, meta.today()))
         report = run(device=args.device, quick=args.quick, allow_cpu=args.allow_cpu, reps=args.reps,
-                     paper_workloads=args.workloads.split(",") if args.workloads else None)
+                     paper_workloads=args.workloads.split(",") if args.workloads else None,
+                     progress=not getattr(args, "no_progress", False))
     except GPURequired as exc:
         raise SystemExit(f"gradguide bench --suite gpu: {exc}") from None
-    return meta.print_report(write(report, args.out), markdown(report))
+    status = meta.print_report(write(report, args.out), markdown(report))
+    meta.warn_unstable("gradguide bench --suite gpu", report["unstable_rows"], report["timed_rows"])
+    return status

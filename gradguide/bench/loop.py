@@ -425,6 +425,11 @@ def _loop(name, quick, device, seed):
     return Workload(name, net, shape, steps, fixed, per_pass, config, _count(net))
 
 
+def needs_diffusers(name: str) -> bool:
+    """Whether workload ``name`` builds diffusers modules (the SD and ADM U-Nets, the VAE)."""
+    return name.startswith(("sd", "adm"))
+
+
 def build_workload(name: str, quick: bool = False, device="cpu", seed: int = 0,
                    dtype: Optional[torch.dtype] = None) -> Workload:
     """Build workload ``name`` (see the module doc). ``dtype``: the U-Nets' weights for the SD
@@ -606,16 +611,20 @@ def run(suite: str = "paper", quick: bool = False, device: Optional[str] = None,
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(names) * len(variants), desc=f"bench {suite}", unit="row")
+        bar = tqdm(total=len(names) * len(variants), desc=f"bench {suite}", unit="row",
+                   disable=None)  # None: off when stderr is not a terminal
     for name in names:
         w = build_workload(name, quick=quick, device=dev, seed=seed, dtype=dtype)
-        eager = None
+        eager = eager_spread = None
         for variant in variants:
             if bar is not None:
                 bar.set_postfix_str(f"{name} {variant}")
             row = _run_variant(w, variant, dev, reps, seed, progress)
-            if variant == "eager" and row["status"] == "ok":
-                eager = row["pass_s"]
+            if row["status"] == "ok":
+                row["spread"] = meta.spread(row["pass_s_all"])
+                if variant == "eager":
+                    eager, eager_spread = row["pass_s"], row["spread"]
+                row["unstable"] = meta.unstable(row["spread"], eager_spread if eager else None)
             row["speedup_vs_eager"] = eager / row["pass_s"] if eager and row["status"] == "ok" else None
             rows.append(row)
             if bar is not None:
@@ -628,7 +637,8 @@ def run(suite: str = "paper", quick: bool = False, device: Optional[str] = None,
     return dict(run_header(dev), suite=suite, quick=quick, reps=reps, seed=seed,
                 timer="CUDA events" if dev.type == "cuda" else "time.perf_counter",
                 paper={"pass_s": PAPER_PASS_S, "run_min": PAPER_RUN_MIN, "rounds": PAPER_ROUNDS},
-                variants=variants, rows=rows)
+                variants=variants, rows=rows, spread_limit=meta.SPREAD_LIMIT, unstable_rows=meta.count_unstable(rows),
+                timed_rows=sum(1 for r in rows if r["status"] == "ok"))
 
 
 def _mb(value) -> str:
@@ -644,7 +654,8 @@ def markdown(result: dict, note: str = "") -> str:
              f"({result['timer']}) after one warm-up pass; per-step median from one pass timed by a callback "
              "(first step left out)",
              "- variants: eager = backend 'reference'; fused = backend 'auto' (Triton on CUDA, native on CPU); "
-             "fused+graph = 'auto' + graph=GraphCache(); compile = 'auto' + torch.compile(denoiser)"]
+             "fused+graph = 'auto' + graph=GraphCache(); compile = 'auto' + torch.compile(denoiser)",
+             f"- {meta.spread_note(result.get('spread_limit', meta.SPREAD_LIMIT))} (one timed pass: no spread, '-')"]
     if result["device_type"] != "cuda":
         lines.append("- CPU run: fused+graph falls back to eager sampling (no CUDA graph on a CPU); the full "
                      "paper sizes (SD-1.5 at 512², ADM at 64-256²) are GPU workloads and are not run on this CPU"
@@ -655,17 +666,19 @@ def markdown(result: dict, note: str = "") -> str:
                      "with the paper's figures")
     if note:
         lines.append(f"- {note}")
+    for name, why in (result.get("skipped_workloads") or {}).items():
+        lines.append(f"- skipped workload `{name}`: {why}")
     if result["suite"] == "paper":
         lines.append(f"- paper (Guo et al. 2024, Table 1, one A100): ≈{result['paper']['pass_s']} s per guided pass "
                      f"(200 steps, B = 32), ≈{result['paper']['run_min']:.0f} min per {result['paper']['rounds']}-round "
                      "run; 'vs paper' = this pass / 4.6 s, 'run' = 1000 passes projected / 76 min")
     lines += ["", "| workload | variant | backend | B | steps | per-step ms | per-pass s | samples/s | peak memory | "
-                  "speedup vs eager | vs paper pass | 1000-round run (min, vs paper) | note |",
-              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "speedup vs eager | vs paper pass | 1000-round run (min, vs paper) | spread | note |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in result["rows"]:
         if r["status"] != "ok":
             lines.append(f"| {r['workload']} | {r['variant']} | - | {r['batch']} | {r['steps']} | - | - | - | - | - | "
-                         f"- | - | {r['note']} |")
+                         f"- | - | - | {r['note']} |")
             continue
         speed = f"{r['speedup_vs_eager']:.2f}x" if r.get("speedup_vs_eager") else "-"
         paper = f"{r['ratio_to_paper_pass']:.2f}x" if "ratio_to_paper_pass" in r else "-"
@@ -673,7 +686,7 @@ def markdown(result: dict, note: str = "") -> str:
         note = r["note"] + ("" if r.get("finite", True) else "; output not finite")
         lines.append(f"| {r['workload']} | {r['variant']} | {r['backend']} | {r['batch']} | {r['steps']} | "
                      f"{r['per_step_ms']:.2f} | {r['pass_s']:.3f} | {r['samples_per_s']:.2f} | "
-                     f"{_mb(r['peak_memory_bytes'])} | {speed} | {paper} | {run_} | {note} |")
+                     f"{_mb(r['peak_memory_bytes'])} | {speed} | {paper} | {run_} | {meta.spread_cell(r)} | {note} |")
     lines += ["", "Workload configurations:", ""]
     seen = set()
     for r in result["rows"]:
@@ -687,14 +700,37 @@ def markdown(result: dict, note: str = "") -> str:
 def write(result: dict, out_dir: str, note: str = "") -> List[str]:
     return bench_ops.write(result, out_dir, note, render=markdown)
 
+def default_workloads(suite: str, quick: bool, log=None):
+    """``(workloads, skipped)``: the suite's workloads, less those that build diffusers modules
+    where diffusers does not import (``skipped``: name -> reason; ``log`` gets one line naming
+    them and the extra to install)."""
+    from gradguide.tools import extras
+    names = list((QUICK_SUITES if quick else SUITES)[suite])
+    needs = [n for n in names if needs_diffusers(n)]
+    why = extras.unavailable("diffusers") if needs else None
+    if why is None:
+        return names, {}
+    if log is not None:
+        log(f"gradguide bench: skipping {', '.join(needs)} (they build diffusers modules): {why}")
+    return [n for n in names if n not in needs], {n: f"it builds diffusers modules, and {why}" for n in needs}
+
+
 def run_cli(args) -> int:
     """``gradguide bench --suite loop|paper`` (arguments from gradguide/cli.py)."""
+    import sys
     dtype = getattr(torch, args.model_dtype) if getattr(args, "model_dtype", None) else None
+    workloads, skipped = (args.workloads.split(","), {}) if args.workloads else \
+        default_workloads(args.suite, args.quick, log=lambda line: print(line, file=sys.stderr))
+    if not workloads:
+        raise SystemExit("gradguide bench: no workload left to run")
+    meta.claim_report(args.out, bench_ops.stem(args.suite, meta.device_type(args.device), args.quick, meta.today()))
     try:
-        result = run(suite=args.suite, quick=args.quick, device=args.device,
-                     workloads=args.workloads.split(",") if args.workloads else None,
+        result = run(suite=args.suite, quick=args.quick, device=args.device, workloads=workloads,
                      variants=args.variants.split(",") if args.variants else None, reps=args.reps,
-                     seed=args.seed, dtype=dtype)
+                     seed=args.seed, dtype=dtype, progress=not getattr(args, "no_progress", False))
     except ValueError as exc:
         raise SystemExit(f"gradguide bench: {exc}") from None
-    return meta.print_report(write(result, args.out, note=args.note), markdown(result, args.note))
+    result["skipped_workloads"] = skipped
+    status = meta.print_report(write(result, args.out, note=args.note), markdown(result, args.note))
+    meta.warn_unstable("gradguide bench", result["unstable_rows"], result["timed_rows"])
+    return status

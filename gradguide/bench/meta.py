@@ -7,10 +7,20 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
-from typing import Dict, List, Optional
+import sys
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import torch
+
+from ..tools import outputs
+
+# A timing whose repeats spread more than this, (max - min) / median, is flagged as untrustworthy:
+# on a quiet machine repeats of these workloads agree to a few per cent, while a busy one (other
+# processes on the cores) spreads them by tens of per cent and can turn a ratio upside down.
+SPREAD_LIMIT = 0.25
+UNSTABLE_MARK = "⚠"
 
 
 def git_commit() -> str:
@@ -63,10 +73,71 @@ def versions(*modules: str) -> Dict[str, Optional[str]]:
     return out
 
 
+def spread(times: Sequence[float]) -> Optional[float]:
+    """``(max - min) / median`` of repeated timings; ``None`` with fewer than two (nothing to
+    compare), ``inf`` for a zero median."""
+    times = [float(t) for t in times]
+    if len(times) < 2:
+        return None
+    med = statistics.median(times)
+    return (max(times) - min(times)) / med if med > 0 else float("inf")
+
+
+def unstable(*spreads: Optional[float], limit: float = SPREAD_LIMIT) -> bool:
+    """Whether any of ``spreads`` (a row's, and the row its ratio divides by) exceeds ``limit``."""
+    return any(s is not None and s > limit for s in spreads)
+
+
+def spread_cell(row: dict) -> str:
+    """The markdown cell of a row's ``spread`` / ``unstable`` fields: ``12%``, ``41% ⚠``, ``-``."""
+    s = row.get("spread")
+    text = "-" if s is None else ("inf" if s == float("inf") else f"{100 * s:.0f}%")
+    return f"{text} {UNSTABLE_MARK}" if row.get("unstable") else text
+
+
+def spread_note(limit: float = SPREAD_LIMIT) -> str:
+    return (f"spread = (max - min) / median of the timed repeats; {UNSTABLE_MARK}: above {100 * limit:.0f}% for this "
+            "row or the row its ratio divides by (a busy machine): do not quote that row's time or ratio")
+
+
+def count_unstable(rows: Iterable[dict]) -> int:
+    return sum(1 for r in rows if r.get("unstable"))
+
+
+def warn_unstable(command: str, flagged: int, total: int, limit: float = SPREAD_LIMIT, file=None) -> None:
+    """One line on stderr when ``flagged`` of ``total`` rows are unstable (none otherwise)."""
+    if flagged:
+        print(f"{command}: warning: {flagged} of {total} rows spread more than {100 * limit:.0f}% between repeats "
+              f"(marked {UNSTABLE_MARK} in the table, 'unstable' in the JSON): the machine was busy; rerun on a "
+              "quiet machine before quoting them", file=file or sys.stderr)
+
+
+def device_type(device: Optional[str]) -> str:
+    """The device type a suite will run on (``device`` as given on the command line)."""
+    return torch.device(device).type if device else ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def report_paths(out_dir: str, stem: str) -> List[str]:
+    return [os.path.join(out_dir, stem + ".json"), os.path.join(out_dir, stem + ".md")]
+
+
+def claim_report(out_dir: str, stem: str) -> List[str]:
+    """Check before a suite runs that ``<stem>.json`` / ``.md`` may be written (the command line
+    refuses to overwrite without ``--force``; see :mod:`gradguide.tools.outputs`)."""
+    paths = report_paths(out_dir, stem)
+    outputs.claim(*paths)
+    return paths
+
+
+def today() -> str:
+    """The date result files are named by (UTC, as :func:`now`)."""
+    return now()[:10]
+
+
 def write_report(out_dir: str, stem: str, data: dict, markdown: str, indent: int = 2) -> List[str]:
     """Write ``<out_dir>/<stem>.json`` (``data``) and ``<stem>.md``; returns both paths."""
+    paths = claim_report(out_dir, stem)
     os.makedirs(out_dir, exist_ok=True)
-    paths = [os.path.join(out_dir, stem + ".json"), os.path.join(out_dir, stem + ".md")]
     with open(paths[0], "w") as f:
         json.dump(data, f, indent=indent, default=str)
     with open(paths[1], "w") as f:

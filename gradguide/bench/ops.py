@@ -163,26 +163,34 @@ def step_rows(quick: bool, device, dtype, reps: int, progress: bool = True) -> L
                 for k, fn in fns.items():
                     times[k].append(_time(lambda: fn(*inputs), device, 3, 1))
             base = statistics.median(times["general eager"])
+            base_spread = meta.spread(times["general eager"])
             for k, ts in times.items():
                 ms = statistics.median(ts)
+                spread = meta.spread(ts)
                 rows.append({"workload": workload, "size": label, "shape": list(shape), "variant": k,
                              "backend": run_f.backend, "median_ms": ms, "speedup_vs_general": base / ms,
-                             "max_abs_diff_vs_general": err, "compile_s": compile_s if "compiled" in k else None})
+                             "max_abs_diff_vs_general": err, "compile_s": compile_s if "compiled" in k else None,
+                             "times_ms": ts, "spread": spread, "unstable": meta.unstable(spread, base_spread)})
     return rows
 
 
 def step_markdown(rows: List[dict]) -> str:
     lines = ["", "## Whole guided step (cheap model): general vs fused vs torch.compile(fullgraph=True)", "",
-             "| workload | size | variant | backend | median ms | speedup vs general step | max abs diff |",
-             "|---|---|---|---|---:|---:|---:|"]
+             "| workload | size | variant | backend | median ms | speedup vs general step | max abs diff | spread |",
+             "|---|---|---|---|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['workload']} | {r['size']} | {r['variant']} | {r['backend']} | {r['median_ms']:.3f} | "
-                     f"{r['speedup_vs_general']:.2f}x | {r['max_abs_diff_vs_general']:.1e} |")
+                     f"{r['speedup_vs_general']:.2f}x | {r['max_abs_diff_vs_general']:.1e} | {meta.spread_cell(r)} |")
     return "\n".join(lines) + "\n"
 
 
 def _time(fn: Callable[[], object], device, reps: int, warmup: int) -> float:
     """Median milliseconds of ``fn``."""
+    return statistics.median(_times(fn, device, reps, warmup))
+
+
+def _times(fn: Callable[[], object], device, reps: int, warmup: int) -> List[float]:
+    """Milliseconds of each of ``reps`` calls of ``fn`` after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
     times = []
@@ -200,7 +208,7 @@ def _time(fn: Callable[[], object], device, reps: int, warmup: int) -> float:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return times
 
 
 def run(quick: bool = False, device: Optional[str] = None, dtype: torch.dtype = torch.float32,
@@ -236,7 +244,7 @@ def run(quick: bool = False, device: Optional[str] = None, dtype: torch.dtype = 
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(jobs) * len(chosen), desc="bench ops", unit="row")
+        bar = tqdm(total=len(jobs) * len(chosen), desc="bench ops", unit="row", disable=None)  # None: off on a non-terminal
     for label, shape in sizes:
         g = torch.Generator().manual_seed(0)
         operands = [torch.randn(shape, generator=g).to(device=dev, dtype=dtype) for _ in range(K)]
@@ -245,7 +253,7 @@ def run(quick: bool = False, device: Optional[str] = None, dtype: torch.dtype = 
             policy = WORKLOADS[workload]
             passes = (2 * K + 1) if (policy is None or policies.NEEDS_GRAM[policy]) else (K + 1)
             nbytes = passes * numel
-            eager_ms = None
+            eager_ms = eager_spread = None
             for backend in chosen:
                 t_compile = None
                 fn = _step_fn(workload, backend, operands, dev)
@@ -253,22 +261,26 @@ def run(quick: bool = False, device: Optional[str] = None, dtype: torch.dtype = 
                     t0 = time.perf_counter()
                     fn()
                     t_compile = time.perf_counter() - t0
-                ms = _time(fn, dev, reps, 1)
+                times = _times(fn, dev, reps, 1)
+                ms, spread = statistics.median(times), meta.spread(times)
                 if backend == "reference":
-                    eager_ms = ms
+                    eager_ms, eager_spread = ms, spread
                 gbs = nbytes / ms / 1e6
                 rows.append({"workload": workload, "size": label, "backend": backend, "shape": list(shape),
                              "dtype": str(dtype).replace("torch.", ""), "k": K, "median_ms": ms,
                              "bytes_moved": nbytes, "gb_per_s": gbs, "copy_fraction": gbs / copy_gbs,
                              "speedup_vs_eager": (eager_ms / ms) if eager_ms else None,
-                             "compile_s": t_compile})
+                             "compile_s": t_compile, "times_ms": times, "spread": spread,
+                             # a ratio is as noisy as the noisier of its two timings
+                             "unstable": meta.unstable(spread, eager_spread if eager_ms else None)})
                 if bar is not None:
                     bar.update(1)
         del operands
     if bar is not None:
         bar.close()
     srows = step_rows(quick, dev, dtype, reps) if steps and dev.type == "cpu" else []
-    return {"suite": "ops", "quick": quick, "step_rows": srows,
+    return {"suite": "ops", "quick": quick, "step_rows": srows, "spread_limit": meta.SPREAD_LIMIT,
+            "unstable_rows": meta.count_unstable(rows + srows), "timed_rows": len(rows) + len(srows),
             "date": meta.now(), "commit": meta.git_commit(), "device": meta.device_name(dev), "device_type": dev.type,
             "threads": torch.get_num_threads(), "versions": meta.versions("torch", "cuda", "triton"), "dtype": str(dtype).replace("torch.", ""),
             "copy_bandwidth_gb_per_s": copy_gbs, "backends": chosen, "skipped_backends": skipped,
@@ -281,21 +293,29 @@ def markdown(result: dict, note: str = "") -> str:
              f"{result['versions']['triton']}, CUDA {result['versions']['cuda']}",
              f"- commit {result['commit']}, {result['date']}, dtype {result['dtype']}, K = {K} operands, "
              f"median of {result['reps']} ({result['timer']})",
-             f"- measured copy bandwidth (`dst.copy_(src)`): {result['copy_bandwidth_gb_per_s']:.1f} GB/s"]
+             f"- measured copy bandwidth (`dst.copy_(src)`): {result['copy_bandwidth_gb_per_s']:.1f} GB/s",
+             f"- {meta.spread_note(result.get('spread_limit', meta.SPREAD_LIMIT))}"]
     for b, why in result["skipped_backends"].items():
         lines.append(f"- backend `{b}` not run: {why}")
     if note:
         lines.append(f"- {note}")
-    lines += ["", "| workload | size | backend | median ms | bytes moved | GB/s | copy fraction | speedup vs eager |",
-              "|---|---|---|---:|---:|---:|---:|---:|"]
+    lines += ["", "| workload | size | backend | median ms | bytes moved | GB/s | copy fraction | speedup vs eager | "
+                  "spread |",
+              "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for r in result["rows"]:
         speed = f"{r['speedup_vs_eager']:.2f}x" if r["speedup_vs_eager"] else "-"
         lines.append(f"| {r['workload']} | {r['size']} | {r['backend']} | {r['median_ms']:.3f} | "
-                     f"{r['bytes_moved'] / 1e6:.1f} MB | {r['gb_per_s']:.2f} | {r['copy_fraction']:.2f} | {speed} |")
+                     f"{r['bytes_moved'] / 1e6:.1f} MB | {r['gb_per_s']:.2f} | {r['copy_fraction']:.2f} | {speed} | "
+                     f"{meta.spread_cell(r)} |")
     return "\n".join(lines) + "\n" + (step_markdown(result["step_rows"]) if result.get("step_rows") else "")
+
+
+def stem(suite: str, device_type: str, quick: bool, date: str) -> str:
+    """``<suite>-<device>-[quick-]<date>``: the name of a suite's result files."""
+    return f"{suite}-{device_type}-{'quick-' if quick else ''}{date[:10]}"
 
 
 def write(result: dict, out_dir: str, note: str = "", render=None) -> List[str]:
     """Write ``<suite>-<device>-[quick-]<date>.json`` and ``.md`` (``render``: the suite's markdown)."""
-    stem = f"{result['suite']}-{result['device_type']}-{'quick-' if result['quick'] else ''}{result['date'][:10]}"
-    return meta.write_report(out_dir, stem, dict(result, note=note), (render or markdown)(result, note))
+    name = stem(result["suite"], result["device_type"], result["quick"], result["date"])
+    return meta.write_report(out_dir, name, dict(result, note=note), (render or markdown)(result, note))

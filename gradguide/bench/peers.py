@@ -231,6 +231,7 @@ def run_workload(w: Workload, reps: Optional[int] = None, budget_s: float = 3.0)
             times[name].append(time.perf_counter() - start)
             cpu[name].append(time.process_time() - start_cpu)
     per_step = {name: statistics.median(ts) / w.steps for name, ts in times.items()}
+    spreads = {name: meta.spread(ts) for name, ts in times.items()}
     cpu_step = {name: statistics.median(ts) / w.steps for name, ts in cpu.items()}
     diff = (outputs["gradguide"] - outputs["diffusers"]).abs().max().item()
     scale = outputs["diffusers"].abs().max().item()
@@ -245,6 +246,10 @@ def run_workload(w: Workload, reps: Optional[int] = None, budget_s: float = 3.0)
                paired_ratio_median=statistics.median(d / g for d, g in zip(times["diffusers"], times["gradguide"])),
                gradguide_step="fused" if fused_steps == w.steps else f"general ({w.steps - fused_steps} of {w.steps})",
                max_abs_diff=diff, output_scale=scale,
+               # the speed ratio and the ceiling divide these timings: flag the row if any runner's spread
+               spread_by_runner=spreads,
+               spread=max((v for v in spreads.values() if v is not None), default=None),
+               unstable=meta.unstable(*spreads.values()),
                finite=bool(torch.isfinite(outputs["gradguide"]).all()))
     if w.model_kind == "unet":
         row["within_tolerance"] = diff <= UNET_TOLERANCE
@@ -269,7 +274,7 @@ def run(quick: bool = False, models=MODELS, sizes=None, reps: Optional[int] = No
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=len(plan), desc="bench peers", unit="row")
+        bar = tqdm(total=len(plan), desc="bench peers", unit="row", disable=None)  # None: off on a non-terminal
     rows = []
     for m, s, cfg in plan:
         w = Workload(m, s, cfg, quick, seed)
@@ -291,7 +296,8 @@ def run(quick: bool = False, models=MODELS, sizes=None, reps: Optional[int] = No
             "versions": meta.versions("torch", "diffusers", "gradguide"),
             "command": command, "steps": STEPS if not quick else 3, "guidance_scale": GUIDANCE_SCALE,
             "scheduler": SD_SCHEDULER, "unet_config": QUICK_UNET_CONFIG if quick else UNET_CONFIG,
-            "unet_tolerance": UNET_TOLERANCE, "rows": rows}
+            "unet_tolerance": UNET_TOLERANCE, "rows": rows, "spread_limit": meta.SPREAD_LIMIT,
+            "unstable_rows": meta.count_unstable(rows), "timed_rows": len(rows)}
 
 
 def markdown(result: dict, note: str = "") -> str:
@@ -309,6 +315,8 @@ def markdown(result: dict, note: str = "") -> str:
              "paired ratio = median over repetitions of the two runners' adjacent passes; CPU ratio = the same "
              "from process CPU time (all threads; less sensitive to being descheduled on a shared machine); "
              "max |Δ| between the two runners' warm-up outputs",
+             f"- {meta.spread_note(result.get('spread_limit', meta.SPREAD_LIMIT))} (the largest of the three "
+             "runners')",
              "- diffusers runner: the pipelines' loop (cat latents, scale_model_input, one model call with "
              "[negative, positive] embeddings, u + w (c − u), DDIMScheduler.step); gradguide runner: "
              "gradguide.sample(sampler='ddim', guidance=CFG(w, uncond=...)) with every default; model-only "
@@ -324,8 +332,8 @@ def markdown(result: dict, note: str = "") -> str:
               "DDIMScheduler.step works in float32 throughout",
               "", "| model | shape | B | guidance | gradguide ms/step | diffusers ms/step | speed ratio | "
                   "paired ratio | ceiling | gradguide CPU ms/step | diffusers CPU ms/step | CPU ratio | "
-                  "model calls/step (gg / diffusers) | gradguide step | max abs diff | reps |",
-              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
+                  "model calls/step (gg / diffusers) | gradguide step | max abs diff | reps | spread |",
+              "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|---:|---:|---:|"]
     for r in result["rows"]:
         ok = "" if r.get("within_tolerance", True) else " (> 1e-4)"
         cpu = r.get("cpu_per_step_ms", {})
@@ -336,23 +344,23 @@ def markdown(result: dict, note: str = "") -> str:
                      + "".join(f"{cpu[k]:.2f} | " if k in cpu else "- | " for k in ("gradguide", "diffusers"))
                      + (f"{r['cpu_speed_ratio']:.2f}x | " if r.get("cpu_speed_ratio") else "- | ") +
                      f"{r['calls_per_step']['gradguide']:g} / {r['calls_per_step']['diffusers']:g} | "
-                     f"{r.get('gradguide_step', '-')} | {r['max_abs_diff']:.1e}{ok} | {r['reps']} |")
+                     f"{r.get('gradguide_step', '-')} | {r['max_abs_diff']:.1e}{ok} | {r['reps']} | "
+                     f"{meta.spread_cell(r)} |")
     params = {r["model"]: r["params"] for r in result["rows"]}
     lines += ["", "Models: " + "; ".join(f"`{m}` {p / 1e3:.1f} k parameters" for m, p in params.items())
               + f". U-Net configuration: {result['unet_config']}."]
     return "\n".join(lines) + "\n"
 
 
+def stem(quick: bool, date: str) -> str:
+    return f"peers-cpu-{'quick-' if quick else ''}{date[:10]}"
+
+
 def write(result: dict, out_dir: str, note: str = "") -> List[str]:
-    """``peers-cpu-[quick-]<date>.json`` and ``.md`` in ``out_dir``; a later run on the same date
-    gets the next free letter (``<date>b``, ``<date>c``, ...) instead of overwriting."""
-    base = f"peers-{result['device_type']}-{'quick-' if result['quick'] else ''}{result['date'][:10]}"
-    stem = base
-    for letter in "bcdefghijklmnopqrstuvwxyz":
-        if not any(os.path.exists(os.path.join(out_dir, stem + ext)) for ext in (".json", ".md")):
-            break
-        stem = base + letter
-    return meta.write_report(out_dir, stem, dict(result, note=note), markdown(result, note))
+    """``peers-cpu-[quick-]<date>.json`` and ``.md`` in ``out_dir`` (the command line refuses to
+    overwrite them without ``--force``: :mod:`gradguide.tools.outputs`)."""
+    return meta.write_report(out_dir, stem(result["quick"], result["date"]), dict(result, note=note),
+                             markdown(result, note))
 
 
 def run_cli(args) -> int:
@@ -362,9 +370,12 @@ def run_cli(args) -> int:
         raise SystemExit("gradguide bench --suite peers: runs on the CPU (--device cpu)")
     models = args.workloads.split(",") if args.workloads else MODELS
     sizes = args.sizes.split(",") if getattr(args, "sizes", None) else None
+    meta.claim_report(args.out, stem(args.quick, meta.today()))
     try:
         result = run(quick=args.quick, models=models, sizes=sizes, reps=args.reps, seed=args.seed,
-                     command=" ".join(["gradguide"] + sys.argv[1:]))
+                     command=" ".join(["gradguide"] + sys.argv[1:]), progress=not getattr(args, "no_progress", False))
     except ValueError as exc:
         raise SystemExit(f"gradguide bench: {exc}") from None
-    return meta.print_report(write(result, args.out, note=args.note), markdown(result, args.note))
+    status = meta.print_report(write(result, args.out, note=args.note), markdown(result, args.note))
+    meta.warn_unstable("gradguide bench", result["unstable_rows"], result["timed_rows"])
+    return status

@@ -39,6 +39,12 @@ def run_cli(args) -> int:
     if args.workload not in bench.ALL_WORKLOADS:
         raise SystemExit(f"gradguide profile: --workload: expected one of {', '.join(bench.ALL_WORKLOADS)}, "
                          f"got {args.workload!r}")
+    from ..tools import outputs
+    stem = os.path.join(args.out, f"profile-{args.workload}-{dev.type}-{'quick-' if args.quick else ''}"
+                                  f"{bench.meta.today()}")
+    outputs.claim(stem + ".json", stem + ".png")   # refused before the run, not after
+    if args.trace:
+        outputs.claim(args.trace, option="--trace")
     workload = bench.build_workload(args.workload, quick=args.quick, device=dev, seed=args.seed)
 
     def make_run(wrap):
@@ -56,6 +62,7 @@ def run_cli(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"profile-{args.workload}-{dev.type}-{'quick-' if args.quick else ''}"
                                   f"{result['date'][:10]}")
+    outputs.claim(stem + ".json", stem + ".png")
     with open(stem + ".json", "w") as f:
         json.dump(result, f, indent=2)
     plot(result, stem + ".png", title=f"gradguide profile: {args.workload} on {result['device']}")

@@ -160,6 +160,10 @@ def _command(run: Run, out: str) -> List[str]:
     args = [a.replace("{out}", out) for a in run.args]
     if args[0] == "optimize":
         args += ["--json", os.path.join(out, run.name + ".json")]
+    if args[0] in ("optimize", "train-sim"):
+        # a pending run is redone from its start: the partial files of a killed attempt are the
+        # queue's own, in its own folder (the command line refuses to replace files without it)
+        args.append("--force")
     return [sys.executable, "-m", "gradguide.cli", *args]
 
 

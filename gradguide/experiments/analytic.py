@@ -129,3 +129,110 @@ class SubspaceGaussian:
         px = self.project(x)
         score = -(x - px) / h - px
         return -h.sqrt() * score
+
+
+# -- flow matching --------------------------------------------------------------------------
+
+def _flow_sigma(t: torch.Tensor, like: torch.Tensor, timestep_scale: float) -> torch.Tensor:
+    return (t.to(device=like.device, dtype=like.dtype) / timestep_scale).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+class FlowGaussianMixture:
+    """``Σ_k π_k N(m_k, v_k I)`` under flow matching, ``x_σ = (1 − σ) x_0 + σ ε``, with the exact
+    velocity ``u(x_σ) = E[ε − x_0 | x_σ]``.
+
+    Given component k, ``x_σ ~ N((1−σ) m_k, c_k I)`` with ``c_k = (1−σ)² v_k + σ²``, and
+    (x_0, ε, x_σ) are jointly Gaussian, so with ``r = x_σ − (1−σ) m_k``:
+    ``E[x_0 | x_σ, k] = m_k + (1−σ) v_k r / c_k`` and ``E[ε | x_σ, k] = σ r / c_k``; the mixture's
+    velocity weighs these by the posterior ``p(k | x_σ)``. ``model(x_σ, t, y=None)`` takes
+    ``t = σ · timestep_scale`` (diffusers' convention: 1000) and returns the unconditional
+    velocity, or component ``y``'s (``[B]`` int). For one component the probability-flow ODE
+    ``dx/dσ = u`` is affine: ``x_{σ'} = (1−σ') m + √(c(σ')/c(σ)) (x_σ − (1−σ) m)``
+    (:meth:`ode_map`), since ``u = (σ − (1−σ) v)/c · r − m`` and ``dc/dσ = 2(σ − (1−σ) v)``.
+    """
+
+    def __init__(self, weights: Sequence[float], means, variances, timestep_scale: float = 1000.0):
+        self.weights = torch.as_tensor(weights, dtype=torch.float64)
+        self.means = torch.as_tensor(means, dtype=torch.float64)
+        self.variances = torch.as_tensor(variances, dtype=torch.float64)
+        if self.means.dim() != 2 or self.means.shape[0] != self.weights.numel() != self.variances.numel():
+            raise ValueError("FlowGaussianMixture: expected weights [K], means [K, D], variances [K]")
+        if abs(float(self.weights.sum()) - 1) > 1e-9 or (self.weights <= 0).any() or (self.variances <= 0).any():
+            raise ValueError("FlowGaussianMixture: weights must be positive and sum to 1; variances positive")
+        self.timestep_scale = float(timestep_scale)
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    def _components(self, x: torch.Tensor, sigma: torch.Tensor):
+        """Per component: ``r = x − (1−σ) m_k`` ``[B, K, D]`` and ``c_k`` ``[B, K]``."""
+        m = self.means.to(x).unsqueeze(0)
+        r = x.unsqueeze(1) - (1 - sigma).unsqueeze(1) * m
+        c = (1 - sigma) ** 2 * self.variances.to(x).unsqueeze(0) + sigma ** 2
+        return r, c
+
+    def log_joint(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``log π_k + log N(x_σ; (1−σ) m_k, c_k I)``, ``[B, K]``."""
+        r, c = self._components(x, sigma)
+        d = x.shape[1]
+        return self.weights.to(x).log() - 0.5 * (r ** 2).sum(-1) / c - 0.5 * d * torch.log(2 * torch.pi * c)
+
+    def velocity(self, x: torch.Tensor, sigma: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        r, c = self._components(x, sigma)
+        v = self.variances.to(x).unsqueeze(0)
+        x0 = self.means.to(x).unsqueeze(0) + ((1 - sigma) * v / c).unsqueeze(-1) * r
+        eps = (sigma / c).unsqueeze(-1) * r
+        u = eps - x0                                                          # [B, K, D]
+        if y is not None:
+            return u.gather(1, y.view(-1, 1, 1).expand(-1, 1, x.shape[1])).squeeze(1)
+        resp = torch.softmax(self.log_joint(x, sigma), dim=1)
+        return (resp.unsqueeze(-1) * u).sum(1)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, y: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.velocity(x, _flow_sigma(t, x, self.timestep_scale), y)
+
+    def log_prob_class(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, **_) -> torch.Tensor:
+        """The exact noisy classifier ``log p(y | x_σ)``, ``[B]``."""
+        lj = self.log_joint(x, _flow_sigma(t, x, self.timestep_scale))
+        return torch.log_softmax(lj, dim=1).gather(1, y.view(-1, 1)).squeeze(1)
+
+    def ode_map(self, x: torch.Tensor, sigma_from: float, sigma_to: float, k: int = 0) -> torch.Tensor:
+        """The exact probability-flow ODE map of component ``k`` alone from σ to σ'."""
+        m, v = self.means[k].to(x), float(self.variances[k])
+        c = lambda s: (1 - s) ** 2 * v + s ** 2
+        return (1 - sigma_to) * m + (c(sigma_to) / c(sigma_from)) ** 0.5 * (x - (1 - sigma_from) * m)
+
+    def sample_data(self, n: int, y: Optional[int] = None, generator=None) -> torch.Tensor:
+        if y is None:
+            ks = torch.multinomial(self.weights, n, replacement=True, generator=generator)
+        else:
+            ks = torch.full((n,), y, dtype=torch.int64)
+        z = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
+        return self.means[ks] + self.variances[ks].sqrt().unsqueeze(1) * z
+
+
+class FlowSubspaceGaussian:
+    """``x_0 = A u``, ``u ~ N(0, I_d)``, ``A`` ``[D, d]`` orthonormal, under flow matching: with
+    ``P = AAᵀ``, ``E[x_0 | x_σ] = (1−σ)/((1−σ)² + σ²) P x_σ``, ``E[ε | x_σ] = (x_σ − (1−σ) E[x_0|x_σ])/σ``,
+    and the velocity is their difference. ``∇(gᵀx̂_0) ∝ P g ∈ span(A)``: the look-ahead gradient
+    stays in the subspace (Theorem 1 of the gradient-guidance paper, under flow matching)."""
+
+    def __init__(self, basis: torch.Tensor, timestep_scale: float = 1000.0):
+        if basis.dim() != 2 or basis.shape[0] < basis.shape[1]:
+            raise ValueError(f"FlowSubspaceGaussian: basis: expected [D, d] with D >= d, got {tuple(basis.shape)}")
+        self.basis = basis
+        self.timestep_scale = float(timestep_scale)
+
+    @classmethod
+    def random(cls, D: int = 64, d: int = 16, seed: int = 0, dtype=torch.float32):
+        g = torch.Generator().manual_seed(seed)
+        q, _ = torch.linalg.qr(torch.randn(D, d, generator=g, dtype=torch.float64))
+        return cls(q.to(dtype))
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **_) -> torch.Tensor:
+        sigma = _flow_sigma(t, x, self.timestep_scale)
+        A = self.basis.to(x)
+        x0 = (1 - sigma) / ((1 - sigma) ** 2 + sigma ** 2) * ((x @ A) @ A.T)
+        eps = (x - (1 - sigma) * x0) / sigma
+        return eps - x0

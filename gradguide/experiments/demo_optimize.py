@@ -106,12 +106,17 @@ def _checks(runs: List[dict]) -> dict:
         for g in ("G", "G_loss")}
 
 
-def run_cli(args) -> int:
+def run_cli(args, before=None) -> int:
+    """``gradguide demo``; ``before(args)`` runs after the arguments are checked, before the work
+    (the command line checks its output files there)."""
     if args.rounds is not None and args.rounds < 1:
         raise SystemExit("gradguide demo: --rounds must be positive")
     if args.steps is not None and args.steps < 1:
         raise SystemExit("gradguide demo: --steps must be positive")
+    if before is not None:
+        before(args)
+    args.plot = args.plot or "gradguide-demo-optimize.png"
     run(full=args.full, seed=1234 if args.seed is None else args.seed, rounds=args.rounds, steps=args.steps,
-        ft_lr=args.ft_lr, sampler=args.sampler, plot=args.plot or "gradguide-demo-optimize.png",
-        json_path=args.json)
+        ft_lr=args.ft_lr, sampler=args.sampler, plot=args.plot,
+        json_path=args.json, progress=not args.no_progress)
     return 0

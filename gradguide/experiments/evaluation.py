@@ -173,9 +173,12 @@ def _load_samples(path: str):
 
 
 def run_cli(args) -> int:
-    from .digits import data
+    from ..tools import outputs
     if (args.samples is None) == (args.real is None):
         raise SystemExit("gradguide evaluate: give either a samples file or --real train|heldout")
+    if args.json:
+        outputs.claim(args.json, option="--json")
+    from .digits import data
     if args.real is not None:
         x, y = data.load_split(args.real)
         source = f"real:{args.real}"

@@ -133,7 +133,7 @@ def optimize(model: Callable, reward: Optional[Callable] = None, *, reward_grad:
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        bar = tqdm(total=rounds, desc=f"Alg.{algorithm} {guidance}", leave=False)
+        bar = tqdm(total=rounds, desc=f"Alg.{algorithm} {guidance}", leave=False, disable=None)  # off on a non-tty
     stopped = None
     start = time.perf_counter()
     z = draw([])
@@ -465,6 +465,10 @@ def run_cli(args) -> int:
         value = getattr(args, name)
         if value is not None and value < (0 if name == "rounds" else 1):
             raise SystemExit(f"gradguide optimize: --{name.replace('_', '-')} must be positive, got {value}")
+    from ..tools import outputs
+    for path, option in ((args.json, "--json"), (args.plot, "--plot")):
+        if path:   # refused before the rounds run, not after
+            outputs.claim(path, option=option)
     torch.set_num_threads(args.threads)
     sim = Simulation(args.sim_seed)
     objective = sim.objective(args.objective)

@@ -31,6 +31,7 @@ from ..schedules import Schedule
 D_OUTER, D_INNER, T_STEPS, N_PRETRAIN = 64, 16, 200, 65536
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")  # gradguide/weights
 SMALL_WEIGHTS = os.path.join(WEIGHTS_DIR, "sim_small.safetensors")
+DEFAULT_OUT = "sim_small.safetensors"   # `gradguide train-sim`'s output, relative to the working directory
 OBJECTIVES = ("f1-theta1", "f1-theta2", "f2-b1", "f2-b2")
 
 
@@ -184,8 +185,13 @@ def _fit(make_net, sim: "Simulation", seed, epochs, batch, lr, cosine, device, p
         torch.set_num_threads(threads)
 
 
-def save_small(net, info: dict, path: str = SMALL_WEIGHTS) -> None:
+def save_small(net, info: dict, path: str) -> None:
+    """Write ``net`` and its training record to ``path`` (never into the package: the shipped
+    weights are what every other command loads)."""
     from safetensors.torch import save_file
+
+    from ..tools import outputs
+    outputs.claim(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     save_file({k: v.contiguous() for k, v in net.state_dict().items()}, path,
               metadata={k: json.dumps(v) for k, v in info.items()})
@@ -225,7 +231,7 @@ def _bar(total: int, enabled: bool, desc: str):
     if not enabled:
         return None
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, leave=False)
+    return tqdm(total=total, desc=desc, leave=False, disable=None)  # None: off when stderr is not a terminal
 
 
 def unguided_check(net, sim: Simulation, n: int = 512, seed: int = 0, steps=None) -> Dict[str, float]:
@@ -253,23 +259,28 @@ def add_train_arguments(p) -> None:
     p.add_argument("--hidden", type=int, default=128, help="small: hidden width of the MLP (default 128, shipped)")
     p.add_argument("--depth", type=int, default=3, help="small: hidden layers of the MLP (default 3, shipped)")
     p.add_argument("--device", default="cpu", help="training device (default cpu)")
-    p.add_argument("--out", default=None, help=f"output safetensors (default {SMALL_WEIGHTS} for small)")
+    p.add_argument("--out", default=None,
+                   help=f"output safetensors (default {DEFAULT_OUT} in the working directory for small; the shipped "
+                        "weights in the package are never overwritten: load yours with `gradguide optimize --weights`)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_train(args) -> int:
-    if args.arch == "unet":
-        if args.out is None:
-            raise SystemExit("gradguide train-sim --arch unet: give --out PATH (the U-Net is ~60 MB, not shipped)")
-        net, info = train_unet(seed=args.seed, sim_seed=args.sim_seed, epochs=args.epochs or 20,
-                               device=args.device, progress=not args.no_progress)
-    else:
+    from ..tools import outputs
+    if args.arch == "unet" and args.out is None:
+        raise SystemExit("gradguide train-sim --arch unet: give --out PATH (the U-Net is ~60 MB, not shipped)")
+    if args.arch == "small":
         for name in ("hidden", "depth"):
             if getattr(args, name) < 1:
                 raise SystemExit(f"gradguide train-sim: --{name} must be positive, got {getattr(args, name)}")
+    args.out = args.out or DEFAULT_OUT
+    outputs.claim(args.out)   # before the epochs, not after
+    if args.arch == "unet":
+        net, info = train_unet(seed=args.seed, sim_seed=args.sim_seed, epochs=args.epochs or 20,
+                               device=args.device, progress=not args.no_progress)
+    else:
         net, info = train_small(seed=args.seed, sim_seed=args.sim_seed, epochs=args.epochs or 40,
                                 hidden=args.hidden, depth=args.depth, progress=not args.no_progress)
-    args.out = args.out or SMALL_WEIGHTS
     net = net.cpu()
     with torch.no_grad():
         check = unguided_check(net, Simulation(args.sim_seed))

@@ -38,7 +38,13 @@ class StepContext:
     tracked_x0: Optional[Callable[[], torch.Tensor]] = None  # x̂_0 with its autograd graph
     sampler: str = "ddpm"
     learned_log_var: Optional[torch.Tensor] = None  # ADM learned-range log Σ (elementwise)
-    prediction: str = "eps"          # the model's parametrisation ("eps", "x0", "v")
+    prediction: str = "eps"          # the model's parametrisation ("eps", "x0", "v", "flow")
+    input_scale: Optional[torch.Tensor] = None   # flow models: the model sees x_σ = input_scale · x_t
+
+    def model_view(self) -> torch.Tensor:
+        """``x_t`` as the model sees it (``x_input``, or the flow state ``x_σ`` for flow models),
+        differentiable with respect to ``x_input``."""
+        return self.x_input if self.input_scale is None else self.x_input * self.input_scale
 
     @property
     def a(self) -> torch.Tensor:

@@ -167,8 +167,10 @@ class CFGZeroStar(_TwoBranch):
     ``zero_init_steps`` steps output ``p̃ = 0`` (the paper's zero-init, meant for
     flow/velocity models).
 
-    ``convention="paper"`` (default): ``p`` is ε̂ (for ε models the raw output), s* exact
-    (0 where ‖p_u‖ = 0), ``zero_init_steps`` defaults to 0. ``"diffusers"``: diffusers'
+    ``convention="paper"`` (default): ``p`` is ε̂ (for ε models the raw output; for flow-matching
+    models the velocity, as in the paper), s* exact (0 where ‖p_u‖ = 0), ``zero_init_steps``
+    defaults to 0 (the paper zero-inits flow models' first step: ``zero_init_steps=1``; a zero
+    velocity leaves ``x_σ`` unchanged). ``"diffusers"``: diffusers'
     ``ClassifierFreeZeroStarGuidance(guidance_scale=scale)``: ``p`` is the raw model output
     (v for v models), s* with diffusers' ``+1e-8`` in the denominator, ``zero_init_steps``
     defaults to 1. ``"diffusers-original"``: the same with ``use_original_formulation=True``
@@ -192,9 +194,10 @@ class CFGZeroStar(_TwoBranch):
 
     def branches(self, ctx: StepContext, eps_c: LinComb, eps_u: LinComb):
         ops = ctx.ops
-        raw = self.convention != "paper"
+        # the paper's p is ε̂ for diffusion models and the velocity for flow-matching ones (its setting)
+        raw = self.convention != "paper" or ctx.prediction == "flow"
         p_c, p_u = (ctx.output_of_eps(eps_c), ctx.output_of_eps(eps_u)) if raw else (eps_c, eps_u)
-        if raw:   # diffusers' cfg_zero_star_scale: <c, u> / (‖u‖² + 1e-8)
+        if self.convention != "paper":   # diffusers' cfg_zero_star_scale: <c, u> / (‖u‖² + 1e-8)
             s_star = ops.dot(p_c, p_u) / (ops.norm2(p_u) + 1e-8)
         else:
             s_star = safe_div(ops.dot(p_c, p_u), ops.norm2(p_u))

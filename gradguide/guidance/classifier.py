@@ -6,7 +6,8 @@ With a noisy classifier ``log p_φ(y | x_t)`` and scale ``s``:
 - score form (DDIM and other deterministic samplers): ``ε̂ ← ε̂ − s √(1−ᾱ_t) ∇ log p_φ``.
 
 ``form="auto"`` picks the mean form for DDPM and the score form otherwise, as ADM does.
-``log_prob(x_t, t, **cond)`` returns ``[B]`` log-probabilities of the target classes.
+``log_prob(x_t, t, **cond)`` returns ``[B]`` log-probabilities of the target classes; it is
+called on the model's own input (for flow models ``x_σ``, see docs/flow.md).
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ class Classifier(GuidanceTerm):
     def gradient(self, ctx: StepContext) -> torch.Tensor:
         """∇_{x_t} log p_φ(y | x_t), per sample."""
         with torch.enable_grad():
-            log_p = self.log_prob(ctx.x_input, ctx.t, **ctx.cond)
+            # the classifier sees what the model sees (x_σ for flow models); the gradient is w.r.t. x_t
+            log_p = self.log_prob(ctx.model_view(), ctx.t, **ctx.cond)
             if not isinstance(log_p, torch.Tensor) or log_p.shape != (ctx.ops.batch,):
                 got = tuple(log_p.shape) if isinstance(log_p, torch.Tensor) else type(log_p).__name__
                 raise ValueError(f"Classifier: log_prob must return a [B] = [{ctx.ops.batch}] tensor, got {got}")

@@ -27,6 +27,7 @@ default, GLIDE's / ADM's convention). DDPM uses the clipped x̂_0 in its posteri
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import warnings
 from typing import Dict, Optional, Sequence, Union
@@ -43,8 +44,9 @@ except ImportError as exc:  # pragma: no cover - exercised only without diffuser
 
 from .. import ops
 from ..schedules import SPACINGS, Schedule, Timesteps
+from . import diffusers_flow
 
-PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
 VARIANCE_TYPES = {"fixed_small": "fixed-small", "fixed_large": "fixed-large", "learned_range": "learned-range"}
 
 
@@ -52,7 +54,8 @@ VARIANCE_TYPES = {"fixed_small": "fixed-small", "fixed_large": "fixed-large", "l
 SCHEDULER_SAMPLERS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolverMultistepScheduler": "dpmpp-2m",
                       "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a",
                       "HeunDiscreteScheduler": "heun", "UniPCMultistepScheduler": "unipc", "PNDMScheduler": "plms",
-                      "LMSDiscreteScheduler": "lms"}
+                      "LMSDiscreteScheduler": "lms", "FlowMatchEulerDiscreteScheduler": "flow-euler",
+                      "FlowMatchHeunDiscreteScheduler": "flow-heun", "FlowMatchLCMScheduler": "flow-lcm"}
 SIGMA_SPACE = ("euler", "euler_a", "heun", "lms")   # latents are x_σ = x/√ᾱ, the model sees x_σ/√(1+σ²)
 VP_SIGMA_TABLE = ("dpmpp-2m", "dpmpp-2m-sde", "unipc")   # VP latents on the scheduler's own σ table
 
@@ -78,6 +81,15 @@ def scheduler_sampler(scheduler):
                          f"supported: {', '.join(sorted(SCHEDULER_SAMPLERS))}")
     config = scheduler.config
     sampler = SCHEDULER_SAMPLERS[name]
+    flow = diffusers_flow.is_flow(scheduler)
+    if name in diffusers_flow.FLOW_MATCH:   # flow-matching schedulers: their own mapping (diffusers_flow)
+        options = {"stochastic": True} if name.startswith("FlowMatchEuler") and config.get("stochastic_sampling") else {}
+        return sampler, options
+    if flow:
+        diffusers_flow.check_flow_solver(scheduler)
+    elif config.get("prediction_type") == "flow_prediction":
+        _refuse(scheduler, "prediction_type", "flow_prediction", "diffusers steps flow models with FlowMatch* "
+                "schedulers or UniPC / DPM-Solver++ with use_flow_sigmas=True")
     if config.get("thresholding", False):
         _refuse(scheduler, "thresholding", True, "gradguide clips x̂_0 to a fixed range (clip_sample), it has no "
                 "dynamic thresholding")
@@ -86,8 +98,9 @@ def scheduler_sampler(scheduler):
         _refuse(scheduler, "prediction_type", ptype, f"expected one of {sorted(PREDICTION_TYPES)}")
     for flag, why in (("use_flow_sigmas", "flow-matching σ's"), ("use_dynamic_shifting", "resolution-dependent "
                       "shifting needs the pipeline's mu")):
-        if config.get(flag, False):
-            _refuse(scheduler, flag, True, why)
+        if config.get(flag, False) and not flow:
+            _refuse(scheduler, flag, True, why + " (with prediction_type='flow_prediction' and use_flow_sigmas=True "
+                    "they are supported)")
     options = {}
     if sampler == "ddpm":
         vtype = config.get("variance_type", "fixed_small")
@@ -209,6 +222,35 @@ class DiffusersSchedule(Schedule):
             self._count_timesteps[key] = self._scheduler_timesteps(n, spacing, steps_offset)
         return self._count_timesteps[key]
 
+    def custom_timesteps(self, timesteps=None, sigmas=None) -> Timesteps:
+        """The scheduler's timesteps after ``set_timesteps(timesteps=...)`` or
+        ``set_timesteps(sigmas=...)`` on a copy of it: a diffusers pipeline's ``timesteps=`` /
+        ``sigmas=`` lists, with diffusers' meaning (the scheduler validates and converts them).
+        A scheduler whose ``set_timesteps`` takes no such list is refused, as diffusers does."""
+        if (timesteps is None) == (sigmas is None):
+            raise ValueError("timesteps, sigmas: pass exactly one of them")
+        name, values = ("timesteps", timesteps) if timesteps is not None else ("sigmas", sigmas)
+        if isinstance(values, torch.Tensor):
+            values = values.detach().cpu().tolist()
+        elif isinstance(values, np.ndarray):
+            values = values.tolist()
+        if not isinstance(values, (list, tuple)) or not values:
+            raise TypeError(f"{name}: expected a non-empty list, got {values!r}")
+        cls = type(self.scheduler).__name__
+        if name not in inspect.signature(self.scheduler.set_timesteps).parameters:
+            raise ValueError(f"{name}: {cls}.set_timesteps takes no custom {name} list (diffusers refuses it too); "
+                             f"use a scheduler that does or pass num_inference_steps")
+        sched = copy.deepcopy(self.scheduler)
+        sched.set_timesteps(**{name: list(values)})
+        if self.rule == "sigmas":
+            return self._sigma_timesteps(sched)
+        if self.rule != "next":   # DDIM/PNDM take no list: refused above
+            raise ValueError(f"{name}: {cls} takes a step count")
+        t = torch.as_tensor(sched.timesteps).to(torch.int64).cpu()
+        abar = self.alphas_cumprod[t]
+        # DDPM steps from each custom timestep to the next one, to ᾱ = 1 after the last
+        return Timesteps(t, abar, torch.cat([abar[1:], abar.new_ones(1)]))
+
     def _scheduler_timesteps(self, n: int, spacing: str, steps_offset: int) -> Timesteps:
         """The timesteps of a copy of the scheduler after ``set_timesteps(n)``."""
         ac = self.alphas_cumprod
@@ -261,14 +303,25 @@ class DiffusersSchedule(Schedule):
 
 
 class DiffusersModel(torch.nn.Module):
-    """``model(x_t, t, **cond)`` over a diffusers UNet (or any module returning ``.sample``)."""
+    """``model(x_t, t, **cond)`` over a diffusers UNet or transformer (or any module returning
+    ``.sample``).
+
+    The call is adapted to the model's ``forward`` signature, so no wrapper is needed:
+    the timestep goes in as the keyword ``timestep`` where ``forward`` has one (a
+    ``PixArtTransformer2DModel`` takes ``encoder_hidden_states`` second), positionally
+    otherwise; ``cond`` is passed as keywords (``encoder_hidden_states``, ``class_labels``,
+    ``encoder_attention_mask``, ``added_cond_kwargs``, ...). A learned-σ transformer
+    (``out_channels = 2 × in_channels``: DiT, PixArt) returns only its first ``in_channels``
+    channels, as diffusers' ``DiTPipeline`` / ``PixArtAlphaPipeline`` split them off, unless
+    the scheduler's ``variance_type`` uses the learned variance (DDPM's ``learned_range``).
+    """
 
     def __init__(self, unet, scheduler, use_clipped_model_output: bool = False):
         super().__init__()
         self.unet = unet
         config = scheduler.config
         scheduler_sampler(scheduler)   # refuses what gradguide cannot reproduce
-        ptype = config.get("prediction_type", "epsilon")
+        ptype = "flow_prediction" if diffusers_flow.is_flow(scheduler) else config.get("prediction_type", "epsilon")
         self.prediction = PREDICTION_TYPES[ptype]
         clip = None
         if config.get("clip_sample", False):
@@ -286,6 +339,14 @@ class DiffusersModel(torch.nn.Module):
             size = (size, size) if isinstance(size, int) else tuple(size)
             self.sample_shape = (int(in_channels),) + tuple(int(s) for s in size)
         self._dtype_key = self._dtype = None
+        self._timestep_keyword = _takes_keyword(unet, "timestep")
+        self._needs_added_cond = bool(getattr(unet, "use_additional_conditions", False))
+        cfg = getattr(unet, "config", None)
+        c_in, c_out = getattr(cfg, "in_channels", None), getattr(cfg, "out_channels", None)
+        # a learned-σ model's channel count; from_diffusers sets drop_variance_channels when the sampler
+        # does not read them (everything but DDPM's learned_range)
+        self._sigma_channels = c_in if isinstance(c_in, int) and c_out == 2 * c_in else None
+        self.drop_variance_channels = False
 
     def _unet_dtype(self, default: torch.dtype) -> torch.dtype:
         """The U-Net's compute dtype. diffusers' ``ModelMixin.dtype`` walks every submodule (≈1.5 ms
@@ -301,18 +362,43 @@ class DiffusersModel(torch.nn.Module):
         dtype = self._unet_dtype(x.dtype)
         if t.is_floating_point():   # fractional σ-space timesteps: diffusers passes them as float32
             t = t.to(torch.float32)
-        out = self.unet(x.to(dtype), t, **cond, return_dict=False)[0]
+        if self._needs_added_cond and cond.get("added_cond_kwargs") is None:
+            raise ValueError(f"cond: {type(self.unet).__name__} (use_additional_conditions) needs "
+                             "cond['added_cond_kwargs'] = {'resolution': [B, 2], 'aspect_ratio': [B, 1]} (the image's "
+                             "height/width, as PixArtAlphaPipeline builds them)")
+        if self._timestep_keyword:
+            out = self.unet(x.to(dtype), timestep=t, **cond, return_dict=False)[0]
+        else:
+            out = self.unet(x.to(dtype), t, **cond, return_dict=False)[0]
+        if self.drop_variance_channels and self._sigma_channels is not None \
+                and out.shape[1] == 2 * self._sigma_channels:
+            out = out[:, :self._sigma_channels]   # as diffusers' DiT/PixArt pipelines split them off
         return out.to(x.dtype)
 
 
-def from_diffusers(unet, scheduler, use_clipped_model_output: bool = False):
+def _takes_keyword(fn, name: str) -> bool:
+    """Whether ``fn`` (a module: its ``forward``) has a parameter ``name`` that can be passed by keyword."""
+    target = getattr(fn, "forward", fn)
+    try:
+        params = inspect.signature(target).parameters
+    except (TypeError, ValueError):   # a builtin without a signature: keep the positional call
+        return False
+    p = params.get(name)
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+
+
+def from_diffusers(unet, scheduler, use_clipped_model_output: bool = False, mu: Optional[float] = None):
     """``(model, schedule)`` for :func:`gradguide.sample` from a diffusers UNet and scheduler.
 
     With no other keyword, :func:`gradguide.sample` then reproduces the scheduler's own loop
     (sampler, timesteps, σ's, prediction type, clipping, variance, final-step noise); a
     scheduler or setting gradguide cannot reproduce raises a ``ValueError`` naming it.
     ``use_clipped_model_output`` mirrors the argument of diffusers' ``DDIMScheduler.step``
-    (only matters with clipping)::
+    (only matters with clipping). Flow-matching schedulers (``FlowMatchEulerDiscrete``,
+    ``FlowMatchHeunDiscrete``, ``FlowMatchLCM``, UniPC / DPM-Solver++ with flow σ's) give a
+    :class:`~gradguide.FlowSchedule` (docs/flow.md); ``mu`` is dynamic shifting's, as
+    diffusers' ``set_timesteps(mu=...)`` takes it (required for ``use_dynamic_shifting``, at
+    sampling time, as diffusers requires it)::
 
         model, schedule = gradguide.from_diffusers(pipe.unet, pipe.scheduler)
         x = gradguide.sample(model, (4, 3, 64, 64), schedule=schedule, steps=50,
@@ -320,7 +406,18 @@ def from_diffusers(unet, scheduler, use_clipped_model_output: bool = False):
     """
     if not callable(unet):
         raise TypeError(f"unet: expected a callable diffusers model, got {type(unet).__name__}")
-    return DiffusersModel(unet, scheduler, use_clipped_model_output), DiffusersSchedule(scheduler)
+    if diffusers_flow.is_flow(scheduler):
+        schedule = diffusers_flow.flow_schedule(scheduler, mu, scheduler_sampler(scheduler))
+    elif mu is not None:
+        raise ValueError(f"mu: only flow-matching schedulers with dynamic shifting take mu, got "
+                         f"{type(scheduler).__name__}")
+    else:
+        schedule = DiffusersSchedule(scheduler)
+    model = DiffusersModel(unet, scheduler, use_clipped_model_output)
+    # learned-σ channels are read only by DDPM's learned variance; otherwise they are dropped, as
+    # diffusers' DiT / PixArt pipelines split them off before the scheduler
+    model.drop_variance_channels = scheduler.config.get("variance_type") not in ("learned", "learned_range")
+    return model, schedule
 
 
 # -- guiders ----------------------------------------------------------------------------------

@@ -27,13 +27,21 @@ and post-process with the pipeline's image processor — except that the denoisi
 configuration), so every gradguide term applies. With plain CFG and the scheduler's own sampler
 the images equal diffusers' (tested on a tiny random SD in tests/test_pipeline.py).
 
+The scheduler is read at every call: one assigned to ``GuidedPipeline.scheduler`` (diffusers'
+``pipe.scheduler = X.from_config(pipe.scheduler.config)``) or, after :meth:`GuidedPipeline.from_pipe`,
+to the wrapped pipeline's ``scheduler`` is the one sampled with, or refused by name. diffusers'
+call keywords have diffusers' meaning (``timesteps``/``sigmas`` lists, ``eta``, ``clip_skip``,
+``cross_attention_kwargs``, ``callback_on_step_end``, ``return_dict``, generator lists, ...; see
+docs/diffusers.md), and an unknown keyword is refused naming the pipeline.
+
 Refused, with an error naming the option: U-Nets that need ``added_cond_kwargs`` (SDXL's
-``addition_embed_type``) or a guidance embedding (``time_cond_proj_dim``), ``clip_skip``; no
-safety checker is run.
+``addition_embed_type``) or a guidance embedding (``time_cond_proj_dim``), IP-Adapter inputs;
+no safety checker is run.
 """
 from __future__ import annotations
 
 import copy
+import inspect
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Union
 
@@ -46,6 +54,7 @@ from ..guidance.rescale import Rescale
 from ..projection import PixelAsParam
 from ..sampling import sample
 from .diffusers import from_diffusers
+from .pipeline_call import TENSOR_INPUTS, _lora_scaled, _refuse_keywords, _required_positional, _StepEnd
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 
@@ -73,33 +82,107 @@ class GuidedPipeline:
             if not callable(value):
                 raise TypeError(f"GuidedPipeline: {name}: expected a diffusers model, got {type(value).__name__}")
         config = getattr(unet, "config", None)
-        if getattr(config, "addition_embed_type", None) is not None:
-            raise ValueError(f"GuidedPipeline: unet: addition_embed_type={config.addition_embed_type!r} needs "
-                             "added_cond_kwargs (SDXL-style conditioning), which this pipeline does not build")
+        self._check_addition_embed(getattr(config, "addition_embed_type", None))
         if getattr(config, "time_cond_proj_dim", None) is not None:
             raise ValueError("GuidedPipeline: unet: time_cond_proj_dim is set (a guidance-distilled U-Net, e.g. LCM); "
                              "its guidance embedding is not supported")
         if (text_encoder is None) != (tokenizer is None):
             raise ValueError("GuidedPipeline: text_encoder and tokenizer: pass both or neither")
         self.unet, self.vae, self.text_encoder, self.tokenizer = unet, vae, text_encoder, tokenizer
-        self.scheduler = scheduler
-        self.model, self.schedule = from_diffusers(unet, scheduler)
+        self._pipe = None            # from_pipe: the diffusers pipeline whose scheduler is followed
+        self._scheduler = scheduler  # a scheduler of its own (given or assigned); None: the pipe's
+        self._converted = None       # (scheduler, its config, model, schedule) of the last conversion
+        self._conversion()           # now: an unsupported scheduler is refused at construction
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         if image_processor is None:
             from diffusers.image_processor import VaeImageProcessor
             image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.image_processor = image_processor
+        self._guidance_scale = self._run_guidance_scale = None
+        self._num_timesteps = None
+
+    @staticmethod
+    def _check_addition_embed(kind) -> None:
+        if kind == "text_time":
+            raise ValueError("GuidedPipeline: unet: addition_embed_type='text_time' (SDXL) needs added_cond_kwargs "
+                             "(text_embeds, time_ids): use gradguide.integrations.pipeline_xl.GuidedXLPipeline "
+                             "(GuidedPipeline.from_pipe picks it for a StableDiffusionXLPipeline)")
+        if kind is not None:
+            raise ValueError(f"GuidedPipeline: unet: addition_embed_type={kind!r} needs added_cond_kwargs, "
+                             "which this pipeline does not build")
 
     @classmethod
     def from_pipe(cls, pipe, scheduler=None) -> "GuidedPipeline":
         """From a diffusers pipeline object (``StableDiffusionPipeline`` and the like);
-        ``scheduler`` replaces the pipeline's own."""
+        ``scheduler`` replaces the pipeline's own. Without it the GuidedPipeline follows
+        ``pipe.scheduler``: a scheduler assigned to the diffusers pipeline later is the one the
+        next call samples with (until one is assigned to ``GuidedPipeline.scheduler``)."""
         missing = [name for name in ("unet", "scheduler", "vae") if getattr(pipe, name, None) is None]
         if missing:
             raise TypeError(f"GuidedPipeline.from_pipe: pipe: {type(pipe).__name__} has no {', '.join(missing)}")
-        return cls(pipe.unet, scheduler if scheduler is not None else pipe.scheduler, pipe.vae,
-                   getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None),
-                   getattr(pipe, "image_processor", None))
+        if cls is GuidedPipeline and hasattr(pipe, "text_encoder_2") and \
+                getattr(pipe.unet.config, "addition_embed_type", None) == "text_time":
+            from .pipeline_xl import GuidedXLPipeline   # an SDXL pipeline
+            return GuidedXLPipeline.from_pipe(pipe, scheduler)
+        out = cls(pipe.unet, scheduler if scheduler is not None else pipe.scheduler, pipe.vae,
+                  getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None),
+                  getattr(pipe, "image_processor", None))
+        if scheduler is None:
+            out._pipe, out._scheduler = pipe, None
+        return out
+
+    # -- the scheduler the user holds, read at every call ------------------------------------------
+    @property
+    def scheduler(self):
+        """The diffusers scheduler sampled with: the one assigned here (diffusers' idiom
+        ``pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)``
+        works), else the wrapped pipeline's current one. Each call converts it again when it is
+        another object or its configuration changed; one gradguide cannot reproduce is refused
+        by name."""
+        return self._scheduler if self._scheduler is not None else self._pipe.scheduler
+
+    @scheduler.setter
+    def scheduler(self, scheduler):
+        if scheduler is None:
+            raise TypeError("GuidedPipeline: scheduler: expected a diffusers scheduler, got None")
+        self._scheduler = scheduler
+
+    def _conversion(self):
+        sched = self.scheduler
+        config = dict(getattr(sched, "config", {}) or {})
+        done = self._converted
+        if done is None or done[0] is not sched or not _same_config(done[1], config):
+            try:
+                model, schedule = from_diffusers(self.unet, sched)
+            except ValueError as exc:
+                raise ValueError(f"GuidedPipeline: {exc}") from exc
+            self._converted = done = (sched, config, model, schedule)
+        return done
+
+    @property
+    def model(self):
+        """``from_diffusers(unet, scheduler)``'s model for the current scheduler."""
+        return self._conversion()[2]
+
+    @property
+    def schedule(self):
+        """``from_diffusers(unet, scheduler)``'s schedule for the current scheduler."""
+        return self._conversion()[3]
+
+    @property
+    def guidance_scale(self):
+        """The running call's ``guidance_scale`` (what diffusers' callbacks read)."""
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """Whether the running call uses CFG (``guidance_scale > 1``, as diffusers)."""
+        return self._guidance_scale is not None and self._guidance_scale > 1
+
+    @property
+    def num_timesteps(self):
+        """The running (or last) call's number of denoising steps (diffusers' ``num_timesteps``)."""
+        return self._num_timesteps
 
     @property
     def device(self) -> torch.device:
@@ -112,16 +195,28 @@ class GuidedPipeline:
     # -- pieces a user may want on their own -----------------------------------------------------
     def encode_prompt(self, prompt, negative_prompt=None, num_images_per_prompt: int = 1, negative: bool = True,
                       prompt_embeds: Optional[torch.Tensor] = None,
-                      negative_prompt_embeds: Optional[torch.Tensor] = None):
+                      negative_prompt_embeds: Optional[torch.Tensor] = None, clip_skip: Optional[int] = None,
+                      lora_scale: Optional[float] = None):
         """``(prompt_embeds, negative_prompt_embeds or None)``, each ``[B · n, L, D]``, as
-        diffusers' ``StableDiffusionPipeline.encode_prompt`` computes them."""
+        diffusers' ``StableDiffusionPipeline.encode_prompt`` computes them: ``clip_skip`` takes
+        the prompt's hidden state that many layers before the last (through the final layer
+        norm; the negative prompt keeps the last one, as diffusers), ``lora_scale`` scales the
+        text encoder's LoRA layers while encoding."""
+        if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 0):
+            raise ValueError(f"clip_skip: expected an integer >= 0 or None, got {clip_skip!r}")
+        with _lora_scaled(self.text_encoder, lora_scale):
+            return self._encode_prompt(prompt, negative_prompt, num_images_per_prompt, negative, prompt_embeds,
+                                       negative_prompt_embeds, clip_skip)
+
+    def _encode_prompt(self, prompt, negative_prompt, num_images_per_prompt, negative, prompt_embeds,
+                       negative_prompt_embeds, clip_skip):
         device = self.device
         if prompt_embeds is None:
             if isinstance(prompt, str):
                 prompt = [prompt]
             if not isinstance(prompt, (list, tuple)) or not prompt or not all(isinstance(p, str) for p in prompt):
                 raise TypeError(f"prompt: expected a string or a non-empty list of strings, got {prompt!r}")
-            prompt_embeds = self._encode(list(prompt), self._max_length())
+            prompt_embeds = self._encode(list(prompt), self._max_length(), clip_skip)
         elif not isinstance(prompt_embeds, torch.Tensor) or prompt_embeds.dim() != 3:
             raise TypeError("prompt_embeds: expected a [B, L, D] tensor")
         batch = prompt_embeds.shape[0]
@@ -130,6 +225,11 @@ class GuidedPipeline:
         if not negative:
             return prompt_embeds, None
         if negative_prompt_embeds is None:
+            if self.text_encoder is None:   # diffusers would encode negative_prompt ("") with the text encoder
+                raise ValueError("negative_prompt_embeds: classifier-free guidance (guidance_scale > 1) needs the "
+                                 "unconditional embedding, and this pipeline has no text_encoder/tokenizer to encode "
+                                 "negative_prompt; pass negative_prompt_embeds= with prompt_embeds= (or "
+                                 "guidance_scale <= 1)")
             if negative_prompt is None:
                 tokens = [""] * batch
             elif isinstance(negative_prompt, str):
@@ -165,54 +265,125 @@ class GuidedPipeline:
 
     # -- sampling -----------------------------------------------------------------------------------
     def __call__(self, prompt: Union[str, List[str], None] = None, *, negative_prompt=None,
-                 num_inference_steps: int = 50, guidance_scale: float = 7.5, guidance_rescale: float = 0.0,
-                 guidance: Union[GuidanceTerm, Sequence[GuidanceTerm]] = (), projection: Optional[PixelAsParam] = None,
-                 height: Optional[int] = None, width: Optional[int] = None, num_images_per_prompt: int = 1,
-                 generator=None, latents: Optional[torch.Tensor] = None, prompt_embeds: Optional[torch.Tensor] = None,
-                 negative_prompt_embeds: Optional[torch.Tensor] = None, output_type: str = "pil",
-                 sampler: Optional[str] = None, eta: float = 0.0, progress: bool = True,
-                 callback: Optional[Callable] = None, backend: str = "auto", **sample_kwargs) -> GuidedPipelineOutput:
-        """Generate images.
+                 num_inference_steps: Optional[int] = None, timesteps: Optional[Sequence[int]] = None,
+                 sigmas: Optional[Sequence[float]] = None, guidance_scale: float = 7.5,
+                 guidance_rescale: float = 0.0, guidance: Union[GuidanceTerm, Sequence[GuidanceTerm]] = (),
+                 projection: Optional[PixelAsParam] = None, height: Optional[int] = None, width: Optional[int] = None,
+                 num_images_per_prompt: int = 1, eta: float = 0.0, generator=None,
+                 latents: Optional[torch.Tensor] = None, prompt_embeds: Optional[torch.Tensor] = None,
+                 negative_prompt_embeds: Optional[torch.Tensor] = None, ip_adapter_image=None,
+                 ip_adapter_image_embeds=None, output_type: str = "pil", return_dict: bool = True,
+                 cross_attention_kwargs: Optional[dict] = None, clip_skip: Optional[int] = None,
+                 callback_on_step_end: Optional[Callable] = None,
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+                 sampler: Optional[str] = None, progress: bool = True, callback: Optional[Callable] = None,
+                 backend: str = "auto", **sample_kwargs):
+        """Generate images; diffusers' ``StableDiffusionPipeline.__call__`` keywords have diffusers' meaning.
 
         ``prompt`` (a string or a list) or ``prompt_embeds``; ``negative_prompt`` (default ``""``)
-        or ``negative_prompt_embeds``; ``num_inference_steps`` (default 50); ``guidance_scale``
-        (default 7.5, diffusers' w: classifier-free guidance ``u + w(c − u)`` when > 1, as
-        diffusers); ``guidance_rescale`` φ (default 0: Lin et al.'s rescale when > 0);
-        ``guidance``: further gradguide terms (e.g. :meth:`reward_guidance`); a branch-combining
-        term there (``gg.APG``, ``gg.CFGZeroStar``, ...) replaces the CFG built from
-        ``guidance_scale`` and gets the negative prompt as its unconditional input;
+        or ``negative_prompt_embeds`` (needed with ``prompt_embeds`` when the pipeline has no text
+        encoder and ``guidance_scale > 1``); ``num_inference_steps`` (default 50), or diffusers'
+        ``timesteps=[...]`` / ``sigmas=[...]`` lists (for a scheduler whose ``set_timesteps``
+        takes them; the step count is then theirs); ``guidance_scale`` (default 7.5, diffusers'
+        w: classifier-free guidance ``u + w(c − u)`` when > 1, as diffusers); ``guidance_rescale``
+        φ (default 0: Lin et al.'s rescale when > 0); ``eta``: DDIM's η (ignored by a scheduler
+        whose ``step`` takes none, as diffusers ignores it); ``clip_skip``; ``cross_attention_kwargs``
+        (passed to the U-Net; its ``scale`` also scales the text encoder's LoRA layers, as
+        diffusers); ``callback_on_step_end(pipe, i, t, callback_kwargs)`` after each step with
+        the tensors named in ``callback_on_step_end_tensor_inputs`` (``"latents"``,
+        ``"prompt_embeds"``, ``"negative_prompt_embeds"``) in diffusers' convention, the
+        ``latents`` it returns continuing the run; ``return_dict=False``: ``(images, None)``, as
+        diffusers with no safety checker. IP-Adapter inputs are refused.
+
+        gradguide's own: ``guidance``: further gradguide terms (e.g. :meth:`reward_guidance`); a
+        branch-combining term there (``gg.APG``, ``gg.CFGZeroStar``, ...) replaces the CFG built
+        from ``guidance_scale`` and gets the negative prompt as its unconditional input;
         ``projection``: a :class:`~gradguide.PixelAsParam`; ``height``/``width`` (default: the
         U-Net's sample size × the VAE's scale factor); ``generator``: a ``torch.Generator`` (or
         one per image) for the initial latents and any sampler noise; ``latents``: the initial
         noise instead; ``output_type``: ``"pil"`` (default), ``"np"``, ``"pt"`` or ``"latent"``;
-        ``sampler``/``eta``: gradguide's sampler (default: the one matching the scheduler);
+        ``sampler``: gradguide's sampler (default: the one matching the scheduler);
         ``progress``: a progress bar over the steps (default on); ``callback``: gets gradguide's
-        :class:`~gradguide.sampling.StepRecord` after each step; other keywords go to
-        :func:`gradguide.sample`.
+        :class:`~gradguide.sampling.StepRecord` after each step; other keywords of
+        :func:`gradguide.sample` are passed to it.
         """
+        _refuse_keywords(sample_kwargs)
+        self._check_call(ip_adapter_image, ip_adapter_image_embeds, output_type, return_dict, num_images_per_prompt,
+                         guidance_scale, cross_attention_kwargs)
+        if prompt is None and prompt_embeds is None:
+            raise ValueError("prompt: pass prompt= (a string or a list of strings) or prompt_embeds=")
+        if prompt_embeds is None and self.text_encoder is None:
+            raise ValueError("prompt: this pipeline has no text_encoder/tokenizer; pass prompt_embeds= instead")
+        lora_scale = None if cross_attention_kwargs is None else cross_attention_kwargs.get("scale")
+
+        def encode(do_cfg):
+            cond_embeds, neg_embeds = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, do_cfg,
+                                                         prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip,
+                                                         lora_scale=lora_scale)
+            cond = {"encoder_hidden_states": cond_embeds}
+            uncond = {"encoder_hidden_states": neg_embeds} if do_cfg else None
+            # what diffusers' callback_on_step_end sees: the CFG batch (negative rows first)
+            tensors = {"prompt_embeds": cond_embeds if neg_embeds is None else torch.cat([neg_embeds, cond_embeds]),
+                       "negative_prompt_embeds": neg_embeds}
+            return cond, uncond, tensors
+
+        out = self._generate(encode, TENSOR_INPUTS, num_inference_steps=num_inference_steps, timesteps=timesteps,
+                             sigmas=sigmas, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale,
+                             guidance=guidance, projection=projection, height=height, width=width, eta=eta,
+                             generator=generator, latents=latents, cross_attention_kwargs=cross_attention_kwargs,
+                             callback_on_step_end=callback_on_step_end,
+                             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs, sampler=sampler,
+                             progress=progress, callback=callback, backend=backend, sample_kwargs=sample_kwargs)
+        images = self._images(out, output_type)
+        if not return_dict:
+            return images, None   # diffusers' (images, nsfw_content_detected); no safety checker runs
+        return GuidedPipelineOutput(images=images, latents=out)
+
+    @staticmethod
+    def _check_call(ip_adapter_image, ip_adapter_image_embeds, output_type, return_dict, num_images_per_prompt,
+                    guidance_scale, cross_attention_kwargs):
+        if ip_adapter_image is not None or ip_adapter_image_embeds is not None:
+            which = "ip_adapter_image" if ip_adapter_image is not None else "ip_adapter_image_embeds"
+            raise ValueError(f"GuidedPipeline: {which}: IP-Adapter image conditioning is not supported")
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
-        if "clip_skip" in sample_kwargs:
-            raise ValueError("clip_skip: not supported (the text encoder's last hidden state is used)")
+        if not isinstance(return_dict, bool):
+            raise TypeError(f"return_dict: expected True or False, got {return_dict!r}")
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
                 or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt: expected an integer >= 1, got {num_images_per_prompt!r}")
         if not isinstance(guidance_scale, (int, float)) or isinstance(guidance_scale, bool):
             raise TypeError(f"guidance_scale: expected a number, got {guidance_scale!r}")
-        if prompt is None and prompt_embeds is None:
-            raise ValueError("prompt: pass prompt= (a string or a list of strings) or prompt_embeds=")
-        if prompt_embeds is None and self.text_encoder is None:
-            raise ValueError("prompt: this pipeline has no text_encoder/tokenizer; pass prompt_embeds= instead")
+        if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
+            raise TypeError("cross_attention_kwargs: expected a dict or None, got "
+                            f"{type(cross_attention_kwargs).__name__}")
+
+    def _generate(self, encode, tensor_inputs, *, num_inference_steps, timesteps, sigmas, guidance_scale,
+                  guidance_rescale, guidance, projection, height, width, eta, generator, latents,
+                  cross_attention_kwargs, callback_on_step_end, callback_on_step_end_tensor_inputs, sampler,
+                  progress, callback, backend, sample_kwargs) -> torch.Tensor:
+        """The denoising loop shared by the pipelines: ``encode(do_cfg)`` gives the branches' model
+        inputs ``(cond, uncond or None, tensors for callback_on_step_end)``; returns the latents."""
+        step_end = _StepEnd.of(callback_on_step_end, callback_on_step_end_tensor_inputs, tensor_inputs)
+        if _required_positional(callback) >= 3:
+            raise ValueError("GuidedPipeline: callback: takes (step, timestep, latents) like diffusers' deprecated "
+                             "callback; GuidedPipeline's callback= receives gradguide's StepRecord: use "
+                             "callback_on_step_end= for diffusers' per-step callback")
         terms = [guidance] if isinstance(guidance, GuidanceTerm) else list(guidance or ())
         for j, term in enumerate(terms):
             if not isinstance(term, GuidanceTerm):
                 raise TypeError(f"guidance[{j}]: expected a gradguide guidance term, got {type(term).__name__}")
+        model, schedule = self.model, self.schedule    # the scheduler held now
+        scheduler = self.scheduler
+        ts = self._timesteps(schedule, num_inference_steps, timesteps, sigmas, sample_kwargs)
         user_branch = [t for t in terms if t.place == "branches"]
         do_cfg = guidance_scale > 1.0 or bool(user_branch)   # diffusers: CFG only when guidance_scale > 1
 
-        cond_embeds, neg_embeds = self.encode_prompt(prompt, negative_prompt, num_images_per_prompt, do_cfg,
-                                                     prompt_embeds, negative_prompt_embeds)
-        uncond = {"encoder_hidden_states": neg_embeds} if do_cfg else None
+        cond, uncond, tensors = encode(do_cfg)
+        if cross_attention_kwargs is not None:   # the same dict in both branches: shared by the batched call
+            cond["cross_attention_kwargs"] = cross_attention_kwargs
+            if uncond is not None:
+                uncond["cross_attention_kwargs"] = cross_attention_kwargs
         if user_branch:
             terms = [_with_uncond(t, uncond) if t.place == "branches" else t for t in terms]
         elif do_cfg:
@@ -220,44 +391,86 @@ class GuidedPipeline:
                 else CFG(guidance_scale, uncond=uncond)
             terms = [branch] + terms
 
-        batch = cond_embeds.shape[0]
+        embeds = cond["encoder_hidden_states"]
         height, width = self._size(height, width)
-        shape = (batch, int(self.unet.config.in_channels), height // self.vae_scale_factor,
+        shape = (embeds.shape[0], int(self.unet.config.in_channels), height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
-        dtype = cond_embeds.dtype
+        dtype = embeds.dtype
         if latents is None:
             latents = _randn(shape, generator, self.device, dtype)   # as diffusers' prepare_latents draws them
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
-        kwargs = dict(getattr(self.model, "sample_defaults", None) or {})
-        kwargs.update(sample_kwargs)
-        if eta:
-            kwargs["eta"] = eta
-        out = sample(self.model, shape, schedule=self.schedule,
-                     sampler=sampler or getattr(self.schedule, "suggested_sampler", "ddim"),
-                     steps=num_inference_steps, guidance=terms, projection=projection,
-                     cond={"encoder_hidden_states": cond_embeds}, x_T=latents.to(self.device, dtype),
-                     generator=generator, backend=backend, progress=progress, callback=callback, **kwargs)
+        kwargs = dict(sample_kwargs)
+        kwargs.pop("spacing", None)   # already in ts
+        if eta and (sampler is not None or "eta" in inspect.signature(scheduler.step).parameters):
+            kwargs["eta"] = eta   # diffusers passes eta only to a scheduler whose step takes it (DDIM)
+        self._guidance_scale = self._run_guidance_scale = guidance_scale
+        self._num_timesteps = len(ts)
+        on_step = callback
+        if step_end is not None:
+            on_step = step_end.hook(self, scheduler, ts, tensors, callback)
+        return sample(model, shape, schedule=schedule, sampler=sampler, timesteps=ts, guidance=terms,
+                      projection=projection, cond=cond, x_T=latents.to(self.device, dtype), generator=generator,
+                      backend=backend, progress=progress, callback=on_step, **kwargs)
+
+    def _images(self, out: torch.Tensor, output_type: str):
+        """Decoded and post-processed as diffusers' pipeline does (``"latent"``: the latents)."""
         if output_type == "latent":
-            return GuidedPipelineOutput(images=out, latents=out)
+            return out
         with torch.no_grad():
             image = self.decode_latents(out)
-        images = self.image_processor.postprocess(image, output_type=output_type,
-                                                  do_denormalize=[True] * image.shape[0])
-        return GuidedPipelineOutput(images=images, latents=out)
+        return self.image_processor.postprocess(image, output_type=output_type,
+                                                do_denormalize=[True] * image.shape[0])
+
+    def _timesteps(self, schedule, num_inference_steps, timesteps, sigmas, sample_kwargs):
+        """The run's :class:`~gradguide.schedules.Timesteps`, as diffusers' ``retrieve_timesteps``
+        picks them: a ``timesteps`` or ``sigmas`` list through the scheduler's ``set_timesteps``,
+        else ``num_inference_steps`` (default 50)."""
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("timesteps, sigmas: pass one of them, not both (as diffusers)")
+        if num_inference_steps is not None and (isinstance(num_inference_steps, bool)
+                                                or not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+            raise ValueError(f"num_inference_steps: expected an integer >= 1, got {num_inference_steps!r}")
+        if timesteps is None and sigmas is None:
+            n = 50 if num_inference_steps is None else num_inference_steps
+            return schedule.timesteps(n, sample_kwargs.get("spacing", "adm"))
+        name = "timesteps" if timesteps is not None else "sigmas"
+        if "spacing" in sample_kwargs:
+            raise ValueError(f"spacing: not with {name}= (the list fixes the steps)")
+        if not hasattr(schedule, "custom_timesteps"):
+            raise ValueError(f"GuidedPipeline: {name}: {type(schedule).__name__} takes no custom {name} list here")
+        try:
+            ts = schedule.custom_timesteps(timesteps=timesteps, sigmas=sigmas)
+        except ValueError as exc:
+            raise ValueError(f"GuidedPipeline: {exc}") from exc
+        if num_inference_steps is not None and num_inference_steps != len(ts):
+            raise ValueError(f"num_inference_steps: {num_inference_steps} steps, but {name}= gives {len(ts)}; "
+                             f"leave num_inference_steps out with {name}=")
+        return ts
 
     # -- helpers ------------------------------------------------------------------------------------
     def _max_length(self) -> int:
         return int(self.tokenizer.model_max_length)
 
-    def _encode(self, texts: List[str], max_length: int) -> torch.Tensor:
+    def _encode(self, texts: List[str], max_length: int, clip_skip: Optional[int] = None) -> torch.Tensor:
+        if self.tokenizer is None:
+            raise ValueError("prompt: this pipeline has no text_encoder/tokenizer; pass prompt_embeds= instead")
         tokens = self.tokenizer(texts, padding="max_length", max_length=max_length, truncation=True,
                                 return_tensors="pt")
         mask = None
         if getattr(self.text_encoder.config, "use_attention_mask", False):
             mask = tokens.attention_mask.to(self.device)
         with torch.no_grad():
-            return self.text_encoder(tokens.input_ids.to(self.device), attention_mask=mask)[0]
+            ids = tokens.input_ids.to(self.device)
+            if clip_skip is None:
+                return self.text_encoder(ids, attention_mask=mask)[0]
+            # CLIP's final layer norm: under .text_model before transformers 5, on the model itself since
+            norm = getattr(getattr(self.text_encoder, "text_model", self.text_encoder), "final_layer_norm", None)
+            if norm is None:
+                raise ValueError(f"clip_skip: the text encoder ({type(self.text_encoder).__name__}) has no CLIP "
+                                 "final_layer_norm to apply to an earlier hidden state")
+            hidden = self.text_encoder(ids, attention_mask=mask, output_hidden_states=True).hidden_states
+            return norm(hidden[-(clip_skip + 1)])
 
     def _size(self, height, width):
         size = self.unet.config.sample_size
@@ -269,6 +482,13 @@ class GuidedPipeline:
                 raise ValueError(f"{name}: expected a positive multiple of the VAE's scale factor "
                                  f"{self.vae_scale_factor}, got {value!r}")
         return height, width
+
+
+def _same_config(a: dict, b: dict) -> bool:
+    try:
+        return bool(a == b)
+    except (ValueError, RuntimeError):   # array-valued entries (trained_betas) do not compare to one bool
+        return False
 
 
 def _repeat(embeds: torch.Tensor, n: int) -> torch.Tensor:

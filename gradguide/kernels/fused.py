@@ -34,7 +34,10 @@ Limits: those of ``combine.py``; the Gram matrix must be the one of the first Kg
 (same rows). Zero-norm partners follow the safe division of the reference (a projection
 against a zero vector is the identity; APG's clip leaves a zero Δ alone).
 
-Reference: :func:`reference` below.
+Reference: ``gradguide.ops.policies.coefficients`` (the float64 truth of every policy) followed
+by :func:`combine.reference`; the kernels package sits below ``gradguide.ops`` and imports
+nothing from it, so that reference lives there, and ``tests/test_kernels.py`` holds this kernel
+to it for every policy.
 """
 from __future__ import annotations
 
@@ -51,19 +54,6 @@ ARITY = {"cfg": (3, 1), "pxp-a": (4, 1), "pxp-b": (4, 1), "pxp-c": (3, 4), "apg"
          "linear": (1, 0), "lookahead": (4, 8)}
 NEEDS_GRAM = {p: p not in ("cfg", "linear") for p in POLICY_IDS}
 MAX_VECTORS, MAX_SCALARS = 4, 8
-
-
-def reference(policy, gram, vectors, scalars, operands, clamp=None):
-    """Plain torch in float64: the policy's coefficients, then the reference combine."""
-    from gradguide.ops import policies
-    from .combine import reference as combine_reference
-    b, k = operands[0].shape[0], len(operands)
-    groups = gram.shape[1] if gram is not None else max(v.shape[1] for v in vectors)
-    names_v, names_s = policies.POLICIES[policy]
-    vec = {n: v.double().expand(b, groups, k) for n, v in zip(names_v, vectors)}
-    sc = {n: s.double().reshape(-1, 1, 1) for n, s in zip(names_s, scalars)}
-    coef = policies.coefficients(policy, None if gram is None else gram.double(), vec, sc)
-    return combine_reference(coef, operands, clamp)
 
 
 @triton.jit

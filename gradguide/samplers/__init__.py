@@ -16,7 +16,8 @@ A sampler is therefore a set of scalar tables over the evaluations (:class:`Samp
 built on the host in float64 from a :class:`~gradguide.schedules.Timesteps`; the step itself
 reads them from a device tensor. ``x`` is always the variance-preserving latent
 ``√ᾱ x_0 + √(1−ᾱ) ε`` the model is called on; σ-space (k-diffusion) samplers are the same
-steps with ``σ = √((1−ᾱ)/ᾱ)`` (``x_σ = x / √ᾱ``), see :mod:`gradguide.samplers.ksigma`.
+steps with ``σ = √((1−ᾱ)/ᾱ)`` (``x_σ = x / √ᾱ``), see :mod:`gradguide.samplers.ksigma`; flow-matching
+samplers likewise with ``x_σ = x/(√ᾱ + √(1−ᾱ))``, see :mod:`gradguide.samplers.flow`.
 The ``(x̂_0, ε)`` form of a step, ``a_0 x̂_0 + a_e ε``, has ``a_e = c_x √(1−ᾱ_t)``;
 CFG++ uses it to re-noise with a different ε.
 """
@@ -30,7 +31,8 @@ import torch
 from ..schedules import Timesteps
 
 SAMPLERS = ("ddpm", "ddim", "dpm_2", "dpm_2_ancestral", "dpmpp-2m", "dpmpp-2m-sde", "dpmpp-3m-sde",
-            "dpmpp_2s_ancestral", "dpmpp_sde", "dpm_fast", "euler", "euler_a", "heun", "lms", "plms", "unipc")
+            "dpmpp_2s_ancestral", "dpmpp_sde", "dpm_fast", "euler", "euler_a", "heun", "lms", "plms", "unipc",
+            "flow-euler", "flow-heun", "flow-lcm")
 CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")   # Karras et al.'s churn on euler and heun
 SOURCES = ("x", "0")   # a slot update reads x (the evaluated sample), D (the guided x̂_0) and the old slots
 
@@ -106,7 +108,10 @@ def common_tables(ts: Timesteps) -> Dict[str, torch.Tensor]:
     # ᾱ = 0 (zero terminal SNR) enters the x̂_0 ↔ ε conversions as 1e-16: x̂_0 = √ᾱ x − √(1−ᾱ) v
     # is then exact to 1e-8 |x| and no coefficient divides by zero (ε models are refused there)
     abar = ts.abar.clamp_min(1e-16)
-    return {"sqrt_abar": abar.sqrt(), "sqrt_1m_abar": (1 - abar).sqrt()}
+    # flow_in: a flow-matching model is called on x_σ = x/(√ᾱ + √(1−ᾱ)) (gradguide.predictions); from the
+    # unclamped ᾱ, so it is exactly 1 at σ = 1
+    return {"sqrt_abar": abar.sqrt(), "sqrt_1m_abar": (1 - abar).sqrt(),
+            "flow_in": 1 / (ts.abar.sqrt() + (1 - ts.abar).sqrt())}
 
 
 def build(name: str, ts: Timesteps, *, eta=None, variance: str = "fixed-small", **options) -> SamplerTables:
@@ -132,7 +137,11 @@ def build(name: str, ts: Timesteps, *, eta=None, variance: str = "fixed-small", 
 
 
 def _build(name: str, ts: Timesteps, eta, variance: str, options) -> SamplerTables:
-    from . import ddim, ddpm, dpmpp, kdiff, ksigma, plms, unipc
+    from . import ddim, ddpm, dpmpp, flow, kdiff, ksigma, plms, unipc
+    if name in ("flow-euler", "flow-heun", "flow-lcm"):
+        if eta is not None:
+            raise ValueError(f"sampler {name!r}: no eta (flow-euler takes stochastic)")
+        return flow.tables(name, ts, **options)
     if name == "dpm_fast":
         if eta is not None:
             options["eta"] = eta

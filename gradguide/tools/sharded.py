@@ -455,7 +455,7 @@ def _draw(config: SampleConfig, env: _Dist, log) -> Optional[dict]:
     if env.rank == 0 and config.progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(shards), desc=f"sampling ({env.world} process{'es' if env.world > 1 else ''})",
-                   unit="shard")
+                   unit="shard", disable=None)  # None: off when stderr is not a terminal
     written = redone = kept = 0
     for k, start, stop in mine:
         path = os.path.join(out, SHARD_PATTERN.format(k))

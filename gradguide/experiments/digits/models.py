@@ -150,7 +150,10 @@ def weights_path(name: str, directory: Optional[str] = None) -> str:
 
 def save(net: nn.Module, name: str, info: dict, directory: Optional[str] = None) -> str:
     from safetensors.torch import save_file
+
+    from ...tools import outputs
     path = weights_path(name, directory)
+    outputs.claim(path)   # never into the package: the shipped weights are what the other commands load
     os.makedirs(os.path.dirname(path), exist_ok=True)
     meta = {"config": json.dumps(net.config()), "info": json.dumps(info)}
     save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, path, metadata=meta)

@@ -118,7 +118,7 @@ def run_sweep(out: str, policies=("A", "B", "C"), samplers=("ddpm", "ddim"), cls
     os.makedirs(os.path.join(out, "runs"), exist_ok=True)
     todo = plan(policies, samplers, cls_scales, cfg_scales, seeds)
     results = []
-    bar = tqdm(todo, desc="sweep-digits", disable=not progress)
+    bar = tqdm(todo, desc="sweep-digits", disable=None if progress else True)  # None: off on a non-terminal
     for run in bar:
         path = os.path.join(out, "runs", run["key"] + ".json")
         if os.path.exists(path):
@@ -283,11 +283,14 @@ def _fmt(v) -> str:
 
 def report(out: str, figures: str, prefix: str = "digits") -> str:
     """Write the plots into ``figures`` and return the markdown tables of the sweep in ``out``."""
+    from ...tools import outputs
     runs = load_runs(out)
     agg = aggregate(runs)
+    samplers = sorted({r["sampler"] for r in runs}, key=lambda s: list(SAMPLER_STEPS).index(s))
+    outputs.claim(*(os.path.join(figures, f"{prefix}-{kind}-{sampler}.png") for sampler in samplers
+                    for kind in ("fid-acc", "pr", "telemetry")), option="--figures")
     os.makedirs(figures, exist_ok=True)
     lines = []
-    samplers = sorted({r["sampler"] for r in runs}, key=lambda s: list(SAMPLER_STEPS).index(s))
     for sampler in samplers:
         n = {r["n"] for r in runs if r["sampler"] == sampler}
         steps = {r["steps"] for r in runs if r["sampler"] == sampler}
@@ -368,6 +371,9 @@ def add_arguments(p) -> None:
 
 
 def run_cli(args) -> int:
+    from ...tools import outputs
+    if outputs.inside_package(args.out):   # the run folder resumes (finished runs are kept): only the package rule
+        outputs.claim(args.out)
     if args.n < 20:
         raise SystemExit(f"gradguide sweep-digits: --n: expected at least 20 samples (k-NN metrics), got {args.n}")
     if not args.report_only:

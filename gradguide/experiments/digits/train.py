@@ -33,7 +33,7 @@ def _bar(total: int, enabled: bool, desc: str):
     if not enabled:
         return None
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc=desc, leave=False)
+    return tqdm(total=total, desc=desc, leave=False, disable=None)  # None: off when stderr is not a terminal
 
 
 def _shift(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -144,11 +144,16 @@ def train_model(name: str, steps: Optional[int] = None, seed: int = 0, lr: float
         torch.set_num_threads(threads)
 
 
+DEFAULT_OUT = "digits-weights"   # `gradguide train-digits`'s folder, relative to the working directory
+
+
 def add_train_arguments(p) -> None:
     p.add_argument("--models", nargs="+", default=list(models.MODEL_NAMES), choices=list(models.MODEL_NAMES),
                    help="which models to train (default: all four)")
-    p.add_argument("--out", default=models.WEIGHTS_DIR,
-                   help=f"output folder of the .safetensors files (default: the shipped {models.WEIGHTS_DIR})")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"output folder of the .safetensors files (default {DEFAULT_OUT} in the working directory; "
+                        "the shipped weights in the package are never overwritten: use yours with "
+                        "`gradguide sweep-digits --weights`)")
     p.add_argument("--seed", type=int, default=0, help="training seed (default 0: the shipped weights)")
     p.add_argument("--steps", type=int, default=None,
                    help="optimiser steps per model (default: " + ", ".join(f"{k} {v}" for k, v in DEFAULT_STEPS.items())
@@ -157,6 +162,8 @@ def add_train_arguments(p) -> None:
 
 
 def run_train(args) -> int:
+    from ...tools import outputs
+    outputs.claim(*(models.weights_path(name, args.out) for name in args.models))   # before training, not after
     for name in args.models:
         net, info = train_model(name, steps=args.steps, seed=args.seed, progress=not args.no_progress)
         print(f"  -> {models.save(net, name, info, args.out)}")
