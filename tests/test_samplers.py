@@ -215,3 +215,29 @@ def test_every_guidance_term_runs_on_dpm_fast_and_churn(name, sampler, options):
                   check_sync=True, generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(x).all()
     assert len(records) == {"dpm_fast": 5, "euler": 5, "heun": 9}[sampler]
+
+
+@pytest.mark.parametrize("sampler", ["dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp-3m-sde"])
+def test_new_samplers_dry_run_like_heun(sampler):
+    """On the fake-CUDA dry run with graph capture, an evaluation of the new samplers is what one of
+    Heun's is: one model launch and combines over (x, D, the carried tensor), plus the noise where
+    that evaluation draws noise."""
+    from torch import nn
+    from gradguide.bench import dryrun
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(4, 1, 1), requires_grad=False)
+
+        def forward(self, x, t, **_):
+            return x * self.w
+    schedule = gg.Schedule.linear(1000)
+    r = dryrun.dry_run(Scale().to("meta"), (2, 4, 8, 8), schedule=schedule, sampler=sampler, steps=5,
+                       backend="reference", graph=True, steps_measured=[1, 2])
+    tables = build(sampler, schedule.timesteps(5))
+    for step in (1, 2):
+        measured = r["steps_measured"][str(step)]
+        noisy = int(tables.draws_noise[step])
+        assert measured["forward"]["launches"] == 1
+        assert measured["structure"]["combine_k"] == [3 + noisy, 3 + noisy]
