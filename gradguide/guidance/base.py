@@ -14,6 +14,7 @@ step adds its own operands through ``ctx.ops.add`` and asks for gradients throug
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
@@ -157,6 +158,37 @@ def check_number(name: str, value, low=None, high=None, owner: str = "", allow_i
     if low is not None and value < low or high is not None and value > high:
         raise ValueError(f"{where}{name}: expected a value in [{low}, {high}], got {value!r}")
     return float(value)
+
+
+def named_scales(guidance, terms) -> list:
+    """``[(name, value)]`` of the terms' guidance weights (``scale``, ``multiplier``) as the user
+    passed them: ``guidance[j].scale`` for a list, ``guidance.scale`` for a single term."""
+    single = isinstance(guidance, GuidanceTerm)
+    found = []
+    for j, term in enumerate(terms):
+        for attr in ("scale", "multiplier"):
+            value = getattr(term, attr, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                found.append((f"guidance.{attr}" if single else f"guidance[{j}].{attr}", float(value)))
+    return found
+
+
+def scale_overflow_hint(scales, dtype: torch.dtype) -> str:
+    """The part of a finiteness error that names the guidance weights too large for the run's
+    dtype, or "". The rule: a scale is refused only when it is not finite (at construction);
+    a finite one runs, and if the samples then leave the dtype's range, the error names every
+    weight with ``|w| > √(largest finite value of dtype)`` (float32: 1.8e19, float16: 256).
+    Why that bound: a step adds ``w · (branch difference)`` to x, and the next step's difference
+    can grow with x, so such a weight can overflow the dtype within two steps (a hint: the
+    error names it as the likely cause, it does not refuse a run that stays finite)."""
+    limit = math.sqrt(torch.finfo(dtype).max)
+    big = [(name, value) for name, value in scales if abs(value) > limit]
+    if not big:
+        return ""
+    names = "; ".join(f"{name}: {value:g}" for name, value in big)
+    return (f". Likely cause: {names} (|value| > {limit:.3g} = √ of the largest {str(dtype).replace('torch.', '')}"
+            ": a step adds it times a branch difference to x, and the next difference can grow with x): "
+            "use a smaller value")
 
 
 def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
