@@ -20,12 +20,19 @@ MAX_K = 8
 
 def check_operands(op: str, operands) -> torch.Tensor:
     """``operands``: 1 to 8 contiguous tensors ``[B, ...]`` (B >= 1) of one float dtype, shape and
-    device; returns the first."""
+    device; returns the first. (A Triton op runs this on every eager call: one cheap pass, and
+    the detailed messages only once something is wrong.)"""
     if not isinstance(operands, (list, tuple)) or len(operands) == 0:
         raise ValueError(f"{op}: operands: expected a non-empty list of tensors")
     if len(operands) > MAX_K:
         raise ValueError(f"{op}: operands: expected at most {MAX_K} tensors, got {len(operands)}")
     first = operands[0]
+    if isinstance(first, torch.Tensor):
+        shape, dtype, device = first.shape, first.dtype, first.device
+        if dtype in FLOATS and len(shape) >= 1 and shape[0] >= 1 and all(
+                isinstance(t, torch.Tensor) and t.shape == shape and t.dtype == dtype and t.device == device
+                and t.is_contiguous() for t in operands):
+            return first
     for k, t in enumerate(operands):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{op}: operands[{k}]: expected a tensor, got {type(t).__name__}")
@@ -40,9 +47,7 @@ def check_operands(op: str, operands) -> torch.Tensor:
             raise ValueError(f"{op}: operands[{k}]: device {t.device} differs from operands[0]'s {first.device}")
         if not t.is_contiguous():
             raise ValueError(f"{op}: operands[{k}]: expected a contiguous tensor")
-    if first.dim() < 1 or first.shape[0] < 1:
-        raise ValueError(f"{op}: operands: expected tensors shaped [B, ...] with B >= 1, got {tuple(first.shape)}")
-    return first
+    raise ValueError(f"{op}: operands: expected tensors shaped [B, ...] with B >= 1, got {tuple(first.shape)}")
 
 
 def check_tensor(op: str, name: str, t, first: torch.Tensor, dtypes=FLOATS) -> None:
@@ -105,16 +110,19 @@ def fused(op: str, policies, policy, gram, vectors, scalars, operands, low, high
     if gram is not None:
         check_tensor(op, "gram", gram, first)
     b, k = first.shape[0], len(operands)
+    device, per_sample = first.device, math.prod(first.shape[1:])
     for name, seq in (("vectors", vectors), ("scalars", scalars)):
         if not isinstance(seq, (list, tuple)):
             raise TypeError(f"{op}: {name}: expected a list of tensors, got {type(seq).__name__}")
+        if all(isinstance(t, torch.Tensor) and t.dtype in FLOATS and t.device == device for t in seq):
+            continue   # the common case, cheaply; otherwise the message
         for j, t in enumerate(seq):
             check_tensor(op, f"{name}[{j}]", t, first)
     for j, t in enumerate(vectors):
-        per_sample = math.prod(first.shape[1:])
-        if t.dim() != 3 or t.shape[0] not in (1, b) or t.shape[2] != k or t.shape[1] < 1 or per_sample % t.shape[1]:
+        shape = t.shape
+        if len(shape) != 3 or shape[0] not in (1, b) or shape[2] != k or shape[1] < 1 or per_sample % shape[1]:
             raise ValueError(f"{op}: vectors[{j}]: expected a [1 or B={b}, G, K={k}] tensor with G dividing the "
-                             f"per-sample size {per_sample}, got {tuple(t.shape)}")
+                             f"per-sample size {per_sample}, got {tuple(shape)}")
     check_bounds(op, low, high)
     if out is not None:
         check_out(op, out, first)
