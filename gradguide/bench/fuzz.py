@@ -1,5 +1,7 @@
 """Differential fuzzing of the public API (issue 14): ``ops.reduce / combine / fused_combine``,
-``project``, ``off_support_ratio`` and ``sample``, on every backend this installation has.
+the registered ops called directly (``raw_op``: ``torch.ops.gradguide.*`` and
+``torch.ops.gradguide_triton.*``), ``project``, ``off_support_ratio`` and ``sample``, on every
+backend this installation has.
 
 A *case* is a small picklable dict (``spec``) drawn by the test suite (tests/test_fuzz.py,
 hypothesis): the target, backend, dtype, shapes, a seed for the values, and at most one
@@ -11,7 +13,8 @@ hypothesis): the target, backend, dtype, shapes, a seed for the values, and at m
   epsilon times the sum of the magnitudes that enter each element, plus the rounding of the
   output dtype), with NaN/inf exactly where the float64 result has them;
 - ``"clean_error"`` — an invalid call refused with a TypeError/ValueError whose message names
-  the argument the mutation broke (``name:`` or ``name[i]:``);
+  the argument the mutation broke (``name:`` or ``name[i]:``); an error that names no such
+  argument, or of another type, is ``"unclean_error"``;
 
 - ``"known_imprecise"`` — ``sample`` below float64 with a rule computed from Gram entries
   (PixelAsParam projections, APG, CFG-Zero*, guidance rescale) whose finite result is further
