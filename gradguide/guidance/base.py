@@ -177,18 +177,20 @@ def scale_overflow_hint(scales, dtype: torch.dtype) -> str:
     """The part of a finiteness error that names the guidance weights too large for the run's
     dtype, or "". The rule: a scale is refused only when it is not finite (at construction);
     a finite one runs, and if the samples then leave the dtype's range, the error names every
-    weight with ``|w| > √(largest finite value of dtype)`` (float32: 1.8e19, float16: 256).
-    Why that bound: a step adds ``w · (branch difference)`` to x, and the next step's difference
-    can grow with x, so such a weight can overflow the dtype within two steps (a hint: the
-    error names it as the likely cause, it does not refuse a run that stays finite)."""
-    limit = math.sqrt(torch.finfo(dtype).max)
+    weight with ``|w|`` above the smaller of ``1/eps`` and ``√max`` of the dtype (float64: 4.5e15,
+    float32: 8.4e6, float16: 256, bfloat16: 128) as the likely cause. Why: beyond ``1/eps``
+    the guided term ``w · (branch difference)`` swamps the rest of the update below the dtype's
+    rounding (the model's own prediction no longer shows in x); beyond ``√max`` the next step's
+    difference, which can grow with x, overflows the dtype within two steps. A hint only: it
+    does not refuse a run that stays finite."""
+    fi = torch.finfo(dtype)
+    limit = min(1.0 / fi.eps, math.sqrt(fi.max))
     big = [(name, value) for name, value in scales if abs(value) > limit]
     if not big:
         return ""
     names = "; ".join(f"{name}: {value:g}" for name, value in big)
-    return (f". Likely cause: {names} (|value| > {limit:.3g} = √ of the largest {str(dtype).replace('torch.', '')}"
-            ": a step adds it times a branch difference to x, and the next difference can grow with x): "
-            "use a smaller value")
+    return (f". Likely cause: {names} (|value| > {limit:.3g}, beyond which a guidance weight swamps the rest "
+            f"of the step in {str(dtype).replace('torch.', '')} and can overflow it): use a smaller value")
 
 
 def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

@@ -92,7 +92,7 @@ def coefficients(policy: str, gram, vectors: Dict[str, torch.Tensor], scalars: D
     with a non-finite input or weight are all NaN (module doc)."""
     coef = _program(policy, gram, vectors, scalars)
     finite = torch.isfinite(coef).all(-1, keepdim=True)                       # [B, G, 1]
-    if gram is not None:
+    if gram is not None and NEEDS_GRAM[policy]:   # (cfg and linear read no Gram, even when given one)
         finite = finite & torch.isfinite(gram).flatten(-2).all(-1, keepdim=True)
     for t in (*vectors.values(), *scalars.values()):
         finite = finite & torch.isfinite(t).all(-1, keepdim=True)
