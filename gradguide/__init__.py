@@ -7,6 +7,7 @@ per-sample reductions, then one linear combination (see DESIGN.md and :mod:`grad
 from . import ops
 from .guidance import APG, CFG, DPS, CFGPlusPlus, CFGZeroStar, Classifier, DecodedLookAhead, GuidanceTerm, \
     LookAhead, NaiveGradient, Rescale
+from .config import Diagnostics, Execution, Sampler
 from .metrics import off_support_ratio
 from .projection import PixelAsParam, project
 from .sampling import StepRecord, sample
@@ -22,6 +23,7 @@ def __getattr__(name):
         return from_diffusers
     raise AttributeError(f"module 'gradguide' has no attribute {name!r}")
 
-__all__ = ["APG", "CFG", "CFGPlusPlus", "CFGZeroStar", "Classifier", "DPS", "DecodedLookAhead", "GuidanceTerm", "LookAhead",
-           "NaiveGradient", "PixelAsParam", "Rescale", "Schedule", "StepRecord", "Timesteps", "off_support_ratio",
-           "ops", "project", "sample", "sigmas_exponential", "sigmas_karras"]
+__all__ = ["APG", "CFG", "CFGPlusPlus", "CFGZeroStar", "Classifier", "DPS", "DecodedLookAhead", "Diagnostics",
+           "Execution", "GuidanceTerm", "LookAhead", "NaiveGradient", "PixelAsParam", "Rescale", "Sampler", "Schedule",
+           "StepRecord", "Timesteps", "off_support_ratio", "ops", "project", "sample", "sigmas_exponential",
+           "sigmas_karras"]

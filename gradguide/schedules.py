@@ -47,12 +47,13 @@ class Timesteps:
 class Schedule:
     """A discrete variance-preserving schedule, ``ᾱ_t`` for ``t = 0..T-1``.
 
-    ``suggested_sampler``: what :func:`gradguide.sample` uses without ``sampler=`` (``"ddpm"``
-    for a plain schedule; a diffusers scheduler's own for :func:`gradguide.from_diffusers`).
-    ``sampler_options``: per sampler name, settings passed to its table builder.
+    ``sampler_config``: the sampler configuration this schedule was learnt with (a
+    :class:`gradguide.Sampler`, or ``None``: nothing learnt). :func:`gradguide.sample` fills
+    what a call leaves unset from it (:func:`gradguide.from_diffusers` puts there the
+    scheduler's sampler, prediction type, clipping, ...); a plain schedule has none, and you may
+    set one, e.g. ``schedule.sampler_config = gradguide.Sampler("ddpm", final_noise="t>0")``.
     """
-    suggested_sampler = "ddpm"
-    sampler_options: dict = {}
+    sampler_config = None
 
     def __init__(self, alphas_cumprod):
         a = torch.as_tensor(np.asarray(alphas_cumprod, dtype=np.float64) if not isinstance(alphas_cumprod, torch.Tensor)
