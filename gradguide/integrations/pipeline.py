@@ -34,11 +34,13 @@ safety checker is run.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
+from ..config import Diagnostics, Execution, Sampler
 from ..guidance.base import GuidanceTerm
 from ..guidance.cfg import CFG
 from ..guidance.gradient import DecodedLookAhead
@@ -170,7 +172,7 @@ class GuidedPipeline:
                  height: Optional[int] = None, width: Optional[int] = None, num_images_per_prompt: int = 1,
                  generator=None, latents: Optional[torch.Tensor] = None, prompt_embeds: Optional[torch.Tensor] = None,
                  negative_prompt_embeds: Optional[torch.Tensor] = None, output_type: str = "pil",
-                 sampler: Optional[str] = None, eta: float = 0.0, progress: bool = True,
+                 sampler: Union[str, Sampler, None] = None, eta: float = 0.0, progress: bool = True,
                  callback: Optional[Callable] = None, backend: str = "auto", **sample_kwargs) -> GuidedPipelineOutput:
         """Generate images.
 
@@ -185,10 +187,13 @@ class GuidedPipeline:
         U-Net's sample size × the VAE's scale factor); ``generator``: a ``torch.Generator`` (or
         one per image) for the initial latents and any sampler noise; ``latents``: the initial
         noise instead; ``output_type``: ``"pil"`` (default), ``"np"``, ``"pt"`` or ``"latent"``;
-        ``sampler``/``eta``: gradguide's sampler (default: the one matching the scheduler);
-        ``progress``: a progress bar over the steps (default on); ``callback``: gets gradguide's
-        :class:`~gradguide.sampling.StepRecord` after each step; other keywords go to
-        :func:`gradguide.sample`.
+        ``sampler``: gradguide's sampler, a name or a :class:`~gradguide.Sampler` (default: the
+        scheduler's configuration; fields a ``Sampler`` leaves unset come from it); ``eta``:
+        DDIM's η; ``progress``: a progress bar over the steps (default on); ``callback``: gets
+        gradguide's :class:`~gradguide.sampling.StepRecord` after each step; ``backend``: the ops
+        backend; ``execution=`` / ``diagnostics=`` (a :class:`~gradguide.Execution` /
+        :class:`~gradguide.Diagnostics`) go to :func:`gradguide.sample` instead of
+        ``backend`` / ``progress`` and ``callback``.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
@@ -229,15 +234,17 @@ class GuidedPipeline:
             latents = _randn(shape, generator, self.device, dtype)   # as diffusers' prepare_latents draws them
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
-        kwargs = dict(getattr(self.model, "sample_defaults", None) or {})
-        kwargs.update(sample_kwargs)
+        config = sampler if isinstance(sampler, Sampler) else Sampler(sampler)
         if eta:
-            kwargs["eta"] = eta
-        out = sample(self.model, shape, schedule=self.schedule,
-                     sampler=sampler or getattr(self.schedule, "suggested_sampler", "ddim"),
-                     steps=num_inference_steps, guidance=terms, projection=projection,
-                     cond={"encoder_hidden_states": cond_embeds}, x_T=latents.to(self.device, dtype),
-                     generator=generator, backend=backend, progress=progress, callback=callback, **kwargs)
+            config = dataclasses.replace(config, eta=eta)
+        execution = sample_kwargs.pop("execution", None) or Execution(backend=backend)
+        diagnostics = sample_kwargs.pop("diagnostics", None) or Diagnostics(progress=progress, callback=callback)
+        if sample_kwargs:
+            raise TypeError(f"GuidedPipeline: unexpected keyword arguments {sorted(sample_kwargs)}")
+        out = sample(self.model, shape, schedule=self.schedule, sampler=config, steps=num_inference_steps,
+                     guidance=terms, projection=projection, cond={"encoder_hidden_states": cond_embeds},
+                     x_T=latents.to(self.device, dtype), generator=generator, execution=execution,
+                     diagnostics=diagnostics)
         if output_type == "latent":
             return GuidedPipelineOutput(images=out, latents=out)
         with torch.no_grad():
