@@ -11,7 +11,7 @@ One step, for every sampler and guidance combination (DESIGN.md):
 
 Nothing in a step reads a tensor value on the host: per-step scalars come from a device
 table indexed by a device step index, and which steps draw noise is known from the host-side
-tables. ``check_sync=True`` enforces this (see :mod:`gradguide.debug`).
+tables. ``Diagnostics(check_sync=True)`` enforces this (see :mod:`gradguide.debug`).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from .guidance.base import GuidanceTerm, StepContext
 from .guidance.cfg import CFG, BranchInputsError, batch_branch_inputs, per_sample, split_branches
 from .linear import LinComb, Operands
 from .projection import PixelAsParam, step_telemetry
-from .samplers import SamplerTables, build
+from .samplers import SAMPLERS, SamplerTables, build
 from .config import Diagnostics, Execution, Sampler
 from .schedules import Schedule, Timesteps
 
@@ -204,6 +204,8 @@ def prepare_run(model: Callable, shape: Sequence[int], *, schedule: Schedule, sa
     ``progress`` are sample's loop's own). ``meta=True`` accepts ``Execution(device="meta")``
     (the dry run's host-side preparation: tables are built on the host and every device tensor
     is made fake afterwards; ``sample`` refuses it)."""
+    if isinstance(sampler, str) and sampler not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {SAMPLERS} or a gradguide.Sampler, got {sampler!r}")
     if isinstance(sampler, str) or sampler is None:
         sampler = Sampler(sampler)
     elif not isinstance(sampler, Sampler):
@@ -241,7 +243,7 @@ def _range_hint(dtype: torch.dtype) -> str:
 
 
 def _stepper(run: "_Run", graph):
-    """The eager step, or CUDA-graph replay of it (``graph=True`` or a :class:`GraphCache`)."""
+    """The eager step, or CUDA-graph replay of it (``execution.graph``: True or a :class:`GraphCache`)."""
     if graph is False or graph is None:
         return EagerStepper(run, step)
     if graph is True:
