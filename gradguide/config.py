@@ -104,7 +104,7 @@ class Sampler:
         its options, DDPM's variance) is taken from ``learnt`` only when it names the same
         sampler (or none); ``learnt``'s ``timesteps``/``sigmas`` only when the call chooses no
         steps (``steps_given``, ``timesteps``, ``sigmas``)."""
-        learnt = learnt if learnt is not None else Sampler()
+        learnt = learnt if learnt is not None else _UNSET
         name = self.name or learnt.name or SAMPLER_DEFAULTS["name"]
         same = learnt.name in (None, name)
         out = {}
@@ -119,9 +119,17 @@ class Sampler:
         chosen = steps_given or self.timesteps is not None or self.sigmas is not None
         out["timesteps"] = self.timesteps if chosen else learnt.timesteps
         out["sigmas"] = self.sigmas if chosen else learnt.sigmas
-        options = dict(learnt.options) if same else {}
+        options = dict(learnt.options) if same and learnt.options else {}
         options.update(self.options)
-        return Sampler(name, options=options, **out)
+        # every value comes from a validated Sampler or the defaults: no second validation (per-call setup)
+        return self._validated(name=name, options=types.MappingProxyType(options), **out)
+
+    def _validated(self, **values) -> "Sampler":
+        """This configuration with ``values`` replaced, which the caller has validated."""
+        out = object.__new__(Sampler)
+        for name in _SAMPLER_FIELDS:
+            object.__setattr__(out, name, values[name] if name in values else getattr(self, name))
+        return out
 
 
 def _first(*values):
@@ -176,6 +184,10 @@ def _check_sampler(v: dict) -> None:
     for key in v["options"]:
         if not isinstance(key, str) or not key.isidentifier():
             raise TypeError(f"sampler.options: option names must be identifiers, got {key!r}")
+
+
+_UNSET = Sampler()   # nothing learnt
+_SAMPLER_FIELDS = tuple(f.name for f in dataclasses.fields(Sampler))
 
 
 @dataclass(frozen=True)

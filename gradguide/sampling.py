@@ -227,9 +227,12 @@ def prepare_run(model: Callable, shape: Sequence[int], *, schedule: Schedule, sa
     return run
 
 
+_DEFAULTS = {Execution: Execution(), Diagnostics: Diagnostics()}   # frozen: one shared default each
+
+
 def _config_object(name: str, value, cls):
     if value is None:
-        return cls()
+        return _DEFAULTS[cls]
     if not isinstance(value, cls):
         raise TypeError(f"{name}: expected a gradguide.{cls.__name__} or None, got {type(value).__name__}")
     return value
@@ -787,7 +790,7 @@ def _prepare(model, shape, *, schedule: Schedule, steps, sampler: Sampler, guida
     # the sampler tables and the fused plan are built (or taken from _PLAN_CACHE) by _finish_prepare
     run = _Run(model=model, shape=shape, device=device, dtype=dtype, tables=None, table_rows=None,
                table_index=None, timesteps_dev=None,
-               sampler=dataclasses.replace(sampler, clip=clip or False, timesteps=timesteps, sigmas=None),
+               sampler=sampler._validated(clip=clip or False, timesteps=timesteps, sigmas=None),
                execution=execution, diagnostics=diagnostics, branch=branch, score_terms=score_terms,
                mean_terms=mean_terms, post_terms=post_terms, projection=projection, cond=cond, backend=resolved,
                generator=generator, groups=projection.groups(shape) if projection is not None else 1)

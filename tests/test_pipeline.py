@@ -225,3 +225,5 @@ def test_pipeline_errors(components):
         pipe("a cat", guidance=[object()], progress=False)
     with pytest.raises(ValueError, match="clip_skip"):
         pipe("a cat", clip_skip=1, progress=False)
+    with pytest.raises(TypeError, match=r"GuidedPipeline: unexpected keyword arguments \['dtype'\]"):
+        pipe("a cat", dtype=torch.float64, progress=False)   # gradguide.sample's own goes in execution=

@@ -199,6 +199,10 @@ class GuidedPipeline:
             raise ValueError(f"output_type: expected one of {OUTPUT_TYPES}, got {output_type!r}")
         if "clip_skip" in sample_kwargs:
             raise ValueError("clip_skip: not supported (the text encoder's last hidden state is used)")
+        execution = sample_kwargs.pop("execution", None) or Execution(backend=backend)
+        diagnostics = sample_kwargs.pop("diagnostics", None) or Diagnostics(progress=progress, callback=callback)
+        if sample_kwargs:
+            raise TypeError(f"GuidedPipeline: unexpected keyword arguments {sorted(sample_kwargs)}")
         if isinstance(num_images_per_prompt, bool) or not isinstance(num_images_per_prompt, int) \
                 or num_images_per_prompt < 1:
             raise ValueError(f"num_images_per_prompt: expected an integer >= 1, got {num_images_per_prompt!r}")
@@ -237,10 +241,6 @@ class GuidedPipeline:
         config = sampler if isinstance(sampler, Sampler) else Sampler(sampler)
         if eta:
             config = dataclasses.replace(config, eta=eta)
-        execution = sample_kwargs.pop("execution", None) or Execution(backend=backend)
-        diagnostics = sample_kwargs.pop("diagnostics", None) or Diagnostics(progress=progress, callback=callback)
-        if sample_kwargs:
-            raise TypeError(f"GuidedPipeline: unexpected keyword arguments {sorted(sample_kwargs)}")
         out = sample(self.model, shape, schedule=self.schedule, sampler=config, steps=num_inference_steps,
                      guidance=terms, projection=projection, cond={"encoder_hidden_states": cond_embeds},
                      x_T=latents.to(self.device, dtype), generator=generator, execution=execution,
