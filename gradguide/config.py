@@ -98,6 +98,12 @@ class Sampler:
 
     __hash__ = None   # holds tensors and a mapping
 
+    def __reduce__(self):
+        # the read-only options view cannot be pickled or deep-copied itself: rebuild it from a dict
+        values = {name: getattr(self, name) for name in _SAMPLER_FIELDS}
+        values["options"] = dict(self.options)
+        return _rebuild_sampler, (values,)
+
     def resolve(self, learnt: Optional["Sampler"] = None, steps_given: bool = False) -> "Sampler":
         """Every field set: this configuration's, else ``learnt``'s (a schedule's
         ``sampler_config``), else gradguide's defaults. What is particular to one sampler (η,
@@ -188,6 +194,10 @@ def _check_sampler(v: dict) -> None:
 
 _UNSET = Sampler()   # nothing learnt
 _SAMPLER_FIELDS = tuple(f.name for f in dataclasses.fields(Sampler))
+
+
+def _rebuild_sampler(values: dict) -> Sampler:
+    return _UNSET._validated(**dict(values, options=types.MappingProxyType(values["options"])))
 
 
 @dataclass(frozen=True)

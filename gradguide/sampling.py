@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 from . import ops, predictions
+from .config import Diagnostics, Execution, Sampler
 from .debug import forbid_host_sync
 from .graphs import EagerStepper, GraphCache
 from .guidance.base import GuidanceTerm, StepContext
@@ -34,7 +35,6 @@ from .guidance.cfg import CFG, BranchInputsError, batch_branch_inputs, per_sampl
 from .linear import LinComb, Operands
 from .projection import PixelAsParam, step_telemetry
 from .samplers import SAMPLERS, SamplerTables, build
-from .config import Diagnostics, Execution, Sampler
 from .schedules import Schedule, Timesteps
 
 

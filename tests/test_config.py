@@ -1,7 +1,9 @@
 """sample()'s narrow signature and its three configuration objects: Sampler (filled from the
 schedule's learnt configuration, then the defaults), Execution and Diagnostics."""
+import copy
 import dataclasses
 import inspect
+import pickle
 
 import pytest
 import torch
@@ -45,6 +47,15 @@ def test_the_objects_are_frozen_and_compare_by_value():
     assert gg.Sampler("euler", sigmas=t) != gg.Sampler("euler", sigmas=2 * t)
     assert dataclasses.replace(s, eta=1.0) == gg.Sampler("ddim", eta=1.0, clip=True)
     assert gg.Diagnostics(check_finite=True).check_finite == "step"
+    # a configuration (and a schedule carrying one) copies and pickles
+    s2 = gg.Sampler("dpmpp-2m", clip=(-1.0, 1.0), solver_order=3)
+    for other in (copy.deepcopy(s2), pickle.loads(pickle.dumps(s2)), copy.copy(s2)):
+        assert other == s2 and other.options["solver_order"] == 3
+        with pytest.raises(TypeError):
+            other.options["solver_order"] = 2
+    sched = gg.Schedule.linear(100)
+    sched.sampler_config = s2
+    assert pickle.loads(pickle.dumps(sched)).sampler_config == s2
 
 
 def test_resolution_order_call_then_schedule_then_defaults():
