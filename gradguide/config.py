@@ -153,6 +153,8 @@ def _same(a, b) -> bool:
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
     if isinstance(a, Mapping) and isinstance(b, Mapping):
         return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if _number(a) and _number(b):   # (-1, 1) and (-1.0, 1.0) are the same range
+        return a == b
     return type(a) is type(b) and a == b
 
 

@@ -38,6 +38,7 @@ def test_the_objects_are_frozen_and_compare_by_value():
         gg.Execution().backend = "native"
     assert s == gg.Sampler("ddim", eta=0.5, clip=True) and s != gg.Sampler("ddim", eta=0.4, clip=True)
     assert gg.Sampler("dpmpp-2m", solver_order=3) == gg.Sampler("dpmpp-2m", options={"solver_order": 3})
+    assert gg.Sampler(clip=(-1, 1)) == gg.Sampler(clip=[-1.0, 1.0]) != gg.Sampler(clip=True)
     assert gg.Sampler("dpmpp-2m", solver_order=3).options["solver_order"] == 3
     with pytest.raises(TypeError):
         gg.Sampler("dpmpp-2m", solver_order=3).options["solver_order"] = 2   # read-only
