@@ -40,8 +40,9 @@ def pair(backend, seed, like, **kw):
     rounded = (lambda t: t.float()) if like else (lambda t: t)
     sampling._noise = lambda shape, gen, device, dt: rounded(draw(shape, gen, device, torch.float64)).to(dt)
     x_T = torch.randn(kw["shape"], generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-    out = {dt: gg.sample(x_T=rounded(x_T).to(dt) if dt == torch.float64 else x_T.to(dt), backend=backend,
-                         generator=torch.Generator().manual_seed(seed + 1), **kw)
+    out = {dt: gg.sample(x_T=rounded(x_T).to(dt) if dt == torch.float64 else x_T.to(dt),
+                         execution=gg.Execution(backend=backend), generator=torch.Generator().manual_seed(seed + 1),
+                         **kw)
            for dt in (torch.float64, torch.float32)}
     return tp.relative_error(out[torch.float32], out[torch.float64])
 
@@ -60,8 +61,8 @@ def cases():
                                               steps=6, guidance=terms, cond={"y": tp.Y})
     terms, _, model = tp.TERMS["cfg+C"]
     yield "cfg + C (official), dpmpp-2m, clip", 0, dict(
-        model=model, shape=(8, 2), schedule=tp.GM.schedule, sampler="dpmpp-2m", steps=6, guidance=terms,
-        projection=gg.PixelAsParam("C", convention="official"), cond={"y": tp.Y}, clip=(-5.0, 5.0))
+        model=model, shape=(8, 2), schedule=tp.GM.schedule, sampler=gg.Sampler("dpmpp-2m", clip=(-5.0, 5.0)), steps=6,
+        guidance=terms, projection=gg.PixelAsParam("C", convention="official"), cond={"y": tp.Y})
 
 
 backends = sys.argv[1:] or [b for b, ok in gg.ops.available_backends("cpu").items() if ok is True]

@@ -7,11 +7,12 @@ per-sample reductions, then one linear combination (see DESIGN.md and :mod:`grad
 from . import ops
 from .guidance import APG, CFG, DPS, CFGPlusPlus, CFGZeroStar, Classifier, DecodedLookAhead, GuidanceTerm, \
     LookAhead, NaiveGradient, Rescale
+from .config import Diagnostics, Execution, Sampler
 from .metrics import off_support_ratio
 from .projection import PixelAsParam, project
 from .sampling import StepRecord, sample
-from .schedules import (FlowSchedule, Schedule, Timesteps, calculate_shift, sigmas_exponential, sigmas_karras,
-                        sigmas_polyexponential, sigmas_vp)
+from .flow_schedules import FlowSchedule, calculate_shift
+from .schedules import Schedule, Timesteps, sigmas_exponential, sigmas_karras, sigmas_polyexponential, sigmas_vp
 
 __version__ = "0.1.0"
 
@@ -23,8 +24,7 @@ def __getattr__(name):
         return from_diffusers
     raise AttributeError(f"module 'gradguide' has no attribute {name!r}")
 
-__all__ = ["APG", "CFG", "CFGPlusPlus", "CFGZeroStar", "Classifier", "DPS", "DecodedLookAhead", "FlowSchedule",
-           "GuidanceTerm", "LookAhead",
-           "NaiveGradient", "PixelAsParam", "Rescale", "Schedule", "StepRecord", "Timesteps", "off_support_ratio",
-           "calculate_shift", "ops", "project", "sample", "sigmas_exponential", "sigmas_karras",
-           "sigmas_polyexponential", "sigmas_vp"]
+__all__ = ["APG", "CFG", "CFGPlusPlus", "CFGZeroStar", "Classifier", "DPS", "DecodedLookAhead", "Diagnostics",
+           "Execution", "FlowSchedule", "GuidanceTerm", "LookAhead", "NaiveGradient", "PixelAsParam", "Rescale",
+           "Sampler", "Schedule", "StepRecord", "Timesteps", "calculate_shift", "off_support_ratio", "ops", "project",
+           "sample", "sigmas_exponential", "sigmas_karras", "sigmas_polyexponential", "sigmas_vp"]

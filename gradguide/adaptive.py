@@ -16,12 +16,13 @@ and adds ``s_noise σ_up z`` (``z`` from ``noise_sampler(σ_s, σ_t)`` or the ge
 """
 from __future__ import annotations
 
-import copy
+import dataclasses
 import math
 from typing import Callable, Optional
 
 import torch
 
+from .config import Diagnostics, Sampler
 from .samplers.kdiff import ancestral_step
 
 
@@ -61,18 +62,19 @@ def sample_dpm_adaptive(model, shape, *, schedule, sigma_min: float, sigma_max: 
     """Sample from ``sigma_max`` (starting at ``sigma_max · x_T``) to ``sigma_min``, returning the
     σ-space sample (and with ``return_info`` k-diffusion's ``{'steps', 'nfe', 'n_accept',
     'n_reject'}``). ``sample_kwargs`` go to every :func:`gradguide.sample` call (``guidance``,
-    ``cond``, ``projection``, ...); the schedule's own ``sampler_options`` are not modified."""
+    ``cond``, ``projection``, ``execution``, ``diagnostics`` without a callback, ...)."""
     if order not in (2, 3):
         raise ValueError(f"order: expected 2 or 3, got {order!r}")
     if not (0 < sigma_min < sigma_max < math.inf):
         raise ValueError(f"sigma_min, sigma_max: expected 0 < sigma_min < sigma_max, got {sigma_min!r}, {sigma_max!r}")
     if not isinstance(x_T, torch.Tensor) or tuple(x_T.shape) != tuple(shape):
         raise ValueError(f"x_T: expected a tensor of shape {tuple(shape)}")
-    for key in ("sigmas", "steps", "timesteps", "sampler", "x_T", "callback"):
+    for key in ("steps", "sampler", "x_T"):
         if key in sample_kwargs:
             raise TypeError(f"sample_dpm_adaptive: {key!r} is set by the adaptive driver")
-    attempt_schedule = copy.copy(schedule)
-    attempt_schedule.sampler_options = {"dpm_fast": {"orders": (order,)}}
+    diagnostics = sample_kwargs.pop("diagnostics", None) or Diagnostics()
+    if diagnostics.callback is not None:
+        raise TypeError("sample_dpm_adaptive: diagnostics.callback: the adaptive driver reads every attempt's records")
     t_start, t_end = -math.log(sigma_max), -math.log(sigma_min)
     sigma = lambda t: math.exp(-t)   # noqa: E731
     a = lambda s: 1 / math.sqrt(1 + s * s)   # noqa: E731
@@ -90,7 +92,8 @@ def sample_dpm_adaptive(model, shape, *, schedule, sigma_min: float, sigma_max: 
         else:
             t_, su = t, 0.0
         records = []
-        x_high = _attempt(model, shape, attempt_schedule, sigma(s), sigma(t_), x, records, sample_kwargs)
+        x_high = _attempt(model, shape, schedule, order, sigma(s), sigma(t_), x,
+                          dataclasses.replace(diagnostics, callback=records.append), sample_kwargs)
         x_low = _embedded(records, x, sigma(s), sigma(t_), order, a)
         delta = torch.maximum(torch.as_tensor(atol, dtype=x.dtype), rtol * torch.maximum(x_low.abs(), x_prev.abs()))
         error = torch.linalg.norm((x_low - x_high) / delta) / x.numel() ** 0.5
@@ -112,11 +115,11 @@ def sample_dpm_adaptive(model, shape, *, schedule, sigma_min: float, sigma_max: 
     return (x, info) if return_info else x
 
 
-def _attempt(model, shape, schedule, s_from, s_to, x, records, sample_kwargs):
-    """One DPM-Solver step of the schedule's order from σ-space ``x`` at ``s_from`` to ``s_to``."""
+def _attempt(model, shape, schedule, order, s_from, s_to, x, diagnostics, sample_kwargs):
+    """One DPM-Solver step of ``order`` from σ-space ``x`` at ``s_from`` to ``s_to``."""
     from .sampling import sample
-    return sample(model, shape, schedule=schedule, sampler="dpm_fast", sigmas=[s_from, s_to], x_T=x / s_from,
-                  callback=records.append, **sample_kwargs)
+    return sample(model, shape, schedule=schedule, sampler=Sampler("dpm_fast", sigmas=[s_from, s_to], orders=(order,)),
+                  x_T=x / s_from, diagnostics=diagnostics, **sample_kwargs)
 
 
 def _embedded(records, x, s_from, s_to, order, a):

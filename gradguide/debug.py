@@ -3,8 +3,8 @@
 :func:`forbid_host_sync` makes any ``.item()``, ``.tolist()``, ``.numpy()``, ``float(t)``,
 ``int(t)``, ``t.__index__()`` or tensor-valued ``if`` raise :class:`HostSyncError` while it is
 active, and, where CUDA is initialised, also sets ``torch.cuda.set_sync_debug_mode("error")``
-so a synchronising CUDA call raises too. ``gradguide.sample(..., check_sync=True)`` runs every
-step (not the callback) under it.
+so a synchronising CUDA call raises too. ``gradguide.sample(...,
+diagnostics=Diagnostics(check_sync=True))`` runs every step (not the callback) under it.
 """
 from __future__ import annotations
 

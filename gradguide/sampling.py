@@ -11,7 +11,7 @@ One step, for every sampler and guidance combination (DESIGN.md):
 
 Nothing in a step reads a tensor value on the host: per-step scalars come from a device
 table indexed by a device step index, and which steps draw noise is known from the host-side
-tables. ``check_sync=True`` enforces this (see :mod:`gradguide.debug`).
+tables. ``Diagnostics(check_sync=True)`` enforces this (see :mod:`gradguide.debug`).
 """
 from __future__ import annotations
 
@@ -27,6 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 from . import ops, predictions
+from .config import Diagnostics, Execution, Sampler
 from .debug import forbid_host_sync
 from .graphs import EagerStepper, GraphCache
 from .guidance.base import GuidanceTerm, StepContext, named_scales, scale_overflow_hint
@@ -53,124 +54,118 @@ class _Run:
     """Everything fixed for a sampling run, validated once before the first step."""
     model: Callable
     shape: tuple
-    device: torch.device
-    dtype: torch.dtype
+    device: torch.device          # resolved (x_T's, execution.device, else CPU)
+    dtype: torch.dtype            # resolved (x_T's, execution.dtype, else float32)
     tables: SamplerTables
     table_rows: torch.Tensor
     table_index: Dict[str, int]
     timesteps_dev: torch.Tensor
-    prediction: str
+    sampler: Sampler              # resolved: every field set, clip False or (low, high), the visited timesteps
+    execution: Execution
+    diagnostics: Diagnostics
     branch: Optional[GuidanceTerm]
     score_terms: List[GuidanceTerm]
     mean_terms: List[GuidanceTerm]
     post_terms: List[GuidanceTerm]
     projection: Optional[PixelAsParam]
     cond: dict
-    clip: Optional[tuple]
-    backend: str
-    telemetry: bool
+    backend: str                  # resolved ("auto" -> the one that runs)
     generator: object
     groups: int = 1
     needs_model_grad: bool = False
     needs_input_grad: bool = False
-    variance_channels: bool = False
     step_ids: torch.Tensor = field(default=None)
     timestep_list: List[int] = field(default_factory=list)
-    clip_eps: str = "clipped"
-    check_finite: object = "end"
     needs_x0: bool = False       # a sampler slot stores the guided x̂_0
     uncond: dict = field(default_factory=dict)     # the unconditional branch's model inputs
     batched: Optional[dict] = None                 # both branches' inputs stacked for one 2B call
     plan: object = None                  # stepplan.StepPlan when the step is a built-in program
     fused_reason: Optional[str] = None   # why not, otherwise
-    table_spec: Optional[tuple] = None   # (sampler, Timesteps, eta, variance, options): what the tables are built from
     scales: list = field(default_factory=list)   # [(argument name, value)]: named by the finiteness errors
 
+    # what the step reads, by name (the step, the fused plan and the graph signature)
+    @property
+    def prediction(self) -> str:
+        return self.sampler.prediction
 
-CHECK_FINITE = ("end", "step", False)
+    @property
+    def clip(self) -> Optional[tuple]:
+        return self.sampler.clip or None
+
+    @property
+    def clip_eps(self) -> str:
+        return self.sampler.clip_eps
+
+    @property
+    def variance_channels(self) -> bool:
+        return self.sampler.variance == "learned-range"
+
+    @property
+    def telemetry(self) -> bool:
+        return self.diagnostics.telemetry
+
+    @property
+    def check_finite(self):
+        return self.diagnostics.check_finite
 
 
-def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler: Optional[str] = None,
-           steps=None, eta: float = 0.0, guidance: Union[GuidanceTerm, Sequence[GuidanceTerm]] = (),
+def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler: Union[str, Sampler, None] = None,
+           steps=None, guidance: Union[GuidanceTerm, Sequence[GuidanceTerm]] = (),
            projection: Optional[PixelAsParam] = None, cond: Optional[dict] = None,
-           x_T: Optional[torch.Tensor] = None, generator=None, backend: str = "auto", graph=False,
-           callback: Optional[Callable[[StepRecord], None]] = None, prediction: Optional[str] = None,
-           variance: Optional[str] = None, clip=None, clip_eps: Optional[str] = None, spacing: str = "adm",
-           timesteps: Optional[Timesteps] = None, sigmas=None,
-           device=None, dtype: Optional[torch.dtype] = None, telemetry: bool = False, progress: bool = False,
-           check_sync: bool = False, check_finite="end", batch_branches="auto",
-           fused: bool = True) -> torch.Tensor:
+           x_T: Optional[torch.Tensor] = None, generator=None, execution: Optional[Execution] = None,
+           diagnostics: Optional[Diagnostics] = None) -> torch.Tensor:
     """Draw samples from a diffusion model with guidance.
 
-    ``model(x_t, t, **cond)`` returns the model's prediction (``prediction``: ``"eps"``,
-    ``"x0"``, ``"v"`` or ``"flow"``, a flow-matching velocity called on ``x_σ`` at the σ timesteps
-    of a :class:`~gradguide.FlowSchedule`, docs/flow.md; with ``variance="learned-range"`` twice the
-    channels, ADM style);
-    ``t`` is an int64 ``[B]`` tensor of original training timesteps (0-based), or float64 where
-    a σ-space schedule falls between them (``sigmas=``, diffusers' Euler/Heun/LMS timesteps).
+    ``model(x_t, t, **cond)`` returns the model's prediction (ε, x̂_0, v, or a flow-matching
+    velocity called on ``x_σ`` at the σ timesteps of a :class:`~gradguide.FlowSchedule`, docs/flow.md:
+    the sampler configuration's ``prediction``; with ``variance="learned-range"`` twice the
+    channels, ADM style); ``t`` is an int64 ``[B]`` tensor of original training timesteps (0-based), or
+    float64 where a σ-space schedule falls between them (``sigmas``, diffusers' Euler/Heun/LMS
+    timesteps). ``shape``: the batch shape ``(B, ...)``.
 
-    ``sampler``: ``"ddpm"``, ``"ddim"`` (with ``eta``), ``"dpmpp-2m"``, ``"dpmpp-2m-sde"``,
+    ``schedule``: a :class:`~gradguide.Schedule`; it may carry the sampler configuration it was
+    learnt with (``schedule.sampler_config``: :func:`gradguide.from_diffusers` puts there what
+    the diffusers scheduler fixes, so a model wrapped in a function of your own keeps it).
+
+    ``sampler``: a sampler name (``"ddpm"``, ``"ddim"``, ``"dpmpp-2m"``, ``"dpmpp-2m-sde"``,
     ``"dpmpp-3m-sde"``, ``"euler"``, ``"euler_a"``, ``"heun"``, ``"dpm_2"``, ``"dpm_2_ancestral"``,
     ``"dpmpp_2s_ancestral"``, ``"dpmpp_sde"``, ``"dpm_fast"``, ``"lms"``, ``"plms"``, ``"unipc"``, or the
-    flow-matching ``"flow-euler"``, ``"flow-heun"``, ``"flow-lcm"``
-    (:mod:`gradguide.samplers`, docs/samplers.md); default
-    ``schedule.suggested_sampler`` (``"ddpm"`` for a plain :class:`Schedule`; the matching
-    sampler for a diffusers scheduler). ``steps``: ``None``
-    (all T), a count, an ADM section string, or explicit timesteps; ``spacing``: ``"adm"``
-    (default), ``"leading"``, ``"trailing"``, ``"linspace"``; ``timesteps`` overrides both.
-    ``sigmas``: k-diffusion-style σ-space timesteps instead (a decreasing list ending where
-    sampling ends, usually 0, e.g. :func:`gradguide.sigmas_karras`): the model is called at
+    flow-matching ``"flow-euler"``, ``"flow-heun"``, ``"flow-lcm"``; docs/samplers.md) or a
+    :class:`~gradguide.Sampler` holding the sampler's whole configuration (η, prediction type,
+    variance, x̂_0 clipping and the ε a clipped step re-noises with, spacing, explicit
+    timesteps or σ's, the sampler's own options). Fields left unset come from
+    ``schedule.sampler_config``, then from the defaults (DDPM, ε-prediction, fixed-small
+    variance, no clipping, ADM spacing; see :class:`~gradguide.Sampler`).
+
+    ``steps``: ``None`` (all T), a count, an ADM section string, or explicit timesteps.
+    ``Sampler(sigmas=...)`` samples k-diffusion style instead: a decreasing σ list ending where
+    sampling ends, usually 0 (e.g. :func:`gradguide.sigmas_karras`); the model is called at
     fractional timesteps ``schedule.sigma_to_t(σ)``, ``x_T`` is scaled to ``σ_0 · x_T`` and the
     σ-space sample is returned, as k-diffusion's samplers do.
-    Defaults travel with the model and schedule: ``prediction``, ``variance``, ``clip``,
-    ``clip_eps`` left at ``None`` are taken from ``model.sample_defaults`` (what
-    :func:`gradguide.from_diffusers` learnt from the scheduler; a schedule may carry
-    ``sample_defaults`` too), else ``"eps"``, ``"fixed-small"``, no clipping, ``"clipped"``; sampler
-    settings (DPM-Solver's ``solver_type``, DDPM's final-step noise rule, ...) come from
-    ``schedule.sampler_options``.
+
     ``guidance``: one term or several (:mod:`gradguide.guidance`); ``projection``: a
     :class:`~gradguide.PixelAsParam`. ``cond``: inputs passed to the model and guidance terms.
-    ``x_T``: the initial noise (default: drawn with ``generator``; a list of B generators
-    draws each sample's noise from its own). ``clip``: ``None`` (default: the model's or
-    schedule's default, else off), ``False``, ``True`` for [−1, 1], or ``(low, high)``: clips
-    x̂_0 (image models). ``clip_eps``: the ε a clipped step
-    re-noises with: ``"clipped"`` (default; consistent with the clipped x̂_0, as GLIDE/ADM and
-    diffusers' ``use_clipped_model_output=True``) or ``"model"`` (the unclipped one, diffusers'
-    DDIM default; meant for DDIM). ``backend``: ops backend.
-    ``callback(record)``: called after every step with a :class:`StepRecord`; a tensor it returns
-    replaces ``x_(t-1)`` (what diffusers' ``callback_on_step_end`` does with returned latents); ``telemetry``:
-    fill in the PixelAsParam conflict telemetry even without a projection.
-    ``graph``: ``True`` captures the step as a CUDA graph and replays it (CUDA only; on CPU a
-    one-line notice, then eager); a :class:`~gradguide.graphs.GraphCache` keeps captures across calls.
-    ``check_sync``: raise if any step synchronises with the host.
-    ``check_finite``: the finiteness policy. ``"end"`` (default): one check of the returned
-    samples (one host sync after the loop); non-finite samples raise a ValueError instead of
-    being returned. ``"step"`` (or ``True``): every model output and every ``x_(t-1)`` is
-    checked, and the error names the first step and call that went non-finite (one host sync
-    per model call; not with ``graph`` capture or ``check_sync``). ``False``: no check, NaN/inf
-    propagate. float16/bfloat16 runs combine in float32 and round once per step; a model
-    output, guidance gradient or sample beyond the dtype's range (65504 for float16) cannot be
-    stored and becomes inf, which this check reports (use ``dtype=torch.float32`` then).
-    ``batch_branches``: how a two-branch term (CFG, APG, Rescale, CFG-Zero*, CFG++) calls the
-    model: ``"auto"`` (default) evaluates both branches in one call of batch 2B, as diffusers
-    pipelines do, when their inputs stack (same keys, batch tensors, equal other values; see
-    :mod:`gradguide.guidance.cfg`) and calls twice otherwise; ``True`` requires the one call
-    (``ValueError`` naming the input that does not stack); ``False`` calls the model twice
-    (for models that cannot take a mixed batch). Outputs are the same either way.
-    ``fused``: ``True`` (default) runs a step that matches a built-in program (:mod:`gradguide.stepplan`)
-    as reduce + one fused combine; ``False`` always takes the general LinComb path (its reference).
+    ``x_T``: the initial noise (its device and dtype are the run's; default: drawn with
+    ``generator``; a list of B generators draws each sample's noise from its own).
+
+    ``execution``: a :class:`~gradguide.Execution` (backend, CUDA graphs, fused step, device,
+    dtype, branch batching: how it runs, not what it computes). ``diagnostics``: a
+    :class:`~gradguide.Diagnostics` (host-sync and finiteness checks, telemetry, progress bar,
+    a per-step ``callback(record)`` receiving a :class:`StepRecord`; a tensor it returns replaces
+    ``x_(t-1)``, as diffusers' ``callback_on_step_end`` does with returned latents). By default non-finite
+    samples raise a ValueError (one check after the loop). float16/bfloat16 runs combine in
+    float32 and round once per step; a value beyond the dtype's range (65504 for float16)
+    becomes inf, which that check reports.
+
     The sampler's tables and the fused plan depend only on the configuration: repeated calls with
     the same one take them from a small cache (see ``_PLAN_CACHE``), with the same results.
     Returns the samples ``x_0``, shaped ``shape``.
     """
-    run = prepare_run(model, shape, schedule=schedule, sampler=sampler, steps=steps, eta=eta, guidance=guidance,
-                      projection=projection, cond=cond, x_T=x_T, generator=generator, backend=backend, graph=graph,
-                      prediction=prediction, variance=variance, clip=clip, clip_eps=clip_eps, spacing=spacing,
-                      timesteps=timesteps, sigmas=sigmas, device=device, dtype=dtype, telemetry=telemetry,
-                      check_sync=check_sync, check_finite=check_finite, batch_branches=batch_branches, fused=fused)
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback: expected a callable(record) or None, got {type(callback).__name__}")
-    stepper = _stepper(run, graph)
+    run = prepare_run(model, shape, schedule=schedule, sampler=sampler, steps=steps, guidance=guidance,
+                      projection=projection, cond=cond, x_T=x_T, generator=generator, execution=execution,
+                      diagnostics=diagnostics)
+    callback, check_sync = run.diagnostics.callback, run.diagnostics.check_sync
+    stepper = _stepper(run, run.execution.graph)
     x = x_T.to(run.dtype) if x_T is not None else _noise(run.shape, run.generator, run.device, run.dtype)
     init_scale, final_scale = run.tables.timesteps.init_scale, run.tables.timesteps.final_scale
     if init_scale != 1.0:   # σ-space samplers start from σ_max · z (as the variance-preserving x)
@@ -179,7 +174,7 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
         x = x + run.tables.initial_noise * _step_noise(run, run.tables.initial_noise_sigmas)
     state = initial_state(run, x)
     n = len(run.tables.timesteps)
-    bar = _progress(n, progress)
+    bar = _progress(n, run.diagnostics.progress)
     for i in range(n):
         # noise is drawn before the step (outside any captured graph) from the run's generator(s)
         noise = _step_noise(run, run.tables.noise_sigmas[i]) if run.tables.draws_noise[i] else None
@@ -206,94 +201,74 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     if run.check_finite == "end" and not bool(torch.isfinite(result).all()):
         raise ValueError(f"check_finite: the samples contain NaN or inf (from a finite x_T): a model output, a "
                          f"guidance gradient or the update went non-finite{_range_hint(run.dtype)}; pass "
-                         "check_finite='step' to find the first step, check_finite=False to get them anyway"
-                         f"{scale_overflow_hint(run.scales, run.dtype)}")
+                         "diagnostics=Diagnostics(check_finite='step') to find the first step, check_finite=False to "
+                         f"get them anyway{scale_overflow_hint(run.scales, run.dtype)}")
     return result
 
 
-def prepare_run(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler: Optional[str] = None,
-                steps=None, eta: float = 0.0, guidance=(), projection: Optional[PixelAsParam] = None,
-                cond: Optional[dict] = None, x_T: Optional[torch.Tensor] = None, generator=None,
-                backend: str = "auto", graph=False, prediction: Optional[str] = None, variance: Optional[str] = None,
-                clip=None, clip_eps: Optional[str] = None, spacing: str = "adm", timesteps: Optional[Timesteps] = None,
-                sigmas=None, device=None, dtype: Optional[torch.dtype] = None, telemetry: bool = False,
-                check_sync: bool = False, check_finite="end", batch_branches="auto", fused: bool = True,
-                meta: bool = False) -> _Run:
+def prepare_run(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler: Union[str, Sampler, None] = None,
+                steps=None, guidance=(), projection: Optional[PixelAsParam] = None, cond: Optional[dict] = None,
+                x_T: Optional[torch.Tensor] = None, generator=None, execution: Optional[Execution] = None,
+                diagnostics: Optional[Diagnostics] = None, meta: bool = False) -> _Run:
     """The validated and planned run that :func:`sample` steps through; the seam of the harness
     (dry run, launch counts, step benchmarks), which then calls :func:`initial_state` and
-    :func:`step` itself. Takes :func:`sample`'s arguments but ``callback`` and ``progress``.
-    ``meta=True`` accepts ``device="meta"`` (the dry run's host-side preparation: tables are
-    built on the host and every device tensor is made fake afterwards; ``sample`` refuses it)."""
-    sampler, prediction, variance, clip, clip_eps = _defaults(model, schedule, sampler, prediction, variance, clip,
-                                                              clip_eps)
-    if sigmas is not None:
-        if timesteps is not None or steps is not None:
-            raise ValueError("sigmas: pass either sigmas= or steps=/timesteps=, not both")
-        if not isinstance(schedule, Schedule):
-            raise TypeError(f"schedule: expected a gradguide.Schedule, got {type(schedule).__name__}")
-        timesteps = schedule.timesteps_from_sigmas(sigmas)
-    run = _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, cond, x_T, generator,
-                   backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry,
-                   batch_branches, allow_meta=meta)
-    if clip_eps not in ("clipped", "model"):
-        raise ValueError(f"clip_eps: expected 'clipped' or 'model', got {clip_eps!r}")
-    run.clip_eps = clip_eps
-    run.check_finite = _check_finite_policy(check_finite, graph, check_sync)
-    if not isinstance(fused, bool):
-        raise TypeError(f"fused: expected True or False, got {fused!r}")
-    _finish_prepare(run, fused)
+    :func:`step` itself. Takes :func:`sample`'s arguments (``diagnostics.callback`` and
+    ``progress`` are sample's loop's own). ``meta=True`` accepts ``Execution(device="meta")``
+    (the dry run's host-side preparation: tables are built on the host and every device tensor
+    is made fake afterwards; ``sample`` refuses it)."""
+    if isinstance(sampler, str) and sampler not in SAMPLERS:
+        raise ValueError(f"sampler: expected one of {SAMPLERS} or a gradguide.Sampler, got {sampler!r}")
+    if isinstance(sampler, str) or sampler is None:
+        sampler = Sampler(sampler)
+    elif not isinstance(sampler, Sampler):
+        raise TypeError(f"sampler: expected a sampler name or a gradguide.Sampler, got {type(sampler).__name__}")
+    execution = _config_object("execution", execution, Execution)
+    diagnostics = _config_object("diagnostics", diagnostics, Diagnostics)
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule: expected a gradguide.Schedule, got {type(schedule).__name__}")
+    learnt = getattr(schedule, "sampler_config", None)
+    if learnt is not None and not isinstance(learnt, Sampler):
+        raise TypeError(f"schedule.sampler_config: expected a gradguide.Sampler or None, got {type(learnt).__name__}")
+    run = _prepare(model, shape, schedule=schedule, steps=steps, sampler=sampler.resolve(learnt, steps is not None),
+                   guidance=guidance, projection=projection, cond=cond, x_T=x_T, generator=generator,
+                   execution=execution, diagnostics=diagnostics, allow_meta=meta)
+    if run.check_finite == "step" and execution.graph is not False:
+        raise ValueError("diagnostics.check_finite: 'step' reads every model output on the host; it cannot run with "
+                         "graph capture (execution.graph; use 'end')")
+    _finish_prepare(run, execution.fused)
     return run
+
+
+_DEFAULTS = {Execution: Execution(), Diagnostics: Diagnostics()}   # frozen: one shared default each
+
+
+def _config_object(name: str, value, cls):
+    if value is None:
+        return _DEFAULTS[cls]
+    if not isinstance(value, cls):
+        raise TypeError(f"{name}: expected a gradguide.{cls.__name__} or None, got {type(value).__name__}")
+    return value
 
 
 def _range_hint(dtype: torch.dtype) -> str:
     if dtype in (torch.float16, torch.bfloat16):
         return (f" (dtype={dtype} holds magnitudes up to {torch.finfo(dtype).max:.6g}; the ops combine in float32 "
-                "but x_(t-1) is stored in the run's dtype: use dtype=torch.float32)")
+                "but x_(t-1) is stored in the run's dtype: run in float32, via x_T's dtype or execution.dtype)")
     return ""
 
 
-def _check_finite_policy(value, graph, check_sync):
-    if value is True:
-        value = "step"
-    if value is None or not any(value is v or (isinstance(value, str) and value == v) for v in CHECK_FINITE):
-        raise ValueError(f"check_finite: expected 'end', 'step', True or False, got {value!r}")
-    if value == "step" and (graph not in (False, None) or check_sync):
-        raise ValueError("check_finite: 'step' reads every model output on the host; it cannot run with graph "
-                         "capture or check_sync=True (use 'end')")
-    return value
-
-
-def _defaults(model, schedule, sampler, prediction, variance, clip, clip_eps):
-    """Arguments left at ``None`` from ``model.sample_defaults`` / ``schedule.sample_defaults``
-    (the configuration :func:`gradguide.from_diffusers` learnt), else gradguide's defaults."""
-    found = dict(getattr(schedule, "sample_defaults", None) or {})
-    found.update(getattr(model, "sample_defaults", None) or {})
-    if sampler is None:
-        sampler = getattr(schedule, "suggested_sampler", None) or "ddpm"
-    prediction = prediction if prediction is not None else found.get("prediction", "eps")
-    if variance is None:
-        # a DDPM variance setting only travels to the DDPM sampler
-        variance = found.get("variance", "fixed-small") if sampler == "ddpm" else "fixed-small"
-    if clip is None:
-        clip = found.get("clip")
-    clip_eps = clip_eps if clip_eps is not None else found.get("clip_eps", "clipped")
-    return sampler, prediction, variance, clip, clip_eps
-
-
 def _stepper(run: "_Run", graph):
-    """The eager step, or CUDA-graph replay of it (``graph=True`` or a :class:`GraphCache`)."""
+    """The eager step, or CUDA-graph replay of it (``execution.graph``: True or a :class:`GraphCache`)."""
     if graph is False or graph is None:
         return EagerStepper(run, step)
     if graph is True:
         if run.device.type != "cuda":
-            warnings.warn(f"graph=True: CUDA graphs need a CUDA device; sampling eagerly on {run.device.type}",
+            warnings.warn(f"execution.graph=True: CUDA graphs need a CUDA device; sampling eagerly on {run.device.type}",
                           stacklevel=3)
             return EagerStepper(run, step)
         graph = GraphCache()
-    if not isinstance(graph, GraphCache):
-        raise TypeError(f"graph: expected True, False or a gradguide.graphs.GraphCache, got {type(graph).__name__}")
     if run.device.type != "cuda" and not graph.emulate:
-        warnings.warn(f"graph: CUDA graphs need a CUDA device; sampling eagerly on {run.device.type}", stacklevel=3)
+        warnings.warn(f"execution.graph: CUDA graphs need a CUDA device; sampling eagerly on {run.device.type}", stacklevel=3)
         return EagerStepper(run, step)
     return graph.stepper(run, step)
 
@@ -341,10 +316,8 @@ def _build_tables_and_plan(run: _Run, fused: bool) -> tuple:
     """What :func:`_finish_prepare` caches: ``(tables, table_rows, table_index, plan,
     fused_reason, needs_x0, timestep_list)``, computed from host-side configuration only."""
     from . import stepplan
-    sampler, timesteps, eta, variance, options = run.table_spec
-    if sampler == "ddim":   # sample()'s eta is DDIM's; the ancestral/SDE samplers' comes with their options
-        options = {**options, "eta": eta}
-    run.tables = build(sampler, timesteps, variance=variance, **options)
+    cfg = run.sampler
+    run.tables = build(cfg.name, cfg.timesteps, eta=cfg.eta, variance=cfg.variance, **cfg.options)
     run.table_rows, run.table_index = run.tables.stacked(run.device, ops.reference.coefficient_dtype(run.dtype))
     run.plan = stepplan.build(run) if fused else None
     if not fused:
@@ -401,16 +374,16 @@ def _term_key(term: GuidanceTerm) -> tuple:
 
 def _plan_key(run: _Run, fused: bool) -> Optional[tuple]:
     """The cache key of ``run``'s tables and plan (``None``: not cached)."""
-    sampler, ts, eta, variance, options = run.table_spec
+    cfg = run.sampler
+    ts = cfg.timesteps
     if run.device.type == "meta" or any(v.device.type != "cpu" for v in (ts.t, ts.abar, ts.abar_prev)):
         return None
     try:
         proj = run.projection
-        return (sampler, ts.t.dtype, ts.t.detach().numpy().tobytes(), ts.abar.dtype, ts.abar.detach().numpy().tobytes(),
-                ts.abar_prev.detach().numpy().tobytes(), _plain(ts.init_scale), _plain(ts.final_scale), _plain(eta),
-                _sigma_to_t_key(ts.sigma_to_t),
-                variance,
-                tuple(sorted((k, _plain(v)) for k, v in options.items())), run.device, run.dtype, fused,
+        return (cfg.name, ts.t.dtype, ts.t.detach().numpy().tobytes(), ts.abar.dtype, ts.abar.detach().numpy().tobytes(),
+                ts.abar_prev.detach().numpy().tobytes(), _plain(ts.init_scale), _plain(ts.final_scale), _plain(cfg.eta),
+                _sigma_to_t_key(ts.sigma_to_t), cfg.variance,
+                tuple(sorted((k, _plain(v)) for k, v in cfg.options.items())), run.device, run.dtype, fused,
                 run.prediction, run.variance_channels, run.telemetry, _plain(run.clip), run.clip_eps,
                 None if proj is None else (type(proj),) + tuple(_plain(getattr(proj, name)) for name in
                                                                 ("policy", "delta", "delta2", "pcgrad", "convention",
@@ -764,9 +737,9 @@ def _progress(n: int, enabled: bool):
 
 # -- validation -----------------------------------------------------------------------------
 
-def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, cond, x_T, generator,
-             backend, prediction, variance, clip, spacing, timesteps, device, dtype, telemetry,
-             batch_branches="auto", allow_meta: bool = False) -> _Run:
+def _prepare(model, shape, *, schedule: Schedule, steps, sampler: Sampler, guidance, projection, cond, x_T,
+             generator, execution: Execution, diagnostics: Diagnostics, allow_meta: bool = False) -> _Run:
+    """The run before its tables and plan; ``sampler`` is resolved (every field set)."""
     if not callable(model):
         raise TypeError(f"model: expected a callable model(x_t, t, **cond), got {type(model).__name__}")
     if not isinstance(shape, (tuple, list, torch.Size)) or len(shape) < 2 or \
@@ -774,17 +747,10 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
         raise ValueError(f"shape: expected a batch shape (B, ...) of positive integers with at least 2 "
                          f"dimensions, got {shape!r}")
     shape = tuple(shape)
-    if not isinstance(schedule, Schedule):
-        raise TypeError(f"schedule: expected a gradguide.Schedule, got {type(schedule).__name__}")
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
-    if backend not in ops.BACKENDS:
-        raise ValueError(f"backend: expected one of {ops.BACKENDS}, got {backend!r}")
-    predictions.check_prediction(prediction)
-    if variance not in predictions.VARIANCES:
-        raise ValueError(f"variance: expected one of {predictions.VARIANCES}, got {variance!r}")
+    name, prediction, variance = sampler.name, sampler.prediction, sampler.variance
 
     # device and dtype
+    device, dtype = execution.device, execution.dtype
     if x_T is not None:
         if not isinstance(x_T, torch.Tensor):
             raise TypeError(f"x_T: expected a tensor, got {type(x_T).__name__}")
@@ -794,10 +760,10 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
             raise ValueError(f"x_T: shape {tuple(x_T.shape)} does not match shape={shape}")
         if not x_T.is_floating_point():
             raise TypeError(f"x_T: expected a floating dtype, got {x_T.dtype}")
-        if device is not None and torch.device(device) != x_T.device:
-            raise ValueError(f"x_T: on {x_T.device}, but device={device}")
+        if device is not None and _check_device(device, allow_meta) != x_T.device:
+            raise ValueError(f"x_T: on {x_T.device}, but execution.device={device}")
         if dtype is not None and dtype != x_T.dtype:
-            raise TypeError(f"x_T: dtype {x_T.dtype} differs from dtype={dtype}")
+            raise TypeError(f"x_T: dtype {x_T.dtype} differs from execution.dtype={dtype}")
         if not torch.isfinite(x_T).all():
             raise ValueError("x_T: contains NaN or inf values")
         device, dtype = x_T.device, x_T.dtype
@@ -805,8 +771,6 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = dtype or torch.float32
-    if dtype not in ops.FLOAT_DTYPES:
-        raise TypeError(f"dtype: expected one of {ops.FLOAT_DTYPES}, got {dtype}")
     _check_generator(generator, shape, device)
 
     # cond
@@ -814,23 +778,16 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
         raise TypeError(f"cond: expected a dict of keyword inputs for the model, got {type(cond).__name__}")
     cond = dict(cond or {})
 
-    # timesteps and sampler tables
-    if timesteps is None:
-        timesteps = schedule.timesteps(steps, spacing)
-    elif not isinstance(timesteps, Timesteps):
-        raise TypeError(f"timesteps: expected a gradguide.schedules.Timesteps, got {type(timesteps).__name__}")
-    if variance == "learned-range" and sampler != "ddpm":
-        raise ValueError(f"variance='learned-range' is DDPM's; sampler={sampler!r} ignores model variances "
-                         "(split the model output yourself or use sampler='ddpm')")
+    # timesteps (the sampler's tables are built from them in _finish_prepare)
+    timesteps = _timesteps(schedule, steps, sampler)
+    if variance == "learned-range" and name != "ddpm":
+        raise ValueError(f"sampler.variance: 'learned-range' is DDPM's; sampler {name!r} ignores model variances "
+                         "(split the model output yourself or use the 'ddpm' sampler)")
     if timesteps.abar[0] == 0 and prediction == "eps":
-        raise ValueError("prediction='eps' cannot start at ᾱ = 0 (zero terminal SNR): x̂_0 = (x − √(1−ᾱ) ε)/√ᾱ is "
-                         "undefined there; zero-terminal-SNR schedules need a v- or x0-prediction model (Lin et al. 2024)")
+        raise ValueError("sampler.prediction: 'eps' cannot start at ᾱ = 0 (zero terminal SNR): x̂_0 = (x − √(1−ᾱ) ε)/√ᾱ "
+                         "is undefined there; zero-terminal-SNR schedules need a v- or x0-prediction model "
+                         "(Lin et al. 2024)")
     _check_flow(schedule, prediction)
-    options = dict((getattr(schedule, "sampler_options", None) or {}).get(sampler, {}))
-    if sampler != "ddim" and eta != 0.0:
-        raise ValueError(f"eta: only the DDIM sampler takes eta from sample(), got eta={eta} with sampler={sampler!r}; "
-                         "the ancestral and SDE samplers take theirs as a sampler option: "
-                         f"schedule.sampler_options = {{{sampler!r}: {{'eta': {eta}}}}}")
 
     # guidance terms
     if guidance is not None and not isinstance(guidance, (GuidanceTerm, list, tuple)):
@@ -841,7 +798,7 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
         if not isinstance(term, GuidanceTerm):
             raise TypeError(f"guidance[{j}]: expected a guidance term (gradguide.CFG, Classifier, ...), "
                             f"got {type(term).__name__}")
-    terms = [term.bind(shape, device, dtype, sampler) for term in terms]
+    terms = [term.bind(shape, device, dtype, name) for term in terms]
     branch_terms = [t for t in terms if t.place == "branches"]
     if len(branch_terms) > 1:
         raise ValueError("guidance: at most one of CFG, APG, Rescale, CFGZeroStar, CFGPlusPlus per run, got "
@@ -875,64 +832,78 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
             raise ValueError(f"projection: policy {projection.policy} projects guidance directions against "
                              "the denoising direction; add a term that adds one (Classifier, NaiveGradient, "
                              "LookAhead, DPS)")
-    if clip is True:
-        clip = (-1.0, 1.0)
-    elif clip is False:
-        clip = None
-    if isinstance(clip, (tuple, list)):  # 0-d tensor bounds are read once here, before the loop
-        clip = tuple(float(c) if isinstance(c, torch.Tensor) and c.numel() == 1 and c.is_floating_point()
-                     and c.device.type != "meta" else c for c in clip)
-    clip = ops.check_clamp(clip, "clip")   # the ops' clamp rule: numbers, no NaN
-    if clip is not None and (None in clip or not clip[0] < clip[1]):
-        raise ValueError(f"clip: expected None, True or (low, high) with low < high, got {clip!r}")
+    clip = _clip(sampler.clip)
 
-    resolved = ops.resolve_backend(backend, device)
+    resolved = ops.resolve_backend(execution.backend, device)
     # the sampler tables and the fused plan are built (or taken from _PLAN_CACHE) by _finish_prepare
     run = _Run(model=model, shape=shape, device=device, dtype=dtype, tables=None, table_rows=None,
-               table_index=None, timesteps_dev=None, prediction=prediction, branch=branch,
-               score_terms=score_terms, mean_terms=mean_terms, post_terms=post_terms, projection=projection,
-               cond=cond, clip=tuple(clip) if clip is not None else None, backend=resolved,
-               telemetry=telemetry, generator=generator,
-               groups=projection.groups(shape) if projection is not None else 1)
+               table_index=None, timesteps_dev=None,
+               sampler=sampler._validated(clip=clip or False, timesteps=timesteps, sigmas=None),
+               execution=execution, diagnostics=diagnostics, branch=branch, score_terms=score_terms,
+               mean_terms=mean_terms, post_terms=post_terms, projection=projection, cond=cond, backend=resolved,
+               generator=generator, groups=projection.groups(shape) if projection is not None else 1)
     run.scales = named_scales(guidance, terms)
     run.needs_model_grad = any(t.needs_model_grad for t in terms)
     run.needs_input_grad = run.needs_model_grad or any(t.needs_input_grad for t in terms)
-    run.variance_channels = variance == "learned-range"
-    run.table_spec = (sampler, timesteps, eta, variance, options)
     if branch is not None:
-        run.uncond, run.batched = _branch_inputs(branch, cond, uncond, shape[0], batch_branches)
-    elif batch_branches not in ("auto", True, False):
-        raise ValueError(f"batch_branches: expected 'auto', True or False, got {batch_branches!r}")
+        run.uncond, run.batched = _branch_inputs(branch, cond, uncond, shape[0], execution.batch_branches)
     return run
 
 
 def _check_flow(schedule: Schedule, prediction: str) -> None:
     """A flow model needs σ timesteps and a σ schedule needs a flow model (docs/flow.md)."""
-    from .schedules import FlowSchedule
+    from .flow_schedules import FlowSchedule
     flow_schedule = isinstance(schedule, FlowSchedule)
     if prediction == "flow" and not flow_schedule:
-        raise ValueError("prediction='flow' needs a gradguide.FlowSchedule (σ timesteps and the model's timestep "
+        raise ValueError("sampler.prediction: 'flow' needs a gradguide.FlowSchedule (σ timesteps and the model's timestep "
                          f"convention), got {type(schedule).__name__}")
     if flow_schedule and prediction != "flow":
-        raise ValueError(f"prediction={prediction!r}: a FlowSchedule drives flow-matching (velocity) models; use "
+        raise ValueError(f"sampler.prediction: {prediction!r}: a FlowSchedule drives flow-matching (velocity) models; use "
                          "prediction='flow' (or leave it unset)")
+
+
+def _timesteps(schedule: Schedule, steps, sampler: Sampler) -> Timesteps:
+    """The visited timesteps: ``sampler.timesteps``, else from ``sampler.sigmas``, else the
+    schedule's for ``steps`` with ``sampler.spacing``."""
+    if sampler.sigmas is not None:
+        if steps is not None:
+            raise ValueError("sampler.sigmas: pass either sigmas or steps, not both")
+        try:
+            return schedule.timesteps_from_sigmas(sampler.sigmas)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"sampler.{exc}") from None
+    if sampler.timesteps is not None:
+        return sampler.timesteps
+    return schedule.timesteps(steps, sampler.spacing)
+
+
+def _clip(clip) -> Optional[tuple]:
+    """``None`` (off) or ``(low, high)`` floats from a sampler's ``clip``."""
+    if clip is True:
+        return (-1.0, 1.0)
+    if clip is False or clip is None:
+        return None
+    # 0-d tensor bounds are read once here, before the loop
+    clip = tuple(float(c) if isinstance(c, torch.Tensor) and c.numel() == 1 and c.is_floating_point()
+                 and c.device.type != "meta" else c for c in clip)
+    clip = ops.check_clamp(clip, "sampler.clip")   # the ops' clamp rule: numbers, no NaN
+    if clip is not None and (None in clip or not clip[0] < clip[1]):
+        raise ValueError(f"sampler.clip: expected None, True, False or (low, high) with low < high, got {clip!r}")
+    return tuple(clip)
 
 
 def _check_device(device, allow_meta: bool = False) -> torch.device:
     if device is None:
         return torch.device("cpu")
-    if not isinstance(device, (str, torch.device, int)) or isinstance(device, bool):
-        raise TypeError(f"device: expected a torch.device or a string such as 'cpu' or 'cuda', "
-                        f"got {type(device).__name__}")
     try:
         device = torch.device(device)
     except (RuntimeError, ValueError) as exc:
-        raise ValueError(f"device: {device!r} is not a device ({exc})") from None
+        raise ValueError(f"execution.device: {device!r} is not a device ({exc})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device: {str(device)!r} requested, but CUDA is not available "
+        raise ValueError(f"execution.device: {str(device)!r} requested, but CUDA is not available "
                          f"(torch {torch.__version__}{' is a CPU-only build' if torch.version.cuda is None else ''})")
     if device.type == "meta" and not allow_meta:
-        raise ValueError("device: meta tensors hold no values; sampling needs 'cpu' or 'cuda'")
+        raise ValueError("execution.device: meta tensors hold no values; sampling needs 'cpu' or 'cuda'")
     return device
 
 
@@ -960,16 +931,14 @@ def _check_inputs(name: str, inputs: dict, batch: int, device: torch.device, con
 def _branch_inputs(branch: GuidanceTerm, cond: dict, uncond: dict, b: int, batch_branches):
     """The unconditional branch's inputs (computed once per run) and, where the two branches
     are evaluated in one call, their stacked inputs (see :mod:`gradguide.guidance.cfg`)."""
-    if batch_branches not in ("auto", True, False):
-        raise ValueError(f"batch_branches: expected 'auto', True or False, got {batch_branches!r}")
     if batch_branches is False:
         return uncond, None
     try:
         return uncond, batch_branch_inputs(uncond, cond, b)
     except BranchInputsError as exc:
         if batch_branches is True:
-            raise ValueError(f"batch_branches=True: {type(branch).__name__}'s two branches cannot share one model "
-                             f"call: {exc} (or pass batch_branches=False)") from None
+            raise ValueError(f"execution.batch_branches=True: {type(branch).__name__}'s two branches cannot share one "
+                             f"model call: {exc} (or pass Execution(batch_branches=False))") from None
         return uncond, None
 
 

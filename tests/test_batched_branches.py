@@ -76,7 +76,8 @@ def _inputs():
     return cond, uncond
 
 
-def _run(model, guidance, batch, sampler="ddim", projection=None, graph=False, seed=0, **kw):
+def _run(model, guidance, batch, sampler="ddim", projection=None, graph=False, seed=0, **config):
+    """``config``: further gg.Sampler fields (clip, variance)."""
     cond, uncond = _inputs()
     for term in guidance if isinstance(guidance, list) else [guidance]:
         if hasattr(term, "uncond"):
@@ -84,10 +85,11 @@ def _run(model, guidance, batch, sampler="ddim", projection=None, graph=False, s
     model.calls.clear()
     model.backwards = 0
     x_T = torch.randn(SHAPE, dtype=DT, generator=torch.Generator().manual_seed(seed))
-    eta = kw.pop("eta", 0.5 if sampler == "ddim" else 0.0)
-    return gg.sample(model, SHAPE, schedule=gg.Schedule.linear(1000), sampler=sampler, steps=5, eta=eta,
-                     guidance=guidance, projection=projection, cond=cond, x_T=x_T,
-                     generator=torch.Generator().manual_seed(seed + 1), batch_branches=batch, graph=graph, **kw)
+    eta = 0.5 if sampler == "ddim" else 0.0
+    return gg.sample(model, SHAPE, schedule=gg.Schedule.linear(1000), sampler=gg.Sampler(sampler, eta=eta, **config),
+                     steps=5, guidance=guidance, projection=projection, cond=cond, x_T=x_T,
+                     generator=torch.Generator().manual_seed(seed + 1),
+                     execution=gg.Execution(graph=graph, batch_branches=batch))
 
 
 def _terms():
@@ -171,11 +173,13 @@ def test_graph_stepper_captures_the_batched_call(name):
     before = cache.captures
     term = _terms()[name]()
     term.uncond = uncond
-    kw = dict(schedule=gg.Schedule.linear(1000), sampler="ddim", steps=5, eta=0.5, guidance=term, cond=cond,
-              x_T=torch.randn(SHAPE, dtype=DT, generator=torch.Generator().manual_seed(0)), batch_branches=True)
-    replayed = gg.sample(model, SHAPE, generator=torch.Generator().manual_seed(1), graph=cache, **kw)
+    kw = dict(schedule=gg.Schedule.linear(1000), sampler=gg.Sampler("ddim", eta=0.5), steps=5, guidance=term, cond=cond,
+              x_T=torch.randn(SHAPE, dtype=DT, generator=torch.Generator().manual_seed(0)))
+    replayed = gg.sample(model, SHAPE, generator=torch.Generator().manual_seed(1),
+                         execution=gg.Execution(graph=cache, batch_branches=True), **kw)
     assert cache.captures == before and cache.reuses == 1
-    direct = gg.sample(model, SHAPE, generator=torch.Generator().manual_seed(1), **kw)
+    direct = gg.sample(model, SHAPE, generator=torch.Generator().manual_seed(1),
+                       execution=gg.Execution(batch_branches=True), **kw)
     assert torch.allclose(replayed, direct, rtol=0, atol=1e-12)
     assert (replayed - got).abs().max() > 1e-3       # the new labels changed the samples
 
@@ -204,16 +208,18 @@ def test_refusals_and_fallback():
     model = BatchModel()
     cond, uncond = _inputs()
     uncond["mode"] = "plain"
-    kw = dict(schedule=gg.Schedule.linear(1000), sampler="ddim", steps=2, cond=cond, dtype=DT)
-    with pytest.raises(ValueError, match=r"batch_branches=True: CFG's two branches .*cond\['mode'\]"):
-        gg.sample(model, SHAPE, guidance=CFG(2.0, uncond=uncond), batch_branches=True, **kw)
-    with pytest.raises(ValueError, match="batch_branches: expected 'auto', True or False"):
-        gg.sample(model, SHAPE, guidance=CFG(2.0, uncond=uncond), batch_branches="yes", **kw)
-    with pytest.raises(ValueError, match="batch_branches: expected"):
-        gg.sample(model, SHAPE, batch_branches=1.5, **kw)
+    kw = dict(schedule=gg.Schedule.linear(1000), sampler="ddim", steps=2, cond=cond)
+    with pytest.raises(ValueError, match=r"execution.batch_branches=True: CFG's two branches .*cond\['mode'\]"):
+        gg.sample(model, SHAPE, guidance=CFG(2.0, uncond=uncond),
+                  execution=gg.Execution(batch_branches=True, dtype=DT), **kw)
+    with pytest.raises(ValueError, match="execution.batch_branches: expected 'auto', True or False"):
+        gg.Execution(batch_branches="yes")
+    with pytest.raises(ValueError, match="execution.batch_branches: expected"):
+        gg.Execution(batch_branches=1.5)
+    kw["execution"] = gg.Execution(dtype=DT)   # "auto"
     # "auto": inputs that do not stack are evaluated by two calls (same output as batch_branches=False)
     model.calls.clear()
-    gg.sample(model, SHAPE, guidance=CFG(2.0, uncond=uncond), batch_branches="auto", **kw)
+    gg.sample(model, SHAPE, guidance=CFG(2.0, uncond=uncond), **kw)
     assert model.calls == [B, B, B, B]
     model.calls.clear()
     gg.sample(model, SHAPE, guidance=CFG(2.0), **kw)   # uncond=None: model(x_t, t) with no inputs
@@ -226,5 +232,5 @@ def test_model_output_batch_is_checked():
     def bad(x, t, **kw):
         return x[: B]   # ignores the stacked batch
     with pytest.raises(ValueError, match=r"model\(cat\[x_t, x_t\].* returned shape \(3, 2, 4, 4\), expected \(6, 2, 4, 4\)"):
-        gg.sample(bad, SHAPE, schedule=gg.Schedule.linear(1000), sampler="ddim", steps=2, cond=cond, dtype=DT,
-                  guidance=CFG(2.0, uncond=uncond))
+        gg.sample(bad, SHAPE, schedule=gg.Schedule.linear(1000), sampler="ddim", steps=2, cond=cond,
+                  execution=gg.Execution(dtype=DT), guidance=CFG(2.0, uncond=uncond))

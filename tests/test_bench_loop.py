@@ -132,7 +132,8 @@ def test_decoded_lookahead_is_gloss_through_the_decoder():
     model = lambda x, t: net(x) * (1 + t[:, None] / 1000)
     g = torch.randn(3, 6)
     offset = torch.tensor([0.5, -1.0, 2.0])
-    common = dict(schedule=gradguide.Schedule.linear(1000), sampler="ddim", steps=5, backend="reference")
+    common = dict(schedule=gradguide.Schedule.linear(1000), sampler="ddim", steps=5,
+                  execution=gradguide.Execution(backend="reference"))
     scaling = 0.18215
     decoded = gradguide.DecodedLookAhead(lambda z: z * scaling, g, offset, target=3.0, beta=0.4, scaling=scaling)
     a = gradguide.sample(model, (3, 6), guidance=decoded, generator=torch.Generator().manual_seed(1), **common)

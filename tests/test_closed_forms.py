@@ -45,8 +45,8 @@ CASES = [("ddpm", None, 0.05), ("ddpm", 250, 0.10), ("ddim", 100, 0.08)]
 @pytest.mark.parametrize("sampler,steps,std_rtol", CASES)
 def test_unguided_sampling_reproduces_the_mixture(sampler, steps, std_rtol):
     uncond = lambda x, t, **_: GM(x, t)
-    x = gg.sample(uncond, (N, 2), schedule=SCHED, sampler=sampler, steps=steps, dtype=torch.float64,
-                  generator=torch.Generator().manual_seed(1))
+    x = gg.sample(uncond, (N, 2), schedule=SCHED, sampler=sampler, steps=steps,
+                  execution=gg.Execution(dtype=torch.float64), generator=torch.Generator().manual_seed(1))
     ref = GM.sample_data(N, generator=torch.Generator().manual_seed(2))
     assert_same_law(x, ref, range(3), std_rtol)
 
@@ -55,9 +55,9 @@ def test_unguided_sampling_reproduces_the_mixture(sampler, steps, std_rtol):
 def test_classifier_guidance_at_scale_one_gives_the_class_conditional_law(sampler, steps, std_rtol):
     uncond = lambda x, t, **_: GM(x, t)
     y = torch.full((N,), TARGET)
-    x = gg.sample(uncond, (N, 2), schedule=SCHED, sampler=sampler, steps=steps, dtype=torch.float64,
-                  guidance=gg.Classifier(GM.log_prob_class, 1.0), cond={"y": y},
-                  generator=torch.Generator().manual_seed(1))
+    x = gg.sample(uncond, (N, 2), schedule=SCHED, sampler=sampler, steps=steps,
+                  execution=gg.Execution(dtype=torch.float64), guidance=gg.Classifier(GM.log_prob_class, 1.0),
+                  cond={"y": y}, generator=torch.Generator().manual_seed(1))
     ref = GM.sample_data(N, TARGET, generator=torch.Generator().manual_seed(2))
     assert_same_law(x, ref, [TARGET], std_rtol)
     # and it is guidance: the unguided share of the target class is only its weight, 0.2
@@ -66,7 +66,7 @@ def test_classifier_guidance_at_scale_one_gives_the_class_conditional_law(sample
 
 def test_cfg_at_w_one_is_the_conditional_model_and_larger_w_sharpens():
     y = torch.full((N,), TARGET)
-    kw = dict(schedule=SCHED, sampler="ddim", steps=100, dtype=torch.float64, cond={"y": y})
+    kw = dict(schedule=SCHED, sampler="ddim", steps=100, execution=gg.Execution(dtype=torch.float64), cond={"y": y})
     cond_only = gg.sample(GM, (N, 2), generator=torch.Generator().manual_seed(1), **kw)
     w1 = gg.sample(GM, (N, 2), guidance=gg.CFG(1.0), generator=torch.Generator().manual_seed(1), **kw)
     assert torch.allclose(cond_only, w1, atol=1e-9)
@@ -76,8 +76,8 @@ def test_cfg_at_w_one_is_the_conditional_model_and_larger_w_sharpens():
 
 def test_dpmpp_2m_reproduces_the_mixture_with_enough_steps():
     uncond = lambda x, t, **_: GM(x, t)
-    x = gg.sample(uncond, (N, 2), schedule=SCHED, sampler="dpmpp-2m", steps=50, spacing="trailing",
-                  dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x = gg.sample(uncond, (N, 2), schedule=SCHED, sampler=gg.Sampler("dpmpp-2m", spacing="trailing"), steps=50,
+                  execution=gg.Execution(dtype=torch.float64), generator=torch.Generator().manual_seed(1))
     ref = GM.sample_data(N, generator=torch.Generator().manual_seed(2))
     assert_same_law(x, ref, range(3), 0.08)
 

@@ -45,8 +45,8 @@ def model(x, t, y):
 def gradguide_run(term, prediction, seed=0):
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed), dtype=D)
     records = []
-    gg.sample(model, SHAPE, schedule=SCHED, sampler="ddim", steps=TIMESTEPS, x_T=x_T, prediction=prediction,
-              guidance=term, cond={"y": Y}, callback=records.append)
+    gg.sample(model, SHAPE, schedule=SCHED, sampler=gg.Sampler("ddim", prediction=prediction), steps=TIMESTEPS, x_T=x_T,
+              guidance=term, cond={"y": Y}, diagnostics=gg.Diagnostics(callback=records.append))
     xs = [x_T] + [r.x for r in records[:-1]]
     return xs, records
 
@@ -132,8 +132,10 @@ def test_row_is_the_same_without_a_callback(make_term, prediction):
     """The rows above read x̂_0 from callback records; a run without a callback (which fast
     paths may take) must give the same samples."""
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=D)
-    runs = [gg.sample(model, SHAPE, schedule=SCHED, sampler="ddim", steps=TIMESTEPS, x_T=x_T, prediction=prediction,
-                      guidance=make_term(), cond={"y": Y}, callback=cb) for cb in (None, lambda record: None)]
+    runs = [gg.sample(model, SHAPE, schedule=SCHED, sampler=gg.Sampler("ddim", prediction=prediction),
+                      steps=TIMESTEPS, x_T=x_T, guidance=make_term(), cond={"y": Y},
+                      diagnostics=gg.Diagnostics(callback=cb))
+            for cb in (None, lambda record: None)]
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-9, atol=1e-9)
 
 
@@ -209,9 +211,9 @@ def test_policy_C_official_clip_keeps_the_lookahead_gradient():
     g = torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=D)
     target = torch.tensor([2.0, -1.0, 0.5], dtype=D)
     records = []
-    gg.sample(eps_model, shape, schedule=SCHED, sampler="ddim", steps=[t_now, t_prev], x_T=x, clip=True,
+    gg.sample(eps_model, shape, schedule=SCHED, sampler=gg.Sampler("ddim", clip=True), steps=[t_now, t_prev], x_T=x,
               guidance=[gg.CFG(3.0), gg.LookAhead(g, target)], projection=gg.PixelAsParam("C"),
-              cond={"y": torch.zeros(3, dtype=torch.long)}, callback=records.append)
+              cond={"y": torch.zeros(3, dtype=torch.long)}, diagnostics=gg.Diagnostics(callback=records.append))
     abar = SCHED.alphas_cumprod[t_now].item()
     a, s = math.sqrt(abar), math.sqrt(1 - abar)
     xg = x.clone().requires_grad_(True)
@@ -233,9 +235,10 @@ def test_policy_C_official_clip_keeps_the_lookahead_gradient():
 @pytest.mark.parametrize("sampler", ["ddpm", "ddim"])
 def test_policy_C_official_clip_is_the_same_without_a_callback(sampler):
     x_T = 3 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=D)
-    runs = [gg.sample(model, SHAPE, schedule=SCHED, sampler=sampler, steps=TIMESTEPS, x_T=x_T, clip=True,
+    runs = [gg.sample(model, SHAPE, schedule=SCHED, sampler=gg.Sampler(sampler, clip=True), steps=TIMESTEPS, x_T=x_T,
                       guidance=gg.CFG(3.0, uncond=NU), cond={"y": Y}, projection=gg.PixelAsParam("C"),
-                      generator=torch.Generator().manual_seed(1), callback=cb) for cb in (None, lambda record: None)]
+                      generator=torch.Generator().manual_seed(1), diagnostics=gg.Diagnostics(callback=cb))
+            for cb in (None, lambda record: None)]
     torch.testing.assert_close(runs[0], runs[1], rtol=1e-9, atol=1e-9)
 
 
@@ -272,7 +275,7 @@ def _decoded_x0(batch, **kw):
     records = []
     gg.sample(eps_model, lat_shape, schedule=SCHED, sampler="ddim", steps=[500, 400], x_T=x,
               guidance=[gg.CFG(7.5), gg.DecodedLookAhead(decode, g, offset=offset, target=10.0, scaling=0.5, **kw)],
-              cond={"y": torch.zeros(batch, dtype=torch.long)}, callback=records.append)
+              cond={"y": torch.zeros(batch, dtype=torch.long)}, diagnostics=gg.Diagnostics(callback=records.append))
     return records[0].x0
 
 

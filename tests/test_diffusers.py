@@ -71,8 +71,8 @@ def test_ddim_matches_diffusers(unet, spacing, clip, prediction_type):
     with torch.no_grad():
         ref = _diffusers_loop(unet, sched, 7, x_T.clone(), Y)
     model, schedule = gradguide.from_diffusers(unet, sched)
-    got = gradguide.sample(model, SHAPE, schedule=schedule, sampler=schedule.suggested_sampler, steps=7,
-                           x_T=x_T.clone(), cond={"class_labels": Y}, **model.sample_defaults)
+    got = gradguide.sample(model, SHAPE, schedule=schedule, steps=7, x_T=x_T.clone(),
+                           cond={"class_labels": Y})
     _close(got, ref)
     assert sched.num_inference_steps == 7  # set by the loop above; from_diffusers never touches it
 
@@ -84,11 +84,35 @@ def test_ddim_use_clipped_model_output(unet):
         ref_clipped = _diffusers_loop(unet, sched, 6, x_T.clone(), Y, use_clipped_model_output=True)
         ref_default = _diffusers_loop(unet, sched, 6, x_T.clone(), Y)
     model, schedule = gradguide.from_diffusers(unet, sched, use_clipped_model_output=True)
-    assert "clip_eps" not in model.sample_defaults
+    assert schedule.sampler_config.clip_eps is None   # gradguide's default: the clipped ε
     got = gradguide.sample(model, SHAPE, schedule=schedule, sampler="ddim", steps=6, x_T=x_T.clone(),
-                           cond={"class_labels": Y}, **model.sample_defaults)
+                           cond={"class_labels": Y})
     _close(got, ref_clipped)
     assert (got - ref_default).abs().max() > 1e-2  # the two conventions really differ on this model
+
+
+@pytest.mark.parametrize("scheduler", [DDIMScheduler, DDPMScheduler])
+def test_a_wrapped_model_keeps_the_schedulers_settings(unet, scheduler):
+    """What from_diffusers learns (here clip_sample, and DDIM's unclipped re-noising ε) travels
+    with the schedule: the model wrapped in a plain function of the user's samples as diffusers."""
+    sched = scheduler(clip_sample=True, clip_sample_range=0.5, timestep_spacing="trailing")
+    gen = torch.Generator().manual_seed(6)
+    x_T = torch.randn(SHAPE, generator=gen)
+    with torch.no_grad():
+        ref = _diffusers_loop(unet, sched, 6, x_T.clone(), Y, generator=gen)
+    model, schedule = gradguide.from_diffusers(unet, sched)
+    assert not hasattr(model, "sample_defaults")
+    assert schedule.sampler_config.clip == (-0.5, 0.5)
+    kw = dict(schedule=schedule, steps=6, cond={"class_labels": Y})   # x_T: the generator's first draw
+    plain = gradguide.sample(model, SHAPE, generator=torch.Generator().manual_seed(6), **kw)
+    wrapped = gradguide.sample(lambda x, t, **cond: model(x, t, **cond), SHAPE,
+                               generator=torch.Generator().manual_seed(6), **kw)
+    torch.testing.assert_close(wrapped, plain, rtol=0, atol=0)
+    _close(wrapped, ref)
+    unclipped = gradguide.sample(lambda x, t, **cond: model(x, t, **cond), SHAPE,
+                                 generator=torch.Generator().manual_seed(6), sampler=gradguide.Sampler(clip=False),
+                                 **kw)
+    assert (unclipped - wrapped).abs().max() > 1e-2   # the clipping really acts on this model
 
 
 def test_ddim_timesteps_follow_the_scheduler():
@@ -125,8 +149,7 @@ def test_ddpm_matches_diffusers_with_shared_generator(unet, spacing):
         ref = _diffusers_loop(unet, sched, 10, x_T, Y, generator=gen)
     model, schedule = gradguide.from_diffusers(unet, sched)
     got = gradguide.sample(model, SHAPE, schedule=schedule, sampler="ddpm", steps=10,
-                           generator=torch.Generator().manual_seed(3), cond={"class_labels": Y},
-                           **model.sample_defaults)
+                           generator=torch.Generator().manual_seed(3), cond={"class_labels": Y})
     _close(got, ref)
 
 
@@ -138,8 +161,7 @@ def test_cfg_matches_diffusers_cfg(unet):
     model, schedule = gradguide.from_diffusers(unet, sched)
     got = gradguide.sample(model, SHAPE, schedule=schedule, sampler="ddim", steps=6, x_T=x_T.clone(),
                            cond={"class_labels": Y},
-                           guidance=CFG(3.0, uncond={"class_labels": torch.full_like(Y, NULL)}),
-                           **model.sample_defaults)
+                           guidance=CFG(3.0, uncond={"class_labels": torch.full_like(Y, NULL)}))
     _close(got, ref)
 
 
@@ -153,8 +175,7 @@ def test_pixelasparam_guider_in_a_diffusers_loop_equals_gradguide_sample(unet, p
     model, schedule = gradguide.from_diffusers(unet, sched)
     got = gradguide.sample(model, SHAPE, schedule=schedule, sampler="ddim", steps=6, x_T=x_T.clone(),
                            cond={"class_labels": Y}, projection=PixelAsParam("C"),
-                           guidance=CFG(4.0, uncond={"class_labels": torch.full_like(Y, NULL)}),
-                           **model.sample_defaults)
+                           guidance=CFG(4.0, uncond={"class_labels": torch.full_like(Y, NULL)}))
     _close(got, ref)
 
 

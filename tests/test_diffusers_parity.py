@@ -8,6 +8,7 @@ Models: a deterministic toy denoiser (the Gaussian-data optimum, mixed with a fi
 the scheduler's prediction type, at fractional timesteps too) for the full matrix, and a tiny
 random ``UNet2DModel`` for a representative subset.
 """
+import copy
 import inspect
 
 import pytest
@@ -202,19 +203,24 @@ def test_defaults_travel_and_user_overrides_win():
     sched = DDIMScheduler(prediction_type="v_prediction", clip_sample=True, timestep_spacing="trailing")
     model = Toy(sched.alphas_cumprod, "v_prediction")
     gmodel, schedule = gradguide.from_diffusers(model, sched)
-    assert schedule.suggested_sampler == "ddim"
+    assert schedule.sampler_config == gradguide.Sampler("ddim", prediction="v", clip=(-1.0, 1.0), clip_eps="model")
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
     default = gradguide.sample(gmodel, SHAPE, schedule=schedule, steps=6, x_T=noise)
-    explicit = gradguide.sample(gmodel, SHAPE, schedule=schedule, steps=6, x_T=noise, sampler="ddim",
-                                **gmodel.sample_defaults)
+    bare = copy.copy(schedule)   # the same timesteps, nothing learnt: the call says it all
+    bare.sampler_config = None
+    explicit = gradguide.sample(gmodel, SHAPE, schedule=bare, steps=6, x_T=noise,
+                                sampler=gradguide.Sampler("ddim", prediction="v", clip=True, clip_eps="model"))
     torch.testing.assert_close(default, explicit, rtol=0, atol=0)
     # an override is used, and really changes the result
-    eps_read = gradguide.sample(gmodel, SHAPE, schedule=schedule, steps=6, x_T=noise, prediction="eps")
+    eps_read = gradguide.sample(gmodel, SHAPE, schedule=schedule, steps=6, x_T=noise,
+                                sampler=gradguide.Sampler(prediction="eps"))
     assert (eps_read - default).abs().max() > 1e-2
-    unclipped = gradguide.sample(gmodel, SHAPE, schedule=schedule, steps=6, x_T=noise, clip=False)
+    unclipped = gradguide.sample(gmodel, SHAPE, schedule=schedule, steps=6, x_T=noise,
+                                 sampler=gradguide.Sampler(clip=False))
     assert (unclipped - default).abs().max() > 1e-3
-    # a plain Schedule keeps DDPM as the default sampler
-    assert gradguide.Schedule.linear(50).suggested_sampler == "ddpm"
+    # a plain Schedule has no learnt configuration: DDPM is the default sampler
+    assert gradguide.Schedule.linear(50).sampler_config is None
+    assert gradguide.sampling.prepare_run(gmodel, SHAPE, schedule=gradguide.Schedule.linear(50)).tables.name == "ddpm"
 
 
 UNSUPPORTED = [

@@ -11,6 +11,7 @@ uncond = lambda x, t, **_: GM(x, t)
 
 
 def call(**kw):
+    """``sample`` on a small default case; ``kw`` overrides sample()'s arguments."""
     args = dict(model=uncond, shape=(4, 2), schedule=SCHED, steps=5)
     args.update(kw)
     return gg.sample(args.pop("model"), args.pop("shape"), **args)
@@ -18,20 +19,36 @@ def call(**kw):
 
 @pytest.mark.parametrize("kw,match", [
     (dict(sampler="lcm"), "sampler: expected one of"),
-    (dict(backend="cuda-magic"), "backend: expected one of"),
+    (lambda: dict(execution=gg.Execution(backend="cuda-magic")), "execution.backend: expected one of"),
     (dict(steps=101), "steps: 101 is more than the schedule's T = 100"),
     (dict(steps=0), "steps: expected a positive integer"),
     (dict(x_T=torch.zeros(3, 2)), r"x_T: shape \(3, 2\) does not match"),
     (dict(x_T=torch.tensor([[float("nan"), 0.0]] * 4)), "x_T: contains NaN"),
     (dict(x_T=torch.zeros(4, 2, dtype=torch.int64)), "x_T: expected a floating dtype"),
-    (dict(x_T=torch.zeros(4, 2), dtype=torch.float64), "x_T: dtype"),
+    (dict(x_T=torch.zeros(4, 2), execution=gg.Execution(dtype=torch.float64)), "x_T: dtype .* execution.dtype"),
     (dict(shape=(4,)), "shape: expected a batch shape"),
-    (dict(prediction="score"), "prediction: expected one of"),
-    (dict(variance="huge"), "variance: expected one of"),
-    (dict(spacing="odd"), "spacing: expected one of"),
-    (dict(eta=0.5), "eta: only the DDIM sampler"),
-    (dict(sampler="ddim", eta=-1.0), "eta: expected a finite number >= 0"),
-    (dict(clip=(1, -1)), "clip: expected"),
+    (lambda: dict(sampler=gg.Sampler(prediction="score")), "sampler.prediction: expected one of"),
+    (lambda: dict(sampler=gg.Sampler(variance="huge")), "sampler.variance: expected one of"),
+    (lambda: dict(sampler=gg.Sampler(spacing="odd")), "sampler.spacing: expected one of"),
+    (dict(sampler=gg.Sampler(eta=0.5)), "sampler.eta: only the DDIM sampler"),
+    (lambda: dict(sampler=gg.Sampler("ddim", eta=-1.0)), "sampler.eta: expected a finite number >= 0"),
+    (dict(sampler=gg.Sampler(clip=(1, -1))), "sampler.clip: expected"),
+    (lambda: dict(sampler=gg.Sampler("lcm")), "sampler.name: expected one of"),
+    (lambda: dict(sampler=gg.Sampler("ddim", clip_eps="unclipped")), "sampler.clip_eps: expected"),
+    (lambda: dict(sampler=gg.Sampler(timesteps=[3, 2, 1])), "sampler.timesteps: expected a gradguide.Timesteps"),
+    (dict(sampler=gg.Sampler("euler", sigmas=[2.0, 3.0, 0.0]), steps=None), "sampler.sigmas: expected finite"),
+    (dict(sampler=gg.Sampler("euler", sigmas=[2.0, 0.0]), steps=3), "sampler.sigmas: pass either sigmas or steps"),
+    (dict(sampler=gg.Sampler("ddim", final_noise="t>0")), "sampler 'ddim': unknown options"),
+    (dict(sampler=object()), "sampler: expected a sampler name or a gradguide.Sampler"),
+    (dict(execution="reference"), "execution: expected a gradguide.Execution"),
+    (dict(diagnostics=True), "diagnostics: expected a gradguide.Diagnostics"),
+    (lambda: dict(execution=gg.Execution(graph="yes")), "execution.graph: expected True, False or a"),
+    (lambda: dict(execution=gg.Execution(fused=1)), "execution.fused: expected True or False"),
+    (lambda: dict(execution=gg.Execution(dtype=torch.int64)), "execution.dtype: expected one of"),
+    (lambda: dict(execution=gg.Execution(device=1.5)), "execution.device: expected a torch.device"),
+    (lambda: dict(execution=gg.Execution(batch_branches="sometimes")), "execution.batch_branches: expected"),
+    (lambda: dict(diagnostics=gg.Diagnostics(telemetry="yes")), "diagnostics.telemetry: expected True or False"),
+    (lambda: dict(diagnostics=gg.Diagnostics(callback=3)), "diagnostics.callback: expected a callable"),
     (dict(guidance=[gg.CFG(3.0)]), "CFG needs a conditional model: pass cond="),
     (dict(guidance=[gg.CFG(2.0), gg.APG(2.0)], cond={"y": torch.zeros(4, dtype=torch.long)}), "at most one of"),
     (dict(guidance=["cfg"]), r"guidance\[0\]: expected a guidance term"),
@@ -45,15 +62,15 @@ def call(**kw):
     (dict(cond=[1, 2]), "cond: expected a dict"),
     (dict(schedule=[0.9, 0.5]), "schedule: expected a gradguide.Schedule"),
     (dict(model=lambda x, t: x[:, :1]), r"model: model\(x_t, t, \*\*cond\) returned shape \(4, 1\), expected \(4, 2\)"),
-    (dict(model=lambda x, t: x, variance="learned-range"), "twice the channels"),
-    (dict(variance="learned-range", sampler="ddim"), "learned-range"),
+    (dict(model=lambda x, t: x, sampler=gg.Sampler(variance="learned-range")), "twice the channels"),
+    (dict(sampler=gg.Sampler("ddim", variance="learned-range")), "sampler.variance: 'learned-range' is DDPM's"),
     (dict(guidance=gg.DecodedLookAhead(lambda z: z, torch.ones(4, 3))), "DecodedLookAhead: grad: shape"),
     (dict(guidance=gg.DecodedLookAhead(lambda z: z, torch.ones(2), offset=torch.ones(5))),
      r"DecodedLookAhead: offset: expected shape \[B\]"),
 ])
 def test_bad_input_names_the_argument(kw, match):
-    with pytest.raises((ValueError, TypeError), match=match):
-        call(**kw)
+    with pytest.raises((ValueError, TypeError), match=match):   # a configuration object may refuse when built
+        call(**(kw() if callable(kw) else kw))
 
 
 def test_classifier_returning_the_wrong_shape():
@@ -211,8 +228,8 @@ def test_open_sided_clamp_agrees(backend):
 
 @pytest.mark.parametrize("clip", [(NAN, 1.0), (-1.0, NAN), (1.0, 1.0), (1,), "yes", 0.5])
 def test_sample_clip_rule(clip):
-    with pytest.raises((ValueError, TypeError), match="clip"):
-        call(clip=clip)
+    with pytest.raises((ValueError, TypeError), match="sampler.clip: "):
+        call(sampler=gg.Sampler(clip=clip))
 
 
 @needs_native
@@ -285,18 +302,18 @@ def test_meta_tensors_and_devices():
     assert out.device.type == "meta" and out.shape == (2, 4)
     with pytest.raises(ValueError, match="backend: 'native' runs on cpu and cuda tensors, got tensors on meta"):
         ops.combine(torch.ones(2, 1, device="meta"), [meta], backend="native")
-    with pytest.raises(ValueError, match="device: meta tensors hold no values"):
-        call(device="meta")
+    with pytest.raises(ValueError, match="execution.device: meta tensors hold no values"):
+        call(execution=gg.Execution(device="meta"))
     with pytest.raises(ValueError, match="x_T: a meta tensor"):
         call(x_T=torch.zeros(4, 2, device="meta"))
-    with pytest.raises(ValueError, match="device: 'gpu' is not a device"):
-        call(device="gpu")
+    with pytest.raises(ValueError, match="execution.device: 'gpu' is not a device"):
+        call(execution=gg.Execution(device="gpu"))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only build's error")
 def test_cuda_device_on_a_cpu_build():
-    with pytest.raises(ValueError, match="device: 'cuda' requested, but CUDA is not available"):
-        call(device="cuda")
+    with pytest.raises(ValueError, match="execution.device: 'cuda' requested, but CUDA is not available"):
+        call(execution=gg.Execution(device="cuda"))
 
 
 @pytest.mark.parametrize("kw,exc,match", [
@@ -318,12 +335,16 @@ def test_cuda_device_on_a_cpu_build():
      r"CFG: uncond\['y'\]: leading \(batch\) dimension 2, but the batch has B = 4 samples"),
     (dict(model=lambda x, t, y=None: GM(x, t), cond={"y": torch.zeros(7, dtype=torch.long)}), ValueError,
      r"cond\['y'\]: leading \(batch\) dimension 7, but the batch has B = 4 samples"),
-    (dict(check_finite="sometimes"), ValueError, "check_finite: expected"),
-    (dict(check_finite="step", check_sync=True), ValueError, "check_finite: 'step' reads"),
+    (lambda: dict(diagnostics=gg.Diagnostics(check_finite="sometimes")), ValueError,
+     "diagnostics.check_finite: expected"),
+    (lambda: dict(diagnostics=gg.Diagnostics(check_finite="step", check_sync=True)), ValueError,
+     "diagnostics.check_finite: 'step' reads"),
+    (dict(diagnostics=gg.Diagnostics(check_finite="step"), execution=gg.Execution(graph=True)), ValueError,
+     "diagnostics.check_finite: 'step' .* graph capture"),
 ])
 def test_more_bad_input_names_the_argument(kw, exc, match):
     with pytest.raises(exc, match=match):
-        call(**kw)
+        call(**(kw() if callable(kw) else kw))
 
 
 @pytest.mark.parametrize("term", [lambda v: gg.CFG(v), lambda v: gg.Classifier(lambda x, t: x.sum(1), v),
@@ -343,8 +364,8 @@ def test_finiteness_policy():
     with pytest.raises(ValueError, match="check_finite: the samples contain NaN or inf"):
         call(model=nan_model)
     with pytest.raises(ValueError, match=r"model: model\(x_t, t, \*\*cond\) returned NaN or inf at t = 99"):
-        call(model=nan_model, check_finite="step")
-    assert torch.isnan(call(model=nan_model, check_finite=False)).all()
+        call(model=nan_model, diagnostics=gg.Diagnostics(check_finite="step"))
+    assert torch.isnan(call(model=nan_model, diagnostics=gg.Diagnostics(check_finite=False))).all()
 
 
 def test_float16_overflow_is_reported_not_returned():
@@ -352,10 +373,10 @@ def test_float16_overflow_is_reported_not_returned():
     steep = gg.Classifier(lambda x, t: (x.float() * 3e4).sum(1), 1e3)
     kw = dict(model=lambda x, t: torch.zeros_like(x), guidance=steep, generator=torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="float16 holds magnitudes up to 65504"):
-        call(dtype=torch.float16, **kw)
+        call(execution=gg.Execution(dtype=torch.float16), **kw)
     with pytest.raises(ValueError, match="not finite after step 0"):
-        call(dtype=torch.float16, check_finite="step", **kw)
-    assert torch.isfinite(call(dtype=torch.float32, **kw)).all()
+        call(execution=gg.Execution(dtype=torch.float16), diagnostics=gg.Diagnostics(check_finite="step"), **kw)
+    assert torch.isfinite(call(execution=gg.Execution(dtype=torch.float32), **kw)).all()
 
 
 def test_schedule_linear_small_T_names_T():
@@ -403,9 +424,10 @@ def test_float32_guided_sampling_matches_float64(backend):
 
     def run(dtype):
         return gg.sample(lambda x, t: unc(x.float(), t).to(x.dtype), (8, 1, 8, 8), schedule=schedule,
-                         sampler="ddim", steps=5, guidance=gg.Classifier(lambda x, t: cls.log_prob(x.float(), t, y), 1.5),
-                         projection=gg.PixelAsParam("B", granularity="channel"), clip=True, x_T=x_T.to(dtype),
-                         backend=backend, generator=torch.Generator().manual_seed(1))
+                         sampler=gg.Sampler("ddim", clip=True), steps=5,
+                         guidance=gg.Classifier(lambda x, t: cls.log_prob(x.float(), t, y), 1.5),
+                         projection=gg.PixelAsParam("B", granularity="channel"), x_T=x_T.to(dtype),
+                         execution=gg.Execution(backend=backend), generator=torch.Generator().manual_seed(1))
     single, double = run(torch.float32), run(torch.float64)
     assert (single.double() - double).abs().max() <= 1e-4 * double.abs().max()
 

@@ -3,6 +3,7 @@
 Each test builds one sampling step with known model outputs, gradients and noise, runs
 ``gradguide.sample`` on it, and compares with the formula computed independently here.
 """
+import dataclasses
 import math
 
 import pytest
@@ -22,8 +23,10 @@ def rand(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=D)
 
 
-def run(model, ts, x, seed=7, **kw):
-    return gg.sample(model, x.shape, schedule=SCHEDULE, timesteps=ts, x_T=x,
+def run(model, ts, x, seed=7, sampler=None, **kw):
+    """``sample`` on the timesteps ``ts``; ``sampler``: a name or a ``gg.Sampler``."""
+    config = sampler if isinstance(sampler, gg.Sampler) else gg.Sampler(sampler)
+    return gg.sample(model, x.shape, schedule=SCHEDULE, sampler=dataclasses.replace(config, timesteps=ts), x_T=x,
                      generator=torch.Generator().manual_seed(seed), **kw)
 
 
@@ -52,7 +55,7 @@ def test_sampling_is_invariant_to_the_parametrisation(kind):
     x, eps = rand(*SHAPE, seed=1), rand(*SHAPE, seed=2)
     x0 = (x - c["s"] * eps) / c["a"]
     out = {"eps": eps, "x0": x0, "v": c["a"] * eps - c["s"] * x0}[kind]
-    got = run(lambda x_, t: out, ts, x, prediction=kind, sampler="ddim")
+    got = run(lambda x_, t: out, ts, x, sampler=gg.Sampler("ddim", prediction=kind))
     want = run(lambda x_, t: eps, ts, x, sampler="ddim")
     assert torch.allclose(got, want, atol=1e-10)
 
@@ -64,7 +67,7 @@ def test_ddpm_step(variance):
     ts = one_step(700, 650)
     c = coeffs(ts)
     x, eps = rand(*SHAPE, seed=1), rand(*SHAPE, seed=2)
-    got = run(lambda x_, t: eps, ts, x, variance=variance)
+    got = run(lambda x_, t: eps, ts, x, sampler=gg.Sampler(variance=variance))
     x0 = (x - c["s"] * eps) / c["a"]
     var = c["beta_tilde"] if variance == "fixed-small" else c["beta"]
     want = c["c1"] * x0 + c["c2"] * x + math.sqrt(var) * noise()
@@ -75,7 +78,7 @@ def test_ddpm_last_step_has_no_noise_and_returns_x0():
     ts = one_step(0)
     c = coeffs(ts)
     x, eps = rand(*SHAPE, seed=1), rand(*SHAPE, seed=2)
-    got = run(lambda x_, t: eps, ts, x, variance="fixed-large")
+    got = run(lambda x_, t: eps, ts, x, sampler=gg.Sampler(variance="fixed-large"))
     assert torch.allclose(got, (x - c["s"] * eps) / c["a"], atol=1e-10)
 
 
@@ -95,8 +98,9 @@ def test_ddpm_learned_range_variance():
     one = one_step(int(ts.t[i]), int(ts.t[i + 1]))
     x, eps = rand(2, 3, 4, seed=1), rand(2, 3, 4, seed=2)
     v = rand(2, 3, 4, seed=3).tanh()
-    got = gg.sample(lambda x_, t: torch.cat([eps, v], 1), x.shape, schedule=sched, timesteps=one, x_T=x,
-                    variance="learned-range", generator=torch.Generator().manual_seed(7))
+    got = gg.sample(lambda x_, t: torch.cat([eps, v], 1), x.shape, schedule=sched,
+                    sampler=gg.Sampler(variance="learned-range", timesteps=one), x_T=x,
+                    generator=torch.Generator().manual_seed(7))
     c = coeffs(one)
     f = (v + 1) / 2
     log_var = f * math.log(c["beta"]) + (1 - f) * math.log(c["beta_tilde"])
@@ -110,7 +114,7 @@ def test_ddim_step(eta):
     ts = one_step(500, 420)
     c = coeffs(ts)
     x, eps = rand(*SHAPE, seed=1), rand(*SHAPE, seed=2)
-    got = run(lambda x_, t: eps, ts, x, sampler="ddim", eta=eta)
+    got = run(lambda x_, t: eps, ts, x, sampler=gg.Sampler("ddim", eta=eta))
     ap, a = c["abar_prev"], c["abar"]
     sigma = eta * math.sqrt((1 - ap) / (1 - a)) * math.sqrt(1 - a / ap)
     x0 = (x - c["s"] * eps) / c["a"]
@@ -123,7 +127,7 @@ def test_ddim_step(eta):
 def test_ddim_eta_one_is_ddpm_fixed_small():
     ts = one_step(500, 420)
     x, eps = rand(*SHAPE, seed=1), rand(*SHAPE, seed=2)
-    assert torch.allclose(run(lambda x_, t: eps, ts, x, sampler="ddim", eta=1.0),
+    assert torch.allclose(run(lambda x_, t: eps, ts, x, sampler=gg.Sampler("ddim", eta=1.0)),
                           run(lambda x_, t: eps, ts, x, sampler="ddpm"), atol=1e-10)
 
 
@@ -132,7 +136,7 @@ def test_dpmpp_2m_matches_the_solver_formulas():
     ts = SCHEDULE.timesteps([900, 600, 300])
     x = rand(*SHAPE, seed=1)
     model = lambda x_, t: 0.3 * x_ + 0.01 * t.view(-1, 1, 1).to(x_.dtype)   # a smooth ε-model
-    got = gg.sample(model, SHAPE, schedule=SCHEDULE, timesteps=ts, x_T=x, sampler="dpmpp-2m")
+    got = gg.sample(model, SHAPE, schedule=SCHEDULE, sampler=gg.Sampler("dpmpp-2m", timesteps=ts), x_T=x)
     alpha = lambda ab: math.sqrt(ab)
     sig = lambda ab: math.sqrt(1 - ab)
     lam = lambda ab: math.log(alpha(ab) / sig(ab)) if ab < 1 else math.inf
@@ -226,7 +230,7 @@ def test_lookahead_G_loss_on_the_subspace_model():
     sched, sub, ts, c, P, x = subspace_step()
     g = rand(12, seed=2)
     target = torch.tensor([3.0, -1.0, 0.0, 2.0], dtype=D)
-    got = gg.sample(sub, x.shape, schedule=sched, timesteps=ts, x_T=x, sampler="ddim",
+    got = gg.sample(sub, x.shape, schedule=sched, sampler=gg.Sampler("ddim", timesteps=ts), x_T=x,
                     guidance=gg.LookAhead(g, target, sigma=0.1))
     x0 = c["a"] * x @ P                       # x̂_0 = α P x_t
     grad = (c["a"] * P @ g).expand_as(x)      # ∇(gᵀx̂_0) = α P g
@@ -235,7 +239,7 @@ def test_lookahead_G_loss_on_the_subspace_model():
     eps = sub(x, torch.full((4,), 120))
     assert torch.allclose(got, ddim0(x, eps - c["s"] * G, c), atol=1e-10)
     # constant β and a multiplier, as the authors' code offers
-    got = gg.sample(sub, x.shape, schedule=sched, timesteps=ts, x_T=x, sampler="ddim",
+    got = gg.sample(sub, x.shape, schedule=sched, sampler=gg.Sampler("ddim", timesteps=ts), x_T=x,
                     guidance=gg.LookAhead(g, target, beta=5.0, multiplier=0.5))
     G = (2 * 2.5 * (target - x0 @ g)).view(-1, 1) * grad
     assert torch.allclose(got, ddim0(x, eps - c["s"] * G, c), atol=1e-10)
@@ -244,7 +248,7 @@ def test_lookahead_G_loss_on_the_subspace_model():
 def test_dps():
     sched, sub, ts, c, P, x = subspace_step()
     meas = rand(4, 12, seed=5)
-    got = gg.sample(sub, x.shape, schedule=sched, timesteps=ts, x_T=x, sampler="ddim",
+    got = gg.sample(sub, x.shape, schedule=sched, sampler=gg.Sampler("ddim", timesteps=ts), x_T=x,
                     guidance=gg.DPS(lambda x0: x0, meas, zeta=0.7))
     x0 = c["a"] * x @ P
     r = meas - x0
@@ -273,7 +277,7 @@ def test_apg_momentum_carries_between_steps():
     ts = SCHEDULE.timesteps([800, 500])
     x, y = rand(*SHAPE, seed=1), torch.zeros(SHAPE[0], dtype=torch.long)
     model = lambda x_, t, y=None: 0.5 * x_ if y is None else 0.5 * x_ + 0.2
-    got = gg.sample(model, SHAPE, schedule=SCHEDULE, timesteps=ts, x_T=x, sampler="ddim", cond={"y": y},
+    got = gg.sample(model, SHAPE, schedule=SCHEDULE, sampler=gg.Sampler("ddim", timesteps=ts), x_T=x, cond={"y": y},
                     guidance=gg.APG(3.0, momentum=-0.5, norm_threshold=0.0))
     xs, run_avg = x.clone(), torch.zeros_like(x)
     for i, t in enumerate(ts.t.tolist()):
@@ -320,7 +324,7 @@ def test_cfg_plus_plus(case):
 
 def test_clipping_clips_x0_and_rederives_eps(case):
     ts, c, x, ec, _, _ = case
-    got = run(FixedModel(4 * ec), ts, x, sampler="ddim", clip=True)
+    got = run(FixedModel(4 * ec), ts, x, sampler=gg.Sampler("ddim", clip=True))
     x0 = ((x - c["s"] * 4 * ec) / c["a"]).clamp(-1, 1)
     eps = (x - c["a"] * x0) / c["s"]
     assert torch.allclose(got, math.sqrt(c["abar_prev"]) * x0 + math.sqrt(1 - c["abar_prev"]) * eps, atol=1e-10)
@@ -400,7 +404,7 @@ def test_policy_C_matches_spec_for_ddpm(clip, convention):
     y = torch.zeros(SHAPE[0], dtype=torch.long)
     w = 3.0
     got = run(FixedModel(ec, eu), ts, x, guidance=gg.CFG(w), projection=gg.PixelAsParam("C", convention=convention),
-              cond={"y": y}, clip=clip)
+              cond={"y": y}, sampler=gg.Sampler(clip=clip))
     x0c, x0u = (x - c["s"] * ec) / c["a"], (x - c["s"] * eu) / c["a"]
     if clip and convention == "official":   # the authors' code clips both branches' x̂_0 first (SPEC §7)
         x0c, x0u = x0c.clamp(-1, 1), x0u.clamp(-1, 1)
@@ -411,7 +415,7 @@ def test_policy_C_matches_spec_for_ddpm(clip, convention):
     want = c["c1"] * x0 + c["c2"] * x + math.sqrt(c["beta_tilde"]) * noise()
     assert torch.allclose(got, want, atol=1e-10)
     if clip:   # the two conventions really differ here
-        other = run(FixedModel(ec, eu), ts, x, guidance=gg.CFG(w), cond={"y": y}, clip=clip,
+        other = run(FixedModel(ec, eu), ts, x, guidance=gg.CFG(w), cond={"y": y}, sampler=gg.Sampler(clip=clip),
                     projection=gg.PixelAsParam("C", convention={"paper": "official", "official": "paper"}[convention]))
         assert (other - got).abs().max() > 1e-3
 
@@ -425,8 +429,8 @@ def test_policy_C_learned_range_sigma(convention):
     vc, vu = rand(*SHAPE, seed=4).tanh(), rand(*SHAPE, seed=5).tanh()
     y = torch.zeros(SHAPE[0], dtype=torch.long)
     model = FixedModel(torch.cat([ec, vc], 1), torch.cat([eu, vu], 1))
-    got = run(model, ts, x, guidance=gg.CFG(3.0), projection=gg.PixelAsParam("C", convention=convention),
-              cond={"y": y}, variance="learned-range")
+    got = run(model, ts, x, guidance=gg.CFG(3.0), projection=gg.PixelAsParam("C", convention=convention), cond={"y": y},
+              sampler=gg.Sampler(variance="learned-range"))
     x0c, x0u = (x - c["s"] * ec) / c["a"], (x - c["s"] * eu) / c["a"]
     delta = 2.0 * (x0c - x0u)
     x0 = pc_ref(x0c, delta) + pc_ref(delta, x0c)
@@ -464,8 +468,8 @@ def test_project_function():
 def test_telemetry_pairs():
     ts, c, x, ec, g = pxp_case()
     records = []
-    run(FixedModel(ec), ts, x, guidance=gg.Classifier(linear_log_prob(g), 2.0), telemetry=True,
-        callback=records.append)
+    run(FixedModel(ec), ts, x, guidance=gg.Classifier(linear_log_prob(g), 2.0),
+        diagnostics=gg.Diagnostics(telemetry=True, callback=records.append))
     tele = records[0].telemetry
     g_den = c["c1"] * (x - c["s"] * ec) / c["a"]
     g_cls = 2.0 * c["beta_tilde"] * g

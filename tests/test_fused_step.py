@@ -109,7 +109,7 @@ CASES = [c for c in itertools.product(["ddpm", "ddim", "ddim-eta1", "dpmpp-2m"],
 
 
 def _run(sampler, guidance, projection, clip, fused, dtype=torch.float64, prediction="eps", clip_eps="clipped",
-         backend="auto", steps=5, **kw):
+         backend="auto", steps=5, graph=False, diagnostics=None):
     eta = 1.0 if sampler == "ddim-eta1" else 0.0
     terms = _guidance(guidance)
     x_T = 1.5 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
@@ -125,10 +125,13 @@ def _run(sampler, guidance, projection, clip, fused, dtype=torch.float64, predic
     # differ, so draw in float64 and round
     sampling._noise = lambda shape, gen, device, dt: noise(shape, gen, device, torch.float64).to(dt)
     try:
-        out = gg.sample(_model, SHAPE, schedule=SCHED, sampler=sampler.split("-eta")[0], eta=eta, steps=steps,
-                        guidance=terms, projection=PROJECTIONS[projection], cond={"y": torch.ones(SHAPE[0])},
-                        clip=clip, clip_eps=clip_eps, x_T=x_T.to(dtype), prediction=prediction, backend=backend,
-                        generator=torch.Generator().manual_seed(2), fused=fused, **kw)
+        out = gg.sample(_model, SHAPE, schedule=SCHED,
+                        sampler=gg.Sampler(sampler.split("-eta")[0], eta=eta, prediction=prediction, clip=clip,
+                                           clip_eps=clip_eps),
+                        steps=steps, guidance=terms, projection=PROJECTIONS[projection],
+                        cond={"y": torch.ones(SHAPE[0])}, x_T=x_T.to(dtype),
+                        execution=gg.Execution(backend=backend, fused=fused, graph=graph), diagnostics=diagnostics,
+                        generator=torch.Generator().manual_seed(2))
     finally:
         sampling._finish_prepare, sampling._noise = original, noise
     return out, runs["run"]
@@ -225,7 +228,7 @@ def test_other_combinations_take_the_general_path(terms, projection, why):
 def test_fused_steps_never_synchronise_and_replay_in_the_graph_stepper():
     from gradguide.graphs import GraphCache
     for case in [("ddpm", "classifier", "A", True), ("ddim", "cfg", "C", None), ("ddpm", "lookahead", "none", None)]:
-        want, _ = _run(*case, fused=True, check_sync=True)
+        want, _ = _run(*case, fused=True, diagnostics=gg.Diagnostics(check_sync=True))
         cache = GraphCache(emulate=True)
         got, run = _run(*case, fused=True, graph=cache)
         assert run.plan is not None and cache.captures >= 1
@@ -234,7 +237,7 @@ def test_fused_steps_never_synchronise_and_replay_in_the_graph_stepper():
 
 def test_callback_records_use_the_general_step():
     records = []
-    _run("ddim", "cfg", "none", None, fused=True, callback=records.append)
+    _run("ddim", "cfg", "none", None, fused=True, diagnostics=gg.Diagnostics(callback=records.append))
     assert len(records) == 5 and records[-1].x0 is not None
 
 
@@ -312,9 +315,10 @@ def test_compiled_fused_step_fullgraph_equals_eager(backend):
     ("auto" on CPU) or the Triton custom ops."""
     if gg.ops.available_backends("cpu")[backend if backend != "auto" else "reference"] is not True:
         pytest.skip(f"{backend} not available")
-    run = sampling.prepare_run(_model, SHAPE, schedule=SCHED, sampler="ddim", steps=5, guidance=[gg.CFG(3.0)],
-                               projection=gg.PixelAsParam("C"), cond={"y": torch.ones(SHAPE[0])}, backend=backend,
-                               prediction="eps", variance="fixed-small")
+    run = sampling.prepare_run(_model, SHAPE, schedule=SCHED,
+                               sampler=gg.Sampler("ddim", prediction="eps", variance="fixed-small"), steps=5,
+                               guidance=[gg.CFG(3.0)], projection=gg.PixelAsParam("C"),
+                               cond={"y": torch.ones(SHAPE[0])}, execution=gg.Execution(backend=backend))
     assert run.plan is not None and (backend == "auto" or run.backend == "triton")
     x = torch.randn(SHAPE)
     state = sampling.initial_state(run, x)

@@ -26,7 +26,7 @@ def both(**kw):
     kw.setdefault("generator", None)
     eager = gg.sample(**{**kw, "generator": torch.Generator().manual_seed(3)})
     cache = GraphCache(emulate=True)
-    graphed = gg.sample(**{**kw, "generator": torch.Generator().manual_seed(3)}, graph=cache)
+    graphed = gg.sample(execution=gg.Execution(graph=cache), **{**kw, "generator": torch.Generator().manual_seed(3)})
     return eager, graphed, cache
 
 
@@ -39,9 +39,9 @@ def test_emulated_replay_equals_eager(sampler, case):
         "apg-momentum": ([gg.APG(3.0, momentum=-0.5)], None, GM),
         "cfg-zero*": ([gg.CFGZeroStar(3.0, zero_init_steps=2)], None, GM),
     }[case]
-    eager, graphed, cache = both(model=model, shape=(16, 2), schedule=SCHED, sampler=sampler, steps=8,
-                                 eta=0.5 if sampler == "ddim" else 0.0, guidance=terms, projection=proj,
-                                 cond={"y": Y})
+    eager, graphed, cache = both(model=model, shape=(16, 2), schedule=SCHED,
+                                 sampler=gg.Sampler(sampler, eta=0.5 if sampler == "ddim" else 0.0), steps=8,
+                                 guidance=terms, projection=proj, cond={"y": Y})
     assert torch.equal(eager, graphed)
     # one capture per distinct host-side variant: noise or not (the last step has none; DPM-Solver++
     # never draws), and CFG-Zero*'s zero-init steps (the first 2 of 8)
@@ -59,7 +59,8 @@ def test_lookahead_reuses_the_capture_with_new_values_and_is_never_stale():
         g = torch.randn(4, 8, generator=torch.Generator().manual_seed(k))
         target = torch.full((4,), float(k))
         kw = dict(schedule=sched, steps=10, guidance=gg.LookAhead(g, target))
-        graphed = gg.sample(sub, (4, 8), generator=torch.Generator().manual_seed(k), graph=cache, **kw)
+        graphed = gg.sample(sub, (4, 8), generator=torch.Generator().manual_seed(k),
+                            execution=gg.Execution(graph=cache), **kw)
         eager = gg.sample(sub, (4, 8), generator=torch.Generator().manual_seed(k), **kw)
         assert torch.equal(graphed, eager)
         outs.append(graphed)
@@ -69,9 +70,9 @@ def test_lookahead_reuses_the_capture_with_new_values_and_is_never_stale():
 
 def test_a_new_schedule_with_the_same_step_count_reuses_and_changes_the_output():
     cache = GraphCache(emulate=True)
-    a = gg.sample(uncond, (16, 2), schedule=gg.Schedule.linear(200), steps=6, graph=cache,
+    a = gg.sample(uncond, (16, 2), schedule=gg.Schedule.linear(200), steps=6, execution=gg.Execution(graph=cache),
                   generator=torch.Generator().manual_seed(0))
-    b = gg.sample(uncond, (16, 2), schedule=gg.Schedule.cosine(200), steps=6, graph=cache,
+    b = gg.sample(uncond, (16, 2), schedule=gg.Schedule.cosine(200), steps=6, execution=gg.Execution(graph=cache),
                   generator=torch.Generator().manual_seed(0))
     eager_b = gg.sample(uncond, (16, 2), schedule=gg.Schedule.cosine(200), steps=6,
                         generator=torch.Generator().manual_seed(0))
@@ -82,13 +83,13 @@ def test_a_new_schedule_with_the_same_step_count_reuses_and_changes_the_output()
 def test_structural_changes_recapture(change):
     cache = GraphCache(emulate=True)
     base = dict(model=GM, shape=(16, 2), schedule=SCHED, steps=6, guidance=[gg.CFG(3.0)], cond={"y": Y})
-    gg.sample(**base, graph=cache, generator=torch.Generator().manual_seed(0))
+    gg.sample(execution=gg.Execution(graph=cache), generator=torch.Generator().manual_seed(0), **base)
     first = cache.captures
-    changed = dict(base)
+    changed, dtype = dict(base), None
     if change == "shape":
         changed.update(shape=(8, 2), cond={"y": Y[:8]})
     elif change == "dtype":
-        changed["dtype"] = torch.float64
+        dtype = torch.float64
     elif change == "scale":
         changed["guidance"] = [gg.CFG(4.0)]
     elif change == "steps":
@@ -100,8 +101,9 @@ def test_structural_changes_recapture(change):
     elif change == "cond-shape":
         changed["model"] = lambda x, t, y=None, extra=None: GM(x, t, y)
         changed["cond"] = {"y": Y, "extra": torch.zeros(16, 3)}
-    out = gg.sample(**changed, graph=cache, generator=torch.Generator().manual_seed(0))
-    eager = gg.sample(**changed, generator=torch.Generator().manual_seed(0))
+    out = gg.sample(execution=gg.Execution(graph=cache, dtype=dtype), generator=torch.Generator().manual_seed(0),
+                    **changed)
+    eager = gg.sample(**changed, execution=gg.Execution(dtype=dtype), generator=torch.Generator().manual_seed(0))
     assert cache.reuses == 0 and cache.captures > first
     assert torch.equal(out, eager)
 
@@ -110,11 +112,11 @@ def test_records_from_replays_are_copies():
     records = []
     cache = GraphCache(emulate=True)
     gg.sample(GM, (16, 2), schedule=SCHED, steps=5, guidance=[gg.Classifier(GM.log_prob_class, 2.0)],
-              projection=gg.PixelAsParam("A"), cond={"y": Y}, graph=cache, callback=records.append,
-              generator=torch.Generator().manual_seed(0))
+              projection=gg.PixelAsParam("A"), cond={"y": Y}, execution=gg.Execution(graph=cache),
+              diagnostics=gg.Diagnostics(callback=records.append), generator=torch.Generator().manual_seed(0))
     eager = []
     gg.sample(GM, (16, 2), schedule=SCHED, steps=5, guidance=[gg.Classifier(GM.log_prob_class, 2.0)],
-              projection=gg.PixelAsParam("A"), cond={"y": Y}, callback=eager.append,
+              projection=gg.PixelAsParam("A"), cond={"y": Y}, diagnostics=gg.Diagnostics(callback=eager.append),
               generator=torch.Generator().manual_seed(0))
     for r, e in zip(records, eager):
         assert torch.equal(r.x, e.x) and torch.equal(r.x0, e.x0)
@@ -124,18 +126,21 @@ def test_records_from_replays_are_copies():
 
 def test_graph_true_on_cpu_falls_back_to_eager_with_a_notice():
     with pytest.warns(UserWarning, match="CUDA graphs need a CUDA device; sampling eagerly on cpu"):
-        out = gg.sample(uncond, (4, 2), schedule=SCHED, steps=4, graph=True, generator=torch.Generator().manual_seed(0))
+        out = gg.sample(uncond, (4, 2), schedule=SCHED, steps=4, execution=gg.Execution(graph=True),
+                        generator=torch.Generator().manual_seed(0))
     assert torch.equal(out, gg.sample(uncond, (4, 2), schedule=SCHED, steps=4,
                                       generator=torch.Generator().manual_seed(0)))
     with pytest.raises(TypeError, match="graph: expected True, False or a gradguide.graphs.GraphCache"):
-        gg.sample(uncond, (4, 2), schedule=SCHED, steps=4, graph="yes")
+        gg.sample(uncond, (4, 2), schedule=SCHED, steps=4, execution=gg.Execution(graph="yes"))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: real capture and replay")
 def test_cuda_graph_replay_equals_eager():
     cond = {"y": Y.cuda()}
     kw = dict(schedule=SCHED, steps=10, guidance=[gg.Classifier(GM.log_prob_class, 2.0)],
-              projection=gg.PixelAsParam("A"), cond=cond, device="cuda")
-    eager = gg.sample(GM, (16, 2), generator=torch.Generator("cuda").manual_seed(0), **kw)
-    graphed = gg.sample(GM, (16, 2), generator=torch.Generator("cuda").manual_seed(0), graph=True, **kw)
+              projection=gg.PixelAsParam("A"), cond=cond)
+    eager = gg.sample(GM, (16, 2), generator=torch.Generator("cuda").manual_seed(0),
+                      execution=gg.Execution(device="cuda"), **kw)
+    graphed = gg.sample(GM, (16, 2), generator=torch.Generator("cuda").manual_seed(0),
+                        execution=gg.Execution(graph=True, device="cuda"), **kw)
     assert torch.allclose(eager, graphed, atol=1e-5)

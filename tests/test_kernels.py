@@ -412,16 +412,19 @@ def test_sample_matches_reference_backend(backend):
     gm = default_mixture(schedule)
     y = torch.full((6,), 2, dtype=torch.int64)
     log_prob = lambda x, t, y: gm.log_prob_class(x, t, y)  # noqa: E731
-    runs = [dict(sampler="ddpm", guidance=[CFG(3.0)], projection=PixelAsParam("C"), clip=(-4.0, 4.0)),
-            dict(sampler="ddim", eta=0.5, guidance=[Classifier(log_prob, 4.0)], projection=PixelAsParam("B"))]
+    runs = [dict(sampler=gradguide.Sampler("ddpm", clip=(-4.0, 4.0)), guidance=[CFG(3.0)],
+                 projection=PixelAsParam("C")),
+            dict(sampler=gradguide.Sampler("ddim", eta=0.5), guidance=[Classifier(log_prob, 4.0)],
+                 projection=PixelAsParam("B"))]
     if backend == "native":  # the compiled backend can afford the multistep sampler too
         runs.append(dict(sampler="dpmpp-2m", guidance=[CFG(2.0)]))
     for kw in runs:
         records = []
         results = {}
         for b in ("reference", backend):
-            results[b] = sample(gm, (6, 2), schedule=schedule, steps=6, cond={"y": y}, backend=b,
-                                generator=torch.Generator().manual_seed(0), callback=records.append, **kw)
+            results[b] = sample(gm, (6, 2), schedule=schedule, steps=6, cond={"y": y},
+                                execution=gradguide.Execution(backend=b), generator=torch.Generator().manual_seed(0),
+                                diagnostics=gradguide.Diagnostics(callback=records.append), **kw)
         torch.testing.assert_close(results[backend], results["reference"], rtol=1e-4, atol=1e-4)
         assert {r.backend for r in records} == {"reference", backend}
 

@@ -28,22 +28,24 @@ TERMS = guidance_cases(GM)
 def test_steps_never_synchronise(name, sampler, device):
     terms, projection, model = TERMS[name]
     records = []
-    gg.sample(model, (8, 2), schedule=SCHED, sampler=sampler, steps=6, guidance=terms, projection=projection,
-              cond={"y": Y}, clip=(-5, 5), telemetry=True, callback=records.append, check_sync=True,
-              generator=torch.Generator().manual_seed(0), device=device)
+    gg.sample(model, (8, 2), schedule=SCHED, sampler=gg.Sampler(sampler, clip=(-5, 5)), steps=6, guidance=terms,
+              projection=projection, cond={"y": Y},
+              diagnostics=gg.Diagnostics(check_sync=True, telemetry=True, callback=records.append),
+              generator=torch.Generator().manual_seed(0), execution=gg.Execution(device=device))
     assert len(records) == 6
 
 
 def test_the_guard_catches_item_and_tensor_valued_if():
     with pytest.raises(HostSyncError, match="Tensor.item"):
-        gg.sample(lambda x, t: x * t.max().item(), (4, 2), schedule=SCHED, steps=3, check_sync=True)
+        gg.sample(lambda x, t: x * t.max().item(), (4, 2), schedule=SCHED, steps=3,
+                  diagnostics=gg.Diagnostics(check_sync=True))
 
     def branching_model(x, t):
         if (x > 0).any():
             return x
         return -x
     with pytest.raises(HostSyncError, match="__bool__"):
-        gg.sample(branching_model, (4, 2), schedule=SCHED, steps=3, check_sync=True)
+        gg.sample(branching_model, (4, 2), schedule=SCHED, steps=3, diagnostics=gg.Diagnostics(check_sync=True))
     # the guard is lifted afterwards
     assert torch.ones(1).item() == 1.0 and bool(torch.ones(1))
     with forbid_host_sync():
@@ -55,7 +57,8 @@ def test_the_guard_catches_item_and_tensor_valued_if():
 def test_learned_range_and_subspace_steps_never_synchronise():
     sub = SubspaceGaussian.random(gg.Schedule.cosine(50), D=8, d=2)
     gg.sample(sub, (4, 8), schedule=gg.Schedule.cosine(50), guidance=gg.LookAhead(torch.ones(8), 1.0),
-              check_sync=True)
+              diagnostics=gg.Diagnostics(check_sync=True))
     gg.sample(lambda x, t: torch.cat([0.1 * x, torch.zeros_like(x)], 1), (2, 3, 4), schedule=SCHED, steps=5,
-              variance="learned-range", guidance=gg.Classifier(lambda x, t: x.flatten(1).sum(1), 1.0),
-              check_sync=True)
+              sampler=gg.Sampler(variance="learned-range"),
+              guidance=gg.Classifier(lambda x, t: x.flatten(1).sum(1), 1.0),
+              diagnostics=gg.Diagnostics(check_sync=True))

@@ -201,7 +201,7 @@ def test_pixelasparam_and_other_terms_in_the_pipeline(components):
     x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
     direct = gg.sample(pipe.model, x_T.shape, schedule=pipe.schedule, sampler="ddim", steps=3, x_T=x_T,
                        cond={"encoder_hidden_states": cond}, projection=gg.PixelAsParam("C"),
-                       guidance=gg.CFG(6.0, uncond={"encoder_hidden_states": neg}), **pipe.model.sample_defaults)
+                       guidance=gg.CFG(6.0, uncond={"encoder_hidden_states": neg}))
     _close(pxp, direct, 1e-6)
     # a branch term in guidance= replaces the CFG from guidance_scale and gets the negative prompt
     apg = pipe(PROMPTS, generator=torch.Generator().manual_seed(1),

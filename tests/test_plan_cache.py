@@ -35,15 +35,14 @@ def _guidance(name):
             "classifier": [gg.Classifier(_classifier, scale=0.5)]}[name]
 
 
-def _sample(sampler="ddim", guidance=("cfg",), projection=None, **kw):
-    terms = kw.pop("terms", None)
+def _sample(sampler="ddim", guidance=("cfg",), projection=None, terms=None, schedule=SCHED, steps=5, execution=None):
     if terms is None:
         terms = [t for g in guidance for t in _guidance(g)]
-    dtype = kw.get("dtype", torch.float32)
+    dtype = execution.dtype if execution is not None and execution.dtype is not None else torch.float32
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(dtype)
-    kw = {"schedule": SCHED, "steps": 5, **kw}
-    return gg.sample(_model, SHAPE, sampler=sampler, guidance=terms, projection=projection, cond=COND, x_T=x_T,
-                     generator=torch.Generator().manual_seed(2), **kw)
+    return gg.sample(_model, SHAPE, schedule=schedule, sampler=sampler, steps=steps, guidance=terms,
+                     projection=projection, cond=COND, x_T=x_T, generator=torch.Generator().manual_seed(2),
+                     execution=execution)
 
 
 def _uncached(monkeypatch, **kw):
@@ -72,15 +71,16 @@ def _count_builds(monkeypatch):
 
 CONFIGS = [
     dict(sampler="ddim", guidance=("cfg",)),
-    dict(sampler="ddim", guidance=("cfg",), eta=1.0),
+    dict(sampler=gg.Sampler("ddim", eta=1.0), guidance=("cfg",)),
     dict(sampler="ddpm", guidance=("none",)),
-    dict(sampler="ddpm", guidance=("apg",), clip=True),
-    dict(sampler="ddim", guidance=("cfg",), projection=gg.PixelAsParam("C", delta=0.5), clip=True),
+    dict(sampler=gg.Sampler("ddpm", clip=True), guidance=("apg",)),
+    dict(sampler=gg.Sampler("ddim", clip=True), guidance=("cfg",), projection=gg.PixelAsParam("C", delta=0.5)),
     dict(sampler="ddpm", guidance=("classifier",), projection=gg.PixelAsParam("A")),
-    dict(sampler="ddim", guidance=("classifier",), projection=gg.PixelAsParam("B"), dtype=torch.float64),
+    dict(sampler="ddim", guidance=("classifier",), projection=gg.PixelAsParam("B"),
+         execution=gg.Execution(dtype=torch.float64)),
     dict(sampler="dpmpp-2m", guidance=("cfg",)),
     dict(sampler="unipc", guidance=("none",)),
-    dict(sampler="ddim", guidance=("cfg",), fused=False),
+    dict(sampler="ddim", guidance=("cfg",), execution=gg.Execution(fused=False)),
 ]
 
 
@@ -96,26 +96,27 @@ def test_repeated_calls_are_cache_hits_and_bit_identical_to_the_uncached_path(co
 
 def test_cached_result_equals_a_fresh_process():
     code = ("import torch, sys; sys.path.insert(0, 'tests'); import test_plan_cache as t; "
-            "out = t._sample(sampler='ddim', guidance=('cfg',), projection=t.gg.PixelAsParam('C'), clip=True); "
+            "out = t._sample(sampler=t.gg.Sampler('ddim', clip=True), guidance=('cfg',), "
+            "projection=t.gg.PixelAsParam('C')); "
             "print(repr(out.flatten().tolist()))")
     fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    _sample(sampler="ddim", guidance=("cfg",), projection=gg.PixelAsParam("C"), clip=True)
-    cached = _sample(sampler="ddim", guidance=("cfg",), projection=gg.PixelAsParam("C"), clip=True)
+    _sample(sampler=gg.Sampler("ddim", clip=True), guidance=("cfg",), projection=gg.PixelAsParam("C"))
+    cached = _sample(sampler=gg.Sampler("ddim", clip=True), guidance=("cfg",), projection=gg.PixelAsParam("C"))
     assert repr(cached.flatten().tolist()) == fresh.strip()
 
 
-BASE = dict(sampler="ddim", guidance=("cfg",), clip=None)
+BASE = dict(sampler=gg.Sampler("ddim"), guidance=("cfg",))
 CHANGES = {
     "steps": dict(steps=7),
-    "eta": dict(eta=0.5),
+    "eta": dict(sampler=gg.Sampler("ddim", eta=0.5)),
     "sampler": dict(sampler="ddpm"),
-    "dtype": dict(dtype=torch.float64),
+    "dtype": dict(execution=gg.Execution(dtype=torch.float64)),
     "projection": dict(projection=gg.PixelAsParam("C", delta=0.3)),
     "projection-delta": dict(projection=gg.PixelAsParam("C", delta=0.7)),
-    "clip": dict(clip=(-0.5, 0.5)),
-    "clip_eps": dict(clip=(-0.5, 0.5), clip_eps="model"),
-    "prediction": dict(prediction="v"),
-    "spacing": dict(spacing="trailing"),
+    "clip": dict(sampler=gg.Sampler("ddim", clip=(-0.5, 0.5))),
+    "clip_eps": dict(sampler=gg.Sampler("ddim", clip=(-0.5, 0.5), clip_eps="model")),
+    "prediction": dict(sampler=gg.Sampler("ddim", prediction="v")),
+    "spacing": dict(sampler=gg.Sampler("ddim", spacing="trailing")),
     "betas": dict(schedule=gg.Schedule.linear(1000, beta_end=0.03)),
     "guidance": dict(guidance=("apg",)),
 }
@@ -178,12 +179,12 @@ def test_the_cache_is_bounded_and_least_recently_used_goes_first(monkeypatch):
 
 
 def test_a_caller_cannot_corrupt_the_cache_through_a_run(monkeypatch):
-    kw = dict(sampler="ddim", guidance=("cfg",), projection=gg.PixelAsParam("C"), clip=True)
+    kw = dict(sampler=gg.Sampler("ddim", clip=True), guidance=("cfg",), projection=gg.PixelAsParam("C"))
     reference = _uncached(monkeypatch, **kw)
     for _ in range(2):   # the second prepare_run is a cache hit
-        run = sampling.prepare_run(_model, SHAPE, schedule=SCHED, sampler="ddim", steps=5, cond=COND,
-                                   guidance=[gg.CFG(3.0, uncond={"y": torch.zeros(SHAPE[0])})],
-                                   projection=gg.PixelAsParam("C"), clip=True)
+        run = sampling.prepare_run(_model, SHAPE, schedule=SCHED, sampler=gg.Sampler("ddim", clip=True), steps=5,
+                                   cond=COND, guidance=[gg.CFG(3.0, uncond={"y": torch.zeros(SHAPE[0])})],
+                                   projection=gg.PixelAsParam("C"))
         assert run.plan is not None
         run.table_rows.fill_(7.0)
         run.tables.timesteps.abar.fill_(0.5)

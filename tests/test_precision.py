@@ -81,7 +81,7 @@ def relative_error(x32, x64):
     return float((x32.double() - x64).abs().max() / x64.abs().max())
 
 
-def float32_floor(seed=0, **kw):
+def float32_floor(seed=0, fused=True, **kw):
     """How far the float64 run moves under the perturbations every float32 run must take, its
     arithmetic staying float64: its sample x_t (and the sampler's carried state) stored as
     float32 values after every step, and, as that is one realisation of float32 rounding, also
@@ -104,7 +104,8 @@ def float32_floor(seed=0, **kw):
     def run(x, step):
         sampling.step = step   # read when the run's stepper is made
         try:
-            return gg.sample(x_T=x, backend="reference", generator=torch.Generator().manual_seed(seed + 1), **kw)
+            return gg.sample(x_T=x, execution=gg.Execution(backend="reference", fused=fused),
+                             generator=torch.Generator().manual_seed(seed + 1), **kw)
         finally:
             sampling.step = real
     exact = run(x_T, real)
@@ -120,21 +121,21 @@ def check_float32(err, seed=0, **kw):
         assert floor > TOL / 2 and err <= 3 * floor, (err, floor)
 
 
-def _pair(backend, seed=0, **kw):
+def _pair(backend, seed=0, fused=True, **kw):
     x_T = torch.randn(kw["shape"], generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float()
     out = {}
     for dtype in (torch.float64, torch.float32):
-        out[dtype] = gg.sample(x_T=x_T.to(dtype), backend=backend,
+        out[dtype] = gg.sample(x_T=x_T.to(dtype), execution=gg.Execution(backend=backend, fused=fused),
                                generator=torch.Generator().manual_seed(seed + 1), **kw)
     return relative_error(out[torch.float32], out[torch.float64])
 
 
 def issue_case(eta=0.0, seed=0, scale=1.5, fused=True):
     """Issue 12's case: DDIM, classifier scale 1.5, PixelAsParam("B", granularity="channel"),
-    clip=True, 5 steps (and eta = 1)."""
-    return dict(model=_model, shape=SHAPE, schedule=SCHED, sampler="ddim", eta=eta, steps=5,
+    clip=True, 5 steps (and eta = 1). ``fused`` is the execution's (see _pair)."""
+    return dict(model=_model, shape=SHAPE, schedule=SCHED, sampler=gg.Sampler("ddim", eta=eta, clip=True), steps=5,
                 guidance=gg.Classifier(_classifier(seed + 7), scale), cond={"y": torch.ones(SHAPE[0])},
-                projection=gg.PixelAsParam("B", granularity="channel"), clip=True, fused=fused)
+                projection=gg.PixelAsParam("B", granularity="channel"), fused=fused)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -148,7 +149,10 @@ def test_issue_case_float32_matches_float64(backend, eta, fused):
 def test_issue_case_backends_agree_in_float32():
     """With eta = 1 the backends differed by up to 1.1 in float32 while agreeing in float64."""
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0))
-    outs = [gg.sample(x_T=x_T, backend=b, generator=torch.Generator().manual_seed(1), **issue_case(1.0))
+    case = issue_case(1.0)
+    fused = case.pop("fused")
+    outs = [gg.sample(x_T=x_T, execution=gg.Execution(backend=b, fused=fused),
+                      generator=torch.Generator().manual_seed(1), **case)
             for b in BACKENDS]
     assert len(outs) >= 2
     for other in outs[1:]:
@@ -227,9 +231,9 @@ TERMS = {
 def test_every_combination_float32_matches_float64(name, sampler, backend):
     terms, projection, model = TERMS[name]
     for clip in (None, (-5.0, 5.0)):
-        kw = dict(model=model, shape=(8, 2), schedule=GM.schedule, sampler=sampler.split("-eta")[0],
-                  eta=1.0 if sampler == "ddim-eta1" else 0.0, steps=6, guidance=terms, projection=projection,
-                  cond={"y": Y}, clip=clip)
+        kw = dict(model=model, shape=(8, 2), schedule=GM.schedule,
+                  sampler=gg.Sampler(sampler.split("-eta")[0], eta=1.0 if sampler == "ddim-eta1" else 0.0, clip=clip),
+                  steps=6, guidance=terms, projection=projection, cond={"y": Y})
         check_float32(_pair(backend, **kw), **kw)
 
 
@@ -242,6 +246,7 @@ def test_triton_interpreted_float32_matches_float64(name, sampler):
     the two materialised clipped branches; APG, fused and general (momentum): 1.3e-4 while the
     Triton kernels summed float32 in float32.)"""
     terms, projection, model = TERMS[name]
-    err = _pair("triton", model=model, shape=(8, 2), schedule=GM.schedule, sampler=sampler, steps=6,
-                guidance=terms, projection=projection, cond={"y": Y}, clip=(-5.0, 5.0))
+    err = _pair("triton", model=model, shape=(8, 2), schedule=GM.schedule,
+                sampler=gg.Sampler(sampler, clip=(-5.0, 5.0)), steps=6, guidance=terms, projection=projection,
+                cond={"y": Y})
     assert err <= TOL, err

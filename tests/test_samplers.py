@@ -26,8 +26,9 @@ TERMS = guidance_cases(GM)
 def test_every_guidance_term_and_projection_runs_without_host_sync(name, sampler):
     terms, projection, model = TERMS[name]
     records = []
-    x = gg.sample(model, (8, 2), schedule=SCHED, sampler=sampler, steps=6, guidance=terms, projection=projection,
-                  cond={"y": Y}, clip=(-5, 5), telemetry=True, callback=records.append, check_sync=True,
+    x = gg.sample(model, (8, 2), schedule=SCHED, sampler=gg.Sampler(sampler, clip=(-5, 5)), steps=6, guidance=terms,
+                  projection=projection, cond={"y": Y},
+                  diagnostics=gg.Diagnostics(check_sync=True, telemetry=True, callback=records.append),
                   generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(x).all()
     # Heun, DPM-2 and the two-stage samplers: two evaluations per step, one on the last; PLMS: the first step twice
@@ -118,7 +119,7 @@ def test_kdiffusion_style_sigmas_match_kdiffusion_algorithms(sampler, kind):
     z = torch.randn(3, 2, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     ref = _kdiffusion(sampler.replace("-", "_"), model, schedule, sigmas, z * sigmas[0].item(),
                       torch.Generator().manual_seed(2))
-    got = gg.sample(model, (3, 2, 4), schedule=schedule, sampler=sampler, sigmas=sigmas, x_T=z,
+    got = gg.sample(model, (3, 2, 4), schedule=schedule, sampler=gg.Sampler(sampler, sigmas=sigmas), x_T=z,
                     generator=torch.Generator().manual_seed(2))
     assert (got - ref).abs().max() <= 1e-7 * max(1.0, ref.abs().max().item())   # float64 on both sides
 
@@ -136,11 +137,11 @@ def test_sigma_helpers_and_sigma_to_t():
     with pytest.raises(ValueError, match="sigma_min"):
         gg.sigmas_karras(5, 2.0, 1.0)
     with pytest.raises(ValueError, match="sigmas"):
-        gg.sample(lambda x, t: x, (2, 2), schedule=sched, sampler="euler", sigmas=[1.0, 2.0, 0.0])
+        gg.sample(lambda x, t: x, (2, 2), schedule=sched, sampler=gg.Sampler("euler", sigmas=[1.0, 2.0, 0.0]))
     with pytest.raises(ValueError, match="either sigmas"):
-        gg.sample(lambda x, t: x, (2, 2), schedule=sched, sampler="euler", sigmas=[2.0, 0.0], steps=3)
+        gg.sample(lambda x, t: x, (2, 2), schedule=sched, sampler=gg.Sampler("euler", sigmas=[2.0, 0.0]), steps=3)
     with pytest.raises(ValueError, match="last σ must be 0"):
-        gg.sample(lambda x, t: x, (2, 2), schedule=sched, sampler="heun", sigmas=[2.0, 1.0, 0.5])
+        gg.sample(lambda x, t: x, (2, 2), schedule=sched, sampler=gg.Sampler("heun", sigmas=[2.0, 1.0, 0.5]))
 
 
 def test_zero_terminal_snr():
@@ -152,13 +153,13 @@ def test_zero_terminal_snr():
     torch.testing.assert_close(z.alphas_cumprod, ref, rtol=1e-5, atol=1e-7)
     v_model = lambda x, t: -0.5 * x   # noqa: E731
     for sampler in ("ddim", "ddpm"):
-        x = gg.sample(v_model, (2, 3), schedule=z, sampler=sampler, steps=5, spacing="trailing", prediction="v",
-                      generator=torch.Generator().manual_seed(0))
+        x = gg.sample(v_model, (2, 3), schedule=z, sampler=gg.Sampler(sampler, prediction="v", spacing="trailing"),
+                      steps=5, generator=torch.Generator().manual_seed(0))
         assert torch.isfinite(x).all()
     with pytest.raises(ValueError, match="zero terminal SNR"):
-        gg.sample(v_model, (2, 3), schedule=z, sampler="ddim", steps=5, spacing="trailing")   # an ε model
+        gg.sample(v_model, (2, 3), schedule=z, sampler=gg.Sampler("ddim", spacing="trailing"), steps=5)   # an ε model
     with pytest.raises(ValueError, match="ᾱ > 0"):
-        gg.sample(v_model, (2, 3), schedule=z, sampler="euler", steps=5, spacing="trailing", prediction="v")
+        gg.sample(v_model, (2, 3), schedule=z, sampler=gg.Sampler("euler", prediction="v", spacing="trailing"), steps=5)
 
 
 def test_ddpm_final_noise_rule():
@@ -182,20 +183,30 @@ def test_graph_replay_equals_eager(sampler):
               generator=torch.Generator().manual_seed(0))
     eager = gg.sample(GM, (8, 2), **kw)
     kw["generator"] = torch.Generator().manual_seed(0)
-    replayed = gg.sample(GM, (8, 2), graph=GraphCache(emulate=True), **kw)
+    replayed = gg.sample(GM, (8, 2), execution=gg.Execution(graph=GraphCache(emulate=True)), **kw)
     torch.testing.assert_close(replayed, eager, rtol=0, atol=0)
 
 
 def test_sampler_options_travel_with_a_plain_schedule():
-    """diffusers' DDPM rule for your own schedule: schedule.sampler_options, used by sample()."""
-    kw = dict(shape=(4, 3), steps=5, spacing="trailing", variance="fixed-large")
+    """diffusers' DDPM rule for your own schedule: schedule.sampler_config, used by sample()."""
+    kw = dict(shape=(4, 3), steps=5, sampler=gg.Sampler(spacing="trailing", variance="fixed-large"))
     own = gg.Schedule.linear(200)
     rule = gg.Schedule.linear(200)
-    rule.sampler_options = {"ddpm": {"final_noise": "t>0"}}
+    rule.sampler_config = gg.Sampler("ddpm", final_noise="t>0")
     a = gg.sample(lambda x, t: 0.1 * x, schedule=own, generator=torch.Generator().manual_seed(0), **kw)
     b = gg.sample(lambda x, t: 0.1 * x, schedule=rule, generator=torch.Generator().manual_seed(0), **kw)
     assert (a - b).abs().max() > 1e-3     # the last step adds noise only under the t > 0 rule
-    assert gg.Schedule.linear(200).sampler_options == {}   # the class default is untouched
+    # the call's own option wins over the schedule's
+    c = gg.sample(lambda x, t: 0.1 * x, schedule=rule, generator=torch.Generator().manual_seed(0), shape=(4, 3),
+                  steps=5, sampler=gg.Sampler(spacing="trailing", variance="fixed-large", final_noise="never"))
+    torch.testing.assert_close(c, a, rtol=0, atol=0)
+    # options learnt for another sampler do not travel to the one the call names
+    d = gg.sample(lambda x, t: 0.1 * x, schedule=rule, generator=torch.Generator().manual_seed(0), shape=(4, 3),
+                  steps=5, sampler=gg.Sampler("ddim", spacing="trailing"))
+    e = gg.sample(lambda x, t: 0.1 * x, schedule=own, generator=torch.Generator().manual_seed(0), shape=(4, 3),
+                  steps=5, sampler=gg.Sampler("ddim", spacing="trailing"))
+    torch.testing.assert_close(d, e, rtol=0, atol=0)
+    assert gg.Schedule.linear(200).sampler_config is None   # the class default is untouched
 
 
 @pytest.mark.parametrize("sampler,options", [("dpm_fast", {"nfe": 5, "eta": 1.0}), ("euler", {"s_churn": 2.0}),
@@ -206,13 +217,13 @@ def test_every_guidance_term_runs_on_dpm_fast_and_churn(name, sampler, options):
     model call) are LinComb steps too: every guidance term and projection, no host sync."""
     terms, projection, model = TERMS[name]
     schedule = gg.Schedule.linear(200)
-    schedule.sampler_options = {sampler: options}
     lo, hi = float(schedule.sigmas[0]), float(schedule.sigmas[-1])
     sigmas = [hi, lo] if sampler == "dpm_fast" else gg.sigmas_karras(5, lo, hi)
     records = []
-    x = gg.sample(model, (8, 2), schedule=schedule, sampler=sampler, sigmas=sigmas, guidance=terms,
-                  projection=projection, cond={"y": Y}, clip=(-5, 5), telemetry=True, callback=records.append,
-                  check_sync=True, generator=torch.Generator().manual_seed(0))
+    x = gg.sample(model, (8, 2), schedule=schedule, sampler=gg.Sampler(sampler, sigmas=sigmas, clip=(-5, 5), **options),
+                  guidance=terms, projection=projection, cond={"y": Y},
+                  diagnostics=gg.Diagnostics(telemetry=True, callback=records.append, check_sync=True),
+                  generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(x).all()
     assert len(records) == {"dpm_fast": 5, "euler": 5, "heun": 9}[sampler]
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import os
 import time
@@ -544,10 +545,10 @@ def _phase_summary(counter: Counter) -> dict:
     return out
 
 
-# the sample() arguments a dry run takes (device, backend, x_T, generator, graph are its own)
-PREPARE_ARGS = frozenset({"schedule", "sampler", "steps", "eta", "guidance", "projection", "cond", "prediction",
-                          "variance", "clip", "clip_eps", "spacing", "timesteps", "sigmas", "dtype", "telemetry",
-                          "batch_branches", "fused"})
+# the sample() arguments a dry run takes (x_T and generator are its own; of execution, device, backend
+# and graph are its own too)
+PREPARE_ARGS = frozenset({"schedule", "sampler", "steps", "guidance", "projection", "cond", "execution",
+                          "diagnostics"})
 
 
 def dry_run(model: Callable, shape, *, steps_measured=None, graph: bool = True, backend: str = "auto",
@@ -574,8 +575,10 @@ def dry_run(model: Callable, shape, *, steps_measured=None, graph: bool = True, 
     unsupported = set(kwargs) - PREPARE_ARGS
     if unsupported:
         raise TypeError(f"dry_run: unsupported sample() arguments {sorted(unsupported)}")
+    execution = dataclasses.replace(kwargs.pop("execution", None) or gg.Execution(), backend="reference",
+                                    device="meta", graph=False)
     run = sampling.prepare_run(phased(model, tracker), tuple(shape), **{"sampler": "ddpm", **kwargs},
-                               backend="reference", device="meta", meta=True)
+                               execution=execution, meta=True)
     fake_device = device or ("meta" if run.needs_input_grad or fake_cuda_status() else "cuda")
     if fake_device == "cuda" and run.needs_input_grad:
         raise ValueError("device='cuda': this step takes a vector-Jacobian product, which a CPU-only torch cannot "
@@ -734,13 +737,13 @@ def run_workload(name: str, quick: bool = False, backend: str = "auto", graph: b
 # sampler variants: name -> sample() arguments (DDPM's three variances, DDIM deterministic,
 # stochastic and with x̂_0 clipping, DPM-Solver++(2M)); "learned-range": the model outputs 2C channels
 SAMPLER_VARIANTS = {
-    "ddpm": {"sampler": "ddpm"},
-    "ddpm-large": {"sampler": "ddpm", "variance": "fixed-large"},
-    "ddpm-learned": {"sampler": "ddpm", "variance": "learned-range"},
-    "ddim": {"sampler": "ddim"},
-    "ddim-eta1": {"sampler": "ddim", "eta": 1.0},
-    "ddim-clip": {"sampler": "ddim", "clip": (-1.0, 1.0)},   # x̂_0 clipping (image models; ADM clips)
-    "dpmpp-2m": {"sampler": "dpmpp-2m"},
+    "ddpm": gg.Sampler("ddpm"),
+    "ddpm-large": gg.Sampler("ddpm", variance="fixed-large"),
+    "ddpm-learned": gg.Sampler("ddpm", variance="learned-range"),
+    "ddim": gg.Sampler("ddim"),
+    "ddim-eta1": gg.Sampler("ddim", eta=1.0),
+    "ddim-clip": gg.Sampler("ddim", clip=(-1.0, 1.0)),   # x̂_0 clipping (image models; ADM clips)
+    "dpmpp-2m": gg.Sampler("dpmpp-2m"),
 }
 SAMPLERS = tuple(SAMPLER_VARIANTS)
 # "apg": the paper's APG (no momentum: a built-in fused program); "apg-momentum": with a running
@@ -804,7 +807,7 @@ def run_combination(sampler: str, guidance: str, projection: str, backend: str =
     if sampler not in SAMPLER_VARIANTS:
         raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
     variant = SAMPLER_VARIANTS[sampler]
-    learned = variant.get("variance") == "learned-range"
+    learned = variant.variance == "learned-range"
     tracker = Tracker()
     model = _load_bench().CheapEps(shape[1], out_channels=2 * shape[1] if learned else None).to("meta").eval().requires_grad_(False)
     terms = _guidance_terms(guidance, shape, tracker)
@@ -817,7 +820,7 @@ def run_combination(sampler: str, guidance: str, projection: str, backend: str =
     try:
         result = dry_run(model, shape, schedule=gg.Schedule.linear(1000), steps=steps, guidance=terms,
                          projection=_projection(projection), cond={"class_labels": labels}, graph=graph,
-                         backend=backend, tracker=tracker, name=name, **variant)
+                         backend=backend, tracker=tracker, name=name, sampler=variant)
     except ValueError as exc:
         if "projection" in str(exc) or "guidance" in str(exc):
             return {"name": name, "status": "refused", "reason": str(exc).splitlines()[0]}

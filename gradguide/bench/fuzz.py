@@ -690,6 +690,23 @@ def _sample_kwargs(spec, dtype, schedule, shape, model, log_prob):
 
 SAMPLE_ARGS = ("model", "shape", "schedule", "sampler", "steps", "eta", "guidance", "projection", "cond", "x_T",
                "generator", "backend", "clip", "device", "dtype", "check_finite", "scale", "T")
+# the case's flat settings that go into sample()'s configuration objects
+_SAMPLER_FIELDS, _EXECUTION_FIELDS, _DIAGNOSTICS_FIELDS = ("eta", "clip"), ("backend", "device", "dtype"), \
+    ("check_finite",)
+
+
+def _run_sample(model, shape, kw):
+    """``gradguide.sample`` with the case's flat settings put into :class:`gradguide.Sampler`,
+    ``Execution`` and ``Diagnostics``, built inside the call so that an invalid setting is
+    refused (and must be named) where a user meets it."""
+    import gradguide as gg
+    kw = dict(kw)
+    fields = {}
+    for group in (_SAMPLER_FIELDS, _EXECUTION_FIELDS, _DIAGNOSTICS_FIELDS):
+        fields[group] = {k: kw.pop(k) for k in group if k in kw}
+    kw["sampler"] = gg.Sampler(kw["sampler"], **fields[_SAMPLER_FIELDS])
+    return gg.sample(model, shape, execution=gg.Execution(**fields[_EXECUTION_FIELDS]),
+                     diagnostics=gg.Diagnostics(**fields[_DIAGNOSTICS_FIELDS]), **kw)
 
 
 def _sample(spec):
@@ -706,7 +723,7 @@ def _sample(spec):
     except (TypeError, ValueError) as exc:
         raise Result("unclean_error", f"valid setup refused: {exc}")
     if m == "sampler_bad":
-        kw["sampler"], expect = "no-such-sampler", ("sampler",)
+        kw["sampler"], expect = "no-such-sampler", ("sampler", "sampler.name")
     elif m == "steps_bad":
         kw["steps"] = [0, "ddimx", torch.tensor(3), 2.5, [1.5, 3], spec["T"] + 1][spec["seed"] % 6]
         expect = ("steps",)
@@ -759,7 +776,7 @@ def _sample(spec):
     kw64["backend"] = "reference"
     kw64["check_finite"] = False
     try:
-        got = _call(lambda: gg.sample(model_call, call_shape, **kw), expect)
+        got = _call(lambda: _run_sample(model_call, call_shape, kw), expect)
     except Result as r:
         if m == "scale_huge" and r.outcome == "unclean_error" and expect is None:
             raise Result("clean_error" if names_argument(r.detail, ("scale",)) else "unclean_error",
@@ -767,11 +784,11 @@ def _sample(spec):
         # a valid half-precision run may be refused by the finiteness check when the float64
         # run leaves the dtype's range: that refusal is the documented behaviour
         if r.outcome == "unclean_error" and expect is None and "check_finite:" in r.detail:
-            truth = gg.sample(model64, shape, **kw64)
+            truth = _run_sample(model64, shape, kw64)
             if bool((truth.abs() > torch.finfo(dtype).max).any()) or not bool(torch.isfinite(truth).all()):
                 raise Result("clean_error", "refused: " + r.detail)
         raise
-    truth = gg.sample(model64, shape, **kw64)
+    truth = _run_sample(model64, shape, kw64)
     if not bool(torch.isfinite(truth).all()):
         raise Result("correct", "float64 truth not finite: only the shape is checked")
     fi = torch.finfo(dtype)

@@ -70,7 +70,7 @@ def graph_vs_eager(bench, names, dev, quick: bool, reps: int, seed: int = 0) -> 
 
         def one(graph):
             kw = w.sample_kwargs(seed=seed)
-            kw.update(backend="auto", graph=graph)
+            kw["execution"] = gradguide.Execution(backend="auto", graph=graph)
             model, shape = kw.pop("model"), kw.pop("shape")
             return gradguide.sample(model, shape, **kw)
         with warnings.catch_warnings():

@@ -358,7 +358,8 @@ def _sd(name, quick, device, seed, dtype):
               "B": b, "latent": [4, latent, latent], "image": image, "sampler": "ddim (eta 0), leading+1",
               "steps": steps, "guidance": "CFG 7.5 + G_loss through U-Net and VAE decoder (beta 100, y* 10)",
               "dtype": str(dtype).replace("torch.", "")}
-    fixed = {"schedule": schedule, "sampler": "ddim", "timesteps": timesteps, "cond": {"encoder_hidden_states": text}}
+    fixed = {"schedule": schedule, "sampler": gradguide.Sampler("ddim", timesteps=timesteps),
+             "cond": {"encoder_hidden_states": text}}
     return Workload(name, _UNetEps(unet), (b, 4, latent, latent), steps, fixed, per_pass, config,
                     _count(unet, vae, reward))
 
@@ -384,8 +385,8 @@ def _adm(name, quick, device, seed, dtype):
                       f"attention at {list(attn)}, learned sigma", "classifier": f"encoder half, width {cw}, depth {cd}",
               "resolution": res, "B": b, "sampler": "ddpm, learned-range variance", "steps": steps,
               "guidance": "classifier (mean form, scale 1) + PixelAsParam A", "dtype": str(dtype).replace("torch.", "")}
-    fixed = {"schedule": schedule, "sampler": "ddpm", "steps": steps, "variance": "learned-range", "clip": True,
-             "cond": {"class_labels": labels}, "projection": gradguide.PixelAsParam("A")}
+    fixed = {"schedule": schedule, "sampler": gradguide.Sampler("ddpm", variance="learned-range", clip=True),
+             "steps": steps, "cond": {"class_labels": labels}, "projection": gradguide.PixelAsParam("A")}
     return Workload(name, _UNetEps(unet), (b, 3, res, res), steps, fixed, per_pass, config, _count(unet, cls))
 
 
@@ -473,34 +474,31 @@ def sync(dev):
         torch.cuda.synchronize(dev)
 
 
-def _variant_kwargs(variant: str) -> dict:
+def _variant_execution(variant: str, cache: Optional[GraphCache] = None) -> gradguide.Execution:
+    """The variant's :class:`gradguide.Execution` (``cache``: fused+graph's GraphCache)."""
     if variant == "eager":
-        return {"backend": "reference", "graph": False}
-    if variant == "fused":
-        return {"backend": "auto", "graph": False}
+        return gradguide.Execution(backend="reference")
+    if variant in ("fused", "compile"):
+        return gradguide.Execution(backend="auto")
     if variant == "fused+graph":
-        return {"backend": "auto", "graph": None}   # a GraphCache per variant, made by the runner
-    if variant == "compile":
-        return {"backend": "auto", "graph": False}
+        return gradguide.Execution(backend="auto", graph=cache)
     raise ValueError(f"variant: expected one of {VARIANTS}, got {variant!r}")
 
 
 def make_pass(w: Workload, variant: str, seed: int = 0, cache: Optional[GraphCache] = None) -> Callable:
     """``one_pass(callback=None)``: one ``gradguide.sample`` pass of ``w`` in ``variant``
     (``cache``: the GraphCache of a ``fused+graph`` variant, kept across passes)."""
-    base = _variant_kwargs(variant)
     if variant == "fused+graph" and cache is None:
         cache = GraphCache()
+    execution = _variant_execution(variant, cache)
 
     def one_pass(callback=None):
         kw = w.sample_kwargs(seed=seed, compiled=variant == "compile")
-        kw.update(base)
-        if cache is not None:
-            kw["graph"] = cache
         model, shape = kw.pop("model"), kw.pop("shape")
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*CUDA graphs need a CUDA device.*")
-            return gradguide.sample(model, shape, callback=callback, **kw)
+            return gradguide.sample(model, shape, execution=execution,
+                                    diagnostics=gradguide.Diagnostics(callback=callback), **kw)
     return one_pass
 
 

@@ -131,7 +131,8 @@ def _step_callable(workload: str, shape, device, dtype, fused: bool):
                                   "DDIM + APG": ("ddim", gg.APG(5.0), None),
                                   "DDPM + CFG + PxP-C": ("ddpm", gg.CFG(3.0), gg.PixelAsParam("C"))}[workload]
     run = sampling.prepare_run(_cheap_model, shape, schedule=gg.Schedule.linear(1000), sampler=sampler, steps=10,
-                               guidance=terms, projection=projection, cond=cond, device=device, dtype=dtype, fused=fused)
+                               guidance=terms, projection=projection, cond=cond,
+                               execution=gg.Execution(device=device, dtype=dtype, fused=fused))
     g = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
     state = sampling.initial_state(run, x)
@@ -142,7 +143,7 @@ def _step_callable(workload: str, shape, device, dtype, fused: bool):
 
 
 def step_rows(quick: bool, device, dtype, reps: int, progress: bool = True) -> List[dict]:
-    """Per-step medians of the general step (``sample(fused=False)``), the fused step, and
+    """Per-step medians of the general step (``Execution(fused=False)``), the fused step, and
     ``torch.compile(fused step, fullgraph=True)`` (the whole step, the native custom ops inside;
     issue 12 item 5), timed interleaved in one run; ratios against the general step."""
     rows = []

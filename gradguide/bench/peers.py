@@ -157,15 +157,13 @@ class Workload:
         from gradguide.integrations.diffusers import DiffusersSchedule
         if self.model_kind == "unet":
             model, schedule = gradguide.from_diffusers(self.model, self.scheduler)
-            defaults = model.sample_defaults
-        else:
-            model, schedule, defaults = self.model, DiffusersSchedule(self.scheduler), {}
+        else:   # the scheduler's settings travel with the schedule either way
+            model, schedule = self.model, DiffusersSchedule(self.scheduler)
         guidance = gradguide.CFG(GUIDANCE_SCALE, uncond={"encoder_hidden_states": self.neg}) if self.cfg else ()
 
         def one_pass():
             return gradguide.sample(model, self.shape, schedule=schedule, sampler="ddim", steps=self.steps,
-                                    x_T=self.x_T, cond={"encoder_hidden_states": self.pos}, guidance=guidance,
-                                    **defaults)
+                                    x_T=self.x_T, cond={"encoder_hidden_states": self.pos}, guidance=guidance)
         return one_pass
 
     def config(self) -> dict:

@@ -8,6 +8,8 @@ import os
 
 import torch
 
+import gradguide
+
 from .profiling import plot, profile_sampling
 
 
@@ -49,7 +51,7 @@ def run_cli(args) -> int:
 
     def make_run(wrap):
         kwargs = workload.sample_kwargs(wrap=wrap, seed=args.seed)
-        kwargs["backend"] = args.backend
+        kwargs["execution"] = gradguide.Execution(backend=args.backend)
         return kwargs
 
     result = profile_sampling(make_run, dev, graph=args.graph, trace=args.trace, interval=args.interval,

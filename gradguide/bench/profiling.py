@@ -350,7 +350,8 @@ def profile_sampling(make_run: Callable[[Callable[[Callable], Callable]], dict],
     def run_pass(kwargs, cb=None):
         kwargs = dict(kwargs)
         model, shape = kwargs.pop("model"), kwargs.pop("shape")
-        out = gradguide.sample(model, shape, callback=cb, progress=progress, **kwargs)
+        out = gradguide.sample(model, shape, diagnostics=gradguide.Diagnostics(callback=cb, progress=progress),
+                               **kwargs)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         return out
@@ -377,6 +378,15 @@ def profile_sampling(make_run: Callable[[Callable[[Callable], Callable]], dict],
     return result
 
 
+def _with_graph(kwargs: dict, cache) -> dict:
+    """A workload's sample() arguments with ``cache`` as the execution's graph."""
+    import dataclasses
+
+    from ..config import Execution
+    kwargs["execution"] = dataclasses.replace(kwargs.get("execution") or Execution(), graph=cache)
+    return kwargs
+
+
 def _graph_pass(make_run, dev, sampler, run_pass) -> dict:
     """A pass with ``graph=GraphCache()``: on CUDA the capture's pool and the replay peak; on a
     CPU the documented eager fallback (recorded, not measured as a graph)."""
@@ -384,8 +394,7 @@ def _graph_pass(make_run, dev, sampler, run_pass) -> dict:
 
     from ..graphs import GraphCache
     cache = GraphCache()
-    kwargs = make_run(lambda fn: fn)
-    kwargs["graph"] = cache
+    kwargs = _with_graph(make_run(lambda fn: fn), cache)
     if dev.type != "cuda":
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -402,8 +411,7 @@ def _graph_pass(make_run, dev, sampler, run_pass) -> dict:
     pool = torch.cuda.memory_reserved(dev) - reserved0
     capture_peak = torch.cuda.max_memory_allocated(dev)
     torch.cuda.reset_peak_memory_stats(dev)
-    kwargs = make_run(lambda fn: fn)
-    kwargs["graph"] = cache
+    kwargs = _with_graph(make_run(lambda fn: fn), cache)
     start = sampler.now()
     run_pass(kwargs)          # replay only: the same signature reuses the captures
     return {"captured": True, "captures": cache.captures, "reuses": cache.reuses,

@@ -170,7 +170,7 @@ def count_step(workload: Workload, shape=(2, 3, 8, 8), step_index: int = 1, back
     model = OpaqueModel(shape)
     run = sampling.prepare_run(model, shape, schedule=gg.Schedule.linear(1000), sampler=kwargs.pop("sampler"),
                                steps=steps, guidance=kwargs.pop("guidance", ()), projection=kwargs.pop("projection", None),
-                               cond=kwargs.pop("cond", None), backend=backend, fused=fused)
+                               cond=kwargs.pop("cond", None), execution=gg.Execution(backend=backend, fused=fused))
     g = torch.Generator().manual_seed(1)
     x = torch.randn(shape, generator=g)
     state = sampling.initial_state(run, x)
@@ -219,7 +219,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             f"- command: `{info['command']}`; commit {commit}, {date}, torch {torch.__version__}\n"
             "- counted with a TorchDispatchMode: aten ops that are not views + custom ops "
             "(`gradguide::*`); the model and the classifier (forward and backward) are not counted\n"
-            "- `general`: the LinComb step (`sample(fused=False)`, the path before issue 11 item 5); "
+            "- `general`: the LinComb step (`Execution(fused=False)`, the path before issue 11 item 5); "
             "`fused`: `gradguide.stepplan`\n"
             "- traffic: bytes of tensors as large as the batch read/written by counted ops, over the "
             "minimum (each operand read once per pass that needs it, x_{t-1} written once)\n\n"

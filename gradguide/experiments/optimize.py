@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from ..guidance import LookAhead, NaiveGradient
+from ..config import Execution
 from ..sampling import sample
 from ..schedules import Schedule
 
@@ -124,8 +125,8 @@ def optimize(model: Callable, reward: Optional[Callable] = None, *, reward_grad:
         _requires_grad(params, False)  # sampling never needs weight gradients
         try:
             z = sample(model, (batch_size, dim), schedule=schedule, sampler=sampler, steps=steps,
-                       guidance=guide_terms, x_T=x_T, generator=noise_gen, backend=backend,
-                       graph=graphs if graphs is not None else False)
+                       guidance=guide_terms, x_T=x_T, generator=noise_gen,
+                       execution=Execution(backend=backend, graph=graphs if graphs is not None else False))
         finally:
             _requires_grad(params, True)
         return z.detach()

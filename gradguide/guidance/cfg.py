@@ -26,7 +26,7 @@ evaluated in one call of batch 2B, ``model(cat[x_t, x_t], cat[t, t], **batched)`
 rows first, when their inputs can be stacked (:func:`batch_branch_inputs`): the same keys;
 tensors with a leading batch dimension B concatenated along dim 0; lists, tuples and dicts
 elementwise; ``None`` in both; any other value (numbers, strings, a shared tensor without a
-batch dimension) equal in both and passed once. ``sample(batch_branches=...)`` chooses:
+batch dimension) equal in both and passed once. ``Execution(batch_branches=...)`` chooses:
 ``"auto"`` (default) batches when the inputs stack and calls twice otherwise (e.g. ``uncond=None``
 with a non-empty ``cond``); ``True`` requires it (a ``ValueError`` names the input that does not
 stack); ``False`` always calls twice (models that cannot take a mixed batch).

@@ -3,15 +3,15 @@ gradguide's guidance inside diffusers pipelines.
 
 - :func:`from_diffusers` ``(unet, scheduler) -> (model, schedule)``. ``model(x_t, t, **cond)``
   calls the UNet and returns its raw output. Everything the scheduler fixes travels with the
-  two objects and is what :func:`gradguide.sample` uses unless overridden, so
-  ``sample(model, shape, schedule=schedule, steps=N, x_T=noise)`` runs diffusers' own loop:
-  ``model.sample_defaults`` (prediction type, ``clip`` from ``clip_sample``/``clip_sample_range``,
-  DDIM's ``clip_eps``, DDPM's ``variance``), ``schedule.suggested_sampler`` and
-  ``schedule.sampler_options`` (:func:`scheduler_sampler`: DDIM, DDPM with diffusers' t > 0
-  final-noise rule, Euler, Euler ancestral, Heun, DPM-Solver++(2M)/SDE, UniPC; any other
-  class or setting raises), and ``schedule.timesteps(N)`` (the scheduler's own
-  ``set_timesteps``: spacing, ``steps_offset``, final ᾱ, σ schedule; see
-  :class:`DiffusersSchedule`).
+  schedule and is what :func:`gradguide.sample` uses unless overridden, so
+  ``sample(model, shape, schedule=schedule, steps=N, x_T=noise)`` runs diffusers' own loop,
+  and so does any function of your own wrapped around ``model``: ``schedule.sampler_config``
+  (a :class:`gradguide.Sampler`: the sampler, prediction type, ``clip`` from
+  ``clip_sample``/``clip_sample_range``, DDIM's ``clip_eps``, DDPM's ``variance`` and the
+  sampler's options; :func:`scheduler_sampler`: DDIM, DDPM with diffusers' t > 0 final-noise
+  rule, Euler, Euler ancestral, Heun, DPM-Solver++(2M)/SDE, UniPC; any other class or setting
+  raises), and ``schedule.timesteps(N)`` (the scheduler's own ``set_timesteps``: spacing,
+  ``steps_offset``, final ᾱ, σ schedule; see :class:`DiffusersSchedule`).
 - Guiders following diffusers' ``BaseGuidance`` interface, computed with
   :func:`gradguide.ops.reduce` / :func:`gradguide.ops.combine` (one reduction and one
   combination per step): :class:`GradguideCFG` (Ho & Salimans 2022, with Lin et al. 2023's
@@ -20,7 +20,7 @@ gradguide's guidance inside diffusers pipelines.
 
 Clipping: with ``clip_sample=True`` a diffusers DDIM step re-noises with the model's
 *unclipped* ε unless ``use_clipped_model_output=True``. ``from_diffusers`` reproduces the
-scheduler's default (``sample_defaults["clip_eps"] = "model"`` for DDIM schedulers) and
+scheduler's default (``sampler_config.clip_eps = "model"`` for DDIM schedulers) and
 ``from_diffusers(..., use_clipped_model_output=True)`` the other choice (gradguide's own
 default, GLIDE's / ADM's convention). DDPM uses the clipped x̂_0 in its posterior mean only.
 """
@@ -43,6 +43,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without diffuser
     raise ImportError("gradguide.integrations.diffusers needs diffusers: pip install diffusers==0.42.1") from exc
 
 from .. import ops
+from ..config import Sampler
 from ..schedules import SPACINGS, Schedule, Timesteps
 from . import diffusers_flow
 
@@ -63,9 +64,9 @@ VP_SIGMA_TABLE = ("dpmpp-2m", "dpmpp-2m-sde", "unipc")   # VP latents on the sch
 DIFFUSERS_3M_SDE_WARNING = (
     "scheduler: DPMSolverMultistepScheduler(solver_order=3, algorithm_type='sde-dpmsolver++') is reproduced as "
     "diffusers 0.42 computes it, with a third-order weight that tends to -1 instead of 0 as the step shrinks (a "
-    "first-order solver; see docs/diffusers.md, section 'DPM-Solver++(3M) SDE'). For the corrected solver set "
-    "schedule.sampler_options['dpmpp-2m-sde']['d2_weight'] = 'published' (k-diffusion's sample_dpmpp_3m_sde "
-    "weight) or sample with sampler='dpmpp-3m-sde'")
+    "first-order solver; see docs/diffusers.md, section 'DPM-Solver++(3M) SDE'). For the corrected solver pass "
+    "sampler=gradguide.Sampler('dpmpp-2m-sde', d2_weight='published') (k-diffusion's sample_dpmpp_3m_sde "
+    "weight; solver_order and the rest stay the scheduler's) or sampler='dpmpp-3m-sde'")
 
 
 def _refuse(scheduler, option: str, value, why: str):
@@ -156,17 +157,17 @@ class DiffusersSchedule(Schedule):
     where each step lands: ``"ddim"`` (``t − T // n``, ``final_alpha_cumprod`` below 0),
     ``"next"`` (DDPM: the next timestep, ᾱ = 1 after the last) or ``"sigmas"`` (the
     scheduler's own σ table, ``ᾱ = 1/(1+σ²)``: DPM-Solver++, UniPC, Euler, Euler ancestral,
-    Heun). ``suggested_sampler`` and ``sampler_options`` name gradguide's sampler and the
-    settings that reproduce the scheduler (:func:`scheduler_sampler`); unsupported
-    schedulers and settings raise.
+    Heun). ``sampler_config`` is the :class:`gradguide.Sampler` that reproduces the scheduler
+    (:func:`scheduler_config`); unsupported schedulers and settings raise.
     """
 
-    def __init__(self, scheduler):
+    def __init__(self, scheduler, use_clipped_model_output: bool = False):
         if not hasattr(scheduler, "alphas_cumprod") or not hasattr(scheduler, "set_timesteps"):
             raise TypeError(f"scheduler: expected a diffusers scheduler with alphas_cumprod and set_timesteps, "
                             f"got {type(scheduler).__name__}")
-        sampler, options = scheduler_sampler(scheduler)
-        if options.get("d2_weight") == "diffusers":
+        self.sampler_config = scheduler_config(scheduler, use_clipped_model_output)
+        sampler = self.sampler_config.name
+        if self.sampler_config.options.get("d2_weight") == "diffusers":
             warnings.warn(DIFFUSERS_3M_SDE_WARNING, UserWarning, stacklevel=3)
         ac = torch.as_tensor(scheduler.alphas_cumprod).detach().cpu().to(torch.float64)
         if SCHEDULER_SAMPLERS[type(scheduler).__name__] not in ("ddim", "ddpm", "plms"):
@@ -178,8 +179,7 @@ class DiffusersSchedule(Schedule):
         self.rule = {"ddim": "ddim", "plms": "ddim", "ddpm": "next"}.get(sampler, "sigmas")
         final = getattr(scheduler, "final_alpha_cumprod", None)
         self.final_alpha_cumprod = 1.0 if final is None else float(final)
-        self.suggested_sampler = sampler
-        self.sampler_options = {sampler: options}
+        self._kind = sampler   # the scheduler's own sampler, whatever a user later sets as sampler_config
         # (steps, spacing, steps_offset) -> Timesteps: a step count's timesteps depend on nothing else, and
         # computing them copies the scheduler (set_timesteps mutates it), ~1 ms a call: once per setting
         self._count_timesteps: Dict[tuple, Timesteps] = {}
@@ -203,7 +203,8 @@ class DiffusersSchedule(Schedule):
         ac = self.alphas_cumprod
         if isinstance(steps, (str, list, tuple, np.ndarray, torch.Tensor)) and self.rule == "sigmas":
             raise ValueError(f"steps: {type(self.scheduler).__name__} takes a step count (its own σ table); for "
-                             "explicit σ's pass sigmas= to gradguide.sample")
+                             "explicit σ's pass sampler=gradguide.Sampler(sigmas=...) to "
+                             "gradguide.sample")
         if isinstance(steps, str):
             return super().timesteps(steps, "adm")
         if isinstance(steps, (list, tuple, np.ndarray, torch.Tensor)):
@@ -268,7 +269,7 @@ class DiffusersSchedule(Schedule):
         if self.rule == "sigmas":
             return self._sigma_timesteps(sched)
         t = torch.as_tensor(sched.timesteps).to(torch.int64).cpu()
-        if self.suggested_sampler == "plms":   # PNDM lists its first step twice; the sampler expands it itself
+        if self._kind == "plms":   # PNDM lists its first step twice; the sampler expands it itself
             t = torch.unique(t).flip(0)
         abar = ac[t]
         if self.rule == "ddim":
@@ -283,7 +284,7 @@ class DiffusersSchedule(Schedule):
         """Timesteps on the scheduler's own σ table (after ``set_timesteps``)."""
         t = torch.as_tensor(sched.timesteps).cpu().to(torch.float64)
         sig = torch.as_tensor(sched.sigmas).cpu().to(torch.float64)
-        if self.suggested_sampler == "heun":   # un-expand [σ0, σ1, σ1, ..., σ_{n−1}, σ_{n−1}, 0]
+        if self._kind == "heun":   # un-expand [σ0, σ1, σ1, ..., σ_{n−1}, σ_{n−1}, 0]
             t, sig = t[0::2], torch.cat([sig[0:-1:2], sig[-1:]])
         # step i goes from sigmas[i] to sigmas[i + 1]; diffusers' Euler(interpolation_type="log_linear") has one
         # σ more that its loop never reaches: sampling ends (and returns x_σ) at sigmas[n]
@@ -295,11 +296,32 @@ class DiffusersSchedule(Schedule):
             t = t.to(torch.int64)
         abar = 1 / (1 + sig ** 2)
         init_scale = final_scale = 1.0
-        if self.suggested_sampler in SIGMA_SPACE:   # latents in σ-space: x_σ = x/√ᾱ
+        if self._kind in SIGMA_SPACE:   # latents in σ-space: x_σ = x/√ᾱ
             init_scale = float(sched.init_noise_sigma) * float(abar[0].sqrt())
             final_scale = float(1 / abar[-1].sqrt())
         return Timesteps(t, abar[:-1], abar[1:], init_scale=init_scale, final_scale=final_scale,
                          sigma_to_t=self.sigma_to_t)
+
+
+def scheduler_config(scheduler, use_clipped_model_output: bool = False) -> Sampler:
+    """The :class:`gradguide.Sampler` that reproduces ``scheduler``: :func:`scheduler_sampler`'s
+    sampler and options, the prediction type, x̂_0 clipping (``clip_sample``,
+    ``clip_sample_range``), the ε a clipped DDIM step re-noises with (diffusers' default, the
+    unclipped one, unless ``use_clipped_model_output``) and DDPM's variance."""
+    sampler, options = scheduler_sampler(scheduler)   # refuses what gradguide cannot reproduce
+    config = scheduler.config
+    clip, clip_eps = False, None
+    if config.get("clip_sample", False):
+        r = float(config.get("clip_sample_range", 1.0))
+        clip = (-r, r)
+        if type(scheduler).__name__.startswith("DDIM") and not use_clipped_model_output:
+            clip_eps = "model"
+    vtype = config.get("variance_type")
+    # DDPM's variance (the other samplers refuse learnt variances in scheduler_sampler)
+    variance = VARIANCE_TYPES[vtype] if sampler == "ddpm" and vtype is not None else None
+    ptype = "flow_prediction" if diffusers_flow.is_flow(scheduler) else config.get("prediction_type", "epsilon")
+    return Sampler(sampler, prediction=PREDICTION_TYPES[ptype], variance=variance,
+                   clip=clip, clip_eps=clip_eps, options=options)
 
 
 class DiffusersModel(torch.nn.Module):
@@ -314,25 +336,12 @@ class DiffusersModel(torch.nn.Module):
     (``out_channels = 2 × in_channels``: DiT, PixArt) returns only its first ``in_channels``
     channels, as diffusers' ``DiTPipeline`` / ``PixArtAlphaPipeline`` split them off, unless
     the scheduler's ``variance_type`` uses the learned variance (DDPM's ``learned_range``).
+    It holds nothing else of the scheduler: that travels with the schedule (``schedule.sampler_config``).
     """
 
-    def __init__(self, unet, scheduler, use_clipped_model_output: bool = False):
+    def __init__(self, unet):
         super().__init__()
         self.unet = unet
-        config = scheduler.config
-        scheduler_sampler(scheduler)   # refuses what gradguide cannot reproduce
-        ptype = "flow_prediction" if diffusers_flow.is_flow(scheduler) else config.get("prediction_type", "epsilon")
-        self.prediction = PREDICTION_TYPES[ptype]
-        clip = None
-        if config.get("clip_sample", False):
-            r = float(config.get("clip_sample_range", 1.0))
-            clip = (-r, r)
-        self.sample_defaults = {"prediction": self.prediction, "clip": clip}
-        if clip is not None and type(scheduler).__name__.startswith("DDIM") and not use_clipped_model_output:
-            self.sample_defaults["clip_eps"] = "model"
-        vtype = config.get("variance_type")
-        if vtype is not None and vtype != "fixed_small":   # DDPM's (others are refused above)
-            self.sample_defaults["variance"] = VARIANCE_TYPES[vtype]
         in_channels = getattr(getattr(unet, "config", None), "in_channels", None)
         size = getattr(getattr(unet, "config", None), "sample_size", None)
         if in_channels is not None and size is not None:
@@ -391,8 +400,10 @@ def from_diffusers(unet, scheduler, use_clipped_model_output: bool = False, mu: 
     """``(model, schedule)`` for :func:`gradguide.sample` from a diffusers UNet and scheduler.
 
     With no other keyword, :func:`gradguide.sample` then reproduces the scheduler's own loop
-    (sampler, timesteps, σ's, prediction type, clipping, variance, final-step noise); a
-    scheduler or setting gradguide cannot reproduce raises a ``ValueError`` naming it.
+    (sampler, timesteps, σ's, prediction type, clipping, variance, final-step noise): all of it
+    is ``schedule.sampler_config`` and ``schedule.timesteps``, so a function of your own wrapped
+    around ``model`` keeps it. A scheduler or setting gradguide cannot reproduce raises a
+    ``ValueError`` naming it.
     ``use_clipped_model_output`` mirrors the argument of diffusers' ``DDIMScheduler.step``
     (only matters with clipping). Flow-matching schedulers (``FlowMatchEulerDiscrete``,
     ``FlowMatchHeunDiscrete``, ``FlowMatchLCM``, UniPC / DPM-Solver++ with flow σ's) give a
@@ -412,8 +423,8 @@ def from_diffusers(unet, scheduler, use_clipped_model_output: bool = False, mu: 
         raise ValueError(f"mu: only flow-matching schedulers with dynamic shifting take mu, got "
                          f"{type(scheduler).__name__}")
     else:
-        schedule = DiffusersSchedule(scheduler)
-    model = DiffusersModel(unet, scheduler, use_clipped_model_output)
+        schedule = DiffusersSchedule(scheduler, use_clipped_model_output)
+    model = DiffusersModel(unet)
     # learned-σ channels are read only by DDPM's learned variance; otherwise they are dropped, as
     # diffusers' DiT / PixArt pipelines split them off before the scheduler
     model.drop_variance_channels = scheduler.config.get("variance_type") not in ("learned", "learned_range")

@@ -23,7 +23,9 @@ from typing import Optional
 import numpy as np
 import torch
 
-from ..schedules import FlowSchedule, Timesteps
+from ..config import Sampler
+from ..flow_schedules import FlowSchedule
+from ..schedules import Timesteps
 
 FLOW_MATCH = {"FlowMatchEulerDiscreteScheduler": "flow-euler", "FlowMatchHeunDiscreteScheduler": "flow-heun",
               "FlowMatchLCMScheduler": "flow-lcm"}
@@ -68,7 +70,8 @@ def flow_schedule(scheduler, mu: Optional[float] = None, vp_sampler=None) -> Flo
         if hasattr(scheduler, "_shift") and scheduler._shift != config.get("shift", 1.0):
             _refuse(scheduler, "set_shift", scheduler._shift, "a shift changed after construction; build the scheduler "
                     "with shift= instead")
-        sched.suggested_sampler = FLOW_MATCH[name]
+        options = {"stochastic": True} if config.get("stochastic_sampling", False) else None
+        sched.sampler_config = Sampler(FLOW_MATCH[name], prediction="flow", options=options)
         if mu is not None:
             sched = sched.with_mu(mu)
         return sched
@@ -105,8 +108,7 @@ class SolverFlowSchedule(FlowSchedule):
                          use_dynamic_shifting=bool(config.get("use_dynamic_shifting", False)), mu=mu)
         self.scheduler = copy.deepcopy(scheduler)
         sampler, options = vp_sampler
-        self.suggested_sampler = sampler
-        self.sampler_options = {sampler: options}
+        self.sampler_config = Sampler(sampler, prediction="flow", options=options)
 
     def __repr__(self) -> str:
         return f"SolverFlowSchedule({type(self.scheduler).__name__}, mu={self.mu})"

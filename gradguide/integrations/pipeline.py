@@ -41,12 +41,14 @@ no safety checker is run.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
+from ..config import Diagnostics, Execution, Sampler
 from ..guidance.base import GuidanceTerm
 from ..guidance.cfg import CFG
 from ..guidance.gradient import DecodedLookAhead
@@ -283,7 +285,7 @@ class GuidedPipeline:
                  cross_attention_kwargs: Optional[dict] = None, clip_skip: Optional[int] = None,
                  callback_on_step_end: Optional[Callable] = None,
                  callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
-                 sampler: Optional[str] = None, progress: bool = True, callback: Optional[Callable] = None,
+                 sampler: Union[str, Sampler, None] = None, progress: bool = True, callback: Optional[Callable] = None,
                  backend: str = "auto", **sample_kwargs):
         """Generate images; diffusers' ``StableDiffusionPipeline.__call__`` keywords have diffusers' meaning.
 
@@ -309,10 +311,13 @@ class GuidedPipeline:
         U-Net's sample size × the VAE's scale factor); ``generator``: a ``torch.Generator`` (or
         one per image) for the initial latents and any sampler noise; ``latents``: the initial
         noise instead; ``output_type``: ``"pil"`` (default), ``"np"``, ``"pt"`` or ``"latent"``;
-        ``sampler``: gradguide's sampler (default: the one matching the scheduler);
-        ``progress``: a progress bar over the steps (default on); ``callback``: gets gradguide's
-        :class:`~gradguide.sampling.StepRecord` after each step; other keywords of
-        :func:`gradguide.sample` are passed to it.
+        ``sampler``: gradguide's sampler, a name or a :class:`~gradguide.Sampler` (default: the
+        scheduler's configuration; fields a ``Sampler`` leaves unset come from it, its
+        ``spacing`` included); ``progress``: a progress bar over the steps (default on);
+        ``callback``: gets gradguide's :class:`~gradguide.sampling.StepRecord` after each step;
+        ``backend``: the ops backend; ``execution=`` / ``diagnostics=`` (a
+        :class:`~gradguide.Execution` / :class:`~gradguide.Diagnostics`) go to
+        :func:`gradguide.sample` instead of ``backend`` / ``progress``.
         """
         _refuse_keywords(sample_kwargs)
         self._check_call(ip_adapter_image, ip_adapter_image_embeds, output_type, return_dict, num_images_per_prompt,
@@ -382,7 +387,11 @@ class GuidedPipeline:
                 raise TypeError(f"guidance[{j}]: expected a gradguide guidance term, got {type(term).__name__}")
         model, schedule = self.model, self.schedule    # the scheduler held now
         scheduler = self.scheduler
-        ts = self._timesteps(schedule, num_inference_steps, timesteps, sigmas, sample_kwargs)
+        config = sampler if isinstance(sampler, Sampler) else Sampler(sampler)
+        if config.timesteps is not None or config.sigmas is not None:
+            raise ValueError("sampler: a GuidedPipeline's steps come from num_inference_steps= or its timesteps=/sigmas= "
+                             "lists (as diffusers), not from the Sampler's timesteps/sigmas")
+        ts = self._timesteps(schedule, num_inference_steps, timesteps, sigmas, config.spacing)
         user_branch = [t for t in terms if t.place == "branches"]
         do_cfg = guidance_scale > 1.0 or bool(user_branch)   # diffusers: CFG only when guidance_scale > 1
 
@@ -407,18 +416,22 @@ class GuidedPipeline:
             latents = _randn(shape, generator, self.device, dtype)   # as diffusers' prepare_latents draws them
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
-        kwargs = dict(sample_kwargs)
-        kwargs.pop("spacing", None)   # already in ts
+        config = dataclasses.replace(config, timesteps=ts, spacing=None)
         if eta and (sampler is not None or "eta" in inspect.signature(scheduler.step).parameters):
-            kwargs["eta"] = eta   # diffusers passes eta only to a scheduler whose step takes it (DDIM)
+            # diffusers passes eta only to a scheduler whose step takes it (DDIM)
+            config = dataclasses.replace(config, eta=eta)
         self._guidance_scale = self._run_guidance_scale = guidance_scale
         self._num_timesteps = len(ts)
         on_step = callback
         if step_end is not None:
             on_step = step_end.hook(self, scheduler, ts, tensors, callback)
-        return sample(model, shape, schedule=schedule, sampler=sampler, timesteps=ts, guidance=terms,
-                      projection=projection, cond=cond, x_T=latents.to(self.device, dtype), generator=generator,
-                      backend=backend, progress=progress, callback=on_step, **kwargs)
+        execution = sample_kwargs.get("execution") or Execution(backend=backend)
+        diagnostics = sample_kwargs.get("diagnostics") or Diagnostics(progress=progress)
+        if on_step is not None:
+            diagnostics = dataclasses.replace(diagnostics, callback=on_step)
+        return sample(model, shape, schedule=schedule, sampler=config, guidance=terms, projection=projection,
+                      cond=cond, x_T=latents.to(self.device, dtype), generator=generator, execution=execution,
+                      diagnostics=diagnostics)
 
     def _images(self, out: torch.Tensor, output_type: str):
         """Decoded and post-processed as diffusers' pipeline does (``"latent"``: the latents)."""
@@ -429,7 +442,7 @@ class GuidedPipeline:
         return self.image_processor.postprocess(image, output_type=output_type,
                                                 do_denormalize=[True] * image.shape[0])
 
-    def _timesteps(self, schedule, num_inference_steps, timesteps, sigmas, sample_kwargs):
+    def _timesteps(self, schedule, num_inference_steps, timesteps, sigmas, spacing):
         """The run's :class:`~gradguide.schedules.Timesteps`, as diffusers' ``retrieve_timesteps``
         picks them: a ``timesteps`` or ``sigmas`` list through the scheduler's ``set_timesteps``,
         else ``num_inference_steps`` (default 50)."""
@@ -440,10 +453,10 @@ class GuidedPipeline:
             raise ValueError(f"num_inference_steps: expected an integer >= 1, got {num_inference_steps!r}")
         if timesteps is None and sigmas is None:
             n = 50 if num_inference_steps is None else num_inference_steps
-            return schedule.timesteps(n, sample_kwargs.get("spacing", "adm"))
+            return schedule.timesteps(n, spacing or "adm")
         name = "timesteps" if timesteps is not None else "sigmas"
-        if "spacing" in sample_kwargs:
-            raise ValueError(f"spacing: not with {name}= (the list fixes the steps)")
+        if spacing is not None:
+            raise ValueError(f"sampler.spacing: not with {name}= (the list fixes the steps)")
         if not hasattr(schedule, "custom_timesteps"):
             raise ValueError(f"GuidedPipeline: {name}: {type(schedule).__name__} takes no custom {name} list here")
         try:

@@ -192,7 +192,7 @@ class GuidedXLPipeline(GuidedPipeline):
                  cross_attention_kwargs: Optional[dict] = None, original_size=None, crops_coords_top_left=(0, 0),
                  target_size=None, negative_original_size=None, negative_crops_coords_top_left=(0, 0),
                  negative_target_size=None, clip_skip: Optional[int] = None, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), sampler: Optional[str] = None,
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), sampler=None,
                  progress: bool = True, callback=None, backend: str = "auto", **sample_kwargs):
         """Generate images; ``StableDiffusionXLPipeline.__call__``'s keywords with diffusers'
         meaning (default ``guidance_scale`` 5.0, as diffusers), plus gradguide's as in

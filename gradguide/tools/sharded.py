@@ -160,7 +160,6 @@ class LoadedModel:
     cond: Callable[[np.ndarray, torch.device], dict]      # sample indices -> model inputs
     classifier: Optional[Callable] = None                 # log p(y | x_t), [B]
     uncond: Optional[dict] = None                         # CFG's unconditional inputs
-    defaults: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def load_model(config: SampleConfig) -> LoadedModel:
@@ -238,9 +237,7 @@ def _load_user(config: SampleConfig) -> LoadedModel:
                 raise ValueError(f"cond[{key!r}]: leading dimension must be 1 or n = {config.n}, got {value.shape[0]}")
             out[key] = value.to(device)
         return out
-    defaults = dict(getattr(model, "sample_defaults", {}) or {})
-    return LoadedModel(model, schedule, shape, cond, classifier=spec.get("classifier"), uncond=spec.get("uncond"),
-                       defaults=defaults)
+    return LoadedModel(model, schedule, shape, cond, classifier=spec.get("classifier"), uncond=spec.get("uncond"))
 
 
 def _guidance(config: SampleConfig, loaded: LoadedModel):
@@ -257,11 +254,13 @@ def _guidance(config: SampleConfig, loaded: LoadedModel):
     return terms, projection
 
 
-def _clip(config: SampleConfig, loaded: LoadedModel):
+def _clip(config: SampleConfig):
+    """``Sampler.clip``: ``None`` for "auto" (the schedule's, e.g. a diffusers scheduler's
+    ``clip_sample``), ``False`` for off, else the symmetric range."""
     if config.clip in (None, "none"):
-        return None
+        return False
     if config.clip == "auto":
-        return loaded.defaults.get("clip")
+        return None
     r = float(config.clip)  # validated by SampleConfig.check
     return (-r, r)
 
@@ -439,14 +438,16 @@ def _run(config: SampleConfig, env: _Dist, log) -> Optional[dict]:
 
 
 def _draw(config: SampleConfig, env: _Dist, log) -> Optional[dict]:
+    from ..config import Execution, Sampler
     from ..sampling import sample
     out = config.out
     digest = config.digest()
 
     loaded = load_model(config)
     terms, projection = _guidance(config, loaded)
-    clip = _clip(config, loaded)
-    extra = {k: v for k, v in loaded.defaults.items() if k in ("variance", "prediction", "clip_eps")}
+    # prediction type, variance, clipping etc. left unset come from the schedule (what from_diffusers learnt)
+    sampler = Sampler(config.sampler, eta=config.eta, spacing=config.spacing, clip=_clip(config))
+    execution = Execution(backend=config.backend, device=env.device)
     shards = plan_shards(config.n, config.shard_size)
     mine = [s for s in shards if s[0] % env.world == env.rank]
     exit_after = int(os.environ.get(EXIT_HOOK, "0") or 0)
@@ -473,10 +474,9 @@ def _draw(config: SampleConfig, env: _Dist, log) -> Optional[dict]:
                 b1 = min(b0 + config.batch_size, stop)
                 idx = np.arange(b0, b1)
                 gens = [torch.Generator(env.device).manual_seed(int(s)) for s in seeds[b0 - start:b1 - start]]
-                x = sample(loaded.model, (b1 - b0,) + loaded.shape, schedule=loaded.schedule, sampler=config.sampler,
-                           steps=config.steps, spacing=config.spacing, eta=config.eta, guidance=terms,
-                           projection=projection, cond=loaded.cond(idx, env.device), generator=gens,
-                           backend=config.backend, device=env.device, clip=clip, **extra)
+                x = sample(loaded.model, (b1 - b0,) + loaded.shape, schedule=loaded.schedule, sampler=sampler,
+                           steps=config.steps, guidance=terms, projection=projection,
+                           cond=loaded.cond(idx, env.device), generator=gens, execution=execution)
                 parts.append(x.detach().float().cpu().numpy())
             write_shard(path, np.concatenate(parts), np.arange(start, stop, dtype=np.int64), seeds, digest)
             written += 1

@@ -29,7 +29,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from ... import CFG, Classifier, PixelAsParam, sample
+from ... import CFG, Classifier, Diagnostics, Execution, PixelAsParam, Sampler, sample
 from . import models
 from .data import NUM_CLASSES
 
@@ -77,10 +77,11 @@ def sample_point(m: Models, policy: str, scale: float, project: bool, sampler: s
 
     # convention="paper": docs/digits.md's policy C results were made with the printed formula
     # (unclipped branches), before the official-code convention became the default
-    x = sample(model, (n, 1, 8, 8), schedule=m.schedule, sampler=sampler, steps=steps, guidance=guidance,
-               projection=PixelAsParam(policy, convention="paper") if project else None, cond=cond, clip=True,
-               generator=torch.Generator().manual_seed(seed), backend="reference",
-               callback=callback if telemetry else None, telemetry=telemetry, progress=progress)
+    x = sample(model, (n, 1, 8, 8), schedule=m.schedule, sampler=Sampler(sampler, clip=True), steps=steps,
+               guidance=guidance, projection=PixelAsParam(policy, convention="paper") if project else None, cond=cond,
+               generator=torch.Generator().manual_seed(seed), execution=Execution(backend="reference"),
+               diagnostics=Diagnostics(callback=callback if telemetry else None, telemetry=telemetry,
+                                       progress=progress))
     return x.detach(), labels, (records if telemetry else None)
 
 
