@@ -131,7 +131,9 @@ def _register_sample(sub) -> None:
     p.add_argument("--steps", type=int, default=100, help="sampling steps (default 100)")
     p.add_argument("--spacing", default="adm", choices=["adm", "leading", "trailing", "linspace"],
                    help="timestep spacing (default adm; a diffusers schedule uses its own)")
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (default 0)")
+    p.add_argument("--eta", type=float, default=None,
+                   help="the sampler's eta: DDIM, ancestral and SDE samplers (default: the sampler's own, 0 for DDIM, "
+                        "1 for the ancestral and SDE samplers)")
     p.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale w (diffusers convention)")
     p.add_argument("--classifier-scale", type=float, default=None, help="classifier guidance scale s")
     p.add_argument("--projection", choices=["A", "B", "C"], default=None, help="PixelAsParam policy")

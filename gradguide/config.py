@@ -42,10 +42,12 @@ SAMPLER_DEFAULTS = {"name": "ddpm", "eta": None, "prediction": "eps", "variance"
 class Sampler:
     """A sampler's whole configuration.
 
-    ``name``: ``"ddpm"``, ``"ddim"``, ``"dpmpp-2m"``, ``"dpmpp-2m-sde"``, ``"euler"``,
-    ``"euler_a"``, ``"heun"``, ``"lms"``, ``"plms"`` or ``"unipc"`` (:mod:`gradguide.samplers`).
-    ``eta``: DDIM's η (default 0). ``prediction``: what the model outputs, ``"eps"`` (default),
-    ``"x0"`` or ``"v"``. ``variance``: DDPM's ``"fixed-small"`` (default), ``"fixed-large"`` or
+    ``name``: one of :data:`gradguide.samplers.SAMPLERS` (docs/samplers.md).
+    ``eta``: the sampler's η: DDIM's, and the ancestral and SDE samplers' (default: the
+    sampler's own, 0 for DDIM and 1 for the others; a sampler without one refuses it).
+    ``prediction``: what the model outputs, ``"eps"`` (default), ``"x0"``, ``"v"`` or ``"flow"``
+    (a flow-matching velocity; a FlowSchedule sets it). ``variance``: DDPM's
+    ``"fixed-small"`` (default), ``"fixed-large"`` or
     ``"learned-range"`` (the model outputs twice the channels, ADM style). ``clip``: ``True``
     for [−1, 1], ``(low, high)``, or ``False``: clips x̂_0 (default off). ``clip_eps``: the ε a
     clipped step re-noises with, ``"clipped"`` (default; GLIDE/ADM, diffusers'
@@ -140,7 +142,8 @@ class Sampler:
 
 
 def _first(*values):
-    return next(v for v in values if v is not None)
+    """The first value that is set (``None`` if none is: e.g. η, whose default is the sampler's own)."""
+    return next((v for v in values if v is not None), None)
 
 
 def _same(a, b) -> bool:

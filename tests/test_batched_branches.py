@@ -85,7 +85,7 @@ def _run(model, guidance, batch, sampler="ddim", projection=None, graph=False, s
     model.calls.clear()
     model.backwards = 0
     x_T = torch.randn(SHAPE, dtype=DT, generator=torch.Generator().manual_seed(seed))
-    eta = 0.5 if sampler == "ddim" else 0.0
+    eta = 0.5 if sampler == "ddim" else None   # DDIM's η; the other samplers here take none
     return gg.sample(model, SHAPE, schedule=gg.Schedule.linear(1000), sampler=gg.Sampler(sampler, eta=eta, **config),
                      steps=5, guidance=guidance, projection=projection, cond=cond, x_T=x_T,
                      generator=torch.Generator().manual_seed(seed + 1),

@@ -64,7 +64,7 @@ def test_resolution_order_call_then_schedule_then_defaults():
     # nothing set: the schedule's, every other field gradguide's default
     r = gg.Sampler().resolve(learnt)
     assert (r.name, r.prediction, r.clip, r.clip_eps, r.eta, r.variance, r.spacing) == \
-        ("dpmpp-2m", "v", (-2.0, 2.0), "model", 0.0, "fixed-small", "adm")
+        ("dpmpp-2m", "v", (-2.0, 2.0), "model", None, "fixed-small", "adm")   # η None: the sampler's own
     assert dict(r.options) == {"solver_order": 3}
     # the call's fields win, options merge
     r = gg.Sampler(clip=False, solver_type="heun").resolve(learnt)

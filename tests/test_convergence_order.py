@@ -339,15 +339,9 @@ def test_interpreter_is_gradguide_sample(sampler, options):
     ts = timesteps(sig)
     z = torch.randn(5, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     schedule = gg.Schedule.linear(1000)
-    own = {}   # sample()'s own keywords: DDIM's eta, DDPM's variance
-    if sampler == "ddim" and "eta" in options:
-        own["eta"] = options.pop("eta")
-    if sampler == "ddpm" and "variance" in options:
-        own["variance"] = options.pop("variance")
-    schedule.sampler_options = {sampler: options}
-    got = gg.sample(_sigma_model, (5, 1), schedule=schedule, sampler=sampler, **own,
-                    timesteps=Timesteps(ts.t, ts.abar, ts.abar_prev, init_scale=float(sig[0] * ts.abar[0].sqrt()),
-                                        final_scale=float(1 / ts.abar_prev[-1].sqrt()), sigma_to_t=ts.sigma_to_t),
+    visited = Timesteps(ts.t, ts.abar, ts.abar_prev, init_scale=float(sig[0] * ts.abar[0].sqrt()),
+                        final_scale=float(1 / ts.abar_prev[-1].sqrt()), sigma_to_t=ts.sigma_to_t)
+    got = gg.sample(_sigma_model, (5, 1), schedule=schedule, sampler=gg.Sampler(sampler, timesteps=visited, **options),
                     x_T=z, generator=torch.Generator().manual_seed(4))
     gen = torch.Generator().manual_seed(4)
     count = int(bool(tables.initial_noise)) + sum(tables.draws_noise)

@@ -290,13 +290,13 @@ def test_dpmpp_3m_sde_is_reproduced_with_one_warning_and_the_correct_solver_is_o
         gmodel, schedule = gradguide.from_diffusers(toy, sched)
     messages = [str(w.message) for w in caught if "sde-dpmsolver++" in str(w.message)]
     assert len(messages) == 1 and "solver_order=3" in messages[0] and "docs/diffusers.md" in messages[0]
-    assert schedule.sampler_options["dpmpp-2m-sde"]["d2_weight"] == "diffusers"
+    assert schedule.sampler_config.options["d2_weight"] == "diffusers"
     noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
     kw = dict(steps=20, x_T=noise, generator=torch.Generator().manual_seed(3))
     as_diffusers = gradguide.sample(gmodel, SHAPE, schedule=schedule, **kw)
-    schedule.sampler_options["dpmpp-2m-sde"]["d2_weight"] = "published"
     kw["generator"] = torch.Generator().manual_seed(3)
-    corrected = gradguide.sample(gmodel, SHAPE, schedule=schedule, **kw)
+    corrected = gradguide.sample(gmodel, SHAPE, schedule=schedule,
+                                 sampler=gradguide.Sampler("dpmpp-2m-sde", d2_weight="published"), **kw)
     assert (corrected - as_diffusers).abs().max() > 1e-3
     with warnings.catch_warnings():   # other configurations do not warn
         warnings.simplefilter("error")

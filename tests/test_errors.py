@@ -30,7 +30,7 @@ def call(**kw):
     (lambda: dict(sampler=gg.Sampler(prediction="score")), "sampler.prediction: expected one of"),
     (lambda: dict(sampler=gg.Sampler(variance="huge")), "sampler.variance: expected one of"),
     (lambda: dict(sampler=gg.Sampler(spacing="odd")), "sampler.spacing: expected one of"),
-    (dict(sampler=gg.Sampler(eta=0.5)), "sampler.eta: only the DDIM sampler"),
+    (dict(sampler=gg.Sampler(eta=0.5)), "sampler.eta: sampler 'ddpm' takes no eta"),
     (lambda: dict(sampler=gg.Sampler("ddim", eta=-1.0)), "sampler.eta: expected a finite number >= 0"),
     (dict(sampler=gg.Sampler(clip=(1, -1))), "sampler.clip: expected"),
     (lambda: dict(sampler=gg.Sampler("lcm")), "sampler.name: expected one of"),
@@ -549,16 +549,17 @@ def test_huge_scale_is_named_when_the_run_overflows():
     model = lambda x, t, y=None: GM(x.double(), t, y).to(x.dtype)   # noqa: E731
     y = {"y": torch.ones(4, dtype=torch.long)}
     run = lambda **kw: call(sampler="ddim", steps=4, **kw)   # noqa: E731  (a setting that overflows float32)
+    f32, f16, f64 = (gg.Execution(dtype=d) for d in (torch.float32, torch.float16, torch.float64))
     with pytest.raises(ValueError, match=r"check_finite: .* Likely cause: guidance\[0\]\.scale: 1e\+30") as info:
-        run(model=model, guidance=[gg.CFG(1e30)], cond=y, dtype=torch.float32)
+        run(model=model, guidance=[gg.CFG(1e30)], cond=y, execution=f32)
     assert names_argument(str(info.value), ["scale"])
     with pytest.raises(ValueError, match=r"after step \d.* Likely cause: guidance\.scale: 1e\+30"):
-        run(model=model, guidance=gg.CFG(1e30), cond=y, dtype=torch.float32, check_finite="step")
+        run(model=model, guidance=gg.CFG(1e30), cond=y, execution=f32, diagnostics=gg.Diagnostics(check_finite="step"))
     with pytest.raises(ValueError, match=r"Likely cause: guidance\[1\]\.scale: 100000 .*float16"):
         run(model=model, guidance=[gg.Classifier(lambda x, t, **_: x.float().sum(1), 1.0), gg.CFG(1e5)], cond=y,
-             dtype=torch.float16)
+            execution=f16)
     # the same scale fits float64's range here: it runs (finite), as the float64 reference does
-    assert torch.isfinite(run(model=model, guidance=[gg.CFG(1e30)], cond=y, dtype=torch.float64)).all()
+    assert torch.isfinite(run(model=model, guidance=[gg.CFG(1e30)], cond=y, execution=f64)).all()
 
 
 def test_ordinary_scale_is_not_blamed_for_a_nan_model():
@@ -574,7 +575,7 @@ def test_apg_infinite_norm_threshold_never_clips(backend):
     never hands it a non-finite scalar (that would make the row NaN, the ops' rule)."""
     model = lambda x, t, y=None: GM(x.double(), t, y).to(x.dtype)   # noqa: E731
     y = {"y": torch.ones(4, dtype=torch.long)}
-    runs = [call(model=model, guidance=[gg.APG(3.0, norm_threshold=r)], cond=y, backend=backend,
+    runs = [call(model=model, guidance=[gg.APG(3.0, norm_threshold=r)], cond=y, execution=gg.Execution(backend=backend),
                  generator=torch.Generator().manual_seed(0), sampler="ddim") for r in (math.inf, 0.0)]
     assert torch.isfinite(runs[0]).all()
     torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)

@@ -70,9 +70,9 @@ def _err_lambda_grid(sampler, n, options):
     integrators' own variable; σ_0 < 1), compared at the last σ, where sampling ends."""
     sig = 1 / (1 + np.exp(np.linspace(-3.0, 3.0, n + 1)))
     sched = gg.FlowSchedule()
-    sched.sampler_options = {sampler: options}
     ts = sched.make_timesteps(sig, torch.as_tensor(sig[:-1] * 1000))
-    out = gg.sample(GAUSS, X_T.shape, schedule=sched, sampler=sampler, timesteps=ts, x_T=X_T.clone())
+    out = gg.sample(GAUSS, X_T.shape, schedule=sched, sampler=gg.Sampler(sampler, timesteps=ts, **options),
+                    x_T=X_T.clone())
     return (out - GAUSS.ode_map(X_T, sig[0], sig[-1])).abs().max().item()
 
 
@@ -137,12 +137,13 @@ def test_classifier_at_scale_one_gives_the_conditional_velocity():
     sched = gg.FlowSchedule(shift=2.0)
     ts = sched.flow_timesteps(sigmas=np.linspace(0.98, 0.05, 10))   # the classifier's ∇ is 0 at σ = 1
     uncond = lambda x, t, **_: gm(x, t)
-    guided = gg.sample(uncond, x_T.shape, schedule=sched, sampler="flow-heun", timesteps=ts, x_T=x_T.clone(),
-                       cond={"y": y}, guidance=gg.Classifier(gm.log_prob_class, 1.0))
-    conditional = gg.sample(lambda x, t, **_: gm(x, t, y), x_T.shape, schedule=sched, sampler="flow-heun",
-                            timesteps=ts, x_T=x_T.clone())
+    guided = gg.sample(uncond, x_T.shape, schedule=sched, sampler=gg.Sampler("flow-heun", timesteps=ts),
+                       x_T=x_T.clone(), cond={"y": y}, guidance=gg.Classifier(gm.log_prob_class, 1.0))
+    conditional = gg.sample(lambda x, t, **_: gm(x, t, y), x_T.shape, schedule=sched,
+                            sampler=gg.Sampler("flow-heun", timesteps=ts), x_T=x_T.clone())
     assert torch.allclose(guided, conditional, atol=1e-9)
-    plain = gg.sample(uncond, x_T.shape, schedule=sched, sampler="flow-heun", timesteps=ts, x_T=x_T.clone())
+    plain = gg.sample(uncond, x_T.shape, schedule=sched, sampler=gg.Sampler("flow-heun", timesteps=ts),
+                      x_T=x_T.clone())
     assert (plain - conditional).abs().max() > 0.1   # and it is guidance
 
 
@@ -197,9 +198,9 @@ def test_pixelasparam_policy_a_is_the_flow_step_with_projected_directions():
     x_T = torch.randn(64, 2, generator=torch.Generator().manual_seed(6), dtype=F64)
     y = torch.zeros(64, dtype=torch.int64)
     records = []
-    gg.sample(lambda x, t, **_: gm(x, t), x_T.shape, schedule=sched, sampler="flow-euler", timesteps=ts,
+    gg.sample(lambda x, t, **_: gm(x, t), x_T.shape, schedule=sched, sampler=gg.Sampler("flow-euler", timesteps=ts),
               x_T=x_T.clone(), cond={"y": y}, guidance=gg.Classifier(gm.log_prob_class, scale),
-              projection=gg.PixelAsParam("A"), callback=records.append)
+              projection=gg.PixelAsParam("A"), diagnostics=gg.Diagnostics(callback=records.append))
     x_sigma = x_T.clone()   # sampling starts from x_σ0 = x_T
     t0 = torch.full((64,), s0 * 1000, dtype=F64)
     x0 = x_sigma - s0 * gm(x_sigma, t0)
@@ -226,8 +227,9 @@ def test_cfg_zero_star_acts_on_the_velocity_and_zero_init_keeps_x_sigma():
     sched = gg.FlowSchedule()
     ts = sched.flow_timesteps(sigmas=[0.8, 0.5])
     records = []
-    gg.sample(PAIR, x_T.shape, schedule=sched, sampler="flow-euler", timesteps=ts, x_T=x_T.clone(), cond=cond,
-              guidance=gg.CFGZeroStar(w, zero_init_steps=1, uncond=uncond), callback=records.append)
+    gg.sample(PAIR, x_T.shape, schedule=sched, sampler=gg.Sampler("flow-euler", timesteps=ts), x_T=x_T.clone(),
+              cond=cond, guidance=gg.CFGZeroStar(w, zero_init_steps=1, uncond=uncond),
+              diagnostics=gg.Diagnostics(callback=records.append))
     r = _radius(torch.tensor([0.8, 0.5, 0.0], dtype=F64))
     assert torch.allclose(records[0].x * r[1], x_T, atol=1e-12)   # zero velocity: x_σ unchanged
     # second step, by hand: û = s* u_u + w (u_c − s* u_u), s* = <u_c, u_u>/‖u_u‖² on the velocity

@@ -100,7 +100,7 @@ def test_user_sigmas_as_the_flux_pipeline_passes_them():
         with torch.no_grad():
             ref = diffusers_loop(module, cls(**config), x_T.clone(), n, mu, sigmas=sigmas)
             model, schedule = gg.from_diffusers(module, cls(**config), mu=mu)
-            out = gg.sample(model, x_T.shape, schedule=schedule, sigmas=sigmas, x_T=x_T.clone())
+            out = gg.sample(model, x_T.shape, schedule=schedule, sampler=gg.Sampler(sigmas=sigmas), x_T=x_T.clone())
         assert (out - ref).abs().max() <= 1e-4, cls.__name__
 
 

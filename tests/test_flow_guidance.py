@@ -69,8 +69,7 @@ def guidance_for(name, policy, table):
 
 def run(sampler, options, guidance, policy, model=model, schedule=None, **kw):
     sched = schedule or gg.FlowSchedule(shift=3.0)
-    sched.sampler_options = {sampler: options}
-    return gg.sample(model, (B, D), schedule=sched, sampler=sampler, sigmas=SIGMAS, x_T=X_T.clone(),
+    return gg.sample(model, (B, D), schedule=sched, sampler=gg.Sampler(sampler, sigmas=SIGMAS, **options), x_T=X_T.clone(),
                      cond={"y": Y}, guidance=guidance, projection=None if policy is None else gg.PixelAsParam(policy),
                      generator=torch.Generator().manual_seed(1), **kw)
 
@@ -104,8 +103,8 @@ def test_a_guided_flow_step_is_the_guided_step_of_the_equivalent_eps_model(name,
     flow = run("flow-euler", {}, guidance_for(name, policy, terms()), policy)
     eps_model, log_prob = _vp_equivalent()
     ts = gg.FlowSchedule(shift=3.0).timesteps_from_sigmas(SIGMAS)   # the same σ's, ᾱ's, scales
-    vp = gg.sample(eps_model, (B, D), schedule=gg.Schedule.linear(), sampler="ddim", timesteps=ts,
-                   prediction="eps", x_T=X_T.clone(), cond={"y": Y},
+    vp = gg.sample(eps_model, (B, D), schedule=gg.Schedule.linear(),
+                   sampler=gg.Sampler("ddim", timesteps=ts, prediction="eps"), x_T=X_T.clone(), cond={"y": Y},
                    guidance=guidance_for(name, policy, terms(log_prob)),
                    projection=None if policy is None else gg.PixelAsParam(policy))
     assert torch.allclose(flow, vp, atol=1e-9), (flow - vp).abs().max()
@@ -124,9 +123,9 @@ def test_the_fused_step_runs_the_flow_samplers(sampler, guidance, policy):
     prepared = prepare_run(model, (B, D), schedule=sched, sampler=sampler, steps=5, x_T=X_T, cond={"y": Y},
                            guidance=guidance, projection=projection)
     assert prepared.plan is not None, prepared.fused_reason
-    fused, general = (gg.sample(model, (B, D), schedule=sched, sampler=sampler, steps=5, x_T=X_T.clone(), cond={"y": Y},
-                                guidance=guidance, projection=projection, fused=f,
-                                generator=torch.Generator().manual_seed(2)) for f in (True, False))
+    fused, general = (gg.sample(model, (B, D), schedule=sched, sampler=sampler, steps=5, x_T=X_T.clone(),
+                                cond={"y": Y}, guidance=guidance, projection=projection,
+                                execution=gg.Execution(fused=f), generator=torch.Generator().manual_seed(2)) for f in (True, False))
     assert torch.allclose(fused, general, atol=1e-10)
 
 
@@ -136,6 +135,8 @@ def test_flow_steps_never_sync_and_replay_as_captured_graphs(sampler):
     sched = gg.FlowSchedule(shift=3.0)
     kw = dict(schedule=sched, sampler=sampler, steps=4, x_T=X_T.clone(), cond={"y": Y}, guidance=[gg.CFG(3.0)])
     eager = gg.sample(model, (B, D), generator=torch.Generator().manual_seed(2), **kw)
-    checked = gg.sample(model, (B, D), generator=torch.Generator().manual_seed(2), check_sync=True, **kw)
-    replayed = gg.sample(model, (B, D), generator=torch.Generator().manual_seed(2), graph=GraphCache(emulate=True), **kw)
+    checked = gg.sample(model, (B, D), generator=torch.Generator().manual_seed(2),
+                        diagnostics=gg.Diagnostics(check_sync=True), **kw)
+    replayed = gg.sample(model, (B, D), generator=torch.Generator().manual_seed(2),
+                         execution=gg.Execution(graph=GraphCache(emulate=True)), **kw)
     assert torch.allclose(eager, checked, atol=0) and torch.allclose(eager, replayed, atol=1e-12)

@@ -104,9 +104,9 @@ def test_flow_schedule_errors_name_the_argument():
 def test_flow_prediction_and_flow_schedule_go_together():
     model = lambda x, t: torch.zeros_like(x)
     with pytest.raises(ValueError, match="FlowSchedule"):
-        gg.sample(model, (2, 3), schedule=gg.Schedule.linear(), prediction="flow", steps=3)
+        gg.sample(model, (2, 3), schedule=gg.Schedule.linear(), sampler=gg.Sampler(prediction="flow"), steps=3)
     with pytest.raises(ValueError, match="prediction"):
-        gg.sample(model, (2, 3), schedule=gg.FlowSchedule(), prediction="eps", steps=3)
+        gg.sample(model, (2, 3), schedule=gg.FlowSchedule(), sampler=gg.Sampler(prediction="eps"), steps=3)
     out = gg.sample(model, (2, 3), schedule=gg.FlowSchedule(), steps=3, x_T=torch.ones(2, 3))
     assert torch.allclose(out, torch.ones(2, 3))   # zero velocity: x_σ never moves
 

@@ -110,7 +110,7 @@ CASES = [c for c in itertools.product(["ddpm", "ddim", "ddim-eta1", "dpmpp-2m"],
 
 def _run(sampler, guidance, projection, clip, fused, dtype=torch.float64, prediction="eps", clip_eps="clipped",
          backend="auto", steps=5, graph=False, diagnostics=None):
-    eta = 1.0 if sampler == "ddim-eta1" else 0.0
+    eta = 1.0 if sampler == "ddim-eta1" else None
     terms = _guidance(guidance)
     x_T = 1.5 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     runs = {}

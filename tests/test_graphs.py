@@ -40,7 +40,7 @@ def test_emulated_replay_equals_eager(sampler, case):
         "cfg-zero*": ([gg.CFGZeroStar(3.0, zero_init_steps=2)], None, GM),
     }[case]
     eager, graphed, cache = both(model=model, shape=(16, 2), schedule=SCHED,
-                                 sampler=gg.Sampler(sampler, eta=0.5 if sampler == "ddim" else 0.0), steps=8,
+                                 sampler=gg.Sampler(sampler, eta=0.5 if sampler == "ddim" else None), steps=8,
                                  guidance=terms, projection=proj, cond={"y": Y})
     assert torch.equal(eager, graphed)
     # one capture per distinct host-side variant: noise or not (the last step has none; DPM-Solver++

@@ -128,8 +128,7 @@ def run_both(K, case, sigmas):
     name, options, fn, kwargs = case
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     schedule = gg.Schedule.linear(1000)
-    schedule.sampler_options = {name: dict(options)}
-    got = gg.sample(eps_model, SHAPE, schedule=schedule, sampler=name, sigmas=sigmas, x_T=z,
+    got = gg.sample(eps_model, SHAPE, schedule=schedule, sampler=gg.Sampler(name, sigmas=sigmas, **options), x_T=z,
                     generator=torch.Generator().manual_seed(2))
     gen = torch.Generator().manual_seed(2)   # the draws gradguide made, in its order
     kw = dict(kwargs)
@@ -195,28 +194,29 @@ def test_brownian_tree_noise_reproduces_a_kdiffusion_sde_sample(case, seed):
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     lo, hi = sigmas[sigmas > 0].min(), sigmas.max()
     schedule = gg.Schedule.linear(1000)
-    schedule.sampler_options = {name: {**options, "noise_sampler": BrownianTreeNoiseSampler(z, lo, hi, seed=seed)}}
-    got = gg.sample(eps_model, SHAPE, schedule=schedule, sampler=name, sigmas=sigmas, x_T=z)
+    tree = BrownianTreeNoiseSampler(z, lo, hi, seed=seed)
+    got = gg.sample(eps_model, SHAPE, schedule=schedule, sampler=gg.Sampler(name, sigmas=sigmas, noise_sampler=tree, **options),
+                    x_T=z)
     ref = getattr(K, fn)(kd_model, z * sigmas[0], sigmas, disable=True,
                          noise_sampler=K.BrownianTreeNoiseSampler(z, lo, hi, seed=seed), **kwargs)
     assert (got - ref).abs().max().item() <= TOL
     # and it is the tree's noise that is used: another seed gives another sample
-    schedule.sampler_options[name]["noise_sampler"] = BrownianTreeNoiseSampler(z, lo, hi, seed=1234)
-    other = gg.sample(eps_model, SHAPE, schedule=schedule, sampler=name, sigmas=sigmas, x_T=z)
+    other_tree = BrownianTreeNoiseSampler(z, lo, hi, seed=1234)
+    other = gg.sample(eps_model, SHAPE, schedule=schedule,
+                      sampler=gg.Sampler(name, sigmas=sigmas, noise_sampler=other_tree, **options), x_T=z)
     assert (other - ref).abs().max().item() > 1e-2
 
 
 def test_noise_sampler_is_checked():
     schedule = gg.Schedule.linear(1000)
-    schedule.sampler_options = {"euler_a": {"noise_sampler": "brownian"}}
     with pytest.raises(TypeError, match="noise_sampler"):
-        gg.sample(eps_model, SHAPE, schedule=schedule, sampler="euler_a", steps=4)
-    schedule.sampler_options = {"euler_a": {"noise_sampler": lambda s, sn: torch.zeros(2, 2)}}
+        gg.sample(eps_model, SHAPE, schedule=schedule, sampler=gg.Sampler("euler_a", noise_sampler="brownian"), steps=4)
     with pytest.raises(ValueError, match="noise_sampler: expected a tensor of shape"):
-        gg.sample(eps_model, SHAPE, schedule=schedule, sampler="euler_a", steps=4)
-    schedule.sampler_options = {"euler": {"noise_sampler": lambda s, sn: torch.zeros(SHAPE)}}
+        gg.sample(eps_model, SHAPE, schedule=schedule,
+                  sampler=gg.Sampler("euler_a", noise_sampler=lambda s, sn: torch.zeros(2, 2)), steps=4)
     with pytest.raises(ValueError, match="draws no noise"):
-        gg.sample(eps_model, SHAPE, schedule=schedule, sampler="euler", steps=4)
+        gg.sample(eps_model, SHAPE, schedule=schedule,
+                  sampler=gg.Sampler("euler", noise_sampler=lambda s, sn: torch.zeros(SHAPE)), steps=4)
 
 
 @pytest.mark.parametrize("kind", ["karras", "exponential", "vp"])
@@ -245,11 +245,12 @@ def test_churn_matches_kdiffusion(case, kind):
         used.append(i)
         return draws[i]
     schedule = gg.Schedule.linear(1000)
-    schedule.sampler_options = {name: {**options, "noise_sampler": noise_sampler}}
-    got = gg.sample(eps_model, SHAPE, schedule=schedule, sampler=name, sigmas=sigmas, x_T=z)
+    got = gg.sample(eps_model, SHAPE, schedule=schedule,
+                    sampler=gg.Sampler(name, sigmas=sigmas, noise_sampler=noise_sampler, **options), x_T=z)
     assert used and used == sorted(set(used))   # one draw per churned step, in order
     assert (got - ref).abs().max().item() <= TOL
-    plain = gg.sample(eps_model, SHAPE, schedule=gg.Schedule.linear(1000), sampler=name, sigmas=sigmas, x_T=z)
+    plain = gg.sample(eps_model, SHAPE, schedule=gg.Schedule.linear(1000), sampler=gg.Sampler(name, sigmas=sigmas),
+                      x_T=z)
     assert (plain - ref).abs().max().item() > 1e-3   # the churn is really there
 
 
@@ -264,8 +265,7 @@ def test_dpm_fast_matches_kdiffusion(nfe, eta):
     z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     schedule = gg.Schedule.linear(1000)
     options = {"nfe": nfe, "eta": eta, "s_noise": 0.9} if eta else {"nfe": nfe}
-    schedule.sampler_options = {"dpm_fast": options}
-    got = gg.sample(eps_model, SHAPE, schedule=schedule, sampler="dpm_fast", sigmas=[hi, lo], x_T=z,
+    got = gg.sample(eps_model, SHAPE, schedule=schedule, sampler=gg.Sampler("dpm_fast", sigmas=[hi, lo], **options), x_T=z,
                     generator=torch.Generator().manual_seed(2))
     gen = torch.Generator().manual_seed(2)
     before = torch.get_default_dtype()

@@ -284,14 +284,16 @@ def test_sample_callback_tensor_replaces_x():
     def model(x, t):
         return 0.3 * x + 0.01 * t.to(x.dtype).view(-1, 1)
     x_T = torch.randn(2, 6, generator=_gen(2))
-    nudged = gg.sample(model, (2, 6), schedule=schedule, sampler="ddim", timesteps=ts, x_T=x_T,
-                       callback=lambda r: r.x + 0.5 if r.index == 2 else None)
-    first = gg.sample(model, (2, 6), schedule=schedule, sampler="ddim",
-                      timesteps=type(ts)(ts.t[:3], ts.abar[:3], ts.abar_prev[:3]), x_T=x_T)
-    second = gg.sample(model, (2, 6), schedule=schedule, sampler="ddim",
-                       timesteps=type(ts)(ts.t[3:], ts.abar[3:], ts.abar_prev[3:]), x_T=first + 0.5)
+    nudged = gg.sample(model, (2, 6), schedule=schedule, sampler=gg.Sampler("ddim", timesteps=ts), x_T=x_T,
+                       diagnostics=gg.Diagnostics(callback=lambda r: r.x + 0.5 if r.index == 2 else None))
+    first = gg.sample(model, (2, 6), schedule=schedule,
+                      sampler=gg.Sampler("ddim", timesteps=type(ts)(ts.t[:3], ts.abar[:3], ts.abar_prev[:3])), x_T=x_T)
+    second = gg.sample(model, (2, 6), schedule=schedule,
+                       sampler=gg.Sampler("ddim", timesteps=type(ts)(ts.t[3:], ts.abar[3:], ts.abar_prev[3:])),
+                       x_T=first + 0.5)
     _close(nudged, second, 1e-6)
-    plain = gg.sample(model, (2, 6), schedule=schedule, sampler="ddim", timesteps=ts, x_T=x_T)
+    plain = gg.sample(model, (2, 6), schedule=schedule, sampler=gg.Sampler("ddim", timesteps=ts), x_T=x_T)
     assert (nudged - plain).abs().max() > 1e-3
     with pytest.raises(TypeError, match="callback: returned int"):
-        gg.sample(model, (2, 6), schedule=schedule, sampler="ddim", timesteps=ts, x_T=x_T, callback=lambda r: 1)
+        gg.sample(model, (2, 6), schedule=schedule, sampler=gg.Sampler("ddim", timesteps=ts), x_T=x_T,
+                  diagnostics=gg.Diagnostics(callback=lambda r: 1))

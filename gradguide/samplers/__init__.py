@@ -136,8 +136,15 @@ def build(name: str, ts: Timesteps, *, eta=None, variance: str = "fixed-small", 
     return tables
 
 
+# the samplers with an η (how much fresh noise a step adds); the others refuse one by name
+ETA_SAMPLERS = ("ddim", "euler_a", "dpmpp-2m-sde", "dpmpp-3m-sde", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
+                "dpm_fast")
+
+
 def _build(name: str, ts: Timesteps, eta, variance: str, options) -> SamplerTables:
     from . import ddim, ddpm, dpmpp, flow, kdiff, ksigma, plms, unipc
+    if eta is not None and name not in ETA_SAMPLERS and name in SAMPLERS:
+        raise ValueError(f"sampler.eta: sampler {name!r} takes no eta (these do: {', '.join(ETA_SAMPLERS)})")
     if name in ("flow-euler", "flow-heun", "flow-lcm"):
         if eta is not None:
             raise ValueError(f"sampler {name!r}: no eta (flow-euler takes stochastic)")

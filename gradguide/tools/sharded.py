@@ -69,7 +69,7 @@ class SampleConfig:
     sampler: str = "ddpm"
     steps: Optional[int] = 100
     spacing: str = "adm"
-    eta: float = 0.0
+    eta: Optional[float] = None   # the sampler's η; None: its own (0 for DDIM, 1 for the ancestral/SDE ones)
     cfg: Optional[float] = None
     classifier_scale: Optional[float] = None
     projection: Optional[str] = None
