@@ -5,8 +5,8 @@ NeurIPS 2024) next to the guidance methods users already know, built around one 
 per-sample reductions, then one linear combination (see DESIGN.md and :mod:`gradguide.ops`).
 """
 from . import ops
-from .guidance import APG, CFG, DPS, CFGPlusPlus, CFGZeroStar, Classifier, DecodedLookAhead, GuidanceTerm, \
-    LookAhead, NaiveGradient, Rescale
+from .guidance import APG, CFG, DPS, FDG, TCFG, APGMix, CFGPlusPlus, CFGZeroStar, Classifier, DecodedLookAhead, \
+    GuidanceTerm, LookAhead, MamboG, NaiveGradient, Rescale
 from .metrics import off_support_ratio
 from .projection import PixelAsParam, project
 from .sampling import StepRecord, sample
@@ -23,8 +23,8 @@ def __getattr__(name):
         return from_diffusers
     raise AttributeError(f"module 'gradguide' has no attribute {name!r}")
 
-__all__ = ["APG", "CFG", "CFGPlusPlus", "CFGZeroStar", "Classifier", "DPS", "DecodedLookAhead", "FlowSchedule",
-           "GuidanceTerm", "LookAhead",
+__all__ = ["APG", "APGMix", "CFG", "CFGPlusPlus", "CFGZeroStar", "Classifier", "DPS", "DecodedLookAhead", "FDG", "FlowSchedule",
+           "GuidanceTerm", "LookAhead", "MamboG", "TCFG",
            "NaiveGradient", "PixelAsParam", "Rescale", "Schedule", "StepRecord", "Timesteps", "off_support_ratio",
            "calculate_shift", "ops", "project", "sample", "sigmas_exponential", "sigmas_karras",
            "sigmas_polyexponential", "sigmas_vp"]

@@ -841,7 +841,7 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
         if not isinstance(term, GuidanceTerm):
             raise TypeError(f"guidance[{j}]: expected a guidance term (gradguide.CFG, Classifier, ...), "
                             f"got {type(term).__name__}")
-    terms = [term.bind(shape, device, dtype, sampler) for term in terms]
+    terms = [term.bind(shape, device, dtype, sampler).for_steps(len(timesteps)) for term in terms]
     branch_terms = [t for t in terms if t.place == "branches"]
     if len(branch_terms) > 1:
         raise ValueError("guidance: at most one of CFG, APG, Rescale, CFGZeroStar, CFGPlusPlus per run, got "

@@ -1,0 +1,197 @@
+"""diffusers' two-branch guiders as gradguide terms (TCFG, MAMBO-G, APG/CFG mix, FDG): a guided
+``gradguide.sample`` run equals diffusers' own loop — the scheduler stepping, each step,
+diffusers' guider called on the same model's conditional and unconditional outputs — in float64
+to ≤ 1e-5, over several steps, on an ε model (DDIM) and a flow (velocity) model (flow-match
+Euler), with start/stop windows, rescale and both formulations."""
+import contextlib
+import importlib.util
+
+import pytest
+import torch
+
+import gradguide as gg
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler  # noqa: E402
+from diffusers import guiders as dg  # noqa: E402
+from diffusers.guiders.adaptive_projected_guidance_mix import MomentumBuffer  # noqa: E402
+
+SHAPE = (3, 4, 8, 8)
+NULL = 2
+Y = torch.tensor([0, 1, 0])
+STEPS = 8
+
+
+class Tiny(torch.nn.Module):
+    """A small nonlinear class-conditional model in float64 (its output is ε or a velocity)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w = torch.nn.Parameter(torch.randn(4, 4, generator=g, dtype=torch.float64) * 0.6)
+        self.emb = torch.nn.Parameter(torch.randn(3, 4, generator=g, dtype=torch.float64))
+
+    def forward(self, x, t, class_labels=None, return_dict=True):
+        lead = (-1,) + (1,) * (x.dim() - 1)
+        tt = (t.to(torch.float64) / 1000).view(lead)
+        e = self.emb[class_labels].view((-1, 4) + (1,) * (x.dim() - 2))
+        h = torch.einsum("oc,bc...->bo...", self.w, x) + e * (1 + tt)
+        ramp = torch.linspace(-1, 1, x.shape[-1], dtype=x.dtype)
+        return (torch.tanh(h) + 0.4 * e * ramp + 0.3 * x * torch.cos(3 * tt),)
+
+
+class EpsTiny(Tiny):
+    """An ε model whose x̂_0 is Tiny's bounded output: ε = (x − √ᾱ_t D(x))/√(1 − ᾱ_t), so a guided
+    DDIM trajectory stays of order one (a raw Tiny output read as ε blows x̂_0 up by 1/√ᾱ_t)."""
+
+    def __init__(self, abar):
+        super().__init__()
+        self.abar = abar.to(torch.float64)
+
+    def forward(self, x, t, class_labels=None, return_dict=True):
+        abar = self.abar[t.long()].view((-1,) + (1,) * (x.dim() - 1))
+        return ((x - abar.sqrt() * super().forward(x, t, class_labels)[0]) / (1 - abar).sqrt(),)
+
+
+def _scheduler(kind):
+    return DDIMScheduler(clip_sample=False, timestep_spacing="trailing") if kind == "eps" \
+        else FlowMatchEulerDiscreteScheduler(shift=3.0)
+
+
+@contextlib.contextmanager
+def float32_casts_off(on=True):
+    """diffusers' TCFG casts the stacked branches to float32 for its SVD whatever their dtype; inside
+    this context ``Tensor.float()`` leaves float64 tensors as they are, so the same code runs in
+    float64 (the comparison at float64 precision; the float32 one is tested separately)."""
+    if not on:
+        yield
+        return
+    cast = torch.Tensor.float
+    torch.Tensor.float = lambda self, *a, **k: self if self.dtype == torch.float64 else cast(self, *a, **k)
+    try:
+        yield
+    finally:
+        torch.Tensor.float = cast
+
+
+def diffusers_loop(module, sched, guider, x, steps=STEPS, float64_svd=True):
+    sched.set_timesteps(steps)
+    if hasattr(sched, "final_alpha_cumprod"):   # DDIM's step arithmetic in float64 too, as gradguide's
+        sched.alphas_cumprod = sched.alphas_cumprod.double()
+        sched.final_alpha_cumprod = sched.final_alpha_cumprod.double()
+    for i, t in enumerate(sched.timesteps):
+        both = module(torch.cat([x, x]), t.expand(2 * x.shape[0]), class_labels=torch.cat([torch.full_like(Y, NULL), Y]))[0]
+        out_u, out_c = both.chunk(2)
+        guider.set_state(step=i, num_inference_steps=steps, timestep=t)
+        if i == 0 and getattr(guider, "adaptive_projected_guidance_momentum", None) is not None:
+            guider.momentum_buffer = MomentumBuffer(guider.adaptive_projected_guidance_momentum)  # its prepare_inputs
+        with float32_casts_off(float64_svd):
+            pred = guider.forward(out_c, out_u).pred
+        x = sched.step(pred, t, x, return_dict=False)[0]
+    return x
+
+
+def gradguide_run(module, sched, term, x):
+    model, schedule = gg.from_diffusers(module, sched)
+    return gg.sample(model, x.shape, schedule=schedule, steps=STEPS, x_T=x, cond={"class_labels": Y},
+                     guidance=term, **model.sample_defaults)
+
+
+def _uncond():
+    return {"class_labels": torch.full_like(Y, NULL)}
+
+
+# (gradguide term, diffusers guider) pairs with the same settings
+CASES = {
+    "tcfg": lambda: (gg.TCFG(5.0, uncond=_uncond()), dg.TangentialClassifierFreeGuidance(guidance_scale=5.0)),
+    "tcfg-window-rescale": lambda: (
+        gg.TCFG(4.0, guidance_rescale=0.5, start=0.25, stop=0.75, uncond=_uncond()),
+        dg.TangentialClassifierFreeGuidance(guidance_scale=4.0, guidance_rescale=0.5, start=0.25, stop=0.75)),
+    "tcfg-original": lambda: (gg.TCFG(3.0, convention="diffusers-original", uncond=_uncond()),
+                              dg.TangentialClassifierFreeGuidance(guidance_scale=3.0, use_original_formulation=True)),
+    "mambo": lambda: (gg.MamboG(6.0, alpha=2.0, uncond=_uncond()),
+                      dg.MagnitudeAwareGuidance(guidance_scale=6.0, alpha=2.0)),
+    "mambo-original-rescale": lambda: (
+        gg.MamboG(5.0, alpha=1.0, guidance_rescale=0.3, stop=0.5, convention="diffusers-original", uncond=_uncond()),
+        dg.MagnitudeAwareGuidance(guidance_scale=5.0, alpha=1.0, guidance_rescale=0.3, stop=0.5,
+                                  use_original_formulation=True)),
+    "apgmix": lambda: (gg.APGMix(3.5, 6.0, apg_start_step=2, norm_threshold=3.0, uncond=_uncond()),
+                       dg.AdaptiveProjectedMixGuidance(guidance_scale=3.5, adaptive_projected_guidance_scale=6.0,
+                                                       adaptive_projected_guidance_start_step=2,
+                                                       adaptive_projected_guidance_rescale=3.0)),
+    "apgmix-original-nomomentum": lambda: (
+        gg.APGMix(2.0, 4.0, momentum=None, eta=0.3, norm_threshold=0.0, apg_start_step=3, start=0.125,
+                  guidance_rescale=0.2, convention="diffusers-original", uncond=_uncond()),
+        dg.AdaptiveProjectedMixGuidance(guidance_scale=2.0, adaptive_projected_guidance_scale=4.0,
+                                        adaptive_projected_guidance_momentum=None, eta=0.3,
+                                        adaptive_projected_guidance_rescale=0.0,
+                                        adaptive_projected_guidance_start_step=3, start=0.125, guidance_rescale=0.2,
+                                        use_original_formulation=True)),
+}
+
+HAS_KORNIA = importlib.util.find_spec("kornia") is not None
+FDG_CASES = {
+    "fdg": lambda: (gg.FDG([6.0, 3.0], uncond=_uncond()), dg.FrequencyDecoupledGuidance(guidance_scales=[6.0, 3.0])),
+    "fdg-3-levels-parallel-rescale": lambda: (
+        gg.FDG([5.0, 3.0, 2.0], parallel_weights=[0.5, 0.8, 1.0], guidance_rescale=0.4, stop=0.75, uncond=_uncond()),
+        dg.FrequencyDecoupledGuidance(guidance_scales=[5.0, 3.0, 2.0], parallel_weights=[0.5, 0.8, 1.0],
+                                      guidance_rescale=0.4, stop=0.75)),
+    "fdg-original-freq-rescale": lambda: (
+        gg.FDG([4.0, 2.0], guidance_rescale=[0.3, 0.6], guidance_rescale_space="freq", parallel_weights=0.7,
+               convention="diffusers-original", uncond=_uncond()),
+        dg.FrequencyDecoupledGuidance(guidance_scales=[4.0, 2.0], guidance_rescale=[0.3, 0.6],
+                                      guidance_rescale_space="freq", parallel_weights=0.7,
+                                      use_original_formulation=True)),
+}
+
+
+# diffusers 0.42's magnitude-aware guider takes torch.norm over dims 1..: with this torch that fails
+# for 4-D latents (a matrix norm over three dims), so it is compared on token-shaped latents
+# [B, C, L] (the packed sequences of transformer models), where diffusers' call works
+TOKENS = (3, 4, 16)
+
+
+def _check(case, kind, shape=SHAPE):
+    module = EpsTiny(_scheduler(kind).alphas_cumprod) if kind == "eps" else Tiny()
+    ours, theirs = case()
+    x_T = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        ref = diffusers_loop(module, _scheduler(kind), theirs, x_T.clone())
+        got = gradguide_run(module, _scheduler(kind), ours, x_T.clone())
+        plain = gradguide_run(module, _scheduler(kind), gg.CFG(3.0, uncond=_uncond()), x_T.clone())
+    assert got.dtype == torch.float64
+    assert ref.abs().max() < 50   # a trajectory of order one: an absolute bound means something
+    err = (got - ref).abs().max().item()
+    assert err <= 1e-5 * max(1.0, ref.abs().max().item()), err
+    assert (got - plain).abs().max() > 1e-3   # a guider that fell back to CFG would not pass
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_guider_matches_diffusers(name, kind):
+    _check(CASES[name], kind, TOKENS if name.startswith("mambo") else SHAPE)
+
+
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+def test_tcfg_against_diffusers_float32_svd(kind):
+    """diffusers' TCFG as it runs (its SVD in float32): the same trajectory to float32 precision."""
+    module = EpsTiny(_scheduler(kind).alphas_cumprod) if kind == "eps" else Tiny()
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    with torch.no_grad():
+        ref = diffusers_loop(module, _scheduler(kind), dg.TangentialClassifierFreeGuidance(guidance_scale=5.0),
+                             x_T.clone(), float64_svd=False)
+        exact = diffusers_loop(module, _scheduler(kind), dg.TangentialClassifierFreeGuidance(guidance_scale=5.0),
+                               x_T.clone())
+        got = gradguide_run(module, _scheduler(kind), gg.TCFG(5.0, uncond=_uncond()), x_T.clone())
+    scale = ref.abs().max().item()
+    assert (got - ref).abs().max() <= 1e-4 * scale
+    # with the SVD in float64 the ε trajectories agree to rounding (the flow adapter's σ's add ~1e-7)
+    assert (got - exact).abs().max() <= (1e-12 if kind == "eps" else 1e-6) * scale
+    assert (ref - exact).abs().max() > (got - exact).abs().max()
+
+
+@pytest.mark.skipif(not HAS_KORNIA, reason="diffusers' FDG needs kornia (the comparison only; gradguide's FDG does not)")
+@pytest.mark.parametrize("kind", ["eps", "flow"])
+@pytest.mark.parametrize("name", list(FDG_CASES))
+def test_fdg_matches_diffusers(name, kind):
+    _check(FDG_CASES[name], kind)
