@@ -195,3 +195,130 @@ def test_tcfg_against_diffusers_float32_svd(kind):
 @pytest.mark.parametrize("name", list(FDG_CASES))
 def test_fdg_matches_diffusers(name, kind):
     _check(FDG_CASES[name], kind)
+
+
+# -- TCFG on the fused step: its coefficient program ("tcfg") inside the combine ----------------
+
+def _fused_model(x, t, y=None):
+    tt = (t.to(x.dtype) / 1000).view(-1, 1, 1, 1)
+    return torch.tanh(1.3 * x + y.view(-1, 1, 1, 1) * torch.linspace(-1, 1, x.shape[-1], dtype=x.dtype)) * (1 - tt) \
+        + 0.2 * x
+
+
+def _tcfg_run(term, fused, prediction="eps", clip=None, backend="reference", dtype=torch.float64, schedule=None):
+    from gradguide import sampling
+    runs = {}
+    original = sampling._finish_prepare
+
+    def spy(run, fused_flag=True):
+        original(run, fused_flag)
+        runs["run"] = run
+    sampling._finish_prepare = spy
+    try:
+        x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(dtype)
+        out = gg.sample(_fused_model, SHAPE, schedule=schedule or gg.Schedule.linear(1000),
+                        sampler="flow-euler" if prediction == "flow" else "ddim", steps=6,
+                        x_T=x_T, cond={"y": torch.tensor([1.0, -1.0, 0.5])}, guidance=term, prediction=prediction,
+                        clip=clip, backend=backend, fused=fused)
+    finally:
+        sampling._finish_prepare = original
+    return out, runs["run"]
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v", "x0", "flow"])
+@pytest.mark.parametrize("kw", [dict(), dict(start=0.2, stop=0.7), dict(convention="diffusers-original", stop=0.5)])
+def test_tcfg_fused_step_equals_the_general_path(prediction, kw):
+    schedule = gg.FlowSchedule(shift=3.0) if prediction == "flow" else None
+    term = gg.TCFG(4.0, uncond={"y": torch.zeros(3)}, **kw)
+    want, general = _tcfg_run(term, False, prediction, schedule=schedule)
+    got, run = _tcfg_run(term, True, prediction, schedule=schedule)
+    assert general.plan is None and run.plan is not None, run.fused_reason
+    assert [st.policy for st in run.plan.variants[False].stages] == ["tcfg"]
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    assert (want - _tcfg_run(gg.CFG(4.0, uncond={"y": torch.zeros(3)}), False, prediction,
+                             schedule=schedule)[0]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_tcfg_fused_step_on_every_backend_with_clipping(backend):
+    if gg.ops.available_backends("cpu")[backend] is not True:
+        pytest.fail(f"{backend} backend not available here")
+    term = gg.TCFG(5.0, uncond={"y": torch.zeros(3)}, start=0.1)
+    want, _ = _tcfg_run(term, False, clip=(-1.0, 1.0))
+    got, run = _tcfg_run(term, True, clip=(-1.0, 1.0), backend=backend)
+    assert run.plan is not None and run.backend == backend
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    got32, _ = _tcfg_run(term, True, clip=(-1.0, 1.0), backend=backend, dtype=torch.float32)
+    torch.testing.assert_close(got32.double(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_tcfg_with_rescale_and_the_other_guiders_take_the_general_path():
+    from gradguide import sampling
+    for term, why in ((gg.TCFG(3.0, guidance_rescale=0.5), "guidance_rescale"), (gg.MamboG(3.0), "MamboG"),
+                      (gg.APGMix(3.0), "APGMix"), (gg.FDG([3.0, 2.0]), "FDG")):
+        run = sampling.prepare_run(_fused_model, SHAPE, schedule=gg.Schedule.linear(1000), sampler="ddim", steps=4,
+                                   guidance=term, cond={"y": torch.ones(3)})
+        assert run.plan is None and why in run.fused_reason
+
+
+def test_pixelasparam_projects_the_guiders_output_against_other_guidance():
+    """PixelAsParam policy A treats the guided branch combination (here TCFG's x̂_0) and a
+    classifier's shift as two update directions. One DDIM step from t = T (c_x = 0, c_0 = 1:
+    x_next is the guided x̂_0), so with D = TCFG's x̂_0 and C = the classifier's shift (both read
+    off runs without the projection) the projected run must be PC(D|C) + PC(C|D) per sample."""
+    uncond = {"y": torch.zeros(3)}
+    cond = {"y": torch.tensor([1.0, -1.0, 0.5])}
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    run = lambda guidance, projection=None: gg.sample(  # noqa: E731
+        _fused_model, SHAPE, schedule=gg.Schedule.linear(1000), sampler="ddim", steps=1, x_T=x_T, cond=cond,
+        guidance=guidance, projection=projection)
+    d = run(gg.TCFG(4.0, uncond=uncond))
+    # a classifier whose gradient opposes D on the first sample and agrees on the others
+    direction = d * torch.tensor([-1.0, 0.5, 0.2], dtype=torch.float64).view(-1, 1, 1, 1) + 0.3 * x_T
+    log_prob = lambda x, t, y=None: (x * direction).flatten(1).sum(1)   # noqa: E731
+    terms = [gg.TCFG(4.0, uncond=uncond), gg.Classifier(log_prob, 0.02, form="score")]
+    c = run(terms) - d
+    got = run(terms, gg.PixelAsParam("A"))
+    flat_d, flat_c = d.flatten(1), c.flatten(1)
+    dc = (flat_d * flat_c).sum(1, keepdim=True)
+    want = (flat_d - dc.clamp(max=0) / (flat_c * flat_c).sum(1, keepdim=True) * flat_c) \
+        + (flat_c - dc.clamp(max=0) / (flat_d * flat_d).sum(1, keepdim=True) * flat_d)
+    assert (dc[:, 0] < 0).tolist() == [True, False, False]   # the case really conflicts, on one sample
+    torch.testing.assert_close(got.flatten(1), want, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="policy C projects the two branches of classifier-free guidance"):
+        run(gg.TCFG(4.0, uncond=uncond), gg.PixelAsParam("C"))
+
+
+def test_fdg_with_equal_scales_is_cfg_and_its_pyramid_rebuilds_exactly():
+    """Without kornia: the Laplacian pyramid rebuilds its input, so FDG with one weight on every
+    band (no parallel weights) is CFG with that weight."""
+    from gradguide.guidance.fdg import laplacian_pyramid, rebuild
+    x = torch.randn(2, 3, 16, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    bands = laplacian_pyramid(x, 3)
+    assert [tuple(b.shape[2:]) for b in bands] == [(16, 8), (8, 4), (4, 2)]
+    torch.testing.assert_close(rebuild(bands), x, rtol=0, atol=1e-13)
+    uncond = {"y": torch.zeros(3)}
+    fdg, _ = _tcfg_run(gg.FDG([3.0, 3.0, 3.0], uncond=uncond), False)
+    cfg, _ = _tcfg_run(gg.CFG(3.0, uncond=uncond), False)
+    torch.testing.assert_close(fdg, cfg, rtol=1e-10, atol=1e-10)
+    split, _ = _tcfg_run(gg.FDG([6.0, 3.0, 1.5], uncond=uncond), False)
+    assert (split - cfg).abs().max() > 1e-2
+
+
+def test_errors_name_the_argument():
+    with pytest.raises(ValueError, match="TCFG: convention"):
+        gg.TCFG(3.0, convention="paper")
+    with pytest.raises(ValueError, match="MamboG: start"):
+        gg.MamboG(3.0, start=1.5)
+    with pytest.raises(TypeError, match="APGMix: apg_start_step"):
+        gg.APGMix(3.0, apg_start_step=0.5)
+    with pytest.raises(ValueError, match="FDG: stop: expected 2 values"):
+        gg.FDG([3.0, 2.0], stop=[1.0, 1.0, 1.0])
+    with pytest.raises(TypeError, match="FDG: scales"):
+        gg.FDG(3.0)
+    with pytest.raises(ValueError, match="FDG: height and width 12 × 12"):
+        gg.sample(_fused_model, (3, 4, 12, 12), schedule=gg.Schedule.linear(1000), sampler="ddim", steps=2,
+                  cond={"y": torch.ones(3)}, guidance=gg.FDG([3.0, 2.0]))
+    with pytest.raises(ValueError, match="FDG: the Laplacian pyramid needs image-shaped samples"):
+        gg.sample(_fused_model, (3, 4, 8), schedule=gg.Schedule.linear(1000), sampler="ddim", steps=2,
+                  cond={"y": torch.ones(3)}, guidance=gg.FDG([3.0, 2.0]))

@@ -30,9 +30,10 @@ from .base import StepContext, check_number, safe_div
 from .window import DiffusersGuider
 
 
-def tangential_uncond(ops, p_c: LinComb, p_u: LinComb) -> LinComb:
-    """``p_u`` projected onto the principal right singular vector of ``[p_c; p_u]``."""
-    a, b, d = ops.norm2(p_c), ops.dot(p_c, p_u), ops.norm2(p_u)
+def tangential_uncond(ops, p_c: LinComb, p_u: LinComb, per: str = "sample") -> LinComb:
+    """``p_u`` projected onto the principal right singular vector of ``[p_c; p_u]`` (per sample,
+    or per group with ``per="group"``)."""
+    a, b, d = ops.norm2(p_c, per), ops.dot(p_c, p_u, per), ops.norm2(p_u, per)
     r = torch.sqrt((a - d) * (a - d) + 4.0 * b * b)
     defined = r > 0
     cos2 = torch.where(defined, safe_div(a - d, r), torch.full_like(r, -1.0))
