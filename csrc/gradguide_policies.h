@@ -24,7 +24,7 @@ namespace gradguide {
 
 constexpr int kMaxK = 8;
 
-enum Policy { kLinear, kCfg, kPxpA, kPxpB, kPxpC, kApg, kGloss, kLookahead, kTcfg };
+enum Policy { kLinear, kCfg, kPxpA, kPxpB, kPxpC, kApg, kGloss, kLookahead, kTcfg, kMambo };
 
 struct PolicyInfo {
   const char* name;
@@ -37,9 +37,10 @@ struct PolicyInfo {
 constexpr PolicyInfo kPolicies[] = {
     {"linear", kLinear, 1, 0, false}, {"cfg", kCfg, 3, 1, false},  {"pxp-a", kPxpA, 4, 1, true},
     {"pxp-b", kPxpB, 4, 1, true},     {"pxp-c", kPxpC, 3, 4, true}, {"apg", kApg, 3, 4, true},
-    {"gloss", kGloss, 2, 5, true},    {"lookahead", kLookahead, 4, 8, true}, {"tcfg", kTcfg, 3, 3, true}};
+    {"gloss", kGloss, 2, 5, true},    {"lookahead", kLookahead, 4, 8, true}, {"tcfg", kTcfg, 3, 3, true},
+    {"mambo", kMambo, 3, 4, true}};
 constexpr int kMaxVectors = 4, kMaxScalars = 8;
-constexpr const char* kPolicyNames = "linear, cfg, pxp-a, pxp-b, pxp-c, apg, gloss, lookahead or tcfg";
+constexpr const char* kPolicyNames = "linear, cfg, pxp-a, pxp-b, pxp-c, apg, gloss, lookahead, tcfg or mambo";
 
 // host only: the table entry named `name`, or nullptr
 inline const PolicyInfo* find_policy(const char* name, size_t len) {
@@ -158,6 +159,18 @@ GG_HD inline Vec coefficients(Policy policy, const RowProgram& p, const Vec* v, 
         const double anchor = s[1] != 0.0 ? cv[i] : u1;
         c[i] = v[0][i] + s[2] * (anchor + s[0] * (cv[i] - u1));
       }
+      return c;
+    }
+    case kMambo: {  // base, cond, uncond; scale, alpha, original, post
+      const Vec &cv = v[1], &uv = v[2];
+      Vec diff = zero_vec();
+      for (int i = 0; i < k; ++i) diff[i] = cv[i] - uv[i];
+      const double norm_u = sqrt(max_d(p.dot(uv, uv), 0.0));
+      double decay = exp(-s[1] * safe_div(sqrt(max_d(p.dot(diff, diff), 0.0)), norm_u));
+      if (!(norm_u > 0) && s[1] > 0) decay = 0.0;
+      const bool original = s[2] != 0.0;
+      const double weight = original ? s[0] * decay : 1.0 + (s[0] - 1.0) * decay;
+      for (int i = 0; i < k; ++i) c[i] = v[0][i] + s[3] * ((original ? cv[i] : uv[i]) + weight * diff[i]);
       return c;
     }
     case kGloss: {  // base, vjp; a, h, sigma, residual, post

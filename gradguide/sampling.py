@@ -391,9 +391,10 @@ def _term_key(term: GuidanceTerm) -> tuple:
     from .guidance.apg import APG
     from .guidance.classifier import Classifier
     from .guidance.gradient import LookAhead
-    from .guidance.tangential import TCFG
+    from .guidance.tangential import TCFG, MamboG
     read = {CFG: ("scale",), APG: ("scale", "eta", "norm_threshold", "momentum", "convention"),
-            Classifier: ("scale",), TCFG: ("scale", "convention", "start", "stop", "steps", "guidance_rescale")}
+            Classifier: ("scale",), TCFG: ("scale", "convention", "start", "stop", "steps", "guidance_rescale"),
+            MamboG: ("scale", "alpha", "convention", "start", "stop", "steps", "guidance_rescale")}
     if type(term) is LookAhead:   # the plan holds its target tensor
         raise _Unkeyable
     # any other type takes the general step: the plan reads nothing of it but its type

@@ -197,7 +197,7 @@ def test_fdg_matches_diffusers(name, kind):
     _check(FDG_CASES[name], kind)
 
 
-# -- TCFG on the fused step: its coefficient program ("tcfg") inside the combine ----------------
+# -- TCFG and MAMBO-G on the fused step: their coefficient programs inside the combine -----------
 
 def _fused_model(x, t, y=None):
     tt = (t.to(x.dtype) / 1000).view(-1, 1, 1, 1)
@@ -225,25 +225,31 @@ def _tcfg_run(term, fused, prediction="eps", clip=None, backend="reference", dty
     return out, runs["run"]
 
 
+FUSED_TERMS = {"tcfg": lambda **kw: gg.TCFG(4.0, uncond={"y": torch.zeros(3)}, **kw),
+               "mambo": lambda **kw: gg.MamboG(4.0, alpha=1.5, uncond={"y": torch.zeros(3)}, **kw)}
+
+
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0", "flow"])
 @pytest.mark.parametrize("kw", [dict(), dict(start=0.2, stop=0.7), dict(convention="diffusers-original", stop=0.5)])
-def test_tcfg_fused_step_equals_the_general_path(prediction, kw):
+@pytest.mark.parametrize("policy", list(FUSED_TERMS))
+def test_fused_step_equals_the_general_path(policy, prediction, kw):
     schedule = gg.FlowSchedule(shift=3.0) if prediction == "flow" else None
-    term = gg.TCFG(4.0, uncond={"y": torch.zeros(3)}, **kw)
+    term = FUSED_TERMS[policy](**kw)
     want, general = _tcfg_run(term, False, prediction, schedule=schedule)
     got, run = _tcfg_run(term, True, prediction, schedule=schedule)
     assert general.plan is None and run.plan is not None, run.fused_reason
-    assert [st.policy for st in run.plan.variants[False].stages] == ["tcfg"]
+    assert [st.policy for st in run.plan.variants[False].stages] == [policy]
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     assert (want - _tcfg_run(gg.CFG(4.0, uncond={"y": torch.zeros(3)}), False, prediction,
                              schedule=schedule)[0]).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("backend", ["native", "triton"])
-def test_tcfg_fused_step_on_every_backend_with_clipping(backend):
+@pytest.mark.parametrize("policy", list(FUSED_TERMS))
+def test_fused_step_on_every_backend_with_clipping(policy, backend):
     if gg.ops.available_backends("cpu")[backend] is not True:
         pytest.fail(f"{backend} backend not available here")
-    term = gg.TCFG(5.0, uncond={"y": torch.zeros(3)}, start=0.1)
+    term = FUSED_TERMS[policy](start=0.1)
     want, _ = _tcfg_run(term, False, clip=(-1.0, 1.0))
     got, run = _tcfg_run(term, True, clip=(-1.0, 1.0), backend=backend)
     assert run.plan is not None and run.backend == backend
@@ -252,9 +258,10 @@ def test_tcfg_fused_step_on_every_backend_with_clipping(backend):
     torch.testing.assert_close(got32.double(), want, rtol=1e-4, atol=1e-4)
 
 
-def test_tcfg_with_rescale_and_the_other_guiders_take_the_general_path():
+def test_rescale_and_the_other_guiders_take_the_general_path():
     from gradguide import sampling
-    for term, why in ((gg.TCFG(3.0, guidance_rescale=0.5), "guidance_rescale"), (gg.MamboG(3.0), "MamboG"),
+    for term, why in ((gg.TCFG(3.0, guidance_rescale=0.5), "guidance_rescale"),
+                      (gg.MamboG(3.0, guidance_rescale=0.5), "guidance_rescale"),
                       (gg.APGMix(3.0), "APGMix"), (gg.FDG([3.0, 2.0]), "FDG")):
         run = sampling.prepare_run(_fused_model, SHAPE, schedule=gg.Schedule.linear(1000), sampler="ddim", steps=4,
                                    guidance=term, cond={"y": torch.ones(3)})

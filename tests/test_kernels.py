@@ -335,6 +335,11 @@ def _library_composition(policy, space, h, params, per):
         from gradguide.guidance.tangential import tangential_uncond
         c, u1 = v["cond"], tangential_uncond(space, v["cond"], v["uncond"], per)
         total = v["base"] + ((c if params["original"] else u1) + (c - u1) * params["scale"]) * params["post"]
+    elif policy == "mambo":
+        from gradguide.guidance.tangential import mambo_weight
+        c, u = v["cond"], v["uncond"]
+        weight = mambo_weight(space, c - u, u, params["alpha"], params["scale"], bool(params["original"]), per)
+        total = v["base"] + ((c if params["original"] else u) + (c - u) * weight) * params["post"]
     elif policy == "apg":
         dc, delta = v["d_cond"], v["d_cond"] - v["d_uncond"]
         norm = space.norm2(delta, per).sqrt()
@@ -362,6 +367,7 @@ def _policy_params(policy, b, groups, k, zero=()):
                    "gloss": {"a": 0.7, "h": 0.51, "sigma": 0.1, "residual": torch.randn(b, generator=g),
                              "post": 0.2},
                    "linear": {}, "tcfg": {"scale": 4.0, "original": 0.0, "post": 0.6},
+                   "mambo": {"scale": 5.0, "alpha": 0.7, "original": 0.0, "post": 0.6},
                    "lookahead": {"a": 0.7, "h": 0.51, "sigma": 0.1, "target": 0.3, "multiplier": 1.5,
                                  "post": 0.2}}[policy])
     return params

@@ -41,6 +41,15 @@ def tangential_uncond(ops, p_c: LinComb, p_u: LinComb, per: str = "sample") -> L
     return p_c * (0.5 * sin2) + p_u * (0.5 * (1.0 - cos2))
 
 
+def mambo_weight(ops, diff: LinComb, p_u: LinComb, alpha: float, scale: float, original: bool, per: str = "sample"):
+    """MAMBO-G's per-sample (or per-group) CFG weight."""
+    n_diff, n_u = ops.norm2(diff, per).sqrt(), ops.norm2(p_u, per).sqrt()
+    decay = torch.exp(-alpha * safe_div(n_diff, n_u))
+    if alpha > 0:   # ‖p_u‖ = 0: an infinite ratio, no guidance left
+        decay = torch.where(n_u > 0, decay, torch.zeros_like(decay))
+    return decay * scale if original else 1.0 + (scale - 1.0) * decay
+
+
 class TCFG(DiffusersGuider):
     """Tangential classifier-free guidance: diffusers'
     ``TangentialClassifierFreeGuidance(guidance_scale=scale, guidance_rescale=..., start=..., stop=...)``
@@ -73,14 +82,8 @@ class MamboG(DiffusersGuider):
         self.alpha = check_number("alpha", alpha, 0.0, owner="MamboG")
 
     def guide(self, ctx: StepContext, p_c: LinComb, p_u: LinComb) -> LinComb:
-        ops = ctx.ops
         diff = p_c - p_u
-        n_diff, n_u = ops.norm2(diff).sqrt(), ops.norm2(p_u).sqrt()
-        decay = torch.exp(-self.alpha * safe_div(n_diff, n_u))
-        if self.alpha > 0:   # ‖p_u‖ = 0: an infinite ratio, no guidance left
-            decay = torch.where(n_u > 0, decay, torch.zeros_like(decay))
-        weight = decay * self.scale if self.original else 1.0 + (self.scale - 1.0) * decay
-        return self.anchor(p_c, p_u) + diff * weight
+        return self.anchor(p_c, p_u) + diff * mambo_weight(ctx.ops, diff, p_u, self.alpha, self.scale, self.original)
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", alpha={self.alpha})"

@@ -27,6 +27,10 @@ number or a 0-d / ``[B]`` device tensor):
   ``d = ‖u‖²``, ``r = √((a − d)² + 4b²)``, ``cos 2θ = (a − d)/r``, ``sin 2θ = 2b/r`` (−1 and 0
   where ``r = 0``), ``u' = (sin 2θ/2) c + ((1 − cos 2θ)/2) u``;
   ``base + post (A + scale (c − u'))`` with ``A = c`` if ``original`` ≠ 0 else ``u'``.
+- ``"mambo"`` (MAMBO-G, diffusers' ``MagnitudeAwareGuidance``): ``Δ = cond − uncond``,
+  ``e = exp(−alpha ‖Δ‖/‖uncond‖)`` (0 where ‖uncond‖ = 0 and alpha > 0), weight
+  ``scale·e`` if ``original`` ≠ 0 else ``1 + (scale − 1) e``; ``base + post (A + weight Δ)`` with
+  ``A = cond`` if ``original`` ≠ 0 else ``uncond``.
 - ``"gloss"`` (Guo et al. 2024, Definition 1, the per-sample β): with ``v`` = *vjp*,
   ``β = (a²/2)/(a² sigma² + h ‖v‖²)``, ``base + post · residual · β · v`` where ``residual`` is
   ``2·multiplier·(y − gᵀx̂_0)`` per sample and ``post`` maps a score shift to the step
@@ -64,6 +68,7 @@ POLICIES = {
     "pxp-c": (("base", "x0_cond", "x0_uncond"), {"scale": None, "delta": 1.0, "delta2": 1.0, "post": 1.0}),
     "apg": (("base", "d_cond", "d_uncond"), {"scale": None, "eta": 0.0, "norm_threshold": 15.0, "post": 1.0}),
     "tcfg": (("base", "cond", "uncond"), {"scale": None, "original": 0.0, "post": 1.0}),
+    "mambo": (("base", "cond", "uncond"), {"scale": None, "alpha": None, "original": 0.0, "post": 1.0}),
     "gloss": (("base", "vjp"), {"a": None, "h": None, "sigma": 0.1, "residual": None, "post": 1.0}),
     "lookahead": (("base", "x0", "vjp", "reward"), {"a": None, "h": None, "sigma": 0.1, "target": None,
                                                     "multiplier": 1.0, "beta": 0.0, "beta_per_sample": 1.0,
@@ -141,6 +146,15 @@ def _program(policy: str, gram, vectors: Dict[str, torch.Tensor], scalars: Dict[
         u1 = c * (0.5 * sin2) + u * (0.5 * (1.0 - cos2))
         anchor = torch.where(s["original"] != 0, c, u1)
         return v["base"] + s["post"] * (anchor + s["scale"] * (c - u1))
+    if policy == "mambo":
+        c, u = v["cond"], v["uncond"]
+        diff = c - u
+        norm_u = _dot(gram, u, u).clamp_min(0.0).sqrt()
+        decay = torch.exp(-s["alpha"] * _safe_div(_dot(gram, diff, diff).clamp_min(0.0).sqrt(), norm_u))
+        decay = torch.where((norm_u > 0) | (s["alpha"] <= 0), decay, torch.zeros_like(decay))
+        original = s["original"] != 0
+        weight = torch.where(original, s["scale"] * decay, 1.0 + (s["scale"] - 1.0) * decay)
+        return v["base"] + s["post"] * (torch.where(original, c, u) + weight * diff)
     if policy == "gloss":
         vjp = v["vjp"]
         a2 = s["a"] * s["a"]
