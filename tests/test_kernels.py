@@ -243,7 +243,9 @@ _SCALARS = {"cfg": {"scale": 3.0}, "pxp-a": {"delta": 1.0}, "pxp-b": {"delta": 0
             "apg": {"scale": 5.0, "eta": 0.2, "norm_threshold": 2.0, "post": 0.8},
             "gloss": {"a": 0.7, "h": 0.51, "sigma": 0.1, "residual": -0.4, "post": 0.2}, "linear": {},
             "lookahead": {"a": 0.7, "h": 0.51, "sigma": 0.1, "target": 0.3, "multiplier": 1.5, "beta": 0.2,
-                          "beta_per_sample": 1.0, "post": 0.2}}
+                          "beta_per_sample": 1.0, "post": 0.2},
+            "tcfg": {"scale": 4.0, "original": 0.0, "post": 0.6},
+            "mambo": {"scale": 5.0, "alpha": 0.7, "original": 0.0, "post": 0.6}}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

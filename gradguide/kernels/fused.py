@@ -198,6 +198,7 @@ def _fused(x0, x1, x2, x3, x4, x5, x6, x7, gram, v0, v1, v2, v3, vb0, vg0, vb1, 
         w = _scalar(s0, t0, b)
         orig = _scalar(s1, t1, b)
         post = _scalar(s2, t2, b)
+        bad += _nonfinite(w) + _nonfinite(orig) + _nonfinite(post)
         ga = _max0(_dot(G, va, va))
         gd = _max0(_dot(G, vc, vc))
         gb = _dot(G, va, vc)
@@ -212,6 +213,7 @@ def _fused(x0, x1, x2, x3, x4, x5, x6, x7, gram, v0, v1, v2, v3, vb0, vg0, vb1, 
         alpha = _scalar(s1, t1, b)
         orig = _scalar(s2, t2, b)
         post = _scalar(s3, t3, b)
+        bad += _nonfinite(w) + _nonfinite(alpha) + _nonfinite(orig) + _nonfinite(post)
         diff = va - vc
         norm_u = tl.sqrt(_max0(_dot(G, vc, vc)))
         decay = tl.exp(-alpha * _safe_div(tl.sqrt(_max0(_dot(G, diff, diff))), norm_u))
