@@ -24,7 +24,7 @@ namespace gradguide {
 
 constexpr int kMaxK = 8;
 
-enum Policy { kLinear, kCfg, kPxpA, kPxpB, kPxpC, kApg, kGloss, kLookahead };
+enum Policy { kLinear, kCfg, kPxpA, kPxpB, kPxpC, kApg, kGloss, kLookahead, kTcfg, kMambo };
 
 struct PolicyInfo {
   const char* name;
@@ -37,9 +37,10 @@ struct PolicyInfo {
 constexpr PolicyInfo kPolicies[] = {
     {"linear", kLinear, 1, 0, false}, {"cfg", kCfg, 3, 1, false},  {"pxp-a", kPxpA, 4, 1, true},
     {"pxp-b", kPxpB, 4, 1, true},     {"pxp-c", kPxpC, 3, 4, true}, {"apg", kApg, 3, 4, true},
-    {"gloss", kGloss, 2, 5, true},    {"lookahead", kLookahead, 4, 8, true}};
+    {"gloss", kGloss, 2, 5, true},    {"lookahead", kLookahead, 4, 8, true}, {"tcfg", kTcfg, 3, 3, true},
+    {"mambo", kMambo, 3, 4, true}};
 constexpr int kMaxVectors = 4, kMaxScalars = 8;
-constexpr const char* kPolicyNames = "linear, cfg, pxp-a, pxp-b, pxp-c, apg, gloss or lookahead";
+constexpr const char* kPolicyNames = "linear, cfg, pxp-a, pxp-b, pxp-c, apg, gloss, lookahead, tcfg or mambo";
 
 // host only: the table entry named `name`, or nullptr
 inline const PolicyInfo* find_policy(const char* name, size_t len) {
@@ -146,6 +147,30 @@ GG_HD inline Vec coefficients(Policy policy, const RowProgram& p, const Vec* v, 
         const double par = dc[i] * f;
         c[i] = v[0][i] + s[3] * (dc[i] + (delta[i] - par + par * s[1]) * (s[0] - 1.0));
       }
+      return c;
+    }
+    case kTcfg: {  // base, cond, uncond; scale, original, post (u' from the 2 x 2 Gram of cond, uncond)
+      const Vec &cv = v[1], &uv = v[2];
+      const double a = max_d(p.dot(cv, cv), 0.0), d = max_d(p.dot(uv, uv), 0.0), b = p.dot(cv, uv);
+      const double r = sqrt((a - d) * (a - d) + 4.0 * b * b);
+      const double cos2 = r > 0 ? safe_div(a - d, r) : -1.0, sin2 = r > 0 ? safe_div(2.0 * b, r) : 0.0;
+      for (int i = 0; i < k; ++i) {
+        const double u1 = cv[i] * (0.5 * sin2) + uv[i] * (0.5 * (1.0 - cos2));
+        const double anchor = s[1] != 0.0 ? cv[i] : u1;
+        c[i] = v[0][i] + s[2] * (anchor + s[0] * (cv[i] - u1));
+      }
+      return c;
+    }
+    case kMambo: {  // base, cond, uncond; scale, alpha, original, post
+      const Vec &cv = v[1], &uv = v[2];
+      Vec diff = zero_vec();
+      for (int i = 0; i < k; ++i) diff[i] = cv[i] - uv[i];
+      const double norm_u = sqrt(max_d(p.dot(uv, uv), 0.0));
+      double decay = exp(-s[1] * safe_div(sqrt(max_d(p.dot(diff, diff), 0.0)), norm_u));
+      if (!(norm_u > 0) && s[1] > 0) decay = 0.0;
+      const bool original = s[2] != 0.0;
+      const double weight = original ? s[0] * decay : 1.0 + (s[0] - 1.0) * decay;
+      for (int i = 0; i < k; ++i) c[i] = v[0][i] + s[3] * ((original ? cv[i] : uv[i]) + weight * diff[i]);
       return c;
     }
     case kGloss: {  // base, vjp; a, h, sigma, residual, post

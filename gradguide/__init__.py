@@ -5,9 +5,9 @@ NeurIPS 2024) next to the guidance methods users already know, built around one 
 per-sample reductions, then one linear combination (see DESIGN.md and :mod:`gradguide.ops`).
 """
 from . import ops
-from .guidance import APG, CFG, DPS, CFGPlusPlus, CFGZeroStar, Classifier, DecodedLookAhead, GuidanceTerm, \
-    LookAhead, NaiveGradient, Rescale
 from .config import Diagnostics, Execution, Sampler
+from .guidance import APG, CFG, DPS, FDG, TCFG, APGMix, CFGPlusPlus, CFGZeroStar, Classifier, DecodedLookAhead, \
+    GuidanceTerm, LookAhead, MamboG, NaiveGradient, Rescale
 from .metrics import off_support_ratio
 from .projection import PixelAsParam, project
 from .sampling import StepRecord, sample
@@ -24,7 +24,7 @@ def __getattr__(name):
         return from_diffusers
     raise AttributeError(f"module 'gradguide' has no attribute {name!r}")
 
-__all__ = ["APG", "CFG", "CFGPlusPlus", "CFGZeroStar", "Classifier", "DPS", "DecodedLookAhead", "Diagnostics",
-           "Execution", "FlowSchedule", "GuidanceTerm", "LookAhead", "NaiveGradient", "PixelAsParam", "Rescale",
-           "Sampler", "Schedule", "StepRecord", "Timesteps", "calculate_shift", "off_support_ratio", "ops", "project",
-           "sample", "sigmas_exponential", "sigmas_karras", "sigmas_polyexponential", "sigmas_vp"]
+__all__ = ["APG", "APGMix", "CFG", "CFGPlusPlus", "CFGZeroStar", "Classifier", "DPS", "DecodedLookAhead", "Diagnostics",
+           "Execution", "FDG", "FlowSchedule", "GuidanceTerm", "LookAhead", "MamboG", "NaiveGradient", "PixelAsParam",
+           "Rescale", "Sampler", "Schedule", "StepRecord", "TCFG", "Timesteps", "calculate_shift", "off_support_ratio",
+           "ops", "project", "sample", "sigmas_exponential", "sigmas_karras", "sigmas_polyexponential", "sigmas_vp"]

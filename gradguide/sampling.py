@@ -364,8 +364,10 @@ def _term_key(term: GuidanceTerm) -> tuple:
     from .guidance.apg import APG
     from .guidance.classifier import Classifier
     from .guidance.gradient import LookAhead
+    from .guidance.tangential import TCFG, MamboG
     read = {CFG: ("scale",), APG: ("scale", "eta", "norm_threshold", "momentum", "convention"),
-            Classifier: ("scale",)}
+            Classifier: ("scale",), TCFG: ("scale", "convention", "start", "stop", "steps", "guidance_rescale"),
+            MamboG: ("scale", "alpha", "convention", "start", "stop", "steps", "guidance_rescale")}
     if type(term) is LookAhead:   # the plan holds its target tensor
         raise _Unkeyable
     # any other type takes the general step: the plan reads nothing of it but its type
@@ -798,7 +800,7 @@ def _prepare(model, shape, *, schedule: Schedule, steps, sampler: Sampler, guida
         if not isinstance(term, GuidanceTerm):
             raise TypeError(f"guidance[{j}]: expected a guidance term (gradguide.CFG, Classifier, ...), "
                             f"got {type(term).__name__}")
-    terms = [term.bind(shape, device, dtype, name) for term in terms]
+    terms = [term.bind(shape, device, dtype, name).for_steps(len(timesteps)) for term in terms]
     branch_terms = [t for t in terms if t.place == "branches"]
     if len(branch_terms) > 1:
         raise ValueError("guidance: at most one of CFG, APG, Rescale, CFGZeroStar, CFGPlusPlus per run, got "

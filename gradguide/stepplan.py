@@ -24,6 +24,8 @@ path is tested against in tests/test_fused_step.py):
 - samplers DDPM, DDIM, flow-euler and flow-lcm (samplers that carry state between steps — multistep, Heun, UniPC,
   PLMS — take the general path); ε, x0, v and flow predictions; fixed variances;
 - guidance: none, :class:`~gradguide.CFG`, :class:`~gradguide.APG` (no momentum),
+  :class:`~gradguide.TCFG` and :class:`~gradguide.MamboG` (no ``guidance_rescale``; the start/stop
+  window is a per-step scale),
   :class:`~gradguide.Classifier` (mean or score form, any number), one
   :class:`~gradguide.LookAhead` alone (no clipping);
 - projection: none, PixelAsParam A/B (not pcgrad) over linear directions, C with CFG;
@@ -49,6 +51,7 @@ from .guidance.base import StepContext
 from .guidance.cfg import CFG
 from .guidance.classifier import Classifier
 from .guidance.gradient import LookAhead
+from .guidance.tangential import TCFG, MamboG
 from .linear import LinComb, SymbolicOperands
 
 
@@ -87,20 +90,22 @@ def unsupported(run) -> Optional[str]:
     if run.post_terms:
         return "post-step guidance (DPS)"
     branch, proj = run.branch, run.projection
-    if branch is not None and type(branch) not in (CFG, APG):
+    if branch is not None and type(branch) not in (CFG, APG, TCFG, MamboG):
         return f"{type(branch).__name__} guidance"
+    if isinstance(branch, (TCFG, MamboG)) and branch.guidance_rescale > 0:
+        return f"{type(branch).__name__} with guidance_rescale (standard deviations: not a built-in program)"
     if isinstance(branch, APG) and (branch.momentum != 0.0 or branch.convention != "paper"):
         return "APG momentum or a diffusers convention"
     for term in run.score_terms + run.mean_terms:
         if type(term) not in (Classifier, LookAhead):
             return f"{type(term).__name__} guidance"
     lookahead = [t for t in run.score_terms if type(t) is LookAhead]
-    gram_x0 = isinstance(branch, APG) or (proj is not None and proj.policy == "C")
+    gram_x0 = isinstance(branch, (APG, TCFG, MamboG)) or (proj is not None and proj.policy == "C")
     if lookahead and (branch is not None or len(run.score_terms + run.mean_terms) > 1 or proj is not None
                       or run.clip is not None):
         return "G_loss with other guidance, a projection or clipping"
     if gram_x0 and (run.score_terms or run.mean_terms):
-        return "APG / policy C with further guidance terms"
+        return "APG / TCFG / MAMBO-G / policy C with further guidance terms"
     if proj is not None and proj.pcgrad:
         return "PCGrad projection"
     if gram_x0 and run.clip is not None and run.clip_eps == "model":
@@ -224,9 +229,17 @@ def _program(run, sc: Dict[str, torch.Tensor], noisy: bool, extra, first_row):
         noise_terms = [div]
     proj = run.projection
     try:
-        # x̂_0 that depends on the Gram matrix: APG, policy C (the only terms of such a run)
-        if isinstance(run.branch, APG) or (proj is not None and proj.policy == "C"):
-            if isinstance(run.branch, APG):
+        # x̂_0 that depends on the Gram matrix: APG, TCFG, MAMBO-G, policy C (the only terms of such a run)
+        x0_base, x0_post = sp.zero(), 1.0   # x̂_0 = x0_base + x0_post · (the policy's output)
+        if isinstance(run.branch, (APG, TCFG, MamboG)) or (proj is not None and proj.policy == "C"):
+            if isinstance(run.branch, (TCFG, MamboG)):   # diffusers' guiders: on the raw outputs
+                policy = "tcfg" if isinstance(run.branch, TCFG) else "mambo"
+                vectors = {"cond": ctx.output_of_eps(eps_c), "uncond": ctx.output_of_eps(eps_u)}
+                scalars = {"scale": _window_scales(run.branch, n), "original": float(run.branch.original)}
+                if policy == "mambo":
+                    scalars["alpha"] = run.branch.alpha
+                x0_base, x0_post = _x0_of_output(run.prediction, ctx)
+            elif isinstance(run.branch, APG):
                 policy = "apg"
                 vectors = {"d_cond": ctx.x0_of_eps(eps_c), "d_uncond": ctx.x0_of_eps(eps_u)}
                 # an infinite threshold never clips, which the program spells 0 (it clips where > 0):
@@ -245,10 +258,10 @@ def _program(run, sc: Dict[str, torch.Tensor], noisy: bool, extra, first_row):
                     vectors = {"x0_cond": x0_u + diff, "x0_uncond": x0_u}
             gram_vectors = tuple(vectors)
             if run.clip is None:
-                vectors["base"] = _sum([base] + noise_terms)
-                bld.stage(policy, vectors, dict(scalars, post=c_0), "x_next", gram_vectors=gram_vectors)
+                vectors["base"] = _sum([base, x0_base * c_0] + noise_terms)
+                bld.stage(policy, vectors, dict(scalars, post=c_0 * x0_post), "x_next", gram_vectors=gram_vectors)
                 return Variant(bld.stages, _inputs(bld))
-            x0_pre = bld.stage(policy, dict(vectors, base=sp.zero()), dict(scalars, post=1.0), "x0_clipped",
+            x0_pre = bld.stage(policy, dict(vectors, base=x0_base), dict(scalars, post=x0_post), "x0_clipped",
                                gram_vectors=gram_vectors, clamp=run.clip)
         elif run.branch is not None:   # CFG: linear
             eps_pre, _ = run.branch.branches(ctx, eps_c, eps_u)
@@ -271,7 +284,7 @@ def _program(run, sc: Dict[str, torch.Tensor], noisy: bool, extra, first_row):
             x0_pre, shift = bld.clip_shift(x0_pre, _sum(shifts), run.clip)
             x0_guided, shifts = x0_pre + shift, [shift]
         elif run.clip is not None:
-            if not isinstance(run.branch, APG) and not (proj is not None and proj.policy == "C"):
+            if not isinstance(run.branch, (APG, TCFG, MamboG)) and not (proj is not None and proj.policy == "C"):
                 x0_pre = bld.stage("linear", {"coef": x0_pre}, {}, "x0_clipped", clamp=run.clip)
             x0_guided = x0_pre
         den = x0_pre * c_0
@@ -304,6 +317,23 @@ def _program(run, sc: Dict[str, torch.Tensor], noisy: bool, extra, first_row):
         run.fused_reason = f"more than {ops.MAX_K} operands in one pass"
         return None
     return Variant(bld.stages, _inputs(bld))
+
+
+def _window_scales(term, n: int) -> torch.Tensor:
+    """A diffusers guider's weight per step: the scale inside its window, the identity weight
+    outside (1, or 0 with the original formulation: TCFG's and MAMBO-G's output is then the
+    conditional branch, as diffusers')."""
+    off = 0.0 if term.original else 1.0
+    return torch.tensor([term.scale if term.on(i) else off for i in range(n)], dtype=torch.float64)
+
+
+def _x0_of_output(prediction: str, ctx: StepContext):
+    """``(A, B)`` with x̂_0 = A + B · p for the model's raw output p (A a LinComb on x_t, B per step)."""
+    aux = SymbolicOperands(ctx.ops.batch)
+    x_aux, p_aux = aux.add("x"), aux.add("p")
+    x0 = predictions.x0_from_eps(predictions.eps_from(prediction, p_aux, x_aux, ctx.a, ctx.s), x_aux, ctx.a, ctx.s)
+    coef = x0._padded(2)
+    return ctx.x * coef[:, 0, 0], coef[:, 0, 1]
 
 
 def _sum(items: List[LinComb]) -> LinComb:

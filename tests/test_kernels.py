@@ -243,7 +243,9 @@ _SCALARS = {"cfg": {"scale": 3.0}, "pxp-a": {"delta": 1.0}, "pxp-b": {"delta": 0
             "apg": {"scale": 5.0, "eta": 0.2, "norm_threshold": 2.0, "post": 0.8},
             "gloss": {"a": 0.7, "h": 0.51, "sigma": 0.1, "residual": -0.4, "post": 0.2}, "linear": {},
             "lookahead": {"a": 0.7, "h": 0.51, "sigma": 0.1, "target": 0.3, "multiplier": 1.5, "beta": 0.2,
-                          "beta_per_sample": 1.0, "post": 0.2}}
+                          "beta_per_sample": 1.0, "post": 0.2},
+            "tcfg": {"scale": 4.0, "original": 0.0, "post": 0.6},
+            "mambo": {"scale": 5.0, "alpha": 0.7, "original": 0.0, "post": 0.6}}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -331,6 +333,15 @@ def _library_composition(policy, space, h, params, per):
         delta = (v["x0_cond"] - v["x0_uncond"]) * (params["scale"] - 1.0)
         x0 = pc(space, v["x0_cond"], delta, params["delta"], per) + pc(space, delta, v["x0_cond"], params["delta2"], per)
         total = v["base"] + x0 * params["post"]
+    elif policy == "tcfg":
+        from gradguide.guidance.tangential import tangential_uncond
+        c, u1 = v["cond"], tangential_uncond(space, v["cond"], v["uncond"], per)
+        total = v["base"] + ((c if params["original"] else u1) + (c - u1) * params["scale"]) * params["post"]
+    elif policy == "mambo":
+        from gradguide.guidance.tangential import mambo_weight
+        c, u = v["cond"], v["uncond"]
+        weight = mambo_weight(space, c - u, u, params["alpha"], params["scale"], bool(params["original"]), per)
+        total = v["base"] + ((c if params["original"] else u) + (c - u) * weight) * params["post"]
     elif policy == "apg":
         dc, delta = v["d_cond"], v["d_cond"] - v["d_uncond"]
         norm = space.norm2(delta, per).sqrt()
@@ -357,7 +368,8 @@ def _policy_params(policy, b, groups, k, zero=()):
                    "apg": {"scale": 5.0, "eta": 0.2, "norm_threshold": 2.0, "post": 0.8},
                    "gloss": {"a": 0.7, "h": 0.51, "sigma": 0.1, "residual": torch.randn(b, generator=g),
                              "post": 0.2},
-                   "linear": {},
+                   "linear": {}, "tcfg": {"scale": 4.0, "original": 0.0, "post": 0.6},
+                   "mambo": {"scale": 5.0, "alpha": 0.7, "original": 0.0, "post": 0.6},
                    "lookahead": {"a": 0.7, "h": 0.51, "sigma": 0.1, "target": 0.3, "multiplier": 1.5,
                                  "post": 0.2}}[policy])
     return params
@@ -367,7 +379,7 @@ def _policy_params(policy, b, groups, k, zero=()):
 @pytest.mark.parametrize("policy", list(policies.POLICIES))
 def test_fused_policies_match_library_rules(backend, policy):
     _backend(backend)
-    for groups, zero in ((1, ()), (3, ()), (1, ("cls", "x0_uncond", "d_cond", "vjp"))):
+    for groups, zero in ((1, ()), (3, ()), (1, ("cls", "x0_uncond", "d_cond", "vjp", "uncond"))):
         operands = _operands((2, 3, 5), 5, torch.float32, seed=groups)
         params = _policy_params(policy, 2, groups, 5, zero)
         space, handles = _space(operands, groups)

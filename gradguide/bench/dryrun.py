@@ -749,7 +749,7 @@ SAMPLERS = tuple(SAMPLER_VARIANTS)
 # "apg": the paper's APG (no momentum: a built-in fused program); "apg-momentum": with a running
 # average of Δ carried between steps (state: the general path)
 GUIDANCE = ("none", "cfg", "classifier", "G", "G_loss", "dps", "apg", "apg-momentum", "rescale", "cfg-zero*",
-            "cfg++")
+            "cfg++", "tcfg", "mambo-g", "apg-mix", "fdg")
 PROJECTIONS = ("none", "A", "B", "C", "pcgrad")
 
 
@@ -782,6 +782,14 @@ def _guidance_terms(name: str, shape, tracker: Tracker):
         return [gg.CFGZeroStar(4.0, zero_init_steps=1)]
     if name == "cfg++":
         return [gg.CFGPlusPlus(0.5)]
+    if name == "tcfg":
+        return [gg.TCFG(4.0)]
+    if name == "mambo-g":
+        return [gg.MamboG(4.0, alpha=2.0)]
+    if name == "apg-mix":   # the APG phase (with momentum) from the second step on
+        return [gg.APGMix(3.5, 6.0, apg_start_step=0)]
+    if name == "fdg":
+        return [gg.FDG([6.0, 3.0])]
     if name == "classifier":
         cls = _TinyClassifier(shape[1]).to(meta)
         return [gg.Classifier(phased(cls.log_prob, tracker), 1.0)]

@@ -1,10 +1,13 @@
 """Guidance terms (SPEC.md §3). Each is usable with every sampler, several at once."""
 from .apg import APG
+from .apgmix import APGMix
 from .base import GuidanceTerm, StepContext
 from .cfg import CFG, CFGPlusPlus, CFGZeroStar
 from .classifier import Classifier
+from .fdg import FDG
 from .gradient import DPS, DecodedLookAhead, LookAhead, NaiveGradient
 from .rescale import Rescale
+from .tangential import TCFG, MamboG
 
-__all__ = ["APG", "CFG", "CFGPlusPlus", "CFGZeroStar", "Classifier", "DPS", "DecodedLookAhead", "GuidanceTerm", "LookAhead",
+__all__ = ["APG", "APGMix", "FDG", "MamboG", "TCFG", "CFG", "CFGPlusPlus", "CFGZeroStar", "Classifier", "DPS", "DecodedLookAhead", "GuidanceTerm", "LookAhead",
            "NaiveGradient", "Rescale", "StepContext"]

@@ -103,6 +103,11 @@ class GuidanceTerm:
         naming the argument that does not fit."""
         return self
 
+    def for_steps(self, steps: int) -> "GuidanceTerm":
+        """The term for a run of ``steps`` timesteps (terms with a step window, such as diffusers'
+        ``start``/``stop`` fractions, return a bound copy that knows the count)."""
+        return self
+
     def variant(self, index: int):
         """Host-side choice this term makes at step ``index`` (hashable). Steps with different
         variants are captured as different CUDA graphs; most terms have none."""

@@ -28,7 +28,7 @@ of any float dtype (no cast).
 
 Policies (the formulas and their plain-torch truth are in ``gradguide/ops/policies.py``):
 ``linear``, ``cfg``, ``pxp-a``, ``pxp-b``, ``pxp-c``, ``apg`` (no momentum), ``gloss``,
-``lookahead``.
+``lookahead``, ``tcfg``, ``mambo``.
 
 Limits: those of ``combine.py``; the Gram matrix must be the one of the first Kg operands
 (same rows). Zero-norm partners follow the safe division of the reference (a projection
@@ -51,10 +51,11 @@ import triton.language as tl
 from ._common import NUM_WARPS, k_padded, pointers
 from .combine import _stream, clamp_args, launch_config, tl_acc
 
-POLICY_IDS = {"cfg": 0, "pxp-a": 1, "pxp-b": 2, "pxp-c": 3, "apg": 4, "gloss": 5, "linear": 6, "lookahead": 7}
+POLICY_IDS = {"cfg": 0, "pxp-a": 1, "pxp-b": 2, "pxp-c": 3, "apg": 4, "gloss": 5, "linear": 6, "lookahead": 7,
+              "tcfg": 8, "mambo": 9}
 # coefficient vectors and scalars each policy reads (the order of gradguide/ops/policies.py)
 ARITY = {"cfg": (3, 1), "pxp-a": (4, 1), "pxp-b": (4, 1), "pxp-c": (3, 4), "apg": (3, 4), "gloss": (2, 5),
-         "linear": (1, 0), "lookahead": (4, 8)}
+         "linear": (1, 0), "lookahead": (4, 8), "tcfg": (3, 3), "mambo": (3, 4)}
 NEEDS_GRAM = {p: p not in ("cfg", "linear") for p in POLICY_IDS}
 MAX_VECTORS, MAX_SCALARS = 4, 8
 
@@ -193,6 +194,32 @@ def _fused(x0, x1, x2, x3, x4, x5, x6, x7, gram, v0, v1, v2, v3, vb0, vg0, vb1, 
         a2 = a * a
         beta = (a2 / 2) / (a2 * sg * sg + h * _max0(_dot(G, va, va)))
         coef = vb + va * (post * res * beta)
+    elif POLICY == 8:  # TCFG: v1 = cond, v2 = uncond (raw outputs); s = scale, original, post
+        w = _scalar(s0, t0, b)
+        orig = _scalar(s1, t1, b)
+        post = _scalar(s2, t2, b)
+        bad += _nonfinite(w) + _nonfinite(orig) + _nonfinite(post)
+        ga = _max0(_dot(G, va, va))
+        gd = _max0(_dot(G, vc, vc))
+        gb = _dot(G, va, vc)
+        r = tl.sqrt((ga - gd) * (ga - gd) + 4.0 * gb * gb)
+        cos2 = tl.where(r > 0, _safe_div(ga - gd, r), -1.0)
+        sin2 = tl.where(r > 0, _safe_div(2.0 * gb, r), 0.0)
+        u1 = va * (0.5 * sin2) + vc * (0.5 * (1.0 - cos2))
+        anchor = tl.where(orig != 0, va, u1)
+        coef = vb + post * (anchor + w * (va - u1))
+    elif POLICY == 9:  # MAMBO-G: v1 = cond, v2 = uncond (raw outputs); s = scale, alpha, original, post
+        w = _scalar(s0, t0, b)
+        alpha = _scalar(s1, t1, b)
+        orig = _scalar(s2, t2, b)
+        post = _scalar(s3, t3, b)
+        bad += _nonfinite(w) + _nonfinite(alpha) + _nonfinite(orig) + _nonfinite(post)
+        diff = va - vc
+        norm_u = tl.sqrt(_max0(_dot(G, vc, vc)))
+        decay = tl.exp(-alpha * _safe_div(tl.sqrt(_max0(_dot(G, diff, diff))), norm_u))
+        decay = tl.where((norm_u > 0) | (alpha <= 0), decay, 0.0)
+        weight = tl.where(orig != 0, w * decay, 1.0 + (w - 1.0) * decay)
+        coef = vb + post * (tl.where(orig != 0, va, vc) + weight * diff)
     else:  # lookahead: v1 = x0, v2 = vjp, v3 = reward; s = a, h, sigma, target, multiplier, beta,
         #   beta_per_sample, post (G_loss with gᵀx̂_0 from the Gram, as a fused step runs it)
         vr = _vector(v3, vb3, vg3, b, g, ks, kmask)

@@ -22,6 +22,15 @@ number or a 0-d / ``[B]`` device tensor):
 - ``"apg"`` (Sadat et al. 2025, no momentum): ``Δ = d_cond − d_uncond`` clipped to norm
   ``norm_threshold`` (if > 0), ``Δ_∥ = <Δ, d_c>/‖d_c‖² d_c``,
   ``base + post (d_cond + (scale − 1)(Δ − Δ_∥ + eta Δ_∥))``.
+- ``"tcfg"`` (tangential CFG, diffusers' guider; derivation in :mod:`gradguide.guidance.tangential`):
+  ``cond``/``uncond`` are the branches' raw outputs ``c``, ``u``; with ``a = ‖c‖²``, ``b = <c, u>``,
+  ``d = ‖u‖²``, ``r = √((a − d)² + 4b²)``, ``cos 2θ = (a − d)/r``, ``sin 2θ = 2b/r`` (−1 and 0
+  where ``r = 0``), ``u' = (sin 2θ/2) c + ((1 − cos 2θ)/2) u``;
+  ``base + post (A + scale (c − u'))`` with ``A = c`` if ``original`` ≠ 0 else ``u'``.
+- ``"mambo"`` (MAMBO-G, diffusers' ``MagnitudeAwareGuidance``): ``Δ = cond − uncond``,
+  ``e = exp(−alpha ‖Δ‖/‖uncond‖)`` (0 where ‖uncond‖ = 0 and alpha > 0), weight
+  ``scale·e`` if ``original`` ≠ 0 else ``1 + (scale − 1) e``; ``base + post (A + weight Δ)`` with
+  ``A = cond`` if ``original`` ≠ 0 else ``uncond``.
 - ``"gloss"`` (Guo et al. 2024, Definition 1, the per-sample β): with ``v`` = *vjp*,
   ``β = (a²/2)/(a² sigma² + h ‖v‖²)``, ``base + post · residual · β · v`` where ``residual`` is
   ``2·multiplier·(y − gᵀx̂_0)`` per sample and ``post`` maps a score shift to the step
@@ -58,6 +67,8 @@ POLICIES = {
     "pxp-b": (("base", "den", "cls", "div"), {"delta": 1.0}),
     "pxp-c": (("base", "x0_cond", "x0_uncond"), {"scale": None, "delta": 1.0, "delta2": 1.0, "post": 1.0}),
     "apg": (("base", "d_cond", "d_uncond"), {"scale": None, "eta": 0.0, "norm_threshold": 15.0, "post": 1.0}),
+    "tcfg": (("base", "cond", "uncond"), {"scale": None, "original": 0.0, "post": 1.0}),
+    "mambo": (("base", "cond", "uncond"), {"scale": None, "alpha": None, "original": 0.0, "post": 1.0}),
     "gloss": (("base", "vjp"), {"a": None, "h": None, "sigma": 0.1, "residual": None, "post": 1.0}),
     "lookahead": (("base", "x0", "vjp", "reward"), {"a": None, "h": None, "sigma": 0.1, "target": None,
                                                     "multiplier": 1.0, "beta": 0.0, "beta_per_sample": 1.0,
@@ -126,6 +137,24 @@ def _program(policy: str, gram, vectors: Dict[str, torch.Tensor], scalars: Dict[
         par = dc * _safe_div(_dot(gram, delta, dc), _dot(gram, dc, dc).clamp_min(0.0))
         out = dc + (delta - par + par * s["eta"]) * (s["scale"] - 1.0)
         return v["base"] + s["post"] * out
+    if policy == "tcfg":
+        c, u = v["cond"], v["uncond"]
+        a, d, b = _dot(gram, c, c).clamp_min(0.0), _dot(gram, u, u).clamp_min(0.0), _dot(gram, c, u)
+        r = torch.sqrt((a - d) * (a - d) + 4.0 * b * b)
+        cos2 = torch.where(r > 0, _safe_div(a - d, r), -torch.ones_like(r))
+        sin2 = torch.where(r > 0, _safe_div(2.0 * b, r), torch.zeros_like(r))
+        u1 = c * (0.5 * sin2) + u * (0.5 * (1.0 - cos2))
+        anchor = torch.where(s["original"] != 0, c, u1)
+        return v["base"] + s["post"] * (anchor + s["scale"] * (c - u1))
+    if policy == "mambo":
+        c, u = v["cond"], v["uncond"]
+        diff = c - u
+        norm_u = _dot(gram, u, u).clamp_min(0.0).sqrt()
+        decay = torch.exp(-s["alpha"] * _safe_div(_dot(gram, diff, diff).clamp_min(0.0).sqrt(), norm_u))
+        decay = torch.where((norm_u > 0) | (s["alpha"] <= 0), decay, torch.zeros_like(decay))
+        original = s["original"] != 0
+        weight = torch.where(original, s["scale"] * decay, 1.0 + (s["scale"] - 1.0) * decay)
+        return v["base"] + s["post"] * (torch.where(original, c, u) + weight * diff)
     if policy == "gloss":
         vjp = v["vjp"]
         a2 = s["a"] * s["a"]
