@@ -160,14 +160,14 @@ def run_cli(args) -> int:
     from gradguide.ops import native_backend
 
     from . import meta
-    reason = native_backend.status(torch.device("cpu"))
-    if reason is not True:
-        raise SystemExit(f"gradguide bench --suite native-bandwidth: {reason}")
     sizes = args.sizes.split(",") if args.sizes else (["sd-b1"] if args.quick else list(SIZES))
     unknown = sorted(set(sizes) - set(SIZES))
     if unknown:
         raise SystemExit(f"gradguide bench: --sizes: unknown {unknown} for the native-bandwidth suite; "
                          f"expected some of {','.join(SIZES)}")
+    reason = native_backend.status(torch.device("cpu"))
+    if reason is not True:
+        raise SystemExit(f"gradguide bench --suite native-bandwidth: {reason}")
     date = meta.today()
     stem = f"native-bandwidth-cpu-{date}" + ("-quick" if args.quick else "")
     meta.claim_report(args.out, stem)
