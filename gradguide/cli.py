@@ -156,13 +156,13 @@ def _sample(args) -> int:
 
 
 def _register_digits(sub) -> None:
-    # issue 6: PixelAsParam on the 8x8 digits (scikit-learn is imported only when a digits command runs)
+    # PixelAsParam on the 8x8 digits (scikit-learn is imported only when a digits command runs)
     p = sub.add_parser("train-digits", help="retrain the shipped 8x8-digits models (deterministic, one thread)")
     from .experiments.digits.train import add_train_arguments
     add_train_arguments(p)
     p.set_defaults(func=lambda args: __import__("gradguide.experiments.digits.train", fromlist=["run_train"]).run_train(args))
     p = sub.add_parser("evaluate", help="accuracy, classifier-FID, precision/recall of 8x8 digit samples "
-                                        "against the held-out digits (SPEC.md section 6)")
+                                        "against the held-out digits (docs/mathematics.md#evaluation)")
     from .experiments.evaluation import add_arguments as add_eval_arguments
     add_eval_arguments(p)
     p.set_defaults(func=lambda args: __import__("gradguide.experiments.evaluation", fromlist=["run_cli"]).run_cli(args))

@@ -1,4 +1,4 @@
-"""``gradguide bench|profile|dryrun`` from a non-editable install (issue 11 item 7).
+"""``gradguide bench|profile|dryrun`` from a non-editable install.
 
 A wheel is built from a copy of the package sources (``pip wheel --no-deps
 --no-build-isolation``; GRADGUIDE_NO_NATIVE=1, so no compiler runs) and unpacked into a
