@@ -220,3 +220,20 @@ def test_core_imports_no_integration_experiment_or_tool():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+def test_architecture_page_lists_the_same_floors():
+    # docs/architecture.md's table of rooms is the one a contributor reads: it must be this one
+    text = open(os.path.join(ROOT, "docs", "architecture.md")).read()
+    documented = []
+    for line in text.splitlines():
+        got = re.match(r"\|\s*(\d+)\s*\|([^|]*)\|", line)
+        if got:
+            rooms = []
+            for name in re.findall(r"`([^`]+)`", got.group(2)):
+                if name == "csrc/":
+                    continue
+                name = {"gradguide._C": "_C", "gradguide/__init__.py": "gradguide"}.get(name, name)
+                rooms.append(name.replace("gradguide/", "").rstrip("/").removesuffix(".py"))
+            documented.append((int(got.group(1)), tuple(rooms)))
+    assert documented == list(enumerate(FLOORS))
