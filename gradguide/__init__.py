@@ -10,7 +10,8 @@ from .guidance import APG, CFG, DPS, CFGPlusPlus, CFGZeroStar, Classifier, Decod
 from .metrics import off_support_ratio
 from .projection import PixelAsParam, project
 from .sampling import StepRecord, sample
-from .schedules import FlowSchedule, Schedule, Timesteps, calculate_shift, sigmas_exponential, sigmas_karras
+from .schedules import (FlowSchedule, Schedule, Timesteps, calculate_shift, sigmas_exponential, sigmas_karras,
+                        sigmas_polyexponential, sigmas_vp)
 
 __version__ = "0.1.0"
 
@@ -25,4 +26,5 @@ def __getattr__(name):
 __all__ = ["APG", "CFG", "CFGPlusPlus", "CFGZeroStar", "Classifier", "DPS", "DecodedLookAhead", "FlowSchedule",
            "GuidanceTerm", "LookAhead",
            "NaiveGradient", "PixelAsParam", "Rescale", "Schedule", "StepRecord", "Timesteps", "off_support_ratio",
-           "calculate_shift", "ops", "project", "sample", "sigmas_exponential", "sigmas_karras"]
+           "calculate_shift", "ops", "project", "sample", "sigmas_exponential", "sigmas_karras",
+           "sigmas_polyexponential", "sigmas_vp"]

@@ -32,7 +32,8 @@ WRITES_FILES = ("demo", "optimize", "train-sim", "bench", "train-digits", "evalu
 
 def _sampler_names():
     from .samplers import SAMPLERS   # every sampler is a LinComb step: each one works with every guidance
-    return sorted(SAMPLERS)
+    # but dpm_fast, which takes its range as sigmas=[σ_max, σ_min] and an nfe, not the demo's step count
+    return sorted(s for s in SAMPLERS if s != "dpm_fast")
 
 
 def _register_demo(sub) -> None:

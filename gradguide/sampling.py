@@ -109,9 +109,10 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     a σ-space schedule falls between them (``sigmas=``, diffusers' Euler/Heun/LMS timesteps).
 
     ``sampler``: ``"ddpm"``, ``"ddim"`` (with ``eta``), ``"dpmpp-2m"``, ``"dpmpp-2m-sde"``,
-    ``"euler"``, ``"euler_a"``, ``"heun"``, ``"lms"``, ``"plms"``, ``"unipc"``, or the flow-matching
-    ``"flow-euler"``, ``"flow-heun"``, ``"flow-lcm"``
-    (:mod:`gradguide.samplers`); default
+    ``"dpmpp-3m-sde"``, ``"euler"``, ``"euler_a"``, ``"heun"``, ``"dpm_2"``, ``"dpm_2_ancestral"``,
+    ``"dpmpp_2s_ancestral"``, ``"dpmpp_sde"``, ``"dpm_fast"``, ``"lms"``, ``"plms"``, ``"unipc"``, or the
+    flow-matching ``"flow-euler"``, ``"flow-heun"``, ``"flow-lcm"``
+    (:mod:`gradguide.samplers`, docs/samplers.md); default
     ``schedule.suggested_sampler`` (``"ddpm"`` for a plain :class:`Schedule`; the matching
     sampler for a diffusers scheduler). ``steps``: ``None``
     (all T), a count, an ADM section string, or explicit timesteps; ``spacing``: ``"adm"``
@@ -173,12 +174,14 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     init_scale, final_scale = run.tables.timesteps.init_scale, run.tables.timesteps.final_scale
     if init_scale != 1.0:   # σ-space samplers start from σ_max · z (as the variance-preserving x)
         x = x * init_scale
+    if run.tables.initial_noise:   # k-diffusion's churn before the first evaluation
+        x = x + run.tables.initial_noise * _step_noise(run, run.tables.initial_noise_sigmas)
     state = initial_state(run, x)
     n = len(run.tables.timesteps)
     bar = _progress(n, progress)
     for i in range(n):
         # noise is drawn before the step (outside any captured graph) from the run's generator(s)
-        noise = _noise(run.shape, run.generator, run.device, run.dtype) if run.tables.draws_noise[i] else None
+        noise = _step_noise(run, run.tables.noise_sigmas[i]) if run.tables.draws_noise[i] else None
         with forbid_host_sync() if check_sync else contextlib.nullcontext():
             x, state, record = stepper(x, i, state, noise, callback is not None)
         if run.check_finite == "step" and not bool(torch.isfinite(x).all()):
@@ -337,7 +340,9 @@ def _build_tables_and_plan(run: _Run, fused: bool) -> tuple:
     fused_reason, needs_x0, timestep_list)``, computed from host-side configuration only."""
     from . import stepplan
     sampler, timesteps, eta, variance, options = run.table_spec
-    run.tables = build(sampler, timesteps, eta=eta, variance=variance, **options)
+    if sampler == "ddim":   # sample()'s eta is DDIM's; the ancestral/SDE samplers' comes with their options
+        options = {**options, "eta": eta}
+    run.tables = build(sampler, timesteps, variance=variance, **options)
     run.table_rows, run.table_index = run.tables.stacked(run.device, ops.reference.coefficient_dtype(run.dtype))
     run.plan = stepplan.build(run) if fused else None
     if not fused:
@@ -401,6 +406,7 @@ def _plan_key(run: _Run, fused: bool) -> Optional[tuple]:
         proj = run.projection
         return (sampler, ts.t.dtype, ts.t.detach().numpy().tobytes(), ts.abar.dtype, ts.abar.detach().numpy().tobytes(),
                 ts.abar_prev.detach().numpy().tobytes(), _plain(ts.init_scale), _plain(ts.final_scale), _plain(eta),
+                _sigma_to_t_key(ts.sigma_to_t),
                 variance,
                 tuple(sorted((k, _plain(v)) for k, v in options.items())), run.device, run.dtype, fused,
                 run.prediction, run.variance_channels, run.telemetry, _plain(run.clip), run.clip_eps,
@@ -412,6 +418,17 @@ def _plan_key(run: _Run, fused: bool) -> Optional[tuple]:
                 tuple(_term_key(t) for t in run.post_terms))
     except _Unkeyable:
         return None
+
+
+def _sigma_to_t_key(fn) -> Optional[tuple]:
+    """A key for ``Timesteps.sigma_to_t`` (samplers that call the model between the listed σ's read
+    it): a schedule's own method is keyed by its training table; any other callable is not keyed."""
+    if fn is None:
+        return None
+    owner = getattr(fn, "__self__", None)
+    if isinstance(owner, Schedule) and getattr(fn, "__func__", None) is Schedule.sigma_to_t:
+        return ("sigma_to_t", owner.alphas_cumprod.numpy().tobytes())
+    raise _Unkeyable
 
 
 def clear_plan_cache() -> None:
@@ -712,6 +729,20 @@ def _noise(shape, generator, device, dtype) -> torch.Tensor:
     return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
 
 
+def _step_noise(run: _Run, sigmas: tuple) -> torch.Tensor:
+    """A step's standard normal draws: from the sampler's ``noise_sampler(σ, σ_next)`` where one was
+    given (k-diffusion's interface, e.g. a Brownian tree), else from the run's generator(s)."""
+    sampler = run.tables.noise_sampler
+    if sampler is None:
+        return _noise(run.shape, run.generator, run.device, run.dtype)
+    sigma, sigma_next = (torch.tensor(v, dtype=torch.float64) for v in sigmas)
+    z = sampler(sigma, sigma_next)
+    if not isinstance(z, torch.Tensor) or tuple(z.shape) != run.shape:
+        raise ValueError(f"noise_sampler: expected a tensor of shape {run.shape} for σ = {float(sigma):.6g}, got "
+                         f"{tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__}")
+    return z.to(device=run.device, dtype=run.dtype)
+
+
 def initial_state(run: _Run, x: torch.Tensor) -> Dict[str, torch.Tensor]:
     """The carried state before the first step (sampler slots, guidance terms' state)."""
     state = {name: torch.zeros_like(x) for name in run.tables.slots}
@@ -794,7 +825,9 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
     _check_flow(schedule, prediction)
     options = dict((getattr(schedule, "sampler_options", None) or {}).get(sampler, {}))
     if sampler != "ddim" and eta != 0.0:
-        raise ValueError(f"eta: only the DDIM sampler takes eta, got eta={eta} with sampler={sampler!r}")
+        raise ValueError(f"eta: only the DDIM sampler takes eta from sample(), got eta={eta} with sampler={sampler!r}; "
+                         "the ancestral and SDE samplers take theirs as a sampler option: "
+                         f"schedule.sampler_options = {{{sampler!r}: {{'eta': {eta}}}}}")
 
     # guidance terms
     if guidance is not None and not isinstance(guidance, (GuidanceTerm, list, tuple)):

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -34,12 +34,17 @@ class Timesteps:
     samplers; a σ-space sampler starting from ``σ_max · z`` has ``σ_max √ᾱ_max``).
     ``final_scale``: the returned sample is ``final_scale · x`` (1, or ``1/√ᾱ`` to return
     the σ-space latent ``x_σ`` when the last σ is not 0, as diffusers and k-diffusion do).
+    ``sigma_to_t``: ``σ -> t`` (float64 tensors) where the model may be called at σ's between
+    the listed ones (``Schedule.sigma_to_t`` for σ-space timesteps; ``None`` otherwise).
     """
     t: torch.Tensor
     abar: torch.Tensor
     abar_prev: torch.Tensor
     init_scale: float = 1.0
     final_scale: float = 1.0
+    # σ -> model timestep, for samplers that call the model between the given σ's (k-diffusion's
+    # churn, DPM-Solver-2's midpoint); set by Schedule.timesteps_from_sigmas
+    sigma_to_t: Optional[Callable] = field(default=None, compare=False, repr=False)
 
     def __len__(self) -> int:
         return int(self.t.shape[0])
@@ -148,6 +153,7 @@ class Schedule:
         if torch.equal(t, t.round()):
             t = t.to(torch.int64)
         return Timesteps(t, abar_all[:-1], abar_all[1:], init_scale=float(sig[0] * abar_all[0].sqrt()),
+                         sigma_to_t=self.sigma_to_t,
                          final_scale=float(1 / abar_all[-1].sqrt()))
 
     # -- properties ----------------------------------------------------------------------
@@ -196,7 +202,7 @@ class Schedule:
         kept_t = torch.tensor(sorted(kept, reverse=True), dtype=torch.int64)
         abar = self.alphas_cumprod[kept_t]
         abar_prev = torch.cat([abar[1:], abar.new_ones(1)])
-        return Timesteps(kept_t, abar, abar_prev)
+        return Timesteps(kept_t, abar, abar_prev, sigma_to_t=self.sigma_to_t)
 
 
 def _timestep(value) -> int:
@@ -271,6 +277,35 @@ def sigmas_exponential(n: int, sigma_min: float, sigma_max: float, append_zero: 
     """σ's evenly spaced in log σ from σ_max to σ_min, then 0 (k-diffusion's ``get_sigmas_exponential``)."""
     n = _check_n_sigmas(n, sigma_min, sigma_max)
     sig = torch.linspace(math.log(sigma_max), math.log(sigma_min), n, dtype=torch.float64).exp()
+    return torch.cat([sig, sig.new_zeros(1)]) if append_zero else sig
+
+
+def sigmas_polyexponential(n: int, sigma_min: float, sigma_max: float, rho: float = 1.0,
+                           append_zero: bool = True) -> torch.Tensor:
+    """σ's whose log is a polynomial ramp: ``log σ_i = log σ_min + (1 − i/(n−1))^ρ (log σ_max − log σ_min)``,
+    then 0 (k-diffusion's ``get_sigmas_polyexponential``; ρ = 1 is :func:`sigmas_exponential`; float64)."""
+    n = _check_n_sigmas(n, sigma_min, sigma_max)
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not 0 < rho < math.inf:
+        raise ValueError(f"rho: expected a finite number > 0, got {rho!r}")
+    ramp = torch.linspace(1, 0, n, dtype=torch.float64) ** rho
+    sig = torch.exp(ramp * (math.log(sigma_max) - math.log(sigma_min)) + math.log(sigma_min))
+    return torch.cat([sig, sig.new_zeros(1)]) if append_zero else sig
+
+
+def sigmas_vp(n: int, beta_d: float = 19.9, beta_min: float = 0.1, eps_s: float = 1e-3,
+              append_zero: bool = True) -> torch.Tensor:
+    """σ's of the continuous VP SDE (Song et al. 2021) at ``t`` evenly spaced from 1 to ``eps_s``:
+    ``σ(t) = √(exp(β_d t²/2 + β_min t) − 1)``, then 0 (k-diffusion's ``get_sigmas_vp``; float64)."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ValueError(f"n: expected a positive integer, got {n!r}")
+    for key, value in (("beta_d", beta_d), ("beta_min", beta_min), ("eps_s", eps_s)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{key}: expected a finite number, got {value!r}")
+    if not 0 < eps_s < 1 or beta_min < 0 or beta_d <= 0:
+        raise ValueError(f"sigmas_vp: expected beta_d > 0, beta_min >= 0 and 0 < eps_s < 1, got beta_d={beta_d!r}, "
+                         f"beta_min={beta_min!r}, eps_s={eps_s!r}")
+    t = torch.linspace(1, eps_s, int(n), dtype=torch.float64)
+    sig = torch.expm1(beta_d * t ** 2 / 2 + beta_min * t).sqrt()
     return torch.cat([sig, sig.new_zeros(1)]) if append_zero else sig
 
 

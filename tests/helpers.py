@@ -1,4 +1,6 @@
 """Shared pieces for the core tests: one-step runs and independent float64 formulas."""
+from pathlib import Path
+
 import torch
 
 import gradguide as gg
@@ -76,3 +78,56 @@ def guidance_cases(gm):
                               gg.PixelAsParam("A"), uncond),
         "dps": ([gg.DPS(lambda x0: x0, torch.zeros(8, 2))], None, uncond),
     }
+
+
+_KDIFFUSION_SAMPLING = None
+
+
+def load_kdiffusion_sampling():
+    """``k_diffusion.sampling`` (k-diffusion 0.1.1.post1), loaded on its own.
+
+    The package's ``__init__`` imports its training modules (and their dependencies), which a
+    sampling test does not need and the test environment may lack; ``sampling.py`` itself needs
+    scipy, torchdiffeq, torchsde, tqdm and ``utils.append_dims``. So the file is executed as
+    ``k_diffusion.sampling`` under a stub parent package whose ``utils`` provides that one
+    function. Skips the calling test when k-diffusion (or one of those four) is not installed."""
+    import importlib.util
+    import sys
+    import types
+
+    import pytest
+    global _KDIFFUSION_SAMPLING
+    if _KDIFFUSION_SAMPLING is not None:
+        return _KDIFFUSION_SAMPLING
+    spec = importlib.util.find_spec("k_diffusion")
+    # the README's test command installs it: a missing peer fails the parity tests, never skips them
+    if spec is None or not spec.submodule_search_locations:
+        pytest.fail("k-diffusion is not installed: run the README's test command "
+                    "(it installs k-diffusion with --no-deps from constraints.txt)")
+    for dep in ("scipy", "torchdiffeq", "torchsde", "tqdm"):
+        importlib.import_module(dep)
+    path = Path(list(spec.submodule_search_locations)[0]) / "sampling.py"
+    package = types.ModuleType("k_diffusion")
+    package.__path__ = []   # a package with no importable submodules but the two below
+    utils = types.ModuleType("k_diffusion.utils")
+
+    def append_dims(x, target_dims):
+        if target_dims < x.ndim:
+            raise ValueError(f"input has {x.ndim} dims but target_dims is {target_dims}, which is less")
+        return x[(...,) + (None,) * (target_dims - x.ndim)]
+    utils.append_dims = append_dims
+    package.utils = utils
+    saved = {k: sys.modules.get(k) for k in ("k_diffusion", "k_diffusion.utils")}
+    sys.modules["k_diffusion"], sys.modules["k_diffusion.utils"] = package, utils
+    try:
+        module_spec = importlib.util.spec_from_file_location("k_diffusion.sampling", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    finally:   # leave no stub behind for other importers of k_diffusion
+        for k, v in saved.items():
+            if v is None:
+                sys.modules.pop(k, None)
+            else:
+                sys.modules[k] = v
+    _KDIFFUSION_SAMPLING = module
+    return module

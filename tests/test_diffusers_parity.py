@@ -269,3 +269,30 @@ def test_configurations_that_fail_at_sampling_are_refused(case):
     model, schedule = gradguide.from_diffusers(toy, sched)
     with pytest.raises(ValueError, match=named):
         gradguide.sample(model, SHAPE, schedule=schedule, steps=6)
+
+
+def test_dpmpp_3m_sde_is_reproduced_with_one_warning_and_the_correct_solver_is_one_setting_away():
+    """diffusers 0.42's third-order sde-dpmsolver++ weight is first order (docs/diffusers.md):
+    from_diffusers reproduces it (parity above) but says so once, naming the option and the docs
+    section; d2_weight='published' then gives k-diffusion's weight on diffusers' own steps."""
+    import warnings
+    cfg = dict(solver_order=3, algorithm_type="sde-dpmsolver++")
+    sched = DPMSolverMultistepScheduler(**cfg)
+    toy = Toy(sched.alphas_cumprod, "epsilon")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        gmodel, schedule = gradguide.from_diffusers(toy, sched)
+    messages = [str(w.message) for w in caught if "sde-dpmsolver++" in str(w.message)]
+    assert len(messages) == 1 and "solver_order=3" in messages[0] and "docs/diffusers.md" in messages[0]
+    assert schedule.sampler_options["dpmpp-2m-sde"]["d2_weight"] == "diffusers"
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    kw = dict(steps=20, x_T=noise, generator=torch.Generator().manual_seed(3))
+    as_diffusers = gradguide.sample(gmodel, SHAPE, schedule=schedule, **kw)
+    schedule.sampler_options["dpmpp-2m-sde"]["d2_weight"] = "published"
+    kw["generator"] = torch.Generator().manual_seed(3)
+    corrected = gradguide.sample(gmodel, SHAPE, schedule=schedule, **kw)
+    assert (corrected - as_diffusers).abs().max() > 1e-3
+    with warnings.catch_warnings():   # other configurations do not warn
+        warnings.simplefilter("error")
+        gradguide.from_diffusers(toy, DPMSolverMultistepScheduler(algorithm_type="sde-dpmsolver++"))
+        gradguide.from_diffusers(toy, DPMSolverMultistepScheduler(solver_order=3))

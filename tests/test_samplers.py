@@ -14,7 +14,8 @@ from gradguide.samplers import build
 SCHED = gg.Schedule.linear(200)
 GM = default_mixture(SCHED)
 Y = torch.full((8,), 2)
-NEW = ["euler", "euler_a", "heun", "lms", "dpmpp-2m", "dpmpp-2m-sde", "unipc", "plms"]
+NEW = ["euler", "euler_a", "heun", "lms", "dpmpp-2m", "dpmpp-2m-sde", "unipc", "plms", "dpmpp-3m-sde", "dpm_2",
+       "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde"]
 
 
 TERMS = guidance_cases(GM)
@@ -29,8 +30,9 @@ def test_every_guidance_term_and_projection_runs_without_host_sync(name, sampler
                   cond={"y": Y}, clip=(-5, 5), telemetry=True, callback=records.append, check_sync=True,
                   generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(x).all()
-    # Heun: two evaluations per step, one on the last; PLMS: the first step twice
-    assert len(records) == {"heun": 11, "plms": 7}.get(sampler, 6)
+    # Heun, DPM-2 and the two-stage samplers: two evaluations per step, one on the last; PLMS: the first step twice
+    assert len(records) == {"heun": 11, "plms": 7, "dpm_2": 11, "dpm_2_ancestral": 11, "dpmpp_2s_ancestral": 11,
+                            "dpmpp_sde": 11}.get(sampler, 6)
 
 
 def test_euler_is_ddim_on_the_same_grid():
@@ -194,3 +196,48 @@ def test_sampler_options_travel_with_a_plain_schedule():
     b = gg.sample(lambda x, t: 0.1 * x, schedule=rule, generator=torch.Generator().manual_seed(0), **kw)
     assert (a - b).abs().max() > 1e-3     # the last step adds noise only under the t > 0 rule
     assert gg.Schedule.linear(200).sampler_options == {}   # the class default is untouched
+
+
+@pytest.mark.parametrize("sampler,options", [("dpm_fast", {"nfe": 5, "eta": 1.0}), ("euler", {"s_churn": 2.0}),
+                                             ("heun", {"s_churn": 2.0, "s_tmax": 5.0})])
+@pytest.mark.parametrize("name", list(TERMS))
+def test_every_guidance_term_runs_on_dpm_fast_and_churn(name, sampler, options):
+    """DPM-Solver-fast (its own steps between two σ's) and churned Euler/Heun (noise before the
+    model call) are LinComb steps too: every guidance term and projection, no host sync."""
+    terms, projection, model = TERMS[name]
+    schedule = gg.Schedule.linear(200)
+    schedule.sampler_options = {sampler: options}
+    lo, hi = float(schedule.sigmas[0]), float(schedule.sigmas[-1])
+    sigmas = [hi, lo] if sampler == "dpm_fast" else gg.sigmas_karras(5, lo, hi)
+    records = []
+    x = gg.sample(model, (8, 2), schedule=schedule, sampler=sampler, sigmas=sigmas, guidance=terms,
+                  projection=projection, cond={"y": Y}, clip=(-5, 5), telemetry=True, callback=records.append,
+                  check_sync=True, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(x).all()
+    assert len(records) == {"dpm_fast": 5, "euler": 5, "heun": 9}[sampler]
+
+
+@pytest.mark.parametrize("sampler", ["dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp-3m-sde"])
+def test_new_samplers_dry_run_like_heun(sampler):
+    """On the fake-CUDA dry run with graph capture, an evaluation of the new samplers is what one of
+    Heun's is: one model launch and combines over (x, D, the carried tensor), plus the noise where
+    that evaluation draws noise."""
+    from torch import nn
+    from gradguide.bench import dryrun
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(4, 1, 1), requires_grad=False)
+
+        def forward(self, x, t, **_):
+            return x * self.w
+    schedule = gg.Schedule.linear(1000)
+    r = dryrun.dry_run(Scale().to("meta"), (2, 4, 8, 8), schedule=schedule, sampler=sampler, steps=5,
+                       backend="reference", graph=True, steps_measured=[1, 2])
+    tables = build(sampler, schedule.timesteps(5))
+    for step in (1, 2):
+        measured = r["steps_measured"][str(step)]
+        noisy = int(tables.draws_noise[step])
+        assert measured["forward"]["launches"] == 1
+        assert measured["structure"]["combine_k"] == [3 + noisy, 3 + noisy]

@@ -9,7 +9,8 @@
   ``∇(gᵀx̂_0) = α P g ∈ span(A)`` (Theorem 1 of the gradient-guidance paper).
 
 Both take ``model(x_t, t, **cond)`` with integer training timesteps ``t`` of a
-:class:`~gradguide.Schedule` and return ε-predictions.
+:class:`~gradguide.Schedule` (or fractional ones, read as ``Schedule.sigma_to_t`` maps σ's
+between them) and return ε-predictions.
 """
 from __future__ import annotations
 
@@ -21,6 +22,13 @@ from ..schedules import Schedule
 
 
 def _abar(schedule: Schedule, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    if t.is_floating_point():   # between training steps (σ-space samplers): log σ interpolated, as sigma_to_t
+        log_sigmas = schedule.sigmas.log().to(device=like.device, dtype=like.dtype)
+        t = t.to(device=like.device, dtype=like.dtype).clamp(0, len(log_sigmas) - 1)
+        low = t.floor().long().clamp(max=len(log_sigmas) - 2)
+        w = t - low
+        log_sigma = (1 - w) * log_sigmas.index_select(0, low) + w * log_sigmas.index_select(0, low + 1)
+        return torch.sigmoid(-2 * log_sigma).reshape(-1, *([1] * (like.dim() - 1)))   # 1/(1+σ²)
     a = schedule.alphas_cumprod.to(device=like.device, dtype=like.dtype)
     return a.index_select(0, t.to(like.device)).reshape(-1, *([1] * (like.dim() - 1)))
 

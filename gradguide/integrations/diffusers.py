@@ -29,6 +29,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
+import warnings
 from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
@@ -57,6 +58,14 @@ SCHEDULER_SAMPLERS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolv
                       "FlowMatchHeunDiscreteScheduler": "flow-heun", "FlowMatchLCMScheduler": "flow-lcm"}
 SIGMA_SPACE = ("euler", "euler_a", "heun", "lms")   # latents are x_σ = x/√ᾱ, the model sees x_σ/√(1+σ²)
 VP_SIGMA_TABLE = ("dpmpp-2m", "dpmpp-2m-sde", "unipc")   # VP latents on the scheduler's own σ table
+
+
+DIFFUSERS_3M_SDE_WARNING = (
+    "scheduler: DPMSolverMultistepScheduler(solver_order=3, algorithm_type='sde-dpmsolver++') is reproduced as "
+    "diffusers 0.42 computes it, with a third-order weight that tends to -1 instead of 0 as the step shrinks (a "
+    "first-order solver; see docs/diffusers.md, section 'DPM-Solver++(3M) SDE'). For the corrected solver set "
+    "schedule.sampler_options['dpmpp-2m-sde']['d2_weight'] = 'published' (k-diffusion's sample_dpmpp_3m_sde "
+    "weight) or sample with sampler='dpmpp-3m-sde'")
 
 
 def _refuse(scheduler, option: str, value, why: str):
@@ -112,6 +121,9 @@ def scheduler_sampler(scheduler):
         options.update(solver_order=config.get("solver_order", 2), solver_type=config.get("solver_type", "midpoint"),
                        lower_order_final=config.get("lower_order_final", True),
                        euler_at_final=config.get("euler_at_final", False))
+        if algo == "sde-dpmsolver++" and options["solver_order"] == 3:
+            # reproduced as diffusers computes it, but never silently: its D2 weight does not vanish with the step
+            options["d2_weight"] = "diffusers"   # DiffusersSchedule warns (once per from_diffusers)
     elif sampler == "unipc":
         if not config.get("predict_x0", True):
             _refuse(scheduler, "predict_x0", False, "only the data-prediction UniPC (predict_x0=True) is implemented")
@@ -154,6 +166,8 @@ class DiffusersSchedule(Schedule):
             raise TypeError(f"scheduler: expected a diffusers scheduler with alphas_cumprod and set_timesteps, "
                             f"got {type(scheduler).__name__}")
         sampler, options = scheduler_sampler(scheduler)
+        if options.get("d2_weight") == "diffusers":
+            warnings.warn(DIFFUSERS_3M_SDE_WARNING, UserWarning, stacklevel=3)
         ac = torch.as_tensor(scheduler.alphas_cumprod).detach().cpu().to(torch.float64)
         if SCHEDULER_SAMPLERS[type(scheduler).__name__] not in ("ddim", "ddpm", "plms"):
             # zero-SNR σ-table schedulers replace ᾱ_T = 0 by 2**-24, which can exceed ᾱ_{T−1}; they step on
@@ -284,7 +298,8 @@ class DiffusersSchedule(Schedule):
         if self.suggested_sampler in SIGMA_SPACE:   # latents in σ-space: x_σ = x/√ᾱ
             init_scale = float(sched.init_noise_sigma) * float(abar[0].sqrt())
             final_scale = float(1 / abar[-1].sqrt())
-        return Timesteps(t, abar[:-1], abar[1:], init_scale=init_scale, final_scale=final_scale)
+        return Timesteps(t, abar[:-1], abar[1:], init_scale=init_scale, final_scale=final_scale,
+                         sigma_to_t=self.sigma_to_t)
 
 
 class DiffusersModel(torch.nn.Module):

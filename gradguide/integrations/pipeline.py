@@ -112,6 +112,11 @@ class GuidedPipeline:
                              "which this pipeline does not build")
 
     @classmethod
+    def handles(cls, pipe) -> bool:
+        """Whether ``from_pipe`` should build this class for ``pipe`` (a variant overrides it)."""
+        return False
+
+    @classmethod
     def from_pipe(cls, pipe, scheduler=None) -> "GuidedPipeline":
         """From a diffusers pipeline object (``StableDiffusionPipeline`` and the like);
         ``scheduler`` replaces the pipeline's own. Without it the GuidedPipeline follows
@@ -120,10 +125,12 @@ class GuidedPipeline:
         missing = [name for name in ("unet", "scheduler", "vae") if getattr(pipe, name, None) is None]
         if missing:
             raise TypeError(f"GuidedPipeline.from_pipe: pipe: {type(pipe).__name__} has no {', '.join(missing)}")
-        if cls is GuidedPipeline and hasattr(pipe, "text_encoder_2") and \
-                getattr(pipe.unet.config, "addition_embed_type", None) == "text_time":
-            from .pipeline_xl import GuidedXLPipeline   # an SDXL pipeline
-            return GuidedXLPipeline.from_pipe(pipe, scheduler)
+        if cls is GuidedPipeline:
+            # variants (SDXL) are subclasses that claim the pipes they build for; the package's
+            # __init__ imports them, so this module need not import its own subclasses
+            for variant in GuidedPipeline.__subclasses__():
+                if variant.handles(pipe):
+                    return variant.from_pipe(pipe, scheduler)
         out = cls(pipe.unet, scheduler if scheduler is not None else pipe.scheduler, pipe.vae,
                   getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None),
                   getattr(pipe, "image_processor", None))

@@ -54,6 +54,13 @@ class GuidedXLPipeline(GuidedPipeline):
             raise ValueError(f"GuidedXLPipeline: unet: expected addition_embed_type='text_time' (SDXL), got {kind!r}")
 
     @classmethod
+    def handles(cls, pipe) -> bool:
+        """An SDXL pipeline: a second text encoder and a U-Net conditioned on text and time ids."""
+        unet = getattr(pipe, "unet", None)
+        return hasattr(pipe, "text_encoder_2") and \
+            getattr(getattr(unet, "config", None), "addition_embed_type", None) == "text_time"
+
+    @classmethod
     def from_pipe(cls, pipe, scheduler=None) -> "GuidedXLPipeline":
         """From a diffusers ``StableDiffusionXLPipeline``; without ``scheduler`` the pipeline's
         scheduler is followed at every call, as :meth:`GuidedPipeline.from_pipe`."""

@@ -24,14 +24,16 @@ CFG++ uses it to re-noise with a different ε.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
 from ..schedules import Timesteps
 
-SAMPLERS = ("ddpm", "ddim", "dpmpp-2m", "dpmpp-2m-sde", "euler", "euler_a", "heun", "lms", "plms", "unipc",
+SAMPLERS = ("ddpm", "ddim", "dpm_2", "dpm_2_ancestral", "dpmpp-2m", "dpmpp-2m-sde", "dpmpp-3m-sde",
+            "dpmpp_2s_ancestral", "dpmpp_sde", "dpm_fast", "euler", "euler_a", "heun", "lms", "plms", "unipc",
             "flow-euler", "flow-heun", "flow-lcm")
+CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")   # Karras et al.'s churn on euler and heun
 SOURCES = ("x", "0")   # a slot update reads x (the evaluated sample), D (the guided x̂_0) and the old slots
 
 
@@ -53,9 +55,22 @@ class SamplerTables:
     learned_variance: bool = False
     # which steps draw noise; known on the host, so no step ever branches on a tensor
     draws_noise: list = field(default_factory=list)
+    # where each evaluation's noise lives, as k-diffusion names it to a noise_sampler: (σ, σ_next)
+    # in σ-space (default: from the evaluation's ᾱ to the ᾱ it moves to)
+    noise_sigmas: list = field(default_factory=list)
+    # a user's noise_sampler(σ, σ_next) -> standard normal draws shaped like x (None: the run's generator)
+    noise_sampler: Optional[Callable] = None
+    # noise added to the initial latent before the first evaluation (k-diffusion's churn at the first
+    # σ): x ← init_scale · x_T + initial_noise · z, z drawn for initial_noise_sigmas
+    initial_noise: float = 0.0
+    initial_noise_sigmas: tuple = ()
 
     def __post_init__(self):
         n = len(self.timesteps)
+        if not self.noise_sigmas:
+            ts = self.timesteps
+            sig = lambda abar: ((1 - abar) / abar.clamp_min(1e-300)).sqrt().tolist()  # noqa: E731
+            self.noise_sigmas = list(zip(sig(ts.abar), sig(ts.abar_prev)))
         for slot in self.slots:   # absent coefficients are zero
             keys = ["c_" + slot]
             if slot not in self.moves:
@@ -99,20 +114,55 @@ def common_tables(ts: Timesteps) -> Dict[str, torch.Tensor]:
             "flow_in": 1 / (ts.abar.sqrt() + (1 - ts.abar).sqrt())}
 
 
-def build(name: str, ts: Timesteps, *, eta: float = 0.0, variance: str = "fixed-small", **options) -> SamplerTables:
+def build(name: str, ts: Timesteps, *, eta=None, variance: str = "fixed-small", **options) -> SamplerTables:
     """The tables of sampler ``name`` on ``ts``. ``options`` are the sampler's own settings
-    (e.g. DPM-Solver's ``solver_type``, DDPM's ``final_noise``); unknown ones raise."""
-    from . import ddim, ddpm, dpmpp, flow, ksigma, plms, unipc
+    (e.g. DPM-Solver's ``solver_type``, DDPM's ``final_noise``, the ancestral and SDE samplers'
+    ``eta`` and ``s_noise``); unknown ones raise. ``eta=None``: the sampler's own default (0 for
+    DDIM, 1 for the ancestral and SDE samplers). ``noise_sampler``: a callable
+    ``noise_sampler(σ, σ_next)`` (k-diffusion's interface, σ-space values as float64 0-d tensors)
+    returning the standard normal draws of each noisy step shaped like the sample, instead of
+    the run's generator (e.g. :class:`gradguide.samplers.noise.BrownianTreeNoiseSampler`)."""
+    noise_sampler = options.pop("noise_sampler", None)
+    if noise_sampler is not None and not callable(noise_sampler):
+        raise TypeError(f"noise_sampler: expected a callable noise_sampler(sigma, sigma_next) returning standard "
+                        f"normal draws shaped like the sample, got {type(noise_sampler).__name__}")
+    if name == "dpmpp_sde":   # without a Brownian noise_sampler the two stages' noise is correlated in the tables
+        options = {**options, "nested_noise": noise_sampler is None}
+    tables = _build(name, ts, eta, variance, options)
+    if noise_sampler is not None:
+        if not any(tables.draws_noise) and not tables.initial_noise:
+            raise ValueError(f"noise_sampler: sampler {name!r} draws no noise with these options")
+        tables.noise_sampler = noise_sampler
+    return tables
+
+
+def _build(name: str, ts: Timesteps, eta, variance: str, options) -> SamplerTables:
+    from . import ddim, ddpm, dpmpp, flow, kdiff, ksigma, plms, unipc
     if name in ("flow-euler", "flow-heun", "flow-lcm"):
+        if eta is not None:
+            raise ValueError(f"sampler {name!r}: no eta (flow-euler takes stochastic)")
         return flow.tables(name, ts, **options)
+    if name == "dpm_fast":
+        if eta is not None:
+            options["eta"] = eta
+        return kdiff.dpm_fast_tables(ts, **options)
+    if name in kdiff.SAMPLERS or (name in ("euler", "heun") and any(k in options for k in CHURN)):
+        if eta is not None:
+            options["eta"] = eta
+        return kdiff.tables(name, ts, **options)
+    if eta is not None:
+        options["eta"] = eta
     if name == "ddpm":
         return ddpm.tables(ts, variance, **options)
     if name == "ddim":
-        return ddim.tables(ts, eta, **options)
+        return ddim.tables(ts, **options)
     if name == "dpmpp-2m":
         return dpmpp.tables(ts, **options)
     if name == "dpmpp-2m-sde":
         return dpmpp.tables(ts, sde=True, **options)
+    if name == "dpmpp-3m-sde":   # k-diffusion's sample_dpmpp_3m_sde
+        options = {"solver_order": 3, "solver_type": "heun", "lower_order_final": False, **options}
+        return dpmpp.tables(ts, sde=True, name=name, **options)
     if name in ("euler", "euler_a", "heun", "lms"):
         return ksigma.tables(name, ts, **options)
     if name == "unipc":

@@ -12,10 +12,11 @@ import math
 from . import SamplerTables, common_tables
 
 
-def tables(ts, eta: float = 0.0, **options) -> SamplerTables:
+def tables(ts, eta=None, **options) -> SamplerTables:
     if options:
         raise ValueError(f"sampler 'ddim': unknown options {sorted(options)} (DDIM takes only eta)")
-    if not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
+    eta = 0.0 if eta is None else eta
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not math.isfinite(eta) or eta < 0:
         raise ValueError(f"eta: expected a finite number >= 0, got {eta!r}")
     abar, abar_prev = ts.abar, ts.abar_prev
     sigma = eta * ((1 - abar_prev) / (1 - abar)).sqrt() * (1 - abar / abar_prev).sqrt()

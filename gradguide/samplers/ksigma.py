@@ -9,8 +9,9 @@ is gradguide's variance-preserving ``x = √ᾱ x_σ``. With ``a = √ᾱ`` at t
 
 - Euler: ``x_σ' = (σ_t/σ_s) x_σ + (1 − σ_t/σ_s) D``, i.e. ``c_x = a_t σ_t/(a_s σ_s)``,
   ``c_0 = a_t (1 − σ_t/σ_s)`` (DDIM(0) on σ's grid).
-- Euler ancestral: the same to ``σ_down`` plus ``σ_up z``, ``σ_up = √(σ_t² (σ_s² − σ_t²)/σ_s²)``,
-  ``σ_down = √(σ_t² − σ_up²)``.
+- Euler ancestral: the same to ``σ_down`` plus ``s_noise σ_up z``,
+  ``σ_up = min(σ_t, η √(σ_t² (σ_s² − σ_t²)/σ_s²))``, ``σ_down = √(σ_t² − σ_up²)`` (options ``eta``,
+  default 1, and ``s_noise``, default 1, as k-diffusion's ``sample_euler_ancestral``).
 - LMS (linear multistep, k-diffusion's ``sample_lms``, diffusers' ``LMSDiscreteScheduler``):
   ``x_σ' = x_σ + Σ_k c_k d_{−k}`` over the current and up to ``order − 1`` previous
   derivatives ``d = (x_σ − D)/σ``, ``c_k = ∫_{σ_i}^{σ_{i+1}} ℓ_k(τ) dτ`` with ``ℓ_k`` the
@@ -36,8 +37,16 @@ def _sigma(abar: torch.Tensor) -> torch.Tensor:
     return ((1 - abar) / abar).sqrt()
 
 
+def _nonnegative(name: str, key: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+        raise ValueError(f"sampler {name!r}: {key}: expected a finite number >= 0, got {value!r}")
+    return float(value)
+
+
 def tables(name: str, ts: Timesteps, **options) -> SamplerTables:
     order = options.pop("order", 4) if name == "lms" else None
+    eta = _nonnegative(name, "eta", options.pop("eta", 1.0)) if name == "euler_a" else None
+    s_noise = _nonnegative(name, "s_noise", options.pop("s_noise", 1.0)) if name == "euler_a" else None
     if options:
         raise ValueError(f"sampler {name!r}: unknown options {sorted(options)}")
     if (ts.abar == 0).any():
@@ -52,10 +61,11 @@ def tables(name: str, ts: Timesteps, **options) -> SamplerTables:
     if name == "euler":
         ratio, up = sig_t / sig_s, torch.zeros_like(sig_s)
     else:
-        up = (sig_t ** 2 * (sig_s ** 2 - sig_t ** 2) / sig_s ** 2).clamp_min(0).sqrt()
+        # k-diffusion's get_ancestral_step: σ_up = min(σ_t, η √(σ_t² (σ_s² − σ_t²)/σ_s²))
+        up = torch.minimum(sig_t, eta * (sig_t ** 2 * (sig_s ** 2 - sig_t ** 2) / sig_s ** 2).clamp_min(0).sqrt())
         ratio = (sig_t ** 2 - up ** 2).clamp_min(0).sqrt() / sig_s
     t = common_tables(ts)
-    sigma = a_t * up
+    sigma = a_t * up * (s_noise if name == "euler_a" else 1.0)
     t.update(c_x=a_t * ratio / a_s, c_0=a_t * (1 - ratio), sigma=sigma, var_mean=sigma ** 2)
     return SamplerTables(name, ts, t, draws_noise=(sigma > 0).tolist())
 
@@ -93,13 +103,14 @@ def _heun(ts: Timesteps) -> SamplerTables:
 
 
 def _lms_coefficient(sig, i: int, order: int, k: int) -> float:
-    """``∫_{σ_i}^{σ_{i+1}} Π_{j ≠ k} (τ − σ_{i−j})/(σ_{i−k} − σ_{i−j}) dτ`` (j, k < order), exactly."""
+    """``∫_{σ_i}^{σ_{i+1}} Π_{j ≠ k} (τ − σ_{i−j})/(σ_{i−k} − σ_{i−j}) dτ`` (j, k < order), exactly.
+    In ``u = τ − σ_i``: the polynomial in τ itself would be evaluated at σ's much larger than the
+    step and lose the step's digits to cancellation (1e-5 relative at a few hundred steps)."""
     p = np.poly1d([1.0])
     for j in range(order):
         if j != k:
-            p = p * np.poly1d([1.0, -sig[i - j]]) / (sig[i - k] - sig[i - j])
-    P = p.integ()
-    return float(P(sig[i + 1]) - P(sig[i]))
+            p = p * np.poly1d([1.0, -(sig[i - j] - sig[i])]) / (sig[i - k] - sig[i - j])
+    return float(p.integ()(sig[i + 1] - sig[i]))
 
 
 def _lms(ts: Timesteps, order: int) -> SamplerTables:

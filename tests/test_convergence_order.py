@@ -1,0 +1,427 @@
+"""Convergence order of every sampler, measured on closed-form problems (float64).
+
+A parity test against one peer cannot see a coefficient that both sides share; the order of the
+global error can. Each test runs a sampler's scalar tables (:mod:`gradguide.samplers`) over a
+step-count sweep on a smooth family of σ grids, measures the error at the end against an exact
+answer, fits the slope of ``log error`` against ``log n`` and asserts the theoretical order.
+
+- **Deterministic samplers** (the probability-flow ODE ``dx_σ/dσ = (x_σ − D(x_σ, σ))/σ``): a
+  1-D two-component Gaussian mixture (its denoiser ``D`` is exact and nonlinear), started at
+  ``σ_max = 10`` from four points; the reference is the ODE solved by scipy's DOP853 at
+  ``rtol = 1e-13``; the error is the largest difference at ``σ_min = 0.1``.
+- **Stochastic samplers** (ancestral, DDPM, DDIM(η > 0), the SDE solvers): data ``N(μ, s²)``,
+  for which ``D`` is affine in ``x``; every step is then affine in the state (the sample and the
+  sampler's slots) plus ``σ z``, so the mean and covariance of the state propagate *exactly*
+  (no seeds, no Monte Carlo noise). Started from the exact marginal ``N(μ, s² + σ_max²)``, the
+  weak error is ``|mean − μ| + |var − (s² + σ_min²)|`` at the end. (The mean is exact for any
+  consistent step here, ``x_σ ≡ μ`` being a fixed point; the error is the variance's.) An
+  ancestral or churned step (an ODE step plus fresh noise that makes up the variance) is exact on
+  Gaussian data when its ODE step is, so its weak order is the ODE step's; the multistep SDE
+  solvers measure 2.
+
+Grids: ``exp``: uniform in ``λ = −log σ`` (k-diffusion's exponential σ's); ``graded``: the
+same with ``λ`` at ``(k/n)²`` of the way, so the first steps are ``O(h²)`` long: a multistep
+method's lower-order warm-up steps then contribute below its order (a first-order first step of
+length ``h`` alone leaves an ``O(h²)`` global error, which would hide orders 3 and 4).
+
+The tables are run by a small interpreter (:func:`run_paths`, :func:`run_moments`) that
+follows :class:`~gradguide.samplers.SamplerTables`' definition;
+:func:`test_interpreter_is_gradguide_sample` checks it against :func:`gradguide.sample` itself.
+"""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import gradguide as gg
+from gradguide.samplers import build
+from gradguide.schedules import Timesteps
+
+SIGMA_MAX, SIGMA_MIN = 10.0, 0.1
+NS = (24, 48, 96, 192)
+# a mixture with overlapping components: D is nonlinear but smooth down to σ_min
+W, MU, VAR = np.array([0.4, 0.6]), np.array([-1.0, 0.7]), np.array([0.2, 0.3])
+X_START = np.array([-2.0, -0.3, 0.4, 1.7]) * SIGMA_MAX
+GAUSS_MU, GAUSS_VAR = 0.5, 0.25
+
+
+def sigma_grid(n, kind, smax=SIGMA_MAX, smin=SIGMA_MIN):
+    u = np.linspace(0.0, 1.0, n + 1)
+    if kind == "lin":
+        return np.linspace(smax, smin, n + 1)
+    if kind == "graded":
+        u = u ** 2
+    return np.exp(np.log(smax) + u * (np.log(smin) - np.log(smax)))
+
+
+def timesteps(sig) -> Timesteps:
+    """σ-space timesteps whose model timestep *is* σ (the closed-form models read σ from t)."""
+    sig = torch.as_tensor(np.asarray(sig, dtype=np.float64))
+    abar = 1 / (1 + sig ** 2)
+    return Timesteps(sig[:-1].clone(), abar[:-1], abar[1:], sigma_to_t=lambda s: s)
+
+
+def mixture_denoiser(x, sigma):
+    x = np.asarray(x, dtype=np.float64)[..., None]
+    var = VAR + sigma * sigma
+    logp = np.log(W) - 0.5 * (x - MU) ** 2 / var - 0.5 * np.log(var)
+    resp = np.exp(logp - logp.max(-1, keepdims=True))
+    resp /= resp.sum(-1, keepdims=True)
+    return (resp * (VAR * x + sigma * sigma * MU) / var).sum(-1)
+
+
+def _coef(tables, i):
+    return lambda key: float(tables.tables[key][i]) if key in tables.tables else 0.0
+
+
+def run_paths(tables, denoise, x_sigma, noises=None):
+    """The sampler on σ-space starting points ``x_sigma``; returns ``x_σ`` at the last σ. The step
+    is ``x' = c_x x + c_0 D + Σ c_slot S_slot + sigma z`` on the variance-preserving ``x = √ᾱ x_σ``
+    with the slots moved or updated from ``(x, D, old slots)`` read before any is written."""
+    ts = tables.timesteps
+    a = ts.abar.sqrt().numpy()
+    sig = ((1 - ts.abar) / ts.abar).sqrt().numpy()
+    noises = iter(noises or ())
+    x = np.asarray(x_sigma, dtype=np.float64) * a[0]   # at the first evaluation's σ (after any churn noise)
+    if tables.initial_noise:
+        x = x + tables.initial_noise * next(noises)
+    state = {s: np.zeros_like(x) for s in tables.slots}
+    for i in range(len(ts)):
+        c = _coef(tables, i)
+        d = denoise(x / a[i], sig[i])
+        out = c("c_x") * x + c("c_0") * d + sum(c("c_" + s) * state[s] for s in tables.slots)
+        if tables.draws_noise[i]:
+            out = out + c("sigma") * next(noises)
+        src = {"x": x, "0": d, **state}
+        state = {s: (src[tables.moves[s]].copy() if s in tables.moves else
+                     sum(c(f"u_{s}_{k}") * v for k, v in src.items())) for s in tables.slots}
+        x = out
+    return x / math.sqrt(float(ts.abar_prev[-1]))
+
+
+def _brownian_correlation(first, second):
+    """Correlation of the normalised increments of one Brownian path over two σ intervals."""
+    (a0, a1), (b0, b1) = sorted(first), sorted(second)
+    overlap = max(0.0, min(a1, b1) - max(a0, b0))
+    return overlap / math.sqrt((a1 - a0) * (b1 - b0)) if a1 > a0 and b1 > b0 else 0.0
+
+
+def run_moments(tables, mu=GAUSS_MU, var=GAUSS_VAR, sigma_start=None, brownian=False):
+    """Exact mean and variance of ``x_σ`` at the last σ for data ``N(mu, var)``, from the exact
+    marginal at the first σ: the state ``(x, slots)`` is affine in the previous state and ``z``.
+    ``brownian``: each step's ``z`` is the normalised increment of one Brownian path over its
+    ``noise_sigmas`` (a Brownian-tree noise sampler), correlated with the previous draw; the
+    previous draw is then part of the state. Otherwise draws are independent (the generator)."""
+    ts = tables.timesteps
+    a = ts.abar.sqrt().numpy()
+    sig = ((1 - ts.abar) / ts.abar).sqrt().numpy()
+    names = ("x",) + tuple(tables.slots) + ("z",)
+    m = len(names)
+    e = {k: np.eye(m)[j] for j, k in enumerate(names)}
+    mean, cov = np.zeros(m), np.zeros((m, m))
+    # the exact marginal at the first listed σ, in the first evaluation's variance-preserving scale
+    mean[0] = a[0] * mu
+    cov[0, 0] = a[0] ** 2 * (var + (sig[0] if sigma_start is None else sigma_start) ** 2) + tables.initial_noise ** 2
+    last = None
+    for i in range(len(ts)):
+        c = _coef(tables, i)
+        # D = E[x_0 | x] = p x + q for Gaussian data (x the variance-preserving sample)
+        p, q = var / (var + sig[i] ** 2) / a[i], sig[i] ** 2 / (var + sig[i] ** 2) * mu
+        rows = {"x": (e["x"], 0.0), "0": (p * e["x"], q), **{s: (e[s], 0.0) for s in tables.slots}}
+
+        def affine(weights):
+            return (sum(w * rows[k][0] for k, w in weights.items()), sum(w * rows[k][1] for k, w in weights.items()))
+        M, b, g = np.zeros((m, m)), np.zeros(m), np.zeros(m)
+        M[0], b[0] = affine({"x": c("c_x"), "0": c("c_0"), **{s: c("c_" + s) for s in tables.slots}})
+        if tables.draws_noise[i]:   # z = ρ z_previous + √(1 − ρ²) ξ
+            rho = _brownian_correlation(last, tables.noise_sigmas[i]) if brownian and last else 0.0
+            M[0] += c("sigma") * rho * e["z"]
+            g[0] = c("sigma") * math.sqrt(1 - rho * rho)
+            M[-1], g[-1] = rho * e["z"], math.sqrt(1 - rho * rho)
+            last = tables.noise_sigmas[i]
+        else:
+            M[-1] = e["z"]
+        for s in tables.slots:
+            j = names.index(s)
+            if s in tables.moves:
+                M[j], b[j] = rows[tables.moves[s]]
+            else:
+                M[j], b[j] = affine({k: c(f"u_{s}_{k}") for k in ("x", "0") + tuple(tables.slots)})
+        mean, cov = M @ mean + b, M @ cov @ M.T + np.outer(g, g)
+    end = float(ts.abar_prev[-1])
+    return mean[0] / math.sqrt(end), cov[0, 0] / end
+
+
+_REFERENCE = {}
+
+
+def ode_reference(smax=SIGMA_MAX, smin=SIGMA_MIN):
+    if (smax, smin) not in _REFERENCE:
+        from scipy.integrate import solve_ivp
+        x0 = X_START * smax / SIGMA_MAX
+        sol = solve_ivp(lambda s, x: (x - mixture_denoiser(x, s)) / s, [smax, smin], x0, method="DOP853",
+                        rtol=1e-13, atol=1e-13)
+        assert sol.success
+        _REFERENCE[(smax, smin)] = (x0, sol.y[:, -1])
+    return _REFERENCE[(smax, smin)]
+
+
+def slope(ns, errors):
+    """Least-squares slope of −log(error) against log(n): the observed order."""
+    return float(-np.polyfit(np.log(ns), np.log(errors), 1)[0])
+
+
+def ode_errors(name, options, kind, smax=SIGMA_MAX, smin=SIGMA_MIN, ns=NS):
+    x0, ref = ode_reference(smax, smin)
+    errors = []
+    for n in ns:
+        sig = sigma_grid(n, kind, smax, smin)
+        target = ref
+        if name == "heun":   # Heun ends with an Euler step to σ = 0, i.e. x = D(x, σ_min), on both sides
+            sig, target = np.append(sig, 0.0), mixture_denoiser(ref, smin)
+        out = run_paths(build(name, timesteps(sig), **options), mixture_denoiser, x0)
+        errors.append(float(np.abs(out - target).max()))
+    return errors
+
+
+def weak_errors(name, options, kind="exp", ns=NS, brownian=False):
+    errors = []
+    if brownian:   # tables as for a Brownian-tree noise_sampler (the correlation is then run_moments')
+        options = {**options, "noise_sampler": lambda sigma, sigma_next: None}
+    for n in ns:
+        mean, var = run_moments(build(name, timesteps(sigma_grid(n, kind)), **options), sigma_start=SIGMA_MAX,
+                                brownian=brownian)
+        errors.append(abs(mean - GAUSS_MU) + abs(var - (GAUSS_VAR + SIGMA_MIN ** 2)))
+    return errors
+
+
+# (id, sampler, options, grid, expected order, why)
+ODE_CASES = [
+    ("ddim", "ddim", {}, "exp", 1,
+     "DDIM(η=0) is the first-order exponential integrator: x̂_0 frozen over the step, local error O(h²)"),
+    ("euler", "euler", {}, "exp", 1, "Euler in σ (the same step as DDIM(0) on σ's grid)"),
+    ("heun", "heun", {}, "exp", 2, "Heun's trapezoidal corrector: local error O(h³); the final Euler step to σ = 0 "
+     "is x = D on both sides"),
+    ("dpmpp-1", "dpmpp-2m", {"solver_order": 1}, "exp", 1, "DPM-Solver++(1) is DDIM(0)"),
+    ("dpmpp-2m-midpoint", "dpmpp-2m", {"lower_order_final": False}, "exp", 2,
+     "the linear Taylor term from one previous prediction: local error O(h³)"),
+    ("dpmpp-2m-heun", "dpmpp-2m", {"solver_type": "heun", "lower_order_final": False}, "exp", 2,
+     "as midpoint, with the exact weight φ₂ of the linear term"),
+    ("dpmpp-2m-sde-eta0", "dpmpp-2m-sde", {"eta": 0.0, "lower_order_final": False}, "exp", 2,
+     "the SDE solver at η = 0 is the ODE solver"),
+    ("dpmpp-3m-published", "dpmpp-2m", {"solver_order": 3, "lower_order_final": False}, "graded", 2,
+     "Lu et al.'s (and diffusers', k-diffusion's) D2 weight −φ₃ is half the Taylor weight −2φ₃ of h²D''/2: "
+     "local error ≈ h³ D''/12, so DPM-Solver++(3M) as published is second order"),
+    ("dpmpp-3m-taylor", "dpmpp-2m", {"solver_order": 3, "lower_order_final": False, "d2_weight": "taylor"},
+     "graded", 3, "the Taylor-consistent D2 weight −2φ₃: local error O(h⁴)"),
+    ("lms-2", "lms", {"order": 2}, "exp", 2, "two-step Adams–Bashforth in σ with exact variable-step weights"),
+    ("lms-3", "lms", {"order": 3}, "graded", 3, "three-step Adams–Bashforth (graded: the warm-up steps are short)"),
+    ("lms-4", "lms", {}, "graded", 4, "four-step Adams–Bashforth (graded: the warm-up steps are short)"),
+    ("plms", "plms", {}, "exp", 2,
+     "PNDM's fixed Adams–Bashforth weights (55, −59, 37, −9)/24 are those of equal steps; on steps of unequal "
+     "length in σ (here equal in log σ) the combination is consistent to second order only"),
+]
+ODE_CASES += [
+    ("dpm_2", "dpm_2", {}, "exp", 2, "the derivative at the log-midpoint of the step (an explicit midpoint rule)"),
+    ("dpm_2_ancestral-eta0", "dpm_2_ancestral", {"eta": 0.0}, "exp", 2, "at η = 0 it is dpm_2"),
+    ("dpmpp_2s_ancestral-eta0", "dpmpp_2s_ancestral", {"eta": 0.0}, "exp", 2,
+     "DPM-Solver++(2S): data-prediction exponential integrator with the prediction at the λ-midpoint"),
+    ("dpmpp_sde-eta0", "dpmpp_sde", {"eta": 0.0}, "exp", 2, "at η = 0, DPM-Solver++(2S) with r = 1/2"),
+    ("dpmpp_sde-eta0-r0.3", "dpmpp_sde", {"eta": 0.0, "r": 0.3}, "exp", 2,
+     "(1 − 1/(2r)) D_1 + 1/(2r) D_2 is the linear Taylor term for any r"),
+]
+for p in (1, 2, 3):
+    for bh in ("bh1", "bh2"):
+        ODE_CASES.append((f"unipc-{p}-{bh}", "unipc", {"solver_order": p, "solver_type": bh, "lower_order_final": False},
+                          "graded", p + 1, "UniP of order p with the UniC corrector, which raises the order by one "
+                          "(Zhao et al. 2023, Thm 3.1); the last step is the uncorrected predictor, once"))
+
+
+@pytest.mark.parametrize("case", ODE_CASES, ids=[c[0] for c in ODE_CASES])
+def test_ode_sampler_order(case):
+    _, name, options, kind, order, _why = case
+    errors = ode_errors(name, options, kind)
+    observed = slope(NS[1:], errors[1:])
+    assert abs(observed - order) <= 0.25, f"observed order {observed:.2f}, expected {order} (errors {errors})"
+
+
+def test_plms_is_fourth_order_on_equal_sigma_steps():
+    """On equal σ steps PNDM's weights are Adams–Bashforth's: order 4 in the body. Its warm-up (a
+    trapezoidal first step, then the two- and three-step weights once each) has local errors O(h³),
+    O(h³), O(h⁴), so the limit is at least 3; over this sweep the body dominates."""
+    errors = ode_errors("plms", {}, "lin", smax=3.0, smin=0.5)
+    observed = slope(NS[1:], errors[1:])
+    assert 3.0 - 0.25 <= observed <= 4.0 + 0.25, f"observed order {observed:.2f} (errors {errors})"
+
+
+# (id, sampler, options, expected weak order, why)
+SDE_CASES = [
+    ("ddpm", "ddpm", {}, 1, "ancestral sampling: each step draws from a Gaussian whose mean freezes x̂_0"),
+    ("ddpm-fixed-large", "ddpm", {"variance": "fixed-large"}, 1, "β instead of β̃: equal to first order in the step"),
+    ("ddim-eta1", "ddim", {"eta": 1.0}, 1, "DDIM(η) freezes x̂_0 over the step"),
+    ("ddim-eta0.5", "ddim", {"eta": 0.5}, 1, "as η = 1"),
+    ("euler_a", "euler_a", {}, 1, "Euler to σ_down, then fresh noise to σ_next"),
+    ("euler_a-eta0.5", "euler_a", {"eta": 0.5}, 1, "as η = 1"),
+    ("dpmpp-2m-sde-midpoint", "dpmpp-2m-sde", {"lower_order_final": False}, 2,
+     "the second-order multistep drift with the exactly integrated linear part and noise"),
+    ("dpmpp-2m-sde-heun", "dpmpp-2m-sde", {"solver_type": "heun", "lower_order_final": False}, 2, "as midpoint"),
+    ("dpmpp-2m-sde-eta0.5", "dpmpp-2m-sde", {"eta": 0.5, "lower_order_final": False}, 2, "as η = 1"),
+    ("dpmpp-3m-sde", "dpmpp-3m-sde", {}, 2, "the published D2 weight (second order, like its ODE limit)"),
+    ("dpmpp-3m-sde-eta0.5", "dpmpp-3m-sde", {"eta": 0.5}, 2, "as η = 1"),
+    ("dpmpp-3m-sde-taylor", "dpmpp-3m-sde", {"d2_weight": "taylor"}, 2,
+     "the Taylor D2 weight: third order on the ODE, but the variance's recursion stays second order"),
+    ("dpmpp-3m-sde-diffusers", "dpmpp-2m-sde", {"solver_order": 3, "lower_order_final": False,
+                                                "d2_weight": "diffusers"}, 1,
+     "diffusers 0.42's D2 weight tends to −α_t, not 0: an O(1) error in an O(h) correction, first order"),
+]
+
+
+SDE_CASES += [
+    # an ancestral or churned step is an ODE step (to σ_down, or from σ̂ up from σ) plus fresh noise that
+    # makes up the variance exactly; on Gaussian data the marginal after an exact ODE step plus that noise
+    # is exact, so the weak order is the ODE step's
+    ("dpm_2_ancestral", "dpm_2_ancestral", {}, 2, "dpm_2 to σ_down (second order) plus exact fresh noise"),
+    ("dpm_2_ancestral-eta0.6", "dpm_2_ancestral", {"eta": 0.6, "s_noise": 1.0}, 2, "as η = 1"),
+    ("dpmpp_2s_ancestral", "dpmpp_2s_ancestral", {}, 2, "DPM-Solver++(2S) to σ_down plus exact fresh noise"),
+    ("euler-churn", "euler", {"s_churn": 1.0}, 1, "noise up to σ̂ = (1+γ)σ, then Euler (first order)"),
+    ("euler-churn-window", "euler", {"s_churn": 1.0, "s_tmin": 0.5, "s_tmax": 5.0}, 1, "as without the window"),
+    ("heun-churn", "heun", {"s_churn": 1.0}, 2, "noise up to σ̂, then Heun (second order)"),
+    ("heun-churn-strong", "heun", {"s_churn": 10.0}, 2, "γ capped at √2 − 1; as above"),
+    ("dpm_2-churn", "dpm_2", {"s_churn": 1.0}, 2, "noise up to σ̂, then dpm_2"),
+    ("dpmpp_sde", "dpmpp_sde", {}, 2, "two stochastic stages whose noises are one Brownian path's increments"),
+    ("dpmpp_sde-eta0.5", "dpmpp_sde", {"eta": 0.5}, 2, "as η = 1"),
+]
+
+
+@pytest.mark.parametrize("case", SDE_CASES, ids=[c[0] for c in SDE_CASES])
+def test_sde_sampler_weak_order(case):
+    _, name, options, order, _why = case
+    errors = weak_errors(name, options)
+    observed = slope(NS[1:], errors[1:])
+    assert abs(observed - order) <= 0.25, f"observed weak order {observed:.2f}, expected {order} (errors {errors})"
+
+
+def test_dpmpp_3m_sde_weak_error_falls_at_least_as_fast_as_2m_sde():
+    """The corrected third-order SDE solver converges at least as fast as the second-order one,
+    and is at least as accurate from 48 steps on; diffusers' weight does neither."""
+    two = weak_errors("dpmpp-2m-sde", {"solver_type": "heun", "lower_order_final": False})
+    three = weak_errors("dpmpp-3m-sde", {})
+    bad = weak_errors("dpmpp-2m-sde", {"solver_order": 3, "lower_order_final": False, "d2_weight": "diffusers"})
+    assert slope(NS[1:], three[1:]) >= slope(NS[1:], two[1:]) - 0.1
+    assert all(t <= w for t, w in zip(three[1:], two[1:])), (three, two)
+    assert slope(NS[1:], bad[1:]) < 1.2 and bad[-1] > 50 * three[-1]
+
+
+def _sigma_model(x, t):
+    """ε of N(GAUSS_MU, GAUSS_VAR) data at σ = t (the timesteps here carry σ as t)."""
+    s = t.to(torch.float64).view(-1, *([1] * (x.dim() - 1)))
+    a = 1 / (1 + s * s).sqrt()
+    x_sigma = x / a
+    d = (GAUSS_VAR * x_sigma + s * s * GAUSS_MU) / (GAUSS_VAR + s * s)
+    return (x_sigma - d) / s
+
+
+INTERPRETED = sorted({(c[1], tuple(sorted(c[2].items()))) for c in ODE_CASES + SDE_CASES})
+
+
+INTERPRETED += [("dpm_fast", (("nfe", 8),)), ("dpm_fast", (("eta", 1.0), ("nfe", 7)))]
+
+
+@pytest.mark.parametrize("sampler,options", INTERPRETED, ids=[f"{s}{dict(o)}" for s, o in INTERPRETED])
+def test_interpreter_is_gradguide_sample(sampler, options):
+    """The interpreter above is how gradguide.sample applies a sampler's tables (same noise)."""
+    options = dict(options)
+    sig = sigma_grid(9, "exp") if sampler != "dpm_fast" else np.array([SIGMA_MAX, SIGMA_MIN])
+    if sampler == "heun":
+        sig = np.append(sig, 0.0)
+    tables = build(sampler, timesteps(sig), **options)
+    ts = timesteps(sig)
+    z = torch.randn(5, 1, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    schedule = gg.Schedule.linear(1000)
+    own = {}   # sample()'s own keywords: DDIM's eta, DDPM's variance
+    if sampler == "ddim" and "eta" in options:
+        own["eta"] = options.pop("eta")
+    if sampler == "ddpm" and "variance" in options:
+        own["variance"] = options.pop("variance")
+    schedule.sampler_options = {sampler: options}
+    got = gg.sample(_sigma_model, (5, 1), schedule=schedule, sampler=sampler, **own,
+                    timesteps=Timesteps(ts.t, ts.abar, ts.abar_prev, init_scale=float(sig[0] * ts.abar[0].sqrt()),
+                                        final_scale=float(1 / ts.abar_prev[-1].sqrt()), sigma_to_t=ts.sigma_to_t),
+                    x_T=z, generator=torch.Generator().manual_seed(4))
+    gen = torch.Generator().manual_seed(4)
+    count = int(bool(tables.initial_noise)) + sum(tables.draws_noise)
+    noises = [torch.randn(5, 1, generator=gen, dtype=torch.float64).numpy() for _ in range(count)]
+
+    def denoise(x, s):
+        return (GAUSS_VAR * x + s * s * GAUSS_MU) / (GAUSS_VAR + s * s)
+    ref = run_paths(tables, denoise, z.numpy() * sig[0], noises)
+    np.testing.assert_allclose(got.numpy(), ref, rtol=1e-10, atol=1e-10)
+
+
+def test_dpmpp_sde_needs_brownian_noise():
+    """dpmpp_sde's two noises per step must be one Brownian path's increments (correlated, nested
+    intervals): with a Brownian-tree noise_sampler, and with gradguide's own draws (the tables
+    correlate them), it is weak order 2; fed independent draws it falls to order 1."""
+    brownian = weak_errors("dpmpp_sde", {}, brownian=True)
+    independent = weak_errors("dpmpp_sde", {"noise_sampler": lambda sigma, sigma_next: None})
+    built_in = weak_errors("dpmpp_sde", {})
+    assert abs(slope(NS[1:], brownian[1:]) - 2) <= 0.25
+    assert abs(slope(NS[1:], independent[1:]) - 1) <= 0.25
+    np.testing.assert_allclose(built_in, brownian, rtol=1e-8)
+
+
+@pytest.mark.parametrize("nfes,order,eta", [((26, 50, 98, 194), 3, 0.0), ((24, 48, 96, 192), 2, 0.0),
+                                            ((98, 194, 386, 770), 3, 1.0)],
+                         ids=["nfe=3k+2", "nfe=3k", "nfe=3k+2-eta1"])
+def test_dpm_fast_order(nfes, order, eta):
+    """DPM-Solver-fast: singlestep DPM-Solver-3 steps (local error O(h⁴)), the last ones of lower
+    order. With nfe = 3k + 2 the last step is second order (local O(h³)): global order 3. With
+    nfe = 3k the last step is first order (local O(h²), not contracted afterwards): global order 2.
+    With η > 0 each step is that ODE step to σ_down plus exact fresh noise: weak order 3 on
+    Gaussian data."""
+    x0, ref = ode_reference()
+    errors = []
+    for nfe in nfes:
+        tables = build("dpm_fast", timesteps([SIGMA_MAX, SIGMA_MIN]), nfe=nfe, eta=eta)
+        if eta:
+            mean, var = run_moments(tables, sigma_start=SIGMA_MAX)
+            errors.append(abs(mean - GAUSS_MU) + abs(var - (GAUSS_VAR + SIGMA_MIN ** 2)))
+        else:
+            errors.append(float(np.abs(run_paths(tables, mixture_denoiser, x0) - ref).max()))
+    observed = slope(nfes[1:], errors[1:])
+    assert abs(observed - order) <= 0.3, f"observed order {observed:.2f}, expected {order} (errors {errors})"
+
+
+class _SigmaIsT(gg.Schedule):
+    """A schedule whose model timestep is σ itself (the closed-form models here read σ from t)."""
+
+    def sigma_to_t(self, sigma):
+        return torch.as_tensor(np.asarray(sigma, dtype=np.float64))
+
+
+def _mixture_eps(x, t):
+    s = t.to(torch.float64).view(-1, 1)
+    x_sigma = x * (1 + s * s).sqrt()
+    d = torch.as_tensor(np.stack([mixture_denoiser(x_sigma[j].numpy(), float(s[j])) for j in range(len(s))]))
+    return (x_sigma - d) / s
+
+
+@pytest.mark.parametrize("order,rtols", [(3, (1e-2, 1e-3, 1e-4, 1e-5)), (2, (1e-2, 1e-3, 1e-4))])
+def test_dpm_adaptive_error_falls_with_the_order_of_its_solution(order, rtols):
+    """DPM-Solver-23 / -12 with error-per-step control: steps of size h ~ tol^(1/order) (the
+    embedded estimate is O(h^order)), the propagated solution's global error O(h^order), so
+    error ~ nfe^(−order) or faster (local extrapolation) as the tolerance shrinks."""
+    from gradguide.adaptive import sample_dpm_adaptive
+    x0, ref = ode_reference()
+    schedule = _SigmaIsT(gg.Schedule.linear(1000).alphas_cumprod)
+    nfes, errors = [], []
+    for rtol in rtols:
+        x, info = sample_dpm_adaptive(_mixture_eps, (4, 1), schedule=schedule, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX,
+                                      x_T=torch.as_tensor(x0 / SIGMA_MAX)[:, None], order=order, rtol=rtol,
+                                      atol=rtol / 10, return_info=True)
+        nfes.append(info["nfe"])
+        errors.append(float(np.abs(x[:, 0].numpy() - ref).max()))
+    assert all(b < a for a, b in zip(errors, errors[1:])) and all(b > a for a, b in zip(nfes, nfes[1:]))
+    observed = slope(nfes[1:], errors[1:])
+    assert order - 0.3 <= observed <= order + 1.3, f"observed {observed:.2f} (nfe {nfes}, errors {errors})"
