@@ -20,7 +20,7 @@ FLOORS = (
     ("guidance", "samplers"),                             # the terms, the scalar tables
     ("projection", "graphs", "stepplan"),                 # PixelAsParam, CUDA graphs, fused plan
     ("sampling",),                                        # the loop
-    ("integrations",),                                    # diffusers schedulers and pipelines
+    ("integrations", "adaptive"),                         # diffusers adapters; drivers looping over sample()
     ("gradguide",),                                       # the public names (from_diffusers lazily)
     ("experiments", "tools"),                             # applications (shared floor)
     ("bench",),
@@ -30,11 +30,6 @@ SHARED_FLOORS = {("experiments", "tools")}
 OUTSIDE_CORE = ("integrations", "experiments", "tools", "bench", "cli")
 FLOOR = {room: i for i, rooms in enumerate(FLOORS) for room in rooms}
 KERNEL_LIBS = {"triton", "torch"}
-# circles kept on purpose, each with its reason
-ALLOWED_CIRCLES = {
-    # GuidedPipeline.from_pipe hands an SDXL pipe to its subclass, imported lazily
-    frozenset({"gradguide.integrations.pipeline", "gradguide.integrations.pipeline_xl"}),
-}
 CSRC_SYSTEM = re.compile(r"^(ATen/|c10/|torch/|Python\.h$|cuda_runtime\.h$|sys/|[a-z_]+$)")
 
 
@@ -129,8 +124,8 @@ def test_no_import_goes_up_a_floor():
         here = _room(m)
         for target in _imports(m, path, mods):
             there = _room(target)
-            if there == here:
-                continue
+            if there == here or here not in FLOOR or there not in FLOOR:
+                continue   # an unplaced room fails test_every_module_sits_in_a_room
             same_shared = FLOOR[there] == FLOOR[here] and FLOORS[FLOOR[here]] in SHARED_FLOORS
             if FLOOR[there] >= FLOOR[here] and not same_shared:
                 bad.append(f"{m} ({here}, floor {FLOOR[here]}) imports {target} ({there}, floor {FLOOR[there]})")
@@ -169,7 +164,7 @@ def test_below_ops_nothing_imports_the_loop_or_the_terms():
     mods = _modules()
     upper = {"guidance", "samplers", "sampling"}
     bad = {m: sorted(t for t in _imports(m, p, mods) if _room(t) in upper)
-           for m, p in mods.items() if FLOOR[_room(m)] <= FLOOR["ops"]}
+           for m, p in mods.items() if FLOOR.get(_room(m), len(FLOORS)) <= FLOOR["ops"]}
     assert {m: t for m, t in bad.items() if t} == {}
 
 
@@ -202,7 +197,7 @@ def test_no_import_circles_between_modules():
         # helper from the package) is not a circle between modules
         top = min(comp, key=len)
         return all(m == top or m.startswith(top + ".") for m in comp)
-    assert [sorted(c) for c in _cycles(edges) if not own_package(c) and frozenset(c) not in ALLOWED_CIRCLES] == []
+    assert [sorted(c) for c in _cycles(edges) if not own_package(c)] == []
 
 
 def test_core_imports_no_integration_experiment_or_tool():
