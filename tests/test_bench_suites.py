@@ -58,3 +58,16 @@ def test_native_bandwidth_refuses_unknown_sizes(tmp_path):
     with pytest.raises(SystemExit, match="--sizes"):
         cli.main(["bench", "--suite", "native-bandwidth", "--sizes", "huge", "--out", str(tmp_path)])
     assert set(native_bandwidth.SIZES) == {"adm256-b64", "sd-b1"}
+
+
+def test_precision_suite_runs_the_cases_the_tests_hold():
+    # the suite defines its cases itself (the package cannot import tests/); they must stay the
+    # tests' cases: same model, classifier and settings give the same samples
+    import gradguide as gg
+    import test_precision as tp
+    for seed, eta, scale in [(0, 0.0, 1.5)] + precision.HYPOTHESIS_DRAWS[:1]:
+        ours, theirs = precision.classifier_case(eta, seed, scale), tp.issue_case(eta, seed, scale)
+        theirs.pop("fused")
+        x_T = torch.randn(precision.SHAPE, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        a, b = (gg.sample(x_T=x_T, generator=torch.Generator().manual_seed(seed + 1), **kw) for kw in (ours, theirs))
+        assert torch.equal(a, b)
