@@ -27,11 +27,11 @@ inline ProgramArgs fused_program_args(const char* op, c10::string_view policy_na
                                       const std::optional<at::Tensor>& gram, at::TensorList vectors,
                                       at::TensorList scalars, int64_t& n) {
   const PolicyInfo* info = find_policy(policy_name.data(), policy_name.size());
-  TORCH_CHECK(info != nullptr, op, ": policy: expected ", kPolicyNames, ", got '", policy_name, "'");
+  TORCH_CHECK_VALUE(info != nullptr, op, ": policy: expected ", kPolicyNames, ", got '", policy_name, "'");
   const int64_t b = first.size(0);
-  TORCH_CHECK(static_cast<int64_t>(vectors.size()) == info->n_vectors, op, ": vectors: policy '", policy_name,
+  TORCH_CHECK_VALUE(static_cast<int64_t>(vectors.size()) == info->n_vectors, op, ": vectors: policy '", policy_name,
               "' takes ", info->n_vectors, " coefficient vectors, got ", vectors.size());
-  TORCH_CHECK(static_cast<int64_t>(scalars.size()) == info->n_scalars, op, ": scalars: policy '", policy_name,
+  TORCH_CHECK_VALUE(static_cast<int64_t>(scalars.size()) == info->n_scalars, op, ": scalars: policy '", policy_name,
               "' takes ", info->n_scalars, " scalars, got ", scalars.size());
   ProgramArgs a{};
   a.policy = info->id;
@@ -42,9 +42,10 @@ inline ProgramArgs fused_program_args(const char* op, c10::string_view policy_na
   a.n_vectors = info->n_vectors;
   a.n_scalars = info->n_scalars;
   if (info->needs_gram) {
-    TORCH_CHECK(gram.has_value(), op, ": gram: policy '", policy_name, "' needs the Gram matrix (from reduce)");
+    TORCH_CHECK_VALUE(gram.has_value(), op, ": gram: policy '", policy_name, "' needs the Gram matrix (from reduce)");
     const auto& g = *gram;
-    TORCH_CHECK(g.dim() == 4 && g.size(0) == b && g.size(2) == g.size(3) && g.size(2) >= 1 && g.size(2) <= k &&
+    TORCH_CHECK_TYPE(g.scalar_type() == at::kDouble, op, ": gram: expected a float64 tensor, got ", g.scalar_type());
+    TORCH_CHECK_VALUE(g.dim() == 4 && g.size(0) == b && g.size(2) == g.size(3) && g.size(2) >= 1 && g.size(2) <= k &&
                     g.scalar_type() == at::kDouble && g.is_contiguous() && g.device() == first.device(),
                 op, ": gram: expected a contiguous float64 [B=", b, ", G, Kg, Kg] tensor with Kg <= K=", k,
                 " on ", first.device(), ", got ", g.sizes(), " ", g.scalar_type());
@@ -54,7 +55,9 @@ inline ProgramArgs fused_program_args(const char* op, c10::string_view policy_na
   }
   for (size_t v = 0; v < vectors.size(); ++v) {
     const auto& t = vectors[v];
-    TORCH_CHECK(t.dim() == 3 && (t.size(0) == 1 || t.size(0) == b) && t.size(2) == k && t.device() == first.device() &&
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": vectors[", v,
+                     "]: expected a float32/float64 tensor, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 3 && (t.size(0) == 1 || t.size(0) == b) && t.size(2) == k && t.device() == first.device() &&
                     (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
                 op, ": vectors[", v, "]: expected a float32/float64 [1 or B=", b, ", G, K=", k, "] tensor on ",
                 first.device(), ", got ", t.sizes(), " ", t.scalar_type());
@@ -62,21 +65,23 @@ inline ProgramArgs fused_program_args(const char* op, c10::string_view policy_na
   }
   for (size_t v = 0; v < vectors.size(); ++v) {
     const auto& t = vectors[v];
-    TORCH_CHECK(t.size(1) == 1 || t.size(1) == a.groups, op, ": vectors[", v, "]: ", t.size(1),
+    TORCH_CHECK_VALUE(t.size(1) == 1 || t.size(1) == a.groups, op, ": vectors[", v, "]: ", t.size(1),
                 " groups, expected 1 or ", a.groups);
     a.vectors[v] = ArgView{t.const_data_ptr(), t.size(0) == 1 ? 0 : t.stride(0), t.size(1) == 1 ? 0 : t.stride(1),
                            t.stride(2), t.scalar_type() == at::kDouble};
   }
   for (size_t j = 0; j < scalars.size(); ++j) {
     const auto& t = scalars[j];
-    TORCH_CHECK((t.numel() == 1 || t.numel() == b) && t.is_contiguous() && t.device() == first.device() &&
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": scalars[", j,
+                     "]: expected a float32/float64 tensor, got ", t.scalar_type());
+    TORCH_CHECK_VALUE((t.numel() == 1 || t.numel() == b) && t.is_contiguous() && t.device() == first.device() &&
                     (t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble),
                 op, ": scalars[", j, "]: expected a contiguous float32/float64 tensor of 1 or B=", b, " elements on ",
                 first.device(), ", got ", t.sizes(), " ", t.scalar_type());
     a.scalars[j] = ArgView{t.const_data_ptr(), t.numel() == 1 ? 0 : 1, 0, 0, t.scalar_type() == at::kDouble};
   }
   const int64_t per_sample = first.numel() / b;
-  TORCH_CHECK(per_sample % a.groups == 0, op, ": groups: expected a positive divisor of the per-sample size ",
+  TORCH_CHECK_VALUE(per_sample % a.groups == 0, op, ": groups: expected a positive divisor of the per-sample size ",
               per_sample, ", got ", a.groups);
   n = per_sample / a.groups;
   return a;
@@ -84,12 +89,13 @@ inline ProgramArgs fused_program_args(const char* op, c10::string_view policy_na
 
 // fused_combine_out's `out`: a contiguous tensor like operands[0], no element stored twice.
 inline void check_fused_out(const char* op, const at::Tensor& out, const at::Tensor& first) {
-  TORCH_CHECK(out.sizes() == first.sizes() && out.scalar_type() == first.scalar_type() &&
+  TORCH_CHECK_VALUE(out.sizes() == first.sizes() && out.scalar_type() == first.scalar_type() &&
                   out.device() == first.device() && out.is_contiguous(),
               op, ": out: expected a contiguous ", first.sizes(), " ", first.scalar_type(), " tensor on ",
               first.device(), " (like operands[0]), got ", out.sizes(), " ", out.scalar_type(), " on ", out.device(),
               out.is_contiguous() ? "" : " (not contiguous)");
-  at::assert_no_internal_overlap(out);
+  TORCH_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes, op,
+                    ": out: several of its elements share memory (e.g. an expanded tensor)");
 }
 
 // Whether fused_combine_out must compute into a temporary and copy (the repository's rule for
@@ -117,14 +123,19 @@ inline bool fused_out_needs_temporary(const at::Tensor& out, at::TensorList oper
 // coef_p and coef_s alike, [1 or B, K], float32 or float64, on the operands' device.
 inline void check_clip_shift_args(const char* op, const at::Tensor& coef_p, const at::Tensor& coef_s,
                                   const at::Tensor& first, int64_t k, double low, double high) {
-  TORCH_CHECK(low < high, op, ": expected low < high, got ", low, " and ", high);
+  TORCH_CHECK_VALUE(low < high, op, ": low, high: expected low < high, got ", low, " and ", high);
   const int64_t b = first.size(0);
-  for (const auto* t : {&coef_p, &coef_s})
-    TORCH_CHECK(t->dim() == 2 && (t->size(0) == 1 || t->size(0) == b) && t->size(1) == k &&
-                    t->size(0) == coef_p.size(0) && t->device() == first.device() &&
-                    (t->scalar_type() == at::kFloat || t->scalar_type() == at::kDouble),
-                op, ": coef: expected float32/float64 [1 or B=", b, ", K=", k, "] tensors (both alike) on ",
-                first.device(), ", got ", t->sizes(), " ", t->scalar_type());
+  const char* names[2] = {"coef_p", "coef_s"};
+  const at::Tensor* coefs[2] = {&coef_p, &coef_s};
+  for (int i = 0; i < 2; ++i) {
+    const at::Tensor& t = *coefs[i];
+    TORCH_CHECK_TYPE(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, op, ": ", names[i],
+                     ": expected a float32/float64 tensor, got ", t.scalar_type());
+    TORCH_CHECK_VALUE(t.dim() == 2 && (t.size(0) == 1 || t.size(0) == b) && t.size(1) == k &&
+                          t.size(0) == coef_p.size(0) && t.device() == first.device(),
+                      op, ": ", names[i], ": expected a [1 or B=", b, ", K=", k, "] tensor on ", first.device(),
+                      " (coef_p and coef_s alike), got ", t.sizes(), " on ", t.device());
+  }
 }
 
 }  // namespace gradguide

@@ -34,7 +34,11 @@
 // projections and clipping carry to the samples (2e-4 on the pinned DDIM eta = 1 precision case; 5e-5 with
 // float64). On a CPU the pass is memory-bound either way.
 // Non-finite inputs: every product is formed, so NaN/inf poison exactly the Gram entries and
-// outputs the reference poisons (0 * inf = NaN in combine). Clamping keeps NaN.
+// outputs the reference poisons (0 * inf = NaN in combine). Clamping keeps NaN. fused_combine:
+// a row whose coefficient program reads a NaN/inf or computes a non-finite weight is all NaN
+// (gradguide_policies.h, row_coefficients: the rule of every backend).
+// Errors: TORCH_CHECK_VALUE / TORCH_CHECK_TYPE (ValueError / TypeError in Python) naming the
+// argument; a device without kernels, or a call with no tensor, reaches the fallbacks below.
 // Limits: K <= 8 operands of one dtype, shape and device; non-contiguous operands are made
 // contiguous by the Python glue (gradguide/ops/native_backend.py), and rejected here.
 #include <Python.h>
@@ -147,25 +151,36 @@ static at::Tensor empty_output(const at::Tensor& like) {
 // ---------------------------------------------------------------------------------------
 // checks shared by both ops
 
+// Errors name the argument (ValueError / TypeError in Python), as the Python API's do.
 static void check_operands(const std::vector<at::Tensor>& ops, const char* op) {
-  TORCH_CHECK(!ops.empty(), op, ": operands: expected a non-empty list of tensors");
-  TORCH_CHECK(ops.size() <= kMaxK, op, ": operands: expected at most ", kMaxK, " tensors, got ", ops.size());
+  TORCH_CHECK_VALUE(!ops.empty(), op, ": operands: expected a non-empty list of tensors");
+  TORCH_CHECK_VALUE(ops.size() <= kMaxK, op, ": operands: expected at most ", kMaxK, " tensors, got ", ops.size());
   const auto& first = ops[0];
-  TORCH_CHECK(first.dim() >= 1 && first.size(0) >= 1, op,
-              ": operands: expected tensors shaped [B, ...] with B >= 1, got ", first.sizes());
   for (size_t k = 0; k < ops.size(); ++k) {
     const auto& t = ops[k];
-    TORCH_CHECK(t.sizes() == first.sizes(), op, ": operands[", k, "]: shape ", t.sizes(),
+    TORCH_CHECK_TYPE(t.scalar_type() == first.scalar_type(), op, ": operands[", k, "]: dtype ", t.scalar_type(),
+                     " differs from operands[0]'s ", first.scalar_type());
+    TORCH_CHECK_VALUE(t.sizes() == first.sizes(), op, ": operands[", k, "]: shape ", t.sizes(),
                 " differs from operands[0]'s ", first.sizes());
-    TORCH_CHECK(t.scalar_type() == first.scalar_type(), op, ": operands[", k, "]: dtype ", t.scalar_type(),
-                " differs from operands[0]'s ", first.scalar_type());
-    TORCH_CHECK(t.device() == first.device(), op, ": operands[", k, "]: device ", t.device(),
+    TORCH_CHECK_VALUE(t.device() == first.device(), op, ": operands[", k, "]: device ", t.device(),
                 " differs from operands[0]'s ", first.device());
-    TORCH_CHECK(t.is_contiguous(), op, ": operands[", k, "]: expected a contiguous tensor");
+    TORCH_CHECK_VALUE(t.is_contiguous(), op, ": operands[", k, "]: expected a contiguous tensor");
   }
   auto st = first.scalar_type();
-  TORCH_CHECK(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
-              ": operands: expected float16, bfloat16, float32 or float64, got ", st);
+  TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
+                   ": operands: expected float16, bfloat16, float32 or float64, got ", st);
+  TORCH_CHECK_VALUE(first.dim() >= 1 && first.size(0) >= 1, op,
+              ": operands: expected tensors shaped [B, ...] with B >= 1, got ", first.sizes());
+}
+
+// `out` of an out= op: shares no memory with itself, and with an operand only as exactly that
+// operand (the kernels are elementwise); `inputs` (weights) not at all.
+static void check_out_overlap(const char* op, const at::Tensor& out, const std::vector<at::Tensor>& ops) {
+  TORCH_CHECK_VALUE(at::has_internal_overlap(out) != at::MemOverlap::Yes, op,
+                    ": out: several of its elements share memory (e.g. an expanded tensor)");
+  for (size_t k = 0; k < ops.size(); ++k)
+    TORCH_CHECK_VALUE(at::get_overlap_status(out, ops[k]) != at::MemOverlapStatus::Partial, op,
+                      ": out: shares memory with operands[", k, "] other than by being exactly it");
 }
 
 // combine's weights and accumulator: float64 (see "Accumulation" above)
@@ -229,7 +244,7 @@ static void reduce_dispatch_k(const std::vector<at::Tensor>& ops, int64_t rows, 
 
 static int64_t check_groups(const at::Tensor& first, int64_t groups, const char* op) {
   const int64_t per_sample = first.numel() / first.size(0);
-  TORCH_CHECK(groups >= 1 && per_sample % groups == 0, op,
+  TORCH_CHECK_VALUE(groups >= 1 && per_sample % groups == 0, op,
               ": groups: expected a positive divisor of the per-sample size ", per_sample, ", got ", groups);
   return per_sample / groups;
 }
@@ -238,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_cpu(at::TensorList operands, int64_t g
   std::vector<at::Tensor> ops(operands.begin(), operands.end());
   check_operands(ops, "gradguide::reduce");
   const auto& first = ops[0];
-  TORCH_CHECK(first.device().is_cpu(), "gradguide::reduce: operands: expected CPU tensors, got ", first.device());
+  TORCH_CHECK_VALUE(first.device().is_cpu(), "gradguide::reduce: operands: expected CPU tensors, got ", first.device());
   const int64_t b = first.size(0), k = static_cast<int64_t>(ops.size());
   const int64_t n = check_groups(first, groups, "gradguide::reduce");
   auto opts = first.options().dtype(at::kDouble);
@@ -297,24 +312,26 @@ void combine_out_cpu(const at::Tensor& coef_in, at::TensorList operands, std::op
   std::vector<at::Tensor> ops(operands.begin(), operands.end());
   check_operands(ops, "gradguide::combine");
   const auto& first = ops[0];
-  TORCH_CHECK(first.device().is_cpu(), "gradguide::combine: operands: expected CPU tensors, got ",
+  TORCH_CHECK_VALUE(first.device().is_cpu(), "gradguide::combine: operands: expected CPU tensors, got ",
               first.device());
   const int64_t b = first.size(0), k = static_cast<int64_t>(ops.size());
-  TORCH_CHECK(coef_in.dim() == 3 && coef_in.size(0) == b && coef_in.size(2) == k,
+  TORCH_CHECK_TYPE(coef_in.is_floating_point(), "gradguide::combine: coef: expected a real floating dtype, got ",
+                   coef_in.scalar_type());
+  TORCH_CHECK_VALUE(coef_in.dim() == 3 && coef_in.size(0) == b && coef_in.size(2) == k,
               "gradguide::combine: coef: expected shape [B=", b, ", G, K=", k, "], got ", coef_in.sizes());
-  TORCH_CHECK(coef_in.device() == first.device(), "gradguide::combine: coef: device ", coef_in.device(),
+  TORCH_CHECK_VALUE(coef_in.device() == first.device(), "gradguide::combine: coef: device ", coef_in.device(),
               " differs from the operands' ", first.device());
   const int64_t groups = coef_in.size(1);
   const int64_t n = check_groups(first, groups, "gradguide::combine");
-  TORCH_CHECK(out.sizes() == first.sizes() && out.scalar_type() == first.scalar_type() &&
+  TORCH_CHECK_VALUE(out.sizes() == first.sizes() && out.scalar_type() == first.scalar_type() &&
                   out.device() == first.device() && out.is_contiguous(),
               "gradguide::combine: out: expected a contiguous ", first.sizes(), " ", first.scalar_type(),
               " tensor on ", first.device(), ", got ", out.sizes(), " ", out.scalar_type(), " on ", out.device());
   // The kernel is elementwise: out may be exactly an operand (in place), but memory shared any
   // other way would be read after it was written (the Python glue computes into a temporary).
-  at::assert_no_internal_overlap(out);
-  for (const auto& t : ops) at::assert_no_partial_overlap(out, t);
-  at::assert_no_overlap(out, coef_in);
+  check_out_overlap("gradguide::combine", out, ops);
+  TORCH_CHECK_VALUE(at::get_overlap_status(out, coef_in) == at::MemOverlapStatus::No,
+                    "gradguide::combine: out: shares memory with coef");
   // one clamp rule on every backend: a NaN bound is an error, not an ignored bound
   TORCH_CHECK_VALUE(!(low.has_value() && std::isnan(*low)), "gradguide::combine: low: NaN is not a bound");
   TORCH_CHECK_VALUE(!(high.has_value() && std::isnan(*high)), "gradguide::combine: high: NaN is not a bound");
@@ -327,7 +344,7 @@ void combine_out_cpu(const at::Tensor& coef_in, at::TensorList operands, std::op
 
 at::Tensor combine_cpu(const at::Tensor& coef, at::TensorList operands, std::optional<double> low,
                        std::optional<double> high) {
-  TORCH_CHECK(!operands.empty(), "gradguide::combine: operands: expected a non-empty list of tensors");
+  check_operands(std::vector<at::Tensor>(operands.begin(), operands.end()), "gradguide::combine");
   at::Tensor out = empty_output(operands[0]);
   combine_out_cpu(coef, operands, low, high, out);
   return out;
@@ -371,7 +388,7 @@ static void fused_combine_into(const char* op, c10::string_view policy_name, con
 static std::vector<at::Tensor> fused_operands(const char* op, at::TensorList operands) {
   std::vector<at::Tensor> ops(operands.begin(), operands.end());
   check_operands(ops, op);
-  TORCH_CHECK(ops[0].device().is_cpu(), op, ": operands: expected CPU tensors, got ", ops[0].device());
+  TORCH_CHECK_VALUE(ops[0].device().is_cpu(), op, ": operands: expected CPU tensors, got ", ops[0].device());
   return ops;
 }
 
@@ -458,7 +475,7 @@ std::tuple<at::Tensor, at::Tensor> clip_shift_cpu(const at::Tensor& coef_p, cons
   std::vector<at::Tensor> ops(operands.begin(), operands.end());
   check_operands(ops, op);
   const auto& first = ops[0];
-  TORCH_CHECK(first.device().is_cpu(), op, ": operands: expected CPU tensors, got ", first.device());
+  TORCH_CHECK_VALUE(first.device().is_cpu(), op, ": operands: expected CPU tensors, got ", first.device());
   const int64_t b = first.size(0), k = static_cast<int64_t>(ops.size());
   check_clip_shift_args(op, coef_p, coef_s, first, k, low, high);
   const int64_t rows = coef_p.size(0);
@@ -486,6 +503,52 @@ TORCH_LIBRARY(gradguide, m) {
   m.def("fused_combine_out(str policy, Tensor[] operands, Tensor? gram, Tensor[] vectors, Tensor[] scalars, "
         "float? low, float? high, Tensor(a!) out) -> ()");
   m.def("clip_shift(Tensor coef_p, Tensor coef_s, Tensor[] operands, float low, float high) -> (Tensor, Tensor)");
+}
+
+// A device without kernels in this build (CUDA tensors in a CPU-only build, MPS, ...), and a
+// call with no tensor at all (an empty operand list: the dispatcher has no device to pick a
+// kernel by): the arguments' own errors first, then one naming the device, instead of the
+// dispatcher's NotImplementedError. Meta / fake tensors have their own kernels
+// (gradguide/ops/native_backend.py).
+[[noreturn]] static void no_kernel(const char* op, at::TensorList operands) {
+  check_operands(std::vector<at::Tensor>(operands.begin(), operands.end()), op);
+  TORCH_CHECK_VALUE(false, op, ": operands: no kernel for ", operands[0].device().type(),
+                    " tensors in this build of gradguide._C (it has CPU kernels, and CUDA ones where it was built "
+                    "with nvcc and a CUDA torch)");
+}
+
+std::tuple<at::Tensor, at::Tensor> reduce_fallback(at::TensorList operands, int64_t) {
+  no_kernel("gradguide::reduce", operands);
+}
+at::Tensor combine_fallback(const at::Tensor&, at::TensorList operands, std::optional<double>,
+                            std::optional<double>) {
+  no_kernel("gradguide::combine", operands);
+}
+void combine_out_fallback(const at::Tensor&, at::TensorList operands, std::optional<double>, std::optional<double>,
+                          at::Tensor&) {
+  no_kernel("gradguide::combine_out", operands);
+}
+at::Tensor fused_combine_fallback(c10::string_view, at::TensorList operands, const std::optional<at::Tensor>&,
+                                  at::TensorList, at::TensorList, std::optional<double>, std::optional<double>) {
+  no_kernel("gradguide::fused_combine", operands);
+}
+void fused_combine_out_fallback(c10::string_view, at::TensorList operands, const std::optional<at::Tensor>&,
+                                at::TensorList, at::TensorList, std::optional<double>, std::optional<double>,
+                                at::Tensor&) {
+  no_kernel("gradguide::fused_combine_out", operands);
+}
+std::tuple<at::Tensor, at::Tensor> clip_shift_fallback(const at::Tensor&, const at::Tensor&, at::TensorList operands,
+                                                       double, double) {
+  no_kernel("gradguide::clip_shift", operands);
+}
+
+TORCH_LIBRARY_IMPL(gradguide, CompositeExplicitAutograd, m) {
+  m.impl("reduce", &reduce_fallback);
+  m.impl("combine", &combine_fallback);
+  m.impl("combine_out", &combine_out_fallback);
+  m.impl("fused_combine", &fused_combine_fallback);
+  m.impl("fused_combine_out", &fused_combine_out_fallback);
+  m.impl("clip_shift", &clip_shift_fallback);
 }
 
 TORCH_LIBRARY_IMPL(gradguide, CPU, m) {

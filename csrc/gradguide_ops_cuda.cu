@@ -65,17 +65,19 @@ static at::ScalarType acc_type(at::ScalarType data) {
 }
 
 static void check_cuda_operands(const std::vector<at::Tensor>& ops, const char* op) {
-  TORCH_CHECK(!ops.empty() && ops.size() <= kMaxKCuda, op, ": operands: expected 1 to ", kMaxKCuda,
+  TORCH_CHECK_VALUE(!ops.empty() && ops.size() <= kMaxKCuda, op, ": operands: expected 1 to ", kMaxKCuda,
               " tensors, got ", ops.size());
   const auto& first = ops[0];
-  TORCH_CHECK(first.is_cuda(), op, ": operands: expected CUDA tensors, got ", first.device());
-  TORCH_CHECK(first.dim() >= 1 && first.size(0) >= 1, op, ": operands: expected [B, ...] with B >= 1, got ",
+  TORCH_CHECK_VALUE(first.is_cuda(), op, ": operands: expected CUDA tensors, got ", first.device());
+  TORCH_CHECK_VALUE(first.dim() >= 1 && first.size(0) >= 1, op, ": operands: expected [B, ...] with B >= 1, got ",
               first.sizes());
   for (size_t k = 0; k < ops.size(); ++k) {
-    TORCH_CHECK(ops[k].sizes() == first.sizes() && ops[k].scalar_type() == first.scalar_type() &&
+    TORCH_CHECK_TYPE(ops[k].scalar_type() == first.scalar_type(), op, ": operands[", k, "]: dtype ",
+                     ops[k].scalar_type(), " differs from operands[0]'s ", first.scalar_type());
+    TORCH_CHECK_VALUE(ops[k].sizes() == first.sizes() && ops[k].scalar_type() == first.scalar_type() &&
                     ops[k].device() == first.device(),
                 op, ": operands[", k, "]: shape, dtype and device must match operands[0]");
-    TORCH_CHECK(ops[k].is_contiguous(), op, ": operands[", k, "]: expected a contiguous tensor");
+    TORCH_CHECK_VALUE(ops[k].is_contiguous(), op, ": operands[", k, "]: expected a contiguous tensor");
   }
 }
 
@@ -164,7 +166,7 @@ std::tuple<at::Tensor, at::Tensor> reduce_cuda(at::TensorList operands, int64_t 
   c10::cuda::CUDAGuard guard(first.device());
   const int64_t b = first.size(0), k = static_cast<int64_t>(ops.size());
   const int64_t per_sample = first.numel() / b;
-  TORCH_CHECK(groups >= 1 && per_sample % groups == 0,
+  TORCH_CHECK_VALUE(groups >= 1 && per_sample % groups == 0,
               "gradguide::reduce: groups: expected a positive divisor of the per-sample size ", per_sample,
               ", got ", groups);
   const int64_t n = per_sample / groups;
@@ -225,14 +227,14 @@ void combine_out_cuda(const at::Tensor& coef_in, at::TensorList operands, std::o
   const auto& first = ops[0];
   c10::cuda::CUDAGuard guard(first.device());
   const int64_t b = first.size(0), k = static_cast<int64_t>(ops.size());
-  TORCH_CHECK(coef_in.dim() == 3 && coef_in.size(0) == b && coef_in.size(2) == k,
+  TORCH_CHECK_VALUE(coef_in.dim() == 3 && coef_in.size(0) == b && coef_in.size(2) == k,
               "gradguide::combine: coef: expected shape [B=", b, ", G, K=", k, "], got ", coef_in.sizes());
-  TORCH_CHECK(coef_in.device() == first.device(), "gradguide::combine: coef: on ", coef_in.device(),
+  TORCH_CHECK_VALUE(coef_in.device() == first.device(), "gradguide::combine: coef: on ", coef_in.device(),
               ", operands on ", first.device());
   const int64_t groups = coef_in.size(1), per_sample = first.numel() / b;
-  TORCH_CHECK(per_sample % groups == 0, "gradguide::combine: coef: ", groups,
+  TORCH_CHECK_VALUE(per_sample % groups == 0, "gradguide::combine: coef: ", groups,
               " groups do not divide the per-sample size ", per_sample);
-  TORCH_CHECK(out.sizes() == first.sizes() && out.scalar_type() == first.scalar_type() &&
+  TORCH_CHECK_VALUE(out.sizes() == first.sizes() && out.scalar_type() == first.scalar_type() &&
                   out.device() == first.device() && out.is_contiguous(),
               "gradguide::combine: out: expected a contiguous tensor like operands[0]");
   auto acc = acc_type(first.scalar_type());
@@ -254,7 +256,7 @@ void combine_out_cuda(const at::Tensor& coef_in, at::TensorList operands, std::o
 
 at::Tensor combine_cuda(const at::Tensor& coef, at::TensorList operands, std::optional<double> low,
                         std::optional<double> high) {
-  TORCH_CHECK(!operands.empty(), "gradguide::combine: operands: expected a non-empty list of tensors");
+  TORCH_CHECK_VALUE(!operands.empty(), "gradguide::combine: operands: expected a non-empty list of tensors");
   at::Tensor out = at::empty_like(operands[0], at::MemoryFormat::Contiguous);
   combine_out_cuda(coef, operands, low, high, out);
   return out;
@@ -336,7 +338,7 @@ static void fused_combine_launch(const std::vector<at::Tensor>& ops, const Progr
   all.push_back(out);
   const int v = pack_width<scalar_t>(all, n);
   const int64_t per_row = blocks_per_row(ops[0].device(), rows, n / v);
-  TORCH_CHECK(rows * per_row < (int64_t(1) << 31), "gradguide::fused_combine: too many rows (", rows, ")");
+  TORCH_CHECK_VALUE(rows * per_row < (int64_t(1) << 31), "gradguide::fused_combine: operands: too many rows (", rows, ")");
   auto stream = c10::cuda::getCurrentCUDAStream();
   const double lo = low.value_or(0.0), hi = high.value_or(0.0);
   constexpr int kV = 16 / sizeof(scalar_t);
@@ -460,7 +462,7 @@ static void clip_shift_launch(const std::vector<at::Tensor>& ops, const ArgView&
   all.push_back(shift);
   const int v = pack_width<scalar_t>(all, n);
   const int64_t per_row = blocks_per_row(ops[0].device(), b, n / v);
-  TORCH_CHECK(b * per_row < (int64_t(1) << 31), "gradguide::clip_shift: too many samples (", b, ")");
+  TORCH_CHECK_VALUE(b * per_row < (int64_t(1) << 31), "gradguide::clip_shift: operands: too many samples (", b, ")");
   auto stream = c10::cuda::getCurrentCUDAStream();
   constexpr int kV = 16 / sizeof(scalar_t);
   if (v == kV)

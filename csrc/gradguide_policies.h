@@ -12,6 +12,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #if defined(__CUDACC__)
 #define GG_HD __host__ __device__
@@ -61,7 +62,23 @@ GG_HD inline Vec zero_vec() {
 // std::min / std::max's exact rules (NaN handling included), usable on the device
 GG_HD inline double min_d(double a, double b) { return b < a ? b : a; }
 GG_HD inline double max_d(double a, double b) { return a < b ? b : a; }
-GG_HD inline double safe_div(double num, double den) { return den > 0 ? num / den : 0.0; }
+// num / den, 0 where den == 0 (a zero-norm partner), as policies.py's _safe_div: a NaN den
+// divides (NaN), it is not a zero
+GG_HD inline double safe_div(double num, double den) { return den != 0.0 ? num / den : 0.0; }
+GG_HD inline bool finite_d(double x) {
+#if defined(__CUDA_ARCH__)
+  return isfinite(x);
+#else
+  return std::isfinite(x);
+#endif
+}
+GG_HD inline double nan_d() {
+#if defined(__CUDA_ARCH__)
+  return nan("");
+#else
+  return std::numeric_limits<double>::quiet_NaN();
+#endif
+}
 
 struct RowProgram {
   const double* gram;  // [Kg, Kg] of this row (nullptr without a Gram)
@@ -172,20 +189,35 @@ struct ProgramArgs {
 };
 
 // The K combine weights of row `row` (= sample b x groups + group g), in float64.
+// The non-finite rule of every backend (gradguide/ops/policies.py): a NaN or inf among the
+// row's program inputs (its Gram block, its coefficient vectors, the sample's scalars), or a
+// non-finite weight computed from them, makes all K weights NaN, so the whole row is NaN.
+// (Comparisons and the zero-norm branch would otherwise let some NaNs through and not others.)
 GG_HD inline void row_coefficients(const ProgramArgs& a, int64_t row, double* weights) {
   const int64_t b = row / a.groups, g = row % a.groups;
   Vec v[kMaxVectors];
   double s[kMaxScalars];
+  bool finite = true;
   for (int j = 0; j < kMaxVectors; ++j) v[j] = zero_vec();
   for (int j = 0; j < kMaxScalars; ++j) s[j] = 0.0;
   for (int j = 0; j < a.n_vectors; ++j) {
     const ArgView& t = a.vectors[j];
-    for (int i = 0; i < a.k; ++i) v[j][i] = t.at(b * t.s0 + g * t.s1 + i * t.s2);
+    for (int i = 0; i < a.k; ++i) {
+      v[j][i] = t.at(b * t.s0 + g * t.s1 + i * t.s2);
+      finite = finite && finite_d(v[j][i]);
+    }
   }
-  for (int j = 0; j < a.n_scalars; ++j) s[j] = a.scalars[j].at(b * a.scalars[j].s0);
-  const RowProgram prog{a.gram ? a.gram + row * a.kg * a.kg : nullptr, a.kg, a.k};
+  for (int j = 0; j < a.n_scalars; ++j) {
+    s[j] = a.scalars[j].at(b * a.scalars[j].s0);
+    finite = finite && finite_d(s[j]);
+  }
+  const double* gram = a.gram ? a.gram + row * a.kg * a.kg : nullptr;
+  if (gram)
+    for (int i = 0; i < a.kg * a.kg; ++i) finite = finite && finite_d(gram[i]);
+  const RowProgram prog{gram, a.kg, a.k};
   const Vec c = coefficients(a.policy, prog, v, s);
-  for (int i = 0; i < a.k; ++i) weights[i] = c[i];
+  for (int i = 0; i < a.k; ++i) finite = finite && finite_d(c[i]);
+  for (int i = 0; i < a.k; ++i) weights[i] = finite ? c[i] : nan_d();
 }
 
 }  // namespace gradguide

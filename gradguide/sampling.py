@@ -29,7 +29,7 @@ import torch
 from . import ops, predictions
 from .debug import forbid_host_sync
 from .graphs import EagerStepper, GraphCache
-from .guidance.base import GuidanceTerm, StepContext
+from .guidance.base import GuidanceTerm, StepContext, named_scales, scale_overflow_hint
 from .guidance.cfg import CFG, BranchInputsError, batch_branch_inputs, per_sample, split_branches
 from .linear import LinComb, Operands
 from .projection import PixelAsParam, step_telemetry
@@ -84,6 +84,7 @@ class _Run:
     plan: object = None                  # stepplan.StepPlan when the step is a built-in program
     fused_reason: Optional[str] = None   # why not, otherwise
     table_spec: Optional[tuple] = None   # (sampler, Timesteps, eta, variance, options): what the tables are built from
+    scales: list = field(default_factory=list)   # [(argument name, value)]: named by the finiteness errors
 
 
 CHECK_FINITE = ("end", "step", False)
@@ -187,7 +188,7 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
         if run.check_finite == "step" and not bool(torch.isfinite(x).all()):
             raise ValueError(f"check_finite: x_(t-1) is not finite after step {i} (t = {run.timestep_list[i]}): "
                              f"the guided update overflowed{_range_hint(run.dtype)} or a guidance term "
-                             "returned NaN/inf")
+                             f"returned NaN/inf{scale_overflow_hint(run.scales, run.dtype)}")
         if callback is not None:
             replaced = callback(record)
             if replaced is not None:   # a tensor returned by the callback is the x_(t-1) the next step starts from
@@ -205,7 +206,8 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     if run.check_finite == "end" and not bool(torch.isfinite(result).all()):
         raise ValueError(f"check_finite: the samples contain NaN or inf (from a finite x_T): a model output, a "
                          f"guidance gradient or the update went non-finite{_range_hint(run.dtype)}; pass "
-                         "check_finite='step' to find the first step, check_finite=False to get them anyway")
+                         "check_finite='step' to find the first step, check_finite=False to get them anyway"
+                         f"{scale_overflow_hint(run.scales, run.dtype)}")
     return result
 
 
@@ -674,7 +676,8 @@ def _check_model_output(run: _Run, out, t: torch.Tensor, what: str) -> None:
     if out.device != run.device:
         raise ValueError(f"model: {what} returned a tensor on {out.device}, but the samples are on {run.device}")
     if run.check_finite == "step" and not bool(torch.isfinite(out).all()):
-        raise ValueError(f"model: {what} returned NaN or inf at t = {int(t[0])} (check_finite='step')")
+        raise ValueError(f"model: {what} returned NaN or inf at t = {int(t[0])} (check_finite='step')"
+                         f"{scale_overflow_hint(run.scales, run.dtype)}")
 
 
 def _learned_log_var(run: _Run, var_channels, scalars):
@@ -891,6 +894,7 @@ def _prepare(model, shape, schedule, sampler, steps, eta, guidance, projection, 
                cond=cond, clip=tuple(clip) if clip is not None else None, backend=resolved,
                telemetry=telemetry, generator=generator,
                groups=projection.groups(shape) if projection is not None else 1)
+    run.scales = named_scales(guidance, terms)
     run.needs_model_grad = any(t.needs_model_grad for t in terms)
     run.needs_input_grad = run.needs_model_grad or any(t.needs_input_grad for t in terms)
     run.variance_channels = variance == "learned-range"

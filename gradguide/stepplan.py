@@ -229,8 +229,11 @@ def _program(run, sc: Dict[str, torch.Tensor], noisy: bool, extra, first_row):
             if isinstance(run.branch, APG):
                 policy = "apg"
                 vectors = {"d_cond": ctx.x0_of_eps(eps_c), "d_uncond": ctx.x0_of_eps(eps_u)}
+                # an infinite threshold never clips, which the program spells 0 (it clips where > 0):
+                # its inputs must be finite (a non-finite one makes the row NaN, gradguide.ops.policies)
+                threshold = run.branch.norm_threshold
                 scalars = {"scale": run.branch.scale, "eta": run.branch.eta,
-                           "norm_threshold": run.branch.norm_threshold}
+                           "norm_threshold": 0.0 if threshold == float("inf") else threshold}
             else:
                 policy = "pxp-c"
                 vectors = {"x0_cond": ctx.x0_of_eps(eps_c), "x0_uncond": ctx.x0_of_eps(eps_u)}

@@ -425,10 +425,134 @@ def test_raw_native_combine_out_refuses_overlap_and_nan_bounds():
     """The registered op itself checks what the glue works around (C++: the root)."""
     buf = torch.randn(2001)
     a, b, c = buf[:2000].view(2, 1000), torch.randn(2, 1000), torch.ones(2, 1, 2)
-    with pytest.raises(RuntimeError, match="refer to a single memory location"):
+    with pytest.raises(ValueError, match=r"out: shares memory with operands\[0\] other than by being exactly it"):
         torch.ops.gradguide.combine_out(c, [a, b], None, None, buf[1:].view(2, 1000))
     with pytest.raises(ValueError, match="low: NaN is not a bound"):
         torch.ops.gradguide.combine(c, [a, b], NAN, None)
     want = a + b
     torch.ops.gradguide.combine_out(c, [a, b], None, None, a)   # exactly an operand: in place
     torch.testing.assert_close(a, want)
+
+
+# -- the registered ops called directly: errors name the argument -------------------------------
+
+def _raw_cases():
+    """(name, call(ns), exception, argument) for ``ns`` = torch.ops.gradguide (native) or
+    torch.ops.gradguide_triton; their schemas differ only in fused_combine's argument order."""
+    x, d = torch.randn(2, 4), torch.tensor(1.0)
+    v, s = torch.zeros(1, 1, 2), torch.ones(1)
+    gram = torch.zeros(2, 1, 2, 2, dtype=torch.float64)
+
+    def fused(ns, policy, operands, gram_, vectors, scalars, low=None, high=None):
+        if ns is torch.ops.gradguide:
+            return ns.fused_combine(policy, operands, gram_, vectors, scalars, low, high)
+        return ns.fused_combine(policy, gram_, vectors, scalars, operands, low, high)
+
+    return [
+        ("reduce, no operand", lambda ns: ns.reduce([], 1), ValueError, "operands"),
+        ("reduce, 0-d", lambda ns: ns.reduce([d], 1), ValueError, "operands"),
+        ("reduce, shapes", lambda ns: ns.reduce([x, x[:1]], 1), ValueError, "operands[1]"),
+        ("reduce, dtypes", lambda ns: ns.reduce([x, x.double()], 1), TypeError, "operands[1]"),
+        ("reduce, int", lambda ns: ns.reduce([x.int()], 1), TypeError, "operands"),
+        ("reduce, meta", lambda ns: ns.reduce([x, x.to("meta")], 1), ValueError, "operands[1]"),
+        ("reduce, strided", lambda ns: ns.reduce([x, x.t().contiguous().t()], 1), ValueError, "operands[1]"),
+        ("reduce, groups", lambda ns: ns.reduce([x], 3), ValueError, "groups"),
+        ("combine, no operand", lambda ns: ns.combine(torch.ones(2, 1, 0), [], None, None), ValueError, "operands"),
+        ("combine, 0-d operand", lambda ns: ns.combine(torch.ones(1, 1, 1), [d], None, None), ValueError, "operands"),
+        ("combine, 0-d coef", lambda ns: ns.combine(d, [x, x], None, None), ValueError, "coef"),
+        ("combine, coef shape", lambda ns: ns.combine(torch.ones(2, 1, 3), [x, x], None, None), ValueError, "coef"),
+        ("combine, int coef", lambda ns: ns.combine(torch.ones(2, 1, 1, dtype=torch.int64), [x], None, None),
+         TypeError, "coef"),
+        ("combine, NaN bound", lambda ns: ns.combine(torch.ones(2, 1, 1), [x], None, NAN), ValueError, "high"),
+        ("combine_out, out", lambda ns: ns.combine_out(torch.ones(2, 1, 1), [x], None, None, torch.empty(3)),
+         ValueError, "out"),
+        ("fused, no tensor at all", lambda ns: fused(ns, "linear", [], None, [], []), ValueError, "operands"),
+        ("fused, no operand", lambda ns: fused(ns, "linear", [], None, [v], []), ValueError, "operands"),
+        ("fused, 0-d", lambda ns: fused(ns, "linear", [d], None, [v], []), ValueError, "operands"),
+        ("fused, policy", lambda ns: fused(ns, "pcgrad", [x, x], None, [v], []), ValueError, "policy"),
+        ("fused, int vector", lambda ns: fused(ns, "linear", [x, x], None, [v.int()], []), TypeError, "vectors[0]"),
+        ("fused, vector shape", lambda ns: fused(ns, "linear", [x, x], None, [torch.zeros(1, 1, 3)], []),
+         ValueError, "vectors"),
+        ("fused, no gram", lambda ns: fused(ns, "pxp-a", [x, x], None, [v] * 4, [s]), ValueError, "gram"),
+        ("fused, meta gram", lambda ns: fused(ns, "pxp-a", [x, x], gram.to("meta"), [v] * 4, [s]), ValueError,
+         "gram"),
+        ("fused, scalar dtype", lambda ns: fused(ns, "cfg", [x, x], None, [v] * 3, [s.int()]), TypeError,
+         "scalars[0]"),
+        ("clip_shift, no operand", lambda ns: ns.clip_shift(torch.ones(1, 0, dtype=torch.float64),
+                                                            torch.ones(1, 0, dtype=torch.float64), [], -1.0, 1.0),
+         ValueError, "operands"),
+        ("clip_shift, 0-d", lambda ns: ns.clip_shift(torch.ones(1, 1, dtype=torch.float64),
+                                                     torch.ones(1, 1, dtype=torch.float64), [d], -1.0, 1.0),
+         ValueError, "operands"),
+        ("clip_shift, coef", lambda ns: ns.clip_shift(torch.ones(1, 3, dtype=torch.float64),
+                                                      torch.ones(1, 3, dtype=torch.float64), [x], -1.0, 1.0),
+         ValueError, "coef_p"),
+        ("clip_shift, bounds", lambda ns: ns.clip_shift(torch.ones(1, 1, dtype=torch.float64),
+                                                        torch.ones(1, 1, dtype=torch.float64), [x], 1.0, -1.0),
+         ValueError, "low, high"),
+    ]
+
+
+def _raw_namespaces():
+    names = []
+    if NATIVE:
+        names.append("gradguide")
+    if ops.available_backends("cpu")["triton"] is True:
+        names.append("gradguide_triton")
+    return names
+
+
+@pytest.mark.parametrize("namespace", _raw_namespaces())
+@pytest.mark.parametrize("case", _raw_cases(), ids=lambda c: c[0])
+def test_raw_ops_name_the_argument(namespace, case):
+    """A direct call of a registered op with an empty operand list, 0-d tensors, mismatched
+    shapes/dtypes/devices or bad weights: a TypeError/ValueError naming the argument (the C++
+    ops: TORCH_CHECK_TYPE/_VALUE; Triton's glue and both ops' fake kernels: gradguide.ops.opchecks),
+    never the dispatcher's NotImplementedError or an IndexError."""
+    from gradguide.bench.fuzz import names_argument
+    _, fn, exc, argument = case
+    with pytest.raises((TypeError, ValueError)) as info:
+        fn(getattr(torch.ops, namespace))
+    assert type(info.value) is exc, f"{type(info.value).__name__}: {info.value}"
+    assert names_argument(str(info.value), [argument]) or f"{argument}:" in str(info.value), str(info.value)
+
+
+# -- huge guidance scales: refused when not finite, named when they overflow the run -------------
+
+def test_huge_scale_is_named_when_the_run_overflows():
+    """The rule (gradguide.guidance.base.scale_overflow_hint): a finite scale runs; if the
+    samples leave the dtype's range, the finiteness error names every weight above √(largest
+    value of the dtype), by the argument the user passed."""
+    from gradguide.bench.fuzz import names_argument
+    model = lambda x, t, y=None: GM(x.double(), t, y).to(x.dtype)   # noqa: E731
+    y = {"y": torch.ones(4, dtype=torch.long)}
+    run = lambda **kw: call(sampler="ddim", steps=4, **kw)   # noqa: E731  (a setting that overflows float32)
+    with pytest.raises(ValueError, match=r"check_finite: .* Likely cause: guidance\[0\]\.scale: 1e\+30") as info:
+        run(model=model, guidance=[gg.CFG(1e30)], cond=y, dtype=torch.float32)
+    assert names_argument(str(info.value), ["scale"])
+    with pytest.raises(ValueError, match=r"after step \d.* Likely cause: guidance\.scale: 1e\+30"):
+        run(model=model, guidance=gg.CFG(1e30), cond=y, dtype=torch.float32, check_finite="step")
+    with pytest.raises(ValueError, match=r"Likely cause: guidance\[1\]\.scale: 100000 .*float16"):
+        run(model=model, guidance=[gg.Classifier(lambda x, t, **_: x.float().sum(1), 1.0), gg.CFG(1e5)], cond=y,
+             dtype=torch.float16)
+    # the same scale fits float64's range here: it runs (finite), as the float64 reference does
+    assert torch.isfinite(run(model=model, guidance=[gg.CFG(1e30)], cond=y, dtype=torch.float64)).all()
+
+
+def test_ordinary_scale_is_not_blamed_for_a_nan_model():
+    nan_model = lambda x, t, y=None: torch.full_like(x, NAN)   # noqa: E731
+    with pytest.raises(ValueError, match="check_finite: the samples contain NaN or inf") as info:
+        call(model=nan_model, guidance=[gg.CFG(7.5)], cond={"y": torch.ones(4, dtype=torch.long)})
+    assert "Likely cause" not in str(info.value) and "scale" not in str(info.value)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_apg_infinite_norm_threshold_never_clips(backend):
+    """norm_threshold=inf (allowed) is 'no clip', which the fused program spells 0: the step
+    never hands it a non-finite scalar (that would make the row NaN, the ops' rule)."""
+    model = lambda x, t, y=None: GM(x.double(), t, y).to(x.dtype)   # noqa: E731
+    y = {"y": torch.ones(4, dtype=torch.long)}
+    runs = [call(model=model, guidance=[gg.APG(3.0, norm_threshold=r)], cond=y, backend=backend,
+                 generator=torch.Generator().manual_seed(0), sampler="ddim") for r in (math.inf, 0.0)]
+    assert torch.isfinite(runs[0]).all()
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)

@@ -98,7 +98,7 @@ def test_raw_fused_combine_out_checks_out_and_opcheck():
     for bad, what in [(torch.empty(3, 2, 7, 4), "Float"), (torch.empty(3, 2, 7, 5, dtype=torch.float64), "Double"),
                       (torch.empty(3, 2, 5, 7).transpose(-1, -2), "not contiguous"),
                       (torch.empty(1, 1, 1, 5).expand(3, 2, 7, 5), "not contiguous")]:
-        with pytest.raises(RuntimeError, match=f"fused_combine_out: out: .*{what}"):
+        with pytest.raises(ValueError, match=f"fused_combine_out: out: .*{what}"):
             op(*args, bad)
     with pytest.raises(ValueError, match="low: NaN"):
         op("linear", operands, None, vectors[:1], [], float("nan"), None, torch.empty_like(operands[0]))

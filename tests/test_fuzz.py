@@ -1,5 +1,5 @@
-"""Fuzz suite (no silent wrong result): every public op, ``project``, ``off_support_ratio`` and ``sample`` on
-every available backend, valid and deliberately broken calls, classified by
+"""Fuzz suite (no silent wrong result): every public op, the registered ops called directly, ``project``,
+``off_support_ratio`` and ``sample`` on every available backend, valid and deliberately broken calls, classified by
 :mod:`gradguide.bench.fuzz` as correct (agrees with float64) or a clean error (TypeError /
 ValueError naming the argument at fault); anything else fails the test.
 
@@ -22,9 +22,9 @@ from gradguide.bench import fuzz
 from gradguide.samplers import SAMPLERS
 
 SLOW = os.environ.get("GRADGUIDE_FUZZ_SLOW", "") not in ("", "0")
-# cases per target: CI mode | slow mode (the slow total is 10,400)
-EXAMPLES = {"reduce": (100, 1600), "combine": (150, 3000), "fused_combine": (100, 2000), "project": (60, 1300),
-            "off_support_ratio": (60, 1000), "sample": (40, 1500)}
+# cases per target: CI mode | slow mode (the slow total is 11,000)
+EXAMPLES = {"reduce": (100, 1600), "combine": (150, 3000), "fused_combine": (100, 2000), "raw_op": (40, 600),
+            "project": (60, 1300), "off_support_ratio": (60, 1000), "sample": (40, 1500)}
 BACKENDS = [name for name, ok in ops.available_backends("cpu").items() if ok is True]
 # the Triton interpreter costs ~0.1-1 s a call on CPU: a few cases in CI, a share in slow mode
 FAST_BACKENDS = [b for b in BACKENDS if b != "triton"]
@@ -127,12 +127,27 @@ def fused_cases(draw):
     spec["k"] = draw(st.integers(2, 8))
     spec["policy"] = draw(st.sampled_from(["cfg", "pxp-a", "pxp-b", "pxp-c", "apg", "gloss"]))
     spec["give_gram"] = draw(st.booleans())
+    # a valid call with a NaN/inf in one sample's coefficient vector, scalar or given Gram matrix
+    spec["poison"] = draw(st.sampled_from(["none", "none", "none", "vector", "scalar", "gram"]))
     mutation = _mutation(draw, list(fuzz.OPERAND_MUTATIONS) + ["policy_bad", "vector_missing", "vector_complex",
                                                                "vector_shape", "scalar_bad", "unexpected_param",
                                                                "gram_bad", "backend_bad", "clamp_bad", "out_bad"])
     spec["mutation"] = mutation
     _clamp_and_out(draw, spec, mutation)
     return spec
+
+
+@st.composite
+def raw_cases(draw):
+    """A registered op (native or Triton) called directly, past gradguide.ops' checks."""
+    backend = draw(st.sampled_from([b for b in BACKENDS if b in ("native", "triton")] or ["native"]))
+    small = backend == "triton"
+    return dict(target="raw_op", backend=backend, seed=draw(st.integers(0, 2 ** 31 - 1)), dtype=draw(DTYPE_NAMES),
+                b=draw(st.integers(1, 3 if small else 4)), feat=draw(st.sampled_from([(1,), (7,), (3, 5)] if small
+                                                                                     else [(1,), (7,), (3, 5), (257,)])),
+                k=draw(st.integers(1, 8)), values=draw(st.sampled_from(["normal", "large"])),
+                op=draw(st.sampled_from(["reduce", "combine", "fused_combine", "clip_shift"])),
+                mutation=VALID if draw(st.integers(0, 9)) < 3 else draw(st.sampled_from(fuzz.RAW_MUTATIONS)))
 
 
 @st.composite
@@ -184,7 +199,7 @@ def sample_cases(draw):
                 mutation=_mutation(draw, ["sampler_bad", "steps_bad", "guidance_int", "clip_bad", "cond_batch",
                                           "x_T_nan", "dtype_int", "device_bad", "scale_inf", "model_int",
                                           "model_complex", "model_shape", "model_meta", "schedule_bad", "shape_bad",
-                                          "backend_bad", "generator_bad", "check_finite_bad"]))
+                                          "backend_bad", "generator_bad", "check_finite_bad", "scale_huge"]))
 
 
 @_settings("reduce")
@@ -202,6 +217,13 @@ def test_fuzz_combine(spec):
 @_settings("fused_combine")
 @given(fused_cases())
 def test_fuzz_fused_combine(spec):
+    _run(spec)
+
+
+@pytest.mark.skipif(not any(b in BACKENDS for b in ("native", "triton")), reason="no native or Triton ops here")
+@_settings("raw_op")
+@given(raw_cases())
+def test_fuzz_raw_op(spec):
     _run(spec)
 
 

@@ -236,6 +236,68 @@ def test_nonfinite_inputs_match_reference(backend):
     assert torch.isnan(clamped[0, 1, 2]) and clamped[torch.isfinite(clamped)].abs().max() <= 0.5
 
 
+# -- the non-finite rule of the coefficient programs (gradguide/ops/policies.py) -------------------
+
+_SCALARS = {"cfg": {"scale": 3.0}, "pxp-a": {"delta": 1.0}, "pxp-b": {"delta": 0.7},
+            "pxp-c": {"scale": 4.0, "delta": 1.0, "delta2": 0.5, "post": 0.3},
+            "apg": {"scale": 5.0, "eta": 0.2, "norm_threshold": 2.0, "post": 0.8},
+            "gloss": {"a": 0.7, "h": 0.51, "sigma": 0.1, "residual": -0.4, "post": 0.2}, "linear": {},
+            "lookahead": {"a": 0.7, "h": 0.51, "sigma": 0.1, "target": 0.3, "multiplier": 1.5, "beta": 0.2,
+                          "beta_per_sample": 1.0, "post": 0.2}}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("policy", list(policies.POLICIES))
+def test_fused_nonfinite_rule(policy, backend, dtype):
+    """One rule on every backend: a NaN/inf in a row's Gram block, coefficient vectors or
+    scalars, or a non-finite weight computed from finite inputs, makes that whole row NaN;
+    the other rows are untouched. Row 0: a Gram entry (or, without a Gram, a vector entry)
+    is NaN; row 1: a vector entry is inf; row 2: a scalar is NaN; row 3: a weight overflows
+    (scale 1e308 times a difference of 20) for cfg and pxp-c; row 4: clean."""
+    _backend(backend)
+    b, k = 5, 4
+    names_v, names_s = policies.POLICIES[policy]
+    operands = _operands((b, 6), k, dtype, seed=7)
+    g = torch.Generator().manual_seed(11)
+    vectors = {n: torch.randn(b, k, generator=g, dtype=torch.float64) for n in names_v}
+    scalars = {n: torch.full((b,), float(v), dtype=torch.float64) for n, v in _SCALARS[policy].items()}
+    poisoned = [1]
+    vectors[names_v[-1]][1, 2] = float("inf")
+    gram = None
+    if policies.NEEDS_GRAM[policy]:
+        gram = ops.reduce(operands, backend="reference")[0].clone()
+        gram[0, 0, 1, 2] = float("nan")   # one entry only (not its mirror): the row must still be NaN
+    else:
+        vectors[names_v[0]][0, 3] = float("nan")
+    poisoned.append(0)
+    if scalars:
+        scalars[list(names_s)[-1]][2] = float("nan")
+        poisoned.append(2)
+    if policy in ("cfg", "pxp-c"):        # finite inputs, but scale · (cond − uncond) overflows float64
+        scalars["scale"][3] = 1e308
+        vectors[names_v[1]][3] = 10.0
+        vectors[names_v[2]][3] = -10.0
+        poisoned.append(3)
+    got = ops.fused_combine(policy, operands, gram=gram, backend=backend, **vectors, **scalars)
+    bad = torch.zeros(b, dtype=torch.bool)
+    bad[poisoned] = True
+    assert torch.isnan(got[bad]).all(), (policy, backend, dtype, got)
+    assert torch.isfinite(got[~bad]).all()
+    if backend != "reference":
+        ref = ops.fused_combine(policy, operands, gram=gram, backend="reference", **vectors, **scalars)
+        tol = {torch.float64: 1e-9, torch.float32: 1e-5}.get(dtype, 2e-2)
+        torch.testing.assert_close(got[~bad].double(), ref[~bad].double(), rtol=tol, atol=tol)
+    # a Gram policy computes its Gram from the operands: a NaN operand element poisons its row
+    if gram is not None:
+        dirty = [o.clone() for o in operands]
+        dirty[0][4, 5] = float("nan")
+        clean_vectors = {n: torch.randn(b, k, generator=g, dtype=torch.float64) for n in names_v}
+        clean_scalars = {n: float(v) for n, v in _SCALARS[policy].items()}
+        out = ops.fused_combine(policy, dirty, backend=backend, **clean_vectors, **clean_scalars)
+        assert torch.isnan(out[4]).all() and torch.isfinite(out[:4]).all()
+
+
 # -- fused policies ------------------------------------------------------------------------------
 
 def _space(operands, groups):

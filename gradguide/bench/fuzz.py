@@ -1,5 +1,7 @@
 """Differential fuzzing of the public API (no silent wrong result): ``ops.reduce / combine / fused_combine``,
-``project``, ``off_support_ratio`` and ``sample``, on every backend this installation has.
+the registered ops called directly (``raw_op``: ``torch.ops.gradguide.*`` and
+``torch.ops.gradguide_triton.*``), ``project``, ``off_support_ratio`` and ``sample``, on every
+backend this installation has.
 
 A *case* is a small picklable dict (``spec``) drawn by the test suite (tests/test_fuzz.py,
 hypothesis): the target, backend, dtype, shapes, a seed for the values, and at most one
@@ -11,7 +13,8 @@ hypothesis): the target, backend, dtype, shapes, a seed for the values, and at m
   epsilon times the sum of the magnitudes that enter each element, plus the rounding of the
   output dtype), with NaN/inf exactly where the float64 result has them;
 - ``"clean_error"`` — an invalid call refused with a TypeError/ValueError whose message names
-  the argument the mutation broke (``name:`` or ``name[i]:``);
+  the argument the mutation broke (``name:`` or ``name[i]:``); an error that names no such
+  argument, or of another type, is ``"unclean_error"``;
 
 - ``"known_imprecise"`` — ``sample`` below float64 with a rule computed from Gram entries
   (PixelAsParam projections, APG, CFG-Zero*, guidance rescale) whose finite result is further
@@ -392,12 +395,30 @@ def _fused(spec):
         gram, expect = torch.zeros(b, 1, k + 1, k + 1), ("gram",)
     elif m == "backend_bad":
         backend, expect = "magic", ("backend",)
-    elif spec.get("give_gram"):
+    elif spec.get("give_gram") or spec.get("poison") == "gram":
         gram = ops.reduce(ops_, backend="reference")[0]
+    poison = spec.get("poison", "none") if expect is None else "none"
+    row, bad = spec["seed"] % b, [float("nan"), math.inf, -math.inf][spec["seed"] % 3]
+    if poison == "vector":   # a NaN/inf entry in one sample's coefficient vector (a valid call)
+        name = vector_names[spec["seed"] % len(vector_names)]
+        params[name] = params[name].clone()
+        params[name][row, spec["seed"] % k] = bad
+    elif poison == "scalar" and scalar_defaults:
+        name = list(scalar_defaults)[spec["seed"] % len(scalar_defaults)]
+        if isinstance(params[name], torch.Tensor):
+            params[name] = params[name].clone()
+            params[name][row] = bad
+        else:
+            params[name] = bad
+    elif poison == "gram" and gram is not None and policies.NEEDS_GRAM[policy]:
+        gram = gram.clone()   # one entry, not its mirror: the rule reads the whole block
+        gram[row, 0, spec["seed"] % k, (spec["seed"] // k) % k] = bad
     result = _call(lambda: ops.fused_combine(policy, ops_, gram=gram, out=out, clamp=clamp, backend=backend,
                                              **params), expect)
     rows = torch.stack([e.reshape(b, 1, -1) for e in exact], 2)
     gram64 = rows @ rows.transpose(-1, -2)
+    if poison == "gram" and gram is not None and policies.NEEDS_GRAM[policy]:
+        gram64 = torch.where(torch.isfinite(gram), gram64, gram.double())   # the poisoned entry, exactly
     vec64 = {n: params[n].double().reshape(b, 1, k) for n in vector_names}
     sc64 = {n: (params[n].double() if isinstance(params[n], torch.Tensor) else torch.tensor(float(params[n]),
             dtype=torch.float64)).reshape(-1, 1, 1) for n in scalar_defaults}
@@ -408,9 +429,109 @@ def _fused(spec):
     scale = mag.amax(-1, keepdim=True).expand_as(mag).reshape(exact[0].shape)
     finite = all(bool(torch.isfinite(e).all()) for e in exact)
     # the truth is the same coefficient program on the float64 Gram matrix: it has the NaN/inf
-    # structure the rule prescribes (a NaN operand poisons every Gram entry it enters)
+    # structure the rule prescribes (policies.coefficients: a row whose program reads a NaN/inf,
+    # or computes a non-finite weight, is all NaN; a NaN operand poisons every Gram entry it enters)
     rtol = 1e-9 if dtype == torch.float64 else 2e-3
     _compare(result, _round_to(truth, dtype), rtol * scale + _out_tol(truth, dtype), finite, f"fused {policy}")
+    return "correct", ""
+
+
+RAW_MUTATIONS = ("empty", "zero_d", "shape", "dtype_mix", "int", "meta", "strided", "zero_batch", "bad_groups",
+                 "coef_shape", "coef_int", "policy", "vector_int", "scalar_meta", "bounds")
+
+
+def _raw(spec):
+    """A registered op called directly (``torch.ops.gradguide.*`` / ``torch.ops.gradguide_triton.*``),
+    past ``gradguide.ops``' checks: a valid call agrees with the reference, an invalid one raises
+    a TypeError/ValueError naming the argument."""
+    from gradguide import ops
+    from gradguide.ops import reference
+    if ops.available_backends("cpu")[spec["backend"]] is not True:   # also loads the native extension
+        raise Result("unclean_error", f"backend {spec['backend']!r} is unavailable here")
+    gen = torch.Generator().manual_seed(spec["seed"])
+    ops_, exact = _operands(dict(spec, noncontig=False), gen)
+    dtype, b, k, op = DTYPES[spec["dtype"]], spec["b"], spec["k"], spec["op"]
+    ns = torch.ops.gradguide if spec["backend"] == "native" else torch.ops.gradguide_triton
+    coef = torch.randn(b, 1, k, generator=gen, dtype=torch.float64)
+    coef = coef if spec["backend"] == "native" else coef.to(reference.accumulation_dtype(dtype))
+    groups, low, high, policy, vectors, scalars = 1, None, None, "cfg", [coef] * 3, [torch.full((1,), 2.0,
+                                                                                                dtype=torch.float64)]
+    cp = torch.randn(1, k, generator=gen, dtype=torch.float64)
+    cs = torch.randn(1, k, generator=gen, dtype=torch.float64)
+    m, expect = spec["mutation"], None
+    if m in ("empty", "zero_d", "shape", "dtype_mix", "int", "meta", "strided", "zero_batch"):
+        expect = ("operands",)
+        if m == "empty":
+            ops_ = []
+        elif m == "zero_d":
+            ops_ = [torch.tensor(1.0, dtype=dtype)] * k
+        elif m == "zero_batch":
+            ops_ = [o[:0] for o in ops_]
+        else:
+            extra = {"shape": lambda o: o.reshape(-1)[:-1] if o.numel() > 1 else o.new_zeros(3, 3),
+                     "dtype_mix": lambda o: o.to(torch.float64 if o.dtype != torch.float64 else torch.float32),
+                     "int": lambda o: o.to(torch.int32), "meta": lambda o: o.to("meta"),
+                     "strided": lambda o: torch.stack([o, o], -1)[..., 0]}[m]
+            ops_ = ops_ + [extra(ops_[0])]
+            coef, cp, cs = (torch.cat([c, c[..., :1]], -1) for c in (coef, cp, cs))
+            vectors = [coef] * 3
+    elif m == "bad_groups":
+        groups, expect = [0, -1, 7 * math.prod(spec["feat"]) + 1][spec["seed"] % 3], ("groups", "coef")
+        coef = coef.expand(b, groups, k).contiguous() if groups > 0 else coef[:, :0]
+        vectors = [coef] * 3
+    elif m == "coef_shape":
+        coef, cp, expect = coef[..., :-1] if k > 1 else coef.repeat(1, 1, 2), cp[:, :-1] if k > 1 else cp.repeat(1, 2), \
+            ("coef", "coef_p", "vectors")
+        vectors = [coef] * 3
+    elif m == "coef_int":
+        coef, cp, expect = coef.to(torch.int64), cp.to(torch.int64), ("coef", "coef_p", "vectors")
+        vectors = [coef] * 3
+    elif m == "policy":
+        policy, expect = "pcgrad", ("policy",)
+    elif m == "vector_int":
+        vectors, expect = [coef, coef.to(torch.int32), coef], ("vectors",)
+    elif m == "scalar_meta":
+        scalars, expect = [scalars[0].to("meta")], ("scalars",)
+    elif m == "bounds":
+        low, high = (float("nan"), 1.0) if op != "clip_shift" else (1.0, -1.0)
+        expect = ("low", "high", "low, high")
+    if op == "reduce":
+        call = lambda: ns.reduce(ops_, groups)
+    elif op == "combine":
+        call = lambda: ns.combine(coef, ops_, low, high)
+    elif op == "fused_combine":
+        call = (lambda: ns.fused_combine(policy, ops_, None, vectors, scalars, low, high)) \
+            if spec["backend"] == "native" else (lambda: ns.fused_combine(policy, None, vectors, scalars, ops_, low, high))
+    else:
+        lo, hi = (-1.0, 1.0) if m != "bounds" else (low, high)
+        call = lambda: ns.clip_shift(cp, cs, ops_, lo, hi)
+    if expect is not None and op == "reduce" and m in ("coef_shape", "coef_int", "policy", "vector_int",
+                                                       "scalar_meta", "bounds"):
+        expect = None   # reduce takes none of these arguments: the call is valid
+    if expect is not None and op != "fused_combine" and m in ("policy", "vector_int", "scalar_meta"):
+        expect = None
+    if expect is not None and op == "fused_combine" and m in ("bad_groups",):
+        expect = ("vectors", "groups")
+    if op == "clip_shift" and m == "bad_groups":
+        expect = None   # clip_shift has no groups
+    got = _call(call, expect)
+    rows = torch.stack([e.reshape(b, -1) for e in exact], 1)          # [B, K, N]
+    if op == "reduce":
+        want = rows @ rows.transpose(-1, -2)
+        got_ = got[0][:, 0]
+    elif op in ("combine", "fused_combine"):
+        # cfg with base = cond = uncond = coef: base + uncond + 2 (cond − uncond) = 2 coef
+        c = coef.double()[:, 0] * (1.0 if op == "combine" else 2.0)
+        want = (c.unsqueeze(-1) * rows).sum(1).reshape(exact[0].shape)
+        got_ = got
+    else:
+        want = torch.clamp((cp.double().unsqueeze(-1) * rows).sum(1), -1.0, 1.0).reshape(exact[0].shape)
+        got_ = got[0]
+    mag = rows.abs().sum(1, keepdim=True).amax(-1, keepdim=True) * 10 + 1
+    scale = (mag * mag) if op == "reduce" else mag.reshape(b, *([1] * (exact[0].dim() - 1)))
+    finite = all(bool(torch.isfinite(e).all()) for e in exact)
+    eps = 1e-9 if dtype == torch.float64 else 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-5
+    _compare(got_, want if op == "reduce" else _round_to(want, dtype), (eps * scale).expand_as(want), finite, f"raw {op}")
     return "correct", ""
 
 
@@ -573,6 +694,8 @@ SAMPLE_ARGS = ("model", "shape", "schedule", "sampler", "steps", "eta", "guidanc
 
 def _sample(spec):
     import gradguide as gg
+    if spec["mutation"] == "scale_huge":   # finite, valid, far beyond any useful scale: it runs like
+        spec = dict(spec, scale=1e30)      # float64 or its error names the scale (guidance.base rule)
     dtype = DTYPES[spec["dtype"]]
     schedule, shape, model, log_prob = _sample_setup(spec)
     m = spec["mutation"]
@@ -638,6 +761,9 @@ def _sample(spec):
     try:
         got = _call(lambda: gg.sample(model_call, call_shape, **kw), expect)
     except Result as r:
+        if m == "scale_huge" and r.outcome == "unclean_error" and expect is None:
+            raise Result("clean_error" if names_argument(r.detail, ("scale",)) else "unclean_error",
+                         f"huge scale: {r.detail}")
         # a valid half-precision run may be refused by the finiteness check when the float64
         # run leaves the dtype's range: that refusal is the documented behaviour
         if r.outcome == "unclean_error" and expect is None and "check_finite:" in r.detail:
@@ -687,8 +813,8 @@ def _hang(spec):    # test hook: a call that never returns
     time.sleep(10 ** 6)
 
 
-TARGETS = {"_crash": _crash, "_hang": _hang, "reduce": _reduce, "combine": _combine, "fused_combine": _fused, "project": _project,
-           "off_support_ratio": _off_support, "sample": _sample}
+TARGETS = {"_crash": _crash, "_hang": _hang, "reduce": _reduce, "combine": _combine, "fused_combine": _fused,
+           "raw_op": _raw, "project": _project, "off_support_ratio": _off_support, "sample": _sample}
 
 
 def run_case(spec: dict) -> Tuple[str, str]:

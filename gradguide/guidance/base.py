@@ -14,6 +14,7 @@ step adds its own operands through ``ctx.ops.add`` and asks for gradients throug
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Optional
 
@@ -163,6 +164,39 @@ def check_number(name: str, value, low=None, high=None, owner: str = "", allow_i
     if low is not None and value < low or high is not None and value > high:
         raise ValueError(f"{where}{name}: expected a value in [{low}, {high}], got {value!r}")
     return float(value)
+
+
+def named_scales(guidance, terms) -> list:
+    """``[(name, value)]`` of the terms' guidance weights (``scale``, ``multiplier``) as the user
+    passed them: ``guidance[j].scale`` for a list, ``guidance.scale`` for a single term."""
+    single = isinstance(guidance, GuidanceTerm)
+    found = []
+    for j, term in enumerate(terms):
+        for attr in ("scale", "multiplier"):
+            value = getattr(term, attr, None)
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                found.append((f"guidance.{attr}" if single else f"guidance[{j}].{attr}", float(value)))
+    return found
+
+
+def scale_overflow_hint(scales, dtype: torch.dtype) -> str:
+    """The part of a finiteness error that names the guidance weights too large for the run's
+    dtype, or "". The rule: a scale is refused only when it is not finite (at construction);
+    a finite one runs, and if the samples then leave the dtype's range, the error names every
+    weight with ``|w|`` above the smaller of ``1/eps`` and ``√max`` of the dtype (float64: 4.5e15,
+    float32: 8.4e6, float16: 256, bfloat16: 128) as the likely cause. Why: beyond ``1/eps``
+    the guided term ``w · (branch difference)`` swamps the rest of the update below the dtype's
+    rounding (the model's own prediction no longer shows in x); beyond ``√max`` the next step's
+    difference, which can grow with x, overflows the dtype within two steps. A hint only: it
+    does not refuse a run that stays finite."""
+    fi = torch.finfo(dtype)
+    limit = min(1.0 / fi.eps, math.sqrt(fi.max))
+    big = [(name, value) for name, value in scales if abs(value) > limit]
+    if not big:
+        return ""
+    names = "; ".join(f"{name}: {value:g}" for name, value in big)
+    return (f". Likely cause: {names} (|value| > {limit:.3g}, beyond which a guidance weight swamps the rest "
+            f"of the step in {str(dtype).replace('torch.', '')} and can overflow it): use a smaller value")
 
 
 def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

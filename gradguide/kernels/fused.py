@@ -32,7 +32,10 @@ Policies (the formulas and their plain-torch truth are in ``gradguide/ops/polici
 
 Limits: those of ``combine.py``; the Gram matrix must be the one of the first Kg operands
 (same rows). Zero-norm partners follow the safe division of the reference (a projection
-against a zero vector is the identity; APG's clip leaves a zero Δ alone).
+against a zero vector is the identity; APG's clip leaves a zero Δ alone). Non-finite values
+follow the one rule of every backend (``gradguide/ops/policies.py``): a NaN/inf among a row's
+program inputs (Gram block, coefficient vectors, scalars) or computed weights makes all of the
+row's weights NaN, so the whole row of the output is NaN.
 
 Reference: ``gradguide.ops.policies.coefficients`` (the float64 truth of every policy) followed
 by :func:`combine.reference`; the kernels package sits below ``gradguide.ops`` and imports
@@ -79,6 +82,17 @@ def _max0(x):  # max(x, 0) keeping NaN
 
 
 @triton.jit
+def _min1(x):  # min(x, 1) keeping NaN, as torch.clamp(max=1)
+    return tl.where(x > 1.0, 1.0, x)
+
+
+@triton.jit
+def _nonfinite(x):
+    """1 where x is NaN or ±inf, else 0 (NaN < inf is false)."""
+    return tl.where(tl.abs(x) < float("inf"), 0, 1)
+
+
+@triton.jit
 def _pc(G, a, b, delta):
     """PC_δ(a|b) = a − δ min(0, <a,b>)/‖b‖² b, a where ‖b‖ = 0."""
     f = _safe_div(_min0(_dot(G, a, b)), _max0(_dot(G, b, b)))
@@ -118,23 +132,31 @@ def _fused(x0, x1, x2, x3, x4, x5, x6, x7, gram, v0, v1, v2, v3, vb0, vg0, vb1, 
     ks = tl.arange(0, KP)
     kmask = ks < K
     # --- prologue: the coefficient program of this row, in float64 ---------------------------
+    # bad: how many of the row's program inputs (and, at the end, weights) are NaN/inf; any
+    # makes every weight NaN (the non-finite rule, module doc). Masked lanes load 0 (finite).
     vb = _vector(v0, vb0, vg0, b, g, ks, kmask)
+    bad = tl.sum(_nonfinite(vb), 0)
     if POLICY != 6:   # every policy but linear has a second vector
         va = _vector(v1, vb1, vg1, b, g, ks, kmask)
+        bad += tl.sum(_nonfinite(va), 0)
     if POLICY != 6 and POLICY != 5:
         vc = _vector(v2, vb2, vg2, b, g, ks, kmask)
+        bad += tl.sum(_nonfinite(vc), 0)
     if POLICY != 0 and POLICY != 6:   # the Gram of the first KG operands (zero beyond them)
         gmask = ks < KG
         G = tl.load(gram + row * KG * KG + ks[:, None] * KG + ks[None, :],
                     mask=gmask[:, None] & gmask[None, :], other=0.0).to(tl.float64)
+        bad += tl.sum(tl.sum(_nonfinite(G), 1), 0)
     if POLICY == 6:  # linear: the weights themselves
         coef = vb
     elif POLICY == 0:  # cfg: base + uncond + w (cond − uncond)
         w = _scalar(s0, t0, b)
+        bad += _nonfinite(w)
         coef = vb + vc + w * (va - vc)
     elif POLICY == 1 or POLICY == 2:  # PixelAsParam A / B: v1 = den, v2 = cls, v3 = div
         vd = _vector(v3, vb3, vg3, b, g, ks, kmask)
         dl = _scalar(s0, t0, b)
+        bad += tl.sum(_nonfinite(vd), 0) + _nonfinite(dl)
         den1 = _pc(G, va, vc, dl)
         cls1 = _pc(G, vc, va, dl)
         if POLICY == 1:
@@ -146,6 +168,7 @@ def _fused(x0, x1, x2, x3, x4, x5, x6, x7, gram, v0, v1, v2, v3, vb0, vg0, vb1, 
         dl1 = _scalar(s1, t1, b)
         dl2 = _scalar(s2, t2, b)
         post = _scalar(s3, t3, b)
+        bad += _nonfinite(w) + _nonfinite(dl1) + _nonfinite(dl2) + _nonfinite(post)
         dlt = (va - vc) * (w - 1.0)
         coef = vb + post * (_pc(G, va, dlt, dl1) + _pc(G, dlt, va, dl2))
     elif POLICY == 4:  # APG: v1 = d_cond, v2 = d_uncond; s = scale, eta, norm_threshold, post
@@ -153,9 +176,10 @@ def _fused(x0, x1, x2, x3, x4, x5, x6, x7, gram, v0, v1, v2, v3, vb0, vg0, vb1, 
         eta = _scalar(s1, t1, b)
         r = _scalar(s2, t2, b)
         post = _scalar(s3, t3, b)
+        bad += _nonfinite(w) + _nonfinite(eta) + _nonfinite(r) + _nonfinite(post)
         dlt = va - vc
         norm = tl.sqrt(_max0(_dot(G, dlt, dlt)))
-        clip = tl.where(norm > 0, tl.minimum(_safe_div(r, norm), 1.0), 1.0)
+        clip = tl.where(norm > 0, _min1(_safe_div(r, norm)), 1.0)
         dlt = tl.where(r > 0, dlt * clip, dlt)
         par = va * _safe_div(_dot(G, dlt, va), _max0(_dot(G, va, va)))
         coef = vb + post * (va + (dlt - par + par * eta) * (w - 1.0))
@@ -165,6 +189,7 @@ def _fused(x0, x1, x2, x3, x4, x5, x6, x7, gram, v0, v1, v2, v3, vb0, vg0, vb1, 
         sg = _scalar(s2, t2, b)
         res = _scalar(s3, t3, b)
         post = _scalar(s4, t4, b)
+        bad += _nonfinite(a) + _nonfinite(h) + _nonfinite(sg) + _nonfinite(res) + _nonfinite(post)
         a2 = a * a
         beta = (a2 / 2) / (a2 * sg * sg + h * _max0(_dot(G, va, va)))
         coef = vb + va * (post * res * beta)
@@ -179,11 +204,15 @@ def _fused(x0, x1, x2, x3, x4, x5, x6, x7, gram, v0, v1, v2, v3, vb0, vg0, vb1, 
         beta_fixed = _scalar(s5, t5, b)
         per = _scalar(s6, t6, b)
         post = _scalar(s7, t7, b)
+        bad += tl.sum(_nonfinite(vr), 0) + _nonfinite(a) + _nonfinite(h) + _nonfinite(sg) + _nonfinite(target)
+        bad += _nonfinite(mult) + _nonfinite(beta_fixed) + _nonfinite(per) + _nonfinite(post)
         a2 = a * a
         beta = (a2 / 2) / (a2 * sg * sg + h * _max0(_dot(G, vc, vc)))
         beta = tl.where(per != 0, beta, beta_fixed)
         residual = 2 * mult * (target - _dot(G, vr, va))
         coef = vb + vc * (post * residual * beta)
+    bad += tl.sum(tl.where(kmask, _nonfinite(coef), 0), 0)
+    coef = tl.where(bad == 0, coef, float("nan"))
     # --- the combine (combine.py's loop, with these weights) -------------------------------
     _stream(x0, x1, x2, x3, x4, x5, x6, x7,
             _pick(coef, ks, 0, K, ACC), _pick(coef, ks, 1, K, ACC), _pick(coef, ks, 2, K, ACC),

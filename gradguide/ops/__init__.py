@@ -7,6 +7,21 @@ module knows what a guidance method is; nothing above it knows which backend ran
 
 ``backend`` is one of ``"reference"`` (plain torch, the truth), ``"triton"``, ``"native"``
 or ``"auto"``; :func:`available_backends` says which ones this installation has.
+
+Non-finite values, one rule on every backend (reference, native CPU and CUDA, Triton):
+
+- ``reduce`` and ``combine`` follow IEEE arithmetic elementwise and multiply every operand by
+  its weight, even a zero one: a NaN/inf operand element makes the Gram entries it enters and
+  its output element non-finite (``0 · inf = NaN``); a clamp keeps NaN.
+- ``fused_combine``'s coefficient program: if any input of a row's program (its Gram block, a
+  coefficient vector, a scalar of its sample — APG's ``norm_threshold`` included: ``0``, not
+  ``inf``, disables its clip) is NaN or ±inf, or a weight it computes is not finite (e.g. a
+  scale of 1e308), all the row's weights are NaN and so is the whole row (sample, or sample ×
+  group) of the output (:mod:`gradguide.ops.policies`).
+
+Calling the registered ops directly (``torch.ops.gradguide.*``, ``torch.ops.gradguide_triton.*``)
+skips this module's checks but not the ops' own: bad arguments raise a ``TypeError`` or
+``ValueError`` that names them (:mod:`gradguide.ops.opchecks`).
 """
 from __future__ import annotations
 
@@ -305,6 +320,8 @@ def fused_combine(policy: str, operands: Sequence[torch.Tensor], *, gram: Option
     program runs inside the combine on ``"native"`` (one C++ call on CPU) and ``"triton"`` (the
     fused kernel's prologue, every policy); the reference (and the native CUDA op, which has no
     fused combine yet) evaluates it in torch, then combines. Coefficients are computed in float64.
+    A row whose program reads a NaN/inf (Gram entry, vector entry, scalar), or computes a
+    non-finite weight, is all NaN on every backend (module doc).
     """
     if not isinstance(policy, str) or policy not in policies.POLICIES:
         raise ValueError(f"policy: expected one of {tuple(policies.POLICIES)}, got {policy!r}")

@@ -56,9 +56,14 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
 
 
 def _register_fakes() -> None:
+    # the fake kernels check what the C++ ops check (shapes, dtypes, devices: opchecks.py), so a
+    # fake or meta call, or mixed devices that dispatch to Meta, fail as a real call would
+    from . import opchecks, policies
+    names = tuple(policies.POLICIES)
+
     @torch.library.register_fake("gradguide::reduce")
     def _reduce_fake(operands, groups):
-        first = operands[0]
+        first = opchecks.reduce("gradguide::reduce", operands, groups)
         b, k = first.shape[0], len(operands)
         # the CPU op accumulates the Gram in float64 (reference.py); the CUDA op in float32
         acc = torch.float64 if first.device.type == "cpu" else _acc(first.dtype)
@@ -66,26 +71,31 @@ def _register_fakes() -> None:
 
     @torch.library.register_fake("gradguide::combine")
     def _combine_fake(coef, operands, low, high):
+        opchecks.combine("gradguide::combine", coef, operands, low, high)
         return torch.empty_like(operands[0], memory_format=torch.contiguous_format)
 
     @torch.library.register_fake("gradguide::combine_out")
     def _combine_out_fake(coef, operands, low, high, out):
+        opchecks.combine("gradguide::combine_out", coef, operands, low, high, out)
         return None
 
     if torch._C._dispatch_has_kernel_for_dispatch_key("gradguide::fused_combine", "CPU"):
         @torch.library.register_fake("gradguide::fused_combine")
         def _fused_combine_fake(policy, operands, gram, vectors, scalars, low, high):
+            opchecks.fused("gradguide::fused_combine", names, policy, gram, vectors, scalars, operands, low, high)
             return torch.empty_like(operands[0], memory_format=torch.contiguous_format)
 
     if torch._C._dispatch_has_kernel_for_dispatch_key("gradguide::fused_combine_out", "CPU"):
         @torch.library.register_fake("gradguide::fused_combine_out")
         def _fused_combine_out_fake(policy, operands, gram, vectors, scalars, low, high, out):
+            opchecks.fused("gradguide::fused_combine_out", names, policy, gram, vectors, scalars, operands, low, high,
+                           out)
             return None
 
     if torch._C._dispatch_has_kernel_for_dispatch_key("gradguide::clip_shift", "CPU"):
         @torch.library.register_fake("gradguide::clip_shift")
         def _clip_shift_fake(coef_p, coef_s, operands, low, high):
-            like = operands[0]
+            like = opchecks.clip_shift("gradguide::clip_shift", coef_p, coef_s, operands, low, high)
             return (torch.empty_like(like, memory_format=torch.contiguous_format),
                     torch.empty_like(like, memory_format=torch.contiguous_format))
 

@@ -32,6 +32,17 @@ number or a 0-d / ``[B]`` device tensor):
   *x0* = ``x̂_0`` as vectors); ``base + post · residual · β · v``.
 
 ``PC_δ(a|b) = a − δ min(0, <a,b>)/‖b‖² b``, ``a`` where ``‖b‖ = 0`` (per row).
+
+**Non-finite values** (the one rule of every backend: this module, the native CPU and CUDA
+ops through ``csrc/gradguide_policies.h``, the Triton prologue in ``gradguide/kernels/fused.py``):
+if any input of a row's program — its Gram block, one of its coefficient vectors, one of its
+sample's scalars — is NaN or ±inf, or a weight the program computes from them is not finite,
+all K weights of that row are NaN, so the whole row (sample, or sample × group) of the
+output is NaN. Without the rule the outcome would depend on each program's comparisons
+(``min(0, NaN)``, a zero-norm test, APG's clip, a β selected by ``beta_per_sample``), and so
+on the backend. The combine itself then follows IEEE arithmetic elementwise: every operand is
+multiplied by its weight, so a non-finite operand element poisons its output element even
+where the weight is 0 (and, for a policy with a Gram matrix, its whole row through the Gram).
 """
 from __future__ import annotations
 
@@ -77,7 +88,18 @@ def _pc(gram, a, b, delta):
 
 def coefficients(policy: str, gram, vectors: Dict[str, torch.Tensor], scalars: Dict[str, torch.Tensor]):
     """``C[B, G, K]`` of ``policy``. ``vectors[name]`` are ``[B, G, K]``; ``scalars[name]`` are
-    ``[B, 1, 1]`` (see :func:`gradguide.ops.fused_combine` for the checked entry point)."""
+    ``[B, 1, 1]`` (see :func:`gradguide.ops.fused_combine` for the checked entry point). Rows
+    with a non-finite input or weight are all NaN (module doc)."""
+    coef = _program(policy, gram, vectors, scalars)
+    finite = torch.isfinite(coef).all(-1, keepdim=True)                       # [B, G, 1]
+    if gram is not None and NEEDS_GRAM[policy]:   # (cfg and linear read no Gram, even when given one)
+        finite = finite & torch.isfinite(gram).flatten(-2).all(-1, keepdim=True)
+    for t in (*vectors.values(), *scalars.values()):
+        finite = finite & torch.isfinite(t).all(-1, keepdim=True)
+    return torch.where(finite, coef, torch.full((), float("nan"), dtype=coef.dtype, device=coef.device))
+
+
+def _program(policy: str, gram, vectors: Dict[str, torch.Tensor], scalars: Dict[str, torch.Tensor]):
     v, s = vectors, scalars
     if policy == "linear":
         return v["coef"]

@@ -19,6 +19,8 @@ from typing import List, Optional, Tuple
 
 import torch
 
+from . import opchecks
+
 _state = {"module": None, "reason": None, "interpret": None}
 
 # the policies gradguide/kernels/fused.py evaluates in its prologue: every built-in program of
@@ -86,16 +88,34 @@ def _clamp(low: Optional[float], high: Optional[float]):
     return None if low is None and high is None else (low, high)
 
 
+# -- argument checks of the custom ops (gradguide/ops/opchecks.py) ---------------------------------
+# ``gradguide.ops`` validates before it calls the ops; these make a direct call
+# (``torch.ops.gradguide_triton.*``) fail with a TypeError/ValueError naming the argument, as the
+# native ops do, instead of an IndexError or a kernel reading out of bounds.
+
+def _check_combine(op, coef, operands, low, high, out=None):
+    opchecks.combine(op, coef, operands, low, high, out)
+
+
+def _check_fused(op, policy, gram, vectors, scalars, operands, low, high, out=None):
+    opchecks.fused(op, FUSED_POLICIES, policy, gram, vectors, scalars, operands, low, high, out)
+
+
+def _check_clip_shift(op, coef_p, coef_s, operands, low, high):
+    opchecks.clip_shift(op, coef_p, coef_s, operands, low, high, coef_dtypes=(torch.float64,))
+
+
 # -- custom ops: the kernels, and their fake kernels (shapes only) ---------------------------------
 
 @torch.library.custom_op("gradguide_triton::reduce", mutates_args=())
 def _reduce_op(operands: List[torch.Tensor], groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    opchecks.reduce("gradguide_triton::reduce", operands, groups)
     return _load().reduce.reduce(list(operands), groups)
 
 
 @_reduce_op.register_fake
 def _(operands, groups):
-    first, k = operands[0], len(operands)
+    first, k = opchecks.reduce("gradguide_triton::reduce", operands, groups), len(operands)
     acc = _acc(first.dtype)
     return first.new_empty((first.shape[0], groups, k, k), dtype=acc), first.new_empty((first.shape[0], groups, k),
                                                                                           dtype=acc)
@@ -104,34 +124,40 @@ def _(operands, groups):
 @torch.library.custom_op("gradguide_triton::combine", mutates_args=())
 def _combine_op(coef: torch.Tensor, operands: List[torch.Tensor], low: Optional[float],
                 high: Optional[float]) -> torch.Tensor:
+    _check_combine("gradguide_triton::combine", coef, operands, low, high)
     return _load().combine.combine(coef, list(operands), clamp=_clamp(low, high))
 
 
 @_combine_op.register_fake
 def _(coef, operands, low, high):
+    _check_combine("gradguide_triton::combine", coef, operands, low, high)
     return torch.empty_like(operands[0], memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("gradguide_triton::combine_out", mutates_args=("out",))
 def _combine_out_op(coef: torch.Tensor, operands: List[torch.Tensor], low: Optional[float], high: Optional[float],
                     out: torch.Tensor) -> None:
+    _check_combine("gradguide_triton::combine_out", coef, operands, low, high, out)
     _load().combine.combine(coef, list(operands), out=out, clamp=_clamp(low, high))
 
 
 @_combine_out_op.register_fake
 def _(coef, operands, low, high, out):
+    _check_combine("gradguide_triton::combine_out", coef, operands, low, high, out)
     return None
 
 
 @torch.library.custom_op("gradguide_triton::fused_combine", mutates_args=())
 def _fused_op(policy: str, gram: Optional[torch.Tensor], vectors: List[torch.Tensor], scalars: List[torch.Tensor],
               operands: List[torch.Tensor], low: Optional[float], high: Optional[float]) -> torch.Tensor:
+    _check_fused("gradguide_triton::fused_combine", policy, gram, vectors, scalars, operands, low, high)
     return _load().fused.fused_combine(policy, gram, list(vectors), list(scalars), list(operands),
                                        clamp=_clamp(low, high))
 
 
 @_fused_op.register_fake
 def _(policy, gram, vectors, scalars, operands, low, high):
+    _check_fused("gradguide_triton::fused_combine", policy, gram, vectors, scalars, operands, low, high)
     return torch.empty_like(operands[0], memory_format=torch.contiguous_format)
 
 
@@ -139,23 +165,27 @@ def _(policy, gram, vectors, scalars, operands, low, high):
 def _fused_out_op(policy: str, gram: Optional[torch.Tensor], vectors: List[torch.Tensor],
                   scalars: List[torch.Tensor], operands: List[torch.Tensor], low: Optional[float],
                   high: Optional[float], out: torch.Tensor) -> None:
+    _check_fused("gradguide_triton::fused_combine_out", policy, gram, vectors, scalars, operands, low, high, out)
     _load().fused.fused_combine(policy, gram, list(vectors), list(scalars), list(operands), out=out,
                                 clamp=_clamp(low, high))
 
 
 @_fused_out_op.register_fake
 def _(policy, gram, vectors, scalars, operands, low, high, out):
+    _check_fused("gradguide_triton::fused_combine_out", policy, gram, vectors, scalars, operands, low, high, out)
     return None
 
 
 @torch.library.custom_op("gradguide_triton::clip_shift", mutates_args=())
 def _clip_shift_op(coef_p: torch.Tensor, coef_s: torch.Tensor, operands: List[torch.Tensor], low: float,
                    high: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    _check_clip_shift("gradguide_triton::clip_shift", coef_p, coef_s, operands, low, high)
     return _load().clip_shift.clip_shift(coef_p, coef_s, list(operands), (low, high))
 
 
 @_clip_shift_op.register_fake
 def _(coef_p, coef_s, operands, low, high):
+    _check_clip_shift("gradguide_triton::clip_shift", coef_p, coef_s, operands, low, high)
     first = operands[0]
     return (torch.empty_like(first, memory_format=torch.contiguous_format),
             torch.empty_like(first, memory_format=torch.contiguous_format))
