@@ -21,7 +21,7 @@ hypothesis): the target, backend, dtype, shapes, a seed for the values, and at m
   from float64 than the dtype's rounding explains: the Gram trick's cancellation (``‖u − v‖²``
   from ``‖u‖² − 2<u,v> + ‖v‖²``; docs/architecture.md#precision), and projections against a partner that
   vanishes to rounding level (a direction the run's dtype cannot resolve). Counted and reported,
-  never silent; to become ``"wrong"`` once float64 Grams cover every such rule;
+  never silent; to become ``"wrong"`` once the precision fix covers it;
 
 and every other outcome is a failure: ``"wrong"`` (disagreement, or invalid input accepted),
 ``"nan"`` (NaN/inf from finite inputs where float64 is finite), ``"unclean_error"`` (another
