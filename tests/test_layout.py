@@ -19,6 +19,8 @@ FLOORS = (
     ("linear",),                                          # affine operands over ops
     ("guidance", "samplers"),                             # the terms, the scalar tables
     ("projection", "graphs", "stepplan"),                 # PixelAsParam, CUDA graphs, fused plan
+    ("config",),                                          # Sampler / Execution / Diagnostics
+    ("flow_schedules",),                                  # flow σ schedules (they carry a Sampler)
     ("sampling",),                                        # the loop
     ("integrations", "adaptive"),                         # diffusers adapters; drivers looping over sample()
     ("gradguide",),                                       # the public names (from_diffusers lazily)
