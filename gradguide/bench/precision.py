@@ -47,6 +47,19 @@ def in_float64(fn):
     return lambda x, t, **kw: _Float32Values.apply(fn(_Float32Values.apply(x).double(), t, **kw)).to(x.dtype)
 
 
+def _sampler(name: str, **settings) -> dict:
+    """sample() keywords for a sampler and its settings: a ``gradguide.Sampler`` where the
+    installed gradguide has one (the narrowed ``sample()``), else the plain keywords."""
+    import gradguide as gg
+    return {"sampler": gg.Sampler(name, **settings)} if hasattr(gg, "Sampler") else {"sampler": name, **settings}
+
+
+def _backend(backend: str) -> dict:
+    """sample() keywords for a backend (``gradguide.Execution`` where it exists, as above)."""
+    import gradguide as gg
+    return {"execution": gg.Execution(backend=backend)} if hasattr(gg, "Execution") else {"backend": backend}
+
+
 def _schedule():
     import gradguide as gg
     return gg.Schedule.linear(1000)
@@ -72,9 +85,9 @@ def classifier_case(eta: float = 0.0, seed: int = 0, scale: float = 1.5) -> dict
     """DDIM, a classifier, PixelAsParam("B", granularity="channel"), clip=True, 5 steps."""
     import gradguide as gg
     schedule = _schedule()
-    return dict(model=_model(schedule), shape=SHAPE, schedule=schedule, sampler="ddim", eta=eta, steps=5,
+    return dict(model=_model(schedule), shape=SHAPE, schedule=schedule, steps=5,
                 guidance=gg.Classifier(_classifier(seed + 7), scale), cond={"y": torch.ones(SHAPE[0])},
-                projection=gg.PixelAsParam("B", granularity="channel"), clip=True)
+                projection=gg.PixelAsParam("B", granularity="channel"), **_sampler("ddim", eta=eta, clip=True))
 
 
 def cases() -> Iterator[Tuple[str, int, dict]]:
@@ -88,11 +101,12 @@ def cases() -> Iterator[Tuple[str, int, dict]]:
     mixture = default_mixture(gg.Schedule.linear(200))
     model = in_float64(mixture)
     y = torch.full((8,), 2)
-    yield "APG 3, ddim (fused step)", 0, dict(model=model, shape=(8, 2), schedule=mixture.schedule, sampler="ddim",
-                                              steps=6, guidance=[gg.APG(3.0)], cond={"y": y})
+    yield "APG 3, ddim (fused step)", 0, dict(model=model, shape=(8, 2), schedule=mixture.schedule, steps=6,
+                                              guidance=[gg.APG(3.0)], cond={"y": y}, **_sampler("ddim"))
     yield "cfg + C (official), dpmpp-2m, clip", 0, dict(
-        model=model, shape=(8, 2), schedule=mixture.schedule, sampler="dpmpp-2m", steps=6, guidance=[gg.CFG(3.0)],
-        projection=gg.PixelAsParam("C", convention="official"), cond={"y": y}, clip=(-5.0, 5.0))
+        model=model, shape=(8, 2), schedule=mixture.schedule, steps=6, guidance=[gg.CFG(3.0)],
+        projection=gg.PixelAsParam("C", convention="official"), cond={"y": y},
+        **_sampler("dpmpp-2m", clip=(-5.0, 5.0)))
 
 
 def relative_error(x32: torch.Tensor, x64: torch.Tensor) -> float:
@@ -124,7 +138,8 @@ def pair(backend: str, seed: int, like: bool, **kw) -> float:
     with _Noise(rounded=like):
         for dt in (torch.float64, torch.float32):
             start = x_T.float().to(dt) if (like or dt == torch.float32) else x_T
-            out[dt] = gg.sample(x_T=start, backend=backend, generator=torch.Generator().manual_seed(seed + 1), **kw)
+            out[dt] = gg.sample(x_T=start, generator=torch.Generator().manual_seed(seed + 1), **_backend(backend),
+                                **kw)
     return relative_error(out[torch.float32], out[torch.float64])
 
 
@@ -145,7 +160,8 @@ def float32_floor(seed: int = 0, **kw) -> float:
     def run(x, step):
         sampling.step = step   # read when the run's stepper is made
         try:
-            return gg.sample(x_T=x, backend="reference", generator=torch.Generator().manual_seed(seed + 1), **kw)
+            return gg.sample(x_T=x, generator=torch.Generator().manual_seed(seed + 1), **_backend("reference"),
+                             **kw)
         finally:
             sampling.step = real
     with _Noise(rounded=True):
