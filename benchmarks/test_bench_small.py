@@ -5,7 +5,7 @@ across commits. Not part of the test run (``testpaths = ["tests"]``); run with
     python -m pytest benchmarks/test_bench_small.py              # CPU: eager, fused, fused+graph
     python -m pytest benchmarks/test_bench_small.py --benchmark-json out.json
 
-On CUDA the timed function ends with a synchronize (DESIGN.md: GPU times are medians of
+On CUDA the timed function ends with a synchronize (docs/architecture.md#benchmarks-and-results: GPU times are medians of
 synchronised passes) and ``fused+graph`` replays captured steps after the warm-up round.
 """
 import pytest

@@ -1,4 +1,4 @@
-// gradguide native ops (CPU): the two passes of a guided step (DESIGN.md).
+// gradguide native ops (CPU): the two passes of a guided step (docs/architecture.md).
 //
 //   gradguide::reduce(Tensor[] operands, int groups) -> (Tensor gram, Tensor sums)
 //       gram[b, g, i, j] = <op_i[b, g], op_j[b, g]>,  sums[b, g, k] = sum(op_k[b, g])
@@ -24,14 +24,14 @@
 // matrix and sums (as the reference). Why: rules take inner products of *small combinations of
 // large operands* from the Gram matrix (u^T G u, e.g. a clipped guidance shift x0_gc - x0_c
 // of norm 1e-3 between operands of norm 1.4); a float32 Gram loses ~1e-7 * |op|^2 absolutely,
-// which is 8 % of such a norm^2 (issue 12). Products of float32 (or fp16/bf16) values are exact
+// which is 8 % of such a norm^2 (docs/architecture.md#precision). Products of float32 (or fp16/bf16) values are exact
 // in float64, so the float64 Gram is as good as the inputs. Cost: the operands are converted to
 // double and the products run at half the SIMD width, which stays under the memory bound with
-// AVX-512 or AVX2 (benchmarks/native_bandwidth_issue12.py). combine also accumulates in
+// AVX-512 or AVX2 (gradguide bench --suite native-bandwidth). combine also accumulates in
 // float64 (weights in float64):
 // a step's weights cancel (x̂_0 = (x_t − √(1−ᾱ) ε)/√ᾱ has |weights| ~160 at t = 999 for a
 // result of size 1), and a float32 accumulator turns that into 1e-5 relative errors that
-// projections and clipping carry to the samples (2e-4 on issue 12's eta = 1 case; 5e-5 with
+// projections and clipping carry to the samples (2e-4 on the pinned DDIM eta = 1 precision case; 5e-5 with
 // float64). On a CPU the pass is memory-bound either way.
 // Non-finite inputs: every product is formed, so NaN/inf poison exactly the Gram entries and
 // outputs the reference poisons (0 * inf = NaN in combine). Clamping keeps NaN. fused_combine:
@@ -429,7 +429,7 @@ void fused_combine_out_cpu(c10::string_view policy_name, at::TensorList operands
 //   p = sum_k coef_p[b, k] op_k,  s = sum_k coef_s[b, k] op_k  (coef: [1 or B, K])
 //   clipped = clamp(p),  shift = clamp(p + s) - clamp(p), and exactly s where neither clips:
 //   formed as a difference of the two clamped values, the shift (~1e-3 of |p| in a guided
-//   step) would keep only p's absolute precision (issue 12). Reference: ops/reference.py.
+//   step) would keep only p's absolute precision (docs/architecture.md#precision). Reference: ops/reference.py.
 
 template <int K, typename scalar_t>
 static void clip_shift_impl(const std::vector<at::Tensor>& ops, const std::vector<double>& wp_all,

@@ -51,7 +51,7 @@ struct Ptrs {
 };
 
 // accumulation: double for float and double data (small combinations of large operands cancel:
-// gradguide/kernels/reduce.py's header, issue 12; per element a few FMAs, far under the memory bound even
+// gradguide/kernels/reduce.py's header, docs/architecture.md#precision; per element a few FMAs, far under the memory bound even
 // at consumer GPUs' fp64 rate), float for half/bfloat16 (their products are exact in float)
 template <typename T>
 struct AccOf { using type = float; };

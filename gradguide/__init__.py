@@ -2,7 +2,7 @@
 
 Implements PixelAsParam (Dinh, Liu & Xu, ICML 2023) and gradient guidance (Guo et al.,
 NeurIPS 2024) next to the guidance methods users already know, built around one step shape:
-per-sample reductions, then one linear combination (see DESIGN.md and :mod:`gradguide.ops`).
+per-sample reductions, then one linear combination (see docs/architecture.md and :mod:`gradguide.ops`).
 """
 from . import ops
 from .config import Diagnostics, Execution, Sampler

@@ -159,13 +159,13 @@ def _sample(args) -> int:
 
 
 def _register_digits(sub) -> None:
-    # issue 6: PixelAsParam on the 8x8 digits (scikit-learn is imported only when a digits command runs)
+    # PixelAsParam on the 8x8 digits (scikit-learn is imported only when a digits command runs)
     p = sub.add_parser("train-digits", help="retrain the shipped 8x8-digits models (deterministic, one thread)")
     from .experiments.digits.train import add_train_arguments
     add_train_arguments(p)
     p.set_defaults(func=lambda args: __import__("gradguide.experiments.digits.train", fromlist=["run_train"]).run_train(args))
     p = sub.add_parser("evaluate", help="accuracy, classifier-FID, precision/recall of 8x8 digit samples "
-                                        "against the held-out digits (SPEC.md section 6)")
+                                        "against the held-out digits (docs/mathematics.md#evaluation)")
     from .experiments.evaluation import add_arguments as add_eval_arguments
     add_eval_arguments(p)
     p.set_defaults(func=lambda args: __import__("gradguide.experiments.evaluation", fromlist=["run_cli"]).run_cli(args))
@@ -178,7 +178,8 @@ def _register_digits(sub) -> None:
 
 def _register_bench(sub) -> None:
     p = sub.add_parser("bench", help="benchmark the compute backends (writes JSON + markdown)")
-    p.add_argument("--suite", choices=["ops", "loop", "paper", "peers", "gpu"], default="ops",
+    p.add_argument("--suite", choices=["ops", "loop", "paper", "peers", "gpu", "precision", "native-bandwidth"],
+                   default="ops",
                    help="'ops': reduce + combine of each built-in policy on every backend, side by side; "
                         "'loop': whole sampling passes with a cheap model (the loop's own cost); 'paper': the "
                         "papers' workloads (simulation pass, SD-1.5 + VAE + G_loss, ADM + classifier + PixelAsParam), "
@@ -186,7 +187,9 @@ def _register_bench(sub) -> None:
                         "diffusers DDIM loop, side by side (cheap model and tiny SD U-Net, unguided and CFG 7.5; "
                         "see gradguide/bench/peers.py); 'gpu': the GPU acceptance run (bandwidth sweep, "
                         "graph-vs-eager equality and speed, paper workloads, NVML memory) in one report (needs a "
-                        "CUDA device; see docs/performance.md)")
+                        "CUDA device; see docs/performance.md); 'precision': float32 vs float64 on the pinned precision cases, "
+                        "every backend (gradguide/bench/precision.py); 'native-bandwidth': the native CPU ops against "
+                        "the machine's copy bandwidth (gradguide/bench/native_bandwidth.py; --threads default 2)")
     p.add_argument("--allow-cpu", action="store_true",
                    help="gpu suite: run its plumbing on the CPU (a test hook; the report is labelled and its numbers "
                         "are not GPU measurements; default: refuse without a CUDA device)")
@@ -212,13 +215,14 @@ def _register_bench_loop(p) -> None:
                         "peers: models, some of cheap,unet (default both)")
     p.add_argument("--sizes", default=None,
                    help="peers: comma-separated sizes, some of sd-b1,sd-b4,sd-b8,px-b16 (default all; --quick: "
-                        "sd-b1,px-b3)")
+                        "sd-b1,px-b3); native-bandwidth: some of adm256-b64,sd-b1 (default both; --quick: sd-b1)")
     p.add_argument("--variants", default=None,
                    help="loop/paper: comma-separated subset of eager,fused,fused+graph,compile "
                         "(default: all; --quick: eager,fused,fused+graph)")
     p.add_argument("--reps", type=int, default=None,
                    help="loop/paper: timed passes per row (default 5; --quick 1); peers: timed passes per runner "
-                        "(default: 3 s worth, 5 to 40; 2 for the U-Net at B >= 8)")
+                        "(default: 3 s worth, 5 to 40; 2 for the U-Net at B >= 8); native-bandwidth: timed rounds (default 9; "
+                        "--quick 2)")
     p.add_argument("--seed", type=int, default=0, help="loop/paper: seed of weights, inputs and noise (default 0)")
     p.add_argument("--model-dtype", choices=["float32", "float16", "bfloat16"], default=None,
                    help="loop/paper: SD/ADM network weights (default float16 on CUDA, float32 on CPU)")
@@ -240,6 +244,12 @@ def _bench(args) -> int:
     if args.suite in ("loop", "paper"):
         from .bench import loop
         return loop.run_cli(args)
+    if args.suite == "precision":
+        from .bench import precision
+        return precision.run_cli(args)
+    if args.suite == "native-bandwidth":
+        from .bench import native_bandwidth
+        return native_bandwidth.run_cli(args)
     from .bench import ops as bench
     backends = args.backends.split(",") if args.backends else None
     unknown = set(backends or ()) - {"reference", "compile", "native", "triton"}

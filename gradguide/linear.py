@@ -1,6 +1,6 @@
 """Linear combinations of a step's operands: the algebra every rule is written in.
 
-A guided step (DESIGN.md) is: K operand tensors (``x_t``, model outputs, guidance
+A guided step (docs/architecture.md) is: K operand tensors (``x_t``, model outputs, guidance
 gradients, noise, ...), one ``reduce`` pass giving the per-sample Gram matrix and sums, a
 tiny coefficient program, and one ``combine`` pass. Rules (CFG variants, G / G_loss,
 PixelAsParam projections, samplers) never touch the big tensors: they manipulate
@@ -153,7 +153,7 @@ class Operands:
         """Write ``clamp(p)`` and ``clamp(p + s) − clamp(p)`` out as two new operands (one pass,
         :func:`gradguide.ops.clip_shift`): for ``s`` small beside ``p`` (a clipped guidance shift,
         policy C's clipped branch difference) the second keeps ``s``'s relative precision, where
-        the difference of two materialised clipped tensors would keep only ``p``'s (issue 12)."""
+        the difference of two materialised clipped tensors would keep only ``p``'s (docs/architecture.md#precision)."""
         k = len(self.tensors)
         cp, cs = p._padded(k).detach(), s._padded(k).detach()
         clipped, shift = self.clip_shift(p, s, clip)

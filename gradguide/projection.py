@@ -1,7 +1,7 @@
 """PixelAsParam (Dinh, Liu & Xu, ICML 2023): guidance terms as conflicting update directions.
 
 Pixels are the parameters; each additive term of a sampling step is an update direction.
-For DDPM with classifier guidance (SPEC.md §4):
+For DDPM with classifier guidance (docs/mathematics.md#pixelasparam):
 
     x_{t−1} = c2 x_t + g_den + g_cls + g_div,  g_den = c1 x̂_0, g_cls = s Σ_t ∇log p, g_div = σ_t z.
 
@@ -166,7 +166,7 @@ class PixelAsParam:
         first (clipping is not linear): ``clip(x̂_0u)`` and the clipped difference
         ``clip(x̂_0c) − clip(x̂_0u)`` are written out as operands of their own, so that Δ, small
         where the branches agree, is not a difference of two large materialised tensors (in
-        float32 that kept only their absolute precision: 1e-3 off float64, issue 12)."""
+        float32 that kept only their absolute precision: 1e-3 off float64, docs/architecture.md#precision)."""
         if clip is not None and self.convention == "official":
             x0_uncond, diff = ops.materialize_clip_shift(("x0_uncond_clipped", "x0_cfg_diff_clipped"), x0_uncond,
                                                          x0_cond - x0_uncond, clip)

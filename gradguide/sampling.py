@@ -1,6 +1,6 @@
 """``gradguide.sample``: the guided sampling loop.
 
-One step, for every sampler and guidance combination (DESIGN.md):
+One step, for every sampler and guidance combination (docs/architecture.md):
 
 1. **operands** — ``x_t``, the model output(s), guidance gradients, noise, carried state;
 2. **reduce** — the per-sample Gram matrix and sums, computed lazily by
@@ -329,7 +329,7 @@ def _build_tables_and_plan(run: _Run, fused: bool) -> tuple:
 # -- the setup cache ----------------------------------------------------------------------------
 # Why: a caller sampling repeatedly with one configuration (benchmarks, serving) would otherwise
 # rebuild the same sampler tables and re-derive the same fused plan symbolically on every call
-# (issue 12: ~60 % of sample()'s per-call setup). What the key covers: everything those two
+# (~60 % of sample()'s per-call setup). What the key covers: everything those two
 # read, as immutable values: the timesteps' values (not the schedule object, which a caller may
 # change), the sampler, eta, variance and the schedule's sampler options, device and dtype,
 # prediction, clip and clip_eps, telemetry, fused, the projection's parameters, and each
@@ -508,7 +508,7 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
             # the clipped guidance shift clip(p + s) − clip(p) (p = x̂_0, s = the shifts) is an
             # operand of its own, formed from s itself where neither side clips: as a difference
             # of the two clipped x̂_0 (norm ~1 each, the shift ~1e-3) it would keep only the
-            # precision of p, relative to s ~1e3 times worse (issue 12)
+            # precision of p, relative to s ~1e3 times worse (docs/architecture.md#precision)
             clipped, shift = ops_.clip_shift(x0_pre, _sum(None, score_shifts), run.clip)
             x0_pre, shift = ops_.add("x0_clipped", clipped), ops_.add("clip_shift", shift)
             x0_guided, score_shifts = x0_pre + shift, [shift]

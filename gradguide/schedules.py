@@ -1,7 +1,7 @@
-"""Noise schedules (SPEC.md §1) and the timesteps a sampler visits.
+"""Noise schedules (docs/mathematics.md#schedules) and the timesteps a sampler visits.
 
 A :class:`Schedule` holds the training ``alphas_cumprod`` (``ᾱ_t`` for 0-based timesteps
-``t = 0..T-1``, as in diffusers and ADM; SPEC.md's ``ᾱ_{t+1}``). :meth:`Schedule.timesteps`
+``t = 0..T-1``, as in diffusers and ADM; the DDPM paper's ``ᾱ_{t+1}``). :meth:`Schedule.timesteps`
 picks the steps a sampler visits and returns a :class:`Timesteps`: the kept timesteps in
 sampling order and, for each, ``ᾱ`` there and ``ᾱ`` at the step it moves to. Every sampler
 is written against a :class:`Timesteps`, so ADM respacing and diffusers' spacings are the

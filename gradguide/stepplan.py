@@ -1,4 +1,4 @@
-"""Built-in step programs: a guided step as at most reduce + one fused combine (issue 11 item 5).
+"""Built-in step programs: a guided step as at most reduce + one fused combine (docs/architecture.md#the-fused-step).
 
 The general step (:func:`gradguide.sampling._step_body`) writes every sampler × guidance ×
 projection combination in :class:`~gradguide.linear.LinComb` algebra; evaluated each step,
@@ -252,7 +252,7 @@ def _program(run, sc: Dict[str, torch.Tensor], noisy: bool, extra, first_row):
                 vectors = {"x0_cond": ctx.x0_of_eps(eps_c), "x0_uncond": ctx.x0_of_eps(eps_u)}
                 scalars = {"scale": run.branch.scale, "delta": proj.delta, "delta2": proj.delta2}
                 if run.clip is not None and proj.convention == "official":   # branches clipped first, their
-                    # difference an operand of its own (PixelAsParam.combine_cfg, issue 12)
+                    # difference an operand of its own (PixelAsParam.combine_cfg, docs/architecture.md#precision)
                     x0_u, diff = bld.clip_shift(vectors["x0_uncond"], vectors["x0_cond"] - vectors["x0_uncond"],
                                                 run.clip, ("x0_uncond_clipped", "x0_cfg_diff_clipped"))
                     vectors = {"x0_cond": x0_u + diff, "x0_uncond": x0_u}

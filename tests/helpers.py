@@ -17,7 +17,7 @@ def one_step(t: int, t_prev=None, schedule=SCHEDULE) -> Timesteps:
 
 
 def coeffs(ts: Timesteps):
-    """DDPM posterior coefficients of SPEC.md §2 for the single step ``ts``."""
+    """DDPM posterior coefficients (docs/mathematics.md#samplers) for the single step ``ts``."""
     abar, abar_prev = ts.abar[0].item(), ts.abar_prev[0].item()
     alpha = abar / abar_prev
     beta = 1 - alpha

@@ -1,4 +1,4 @@
-"""Both guidance branches in one model call of batch 2B (issue 12, item 1).
+"""Both guidance branches in one model call of batch 2B (as diffusers pipelines call the model).
 
 Every two-branch term (CFG, APG, Rescale, CFG-Zero*, CFG++, PixelAsParam C) must give the
 two-call path's output (float64, tight tolerance) while calling the model once per step; the

@@ -82,7 +82,7 @@ def test_dpmpp_2m_reproduces_the_mixture_with_enough_steps():
     assert_same_law(x, ref, range(3), 0.08)
 
 
-# -- gradient guidance on the linear-subspace model (SPEC.md §5, Theorem 1) ---------------
+# -- gradient guidance on the linear-subspace model (Guo et al. 2024, Theorem 1) ---------------
 
 @pytest.fixture(scope="module")
 def subspace_runs():

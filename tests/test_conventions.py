@@ -188,7 +188,7 @@ def test_bad_convention():
             make(3.0, convention="k-diffusion")
 
 
-# -- PixelAsParam policy C: the official code's conventions (SPEC §7) ----------------------------
+# -- PixelAsParam policy C: the official code's conventions (docs/pixelasparam.md) ----------------------------
 
 def _pc_factor(a, b):
     """The per-sample factor f of PC(a|b) = a − f b (f = min(0, <a,b>)/‖b‖², 0 where ‖b‖ = 0)."""
@@ -252,7 +252,7 @@ def test_policy_C_conventions_are_equal_without_clipping():
         gg.PixelAsParam("C", convention="diffusers")
 
 
-# -- DecodedLookAhead: the official Stable Diffusion code's β (SPEC §7) ---------------------------
+# -- DecodedLookAhead: the official Stable Diffusion code's β (docs/mathematics.md#guidance-terms) ---------------------------
 
 def _decoded_case(batch):
     lat_shape = (batch, 2, 3, 3)

@@ -1,4 +1,4 @@
-"""Parity by default (issue 13): ``from_diffusers(model, scheduler)`` + ``sample(model, shape,
+"""Parity by default: ``from_diffusers(model, scheduler)`` + ``sample(model, shape,
 schedule=schedule, steps=N, x_T=noise)`` with no other keyword (plus ``generator=`` where the
 scheduler draws noise) equals diffusers' own loop (``set_timesteps(N)``, ``scale_model_input``,
 ``step``) on the same model and noise, for every supported scheduler configuration; every

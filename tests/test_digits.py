@@ -1,4 +1,4 @@
-"""Issue 6: PixelAsParam on the 8x8 digits — data split, shipped models, guidance behaving as
+"""PixelAsParam on the 8x8 digits — data split, shipped models, guidance behaving as
 guidance with every policy, real conflicts in the telemetry, the CLI and a tiny sweep."""
 import json
 import os

@@ -1,4 +1,4 @@
-"""The fake-CUDA dry run (issue 11 item 3): guided steps on fake tensors prove device, sync and
+"""The fake-CUDA dry run: guided steps on fake tensors prove device, sync and
 trace properties, and count launches, bytes and memory. Small shapes: the whole module runs in
 about a minute on two CPU cores."""
 import pytest
@@ -199,7 +199,7 @@ def test_targets_table_marks_what_is_met():
 
 @pytest.mark.parametrize("key", dryrun.TARGETS, ids=[" + ".join(k) for k in dryrun.TARGETS])
 def test_issue11_targets_on_triton(key):
-    """Issue 11 item 5 on the GPU path: each target step, on fake tensors with backend "triton",
+    """The fused step's targets on the GPU path: each target step, on fake tensors with backend "triton",
     is at most 8 launches beyond the model at <= 1.1x the minimum big-tensor bytes, and runs as
     the Triton reduce + fused combine (no torch coefficient ops, no padded Gram)."""
     r = dryrun.run_combination(*key, backend="triton")
@@ -215,13 +215,13 @@ def test_issue11_targets_on_triton(key):
 
 
 def test_ddim_clip_cfg_pxp_c_on_triton_runs_the_clip_shift_kernel():
-    """ddim-clip + cfg + policy C on "triton": the clipped branch difference (issue 12's
+    """ddim-clip + cfg + policy C on "triton": the clipped branch difference (the precision fix's
     clamp(p + s) − clamp(p)) is the Triton clip_shift kernel, not the torch reference (which
     made this step 28 launches at 58x the minimum bytes): <= 8 launches, and the big-tensor
     traffic is exactly the plan's four passes: clip_shift (read x, both model outputs; write
     the clipped x̂_0 and the shift), the reduce over those two, the fused pxp-c combine (read
     2, write x̂_0) and the linear x_next (read 2, write 1): 13 tensors, 1.86x the 7-tensor
-    minimum of a two-pass step that recomputes the clip in both passes (issue 11's 1.5x would
+    minimum of a two-pass step that recomputes the clip in both passes (a 1.5x target would
     need clip_shift folded into the reduce and the combine)."""
     r = dryrun.run_combination("ddim-clip", "cfg", "C", backend="triton")
     assert r["status"] == "ok" and r["backend"] == "triton"

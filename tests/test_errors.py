@@ -130,7 +130,7 @@ def test_schedule_errors():
         SCHED.timesteps("60,60")
 
 
-# -- issue 14: no silent wrong result ---------------------------------------------------------
+# -- no silent wrong result ------------ ---------------------------------------------------------
 
 import json
 import math
@@ -147,7 +147,7 @@ NAN = float("nan")
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shift", [1, 7, -3, 999])
 def test_out_partially_overlapping_an_operand(backend, shift):
-    """Issue 14 case 1: ``out`` a shifted view of the buffer holding an operand."""
+    """``out`` a shifted view of the buffer holding an operand."""
     torch.manual_seed(shift % 17)
     buf = torch.randn(2000 + abs(shift))
     start = max(0, -shift)
@@ -414,7 +414,7 @@ def test_project_errors_name_the_argument():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_float32_guided_sampling_matches_float64(backend):
-    """Issue 14 case 5 (= issue 12's precision case): DDIM, classifier guidance 1.5,
+    """The pinned precision case: DDIM, classifier guidance 1.5,
     PixelAsParam B per channel, clip=True, 5 steps on the shipped 8x8-digits models. float64 is
     well conditioned here; float32 must agree to 1e-4 relative (it was 1.6e-2 off)."""
     from gradguide.experiments.digits import models

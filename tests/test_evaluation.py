@@ -1,4 +1,4 @@
-"""Metric code of gradguide.experiments.evaluation on known cases (issue 6 acceptance)."""
+"""Metric code of gradguide.experiments.evaluation on known cases."""
 import numpy as np
 import pytest
 import torch

@@ -1,4 +1,4 @@
-"""Every formula of SPEC.md §2–§4 on small hand-worked cases, in float64.
+"""Every formula of docs/mathematics.md (samplers, guidance terms, PixelAsParam) on small hand-worked cases, in float64.
 
 Each test builds one sampling step with known model outputs, gradients and noise, runs
 ``gradguide.sample`` on it, and compares with the formula computed independently here.
@@ -43,7 +43,7 @@ def test_prediction_conversions_round_trip():
     for kind, out in [("eps", eps), ("x0", x0), ("v", v)]:
         assert torch.allclose(predictions.eps_from(kind, out, x, a, s), eps, atol=1e-12)
         assert torch.allclose(predictions.x0_from(kind, out, x, a, s), x0, atol=1e-12)
-    # SPEC: x0 = √ᾱ x_t − √(1−ᾱ) v and ε = √(1−ᾱ) x_t + √ᾱ v
+    # docs/mathematics.md#parametrisations: x0 = √ᾱ x_t − √(1−ᾱ) v and ε = √(1−ᾱ) x_t + √ᾱ v
     assert torch.allclose(a * x - s * v, x0, atol=1e-12)
     assert torch.allclose(s * x + a * v, eps, atol=1e-12)
 
@@ -406,7 +406,7 @@ def test_policy_C_matches_spec_for_ddpm(clip, convention):
     got = run(FixedModel(ec, eu), ts, x, guidance=gg.CFG(w), projection=gg.PixelAsParam("C", convention=convention),
               cond={"y": y}, sampler=gg.Sampler(clip=clip))
     x0c, x0u = (x - c["s"] * ec) / c["a"], (x - c["s"] * eu) / c["a"]
-    if clip and convention == "official":   # the authors' code clips both branches' x̂_0 first (SPEC §7)
+    if clip and convention == "official":   # the authors' code clips both branches' x̂_0 first (docs/pixelasparam.md)
         x0c, x0u = x0c.clamp(-1, 1), x0u.clamp(-1, 1)
     delta = (w - 1) * (x0c - x0u)   # Ho's w' = w − 1
     x0 = pc_ref(x0c, delta) + pc_ref(delta, x0c)

@@ -1,4 +1,4 @@
-"""The fused combine into an existing output (issue 12: a fresh CPU output pays first-touch
+"""The fused combine into an existing output (a fresh CPU output pays first-touch
 page faults; a caller that owns its loop can write each step into a buffer it keeps).
 
 ``gradguide::fused_combine_out`` / ``ops.fused_unchecked(out=)`` / ``ops.fused_combine(out=)``

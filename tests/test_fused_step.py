@@ -1,4 +1,4 @@
-"""The fused step (gradguide.stepplan, issue 11 item 5 / issue 12 item 2).
+"""The fused step (gradguide.stepplan, docs/architecture.md#the-fused-step).
 
 - A guided step that matches a built-in program runs as reduce + one fused combine: at most 8
   launches beyond the model (counted on CPU with a TorchDispatchMode: aten ops that are not

@@ -1,4 +1,4 @@
-"""Fuzz suite (issue 14): every public op, the registered ops called directly, ``project``,
+"""Fuzz suite (no silent wrong result): every public op, the registered ops called directly, ``project``,
 ``off_support_ratio`` and ``sample`` on every available backend, valid and deliberately broken calls, classified by
 :mod:`gradguide.bench.fuzz` as correct (agrees with float64) or a clean error (TypeError /
 ValueError naming the argument at fault); anything else fails the test.

@@ -1,4 +1,4 @@
-"""``gradguide bench --suite gpu`` (issue 11 item 6): it cannot measure anything here (no GPU),
+"""``gradguide bench --suite gpu``: it cannot measure anything here (no GPU),
 so these tests check that it refuses clearly without CUDA, and run its plumbing on the CPU
 (``allow_cpu=True``: every section on tiny workloads, the report labelled as a plumbing test)."""
 import pytest

@@ -554,7 +554,7 @@ def test_project_backend(backend):
 # -- Triton addressing: 128-bit aligned rows, offset (unaligned) operands, split and looped rows ----
 
 def test_triton_reduce_fp32_sums_in_float64():
-    """The Triton reduce widens fp32 tiles to fp64 (exact) and sums on DMMA in fp64 (issue 12:
+    """The Triton reduce widens fp32 tiles to fp64 (exact) and sums on DMMA in fp64 (docs/architecture.md#precision:
     a float32 Gram lost small combinations such as APG's ‖d_c − d_u‖). x = 1 + 2**-12 + 2**-20
     needs all 24 significand bits, two operands nearly cancel (x and −x(1 + 2**-20)), and
     3000 same-sign terms: an fp32 accumulator, or products rounded to fewer bits, would be off
@@ -673,7 +673,7 @@ def test_fused_kernel_matches_float64_truth(policy, dtype):
 
 def test_fused_kernel_coefficient_program_is_float64():
     """G_loss's β of a small direction of two large float32 operands: ‖v‖² = G00 − 2 G01 + G11
-    cancels to ~1e-6 of the entries, which a float32 program would get ~10 % wrong (issue 12);
+    cancels to ~1e-6 of the entries, which a float32 program would get ~10 % wrong (docs/architecture.md#precision);
     the kernel's float64 prologue on the float64 Gram keeps it, as the native op does."""
     _backend("triton")
     from gradguide.ops import triton_backend

@@ -1,5 +1,5 @@
 """Generative optimisation (Algorithms 1 and 2 of Guo et al., NeurIPS 2024) and the subspace
-simulation (SPEC.md §5). Fast: the exact analytic score, few rounds and respaced steps."""
+simulation (docs/mathematics.md#generative-optimisation). Fast: the exact analytic score, few rounds and respaced steps."""
 import json
 import math
 

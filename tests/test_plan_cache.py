@@ -1,4 +1,4 @@
-"""sample()'s setup cache (gradguide.sampling._PLAN_CACHE, issue 12): repeated calls with one
+"""sample()'s setup cache (gradguide.sampling._PLAN_CACHE): repeated calls with one
 configuration reuse the sampler tables and the fused plan, and give bit-identical samples to the
 uncached path; any change of what the tables or the plan read gives a fresh, right answer; the
 cache is bounded and a caller cannot corrupt it through a run."""

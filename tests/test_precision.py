@@ -1,4 +1,4 @@
-"""float32 you can trust (issue 12 item 4): a float32 run matches the float64 run of the same
+"""float32 you can trust (docs/architecture.md#precision): a float32 run matches the float64 run of the same
 sampling within 1e-4 relative (max |x32 − x64| / max |x64|), on every backend.
 
 The loss the issue traced: rules take inner products of small combinations of large operands
@@ -88,7 +88,7 @@ def float32_floor(seed=0, fused=True, **kw):
     with x_T moved by 1e-7 relative (about one rounding; two draws). The largest: the
     sampling's conditioning times float32 rounding, which no float32 arithmetic can beat
     (policy C's projection onto a vanishing Δ = x̂0_c − x̂0_u is discontinuous; so is DPS's
-    ∇‖x̂_0‖ where x̂_0 → 0; issue 12's case amplifies one rounding of x_t up to ~1000x).
+    ∇‖x̂_0‖ where x̂_0 → 0; the pinned DDIM case amplifies one rounding of x_t up to ~1000x).
     Intermediates (clipped x̂_0, shifts) are not rounded here: how they are formed is gradguide's
     choice, and forming a small one as a difference of two stored large ones is what this file
     catches."""
@@ -131,7 +131,7 @@ def _pair(backend, seed=0, fused=True, **kw):
 
 
 def issue_case(eta=0.0, seed=0, scale=1.5, fused=True):
-    """Issue 12's case: DDIM, classifier scale 1.5, PixelAsParam("B", granularity="channel"),
+    """The pinned precision case: DDIM, classifier scale 1.5, PixelAsParam("B", granularity="channel"),
     clip=True, 5 steps (and eta = 1). ``fused`` is the execution's (see _pair)."""
     return dict(model=_model, shape=SHAPE, schedule=SCHED, sampler=gg.Sampler("ddim", eta=eta, clip=True), steps=5,
                 guidance=gg.Classifier(_classifier(seed + 7), scale), cond={"y": torch.ones(SHAPE[0])},

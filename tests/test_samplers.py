@@ -1,4 +1,4 @@
-"""The σ-space and multistep samplers (issue 13): closed-form identities, the k-diffusion-style
+"""The σ-space and multistep samplers: closed-form identities, the k-diffusion-style
 ``sigmas=`` API against k-diffusion's algorithms written out here, zero terminal SNR, and every
 guidance term and PixelAsParam policy on every new sampler with no host synchronisation."""
 import math

@@ -1,4 +1,4 @@
-"""Schedules, ADM respacing and diffusers' spacings (SPEC.md §1)."""
+"""Schedules, ADM respacing and diffusers' spacings (docs/mathematics.md#schedules)."""
 import math
 
 import numpy as np

@@ -153,7 +153,7 @@ def test_cli_errors_name_the_argument(tmp_path):
         cli_main(["sample", "--n", "4", "--out", str(tmp_path / "x"), "--model", "no_such_module:f"])
 
 
-# -- one writer per output directory, atomic files, clean OS errors (issue 14) ----------------
+# -- one writer per output directory, atomic files, clean OS errors ----------------
 
 import errno
 import socket

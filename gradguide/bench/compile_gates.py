@@ -1,5 +1,5 @@
 """Compile gates: every Triton kernel variant the glue can launch, compiled for sm_80 / sm_90
-on a machine without a GPU, and checked from its PTX and cubin (DESIGN.md, "Verifying the
+on a machine without a GPU, and checked from its PTX and cubin (docs/architecture.md#benchmarks-and-results; "Verifying the
 GPU path without a GPU").
 
 How: Triton's active driver is replaced by :class:`FakeCudaDriver`, which reports a CUDA

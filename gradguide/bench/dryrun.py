@@ -857,11 +857,11 @@ def run_all_combinations(backend: str = "auto", progress: bool = True, graph: bo
 # -- report ---------------------------------------------------------------------------------------------
 
 PAPER = ("sim-gloss", "sd-cfg-gloss", "adm64-cls-pxpA")
-PAPER_FIGURES = {"sim-gloss": "4.6 s per pass, one A100 (Guo et al. 2024, SPEC.md §5)",
+PAPER_FIGURES = {"sim-gloss": "4.6 s per pass, one A100 (Guo et al. 2024, Table 1)",
                  "sd-cfg-gloss": "not given per pass", "adm64-cls-pxpA": "not given per pass"}
 
 
-# issue 11's targets for the fused step: <= 8 launches beyond the model, bytes <= 1.1x the minimum
+# the fused step's targets: <= 8 launches beyond the model, bytes <= 1.1x the minimum
 TARGETS = (("ddim", "cfg", "none"), ("ddpm", "classifier", "A"), ("ddpm", "G_loss", "none"), ("ddim", "apg", "none"),
            ("ddim", "cfg", "C"))
 TARGET_LAUNCHES, TARGET_RATIO = 8, 1.1
@@ -951,7 +951,7 @@ def markdown(report: dict) -> str:
         lines += ["", "## Projected GPU time (PROJECTION)", "", projection_table(report), "",
                   projection.ASSUMPTIONS, ""]
     if report.get("combinations"):
-        lines += ["## Issue 11 targets for the fused step", "", targets_table(report), ""]
+        lines += ["## Targets for the fused step", "", targets_table(report), ""]
         ok = [c for c in report["combinations"] if c["status"] == "ok"]
         lines += ["## Every sampler × guidance × projection (small model, shape 2×4×8×8)", "",
                   f"{len(ok)} combinations ran, {len(report['combinations']) - len(ok)} refused by `sample` "
@@ -1129,7 +1129,7 @@ def write_docs(report: dict, path: Optional[str] = None) -> str:
     block = "\n".join([DOCS_BEGIN, "",
                        f"Generated {report['date'][:10]} at commit {report['git_commit'][:12]} by `{report['command']}`.",
                        "", "Dry run (counted on fake tensors, one guided step):", ""] + rows +
-                      (["", "Issue 11's targets for the fused step (small model, every combination in the report):", "",
+                      (["", "The targets for the fused step (small model, every combination in the report):", "",
                         targets_table(report)] if report.get("combinations") else []) +
                       ["", "Projected time per sampling pass (PROJECTION, not measured):", "",
                        projection_table(report), "", projection.ASSUMPTIONS, "", DOCS_END])

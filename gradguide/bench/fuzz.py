@@ -1,4 +1,4 @@
-"""Differential fuzzing of the public API (issue 14): ``ops.reduce / combine / fused_combine``,
+"""Differential fuzzing of the public API (no silent wrong result): ``ops.reduce / combine / fused_combine``,
 the registered ops called directly (``raw_op``: ``torch.ops.gradguide.*`` and
 ``torch.ops.gradguide_triton.*``), ``project``, ``off_support_ratio`` and ``sample``, on every
 backend this installation has.
@@ -19,9 +19,9 @@ hypothesis): the target, backend, dtype, shapes, a seed for the values, and at m
 - ``"known_imprecise"`` — ``sample`` below float64 with a rule computed from Gram entries
   (PixelAsParam projections, APG, CFG-Zero*, guidance rescale) whose finite result is further
   from float64 than the dtype's rounding explains: the Gram trick's cancellation (``‖u − v‖²``
-  from ``‖u‖² − 2<u,v> + ‖v‖²``) tracked by issue 12, and projections against a partner that
+  from ``‖u‖² − 2<u,v> + ‖v‖²``; docs/architecture.md#precision), and projections against a partner that
   vanishes to rounding level (a direction the run's dtype cannot resolve). Counted and reported,
-  never silent; to become ``"wrong"`` once issue 12's fix is merged;
+  never silent; to become ``"wrong"`` once the precision fix covers it;
 
 and every other outcome is a failure: ``"wrong"`` (disagreement, or invalid input accepted),
 ``"nan"`` (NaN/inf from finite inputs where float64 is finite), ``"unclean_error"`` (another
@@ -805,7 +805,7 @@ def _sample(spec):
     except Result as r:
         gram_based = spec["projection"] is not None or spec["guidance"] in ("apg", "cfgzero", "rescale")
         if r.outcome == "wrong" and gram_based and dtype != torch.float64 and bool(torch.isfinite(got).all()):
-            raise Result("known_imprecise", f"issue 12: {r.detail}")
+            raise Result("known_imprecise", f"float32 cancellation: {r.detail}")
         raise
     return "correct", ""
 

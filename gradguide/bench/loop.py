@@ -1,6 +1,6 @@
 """``gradguide bench --suite loop | paper``: whole guided sampling passes, eager vs fused vs graph.
 
-Each workload runs side by side in one process, in up to four variants (DESIGN.md "Benchmarks
+Each workload runs side by side in one process, in up to four variants (docs/architecture.md "Benchmarks
 and results"):
 
 - ``eager``        — ``backend="reference"``, ``graph=False``: the plain-torch step;
@@ -11,7 +11,7 @@ and results"):
 - ``compile``      — ``backend="auto"`` with the denoiser wrapped in ``torch.compile``; a
   failure becomes the row's note, never a crash.
 
-Workloads (``--suite paper``; SPEC.md §5 and §4, the papers' runtime settings):
+Workloads (``--suite paper``; docs/mathematics.md,  the papers' runtime settings):
 
 - ``sim-gloss`` / ``sim-unguided`` — the gradient-guidance paper's simulation pass (Guo et al.,
   NeurIPS 2024, §5 and Table 1): its 1-D U-Net (:class:`gradguide.experiments.nets.UNet1D`, ≈14.9 M
@@ -67,7 +67,7 @@ from gradguide.graphs import GraphCache
 from gradguide.bench import meta, ops as bench_ops  # run metadata, result writing
 from gradguide.bench.profiling import MemorySampler
 
-PAPER_PASS_S = 4.6        # SPEC.md §5: one guided sampling pass, 200 steps, B = 32, one A100
+PAPER_PASS_S = 4.6        # Guo et al. 2024, Table 1: one guided sampling pass, 200 steps, B = 32, one A100
 PAPER_RUN_MIN = 76.0      # one simulation run (Algorithm 1, 1000 rounds)
 PAPER_ROUNDS = 1000
 

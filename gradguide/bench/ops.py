@@ -4,7 +4,7 @@ For each built-in policy (plus the bare ``reduce + combine``) and each size, fro
 Diffusion latent batch (B = 1 and 8, 4x64x64) to an ADM-256 batch (B = 64, 3x256x256), it
 times one step's two passes on every backend side by side in one run: the eager reference,
 ``torch.compile`` of the same reference function, the native ops and Triton (where each is
-available), and writes JSON + a markdown table (DESIGN.md "Benchmarks and results").
+available), and writes JSON + a markdown table (docs/architecture.md#benchmarks-and-results).
 
 Bytes moved are the minimum for the step: each operand read once per pass that needs it
 (``reduce`` when the policy needs the Gram matrix, then ``combine``) and the output written
@@ -145,7 +145,7 @@ def _step_callable(workload: str, shape, device, dtype, fused: bool):
 def step_rows(quick: bool, device, dtype, reps: int, progress: bool = True) -> List[dict]:
     """Per-step medians of the general step (``Execution(fused=False)``), the fused step, and
     ``torch.compile(fused step, fullgraph=True)`` (the whole step, the native custom ops inside;
-    issue 12 item 5), timed interleaved in one run; ratios against the general step."""
+    the per-call setup cache), timed interleaved in one run; ratios against the general step."""
     rows = []
     sizes = STEP_QUICK_SIZES if quick else STEP_SIZES
     for label, shape in sizes:

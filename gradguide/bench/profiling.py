@@ -1,13 +1,13 @@
 """Memory of a guided sampling run, per phase and over time (the measurements of
 ``gradguide profile``, whose command is :mod:`gradguide.bench.profile`).
 
-Where the memory of a guided step goes (DESIGN.md "who uses it": numbers a user can reproduce):
+Where the memory of a guided step goes (numbers a user can reproduce):
 
 - **forward** — the model's calls (and a classifier's forward);
 - **backward** — the autograd vector-Jacobian products: G_loss's ``∇_{x_t}(gᵀx̂_0)`` through the
   denoiser (Guo et al., NeurIPS 2024, Definition 1), the classifier's ``∇ log p_φ(y|x_t)``
   (Dhariwal & Nichol 2021), DPS's residual gradient;
-- **guidance** — everything else in a step: the reduce/combine passes (DESIGN.md steps 2-4),
+- **guidance** — everything else in a step: the reduce/combine passes (docs/architecture.md, reduce to combine),
   the coefficient programs (PixelAsParam projections, CFG/APG weights), the sampler's update
   and the noise;
 - **setup** — ``sample``'s validation, scalar tables and initial noise, up to the first model call;

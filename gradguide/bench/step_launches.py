@@ -4,7 +4,7 @@ A :class:`~torch.utils._python_dispatch.TorchDispatchMode` sees every aten op an
 custom op (``torch.ops.gradguide.*``) a step dispatches: in eager mode each non-view op is
 one kernel launch on a GPU. The model and the classifier run inside an autograd function
 whose forward and backward pause the count, so what is left is the sampler's and the
-guidance's own cost (ISSUE 11 item 5: ≤ 8 launches per guided step beyond the model).
+guidance's own cost (the fused step's target: ≤ 8 launches per guided step beyond the model).
 
 Bytes: for every counted op, the bytes of its tensor inputs and outputs that are as large as
 the sample batch ("big" tensors; the Gram matrix, coefficients and per-step scalars are not).
@@ -219,7 +219,7 @@ def main(argv: Optional[List[str]] = None) -> None:
             f"- command: `{info['command']}`; commit {commit}, {date}, torch {torch.__version__}\n"
             "- counted with a TorchDispatchMode: aten ops that are not views + custom ops "
             "(`gradguide::*`); the model and the classifier (forward and backward) are not counted\n"
-            "- `general`: the LinComb step (`Execution(fused=False)`, the path before issue 11 item 5); "
+            "- `general`: the LinComb step (`Execution(fused=False)`, the path without a built-in program); "
             "`fused`: `gradguide.stepplan`\n"
             "- traffic: bytes of tensors as large as the batch read/written by counted ops, over the "
             "minimum (each operand read once per pass that needs it, x_{t-1} written once)\n\n"

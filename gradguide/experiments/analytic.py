@@ -1,4 +1,4 @@
-"""Models with exact scores, for tests and the demo (SPEC.md §5 "Analytic score for tests").
+"""Models with exact scores, for tests and the demo (docs/mathematics.md#generative-optimisation, analytic scores).
 
 - :class:`GaussianMixture` — isotropic Gaussian components; exact unconditional and
   class-conditional ε-predictions at every noise level, and the exact noisy classifier

@@ -2,7 +2,7 @@
 
 Algorithms 1 and 2 of Guo et al. (NeurIPS 2024), each with naive guidance G and look-ahead
 guidance G_loss, maximise ``f1(x) = 10 − (θ2ᵀx − 3)²`` (θ2 mostly off the data subspace) with the
-shipped small score network (SPEC.md §5). The embedded default is a reduced setting that runs on
+shipped small score network (docs/mathematics.md#generative-optimisation). The embedded default is a reduced setting that runs on
 2 CPU cores in well under a minute: 100 rounds of Algorithm 1 and 120 of Algorithm 2 (the paper's
 1000:1200 ratio), 50 respaced DDPM steps of the T = 200 cosine schedule, B = 32, k_ft scaled
 from 40/60 to 4/6, and a fine-tuning learning rate of 1e-4 so that 1/10 of the rounds still move

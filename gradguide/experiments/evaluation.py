@@ -1,4 +1,4 @@
-"""Sample-quality metrics on small data (SPEC.md §6): accuracy under an evaluation classifier,
+"""Sample-quality metrics on small data (docs/mathematics.md#evaluation): accuracy under an evaluation classifier,
 classifier-FID and k-NN precision / recall.
 
 - **Fréchet distance** between Gaussian fits ``N(μ1, Σ1)``, ``N(μ2, Σ2)`` (Heusel et al. 2017,

@@ -1,4 +1,4 @@
-"""Score networks for the linear-subspace simulation of the gradient-guidance paper (SPEC.md §5).
+"""Score networks for the linear-subspace simulation of the gradient-guidance paper (docs/mathematics.md#generative-optimisation).
 
 - :class:`UNet1D` — the paper's score network: a 1-D U-Net over the D = 64 vector read as a
   one-channel sequence of length 64, with a sinusoidal time embedding, GroupNorm ResNet blocks

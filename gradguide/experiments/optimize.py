@@ -1,5 +1,5 @@
 """Generative optimisation with gradient guidance: Algorithms 1 and 2 of Guo et al., "Gradient
-Guidance for Diffusion Models: An Optimization Perspective" (NeurIPS 2024; SPEC.md §5).
+Guidance for Diffusion Models: An Optimization Perspective" (NeurIPS 2024; docs/mathematics.md#generative-optimisation).
 
 **Algorithm 1** (iterative gradient-guided diffusion). ``B`` parallel chains; ``z_0`` is an
 unguided batch. Round ``k``: query ``g_{k,i} = ∇f(z_{k,i})``, set the target
@@ -387,7 +387,7 @@ def _graph_cache(graph, device):
 
 
 def add_arguments(p) -> None:
-    """The ``gradguide optimize`` options (SPEC.md §5 settings are the defaults)."""
+    """The ``gradguide optimize`` options (the paper's simulation settings are the defaults)."""
     from .simulation import OBJECTIVES
     p.add_argument("--objective", choices=OBJECTIVES, default="f1-theta2", help="objective (default f1-theta2)")
     p.add_argument("--algorithm", type=int, choices=[1, 2], nargs="+", default=[1, 2],

@@ -1,5 +1,5 @@
 """The linear-subspace simulation of the gradient-guidance paper (Guo et al., NeurIPS 2024, §6.1;
-SPEC.md §5).
+docs/mathematics.md#generative-optimisation).
 
 Data ``x = A u`` with ``A`` a seeded random orthonormal ``64 × 16`` basis and ``u ~ N(0, I_16)``;
 65,536 pre-training samples; cosine schedule, T = 200. Objectives:
@@ -50,7 +50,7 @@ class Simulation:
     """Seeded subspace ``A``, objective parameters ``θ1, θ2, b1, b2`` and the pre-training data.
 
     Everything is drawn in float64 from ``torch.Generator().manual_seed(seed)`` in a fixed order,
-    so one seed fixes the whole problem (independent of the optimisation seeds of SPEC.md §5).
+    so one seed fixes the whole problem (independent of the optimisation seeds).
     """
 
     def __init__(self, seed: int = 0, D: int = D_OUTER, d: int = D_INNER, T: int = T_STEPS):
@@ -139,7 +139,7 @@ def train_small(seed: int = 0, sim_seed: int = 0, epochs: int = 40, batch: int =
 def train_unet(seed: int = 0, sim_seed: int = 0, epochs: int = 20, batch: int = 32, lr: float = 1e-4,
                device: str = "cpu", progress: bool = True):
     """Train the paper's :class:`~gradguide.experiments.nets.UNet1D` with the paper's recipe (20 epochs, Adam
-    lr 1e-4, batch 32; SPEC.md §5). About 41k steps of a 14.9 M-parameter network: a GPU job."""
+    lr 1e-4, batch 32, as the paper trains it). About 41k steps of a 14.9 M-parameter network: a GPU job."""
     from .nets import UNet1D
     sim = Simulation(sim_seed)
     return _fit(lambda: UNet1D(sim.D), sim, seed, epochs, batch, lr, cosine=False, device=device, progress=progress)

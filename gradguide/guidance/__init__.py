@@ -1,4 +1,4 @@
-"""Guidance terms (SPEC.md §3). Each is usable with every sampler, several at once."""
+"""Guidance terms (docs/mathematics.md#guidance-terms). Each is usable with every sampler, several at once."""
 from .apg import APG
 from .apgmix import APGMix
 from .base import GuidanceTerm, StepContext

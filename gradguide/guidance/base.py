@@ -1,6 +1,6 @@
 """What a guidance term sees of a step, and the four places a term can act.
 
-A term acts at one of four places of the step (SPEC.md §3), in this order:
+A term acts at one of four places of the step (docs/architecture.md#recipe-add-a-guidance-term), in this order:
 
 - ``"branches"`` — combines the conditional and unconditional predictions (CFG and its
   variants: APG, rescale, CFG-Zero*, CFG++). At most one such term per sampling run.
@@ -49,7 +49,7 @@ class StepContext:
 
     @property
     def a(self) -> torch.Tensor:
-        """√ᾱ_t (SPEC.md's α(t))."""
+        """√ᾱ_t (the gradient-guidance paper's α(t))."""
         return self.scalars["sqrt_abar"]
 
     @property

@@ -13,7 +13,7 @@ the mapping table, tests/test_conventions.py a test per row):
   output (ε, v or x̂_0, whatever the model predicts), with its defaults;
 - ``"diffusers-original"`` — the same guider with ``use_original_formulation=True``.
 
-Defaults: ``"paper"`` for APG, CFG-Zero* and Rescale; ``"diffusers"`` for CFG, because SPEC
+Defaults: ``"paper"`` for APG, CFG-Zero* and Rescale; ``"diffusers"`` for CFG, because docs/mathematics.md
 and every CFG weight in gradguide (PixelAsParam policy C's ``w' = w − 1``, the CLI, the
 benchmarks) use ``w = 1`` for the conditional model.
 

@@ -14,7 +14,7 @@ Both enter as a score shift, ``ε̃ = ε̂ − √(1−ᾱ_t) G``. ``x̂_0`` is 
 CFG-family combination; in the VJP, data-dependent combination weights (APG, rescale,
 CFG-Zero*) are held constant.
 
-- **Decoded G_loss** (the paper's Stable Diffusion experiment, SPEC.md §5): for latent models,
+- **Decoded G_loss** (the paper's Stable Diffusion experiment, docs/mathematics.md#guidance-terms): for latent models,
   ``x̂_0 = decode(ẑ_0 / scaling)`` with Tweedie's latent ``ẑ_0``, ``L = ½(gᵀx̂_0 + b − y*)²`` with
   a reward linearised at the last image (``g = ∇r``, ``b = r − gᵀx``), and the score shift
   ``G = −β ∇_{z_t} L`` (``ε̃ = ε̂ + √(1−ᾱ_t) β ∇L``), the gradient flowing through the

@@ -58,7 +58,7 @@ def k_padded(k: int) -> int:
 
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype of every kernel: fp64 for fp32 and fp64 data (small combinations of
-    large operands, issue 12: reduce.py's header), fp32 for fp16/bf16 (exact products)."""
+    large operands: reduce.py's header), fp32 for fp16/bf16 (exact products)."""
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else torch.float64
 
 

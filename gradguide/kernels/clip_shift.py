@@ -1,4 +1,4 @@
-"""Triton ``clip_shift``: ``clamp(p)`` and ``clamp(p + s) - clamp(p)`` in one pass (issue 12).
+"""Triton ``clip_shift``: ``clamp(p)`` and ``clamp(p + s) - clamp(p)`` in one pass (docs/architecture.md#precision).
 
 With ``p = sum_k coef_p[b, k] op_k`` and ``s = sum_k coef_s[b, k] op_k``, a clipped x̂_0 and its
 clipped guidance shift (policy C's clipped branch difference). The shift is ``s`` itself where
@@ -12,7 +12,7 @@ Grid, tiles and loads of ``combine.py``: ``(rows, blocks)`` with a row a sample,
 argument per operand, 128-bit loads when rows keep 16-byte alignment, K <= 8 operands loaded
 once each and accumulated into both ``p`` and ``s`` in float64 for every dtype, as the
 reference and the native CPU op do: ``p`` is an x̂_0 = (x − √(1−ᾱ) ε)/√ᾱ whose weights (~160
-at t = 999) cancel to a result of size 1, and a float32 accumulator here put issue 12's
+at t = 999) cancel to a result of size 1, and a float32 accumulator here put the pinned precision case's
 float32-vs-float64 sample error over 1e-4 (1.4-3.9e-4, tests/test_precision.py); products of
 fp16/bf16/fp32 values are exact in float64. The cost is 2K float64 FMAs per element, under
 the memory bound on A100/H100 (fp64 at half the fp32 rate). The float64 coefficient rows

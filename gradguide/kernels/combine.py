@@ -1,4 +1,4 @@
-"""Triton ``combine``: ``out[b, g, :] = sum_k C[b, g, k] * op_k[b, g, :]`` (DESIGN.md, pass 2).
+"""Triton ``combine``: ``out[b, g, :] = sum_k C[b, g, k] * op_k[b, g, :]`` (docs/architecture.md, pass 2).
 
 Design
 ------

@@ -16,7 +16,7 @@ the streaming loop.
 
 The prologue runs in float64 whatever the operands' dtype, as the native op
 (``csrc/gradguide_ops.cpp``) and the torch truth (``gradguide/ops/policies.py``) do: rules
-take inner products of small combinations of large operands (issue 12), and a float32
+take inner products of small combinations of large operands (docs/architecture.md#precision), and a float32
 ``u^T G u`` loses what the float64 Gram keeps. The weights are rounded to the streaming
 accumulator's dtype (fp32; fp64 for fp64 operands) only once, for the loop.
 

@@ -1,4 +1,4 @@
-"""Triton ``reduce``: per-row Gram matrix and sums of K <= 8 operands (DESIGN.md, pass 1).
+"""Triton ``reduce``: per-row Gram matrix and sums of K <= 8 operands (docs/architecture.md, pass 1).
 
 Design
 ------
@@ -26,7 +26,7 @@ lists the options measured. Exactness per dtype:
 - fp16 / bf16: products are exact in fp32 (11 / 8-bit significands), summed in fp32;
 - fp32 and fp64: fp32 tiles are widened to fp64 (exactly) and both go through DMMA
   (``mma.m8n8k4.f64``): exact products, IEEE fp64 sums, the same Gram as the float64 sums of
-  the native and reference backends. Why fp64 for fp32 (issue 12): the policies take small
+  the native and reference backends. Why fp64 for fp32 (docs/architecture.md#precision): the policies take small
   combinations of large operands (APG's ‖Δ‖ = ‖d_c − d_u‖, x̂_0 = (x − σ ε)/α at high noise),
   ``uᵀ G u`` cancels, and Gram entries with fp32's ~1e-7 relative error left float32 APG 1.2e-3
   from float64 (fp32 sums of exact products, as the previous bf16-split design had; a

@@ -1,6 +1,6 @@
 """The only door to the compute backends: ``reduce`` and ``combine``.
 
-A guided step is two passes over its K operands (DESIGN.md): ``reduce`` computes the
+A guided step is two passes over its K operands (docs/architecture.md): ``reduce`` computes the
 per-sample Gram matrix and sums, a tiny coefficient program turns them into weights
 ``C[B, G, K]``, and ``combine`` writes ``sum_k C[:, :, k] * operand_k``. Nothing below this
 module knows what a guidance method is; nothing above it knows which backend ran.
@@ -33,7 +33,7 @@ import torch
 from . import native_backend, policies, reference, triton_backend
 
 BACKENDS = ("reference", "triton", "native", "auto")
-MAX_K = 8  # operands per step the kernels take (DESIGN.md: K <= 8)
+MAX_K = 8  # operands per step the kernels take (their tiles and registers are sized for K <= 8)
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -466,7 +466,7 @@ def clip_shift(coef_p: torch.Tensor, coef_s: torch.Tensor, operands: Sequence[to
 
     With ``p = Σ_k coef_p[b, k] op_k`` and ``s = Σ_k coef_s[b, k] op_k`` (``coef``: ``[B, K]``
     or ``[1, K]``), returns ``(clamp(p), clamp(p + s) − clamp(p))``; the shift is exactly ``s``
-    where neither side clips, so it keeps ``s``'s relative precision (issue 12)."""
+    where neither side clips, so it keeps ``s``'s relative precision (docs/architecture.md#precision)."""
     check_operands(operands)
     b, k = operands[0].shape[0], len(operands)
     for name, c in (("coef_p", coef_p), ("coef_s", coef_s)):

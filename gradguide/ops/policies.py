@@ -1,4 +1,4 @@
-"""Coefficient programs of the built-in policies, for the fused combine (DESIGN.md, step 3).
+"""Coefficient programs of the built-in policies, for the fused combine (docs/architecture.md, coefficients).
 
 A fused combine evaluates one of these tiny per-row programs on the Gram matrix and a few
 coefficient vectors (LinCombs over the step's operands, ``[B, G, K]``) and writes
@@ -15,7 +15,7 @@ number or a 0-d / ``[B]`` device tensor):
   plain sampler step or CFG with the weights of every step precomputed).
 
 - ``"cfg"`` (Ho & Salimans 2022, diffusers' ``w``): ``base + uncond + scale (cond − uncond)``.
-- ``"pxp-a"`` (PixelAsParam policy A, SPEC §4): ``base + PC(den|cls) + PC(cls|den) + div``.
+- ``"pxp-a"`` (PixelAsParam policy A, docs/mathematics.md#pixelasparam): ``base + PC(den|cls) + PC(cls|den) + div``.
 - ``"pxp-b"`` (policy B): ``base + PC(den|cls) + PC(PC(cls|den)|div) + PC(div|cls)``.
 - ``"pxp-c"`` (policy C): ``Δ = (scale − 1)(x0_cond − x0_uncond)``,
   ``base + post (PC_delta(x0_cond|Δ) + PC_delta2(Δ|x0_cond))``.

@@ -5,14 +5,14 @@ float64 capable, differentiable (the look-ahead VJP runs through ``combine``).
 
 Accumulation: ``combine`` accumulates in float64 here and in the native CPU op (weights that
 cancel: x̂_0 = (x_t − √(1−ᾱ) ε)/√ᾱ has weights ~160 at t = 999 for a result of size 1; a
-float32 accumulator made issue 12's eta = 1 case 2e-4 off, float64 5e-5); the Triton and CUDA
+float32 accumulator made the pinned DDIM eta = 1 precision case 2e-4 off, float64 5e-5); the Triton and CUDA
 kernels too for float32 and float64 data, in float32 for float16/bfloat16 whose products are
 exact there (:func:`accumulation_dtype`). ``reduce`` accumulates in float64 for every dtype here
 and returns a float64 Gram matrix and sums (the kernels: the same but float32 for fp16/bf16),
 and the coefficient programs run in float64 (:func:`coefficient_dtype`): rules take inner
 products of small combinations of large operands (``uᵀ G u`` for a clipped guidance shift,
 or where two directions nearly cancel), and a float32 Gram loses ``~1e-7·‖op‖²`` absolutely,
-which can be most of such a norm² (issue 12: 8 % off, 2e-2 error in the samples). Products
+which can be most of such a norm² (docs/architecture.md#precision: 8 % off, 2e-2 error in the samples). Products
 of float32 values are exact in float64, so a float64 Gram is as good as its inputs; the cost
 is one pass's FMAs at double width, under the memory bound.
 Non-finite inputs propagate: a NaN/inf element in an operand makes the Gram entries of

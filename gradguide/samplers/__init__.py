@@ -1,6 +1,6 @@
 """Samplers as per-step scalar tables.
 
-Every sampler step of SPEC.md §2 is linear in its terms. Written against the denoiser's
+Every sampler step (docs/mathematics.md#samplers) is linear in its terms. Written against the denoiser's
 prediction ``D = x̂_0`` (with ``ε`` re-derived from it), each one is
 
     x_next = c_x · x + c_0 · D + Σ_k c_k · S_k + σ · z

@@ -1,4 +1,4 @@
-"""PixelAsParam on real data: scikit-learn's bundled 8×8 digits (issue 6; SPEC.md §4, §6).
+"""PixelAsParam on real data: scikit-learn's bundled 8×8 digits (docs/mathematics.md#pixelasparam, #evaluation).
 
 - :mod:`.data` — the fixed train / held-out split, scaled to [−1, 1];
 - :mod:`.models` — small conv nets with time / label embeddings: the class-conditional ε-model

@@ -1,4 +1,4 @@
-"""Guidance sweeps on the 8×8 digits, baseline vs PixelAsParam (the paper's study, SPEC.md §4).
+"""Guidance sweeps on the 8×8 digits, baseline vs PixelAsParam (the paper's study, docs/mathematics.md#pixelasparam).
 
 Three settings, as in the paper:
 

@@ -1,5 +1,6 @@
-"""Native CPU ops against this machine's copy bandwidth (issue 12: reduce + combine at ADM-256
->= 70 % of copy bandwidth on 2 threads; >= 2x the eager reference at SD-latent B=1).
+"""``gradguide bench --suite native-bandwidth``: the native CPU ops against this machine's copy
+bandwidth (the goal: reduce + combine at ADM-256 at >= 70 % of copy bandwidth on 2 threads, and
+>= 2x the eager reference at SD-latent B=1).
 
 Each pass is timed interleaved with the copy baselines in one process (round-robin, so load
 from other processes hits every row alike) and reported as wall-clock median and minimum and
@@ -12,45 +13,33 @@ waiting). Bytes are the minimum a pass must move, counted as ``gradguide/bench/o
 - reduce+fused_combine: reduce, then ``gradguide::fused_combine`` (policy ``pxp-a``: its
   coefficient program inside the combine), the fused step's own two calls: into a fresh output
   as ``sample()`` runs it (the headline), and into an existing one through ``fused_combine_out``;
-  reduce+combine (existing out): bench_ops' step into an existing output. The existing-output
+  reduce+combine (existing out): the ops suite's step into an existing output. The existing-output
   rows are like with like against copy_ into an existing dst; the gap to the fresh rows is a
   fresh output's first-touch page faults (recycling the loop's outputs was tried and measured
-  no faster for a whole loop, where the model's own fresh tensors dominate:
-  benchmarks/results/native-bandwidth-cpu-2026-11-24.md);
-- copy_ (the denominator of "copy fraction", as in bench_ops): ``dst.copy_(src)`` into an
+  no faster for a whole loop, where the model's own fresh tensors dominate);
+- copy_ (the denominator of "copy fraction", as in the ops suite): ``dst.copy_(src)`` into an
   existing ``dst``, 1 read + 1 write; clone: the same into a fresh tensor (first-touch page
   faults included, which a fresh op output pays too), shown for comparison.
 
 copy fraction = (bytes / median time of the pass) / (2 x size / median time of copy_).
 
-``--lib PATH`` loads that build of the extension with ``torch.ops.load_library`` instead of
-``gradguide._C`` (to compare builds: ``--ab OLD.so NEW.so`` alternates the two in separate
-processes, ``--rounds`` times, and prints every round).
-Command used for benchmarks/results/native-bandwidth-cpu-2026-11-23.md:
-    OMP_NUM_THREADS=2 python benchmarks/native_bandwidth_issue12.py --ab old/_C.so gradguide/_C*.so --rounds 3
+To compare two builds of the extension, run the suite from each checkout in turn on a quiet
+machine and compare the copy fractions (they are ratios to the same machine's copy bandwidth).
 """
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
 K = 4
-SIZES = {"ADM-256 B=64": (64, 3, 256, 256), "SD latent B=1": (1, 4, 64, 64)}
+SIZES = {"adm256-b64": ("ADM-256 B=64", (64, 3, 256, 256)), "sd-b1": ("SD latent B=1", (1, 4, 64, 64))}
 
 
-def _load(lib):
-    if lib:
-        torch.ops.load_library(lib)
-        return "?"
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    from gradguide import _C
+def _isa() -> str:
+    from gradguide import _C   # registers the ops (the suite measures the installed build)
     return _C.cpu_isa() if hasattr(_C, "cpu_isa") else "?"
 
 
@@ -153,43 +142,40 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lib", help="a build of the extension to load instead of gradguide._C")
-    p.add_argument("--ab", nargs=2, metavar=("OLD", "NEW"), help="alternate two builds in separate processes")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--reps", type=int, default=9)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES))
-    p.add_argument("--json", help="write the results here")
-    args = p.parse_args(argv)
-    if args.ab:
-        results = []
-        for rnd in range(args.rounds):
-            for tag, lib in zip(("old", "new"), args.ab):
-                cmd = [sys.executable, os.path.abspath(__file__), "--lib", lib, "--reps", str(args.reps),
-                       "--threads", str(args.threads), "--sizes", *args.sizes, "--json", "/dev/stdout"]
-                proc = subprocess.run(cmd, capture_output=True, text=True, check=True)
-                res = json.loads(proc.stdout.strip().splitlines()[-1])
-                results.append(dict(res, build=tag, round=rnd, lib=lib))
-                print(f"## round {rnd}, {tag} build ({lib}), load average {res['load']:.1f}\n")
-                for r in res["results"]:
-                    print(table(r) + "\n")
-        return 0
-    torch.set_num_threads(args.threads)
-    isa = _load(args.lib)
-    results = [measure(label, SIZES[label], args.reps) for label in args.sizes]
-    res = {"threads": args.threads, "isa": isa, "torch": torch.__version__, "load": os.getloadavg()[0],
-           "results": results}
-    if args.json:
-        with open(args.json, "w") as f:
-            f.write(json.dumps(res) + "\n")
-    else:
-        print(f"threads {args.threads}, CPU kernels {isa}, load average {res['load']:.1f}\n")
-        for r in results:
-            print(table(r) + "\n")
-    return 0
+def run(sizes=None, reps: int = 9, threads: int = 2) -> dict:
+    torch.set_num_threads(threads)
+    isa = _isa()
+    results = [measure(*SIZES[name], reps) for name in (sizes or list(SIZES))]
+    return {"threads": threads, "isa": isa, "torch": torch.__version__, "load": os.getloadavg()[0],
+            "results": results}
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def markdown(res: dict, header: dict) -> str:
+    lines = ["# Native CPU ops against copy bandwidth", ""] + [f"- {k}: {v}" for k, v in header.items()]
+    lines += [f"- threads {res['threads']}, CPU kernels {res['isa']}, load average {res['load']:.1f}", ""]
+    return "\n".join(lines) + "\n" + "\n\n".join(table(r) for r in res["results"]) + "\n"
+
+
+def run_cli(args) -> int:
+    from gradguide.ops import native_backend
+
+    from . import meta
+    sizes = args.sizes.split(",") if args.sizes else (["sd-b1"] if args.quick else list(SIZES))
+    unknown = sorted(set(sizes) - set(SIZES))
+    if unknown:
+        raise SystemExit(f"gradguide bench: --sizes: unknown {unknown} for the native-bandwidth suite; "
+                         f"expected some of {','.join(SIZES)}")
+    reason = native_backend.status(torch.device("cpu"))
+    if reason is not True:
+        raise SystemExit(f"gradguide bench --suite native-bandwidth: {reason}")
+    date = meta.today()
+    stem = f"native-bandwidth-cpu-{date}" + ("-quick" if args.quick else "")
+    meta.claim_report(args.out, stem)
+    threads = args.threads or 2
+    reps = args.reps or (2 if args.quick else 9)
+    res = run(sizes, reps=reps, threads=threads)
+    header = {"command": f"OMP_NUM_THREADS={threads} gradguide bench --suite native-bandwidth --threads {threads} "
+                         f"--reps {reps} --sizes {','.join(sizes)}",
+              "commit": meta.git_commit(), "date": meta.now(), "device": meta.device_name(torch.device("cpu"))}
+    md = markdown(res, header)
+    return meta.print_report(meta.write_report(args.out, stem, dict(res, **header), md), md)
