@@ -232,7 +232,8 @@ def test_every_combination_float32_matches_float64(name, sampler, backend):
     terms, projection, model = TERMS[name]
     for clip in (None, (-5.0, 5.0)):
         kw = dict(model=model, shape=(8, 2), schedule=GM.schedule,
-                  sampler=gg.Sampler(sampler.split("-eta")[0], eta=1.0 if sampler == "ddim-eta1" else 0.0, clip=clip),
+                  sampler=gg.Sampler(sampler.split("-eta")[0], eta={"ddim": 0.0, "ddim-eta1": 1.0}.get(sampler),
+                                     clip=clip),
                   steps=6, guidance=terms, projection=projection, cond={"y": Y})
         check_float32(_pair(backend, **kw), **kw)
 
