@@ -52,6 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reduce_lanes
 from ._common import acc_dtype, interpreted, next_pow2, pointers, row_align, target_programs, vec, NUM_WARPS
 
 
@@ -162,24 +163,76 @@ def launch_config(n: int, rows: int, dtype: torch.dtype, device: torch.device):
     return bk, -(-tiles // iters), iters
 
 
-def reduce(operands, groups: int = 1):
-    """``(gram[B, G, K, K], sums[B, G, K])`` of K contiguous operands, accumulated in fp64
-    (fp32 for fp16/bf16 inputs, whose products are exact in fp32)."""
+FP64_RICH = (80, 90, 100)  # compute capabilities with fp64 at 1/2 of fp32 on CUDA cores (A100, H100, B200)
+
+
+def target_arch(device: torch.device) -> int:
+    """Compute capability (80, 86, ...) the kernels compile for: the device's on CUDA, else the
+    active Triton driver's target (the compile gates' fake CUDA driver); 0 under the interpreter."""
+    if interpreted():
+        return 0
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return int(triton.runtime.driver.active.get_current_target().arch)
+
+
+def method(dtype: torch.dtype, k: int, arch: int) -> str:
+    """How stage 1 accumulates: ``"f64"`` (per-thread fp64 fma: fp32 operands on fp64-rich GPUs),
+    ``"ff"`` (per-thread float-float in fp32: fp32 operands elsewhere, and under the
+    interpreter), ``"f32"`` (per-thread fp32 fma: fp16/bf16 with K <= LANES_MAX_K_HALF) or
+    ``"dot"`` (the tensor-core tile Gram: fp64 operands, fp16/bf16 with more operands)."""
+    if dtype == torch.float32:
+        return "f64" if arch in FP64_RICH else "ff"
+    if dtype in (torch.float16, torch.bfloat16) and k <= LANES_MAX_K_HALF:
+        return "f32"
+    return "dot"
+
+
+LANES_MAX_K_HALF = 0  # fp16/bf16: per-thread accumulation up to this K (see method())
+_MODES = {"ff": reduce_lanes.FF, "f64": reduce_lanes.F64, "f32": reduce_lanes.F32}
+
+
+def reduce(operands, groups: int = 1, how: str = None):
+    """``(gram[B, G, K, K], sums[B, G, K])`` of K contiguous operands, accumulated in fp64 or
+    float-float (fp32 for fp16/bf16 inputs, whose products are exact in fp32). ``how``
+    overrides :func:`method` (tests run every path under the interpreter)."""
     first = operands[0]
     k = len(operands)
     b = first.shape[0]
     n = first[0].numel() // groups
     rows = b * groups
-    bk, splits, iters = launch_config(n, rows, first.dtype, first.device)
+    how = how or method(first.dtype, k, target_arch(first.device))
+    if how not in ("dot", "ff", "f64", "f32"):
+        raise ValueError(f"how: expected 'dot', 'ff', 'f64' or 'f32', got {how!r}")
     align = row_align(n, first.dtype)
     acc = acc_dtype(first.dtype)
-    part = torch.empty(rows * splits * (k * k + k), device=first.device, dtype=acc)
-    # num_stages=1: no software pipelining (it would stage the loads through cp.async and shared
-    # memory); occupancy hides the load latency
-    _reduce_partials[(rows, splits)](*pointers(operands), part, n // align, iters, K=k, ALIGN=align, BK=bk,
-                                     ACC=tl.float64 if acc == torch.float64 else tl.float32,
-                                     UPCAST=interpreted(), num_warps=warps(first.dtype), num_stages=1)
+    if how == "dot":
+        bk, splits, iters = launch_config(n, rows, first.dtype, first.device)
+        part = torch.empty(rows * splits * (k * k + k), device=first.device, dtype=acc)
+        # num_stages=1: no software pipelining (it would stage the loads through cp.async and shared
+        # memory); occupancy hides the load latency
+        _reduce_partials[(rows, splits)](*pointers(operands), part, n // align, iters, K=k, ALIGN=align, BK=bk,
+                                         ACC=tl.float64 if acc == torch.float64 else tl.float32,
+                                         UPCAST=interpreted(), num_warps=warps(first.dtype), num_stages=1)
+    else:
+        block, splits, iters = lanes_config(n, rows, first.dtype, first.device)
+        part = torch.empty(rows * splits * (k * k + k), device=first.device, dtype=acc)
+        # enable_fp_fusion=False: a product contracted into the next addition would break the
+        # error-free transformations (TwoSum needs the rounded product it was given)
+        reduce_lanes._reduce_lanes[(rows, splits)](*pointers(operands), part, n // align, iters, K=k, ALIGN=align,
+                                                   BLOCK=block, MODE=_MODES[how], num_warps=NUM_WARPS,
+                                                   num_stages=1, enable_fp_fusion=False)
     gram = torch.empty(b, groups, k, k, device=first.device, dtype=acc)
     sums = torch.empty(b, groups, k, device=first.device, dtype=acc)
     _reduce_finish[(rows,)](part, gram, sums, splits, K=k, PP=next_pow2(k * k + k), CHUNK=16, num_warps=NUM_WARPS)
     return gram, sums
+
+
+def lanes_config(n: int, rows: int, dtype: torch.dtype, device: torch.device):
+    """(BLOCK, splits, iters) of the per-thread kernel: one 128-bit vector per thread and tile."""
+    block = 1024 if interpreted() else 32 * NUM_WARPS * vec(dtype)
+    tiles = -(-n // block)
+    splits = max(1, min(MAX_SPLITS, -(-target_programs(device) // rows), tiles))
+    iters = -(-tiles // splits)
+    return block, -(-tiles // iters), iters
