@@ -48,10 +48,18 @@ from typing import Dict, List, Optional
 import torch
 
 REG_LIMIT = 64
-ARCHS = (80, 90)
-# per-SM limits used for the occupancy bound (CUDA occupancy rules; A100 = sm_80, H100 = sm_90)
+ARCHS = (80, 86, 89, 90, 100, 120)
+# per-SM limits used for the occupancy bound (CUDA occupancy rules, the CUDA C++ Programming
+# Guide's table of technical specifications per compute capability)
 SM = {80: dict(gpu="A100", regs=65536, max_warps=64, max_blocks=32, smem=167936),
-      90: dict(gpu="H100", regs=65536, max_warps=64, max_blocks=32, smem=233472)}
+      86: dict(gpu="RTX 3090", regs=65536, max_warps=48, max_blocks=16, smem=102400),
+      89: dict(gpu="RTX 4090, L4, L40S", regs=65536, max_warps=48, max_blocks=24, smem=102400),
+      90: dict(gpu="H100", regs=65536, max_warps=64, max_blocks=32, smem=233472),
+      100: dict(gpu="B200", regs=65536, max_warps=64, max_blocks=32, smem=233472),
+      120: dict(gpu="RTX 5090", regs=65536, max_warps=48, max_blocks=32, smem=102400)}
+# the per-thread reduce keeps K(K+1)/2 + K (float-float: twice that) accumulators per thread: up
+# to ~200 registers for K = 8; its gate is no spills and this limit (occupancy is reported)
+LANES_REG_LIMIT = 255
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 POLICIES = ("linear", "cfg", "pxp-a", "pxp-b", "pxp-c", "apg", "gloss", "lookahead")
 ALIGNED_N, UNALIGNED_N = 4096, 4095  # row lengths: a multiple of every vector width, and odd
@@ -73,11 +81,26 @@ class Variant:
                 + (" clamp" if self.clamp else ""))
 
 
+SUBSETS = ("all", "ci", "roofline", "roofline-ci")
+ROOFLINE_DTYPES = ("fp32", "fp16", "bf16")
+
+
 def variants(subset: str = "all") -> List[Variant]:
-    """Every variant the glue can launch (``"all"``), or the representative CI subset (``"ci"``)."""
-    if subset not in ("all", "ci"):
-        raise ValueError(f"subset: expected 'all' or 'ci', got {subset!r}")
+    """Every variant the glue can launch (``"all"``), the representative CI subset (``"ci"``),
+    the roofline-gated ones (``"roofline"``: reduce, combine and fused[cfg / apg] in fp32, fp16
+    and bf16, K = 2..8, aligned) or their CI cut (``"roofline-ci"``: every kernel x dtype at
+    K = 2, 3, 8, fused as APG: compile time matters when six architectures run in CI)."""
+    if subset not in SUBSETS:
+        raise ValueError(f"subset: expected one of {SUBSETS}, got {subset!r}")
     out: List[Variant] = []
+    if subset.startswith("roofline"):
+        ks = range(2, 9) if subset == "roofline" else (2, 3, 8)
+        policies = ("cfg", "apg") if subset == "roofline" else ("apg",)
+        for dt in ROOFLINE_DTYPES:
+            for k in ks:
+                out += [Variant("reduce", dt, k, True), Variant("combine", dt, k, True)]
+                out += [Variant("fused", dt, k, True, False, p) for p in policies]
+        return out
     if subset == "all":
         for dt in DTYPES:
             for k in range(1, 9):
@@ -318,6 +341,11 @@ def analyse(kernel, arch: int, variant: Variant) -> Dict[str, object]:
            "num_warps": num_warps, "registers": res["reg"], "stack_bytes": res["stack"],
            "local_bytes": res["local"], "shared_bytes": smem, **occupancy(arch, res["reg"], num_warps, smem),
            **loads, "hash": kernel.hash}
+    from . import roofline
+    text = roofline.sass(kernel.asm["cubin"])
+    row["mix"] = roofline.mix(text)
+    row["roofline"] = {g: roofline.project(row["mix"], roofline.GPUS[g]) for g in roofline.gpus_for(arch)}
+    row["roofline_gated"] = roofline.gated(row)
     row["failures"] = gate_failures(row)
     return row
 
@@ -327,8 +355,14 @@ def gate_failures(row: Dict[str, object]) -> List[str]:
     fails = []
     if row["local_bytes"] or row["stack_bytes"]:
         fails.append(f"spills: {row['local_bytes']} B local, {row['stack_bytes']} B stack")
-    if row["registers"] > REG_LIMIT:
-        fails.append(f"{row['registers']} registers > {REG_LIMIT}")
+    limit = LANES_REG_LIMIT if row["kernel"] == "_reduce_lanes" else REG_LIMIT
+    if row["registers"] > limit:
+        fails.append(f"{row['registers']} registers > {limit}")
+    from .roofline import GATE
+    if row.get("roofline_gated"):
+        over = {g: round(p["ratio"], 2) for g, p in row["roofline"].items() if not p["ratio"] <= GATE}
+        if over:
+            fails.append(f"projected / memory-bound time > {GATE}: {over}")
     if row["kernel"] != "_reduce_finish":
         missing = [o for o, w in row["operand_loads"].items() if not w]
         if missing:
@@ -543,9 +577,12 @@ def _count(xs):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default: 80,90)")
-    p.add_argument("--subset", choices=("all", "ci"), default="all",
-                   help="all: every variant the glue can launch (default); ci: the test suite's subset")
+    p.add_argument("--arch", default=",".join(map(str, ARCHS)),
+                   help=f"comma-separated compute capabilities (default: {','.join(map(str, ARCHS))})")
+    p.add_argument("--subset", choices=SUBSETS, default="all",
+                   help="all: every variant the glue can launch (default); ci: the test suite's subset; "
+                        "roofline: the roofline-gated variants (reduce, combine, fused; fp32/fp16/bf16; "
+                        "K = 2..8); roofline-ci: those at K = 2, 3, 8")
     p.add_argument("--json", default=None, help="write every compiled kernel's figures to this JSON file")
     p.add_argument("--markdown-dir", default=None,
                    help="write kernels-sm<arch>.md tables into this directory (default: none)")

@@ -180,17 +180,14 @@ def target_arch(device: torch.device) -> int:
 def method(dtype: torch.dtype, k: int, arch: int) -> str:
     """How stage 1 accumulates: ``"f64"`` (per-thread fp64 fma: fp32 operands on fp64-rich GPUs),
     ``"ff"`` (per-thread float-float in fp32: fp32 operands elsewhere, and under the
-    interpreter), ``"f32"`` (per-thread fp32 fma: fp16/bf16 with K <= LANES_MAX_K_HALF) or
-    ``"dot"`` (the tensor-core tile Gram: fp64 operands, fp16/bf16 with more operands)."""
+    interpreter) or ``"dot"`` (the tensor-core tile Gram: fp16/bf16, whose 16 x 16 padding costs
+    tensor-core flops that every GPU has to spare, and fp64 operands)."""
     if dtype == torch.float32:
         return "f64" if arch in FP64_RICH else "ff"
-    if dtype in (torch.float16, torch.bfloat16) and k <= LANES_MAX_K_HALF:
-        return "f32"
     return "dot"
 
 
-LANES_MAX_K_HALF = 0  # fp16/bf16: per-thread accumulation up to this K (see method())
-_MODES = {"ff": reduce_lanes.FF, "f64": reduce_lanes.F64, "f32": reduce_lanes.F32}
+_MODES = {"ff": reduce_lanes.FF, "f64": reduce_lanes.F64}
 
 
 def reduce(operands, groups: int = 1, how: str = None):
@@ -203,8 +200,9 @@ def reduce(operands, groups: int = 1, how: str = None):
     n = first[0].numel() // groups
     rows = b * groups
     how = how or method(first.dtype, k, target_arch(first.device))
-    if how not in ("dot", "ff", "f64", "f32"):
-        raise ValueError(f"how: expected 'dot', 'ff', 'f64' or 'f32', got {how!r}")
+    if how not in ("dot", "ff", "f64") or (how != "dot" and first.dtype != torch.float32):
+        raise ValueError(f"how: expected 'dot', or 'ff' / 'f64' for float32 operands, got {how!r} "
+                         f"for {first.dtype}")
     align = row_align(n, first.dtype)
     acc = acc_dtype(first.dtype)
     if how == "dot":
@@ -221,7 +219,7 @@ def reduce(operands, groups: int = 1, how: str = None):
         # enable_fp_fusion=False: a product contracted into the next addition would break the
         # error-free transformations (TwoSum needs the rounded product it was given)
         reduce_lanes._reduce_lanes[(rows, splits)](*pointers(operands), part, n // align, iters, K=k, ALIGN=align,
-                                                   BLOCK=block, MODE=_MODES[how], num_warps=NUM_WARPS,
+                                                   BLOCK=block, VEC=vec(first.dtype), MODE=_MODES[how], num_warps=NUM_WARPS,
                                                    num_stages=1, enable_fp_fusion=False)
     gram = torch.empty(b, groups, k, k, device=first.device, dtype=acc)
     sums = torch.empty(b, groups, k, device=first.device, dtype=acc)
