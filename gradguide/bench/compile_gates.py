@@ -90,8 +90,10 @@ def variants(subset: str = "all") -> List[Variant]:
     the roofline-gated ones (``"roofline"``: reduce, combine and fused[cfg / apg] in fp32, fp16
     and bf16, K = 2..8, aligned) or their CI cut (``"roofline-ci"``: every kernel x dtype at
     K = 2, 3, 8, fused as APG: compile time matters when six architectures run in CI)."""
+    if "+" in subset:  # a union, e.g. "ci+roofline", in order, without repeats
+        return list(dict.fromkeys(v for part in subset.split("+") for v in variants(part)))
     if subset not in SUBSETS:
-        raise ValueError(f"subset: expected one of {SUBSETS}, got {subset!r}")
+        raise ValueError(f"subset: expected one of {SUBSETS} (or a union joined by '+'), got {subset!r}")
     out: List[Variant] = []
     if subset.startswith("roofline"):
         ks = range(2, 9) if subset == "roofline" else (2, 3, 8)
@@ -344,7 +346,15 @@ def analyse(kernel, arch: int, variant: Variant) -> Dict[str, object]:
     from . import roofline
     text = roofline.sass(kernel.asm["cubin"])
     row["mix"] = roofline.mix(text)
-    row["roofline"] = {g: roofline.project(row["mix"], roofline.GPUS[g]) for g in roofline.gpus_for(arch)}
+    names = kernel.src.fn.arg_names
+    consts = {names[key[0]]: val for key, val in kernel.src.constants.items() if len(key) == 1}
+    tile = consts.get("BLOCK", consts.get("BK"))
+    row["tile_bytes"] = None
+    if tile is not None:   # not _reduce_finish
+        stores = 1 if variant.op in ("combine", "fused", "clip_shift") else 0
+        row["tile_bytes"] = roofline.traffic(row["mix"], variant.k, tile, DTYPES[variant.dtype].itemsize, stores)
+    row["roofline"] = ({g: roofline.project(row["mix"], roofline.GPUS[g], 32 * num_warps, row["tile_bytes"])
+                        for g in roofline.gpus_for(arch)} if row["tile_bytes"] else {})
     row["roofline_gated"] = roofline.gated(row)
     row["failures"] = gate_failures(row)
     return row
@@ -515,7 +525,8 @@ def markdown(result: Dict[str, object], arch: int, command: str) -> str:
              f"- command: `{command}`", f"- date: {env['date']}; machine: {env['machine']}",
              f"- torch {env['torch']}, triton {env['triton']}, ptxas {env['ptxas']}; git commit {env['git_commit']}",
              f"- variants: {result['subset']} ({len(rows)} distinct compiled kernels); "
-             f"gates: 0 spill bytes, ≤ {REG_LIMIT} registers, 128-bit operand loads when aligned",
+             f"gates: 0 spill bytes, ≤ {REG_LIMIT} registers (the per-thread reduce `_reduce_lanes`: "
+             f"≤ {LANES_REG_LIMIT}), 128-bit operand loads when aligned, SASS roofline ≤ 1.25 where gated",
              f"- result: **{'all pass' if not fails else f'{len(fails)} fail'}**", "",
              "Compiled by Triton's own compiler for a CUDA target, specialised as the glue launches them "
              "(`gradguide/bench/compile_gates.py`); registers, stack/local (spill) bytes and shared memory "
@@ -523,10 +534,11 @@ def markdown(result: Dict[str, object], arch: int, command: str) -> str:
              "an operand pointer). Occupancy is the CUDA occupancy bound from registers, shared memory and "
              "warp/block limits, not a measurement. 'aligned': 16-byte aligned operands, rows of 4096 "
              "elements; 'unaligned': operands offset by one element, rows of 4095 (scalar loads expected).",
-             "", "Note on `_reduce_partials`: it accumulates each tile's Gram on tensor cores (`tl.dot` of a "
-             "[16, BK] tile with itself; fp32 inputs widened to fp64 for DMMA, fp64 sums, on 2 warps), so "
-             "its accumulators are spread over the warp; the previous per-thread-accumulator "
-             "design used 92-128 registers for K = 8 (kernels-before-after.md).",
+             "", "Note on the reduce: fp16/bf16 (and fp64) operands go through `_reduce_partials`, a tile "
+             "Gram on tensor cores (`tl.dot` of a [16, BK] tile with itself), whose accumulators are spread "
+             "over the warp; fp32 operands through `_reduce_lanes`, one accumulator per Gram entry and thread "
+             "(float-float on GPUs with slow fp64, fp64 fma on sm_80/90/100; gradguide/kernels/reduce_lanes.py), "
+             "which for K ≥ 5 trades registers (occupancy) for no padded products.",
              "", "| kernel | variant | warps | regs | spill B | smem B | occupancy bound (limiter) | "
              "operand loads | other loads (bits) | stores (bits) | gates |", "|" + "---|" * 11]
     for r in rows:
@@ -536,6 +548,27 @@ def markdown(result: Dict[str, object], arch: int, command: str) -> str:
                      f"{r['local_bytes'] + r['stack_bytes']} | {r['shared_bytes']} | "
                      f"{r['occupancy']:.0%} ({r['limiter']}) | {_loads_cell(r)} | {other} | {stores} | "
                      f"{'pass' if not r['failures'] else '; '.join(r['failures'])} |")
+    from . import roofline
+    gpus = roofline.gpus_for(arch)
+    if gpus and any(r.get("roofline") for r in rows):
+        lines += ["", f"## SASS roofline on {', '.join(gpus)} (a PROJECTION)", "",
+                  "Per thread and main-loop iteration (one tile) from `cuobjdump -sass`: issued instructions, "
+                  "fp32 / fp64 / conversion instructions, tensor-core flops; the DRAM bytes of the iteration's "
+                  "tiles for the whole program (from the launch); "
+                  "projected time over memory-bound time with spec-sheet throughputs "
+                  "(`gradguide/bench/roofline.py`; gated rows: reduce, combine, fused in fp32/fp16/bf16, "
+                  f"K = 2..8, aligned, at ≤ {roofline.GATE}).", "",
+                  "| kernel | variant | issue | fp32 | fp64 | conv | MMA flops | program bytes | " +
+                  " | ".join(gpus) + " |", "|---|---|" + "---:|" * (6 + len(gpus))]
+        for r in rows:
+            if not r.get("roofline") or r["kernel"] == "_reduce_finish":
+                continue
+            m = r["mix"]
+            cells = [f"{r['roofline'][g]['ratio']:.2f} ({r['roofline'][g]['limiter']})" for g in gpus]
+            lines.append(f"| `{r['kernel']}` | {r['variant']} | {m.get('issue', 0):.0f} | {m.get('fp32', 0):.0f} | "
+                         f"{m.get('fp64', 0):.0f} | {m.get('conv', 0):.0f} | "
+                         f"{m.get('hmma_flops', 0) + m.get('dmma_flops', 0):.0f} | "
+                         f"{r['tile_bytes']:.0f} | " + " | ".join(cells) + " |")
     native = result.get("nvcc")
     if native is not None:
         lines += ["", f"## Native CUDA ops (`csrc/*.cu`) compiled with nvcc for sm_{arch}", ""]
@@ -579,10 +612,10 @@ def _count(xs):
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--arch", default=",".join(map(str, ARCHS)),
                    help=f"comma-separated compute capabilities (default: {','.join(map(str, ARCHS))})")
-    p.add_argument("--subset", choices=SUBSETS, default="all",
+    p.add_argument("--subset", default="all",
                    help="all: every variant the glue can launch (default); ci: the test suite's subset; "
                         "roofline: the roofline-gated variants (reduce, combine, fused; fp32/fp16/bf16; "
-                        "K = 2..8); roofline-ci: those at K = 2, 3, 8")
+                        "K = 2..8); roofline-ci: those at K = 2, 3, 8; a union joined by '+', e.g. ci+roofline")
     p.add_argument("--json", default=None, help="write every compiled kernel's figures to this JSON file")
     p.add_argument("--markdown-dir", default=None,
                    help="write kernels-sm<arch>.md tables into this directory (default: none)")
@@ -597,6 +630,10 @@ def run_cli(args) -> int:
     for a in archs:
         if a not in SM:
             raise SystemExit(f"--arch: expected compute capabilities in {tuple(SM)}, got {a}")
+    try:
+        variants(args.subset)
+    except ValueError as e:
+        raise SystemExit(f"--subset: {e}")
     from ..tools import outputs
     if args.json:   # refused before compiling, not after
         outputs.claim(args.json, option="--json")
@@ -634,6 +671,10 @@ def run_cli(args) -> int:
                   f"spill {r['local_bytes'] + r['stack_bytes']}  loads {_loads_cell(r)}")
     for r in failed:
         print(f"FAIL sm_{r['arch']} {r['kernel']} {r['variant']}: {'; '.join(r['failures'])}")
+    if any(r.get("roofline_gated") for r in rows):
+        from . import roofline
+        print("SASS roofline (a PROJECTION): worst projected / memory-bound time over K, busiest pipe / memory "
+              "in parentheses\n" + roofline.table(rows))
     bad_triton = [r for r in rows if r["failures"]]
     print(f"Triton: {len(rows)} compiled kernels for sm_{', sm_'.join(map(str, archs))}: "
           f"{len(rows) - len(bad_triton)} pass, {len(bad_triton)} fail")

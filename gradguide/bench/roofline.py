@@ -5,7 +5,8 @@ loop is the backward branch whose body holds the most global loads (one iteratio
 one vector per thread and operand). Its instruction mix is counted per thread and iteration,
 by the pipe it issues to, and projected on each GPU of :data:`GPUS`:
 
-    memory time  = bytes the iteration loads and stores (LDG/STG widths) / bandwidth
+    memory time  = bytes the iteration's tiles read and write (from the launch: K operand tiles,
+                   and the output tile of combine / fused) / bandwidth
     compute time = max over pipes (count / the pipe's rate), every instruction also taking an
                    issue slot (4 warp instructions per SM and clock)
     ratio        = max(memory, compute) / memory
@@ -45,7 +46,9 @@ GPUS: Dict[str, dict] = {
 }
 GATE = 1.25  # projected / memory-bound time, per kernel, dtype and K
 
-FP32 = {"FFMA", "FADD", "FMUL", "FFMA32I", "FADD32I", "FMUL32I", "HFMA2", "HADD2", "HMUL2", "HFMA2MMA"}
+FP32 = {"FFMA", "FADD", "FMUL", "FFMA32I", "FADD32I", "FMUL32I", "HFMA2", "HADD2", "HMUL2", "HFMA2MMA",
+        "FHFMA", "FHADD", "FHMUL"}   # FH*: sm_120's fp32 ops with a half-precision operand
+FP32_PAIRED = {"FFMA2", "FADD2", "FMUL2"}   # two fp32 operations per lane (sm_100): count twice
 FP64 = {"DFMA", "DADD", "DMUL", "DSETP", "DMNMX"}
 CONV = {"F2F", "F2I", "I2F", "F2FP", "I2FP"}
 MMA = {"HMMA", "DMMA", "IMMA", "HGMMA"}
@@ -60,7 +63,7 @@ def sass(cubin: bytes) -> str:
                               check=True).stdout
 
 
-_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P\w+\s+)?([A-Z][A-Za-z0-9_.]*)\s*([^;]*);")
 
 
 def instructions(text: str) -> List[Tuple[int, str, str]]:
@@ -89,10 +92,14 @@ def _bytes(op: str) -> int:
 
 
 def _mma_flops(op: str) -> int:
-    """Flops of one warp-wide MMA instruction from its shape (``HMMA.16816.F32`` -> 2·16·8·16)."""
+    """Flops of one warp-wide MMA instruction from its shape (``HMMA.16816.F32`` -> 2·16·8·16,
+    ``DMMA.884`` or ``DMMA.8x8x4`` -> 2·8·8·4)."""
     shapes = {"16816": (16, 8, 16), "1688": (16, 8, 8), "884": (8, 8, 4), "16832": (16, 8, 32),
               "1684": (16, 8, 4), "8816": (8, 8, 16)}
     tok = op.split(".")[1] if "." in op else ""
+    if re.fullmatch(r"\d+x\d+x\d+", tok):  # sm_90 spells it DMMA.8x8x4
+        a, b, c = map(int, tok.split("x"))
+        return 2 * a * b * c
     if tok not in shapes:
         raise ValueError(f"unknown MMA shape in {op}")
     a, b, c = shapes[tok]
@@ -108,6 +115,8 @@ def mix(text: str) -> Dict[str, float]:
         c["issue"] += 1
         if base in FP32:
             c["fp32"] += 1
+        elif base in FP32_PAIRED:
+            c["fp32"] += 2
         elif base in FP64:
             c["fp64"] += 1
         elif base in CONV:
@@ -123,20 +132,30 @@ def mix(text: str) -> Dict[str, float]:
     return dict(c)
 
 
-def project(m: Dict[str, float], gpu: dict) -> Dict[str, float]:
-    """Projected / memory-bound time of one loop iteration on ``gpu`` (see the header)."""
+def traffic(m: Dict[str, float], k: int, tile: int, esize: int, stores: int) -> float:
+    """DRAM bytes of one main-loop iteration for the whole program (CTA): the iteration covers
+    ``u`` tiles of ``tile`` elements per operand (u = 128-bit operand loads per thread / K, the
+    compiler may unroll), each reading K operand tiles and writing ``stores`` output tiles. From
+    the launch, not from the SASS: a thread's load predicated off (the tile-Gram reduce loads
+    operand k only in tile row k) moves no bytes."""
+    u = max(1, round(m.get("LDG.128", 0) / k)) if m.get("LDG.128") else 1
+    return u * (k + stores) * tile * esize
+
+
+def project(m: Dict[str, float], gpu: dict, threads: int, nbytes: float) -> Dict[str, float]:
+    """Projected / memory-bound time of one loop iteration of a program of ``threads`` threads
+    moving ``nbytes`` (:func:`traffic`) on ``gpu`` (see the header)."""
     sm_clk = gpu["fp32"] * 1e12 / (2 * gpu["lanes"])  # SM-clocks per second implied by the fp32 peak
     per_s = {"fp32": gpu["fp32"] * 1e12 / 2, "fp64": gpu["fp64"] * 1e12 / 2, "conv": 16 * sm_clk,
              "issue": 128 * sm_clk, "hmma_flops": gpu["tc16"] * 1e12,
              "dmma_flops": gpu["tc64"] * 1e12 if gpu["tc64"] else gpu["fp64"] * 1e12}
-    nbytes = m.get("ldg_bytes", 0) + m.get("stg_bytes", 0)
     if not nbytes:
-        return {"ratio": float("nan"), "limiter": "no memory traffic"}
+        return {"ratio": float("nan"), "compute": float("nan"), "limiter": "no memory traffic", "pipe": ""}
     memory = nbytes / (gpu["bw"] * 1e9)
-    times = {k: m.get(k, 0) / r for k, r in per_s.items()}
+    times = {k: threads * m.get(k, 0) / r for k, r in per_s.items()}
     limiter = max(times, key=times.get)
-    ratio = max(memory, times[limiter]) / memory
-    return {"ratio": ratio, "limiter": limiter if times[limiter] > memory else "memory"}
+    return {"ratio": max(memory, times[limiter]) / memory, "compute": times[limiter] / memory,
+            "limiter": limiter if times[limiter] > memory else "memory", "pipe": limiter}
 
 
 def gpus_for(arch: int) -> List[str]:
@@ -147,3 +166,27 @@ def gated(row: Dict[str, object]) -> bool:
     """Kernels and variants the roofline gate applies to (fp64 data runs at fp64 speed anyway)."""
     return (row["kernel"] in ("_reduce_partials", "_reduce_lanes", "_combine", "_fused")
             and row["dtype"] in ("fp32", "fp16", "bf16") and 2 <= row["k"] <= 8 and row["aligned"])
+
+
+def table(rows: List[Dict[str, object]], ops=("reduce", "combine", "fused")) -> str:
+    """Markdown: per GPU, the worst projected / memory-bound ratio over K of each op and dtype
+    among the gated rows, with the busiest pipe's time over the memory time at that K in
+    parentheses (below 1: memory-bound with that much headroom), and the gate verdict."""
+    gated_rows = [r for r in rows if r.get("roofline_gated")]
+    dtypes = [d for d in ("fp32", "fp16", "bf16") if any(r["dtype"] == d for r in gated_rows)]
+    cols = [(op, d) for op in ops for d in dtypes]
+    lines = ["| GPU (arch) | " + " | ".join(f"{op} {d}" for op, d in cols) + " | gate ≤ %.2f |" % GATE,
+             "|---|" + "---:|" * len(cols) + "---|"]
+    for gpu, spec in GPUS.items():
+        cells, ok = [], True
+        for op, d in cols:
+            rs = [(r["roofline"][gpu]["ratio"], r["roofline"][gpu].get("compute", 0), r["k"]) for r in gated_rows
+                  if r["op"] == op and r["dtype"] == d and gpu in r["roofline"]]
+            if not rs:
+                cells.append("-")
+                continue
+            worst, compute, k = max(rs)
+            ok = ok and worst <= GATE
+            cells.append(f"{worst:.2f} ({compute:.2f}, K={k})")
+        lines.append(f"| {gpu} (sm_{spec['arch']}) | " + " | ".join(cells) + f" | {'pass' if ok else 'FAIL'} |")
+    return "\n".join(lines) + "\n"

@@ -24,19 +24,17 @@ stage 2: 18-48), 0 spills,
 for every K, dtype and alignment on sm_80 and sm_90; benchmarks/results/kernels-before-after.md
 lists the options measured. Exactness per dtype:
 - fp16 / bf16: products are exact in fp32 (11 / 8-bit significands), summed in fp32;
-- fp32 and fp64: fp32 tiles are widened to fp64 (exactly) and both go through DMMA
-  (``mma.m8n8k4.f64``): exact products, IEEE fp64 sums, the same Gram as the float64 sums of
-  the native and reference backends. Why fp64 for fp32 (issue 12): the policies take small
-  combinations of large operands (APG's ‖Δ‖ = ‖d_c − d_u‖, x̂_0 = (x − σ ε)/α at high noise),
-  ``uᵀ G u`` cancels, and Gram entries with fp32's ~1e-7 relative error left float32 APG 1.2e-3
-  from float64 (fp32 sums of exact products, as the previous bf16-split design had; a
-  difference basis for cond/uncond alone gave 5.5e-4: x̂_0 cancels too). Cost: a [16, BK]
-  tile's Gram is 2·16·16·BK flops for K·BK elements, 128/K flops per byte of fp32 input, while
-  DMMA peaks at 19.5 (A100) / 67 (H100 SXM) TFLOP/s against 2.0 / 3.35 TB/s: the pass stays at
-  the memory bound for K >= 7 on H100 and runs at ~1.6x (K = 4) to 2.1x (K = 3) of it there,
-  ~3.3x / 4.4x on A100 (a projection; fp64-poor GPUs pay far more). The dry run's roofline
-  counts these FLOPs: with them everything beyond the model stays 0.4-4.8 % of a projected A100
-  step of the paper workloads (benchmarks/results/dryrun-2026-11-24.md).
+- fp64: DMMA (``mma.m8n8k4.f64``): exact products, IEEE fp64 sums, the same Gram as the
+  float64 sums of the native and reference backends;
+- fp32: not here. The policies take small combinations of large operands (APG's ‖Δ‖ =
+  ‖d_c − d_u‖, x̂_0 = (x − σ ε)/α at high noise) and ``uᵀ G u`` cancels, so Gram entries with
+  fp32's ~1e-7 relative error left float32 APG 1.2e-3 from float64. Widening fp32 tiles to fp64
+  for this kernel kept that precision but cost 2·16·16 fp64 flops per element: DMMA on
+  sm_80/90/100 still 2-8x the memory-bound time, and on GPUs without fp64 tensor cores
+  (RTX 30/40/50, L4, L40S: fp64 at 1/64 of fp32) 26-107x. fp32 operands therefore go through
+  ``reduce_lanes.py`` (one accumulator per Gram entry and thread, no padding: float-float where
+  fp64 is slow, fp64 fma where it is fast), chosen by :func:`method`; its SASS roofline is in
+  ``gradguide check-kernels``.
 Within a tile the MMA sums BK products; tiles are added one by one in the accumulator's dtype.
 
 Limits: K <= 8 operands of one dtype (fp16, bf16, fp32, fp64), contiguous (the Python glue
@@ -141,8 +139,8 @@ MAX_SPLITS = 1024
 
 
 def warps(dtype: torch.dtype) -> int:
-    """fp32 takes 2 warps: BK = 16 is then one 128-bit load per thread and tile, and the tile
-    widened to fp64 is 4 values per thread (32-40 registers on sm_80/sm_90)."""
+    """fp32 (``how="dot"``, tests only) takes 2 warps: BK = 16 is then one 128-bit load per thread
+    and tile, and the tile widened to fp64 is 4 values per thread."""
     return 2 if dtype == torch.float32 else NUM_WARPS
 
 
@@ -180,14 +178,19 @@ def target_arch(device: torch.device) -> int:
 def method(dtype: torch.dtype, k: int, arch: int) -> str:
     """How stage 1 accumulates: ``"f64"`` (per-thread fp64 fma: fp32 operands on fp64-rich GPUs),
     ``"ff"`` (per-thread float-float in fp32: fp32 operands elsewhere, and under the
-    interpreter) or ``"dot"`` (the tensor-core tile Gram: fp16/bf16, whose 16 x 16 padding costs
-    tensor-core flops that every GPU has to spare, and fp64 operands)."""
+    interpreter), ``"f32"`` (per-thread fp32 fma: fp16/bf16 with K <= HALF_LANES_MAX_K) or
+    ``"dot"`` (the tensor-core tile Gram: fp64 operands, fp16/bf16 with more operands)."""
     if dtype == torch.float32:
         return "f64" if arch in FP64_RICH else "ff"
+    if dtype in (torch.float16, torch.bfloat16) and k <= HALF_LANES_MAX_K:
+        return "f32"
     return "dot"
 
 
-_MODES = {"ff": reduce_lanes.FF, "f64": reduce_lanes.F64}
+# fp16/bf16: per-thread fp32 accumulation up to this many operands (<= 56 registers); beyond, the
+# tile Gram's 16 rows are K/16 full enough for tensor cores to keep up (gradguide check-kernels)
+HALF_LANES_MAX_K = 5
+_MODES = {"ff": reduce_lanes.FF, "f64": reduce_lanes.F64, "f32": reduce_lanes.F32}
 
 
 def reduce(operands, groups: int = 1, how: str = None):
@@ -200,9 +203,11 @@ def reduce(operands, groups: int = 1, how: str = None):
     n = first[0].numel() // groups
     rows = b * groups
     how = how or method(first.dtype, k, target_arch(first.device))
-    if how not in ("dot", "ff", "f64") or (how != "dot" and first.dtype != torch.float32):
-        raise ValueError(f"how: expected 'dot', or 'ff' / 'f64' for float32 operands, got {how!r} "
-                         f"for {first.dtype}")
+    half = first.dtype in (torch.float16, torch.bfloat16)
+    if how not in ("dot", "ff", "f64", "f32") or (how in ("ff", "f64") and first.dtype != torch.float32) \
+            or (how == "f32" and not half):
+        raise ValueError(f"how: expected 'dot', 'ff' / 'f64' (float32 operands) or 'f32' (float16/bfloat16), "
+                         f"got {how!r} for {first.dtype}")
     align = row_align(n, first.dtype)
     acc = acc_dtype(first.dtype)
     if how == "dot":
