@@ -57,13 +57,15 @@ def test_six_architectures_compile_and_meet_the_roofline(roofline_gates):
 
 def test_fp32_reduce_needs_no_fp64_throughput_where_fp64_is_slow(roofline_gates):
     """fp32 reduce: float-float (fp32 instructions only, no fp64, no tensor cores) on sm_86/89/120;
-    per-thread fp64 fma on sm_80/90/100; no padded 16 x 16 tile Gram anywhere."""
+    per-thread fp64 fma on sm_80/90/100; fp16/bf16 per-thread fp32; no padded 16 x 16 tile Gram."""
     for r in roofline_gates["rows"]:
-        if r["op"] != "reduce" or r["dtype"] != "fp32" or r["kernel"] == "_reduce_finish":
+        if r["op"] != "reduce" or r["kernel"] == "_reduce_finish":
             continue
         m = r["mix"]
         assert r["kernel"] == "_reduce_lanes" and not m.get("hmma_flops") and not m.get("dmma_flops")
-        if r["arch"] in (86, 89, 120):
+        if r["dtype"] != "fp32":
+            assert m.get("fp64", 0) == 0 and m["fp32"] > 0, (r["arch"], r["variant"], m)
+        elif r["arch"] in (86, 89, 120):
             assert m.get("fp64", 0) == 0 and m["fp32"] > 0, (r["arch"], r["variant"], m)
         else:
             assert m["fp64"] > 0, (r["arch"], r["variant"], m)
@@ -114,7 +116,8 @@ def test_every_ci_variant_compiles_for_both_archs(gates):
         for v in variants:
             main = [r for r in _kernel_rows(gates, arch, v) if r["kernel"] != "_reduce_finish"]
             assert len(main) == 1, (arch, v.name)  # one distinct specialisation per variant
-            assert main[0]["kernel"] == {"reduce": "_reduce_partials", "combine": "_combine", "fused": "_fused",
+            reduce = "_reduce_partials" if v.dtype == "fp64" else "_reduce_lanes"
+            assert main[0]["kernel"] == {"reduce": reduce, "combine": "_combine", "fused": "_fused",
                                          "clip_shift": "_clip_shift"}[v.op]
 
 
@@ -125,11 +128,16 @@ def test_no_spills(gates):
 
 
 def test_registers(gates):
-    """<= 64 registers for every kernel: combine, fused, clip_shift, both reduce stages, every K and dtype."""
-    over = [(r["arch"], r["variant"], r["kernel"], r["registers"]) for r in gates["rows"] if r["registers"] > 64]
+    """<= 64 registers for every kernel (combine, fused, clip_shift, both tile-Gram reduce stages,
+    every K and dtype) but the per-thread reduce, which holds one accumulator per Gram entry
+    (float-float: two) and may use up to 255 without spilling (its occupancy is reported)."""
+    over = [(r["arch"], r["variant"], r["kernel"], r["registers"]) for r in gates["rows"]
+            if r["registers"] > (cg.LANES_REG_LIMIT if r["kernel"] == "_reduce_lanes" else 64)]
     assert not over
-    assert cg.REG_LIMIT == 64 and {r["kernel"] for r in gates["rows"]} >= {"_reduce_partials", "_combine", "_fused",
-                                                                       "_clip_shift"}
+    assert cg.REG_LIMIT == 64 and {r["kernel"] for r in gates["rows"]} >= {"_reduce_partials", "_reduce_lanes",
+                                                                       "_combine", "_fused", "_clip_shift"}
+    small = [r["registers"] for r in gates["rows"] if r["kernel"] == "_reduce_lanes" and r["k"] <= 4]
+    assert small and max(small) <= 64   # few operands: as light as the other kernels
 
 
 def test_operand_loads_are_128_bit_when_aligned(gates):

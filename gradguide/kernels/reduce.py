@@ -1,5 +1,8 @@
 """Triton ``reduce``: per-row Gram matrix and sums of K <= 8 operands (DESIGN.md, pass 1).
 
+Two stage-1 kernels: the tensor-core tile Gram below (fp64 operands) and the per-thread
+accumulators of ``reduce_lanes.py`` (fp32, fp16, bf16), chosen by :func:`method`.
+
 Design
 ------
 A row is one sample (or one group of a sample: G equal contiguous chunks of the flattened
@@ -23,7 +26,9 @@ per-thread accumulators fits 64 registers. This design compiles to 30-40 registe
 stage 2: 18-48), 0 spills,
 for every K, dtype and alignment on sm_80 and sm_90; benchmarks/results/kernels-before-after.md
 lists the options measured. Exactness per dtype:
-- fp16 / bf16: products are exact in fp32 (11 / 8-bit significands), summed in fp32;
+- fp16 / bf16: products are exact in fp32 (11 / 8-bit significands), summed in fp32 (GPUs run
+  them through ``reduce_lanes.py`` instead: see ``HALF_LANES_MAX_K``; this kernel remains for
+  fp64 operands and ``how="dot"``);
 - fp64: DMMA (``mma.m8n8k4.f64``): exact products, IEEE fp64 sums, the same Gram as the
   float64 sums of the native and reference backends;
 - fp32: not here. The policies take small combinations of large operands (APG's ‖Δ‖ =
@@ -187,9 +192,11 @@ def method(dtype: torch.dtype, k: int, arch: int) -> str:
     return "dot"
 
 
-# fp16/bf16: per-thread fp32 accumulation up to this many operands (<= 56 registers); beyond, the
-# tile Gram's 16 rows are K/16 full enough for tensor cores to keep up (gradguide check-kernels)
-HALF_LANES_MAX_K = 5
+# fp16/bf16: per-thread fp32 accumulation up to this many operands (all): the tile Gram loads K
+# of its 16 rows, so its MMA and issue work per byte is 16/K times the useful work; measured by
+# gradguide check-kernels it projected 1.6-3.4x the memory time at K = 2 on RTX 3090/4090/5090 and
+# 2-5x (issue-bound) on A100/H100/B200, still 2.1x at K = 8 on B200
+HALF_LANES_MAX_K = 8
 _MODES = {"ff": reduce_lanes.FF, "f64": reduce_lanes.F64, "f32": reduce_lanes.F32}
 
 

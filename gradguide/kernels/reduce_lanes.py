@@ -1,4 +1,4 @@
-"""Triton ``reduce`` for fp32 operands (and fp16/bf16 ones at small K), one thread per 128-bit
+"""Triton ``reduce`` for fp32, fp16 and bf16 operands, one thread per 128-bit
 vector: every thread keeps its own accumulator for each of the K(K+1)/2 Gram entries and K sums
 the caller needs, so no 16 x 16 padding is multiplied (the tensor-core tile Gram of
 ``reduce.py`` spends 16 x 16 x BK products on K x BK elements).
@@ -11,9 +11,9 @@ Accumulation, chosen per GPU (``reduce.fp32_method``):
   significant bits: the cancellations the policies make of Gram entries (APG's ‖d_c − d_u‖,
   x̂_0 at high noise) keep the float32 result within 1e-4 of float64, as the previous fp64 DMMA
   design did, on fp32 arithmetic only (about 10 fp32 instructions per product);
-- ``F32`` (fp16/bf16 operands, few of them): products exact in fp32, summed with ``fma`` in
+- ``F32`` (fp16/bf16 operands): products exact in fp32, summed with ``fma`` in
   fp32 per thread (the tensor-core tile Gram's contract; its 16-row tile loads K rows of 16, so
-  at small K its MMA flops per byte exceed what consumer GPUs' tensor cores give);
+  its MMA and issue work per byte is 16/K times the useful work, beyond the bound on most GPUs);
 - ``F64`` (GPUs with full-rate fp64 on CUDA cores: A100, H100, B200): operands widened to fp64
   (exact) and ``fma`` into fp64 accumulators: exact products, IEEE fp64 sums;
 At the end each program sums its threads' accumulators in fp64 (``s`` and ``c`` separately:
