@@ -174,7 +174,7 @@ def target_arch(device: torch.device) -> int:
     active Triton driver's target (the compile gates' fake CUDA driver); 0 under the interpreter."""
     if interpreted():
         return 0
-    if device.type == "cuda":
+    if device.type == "cuda" and torch.cuda.is_available():
         major, minor = torch.cuda.get_device_capability(device)
         return 10 * major + minor
     return int(triton.runtime.driver.active.get_current_target().arch)
@@ -197,6 +197,9 @@ def method(dtype: torch.dtype, k: int, arch: int) -> str:
 # gradguide check-kernels it projected 1.6-3.4x the memory time at K = 2 on RTX 3090/4090/5090 and
 # 2-5x (issue-bound) on A100/H100/B200, still 2.1x at K = 8 on B200
 HALF_LANES_MAX_K = 8
+# ptxas's own register target spilled 8-16 B for fp16/bf16 at K = 4 on sm_100 (56 registers);
+# an explicit ceiling above every variant's need (<= 200) lets it allocate what the code needs
+LANES_MAXNREG = 224
 _MODES = {"ff": reduce_lanes.FF, "f64": reduce_lanes.F64, "f32": reduce_lanes.F32}
 
 
@@ -232,7 +235,7 @@ def reduce(operands, groups: int = 1, how: str = None):
         # error-free transformations (TwoSum needs the rounded product it was given)
         reduce_lanes._reduce_lanes[(rows, splits)](*pointers(operands), part, n // align, iters, K=k, ALIGN=align,
                                                    BLOCK=block, VEC=vec(first.dtype), MODE=_MODES[how], num_warps=NUM_WARPS,
-                                                   num_stages=1, enable_fp_fusion=False)
+                                                   num_stages=1, enable_fp_fusion=False, maxnreg=LANES_MAXNREG)
     gram = torch.empty(b, groups, k, k, device=first.device, dtype=acc)
     sums = torch.empty(b, groups, k, device=first.device, dtype=acc)
     _reduce_finish[(rows,)](part, gram, sums, splits, K=k, PP=next_pow2(k * k + k), CHUNK=16, num_warps=NUM_WARPS)
