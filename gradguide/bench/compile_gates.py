@@ -1,6 +1,6 @@
-"""Compile gates: every Triton kernel variant the glue can launch, compiled for sm_80 / sm_90
-on a machine without a GPU, and checked from its PTX and cubin (DESIGN.md, "Verifying the
-GPU path without a GPU").
+"""Compile gates: every Triton kernel variant the glue can launch, compiled for sm_80, 86, 89,
+90, 100 and 120 on a machine without a GPU, and checked from its PTX, cubin and SASS
+(docs/performance.md, "SASS roofline per GPU").
 
 How: Triton's active driver is replaced by :class:`FakeCudaDriver`, which reports a CUDA
 target, and ``JITFunction.run`` is made to compile instead of launch (``warmup=True``). Then
@@ -14,9 +14,12 @@ pointer argument ``x0..x7``).
 
 Gates, per compiled kernel:
 - **no spills**: ``LOCAL`` and ``STACK`` are 0 bytes (spills go to local memory);
-- **registers** <= 64 per thread for every kernel (reduce accumulates its Gram on tensor
-  cores, gradguide/kernels/reduce.py: its accumulators are spread over the warp, not K(K+1)/2 + K per
-  thread);
+- **registers** <= 64 per thread for every kernel but the per-thread reduce
+  (gradguide/kernels/reduce_lanes.py: K(K+1)/2 + K accumulators per thread, float-float twice
+  that; <= LANES_REG_LIMIT, no spills, occupancy reported);
+- **SASS roofline** (gradguide/bench/roofline.py): the main loop's instruction mix projected on
+  the GPUs of each architecture at <= 1.25x the memory-bound time (reduce, combine, fused;
+  fp32/fp16/bf16; K = 2..8; aligned);
 - **128-bit operand loads**: when the variant's operands are 16-byte aligned and rows are a
   multiple of the vector width (8 elements covers every dtype), every operand load is
   ``ld.global.v4.b32`` (or ``v2.b64``).
