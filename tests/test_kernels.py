@@ -553,9 +553,12 @@ def test_project_backend(backend):
 
 # -- Triton addressing: 128-bit aligned rows, offset (unaligned) operands, split and looped rows ----
 
-def test_triton_reduce_fp32_sums_in_float64():
-    """The Triton reduce widens fp32 tiles to fp64 (exact) and sums on DMMA in fp64 (docs/architecture.md#precision:
-    a float32 Gram lost small combinations such as APG's ‖d_c − d_u‖). x = 1 + 2**-12 + 2**-20
+@pytest.mark.parametrize("how", ["ff", "f64", "dot"])
+def test_triton_reduce_fp32_sums_beyond_float32(how):
+    """Every way the Triton reduce accumulates fp32 operands keeps ~fp64 accuracy (a float32 Gram
+    lost small combinations such as APG's ‖d_c − d_u‖): float-float (exact two-products, TwoSum;
+    GPUs with slow fp64), fp64 fma per thread (A100/H100/B200) and the tensor-core fp64 tile Gram.
+    x = 1 + 2**-12 + 2**-20
     needs all 24 significand bits, two operands nearly cancel (x and −x(1 + 2**-20)), and
     3000 same-sign terms: an fp32 accumulator, or products rounded to fewer bits, would be off
     by >= 1e-7 relative, and the nearly cancelling ‖a + b‖² by far more. Non-finite values pass
@@ -565,7 +568,8 @@ def test_triton_reduce_fp32_sums_in_float64():
     n = 3000
     ops_ = [torch.full((2, n), x), torch.full((2, n), -x * (1 + 2.0 ** -20)),
             torch.linspace(-1, 1, 2 * n).view(2, n)]
-    gram, sums = ops.reduce(ops_, 1, backend="triton")
+    from gradguide.kernels import reduce as kreduce
+    gram, sums = kreduce.reduce(ops_, 1, how=how)
     g64, s64 = reference.reduce([o.double() for o in ops_], 1)
     assert gram.dtype == torch.float64
     diag = torch.diagonal(g64, dim1=-2, dim2=-1)
@@ -578,8 +582,42 @@ def test_triton_reduce_fp32_sums_in_float64():
     assert ((small - small64).abs() / small64).max() <= 1e-3
     inf = [torch.full((1, 64), x), torch.full((1, 64), x)]
     inf[0][0, 5] = float("inf")
-    got = ops.reduce(inf, 1, backend="triton")[0]
+    got = kreduce.reduce(inf, 1, how=how)[0]
     assert torch.isinf(got[0, 0, 0, 0]) and torch.isinf(got[0, 0, 0, 1]) and torch.isfinite(got[0, 0, 1, 1])
+
+
+def test_triton_reduce_method_per_architecture():
+    """fp32: float-float where fp64 runs at 1/64 of fp32 (sm_86/89/120) and under the
+    interpreter, per-thread fp64 on sm_80/90/100; fp16/bf16: per-thread fp32; fp64: the
+    tensor-core tile Gram."""
+    from gradguide.kernels import reduce as kreduce
+    assert [kreduce.method(torch.float32, 3, a) for a in (0, 80, 86, 89, 90, 100, 120)] == \
+        ["ff", "f64", "ff", "ff", "f64", "f64", "ff"]
+    assert {kreduce.method(d, k, a) for d in (torch.float16, torch.bfloat16) for k in (1, 5, 8)
+            for a in (0, 80, 86)} == {"f32"}
+    assert {kreduce.method(torch.float64, k, a) for k in (1, 8) for a in (0, 80, 86)} == {"dot"}
+
+
+@pytest.mark.parametrize("how", ["ff", "f64"])
+def test_triton_reduce_fp32_methods_awkward_shapes(how):
+    """Both per-thread fp32 methods (the one the interpreter does not pick by default included)
+    against the float64 reference: K = 1..8, odd row lengths, groups, an aligned long row."""
+    _backend("triton")
+    from gradguide.kernels import reduce as kreduce
+    for k in range(1, 9):
+        for shape, groups in (((3, 5, 7), 5), ((2, 2056), 2)):
+            ops_ = _operands(shape, k, torch.float32, seed=k)
+            gram, sums = kreduce.reduce(ops_, groups, how=how)
+            g64, s64 = reference.reduce([o.double() for o in ops_], groups)
+            diag = torch.diagonal(g64, dim1=-2, dim2=-1)
+            scale = (diag.unsqueeze(-1) * diag.unsqueeze(-2)).sqrt()
+            assert ((gram - g64).abs() / scale).max() <= 1e-12, (k, shape)
+            assert ((gram - gram.transpose(-1, -2)) == 0).all()
+            abs_sum = reference.reduce([o.double().abs() for o in ops_], groups)[1]
+            assert ((sums - s64).abs() / abs_sum).max() <= 1e-12, (k, shape)
+    with pytest.raises(ValueError, match="how"):
+        kreduce.reduce(_operands((2, 8), 2, torch.float16), 1, how=how)
+        kreduce.reduce(_operands((2, 8), 2, torch.float32), 1, how="f32")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

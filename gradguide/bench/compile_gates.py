@@ -1,6 +1,6 @@
-"""Compile gates: every Triton kernel variant the glue can launch, compiled for sm_80 / sm_90
-on a machine without a GPU, and checked from its PTX and cubin (docs/architecture.md#benchmarks-and-results; "Verifying the
-GPU path without a GPU").
+"""Compile gates: every Triton kernel variant the glue can launch, compiled for sm_80, 86, 89,
+90, 100 and 120 on a machine without a GPU, and checked from its PTX, cubin and SASS
+(docs/performance.md, "SASS roofline per GPU").
 
 How: Triton's active driver is replaced by :class:`FakeCudaDriver`, which reports a CUDA
 target, and ``JITFunction.run`` is made to compile instead of launch (``warmup=True``). Then
@@ -14,9 +14,12 @@ pointer argument ``x0..x7``).
 
 Gates, per compiled kernel:
 - **no spills**: ``LOCAL`` and ``STACK`` are 0 bytes (spills go to local memory);
-- **registers** <= 64 per thread for every kernel (reduce accumulates its Gram on tensor
-  cores, gradguide/kernels/reduce.py: its accumulators are spread over the warp, not K(K+1)/2 + K per
-  thread);
+- **registers** <= 64 per thread for every kernel but the per-thread reduce
+  (gradguide/kernels/reduce_lanes.py: K(K+1)/2 + K accumulators per thread, float-float twice
+  that; <= LANES_REG_LIMIT, no spills, occupancy reported);
+- **SASS roofline** (gradguide/bench/roofline.py): the main loop's instruction mix projected on
+  the GPUs of each architecture at <= 1.25x the memory-bound time (reduce, combine, fused;
+  fp32/fp16/bf16; K = 2..8; aligned);
 - **128-bit operand loads**: when the variant's operands are 16-byte aligned and rows are a
   multiple of the vector width (8 elements covers every dtype), every operand load is
   ``ld.global.v4.b32`` (or ``v2.b64``).
@@ -48,10 +51,18 @@ from typing import Dict, List, Optional
 import torch
 
 REG_LIMIT = 64
-ARCHS = (80, 90)
-# per-SM limits used for the occupancy bound (CUDA occupancy rules; A100 = sm_80, H100 = sm_90)
+ARCHS = (80, 86, 89, 90, 100, 120)
+# per-SM limits used for the occupancy bound (CUDA occupancy rules, the CUDA C++ Programming
+# Guide's table of technical specifications per compute capability)
 SM = {80: dict(gpu="A100", regs=65536, max_warps=64, max_blocks=32, smem=167936),
-      90: dict(gpu="H100", regs=65536, max_warps=64, max_blocks=32, smem=233472)}
+      86: dict(gpu="RTX 3090", regs=65536, max_warps=48, max_blocks=16, smem=102400),
+      89: dict(gpu="RTX 4090, L4, L40S", regs=65536, max_warps=48, max_blocks=24, smem=102400),
+      90: dict(gpu="H100", regs=65536, max_warps=64, max_blocks=32, smem=233472),
+      100: dict(gpu="B200", regs=65536, max_warps=64, max_blocks=32, smem=233472),
+      120: dict(gpu="RTX 5090", regs=65536, max_warps=48, max_blocks=32, smem=102400)}
+# the per-thread reduce keeps K(K+1)/2 + K (float-float: twice that) accumulators per thread: up
+# to ~200 registers for K = 8; its gate is no spills and this limit (occupancy is reported)
+LANES_REG_LIMIT = 255
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
 POLICIES = ("linear", "cfg", "pxp-a", "pxp-b", "pxp-c", "apg", "gloss", "lookahead")
 ALIGNED_N, UNALIGNED_N = 4096, 4095  # row lengths: a multiple of every vector width, and odd
@@ -73,11 +84,28 @@ class Variant:
                 + (" clamp" if self.clamp else ""))
 
 
+SUBSETS = ("all", "ci", "roofline", "roofline-ci")
+ROOFLINE_DTYPES = ("fp32", "fp16", "bf16")
+
+
 def variants(subset: str = "all") -> List[Variant]:
-    """Every variant the glue can launch (``"all"``), or the representative CI subset (``"ci"``)."""
-    if subset not in ("all", "ci"):
-        raise ValueError(f"subset: expected 'all' or 'ci', got {subset!r}")
+    """Every variant the glue can launch (``"all"``), the representative CI subset (``"ci"``),
+    the roofline-gated ones (``"roofline"``: reduce, combine and fused[cfg / apg] in fp32, fp16
+    and bf16, K = 2..8, aligned) or their CI cut (``"roofline-ci"``: every kernel x dtype at
+    K = 2, 3, 8, fused as APG: compile time matters when six architectures run in CI)."""
+    if "+" in subset:  # a union, e.g. "ci+roofline", in order, without repeats
+        return list(dict.fromkeys(v for part in subset.split("+") for v in variants(part)))
+    if subset not in SUBSETS:
+        raise ValueError(f"subset: expected one of {SUBSETS} (or a union joined by '+'), got {subset!r}")
     out: List[Variant] = []
+    if subset.startswith("roofline"):
+        ks = range(2, 9) if subset == "roofline" else (2, 3, 8)
+        policies = ("cfg", "apg") if subset == "roofline" else ("apg",)
+        for dt in ROOFLINE_DTYPES:
+            for k in ks:
+                out += [Variant("reduce", dt, k, True), Variant("combine", dt, k, True)]
+                out += [Variant("fused", dt, k, True, False, p) for p in policies]
+        return out
     if subset == "all":
         for dt in DTYPES:
             for k in range(1, 9):
@@ -318,6 +346,19 @@ def analyse(kernel, arch: int, variant: Variant) -> Dict[str, object]:
            "num_warps": num_warps, "registers": res["reg"], "stack_bytes": res["stack"],
            "local_bytes": res["local"], "shared_bytes": smem, **occupancy(arch, res["reg"], num_warps, smem),
            **loads, "hash": kernel.hash}
+    from . import roofline
+    text = roofline.sass(kernel.asm["cubin"])
+    row["mix"] = roofline.mix(text)
+    names = kernel.src.fn.arg_names
+    consts = {names[key[0]]: val for key, val in kernel.src.constants.items() if len(key) == 1}
+    tile = consts.get("BLOCK", consts.get("BK"))
+    row["tile_bytes"] = None
+    if tile is not None:   # not _reduce_finish
+        stores = 1 if variant.op in ("combine", "fused", "clip_shift") else 0
+        row["tile_bytes"] = roofline.traffic(row["mix"], variant.k, tile, DTYPES[variant.dtype].itemsize, stores)
+    row["roofline"] = ({g: roofline.project(row["mix"], roofline.GPUS[g], 32 * num_warps, row["tile_bytes"])
+                        for g in roofline.gpus_for(arch)} if row["tile_bytes"] else {})
+    row["roofline_gated"] = roofline.gated(row)
     row["failures"] = gate_failures(row)
     return row
 
@@ -327,8 +368,14 @@ def gate_failures(row: Dict[str, object]) -> List[str]:
     fails = []
     if row["local_bytes"] or row["stack_bytes"]:
         fails.append(f"spills: {row['local_bytes']} B local, {row['stack_bytes']} B stack")
-    if row["registers"] > REG_LIMIT:
-        fails.append(f"{row['registers']} registers > {REG_LIMIT}")
+    limit = LANES_REG_LIMIT if row["kernel"] == "_reduce_lanes" else REG_LIMIT
+    if row["registers"] > limit:
+        fails.append(f"{row['registers']} registers > {limit}")
+    from .roofline import GATE
+    if row.get("roofline_gated"):
+        over = {g: round(p["ratio"], 2) for g, p in row["roofline"].items() if not p["ratio"] <= GATE}
+        if over:
+            fails.append(f"projected / memory-bound time > {GATE}: {over}")
     if row["kernel"] != "_reduce_finish":
         missing = [o for o, w in row["operand_loads"].items() if not w]
         if missing:
@@ -481,7 +528,8 @@ def markdown(result: Dict[str, object], arch: int, command: str) -> str:
              f"- command: `{command}`", f"- date: {env['date']}; machine: {env['machine']}",
              f"- torch {env['torch']}, triton {env['triton']}, ptxas {env['ptxas']}; git commit {env['git_commit']}",
              f"- variants: {result['subset']} ({len(rows)} distinct compiled kernels); "
-             f"gates: 0 spill bytes, ≤ {REG_LIMIT} registers, 128-bit operand loads when aligned",
+             f"gates: 0 spill bytes, ≤ {REG_LIMIT} registers (the per-thread reduce `_reduce_lanes`: "
+             f"≤ {LANES_REG_LIMIT}), 128-bit operand loads when aligned, SASS roofline ≤ 1.25 where gated",
              f"- result: **{'all pass' if not fails else f'{len(fails)} fail'}**", "",
              "Compiled by Triton's own compiler for a CUDA target, specialised as the glue launches them "
              "(`gradguide/bench/compile_gates.py`); registers, stack/local (spill) bytes and shared memory "
@@ -489,10 +537,11 @@ def markdown(result: Dict[str, object], arch: int, command: str) -> str:
              "an operand pointer). Occupancy is the CUDA occupancy bound from registers, shared memory and "
              "warp/block limits, not a measurement. 'aligned': 16-byte aligned operands, rows of 4096 "
              "elements; 'unaligned': operands offset by one element, rows of 4095 (scalar loads expected).",
-             "", "Note on `_reduce_partials`: it accumulates each tile's Gram on tensor cores (`tl.dot` of a "
-             "[16, BK] tile with itself; fp32 inputs widened to fp64 for DMMA, fp64 sums, on 2 warps), so "
-             "its accumulators are spread over the warp; the previous per-thread-accumulator "
-             "design used 92-128 registers for K = 8 (kernels-before-after.md).",
+             "", "Note on the reduce: fp16/bf16 (and fp64) operands go through `_reduce_partials`, a tile "
+             "Gram on tensor cores (`tl.dot` of a [16, BK] tile with itself), whose accumulators are spread "
+             "over the warp; fp32 operands through `_reduce_lanes`, one accumulator per Gram entry and thread "
+             "(float-float on GPUs with slow fp64, fp64 fma on sm_80/90/100; gradguide/kernels/reduce_lanes.py), "
+             "which for K ≥ 5 trades registers (occupancy) for no padded products.",
              "", "| kernel | variant | warps | regs | spill B | smem B | occupancy bound (limiter) | "
              "operand loads | other loads (bits) | stores (bits) | gates |", "|" + "---|" * 11]
     for r in rows:
@@ -502,6 +551,27 @@ def markdown(result: Dict[str, object], arch: int, command: str) -> str:
                      f"{r['local_bytes'] + r['stack_bytes']} | {r['shared_bytes']} | "
                      f"{r['occupancy']:.0%} ({r['limiter']}) | {_loads_cell(r)} | {other} | {stores} | "
                      f"{'pass' if not r['failures'] else '; '.join(r['failures'])} |")
+    from . import roofline
+    gpus = roofline.gpus_for(arch)
+    if gpus and any(r.get("roofline") for r in rows):
+        lines += ["", f"## SASS roofline on {', '.join(gpus)} (a PROJECTION)", "",
+                  "Per thread and main-loop iteration (one tile) from `cuobjdump -sass`: issued instructions, "
+                  "fp32 / fp64 / conversion instructions, tensor-core flops; the DRAM bytes of the iteration's "
+                  "tiles for the whole program (from the launch); "
+                  "projected time over memory-bound time with spec-sheet throughputs "
+                  "(`gradguide/bench/roofline.py`; gated rows: reduce, combine, fused in fp32/fp16/bf16, "
+                  f"K = 2..8, aligned, at ≤ {roofline.GATE}).", "",
+                  "| kernel | variant | issue | fp32 | fp64 | conv | MMA flops | program bytes | " +
+                  " | ".join(gpus) + " |", "|---|---|" + "---:|" * (6 + len(gpus))]
+        for r in rows:
+            if not r.get("roofline") or r["kernel"] == "_reduce_finish":
+                continue
+            m = r["mix"]
+            cells = [f"{r['roofline'][g]['ratio']:.2f} ({r['roofline'][g]['limiter']})" for g in gpus]
+            lines.append(f"| `{r['kernel']}` | {r['variant']} | {m.get('issue', 0):.0f} | {m.get('fp32', 0):.0f} | "
+                         f"{m.get('fp64', 0):.0f} | {m.get('conv', 0):.0f} | "
+                         f"{m.get('hmma_flops', 0) + m.get('dmma_flops', 0):.0f} | "
+                         f"{r['tile_bytes']:.0f} | " + " | ".join(cells) + " |")
     native = result.get("nvcc")
     if native is not None:
         lines += ["", f"## Native CUDA ops (`csrc/*.cu`) compiled with nvcc for sm_{arch}", ""]
@@ -543,9 +613,12 @@ def _count(xs):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", default="80,90", help="comma-separated compute capabilities (default: 80,90)")
-    p.add_argument("--subset", choices=("all", "ci"), default="all",
-                   help="all: every variant the glue can launch (default); ci: the test suite's subset")
+    p.add_argument("--arch", default=",".join(map(str, ARCHS)),
+                   help=f"comma-separated compute capabilities (default: {','.join(map(str, ARCHS))})")
+    p.add_argument("--subset", default="all",
+                   help="all: every variant the glue can launch (default); ci: the test suite's subset; "
+                        "roofline: the roofline-gated variants (reduce, combine, fused; fp32/fp16/bf16; "
+                        "K = 2..8); roofline-ci: those at K = 2, 3, 8; a union joined by '+', e.g. ci+roofline")
     p.add_argument("--json", default=None, help="write every compiled kernel's figures to this JSON file")
     p.add_argument("--markdown-dir", default=None,
                    help="write kernels-sm<arch>.md tables into this directory (default: none)")
@@ -560,6 +633,10 @@ def run_cli(args) -> int:
     for a in archs:
         if a not in SM:
             raise SystemExit(f"--arch: expected compute capabilities in {tuple(SM)}, got {a}")
+    try:
+        variants(args.subset)
+    except ValueError as e:
+        raise SystemExit(f"--subset: {e}")
     from ..tools import outputs
     if args.json:   # refused before compiling, not after
         outputs.claim(args.json, option="--json")
@@ -597,6 +674,10 @@ def run_cli(args) -> int:
                   f"spill {r['local_bytes'] + r['stack_bytes']}  loads {_loads_cell(r)}")
     for r in failed:
         print(f"FAIL sm_{r['arch']} {r['kernel']} {r['variant']}: {'; '.join(r['failures'])}")
+    if any(r.get("roofline_gated") for r in rows):
+        from . import roofline
+        print("SASS roofline (a PROJECTION): worst projected / memory-bound time over K, busiest pipe / memory "
+              "in parentheses\n" + roofline.table(rows))
     bad_triton = [r for r in rows if r["failures"]]
     print(f"Triton: {len(rows)} compiled kernels for sm_{', sm_'.join(map(str, archs))}: "
           f"{len(rows) - len(bad_triton)} pass, {len(bad_triton)} fail")

@@ -158,10 +158,11 @@ class Counter(TorchDispatchMode):
                 flops = int(fn(*args, **kwargs, out_val=out))
             except Exception:   # a shape function the counter does not know: no FLOPs counted
                 flops = 0
-        if func.namespace == "gradguide_triton" and name == "reduce" and ins[0].dtype in (torch.float32,
-                                                                                        torch.float64):
-            # gradguide/kernels/reduce.py: each [16, BK] tile's Gram on fp64 tensor cores, 2·16·16 FLOPs per
-            # element of one operand whatever K (the projection's DMMA peak: projection.py)
+        if func.namespace == "gradguide_triton" and name == "reduce" and ins[0].dtype == torch.float64:
+            # gradguide/kernels/reduce.py: fp64 operands' [16, BK] tile Grams on fp64 tensor cores, 2·16·16
+            # FLOPs per element of one operand whatever K (the projection's DMMA peak: projection.py);
+            # fp32 operands go through the per-thread kernel, memory-bound by its SASS roofline
+            # (gradguide check-kernels), so it adds bytes, not FLOPs
             flops = 512 * ins[0].numel()
         s["flops"] += flops
         dtype = outs[0].dtype if outs else (ins[0].dtype if ins else torch.float32)

@@ -10,8 +10,9 @@ Assumptions (stated in every table): spec peak bandwidth and spec dense peak FLO
 efficiency factor: a real GPU reaches ~80-90 % of spec bandwidth and less of spec FLOPs, so
 the projection is a *lower bound* on kernel time); every op a separate kernel that goes to
 DRAM (no cache reuse between ops); FLOPs only for matmuls, convolutions and attention (torch's
-flop registry) and for the Triton reduce on fp32/fp64 data (its tile Grams run on fp64 tensor
-cores, DMMA: 512 FLOPs per element of an operand, gradguide/kernels/reduce.py); fp16/bf16 matmuls and convolutions on tensor cores; fp32 convolutions on TF32
+flop registry) and for the Triton reduce on fp64 data (its tile Grams run on fp64 tensor
+cores, DMMA: 512 FLOPs per element of an operand, gradguide/kernels/reduce.py; fp32 data takes a
+per-thread kernel that its SASS roofline projects memory-bound); fp16/bf16 matmuls and convolutions on tensor cores; fp32 convolutions on TF32
 tensor cores (cuDNN's default, ``torch.backends.cudnn.allow_tf32``), fp32 matmuls on CUDA
 cores (``torch.backends.cuda.matmul.allow_tf32`` defaults to False). Launch cost: eager
 ≈ :data:`EAGER_LAUNCH_US` per op (PyTorch's host-side dispatch + launch, which bounds small
@@ -92,7 +93,7 @@ def project_workload(result: dict) -> dict:
 ASSUMPTIONS = (
     "PROJECTION, not a measurement: no GPU ran this. Per op max(bytes / spec bandwidth, FLOPs / spec dense peak), "
     "summed; every op a separate DRAM round trip; FLOPs counted for matmul/conv/attention and for the Triton "
-    "reduce on fp32/fp64 data (512 per operand element, fp64 tensor cores); fp16/bf16 on tensor "
+    "reduce on fp64 data (512 per operand element, fp64 tensor cores); fp16/bf16 on tensor "
     "cores, fp32 convolutions on TF32 tensor cores, fp32 matmuls on CUDA cores. Launch cost: eager "
     f"{EAGER_LAUNCH_US:g} µs per op, graph replay {GRAPH_LAUNCH_US:g} µs per kernel + {GRAPH_REPLAY_US:g} µs per "
     "replay + the copy-in launches at eager cost. Spec: H100 SXM 3.35 TB/s, 989 TFLOP/s fp16, 495 TF32, 67 fp32; "

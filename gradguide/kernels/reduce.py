@@ -1,5 +1,8 @@
 """Triton ``reduce``: per-row Gram matrix and sums of K <= 8 operands (docs/architecture.md, pass 1).
 
+Two stage-1 kernels: the tensor-core tile Gram below (fp64 operands) and the per-thread
+accumulators of ``reduce_lanes.py`` (fp32, fp16, bf16), chosen by :func:`method`.
+
 Design
 ------
 A row is one sample (or one group of a sample: G equal contiguous chunks of the flattened
@@ -23,20 +26,20 @@ per-thread accumulators fits 64 registers. This design compiles to 30-40 registe
 stage 2: 18-48), 0 spills,
 for every K, dtype and alignment on sm_80 and sm_90; benchmarks/results/kernels-before-after.md
 lists the options measured. Exactness per dtype:
-- fp16 / bf16: products are exact in fp32 (11 / 8-bit significands), summed in fp32;
-- fp32 and fp64: fp32 tiles are widened to fp64 (exactly) and both go through DMMA
-  (``mma.m8n8k4.f64``): exact products, IEEE fp64 sums, the same Gram as the float64 sums of
-  the native and reference backends. Why fp64 for fp32 (docs/architecture.md#precision): the policies take small
-  combinations of large operands (APG's ‖Δ‖ = ‖d_c − d_u‖, x̂_0 = (x − σ ε)/α at high noise),
-  ``uᵀ G u`` cancels, and Gram entries with fp32's ~1e-7 relative error left float32 APG 1.2e-3
-  from float64 (fp32 sums of exact products, as the previous bf16-split design had; a
-  difference basis for cond/uncond alone gave 5.5e-4: x̂_0 cancels too). Cost: a [16, BK]
-  tile's Gram is 2·16·16·BK flops for K·BK elements, 128/K flops per byte of fp32 input, while
-  DMMA peaks at 19.5 (A100) / 67 (H100 SXM) TFLOP/s against 2.0 / 3.35 TB/s: the pass stays at
-  the memory bound for K >= 7 on H100 and runs at ~1.6x (K = 4) to 2.1x (K = 3) of it there,
-  ~3.3x / 4.4x on A100 (a projection; fp64-poor GPUs pay far more). The dry run's roofline
-  counts these FLOPs: with them everything beyond the model stays 0.4-4.8 % of a projected A100
-  step of the paper workloads (benchmarks/results/dryrun-2026-11-24.md).
+- fp16 / bf16: products are exact in fp32 (11 / 8-bit significands), summed in fp32 (GPUs run
+  them through ``reduce_lanes.py`` instead: see ``HALF_LANES_MAX_K``; this kernel remains for
+  fp64 operands and ``how="dot"``);
+- fp64: DMMA (``mma.m8n8k4.f64``): exact products, IEEE fp64 sums, the same Gram as the
+  float64 sums of the native and reference backends;
+- fp32: not here. The policies take small combinations of large operands (APG's ‖Δ‖ =
+  ‖d_c − d_u‖, x̂_0 = (x − σ ε)/α at high noise) and ``uᵀ G u`` cancels, so Gram entries with
+  fp32's ~1e-7 relative error left float32 APG 1.2e-3 from float64. Widening fp32 tiles to fp64
+  for this kernel kept that precision but cost 2·16·16 fp64 flops per element: DMMA on
+  sm_80/90/100 still 2-8x the memory-bound time, and on GPUs without fp64 tensor cores
+  (RTX 30/40/50, L4, L40S: fp64 at 1/64 of fp32) 26-107x. fp32 operands therefore go through
+  ``reduce_lanes.py`` (one accumulator per Gram entry and thread, no padding: float-float where
+  fp64 is slow, fp64 fma where it is fast), chosen by :func:`method`; its SASS roofline is in
+  ``gradguide check-kernels``.
 Within a tile the MMA sums BK products; tiles are added one by one in the accumulator's dtype.
 
 Limits: K <= 8 operands of one dtype (fp16, bf16, fp32, fp64), contiguous (the Python glue
@@ -52,6 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import reduce_lanes
 from ._common import acc_dtype, interpreted, next_pow2, pointers, row_align, target_programs, vec, NUM_WARPS
 
 
@@ -140,8 +144,8 @@ MAX_SPLITS = 1024
 
 
 def warps(dtype: torch.dtype) -> int:
-    """fp32 takes 2 warps: BK = 16 is then one 128-bit load per thread and tile, and the tile
-    widened to fp64 is 4 values per thread (32-40 registers on sm_80/sm_90)."""
+    """fp32 (``how="dot"``, tests only) takes 2 warps: BK = 16 is then one 128-bit load per thread
+    and tile, and the tile widened to fp64 is 4 values per thread."""
     return 2 if dtype == torch.float32 else NUM_WARPS
 
 
@@ -162,24 +166,86 @@ def launch_config(n: int, rows: int, dtype: torch.dtype, device: torch.device):
     return bk, -(-tiles // iters), iters
 
 
-def reduce(operands, groups: int = 1):
-    """``(gram[B, G, K, K], sums[B, G, K])`` of K contiguous operands, accumulated in fp64
-    (fp32 for fp16/bf16 inputs, whose products are exact in fp32)."""
+FP64_RICH = (80, 90, 100)  # compute capabilities with fp64 at 1/2 of fp32 on CUDA cores (A100, H100, B200)
+
+
+def target_arch(device: torch.device) -> int:
+    """Compute capability (80, 86, ...) the kernels compile for: the device's on CUDA, else the
+    active Triton driver's target (the compile gates' fake CUDA driver); 0 under the interpreter."""
+    if interpreted():
+        return 0
+    if device.type == "cuda" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return int(triton.runtime.driver.active.get_current_target().arch)
+
+
+def method(dtype: torch.dtype, k: int, arch: int) -> str:
+    """How stage 1 accumulates: ``"f64"`` (per-thread fp64 fma: fp32 operands on fp64-rich GPUs),
+    ``"ff"`` (per-thread float-float in fp32: fp32 operands elsewhere, and under the
+    interpreter), ``"f32"`` (per-thread fp32 fma: fp16/bf16 with K <= HALF_LANES_MAX_K) or
+    ``"dot"`` (the tensor-core tile Gram: fp64 operands, fp16/bf16 with more operands)."""
+    if dtype == torch.float32:
+        return "f64" if arch in FP64_RICH else "ff"
+    if dtype in (torch.float16, torch.bfloat16) and k <= HALF_LANES_MAX_K:
+        return "f32"
+    return "dot"
+
+
+# fp16/bf16: per-thread fp32 accumulation up to this many operands (all): the tile Gram loads K
+# of its 16 rows, so its MMA and issue work per byte is 16/K times the useful work; measured by
+# gradguide check-kernels it projected 1.6-3.4x the memory time at K = 2 on RTX 3090/4090/5090 and
+# 2-5x (issue-bound) on A100/H100/B200, still 2.1x at K = 8 on B200
+HALF_LANES_MAX_K = 8
+# ptxas's own register target spilled 8-16 B for fp16/bf16 at K = 4 on sm_100 (56 registers);
+# an explicit ceiling above every variant's need (<= 200) lets it allocate what the code needs
+LANES_MAXNREG = 224
+_MODES = {"ff": reduce_lanes.FF, "f64": reduce_lanes.F64, "f32": reduce_lanes.F32}
+
+
+def reduce(operands, groups: int = 1, how: str = None):
+    """``(gram[B, G, K, K], sums[B, G, K])`` of K contiguous operands, accumulated in fp64 or
+    float-float (fp32 for fp16/bf16 inputs, whose products are exact in fp32). ``how``
+    overrides :func:`method` (tests run every path under the interpreter)."""
     first = operands[0]
     k = len(operands)
     b = first.shape[0]
     n = first[0].numel() // groups
     rows = b * groups
-    bk, splits, iters = launch_config(n, rows, first.dtype, first.device)
+    how = how or method(first.dtype, k, target_arch(first.device))
+    half = first.dtype in (torch.float16, torch.bfloat16)
+    if how not in ("dot", "ff", "f64", "f32") or (how in ("ff", "f64") and first.dtype != torch.float32) \
+            or (how == "f32" and not half):
+        raise ValueError(f"how: expected 'dot', 'ff' / 'f64' (float32 operands) or 'f32' (float16/bfloat16), "
+                         f"got {how!r} for {first.dtype}")
     align = row_align(n, first.dtype)
     acc = acc_dtype(first.dtype)
-    part = torch.empty(rows * splits * (k * k + k), device=first.device, dtype=acc)
-    # num_stages=1: no software pipelining (it would stage the loads through cp.async and shared
-    # memory); occupancy hides the load latency
-    _reduce_partials[(rows, splits)](*pointers(operands), part, n // align, iters, K=k, ALIGN=align, BK=bk,
-                                     ACC=tl.float64 if acc == torch.float64 else tl.float32,
-                                     UPCAST=interpreted(), num_warps=warps(first.dtype), num_stages=1)
+    if how == "dot":
+        bk, splits, iters = launch_config(n, rows, first.dtype, first.device)
+        part = torch.empty(rows * splits * (k * k + k), device=first.device, dtype=acc)
+        # num_stages=1: no software pipelining (it would stage the loads through cp.async and shared
+        # memory); occupancy hides the load latency
+        _reduce_partials[(rows, splits)](*pointers(operands), part, n // align, iters, K=k, ALIGN=align, BK=bk,
+                                         ACC=tl.float64 if acc == torch.float64 else tl.float32,
+                                         UPCAST=interpreted(), num_warps=warps(first.dtype), num_stages=1)
+    else:
+        block, splits, iters = lanes_config(n, rows, first.dtype, first.device)
+        part = torch.empty(rows * splits * (k * k + k), device=first.device, dtype=acc)
+        # enable_fp_fusion=False: a product contracted into the next addition would break the
+        # error-free transformations (TwoSum needs the rounded product it was given)
+        reduce_lanes._reduce_lanes[(rows, splits)](*pointers(operands), part, n // align, iters, K=k, ALIGN=align,
+                                                   BLOCK=block, VEC=vec(first.dtype), MODE=_MODES[how], num_warps=NUM_WARPS,
+                                                   num_stages=1, enable_fp_fusion=False, maxnreg=LANES_MAXNREG)
     gram = torch.empty(b, groups, k, k, device=first.device, dtype=acc)
     sums = torch.empty(b, groups, k, device=first.device, dtype=acc)
     _reduce_finish[(rows,)](part, gram, sums, splits, K=k, PP=next_pow2(k * k + k), CHUNK=16, num_warps=NUM_WARPS)
     return gram, sums
+
+
+def lanes_config(n: int, rows: int, dtype: torch.dtype, device: torch.device):
+    """(BLOCK, splits, iters) of the per-thread kernel: one 128-bit vector per thread and tile."""
+    block = 1024 if interpreted() else 32 * NUM_WARPS * vec(dtype)
+    tiles = -(-n // block)
+    splits = max(1, min(MAX_SPLITS, -(-target_programs(device) // rows), tiles))
+    iters = -(-tiles // splits)
+    return block, -(-tiles // iters), iters
