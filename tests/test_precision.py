@@ -26,11 +26,11 @@ from hypothesis import strategies as st
 
 import gradguide as gg
 from gradguide import sampling
+from gradguide.bench.precision import SHAPE, in_float64   # the precision suite's shape and model wrapper
 from gradguide.experiments.demo_mixture import default_mixture
 
 TOL = 1e-4
 SCHED = gg.Schedule.linear(1000)
-SHAPE = (4, 3, 8, 8)
 BACKENDS = [b for b, ok in gg.ops.available_backends("cpu").items() if ok is True]
 
 
@@ -39,28 +39,6 @@ def float64_noise(monkeypatch):
     draw = sampling._noise
     monkeypatch.setattr(sampling, "_noise",
                         lambda shape, gen, device, dt: draw(shape, gen, device, torch.float64).float().to(dt))
-
-
-class _Float32Values(torch.autograd.Function):
-    """Identity that rounds the value (forward) and the gradient (backward) to float32 values."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.float().to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g.float().to(g.dtype)
-
-
-def in_float64(fn):
-    """``fn`` evaluated in float64, its output and its input-gradient rounded to float32 values in
-    *both* runs: the float32 and float64 runs see the same model, so the comparison measures
-    gradguide's arithmetic (and the conditioning of the sampling to float32 rounding of x_t),
-    not the model's float32 error. (Without the rounding, policy C's Δ = x̂0_c − x̂0_u — a small
-    difference of model outputs — makes even two float64 runs differ by 8e-2 when one model's
-    outputs are rounded to float32: the problem's conditioning, not the arithmetic's.)"""
-    return lambda x, t, **kw: _Float32Values.apply(fn(_Float32Values.apply(x).double(), t, **kw)).to(x.dtype)
 
 
 @in_float64

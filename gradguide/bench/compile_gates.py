@@ -50,6 +50,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from .roofline import triton_bin
+
 REG_LIMIT = 64
 ARCHS = (80, 86, 89, 90, 100, 120)
 # per-SM limits used for the occupancy bound (CUDA occupancy rules, the CUDA C++ Programming
@@ -231,11 +233,6 @@ def launch(v: Variant) -> None:
 
 
 # -- reading PTX and cubin ---------------------------------------------------------------------
-
-def triton_bin(tool: str) -> str:
-    import triton
-    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool)
-
 
 def resource_usage(cubin: bytes) -> Dict[str, int]:
     """``cuobjdump -res-usage``: REG, STACK, SHARED, LOCAL (bytes) of the cubin's one kernel."""

@@ -43,7 +43,12 @@ class _Float32Values(torch.autograd.Function):
 
 
 def in_float64(fn):
-    """``fn`` evaluated in float64, its output and input gradient rounded to float32 values."""
+    """``fn`` evaluated in float64, its output and its input-gradient rounded to float32 values in
+    *both* runs: the float32 and float64 runs see the same model, so the comparison measures
+    gradguide's arithmetic (and the conditioning of the sampling to float32 rounding of x_t),
+    not the model's float32 error. (Without the rounding, policy C's Δ = x̂0_c − x̂0_u, a small
+    difference of model outputs, makes even two float64 runs differ by 8e-2 when one model's
+    outputs are rounded to float32: the problem's conditioning, not the arithmetic's.)"""
     return lambda x, t, **kw: _Float32Values.apply(fn(_Float32Values.apply(x).double(), t, **kw)).to(x.dtype)
 
 

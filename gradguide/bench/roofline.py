@@ -23,6 +23,7 @@ import re
 import subprocess
 import tempfile
 from collections import Counter
+from pathlib import Path
 from typing import Dict, List, Tuple
 
 # Spec-sheet figures (dense, no sparsity). Sources: NVIDIA GeForce RTX 3090 / GA102 Ampere
@@ -54,8 +55,13 @@ CONV = {"F2F", "F2I", "I2F", "F2FP", "I2FP"}
 MMA = {"HMMA", "DMMA", "IMMA", "HGMMA"}
 
 
+def triton_bin(tool: str) -> str:
+    """A CUDA binary tool (cuobjdump, nvdisasm, ptxas) as shipped inside the triton wheel."""
+    import triton
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / tool)
+
+
 def sass(cubin: bytes) -> str:
-    from .compile_gates import triton_bin
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(cubin)
         f.flush()
