@@ -93,7 +93,8 @@ class DiffusersGuider(_TwoBranch):
         return p_c if self.original else p_u
 
     def guide(self, ctx: StepContext, p_c: LinComb, p_u: LinComb) -> LinComb:
-        raise NotImplementedError
+        """The guided prediction from the two branches' (each subclass's formula)."""
+        raise NotImplementedError(f"{type(self).__name__}.guide: each windowed guider defines its combination")
 
     def branches(self, ctx: StepContext, eps_c: LinComb, eps_u: LinComb):
         p_c, p_u = ctx.output_of_eps(eps_c), ctx.output_of_eps(eps_u)
