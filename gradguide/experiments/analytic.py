@@ -93,12 +93,7 @@ class GaussianMixture:
 
     def sample_data(self, n: int, y: Optional[int] = None, generator=None) -> torch.Tensor:
         """Exact draws from the mixture (or from component ``y``)."""
-        if y is None:
-            ks = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        else:
-            ks = torch.full((n,), y, dtype=torch.int64)
-        z = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
-        return self.means[ks] + self.variances[ks].sqrt().unsqueeze(1) * z
+        return _mixture_draws(self, n, y, generator)
 
 
 class SubspaceGaussian:
@@ -204,12 +199,8 @@ class FlowGaussianMixture:
         return (1 - sigma_to) * m + (c(sigma_to) / c(sigma_from)) ** 0.5 * (x - (1 - sigma_from) * m)
 
     def sample_data(self, n: int, y: Optional[int] = None, generator=None) -> torch.Tensor:
-        if y is None:
-            ks = torch.multinomial(self.weights, n, replacement=True, generator=generator)
-        else:
-            ks = torch.full((n,), y, dtype=torch.int64)
-        z = torch.randn(n, self.dim, dtype=torch.float64, generator=generator)
-        return self.means[ks] + self.variances[ks].sqrt().unsqueeze(1) * z
+        """Exact draws from the mixture (or from component ``y``): the data law is the VP mixture's."""
+        return _mixture_draws(self, n, y, generator)
 
 
 class FlowSubspaceGaussian:
@@ -236,3 +227,14 @@ class FlowSubspaceGaussian:
         x0 = (1 - sigma) / ((1 - sigma) ** 2 + sigma ** 2) * ((x @ A) @ A.T)
         eps = (x - (1 - sigma) * x0) / sigma
         return eps - x0
+
+
+def _mixture_draws(mixture, n: int, y: Optional[int], generator) -> torch.Tensor:
+    """``n`` exact draws of an isotropic Gaussian mixture (``weights``, ``means``, ``variances``,
+    ``dim``), or of its component ``y``."""
+    if y is None:
+        ks = torch.multinomial(mixture.weights, n, replacement=True, generator=generator)
+    else:
+        ks = torch.full((n,), y, dtype=torch.int64)
+    z = torch.randn(n, mixture.dim, dtype=torch.float64, generator=generator)
+    return mixture.means[ks] + mixture.variances[ks].sqrt().unsqueeze(1) * z
