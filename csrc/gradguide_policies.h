@@ -5,8 +5,9 @@
 //
 // A row is a sample (or a sample x group); its program maps the policy's coefficient vectors
 // (LinCombs over the K operands) and scalars to the K weights of the combine, taking inner
-// products from the row's float64 Gram matrix. Mirrors gradguide/ops/policies.py::coefficients
-// (the plain-torch truth) line by line.
+// products from the row's float64 Gram matrix. A twin of gradguide/ops/policies.py::PROGRAMS
+// (the plain-torch truth, where each formula is defined): tests/test_kernels.py holds this table
+// to the Python one (names, arities) and every program to it on random inputs.
 #pragma once
 
 #include <cmath>
@@ -24,7 +25,7 @@ namespace gradguide {
 
 constexpr int kMaxK = 8;
 
-enum Policy { kLinear, kCfg, kPxpA, kPxpB, kPxpC, kApg, kGloss, kLookahead, kTcfg, kMambo };
+enum Policy { kLinear, kCfg, kPxpA, kPxpB, kPxpC, kApg, kLookahead, kTcfg, kMambo };
 
 struct PolicyInfo {
   const char* name;
@@ -37,10 +38,9 @@ struct PolicyInfo {
 constexpr PolicyInfo kPolicies[] = {
     {"linear", kLinear, 1, 0, false}, {"cfg", kCfg, 3, 1, false},  {"pxp-a", kPxpA, 4, 1, true},
     {"pxp-b", kPxpB, 4, 1, true},     {"pxp-c", kPxpC, 3, 4, true}, {"apg", kApg, 3, 4, true},
-    {"gloss", kGloss, 2, 5, true},    {"lookahead", kLookahead, 4, 8, true}, {"tcfg", kTcfg, 3, 3, true},
-    {"mambo", kMambo, 3, 4, true}};
+    {"lookahead", kLookahead, 4, 8, true}, {"tcfg", kTcfg, 3, 3, true}, {"mambo", kMambo, 3, 4, true}};
 constexpr int kMaxVectors = 4, kMaxScalars = 8;
-constexpr const char* kPolicyNames = "linear, cfg, pxp-a, pxp-b, pxp-c, apg, gloss, lookahead, tcfg or mambo";
+constexpr const char* kPolicyNames = "linear, cfg, pxp-a, pxp-b, pxp-c, apg, lookahead, tcfg or mambo";
 
 // host only: the table entry named `name`, or nullptr
 inline const PolicyInfo* find_policy(const char* name, size_t len) {
@@ -171,12 +171,6 @@ GG_HD inline Vec coefficients(Policy policy, const RowProgram& p, const Vec* v, 
       const bool original = s[2] != 0.0;
       const double weight = original ? s[0] * decay : 1.0 + (s[0] - 1.0) * decay;
       for (int i = 0; i < k; ++i) c[i] = v[0][i] + s[3] * ((original ? cv[i] : uv[i]) + weight * diff[i]);
-      return c;
-    }
-    case kGloss: {  // base, vjp; a, h, sigma, residual, post
-      const double a2 = s[0] * s[0];
-      const double beta = (a2 / 2) / (a2 * s[2] * s[2] + s[1] * max_d(p.dot(v[1], v[1]), 0.0));
-      for (int i = 0; i < k; ++i) c[i] = v[0][i] + v[1][i] * (s[4] * s[3] * beta);
       return c;
     }
     case kLookahead: {  // base, x0, vjp, reward; a, h, sigma, target, multiplier, beta, beta_per_sample, post

@@ -130,6 +130,33 @@ class Operands:
         s = (self._full(u) * sums).sum(-1)
         return s.sum(1) if per == "sample" else s
 
+    tracing = False   # a TraceOperands (gradguide.stepplan) records instead of computing
+
+    def policy(self, name: str, per: str = "sample", **params) -> LinComb:
+        """The fused program ``name`` of :mod:`gradguide.ops.policies` on these operands:
+        ``params`` are its coefficient vectors (LinCombs; a missing one is zero) and scalars
+        (numbers, per-step 0-d or per-sample ``[B]`` tensors; a missing one takes its default).
+        A step written with this call is the step the fused path traces (docs/architecture.md)."""
+        vectors, scalars = ops.policies.program_arguments(name, params, self.zero())
+        return ops.policies.PROGRAMS[name][2](self.algebra(per), vectors, scalars)
+
+    def add_computed(self, name: str, compute, ctx) -> LinComb:
+        """Register the operand ``compute(ctx)`` (a term's method, e.g. a classifier gradient)."""
+        return self.add(name, compute(ctx))
+
+    def per_sample(self, value):
+        """A per-sample ``[B]`` scalar a term passes to :meth:`policy` (traced as such)."""
+        return value
+
+    def finish(self, u: LinComb) -> torch.Tensor:
+        """The step's new sample, ``u`` written out."""
+        return self.combine(u)
+
+    def algebra(self, per: str = "sample") -> "StepAlgebra":
+        """These operands as the algebra of :mod:`gradguide.ops.policies`' formulas: LinCombs,
+        inner products per sample (or per group) from the Gram matrix."""
+        return StepAlgebra(self, per)
+
     def numel(self, per: str = "sample") -> int:
         n = self.tensors[0][0].numel()
         return n if per == "sample" else n // self.groups
@@ -160,6 +187,24 @@ class Operands:
         self.recipes[names[0]] = (cp, clip)
         self.recipes[names[1]] = (cp, clip, cs)   # autograd replays: clamp(p + s) − clamp(p), reference formula
         return self.add(names[0], clipped), self.add(names[1], shift)
+
+
+class StepAlgebra:
+    """A step's LinCombs as the algebra the formulas of :mod:`gradguide.ops.policies` are written
+    in (``dot`` per sample or per group, ``select`` per row), so a guidance term and the fused
+    combine evaluate one definition."""
+
+    def __init__(self, ops_: Operands, per: str):
+        self.ops, self.per = ops_, per
+
+    def dot(self, u: LinComb, v: LinComb) -> torch.Tensor:
+        return self.ops.dot(u, v, self.per)
+
+    def select(self, flag, u: LinComb, v: LinComb) -> LinComb:
+        if isinstance(flag, bool):
+            return u if flag else v
+        k = max(u.coef.shape[-1], v.coef.shape[-1])
+        return LinComb(u.space, torch.where(u._scale(flag), u._padded(k), v._padded(k)))
 
 
 class SymbolicOperands(Operands):

@@ -45,8 +45,10 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .guidance.base import check_number, safe_div
+from .guidance.base import check_number
 from .linear import LinComb, Operands
+from .ops import policies
+from .ops.policies import safe_div
 
 POLICIES = ("A", "B", "C")
 GRANULARITIES = ("sample", "channel")
@@ -54,9 +56,8 @@ CONVENTIONS = ("official", "paper")
 
 
 def pc(ops: Operands, a: LinComb, b: LinComb, delta=1.0, per: str = "sample") -> LinComb:
-    """``PC_δ(a|b) = a − δ min(0, <a,b>)/‖b‖² b``, per sample (or per group); ``a`` where ``‖b‖ = 0``."""
-    factor = safe_div(ops.dot(a, b, per).clamp(max=0.0), ops.norm2(b, per))
-    return a - b * (factor * delta)
+    """``PC_δ(a|b)`` (:func:`gradguide.ops.policies.pc`) on a step's LinCombs, per sample (or per group)."""
+    return policies.pc(ops.algebra(per), a, b, delta)
 
 
 def pair_telemetry(ops: Operands, a: LinComb, b: LinComb) -> Dict[str, torch.Tensor]:
@@ -131,13 +132,8 @@ class PixelAsParam:
         cls = guides[0]
         for g in guides[1:]:
             cls = cls + g
-        cls1 = pc(ops, cls, den, self.delta, self.per)
-        den1 = pc(ops, den, cls, self.delta, self.per)
-        if self.policy == "A":
-            return den1 + cls1 + div
-        cls2 = pc(ops, cls1, div, self.delta, self.per)
-        div1 = pc(ops, div, cls, self.delta, self.per)
-        return den1 + cls2 + div1
+        return ops.policy("pxp-a" if self.policy == "A" else "pxp-b", per=self.per, den=den, cls=cls, div=div,
+                          delta=self.delta)
 
     def _pcgrad(self, ops: Operands, den: LinComb, guides: List[LinComb], div: LinComb) -> LinComb:
         directions = [("den", den)] + [(f"cls{j}", g) for j, g in enumerate(guides)]
@@ -159,9 +155,10 @@ class PixelAsParam:
         """Policy C, official convention: learned-range σ from the unconditional branch."""
         return self.policy == "C" and self.convention == "official"
 
-    def combine_cfg(self, ops: Operands, x0_cond: LinComb, x0_uncond: LinComb, scale: float, clip=None):
+    def combine_cfg(self, ops: Operands, x0_cond: LinComb, x0_uncond: LinComb, scale: float, clip=None,
+                    telemetry: bool = False):
         """Policy C's ``x̂_0 = PC_δ1(x̂_0c|Δ) + PC_δ2(Δ|x̂_0c)``, ``Δ = (w − 1)(x̂_0c − x̂_0u)``,
-        and the pair's telemetry (the caller clips the result). ``clip``: the run's
+        and (``telemetry``) the pair's telemetry, else ``{}`` (the caller clips the result). ``clip``: the run's
         ``(low, high)`` or None; under the official convention the branches' x̂_0 are clipped
         first (clipping is not linear): ``clip(x̂_0u)`` and the clipped difference
         ``clip(x̂_0c) − clip(x̂_0u)`` are written out as operands of their own, so that Δ, small
@@ -171,11 +168,11 @@ class PixelAsParam:
             x0_uncond, diff = ops.materialize_clip_shift(("x0_uncond_clipped", "x0_cfg_diff_clipped"), x0_uncond,
                                                          x0_cond - x0_uncond, clip)
             x0_cond = x0_uncond + diff
-            delta = diff * (scale - 1.0)
-        else:
-            delta = (x0_cond - x0_uncond) * (scale - 1.0)
-        x0 = pc(ops, x0_cond, delta, self.delta, self.per) + pc(ops, delta, x0_cond, self.delta2, self.per)
-        return x0, {"cond/cfg": pair_telemetry(ops, x0_cond, delta)}
+        x0 = ops.policy("pxp-c", per=self.per, x0_cond=x0_cond, x0_uncond=x0_uncond, scale=scale, delta=self.delta,
+                        delta2=self.delta2)
+        if not telemetry:
+            return x0, {}
+        return x0, {"cond/cfg": pair_telemetry(ops, x0_cond, (x0_cond - x0_uncond) * (scale - 1.0))}
 
 
 def project(a: torch.Tensor, b: torch.Tensor, delta: float = 1.0, granularity: str = "sample",

@@ -333,8 +333,7 @@ def _build_tables_and_plan(run: _Run, fused: bool) -> tuple:
 # read, as immutable values: the timesteps' values (not the schedule object, which a caller may
 # change), the sampler, eta, variance and the schedule's sampler options, device and dtype,
 # prediction, clip and clip_eps, telemetry, fused, the projection's parameters, and each
-# guidance term's type and place plus the parameters the plan reads (CFG's scale, APG's
-# scale/eta/threshold/momentum/convention, Classifier's scale), read at every call, so changing
+# guidance term's type and parameters (:func:`_term_key`), read at every call, so changing
 # `cfg.scale` between calls gives a new entry. Runs the key cannot describe (a LookAhead, whose
 # plan holds its per-call target tensor; non-plain parameter values; meta/timesteps off the CPU)
 # are built afresh. Per-call tensors (cond, x_T, generator, model) never enter an entry.
@@ -361,17 +360,13 @@ def _plain(value):
 
 
 def _term_key(term: GuidanceTerm) -> tuple:
-    from .guidance.apg import APG
-    from .guidance.classifier import Classifier
-    from .guidance.gradient import LookAhead
-    from .guidance.tangential import TCFG, MamboG
-    read = {CFG: ("scale",), APG: ("scale", "eta", "norm_threshold", "momentum", "convention"),
-            Classifier: ("scale",), TCFG: ("scale", "convention", "start", "stop", "steps", "guidance_rescale"),
-            MamboG: ("scale", "alpha", "convention", "start", "stop", "steps", "guidance_rescale")}
-    if type(term) is LookAhead:   # the plan holds its target tensor
-        raise _Unkeyable
-    # any other type takes the general step: the plan reads nothing of it but its type
-    return (type(term), _plain(term.place)) + tuple(_plain(getattr(term, name)) for name in read.get(type(term), ()))
+    """A term's part of the key: its type and every parameter the traced plan can read, by value.
+    Callables and the attributes a term lists in ``runtime_attributes`` are read only while a
+    step runs (through the run's own term), never by the plan; a tensor parameter may be held by
+    the plan (a per-sample target), so a term with one is not keyed."""
+    skip = type(term).runtime_attributes
+    return (type(term),) + tuple((name, _plain(value)) for name, value in sorted(vars(term).items())
+                                 if name not in skip and not callable(value))
 
 
 def _plan_key(run: _Run, fused: bool) -> Optional[tuple]:
@@ -427,10 +422,10 @@ def _copy_tables(tables: SamplerTables) -> SamplerTables:
 def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dict[str, torch.Tensor],
                 noise: Optional[torch.Tensor]):
     """The step as ``run.plan``'s stages (:mod:`gradguide.stepplan`): the model call(s), the
-    guidance gradients, then at most reduce + one fused combine per stage. Equal to
-    :func:`_step_body` (tests/test_fused_step.py), which stays the general path."""
+    operands the terms compute, then at most reduce + one fused combine per stage. The plan is
+    :func:`step_algebra` traced, so this equals :func:`_step_body` (tests/test_fused_step.py)."""
     from . import stepplan
-    variant = run.plan.variants[noise is not None]
+    variant = run.plan.variants[run.plan.keys[i]]
     column = run.table_rows.index_select(1, idx).squeeze(1)   # per-step scalars and weights
     t = run.timesteps_dev.index_select(0, idx).expand(run.shape[0])
     x_input = x.detach().requires_grad_(True) if run.needs_input_grad else x
@@ -442,18 +437,13 @@ def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Di
         tensors["model_uncond"] = out_u.detach()
     if noise is not None:
         tensors["noise"] = noise
-    if run.score_terms or run.mean_terms:
+    if variant.computed:   # classifier gradients, G_loss's reward gradient and model VJP
         ctx = StepContext(ops=Operands(x, backend=run.backend), index=i, t=t, scalars={}, cond=run.cond, x=None,
                           x_input=x_input, state=state, sampler=run.tables.name, prediction=run.prediction,
-                          input_scale=scale)
-        for j, term in enumerate(run.score_terms):
-            if isinstance(term, stepplan.LookAhead):   # ∇(gᵀx̂_0) = c_x g + c_o Jᵀg: ask autograd for Jᵀg
-                (tensors["model_vjp"],) = torch.autograd.grad(out_c, x_input, grad_outputs=term.grad)
-                tensors["reward_grad"] = term.grad
-            else:
-                tensors[f"classifier_grad{j}"] = term.gradient(ctx)
-        for j, term in enumerate(run.mean_terms):
-            tensors[f"classifier_grad_mean{j}"] = term.gradient(ctx)
+                          input_scale=scale, model_output=out_c)
+        terms = [run.branch] + run.score_terms + run.mean_terms + run.post_terms
+        for name, (position, compute) in variant.computed.items():
+            tensors[name] = compute(terms[position] if position >= 0 else None, ctx)
     if run.backend != "reference":   # kernels address rows as contiguous memory
         tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
     stepplan.run_stages(run, variant, column, tensors)
@@ -469,76 +459,17 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     ops_ = Operands(x, groups=run.groups, backend=run.backend)
     x_input = x.detach().requires_grad_(True) if run.needs_input_grad else x
     model_input = x_input if run.needs_model_grad else x.detach()
-    tracked = {"x": x_input}
-    X = ops_.add("x", x.detach())
     scale = _flow_scale(run, column)
-    ctx = StepContext(ops=ops_, index=i, t=t, scalars=scalars, cond=run.cond, x=X, x_input=x_input,
+    ctx = StepContext(ops=ops_, index=i, t=t, scalars=scalars, cond=run.cond, x=None, x_input=x_input,
                       state=state, sampler=run.tables.name, prediction=run.prediction, input_scale=scale)
-
-    # model branches -> ε forms
     out_c, out_u, log_var, log_var_u = _model_branches(run, model_input if scale is None else model_input * scale, t)
     ctx.learned_log_var = _learned_log_var(run, log_var, scalars)
-    eps_c = _eps_form(run, ctx, ops_.add("model_cond", out_c.detach()), X)
-    tracked["model_cond"] = out_c
-    renoise = None
-    telemetry = {}
-    if run.branch is not None:
-        eps_u = _eps_form(run, ctx, ops_.add("model_uncond", out_u.detach()), X)
-        tracked["model_uncond"] = out_u
-        if run.projection is not None and run.projection.policy == "C":
-            if run.projection.sigma_from_uncond and log_var_u is not None:  # the authors' code's σ
-                ctx.learned_log_var = _learned_log_var(run, log_var_u, scalars)
-            x0_pre, telemetry = run.projection.combine_cfg(ops_, ctx.x0_of_eps(eps_c), ctx.x0_of_eps(eps_u),
-                                                           run.branch.scale, clip=run.clip)
-            eps_pre = ctx.eps_of_x0(x0_pre)
-        else:
-            eps_pre, renoise = run.branch.branches(ctx, eps_c, eps_u)
-            x0_pre = ctx.x0_of_eps(eps_pre)
-    else:
-        eps_pre, x0_pre = eps_c, ctx.x0_of_eps(eps_c)
-    ctx.tracked_x0 = _tracked_x0(ops_, tracked, x0_pre)
-
-    # score-level guidance: ε̃ = ε̂ − √(1−ᾱ) Σ G  <=>  x̂_0 += (1−ᾱ)/√ᾱ Σ G
-    score_shifts = [term.score(ctx, x0_pre) * (ctx.h / ctx.a) for term in run.score_terms]
-    x0_guided = _sum(x0_pre, score_shifts)
-    if run.clip is not None and run.clip_eps == "model" and renoise is None:
-        renoise = ctx.eps_of_x0(x0_guided)  # re-noise with the unclipped ε (diffusers' DDIM default)
-    if run.clip is not None:
-        if score_shifts:
-            # the clipped guidance shift clip(p + s) − clip(p) (p = x̂_0, s = the shifts) is an
-            # operand of its own, formed from s itself where neither side clips: as a difference
-            # of the two clipped x̂_0 (norm ~1 each, the shift ~1e-3) it would keep only the
-            # precision of p, relative to s ~1e3 times worse (docs/architecture.md#precision)
-            clipped, shift = ops_.clip_shift(x0_pre, _sum(None, score_shifts), run.clip)
-            x0_pre, shift = ops_.add("x0_clipped", clipped), ops_.add("clip_shift", shift)
-            x0_guided, score_shifts = x0_pre + shift, [shift]
-        else:
-            x0_pre = x0_guided = ops_.materialize("x0_clipped", x0_pre, clamp=run.clip)
-
-    # the sampler step as directions: base (untouched), denoising, guidance, diversity
-    c_0 = scalars["c_0"]
-    base = X * scalars["c_x"]
-    carried = _carried(run, ops_, state, scalars)
-    if carried is not None:   # multistep history, Heun's / UniPC's carried sample, ... (the sampler's slots)
-        base = base + carried
-    den = x0_pre * c_0
-    if renoise is not None:  # CFG++: re-noise with ε_u instead of the ε consistent with x̂_0
-        a_e = scalars["c_x"] * ctx.s
-        den = den + (renoise - ctx.eps_of_x0(x0_guided)) * a_e
-    guides = [shift * c_0 for shift in score_shifts]
-    guides += [term.mean(ctx) for term in run.mean_terms]
-    guides += [term.post(ctx, x0_pre) for term in run.post_terms]
-    div = _diversity(ctx, noise)
-
-    if run.projection is not None and run.projection.policy != "C":
-        x_next = base + run.projection.project_directions(ops_, den, guides, div)
-    else:
-        x_next = _sum(base + den, guides) + div
-    if run.telemetry or run.projection is not None:
-        telemetry.update(step_telemetry(ops_, den, _sum(None, guides) if guides else None,
-                                        div if run.tables.draws_noise[i] else None))
-
-    x_new = ops_.combine(x_next)
+    tracked = {"x": x_input, "model_cond": out_c, "model_uncond": out_u}
+    x_next, x0_guided, telemetry = step_algebra(
+        run, ctx, {"x": x.detach(), "model_cond": out_c.detach(), "model_uncond": None if out_u is None else out_u.detach(),
+                   "noise": noise}, log_var_u=log_var_u, track=lambda x0: _tracked_x0(ops_, tracked, x0),
+        want_telemetry=want_record or run.telemetry)
+    x_new = ops_.finish(x_next)
     new_state = dict(ctx.new_state)
     x0_tensor = None
     if run.needs_x0 or want_record:
@@ -551,6 +482,77 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
         record = StepRecord(index=i, timestep=run.timestep_list[i], x=x_new, x0=x0_tensor,
                             telemetry=telemetry, backend=run.backend)
     return x_new, new_state, record
+
+
+def step_algebra(run: _Run, ctx: StepContext, inputs: Dict[str, Optional[torch.Tensor]], log_var_u=None,
+                 track=None, want_telemetry: bool = False):
+    """The guided step as LinComb algebra over its operands: ``(x_next, x̂_0 guided, telemetry)``.
+
+    ``inputs``: the tensors of ``x``, the branches' outputs and the noise (``None`` where absent).
+    The general step evaluates this on its operands; the fused step's plan is this same function
+    traced on symbolic operands (:mod:`gradguide.stepplan`), so the two cannot disagree."""
+    ops_ = ctx.ops
+    X = ctx.x = ops_.add("x", inputs["x"])
+    scalars = ctx.scalars
+
+    # model branches -> ε forms
+    eps_c = _eps_form(run, ctx, ops_.add("model_cond", inputs["model_cond"]), X)
+    renoise = None
+    telemetry = {}
+    if run.branch is not None:
+        eps_u = _eps_form(run, ctx, ops_.add("model_uncond", inputs["model_uncond"]), X)
+        if run.projection is not None and run.projection.policy == "C":
+            if run.projection.sigma_from_uncond and log_var_u is not None:  # the authors' code's σ
+                ctx.learned_log_var = _learned_log_var(run, log_var_u, scalars)
+            x0_pre, telemetry = run.projection.combine_cfg(ops_, ctx.x0_of_eps(eps_c), ctx.x0_of_eps(eps_u),
+                                                           run.branch.scale, clip=run.clip, telemetry=want_telemetry)
+        else:
+            eps_pre, renoise = run.branch.branches(ctx, eps_c, eps_u)
+            x0_pre = ctx.x0_of_eps(eps_pre)
+    else:
+        x0_pre = ctx.x0_of_eps(eps_c)
+    ctx.tracked_x0 = None if track is None else track(x0_pre)
+
+    # score-level guidance: ε̃ = ε̂ − √(1−ᾱ) Σ G  <=>  x̂_0 += (1−ᾱ)/√ᾱ Σ G
+    score_shifts = [term.score(ctx, x0_pre) * (ctx.h / ctx.a) for term in run.score_terms]
+    x0_guided = _sum(x0_pre, score_shifts)
+    if run.clip is not None and run.clip_eps == "model" and renoise is None:
+        renoise = ctx.eps_of_x0(x0_guided)  # re-noise with the unclipped ε (diffusers' DDIM default)
+    if run.clip is not None:
+        if score_shifts:
+            # the clipped guidance shift clip(p + s) − clip(p) (p = x̂_0, s = the shifts) is an
+            # operand of its own, formed from s itself where neither side clips: as a difference
+            # of the two clipped x̂_0 (norm ~1 each, the shift ~1e-3) it would keep only the
+            # precision of p, relative to s ~1e3 times worse (docs/architecture.md#precision)
+            x0_pre, shift = ops_.materialize_clip_shift(("x0_clipped", "clip_shift"), x0_pre, _sum(None, score_shifts),
+                                                        run.clip)
+            x0_guided, score_shifts = x0_pre + shift, [shift]
+        else:
+            x0_pre = x0_guided = ops_.materialize("x0_clipped", x0_pre, clamp=run.clip)
+
+    # the sampler step as directions: base (untouched), denoising, guidance, diversity
+    c_0 = scalars["c_0"]
+    base = X * scalars["c_x"]
+    carried = _carried(run, ops_, ctx.state, scalars)
+    if carried is not None:   # multistep history, Heun's / UniPC's carried sample, ... (the sampler's slots)
+        base = base + carried
+    den = x0_pre * c_0
+    if renoise is not None:  # CFG++: re-noise with ε_u instead of the ε consistent with x̂_0
+        a_e = scalars["c_x"] * ctx.s
+        den = den + (renoise - ctx.eps_of_x0(x0_guided)) * a_e
+    guides = [shift * c_0 for shift in score_shifts]
+    guides += [term.mean(ctx) for term in run.mean_terms]
+    guides += [term.post(ctx, x0_pre) for term in run.post_terms]
+    div = _diversity(ctx, inputs["noise"])
+
+    if run.projection is not None and run.projection.policy != "C":
+        x_next = base + run.projection.project_directions(ops_, den, guides, div)
+    else:
+        x_next = _sum(base + den, guides) + div
+    if want_telemetry:
+        telemetry.update(step_telemetry(ops_, den, _sum(None, guides) if guides else None,
+                                        div if inputs["noise"] is not None else None))
+    return x_next, x0_guided, telemetry
 
 
 def _flow_scale(run: _Run, column: torch.Tensor) -> Optional[torch.Tensor]:

@@ -16,7 +16,7 @@ def test_bench_ops_quick_writes_json(tmp_path, capsys):
     assert data["suite"] == "ops" and data["quick"] and data["copy_bandwidth_gb_per_s"] > 0
     assert data["versions"]["torch"] and data["device"] and data["commit"]
     workloads = {r["workload"] for r in data["rows"]}
-    assert workloads == {"reduce+combine", "cfg", "pxp-a", "pxp-b", "pxp-c", "apg", "gloss"}
+    assert workloads == {"reduce+combine", "cfg", "pxp-a", "pxp-b", "pxp-c", "apg", "lookahead"}
     for row in data["rows"]:
         assert row["median_ms"] > 0 and row["bytes_moved"] > 0 and row["gb_per_s"] > 0
         assert row["speedup_vs_eager"] > 0

@@ -82,6 +82,7 @@ def _guidance(name):
     g = 0.1 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(6))
     return {
         "none": [], "cfg": [gg.CFG(3.0)], "apg": [gg.APG(4.0, eta=0.3, norm_threshold=2.0)],
+        "apg-diffusers": [gg.APG(4.0, norm_threshold=2.0, convention="diffusers")], "cfg++": [gg.CFGPlusPlus(0.6)],
         "classifier": [gg.Classifier(_log_prob, 0.05)],
         "two-classifiers": [gg.Classifier(_log_prob, 0.04), gg.Classifier(_log_prob2, 0.03)],
         "cfg+classifier": [gg.CFG(2.0), gg.Classifier(_log_prob, 0.05)],
@@ -102,7 +103,8 @@ def _valid(guidance, projection):
     return True
 
 
-CASES = [c for c in itertools.product(["ddpm", "ddim", "ddim-eta1", "dpmpp-2m"], ["none", "cfg", "apg", "classifier",
+CASES = [c for c in itertools.product(["ddpm", "ddim", "ddim-eta1", "dpmpp-2m"], ["none", "cfg", "apg", "apg-diffusers",
+                                                                                 "cfg++", "classifier",
                                                                                  "two-classifiers", "cfg+classifier",
                                                                                  "lookahead", "lookahead-beta"],
                                       list(PROJECTIONS), [None, True]) if _valid(c[1], c[2])]
@@ -138,8 +140,6 @@ def _run(sampler, guidance, projection, clip, fused, dtype=torch.float64, predic
 
 
 def _expect_fused(sampler, guidance, projection, clip):
-    if guidance.startswith("lookahead") and clip:
-        return False
     return sampler != "dpmpp-2m"   # samplers with carried state take the general path
 
 
@@ -215,8 +215,8 @@ def test_fused_step_float32_every_backend(backend, case):
 
 
 @pytest.mark.parametrize("terms,projection,why", [
-    ([gg.CFGPlusPlus(0.5)], None, "CFGPlusPlus"), ([gg.APG(3.0, momentum=-0.5)], None, "momentum"),
-    ([gg.Classifier(_log_prob, 1.0)], gg.PixelAsParam("A", pcgrad=True), "PCGrad"),
+    ([gg.APG(3.0, momentum=-0.5)], None, "state carried between steps (apg_running)"),
+    ([gg.Classifier(_log_prob, 1.0)], gg.PixelAsParam("A", pcgrad=True), "PixelAsParam._pcgrad"),
     ([gg.DPS(lambda x0: x0, torch.zeros(SHAPE))], None, "DPS"),
     ([gg.Rescale(3.0)], None, "Rescale")])
 def test_other_combinations_take_the_general_path(terms, projection, why):

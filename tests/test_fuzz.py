@@ -129,7 +129,7 @@ def fused_cases(draw):
     spec["groups"] = 1
     spec["values"] = draw(st.sampled_from(["normal", "normal", "large", "tiny", "nonfinite"]))
     spec["k"] = draw(st.integers(2, 8))
-    spec["policy"] = draw(st.sampled_from(["cfg", "pxp-a", "pxp-b", "pxp-c", "apg", "gloss", "tcfg", "mambo"]))
+    spec["policy"] = draw(st.sampled_from(["cfg", "pxp-a", "pxp-b", "pxp-c", "apg", "lookahead", "tcfg", "mambo"]))
     spec["give_gram"] = draw(st.booleans())
     # a valid call with a NaN/inf in one sample's coefficient vector, scalar or given Gram matrix
     spec["poison"] = draw(st.sampled_from(["none", "none", "none", "vector", "scalar", "gram"]))

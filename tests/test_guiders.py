@@ -235,7 +235,8 @@ def test_fused_step_equals_the_general_path(policy, prediction, kw):
     want, general = _tcfg_run(term, False, prediction, schedule=schedule)
     got, run = _tcfg_run(term, True, prediction, schedule=schedule)
     assert general.plan is None and run.plan is not None, run.fused_reason
-    assert [st.policy for st in run.plan.variants[False].stages] == [policy]
+    stages = {tuple(st.policy for st in v.stages) for v in run.plan.variants.values()}
+    assert (policy,) in stages and stages <= {(policy,), ("linear",)}   # one pass; "linear" outside the window
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
     assert (want - _tcfg_run(gg.CFG(4.0, uncond={"y": torch.zeros(3)}), False, prediction,
                              schedule=schedule)[0]).abs().max() > 1e-3
@@ -257,8 +258,8 @@ def test_fused_step_on_every_backend_with_clipping(policy, backend):
 
 def test_rescale_and_the_other_guiders_take_the_general_path():
     from gradguide import sampling
-    for term, why in ((gg.TCFG(3.0, guidance_rescale=0.5), "guidance_rescale"),
-                      (gg.MamboG(3.0, guidance_rescale=0.5), "guidance_rescale"),
+    for term, why in ((gg.TCFG(3.0, guidance_rescale=0.5), "rescale"),
+                      (gg.MamboG(3.0, guidance_rescale=0.5), "rescale"),
                       (gg.APGMix(3.0), "APGMix"), (gg.FDG([3.0, 2.0]), "FDG")):
         run = sampling.prepare_run(_fused_model, SHAPE, schedule=gg.Schedule.linear(1000), sampler="ddim", steps=4,
                                    guidance=term, cond={"y": torch.ones(3)})

@@ -8,6 +8,7 @@ magnitudes involved (Cauchy-Schwarz for Gram entries, ``sum |c_k x_k|`` for comb
 """
 import math
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,7 +242,7 @@ def test_nonfinite_inputs_match_reference(backend):
 _SCALARS = {"cfg": {"scale": 3.0}, "pxp-a": {"delta": 1.0}, "pxp-b": {"delta": 0.7},
             "pxp-c": {"scale": 4.0, "delta": 1.0, "delta2": 0.5, "post": 0.3},
             "apg": {"scale": 5.0, "eta": 0.2, "norm_threshold": 2.0, "post": 0.8},
-            "gloss": {"a": 0.7, "h": 0.51, "sigma": 0.1, "residual": -0.4, "post": 0.2}, "linear": {},
+            "linear": {},
             "lookahead": {"a": 0.7, "h": 0.51, "sigma": 0.1, "target": 0.3, "multiplier": 1.5, "beta": 0.2,
                           "beta_per_sample": 1.0, "post": 0.2},
             "tcfg": {"scale": 4.0, "original": 0.0, "post": 0.6},
@@ -302,59 +303,32 @@ def test_fused_nonfinite_rule(policy, backend, dtype):
 
 # -- fused policies ------------------------------------------------------------------------------
 
-def _space(operands, groups):
-    from gradguide.linear import Operands
-    space = Operands(operands[0], groups=groups, backend="reference")
-    handles = [space.add(f"op{j}", t) for j, t in enumerate(operands)]
-    return space, handles
+class _DenseAlgebra:
+    """The policy formulas on materialised float64 vectors ``[B, G, N/G]``, inner products summed
+    element by element: shares nothing with the fused path (Gram matrix, coefficient vectors,
+    kernels) but the formulas themselves."""
+
+    @staticmethod
+    def dot(u, v):
+        return (u * v).sum(-1, keepdim=True)
+
+    @staticmethod
+    def select(flag, u, v):
+        return torch.where(flag, u, v)
 
 
-def _library_composition(policy, space, h, params, per):
-    """The same step written with the library's own rules (projection.pc, APG's formulas)."""
-    from gradguide.guidance.base import safe_div
-    from gradguide.projection import pc
-    from gradguide.linear import LinComb
-    v = {name: LinComb(space, params[name]) for name in policies.POLICIES[policy][0]}
-    if policy == "linear":
-        total = v["coef"]
-    elif policy == "lookahead":
-        a, hh, s = params["a"], params["h"], params["sigma"]
-        beta = (a * a / 2) / (a * a * s * s + hh * space.norm2(v["vjp"], per))
-        residual = 2 * params["multiplier"] * (params["target"] - space.dot(v["reward"], v["x0"], per))
-        total = v["base"] + v["vjp"] * (params["post"] * residual * beta)
-    elif policy == "cfg":
-        total = v["base"] + v["uncond"] + (v["cond"] - v["uncond"]) * params["scale"]
-    elif policy in ("pxp-a", "pxp-b"):
-        den, cls, div, d = v["den"], v["cls"], v["div"], params["delta"]
-        den1, cls1 = pc(space, den, cls, d, per), pc(space, cls, den, d, per)
-        total = v["base"] + den1 + (cls1 + div if policy == "pxp-a" else
-                                    pc(space, cls1, div, d, per) + pc(space, div, cls, d, per))
-    elif policy == "pxp-c":
-        delta = (v["x0_cond"] - v["x0_uncond"]) * (params["scale"] - 1.0)
-        x0 = pc(space, v["x0_cond"], delta, params["delta"], per) + pc(space, delta, v["x0_cond"], params["delta2"], per)
-        total = v["base"] + x0 * params["post"]
-    elif policy == "tcfg":
-        from gradguide.guidance.tangential import tangential_uncond
-        c, u1 = v["cond"], tangential_uncond(space, v["cond"], v["uncond"], per)
-        total = v["base"] + ((c if params["original"] else u1) + (c - u1) * params["scale"]) * params["post"]
-    elif policy == "mambo":
-        from gradguide.guidance.tangential import mambo_weight
-        c, u = v["cond"], v["uncond"]
-        weight = mambo_weight(space, c - u, u, params["alpha"], params["scale"], bool(params["original"]), per)
-        total = v["base"] + ((c if params["original"] else u) + (c - u) * weight) * params["post"]
-    elif policy == "apg":
-        dc, delta = v["d_cond"], v["d_cond"] - v["d_uncond"]
-        norm = space.norm2(delta, per).sqrt()
-        factor = safe_div(norm.new_full(norm.shape, params["norm_threshold"]), norm).clamp(max=1.0)
-        delta = delta * factor.where(norm > 0, norm.new_ones(()))
-        par = dc * safe_div(space.dot(delta, dc, per), space.norm2(dc, per))
-        total = v["base"] + (dc + (delta - par + par * params["eta"]) * (params["scale"] - 1.0)) * params["post"]
-    else:
-        a, hh, s = params["a"], params["h"], params["sigma"]
-        beta = (a * a / 2) / (a * a * s * s + hh * space.norm2(v["vjp"], per))
-        residual = params["residual"] if per == "sample" else params["residual"][:, None]
-        total = v["base"] + v["vjp"] * (params["post"] * residual * beta)
-    return space.combine(total)
+def _dense_policy(policy, operands, groups, params):
+    """``policy``'s output evaluated directly on the combined tensors, in float64."""
+    b, k = operands[0].shape[0], len(operands)
+    rows = torch.stack([o.double().reshape(b, groups, -1) for o in operands], -1)      # [B, G, N/G, K]
+    names_v, names_s = policies.POLICIES[policy]
+    vectors = {n: torch.einsum("bgnk,bgk->bgn", rows, params[n].double().expand(b, groups, k)) for n in names_v}
+    scalars = {}
+    for n, default in names_s.items():
+        value = torch.as_tensor(params.get(n, default), dtype=torch.float64)
+        scalars[n] = value.reshape(-1, 1, 1)
+    out = policies.PROGRAMS[policy][2](_DenseAlgebra, vectors, scalars)
+    return out.reshape(operands[0].shape).to(operands[0].dtype)
 
 
 def _policy_params(policy, b, groups, k, zero=()):
@@ -366,8 +340,6 @@ def _policy_params(policy, b, groups, k, zero=()):
     params.update({"cfg": {"scale": 3.0}, "pxp-a": {"delta": 1.0}, "pxp-b": {"delta": 0.7},
                    "pxp-c": {"scale": 4.0, "delta": 1.0, "delta2": 0.5, "post": 0.3},
                    "apg": {"scale": 5.0, "eta": 0.2, "norm_threshold": 2.0, "post": 0.8},
-                   "gloss": {"a": 0.7, "h": 0.51, "sigma": 0.1, "residual": torch.randn(b, generator=g),
-                             "post": 0.2},
                    "linear": {}, "tcfg": {"scale": 4.0, "original": 0.0, "post": 0.6},
                    "mambo": {"scale": 5.0, "alpha": 0.7, "original": 0.0, "post": 0.6},
                    "lookahead": {"a": 0.7, "h": 0.51, "sigma": 0.1, "target": 0.3, "multiplier": 1.5,
@@ -377,13 +349,12 @@ def _policy_params(policy, b, groups, k, zero=()):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("policy", list(policies.POLICIES))
-def test_fused_policies_match_library_rules(backend, policy):
+def test_fused_policies_match_a_dense_evaluation(backend, policy):
     _backend(backend)
     for groups, zero in ((1, ()), (3, ()), (1, ("cls", "x0_uncond", "d_cond", "vjp", "uncond"))):
         operands = _operands((2, 3, 5), 5, torch.float32, seed=groups)
         params = _policy_params(policy, 2, groups, 5, zero)
-        space, handles = _space(operands, groups)
-        want = _library_composition(policy, space, handles, params, "sample" if groups == 1 else "group")
+        want = _dense_policy(policy, operands, groups, params)
         got = ops.fused_combine(policy, operands, backend=backend, **params)
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         gram = ops.reduce(operands, groups, backend="reference")[0]
@@ -722,9 +693,8 @@ def test_fused_kernel_coefficient_program_is_float64():
     f64 = lambda *v: torch.tensor(v, dtype=torch.float64)
     vectors = [f64(0.0, 0.0).view(1, 1, 2), f64(-1.0, 1.0).view(1, 1, 2)]      # base = 0, vjp = op1 − op0
     scalars = [f64(1.0), f64(1e3), f64(1e-3), f64(1.0), f64(1.0)]            # a, h (β ∝ 1/‖v‖²), σ, residual, post
-    for policy, vecs, scs in (("gloss", vectors, scalars),
-                              ("lookahead", [vectors[0], vectors[0], vectors[1], vectors[0]],
-                               scalars[:3] + [f64(0.5), f64(1.0), f64(0.0), f64(1.0), f64(1.0)])):
+    for policy, vecs, scs in (("lookahead", [vectors[0], vectors[0], vectors[1], vectors[0]],
+                               scalars[:3] + [f64(0.5), f64(1.0), f64(0.0), f64(1.0), f64(1.0)]),):
         got = triton_backend.fused_combine(policy, gram, vecs, scs, operands)
         want, _ = _fused_truth(policy, gram, vecs, scs, operands)
         # the streaming loop's float32 rounding (~1e-7 |op| / 1e-3 |v|) is 1e-4 of the result
@@ -884,7 +854,8 @@ def _triton_op_cases():
             (t.combine.default, (coef, operands, -1.0, None)),
             (t.combine_out.default, (coef, operands, None, 1.0, out)),
             (t.fused_combine.default, ("cfg", None, [coef] * 3, [torch.full((1,), 2.0)], operands, None, None)),
-            (t.fused_combine_out.default, ("gloss", gram, [coef] * 2, [torch.ones(1)] * 3 + [torch.randn(2), torch.ones(1)],
+            (t.fused_combine_out.default, ("lookahead", gram, [coef] * 4,
+                                            [torch.ones(1)] * 3 + [torch.randn(2)] + [torch.ones(1)] * 4,
                                             operands, -1.0, 1.0, out)),
             (t.clip_shift.default, (coef[:1, 0].double(), 0.01 * coef[:1, 1].double(), operands, -1.0, 1.0)),
             (t.clip_shift.default, (coef[:, 0].double(), coef[:, :, 1].double(), operands, -0.5, 2.0))] \
@@ -971,6 +942,25 @@ def test_fused_policy_lists_agree():
     assert all(ARITY[p] == (len(v), len(s)) for p, (v, s) in policies.POLICIES.items())
     assert all(triton_backend.supports_policy(p) for p in triton_backend.FUSED_POLICIES)
     assert not triton_backend.supports_policy("pcgrad")
+    from gradguide.kernels.fused import NEEDS_GRAM
+    assert NEEDS_GRAM == policies.NEEDS_GRAM
     operands = _operands((2, 8), 2, torch.float32)
     with pytest.raises(NotImplementedError, match="'pcgrad'.*implements"):
         triton_backend.fused_combine("pcgrad", None, [torch.zeros(2, 1, 2)], [], operands)
+
+
+def test_native_policy_table_is_the_python_one():
+    """The C++ programs' table (csrc/gradguide_policies.h: name, vectors, scalars, Gram) lists
+    exactly the Python programs, with their arities; the values of every program are held to the
+    Python ones by test_fused_policies_match_a_dense_evaluation and the non-finite rule tests."""
+    import re
+    from gradguide.bench import compile_gates
+    header = (Path(__file__).resolve().parents[1] / "csrc" / "gradguide_policies.h").read_text()
+    table = header[header.index("kPolicies[] = {"):]
+    table = table[:table.index("};")]
+    rows = re.findall(r'\{"([a-z-]+)", k\w+, (\d+), (\d+), (true|false)\}', table)
+    assert {name: (int(v), int(s), g == "true") for name, v, s, g in rows} == {
+        name: (len(v), len(s), policies.NEEDS_GRAM[name]) for name, (v, s) in policies.POLICIES.items()}
+    names = re.search(r'kPolicyNames = "([^"]+)"', header).group(1)
+    assert set(re.split(r", | or ", names)) == set(policies.POLICIES)
+    assert set(compile_gates.POLICIES) == set(policies.POLICIES)   # the CUDA compile gates cover every one

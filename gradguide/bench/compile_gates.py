@@ -50,6 +50,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ..ops.policies import POLICIES as POLICY_TABLE
 from .roofline import triton_bin
 
 REG_LIMIT = 64
@@ -66,7 +67,7 @@ SM = {80: dict(gpu="A100", regs=65536, max_warps=64, max_blocks=32, smem=167936)
 # to ~200 registers for K = 8; its gate is no spills and this limit (occupancy is reported)
 LANES_REG_LIMIT = 255
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "fp64": torch.float64}
-POLICIES = ("linear", "cfg", "pxp-a", "pxp-b", "pxp-c", "apg", "gloss", "lookahead")
+POLICIES = tuple(POLICY_TABLE)   # every fused program of gradguide/ops/policies.py
 ALIGNED_N, UNALIGNED_N = 4096, 4095  # row lengths: a multiple of every vector width, and odd
 
 
@@ -128,7 +129,7 @@ def variants(subset: str = "all") -> List[Variant]:
         out.append(Variant("fused", "fp32", 8, True, i % 2 == 0, p))
         out.append(Variant("fused", "bf16", 5, True, i % 2 == 1, p))
     out += [Variant("fused", "fp16", 8, True, True, "pxp-b"), Variant("fused", "fp64", 4, True, False, "apg"),
-            Variant("fused", "fp32", 4, False, True, "gloss")]
+            Variant("fused", "fp32", 4, False, True, "lookahead")]
     # clip_shift: every K in fp32 (two accumulators per operand load: the register-heaviest
     # streaming loop), K = 1 and 8 in the other dtypes, two unaligned row lengths
     out += [Variant("clip_shift", "fp32", k, True, True) for k in range(1, 9)]

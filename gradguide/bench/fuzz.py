@@ -346,10 +346,12 @@ def _policy_params(spec, gen, b, k, policy):
     rnd = lambda lo, hi: lo + (hi - lo) * float(torch.rand((), generator=gen, dtype=torch.float64))
     ranges = {"scale": (-2.0, 9.0), "delta": (0.0, 2.0), "delta2": (0.0, 2.0), "post": (-1.0, 2.0),
               "eta": (0.0, 1.0), "norm_threshold": (0.0, 20.0), "a": (0.1, 1.0), "h": (0.01, 1.0),
-              "sigma": (0.05, 1.0), "residual": (-2.0, 2.0), "alpha": (0.0, 4.0)}
+              "sigma": (0.05, 1.0), "target": (-2.0, 2.0), "multiplier": (0.0, 2.0), "beta": (0.0, 1.0),
+              "alpha": (0.0, 4.0)}
     for name in scalar_defaults:
-        # TCFG / MAMBO-G's formulation flag: both values across seeds
-        value = float(spec["seed"] // 2 % 2) if name == "original" else rnd(*ranges[name])
+        # flags (TCFG / MAMBO-G's formulation, G_loss's per-sample β): both values across seeds
+        flag = name in ("original", "beta_per_sample")
+        value = float(spec["seed"] // 2 % 2) if flag else rnd(*ranges[name])
         params[name] = torch.full((b,), value) if spec["seed"] % 2 else value
     return params
 

@@ -33,7 +33,7 @@ QUICK_SIZES = [("tiny B=2", (2, 4, 16, 16)), ("small B=4", (4, 3, 32, 32))]
 
 # workload -> the fused policy it runs (None: bare reduce + combine with given weights)
 WORKLOADS = {"reduce+combine": None, "cfg": "cfg", "pxp-a": "pxp-a", "pxp-b": "pxp-b", "pxp-c": "pxp-c",
-             "apg": "apg", "gloss": "gloss"}
+             "apg": "apg", "lookahead": "lookahead"}
 
 
 def _params(policy: str, b: int, device, acc) -> Dict[str, object]:
@@ -44,7 +44,7 @@ def _params(policy: str, b: int, device, acc) -> Dict[str, object]:
     scalars = {"cfg": {"scale": 7.5}, "pxp-a": {"delta": 1.0}, "pxp-b": {"delta": 1.0},
                "pxp-c": {"scale": 4.0, "delta": 1.0, "delta2": 1.0, "post": 0.5},
                "apg": {"scale": 5.0, "eta": 0.0, "norm_threshold": 15.0, "post": 0.5},
-               "gloss": {"a": 0.7, "h": 0.51, "sigma": 0.1, "residual": 1.0, "post": 0.3}}[policy]
+               "lookahead": {"a": 0.7, "h": 0.51, "sigma": 0.1, "target": 1.0, "post": 0.3}}[policy]
     for name, value in scalars.items():  # per-step scalars live on the device, as in a step
         out[name] = torch.full((b,), value, dtype=acc, device=device)
     return out

@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 
 from ..linear import LinComb
-from .base import StepContext, check_number, safe_div
+from .base import StepContext, check_number
 from .cfg import _TwoBranch, check_convention
 
 
@@ -56,25 +56,26 @@ class APG(_TwoBranch):
         if self._off():
             return eps_c, None
         ops = ctx.ops
-        if self.convention == "paper":
+        paper = self.convention == "paper"
+        if paper:
             d_c, d_u = ctx.x0_of_eps(eps_c), ctx.x0_of_eps(eps_u)
         else:
             d_c, d_u = ctx.output_of_eps(eps_c), ctx.output_of_eps(eps_u)
-        delta = d_c - d_u
+        anchor_u = d_u
         if self.momentum != 0.0:
-            delta = delta + ops.add("apg_running", ctx.state["apg_running"]) * self.momentum
-            ctx.new_state["apg_running"] = ops.combine(delta)
-        if self.norm_threshold > 0:
-            norm = ops.norm2(delta).sqrt()
-            factor = safe_div(norm.new_full(norm.shape, self.norm_threshold), norm).clamp(max=1.0)
-            factor = factor.where(norm > 0, norm.new_ones(()))
-            delta = delta * factor
-        parallel = d_c * safe_div(ops.dot(delta, d_c), ops.norm2(d_c))
-        update = (delta - parallel) + parallel * self.eta
-        if self.convention == "paper":
-            return ctx.eps_of_x0(d_c + update * (self.scale - 1.0)), None
-        anchor = d_u if self.convention == "diffusers" else d_c
-        return ctx.eps_of_output(anchor + update * self.scale), None
+            running = (d_c - d_u) + ops.add("apg_running", ctx.state["apg_running"]) * self.momentum
+            ctx.new_state["apg_running"] = ops.combine(running)
+            d_u = d_c - running   # the program's Δ = d_c − d_u is then the running Δ
+        # the program's output is base + d_c + (scale − 1)·update: the paper's with the paper's
+        # weight; diffusers' anchor + w·update with scale = w + 1 (and base = d_u − d_c for its
+        # anchor d_u). An infinite threshold never clips, as 0 does (a fused program's inputs
+        # must be finite, gradguide.ops.policies)
+        threshold = 0.0 if math.isinf(self.norm_threshold) else self.norm_threshold
+        base = None if paper or self.convention == "diffusers-original" else anchor_u - d_c
+        scale = self.scale if paper else self.scale + 1.0
+        out = ops.policy("apg", d_cond=d_c, d_uncond=d_u, scale=scale, eta=self.eta, norm_threshold=threshold,
+                         **({} if base is None else {"base": base}))
+        return (ctx.eps_of_x0(out) if paper else ctx.eps_of_output(out)), None
 
     def __repr__(self) -> str:
         return (f"APG(scale={self.scale}, eta={self.eta}, momentum={self.momentum}, "

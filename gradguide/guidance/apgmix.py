@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 
 from ..linear import LinComb
-from .base import StepContext, check_number, safe_div
+from ..ops import policies
+from .base import StepContext, check_number
 from .window import DiffusersGuider
 
 
@@ -70,12 +71,8 @@ class APGMix(DiffusersGuider):
                 delta = running
         if phase == "cfg":
             return self.anchor(p_c, p_u) + (p_c - p_u) * self.scale
-        if self.norm_threshold > 0:
-            norm = ops.norm2(delta).sqrt()
-            factor = safe_div(norm.new_full(norm.shape, self.norm_threshold), norm).clamp(max=1.0)
-            delta = delta * factor.where(norm > 0, norm.new_ones(()))
-        parallel = p_c * safe_div(ops.dot(delta, p_c), ops.norm2(p_c))
-        return self.anchor(p_c, p_u) + ((delta - parallel) + parallel * self.eta) * self.apg_scale
+        update = policies.apg_update(ops.algebra(), p_c, delta, self.norm_threshold, self.eta)
+        return self.anchor(p_c, p_u) + update * self.apg_scale
 
     def __repr__(self) -> str:
         return (super().__repr__()[:-1] + f", apg_scale={self.apg_scale}, momentum={self.momentum}, "

@@ -41,6 +41,26 @@ class StepContext:
     learned_log_var: Optional[torch.Tensor] = None  # ADM learned-range log Σ (elementwise)
     prediction: str = "eps"          # the model's parametrisation ("eps", "x0", "v", "flow")
     input_scale: Optional[torch.Tensor] = None   # flow models: the model sees x_σ = input_scale · x_t
+    model_output: Optional[torch.Tensor] = None  # the conditional branch's output, with its autograd graph
+
+    def operand(self, name: str, compute: Callable[["StepContext"], torch.Tensor]) -> LinComb:
+        """The operand ``compute(ctx)`` (a term's own method, e.g. its gradient) as a LinComb. A
+        traced step (the fused plan) records the method and calls it on each step's context."""
+        return self.ops.add_computed(name, compute, self)
+
+    def per_sample(self, value):
+        """A per-sample ``[B]`` tensor passed as a scalar of ``ctx.ops.policy`` (e.g. a target)."""
+        return self.ops.per_sample(value)
+
+    def vjp_of_x0(self, x0: LinComb, g: LinComb, grad: torch.Tensor, what: str) -> LinComb:
+        """``∇_{x_t}(gᵀx̂_0)`` for the reward gradient ``grad`` (the operand ``g``), as a LinComb:
+        autograd through the tracked x̂_0. (A traced step takes ``c_x g + c_o Jᵀg`` for an x̂_0
+        that is ``c_x x_t + c_o model(x_t)``: the model's backward only, see gradguide.stepplan.)"""
+        if self.ops.tracing:
+            return self.ops.vjp_of_x0(x0, g, grad)
+        with torch.enable_grad():
+            g_x0 = (grad * self.tracked_x0()).flatten(1).sum(1)
+            return self.ops.add("lookahead_vjp", self.grad_wrt_input(g_x0, what))
 
     def model_view(self) -> torch.Tensor:
         """``x_t`` as the model sees it (``x_input``, or the flow state ``x_σ`` for flow models),
@@ -96,6 +116,7 @@ class GuidanceTerm:
     needs_model_grad: bool = False    # needs autograd through the model (a VJP)
     needs_input_grad: bool = False    # needs autograd w.r.t. x_t (not through the model)
     name: str = "guidance"
+    runtime_attributes: tuple = ()    # read only while a step runs, never by a fused plan (cache keys skip them)
 
     def bind(self, shape, device, dtype, sampler: str) -> "GuidanceTerm":
         """Check this term against a run (batch ``shape``, device, dtype, sampler) and return
@@ -202,14 +223,6 @@ def scale_overflow_hint(scales, dtype: torch.dtype) -> str:
     names = "; ".join(f"{name}: {value:g}" for name, value in big)
     return (f". Likely cause: {names} (|value| > {limit:.3g}, beyond which a guidance weight swamps the rest "
             f"of the step in {str(dtype).replace('torch.', '')} and can overflow it): use a smaller value")
-
-
-def safe_div(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    """``num/den``, and 0 where ``den == 0`` (zero-norm partners are handled per sample). A NaN
-    ``den`` (from a non-finite operand) gives NaN, never 0: a non-finite operand poisons the
-    sample (or group) instead of silently skipping its projection."""
-    ok = den != 0
-    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
 def batch_tensor(name: str, value, shape, device, dtype, owner: str) -> torch.Tensor:

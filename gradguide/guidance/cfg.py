@@ -38,7 +38,8 @@ from typing import Callable, Optional, Tuple, Union
 import torch
 
 from ..linear import LinComb
-from .base import GuidanceTerm, StepContext, check_number, safe_div
+from ..ops.policies import safe_div
+from .base import GuidanceTerm, StepContext, check_number
 
 CONVENTIONS = ("paper", "diffusers", "diffusers-original")
 
@@ -52,6 +53,7 @@ def check_convention(convention, owner: str) -> str:
 class _TwoBranch(GuidanceTerm):
     place = "branches"
     needs_cond = True
+    runtime_attributes = ("uncond",)   # the unconditional branch's model inputs
 
     def __init__(self, scale: float, uncond: Optional[Union[dict, Callable]] = None):
         self.scale = check_number("scale", scale, owner=type(self).__name__)

@@ -58,13 +58,12 @@ class Classifier(GuidanceTerm):
             return ctx.grad_wrt_input(log_p, "Classifier: log_prob")
 
     def score(self, ctx: StepContext, x0: LinComb) -> LinComb:
-        return ctx.ops.add("classifier_grad", self.gradient(ctx)) * self.scale
+        return ctx.operand("classifier_grad", self.gradient) * self.scale
 
     def mean(self, ctx: StepContext) -> LinComb:
-        grad = self.gradient(ctx)
         if ctx.learned_log_var is not None:  # ADM learned range: Σ is elementwise
-            return ctx.ops.add("classifier_shift", torch.exp(ctx.learned_log_var) * grad) * self.scale
-        return ctx.ops.add("classifier_grad", grad) * (ctx.scalars["var_mean"] * self.scale)
+            return ctx.ops.add("classifier_shift", torch.exp(ctx.learned_log_var) * self.gradient(ctx)) * self.scale
+        return ctx.operand("classifier_grad", self.gradient) * (ctx.scalars["var_mean"] * self.scale)
 
     def __repr__(self) -> str:
         return f"Classifier(scale={self.scale}, form={self.form!r})"

@@ -86,16 +86,16 @@ class LookAhead(_RewardGradient):
         self.multiplier = check_number("multiplier", multiplier, owner="LookAhead")
 
     def score(self, ctx: StepContext, x0: LinComb) -> LinComb:
-        ops = ctx.ops
-        with torch.enable_grad():
-            g_x0 = (self.grad * ctx.tracked_x0()).flatten(1).sum(1)  # gᵀx̂_0(x_t), per sample
-            vjp = ops.add("lookahead_vjp", ctx.grad_wrt_input(g_x0, "LookAhead: model (the VJP runs through its output)"))
-        if self.beta is None:
-            a2 = ctx.a * ctx.a
-            beta = (a2 / 2) / (a2 * self.sigma ** 2 + ctx.h * ops.norm2(vjp))
-        else:
-            beta = ctx.a.new_full((), self.beta)
-        return vjp * (2 * self.multiplier * beta * (self.target - g_x0.detach().to(beta.dtype)))
+        g = ctx.operand("reward_grad", self.reward_grad)
+        vjp = ctx.vjp_of_x0(x0, g, self.grad, "LookAhead: model (the VJP runs through its output)")
+        per_sample_beta = self.beta is None
+        return ctx.ops.policy("lookahead", x0=x0, vjp=vjp, reward=g, a=ctx.a, h=ctx.h, sigma=self.sigma,
+                              target=ctx.per_sample(self.target), multiplier=self.multiplier,
+                              beta=0.0 if per_sample_beta else self.beta, beta_per_sample=float(per_sample_beta))
+
+    def reward_grad(self, ctx: StepContext) -> torch.Tensor:
+        """The reward gradient g, an operand of the step."""
+        return self.grad
 
 
 class DecodedLookAhead(GuidanceTerm):

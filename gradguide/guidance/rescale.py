@@ -16,7 +16,8 @@ are the same rule (Lin et al.'s, which is diffusers' ``guidance_rescale``, with
 from __future__ import annotations
 
 from ..linear import LinComb
-from .base import StepContext, check_number, safe_div
+from ..ops.policies import safe_div
+from .base import StepContext, check_number
 from .cfg import _TwoBranch, check_convention
 
 

@@ -23,31 +23,9 @@ diffusers divides by zero there and returns NaN for α = 0).
 """
 from __future__ import annotations
 
-import torch
-
 from ..linear import LinComb
-from .base import StepContext, check_number, safe_div
+from .base import StepContext, check_number
 from .window import DiffusersGuider
-
-
-def tangential_uncond(ops, p_c: LinComb, p_u: LinComb, per: str = "sample") -> LinComb:
-    """``p_u`` projected onto the principal right singular vector of ``[p_c; p_u]`` (per sample,
-    or per group with ``per="group"``)."""
-    a, b, d = ops.norm2(p_c, per), ops.dot(p_c, p_u, per), ops.norm2(p_u, per)
-    r = torch.sqrt((a - d) * (a - d) + 4.0 * b * b)
-    defined = r > 0
-    cos2 = torch.where(defined, safe_div(a - d, r), torch.full_like(r, -1.0))
-    sin2 = torch.where(defined, safe_div(2.0 * b, r), torch.zeros_like(r))
-    return p_c * (0.5 * sin2) + p_u * (0.5 * (1.0 - cos2))
-
-
-def mambo_weight(ops, diff: LinComb, p_u: LinComb, alpha: float, scale: float, original: bool, per: str = "sample"):
-    """MAMBO-G's per-sample (or per-group) CFG weight."""
-    n_diff, n_u = ops.norm2(diff, per).sqrt(), ops.norm2(p_u, per).sqrt()
-    decay = torch.exp(-alpha * safe_div(n_diff, n_u))
-    if alpha > 0:   # ‖p_u‖ = 0: an infinite ratio, no guidance left
-        decay = torch.where(n_u > 0, decay, torch.zeros_like(decay))
-    return decay * scale if original else 1.0 + (scale - 1.0) * decay
 
 
 class TCFG(DiffusersGuider):
@@ -64,8 +42,7 @@ class TCFG(DiffusersGuider):
                          convention=convention)
 
     def guide(self, ctx: StepContext, p_c: LinComb, p_u: LinComb) -> LinComb:
-        p_u = tangential_uncond(ctx.ops, p_c, p_u)
-        return self.anchor(p_c, p_u) + (p_c - p_u) * self.scale
+        return ctx.ops.policy("tcfg", cond=p_c, uncond=p_u, scale=self.scale, original=float(self.original))
 
 
 class MamboG(DiffusersGuider):
@@ -82,8 +59,8 @@ class MamboG(DiffusersGuider):
         self.alpha = check_number("alpha", alpha, 0.0, owner="MamboG")
 
     def guide(self, ctx: StepContext, p_c: LinComb, p_u: LinComb) -> LinComb:
-        diff = p_c - p_u
-        return self.anchor(p_c, p_u) + diff * mambo_weight(ctx.ops, diff, p_u, self.alpha, self.scale, self.original)
+        return ctx.ops.policy("mambo", cond=p_c, uncond=p_u, scale=self.scale, alpha=self.alpha,
+                              original=float(self.original))
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", alpha={self.alpha})"

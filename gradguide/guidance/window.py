@@ -28,7 +28,8 @@ import copy
 import math
 
 from ..linear import LinComb
-from .base import StepContext, check_number, safe_div
+from ..ops.policies import safe_div
+from .base import StepContext, check_number
 from .cfg import _TwoBranch
 from .rescale import _std
 

@@ -43,6 +43,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without diffuser
     raise ImportError("gradguide.integrations.diffusers needs diffusers: pip install diffusers==0.42.1") from exc
 
 from .. import ops
+from ..ops import policies
 from ..config import Sampler
 from ..schedules import SPACINGS, Schedule, Timesteps
 from . import diffusers_flow
@@ -495,28 +496,19 @@ class GradguideAPG(AdaptiveProjectedGuidance):
             if isinstance(buffer.running_average, torch.Tensor):
                 operands.append(buffer.running_average.to(pred_cond.dtype))
                 d.append(float(buffer.momentum))
-        gram, _ = ops.reduce(operands, backend=self.backend)
-        gram = gram[:, 0].to(torch.float64)
-        dv = torch.tensor(d, dtype=torch.float64, device=gram.device)
-        g_d = gram @ dv                                     # [B, K]: <operand_k, Δ>
-        dd = (g_d * dv).sum(-1)                             # ‖Δ‖²
-        dc = g_d[:, 0]                                      # <Δ, c>
-        cc = gram[:, 0, 0]
-        f = torch.ones_like(dd)
-        if r > 0:
-            f = torch.minimum(f, r / dd.sqrt())             # ‖Δ‖ = 0 gives inf, min keeps 1
-        par = torch.where(cc > 0, f * dc / cc.clamp_min(1e-300), torch.zeros_like(cc))
-        k = len(operands)
-        coef = torch.zeros(gram.shape[0], k, dtype=torch.float64, device=gram.device)
-        coef[:, 0 if self.use_original_formulation else 1] = 1.0
-        coef = coef + w * f.unsqueeze(1) * dv
-        coef[:, 0] -= w * (1.0 - eta) * par
         if self.guidance_rescale > 0.0:
             raise ValueError("GradguideAPG: guidance_rescale > 0 is not supported; use GradguideCFG's rescale")
+        gram, _ = ops.reduce(operands, backend=self.backend)
+        gram = gram.to(torch.float64)
+        k, bsz = len(operands), gram.shape[0]
+        unit = torch.eye(k, dtype=torch.float64, device=gram.device)   # operand j as a coefficient vector
+        dv = torch.tensor(d, dtype=torch.float64, device=gram.device)
+        anchor = unit[0 if self.use_original_formulation else 1]
+        update = policies.apg_update(policies.GramAlgebra(gram), unit[0].expand(bsz, 1, k), dv.expand(bsz, 1, k), r, eta)
+        coef = (anchor + update * w)[:, 0]
         pred = ops.combine(coef.to(torch.float32), operands, backend=self.backend)
         if buffer is not None:   # diffusers' MomentumBuffer: running = Δ + m · running
-            buffer.running_average = ops.combine(dv.to(torch.float32).expand(gram.shape[0], k), operands,
-                                                 backend=self.backend)
+            buffer.running_average = ops.combine(dv.to(torch.float32).expand(bsz, k), operands, backend=self.backend)
         return GuiderOutput(pred=pred, pred_cond=pred_cond, pred_uncond=pred_uncond)
 
 
@@ -602,18 +594,10 @@ class GradguidePixelAsParam(ClassifierFreeGuidance):
                         for v in (vc, vu)]
             vc = torch.tensor([1.0, 0.0], dtype=torch.float64, device=x.device)
             vu = torch.tensor([0.0, 1.0], dtype=torch.float64, device=x.device)
-        gram, _ = ops.reduce(operands, backend=self.backend)
-        gram = gram[:, 0].to(torch.float64)
-        wp = float(self.guidance_scale) - 1.0
-        vd = wp * (vc - vu)
-        cc = torch.einsum("i,bij,j->b", vc, gram, vc)
-        dd = torch.einsum("i,bij,j->b", vd, gram, vd)
-        cd = torch.einsum("i,bij,j->b", vc, gram, vd)
-        neg = cd.clamp(max=0.0)
-        f1 = torch.where(dd > 0, neg / dd.clamp_min(1e-300), torch.zeros_like(dd))   # PC(x̂_0c | Δ)
-        f2 = torch.where(cc > 0, neg / cc.clamp_min(1e-300), torch.zeros_like(cc))   # PC(Δ | x̂_0c)
-        coef_x0 = (vc - self.delta1 * f1[:, None] * vd) + (vd - self.delta2 * f2[:, None] * vc)
-        x0 = ops.combine(coef_x0.to(torch.float32), operands, clamp=clamp, backend=self.backend)
+        k = len(operands)
+        x0 = ops.fused_combine("pxp-c", operands, base=torch.zeros(bsz, k, dtype=torch.float64, device=x.device),
+                               x0_cond=vc.expand(bsz, k), x0_uncond=vu.expand(bsz, k), scale=float(self.guidance_scale),
+                               delta=self.delta1, delta2=self.delta2, clamp=clamp, backend=self.backend)
         if self.prediction_type == "sample":
             pred = x0
         else:

@@ -27,8 +27,10 @@ broadcast dimension; no expand/copy), the scalars as 1- or B-element tensors (st
 of any float dtype (no cast).
 
 Policies (the formulas and their plain-torch truth are in ``gradguide/ops/policies.py``):
-``linear``, ``cfg``, ``pxp-a``, ``pxp-b``, ``pxp-c``, ``apg`` (no momentum), ``gloss``,
-``lookahead``, ``tcfg``, ``mambo``.
+``linear``, ``cfg``, ``pxp-a``, ``pxp-b``, ``pxp-c``, ``apg`` (no momentum), ``lookahead``,
+``tcfg``, ``mambo``. This prologue is a twin of those Python programs (the one definition of
+each formula); ``tests/test_kernels.py`` holds its table (names, arities) to theirs and every
+program to them on random inputs.
 
 Limits: those of ``combine.py``; the Gram matrix must be the one of the first Kg operands
 (same rows). Zero-norm partners follow the safe division of the reference (a projection
@@ -51,11 +53,10 @@ import triton.language as tl
 from ._common import NUM_WARPS, k_padded, pointers
 from .combine import _stream, clamp_args, launch_config, tl_acc
 
-POLICY_IDS = {"cfg": 0, "pxp-a": 1, "pxp-b": 2, "pxp-c": 3, "apg": 4, "gloss": 5, "linear": 6, "lookahead": 7,
+POLICY_IDS = {"cfg": 0, "pxp-a": 1, "pxp-b": 2, "pxp-c": 3, "apg": 4, "linear": 6, "lookahead": 7,
               "tcfg": 8, "mambo": 9}
 # coefficient vectors and scalars each policy reads (the order of gradguide/ops/policies.py)
-ARITY = {"cfg": (3, 1), "pxp-a": (4, 1), "pxp-b": (4, 1), "pxp-c": (3, 4), "apg": (3, 4), "gloss": (2, 5),
-         "linear": (1, 0), "lookahead": (4, 8), "tcfg": (3, 3), "mambo": (3, 4)}
+ARITY = {"cfg": (3, 1), "pxp-a": (4, 1), "pxp-b": (4, 1), "pxp-c": (3, 4), "apg": (3, 4), "linear": (1, 0), "lookahead": (4, 8), "tcfg": (3, 3), "mambo": (3, 4)}
 NEEDS_GRAM = {p: p not in ("cfg", "linear") for p in POLICY_IDS}
 MAX_VECTORS, MAX_SCALARS = 4, 8
 
@@ -140,7 +141,7 @@ def _fused(x0, x1, x2, x3, x4, x5, x6, x7, gram, v0, v1, v2, v3, vb0, vg0, vb1, 
     if POLICY != 6:   # every policy but linear has a second vector
         va = _vector(v1, vb1, vg1, b, g, ks, kmask)
         bad += tl.sum(_nonfinite(va), 0)
-    if POLICY != 6 and POLICY != 5:
+    if POLICY != 6:
         vc = _vector(v2, vb2, vg2, b, g, ks, kmask)
         bad += tl.sum(_nonfinite(vc), 0)
     if POLICY != 0 and POLICY != 6:   # the Gram of the first KG operands (zero beyond them)
@@ -184,16 +185,6 @@ def _fused(x0, x1, x2, x3, x4, x5, x6, x7, gram, v0, v1, v2, v3, vb0, vg0, vb1, 
         dlt = tl.where(r > 0, dlt * clip, dlt)
         par = va * _safe_div(_dot(G, dlt, va), _max0(_dot(G, va, va)))
         coef = vb + post * (va + (dlt - par + par * eta) * (w - 1.0))
-    elif POLICY == 5:  # G_loss: v1 = vjp; s = a, h, sigma, residual, post
-        a = _scalar(s0, t0, b)
-        h = _scalar(s1, t1, b)
-        sg = _scalar(s2, t2, b)
-        res = _scalar(s3, t3, b)
-        post = _scalar(s4, t4, b)
-        bad += _nonfinite(a) + _nonfinite(h) + _nonfinite(sg) + _nonfinite(res) + _nonfinite(post)
-        a2 = a * a
-        beta = (a2 / 2) / (a2 * sg * sg + h * _max0(_dot(G, va, va)))
-        coef = vb + va * (post * res * beta)
     elif POLICY == 8:  # TCFG: v1 = cond, v2 = uncond (raw outputs); s = scale, original, post
         w = _scalar(s0, t0, b)
         orig = _scalar(s1, t1, b)

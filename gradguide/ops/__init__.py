@@ -310,7 +310,7 @@ def fused_combine(policy: str, operands: Sequence[torch.Tensor], *, gram: Option
     """A built-in policy's coefficient program and the combine, in one pass where possible.
 
     ``policy``: one of :data:`gradguide.ops.policies.POLICIES` (``"linear"``, ``"cfg"``,
-    ``"pxp-a"``, ``"pxp-b"``, ``"pxp-c"``, ``"apg"``, ``"gloss"``, ``"lookahead"``; formulas in
+    ``"pxp-a"``, ``"pxp-b"``, ``"pxp-c"``, ``"apg"``, ``"lookahead"``, ``"tcfg"``, ``"mambo"``; formulas in
     :mod:`gradguide.ops.policies`).
     ``params``: the policy's coefficient vectors (LinCombs over ``operands``, ``[B, K]`` or
     ``[B, G, K]`` tensors) and scalars (numbers, 0-d or ``[B]`` device tensors) by name.

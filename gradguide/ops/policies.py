@@ -31,12 +31,8 @@ number or a 0-d / ``[B]`` device tensor):
   ``e = exp(−alpha ‖Δ‖/‖uncond‖)`` (0 where ‖uncond‖ = 0 and alpha > 0), weight
   ``scale·e`` if ``original`` ≠ 0 else ``1 + (scale − 1) e``; ``base + post (A + weight Δ)`` with
   ``A = cond`` if ``original`` ≠ 0 else ``uncond``.
-- ``"gloss"`` (Guo et al. 2024, Definition 1, the per-sample β): with ``v`` = *vjp*,
-  ``β = (a²/2)/(a² sigma² + h ‖v‖²)``, ``base + post · residual · β · v`` where ``residual`` is
-  ``2·multiplier·(y − gᵀx̂_0)`` per sample and ``post`` maps a score shift to the step
-  (``c_0 h / a``).
-- ``"lookahead"`` (the same G_loss, with the residual from the Gram matrix, as a step runs it):
-  ``v`` = *vjp*, ``β`` = the per-sample formula above if ``beta_per_sample`` ≠ 0, else ``beta``;
+- ``"lookahead"`` (G_loss, Guo et al. 2024, Definition 1, as a step runs it): with ``v`` = *vjp*,
+  ``β = (a²/2)/(a² sigma² + h ‖v‖²)`` per sample if ``beta_per_sample`` ≠ 0, else ``beta``;
   ``residual = 2·multiplier·(target − <reward, x0>)`` (``gᵀx̂_0`` with *reward* = ``g`` and
   *x0* = ``x̂_0`` as vectors); ``base + post · residual · β · v``.
 
@@ -59,112 +55,221 @@ from typing import Dict
 
 import torch
 
-# name -> (coefficient vectors, scalars with their defaults; None = required)
-POLICIES = {
-    "linear": (("coef",), {}),
-    "cfg": (("base", "cond", "uncond"), {"scale": None}),
-    "pxp-a": (("base", "den", "cls", "div"), {"delta": 1.0}),
-    "pxp-b": (("base", "den", "cls", "div"), {"delta": 1.0}),
-    "pxp-c": (("base", "x0_cond", "x0_uncond"), {"scale": None, "delta": 1.0, "delta2": 1.0, "post": 1.0}),
-    "apg": (("base", "d_cond", "d_uncond"), {"scale": None, "eta": 0.0, "norm_threshold": 15.0, "post": 1.0}),
-    "tcfg": (("base", "cond", "uncond"), {"scale": None, "original": 0.0, "post": 1.0}),
-    "mambo": (("base", "cond", "uncond"), {"scale": None, "alpha": None, "original": 0.0, "post": 1.0}),
-    "gloss": (("base", "vjp"), {"a": None, "h": None, "sigma": 0.1, "residual": None, "post": 1.0}),
-    "lookahead": (("base", "x0", "vjp", "reward"), {"a": None, "h": None, "sigma": 0.1, "target": None,
-                                                    "multiplier": 1.0, "beta": 0.0, "beta_per_sample": 1.0,
-                                                    "post": 1.0}),
-}
-NEEDS_GRAM = {name: name not in ("cfg", "linear") for name in POLICIES}
 
+# -- the formulas, each written once ---------------------------------------------------------
+# Each takes an *algebra*: ``alg.dot(u, v)`` (the per-row inner product) and ``alg.select(flag,
+# u, v)`` (per-row choice between two vectors). Vectors are whatever the algebra holds: the
+# coefficient tensors ``[B, G, K]`` of a fused combine (:class:`GramAlgebra`) or the LinCombs of
+# a step (:meth:`gradguide.linear.Operands.algebra`); scalars are numbers or tensors that
+# broadcast against the algebra's inner products. The fused programs below, the guidance terms
+# and :mod:`gradguide.projection` all call these functions (docs/mathematics.md).
 
-def _safe_div(num, den):
+def safe_div(num, den):
     """``num/den``; 0 where ``den == 0`` (a zero-norm partner); NaN propagates (a non-finite
     operand poisons its row, the rule of every backend)."""
     ok = den != 0
     return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
 
 
-def _dot(gram, u, v):
-    """``<u, v>`` per row from the Gram matrix of the first ``Kg`` operands (``u``, ``v`` are
-    zero beyond them), in the Gram's dtype (float64: see :mod:`gradguide.ops.reference`)."""
-    kg = gram.shape[-1]
-    u, v = u[..., :kg].to(gram.dtype), v[..., :kg].to(gram.dtype)
-    return torch.einsum("bgk,bgkl,bgl->bg", u, gram, v).unsqueeze(-1)
+def _like(value, ref: torch.Tensor) -> torch.Tensor:
+    """``value`` (a number, bool or tensor) as a tensor that broadcasts against ``ref``."""
+    if isinstance(value, torch.Tensor):
+        return value
+    dtype = torch.bool if isinstance(value, bool) else ref.dtype
+    return torch.tensor(value, dtype=dtype, device=ref.device)
 
 
-def _pc(gram, a, b, delta):
-    factor = _safe_div(_dot(gram, a, b).clamp(max=0.0), _dot(gram, b, b).clamp_min(0.0))
+def norm2(alg, u):
+    """``‖u‖²`` per row (exact algebra can round a tiny value below 0: clamped)."""
+    return alg.dot(u, u).clamp_min(0.0)
+
+
+def pc(alg, a, b, delta):
+    """PixelAsParam's projection ``PC_δ(a|b) = a − δ min(0, <a,b>)/‖b‖² b``; ``a`` where ``‖b‖ = 0``."""
+    factor = safe_div(alg.dot(a, b).clamp(max=0.0), norm2(alg, b))
     return a - b * (factor * delta)
+
+
+def pxp_directions(alg, policy: str, den, cls, div, delta):
+    """PixelAsParam policies A and B on a step's directions (denoising, guidance, diversity):
+    A: ``PC(den|cls) + PC(cls|den) + div``; B: ``PC(den|cls) + PC(PC(cls|den)|div) + PC(div|cls)``."""
+    den1, cls1 = pc(alg, den, cls, delta), pc(alg, cls, den, delta)
+    if policy == "A":
+        return den1 + cls1 + div
+    return den1 + pc(alg, cls1, div, delta) + pc(alg, div, cls, delta)
+
+
+def pxp_cfg(alg, x0_cond, delta, delta1, delta2):
+    """PixelAsParam policy C's x̂_0 from the conditional x̂_0 and ``Δ = (w − 1)(x̂_0c − x̂_0u)``:
+    ``PC_δ1(x̂_0c|Δ) + PC_δ2(Δ|x̂_0c)``."""
+    return pc(alg, x0_cond, delta, delta1) + pc(alg, delta, x0_cond, delta2)
+
+
+def apg_update(alg, d_cond, delta, norm_threshold, eta):
+    """Adaptive projected guidance's update ``Δ_⊥ + η Δ_∥`` (Sadat et al. 2025): ``Δ`` clipped to
+    norm ``r = norm_threshold`` where ``r > 0`` (a zero Δ is left alone), split along ``d_cond``."""
+    norm = norm2(alg, delta).sqrt()
+    r = _like(norm_threshold, norm)
+    clip = torch.where(norm > 0, safe_div(r.expand_as(norm), norm).clamp(max=1.0), torch.ones_like(norm))
+    delta = alg.select(r > 0, delta * clip, delta)
+    parallel = d_cond * safe_div(alg.dot(delta, d_cond), norm2(alg, d_cond))
+    return (delta - parallel) + parallel * eta
+
+
+def tangential_uncond(alg, cond, uncond):
+    """TCFG's unconditional branch: ``uncond`` projected on the principal right singular vector of
+    ``[cond; uncond]`` (derivation: :mod:`gradguide.guidance.tangential`); ``uncond`` where that
+    direction is not defined (``r = 0``)."""
+    a, d, b = norm2(alg, cond), norm2(alg, uncond), alg.dot(cond, uncond)
+    r = torch.sqrt((a - d) * (a - d) + 4.0 * b * b)
+    cos2 = torch.where(r > 0, safe_div(a - d, r), torch.full_like(r, -1.0))
+    sin2 = torch.where(r > 0, safe_div(2.0 * b, r), torch.zeros_like(r))
+    return cond * (0.5 * sin2) + uncond * (0.5 * (1.0 - cos2))
+
+
+def mambo_weight(alg, diff, uncond, scale, alpha, original):
+    """MAMBO-G's CFG weight ``1 + (w − 1) e^{−α‖Δ‖/‖u‖}`` (``original``: ``w e^{−α‖Δ‖/‖u‖}``);
+    where ``‖u‖ = 0`` and α > 0 the ratio is infinite and ``e^{...} = 0``."""
+    norm_u = norm2(alg, uncond).sqrt()
+    decay = torch.exp(-alpha * safe_div(norm2(alg, diff).sqrt(), norm_u))
+    decay = torch.where((norm_u > 0) | (_like(alpha, norm_u) <= 0), decay, torch.zeros_like(decay))
+    return torch.where(_like(original, norm_u), scale * decay, 1.0 + (scale - 1.0) * decay)
+
+
+def lookahead_beta(alg, a, h, sigma, vjp):
+    """G_loss's per-sample step size ``β = (a²/2)/(a² σ² + h ‖v‖²)`` with ``v = ∇_x(gᵀx̂_0)``
+    (Guo et al. 2024, Definition 1; ``a = √ᾱ``, ``h = 1 − ᾱ``)."""
+    a2 = a * a
+    return (a2 / 2) / (a2 * sigma ** 2 + h * norm2(alg, vjp))
+
+
+def lookahead_score(vjp, beta, multiplier, target, g_x0):
+    """G_loss's score shift ``2 m β (y − gᵀx̂_0) v`` (``m``: the multiplier, 1 in the paper)."""
+    return vjp * (2 * multiplier * beta * (target - g_x0))
+
+
+class GramAlgebra:
+    """The algebra of a fused combine: vectors are coefficient tensors ``[B, G, K]``, inner
+    products ``uᵀ Gram v`` per row (``[B, G, 1]``, float64: see :mod:`gradguide.ops.reference`)
+    from the Gram matrix of the first ``Kg`` operands (the vectors are zero beyond them)."""
+
+    def __init__(self, gram):
+        self.gram = gram
+
+    def dot(self, u, v):
+        kg = self.gram.shape[-1]
+        u, v = u[..., :kg].to(self.gram.dtype), v[..., :kg].to(self.gram.dtype)
+        return torch.einsum("bgk,bgkl,bgl->bg", u, self.gram, v).unsqueeze(-1)
+
+    @staticmethod
+    def select(flag, u, v):
+        return torch.where(flag, u, v)
+
+
+# -- the fused programs: coefficient vectors and scalars -> the combine's weights -------------
+
+def _linear(alg, v, s):
+    return v["coef"]
+
+
+def _cfg(alg, v, s):
+    return v["base"] + v["uncond"] + (v["cond"] - v["uncond"]) * s["scale"]
+
+
+def _pxp_a(alg, v, s):
+    return v["base"] + pxp_directions(alg, "A", v["den"], v["cls"], v["div"], s["delta"])
+
+
+def _pxp_b(alg, v, s):
+    return v["base"] + pxp_directions(alg, "B", v["den"], v["cls"], v["div"], s["delta"])
+
+
+def _pxp_c(alg, v, s):
+    delta = (v["x0_cond"] - v["x0_uncond"]) * (s["scale"] - 1.0)
+    return v["base"] + pxp_cfg(alg, v["x0_cond"], delta, s["delta"], s["delta2"]) * s["post"]
+
+
+def _apg(alg, v, s):
+    d_cond = v["d_cond"]
+    update = apg_update(alg, d_cond, d_cond - v["d_uncond"], s["norm_threshold"], s["eta"])
+    return v["base"] + (d_cond + update * (s["scale"] - 1.0)) * s["post"]
+
+
+def _tcfg(alg, v, s):
+    cond = v["cond"]
+    uncond = tangential_uncond(alg, cond, v["uncond"])
+    anchor = alg.select(s["original"] != 0, cond, uncond)
+    return v["base"] + (anchor + (cond - uncond) * s["scale"]) * s["post"]
+
+
+def _mambo(alg, v, s):
+    cond, uncond = v["cond"], v["uncond"]
+    diff = cond - uncond
+    original = s["original"] != 0
+    weight = mambo_weight(alg, diff, uncond, s["scale"], s["alpha"], original)
+    return v["base"] + (alg.select(original, cond, uncond) + diff * weight) * s["post"]
+
+
+def _lookahead(alg, v, s):
+    vjp = v["vjp"]
+    per_sample = lookahead_beta(alg, s["a"], s["h"], s["sigma"], vjp)
+    beta = torch.where(_like(s["beta_per_sample"] != 0, per_sample), per_sample, _like(s["beta"], per_sample))
+    score = lookahead_score(vjp, beta, s["multiplier"], s["target"], alg.dot(v["reward"], v["x0"]))
+    return v["base"] + score * s["post"]
+
+
+# name -> (coefficient vectors, scalars with their defaults (None = required), program)
+PROGRAMS = {
+    "linear": (("coef",), {}, _linear),
+    "cfg": (("base", "cond", "uncond"), {"scale": None}, _cfg),
+    "pxp-a": (("base", "den", "cls", "div"), {"delta": 1.0}, _pxp_a),
+    "pxp-b": (("base", "den", "cls", "div"), {"delta": 1.0}, _pxp_b),
+    "pxp-c": (("base", "x0_cond", "x0_uncond"), {"scale": None, "delta": 1.0, "delta2": 1.0, "post": 1.0}, _pxp_c),
+    "apg": (("base", "d_cond", "d_uncond"), {"scale": None, "eta": 0.0, "norm_threshold": 15.0, "post": 1.0}, _apg),
+    "tcfg": (("base", "cond", "uncond"), {"scale": None, "original": 0.0, "post": 1.0}, _tcfg),
+    "mambo": (("base", "cond", "uncond"), {"scale": None, "alpha": None, "original": 0.0, "post": 1.0}, _mambo),
+    "lookahead": (("base", "x0", "vjp", "reward"), {"a": None, "h": None, "sigma": 0.1, "target": None,
+                                                    "multiplier": 1.0, "beta": 0.0, "beta_per_sample": 1.0,
+                                                    "post": 1.0}, _lookahead),
+}
+# name -> the coefficient vectors whose inner products the program takes (the Gram's operands)
+GRAM_VECTORS = {"linear": (), "cfg": (), "pxp-a": ("den", "cls"), "pxp-b": ("den", "cls", "div"),
+                "pxp-c": ("x0_cond", "x0_uncond"), "apg": ("d_cond", "d_uncond"), "tcfg": ("cond", "uncond"),
+                "mambo": ("cond", "uncond"), "lookahead": ("x0", "vjp", "reward")}
+
+
+def program_arguments(policy: str, params: dict, zero):
+    """``(vectors, scalars)`` of ``policy`` from keyword ``params``: a missing vector is ``zero``,
+    a missing scalar its default (a required one missing: TypeError naming it)."""
+    if policy not in PROGRAMS:
+        raise ValueError(f"policy: expected one of {tuple(PROGRAMS)}, got {policy!r}")
+    names_v, defaults = PROGRAMS[policy][:2]
+    unknown = set(params) - set(names_v) - set(defaults)
+    if unknown:
+        raise TypeError(f"policy {policy!r}: unexpected parameters {sorted(unknown)}")
+    scalars = {}
+    for name, default in defaults.items():
+        if name not in params and default is None:
+            raise TypeError(f"policy {policy!r}: missing scalar {name!r}")
+        scalars[name] = params.get(name, default)
+    return {name: params.get(name, zero) for name in names_v}, scalars
+
+
+# name -> (coefficient vectors, scalars with their defaults): the signature every backend implements
+POLICIES = {name: (vectors, scalars) for name, (vectors, scalars, _) in PROGRAMS.items()}
+NEEDS_GRAM = {name: bool(GRAM_VECTORS[name]) for name in POLICIES}
 
 
 def coefficients(policy: str, gram, vectors: Dict[str, torch.Tensor], scalars: Dict[str, torch.Tensor]):
     """``C[B, G, K]`` of ``policy``. ``vectors[name]`` are ``[B, G, K]``; ``scalars[name]`` are
     ``[B, 1, 1]`` (see :func:`gradguide.ops.fused_combine` for the checked entry point). Rows
     with a non-finite input or weight are all NaN (module doc)."""
-    coef = _program(policy, gram, vectors, scalars)
+    if policy not in PROGRAMS:
+        raise ValueError(f"policy: expected one of {tuple(PROGRAMS)}, got {policy!r}")
+    coef = PROGRAMS[policy][2](GramAlgebra(gram) if gram is not None else None, vectors, scalars)
     finite = torch.isfinite(coef).all(-1, keepdim=True)                       # [B, G, 1]
     if gram is not None and NEEDS_GRAM[policy]:   # (cfg and linear read no Gram, even when given one)
         finite = finite & torch.isfinite(gram).flatten(-2).all(-1, keepdim=True)
     for t in (*vectors.values(), *scalars.values()):
         finite = finite & torch.isfinite(t).all(-1, keepdim=True)
     return torch.where(finite, coef, torch.full((), float("nan"), dtype=coef.dtype, device=coef.device))
-
-
-def _program(policy: str, gram, vectors: Dict[str, torch.Tensor], scalars: Dict[str, torch.Tensor]):
-    v, s = vectors, scalars
-    if policy == "linear":
-        return v["coef"]
-    if policy == "cfg":
-        return v["base"] + v["uncond"] + s["scale"] * (v["cond"] - v["uncond"])
-    if policy in ("pxp-a", "pxp-b"):
-        den, cls, div, d = v["den"], v["cls"], v["div"], s["delta"]
-        den1, cls1 = _pc(gram, den, cls, d), _pc(gram, cls, den, d)
-        if policy == "pxp-a":
-            return v["base"] + den1 + cls1 + div
-        return v["base"] + den1 + _pc(gram, cls1, div, d) + _pc(gram, div, cls, d)
-    if policy == "pxp-c":
-        xc = v["x0_cond"]
-        delta = (xc - v["x0_uncond"]) * (s["scale"] - 1.0)
-        x0 = _pc(gram, xc, delta, s["delta"]) + _pc(gram, delta, xc, s["delta2"])
-        return v["base"] + s["post"] * x0
-    if policy == "apg":
-        dc = v["d_cond"]
-        delta = dc - v["d_uncond"]
-        r = s["norm_threshold"]
-        norm = _dot(gram, delta, delta).clamp_min(0.0).sqrt()
-        clip = torch.where(norm > 0, _safe_div(r.expand_as(norm), norm).clamp(max=1.0), torch.ones_like(norm))
-        delta = torch.where(r > 0, delta * clip, delta)
-        par = dc * _safe_div(_dot(gram, delta, dc), _dot(gram, dc, dc).clamp_min(0.0))
-        out = dc + (delta - par + par * s["eta"]) * (s["scale"] - 1.0)
-        return v["base"] + s["post"] * out
-    if policy == "tcfg":
-        c, u = v["cond"], v["uncond"]
-        a, d, b = _dot(gram, c, c).clamp_min(0.0), _dot(gram, u, u).clamp_min(0.0), _dot(gram, c, u)
-        r = torch.sqrt((a - d) * (a - d) + 4.0 * b * b)
-        cos2 = torch.where(r > 0, _safe_div(a - d, r), -torch.ones_like(r))
-        sin2 = torch.where(r > 0, _safe_div(2.0 * b, r), torch.zeros_like(r))
-        u1 = c * (0.5 * sin2) + u * (0.5 * (1.0 - cos2))
-        anchor = torch.where(s["original"] != 0, c, u1)
-        return v["base"] + s["post"] * (anchor + s["scale"] * (c - u1))
-    if policy == "mambo":
-        c, u = v["cond"], v["uncond"]
-        diff = c - u
-        norm_u = _dot(gram, u, u).clamp_min(0.0).sqrt()
-        decay = torch.exp(-s["alpha"] * _safe_div(_dot(gram, diff, diff).clamp_min(0.0).sqrt(), norm_u))
-        decay = torch.where((norm_u > 0) | (s["alpha"] <= 0), decay, torch.zeros_like(decay))
-        original = s["original"] != 0
-        weight = torch.where(original, s["scale"] * decay, 1.0 + (s["scale"] - 1.0) * decay)
-        return v["base"] + s["post"] * (torch.where(original, c, u) + weight * diff)
-    if policy == "gloss":
-        vjp = v["vjp"]
-        a2 = s["a"] * s["a"]
-        beta = (a2 / 2) / (a2 * s["sigma"] ** 2 + s["h"] * _dot(gram, vjp, vjp).clamp_min(0.0))
-        return v["base"] + vjp * (s["post"] * s["residual"] * beta)
-    if policy == "lookahead":
-        vjp = v["vjp"]
-        a2 = s["a"] * s["a"]
-        per_sample = (a2 / 2) / (a2 * s["sigma"] ** 2 + s["h"] * _dot(gram, vjp, vjp).clamp_min(0.0))
-        beta = torch.where(s["beta_per_sample"] != 0, per_sample, s["beta"])
-        residual = 2 * s["multiplier"] * (s["target"] - _dot(gram, v["reward"], v["x0"]))
-        return v["base"] + vjp * (s["post"] * residual * beta)
-    raise ValueError(f"policy: expected one of {tuple(POLICIES)}, got {policy!r}")

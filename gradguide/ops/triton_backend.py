@@ -25,7 +25,7 @@ _state = {"module": None, "reason": None, "interpret": None}
 
 # the policies gradguide/kernels/fused.py evaluates in its prologue: every built-in program of
 # gradguide/ops/policies.py (tests check the lists agree); any other name is refused
-FUSED_POLICIES = ("linear", "cfg", "pxp-a", "pxp-b", "pxp-c", "apg", "gloss", "lookahead", "tcfg", "mambo")
+FUSED_POLICIES = ("linear", "cfg", "pxp-a", "pxp-b", "pxp-c", "apg", "lookahead", "tcfg", "mambo")
 
 
 def _interpret_env() -> bool:
