@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import threading
 import warnings
 from collections import OrderedDict
@@ -32,6 +33,7 @@ from .debug import forbid_host_sync
 from .graphs import EagerStepper, GraphCache
 from .guidance.base import GuidanceTerm, StepContext, named_scales, scale_overflow_hint
 from .guidance.cfg import CFG, BranchInputsError, batch_branch_inputs, per_sample, split_branches
+from .guidance.perturb import BranchCaller
 from .linear import LinComb, Operands
 from .projection import PixelAsParam, step_telemetry
 from .samplers import SAMPLERS, SamplerTables, build
@@ -79,6 +81,7 @@ class _Run:
     needs_x0: bool = False       # a sampler slot stores the guided x̂_0
     uncond: dict = field(default_factory=dict)     # the unconditional branch's model inputs
     batched: Optional[dict] = None                 # both branches' inputs stacked for one 2B call
+    branch_caller: object = None                   # guidance.perturb.BranchCaller: a guider naming its branches per step
     plan: object = None                  # stepplan.StepPlan when the step is a built-in program
     fused_reason: Optional[str] = None   # why not, otherwise
     scales: list = field(default_factory=list)   # [(argument name, value)]: named by the finiteness errors
@@ -476,15 +479,25 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
                       state=state, sampler=run.tables.name, prediction=run.prediction, input_scale=scale)
 
     # model branches -> ε forms
-    out_c, out_u, log_var, log_var_u = _model_branches(run, model_input if scale is None else model_input * scale, t)
+    x_model = model_input if scale is None else model_input * scale
+    if run.branch_caller is not None:   # the branches this step's guider asks for (perturbed models among them)
+        outs = run.branch_caller(functools.partial(_call_model, run), x_model, t, run.branch.step_branches(i))
+        (out_c, log_var), (out_u, log_var_u) = outs.pop("cond"), outs.pop("uncond", (None, None))
+        for name, (out, _) in outs.items():
+            ctx.branch_eps[name] = _eps_form(run, ctx, ops_.add(f"model_{name}", out.detach()), X)
+            tracked[f"model_{name}"] = out
+    else:
+        out_c, out_u, log_var, log_var_u = _model_branches(run, x_model, t)
     ctx.learned_log_var = _learned_log_var(run, log_var, scalars)
     eps_c = _eps_form(run, ctx, ops_.add("model_cond", out_c.detach()), X)
     tracked["model_cond"] = out_c
     renoise = None
     telemetry = {}
     if run.branch is not None:
-        eps_u = _eps_form(run, ctx, ops_.add("model_uncond", out_u.detach()), X)
-        tracked["model_uncond"] = out_u
+        eps_u = None
+        if out_u is not None:   # a guider naming its branches leaves it out where its CFG is off
+            eps_u = _eps_form(run, ctx, ops_.add("model_uncond", out_u.detach()), X)
+            tracked["model_uncond"] = out_u
         if run.projection is not None and run.projection.policy == "C":
             if run.projection.sigma_from_uncond and log_var_u is not None:  # the authors' code's σ
                 ctx.learned_log_var = _learned_log_var(run, log_var_u, scalars)
@@ -849,6 +862,8 @@ def _prepare(model, shape, *, schedule: Schedule, steps, sampler: Sampler, guida
     run.needs_input_grad = run.needs_model_grad or any(t.needs_input_grad for t in terms)
     if branch is not None:
         run.uncond, run.batched = _branch_inputs(branch, cond, uncond, shape[0], execution.batch_branches)
+        if hasattr(branch, "step_branches"):   # a guider naming its model branches per step (guidance/pag.py)
+            run.branch_caller = BranchCaller(branch, model, cond, run.uncond, shape[0], run.batched is not None)
     return run
 
 

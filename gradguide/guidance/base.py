@@ -41,6 +41,7 @@ class StepContext:
     learned_log_var: Optional[torch.Tensor] = None  # ADM learned-range log Σ (elementwise)
     prediction: str = "eps"          # the model's parametrisation ("eps", "x0", "v", "flow")
     input_scale: Optional[torch.Tensor] = None   # flow models: the model sees x_σ = input_scale · x_t
+    branch_eps: Dict[str, LinComb] = field(default_factory=dict)   # further model branches' ε (perturbed guiders)
 
     def model_view(self) -> torch.Tensor:
         """``x_t`` as the model sees it (``x_input``, or the flow state ``x_σ`` for flow models),
