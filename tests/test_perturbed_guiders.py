@@ -270,6 +270,29 @@ def test_batched_equals_unbatched(name):
     assert min(per_step) < max(per_step)                   # windows leave branches out
 
 
+def test_two_hooked_branches_in_one_call():
+    """LTX-2's guider with two hooked perturbations (a block skip and a query blur, in the same blocks):
+    four branches in one call of batch 4B, each perturbation on its own rows, equal to four calls."""
+    module = _unet()
+    x_T = _x_T("unet")
+
+    def term():
+        return gg.LTX2(3.0, stg_scale=1.5, modality_scale=2.0, uncond=_uncond("unet"),
+                       stg=gg.LayerSkip(LayerSkipConfig([0], fqn=DOWN)),
+                       modality=gg.SmoothedEnergy(SmoothedEnergyGuidanceConfig([0], fqn=DOWN), 2.0))
+    calls, handle = _count_calls(module)
+    with torch.no_grad():
+        got = gradguide_run(module, "unet", term(), x_T.clone(), batch=True)
+        assert calls == [4 * B] * STEPS
+        calls.clear()
+        ref = gradguide_run(module, "unet", term(), x_T.clone(), batch=False)
+        assert calls == [B] * 4 * STEPS
+        plain = gradguide_run(module, "unet", gg.CFG(3.0, uncond=_uncond("unet")), x_T.clone())
+    handle.remove()
+    assert (got - ref).abs().max() <= 1e-6 * max(1.0, ref.abs().max().item())
+    assert (got - plain).abs().max() > 1e-3
+
+
 def test_hooks_removed_and_row_selection_direct():
     """After sampling the model is unchanged; inside the context the perturbed rows (and only they)
     equal a perturbed call of their own."""
@@ -294,6 +317,37 @@ def test_hooks_removed_and_row_selection_direct():
     assert (out[:B] - _call(module, x, t, uncond).detach()).abs().max() <= 1e-12
 
 
+def test_graph_stepper_and_unconditional_pag():
+    """The (emulated) CUDA-graph stepper captures one step per variant (which branches run) and
+    replays it with the hooks; PAG with CFG off guides a model without conditioning inputs."""
+    from gradguide.graphs import GraphCache
+    kind, term, _, _, _, _ = CASES["pag-unet-window-original-rescale"]()
+    module = _unet()
+    x_T = _x_T(kind)
+    cache = GraphCache(emulate=True)
+    with torch.no_grad():
+        eager = gradguide_run(module, kind, term, x_T.clone())
+        cond, _ = _inputs(kind)
+        model, schedule = gg.from_diffusers(module, _scheduler(kind))
+        got = gg.sample(model, x_T.shape, schedule=schedule, steps=STEPS, x_T=x_T.clone(), cond=cond,
+                        guidance=CASES["pag-unet-window-original-rescale"]()[1],
+                        execution=gg.Execution(graph=cache))
+    assert cache.captures == len({term.for_steps(STEPS).variant(i) for i in range(STEPS)}) >= 2
+    assert (got - eager).abs().max() <= 1e-12
+    # unconditional: scale 1 (CFG's identity), no cond; the model gets one fixed text embedding
+    fixed = _inputs(kind)[0]["encoder_hidden_states"][:1]
+    unconditional = lambda x, t: model(x, t, encoder_hidden_states=fixed.expand(x.shape[0], -1, -1))   # noqa: E731
+    pag = gg.PAG(1.0, 3.0, config=LayerSkipConfig([0], fqn=MID), perturbed_start=0.0, perturbed_stop=1.0,
+                 denoiser=module)
+    with torch.no_grad():
+        out = gg.sample(unconditional, x_T.shape, schedule=schedule, steps=STEPS, x_T=x_T.clone(), guidance=pag)
+        cond_only = gg.sample(unconditional, x_T.shape, schedule=schedule, steps=STEPS, x_T=x_T.clone())
+    assert (out - cond_only).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="PAG needs a conditional model"):
+        gg.sample(unconditional, x_T.shape, schedule=schedule, steps=STEPS, x_T=x_T.clone(),
+                  guidance=gg.PAG(2.0, 3.0, config=LayerSkipConfig([0], fqn=MID), denoiser=module))
+
+
 # -- LTX-2's guider: four branches, on x̂_0 ------------------------------------------------------------
 
 class Flagged(torch.nn.Module):
@@ -305,9 +359,10 @@ class Flagged(torch.nn.Module):
         g = torch.Generator().manual_seed(0)
         self.w = torch.nn.Parameter(torch.randn(4, 4, generator=g, dtype=DT) * 0.6)
         self.emb = torch.nn.Parameter(torch.randn(3, 4, generator=g, dtype=DT))
-        self.abar, self.isolate = abar.to(DT), False
+        self.abar, self.isolate, self.calls = abar.to(DT), False, []
 
     def forward(self, x, t, class_labels=None, stg=False, return_dict=True):
+        self.calls.append(x.shape[0])
         h = torch.einsum("oc,bchw->bohw", self.w, x) + self.emb[class_labels].view(-1, 4, 1, 1)
         d = torch.tanh(h if not stg else 0.5 * h) + (0.2 * x if self.isolate else 0.0)
         abar = self.abar[t.long()].view(-1, 1, 1, 1)
@@ -337,6 +392,8 @@ def test_ltx2_matches_diffusers(rescale):
         model, schedule = gg.from_diffusers(module, _scheduler("unet"))
         got = gg.sample(model, x.shape, schedule=schedule, steps=STEPS, x_T=x.clone(), cond={"class_labels": y},
                         guidance=term)
+        # inside the window [1, 7): uncond and cond in one call, the two flag perturbations a call each
+        assert module.calls == [B] + [2 * B, B, B] * 6 + [B]
         sched.set_timesteps(STEPS)
         sched.alphas_cumprod = sched.alphas_cumprod.double()
         sched.final_alpha_cumprod = sched.final_alpha_cumprod.double()
@@ -379,6 +436,10 @@ def test_refusals():
         gg.SLG(2.0)
     with pytest.raises(TypeError, match="PAG: layers: expected a block index"):
         gg.PAG(2.0, layers="7")
+    # diffusers' guiders build LayerSkipConfig(i) with an int index, which its hooks cannot iterate
+    assert gg.LayerSkip(LayerSkipConfig(3)).configs[0].indices == [3]
+    with pytest.raises(TypeError, match=r"SLG: config\[0\].indices: expected a block index"):
+        gg.SLG(2.0, config=LayerSkipConfig([-1]))
     with pytest.raises(ValueError, match="SEG: blur_sigma: expected a value > 0"):
         gg.SEG(2.0, layers=[0], blur_sigma=0.0)
     with pytest.raises(ValueError, match="SLG: expected 0 <= perturbed_start < 1"):

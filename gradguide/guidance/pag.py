@@ -107,6 +107,10 @@ class _Perturbed(_BranchGuider):
         self.perturbation = perturbation
         self.denoiser = denoiser
 
+    @property
+    def needs_cond(self) -> bool:   # with CFG off (scale its identity) the perturbed term guides an unconditional model
+        return not self.identity_scale(self.scale)
+
     def cfg_on(self, index: int) -> bool:
         return window_open(self.start, self.stop, self.steps, index) and not self.identity_scale(self.scale)
 
@@ -221,13 +225,11 @@ class SEG(_Perturbed):
                              "(diffusers SmoothedEnergyGuidanceConfig(s))")
         if layers is not None:
             config = [SmoothedEnergyGuidanceConfig([i], fqn="auto") for i in layer_indices(layers, "SEG", "layers")]
-        sigma = check_number("blur_sigma", blur_sigma, 0.0, owner="SEG")
-        if sigma <= 0:
-            raise ValueError(f"SEG: blur_sigma: expected a value > 0, got {blur_sigma!r}")
-        super().__init__(scale, seg_scale, SmoothedEnergy(config, sigma, "SEG", "config"), seg_start, seg_stop,
+        blur = SmoothedEnergy(config, blur_sigma, "SEG", "config")
+        super().__init__(scale, seg_scale, blur, seg_start, seg_stop,
                          guidance_rescale=guidance_rescale, start=start, stop=stop, uncond=uncond,
                          convention=convention, denoiser=denoiser, names=("seg_scale", "seg_start", "seg_stop"))
-        self.blur_sigma = sigma
+        self.blur_sigma = blur.blur_sigma
 
 
 class AutoGuidance(_BranchGuider):

@@ -36,12 +36,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .base import check_number
 from .cfg import per_sample
 
 
@@ -74,10 +76,15 @@ def _configs(value, cls, owner: str, name: str) -> list:
     if not isinstance(value, (list, tuple)) or not value:
         raise TypeError(f"{owner}: {name}: expected a {cls.__name__}, a dict or a non-empty list of them, got {value!r}")
     value = [cls.from_dict(v) if isinstance(v, dict) else v for v in value]
+    out = []
     for j, v in enumerate(value):
         if not isinstance(v, cls):
             raise TypeError(f"{owner}: {name}[{j}]: expected a {cls.__name__}, got {type(v).__name__}")
-    return [copy.deepcopy(v) for v in value]   # diffusers resolves fqn="auto" in place
+        v = copy.deepcopy(v)   # diffusers resolves fqn="auto" in place
+        # diffusers' own guiders build configs with one int index, which its hooks then fail to iterate
+        v.indices = layer_indices(v.indices, owner, f"{name}[{j}].indices")
+        out.append(v)
+    return out
 
 
 def layer_indices(layers, owner: str, name: str) -> List[int]:
@@ -118,13 +125,15 @@ class SmoothedEnergy(Perturbation):
     """diffusers' smoothed-energy hook (``SmoothedEnergyGuidanceConfig``s, blur σ) on the query
     projections of the chosen blocks' self-attention. What the blur does is diffusers' hook's:
     for ``σ`` up to 9999.9 the square part of the token sequence of every query channel is replaced
-    by its mean, above it by a Gaussian of that σ (reflect padding, kernel at most the side); the
-    SEG paper reads σ the other way round (a mean only for σ → ∞)."""
+    by its mean, above it by a Gaussian of that σ (reflect padding, the kernel clipped to the grid's
+    side); the SEG paper reads σ the other way round (a mean only for σ → ∞). Both are per row."""
 
     def __init__(self, configs, blur_sigma: float, owner: str = "SmoothedEnergy", name: str = "config"):
         from diffusers.hooks.smoothed_energy_guidance_utils import SmoothedEnergyGuidanceConfig
         self.configs = _configs(configs, SmoothedEnergyGuidanceConfig, owner, name)
-        self.blur_sigma = blur_sigma
+        self.blur_sigma = check_number("blur_sigma", blur_sigma, owner=owner)
+        if self.blur_sigma <= 0:
+            raise ValueError(f"{owner}: blur_sigma: expected a value > 0, got {blur_sigma!r}")
 
     def _register(self, module, config, name):
         from diffusers.hooks.smoothed_energy_guidance_utils import _apply_smoothed_energy_guidance_hook
@@ -174,6 +183,7 @@ class Inputs(Perturbation):
 
 _HOOK_CLASS = None
 _PREFIX = "gradguide_perturb"
+_TAGS = itertools.count()
 
 
 def _hook_class():
@@ -254,8 +264,9 @@ def _row_selective(perturbation, module, rows: RowSpan, owner: str):
     wrapper = _hook_class()
     names = []
     try:
+        tag = next(_TAGS)   # several perturbations may hook one module in the same call
         for j, config in enumerate(perturbation.configs):
-            name = f"{_PREFIX}_{j}"
+            name = f"{_PREFIX}_{tag}_{j}"
             try:
                 perturbation._register(module, config, name)
             except ValueError as exc:   # diffusers names the block stack / processor it cannot hook
