@@ -227,6 +227,9 @@ def test_slg_sd3_whole_blocks():
             _call(module, x_T, torch.tensor(500.0), cond)
     guider = dg.SkipLayerGuidance(guidance_scale=3.0, skip_layer_guidance_scale=2.0, skip_layer_guidance_start=0.0,
                                   skip_layer_guidance_stop=0.8, skip_layer_guidance_layers=[1])
+    with pytest.raises(TypeError):   # diffusers' own config from layers=[1] (index 1, not [1]) cannot be applied
+        _apply_layer_skip_hook(module, guider.skip_layer_config[0], name="int_index")
+    HookRegistry.check_if_exists_or_initialize(module).remove_hook("int_index", recurse=True)
     with torch.no_grad():
         ref = diffusers_loop(module, "sd3", guider, x_T.clone(), lambda m: contextlib.nullcontext(),
                              "pred_cond_skip", extra={"skip_layers": [1]})
@@ -293,16 +296,22 @@ def test_two_hooked_branches_in_one_call():
     assert (got - plain).abs().max() > 1e-3
 
 
-def test_hooks_removed_and_row_selection_direct():
-    """After sampling the model is unchanged; inside the context the perturbed rows (and only they)
-    equal a perturbed call of their own."""
+def test_hooks_removed_and_row_selection_direct(monkeypatch):
+    """After sampling the model is unchanged, and the model was searched for the modules to hook once
+    per run (not per call); inside the context the perturbed rows (and only they) equal a perturbed
+    call of their own."""
+    from gradguide.guidance import perturb
     module = _unet()
     cond, uncond = _inputs("unet")
     x = _x_T("unet")
     t = torch.tensor(400)
+    searches = []
+    find = perturb._hooked_modules
+    monkeypatch.setattr(perturb, "_hooked_modules", lambda *a: searches.append(1) or find(*a))
     with torch.no_grad():
         before = _call(module, x, t, cond)
         gradguide_run(module, "unet", CASES["pag-unet"]()[1], x.clone())
+        assert len(searches) == 1
         assert torch.equal(_call(module, x, t, cond), before)
         assert not any(getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks for m in module.modules())
         skip = gg.LayerSkip(LayerSkipConfig([0], fqn=MID))
