@@ -185,6 +185,13 @@ CASES = {
         dg.AutoGuidance(guidance_scale=3.0, auto_guidance_config=LayerSkipConfig([0], fqn=MID), start=0.125,
                         stop=0.875),
         layer_skip(LayerSkipConfig([0], fqn=MID)), "pred_uncond", "uncond"),
+    # flow: the SD3 blocks' feed-forward skipped (both streams' FeedForward modules), uncond inputs perturbed
+    "autoguidance-sd3-ff": lambda: (
+        "sd3", gg.AutoGuidance(2.5, config=LayerSkipConfig([1], fqn="auto", skip_attention=False), stop=0.75,
+                               uncond=_uncond("sd3")),
+        dg.AutoGuidance(guidance_scale=2.5, auto_guidance_config=LayerSkipConfig([1], fqn="auto", skip_attention=False),
+                        stop=0.75),
+        layer_skip(LayerSkipConfig([1], fqn="auto", skip_attention=False)), "pred_uncond", "uncond"),
 }
 
 
@@ -462,7 +469,16 @@ def test_refusals():
     with pytest.raises(TypeError, match=r"PAG: the model is a function"):
         gg.sample(lambda x, t, **k: x, (B, 4, 8, 8), schedule=gg.Schedule.linear(1000), steps=2, cond=cond,
                   guidance=gg.PAG(3.0, 2.0, layers=[1], perturbed_start=0.0, uncond=uncond))
-    with pytest.raises(ValueError, match=r"execution.batch_branches=True: SLG's two branches"):
-        gg.sample(model, (B, 4, 8, 8), schedule=schedule, steps=2, cond=cond,
-                  guidance=gg.SLG(3.0, 2.0, layers=[1], uncond={"encoder_hidden_states": uncond["encoder_hidden_states"]}),
+    # the same keys, but a value that is not a tensor differs between the branches: cannot stack
+    cond_j, uncond_j = dict(cond, joint_attention_kwargs=None), dict(uncond, joint_attention_kwargs={})
+    with pytest.raises(ValueError, match=r"execution.batch_branches=True: SLG's two branches .*joint_attention_kwargs"):
+        gg.sample(model, (B, 4, 8, 8), schedule=schedule, steps=2, cond=cond_j,
+                  guidance=gg.SLG(3.0, 2.0, layers=[1], uncond=uncond_j),
                   execution=gg.Execution(dtype=DT, batch_branches=True))
+    # "auto": then one call per branch (2 at step 0, 3 inside the perturbed window 0 < i < 4)
+    calls, handle = _count_calls(module)
+    gg.sample(model, (B, 4, 8, 8), schedule=schedule, steps=4, cond=cond_j,
+              guidance=gg.SLG(3.0, 2.0, layers=[1], perturbed_start=0.0, perturbed_stop=1.0, uncond=uncond_j),
+              execution=gg.Execution(dtype=DT))
+    handle.remove()
+    assert calls == [B] * 11
