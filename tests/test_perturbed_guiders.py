@@ -350,6 +350,16 @@ def test_graph_stepper_and_unconditional_pag():
                         execution=gg.Execution(graph=cache))
     assert cache.captures == len({term.for_steps(STEPS).variant(i) for i in range(STEPS)}) >= 2
     assert (got - eager).abs().max() <= 1e-12
+    # a later run with new conditioning values reuses the captures and reads the new values
+    new_cond = {"encoder_hidden_states": cond["encoder_hidden_states"].flip(0) * 2}
+    before = cache.captures
+    with torch.no_grad():
+        replayed = gg.sample(model, x_T.shape, schedule=schedule, steps=STEPS, x_T=x_T.clone(), cond=new_cond,
+                             guidance=CASES["pag-unet-window-original-rescale"]()[1], execution=gg.Execution(graph=cache))
+        direct = gg.sample(model, x_T.shape, schedule=schedule, steps=STEPS, x_T=x_T.clone(), cond=new_cond,
+                           guidance=CASES["pag-unet-window-original-rescale"]()[1])
+    assert cache.captures == before and cache.reuses == 1
+    assert (replayed - direct).abs().max() <= 1e-12 and (replayed - got).abs().max() > 1e-3
     # unconditional: scale 1 (CFG's identity), no cond; the model gets one fixed text embedding
     fixed = _inputs(kind)[0]["encoder_hidden_states"][:1]
     unconditional = lambda x, t: model(x, t, encoder_hidden_states=fixed.expand(x.shape[0], -1, -1))   # noqa: E731

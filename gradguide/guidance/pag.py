@@ -33,7 +33,7 @@ import math
 from typing import Optional
 
 from ..linear import LinComb
-from .base import StepContext, check_number
+from .base import StepContext, _signature_of, check_number
 from .perturb import Branch, LayerSkip, Perturbation, SmoothedEnergy, layer_indices
 from .window import DiffusersGuider, check_fraction, rescale_against, window_open
 
@@ -66,6 +66,12 @@ class _BranchGuider(DiffusersGuider):
 
     def combine(self, ctx: StepContext, p: dict) -> Optional[LinComb]:
         raise NotImplementedError
+
+    def graph_signature(self) -> tuple:
+        # a perturbation by what it does (its repr: configs, σ, the callable's identity), so a new
+        # term with the same settings replays captured steps
+        return tuple(sorted((k, repr(v) if isinstance(v, Perturbation) else _signature_of(v))
+                            for k, v in vars(self).items()))
 
     def output_space(self, ctx: StepContext, eps: LinComb) -> LinComb:
         return ctx.output_of_eps(eps)

@@ -10,14 +10,15 @@ perturbation is described here and applied around a model call:
 - :class:`SmoothedEnergy` — diffusers' ``SmoothedEnergyGuidanceConfig`` and blur σ (SEG), with
   diffusers' own hook;
 - :class:`Custom` — any callable ``fn(module)`` returning a context manager during which the
-  module computes the perturbed model (a plain torch model, forward flags): it perturbs every row
-  of a call, so its branch is a call of its own.
+  module computes the perturbed model (a plain torch model, a separately trained weak model);
+- :class:`Inputs` — extra keyword inputs of the model call (a transformer's own perturbation
+  flags). These two perturb every row of a call, so their branch is a call of its own.
 
 **Row-selective hooks.** diffusers' hooks perturb every row of the batch they see, so a perturbed
 branch could not share a call with the conditional and unconditional branches. Here each of
 diffusers' hooks, once registered by diffusers' code (so the same modules are hooked, with the same
 hook), is taken off its module and put back inside a wrapper that perturbs only a contiguous span of
-rows (:class:`RowSpan`, set by :func:`evaluate` around each call): the wrapped module runs as is
+rows (:class:`RowSpan`, set by :class:`BranchCaller` around each call): the wrapped module runs as is
 on every row and as perturbed on every row, and the output takes the perturbed rows from the
 second. So ``[uncond | cond | cond perturbed]`` is one model call of batch 3B, and every row gets
 exactly what a call of its own branch would give. The cost: each *hooked* module runs twice over
@@ -359,17 +360,19 @@ class BranchCaller:
         given = getattr(term, "denoiser", None)
         hooked = any(isinstance(b.perturbation, (LayerSkip, SmoothedEnergy)) for b in term.all_branches())
         # diffusers' hooks need the torch module; a Custom perturbation gets it where there is one
-        self.module = denoiser_of(model, given, self.owner) if hooked else \
-            (given or getattr(model, "unet", None) or model)
+        if hooked:
+            self.module = denoiser_of(model, given, self.owner)
+        else:
+            inner = getattr(model, "unet", None)
+            self.module = given if given is not None else inner if isinstance(inner, torch.nn.Module) else model
         self.stackable = stackable   # cond and uncond stack (sample() checked them, and whether batching is on)
-        self._stacked: Dict[tuple, dict] = {}
         self._hooks: dict = {}   # where each perturbation's hooks go, found on the first call
 
     def stacked(self, order: tuple) -> dict:
-        if order not in self._stacked:
-            u, c = self.inputs["uncond"], self.inputs["cond"]
-            self._stacked[order] = {k: _rows_of((u[k], c[k]), order, self.batch) for k in c}
-        return self._stacked[order]
+        # built at each call, not kept: a replayed CUDA graph must read the run's cond / uncond tensors
+        # (into which a graph cache copies a later run's values), not a copy made at capture
+        u, c = self.inputs["uncond"], self.inputs["cond"]
+        return {k: _rows_of((u[k], c[k]), order, self.batch) for k in c}
 
     def __call__(self, call, x: torch.Tensor, t: torch.Tensor, branches: Sequence[Branch]) -> Dict[str, torch.Tensor]:
         """``call(x, t, inputs, what, batch)`` calls the model and returns ``(output, learned variance
