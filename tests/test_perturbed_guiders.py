@@ -303,6 +303,24 @@ def test_two_hooked_branches_in_one_call():
     assert (got - plain).abs().max() > 1e-3
 
 
+def test_composes_with_gradient_guidance():
+    """G_loss (a VJP through the model) next to PAG: the gradient goes through the batched call with the
+    perturbed rows in it, and equals the unbatched run."""
+    module = _unet()
+    x_T = _x_T("unet")
+    cond, _ = _inputs("unet")
+    model, schedule = gg.from_diffusers(module, _scheduler("unet"))
+    g = torch.randn(x_T.shape, dtype=DT, generator=torch.Generator().manual_seed(5))
+
+    def run(batch, extra=True):
+        terms = [CASES["pag-unet"]()[1]] + ([gg.LookAhead(g, 1.0, sigma=0.5)] if extra else [])
+        return gg.sample(model, x_T.shape, schedule=schedule, steps=STEPS, x_T=x_T.clone(), cond=cond, guidance=terms,
+                         execution=gg.Execution(batch_branches=batch))
+    got, ref = run(True), run(False)
+    assert (got - ref).abs().max() <= 1e-6 * max(1.0, ref.abs().max().item())
+    assert (got - run(True, extra=False)).abs().max() > 1e-3
+
+
 def test_hooks_removed_and_row_selection_direct(monkeypatch):
     """After sampling the model is unchanged, and the model was searched for the modules to hook once
     per run (not per call); inside the context the perturbed rows (and only they) equal a perturbed
