@@ -119,11 +119,11 @@ def diffusers_loop(module, kind, guider, x, perturb, slot, perturbed_inputs="con
     return x
 
 
-def gradguide_run(module, kind, term, x, batch="auto"):
+def gradguide_run(module, kind, term, x, batch="auto", check_sync=False):
     cond, _ = _inputs(kind)
     model, schedule = gg.from_diffusers(module, _scheduler(kind))
     return gg.sample(model, x.shape, schedule=schedule, steps=STEPS, x_T=x, cond=cond, guidance=term,
-                     execution=gg.Execution(batch_branches=batch))
+                     execution=gg.Execution(batch_branches=batch), diagnostics=gg.Diagnostics(check_sync=check_sync))
 
 
 def _uncond(kind):
@@ -266,7 +266,7 @@ def test_batched_equals_unbatched(name):
     x_T = _x_T(kind)
     calls, handle = _count_calls(module)
     with torch.no_grad():
-        got = gradguide_run(module, kind, term, x_T.clone(), batch=True)
+        got = gradguide_run(module, kind, term, x_T.clone(), batch=True, check_sync=True)   # no host sync either
         batched_calls = list(calls)
         calls.clear()
         ref = gradguide_run(module, kind, CASES[name]()[1], x_T.clone(), batch=False)
