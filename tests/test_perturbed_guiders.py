@@ -2,9 +2,10 @@
 terms, on tiny diffusers models built in code (a cross-attention U-Net: ε, DDIM; an SD3 transformer:
 flow, flow-match Euler), float64, 8 steps with start/stop windows:
 
-- each ``gradguide.sample`` run equals diffusers' loop — the scheduler stepping, each step the guider's
-  ``forward`` called on the conditional, unconditional and perturbed outputs, the perturbed one from
-  the model with diffusers' own hooks applied to a call of its own — to ≤ 1e-5;
+- each ``gradguide.sample`` run equals diffusers' loop — the scheduler stepping, each step the guider
+  called (``guider(batches)``) on the predictions its ``prepare_inputs`` names, the perturbed one from
+  the model with diffusers' own hooks applied to a call of its own — to ≤ 1e-5, evaluating as many
+  branches per step as the guider asks for;
 - the branches share one model call per step (row-selective hooks) and give the unbatched result to
   ≤ 1e-6; only the branches a step uses are evaluated;
 - the hooks are gone after sampling; what cannot be reproduced is refused by name."""
@@ -101,22 +102,39 @@ def smoothed(sigma, *configs):
                                  configs)
 
 
+def guider_call(guider, preds: dict):
+    """diffusers' guider called as its pipelines call it (``guider(list of BlockState)``) on the predictions
+    its ``prepare_inputs`` names this step, each computed by ``preds[name]()``; also returns how many."""
+    from diffusers.modular_pipelines.modular_pipeline import BlockState
+    key = guider._identifier_key
+    names = [getattr(batch, key) for batch in guider.prepare_inputs({})]
+    data = [BlockState(noise_pred=preds[name](), **{key: name}) for name in names]
+    return guider(data).pred, len(names)
+
+
 def diffusers_loop(module, kind, guider, x, perturb, slot, perturbed_inputs="cond", extra=None):
     """The scheduler's loop with diffusers' guider combining the branches it names; ``perturb(module)``:
-    the context of the perturbed call; ``slot``: the guider's name for the perturbed prediction."""
+    the context of the perturbed call; ``slot``: the guider's name for the perturbed prediction.
+    Returns the sample and the number of branches the guider asked for at each step."""
     cond, uncond = _inputs(kind)
     sched = _scheduler(kind)
     sched.set_timesteps(STEPS)
     if hasattr(sched, "final_alpha_cumprod"):   # DDIM's step arithmetic in float64, as gradguide's
         sched.alphas_cumprod = sched.alphas_cumprod.double()
         sched.final_alpha_cumprod = sched.final_alpha_cumprod.double()
+    counts = []
+
+    def perturbed(t):
+        with perturb(module):
+            return _call(module, x, t, cond if perturbed_inputs == "cond" else uncond, **(extra or {}))
     for i, t in enumerate(sched.timesteps):
         guider.set_state(step=i, num_inference_steps=STEPS, timestep=t)
-        preds = {"pred_cond": _call(module, x, t, cond), "pred_uncond": _call(module, x, t, uncond)}
-        with perturb(module):
-            preds[slot] = _call(module, x, t, cond if perturbed_inputs == "cond" else uncond, **(extra or {}))
-        x = sched.step(guider.forward(**preds).pred, t, x, return_dict=False)[0]
-    return x
+        preds = {"pred_cond": lambda: _call(module, x, t, cond), "pred_uncond": lambda: _call(module, x, t, uncond)}
+        preds[slot] = lambda: perturbed(t)
+        pred, n = guider_call(guider, preds)
+        counts.append(n)
+        x = sched.step(pred, t, x, return_dict=False)[0]
+    return x, counts
 
 
 def gradguide_run(module, kind, term, x, batch="auto", check_sync=False):
@@ -211,7 +229,9 @@ def test_matches_diffusers(name):
     kind, term, guider, perturb, slot, which = CASES[name]()
     module = _unet() if kind == "unet" else _sd3()
     x_T = _x_T(kind)
-    ref = _reference(name, module, kind, guider, x_T.clone(), perturb, slot, which)
+    ref, counts = _reference(name, module, kind, guider, x_T.clone(), perturb, slot, which)
+    bound = term.for_steps(STEPS)
+    assert counts == [len(bound.step_branches(i)) for i in range(STEPS)]   # the branches diffusers asks for
     with torch.no_grad():
         got = gradguide_run(module, kind, term, x_T.clone())
         plain = gradguide_run(module, kind, gg.CFG(term.scale, uncond=_uncond(kind)), x_T.clone())
@@ -238,8 +258,8 @@ def test_slg_sd3_whole_blocks():
         _apply_layer_skip_hook(module, guider.skip_layer_config[0], name="int_index")
     HookRegistry.check_if_exists_or_initialize(module).remove_hook("int_index", recurse=True)
     with torch.no_grad():
-        ref = diffusers_loop(module, "sd3", guider, x_T.clone(), lambda m: contextlib.nullcontext(),
-                             "pred_cond_skip", extra={"skip_layers": [1]})
+        ref, _ = diffusers_loop(module, "sd3", guider, x_T.clone(), lambda m: contextlib.nullcontext(),
+                                "pred_cond_skip", extra={"skip_layers": [1]})
         got = gradguide_run(module, "sd3", gg.SLG(3.0, 2.0, layers=[1], perturbed_start=0.0, perturbed_stop=0.8,
                                                   uncond=_uncond("sd3")), x_T.clone())
         plain = gradguide_run(module, "sd3", gg.CFG(3.0, uncond=_uncond("sd3")), x_T.clone())
@@ -446,12 +466,15 @@ def test_ltx2_matches_diffusers(rescale):
             guider.set_state(step=i, num_inference_steps=STEPS, timestep=t)
             a = sched.alphas_cumprod[t]
             tt = t.expand(B)
-            eps = {"pred_cond": module(ref, tt, y)[0], "pred_uncond": module(ref, tt, null)[0],
-                   "pred_cond_stg": module(ref, tt, y, stg=True)[0]}
-            with _isolate(module):
-                eps["pred_cond_modality"] = module(ref, tt, y)[0]
-            x0 = {k: (ref - (1 - a).sqrt() * e) / a.sqrt() for k, e in eps.items()}   # LTX-2's guider acts on x̂_0
-            x0_pred = guider.forward(**x0).pred
+            def x0(eps):   # LTX-2's guider acts on x̂_0
+                return (ref - (1 - a).sqrt() * eps) / a.sqrt()
+
+            def isolated():
+                with _isolate(module):
+                    return x0(module(ref, tt, y)[0])
+            x0_pred, _ = guider_call(guider, {
+                "pred_cond": lambda: x0(module(ref, tt, y)[0]), "pred_uncond": lambda: x0(module(ref, tt, null)[0]),
+                "pred_cond_stg": lambda: x0(module(ref, tt, y, stg=True)[0]), "pred_cond_modality": isolated})
             ref = sched.step((ref - a.sqrt() * x0_pred) / (1 - a).sqrt(), t, ref, return_dict=False)[0]
         plain = gg.sample(model, x.shape, schedule=schedule, steps=STEPS, x_T=x.clone(), cond={"class_labels": y},
                           guidance=gg.CFG(3.0, uncond={"class_labels": null}))
