@@ -533,3 +533,65 @@ def test_refusals():
               execution=gg.Execution(dtype=DT))
     handle.remove()
     assert calls == [B] * 11
+
+
+# -- Flux: whole-block skips in the block's own stream order; what diffusers cannot do is refused ---------
+
+def _flux():
+    from diffusers import FluxTransformer2DModel
+    torch.manual_seed(0)
+    return FluxTransformer2DModel(patch_size=1, in_channels=8, num_layers=2, num_single_layers=2, attention_head_dim=8,
+                                  num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=8,
+                                  axes_dims_rope=(2, 2, 4)).to(DT).eval()
+
+
+def _flux_call(flux, x, ehs, pooled):
+    s, t = x.shape[1], ehs.shape[1]
+    img_ids = torch.stack([torch.zeros(s), torch.arange(s) // 4, torch.arange(s) % 4], 1)
+    return flux(x, encoder_hidden_states=ehs, pooled_projections=pooled, timestep=torch.full((x.shape[0],), 0.5),
+                img_ids=img_ids, txt_ids=torch.zeros(t, 3), return_dict=False)[0]
+
+
+@pytest.mark.parametrize("stack", ["transformer_blocks", "single_transformer_blocks"])
+def test_flux_block_skip_rows(stack):
+    """A skipped Flux block (either stack) passes both streams on in the block's own order — equal to the
+    model with that block's forward replaced by one returning its inputs — on the perturbed rows of a
+    batched call only. diffusers' own hook swaps the streams there."""
+    flux = _flux()
+    g = torch.Generator().manual_seed(4)
+    x, ehs, pooled = (torch.randn(B, 16, 8, generator=g, dtype=DT), torch.randn(B, 5, 16, generator=g, dtype=DT),
+                      torch.randn(B, 8, generator=g, dtype=DT))
+    block = getattr(flux, stack)[0]
+    with torch.no_grad():
+        base = _flux_call(flux, x, ehs, pooled)
+        with layer_skip(LayerSkipConfig([0], fqn=stack))(flux):
+            try:   # diffusers' hook: the streams swapped, a shape error or an output of the text's length
+                wrong = _flux_call(flux, x, ehs, pooled).shape
+            except RuntimeError:
+                wrong = None
+        assert wrong != base.shape
+        forward = block.forward
+        block.forward = lambda hidden_states, encoder_hidden_states, *a, **k: (encoder_hidden_states, hidden_states)
+        try:
+            skipped = _flux_call(flux, x, ehs, pooled)
+        finally:
+            block.forward = forward
+        with gg.LayerSkip(LayerSkipConfig([0], fqn=stack)).applied(flux, RowSpan(B, 2 * B, 2 * B), "SLG"):
+            both = _flux_call(flux, torch.cat([x, x]), torch.cat([ehs, ehs]), torch.cat([pooled, pooled]))
+    assert (skipped - base).abs().max() > 1e-3
+    assert (both[B:] - skipped).abs().max() <= 1e-12 and (both[:B] - base).abs().max() <= 1e-12
+    assert not any(getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks for m in flux.modules())
+
+
+def test_flux_refusals():
+    flux = _flux()
+    rows = RowSpan(0, B, B)
+    with pytest.raises(ValueError, match=r"SLG: fqn='auto' is ambiguous on FluxTransformer2DModel"):
+        with gg.LayerSkip(LayerSkipConfig([0], fqn="auto")).applied(flux, rows, "SLG"):
+            pass
+    pag = gg.PAG(3.0, 2.0, config=LayerSkipConfig([0], fqn="transformer_blocks")).perturbation
+    with pytest.raises(ValueError, match=r"PAG: diffusers' hook cannot be applied to FluxTransformer2DModel .*"
+                                         r"is_cross_attention"):
+        with pag.applied(flux, rows, "PAG"):
+            pass
+    assert not any(getattr(m, "_diffusers_hook", None) and m._diffusers_hook.hooks for m in flux.modules())

@@ -268,9 +268,10 @@ def _hooked_modules(perturbation, module, owner: str) -> list:
     tag = next(_TAGS)
     for j, config in enumerate(perturbation.configs):
         name = f"{_PREFIX}_{tag}_{j}"
+        config = _resolve_auto(config, module, owner)
         try:
             perturbation._register(module, config, name)
-        except (ValueError, TypeError) as exc:   # diffusers names the block stack / processor it cannot hook
+        except (ValueError, TypeError, AttributeError) as exc:   # diffusers names what it cannot hook
             HookRegistry.check_if_exists_or_initialize(module).remove_hook(name, recurse=True)
             raise ValueError(f"{owner}: diffusers' hook cannot be applied to {type(module).__name__} with "
                              f"{config}: {exc}") from None
@@ -282,6 +283,24 @@ def _hooked_modules(perturbation, module, owner: str) -> list:
                 found.append((sub, inner))
     HookRegistry.check_if_exists_or_initialize(module).invalidate_child_registries_cache()
     return found
+
+
+def _resolve_auto(config, module, owner: str):
+    """``fqn="auto"`` resolved as diffusers resolves it — the first block-stack name the model has — but
+    refused where the model has several: diffusers takes them from a set of strings, whose order
+    changes between Python processes (Flux: ``transformer_blocks`` or ``single_transformer_blocks``)."""
+    if config.fqn != "auto":
+        return config
+    from diffusers.hooks._common import _ALL_TRANSFORMER_BLOCK_IDENTIFIERS
+    found = sorted(name for name in _ALL_TRANSFORMER_BLOCK_IDENTIFIERS if hasattr(module, name))
+    if len(found) > 1:
+        raise ValueError(f"{owner}: fqn='auto' is ambiguous on {type(module).__name__}, which has {found}: diffusers "
+                         "picks one in an order that changes between Python processes; pass a config with the fqn "
+                         "of the block stack (e.g. LayerSkipConfig(indices, fqn='transformer_blocks'))")
+    config = copy.deepcopy(config)
+    if found:
+        config.fqn = found[0]
+    return config
 
 
 @contextlib.contextmanager
