@@ -864,6 +864,7 @@ def _prepare(model, shape, *, schedule: Schedule, steps, sampler: Sampler, guida
         run.uncond, run.batched = _branch_inputs(branch, cond, uncond, shape[0], execution.batch_branches)
         if hasattr(branch, "step_branches"):   # a guider naming its model branches per step (guidance/pag.py)
             run.branch_caller = BranchCaller(branch, model, cond, run.uncond, shape[0], run.batched is not None)
+            run.batched = None   # it stacks the branches each step asks for itself
     return run
 
 
