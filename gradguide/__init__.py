@@ -6,8 +6,9 @@ per-sample reductions, then one linear combination (see docs/architecture.md and
 """
 from . import ops
 from .config import Diagnostics, Execution, Sampler
-from .guidance import APG, CFG, DPS, FDG, TCFG, APGMix, CFGPlusPlus, CFGZeroStar, Classifier, DecodedLookAhead, \
-    GuidanceTerm, LookAhead, MamboG, NaiveGradient, Rescale
+from .guidance import APG, CFG, DPS, FDG, LTX2, PAG, SEG, SLG, TCFG, APGMix, AutoGuidance, CFGPlusPlus, CFGZeroStar, \
+    Classifier, Custom, DecodedLookAhead, GuidanceTerm, Inputs, LayerSkip, LookAhead, MamboG, NaiveGradient, \
+    Perturbation, Rescale, SmoothedEnergy
 from .metrics import off_support_ratio
 from .projection import PixelAsParam, project
 from .sampling import StepRecord, sample
@@ -24,7 +25,8 @@ def __getattr__(name):
         return from_diffusers
     raise AttributeError(f"module 'gradguide' has no attribute {name!r}")
 
-__all__ = ["APG", "APGMix", "CFG", "CFGPlusPlus", "CFGZeroStar", "Classifier", "DPS", "DecodedLookAhead", "Diagnostics",
-           "Execution", "FDG", "FlowSchedule", "GuidanceTerm", "LookAhead", "MamboG", "NaiveGradient", "PixelAsParam",
-           "Rescale", "Sampler", "Schedule", "StepRecord", "TCFG", "Timesteps", "calculate_shift", "off_support_ratio",
+__all__ = ["APG", "APGMix", "AutoGuidance", "CFG", "CFGPlusPlus", "CFGZeroStar", "Classifier", "Custom", "DPS",
+           "DecodedLookAhead", "Diagnostics", "Execution", "FDG", "FlowSchedule", "GuidanceTerm", "Inputs", "LTX2",
+           "LayerSkip", "LookAhead", "MamboG", "NaiveGradient", "PAG", "Perturbation", "PixelAsParam", "Rescale", "SEG",
+           "SLG", "SmoothedEnergy", "Sampler", "Schedule", "StepRecord", "TCFG", "Timesteps", "calculate_shift", "off_support_ratio",
            "ops", "project", "sample", "sigmas_exponential", "sigmas_karras", "sigmas_polyexponential", "sigmas_vp"]

@@ -219,7 +219,9 @@ class Execution:
     (default: ``x_T``'s, else float32). ``batch_branches``: how a two-branch term (CFG, APG,
     Rescale, CFG-Zero*, CFG++) calls the model: ``"auto"`` (default) one call of batch 2B when
     the two branches' inputs stack, two calls otherwise; ``True`` requires the one call;
-    ``False`` always calls twice.
+    ``False`` always calls twice. The perturbed-branch guiders (PAG, SLG, SEG, AutoGuidance, LTX2)
+    likewise: one call for every branch a step uses whose perturbation is row-selective, or one
+    call per branch.
     """
     backend: str = "auto"
     graph: Union[bool, GraphCache] = False

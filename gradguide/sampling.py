@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import threading
 import warnings
 from collections import OrderedDict
@@ -32,6 +33,7 @@ from .debug import forbid_host_sync
 from .graphs import EagerStepper, GraphCache
 from .guidance.base import GuidanceTerm, StepContext, named_scales, scale_overflow_hint
 from .guidance.cfg import CFG, BranchInputsError, batch_branch_inputs, per_sample, split_branches
+from .guidance.perturb import BranchCaller
 from .linear import LinComb, Operands
 from .projection import PixelAsParam, step_telemetry
 from .samplers import SAMPLERS, SamplerTables, build
@@ -79,6 +81,7 @@ class _Run:
     needs_x0: bool = False       # a sampler slot stores the guided x̂_0
     uncond: dict = field(default_factory=dict)     # the unconditional branch's model inputs
     batched: Optional[dict] = None                 # both branches' inputs stacked for one 2B call
+    branch_caller: object = None                   # guidance.perturb.BranchCaller: a guider naming its branches per step
     plan: object = None                  # stepplan.StepPlan when the step is a built-in program
     fused_reason: Optional[str] = None   # why not, otherwise
     scales: list = field(default_factory=list)   # [(argument name, value)]: named by the finiteness errors
@@ -462,13 +465,21 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     scale = _flow_scale(run, column)
     ctx = StepContext(ops=ops_, index=i, t=t, scalars=scalars, cond=run.cond, x=None, x_input=x_input,
                       state=state, sampler=run.tables.name, prediction=run.prediction, input_scale=scale)
-    out_c, out_u, log_var, log_var_u = _model_branches(run, model_input if scale is None else model_input * scale, t)
+    x_model = model_input if scale is None else model_input * scale
+    further = {}   # branches beyond cond/uncond (perturbed models), by name
+    if run.branch_caller is not None:   # the branches this step's guider asks for (perturbed models among them)
+        outs = run.branch_caller(functools.partial(_call_model, run), x_model, t, run.branch.step_branches(i))
+        (out_c, log_var), (out_u, log_var_u) = outs.pop("cond"), outs.pop("uncond", (None, None))
+        further = {name: out for name, (out, _) in outs.items()}
+    else:
+        out_c, out_u, log_var, log_var_u = _model_branches(run, x_model, t)
     ctx.learned_log_var = _learned_log_var(run, log_var, scalars)
     tracked = {"x": x_input, "model_cond": out_c, "model_uncond": out_u}
+    tracked.update({f"model_{name}": out for name, out in further.items()})
     x_next, x0_guided, telemetry = step_algebra(
         run, ctx, {"x": x.detach(), "model_cond": out_c.detach(), "model_uncond": None if out_u is None else out_u.detach(),
-                   "noise": noise}, log_var_u=log_var_u, track=lambda x0: _tracked_x0(ops_, tracked, x0),
-        want_telemetry=want_record or run.telemetry)
+                   "noise": noise, "further": {name: out.detach() for name, out in further.items()}},
+        log_var_u=log_var_u, track=lambda x0: _tracked_x0(ops_, tracked, x0), want_telemetry=want_record or run.telemetry)
     x_new = ops_.finish(x_next)
     new_state = dict(ctx.new_state)
     x0_tensor = None
@@ -496,11 +507,15 @@ def step_algebra(run: _Run, ctx: StepContext, inputs: Dict[str, Optional[torch.T
     scalars = ctx.scalars
 
     # model branches -> ε forms
+    for name, out in inputs.get("further", {}).items():
+        ctx.branch_eps[name] = _eps_form(run, ctx, ops_.add(f"model_{name}", out), X)
     eps_c = _eps_form(run, ctx, ops_.add("model_cond", inputs["model_cond"]), X)
     renoise = None
     telemetry = {}
     if run.branch is not None:
-        eps_u = _eps_form(run, ctx, ops_.add("model_uncond", inputs["model_uncond"]), X)
+        eps_u = None
+        if inputs["model_uncond"] is not None or ops_.tracing:   # a guider naming its branches leaves it
+            eps_u = _eps_form(run, ctx, ops_.add("model_uncond", inputs["model_uncond"]), X)   # out where CFG is off
         if run.projection is not None and run.projection.policy == "C":
             if run.projection.sigma_from_uncond and log_var_u is not None:  # the authors' code's σ
                 ctx.learned_log_var = _learned_log_var(run, log_var_u, scalars)
@@ -851,6 +866,9 @@ def _prepare(model, shape, *, schedule: Schedule, steps, sampler: Sampler, guida
     run.needs_input_grad = run.needs_model_grad or any(t.needs_input_grad for t in terms)
     if branch is not None:
         run.uncond, run.batched = _branch_inputs(branch, cond, uncond, shape[0], execution.batch_branches)
+        if hasattr(branch, "step_branches"):   # a guider naming its model branches per step (guidance/pag.py)
+            run.branch_caller = BranchCaller(branch, model, cond, run.uncond, shape[0], run.batched is not None)
+            run.batched = None   # it stacks the branches each step asks for itself
     return run
 
 

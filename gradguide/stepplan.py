@@ -196,6 +196,8 @@ def unsupported(run) -> Optional[str]:
         return "learned-range variance"
     if run.telemetry:
         return "telemetry"
+    if run.branch_caller is not None:   # the model branches a step calls vary with the step
+        return f"{type(run.branch).__name__} guidance (perturbed model branches)"
     return None
 
 

@@ -225,3 +225,25 @@ def test_pipeline_errors(components):
         pipe("a cat", guidance=[object()], progress=False)
     with pytest.raises(ValueError, match="clip_skip"):
         pipe("a cat", clip_skip=1.5, progress=False)
+
+
+def test_perturbed_guider_in_the_pipeline(components):
+    """``GuidedPipeline(guidance=[gg.PAG(...)])``: the negative prompt becomes PAG's unconditional input,
+    the hooks go on the pipeline's U-Net, and the run equals ``gradguide.sample`` with the same term."""
+    from diffusers.hooks import LayerSkipConfig
+    sd, pipe = _pipes(components, sd_scheduler())
+
+    def pag():
+        return gg.PAG(6.0, 3.0, config=LayerSkipConfig([0], fqn="mid_block.attentions.0.transformer_blocks"),
+                      perturbed_start=0.0, perturbed_stop=1.0)
+    kw = dict(num_inference_steps=4, output_type="latent", progress=False)
+    got = pipe(PROMPTS, generator=torch.Generator().manual_seed(1), guidance=[pag()], **kw).latents
+    plain = pipe(PROMPTS, generator=torch.Generator().manual_seed(1), guidance_scale=6.0, **kw).latents
+    cond, neg = pipe.encode_prompt(PROMPTS)
+    x_T = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    term = pag()
+    term.uncond = {"encoder_hidden_states": neg}
+    direct = gg.sample(pipe.model, x_T.shape, schedule=pipe.schedule, sampler="ddim", steps=4, x_T=x_T,
+                       cond={"encoder_hidden_states": cond}, guidance=term)
+    _close(got, direct, 1e-6)
+    assert (got - plain).abs().max() > 1e-3   # the perturbed branch did something

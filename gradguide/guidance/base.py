@@ -42,6 +42,7 @@ class StepContext:
     prediction: str = "eps"          # the model's parametrisation ("eps", "x0", "v", "flow")
     input_scale: Optional[torch.Tensor] = None   # flow models: the model sees x_σ = input_scale · x_t
     model_output: Optional[torch.Tensor] = None  # the conditional branch's output, with its autograd graph
+    branch_eps: Dict[str, LinComb] = field(default_factory=dict)   # further model branches' ε (perturbed guiders)
 
     def operand(self, name: str, compute: Callable[["StepContext"], torch.Tensor]) -> LinComb:
         """The operand ``compute(ctx)`` (a term's own method, e.g. its gradient) as a LinComb. A
