@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLOORS = (
     ("kernels", "_C"),                                    # Triton kernels and the C++ extension
     ("ops", "schedules", "predictions", "debug", "metrics"),  # backends, noise tables, conversions
-    ("linear",),                                          # affine operands over ops
+    ("linear", "comfy_schedules"),                        # affine operands over ops; ComfyUI's named σ lists
     ("guidance", "samplers"),                             # the terms, the scalar tables
     ("projection", "graphs", "stepplan"),                 # PixelAsParam, CUDA graphs, fused plan
     ("config",),                                          # Sampler / Execution / Diagnostics
