@@ -34,7 +34,7 @@ from .guidance.base import GuidanceTerm, StepContext, named_scales, scale_overfl
 from .guidance.cfg import CFG, BranchInputsError, batch_branch_inputs, per_sample, split_branches
 from .linear import LinComb, Operands
 from .projection import PixelAsParam, step_telemetry
-from .samplers import SAMPLERS, SamplerTables, build
+from .samplers import REFUSED, SAMPLERS, SamplerTables, build
 from .schedules import Schedule, Timesteps
 
 
@@ -216,6 +216,8 @@ def prepare_run(model: Callable, shape: Sequence[int], *, schedule: Schedule, sa
     ``progress`` are sample's loop's own). ``meta=True`` accepts ``Execution(device="meta")``
     (the dry run's host-side preparation: tables are built on the host and every device tensor
     is made fake afterwards; ``sample`` refuses it)."""
+    if isinstance(sampler, str) and sampler in REFUSED:
+        raise ValueError(f"sampler: {sampler!r} is not available: {REFUSED[sampler]}")
     if isinstance(sampler, str) and sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {SAMPLERS} or a gradguide.Sampler, got {sampler!r}")
     if isinstance(sampler, str) or sampler is None:

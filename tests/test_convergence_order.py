@@ -231,6 +231,26 @@ ODE_CASES += [
     ("dpmpp_sde-eta0-r0.3", "dpmpp_sde", {"eta": 0.0, "r": 0.3}, "exp", 2,
      "(1 − 1/(2r)) D_1 + 1/(2r) D_2 is the linear Taylor term for any r"),
 ]
+ODE_CASES += [   # ComfyUI's own samplers (gradguide.samplers.comfy; docs/samplers.md, "ComfyUI")
+    ("ipndm", "ipndm", {}, "exp", 2,
+     "Adams–Bashforth's equal-step weights on steps whose ratio is 1 + O(h): the second-order condition is off by "
+     "O(h), the first-order one exact (local error O(h³)); the Euler first step alone also leaves O(h²)"),
+    ("ipndm_v-2", "ipndm_v", {"max_order": 2}, "exp", 2, "exact variable-step two-node Adams–Bashforth"),
+    ("ipndm_v", "ipndm_v", {}, "exp", 3,
+     "the three- and four-node weights satisfy the order conditions up to third order on equal steps (the four-node "
+     "one not the fourth), off by O(h) on steps of ratio 1 + O(h): a third-order body; the Euler first step's "
+     "O(h²) is below it over this sweep"),
+    ("deis-2", "deis", {"max_order": 2}, "exp", 2,
+     "DEIS-tAB: the exact integral of the derivative's Lagrange interpolant in VP time against dσ, two nodes"),
+    ("deis", "deis", {}, "graded", 3, "DEIS-tAB with three nodes (graded: the warm-up steps are short)"),
+    ("gradient_estimation", "gradient_estimation", {}, "exp", 1,
+     "γ = 2 weighs the derivative's change by (γ−1) dt (σ_i − σ_{i−1}) ≈ 2 · dt²/2: the second-order term is doubled"),
+    ("gradient_estimation-1.5", "gradient_estimation", {"ge_gamma": 1.5}, "exp", 2,
+     "γ = 3/2 gives dt²/2 on steps of ratio 1 + O(h): second order"),
+    ("res_multistep", "res_multistep", {}, "exp", 2,
+     "exponential integrator with D linear through the last two predictions, integrated exactly (φ₁, φ₂)"),
+    ("res_multistep_ancestral-eta0", "res_multistep_ancestral", {"eta": 0.0}, "exp", 2, "at η = 0 it is res_multistep"),
+]
 for p in (1, 2, 3):
     for bh in ("bh1", "bh2"):
         ODE_CASES.append((f"unipc-{p}-{bh}", "unipc", {"solver_order": p, "solver_type": bh, "lower_order_final": False},
@@ -293,6 +313,12 @@ SDE_CASES += [
     ("dpmpp_sde-eta0.5", "dpmpp_sde", {"eta": 0.5}, 2, "as η = 1"),
 ]
 
+SDE_CASES += [
+    ("res_multistep_ancestral", "res_multistep_ancestral", {}, 2,
+     "measured on Gaussian data; its history's node distance is the previous step's deterministic part "
+     "(twice the λ step at η = 1), as ComfyUI's"),
+    ("res_multistep_ancestral-eta0.5", "res_multistep_ancestral", {"eta": 0.5}, 2, "as η = 1"),
+]
 
 @pytest.mark.parametrize("case", SDE_CASES, ids=[c[0] for c in SDE_CASES])
 def test_sde_sampler_weak_order(case):

@@ -15,7 +15,9 @@ SCHED = gg.Schedule.linear(200)
 GM = default_mixture(SCHED)
 Y = torch.full((8,), 2)
 NEW = ["euler", "euler_a", "heun", "lms", "dpmpp-2m", "dpmpp-2m-sde", "unipc", "plms", "dpmpp-3m-sde", "dpm_2",
-       "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde"]
+       "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
+       # ComfyUI's own (gradguide.samplers.comfy)
+       "ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm"]
 
 
 TERMS = guidance_cases(GM)

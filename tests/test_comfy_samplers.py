@@ -1,0 +1,267 @@
+"""ComfyUI's own samplers (gradguide.samplers.comfy) against their loops as ComfyUI's
+``comfy/k_diffusion/sampling.py`` runs them, written out here in σ-space numpy (k-diffusion 0.1.1
+has none of them). The tables are run by the order tests' interpreter, which
+``test_interpreter_is_gradguide_sample`` checks against gradguide.sample itself."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import gradguide as gg
+from gradguide.samplers import build
+from test_convergence_order import GAUSS_MU, GAUSS_VAR, mixture_denoiser, run_moments, run_paths, timesteps
+
+X0 = np.array([-17.0, -4.0, 3.0, 12.0])
+
+
+def _grid(n=14):
+    return np.append(gg.sigmas_karras(n, 0.05, 12.0, append_zero=False).numpy(), 0.0)
+
+
+def _ab_loop(sig, x, weights_of):
+    """x_σ' = x_σ + Σ_k w_k d_{i−k} (x_σ' = D onto σ = 0), the history newest first."""
+    history = []
+    for i in range(len(sig) - 1):
+        d_den = mixture_denoiser(x, sig[i])
+        d = (x - d_den) / sig[i]
+        history.insert(0, d)
+        if sig[i + 1] == 0:
+            x = d_den
+        else:
+            w = weights_of(i)
+            x = x + sum(wk * hk for wk, hk in zip(w, history))
+    return x
+
+
+def _ipndm_weights(sig, max_order):
+    ab = {1: [1], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
+    return lambda i: [(sig[i + 1] - sig[i]) * w for w in ab[min(max_order, i + 1)]]
+
+
+def _ipndm_v_weights(sig, max_order):
+    def weights(i):
+        order = min(max_order, i + 1)
+        hn = sig[i + 1] - sig[i]
+        if order == 1:
+            return [hn]
+        hn1 = sig[i] - sig[i - 1]
+        if order == 2:
+            return [hn * (2 + hn / hn1) / 2, -hn * (hn / hn1) / 2]
+        hn2 = sig[i - 1] - sig[i - 2]
+        temp = (1 - hn / (3 * (hn + hn1)) * (hn * (hn + hn1)) / (hn1 * (hn1 + hn2))) / 2
+        if order == 3:
+            return [hn * ((2 + hn / hn1) / 2 + temp), hn * (-(hn / hn1) / 2 - (1 + hn1 / hn2) * temp),
+                    hn * temp * hn1 / hn2]
+        hn3 = sig[i - 2] - sig[i - 3]
+        temp2 = ((1 - hn / (3 * (hn + hn1))) / 2 + (1 - hn / (2 * (hn + hn1))) * hn / (6 * (hn + hn1 + hn2))) \
+            * (hn * (hn + hn1) * (hn + hn1 + hn2)) / (hn1 * (hn1 + hn2) * (hn1 + hn2 + hn3))
+        ratio = hn1 * (hn1 + hn2) / (hn2 * (hn2 + hn3))
+        return [hn * ((2 + hn / hn1) / 2 + temp + temp2),
+                hn * (-(hn / hn1) / 2 - (1 + hn1 / hn2) * temp - (1 + hn1 / hn2 + ratio) * temp2),
+                hn * (temp * hn1 / hn2 + (hn1 / hn2 + ratio * (1 + hn2 / hn3)) * temp2),
+                hn * (-temp2 * ratio * hn1 / hn2)]
+    return weights
+
+
+def _deis_weights(sig, max_order, N=10000):
+    """DEIS-tAB as ComfyUI computes it: EDM σ → VP time through a VP-SDE fitted to σ ∈ [0.002, 80],
+    then Σ over N points of linspace(t_i, t_{i+1}) of ℓ_j(τ) dσ/dτ times (t_{i+1} − t_i)/N."""
+    eps_s, smin, smax = 1e-3, 0.002, 80.0
+    beta_d = 2 * (np.log(smin ** 2 + 1) / eps_s - np.log(smax ** 2 + 1)) / (eps_s - 1)
+    beta_min = np.log(smax ** 2 + 1) - 0.5 * beta_d
+    t = (np.sqrt(beta_min ** 2 + 2 * beta_d * np.log(np.asarray(sig) ** 2 + 1)) - beta_min) / beta_d
+
+    def weights(i):
+        order = min(max_order, i + 1)
+        if order == 1:
+            return [sig[i + 1] - sig[i]]
+        taus = np.linspace(t[i], t[i + 1], N)
+        alpha = np.exp(-0.5 * taus ** 2 * beta_d - taus * beta_min)
+        integrand = -0.5 * (-(taus * beta_d + beta_min)) / np.sqrt(alpha * (1 - alpha))
+        nodes = [t[i - k] for k in range(order)]
+        out = []
+        for j in range(order):
+            poly = np.ones_like(taus)
+            for k in range(order):
+                if k != j:
+                    poly *= (taus - nodes[k]) / (nodes[j] - nodes[k])
+            out.append(float(np.sum(integrand * poly) * (t[i + 1] - t[i]) / N))
+        return out
+    return weights
+
+
+@pytest.mark.parametrize("name,max_order", [("ipndm", 4), ("ipndm", 2), ("ipndm_v", 4), ("ipndm_v", 3),
+                                            ("deis", 3), ("deis", 2), ("deis", 4)])
+def test_derivative_multistep_matches_comfyui_loop(name, max_order):
+    sig = _grid()
+    weights = {"ipndm": _ipndm_weights, "ipndm_v": _ipndm_v_weights, "deis": _deis_weights}[name](sig, max_order)
+    ref = _ab_loop(sig, X0.copy(), weights)
+    got = run_paths(build(name, timesteps(sig), max_order=max_order), mixture_denoiser, X0)
+    np.testing.assert_allclose(got, ref, rtol=1e-10, atol=1e-10)
+
+
+def test_deis_weights_are_the_dsigma_integral_of_the_interpolant():
+    """DEIS-tAB's weights against the exact integral ∫ ℓ_j(τ) σ'(τ) dτ (Gauss–Legendre, 40 points):
+    ComfyUI's 10⁴-point sum is within 1e-5 of it, and the weights of a step sum to its σ change."""
+    from gradguide.samplers.comfy import _deis
+    sig = _grid()
+    eps_s, smin, smax = 1e-3, 0.002, 80.0
+    beta_d = 2 * (np.log(smin ** 2 + 1) / eps_s - np.log(smax ** 2 + 1)) / (eps_s - 1)
+    beta_min = np.log(smax ** 2 + 1) - 0.5 * beta_d
+    t = (np.sqrt(beta_min ** 2 + 2 * beta_d * np.log(sig ** 2 + 1)) - beta_min) / beta_d
+    sigma_of = lambda tau: np.sqrt(np.expm1(0.5 * beta_d * tau ** 2 + beta_min * tau))   # noqa: E731
+    np.testing.assert_allclose(sigma_of(t), sig, rtol=1e-12, atol=1e-12)
+    gx, gw = np.polynomial.legendre.leggauss(40)
+    weights = _deis(list(sig), 3)
+    for i in range(2, len(sig) - 2):
+        tau = 0.5 * (t[i + 1] - t[i]) * gx + 0.5 * (t[i + 1] + t[i])
+        e = np.exp(0.5 * beta_d * tau ** 2 + beta_min * tau)
+        dsig = (beta_d * tau + beta_min) * e / (2 * np.sqrt(e - 1)) * 0.5 * (t[i + 1] - t[i]) * gw
+        nodes = t[[i, i - 1, i - 2]]
+        for j in range(3):
+            others = [m for m in range(3) if m != j]
+            basis = np.prod([(tau - nodes[m]) / (nodes[j] - nodes[m]) for m in others], axis=0)
+            assert weights[i][j] == pytest.approx(float((dsig * basis).sum()), rel=1e-5, abs=1e-5 * abs(sig[i]))
+        assert sum(weights[i]) == pytest.approx(sig[i + 1] - sig[i], rel=1e-5)
+
+
+@pytest.mark.parametrize("gamma", [2.0, 1.5])
+def test_gradient_estimation_matches_comfyui_loop(gamma):
+    sig = _grid()
+    x, old = X0.copy(), None
+    for i in range(len(sig) - 1):
+        den = mixture_denoiser(x, sig[i])
+        d = (x - den) / sig[i]
+        dt = sig[i + 1] - sig[i]
+        if sig[i + 1] == 0:
+            x = den
+        else:
+            x = x + d * dt
+            if i >= 1:
+                x = x + (gamma - 1) * (d - old) * dt
+        old = d
+    got = run_paths(build("gradient_estimation", timesteps(sig), ge_gamma=gamma), mixture_denoiser, X0)
+    np.testing.assert_allclose(got, x, rtol=1e-11, atol=1e-11)
+
+
+def _ancestral(s, s_next, eta):
+    if not eta:
+        return s_next, 0.0
+    up = min(s_next, eta * math.sqrt(s_next ** 2 * (s ** 2 - s_next ** 2) / s ** 2))
+    return math.sqrt(s_next ** 2 - up ** 2), up
+
+
+@pytest.mark.parametrize("name,eta,s_noise", [("res_multistep", 0.0, 1.0), ("res_multistep_ancestral", 1.0, 1.0),
+                                              ("res_multistep_ancestral", 0.5, 0.7)])
+def test_res_multistep_matches_comfyui_loop(name, eta, s_noise):
+    sig = _grid()
+    rng = np.random.default_rng(0)
+    noises = [rng.standard_normal(X0.shape) for _ in range(len(sig))]
+    phi1 = lambda z: math.expm1(z) / z              # noqa: E731
+    phi2 = lambda z: (phi1(z) - 1) / z              # noqa: E731
+    lam = lambda s: -math.log(s)                    # noqa: E731
+    x, old_den, old_down, used = X0.copy(), None, None, iter(noises)
+    for i in range(len(sig) - 1):
+        den = mixture_denoiser(x, sig[i])
+        down, up = _ancestral(sig[i], sig[i + 1], eta)
+        if down == 0 or old_den is None:
+            x = x + (x - den) / sig[i] * (down - sig[i])
+        else:
+            h = lam(down) - lam(sig[i])
+            c2 = (lam(sig[i - 1]) - lam(old_down)) / h
+            b1, b2 = phi1(-h) - phi2(-h) / c2, phi2(-h) / c2
+            x = math.exp(-h) * x + h * (b1 * den + b2 * old_den)
+        if sig[i + 1] > 0 and up > 0:
+            x = x + next(used) * s_noise * up
+        old_den, old_down = den, down
+    options = {"s_noise": s_noise, **({"eta": eta} if name.endswith("ancestral") else {})}
+    tables = build(name, timesteps(sig), **options)
+    got = run_paths(tables, mixture_denoiser, X0, noises[:sum(tables.draws_noise)])
+    np.testing.assert_allclose(got, x, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("s_noise,s_noise_end", [(1.0, None), (0.8, 0.2)])
+def test_lcm_matches_comfyui_loop(s_noise, s_noise_end):
+    sig = _grid()
+    rng = np.random.default_rng(1)
+    noises = [rng.standard_normal(X0.shape) for _ in range(len(sig) - 2)]
+    n = len(sig) - 1
+    end = s_noise if s_noise_end is None else s_noise_end
+    x = X0.copy()
+    for i in range(n):
+        x = mixture_denoiser(x, sig[i])
+        if sig[i + 1] > 0:
+            x = x + sig[i + 1] * noises[i] * (s_noise + (end - s_noise) * i / (n - 1))
+    options = {"s_noise": s_noise} if s_noise_end is None else {"s_noise": s_noise, "s_noise_end": s_noise_end}
+    got = run_paths(build("lcm", timesteps(sig), **options), mixture_denoiser, X0, noises)
+    np.testing.assert_allclose(got, x, rtol=1e-11, atol=1e-11)
+
+
+def test_lcm_is_not_a_convergent_solver():
+    """LCM's step x_σ' = D + σ' z replaces the sample by the posterior mean: on N(μ, s²) data the
+    variance loses s² σ_i²/(s² + σ_i²) per step, whatever the step count, so the weak error does
+    not vanish as steps are added (order 0). The exact moments follow the recursion
+    v' = (s²/(s² + σ²))² v + σ'²."""
+    errors = []
+    for n in (12, 24, 48, 96):
+        sig = np.exp(np.linspace(np.log(10.0), np.log(0.1), n + 1))
+        mean, var = run_moments(build("lcm", timesteps(sig)), sigma_start=10.0)
+        v = GAUSS_VAR + sig[0] ** 2
+        for i in range(n):
+            v = (GAUSS_VAR / (GAUSS_VAR + sig[i] ** 2)) ** 2 * v + sig[i + 1] ** 2
+        assert mean == pytest.approx(GAUSS_MU, rel=1e-12) and var == pytest.approx(v, rel=1e-12)
+        errors.append(abs(var - (GAUSS_VAR + sig[-1] ** 2)))
+    assert min(errors) > 0.5 * max(errors) > 0.05
+
+
+def test_options_and_refusals():
+    ts = timesteps(_grid())
+    with pytest.raises(ValueError, match="max_order"):
+        build("ipndm", ts, max_order=5)
+    with pytest.raises(ValueError, match="unknown options"):
+        build("ipndm_v", ts, s_noise=0.5)
+    with pytest.raises(ValueError, match="deis_mode"):
+        build("deis", ts, deis_mode="rhoab")
+    with pytest.raises(ValueError, match="takes no eta"):
+        build("res_multistep", ts, eta=1.0)
+    with pytest.raises(ValueError, match="noise_clip_std"):
+        build("lcm", ts, noise_clip_std=1.0)
+    for name in ("res_multistep_cfg_pp", "res_multistep_ancestral_cfg_pp", "gradient_estimation_cfg_pp"):
+        with pytest.raises(ValueError, match="not available.*CFG\\+\\+|not available.*unconditional"):
+            build(name, ts)
+        with pytest.raises(ValueError, match="not available"):
+            gg.Sampler(name)
+        with pytest.raises(ValueError, match="not available"):
+            gg.sample(lambda x, t: x, (1, 2), schedule=gg.Schedule.linear(100), sampler=name, steps=3)
+
+
+def test_ipndm_v_weights_on_equal_steps():
+    """On equal steps the two- and three-node ipndm_v weights are Adams–Bashforth's; the
+    four-node ones are not AB4's: they satisfy the order conditions up to the third only."""
+    sig = np.linspace(5.0, 1.0, 9)
+    w = _ipndm_v_weights(sig, 4)
+    h = sig[1] - sig[0]
+    np.testing.assert_allclose(np.array(w(2)) / h, [23 / 12, -16 / 12, 5 / 12], rtol=1e-12)
+    w4 = np.array(w(4)) / h
+    nodes = -np.arange(4.0)   # the derivatives' positions in steps
+    for q in range(4):
+        residual = float(np.sum(w4 * nodes ** q) - 1 / (q + 1))
+        assert (abs(residual) < 1e-12) == (q < 3), (q, residual)
+    # and gradguide's tables hold those weights: c_d1 etc. are a(σ') w_k
+    tables = build("ipndm_v", timesteps(np.append(sig, 0.0)))
+    a_next = 1 / math.sqrt(1 + sig[5] ** 2)
+    np.testing.assert_allclose([float(tables.tables[k][4]) / a_next for k in ("c_d1", "c_d2", "c_d3")],
+                               w4[1:] * h, rtol=1e-12)
+
+
+def test_comfy_samplers_run_through_sample_with_sigmas():
+    """gradguide.sample with a ComfyUI σ list (comfy_sigmas) and each sampler: finite, one model
+    call per σ step."""
+    schedule = gg.Schedule.linear(1000)
+    sigmas = gg.comfy_sigmas(schedule, "karras", 8)
+    for name in ("ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm"):
+        calls = []
+        x = gg.sample(lambda x, t: (calls.append(1), 0.1 * x)[1], (2, 3), schedule=schedule,
+                      sampler=gg.Sampler(name, sigmas=sigmas), generator=torch.Generator().manual_seed(0))
+        assert torch.isfinite(x).all() and len(calls) == 8, name
