@@ -181,6 +181,88 @@ def test_res_multistep_matches_comfyui_loop(name, eta, s_noise):
     np.testing.assert_allclose(got, x, rtol=1e-11, atol=1e-11)
 
 
+@pytest.mark.parametrize("options", [{}, {"max_stage": 2, "s_noise": 0.6}, {"max_stage": 1}])
+def test_er_sde_matches_comfyui_loop(options):
+    """ER-SDE-Solver-3 as ComfyUI runs it for a σ-space (VP ε) model: λ = σ, α = 1, 200-point left
+    sums from σ_{i+1} for its two integrals."""
+    sig = _grid()
+    rng = np.random.default_rng(2)
+    noises = [rng.standard_normal(X0.shape) for _ in range(len(sig))]
+    scaler = lambda v: v * (np.exp(v ** 0.3) + 10.0)   # noqa: E731
+    max_stage, s_noise = options.get("max_stage", 3), options.get("s_noise", 1.0)
+    x, old, old_d, used = X0.copy(), None, None, iter(noises)
+    k = np.arange(200.0)
+    for i in range(len(sig) - 1):
+        den = mixture_denoiser(x, sig[i])
+        stage = min(max_stage, i + 1)
+        if sig[i + 1] == 0:
+            x = den
+        else:
+            ls, lt = sig[i], sig[i + 1]
+            r = scaler(lt) / scaler(ls)
+            x = r * x + (1 - r) * den
+            if stage >= 2:
+                dt = lt - ls
+                step = -dt / 200
+                pos = lt + k * step
+                sc = scaler(pos)
+                den_d = (den - old) / (ls - sig[i - 1])
+                x = x + (dt + np.sum(1 / sc) * step * scaler(lt)) * den_d
+                if stage >= 3:
+                    s_u = np.sum((pos - ls) / sc) * step
+                    den_u = (den_d - old_d) / ((ls - sig[i - 2]) / 2)
+                    x = x + (dt ** 2 / 2 + s_u * scaler(lt)) * den_u
+                old_d = den_d
+            if s_noise > 0:
+                x = x + next(used) * s_noise * math.sqrt(lt ** 2 - ls ** 2 * r ** 2)
+        old = den
+    tables = build("er_sde", timesteps(sig), **options)
+    got = run_paths(tables, mixture_denoiser, X0, noises[:sum(tables.draws_noise)])
+    np.testing.assert_allclose(got, x, rtol=1e-11, atol=1e-11)
+
+
+@pytest.mark.parametrize("options", [{}, {"solver_type": "phi_2", "eta": 0.6, "s_noise": 0.8}, {"r": 1.0, "eta": 0.0},
+                                     {"r": 0.3}])
+def test_seeds_2_matches_comfyui_loop(options):
+    sig = _grid()
+    rng = np.random.default_rng(3)
+    noises = [rng.standard_normal(X0.shape) for _ in range(2 * len(sig))]
+    eta, s_noise = options.get("eta", 1.0), options.get("s_noise", 1.0)
+    r, solver = options.get("r", 0.5), options.get("solver_type", "phi_1")
+    phi1 = math.expm1
+    phi2 = lambda z: (math.expm1(z) - z) / z   # noqa: E731  h φ₂(h) as ComfyUI's ei_h_phi_2
+    x, used = X0.copy(), iter(noises)
+    for i in range(len(sig) - 1):
+        den = mixture_denoiser(x, sig[i])
+        if sig[i + 1] == 0:
+            x = den
+            continue
+        ls, lt = -math.log(sig[i]), -math.log(sig[i + 1])
+        h = lt - ls
+        h_eta = h * (eta + 1)
+        s1 = math.exp(-(ls + r * h))
+        x2 = s1 / sig[i] * math.exp(-r * h * eta) * x - phi1(-r * h_eta) * den
+        noisy = eta > 0 and s_noise > 0
+        if noisy:
+            sde = math.sqrt(-math.expm1(-2 * r * h * eta)) * next(used)
+            x2 = x2 + sde * s1 * s_noise
+        den2 = mixture_denoiser(x2, s1)
+        if solver == "phi_1":
+            mix = den + (den2 - den) / (2 * r)
+            x = sig[i + 1] / sig[i] * math.exp(-h * eta) * x - phi1(-h_eta) * mix
+        else:
+            b2 = phi2(-h_eta) / r
+            b1 = phi1(-h_eta) - b2
+            x = sig[i + 1] / sig[i] * math.exp(-h * eta) * x - (b1 * den + b2 * den2)
+        if noisy:
+            seg = (r - 1) * h * eta
+            sde = sde * math.exp(seg) + math.sqrt(-math.expm1(2 * seg)) * next(used)
+            x = x + sde * sig[i + 1] * s_noise
+    tables = build("seeds_2", timesteps(sig), **options)
+    got = run_paths(tables, mixture_denoiser, X0, noises[:sum(tables.draws_noise)])
+    np.testing.assert_allclose(got, x, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("s_noise,s_noise_end", [(1.0, None), (0.8, 0.2)])
 def test_lcm_matches_comfyui_loop(s_noise, s_noise_end):
     sig = _grid()
@@ -260,8 +342,9 @@ def test_comfy_samplers_run_through_sample_with_sigmas():
     call per σ step."""
     schedule = gg.Schedule.linear(1000)
     sigmas = gg.comfy_sigmas(schedule, "karras", 8)
-    for name in ("ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm"):
+    for name in ("ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm",
+                 "er_sde", "seeds_2"):
         calls = []
         x = gg.sample(lambda x, t: (calls.append(1), 0.1 * x)[1], (2, 3), schedule=schedule,
                       sampler=gg.Sampler(name, sigmas=sigmas), generator=torch.Generator().manual_seed(0))
-        assert torch.isfinite(x).all() and len(calls) == 8, name
+        assert torch.isfinite(x).all() and len(calls) == (15 if name == "seeds_2" else 8), name

@@ -250,6 +250,12 @@ ODE_CASES += [   # ComfyUI's own samplers (gradguide.samplers.comfy; docs/sample
     ("res_multistep", "res_multistep", {}, "exp", 2,
      "exponential integrator with D linear through the last two predictions, integrated exactly (φ₁, φ₂)"),
     ("res_multistep_ancestral-eta0", "res_multistep_ancestral", {"eta": 0.0}, "exp", 2, "at η = 0 it is res_multistep"),
+    ("seeds_2-eta0", "seeds_2", {"eta": 0.0}, "exp", 2,
+     "at η = 0, the data-prediction exponential integrator with (1 − 1/(2r)) D_1 + D_2/(2r): DPM-Solver++(2S)"),
+    ("seeds_2-eta0-phi2", "seeds_2", {"eta": 0.0, "solver_type": "phi_2"}, "exp", 2,
+     "the φ₂ weights make D linear through the two stages, integrated exactly"),
+    ("seeds_2-eta0-r1-phi2", "seeds_2", {"eta": 0.0, "r": 1.0, "solver_type": "phi_2"}, "exp", 2,
+     "r = 1 (ComfyUI's exp_heun_2_x0): exponential Heun"),
 ]
 for p in (1, 2, 3):
     for bh in ("bh1", "bh2"):
@@ -318,6 +324,14 @@ SDE_CASES += [
      "measured on Gaussian data; its history's node distance is the previous step's deterministic part "
      "(twice the λ step at η = 1), as ComfyUI's"),
     ("res_multistep_ancestral-eta0.5", "res_multistep_ancestral", {"eta": 0.5}, 2, "as η = 1"),
+    ("seeds_2", "seeds_2", {}, 2, "SEEDS-2: both stages integrate the linear part and the noise exactly; the data "
+     "term is the second-order DPM-Solver++(2S) combination"),
+    ("seeds_2-phi2", "seeds_2", {"solver_type": "phi_2"}, 2, "as φ₁"),
+    ("seeds_2-eta0.5", "seeds_2", {"eta": 0.5}, 2, "as η = 1"),
+    ("er_sde-exact", "er_sde", {"integration_points": None}, 2,
+     "ER-SDE-Solver-3 with exact integrals: the variance recursion is second order (as the multistep SDE solvers')"),
+    ("er_sde-2-exact", "er_sde", {"max_stage": 2, "integration_points": None}, 2, "as three stages"),
+    ("er_sde-1", "er_sde", {"max_stage": 1}, 1, "the first stage alone freezes D over the step"),
 ]
 
 @pytest.mark.parametrize("case", SDE_CASES, ids=[c[0] for c in SDE_CASES])
@@ -337,6 +351,17 @@ def test_dpmpp_3m_sde_weak_error_falls_at_least_as_fast_as_2m_sde():
     assert slope(NS[1:], three[1:]) >= slope(NS[1:], two[1:]) - 0.1
     assert all(t <= w for t, w in zip(three[1:], two[1:])), (three, two)
     assert slope(NS[1:], bad[1:]) < 1.2 and bad[-1] > 50 * three[-1]
+
+
+def test_er_sde_comfyui_quadrature_adds_a_first_order_error():
+    """ComfyUI sums ER-SDE's integrals with 200 points: an O(dt²/200) error in the O(dt²) weights of
+    the divided differences, so a first-order error on top of the exact-integral solver's; here
+    its size falls as 1/n while the exact one's falls as 1/n²."""
+    comfy = weak_errors("er_sde", {})
+    exact = weak_errors("er_sde", {"integration_points": None})
+    gap = [abs(c - e) for c, e in zip(comfy, exact)]
+    assert abs(slope(NS[1:], gap[1:]) - 1) <= 0.25, gap
+    assert abs(slope(NS[1:], exact[1:]) - 2) <= 0.25
 
 
 def _sigma_model(x, t):

@@ -44,9 +44,10 @@ import torch
 
 from ..schedules import Timesteps
 from . import SamplerTables, common_tables
-from .kdiff import ancestral_step
+from .kdiff import _Row, _tables, ancestral_step
 
-SAMPLERS = ("ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm")
+SAMPLERS = ("ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm",
+            "er_sde", "seeds_2")
 _AB = {1: [1.0], 2: [1.5, -0.5], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
 
 
@@ -103,6 +104,26 @@ def tables(name: str, ts: Timesteps, **options) -> SamplerTables:
     if name == "lcm":
         _options(name, options, ("s_noise", "s_noise_end", "noise_clip_std"))
         return _lcm(ts, sig, options)
+    if name == "seeds_2":
+        _options(name, options, ("eta", "s_noise", "r", "solver_type"))
+        r = options.get("r", 0.5)
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1:
+            raise ValueError(f"sampler 'seeds_2': r: expected a number in (0, 1], got {r!r}")
+        solver = options.get("solver_type", "phi_1")
+        if solver not in ("phi_1", "phi_2"):
+            raise ValueError(f"sampler 'seeds_2': solver_type: expected 'phi_1' or 'phi_2', got {solver!r}")
+        return _seeds_2(ts, sig, _number(name, "eta", options.get("eta", 1.0)),
+                        _number(name, "s_noise", options.get("s_noise", 1.0)), float(r), solver)
+    if name == "er_sde":
+        _options(name, options, ("s_noise", "max_stage", "integration_points"))
+        stage = options.get("max_stage", 3)
+        if isinstance(stage, bool) or stage not in (1, 2, 3):
+            raise ValueError(f"sampler 'er_sde': max_stage: expected 1, 2 or 3, got {stage!r}")
+        points = options.get("integration_points", 200)
+        if points is not None and (isinstance(points, bool) or not isinstance(points, int) or points < 1):
+            raise ValueError(f"sampler 'er_sde': integration_points: expected a positive integer (ComfyUI: 200) or "
+                             f"None (exact integrals), got {points!r}")
+        return _er_sde(ts, sig, _number(name, "s_noise", options.get("s_noise", 1.0)), stage, points)
     raise ValueError(f"sampler: unknown ComfyUI sampler {name!r}")
 
 
@@ -265,3 +286,113 @@ def _lcm(ts: Timesteps, sig, options) -> SamplerTables:
     t.update({k: torch.tensor(v, dtype=torch.float64) for k, v in cols.items()})
     t["var_mean"] = t["sigma"] ** 2
     return SamplerTables(name, ts, t, draws_noise=[v > 0 for v in cols["sigma"]])
+
+
+def _er_noise_scaler(x):
+    """ER-SDE-Solver's default noise scale function (ComfyUI's): x (e^{x^0.3} + 10)."""
+    return x * (np.exp(x ** 0.3) + 10.0)
+
+
+def _er_integrals(s_from: float, s_to: float, points):
+    """∫_{σ_to}^{σ_from} dλ/n(λ) and ∫ (λ − σ_from)/n(λ) dλ: ComfyUI's left sums over ``points``
+    points from σ_to, or (``points=None``) 64-point Gauss–Legendre."""
+    if points is None:
+        gx, gw = np.polynomial.legendre.leggauss(64)
+        lam = 0.5 * (s_from - s_to) * gx + 0.5 * (s_from + s_to)
+        w = 0.5 * (s_from - s_to) * gw
+    else:
+        step = (s_from - s_to) / points
+        lam = s_to + np.arange(points, dtype=np.float64) * step
+        w = np.full(points, step)
+    scaled = _er_noise_scaler(lam)
+    return float((w / scaled).sum()), float((w * (lam - s_from) / scaled).sum())
+
+
+def _er_sde(ts: Timesteps, sig, s_noise: float, max_stage: int, points) -> SamplerTables:
+    """ER-SDE-Solver-3 (Cui et al. 2023, VP data prediction, Alg. 1–3 with λ = σ for σ-space
+    models): x_σ' = r x_σ + (1 − r) D + A D' + B D'' with r = n(σ')/n(σ), the divided differences
+    D' = (D_i − D_{i−1})/(σ_i − σ_{i−1}), D'' = (D' − D'_{i−1})/((σ_i − σ_{i−2})/2),
+    A = (σ' − σ) + n(σ') ∫ dλ/n, B = (σ' − σ)²/2 + n(σ') ∫ (λ − σ)/n dλ, plus
+    s_noise √(σ'² − σ² r²) z; onto σ = 0, x_σ' = D."""
+    n = len(ts)
+    a = [1 / math.sqrt(1 + s * s) for s in sig]
+    cols = {k: [0.0] * n for k in ("c_x", "c_0", "c_x0_prev", "c_x0_prev2", "sigma")}
+    for i in range(n):
+        s, st = sig[i], sig[i + 1]
+        if st == 0:
+            cols["c_0"][i] = a[i + 1]
+            continue
+        r = float(_er_noise_scaler(np.float64(st)) / _er_noise_scaler(np.float64(s)))
+        w = {"x": r, "0": 1 - r, "p1": 0.0, "p2": 0.0}
+        stage = min(max_stage, i + 1)
+        if stage >= 2:
+            dt = st - s
+            int1, int2 = _er_integrals(s, st, points)
+            big_a = dt + int1 * float(_er_noise_scaler(np.float64(st)))
+            d1 = s - sig[i - 1]
+            w["0"] += big_a / d1
+            w["p1"] -= big_a / d1
+            if stage >= 3:
+                big_b = dt * dt / 2 + int2 * float(_er_noise_scaler(np.float64(st)))
+                d2, half = sig[i - 1] - sig[i - 2], (s - sig[i - 2]) / 2
+                w["0"] += big_b / (half * d1)
+                w["p1"] -= big_b / half * (1 / d1 + 1 / d2)
+                w["p2"] += big_b / (half * d2)
+        cols["c_x"][i] = a[i + 1] * w["x"] / a[i]
+        cols["c_0"][i] = a[i + 1] * w["0"]
+        cols["c_x0_prev"][i] = a[i + 1] * w["p1"]
+        cols["c_x0_prev2"][i] = a[i + 1] * w["p2"]
+        cols["sigma"][i] = a[i + 1] * s_noise * math.sqrt(max(st * st - s * s * r * r, 0.0))
+    t = common_tables(ts)
+    t.update({k: torch.tensor(v, dtype=torch.float64) for k, v in cols.items()})
+    t["var_mean"] = t["sigma"] ** 2
+    return SamplerTables("er_sde", ts, t, slots=("x0_prev", "x0_prev2"), moves={"x0_prev": "0", "x0_prev2": "x0_prev"},
+                         draws_noise=[v > 0 for v in cols["sigma"]])
+
+
+def _seeds_2(ts: Timesteps, sig, eta: float, s_noise: float, r: float, solver: str) -> SamplerTables:
+    """SEEDS-2 (Gonzalez et al. 2023, VP data prediction; ComfyUI's ``sample_seeds_2``), in
+    ``λ = −log σ``, ``h = λ_{i+1} − λ_i``, ``h_η = (1 + η) h``, stage point ``σ_s = σ_i e^{−r h}``:
+
+    - stage 1: ``u = (σ_s/σ_i) e^{−r h η} x_σ + (1 − e^{−r h_η}) D_1 + s_noise σ_s √(1 − e^{−2 r h η}) z_1``;
+    - stage 2: ``x_σ' = (σ'/σ_i) e^{−h η} x_σ + (1 − e^{−h_η}) ((1 − 1/(2r)) D_1 + D_2/(2r))``
+      (``solver_type="phi_2"``: ``− (b_1 D_1 + b_2 D_2)``, ``b_2 = (e^{−h_η} − 1 + h_η)/(−h_η r)``,
+      ``b_1 = e^{−h_η} − 1 − b_2``), plus ``s_noise σ' (e^{(r−1) h η} n_1 + √(1 − e^{2 (r−1) h η}) z_2)``
+      with ``n_1 = √(1 − e^{−2 r h η}) z_1`` the first stage's noise, carried (read back from ``u``).
+
+    The two noises are the increments of one Brownian path over ``[σ_s, σ_i]`` and ``[σ', σ_s]``
+    (disjoint: independent draws, as ComfyUI's default noise)."""
+    n = len(ts)
+    rows = []
+    for i in range(n):
+        s, st = sig[i], sig[i + 1]
+        if st == 0:
+            rows.append(_Row(s, i, {"x": 0.0, "0": 1.0}))
+            continue
+        h = math.log(s / st)
+        h_eta = h * (eta + 1)
+        sm = s * math.exp(-r * h)
+        noisy = eta > 0 and s_noise > 0
+        w_x, w_0 = sm / s * math.exp(-r * h * eta), -math.expm1(-r * h_eta)
+        n1 = math.sqrt(-math.expm1(-2 * r * h * eta)) if noisy else 0.0
+        first = _Row(s, i, {"x": w_x, "0": w_0}, sm * s_noise * n1, (s, sm))
+        lin = st / s * math.exp(-h * eta)
+        if solver == "phi_1":
+            fac = 1 / (2 * r)
+            d1, d2 = -math.expm1(-h_eta) * (1 - fac), -math.expm1(-h_eta) * fac
+        else:
+            b2 = (math.expm1(-h_eta) + h_eta) / (-h_eta) / r
+            b1 = math.expm1(-h_eta) - b2
+            d1, d2 = -b1, -b2
+        second = _Row(sm, None, {"x_carry": lin, "x0_prev": d1, "0": d2})
+        if noisy and first.noise > 0:
+            seg = (r - 1) * h * eta
+            # σ' s_noise e^{seg} n_1 = k (u − w_x x_σ − w_0 D_1), k = e^{seg} σ'/σ_s
+            k = math.exp(seg) * st / sm
+            second.coef["x"] = k
+            second.coef["x_carry"] -= k * w_x
+            second.coef["x0_prev"] -= k * w_0
+            second.noise = st * s_noise * math.sqrt(-math.expm1(2 * seg))
+            second.noise_sigmas = (sm, st)
+        rows += [first, second]
+    return _tables("seeds_2", ts, rows, sig, sig[0], 0.0)
