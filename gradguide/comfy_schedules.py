@@ -19,6 +19,10 @@ exactly (returned as float64). Pass the result as ``sigmas=`` to a sampler (docs
 - ``kl_optimal``: ``tan((1 − k/(n−1)) atan σ_max + k/(n−1) atan σ_min)``, then 0.
 - ``karras``, ``exponential``: :func:`~gradguide.schedules.sigmas_karras` /
   :func:`~gradguide.schedules.sigmas_exponential` between the table's σ_min and σ_max, in float32.
+
+ComfyUI calls a discrete model at the training step *nearest* each σ (an integer), where
+k-diffusion and gradguide interpolate a fractional timestep: :func:`comfy_schedule` gives the
+schedule with ComfyUI's rule.
 """
 from __future__ import annotations
 
@@ -83,6 +87,31 @@ def comfy_sigmas(schedule: Schedule, scheduler: str, steps: int, **options) -> t
         out = torch.zeros(steps + 1, dtype=torch.float32)
         out[:-1] = (ramp * math.atan(smin) + (1 - ramp) * math.atan(smax)).tan()
     return out.to(torch.float64)
+
+
+class ComfySchedule(Schedule):
+    """A discrete schedule whose σ → timestep map is ComfyUI's: the training step whose float32
+    ``log σ`` is nearest (``ModelSamplingDiscrete.timestep``), an integer."""
+
+    def sigma_to_t(self, sigma) -> torch.Tensor:
+        log_table = self.sigmas.log().to(torch.float32)
+        sig = torch.as_tensor(np.asarray(sigma, dtype=np.float64)).to(torch.float32)
+        dist = (sig.reshape(-1).log()[None, :] - log_table[:, None]).abs()
+        return dist.argmin(dim=0).to(torch.float64).reshape(sig.shape)
+
+
+def comfy_schedule(schedule: Schedule) -> ComfySchedule:
+    """``schedule`` with ComfyUI's σ → timestep rule (the nearest training step), for sampling with
+    a σ list as ComfyUI does; its sampler configuration travels with it."""
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule: expected a gradguide.Schedule, got {type(schedule).__name__}")
+    config = schedule.sampler_config
+    if config is not None and getattr(config, "prediction", None) == "flow":
+        raise ValueError("schedule: comfy_schedule takes discrete ε/v schedules (ComfyUI's flow models map σ to "
+                         "timesteps by their own rule)")
+    out = ComfySchedule(schedule.alphas_cumprod)
+    out.sampler_config = config
+    return out
 
 
 def _karras32(n: int, smin: float, smax: float, rho: float = 7.0) -> torch.Tensor:

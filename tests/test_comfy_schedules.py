@@ -154,3 +154,24 @@ def test_sigmas_drive_a_sampler(schedule):
                   x_T=torch.ones(2, 3, dtype=torch.float64))
     # ε = 0: x_σ stays σ_0 x_T through every Euler step of the σ ODE dx/dσ = ε
     assert torch.allclose(x, torch.full((2, 3), float(sig[0]), dtype=torch.float64), rtol=1e-6)
+
+
+def test_comfy_schedule_calls_the_model_at_the_nearest_training_step(schedule):
+    """ComfyUI's discrete models take the training step nearest σ in log σ (an integer); k-diffusion's
+    and gradguide's default map interpolates a fractional one."""
+    sig = gg.comfy_sigmas(schedule, "karras", 9)
+    table = np.log(_table(schedule))
+    nearest = [int(np.abs(table - np.log(s)).argmin()) for s in sig.numpy()[:-1]]
+    seen = []
+
+    def model(x, t):
+        seen.append(t[0].item())
+        return torch.zeros_like(x)
+    comfy = gg.comfy_schedule(schedule)
+    gg.sample(model, (1, 2), schedule=comfy, sampler=gg.Sampler("euler", sigmas=sig))
+    assert seen == nearest
+    seen.clear()
+    gg.sample(model, (1, 2), schedule=schedule, sampler=gg.Sampler("euler", sigmas=sig))
+    assert any(t != round(t) for t in seen)      # the interpolated map: fractional timesteps
+    with pytest.raises(ValueError, match="discrete"):
+        gg.comfy_schedule(gg.FlowSchedule())
