@@ -263,6 +263,48 @@ def test_seeds_2_matches_comfyui_loop(options):
     np.testing.assert_allclose(got, x, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("options,end", [({}, 0.0), ({}, 0.05), ({"s_churn": 2.0, "s_tmin": 0.2, "s_tmax": 5.0}, 0.0),
+                                         ({"s_churn": 1.0, "s_noise": 0.7}, 0.05)])
+def test_heunpp2_matches_comfyui_loop(options, end):
+    """Heun++ as ComfyUI runs it, with its churn noise from a list (ComfyUI draws it with randn_like)."""
+    sig = _grid()
+    if end:
+        sig = sig[:-1]   # the last σ is not 0: Heun++ ends with an Euler step onto it
+    n = len(sig) - 1
+    rng = np.random.default_rng(4)
+    noises = [rng.standard_normal(X0.shape) for _ in range(n)]
+    s_churn, s_tmin = options.get("s_churn", 0.0), options.get("s_tmin", 0.0)
+    s_tmax, s_noise = options.get("s_tmax", float("inf")), options.get("s_noise", 1.0)
+    x, used = X0.copy(), []
+    for i in range(n):
+        gamma = min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sig[i] <= s_tmax else 0.0
+        hat = sig[i] * (gamma + 1)
+        if gamma > 0:
+            used.append(noises[i])
+            x = x + noises[i] * s_noise * math.sqrt(hat ** 2 - sig[i] ** 2)
+        den = mixture_denoiser(x, hat)
+        d = (x - den) / hat
+        dt = sig[i + 1] - hat
+        if sig[i + 1] == sig[-1]:
+            x = x + d * dt
+        elif sig[i + 2] == sig[-1]:
+            x2 = x + d * dt
+            d2 = (x2 - mixture_denoiser(x2, sig[i + 1])) / sig[i + 1]
+            w2 = sig[i + 1] / (2 * sig[0])
+            x = x + (d * (1 - w2) + d2 * w2) * dt
+        else:
+            x2 = x + d * dt
+            d2 = (x2 - mixture_denoiser(x2, sig[i + 1])) / sig[i + 1]
+            x3 = x2 + d2 * (sig[i + 2] - sig[i + 1])
+            d3 = (x3 - mixture_denoiser(x3, sig[i + 2])) / sig[i + 2]
+            w2, w3 = sig[i + 1] / (3 * sig[0]), sig[i + 2] / (3 * sig[0])
+            x = x + (d * (1 - w2 - w3) + d2 * w2 + d3 * w3) * dt
+    tables = build("heunpp2", timesteps(sig), **options)
+    assert tables.draws_noise.count(True) + int(bool(tables.initial_noise)) == len(used)
+    got = run_paths(tables, mixture_denoiser, X0, used)
+    np.testing.assert_allclose(got, x, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("s_noise,s_noise_end", [(1.0, None), (0.8, 0.2)])
 def test_lcm_matches_comfyui_loop(s_noise, s_noise_end):
     sig = _grid()
@@ -343,8 +385,8 @@ def test_comfy_samplers_run_through_sample_with_sigmas():
     schedule = gg.Schedule.linear(1000)
     sigmas = gg.comfy_sigmas(schedule, "karras", 8)
     for name in ("ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm",
-                 "er_sde", "seeds_2"):
+                 "er_sde", "seeds_2", "heunpp2"):
         calls = []
         x = gg.sample(lambda x, t: (calls.append(1), 0.1 * x)[1], (2, 3), schedule=schedule,
                       sampler=gg.Sampler(name, sigmas=sigmas), generator=torch.Generator().manual_seed(0))
-        assert torch.isfinite(x).all() and len(calls) == (15 if name == "seeds_2" else 8), name
+        assert torch.isfinite(x).all() and len(calls) == {"seeds_2": 15, "heunpp2": 21}.get(name, 8), name

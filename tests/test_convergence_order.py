@@ -250,6 +250,9 @@ ODE_CASES += [   # ComfyUI's own samplers (gradguide.samplers.comfy; docs/sample
     ("res_multistep", "res_multistep", {}, "exp", 2,
      "exponential integrator with D linear through the last two predictions, integrated exactly (φ₁, φ₂)"),
     ("res_multistep_ancestral-eta0", "res_multistep_ancestral", {"eta": 0.0}, "exp", 2, "at η = 0 it is res_multistep"),
+    ("heunpp2", "heunpp2", {}, "exp", 1,
+     "the weights sum to 1 (consistent) but weigh the derivative's change, d_2 − d_1 ≈ dt d' and d_3 − d_1 ≈ 2 dt d', "
+     "by w_2 + 2 w_3 ≈ σ_i/σ_0 instead of the Taylor ½: the local error keeps an O(h²) term"),
     ("seeds_2-eta0", "seeds_2", {"eta": 0.0}, "exp", 2,
      "at η = 0, the data-prediction exponential integrator with (1 − 1/(2r)) D_1 + D_2/(2r): DPM-Solver++(2S)"),
     ("seeds_2-eta0-phi2", "seeds_2", {"eta": 0.0, "solver_type": "phi_2"}, "exp", 2,
@@ -332,6 +335,7 @@ SDE_CASES += [
      "ER-SDE-Solver-3 with exact integrals: the variance recursion is second order (as the multistep SDE solvers')"),
     ("er_sde-2-exact", "er_sde", {"max_stage": 2, "integration_points": None}, 2, "as three stages"),
     ("er_sde-1", "er_sde", {"max_stage": 1}, 1, "the first stage alone freezes D over the step"),
+    ("heunpp2-churn", "heunpp2", {"s_churn": 1.0}, 1, "noise up to σ̂, then the first-order Heun++ step"),
 ]
 
 @pytest.mark.parametrize("case", SDE_CASES, ids=[c[0] for c in SDE_CASES])

@@ -35,7 +35,7 @@ SAMPLERS = ("ddpm", "ddim", "dpm_2", "dpm_2_ancestral", "dpmpp-2m", "dpmpp-2m-sd
             "flow-euler", "flow-heun", "flow-lcm",
             # ComfyUI's own (gradguide.samplers.comfy)
             "ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm",
-            "er_sde", "seeds_2")
+            "er_sde", "seeds_2", "heunpp2")
 # ComfyUI samplers that are not a table step here, with the reason (refused by name)
 REFUSED = {
     "res_multistep_cfg_pp": "its CFG++ form carries the unconditional prediction as its multistep history; gradguide's "

@@ -44,10 +44,11 @@ import torch
 
 from ..schedules import Timesteps
 from . import SamplerTables, common_tables
+from . import stages as _stages
 from .kdiff import _Row, _tables, ancestral_step
 
 SAMPLERS = ("ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm",
-            "er_sde", "seeds_2")
+            "er_sde", "seeds_2", "heunpp2")
 _AB = {1: [1.0], 2: [1.5, -0.5], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
 
 
@@ -114,6 +115,9 @@ def tables(name: str, ts: Timesteps, **options) -> SamplerTables:
             raise ValueError(f"sampler 'seeds_2': solver_type: expected 'phi_1' or 'phi_2', got {solver!r}")
         return _seeds_2(ts, sig, _number(name, "eta", options.get("eta", 1.0)),
                         _number(name, "s_noise", options.get("s_noise", 1.0)), float(r), solver)
+    if name == "heunpp2":
+        _options(name, options, ("s_churn", "s_tmin", "s_tmax", "s_noise"))
+        return _heunpp2(ts, sig, options)
     if name == "er_sde":
         _options(name, options, ("s_noise", "max_stage", "integration_points"))
         stage = options.get("max_stage", 3)
@@ -396,3 +400,52 @@ def _seeds_2(ts: Timesteps, sig, eta: float, s_noise: float, r: float, solver: s
             second.noise_sigmas = (sm, st)
         rows += [first, second]
     return _tables("seeds_2", ts, rows, sig, sig[0], 0.0)
+
+
+def _heunpp2(ts: Timesteps, sig, options) -> SamplerTables:
+    """Heun++ (ComfyUI's ``heunpp2``, from sd-webui-samplers-scheduler): from ``x_i`` at ``σ̂_i``
+    (Karras churn as ``heun``), Euler steps to ``σ_{i+1}`` and ``σ_{i+2}`` give ``d_2``, ``d_3``; then
+    ``x_{i+1} = x_i + dt (w_1 d_1 + w_2 d_2 + w_3 d_3)``, ``dt = σ_{i+1} − σ̂_i``,
+    ``w_2 = σ_{i+1}/(3σ_0)``, ``w_3 = σ_{i+2}/(3σ_0)``, ``w_1 = 1 − w_2 − w_3`` (σ_0 the first listed
+    σ). Two evaluations (``w_2 = σ_{i+1}/(2σ_0)``) when ``σ_{i+2}`` is the last σ, Euler onto it.
+    The weights sum to 1 but weigh the change of ``d`` by ``≈ σ_i/σ_0`` instead of ½: first order."""
+    name = "heunpp2"
+    n = len(sig) - 1
+    s_noise = _number(name, "s_noise", options.get("s_noise", 1.0))
+    s_churn = _number(name, "s_churn", options.get("s_churn", 0.0))
+    s_tmin = _number(name, "s_tmin", options.get("s_tmin", 0.0))
+    s_tmax = options.get("s_tmax", float("inf"))
+    if isinstance(s_tmax, bool) or not isinstance(s_tmax, (int, float)) or math.isnan(s_tmax) or s_tmax < 0:
+        raise ValueError(f"sampler 'heunpp2': s_tmax: expected a number >= 0 (inf allowed), got {s_tmax!r}")
+    gamma = [min(s_churn / n, 2 ** 0.5 - 1) if s_tmin <= sig[i] <= s_tmax else 0.0 for i in range(n)]
+    hat = [sig[i] * (1 + gamma[i]) for i in range(n)]
+    churn = [s_noise * math.sqrt(max(hat[i] ** 2 - sig[i] ** 2, 0.0)) if gamma[i] > 0 else 0.0 for i in range(n)]
+    end, first = sig[-1], sig[0]
+    rows = []
+    for i in range(n):
+        sh, s1 = hat[i], sig[i + 1]
+        dt = s1 - sh
+        e1 = _stages.Stage(sh, i if gamma[i] == 0 else None, {})
+        d1 = {"x": 1 / sh, "0": -1 / sh}
+        if s1 == end:
+            e1.out = {"x": 1 + dt / sh, "0": -dt / sh}
+            rows.append(e1)
+        else:
+            e1.out = {"x": 1 + dt / sh, "0": -dt / sh}
+            e1.keep = {"xs": {"x": 1.0}, "d1": d1}
+            s2 = sig[i + 2]
+            if s2 == end:
+                w2 = s1 / (2 * first)
+                rows += [e1, _stages.Stage(s1, i + 1, {"xs": 1.0, "d1": dt * (1 - w2), "x": dt * w2 / s1,
+                                                       "0": -dt * w2 / s1})]
+            else:
+                dt2 = s2 - s1
+                w2, w3 = s1 / (3 * first), s2 / (3 * first)
+                e2 = _stages.Stage(s1, i + 1, {"x": 1 + dt2 / s1, "0": -dt2 / s1},
+                                   keep={"d2": {"x": 1 / s1, "0": -1 / s1}})
+                e3 = _stages.Stage(s2, i + 2, {"xs": 1.0, "d1": dt * (1 - w2 - w3), "d2": dt * w2, "x": dt * w3 / s2,
+                                               "0": -dt * w3 / s2})
+                rows += [e1, e2, e3]
+        if i + 1 < n and churn[i + 1]:   # the next step's churn, before its first model call
+            rows[-1].noise, rows[-1].noise_sigmas = churn[i + 1], (sig[i + 1], hat[i + 1])
+    return _stages.tables(name, ts, rows, ("xs", "d1", "d2"), end, hat[0], churn[0], (sig[0], hat[0]))
