@@ -263,6 +263,51 @@ def test_seeds_2_matches_comfyui_loop(options):
     np.testing.assert_allclose(got, x, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("options", [{}, {"eta": 0.0}, {"eta": 0.4, "s_noise": 0.8, "r_1": 0.25, "r_2": 0.6}])
+def test_seeds_3_matches_comfyui_loop(options):
+    sig = _grid()
+    rng = np.random.default_rng(5)
+    noises = [rng.standard_normal(X0.shape) for _ in range(3 * len(sig))]
+    eta, s_noise = options.get("eta", 1.0), options.get("s_noise", 1.0)
+    r1, r2 = options.get("r_1", 1 / 3), options.get("r_2", 2 / 3)
+    phi1 = math.expm1
+    phi2 = lambda z: (math.expm1(z) - z) / z   # noqa: E731
+    x, used = X0.copy(), iter(noises)
+    noisy = eta > 0 and s_noise > 0
+    for i in range(len(sig) - 1):
+        den = mixture_denoiser(x, sig[i])
+        if sig[i + 1] == 0:
+            x = den
+            continue
+        ls, lt = -math.log(sig[i]), -math.log(sig[i + 1])
+        h = lt - ls
+        h_eta = h * (eta + 1)
+        s1, s2 = math.exp(-(ls + r1 * h)), math.exp(-(ls + r2 * h))
+        x2 = s1 / sig[i] * math.exp(-r1 * h * eta) * x - phi1(-r1 * h_eta) * den
+        if noisy:
+            sde = math.sqrt(-math.expm1(-2 * r1 * h * eta)) * next(used)
+            x2 = x2 + sde * s1 * s_noise
+        den2 = mixture_denoiser(x2, s1)
+        a32 = r2 / r1 * phi2(-r2 * h_eta)
+        a31 = phi1(-r2 * h_eta) - a32
+        x3 = s2 / sig[i] * math.exp(-r2 * h * eta) * x - (a31 * den + a32 * den2)
+        if noisy:
+            seg = (r1 - r2) * h * eta
+            sde = sde * math.exp(seg) + math.sqrt(-math.expm1(2 * seg)) * next(used)
+            x3 = x3 + sde * s2 * s_noise
+        den3 = mixture_denoiser(x3, s2)
+        b3 = phi2(-h_eta) / r2
+        b1 = phi1(-h_eta) - b3
+        x = sig[i + 1] / sig[i] * math.exp(-h * eta) * x - (b1 * den + b3 * den3)
+        if noisy:
+            seg = (r2 - 1) * h * eta
+            sde = sde * math.exp(seg) + math.sqrt(-math.expm1(2 * seg)) * next(used)
+            x = x + sde * sig[i + 1] * s_noise
+    tables = build("seeds_3", timesteps(sig), **options)
+    got = run_paths(tables, mixture_denoiser, X0, noises[:sum(tables.draws_noise)])
+    np.testing.assert_allclose(got, x, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("options,end", [({}, 0.0), ({}, 0.05), ({"s_churn": 2.0, "s_tmin": 0.2, "s_tmax": 5.0}, 0.0),
                                          ({"s_churn": 1.0, "s_noise": 0.7}, 0.05)])
 def test_heunpp2_matches_comfyui_loop(options, end):
@@ -385,8 +430,8 @@ def test_comfy_samplers_run_through_sample_with_sigmas():
     schedule = gg.Schedule.linear(1000)
     sigmas = gg.comfy_sigmas(schedule, "karras", 8)
     for name in ("ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm",
-                 "er_sde", "seeds_2", "heunpp2"):
+                 "er_sde", "seeds_2", "seeds_3", "heunpp2"):
         calls = []
         x = gg.sample(lambda x, t: (calls.append(1), 0.1 * x)[1], (2, 3), schedule=schedule,
                       sampler=gg.Sampler(name, sigmas=sigmas), generator=torch.Generator().manual_seed(0))
-        assert torch.isfinite(x).all() and len(calls) == {"seeds_2": 15, "heunpp2": 21}.get(name, 8), name
+        assert torch.isfinite(x).all() and len(calls) == {"seeds_2": 15, "seeds_3": 22, "heunpp2": 21}.get(name, 8), name

@@ -257,6 +257,9 @@ ODE_CASES += [   # ComfyUI's own samplers (gradguide.samplers.comfy; docs/sample
      "at η = 0, the data-prediction exponential integrator with (1 − 1/(2r)) D_1 + D_2/(2r): DPM-Solver++(2S)"),
     ("seeds_2-eta0-phi2", "seeds_2", {"eta": 0.0, "solver_type": "phi_2"}, "exp", 2,
      "the φ₂ weights make D linear through the two stages, integrated exactly"),
+    ("seeds_3-eta0", "seeds_3", {"eta": 0.0}, "exp", 3,
+     "at η = 0, the third-order singlestep exponential integrator (stages at r = 1/3, 2/3; the last combines D_1 "
+     "and D_3 with φ₂/r_2)"),
     ("seeds_2-eta0-r1-phi2", "seeds_2", {"eta": 0.0, "r": 1.0, "solver_type": "phi_2"}, "exp", 2,
      "r = 1 (ComfyUI's exp_heun_2_x0): exponential Heun"),
 ]
@@ -331,6 +334,9 @@ SDE_CASES += [
      "term is the second-order DPM-Solver++(2S) combination"),
     ("seeds_2-phi2", "seeds_2", {"solver_type": "phi_2"}, 2, "as φ₁"),
     ("seeds_2-eta0.5", "seeds_2", {"eta": 0.5}, 2, "as η = 1"),
+    ("seeds_3", "seeds_3", {}, 2, "measured 1.85 (local slopes rising to 1.9): the variance's recursion is second "
+     "order, as the multistep SDE solvers'; its η = 0 limit is third order"),
+    ("seeds_3-eta0.5", "seeds_3", {"eta": 0.5}, 2, "as η = 1"),
     ("er_sde-exact", "er_sde", {"integration_points": None}, 2,
      "ER-SDE-Solver-3 with exact integrals: the variance recursion is second order (as the multistep SDE solvers')"),
     ("er_sde-2-exact", "er_sde", {"max_stage": 2, "integration_points": None}, 2, "as three stages"),

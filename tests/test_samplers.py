@@ -18,7 +18,7 @@ NEW = ["euler", "euler_a", "heun", "lms", "dpmpp-2m", "dpmpp-2m-sde", "unipc", "
        "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
        # ComfyUI's own (gradguide.samplers.comfy)
        "ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm",
-       "er_sde", "seeds_2", "heunpp2"]
+       "er_sde", "seeds_2", "seeds_3", "heunpp2"]
 
 
 TERMS = guidance_cases(GM)
@@ -36,7 +36,7 @@ def test_every_guidance_term_and_projection_runs_without_host_sync(name, sampler
     assert torch.isfinite(x).all()
     # Heun, DPM-2 and the two-stage samplers: two evaluations per step, one on the last; PLMS: the first step twice
     assert len(records) == {"heun": 11, "plms": 7, "dpm_2": 11, "dpm_2_ancestral": 11, "dpmpp_2s_ancestral": 11,
-                            "dpmpp_sde": 11, "seeds_2": 11, "heunpp2": 15}.get(sampler, 6)
+                            "dpmpp_sde": 11, "seeds_2": 11, "seeds_3": 16, "heunpp2": 15}.get(sampler, 6)
 
 
 def test_euler_is_ddim_on_the_same_grid():

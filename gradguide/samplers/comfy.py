@@ -48,7 +48,7 @@ from . import stages as _stages
 from .kdiff import _Row, _tables, ancestral_step
 
 SAMPLERS = ("ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm",
-            "er_sde", "seeds_2", "heunpp2")
+            "er_sde", "seeds_2", "seeds_3", "heunpp2")
 _AB = {1: [1.0], 2: [1.5, -0.5], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
 
 
@@ -115,6 +115,16 @@ def tables(name: str, ts: Timesteps, **options) -> SamplerTables:
             raise ValueError(f"sampler 'seeds_2': solver_type: expected 'phi_1' or 'phi_2', got {solver!r}")
         return _seeds_2(ts, sig, _number(name, "eta", options.get("eta", 1.0)),
                         _number(name, "s_noise", options.get("s_noise", 1.0)), float(r), solver)
+    if name == "seeds_3":
+        _options(name, options, ("eta", "s_noise", "r_1", "r_2"))
+        r1, r2 = options.get("r_1", 1 / 3), options.get("r_2", 2 / 3)
+        for key, v in (("r_1", r1), ("r_2", r2)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < 1:
+                raise ValueError(f"sampler 'seeds_3': {key}: expected a number in (0, 1), got {v!r}")
+        if not r1 < r2:
+            raise ValueError(f"sampler 'seeds_3': expected r_1 < r_2, got r_1={r1!r}, r_2={r2!r}")
+        return _seeds_3(ts, sig, _number(name, "eta", options.get("eta", 1.0)),
+                        _number(name, "s_noise", options.get("s_noise", 1.0)), float(r1), float(r2))
     if name == "heunpp2":
         _options(name, options, ("s_churn", "s_tmin", "s_tmax", "s_noise"))
         return _heunpp2(ts, sig, options)
@@ -449,3 +459,62 @@ def _heunpp2(ts: Timesteps, sig, options) -> SamplerTables:
         if i + 1 < n and churn[i + 1]:   # the next step's churn, before its first model call
             rows[-1].noise, rows[-1].noise_sigmas = churn[i + 1], (sig[i + 1], hat[i + 1])
     return _stages.tables(name, ts, rows, ("xs", "d1", "d2"), end, hat[0], churn[0], (sig[0], hat[0]))
+
+
+def _seeds_3(ts: Timesteps, sig, eta: float, s_noise: float, r1: float, r2: float) -> SamplerTables:
+    """SEEDS-3 (Gonzalez et al. 2023; ComfyUI's ``sample_seeds_3``): three exponential-integrator
+    stages at ``λ_i + r_1 h``, ``λ_i + r_2 h``, ``λ_{i+1}`` (``h_η = (1+η) h``, ``hφ₂(z) = (e^z − 1 − z)/z``):
+
+    - ``u_1 = (σ_1/σ_i) e^{−r_1 hη} x_σ + (1 − e^{−r_1 h_η}) D_1 + s_noise σ_1 n_1``;
+    - ``u_2 = (σ_2/σ_i) e^{−r_2 hη} x_σ − (a_1 D_1 + a_2 D_2) + s_noise σ_2 n_2``,
+      ``a_2 = (r_2/r_1) hφ₂(−r_2 h_η)``, ``a_1 = e^{−r_2 h_η} − 1 − a_2``;
+    - ``x_σ' = (σ'/σ_i) e^{−hη} x_σ − (b_1 D_1 + b_3 D_3) + s_noise σ' n_3``,
+      ``b_3 = hφ₂(−h_η)/r_2``, ``b_1 = e^{−h_η} − 1 − b_3``;
+
+    with the noise carried from stage to stage, ``n_{k+1} = e^{(r_k − r_{k+1}) hη} n_k + √(1 − e^{2(r_k − r_{k+1}) hη}) z``
+    (``n_1 = √(1 − e^{−2 r_1 hη}) z``): read back from the stage's input, the start ``x_σ`` and the
+    earlier predictions (slots ``xs``, ``D1``, ``D2``)."""
+    n = len(ts)
+    phi1 = math.expm1
+
+    def phi2(z):
+        return (math.expm1(z) - z) / z
+    rows = []
+    noisy = eta > 0 and s_noise > 0
+    for i in range(n):
+        s, st = sig[i], sig[i + 1]
+        if st == 0:
+            rows.append(_stages.Stage(s, i, {"0": 1.0}))
+            continue
+        h = math.log(s / st)
+        h_eta = h * (eta + 1)
+        s1, s2 = s * math.exp(-r1 * h), s * math.exp(-r2 * h)
+        w1 = (s1 / s * math.exp(-r1 * h * eta), -phi1(-r1 * h_eta))            # on xs, D1
+        a2 = r2 / r1 * phi2(-r2 * h_eta)
+        a1 = phi1(-r2 * h_eta) - a2
+        w2 = (s2 / s * math.exp(-r2 * h * eta), -a1, -a2)                      # on xs, D1, D2
+        b3 = phi2(-h_eta) / r2
+        b1 = phi1(-h_eta) - b3
+        w3 = (st / s * math.exp(-h * eta), -b1, -b3)                           # on xs, D1, D3
+        e1 = _stages.Stage(s, i, {"x": w1[0], "0": w1[1]}, keep={"xs": {"x": 1.0}, "D1": {"0": 1.0}})
+        e2 = _stages.Stage(s1, None, {"xs": w2[0], "D1": w2[1], "0": w2[2]}, keep={"D2": {"0": 1.0}})
+        e3 = _stages.Stage(s2, None, {"xs": w3[0], "D1": w3[1], "0": w3[2]})
+        if noisy:
+            e1.noise = s_noise * s1 * math.sqrt(-math.expm1(-2 * r1 * h * eta))
+            e1.noise_sigmas = (s, s1)
+            # s_noise σ_2 e^{seg} n_1 = k (u_1 − w1·(xs, D1)), k = e^{seg} σ_2/σ_1
+            seg = (r1 - r2) * h * eta
+            k = math.exp(seg) * s2 / s1
+            e2.out["x"] = k
+            e2.out["xs"] -= k * w1[0]
+            e2.out["D1"] -= k * w1[1]
+            e2.noise, e2.noise_sigmas = s_noise * s2 * math.sqrt(-math.expm1(2 * seg)), (s1, s2)
+            seg = (r2 - 1) * h * eta
+            k = math.exp(seg) * st / s2
+            e3.out["x"] = k
+            e3.out["xs"] -= k * w2[0]
+            e3.out["D1"] -= k * w2[1]
+            e3.out["D2"] = -k * w2[2]
+            e3.noise, e3.noise_sigmas = s_noise * st * math.sqrt(-math.expm1(2 * seg)), (s2, st)
+        rows += [e1, e2, e3]
+    return _stages.tables("seeds_3", ts, rows, ("xs", "D1", "D2"), sig[-1], sig[0])
