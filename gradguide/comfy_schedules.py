@@ -114,6 +114,22 @@ def comfy_schedule(schedule: Schedule) -> ComfySchedule:
     return out
 
 
+def comfy_percent_to_sigma(schedule: Schedule, percent: float) -> float:
+    """ComfyUI's ``percent_to_sigma`` of a discrete model: σ at timestep ``(1 − percent) · 999``
+    (log σ interpolated, float32; 999 whatever T is, as ComfyUI), ``999999999.9`` at ``percent ≤ 0``,
+    0 at ``percent ≥ 1``. ``sa_solver``'s noise window is ``(percent_to_sigma(0.2), percent_to_sigma(0.8))``."""
+    if not isinstance(schedule, Schedule):
+        raise TypeError(f"schedule: expected a gradguide.Schedule, got {type(schedule).__name__}")
+    if isinstance(percent, bool) or not isinstance(percent, (int, float)) or math.isnan(percent):
+        raise ValueError(f"percent: expected a number, got {percent!r}")
+    if percent <= 0.0:
+        return 999999999.9
+    if percent >= 1.0:
+        return 0.0
+    log_table = schedule.sigmas.log().to(torch.float32)
+    return float(_sigma_at(log_table, torch.tensor((1.0 - percent) * 999.0, dtype=torch.float32)))
+
+
 def _karras32(n: int, smin: float, smax: float, rho: float = 7.0) -> torch.Tensor:
     ramp = torch.linspace(0, 1, n, dtype=torch.float32)
     lo, hi = smin ** (1 / rho), smax ** (1 / rho)

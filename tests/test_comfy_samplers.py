@@ -308,6 +308,81 @@ def test_seeds_3_matches_comfyui_loop(options):
     np.testing.assert_allclose(got, x, rtol=1e-10, atol=1e-10)
 
 
+def _sa_b(nodes, lam_s, lam_t, tau):
+    """SA-Solver's b weights as ComfyUI computes them: the integrals (1+τ²)∫ e^{(1+τ²)(λ−λ_t)} λ^p dλ
+    by integration by parts, then the Lagrange weights by solving the transposed Vandermonde system."""
+    k, h, order = 1 + tau * tau, lam_t - lam_s, len(nodes)
+    prod = np.array([lam_t ** p - lam_s ** p * math.exp(-k * h) for p in range(order)])
+    rec = np.zeros((order, order))
+    for p in range(order):
+        for q in range(p + 1):
+            rec[p, q] = math.factorial(p) / math.factorial(q) * k ** (q - p) * (-1) ** (p - q)
+    return np.linalg.solve(np.vander(np.array(nodes), order, increasing=True).T, rec @ prod)
+
+
+@pytest.mark.parametrize("name,options", [("sa_solver", {"eta": 0.0}), ("sa_solver", {"sde_sigmas": (3.0, 0.2)}),
+                                          ("sa_solver_pece", {"sde_sigmas": (3.0, 0.2), "s_noise": 0.7}),
+                                          ("sa_solver", {"eta": 0.8, "sde_sigmas": (20.0, 0.0), "predictor_order": 2,
+                                                         "corrector_order": 3}),
+                                          ("sa_solver", {"eta": 0.0, "predictor_order": 2, "corrector_order": 2,
+                                                         "simple_order_2": True}),
+                                          ("sa_solver_pece", {"eta": 0.0})])
+def test_sa_solver_matches_comfyui_loop(name, options):
+    sig = _grid()
+    rng = np.random.default_rng(6)
+    noises = [rng.standard_normal(X0.shape) for _ in range(len(sig))]
+    eta, s_noise = options.get("eta", 1.0), options.get("s_noise", 1.0)
+    p, c = options.get("predictor_order", 3), options.get("corrector_order", 4)
+    simple, pece = options.get("simple_order_2", False), name.endswith("pece")
+    window = options.get("sde_sigmas")
+    tau_of = lambda s: eta if eta > 0 and window[0] >= s >= window[1] else 0.0   # noqa: E731
+    lam = [-math.log(s) if s > 0 else math.inf for s in sig]
+
+    def b(idx, s_i, t_i, tau, corrector):
+        nodes = [lam[k] for k in idx]
+        if simple and len(nodes) == 2:
+            kk, h = 1 + tau * tau, lam[t_i] - lam[s_i]
+            if corrector:
+                b1 = 0.5 * kk * h
+                return [-math.expm1(-h * kk) - b1, b1]
+            b2 = 0.5 * kk * h * h / (nodes[0] - lam[s_i])
+            return [b2, -math.expm1(-h * kk) - b2]
+        return list(_sa_b(nodes, lam[s_i], lam[t_i], tau))
+    n = len(sig) - 1
+    x_pred = X0.copy()
+    x, h, tau, noise, preds, used = None, 0.0, 0.0, 0.0, [], iter(noises)
+    for i in range(n):
+        den = mixture_denoiser(x_pred, sig[i])
+        preds = (preds + [den])[-max(p, c):]
+        p_used = min(p, len(preds))
+        c_used = 0 if i == 0 or (sig[i + 1] == 0 and not pece) else min(c, len(preds))
+        p_used, c_used = min(p_used, n - 1 - i), min(c_used, n - i)
+        if c_used == 0:
+            x = x_pred
+        else:
+            w = b(list(range(i - c_used + 1, i + 1)), i - 1, i, tau, True)
+            x = sig[i] / sig[i - 1] * math.exp(-tau * tau * h) * x + sum(wk * d for wk, d in zip(w, preds[-c_used:]))
+            if tau > 0 and s_noise > 0:
+                x = x + noise
+            if pece:
+                den = mixture_denoiser(x, sig[i])
+                preds[-1] = den
+        if sig[i + 1] == 0:
+            x_pred = den
+        else:
+            tau = tau_of(sig[i + 1])
+            w = b(list(range(i - p_used + 1, i + 1)), i, i + 1, tau, False)
+            h = lam[i + 1] - lam[i]
+            x_pred = sig[i + 1] / sig[i] * math.exp(-tau * tau * h) * x + sum(wk * d for wk, d in
+                                                                                zip(w, preds[-p_used:]))
+            if tau > 0 and s_noise > 0:
+                noise = next(used) * sig[i + 1] * math.sqrt(-math.expm1(-2 * tau * tau * h)) * s_noise
+                x_pred = x_pred + noise
+    tables = build(name, timesteps(sig), **options)
+    got = run_paths(tables, mixture_denoiser, X0, noises[:sum(tables.draws_noise)])
+    np.testing.assert_allclose(got, x_pred, rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("options,end", [({}, 0.0), ({}, 0.05), ({"s_churn": 2.0, "s_tmin": 0.2, "s_tmax": 5.0}, 0.0),
                                          ({"s_churn": 1.0, "s_noise": 0.7}, 0.05)])
 def test_heunpp2_matches_comfyui_loop(options, end):
@@ -430,8 +505,9 @@ def test_comfy_samplers_run_through_sample_with_sigmas():
     schedule = gg.Schedule.linear(1000)
     sigmas = gg.comfy_sigmas(schedule, "karras", 8)
     for name in ("ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm",
-                 "er_sde", "seeds_2", "seeds_3", "heunpp2"):
+                 "er_sde", "seeds_2", "seeds_3", "heunpp2", "sa_solver"):
         calls = []
+        options = {"sde_sigmas": (3.0, 0.5)} if name == "sa_solver" else {}
         x = gg.sample(lambda x, t: (calls.append(1), 0.1 * x)[1], (2, 3), schedule=schedule,
-                      sampler=gg.Sampler(name, sigmas=sigmas), generator=torch.Generator().manual_seed(0))
+                      sampler=gg.Sampler(name, sigmas=sigmas, **options), generator=torch.Generator().manual_seed(0))
         assert torch.isfinite(x).all() and len(calls) == {"seeds_2": 15, "seeds_3": 22, "heunpp2": 21}.get(name, 8), name

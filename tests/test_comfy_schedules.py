@@ -175,3 +175,15 @@ def test_comfy_schedule_calls_the_model_at_the_nearest_training_step(schedule):
     assert any(t != round(t) for t in seen)      # the interpolated map: fractional timesteps
     with pytest.raises(ValueError, match="discrete"):
         gg.comfy_schedule(gg.FlowSchedule())
+
+
+def test_comfy_percent_to_sigma(schedule):
+    """σ at timestep (1 − p)·999, log σ interpolated between training steps."""
+    table = _table(schedule)
+    for p in (0.2, 0.5, 0.8, 0.0371):
+        t = (1 - p) * 999.0
+        lo = int(np.floor(t))
+        w = t - lo
+        want = math.exp((1 - w) * math.log(table[lo]) + w * math.log(table[lo + 1]))
+        assert gg.comfy_percent_to_sigma(schedule, p) == pytest.approx(want, rel=2e-6)
+    assert gg.comfy_percent_to_sigma(schedule, 0.0) == 999999999.9 and gg.comfy_percent_to_sigma(schedule, 1.0) == 0.0

@@ -260,6 +260,16 @@ ODE_CASES += [   # ComfyUI's own samplers (gradguide.samplers.comfy; docs/sample
     ("seeds_3-eta0", "seeds_3", {"eta": 0.0}, "exp", 3,
      "at η = 0, the third-order singlestep exponential integrator (stages at r = 1/3, 2/3; the last combines D_1 "
      "and D_3 with φ₂/r_2)"),
+    ("sa_solver-eta0", "sa_solver", {"eta": 0.0}, "graded", 4,
+     "Adams predictor (3 nodes, local O(h⁴)) and corrector (4 nodes with the new prediction, local O(h⁵)) in λ with "
+     "the linear part exact: the PEC pair is of order min(p + 1, c) = 4"),
+    ("sa_solver-eta0-p2c3", "sa_solver", {"eta": 0.0, "predictor_order": 2, "corrector_order": 3}, "graded", 3,
+     "min(p + 1, c) = 3"),
+    ("sa_solver-eta0-p1c1", "sa_solver", {"eta": 0.0, "predictor_order": 1, "corrector_order": 1}, "exp", 1,
+     "one node each: D frozen over the step"),
+    ("sa_solver-eta0-simple2", "sa_solver", {"eta": 0.0, "predictor_order": 2, "corrector_order": 2,
+                                             "simple_order_2": True}, "exp", 2, "the paper's simplified order-2 weights"),
+    ("sa_solver_pece-eta0", "sa_solver_pece", {"eta": 0.0}, "graded", 4, "PECE: the same pair, re-evaluated"),
     ("seeds_2-eta0-r1-phi2", "seeds_2", {"eta": 0.0, "r": 1.0, "solver_type": "phi_2"}, "exp", 2,
      "r = 1 (ComfyUI's exp_heun_2_x0): exponential Heun"),
 ]
@@ -337,6 +347,10 @@ SDE_CASES += [
     ("seeds_3", "seeds_3", {}, 2, "measured 1.85 (local slopes rising to 1.9): the variance's recursion is second "
      "order, as the multistep SDE solvers'; its η = 0 limit is third order"),
     ("seeds_3-eta0.5", "seeds_3", {"eta": 0.5}, 2, "as η = 1"),
+    ("sa_solver", "sa_solver", {"sde_sigmas": (100.0, 0.0)}, 2,
+     "τ = 1 everywhere: the stochastic Adams steps integrate the linear part and the noise exactly; the variance's "
+     "recursion is second order, as the multistep SDE solvers'"),
+    ("sa_solver_pece", "sa_solver_pece", {"sde_sigmas": (100.0, 0.0)}, 2, "as sa_solver"),
     ("er_sde-exact", "er_sde", {"integration_points": None}, 2,
      "ER-SDE-Solver-3 with exact integrals: the variance recursion is second order (as the multistep SDE solvers')"),
     ("er_sde-2-exact", "er_sde", {"max_stage": 2, "integration_points": None}, 2, "as three stages"),

@@ -213,7 +213,9 @@ def test_sampler_options_travel_with_a_plain_schedule():
 
 
 @pytest.mark.parametrize("sampler,options", [("dpm_fast", {"nfe": 5, "eta": 1.0}), ("euler", {"s_churn": 2.0}),
-                                             ("heun", {"s_churn": 2.0, "s_tmax": 5.0})])
+                                             ("heun", {"s_churn": 2.0, "s_tmax": 5.0}),
+                                             ("sa_solver", {"sde_sigmas": (5.0, 0.5)}),
+                                             ("sa_solver_pece", {"sde_sigmas": (5.0, 0.5)})])
 @pytest.mark.parametrize("name", list(TERMS))
 def test_every_guidance_term_runs_on_dpm_fast_and_churn(name, sampler, options):
     """DPM-Solver-fast (its own steps between two σ's) and churned Euler/Heun (noise before the
@@ -228,7 +230,8 @@ def test_every_guidance_term_runs_on_dpm_fast_and_churn(name, sampler, options):
                   diagnostics=gg.Diagnostics(telemetry=True, callback=records.append, check_sync=True),
                   generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(x).all()
-    assert len(records) == {"dpm_fast": 5, "euler": 5, "heun": 9}[sampler]
+    # SA-Solver PECE: a second evaluation after each corrector (not at the first step)
+    assert len(records) == {"dpm_fast": 5, "euler": 5, "heun": 9, "sa_solver": 5, "sa_solver_pece": 9}[sampler]
 
 
 @pytest.mark.parametrize("sampler", ["dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp-3m-sde"])

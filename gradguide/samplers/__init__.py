@@ -35,7 +35,7 @@ SAMPLERS = ("ddpm", "ddim", "dpm_2", "dpm_2_ancestral", "dpmpp-2m", "dpmpp-2m-sd
             "flow-euler", "flow-heun", "flow-lcm",
             # ComfyUI's own (gradguide.samplers.comfy)
             "ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm",
-            "er_sde", "seeds_2", "seeds_3", "heunpp2")
+            "er_sde", "seeds_2", "seeds_3", "heunpp2", "sa_solver", "sa_solver_pece")
 # ComfyUI samplers that are not a table step here, with the reason (refused by name)
 REFUSED = {
     "res_multistep_cfg_pp": "its CFG++ form carries the unconditional prediction as its multistep history; gradguide's "
@@ -149,7 +149,7 @@ def build(name: str, ts: Timesteps, *, eta=None, variance: str = "fixed-small", 
 
 # the samplers with an η (how much fresh noise a step adds); the others refuse one by name
 ETA_SAMPLERS = ("ddim", "euler_a", "dpmpp-2m-sde", "dpmpp-3m-sde", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
-                "dpm_fast", "res_multistep_ancestral", "seeds_2", "seeds_3")
+                "dpm_fast", "res_multistep_ancestral", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece")
 
 
 def _build(name: str, ts: Timesteps, eta, variance: str, options) -> SamplerTables:

@@ -48,7 +48,7 @@ from . import stages as _stages
 from .kdiff import _Row, _tables, ancestral_step
 
 SAMPLERS = ("ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm",
-            "er_sde", "seeds_2", "seeds_3", "heunpp2")
+            "er_sde", "seeds_2", "seeds_3", "heunpp2", "sa_solver", "sa_solver_pece")
 _AB = {1: [1.0], 2: [1.5, -0.5], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
 
 
@@ -125,6 +125,10 @@ def tables(name: str, ts: Timesteps, **options) -> SamplerTables:
             raise ValueError(f"sampler 'seeds_3': expected r_1 < r_2, got r_1={r1!r}, r_2={r2!r}")
         return _seeds_3(ts, sig, _number(name, "eta", options.get("eta", 1.0)),
                         _number(name, "s_noise", options.get("s_noise", 1.0)), float(r1), float(r2))
+    if name in ("sa_solver", "sa_solver_pece"):
+        _options(name, options, ("eta", "s_noise", "sde_sigmas", "predictor_order", "corrector_order",
+                                 "simple_order_2"))
+        return _sa_solver(name, ts, sig, options)
     if name == "heunpp2":
         _options(name, options, ("s_churn", "s_tmin", "s_tmax", "s_noise"))
         return _heunpp2(ts, sig, options)
@@ -518,3 +522,122 @@ def _seeds_3(ts: Timesteps, sig, eta: float, s_noise: float, r1: float, r2: floa
             e3.noise, e3.noise_sigmas = s_noise * st * math.sqrt(-math.expm1(2 * seg)), (s2, st)
         rows += [e1, e2, e3]
     return _stages.tables("seeds_3", ts, rows, ("xs", "D1", "D2"), sig[-1], sig[0])
+
+
+def _sa_b(nodes, lam_s: float, lam_t: float, tau: float):
+    """SA-Solver's weights (Xue et al. 2023, eqs. 15/18, data prediction, α = 1): ``b_j =
+    ∫_{λ_s}^{λ_t} (1+τ²) e^{(1+τ²)(λ − λ_t)} ℓ_j(λ) dλ`` with ``ℓ_j`` the Lagrange basis on
+    ``nodes`` (oldest first); 32-point Gauss–Legendre (the integrand is smooth)."""
+    gx, gw = np.polynomial.legendre.leggauss(32)
+    k = 1 + tau * tau
+    lam = 0.5 * (lam_t - lam_s) * gx + 0.5 * (lam_t + lam_s)
+    weight = 0.5 * (lam_t - lam_s) * gw * k * np.exp(k * (lam - lam_t))
+    out = []
+    for j in range(len(nodes)):
+        basis = np.ones_like(lam)
+        for m in range(len(nodes)):
+            if m != j:
+                basis *= (lam - nodes[m]) / (nodes[j] - nodes[m])
+        out.append(float((weight * basis).sum()))
+    return out
+
+
+def _sa_simple_b(nodes, lam_s: float, lam_t: float, tau: float, corrector: bool):
+    """The simplified two-node weights (the paper's Appendix D), oldest first."""
+    k = 1 + tau * tau
+    h = lam_t - lam_s
+    if corrector:
+        b_new = 0.5 * k * h
+        return [-math.expm1(-h * k) - b_new, b_new]
+    b_old = 0.5 * k * h * h / (nodes[0] - lam_s)
+    return [b_old, -math.expm1(-h * k) - b_old]
+
+
+def _sa_solver(name: str, ts: Timesteps, sig, options) -> SamplerTables:
+    """SA-Solver (Xue et al. 2023; ComfyUI's ``sample_sa_solver``, ``sample_sa_solver_pece``): a
+    stochastic Adams predictor (``predictor_order`` nodes) and corrector (``corrector_order``
+    nodes, the newest prediction included) in ``λ = −log σ``; where ``τ = eta`` (σ in
+    ``sde_sigmas = (start, end)``, else τ = 0) each predictor step is
+    ``x' = (σ'/σ) e^{−τ² h} x + Σ b_j D_j + s_noise σ' √(1 − e^{−2τ² h}) z`` and the corrector
+    redoes it from the same start with the same noise. The corrected sample is the predicted one
+    plus ``Σ (b^corr − b^pred) D``, so one table step per evaluation carries no sample, only the
+    last predictions. ``sa_solver_pece`` evaluates the model again at the corrected sample."""
+    pece = name == "sa_solver_pece"
+    p = options.get("predictor_order", 3)
+    c = options.get("corrector_order", 4)
+    for key, v in (("predictor_order", p), ("corrector_order", c)):
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 6:
+            raise ValueError(f"sampler {name!r}: {key}: expected an integer in [1, 6], got {v!r}")
+    simple = options.get("simple_order_2", False)
+    if not isinstance(simple, bool):
+        raise ValueError(f"sampler {name!r}: simple_order_2: expected a bool, got {simple!r}")
+    eta = _number(name, "eta", options.get("eta", 1.0))
+    s_noise = _number(name, "s_noise", options.get("s_noise", 1.0))
+    window = options.get("sde_sigmas")
+    if eta > 0:
+        if not (isinstance(window, (tuple, list)) and len(window) == 2 and
+                all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in window)):
+            raise ValueError(f"sampler {name!r}: sde_sigmas=(start_sigma, end_sigma) is required with eta > 0: the σ "
+                             "interval with noise (ComfyUI: the model's percent_to_sigma(0.2), (0.8), i.e. "
+                             "gradguide.comfy_percent_to_sigma(schedule, 0.2), (..., 0.8)); or eta=0 for the ODE")
+    tau_of = (lambda s: eta if window[0] >= s >= window[1] else 0.0) if eta > 0 else (lambda s: 0.0)  # noqa: E731
+    n = len(sig) - 1
+    if any(s == 0 for s in sig[:-1]):
+        raise ValueError(f"sampler {name!r}: only the last σ may be 0")
+    lam = [-math.log(s) if s > 0 else math.inf for s in sig]
+    # predictions kept: the corrector's c, and the p the last predictor used (their change is taken back)
+    depth = max(p + 1, c)
+    hist = ("p1", "p2", "p3", "p4", "p5", "p6")[:depth - 1]    # D_{i−1}, D_{i−2}, ...
+    to_end = sig[-1] == 0
+
+    def b_coeffs(nodes_idx, s_idx, t_idx, tau, corrector):
+        nodes = [lam[k] for k in nodes_idx]
+        if simple and len(nodes) == 2:
+            return _sa_simple_b(nodes, lam[s_idx], lam[t_idx], tau, corrector)
+        return _sa_b(nodes, lam[s_idx], lam[t_idx], tau)
+
+    stages = []
+    tau_prev, last_pred = 0.0, {}
+    for i in range(n):
+        have = min(i + 1, max(p, c))
+        p_used = min(p, have)
+        c_used = 0 if i == 0 or (sig[i + 1] == 0 and not pece) else min(c, have)
+        if to_end:
+            p_used = min(p_used, n - 1 - i)
+            c_used = min(c_used, n - i)
+        # the corrector's change to the sample it is called on: Σ (b^corr − b^pred of the last step) D
+        delta = {}
+        if c_used:
+            bc = b_coeffs(list(range(i - c_used + 1, i + 1)), i - 1, i, tau_prev, True)
+            for k, w in zip(range(i - c_used + 1, i + 1), bc):
+                delta[k] = delta.get(k, 0.0) + w
+            for k, w in last_pred.items():
+                delta[k] = delta.get(k, 0.0) - w
+        src = lambda k: "0" if k == i else hist[i - 1 - k]   # noqa: E731  the source holding D_k
+
+        corr = {"x": 1.0}
+        for k, w in delta.items():
+            corr[src(k)] = corr.get(src(k), 0.0) + w
+        if pece and c_used:
+            # evaluation A: the predicted sample; its output is the corrected sample (same σ)
+            stages.append(_stages.Stage(sig[i], i, corr))
+            corr = {"x": 1.0}      # evaluation B sees the corrected sample; D_i is now its prediction
+        if sig[i + 1] == 0:
+            out, tau, noise = {"0": 1.0}, 0.0, 0.0
+            pred = {}
+        else:
+            tau = tau_of(sig[i + 1])
+            h = lam[i + 1] - lam[i]
+            decay = sig[i + 1] / sig[i] * math.exp(-tau * tau * h)
+            bp = b_coeffs(list(range(i - p_used + 1, i + 1)), i, i + 1, tau, False) if p_used else []
+            pred = dict(zip(range(i - p_used + 1, i + 1), bp))
+            out = {k: decay * w for k, w in corr.items()}
+            for k, w in pred.items():
+                out[src(k)] = out.get(src(k), 0.0) + w
+            noise = s_noise * sig[i + 1] * math.sqrt(-math.expm1(-2 * tau * tau * h)) if tau > 0 else 0.0
+        keep = {}
+        for j, slot in enumerate(hist):     # shift the history: p1 <- D_i, p2 <- p1, ...
+            keep[slot] = {"0": 1.0} if j == 0 else {hist[j - 1]: 1.0}
+        stages.append(_stages.Stage(sig[i], i, out, keep=keep, noise=noise, noise_sigmas=(sig[i], sig[i + 1])))
+        last_pred, tau_prev = pred, tau
+    return _stages.tables(name, ts, stages, hist, sig[-1], sig[0])
