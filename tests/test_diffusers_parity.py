@@ -135,6 +135,13 @@ SUPPORTED = [
     (KDPM2AncestralDiscreteScheduler, {}),
     (KDPM2AncestralDiscreteScheduler, dict(use_karras_sigmas=True, prediction_type="v_prediction")),
     (KDPM2AncestralDiscreteScheduler, dict(timestep_spacing="trailing", beta_schedule="scaled_linear")),
+    # DEIS (log-ρ multistep on ε, orders 1–3, diffusers' lower-order final steps below 15 steps)
+    (DEISMultistepScheduler, {}),
+    (DEISMultistepScheduler, dict(solver_order=3)),
+    (DEISMultistepScheduler, dict(solver_order=3, lower_order_final=False, timestep_spacing="trailing")),
+    (DEISMultistepScheduler, dict(use_karras_sigmas=True, prediction_type="v_prediction")),
+    (DEISMultistepScheduler, dict(solver_order=1, prediction_type="sample", timestep_spacing="leading", steps_offset=1)),
+    (DEISMultistepScheduler, dict(use_exponential_sigmas=True, solver_order=3, beta_schedule="scaled_linear")),
     # DPM-Solver++(2M) and SDE: σ schedules, final σ, order, solver type, final-step rules
     (DPMSolverMultistepScheduler, {}),
     (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True)),
@@ -196,6 +203,7 @@ def test_supported_configuration_matches_diffusers_by_default(case):
 UNET_CASES = [(DDIMScheduler, dict(clip_sample=True)), (DDPMScheduler, dict(variance_type="fixed_large", steps_offset=1)),
               (EulerAncestralDiscreteScheduler, {}), (HeunDiscreteScheduler, dict(use_karras_sigmas=True)),
               (KDPM2DiscreteScheduler, {}), (KDPM2AncestralDiscreteScheduler, {}),
+              (DEISMultistepScheduler, dict(solver_order=3)),
               (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True, algorithm_type="sde-dpmsolver++")),
               (UniPCMultistepScheduler, {}), (PNDMScheduler, dict(skip_prk_steps=True)),
               (LMSDiscreteScheduler, dict(use_karras_sigmas=True))]
@@ -238,7 +246,7 @@ UNSUPPORTED = [
     (PNDMScheduler, {}, "skip_prk_steps"),
     (PNDMScheduler, dict(skip_prk_steps=True, timestep_spacing="trailing"), "timestep_spacing"),
     (DPMSolverSinglestepScheduler, {}, "DPMSolverSinglestepScheduler"),
-    (DEISMultistepScheduler, {}, "DEISMultistepScheduler"),
+    (DEISMultistepScheduler, dict(use_flow_sigmas=True, prediction_type="flow_prediction"), "use_flow_sigmas"),
     (LCMScheduler, {}, "LCMScheduler"),
     (TCDScheduler, {}, "TCDScheduler"),
     (SASolverScheduler, {}, "SASolverScheduler"),

@@ -81,12 +81,20 @@ def tables(name: str, ts: Timesteps, **options) -> SamplerTables:
     sig = _sigmas(name, ts)
     if name in ("ipndm", "ipndm_v", "deis"):
         top = 3 if name == "deis" else 4
-        allowed = ("max_order", "deis_mode") if name == "deis" else ("max_order",)
+        allowed = ("max_order", "deis_mode", "lower_order_final") if name == "deis" else ("max_order",)
         _options(name, options, allowed)
-        order = _max_order(name, options.get("max_order", top), 4)
-        if name == "deis" and options.get("deis_mode", "tab") != "tab":
-            raise ValueError(f"sampler 'deis': deis_mode: only 'tab' (ComfyUI's default) is supported, got "
-                             f"{options['deis_mode']!r}")
+        mode = options.get("deis_mode", "tab")
+        if name == "deis" and mode not in ("tab", "logrho"):
+            raise ValueError(f"sampler 'deis': deis_mode: expected 'tab' (ComfyUI's) or 'logrho' (diffusers' "
+                             f"DEISMultistepScheduler), got {mode!r}")
+        order = _max_order(name, options.get("max_order", top), 3 if mode == "logrho" else 4)
+        if name == "deis" and mode == "logrho":
+            final = options.get("lower_order_final", True)
+            if not isinstance(final, bool):
+                raise ValueError(f"sampler 'deis': lower_order_final: expected a bool, got {final!r}")
+            return _derivative_multistep(name, ts, sig, _deis_logrho(sig, order, final))
+        if "lower_order_final" in options:
+            raise ValueError("sampler 'deis': lower_order_final applies to deis_mode='logrho' only")
         weights = {"ipndm": _ipndm, "ipndm_v": _ipndm_v, "deis": _deis}[name](sig, order)
         return _derivative_multistep(name, ts, sig, weights)
     if name == "gradient_estimation":
@@ -218,6 +226,38 @@ def _deis(sig, max_order, points: int = 10000):
                 if m != j:
                     basis *= (tau - nodes[m]) / (nodes[j] - nodes[m])
             w.append(float((base * basis).sum()))
+        out.append(w)
+    return out
+
+
+def _deis_logrho(sig, solver_order: int, lower_order_final: bool):
+    """diffusers' ``DEISMultistepScheduler`` (``algorithm_type="deis"``, ``solver_type="logrho"``):
+    ε = d interpolated by a polynomial in ``log ρ`` (ρ = σ here) through the last ``k`` steps,
+    integrated over ``ρ``: ``w_j = ∫_{ρ_i}^{ρ_{i+1}} ℓ_j(log ρ) dρ`` (24-point Gauss–Legendre; diffusers
+    writes the antiderivatives out). ``k`` grows 1, 2, ... to ``solver_order``; with
+    ``lower_order_final`` and fewer than 15 steps the last step is first order and the one before
+    at most second (diffusers' rule). A step onto σ = 0 is Euler."""
+    n = len(sig) - 1
+    gx, gw = np.polynomial.legendre.leggauss(24)
+    out = []
+    for i in range(n):
+        k = min(solver_order, i + 1)
+        if lower_order_final and n < 15:
+            k = 1 if i == n - 1 else min(k, 2) if i == n - 2 else k
+        if k == 1 or sig[i + 1] == 0:
+            out.append([sig[i + 1] - sig[i]])
+            continue
+        a, b = sig[i], sig[i + 1]
+        rho = 0.5 * (b - a) * gx + 0.5 * (a + b)
+        w_rho = 0.5 * (b - a) * gw
+        u, nodes = np.log(rho), [math.log(sig[i - j]) for j in range(k)]
+        w = []
+        for j in range(k):
+            basis = np.ones_like(u)
+            for m in range(k):
+                if m != j:
+                    basis *= (u - nodes[m]) / (nodes[j] - nodes[m])
+            w.append(float((w_rho * basis).sum()))
         out.append(w)
     return out
 
