@@ -258,3 +258,30 @@ def test_new_samplers_dry_run_like_heun(sampler):
         noisy = int(tables.draws_noise[step])
         assert measured["forward"]["launches"] == 1
         assert measured["structure"]["combine_k"] == [3 + noisy, 3 + noisy]
+
+
+@pytest.mark.parametrize("sampler,peer", [("ipndm", "lms"), ("ipndm_v", "lms"), ("deis", "lms"),
+                                          ("gradient_estimation", "lms"), ("res_multistep", "dpmpp-2m"),
+                                          ("res_multistep_ancestral", "dpmpp_sde"), ("seeds_2", "dpmpp_sde"),
+                                          ("seeds_3", "dpmpp_sde"), ("er_sde", "dpmpp_sde"), ("heunpp2", "heun"),
+                                          ("lcm", "euler_a")])
+def test_comfy_samplers_dry_run_like_their_peers(sampler, peer):
+    """ComfyUI's samplers on the fake-CUDA dry run with graph capture: a measured evaluation is what
+    one of an existing sampler with the same carried state and noise is (one model launch; combines
+    over x, D, the carried operand, the noise)."""
+    from torch import nn
+    from gradguide.bench import dryrun
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(4, 1, 1), requires_grad=False)
+
+        def forward(self, x, t, **_):
+            return x * self.w
+    schedule = gg.Schedule.linear(1000)
+    got, want = [dryrun.dry_run(Scale().to("meta"), (2, 4, 8, 8), schedule=schedule, sampler=s, steps=6,
+                                backend="reference", graph=True, steps_measured=[3])["steps_measured"]["3"]
+                 for s in (sampler, peer)]
+    assert got["forward"]["launches"] == want["forward"]["launches"] == 1
+    assert got["structure"]["combine_k"] == want["structure"]["combine_k"]
