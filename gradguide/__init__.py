@@ -11,6 +11,7 @@ from .guidance import APG, CFG, DPS, FDG, TCFG, APGMix, CFGPlusPlus, CFGZeroStar
 from .metrics import off_support_ratio
 from .projection import PixelAsParam, project
 from .sampling import StepRecord, sample
+from .comfy_ksampler import comfy_initial_noise, comfy_sampler
 from .comfy_schedules import comfy_percent_to_sigma, comfy_schedule, comfy_sigmas
 from .flow_schedules import FlowSchedule, calculate_shift
 from .schedules import Schedule, Timesteps, sigmas_exponential, sigmas_karras, sigmas_polyexponential, sigmas_vp
@@ -28,5 +29,6 @@ def __getattr__(name):
 __all__ = ["APG", "APGMix", "CFG", "CFGPlusPlus", "CFGZeroStar", "Classifier", "DPS", "DecodedLookAhead",
            "Diagnostics", "Execution", "FDG", "FlowSchedule", "GuidanceTerm", "LookAhead", "MamboG", "NaiveGradient",
            "PixelAsParam", "Rescale", "Sampler", "Schedule", "StepRecord", "TCFG", "Timesteps", "calculate_shift",
-           "comfy_percent_to_sigma", "comfy_schedule", "comfy_sigmas", "off_support_ratio", "ops", "project", "sample",
-           "sigmas_exponential", "sigmas_karras", "sigmas_polyexponential", "sigmas_vp"]
+           "comfy_initial_noise", "comfy_percent_to_sigma", "comfy_sampler", "comfy_schedule", "comfy_sigmas",
+           "off_support_ratio", "ops", "project", "sample", "sigmas_exponential", "sigmas_karras",
+           "sigmas_polyexponential", "sigmas_vp"]

@@ -511,3 +511,77 @@ def test_comfy_samplers_run_through_sample_with_sigmas():
         x = gg.sample(lambda x, t: (calls.append(1), 0.1 * x)[1], (2, 3), schedule=schedule,
                       sampler=gg.Sampler(name, sigmas=sigmas, **options), generator=torch.Generator().manual_seed(0))
         assert torch.isfinite(x).all() and len(calls) == {"seeds_2": 15, "seeds_3": 22, "heunpp2": 21}.get(name, 8), name
+
+
+# -- ComfyUI's KSampler by names ------------------------------------------------------------------
+
+# ComfyUI's sampler names (comfy/samplers.py: KSAMPLER_NAMES + ["ddim", "uni_pc", "uni_pc_bh2"])
+COMFY_NAMES = ["euler", "euler_cfg_pp", "euler_ancestral", "euler_ancestral_cfg_pp", "heun", "heunpp2",
+               "exp_heun_2_x0", "exp_heun_2_x0_sde", "dpm_2", "dpm_2_ancestral", "lms", "dpm_fast", "dpm_adaptive",
+               "dpmpp_2s_ancestral", "dpmpp_2s_ancestral_cfg_pp", "dpmpp_sde", "dpmpp_sde_gpu", "dpmpp_2m",
+               "dpmpp_2m_cfg_pp", "dpmpp_2m_sde", "dpmpp_2m_sde_gpu", "dpmpp_2m_sde_heun", "dpmpp_2m_sde_heun_gpu",
+               "dpmpp_3m_sde", "dpmpp_3m_sde_gpu", "ddpm", "lcm", "ipndm", "ipndm_v", "deis", "res_multistep",
+               "res_multistep_cfg_pp", "res_multistep_ancestral", "res_multistep_ancestral_cfg_pp",
+               "gradient_estimation", "gradient_estimation_cfg_pp", "er_sde", "seeds_2", "seeds_3", "sa_solver",
+               "sa_solver_pece", "ddim", "uni_pc", "uni_pc_bh2"]
+SD = gg.Schedule.from_betas(np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2)
+
+
+@pytest.mark.parametrize("name", COMFY_NAMES)
+def test_every_comfyui_sampler_name_is_mapped_or_refused(name):
+    from gradguide.comfy_ksampler import COMFY_REFUSED
+    if name in COMFY_REFUSED:
+        with pytest.raises(ValueError, match=f"ComfyUI's '{name}' is not available"):
+            gg.comfy_sampler(name, "normal", 6, schedule=SD)
+        return
+    sampler = gg.comfy_sampler(name, "normal", 6, schedule=SD)
+    x = gg.sample(lambda x, t: 0.1 * x, (2, 3), schedule=gg.comfy_schedule(SD), sampler=sampler,
+                  generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(x).all()
+
+
+def test_comfy_sampler_sigmas_follow_ksampler():
+    """dpm_2: one step more, the last nonzero σ dropped; denoise d: the last steps + 1 σ's of
+    int(steps / d) steps; dpm_fast: [σ_0, last nonzero σ] with nfe = steps; sa_solver: the noise
+    window at percent 0.2 and 0.8."""
+    s = gg.comfy_sigmas(SD, "karras", 11)
+    assert torch.equal(gg.comfy_sampler("dpm_2", "karras", 10, schedule=SD).sigmas, torch.cat([s[:-2], s[-1:]]))
+    assert torch.equal(gg.comfy_sampler("euler", "simple", 10, schedule=SD, denoise=0.6).sigmas,
+                       gg.comfy_sigmas(SD, "simple", 16)[-11:])
+    fast = gg.comfy_sampler("dpm_fast", "exponential", 9, schedule=SD)
+    e = gg.comfy_sigmas(SD, "exponential", 9)
+    assert fast.options["nfe"] == 9 and torch.equal(fast.sigmas, torch.stack([e[0], e[-2]]))
+    sa = gg.comfy_sampler("sa_solver", "normal", 9, schedule=SD)
+    assert sa.options["sde_sigmas"] == (gg.comfy_percent_to_sigma(SD, 0.2), gg.comfy_percent_to_sigma(SD, 0.8))
+    heun_x0 = gg.comfy_sampler("exp_heun_2_x0", "normal", 9, schedule=SD)
+    assert heun_x0.name == "seeds_2" and heun_x0.eta == 0.0
+    assert dict(heun_x0.options) == {"r": 1.0, "solver_type": "phi_2"}
+    with pytest.raises(ValueError, match="expected a ComfyUI sampler name"):
+        gg.comfy_sampler("dpmpp-2m", "normal", 9, schedule=SD)
+    with pytest.raises(ValueError, match="denoise"):
+        gg.comfy_sampler("euler", "normal", 9, schedule=SD, denoise=0.0)
+
+
+def test_comfy_ksampler_dpmpp_2m_matches_kdiffusion_driven_as_comfyui():
+    """ComfyUI's KSampler("dpmpp_2m", "karras", 10): k-diffusion's sample_dpmpp_2m (ComfyUI's is the
+    same function) started from √(1 + σ_0²)·noise, its model called at the nearest training step;
+    against comfy_sampler + comfy_schedule + comfy_initial_noise."""
+    from helpers import load_kdiffusion_sampling
+    K = load_kdiffusion_sampling()
+    ac = SD.alphas_cumprod
+    log_table = SD.sigmas.log()
+
+    def eps(x, t):   # an ε model (a fixed nonlinear function of x and ᾱ at the integer step)
+        abar = ac[t.long()].view(-1, 1)
+        return torch.tanh(x) * (1 - abar).sqrt() + 0.3 * x * abar
+
+    def denoiser(x_sigma, sigma):   # ComfyUI's wrapper: c_in, nearest training step, x̂_0 = x − σ ε
+        t = (sigma.log().to(torch.float32)[:, None] - log_table.to(torch.float32)[None, :]).abs().argmin(1)
+        return x_sigma - sigma.view(-1, 1) * eps(x_sigma / (1 + sigma.view(-1, 1) ** 2).sqrt(), t)
+    sampler = gg.comfy_sampler("dpmpp_2m", "karras", 10, schedule=SD)
+    sig = sampler.sigmas
+    noise = torch.randn(3, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ref = K.sample_dpmpp_2m(denoiser, noise * (1 + sig[0] ** 2).sqrt(), sig, disable=True)
+    got = gg.sample(eps, (3, 4), schedule=gg.comfy_schedule(SD), sampler=sampler,
+                    x_T=gg.comfy_initial_noise(noise, sig, SD))
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)

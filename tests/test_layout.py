@@ -20,7 +20,7 @@ FLOORS = (
     ("guidance", "samplers"),                             # the terms, the scalar tables
     ("projection", "graphs", "stepplan"),                 # PixelAsParam, CUDA graphs, fused plan
     ("config",),                                          # Sampler / Execution / Diagnostics
-    ("flow_schedules",),                                  # flow σ schedules (they carry a Sampler)
+    ("flow_schedules", "comfy_ksampler"),                 # flow σ schedules, ComfyUI's KSampler (they make Samplers)
     ("sampling",),                                        # the loop
     ("integrations", "adaptive"),                         # diffusers adapters; drivers looping over sample()
     ("gradguide",),                                       # the public names (from_diffusers lazily)
