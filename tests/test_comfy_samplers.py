@@ -425,7 +425,7 @@ def test_heunpp2_matches_comfyui_loop(options, end):
     np.testing.assert_allclose(got, x, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("s_noise,s_noise_end", [(1.0, None), (0.8, 0.2)])
+@pytest.mark.parametrize("s_noise,s_noise_end", [(1.0, None), (0.8, 0.2), (0.0, 1.0)])
 def test_lcm_matches_comfyui_loop(s_noise, s_noise_end):
     sig = _grid()
     rng = np.random.default_rng(1)

@@ -343,7 +343,8 @@ def _lcm(ts: Timesteps, sig, options) -> SamplerTables:
     t = common_tables(ts)
     t.update({k: torch.tensor(v, dtype=torch.float64) for k, v in cols.items()})
     t["var_mean"] = t["sigma"] ** 2
-    return SamplerTables(name, ts, t, draws_noise=[v > 0 for v in cols["sigma"]])
+    # ComfyUI draws at every step onto σ > 0, also where the ramp's s_noise is 0: the same draws stay in step
+    return SamplerTables(name, ts, t, draws_noise=[s > 0 for s in sig[1:]])
 
 
 def _er_noise_scaler(x):
