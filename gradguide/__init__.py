@@ -6,12 +6,13 @@ per-sample reductions, then one linear combination (see docs/architecture.md and
 """
 from . import ops
 from .config import Diagnostics, Execution, Sampler
-from .guidance import APG, CFG, DPS, FDG, LTX2, PAG, SEG, SLG, TCFG, APGMix, AutoGuidance, CFGPlusPlus, CFGZeroStar, \
-    Classifier, Custom, DecodedLookAhead, GuidanceTerm, Inputs, LayerSkip, LookAhead, MamboG, NaiveGradient, \
-    Perturbation, Rescale, SmoothedEnergy
+from . import guidance as _guidance
+from .guidance import *  # noqa: F401,F403 (the terms, as gradguide.guidance.__all__ lists them)
 from .metrics import off_support_ratio
 from .projection import PixelAsParam, project
 from .sampling import StepRecord, sample
+from .comfy_ksampler import comfy_initial_noise, comfy_sampler
+from .comfy_schedules import comfy_percent_to_sigma, comfy_schedule, comfy_sigmas
 from .flow_schedules import FlowSchedule, calculate_shift
 from .schedules import Schedule, Timesteps, sigmas_exponential, sigmas_karras, sigmas_polyexponential, sigmas_vp
 
@@ -25,8 +26,9 @@ def __getattr__(name):
         return from_diffusers
     raise AttributeError(f"module 'gradguide' has no attribute {name!r}")
 
-__all__ = ["APG", "APGMix", "AutoGuidance", "CFG", "CFGPlusPlus", "CFGZeroStar", "Classifier", "Custom", "DPS",
-           "DecodedLookAhead", "Diagnostics", "Execution", "FDG", "FlowSchedule", "GuidanceTerm", "Inputs", "LTX2",
-           "LayerSkip", "LookAhead", "MamboG", "NaiveGradient", "PAG", "Perturbation", "PixelAsParam", "Rescale", "SEG",
-           "SLG", "SmoothedEnergy", "Sampler", "Schedule", "StepRecord", "TCFG", "Timesteps", "calculate_shift", "off_support_ratio",
-           "ops", "project", "sample", "sigmas_exponential", "sigmas_karras", "sigmas_polyexponential", "sigmas_vp"]
+# every guidance term (gradguide.guidance lists them: a new term is exported there, once)
+__all__ = sorted({name for name in _guidance.__all__ if name != "StepContext"} | {
+    "Diagnostics", "Execution", "FlowSchedule", "PixelAsParam", "Sampler", "Schedule", "StepRecord", "Timesteps",
+    "calculate_shift", "comfy_initial_noise", "comfy_percent_to_sigma", "comfy_sampler", "comfy_schedule",
+    "comfy_sigmas", "off_support_ratio", "ops", "project", "sample", "sigmas_exponential", "sigmas_karras",
+    "sigmas_polyexponential", "sigmas_vp"})

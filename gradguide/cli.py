@@ -32,8 +32,9 @@ WRITES_FILES = ("demo", "optimize", "train-sim", "bench", "train-digits", "evalu
 
 def _sampler_names():
     from .samplers import SAMPLERS   # every sampler is a LinComb step: each one works with every guidance
-    # but dpm_fast, which takes its range as sigmas=[σ_max, σ_min] and an nfe, not the demo's step count
-    return sorted(s for s in SAMPLERS if s != "dpm_fast")
+    # but dpm_fast, which takes its range as sigmas=[σ_max, σ_min] and an nfe, not the demo's step count, and
+    # SA-Solver, whose noise window (sde_sigmas) is an option the demo does not take
+    return sorted(s for s in SAMPLERS if s not in ("dpm_fast", "sa_solver", "sa_solver_pece"))
 
 
 def _register_demo(sub) -> None:

@@ -26,7 +26,7 @@ import torch
 
 from . import ops, predictions
 from .graphs import GraphCache
-from .samplers import SAMPLERS
+from .samplers import REFUSED, SAMPLERS
 from .schedules import SPACINGS, Timesteps
 
 CLIP_EPS = ("clipped", "model")
@@ -167,6 +167,8 @@ def _number(value) -> bool:
 
 
 def _check_sampler(v: dict) -> None:
+    if v["name"] in REFUSED:
+        raise ValueError(f"sampler.name: {v['name']!r} is not available: {REFUSED[v['name']]}")
     if v["name"] is not None and v["name"] not in SAMPLERS:
         raise ValueError(f"sampler.name: expected one of {SAMPLERS}, got {v['name']!r}")
     eta = v["eta"]

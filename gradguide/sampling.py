@@ -36,7 +36,7 @@ from .guidance.cfg import CFG, BranchInputsError, batch_branch_inputs, per_sampl
 from .guidance.perturb import BranchCaller
 from .linear import LinComb, Operands
 from .projection import PixelAsParam, step_telemetry
-from .samplers import SAMPLERS, SamplerTables, build
+from .samplers import REFUSED, SAMPLERS, SamplerTables, build
 from .schedules import Schedule, Timesteps
 
 
@@ -132,8 +132,9 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
 
     ``sampler``: a sampler name (``"ddpm"``, ``"ddim"``, ``"dpmpp-2m"``, ``"dpmpp-2m-sde"``,
     ``"dpmpp-3m-sde"``, ``"euler"``, ``"euler_a"``, ``"heun"``, ``"dpm_2"``, ``"dpm_2_ancestral"``,
-    ``"dpmpp_2s_ancestral"``, ``"dpmpp_sde"``, ``"dpm_fast"``, ``"lms"``, ``"plms"``, ``"unipc"``, or the
-    flow-matching ``"flow-euler"``, ``"flow-heun"``, ``"flow-lcm"``; docs/samplers.md) or a
+    ``"dpmpp_2s_ancestral"``, ``"dpmpp_sde"``, ``"dpm_fast"``, ``"lms"``, ``"plms"``, ``"unipc"``, the
+    flow-matching ``"flow-euler"``, ``"flow-heun"``, ``"flow-lcm"``, or ComfyUI's ``"ipndm"``, ``"deis"``,
+    ``"res_multistep"``, ``"er_sde"``, ``"seeds_2"``, ``"sa_solver"``, ...; docs/samplers.md) or a
     :class:`~gradguide.Sampler` holding the sampler's whole configuration (η, prediction type,
     variance, x̂_0 clipping and the ε a clipped step re-noises with, spacing, explicit
     timesteps or σ's, the sampler's own options). Fields left unset come from
@@ -219,6 +220,8 @@ def prepare_run(model: Callable, shape: Sequence[int], *, schedule: Schedule, sa
     ``progress`` are sample's loop's own). ``meta=True`` accepts ``Execution(device="meta")``
     (the dry run's host-side preparation: tables are built on the host and every device tensor
     is made fake afterwards; ``sample`` refuses it)."""
+    if isinstance(sampler, str) and sampler in REFUSED:
+        raise ValueError(f"sampler: {sampler!r} is not available: {REFUSED[sampler]}")
     if isinstance(sampler, str) and sampler not in SAMPLERS:
         raise ValueError(f"sampler: expected one of {SAMPLERS} or a gradguide.Sampler, got {sampler!r}")
     if isinstance(sampler, str) or sampler is None:

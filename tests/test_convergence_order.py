@@ -231,6 +231,52 @@ ODE_CASES += [
     ("dpmpp_sde-eta0-r0.3", "dpmpp_sde", {"eta": 0.0, "r": 0.3}, "exp", 2,
      "(1 − 1/(2r)) D_1 + 1/(2r) D_2 is the linear Taylor term for any r"),
 ]
+ODE_CASES += [   # ComfyUI's own samplers (gradguide.samplers.comfy; docs/samplers.md, "ComfyUI")
+    ("ipndm", "ipndm", {}, "exp", 2,
+     "Adams–Bashforth's equal-step weights on steps whose ratio is 1 + O(h): the second-order condition is off by "
+     "O(h), the first-order one exact (local error O(h³)); the Euler first step alone also leaves O(h²)"),
+    ("ipndm_v-2", "ipndm_v", {"max_order": 2}, "exp", 2, "exact variable-step two-node Adams–Bashforth"),
+    ("ipndm_v", "ipndm_v", {}, "exp", 3,
+     "the three- and four-node weights satisfy the order conditions up to third order on equal steps (the four-node "
+     "one not the fourth), off by O(h) on steps of ratio 1 + O(h): a third-order body; the Euler first step's "
+     "O(h²) is below it over this sweep"),
+    ("deis-2", "deis", {"max_order": 2}, "exp", 2,
+     "DEIS-tAB: the exact integral of the derivative's Lagrange interpolant in VP time against dσ, two nodes"),
+    ("deis", "deis", {}, "graded", 3, "DEIS-tAB with three nodes (graded: the warm-up steps are short)"),
+    ("deis-logrho-2", "deis", {"deis_mode": "logrho", "max_order": 2, "lower_order_final": False}, "exp", 2,
+     "diffusers' DEIS: the derivative's interpolant in log σ through two steps, integrated exactly over σ"),
+    ("deis-logrho-3", "deis", {"deis_mode": "logrho", "max_order": 3, "lower_order_final": False}, "graded", 3,
+     "three nodes (graded: the warm-up steps are short)"),
+    ("gradient_estimation", "gradient_estimation", {}, "exp", 1,
+     "γ = 2 weighs the derivative's change by (γ−1) dt (σ_i − σ_{i−1}) ≈ 2 · dt²/2: the second-order term is doubled"),
+    ("gradient_estimation-1.5", "gradient_estimation", {"ge_gamma": 1.5}, "exp", 2,
+     "γ = 3/2 gives dt²/2 on steps of ratio 1 + O(h): second order"),
+    ("res_multistep", "res_multistep", {}, "exp", 2,
+     "exponential integrator with D linear through the last two predictions, integrated exactly (φ₁, φ₂)"),
+    ("res_multistep_ancestral-eta0", "res_multistep_ancestral", {"eta": 0.0}, "exp", 2, "at η = 0 it is res_multistep"),
+    ("heunpp2", "heunpp2", {}, "exp", 1,
+     "the weights sum to 1 (consistent) but weigh the derivative's change, d_2 − d_1 ≈ dt d' and d_3 − d_1 ≈ 2 dt d', "
+     "by w_2 + 2 w_3 ≈ σ_i/σ_0 instead of the Taylor ½: the local error keeps an O(h²) term"),
+    ("seeds_2-eta0", "seeds_2", {"eta": 0.0}, "exp", 2,
+     "at η = 0, the data-prediction exponential integrator with (1 − 1/(2r)) D_1 + D_2/(2r): DPM-Solver++(2S)"),
+    ("seeds_2-eta0-phi2", "seeds_2", {"eta": 0.0, "solver_type": "phi_2"}, "exp", 2,
+     "the φ₂ weights make D linear through the two stages, integrated exactly"),
+    ("seeds_3-eta0", "seeds_3", {"eta": 0.0}, "exp", 3,
+     "at η = 0, the third-order singlestep exponential integrator (stages at r = 1/3, 2/3; the last combines D_1 "
+     "and D_3 with φ₂/r_2)"),
+    ("sa_solver-eta0", "sa_solver", {"eta": 0.0}, "graded", 4,
+     "Adams predictor (3 nodes, local O(h⁴)) and corrector (4 nodes with the new prediction, local O(h⁵)) in λ with "
+     "the linear part exact: the PEC pair is of order min(p + 1, c) = 4"),
+    ("sa_solver-eta0-p2c3", "sa_solver", {"eta": 0.0, "predictor_order": 2, "corrector_order": 3}, "graded", 3,
+     "min(p + 1, c) = 3"),
+    ("sa_solver-eta0-p1c1", "sa_solver", {"eta": 0.0, "predictor_order": 1, "corrector_order": 1}, "exp", 1,
+     "one node each: D frozen over the step"),
+    ("sa_solver-eta0-simple2", "sa_solver", {"eta": 0.0, "predictor_order": 2, "corrector_order": 2,
+                                             "simple_order_2": True}, "exp", 2, "the paper's simplified order-2 weights"),
+    ("sa_solver_pece-eta0", "sa_solver_pece", {"eta": 0.0}, "graded", 4, "PECE: the same pair, re-evaluated"),
+    ("seeds_2-eta0-r1-phi2", "seeds_2", {"eta": 0.0, "r": 1.0, "solver_type": "phi_2"}, "exp", 2,
+     "r = 1 (ComfyUI's exp_heun_2_x0): exponential Heun"),
+]
 for p in (1, 2, 3):
     for bh in ("bh1", "bh2"):
         ODE_CASES.append((f"unipc-{p}-{bh}", "unipc", {"solver_order": p, "solver_type": bh, "lower_order_final": False},
@@ -293,6 +339,28 @@ SDE_CASES += [
     ("dpmpp_sde-eta0.5", "dpmpp_sde", {"eta": 0.5}, 2, "as η = 1"),
 ]
 
+SDE_CASES += [
+    ("res_multistep_ancestral", "res_multistep_ancestral", {}, 2,
+     "measured on Gaussian data; its history's node distance is the previous step's deterministic part "
+     "(twice the λ step at η = 1), as ComfyUI's"),
+    ("res_multistep_ancestral-eta0.5", "res_multistep_ancestral", {"eta": 0.5}, 2, "as η = 1"),
+    ("seeds_2", "seeds_2", {}, 2, "SEEDS-2: both stages integrate the linear part and the noise exactly; the data "
+     "term is the second-order DPM-Solver++(2S) combination"),
+    ("seeds_2-phi2", "seeds_2", {"solver_type": "phi_2"}, 2, "as φ₁"),
+    ("seeds_2-eta0.5", "seeds_2", {"eta": 0.5}, 2, "as η = 1"),
+    ("seeds_3", "seeds_3", {}, 2, "measured 1.85 (local slopes rising to 1.9): the variance's recursion is second "
+     "order, as the multistep SDE solvers'; its η = 0 limit is third order"),
+    ("seeds_3-eta0.5", "seeds_3", {"eta": 0.5}, 2, "as η = 1"),
+    ("sa_solver", "sa_solver", {"sde_sigmas": (100.0, 0.0)}, 2,
+     "τ = 1 everywhere: the stochastic Adams steps integrate the linear part and the noise exactly; the variance's "
+     "recursion is second order, as the multistep SDE solvers'"),
+    ("sa_solver_pece", "sa_solver_pece", {"sde_sigmas": (100.0, 0.0)}, 2, "as sa_solver"),
+    ("er_sde-exact", "er_sde", {"integration_points": None}, 2,
+     "ER-SDE-Solver-3 with exact integrals: the variance recursion is second order (as the multistep SDE solvers')"),
+    ("er_sde-2-exact", "er_sde", {"max_stage": 2, "integration_points": None}, 2, "as three stages"),
+    ("er_sde-1", "er_sde", {"max_stage": 1}, 1, "the first stage alone freezes D over the step"),
+    ("heunpp2-churn", "heunpp2", {"s_churn": 1.0}, 1, "noise up to σ̂, then the first-order Heun++ step"),
+]
 
 @pytest.mark.parametrize("case", SDE_CASES, ids=[c[0] for c in SDE_CASES])
 def test_sde_sampler_weak_order(case):
@@ -311,6 +379,17 @@ def test_dpmpp_3m_sde_weak_error_falls_at_least_as_fast_as_2m_sde():
     assert slope(NS[1:], three[1:]) >= slope(NS[1:], two[1:]) - 0.1
     assert all(t <= w for t, w in zip(three[1:], two[1:])), (three, two)
     assert slope(NS[1:], bad[1:]) < 1.2 and bad[-1] > 50 * three[-1]
+
+
+def test_er_sde_comfyui_quadrature_adds_a_first_order_error():
+    """ComfyUI sums ER-SDE's integrals with 200 points: an O(dt²/200) error in the O(dt²) weights of
+    the divided differences, so a first-order error on top of the exact-integral solver's; here
+    its size falls as 1/n while the exact one's falls as 1/n²."""
+    comfy = weak_errors("er_sde", {})
+    exact = weak_errors("er_sde", {"integration_points": None})
+    gap = [abs(c - e) for c, e in zip(comfy, exact)]
+    assert abs(slope(NS[1:], gap[1:]) - 1) <= 0.25, gap
+    assert abs(slope(NS[1:], exact[1:]) - 2) <= 0.25
 
 
 def _sigma_model(x, t):

@@ -17,7 +17,8 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,  # noqa: E402
                        DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-                       HeunDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler, LMSDiscreteScheduler,
+                       HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler,
+                       LMSDiscreteScheduler,
                        PNDMScheduler, SASolverScheduler, TCDScheduler, UNet2DModel, UniPCMultistepScheduler)
 
 import gradguide  # noqa: E402
@@ -125,6 +126,22 @@ SUPPORTED = [
     (HeunDiscreteScheduler, {}),
     (HeunDiscreteScheduler, dict(use_karras_sigmas=True, prediction_type="v_prediction")),
     (HeunDiscreteScheduler, dict(timestep_spacing="trailing", clip_sample=True, clip_sample_range=0.4)),
+    # KDPM2 (k-diffusion's dpm_2: the derivative at the log-midpoint, Euler onto σ = 0)
+    (KDPM2DiscreteScheduler, {}),
+    (KDPM2DiscreteScheduler, dict(use_karras_sigmas=True, prediction_type="v_prediction")),
+    (KDPM2DiscreteScheduler, dict(timestep_spacing="trailing", beta_schedule="scaled_linear")),
+    (KDPM2DiscreteScheduler, dict(use_exponential_sigmas=True, timestep_spacing="leading", steps_offset=1)),
+    # KDPM2 ancestral (k-diffusion's dpm_2_ancestral, η = 1; the noise drawn at each step's second evaluation)
+    (KDPM2AncestralDiscreteScheduler, {}),
+    (KDPM2AncestralDiscreteScheduler, dict(use_karras_sigmas=True, prediction_type="v_prediction")),
+    (KDPM2AncestralDiscreteScheduler, dict(timestep_spacing="trailing", beta_schedule="scaled_linear")),
+    # DEIS (log-ρ multistep on ε, orders 1–3, diffusers' lower-order final steps below 15 steps)
+    (DEISMultistepScheduler, {}),
+    (DEISMultistepScheduler, dict(solver_order=3)),
+    (DEISMultistepScheduler, dict(solver_order=3, lower_order_final=False, timestep_spacing="trailing")),
+    (DEISMultistepScheduler, dict(use_karras_sigmas=True, prediction_type="v_prediction")),
+    (DEISMultistepScheduler, dict(solver_order=1, prediction_type="sample", timestep_spacing="leading", steps_offset=1)),
+    (DEISMultistepScheduler, dict(use_exponential_sigmas=True, solver_order=3, beta_schedule="scaled_linear")),
     # DPM-Solver++(2M) and SDE: σ schedules, final σ, order, solver type, final-step rules
     (DPMSolverMultistepScheduler, {}),
     (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True)),
@@ -185,6 +202,8 @@ def test_supported_configuration_matches_diffusers_by_default(case):
 
 UNET_CASES = [(DDIMScheduler, dict(clip_sample=True)), (DDPMScheduler, dict(variance_type="fixed_large", steps_offset=1)),
               (EulerAncestralDiscreteScheduler, {}), (HeunDiscreteScheduler, dict(use_karras_sigmas=True)),
+              (KDPM2DiscreteScheduler, {}), (KDPM2AncestralDiscreteScheduler, {}),
+              (DEISMultistepScheduler, dict(solver_order=3)),
               (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True, algorithm_type="sde-dpmsolver++")),
               (UniPCMultistepScheduler, {}), (PNDMScheduler, dict(skip_prk_steps=True)),
               (LMSDiscreteScheduler, dict(use_karras_sigmas=True))]
@@ -227,11 +246,12 @@ UNSUPPORTED = [
     (PNDMScheduler, {}, "skip_prk_steps"),
     (PNDMScheduler, dict(skip_prk_steps=True, timestep_spacing="trailing"), "timestep_spacing"),
     (DPMSolverSinglestepScheduler, {}, "DPMSolverSinglestepScheduler"),
-    (DEISMultistepScheduler, {}, "DEISMultistepScheduler"),
+    (DEISMultistepScheduler, dict(use_flow_sigmas=True, prediction_type="flow_prediction"), "use_flow_sigmas"),
     (LCMScheduler, {}, "LCMScheduler"),
     (TCDScheduler, {}, "TCDScheduler"),
     (SASolverScheduler, {}, "SASolverScheduler"),
-    (KDPM2DiscreteScheduler, {}, "KDPM2DiscreteScheduler"),
+    (KDPM2DiscreteScheduler, dict(prediction_type="sample"), "prediction_type"),
+    (KDPM2AncestralDiscreteScheduler, dict(prediction_type="sample"), "prediction_type"),
     (DDIMScheduler, dict(thresholding=True), "thresholding"),
     (DDPMScheduler, dict(variance_type="fixed_small_log"), "variance_type"),
     (DDPMScheduler, dict(variance_type="learned"), "variance_type"),
@@ -253,6 +273,12 @@ def test_unsupported_configuration_is_refused(case):
     cls, cfg, named = case
     with pytest.raises(ValueError, match=named):
         gradguide.from_diffusers(torch.nn.Identity(), cls(**cfg))
+
+
+def test_ipndm_scheduler_is_refused_by_name():
+    """diffusers' IPNDM has no ᾱ table (its own trigonometric schedule): not a gradguide schedule."""
+    with pytest.raises(TypeError, match="IPNDMScheduler"):
+        gradguide.from_diffusers(torch.nn.Identity(), diffusers.IPNDMScheduler())
 
 
 @pytest.mark.parametrize("case", [

@@ -16,11 +16,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLOORS = (
     ("kernels", "_C"),                                    # Triton kernels and the C++ extension
     ("ops", "schedules", "predictions", "debug", "metrics"),  # backends, noise tables, conversions
-    ("linear",),                                          # affine operands over ops
+    ("linear", "comfy_schedules"),                        # affine operands over ops; ComfyUI's named σ lists
     ("guidance", "samplers"),                             # the terms, the scalar tables
     ("projection", "graphs", "stepplan"),                 # PixelAsParam, CUDA graphs, fused plan
     ("config",),                                          # Sampler / Execution / Diagnostics
-    ("flow_schedules",),                                  # flow σ schedules (they carry a Sampler)
+    ("flow_schedules", "comfy_ksampler"),                 # flow σ schedules, ComfyUI's KSampler (they make Samplers)
     ("sampling",),                                        # the loop
     ("integrations", "adaptive"),                         # diffusers adapters; drivers looping over sample()
     ("gradguide",),                                       # the public names (from_diffusers lazily)

@@ -12,7 +12,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
-                       KDPM2DiscreteScheduler, LMSDiscreteScheduler, UniPCMultistepScheduler)
+                       DPMSolverSinglestepScheduler, LMSDiscreteScheduler, UniPCMultistepScheduler)
 from diffusers.models.attention_processor import AttnProcessor  # noqa: E402
 from test_pipeline import PROMPTS, SIZE, _close, _pipes, components, sd_scheduler  # noqa: E402,F401
 
@@ -75,12 +75,12 @@ def test_scheduler_config_change_is_followed(components):
 
 def test_unsupported_scheduler_is_refused_by_name(components):
     sd, pipe = _pipes(components, sd_scheduler())
-    pipe.scheduler = KDPM2DiscreteScheduler.from_config(pipe.scheduler.config)
-    with pytest.raises(ValueError, match="GuidedPipeline: scheduler: KDPM2DiscreteScheduler"):
+    pipe.scheduler = DPMSolverSinglestepScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match="GuidedPipeline: scheduler: DPMSolverSinglestepScheduler"):
         pipe(PROMPTS, progress=False, **KW)
     sd2, pipe2 = _pipes(components, sd_scheduler())
-    sd2.scheduler = KDPM2DiscreteScheduler.from_config(sd2.scheduler.config)
-    with pytest.raises(ValueError, match="KDPM2DiscreteScheduler"):
+    sd2.scheduler = DPMSolverSinglestepScheduler.from_config(sd2.scheduler.config)
+    with pytest.raises(ValueError, match="DPMSolverSinglestepScheduler"):
         pipe2(PROMPTS, progress=False, **KW)
 
 

@@ -15,7 +15,10 @@ SCHED = gg.Schedule.linear(200)
 GM = default_mixture(SCHED)
 Y = torch.full((8,), 2)
 NEW = ["euler", "euler_a", "heun", "lms", "dpmpp-2m", "dpmpp-2m-sde", "unipc", "plms", "dpmpp-3m-sde", "dpm_2",
-       "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde"]
+       "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
+       # ComfyUI's own (gradguide.samplers.comfy)
+       "ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm",
+       "er_sde", "seeds_2", "seeds_3", "heunpp2"]
 
 
 TERMS = guidance_cases(GM)
@@ -33,7 +36,7 @@ def test_every_guidance_term_and_projection_runs_without_host_sync(name, sampler
     assert torch.isfinite(x).all()
     # Heun, DPM-2 and the two-stage samplers: two evaluations per step, one on the last; PLMS: the first step twice
     assert len(records) == {"heun": 11, "plms": 7, "dpm_2": 11, "dpm_2_ancestral": 11, "dpmpp_2s_ancestral": 11,
-                            "dpmpp_sde": 11}.get(sampler, 6)
+                            "dpmpp_sde": 11, "seeds_2": 11, "seeds_3": 16, "heunpp2": 15}.get(sampler, 6)
 
 
 def test_euler_is_ddim_on_the_same_grid():
@@ -210,7 +213,9 @@ def test_sampler_options_travel_with_a_plain_schedule():
 
 
 @pytest.mark.parametrize("sampler,options", [("dpm_fast", {"nfe": 5, "eta": 1.0}), ("euler", {"s_churn": 2.0}),
-                                             ("heun", {"s_churn": 2.0, "s_tmax": 5.0})])
+                                             ("heun", {"s_churn": 2.0, "s_tmax": 5.0}),
+                                             ("sa_solver", {"sde_sigmas": (5.0, 0.5)}),
+                                             ("sa_solver_pece", {"sde_sigmas": (5.0, 0.5)})])
 @pytest.mark.parametrize("name", list(TERMS))
 def test_every_guidance_term_runs_on_dpm_fast_and_churn(name, sampler, options):
     """DPM-Solver-fast (its own steps between two σ's) and churned Euler/Heun (noise before the
@@ -225,7 +230,8 @@ def test_every_guidance_term_runs_on_dpm_fast_and_churn(name, sampler, options):
                   diagnostics=gg.Diagnostics(telemetry=True, callback=records.append, check_sync=True),
                   generator=torch.Generator().manual_seed(0))
     assert torch.isfinite(x).all()
-    assert len(records) == {"dpm_fast": 5, "euler": 5, "heun": 9}[sampler]
+    # SA-Solver PECE: a second evaluation after each corrector (not at the first step)
+    assert len(records) == {"dpm_fast": 5, "euler": 5, "heun": 9, "sa_solver": 5, "sa_solver_pece": 9}[sampler]
 
 
 @pytest.mark.parametrize("sampler", ["dpm_2", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde", "dpmpp-3m-sde"])
@@ -252,3 +258,30 @@ def test_new_samplers_dry_run_like_heun(sampler):
         noisy = int(tables.draws_noise[step])
         assert measured["forward"]["launches"] == 1
         assert measured["structure"]["combine_k"] == [3 + noisy, 3 + noisy]
+
+
+@pytest.mark.parametrize("sampler,peer", [("ipndm", "lms"), ("ipndm_v", "lms"), ("deis", "lms"),
+                                          ("gradient_estimation", "lms"), ("res_multistep", "dpmpp-2m"),
+                                          ("res_multistep_ancestral", "dpmpp_sde"), ("seeds_2", "dpmpp_sde"),
+                                          ("seeds_3", "dpmpp_sde"), ("er_sde", "dpmpp_sde"), ("heunpp2", "heun"),
+                                          ("lcm", "euler_a")])
+def test_comfy_samplers_dry_run_like_their_peers(sampler, peer):
+    """ComfyUI's samplers on the fake-CUDA dry run with graph capture: a measured evaluation is what
+    one of an existing sampler with the same carried state and noise is (one model launch; combines
+    over x, D, the carried operand, the noise)."""
+    from torch import nn
+    from gradguide.bench import dryrun
+
+    class Scale(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(4, 1, 1), requires_grad=False)
+
+        def forward(self, x, t, **_):
+            return x * self.w
+    schedule = gg.Schedule.linear(1000)
+    got, want = [dryrun.dry_run(Scale().to("meta"), (2, 4, 8, 8), schedule=schedule, sampler=s, steps=6,
+                                backend="reference", graph=True, steps_measured=[3])["steps_measured"]["3"]
+                 for s in (sampler, peer)]
+    assert got["forward"]["launches"] == want["forward"]["launches"] == 1
+    assert got["structure"]["combine_k"] == want["structure"]["combine_k"]

@@ -57,8 +57,10 @@ SCHEDULER_SAMPLERS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolv
                       "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a",
                       "HeunDiscreteScheduler": "heun", "UniPCMultistepScheduler": "unipc", "PNDMScheduler": "plms",
                       "LMSDiscreteScheduler": "lms", "FlowMatchEulerDiscreteScheduler": "flow-euler",
-                      "FlowMatchHeunDiscreteScheduler": "flow-heun", "FlowMatchLCMScheduler": "flow-lcm"}
-SIGMA_SPACE = ("euler", "euler_a", "heun", "lms")   # latents are x_σ = x/√ᾱ, the model sees x_σ/√(1+σ²)
+                      "FlowMatchHeunDiscreteScheduler": "flow-heun", "FlowMatchLCMScheduler": "flow-lcm",
+                      "KDPM2DiscreteScheduler": "dpm_2", "KDPM2AncestralDiscreteScheduler": "dpm_2_ancestral",
+                      "DEISMultistepScheduler": "deis"}
+SIGMA_SPACE = ("euler", "euler_a", "heun", "lms", "dpm_2", "dpm_2_ancestral")   # latents are x_σ = x/√ᾱ, the model sees x_σ/√(1+σ²)
 VP_SIGMA_TABLE = ("dpmpp-2m", "dpmpp-2m-sde", "unipc")   # VP latents on the scheduler's own σ table
 
 
@@ -87,6 +89,8 @@ def scheduler_sampler(scheduler):
     if name in diffusers_flow.FLOW_MATCH:   # flow-matching schedulers: their own mapping (diffusers_flow)
         options = {"stochastic": True} if name.startswith("FlowMatchEuler") and config.get("stochastic_sampling") else {}
         return sampler, options
+    if flow and sampler == "deis":
+        _refuse(scheduler, "use_flow_sigmas", True, "DEIS on flow σ's is not implemented")
     if flow:
         diffusers_flow.check_flow_solver(scheduler)
     elif config.get("prediction_type") == "flow_prediction":
@@ -146,8 +150,16 @@ def scheduler_sampler(scheduler):
             _refuse(scheduler, "timestep_spacing", config.get("timestep_spacing"), "diffusers' PLMS warm-up then steps "
                     "from ᾱ(τ_1 + T/n) instead of the ᾱ of its sample; only 'leading' (the default) is reproduced")
         options["combine"] = "v" if ptype == "v_prediction" else "eps"
-    elif sampler == "euler_a" and ptype == "sample":
-        _refuse(scheduler, "prediction_type", ptype, "diffusers' EulerAncestralDiscreteScheduler does not implement it")
+    elif sampler == "deis":
+        if config.get("algorithm_type", "deis") != "deis" or config.get("solver_type", "logrho") != "logrho":
+            _refuse(scheduler, "algorithm_type", config.get("algorithm_type"), "only diffusers' log-ρ DEIS is "
+                    "implemented (as diffusers)")
+        if config.get("solver_order", 2) not in (1, 2, 3):
+            _refuse(scheduler, "solver_order", config.get("solver_order"), "orders 1, 2 and 3 are implemented")
+        options.update(deis_mode="logrho", max_order=config.get("solver_order", 2),
+                       lower_order_final=bool(config.get("lower_order_final", True)))
+    elif sampler in ("euler_a", "dpm_2", "dpm_2_ancestral") and ptype == "sample":
+        _refuse(scheduler, "prediction_type", ptype, f"diffusers' {name} does not implement it")
     return sampler, options
 
 
@@ -285,7 +297,9 @@ class DiffusersSchedule(Schedule):
         """Timesteps on the scheduler's own σ table (after ``set_timesteps``)."""
         t = torch.as_tensor(sched.timesteps).cpu().to(torch.float64)
         sig = torch.as_tensor(sched.sigmas).cpu().to(torch.float64)
-        if self._kind == "heun":   # un-expand [σ0, σ1, σ1, ..., σ_{n−1}, σ_{n−1}, 0]
+        # Heun and KDPM2 (ancestral) list each step twice (KDPM2's second timestep is its log-midpoint's, which
+        # dpm_2 computes from sigma_to_t): un-expand [σ0, σ1, σ1, ..., σ_{n−1}, σ_{n−1}, 0]
+        if self._kind in ("heun", "dpm_2", "dpm_2_ancestral"):
             t, sig = t[0::2], torch.cat([sig[0:-1:2], sig[-1:]])
         # step i goes from sigmas[i] to sigmas[i + 1]; diffusers' Euler(interpolation_type="log_linear") has one
         # σ more that its loop never reaches: sampling ends (and returns x_σ) at sigmas[n]

@@ -82,9 +82,9 @@ class _StepEnd:
 
     def hook(self, pipe, scheduler, ts, embeds: dict, callback):
         name = type(scheduler).__name__
-        if name in ("HeunDiscreteScheduler", "PNDMScheduler"):
-            # diffusers' loop runs these schedulers' sub-steps as separate iterations (Heun's 2n − 1, PNDM's
-            # warm-up n + 1), each calling the callback; gradguide's step cannot stop between them
+        if name in ("HeunDiscreteScheduler", "PNDMScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"):
+            # diffusers' loop runs these schedulers' sub-steps as separate iterations (Heun's and KDPM2's 2n − 1,
+            # PNDM's warm-up n + 1), each calling the callback; gradguide's step cannot stop between them
             raise ValueError(f"GuidedPipeline: callback_on_step_end: not supported with {name} (diffusers calls "
                              "it between sub-steps that gradguide runs as one step)")
         sigma_space = SCHEDULER_SAMPLERS.get(name) in SIGMA_SPACE

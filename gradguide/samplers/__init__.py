@@ -32,7 +32,18 @@ from ..schedules import Timesteps
 
 SAMPLERS = ("ddpm", "ddim", "dpm_2", "dpm_2_ancestral", "dpmpp-2m", "dpmpp-2m-sde", "dpmpp-3m-sde",
             "dpmpp_2s_ancestral", "dpmpp_sde", "dpm_fast", "euler", "euler_a", "heun", "lms", "plms", "unipc",
-            "flow-euler", "flow-heun", "flow-lcm")
+            "flow-euler", "flow-heun", "flow-lcm",
+            # ComfyUI's own (gradguide.samplers.comfy)
+            "ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm",
+            "er_sde", "seeds_2", "seeds_3", "heunpp2", "sa_solver", "sa_solver_pece")
+# ComfyUI samplers that are not a table step here, with the reason (refused by name)
+REFUSED = {
+    "res_multistep_cfg_pp": "its CFG++ form carries the unconditional prediction as its multistep history; gradguide's "
+                            "CFG++ (gradguide.CFGPlusPlus) changes the current step's re-noising only",
+    "res_multistep_ancestral_cfg_pp": "as res_multistep_cfg_pp: the unconditional prediction is its history",
+    "gradient_estimation_cfg_pp": "its CFG++ form carries the unconditional derivative as history; gradguide's CFG++ "
+                                  "changes the current step's re-noising only",
+}
 CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")   # Karras et al.'s churn on euler and heun
 SOURCES = ("x", "0")   # a slot update reads x (the evaluated sample), D (the guided x̂_0) and the old slots
 
@@ -138,17 +149,23 @@ def build(name: str, ts: Timesteps, *, eta=None, variance: str = "fixed-small", 
 
 # the samplers with an η (how much fresh noise a step adds); the others refuse one by name
 ETA_SAMPLERS = ("ddim", "euler_a", "dpmpp-2m-sde", "dpmpp-3m-sde", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
-                "dpm_fast")
+                "dpm_fast", "res_multistep_ancestral", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece")
 
 
 def _build(name: str, ts: Timesteps, eta, variance: str, options) -> SamplerTables:
-    from . import ddim, ddpm, dpmpp, flow, kdiff, ksigma, plms, unipc
+    from . import comfy, ddim, ddpm, dpmpp, flow, kdiff, ksigma, plms, unipc
+    if name in REFUSED:
+        raise ValueError(f"sampler {name!r} is not available: {REFUSED[name]}")
     if eta is not None and name not in ETA_SAMPLERS and name in SAMPLERS:
         raise ValueError(f"sampler.eta: sampler {name!r} takes no eta (these do: {', '.join(ETA_SAMPLERS)})")
     if name in ("flow-euler", "flow-heun", "flow-lcm"):
         if eta is not None:
             raise ValueError(f"sampler {name!r}: no eta (flow-euler takes stochastic)")
         return flow.tables(name, ts, **options)
+    if name in comfy.SAMPLERS:
+        if eta is not None:
+            options["eta"] = eta
+        return comfy.tables(name, ts, **options)
     if name == "dpm_fast":
         if eta is not None:
             options["eta"] = eta
