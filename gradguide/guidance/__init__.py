@@ -6,11 +6,12 @@ from .cfg import CFG, CFGPlusPlus, CFGZeroStar
 from .classifier import Classifier
 from .fdg import FDG
 from .gradient import DPS, DecodedLookAhead, LookAhead, NaiveGradient
+from .interval import GuidanceInterval
 from .pag import LTX2, PAG, SEG, SLG, AutoGuidance
 from .perturb import Custom, Inputs, LayerSkip, Perturbation, SmoothedEnergy
 from .rescale import Rescale
 from .tangential import TCFG, MamboG
 
 __all__ = ["APG", "APGMix", "AutoGuidance", "Custom", "FDG", "Inputs", "LTX2", "LayerSkip", "PAG", "Perturbation",
-           "SEG", "SLG", "SmoothedEnergy", "MamboG", "TCFG", "CFG", "CFGPlusPlus", "CFGZeroStar", "Classifier", "DPS", "DecodedLookAhead", "GuidanceTerm", "LookAhead",
+           "SEG", "SLG", "SmoothedEnergy", "MamboG", "TCFG", "CFG", "CFGPlusPlus", "CFGZeroStar", "Classifier", "DPS", "DecodedLookAhead", "GuidanceInterval", "GuidanceTerm", "LookAhead",
            "NaiveGradient", "Rescale", "StepContext"]
