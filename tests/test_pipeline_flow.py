@@ -274,6 +274,22 @@ def test_flux_reward_guidance_through_unpack_and_decode(flux):
     assert ((reward_of(got) - target).abs() < (reward_of(unguided) - target).abs()).all()
 
 
+def test_sd3_reward_guidance_moves_the_reward(sd3):
+    sd, pipe = sd3_pipes(sd3)
+    g = torch.randn(2, 3, SIZE, SIZE, generator=_gen(4)) / SIZE
+    kw = dict(num_inference_steps=3, height=SIZE, width=SIZE, max_sequence_length=T5_LEN, output_type="latent",
+              progress=False)
+    plain = pipe(PROMPTS, generator=_gen(), **kw).latents
+    got = pipe(PROMPTS, generator=_gen(), guidance=[pipe.reward_guidance(g, target=2.0, beta=20.0)], **kw).latents
+
+    def reward_of(z):   # decoded as diffusers decodes SD3 latents (scaled, then shifted)
+        vae = sd3["vae"]
+        with torch.no_grad():
+            image = vae.decode(z / vae.config.scaling_factor + vae.config.shift_factor).sample
+        return torch.einsum("bijk,bijk->b", g, image)
+    assert ((reward_of(got) - 2.0).abs() < (reward_of(plain) - 2.0).abs()).all()
+
+
 def test_flux_branch_terms_and_pixelasparam(flux):
     fp, pipe = flux_pipes(flux)
     kw = dict(num_inference_steps=3, height=SIZE, width=SIZE, max_sequence_length=T5_LEN, output_type="latent",
@@ -306,5 +322,10 @@ def test_flow_pipeline_errors(sd3, flux):
         flux_pipes(flux, scheduler=FlowMatchHeunDiscreteScheduler())[1]("a cat", height=SIZE, width=SIZE, **kw)
     with pytest.raises(ValueError, match="negative_ip_adapter_image"):
         fpipe("a cat", negative_ip_adapter_image=np.zeros((4, 4, 3)), **kw)
+    fresh = GuidedFluxPipeline.from_pipe(fp)
+    z = torch.randn(1, 16, 16)
+    with pytest.raises(ValueError, match="height"):   # packed latents do not carry the image size
+        fresh.decode_latents(z)
+    assert fresh.decode_latents(z, height=SIZE, width=SIZE).shape == (1, 3, SIZE, SIZE)
     with pytest.raises(ValueError, match="max_sequence_length"):
         fpipe("a cat", height=SIZE, width=SIZE, num_inference_steps=2, max_sequence_length=600, progress=False)

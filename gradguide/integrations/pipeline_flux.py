@@ -159,26 +159,19 @@ class GuidedFluxPipeline(_FlowPipeline):
         return self._flow_timesteps(schedule, n, sigmas, self._mu(height, width))
 
     def _unpack(self, latents: torch.Tensor) -> torch.Tensor:
+        if self._run_hw is None:
+            raise ValueError("GuidedFluxPipeline: height, width: packed latents do not say the image size; pass "
+                             "decode_latents(latents, height=..., width=...) (or run the pipeline first)")
         h, w = self._run_hw
         return unpack_latents(latents, h, w)
 
     def decode_latents(self, latents: torch.Tensor, height: Optional[int] = None, width: Optional[int] = None):
         """Images in [−1, 1] from packed latents (of the last call's size unless ``height``/``width``
-        are given), as FluxPipeline decodes them."""
+        are given), as FluxPipeline decodes them. :meth:`reward_guidance` decodes at the size of
+        the call it runs in."""
         if height is not None or width is not None:
             self._run_hw = self._latent_hw(*self._size(height, width))
         return super().decode_latents(latents)
-
-    def reward_guidance(self, grad: torch.Tensor, offset=0.0, target: float = 10.0, beta: float = 100.0,
-                        official_batch_scaling: bool = False, height: Optional[int] = None,
-                        width: Optional[int] = None):
-        """G_loss through the VAE decoder on the packed latents (unpacked, scaled and shifted
-        before decoding, as :meth:`decode_latents`). The image size is the call's; ``height``/
-        ``width`` (default: ``grad``'s last two dimensions) only check that ``grad`` fits it."""
-        term = super().reward_guidance(grad, offset, target, beta, official_batch_scaling)
-        if grad.dim() >= 2:
-            self._size(grad.shape[-2] if height is None else height, grad.shape[-1] if width is None else width)
-        return term
 
     _run_hw = None
 
