@@ -7,3 +7,4 @@ subclass.
 from . import pipeline_xl  # noqa: F401  (registers GuidedXLPipeline as a GuidedPipeline variant)
 from . import pipeline_flow  # noqa: F401  (GuidedSD3Pipeline)
 from . import pipeline_flux  # noqa: F401  (GuidedFluxPipeline)
+from . import pipeline_wan  # noqa: F401  (GuidedWanPipeline)

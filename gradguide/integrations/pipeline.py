@@ -95,13 +95,18 @@ class GuidedPipeline:
         self._scheduler = scheduler  # a scheduler of its own (given or assigned); None: the pipe's
         self._converted = None       # (scheduler, its config, model, schedule) of the last conversion
         self._conversion()           # now: an unsupported scheduler is refused at construction
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = self._vae_scale(vae)
         if image_processor is None:
             from diffusers.image_processor import VaeImageProcessor
             image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.image_processor = image_processor
         self._guidance_scale = self._run_guidance_scale = None
         self._num_timesteps = None
+
+    @staticmethod
+    def _vae_scale(vae) -> int:
+        """The VAE's spatial downsampling factor (an image side over a latent side)."""
+        return 2 ** (len(vae.config.block_out_channels) - 1)
 
     @staticmethod
     def _check_addition_embed(kind) -> None:
@@ -414,7 +419,7 @@ class GuidedPipeline:
 
         embeds = cond["encoder_hidden_states"]
         shape = self._latent_shape(embeds.shape[0], height, width)
-        dtype = embeds.dtype
+        dtype = self._latent_dtype(embeds)
         if latents is None:
             latents = self._draw_latents(shape, generator, dtype)   # as diffusers' prepare_latents draws them
         elif tuple(latents.shape) != shape:
@@ -449,6 +454,10 @@ class GuidedPipeline:
         """The shape of the latents sampled (the state gradguide carries)."""
         return (rows, int(self.unet.config.in_channels), height // self.vae_scale_factor,
                 width // self.vae_scale_factor)
+
+    def _latent_dtype(self, embeds: torch.Tensor) -> torch.dtype:
+        """The dtype the latents are drawn and carried in (diffusers' pipelines: the embeddings')."""
+        return embeds.dtype
 
     def _draw_latents(self, shape, generator, dtype) -> torch.Tensor:
         """The initial noise, drawn as the diffusers pipeline's ``prepare_latents`` draws it."""

@@ -142,9 +142,8 @@ class _FlowPipeline(GuidedPipeline):
         """G_loss through the VAE decoder (see :meth:`GuidedPipeline.reward_guidance`), on the
         flow model: :class:`FlowDecodedLookAhead`, decoding ``x̂_0`` as :meth:`decode_latents`
         does (unpacked, scaled, shifted)."""
-        shift = self.shift_factor
-        return FlowDecodedLookAhead(lambda z: self.vae_decode(self._unpack(z) + shift), grad, offset=offset,
-                                    target=target, beta=beta, scaling=self.scaling_factor,
+        # decode_latents holds every pipeline's own un-scaling, so the term divides by nothing more
+        return FlowDecodedLookAhead(self.decode_latents, grad, offset=offset, target=target, beta=beta, scaling=1.0,
                                     official_batch_scaling=official_batch_scaling)
 
     def _images(self, out: torch.Tensor, output_type: str):
