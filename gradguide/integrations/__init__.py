@@ -8,3 +8,4 @@ from . import pipeline_xl  # noqa: F401  (registers GuidedXLPipeline as a Guided
 from . import pipeline_flow  # noqa: F401  (GuidedSD3Pipeline)
 from . import pipeline_flux  # noqa: F401  (GuidedFluxPipeline)
 from . import pipeline_wan  # noqa: F401  (GuidedWanPipeline)
+from . import pipeline_sana  # noqa: F401  (GuidedSanaPipeline)
