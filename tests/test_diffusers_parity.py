@@ -228,7 +228,7 @@ UNSUPPORTED = [
     (PNDMScheduler, dict(skip_prk_steps=True, timestep_spacing="trailing"), "timestep_spacing"),
     (DPMSolverSinglestepScheduler, {}, "DPMSolverSinglestepScheduler"),
     (DEISMultistepScheduler, {}, "DEISMultistepScheduler"),
-    (LCMScheduler, {}, "LCMScheduler"),
+    (LCMScheduler, dict(thresholding=True), "thresholding"),   # LCM itself: tests/test_diffusers_lcm.py
     (TCDScheduler, {}, "TCDScheduler"),
     (SASolverScheduler, {}, "SASolverScheduler"),
     (KDPM2DiscreteScheduler, {}, "KDPM2DiscreteScheduler"),

@@ -56,7 +56,17 @@ SCHEDULER_SAMPLERS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolv
                       "EulerDiscreteScheduler": "euler", "EulerAncestralDiscreteScheduler": "euler_a",
                       "HeunDiscreteScheduler": "heun", "UniPCMultistepScheduler": "unipc", "PNDMScheduler": "plms",
                       "LMSDiscreteScheduler": "lms", "FlowMatchEulerDiscreteScheduler": "flow-euler",
-                      "FlowMatchHeunDiscreteScheduler": "flow-heun", "FlowMatchLCMScheduler": "flow-lcm"}
+                      "FlowMatchHeunDiscreteScheduler": "flow-heun", "FlowMatchLCMScheduler": "flow-lcm",
+                      "LCMScheduler": "lcm"}
+# refused with the reason (no sampler reproduces them yet); docs/diffusers.md, "Scheduler support"
+UNSUPPORTED_SCHEDULERS = {
+    "TCDScheduler": "its step lands on ᾱ at floor((1 − γ)·t_next), a timestep between the scheduler's own, which the "
+                    "sampler tables (built from the visited timesteps' ᾱ) do not hold",
+    "EDMEulerScheduler": "EDM's preconditioned output (c_skip x + c_out F, with c_in-scaled inputs and log-σ noise "
+                         "conditioning) is a model parametrisation gradguide does not have",
+    "EDMDPMSolverMultistepScheduler": "EDM's preconditioned output (c_skip x + c_out F, with c_in-scaled inputs and "
+                                      "log-σ noise conditioning) is a model parametrisation gradguide does not have",
+}
 SIGMA_SPACE = ("euler", "euler_a", "heun", "lms")   # latents are x_σ = x/√ᾱ, the model sees x_σ/√(1+σ²)
 VP_SIGMA_TABLE = ("dpmpp-2m", "dpmpp-2m-sde", "unipc")   # VP latents on the scheduler's own σ table
 
@@ -77,6 +87,8 @@ def scheduler_sampler(scheduler):
     """``(sampler, options)`` reproducing ``scheduler`` exactly, or a ``ValueError`` naming the
     class or option gradguide cannot reproduce."""
     name = type(scheduler).__name__
+    if name in UNSUPPORTED_SCHEDULERS:
+        raise ValueError(f"scheduler: {name} is not supported: {UNSUPPORTED_SCHEDULERS[name]}")
     if name not in SCHEDULER_SAMPLERS:
         raise ValueError(f"scheduler: {name} is not supported (gradguide has no sampler that reproduces it exactly); "
                          f"supported: {', '.join(sorted(SCHEDULER_SAMPLERS))}")
@@ -145,6 +157,8 @@ def scheduler_sampler(scheduler):
             _refuse(scheduler, "timestep_spacing", config.get("timestep_spacing"), "diffusers' PLMS warm-up then steps "
                     "from ᾱ(τ_1 + T/n) instead of the ᾱ of its sample; only 'leading' (the default) is reproduced")
         options["combine"] = "v" if ptype == "v_prediction" else "eps"
+    elif sampler == "lcm":
+        options["timestep_scaling"] = float(config.get("timestep_scaling", 10.0))
     elif sampler == "euler_a" and ptype == "sample":
         _refuse(scheduler, "prediction_type", ptype, "diffusers' EulerAncestralDiscreteScheduler does not implement it")
     return sampler, options
@@ -170,13 +184,14 @@ class DiffusersSchedule(Schedule):
         if self.sampler_config.options.get("d2_weight") == "diffusers":
             warnings.warn(DIFFUSERS_3M_SDE_WARNING, UserWarning, stacklevel=3)
         ac = torch.as_tensor(scheduler.alphas_cumprod).detach().cpu().to(torch.float64)
-        if SCHEDULER_SAMPLERS[type(scheduler).__name__] not in ("ddim", "ddpm", "plms"):
+        if SCHEDULER_SAMPLERS[type(scheduler).__name__] not in ("ddim", "ddpm", "plms", "lcm"):
             # zero-SNR σ-table schedulers replace ᾱ_T = 0 by 2**-24, which can exceed ᾱ_{T−1}; they step on
             # their own σ table, so only sigma_to_t (sigmas=) reads this ᾱ: keep it non-increasing
             ac = torch.cummin(ac, 0).values
         super().__init__(ac)
         self.scheduler = copy.deepcopy(scheduler)
-        self.rule = {"ddim": "ddim", "plms": "ddim", "ddpm": "next"}.get(sampler, "sigmas")
+        # LCM, like DDPM, steps to the next timestep (its last step returns the consistency prediction)
+        self.rule = {"ddim": "ddim", "plms": "ddim", "ddpm": "next", "lcm": "next"}.get(sampler, "sigmas")
         final = getattr(scheduler, "final_alpha_cumprod", None)
         self.final_alpha_cumprod = 1.0 if final is None else float(final)
         self._kind = sampler   # the scheduler's own sampler, whatever a user later sets as sampler_config
@@ -417,6 +432,8 @@ def from_diffusers(unet, scheduler, use_clipped_model_output: bool = False, mu: 
     """
     if not callable(unet):
         raise TypeError(f"unet: expected a callable diffusers model, got {type(unet).__name__}")
+    if type(scheduler).__name__ in UNSUPPORTED_SCHEDULERS:
+        scheduler_sampler(scheduler)   # refuses it, saying why
     if diffusers_flow.is_flow(scheduler):
         schedule = diffusers_flow.flow_schedule(scheduler, mu, scheduler_sampler(scheduler))
     elif mu is not None:

@@ -32,7 +32,7 @@ from ..schedules import Timesteps
 
 SAMPLERS = ("ddpm", "ddim", "dpm_2", "dpm_2_ancestral", "dpmpp-2m", "dpmpp-2m-sde", "dpmpp-3m-sde",
             "dpmpp_2s_ancestral", "dpmpp_sde", "dpm_fast", "euler", "euler_a", "heun", "lms", "plms", "unipc",
-            "flow-euler", "flow-heun", "flow-lcm")
+            "flow-euler", "flow-heun", "flow-lcm", "lcm")
 CHURN = ("s_churn", "s_tmin", "s_tmax", "s_noise")   # Karras et al.'s churn on euler and heun
 SOURCES = ("x", "0")   # a slot update reads x (the evaluated sample), D (the guided x̂_0) and the old slots
 
@@ -142,13 +142,15 @@ ETA_SAMPLERS = ("ddim", "euler_a", "dpmpp-2m-sde", "dpmpp-3m-sde", "dpm_2_ancest
 
 
 def _build(name: str, ts: Timesteps, eta, variance: str, options) -> SamplerTables:
-    from . import ddim, ddpm, dpmpp, flow, kdiff, ksigma, plms, unipc
+    from . import consistency, ddim, ddpm, dpmpp, flow, kdiff, ksigma, plms, unipc
     if eta is not None and name not in ETA_SAMPLERS and name in SAMPLERS:
         raise ValueError(f"sampler.eta: sampler {name!r} takes no eta (these do: {', '.join(ETA_SAMPLERS)})")
     if name in ("flow-euler", "flow-heun", "flow-lcm"):
         if eta is not None:
             raise ValueError(f"sampler {name!r}: no eta (flow-euler takes stochastic)")
         return flow.tables(name, ts, **options)
+    if name == "lcm":
+        return consistency.tables(ts, **options)
     if name == "dpm_fast":
         if eta is not None:
             options["eta"] = eta
