@@ -219,13 +219,13 @@ def test_flux_packing_round_trip():
 
 def test_flux_reward_guidance_through_unpack_and_decode(flux):
     """G_loss through true CFG, Flux's unpacking and the decoder: the pipeline's run equals the
-    loop written out (ũ = u + σβ/(1−σ) ∇_{x_σ} L, L = ½(gᵀ decode(unpack(x̂_0)/sf + shift) + b − y*)²,
-    x̂_0 = x_σ − σ u; no shift at σ = 1) with autograd through an explicit unpack and decode."""
+    loop written out (ũ = u + β ∇_{x_σ} L, L = ½(gᵀ decode(unpack(x̂_0)/sf + shift) + b − y*)²,
+    x̂_0 = x_σ − σ u, from the first step at σ = 1) with autograd through an explicit unpack and decode."""
     fp, pipe = flux_pipes(flux)
     gen = torch.Generator().manual_seed(3)
     g = torch.randn(2, 3, SIZE, SIZE, generator=gen) / SIZE
     b = torch.tensor([0.3, -0.2])
-    beta, target, w, steps = 20.0, 2.0, 2.5, 3
+    beta, target, w, steps = 2.0, 2.0, 2.5, 3
     kw = dict(num_inference_steps=steps, height=SIZE, width=SIZE, max_sequence_length=T5_LEN, output_type="latent",
               true_cfg_scale=w, negative_prompt="dog", progress=False)
     reward = pipe.reward_guidance(g, offset=b, target=target, beta=beta)
@@ -260,10 +260,7 @@ def test_flux_reward_guidance_through_unpack_and_decode(flux):
             image = decode_packed(lat - s * u)
             loss = 0.5 * ((torch.einsum("bijk,bijk->b", g, image) + b - target) ** 2).sum()
             (grad,) = torch.autograd.grad(loss, lat)
-        u = u.detach()
-        if s < 1:
-            u = u + s * beta / (1 - s) * grad
-        latents = latents + (s_next - s) * u
+        latents = latents + (s_next - s) * (u.detach() + beta * grad)
     _close(got, latents)
     unguided = pipe(PROMPTS, generator=_gen(), **kw).latents
     assert (got - unguided).abs().max() > 1e-3

@@ -103,3 +103,36 @@ def test_wan_embeds_terms_and_refusals(wan):
         pipe(PROMPTS, **dict(kw, height=24))
     with pytest.raises(ValueError, match="boundary_ratio"):
         _pipes(dict(wan, transformer_2=wan["transformer"]), boundary_ratio=0.5)
+
+
+def test_wan_reward_guidance_through_the_video_decoder(wan):
+    """G_loss through AutoencoderKLWan on 5-D latents: the pipeline's run equals the flow-Euler
+    loop written out (ũ = u + β ∇_{x_σ} L with the CFG velocity, L = ½(gᵀ decode(x̂_0 · std + mean)
+    − y*)², autograd through the transformer's two branches and the video decoder)."""
+    ref_pipe, pipe = _pipes(wan, FlowMatchEulerDiscreteScheduler(shift=5.0))
+    g = torch.randn(2, 3, 5, 16, 32, generator=_gen(4)) / 40
+    beta, target, w = 50.0, 1.0, 4.0
+    kw = dict(KW, output_type="latent", progress=False, guidance_scale=w)
+    got = pipe(PROMPTS, generator=_gen(), guidance=[pipe.reward_guidance(g, target=target, beta=beta)], **kw).latents
+    plain = pipe(PROMPTS, generator=_gen(), **kw).latents
+    assert (got - plain).abs().max() > 1e-4
+
+    pe, neg = ref_pipe.encode_prompt(PROMPTS, max_sequence_length=10)
+    vae, transformer = wan["vae"], wan["transformer"]
+    mean = torch.tensor(vae.config.latents_mean).view(1, 16, 1, 1, 1)
+    inv_std = 1.0 / torch.tensor(vae.config.latents_std).view(1, 16, 1, 1, 1)
+    sched = FlowMatchEulerDiscreteScheduler(shift=5.0)
+    sched.set_timesteps(KW["num_inference_steps"])
+    sig = sched.sigmas.tolist()
+    latents = torch.randn(2, 16, 2, 2, 4, generator=_gen())
+    for i, t in enumerate(sched.timesteps):
+        with torch.enable_grad():
+            lat = latents.detach().requires_grad_(True)
+            u_c = transformer(lat, timestep=t.expand(2), encoder_hidden_states=pe, return_dict=False)[0]
+            u_n = transformer(lat, timestep=t.expand(2), encoder_hidden_states=neg, return_dict=False)[0]
+            u = u_n + w * (u_c - u_n)
+            video = vae.decode((lat - sig[i] * u) / inv_std + mean).sample
+            loss = 0.5 * ((torch.einsum("bcfhw,bcfhw->b", g, video) - target) ** 2).sum()
+            (grad,) = torch.autograd.grad(loss, lat)
+        latents = latents + (sig[i + 1] - sig[i]) * (u.detach() + beta * grad)
+    _close(got, latents)

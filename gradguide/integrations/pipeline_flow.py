@@ -46,17 +46,17 @@ def per_prompt(value, name: str, batch: int) -> List[str]:
 
 
 class FlowDecodedLookAhead(DecodedLookAhead):
-    """G_loss through the decoder on a flow model: :class:`DecodedLookAhead`'s score shift
-    ``ε̃ = ε̂ + √(1−ᾱ) β ∇L``, which in flow coordinates is ``ũ = u + σ β/(1−σ) ∇_{x_σ} L``
-    (``L = ½(gᵀ decode(x̂_0) + b − y*)²``, ``x̂_0 = x_σ − σ u``). At σ = 1 (ᾱ = 0, the first
-    step of every SD3 / Flux schedule) that shift is unbounded, so the term acts from the first
-    step with σ < 1 (docs/flow.md)."""
+    """G_loss through the decoder on a flow model: the look-ahead gradient of
+    ``L = ½(gᵀ decode(x̂_0) + b − y*)²`` (``x̂_0 = x_σ − σ u``, through the transformer and the
+    decoder) moves the velocity, ``ũ = u + β ∇_{x_σ} L``, so ``x̂_0`` moves by ``−σβ ∇L`` and a
+    flow-Euler step descends ``L`` by ``(σ − σ')β``. (:class:`DecodedLookAhead`'s weight for
+    ε / v models, ``ε̃ = ε̂ + √(1−ᾱ) β ∇L``, would move ``x̂_0`` by ``σ²β/(1−σ) ∇L`` on a flow
+    model: unbounded as σ → 1, where every flow schedule starts. In the variance-preserving
+    state gradguide carries this is that shift with β scaled by ``√ᾱ/√(1−ᾱ)``; docs/flow.md.)"""
     name = "G_loss(decoded, flow)"
 
     def score(self, ctx: StepContext, x0: LinComb) -> LinComb:
-        # ᾱ = 0 enters the sampler tables clamped to 1e-16; anything at that floor is σ = 1
-        live = (ctx.a * ctx.a > 1e-12).to(ctx.a.dtype)
-        return super().score(ctx, x0) * live
+        return super().score(ctx, x0) * (ctx.a / ctx.s)
 
 
 class _FlowPipeline(GuidedPipeline):
