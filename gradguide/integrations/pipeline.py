@@ -34,6 +34,11 @@ call keywords have diffusers' meaning (``timesteps``/``sigmas`` lists, ``eta``, 
 ``cross_attention_kwargs``, ``callback_on_step_end``, ``return_dict``, generator lists, ...; see
 docs/diffusers.md), and an unknown keyword is refused naming the pipeline.
 
+``GuidedPipeline.from_pipe`` returns the variant built for the pipeline it is given: SDXL
+(:mod:`.pipeline_xl`), SD3 (:mod:`.pipeline_flow`), Flux (:mod:`.pipeline_flux`), Wan
+(:mod:`.pipeline_wan`), Qwen-Image (:mod:`.pipeline_qwenimage`), Sana (:mod:`.pipeline_sana`);
+docs/diffusers.md has the table.
+
 Refused, with an error naming the option: U-Nets that need ``added_cond_kwargs`` (SDXL's
 ``addition_embed_type``) or a guidance embedding (``time_cond_proj_dim``), IP-Adapter inputs;
 no safety checker is run.
