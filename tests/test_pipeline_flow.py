@@ -201,6 +201,26 @@ def test_flux_equals_diffusers(flux, case):
     assert got.latents.shape == (rows, (SIZE // 4) * (kw.get("width", SIZE) // 4), 16)   # packed 2×2
 
 
+def test_flux_callback_sees_diffusers_latents_and_guidance_scale(flux):
+    fp, pipe = flux_pipes(flux, dev=True)
+    seen = {"ref": [], "got": []}
+
+    def make(key):
+        def fn(p, i, t, kwargs):
+            seen[key].append((kwargs["latents"].clone(), p.guidance_scale))
+            return {"latents": kwargs["latents"] * 0.9 if i == 0 else kwargs["latents"]}
+        return fn
+    kw = dict(num_inference_steps=3, height=SIZE, width=SIZE, max_sequence_length=T5_LEN, output_type="latent",
+              guidance_scale=4.0, true_cfg_scale=2.0, negative_prompt="dog")
+    ref = fp(PROMPTS, generator=_gen(), callback_on_step_end=make("ref"), **kw).images
+    got = pipe(PROMPTS, generator=_gen(), callback_on_step_end=make("got"), progress=False, **kw).latents
+    assert len(seen["got"]) == len(seen["ref"]) == 3
+    for (a, scale_a), (b, scale_b) in zip(seen["got"], seen["ref"]):
+        _close(a, b)
+        assert scale_a == scale_b == 4.0
+    _close(got, ref)
+
+
 def test_flux_with_a_flow_sigma_solver(flux):
     sched = UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction", use_dynamic_shifting=True,
                                     flow_shift=1.0)

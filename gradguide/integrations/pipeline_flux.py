@@ -120,6 +120,14 @@ class GuidedFluxPipeline(_FlowPipeline):
     def _denoiser(self):
         return self._adapter
 
+    @property
+    def guidance_scale(self):
+        """The running call's ``guidance_scale`` (the embedded guidance, what diffusers' callbacks
+        read; true CFG's scale is ``true_cfg_scale``)."""
+        return self._embedded_scale
+
+    _embedded_scale = None
+
     # -- sizes, latents, σ's -----------------------------------------------------------------------
     def _size(self, height, width):
         f = self.vae_scale_factor * 2   # a packed patch covers 2×2 latent pixels
@@ -275,6 +283,7 @@ class GuidedFluxPipeline(_FlowPipeline):
                       "txt_ids": neg_ids.expand(rows, -1, -1)}
             return cond, uncond, {"prompt_embeds": pe}
 
+        self._embedded_scale = guidance_scale
         out = self._generate(encode, FLUX_TENSOR_INPUTS, num_inference_steps=num_inference_steps, timesteps=None,
                              sigmas=sigmas, guidance_scale=true_cfg_scale if do_true_cfg else 1.0,
                              guidance_rescale=0.0, guidance=guidance, projection=projection, height=height,

@@ -120,6 +120,14 @@ class GuidedQwenImagePipeline(_FlowPipeline):
     def _denoiser(self):
         return self._adapter
 
+    @property
+    def guidance_scale(self):
+        """The running call's ``guidance_scale`` (the embedded guidance, what diffusers' callbacks
+        read; true CFG's scale is ``true_cfg_scale``)."""
+        return self._embedded_scale
+
+    _embedded_scale = None
+
     # -- sizes, latents, σ's ------------------------------------------------------------------------
     def _size(self, height, width):
         f = self.vae_scale_factor * 2
@@ -261,6 +269,7 @@ class GuidedQwenImagePipeline(_FlowPipeline):
             return cond, {**base, "encoder_hidden_states": neg, "encoder_hidden_states_mask": neg_mask}, \
                 {"prompt_embeds": pe}
 
+        self._embedded_scale = guidance_scale
         out = self._generate(encode, QWEN_TENSOR_INPUTS, num_inference_steps=num_inference_steps, timesteps=None,
                              sigmas=sigmas, guidance_scale=1.0, guidance_rescale=0.0, guidance=terms,
                              projection=projection, height=height, width=width, eta=0.0, generator=generator,
