@@ -30,7 +30,8 @@ COMFY_SAMPLERS = {
     "dpmpp_2m_sde_heun_gpu": ("dpmpp-2m-sde", {"solver_type": "heun"}),
     "dpmpp_3m_sde": ("dpmpp-3m-sde", {}), "dpmpp_3m_sde_gpu": ("dpmpp-3m-sde", {}),
     "ddim": ("euler", {}),   # ComfyUI's "ddim" runs its Euler loop
-    **{name: (name, {}) for name in ("lcm", "ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_ancestral",
+    "lcm": ("lcm_comfy", {}),   # the plain step: ComfyUI's model wrapper holds LCM's boundary scalings
+    **{name: (name, {}) for name in ("ipndm", "ipndm_v", "deis", "res_multistep", "res_multistep_ancestral",
                                      "gradient_estimation", "er_sde", "seeds_2", "seeds_3", "sa_solver",
                                      "sa_solver_pece")},
 }

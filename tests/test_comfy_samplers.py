@@ -438,7 +438,7 @@ def test_lcm_matches_comfyui_loop(s_noise, s_noise_end):
         if sig[i + 1] > 0:
             x = x + sig[i + 1] * noises[i] * (s_noise + (end - s_noise) * i / (n - 1))
     options = {"s_noise": s_noise} if s_noise_end is None else {"s_noise": s_noise, "s_noise_end": s_noise_end}
-    got = run_paths(build("lcm", timesteps(sig), **options), mixture_denoiser, X0, noises)
+    got = run_paths(build("lcm_comfy", timesteps(sig), **options), mixture_denoiser, X0, noises)
     np.testing.assert_allclose(got, x, rtol=1e-11, atol=1e-11)
 
 
@@ -450,7 +450,7 @@ def test_lcm_is_not_a_convergent_solver():
     errors = []
     for n in (12, 24, 48, 96):
         sig = np.exp(np.linspace(np.log(10.0), np.log(0.1), n + 1))
-        mean, var = run_moments(build("lcm", timesteps(sig)), sigma_start=10.0)
+        mean, var = run_moments(build("lcm_comfy", timesteps(sig)), sigma_start=10.0)
         v = GAUSS_VAR + sig[0] ** 2
         for i in range(n):
             v = (GAUSS_VAR / (GAUSS_VAR + sig[i] ** 2)) ** 2 * v + sig[i + 1] ** 2
@@ -470,7 +470,7 @@ def test_options_and_refusals():
     with pytest.raises(ValueError, match="takes no eta"):
         build("res_multistep", ts, eta=1.0)
     with pytest.raises(ValueError, match="noise_clip_std"):
-        build("lcm", ts, noise_clip_std=1.0)
+        build("lcm_comfy", ts, noise_clip_std=1.0)
     for name in ("res_multistep_cfg_pp", "res_multistep_ancestral_cfg_pp", "gradient_estimation_cfg_pp"):
         with pytest.raises(ValueError, match="not available.*CFG\\+\\+|not available.*unconditional"):
             build(name, ts)
@@ -504,7 +504,7 @@ def test_comfy_samplers_run_through_sample_with_sigmas():
     call per σ step."""
     schedule = gg.Schedule.linear(1000)
     sigmas = gg.comfy_sigmas(schedule, "karras", 8)
-    for name in ("ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm",
+    for name in ("ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm_comfy",
                  "er_sde", "seeds_2", "seeds_3", "heunpp2", "sa_solver"):
         calls = []
         options = {"sde_sigmas": (3.0, 0.5)} if name == "sa_solver" else {}

@@ -247,7 +247,7 @@ UNSUPPORTED = [
     (PNDMScheduler, dict(skip_prk_steps=True, timestep_spacing="trailing"), "timestep_spacing"),
     (DPMSolverSinglestepScheduler, {}, "DPMSolverSinglestepScheduler"),
     (DEISMultistepScheduler, dict(use_flow_sigmas=True, prediction_type="flow_prediction"), "use_flow_sigmas"),
-    (LCMScheduler, {}, "LCMScheduler"),
+    (LCMScheduler, dict(thresholding=True), "thresholding"),   # LCM itself: tests/test_diffusers_lcm.py
     (TCDScheduler, {}, "TCDScheduler"),
     (SASolverScheduler, {}, "SASolverScheduler"),
     (KDPM2DiscreteScheduler, dict(prediction_type="sample"), "prediction_type"),

@@ -18,7 +18,7 @@ def call(**kw):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(sampler="tcd"), "sampler: expected one of"),
+    (dict(sampler="no-such-sampler"), "sampler: expected one of"),
     (lambda: dict(execution=gg.Execution(backend="cuda-magic")), "execution.backend: expected one of"),
     (dict(steps=101), "steps: 101 is more than the schedule's T = 100"),
     (dict(steps=0), "steps: expected a positive integer"),
@@ -33,7 +33,7 @@ def call(**kw):
     (dict(sampler=gg.Sampler(eta=0.5)), "sampler.eta: sampler 'ddpm' takes no eta"),
     (lambda: dict(sampler=gg.Sampler("ddim", eta=-1.0)), "sampler.eta: expected a finite number >= 0"),
     (dict(sampler=gg.Sampler(clip=(1, -1))), "sampler.clip: expected"),
-    (lambda: dict(sampler=gg.Sampler("tcd")), "sampler.name: expected one of"),
+    (lambda: dict(sampler=gg.Sampler("no-such-sampler")), "sampler.name: expected one of"),
     (lambda: dict(sampler=gg.Sampler("ddim", clip_eps="unclipped")), "sampler.clip_eps: expected"),
     (lambda: dict(sampler=gg.Sampler(timesteps=[3, 2, 1])), "sampler.timesteps: expected a gradguide.Timesteps"),
     (dict(sampler=gg.Sampler("euler", sigmas=[2.0, 3.0, 0.0]), steps=None), "sampler.sigmas: expected finite"),

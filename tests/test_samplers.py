@@ -17,7 +17,7 @@ Y = torch.full((8,), 2)
 NEW = ["euler", "euler_a", "heun", "lms", "dpmpp-2m", "dpmpp-2m-sde", "unipc", "plms", "dpmpp-3m-sde", "dpm_2",
        "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
        # ComfyUI's own (gradguide.samplers.comfy)
-       "ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm",
+       "ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm_comfy",
        "er_sde", "seeds_2", "seeds_3", "heunpp2"]
 
 
@@ -264,7 +264,7 @@ def test_new_samplers_dry_run_like_heun(sampler):
                                           ("gradient_estimation", "lms"), ("res_multistep", "dpmpp-2m"),
                                           ("res_multistep_ancestral", "dpmpp_sde"), ("seeds_2", "dpmpp_sde"),
                                           ("seeds_3", "dpmpp_sde"), ("er_sde", "dpmpp_sde"), ("heunpp2", "heun"),
-                                          ("lcm", "euler_a")])
+                                          ("lcm_comfy", "euler_a")])
 def test_comfy_samplers_dry_run_like_their_peers(sampler, peer):
     """ComfyUI's samplers on the fake-CUDA dry run with graph capture: a measured evaluation is what
     one of an existing sampler with the same carried state and noise is (one model launch; combines

@@ -5,3 +5,8 @@ subclasses claim the diffusers pipelines they build for) without a module import
 subclass.
 """
 from . import pipeline_xl  # noqa: F401  (registers GuidedXLPipeline as a GuidedPipeline variant)
+from . import pipeline_flow  # noqa: F401  (GuidedSD3Pipeline)
+from . import pipeline_flux  # noqa: F401  (GuidedFluxPipeline)
+from . import pipeline_wan  # noqa: F401  (GuidedWanPipeline)
+from . import pipeline_sana  # noqa: F401  (GuidedSanaPipeline)
+from . import pipeline_qwenimage  # noqa: F401  (GuidedQwenImagePipeline)

@@ -59,7 +59,16 @@ SCHEDULER_SAMPLERS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolv
                       "LMSDiscreteScheduler": "lms", "FlowMatchEulerDiscreteScheduler": "flow-euler",
                       "FlowMatchHeunDiscreteScheduler": "flow-heun", "FlowMatchLCMScheduler": "flow-lcm",
                       "KDPM2DiscreteScheduler": "dpm_2", "KDPM2AncestralDiscreteScheduler": "dpm_2_ancestral",
-                      "DEISMultistepScheduler": "deis"}
+                      "DEISMultistepScheduler": "deis", "LCMScheduler": "lcm"}
+# refused with the reason (no sampler reproduces them yet); docs/diffusers.md, "Scheduler support"
+UNSUPPORTED_SCHEDULERS = {
+    "TCDScheduler": "its step lands on ᾱ at floor((1 − γ)·t_next), a timestep between the scheduler's own, which the "
+                    "sampler tables (built from the visited timesteps' ᾱ) do not hold",
+    "EDMEulerScheduler": "EDM's preconditioned output (c_skip x + c_out F, with c_in-scaled inputs and log-σ noise "
+                         "conditioning) is a model parametrisation gradguide does not have",
+    "EDMDPMSolverMultistepScheduler": "EDM's preconditioned output (c_skip x + c_out F, with c_in-scaled inputs and "
+                                      "log-σ noise conditioning) is a model parametrisation gradguide does not have",
+}
 SIGMA_SPACE = ("euler", "euler_a", "heun", "lms", "dpm_2", "dpm_2_ancestral")   # latents are x_σ = x/√ᾱ, the model sees x_σ/√(1+σ²)
 VP_SIGMA_TABLE = ("dpmpp-2m", "dpmpp-2m-sde", "unipc")   # VP latents on the scheduler's own σ table
 
@@ -80,6 +89,8 @@ def scheduler_sampler(scheduler):
     """``(sampler, options)`` reproducing ``scheduler`` exactly, or a ``ValueError`` naming the
     class or option gradguide cannot reproduce."""
     name = type(scheduler).__name__
+    if name in UNSUPPORTED_SCHEDULERS:
+        raise ValueError(f"scheduler: {name} is not supported: {UNSUPPORTED_SCHEDULERS[name]}")
     if name not in SCHEDULER_SAMPLERS:
         raise ValueError(f"scheduler: {name} is not supported (gradguide has no sampler that reproduces it exactly); "
                          f"supported: {', '.join(sorted(SCHEDULER_SAMPLERS))}")
@@ -158,6 +169,8 @@ def scheduler_sampler(scheduler):
             _refuse(scheduler, "solver_order", config.get("solver_order"), "orders 1, 2 and 3 are implemented")
         options.update(deis_mode="logrho", max_order=config.get("solver_order", 2),
                        lower_order_final=bool(config.get("lower_order_final", True)))
+    elif sampler == "lcm":
+        options["timestep_scaling"] = float(config.get("timestep_scaling", 10.0))
     elif sampler in ("euler_a", "dpm_2", "dpm_2_ancestral") and ptype == "sample":
         _refuse(scheduler, "prediction_type", ptype, f"diffusers' {name} does not implement it")
     return sampler, options
@@ -183,13 +196,14 @@ class DiffusersSchedule(Schedule):
         if self.sampler_config.options.get("d2_weight") == "diffusers":
             warnings.warn(DIFFUSERS_3M_SDE_WARNING, UserWarning, stacklevel=3)
         ac = torch.as_tensor(scheduler.alphas_cumprod).detach().cpu().to(torch.float64)
-        if SCHEDULER_SAMPLERS[type(scheduler).__name__] not in ("ddim", "ddpm", "plms"):
+        if SCHEDULER_SAMPLERS[type(scheduler).__name__] not in ("ddim", "ddpm", "plms", "lcm"):
             # zero-SNR σ-table schedulers replace ᾱ_T = 0 by 2**-24, which can exceed ᾱ_{T−1}; they step on
             # their own σ table, so only sigma_to_t (sigmas=) reads this ᾱ: keep it non-increasing
             ac = torch.cummin(ac, 0).values
         super().__init__(ac)
         self.scheduler = copy.deepcopy(scheduler)
-        self.rule = {"ddim": "ddim", "plms": "ddim", "ddpm": "next"}.get(sampler, "sigmas")
+        # LCM, like DDPM, steps to the next timestep (its last step returns the consistency prediction)
+        self.rule = {"ddim": "ddim", "plms": "ddim", "ddpm": "next", "lcm": "next"}.get(sampler, "sigmas")
         final = getattr(scheduler, "final_alpha_cumprod", None)
         self.final_alpha_cumprod = 1.0 if final is None else float(final)
         self._kind = sampler   # the scheduler's own sampler, whatever a user later sets as sampler_config
@@ -432,6 +446,8 @@ def from_diffusers(unet, scheduler, use_clipped_model_output: bool = False, mu: 
     """
     if not callable(unet):
         raise TypeError(f"unet: expected a callable diffusers model, got {type(unet).__name__}")
+    if type(scheduler).__name__ in UNSUPPORTED_SCHEDULERS:
+        scheduler_sampler(scheduler)   # refuses it, saying why
     if diffusers_flow.is_flow(scheduler):
         schedule = diffusers_flow.flow_schedule(scheduler, mu, scheduler_sampler(scheduler))
     elif mu is not None:

@@ -34,6 +34,11 @@ call keywords have diffusers' meaning (``timesteps``/``sigmas`` lists, ``eta``, 
 ``cross_attention_kwargs``, ``callback_on_step_end``, ``return_dict``, generator lists, ...; see
 docs/diffusers.md), and an unknown keyword is refused naming the pipeline.
 
+``GuidedPipeline.from_pipe`` returns the variant built for the pipeline it is given: SDXL
+(:mod:`.pipeline_xl`), SD3 (:mod:`.pipeline_flow`), Flux (:mod:`.pipeline_flux`), Wan
+(:mod:`.pipeline_wan`), Qwen-Image (:mod:`.pipeline_qwenimage`), Sana (:mod:`.pipeline_sana`);
+docs/diffusers.md has the table.
+
 Refused, with an error naming the option: U-Nets that need ``added_cond_kwargs`` (SDXL's
 ``addition_embed_type``) or a guidance embedding (``time_cond_proj_dim``), IP-Adapter inputs;
 no safety checker is run.
@@ -95,13 +100,18 @@ class GuidedPipeline:
         self._scheduler = scheduler  # a scheduler of its own (given or assigned); None: the pipe's
         self._converted = None       # (scheduler, its config, model, schedule) of the last conversion
         self._conversion()           # now: an unsupported scheduler is refused at construction
-        self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.vae_scale_factor = self._vae_scale(vae)
         if image_processor is None:
             from diffusers.image_processor import VaeImageProcessor
             image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
         self.image_processor = image_processor
         self._guidance_scale = self._run_guidance_scale = None
         self._num_timesteps = None
+
+    @staticmethod
+    def _vae_scale(vae) -> int:
+        """The VAE's spatial downsampling factor (an image side over a latent side)."""
+        return 2 ** (len(vae.config.block_out_channels) - 1)
 
     @staticmethod
     def _check_addition_embed(kind) -> None:
@@ -124,15 +134,15 @@ class GuidedPipeline:
         ``scheduler`` replaces the pipeline's own. Without it the GuidedPipeline follows
         ``pipe.scheduler``: a scheduler assigned to the diffusers pipeline later is the one the
         next call samples with (until one is assigned to ``GuidedPipeline.scheduler``)."""
+        if cls is GuidedPipeline:
+            # variants (SDXL, SD3, Flux) are subclasses that claim the pipes they build for; the
+            # package's __init__ imports them, so this module need not import its own subclasses
+            for variant in _variants(GuidedPipeline):
+                if variant.handles(pipe):
+                    return variant.from_pipe(pipe, scheduler)
         missing = [name for name in ("unet", "scheduler", "vae") if getattr(pipe, name, None) is None]
         if missing:
             raise TypeError(f"GuidedPipeline.from_pipe: pipe: {type(pipe).__name__} has no {', '.join(missing)}")
-        if cls is GuidedPipeline:
-            # variants (SDXL) are subclasses that claim the pipes they build for; the package's
-            # __init__ imports them, so this module need not import its own subclasses
-            for variant in GuidedPipeline.__subclasses__():
-                if variant.handles(pipe):
-                    return variant.from_pipe(pipe, scheduler)
         out = cls(pipe.unet, scheduler if scheduler is not None else pipe.scheduler, pipe.vae,
                   getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None),
                   getattr(pipe, "image_processor", None))
@@ -162,11 +172,15 @@ class GuidedPipeline:
         done = self._converted
         if done is None or done[0] is not sched or not _same_config(done[1], config):
             try:
-                model, schedule = from_diffusers(self.unet, sched)
+                model, schedule = from_diffusers(self._denoiser(), sched)
             except ValueError as exc:
                 raise ValueError(f"GuidedPipeline: {exc}") from exc
             self._converted = done = (sched, config, model, schedule)
         return done
+
+    def _denoiser(self):
+        """The module ``from_diffusers`` wraps (a variant whose model needs an adapter returns it)."""
+        return self.unet
 
     @property
     def model(self):
@@ -391,7 +405,8 @@ class GuidedPipeline:
         if config.timesteps is not None or config.sigmas is not None:
             raise ValueError("sampler: a GuidedPipeline's steps come from num_inference_steps= or its timesteps=/sigmas= "
                              "lists (as diffusers), not from the Sampler's timesteps/sigmas")
-        ts = self._timesteps(schedule, num_inference_steps, timesteps, sigmas, config.spacing)
+        height, width = self._size(height, width)
+        ts = self._timesteps(schedule, num_inference_steps, timesteps, sigmas, config.spacing, height, width)
         user_branch = [t for t in terms if t.place == "branches"]
         do_cfg = guidance_scale > 1.0 or bool(user_branch)   # diffusers: CFG only when guidance_scale > 1
 
@@ -408,12 +423,10 @@ class GuidedPipeline:
             terms = [branch] + terms
 
         embeds = cond["encoder_hidden_states"]
-        height, width = self._size(height, width)
-        shape = (embeds.shape[0], int(self.unet.config.in_channels), height // self.vae_scale_factor,
-                 width // self.vae_scale_factor)
-        dtype = embeds.dtype
+        shape = self._latent_shape(embeds.shape[0], height, width)
+        dtype = self._latent_dtype(embeds)
         if latents is None:
-            latents = _randn(shape, generator, self.device, dtype)   # as diffusers' prepare_latents draws them
+            latents = self._draw_latents(shape, generator, dtype)   # as diffusers' prepare_latents draws them
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
         config = dataclasses.replace(config, timesteps=ts, spacing=None)
@@ -442,10 +455,24 @@ class GuidedPipeline:
         return self.image_processor.postprocess(image, output_type=output_type,
                                                 do_denormalize=[True] * image.shape[0])
 
-    def _timesteps(self, schedule, num_inference_steps, timesteps, sigmas, spacing):
+    def _latent_shape(self, rows: int, height: int, width: int) -> tuple:
+        """The shape of the latents sampled (the state gradguide carries)."""
+        return (rows, int(self.unet.config.in_channels), height // self.vae_scale_factor,
+                width // self.vae_scale_factor)
+
+    def _latent_dtype(self, embeds: torch.Tensor) -> torch.dtype:
+        """The dtype the latents are drawn and carried in (diffusers' pipelines: the embeddings')."""
+        return embeds.dtype
+
+    def _draw_latents(self, shape, generator, dtype) -> torch.Tensor:
+        """The initial noise, drawn as the diffusers pipeline's ``prepare_latents`` draws it."""
+        return _randn(shape, generator, self.device, dtype)
+
+    def _timesteps(self, schedule, num_inference_steps, timesteps, sigmas, spacing, height=None, width=None):
         """The run's :class:`~gradguide.schedules.Timesteps`, as diffusers' ``retrieve_timesteps``
         picks them: a ``timesteps`` or ``sigmas`` list through the scheduler's ``set_timesteps``,
-        else ``num_inference_steps`` (default 50)."""
+        else ``num_inference_steps`` (default 50). (``height``/``width``: for variants whose σ's
+        depend on the image size.)"""
         if timesteps is not None and sigmas is not None:
             raise ValueError("timesteps, sigmas: pass one of them, not both (as diffusers)")
         if num_inference_steps is not None and (isinstance(num_inference_steps, bool)
@@ -502,6 +529,14 @@ class GuidedPipeline:
                 raise ValueError(f"{name}: expected a positive multiple of the VAE's scale factor "
                                  f"{self.vae_scale_factor}, got {value!r}")
         return height, width
+
+
+def _variants(cls) -> list:
+    """Every subclass of ``cls``, depth first (a variant of a variant claims its pipes too)."""
+    out = []
+    for sub in cls.__subclasses__():
+        out += [sub] + _variants(sub)
+    return out
 
 
 def _same_config(a: dict, b: dict) -> bool:

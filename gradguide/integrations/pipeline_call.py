@@ -1,7 +1,7 @@
 """diffusers' call conventions for the guided pipelines: which keywords pass on to
 :func:`gradguide.sample`, ``callback_on_step_end`` on gradguide's step callback, and the text
-encoders' LoRA scale while encoding (used by :mod:`gradguide.integrations.pipeline` and
-:mod:`gradguide.integrations.pipeline_xl`)."""
+encoders' LoRA scale while encoding (used by :mod:`gradguide.integrations.pipeline` and its
+variants)."""
 from __future__ import annotations
 
 import contextlib
@@ -12,6 +12,7 @@ import torch
 
 from ..sampling import sample
 from .diffusers import SCHEDULER_SAMPLERS, SIGMA_SPACE
+from .diffusers_flow import is_flow
 
 
 def _required_positional(fn) -> int:
@@ -82,13 +83,17 @@ class _StepEnd:
 
     def hook(self, pipe, scheduler, ts, embeds: dict, callback):
         name = type(scheduler).__name__
-        if name in ("HeunDiscreteScheduler", "PNDMScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler"):
+        if name in ("HeunDiscreteScheduler", "PNDMScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
+                    "FlowMatchHeunDiscreteScheduler"):
             # diffusers' loop runs these schedulers' sub-steps as separate iterations (Heun's and KDPM2's 2n − 1,
             # PNDM's warm-up n + 1), each calling the callback; gradguide's step cannot stop between them
             raise ValueError(f"GuidedPipeline: callback_on_step_end: not supported with {name} (diffusers calls "
                              "it between sub-steps that gradguide runs as one step)")
         sigma_space = SCHEDULER_SAMPLERS.get(name) in SIGMA_SPACE
-        scale = (1 / ts.abar_prev.sqrt()).tolist() if sigma_space else [1.0] * len(ts)
+        if is_flow(scheduler):   # a flow pipeline's latents are x_σ = x/(√ᾱ + √(1−ᾱ)) (docs/flow.md)
+            scale = (1 / (ts.abar_prev.sqrt() + (1 - ts.abar_prev).sqrt())).tolist()
+        else:
+            scale = (1 / ts.abar_prev.sqrt()).tolist() if sigma_space else [1.0] * len(ts)
         t_list = ts.t.to(torch.float32) if ts.t.is_floating_point() else ts.t
 
         def on_step(record):

@@ -32,9 +32,9 @@ from ..schedules import Timesteps
 
 SAMPLERS = ("ddpm", "ddim", "dpm_2", "dpm_2_ancestral", "dpmpp-2m", "dpmpp-2m-sde", "dpmpp-3m-sde",
             "dpmpp_2s_ancestral", "dpmpp_sde", "dpm_fast", "euler", "euler_a", "heun", "lms", "plms", "unipc",
-            "flow-euler", "flow-heun", "flow-lcm",
+            "flow-euler", "flow-heun", "flow-lcm", "lcm",
             # ComfyUI's own (gradguide.samplers.comfy)
-            "ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm",
+            "ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm_comfy",
             "er_sde", "seeds_2", "seeds_3", "heunpp2", "sa_solver", "sa_solver_pece")
 # ComfyUI samplers that are not a table step here, with the reason (refused by name)
 REFUSED = {
@@ -153,7 +153,7 @@ ETA_SAMPLERS = ("ddim", "euler_a", "dpmpp-2m-sde", "dpmpp-3m-sde", "dpm_2_ancest
 
 
 def _build(name: str, ts: Timesteps, eta, variance: str, options) -> SamplerTables:
-    from . import comfy, ddim, ddpm, dpmpp, flow, kdiff, ksigma, plms, unipc
+    from . import comfy, consistency, ddim, ddpm, dpmpp, flow, kdiff, ksigma, plms, unipc
     if name in REFUSED:
         raise ValueError(f"sampler {name!r} is not available: {REFUSED[name]}")
     if eta is not None and name not in ETA_SAMPLERS and name in SAMPLERS:
@@ -162,6 +162,8 @@ def _build(name: str, ts: Timesteps, eta, variance: str, options) -> SamplerTabl
         if eta is not None:
             raise ValueError(f"sampler {name!r}: no eta (flow-euler takes stochastic)")
         return flow.tables(name, ts, **options)
+    if name == "lcm":
+        return consistency.tables(ts, **options)
     if name in comfy.SAMPLERS:
         if eta is not None:
             options["eta"] = eta

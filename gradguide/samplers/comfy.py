@@ -1,6 +1,6 @@
 """ComfyUI's own σ-space samplers (``comfy/k_diffusion/sampling.py``, not in k-diffusion) as
 scalar tables: ``ipndm``, ``ipndm_v``, ``deis``, ``gradient_estimation``, ``res_multistep``,
-``res_multistep_ancestral``, ``lcm``, ``er_sde``; the multi-evaluation ones (``seeds_2``,
+``res_multistep_ancestral``, ``lcm_comfy``, ``er_sde``; the multi-evaluation ones (``seeds_2``,
 ``seeds_3``, ``heunpp2``, ``sa_solver``) are in :mod:`gradguide.samplers.comfy_stages`, dispatched
 from :func:`tables` here. docs/samplers.md ("ComfyUI") gives each one's source and measured order.
 
@@ -33,7 +33,10 @@ In σ-space ``x_σ = x_0 + σ ε``, ``d = (x_σ − D)/σ``; the variance-preser
   φ₂(z) = (φ₁(z) − 1)/z; Euler at the first step and onto σ = 0. ``res_multistep_ancestral``
   steps to ``σ_down`` (k-diffusion's ancestral split, ``eta`` = 1) and adds ``s_noise σ_up z``;
   its ``h_{i−1}`` is the previous step's deterministic part ``λ(σ_down,i−1) − λ_{i−1}``, as ComfyUI's.
-- ``lcm`` (Luo et al. 2023, multistep consistency sampling): ``x_σ' = D + s_noise σ_{i+1} z``.
+- ``lcm_comfy`` (ComfyUI's ``lcm``; Luo et al. 2023, multistep consistency sampling):
+  ``x_σ' = D + s_noise σ_{i+1} z``. ComfyUI applies an LCM model's boundary scalings in its model
+  wrapper, so its sampler is this plain step; gradguide's ``lcm`` (diffusers' ``LCMScheduler``) applies
+  them in the step.
 """
 from __future__ import annotations
 
@@ -48,7 +51,7 @@ from . import SamplerTables, common_tables
 from .comfy_stages import _heunpp2, _sa_solver, _seeds_2, _seeds_3
 from .kdiff import ancestral_step
 
-SAMPLERS = ("ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm",
+SAMPLERS = ("ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm_comfy",
             "er_sde", "seeds_2", "seeds_3", "heunpp2", "sa_solver", "sa_solver_pece")
 _AB = {1: [1.0], 2: [1.5, -0.5], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
 
@@ -111,7 +114,7 @@ def tables(name: str, ts: Timesteps, **options) -> SamplerTables:
         _options(name, options, allowed)
         eta = _number(name, "eta", options.get("eta", 1.0)) if name.endswith("ancestral") else 0.0
         return _res_multistep(name, ts, sig, eta, _number(name, "s_noise", options.get("s_noise", 1.0)))
-    if name == "lcm":
+    if name == "lcm_comfy":
         _options(name, options, ("s_noise", "s_noise_end", "noise_clip_std"))
         return _lcm(ts, sig, options)
     if name == "seeds_2":
@@ -325,10 +328,10 @@ def _res_multistep(name: str, ts: Timesteps, sig, eta: float, s_noise: float) ->
 
 
 def _lcm(ts: Timesteps, sig, options) -> SamplerTables:
-    name = "lcm"
+    name = "lcm_comfy"
     clip = _number(name, "noise_clip_std", options.get("noise_clip_std", 0.0))
     if clip:
-        raise ValueError("sampler 'lcm': noise_clip_std > 0 clamps each draw by its own standard deviation (a "
+        raise ValueError("sampler 'lcm_comfy': noise_clip_std > 0 clamps each draw by its own standard deviation (a "
                          "data-dependent, non-affine noise), which a table step cannot express; use 0")
     start = _number(name, "s_noise", options.get("s_noise", 1.0))
     end = options.get("s_noise_end")
