@@ -36,7 +36,7 @@ from typing import Callable, Dict
 
 import torch
 
-from .guidance.base import _signature_of
+from . import runkey
 
 WARMUP_RUNS = 3  # side-stream runs before capture
 
@@ -53,20 +53,6 @@ class EagerStepper:
 
     def finish(self, x):
         return x
-
-
-def run_signature(run) -> tuple:
-    """Everything but tensor values that a captured step of ``run`` depends on."""
-    terms = [run.branch] + run.score_terms + run.mean_terms + run.post_terms
-    return (
-        ("model", id(run.model)), tuple(run.shape), run.dtype, str(run.device), run.backend, run.groups,
-        run.tables.name, run.tables.multistep, run.tables.learned_variance, tuple(run.table_rows.shape),
-        run.timesteps_dev.dtype,   # int64 training steps vs float σ-space timesteps of the same length
-        tuple(sorted(run.table_index.items())), run.prediction, run.clip, run.telemetry, run.variance_channels,
-        repr(run.projection),
-        tuple((type(t).__name__, t.graph_signature()) for t in terms if t is not None),
-        _signature_of(run.cond), _signature_of(run.uncond), _signature_of(run.batched),
-    )
 
 
 def _run_tensors(run) -> Dict[str, torch.Tensor]:
@@ -183,7 +169,7 @@ class GraphCache:
 
     def stepper(self, run, step: Callable) -> GraphStepper:
         """The stepper of ``run``, replaying ``step`` (:func:`gradguide.sampling.step`)."""
-        sig = run_signature(run)
+        sig = runkey.graph_key(run)
         entry = self._entries.get(sig)
         if entry is not None:
             captured_run, captures, _model = entry

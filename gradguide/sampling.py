@@ -27,12 +27,12 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from . import ops, predictions
+from . import ops, predictions, runkey
 from .config import Diagnostics, Execution, Sampler
 from .debug import forbid_host_sync
 from .graphs import EagerStepper, GraphCache
 from .guidance.base import GuidanceTerm, StepContext, named_scales, scale_overflow_hint
-from .guidance.cfg import CFG, BranchInputsError, batch_branch_inputs, per_sample, split_branches
+from .guidance.cfg import BranchInputsError, batch_branch_inputs, per_sample, split_branches
 from .guidance.perturb import BranchCaller
 from .linear import LinComb, Operands
 from .projection import PixelAsParam, step_telemetry
@@ -296,7 +296,7 @@ def _finish_prepare(run: _Run, fused: bool = True) -> None:
     """The sampler's tables on the device and the built-in fused step's plan (which appends its
     per-step weights to ``run.table_rows``): from :data:`_PLAN_CACHE` when an earlier call had
     the same configuration, else built (:func:`_build_tables_and_plan`) and remembered."""
-    key = _plan_key(run, fused)
+    key = runkey.setup_key(run, fused)
     with _PLAN_CACHE_LOCK:   # sample() may be called from several threads (serving)
         entry = _PLAN_CACHE.get(key) if key is not None else None
         if entry is not None:
@@ -325,7 +325,7 @@ def _build_tables_and_plan(run: _Run, fused: bool) -> tuple:
     cfg = run.sampler
     run.tables = build(cfg.name, cfg.timesteps, eta=cfg.eta, variance=cfg.variance, **cfg.options)
     run.table_rows, run.table_index = run.tables.stacked(run.device, ops.reference.coefficient_dtype(run.dtype))
-    run.plan = stepplan.build(run) if fused else None
+    run.plan = stepplan.build(run, step_algebra) if fused else None
     if not fused:
         run.fused_reason = "fused=False"
     return (run.tables, run.table_rows, run.table_index, run.plan, run.fused_reason, run.tables.needs_x0(),
@@ -339,74 +339,13 @@ def _build_tables_and_plan(run: _Run, fused: bool) -> tuple:
 # read, as immutable values: the timesteps' values (not the schedule object, which a caller may
 # change), the sampler, eta, variance and the schedule's sampler options, device and dtype,
 # prediction, clip and clip_eps, telemetry, fused, the projection's parameters, and each
-# guidance term's type and parameters (:func:`_term_key`), read at every call, so changing
+# guidance term's type and parameters (:func:`gradguide.runkey.term_key`), read at every call, so changing
 # `cfg.scale` between calls gives a new entry. Runs the key cannot describe (a LookAhead, whose
 # plan holds its per-call target tensor; non-plain parameter values; meta/timesteps off the CPU)
 # are built afresh. Per-call tensors (cond, x_T, generator, model) never enter an entry.
 PLAN_CACHE_SIZE = 16
 _PLAN_CACHE: "OrderedDict[tuple, tuple]" = OrderedDict()
 _PLAN_CACHE_LOCK = threading.Lock()
-
-
-class _Unkeyable(Exception):
-    pass
-
-
-def _plain(value):
-    """A key for an immutable plain value (a number, string, None or a tuple of them). The type
-    is part of it (``True``, ``1`` and ``1.0`` are equal keys otherwise), and floats go by their
-    repr (``-0.0`` and ``0.0`` too)."""
-    if isinstance(value, float):
-        return float, repr(value)
-    if value is None or isinstance(value, (bool, int, str)):
-        return type(value), value
-    if isinstance(value, (tuple, list)):
-        return tuple(_plain(v) for v in value)
-    raise _Unkeyable
-
-
-def _term_key(term: GuidanceTerm) -> tuple:
-    """A term's part of the key: its type and every parameter the traced plan can read, by value.
-    Callables and the attributes a term lists in ``runtime_attributes`` are read only while a
-    step runs (through the run's own term), never by the plan; a tensor parameter may be held by
-    the plan (a per-sample target), so a term with one is not keyed."""
-    skip = type(term).runtime_attributes
-    return (type(term),) + tuple((name, _plain(value)) for name, value in sorted(vars(term).items())
-                                 if name not in skip and not callable(value))
-
-
-def _plan_key(run: _Run, fused: bool) -> Optional[tuple]:
-    """The cache key of ``run``'s tables and plan (``None``: not cached)."""
-    cfg = run.sampler
-    ts = cfg.timesteps
-    if run.device.type == "meta" or any(v.device.type != "cpu" for v in (ts.t, ts.abar, ts.abar_prev)):
-        return None
-    try:
-        proj = run.projection
-        return (cfg.name, ts.t.dtype, ts.t.detach().numpy().tobytes(), ts.abar.dtype, ts.abar.detach().numpy().tobytes(),
-                ts.abar_prev.detach().numpy().tobytes(), _plain(ts.init_scale), _plain(ts.final_scale), _plain(cfg.eta),
-                _sigma_to_t_key(ts.sigma_to_t), cfg.variance,
-                tuple(sorted((k, _plain(v)) for k, v in cfg.options.items())), run.device, run.dtype, fused,
-                run.prediction, run.variance_channels, run.telemetry, _plain(run.clip), run.clip_eps,
-                None if proj is None else (type(proj),) + tuple(_plain(getattr(proj, name)) for name in
-                                                                ("policy", "delta", "delta2", "pcgrad", "convention",
-                                                                 "granularity")),
-                None if run.branch is None else _term_key(run.branch),
-                tuple(_term_key(t) for t in run.score_terms), tuple(_term_key(t) for t in run.mean_terms),
-                tuple(_term_key(t) for t in run.post_terms))
-    except _Unkeyable:
-        return None
-
-
-def _sigma_to_t_key(fn) -> Optional[tuple]:
-    """A key for ``Timesteps.sigma_to_t`` (samplers that call the model between the listed σ's read
-    it): a schedule's own method is keyed by its training table; any other callable is not keyed."""
-    if fn is None:
-        return None
-    owner = getattr(fn, "__self__", None)
-    if isinstance(owner, Schedule) and getattr(fn, "__func__", None) is Schedule.sigma_to_t:
-        return ("sigma_to_t", owner.alphas_cumprod.numpy().tobytes())
-    raise _Unkeyable
 
 
 def clear_plan_cache() -> None:

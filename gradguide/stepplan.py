@@ -201,10 +201,10 @@ def unsupported(run) -> Optional[str]:
     return None
 
 
-def build(run) -> Optional[StepPlan]:
+def build(run, step_algebra) -> Optional[StepPlan]:
     """The run's step as fused stages, with their per-step weights appended to
-    ``run.table_rows`` (or ``None``, with ``run.fused_reason`` saying why not)."""
-    from .sampling import step_algebra
+    ``run.table_rows`` (or ``None``, with ``run.fused_reason`` saying why not). ``step_algebra``:
+    :func:`gradguide.sampling.step_algebra`, the step this traces (passed in: the loop sits above)."""
     run.fused_reason = unsupported(run)
     if run.fused_reason is not None:
         return None

@@ -18,6 +18,7 @@ FLOORS = (
     ("ops", "schedules", "predictions", "debug", "metrics"),  # backends, noise tables, conversions
     ("linear", "comfy_schedules"),                        # affine operands over ops; ComfyUI's named σ lists
     ("guidance", "samplers"),                             # the terms, the scalar tables
+    ("runkey",),                                          # the one description of a run for both caches
     ("projection", "graphs", "stepplan"),                 # PixelAsParam, CUDA graphs, fused plan
     ("config",),                                          # Sampler / Execution / Diagnostics
     ("flow_schedules", "comfy_ksampler"),                 # flow σ schedules, ComfyUI's KSampler (they make Samplers)
