@@ -21,11 +21,13 @@ from . import ops
 class LinComb:
     """``sum_k coef[b, g, k] * operand_k[b, g]`` over the operands of one :class:`Operands`."""
 
-    __slots__ = ("space", "coef")
+    __slots__ = ("space", "coef", "support")
 
-    def __init__(self, space: "Operands", coef: torch.Tensor):
+    def __init__(self, space: "Operands", coef: torch.Tensor, support=None):
         self.space = space
         self.coef = coef
+        # the operands it may read (known on the host: no look at coefficient values)
+        self.support = frozenset(range(coef.shape[-1])) if support is None else frozenset(support)
 
     def _padded(self, k: int) -> torch.Tensor:
         have = self.coef.shape[-1]
@@ -46,22 +48,22 @@ class LinComb:
 
     def __add__(self, other: "LinComb") -> "LinComb":
         k = max(self.coef.shape[-1], other.coef.shape[-1])
-        return LinComb(self.space, self._padded(k) + other._padded(k))
+        return LinComb(self.space, self._padded(k) + other._padded(k), self.support | other.support)
 
     def __sub__(self, other: "LinComb") -> "LinComb":
         k = max(self.coef.shape[-1], other.coef.shape[-1])
-        return LinComb(self.space, self._padded(k) - other._padded(k))
+        return LinComb(self.space, self._padded(k) - other._padded(k), self.support | other.support)
 
     def __neg__(self) -> "LinComb":
-        return LinComb(self.space, -self.coef)
+        return LinComb(self.space, -self.coef, self.support)
 
     def __mul__(self, s) -> "LinComb":
-        return LinComb(self.space, self.coef * self._scale(s))
+        return LinComb(self.space, self.coef * self._scale(s), self.support)
 
     __rmul__ = __mul__
 
     def __truediv__(self, s) -> "LinComb":
-        return LinComb(self.space, self.coef / self._scale(s))
+        return LinComb(self.space, self.coef / self._scale(s), self.support)
 
 
 class Operands:
@@ -85,6 +87,7 @@ class Operands:
         self.names: List[str] = []
         self._gram = None
         self._sums = None
+        self._partial: Dict[tuple, tuple] = {}   # operand columns -> (gram, sums), beyond MAX_K operands
         self.recipes: Dict[str, tuple] = {}   # materialised operand -> (coef, clamp), for autograd replays
 
     # -- building ---------------------------------------------------------------------------
@@ -97,11 +100,11 @@ class Operands:
         k = len(self.tensors)
         coef = torch.zeros(self.batch, 1, k, device=self.device, dtype=self.compute_dtype)
         coef[:, :, k - 1] = 1.0
-        return LinComb(self, coef)
+        return LinComb(self, coef, (k - 1,))
 
     def zero(self) -> LinComb:
         return LinComb(self, torch.zeros(self.batch, 1, max(len(self.tensors), 1),
-                                         device=self.device, dtype=self.compute_dtype))
+                                         device=self.device, dtype=self.compute_dtype), ())
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return self.tensors[self.names.index(name)]
@@ -115,10 +118,27 @@ class Operands:
     def _full(self, u: LinComb) -> torch.Tensor:
         return u._padded(len(self.tensors)).to(self.compute_dtype).expand(self.batch, self.groups, -1)
 
+    def _over(self, *vectors: LinComb):
+        """``(gram, sums, columns)``: the statistics an inner product of ``vectors`` reads. All
+        operands in one reduce while they fit one kernel pass (``ops.MAX_K``); beyond, the
+        operands the vectors may read (their ``support``), each such set reduced once."""
+        k = len(self.tensors)
+        if k <= ops.MAX_K or self.backend == "reference":
+            gram, sums = self._reduced()
+            return gram, sums, None
+        cols = tuple(sorted(set().union(*(v.support for v in vectors))))
+        if cols not in self._partial:
+            self._partial[cols] = ops.reduce([self.tensors[c] for c in cols], self.groups, backend=self.backend)
+        gram, sums = self._partial[cols]
+        return gram, sums, list(cols)
+
     def dot(self, u: LinComb, v: LinComb, per: str = "sample") -> torch.Tensor:
         """Inner product ``<u, v>``: ``[B]`` (per sample) or ``[B, G]`` (per group)."""
-        gram, _ = self._reduced()
-        d = torch.einsum("bgk,bgkl,bgl->bg", self._full(u), gram, self._full(v))
+        gram, _, cols = self._over(u, v)
+        fu, fv = self._full(u), self._full(v)
+        if cols is not None:
+            fu, fv = fu[..., cols], fv[..., cols]
+        d = torch.einsum("bgk,bgkl,bgl->bg", fu, gram, fv)
         return d.sum(1) if per == "sample" else d
 
     def norm2(self, u: LinComb, per: str = "sample") -> torch.Tensor:
@@ -126,8 +146,9 @@ class Operands:
 
     def total(self, u: LinComb, per: str = "sample") -> torch.Tensor:
         """Sum of the elements of ``u``: ``[B]`` or ``[B, G]``."""
-        _, sums = self._reduced()
-        s = (self._full(u) * sums).sum(-1)
+        _, sums, cols = self._over(u)
+        fu = self._full(u) if cols is None else self._full(u)[..., cols]
+        s = (fu * sums).sum(-1)
         return s.sum(1) if per == "sample" else s
 
     tracing = False   # a TraceOperands (gradguide.stepplan) records instead of computing
@@ -162,14 +183,30 @@ class Operands:
         return n if per == "sample" else n // self.groups
 
     # -- materialising ----------------------------------------------------------------------
+    def _columns(self, *vectors: LinComb) -> Optional[List[int]]:
+        """The operands a pass over ``vectors`` reads when all of them do not fit one kernel pass
+        (``None``: all)."""
+        if len(self.tensors) <= ops.MAX_K or self.backend == "reference":
+            return None
+        cols = sorted(set().union(*(v.support for v in vectors)))
+        if len(cols) > ops.MAX_K:
+            raise ValueError(f"a combination of {len(cols)} operands: backend {self.backend!r} takes at most "
+                             f"{ops.MAX_K} in one pass (use fewer guidance terms, or backend='reference')")
+        return cols
+
     def combine(self, u: LinComb, out: Optional[torch.Tensor] = None, clamp=None) -> torch.Tensor:
-        coef = self._full(u)
-        return ops.combine(coef, self.tensors, out=out, clamp=clamp, backend=self.backend)
+        coef, tensors, cols = self._full(u), self.tensors, self._columns(u)
+        if cols is not None:
+            coef, tensors = coef[..., cols], [self.tensors[c] for c in cols]
+        return ops.combine(coef, tensors, out=out, clamp=clamp, backend=self.backend)
 
     def clip_shift(self, p: LinComb, s: LinComb, clip: tuple):
         """``(clamp(p), clamp(p + s) − clamp(p))`` as tensors (:func:`gradguide.ops.clip_shift`)."""
         k = len(self.tensors)
-        return ops.clip_shift(p._padded(k)[:, 0, :], s._padded(k)[:, 0, :], self.tensors, clip, backend=self.backend)
+        cp, cs, tensors, cols = p._padded(k)[:, 0, :], s._padded(k)[:, 0, :], self.tensors, self._columns(p, s)
+        if cols is not None:
+            cp, cs, tensors = cp[..., cols], cs[..., cols], [self.tensors[c] for c in cols]
+        return ops.clip_shift(cp, cs, tensors, clip, backend=self.backend)
 
     def materialize(self, name: str, u: LinComb, clamp=None) -> LinComb:
         """Write ``u`` out as a new operand (needed where a rule is not linear, e.g. clipping)."""
@@ -204,7 +241,7 @@ class StepAlgebra:
         if isinstance(flag, bool):
             return u if flag else v
         k = max(u.coef.shape[-1], v.coef.shape[-1])
-        return LinComb(u.space, torch.where(u._scale(flag), u._padded(k), v._padded(k)))
+        return LinComb(u.space, torch.where(u._scale(flag), u._padded(k), v._padded(k)), u.support | v.support)
 
 
 class SymbolicOperands(Operands):

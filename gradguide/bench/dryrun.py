@@ -621,7 +621,7 @@ def dry_run(model: Callable, shape, *, steps_measured=None, graph: bool = True, 
                     log["noise"] = 1
                 x_new, state_new, _ = sampling.step(run, x, i, run.step_ids[i:i + 1], state, noise, False)
                 if run.plan is not None:
-                    _plan_structure(log, run.plan.variants[bool(run.tables.draws_noise[i])])
+                    _plan_structure(log, run.plan.variants[run.plan.keys[i]])
             tracker.stack[:] = []
             if x_new.device.type != world.device.type or x_new.shape != x.shape:
                 raise AssertionError(f"step {i}: output on {x_new.device} shaped {tuple(x_new.shape)}")

@@ -75,8 +75,8 @@ def _like(value, ref: torch.Tensor) -> torch.Tensor:
     """``value`` (a number, bool or tensor) as a tensor that broadcasts against ``ref``."""
     if isinstance(value, torch.Tensor):
         return value
-    dtype = torch.bool if isinstance(value, bool) else ref.dtype
-    return torch.tensor(value, dtype=dtype, device=ref.device)
+    # new_full: a tensor of ref's kind (a fake tensor under a dry run's FakeTensorMode too)
+    return ref.new_full((), value, dtype=torch.bool if isinstance(value, bool) else ref.dtype)
 
 
 def norm2(alg, u):
