@@ -165,9 +165,10 @@ class Operands:
         """Register the operand ``compute(ctx)`` (a term's method, e.g. a classifier gradient)."""
         return self.add(name, compute(ctx))
 
-    def per_sample(self, value):
-        """A per-sample ``[B]`` scalar a term passes to :meth:`policy` (traced as such)."""
-        return value
+    def per_sample(self, term, name: str):
+        """The term's per-sample ``[B]`` tensor ``term.<name>``, a scalar of :meth:`policy` (a trace
+        records where to read it, so a plan holds no per-call tensor)."""
+        return getattr(term, name)
 
     def finish(self, u: LinComb) -> torch.Tensor:
         """The step's new sample, ``u`` written out."""
@@ -268,10 +269,10 @@ class SymbolicOperands(Operands):
         k = len(self.names)
         coef = torch.zeros(self.batch, 1, k, dtype=torch.float64)
         coef[:, :, k - 1] = 1.0
-        return LinComb(self, coef)
+        return LinComb(self, coef, (k - 1,))
 
     def zero(self) -> LinComb:
-        return LinComb(self, torch.zeros(self.batch, 1, max(len(self.names), 1), dtype=torch.float64))
+        return LinComb(self, torch.zeros(self.batch, 1, max(len(self.names), 1), dtype=torch.float64), ())
 
     def _reduced(self):
         raise TypeError("SymbolicOperands has no tensors: inner products need a step's operands")

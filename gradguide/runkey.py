@@ -111,6 +111,6 @@ def _plan_layout(plan) -> Optional[tuple]:
         return None
     return tuple(plan.keys), tuple(
         (key, tuple((s.policy, tuple(s.operands), s.n_gram, tuple(s.vector_rows),
-                     tuple((kind, v if kind == "row" else _signature_of(v)) for kind, v in s.scalars),
+                     tuple(s.scalars),
                      s.clamp, s.output, s.per_group) for s in variant.stages))
         for key, variant in plan.variants.items())

@@ -16,8 +16,6 @@ tables. ``Diagnostics(check_sync=True)`` enforces this (see :mod:`gradguide.debu
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import functools
 import threading
 import warnings
@@ -203,6 +201,10 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     if final_scale != 1.0:   # σ-space samplers return x_σ at the last σ
         result = result * final_scale
     if run.check_finite == "end" and not bool(torch.isfinite(result).all()):
+        # x_T is checked here, not before the first step: a finite one (the rule) then costs no
+        # host synchronisation and no ops per call; a non-finite one is still named
+        if x_T is not None and not bool(torch.isfinite(x_T).all()):
+            raise ValueError("x_T: contains NaN or inf values")
         raise ValueError(f"check_finite: the samples contain NaN or inf (from a finite x_T): a model output, a "
                          f"guidance gradient or the update went non-finite{_range_hint(run.dtype)}; pass "
                          "diagnostics=Diagnostics(check_finite='step') to find the first step, check_finite=False to "
@@ -308,12 +310,14 @@ def _finish_prepare(run: _Run, fused: bool = True) -> None:
                 _PLAN_CACHE[key] = entry
                 while len(_PLAN_CACHE) > PLAN_CACHE_SIZE:
                     _PLAN_CACHE.popitem(last=False)   # least recently used
-    # copy on use: the run owns its tensors and plan, so nothing a caller does to them reaches the cache
-    tables, rows, index, plan, run.fused_reason, run.needs_x0, timestep_list = entry
-    run.tables, run.table_rows, run.table_index = _copy_tables(tables), rows.clone(), dict(index)
-    run.timesteps_dev = run.tables.timesteps.t.to(run.device)
+    # The device tensors a step reads are the run's own (one copy each: a reused CUDA graph copies
+    # a later run's values into them); the host tables and step indices are shared with the cache,
+    # read-only (no part of a run writes them), so a cached call issues no per-table copies.
+    tables, rows, index, plan, run.fused_reason, run.needs_x0, timestep_list, step_ids = entry
+    run.tables, run.table_rows, run.table_index = tables, rows.clone(), dict(index)
+    run.timesteps_dev = tables.timesteps.t.to(run.device, copy=True)
     run.timestep_list = list(timestep_list)
-    run.step_ids = torch.arange(len(timestep_list), device=run.device)
+    run.step_ids = step_ids
     from . import stepplan
     run.plan = stepplan.copy_plan(plan)
 
@@ -329,7 +333,7 @@ def _build_tables_and_plan(run: _Run, fused: bool) -> tuple:
     if not fused:
         run.fused_reason = "fused=False"
     return (run.tables, run.table_rows, run.table_index, run.plan, run.fused_reason, run.tables.needs_x0(),
-            tuple(run.tables.timesteps.t.tolist()))
+            tuple(run.tables.timesteps.t.tolist()), torch.arange(len(run.tables.timesteps), device=run.device))
 
 
 # -- the setup cache ----------------------------------------------------------------------------
@@ -352,16 +356,6 @@ def clear_plan_cache() -> None:
     """Forget every cached setup (tests; the cache never needs it for correctness)."""
     with _PLAN_CACHE_LOCK:
         _PLAN_CACHE.clear()
-
-
-def _copy_tables(tables: SamplerTables) -> SamplerTables:
-    """A copy of ``tables`` with its own tensors (no re-validation)."""
-    ts = tables.timesteps
-    out = copy.copy(tables)
-    out.timesteps = dataclasses.replace(ts, t=ts.t.clone(), abar=ts.abar.clone(), abar_prev=ts.abar_prev.clone())
-    out.tables = {k: v.clone() for k, v in tables.tables.items()}
-    out.moves, out.draws_noise = dict(tables.moves), list(tables.draws_noise)
-    return out
 
 
 def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dict[str, torch.Tensor],
@@ -388,7 +382,10 @@ def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Di
                           input_scale=scale, model_output=out_c)
         terms = [run.branch] + run.score_terms + run.mean_terms + run.post_terms
         for name, (position, compute) in variant.computed.items():
-            tensors[name] = compute(terms[position] if position >= 0 else None, ctx)
+            if position < 0:   # the model's VJP with an operand already computed (G_loss: Jᵀg)
+                (tensors[name],) = torch.autograd.grad(out_c, x_input, grad_outputs=tensors[compute])
+            else:
+                tensors[name] = compute(terms[position], ctx)
     if run.backend != "reference":   # kernels address rows as contiguous memory
         tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
     stepplan.run_stages(run, variant, column, tensors)
@@ -725,7 +722,7 @@ def _prepare(model, shape, *, schedule: Schedule, steps, sampler: Sampler, guida
             raise ValueError(f"x_T: on {x_T.device}, but execution.device={device}")
         if dtype is not None and dtype != x_T.dtype:
             raise TypeError(f"x_T: dtype {x_T.dtype} differs from execution.dtype={dtype}")
-        if not torch.isfinite(x_T).all():
+        if diagnostics.check_finite == "step" and not torch.isfinite(x_T).all():
             raise ValueError("x_T: contains NaN or inf values")
         device, dtype = x_T.device, x_T.dtype
     device = _check_device(device, allow_meta)

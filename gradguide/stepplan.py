@@ -47,7 +47,7 @@ class Stage:
     operands: List[str]
     n_gram: int
     vector_rows: List[int]               # first table row of each vector (K rows each)
-    scalars: List[Tuple[str, object]]    # ("row", table row) or ("tensor", a [B] device tensor)
+    scalars: List[Tuple[str, object]]    # ("row", table row) or ("term", (term position, attribute)): a [B] tensor
     clamp: Optional[tuple]
     output: str
     per_group: bool = False              # inner products per (sample, group), PixelAsParam's per-channel
@@ -58,7 +58,8 @@ class Variant:
     """The stages of the steps that make one set of host-side choices, and their inputs."""
     stages: List[Stage]
     inputs: List[str]                    # operand names the step must supply
-    computed: Dict[str, Tuple[int, Callable]] = field(default_factory=dict)   # name -> (term, method)
+    # name -> (term position, its method), or (-1, g's name): the model's VJP with the operand g
+    computed: Dict[str, Tuple[int, object]] = field(default_factory=dict)
 
 
 @dataclass
@@ -85,10 +86,11 @@ def _who() -> str:
 
 
 class PerSample:
-    """A per-sample ``[B]`` device tensor a stage reads as a scalar (e.g. G_loss's target)."""
+    """A term's per-sample ``[B]`` tensor a stage reads as a scalar (e.g. G_loss's target): where
+    to find it on the running step's terms (the plan holds no per-call tensor)."""
 
-    def __init__(self, tensor: torch.Tensor):
-        self.tensor = tensor
+    def __init__(self, position: int, name: str):
+        self.position, self.name = position, name
 
 
 @dataclass
@@ -134,8 +136,11 @@ class TraceOperands(SymbolicOperands):
         self.computed[self.names[-1]] = (position, compute.__func__)
         return u
 
-    def per_sample(self, value):
-        return PerSample(value)
+    def per_sample(self, term, name: str):
+        position = next((j for j, t in enumerate(self.terms) if t is term), None)
+        if position is None:
+            raise NotFusable(f"a per-sample scalar of something other than a guidance term ({name})")
+        return PerSample(position, name)
 
     def policy(self, name: str, per: str = "sample", **params) -> LinComb:
         vectors, scalars = program_arguments(name, params, self.zero())
@@ -157,13 +162,14 @@ class TraceOperands(SymbolicOperands):
     def finish(self, u: LinComb):
         self.pending.append(_Pending("linear", {"coef": u}, {}, None, ("x_next",)))
 
-    def vjp_of_x0(self, x0: LinComb, g: LinComb, grad: torch.Tensor) -> LinComb:
+    def vjp_of_x0(self, x0: LinComb, g: LinComb) -> LinComb:
         coef = x0._padded(len(self.names))[:, 0, :]
         k_x, k_m = self.names.index("x"), self.names.index("model_cond")
         if any(bool((coef[:, j] != 0).any()) for j in range(coef.shape[1]) if j not in (k_x, k_m)):
             raise NotFusable("G_loss through an x̂_0 that is not c_x x_t + c_o model(x_t) (guided, clipped or projected)")
+        (k_g,) = g.support
         vjp = self.add("model_vjp")
-        self.computed[self.names[-1]] = (-1, _model_vjp(grad))
+        self.computed[self.names[-1]] = (-1, self.names[k_g])   # the model's VJP with the operand g
         return g * coef[:, k_x] + vjp * coef[:, k_m]
 
     def combine(self, u, out=None, clamp=None):
@@ -179,13 +185,6 @@ class TraceOperands(SymbolicOperands):
 
     def clip_shift(self, p, s, clip):
         raise NotFusable("clip_shift outside materialize_clip_shift")
-
-
-def _model_vjp(grad: torch.Tensor):
-    def compute(term, ctx: StepContext) -> torch.Tensor:
-        (vjp,) = torch.autograd.grad(ctx.model_output, ctx.x_input, grad_outputs=grad)
-        return vjp
-    return compute
 
 
 def unsupported(run) -> Optional[str]:
@@ -334,7 +333,7 @@ def _emit(space: TraceOperands, stages: List[_Pending], table: _Table, at: torch
         scalar_specs = []
         for name, value in st.scalars.items():
             if isinstance(value, PerSample):
-                scalar_specs.append(("tensor", value.tensor))
+                scalar_specs.append(("term", (value.position, value.name)))
             else:
                 value = value.expand(len(at)) if isinstance(value, torch.Tensor) else value
                 scalar_specs.append(("row", table.row(value, at)))
@@ -344,7 +343,8 @@ def _emit(space: TraceOperands, stages: List[_Pending], table: _Table, at: torch
     inputs = []
     for s in out:
         inputs += [n for n in s.operands if n not in produced and n not in inputs]
-    return Variant(out, inputs, {n: space.computed[n] for n in inputs if n in space.computed})
+    # in the order the trace computed them (G_loss's model VJP reads its reward gradient)
+    return Variant(out, inputs, {n: c for n, c in space.computed.items() if n in inputs})
 
 
 def _pruned(coef: torch.Tensor) -> torch.Tensor:
@@ -371,6 +371,7 @@ def copy_plan(plan: Optional[StepPlan]) -> Optional[StepPlan]:
 def run_stages(run, variant: Variant, column: torch.Tensor, tensors: Dict[str, torch.Tensor]):
     """Execute ``variant``'s stages; ``tensors`` maps operand names to (contiguous) tensors and
     receives each stage's output."""
+    terms = [run.branch] + run.score_terms + run.mean_terms + run.post_terms
     for st in variant.stages:
         operands = [tensors[name] for name in st.operands]
         k = len(operands)
@@ -382,7 +383,7 @@ def run_stages(run, variant: Variant, column: torch.Tensor, tensors: Dict[str, t
         groups = run.groups if st.per_group else 1
         gram = ops.gram_unchecked(operands[:st.n_gram], groups, run.backend) if st.n_gram else None
         vectors = [column[r:r + k].view(1, 1, k) for r in st.vector_rows]
-        scalars = [column[v:v + 1] if kind == "row" else v for kind, v in st.scalars]
+        scalars = [column[v:v + 1] if kind == "row" else getattr(terms[v[0]], v[1]) for kind, v in st.scalars]
         tensors[st.output] = ops.fused_unchecked(st.policy, run.backend, operands, gram, vectors, scalars,
                                                  groups if st.n_gram else 1, st.clamp)
     return tensors

@@ -328,3 +328,13 @@ def test_compiled_fused_step_fullgraph_equals_eager(backend):
     compiled = torch.compile(step, fullgraph=True)
     idx = run.step_ids[2:3]
     torch.testing.assert_close(compiled(x, idx), step(x, idx), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(step_launches.WORKLOADS()))
+def test_a_cached_configuration_sets_up_in_at_most_10_ops(name):
+    """A sample() call whose configuration is already planned issues at most 10 ops before its
+    first step: the tables and the plan come from the setup cache, the run copies only the
+    device tables it owns (no setup storm)."""
+    ops = step_launches.count_setup(step_launches.WORKLOADS()[name])
+    assert len(ops) <= 10, ops
+    assert "_local_scalar_dense" not in ops or ops.count("_local_scalar_dense") <= 1, ops   # one host read at most

@@ -179,6 +179,8 @@ def test_the_cache_is_bounded_and_least_recently_used_goes_first(monkeypatch):
 
 
 def test_a_caller_cannot_corrupt_the_cache_through_a_run(monkeypatch):
+    """What a run owns (the device table a step reads, the timesteps, the plan's lists) is its own
+    copy: changing it does not reach the cache."""
     kw = dict(sampler=gg.Sampler("ddim", clip=True), guidance=("cfg",), projection=gg.PixelAsParam("C"))
     reference = _uncached(monkeypatch, **kw)
     for _ in range(2):   # the second prepare_run is a cache hit
@@ -187,23 +189,50 @@ def test_a_caller_cannot_corrupt_the_cache_through_a_run(monkeypatch):
                                    projection=gg.PixelAsParam("C"))
         assert run.plan is not None
         run.table_rows.fill_(7.0)
-        run.tables.timesteps.abar.fill_(0.5)
-        for v in run.tables.tables.values():
-            v.fill_(3.0)
-        run.tables.draws_noise.clear()
+        run.timesteps_dev.fill_(3)
         run.timestep_list.clear()
         for variant in run.plan.variants.values():
             variant.stages[0].vector_rows[0] = 0
             variant.stages.clear()
+        run.plan.keys.clear()
         run.table_index.clear()
     assert torch.equal(_sample(**kw), reference)
 
 
-def test_lookahead_runs_are_not_cached():
-    reward = gg.LookAhead(0.1 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(6)),
-                          target=torch.linspace(-1, 1, SHAPE[0]))
-    run = sampling.prepare_run(_model, SHAPE, schedule=SCHED, sampler="ddpm", steps=5, guidance=[reward])
-    assert run.plan is not None and len(sampling._PLAN_CACHE) == 0
+def test_sampling_never_writes_the_shared_host_tables():
+    """A cached run shares the host tables (sampler tables, timesteps) and step indices with the
+    cache, read-only: repeated calls, eager and with a reused CUDA graph (which copies a later
+    run's values into the captured run's tensors), leave them bit for bit as they were."""
+    from gradguide.graphs import GraphCache
+    _sample()
+    (entry,) = sampling._PLAN_CACHE.values()
+    tables, step_ids = entry[0], entry[-1]
+    snapshot = [t.clone() for t in (tables.timesteps.t, tables.timesteps.abar, tables.timesteps.abar_prev, step_ids,
+                                    *tables.tables.values())]
+    draws = list(tables.draws_noise)
+    cache = GraphCache(emulate=True)
+    for schedule in (SCHED, gg.Schedule.cosine(1000)):   # the second reuses the capture with other values
+        _sample(execution=gg.Execution(graph=cache), schedule=schedule)
+        _sample(schedule=schedule)
+    assert cache.reuses >= 1
+    after = [tables.timesteps.t, tables.timesteps.abar, tables.timesteps.abar_prev, step_ids, *tables.tables.values()]
+    assert all(torch.equal(a, b) for a, b in zip(snapshot, after)) and tables.draws_noise == draws
+
+
+def test_lookahead_runs_are_cached_and_read_each_calls_gradient_and_target(monkeypatch):
+    """G_loss's plan reads its reward gradient and target from the running step's term (the plan
+    holds neither), so a call with new ones reuses the entry and gives what an uncached run gives."""
+    outs = []
+    for k in range(2):
+        g = 0.1 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(6 + k))
+        reward = gg.LookAhead(g, target=torch.linspace(-1, 1, SHAPE[0]) * (k + 1))
+        kw = dict(sampler="ddpm", guidance=(), terms=[reward])
+        got = _sample(**kw)
+        run = sampling.prepare_run(_model, SHAPE, schedule=SCHED, sampler="ddpm", steps=5, guidance=[reward])
+        assert run.plan is not None and len(sampling._PLAN_CACHE) == 1
+        torch.testing.assert_close(got, _uncached(monkeypatch, **kw), rtol=0, atol=0)
+        outs.append(got)
+    assert not torch.equal(outs[0], outs[1])
 
 
 def test_keys_tell_apart_values_that_compare_equal():

@@ -49,16 +49,17 @@ class StepContext:
         traced step (the fused plan) records the method and calls it on each step's context."""
         return self.ops.add_computed(name, compute, self)
 
-    def per_sample(self, value):
-        """A per-sample ``[B]`` tensor passed as a scalar of ``ctx.ops.policy`` (e.g. a target)."""
-        return self.ops.per_sample(value)
+    def per_sample(self, term: "GuidanceTerm", name: str):
+        """``term.<name>``, a per-sample ``[B]`` tensor passed as a scalar of ``ctx.ops.policy`` (e.g.
+        G_loss's target); a traced step reads it from the running step's term."""
+        return self.ops.per_sample(term, name)
 
     def vjp_of_x0(self, x0: LinComb, g: LinComb, grad: torch.Tensor, what: str) -> LinComb:
         """``∇_{x_t}(gᵀx̂_0)`` for the reward gradient ``grad`` (the operand ``g``), as a LinComb:
         autograd through the tracked x̂_0. (A traced step takes ``c_x g + c_o Jᵀg`` for an x̂_0
         that is ``c_x x_t + c_o model(x_t)``: the model's backward only, see gradguide.stepplan.)"""
         if self.ops.tracing:
-            return self.ops.vjp_of_x0(x0, g, grad)
+            return self.ops.vjp_of_x0(x0, g)
         with torch.enable_grad():
             g_x0 = (grad * self.tracked_x0()).flatten(1).sum(1)
             return self.ops.add("lookahead_vjp", self.grad_wrt_input(g_x0, what))

@@ -40,6 +40,7 @@ from .base import GuidanceTerm, StepContext, batch_tensor, check_number, sample_
 
 class _RewardGradient(GuidanceTerm):
     place = "score"
+    runtime_attributes = ("grad", "target")   # a running step reads them (new values each call, e.g. per round)
 
     def __init__(self, grad: torch.Tensor, target, sigma: float = 0.1):
         owner = type(self).__name__
@@ -90,7 +91,7 @@ class LookAhead(_RewardGradient):
         vjp = ctx.vjp_of_x0(x0, g, self.grad, "LookAhead: model (the VJP runs through its output)")
         per_sample_beta = self.beta is None
         return ctx.ops.policy("lookahead", x0=x0, vjp=vjp, reward=g, a=ctx.a, h=ctx.h, sigma=self.sigma,
-                              target=ctx.per_sample(self.target), multiplier=self.multiplier,
+                              target=ctx.per_sample(self, "target"), multiplier=self.multiplier,
                               beta=0.0 if per_sample_beta else self.beta, beta_per_sample=float(per_sample_beta))
 
     def reward_grad(self, ctx: StepContext) -> torch.Tensor:
