@@ -58,6 +58,7 @@ from torch.utils.flop_counter import flop_registry
 import gradguide as gg
 from gradguide import ops, sampling
 from gradguide.debug import forbid_host_sync
+from gradguide.tools import guidance_spec
 
 # Ops that launch no kernel on a GPU: views (``func.is_view``) and these metadata/allocation ops.
 ZERO_LAUNCH = frozenset({
@@ -747,11 +748,9 @@ SAMPLER_VARIANTS = {
     "dpmpp-2m": gg.Sampler("dpmpp-2m"),
 }
 SAMPLERS = tuple(SAMPLER_VARIANTS)
-# "apg": the paper's APG (no momentum: a built-in fused program); "apg-momentum": with a running
-# average of Δ carried between steps (state: the general path)
-GUIDANCE = ("none", "cfg", "classifier", "G", "G_loss", "dps", "apg", "apg-momentum", "rescale", "cfg-zero*",
-            "cfg++", "tcfg", "mambo-g", "apg-mix", "fdg")
-PROJECTIONS = ("none", "A", "B", "C", "pcgrad")
+# the guidance and projection names: the harness's one factory (gradguide/tools/guidance_spec.py)
+GUIDANCE = tuple(n for n in guidance_spec.GUIDANCE if n != "G_loss-decoded")   # (its decoder: a paper workload)
+PROJECTIONS = guidance_spec.PROJECTIONS
 
 
 class _TinyClassifier(nn.Module):
@@ -766,47 +765,20 @@ class _TinyClassifier(nn.Module):
 
 
 def _guidance_terms(name: str, shape, tracker: Tracker):
+    """The terms of ``name`` with their model-side inputs on ``meta`` (classifier and DPS operator
+    marked as model phases on ``tracker``)."""
     from gradguide.bench.profiling import phased
     meta = torch.device("meta")
-    b = shape[0]
-    if name == "none":
-        return []
-    if name == "cfg":
-        return [gg.CFG(4.0)]
-    if name == "apg":
-        return [gg.APG(4.0)]
-    if name == "apg-momentum":
-        return [gg.APG(4.0, momentum=-0.5)]
-    if name == "rescale":
-        return [gg.Rescale(4.0)]
-    if name == "cfg-zero*":
-        return [gg.CFGZeroStar(4.0, zero_init_steps=1)]
-    if name == "cfg++":
-        return [gg.CFGPlusPlus(0.5)]
-    if name == "tcfg":
-        return [gg.TCFG(4.0)]
-    if name == "mambo-g":
-        return [gg.MamboG(4.0, alpha=2.0)]
-    if name == "apg-mix":   # the APG phase (with momentum) from the second step on
-        return [gg.APGMix(3.5, 6.0, apg_start_step=0)]
-    if name == "fdg":
-        return [gg.FDG([6.0, 3.0])]
+    if name not in GUIDANCE:
+        raise ValueError(f"guidance: expected one of {GUIDANCE}, got {name!r}")
+    inputs = {}
     if name == "classifier":
-        cls = _TinyClassifier(shape[1]).to(meta)
-        return [gg.Classifier(phased(cls.log_prob, tracker), 1.0)]
-    grad = torch.empty(shape, device=meta)
-    if name == "G":
-        return [gg.NaiveGradient(grad, torch.empty(b, device=meta))]
-    if name == "G_loss":
-        return [gg.LookAhead(grad, torch.empty(b, device=meta))]
-    if name == "dps":
-        return [gg.DPS(phased(lambda x0: x0 * 0.5, tracker), torch.empty(shape, device=meta))]
-    raise ValueError(f"guidance: expected one of {GUIDANCE}, got {name!r}")
-
-
-def _projection(name: str):
-    return {"none": None, "A": gg.PixelAsParam("A"), "B": gg.PixelAsParam("B"), "C": gg.PixelAsParam("C"),
-            "pcgrad": gg.PixelAsParam("A", pcgrad=True)}[name]
+        inputs["classifier"] = phased(_TinyClassifier(shape[1]).to(meta).log_prob, tracker)
+    elif name in ("G", "G_loss"):
+        inputs.update(gradient=torch.empty(shape, device=meta), target=torch.empty(shape[0], device=meta))
+    elif name == "dps":
+        inputs.update(operator=phased(lambda x0: x0 * 0.5, tracker), measurement=torch.empty(shape, device=meta))
+    return guidance_spec.guidance_terms(name, **inputs)
 
 
 def run_combination(sampler: str, guidance: str, projection: str, backend: str = "auto", graph: bool = False,
@@ -828,7 +800,7 @@ def run_combination(sampler: str, guidance: str, projection: str, backend: str =
     name = f"{sampler} + {guidance} + {projection}"
     try:
         result = dry_run(model, shape, schedule=gg.Schedule.linear(1000), steps=steps, guidance=terms,
-                         projection=_projection(projection), cond={"class_labels": labels}, graph=graph,
+                         projection=guidance_spec.projection(projection), cond={"class_labels": labels}, graph=graph,
                          backend=backend, tracker=tracker, name=name, sampler=variant)
     except ValueError as exc:
         if "projection" in str(exc) or "guidance" in str(exc):

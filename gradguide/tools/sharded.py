@@ -241,17 +241,12 @@ def _load_user(config: SampleConfig) -> LoadedModel:
 
 
 def _guidance(config: SampleConfig, loaded: LoadedModel):
-    from ..guidance import CFG, Classifier
-    from ..projection import PixelAsParam
-    terms = []
-    if config.cfg is not None:
-        terms.append(CFG(config.cfg, uncond=loaded.uncond))
-    if config.classifier_scale is not None:
-        if loaded.classifier is None:
-            raise ValueError(f"classifier_scale: model {config.model!r} has no classifier")
-        terms.append(Classifier(loaded.classifier, config.classifier_scale))
-    projection = PixelAsParam(config.projection) if config.projection else None
-    return terms, projection
+    from .guidance_spec import build
+    if config.classifier_scale is not None and loaded.classifier is None:
+        raise ValueError(f"classifier_scale: model {config.model!r} has no classifier")
+    spec = [("cfg", config.cfg)] if config.cfg is not None else []
+    spec += [("classifier", config.classifier_scale)] if config.classifier_scale is not None else []
+    return build(spec, config.projection, uncond=loaded.uncond, classifier=loaded.classifier)
 
 
 def _clip(config: SampleConfig):
