@@ -25,10 +25,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-HARNESS = ["gradguide/bench/loop.py", "gradguide/bench/ops.py", "gradguide/bench/profiling.py", "gradguide/bench/profile.py",
-           "gradguide/bench/dryrun.py", "gradguide/bench/meta.py", "gradguide/bench/gpu.py",
-           "gradguide/bench/peers.py", "gradguide/cli.py", "gradguide/experiments/simulation.py",
-           "gradguide/experiments/digits/models.py", "gradguide/tools/sharded.py", "gradguide/kernels/fused.py"]
+HARNESS = ["gradguide/bench/loop.py", "gradguide/bench/ops.py", "gradguide/bench/profiling.py",
+           "gradguide/bench/profile.py", "gradguide/bench/dryrun/__init__.py", "gradguide/bench/dryrun/fake.py",
+           "gradguide/bench/meta.py", "gradguide/bench/gpu.py", "gradguide/bench/peers.py", "gradguide/cli.py",
+           "gradguide/experiments/simulation.py", "gradguide/experiments/digits/models.py",
+           "gradguide/tools/sharded/__init__.py", "gradguide/tools/sharded/files.py", "gradguide/kernels/fused.py"]
 WEIGHTS = ["gradguide/weights/sim_small.safetensors", "gradguide/weights/digits/eps_cond.safetensors",
            "gradguide/weights/digits/eps_uncond.safetensors", "gradguide/weights/digits/eval_classifier.safetensors",
            "gradguide/weights/digits/noisy_classifier.safetensors"]
