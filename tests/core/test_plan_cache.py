@@ -95,7 +95,7 @@ def test_repeated_calls_are_cache_hits_and_bit_identical_to_the_uncached_path(co
 
 
 def test_cached_result_equals_a_fresh_process():
-    code = ("import torch, sys; sys.path.insert(0, 'tests'); import test_plan_cache as t; "
+    code = ("import torch, sys; sys.path.insert(0, 'tests/core'); import test_plan_cache as t; "
             "out = t._sample(sampler=t.gg.Sampler('ddim', clip=True), guidance=('cfg',), "
             "projection=t.gg.PixelAsParam('C')); "
             "print(repr(out.flatten().tolist()))")

@@ -26,7 +26,7 @@ import pytest
 
 import background
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 HARNESS = ["gradguide/bench/loop.py", "gradguide/bench/ops.py", "gradguide/bench/profiling.py",
            "gradguide/bench/profile.py", "gradguide/bench/dryrun/__init__.py", "gradguide/bench/dryrun/fake.py",

@@ -500,7 +500,7 @@ def test_native_cpu_instruction_sets_agree_bitwise(tmp_path):
     caps = {"avx512": ["avx512", "avx2", "default"], "avx2": ["avx2", "default"], "default": ["default"]}[best]
     if len(caps) == 1:
         pytest.skip("this CPU runs only the baseline variant of the native CPU kernels")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     inputs = tmp_path / "inputs.pt"  # made here: torch's own random kernels differ between capabilities
     torch.save(_isa_inputs(), inputs)
     runs = {}
