@@ -3,7 +3,7 @@ the registered ops called directly (``raw_op``: ``torch.ops.gradguide.*`` and
 ``torch.ops.gradguide_triton.*``), ``project``, ``off_support_ratio`` and ``sample``, on every
 backend this installation has.
 
-A *case* is a small picklable dict (``spec``) drawn by the test suite (tests/test_fuzz.py,
+A *case* is a small picklable dict (``spec``) drawn by the test suite (tests/kernels/test_fuzz.py,
 hypothesis): the target, backend, dtype, shapes, a seed for the values, and at most one
 *mutation* that makes the call invalid in a known way (which names the argument at fault).
 :func:`run_case` builds the inputs from the spec, calls the target and classifies the call:

@@ -8,7 +8,7 @@ tolerance; APG 3 on DDIM (the fused step) and CFG 3 with PixelAsParam C (officia
 on DPM-Solver++(2M) with clipping, both on the Gaussian mixture of the demos. The model and the
 classifier evaluate in float64 and round their outputs (and input gradients) to float32 values
 in both runs, so what is measured is gradguide's arithmetic, not the model's float32 error.
-``tests/test_precision.py`` holds every backend to these figures (1e-4, or the floor).
+``tests/core/test_precision.py`` holds every backend to these figures (1e-4, or the floor).
 
 Per case and backend, ``max |x32 − x64| / max |x64|``:
 

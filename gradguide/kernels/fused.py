@@ -39,7 +39,7 @@ row's weights NaN, so the whole row of the output is NaN.
 
 Reference: ``gradguide.ops.policies.coefficients`` (the float64 truth of every policy) followed
 by :func:`combine.reference`; the kernels package sits below ``gradguide.ops`` and imports
-nothing from it, so that reference lives there, and ``tests/test_kernels.py`` holds this kernel
+nothing from it, so that reference lives there, and ``tests/kernels/test_kernels.py`` holds this kernel
 to it for every policy.
 """
 from __future__ import annotations
