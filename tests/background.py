@@ -10,6 +10,7 @@ collection ends (in the order the tests need them) and moves those tests to the 
 session, so that the jobs have the rest of the suite to finish in. Run alone, a job simply
 runs when its fixture asks for it.
 """
+import os
 import shutil
 import subprocess
 import tempfile
@@ -92,6 +93,13 @@ def start(selected: List[Job]) -> None:
     """Run ``selected`` one after another on one background thread (a test that needs a job
     still queued runs it itself)."""
     def loop():
+        # lower this thread's priority (Linux: per thread), and so its subprocesses': the test
+        # session's own threads come first, so an OpenMP team in a test is not left waiting on a
+        # thread the scheduler gave to a compiler
+        try:
+            os.nice(10)
+        except (AttributeError, OSError):
+            pass
         for j in selected:
             with _LOCK:
                 mine, j.claimed = not j.claimed, True
