@@ -191,9 +191,8 @@ def write_docs(report: dict, path: Optional[str] = None) -> str:
     working directory, never a file inside an installed package)."""
     from gradguide.bench import projection
     if path is None:
-        root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))   # gradguide/bench/dryrun/
-        checkout = os.path.join(root,
-                                "docs", "performance.md")
+        root = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", ".."))   # up from gradguide/bench/dryrun
+        checkout = os.path.join(root, "docs", "performance.md")
         path = checkout if os.path.exists(checkout) else os.path.join("docs", "performance.md")
     text = open(path).read() if os.path.exists(path) else f"# Performance\n\n{DOCS_BEGIN}\n{DOCS_END}\n"
     if DOCS_BEGIN not in text or DOCS_END not in text:
