@@ -362,7 +362,7 @@ def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Di
                 noise: Optional[torch.Tensor]):
     """The step as ``run.plan``'s stages (:mod:`gradguide.stepplan`): the model call(s), the
     operands the terms compute, then at most reduce + one fused combine per stage. The plan is
-    :func:`step_algebra` traced, so this equals :func:`_step_body` (tests/test_fused_step.py)."""
+    :func:`step_algebra` traced, so this equals :func:`_step_body` (tests/core/test_fused_step.py)."""
     from . import stepplan
     variant = run.plan.variants[run.plan.keys[i]]
     column = run.table_rows.index_select(1, idx).squeeze(1)   # per-step scalars and weights

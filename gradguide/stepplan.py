@@ -20,7 +20,7 @@ step is one ``linear`` combine and an APG, TCFG or G_loss step is reduce + one f
 The per-step weights become rows of the run's device table. Anything the trace cannot record
 — an inner product outside a program, a tensor carried between steps, autograd through x̂_0,
 telemetry — raises :class:`NotFusable` and the run takes the general step, with the reason in
-``run.fused_reason``. tests/test_fused_step.py holds the two paths equal.
+``run.fused_reason``. tests/core/test_fused_step.py holds the two paths equal.
 
 G_loss's VJP: the general step differentiates ``gᵀx̂_0`` through the tracked x̂_0. For an x̂_0
 that is ``c_x x_t + c_o model(x_t)`` (weights held constant) its gradient is ``c_x g + c_o Jᵀg``,

@@ -39,3 +39,43 @@ def one_thread_module():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def _background_needs(item, jobs):
+    return [name for name in getattr(item, "fixturenames", ()) if name in jobs]
+
+
+@pytest.hookimpl(trylast=True)   # after -k / -m deselection: only the tests that will run count
+def pytest_collection_modifyitems(session, config, items):
+    """Tests that need a background job (tests/background.py) go last, in the order they first
+    need their jobs, so that the jobs overlap with the rest of the suite."""
+    import background
+    jobs = background.jobs()
+    order = []   # fixture names, in the order the tests first need them
+    for item in items:
+        order += [n for n in _background_needs(item, jobs) if n not in order]
+    if not order:
+        return
+    rank = {name: i for i, name in enumerate(order)}
+    waiting = [item for item in items if _background_needs(item, jobs)]
+    rest = [item for item in items if not _background_needs(item, jobs)]
+    waiting.sort(key=lambda item: min(rank[n] for n in _background_needs(item, jobs)))   # stable
+    items[:] = rest + waiting
+
+
+def pytest_collection_finish(session):
+    """Start the background jobs the selected tests need, in the order they need them."""
+    import background
+    if session.config.option.collectonly:
+        return
+    jobs = background.jobs()
+    order = []
+    for item in session.items:
+        order += [n for n in _background_needs(item, jobs) if n not in order]
+    if order:
+        background.start([jobs[n] for n in order])
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import background
+    background.stop()

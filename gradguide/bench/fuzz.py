@@ -3,7 +3,7 @@ the registered ops called directly (``raw_op``: ``torch.ops.gradguide.*`` and
 ``torch.ops.gradguide_triton.*``), ``project``, ``off_support_ratio`` and ``sample``, on every
 backend this installation has.
 
-A *case* is a small picklable dict (``spec``) drawn by the test suite (tests/test_fuzz.py,
+A *case* is a small picklable dict (``spec``) drawn by the test suite (tests/kernels/test_fuzz.py,
 hypothesis): the target, backend, dtype, shapes, a seed for the values, and at most one
 *mutation* that makes the call invalid in a known way (which names the argument at fault).
 :func:`run_case` builds the inputs from the spec, calls the target and classifies the call:
@@ -40,6 +40,7 @@ import torch
 
 OK = ("correct", "clean_error", "known_imprecise")
 FAILURES = ("wrong", "nan", "unclean_error", "crash", "hang")
+TWO_BRANCH = ("cfg", "apg", "cfg-zero*", "rescale")   # the guidance names the sample cases draw with a class label
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
@@ -665,22 +666,21 @@ def _sample_setup(spec):
 
 
 def _sample_kwargs(spec, dtype, schedule, shape, model, log_prob):
-    import gradguide as gg
+    from gradguide.tools import guidance_spec
     b = shape[0]
     kw = dict(schedule=schedule, sampler=spec["sampler"], steps=spec["steps"], backend=spec["backend"])
     if spec["sampler"] == "ddim":
         kw["eta"] = spec["eta"]
     y = torch.ones(b, dtype=torch.int64)
-    guidance, cond = [], None
     g = spec["guidance"]
-    if g in ("cfg", "apg", "cfgzero", "rescale"):
-        cls = {"cfg": gg.CFG, "apg": gg.APG, "cfgzero": gg.CFGZeroStar, "rescale": gg.Rescale}[g]
-        guidance.append(cls(spec["scale"]))
-        cond = {"y": y}
-    elif g == "classifier":
-        guidance.append(gg.Classifier(log_prob, spec["scale"]))
-    if spec["projection"] is not None:
-        kw["projection"] = gg.PixelAsParam(spec["projection"], granularity=spec["granularity"])
+    # the two-branch terms read the class label; CFG-Zero* without its zero-init steps (every
+    # step goes through the rule being fuzzed)
+    cond = {"y": y} if g in TWO_BRANCH else None
+    guidance, projection = guidance_spec.build(
+        (g, spec["scale"]) if g != "none" else None, spec["projection"], granularity=spec["granularity"],
+        options={"cfg-zero*": {"zero_init_steps": None}}, classifier=log_prob)
+    if projection is not None:
+        kw["projection"] = projection
     kw["guidance"], kw["cond"] = guidance, cond
     kw["clip"] = {"none": None, "true": True, "range": (-2.0, 3.0)}[spec["clip"]]
     gen64 = torch.Generator().manual_seed(spec["seed"])
@@ -805,7 +805,7 @@ def _sample(spec):
     try:
         _compare(got, truth, torch.full_like(truth, rtol * scale + fi.tiny), True, "sample")
     except Result as r:
-        gram_based = spec["projection"] is not None or spec["guidance"] in ("apg", "cfgzero", "rescale")
+        gram_based = spec["projection"] is not None or spec["guidance"] in ("apg", "cfg-zero*", "rescale")
         if r.outcome == "wrong" and gram_based and dtype != torch.float64 and bool(torch.isfinite(got).all()):
             raise Result("known_imprecise", f"float32 cancellation: {r.detail}")
         raise

@@ -62,10 +62,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradguide
-from gradguide import DecodedLookAhead, ops
+from gradguide import ops
 from gradguide.graphs import GraphCache
 from gradguide.bench import meta, ops as bench_ops  # run metadata, result writing
 from gradguide.bench.profiling import MemorySampler
+from gradguide.tools import guidance_spec
+from gradguide.tools.guidance_spec import guidance_terms
 
 PAPER_PASS_S = 4.6        # Guo et al. 2024, Table 1: one guided sampling pass, 200 steps, B = 32, one A100
 PAPER_RUN_MIN = 76.0      # one simulation run (Algorithm 1, 1000 rounds)
@@ -312,7 +314,7 @@ def _sim(name, quick, device, seed):
             return {}
         # f1(x) = 10 − (θᵀx − 3)²: gradient at the batch, target y = gᵀx + δ (Algorithm 1, δ = 0.2)
         grad = theta.expand(b, 64).contiguous()
-        return {"guidance": gradguide.LookAhead(grad, torch.full((b,), 0.2, device=device))}
+        return {"guidance": guidance_terms("G_loss", gradient=grad, target=torch.full((b,), 0.2, device=device))}
     config = {"model": f"UNet1D(dim=64, width={width}, mults={mults})", "D": 64, "B": b,
               "schedule": "cosine T=200", "sampler": "ddpm", "steps": steps,
               "guidance": "G_loss (per-sample beta, sigma 0.1)" if guided else "none"}
@@ -350,8 +352,9 @@ def _sd(name, quick, device, seed, dtype):
             (g,) = torch.autograd.grad(r.sum(), x)
         g = g.float()
         offset = r.detach().float() - (g * previous).flatten(1).sum(1)
-        return {"guidance": [gradguide.CFG(7.5, uncond={"encoder_hidden_states": empty}),
-                             DecodedLookAhead(wrap(decode), g, offset, target=10.0, beta=100.0)]}
+        return {"guidance": guidance_terms([("cfg", 7.5), "G_loss-decoded"], uncond={"encoder_hidden_states": empty},
+                                           decode=wrap(decode), gradient=g, offset=offset,
+                                           options={"G_loss-decoded": {"target": 10.0, "beta": 100.0}})}
     config = {"unet": "UNet2DConditionModel, SD-1.5 config" if not quick else "tiny UNet2DConditionModel",
               "vae": "AutoencoderKL, SD config" if not quick else "tiny AutoencoderKL",
               "reward": f"ResNet-18 (width {8 if quick else 64}) + Linear(->1), input {32 if quick else 224}^2",
@@ -380,13 +383,14 @@ def _adm(name, quick, device, seed, dtype):
     log_prob = cls.log_prob   # one bound method: graph captures key callables by identity
 
     def per_pass(wrap, seed_):
-        return {"guidance": gradguide.Classifier(wrap(log_prob), scale=1.0, form="mean")}
+        return {"guidance": guidance_terms(("classifier", 1.0), classifier=wrap(log_prob),
+                                           options={"classifier": {"form": "mean"}})}
     config = {"unet": f"UNet2DModel ADM-like, width {width}, mults {list(mults)}, {depth} res blocks, "
                       f"attention at {list(attn)}, learned sigma", "classifier": f"encoder half, width {cw}, depth {cd}",
               "resolution": res, "B": b, "sampler": "ddpm, learned-range variance", "steps": steps,
               "guidance": "classifier (mean form, scale 1) + PixelAsParam A", "dtype": str(dtype).replace("torch.", "")}
     fixed = {"schedule": schedule, "sampler": gradguide.Sampler("ddpm", variance="learned-range", clip=True),
-             "steps": steps, "cond": {"class_labels": labels}, "projection": gradguide.PixelAsParam("A")}
+             "steps": steps, "cond": {"class_labels": labels}, "projection": guidance_spec.projection("A")}
     return Workload(name, _UNetEps(unet), (b, 3, res, res), steps, fixed, per_pass, config, _count(unet, cls))
 
 
@@ -408,19 +412,16 @@ def _loop(name, quick, device, seed):
     def log_prob(x, t, class_labels):   # a cheap differentiable "classifier"
         return -0.5 * ((x - direction) ** 2).flatten(1).mean(1)
 
+    # the workload's (guidance, projection) spec for the harness's guidance factory
+    spec = {"unguided": (None, None), "cfg": (("cfg", 4.0), None), "cfg-pxpC": (("cfg", 4.0), "C"),
+            "apg": (("apg", 4.0), None), "cls-pxpA": (("classifier", 1.0), "A"), "gloss": ("G_loss", None)}[kind]
+
     def per_pass(wrap, seed_):
         if kind == "unguided":
             return {}
-        if kind == "cfg":
-            return {"guidance": gradguide.CFG(4.0)}
-        if kind == "cfg-pxpC":
-            return {"guidance": gradguide.CFG(4.0), "projection": gradguide.PixelAsParam("C")}
-        if kind == "apg":
-            return {"guidance": gradguide.APG(4.0)}
-        if kind == "cls-pxpA":
-            return {"guidance": gradguide.Classifier(wrap(log_prob), scale=1.0),
-                    "projection": gradguide.PixelAsParam("A")}
-        return {"guidance": gradguide.LookAhead(direction, torch.zeros(b, device=device))}
+        terms, projection = guidance_spec.build(*spec, classifier=wrap(log_prob), gradient=direction,
+                                                target=torch.zeros(b, device=device))
+        return {"guidance": terms, **({"projection": projection} if projection is not None else {})}
     config = {"model": "one 3x3 conv (cheap: the loop's own cost shows)", "shape": list(shape),
               "sampler": sampler, "steps": steps, "guidance": kind}
     return Workload(name, net, shape, steps, fixed, per_pass, config, _count(net))

@@ -5,7 +5,7 @@ Ho & Salimans' ``w'`` is ``w − 1``.
 
 **Conventions.** CFG, CFG-Zero*, APG and Rescale take ``convention=``, which fixes what
 ``scale`` means, which prediction the rule acts on and the defaults (docs/diffusers.md has
-the mapping table, tests/test_conventions.py a test per row):
+the mapping table, tests/integrations/test_conventions.py a test per row):
 
 - ``"paper"`` — the method's paper (Ho & Salimans: ``ε_c + w'(ε_c − ε_u)``; Sadat et al.'s
   APG on x̂_0; Lin et al.'s rescale on the model's own prediction; CFG-Zero* on ε̂);

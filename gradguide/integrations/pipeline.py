@@ -25,7 +25,7 @@ with ``generator``, run the scheduler's timesteps with classifier-free guidance
 and post-process with the pipeline's image processor — except that the denoising loop is
 :func:`gradguide.sample` (``from_diffusers(unet, scheduler)``: the scheduler's own timesteps and
 configuration), so every gradguide term applies. With plain CFG and the scheduler's own sampler
-the images equal diffusers' (tested on a tiny random SD in tests/test_pipeline.py).
+the images equal diffusers' (tested on a tiny random SD in tests/integrations/test_pipeline.py).
 
 The scheduler is read at every call: one assigned to ``GuidedPipeline.scheduler`` (diffusers'
 ``pipe.scheduler = X.from_config(pipe.scheduler.config)``) or, after :meth:`GuidedPipeline.from_pipe`,

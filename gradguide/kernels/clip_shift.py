@@ -13,7 +13,7 @@ argument per operand, 128-bit loads when rows keep 16-byte alignment, K <= 8 ope
 once each and accumulated into both ``p`` and ``s`` in float64 for every dtype, as the
 reference and the native CPU op do: ``p`` is an x̂_0 = (x − √(1−ᾱ) ε)/√ᾱ whose weights (~160
 at t = 999) cancel to a result of size 1, and a float32 accumulator here put the pinned precision case's
-float32-vs-float64 sample error over 1e-4 (1.4-3.9e-4, tests/test_precision.py); products of
+float32-vs-float64 sample error over 1e-4 (1.4-3.9e-4, tests/core/test_precision.py); products of
 fp16/bf16/fp32 values are exact in float64. The cost is 2K float64 FMAs per element, under
 the memory bound on A100/H100 (fp64 at half the fp32 rate). The float64 coefficient rows
 ``[1 or B, K]`` are read through strides (0 on a broadcast batch dimension; no expand, cast or

@@ -29,7 +29,7 @@ of any float dtype (no cast).
 Policies (the formulas and their plain-torch truth are in ``gradguide/ops/policies.py``):
 ``linear``, ``cfg``, ``pxp-a``, ``pxp-b``, ``pxp-c``, ``apg`` (no momentum), ``lookahead``,
 ``tcfg``, ``mambo``. This prologue is a twin of those Python programs (the one definition of
-each formula); ``tests/test_kernels.py`` holds its table (names, arities) to theirs and every
+each formula); ``tests/kernels/test_kernels.py`` holds its table (names, arities) to theirs and every
 program to them on random inputs.
 
 Limits: those of ``combine.py``; the Gram matrix must be the one of the first Kg operands
@@ -41,7 +41,7 @@ row's weights NaN, so the whole row of the output is NaN.
 
 Reference: ``gradguide.ops.policies.coefficients`` (the float64 truth of every policy) followed
 by :func:`combine.reference`; the kernels package sits below ``gradguide.ops`` and imports
-nothing from it, so that reference lives there, and ``tests/test_kernels.py`` holds this kernel
+nothing from it, so that reference lives there, and ``tests/kernels/test_kernels.py`` holds this kernel
 to it for every policy.
 """
 from __future__ import annotations

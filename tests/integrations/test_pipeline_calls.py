@@ -1,7 +1,7 @@
 """GuidedPipeline as a drop-in for diffusers' call: the scheduler the user holds at call time
 (assigned to the GuidedPipeline or to the wrapped diffusers pipeline), and diffusers' call
 keywords with diffusers' meaning (each checked against StableDiffusionPipeline on the tiny
-random SD of tests/test_pipeline.py) or refused by name."""
+random SD of tests/integrations/test_pipeline.py) or refused by name."""
 import contextlib
 
 import numpy as np

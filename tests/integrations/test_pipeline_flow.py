@@ -1,5 +1,5 @@
 """The guided flow pipelines on tiny random SD3 and Flux models built in code (the transformers,
-two CLIP encoders and a T5 encoder over the byte tokenizer of tests/test_pipeline.py, a one-level
+two CLIP encoders and a T5 encoder over the byte tokenizer of tests/integrations/test_pipeline.py, a one-level
 AutoencoderKL with a shift factor): GuidedPipeline.from_pipe builds GuidedSD3Pipeline /
 GuidedFluxPipeline, whose latents and images equal diffusers' StableDiffusion3Pipeline /
 FluxPipeline's (same seed, float32, ≤ 1e-4): CFG batched as diffusers, dynamic shifting, Flux's

@@ -1,5 +1,5 @@
 """GuidedWanPipeline on a tiny random Wan 2.1 built in code (WanTransformer3DModel, a UMT5
-encoder over the byte tokenizer of tests/test_pipeline.py, AutoencoderKLWan): its latents and
+encoder over the byte tokenizer of tests/integrations/test_pipeline.py, AutoencoderKLWan): its latents and
 videos equal diffusers' WanPipeline's (same seed, float32, ≤ 1e-4) with UniPC on flow σ's
 (Wan's scheduler) and flow Euler, CFG batched into one call, negative prompts, two videos per
 prompt, and precomputed embeddings; Wan 2.2's options are refused by name."""

@@ -20,15 +20,19 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import background
 
-HARNESS = ["gradguide/bench/loop.py", "gradguide/bench/ops.py", "gradguide/bench/profiling.py", "gradguide/bench/profile.py",
-           "gradguide/bench/dryrun.py", "gradguide/bench/meta.py", "gradguide/bench/gpu.py",
-           "gradguide/bench/peers.py", "gradguide/cli.py", "gradguide/experiments/simulation.py",
-           "gradguide/experiments/digits/models.py", "gradguide/tools/sharded.py", "gradguide/kernels/fused.py"]
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+HARNESS = ["gradguide/bench/loop.py", "gradguide/bench/ops.py", "gradguide/bench/profiling.py",
+           "gradguide/bench/profile.py", "gradguide/bench/dryrun/__init__.py", "gradguide/bench/dryrun/fake.py",
+           "gradguide/bench/meta.py", "gradguide/bench/gpu.py", "gradguide/bench/peers.py", "gradguide/cli.py",
+           "gradguide/experiments/simulation.py", "gradguide/experiments/digits/models.py",
+           "gradguide/tools/sharded/__init__.py", "gradguide/tools/sharded/files.py", "gradguide/kernels/fused.py"]
 WEIGHTS = ["gradguide/weights/sim_small.safetensors", "gradguide/weights/digits/eps_cond.safetensors",
            "gradguide/weights/digits/eps_uncond.safetensors", "gradguide/weights/digits/eval_classifier.safetensors",
            "gradguide/weights/digits/noisy_classifier.safetensors"]
@@ -39,26 +43,35 @@ _NOT_SOURCES = shutil.ignore_patterns(".git", "__pycache__", "*.so", "*.egg-info
                                       ".hypothesis", ".benchmarks", ".venv", ".whl", "out")
 
 
-@pytest.fixture(scope="module")
-def checkout_copy(tmp_path_factory):
-    """A copy of the checkout (sources only): builds and editable installs run there, never here."""
-    src = tmp_path_factory.mktemp("install") / "checkout"
-    shutil.copytree(ROOT, src, ignore=_NOT_SOURCES)
-    return src
-
-
-@pytest.fixture(scope="module")
-def wheel(checkout_copy):
-    """``(wheel path, unpacked folder)``, built with the native ops as ``pip wheel`` builds them."""
+@background.job("wheel")
+def _build_wheel():
+    """A copy of the checkout (sources only: builds and editable installs run there, never
+    here) and the wheel built from it with the native ops, as ``pip wheel`` builds them; in the
+    background (tests/background.py), as it compiles csrc/ once more."""
     import setuptools  # noqa: F401  (the README's commands install it; --no-build-isolation needs it)
-    dist = checkout_copy.parent / "dist"
+    src = Path(background.mkdtemp("install")) / "checkout"
+    shutil.copytree(ROOT, src, ignore=_NOT_SOURCES)
+    dist = src.parent / "dist"
     env = dict(os.environ, PIP_DISABLE_PIP_VERSION_CHECK="1", PIP_NO_INDEX="1")
     env.pop("GRADGUIDE_NO_NATIVE", None)
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                           "-w", str(dist), str(checkout_copy)], env=env, capture_output=True, text=True, timeout=1200)
+    proc = background.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                           "-w", str(dist), str(src)], env=env, timeout=1200)
+    return src, dist, proc
+
+
+@pytest.fixture(scope="module")
+def checkout_copy():
+    """The copy of the checkout the wheel was built from."""
+    return _build_wheel.result()[0]
+
+
+@pytest.fixture(scope="module")
+def wheel():
+    """``(wheel path, unpacked folder)``, built with the native ops as ``pip wheel`` builds them."""
+    src, dist, proc = _build_wheel.result()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     (path,) = list(dist.glob("gradguide-*.whl"))
-    site = checkout_copy.parent / "site"
+    site = src.parent / "site"
     with zipfile.ZipFile(path) as z:
         z.extractall(site)
     return path, site

@@ -184,7 +184,7 @@ def off_support_cases(draw):
 @st.composite
 def sample_cases(draw):
     model = draw(st.sampled_from(["mixture", "toy"]))
-    guidance = draw(st.sampled_from(["none", "cfg", "classifier", "apg", "cfgzero", "rescale"]))
+    guidance = draw(st.sampled_from(["none", "cfg", "classifier", "apg", "cfg-zero*", "rescale"]))
     projection = None
     if guidance == "classifier":
         projection = draw(st.sampled_from([None, "A", "B"]))

@@ -166,6 +166,6 @@ def test_unreproduced_flow_settings_are_refused_by_name(cls, config, name):
 
 
 @pytest.mark.parametrize("name", ["TCDScheduler", "EDMEulerScheduler", "EDMDPMSolverMultistepScheduler"])
-def test_other_new_schedulers_are_refused_by_name(name):   # LCMScheduler: tests/test_diffusers_lcm.py
+def test_other_new_schedulers_are_refused_by_name(name):   # LCMScheduler: tests/integrations/test_diffusers_lcm.py
     with pytest.raises((ValueError, TypeError), match=name):
         gg.from_diffusers(Tiny(), getattr(diffusers, name)())

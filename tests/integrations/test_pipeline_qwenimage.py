@@ -1,5 +1,5 @@
 """GuidedQwenImagePipeline on a tiny random Qwen-Image built in code (QwenImageTransformer2DModel,
-a Qwen2.5-VL encoder over the byte tokenizer of tests/test_pipeline.py, AutoencoderKLQwenImage):
+a Qwen2.5-VL encoder over the byte tokenizer of tests/integrations/test_pipeline.py, AutoencoderKLQwenImage):
 its latents and images equal diffusers' QwenImagePipeline's (same seed, float32, ≤ 1e-4) with
 Qwen-Image's norm-rescaled true CFG (with two images per prompt), no
 CFG, and precomputed embeddings with masks; a branch term replaces the true CFG."""

@@ -17,7 +17,7 @@ COND = {"y": torch.ones(SHAPE[0])}
 
 
 def _model(x, t, y=None):
-    """A per-sample nonlinear ε model (tests/test_fused_step.py's kind)."""
+    """A per-sample nonlinear ε model (tests/core/test_fused_step.py's kind)."""
     s = (t.to(torch.float64) / 1000.0).view(-1, *([1] * (x.dim() - 1))).to(x.dtype)
     out = 0.6 * x + 0.1 * torch.tanh(x) * (1 + s)
     if y is not None:
@@ -95,7 +95,7 @@ def test_repeated_calls_are_cache_hits_and_bit_identical_to_the_uncached_path(co
 
 
 def test_cached_result_equals_a_fresh_process():
-    code = ("import torch, sys; sys.path.insert(0, 'tests'); import test_plan_cache as t; "
+    code = ("import torch, sys; sys.path.insert(0, 'tests/core'); import test_plan_cache as t; "
             "out = t._sample(sampler=t.gg.Sampler('ddim', clip=True), guidance=('cfg',), "
             "projection=t.gg.PixelAsParam('C')); "
             "print(repr(out.flatten().tolist()))")

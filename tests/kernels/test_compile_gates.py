@@ -6,34 +6,89 @@ and its SASS main loops are projected against eight GPUs' spec sheets (gradguide
 
 CI runs the representative subset ``variants("ci")`` (every op, policy and dtype; K in
 {1, 4/5, 8}; clamp on/off; aligned and unaligned); ``gradguide check-kernels`` compiles every
-variant. The compiles run once per session in a subprocess (the test session interprets
-Triton: TRITON_INTERPRET=1) and Triton caches them on disk. The nvcc test skips only when
+variant. Each subset compiles once, in a subprocess (the test session interprets Triton:
+TRITON_INTERPRET=1) started in the background when the session starts (tests/background.py);
+the CI subset through ``gradguide check-kernels`` itself, whose outputs the command's own test
+then checks. The nvcc test skips only when
 nvcc is absent, and fails instead when GRADGUIDE_REQUIRE_NVCC=1 (CI).
 """
+import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
+import background
 from gradguide.bench import compile_gates as cg
 
 ARCHS = (80, 90)
 ROOFLINE_ARCHS = (80, 86, 89, 90, 100, 120)
 
 
+def _check_kernels(archs, subset):
+    """``gradguide check-kernels`` in a subprocess (this session interprets Triton):
+    ``(process, folder with gates.json and kernels-sm*.md)``; None without Triton."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    folder = background.mkdtemp("gates")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = background.run([sys.executable, "-m", "gradguide.cli", "check-kernels", "--arch", ",".join(map(str, archs)),
+                           "--subset", subset, "--no-nvcc", "--no-progress", "--quiet", "--json",
+                           os.path.join(folder, "gates.json"), "--markdown-dir", folder], env=env)
+    return proc, Path(folder)
+
+
+def _rows(run):
+    proc, folder = run
+    # exit status 1 = some gate failed (the JSON says which; the tests below name it)
+    assert proc.returncode in (0, 1) and (folder / "gates.json").exists(), proc.stdout + proc.stderr
+    return json.loads((folder / "gates.json").read_text())
+
+
+@background.job("roofline_gates")
+def _roofline_job():
+    return _check_kernels(ROOFLINE_ARCHS, "roofline-ci")
+
+
+@background.job("gates_cli")
+def _ci_job():
+    return _check_kernels(ARCHS, "ci")
+
+
+@background.job("nvcc_gate")
+def _nvcc_job():
+    return cg.nvcc_gate(ARCHS) if shutil.which("nvcc") else None
+
+
 @pytest.fixture(scope="module")
-def gates():
+def gates_cli():
+    """``gradguide check-kernels`` on the CI subset for ARCHS, run once, in the background (a
+    subprocess: this session interprets Triton): ``(process, folder with gates.json and
+    kernels-sm*.md)``. The gate tests read its JSON; test_cli_check_kernels checks the command's
+    own outputs."""
     pytest.importorskip("triton")
-    return cg.run(ARCHS, "ci", progress=False)
+    return _ci_job.result()
+
+
+@pytest.fixture(scope="module")
+def gates(gates_cli):
+    return _rows(gates_cli)
 
 
 @pytest.fixture(scope="module")
 def roofline_gates():
     pytest.importorskip("triton")
-    return cg.run(ROOFLINE_ARCHS, "roofline-ci", progress=False)
+    return _rows(_roofline_job.result())
+
+
+@pytest.fixture(scope="module")
+def nvcc_gate():
+    """csrc/*.cu compiled with nvcc for ARCHS (in the background), or None without nvcc."""
+    return _nvcc_job.result()
 
 
 def test_six_architectures_compile_and_meet_the_roofline(roofline_gates):
@@ -202,13 +257,13 @@ ptxas info    : Used 40 registers, used 1 barriers, 2048 bytes smem"""
     assert rows[0]["failures"] and not rows[1]["failures"]
 
 
-def test_native_cuda_ops_compile_without_spills():
+def test_native_cuda_ops_compile_without_spills(nvcc_gate):
     """csrc/*.cu with nvcc for sm_80 and sm_90 (host and device code), 0 spills per function."""
-    if shutil.which("nvcc") is None:
+    if nvcc_gate is None:
         if os.environ.get("GRADGUIDE_REQUIRE_NVCC", "") not in ("", "0"):
             pytest.fail("nvcc is required here (GRADGUIDE_REQUIRE_NVCC=1) but is not on PATH")
         pytest.skip("nvcc is not on PATH: the native CUDA ops cannot be compiled here")
-    result = cg.nvcc_gate(ARCHS)
+    result = nvcc_gate
     assert result["nvcc"] is not None, result["reason"]
     rows = result["rows"]
     for arch in ARCHS:
@@ -219,17 +274,13 @@ def test_native_cuda_ops_compile_without_spills():
     assert not [(r["arch"], r["function"], r["failures"]) for r in rows if r["failures"]]
 
 
-def test_cli_check_kernels(tmp_path, gates):
-    """``gradguide check-kernels`` end to end (Triton's disk cache makes the compiles cheap
-    after the fixture): JSON and per-arch markdown written, exit status 0."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = tmp_path / "gates.json"
-    proc = subprocess.run([sys.executable, "-m", "gradguide.cli", "check-kernels", "--arch", "90", "--subset", "ci",
-                           "--no-nvcc", "--no-progress", "--quiet", "--json", str(out), "--markdown-dir",
-                           str(tmp_path)], env=env, capture_output=True, text=True)
+def test_cli_check_kernels(gates_cli, gates):
+    """``gradguide check-kernels`` end to end (the run the gate tests above read): JSON and
+    per-arch markdown written, exit status 0."""
+    proc, folder = gates_cli
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    data = json.loads(out.read_text())
-    assert {r["arch"] for r in data["rows"]} == {90} and data["subset"] == "ci"
-    md = (tmp_path / "kernels-sm90.md").read_text()
-    assert "| `_combine` |" in md and "all pass" in md
+    assert {r["arch"] for r in gates["rows"]} == set(ARCHS) and gates["subset"] == "ci"
+    for arch in ARCHS:
+        md = (folder / f"kernels-sm{arch}.md").read_text()
+        assert "| `_combine` |" in md and "all pass" in md
     assert "pass" in proc.stdout and "0 fail" in proc.stdout

@@ -290,7 +290,7 @@ def test_unwritable_outputs_are_one_clean_line(tmp_path, monkeypatch):
         if any(c in mode for c in "wax+"):
             raise PermissionError(errno.EACCES, "Permission denied", path)
         return real_open(path, mode, *a, **kw)
-    monkeypatch.setattr(sharded, "open", read_only, raising=False)
+    monkeypatch.setattr(sharded.files, "open", read_only, raising=False)
     with pytest.raises(SystemExit) as info:
         cli_main(["sample", "--n", "4", "--out", str(tmp_path / "ro"), *ARGS])
     line = str(info.value)

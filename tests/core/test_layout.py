@@ -7,7 +7,7 @@ import re
 import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Lowest first. A module may import its own room and any room on a lower floor; rooms on one floor
 # may not import each other, except where the floor is marked shared (the applications, which lend

@@ -1,5 +1,5 @@
 """GuidedSanaPipeline on a tiny random Sana built in code (SanaTransformer2DModel, a Gemma 2
-encoder over the byte tokenizer of tests/test_pipeline.py, AutoencoderDC): its latents and
+encoder over the byte tokenizer of tests/integrations/test_pipeline.py, AutoencoderDC): its latents and
 images equal diffusers' SanaPipeline's (same seed, float32, ≤ 1e-4) with DPM-Solver++ on flow
 σ's (Sana's scheduler) and flow Euler, the complex human instruction (diffusers' default, one
 of the call's, none), CFG batched as diffusers, negative prompts and two images per prompt."""

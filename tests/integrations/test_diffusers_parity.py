@@ -247,7 +247,7 @@ UNSUPPORTED = [
     (PNDMScheduler, dict(skip_prk_steps=True, timestep_spacing="trailing"), "timestep_spacing"),
     (DPMSolverSinglestepScheduler, {}, "DPMSolverSinglestepScheduler"),
     (DEISMultistepScheduler, dict(use_flow_sigmas=True, prediction_type="flow_prediction"), "use_flow_sigmas"),
-    (LCMScheduler, dict(thresholding=True), "thresholding"),   # LCM itself: tests/test_diffusers_lcm.py
+    (LCMScheduler, dict(thresholding=True), "thresholding"),   # LCM itself: tests/integrations/test_diffusers_lcm.py
     (TCDScheduler, {}, "TCDScheduler"),
     (SASolverScheduler, {}, "SASolverScheduler"),
     (KDPM2DiscreteScheduler, dict(prediction_type="sample"), "prediction_type"),
@@ -259,7 +259,7 @@ UNSUPPORTED = [
     (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver"), "algorithm_type"),
     (DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver"), "algorithm_type"),
     (DPMSolverMultistepScheduler, dict(variance_type="learned_range"), "variance_type"),
-    # flow σ's with flow_prediction are supported (tests/test_flow_diffusers.py); with another prediction, not
+    # flow σ's with flow_prediction are supported (tests/integrations/test_flow_diffusers.py); with another prediction, not
     (DPMSolverMultistepScheduler, dict(use_flow_sigmas=True), "prediction_type"),
     (UniPCMultistepScheduler, dict(solver_order=4), "solver_order"),
     (UniPCMultistepScheduler, dict(predict_x0=False), "predict_x0"),

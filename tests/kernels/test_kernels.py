@@ -471,7 +471,7 @@ def test_native_cpu_instruction_sets_agree_bitwise(tmp_path):
     caps = {"avx512": ["avx512", "avx2", "default"], "avx2": ["avx2", "default"], "default": ["default"]}[best]
     if len(caps) == 1:
         pytest.skip("this CPU runs only the baseline variant of the native CPU kernels")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     inputs = tmp_path / "inputs.pt"  # made here: torch's own random kernels differ between capabilities
     torch.save(_isa_inputs(), inputs)
     runs = {}
@@ -955,7 +955,7 @@ def test_native_policy_table_is_the_python_one():
     Python ones by test_fused_policies_match_a_dense_evaluation and the non-finite rule tests."""
     import re
     from gradguide.bench import compile_gates
-    header = (Path(__file__).resolve().parents[1] / "csrc" / "gradguide_policies.h").read_text()
+    header = (Path(__file__).resolve().parents[2] / "csrc" / "gradguide_policies.h").read_text()
     table = header[header.index("kPolicies[] = {"):]
     table = table[:table.index("};")]
     rows = re.findall(r'\{"([a-z-]+)", k\w+, (\d+), (\d+), (true|false)\}', table)

@@ -10,7 +10,7 @@ import pytest
 
 from gradguide.cli import main as cli_main
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _optimize(tmp_path, *extra):

@@ -1,5 +1,5 @@
 """GuidedXLPipeline on a tiny random Stable Diffusion XL built in code (a text_time U-Net, two
-CLIP text encoders over the byte tokenizer of tests/test_pipeline.py): its images equal
+CLIP text encoders over the byte tokenizer of tests/integrations/test_pipeline.py): its images equal
 diffusers' StableDiffusionXLPipeline's, with SDXL's added_cond_kwargs (pooled text embedding and
 time ids) built as diffusers builds them."""
 import pytest

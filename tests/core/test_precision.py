@@ -26,7 +26,8 @@ from hypothesis import strategies as st
 
 import gradguide as gg
 from gradguide import sampling
-from gradguide.bench.precision import SHAPE, in_float64   # the precision suite's shape and model wrapper
+# the precision suite's shape, model wrapper, error measure and float32 floor
+from gradguide.bench.precision import SHAPE, float32_floor, in_float64, relative_error
 from gradguide.experiments.demo_mixture import default_mixture
 
 TOL = 1e-4
@@ -53,41 +54,6 @@ def _model(x, t, y=None):
 def _classifier(seed):
     d = torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
     return in_float64(lambda x, t, y=None: (torch.sin(2 * x) * d).flatten(1).sum(1))
-
-
-def relative_error(x32, x64):
-    return float((x32.double() - x64).abs().max() / x64.abs().max())
-
-
-def float32_floor(seed=0, fused=True, **kw):
-    """How far the float64 run moves under the perturbations every float32 run must take, its
-    arithmetic staying float64: its sample x_t (and the sampler's carried state) stored as
-    float32 values after every step, and, as that is one realisation of float32 rounding, also
-    with x_T moved by 1e-7 relative (about one rounding; two draws). The largest: the
-    sampling's conditioning times float32 rounding, which no float32 arithmetic can beat
-    (policy C's projection onto a vanishing Δ = x̂0_c − x̂0_u is discontinuous; so is DPS's
-    ∇‖x̂_0‖ where x̂_0 → 0; the pinned DDIM case amplifies one rounding of x_t up to ~1000x).
-    Intermediates (clipped x̂_0, shifts) are not rounded here: how they are formed is gradguide's
-    choice, and forming a small one as a difference of two stored large ones is what this file
-    catches."""
-    real = sampling.step
-
-    def stored(*args, **kwargs):
-        x, state, record = real(*args, **kwargs)
-        return x.float().double(), {k: v.float().double() for k, v in state.items()}, record
-    x_T = torch.randn(kw["shape"], generator=torch.Generator().manual_seed(seed), dtype=torch.float64).float().double()
-    starts = [x_T] + [x_T * (1 + 1e-7 * torch.randn(x_T.shape, generator=torch.Generator().manual_seed(99 + j),
-                                                    dtype=torch.float64)) for j in range(2)]
-
-    def run(x, step):
-        sampling.step = step   # read when the run's stepper is made
-        try:
-            return gg.sample(x_T=x, execution=gg.Execution(backend="reference", fused=fused),
-                             generator=torch.Generator().manual_seed(seed + 1), **kw)
-        finally:
-            sampling.step = real
-    exact = run(x_T, real)
-    return max(relative_error(run(x, stored), exact) for x in starts)
 
 
 def check_float32(err, seed=0, **kw):
@@ -163,7 +129,7 @@ def test_float32_cases_found_by_hypothesis(seed, eta, scale, backend):
     assert err <= TOL
 
 
-# -- every sampler x guidance x projection combination of the suite (tests/test_no_host_sync.py) ---
+# -- every sampler x guidance x projection combination of the suite (tests/core/test_no_host_sync.py) ---
 
 _GM = default_mixture(gg.Schedule.linear(200))
 Y = torch.full((8,), 2)

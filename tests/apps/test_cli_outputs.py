@@ -165,7 +165,7 @@ def test_same_day_reports_are_not_overwritten(tmp_path, monkeypatch, capsys):
     dry = ["dryrun", "--quick", "--workload", "none", "--no-combinations", "--out", str(tmp_path)]
     assert cli.main(dry) == 0
     (report,) = tmp_path.glob("dryrun-quick-*.json")
-    monkeypatch.setattr(dryrun, "build_report", lambda *a, **k: pytest.fail("ran although refused"))
+    monkeypatch.setattr(dryrun.cli, "build_report", lambda *a, **k: pytest.fail("ran although refused"))
     with pytest.raises(SystemExit, match=f"{report.name} exists; pass --force"):
         cli.main(dry)
     with pytest.raises(SystemExit, match=f"{report.stem}.md exists; pass --force"):
