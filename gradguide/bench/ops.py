@@ -44,7 +44,8 @@ def _params(policy: str, b: int, device, acc) -> Dict[str, object]:
     scalars = {"cfg": {"scale": 7.5}, "pxp-a": {"delta": 1.0}, "pxp-b": {"delta": 1.0},
                "pxp-c": {"scale": 4.0, "delta": 1.0, "delta2": 1.0, "post": 0.5},
                "apg": {"scale": 5.0, "eta": 0.0, "norm_threshold": 15.0, "post": 0.5},
-               "lookahead": {"a": 0.7, "h": 0.51, "sigma": 0.1, "target": 1.0, "post": 0.3}}[policy]
+               "lookahead": {"a": 0.7, "h": 0.51, "sigma": 0.1, "target": 1.0, "multiplier": 1.0, "beta": 0.0,
+                             "beta_per_sample": 1.0, "post": 0.3}}[policy]
     for name, value in scalars.items():  # per-step scalars live on the device, as in a step
         out[name] = torch.full((b,), value, dtype=acc, device=device)
     return out
