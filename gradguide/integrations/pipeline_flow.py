@@ -32,7 +32,7 @@ from ..projection import PixelAsParam
 from .diffusers_flow import is_flow
 from .pipeline import GuidedPipeline, GuidedPipelineOutput, _repeat
 from .pipeline_call import _lora_scaled, _refuse_keywords
-from .pipeline_xl import _texts
+from .pipeline_xl import _check_pooled, _texts
 
 SD3_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds", "negative_pooled_prompt_embeds")
 
@@ -44,6 +44,18 @@ def per_prompt(value, name: str, batch: int) -> List[str]:
         raise ValueError(f"{name}: expected {batch} strings (one per prompt), got {len(texts)}")
     return texts
 
+
+class TransformerDenoiser(torch.nn.Module):
+    """A diffusers transformer behind ``model(x, timestep=t, **cond)``: each pipeline's subclass
+    writes ``forward`` as that pipeline calls its transformer."""
+
+    def __init__(self, transformer):
+        super().__init__()
+        self.transformer = transformer
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.dtype
 
 class FlowDecodedLookAhead(DecodedLookAhead):
     """G_loss through the decoder on a flow model: the look-ahead gradient of
@@ -278,14 +290,8 @@ class GuidedSD3Pipeline(_FlowPipeline):
         """``(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled)`` (the negatives
         ``None`` without ``negative``), each repeated ``num_images_per_prompt`` times, as
         diffusers' ``StableDiffusion3Pipeline.encode_prompt`` computes them."""
-        if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 0):
-            raise ValueError(f"clip_skip: expected an integer >= 0 or None, got {clip_skip!r}")
-        if prompt_embeds is not None and pooled_prompt_embeds is None:
-            raise ValueError("pooled_prompt_embeds: required with prompt_embeds (the transformer's pooled_projections), "
-                             "as diffusers requires")
-        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
-            raise ValueError("negative_pooled_prompt_embeds: required with negative_prompt_embeds, as diffusers "
-                             "requires")
+        _check_pooled(clip_skip, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
+                      negative_pooled_prompt_embeds, "the transformer's pooled_projections")
         with contextlib.ExitStack() as stack:
             for encoder in (self.text_encoder, self.text_encoder_2):
                 stack.enter_context(_lora_scaled(encoder, lora_scale))

@@ -23,25 +23,17 @@ from ..guidance.base import GuidanceTerm
 from ..projection import PixelAsParam
 from .pipeline import GuidedPipelineOutput, _randn, _repeat
 from .pipeline_call import _lora_scaled, _refuse_keywords
-from .pipeline_flow import _FlowPipeline, per_prompt
+from .pipeline_flow import TransformerDenoiser, _FlowPipeline, per_prompt
 from .pipeline_xl import _texts
 
 FLUX_TENSOR_INPUTS = ("latents", "prompt_embeds")   # FluxPipeline's
 
 
-class FluxDenoiser(torch.nn.Module):
+class FluxDenoiser(TransformerDenoiser):
     """``FluxTransformer2DModel`` behind ``model(x, timestep=t, **cond)``: the timestep divided
     by 1000 in the latents' dtype (the pipeline's ``timestep / 1000``; the transformer multiplies
     it back), ``img_ids``/``txt_ids`` given per sample (``[B, N, 3]``, so that they stack with
     the branches) and passed as the transformer takes them (one row)."""
-
-    def __init__(self, transformer):
-        super().__init__()
-        self.transformer = transformer
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
 
     def forward(self, hidden_states, timestep, encoder_hidden_states=None, pooled_projections=None, img_ids=None,
                 txt_ids=None, guidance=None, joint_attention_kwargs=None, return_dict=False):
@@ -73,49 +65,12 @@ def latent_image_ids(h: int, w: int, device, dtype) -> torch.Tensor:
     return ids.reshape(-1, 3).to(device=device, dtype=dtype)
 
 
-class GuidedFluxPipeline(_FlowPipeline):
-    """A Flux pipeline sampled with gradguide (see the module doc).
-
-    ``transformer``: a ``FluxTransformer2DModel``; ``scheduler``: a flow scheduler
-    (``FlowMatchEulerDiscreteScheduler`` with dynamic shifting, as Flux ships);
-    ``text_encoder``/``tokenizer``: CLIP (the pooled embedding); ``text_encoder_2``/``tokenizer_2``:
-    T5. The encoders are optional when you pass ``prompt_embeds`` and ``pooled_prompt_embeds``.
-    """
-    DEFAULT_SAMPLE_SIZE = 128   # FluxPipeline's default_sample_size
-
-    def __init__(self, transformer, scheduler, vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
-                 tokenizer_2=None, image_processor=None):
-        if (text_encoder_2 is None) != (tokenizer_2 is None):
-            raise ValueError("GuidedFluxPipeline: text_encoder_2 and tokenizer_2: pass both or neither")
-        if (text_encoder is None) != (text_encoder_2 is None):
-            raise ValueError("GuidedFluxPipeline: text_encoder and text_encoder_2: pass both (CLIP and T5) or neither")
-        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
-        self._adapter = FluxDenoiser(transformer)
-        if image_processor is None:
-            from diffusers.image_processor import VaeImageProcessor
-            image_processor = VaeImageProcessor(vae_scale_factor=2 ** len(vae.config.block_out_channels))
-        super().__init__(transformer, scheduler, vae, text_encoder, tokenizer, image_processor)
-
-    @classmethod
-    def handles(cls, pipe) -> bool:
-        return type(getattr(pipe, "transformer", None)).__name__ == "FluxTransformer2DModel"
-
-    @classmethod
-    def from_pipe(cls, pipe, scheduler=None) -> "GuidedFluxPipeline":
-        """From a diffusers ``FluxPipeline``; without ``scheduler`` the pipeline's scheduler is
-        followed at every call, as :meth:`GuidedPipeline.from_pipe`."""
-        missing = [name for name in ("transformer", "scheduler", "vae") if getattr(pipe, name, None) is None]
-        if missing:
-            raise TypeError(f"GuidedFluxPipeline.from_pipe: pipe: {type(pipe).__name__} has no {', '.join(missing)}")
-        if getattr(pipe, "image_encoder", None) is not None:
-            raise ValueError("GuidedFluxPipeline: image_encoder: IP-Adapter image conditioning is not supported")
-        out = cls(pipe.transformer, scheduler if scheduler is not None else pipe.scheduler, pipe.vae,
-                  *(getattr(pipe, name, None) for name in ("text_encoder", "tokenizer", "text_encoder_2",
-                                                           "tokenizer_2")),
-                  image_processor=getattr(pipe, "image_processor", None))
-        if scheduler is None:
-            out._pipe, out._scheduler = pipe, None
-        return out
+class _PackedLatentPipeline(_FlowPipeline):
+    """What Flux and Qwen-Image share: latents packed in 2×2 patches of the VAE's latent image,
+    drawn unpacked and then packed (as their ``prepare_latents``), image sizes a multiple of twice
+    the VAE's scale factor, σ's ``linspace(1, 1/N, N)`` shifted by the resolution's ``mu``, and an
+    embedded guidance scale read during a call."""
+    OWN_FLOW_SIGMAS = True   # a scheduler with use_flow_sigmas keeps its own σ's (FluxPipeline)
 
     def _denoiser(self):
         return self._adapter
@@ -162,9 +117,56 @@ class GuidedFluxPipeline(_FlowPipeline):
         self._run_hw = self._latent_hw(height, width)
         if sigmas is None:
             sigmas = np.linspace(1.0, 1 / n, n)
-        if self.scheduler.config.get("use_flow_sigmas", False):
-            sigmas = None   # FluxPipeline leaves a flow-σ solver its own σ's
+        if self.OWN_FLOW_SIGMAS and self.scheduler.config.get("use_flow_sigmas", False):
+            sigmas = None
         return self._flow_timesteps(schedule, n, sigmas, self._mu(height, width))
+
+    _run_hw = None
+
+
+class GuidedFluxPipeline(_PackedLatentPipeline):
+    """A Flux pipeline sampled with gradguide (see the module doc).
+
+    ``transformer``: a ``FluxTransformer2DModel``; ``scheduler``: a flow scheduler
+    (``FlowMatchEulerDiscreteScheduler`` with dynamic shifting, as Flux ships);
+    ``text_encoder``/``tokenizer``: CLIP (the pooled embedding); ``text_encoder_2``/``tokenizer_2``:
+    T5. The encoders are optional when you pass ``prompt_embeds`` and ``pooled_prompt_embeds``.
+    """
+    DEFAULT_SAMPLE_SIZE = 128   # FluxPipeline's default_sample_size
+
+    def __init__(self, transformer, scheduler, vae, text_encoder=None, tokenizer=None, text_encoder_2=None,
+                 tokenizer_2=None, image_processor=None):
+        if (text_encoder_2 is None) != (tokenizer_2 is None):
+            raise ValueError("GuidedFluxPipeline: text_encoder_2 and tokenizer_2: pass both or neither")
+        if (text_encoder is None) != (text_encoder_2 is None):
+            raise ValueError("GuidedFluxPipeline: text_encoder and text_encoder_2: pass both (CLIP and T5) or neither")
+        self.text_encoder_2, self.tokenizer_2 = text_encoder_2, tokenizer_2
+        self._adapter = FluxDenoiser(transformer)
+        if image_processor is None:
+            from diffusers.image_processor import VaeImageProcessor
+            image_processor = VaeImageProcessor(vae_scale_factor=2 ** len(vae.config.block_out_channels))
+        super().__init__(transformer, scheduler, vae, text_encoder, tokenizer, image_processor)
+
+    @classmethod
+    def handles(cls, pipe) -> bool:
+        return type(getattr(pipe, "transformer", None)).__name__ == "FluxTransformer2DModel"
+
+    @classmethod
+    def from_pipe(cls, pipe, scheduler=None) -> "GuidedFluxPipeline":
+        """From a diffusers ``FluxPipeline``; without ``scheduler`` the pipeline's scheduler is
+        followed at every call, as :meth:`GuidedPipeline.from_pipe`."""
+        missing = [name for name in ("transformer", "scheduler", "vae") if getattr(pipe, name, None) is None]
+        if missing:
+            raise TypeError(f"GuidedFluxPipeline.from_pipe: pipe: {type(pipe).__name__} has no {', '.join(missing)}")
+        if getattr(pipe, "image_encoder", None) is not None:
+            raise ValueError("GuidedFluxPipeline: image_encoder: IP-Adapter image conditioning is not supported")
+        out = cls(pipe.transformer, scheduler if scheduler is not None else pipe.scheduler, pipe.vae,
+                  *(getattr(pipe, name, None) for name in ("text_encoder", "tokenizer", "text_encoder_2",
+                                                           "tokenizer_2")),
+                  image_processor=getattr(pipe, "image_processor", None))
+        if scheduler is None:
+            out._pipe, out._scheduler = pipe, None
+        return out
 
     def _unpack(self, latents: torch.Tensor) -> torch.Tensor:
         if self._run_hw is None:
@@ -180,8 +182,6 @@ class GuidedFluxPipeline(_FlowPipeline):
         if height is not None or width is not None:
             self._run_hw = self._latent_hw(*self._size(height, width))
         return super().decode_latents(latents)
-
-    _run_hw = None
 
     # -- conditioning -------------------------------------------------------------------------------
     def encode_prompt(self, prompt, prompt_2=None, num_images_per_prompt: int = 1, prompt_embeds=None,

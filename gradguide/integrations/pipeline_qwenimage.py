@@ -20,33 +20,24 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Union
 
-import numpy as np
 import torch
 
 from ..guidance.base import GuidanceTerm
 from ..projection import PixelAsParam
-from .pipeline import GuidedPipelineOutput, _randn, _repeat
+from .pipeline import GuidedPipelineOutput, _repeat
 from .pipeline_call import _refuse_keywords
-from .pipeline_flow import _FlowPipeline
-from .pipeline_flux import pack_latents, unpack_latents
+from .pipeline_flow import TransformerDenoiser
+from .pipeline_flux import _PackedLatentPipeline, unpack_latents
 from .pipeline_xl import _texts
 
 QWEN_TENSOR_INPUTS = ("latents", "prompt_embeds")   # QwenImagePipeline's
 
 
-class QwenImageDenoiser(torch.nn.Module):
+class QwenImageDenoiser(TransformerDenoiser):
     """``QwenImageTransformer2DModel`` behind ``model(x, timestep=t, **cond)``: ``timestep / 1000``
     in the latents' dtype, ``img_shapes`` rebuilt for the call's batch from ``img_shape``
     (``[B, 3]``, so that it stacks with the branches), and, when ``cond`` carries the negative
     prompt's inputs and ``true_cfg_scale``, Qwen-Image's norm-rescaled true CFG."""
-
-    def __init__(self, transformer):
-        super().__init__()
-        self.transformer = transformer
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
 
     def _call(self, x, t, embeds, mask, shapes, guidance, attention_kwargs):
         return self.transformer(hidden_states=x, timestep=t, guidance=guidance, encoder_hidden_states_mask=mask,
@@ -68,13 +59,14 @@ class QwenImageDenoiser(torch.nn.Module):
         return (comb * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True)),)
 
 
-class GuidedQwenImagePipeline(_FlowPipeline):
+class GuidedQwenImagePipeline(_PackedLatentPipeline):
     """A Qwen-Image pipeline sampled with gradguide (see the module doc).
 
     ``transformer``: a ``QwenImageTransformer2DModel``; ``scheduler``: a flow scheduler;
     ``vae``: an ``AutoencoderKLQwenImage``; ``text_encoder``/``tokenizer``: Qwen2.5-VL (optional
     when you pass ``prompt_embeds`` and ``prompt_embeds_mask``)."""
     DEFAULT_STEPS = 50
+    OWN_FLOW_SIGMAS = False   # QwenImagePipeline passes its σ list to any scheduler
     DEFAULT_SAMPLE_SIZE = 128
     TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
                 "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
@@ -116,49 +108,6 @@ class GuidedQwenImagePipeline(_FlowPipeline):
         if scheduler is None:
             out._pipe, out._scheduler = pipe, None
         return out
-
-    def _denoiser(self):
-        return self._adapter
-
-    @property
-    def guidance_scale(self):
-        """The running call's ``guidance_scale`` (the embedded guidance, what diffusers' callbacks
-        read; true CFG's scale is ``true_cfg_scale``)."""
-        return self._embedded_scale
-
-    _embedded_scale = None
-
-    # -- sizes, latents, σ's ------------------------------------------------------------------------
-    def _size(self, height, width):
-        f = self.vae_scale_factor * 2
-        height = self.DEFAULT_SAMPLE_SIZE * self.vae_scale_factor if height is None else height
-        width = self.DEFAULT_SAMPLE_SIZE * self.vae_scale_factor if width is None else width
-        for name, value in (("height", height), ("width", width)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1 or value % f:
-                raise ValueError(f"{name}: expected a positive multiple of 2 × the VAE's scale factor = {f} (diffusers "
-                                 f"rounds down with a warning), got {value!r}")
-        return height, width
-
-    def _image_seq_len(self, height: int, width: int) -> int:
-        return (height // self.vae_scale_factor // 2) * (width // self.vae_scale_factor // 2)
-
-    def _latent_shape(self, rows: int, height: int, width: int) -> tuple:
-        return (rows, self._image_seq_len(height, width), int(self.unet.config.in_channels))
-
-    def _draw_latents(self, shape, generator, dtype) -> torch.Tensor:
-        h, w = self._run_hw
-        return pack_latents(_randn((shape[0], shape[2] // 4, h, w), generator, self.device, dtype))
-
-    def _timesteps(self, schedule, num_inference_steps, timesteps, sigmas, spacing, height=None, width=None):
-        n = self._check_steps(num_inference_steps, timesteps)
-        if spacing is not None:
-            raise ValueError("sampler.spacing: a flow scheduler spaces its own σ's")
-        self._run_hw = (height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if sigmas is None:
-            sigmas = np.linspace(1.0, 1 / n, n)
-        return self._flow_timesteps(schedule, n, sigmas, self._mu(height, width))
-
-    _run_hw = None
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """Images in [−1, 1] from packed latents of the last call's size, as QwenImagePipeline

@@ -22,24 +22,16 @@ from ..guidance.base import GuidanceTerm
 from ..projection import PixelAsParam
 from .pipeline import GuidedPipelineOutput, _repeat
 from .pipeline_call import _refuse_keywords
-from .pipeline_flow import _FlowPipeline
+from .pipeline_flow import TransformerDenoiser, _FlowPipeline
 from .pipeline_xl import _texts
 
 SANA_TENSOR_INPUTS = ("latents", "prompt_embeds", "negative_prompt_embeds")   # SanaPipeline's
 _DEFAULT = object()   # "diffusers' default complex human instruction"
 
 
-class SanaDenoiser(torch.nn.Module):
+class SanaDenoiser(TransformerDenoiser):
     """``SanaTransformer2DModel`` behind ``model(x, timestep=t, **cond)``: the timestep times the
     transformer's ``timestep_scale`` and the output in float32, as SanaPipeline calls it."""
-
-    def __init__(self, transformer):
-        super().__init__()
-        self.transformer = transformer
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
 
     def forward(self, hidden_states, timestep, encoder_hidden_states=None, encoder_attention_mask=None,
                 attention_kwargs=None, return_dict=False):

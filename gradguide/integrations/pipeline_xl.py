@@ -91,14 +91,8 @@ class GuidedXLPipeline(GuidedPipeline):
         """``(prompt_embeds, negative_prompt_embeds, pooled, negative_pooled)`` (the negatives
         ``None`` without ``negative``), each repeated ``num_images_per_prompt`` times, as
         diffusers' ``StableDiffusionXLPipeline.encode_prompt`` computes them."""
-        if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 0):
-            raise ValueError(f"clip_skip: expected an integer >= 0 or None, got {clip_skip!r}")
-        if prompt_embeds is not None and pooled_prompt_embeds is None:
-            raise ValueError("pooled_prompt_embeds: required with prompt_embeds (the U-Net's text_embeds), as "
-                             "diffusers requires")
-        if negative_prompt_embeds is not None and negative_pooled_prompt_embeds is None:
-            raise ValueError("negative_pooled_prompt_embeds: required with negative_prompt_embeds, as diffusers "
-                             "requires")
+        _check_pooled(clip_skip, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds,
+                      negative_pooled_prompt_embeds, "the U-Net's text_embeds")
         with contextlib.ExitStack() as stack:
             for encoder in (self.text_encoder, self.text_encoder_2):
                 stack.enter_context(_lora_scaled(encoder, lora_scale))
@@ -292,3 +286,15 @@ def _texts(value, name: str, batch: Optional[int] = None) -> List[str]:
     if batch is not None and len(value) != batch:
         raise ValueError(f"{name}: expected {batch} strings (one per prompt), got {len(value)}")
     return list(value)
+
+
+def _check_pooled(clip_skip, prompt_embeds, pooled, negative_embeds, negative_pooled, pooled_use: str) -> None:
+    """The argument rules of diffusers' two-encoder ``encode_prompt`` (SDXL, SD3): ``clip_skip`` an
+    integer >= 0, and pooled embeddings wherever embeddings are given (``pooled_use``: what the
+    model reads them as)."""
+    if clip_skip is not None and (isinstance(clip_skip, bool) or not isinstance(clip_skip, int) or clip_skip < 0):
+        raise ValueError(f"clip_skip: expected an integer >= 0 or None, got {clip_skip!r}")
+    if prompt_embeds is not None and pooled is None:
+        raise ValueError(f"pooled_prompt_embeds: required with prompt_embeds ({pooled_use}), as diffusers requires")
+    if negative_embeds is not None and negative_pooled is None:
+        raise ValueError("negative_pooled_prompt_embeds: required with negative_prompt_embeds, as diffusers requires")
