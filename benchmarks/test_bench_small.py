@@ -14,7 +14,7 @@ import torch
 from gradguide.bench import loop as bench_loop
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-WORKLOADS = ["sim-gloss", "sim-unguided", "sd-cfg-gloss", "adm64-cls-pxpA", "loop-cfg-pxpC", "loop-gloss"]
+WORKLOADS = ["sim-lookahead", "sim-unguided", "sd-cfg-lookahead", "adm64-cls-pxpA", "loop-cfg-pxpC", "loop-lookahead"]
 VARIANTS = ["eager", "fused", "fused+graph"]
 
 _BUILT = {}

@@ -32,8 +32,8 @@ import torch
 from gradguide.bench import meta
 from gradguide.bench.loop import sync, timed_passes
 
-GRAPH_WORKLOADS = ("loop-cfg", "loop-apg", "loop-cfg-pxpC", "loop-cls-pxpA", "loop-gloss")
-PAPER_WORKLOADS = ("sim-gloss", "sd-cfg-gloss", "adm64-cls-pxpA")
+GRAPH_WORKLOADS = ("loop-cfg", "loop-apg", "loop-cfg-pxpC", "loop-cls-pxpA", "loop-lookahead")
+PAPER_WORKLOADS = ("sim-lookahead", "sd-cfg-lookahead", "adm64-cls-pxpA")
 
 
 class GPURequired(RuntimeError):
@@ -117,7 +117,7 @@ def memory(bench, name: str, dev, quick: bool, seed: int = 0) -> dict:
 
 
 def run(device: Optional[str] = None, quick: bool = False, allow_cpu: bool = False, reps: Optional[int] = None,
-        graph_workloads=None, paper_workloads=None, memory_workload: str = "sim-gloss",
+        graph_workloads=None, paper_workloads=None, memory_workload: str = "sim-lookahead",
         sections=("bandwidth", "graph", "paper", "memory"), progress: bool = True) -> dict:
     """Run the GPU acceptance suite; returns one report dict (see :func:`write`)."""
     dev = _device(allow_cpu, device)

@@ -13,13 +13,13 @@ and results"):
 
 Workloads (``--suite paper``; docs/mathematics.md,  the papers' runtime settings):
 
-- ``sim-gloss`` / ``sim-unguided`` — the gradient-guidance paper's simulation pass (Guo et al.,
+- ``sim-lookahead`` / ``sim-unguided`` — the gradient-guidance paper's simulation pass (Guo et al.,
   NeurIPS 2024, §5 and Table 1): its 1-D U-Net (:class:`gradguide.experiments.nets.UNet1D`, ≈14.9 M
   parameters, random weights: cost does not depend on them), D = 64, B = 32, cosine schedule
   T = 200, 200 DDPM steps, look-ahead guidance G_loss (Definition 1); and the same pass unguided.
   These rows carry the ratio to the paper's ≈4.6 s per pass and ≈76 min per 1000-round run
   (one A100; one guided pass per round of Algorithm 1, so a run ≈ 1000 passes).
-- ``sd-cfg-gloss`` — the paper's image experiment at SD-1.5 cost: diffusers
+- ``sd-cfg-lookahead`` — the paper's image experiment at SD-1.5 cost: diffusers
   ``UNet2DConditionModel`` with SD-1.5's configuration and the SD VAE (``AutoencoderKL``), random
   weights, 512² (64² latents), 50 DDIM steps on SD's scaled-linear schedule ("leading" spacing,
   offset 1; the paper used PNDM, also one U-Net pair per step), CFG 7.5, and G_loss through the
@@ -74,9 +74,9 @@ PAPER_RUN_MIN = 76.0      # one simulation run (Algorithm 1, 1000 rounds)
 PAPER_ROUNDS = 1000
 
 VARIANTS = ("eager", "fused", "fused+graph", "compile")
-PAPER_WORKLOADS = ("sim-gloss", "sim-unguided", "sd-cfg-gloss", "adm64-cls-pxpA", "adm128-cls-pxpA",
+PAPER_WORKLOADS = ("sim-lookahead", "sim-unguided", "sd-cfg-lookahead", "adm64-cls-pxpA", "adm128-cls-pxpA",
                    "adm256-cls-pxpA")
-LOOP_WORKLOADS = ("loop-unguided", "loop-cfg", "loop-cfg-pxpC", "loop-apg", "loop-cls-pxpA", "loop-gloss")
+LOOP_WORKLOADS = ("loop-unguided", "loop-cfg", "loop-cfg-pxpC", "loop-apg", "loop-cls-pxpA", "loop-lookahead")
 ALL_WORKLOADS = PAPER_WORKLOADS + LOOP_WORKLOADS
 SUITES = {"paper": PAPER_WORKLOADS, "loop": LOOP_WORKLOADS}
 QUICK_SUITES = {"paper": PAPER_WORKLOADS[:4], "loop": LOOP_WORKLOADS}
@@ -307,7 +307,7 @@ def _sim(name, quick, device, seed):
     gen = torch.Generator().manual_seed(seed + 1)
     theta = torch.randn(64, generator=gen)
     theta = (theta / theta.norm()).to(device)
-    guided = name == "sim-gloss"
+    guided = name == "sim-lookahead"
 
     def per_pass(wrap, seed_):
         if not guided:
@@ -406,7 +406,7 @@ def _loop(name, quick, device, seed):
     sampler = "ddpm" if name == "loop-cls-pxpA" else "ddim"
     fixed = {"schedule": gradguide.Schedule.linear(1000), "sampler": sampler, "steps": steps}
     kind = name[len("loop-"):]
-    if kind != "unguided" and kind != "gloss":
+    if kind != "unguided" and kind != "lookahead":
         fixed["cond"] = {"class_labels": labels}
 
     def log_prob(x, t, class_labels):   # a cheap differentiable "classifier"
@@ -414,7 +414,7 @@ def _loop(name, quick, device, seed):
 
     # the workload's (guidance, projection) spec for the harness's guidance factory
     spec = {"unguided": (None, None), "cfg": (("cfg", 4.0), None), "cfg-pxpC": (("cfg", 4.0), "C"),
-            "apg": (("apg", 4.0), None), "cls-pxpA": (("classifier", 1.0), "A"), "gloss": ("G_loss", None)}[kind]
+            "apg": (("apg", 4.0), None), "cls-pxpA": (("classifier", 1.0), "A"), "lookahead": ("G_loss", None)}[kind]
 
     def per_pass(wrap, seed_):
         if kind == "unguided":
@@ -560,7 +560,7 @@ def _run_variant(w: Workload, variant: str, dev, reps: int, seed: int, progress:
             one_pass(cb)
             marks = [first] + stamps
             step_s = [b - a for a, b in zip(marks[:-1], marks[1:])]
-        # the first step includes the pass's setup (and the reward VJP of sd-cfg-gloss): leave it out
+        # the first step includes the pass's setup (and the reward VJP of sd-cfg-lookahead): leave it out
         per_step = statistics.median(step_s[1:] if len(step_s) > 1 else step_s)
         pass_s = statistics.median(times)
         row.update(status="ok", backend=backend[-1] if backend else None, pass_s=pass_s, pass_s_all=times,

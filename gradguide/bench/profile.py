@@ -14,9 +14,9 @@ from .profiling import plot, profile_sampling
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--workload", default="sim-gloss",
-                   help="a workload of the bench harness (gradguide/bench/loop.py): sim-gloss (default), "
-                        "sim-unguided, sd-cfg-gloss, adm64-cls-pxpA, adm128-cls-pxpA, adm256-cls-pxpA, or a "
+    p.add_argument("--workload", default="sim-lookahead",
+                   help="a workload of the bench harness (gradguide/bench/loop.py): sim-lookahead (default), "
+                        "sim-unguided, sd-cfg-lookahead, adm64-cls-pxpA, adm128-cls-pxpA, adm256-cls-pxpA, or a "
                         "loop-* workload")
     p.add_argument("--quick", action="store_true", help="the workload's tiny configuration (seconds on a CPU)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")

@@ -131,7 +131,7 @@ def _workloads() -> Dict[str, Workload]:
         return dict(sampler="ddpm", guidance=gg.Classifier(opaque_log_prob(d), scale=2.0),
                     projection=gg.PixelAsParam("A"))
 
-    def ddpm_gloss(shape):
+    def ddpm_lookahead(shape):
         g = torch.Generator().manual_seed(4)
         return dict(sampler="ddpm", guidance=gg.LookAhead(torch.randn(shape, generator=g), target=1.0))
 
@@ -149,7 +149,7 @@ def _workloads() -> Dict[str, Workload]:
         # reduce(x, eps, grad) [den = c0 x0(x, eps), cls = grad] + combine(x, eps, grad, z) + write
         "DDPM + classifier + PxP-A": Workload("DDPM + classifier + PxP-A", ddpm_cls_pxpa, 3 + 4 + 1),
         # reduce(x, eps, g, J^T g) [<g, x0>, |vjp|^2] + combine(x, eps, g, J^T g, z) + write
-        "DDPM + G_loss": Workload("DDPM + G_loss", ddpm_gloss, 4 + 5 + 1),
+        "DDPM + G_loss": Workload("DDPM + G_loss", ddpm_lookahead, 4 + 5 + 1),
         # reduce(x, eps_c, eps_u) + combine(x, eps_c, eps_u) + write (eta = 0: no noise)
         "DDIM + APG": Workload("DDIM + APG", apg, 3 + 3 + 1),
         # reduce(x, eps_c, eps_u) + combine(x, eps_c, eps_u, z) + write

@@ -182,7 +182,7 @@ def test_explicit_paths_are_refused_too(tmp_path, monkeypatch):
              (["evaluate", "--real", "heldout", "--json", "e.json"], "--json: e.json exists"),
              (["check-kernels", "--json", "k.json"], "--json: k.json exists")]
     # date-named and per-model outputs: refused before the workload is built or a model trained
-    prof = tmp_path / "benchmarks" / "results" / f"profile-sim-gloss-cpu-quick-{meta.today()}.png"
+    prof = tmp_path / "benchmarks" / "results" / f"profile-sim-lookahead-cpu-quick-{meta.today()}.png"
     weights = tmp_path / "digits-weights" / "eval_classifier.safetensors"
     for path in (prof, weights):
         path.parent.mkdir(parents=True)
@@ -243,7 +243,7 @@ def run_without(modules, *argv, cwd):
     (["sklearn"], ["sweep-digits", "--n", "20", "--seeds", "0", "--policies", "A", "--samplers", "ddim",
                    "--cls-scales", "0", "--no-progress"], "digits"),
     (["diffusers"], ["bench", "--suite", "peers", "--quick"], "diffusers"),
-    (["diffusers"], ["dryrun", "--quick", "--workload", "sd-cfg-gloss", "--no-combinations"], "diffusers"),
+    (["diffusers"], ["dryrun", "--quick", "--workload", "sd-cfg-lookahead", "--no-combinations"], "diffusers"),
 ], ids=["evaluate", "train-digits", "sweep-digits", "bench-peers", "dryrun-sd"])
 def test_missing_optional_dependency_is_one_line(modules, argv, extra, tmp_path):
     r = run_without(modules, *argv, cwd=tmp_path)
@@ -258,13 +258,13 @@ def test_dryrun_default_runs_without_diffusers_and_names_what_it_skips(tmp_path)
     r = run_without(["diffusers"], "dryrun", "--quick", "--no-combinations", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip().splitlines() == [
-        'gradguide dryrun: skipping sd-cfg-gloss, adm64-cls-pxpA (they build diffusers modules): diffusers is '
+        'gradguide dryrun: skipping sd-cfg-lookahead, adm64-cls-pxpA (they build diffusers modules): diffusers is '
         'not installed: pip install "gradguide[diffusers]"']
     (js,) = (tmp_path / "benchmarks" / "results").glob("dryrun-quick-*.json")
     report = json.loads(js.read_text())
-    assert [w["name"] for w in report["workloads"]] == ["sim-gloss"]
-    assert set(report["skipped_workloads"]) == {"sd-cfg-gloss", "adm64-cls-pxpA"}
-    assert "Skipped workload `sd-cfg-gloss`" in js.with_suffix(".md").read_text()
+    assert [w["name"] for w in report["workloads"]] == ["sim-lookahead"]
+    assert set(report["skipped_workloads"]) == {"sd-cfg-lookahead", "adm64-cls-pxpA"}
+    assert "Skipped workload `sd-cfg-lookahead`" in js.with_suffix(".md").read_text()
 
 
 def test_bench_paper_default_runs_without_diffusers(tmp_path):
@@ -272,12 +272,12 @@ def test_bench_paper_default_runs_without_diffusers(tmp_path):
                     "--no-progress", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip().splitlines() == [
-        'gradguide bench: skipping sd-cfg-gloss, adm64-cls-pxpA (they build diffusers modules): diffusers is '
+        'gradguide bench: skipping sd-cfg-lookahead, adm64-cls-pxpA (they build diffusers modules): diffusers is '
         'not installed: pip install "gradguide[diffusers]"']
     (js,) = (tmp_path / "benchmarks" / "results").glob("paper-cpu-quick-*.json")
     report = json.loads(js.read_text())
-    assert [w["workload"] for w in report["rows"]] == ["sim-gloss", "sim-unguided"]
-    assert set(report["skipped_workloads"]) == {"sd-cfg-gloss", "adm64-cls-pxpA"}
+    assert [w["workload"] for w in report["rows"]] == ["sim-lookahead", "sim-unguided"]
+    assert set(report["skipped_workloads"]) == {"sd-cfg-lookahead", "adm64-cls-pxpA"}
     assert "skipped workload `adm64-cls-pxpA`" in js.with_suffix(".md").read_text()
 
 

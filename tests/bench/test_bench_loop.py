@@ -50,7 +50,7 @@ def test_cli_loop_quick_writes_json_and_markdown(tmp_path):
 def test_paper_quick_all_workloads(tmp_path):
     result = bl.run("paper", quick=True, device="cpu", progress=False)
     names = [r["workload"] for r in result["rows"]]
-    assert sorted(set(names)) == sorted(["sim-gloss", "sim-unguided", "sd-cfg-gloss", "adm64-cls-pxpA"])
+    assert sorted(set(names)) == sorted(["sim-lookahead", "sim-unguided", "sd-cfg-lookahead", "adm64-cls-pxpA"])
     for r in result["rows"]:
         _check_ok_row(r, steps=4, batch={"sim": 4, "sd-": 1, "adm": 2}[r["workload"][:3]])
     paths = bl.write(result, str(tmp_path))
@@ -124,7 +124,7 @@ def test_architectures_match_the_papers():
             assert abs(count(bl.adm_unet(res, width, mults, depth)) / 1e6 - millions) / millions < 0.03
 
 
-def test_decoded_lookahead_is_gloss_through_the_decoder():
+def test_decoded_lookahead_is_lookahead_through_the_decoder():
     """With an identity decoder, the image-space G_loss (L = ½(gᵀx̂_0 + b − y*)², G = −β∇L)
     equals LookAhead with target y* − b and constant β/2 — same samples for the same seed."""
     torch.manual_seed(0)

@@ -141,7 +141,7 @@ def test_every_combination_runs_or_is_refused(sampler, guidance, proj):
 
 
 def test_quick_paper_workload_report_and_projection(tmp_path):
-    report = dryrun.build_report(["sim-gloss"], combinations=False, quick=True, backend="native", progress=False,
+    report = dryrun.build_report(["sim-lookahead"], combinations=False, quick=True, backend="native", progress=False,
                                  command="test")
     (r,) = report["workloads"]
     s = r["summary"]
@@ -153,12 +153,12 @@ def test_quick_paper_workload_report_and_projection(tmp_path):
     assert r["projection"]["H100-SXM"]["model_kernel_s"] < p["model_kernel_s"]
     paths = dryrun.write(report, str(tmp_path))
     md = open(paths[1]).read()
-    assert "sim-gloss (quick)" in md and "PROJECTION" in md
+    assert "sim-lookahead (quick)" in md and "PROJECTION" in md
     docs = tmp_path / "performance.md"
     docs.write_text(f"# x\n\n{dryrun.DOCS_BEGIN}\nold\n{dryrun.DOCS_END}\ntail\n")
     dryrun.write_docs(report, str(docs))
     text = docs.read_text()
-    assert "old" not in text and "sim-gloss (quick)" in text and text.endswith("tail\n")
+    assert "old" not in text and "sim-lookahead (quick)" in text and text.endswith("tail\n")
 
 
 def test_roofline_formula():
@@ -171,15 +171,15 @@ def test_roofline_formula():
 
 def test_cli(tmp_path, capsys):
     from gradguide.cli import main
-    assert main(["dryrun", "--quick", "--workload", "sim-gloss", "--no-combinations", "--no-progress",
+    assert main(["dryrun", "--quick", "--workload", "sim-lookahead", "--no-combinations", "--no-progress",
                  "--out", str(tmp_path)]) == 0
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) == 2 and files[0].startswith("dryrun-quick-") and files[0].endswith(".json")
-    assert "| sim-gloss (quick) | meta | triton |" in capsys.readouterr().out
+    assert "| sim-lookahead (quick) | meta | triton |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match=r"\.md exists; pass --force"):      # the markdown is kept...
         main(["dryrun", "--from-json", str(tmp_path / files[0])])
     assert main(["dryrun", "--from-json", str(tmp_path / files[0]), "--force"]) == 0   # ...or re-rendered, no run
-    assert "| sim-gloss (quick) | meta | triton |" in capsys.readouterr().out
+    assert "| sim-lookahead (quick) | meta | triton |" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--workload: unknown"):
         main(["dryrun", "--workload", "sdxl", "--out", str(tmp_path)])
     with pytest.raises(SystemExit, match="--backend"):

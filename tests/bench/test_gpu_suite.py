@@ -22,15 +22,15 @@ def test_refuses_without_a_cuda_device(tmp_path):
 
 
 def test_plumbing_on_cpu(tmp_path):
-    report = gpu.run(device="cpu", quick=True, allow_cpu=True, reps=1, graph_workloads=["loop-cfg", "loop-gloss"],
-                     paper_workloads=["sim-gloss"], memory_workload="sim-gloss", progress=False)
+    report = gpu.run(device="cpu", quick=True, allow_cpu=True, reps=1, graph_workloads=["loop-cfg", "loop-lookahead"],
+                     paper_workloads=["sim-lookahead"], memory_workload="sim-lookahead", progress=False)
     assert report["plumbing_test"] is True and report["device_type"] == "cpu"
     (bw,) = report["bandwidth"]
     assert bw["copy_bandwidth_gb_per_s"] > 0 and all(r["gb_per_s"] > 0 for r in bw["rows"])
     for row in report["graph"]:
         assert row["equal"] and row["max_abs_diff"] == 0.0       # emulated replay runs the same ops
         assert row["captures"] >= 1 and row["graph"].startswith("emulated")
-    assert {r["workload"] for r in report["paper"]["rows"]} == {"sim-gloss"}
+    assert {r["workload"] for r in report["paper"]["rows"]} == {"sim-lookahead"}
     assert all(r["status"] == "ok" for r in report["paper"]["rows"])
     m = report["memory"]
     assert m["phases"]["forward"]["peak_rss_bytes"] > 0

@@ -20,7 +20,7 @@ def test_cli_profile_quick(tmp_path):
                      "--no-progress", "--interval", "0.002"]) == 0
     [name] = [f for f in os.listdir(tmp_path) if f.startswith("profile-") and f.endswith(".json")]
     result = json.loads((tmp_path / name).read_text())
-    assert result["workload"] == "sim-gloss" and result["device_type"] == "cpu" and result["finite"]
+    assert result["workload"] == "sim-lookahead" and result["device_type"] == "cpu" and result["finite"]
     phases = result["phases"]
     assert set(phases) == {"setup", "forward", "backward", "guidance"}
     steps = result["config"]["steps"]
