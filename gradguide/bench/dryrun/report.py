@@ -19,7 +19,7 @@ PAPER_FIGURES = {"sim-lookahead": "4.6 s per pass, one A100 (Guo et al. 2024, Ta
 
 # the fused step's targets: <= 8 launches beyond the model, bytes <= 1.1x the minimum
 TARGETS = (("ddim", "cfg", "none"), ("ddpm", "classifier", "A"), ("ddpm", "G_loss", "none"), ("ddim", "apg", "none"),
-           ("ddim", "cfg", "C"))
+           ("ddim", "cfg", "C"), ("ddim", "tcfg", "none"), ("ddim", "mambo-g", "none"), ("ddim", "cfg++", "none"))
 TARGET_LAUNCHES, TARGET_RATIO = 8, 1.1
 
 
