@@ -59,13 +59,13 @@ class _BranchGuider(DiffusersGuider):
     denoiser = None
 
     def all_branches(self):
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__}.all_branches: each branch guider lists its branches")
 
     def step_branches(self, index: int):
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__}.step_branches: each branch guider says which a step uses")
 
     def combine(self, ctx: StepContext, p: dict) -> Optional[LinComb]:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__}.combine: each branch guider defines its combination")
 
     def graph_signature(self) -> tuple:
         # a perturbation by what it does (its repr: configs, σ, the callable's identity), so a new

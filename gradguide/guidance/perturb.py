@@ -67,7 +67,7 @@ class Perturbation:
     def applied(self, module, rows: RowSpan, owner: str, cache: Optional[dict] = None):
         """A context manager during which calls of ``module`` are perturbed on ``rows`` (``cache``:
         a dict kept for a run, where a perturbation may keep what it found in the model)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__}.applied: each perturbation defines how it applies")
 
 
 def _configs(value, cls, owner: str, name: str) -> list:

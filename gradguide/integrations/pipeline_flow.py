@@ -100,7 +100,7 @@ class _FlowPipeline(GuidedPipeline):
 
     # -- the σ's ------------------------------------------------------------------------------------
     def _image_seq_len(self, height: int, width: int) -> int:
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__}: a pipeline with dynamic shifting defines its token count")
 
     def _mu(self, height: int, width: int):
         """``calculate_shift`` of the image's token count with the scheduler's settings (each
