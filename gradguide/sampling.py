@@ -369,26 +369,58 @@ def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Di
     t = run.timesteps_dev.index_select(0, idx).expand(run.shape[0])
     x_input = x.detach().requires_grad_(True) if run.needs_input_grad else x
     model_input = x_input if run.needs_model_grad else x.detach()
+    # a VJP through each CFG branch on its own (its weight changes per step): the branches get
+    # separate leaves, so one backward pass gives Jᵀg of each
+    leaves = {"model_cond": x_input}
+    both = any(c.position < 0 and c.method == "model_uncond" for c in variant.computed.values())
+    if both:
+        leaves["model_uncond"] = x.detach().requires_grad_(True)
     scale = _flow_scale(run, column)
-    out_c, out_u, _, _ = _model_branches(run, model_input if scale is None else model_input * scale, t)
+    out_c, out_u, _, _, whole = _model_branches(run, model_input if scale is None else model_input * scale, t,
+                                                _scaled(leaves.get("model_uncond"), scale))
+    outputs = {"model_cond": out_c, "model_uncond": out_u}
     tensors = {"x": x.detach(), "model_cond": out_c.detach()}
     if out_u is not None:
         tensors["model_uncond"] = out_u.detach()
     if noise is not None:
         tensors["noise"] = noise
-    if variant.computed:   # classifier gradients, G_loss's reward gradient and model VJP
-        ctx = StepContext(ops=Operands(x, backend=run.backend), index=i, t=t, scalars={}, cond=run.cond, x=None,
-                          x_input=x_input, state=state, sampler=run.tables.name, prediction=run.prediction,
-                          input_scale=scale, model_output=out_c)
-        terms = [run.branch] + run.score_terms + run.mean_terms + run.post_terms
-        for name, (position, compute) in variant.computed.items():
-            if position < 0:   # the model's VJP with an operand already computed (G_loss: Jᵀg)
-                (tensors[name],) = torch.autograd.grad(out_c, x_input, grad_outputs=tensors[compute])
-            else:
-                tensors[name] = compute(terms[position], ctx)
-    if run.backend != "reference":   # kernels address rows as contiguous memory
+    contiguous = run.backend != "reference"   # kernels address rows as contiguous memory
+    if contiguous:
         tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
-    stepplan.run_stages(run, variant, column, tensors)
+    terms = [run.branch] + run.score_terms + run.mean_terms + run.post_terms
+    stacked = {} if both and whole is not None else None
+    ctx = None
+
+    def vjps(names, cotangent):
+        """Each branch's Jᵀ(cotangent) for the computed operands ``names``, in one backward pass."""
+        branches = [variant.computed[n].method for n in names]
+        if stacked is not None and len(names) == 2:   # the batched output's cotangent, uncond rows first
+            cot = stacked.get(id(cotangent))
+            cot = torch.cat([cotangent, cotangent]) if cot is None else cot.view(whole.shape)
+            grads = torch.autograd.grad(whole, [leaves[b] for b in branches], grad_outputs=cot, retain_graph=True)
+        else:
+            grads = torch.autograd.grad([outputs[b] for b in branches], [leaves[b] for b in branches],
+                                        grad_outputs=[cotangent] * len(names), retain_graph=True)
+        tensors.update({n: g.contiguous() if contiguous else g for n, g in zip(names, grads)})
+
+    def compute(name):   # classifier gradients, G_loss's reward gradient and model VJPs, decoder pullbacks
+        nonlocal ctx
+        spec = variant.computed[name]
+        for read in spec.reads:
+            if read not in tensors:
+                compute(read)
+        if spec.position < 0:
+            vjps([n for n, c in variant.computed.items() if c.position < 0 and c.reads == spec.reads],
+                 tensors[spec.reads[0]])
+            return
+        if ctx is None:
+            ctx = StepContext(ops=Operands(x, backend=run.backend), index=i, t=t, scalars={}, cond=run.cond, x=None,
+                              x_input=x_input, state=state, sampler=run.tables.name, prediction=run.prediction,
+                              input_scale=scale, model_output=out_c, stacked_cotangents=stacked)
+        value = spec.method(terms[spec.position], ctx, *[tensors[r] for r in spec.reads])
+        tensors[name] = value.contiguous() if contiguous else value
+
+    stepplan.run_stages(run, variant, column, tensors, compute)
     return tensors["x_next"], dict(state), None
 
 
@@ -411,7 +443,7 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
         (out_c, log_var), (out_u, log_var_u) = outs.pop("cond"), outs.pop("uncond", (None, None))
         further = {name: out for name, (out, _) in outs.items()}
     else:
-        out_c, out_u, log_var, log_var_u = _model_branches(run, x_model, t)
+        out_c, out_u, log_var, log_var_u, _ = _model_branches(run, x_model, t)
     ctx.learned_log_var = _learned_log_var(run, log_var, scalars)
     tracked = {"x": x_input, "model_cond": out_c, "model_uncond": out_u}
     tracked.update({f"model_{name}": out for name, out in further.items()})
@@ -509,6 +541,10 @@ def step_algebra(run: _Run, ctx: StepContext, inputs: Dict[str, Optional[torch.T
     return x_next, x0_guided, telemetry
 
 
+def _scaled(x: Optional[torch.Tensor], scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return x if x is None or scale is None else x * scale
+
+
 def _flow_scale(run: _Run, column: torch.Tensor) -> Optional[torch.Tensor]:
     """A flow model's input scale ``x_σ = x/(√ᾱ + √(1−ᾱ))`` at this step (0-d, on the device), else None."""
     if run.prediction != "flow":
@@ -562,23 +598,28 @@ def _sum(first: Optional[LinComb], rest: List[LinComb]) -> LinComb:
     return total
 
 
-def _model_branches(run: _Run, x_in: torch.Tensor, t: torch.Tensor):
-    """``(out_cond, out_uncond or None, learned variance channels of each branch or None)``: one
+def _model_branches(run: _Run, x_in: torch.Tensor, t: torch.Tensor, x_in_uncond: Optional[torch.Tensor] = None):
+    """``(out_cond, out_uncond or None, learned variance channels of each branch or None, the
+    batched output or None)``: one
     call of batch 2B when ``run.batched`` holds both branches' stacked inputs (unconditional rows
     first, as diffusers pipelines), else one call per branch. Under G_loss the batched call is
-    also one backward pass through the model."""
+    also one backward pass through the model. ``x_in_uncond``: the unconditional branch's input
+    where it is a tensor of its own (a separate autograd leaf), else ``x_in``."""
+    x_in_u = x_in if x_in_uncond is None else x_in_uncond
     if run.branch is None:
         out_c, log_var = _call_model(run, x_in, t, run.cond, "model(x_t, t, **cond)")
-        return out_c, None, log_var, None
+        return out_c, None, log_var, None, None
     if run.batched is not None:
-        out, var = _call_model(run, torch.cat([x_in, x_in]), torch.cat([t, t]), run.batched,
+        # every row shares the step's timestep (an expanded scalar): the batch's is a view, not a copy
+        t2 = t.as_strided((2 * t.shape[0],), (0,)) if t.shape[0] == 1 or t.stride() == (0,) else torch.cat([t, t])
+        out, var = _call_model(run, torch.cat([x_in_u, x_in]), t2, run.batched,
                                "model(cat[x_t, x_t], cat[t, t], **cat[uncond, cond])", batch=2 * run.shape[0])
         out_c, out_u = split_branches(out, run.shape[0])
         var_c, var_u = (None, None) if var is None else split_branches(var, run.shape[0])
-        return out_c, out_u, var_c, var_u
+        return out_c, out_u, var_c, var_u, out
     out_c, log_var = _call_model(run, x_in, t, run.cond, "model(x_t, t, **cond)")
-    out_u, log_var_u = _call_model(run, x_in, t, run.uncond, "model(x_t, t, **uncond)")
-    return out_c, out_u, log_var, log_var_u
+    out_u, log_var_u = _call_model(run, x_in_u, t, run.uncond, "model(x_t, t, **uncond)")
+    return out_c, out_u, log_var, log_var_u, None
 
 
 def _call_model(run: _Run, x_in: torch.Tensor, t: torch.Tensor, inputs: dict, what: str, batch: int = 0):

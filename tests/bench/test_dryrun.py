@@ -161,6 +161,25 @@ def test_quick_paper_workload_report_and_projection(tmp_path):
     assert "old" not in text and "sim-lookahead (quick)" in text and text.endswith("tail\n")
 
 
+def test_decoded_g_loss_paper_workload_is_the_fused_step():
+    """SD + CFG 7.5 + G_loss through the U-Net and the VAE decoder (the gradient-guidance paper's
+    image workload at full size on fake CUDA, Triton; its latent-sized extras — the batched
+    model's input, the cotangent — weigh against the 512² image only at full size): the step is
+    the fused plan — the x̂_0 stage,
+    the decoder's pullback, both branches' VJPs from one backward pass, one final combine — at
+    most 8 launches beyond the model (decoder and reward included in the model) and at most 1.2×
+    the minimum big-tensor bytes; the general path took 74 on the full-size workload."""
+    pytest.importorskip("diffusers")
+    report = dryrun.build_report(["sd-cfg-lookahead"], combinations=False, quick=False, backend="triton",
+                                 progress=False, command="test")
+    (r,) = report["workloads"]
+    s = r["summary"]
+    ops_ = next(iter(r["steps_measured"].values()))["guidance"]["ops"]
+    assert s["guidance_launches"] <= 8, ops_
+    assert s["ratio"] <= 1.2, s
+    assert ops_["gradguide_triton.fused_combine"]["launches"] == 2, ops_
+
+
 def test_roofline_formula():
     gpu = projection.GPUS["A100-SXM"]
     ops = [(2.039e9, 0, "float32", "add"),                 # 1 ms of bandwidth
