@@ -370,10 +370,11 @@ def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Di
     x_input = x.detach().requires_grad_(True) if run.needs_input_grad else x
     model_input = x_input if run.needs_model_grad else x.detach()
     scale = _flow_scale(run, column)
-    out_c, out_u, _, _ = _model_branches(run, model_input if scale is None else model_input * scale, t)
+    out_c, out_u, further, _, _ = _model_outputs(run, model_input if scale is None else model_input * scale, t, i)
     tensors = {"x": x.detach(), "model_cond": out_c.detach()}
     if out_u is not None:
         tensors["model_uncond"] = out_u.detach()
+    tensors.update({f"model_{name}": out.detach() for name, out in further.items()})   # perturbed branches
     if noise is not None:
         tensors["noise"] = noise
     if variant.computed:   # classifier gradients, G_loss's reward gradient and model VJP
@@ -405,13 +406,7 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     ctx = StepContext(ops=ops_, index=i, t=t, scalars=scalars, cond=run.cond, x=None, x_input=x_input,
                       state=state, sampler=run.tables.name, prediction=run.prediction, input_scale=scale)
     x_model = model_input if scale is None else model_input * scale
-    further = {}   # branches beyond cond/uncond (perturbed models), by name
-    if run.branch_caller is not None:   # the branches this step's guider asks for (perturbed models among them)
-        outs = run.branch_caller(functools.partial(_call_model, run), x_model, t, run.branch.step_branches(i))
-        (out_c, log_var), (out_u, log_var_u) = outs.pop("cond"), outs.pop("uncond", (None, None))
-        further = {name: out for name, (out, _) in outs.items()}
-    else:
-        out_c, out_u, log_var, log_var_u = _model_branches(run, x_model, t)
+    out_c, out_u, further, log_var, log_var_u = _model_outputs(run, x_model, t, i)
     ctx.learned_log_var = _learned_log_var(run, log_var, scalars)
     tracked = {"x": x_input, "model_cond": out_c, "model_uncond": out_u}
     tracked.update({f"model_{name}": out for name, out in further.items()})
@@ -560,6 +555,18 @@ def _sum(first: Optional[LinComb], rest: List[LinComb]) -> LinComb:
     for r in rest:
         total = r if total is None else total + r
     return total
+
+
+def _model_outputs(run: _Run, x_in: torch.Tensor, t: torch.Tensor, i: int):
+    """``(out_cond, out_uncond or None, {further branch: output}, variance channels of cond, of
+    uncond)``: the branches step ``i``'s guider asks for (perturbed models among them, evaluated by
+    ``run.branch_caller``), else :func:`_model_branches`' two."""
+    if run.branch_caller is None:
+        out_c, out_u, log_var, log_var_u = _model_branches(run, x_in, t)
+        return out_c, out_u, {}, log_var, log_var_u
+    outs = run.branch_caller(functools.partial(_call_model, run), x_in, t, run.branch.step_branches(i))
+    (out_c, log_var), (out_u, log_var_u) = outs.pop("cond"), outs.pop("uncond", (None, None))
+    return out_c, out_u, {name: out for name, (out, _) in outs.items()}, log_var, log_var_u
 
 
 def _model_branches(run: _Run, x_in: torch.Tensor, t: torch.Tensor):

@@ -480,6 +480,58 @@ def test_ltx2_matches_diffusers(rescale):
     assert (got - plain).abs().max() > 1e-3
 
 
+# -- the fused step ----------------------------------------------------------------------------------------
+
+def _ltx2_case():
+    module = Flagged(_scheduler("unet").alphas_cumprod)
+    term = gg.LTX2(3.0, stg_scale=1.5, modality_scale=2.0, start=0.125, stop=0.875, stg=gg.Inputs(stg=True),
+                   modality=gg.Custom(_isolate), uncond={"class_labels": torch.tensor([2, 2])})
+    return module, term, {"class_labels": torch.tensor([0, 1])}
+
+
+@pytest.mark.parametrize("name", ["pag-unet", "pag-unet-window-original-rescale", "slg-unet-blocks", "seg-unet-mean",
+                                  "autoguidance-unet", "ltx2"])
+def test_fused_step_takes_the_branches_as_operands(name):
+    """The perturbed guiders' combination is linear in the branch outputs: the fused plan holds one
+    linear combine per variant, reading the outputs of the branches that variant's steps call (the
+    model calls stay outside the plan), and equals the general step. Steps whose active branches differ
+    (CFG / perturbed windows) are different variants. Guidance rescale takes inner products outside a
+    fused program: that run takes the general step, and says so."""
+    from gradguide import sampling
+    if name == "ltx2":
+        module, _, cond = _ltx2_case()
+        term = lambda: _ltx2_case()[1]   # noqa: E731
+    else:
+        module = _unet()
+        cond = _inputs("unet")[0]
+        term = lambda: CASES[name]()[1]  # noqa: E731
+    model, schedule = gg.from_diffusers(module, _scheduler("unet"))
+    x_T = _x_T("unet")
+    out, runs = {}, {}
+    for fused in (True, False):
+        runs[fused] = sampling.prepare_run(model, x_T.shape, schedule=schedule, steps=STEPS, cond=cond, guidance=term(),
+                                           execution=gg.Execution(fused=fused))
+        with torch.no_grad():
+            out[fused] = gg.sample(model, x_T.shape, schedule=schedule, steps=STEPS, x_T=x_T.clone(), cond=cond,
+                                   guidance=term(), execution=gg.Execution(fused=fused))
+    run = runs[True]
+    assert (out[True] - out[False]).abs().max() <= 1e-12 * max(1.0, out[False].abs().max().item())
+    if term().guidance_rescale > 0:
+        assert run.plan is None and "inner product outside a fused program" in run.fused_reason
+        assert "rescale" in run.fused_reason
+        return
+    assert run.plan is not None, run.fused_reason
+    bound = run.branch
+    branches = [tuple(b.name for b in bound.step_branches(i)) for i in range(STEPS)]
+    assert len(set(branches)) >= 2                      # the windows switch branches on and off
+    assert len(run.plan.variants) == len({bound.variant(i) for i in range(STEPS)})
+    for i in range(STEPS):
+        variant = run.plan.variants[run.plan.keys[i]]
+        assert [st.policy for st in variant.stages] == ["linear"]
+        # the operands: x and exactly the outputs of the branches this step calls
+        assert set(variant.inputs) == {"x"} | {f"model_{b}" for b in branches[i]}, (i, variant.inputs)
+
+
 # -- refusals ----------------------------------------------------------------------------------------
 
 def test_refusals():
