@@ -446,11 +446,18 @@ def step_algebra(run: _Run, ctx: StepContext, inputs: Dict[str, Optional[torch.T
     eps_c = _eps_form(run, ctx, ops_.add("model_cond", inputs["model_cond"]), X)
     renoise = None
     telemetry = {}
+    split = None   # policies A/B over a branch guider's differences: (x̂_0c, [(direction, Δ)])
     if run.branch is not None:
         eps_u = None
         if inputs["model_uncond"] is not None or ops_.tracing:   # a guider naming its branches leaves it
             eps_u = _eps_form(run, ctx, ops_.add("model_uncond", inputs["model_uncond"]), X)   # out where CFG is off
-        if run.projection is not None and run.projection.policy == "C":
+        if run.projection is not None and hasattr(run.branch, "differences"):   # each difference a direction
+            x0_c, diffs = run.branch.directions(ctx, eps_c, eps_u)
+            if run.projection.policy == "C":
+                x0_pre, telemetry = run.projection.combine_directions(ops_, x0_c, diffs, telemetry=want_telemetry)
+            else:
+                x0_pre, split = _sum(x0_c, [d for _, d in diffs]), (x0_c, diffs)
+        elif run.projection is not None and run.projection.policy == "C":
             if run.projection.sigma_from_uncond and log_var_u is not None:  # the authors' code's σ
                 ctx.learned_log_var = _learned_log_var(run, log_var_u, scalars)
             x0_pre, telemetry = run.projection.combine_cfg(ops_, ctx.x0_of_eps(eps_c), ctx.x0_of_eps(eps_u),
@@ -493,14 +500,17 @@ def step_algebra(run: _Run, ctx: StepContext, inputs: Dict[str, Optional[torch.T
     guides += [term.mean(ctx) for term in run.mean_terms]
     guides += [term.post(ctx, x0_pre) for term in run.post_terms]
     div = _diversity(ctx, inputs["noise"])
+    branch_guides = []
+    if split is not None:   # the conditional prediction denoises; each branch difference guides (docs/pixelasparam.md)
+        den, branch_guides = split[0] * c_0, [(name, d * c_0) for name, d in split[1]]
 
     if run.projection is not None and run.projection.policy != "C":
-        x_next = base + run.projection.project_directions(ops_, den, guides, div)
+        x_next = base + run.projection.project_directions(ops_, den, [g for _, g in branch_guides] + guides, div)
     else:
         x_next = _sum(base + den, guides) + div
     if want_telemetry:
         telemetry.update(step_telemetry(ops_, den, _sum(None, guides) if guides else None,
-                                        div if inputs["noise"] is not None else None))
+                                        div if inputs["noise"] is not None else None, branch=branch_guides))
     return x_next, x0_guided, telemetry
 
 
@@ -789,14 +799,18 @@ def _prepare(model, shape, *, schedule: Schedule, steps, sampler: Sampler, guida
     if projection is not None:
         if not isinstance(projection, PixelAsParam):
             raise TypeError(f"projection: expected a gradguide.PixelAsParam, got {type(projection).__name__}")
+        differences = hasattr(branch, "differences")   # a branch guider: each branch difference is a direction
         if projection.policy == "C":
-            if branch is None or type(branch).__name__ != "CFG":
-                raise ValueError("projection: policy C projects the two branches of classifier-free guidance; "
-                                 "add gradguide.CFG(...) to guidance=")
-        elif not (score_terms or mean_terms or post_terms):
+            if branch is None or not (type(branch).__name__ == "CFG" or differences):
+                raise ValueError("projection: policy C projects the two branches of classifier-free guidance (or a "
+                                 "perturbed-branch guider's differences: PAG, SLG, SEG, AutoGuidance, LTX2); add "
+                                 "gradguide.CFG(...) to guidance=")
+        elif not (score_terms or mean_terms or post_terms or differences):
             raise ValueError(f"projection: policy {projection.policy} projects guidance directions against "
                              "the denoising direction; add a term that adds one (Classifier, NaiveGradient, "
-                             "LookAhead, DPS)")
+                             "LookAhead, DPS, or a perturbed-branch guider: PAG, SLG, ...)")
+        if differences:
+            projection.check_branch_guider(branch, sampler.clip, variance == "learned-range")
     clip = _clip(sampler.clip)
 
     resolved = ops.resolve_backend(execution.backend, device)

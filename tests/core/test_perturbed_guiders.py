@@ -339,6 +339,35 @@ def test_composes_with_gradient_guidance():
     assert (got - run(True, extra=False)).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("projection", [None, "A"])
+@pytest.mark.parametrize("name", ["pag-unet", "slg-unet-blocks"])
+def test_classifier_and_g_loss_move_their_objective_next_to_a_perturbed_guider(name, projection):
+    """Classifier guidance (log p = <d, x_t>) and G_loss (gᵀx̂_0 towards a target) next to PAG / SLG, with
+    and without PixelAsParam policy A over the guider's differences: each run moves its objective
+    from where the guider alone ends (every sample)."""
+    module = _unet()
+    x_T = _x_T("unet")
+    cond, _ = _inputs("unet")
+    model, schedule = gg.from_diffusers(module, _scheduler("unet"))
+    d = torch.randn(x_T.shape, dtype=DT, generator=torch.Generator().manual_seed(7))
+
+    def run(extra):
+        proj = None if projection is None or not extra else gg.PixelAsParam(projection)
+        with torch.no_grad():
+            return gg.sample(model, x_T.shape, schedule=schedule, steps=STEPS, x_T=x_T.clone(), cond=cond,
+                             guidance=[CASES[name]()[1]] + extra, projection=proj)
+
+    def objective(x):
+        return (d * x).flatten(1).sum(1)
+    alone = run([])
+    base = objective(alone)
+    up = run([gg.Classifier(lambda x, t, **_: (d * x).flatten(1).sum(1), 2.0)])
+    assert bool((objective(up) > base + 0.5).all()), (objective(up), base)
+    target = base + 3.0
+    looked = run([gg.LookAhead(d, target, sigma=0.5)])
+    assert bool(((objective(looked) - target).abs() < 0.9 * (base - target).abs()).all()), (objective(looked), target)
+
+
 def test_hooks_removed_and_row_selection_direct(monkeypatch):
     """After sampling the model is unchanged, and the model was searched for the modules to hook once
     per run (not per call); inside the context the perturbed rows (and only they) equal a perturbed
