@@ -25,6 +25,11 @@ sample). Each member of a pair is projected against the *original* other member.
   term's direction and (policy B) the noise, each projected in turn against every other
   original direction; the denoising–diversity pair is never projected. With one guidance
   term it equals policy A (or B) exactly.
+- **Perturbed-branch guiders** (PAG, SLG, SEG, AutoGuidance, LTX2): each branch difference
+  ``Δ_k = w_k (x̂_0c − x̂_0k)`` is a direction of its own. Policy C: ``x̂_0c`` and the Δ_k, each
+  projected in turn against every other original (two directions: policy C exactly); A and B:
+  ``c_0 x̂_0c`` denoises, each ``c_0 Δ_k`` guides next to the terms' directions
+  (docs/pixelasparam.md#perturbed-branch-guiders).
 
 **Other samplers.** Every sampler here writes its step as
 ``x_{t−1} = c_x x_t + c_0 x̂_0 + c_h x̂_0^{prev} + σ z`` (see :mod:`gradguide.samplers`). The
@@ -37,7 +42,8 @@ it is the same policy applied to the same decomposition. Policy C acts in x̂_0 
 applies to every sampler unchanged.
 
 **Telemetry** (the paper's gradient-view plots): per step and per pair, per-sample cosine
-similarity, the share of samples with cos < 0 and ``Φ = 2‖a‖‖b‖/(‖a‖² + ‖b‖²)``.
+similarity and conflict flag (cos < 0), the share of samples with cos < 0 and
+``Φ = 2‖a‖‖b‖/(‖a‖² + ‖b‖²)``.
 """
 from __future__ import annotations
 

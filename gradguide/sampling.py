@@ -45,7 +45,7 @@ class StepRecord:
     timestep: int              # training timestep of this step
     x: torch.Tensor            # x_{t−1}
     x0: torch.Tensor           # the guided prediction x̂_0 used by the step
-    telemetry: Dict[str, Dict[str, torch.Tensor]]  # per pair: cos [B], conflict_share [], phi [B]
+    telemetry: Dict[str, Dict[str, torch.Tensor]]  # per pair: cos [B], conflict [B], conflict_share [], phi [B]
     backend: str               # the ops backend that ran
 
 

@@ -358,7 +358,8 @@ class LTX2(_BranchGuider):
 
     def differences(self, index: int):
         cfg, stg, mod = self.active(index)
-        return ([("cfg", "uncond", self.scale - 1.0)] if cfg else []) + ([("stg", "stg", self.stg_scale)] if stg else []) \
+        return ([("cfg", "uncond", self.scale - 1.0)] if cfg else []) \
+            + ([("stg", "stg", self.stg_scale)] if stg else []) \
             + ([("modality", "modality", self.modality_scale - 1.0)] if mod else [])
 
     def __repr__(self) -> str:

@@ -104,7 +104,8 @@ def test_telemetry_reports_every_pair():
     torch.testing.assert_close(tel["cond/cfg"]["cos"], torch.tensor([-r2, r2], dtype=DT))
     torch.testing.assert_close(tel["cond/stg"]["cos"], torch.tensor([0.0, r2], dtype=DT))
     torch.testing.assert_close(tel["cfg/stg"]["cos"], torch.tensor([-r2, 0.0], dtype=DT))
-    assert tel["cond/cfg"]["conflict"].tolist() == [True, False] and tel["cond/stg"]["conflict"].tolist() == [False, False]
+    assert tel["cond/cfg"]["conflict"].tolist() == [True, False]
+    assert tel["cond/stg"]["conflict"].tolist() == [False, False]
     assert tel["cfg/stg"]["conflict_share"].item() == 0.5
     records.clear()   # policy A: the denoising direction, each difference, the noise (DDPM)
     _run(Fixed(), _guider(True), gg.PixelAsParam("A"), callback=records.append, steps=2, sampler="ddpm")

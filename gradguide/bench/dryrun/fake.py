@@ -235,7 +235,8 @@ class FakeWorld:
         # tensors such as G_loss's target)
         # (and a perturbed guider's branch caller: the cond / uncond inputs it stacks, the module it hooks)
         if (isinstance(v, (gg.GuidanceTerm, gg.PixelAsParam))
-                or type(v).__module__ in ("gradguide.stepplan", "gradguide.guidance.perturb") and hasattr(v, "__dict__")):
+                or type(v).__module__ in ("gradguide.stepplan", "gradguide.guidance.perturb")
+                and hasattr(v, "__dict__")):
             for k, x in list(vars(v).items()):
                 setattr(v, k, self.value(x, depth + 1))
             return v

@@ -175,7 +175,8 @@ def run_combination(sampler: str, guidance: str, projection: str, backend: str =
         model = TinyDiT(shape[1]).to("meta").eval().requires_grad_(False)
         terms = _branch_guider(guidance, model, {"class_labels": torch.full_like(labels, 10)})
     else:
-        model = _load_bench().CheapEps(shape[1], out_channels=2 * shape[1] if learned else None).to("meta").eval().requires_grad_(False)
+        model = _load_bench().CheapEps(shape[1], out_channels=2 * shape[1] if learned else None)
+        model = model.to("meta").eval().requires_grad_(False)
         terms = _guidance_terms(guidance, shape, tracker)
     for term in terms:
         for v in vars(term).values():
