@@ -561,6 +561,38 @@ def test_fused_step_takes_the_branches_as_operands(name):
         assert set(variant.inputs) == {"x"} | {f"model_{b}" for b in branches[i]}, (i, variant.inputs)
 
 
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_fused_perturbed_step_on_the_kernels(backend):
+    """PAG's fused step on the native and (interpreted) Triton kernels equals the general step on the
+    reference backend: every step one fused combine of the kernel, over the branch outputs it called."""
+    if gg.ops.available_backends("cpu")[backend] is not True:
+        pytest.skip(f"{backend} not available")
+    module = _unet()
+    cond = _inputs("unet")[0]
+    model, schedule = gg.from_diffusers(module, _scheduler("unet"))
+    x_T = _x_T("unet")
+    calls = []
+    kernels = gg.ops.triton_backend if backend == "triton" else gg.ops.native_backend
+    real = kernels.fused_combine
+
+    def spy(policy, *args, **kwargs):
+        calls.append(policy)
+        return real(policy, *args, **kwargs)
+
+    def run(backend, fused):
+        with torch.no_grad():
+            return gg.sample(model, x_T.shape, schedule=schedule, steps=STEPS, x_T=x_T.clone(), cond=cond,
+                             guidance=CASES["pag-unet"]()[1], execution=gg.Execution(backend=backend, fused=fused))
+    want = run("reference", False)
+    kernels.fused_combine = spy
+    try:
+        got = run(backend, True)
+    finally:
+        kernels.fused_combine = real
+    assert calls == ["linear"] * STEPS
+    assert (got - want).abs().max() <= 1e-10 * max(1.0, want.abs().max().item())
+
+
 # -- refusals ----------------------------------------------------------------------------------------
 
 def test_refusals():

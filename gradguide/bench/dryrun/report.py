@@ -26,7 +26,8 @@ TARGET_LAUNCHES, TARGET_RATIO = 8, 1.1
 BRANCH_TARGETS = (("ddim", "pag", "none"), ("ddim", "slg", "none"))
 BRANCH_NOTE = ("PAG, SLG (CFG and the perturbed term on): the three branches are one model call of batch 3B; "
                "stacking its input (x_t three times, the labels) is 2 of the launches and the bytes above the "
-               "minimum, which counts the combine only (its 4 operands and x_(t-1)).")
+               "minimum, which counts the combine only (its 4 operands and x_(t-1)); one call per branch "
+               "(Execution(batch_branches=False)) stacks nothing.")
 
 
 def targets_table(report: dict) -> str:
