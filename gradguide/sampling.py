@@ -45,7 +45,7 @@ class StepRecord:
     timestep: int              # training timestep of this step
     x: torch.Tensor            # x_{t−1}
     x0: torch.Tensor           # the guided prediction x̂_0 used by the step
-    telemetry: Dict[str, Dict[str, torch.Tensor]]  # per pair: cos [B], conflict_share [], phi [B]
+    telemetry: Dict[str, Dict[str, torch.Tensor]]  # per pair: cos [B], conflict [B], conflict_share [], phi [B]
     backend: str               # the ops backend that ran
 
 
@@ -376,12 +376,13 @@ def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Di
     if both:
         leaves["model_uncond"] = x.detach().requires_grad_(True)
     scale = _flow_scale(run, column)
-    out_c, out_u, _, _, whole = _model_branches(run, model_input if scale is None else model_input * scale, t,
-                                                _scaled(leaves.get("model_uncond"), scale))
+    out_c, out_u, further, _, _, whole = _model_outputs(run, model_input if scale is None else model_input * scale, t,
+                                                        i, _scaled(leaves.get("model_uncond"), scale))
     outputs = {"model_cond": out_c, "model_uncond": out_u}
     tensors = {"x": x.detach(), "model_cond": out_c.detach()}
     if out_u is not None:
         tensors["model_uncond"] = out_u.detach()
+    tensors.update({f"model_{name}": out.detach() for name, out in further.items()})   # perturbed branches
     if noise is not None:
         tensors["noise"] = noise
     contiguous = run.backend != "reference"   # kernels address rows as contiguous memory
@@ -437,13 +438,7 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     ctx = StepContext(ops=ops_, index=i, t=t, scalars=scalars, cond=run.cond, x=None, x_input=x_input,
                       state=state, sampler=run.tables.name, prediction=run.prediction, input_scale=scale)
     x_model = model_input if scale is None else model_input * scale
-    further = {}   # branches beyond cond/uncond (perturbed models), by name
-    if run.branch_caller is not None:   # the branches this step's guider asks for (perturbed models among them)
-        outs = run.branch_caller(functools.partial(_call_model, run), x_model, t, run.branch.step_branches(i))
-        (out_c, log_var), (out_u, log_var_u) = outs.pop("cond"), outs.pop("uncond", (None, None))
-        further = {name: out for name, (out, _) in outs.items()}
-    else:
-        out_c, out_u, log_var, log_var_u, _ = _model_branches(run, x_model, t)
+    out_c, out_u, further, log_var, log_var_u, _ = _model_outputs(run, x_model, t, i)
     ctx.learned_log_var = _learned_log_var(run, log_var, scalars)
     tracked = {"x": x_input, "model_cond": out_c, "model_uncond": out_u}
     tracked.update({f"model_{name}": out for name, out in further.items()})
@@ -483,11 +478,18 @@ def step_algebra(run: _Run, ctx: StepContext, inputs: Dict[str, Optional[torch.T
     eps_c = _eps_form(run, ctx, ops_.add("model_cond", inputs["model_cond"]), X)
     renoise = None
     telemetry = {}
+    split = None   # policies A/B over a branch guider's differences: (x̂_0c, [(direction, Δ)])
     if run.branch is not None:
         eps_u = None
         if inputs["model_uncond"] is not None or ops_.tracing:   # a guider naming its branches leaves it
             eps_u = _eps_form(run, ctx, ops_.add("model_uncond", inputs["model_uncond"]), X)   # out where CFG is off
-        if run.projection is not None and run.projection.policy == "C":
+        if run.projection is not None and hasattr(run.branch, "differences"):   # each difference a direction
+            x0_c, diffs = run.branch.directions(ctx, eps_c, eps_u)
+            if run.projection.policy == "C":
+                x0_pre, telemetry = run.projection.combine_directions(ops_, x0_c, diffs, telemetry=want_telemetry)
+            else:
+                x0_pre, split = _sum(x0_c, [d for _, d in diffs]), (x0_c, diffs)
+        elif run.projection is not None and run.projection.policy == "C":
             if run.projection.sigma_from_uncond and log_var_u is not None:  # the authors' code's σ
                 ctx.learned_log_var = _learned_log_var(run, log_var_u, scalars)
             x0_pre, telemetry = run.projection.combine_cfg(ops_, ctx.x0_of_eps(eps_c), ctx.x0_of_eps(eps_u),
@@ -530,14 +532,17 @@ def step_algebra(run: _Run, ctx: StepContext, inputs: Dict[str, Optional[torch.T
     guides += [term.mean(ctx) for term in run.mean_terms]
     guides += [term.post(ctx, x0_pre) for term in run.post_terms]
     div = _diversity(ctx, inputs["noise"])
+    branch_guides = []
+    if split is not None:   # the conditional prediction denoises; each branch difference guides (docs/pixelasparam.md)
+        den, branch_guides = split[0] * c_0, [(name, d * c_0) for name, d in split[1]]
 
     if run.projection is not None and run.projection.policy != "C":
-        x_next = base + run.projection.project_directions(ops_, den, guides, div)
+        x_next = base + run.projection.project_directions(ops_, den, [g for _, g in branch_guides] + guides, div)
     else:
         x_next = _sum(base + den, guides) + div
     if want_telemetry:
         telemetry.update(step_telemetry(ops_, den, _sum(None, guides) if guides else None,
-                                        div if inputs["noise"] is not None else None))
+                                        div if inputs["noise"] is not None else None, branch=branch_guides))
     return x_next, x0_guided, telemetry
 
 
@@ -596,6 +601,18 @@ def _sum(first: Optional[LinComb], rest: List[LinComb]) -> LinComb:
     for r in rest:
         total = r if total is None else total + r
     return total
+
+
+def _model_outputs(run: _Run, x_in: torch.Tensor, t: torch.Tensor, i: int, x_in_uncond: Optional[torch.Tensor] = None):
+    """``(out_cond, out_uncond or None, {further branch: output}, variance channels of cond, of
+    uncond, the batched output or None)``: the branches step ``i``'s guider asks for (perturbed
+    models among them, evaluated by ``run.branch_caller``), else :func:`_model_branches`' two."""
+    if run.branch_caller is None:
+        out_c, out_u, log_var, log_var_u, whole = _model_branches(run, x_in, t, x_in_uncond)
+        return out_c, out_u, {}, log_var, log_var_u, whole
+    outs = run.branch_caller(functools.partial(_call_model, run), x_in, t, run.branch.step_branches(i))
+    (out_c, log_var), (out_u, log_var_u) = outs.pop("cond"), outs.pop("uncond", (None, None))
+    return out_c, out_u, {name: out for name, (out, _) in outs.items()}, log_var, log_var_u, None
 
 
 def _model_branches(run: _Run, x_in: torch.Tensor, t: torch.Tensor, x_in_uncond: Optional[torch.Tensor] = None):
@@ -823,14 +840,18 @@ def _prepare(model, shape, *, schedule: Schedule, steps, sampler: Sampler, guida
     if projection is not None:
         if not isinstance(projection, PixelAsParam):
             raise TypeError(f"projection: expected a gradguide.PixelAsParam, got {type(projection).__name__}")
+        differences = hasattr(branch, "differences")   # a branch guider: each branch difference is a direction
         if projection.policy == "C":
-            if branch is None or type(branch).__name__ != "CFG":
-                raise ValueError("projection: policy C projects the two branches of classifier-free guidance; "
-                                 "add gradguide.CFG(...) to guidance=")
-        elif not (score_terms or mean_terms or post_terms):
+            if branch is None or not (type(branch).__name__ == "CFG" or differences):
+                raise ValueError("projection: policy C projects the two branches of classifier-free guidance (or a "
+                                 "perturbed-branch guider's differences: PAG, SLG, SEG, AutoGuidance, LTX2); add "
+                                 "gradguide.CFG(...) to guidance=")
+        elif not (score_terms or mean_terms or post_terms or differences):
             raise ValueError(f"projection: policy {projection.policy} projects guidance directions against "
                              "the denoising direction; add a term that adds one (Classifier, NaiveGradient, "
-                             "LookAhead, DPS)")
+                             "LookAhead, DPS, or a perturbed-branch guider: PAG, SLG, ...)")
+        if differences:
+            projection.check_branch_guider(branch, sampler.clip, variance == "learned-range")
     clip = _clip(sampler.clip)
 
     resolved = ops.resolve_backend(execution.backend, device)

@@ -225,8 +225,6 @@ def unsupported(run) -> Optional[str]:
         return "learned-range variance"
     if run.telemetry:
         return "telemetry"
-    if run.branch_caller is not None:   # the model branches a step calls vary with the step
-        return f"{type(run.branch).__name__} guidance (perturbed model branches)"
     return None
 
 
@@ -256,7 +254,8 @@ def build(run, step_algebra) -> Optional[StepPlan]:
                               cond=run.cond, x=None, x_input=None, state=_RefuseState(), sampler=run.tables.name,
                               prediction=run.prediction)
             x_next, _, _ = step_algebra(run, ctx, {"x": None, "model_cond": None, "model_uncond": None,
-                                                   "noise": True if key[0] else None}, track=_refuse_tracking)
+                                                   "noise": True if key[0] else None,
+                                                   "further": _further_branches(run, steps)}, track=_refuse_tracking)
             space.finish(x_next)
             if ctx.new_state:
                 raise NotFusable(f"state carried between steps ({', '.join(ctx.new_state)})")
@@ -268,6 +267,18 @@ def build(run, step_algebra) -> Optional[StepPlan]:
         extra = torch.stack(table.rows).to(device=run.table_rows.device, dtype=run.table_rows.dtype)
         run.table_rows = torch.cat([run.table_rows, extra])
     return plan
+
+
+def _further_branches(run, steps: List[int]) -> Dict[str, None]:
+    """A perturbed guider's branches beyond cond/uncond at ``steps`` (one variant), as operands of
+    the trace: the model calls stay outside the plan (the fused step makes them, as the general
+    step does), their outputs are inputs of its stages like ``model_cond``."""
+    if run.branch_caller is None:
+        return {}
+    names = {tuple(b.name for b in run.branch.step_branches(i)) for i in steps}
+    if len(names) != 1:   # the variant key must fix the branches (term.variant(i) does for the built-ins)
+        raise NotFusable(f"{type(run.branch).__name__}: steps of one variant call different model branches")
+    return {name: None for name in next(iter(names)) if name not in ("cond", "uncond")}
 
 
 def _refuse_tracking(x0):
