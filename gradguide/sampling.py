@@ -327,7 +327,8 @@ def _build_tables_and_plan(run: _Run, fused: bool) -> tuple:
     fused_reason, needs_x0, timestep_list)``, computed from host-side configuration only."""
     from . import stepplan
     cfg = run.sampler
-    run.tables = build(cfg.name, cfg.timesteps, eta=cfg.eta, variance=cfg.variance, **cfg.options)
+    run.tables = build(cfg.name, cfg.timesteps, eta=cfg.eta, variance=cfg.variance, prediction=cfg.prediction,
+                       **cfg.options)
     run.table_rows, run.table_index = run.tables.stacked(run.device, ops.reference.coefficient_dtype(run.dtype))
     run.plan = stepplan.build(run, step_algebra) if fused else None
     if not fused:
@@ -510,11 +511,12 @@ def step_algebra(run: _Run, ctx: StepContext, inputs: Dict[str, Optional[torch.T
 
 
 def _flow_scale(run: _Run, column: torch.Tensor) -> Optional[torch.Tensor]:
-    """A flow model's input scale ``x_σ = x/(√ᾱ + √(1−ᾱ))`` at this step (0-d, on the device), else None."""
-    if run.prediction != "flow":
+    """The model's input scale at this step (0-d, on the device): a flow model's ``x_σ = x/(√ᾱ + √(1−ᾱ))``,
+    an EDM model's ``c_in x_σ`` (gradguide.predictions); None where the model sees x itself."""
+    name = predictions.INPUT_SCALE.get(run.prediction)
+    if name is None:
         return None
-    j = run.table_index["flow_in"]
-    return column[j]   # a 0-d float64 factor keeps x's dtype under type promotion
+    return column[run.table_index[name]]   # a 0-d float64 factor keeps x's dtype under type promotion
 
 
 def _carried(run: _Run, ops_: Operands, state: Dict[str, torch.Tensor], scalars) -> Optional[LinComb]:
@@ -619,7 +621,7 @@ def _learned_log_var(run: _Run, var_channels, scalars):
 
 
 def _eps_form(run: _Run, ctx: StepContext, out: LinComb, X: LinComb) -> LinComb:
-    return predictions.eps_from(run.prediction, out, X, ctx.a, ctx.s)
+    return predictions.eps_from(run.prediction, out, X, ctx.a, ctx.s, ctx.pre)
 
 
 def _tracked_x0(ops_: Operands, tracked: Dict[str, torch.Tensor], x0: LinComb):
