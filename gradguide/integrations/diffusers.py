@@ -245,6 +245,9 @@ class DiffusersSchedule(Schedule):
             warnings.warn(DIFFUSERS_3M_SDE_WARNING, UserWarning, stacklevel=3)
         if self.edm:
             ac = _edm_alphas_cumprod(scheduler)
+            # an EDM model's timestep is its noise conditioning log(σ)/4, not a place on the ᾱ table: for the
+            # scheduler's σ's, Sampler(sigmas=...) and the samplers that call the model between σ's
+            self.sigma_to_t = self.edm_sigma_to_t
         else:
             ac = torch.as_tensor(scheduler.alphas_cumprod).detach().cpu().to(torch.float64)
         if SCHEDULER_SAMPLERS[type(scheduler).__name__] not in ("ddim", "ddpm", "plms", "lcm", "tcd"):
@@ -384,7 +387,7 @@ class DiffusersSchedule(Schedule):
             init_scale = float(sched.init_noise_sigma) * float(abar[0].sqrt())
             final_scale = float(1 / abar[-1].sqrt())
         return Timesteps(t, abar[:-1], abar[1:], init_scale=init_scale, final_scale=final_scale,
-                         sigma_to_t=self.edm_sigma_to_t if self.edm else self.sigma_to_t)
+                         sigma_to_t=self.sigma_to_t)
 
     def edm_sigma_to_t(self, sigma) -> torch.Tensor:
         """An EDM model's timestep at σ: its noise conditioning ``c_noise = log(σ)/4`` (float64)."""
