@@ -130,9 +130,10 @@ class Sampler:
         out["timesteps"] = self.timesteps if chosen else learnt.timesteps
         out["sigmas"] = self.sigmas if chosen else learnt.sigmas
         options = dict(learnt.options) if same and learnt.options else {}
-        # an EDM model's data scale belongs to its prediction: it travels with it, whatever the sampler
+        # an EDM model's data scale belongs to the model: it travels while the prediction is EDM's, whatever the
+        # sampler, and is dropped with another prediction
         options.pop("sigma_data", None)
-        if self.prediction is None and learnt.options and "sigma_data" in learnt.options:
+        if out["prediction"] in predictions.EDM and learnt.options and "sigma_data" in learnt.options:
             options["sigma_data"] = learnt.options["sigma_data"]
         options.update(self.options)
         # every value comes from a validated Sampler or the defaults: no second validation (per-call setup)

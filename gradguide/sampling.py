@@ -117,8 +117,9 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
            diagnostics: Optional[Diagnostics] = None) -> torch.Tensor:
     """Draw samples from a diffusion model with guidance.
 
-    ``model(x_t, t, **cond)`` returns the model's prediction (ε, x̂_0, v, or a flow-matching
-    velocity called on ``x_σ`` at the σ timesteps of a :class:`~gradguide.FlowSchedule`, docs/flow.md:
+    ``model(x_t, t, **cond)`` returns the model's prediction (ε, x̂_0, v, a flow-matching
+    velocity called on ``x_σ`` at the σ timesteps of a :class:`~gradguide.FlowSchedule`, docs/flow.md,
+    or an EDM network's output called on ``c_in x_σ``, gradguide.predictions:
     the sampler configuration's ``prediction``; with ``variance="learned-range"`` twice the
     channels, ADM style); ``t`` is an int64 ``[B]`` tensor of original training timesteps (0-based), or
     float64 where a σ-space schedule falls between them (``sigmas``, diffusers' Euler/Heun/LMS
@@ -131,7 +132,7 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     ``sampler``: a sampler name (``"ddpm"``, ``"ddim"``, ``"dpmpp-2m"``, ``"dpmpp-2m-sde"``,
     ``"dpmpp-3m-sde"``, ``"euler"``, ``"euler_a"``, ``"heun"``, ``"dpm_2"``, ``"dpm_2_ancestral"``,
     ``"dpmpp_2s_ancestral"``, ``"dpmpp_sde"``, ``"dpm_fast"``, ``"lms"``, ``"plms"``, ``"unipc"``, the
-    flow-matching ``"flow-euler"``, ``"flow-heun"``, ``"flow-lcm"``, or ComfyUI's ``"ipndm"``, ``"deis"``,
+    few-step ``"lcm"``, ``"tcd"``, the flow-matching ``"flow-euler"``, ``"flow-heun"``, ``"flow-lcm"``, or ComfyUI's ``"ipndm"``, ``"deis"``,
     ``"res_multistep"``, ``"er_sde"``, ``"seeds_2"``, ``"sa_solver"``, ...; docs/samplers.md) or a
     :class:`~gradguide.Sampler` holding the sampler's whole configuration (η, prediction type,
     variance, x̂_0 clipping and the ε a clipped step re-noises with, spacing, explicit

@@ -9,8 +9,9 @@ gradguide's guidance inside diffusers pipelines.
   (a :class:`gradguide.Sampler`: the sampler, prediction type, ``clip`` from
   ``clip_sample``/``clip_sample_range``, DDIM's ``clip_eps``, DDPM's ``variance`` and the
   sampler's options; :func:`scheduler_sampler`: DDIM, DDPM with diffusers' t > 0 final-noise
-  rule, Euler, Euler ancestral, Heun, DPM-Solver++(2M)/SDE, UniPC; any other class or setting
-  raises), and ``schedule.timesteps(N)`` (the scheduler's own ``set_timesteps``: spacing,
+  rule, Euler, Euler ancestral, Heun, LMS, KDPM2 (ancestral), PLMS, DEIS, DPM-Solver++(2M/3M)/SDE,
+  UniPC, LCM, TCD, and the EDM Euler / DPM-Solver++ schedulers with the EDM prediction; any other
+  class or setting raises), and ``schedule.timesteps(N)`` (the scheduler's own ``set_timesteps``: spacing,
   ``steps_offset``, final ᾱ, σ schedule; see :class:`DiffusersSchedule`).
 - Guiders following diffusers' ``BaseGuidance`` interface, computed with
   :func:`gradguide.ops.reduce` / :func:`gradguide.ops.combine` (one reduction and one
@@ -649,6 +650,10 @@ class GradguidePixelAsParam(ClassifierFreeGuidance):
     @classmethod
     def from_scheduler(cls, scheduler, guidance_scale: float = 7.5, **kwargs) -> "GradguidePixelAsParam":
         config = scheduler.config
+        if type(scheduler).__name__ in EDM_SCHEDULERS:
+            raise ValueError(f"GradguidePixelAsParam.from_scheduler: {type(scheduler).__name__} drives an EDM "
+                             "preconditioned network on σ's (no ᾱ table, no ε/v/x0 output); use gradguide.sample with "
+                             "projection=gradguide.PixelAsParam('C') (from_diffusers), which supports it")
         clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", False) else None
         kwargs.setdefault("clip_range", clip)
         return cls(guidance_scale=guidance_scale, alphas_cumprod=scheduler.alphas_cumprod.tolist(),

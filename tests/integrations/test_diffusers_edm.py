@@ -222,14 +222,16 @@ def test_edm_coefficients_are_diffusers_preconditioning():
 
 
 def test_sigma_data_travels_with_the_prediction():
-    """Another sampler on an EDM schedule keeps the model's σ_d (it is the prediction's, not the
-    sampler's); another prediction drops it; σ_d without an EDM prediction is refused by name."""
+    """Another sampler on an EDM schedule keeps the model's σ_d (the model's, not the sampler's), so does
+    naming an EDM prediction; another prediction drops it; σ_d without an EDM prediction is refused by name."""
     model = ExactEDM(1.0)
     gmodel, schedule = gg.from_diffusers(model, EDMEulerScheduler(sigma_data=1.0))
     run = gg.sampling.prepare_run(gmodel, SHAPE, schedule=schedule, sampler="heun", steps=4)
     assert run.sampler.prediction == "edm" and run.sampler.options["sigma_data"] == 1.0
     abar = run.tables.timesteps.abar
     torch.testing.assert_close(run.tables.tables["edm_in"], 1 / ((1 - abar) + abar).sqrt())   # σ_d = 1: q = 1
+    run = gg.sampling.prepare_run(gmodel, SHAPE, schedule=schedule, sampler=gg.Sampler(prediction="edm-v"), steps=4)
+    assert run.sampler.options["sigma_data"] == 1.0   # still the model's
     run = gg.sampling.prepare_run(gmodel, SHAPE, schedule=schedule, sampler=gg.Sampler("euler", prediction="v"), steps=4)
     assert "sigma_data" not in run.sampler.options and "edm_in" not in run.tables.tables
     with pytest.raises(ValueError, match="sampler.sigma_data"):
@@ -317,3 +319,9 @@ def test_edm_solvers_converge_at_their_order(case):
         errors.append(float((out - exact).abs().max()))
     observed = -np.polyfit(np.log(ns[1:]), np.log(errors[1:]), 1)[0]
     assert abs(observed - order) <= 0.25, f"observed order {observed:.2f}, expected {order} (errors {errors})"
+
+
+def test_diffusers_pixelasparam_guider_refuses_edm_by_name():
+    from gradguide.integrations.diffusers import GradguidePixelAsParam
+    with pytest.raises(ValueError, match="EDMEulerScheduler.*gradguide.PixelAsParam"):
+        GradguidePixelAsParam.from_scheduler(EDMEulerScheduler())

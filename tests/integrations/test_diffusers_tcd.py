@@ -192,3 +192,17 @@ def test_tcd_refusals_name_the_argument():
         gg.sample(model, SHAPE, schedule=schedule, sampler=gg.Sampler("tcd", sigmas=[10.0, 1.0, 0.0]))
     with pytest.raises(ValueError, match="sampler 'tcd': unknown options"):
         gg.sample(model, SHAPE, schedule=schedule, sampler=gg.Sampler("tcd", timestep_scaling=10.0), steps=4)
+
+
+def test_tcd_general_step_equals_the_fused_one():
+    """The fused step (default) and the general one (fused=False) run the same TCD tables."""
+    sched = TCDScheduler(prediction_type="v_prediction")
+    model = Toy(sched.alphas_cumprod, "v_prediction")
+    gmodel, schedule = gg.from_diffusers(model, sched)
+    outs = []
+    for fused in (True, False):
+        with torch.no_grad():
+            outs.append(gg.sample(gmodel, SHAPE, schedule=schedule, steps=4, x_T=NOISE.clone(),
+                                  generator=torch.Generator().manual_seed(3), execution=gg.Execution(fused=fused)))
+    assert gg.sampling.prepare_run(gmodel, SHAPE, schedule=schedule, steps=4).plan is not None
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-6, atol=1e-6)
