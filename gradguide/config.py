@@ -43,8 +43,8 @@ class Sampler:
     """A sampler's whole configuration.
 
     ``name``: one of :data:`gradguide.samplers.SAMPLERS` (docs/samplers.md).
-    ``eta``: the sampler's η: DDIM's, and the ancestral and SDE samplers' (default: the
-    sampler's own, 0 for DDIM and 1 for the others; a sampler without one refuses it).
+    ``eta``: the sampler's η: DDIM's, TCD's γ, and the ancestral and SDE samplers' (default: the
+    sampler's own, 0 for DDIM, 0.3 for TCD and 1 for the others; a sampler without one refuses it).
     ``prediction``: what the model outputs, ``"eps"`` (default), ``"x0"``, ``"v"``, ``"flow"``
     (a flow-matching velocity; a FlowSchedule sets it) or ``"edm"`` / ``"edm-v"`` (an EDM
     preconditioned network, with the option ``sigma_data``, default 0.5; gradguide.predictions). ``variance``: DDPM's

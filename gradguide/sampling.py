@@ -132,8 +132,8 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     ``sampler``: a sampler name (``"ddpm"``, ``"ddim"``, ``"dpmpp-2m"``, ``"dpmpp-2m-sde"``,
     ``"dpmpp-3m-sde"``, ``"euler"``, ``"euler_a"``, ``"heun"``, ``"dpm_2"``, ``"dpm_2_ancestral"``,
     ``"dpmpp_2s_ancestral"``, ``"dpmpp_sde"``, ``"dpm_fast"``, ``"lms"``, ``"plms"``, ``"unipc"``, the
-    few-step ``"lcm"``, ``"tcd"``, the flow-matching ``"flow-euler"``, ``"flow-heun"``, ``"flow-lcm"``, or ComfyUI's ``"ipndm"``, ``"deis"``,
-    ``"res_multistep"``, ``"er_sde"``, ``"seeds_2"``, ``"sa_solver"``, ...; docs/samplers.md) or a
+    few-step ``"lcm"``, ``"tcd"``, the flow-matching ``"flow-euler"``, ``"flow-heun"``, ``"flow-lcm"``,
+    or ComfyUI's ``"ipndm"``, ``"deis"``, ``"res_multistep"``, ``"er_sde"``, ``"seeds_2"``, ``"sa_solver"``, ...; docs/samplers.md) or a
     :class:`~gradguide.Sampler` holding the sampler's whole configuration (η, prediction type,
     variance, x̂_0 clipping and the ε a clipped step re-noises with, spacing, explicit
     timesteps or σ's, the sampler's own options). Fields left unset come from

@@ -63,11 +63,12 @@ SCHEDULER_SAMPLERS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolv
                       "DEISMultistepScheduler": "deis", "LCMScheduler": "lcm"}
 # refused with the reason (no sampler reproduces them yet); docs/diffusers.md, "Scheduler support"
 UNSUPPORTED_SCHEDULERS: Dict[str, str] = {}
-# EDM (Karras et al. 2022): preconditioned networks on an σ grid of their own (no ᾱ table); latents are x_σ
+# EDM (Karras et al. 2022): preconditioned networks on a σ grid of their own (no ᾱ table); latents are x_σ
 EDM_SCHEDULERS = {"EDMEulerScheduler": "euler", "EDMDPMSolverMultistepScheduler": "dpmpp-2m"}
 EDM_PREDICTIONS = {"epsilon": "edm", "v_prediction": "edm-v"}
 SCHEDULER_SAMPLERS.update(EDM_SCHEDULERS, TCDScheduler="tcd")
 SIGMA_SPACE = ("euler", "euler_a", "heun", "lms", "dpm_2", "dpm_2_ancestral")   # latents are x_σ = x/√ᾱ, the model sees x_σ/√(1+σ²)
+VP_SIGMA_TABLE = ("dpmpp-2m", "dpmpp-2m-sde", "unipc")   # VP latents on the scheduler's own σ table
 
 
 def sigma_latents(scheduler) -> bool:
@@ -75,7 +76,6 @@ def sigma_latents(scheduler) -> bool:
     the variance-preserving x."""
     name = type(scheduler).__name__
     return name in EDM_SCHEDULERS or SCHEDULER_SAMPLERS.get(name) in SIGMA_SPACE
-VP_SIGMA_TABLE = ("dpmpp-2m", "dpmpp-2m-sde", "unipc")   # VP latents on the scheduler's own σ table
 
 
 DIFFUSERS_3M_SDE_WARNING = (

@@ -163,8 +163,8 @@ def build(name: str, ts: Timesteps, *, eta=None, variance: str = "fixed-small", 
 
 
 # the samplers with an η (how much fresh noise a step adds); the others refuse one by name
-ETA_SAMPLERS = ("ddim", "tcd", "euler_a", "dpmpp-2m-sde", "dpmpp-3m-sde", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
-                "dpm_fast", "res_multistep_ancestral", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece")
+ETA_SAMPLERS = ("ddim", "tcd", "euler_a", "dpmpp-2m-sde", "dpmpp-3m-sde", "dpm_2_ancestral", "dpmpp_2s_ancestral",
+                "dpmpp_sde", "dpm_fast", "res_multistep_ancestral", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece")
 
 
 def _build(name: str, ts: Timesteps, eta, variance: str, options) -> SamplerTables:
