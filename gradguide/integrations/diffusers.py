@@ -224,6 +224,24 @@ def _edm_alphas_cumprod(scheduler) -> torch.Tensor:
     return 1 / (1 + sig ** 2)
 
 
+def _float32_zero_steps(sched, sig: torch.Tensor) -> torch.Tensor:
+    """The σ's with each step diffusers' float32 arithmetic sees as zero-length made exactly so.
+
+    EDMDPMSolverMultistep with ``final_sigmas_type="sigma_min"`` appends the configured σ_min after its
+    grid's own last σ, the same number rounded differently: a step of about one float32 ulp, on which its
+    ``λ = −log σ`` (float32) does not move (h = 0: a first-order step is the identity, a higher-order one
+    is NaN). In float64 that step would be real and its higher-order weights finite but meaningless, so the
+    σ is repeated: the step is then the identity too, or refused like diffusers' NaN (non-finite tables)."""
+    if sig.numel() < 2 or type(sched).__name__ != "EDMDPMSolverMultistepScheduler":
+        return sig
+    lam = -torch.log(sig.to(torch.float32))   # as diffusers' step computes λ (α = 1)
+    sig = sig.clone()
+    for i in range(1, sig.numel()):
+        if bool(sig[i] > 0) and bool(lam[i] == lam[i - 1]):
+            sig[i] = sig[i - 1]
+    return sig
+
+
 class DiffusersSchedule(Schedule):
     """A :class:`~gradguide.Schedule` whose :meth:`timesteps` are a diffusers scheduler's own.
 
@@ -382,6 +400,8 @@ class DiffusersSchedule(Schedule):
                              "expected one σ more (the final one)")
         if torch.equal(t, t.round()):
             t = t.to(torch.int64)
+        if self.edm:
+            sig = _float32_zero_steps(sched, sig)
         abar = 1 / (1 + sig ** 2)
         init_scale = final_scale = 1.0
         if self._kind in SIGMA_SPACE or self.edm:   # latents in σ-space: x_σ = x/√ᾱ

@@ -325,3 +325,23 @@ def test_diffusers_pixelasparam_guider_refuses_edm_by_name():
     from gradguide.integrations.diffusers import GradguidePixelAsParam
     with pytest.raises(ValueError, match="EDMEulerScheduler.*gradguide.PixelAsParam"):
         GradguidePixelAsParam.from_scheduler(EDMEulerScheduler())
+
+
+@pytest.mark.parametrize("config", [dict(solver_type="heun", final_sigmas_type="sigma_min"),
+                                    dict(solver_order=3, final_sigmas_type="sigma_min", sigma_schedule="exponential")],
+                         ids=["heun", "order3-exponential"])
+def test_zero_length_final_step_as_diffusers(config):
+    """With final_sigmas_type="sigma_min" and 16 steps (past lower_order_final's 15), diffusers' last step
+    goes from its grid's σ_min to the configured σ_min, a float32 ulp apart, where its float32 λ does
+    not move: a higher-order step there is NaN in diffusers and refused here by its non-finite tables;
+    the midpoint solver's (finite) is reproduced, as the identity step diffusers takes."""
+    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = diffusers_loop(ExactEDM(), EDMDPMSolverMultistepScheduler(**config), 16, noise.clone(), 0)
+    assert not torch.isfinite(ref).all()
+    gmodel, schedule = gg.from_diffusers(ExactEDM(), EDMDPMSolverMultistepScheduler(**config))
+    with pytest.raises(ValueError, match="non-finite step coefficients"):
+        gg.sample(gmodel, SHAPE, schedule=schedule, steps=16, x_T=noise.clone())
+    midpoint = dict(config, solver_type="midpoint", solver_order=2)
+    got, ref, _ = run_both(ExactEDM(), EDMDPMSolverMultistepScheduler, midpoint, 16)
+    assert torch.isfinite(ref).all() and close(got, ref)
