@@ -98,20 +98,24 @@ def test_tcd_reproduces_diffusers(config, eta):
 
 
 def test_tcd_lands_between_the_timesteps():
-    """The tables read ᾱ at ⌊(1 − γ) t'⌋, which the visited timesteps do not hold: with the ᾱ of the
-    next timestep instead (DDIM's landing), the sample differs from diffusers."""
-    sched = TCDScheduler()
-    model = Toy(sched.alphas_cumprod)
-    gmodel, schedule = gg.from_diffusers(model, TCDScheduler())
+    """The tables read ᾱ at s = ⌊(1 − γ) t'⌋ from the schedule's table, a timestep the run does not visit:
+    each step is x' = k (b_s/b x + (a_s − b_s a/b) x̂_0) + √(1 − k²) z with k = √(ᾱ_{t'}/ᾱ_s) (float64)."""
+    from gradguide.samplers import build
+    _, schedule = gg.from_diffusers(torch.nn.Identity(), TCDScheduler())
     ts = schedule.timesteps(4)
-    assert ts.alphas_cumprod is not None
-    with torch.no_grad():
-        ref = diffusers_loop(model, TCDScheduler(), 4, NOISE.clone(), 3)
-        wrong = Timesteps(ts.t, ts.abar, ts.abar_prev, alphas_cumprod=torch.where(
-            torch.arange(1000) < 1, ts.alphas_cumprod, ts.alphas_cumprod.roll(-100)))   # ᾱ moved off by 100 steps
-        got = gg.sample(gmodel, SHAPE, schedule=schedule, x_T=NOISE.clone(), generator=torch.Generator().manual_seed(3),
-                        sampler=gg.Sampler(timesteps=wrong))
-    assert not close(got, ref)
+    table = schedule.alphas_cumprod
+    tables = build("tcd", ts, eta=0.3)
+    t = ts.t.tolist()
+    for i, t_next in enumerate(t[1:] + [0]):
+        s = int((1 - 0.3) * t_next)   # the product is not an integer here: floor is int()
+        assert s not in t or t_next == 0
+        a, b = table[t[i]].sqrt(), (1 - table[t[i]]).sqrt()
+        a_s, b_s = table[s].sqrt(), (1 - table[s]).sqrt()
+        k = (table[t_next] / table[s]).sqrt() if i < len(t) - 1 else torch.tensor(1.0, dtype=torch.float64)
+        torch.testing.assert_close(tables.tables["c_x"][i], k * b_s / b)
+        torch.testing.assert_close(tables.tables["c_0"][i], k * (a_s - b_s * a / b))
+        torch.testing.assert_close(tables.tables["sigma"][i], (1 - k * k).sqrt())
+    assert tables.draws_noise == [True, True, True, False]
 
 
 def test_tcd_custom_timesteps_match_diffusers():
