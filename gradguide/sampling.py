@@ -117,8 +117,9 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
            diagnostics: Optional[Diagnostics] = None) -> torch.Tensor:
     """Draw samples from a diffusion model with guidance.
 
-    ``model(x_t, t, **cond)`` returns the model's prediction (ε, x̂_0, v, or a flow-matching
-    velocity called on ``x_σ`` at the σ timesteps of a :class:`~gradguide.FlowSchedule`, docs/flow.md:
+    ``model(x_t, t, **cond)`` returns the model's prediction (ε, x̂_0, v, a flow-matching
+    velocity called on ``x_σ`` at the σ timesteps of a :class:`~gradguide.FlowSchedule`, docs/flow.md,
+    or an EDM network's output called on ``c_in x_σ``, gradguide.predictions:
     the sampler configuration's ``prediction``; with ``variance="learned-range"`` twice the
     channels, ADM style); ``t`` is an int64 ``[B]`` tensor of original training timesteps (0-based), or
     float64 where a σ-space schedule falls between them (``sigmas``, diffusers' Euler/Heun/LMS
@@ -131,8 +132,8 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     ``sampler``: a sampler name (``"ddpm"``, ``"ddim"``, ``"dpmpp-2m"``, ``"dpmpp-2m-sde"``,
     ``"dpmpp-3m-sde"``, ``"euler"``, ``"euler_a"``, ``"heun"``, ``"dpm_2"``, ``"dpm_2_ancestral"``,
     ``"dpmpp_2s_ancestral"``, ``"dpmpp_sde"``, ``"dpm_fast"``, ``"lms"``, ``"plms"``, ``"unipc"``, the
-    flow-matching ``"flow-euler"``, ``"flow-heun"``, ``"flow-lcm"``, or ComfyUI's ``"ipndm"``, ``"deis"``,
-    ``"res_multistep"``, ``"er_sde"``, ``"seeds_2"``, ``"sa_solver"``, ...; docs/samplers.md) or a
+    few-step ``"lcm"``, ``"tcd"``, the flow-matching ``"flow-euler"``, ``"flow-heun"``, ``"flow-lcm"``,
+    or ComfyUI's ``"ipndm"``, ``"deis"``, ``"res_multistep"``, ``"er_sde"``, ``"seeds_2"``, ``"sa_solver"``, ...; docs/samplers.md) or a
     :class:`~gradguide.Sampler` holding the sampler's whole configuration (η, prediction type,
     variance, x̂_0 clipping and the ε a clipped step re-noises with, spacing, explicit
     timesteps or σ's, the sampler's own options). Fields left unset come from
@@ -327,7 +328,8 @@ def _build_tables_and_plan(run: _Run, fused: bool) -> tuple:
     fused_reason, needs_x0, timestep_list)``, computed from host-side configuration only."""
     from . import stepplan
     cfg = run.sampler
-    run.tables = build(cfg.name, cfg.timesteps, eta=cfg.eta, variance=cfg.variance, **cfg.options)
+    run.tables = build(cfg.name, cfg.timesteps, eta=cfg.eta, variance=cfg.variance, prediction=cfg.prediction,
+                       **cfg.options)
     run.table_rows, run.table_index = run.tables.stacked(run.device, ops.reference.coefficient_dtype(run.dtype))
     run.plan = stepplan.build(run, step_algebra) if fused else None
     if not fused:
@@ -551,11 +553,12 @@ def _scaled(x: Optional[torch.Tensor], scale: Optional[torch.Tensor]) -> Optiona
 
 
 def _flow_scale(run: _Run, column: torch.Tensor) -> Optional[torch.Tensor]:
-    """A flow model's input scale ``x_σ = x/(√ᾱ + √(1−ᾱ))`` at this step (0-d, on the device), else None."""
-    if run.prediction != "flow":
+    """The model's input scale at this step (0-d, on the device): a flow model's ``x_σ = x/(√ᾱ + √(1−ᾱ))``,
+    an EDM model's ``c_in x_σ`` (gradguide.predictions); None where the model sees x itself."""
+    name = predictions.INPUT_SCALE.get(run.prediction)
+    if name is None:
         return None
-    j = run.table_index["flow_in"]
-    return column[j]   # a 0-d float64 factor keeps x's dtype under type promotion
+    return column[run.table_index[name]]   # a 0-d float64 factor keeps x's dtype under type promotion
 
 
 def _carried(run: _Run, ops_: Operands, state: Dict[str, torch.Tensor], scalars) -> Optional[LinComb]:
@@ -677,7 +680,7 @@ def _learned_log_var(run: _Run, var_channels, scalars):
 
 
 def _eps_form(run: _Run, ctx: StepContext, out: LinComb, X: LinComb) -> LinComb:
-    return predictions.eps_from(run.prediction, out, X, ctx.a, ctx.s)
+    return predictions.eps_from(run.prediction, out, X, ctx.a, ctx.s, ctx.pre)
 
 
 def _tracked_x0(ops_: Operands, tracked: Dict[str, torch.Tensor], x0: LinComb):

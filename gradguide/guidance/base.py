@@ -39,8 +39,8 @@ class StepContext:
     tracked_x0: Optional[Callable[[], torch.Tensor]] = None  # x̂_0 with its autograd graph
     sampler: str = "ddpm"
     learned_log_var: Optional[torch.Tensor] = None  # ADM learned-range log Σ (elementwise)
-    prediction: str = "eps"          # the model's parametrisation ("eps", "x0", "v", "flow")
-    input_scale: Optional[torch.Tensor] = None   # flow models: the model sees x_σ = input_scale · x_t
+    prediction: str = "eps"          # the model's parametrisation ("eps", "x0", "v", "flow", "edm", "edm-v")
+    input_scale: Optional[torch.Tensor] = None   # flow and EDM models: the model sees input_scale · x_t
     model_output: Optional[torch.Tensor] = None  # the conditional branch's output, with its autograd graph
     branch_eps: Dict[str, LinComb] = field(default_factory=dict)   # further model branches' ε (perturbed guiders)
     # a fused step whose VJP runs through both branches of one batched call: id(cotangent) -> the
@@ -101,6 +101,13 @@ class StepContext:
         """h(t) = 1 − ᾱ_t."""
         return self.s * self.s
 
+    @property
+    def pre(self):
+        """An EDM model's ``(c_x, c_F)`` at this step (``x̂_0 = c_x x_t + c_F F``), else None."""
+        if self.prediction not in predictions.EDM:
+            return None
+        return self.scalars["edm_skip"], self.scalars["edm_out"]
+
     def eps_of_x0(self, x0: LinComb) -> LinComb:
         return predictions.eps_from_x0(x0, self.x, self.a, self.s)
 
@@ -109,10 +116,10 @@ class StepContext:
 
     def output_of_eps(self, eps: LinComb) -> LinComb:
         """The model's own prediction (ε, x̂_0 or v) with this ε̂: what diffusers' guiders combine."""
-        return predictions.output_from_eps(self.prediction, eps, self.x, self.a, self.s)
+        return predictions.output_from_eps(self.prediction, eps, self.x, self.a, self.s, self.pre)
 
     def eps_of_output(self, out: LinComb) -> LinComb:
-        return predictions.eps_from(self.prediction, out, self.x, self.a, self.s)
+        return predictions.eps_from(self.prediction, out, self.x, self.a, self.s, self.pre)
 
     def grad_wrt_input(self, objective: torch.Tensor, what: str = "objective") -> torch.Tensor:
         """∇_{x_t} of ``objective.sum()`` (objective is per-sample, ``[B]``). ``what`` names the
