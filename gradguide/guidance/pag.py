@@ -57,6 +57,9 @@ class _BranchGuider(DiffusersGuider):
     ``sample`` evaluates them (:class:`~gradguide.guidance.perturb.BranchCaller`) and hands the
     outputs to :meth:`combine` as raw predictions ``{name: p}``."""
     denoiser = None
+    # how a branch is perturbed (and on which module) is read only while a step calls the model:
+    # the setup cache keys the plan by the branches' names and windows, never by the hooks
+    runtime_attributes = DiffusersGuider.runtime_attributes + ("perturbation", "stg", "modality", "denoiser")
 
     def all_branches(self):
         raise NotImplementedError(f"{type(self).__name__}.all_branches: each branch guider lists its branches")

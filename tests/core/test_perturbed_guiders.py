@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import gradguide as gg
+from gradguide import sampling
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, \
@@ -437,6 +438,30 @@ def test_graph_stepper_and_unconditional_pag():
     with pytest.raises(ValueError, match="PAG needs a conditional model"):
         gg.sample(unconditional, x_T.shape, schedule=schedule, steps=STEPS, x_T=x_T.clone(),
                   guidance=gg.PAG(2.0, 3.0, config=LayerSkipConfig([0], fqn=MID), denoiser=module))
+
+
+def test_repeated_pag_calls_reuse_the_planned_setup(monkeypatch):
+    """A second call with the same PAG configuration (a new, equal hook config) takes the tables and
+    the fused plan from the setup cache, and samples exactly what the first call did."""
+    kind = "unet"
+    module = _unet()
+    x_T = _x_T(kind)
+    cond, _ = _inputs(kind)
+    model, schedule = gg.from_diffusers(module, _scheduler(kind))
+    builds = []
+    original = sampling._build_tables_and_plan
+    monkeypatch.setattr(sampling, "_build_tables_and_plan", lambda run, fused: builds.append(1) or original(run, fused))
+    sampling.clear_plan_cache()
+    outs = []
+    with torch.no_grad():
+        for _ in range(3):
+            pag = gg.PAG(3.0, 2.0, config=LayerSkipConfig([0], fqn=MID), perturbed_start=0.2, perturbed_stop=0.8,
+                         uncond=_uncond(kind), denoiser=module)
+            outs.append(gg.sample(model, x_T.shape, schedule=schedule, steps=STEPS, x_T=x_T.clone(), cond=cond,
+                                  guidance=pag))
+    assert len(builds) == 1
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+    sampling.clear_plan_cache()
 
 
 # -- LTX-2's guider: four branches, on x̂_0 ------------------------------------------------------------
