@@ -131,3 +131,13 @@ def load_kdiffusion_sampling():
                 sys.modules[k] = v
     _KDIFFUSION_SAMPLING = module
     return module
+
+
+def tiny_unet2d():
+    """A tiny diffusers ``UNet2DModel`` (3 channels, 8², two levels), random and frozen."""
+    from diffusers import UNet2DModel
+    torch.manual_seed(0)
+    net = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
+                      down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                      norm_num_groups=4)
+    return net.eval().requires_grad_(False)

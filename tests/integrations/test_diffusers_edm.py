@@ -16,10 +16,10 @@ import torch
 
 import gradguide as gg
 from gradguide import predictions
-from helpers import pc_ref
+from helpers import pc_ref, tiny_unet2d
 
 diffusers = pytest.importorskip("diffusers")
-from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler, UNet2DModel  # noqa: E402
+from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
@@ -137,11 +137,7 @@ def test_edm_preconditioning_is_needed():
 
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    net = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-                      down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                      norm_num_groups=4)
-    return net.eval().requires_grad_(False)
+    return tiny_unet2d()
 
 
 @pytest.mark.parametrize("case", [(EDMEulerScheduler, {}),
