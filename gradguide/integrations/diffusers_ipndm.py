@@ -4,7 +4,7 @@
 ``s_k = linspace(1, 0, n + 1)`` (the last exactly 0), ``σ_k = sin²(π s_k / 2)`` (its ``betas``),
 ``α_k = √(1 − σ_k²)`` (its ``alphas``) and calls the model at ``t_k = atan2(σ_k, α_k) · 2/π``, the
 time of a model trained with ``α(t) = cos(πt/2)``, ``σ(t) = sin(πt/2)`` on ``t ∈ [0, 1]`` (Dance
-Diffusion's). Since ``α_k² + σ_k² = 1`` the sample is variance preserving with ``ᾱ_k = α_k²``:
+Diffusion's). Since ``α_k² + σ_k² = 1`` the sample is variance preserving with ``ᾱ_k = 1 − σ_k²``:
 gradguide runs it on these timesteps, ᾱ_0 = 0 (σ = ∞) first, clean data last. The step is
 :func:`gradguide.samplers.pndm.ipndm_tables` (sampler ``ipndm_diffusers``), the model's output read
 as a v. With ``trained_betas`` diffusers reads them as the σ_k of the steps themselves: the step
@@ -57,7 +57,9 @@ class IPNDMSchedule(Schedule):
                 sigma = torch.sin(s * math.pi / 2) ** 2
             alpha = (1.0 - sigma ** 2) ** 0.5
             t = (torch.atan2(sigma, alpha) / math.pi * 2)[:-1]
-            abar = alpha.to(torch.float64) ** 2
+            # ᾱ from σ, not α: in float32 α rounds to 1 where σ² < 2⁻²⁴ (n ≳ 80 steps), which would leave no
+            # σ to read the model's output with; 1 − σ² keeps it (α then differs from diffusers' by < 1e-7)
+            abar = 1 - sigma.to(torch.float64) ** 2
             if not (torch.isfinite(abar).all() and (abar[1:] > 0).all() and (abar[1:] >= abar[:-1]).all()):
                 raise ValueError("trained_betas: expected σ's in [0, 1], decreasing (ᾱ = 1 − σ² growing)")
             self._cache[steps] = Timesteps(t.to(torch.float64), abar[:-1], abar[1:])
