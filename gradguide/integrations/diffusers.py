@@ -261,6 +261,9 @@ class DiffusersSchedule(Schedule):
             raise ValueError(f"steps: expected an integer in [1, {self.T}] (the scheduler's num_train_timesteps), "
                              f"got {steps!r}")
         n = int(n)
+        if self._kind == "pndm" and n < 4:   # diffusers' set_timesteps fails there (a numpy broadcast error)
+            raise ValueError(f"steps: PNDMScheduler(skip_prk_steps=False) needs at least 4 steps (three Runge–Kutta "
+                             f"steps, then PLMS), got {n}")
         key = (n, spacing, steps_offset)
         if key not in self._count_timesteps:
             self._count_timesteps[key] = self._scheduler_timesteps(n, spacing, steps_offset)

@@ -32,7 +32,7 @@ class IPNDMSchedule(Schedule):
         abar[-1] = 0.0
         super().__init__(abar)
         self.trained_betas = None if trained_betas is None else torch.as_tensor(trained_betas, dtype=torch.float32)
-        self.sampler_config = Sampler("ipndm_diffusers", prediction="v")
+        self.sampler_config = Sampler("ipndm_diffusers", prediction="v", clip=False)   # diffusers never clips here
         self._cache = {}
 
     def __repr__(self) -> str:
