@@ -91,11 +91,15 @@ def tables(ts: Timesteps, predictor_order: int = 2, corrector_order: int = 2, al
                          "to λ = ∞ of a polynomial extrapolation); use algorithm='data' or end at σ > 0")
     lam = [-math.log(s) if s > 0 else math.inf for s in sig]
     taus = []
-    for t in ts.t.tolist():
+    for t in ts.t:   # 0-d tensors, as diffusers' step passes its timestep to tau_func
         tau = tau_of(t)
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not math.isfinite(tau):
-            raise ValueError(f"sampler {name!r}: tau_func({t!r}) = {tau!r}: expected a finite number")
-        taus.append(float(tau))
+        try:
+            tau = float(tau)
+        except (TypeError, ValueError):
+            tau = math.nan
+        if not math.isfinite(tau):
+            raise ValueError(f"sampler {name!r}: tau_func({t.item()!r}) returned {tau_of(t)!r}: expected a finite number")
+        taus.append(tau)
     K = max(P, C - 1)
     hist = ("m1", "m2", "m3", "m4")[:K]      # m_{i−1}, m_{i−2}, ...
 

@@ -207,3 +207,32 @@ def test_interpreter_is_gradguide_sample_for_pndm():
                     z.numpy() / math.sqrt(float(ts.abar[0]))) * math.sqrt(float(ts.abar_prev[-1]))
     np.testing.assert_allclose(got.numpy(), ref, rtol=1e-10, atol=1e-10)
     assert len(tables.timesteps) == 4 * 3 + 3   # three Runge–Kutta steps of four calls, then PLMS
+
+
+@pytest.mark.parametrize("name,options,match", [
+    ("sa_solver_diffusers", {"predictor_order": 5}, "predictor_order"),
+    ("sa_solver_diffusers", {"corrector_order": 0}, "corrector_order"),
+    ("sa_solver_diffusers", {"algorithm": "sde"}, "algorithm"),
+    ("sa_solver_diffusers", {"lower_order_final": 1}, "lower_order_final"),
+    ("sa_solver_diffusers", {"tau_func": lambda t: "high"}, "tau_func"),
+    ("sa_solver_diffusers", {"tau_func": lambda t: math.inf}, "tau_func"),
+    ("sa_solver_diffusers", {"algorithm": "noise", "to_zero": True}, "σ = 0"),
+    ("pndm", {"combine": "x0"}, "combine"),
+    ("pndm", {"hand_made": True}, "training table"),
+    ("pndm", {"steps": 3}, "at least 4 steps"),
+    ("ipndm_diffusers", {"max_order": 2}, "no options"),
+])
+def test_options_are_checked_by_name(name, options, match):
+    options = dict(options)
+    steps, hand_made, to_zero = options.pop("steps", 8), options.pop("hand_made", False), options.pop("to_zero", False)
+    schedule = gg.Schedule.linear(1000)
+    ts = schedule.timesteps(steps)
+    if hand_made:
+        ts = Timesteps(ts.t, ts.abar, ts.abar_prev)
+    if not to_zero and name == "sa_solver_diffusers":   # diffusers' kind of end: σ > 0
+        ts = Timesteps(ts.t, ts.abar, torch.cat([ts.abar[1:], ts.abar[-1:] * 0 + 0.999]))
+    with pytest.raises((TypeError, ValueError), match=match):
+        build(name, ts, **options)
+    if name == "sa_solver_diffusers" and "tau_func" in options:
+        with pytest.raises(TypeError, match="tau_func"):
+            build(name, ts, tau_func=1.0)
