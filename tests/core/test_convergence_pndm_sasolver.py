@@ -236,3 +236,34 @@ def test_options_are_checked_by_name(name, options, match):
     if name == "sa_solver_diffusers" and "tau_func" in options:
         with pytest.raises(TypeError, match="tau_func"):
             build(name, ts, tau_func=1.0)
+
+
+@pytest.mark.parametrize("name", ["pndm", "ipndm_diffusers", "sa_solver_diffusers"])
+def test_every_guidance_term_against_the_float64_oracle(name):
+    """The fuzz oracle (gradguide.bench.fuzz, the sample target) case by case: every guidance term
+    it draws, with PixelAsParam A and C, float32 and float64 runs against the float64 truth, on a
+    plain Schedule; each run correct."""
+    from gradguide.bench import fuzz
+    cases = [(g, None) for g in ("none", "cfg", "classifier", "apg", "cfg-zero*", "rescale")]
+    cases += [("cfg", "C"), ("classifier", "A")]   # (policy B is DDPM's)
+    outcomes = []
+    for k, ((guidance, projection), dtype) in enumerate((c, d) for c in cases for d in ("float32", "float64")):
+        spec = dict(target="sample", backend="reference", seed=k, dtype=dtype, b=2, model=("toy", "mixture")[k % 2],
+                    T=(50, 1000)[k % 2], sampler=name, steps=(4, 6)[k % 2], eta=0.0, guidance=guidance,
+                    scale=2.0 if guidance != "rescale" else 3.0, projection=projection, granularity="sample",
+                    clip=("none", "true", "range")[k % 3], mutation="none")
+        outcome, detail = fuzz.run_case(spec)
+        outcomes.append(outcome)
+        assert outcome == "correct", f"{outcome}: {detail}\nspec = {spec!r}"
+    assert len(outcomes) == 2 * len(cases)
+
+
+def test_stage_samplers_run_where_no_slot_update_reads_x0():
+    """A stage sampler whose slot updates never read x̂_0 on the steps it takes (iPNDM's one step
+    from ᾱ = 0, Heun++'s single step) runs: x̂_0 is not materialised there."""
+    model = lambda x, t: 0.3 * torch.tanh(x)   # noqa: E731
+    x_T = torch.randn(2, 3, generator=torch.Generator().manual_seed(0))
+    out = gg.sample(model, (2, 3), schedule=IPNDMSchedule(), steps=1, x_T=x_T)
+    assert torch.equal(out, torch.zeros_like(out))   # x_1 = σ_1 x_0 with σ_1 = 0: clean data at once
+    out = gg.sample(model, (2, 3), schedule=gg.Schedule.linear(100), sampler="heunpp2", steps=1, x_T=x_T)
+    assert torch.isfinite(out).all()

@@ -69,7 +69,7 @@ def test_matches_diffusers_by_default(case):
     assert err <= TOL, f"max error {err:.3g} for outputs of size {scale:.3g}"
 
 
-@pytest.mark.parametrize("steps", [5, 12, 100])
+@pytest.mark.parametrize("steps", [2, 5, 12, 100])
 def test_ipndm_matches_diffusers_by_default(steps):
     got, ref = run_both(TrigToy(), IPNDMScheduler(), steps=steps)
     err, scale = (got - ref).abs().max().item(), ref.abs().max().item()
