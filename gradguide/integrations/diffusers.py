@@ -9,9 +9,11 @@ gradguide's guidance inside diffusers pipelines.
   (a :class:`gradguide.Sampler`: the sampler, prediction type, ``clip`` from
   ``clip_sample``/``clip_sample_range``, DDIM's ``clip_eps``, DDPM's ``variance`` and the
   sampler's options; :func:`scheduler_sampler`: DDIM, DDPM with diffusers' t > 0 final-noise
-  rule, Euler, Euler ancestral, Heun, DPM-Solver++(2M)/SDE, UniPC; any other class or setting
-  raises), and ``schedule.timesteps(N)`` (the scheduler's own ``set_timesteps``: spacing,
-  ``steps_offset``, final ᾱ, σ schedule; see :class:`DiffusersSchedule`).
+  rule, Euler, Euler ancestral, Heun, LMS, KDPM2 (ancestral), DEIS, PNDM (with or without its
+  Runge–Kutta warm-up), IPNDM, SA-Solver, DPM-Solver++(2M)/SDE, UniPC, LCM, the flow-matching
+  ones; any other class or setting raises), and ``schedule.timesteps(N)`` (the scheduler's own
+  ``set_timesteps``: spacing, ``steps_offset``, final ᾱ, σ schedule; see :class:`DiffusersSchedule`;
+  IPNDM, which has no ᾱ table, its own :class:`~gradguide.integrations.diffusers_ipndm.IPNDMSchedule`).
 - Guiders following diffusers' ``BaseGuidance`` interface, computed with
   :func:`gradguide.ops.reduce` / :func:`gradguide.ops.combine` (one reduction and one
   combination per step): :class:`GradguideCFG` (Ho & Salimans 2022, with Lin et al. 2023's
@@ -182,7 +184,8 @@ def scheduler_sampler(scheduler):
             if config.get(key, 2) not in (1, 2, 3, 4):
                 _refuse(scheduler, key, config.get(key), "diffusers' SASolverScheduler has weights for 1 to 4 nodes")
         algo = config.get("algorithm_type", "data_prediction")
-        options.update(predictor_order=config.get("predictor_order", 2), corrector_order=config.get("corrector_order", 2),
+        options.update(predictor_order=config.get("predictor_order", 2),
+                       corrector_order=config.get("corrector_order", 2),
                        algorithm={"data_prediction": "data", "noise_prediction": "noise"}[algo],
                        lower_order_final=bool(config.get("lower_order_final", True)))
         if config.get("tau_func") is not None:
@@ -219,7 +222,8 @@ class DiffusersSchedule(Schedule):
         super().__init__(ac)
         self.scheduler = copy.deepcopy(scheduler)
         # LCM, like DDPM, steps to the next timestep (its last step returns the consistency prediction)
-        self.rule = {"ddim": "ddim", "plms": "ddim", "pndm": "ddim", "ddpm": "next", "lcm": "next"}.get(sampler, "sigmas")
+        self.rule = {"ddim": "ddim", "plms": "ddim", "pndm": "ddim", "ddpm": "next",
+                     "lcm": "next"}.get(sampler, "sigmas")
         final = getattr(scheduler, "final_alpha_cumprod", None)
         self.final_alpha_cumprod = 1.0 if final is None else float(final)
         self._kind = sampler   # the scheduler's own sampler, whatever a user later sets as sampler_config

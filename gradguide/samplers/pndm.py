@@ -78,11 +78,13 @@ def _transfer(start: str, abar: float, abar_p: float, comb: Dict[str, float], co
 
 
 def _training_abar(ts: Timesteps) -> torch.Tensor:
+    """The training table of the schedule the timesteps come from: the owner of their ``sigma_to_t``
+    (the setup cache keys a run by that same table, gradguide.runkey)."""
     owner = getattr(ts.sigma_to_t, "__self__", None)
     if not isinstance(owner, Schedule):
-        raise ValueError("sampler 'pndm': its Runge–Kutta warm-up calls the model at timesteps between the listed ones, "
-                         "whose ᾱ comes from the schedule's training table: use timesteps from a gradguide Schedule or "
-                         "from_diffusers (steps=N), not hand-made Timesteps")
+        raise ValueError("sampler 'pndm': its Runge–Kutta warm-up calls the model at timesteps between the listed "
+                         "ones, whose ᾱ comes from the schedule's training table: use timesteps from a gradguide "
+                         "Schedule or from_diffusers (steps=N), not hand-made Timesteps")
     return owner.alphas_cumprod
 
 
@@ -140,9 +142,7 @@ def tables(ts: Timesteps, combine: str = "eps") -> SamplerTables:
         comb = _add({"e1": w[1], "e2": w[2], "e3": w[3]}, raw, w[0])
         keep = {k: (dict(raw) if v is None else v) for k, v in history.items()}
         rows.append(_stages.Stage(_sigma(abar), i, _transfer("x", abar, abar_p, comb, combine), keep=keep, vp=True))
-    last = _sigma(float(ts.abar_prev[-1]))
-    out = _stages.tables("pndm", ts, rows, slots, 0.0 if last == 0 else last, _sigma(float(ts.abar[0])))
-    return out
+    return _stages.tables("pndm", ts, rows, slots, _sigma(float(ts.abar_prev[-1])), _sigma(float(ts.abar[0])))
 
 
 def ipndm_tables(ts: Timesteps) -> SamplerTables:

@@ -98,7 +98,8 @@ def tables(ts: Timesteps, predictor_order: int = 2, corrector_order: int = 2, al
         except (TypeError, ValueError):
             tau = math.nan
         if not math.isfinite(tau):
-            raise ValueError(f"sampler {name!r}: tau_func({t.item()!r}) returned {tau_of(t)!r}: expected a finite number")
+            raise ValueError(f"sampler {name!r}: tau_func({t.item()!r}) returned {tau_of(t)!r}: expected a finite "
+                             "number")
         taus.append(tau)
     K = max(P, C - 1)
     hist = ("m1", "m2", "m3", "m4")[:K]      # m_{i−1}, m_{i−2}, ...

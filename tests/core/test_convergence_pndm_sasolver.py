@@ -129,7 +129,8 @@ SA_ODE_CASES = [
     ("p3c4-lower-final", {"predictor_order": 3, "corrector_order": 4}, "graded", 2,
      "lower_order_final (diffusers' default) makes the last predictor first order, also with 15 or more steps: "
      "its O(h²) local error is the global one"),
-    ("p2c3", {"predictor_order": 2, "corrector_order": 3, "lower_order_final": False}, "graded", 3, "min(p + 1, c) = 3"),
+    ("p2c3", {"predictor_order": 2, "corrector_order": 3, "lower_order_final": False}, "graded", 3,
+     "min(p + 1, c) = 3"),
     ("noise-p2c2", {"algorithm": "noise", "lower_order_final": False}, "exp", 2,
      "noise prediction: ε's Lagrange interpolant integrated against e^{−λ}"),
     ("noise-p3c4", {"algorithm": "noise", "predictor_order": 3, "corrector_order": 4, "lower_order_final": False},

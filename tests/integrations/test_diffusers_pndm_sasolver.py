@@ -123,8 +123,8 @@ def test_pndm_needs_four_steps_as_diffusers():
 
 
 def test_sampler_configs_travel():
-    for sched, want in ((PNDMScheduler(prediction_type="v_prediction"), gradguide.Sampler("pndm", prediction="v", clip=False,
-                                                                                          combine="v")),
+    pndm_v = gradguide.Sampler("pndm", prediction="v", clip=False, combine="v")
+    for sched, want in ((PNDMScheduler(prediction_type="v_prediction"), pndm_v),
                         (IPNDMScheduler(), gradguide.Sampler("ipndm_diffusers", prediction="v", clip=False)),
                         (SASolverScheduler(predictor_order=3), gradguide.Sampler(
                             "sa_solver_diffusers", prediction="eps", clip=False, predictor_order=3, corrector_order=2,
