@@ -42,8 +42,8 @@ import torch
 from ..schedules import Schedule, Timesteps
 from . import SamplerTables
 from . import stages as _stages
+from .plms import WEIGHTS as AB   # Adams–Bashforth's equal-step weights, PLMS's
 
-AB = {1: [1.0], 2: [1.5, -0.5], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
 RK = (1 / 6, 1 / 3, 1 / 3, 1 / 6)
 
 
