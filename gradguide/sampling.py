@@ -583,7 +583,8 @@ def _combine_state(run: _Run, scalars, pairs) -> torch.Tensor:
 
 def _new_slots(run: _Run, scalars, x: torch.Tensor, x0: Optional[torch.Tensor], state) -> Dict[str, torch.Tensor]:
     """Each slot after the step, from the old slots, x and the guided x̂_0 (all read before any is written)."""
-    sources = {"x": x, "0": x0}
+    # x̂_0 is materialised only when some slot update reads it (tables.needs_x0): otherwise its weights are zero
+    sources = {"x": x, "0": x0} if x0 is not None else {"x": x}
     sources.update({slot: state[slot] for slot in run.tables.slots})
     new = {}
     for slot in run.tables.slots:

@@ -9,10 +9,11 @@ gradguide's guidance inside diffusers pipelines.
   (a :class:`gradguide.Sampler`: the sampler, prediction type, ``clip`` from
   ``clip_sample``/``clip_sample_range``, DDIM's ``clip_eps``, DDPM's ``variance`` and the
   sampler's options; :func:`scheduler_sampler`: DDIM, DDPM with diffusers' t > 0 final-noise
-  rule, Euler, Euler ancestral, Heun, LMS, KDPM2 (ancestral), PLMS, DEIS, DPM-Solver++(2M/3M)/SDE,
-  UniPC, LCM, TCD, and the EDM Euler / DPM-Solver++ schedulers with the EDM prediction; any other
-  class or setting raises), and ``schedule.timesteps(N)`` (the scheduler's own ``set_timesteps``: spacing,
-  ``steps_offset``, final ᾱ, σ schedule; see :class:`DiffusersSchedule`).
+  rule, Euler, Euler ancestral, Heun, LMS, KDPM2 (ancestral), DEIS, PNDM (with or without its
+  Runge–Kutta warm-up), IPNDM, SA-Solver, DPM-Solver++(2M/3M)/SDE, UniPC, LCM, TCD, the EDM Euler /
+  DPM-Solver++ schedulers with the EDM prediction, the flow-matching ones; any other class or setting raises), and ``schedule.timesteps(N)`` (the scheduler's own
+  ``set_timesteps``: spacing, ``steps_offset``, final ᾱ, σ schedule; see :class:`DiffusersSchedule`;
+  IPNDM, which has no ᾱ table, its own :class:`~gradguide.integrations.diffusers_ipndm.IPNDMSchedule`).
 - Guiders following diffusers' ``BaseGuidance`` interface, computed with
   :func:`gradguide.ops.reduce` / :func:`gradguide.ops.combine` (one reduction and one
   combination per step): :class:`GradguideCFG` (Ho & Salimans 2022, with Lin et al. 2023's
@@ -47,7 +48,7 @@ from .. import ops
 from ..ops import policies
 from ..config import Sampler
 from ..schedules import SPACINGS, Schedule, Timesteps
-from . import diffusers_flow
+from . import diffusers_flow, diffusers_ipndm
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
 VARIANCE_TYPES = {"fixed_small": "fixed-small", "fixed_large": "fixed-large", "learned_range": "learned-range"}
@@ -60,7 +61,8 @@ SCHEDULER_SAMPLERS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolv
                       "LMSDiscreteScheduler": "lms", "FlowMatchEulerDiscreteScheduler": "flow-euler",
                       "FlowMatchHeunDiscreteScheduler": "flow-heun", "FlowMatchLCMScheduler": "flow-lcm",
                       "KDPM2DiscreteScheduler": "dpm_2", "KDPM2AncestralDiscreteScheduler": "dpm_2_ancestral",
-                      "DEISMultistepScheduler": "deis", "LCMScheduler": "lcm"}
+                      "DEISMultistepScheduler": "deis", "LCMScheduler": "lcm",
+                      "SASolverScheduler": "sa_solver_diffusers", "IPNDMScheduler": "ipndm_diffusers"}
 # refused with the reason (no sampler reproduces them yet); docs/diffusers.md, "Scheduler support"
 UNSUPPORTED_SCHEDULERS: Dict[str, str] = {}
 # EDM (Karras et al. 2022): preconditioned networks on a σ grid of their own (no ᾱ table); latents are x_σ
@@ -101,6 +103,8 @@ def scheduler_sampler(scheduler):
                          f"supported: {', '.join(sorted(SCHEDULER_SAMPLERS))}")
     config = scheduler.config
     sampler = SCHEDULER_SAMPLERS[name]
+    if name == "IPNDMScheduler":   # no prediction type, σ table or thresholding: its own schedule (diffusers_ipndm)
+        return sampler, {}
     flow = diffusers_flow.is_flow(scheduler)
     if name in EDM_SCHEDULERS:
         return _edm_sampler(scheduler)
@@ -165,12 +169,12 @@ def scheduler_sampler(scheduler):
                        lower_order_final=config.get("lower_order_final", True),
                        disable_corrector=tuple(config.get("disable_corrector", ()) or ()))
     elif sampler == "plms":
-        if not config.get("skip_prk_steps", False):
-            _refuse(scheduler, "skip_prk_steps", False, "PNDM's Runge–Kutta warm-up is not implemented (Stable "
-                    "Diffusion's PNDMScheduler has skip_prk_steps=True, which is)")
         if ptype == "sample":
             _refuse(scheduler, "prediction_type", ptype, "diffusers' PNDMScheduler does not implement it")
-        if config.get("timestep_spacing", "leading") != "leading":
+        if not config.get("skip_prk_steps", False):
+            # the Runge–Kutta warm-up steps between its listed timesteps itself, for every spacing
+            sampler = "pndm"
+        elif config.get("timestep_spacing", "leading") != "leading":
             _refuse(scheduler, "timestep_spacing", config.get("timestep_spacing"), "diffusers' PLMS warm-up then steps "
                     "from ᾱ(τ_1 + T/n) instead of the ᾱ of its sample; only 'leading' (the default) is reproduced")
         options["combine"] = "v" if ptype == "v_prediction" else "eps"
@@ -184,6 +188,20 @@ def scheduler_sampler(scheduler):
                        lower_order_final=bool(config.get("lower_order_final", True)))
     elif sampler == "lcm":
         options["timestep_scaling"] = float(config.get("timestep_scaling", 10.0))
+    elif sampler == "sa_solver_diffusers":
+        if config.get("variance_type") is not None:
+            _refuse(scheduler, "variance_type", config.get("variance_type"), "diffusers' SASolverScheduler then keeps "
+                    "the first 3 output channels whatever the model's; learned variances are DDPM's")
+        for key in ("predictor_order", "corrector_order"):
+            if config.get(key, 2) not in (1, 2, 3, 4):
+                _refuse(scheduler, key, config.get(key), "diffusers' SASolverScheduler has weights for 1 to 4 nodes")
+        algo = config.get("algorithm_type", "data_prediction")
+        options.update(predictor_order=config.get("predictor_order", 2),
+                       corrector_order=config.get("corrector_order", 2),
+                       algorithm={"data_prediction": "data", "noise_prediction": "noise"}[algo],
+                       lower_order_final=bool(config.get("lower_order_final", True)))
+        if config.get("tau_func") is not None:
+            options["tau_func"] = config.get("tau_func")
     elif sampler in ("euler_a", "dpm_2", "dpm_2_ancestral") and ptype == "sample":
         _refuse(scheduler, "prediction_type", ptype, f"diffusers' {name} does not implement it")
     return sampler, options
@@ -277,7 +295,8 @@ class DiffusersSchedule(Schedule):
         self.scheduler = copy.deepcopy(scheduler)
         # LCM, like DDPM, steps to the next timestep (its last step returns the consistency prediction); TCD
         # too, but its last step lands on ᾱ_0 (t' = 0)
-        self.rule = {"ddim": "ddim", "plms": "ddim", "ddpm": "next", "lcm": "next", "tcd": "tcd"}.get(sampler, "sigmas")
+        self.rule = {"ddim": "ddim", "plms": "ddim", "pndm": "ddim", "ddpm": "next", "lcm": "next",
+                     "tcd": "tcd"}.get(sampler, "sigmas")
         final = getattr(scheduler, "final_alpha_cumprod", None)
         self.final_alpha_cumprod = 1.0 if final is None else float(final)
         self._kind = sampler   # the scheduler's own sampler, whatever a user later sets as sampler_config
@@ -301,7 +320,6 @@ class DiffusersSchedule(Schedule):
         """
         if spacing not in SPACINGS:
             raise ValueError(f"spacing: expected one of {SPACINGS}, got {spacing!r}")
-        ac = self.alphas_cumprod
         if isinstance(steps, (str, list, tuple, np.ndarray, torch.Tensor)) and self.rule == "sigmas":
             raise ValueError(f"steps: {type(self.scheduler).__name__} takes a step count (its own σ table); for "
                              "explicit σ's pass sampler=gradguide.Sampler(sigmas=...) to "
@@ -318,6 +336,9 @@ class DiffusersSchedule(Schedule):
             raise ValueError(f"steps: expected an integer in [1, {self.T}] (the scheduler's num_train_timesteps), "
                              f"got {steps!r}")
         n = int(n)
+        if self._kind == "pndm" and n < 4:   # diffusers' set_timesteps fails there (a numpy broadcast error)
+            raise ValueError(f"steps: PNDMScheduler(skip_prk_steps=False) needs at least 4 steps (three Runge–Kutta "
+                             f"steps, then PLMS), got {n}")
         key = (n, spacing, steps_offset)
         if key not in self._count_timesteps:
             self._count_timesteps[key] = self._scheduler_timesteps(n, spacing, steps_offset)
@@ -377,12 +398,17 @@ class DiffusersSchedule(Schedule):
         t = torch.as_tensor(sched.timesteps).to(torch.int64).cpu()
         if self._kind == "plms":   # PNDM lists its first step twice; the sampler expands it itself
             t = torch.unique(t).flip(0)
+        elif self._kind == "pndm":
+            # [τ0, M, M, τ1, τ1, M', M', τ2, τ2, M'', M'', τ3, τ3, τ4, ...]: the Runge–Kutta steps' ends, then PLMS's;
+            # the sampler adds the midpoints M (its ᾱ from this schedule's table, through sigma_to_t)
+            t = torch.cat([t[0:13:4], t[13:]])
         if self.rule != "ddim":
             return self._stepping_to_next(t)
         abar = ac[t]
         prev = t - self.T // n
         abar_prev = torch.where(prev >= 0, ac[prev.clamp_min(0)], torch.tensor(self.final_alpha_cumprod, dtype=torch.float64))
-        return Timesteps(t, abar, abar_prev, alphas_cumprod=ac)
+        return Timesteps(t, abar, abar_prev, alphas_cumprod=ac,
+                         sigma_to_t=self.sigma_to_t if self._kind == "pndm" else None)
 
     def _sigma_timesteps(self, sched) -> Timesteps:
         """Timesteps on the scheduler's own σ table (after ``set_timesteps``)."""
@@ -436,6 +462,8 @@ def scheduler_config(scheduler, use_clipped_model_output: bool = False) -> Sampl
     variance = VARIANCE_TYPES[vtype] if sampler == "ddpm" and vtype is not None else None
     ptype = "flow_prediction" if diffusers_flow.is_flow(scheduler) else config.get("prediction_type", "epsilon")
     prediction = EDM_PREDICTIONS[ptype] if name in EDM_SCHEDULERS else PREDICTION_TYPES[ptype]
+    if sampler == "ipndm_diffusers":   # its step reads the model's output as a v (ε = σ x + α v)
+        prediction = PREDICTION_TYPES["v_prediction"]
     return Sampler(sampler, prediction=prediction, variance=variance, clip=clip, clip_eps=clip_eps, options=options)
 
 
@@ -534,7 +562,11 @@ def from_diffusers(unet, scheduler, use_clipped_model_output: bool = False, mu: 
         raise TypeError(f"unet: expected a callable diffusers model, got {type(unet).__name__}")
     if type(scheduler).__name__ in UNSUPPORTED_SCHEDULERS:
         scheduler_sampler(scheduler)   # refuses it, saying why
-    if diffusers_flow.is_flow(scheduler):
+    if type(scheduler).__name__ == "IPNDMScheduler":   # no ᾱ table: its own time grid (diffusers_ipndm)
+        if mu is not None:
+            raise ValueError("mu: only flow-matching schedulers with dynamic shifting take mu, got IPNDMScheduler")
+        schedule = diffusers_ipndm.ipndm_schedule(scheduler)
+    elif diffusers_flow.is_flow(scheduler):
         schedule = diffusers_flow.flow_schedule(scheduler, mu, scheduler_sampler(scheduler))
     elif mu is not None:
         raise ValueError(f"mu: only flow-matching schedulers with dynamic shifting take mu, got "

@@ -32,11 +32,13 @@ from ..predictions import EDM, edm_coefficients
 from ..schedules import Timesteps
 
 SAMPLERS = ("ddpm", "ddim", "dpm_2", "dpm_2_ancestral", "dpmpp-2m", "dpmpp-2m-sde", "dpmpp-3m-sde",
-            "dpmpp_2s_ancestral", "dpmpp_sde", "dpm_fast", "euler", "euler_a", "heun", "lms", "plms", "unipc",
+            "dpmpp_2s_ancestral", "dpmpp_sde", "dpm_fast", "euler", "euler_a", "heun", "lms", "plms", "pndm", "unipc",
             "flow-euler", "flow-heun", "flow-lcm", "lcm", "tcd",
             # ComfyUI's own (gradguide.samplers.comfy)
             "ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm_comfy",
-            "er_sde", "seeds_2", "seeds_3", "heunpp2", "sa_solver", "sa_solver_pece")
+            "er_sde", "seeds_2", "seeds_3", "heunpp2", "sa_solver", "sa_solver_pece",
+            # diffusers' own variants of methods above (gradguide.samplers.pndm, gradguide.samplers.sasolver)
+            "ipndm_diffusers", "sa_solver_diffusers")
 # ComfyUI samplers that are not a table step here, with the reason (refused by name)
 REFUSED = {
     "res_multistep_cfg_pp": "its CFG++ form carries the unconditional prediction as its multistep history; gradguide's "
@@ -168,7 +170,7 @@ ETA_SAMPLERS = ("ddim", "tcd", "euler_a", "dpmpp-2m-sde", "dpmpp-3m-sde", "dpm_2
 
 
 def _build(name: str, ts: Timesteps, eta, variance: str, options) -> SamplerTables:
-    from . import comfy, consistency, ddim, ddpm, dpmpp, flow, kdiff, ksigma, plms, unipc
+    from . import comfy, consistency, ddim, ddpm, dpmpp, flow, kdiff, ksigma, plms, pndm, sasolver, unipc
     if name in REFUSED:
         raise ValueError(f"sampler {name!r} is not available: {REFUSED[name]}")
     if eta is not None and name not in ETA_SAMPLERS and name in SAMPLERS:
@@ -212,4 +214,12 @@ def _build(name: str, ts: Timesteps, eta, variance: str, options) -> SamplerTabl
         return unipc.tables(ts, **options)
     if name == "plms":
         return plms.tables(ts, **options)
+    if name == "pndm":
+        return pndm.tables(ts, **options)
+    if name == "ipndm_diffusers":
+        if options:
+            raise ValueError(f"sampler 'ipndm_diffusers': takes no options, got {sorted(options)}")
+        return pndm.ipndm_tables(ts)
+    if name == "sa_solver_diffusers":
+        return sasolver.tables(ts, **options)
     raise ValueError(f"sampler: expected one of {SAMPLERS}, got {name!r}")

@@ -247,12 +247,12 @@ def test_defaults_travel_and_user_overrides_win():
 
 
 UNSUPPORTED = [
-    (PNDMScheduler, {}, "skip_prk_steps"),
+    # PNDM's Runge–Kutta warm-up, IPNDM and SA-Solver: tests/integrations/test_diffusers_pndm_sasolver.py
     (PNDMScheduler, dict(skip_prk_steps=True, timestep_spacing="trailing"), "timestep_spacing"),
     (DPMSolverSinglestepScheduler, {}, "DPMSolverSinglestepScheduler"),
     (DEISMultistepScheduler, dict(use_flow_sigmas=True, prediction_type="flow_prediction"), "use_flow_sigmas"),
     (LCMScheduler, dict(thresholding=True), "thresholding"),   # LCM itself: tests/integrations/test_diffusers_lcm.py
-    (SASolverScheduler, {}, "SASolverScheduler"),
+    (SASolverScheduler, dict(variance_type="learned_range"), "variance_type"),
     (KDPM2DiscreteScheduler, dict(prediction_type="sample"), "prediction_type"),
     (KDPM2AncestralDiscreteScheduler, dict(prediction_type="sample"), "prediction_type"),
     (DDIMScheduler, dict(thresholding=True), "thresholding"),
@@ -276,12 +276,6 @@ def test_unsupported_configuration_is_refused(case):
     cls, cfg, named = case
     with pytest.raises(ValueError, match=named):
         gradguide.from_diffusers(torch.nn.Identity(), cls(**cfg))
-
-
-def test_ipndm_scheduler_is_refused_by_name():
-    """diffusers' IPNDM has no ᾱ table (its own trigonometric schedule): not a gradguide schedule."""
-    with pytest.raises(TypeError, match="IPNDMScheduler"):
-        gradguide.from_diffusers(torch.nn.Identity(), diffusers.IPNDMScheduler())
 
 
 @pytest.mark.parametrize("case", [

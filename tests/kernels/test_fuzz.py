@@ -22,9 +22,13 @@ from gradguide.bench import fuzz
 from gradguide.samplers import SAMPLERS
 
 # the samplers a plain Schedule runs for a step count (dpm_fast takes sigmas=[max, min] and nfe; SA-Solver its
-# noise window sde_sigmas; the flow samplers a FlowSchedule and a velocity model: each has its own tests)
-STEP_SAMPLERS = [s for s in SAMPLERS
-                 if s not in ("dpm_fast", "sa_solver", "sa_solver_pece") and not s.startswith("flow-")]
+# noise window sde_sigmas; the flow samplers a FlowSchedule and a velocity model: each has its own tests). The
+# diffusers variants pndm, ipndm_diffusers and sa_solver_diffusers go through this oracle case by case in
+# tests/core/test_convergence_pndm_sasolver.py (pndm needs 4 steps, these cases draw 1 to 6); a longer list
+# would also re-deal CI's derandomized draws of the others
+DIFFUSERS_VARIANTS = ("pndm", "ipndm_diffusers", "sa_solver_diffusers")
+STEP_SAMPLERS = [s for s in SAMPLERS if s not in ("dpm_fast", "sa_solver", "sa_solver_pece") + DIFFUSERS_VARIANTS
+                 and not s.startswith("flow-")]
 
 SLOW = os.environ.get("GRADGUIDE_FUZZ_SLOW", "") not in ("", "0")
 # cases per target: CI mode | slow mode (the slow total is 11,000)
