@@ -370,7 +370,7 @@ def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Di
     x_input = x.detach().requires_grad_(True) if run.needs_input_grad else x
     model_input = x_input if run.needs_model_grad else x.detach()
     scale = _flow_scale(run, column)
-    out_c, out_u, _, _ = _model_branches(run, model_input if scale is None else model_input * scale, t)
+    out_c, out_u, _, _ = _model_branches(run, model_input, t, scale)
     tensors = {"x": x.detach(), "model_cond": out_c.detach()}
     if out_u is not None:
         tensors["model_uncond"] = out_u.detach()
@@ -404,14 +404,14 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     scale = _flow_scale(run, column)
     ctx = StepContext(ops=ops_, index=i, t=t, scalars=scalars, cond=run.cond, x=None, x_input=x_input,
                       state=state, sampler=run.tables.name, prediction=run.prediction, input_scale=scale)
-    x_model = model_input if scale is None else model_input * scale
     further = {}   # branches beyond cond/uncond (perturbed models), by name
     if run.branch_caller is not None:   # the branches this step's guider asks for (perturbed models among them)
+        x_model = _model_input(model_input, scale, 1)
         outs = run.branch_caller(functools.partial(_call_model, run), x_model, t, run.branch.step_branches(i))
         (out_c, log_var), (out_u, log_var_u) = outs.pop("cond"), outs.pop("uncond", (None, None))
         further = {name: out for name, (out, _) in outs.items()}
     else:
-        out_c, out_u, log_var, log_var_u = _model_branches(run, x_model, t)
+        out_c, out_u, log_var, log_var_u = _model_branches(run, model_input, t, scale)
     ctx.learned_log_var = _learned_log_var(run, log_var, scalars)
     tracked = {"x": x_input, "model_cond": out_c, "model_uncond": out_u}
     tracked.update({f"model_{name}": out for name, out in further.items()})
@@ -562,20 +562,34 @@ def _sum(first: Optional[LinComb], rest: List[LinComb]) -> LinComb:
     return total
 
 
-def _model_branches(run: _Run, x_in: torch.Tensor, t: torch.Tensor):
+def _model_input(x: torch.Tensor, scale: Optional[torch.Tensor], copies: int) -> torch.Tensor:
+    """The model's input: ``x`` (a flow model's ``x_σ = x · scale``), stacked ``copies`` times
+    for a batched branch call. Scale and copies are one elementwise pass (x read once, the input
+    written once) rather than a multiply and then a ``cat`` that reads its result twice; the
+    values are those of ``cat([x * scale] * copies)``."""
+    if copies == 1:
+        return x if scale is None else x * scale
+    rows = x.unsqueeze(0).expand(copies, *x.shape)
+    rows = rows.clone(memory_format=torch.contiguous_format) if scale is None else rows * scale
+    return rows.flatten(0, 1)
+
+
+def _model_branches(run: _Run, x_in: torch.Tensor, t: torch.Tensor, scale: Optional[torch.Tensor] = None):
     """``(out_cond, out_uncond or None, learned variance channels of each branch or None)``: one
     call of batch 2B when ``run.batched`` holds both branches' stacked inputs (unconditional rows
     first, as diffusers pipelines), else one call per branch. Under G_loss the batched call is
-    also one backward pass through the model."""
+    also one backward pass through the model. ``scale``: a flow model's input scale (None: the
+    model takes ``x_in`` itself), applied as the input is formed (:func:`_model_input`)."""
     if run.branch is None:
-        out_c, log_var = _call_model(run, x_in, t, run.cond, "model(x_t, t, **cond)")
+        out_c, log_var = _call_model(run, _model_input(x_in, scale, 1), t, run.cond, "model(x_t, t, **cond)")
         return out_c, None, log_var, None
     if run.batched is not None:
-        out, var = _call_model(run, torch.cat([x_in, x_in]), torch.cat([t, t]), run.batched,
+        out, var = _call_model(run, _model_input(x_in, scale, 2), torch.cat([t, t]), run.batched,
                                "model(cat[x_t, x_t], cat[t, t], **cat[uncond, cond])", batch=2 * run.shape[0])
         out_c, out_u = split_branches(out, run.shape[0])
         var_c, var_u = (None, None) if var is None else split_branches(var, run.shape[0])
         return out_c, out_u, var_c, var_u
+    x_in = _model_input(x_in, scale, 1)   # one input for both calls
     out_c, log_var = _call_model(run, x_in, t, run.cond, "model(x_t, t, **cond)")
     out_u, log_var_u = _call_model(run, x_in, t, run.uncond, "model(x_t, t, **uncond)")
     return out_c, out_u, log_var, log_var_u
