@@ -34,7 +34,13 @@ SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)   # SD3's FlowMatchEul
 
 class FlowCheapModel(peers.CheapModel):
     """:class:`~gradguide.bench.peers.CheapModel` as a velocity model behind a diffusers
-    transformer's signature (``hidden_states=``, ``timestep=``, ... ``return_dict=False``: a tuple)."""
+    transformer's signature (``hidden_states=``, ``timestep=``, ... ``return_dict=False``: a tuple)
+    and with its ``dtype`` attribute (a diffusers ``ModelMixin`` has one; ``from_diffusers``'
+    wrapper reads it, and without it would look it up again on every call)."""
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.conv.weight.dtype
 
     def forward(self, hidden_states, timestep, encoder_hidden_states, pooled_projections=None, return_dict=False):
         return (super().forward(hidden_states, timestep, encoder_hidden_states),)
