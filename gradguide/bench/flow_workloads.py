@@ -25,7 +25,7 @@ branches in one transformer call:
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -56,17 +56,18 @@ def is_flow_workload(name: str) -> bool:
     return name in FLOW_WORKLOADS
 
 
-def build(name: str, quick: bool, device, seed: int, dtype: Optional[torch.dtype]):
-    """The :class:`gradguide.bench.loop.Workload` of flow workload ``name``; ``dtype`` (default
-    bfloat16) is the transformer's and the latents'."""
-    from gradguide.bench import loop
+def build(name: str, quick: bool, device, seed: int, dtype: Optional[torch.dtype], prepare: Callable) -> dict:
+    """The parts of flow workload ``name``, as :class:`gradguide.bench.loop.Workload` takes them
+    (``model, shape, steps, fixed, per_pass, config, params``); ``dtype`` (default bfloat16) is the
+    transformer's and the latents'; ``prepare(module, device, dtype)`` readies the transformer
+    (the harness's own: eval, no parameter gradients)."""
     if name not in FLOW_WORKLOADS:
         raise ValueError(f"workload: expected one of {', '.join(FLOW_WORKLOADS)}, got {name!r}")
     dtype = dtype or torch.bfloat16
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed + 1)
     build_ = _sd3 if name.startswith("sd3") else _flux
-    model, transformer, shape, steps, fixed, uncond, config = build_(name, quick, device, dtype, gen)
+    model, transformer, shape, steps, fixed, uncond, config = build_(name, quick, device, dtype, gen, prepare)
     scale = fixed.pop("cfg_scale")
 
     def per_pass(wrap, seed_):
@@ -74,18 +75,18 @@ def build(name: str, quick: bool, device, seed: int, dtype: Optional[torch.dtype
     # the latents in the embeddings' dtype, as the pipelines carry them
     fixed["execution"] = gradguide.Execution(dtype=dtype)
     config["dtype"] = str(dtype).replace("torch.", "")
-    return loop.Workload(name, model, shape, steps, fixed, per_pass, config, loop._count(transformer))
+    return dict(model=model, shape=shape, steps=steps, fixed=fixed, per_pass=per_pass, config=config,
+                params=sum(p.numel() for p in transformer.parameters()))
 
 
 def _randn(gen, *shape, device, dtype):
     return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
 
 
-def _sd3(name, quick, device, dtype, gen):
+def _sd3(name, quick, device, dtype, gen, prepare):
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from gradguide.bench import loop
     cfg = SD3_QUICK if quick else SD3_MEDIUM
-    transformer = loop._prepare(SD3Transformer2DModel(**cfg), device, dtype)
+    transformer = prepare(SD3Transformer2DModel(**cfg), device, dtype)
     model, schedule = gradguide.from_diffusers(transformer, FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER))
     b, side = 1, cfg["sample_size"]
     steps = 2 if quick else 28
@@ -106,14 +107,13 @@ def _sd3(name, quick, device, dtype, gen):
     return model, transformer, (b, cfg["in_channels"], side, side), steps, fixed, uncond, config
 
 
-def _flux(name, quick, device, dtype, gen):
+def _flux(name, quick, device, dtype, gen, prepare):
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from gradguide.bench import loop
     from gradguide.flow_schedules import calculate_shift
     from gradguide.integrations.pipeline_flux import FluxDenoiser, latent_image_ids
     dev = name.startswith("flux-dev")
     cfg = dict(FLUX_QUICK if quick else FLUX, guidance_embeds=dev)
-    transformer = loop._prepare(FluxTransformer2DModel(**cfg), device, dtype)
+    transformer = prepare(FluxTransformer2DModel(**cfg), device, dtype)
     model, schedule = gradguide.from_diffusers(FluxDenoiser(transformer),
                                                FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER))
     b = 1

@@ -66,6 +66,7 @@ import gradguide
 from gradguide import ops
 from gradguide.graphs import GraphCache
 from gradguide.bench import meta, ops as bench_ops  # run metadata, result writing
+from gradguide.bench import flow_workloads
 from gradguide.bench.flow_workloads import FLOW_WORKLOADS
 from gradguide.bench.profiling import MemorySampler
 from gradguide.tools import guidance_spec
@@ -445,8 +446,8 @@ def build_workload(name: str, quick: bool = False, device="cpu", seed: int = 0,
         raise ValueError(f"workload: expected one of {', '.join(ALL_WORKLOADS)}, got {name!r}")
     device = torch.device(device)
     if name in FLOW_WORKLOADS:
-        from gradguide.bench import flow_workloads
-        return flow_workloads.build(name, quick, device, seed, dtype)   # (its own dtype default)
+        parts = flow_workloads.build(name, quick, device, seed, dtype, _prepare)   # (its own dtype default)
+        return Workload(name, **parts)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     if name.startswith("sim"):

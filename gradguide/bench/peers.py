@@ -41,17 +41,15 @@ from torch import nn
 
 import gradguide
 from gradguide.bench import meta
+from gradguide.bench.peers_flow import (FLOW_GUIDANCE_SCALE, FLOW_MODELS, FLOW_SIZES, FLOW_STEPS,  # noqa: F401
+                                        QUICK_FLOW_SIZES, FlowWorkload)
+from gradguide.bench.peers_models import TEXT_DIM, TEXT_LEN, CheapModel  # noqa: F401  (the rows' models)
 
 STEPS = 25
 GUIDANCE_SCALE = 7.5
 SIZES = {"sd-b1": (1, 4, 64), "sd-b4": (4, 4, 64), "sd-b8": (8, 4, 64), "px-b16": (16, 3, 64)}
 QUICK_SIZES = {"sd-b1": (1, 4, 8), "px-b3": (3, 3, 8)}
-MODELS = ("cheap", "unet", "flow-cheap", "flow-sd3")
-FLOW_MODELS = ("flow-cheap", "flow-sd3")   # gradguide/bench/peers_flow.py; their own sizes
-FLOW_SIZES = {"sd3-b1": (1, 16, 32), "sd3-b4": (4, 16, 32)}
-QUICK_FLOW_SIZES = {"sd3-b1": (1, 16, 8)}
-FLOW_STEPS, FLOW_GUIDANCE_SCALE = 28, 7.0
-TEXT_LEN, TEXT_DIM = 77, 32
+MODELS = ("cheap", "unet") + FLOW_MODELS   # the flow models (gradguide/bench/peers_flow.py) have their own sizes
 UNET_CONFIG = dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
                    down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
@@ -60,30 +58,6 @@ QUICK_UNET_CONFIG = dict(UNET_CONFIG, block_out_channels=(8, 8, 8), norm_num_gro
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                     set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
 UNET_TOLERANCE = 1e-4   # the issue's bound on max |gradguide − diffusers| for the U-Net rows
-
-
-class CheapModel(nn.Module):
-    """ε = 1×1 conv(x) + the first C entries of the text embedding's first token, per channel; the
-    convolution is near 0.9·identity so that samples stay of order one over the 25 steps."""
-
-    def __init__(self, channels: int, seed: int):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.conv = nn.Conv2d(channels, channels, 1)
-        with torch.no_grad():
-            w = 0.9 * torch.eye(channels) + 0.05 * torch.randn(channels, channels, generator=g)
-            self.conv.weight.copy_(w.reshape(channels, channels, 1, 1))
-            self.conv.bias.copy_(torch.randn(channels, generator=g) * 0.01)
-        self.requires_grad_(False)
-
-    def forward(self, x, t, encoder_hidden_states):
-        c = x.shape[1]
-        # the 1×1 convolution as a channel contraction: torch's CPU conv2d takes a slow path from
-        # batch 16 (5.7 ms instead of 0.17 ms at 16×4×64×64 on the 2026-11-23 machine), which made
-        # the B = 8 + CFG and B = 16 rows time that path instead of the samplers
-        w = self.conv.weight[:, :, 0, 0]
-        y = torch.einsum("oc,bchw->bohw", w, x) + self.conv.bias[:, None, None]
-        return y + 0.01 * encoder_hidden_states[:, 0, :c, None, None]
 
 
 def tiny_unet(channels: int, size: int, seed: int, quick: bool = False):
@@ -271,7 +245,6 @@ def size_table(model: str, quick: bool) -> dict:
 def make_workload(model: str, size: str, cfg: bool, quick: bool, seed: int):
     """The row's workload: :class:`Workload`, or :class:`gradguide.bench.peers_flow.FlowWorkload`."""
     if model in FLOW_MODELS:
-        from gradguide.bench.peers_flow import FlowWorkload
         return FlowWorkload(model, size, cfg, quick, seed)
     return Workload(model, size, cfg, quick, seed)
 
@@ -324,7 +297,7 @@ def run(quick: bool = False, models=MODELS, sizes=None, reps: Optional[int] = No
 
 def _flow_facts(quick: bool) -> dict:
     from gradguide.bench import peers_flow
-    return {"flow_steps": 3 if quick else FLOW_STEPS, "flow_guidance_scale": FLOW_GUIDANCE_SCALE,
+    return {"flow_steps": 3 if quick else FLOW_STEPS, "flow_guidance_scale": peers_flow.FLOW_GUIDANCE_SCALE,
             "flow_scheduler": {"class": "FlowMatchEulerDiscreteScheduler", **peers_flow.SD3_SCHEDULER},
             "flow_sd3_config": peers_flow.SD3_CONFIG}
 

@@ -11,7 +11,7 @@ flow-Euler sampler, backend ``"auto"``, both branches in one call).
 
 Models (random weights, built in code, called as SD3's transformer is called):
 
-- ``flow-cheap``: the peers' cheap model (:class:`gradguide.bench.peers.CheapModel`: a fixed 1×1
+- ``flow-cheap``: the peers' cheap model (:class:`gradguide.bench.peers_models.CheapModel`: a fixed 1×1
   convolution plus a bias from the text embedding) behind a transformer's signature, so the
   time is the samplers' own per-step cost;
 - ``flow-sd3``: a tiny ``SD3Transformer2DModel`` (:data:`SD3_CONFIG`: 2 joint blocks, 2 heads of
@@ -24,16 +24,21 @@ from typing import Callable
 import torch
 
 import gradguide
-from gradguide.bench import peers
+from gradguide.bench.peers_models import TEXT_DIM, TEXT_LEN, CheapModel
+
+FLOW_MODELS = ("flow-cheap", "flow-sd3")
+FLOW_SIZES = {"sd3-b1": (1, 16, 32), "sd3-b4": (4, 16, 32)}   # (B, latent channels, side)
+QUICK_FLOW_SIZES = {"sd3-b1": (1, 16, 8)}
+FLOW_STEPS, FLOW_GUIDANCE_SCALE = 28, 7.0   # StableDiffusion3Pipeline's defaults
 
 SD3_CONFIG = dict(patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16,
-                  num_attention_heads=2, joint_attention_dim=peers.TEXT_DIM, caption_projection_dim=32,
-                  pooled_projection_dim=peers.TEXT_DIM, pos_embed_max_size=64)
+                  num_attention_heads=2, joint_attention_dim=TEXT_DIM, caption_projection_dim=32,
+                  pooled_projection_dim=TEXT_DIM, pos_embed_max_size=64)
 SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)   # SD3's FlowMatchEulerDiscreteScheduler
 
 
-class FlowCheapModel(peers.CheapModel):
-    """:class:`~gradguide.bench.peers.CheapModel` as a velocity model behind a diffusers
+class FlowCheapModel(CheapModel):
+    """:class:`~gradguide.bench.peers_models.CheapModel` as a velocity model behind a diffusers
     transformer's signature (``hidden_states=``, ``timestep=``, ... ``return_dict=False``: a tuple)
     and with its ``dtype`` attribute (a diffusers ``ModelMixin`` has one; ``from_diffusers``'
     wrapper reads it, and without it would look it up again on every call)."""
@@ -59,19 +64,19 @@ class FlowWorkload:
 
     def __init__(self, model_kind: str, size: str, cfg: bool, quick: bool, seed: int):
         from diffusers import FlowMatchEulerDiscreteScheduler
-        b, c, hw = (peers.QUICK_FLOW_SIZES if quick else peers.FLOW_SIZES)[size]
+        b, c, hw = (QUICK_FLOW_SIZES if quick else FLOW_SIZES)[size]
         self.name = f"{model_kind}-{size}-{'cfg' if cfg else 'none'}"
         self.model_kind, self.size, self.cfg = model_kind, size, cfg
         self.shape = (b, c, hw, hw)
-        self.steps = 3 if quick else peers.FLOW_STEPS
+        self.steps = 3 if quick else FLOW_STEPS
         self.model = FlowCheapModel(c, seed) if model_kind == "flow-cheap" else tiny_sd3(c, hw, seed)
         self.scheduler = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER)
         g = torch.Generator().manual_seed(seed + 1)
         self.x_T = torch.randn(self.shape, generator=g)
-        self.pos = torch.randn(b, peers.TEXT_LEN, peers.TEXT_DIM, generator=g)
-        self.neg = torch.randn(b, peers.TEXT_LEN, peers.TEXT_DIM, generator=g)
-        self.pos_pooled = torch.randn(b, peers.TEXT_DIM, generator=g)
-        self.neg_pooled = torch.randn(b, peers.TEXT_DIM, generator=g)
+        self.pos = torch.randn(b, TEXT_LEN, TEXT_DIM, generator=g)
+        self.neg = torch.randn(b, TEXT_LEN, TEXT_DIM, generator=g)
+        self.pos_pooled = torch.randn(b, TEXT_DIM, generator=g)
+        self.neg_pooled = torch.randn(b, TEXT_DIM, generator=g)
         self.params = sum(p.numel() for p in self.model.parameters())
         self._timesteps = None
 
@@ -97,7 +102,7 @@ class FlowWorkload:
                 u = self._velocity(latent_in, t, embeddings, pooled)
                 if self.cfg:
                     u_uncond, u_text = u.chunk(2)
-                    u = u_uncond + peers.FLOW_GUIDANCE_SCALE * (u_text - u_uncond)
+                    u = u_uncond + FLOW_GUIDANCE_SCALE * (u_text - u_uncond)
                 latents = sched.step(u, t, latents, return_dict=False)[0]
         return latents
 
@@ -125,7 +130,7 @@ class FlowWorkload:
         model, schedule = gradguide.from_diffusers(self.model, self.scheduler)
         cond = {"encoder_hidden_states": self.pos, "pooled_projections": self.pos_pooled}
         uncond = {"encoder_hidden_states": self.neg, "pooled_projections": self.neg_pooled}
-        guidance = gradguide.CFG(peers.FLOW_GUIDANCE_SCALE, uncond=uncond) if self.cfg else ()
+        guidance = gradguide.CFG(FLOW_GUIDANCE_SCALE, uncond=uncond) if self.cfg else ()
 
         def one_pass():
             return gradguide.sample(model, self.shape, schedule=schedule, steps=self.steps, x_T=self.x_T, cond=cond,
@@ -134,5 +139,5 @@ class FlowWorkload:
 
     def config(self) -> dict:
         return {"model": self.model_kind, "shape": list(self.shape[1:]), "batch": self.shape[0],
-                "guidance": f"CFG {peers.FLOW_GUIDANCE_SCALE}" if self.cfg else "none", "steps": self.steps,
+                "guidance": f"CFG {FLOW_GUIDANCE_SCALE}" if self.cfg else "none", "steps": self.steps,
                 "params": self.params, "sampler": "flow-euler, FlowMatchEulerDiscreteScheduler(shift=3.0)"}

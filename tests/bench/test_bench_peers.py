@@ -123,16 +123,16 @@ def test_quick_flow_rows(one_thread):
 
 
 def test_flow_runners_really_differ_from_a_wrong_loop():
-    from gradguide.bench.peers_flow import FlowWorkload
-    w = FlowWorkload("flow-sd3", "sd3-b1", True, quick=True, seed=0)
+    from gradguide.bench import peers_flow
+    w = peers_flow.FlowWorkload("flow-sd3", "sd3-b1", True, quick=True, seed=0)
     ref = w.gradguide_runner()()
     assert (ref - w.diffusers_pass()).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
-    scale = peers.FLOW_GUIDANCE_SCALE
+    scale = peers_flow.FLOW_GUIDANCE_SCALE
     try:
-        peers.FLOW_GUIDANCE_SCALE = 2.0
+        peers_flow.FLOW_GUIDANCE_SCALE = 2.0
         other = w.diffusers_pass()
     finally:
-        peers.FLOW_GUIDANCE_SCALE = scale
+        peers_flow.FLOW_GUIDANCE_SCALE = scale
     assert (ref - other).abs().max() > 1e-2
     w.steps = 5   # the ceiling's runner follows the step count, as diffusers' does
     for fn in (w.model_only_pass, w.diffusers_pass):
