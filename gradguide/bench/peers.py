@@ -358,9 +358,9 @@ def markdown(result: dict, note: str = "") -> str:
                      f"{meta.spread_cell(r)} |")
     params = {r["model"]: r["params"] for r in result["rows"]}
     lines += ["", "Models: " + "; ".join(f"`{m}` {p / 1e3:.1f} k parameters" for m, p in params.items())
-              + f". U-Net configuration: {result['unet_config']}."
+              + (f". U-Net configuration: {result['unet_config']}." if "unet" in params else ".")
               + (f" SD3 transformer configuration (`flow-sd3`): {result['flow_sd3_config']}."
-                 if "flow_sd3_config" in result else "")]
+                 if "flow-sd3" in params and "flow_sd3_config" in result else "")]
     return "\n".join(lines) + "\n"
 
 
