@@ -271,7 +271,10 @@ def test_flow_workloads_meet_the_targets(name):
     structure = next(iter(r["steps_measured"].values()))["structure"]
     assert structure["fused"] and structure["combine_k"] == [3]          # x, both branches' velocities
     table = dryrun.flow_targets_table(report)
-    assert f"| {name} (quick) |" in table and table.splitlines()[-1].endswith("| yes |")
+    row = table.splitlines()[-1]
+    assert row.startswith(f"| {name} (quick) |") and "| yes |" in row
+    h100_step_ms = float(row.split(" | ")[6].split(" / ")[0])   # the projected eager step (PROJECTION)
+    assert h100_step_ms == pytest.approx(r["projection"]["H100-SXM"]["eager_step_s"] * 1e3, abs=0.05)
     assert "## Flow workloads against the fused step's targets" in dryrun.markdown(report)
 
 

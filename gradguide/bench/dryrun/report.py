@@ -45,13 +45,19 @@ def flow_targets_table(report: dict) -> str:
     if not rows:
         return ""
     lines = [f"| workload | step | launches beyond the model (target ≤ {TARGET_LAUNCHES}) | bytes / minimum (target ≤ "
-             f"{TARGET_RATIO}) | met |", "|---|---|---:|---:|---|"]
+             f"{TARGET_RATIO}) | met | projected GPU memory MiB | PROJECTION: H100 ms per step, eager / graph | "
+             "PROJECTION: A100 ms per step, eager / graph | PROJECTION: beyond the model, H100 µs per step |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
         s = r["summary"]
         met = s["guidance_launches"] <= TARGET_LAUNCHES and (s["ratio"] or 0) <= TARGET_RATIO
+        h, a = r["projection"]["H100-SXM"], r["projection"]["A100-SXM"]
         lines.append(f"| {r['name']}{' (quick)' if r.get('quick') else ''} | {r['config'].get('sampler', '-')} + "
                      f"{r['config'].get('guidance', '-')} | {s['guidance_launches']} | {s['ratio']:.2f}× | "
-                     f"{'yes' if met else 'no'} |")
+                     f"{'yes' if met else 'no'} | {_mib(s['projected_memory_bytes'])} | "
+                     f"{h['eager_step_s'] * 1e3:.1f} / {h['graph_step_s'] * 1e3:.1f} | "
+                     f"{a['eager_step_s'] * 1e3:.1f} / {a['graph_step_s'] * 1e3:.1f} | "
+                     f"{h['guidance_eager_s'] * 1e6:.1f} |")
     return "\n".join(lines)
 
 
