@@ -185,8 +185,9 @@ def _register_bench(sub) -> None:
                         "'loop': whole sampling passes with a cheap model (the loop's own cost); 'paper': the "
                         "papers' workloads (simulation pass, SD-1.5 + VAE + G_loss, ADM + classifier + PixelAsParam), "
                         "each eager / fused / fused+graph / torch.compile; 'peers': gradguide vs the plain "
-                        "diffusers DDIM loop, side by side (cheap model and tiny SD U-Net, unguided and CFG 7.5; "
-                        "see gradguide/bench/peers.py); 'gpu': the GPU acceptance run (bandwidth sweep, "
+                        "diffusers DDIM loop, side by side (cheap model and tiny SD U-Net, unguided and CFG 7.5), and "
+                        "the SD3 flow-Euler loop (cheap model and tiny SD3 transformer, CFG 7.0; see "
+                        "gradguide/bench/peers.py, peers_flow.py); 'gpu': the GPU acceptance run (bandwidth sweep, "
                         "graph-vs-eager equality and speed, paper workloads, NVML memory) in one report (needs a "
                         "CUDA device; see docs/performance.md); 'precision': float32 vs float64 on the pinned precision cases, "
                         "every backend (gradguide/bench/precision.py); 'native-bandwidth': the native CPU ops against "
@@ -213,10 +214,11 @@ def _register_bench_loop(p) -> None:
     # options of --suite loop|paper (gradguide/bench/loop.py, imported lazily like bench/ops.py)
     p.add_argument("--workloads", default=None,
                    help="loop/paper: comma-separated workloads (default: the suite's; see gradguide/bench/loop.py); "
-                        "peers: models, some of cheap,unet (default both)")
+                        "peers: models, some of cheap,unet,flow-cheap,flow-sd3 (default all)")
     p.add_argument("--sizes", default=None,
-                   help="peers: comma-separated sizes, some of sd-b1,sd-b4,sd-b8,px-b16 (default all; --quick: "
-                        "sd-b1,px-b3); native-bandwidth: some of adm256-b64,sd-b1 (default both; --quick: sd-b1)")
+                   help="peers: comma-separated sizes, some of sd-b1,sd-b4,sd-b8,px-b16 and, for the flow models, "
+                        "sd3-b1,sd3-b4 (default all; --quick: sd-b1,px-b3,sd3-b1); each model runs those of its own "
+                        "table; native-bandwidth: some of adm256-b64,sd-b1 (default both; --quick: sd-b1)")
     p.add_argument("--variants", default=None,
                    help="loop/paper: comma-separated subset of eager,fused,fused+graph,compile "
                         "(default: all; --quick: eager,fused,fused+graph)")

@@ -378,8 +378,7 @@ def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Di
     if both:
         leaves["model_uncond"] = x.detach().requires_grad_(True)
     scale = _flow_scale(run, column)
-    out_c, out_u, further, _, _, whole = _model_outputs(run, model_input if scale is None else model_input * scale, t,
-                                                        i, _scaled(leaves.get("model_uncond"), scale))
+    out_c, out_u, further, _, _, whole = _model_outputs(run, model_input, t, i, scale, leaves.get("model_uncond"))
     outputs = {"model_cond": out_c, "model_uncond": out_u}
     tensors = {"x": x.detach(), "model_cond": out_c.detach()}
     if out_u is not None:
@@ -439,8 +438,7 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     scale = _flow_scale(run, column)
     ctx = StepContext(ops=ops_, index=i, t=t, scalars=scalars, cond=run.cond, x=None, x_input=x_input,
                       state=state, sampler=run.tables.name, prediction=run.prediction, input_scale=scale)
-    x_model = model_input if scale is None else model_input * scale
-    out_c, out_u, further, log_var, log_var_u, _ = _model_outputs(run, x_model, t, i)
+    out_c, out_u, further, log_var, log_var_u, _ = _model_outputs(run, model_input, t, i, scale)
     ctx.learned_log_var = _learned_log_var(run, log_var, scalars)
     tracked = {"x": x_input, "model_cond": out_c, "model_uncond": out_u}
     tracked.update({f"model_{name}": out for name, out in further.items()})
@@ -548,10 +546,6 @@ def step_algebra(run: _Run, ctx: StepContext, inputs: Dict[str, Optional[torch.T
     return x_next, x0_guided, telemetry
 
 
-def _scaled(x: Optional[torch.Tensor], scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    return x if x is None or scale is None else x * scale
-
-
 def _flow_scale(run: _Run, column: torch.Tensor) -> Optional[torch.Tensor]:
     """The model's input scale at this step (0-d, on the device): a flow model's ``x_σ = x/(√ᾱ + √(1−ᾱ))``,
     an EDM model's ``c_in x_σ`` (gradguide.predictions); None where the model sees x itself."""
@@ -607,39 +601,58 @@ def _sum(first: Optional[LinComb], rest: List[LinComb]) -> LinComb:
     return total
 
 
-def _model_outputs(run: _Run, x_in: torch.Tensor, t: torch.Tensor, i: int, x_in_uncond: Optional[torch.Tensor] = None):
+def _model_outputs(run: _Run, x_in: torch.Tensor, t: torch.Tensor, i: int, scale: Optional[torch.Tensor] = None,
+                   uncond_leaf: Optional[torch.Tensor] = None):
     """``(out_cond, out_uncond or None, {further branch: output}, variance channels of cond, of
     uncond, the batched output or None)``: the branches step ``i``'s guider asks for (perturbed
     models among them, evaluated by ``run.branch_caller``), else :func:`_model_branches`' two."""
     if run.branch_caller is None:
-        out_c, out_u, log_var, log_var_u, whole = _model_branches(run, x_in, t, x_in_uncond)
+        out_c, out_u, log_var, log_var_u, whole = _model_branches(run, x_in, t, scale, uncond_leaf)
         return out_c, out_u, {}, log_var, log_var_u, whole
-    outs = run.branch_caller(functools.partial(_call_model, run), x_in, t, run.branch.step_branches(i))
+    outs = run.branch_caller(functools.partial(_call_model, run), _model_input(x_in, scale, 1), t,
+                             run.branch.step_branches(i))
     (out_c, log_var), (out_u, log_var_u) = outs.pop("cond"), outs.pop("uncond", (None, None))
     return out_c, out_u, {name: out for name, (out, _) in outs.items()}, log_var, log_var_u, None
 
 
-def _model_branches(run: _Run, x_in: torch.Tensor, t: torch.Tensor, x_in_uncond: Optional[torch.Tensor] = None):
+def _model_input(x: torch.Tensor, scale: Optional[torch.Tensor], copies: int) -> torch.Tensor:
+    """The model's input: ``x`` (a flow model's ``x_σ = x · scale``), stacked ``copies`` times
+    for a batched branch call. Scale and copies are one elementwise pass (x read once, the input
+    written once) rather than a multiply and then a ``cat`` that reads its result twice; the
+    values are those of ``cat([x * scale] * copies)``."""
+    if copies == 1:
+        return x if scale is None else x * scale
+    rows = x.unsqueeze(0).expand(copies, *x.shape)
+    rows = rows.clone(memory_format=torch.contiguous_format) if scale is None else rows * scale
+    return rows.flatten(0, 1)
+
+
+def _model_branches(run: _Run, x_in: torch.Tensor, t: torch.Tensor, scale: Optional[torch.Tensor] = None,
+                    uncond_leaf: Optional[torch.Tensor] = None):
     """``(out_cond, out_uncond or None, learned variance channels of each branch or None, the
-    batched output or None)``: one
-    call of batch 2B when ``run.batched`` holds both branches' stacked inputs (unconditional rows
-    first, as diffusers pipelines), else one call per branch. Under G_loss the batched call is
-    also one backward pass through the model. ``x_in_uncond``: the unconditional branch's input
-    where it is a tensor of its own (a separate autograd leaf), else ``x_in``."""
-    x_in_u = x_in if x_in_uncond is None else x_in_uncond
+    batched output or None)``: one call of batch 2B when ``run.batched`` holds both branches'
+    stacked inputs (unconditional rows first, as diffusers pipelines), else one call per branch.
+    Under G_loss the batched call is also one backward pass through the model. ``scale``: a flow
+    model's input scale (None: the model takes ``x_in`` itself), applied as the input is formed
+    (:func:`_model_input`). ``uncond_leaf``: the unconditional branch's input as an autograd leaf
+    of its own (a VJP through each branch separately), else ``x_in`` is both branches'."""
     if run.branch is None:
-        out_c, log_var = _call_model(run, x_in, t, run.cond, "model(x_t, t, **cond)")
+        out_c, log_var = _call_model(run, _model_input(x_in, scale, 1), t, run.cond, "model(x_t, t, **cond)")
         return out_c, None, log_var, None, None
     if run.batched is not None:
+        x2 = (_model_input(x_in, scale, 2) if uncond_leaf is None
+              else _model_input(torch.cat([uncond_leaf, x_in]), scale, 1))
         # every row shares the step's timestep (an expanded scalar): the batch's is a view, not a copy
         t2 = t.as_strided((2 * t.shape[0],), (0,)) if t.shape[0] == 1 or t.stride() == (0,) else torch.cat([t, t])
-        out, var = _call_model(run, torch.cat([x_in_u, x_in]), t2, run.batched,
+        out, var = _call_model(run, x2, t2, run.batched,
                                "model(cat[x_t, x_t], cat[t, t], **cat[uncond, cond])", batch=2 * run.shape[0])
         out_c, out_u = split_branches(out, run.shape[0])
         var_c, var_u = (None, None) if var is None else split_branches(var, run.shape[0])
         return out_c, out_u, var_c, var_u, out
-    out_c, log_var = _call_model(run, x_in, t, run.cond, "model(x_t, t, **cond)")
-    out_u, log_var_u = _call_model(run, x_in_u, t, run.uncond, "model(x_t, t, **uncond)")
+    x_model = _model_input(x_in, scale, 1)
+    out_c, log_var = _call_model(run, x_model, t, run.cond, "model(x_t, t, **cond)")
+    x_model_u = x_model if uncond_leaf is None else _model_input(uncond_leaf, scale, 1)
+    out_u, log_var_u = _call_model(run, x_model_u, t, run.uncond, "model(x_t, t, **uncond)")
     return out_c, out_u, log_var, log_var_u, None
 
 

@@ -141,3 +141,40 @@ def tiny_unet2d():
                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
                       norm_num_groups=4)
     return net.eval().requires_grad_(False)
+
+
+# -- guidance through a flow pipeline (tests/integrations/test_pipeline_sana.py, test_pipeline_qwenimage.py) --
+
+GUIDANCE_OBJECTIVES = ("G_loss", "G_loss-decoded", "dps", "classifier")
+
+
+def guidance_objectives(pipe, shape, image_shape):
+    """guidance name -> (guidance term, objective(latents) -> [B] distance to its target): each
+    term's own aim, measured on the final latents (decoded where the term decodes)."""
+    g_lat = torch.randn(shape, generator=torch.Generator().manual_seed(6)) / shape[-1]
+    g_img = torch.randn(image_shape, generator=torch.Generator().manual_seed(7)) / image_shape[-1]
+    mu = torch.randn(shape, generator=torch.Generator().manual_seed(8))
+    mu = mu / mu.flatten(1).norm(dim=1).view(-1, *[1] * (mu.dim() - 1))   # unit class direction per sample
+    y = 0.3 * torch.randn(image_shape[0], image_shape[1], 4, 4, generator=torch.Generator().manual_seed(9))
+
+    def pooled(z):   # the DPS operator: the decoded image, average-pooled to 4×4
+        return torch.nn.functional.adaptive_avg_pool2d(pipe.decode_latents(z), 4)
+
+    def log_prob(x, t, **_):
+        # the exact noisy classifier of the model's input x_σ between classes N(±mu, I) (y = +1): its
+        # logit 2(1 − σ) muᵀx_σ / ((1 − σ)² + σ²) vanishes at pure noise, σ = 1, as a noisy classifier's does
+        sigma = (t.double() / 1000).clamp(0, 1).to(x.dtype)
+        logit = 2 * (1 - sigma) * torch.einsum("b...,b...->b", mu, x) / ((1 - sigma) ** 2 + sigma ** 2)
+        return torch.nn.functional.logsigmoid(logit)
+
+    def lat_reward(z):
+        return torch.einsum("b...,b...->b", g_lat, z)
+    return {
+        # the paper's per-sample β(t) (a constant β has the ε-model weight, unbounded at σ = 1: docs/flow.md)
+        "G_loss": (gg.LookAhead(g_lat, target=2.0), lambda z: (lat_reward(z) - 2.0).abs()),
+        "G_loss-decoded": (pipe.reward_guidance(g_img, target=1.0, beta=20.0),
+                           lambda z: (torch.einsum("b...,b...->b", g_img, pipe.decode_latents(z)) - 1.0).abs()),
+        "dps": (gg.DPS(pooled, y, zeta=200.0), lambda z: (pooled(z) - y).flatten(1).norm(dim=1)),
+        # the class +1 side: muᵀz grows (the objective, −muᵀz, falls)
+        "classifier": (gg.Classifier(log_prob, scale=4.0), lambda z: -torch.einsum("b...,b...->b", mu, z)),
+    }

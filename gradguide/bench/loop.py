@@ -52,6 +52,7 @@ comparable with the paper. On a shared CPU quote ratios, not times.
 """
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 import warnings
@@ -65,6 +66,8 @@ import gradguide
 from gradguide import ops
 from gradguide.graphs import GraphCache
 from gradguide.bench import meta, ops as bench_ops  # run metadata, result writing
+from gradguide.bench import flow_workloads
+from gradguide.bench.flow_workloads import FLOW_WORKLOADS
 from gradguide.bench.profiling import MemorySampler
 from gradguide.tools import guidance_spec
 from gradguide.tools.guidance_spec import guidance_terms
@@ -77,7 +80,8 @@ VARIANTS = ("eager", "fused", "fused+graph", "compile")
 PAPER_WORKLOADS = ("sim-lookahead", "sim-unguided", "sd-cfg-lookahead", "adm64-cls-pxpA", "adm128-cls-pxpA",
                    "adm256-cls-pxpA")
 LOOP_WORKLOADS = ("loop-unguided", "loop-cfg", "loop-cfg-pxpC", "loop-apg", "loop-cls-pxpA", "loop-lookahead")
-ALL_WORKLOADS = PAPER_WORKLOADS + LOOP_WORKLOADS
+# FLOW_WORKLOADS: SD3-medium and Flux at full size (gradguide/bench/flow_workloads.py; the dry run's, in no suite)
+ALL_WORKLOADS = PAPER_WORKLOADS + LOOP_WORKLOADS + FLOW_WORKLOADS
 SUITES = {"paper": PAPER_WORKLOADS, "loop": LOOP_WORKLOADS}
 QUICK_SUITES = {"paper": PAPER_WORKLOADS[:4], "loop": LOOP_WORKLOADS}
 QUICK_VARIANTS = ("eager", "fused", "fused+graph")
@@ -428,17 +432,22 @@ def _loop(name, quick, device, seed):
 
 
 def needs_diffusers(name: str) -> bool:
-    """Whether workload ``name`` builds diffusers modules (the SD and ADM U-Nets, the VAE)."""
-    return name.startswith(("sd", "adm"))
+    """Whether workload ``name`` builds diffusers modules (the SD and ADM U-Nets, the VAE, the
+    SD3 and Flux transformers)."""
+    return name.startswith(("sd", "adm", "flux"))
 
 
 def build_workload(name: str, quick: bool = False, device="cpu", seed: int = 0,
                    dtype: Optional[torch.dtype] = None) -> Workload:
     """Build workload ``name`` (see the module doc). ``dtype``: the U-Nets' weights for the SD
-    and ADM workloads (default float16 on CUDA, float32 on CPU); sampling runs in float32."""
+    and ADM workloads (default float16 on CUDA, float32 on CPU); sampling runs in float32. The
+    flow workloads' transformer and latents (default bfloat16): gradguide/bench/flow_workloads.py."""
     if name not in ALL_WORKLOADS:
         raise ValueError(f"workload: expected one of {', '.join(ALL_WORKLOADS)}, got {name!r}")
     device = torch.device(device)
+    if name in FLOW_WORKLOADS:
+        parts = flow_workloads.build(name, quick, device, seed, dtype, _prepare)   # (its own dtype default)
+        return Workload(name, **parts)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" else torch.float32
     if name.startswith("sim"):
@@ -496,9 +505,11 @@ def make_pass(w: Workload, variant: str, seed: int = 0, cache: Optional[GraphCac
     def one_pass(callback=None):
         kw = w.sample_kwargs(seed=seed, compiled=variant == "compile")
         model, shape = kw.pop("model"), kw.pop("shape")
+        own = kw.pop("execution", None)   # a workload's own state dtype (the flow workloads: bfloat16)
+        run_execution = execution if own is None else dataclasses.replace(execution, dtype=own.dtype)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*CUDA graphs need a CUDA device.*")
-            return gradguide.sample(model, shape, execution=execution,
+            return gradguide.sample(model, shape, execution=run_execution,
                                     diagnostics=gradguide.Diagnostics(callback=callback), **kw)
     return one_pass
 

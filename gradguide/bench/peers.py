@@ -20,7 +20,10 @@ pass each, whose outputs are compared (``max |Δ|``). Workloads, each unguided a
   :data:`UNET_CONFIG`: 3 levels of 16/32/32 channels, cross-attention at the lowest resolution,
   77×32 text embeddings), end to end.
 
-Sizes: SD latents 4×64×64 at B = 1, 4, 8 and 3×64×64 at B = 16. Per row: the per-step median
+Sizes: SD latents 4×64×64 at B = 1, 4, 8 and 3×64×64 at B = 16. The flow rows
+(:mod:`gradguide.bench.peers_flow`: ``flow-cheap`` and a tiny ``SD3Transformer2DModel``,
+``flow-sd3``) race diffusers' SD3 loop, 28 flow-Euler steps on ``FlowMatchEulerDiscreteScheduler(shift=3.0)``
+with CFG 7.0 (the SD3 pipeline's defaults), on 16×32×32 latents at B = 1 and 4. Per row: the per-step median
 (pass time / steps, median over the timed passes) of each runner, the speed ratio
 ``diffusers time / gradguide time`` (> 1: gradguide is faster) and model calls per step. On a
 shared CPU quote ratios, not times; ``OMP_WAIT_POLICY=PASSIVE`` keeps 2 threads usable when
@@ -38,13 +41,15 @@ from torch import nn
 
 import gradguide
 from gradguide.bench import meta
+from gradguide.bench.peers_flow import (FLOW_GUIDANCE_SCALE, FLOW_MODELS, FLOW_SIZES, FLOW_STEPS,  # noqa: F401
+                                        QUICK_FLOW_SIZES, FlowWorkload)
+from gradguide.bench.peers_models import TEXT_DIM, TEXT_LEN, CheapModel  # noqa: F401  (the rows' models)
 
 STEPS = 25
 GUIDANCE_SCALE = 7.5
 SIZES = {"sd-b1": (1, 4, 64), "sd-b4": (4, 4, 64), "sd-b8": (8, 4, 64), "px-b16": (16, 3, 64)}
 QUICK_SIZES = {"sd-b1": (1, 4, 8), "px-b3": (3, 3, 8)}
-MODELS = ("cheap", "unet")
-TEXT_LEN, TEXT_DIM = 77, 32
+MODELS = ("cheap", "unet") + FLOW_MODELS   # the flow models (gradguide/bench/peers_flow.py) have their own sizes
 UNET_CONFIG = dict(block_out_channels=(16, 32, 32), layers_per_block=1, norm_num_groups=8,
                    down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
                    up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
@@ -53,30 +58,6 @@ QUICK_UNET_CONFIG = dict(UNET_CONFIG, block_out_channels=(8, 8, 8), norm_num_gro
 SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                     set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading", prediction_type="epsilon")
 UNET_TOLERANCE = 1e-4   # the issue's bound on max |gradguide − diffusers| for the U-Net rows
-
-
-class CheapModel(nn.Module):
-    """ε = 1×1 conv(x) + the first C entries of the text embedding's first token, per channel; the
-    convolution is near 0.9·identity so that samples stay of order one over the 25 steps."""
-
-    def __init__(self, channels: int, seed: int):
-        super().__init__()
-        g = torch.Generator().manual_seed(seed)
-        self.conv = nn.Conv2d(channels, channels, 1)
-        with torch.no_grad():
-            w = 0.9 * torch.eye(channels) + 0.05 * torch.randn(channels, channels, generator=g)
-            self.conv.weight.copy_(w.reshape(channels, channels, 1, 1))
-            self.conv.bias.copy_(torch.randn(channels, generator=g) * 0.01)
-        self.requires_grad_(False)
-
-    def forward(self, x, t, encoder_hidden_states):
-        c = x.shape[1]
-        # the 1×1 convolution as a channel contraction: torch's CPU conv2d takes a slow path from
-        # batch 16 (5.7 ms instead of 0.17 ms at 16×4×64×64 on the 2026-11-23 machine), which made
-        # the B = 8 + CFG and B = 16 rows time that path instead of the samplers
-        w = self.conv.weight[:, :, 0, 0]
-        y = torch.einsum("oc,bchw->bohw", w, x) + self.conv.bias[:, None, None]
-        return y + 0.01 * encoder_hidden_states[:, 0, :c, None, None]
 
 
 def tiny_unet(channels: int, size: int, seed: int, quick: bool = False):
@@ -249,9 +230,23 @@ def run_workload(w: Workload, reps: Optional[int] = None, budget_s: float = 3.0)
                spread=max((v for v in spreads.values() if v is not None), default=None),
                unstable=meta.unstable(*spreads.values()),
                finite=bool(torch.isfinite(outputs["gradguide"]).all()))
-    if w.model_kind == "unet":
+    if w.model_kind in ("unet", "flow-sd3"):
         row["within_tolerance"] = diff <= UNET_TOLERANCE
     return row
+
+
+def size_table(model: str, quick: bool) -> dict:
+    """The sizes of ``model``'s rows (the flow models have their own: 16 latent channels)."""
+    if model in FLOW_MODELS:
+        return QUICK_FLOW_SIZES if quick else FLOW_SIZES
+    return QUICK_SIZES if quick else SIZES
+
+
+def make_workload(model: str, size: str, cfg: bool, quick: bool, seed: int):
+    """The row's workload: :class:`Workload`, or :class:`gradguide.bench.peers_flow.FlowWorkload`."""
+    if model in FLOW_MODELS:
+        return FlowWorkload(model, size, cfg, quick, seed)
+    return Workload(model, size, cfg, quick, seed)
 
 
 def run(quick: bool = False, models=MODELS, sizes=None, reps: Optional[int] = None, seed: int = 0,
@@ -261,21 +256,22 @@ def run(quick: bool = False, models=MODELS, sizes=None, reps: Optional[int] = No
     bad = [m for m in models if m not in MODELS]
     if bad:
         raise ValueError(f"models: unknown {bad}; expected some of {', '.join(MODELS)}")
-    table = QUICK_SIZES if quick else SIZES
-    sizes = list(sizes or table)
-    bad = [s for s in sizes if s not in table]
+    known = {s for m in models for s in size_table(m, quick)}
+    bad = [s for s in sizes or () if s not in known]
     if bad:
-        raise ValueError(f"sizes: unknown {bad}; expected some of {', '.join(table)}")
+        raise ValueError(f"sizes: unknown {bad}; expected some of {', '.join(sorted(known))}")
     if reps is not None and reps < 1:
         raise ValueError(f"reps: expected a positive count, got {reps}")
-    plan = [(m, s, cfg) for m in models for s in sizes for cfg in (False, True)]
+    # each model runs the given sizes its own table has (all of them without sizes=)
+    plan = [(m, s, cfg) for m in models for s in size_table(m, quick) if sizes is None or s in sizes
+            for cfg in (False, True)]
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(plan), desc="bench peers", unit="row", disable=None)  # None: off on a non-terminal
     rows = []
     for m, s, cfg in plan:
-        w = Workload(m, s, cfg, quick, seed)
+        w = make_workload(m, s, cfg, quick, seed)
         if bar is not None:
             bar.set_postfix_str(w.name)
         # the model-bound rows: a few passes are enough (the ratio tends to 1 there)
@@ -294,8 +290,16 @@ def run(quick: bool = False, models=MODELS, sizes=None, reps: Optional[int] = No
             "versions": meta.versions("torch", "diffusers", "gradguide"),
             "command": command, "steps": STEPS if not quick else 3, "guidance_scale": GUIDANCE_SCALE,
             "scheduler": SD_SCHEDULER, "unet_config": QUICK_UNET_CONFIG if quick else UNET_CONFIG,
+            **(_flow_facts(quick) if any(m in FLOW_MODELS for m in models) else {}),
             "unet_tolerance": UNET_TOLERANCE, "rows": rows, "spread_limit": meta.SPREAD_LIMIT,
             "unstable_rows": meta.count_unstable(rows), "timed_rows": len(rows)}
+
+
+def _flow_facts(quick: bool) -> dict:
+    from gradguide.bench import peers_flow
+    return {"flow_steps": 3 if quick else FLOW_STEPS, "flow_guidance_scale": peers_flow.FLOW_GUIDANCE_SCALE,
+            "flow_scheduler": {"class": "FlowMatchEulerDiscreteScheduler", **peers_flow.SD3_SCHEDULER},
+            "flow_sd3_config": peers_flow.SD3_CONFIG}
 
 
 def markdown(result: dict, note: str = "") -> str:
@@ -320,6 +324,14 @@ def markdown(result: dict, note: str = "") -> str:
              "gradguide.sample(sampler='ddim', guidance=CFG(w, uncond=...)) with every default; model-only "
              "runner: per step the cat and the model call alone, interleaved with the two: ceiling = "
              "diffusers time / model-only time, the most any sampler could be faster than diffusers on that row"]
+    if "flow_steps" in result:
+        lines.append(f"- flow rows (`flow-cheap`, `flow-sd3`): {result['flow_steps']} flow-Euler steps, "
+                     f"FlowMatchEulerDiscreteScheduler(shift={result['flow_scheduler']['shift']}), CFG "
+                     f"{result['flow_guidance_scale']} on the velocity; diffusers runner: StableDiffusion3Pipeline's "
+                     "loop (cat latents, t.expand(2B), one transformer call with [negative, positive] "
+                     "embeddings and pooled projections, u + w (c − u), FlowMatchEulerDiscreteScheduler.step); "
+                     "gradguide runner: from_diffusers(transformer, scheduler) and gradguide.sample(guidance=CFG(w, "
+                     "uncond=...)) with every default (flow-euler); same noise, same embeddings")
     if note:
         lines.append(f"- {note}")
     lines += ["- like with like: both runners hold float32 samples and run on the same torch threads in one "
@@ -346,7 +358,9 @@ def markdown(result: dict, note: str = "") -> str:
                      f"{meta.spread_cell(r)} |")
     params = {r["model"]: r["params"] for r in result["rows"]}
     lines += ["", "Models: " + "; ".join(f"`{m}` {p / 1e3:.1f} k parameters" for m, p in params.items())
-              + f". U-Net configuration: {result['unet_config']}."]
+              + (f". U-Net configuration: {result['unet_config']}." if "unet" in params else ".")
+              + (f" SD3 transformer configuration (`flow-sd3`): {result['flow_sd3_config']}."
+                 if "flow-sd3" in params and "flow_sd3_config" in result else "")]
     return "\n".join(lines) + "\n"
 
 

@@ -258,12 +258,13 @@ def test_dryrun_default_runs_without_diffusers_and_names_what_it_skips(tmp_path)
     r = run_without(["diffusers"], "dryrun", "--quick", "--no-combinations", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stderr.strip().splitlines() == [
-        'gradguide dryrun: skipping sd-cfg-lookahead, adm64-cls-pxpA (they build diffusers modules): diffusers is '
-        'not installed: pip install "gradguide[diffusers]"']
+        'gradguide dryrun: skipping sd-cfg-lookahead, adm64-cls-pxpA, sd3m-cfg, flux-dev-truecfg, flux-schnell-truecfg '
+        '(they build diffusers modules): diffusers is not installed: pip install "gradguide[diffusers]"']
     (js,) = (tmp_path / "benchmarks" / "results").glob("dryrun-quick-*.json")
     report = json.loads(js.read_text())
     assert [w["name"] for w in report["workloads"]] == ["sim-lookahead"]
-    assert set(report["skipped_workloads"]) == {"sd-cfg-lookahead", "adm64-cls-pxpA"}
+    assert set(report["skipped_workloads"]) == {"sd-cfg-lookahead", "adm64-cls-pxpA", "sd3m-cfg", "flux-dev-truecfg",
+                                                "flux-schnell-truecfg"}
     assert "Skipped workload `sd-cfg-lookahead`" in js.with_suffix(".md").read_text()
 
 

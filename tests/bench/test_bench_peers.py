@@ -102,3 +102,45 @@ def test_model_only_runner_follows_the_step_count():
     for fn in (w.model_only_pass, w.diffusers_pass):
         _, calls = peers._count_calls(w.model, fn)
         assert calls == 5
+
+
+def test_quick_flow_rows(one_thread):
+    """The flow rows: gradguide (from_diffusers + sample, flow-Euler, CFG in one batched call) against
+    diffusers' SD3 loop on the same transformer and noise; the samples agree and both make one
+    transformer call per step."""
+    result = peers.run(quick=True, models=["flow-cheap", "flow-sd3"], reps=1, progress=False)
+    rows = {r["workload"]: r for r in result["rows"]}
+    assert set(rows) == {"flow-cheap-sd3-b1-none", "flow-cheap-sd3-b1-cfg", "flow-sd3-sd3-b1-none",
+                         "flow-sd3-sd3-b1-cfg"}
+    for name, r in rows.items():
+        assert r["finite"] and r["speed_ratio"] > 0 and r["shape"] == [16, 8, 8]
+        assert r["calls_per_step"] == {"gradguide": 1.0, "diffusers": 1.0, "model only": 1.0}, name
+        assert r["max_abs_diff"] <= 1e-4 * max(1.0, r["output_scale"]), (name, r["max_abs_diff"])
+        assert r["gradguide_step"] == "fused", name   # flow Euler (+ CFG) is a built-in fused program
+    assert rows["flow-sd3-sd3-b1-cfg"]["within_tolerance"] and rows["flow-sd3-sd3-b1-cfg"]["guidance"] == "CFG 7.0"
+    md = peers.markdown(result)
+    assert "flow rows" in md and "StableDiffusion3Pipeline" in md and "| flow-sd3 | 16×8×8 | 1 | CFG 7.0 |" in md
+
+
+def test_flow_runners_really_differ_from_a_wrong_loop():
+    from gradguide.bench import peers_flow
+    w = peers_flow.FlowWorkload("flow-sd3", "sd3-b1", True, quick=True, seed=0)
+    ref = w.gradguide_runner()()
+    assert (ref - w.diffusers_pass()).abs().max() <= 1e-4 * max(1.0, ref.abs().max().item())
+    scale = peers_flow.FLOW_GUIDANCE_SCALE
+    try:
+        peers_flow.FLOW_GUIDANCE_SCALE = 2.0
+        other = w.diffusers_pass()
+    finally:
+        peers_flow.FLOW_GUIDANCE_SCALE = scale
+    assert (ref - other).abs().max() > 1e-2
+    w.steps = 5   # the ceiling's runner follows the step count, as diffusers' does
+    for fn in (w.model_only_pass, w.diffusers_pass):
+        assert peers._count_calls(w.model, fn)[1] == 5
+
+
+def test_sizes_belong_to_their_models():
+    with pytest.raises(ValueError, match="sizes: unknown"):
+        peers.run(quick=True, models=["flow-sd3"], sizes=["sd-b1"], progress=False)
+    assert peers.size_table("flow-cheap", quick=False) == peers.FLOW_SIZES
+    assert peers.size_table("unet", quick=True) == peers.QUICK_SIZES

@@ -1,6 +1,8 @@
 """The fake-CUDA dry run: guided steps on fake tensors prove device, sync and
 trace properties, and count launches, bytes and memory. Small shapes: the whole module runs in
 about a minute on two CPU cores."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -294,3 +296,63 @@ def test_ddim_clip_cfg_pxp_c_on_triton_runs_the_clip_shift_kernel():
     big = sum(o["large_bytes"] for o in ops_.values())
     assert s["minimum_bytes"] == 7 * S and big == s["guidance_bytes"] == 13 * S, (big, s)
     assert s["ratio"] <= 1.9, s
+
+
+def test_a_broadcast_input_is_read_once():
+    tracker = dryrun.Tracker()
+    world = dryrun.FakeWorld("meta")
+    counter = dryrun.Counter(tracker, large=1000)
+    tracker.enter("guidance")
+    with world.mode, counter:
+        a = torch.randn(10, 100, device="meta")
+        counter.reset()
+        b = a.unsqueeze(0).expand(2, 10, 100) * 2.0    # reads a once, writes two copies
+        del b
+    s = counter.stats["guidance"]
+    assert s["launches"] == 1 and s["bytes_read"] == 4000 and s["bytes_written"] == 8000
+
+
+@pytest.mark.parametrize("name", dryrun.FLOW)
+def test_flow_workloads_meet_the_targets(name):
+    """SD3 / Flux architectures (quick sizes: the same classes and code path as the full-size rows),
+    bfloat16, flow Euler + CFG with both branches in one transformer call: on the fake GPU with
+    Triton, at most 8 launches beyond the model at <= 1.1x the minimum bytes; the model input
+    x_σ = x · scale for both branches is one multiply (no cat of the latents, no second pass)."""
+    report = dryrun.build_report([name], combinations=False, quick=True, backend="triton", progress=False,
+                                 command="test")
+    (r,) = report["workloads"]
+    s = r["summary"]
+    ops_ = next(iter(r["steps_measured"].values()))["guidance"]["ops"]
+    assert r["fake_device"] == "cuda" and r["dtype"] == "bfloat16" and s["backend"] == "triton"
+    assert s["model_launches"] > 20 and s["weight_bytes"] > 0
+    assert s["guidance_launches"] <= dryrun.TARGET_LAUNCHES, ops_
+    assert s["ratio"] <= dryrun.TARGET_RATIO, (s, ops_)
+    assert ops_["aten.mul"]["launches"] == 1 and ops_["gradguide_triton.fused_combine"]["launches"] == 1, ops_
+    assert ops_.get("aten.cat", {"large_bytes": 0})["large_bytes"] == 0, ops_   # (the timesteps' cat only)
+    structure = next(iter(r["steps_measured"].values()))["structure"]
+    assert structure["fused"] and structure["combine_k"] == [3]          # x, both branches' velocities
+    table = dryrun.flow_targets_table(report)
+    row = table.splitlines()[-1]
+    assert row.startswith(f"| {name} (quick) |") and "| yes |" in row
+    h100_step_ms = float(row.split(" | ")[6].split(" / ")[0])   # the projected eager step (PROJECTION)
+    assert h100_step_ms == pytest.approx(r["projection"]["H100-SXM"]["eager_step_s"] * 1e3, abs=0.05)
+    assert "## Flow workloads against the fused step's targets" in dryrun.markdown(report)
+
+
+def test_flow_workloads_are_built_as_the_pipelines_build_them():
+    from gradguide.bench import flow_workloads, loop
+    from gradguide.flow_schedules import calculate_shift
+    w = loop.build_workload("flux-dev-truecfg", quick=True, device="cpu")
+    assert w.shape == (1, 16, 16) and w.fixed["execution"].dtype == torch.bfloat16
+    cond = w.fixed["cond"]
+    assert cond["img_ids"].shape == (1, 16, 3) and cond["txt_ids"].shape == (1, 6, 3)
+    assert cond["guidance"].tolist() == [flow_workloads.FLUX_EMBEDDED]       # dev: the embedded guidance
+    sigmas = (w.fixed["sampler"].timesteps.t / 1000).tolist()   # the model timesteps: σ · 1000
+    mu = calculate_shift(16, 256, 4096, 0.5, 1.15)
+    expected = [math.exp(mu) / (math.exp(mu) + 1 / s - 1) for s in (1.0, 0.5)]   # linspace(1, 1/N, N), shifted
+    assert sigmas == pytest.approx(expected, rel=1e-6)
+    cfg = w.per_pass(lambda f: f, 0)["guidance"]
+    assert isinstance(cfg, gg.CFG) and cfg.scale == flow_workloads.FLUX_TRUE_CFG
+    assert "guidance" not in loop.build_workload("flux-schnell-truecfg", quick=True, device="cpu").fixed["cond"]
+    sd3 = loop.build_workload("sd3m-cfg", quick=True, device="cpu")
+    assert sd3.shape == (1, 4, 8, 8) and set(sd3.fixed["cond"]) == {"encoder_hidden_states", "pooled_projections"}

@@ -45,6 +45,15 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
+def _read_nbytes(t: torch.Tensor) -> int:
+    """The bytes an op reads of input ``t``: a broadcast (stride-0) dimension is the same memory
+    again, read once (``x.expand(2, ...)`` reads x, not two copies of it)."""
+    n = 1
+    for size, stride in zip(t.shape, t.stride()):
+        n *= size if stride != 0 else 1
+    return n * t.element_size()
+
+
 class Tracker:
     """The phase stack that :func:`gradguide.bench.profiling.phased` drives (``enter``/``exit``)."""
 
@@ -99,15 +108,15 @@ class Counter(TorchDispatchMode):
             s["views"] += 1
             return out
         ins = _tensors(list(args) + list(kwargs.values()))
-        read = sum(_nbytes(t) for t in ins)
+        read = sum(_read_nbytes(t) for t in ins)
         written = sum(_nbytes(t) for t in outs)
-        big = sum(_nbytes(t) for t in ins if t.numel() >= self.large) + \
+        big = sum(_read_nbytes(t) for t in ins if t.numel() >= self.large) + \
             sum(_nbytes(t) for t in outs if t.numel() >= self.large)
         s["launches"] += 1
         key = str(func._overloadpacket)
         count, nb = s["ops"].get(key, (0, 0))
         s["ops"][key] = (count + 1, nb + big)
-        s["bytes_read"] += sum(_nbytes(t) for t in ins if t.numel() >= self.large)
+        s["bytes_read"] += sum(_read_nbytes(t) for t in ins if t.numel() >= self.large)
         s["bytes_written"] += sum(_nbytes(t) for t in outs if t.numel() >= self.large)
         s["all_bytes"] += read + written
         flops = 0

@@ -12,7 +12,9 @@ from .workloads import run_all_combinations, run_workload
 
 # -- report ---------------------------------------------------------------------------------------------
 
-PAPER = ("sim-lookahead", "sd-cfg-lookahead", "adm64-cls-pxpA")
+# the paper workloads, then SD3-medium and Flux at full size (gradguide/bench/flow_workloads.py)
+FLOW = ("sd3m-cfg", "flux-dev-truecfg", "flux-schnell-truecfg")
+PAPER = ("sim-lookahead", "sd-cfg-lookahead", "adm64-cls-pxpA") + FLOW
 PAPER_FIGURES = {"sim-lookahead": "4.6 s per pass, one A100 (Guo et al. 2024, Table 1)",
                  "sd-cfg-lookahead": "not given per pass", "adm64-cls-pxpA": "not given per pass"}
 
@@ -44,6 +46,28 @@ def targets_table(report: dict) -> str:
         lines.append(f"| {' + '.join(k for k in key if k != 'none')} | {c['guidance_launches']} | {c['ratio']:.2f}× | "
                      f"{'yes' if met else 'no'} |")
     return "\n".join(lines + (["", BRANCH_NOTE] if branch_rows else []))
+
+
+def flow_targets_table(report: dict) -> str:
+    """The flow workloads (flow Euler + CFG, bfloat16, full size) against the fused step's targets."""
+    rows = [r for r in report.get("workloads", []) if r["workload"] in FLOW]
+    if not rows:
+        return ""
+    lines = [f"| workload | step | launches beyond the model (target ≤ {TARGET_LAUNCHES}) | bytes / minimum (target ≤ "
+             f"{TARGET_RATIO}) | met | projected GPU memory MiB | PROJECTION: H100 ms per step, eager / graph | "
+             "PROJECTION: A100 ms per step, eager / graph | PROJECTION: beyond the model, H100 µs per step |",
+             "|---|---|---:|---:|---|---:|---:|---:|---:|"]
+    for r in rows:
+        s = r["summary"]
+        met = s["guidance_launches"] <= TARGET_LAUNCHES and (s["ratio"] or 0) <= TARGET_RATIO
+        h, a = r["projection"]["H100-SXM"], r["projection"]["A100-SXM"]
+        lines.append(f"| {r['name']}{' (quick)' if r.get('quick') else ''} | {r['config'].get('sampler', '-')} + "
+                     f"{r['config'].get('guidance', '-')} | {s['guidance_launches']} | {s['ratio']:.2f}× | "
+                     f"{'yes' if met else 'no'} | {_mib(s['projected_memory_bytes'])} | "
+                     f"{h['eager_step_s'] * 1e3:.1f} / {h['graph_step_s'] * 1e3:.1f} | "
+                     f"{a['eager_step_s'] * 1e3:.1f} / {a['graph_step_s'] * 1e3:.1f} | "
+                     f"{h['guidance_eager_s'] * 1e6:.1f} |")
+    return "\n".join(lines)
 
 
 def _mib(v) -> str:
@@ -89,8 +113,10 @@ def markdown(report: dict) -> str:
              f"triton {report['triton']}, commit {report['git_commit'][:12]}. No GPU: every number below comes "
              "from running the step on fake tensors (counts) or from a roofline formula (projections).", "",
              "Launches are aten + custom ops (views/metadata ops count zero: " + ", ".join(sorted(ZERO_LAUNCH)[:12])
-             + ", …). Bytes: tensors with at least as many elements as x_t, read + written. Minimum: each operand "
-             "read once per pass that needs it, each output written once (gradguide.bench.dryrun.minimum_bytes). "
+             + ", …). Bytes: tensors with at least as many elements as x_t, read + written (a broadcast input read "
+             "once). Minimum: each operand read once per pass that needs it, each output written once, the model's "
+             "input where the step forms one (a flow model's x_σ, CFG's batched rows) written once from x "
+             "(gradguide.bench.dryrun.minimum_bytes). "
              "Memory: weights + peak live tensor bytes of the step + graph static buffers.", ""]
     for name, why in (report.get("skipped_workloads") or {}).items():
         lines += [f"Skipped workload `{name}`: {why}.", ""]
@@ -113,6 +139,13 @@ def markdown(report: dict) -> str:
         for r in report["workloads"]:
             ops_ = ", ".join(f"{k.replace('aten.', '')} {v['launches']}" for k, v in r["summary"]["top_guidance_ops"])
             lines.append(f"- {r['name']}: {ops_}")
+        flow = flow_targets_table(report)
+        if flow:
+            lines += ["", "## Flow workloads against the fused step's targets", "",
+                      "SD3-medium and Flux architectures at 1024², bfloat16 transformer and latents, one guided "
+                      "flow-Euler step with both CFG branches in one transformer call (gradguide/bench/flow_workloads.py). "
+                      "Beyond the model: the step's table lookups, the timesteps' cat, the model input (x_σ = x · scale "
+                      "written for both branches in one pass) and the fused combine.", "", flow]
         lines += ["", "## Projected GPU time (PROJECTION)", "", projection_table(report), "",
                   projection.ASSUMPTIONS, ""]
     if report.get("combinations"):
@@ -133,7 +166,6 @@ def markdown(report: dict) -> str:
 
 
 def projection_table(report: dict) -> str:
-    from gradguide.bench import projection
     lines = ["| workload | steps | H100 eager pass s | H100 graph pass s | A100 eager pass s | A100 graph pass s | "
              "beyond-model share of an eager step (A100) | papers' figure |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in report["workloads"]:
@@ -219,6 +251,8 @@ def write_docs(report: dict, path: Optional[str] = None) -> str:
                        "", "Dry run (counted on fake tensors, one guided step):", ""] + rows +
                       (["", "The targets for the fused step (small model, every combination in the report):", "",
                         targets_table(report)] if report.get("combinations") else []) +
+                      (["", "The flow workloads (flow Euler + CFG, both branches in one call, bfloat16) against the "
+                        "same targets:", "", flow_targets_table(report)] if flow_targets_table(report) else []) +
                       ["", "Projected time per sampling pass (PROJECTION, not measured):", "",
                        projection_table(report), "", projection.ASSUMPTIONS, "", DOCS_END])
     start, end = text.index(DOCS_BEGIN), text.index(DOCS_END) + len(DOCS_END)

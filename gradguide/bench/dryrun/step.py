@@ -37,10 +37,16 @@ def minimum_bytes(log: dict, run, x: torch.Tensor) -> int:
     not operands: a fused pass recomputes them elementwise), the noise written once, and per
     vector-Jacobian product the cotangent's formation (read the reward direction, write the
     cotangent, at the size of what the term differentiates) plus, where a term feeds x̂_0 to a
-    callable (decoder, DPS operator), x̂_0 written once from its operands."""
+    callable (decoder, DPS operator), x̂_0 written once from its operands. Where the step forms
+    the model's input instead of passing x itself (a flow model's ``x_σ = x · scale``; both CFG
+    branches' rows stacked for one batched call), that input written once from x read once:
+    the model reads a tensor the step has to write."""
     s = _nbytes(x)
     total = log["reduce_k"] * s + sum((k + 1) * s for k in log["combine_k"])
     total += s * log["noise"]
+    copies = 2 if run.branch is not None and run.batched is not None and run.branch_caller is None else 1
+    if copies > 1 or run.prediction == "flow":
+        total += s + copies * s
     for term in run.score_terms + run.mean_terms + run.post_terms:
         if type(term).__name__ in ("LookAhead",):
             # the general path forms the cotangent of the VJP (read g, write it); the fused step

@@ -51,13 +51,15 @@ def paper_workload(name: str, tracker: Tracker, quick: bool = False, dtype: Opti
     """``(model, shape, sample kwargs, facts)`` of a workload of the bench harness
     (``gradguide/bench/loop.py``), built on the ``meta`` device, with its classifier or decoder
     marked as a model phase on ``tracker``. U-Net weights default to float16, as the harness
-    runs them on CUDA."""
+    runs them on CUDA; the flow workloads' transformers and latents to bfloat16, as SD3 and Flux ship."""
     from gradguide.bench.profiling import phased
     bench = _load_bench()
     if name not in bench.ALL_WORKLOADS:
         raise ValueError(f"workload: expected one of {', '.join(bench.ALL_WORKLOADS)}, got {name!r}")
     with _BigOnMeta():
-        w = bench.build_workload(name, quick=quick, device="meta", seed=0, dtype=dtype or torch.float16)
+        if dtype is None:
+            dtype = torch.bfloat16 if name in bench.FLOW_WORKLOADS else torch.float16
+        w = bench.build_workload(name, quick=quick, device="meta", seed=0, dtype=dtype)
         kw = dict(w.fixed)
         kw.update(w.per_pass(lambda fn: phased(fn, tracker), 0))
     return w.model, w.shape, kw, {"config": w.config, "params": w.params, "paper_ratio": w.paper_ratio}
