@@ -59,7 +59,12 @@ SCHEDULER_SAMPLERS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolv
                       "LMSDiscreteScheduler": "lms", "FlowMatchEulerDiscreteScheduler": "flow-euler",
                       "FlowMatchHeunDiscreteScheduler": "flow-heun", "FlowMatchLCMScheduler": "flow-lcm",
                       "KDPM2DiscreteScheduler": "dpm_2", "KDPM2AncestralDiscreteScheduler": "dpm_2_ancestral",
-                      "DEISMultistepScheduler": "deis", "LCMScheduler": "lcm"}
+                      "DEISMultistepScheduler": "deis", "LCMScheduler": "lcm",
+                      "DPMSolverSinglestepScheduler": "dpmpp-single"}
+# DPM-Solver's algorithm_type -> sampler, multistep and singlestep (diffusers has no singlestep 'sde-dpmsolver')
+DPM_MULTISTEP = {"dpmsolver++": "dpmpp-2m", "sde-dpmsolver++": "dpmpp-2m-sde", "dpmsolver": "dpm-2m",
+                 "sde-dpmsolver": "dpm-2m-sde"}
+DPM_SINGLESTEP = {"dpmsolver++": "dpmpp-single", "sde-dpmsolver++": "dpmpp-single-sde", "dpmsolver": "dpm-single"}
 # refused with the reason (no sampler reproduces them yet); docs/diffusers.md, "Scheduler support"
 UNSUPPORTED_SCHEDULERS = {
     "TCDScheduler": "its step lands on ᾱ at floor((1 − γ)·t_next), a timestep between the scheduler's own, which the "
@@ -70,7 +75,8 @@ UNSUPPORTED_SCHEDULERS = {
                                       "log-σ noise conditioning) is a model parametrisation gradguide does not have",
 }
 SIGMA_SPACE = ("euler", "euler_a", "heun", "lms", "dpm_2", "dpm_2_ancestral")   # latents are x_σ = x/√ᾱ, the model sees x_σ/√(1+σ²)
-VP_SIGMA_TABLE = ("dpmpp-2m", "dpmpp-2m-sde", "unipc")   # VP latents on the scheduler's own σ table
+VP_SIGMA_TABLE = ("dpmpp-2m", "dpmpp-2m-sde", "dpm-2m", "dpm-2m-sde", "dpmpp-single", "dpmpp-single-sde", "dpm-single",
+                  "unipc")   # VP latents on the scheduler's own σ table
 
 
 DIFFUSERS_3M_SDE_WARNING = (
@@ -124,23 +130,9 @@ def scheduler_sampler(scheduler):
         if vtype not in VARIANCE_TYPES:
             _refuse(scheduler, "variance_type", vtype, f"expected one of {sorted(VARIANCE_TYPES)}")
         options["final_noise"] = "t>0"   # diffusers adds noise whenever t > 0
-    elif sampler == "dpmpp-2m":
-        algo = config.get("algorithm_type", "dpmsolver++")
-        if algo not in ("dpmsolver++", "sde-dpmsolver++"):
-            _refuse(scheduler, "algorithm_type", algo, "only the data-prediction solvers 'dpmsolver++' and "
-                    "'sde-dpmsolver++' are implemented")
-        if algo == "sde-dpmsolver++":
-            sampler = "dpmpp-2m-sde"
-        if config.get("solver_order", 2) not in (1, 2, 3):
-            _refuse(scheduler, "solver_order", config.get("solver_order"), "orders 1, 2 and 3 are implemented")
-        if config.get("variance_type") is not None:
-            _refuse(scheduler, "variance_type", config.get("variance_type"), "learned variances are DDPM's")
-        options.update(solver_order=config.get("solver_order", 2), solver_type=config.get("solver_type", "midpoint"),
-                       lower_order_final=config.get("lower_order_final", True),
-                       euler_at_final=config.get("euler_at_final", False))
-        if algo == "sde-dpmsolver++" and options["solver_order"] == 3:
-            # reproduced as diffusers computes it, but never silently: its D2 weight does not vanish with the step
-            options["d2_weight"] = "diffusers"   # DiffusersSchedule warns (once per from_diffusers)
+    elif sampler in ("dpmpp-2m", "dpmpp-single"):
+        sampler, more = _dpm_solver(scheduler, name, config, ptype, flow)
+        options.update(more)
     elif sampler == "unipc":
         if not config.get("predict_x0", True):
             _refuse(scheduler, "predict_x0", False, "only the data-prediction UniPC (predict_x0=True) is implemented")
@@ -173,6 +165,42 @@ def scheduler_sampler(scheduler):
         options["timestep_scaling"] = float(config.get("timestep_scaling", 10.0))
     elif sampler in ("euler_a", "dpm_2", "dpm_2_ancestral") and ptype == "sample":
         _refuse(scheduler, "prediction_type", ptype, f"diffusers' {name} does not implement it")
+    return sampler, options
+
+
+def _dpm_solver(scheduler, name: str, config, ptype: str, flow: bool):
+    """DPMSolverMultistepScheduler / DPMSolverSinglestepScheduler: ``(sampler, options)``."""
+    single = name == "DPMSolverSinglestepScheduler"
+    algo = config.get("algorithm_type", "dpmsolver++")
+    table = DPM_SINGLESTEP if single else DPM_MULTISTEP
+    if algo not in table:
+        _refuse(scheduler, "algorithm_type", algo, f"expected one of {sorted(table)}")
+    sampler = table[algo]
+    noise_prediction = algo in ("dpmsolver", "sde-dpmsolver")
+    order = config.get("solver_order", 2)
+    if order not in (1, 2, 3):
+        _refuse(scheduler, "solver_order", order, "orders 1, 2 and 3 are implemented")
+    if algo == "sde-dpmsolver" and order == 3:
+        _refuse(scheduler, "solver_order", 3, "with algorithm_type='sde-dpmsolver' diffusers 0.42 has no third-order "
+                "update (its step fails on the third step)")
+    if flow and noise_prediction:
+        _refuse(scheduler, "algorithm_type", algo, "diffusers' noise-prediction solver does not take flow_prediction")
+    vtype = config.get("variance_type")
+    if vtype is not None and ptype != "epsilon":
+        _refuse(scheduler, "variance_type", vtype, f"diffusers drops the variance channels only for "
+                f"prediction_type='epsilon' (with {ptype!r} its step fails on the doubled channels)")
+    if single and noise_prediction and config.get("thresholding", False) and any(
+            config.get(f"use_{k}_sigmas", False) for k in ("karras", "exponential", "beta")):
+        _refuse(scheduler, "thresholding", True, "with algorithm_type='dpmsolver' and Karras / exponential / beta σ's "
+                "diffusers thresholds an x̂_0 formed with the training table's ᾱ at the rounded timestep, not the "
+                "step's own σ")
+    options = dict(solver_order=order, solver_type=config.get("solver_type", "midpoint"),
+                   lower_order_final=bool(config.get("lower_order_final", not single)))
+    if not single:
+        options["euler_at_final"] = bool(config.get("euler_at_final", False))
+    if algo == "sde-dpmsolver++" and order == 3 and not single:
+        # reproduced as diffusers computes it, but never silently: its D2 weight does not vanish with the step
+        options["d2_weight"] = "diffusers"   # DiffusersSchedule warns (once per from_diffusers)
     return sampler, options
 
 
@@ -458,7 +486,8 @@ def from_diffusers(unet, scheduler, use_clipped_model_output: bool = False, mu: 
     model = DiffusersModel(unet)
     # learned-σ channels are read only by DDPM's learned variance; otherwise they are dropped, as
     # diffusers' DiT / PixArt pipelines split them off before the scheduler
-    model.drop_variance_channels = scheduler.config.get("variance_type") not in ("learned", "learned_range")
+    model.drop_variance_channels = not (SCHEDULER_SAMPLERS.get(type(scheduler).__name__) == "ddpm" and
+                                        scheduler.config.get("variance_type") in ("learned", "learned_range"))
     return model, schedule
 
 
