@@ -16,7 +16,8 @@ tensor-like argument first so both types' operators apply.
 from __future__ import annotations
 
 PREDICTIONS = ("eps", "x0", "v", "flow")
-VARIANCES = ("fixed-small", "fixed-large", "learned-range")
+VARIANCES = ("fixed-small", "fixed-large", "learned-range", "learned")
+LEARNED_VARIANCES = ("learned-range", "learned")   # the model outputs twice the channels
 
 
 def check_prediction(prediction: str) -> str:
@@ -75,6 +76,15 @@ def eps_from_x0(x0, x, a, s):
 def v_from(eps, x0, a, s):
     """``v = √ᾱ ε − √(1−ᾱ) x_0``."""
     return eps * a - x0 * s
+
+
+def learned_log_variance(variance: str, v_channels, log_var_min, log_var_max):
+    """log Σ from a learned-variance model's extra channels: ``"learned-range"`` (ADM's
+    interpolation, below) or ``"learned"`` (the channels are Σ itself, diffusers' DDPM
+    ``variance_type="learned"``: log of a negative Σ is NaN, as diffusers' √Σ)."""
+    if variance == "learned":
+        return v_channels.log()
+    return learned_range_log_variance(v_channels, log_var_min, log_var_max)
 
 
 def learned_range_log_variance(v_channels, log_var_min, log_var_max):

@@ -99,7 +99,7 @@ class _Run:
 
     @property
     def variance_channels(self) -> bool:
-        return self.sampler.variance == "learned-range"
+        return self.sampler.variance in predictions.LEARNED_VARIANCES
 
     @property
     def telemetry(self) -> bool:
@@ -614,8 +614,8 @@ def _check_model_output(run: _Run, out, t: torch.Tensor, what: str) -> None:
 def _learned_log_var(run: _Run, var_channels, scalars):
     if var_channels is None or not run.tables.learned_variance:
         return None
-    return predictions.learned_range_log_variance(var_channels.detach().to(run.dtype),
-                                                  scalars["log_var_min"], scalars["log_var_max"])
+    return predictions.learned_log_variance(run.sampler.variance, var_channels.detach().to(run.dtype),
+                                            scalars["log_var_min"], scalars["log_var_max"])
 
 
 def _eps_form(run: _Run, ctx: StepContext, out: LinComb, X: LinComb) -> LinComb:
@@ -738,8 +738,8 @@ def _prepare(model, shape, *, schedule: Schedule, steps, sampler: Sampler, guida
 
     # timesteps (the sampler's tables are built from them in _finish_prepare)
     timesteps = _timesteps(schedule, steps, sampler)
-    if variance == "learned-range" and name != "ddpm":
-        raise ValueError(f"sampler.variance: 'learned-range' is DDPM's; sampler {name!r} ignores model variances "
+    if variance in predictions.LEARNED_VARIANCES and name != "ddpm":
+        raise ValueError(f"sampler.variance: {variance!r} is DDPM's; sampler {name!r} ignores model variances "
                          "(split the model output yourself or use the 'ddpm' sampler)")
     if timesteps.abar[0] == 0 and prediction == "eps":
         raise ValueError("sampler.prediction: 'eps' cannot start at ᾱ = 0 (zero terminal SNR): x̂_0 = (x − √(1−ᾱ) ε)/√ᾱ "

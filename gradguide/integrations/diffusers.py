@@ -49,7 +49,9 @@ from ..schedules import SPACINGS, Schedule, Timesteps
 from . import diffusers_flow
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
-VARIANCE_TYPES = {"fixed_small": "fixed-small", "fixed_large": "fixed-large", "learned_range": "learned-range"}
+# diffusers' 'fixed_small_log' is exp(½ log β̃) = √β̃: fixed_small's noise (equal to float rounding)
+VARIANCE_TYPES = {"fixed_small": "fixed-small", "fixed_small_log": "fixed-small", "fixed_large": "fixed-large",
+                  "learned_range": "learned-range", "learned": "learned"}
 
 
 # diffusers scheduler class -> gradguide sampler; every other class is refused (never mapped silently)
@@ -127,6 +129,9 @@ def scheduler_sampler(scheduler):
     options = {}
     if sampler == "ddpm":
         vtype = config.get("variance_type", "fixed_small")
+        if vtype == "fixed_large_log":
+            _refuse(scheduler, "variance_type", vtype, "diffusers 0.42 scales the noise by √(log β_t), the square root "
+                    "of a negative number: its samples are NaN")
         if vtype not in VARIANCE_TYPES:
             _refuse(scheduler, "variance_type", vtype, f"expected one of {sorted(VARIANCE_TYPES)}")
         options["final_noise"] = "t>0"   # diffusers adds noise whenever t > 0
@@ -410,9 +415,10 @@ class DiffusersModel(torch.nn.Module):
         cfg = getattr(unet, "config", None)
         c_in, c_out = getattr(cfg, "in_channels", None), getattr(cfg, "out_channels", None)
         # a learned-σ model's channel count; from_diffusers sets drop_variance_channels when the sampler
-        # does not read them (everything but DDPM's learned_range)
+        # does not read them (everything but DDPM's learned and learned_range)
         self._sigma_channels = c_in if isinstance(c_in, int) and c_out == 2 * c_in else None
         self.drop_variance_channels = False
+        self.scheduler_learned_variance = False
 
     def _unet_dtype(self, default: torch.dtype) -> torch.dtype:
         """The U-Net's compute dtype. diffusers' ``ModelMixin.dtype`` walks every submodule (≈1.5 ms
@@ -436,9 +442,11 @@ class DiffusersModel(torch.nn.Module):
             out = self.unet(x.to(dtype), timestep=t, **cond, return_dict=False)[0]
         else:
             out = self.unet(x.to(dtype), t, **cond, return_dict=False)[0]
-        if self.drop_variance_channels and self._sigma_channels is not None \
-                and out.shape[1] == 2 * self._sigma_channels:
-            out = out[:, :self._sigma_channels]   # as diffusers' DiT/PixArt pipelines split them off
+        channels = self._sigma_channels
+        if channels is None and self.scheduler_learned_variance:   # the model declares none: the input's count
+            channels = x.shape[1]
+        if self.drop_variance_channels and channels is not None and out.shape[1] == 2 * channels:
+            out = out[:, :channels]   # as diffusers' DiT/PixArt pipelines (and DPM-Solver's step) split them off
         return out.to(x.dtype)
 
 
@@ -486,8 +494,11 @@ def from_diffusers(unet, scheduler, use_clipped_model_output: bool = False, mu: 
     model = DiffusersModel(unet)
     # learned-σ channels are read only by DDPM's learned variance; otherwise they are dropped, as
     # diffusers' DiT / PixArt pipelines split them off before the scheduler
+    vtype = scheduler.config.get("variance_type")
     model.drop_variance_channels = not (SCHEDULER_SAMPLERS.get(type(scheduler).__name__) == "ddpm" and
-                                        scheduler.config.get("variance_type") in ("learned", "learned_range"))
+                                        vtype in ("learned", "learned_range"))
+    # the scheduler says the output carries variance channels (DPM-Solver's step drops them whatever the model declares)
+    model.scheduler_learned_variance = vtype in ("learned", "learned_range")
     return model, schedule
 
 
