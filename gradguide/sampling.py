@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from . import ops, predictions, runkey
+from . import linear, ops, predictions, runkey
 from .config import Diagnostics, Execution, Sampler
 from .debug import forbid_host_sync
 from .graphs import EagerStepper, GraphCache
@@ -633,13 +633,7 @@ def _tracked_x0(ops_: Operands, tracked: Dict[str, torch.Tensor], x0: LinComb):
             tensors = []
             for name, tensor in zip(ops_.names, ops_.tensors):
                 if name in ops_.recipes:   # a materialised (e.g. clipped) operand: recompute it with autograd
-                    c, clamp, *shift = ops_.recipes[name]
-                    c = torch.nn.functional.pad(c, (0, len(tensors) - c.shape[-1]))
-                    if shift:   # clamp(p + s) − clamp(p) (Operands.materialize_clip_shift)
-                        s = torch.nn.functional.pad(shift[0], (0, len(tensors) - shift[0].shape[-1]))
-                        tensor = ops.reference.clip_shift(c[:, 0], s[:, 0], tensors, clamp)[1]
-                    else:
-                        tensor = ops.reference.combine(c.expand(ops_.batch, ops_.groups, -1), tensors, clamp=clamp)
+                    tensor = linear.replay(ops_.recipes[name], tensors, ops_.batch, ops_.groups)
                 tensors.append(tracked.get(name, tensor))
             k = len(tensors)
             c = torch.nn.functional.pad(coef, (0, k - coef.shape[-1])).expand(ops_.batch, ops_.groups, -1)
@@ -838,8 +832,10 @@ def _timesteps(schedule: Schedule, steps, sampler: Sampler) -> Timesteps:
     return schedule.timesteps(steps, sampler.spacing)
 
 
-def _clip(clip) -> Optional[tuple]:
-    """``None`` (off) or ``(low, high)`` floats from a sampler's ``clip``."""
+def _clip(clip):
+    """``None`` (off), ``(low, high)`` floats or a :class:`~gradguide.DynamicThreshold` from a sampler's ``clip``."""
+    if isinstance(clip, predictions.DynamicThreshold):
+        return clip
     if clip is True:
         return (-1.0, 1.0)
     if clip is False or clip is None:

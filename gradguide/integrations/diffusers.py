@@ -45,6 +45,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without diffuser
 from .. import ops
 from ..ops import policies
 from ..config import Sampler
+from ..predictions import DynamicThreshold
 from ..schedules import SPACINGS, Schedule, Timesteps
 from . import diffusers_flow
 
@@ -76,6 +77,8 @@ UNSUPPORTED_SCHEDULERS = {
     "EDMDPMSolverMultistepScheduler": "EDM's preconditioned output (c_skip x + c_out F, with c_in-scaled inputs and "
                                       "log-σ noise conditioning) is a model parametrisation gradguide does not have",
 }
+# the schedulers whose thresholding=True is reproduced (clip=gradguide.DynamicThreshold)
+THRESHOLDING = ("ddim", "ddpm", "dpmpp-2m", "dpmpp-single")
 SIGMA_SPACE = ("euler", "euler_a", "heun", "lms", "dpm_2", "dpm_2_ancestral")   # latents are x_σ = x/√ᾱ, the model sees x_σ/√(1+σ²)
 VP_SIGMA_TABLE = ("dpmpp-2m", "dpmpp-2m-sde", "dpm-2m", "dpm-2m-sde", "dpmpp-single", "dpmpp-single-sde", "dpm-single",
                   "unipc")   # VP latents on the scheduler's own σ table
@@ -115,9 +118,9 @@ def scheduler_sampler(scheduler):
     elif config.get("prediction_type") == "flow_prediction":
         _refuse(scheduler, "prediction_type", "flow_prediction", "diffusers steps flow models with FlowMatch* "
                 "schedulers or UniPC / DPM-Solver++ with use_flow_sigmas=True")
-    if config.get("thresholding", False):
-        _refuse(scheduler, "thresholding", True, "gradguide clips x̂_0 to a fixed range (clip_sample), it has no "
-                "dynamic thresholding")
+    if config.get("thresholding", False) and sampler not in THRESHOLDING:
+        _refuse(scheduler, "thresholding", True, f"dynamic thresholding (gradguide.DynamicThreshold) is reproduced for "
+                f"{', '.join(sorted(k for k, v in SCHEDULER_SAMPLERS.items() if v in THRESHOLDING))} only")
     ptype = config.get("prediction_type", "epsilon")
     if ptype not in PREDICTION_TYPES:
         _refuse(scheduler, "prediction_type", ptype, f"expected one of {sorted(PREDICTION_TYPES)}")
@@ -194,11 +197,9 @@ def _dpm_solver(scheduler, name: str, config, ptype: str, flow: bool):
     if vtype is not None and ptype != "epsilon":
         _refuse(scheduler, "variance_type", vtype, f"diffusers drops the variance channels only for "
                 f"prediction_type='epsilon' (with {ptype!r} its step fails on the doubled channels)")
-    if single and noise_prediction and config.get("thresholding", False) and any(
-            config.get(f"use_{k}_sigmas", False) for k in ("karras", "exponential", "beta")):
-        _refuse(scheduler, "thresholding", True, "with algorithm_type='dpmsolver' and Karras / exponential / beta σ's "
-                "diffusers thresholds an x̂_0 formed with the training table's ᾱ at the rounded timestep, not the "
-                "step's own σ")
+    if single and noise_prediction and config.get("thresholding", False):
+        _refuse(scheduler, "thresholding", True, "with algorithm_type='dpmsolver' diffusers 0.42's step reads ᾱ at "
+                "timestep None (its whole training table) and fails on the shapes; there is no result to reproduce")
     options = dict(solver_order=order, solver_type=config.get("solver_type", "midpoint"),
                    lower_order_final=bool(config.get("lower_order_final", not single)))
     if not single:
@@ -373,11 +374,14 @@ def scheduler_config(scheduler, use_clipped_model_output: bool = False) -> Sampl
     sampler, options = scheduler_sampler(scheduler)   # refuses what gradguide cannot reproduce
     config = scheduler.config
     clip, clip_eps = False, None
-    if config.get("clip_sample", False):
+    if config.get("thresholding", False):   # diffusers thresholds instead of clipping when both are set
+        clip = DynamicThreshold(float(config.get("dynamic_thresholding_ratio", 0.995)),
+                                float(config.get("sample_max_value", 1.0)))
+    elif config.get("clip_sample", False):
         r = float(config.get("clip_sample_range", 1.0))
         clip = (-r, r)
-        if type(scheduler).__name__.startswith("DDIM") and not use_clipped_model_output:
-            clip_eps = "model"
+    if clip and type(scheduler).__name__.startswith("DDIM") and not use_clipped_model_output:
+        clip_eps = "model"
     vtype = config.get("variance_type")
     # DDPM's variance (the other samplers refuse learnt variances in scheduler_sampler)
     variance = VARIANCE_TYPES[vtype] if sampler == "ddpm" and vtype is not None else None
