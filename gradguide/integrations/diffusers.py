@@ -7,10 +7,11 @@ gradguide's guidance inside diffusers pipelines.
   ``sample(model, shape, schedule=schedule, steps=N, x_T=noise)`` runs diffusers' own loop,
   and so does any function of your own wrapped around ``model``: ``schedule.sampler_config``
   (a :class:`gradguide.Sampler`: the sampler, prediction type, ``clip`` from
-  ``clip_sample``/``clip_sample_range``, DDIM's ``clip_eps``, DDPM's ``variance`` and the
-  sampler's options; :func:`scheduler_sampler`: DDIM, DDPM with diffusers' t > 0 final-noise
-  rule, Euler, Euler ancestral, Heun, DPM-Solver++(2M)/SDE, UniPC; any other class or setting
-  raises), and ``schedule.timesteps(N)`` (the scheduler's own ``set_timesteps``: spacing,
+  ``clip_sample``/``clip_sample_range`` or ``thresholding`` (a :class:`gradguide.DynamicThreshold`),
+  DDIM's ``clip_eps``, DDPM's ``variance`` and the sampler's options; :func:`scheduler_sampler`:
+  DDIM, DDPM with diffusers' t > 0 final-noise rule, Euler, Euler ancestral, Heun, DPM-Solver
+  multistep and singlestep (data- and noise-prediction, ODE and SDE), UniPC, ...; any other class
+  or setting raises), and ``schedule.timesteps(N)`` (the scheduler's own ``set_timesteps``: spacing,
   ``steps_offset``, final ᾱ, σ schedule; see :class:`DiffusersSchedule`).
 - Guiders following diffusers' ``BaseGuidance`` interface, computed with
   :func:`gradguide.ops.reduce` / :func:`gradguide.ops.combine` (one reduction and one
@@ -90,6 +91,12 @@ DIFFUSERS_3M_SDE_WARNING = (
     "first-order solver; see docs/diffusers.md, section 'DPM-Solver++(3M) SDE'). For the corrected solver pass "
     "sampler=gradguide.Sampler('dpmpp-2m-sde', d2_weight='published') (k-diffusion's sample_dpmpp_3m_sde "
     "weight; solver_order and the rest stay the scheduler's) or sampler='dpmpp-3m-sde'")
+DIFFUSERS_SINGLESTEP_SDE3_WARNING = (
+    "scheduler: DPMSolverSinglestepScheduler(solver_order=3, algorithm_type='sde-dpmsolver++', solver_type='heun') "
+    "is reproduced as diffusers 0.42 computes it, with a D2 weight that tends to -1 instead of 0: the noise of the "
+    "inner evaluations then stays in every step and the samples do not converge as the steps grow (see "
+    "docs/diffusers.md, section 'DPM-Solver++(3M) SDE'). solver_type='midpoint' or DPMSolverMultistepScheduler"
+    "(algorithm_type='sde-dpmsolver++') converge")
 
 
 def _refuse(scheduler, option: str, value, why: str):
@@ -229,6 +236,9 @@ class DiffusersSchedule(Schedule):
         sampler = self.sampler_config.name
         if self.sampler_config.options.get("d2_weight") == "diffusers":
             warnings.warn(DIFFUSERS_3M_SDE_WARNING, UserWarning, stacklevel=3)
+        opts = self.sampler_config.options
+        if sampler == "dpmpp-single-sde" and opts.get("solver_order") == 3 and opts.get("solver_type") == "heun":
+            warnings.warn(DIFFUSERS_SINGLESTEP_SDE3_WARNING, UserWarning, stacklevel=3)
         ac = torch.as_tensor(scheduler.alphas_cumprod).detach().cpu().to(torch.float64)
         if SCHEDULER_SAMPLERS[type(scheduler).__name__] not in ("ddim", "ddpm", "plms", "lcm"):
             # zero-SNR σ-table schedulers replace ᾱ_T = 0 by 2**-24, which can exceed ᾱ_{T−1}; they step on
