@@ -14,10 +14,13 @@ exact, its noise exact). ``D1 = (ε − ε_{−1})/r₀ ≈ h ε'`` with ``B = k
 (``"midpoint"``) or ``k·σ_t((e^h − 1)/h − 1)`` (``"heun"``: the exact weight of ``h ε'``,
 ``α_t ∫_0^h e^{−(λ_s+τ)} τ dτ``). Third order (ODE only; diffusers has no third-order
 ``sde-dpmsolver``): Lu et al.'s divided differences, ``B = σ_t((e^h − 1)/h − 1)``,
-``C = σ_t((e^h − 1 − h)/h² − ½)`` on ``D2 ≈ h² ε''/2`` — the exact weight of the quadratic Taylor
-term, so DPM-Solver-3M on ε is third order (unlike the data-prediction 3M, see
-:mod:`gradguide.samplers.dpmpp`). The lower-order steps are diffusers' (first step; second step
-of a third-order solver; ``lower_order_final`` below 15 steps; ``euler_at_final``).
+``C = σ_t((e^h − 1 − h)/h² − ½) ≈ σ_t h/6`` on ``D2 ≈ h² ε''/2``, whose Taylor weight is twice that
+(``σ_t (e^h − 1 − h − h²/2)·2/h² ≈ σ_t h/3``): DPM-Solver-3M on ε is second order, as the
+data-prediction 3M is (:mod:`gradguide.samplers.dpmpp`; measured). The lower-order
+steps are diffusers' (first step; second step of a third-order solver; ``lower_order_final``
+below 15 steps; ``euler_at_final``). diffusers refuses a last σ of 0 for these solvers
+(``σ_t(e^h − 1)`` is ``0 · ∞`` there); gradguide's own schedules end there, and the step onto it
+is the limit ``h → ∞``, ``x̂_0``.
 
 **Singlestep** (``dpm-single``, ``dpmpp-single``, ``dpmpp-single-sde``; diffusers'
 ``DPMSolverSinglestepScheduler``): the evaluations are grouped into intervals by diffusers'
@@ -64,14 +67,10 @@ def _check(name: str, solver_order, solver_type, lower_order_final, orders=(1, 2
         raise ValueError(f"sampler {name!r}: lower_order_final: expected True or False, got {lower_order_final!r}")
 
 
-def _check_grid(name: str, ts: Timesteps, noise_prediction: bool) -> None:
+def _check_grid(name: str, ts: Timesteps) -> None:
     if (ts.abar == 0).any():
         raise ValueError(f"sampler {name!r}: needs ᾱ > 0 at every visited step (λ = −∞ at zero terminal SNR); clamp "
                          "ᾱ_T as diffusers does (2**-24)")
-    if noise_prediction and bool(ts.abar_prev[-1] == 1.0):
-        raise ValueError(f"sampler {name!r}: the noise-prediction DPM-Solver cannot land on σ = 0 (its weight "
-                         "σ_t(e^h − 1) is 0 · ∞ there; diffusers refuses final_sigmas_type='zero' for it): end at "
-                         "σ_min > 0 (final_sigmas_type='sigma_min')")
 
 
 def multistep_eps_tables(ts: Timesteps, sde: bool = False, solver_order: int = 2, solver_type: str = "midpoint",
@@ -81,8 +80,9 @@ def multistep_eps_tables(ts: Timesteps, sde: bool = False, solver_order: int = 2
     _check(name, solver_order, solver_type, lower_order_final, (1, 2) if sde else (1, 2, 3))
     if not isinstance(euler_at_final, bool):
         raise ValueError(f"sampler {name!r}: euler_at_final: expected True or False, got {euler_at_final!r}")
-    _check_grid(name, ts, True)
+    _check_grid(name, ts)
     n = len(ts)
+    final_zero = bool(ts.abar_prev[-1] == 1.0)
     a_s, s_s = ts.abar.sqrt(), (1 - ts.abar).sqrt()
     a_t, s_t = ts.abar_prev.sqrt(), (1 - ts.abar_prev).sqrt()
     lam = torch.log(a_s / s_s)
@@ -94,7 +94,7 @@ def multistep_eps_tables(ts: Timesteps, sde: bool = False, solver_order: int = 2
     on = {"eps": w_eps.clone(), "eps_prev": torch.zeros(n, dtype=torch.float64),
           "eps_prev2": torch.zeros(n, dtype=torch.float64)}
     for i in range(1, n):
-        if solver_order == 1 or (i == n - 1 and (euler_at_final or (lower_order_final and n < 15))):
+        if solver_order == 1 or (i == n - 1 and (euler_at_final or (lower_order_final and n < 15) or final_zero)):
             continue
         r0 = (lam[i] - lam[i - 1]) / h[i]
         second = solver_order == 2 or i == 1 or (i == n - 2 and lower_order_final and n < 15)
@@ -114,10 +114,13 @@ def multistep_eps_tables(ts: Timesteps, sde: bool = False, solver_order: int = 2
         for key, j in (("eps", 0), ("eps_prev", 1), ("eps_prev2", 2)):
             on[key][i] -= b * d1[j] + c * d2[j]
     # ε = (x − α_s x̂_0)/σ_s of this evaluation, in x and x̂_0
-    t = common_tables(ts)
-    t.update(c_x=c_x + on["eps"] / s_s, c_0=-on["eps"] * a_s / s_s, c_eps_prev=on["eps_prev"])
-    t.update(u_eps_prev_x=1 / s_s, u_eps_prev_0=-a_s / s_s)
+    c_x, c_0 = c_x + on["eps"] / s_s, -on["eps"] * a_s / s_s
     sigma = s_t * torch.expm1(2 * h).clamp_min(0).sqrt() if sde else torch.zeros(n, dtype=torch.float64)
+    if final_zero:   # onto σ = 0 (gradguide's own schedules; diffusers refuses it): the limit h → ∞, x̂_0
+        c_x[-1], c_0[-1], sigma[-1] = 0.0, 1.0, 0.0
+    t = common_tables(ts)
+    t.update(c_x=c_x, c_0=c_0, c_eps_prev=on["eps_prev"])
+    t.update(u_eps_prev_x=1 / s_s, u_eps_prev_0=-a_s / s_s)
     t.update(sigma=sigma, var_mean=sigma ** 2)
     slots, moves = ("eps_prev",), {}
     if solver_order == 3:
@@ -160,8 +163,8 @@ def _interval_weights(algorithm: str, solver_type: str, sig: List[float], sig_t:
     if order == 1:
         if algorithm == "dpmsolver++":
             return emh * a_t / a[0], [-a_t * (emh - 1)], noise
-        if algorithm == "dpmsolver":
-            return a_t / a[0], [-s_t * (1 / emh - 1)], noise
+        if algorithm == "dpmsolver":   # onto σ = 0 the limit h → ∞: α_t x̂_0 = α_t (x_σ − σ_s ε)
+            return a_t / a[0], [-a_t * sig[0] if sig_t == 0 else -s_t * (1 / emh - 1)], noise
         return emh * emh * a_t / a[0], [a_t * (1 - emh * emh)], s_t * math.sqrt(max(1 - emh * emh, 0.0))
     h = math.log(sig[0] / sig_t)
     r = [math.log(sig[0] / s) / h for s in sig]              # r[0] = 0
@@ -202,7 +205,7 @@ def singlestep_tables(name: str, ts: Timesteps, solver_order: int = 2, solver_ty
     ``ε = (x_σ − x̂_0)/σ`` for the noise-prediction solver)."""
     algorithm = SINGLESTEP[name]
     _check(name, solver_order, solver_type, lower_order_final)
-    _check_grid(name, ts, algorithm == "dpmsolver")
+    _check_grid(name, ts)
     abar = torch.cat([ts.abar, ts.abar_prev[-1:]])
     sig = ((1 - abar) / abar).sqrt().tolist()
     n = len(ts)
