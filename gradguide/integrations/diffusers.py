@@ -411,7 +411,9 @@ class DiffusersModel(torch.nn.Module):
     ``encoder_attention_mask``, ``added_cond_kwargs``, ...). A learned-σ transformer
     (``out_channels = 2 × in_channels``: DiT, PixArt) returns only its first ``in_channels``
     channels, as diffusers' ``DiTPipeline`` / ``PixArtAlphaPipeline`` split them off, unless
-    the scheduler's ``variance_type`` uses the learned variance (DDPM's ``learned_range``).
+    the scheduler's ``variance_type`` uses the learned variance (DDPM's ``learned`` and
+    ``learned_range``); with a DPM-Solver ``variance_type`` set, a 2C-channel output keeps its
+    first C channels even when the model declares no ``out_channels`` (C: the sample's).
     It holds nothing else of the scheduler: that travels with the schedule (``schedule.sampler_config``).
     """
 
