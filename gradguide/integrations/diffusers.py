@@ -79,7 +79,7 @@ UNSUPPORTED_SCHEDULERS = {
                                       "log-σ noise conditioning) is a model parametrisation gradguide does not have",
 }
 # the schedulers whose thresholding=True is reproduced (clip=gradguide.DynamicThreshold)
-THRESHOLDING = ("ddim", "ddpm", "dpmpp-2m", "dpmpp-single")
+THRESHOLDING = ("ddim", "ddpm", "dpmpp-2m", "dpmpp-single", "unipc", "deis", "lcm")
 SIGMA_SPACE = ("euler", "euler_a", "heun", "lms", "dpm_2", "dpm_2_ancestral")   # latents are x_σ = x/√ᾱ, the model sees x_σ/√(1+σ²)
 VP_SIGMA_TABLE = ("dpmpp-2m", "dpmpp-2m-sde", "dpm-2m", "dpm-2m-sde", "dpmpp-single", "dpmpp-single-sde", "dpm-single",
                   "unipc")   # VP latents on the scheduler's own σ table
@@ -125,9 +125,10 @@ def scheduler_sampler(scheduler):
     elif config.get("prediction_type") == "flow_prediction":
         _refuse(scheduler, "prediction_type", "flow_prediction", "diffusers steps flow models with FlowMatch* "
                 "schedulers or UniPC / DPM-Solver++ with use_flow_sigmas=True")
-    if config.get("thresholding", False) and sampler not in THRESHOLDING:
+    if config.get("thresholding", False) and (sampler not in THRESHOLDING or flow):
         _refuse(scheduler, "thresholding", True, f"dynamic thresholding (gradguide.DynamicThreshold) is reproduced for "
-                f"{', '.join(sorted(k for k, v in SCHEDULER_SAMPLERS.items() if v in THRESHOLDING))} only")
+                f"{', '.join(sorted(k for k, v in SCHEDULER_SAMPLERS.items() if v in THRESHOLDING))} on "
+                "variance-preserving σ's only (not with flow σ's)")
     ptype = config.get("prediction_type", "epsilon")
     if ptype not in PREDICTION_TYPES:
         _refuse(scheduler, "prediction_type", ptype, f"expected one of {sorted(PREDICTION_TYPES)}")

@@ -1,4 +1,5 @@
-"""diffusers' DPM-Solver family, dynamic thresholding and DDPM's variance types, drop-in:
+"""diffusers' DPM-Solver family, dynamic thresholding (DDIM, DDPM, DPM-Solver, UniPC, DEIS, LCM)
+and DDPM's variance types, drop-in:
 ``from_diffusers(model, scheduler)`` + ``sample(model, shape, schedule=schedule, steps=N,
 x_T=noise)`` (plus ``generator=`` where the scheduler draws noise) equals diffusers 0.42's own
 loop, on the toy Gaussian denoiser of ``test_diffusers_parity`` and a tiny random UNet; what
@@ -15,11 +16,10 @@ import pytest
 import torch
 
 pytest.importorskip("diffusers")
-from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
-                       DPMSolverSinglestepScheduler, UniPCMultistepScheduler)
+from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,  # noqa: E402
+                       DPMSolverSinglestepScheduler, LCMScheduler, UniPCMultistepScheduler)
 
 import gradguide  # noqa: E402
-from gradguide import sampling  # noqa: E402
 
 from helpers import DIFFUSERS_SHAPE as SHAPE, DiffusersToy as Toy, diffusers_loop, run_both, tiny_unet  # noqa: E402
 
@@ -131,6 +131,9 @@ THRESHOLDED = [
     (M, dict(sample_max_value=1.5, algorithm_type="dpmsolver", **NOISE_MIN)),
     (S, dict(sample_max_value=1.5, solver_order=3)),
     (S, dict(sample_max_value=1.2, dynamic_thresholding_ratio=0.8, algorithm_type="sde-dpmsolver++")),
+    (UniPCMultistepScheduler, dict(sample_max_value=1.5, solver_order=3)),
+    (DEISMultistepScheduler, dict(sample_max_value=1.5)),
+    (LCMScheduler, dict(sample_max_value=1.5)),
 ]
 
 
@@ -149,52 +152,6 @@ def test_dynamic_thresholding_matches_diffusers(case):
     _assert_parity(got, ref)
     assert (plain - ref).abs().max() > 0.1
     assert isinstance(gradguide.from_diffusers(toy, sched)[1].sampler_config.clip, gradguide.DynamicThreshold)
-
-
-def test_thresholded_step_runs_unfused_and_guided():
-    """A quantile is not a fused combine: the trace refuses it by name and the general step runs
-    (fused=True and False agree). Guidance that shifts x̂_0 (CFG, and G's score shift, whose
-    clipped shift is its own operand) is thresholded with it: every guided x̂_0 lies in [−1, 1]
-    and is its own threshold, where without thresholding it leaves [−1, 1]. The rule itself is
-    torch.quantile's, clamped to [1, max_value], then clip and rescale."""
-    schedule = gradguide.Schedule.linear(1000)
-    thr = gradguide.DynamicThreshold(0.9, 1.5)
-    shape = (2, 3, 4, 4)
-
-    def model(x, t, c=1.0):
-        return 0.3 * c * x
-
-    run = sampling.prepare_run(model, shape, schedule=schedule, sampler=gradguide.Sampler("ddim", clip=thr), steps=5)
-    assert "dynamic thresholding" in run.fused_reason and "quantile" in run.fused_reason
-    x_t = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    grad = torch.randn(shape, generator=torch.Generator().manual_seed(2))
-    x0s = {}
-
-    def run_with(clip, fused=True):
-        records = []
-        out = gradguide.sample(model, shape, schedule=schedule, steps=5, x_T=x_t, cond={"c": 1.0},
-                               sampler=gradguide.Sampler("ddim", clip=clip),
-                               guidance=[gradguide.CFG(3.0, uncond={"c": 0.0}), gradguide.NaiveGradient(grad, 5.0)],
-                               execution=gradguide.Execution(fused=fused),
-                               diagnostics=gradguide.Diagnostics(callback=records.append))
-        x0s[(clip is not None, fused)] = [r.x0 for r in records]
-        return out
-    a, b = run_with(thr), run_with(thr, fused=False)
-    torch.testing.assert_close(a, b, rtol=0, atol=0)
-    run_with(None)
-    assert max(float(x0.abs().max()) for x0 in x0s[(False, True)]) > 1.5
-    for x0 in x0s[(True, True)]:
-        assert float(x0.abs().max()) <= 1 + 1e-6
-        torch.testing.assert_close(thr(x0), x0, rtol=0, atol=1e-6)
-    x0 = torch.randn(3, 2, 5, 5) * 2
-    s = torch.quantile(x0.reshape(3, -1).abs(), 0.9, dim=1).clamp(1, 1.5).view(-1, 1, 1, 1)
-    torch.testing.assert_close(thr(x0), torch.clamp(x0, -s, s) / s, rtol=0, atol=1e-7)
-    d = 1e-4 * torch.randn(3, 2, 5, 5)
-    torch.testing.assert_close(thr.shift(x0, d), thr(x0 + d) - thr(x0), rtol=0, atol=1e-6)
-    with pytest.raises(ValueError, match="ratio"):
-        gradguide.DynamicThreshold(1.5)
-    with pytest.raises(ValueError, match="sampler.clip"):
-        gradguide.Sampler("ddim", clip="dynamic")
 
 
 @pytest.mark.parametrize("cls,cfg", [(M, dict(variance_type="learned_range")), (M, dict(variance_type="learned")),
@@ -234,7 +191,8 @@ REFUSED = [
     (S, dict(algorithm_type="dpmsolver", thresholding=True, **NOISE_MIN), "thresholding"),
     (S, dict(use_flow_sigmas=True), "use_flow_sigmas"),
     (S, dict(prediction_type="flow_prediction"), "prediction_type"),
-    (UniPCMultistepScheduler, dict(thresholding=True), "thresholding"),
+    (UniPCMultistepScheduler, dict(use_flow_sigmas=True, prediction_type="flow_prediction", thresholding=True),
+     "thresholding"),
 ]
 
 

@@ -192,7 +192,6 @@ UNSUPPORTED = [
     (DPMSolverSinglestepScheduler, dict(algorithm_type="dpmsolver", thresholding=True,
                                         final_sigmas_type="sigma_min"), "thresholding"),
     (DEISMultistepScheduler, dict(use_flow_sigmas=True, prediction_type="flow_prediction"), "use_flow_sigmas"),
-    (LCMScheduler, dict(thresholding=True), "thresholding"),   # LCM itself: tests/integrations/test_diffusers_lcm.py
     (TCDScheduler, {}, "TCDScheduler"),
     (SASolverScheduler, {}, "SASolverScheduler"),
     (KDPM2DiscreteScheduler, dict(prediction_type="sample"), "prediction_type"),
@@ -206,7 +205,6 @@ UNSUPPORTED = [
     (DPMSolverMultistepScheduler, dict(use_flow_sigmas=True), "prediction_type"),
     (UniPCMultistepScheduler, dict(solver_order=4), "solver_order"),
     (UniPCMultistepScheduler, dict(predict_x0=False), "predict_x0"),
-    (UniPCMultistepScheduler, dict(thresholding=True), "thresholding"),
     (EulerAncestralDiscreteScheduler, dict(prediction_type="sample"), "prediction_type"),
 ]
 
