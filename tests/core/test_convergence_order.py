@@ -296,10 +296,11 @@ for algo, name in (("dpmsolver++", "dpmpp-single"), ("dpmsolver", "dpm-single"))
         (f"{name}-2-heun", name, {"solver_order": 2, "solver_type": "heun"}, "exp", 2, "as midpoint, φ₂ weight"),
         (f"{name}-3-midpoint", name, {"solver_order": 3}, "exp", 3,
          "Lu et al.'s DPM-Solver-3: D1_1 = (m_2 − m_s)/r_2 with the φ₂-type weight is exact to h³ when r_2 = 2/3, "
-         "which an exp grid gives (λ-uniform: r = 1/3, 2/3); the second-order inner step's O(h³) is read with weight O(h)"),
+         "which an exp grid gives (λ-uniform: r = 1/3, 2/3); the second-order inner step's O(h³) is read with "
+         "weight O(h)"),
         (f"{name}-3-heun", name, {"solver_order": 3, "solver_type": "heun"}, "exp", 3,
-         "the quadratic through the three predictions, integrated exactly; the first inner step's O(h²) error reaches the "
-         "output with weight ∝ (r_2/2 − 1/3)·h, zero at r_2 = 2/3"),
+         "the quadratic through the three predictions, integrated exactly; the first inner step's O(h²) error reaches "
+         "the output with weight ∝ (r_2/2 − 1/3)·h, zero at r_2 = 2/3"),
     ]
 for p in (1, 2, 3):
     for bh in ("bh1", "bh2"):

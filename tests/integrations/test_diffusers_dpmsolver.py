@@ -5,9 +5,9 @@ x_T=noise)`` (plus ``generator=`` where the scheduler draws noise) equals diffus
 loop, on the toy Gaussian denoiser of ``test_diffusers_parity`` and a tiny random UNet; what
 cannot be reproduced raises naming the class and option.
 
-diffusers computes these steps in float32 (the noise-prediction solvers through ``e^h`` of the
-first, long step), gradguide's tables in float64: the error is held to 1e-4 relative to the
-output's size (which is asserted to be of order 1).
+diffusers computes these steps in float32, gradguide's tables in float64; outputs are asserted to
+be of order 1 and equal to 1e-4 (the largest difference measured is ~1e-5, the noise-prediction
+solvers through ``e^h`` of the first, long step).
 """
 import types
 import warnings
@@ -92,7 +92,7 @@ class VarianceToy(Toy):
 def _assert_parity(got, ref):
     err, scale = (got - ref).abs().max().item(), ref.abs().max().item()
     assert 0.05 < scale < 20, scale
-    assert err <= TOL * max(1.0, scale), f"max error {err:.3g} for outputs of size {scale:.3g}"
+    assert err <= TOL, f"max error {err:.3g} for outputs of size {scale:.3g}"
     return err, scale
 
 
@@ -180,7 +180,7 @@ def test_unet_matches_diffusers():
             warnings.simplefilter("ignore", FutureWarning)
             got, ref = run_both(unet, cls(**cfg), steps=6)
         err, scale = (got - ref).abs().max().item(), ref.abs().max().item()
-        assert err <= TOL * max(1.0, scale), (cls.__name__, cfg, err, scale)
+        assert err <= TOL * max(1.0, scale), (cls.__name__, cfg, err, scale)   # as the UNet cases of the parity file
 
 
 REFUSED = [
@@ -232,7 +232,7 @@ def test_singlestep_sde_third_order_heun_warns_once():
     messages = [str(w.message) for w in caught if "DPMSolverSinglestepScheduler" in str(w.message)]
     assert len(messages) == 1 and "docs/diffusers.md" in messages[0]
     got, ref = run_both(toy, S(**cfg), steps=9)   # reproduced all the same
-    assert (got - ref).abs().max() <= TOL * max(1.0, ref.abs().max().item())
+    assert (got - ref).abs().max() <= TOL
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         gradguide.from_diffusers(toy, S(algorithm_type="sde-dpmsolver++", solver_order=3))
