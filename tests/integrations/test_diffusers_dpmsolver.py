@@ -54,6 +54,7 @@ CASES = [
     (S, dict(solver_order=3, use_karras_sigmas=True, prediction_type="v_prediction"), 8),
     (S, dict(solver_order=3, solver_type="heun", use_exponential_sigmas=True, prediction_type="sample"), 10),
     (S, dict(solver_order=2, beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1), 8),
+    (S, dict(solver_order=3, use_beta_sigmas=True, beta_schedule="scaled_linear"), 9),
     (S, dict(algorithm_type="dpmsolver", **NOISE_MIN), 8),
     (S, dict(algorithm_type="dpmsolver", solver_order=3, **NOISE_MIN), 9),
     (S, dict(algorithm_type="dpmsolver", solver_order=3, solver_type="heun", prediction_type="v_prediction",
