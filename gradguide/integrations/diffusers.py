@@ -394,7 +394,7 @@ def scheduler_config(scheduler, use_clipped_model_output: bool = False) -> Sampl
     if clip and type(scheduler).__name__.startswith("DDIM") and not use_clipped_model_output:
         clip_eps = "model"
     vtype = config.get("variance_type")
-    # DDPM's variance (the other samplers refuse learnt variances in scheduler_sampler)
+    # DDPM's variance (DPM-Solver's learnt-variance channels are dropped by the model, as diffusers drops them)
     variance = VARIANCE_TYPES[vtype] if sampler == "ddpm" and vtype is not None else None
     ptype = "flow_prediction" if diffusers_flow.is_flow(scheduler) else config.get("prediction_type", "epsilon")
     return Sampler(sampler, prediction=PREDICTION_TYPES[ptype], variance=variance,
