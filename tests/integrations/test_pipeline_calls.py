@@ -12,7 +12,7 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
-                       DPMSolverSinglestepScheduler, LMSDiscreteScheduler, UniPCMultistepScheduler)
+                       LMSDiscreteScheduler, SASolverScheduler, UniPCMultistepScheduler)
 from diffusers.models.attention_processor import AttnProcessor  # noqa: E402
 from test_pipeline import PROMPTS, SIZE, _close, _pipes, components, sd_scheduler  # noqa: E402,F401
 
@@ -75,12 +75,12 @@ def test_scheduler_config_change_is_followed(components):
 
 def test_unsupported_scheduler_is_refused_by_name(components):
     sd, pipe = _pipes(components, sd_scheduler())
-    pipe.scheduler = DPMSolverSinglestepScheduler.from_config(pipe.scheduler.config)
-    with pytest.raises(ValueError, match="GuidedPipeline: scheduler: DPMSolverSinglestepScheduler"):
+    pipe.scheduler = SASolverScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match="GuidedPipeline: scheduler: SASolverScheduler"):
         pipe(PROMPTS, progress=False, **KW)
     sd2, pipe2 = _pipes(components, sd_scheduler())
-    sd2.scheduler = DPMSolverSinglestepScheduler.from_config(sd2.scheduler.config)
-    with pytest.raises(ValueError, match="DPMSolverSinglestepScheduler"):
+    sd2.scheduler = SASolverScheduler.from_config(sd2.scheduler.config)
+    with pytest.raises(ValueError, match="SASolverScheduler"):
         pipe2(PROMPTS, progress=False, **KW)
 
 
