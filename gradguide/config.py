@@ -43,10 +43,11 @@ class Sampler:
     """A sampler's whole configuration.
 
     ``name``: one of :data:`gradguide.samplers.SAMPLERS` (docs/samplers.md).
-    ``eta``: the sampler's η: DDIM's, and the ancestral and SDE samplers' (default: the
-    sampler's own, 0 for DDIM and 1 for the others; a sampler without one refuses it).
-    ``prediction``: what the model outputs, ``"eps"`` (default), ``"x0"``, ``"v"`` or ``"flow"``
-    (a flow-matching velocity; a FlowSchedule sets it). ``variance``: DDPM's
+    ``eta``: the sampler's η: DDIM's, TCD's γ, and the ancestral and SDE samplers' (default: the
+    sampler's own, 0 for DDIM, 0.3 for TCD and 1 for the others; a sampler without one refuses it).
+    ``prediction``: what the model outputs, ``"eps"`` (default), ``"x0"``, ``"v"``, ``"flow"``
+    (a flow-matching velocity; a FlowSchedule sets it) or ``"edm"`` / ``"edm-v"`` (an EDM
+    preconditioned network, with the option ``sigma_data``, default 0.5; gradguide.predictions). ``variance``: DDPM's
     ``"fixed-small"`` (default), ``"fixed-large"`` or
     ``"learned-range"`` (the model outputs twice the channels, ADM style) or ``"learned"`` (the
     extra channels are Σ itself, diffusers' DDPM ``variance_type="learned"``). ``clip``: ``True``
@@ -132,6 +133,11 @@ class Sampler:
         out["timesteps"] = self.timesteps if chosen else learnt.timesteps
         out["sigmas"] = self.sigmas if chosen else learnt.sigmas
         options = dict(learnt.options) if same and learnt.options else {}
+        # an EDM model's data scale belongs to the model: it travels while the prediction is EDM's, whatever the
+        # sampler, and is dropped with another prediction
+        options.pop("sigma_data", None)
+        if out["prediction"] in predictions.EDM and learnt.options and "sigma_data" in learnt.options:
+            options["sigma_data"] = learnt.options["sigma_data"]
         options.update(self.options)
         # every value comes from a validated Sampler or the defaults: no second validation (per-call setup)
         return self._validated(name=name, options=types.MappingProxyType(options), **out)

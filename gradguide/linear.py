@@ -86,6 +86,7 @@ class Operands:
         self.compute_dtype = ops.reference.coefficient_dtype(like.dtype)
         self.tensors: List[torch.Tensor] = []
         self.names: List[str] = []
+        self.units: List[LinComb] = []   # each operand as add() returned it (see tensor())
         self._gram = None
         self._sums = None
         self._partial: Dict[tuple, tuple] = {}   # operand columns -> (gram, sums), beyond MAX_K operands
@@ -101,7 +102,9 @@ class Operands:
         k = len(self.tensors)
         coef = torch.zeros(self.batch, 1, k, device=self.device, dtype=self.compute_dtype)
         coef[:, :, k - 1] = 1.0
-        return LinComb(self, coef, (k - 1,))
+        unit = LinComb(self, coef, (k - 1,))
+        self.units.append(unit)
+        return unit
 
     def zero(self) -> LinComb:
         return LinComb(self, torch.zeros(self.batch, 1, max(len(self.tensors), 1),
@@ -162,9 +165,17 @@ class Operands:
         vectors, scalars = ops.policies.program_arguments(name, params, self.zero())
         return ops.policies.PROGRAMS[name][2](self.algebra(per), vectors, scalars)
 
-    def add_computed(self, name: str, compute, ctx) -> LinComb:
-        """Register the operand ``compute(ctx)`` (a term's method, e.g. a classifier gradient)."""
-        return self.add(name, compute(ctx))
+    def add_computed(self, name: str, compute, ctx, reads=()) -> LinComb:
+        """Register the operand ``compute(ctx, *reads)`` (a term's method, e.g. a classifier
+        gradient; ``reads``: operands it takes as tensors, e.g. a materialised x̂_0)."""
+        return self.add(name, compute(ctx, *[self.tensor(u) for u in reads]))
+
+    def tensor(self, u: LinComb) -> torch.Tensor:
+        """The tensor of the operand ``u`` (as :meth:`add` returned it; checked on the host)."""
+        k = next(iter(u.support)) if len(u.support) == 1 else None
+        if k is None or self.units[k] is not u:
+            raise ValueError("expected an operand as ops.add returned it, got a combination: materialize it first")
+        return self.tensors[k]
 
     def per_sample(self, term, name: str):
         """The term's per-sample ``[B]`` tensor ``term.<name>``, a scalar of :meth:`policy` (a trace

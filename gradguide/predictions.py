@@ -9,7 +9,17 @@ Flux, Wan): the model sees ``x_σ = (1 − σ) x_0 + σ ε`` and predicts ``u = 
 variance-preserving one: with ``r = √((1−σ)² + σ²)``, ``x = x_σ / r`` has ``√ᾱ = (1−σ)/r``,
 ``√(1−ᾱ) = σ/r``, hence ``r = 1/(a + s)``, ``σ = s/(a + s)``, and the conversions below are
 the same formulas written in ``(x, a, s)``; the sampler hands the model ``x_σ = x/(a + s)``
-(docs/flow.md). The functions work on tensors and on
+(docs/flow.md).
+
+``"edm"`` / ``"edm-v"`` are Karras et al.'s (2022) preconditioned networks (diffusers'
+``EDM*Scheduler`` with ``prediction_type`` ``"epsilon"`` / ``"v_prediction"``): with
+``σ = s/a`` and the data scale ``σ_d``, the model sees ``c_in x_σ`` (``x_σ = x/a``,
+``c_in = 1/√(σ² + σ_d²)``) and ``x̂_0 = c_skip x_σ + c_out F``, ``c_skip = σ_d²/(σ² + σ_d²)``,
+``c_out = ±σ σ_d/√(σ² + σ_d²)`` (``−`` for ``"edm-v"``). In ``(x, a, s)``, with
+``q = √(s² + σ_d² a²)``: input ``x/q``, ``x̂_0 = (σ_d² a/q²) x ± (σ_d s/q) F``; so x̂_0 is
+linear in ``(x, F)`` with two per-step coefficients, ``pre = (c_x, c_F)`` (:func:`edm_coefficients`;
+the sampler tables' ``edm_skip``, ``edm_out``, ``edm_in``). With ``σ_d = 1``, ``"edm-v"`` is
+``"v"``. The functions work on tensors and on
 :class:`~gradguide.linear.LinComb` values alike (the guided step uses the latter), with the
 tensor-like argument first so both types' operators apply.
 """
@@ -20,7 +30,10 @@ from dataclasses import dataclass
 
 import torch
 
-PREDICTIONS = ("eps", "x0", "v", "flow")
+PREDICTIONS = ("eps", "x0", "v", "flow", "edm", "edm-v")
+EDM = ("edm", "edm-v")
+# the per-step table a model's input is scaled by (None: the model sees x itself)
+INPUT_SCALE = {"flow": "flow_in", "edm": "edm_in", "edm-v": "edm_in"}
 VARIANCES = ("fixed-small", "fixed-large", "learned-range", "learned")
 LEARNED_VARIANCES = ("learned-range", "learned")   # the model outputs twice the channels
 
@@ -31,8 +44,10 @@ def check_prediction(prediction: str) -> str:
     return prediction
 
 
-def eps_from(prediction: str, out, x, a, s):
-    """ε̂ from a model output. ``a = √ᾱ``, ``s = √(1−ᾱ)``."""
+def eps_from(prediction: str, out, x, a, s, pre=None):
+    """ε̂ from a model output. ``a = √ᾱ``, ``s = √(1−ᾱ)``; ``pre``: an EDM model's ``(c_x, c_F)``."""
+    if prediction in EDM:
+        return eps_from_x0(x0_from(prediction, out, x, a, s, pre), x, a, s)
     if prediction == "eps":
         return out
     if prediction == "x0":
@@ -42,8 +57,11 @@ def eps_from(prediction: str, out, x, a, s):
     return x * s + out * a  # v: ε = √(1−ᾱ) x_t + √ᾱ v
 
 
-def x0_from(prediction: str, out, x, a, s):
+def x0_from(prediction: str, out, x, a, s, pre=None):
     """x̂_0 from a model output (Tweedie for ε: ``(x_t − √(1−ᾱ) ε̂)/√ᾱ``)."""
+    if prediction in EDM:
+        c_x, c_f = _pre(prediction, pre)
+        return x * c_x + out * c_f
     if prediction == "eps":
         return (x - out * s) / a
     if prediction == "x0":
@@ -53,9 +71,12 @@ def x0_from(prediction: str, out, x, a, s):
     return x * a - out * s  # v: x_0 = √ᾱ x_t − √(1−ᾱ) v
 
 
-def output_from_eps(prediction: str, eps, x, a, s):
+def output_from_eps(prediction: str, eps, x, a, s, pre=None):
     """The model output of parametrisation ``prediction`` whose ε̂ is ``eps`` (inverse of
     :func:`eps_from`; for v: ``v = (ε − √(1−ᾱ) x_t)/√ᾱ``)."""
+    if prediction in EDM:   # F = (x̂_0 − c_x x)/c_F
+        c_x, c_f = _pre(prediction, pre)
+        return (x0_from_eps(eps, x, a, s) - x * c_x) / c_f
     if prediction == "eps":
         return eps
     if prediction == "x0":
@@ -63,6 +84,22 @@ def output_from_eps(prediction: str, eps, x, a, s):
     if prediction == "flow":   # u = ε − x_0 = ((a + s) ε − x)/a
         return (eps * (a + s) - x) / a
     return (eps - x * s) / a
+
+
+def _pre(prediction: str, pre):
+    if pre is None:
+        raise ValueError(f"prediction {prediction!r}: the EDM coefficients (c_x, c_F) of the step are needed")
+    return pre
+
+
+def edm_coefficients(abar, sigma_data: float, prediction: str = "edm"):
+    """``(c_x, c_F, c_in)`` of an EDM model at ``ᾱ`` (float64 tensors): ``x̂_0 = c_x x + c_F F``
+    for the variance-preserving ``x``, and the model is called on ``c_in x`` (``= c_in^EDM x_σ``)."""
+    abar = abar.to(torch.float64)
+    a, s = abar.sqrt(), (1 - abar).clamp_min(0).sqrt()
+    q = (s * s + sigma_data ** 2 * abar).sqrt()
+    sign = -1.0 if prediction == "edm-v" else 1.0
+    return sigma_data ** 2 * a / q ** 2, sign * sigma_data * s / q, 1 / q
 
 
 def flow_input_scale(a, s):

@@ -25,6 +25,11 @@ sample). Each member of a pair is projected against the *original* other member.
   term's direction and (policy B) the noise, each projected in turn against every other
   original direction; the denoising–diversity pair is never projected. With one guidance
   term it equals policy A (or B) exactly.
+- **Perturbed-branch guiders** (PAG, SLG, SEG, AutoGuidance, LTX2): each branch difference
+  ``Δ_k = w_k (x̂_0c − x̂_0k)`` is a direction of its own. Policy C: ``x̂_0c`` and the Δ_k, each
+  projected in turn against every other original (two directions: policy C exactly); A and B:
+  ``c_0 x̂_0c`` denoises, each ``c_0 Δ_k`` guides next to the terms' directions
+  (docs/pixelasparam.md#perturbed-branch-guiders).
 
 **Other samplers.** Every sampler here writes its step as
 ``x_{t−1} = c_x x_t + c_0 x̂_0 + c_h x̂_0^{prev} + σ z`` (see :mod:`gradguide.samplers`). The
@@ -37,11 +42,12 @@ it is the same policy applied to the same decomposition. Policy C acts in x̂_0 
 applies to every sampler unchanged.
 
 **Telemetry** (the paper's gradient-view plots): per step and per pair, per-sample cosine
-similarity, the share of samples with cos < 0 and ``Φ = 2‖a‖‖b‖/(‖a‖² + ‖b‖²)``.
+similarity and conflict flag (cos < 0), the share of samples with cos < 0 and
+``Φ = 2‖a‖‖b‖/(‖a‖² + ‖b‖²)``.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -65,10 +71,23 @@ def pair_telemetry(ops: Operands, a: LinComb, b: LinComb) -> Dict[str, torch.Ten
     aa, bb, ab = ops.norm2(a), ops.norm2(b), ops.dot(a, b)
     cos = safe_div(ab, (aa * bb).sqrt())
     phi = safe_div(2 * (aa * bb).sqrt(), aa + bb)
-    return {"cos": cos, "conflict_share": (cos < 0).to(cos.dtype).mean(), "phi": phi}
+    return {"cos": cos, "conflict": cos < 0, "conflict_share": (cos < 0).to(cos.dtype).mean(), "phi": phi}
 
 
-def step_telemetry(ops: Operands, den: LinComb, guide: Optional[LinComb], div: Optional[LinComb]):
+def named_telemetry(ops: Operands, directions: List[Tuple[str, LinComb]]) -> Dict[str, Dict[str, torch.Tensor]]:
+    """:func:`pair_telemetry` of every pair of ``[(name, direction)]``, keyed ``"a/b"`` in list order."""
+    return {f"{a}/{b}": pair_telemetry(ops, u, v)
+            for i, (a, u) in enumerate(directions) for b, v in directions[i + 1:]}
+
+
+def step_telemetry(ops: Operands, den: LinComb, guide: Optional[LinComb], div: Optional[LinComb],
+                   branch: Sequence[Tuple[str, LinComb]] = ()):
+    """The pairs of a step's directions. ``branch``: a branch guider's differences as directions of
+    their own (policies A and B over PAG, SLG, ...): then every pair of den, each difference, the
+    terms' guidance (``cls``) and div."""
+    if branch:
+        return named_telemetry(ops, [("den", den)] + list(branch) + ([("cls", guide)] if guide is not None else [])
+                               + ([("div", div)] if div is not None else []))
     pairs = {}
     if guide is not None:
         pairs["den/cls"] = pair_telemetry(ops, den, guide)
@@ -148,6 +167,50 @@ class PixelAsParam:
                 projected = pc(ops, projected, d_j, self.delta, self.per)
             total = projected if total is None else total + projected
         return total if self.policy == "B" else total + div
+
+    # -- a branch guider's differences (PAG, SLG, SEG, AutoGuidance, LTX2) ---------------------
+    def check_branch_guider(self, guider, clip, learned: bool) -> None:
+        """Refuse, by name, what has no defined meaning over a branch guider's directions."""
+        owner = type(guider).__name__
+        if guider.guidance_rescale > 0:
+            raise ValueError(f"projection: PixelAsParam over {owner}'s branch differences: guidance_rescale="
+                             f"{guider.guidance_rescale} rescales the guided prediction as a whole, which is not a "
+                             "sum of update directions; pass guidance_rescale=0 or no projection")
+        if self.policy == "C" and self.convention == "official" and (clip or learned):
+            raise ValueError(f"projection: convention='official' is the authors' code for CFG's two branches "
+                             f"(branches clipped before projecting, σ from the unconditional branch); {owner} has "
+                             "no such code: pass PixelAsParam('C', convention='paper') (branches unclipped, the "
+                             "result clipped, σ from the conditional branch)")
+        if self.policy in ("A", "B") and clip:
+            raise ValueError(f"projection: policy {self.policy} over {owner}'s branch differences with the sampler's "
+                             "x̂_0 clipping: the clipped guided x̂_0 is not a sum of the conditional prediction and the "
+                             "differences; use policy C (it clips the projected x̂_0) or sampler clip=False")
+
+    def combine_directions(self, ops: Operands, x0_cond: LinComb, differences: List[Tuple[str, LinComb]],
+                           telemetry: bool = False):
+        """Policy C over a branch guider's directions in x̂_0 space: ``d_0 = x̂_0c`` and the differences
+        ``d_k = Δ_k`` in the guider's order (CFG's first), ``x̂_0 = x̂_0c + Σ Δ_k`` unprojected. Each
+        ``d_i`` is projected in turn against every other *original* ``d_j`` (``j`` ascending; δ1 for
+        ``d_0``, δ2 for the differences) and the results are summed; with one difference this is
+        policy C exactly (:meth:`combine_cfg`, the ``pxp-c`` program, which the fused step runs).
+        Returns ``(x̂_0, telemetry of every pair or {})``."""
+        named = [("cond", x0_cond)] + list(differences)
+        if not differences:   # guidance off this step
+            return x0_cond, {}
+        if len(differences) == 1:
+            ((_, d),) = differences
+            # pxp-c's Δ = (scale − 1)(x0_cond − x0_uncond): with scale 2 and x0_uncond = x̂_0c − d it is d
+            x0 = ops.policy("pxp-c", per=self.per, x0_cond=x0_cond, x0_uncond=x0_cond - d, scale=2.0,
+                            delta=self.delta, delta2=self.delta2)
+        else:
+            x0 = None
+            for i, (_, d_i) in enumerate(named):
+                projected = d_i
+                for j, (_, d_j) in enumerate(named):
+                    if j != i:
+                        projected = pc(ops, projected, d_j, self.delta if i == 0 else self.delta2, self.per)
+                x0 = projected if x0 is None else x0 + projected
+        return x0, (named_telemetry(ops, named) if telemetry else {})
 
     # -- policy C: on the two CFG branches in x̂_0 space --------------------------------------
     @property

@@ -57,19 +57,26 @@ def _timing(ts, by: str) -> tuple:
         return len(ts.t), ts.t.dtype
     if any(v.device.type != "cpu" for v in (ts.t, ts.abar, ts.abar_prev)):
         raise Unkeyable
+    table = ts.alphas_cumprod   # the ᾱ table a TCD step reads between the timesteps
+    if table is not None and table.device.type != "cpu":
+        raise Unkeyable
     return (ts.t.dtype, ts.t.detach().numpy().tobytes(), ts.abar.dtype, ts.abar.detach().numpy().tobytes(),
             ts.abar_prev.detach().numpy().tobytes(), plain(ts.init_scale), plain(ts.final_scale),
-            _sigma_to_t(ts.sigma_to_t))
+            _sigma_to_t(ts.sigma_to_t), None if table is None else table.detach().numpy().tobytes())
 
 
 def _sigma_to_t(fn) -> Optional[tuple]:
     """``Timesteps.sigma_to_t`` (samplers that call the model between the listed σ's read it): a
-    schedule's own method by its training table; any other callable is Unkeyable."""
+    schedule's own method by its training table, a function carrying a ``runkey`` name by that
+    name; any other callable is Unkeyable."""
     if fn is None:
         return None
     owner = getattr(fn, "__self__", None)
     if isinstance(owner, Schedule) and getattr(fn, "__func__", None) is Schedule.sigma_to_t:
         return "sigma_to_t", owner.alphas_cumprod.numpy().tobytes()
+    named = getattr(fn, "runkey", None)   # a function of σ alone that names itself (EDM's c_noise = log(σ)/4)
+    if isinstance(named, str):
+        return "sigma_to_t", named
     raise Unkeyable
 
 

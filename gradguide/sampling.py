@@ -45,7 +45,7 @@ class StepRecord:
     timestep: int              # training timestep of this step
     x: torch.Tensor            # x_{t−1}
     x0: torch.Tensor           # the guided prediction x̂_0 used by the step
-    telemetry: Dict[str, Dict[str, torch.Tensor]]  # per pair: cos [B], conflict_share [], phi [B]
+    telemetry: Dict[str, Dict[str, torch.Tensor]]  # per pair: cos [B], conflict [B], conflict_share [], phi [B]
     backend: str               # the ops backend that ran
 
 
@@ -117,8 +117,9 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
            diagnostics: Optional[Diagnostics] = None) -> torch.Tensor:
     """Draw samples from a diffusion model with guidance.
 
-    ``model(x_t, t, **cond)`` returns the model's prediction (ε, x̂_0, v, or a flow-matching
-    velocity called on ``x_σ`` at the σ timesteps of a :class:`~gradguide.FlowSchedule`, docs/flow.md:
+    ``model(x_t, t, **cond)`` returns the model's prediction (ε, x̂_0, v, a flow-matching
+    velocity called on ``x_σ`` at the σ timesteps of a :class:`~gradguide.FlowSchedule`, docs/flow.md,
+    or an EDM network's output called on ``c_in x_σ``, gradguide.predictions:
     the sampler configuration's ``prediction``; with ``variance="learned-range"`` twice the
     channels, ADM style); ``t`` is an int64 ``[B]`` tensor of original training timesteps (0-based), or
     float64 where a σ-space schedule falls between them (``sigmas``, diffusers' Euler/Heun/LMS
@@ -131,8 +132,8 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     ``sampler``: a sampler name (``"ddpm"``, ``"ddim"``, ``"dpmpp-2m"``, ``"dpmpp-2m-sde"``,
     ``"dpmpp-3m-sde"``, ``"euler"``, ``"euler_a"``, ``"heun"``, ``"dpm_2"``, ``"dpm_2_ancestral"``,
     ``"dpmpp_2s_ancestral"``, ``"dpmpp_sde"``, ``"dpm_fast"``, ``"lms"``, ``"plms"``, ``"unipc"``, the
-    flow-matching ``"flow-euler"``, ``"flow-heun"``, ``"flow-lcm"``, or ComfyUI's ``"ipndm"``, ``"deis"``,
-    ``"res_multistep"``, ``"er_sde"``, ``"seeds_2"``, ``"sa_solver"``, ...; docs/samplers.md) or a
+    few-step ``"lcm"``, ``"tcd"``, the flow-matching ``"flow-euler"``, ``"flow-heun"``, ``"flow-lcm"``,
+    or ComfyUI's ``"ipndm"``, ``"deis"``, ``"res_multistep"``, ``"er_sde"``, ``"seeds_2"``, ``"sa_solver"``, ...; docs/samplers.md) or a
     :class:`~gradguide.Sampler` holding the sampler's whole configuration (η, prediction type,
     variance, x̂_0 clipping and the ε a clipped step re-noises with, spacing, explicit
     timesteps or σ's, the sampler's own options). Fields left unset come from
@@ -327,7 +328,8 @@ def _build_tables_and_plan(run: _Run, fused: bool) -> tuple:
     fused_reason, needs_x0, timestep_list)``, computed from host-side configuration only."""
     from . import stepplan
     cfg = run.sampler
-    run.tables = build(cfg.name, cfg.timesteps, eta=cfg.eta, variance=cfg.variance, **cfg.options)
+    run.tables = build(cfg.name, cfg.timesteps, eta=cfg.eta, variance=cfg.variance, prediction=cfg.prediction,
+                       **cfg.options)
     run.table_rows, run.table_index = run.tables.stacked(run.device, ops.reference.coefficient_dtype(run.dtype))
     run.plan = stepplan.build(run, step_algebra) if fused else None
     if not fused:
@@ -369,26 +371,59 @@ def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Di
     t = run.timesteps_dev.index_select(0, idx).expand(run.shape[0])
     x_input = x.detach().requires_grad_(True) if run.needs_input_grad else x
     model_input = x_input if run.needs_model_grad else x.detach()
+    # a VJP through each CFG branch on its own (its weight changes per step): the branches get
+    # separate leaves, so one backward pass gives Jᵀg of each
+    leaves = {"model_cond": x_input}
+    both = any(c.position < 0 and c.method == "model_uncond" for c in variant.computed.values())
+    if both:
+        leaves["model_uncond"] = x.detach().requires_grad_(True)
     scale = _flow_scale(run, column)
-    out_c, out_u, _, _ = _model_branches(run, model_input if scale is None else model_input * scale, t)
+    out_c, out_u, further, _, _, whole = _model_outputs(run, model_input if scale is None else model_input * scale, t,
+                                                        i, _scaled(leaves.get("model_uncond"), scale))
+    outputs = {"model_cond": out_c, "model_uncond": out_u}
     tensors = {"x": x.detach(), "model_cond": out_c.detach()}
     if out_u is not None:
         tensors["model_uncond"] = out_u.detach()
+    tensors.update({f"model_{name}": out.detach() for name, out in further.items()})   # perturbed branches
     if noise is not None:
         tensors["noise"] = noise
-    if variant.computed:   # classifier gradients, G_loss's reward gradient and model VJP
-        ctx = StepContext(ops=Operands(x, backend=run.backend), index=i, t=t, scalars={}, cond=run.cond, x=None,
-                          x_input=x_input, state=state, sampler=run.tables.name, prediction=run.prediction,
-                          input_scale=scale, model_output=out_c)
-        terms = [run.branch] + run.score_terms + run.mean_terms + run.post_terms
-        for name, (position, compute) in variant.computed.items():
-            if position < 0:   # the model's VJP with an operand already computed (G_loss: Jᵀg)
-                (tensors[name],) = torch.autograd.grad(out_c, x_input, grad_outputs=tensors[compute])
-            else:
-                tensors[name] = compute(terms[position], ctx)
-    if run.backend != "reference":   # kernels address rows as contiguous memory
+    contiguous = run.backend != "reference"   # kernels address rows as contiguous memory
+    if contiguous:
         tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
-    stepplan.run_stages(run, variant, column, tensors)
+    terms = [run.branch] + run.score_terms + run.mean_terms + run.post_terms
+    stacked = {} if both and whole is not None else None
+    ctx = None
+
+    def vjps(names, cotangent):
+        """Each branch's Jᵀ(cotangent) for the computed operands ``names``, in one backward pass."""
+        branches = [variant.computed[n].method for n in names]
+        if stacked is not None and len(names) == 2:   # the batched output's cotangent, uncond rows first
+            cot = stacked.get(id(cotangent))
+            cot = torch.cat([cotangent, cotangent]) if cot is None else cot.view(whole.shape)
+            grads = torch.autograd.grad(whole, [leaves[b] for b in branches], grad_outputs=cot, retain_graph=True)
+        else:
+            grads = torch.autograd.grad([outputs[b] for b in branches], [leaves[b] for b in branches],
+                                        grad_outputs=[cotangent] * len(names), retain_graph=True)
+        tensors.update({n: g.contiguous() if contiguous else g for n, g in zip(names, grads)})
+
+    def compute(name):   # classifier gradients, G_loss's reward gradient and model VJPs, decoder pullbacks
+        nonlocal ctx
+        spec = variant.computed[name]
+        for read in spec.reads:
+            if read not in tensors:
+                compute(read)
+        if spec.position < 0:
+            vjps([n for n, c in variant.computed.items() if c.position < 0 and c.reads == spec.reads],
+                 tensors[spec.reads[0]])
+            return
+        if ctx is None:
+            ctx = StepContext(ops=Operands(x, backend=run.backend), index=i, t=t, scalars={}, cond=run.cond, x=None,
+                              x_input=x_input, state=state, sampler=run.tables.name, prediction=run.prediction,
+                              input_scale=scale, model_output=out_c, stacked_cotangents=stacked)
+        value = spec.method(terms[spec.position], ctx, *[tensors[r] for r in spec.reads])
+        tensors[name] = value.contiguous() if contiguous else value
+
+    stepplan.run_stages(run, variant, column, tensors, compute)
     return tensors["x_next"], dict(state), None
 
 
@@ -405,13 +440,7 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     ctx = StepContext(ops=ops_, index=i, t=t, scalars=scalars, cond=run.cond, x=None, x_input=x_input,
                       state=state, sampler=run.tables.name, prediction=run.prediction, input_scale=scale)
     x_model = model_input if scale is None else model_input * scale
-    further = {}   # branches beyond cond/uncond (perturbed models), by name
-    if run.branch_caller is not None:   # the branches this step's guider asks for (perturbed models among them)
-        outs = run.branch_caller(functools.partial(_call_model, run), x_model, t, run.branch.step_branches(i))
-        (out_c, log_var), (out_u, log_var_u) = outs.pop("cond"), outs.pop("uncond", (None, None))
-        further = {name: out for name, (out, _) in outs.items()}
-    else:
-        out_c, out_u, log_var, log_var_u = _model_branches(run, x_model, t)
+    out_c, out_u, further, log_var, log_var_u, _ = _model_outputs(run, x_model, t, i)
     ctx.learned_log_var = _learned_log_var(run, log_var, scalars)
     tracked = {"x": x_input, "model_cond": out_c, "model_uncond": out_u}
     tracked.update({f"model_{name}": out for name, out in further.items()})
@@ -451,11 +480,18 @@ def step_algebra(run: _Run, ctx: StepContext, inputs: Dict[str, Optional[torch.T
     eps_c = _eps_form(run, ctx, ops_.add("model_cond", inputs["model_cond"]), X)
     renoise = None
     telemetry = {}
+    split = None   # policies A/B over a branch guider's differences: (x̂_0c, [(direction, Δ)])
     if run.branch is not None:
         eps_u = None
         if inputs["model_uncond"] is not None or ops_.tracing:   # a guider naming its branches leaves it
             eps_u = _eps_form(run, ctx, ops_.add("model_uncond", inputs["model_uncond"]), X)   # out where CFG is off
-        if run.projection is not None and run.projection.policy == "C":
+        if run.projection is not None and hasattr(run.branch, "differences"):   # each difference a direction
+            x0_c, diffs = run.branch.directions(ctx, eps_c, eps_u)
+            if run.projection.policy == "C":
+                x0_pre, telemetry = run.projection.combine_directions(ops_, x0_c, diffs, telemetry=want_telemetry)
+            else:
+                x0_pre, split = _sum(x0_c, [d for _, d in diffs]), (x0_c, diffs)
+        elif run.projection is not None and run.projection.policy == "C":
             if run.projection.sigma_from_uncond and log_var_u is not None:  # the authors' code's σ
                 ctx.learned_log_var = _learned_log_var(run, log_var_u, scalars)
             x0_pre, telemetry = run.projection.combine_cfg(ops_, ctx.x0_of_eps(eps_c), ctx.x0_of_eps(eps_u),
@@ -498,23 +534,31 @@ def step_algebra(run: _Run, ctx: StepContext, inputs: Dict[str, Optional[torch.T
     guides += [term.mean(ctx) for term in run.mean_terms]
     guides += [term.post(ctx, x0_pre) for term in run.post_terms]
     div = _diversity(ctx, inputs["noise"])
+    branch_guides = []
+    if split is not None:   # the conditional prediction denoises; each branch difference guides (docs/pixelasparam.md)
+        den, branch_guides = split[0] * c_0, [(name, d * c_0) for name, d in split[1]]
 
     if run.projection is not None and run.projection.policy != "C":
-        x_next = base + run.projection.project_directions(ops_, den, guides, div)
+        x_next = base + run.projection.project_directions(ops_, den, [g for _, g in branch_guides] + guides, div)
     else:
         x_next = _sum(base + den, guides) + div
     if want_telemetry:
         telemetry.update(step_telemetry(ops_, den, _sum(None, guides) if guides else None,
-                                        div if inputs["noise"] is not None else None))
+                                        div if inputs["noise"] is not None else None, branch=branch_guides))
     return x_next, x0_guided, telemetry
 
 
+def _scaled(x: Optional[torch.Tensor], scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return x if x is None or scale is None else x * scale
+
+
 def _flow_scale(run: _Run, column: torch.Tensor) -> Optional[torch.Tensor]:
-    """A flow model's input scale ``x_σ = x/(√ᾱ + √(1−ᾱ))`` at this step (0-d, on the device), else None."""
-    if run.prediction != "flow":
+    """The model's input scale at this step (0-d, on the device): a flow model's ``x_σ = x/(√ᾱ + √(1−ᾱ))``,
+    an EDM model's ``c_in x_σ`` (gradguide.predictions); None where the model sees x itself."""
+    name = predictions.INPUT_SCALE.get(run.prediction)
+    if name is None:
         return None
-    j = run.table_index["flow_in"]
-    return column[j]   # a 0-d float64 factor keeps x's dtype under type promotion
+    return column[run.table_index[name]]   # a 0-d float64 factor keeps x's dtype under type promotion
 
 
 def _carried(run: _Run, ops_: Operands, state: Dict[str, torch.Tensor], scalars) -> Optional[LinComb]:
@@ -562,23 +606,40 @@ def _sum(first: Optional[LinComb], rest: List[LinComb]) -> LinComb:
     return total
 
 
-def _model_branches(run: _Run, x_in: torch.Tensor, t: torch.Tensor):
-    """``(out_cond, out_uncond or None, learned variance channels of each branch or None)``: one
+def _model_outputs(run: _Run, x_in: torch.Tensor, t: torch.Tensor, i: int, x_in_uncond: Optional[torch.Tensor] = None):
+    """``(out_cond, out_uncond or None, {further branch: output}, variance channels of cond, of
+    uncond, the batched output or None)``: the branches step ``i``'s guider asks for (perturbed
+    models among them, evaluated by ``run.branch_caller``), else :func:`_model_branches`' two."""
+    if run.branch_caller is None:
+        out_c, out_u, log_var, log_var_u, whole = _model_branches(run, x_in, t, x_in_uncond)
+        return out_c, out_u, {}, log_var, log_var_u, whole
+    outs = run.branch_caller(functools.partial(_call_model, run), x_in, t, run.branch.step_branches(i))
+    (out_c, log_var), (out_u, log_var_u) = outs.pop("cond"), outs.pop("uncond", (None, None))
+    return out_c, out_u, {name: out for name, (out, _) in outs.items()}, log_var, log_var_u, None
+
+
+def _model_branches(run: _Run, x_in: torch.Tensor, t: torch.Tensor, x_in_uncond: Optional[torch.Tensor] = None):
+    """``(out_cond, out_uncond or None, learned variance channels of each branch or None, the
+    batched output or None)``: one
     call of batch 2B when ``run.batched`` holds both branches' stacked inputs (unconditional rows
     first, as diffusers pipelines), else one call per branch. Under G_loss the batched call is
-    also one backward pass through the model."""
+    also one backward pass through the model. ``x_in_uncond``: the unconditional branch's input
+    where it is a tensor of its own (a separate autograd leaf), else ``x_in``."""
+    x_in_u = x_in if x_in_uncond is None else x_in_uncond
     if run.branch is None:
         out_c, log_var = _call_model(run, x_in, t, run.cond, "model(x_t, t, **cond)")
-        return out_c, None, log_var, None
+        return out_c, None, log_var, None, None
     if run.batched is not None:
-        out, var = _call_model(run, torch.cat([x_in, x_in]), torch.cat([t, t]), run.batched,
+        # every row shares the step's timestep (an expanded scalar): the batch's is a view, not a copy
+        t2 = t.as_strided((2 * t.shape[0],), (0,)) if t.shape[0] == 1 or t.stride() == (0,) else torch.cat([t, t])
+        out, var = _call_model(run, torch.cat([x_in_u, x_in]), t2, run.batched,
                                "model(cat[x_t, x_t], cat[t, t], **cat[uncond, cond])", batch=2 * run.shape[0])
         out_c, out_u = split_branches(out, run.shape[0])
         var_c, var_u = (None, None) if var is None else split_branches(var, run.shape[0])
-        return out_c, out_u, var_c, var_u
+        return out_c, out_u, var_c, var_u, out
     out_c, log_var = _call_model(run, x_in, t, run.cond, "model(x_t, t, **cond)")
-    out_u, log_var_u = _call_model(run, x_in, t, run.uncond, "model(x_t, t, **uncond)")
-    return out_c, out_u, log_var, log_var_u
+    out_u, log_var_u = _call_model(run, x_in_u, t, run.uncond, "model(x_t, t, **uncond)")
+    return out_c, out_u, log_var, log_var_u, None
 
 
 def _call_model(run: _Run, x_in: torch.Tensor, t: torch.Tensor, inputs: dict, what: str, batch: int = 0):
@@ -619,7 +680,7 @@ def _learned_log_var(run: _Run, var_channels, scalars):
 
 
 def _eps_form(run: _Run, ctx: StepContext, out: LinComb, X: LinComb) -> LinComb:
-    return predictions.eps_from(run.prediction, out, X, ctx.a, ctx.s)
+    return predictions.eps_from(run.prediction, out, X, ctx.a, ctx.s, ctx.pre)
 
 
 def _tracked_x0(ops_: Operands, tracked: Dict[str, torch.Tensor], x0: LinComb):
@@ -776,14 +837,18 @@ def _prepare(model, shape, *, schedule: Schedule, steps, sampler: Sampler, guida
     if projection is not None:
         if not isinstance(projection, PixelAsParam):
             raise TypeError(f"projection: expected a gradguide.PixelAsParam, got {type(projection).__name__}")
+        differences = hasattr(branch, "differences")   # a branch guider: each branch difference is a direction
         if projection.policy == "C":
-            if branch is None or type(branch).__name__ != "CFG":
-                raise ValueError("projection: policy C projects the two branches of classifier-free guidance; "
-                                 "add gradguide.CFG(...) to guidance=")
-        elif not (score_terms or mean_terms or post_terms):
+            if branch is None or not (type(branch).__name__ == "CFG" or differences):
+                raise ValueError("projection: policy C projects the two branches of classifier-free guidance (or a "
+                                 "perturbed-branch guider's differences: PAG, SLG, SEG, AutoGuidance, LTX2); add "
+                                 "gradguide.CFG(...) to guidance=")
+        elif not (score_terms or mean_terms or post_terms or differences):
             raise ValueError(f"projection: policy {projection.policy} projects guidance directions against "
                              "the denoising direction; add a term that adds one (Classifier, NaiveGradient, "
-                             "LookAhead, DPS)")
+                             "LookAhead, DPS, or a perturbed-branch guider: PAG, SLG, ...)")
+        if differences:
+            projection.check_branch_guider(branch, sampler.clip, variance == "learned-range")
     clip = _clip(sampler.clip)
 
     resolved = ops.resolve_backend(execution.backend, device)

@@ -35,6 +35,9 @@ class Timesteps:
     the σ-space latent ``x_σ`` when the last σ is not 0, as diffusers and k-diffusion do).
     ``sigma_to_t``: ``σ -> t`` (float64 tensors) where the model may be called at σ's between
     the listed ones (``Schedule.sigma_to_t`` for σ-space timesteps; ``None`` otherwise).
+    ``alphas_cumprod``: the schedule's ``ᾱ`` at every training timestep, for samplers whose step
+    passes through a training timestep between the listed ones (TCD's ``floor((1 − γ) t_next)``);
+    set for integer timesteps, ``None`` where the timesteps are σ's.
     """
     t: torch.Tensor
     abar: torch.Tensor
@@ -44,6 +47,7 @@ class Timesteps:
     # σ -> model timestep, for samplers that call the model between the given σ's (k-diffusion's
     # churn, DPM-Solver-2's midpoint); set by Schedule.timesteps_from_sigmas
     sigma_to_t: Optional[Callable] = field(default=None, compare=False, repr=False)
+    alphas_cumprod: Optional[torch.Tensor] = field(default=None, compare=False, repr=False)
 
     def __len__(self) -> int:
         return int(self.t.shape[0])
@@ -202,7 +206,7 @@ class Schedule:
         kept_t = torch.tensor(sorted(kept, reverse=True), dtype=torch.int64)
         abar = self.alphas_cumprod[kept_t]
         abar_prev = torch.cat([abar[1:], abar.new_ones(1)])
-        return Timesteps(kept_t, abar, abar_prev, sigma_to_t=self.sigma_to_t)
+        return Timesteps(kept_t, abar, abar_prev, sigma_to_t=self.sigma_to_t, alphas_cumprod=self.alphas_cumprod)
 
 
 def _timestep(value) -> int:

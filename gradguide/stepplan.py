@@ -23,14 +23,17 @@ telemetry — raises :class:`NotFusable` and the run takes the general step, wit
 ``run.fused_reason``. tests/core/test_fused_step.py holds the two paths equal.
 
 G_loss's VJP: the general step differentiates ``gᵀx̂_0`` through the tracked x̂_0. For an x̂_0
-that is ``c_x x_t + c_o model(x_t)`` (weights held constant) its gradient is ``c_x g + c_o Jᵀg``,
-so the fused step asks autograd for ``Jᵀg`` only (the model's backward, ``grad_outputs = g``).
+that is ``c_x x_t + Σ_b c_b model_b(x_t)`` (the branches after CFG; weights held constant) its
+gradient is ``c_x g + Σ_b c_b J_bᵀg``, so the fused step asks autograd for each branch's ``J_bᵀg``
+(the model's backward, one pass) and weighs them per step in the combine. A computed operand may
+read a stage's output (decoded G_loss decodes the materialised x̂_0): the running step computes
+each when it is first needed (:func:`run_stages`).
 """
 from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Hashable, List, Optional, Tuple
+from typing import Dict, Hashable, List, Optional, Tuple
 
 import torch
 
@@ -54,12 +57,23 @@ class Stage:
 
 
 @dataclass
+class Computed:
+    """An operand the running step computes: a guidance term's method called on the step's
+    context and the ``reads`` operands (``position`` ≥ 0), or the model's VJP (``position`` −1)
+    through the branch ``method`` names (``"model_cond"``/``"model_uncond"``) with the cotangent
+    ``reads[0]``. A read may be a stage's output: the step computes an operand when a stage or
+    another computed operand first needs it, so stages and computed operands interleave."""
+    position: int
+    method: object
+    reads: Tuple[str, ...] = ()
+
+
+@dataclass
 class Variant:
     """The stages of the steps that make one set of host-side choices, and their inputs."""
     stages: List[Stage]
-    inputs: List[str]                    # operand names the step must supply
-    # name -> (term position, its method), or (-1, g's name): the model's VJP with the operand g
-    computed: Dict[str, Tuple[int, object]] = field(default_factory=dict)
+    inputs: List[str]                    # operand names the step must supply (or compute)
+    computed: Dict[str, Computed] = field(default_factory=dict)
 
 
 @dataclass
@@ -122,7 +136,7 @@ class TraceOperands(SymbolicOperands):
     def __init__(self, n_steps: int, terms: List[object]):
         super().__init__(n_steps)
         self.pending: List[_Pending] = []
-        self.computed: Dict[str, Tuple[int, Callable]] = {}
+        self.computed: Dict[str, Computed] = {}
         self.terms = terms
 
     def add(self, name: str, tensor=None) -> LinComb:
@@ -132,14 +146,23 @@ class TraceOperands(SymbolicOperands):
             name = f"{base}{j}"
         return super().add(name)
 
-    def add_computed(self, name: str, compute, ctx) -> LinComb:
+    def add_computed(self, name: str, compute, ctx, reads=()) -> LinComb:
         owner = getattr(compute, "__self__", None)
         position = next((j for j, t in enumerate(self.terms) if t is owner), None)
         if position is None:
             raise NotFusable(f"operand {name!r} computed by something other than a guidance term's method")
+        names = tuple(self.names[self.single(r)] for r in reads)
         u = self.add(name)
-        self.computed[self.names[-1]] = (position, compute.__func__)
+        self.computed[self.names[-1]] = Computed(position, compute.__func__, names)
         return u
+
+    def single(self, u: LinComb) -> int:
+        """The operand ``u`` is (one operand with weight 1 at every step)."""
+        coef = u._padded(len(self.names))[:, 0, :]
+        nonzero = [j for j in range(coef.shape[1]) if bool((coef[:, j] != 0).any())]
+        if len(nonzero) != 1 or not bool((coef[:, nonzero[0]] == 1).all()):
+            raise NotFusable(f"a computed operand reads a combination, not an operand{_who()}")
+        return nonzero[0]
 
     def per_sample(self, term, name: str):
         position = next((j for j, t in enumerate(self.terms) if t is term), None)
@@ -171,13 +194,20 @@ class TraceOperands(SymbolicOperands):
 
     def vjp_of_x0(self, x0: LinComb, g: LinComb) -> LinComb:
         coef = x0._padded(len(self.names))[:, 0, :]
-        k_x, k_m = self.names.index("x"), self.names.index("model_cond")
-        if any(bool((coef[:, j] != 0).any()) for j in range(coef.shape[1]) if j not in (k_x, k_m)):
-            raise NotFusable("G_loss through an x̂_0 that is not c_x x_t + c_o model(x_t) (guided, clipped or projected)")
-        (k_g,) = g.support
-        vjp = self.add("model_vjp")
-        self.computed[self.names[-1]] = (-1, self.names[k_g])   # the model's VJP with the operand g
-        return g * coef[:, k_x] + vjp * coef[:, k_m]
+        branches = [b for b in ("model_cond", "model_uncond") if b in self.names]
+        k_x = self.names.index("x")
+        used = [j for j in range(coef.shape[1]) if bool((coef[:, j] != 0).any())]
+        if any(self.names[j] not in branches and j != k_x for j in used):
+            raise NotFusable("a VJP through an x̂_0 that is not c_x x_t + Σ c_b model_b(x_t) (clipped, projected "
+                             "or guided by data-dependent weights)")
+        k_g = self.names[self.single(g)]
+        vjp = g * coef[:, k_x]
+        for branch in branches:
+            k_b = self.names.index(branch)
+            if k_b in used:   # each branch's Jᵀg is an operand: its weight changes per step
+                vjp = vjp + self.add(f"vjp_{branch}") * coef[:, k_b]
+                self.computed[self.names[-1]] = Computed(-1, branch, (k_g,))
+        return vjp
 
     def combine(self, u, out=None, clamp=None):
         raise NotFusable(f"a tensor written out between steps{_who()}")
@@ -202,8 +232,6 @@ def unsupported(run) -> Optional[str]:
         return "learned-range variance"
     if run.telemetry:
         return "telemetry"
-    if run.branch_caller is not None:   # the model branches a step calls vary with the step
-        return f"{type(run.branch).__name__} guidance (perturbed model branches)"
     return None
 
 
@@ -233,7 +261,8 @@ def build(run, step_algebra) -> Optional[StepPlan]:
                               cond=run.cond, x=None, x_input=None, state=_RefuseState(), sampler=run.tables.name,
                               prediction=run.prediction)
             x_next, _, _ = step_algebra(run, ctx, {"x": None, "model_cond": None, "model_uncond": None,
-                                                   "noise": True if key[0] else None}, track=_refuse_tracking)
+                                                   "noise": True if key[0] else None,
+                                                   "further": _further_branches(run, steps)}, track=_refuse_tracking)
             space.finish(x_next)
             if ctx.new_state:
                 raise NotFusable(f"state carried between steps ({', '.join(ctx.new_state)})")
@@ -245,6 +274,18 @@ def build(run, step_algebra) -> Optional[StepPlan]:
         extra = torch.stack(table.rows).to(device=run.table_rows.device, dtype=run.table_rows.dtype)
         run.table_rows = torch.cat([run.table_rows, extra])
     return plan
+
+
+def _further_branches(run, steps: List[int]) -> Dict[str, None]:
+    """A perturbed guider's branches beyond cond/uncond at ``steps`` (one variant), as operands of
+    the trace: the model calls stay outside the plan (the fused step makes them, as the general
+    step does), their outputs are inputs of its stages like ``model_cond``."""
+    if run.branch_caller is None:
+        return {}
+    names = {tuple(b.name for b in run.branch.step_branches(i)) for i in steps}
+    if len(names) != 1:   # the variant key must fix the branches (term.variant(i) does for the built-ins)
+        raise NotFusable(f"{type(run.branch).__name__}: steps of one variant call different model branches")
+    return {name: None for name in next(iter(names)) if name not in ("cond", "uncond")}
 
 
 def _refuse_tracking(x0):
@@ -347,11 +388,18 @@ def _emit(space: TraceOperands, stages: List[_Pending], table: _Table, at: torch
         out.append(Stage(st.policy, [space.names[j] for j in order], len(in_gram) if gram_vectors else 0,
                          vector_rows, scalar_specs, st.clamp, ",".join(st.outputs), st.per_group))
     produced = {name for s in out for name in s.output.split(",")}
-    inputs = []
+    needed: List[str] = []
+
+    def need(name):
+        if name in needed or name in produced:
+            return
+        for read in getattr(space.computed.get(name), "reads", ()):
+            need(read)
+        needed.append(name)
     for s in out:
-        inputs += [n for n in s.operands if n not in produced and n not in inputs]
-    # in the order the trace computed them (G_loss's model VJP reads its reward gradient)
-    return Variant(out, inputs, {n: c for n, c in space.computed.items() if n in inputs})
+        for name in s.operands:
+            need(name)
+    return Variant(out, needed, {n: c for n, c in space.computed.items() if n in needed})
 
 
 def _pruned(coef: torch.Tensor) -> torch.Tensor:
@@ -375,11 +423,15 @@ def copy_plan(plan: Optional[StepPlan]) -> Optional[StepPlan]:
 
 # -- running a plan ----------------------------------------------------------------------------
 
-def run_stages(run, variant: Variant, column: torch.Tensor, tensors: Dict[str, torch.Tensor]):
+def run_stages(run, variant: Variant, column: torch.Tensor, tensors: Dict[str, torch.Tensor], compute=None):
     """Execute ``variant``'s stages; ``tensors`` maps operand names to (contiguous) tensors and
-    receives each stage's output."""
+    receives each stage's output. ``compute(name)`` adds a computed operand to ``tensors`` (called
+    the first time a stage needs it, after the stages it reads)."""
     terms = [run.branch] + run.score_terms + run.mean_terms + run.post_terms
     for st in variant.stages:
+        for name in st.operands:
+            if name not in tensors:
+                compute(name)
         operands = [tensors[name] for name in st.operands]
         k = len(operands)
         if st.policy == "clip-shift":

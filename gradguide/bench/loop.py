@@ -350,8 +350,8 @@ def _sd(name, quick, device, seed, dtype):
             x = previous.detach().to(dtype).requires_grad_(True)
             r = reward(x)
             (g,) = torch.autograd.grad(r.sum(), x)
-        g = g.float()
-        offset = r.detach().float() - (g * previous).flatten(1).sum(1)
+        # g stays in the decoder's dtype (the reward's): the step's gᵀx̂_0 then needs no cast of g
+        offset = r.detach().float() - (g.float() * previous).flatten(1).sum(1)
         return {"guidance": guidance_terms([("cfg", 7.5), "G_loss-decoded"], uncond={"encoder_hidden_states": empty},
                                            decode=wrap(decode), gradient=g, offset=offset,
                                            options={"G_loss-decoded": {"target": 10.0, "beta": 100.0}})}

@@ -39,30 +39,47 @@ class StepContext:
     tracked_x0: Optional[Callable[[], torch.Tensor]] = None  # x̂_0 with its autograd graph
     sampler: str = "ddpm"
     learned_log_var: Optional[torch.Tensor] = None  # ADM learned-range log Σ (elementwise)
-    prediction: str = "eps"          # the model's parametrisation ("eps", "x0", "v", "flow")
-    input_scale: Optional[torch.Tensor] = None   # flow models: the model sees x_σ = input_scale · x_t
+    prediction: str = "eps"          # the model's parametrisation ("eps", "x0", "v", "flow", "edm", "edm-v")
+    input_scale: Optional[torch.Tensor] = None   # flow and EDM models: the model sees input_scale · x_t
     model_output: Optional[torch.Tensor] = None  # the conditional branch's output, with its autograd graph
     branch_eps: Dict[str, LinComb] = field(default_factory=dict)   # further model branches' ε (perturbed guiders)
+    # a fused step whose VJP runs through both branches of one batched call: id(cotangent) -> the
+    # cotangent written twice ([2, B, ...]), the batched output's (see :meth:`scale_rows`)
+    stacked_cotangents: Optional[Dict[int, torch.Tensor]] = None
 
-    def operand(self, name: str, compute: Callable[["StepContext"], torch.Tensor]) -> LinComb:
-        """The operand ``compute(ctx)`` (a term's own method, e.g. its gradient) as a LinComb. A
-        traced step (the fused plan) records the method and calls it on each step's context."""
-        return self.ops.add_computed(name, compute, self)
+    def operand(self, name: str, compute: Callable[..., torch.Tensor], *reads: LinComb) -> LinComb:
+        """The operand ``compute(ctx, *tensors of reads)`` (a term's own method, e.g. its gradient)
+        as a LinComb; ``reads`` are operands (e.g. a materialised x̂_0). A traced step (the fused
+        plan) records the method and calls it on each step's context once its reads exist."""
+        return self.ops.add_computed(name, compute, self, reads)
 
     def per_sample(self, term: "GuidanceTerm", name: str):
         """``term.<name>``, a per-sample ``[B]`` tensor passed as a scalar of ``ctx.ops.policy`` (e.g.
         G_loss's target); a traced step reads it from the running step's term."""
         return self.ops.per_sample(term, name)
 
-    def vjp_of_x0(self, x0: LinComb, g: LinComb, grad: torch.Tensor, what: str) -> LinComb:
-        """``∇_{x_t}(gᵀx̂_0)`` for the reward gradient ``grad`` (the operand ``g``), as a LinComb:
-        autograd through the tracked x̂_0. (A traced step takes ``c_x g + c_o Jᵀg`` for an x̂_0
-        that is ``c_x x_t + c_o model(x_t)``: the model's backward only, see gradguide.stepplan.)"""
+    def vjp_of_x0(self, x0: LinComb, g: LinComb, what: str) -> LinComb:
+        """``∇_{x_t}(gᵀx̂_0)`` for the operand ``g`` (a reward gradient, a decoder's pullback), as
+        a LinComb: autograd through the tracked x̂_0. (A traced step takes ``c_x g + Σ_b c_b J_bᵀg``
+        for an x̂_0 that is ``c_x x_t + Σ_b c_b model_b(x_t)``: the model's backward only, see
+        gradguide.stepplan.)"""
         if self.ops.tracing:
             return self.ops.vjp_of_x0(x0, g)
         with torch.enable_grad():
-            g_x0 = (grad * self.tracked_x0()).flatten(1).sum(1)
+            g_x0 = (self.ops.tensor(g) * self.tracked_x0()).flatten(1).sum(1)
             return self.ops.add("lookahead_vjp", self.grad_wrt_input(g_x0, what))
+
+    def scale_rows(self, u: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """``r[b] · u[b]`` for a per-sample ``r`` (``[B]``). Where the result will be the cotangent
+        of a VJP through both branches of one batched model call, it is written twice in the same
+        pass (the batched output's cotangent, uncond rows first) and the first copy returned."""
+        r = r.view((-1,) + (1,) * (u.dim() - 1)).to(u.dtype)
+        if self.stacked_cotangents is None:
+            return u * r
+        both = u.unsqueeze(0).expand(2, *u.shape) * r.unsqueeze(0)
+        first = both[0]
+        self.stacked_cotangents[id(first)] = both   # (ids are compared within this step only)
+        return first
 
     def model_view(self) -> torch.Tensor:
         """``x_t`` as the model sees it (``x_input``, or the flow state ``x_σ`` for flow models),
@@ -84,6 +101,13 @@ class StepContext:
         """h(t) = 1 − ᾱ_t."""
         return self.s * self.s
 
+    @property
+    def pre(self):
+        """An EDM model's ``(c_x, c_F)`` at this step (``x̂_0 = c_x x_t + c_F F``), else None."""
+        if self.prediction not in predictions.EDM:
+            return None
+        return self.scalars["edm_skip"], self.scalars["edm_out"]
+
     def eps_of_x0(self, x0: LinComb) -> LinComb:
         return predictions.eps_from_x0(x0, self.x, self.a, self.s)
 
@@ -92,10 +116,10 @@ class StepContext:
 
     def output_of_eps(self, eps: LinComb) -> LinComb:
         """The model's own prediction (ε, x̂_0 or v) with this ε̂: what diffusers' guiders combine."""
-        return predictions.output_from_eps(self.prediction, eps, self.x, self.a, self.s)
+        return predictions.output_from_eps(self.prediction, eps, self.x, self.a, self.s, self.pre)
 
     def eps_of_output(self, out: LinComb) -> LinComb:
-        return predictions.eps_from(self.prediction, out, self.x, self.a, self.s)
+        return predictions.eps_from(self.prediction, out, self.x, self.a, self.s, self.pre)
 
     def grad_wrt_input(self, objective: torch.Tensor, what: str = "objective") -> torch.Tensor:
         """∇_{x_t} of ``objective.sum()`` (objective is per-sample, ``[B]``). ``what`` names the

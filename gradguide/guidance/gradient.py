@@ -88,7 +88,7 @@ class LookAhead(_RewardGradient):
 
     def score(self, ctx: StepContext, x0: LinComb) -> LinComb:
         g = ctx.operand("reward_grad", self.reward_grad)
-        vjp = ctx.vjp_of_x0(x0, g, self.grad, "LookAhead: model (the VJP runs through its output)")
+        vjp = ctx.vjp_of_x0(x0, g, "LookAhead: model (the VJP runs through its output)")
         per_sample_beta = self.beta is None
         return ctx.ops.policy("lookahead", x0=x0, vjp=vjp, reward=g, a=ctx.a, h=ctx.h, sigma=self.sigma,
                               target=ctx.per_sample(self, "target"), multiplier=self.multiplier,
@@ -136,22 +136,60 @@ class DecodedLookAhead(GuidanceTerm):
             raise ValueError(f"DecodedLookAhead: grad: on {self.grad.device}, but the samples are on {device}")
         bound = copy.copy(self)
         bound.offset = batch_tensor("offset", self.offset, shape, device, torch.float32, "DecodedLookAhead")
+        bound.shift = bound.offset - self.target   # r = gᵀx̂_0 + shift
+        bound.__dict__.pop("_cast", None)
         return bound
 
     def score(self, ctx: StepContext, x0: LinComb) -> LinComb:
+        # −β ∇_{z_t} ½ r² = −β r ∇_{z_t}(gᵀ decode(ẑ_0/scaling)), by the chain rule
+        # −(β/scaling) J_{ẑ_0}ᵀ (r J_decodeᵀ g): the decoder's backward gives w = r J_decodeᵀ g at
+        # the decoder's input, and the same VJP G_loss takes carries w through the denoiser
+        latent = ctx.ops.materialize("decoder_input", x0 * (1.0 / self.scaling))
+        w = ctx.operand("decoder_pullback", self.pullback, latent)
+        vjp = ctx.vjp_of_x0(x0, w, "DecodedLookAhead: model (the VJP runs through its output)")
+        batch = self.offset.shape[0] if self.official_batch_scaling else 1   # the authors' B×B mean
+        return vjp * (-self.beta / (self.scaling * batch))
+
+    def pullback(self, ctx: StepContext, latent: torch.Tensor) -> torch.Tensor:
+        """``r · J_decodeᵀ g`` at ``latent`` (the decoder's input), with the per-sample residual
+        ``r = gᵀ decode(latent) + b − y*``."""
         with torch.enable_grad():
-            image = self.decode(ctx.tracked_x0() / self.scaling)
-            try:
-                g = self.grad.expand_as(image)
-            except RuntimeError:
-                raise ValueError(f"DecodedLookAhead: grad: shape {tuple(self.grad.shape)} does not broadcast to the "
-                                 f"decoded images {tuple(image.shape)}") from None
-            residual = (g * image).flatten(1).float().sum(1) + self.offset - self.target
-            loss = 0.5 * residual ** 2
-            if self.official_batch_scaling:   # the authors' broadcast MSELoss: a mean over B×B entries
-                loss = loss / residual.shape[0]
-            grad = ctx.grad_wrt_input(loss, "DecodedLookAhead: decode")
-        return ctx.ops.add("decoded_lookahead_grad", grad) * (-self.beta)
+            leaf = latent.detach().requires_grad_(True)
+            image = self.decode(leaf)
+            if not isinstance(image, torch.Tensor) or not image.requires_grad:
+                raise ValueError("DecodedLookAhead: decode: returned no tensor with a gradient with respect to its "
+                                 "input (it is detached or computed under torch.no_grad())")
+            g = self._grad_as(image)
+            residual = self._residual(g, image.detach())
+            (u,) = torch.autograd.grad(image, leaf, grad_outputs=g)
+        return ctx.scale_rows(u, residual)
+
+    def _grad_as(self, image: torch.Tensor) -> torch.Tensor:
+        """``grad`` broadcast to ``image``, in its dtype (cast once per run: the decoder's backward
+        and a fused residual need equal dtypes)."""
+        try:
+            g = self.grad.expand_as(image)
+        except RuntimeError:
+            raise ValueError(f"DecodedLookAhead: grad: shape {tuple(self.grad.shape)} does not broadcast to the "
+                             f"decoded images {tuple(image.shape)}") from None
+        if g.dtype == image.dtype:
+            return g
+        cast = self.__dict__.setdefault("_cast", {})
+        if image.dtype not in cast:
+            cast[image.dtype] = self.grad.to(image.dtype)
+        return cast[image.dtype].expand_as(image)
+
+    def _residual(self, g: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """``r = gᵀ image + b − y*`` per sample, accumulated in float32 or wider: one batched
+        product (half-precision images accumulate in float32 on a GPU), else the products widened
+        elementwise (half precision on a CPU, where a batched product cannot widen)."""
+        b, shift = image.shape[0], self.shift
+        if image.dtype in (torch.float32, torch.float64):
+            return torch.baddbmm(shift.to(image.dtype).view(b, 1, 1), g.reshape(b, 1, -1),
+                                 image.reshape(b, -1, 1)).view(b)
+        if image.device.type in ("cuda", "meta"):
+            return torch.bmm(g.reshape(b, 1, -1), image.reshape(b, -1, 1), out_dtype=torch.float32).view(b) + shift
+        return (self.grad.float() * image).flatten(1).sum(1) + shift
 
 
 class DPS(GuidanceTerm):

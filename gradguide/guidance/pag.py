@@ -30,7 +30,7 @@ guider's formula names: the conditional inputs under the perturbation.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional, Tuple
 
 from ..linear import LinComb
 from .base import StepContext, _signature_of, check_number
@@ -64,8 +64,41 @@ class _BranchGuider(DiffusersGuider):
     def step_branches(self, index: int):
         raise NotImplementedError(f"{type(self).__name__}.step_branches: each branch guider says which a step uses")
 
+    def differences(self, index: int) -> List[Tuple[str, str, float]]:
+        """Step ``index``'s combination as ``[(direction, branch, weight)]``: the guided prediction is
+        ``p_c + Σ weight·(p_c − p_branch)`` (empty: guidance off). Each term is an update direction of
+        its own for a projection (:meth:`gradguide.PixelAsParam.branch_directions`)."""
+        raise NotImplementedError(f"{type(self).__name__}.differences: each branch guider defines its combination")
+
+    def anchored(self, terms: List[Tuple[str, str, float]]) -> List[Tuple[str, str, float]]:
+        """diffusers' default anchor is the first active term's branch (``p_b + w (p_c − p_b)``),
+        i.e. ``p_c + (w − 1)(p_c − p_b)``; ``"diffusers-original"`` anchors at ``p_c``."""
+        if terms and not self.original:
+            name, branch, w = terms[0]
+            terms = [(name, branch, w - 1.0)] + list(terms[1:])
+        return terms
+
     def combine(self, ctx: StepContext, p: dict) -> Optional[LinComb]:
-        raise NotImplementedError(f"{type(self).__name__}.combine: each branch guider defines its combination")
+        terms = self.differences(ctx.index)
+        if not terms:                # guidance off this step (a host-side choice)
+            return None
+        c = p["cond"]
+        pred = c
+        for _, branch, weight in terms:
+            pred = pred + (c - p[branch]) * weight
+        return pred
+
+    def directions(self, ctx: StepContext, eps_c: LinComb, eps_u: Optional[LinComb]):
+        """``(x̂_0c, [(direction, Δ)])`` with ``x̂_0 = x̂_0c + Σ Δ`` the guided prediction in x̂_0 space
+        (``Δ = w (x̂_0c − x̂_0b)``: x̂_0 is affine in the raw output and the weights of
+        ``p_c + Σ w (p_c − p_b)`` sum to 1, so the combination carries over term by term)."""
+        eps = dict(ctx.branch_eps)
+        eps["cond"] = eps_c
+        if eps_u is not None:
+            eps["uncond"] = eps_u
+        x0_c = ctx.x0_of_eps(eps_c)
+        return x0_c, [(name, (x0_c - ctx.x0_of_eps(eps[branch])) * weight)
+                      for name, branch, weight in self.differences(ctx.index)]
 
     def graph_signature(self) -> tuple:
         # a perturbation by what it does (its repr: configs, σ, the callable's identity), so a new
@@ -138,17 +171,12 @@ class _Perturbed(_BranchGuider):
         return tuple(b for b in self.all_branches() if b.name == "cond" or (b.name == "uncond" and cfg)
                      or (b.name == "perturbed" and pert))
 
-    def combine(self, ctx: StepContext, p: dict) -> Optional[LinComb]:
-        cfg, pert = self.variant(ctx.index)
-        p_c = p["cond"]
-        if cfg and pert:
-            return self.anchor(p_c, p["uncond"]) + (p_c - p["uncond"]) * self.scale \
-                + (p_c - p["perturbed"]) * self.perturbed_scale
-        if cfg:
-            return self.anchor(p_c, p["uncond"]) + (p_c - p["uncond"]) * self.scale
-        if pert:
-            return self.anchor(p_c, p["perturbed"]) + (p_c - p["perturbed"]) * self.perturbed_scale
-        return None
+    def differences(self, index: int):
+        # diffusers: p_u + w (p_c − p_u) + s (p_c − p_s), CFG only p_u + w (p_c − p_u), perturbed only
+        # p_s + s (p_c − p_s); "diffusers-original" anchors each at p_c
+        cfg, pert = self.variant(index)
+        return self.anchored(([("cfg", "uncond", self.scale)] if cfg else [])
+                             + ([(self.name, "perturbed", self.perturbed_scale)] if pert else []))
 
     def __repr__(self) -> str:
         return (super().__repr__()[:-1] + f", perturbed_scale={self.perturbed_scale}, "
@@ -272,10 +300,8 @@ class AutoGuidance(_BranchGuider):
     def step_branches(self, index: int):
         return self.all_branches() if self.on(index) else (Branch("cond", "cond"),)
 
-    def combine(self, ctx: StepContext, p: dict) -> Optional[LinComb]:
-        if not self.on(ctx.index):
-            return None
-        return self.anchor(p["cond"], p["uncond"]) + (p["cond"] - p["uncond"]) * self.scale
+    def differences(self, index: int):
+        return self.anchored([("autoguidance", "uncond", self.scale)] if self.on(index) else [])
 
     def __repr__(self) -> str:
         return super().__repr__()[:-1] + f", perturbation={self.perturbation!r})"
@@ -330,19 +356,11 @@ class LTX2(_BranchGuider):
     def eps_space(self, ctx, out):
         return ctx.eps_of_x0(out)
 
-    def combine(self, ctx: StepContext, p: dict) -> Optional[LinComb]:
-        cfg, stg, mod = self.active(ctx.index)
-        if not (cfg or stg or mod):
-            return None
-        c = p["cond"]
-        pred = c
-        if cfg:
-            pred = pred + (c - p["uncond"]) * (self.scale - 1.0)
-        if stg:
-            pred = pred + (c - p["stg"]) * self.stg_scale
-        if mod:
-            pred = pred + (c - p["modality"]) * (self.modality_scale - 1.0)
-        return pred
+    def differences(self, index: int):
+        cfg, stg, mod = self.active(index)
+        return ([("cfg", "uncond", self.scale - 1.0)] if cfg else []) \
+            + ([("stg", "stg", self.stg_scale)] if stg else []) \
+            + ([("modality", "modality", self.modality_scale - 1.0)] if mod else [])
 
     def __repr__(self) -> str:
         return (f"LTX2(scale={self.scale}, stg_scale={self.stg_scale}, modality_scale={self.modality_scale}, "

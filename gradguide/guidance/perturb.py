@@ -412,7 +412,8 @@ class BranchCaller:
                 order = tuple(br.inputs for br in together)
                 what = "model(cat[" + ", ".join(["x_t"] * n) + "], ..., **cat[" + \
                     ", ".join(br.name for br in together) + "])"
-                res = call(torch.cat([x] * n), torch.cat([t] * n), self.stacked(order), what, n * b)
+                # t: a view where it is one timestep expanded over the batch (a step's t), else a copy
+                res = call(torch.cat([x] * n), t.expand(n, b).reshape(n * b), self.stacked(order), what, n * b)
             for j, br in enumerate(together):
                 out[br.name] = tuple(None if r is None else r[j * b:(j + 1) * b] for r in res)
         for br in branches:

@@ -9,9 +9,10 @@ gradguide's guidance inside diffusers pipelines.
   (a :class:`gradguide.Sampler`: the sampler, prediction type, ``clip`` from
   ``clip_sample``/``clip_sample_range`` or ``thresholding`` (a :class:`gradguide.DynamicThreshold`),
   DDIM's ``clip_eps``, DDPM's ``variance`` and the sampler's options; :func:`scheduler_sampler`:
-  DDIM, DDPM with diffusers' t > 0 final-noise rule, Euler, Euler ancestral, Heun, DPM-Solver
-  multistep and singlestep (data- and noise-prediction, ODE and SDE), UniPC, ...; any other class
-  or setting raises), and ``schedule.timesteps(N)`` (the scheduler's own ``set_timesteps``: spacing,
+  DDIM, DDPM with diffusers' t > 0 final-noise rule, Euler, Euler ancestral, Heun, LMS, KDPM2
+  (ancestral), PLMS, DEIS, DPM-Solver multistep and singlestep (data- and noise-prediction, ODE
+  and SDE), UniPC, LCM, TCD, and the EDM Euler / DPM-Solver++ schedulers with the EDM prediction;
+  any other class or setting raises), and ``schedule.timesteps(N)`` (the scheduler's own ``set_timesteps``: spacing,
   ``steps_offset``, final ᾱ, σ schedule; see :class:`DiffusersSchedule`).
 - Guiders following diffusers' ``BaseGuidance`` interface, computed with
   :func:`gradguide.ops.reduce` / :func:`gradguide.ops.combine` (one reduction and one
@@ -70,19 +71,23 @@ DPM_MULTISTEP = {"dpmsolver++": "dpmpp-2m", "sde-dpmsolver++": "dpmpp-2m-sde", "
                  "sde-dpmsolver": "dpm-2m-sde"}
 DPM_SINGLESTEP = {"dpmsolver++": "dpmpp-single", "sde-dpmsolver++": "dpmpp-single-sde", "dpmsolver": "dpm-single"}
 # refused with the reason (no sampler reproduces them yet); docs/diffusers.md, "Scheduler support"
-UNSUPPORTED_SCHEDULERS = {
-    "TCDScheduler": "its step lands on ᾱ at floor((1 − γ)·t_next), a timestep between the scheduler's own, which the "
-                    "sampler tables (built from the visited timesteps' ᾱ) do not hold",
-    "EDMEulerScheduler": "EDM's preconditioned output (c_skip x + c_out F, with c_in-scaled inputs and log-σ noise "
-                         "conditioning) is a model parametrisation gradguide does not have",
-    "EDMDPMSolverMultistepScheduler": "EDM's preconditioned output (c_skip x + c_out F, with c_in-scaled inputs and "
-                                      "log-σ noise conditioning) is a model parametrisation gradguide does not have",
-}
+UNSUPPORTED_SCHEDULERS: Dict[str, str] = {}
+# EDM (Karras et al. 2022): preconditioned networks on a σ grid of their own (no ᾱ table); latents are x_σ
+EDM_SCHEDULERS = {"EDMEulerScheduler": "euler", "EDMDPMSolverMultistepScheduler": "dpmpp-2m"}
+EDM_PREDICTIONS = {"epsilon": "edm", "v_prediction": "edm-v"}
+SCHEDULER_SAMPLERS.update(EDM_SCHEDULERS, TCDScheduler="tcd")
 # the schedulers whose thresholding=True is reproduced (clip=gradguide.DynamicThreshold)
 THRESHOLDING = ("ddim", "ddpm", "dpmpp-2m", "dpmpp-single", "unipc", "deis", "lcm")
 SIGMA_SPACE = ("euler", "euler_a", "heun", "lms", "dpm_2", "dpm_2_ancestral")   # latents are x_σ = x/√ᾱ, the model sees x_σ/√(1+σ²)
 VP_SIGMA_TABLE = ("dpmpp-2m", "dpmpp-2m-sde", "dpm-2m", "dpm-2m-sde", "dpmpp-single", "dpmpp-single-sde", "dpm-single",
                   "unipc")   # VP latents on the scheduler's own σ table
+
+
+def sigma_latents(scheduler) -> bool:
+    """Whether the scheduler's latents are x_σ = x/√ᾱ (the σ-space samplers' and EDM's) rather than
+    the variance-preserving x."""
+    name = type(scheduler).__name__
+    return name in EDM_SCHEDULERS or SCHEDULER_SAMPLERS.get(name) in SIGMA_SPACE
 
 
 DIFFUSERS_3M_SDE_WARNING = (
@@ -115,6 +120,14 @@ def scheduler_sampler(scheduler):
     config = scheduler.config
     sampler = SCHEDULER_SAMPLERS[name]
     flow = diffusers_flow.is_flow(scheduler)
+    if name in EDM_SCHEDULERS:
+        return _edm_sampler(scheduler)
+    if name == "TCDScheduler":
+        # TCD's step reads neither clip_sample nor thresholding (diffusers ignores them): nor does its sampler
+        ptype = config.get("prediction_type", "epsilon")
+        if ptype not in ("epsilon", "v_prediction", "sample"):
+            _refuse(scheduler, "prediction_type", ptype, "TCDScheduler takes 'epsilon', 'v_prediction' or 'sample'")
+        return sampler, {}
     if name in diffusers_flow.FLOW_MATCH:   # flow-matching schedulers: their own mapping (diffusers_flow)
         options = {"stochastic": True} if name.startswith("FlowMatchEuler") and config.get("stochastic_sampling") else {}
         return sampler, options
@@ -218,6 +231,59 @@ def _dpm_solver(scheduler, name: str, config, ptype: str, flow: bool):
     return sampler, options
 
 
+def _edm_sampler(scheduler):
+    """EDMEuler -> Euler in σ, EDMDPMSolverMultistep -> DPM-Solver++ (2M/3M, SDE) on the EDM σ grid, each
+    with the EDM prediction (``sigma_data``)."""
+    name, config = type(scheduler).__name__, scheduler.config
+    ptype = config.get("prediction_type", "epsilon")
+    if ptype not in EDM_PREDICTIONS:
+        _refuse(scheduler, "prediction_type", ptype, "diffusers' EDM preconditioning defines 'epsilon' and "
+                "'v_prediction' only (its precondition_outputs raises for any other)")
+    options = {"sigma_data": float(config.get("sigma_data", 0.5))}
+    if name == "EDMEulerScheduler":
+        return "euler", options
+    if config.get("thresholding", False):
+        _refuse(scheduler, "thresholding", True, "dynamic thresholding (gradguide.DynamicThreshold) is not reproduced "
+                "for the EDM schedulers")
+    algo = config.get("algorithm_type", "dpmsolver++")
+    order = config.get("solver_order", 2)
+    if order not in (1, 2, 3):
+        _refuse(scheduler, "solver_order", order, "orders 1, 2 and 3 are implemented")
+    if algo == "sde-dpmsolver++" and order == 3:
+        _refuse(scheduler, "solver_order", 3, "diffusers' EDMDPMSolverMultistepScheduler has no third-order SDE step "
+                "(its step fails there with sde-dpmsolver++)")
+    options.update(solver_order=order, solver_type=config.get("solver_type", "midpoint"),
+                   lower_order_final=config.get("lower_order_final", True),
+                   euler_at_final=config.get("euler_at_final", False))
+    return ("dpmpp-2m-sde" if algo == "sde-dpmsolver++" else "dpmpp-2m"), options
+
+
+def _edm_alphas_cumprod(scheduler) -> torch.Tensor:
+    """ᾱ = 1/(1 + σ²) over an EDM scheduler's training σ grid, least noisy first (it has no ᾱ table)."""
+    sig = torch.as_tensor(scheduler.sigmas).detach().cpu().to(torch.float64)
+    sig = sig[sig > 0].flip(0)
+    sig = torch.cummax(sig, 0).values   # the final σ (σ_min again) may repeat: keep ᾱ non-increasing
+    return 1 / (1 + sig ** 2)
+
+
+def _float32_zero_steps(sched, sig: torch.Tensor) -> torch.Tensor:
+    """The σ's with each step diffusers' float32 arithmetic sees as zero-length made exactly so.
+
+    EDMDPMSolverMultistep with ``final_sigmas_type="sigma_min"`` appends the configured σ_min after its
+    grid's own last σ, the same number rounded differently: a step of about one float32 ulp, on which its
+    ``λ = −log σ`` (float32) does not move (h = 0: a first-order step is the identity, a higher-order one
+    is NaN). In float64 that step would be real and its higher-order weights finite but meaningless, so the
+    σ is repeated: the step is then the identity too, or refused like diffusers' NaN (non-finite tables)."""
+    if sig.numel() < 2 or type(sched).__name__ != "EDMDPMSolverMultistepScheduler":
+        return sig
+    lam = -torch.log(sig.to(torch.float32))   # as diffusers' step computes λ (α = 1)
+    sig = sig.clone()
+    for i in range(1, sig.numel()):
+        if bool(sig[i] > 0) and bool(lam[i] == lam[i - 1]):
+            sig[i] = sig[i - 1]
+    return sig
+
+
 class DiffusersSchedule(Schedule):
     """A :class:`~gradguide.Schedule` whose :meth:`timesteps` are a diffusers scheduler's own.
 
@@ -230,7 +296,8 @@ class DiffusersSchedule(Schedule):
     """
 
     def __init__(self, scheduler, use_clipped_model_output: bool = False):
-        if not hasattr(scheduler, "alphas_cumprod") or not hasattr(scheduler, "set_timesteps"):
+        self.edm = type(scheduler).__name__ in EDM_SCHEDULERS
+        if not (hasattr(scheduler, "alphas_cumprod") or self.edm) or not hasattr(scheduler, "set_timesteps"):
             raise TypeError(f"scheduler: expected a diffusers scheduler with alphas_cumprod and set_timesteps, "
                             f"got {type(scheduler).__name__}")
         self.sampler_config = scheduler_config(scheduler, use_clipped_model_output)
@@ -240,15 +307,22 @@ class DiffusersSchedule(Schedule):
         opts = self.sampler_config.options
         if sampler == "dpmpp-single-sde" and opts.get("solver_order") == 3 and opts.get("solver_type") == "heun":
             warnings.warn(DIFFUSERS_SINGLESTEP_SDE3_WARNING, UserWarning, stacklevel=3)
-        ac = torch.as_tensor(scheduler.alphas_cumprod).detach().cpu().to(torch.float64)
-        if SCHEDULER_SAMPLERS[type(scheduler).__name__] not in ("ddim", "ddpm", "plms", "lcm"):
+        if self.edm:
+            ac = _edm_alphas_cumprod(scheduler)
+            # an EDM model's timestep is its noise conditioning log(σ)/4, not a place on the ᾱ table: for the
+            # scheduler's σ's, Sampler(sigmas=...) and the samplers that call the model between σ's
+            self.sigma_to_t = self.edm_sigma_to_t
+        else:
+            ac = torch.as_tensor(scheduler.alphas_cumprod).detach().cpu().to(torch.float64)
+        if SCHEDULER_SAMPLERS[type(scheduler).__name__] not in ("ddim", "ddpm", "plms", "lcm", "tcd"):
             # zero-SNR σ-table schedulers replace ᾱ_T = 0 by 2**-24, which can exceed ᾱ_{T−1}; they step on
             # their own σ table, so only sigma_to_t (sigmas=) reads this ᾱ: keep it non-increasing
             ac = torch.cummin(ac, 0).values
         super().__init__(ac)
         self.scheduler = copy.deepcopy(scheduler)
-        # LCM, like DDPM, steps to the next timestep (its last step returns the consistency prediction)
-        self.rule = {"ddim": "ddim", "plms": "ddim", "ddpm": "next", "lcm": "next"}.get(sampler, "sigmas")
+        # LCM, like DDPM, steps to the next timestep (its last step returns the consistency prediction); TCD
+        # too, but its last step lands on ᾱ_0 (t' = 0)
+        self.rule = {"ddim": "ddim", "plms": "ddim", "ddpm": "next", "lcm": "next", "tcd": "tcd"}.get(sampler, "sigmas")
         final = getattr(scheduler, "final_alpha_cumprod", None)
         self.final_alpha_cumprod = 1.0 if final is None else float(final)
         self._kind = sampler   # the scheduler's own sampler, whatever a user later sets as sampler_config
@@ -283,8 +357,7 @@ class DiffusersSchedule(Schedule):
             t = torch.tensor(sorted({int(s) for s in steps}, reverse=True), dtype=torch.int64)
             if t.numel() == 0 or t[-1] < 0 or t[0] >= self.T:
                 raise ValueError(f"steps: explicit timesteps must lie in [0, {self.T - 1}]")
-            abar = ac[t]
-            return Timesteps(t, abar, torch.cat([abar[1:], abar.new_ones(1)]))
+            return self._stepping_to_next(t)
         n = self.T if steps is None else steps
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= self.T:
             raise ValueError(f"steps: expected an integer in [1, {self.T}] (the scheduler's num_train_timesteps), "
@@ -317,12 +390,18 @@ class DiffusersSchedule(Schedule):
         sched.set_timesteps(**{name: list(values)})
         if self.rule == "sigmas":
             return self._sigma_timesteps(sched)
-        if self.rule != "next":   # DDIM/PNDM take no list: refused above
+        if self.rule not in ("next", "tcd"):   # DDIM/PNDM take no list: refused above
             raise ValueError(f"{name}: {cls} takes a step count")
-        t = torch.as_tensor(sched.timesteps).to(torch.int64).cpu()
-        abar = self.alphas_cumprod[t]
-        # DDPM steps from each custom timestep to the next one, to ᾱ = 1 after the last
-        return Timesteps(t, abar, torch.cat([abar[1:], abar.new_ones(1)]))
+        # DDPM steps from each custom timestep to the next one, to ᾱ = 1 after the last (TCD: ᾱ_0)
+        return self._stepping_to_next(torch.as_tensor(sched.timesteps).to(torch.int64).cpu())
+
+    def _stepping_to_next(self, t: torch.Tensor) -> Timesteps:
+        """Integer timesteps, each step moving to the next one; after the last to ᾱ = 1 (clean data), or
+        for TCD to ᾱ_0 (its last step lands on timestep 0)."""
+        ac = self.alphas_cumprod
+        abar = ac[t]
+        end = ac[:1] if self.rule == "tcd" else abar.new_ones(1)
+        return Timesteps(t, abar, torch.cat([abar[1:], end]), alphas_cumprod=ac)
 
     def _scheduler_timesteps(self, n: int, spacing: str, steps_offset: int) -> Timesteps:
         """The timesteps of a copy of the scheduler after ``set_timesteps(n)``."""
@@ -343,14 +422,12 @@ class DiffusersSchedule(Schedule):
         t = torch.as_tensor(sched.timesteps).to(torch.int64).cpu()
         if self._kind == "plms":   # PNDM lists its first step twice; the sampler expands it itself
             t = torch.unique(t).flip(0)
+        if self.rule != "ddim":
+            return self._stepping_to_next(t)
         abar = ac[t]
-        if self.rule == "ddim":
-            prev = t - self.T // n
-            abar_prev = torch.where(prev >= 0, ac[prev.clamp_min(0)],
-                                    torch.tensor(self.final_alpha_cumprod, dtype=torch.float64))
-        else:
-            abar_prev = torch.cat([abar[1:], abar.new_ones(1)])
-        return Timesteps(t, abar, abar_prev)
+        prev = t - self.T // n
+        abar_prev = torch.where(prev >= 0, ac[prev.clamp_min(0)], torch.tensor(self.final_alpha_cumprod, dtype=torch.float64))
+        return Timesteps(t, abar, abar_prev, alphas_cumprod=ac)
 
     def _sigma_timesteps(self, sched) -> Timesteps:
         """Timesteps on the scheduler's own σ table (after ``set_timesteps``)."""
@@ -368,13 +445,21 @@ class DiffusersSchedule(Schedule):
                              "expected one σ more (the final one)")
         if torch.equal(t, t.round()):
             t = t.to(torch.int64)
+        if self.edm:
+            sig = _float32_zero_steps(sched, sig)
         abar = 1 / (1 + sig ** 2)
         init_scale = final_scale = 1.0
-        if self._kind in SIGMA_SPACE:   # latents in σ-space: x_σ = x/√ᾱ
+        if self._kind in SIGMA_SPACE or self.edm:   # latents in σ-space: x_σ = x/√ᾱ
             init_scale = float(sched.init_noise_sigma) * float(abar[0].sqrt())
             final_scale = float(1 / abar[-1].sqrt())
         return Timesteps(t, abar[:-1], abar[1:], init_scale=init_scale, final_scale=final_scale,
                          sigma_to_t=self.sigma_to_t)
+
+    def edm_sigma_to_t(self, sigma) -> torch.Tensor:
+        """An EDM model's timestep at σ: its noise conditioning ``c_noise = log(σ)/4`` (float64)."""
+        return 0.25 * torch.log(torch.as_tensor(sigma, dtype=torch.float64))
+
+    edm_sigma_to_t.runkey = "edm c_noise = log(σ)/4"
 
 
 def scheduler_config(scheduler, use_clipped_model_output: bool = False) -> Sampler:
@@ -385,10 +470,12 @@ def scheduler_config(scheduler, use_clipped_model_output: bool = False) -> Sampl
     sampler, options = scheduler_sampler(scheduler)   # refuses what gradguide cannot reproduce
     config = scheduler.config
     clip, clip_eps = False, None
-    if config.get("thresholding", False):   # diffusers thresholds instead of clipping when both are set
+    name = type(scheduler).__name__
+    # diffusers thresholds instead of clipping when both are set (TCD's step does neither)
+    if config.get("thresholding", False) and name != "TCDScheduler":
         clip = DynamicThreshold(float(config.get("dynamic_thresholding_ratio", 0.995)),
                                 float(config.get("sample_max_value", 1.0)))
-    elif config.get("clip_sample", False):
+    elif config.get("clip_sample", False) and name != "TCDScheduler":   # TCD's step never clips
         r = float(config.get("clip_sample_range", 1.0))
         clip = (-r, r)
     if clip and type(scheduler).__name__.startswith("DDIM") and not use_clipped_model_output:
@@ -397,8 +484,8 @@ def scheduler_config(scheduler, use_clipped_model_output: bool = False) -> Sampl
     # DDPM's variance (DPM-Solver's learnt-variance channels are dropped by the model, as diffusers drops them)
     variance = VARIANCE_TYPES[vtype] if sampler == "ddpm" and vtype is not None else None
     ptype = "flow_prediction" if diffusers_flow.is_flow(scheduler) else config.get("prediction_type", "epsilon")
-    return Sampler(sampler, prediction=PREDICTION_TYPES[ptype], variance=variance,
-                   clip=clip, clip_eps=clip_eps, options=options)
+    prediction = EDM_PREDICTIONS[ptype] if name in EDM_SCHEDULERS else PREDICTION_TYPES[ptype]
+    return Sampler(sampler, prediction=prediction, variance=variance, clip=clip, clip_eps=clip_eps, options=options)
 
 
 class DiffusersModel(torch.nn.Module):
@@ -641,6 +728,10 @@ class GradguidePixelAsParam(ClassifierFreeGuidance):
     @classmethod
     def from_scheduler(cls, scheduler, guidance_scale: float = 7.5, **kwargs) -> "GradguidePixelAsParam":
         config = scheduler.config
+        if type(scheduler).__name__ in EDM_SCHEDULERS:
+            raise ValueError(f"GradguidePixelAsParam.from_scheduler: {type(scheduler).__name__} drives an EDM "
+                             "preconditioned network on σ's (no ᾱ table, no ε/v/x0 output); use gradguide.sample with "
+                             "projection=gradguide.PixelAsParam('C') (from_diffusers), which supports it")
         clip = float(config.get("clip_sample_range", 1.0)) if config.get("clip_sample", False) else None
         kwargs.setdefault("clip_range", clip)
         return cls(guidance_scale=guidance_scale, alphas_cumprod=scheduler.alphas_cumprod.tolist(),

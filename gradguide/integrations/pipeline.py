@@ -309,8 +309,9 @@ class GuidedPipeline:
         ``timesteps=[...]`` / ``sigmas=[...]`` lists (for a scheduler whose ``set_timesteps``
         takes them; the step count is then theirs); ``guidance_scale`` (default 7.5, diffusers'
         w: classifier-free guidance ``u + w(c − u)`` when > 1, as diffusers); ``guidance_rescale``
-        φ (default 0: Lin et al.'s rescale when > 0); ``eta``: DDIM's η (ignored by a scheduler
-        whose ``step`` takes none, as diffusers ignores it); ``clip_skip``; ``cross_attention_kwargs``
+        φ (default 0: Lin et al.'s rescale when > 0); ``eta``: DDIM's η and TCD's γ (default 0.0,
+        as diffusers' pipelines pass it; ignored by a scheduler whose ``step`` takes none, as
+        diffusers ignores it); ``clip_skip``; ``cross_attention_kwargs``
         (passed to the U-Net; its ``scale`` also scales the text encoder's LoRA layers, as
         diffusers); ``callback_on_step_end(pipe, i, t, callback_kwargs)`` after each step with
         the tensors named in ``callback_on_step_end_tensor_inputs`` (``"latents"``,
@@ -430,8 +431,10 @@ class GuidedPipeline:
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
         config = dataclasses.replace(config, timesteps=ts, spacing=None)
-        if eta and (sampler is not None or "eta" in inspect.signature(scheduler.step).parameters):
-            # diffusers passes eta only to a scheduler whose step takes it (DDIM)
+        takes_eta = "eta" in inspect.signature(scheduler.step).parameters
+        if (sampler is None and takes_eta) or (eta and sampler is not None):
+            # diffusers passes eta (0.0 unless given) to a scheduler whose step takes it: DDIM, and TCD, whose
+            # step's own default γ = 0.3 a pipeline therefore never uses
             config = dataclasses.replace(config, eta=eta)
         self._guidance_scale = self._run_guidance_scale = guidance_scale
         self._num_timesteps = len(ts)

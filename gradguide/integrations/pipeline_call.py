@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from ..sampling import sample
-from .diffusers import SCHEDULER_SAMPLERS, SIGMA_SPACE
+from .diffusers import sigma_latents
 from .diffusers_flow import is_flow
 
 
@@ -89,7 +89,7 @@ class _StepEnd:
             # PNDM's warm-up n + 1), each calling the callback; gradguide's step cannot stop between them
             raise ValueError(f"GuidedPipeline: callback_on_step_end: not supported with {name} (diffusers calls "
                              "it between sub-steps that gradguide runs as one step)")
-        sigma_space = SCHEDULER_SAMPLERS.get(name) in SIGMA_SPACE
+        sigma_space = sigma_latents(scheduler)   # Euler, LMS, ..., EDM: latents are x_σ
         if is_flow(scheduler):   # a flow pipeline's latents are x_σ = x/(√ᾱ + √(1−ᾱ)) (docs/flow.md)
             scale = (1 / (ts.abar_prev.sqrt() + (1 - ts.abar_prev).sqrt())).tolist()
         else:

@@ -28,13 +28,14 @@ from typing import Callable, Dict, Optional, Tuple
 
 import torch
 
+from ..predictions import EDM, edm_coefficients
 from ..schedules import Timesteps
 
 SAMPLERS = ("ddpm", "ddim", "dpm_2", "dpm_2_ancestral", "dpmpp-2m", "dpmpp-2m-sde", "dpmpp-3m-sde",
             # diffusers' noise-prediction multistep and singlestep DPM-Solvers (gradguide.samplers.dpmsolver)
             "dpm-2m", "dpm-2m-sde", "dpm-single", "dpmpp-single", "dpmpp-single-sde",
             "dpmpp_2s_ancestral", "dpmpp_sde", "dpm_fast", "euler", "euler_a", "heun", "lms", "plms", "unipc",
-            "flow-euler", "flow-heun", "flow-lcm", "lcm",
+            "flow-euler", "flow-heun", "flow-lcm", "lcm", "tcd",
             # ComfyUI's own (gradguide.samplers.comfy)
             "ipndm", "ipndm_v", "deis", "gradient_estimation", "res_multistep", "res_multistep_ancestral", "lcm_comfy",
             "er_sde", "seeds_2", "seeds_3", "heunpp2", "sa_solver", "sa_solver_pece")
@@ -127,21 +128,35 @@ def common_tables(ts: Timesteps) -> Dict[str, torch.Tensor]:
             "flow_in": 1 / (ts.abar.sqrt() + (1 - ts.abar).sqrt())}
 
 
-def build(name: str, ts: Timesteps, *, eta=None, variance: str = "fixed-small", **options) -> SamplerTables:
+def build(name: str, ts: Timesteps, *, eta=None, variance: str = "fixed-small", prediction: str = "eps",
+          **options) -> SamplerTables:
     """The tables of sampler ``name`` on ``ts``. ``options`` are the sampler's own settings
     (e.g. DPM-Solver's ``solver_type``, DDPM's ``final_noise``, the ancestral and SDE samplers'
     ``eta`` and ``s_noise``); unknown ones raise. ``eta=None``: the sampler's own default (0 for
     DDIM, 1 for the ancestral and SDE samplers). ``noise_sampler``: a callable
     ``noise_sampler(σ, σ_next)`` (k-diffusion's interface, σ-space values as float64 0-d tensors)
     returning the standard normal draws of each noisy step shaped like the sample, instead of
-    the run's generator (e.g. :class:`gradguide.samplers.noise.BrownianTreeNoiseSampler`)."""
+    the run's generator (e.g. :class:`gradguide.samplers.noise.BrownianTreeNoiseSampler`).
+    ``prediction``: the model's parametrisation; an EDM model (``"edm"``, ``"edm-v"``) adds its
+    per-evaluation preconditioning (``edm_skip``, ``edm_out``, ``edm_in``) for the data scale
+    option ``sigma_data`` (default 0.5, Karras et al.'s and diffusers')."""
     noise_sampler = options.pop("noise_sampler", None)
+    sigma_data = options.pop("sigma_data", None)
+    if sigma_data is not None and prediction not in EDM:
+        raise ValueError(f"sampler.sigma_data: the data scale of EDM models (prediction 'edm' or 'edm-v'), got "
+                         f"prediction={prediction!r}")
+    sigma_data = 0.5 if sigma_data is None else sigma_data
+    if isinstance(sigma_data, bool) or not isinstance(sigma_data, (int, float)) or not 0 < sigma_data < float("inf"):
+        raise ValueError(f"sampler.sigma_data: expected a finite number > 0, got {sigma_data!r}")
     if noise_sampler is not None and not callable(noise_sampler):
         raise TypeError(f"noise_sampler: expected a callable noise_sampler(sigma, sigma_next) returning standard "
                         f"normal draws shaped like the sample, got {type(noise_sampler).__name__}")
     if name == "dpmpp_sde":   # without a Brownian noise_sampler the two stages' noise is correlated in the tables
         options = {**options, "nested_noise": noise_sampler is None}
     tables = _build(name, ts, eta, variance, options)
+    if prediction in EDM:   # on the evaluations' ᾱ (Heun's expanded list included)
+        c_x, c_f, c_in = edm_coefficients(tables.timesteps.abar, float(sigma_data), prediction)
+        tables.tables.update(edm_skip=c_x, edm_out=c_f, edm_in=c_in)
     if noise_sampler is not None:
         if not any(tables.draws_noise) and not tables.initial_noise:
             raise ValueError(f"noise_sampler: sampler {name!r} draws no noise with these options")
@@ -150,8 +165,8 @@ def build(name: str, ts: Timesteps, *, eta=None, variance: str = "fixed-small", 
 
 
 # the samplers with an η (how much fresh noise a step adds); the others refuse one by name
-ETA_SAMPLERS = ("ddim", "euler_a", "dpmpp-2m-sde", "dpmpp-3m-sde", "dpm_2_ancestral", "dpmpp_2s_ancestral", "dpmpp_sde",
-                "dpm_fast", "res_multistep_ancestral", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece")
+ETA_SAMPLERS = ("ddim", "tcd", "euler_a", "dpmpp-2m-sde", "dpmpp-3m-sde", "dpm_2_ancestral", "dpmpp_2s_ancestral",
+                "dpmpp_sde", "dpm_fast", "res_multistep_ancestral", "seeds_2", "seeds_3", "sa_solver", "sa_solver_pece")
 
 
 def _build(name: str, ts: Timesteps, eta, variance: str, options) -> SamplerTables:
@@ -166,6 +181,8 @@ def _build(name: str, ts: Timesteps, eta, variance: str, options) -> SamplerTabl
         return flow.tables(name, ts, **options)
     if name == "lcm":
         return consistency.tables(ts, **options)
+    if name == "tcd":
+        return consistency.tcd_tables(ts, eta, **options)
     if name in comfy.SAMPLERS:
         if eta is not None:
             options["eta"] = eta

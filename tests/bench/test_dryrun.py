@@ -140,6 +140,22 @@ def test_every_combination_runs_or_is_refused(sampler, guidance, proj):
     assert s["projected_memory_bytes"] > s["weight_bytes"]
 
 
+@pytest.mark.parametrize("sampler,proj", [(s, p) for s in dryrun.SAMPLERS for p in dryrun.BRANCH_PROJECTIONS])
+def test_every_sampler_and_projection_with_pag_runs_or_is_refused(sampler, proj):
+    r = dryrun.run_combination(sampler, "pag", proj, backend="native", graph=(proj == "none"), steps=4)
+    if r["status"] == "refused":   # no learned-variance transformer; what PixelAsParam refuses over a guider
+        assert sampler in ("ddpm-learned", "ddim-clip") and ("learned-variance" in r["reason"] or
+                                                             "projection" in r["reason"]), r["reason"]
+        assert proj != "none" or sampler == "ddpm-learned"
+        return
+    s = dryrun.summarize(r)
+    assert s["guidance_launches"] > 0 and s["model_launches"] > 0 and s["fake_device"] == "cuda"
+    assert s["guidance_bytes"] >= s["minimum_bytes"] > 0
+    fused = next(iter(r["steps_measured"].values()))["structure"].get("fused", False)
+    # stateless samplers run fused, except policy C over three directions (general: N-way projections)
+    assert fused == (sampler != "dpmpp-2m" and proj != "C"), (sampler, proj)
+
+
 def test_quick_paper_workload_report_and_projection(tmp_path):
     report = dryrun.build_report(["sim-lookahead"], combinations=False, quick=True, backend="native", progress=False,
                                  command="test")
@@ -159,6 +175,25 @@ def test_quick_paper_workload_report_and_projection(tmp_path):
     dryrun.write_docs(report, str(docs))
     text = docs.read_text()
     assert "old" not in text and "sim-lookahead (quick)" in text and text.endswith("tail\n")
+
+
+def test_decoded_g_loss_paper_workload_is_the_fused_step():
+    """SD + CFG 7.5 + G_loss through the U-Net and the VAE decoder (the gradient-guidance paper's
+    image workload at full size on fake CUDA, Triton; its latent-sized extras — the batched
+    model's input, the cotangent — weigh against the 512² image only at full size): the step is
+    the fused plan — the x̂_0 stage,
+    the decoder's pullback, both branches' VJPs from one backward pass, one final combine — at
+    most 8 launches beyond the model (decoder and reward included in the model) and at most 1.2×
+    the minimum big-tensor bytes; the general path took 74 on the full-size workload."""
+    pytest.importorskip("diffusers")
+    report = dryrun.build_report(["sd-cfg-lookahead"], combinations=False, quick=False, backend="triton",
+                                 progress=False, command="test")
+    (r,) = report["workloads"]
+    s = r["summary"]
+    ops_ = next(iter(r["steps_measured"].values()))["guidance"]["ops"]
+    assert s["guidance_launches"] <= 8, ops_
+    assert s["ratio"] <= 1.2, s
+    assert ops_["gradguide_triton.fused_combine"]["launches"] == 2, ops_
 
 
 def test_roofline_formula():
@@ -212,6 +247,32 @@ def test_issue11_targets_on_triton(key):
     assert not {"aten.constant_pad_nd", "aten._to_copy", "aten.clone", "aten.bmm"} & set(ops_), ops_
     table = dryrun.targets_table({"combinations": [dict(s, sampler=key[0], guidance=key[1], projection=key[2])]})
     assert table.splitlines()[-1].endswith("| yes |")
+
+
+@pytest.mark.parametrize("key", dryrun.BRANCH_TARGETS, ids=[" + ".join(k) for k in dryrun.BRANCH_TARGETS])
+def test_perturbed_guiders_run_the_fused_step(key):
+    """PAG + CFG and SLG + CFG (a small diffusers-block transformer, the guider's hooks on block 0), on fake
+    CUDA tensors with the Triton backend, at a step where both terms are on: the fused step, one combine
+    over x and the three branch outputs, <= 8 launches beyond the model. The perturbed branch adds rows to
+    the model call, not sampler launches: beyond the combine and the step's column, only the stacking of the
+    batched call's input (x_t three times, and the labels), which is all the traffic above the minimum.
+    PAG's hook acts on the fake tensors: the hooked block runs as is and perturbed, and its perturbed
+    attention is its values (no attention kernel), so two attention launches for two blocks."""
+    r = dryrun.run_combination(*key, backend="triton")
+    assert r["status"] == "ok" and r["backend"] == "triton" and r["fake_device"] == "cuda"
+    s = dryrun.summarize(r)
+    step = next(iter(r["steps_measured"].values()))
+    ops_ = step["guidance"]["ops"]
+    assert s["guidance_launches"] <= dryrun.TARGET_LAUNCHES, ops_
+    assert set(ops_) == {"aten.index_select", "aten.cat", "gradguide_triton.fused_combine"}, ops_
+    assert ops_["gradguide_triton.fused_combine"]["launches"] == 1 and ops_["aten.cat"]["launches"] == 2
+    assert step["structure"]["fused"] and step["structure"]["combine_k"] == [4]   # x, cond, uncond, perturbed
+    assert s["minimum_bytes"] == 5 * S and ops_["aten.cat"]["large_bytes"] == 6 * S
+    assert s["guidance_bytes"] - ops_["aten.cat"]["large_bytes"] == s["minimum_bytes"]
+    if key[1] == "pag":
+        assert step["forward"]["ops"]["aten._scaled_dot_product_efficient_attention"]["launches"] == 2
+    table = dryrun.targets_table({"combinations": [dict(s, sampler=key[0], guidance=key[1], projection=key[2])]})
+    assert f"| {key[0]} + {key[1]} | {s['guidance_launches']} |" in table and "one model call of batch 3B" in table
 
 
 def test_ddim_clip_cfg_pxp_c_on_triton_runs_the_clip_shift_kernel():

@@ -560,3 +560,53 @@ def test_dpm_adaptive_error_falls_with_the_order_of_its_solution(order, rtols):
     assert all(b < a for a, b in zip(errors, errors[1:])) and all(b > a for a, b in zip(nfes, nfes[1:]))
     observed = slope(nfes[1:], errors[1:])
     assert order - 0.3 <= observed <= order + 1.3, f"observed {observed:.2f} (nfe {nfes}, errors {errors})"
+
+
+def _edm_gaussian(sigma_data, prediction):
+    """The exact EDM network F of N(GAUSS_MU, GAUSS_VAR) data, called on c_in x_σ at t = σ (a _SigmaIsT
+    schedule): ``D = c_skip x_σ + c_out F`` is the Gaussian denoiser (gradguide.predictions)."""
+    sign = -1.0 if prediction == "edm-v" else 1.0
+
+    def model(x_in, t):
+        s = t.to(torch.float64).view(-1, *([1] * (x_in.dim() - 1)))
+        norm = (s * s + sigma_data ** 2).sqrt()
+        x_sigma = x_in * norm
+        d = (GAUSS_VAR * x_sigma + s * s * GAUSS_MU) / (GAUSS_VAR + s * s)
+        return (d - sigma_data ** 2 / norm ** 2 * x_sigma) / (sign * s * sigma_data / norm)
+    return model
+
+
+# (id, sampler, options, σ grid, expected order): diffusers' EDMEuler is Euler, EDMDPMSolverMultistep DPM-Solver++
+EDM_CASES = [
+    ("euler", "euler", {}, "karras", 1),
+    ("dpmpp-2m", "dpmpp-2m", {}, "karras", 2),
+    ("dpmpp-2m-heun", "dpmpp-2m", {"solver_type": "heun"}, "karras", 2),
+    ("dpmpp-3m", "dpmpp-2m", {"solver_order": 3}, "graded", 2),   # the published D2 weight (see ODE_CASES)
+]
+
+
+@pytest.mark.parametrize("case", EDM_CASES, ids=[c[0] for c in EDM_CASES])
+def test_edm_prediction_keeps_the_sampler_order(case):
+    """gradguide.sample with an EDM network (prediction "edm", σ_d = 0.5, and "edm-v", σ_d = 1.3) on σ's
+    from 80 to 0.002, against the closed-form probability-flow ODE of Gaussian data (x_σ − μ scales
+    as √(s² + σ²)): the preconditioning is exact, so the sampler keeps its order and both
+    parametrisations of the same denoiser give the same samples."""
+    _, sampler, options, grid, order = case
+    smax, smin, ns = 80.0, 0.002, (16, 32, 64, 128)
+    schedule = _SigmaIsT(gg.Schedule.linear(1000).alphas_cumprod)
+    z = torch.tensor([[-2.0], [-0.3], [0.4], [1.7]], dtype=torch.float64)
+    errors = {}
+    for prediction, sigma_data in (("edm", 0.5), ("edm-v", 1.3)):
+        errors[prediction] = []
+        for n in ns:
+            sig = gg.sigmas_karras(n + 1, smin, smax, append_zero=False) if grid == "karras" \
+                else torch.as_tensor(sigma_grid(n, grid, smax, smin))
+            out = gg.sample(_edm_gaussian(sigma_data, prediction), z.shape, schedule=schedule, x_T=z.clone(),
+                            sampler=gg.Sampler(sampler, prediction=prediction, sigma_data=sigma_data, sigmas=sig,
+                                               **options))
+            exact = GAUSS_MU + (float(sig[0]) * z - GAUSS_MU) * math.sqrt(
+                (GAUSS_VAR + float(sig[-1]) ** 2) / (GAUSS_VAR + float(sig[0]) ** 2))
+            errors[prediction].append(float((out - exact).abs().max()))
+        observed = slope(ns[1:], errors[prediction][1:])
+        assert abs(observed - order) <= 0.25, f"{prediction}: observed order {observed:.2f} (errors {errors[prediction]})"
+    np.testing.assert_allclose(errors["edm"], errors["edm-v"], rtol=1e-6)

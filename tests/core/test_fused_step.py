@@ -62,7 +62,9 @@ def _model(x, t, y=None):
     abar = SCHED.alphas_cumprod.to(x.dtype)[t].reshape(-1, *([1] * (x.dim() - 1)))
     a, s = abar.sqrt(), (1 - abar).sqrt()
     out = s * x + a * (0.3 * torch.tanh(1.3 * x) + 0.2 * x.roll(1, -1))
-    return out + a * 0.4 * torch.sin(x + 1.0) if y is not None else out
+    if y is None:
+        return out
+    return out + a * 0.4 * y.to(x.dtype).reshape(abar.shape) * torch.sin(x + 1.0)   # y = 0: the null label
 
 
 _D = torch.randn(SHAPE, generator=torch.Generator().manual_seed(5))
@@ -74,6 +76,12 @@ def _log_prob(x, t, y=None):
 
 def _log_prob2(x, t, y=None):
     return -(0.3 * (x - 0.5) ** 2).flatten(1).sum(1)
+
+
+def _decode(z):
+    """A small nonlinear "decoder" to a larger image (latents [B, 2, 4, 4] -> images [B, 3, 8, 8])."""
+    up = torch.nn.functional.interpolate(z, scale_factor=2.0, mode="bilinear", align_corners=False)
+    return torch.cat([torch.tanh(up), up.sum(1, keepdim=True) * 0.5], 1) * 1.3
 
 
 def _guidance(name):
@@ -88,7 +96,15 @@ def _guidance(name):
         "cfg+classifier": [gg.CFG(2.0), gg.Classifier(_log_prob, 0.05)],
         "lookahead": [gg.LookAhead(g, target=torch.linspace(-1, 1, SHAPE[0]))],
         "lookahead-beta": [gg.LookAhead(g, target=0.5, beta=0.02, multiplier=2.0)],
+        "cfg+lookahead": [gg.CFG(2.0), gg.LookAhead(g, target=0.5, beta=0.02)],
+        "decoded": [gg.DecodedLookAhead(_decode, _IMAGE_GRAD, offset=torch.tensor([0.1, -0.2, 0.3]), target=1.0,
+                                        beta=0.002, scaling=0.5)],
+        "cfg+decoded": [gg.CFG(2.0), gg.DecodedLookAhead(_decode, _IMAGE_GRAD, target=1.0, beta=0.002, scaling=0.5,
+                                                         official_batch_scaling=True)],
     }[name]
+
+
+_IMAGE_GRAD = 0.2 * torch.randn(SHAPE[0], 3, 8, 8, generator=torch.Generator().manual_seed(7))
 
 
 PROJECTIONS = {"none": None, "A": gg.PixelAsParam("A"), "B": gg.PixelAsParam("B", delta=0.8),
@@ -106,7 +122,9 @@ def _valid(guidance, projection):
 CASES = [c for c in itertools.product(["ddpm", "ddim", "ddim-eta1", "dpmpp-2m"], ["none", "cfg", "apg", "apg-diffusers",
                                                                                  "cfg++", "classifier",
                                                                                  "two-classifiers", "cfg+classifier",
-                                                                                 "lookahead", "lookahead-beta"],
+                                                                                 "lookahead", "lookahead-beta",
+                                                                                 "cfg+lookahead", "decoded",
+                                                                                 "cfg+decoded"],
                                       list(PROJECTIONS), [None, True]) if _valid(c[1], c[2])]
 
 
@@ -180,7 +198,8 @@ TRITON = gg.ops.available_backends("cpu")["triton"] is True
 @pytest.mark.parametrize("case", [("ddim", "cfg", "none", None), ("ddpm", "classifier", "A", None),
                                   ("ddim-eta1", "cfg+classifier", "B-channel", True), ("ddim", "apg", "none", True),
                                   ("ddpm", "lookahead", "none", None), ("ddim", "lookahead-beta", "none", None),
-                                  ("ddpm", "cfg", "C", True), ("ddim", "two-classifiers", "none", True)])
+                                  ("ddpm", "cfg", "C", True), ("ddim", "two-classifiers", "none", True),
+                                  ("ddim", "cfg+decoded", "none", None)])
 def test_fused_step_on_triton_equals_the_general_reference_path(case):
     """float64 on the Triton kernels (interpreted): the fused step equals the general LinComb
     step on the reference backend, and it really ran the fused kernel for every stage."""
@@ -212,6 +231,30 @@ def test_fused_step_float32_every_backend(backend, case):
     got, run = _run(*case, fused=True, dtype=torch.float32, backend=backend)
     assert run.plan is not None and run.backend == backend
     torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("batch_branches", [True, False])
+@pytest.mark.parametrize("guidance", ["cfg+decoded", "cfg+lookahead"])
+def test_vjp_through_both_cfg_branches_is_each_branchs_own(guidance, batch_branches):
+    """G_loss (decoded or not) after CFG: the fused step takes each branch's Jᵀw (one backward
+    pass, batched or not) and is the general path's autograd through the CFG-combined x̂_0; the
+    term really moves the sample."""
+    terms = _guidance(guidance)
+    terms[0] = gg.CFG(2.0, uncond={"y": torch.zeros(SHAPE[0])})   # a null label: the branches can share a call
+    common = dict(schedule=SCHED, sampler="ddim", steps=5, cond={"y": torch.ones(SHAPE[0])},
+                  x_T=1.5 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64))
+    runs = [sampling.prepare_run(_model, SHAPE, guidance=terms, execution=gg.Execution(batch_branches=batch_branches),
+                                 schedule=SCHED, sampler="ddim", steps=5, cond=common["cond"])]
+    plan = runs[0].plan
+    assert plan is not None, runs[0].fused_reason
+    computed = {c.method for v in plan.variants.values() for c in v.computed.values() if c.position < 0}
+    assert computed == {"model_cond", "model_uncond"}
+    got = gg.sample(_model, SHAPE, guidance=terms, execution=gg.Execution(batch_branches=batch_branches), **common)
+    want = gg.sample(_model, SHAPE, guidance=terms, execution=gg.Execution(fused=False, batch_branches=batch_branches),
+                     **common)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    cfg_only = gg.sample(_model, SHAPE, guidance=terms[:1], **common)
+    assert (want - cfg_only).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("terms,projection,why", [

@@ -339,6 +339,35 @@ def test_composes_with_gradient_guidance():
     assert (got - run(True, extra=False)).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("projection", [None, "A"])
+@pytest.mark.parametrize("name", ["pag-unet", "slg-unet-blocks"])
+def test_classifier_and_g_loss_move_their_objective_next_to_a_perturbed_guider(name, projection):
+    """Classifier guidance (log p = <d, x_t>) and G_loss (gᵀx̂_0 towards a target) next to PAG / SLG, with
+    and without PixelAsParam policy A over the guider's differences: each run moves its objective
+    from where the guider alone ends (every sample)."""
+    module = _unet()
+    x_T = _x_T("unet")
+    cond, _ = _inputs("unet")
+    model, schedule = gg.from_diffusers(module, _scheduler("unet"))
+    d = torch.randn(x_T.shape, dtype=DT, generator=torch.Generator().manual_seed(7))
+
+    def run(extra):
+        proj = None if projection is None or not extra else gg.PixelAsParam(projection)
+        with torch.no_grad():
+            return gg.sample(model, x_T.shape, schedule=schedule, steps=STEPS, x_T=x_T.clone(), cond=cond,
+                             guidance=[CASES[name]()[1]] + extra, projection=proj)
+
+    def objective(x):
+        return (d * x).flatten(1).sum(1)
+    alone = run([])
+    base = objective(alone)
+    up = run([gg.Classifier(lambda x, t, **_: (d * x).flatten(1).sum(1), 2.0)])
+    assert bool((objective(up) > base + 0.5).all()), (objective(up), base)
+    target = base + 3.0
+    looked = run([gg.LookAhead(d, target, sigma=0.5)])
+    assert bool(((objective(looked) - target).abs() < 0.9 * (base - target).abs()).all()), (objective(looked), target)
+
+
 def test_hooks_removed_and_row_selection_direct(monkeypatch):
     """After sampling the model is unchanged, and the model was searched for the modules to hook once
     per run (not per call); inside the context the perturbed rows (and only they) equal a perturbed
@@ -478,6 +507,90 @@ def test_ltx2_matches_diffusers(rescale):
                           guidance=gg.CFG(3.0, uncond={"class_labels": null}))
     assert (got - ref).abs().max() <= 1e-5 * max(1.0, ref.abs().max().item())
     assert (got - plain).abs().max() > 1e-3
+
+
+# -- the fused step ----------------------------------------------------------------------------------------
+
+def _ltx2_case():
+    module = Flagged(_scheduler("unet").alphas_cumprod)
+    term = gg.LTX2(3.0, stg_scale=1.5, modality_scale=2.0, start=0.125, stop=0.875, stg=gg.Inputs(stg=True),
+                   modality=gg.Custom(_isolate), uncond={"class_labels": torch.tensor([2, 2])})
+    return module, term, {"class_labels": torch.tensor([0, 1])}
+
+
+@pytest.mark.parametrize("name", ["pag-unet", "pag-unet-window-original-rescale", "slg-unet-blocks", "seg-unet-mean",
+                                  "autoguidance-unet", "ltx2"])
+def test_fused_step_takes_the_branches_as_operands(name):
+    """The perturbed guiders' combination is linear in the branch outputs: the fused plan holds one
+    linear combine per variant, reading the outputs of the branches that variant's steps call (the
+    model calls stay outside the plan), and equals the general step. Steps whose active branches differ
+    (CFG / perturbed windows) are different variants. Guidance rescale takes inner products outside a
+    fused program: that run takes the general step, and says so."""
+    from gradguide import sampling
+    if name == "ltx2":
+        module, _, cond = _ltx2_case()
+        term = lambda: _ltx2_case()[1]   # noqa: E731
+    else:
+        module = _unet()
+        cond = _inputs("unet")[0]
+        term = lambda: CASES[name]()[1]  # noqa: E731
+    model, schedule = gg.from_diffusers(module, _scheduler("unet"))
+    x_T = _x_T("unet")
+    out, runs = {}, {}
+    for fused in (True, False):
+        runs[fused] = sampling.prepare_run(model, x_T.shape, schedule=schedule, steps=STEPS, cond=cond, guidance=term(),
+                                           execution=gg.Execution(fused=fused))
+        with torch.no_grad():
+            out[fused] = gg.sample(model, x_T.shape, schedule=schedule, steps=STEPS, x_T=x_T.clone(), cond=cond,
+                                   guidance=term(), execution=gg.Execution(fused=fused))
+    run = runs[True]
+    assert (out[True] - out[False]).abs().max() <= 1e-12 * max(1.0, out[False].abs().max().item())
+    if term().guidance_rescale > 0:
+        assert run.plan is None and "inner product outside a fused program" in run.fused_reason
+        assert "rescale" in run.fused_reason
+        return
+    assert run.plan is not None, run.fused_reason
+    bound = run.branch
+    branches = [tuple(b.name for b in bound.step_branches(i)) for i in range(STEPS)]
+    assert len(set(branches)) >= 2                      # the windows switch branches on and off
+    assert len(run.plan.variants) == len({bound.variant(i) for i in range(STEPS)})
+    for i in range(STEPS):
+        variant = run.plan.variants[run.plan.keys[i]]
+        assert [st.policy for st in variant.stages] == ["linear"]
+        # the operands: x and exactly the outputs of the branches this step calls
+        assert set(variant.inputs) == {"x"} | {f"model_{b}" for b in branches[i]}, (i, variant.inputs)
+
+
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_fused_perturbed_step_on_the_kernels(backend):
+    """PAG's fused step on the native and (interpreted) Triton kernels equals the general step on the
+    reference backend: every step one fused combine of the kernel, over the branch outputs it called."""
+    if gg.ops.available_backends("cpu")[backend] is not True:
+        pytest.skip(f"{backend} not available")
+    module = _unet()
+    cond = _inputs("unet")[0]
+    model, schedule = gg.from_diffusers(module, _scheduler("unet"))
+    x_T = _x_T("unet")
+    calls = []
+    kernels = gg.ops.triton_backend if backend == "triton" else gg.ops.native_backend
+    real = kernels.fused_combine
+
+    def spy(policy, *args, **kwargs):
+        calls.append(policy)
+        return real(policy, *args, **kwargs)
+
+    def run(backend, fused):
+        with torch.no_grad():
+            return gg.sample(model, x_T.shape, schedule=schedule, steps=STEPS, x_T=x_T.clone(), cond=cond,
+                             guidance=CASES["pag-unet"]()[1], execution=gg.Execution(backend=backend, fused=fused))
+    want = run("reference", False)
+    kernels.fused_combine = spy
+    try:
+        got = run(backend, True)
+    finally:
+        kernels.fused_combine = real
+    assert calls == ["linear"] * STEPS
+    assert (got - want).abs().max() <= 1e-10 * max(1.0, want.abs().max().item())
 
 
 # -- refusals ----------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """from_diffusers with diffusers' LCMScheduler reproduces its own loop (≤ 1e-4): the consistency
 step ``x' = √ᾱ'(c_out x̂_0 + c_skip x) + √(1−ᾱ') z`` (the last step without noise) on the
 scheduler's own timesteps, ε / v / x̂_0 models, clipping, timestep_scaling, the same generator
-for the noise; and the schedulers still refused say why."""
+for the noise (TCD, its neighbour: tests/integrations/test_diffusers_tcd.py)."""
 import pytest
 import torch
 
@@ -66,10 +66,3 @@ def test_lcm_with_guidance_runs():
     x = gg.sample(model, (2, 4, 5, 5), schedule=schedule, steps=4, generator=torch.Generator().manual_seed(0),
                   guidance=[gg.NaiveGradient(torch.ones(1, 4, 5, 5) / 10, target=1.0)])
     assert torch.isfinite(x).all()
-
-
-@pytest.mark.parametrize("name,why", [("TCDScheduler", "floor"), ("EDMEulerScheduler", "preconditioned"),
-                                      ("EDMDPMSolverMultistepScheduler", "preconditioned")])
-def test_still_refused_with_the_reason(name, why):
-    with pytest.raises(ValueError, match=f"{name}.*{why}"):
-        gg.from_diffusers(Tiny(), getattr(diffusers, name)())

@@ -121,6 +121,10 @@ SUPPORTED = [
                                    timestep_spacing="trailing", prediction_type="v_prediction", disable_corrector=[2])),
     (UniPCMultistepScheduler, dict(disable_corrector=[0, 3], timestep_spacing="trailing")),
     (UniPCMultistepScheduler, dict(final_sigmas_type="sigma_min", lower_order_final=False)),
+    # TCD at its step's default γ = 0.3 (its own tests: tests/integrations/test_diffusers_tcd.py)
+    (TCDScheduler, {}),
+    (TCDScheduler, dict(prediction_type="v_prediction", rescale_betas_zero_snr=True)),
+    (TCDScheduler, dict(prediction_type="sample", original_inference_steps=25, beta_schedule="linear")),
 ]
 
 
@@ -149,7 +153,7 @@ UNET_CASES = [(DDIMScheduler, dict(clip_sample=True)), (DDPMScheduler, dict(vari
               (DEISMultistepScheduler, dict(solver_order=3)),
               (DPMSolverMultistepScheduler, dict(use_karras_sigmas=True, algorithm_type="sde-dpmsolver++")),
               (UniPCMultistepScheduler, {}), (PNDMScheduler, dict(skip_prk_steps=True)),
-              (LMSDiscreteScheduler, dict(use_karras_sigmas=True))]
+              (LMSDiscreteScheduler, dict(use_karras_sigmas=True)), (TCDScheduler, {})]
 
 
 @pytest.mark.parametrize("case", UNET_CASES, ids=[_id(c) for c in UNET_CASES])
@@ -192,7 +196,6 @@ UNSUPPORTED = [
     (DPMSolverSinglestepScheduler, dict(algorithm_type="dpmsolver", thresholding=True,
                                         final_sigmas_type="sigma_min"), "thresholding"),
     (DEISMultistepScheduler, dict(use_flow_sigmas=True, prediction_type="flow_prediction"), "use_flow_sigmas"),
-    (TCDScheduler, {}, "TCDScheduler"),
     (SASolverScheduler, {}, "SASolverScheduler"),
     (KDPM2DiscreteScheduler, dict(prediction_type="sample"), "prediction_type"),
     (KDPM2AncestralDiscreteScheduler, dict(prediction_type="sample"), "prediction_type"),

@@ -11,8 +11,8 @@ import torch
 pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 from diffusers import (AutoencoderKL, DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
-                       EulerAncestralDiscreteScheduler, PNDMScheduler, StableDiffusionPipeline,
-                       UNet2DConditionModel)
+                       EDMDPMSolverMultistepScheduler, EDMEulerScheduler, EulerAncestralDiscreteScheduler,
+                       PNDMScheduler, StableDiffusionPipeline, TCDScheduler, UNet2DConditionModel)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E402
 
 import gradguide as gg  # noqa: E402
@@ -108,11 +108,18 @@ CASES = [
     dict(scheduler=lambda: sd_scheduler(PNDMScheduler), kw=dict(guidance_scale=7.5)),
     dict(scheduler=lambda: sd_scheduler(DPMSolverMultistepScheduler), kw=dict(guidance_scale=7.5)),
     dict(scheduler=lambda: sd_scheduler(EulerAncestralDiscreteScheduler), kw=dict(guidance_scale=7.5)),
+    # diffusers' pipeline passes its eta (default 0.0) to TCD's step: γ = 0 unless eta= is given
+    dict(scheduler=lambda: sd_scheduler(TCDScheduler), kw=dict(guidance_scale=1.5)),
+    dict(scheduler=lambda: sd_scheduler(TCDScheduler), kw=dict(guidance_scale=1.5, eta=0.3)),
+    dict(scheduler=lambda: EDMEulerScheduler(sigma_max=20.0), kw=dict(guidance_scale=7.5)),
+    dict(scheduler=lambda: EDMDPMSolverMultistepScheduler(prediction_type="v_prediction", sigma_data=1.0),
+         kw=dict(guidance_scale=5.0)),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=["ddim-cfg", "trailing-negative-n2", "v-rescale", "ddpm-noise", "no-cfg",
-                                             "pndm-sd-default", "dpmpp-2m", "euler-ancestral-sigma-space"])
+                                             "pndm-sd-default", "dpmpp-2m", "euler-ancestral-sigma-space",
+                                             "tcd-pipeline-eta0", "tcd-eta0.3", "edm-euler", "edm-dpmpp-v"])
 def test_pipeline_equals_diffusers(components, case):
     sd, pipe = _pipes(components, case["scheduler"]())
     kw = dict(num_inference_steps=4, height=SIZE, width=SIZE, **case["kw"])

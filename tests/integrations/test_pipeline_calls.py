@@ -12,7 +12,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
-                       LMSDiscreteScheduler, SASolverScheduler, UniPCMultistepScheduler)
+                       EDMDPMSolverMultistepScheduler, LMSDiscreteScheduler, SASolverScheduler, TCDScheduler,
+                       UniPCMultistepScheduler)
 from diffusers.models.attention_processor import AttnProcessor  # noqa: E402
 from test_pipeline import PROMPTS, SIZE, _close, _pipes, components, sd_scheduler  # noqa: E402,F401
 
@@ -99,8 +100,9 @@ def _nudge(seen):
 
 @pytest.mark.parametrize("cls", [DDIMScheduler, EulerAncestralDiscreteScheduler, DPMSolverMultistepScheduler,
                                  UniPCMultistepScheduler, EulerDiscreteScheduler, LMSDiscreteScheduler,
-                                 DDPMScheduler],
-                         ids=["ddim", "euler-a-sigma-space", "dpmpp-2m", "unipc", "euler", "lms", "ddpm"])
+                                 DDPMScheduler, EDMDPMSolverMultistepScheduler, TCDScheduler],
+                         ids=["ddim", "euler-a-sigma-space", "dpmpp-2m", "unipc", "euler", "lms", "ddpm",
+                              "edm-dpmpp-sigma-space", "tcd"])
 def test_callback_on_step_end_as_diffusers(components, cls):
     sd, pipe = _pipes(components, cls.from_config(sd_scheduler().config))
     seen_ref, seen = [], []

@@ -43,9 +43,9 @@ from __future__ import annotations
 from .cli import add_arguments, default_workloads, run_cli
 from .fake import FAKE_DEVICES, PHASES, ZERO_LAUNCH, Counter, FakeWorld, Tracker, fake_cuda_status, pick_backend, \
     probe_backend
-from .report import (DOCS_BEGIN, DOCS_END, PAPER, PAPER_FIGURES, TARGET_LAUNCHES, TARGET_RATIO, TARGETS,
-                     build_report, header, markdown, projection_table, stem, summarize, targets_table, write,
+from .report import (BRANCH_TARGETS, DOCS_BEGIN, DOCS_END, PAPER, PAPER_FIGURES, TARGET_LAUNCHES, TARGET_RATIO,
+                     TARGETS, build_report, header, markdown, projection_table, stem, summarize, targets_table, write,
                      write_docs)
 from .step import PREPARE_ARGS, dry_run, minimum_bytes
-from .workloads import (GUIDANCE, PROJECTIONS, SAMPLER_VARIANTS, SAMPLERS, paper_workload, run_all_combinations,
-                        run_combination, run_workload)
+from .workloads import (BRANCH_GUIDANCE, BRANCH_PROJECTIONS, GUIDANCE, PROJECTIONS, SAMPLER_VARIANTS, SAMPLERS,
+                        TinyDiT, paper_workload, run_all_combinations, run_combination, run_workload)

@@ -233,8 +233,10 @@ class FakeWorld:
             return v
         # guidance terms, the projection, and the fused step's plan (its stages hold per-sample
         # tensors such as G_loss's target)
+        # (and a perturbed guider's branch caller: the cond / uncond inputs it stacks, the module it hooks)
         if (isinstance(v, (gg.GuidanceTerm, gg.PixelAsParam))
-                or type(v).__module__ == "gradguide.stepplan" and hasattr(v, "__dict__")):
+                or type(v).__module__ in ("gradguide.stepplan", "gradguide.guidance.perturb")
+                and hasattr(v, "__dict__")):
             for k, x in list(vars(v).items()):
                 setattr(v, k, self.value(x, depth + 1))
             return v
@@ -264,6 +266,12 @@ def _cuda_attention():
     real = F.scaled_dot_product_attention
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        if torch.overrides.has_torch_function((query, key, value)):
+            # a torch-function mode sees the call as F.scaled_dot_product_attention, as it would see
+            # torch's own (diffusers' PAG hook replaces the attention by its values there)
+            return torch.overrides.handle_torch_function(
+                sdpa, (query, key, value), query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
         if enable_gqa or query.device.type not in FAKE_DEVICES:
             return real(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                         scale=scale, enable_gqa=enable_gqa)

@@ -76,7 +76,7 @@ def _plan_structure(log: dict, variant) -> None:
             log["reduce_k"] = max(log["reduce_k"], len(own(stage.operands[:stage.n_gram])))
         if stage.output in intermediates:
             sources.update({name: operands for name in stage.output.split(",")})
-        else:
+        elif stage.output != "decoder_input":   # a decoded term's x̂_0: counted with the term
             log["combine_k"].append(len(operands))
         log["tracked_k"] = max(log["tracked_k"], len([n for n in stage.operands if n in originals]))
 

@@ -105,6 +105,40 @@ class _TinyClassifier(nn.Module):
         return logits.log_softmax(-1).gather(1, class_labels[:, None])[:, 0]
 
 
+# perturbed-branch guiders: their branches come from diffusers' hooks on the model's transformer blocks, so
+# they run on a small transformer (:class:`TinyDiT`), not on the convolution the other rows use
+BRANCH_GUIDANCE = ("pag", "slg")
+BRANCH_PROJECTIONS = ("none", "A", "C")
+
+
+class TinyDiT(nn.Module):
+    """A class-conditional transformer over the 8×8 latent's tokens with a diffusers block stack
+    (``transformer_blocks``: ``BasicTransformerBlock``s), which PAG's and SLG's hooks find with
+    ``layers=[0]`` as they find a DiT's. Class ``classes`` is the unconditional label."""
+
+    def __init__(self, channels: int = 4, dim: int = 16, heads: int = 2, depth: int = 2, classes: int = 10):
+        from diffusers.models.attention import BasicTransformerBlock
+        super().__init__()
+        self.proj_in = nn.Linear(channels, dim)
+        self.embed = nn.Embedding(classes + 1, dim)
+        self.transformer_blocks = nn.ModuleList([BasicTransformerBlock(dim, heads, dim // heads) for _ in range(depth)])
+        self.proj_out = nn.Linear(dim, channels)
+
+    def forward(self, x, t, class_labels=None):
+        b, c, h, w = x.shape
+        tokens = self.proj_in(x.flatten(2).transpose(1, 2)) + self.embed(class_labels)[:, None]
+        for block in self.transformer_blocks:
+            tokens = block(tokens)
+        # contiguous, as a DiT's unpatchify returns its output (a strided view would cost the step a copy)
+        return self.proj_out(tokens).transpose(1, 2).reshape(b, c, h, w).contiguous()
+
+
+def _branch_guider(name: str, denoiser: nn.Module, uncond: dict):
+    # the perturbed term on at every step it can be (diffusers' window excludes its ends: steps 1..N-1)
+    cls = {"pag": gg.PAG, "slg": gg.SLG}[name]
+    return [cls(4.0, 3.0, layers=[0], perturbed_start=0.0, perturbed_stop=1.0, uncond=uncond, denoiser=denoiser)]
+
+
 def _guidance_terms(name: str, shape, tracker: Tracker):
     """The terms of ``name`` with their model-side inputs on ``meta`` (classifier and DPS operator
     marked as model phases on ``tracker``)."""
@@ -128,16 +162,26 @@ def run_combination(sampler: str, guidance: str, projection: str, backend: str =
     A combination that ``gradguide.sample`` refuses is returned with ``status: refused``."""
     if sampler not in SAMPLER_VARIANTS:
         raise ValueError(f"sampler: expected one of {SAMPLERS}, got {sampler!r}")
+    if guidance in BRANCH_GUIDANCE and projection not in BRANCH_PROJECTIONS:
+        raise ValueError(f"projection: expected one of {BRANCH_PROJECTIONS} with {guidance!r}, got {projection!r}")
     variant = SAMPLER_VARIANTS[sampler]
     learned = variant.variance == "learned-range"
     tracker = Tracker()
-    model = _load_bench().CheapEps(shape[1], out_channels=2 * shape[1] if learned else None).to("meta").eval().requires_grad_(False)
-    terms = _guidance_terms(guidance, shape, tracker)
+    labels = torch.zeros(shape[0], dtype=torch.long, device="meta")
+    if guidance in BRANCH_GUIDANCE:
+        if learned:
+            return {"name": f"{sampler} + {guidance} + {projection}", "status": "refused",
+                    "reason": "guidance: the perturbed-branch rows' transformer has no learned-variance output"}
+        model = TinyDiT(shape[1]).to("meta").eval().requires_grad_(False)
+        terms = _branch_guider(guidance, model, {"class_labels": torch.full_like(labels, 10)})
+    else:
+        model = _load_bench().CheapEps(shape[1], out_channels=2 * shape[1] if learned else None)
+        model = model.to("meta").eval().requires_grad_(False)
+        terms = _guidance_terms(guidance, shape, tracker)
     for term in terms:
         for v in vars(term).values():
             if isinstance(getattr(v, "__self__", None), nn.Module):
                 v.__self__.requires_grad_(False)
-    labels = torch.zeros(shape[0], dtype=torch.long, device="meta")
     name = f"{sampler} + {guidance} + {projection}"
     try:
         result = dry_run(model, shape, schedule=gg.Schedule.linear(1000), steps=steps, guidance=terms,
@@ -154,6 +198,7 @@ def run_combination(sampler: str, guidance: str, projection: str, backend: str =
 
 def run_all_combinations(backend: str = "auto", progress: bool = True, graph: bool = True) -> List[dict]:
     combos = [(s, g, p) for s in SAMPLERS for g in GUIDANCE for p in PROJECTIONS]
+    combos += [(s, g, p) for s in SAMPLERS for g in BRANCH_GUIDANCE for p in BRANCH_PROJECTIONS]
     bar = None
     if progress:
         from tqdm.auto import tqdm
