@@ -2,7 +2,7 @@
 and DDPM's variance types, drop-in:
 ``from_diffusers(model, scheduler)`` + ``sample(model, shape, schedule=schedule, steps=N,
 x_T=noise)`` (plus ``generator=`` where the scheduler draws noise) equals diffusers 0.42's own
-loop, on the toy Gaussian denoiser of ``test_diffusers_parity`` and a tiny random UNet; what
+loop, on the toy Gaussian denoiser and the tiny random UNet of ``tests/helpers.py``; what
 cannot be reproduced raises naming the class and option.
 
 diffusers computes these steps in float32, gradguide's tables in float64; outputs are asserted to
