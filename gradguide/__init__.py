@@ -9,6 +9,7 @@ from .config import Diagnostics, Execution, Sampler
 from . import guidance as _guidance
 from .guidance import *  # noqa: F401,F403 (the terms, as gradguide.guidance.__all__ lists them)
 from .metrics import off_support_ratio
+from .predictions import DynamicThreshold
 from .projection import PixelAsParam, project
 from .sampling import StepRecord, sample
 from .comfy_ksampler import comfy_initial_noise, comfy_sampler
@@ -28,7 +29,8 @@ def __getattr__(name):
 
 # every guidance term (gradguide.guidance lists them: a new term is exported there, once)
 __all__ = sorted({name for name in _guidance.__all__ if name != "StepContext"} | {
-    "Diagnostics", "Execution", "FlowSchedule", "PixelAsParam", "Sampler", "Schedule", "StepRecord", "Timesteps",
+    "Diagnostics", "DynamicThreshold", "Execution", "FlowSchedule", "PixelAsParam", "Sampler", "Schedule",
+    "StepRecord", "Timesteps",
     "calculate_shift", "comfy_initial_noise", "comfy_percent_to_sigma", "comfy_sampler", "comfy_schedule",
     "comfy_sigmas", "off_support_ratio", "ops", "project", "sample", "sigmas_exponential", "sigmas_karras",
     "sigmas_polyexponential", "sigmas_vp"})

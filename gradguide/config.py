@@ -49,8 +49,11 @@ class Sampler:
     (a flow-matching velocity; a FlowSchedule sets it) or ``"edm"`` / ``"edm-v"`` (an EDM
     preconditioned network, with the option ``sigma_data``, default 0.5; gradguide.predictions). ``variance``: DDPM's
     ``"fixed-small"`` (default), ``"fixed-large"`` or
-    ``"learned-range"`` (the model outputs twice the channels, ADM style). ``clip``: ``True``
-    for [−1, 1], ``(low, high)``, or ``False``: clips x̂_0 (default off). ``clip_eps``: the ε a
+    ``"learned-range"`` (the model outputs twice the channels, ADM style) or ``"learned"`` (the
+    extra channels are Σ itself, diffusers' DDPM ``variance_type="learned"``). ``clip``: ``True``
+    for [−1, 1], ``(low, high)``, or ``False``: clips x̂_0 (default off);
+    ``gradguide.DynamicThreshold(ratio, max_value)``: Imagen's dynamic thresholding (a per-sample
+    quantile of ``|x̂_0|``, diffusers' ``thresholding=True``; runs on the general step). ``clip_eps``: the ε a
     clipped step re-noises with, ``"clipped"`` (default; GLIDE/ADM, diffusers'
     ``use_clipped_model_output=True``) or ``"model"`` (diffusers' DDIM default). ``spacing``:
     ``"adm"`` (default; a diffusers schedule's own spacing), ``"leading"``, ``"trailing"``,
@@ -185,8 +188,10 @@ def _check_sampler(v: dict) -> None:
     if v["variance"] is not None and v["variance"] not in predictions.VARIANCES:
         raise ValueError(f"sampler.variance: expected one of {predictions.VARIANCES}, got {v['variance']!r}")
     clip = v["clip"]
-    if not (clip is None or isinstance(clip, bool) or (isinstance(clip, (tuple, list)) and len(clip) == 2)):
-        raise ValueError(f"sampler.clip: expected None, True, False or (low, high), got {clip!r}")
+    if not (clip is None or isinstance(clip, (bool, predictions.DynamicThreshold))
+            or (isinstance(clip, (tuple, list)) and len(clip) == 2)):
+        raise ValueError(f"sampler.clip: expected None, True, False, (low, high) or gradguide.DynamicThreshold(ratio, "
+                         f"max_value), got {clip!r}")
     if isinstance(clip, list):
         v["clip"] = tuple(clip)
     if v["clip_eps"] is not None and v["clip_eps"] not in CLIP_EPS:

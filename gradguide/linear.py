@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 import torch
 
 from . import ops
+from .predictions import DynamicThreshold
 
 
 class LinComb:
@@ -214,6 +215,9 @@ class Operands:
 
     def clip_shift(self, p: LinComb, s: LinComb, clip: tuple):
         """``(clamp(p), clamp(p + s) − clamp(p))`` as tensors (:func:`gradguide.ops.clip_shift`)."""
+        if isinstance(clip, DynamicThreshold):   # a per-sample quantile: outside the combine kernels
+            tp, ts = self.combine(p), self.combine(s)
+            return clip(tp), clip.shift(tp, ts)
         k = len(self.tensors)
         cp, cs, tensors, cols = p._padded(k)[:, 0, :], s._padded(k)[:, 0, :], self.tensors, self._columns(p, s)
         if cols is not None:
@@ -223,6 +227,8 @@ class Operands:
     def materialize(self, name: str, u: LinComb, clamp=None) -> LinComb:
         """Write ``u`` out as a new operand (needed where a rule is not linear, e.g. clipping)."""
         self.recipes[name] = (u.coef.detach(), clamp)
+        if isinstance(clamp, DynamicThreshold):   # a per-sample quantile: outside the combine kernels
+            return self.add(name, clamp(self.combine(u)))
         return self.add(name, self.combine(u, clamp=clamp))
 
     def materialize_clip_shift(self, names, p: LinComb, s: LinComb, clip: tuple):
@@ -236,6 +242,23 @@ class Operands:
         self.recipes[names[0]] = (cp, clip)
         self.recipes[names[1]] = (cp, clip, cs)   # autograd replays: clamp(p + s) − clamp(p), reference formula
         return self.add(names[0], clipped), self.add(names[1], shift)
+
+
+def replay(recipe, tensors: List[torch.Tensor], batch: int, groups: int) -> torch.Tensor:
+    """A materialised operand recomputed from its recipe with the reference ops (with autograd):
+    ``(coef, clamp)`` from :meth:`Operands.materialize`, ``(coef_p, clip, coef_s)`` the shift of
+    :meth:`Operands.materialize_clip_shift`."""
+    c, clamp, *shift = recipe
+    c = torch.nn.functional.pad(c, (0, len(tensors) - c.shape[-1]))
+    if shift:   # clamp(p + s) − clamp(p)
+        s = torch.nn.functional.pad(shift[0], (0, len(tensors) - shift[0].shape[-1]))
+        if isinstance(clamp, DynamicThreshold):
+            p = ops.reference.combine(c.expand(batch, groups, -1), tensors)
+            return clamp.shift(p, ops.reference.combine(s.expand(batch, groups, -1), tensors))
+        return ops.reference.clip_shift(c[:, 0], s[:, 0], tensors, clamp)[1]
+    if isinstance(clamp, DynamicThreshold):
+        return clamp(ops.reference.combine(c.expand(batch, groups, -1), tensors))
+    return ops.reference.combine(c.expand(batch, groups, -1), tensors, clamp=clamp)
 
 
 class StepAlgebra:

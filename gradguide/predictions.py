@@ -25,13 +25,17 @@ tensor-like argument first so both types' operators apply.
 """
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
 
 PREDICTIONS = ("eps", "x0", "v", "flow", "edm", "edm-v")
 EDM = ("edm", "edm-v")
 # the per-step table a model's input is scaled by (None: the model sees x itself)
 INPUT_SCALE = {"flow": "flow_in", "edm": "edm_in", "edm-v": "edm_in"}
-VARIANCES = ("fixed-small", "fixed-large", "learned-range")
+VARIANCES = ("fixed-small", "fixed-large", "learned-range", "learned")
+LEARNED_VARIANCES = ("learned-range", "learned")   # the model outputs twice the channels
 
 
 def check_prediction(prediction: str) -> str:
@@ -116,7 +120,71 @@ def v_from(eps, x0, a, s):
     return eps * a - x0 * s
 
 
+def learned_log_variance(variance: str, v_channels, log_var_min, log_var_max):
+    """log Σ from a learned-variance model's extra channels: ``"learned-range"`` (ADM's
+    interpolation, below) or ``"learned"`` (the channels are Σ itself, diffusers' DDPM
+    ``variance_type="learned"``: log of a negative Σ is NaN, as diffusers' √Σ)."""
+    if variance == "learned":
+        return v_channels.log()
+    return learned_range_log_variance(v_channels, log_var_min, log_var_max)
+
+
 def learned_range_log_variance(v_channels, log_var_min, log_var_max):
     """ADM's learned-range variance: ``log Σ = f log β_t + (1−f) log β̃_t``, ``f = (v+1)/2``."""
     frac = (v_channels + 1) / 2
     return frac * log_var_max + (1 - frac) * log_var_min
+
+
+@dataclass(frozen=True)
+class DynamicThreshold:
+    """Dynamic thresholding of x̂_0 (Saharia et al. 2022, Imagen; diffusers' ``thresholding=True``
+    with ``dynamic_thresholding_ratio`` and ``sample_max_value``): a clip mode of
+    :class:`gradguide.Sampler` (``clip=gradguide.DynamicThreshold(ratio, max_value)``).
+
+    Per sample, over all its elements: ``s = clamp(quantile(|x̂_0|, ratio), 1, max_value)``, then
+    ``x̂_0 ← clamp(x̂_0, −s, s) / s``. With ``s = 1`` this is the clip to [−1, 1]; above it,
+    saturated values are pulled in and the sample rescaled into [−1, 1]. The quantile reads the
+    whole sample, so the step is neither linear nor elementwise: it runs on the general path (the
+    fused combine has no quantile). float16/bfloat16 x̂_0 is thresholded in float32, as diffusers does.
+    """
+    ratio: float = 0.995
+    max_value: float = 1.0
+
+    def __post_init__(self):
+        for name, value, low in (("ratio", self.ratio, 0.0), ("max_value", self.max_value, None)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or (value < 0 or value > 1 if low is not None else value <= 0):
+                want = "a number in [0, 1]" if low is not None else "a finite number > 0"
+                raise ValueError(f"DynamicThreshold: {name}: expected {want}, got {value!r}")
+            object.__setattr__(self, name, float(value))
+
+    def scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-sample ``s`` (float32 or float64), shaped to broadcast against ``x``."""
+        flat = x.reshape(x.shape[0], -1)
+        if flat.dtype not in (torch.float32, torch.float64):
+            flat = flat.float()
+        # torch.quantile's linear interpolation, from a sort (torch.quantile refuses more than 2**24 elements)
+        n = flat.shape[1]
+        pos = self.ratio * (n - 1)
+        lo = min(int(math.floor(pos)), n - 1)
+        hi = min(lo + 1, n - 1)
+        ranked = flat.abs().sort(dim=1).values
+        q = torch.lerp(ranked[:, lo], ranked[:, hi], pos - lo)
+        return q.clamp(min=1, max=self.max_value).view(-1, *([1] * (x.dim() - 1)))
+
+    def __call__(self, x0: torch.Tensor) -> torch.Tensor:
+        s = self.scale(x0)
+        y = x0.to(s.dtype)
+        return (torch.clamp(y, -s, s) / s).to(x0.dtype)
+
+    def shift(self, p: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        """``thr(p + d) − thr(p)``: where neither side clips it is ``d/s' + p (1/s' − 1/s)``, formed
+        from ``d`` itself so that a small guidance shift keeps its relative precision (as
+        :func:`gradguide.ops.clip_shift`; docs/architecture.md#precision)."""
+        q = p + d
+        sp, sq = self.scale(p), self.scale(q)
+        pp, dd, qq = p.to(sp.dtype), d.to(sp.dtype), q.to(sp.dtype)
+        inside = (pp.abs() <= sp) & (qq.abs() <= sq)
+        exact = dd / sq + pp * (1 / sq - 1 / sp)
+        clipped = torch.clamp(qq, -sq, sq) / sq - torch.clamp(pp, -sp, sp) / sp
+        return torch.where(inside, exact, clipped).to(p.dtype)

@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from .guidance.base import _signature_of
+from .predictions import DynamicThreshold
 from .schedules import Schedule
 
 
@@ -33,6 +34,8 @@ def plain(value):
         return type(value), value
     if isinstance(value, (tuple, list)):
         return tuple(plain(v) for v in value)
+    if isinstance(value, DynamicThreshold):
+        return type(value), plain(value.ratio), plain(value.max_value)
     raise Unkeyable
 
 

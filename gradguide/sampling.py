@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from . import ops, predictions, runkey
+from . import linear, ops, predictions, runkey
 from .config import Diagnostics, Execution, Sampler
 from .debug import forbid_host_sync
 from .graphs import EagerStepper, GraphCache
@@ -99,7 +99,7 @@ class _Run:
 
     @property
     def variance_channels(self) -> bool:
-        return self.sampler.variance == "learned-range"
+        return self.sampler.variance in predictions.LEARNED_VARIANCES
 
     @property
     def telemetry(self) -> bool:
@@ -689,8 +689,8 @@ def _check_model_output(run: _Run, out, t: torch.Tensor, what: str) -> None:
 def _learned_log_var(run: _Run, var_channels, scalars):
     if var_channels is None or not run.tables.learned_variance:
         return None
-    return predictions.learned_range_log_variance(var_channels.detach().to(run.dtype),
-                                                  scalars["log_var_min"], scalars["log_var_max"])
+    return predictions.learned_log_variance(run.sampler.variance, var_channels.detach().to(run.dtype),
+                                            scalars["log_var_min"], scalars["log_var_max"])
 
 
 def _eps_form(run: _Run, ctx: StepContext, out: LinComb, X: LinComb) -> LinComb:
@@ -708,13 +708,7 @@ def _tracked_x0(ops_: Operands, tracked: Dict[str, torch.Tensor], x0: LinComb):
             tensors = []
             for name, tensor in zip(ops_.names, ops_.tensors):
                 if name in ops_.recipes:   # a materialised (e.g. clipped) operand: recompute it with autograd
-                    c, clamp, *shift = ops_.recipes[name]
-                    c = torch.nn.functional.pad(c, (0, len(tensors) - c.shape[-1]))
-                    if shift:   # clamp(p + s) − clamp(p) (Operands.materialize_clip_shift)
-                        s = torch.nn.functional.pad(shift[0], (0, len(tensors) - shift[0].shape[-1]))
-                        tensor = ops.reference.clip_shift(c[:, 0], s[:, 0], tensors, clamp)[1]
-                    else:
-                        tensor = ops.reference.combine(c.expand(ops_.batch, ops_.groups, -1), tensors, clamp=clamp)
+                    tensor = linear.replay(ops_.recipes[name], tensors, ops_.batch, ops_.groups)
                 tensors.append(tracked.get(name, tensor))
             k = len(tensors)
             c = torch.nn.functional.pad(coef, (0, k - coef.shape[-1])).expand(ops_.batch, ops_.groups, -1)
@@ -813,8 +807,8 @@ def _prepare(model, shape, *, schedule: Schedule, steps, sampler: Sampler, guida
 
     # timesteps (the sampler's tables are built from them in _finish_prepare)
     timesteps = _timesteps(schedule, steps, sampler)
-    if variance == "learned-range" and name != "ddpm":
-        raise ValueError(f"sampler.variance: 'learned-range' is DDPM's; sampler {name!r} ignores model variances "
+    if variance in predictions.LEARNED_VARIANCES and name != "ddpm":
+        raise ValueError(f"sampler.variance: {variance!r} is DDPM's; sampler {name!r} ignores model variances "
                          "(split the model output yourself or use the 'ddpm' sampler)")
     if timesteps.abar[0] == 0 and prediction == "eps":
         raise ValueError("sampler.prediction: 'eps' cannot start at ᾱ = 0 (zero terminal SNR): x̂_0 = (x − √(1−ᾱ) ε)/√ᾱ "
@@ -917,8 +911,10 @@ def _timesteps(schedule: Schedule, steps, sampler: Sampler) -> Timesteps:
     return schedule.timesteps(steps, sampler.spacing)
 
 
-def _clip(clip) -> Optional[tuple]:
-    """``None`` (off) or ``(low, high)`` floats from a sampler's ``clip``."""
+def _clip(clip):
+    """``None`` (off), ``(low, high)`` floats or a :class:`~gradguide.DynamicThreshold` from a sampler's ``clip``."""
+    if isinstance(clip, predictions.DynamicThreshold):
+        return clip
     if clip is True:
         return (-1.0, 1.0)
     if clip is False or clip is None:

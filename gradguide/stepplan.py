@@ -124,6 +124,11 @@ class _RefuseState(dict):
         raise NotFusable(f"state carried between steps ({key}){_who()}")
 
 
+def _fusable_clamp(clamp) -> None:
+    if clamp is not None and not isinstance(clamp, tuple):   # gradguide.DynamicThreshold
+        raise NotFusable(f"dynamic thresholding ({clamp!r}): a per-sample quantile of x̂_0 is not a fused combine")
+
+
 class TraceOperands(SymbolicOperands):
     """Operands that record a step instead of computing it (module doc)."""
     tracing = True
@@ -173,11 +178,13 @@ class TraceOperands(SymbolicOperands):
         return u
 
     def materialize(self, name: str, u: LinComb, clamp=None) -> LinComb:
+        _fusable_clamp(clamp)
         v = self.add(name)
         self.pending.append(_Pending("linear", {"coef": u}, {}, clamp, (self.names[-1],)))
         return v
 
     def materialize_clip_shift(self, names, p: LinComb, s: LinComb, clip: tuple):
+        _fusable_clamp(clip)
         a, b = self.add(names[0]), self.add(names[1])
         self.pending.append(_Pending("clip-shift", {"p": p, "s": s}, {}, clip, tuple(self.names[-2:])))
         return a, b

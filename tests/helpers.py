@@ -1,4 +1,6 @@
-"""Shared pieces for the core tests: one-step runs and independent float64 formulas."""
+"""Shared pieces of the tests: one-step runs and independent float64 formulas; the toy denoiser, diffusers' loop
+and the tiny UNet of the diffusers parity tests."""
+import inspect
 from pathlib import Path
 
 import torch
@@ -133,8 +135,43 @@ def load_kdiffusion_sampling():
     return module
 
 
-def tiny_unet2d():
-    """A tiny diffusers ``UNet2DModel`` (3 channels, 8², two levels), random and frozen."""
+# -- diffusers parity (tests/integrations): the toy denoiser, diffusers' own loop, gradguide's drop-in --------
+
+DIFFUSERS_SHAPE = (2, 3, 8, 8)
+
+
+class DiffusersToy(torch.nn.Module):
+    """The optimal denoiser for N(0, 0.25 I) data, with a fixed 3x3 conv mixed in, returned in
+    ``ptype``; ᾱ at fractional t is interpolated linearly. ``learned``: ADM-style extra
+    variance channels (a fixed function of x in [−1, 1])."""
+
+    def __init__(self, alphas_cumprod, ptype, learned=False, continuous=False):
+        super().__init__()
+        self.continuous = continuous   # EDM-style timesteps t = log(σ)/4
+        self.ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        self.ptype, self.learned = ptype, learned
+        self.w = torch.randn(3, 3, 3, 3, generator=torch.Generator().manual_seed(0)) * 0.05
+
+    def forward(self, x, t, return_dict=False):
+        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)[:1].expand(x.shape[0])
+        if self.continuous:
+            abar = (1 / (1 + torch.exp(8 * t))).float().view(-1, 1, 1, 1)
+        else:
+            t = t.clamp(0, len(self.ac) - 1)
+            lo = t.floor().long().clamp(0, len(self.ac) - 1)
+            hi = (lo + 1).clamp(max=len(self.ac) - 1)
+            abar = ((1 - (t - lo)) * self.ac[lo] + (t - lo) * self.ac[hi]).float().view(-1, 1, 1, 1)
+        a, s = abar.sqrt(), (1 - abar).sqrt()
+        x0 = a * 0.25 / (abar * 0.25 + s * s) * (x + torch.nn.functional.conv2d(x, self.w, padding=1))
+        eps = (x - a * x0) / s.clamp_min(1e-6)
+        out = {"epsilon": eps, "v_prediction": a * eps - s * x0, "sample": x0}[self.ptype]
+        if self.learned:
+            out = torch.cat([out, torch.tanh(x)], 1)
+        return (out,)
+
+
+def tiny_unet():
+    """A tiny random ``UNet2DModel`` (3 channels, 8×8), in eval mode without gradients."""
     from diffusers import UNet2DModel
     torch.manual_seed(0)
     net = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
@@ -178,3 +215,26 @@ def guidance_objectives(pipe, shape, image_shape):
         # the class +1 side: muᵀz grows (the objective, −muᵀz, falls)
         "classifier": (gg.Classifier(log_prob, scale=4.0), lambda z: -torch.einsum("b...,b...->b", mu, z)),
     }
+
+
+def diffusers_loop(model, sched, steps, noise, seed):
+    """diffusers' own loop, as its pipelines write it."""
+    sched.set_timesteps(steps)
+    x = noise * sched.init_noise_sigma
+    kw = {"generator": torch.Generator().manual_seed(seed)} if "generator" in inspect.signature(sched.step).parameters \
+        else {}
+    for t in sched.timesteps:
+        out = model(sched.scale_model_input(x, t), t, return_dict=False)[0]
+        x = sched.step(out, t, x, **kw).prev_sample
+    return x
+
+
+def run_both(model, sched, steps=8, seed=5):
+    """``(gradguide's drop-in, diffusers' loop)`` on the same model, noise and generator seed."""
+    noise = torch.randn(DIFFUSERS_SHAPE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = diffusers_loop(model, sched, steps, noise.clone(), seed)
+    gmodel, schedule = gg.from_diffusers(model, sched)
+    got = gg.sample(gmodel, DIFFUSERS_SHAPE, schedule=schedule, steps=steps, x_T=noise.clone(),
+                    generator=torch.Generator().manual_seed(seed))
+    return got, ref

@@ -7,13 +7,15 @@ gradguide's guidance inside diffusers pipelines.
   ``sample(model, shape, schedule=schedule, steps=N, x_T=noise)`` runs diffusers' own loop,
   and so does any function of your own wrapped around ``model``: ``schedule.sampler_config``
   (a :class:`gradguide.Sampler`: the sampler, prediction type, ``clip`` from
-  ``clip_sample``/``clip_sample_range``, DDIM's ``clip_eps``, DDPM's ``variance`` and the
-  sampler's options; :func:`scheduler_sampler`: DDIM, DDPM with diffusers' t > 0 final-noise
-  rule, Euler, Euler ancestral, Heun, LMS, KDPM2 (ancestral), DEIS, PNDM (with or without its
-  Runge–Kutta warm-up), IPNDM, SA-Solver, DPM-Solver++(2M/3M)/SDE, UniPC, LCM, TCD, the EDM Euler /
-  DPM-Solver++ schedulers with the EDM prediction, the flow-matching ones; any other class or setting raises), and ``schedule.timesteps(N)`` (the scheduler's own
-  ``set_timesteps``: spacing, ``steps_offset``, final ᾱ, σ schedule; see :class:`DiffusersSchedule`;
-  IPNDM, which has no ᾱ table, its own :class:`~gradguide.integrations.diffusers_ipndm.IPNDMSchedule`).
+  ``clip_sample``/``clip_sample_range`` or ``thresholding`` (a :class:`gradguide.DynamicThreshold`),
+  DDIM's ``clip_eps``, DDPM's ``variance`` and the sampler's options; :func:`scheduler_sampler`:
+  DDIM, DDPM with diffusers' t > 0 final-noise rule, Euler, Euler ancestral, Heun, LMS, KDPM2
+  (ancestral), DEIS, PNDM (with or without its Runge–Kutta warm-up), IPNDM, SA-Solver, DPM-Solver
+  multistep and singlestep (data- and noise-prediction, ODE and SDE), UniPC, LCM, TCD, the EDM Euler /
+  DPM-Solver++ schedulers with the EDM prediction, the flow-matching ones; any other class or setting
+  raises), and ``schedule.timesteps(N)`` (the scheduler's own ``set_timesteps``: spacing,
+  ``steps_offset``, final ᾱ, σ schedule; see :class:`DiffusersSchedule`; IPNDM, which has no ᾱ
+  table, its own :class:`~gradguide.integrations.diffusers_ipndm.IPNDMSchedule`).
 - Guiders following diffusers' ``BaseGuidance`` interface, computed with
   :func:`gradguide.ops.reduce` / :func:`gradguide.ops.combine` (one reduction and one
   combination per step): :class:`GradguideCFG` (Ho & Salimans 2022, with Lin et al. 2023's
@@ -47,11 +49,14 @@ except ImportError as exc:  # pragma: no cover - exercised only without diffuser
 from .. import ops
 from ..ops import policies
 from ..config import Sampler
+from ..predictions import DynamicThreshold
 from ..schedules import SPACINGS, Schedule, Timesteps
 from . import diffusers_flow, diffusers_ipndm
 
 PREDICTION_TYPES = {"epsilon": "eps", "v_prediction": "v", "sample": "x0", "flow_prediction": "flow"}
-VARIANCE_TYPES = {"fixed_small": "fixed-small", "fixed_large": "fixed-large", "learned_range": "learned-range"}
+# diffusers' 'fixed_small_log' is exp(½ log β̃) = √β̃: fixed_small's noise (equal to float rounding)
+VARIANCE_TYPES = {"fixed_small": "fixed-small", "fixed_small_log": "fixed-small", "fixed_large": "fixed-large",
+                  "learned_range": "learned-range", "learned": "learned"}
 
 
 # diffusers scheduler class -> gradguide sampler; every other class is refused (never mapped silently)
@@ -62,15 +67,23 @@ SCHEDULER_SAMPLERS = {"DDIMScheduler": "ddim", "DDPMScheduler": "ddpm", "DPMSolv
                       "FlowMatchHeunDiscreteScheduler": "flow-heun", "FlowMatchLCMScheduler": "flow-lcm",
                       "KDPM2DiscreteScheduler": "dpm_2", "KDPM2AncestralDiscreteScheduler": "dpm_2_ancestral",
                       "DEISMultistepScheduler": "deis", "LCMScheduler": "lcm",
-                      "SASolverScheduler": "sa_solver_diffusers", "IPNDMScheduler": "ipndm_diffusers"}
+                      "SASolverScheduler": "sa_solver_diffusers", "IPNDMScheduler": "ipndm_diffusers",
+                      "DPMSolverSinglestepScheduler": "dpmpp-single"}
+# DPM-Solver's algorithm_type -> sampler, multistep and singlestep (diffusers has no singlestep 'sde-dpmsolver')
+DPM_MULTISTEP = {"dpmsolver++": "dpmpp-2m", "sde-dpmsolver++": "dpmpp-2m-sde", "dpmsolver": "dpm-2m",
+                 "sde-dpmsolver": "dpm-2m-sde"}
+DPM_SINGLESTEP = {"dpmsolver++": "dpmpp-single", "sde-dpmsolver++": "dpmpp-single-sde", "dpmsolver": "dpm-single"}
 # refused with the reason (no sampler reproduces them yet); docs/diffusers.md, "Scheduler support"
 UNSUPPORTED_SCHEDULERS: Dict[str, str] = {}
 # EDM (Karras et al. 2022): preconditioned networks on a σ grid of their own (no ᾱ table); latents are x_σ
 EDM_SCHEDULERS = {"EDMEulerScheduler": "euler", "EDMDPMSolverMultistepScheduler": "dpmpp-2m"}
 EDM_PREDICTIONS = {"epsilon": "edm", "v_prediction": "edm-v"}
 SCHEDULER_SAMPLERS.update(EDM_SCHEDULERS, TCDScheduler="tcd")
+# the schedulers whose thresholding=True is reproduced (clip=gradguide.DynamicThreshold)
+THRESHOLDING = ("ddim", "ddpm", "dpmpp-2m", "dpmpp-single", "unipc", "deis", "lcm")
 SIGMA_SPACE = ("euler", "euler_a", "heun", "lms", "dpm_2", "dpm_2_ancestral")   # latents are x_σ = x/√ᾱ, the model sees x_σ/√(1+σ²)
-VP_SIGMA_TABLE = ("dpmpp-2m", "dpmpp-2m-sde", "unipc")   # VP latents on the scheduler's own σ table
+VP_SIGMA_TABLE = ("dpmpp-2m", "dpmpp-2m-sde", "dpm-2m", "dpm-2m-sde", "dpmpp-single", "dpmpp-single-sde", "dpm-single",
+                  "unipc")   # VP latents on the scheduler's own σ table
 
 
 def sigma_latents(scheduler) -> bool:
@@ -86,6 +99,12 @@ DIFFUSERS_3M_SDE_WARNING = (
     "first-order solver; see docs/diffusers.md, section 'DPM-Solver++(3M) SDE'). For the corrected solver pass "
     "sampler=gradguide.Sampler('dpmpp-2m-sde', d2_weight='published') (k-diffusion's sample_dpmpp_3m_sde "
     "weight; solver_order and the rest stay the scheduler's) or sampler='dpmpp-3m-sde'")
+DIFFUSERS_SINGLESTEP_SDE3_WARNING = (
+    "scheduler: DPMSolverSinglestepScheduler(solver_order=3, algorithm_type='sde-dpmsolver++', solver_type='heun') "
+    "is reproduced as diffusers 0.42 computes it, with a D2 weight that tends to -1 instead of 0: the noise of the "
+    "inner evaluations then stays in every step and the samples do not converge as the steps grow (see "
+    "docs/diffusers.md, section 'DPM-Solver++(3M) SDE'). solver_type='midpoint' or DPMSolverMultistepScheduler"
+    "(algorithm_type='sde-dpmsolver++') converge")
 
 
 def _refuse(scheduler, option: str, value, why: str):
@@ -124,9 +143,10 @@ def scheduler_sampler(scheduler):
     elif config.get("prediction_type") == "flow_prediction":
         _refuse(scheduler, "prediction_type", "flow_prediction", "diffusers steps flow models with FlowMatch* "
                 "schedulers or UniPC / DPM-Solver++ with use_flow_sigmas=True")
-    if config.get("thresholding", False):
-        _refuse(scheduler, "thresholding", True, "gradguide clips x̂_0 to a fixed range (clip_sample), it has no "
-                "dynamic thresholding")
+    if config.get("thresholding", False) and (sampler not in THRESHOLDING or flow):
+        _refuse(scheduler, "thresholding", True, f"dynamic thresholding (gradguide.DynamicThreshold) is reproduced for "
+                f"{', '.join(sorted(k for k, v in SCHEDULER_SAMPLERS.items() if v in THRESHOLDING))} on "
+                "variance-preserving σ's only (not with flow σ's)")
     ptype = config.get("prediction_type", "epsilon")
     if ptype not in PREDICTION_TYPES:
         _refuse(scheduler, "prediction_type", ptype, f"expected one of {sorted(PREDICTION_TYPES)}")
@@ -138,26 +158,15 @@ def scheduler_sampler(scheduler):
     options = {}
     if sampler == "ddpm":
         vtype = config.get("variance_type", "fixed_small")
+        if vtype == "fixed_large_log":
+            _refuse(scheduler, "variance_type", vtype, "diffusers 0.42 scales the noise by √(log β_t), the square root "
+                    "of a negative number: its samples are NaN")
         if vtype not in VARIANCE_TYPES:
             _refuse(scheduler, "variance_type", vtype, f"expected one of {sorted(VARIANCE_TYPES)}")
         options["final_noise"] = "t>0"   # diffusers adds noise whenever t > 0
-    elif sampler == "dpmpp-2m":
-        algo = config.get("algorithm_type", "dpmsolver++")
-        if algo not in ("dpmsolver++", "sde-dpmsolver++"):
-            _refuse(scheduler, "algorithm_type", algo, "only the data-prediction solvers 'dpmsolver++' and "
-                    "'sde-dpmsolver++' are implemented")
-        if algo == "sde-dpmsolver++":
-            sampler = "dpmpp-2m-sde"
-        if config.get("solver_order", 2) not in (1, 2, 3):
-            _refuse(scheduler, "solver_order", config.get("solver_order"), "orders 1, 2 and 3 are implemented")
-        if config.get("variance_type") is not None:
-            _refuse(scheduler, "variance_type", config.get("variance_type"), "learned variances are DDPM's")
-        options.update(solver_order=config.get("solver_order", 2), solver_type=config.get("solver_type", "midpoint"),
-                       lower_order_final=config.get("lower_order_final", True),
-                       euler_at_final=config.get("euler_at_final", False))
-        if algo == "sde-dpmsolver++" and options["solver_order"] == 3:
-            # reproduced as diffusers computes it, but never silently: its D2 weight does not vanish with the step
-            options["d2_weight"] = "diffusers"   # DiffusersSchedule warns (once per from_diffusers)
+    elif sampler in ("dpmpp-2m", "dpmpp-single"):
+        sampler, more = _dpm_solver(scheduler, name, config, ptype, flow)
+        options.update(more)
     elif sampler == "unipc":
         if not config.get("predict_x0", True):
             _refuse(scheduler, "predict_x0", False, "only the data-prediction UniPC (predict_x0=True) is implemented")
@@ -207,6 +216,40 @@ def scheduler_sampler(scheduler):
     return sampler, options
 
 
+def _dpm_solver(scheduler, name: str, config, ptype: str, flow: bool):
+    """DPMSolverMultistepScheduler / DPMSolverSinglestepScheduler: ``(sampler, options)``."""
+    single = name == "DPMSolverSinglestepScheduler"
+    algo = config.get("algorithm_type", "dpmsolver++")
+    table = DPM_SINGLESTEP if single else DPM_MULTISTEP
+    if algo not in table:
+        _refuse(scheduler, "algorithm_type", algo, f"expected one of {sorted(table)}")
+    sampler = table[algo]
+    noise_prediction = algo in ("dpmsolver", "sde-dpmsolver")
+    order = config.get("solver_order", 2)
+    if order not in (1, 2, 3):
+        _refuse(scheduler, "solver_order", order, "orders 1, 2 and 3 are implemented")
+    if algo == "sde-dpmsolver" and order == 3:
+        _refuse(scheduler, "solver_order", 3, "with algorithm_type='sde-dpmsolver' diffusers 0.42 has no third-order "
+                "update (its step fails on the third step)")
+    if flow and noise_prediction:
+        _refuse(scheduler, "algorithm_type", algo, "diffusers' noise-prediction solver does not take flow_prediction")
+    vtype = config.get("variance_type")
+    if vtype is not None and ptype != "epsilon":
+        _refuse(scheduler, "variance_type", vtype, f"diffusers drops the variance channels only for "
+                f"prediction_type='epsilon' (with {ptype!r} its step fails on the doubled channels)")
+    if single and noise_prediction and config.get("thresholding", False):
+        _refuse(scheduler, "thresholding", True, "with algorithm_type='dpmsolver' diffusers 0.42's step reads ᾱ at "
+                "timestep None (its whole training table) and fails on the shapes; there is no result to reproduce")
+    options = dict(solver_order=order, solver_type=config.get("solver_type", "midpoint"),
+                   lower_order_final=bool(config.get("lower_order_final", not single)))
+    if not single:
+        options["euler_at_final"] = bool(config.get("euler_at_final", False))
+    if algo == "sde-dpmsolver++" and order == 3 and not single:
+        # reproduced as diffusers computes it, but never silently: its D2 weight does not vanish with the step
+        options["d2_weight"] = "diffusers"   # DiffusersSchedule warns (once per from_diffusers)
+    return sampler, options
+
+
 def _edm_sampler(scheduler):
     """EDMEuler -> Euler in σ, EDMDPMSolverMultistep -> DPM-Solver++ (2M/3M, SDE) on the EDM σ grid, each
     with the EDM prediction (``sigma_data``)."""
@@ -219,8 +262,8 @@ def _edm_sampler(scheduler):
     if name == "EDMEulerScheduler":
         return "euler", options
     if config.get("thresholding", False):
-        _refuse(scheduler, "thresholding", True, "gradguide clips x̂_0 to a fixed range (clip_sample), it has no "
-                "dynamic thresholding")
+        _refuse(scheduler, "thresholding", True, "dynamic thresholding (gradguide.DynamicThreshold) is not reproduced "
+                "for the EDM schedulers")
     algo = config.get("algorithm_type", "dpmsolver++")
     order = config.get("solver_order", 2)
     if order not in (1, 2, 3):
@@ -280,6 +323,9 @@ class DiffusersSchedule(Schedule):
         sampler = self.sampler_config.name
         if self.sampler_config.options.get("d2_weight") == "diffusers":
             warnings.warn(DIFFUSERS_3M_SDE_WARNING, UserWarning, stacklevel=3)
+        opts = self.sampler_config.options
+        if sampler == "dpmpp-single-sde" and opts.get("solver_order") == 3 and opts.get("solver_type") == "heun":
+            warnings.warn(DIFFUSERS_SINGLESTEP_SDE3_WARNING, UserWarning, stacklevel=3)
         if self.edm:
             ac = _edm_alphas_cumprod(scheduler)
             # an EDM model's timestep is its noise conditioning log(σ)/4, not a place on the ᾱ table: for the
@@ -452,13 +498,17 @@ def scheduler_config(scheduler, use_clipped_model_output: bool = False) -> Sampl
     config = scheduler.config
     clip, clip_eps = False, None
     name = type(scheduler).__name__
-    if config.get("clip_sample", False) and name != "TCDScheduler":   # TCD's step never clips
+    # diffusers thresholds instead of clipping when both are set (TCD's step does neither)
+    if config.get("thresholding", False) and name != "TCDScheduler":
+        clip = DynamicThreshold(float(config.get("dynamic_thresholding_ratio", 0.995)),
+                                float(config.get("sample_max_value", 1.0)))
+    elif config.get("clip_sample", False) and name != "TCDScheduler":   # TCD's step never clips
         r = float(config.get("clip_sample_range", 1.0))
         clip = (-r, r)
-        if type(scheduler).__name__.startswith("DDIM") and not use_clipped_model_output:
-            clip_eps = "model"
+    if clip and type(scheduler).__name__.startswith("DDIM") and not use_clipped_model_output:
+        clip_eps = "model"
     vtype = config.get("variance_type")
-    # DDPM's variance (the other samplers refuse learnt variances in scheduler_sampler)
+    # DDPM's variance (DPM-Solver's learnt-variance channels are dropped by the model, as diffusers drops them)
     variance = VARIANCE_TYPES[vtype] if sampler == "ddpm" and vtype is not None else None
     ptype = "flow_prediction" if diffusers_flow.is_flow(scheduler) else config.get("prediction_type", "epsilon")
     prediction = EDM_PREDICTIONS[ptype] if name in EDM_SCHEDULERS else PREDICTION_TYPES[ptype]
@@ -478,7 +528,9 @@ class DiffusersModel(torch.nn.Module):
     ``encoder_attention_mask``, ``added_cond_kwargs``, ...). A learned-σ transformer
     (``out_channels = 2 × in_channels``: DiT, PixArt) returns only its first ``in_channels``
     channels, as diffusers' ``DiTPipeline`` / ``PixArtAlphaPipeline`` split them off, unless
-    the scheduler's ``variance_type`` uses the learned variance (DDPM's ``learned_range``).
+    the scheduler's ``variance_type`` uses the learned variance (DDPM's ``learned`` and
+    ``learned_range``); with a DPM-Solver ``variance_type`` set, a 2C-channel output keeps its
+    first C channels even when the model declares no ``out_channels`` (C: the sample's).
     It holds nothing else of the scheduler: that travels with the schedule (``schedule.sampler_config``).
     """
 
@@ -496,9 +548,10 @@ class DiffusersModel(torch.nn.Module):
         cfg = getattr(unet, "config", None)
         c_in, c_out = getattr(cfg, "in_channels", None), getattr(cfg, "out_channels", None)
         # a learned-σ model's channel count; from_diffusers sets drop_variance_channels when the sampler
-        # does not read them (everything but DDPM's learned_range)
+        # does not read them (everything but DDPM's learned and learned_range)
         self._sigma_channels = c_in if isinstance(c_in, int) and c_out == 2 * c_in else None
         self.drop_variance_channels = False
+        self.scheduler_learned_variance = False
 
     def _unet_dtype(self, default: torch.dtype) -> torch.dtype:
         """The U-Net's compute dtype. diffusers' ``ModelMixin.dtype`` walks every submodule (≈1.5 ms
@@ -522,9 +575,11 @@ class DiffusersModel(torch.nn.Module):
             out = self.unet(x.to(dtype), timestep=t, **cond, return_dict=False)[0]
         else:
             out = self.unet(x.to(dtype), t, **cond, return_dict=False)[0]
-        if self.drop_variance_channels and self._sigma_channels is not None \
-                and out.shape[1] == 2 * self._sigma_channels:
-            out = out[:, :self._sigma_channels]   # as diffusers' DiT/PixArt pipelines split them off
+        channels = self._sigma_channels
+        if channels is None and self.scheduler_learned_variance:   # the model declares none: the input's count
+            channels = x.shape[1]
+        if self.drop_variance_channels and channels is not None and out.shape[1] == 2 * channels:
+            out = out[:, :channels]   # as diffusers' DiT/PixArt pipelines (and DPM-Solver's step) split them off
         return out.to(x.dtype)
 
 
@@ -576,7 +631,11 @@ def from_diffusers(unet, scheduler, use_clipped_model_output: bool = False, mu: 
     model = DiffusersModel(unet)
     # learned-σ channels are read only by DDPM's learned variance; otherwise they are dropped, as
     # diffusers' DiT / PixArt pipelines split them off before the scheduler
-    model.drop_variance_channels = scheduler.config.get("variance_type") not in ("learned", "learned_range")
+    vtype = scheduler.config.get("variance_type")
+    model.drop_variance_channels = not (SCHEDULER_SAMPLERS.get(type(scheduler).__name__) == "ddpm" and
+                                        vtype in ("learned", "learned_range"))
+    # the scheduler says the output carries variance channels (DPM-Solver's step drops them whatever the model declares)
+    model.scheduler_learned_variance = vtype in ("learned", "learned_range")
     return model, schedule
 
 

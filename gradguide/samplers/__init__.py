@@ -32,6 +32,8 @@ from ..predictions import EDM, edm_coefficients
 from ..schedules import Timesteps
 
 SAMPLERS = ("ddpm", "ddim", "dpm_2", "dpm_2_ancestral", "dpmpp-2m", "dpmpp-2m-sde", "dpmpp-3m-sde",
+            # diffusers' noise-prediction multistep and singlestep DPM-Solvers (gradguide.samplers.dpmsolver)
+            "dpm-2m", "dpm-2m-sde", "dpm-single", "dpmpp-single", "dpmpp-single-sde",
             "dpmpp_2s_ancestral", "dpmpp_sde", "dpm_fast", "euler", "euler_a", "heun", "lms", "plms", "pndm", "unipc",
             "flow-euler", "flow-heun", "flow-lcm", "lcm", "tcd",
             # ComfyUI's own (gradguide.samplers.comfy)
@@ -170,7 +172,7 @@ ETA_SAMPLERS = ("ddim", "tcd", "euler_a", "dpmpp-2m-sde", "dpmpp-3m-sde", "dpm_2
 
 
 def _build(name: str, ts: Timesteps, eta, variance: str, options) -> SamplerTables:
-    from . import comfy, consistency, ddim, ddpm, dpmpp, flow, kdiff, ksigma, plms, pndm, sasolver, unipc
+    from . import comfy, consistency, ddim, ddpm, dpmpp, dpmsolver, flow, kdiff, ksigma, plms, pndm, sasolver, unipc
     if name in REFUSED:
         raise ValueError(f"sampler {name!r} is not available: {REFUSED[name]}")
     if eta is not None and name not in ETA_SAMPLERS and name in SAMPLERS:
@@ -205,6 +207,10 @@ def _build(name: str, ts: Timesteps, eta, variance: str, options) -> SamplerTabl
         return dpmpp.tables(ts, **options)
     if name == "dpmpp-2m-sde":
         return dpmpp.tables(ts, sde=True, **options)
+    if name in ("dpm-2m", "dpm-2m-sde"):
+        return dpmsolver.multistep_eps_tables(ts, sde=name == "dpm-2m-sde", **options)
+    if name in dpmsolver.SINGLESTEP:
+        return dpmsolver.singlestep_tables(name, ts, **options)
     if name == "dpmpp-3m-sde":   # k-diffusion's sample_dpmpp_3m_sde
         options = {"solver_order": 3, "solver_type": "heun", "lower_order_final": False, **options}
         return dpmpp.tables(ts, sde=True, name=name, **options)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..predictions import VARIANCES
+from ..predictions import LEARNED_VARIANCES, VARIANCES
 from . import SamplerTables, common_tables
 
 
@@ -56,7 +56,7 @@ def tables(ts, variance: str = "fixed-small", final_noise: str = "never", **opti
         t.update(sigma=torch.where(last, 0.0, 1.0).to(torch.float64), var_mean=torch.ones_like(beta),
                  log_var_min=beta_tilde_clipped.log(), log_var_max=beta.log())
     sigma = t["sigma"]
-    return SamplerTables("ddpm", ts, t, learned_variance=variance == "learned-range",
+    return SamplerTables("ddpm", ts, t, learned_variance=variance in LEARNED_VARIANCES,
                          draws_noise=(sigma > 0).tolist())
 
 
@@ -77,5 +77,5 @@ def _diffusers_tables(ts, variance: str) -> SamplerTables:
         t.update(sigma=noisy * beta.sqrt(), var_mean=beta)
     else:
         t.update(sigma=noisy, var_mean=torch.ones_like(beta), log_var_min=beta_tilde.log(), log_var_max=beta.log())
-    return SamplerTables("ddpm", ts, t, learned_variance=variance == "learned-range",
+    return SamplerTables("ddpm", ts, t, learned_variance=variance in LEARNED_VARIANCES,
                          draws_noise=(t["sigma"] > 0).tolist())

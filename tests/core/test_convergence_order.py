@@ -277,6 +277,31 @@ ODE_CASES += [   # ComfyUI's own samplers (gradguide.samplers.comfy; docs/sample
     ("seeds_2-eta0-r1-phi2", "seeds_2", {"eta": 0.0, "r": 1.0, "solver_type": "phi_2"}, "exp", 2,
      "r = 1 (ComfyUI's exp_heun_2_x0): exponential Heun"),
 ]
+ODE_CASES += [   # diffusers' noise-prediction multistep and singlestep DPM-Solvers (gradguide.samplers.dpmsolver)
+    ("dpm-1", "dpm-2m", {"solver_order": 1}, "exp", 1, "DPM-Solver-1 on ε is DDIM(0)"),
+    ("dpm-2m-midpoint", "dpm-2m", {"lower_order_final": False}, "exp", 2,
+     "ε linear through the last two predictions, its linear term weighted ½σ_t(e^h − 1): local error O(h³)"),
+    ("dpm-2m-heun", "dpm-2m", {"solver_type": "heun", "lower_order_final": False}, "exp", 2,
+     "the exact weight σ_t((e^h − 1)/h − 1) of the linear term"),
+    ("dpm-3m", "dpm-2m", {"solver_order": 3, "lower_order_final": False}, "exp", 2,
+     "Lu et al.'s D2 ≈ h²ε''/2 weighted σ_t((e^h − 1 − h)/h² − ½) ≈ σ_t h/6, half the Taylor weight σ_t h/3 (as "
+     "DPM-Solver++(3M)'s): local error ≈ σ_t h³ ε''/12, second order"),
+]
+for algo, name in (("dpmsolver++", "dpmpp-single"), ("dpmsolver", "dpm-single")):
+    ODE_CASES += [
+        (f"{name}-1", name, {"solver_order": 1}, "exp", 1, "every interval one first-order (DDIM) step"),
+        (f"{name}-2-midpoint", name, {"solver_order": 2}, "exp", 2,
+         f"{algo}: a first-order step to the interval's middle evaluation (local O(h²), read with weight O(h)), then "
+         "the whole interval with the prediction linear through the two: local error O(h³)"),
+        (f"{name}-2-heun", name, {"solver_order": 2, "solver_type": "heun"}, "exp", 2, "as midpoint, φ₂ weight"),
+        (f"{name}-3-midpoint", name, {"solver_order": 3}, "exp", 3,
+         "Lu et al.'s DPM-Solver-3: D1_1 = (m_2 − m_s)/r_2 with the φ₂-type weight is exact to h³ when r_2 = 2/3, "
+         "which an exp grid gives (λ-uniform: r = 1/3, 2/3); the second-order inner step's O(h³) is read with "
+         "weight O(h)"),
+        (f"{name}-3-heun", name, {"solver_order": 3, "solver_type": "heun"}, "exp", 3,
+         "the quadratic through the three predictions, integrated exactly; the first inner step's O(h²) error reaches "
+         "the output with weight ∝ (r_2/2 − 1/3)·h, zero at r_2 = 2/3"),
+    ]
 for p in (1, 2, 3):
     for bh in ("bh1", "bh2"):
         ODE_CASES.append((f"unipc-{p}-{bh}", "unipc", {"solver_order": p, "solver_type": bh, "lower_order_final": False},
@@ -320,6 +345,17 @@ SDE_CASES = [
     ("dpmpp-3m-sde-diffusers", "dpmpp-2m-sde", {"solver_order": 3, "lower_order_final": False,
                                                 "d2_weight": "diffusers"}, 1,
      "diffusers 0.42's D2 weight tends to −α_t, not 0: an O(1) error in an O(h) correction, first order"),
+    ("dpm-2m-sde-1", "dpm-2m-sde", {"solver_order": 1}, 1, "sde-dpmsolver's first-order step freezes ε over the step"),
+    ("dpm-2m-sde-midpoint", "dpm-2m-sde", {"lower_order_final": False}, 2,
+     "the noise-prediction SDE step with its linear part and noise exact, ε linear through two predictions"),
+    ("dpm-2m-sde-heun", "dpm-2m-sde", {"solver_type": "heun", "lower_order_final": False}, 2, "as midpoint"),
+    ("dpmpp-single-sde-1", "dpmpp-single-sde", {"solver_order": 1}, 1, "sde-dpmsolver++(1) (DDIM(η=1)-like)"),
+    ("dpmpp-single-sde-2", "dpmpp-single-sde", {"solver_order": 2}, 1,
+     "each evaluation draws its own independent noise: the interval's output noise is independent of the noise "
+     "in its middle evaluation, whose prediction enters with weight O(h), so the covariance of the two misses an "
+     "O(h²) term per interval: weak first order (diffusers' singlestep draws)"),
+    ("dpmpp-single-sde-2-heun", "dpmpp-single-sde", {"solver_order": 2, "solver_type": "heun"}, 1, "as midpoint"),
+    ("dpmpp-single-sde-3", "dpmpp-single-sde", {"solver_order": 3}, 1, "as second order"),
 ]
 
 
@@ -379,6 +415,32 @@ def test_dpmpp_3m_sde_weak_error_falls_at_least_as_fast_as_2m_sde():
     assert slope(NS[1:], three[1:]) >= slope(NS[1:], two[1:]) - 0.1
     assert all(t <= w for t, w in zip(three[1:], two[1:])), (three, two)
     assert slope(NS[1:], bad[1:]) < 1.2 and bad[-1] > 50 * three[-1]
+
+
+def test_diffusers_singlestep_sde_third_order_heun_does_not_converge():
+    """diffusers 0.42's singlestep sde-dpmsolver++ third-order "heun" weight on D2 tends to −α_t
+    (not 0) and its D2 = 2 (D1_1 − D1_0)/(r_2 − r_1) carries the O(√h) noise of the two inner
+    evaluations: an O(√h) noise per interval that does not average out, so the weak error does not
+    fall with the step (docs/diffusers.md); the midpoint third order (D1_1 alone) converges."""
+    bad = weak_errors("dpmpp-single-sde", {"solver_order": 3, "solver_type": "heun"})
+    good = weak_errors("dpmpp-single-sde", {"solver_order": 3})
+    assert bad[-1] > 1.0 and bad[-1] >= bad[0], bad
+    assert slope(NS[1:], good[1:]) > 0.75 and good[-1] < 0.05, good
+
+
+@pytest.mark.parametrize("name,options", [("dpm-2m", {"lower_order_final": False}),
+                                          ("dpm-2m", {"solver_order": 3, "lower_order_final": False}),
+                                          ("dpm-single", {"solver_order": 3}), ("dpm-single", {"solver_order": 2})])
+def test_noise_prediction_dpm_solver_onto_sigma_zero_returns_x0(name, options):
+    """Onto σ = 0 the noise-prediction weight σ_t(e^h − 1) is 0 · ∞ (diffusers refuses that
+    grid); gradguide takes the limit h → ∞, x = x̂_0 of the last evaluation: the same path to
+    σ_min, then D there (the singlestep order lists of 11 and 12 steps onto σ = 0 agree on the first 11)."""
+    sig = sigma_grid(12, "exp")
+    x0, _ = ode_reference()
+    to_min = run_paths(build(name, timesteps(sig[:-1]), **options), mixture_denoiser, x0)
+    to_zero = build(name, timesteps(np.append(sig[:-1], 0.0)), **options)
+    np.testing.assert_allclose(run_paths(to_zero, mixture_denoiser, x0),
+                               mixture_denoiser(to_min, sig[-2]), rtol=1e-10, atol=1e-10)
 
 
 def test_er_sde_comfyui_quadrature_adds_a_first_order_error():

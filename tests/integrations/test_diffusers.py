@@ -245,8 +245,9 @@ def test_errors_and_lazy_import():
     import subprocess
     code = "import sys, gradguide; assert 'diffusers' not in sys.modules; print('ok')"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "ok"
-    with pytest.raises(ValueError, match="thresholding"):
-        gradguide.from_diffusers(torch.nn.Identity(), DDPMScheduler(thresholding=True))
+    with pytest.raises(ValueError, match="thresholding"):   # diffusers' own step fails there
+        gradguide.from_diffusers(torch.nn.Identity(), diffusers.DPMSolverSinglestepScheduler(
+            algorithm_type="dpmsolver", thresholding=True, final_sigmas_type="sigma_min"))
     with pytest.raises(ValueError, match="steps: expected an integer"):
         gradguide.from_diffusers(torch.nn.Identity(), DDIMScheduler())[1].timesteps(0)
     with pytest.raises(ValueError, match="norm_dim"):

@@ -16,7 +16,7 @@ import torch
 
 import gradguide as gg
 from gradguide import predictions
-from helpers import pc_ref, tiny_unet2d
+from helpers import pc_ref, tiny_unet
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import EDMDPMSolverMultistepScheduler, EDMEulerScheduler  # noqa: E402
@@ -137,7 +137,7 @@ def test_edm_preconditioning_is_needed():
 
 @pytest.fixture(scope="module")
 def unet():
-    return tiny_unet2d()
+    return tiny_unet()
 
 
 @pytest.mark.parametrize("case", [(EDMEulerScheduler, {}),

@@ -9,7 +9,6 @@ the scheduler's prediction type, at fractional timesteps too) for the full matri
 random ``UNet2DModel`` for a representative subset.
 """
 import copy
-import inspect
 
 import pytest
 import torch
@@ -17,78 +16,22 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,  # noqa: E402
                        DPMSolverSinglestepScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
-                       HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler, LCMScheduler,
+                       HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler, KDPM2DiscreteScheduler,
                        LMSDiscreteScheduler,
-                       PNDMScheduler, SASolverScheduler, TCDScheduler, UNet2DModel, UniPCMultistepScheduler)
+                       PNDMScheduler, SASolverScheduler, TCDScheduler, UniPCMultistepScheduler)
 
 import gradguide  # noqa: E402
+from helpers import DIFFUSERS_SHAPE as SHAPE, DiffusersToy as Toy, diffusers_loop, run_both, tiny_unet  # noqa: E402
 
-SHAPE = (2, 3, 8, 8)
 TOL = 1e-4
 
 
 pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
-class Toy(torch.nn.Module):
-    """The optimal denoiser for N(0, 0.25 I) data, with a fixed 3x3 conv mixed in, returned in
-    ``ptype``; ᾱ at fractional t is interpolated linearly. ``learned``: ADM-style extra
-    variance channels (a fixed function of x in [−1, 1])."""
-
-    def __init__(self, alphas_cumprod, ptype, learned=False, continuous=False):
-        super().__init__()
-        self.continuous = continuous   # EDM-style timesteps t = log(σ)/4
-        self.ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
-        self.ptype, self.learned = ptype, learned
-        self.w = torch.randn(3, 3, 3, 3, generator=torch.Generator().manual_seed(0)) * 0.05
-
-    def forward(self, x, t, return_dict=False):
-        t = torch.as_tensor(t, dtype=torch.float64).reshape(-1)[:1].expand(x.shape[0])
-        if self.continuous:
-            abar = (1 / (1 + torch.exp(8 * t))).float().view(-1, 1, 1, 1)
-        else:
-            t = t.clamp(0, len(self.ac) - 1)
-            lo = t.floor().long().clamp(0, len(self.ac) - 1)
-            hi = (lo + 1).clamp(max=len(self.ac) - 1)
-            abar = ((1 - (t - lo)) * self.ac[lo] + (t - lo) * self.ac[hi]).float().view(-1, 1, 1, 1)
-        a, s = abar.sqrt(), (1 - abar).sqrt()
-        x0 = a * 0.25 / (abar * 0.25 + s * s) * (x + torch.nn.functional.conv2d(x, self.w, padding=1))
-        eps = (x - a * x0) / s.clamp_min(1e-6)
-        out = {"epsilon": eps, "v_prediction": a * eps - s * x0, "sample": x0}[self.ptype]
-        if self.learned:
-            out = torch.cat([out, torch.tanh(x)], 1)
-        return (out,)
-
-
 @pytest.fixture(scope="module")
 def unet():
-    torch.manual_seed(0)
-    net = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1, block_out_channels=(8, 16),
-                      down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                      norm_num_groups=4)
-    return net.eval().requires_grad_(False)
-
-
-def diffusers_loop(model, sched, steps, noise, seed):
-    """diffusers' own loop, as its pipelines write it."""
-    sched.set_timesteps(steps)
-    x = noise * sched.init_noise_sigma
-    kw = {"generator": torch.Generator().manual_seed(seed)} if "generator" in inspect.signature(sched.step).parameters \
-        else {}
-    for t in sched.timesteps:
-        out = model(sched.scale_model_input(x, t), t, return_dict=False)[0]
-        x = sched.step(out, t, x, **kw).prev_sample
-    return x
-
-
-def run_both(model, sched, steps=8, seed=5):
-    noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        ref = diffusers_loop(model, sched, steps, noise.clone(), seed)
-    gmodel, schedule = gradguide.from_diffusers(model, sched)
-    got = gradguide.sample(gmodel, SHAPE, schedule=schedule, steps=steps, x_T=noise.clone(),
-                           generator=torch.Generator().manual_seed(seed))
-    return got, ref
+    return tiny_unet()
 
 
 SUPPORTED = [
@@ -249,24 +192,22 @@ def test_defaults_travel_and_user_overrides_win():
 UNSUPPORTED = [
     # PNDM's Runge–Kutta warm-up, IPNDM and SA-Solver: tests/integrations/test_diffusers_pndm_sasolver.py
     (PNDMScheduler, dict(skip_prk_steps=True, timestep_spacing="trailing"), "timestep_spacing"),
-    (DPMSolverSinglestepScheduler, {}, "DPMSolverSinglestepScheduler"),
+    # the DPM-Solver family, thresholding and DDPM's variances: tests/integrations/test_diffusers_dpmsolver.py
+    (DPMSolverSinglestepScheduler, dict(algorithm_type="dpmsolver", thresholding=True,
+                                        final_sigmas_type="sigma_min"), "thresholding"),
     (DEISMultistepScheduler, dict(use_flow_sigmas=True, prediction_type="flow_prediction"), "use_flow_sigmas"),
-    (LCMScheduler, dict(thresholding=True), "thresholding"),   # LCM itself: tests/integrations/test_diffusers_lcm.py
     (SASolverScheduler, dict(variance_type="learned_range"), "variance_type"),
     (KDPM2DiscreteScheduler, dict(prediction_type="sample"), "prediction_type"),
     (KDPM2AncestralDiscreteScheduler, dict(prediction_type="sample"), "prediction_type"),
-    (DDIMScheduler, dict(thresholding=True), "thresholding"),
-    (DDPMScheduler, dict(variance_type="fixed_small_log"), "variance_type"),
-    (DDPMScheduler, dict(variance_type="learned"), "variance_type"),
+    (DDPMScheduler, dict(variance_type="fixed_large_log"), "variance_type"),
     (DPMSolverMultistepScheduler, dict(solver_order=4), "solver_order"),
-    (DPMSolverMultistepScheduler, dict(algorithm_type="dpmsolver"), "algorithm_type"),
-    (DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver"), "algorithm_type"),
-    (DPMSolverMultistepScheduler, dict(variance_type="learned_range"), "variance_type"),
+    (DPMSolverMultistepScheduler, dict(algorithm_type="sde-dpmsolver", solver_order=3,
+                                       final_sigmas_type="sigma_min"), "solver_order"),
+    (DPMSolverMultistepScheduler, dict(variance_type="learned_range", prediction_type="sample"), "variance_type"),
     # flow σ's with flow_prediction are supported (tests/integrations/test_flow_diffusers.py); with another prediction, not
     (DPMSolverMultistepScheduler, dict(use_flow_sigmas=True), "prediction_type"),
     (UniPCMultistepScheduler, dict(solver_order=4), "solver_order"),
     (UniPCMultistepScheduler, dict(predict_x0=False), "predict_x0"),
-    (UniPCMultistepScheduler, dict(thresholding=True), "thresholding"),
     (EulerAncestralDiscreteScheduler, dict(prediction_type="sample"), "prediction_type"),
 ]
 

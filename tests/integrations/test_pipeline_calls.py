@@ -12,8 +12,8 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,  # noqa: E402
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, HeunDiscreteScheduler,
-                       DPMSolverSinglestepScheduler, EDMDPMSolverMultistepScheduler, LMSDiscreteScheduler,
-                       TCDScheduler, UniPCMultistepScheduler)
+                       EDMDPMSolverMultistepScheduler, LMSDiscreteScheduler, DPMSolverSDEScheduler, TCDScheduler,
+                       UniPCMultistepScheduler)
 from diffusers.models.attention_processor import AttnProcessor  # noqa: E402
 from test_pipeline import PROMPTS, SIZE, _close, _pipes, components, sd_scheduler  # noqa: E402,F401
 
@@ -76,12 +76,12 @@ def test_scheduler_config_change_is_followed(components):
 
 def test_unsupported_scheduler_is_refused_by_name(components):
     sd, pipe = _pipes(components, sd_scheduler())
-    pipe.scheduler = DPMSolverSinglestepScheduler.from_config(pipe.scheduler.config)
-    with pytest.raises(ValueError, match="GuidedPipeline: scheduler: DPMSolverSinglestepScheduler"):
+    pipe.scheduler = DPMSolverSDEScheduler.from_config(pipe.scheduler.config)
+    with pytest.raises(ValueError, match="GuidedPipeline: scheduler: DPMSolverSDEScheduler"):
         pipe(PROMPTS, progress=False, **KW)
     sd2, pipe2 = _pipes(components, sd_scheduler())
-    sd2.scheduler = DPMSolverSinglestepScheduler.from_config(sd2.scheduler.config)
-    with pytest.raises(ValueError, match="DPMSolverSinglestepScheduler"):
+    sd2.scheduler = DPMSolverSDEScheduler.from_config(sd2.scheduler.config)
+    with pytest.raises(ValueError, match="DPMSolverSDEScheduler"):
         pipe2(PROMPTS, progress=False, **KW)
 
 
