@@ -15,7 +15,6 @@ tables. ``Diagnostics(check_sync=True)`` enforces this (see :mod:`gradguide.debu
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
 import warnings
@@ -25,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from . import ops, predictions, runkey
+from . import ops, predictions, runkey, stepplan
 from .config import Diagnostics, Execution, Sampler
 from .debug import forbid_host_sync
 from .graphs import EagerStepper, GraphCache
@@ -83,6 +82,7 @@ class _Run:
     plan: object = None                  # stepplan.StepPlan when the step is a built-in program
     fused_reason: Optional[str] = None   # why not, otherwise
     scales: list = field(default_factory=list)   # [(argument name, value)]: named by the finiteness errors
+    step_rows: Optional["_StepRows"] = None        # eager sampling: the tables' per-step rows (see _StepRows)
 
     # what the step reads, by name (the step, the fused plan and the graph signature)
     @property
@@ -177,12 +177,18 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     state = initial_state(run, x)
     n = len(run.tables.timesteps)
     bar = _progress(n, run.diagnostics.progress)
+    # what every step reads from the host, looked up once (the loop's own cost is paid per step)
+    draws_noise, noise_sigmas = run.tables.draws_noise, run.tables.noise_sigmas
+    want_record, check_step = callback is not None, run.check_finite == "step"
     for i in range(n):
         # noise is drawn before the step (outside any captured graph) from the run's generator(s)
-        noise = _step_noise(run, run.tables.noise_sigmas[i]) if run.tables.draws_noise[i] else None
-        with forbid_host_sync() if check_sync else contextlib.nullcontext():
-            x, state, record = stepper(x, i, state, noise, callback is not None)
-        if run.check_finite == "step" and not bool(torch.isfinite(x).all()):
+        noise = _step_noise(run, noise_sigmas[i]) if draws_noise[i] else None
+        if check_sync:
+            with forbid_host_sync():
+                x, state, record = stepper(x, i, state, noise, want_record)
+        else:
+            x, state, record = stepper(x, i, state, noise, want_record)
+        if check_step and not bool(torch.isfinite(x).all()):
             raise ValueError(f"check_finite: x_(t-1) is not finite after step {i} (t = {run.timestep_list[i]}): "
                              f"the guided update overflowed{_range_hint(run.dtype)} or a guidance term "
                              f"returned NaN/inf{scale_overflow_hint(run.scales, run.dtype)}")
@@ -268,17 +274,40 @@ def _range_hint(dtype: torch.dtype) -> str:
 def _stepper(run: "_Run", graph):
     """The eager step, or CUDA-graph replay of it (``execution.graph``: True or a :class:`GraphCache`)."""
     if graph is False or graph is None:
-        return EagerStepper(run, step)
+        return _eager(run)
     if graph is True:
         if run.device.type != "cuda":
             warnings.warn(f"execution.graph=True: CUDA graphs need a CUDA device; sampling eagerly on {run.device.type}",
                           stacklevel=3)
-            return EagerStepper(run, step)
+            return _eager(run)
         graph = GraphCache()
     if run.device.type != "cuda" and not graph.emulate:
         warnings.warn(f"execution.graph: CUDA graphs need a CUDA device; sampling eagerly on {run.device.type}", stacklevel=3)
-        return EagerStepper(run, step)
+        return _eager(run)
     return graph.stepper(run, step)
+
+
+def _eager(run: "_Run") -> EagerStepper:
+    run.step_rows = _StepRows(run)
+    return EagerStepper(run, step)
+
+
+class _StepRows:
+    """The per-step rows of a run's device tables, for eager sampling. A step reads its scalars and
+    timesteps through the device step index ``idx`` (an ``index_select`` each, and a ``cat`` of the
+    timesteps for a batched 2B model call), so that a captured step replays for any step. An eager
+    step need not: it takes row ``i`` of these tables, a view (no device op), holding the same
+    values. Built once per call, only by the eager stepper: a captured step and the harness calling
+    :func:`step` itself keep indexing with ``idx``."""
+    __slots__ = ("columns", "t", "t_batched")
+
+    def __init__(self, run: "_Run"):
+        n, b = run.timesteps_dev.shape[0], run.shape[0]
+        self.columns = run.table_rows.t().contiguous()          # [n, R]: row i is step i's column
+        column = run.timesteps_dev.unsqueeze(1)
+        self.t = column.expand(n, b)        # row i: [B], a stride-0 view as the indexed t
+        # row i: [2B] contiguous, as cat([t, t]) (each step its own row: the model may keep or change it)
+        self.t_batched = column.expand(n, 2 * b).contiguous() if run.batched is not None else None
 
 
 # -- one step -------------------------------------------------------------------------------
@@ -287,11 +316,19 @@ def step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dict[str,
          noise: Optional[torch.Tensor], want_record: bool):
     """One guided step. ``i`` is the host step number (it selects only host-side variants, see
     :meth:`GuidanceTerm.variant`); ``idx`` is the same number as a device tensor ``[1]``, from
-    which every per-step scalar is read, so a captured step can be replayed for any step."""
-    with torch.set_grad_enabled(run.needs_input_grad):
+    which every per-step scalar is read, so a captured step can be replayed for any step (an eager
+    run reads its tables' row ``i`` instead, :class:`_StepRows`, and may pass ``idx=None``)."""
+    grad = run.needs_input_grad
+    previous = torch.is_grad_enabled()
+    if previous != grad:   # torch.set_grad_enabled(grad) as a context, without building one every step
+        torch._C._set_grad_enabled(grad)
+    try:
         if run.plan is not None and not want_record:
             return _fused_step(run, x, i, idx, state, noise)
         return _step_body(run, x, i, idx, state, noise, want_record)
+    finally:
+        if previous != grad:
+            torch._C._set_grad_enabled(previous)
 
 
 def _finish_prepare(run: _Run, fused: bool = True) -> None:
@@ -363,17 +400,18 @@ def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Di
     """The step as ``run.plan``'s stages (:mod:`gradguide.stepplan`): the model call(s), the
     operands the terms compute, then at most reduce + one fused combine per stage. The plan is
     :func:`step_algebra` traced, so this equals :func:`_step_body` (tests/core/test_fused_step.py)."""
-    from . import stepplan
     variant = run.plan.variants[run.plan.keys[i]]
-    column = run.table_rows.index_select(1, idx).squeeze(1)   # per-step scalars and weights
-    t = run.timesteps_dev.index_select(0, idx).expand(run.shape[0])
+    column, t, t_batched = _step_rows(run, i, idx)   # per-step scalars and weights, timesteps
     x_input = x.detach().requires_grad_(True) if run.needs_input_grad else x
-    model_input = x_input if run.needs_model_grad else x.detach()
+    model_input = x_input if run.needs_model_grad else _detached(x)
     scale = _flow_scale(run, column)
-    out_c, out_u, _, _ = _model_branches(run, model_input if scale is None else model_input * scale, t)
-    tensors = {"x": x.detach(), "model_cond": out_c.detach()}
+    # kernels address rows as contiguous memory: a non-contiguous batched output is made contiguous
+    # once, before it is split (one copy, not one per branch)
+    out_c, out_u, _, _ = _model_branches(run, model_input if scale is None else model_input * scale, t,
+                                         t_batched=t_batched, contiguous=run.backend != "reference")
+    tensors = {"x": _detached(x), "model_cond": _detached(out_c)}
     if out_u is not None:
-        tensors["model_uncond"] = out_u.detach()
+        tensors["model_uncond"] = _detached(out_u)
     if noise is not None:
         tensors["noise"] = noise
     if variant.computed:   # classifier gradients, G_loss's reward gradient and model VJP
@@ -394,10 +432,8 @@ def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Di
 
 def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dict[str, torch.Tensor],
                noise: Optional[torch.Tensor], want_record: bool):
-    column = run.table_rows.index_select(1, idx).squeeze(1)
+    column, t, _ = _step_rows(run, i, idx)
     scalars = {name: column[j] for name, j in run.table_index.items()}
-    b = run.shape[0]
-    t = run.timesteps_dev.index_select(0, idx).expand(b)
     ops_ = Operands(x, groups=run.groups, backend=run.backend)
     x_input = x.detach().requires_grad_(True) if run.needs_input_grad else x
     model_input = x_input if run.needs_model_grad else x.detach()
@@ -432,6 +468,21 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
         record = StepRecord(index=i, timestep=run.timestep_list[i], x=x_new, x0=x0_tensor,
                             telemetry=telemetry, backend=run.backend)
     return x_new, new_state, record
+
+
+def _step_rows(run: _Run, i: int, idx: torch.Tensor):
+    """``(column, t, t for a batched 2B call or None)`` of step ``i``: rows of the eager run's tables
+    (:class:`_StepRows`), else indexed on the device with ``idx``."""
+    rows = run.step_rows
+    if rows is not None:
+        return rows.columns[i], rows.t[i], None if rows.t_batched is None else rows.t_batched[i]
+    return (run.table_rows.index_select(1, idx).squeeze(1),
+            run.timesteps_dev.index_select(0, idx).expand(run.shape[0]), None)
+
+
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    """``t.detach()``, skipped (a dispatch each) for a tensor outside autograd."""
+    return t.detach() if t.requires_grad else t
 
 
 def step_algebra(run: _Run, ctx: StepContext, inputs: Dict[str, Optional[torch.Tensor]], log_var_u=None,
@@ -562,17 +613,22 @@ def _sum(first: Optional[LinComb], rest: List[LinComb]) -> LinComb:
     return total
 
 
-def _model_branches(run: _Run, x_in: torch.Tensor, t: torch.Tensor):
+def _model_branches(run: _Run, x_in: torch.Tensor, t: torch.Tensor, t_batched: Optional[torch.Tensor] = None,
+                    contiguous: bool = False):
     """``(out_cond, out_uncond or None, learned variance channels of each branch or None)``: one
     call of batch 2B when ``run.batched`` holds both branches' stacked inputs (unconditional rows
     first, as diffusers pipelines), else one call per branch. Under G_loss the batched call is
-    also one backward pass through the model."""
+    also one backward pass through the model. ``t_batched``: ``cat([t, t])`` where the caller has
+    it; ``contiguous``: the batched output is made contiguous before it is split."""
     if run.branch is None:
         out_c, log_var = _call_model(run, x_in, t, run.cond, "model(x_t, t, **cond)")
         return out_c, None, log_var, None
     if run.batched is not None:
-        out, var = _call_model(run, torch.cat([x_in, x_in]), torch.cat([t, t]), run.batched,
-                               "model(cat[x_t, x_t], cat[t, t], **cat[uncond, cond])", batch=2 * run.shape[0])
+        out, var = _call_model(run, torch.cat([x_in, x_in]), torch.cat([t, t]) if t_batched is None else t_batched,
+                               run.batched, "model(cat[x_t, x_t], cat[t, t], **cat[uncond, cond])",
+                               batch=2 * run.shape[0])
+        if contiguous:
+            out = out.contiguous()
         out_c, out_u = split_branches(out, run.shape[0])
         var_c, var_u = (None, None) if var is None else split_branches(var, run.shape[0])
         return out_c, out_u, var_c, var_u
