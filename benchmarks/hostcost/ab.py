@@ -6,7 +6,8 @@ Each round starts one worker process per checkout (``PYTHONPATH=DIR``, order fli
 round); a worker runs the peers suite's cheap-model rows (gradguide/bench/peers.py: gradguide,
 the diffusers loop and the model-only runner, interleaved, one thread) and prints every pass
 time. Per row and checkout: the median per-step time of each runner over all rounds, the speed
-ratio diffusers / gradguide, and after / before of gradguide's own time. The two checkouts
+ratio diffusers / gradguide, and after / before of gradguide's own time; in wall time and in
+process CPU time (less sensitive to other processes on a shared machine). The two checkouts
 must hold the same peers fixture (bench/peers.py); they differ in the library only.
 """
 import argparse
@@ -30,11 +31,15 @@ for size in sizes:
         for f in runners.values():
             f(); f()
         times = {k: [] for k in runners}
+        cpu = {k: [] for k in runners}
         order = list(runners)
         for r in range(reps):
             for k in (order if r % 2 == 0 else order[::-1]):
-                t0 = time.perf_counter(); runners[k](); times[k].append((time.perf_counter() - t0) / w.steps)
-        out[w.name] = times
+                t0, c0 = time.perf_counter(), time.process_time()
+                runners[k]()
+                times[k].append((time.perf_counter() - t0) / w.steps)
+                cpu[k].append((time.process_time() - c0) / w.steps)
+        out[w.name] = {"wall": times, "cpu": cpu}
 print(json.dumps(out))
 """
 
@@ -54,13 +59,21 @@ def main(argv=None):
             env = dict(os.environ, PYTHONPATH=dirs[version], OMP_NUM_THREADS="1")
             res = subprocess.run([sys.executable, "-c", WORKER, args.sizes, str(args.reps)], env=env,
                                  capture_output=True, text=True, check=True)
-            for row, by_runner in json.loads(res.stdout.strip().splitlines()[-1]).items():
-                for runner, ts in by_runner.items():
-                    times.setdefault(row, {}).setdefault(version, {}).setdefault(runner, []).extend(ts)
+            for row, clocks in json.loads(res.stdout.strip().splitlines()[-1]).items():
+                for clock, by_runner in clocks.items():
+                    for runner, ts in by_runner.items():
+                        times.setdefault(clock, {}).setdefault(row, {}).setdefault(version, {}).setdefault(
+                            runner, []).extend(ts)
     load = os.getloadavg()
     print(f"# gradguide host cost per step, before / after, interleaved ({args.rounds} rounds x {args.reps} passes "
           f"per runner; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; load average {load[0]:.1f})\n")
     print(f"before: {dirs['before']}\nafter: {dirs['after']}\n")
+    for clock in ("wall", "cpu"):
+        table(clock, times[clock])
+
+
+def table(clock, times):
+    print(f"\n{'Wall' if clock == 'wall' else 'Process CPU'} time per step (medians over all rounds):\n")
     print("| row | gradguide µs/step before | after | after / before | diffusers µs/step | model-only µs/step | "
           "speed ratio before | after | ceiling |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
