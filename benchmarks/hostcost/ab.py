@@ -20,6 +20,8 @@ import time
 
 WORKER = r"""
 import json, sys, time, torch
+import gradguide
+assert gradguide.__file__.startswith(sys.argv[3]), (gradguide.__file__, sys.argv[3])
 torch.set_num_threads(1)
 from gradguide.bench.peers import Workload
 sizes, reps = sys.argv[1].split(","), int(sys.argv[2])
@@ -57,7 +59,8 @@ def main(argv=None):
     for r in range(args.rounds):
         for version in (("before", "after") if r % 2 == 0 else ("after", "before")):
             env = dict(os.environ, PYTHONPATH=dirs[version], OMP_NUM_THREADS="1")
-            res = subprocess.run([sys.executable, "-c", WORKER, args.sizes, str(args.reps)], env=env,
+            # cwd = the checkout: ``python -c`` puts the working directory first on sys.path
+            res = subprocess.run([sys.executable, "-c", WORKER, args.sizes, str(args.reps), dirs[version]], env=env, cwd=dirs[version],
                                  capture_output=True, text=True, check=True)
             for row, clocks in json.loads(res.stdout.strip().splitlines()[-1]).items():
                 for clock, by_runner in clocks.items():
