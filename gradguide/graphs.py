@@ -46,10 +46,12 @@ class EagerStepper:
 
     def __init__(self, run, step: Callable):
         self.run, self._step = run, step
-        self._ids = run.step_ids.split(1)   # the device step indices [1], sliced once per run
+        # the device step indices [1], sliced once per run; a run with its tables' per-step rows
+        # (``run.step_rows``, set for eager sampling) reads those and never ``idx``
+        self._ids = run.step_ids.split(1) if getattr(run, "step_rows", None) is None else None
 
     def __call__(self, x, i, state, noise, want_record):
-        return self._step(self.run, x, i, self._ids[i], state, noise, want_record)
+        return self._step(self.run, x, i, None if self._ids is None else self._ids[i], state, noise, want_record)
 
     def finish(self, x):
         return x

@@ -15,7 +15,6 @@ tables. ``Diagnostics(check_sync=True)`` enforces this (see :mod:`gradguide.debu
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import threading
 import warnings
@@ -25,7 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from . import linear, ops, predictions, runkey
+from . import linear, ops, predictions, runkey, stepplan
 from .config import Diagnostics, Execution, Sampler
 from .debug import forbid_host_sync
 from .graphs import EagerStepper, GraphCache
@@ -83,6 +82,7 @@ class _Run:
     plan: object = None                  # stepplan.StepPlan when the step is a built-in program
     fused_reason: Optional[str] = None   # why not, otherwise
     scales: list = field(default_factory=list)   # [(argument name, value)]: named by the finiteness errors
+    step_rows: Optional["_StepRows"] = None        # eager sampling: the tables' per-step rows (see _StepRows)
 
     # what the step reads, by name (the step, the fused plan and the graph signature)
     @property
@@ -178,12 +178,18 @@ def sample(model: Callable, shape: Sequence[int], *, schedule: Schedule, sampler
     state = initial_state(run, x)
     n = len(run.tables.timesteps)
     bar = _progress(n, run.diagnostics.progress)
+    # what every step reads from the host, looked up once (the loop's own cost is paid per step)
+    draws_noise, noise_sigmas = run.tables.draws_noise, run.tables.noise_sigmas
+    want_record, check_step = callback is not None, run.check_finite == "step"
     for i in range(n):
         # noise is drawn before the step (outside any captured graph) from the run's generator(s)
-        noise = _step_noise(run, run.tables.noise_sigmas[i]) if run.tables.draws_noise[i] else None
-        with forbid_host_sync() if check_sync else contextlib.nullcontext():
-            x, state, record = stepper(x, i, state, noise, callback is not None)
-        if run.check_finite == "step" and not bool(torch.isfinite(x).all()):
+        noise = _step_noise(run, noise_sigmas[i]) if draws_noise[i] else None
+        if check_sync:
+            with forbid_host_sync():
+                x, state, record = stepper(x, i, state, noise, want_record)
+        else:
+            x, state, record = stepper(x, i, state, noise, want_record)
+        if check_step and not bool(torch.isfinite(x).all()):
             raise ValueError(f"check_finite: x_(t-1) is not finite after step {i} (t = {run.timestep_list[i]}): "
                              f"the guided update overflowed{_range_hint(run.dtype)} or a guidance term "
                              f"returned NaN/inf{scale_overflow_hint(run.scales, run.dtype)}")
@@ -269,17 +275,40 @@ def _range_hint(dtype: torch.dtype) -> str:
 def _stepper(run: "_Run", graph):
     """The eager step, or CUDA-graph replay of it (``execution.graph``: True or a :class:`GraphCache`)."""
     if graph is False or graph is None:
-        return EagerStepper(run, step)
+        return _eager(run)
     if graph is True:
         if run.device.type != "cuda":
             warnings.warn(f"execution.graph=True: CUDA graphs need a CUDA device; sampling eagerly on {run.device.type}",
                           stacklevel=3)
-            return EagerStepper(run, step)
+            return _eager(run)
         graph = GraphCache()
     if run.device.type != "cuda" and not graph.emulate:
         warnings.warn(f"execution.graph: CUDA graphs need a CUDA device; sampling eagerly on {run.device.type}", stacklevel=3)
-        return EagerStepper(run, step)
+        return _eager(run)
     return graph.stepper(run, step)
+
+
+def _eager(run: "_Run") -> EagerStepper:
+    run.step_rows = _StepRows(run)
+    return EagerStepper(run, step)
+
+
+class _StepRows:
+    """The per-step rows of a run's device tables, for eager sampling. A step reads its scalars and
+    timesteps through the device step index ``idx`` (an ``index_select`` each, and a ``cat`` of the
+    timesteps for a batched 2B model call), so that a captured step replays for any step. An eager
+    step need not: it takes row ``i`` of these tables, a view (no device op), holding the same
+    values. Built once per call, only by the eager stepper: a captured step and the harness calling
+    :func:`step` itself keep indexing with ``idx``."""
+    __slots__ = ("columns", "t", "t_batched")
+
+    def __init__(self, run: "_Run"):
+        n, b = run.timesteps_dev.shape[0], run.shape[0]
+        self.columns = run.table_rows.t().contiguous()          # [n, R]: row i is step i's column
+        column = run.timesteps_dev.unsqueeze(1)
+        self.t = column.expand(n, b)        # row i: [B], a stride-0 view as the indexed t
+        # row i: [2B] contiguous, as cat([t, t]) (each step its own row: the model may keep or change it)
+        self.t_batched = column.expand(n, 2 * b).contiguous() if run.batched is not None else None
 
 
 # -- one step -------------------------------------------------------------------------------
@@ -288,11 +317,19 @@ def step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dict[str,
          noise: Optional[torch.Tensor], want_record: bool):
     """One guided step. ``i`` is the host step number (it selects only host-side variants, see
     :meth:`GuidanceTerm.variant`); ``idx`` is the same number as a device tensor ``[1]``, from
-    which every per-step scalar is read, so a captured step can be replayed for any step."""
-    with torch.set_grad_enabled(run.needs_input_grad):
+    which every per-step scalar is read, so a captured step can be replayed for any step (an eager
+    run reads its tables' row ``i`` instead, :class:`_StepRows`, and may pass ``idx=None``)."""
+    grad = run.needs_input_grad
+    previous = torch.is_grad_enabled()
+    if previous != grad:   # torch.set_grad_enabled(grad) as a context, without building one every step
+        torch._C._set_grad_enabled(grad)
+    try:
         if run.plan is not None and not want_record:
             return _fused_step(run, x, i, idx, state, noise)
         return _step_body(run, x, i, idx, state, noise, want_record)
+    finally:
+        if previous != grad:
+            torch._C._set_grad_enabled(previous)
 
 
 def _finish_prepare(run: _Run, fused: bool = True) -> None:
@@ -319,14 +356,12 @@ def _finish_prepare(run: _Run, fused: bool = True) -> None:
     run.timesteps_dev = tables.timesteps.t.to(run.device, copy=True)
     run.timestep_list = list(timestep_list)
     run.step_ids = step_ids
-    from . import stepplan
     run.plan = stepplan.copy_plan(plan)
 
 
 def _build_tables_and_plan(run: _Run, fused: bool) -> tuple:
     """What :func:`_finish_prepare` caches: ``(tables, table_rows, table_index, plan,
     fused_reason, needs_x0, timestep_list)``, computed from host-side configuration only."""
-    from . import stepplan
     cfg = run.sampler
     run.tables = build(cfg.name, cfg.timesteps, eta=cfg.eta, variance=cfg.variance, prediction=cfg.prediction,
                        **cfg.options)
@@ -365,12 +400,10 @@ def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Di
     """The step as ``run.plan``'s stages (:mod:`gradguide.stepplan`): the model call(s), the
     operands the terms compute, then at most reduce + one fused combine per stage. The plan is
     :func:`step_algebra` traced, so this equals :func:`_step_body` (tests/core/test_fused_step.py)."""
-    from . import stepplan
     variant = run.plan.variants[run.plan.keys[i]]
-    column = run.table_rows.index_select(1, idx).squeeze(1)   # per-step scalars and weights
-    t = run.timesteps_dev.index_select(0, idx).expand(run.shape[0])
+    column, t, t_batched = _step_rows(run, i, idx)   # per-step scalars and weights, timesteps
     x_input = x.detach().requires_grad_(True) if run.needs_input_grad else x
-    model_input = x_input if run.needs_model_grad else x.detach()
+    model_input = x_input if run.needs_model_grad else _detached(x)
     # a VJP through each CFG branch on its own (its weight changes per step): the branches get
     # separate leaves, so one backward pass gives Jᵀg of each
     leaves = {"model_cond": x_input}
@@ -378,12 +411,15 @@ def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Di
     if both:
         leaves["model_uncond"] = x.detach().requires_grad_(True)
     scale = _flow_scale(run, column)
-    out_c, out_u, further, _, _, whole = _model_outputs(run, model_input, t, i, scale, leaves.get("model_uncond"))
+    # kernels address rows as contiguous memory: a non-contiguous batched output is made contiguous
+    # once, before it is split (one copy, not one per branch)
+    out_c, out_u, further, _, _, whole = _model_outputs(run, model_input, t, i, scale, leaves.get("model_uncond"),
+                                                        t_batched=t_batched, contiguous=run.backend != "reference")
     outputs = {"model_cond": out_c, "model_uncond": out_u}
-    tensors = {"x": x.detach(), "model_cond": out_c.detach()}
+    tensors = {"x": _detached(x), "model_cond": _detached(out_c)}
     if out_u is not None:
-        tensors["model_uncond"] = out_u.detach()
-    tensors.update({f"model_{name}": out.detach() for name, out in further.items()})   # perturbed branches
+        tensors["model_uncond"] = _detached(out_u)
+    tensors.update({f"model_{name}": _detached(out) for name, out in further.items()})   # perturbed branches
     if noise is not None:
         tensors["noise"] = noise
     contiguous = run.backend != "reference"   # kernels address rows as contiguous memory
@@ -428,10 +464,8 @@ def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Di
 
 def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dict[str, torch.Tensor],
                noise: Optional[torch.Tensor], want_record: bool):
-    column = run.table_rows.index_select(1, idx).squeeze(1)
+    column, t, _ = _step_rows(run, i, idx)
     scalars = {name: column[j] for name, j in run.table_index.items()}
-    b = run.shape[0]
-    t = run.timesteps_dev.index_select(0, idx).expand(b)
     ops_ = Operands(x, groups=run.groups, backend=run.backend)
     x_input = x.detach().requires_grad_(True) if run.needs_input_grad else x
     model_input = x_input if run.needs_model_grad else x.detach()
@@ -459,6 +493,21 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
         record = StepRecord(index=i, timestep=run.timestep_list[i], x=x_new, x0=x0_tensor,
                             telemetry=telemetry, backend=run.backend)
     return x_new, new_state, record
+
+
+def _step_rows(run: _Run, i: int, idx: torch.Tensor):
+    """``(column, t, t for a batched 2B call or None)`` of step ``i``: rows of the eager run's tables
+    (:class:`_StepRows`), else indexed on the device with ``idx``."""
+    rows = run.step_rows
+    if rows is not None:
+        return rows.columns[i], rows.t[i], None if rows.t_batched is None else rows.t_batched[i]
+    return (run.table_rows.index_select(1, idx).squeeze(1),
+            run.timesteps_dev.index_select(0, idx).expand(run.shape[0]), None)
+
+
+def _detached(t: torch.Tensor) -> torch.Tensor:
+    """``t.detach()``, skipped (a dispatch each) for a tensor outside autograd."""
+    return t.detach() if t.requires_grad else t
 
 
 def step_algebra(run: _Run, ctx: StepContext, inputs: Dict[str, Optional[torch.Tensor]], log_var_u=None,
@@ -602,12 +651,14 @@ def _sum(first: Optional[LinComb], rest: List[LinComb]) -> LinComb:
 
 
 def _model_outputs(run: _Run, x_in: torch.Tensor, t: torch.Tensor, i: int, scale: Optional[torch.Tensor] = None,
-                   uncond_leaf: Optional[torch.Tensor] = None):
+                   uncond_leaf: Optional[torch.Tensor] = None, t_batched: Optional[torch.Tensor] = None,
+                   contiguous: bool = False):
     """``(out_cond, out_uncond or None, {further branch: output}, variance channels of cond, of
     uncond, the batched output or None)``: the branches step ``i``'s guider asks for (perturbed
     models among them, evaluated by ``run.branch_caller``), else :func:`_model_branches`' two."""
     if run.branch_caller is None:
-        out_c, out_u, log_var, log_var_u, whole = _model_branches(run, x_in, t, scale, uncond_leaf)
+        out_c, out_u, log_var, log_var_u, whole = _model_branches(run, x_in, t, scale, uncond_leaf, t_batched,
+                                                                  contiguous)
         return out_c, out_u, {}, log_var, log_var_u, whole
     outs = run.branch_caller(functools.partial(_call_model, run), _model_input(x_in, scale, 1), t,
                              run.branch.step_branches(i))
@@ -628,24 +679,27 @@ def _model_input(x: torch.Tensor, scale: Optional[torch.Tensor], copies: int) ->
 
 
 def _model_branches(run: _Run, x_in: torch.Tensor, t: torch.Tensor, scale: Optional[torch.Tensor] = None,
-                    uncond_leaf: Optional[torch.Tensor] = None):
+                    uncond_leaf: Optional[torch.Tensor] = None, t_batched: Optional[torch.Tensor] = None,
+                    contiguous: bool = False):
     """``(out_cond, out_uncond or None, learned variance channels of each branch or None, the
     batched output or None)``: one call of batch 2B when ``run.batched`` holds both branches'
     stacked inputs (unconditional rows first, as diffusers pipelines), else one call per branch.
     Under G_loss the batched call is also one backward pass through the model. ``scale``: a flow
     model's input scale (None: the model takes ``x_in`` itself), applied as the input is formed
     (:func:`_model_input`). ``uncond_leaf``: the unconditional branch's input as an autograd leaf
-    of its own (a VJP through each branch separately), else ``x_in`` is both branches'."""
+    of its own (a VJP through each branch separately), else ``x_in`` is both branches'. ``t_batched``:
+    ``cat([t, t])`` where the caller has it; ``contiguous``: the batched output is made contiguous
+    before it is split."""
     if run.branch is None:
         out_c, log_var = _call_model(run, _model_input(x_in, scale, 1), t, run.cond, "model(x_t, t, **cond)")
         return out_c, None, log_var, None, None
     if run.batched is not None:
         x2 = (_model_input(x_in, scale, 2) if uncond_leaf is None
               else _model_input(torch.cat([uncond_leaf, x_in]), scale, 1))
-        # every row shares the step's timestep (an expanded scalar): the batch's is a view, not a copy
-        t2 = t.as_strided((2 * t.shape[0],), (0,)) if t.shape[0] == 1 or t.stride() == (0,) else torch.cat([t, t])
-        out, var = _call_model(run, x2, t2, run.batched,
+        out, var = _call_model(run, x2, torch.cat([t, t]) if t_batched is None else t_batched, run.batched,
                                "model(cat[x_t, x_t], cat[t, t], **cat[uncond, cond])", batch=2 * run.shape[0])
+        if contiguous:
+            out = out.contiguous()
         out_c, out_u = split_branches(out, run.shape[0])
         var_c, var_u = (None, None) if var is None else split_branches(var, run.shape[0])
         return out_c, out_u, var_c, var_u, out

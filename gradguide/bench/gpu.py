@@ -5,7 +5,10 @@ markdown report (``gpu-<device>-<date>.{json,md}``):
 
 1. **bandwidth** — reduce + combine of every built-in policy vs ``dst.copy_(src)`` (the
    ops suite, ``gradguide/bench/ops.py``): GB/s and the fraction of the measured copy
-   bandwidth, fp32 and fp16;
+   bandwidth, fp32 and fp16; next to it (**roofline**) the device's spec-sheet DRAM bandwidth
+   and the SASS projection of the same kernels (``gradguide/bench/roofline.py``, read from the
+   committed ``benchmarks/results/kernels-gates-*.json`` of a source checkout): measured GB/s
+   over the spec-sheet bandwidth, and over the projected bound;
 2. **graph** — CUDA-graph replay vs eager on the loop workloads: the same seed must give the
    same samples (max |Δ|, ``torch.allclose`` at the dtype's tolerance), and the speedup
    (median pass times, CUDA events);
@@ -14,7 +17,12 @@ markdown report (``gpu-<device>-<date>.{json,md}``):
    (``gradguide/bench/loop.py``), with the ratio to the paper's 4.6 s per simulation pass;
 4. **memory** — a profiled pass (``gradguide profile``'s machinery): per-phase peak of torch's
    allocator and of NVML's device-wide used memory, and the graph pool, next to the dry run's
-   projected memory for the same workload.
+   projected memory for the same workload;
+5. **setup** — the ops one ``sample()`` call issues before its first step when an earlier call
+   had the same configuration (``gradguide/bench/step_launches.py``'s ``count_setup``: a
+   dispatch count, taken on the CPU, where the same call issues the same ops);
+6. **peers** — the peers suite's rows (``gradguide/bench/peers.py``: gradguide against the
+   plain diffusers DDIM loop and a model-only runner, unguided and CFG) on this device.
 
 No GPU has been available to this project, so this suite has never produced GPU figures here:
 without a CUDA device it refuses with :class:`GPURequired`. ``allow_cpu=True``
@@ -23,6 +31,7 @@ title and its numbers are not GPU measurements.
 """
 from __future__ import annotations
 
+import re
 import statistics
 import warnings
 from typing import List, Optional
@@ -34,6 +43,9 @@ from gradguide.bench.loop import sync, timed_passes
 
 GRAPH_WORKLOADS = ("loop-cfg", "loop-apg", "loop-cfg-pxpC", "loop-cls-pxpA", "loop-lookahead")
 PAPER_WORKLOADS = ("sim-lookahead", "sd-cfg-lookahead", "adm64-cls-pxpA")
+SECTIONS = ("bandwidth", "graph", "paper", "memory", "setup", "peers")
+# the SASS roofline rows (gradguide check-kernels --json), where a source checkout has them
+ROOFLINE_JSONS = ("kernels-gates-roofline.json", "kernels-gates-ci.json")
 
 
 class GPURequired(RuntimeError):
@@ -116,9 +128,90 @@ def memory(bench, name: str, dev, quick: bool, seed: int = 0) -> dict:
     return out
 
 
+def gpu_spec(device_name: str) -> Optional[str]:
+    """The :data:`gradguide.bench.roofline.GPUS` entry a CUDA device name is (``None``: not one of them)."""
+    from .roofline import GPUS
+    name = device_name.upper().replace("-", " ")
+    # the longest name first: "L40S" before "L4"
+    for gpu in sorted(GPUS, key=len, reverse=True):
+        if re.search(r"(^|\W)" + re.escape(gpu.upper()) + r"($|\W)", name):
+            return gpu
+    return None
+
+
+def _roofline_rows(results_dir: Optional[str] = None) -> list:
+    """The compile gates' rows (``[]`` where no checkout's results are found, e.g. an installed package)."""
+    import json
+    from pathlib import Path
+    folder = Path(results_dir) if results_dir else Path(__file__).resolve().parents[2] / "benchmarks" / "results"
+    rows = []
+    for name in ROOFLINE_JSONS:
+        path = folder / name
+        if path.is_file():
+            rows += [r for r in json.loads(path.read_text())["rows"] if r.get("roofline")]
+    return rows
+
+
+def roofline(bandwidth: list, device_name: str, results_dir: Optional[str] = None) -> dict:
+    """Each Triton row of the bandwidth section next to the device's roofline: the spec-sheet DRAM
+    bandwidth (measured GB/s over it) and the SASS projection of the kernels the row launches
+    (reduce, then combine or the policy's fused combine, at the row's dtype and K): the projected
+    time of a pass is its memory-bound time times the kernel's projected ratio."""
+    from .roofline import GPUS
+    gpu = gpu_spec(device_name)
+    out = {"device": device_name, "gpu": gpu, "spec_gb_per_s": GPUS[gpu]["bw"] if gpu else None, "rows": []}
+    if gpu is None:
+        out["note"] = f"{device_name!r} is none of the roofline's GPUs ({', '.join(GPUS)})"
+        return out
+    sass = _roofline_rows(results_dir)
+    dtypes = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+    def projected(op: str, dtype: str, k: int, policy: Optional[str] = None) -> Optional[float]:
+        rs = [r["roofline"][gpu]["ratio"] for r in sass if r["op"] == op and r["dtype"] == dtype and r["k"] == k
+              and (policy is None or r.get("policy") == policy) and gpu in r["roofline"]]
+        return max(rs) if rs else None
+    for b in bandwidth:
+        for r in b["rows"]:
+            if r["backend"] != "triton":
+                continue
+            dt, k = dtypes.get(r["dtype"], r["dtype"]), r["k"]
+            policy = bench_policy(r["workload"])
+            # a policy without a Gram runs the fused combine alone; others reduce first
+            ratios = [projected("fused", dt, k, policy) if policy else projected("combine", dt, k)]
+            if policy is None or _needs_gram(policy):
+                ratios.append(projected("reduce", dt, k))
+            ratio = None if None in ratios else max(ratios)
+            spec = GPUS[gpu]["bw"]
+            out["rows"].append({"workload": r["workload"], "size": r["size"], "dtype": r["dtype"], "k": k,
+                                "gb_per_s": r["gb_per_s"], "spec_fraction": r["gb_per_s"] / spec,
+                                "projected_ratio": ratio,
+                                "projected_fraction": None if ratio is None else r["gb_per_s"] * ratio / spec})
+    if not sass:
+        out["note"] = "no SASS roofline rows found (benchmarks/results/kernels-gates-*.json of a source checkout)"
+    return out
+
+
+def bench_policy(workload: str) -> Optional[str]:
+    from gradguide.bench import ops as bench_ops
+    return bench_ops.WORKLOADS.get(workload)
+
+
+def _needs_gram(policy: str) -> bool:
+    from gradguide.ops import policies
+    return bool(policies.NEEDS_GRAM[policy])
+
+
+def setup_ops() -> list:
+    """Ops before the first step of a ``sample()`` call whose configuration an earlier call planned,
+    per step_launches workload and backend "auto" (counted on the CPU)."""
+    from gradguide.bench import step_launches
+    return [{"workload": w.name, "setup_ops": len(ops_), "ops": ops_}
+            for w in step_launches.WORKLOADS().values() for ops_ in [step_launches.count_setup(w)]]
+
+
 def run(device: Optional[str] = None, quick: bool = False, allow_cpu: bool = False, reps: Optional[int] = None,
         graph_workloads=None, paper_workloads=None, memory_workload: str = "sim-lookahead",
-        sections=("bandwidth", "graph", "paper", "memory"), progress: bool = True) -> dict:
+        sections=SECTIONS, progress: bool = True, peers_models=None) -> dict:
     """Run the GPU acceptance suite; returns one report dict (see :func:`write`)."""
     dev = _device(allow_cpu, device)
     from gradguide.bench import loop as bench_loop, ops as bench_ops
@@ -138,6 +231,14 @@ def run(device: Optional[str] = None, quick: bool = False, allow_cpu: bool = Fal
                                          progress=progress)
     if "memory" in sections:
         report["memory"] = memory(bench_loop, memory_workload, dev, quick)
+    if "bandwidth" in sections:
+        report["roofline"] = roofline(report["bandwidth"], report["device"])
+    if "setup" in sections:
+        report["setup"] = setup_ops()
+    if "peers" in sections:
+        from gradguide.bench import peers
+        report["peers"] = peers.run(quick=quick, models=peers_models or (("cheap",) if quick else peers.MODELS),
+                                    device=str(dev), progress=progress)
     report["spread_limit"] = meta.SPREAD_LIMIT
     report["unstable_rows"], report["timed_rows"] = _flagged(report)
     return report
@@ -150,6 +251,8 @@ def _flagged(report: dict):
         parts.append((meta.count_unstable(report["graph"]), len(report["graph"])))
     if "paper" in report:
         parts.append((report["paper"]["unstable_rows"], report["paper"]["timed_rows"]))
+    if "peers" in report:
+        parts.append((report["peers"]["unstable_rows"], report["peers"]["timed_rows"]))
     return sum(p[0] for p in parts), sum(p[1] for p in parts)
 
 
@@ -191,6 +294,29 @@ def markdown(report: dict) -> str:
             lines.append(f"| graph pool (reserved) | {_mib(g['graph_pool_reserved_bytes'])} | - | - |")
         lines.append(f"\nDry-run projection for the same workload (weights + peak live + graph buffers): "
                      f"{_mib(m.get('projected_memory_bytes'))} MiB")
+    if "roofline" in report:
+        r = report["roofline"]
+        lines += ["", f"## Measured GB/s next to the roofline ({r['gpu'] or 'no roofline GPU'})", ""]
+        if r.get("note"):
+            lines.append(f"- {r['note']}")
+        if r["rows"]:
+            lines += [f"- spec-sheet DRAM bandwidth {r['spec_gb_per_s']} GB/s; projected ratio: the SASS roofline's "
+                      "projected / memory-bound time of the row's kernels (a PROJECTION, docs/performance.md); "
+                      "of projected bound: measured GB/s × ratio / spec", "",
+                      "| workload | size | dtype | K | measured GB/s | of spec | projected ratio | of projected bound |",
+                      "|---|---|---|---:|---:|---:|---:|---:|"]
+            for x in r["rows"]:
+                ratio = "-" if x["projected_ratio"] is None else f"{x['projected_ratio']:.2f}"
+                frac = "-" if x["projected_fraction"] is None else f"{x['projected_fraction']:.2f}"
+                lines.append(f"| {x['workload']} | {x['size']} | {x['dtype']} | {x['k']} | {x['gb_per_s']:.1f} | "
+                             f"{x['spec_fraction']:.2f} | {ratio} | {frac} |")
+    if "setup" in report:
+        lines += ["", "## Setup ops per cached call (counted on the CPU)", "",
+                  "| workload | ops before the first step | ops |", "|---|---:|---|"]
+        lines += [f"| {x['workload']} | {x['setup_ops']} | {' '.join(x['ops'])} |" for x in report["setup"]]
+    if "peers" in report:
+        from gradguide.bench import peers
+        lines += ["", "## Peers: the diffusers DDIM loop", "", peers.markdown(report["peers"])]
     return "\n".join(lines) + "\n"
 
 

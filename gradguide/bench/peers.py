@@ -27,7 +27,9 @@ with CFG 7.0 (the SD3 pipeline's defaults), on 16×32×32 latents at B = 1 and 4
 (pass time / steps, median over the timed passes) of each runner, the speed ratio
 ``diffusers time / gradguide time`` (> 1: gradguide is faster) and model calls per step. On a
 shared CPU quote ratios, not times; ``OMP_WAIT_POLICY=PASSIVE`` keeps 2 threads usable when
-the cores are contended.
+the cores are contended. The command line runs on the CPU; ``run(device="cuda")`` (the GPU suite,
+gradguide/bench/gpu.py) runs the same rows with every tensor, model and the scheduler's timesteps
+on the GPU, each pass timed to a synchronize.
 """
 from __future__ import annotations
 
@@ -71,8 +73,9 @@ def tiny_unet(channels: int, size: int, seed: int, quick: bool = False):
 class Workload:
     """One row: model, scheduler, noise and prompt embeddings shared by both runners."""
 
-    def __init__(self, model_kind: str, size: str, cfg: bool, quick: bool, seed: int):
+    def __init__(self, model_kind: str, size: str, cfg: bool, quick: bool, seed: int, device="cpu"):
         from diffusers import DDIMScheduler
+        self.device = torch.device(device)
         b, c, hw = (QUICK_SIZES if quick else SIZES)[size]
         self.name = f"{model_kind}-{size}-{'cfg' if cfg else 'none'}"
         self.model_kind, self.size, self.cfg = model_kind, size, cfg
@@ -86,6 +89,9 @@ class Workload:
         self.pos = torch.randn(b, TEXT_LEN, TEXT_DIM, generator=g)
         self.neg = torch.randn(b, TEXT_LEN, TEXT_DIM, generator=g)
         self.params = sum(p.numel() for p in self.model.parameters())
+        if self.device.type != "cpu":   # built on the CPU (same seeds, same values), then moved
+            self.model.to(self.device)
+            self.x_T, self.pos, self.neg = (v.to(self.device) for v in (self.x_T, self.pos, self.neg))
 
     def forward(self, x, t, embeddings):
         if self.model_kind == "unet":
@@ -97,7 +103,7 @@ class Workload:
         """The denoising loop of diffusers' pipelines (StableDiffusionPipeline.__call__, eta = 0)."""
         sched = self.scheduler
         with torch.no_grad():
-            sched.set_timesteps(self.steps)
+            sched.set_timesteps(self.steps, device=self.device)
             latents = self.x_T * sched.init_noise_sigma
             embeddings = torch.cat([self.neg, self.pos]) if self.cfg else self.pos
             for t in sched.timesteps:
@@ -116,7 +122,7 @@ class Workload:
         if self._timesteps is None or len(self._timesteps) != self.steps:
             from diffusers import DDIMScheduler
             sched = DDIMScheduler(**SD_SCHEDULER)
-            sched.set_timesteps(self.steps)
+            sched.set_timesteps(self.steps, device=self.device)
             self._timesteps = list(sched.timesteps)
         return self._timesteps
 
@@ -181,10 +187,20 @@ def _count_fused_steps(fn: Callable[[], torch.Tensor]):
     return out, len(counted)
 
 
+def _synchronized(fn: Callable[[], torch.Tensor], device) -> Callable[[], torch.Tensor]:
+    def call():
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out
+    return call
+
+
 def run_workload(w: Workload, reps: Optional[int] = None, budget_s: float = 3.0) -> dict:
     """Warm-up pass of each runner (outputs compared), then ``reps`` interleaved timed passes each
     (default: as many as fit ``budget_s`` per runner, 5 to 40)."""
     runners = {"gradguide": w.gradguide_runner(), "diffusers": w.diffusers_pass, "model only": w.model_only_pass}
+    if w.device.type == "cuda":   # a pass ends when its work has run on the GPU
+        runners = {name: _synchronized(fn, w.device) for name, fn in runners.items()}
     outputs, calls, first = {}, {}, {}
     fused_steps = 0
     for name, fn in runners.items():
@@ -242,16 +258,16 @@ def size_table(model: str, quick: bool) -> dict:
     return QUICK_SIZES if quick else SIZES
 
 
-def make_workload(model: str, size: str, cfg: bool, quick: bool, seed: int):
+def make_workload(model: str, size: str, cfg: bool, quick: bool, seed: int, device="cpu"):
     """The row's workload: :class:`Workload`, or :class:`gradguide.bench.peers_flow.FlowWorkload`."""
     if model in FLOW_MODELS:
-        return FlowWorkload(model, size, cfg, quick, seed)
-    return Workload(model, size, cfg, quick, seed)
+        return FlowWorkload(model, size, cfg, quick, seed, device)
+    return Workload(model, size, cfg, quick, seed, device)
 
 
 def run(quick: bool = False, models=MODELS, sizes=None, reps: Optional[int] = None, seed: int = 0,
-        progress: bool = True, command: str = "") -> dict:
-    """Run the suite (CPU); returns the result dict (see :func:`write`)."""
+        progress: bool = True, command: str = "", device="cpu") -> dict:
+    """Run the suite (on the CPU, or ``device``); returns the result dict (see :func:`write`)."""
     import diffusers  # noqa: F401  (the suite compares against it: fail before any work without it)
     bad = [m for m in models if m not in MODELS]
     if bad:
@@ -271,7 +287,7 @@ def run(quick: bool = False, models=MODELS, sizes=None, reps: Optional[int] = No
         bar = tqdm(total=len(plan), desc="bench peers", unit="row", disable=None)  # None: off on a non-terminal
     rows = []
     for m, s, cfg in plan:
-        w = make_workload(m, s, cfg, quick, seed)
+        w = make_workload(m, s, cfg, quick, seed, device)
         if bar is not None:
             bar.set_postfix_str(w.name)
         # the model-bound rows: a few passes are enough (the ratio tends to 1 there)
@@ -283,8 +299,8 @@ def run(quick: bool = False, models=MODELS, sizes=None, reps: Optional[int] = No
         bar.close()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     return {"suite": "peers", "quick": quick,
-            "date": meta.now(), "commit": meta.git_commit(), "device": meta.device_name(torch.device("cpu")),
-            "device_type": "cpu", "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "date": meta.now(), "commit": meta.git_commit(), "device": meta.device_name(torch.device(device)),
+            "device_type": torch.device(device).type, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "load_average_at_end": list(load) if load else None,
             "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "versions": meta.versions("torch", "diffusers", "gradguide"),

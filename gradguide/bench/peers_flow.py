@@ -62,8 +62,9 @@ class FlowWorkload:
     """One flow row: transformer, scheduler, noise and prompt embeddings shared by both runners
     (the interface of :class:`gradguide.bench.peers.Workload`)."""
 
-    def __init__(self, model_kind: str, size: str, cfg: bool, quick: bool, seed: int):
+    def __init__(self, model_kind: str, size: str, cfg: bool, quick: bool, seed: int, device="cpu"):
         from diffusers import FlowMatchEulerDiscreteScheduler
+        self.device = torch.device(device)
         b, c, hw = (QUICK_FLOW_SIZES if quick else FLOW_SIZES)[size]
         self.name = f"{model_kind}-{size}-{'cfg' if cfg else 'none'}"
         self.model_kind, self.size, self.cfg = model_kind, size, cfg
@@ -79,6 +80,10 @@ class FlowWorkload:
         self.neg_pooled = torch.randn(b, TEXT_DIM, generator=g)
         self.params = sum(p.numel() for p in self.model.parameters())
         self._timesteps = None
+        if self.device.type != "cpu":   # built on the CPU (same seeds, same values), then moved
+            self.model.to(self.device)
+            for name in ("x_T", "pos", "neg", "pos_pooled", "neg_pooled"):
+                setattr(self, name, getattr(self, name).to(self.device))
 
     def _embeddings(self):
         if self.cfg:   # negative rows first, as the pipeline stacks them
@@ -94,7 +99,7 @@ class FlowWorkload:
         """The denoising loop of diffusers' StableDiffusion3Pipeline.__call__ (flow Euler, CFG on the velocity)."""
         sched = self.scheduler
         with torch.no_grad():
-            sched.set_timesteps(self.steps)
+            sched.set_timesteps(self.steps, device=self.device)
             latents = self.x_T
             embeddings, pooled = self._embeddings()
             for t in sched.timesteps:
@@ -111,7 +116,7 @@ class FlowWorkload:
         if self._timesteps is None or len(self._timesteps) != self.steps:
             from diffusers import FlowMatchEulerDiscreteScheduler
             sched = FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER)
-            sched.set_timesteps(self.steps)
+            sched.set_timesteps(self.steps, device=self.device)
             self._timesteps = list(sched.timesteps)
         return self._timesteps
 

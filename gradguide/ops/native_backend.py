@@ -12,7 +12,7 @@ from typing import Optional
 
 import torch
 
-_state = {"loaded": None, "reason": None, "kernels": frozenset()}
+_state = {"loaded": None, "reason": None, "kernels": frozenset(), "devices": {}}
 
 
 def load() -> bool:
@@ -38,8 +38,12 @@ def status(device: Optional[torch.device] = None):
     if not load():
         return _state["reason"]
     if device is not None:
-        key = "CUDA" if device.type == "cuda" else "CPU" if device.type == "cpu" else None
-        if key is None or not torch._C._dispatch_has_kernel_for_dispatch_key("gradguide::reduce", key):
+        built = _state["devices"].get(device.type)
+        if built is None:   # asked once per device type (every sample() call resolves its backend)
+            key = "CUDA" if device.type == "cuda" else "CPU" if device.type == "cpu" else None
+            built = key is not None and torch._C._dispatch_has_kernel_for_dispatch_key("gradguide::reduce", key)
+            _state["devices"][device.type] = built
+        if not built:
             return f"the native ops were not built for {device.type} (CUDA needs a CUDA torch and nvcc at build time)"
     return True
 
@@ -162,8 +166,8 @@ def fused_combine(policy, operands, gram, vectors, scalars, clamp=None, out=None
     low, high = (None, None) if clamp is None else clamp
     low = None if low is None else float(low)
     high = None if high is None else float(high)
-    if out is None:
-        return torch.ops.gradguide.fused_combine(policy, operands, gram, vectors, scalars, low, high)
+    if out is None:   # the overload itself: the packet's Python __call__ is a frame per step
+        return torch.ops.gradguide.fused_combine.default(policy, operands, gram, vectors, scalars, low, high)
     if has_kernel("fused_combine_out", out.device):
         torch.ops.gradguide.fused_combine_out(policy, operands, gram, vectors, scalars, low, high, out)
         return out

@@ -284,3 +284,20 @@ def test_cli_check_kernels(gates_cli, gates):
         md = (folder / f"kernels-sm{arch}.md").read_text()
         assert "| `_combine` |" in md and "all pass" in md
     assert "pass" in proc.stdout and "0 fail" in proc.stdout
+
+
+def test_the_roofline_subset_covers_every_gated_kernel_dtype_and_k():
+    """``--subset roofline`` (what the committed results and docs/performance.md's per-GPU table
+    come from) is reduce, combine and fused (CFG and APG) in fp32/fp16/bf16 at every K = 2…8,
+    aligned; its CI cut keeps K = 2, 3, 8. Every one of them is gated (no compile needed to know)."""
+    from gradguide.bench import roofline
+    full = cg.variants("roofline")
+    assert {(v.op, v.dtype, v.k) for v in full} == {(op, d, k) for op in ("reduce", "combine", "fused")
+                                                    for d in ("fp32", "fp16", "bf16") for k in range(2, 9)}
+    assert {v.policy for v in full if v.op == "fused"} == {"cfg", "apg"} and all(v.aligned for v in full)
+    assert {v.k for v in cg.variants("roofline-ci")} == {2, 3, 8} and set(cg.variants("roofline-ci")) <= set(full)
+    kernel = {"reduce": "_reduce_lanes", "combine": "_combine", "fused": "_fused"}
+    assert all(roofline.gated({"kernel": kernel[v.op], "dtype": v.dtype, "k": v.k, "aligned": v.aligned}) for v in full)
+    # the eight GPUs sit on the six compiled architectures
+    assert sorted(roofline.GPUS) == sorted(["RTX 3090", "RTX 4090", "RTX 5090", "L4", "L40S", "A100", "H100", "B200"])
+    assert {g["arch"] for g in roofline.GPUS.values()} == set(cg.ARCHS)

@@ -210,7 +210,8 @@ def dry_run(model: Callable, shape, *, steps_measured=None, graph: bool = True, 
         warnings.simplefilter("ignore")
         x = torch.randn(tuple(shape), device=world.device, dtype=run.dtype)
         state = sampling.initial_state(run, x)
-        persistent = [x] + list(state.values()) + _term_tensors(run)
+        run.step_rows = sampling._StepRows(run)   # an eager step reads its rows of the tables, as sample()'s
+        persistent = [x] + list(state.values()) + _term_tensors(run) + [run.step_rows.columns]
         for i in steps_measured:
             counter.reset()
             counter.live.clear()
@@ -236,7 +237,8 @@ def dry_run(model: Callable, shape, *, steps_measured=None, graph: bool = True, 
             row["structure"] = log
             del x_new, state_new, noise
             result["steps_measured"][str(i)] = row
-        if graph:
+        if graph:   # a captured step indexes the tables with the step's device index
+            run.step_rows = None
             result["graph"] = _graph_path(run, x, state, steps_measured, counter, tracker, shape, world)
     result["checks"] = ["strict FakeTensorMode: no real (CPU) tensor entered the step",
                         f"every tensor of the step on the fake {fake_device} device (a CPU tensor would raise)",
