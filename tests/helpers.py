@@ -185,6 +185,14 @@ def tiny_unet():
 GUIDANCE_OBJECTIVES = ("G_loss", "G_loss-decoded", "dps", "classifier")
 
 
+def assert_decoded_reward_closer(pipe, g, b, target, guided, plain):
+    """The decoded linear reward ``gᵀ decode(z) + b`` ends closer to ``target`` with guidance."""
+    def off_target(z):
+        with torch.no_grad():
+            return (torch.einsum("bchw,bchw->b", g, pipe.decode_latents(z)) + b - target).abs()
+    assert (off_target(guided) < off_target(plain)).all(), (off_target(guided), off_target(plain))
+
+
 def guidance_objectives(pipe, shape, image_shape):
     """guidance name -> (guidance term, objective(latents) -> [B] distance to its target): each
     term's own aim, measured on the final latents (decoded where the term decodes)."""

@@ -225,12 +225,8 @@ def _dpm_solver(scheduler, name: str, config, ptype: str, flow: bool):
         _refuse(scheduler, "algorithm_type", algo, f"expected one of {sorted(table)}")
     sampler = table[algo]
     noise_prediction = algo in ("dpmsolver", "sde-dpmsolver")
-    order = config.get("solver_order", 2)
-    if order not in (1, 2, 3):
-        _refuse(scheduler, "solver_order", order, "orders 1, 2 and 3 are implemented")
-    if algo == "sde-dpmsolver" and order == 3:
-        _refuse(scheduler, "solver_order", 3, "with algorithm_type='sde-dpmsolver' diffusers 0.42 has no third-order "
-                "update (its step fails on the third step)")
+    order = _solver_order(scheduler, algo, "sde-dpmsolver", "with algorithm_type='sde-dpmsolver' diffusers 0.42 has "
+                          "no third-order update (its step fails on the third step)")
     if flow and noise_prediction:
         _refuse(scheduler, "algorithm_type", algo, "diffusers' noise-prediction solver does not take flow_prediction")
     vtype = config.get("variance_type")
@@ -250,6 +246,16 @@ def _dpm_solver(scheduler, name: str, config, ptype: str, flow: bool):
     return sampler, options
 
 
+def _solver_order(scheduler, algo: str, no_third_order: str, why: str) -> int:
+    """The scheduler's ``solver_order`` (1, 2 or 3), refused at 3 for ``algorithm_type=no_third_order``."""
+    order = scheduler.config.get("solver_order", 2)
+    if order not in (1, 2, 3):
+        _refuse(scheduler, "solver_order", order, "orders 1, 2 and 3 are implemented")
+    if algo == no_third_order and order == 3:
+        _refuse(scheduler, "solver_order", 3, why)
+    return order
+
+
 def _edm_sampler(scheduler):
     """EDMEuler -> Euler in σ, EDMDPMSolverMultistep -> DPM-Solver++ (2M/3M, SDE) on the EDM σ grid, each
     with the EDM prediction (``sigma_data``)."""
@@ -265,12 +271,8 @@ def _edm_sampler(scheduler):
         _refuse(scheduler, "thresholding", True, "dynamic thresholding (gradguide.DynamicThreshold) is not reproduced "
                 "for the EDM schedulers")
     algo = config.get("algorithm_type", "dpmsolver++")
-    order = config.get("solver_order", 2)
-    if order not in (1, 2, 3):
-        _refuse(scheduler, "solver_order", order, "orders 1, 2 and 3 are implemented")
-    if algo == "sde-dpmsolver++" and order == 3:
-        _refuse(scheduler, "solver_order", 3, "diffusers' EDMDPMSolverMultistepScheduler has no third-order SDE step "
-                "(its step fails there with sde-dpmsolver++)")
+    order = _solver_order(scheduler, algo, "sde-dpmsolver++", "diffusers' EDMDPMSolverMultistepScheduler has no "
+                          "third-order SDE step (its step fails there with sde-dpmsolver++)")
     options.update(solver_order=order, solver_type=config.get("solver_type", "midpoint"),
                    lower_order_final=config.get("lower_order_final", True),
                    euler_at_final=config.get("euler_at_final", False))

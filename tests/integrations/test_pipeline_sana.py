@@ -13,11 +13,10 @@ pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 from diffusers import (AutoencoderDC, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,  # noqa: E402
                        SanaPipeline, SanaTransformer2DModel)
-from helpers import GUIDANCE_OBJECTIVES, guidance_objectives  # noqa: E402
+from helpers import GUIDANCE_OBJECTIVES, assert_decoded_reward_closer, guidance_objectives  # noqa: E402
 from test_pipeline import _close, tiny_tokenizer  # noqa: E402
 from transformers import Gemma2Config, Gemma2Model  # noqa: E402
 
-import gradguide as gg  # noqa: E402
 from gradguide.integrations.pipeline import GuidedPipeline  # noqa: E402
 from gradguide.integrations.pipeline_sana import GuidedSanaPipeline  # noqa: E402
 
@@ -135,11 +134,7 @@ def test_sana_reward_guidance_through_the_decoder_equals_the_loop(sana):
         x = x + (sig[i + 1] - sig[i]) * (u.detach() + beta * grad)
     _close(got, x)
     assert (got - plain).abs().max() > 1e-3
-
-    def off_target(z):
-        with torch.no_grad():
-            return (torch.einsum("bchw,bchw->b", g, pipe.decode_latents(z)) + b - target).abs()
-    assert (off_target(got) < off_target(plain)).all(), (off_target(got), off_target(plain))
+    assert_decoded_reward_closer(pipe, g, b, target, got, plain)
 
 
 @pytest.mark.parametrize("name", GUIDANCE_OBJECTIVES)
