@@ -298,7 +298,7 @@ def run(quick: bool = False, models=MODELS, sizes=None, reps: Optional[int] = No
     if bar is not None:
         bar.close()
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
-    return {"suite": "peers", "quick": quick,
+    return {"suite": "peers", "quick": quick, "models": list(models),
             "date": meta.now(), "commit": meta.git_commit(), "device": meta.device_name(torch.device(device)),
             "device_type": torch.device(device).type, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
             "load_average_at_end": list(load) if load else None,
@@ -380,15 +380,18 @@ def markdown(result: dict, note: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def stem(quick: bool, date: str) -> str:
-    return f"peers-cpu-{'quick-' if quick else ''}{date[:10]}"
+def stem(quick: bool, date: str, models=()) -> str:
+    """The report's file name: ``peers-flow-cpu-…`` for the flow rows alone (the DDIM rows' file of the
+    same day is another run's), else ``peers-cpu-…``."""
+    kind = "peers-flow-cpu" if models and all(m in FLOW_MODELS for m in models) else "peers-cpu"
+    return f"{kind}-{'quick-' if quick else ''}{date[:10]}"
 
 
 def write(result: dict, out_dir: str, note: str = "") -> List[str]:
-    """``peers-cpu-[quick-]<date>.json`` and ``.md`` in ``out_dir`` (the command line refuses to
-    overwrite them without ``--force``: :mod:`gradguide.tools.outputs`)."""
-    return meta.write_report(out_dir, stem(result["quick"], result["date"]), dict(result, note=note),
-                             markdown(result, note))
+    """``peers-[flow-]cpu-[quick-]<date>.json`` and ``.md`` in ``out_dir`` (the command line refuses
+    to overwrite them without ``--force``: :mod:`gradguide.tools.outputs`)."""
+    return meta.write_report(out_dir, stem(result["quick"], result["date"], result.get("models", ())),
+                             dict(result, note=note), markdown(result, note))
 
 
 def run_cli(args) -> int:
@@ -398,7 +401,7 @@ def run_cli(args) -> int:
         raise SystemExit("gradguide bench --suite peers: runs on the CPU (--device cpu)")
     models = args.workloads.split(",") if args.workloads else MODELS
     sizes = args.sizes.split(",") if getattr(args, "sizes", None) else None
-    meta.claim_report(args.out, stem(args.quick, meta.today()))
+    meta.claim_report(args.out, stem(args.quick, meta.today(), models))
     try:
         result = run(quick=args.quick, models=models, sizes=sizes, reps=args.reps, seed=args.seed,
                      command=" ".join(["gradguide"] + sys.argv[1:]), progress=not getattr(args, "no_progress", False))

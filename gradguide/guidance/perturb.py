@@ -393,14 +393,18 @@ class BranchCaller:
         u, c = self.inputs["uncond"], self.inputs["cond"]
         return {k: _rows_of((u[k], c[k]), order, self.batch) for k in c}
 
+    def together(self, branches: Sequence[Branch]) -> list:
+        """The branches that share one call (rows stacked): unperturbed or row-selectively perturbed
+        ones, where the inputs stack and there are at least two; the others get a call each."""
+        together = [br for br in branches if br.perturbation is None or br.perturbation.row_selective] \
+            if self.stackable else []
+        return together if len(together) >= 2 else []
+
     def __call__(self, call, x: torch.Tensor, t: torch.Tensor, branches: Sequence[Branch]) -> Dict[str, torch.Tensor]:
         """``call(x, t, inputs, what, batch)`` calls the model and returns ``(output, learned variance
         channels or None)``; returns ``{branch name: (output, variance)}``."""
         b = self.batch
-        together = [br for br in branches if br.perturbation is None or br.perturbation.row_selective] \
-            if self.stackable else []
-        if len(together) < 2:
-            together = []
+        together = self.together(branches)
         out = {}
         if together:
             n = len(together)
@@ -413,7 +417,9 @@ class BranchCaller:
                 what = "model(cat[" + ", ".join(["x_t"] * n) + "], ..., **cat[" + \
                     ", ".join(br.name for br in together) + "])"
                 # t: a view where it is one timestep expanded over the batch (a step's t), else a copy
-                res = call(torch.cat([x] * n), t.expand(n, b).reshape(n * b), self.stacked(order), what, n * b)
+                # x stacked n times in one pass (read once, written n times; a cat would read it n times)
+                rows = x.unsqueeze(0).expand(n, *x.shape).clone(memory_format=torch.contiguous_format).flatten(0, 1)
+                res = call(rows, t.expand(n, b).reshape(n * b), self.stacked(order), what, n * b)
             for j, br in enumerate(together):
                 out[br.name] = tuple(None if r is None else r[j * b:(j + 1) * b] for r in res)
         for br in branches:

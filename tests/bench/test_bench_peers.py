@@ -144,3 +144,10 @@ def test_sizes_belong_to_their_models():
         peers.run(quick=True, models=["flow-sd3"], sizes=["sd-b1"], progress=False)
     assert peers.size_table("flow-cheap", quick=False) == peers.FLOW_SIZES
     assert peers.size_table("unet", quick=True) == peers.QUICK_SIZES
+
+
+def test_report_names_say_which_rows_ran():
+    """The flow rows alone get a file of their own (a run of the DDIM rows the same day is another file)."""
+    assert peers.stem(False, "2026-12-07T10:00", ["flow-cheap", "flow-sd3"]) == "peers-flow-cpu-2026-12-07"
+    assert peers.stem(False, "2026-12-07T10:00", ["cheap", "flow-sd3"]) == "peers-cpu-2026-12-07"
+    assert peers.stem(True, "2026-12-07T10:00", ["cheap"]) == "peers-cpu-quick-2026-12-07"

@@ -27,9 +27,9 @@ TARGET_LAUNCHES, TARGET_RATIO = 8, 1.1
 # model call of batch 3B, whose input (x_t three times, the labels) is stacked beyond the model
 BRANCH_TARGETS = (("ddim", "pag", "none"), ("ddim", "slg", "none"))
 BRANCH_NOTE = ("PAG, SLG (CFG and the perturbed term on): the three branches are one model call of batch 3B; "
-               "stacking its input (x_t three times, the labels) is 2 of the launches and the bytes above the "
-               "minimum, which counts the combine only (its 4 operands and x_(t-1)); one call per branch "
-               "(Execution(batch_branches=False)) stacks nothing.")
+               "stacking its input (x_t three times in one pass, and the labels) is 2 of the launches; the minimum "
+               "counts that input (x read once, written three times) and the combine (its 4 operands and x_(t-1)); "
+               "one call per branch (Execution(batch_branches=False)) stacks nothing.")
 
 
 def targets_table(report: dict) -> str:
@@ -144,8 +144,8 @@ def markdown(report: dict) -> str:
             lines += ["", "## Flow workloads against the fused step's targets", "",
                       "SD3-medium and Flux architectures at 1024², bfloat16 transformer and latents, one guided "
                       "flow-Euler step with both CFG branches in one transformer call (gradguide/bench/flow_workloads.py). "
-                      "Beyond the model: the step's table lookups, the timesteps' cat, the model input (x_σ = x · scale "
-                      "written for both branches in one pass) and the fused combine.", "", flow]
+                      "Beyond the model (an eager step, as sample() runs it: its row of the tables is a view): the model "
+                      "input (x_σ = x · scale written for both branches in one pass) and the fused combine.", "", flow]
         lines += ["", "## Projected GPU time (PROJECTION)", "", projection_table(report), "",
                   projection.ASSUMPTIONS, ""]
     if report.get("combinations"):

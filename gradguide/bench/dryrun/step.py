@@ -39,12 +39,14 @@ def minimum_bytes(log: dict, run, x: torch.Tensor) -> int:
     cotangent, at the size of what the term differentiates) plus, where a term feeds x̂_0 to a
     callable (decoder, DPS operator), x̂_0 written once from its operands. Where the step forms
     the model's input instead of passing x itself (a flow model's ``x_σ = x · scale``; both CFG
-    branches' rows stacked for one batched call), that input written once from x read once:
-    the model reads a tensor the step has to write."""
+    branches' rows stacked for one batched call, a perturbed guider's branches sharing one
+    call), that input written once from x read once: the model reads a tensor the step has to write."""
     s = _nbytes(x)
     total = log["reduce_k"] * s + sum((k + 1) * s for k in log["combine_k"])
     total += s * log["noise"]
     copies = 2 if run.branch is not None and run.batched is not None and run.branch_caller is None else 1
+    if run.branch_caller is not None:   # a perturbed guider's branches sharing this step's call
+        copies = max(1, len(run.branch_caller.together(run.branch.step_branches(log["step"]))))
     if copies > 1 or run.prediction == "flow":
         total += s + copies * s
     for term in run.score_terms + run.mean_terms + run.post_terms:
@@ -217,7 +219,7 @@ def dry_run(model: Callable, shape, *, steps_measured=None, graph: bool = True, 
             counter.live.clear()
             counter.live_bytes = 0
             inputs_bytes = counter.track_existing(persistent)
-            log = {"reduce_k": 0, "combine_k": [], "noise": 0, "tracked_k": 0, "materialized": 0}
+            log = {"reduce_k": 0, "combine_k": [], "noise": 0, "tracked_k": 0, "materialized": 0, "step": i}
             tracker.stack[:] = ["guidance"]
             with _structure_log(log), forbid_host_sync():
                 noise = None
