@@ -544,7 +544,7 @@ class DiffusersModel(torch.nn.Module):
         if in_channels is not None and size is not None:
             size = (size, size) if isinstance(size, int) else tuple(size)
             self.sample_shape = (int(in_channels),) + tuple(int(s) for s in size)
-        self._dtype_key = self._dtype = None
+        self._dtype_key = self._dtype = self._first_param = None
         self._timestep_keyword = _takes_keyword(unet, "timestep")
         self._needs_added_cond = bool(getattr(unet, "use_additional_conditions", False))
         cfg = getattr(unet, "config", None)
@@ -558,9 +558,13 @@ class DiffusersModel(torch.nn.Module):
     def _unet_dtype(self, default: torch.dtype) -> torch.dtype:
         """The U-Net's compute dtype. diffusers' ``ModelMixin.dtype`` walks every submodule (≈1.5 ms
         for a small U-Net: more than gradguide's whole step), so it is read again only when the
-        first parameter's dtype changes (``unet.half()``, ``.to(...)``, layerwise casting)."""
-        first = next(iter(self.unet.parameters()), None)
-        key = None if first is None else first.dtype
+        first parameter's dtype changes (``unet.half()``, ``.to(...)``, layerwise casting: they
+        convert the parameters in place). The first parameter is looked up once: walking the
+        modules for it costs ≈ 20 µs a step."""
+        if self._first_param is None:
+            self._first_param = next(iter(self.unet.parameters()), False)
+        first = self._first_param
+        key = None if first is False else first.dtype
         if self._dtype is None or key != self._dtype_key:
             self._dtype_key, self._dtype = key, getattr(self.unet, "dtype", None)
         return self._dtype or default

@@ -14,6 +14,7 @@ from diffusers.guiders.adaptive_projected_guidance import MomentumBuffer  # noqa
 
 import gradguide  # noqa: E402
 from gradguide import CFG, PixelAsParam  # noqa: E402
+from helpers import tiny_unet  # noqa: E402
 from gradguide.integrations.diffusers import GradguideAPG, GradguideCFG, GradguidePixelAsParam  # noqa: E402
 
 SHAPE = (2, 3, 8, 8)
@@ -256,3 +257,19 @@ def test_errors_and_lazy_import():
     guider.set_state(step=0, num_inference_steps=2, timestep=torch.tensor(10))
     with pytest.raises(ValueError, match="set_sample"):
         guider.forward(*_pair(0))
+
+
+def test_the_wrapped_model_follows_a_later_cast_of_the_unet():
+    """The adapter looks the U-Net's dtype up once, then again whenever its parameters are cast
+    (``.double()``, ``.half()``, ``.to(...)`` convert them in place): the call after a cast runs the
+    U-Net in its new dtype, as diffusers' own call would."""
+    net = tiny_unet()
+    model, _ = gradguide.from_diffusers(net, DDIMScheduler())
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([500, 500])
+    with torch.no_grad():
+        before = model(x, t)
+        net.double()
+        after = model(x.double(), t)
+        direct = net(x.double(), t).sample
+    assert before.dtype == torch.float32 and after.dtype == torch.float64
+    assert torch.equal(after, direct)
