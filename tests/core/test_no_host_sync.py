@@ -11,6 +11,7 @@ import gradguide as gg
 from helpers import guidance_cases
 from gradguide.experiments.analytic import SubspaceGaussian
 from gradguide.debug import HostSyncError, forbid_host_sync
+from gradguide.samplers import SAMPLERS
 from gradguide.experiments.demo_mixture import default_mixture
 
 SCHED = gg.Schedule.linear(200)
@@ -33,6 +34,34 @@ def test_steps_never_synchronise(name, sampler, device):
               diagnostics=gg.Diagnostics(check_sync=True, telemetry=True, callback=records.append),
               generator=torch.Generator().manual_seed(0), execution=gg.Execution(device=device))
     assert len(records) == 6
+
+
+def _sampler_kwargs(name):
+    """A sampler's sample() arguments on SCHED: its name and six steps, or what it needs instead."""
+    abar = SCHED.alphas_cumprod
+    sigma_max = float(((1 - abar[-1]) / abar[-1]).sqrt())
+    if name == "dpm_fast":   # makes its own steps between two σ's
+        return dict(sampler=gg.Sampler(name, sigmas=[sigma_max, 0.05], options=dict(nfe=12)))
+    if name in ("sa_solver", "sa_solver_pece"):   # the σ interval with noise (ComfyUI's sde_sigmas)
+        return dict(sampler=gg.Sampler(name, options=dict(sde_sigmas=(sigma_max, 0.05))), steps=6)
+    return dict(sampler=name, steps=6)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_every_sampler_runs_every_guidance_term_and_projection_without_a_host_sync(sampler):
+    """Each sampler is a LinComb step: every guidance term and PixelAsParam policy of the cases above
+    runs on it under check_sync=True (a host sync raises), to a finite sample that the term moved."""
+    kwargs = _sampler_kwargs(sampler)
+    plain = gg.sample(TERMS["cfg"][2], (8, 2), schedule=SCHED, cond={"y": Y}, generator=torch.Generator().manual_seed(0),
+                      **kwargs)
+    for name, (terms, projection, model) in TERMS.items():
+        records = []
+        out = gg.sample(model, (8, 2), schedule=SCHED, guidance=terms, projection=projection, cond={"y": Y},
+                        diagnostics=gg.Diagnostics(check_sync=True, callback=records.append),
+                        generator=torch.Generator().manual_seed(0), **kwargs)
+        assert records and bool(torch.isfinite(out).all()), name
+        if model is TERMS["cfg"][2]:
+            assert (out - plain).abs().max() > 1e-6, name
 
 
 def test_the_guard_catches_item_and_tensor_valued_if():
