@@ -129,6 +129,13 @@ class GuidedPipeline:
         return False
 
     @classmethod
+    def _require_components(cls, pipe, names) -> None:
+        """``from_pipe``'s check: ``pipe`` has each of ``names`` (TypeError naming those it lacks)."""
+        missing = [name for name in names if getattr(pipe, name, None) is None]
+        if missing:
+            raise TypeError(f"{cls.__name__}.from_pipe: pipe: {type(pipe).__name__} has no {', '.join(missing)}")
+
+    @classmethod
     def from_pipe(cls, pipe, scheduler=None) -> "GuidedPipeline":
         """From a diffusers pipeline object (``StableDiffusionPipeline`` and the like);
         ``scheduler`` replaces the pipeline's own. Without it the GuidedPipeline follows
@@ -140,9 +147,7 @@ class GuidedPipeline:
             for variant in _variants(GuidedPipeline):
                 if variant.handles(pipe):
                     return variant.from_pipe(pipe, scheduler)
-        missing = [name for name in ("unet", "scheduler", "vae") if getattr(pipe, name, None) is None]
-        if missing:
-            raise TypeError(f"GuidedPipeline.from_pipe: pipe: {type(pipe).__name__} has no {', '.join(missing)}")
+        cls._require_components(pipe, ("unet", "scheduler", "vae"))
         out = cls(pipe.unet, scheduler if scheduler is not None else pipe.scheduler, pipe.vae,
                   getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None),
                   getattr(pipe, "image_processor", None))

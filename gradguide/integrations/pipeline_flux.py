@@ -155,9 +155,7 @@ class GuidedFluxPipeline(_PackedLatentPipeline):
     def from_pipe(cls, pipe, scheduler=None) -> "GuidedFluxPipeline":
         """From a diffusers ``FluxPipeline``; without ``scheduler`` the pipeline's scheduler is
         followed at every call, as :meth:`GuidedPipeline.from_pipe`."""
-        missing = [name for name in ("transformer", "scheduler", "vae") if getattr(pipe, name, None) is None]
-        if missing:
-            raise TypeError(f"GuidedFluxPipeline.from_pipe: pipe: {type(pipe).__name__} has no {', '.join(missing)}")
+        cls._require_components(pipe, ("transformer", "scheduler", "vae"))
         if getattr(pipe, "image_encoder", None) is not None:
             raise ValueError("GuidedFluxPipeline: image_encoder: IP-Adapter image conditioning is not supported")
         out = cls(pipe.transformer, scheduler if scheduler is not None else pipe.scheduler, pipe.vae,

@@ -69,9 +69,7 @@ class GuidedSanaPipeline(_FlowPipeline):
     def from_pipe(cls, pipe, scheduler=None) -> "GuidedSanaPipeline":
         """From a diffusers ``SanaPipeline``; without ``scheduler`` the pipeline's scheduler is
         followed at every call, as :meth:`GuidedPipeline.from_pipe`."""
-        missing = [name for name in ("transformer", "scheduler", "vae") if getattr(pipe, name, None) is None]
-        if missing:
-            raise TypeError(f"GuidedSanaPipeline.from_pipe: pipe: {type(pipe).__name__} has no {', '.join(missing)}")
+        cls._require_components(pipe, ("transformer", "scheduler", "vae"))
         out = cls(pipe.transformer, scheduler if scheduler is not None else pipe.scheduler, pipe.vae,
                   getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None),
                   getattr(pipe, "image_processor", None))

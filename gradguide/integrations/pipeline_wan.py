@@ -68,9 +68,7 @@ class GuidedWanPipeline(_FlowPipeline):
                              "supported")
         if config.get("expand_timesteps", False):
             raise ValueError("GuidedWanPipeline: expand_timesteps: per-token timesteps (Wan 2.2 TI2V) are not supported")
-        missing = [name for name in ("transformer", "scheduler", "vae") if getattr(pipe, name, None) is None]
-        if missing:
-            raise TypeError(f"GuidedWanPipeline.from_pipe: pipe: {type(pipe).__name__} has no {', '.join(missing)}")
+        cls._require_components(pipe, ("transformer", "scheduler", "vae"))
         out = cls(pipe.transformer, scheduler if scheduler is not None else pipe.scheduler, pipe.vae,
                   getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None),
                   getattr(pipe, "video_processor", None))

@@ -64,9 +64,7 @@ class GuidedXLPipeline(GuidedPipeline):
     def from_pipe(cls, pipe, scheduler=None) -> "GuidedXLPipeline":
         """From a diffusers ``StableDiffusionXLPipeline``; without ``scheduler`` the pipeline's
         scheduler is followed at every call, as :meth:`GuidedPipeline.from_pipe`."""
-        missing = [name for name in ("unet", "scheduler", "vae") if getattr(pipe, name, None) is None]
-        if missing:
-            raise TypeError(f"GuidedXLPipeline.from_pipe: pipe: {type(pipe).__name__} has no {', '.join(missing)}")
+        cls._require_components(pipe, ("unet", "scheduler", "vae"))
         config = getattr(pipe, "config", {}) or {}
         out = cls(pipe.unet, scheduler if scheduler is not None else pipe.scheduler, pipe.vae,
                   getattr(pipe, "text_encoder", None), getattr(pipe, "tokenizer", None),

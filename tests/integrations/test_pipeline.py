@@ -254,3 +254,13 @@ def test_perturbed_guider_in_the_pipeline(components):
                        cond={"encoder_hidden_states": cond}, guidance=term)
     _close(got, direct, 1e-6)
     assert (got - plain).abs().max() > 1e-3   # the perturbed branch did something
+
+
+def test_from_pipe_names_the_components_a_pipe_lacks():
+    """Every guided pipeline's from_pipe refuses a pipe without its model, scheduler or VAE, naming them."""
+    import types
+    from gradguide.integrations.pipeline_sana import GuidedSanaPipeline
+    with pytest.raises(TypeError, match=r"GuidedPipeline\.from_pipe: pipe: SimpleNamespace has no scheduler, vae"):
+        GuidedPipeline.from_pipe(types.SimpleNamespace(unet=object()))
+    with pytest.raises(TypeError, match=r"GuidedSanaPipeline\.from_pipe: pipe: SimpleNamespace has no transformer"):
+        GuidedSanaPipeline.from_pipe(types.SimpleNamespace(scheduler=object(), vae=object()))
