@@ -10,19 +10,11 @@ from torch import nn
 import gradguide as gg
 from gradguide.bench import dryrun, projection
 from gradguide.debug import HostSyncError
+from helpers import ChannelScale
 
 SCHED = gg.Schedule.linear(1000)
 SHAPE = (2, 4, 8, 8)
 S = 2 * 4 * 8 * 8 * 4   # bytes of one float32 x_t
-
-
-class Scale(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.ones(4, 1, 1), requires_grad=False)
-
-    def forward(self, x, t, **_):
-        return x * self.w
 
 
 def _meta(module):
@@ -31,7 +23,7 @@ def _meta(module):
 
 def test_unguided_ddim_counts_are_exact():
     # model: one mul; step: x_{t-1} = c_x x + c_0 x̂_0 is one reduce-free combine of (x, eps)
-    r = dryrun.dry_run(_meta(Scale()), SHAPE, schedule=SCHED, sampler="ddim", steps=5, backend="reference",
+    r = dryrun.dry_run(_meta(ChannelScale()), SHAPE, schedule=SCHED, sampler="ddim", steps=5, backend="reference",
                        graph=True, steps_measured=[1])
     step = r["steps_measured"]["1"]
     assert r["fake_device"] == "cuda" and r["backend"] == "reference"
@@ -107,7 +99,7 @@ def test_vjp_steps_need_meta_on_cpu_only_torch():
     if torch.cuda.is_available():
         pytest.skip("a CUDA torch runs autograd on fake cuda tensors")
     with pytest.raises(ValueError, match="vector-Jacobian"):
-        dryrun.dry_run(_meta(Scale()), SHAPE, schedule=SCHED, sampler="ddim", steps=3, backend="reference",
+        dryrun.dry_run(_meta(ChannelScale()), SHAPE, schedule=SCHED, sampler="ddim", steps=3, backend="reference",
                        guidance=gg.LookAhead(torch.empty(SHAPE, device="meta"), 0.0), device="cuda")
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import gradguide as gg
-from helpers import guidance_cases
+from helpers import ChannelScale, guidance_cases
 from gradguide.experiments.demo_mixture import default_mixture
 from gradguide.samplers import build
 
@@ -239,18 +239,9 @@ def test_new_samplers_dry_run_like_heun(sampler):
     """On the fake-CUDA dry run with graph capture, an evaluation of the new samplers is what one of
     Heun's is: one model launch and combines over (x, D, the carried tensor), plus the noise where
     that evaluation draws noise."""
-    from torch import nn
     from gradguide.bench import dryrun
-
-    class Scale(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.ones(4, 1, 1), requires_grad=False)
-
-        def forward(self, x, t, **_):
-            return x * self.w
     schedule = gg.Schedule.linear(1000)
-    r = dryrun.dry_run(Scale().to("meta"), (2, 4, 8, 8), schedule=schedule, sampler=sampler, steps=5,
+    r = dryrun.dry_run(ChannelScale().to("meta"), (2, 4, 8, 8), schedule=schedule, sampler=sampler, steps=5,
                        backend="reference", graph=True, steps_measured=[1, 2])
     tables = build(sampler, schedule.timesteps(5))
     for step in (1, 2):
@@ -269,18 +260,9 @@ def test_comfy_samplers_dry_run_like_their_peers(sampler, peer):
     """ComfyUI's samplers on the fake-CUDA dry run with graph capture: a measured evaluation is what
     one of an existing sampler with the same carried state and noise is (one model launch; combines
     over x, D, the carried operand, the noise)."""
-    from torch import nn
     from gradguide.bench import dryrun
-
-    class Scale(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.w = nn.Parameter(torch.ones(4, 1, 1), requires_grad=False)
-
-        def forward(self, x, t, **_):
-            return x * self.w
     schedule = gg.Schedule.linear(1000)
-    got, want = [dryrun.dry_run(Scale().to("meta"), (2, 4, 8, 8), schedule=schedule, sampler=s, steps=6,
+    got, want = [dryrun.dry_run(ChannelScale().to("meta"), (2, 4, 8, 8), schedule=schedule, sampler=s, steps=6,
                                 backend="reference", graph=True, steps_measured=[3])["steps_measured"]["3"]
                  for s in (sampler, peer)]
     assert got["forward"]["launches"] == want["forward"]["launches"] == 1
