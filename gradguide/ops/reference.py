@@ -22,7 +22,7 @@ output. Every backend follows the same rule.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 
@@ -43,34 +43,63 @@ def coefficient_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64
 
 
-def _rows(operands: Sequence[torch.Tensor], groups: int, acc: torch.dtype) -> torch.Tensor:
-    """Stack operands as [B, G, K, N/G] in ``acc``."""
+class Scaling(NamedTuple):
+    """Operands read through a per-element scale ``exp(slope · log_scale + offset)``: operand ``k``
+    with bit ``k`` of ``mask`` set is read as ``op_k · exp(slope[b, k] · log_scale + offset[b, k])``
+    (``slope``, ``offset``: float64 ``[1 or B, K]``, zero where the bit is clear; ``log_scale``: a
+    tensor shaped like the operands). A learned-range variance Σ = exp(a v + b) times a classifier
+    gradient, or √Σ times the noise, is such an operand: the fused kernels form it as they load
+    ``op_k`` and ``v``, so it is never written out (docs/architecture.md#learned-range-variance)."""
+    log_scale: torch.Tensor
+    slope: torch.Tensor
+    offset: torch.Tensor
+    mask: int
+
+
+def variance_scaled(op: torch.Tensor, log_scale: torch.Tensor, slope, offset) -> torch.Tensor:
+    """``op · exp(slope · log_scale + offset)``: the one formula of a Σ-scaled operand."""
+    return op * torch.exp(log_scale * slope + offset)
+
+
+def _rows(operands: Sequence[torch.Tensor], groups: int, acc: torch.dtype,
+          scaling: Optional[Scaling] = None) -> torch.Tensor:
+    """Stack operands as [B, G, K, N/G] in ``acc``; scaled operands (``scaling``) formed in ``acc``."""
     b = operands[0].shape[0]
-    return torch.stack([op.reshape(b, groups, -1).to(acc) for op in operands], dim=2)
+    rows = []
+    for k, op in enumerate(operands):
+        row = op.reshape(b, groups, -1).to(acc)
+        if scaling is not None and scaling.mask >> k & 1:
+            v = scaling.log_scale.reshape(b, groups, -1).to(acc)
+            row = variance_scaled(row, v, scaling.slope[:, k].to(acc).view(-1, 1, 1),
+                                  scaling.offset[:, k].to(acc).view(-1, 1, 1))
+        rows.append(row)
+    return torch.stack(rows, dim=2)
 
 
-def reduce(operands: Sequence[torch.Tensor], groups: int = 1):
+def reduce(operands: Sequence[torch.Tensor], groups: int = 1, scaling: Optional[Scaling] = None):
     """Per-sample (and per group) Gram matrix and sums of K operands.
 
     Returns ``gram[B, G, K, K]`` with ``gram[b, g, i, j] = <op_i[b, g], op_j[b, g]>`` and
     ``sums[B, G, K]`` with ``sums[b, g, k] = sum(op_k[b, g])``. Group ``g`` is the g-th of
-    ``groups`` equal contiguous chunks of a flattened sample (channels, for NCHW).
+    ``groups`` equal contiguous chunks of a flattened sample (channels, for NCHW). ``scaling``:
+    the operands it marks are read scaled (:class:`Scaling`), formed in float64.
     """
-    rows = _rows(operands, groups, coefficient_dtype(operands[0].dtype))
+    rows = _rows(operands, groups, coefficient_dtype(operands[0].dtype), scaling)
     return rows @ rows.transpose(-1, -2), rows.sum(-1)
 
 
 def combine(coef: torch.Tensor, operands: Sequence[torch.Tensor], out: Optional[torch.Tensor] = None,
-            clamp: Optional[tuple] = None) -> torch.Tensor:
+            clamp: Optional[tuple] = None, scaling: Optional[Scaling] = None) -> torch.Tensor:
     """``out[b, g] = sum_k coef[b, g, k] * op_k[b, g]``, optionally clamped elementwise.
 
     ``clamp``: ``(low, high)`` (``None`` for an open side); NaN bounds are refused, the rule
-    of every backend (:func:`gradguide.ops.check_clamp`)."""
+    of every backend (:func:`gradguide.ops.check_clamp`). ``scaling``: the operands it marks
+    are read scaled (:class:`Scaling`), formed in float64."""
     from . import check_clamp  # the package's one clamp rule (imported late: the package imports us)
     clamp = check_clamp(clamp)
     if coef.is_complex() or not (coef.is_floating_point()):
         raise TypeError(f"coef: expected a real floating dtype, got {coef.dtype}")
-    rows = _rows(operands, coef.shape[1], combine_dtype(operands[0].dtype))
+    rows = _rows(operands, coef.shape[1], combine_dtype(operands[0].dtype), scaling)
     result = (coef.to(rows.dtype).unsqueeze(-1) * rows).sum(2)
     if clamp is not None:
         result = result.clamp(clamp[0], clamp[1])
