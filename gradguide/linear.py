@@ -170,6 +170,13 @@ class Operands:
         gradient; ``reads``: operands it takes as tensors, e.g. a materialised x̂_0)."""
         return self.add(name, compute(ctx, *[self.tensor(u) for u in reads]))
 
+    def scaled(self, name: str, u: LinComb, log_scale: LinComb, slope, offset) -> LinComb:
+        """The operand ``u ⊙ exp(slope · log_scale + offset)`` (``u``, ``log_scale``: operands;
+        ``slope``, ``offset``: per-step scalars): a learned variance Σ, or √Σ, times ``u``
+        elementwise. Written out here; a traced step records it, and the fused kernels form it as
+        they load ``u`` and ``log_scale`` (:class:`gradguide.ops.reference.Scaling`)."""
+        return self.add(name, ops.reference.variance_scaled(self.tensor(u), self.tensor(log_scale), slope, offset))
+
     def tensor(self, u: LinComb) -> torch.Tensor:
         """The tensor of the operand ``u`` (as :meth:`add` returned it; checked on the host)."""
         k = next(iter(u.support)) if len(u.support) == 1 else None

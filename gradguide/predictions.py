@@ -120,19 +120,12 @@ def v_from(eps, x0, a, s):
     return eps * a - x0 * s
 
 
-def learned_log_variance(variance: str, v_channels, log_var_min, log_var_max):
-    """log Σ from a learned-variance model's extra channels: ``"learned-range"`` (ADM's
-    interpolation, below) or ``"learned"`` (the channels are Σ itself, diffusers' DDPM
-    ``variance_type="learned"``: log of a negative Σ is NaN, as diffusers' √Σ)."""
-    if variance == "learned":
-        return v_channels.log()
-    return learned_range_log_variance(v_channels, log_var_min, log_var_max)
-
-
-def learned_range_log_variance(v_channels, log_var_min, log_var_max):
-    """ADM's learned-range variance: ``log Σ = f log β_t + (1−f) log β̃_t``, ``f = (v+1)/2``."""
-    frac = (v_channels + 1) / 2
-    return frac * log_var_max + (1 - frac) * log_var_min
+def learned_range_line(log_var_min, log_var_max):
+    """ADM's learned-range variance ``log Σ = f log β_t + (1−f) log β̃_t``, ``f = (v+1)/2``, as a
+    line in the model's variance channels v: ``log Σ = slope · v + offset`` with ``slope =
+    (log β_t − log β̃_t)/2`` and ``offset = (log β_t + log β̃_t)/2`` (expand f). Returns
+    ``(slope, offset)``; ``log_var_min``/``log_var_max`` are log β̃_t (clipped) and log β_t."""
+    return (log_var_max - log_var_min) / 2, (log_var_max + log_var_min) / 2
 
 
 @dataclass(frozen=True)

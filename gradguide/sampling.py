@@ -28,7 +28,7 @@ from . import linear, ops, predictions, runkey, stepplan
 from .config import Diagnostics, Execution, Sampler
 from .debug import forbid_host_sync
 from .graphs import EagerStepper, GraphCache
-from .guidance.base import GuidanceTerm, StepContext, named_scales, scale_overflow_hint
+from .guidance.base import GuidanceTerm, LogVariance, StepContext, named_scales, scale_overflow_hint
 from .guidance.cfg import BranchInputsError, batch_branch_inputs, per_sample, split_branches
 from .guidance.perturb import BranchCaller
 from .linear import LinComb, Operands
@@ -413,8 +413,9 @@ def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Di
     scale = _flow_scale(run, column)
     # kernels address rows as contiguous memory: a non-contiguous batched output is made contiguous
     # once, before it is split (one copy, not one per branch)
-    out_c, out_u, further, _, _, whole = _model_outputs(run, model_input, t, i, scale, leaves.get("model_uncond"),
-                                                        t_batched=t_batched, contiguous=run.backend != "reference")
+    out_c, out_u, further, var_c, var_u, whole = _model_outputs(run, model_input, t, i, scale,
+                                                                leaves.get("model_uncond"), t_batched=t_batched,
+                                                                contiguous=run.backend != "reference")
     outputs = {"model_cond": out_c, "model_uncond": out_u}
     tensors = {"x": _detached(x), "model_cond": _detached(out_c)}
     if out_u is not None:
@@ -422,9 +423,13 @@ def _fused_step(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Di
     tensors.update({f"model_{name}": _detached(out) for name, out in further.items()})   # perturbed branches
     if noise is not None:
         tensors["noise"] = noise
-    contiguous = run.backend != "reference"   # kernels address rows as contiguous memory
+    if var_c is not None:   # a learned variance's channels: the halves of the output are read in place
+        tensors["variance_channels"] = _detached(var_c)
+    if var_u is not None:
+        tensors["variance_uncond"] = _detached(var_u)
+    contiguous = run.backend != "reference"   # kernels address rows as (row-strided) contiguous memory
     if contiguous:
-        tensors = {name: tensor.contiguous() for name, tensor in tensors.items()}
+        tensors = {name: t if ops.rows_in_place(t) else t.contiguous() for name, t in tensors.items()}
     terms = [run.branch] + run.score_terms + run.mean_terms + run.post_terms
     stacked = {} if both and whole is not None else None
     ctx = None
@@ -472,14 +477,14 @@ def _step_body(run: _Run, x: torch.Tensor, i: int, idx: torch.Tensor, state: Dic
     scale = _flow_scale(run, column)
     ctx = StepContext(ops=ops_, index=i, t=t, scalars=scalars, cond=run.cond, x=None, x_input=x_input,
                       state=state, sampler=run.tables.name, prediction=run.prediction, input_scale=scale)
-    out_c, out_u, further, log_var, log_var_u, _ = _model_outputs(run, model_input, t, i, scale)
-    ctx.learned_log_var = _learned_log_var(run, log_var, scalars)
+    out_c, out_u, further, var_c, var_u, _ = _model_outputs(run, model_input, t, i, scale)
     tracked = {"x": x_input, "model_cond": out_c, "model_uncond": out_u}
     tracked.update({f"model_{name}": out for name, out in further.items()})
     x_next, x0_guided, telemetry = step_algebra(
         run, ctx, {"x": x.detach(), "model_cond": out_c.detach(), "model_uncond": None if out_u is None else out_u.detach(),
-                   "noise": noise, "further": {name: out.detach() for name, out in further.items()}},
-        log_var_u=log_var_u, track=lambda x0: _tracked_x0(ops_, tracked, x0), want_telemetry=want_record or run.telemetry)
+                   "noise": noise, "further": {name: out.detach() for name, out in further.items()},
+                   "variance": _detached_or_none(var_c), "variance_uncond": _detached_or_none(var_u)},
+        track=lambda x0: _tracked_x0(ops_, tracked, x0), want_telemetry=want_record or run.telemetry)
     x_new = ops_.finish(x_next)
     new_state = dict(ctx.new_state)
     x0_tensor = None
@@ -510,11 +515,12 @@ def _detached(t: torch.Tensor) -> torch.Tensor:
     return t.detach() if t.requires_grad else t
 
 
-def step_algebra(run: _Run, ctx: StepContext, inputs: Dict[str, Optional[torch.Tensor]], log_var_u=None,
-                 track=None, want_telemetry: bool = False):
+def step_algebra(run: _Run, ctx: StepContext, inputs: Dict[str, Optional[torch.Tensor]], track=None,
+                 want_telemetry: bool = False):
     """The guided step as LinComb algebra over its operands: ``(x_next, x̂_0 guided, telemetry)``.
 
-    ``inputs``: the tensors of ``x``, the branches' outputs and the noise (``None`` where absent).
+    ``inputs``: the tensors of ``x``, the branches' outputs, the noise and a learned variance's
+    channels of each branch (``None`` where absent).
     The general step evaluates this on its operands; the fused step's plan is this same function
     traced on symbolic operands (:mod:`gradguide.stepplan`), so the two cannot disagree."""
     ops_ = ctx.ops
@@ -525,6 +531,7 @@ def step_algebra(run: _Run, ctx: StepContext, inputs: Dict[str, Optional[torch.T
     for name, out in inputs.get("further", {}).items():
         ctx.branch_eps[name] = _eps_form(run, ctx, ops_.add(f"model_{name}", out), X)
     eps_c = _eps_form(run, ctx, ops_.add("model_cond", inputs["model_cond"]), X)
+    ctx.log_variance = _log_variance(run, ctx, inputs.get("variance"), "variance_channels")
     renoise = None
     telemetry = {}
     split = None   # policies A/B over a branch guider's differences: (x̂_0c, [(direction, Δ)])
@@ -539,8 +546,8 @@ def step_algebra(run: _Run, ctx: StepContext, inputs: Dict[str, Optional[torch.T
             else:
                 x0_pre, split = _sum(x0_c, [d for _, d in diffs]), (x0_c, diffs)
         elif run.projection is not None and run.projection.policy == "C":
-            if run.projection.sigma_from_uncond and log_var_u is not None:  # the authors' code's σ
-                ctx.learned_log_var = _learned_log_var(run, log_var_u, scalars)
+            if run.projection.sigma_from_uncond and inputs.get("variance_uncond") is not None:   # the authors' σ
+                ctx.log_variance = _log_variance(run, ctx, inputs["variance_uncond"], "variance_uncond")
             x0_pre, telemetry = run.projection.combine_cfg(ops_, ctx.x0_of_eps(eps_c), ctx.x0_of_eps(eps_u),
                                                            run.branch.scale, clip=run.clip, telemetry=want_telemetry)
         else:
@@ -740,11 +747,22 @@ def _check_model_output(run: _Run, out, t: torch.Tensor, what: str) -> None:
                          f"{scale_overflow_hint(run.scales, run.dtype)}")
 
 
-def _learned_log_var(run: _Run, var_channels, scalars):
-    if var_channels is None or not run.tables.learned_variance:
+def _log_variance(run: _Run, ctx: StepContext, channels, name: str) -> Optional[LogVariance]:
+    """The learned variance of a branch with variance ``channels`` (a tensor; ``True`` in a
+    traced step): ADM's learned range is a line in them (:func:`predictions.learned_range_line`);
+    diffusers' ``"learned"`` gives Σ itself, so log Σ is the operand ``log v``."""
+    if channels is None or not run.tables.learned_variance:
         return None
-    return predictions.learned_log_variance(run.sampler.variance, var_channels.detach().to(run.dtype),
-                                            scalars["log_var_min"], scalars["log_var_max"])
+    if run.sampler.variance == "learned":
+        if ctx.ops.tracing:
+            raise stepplan.NotFusable("variance 'learned': log Σ = log v is not a line in the model's output")
+        return LogVariance(ctx.ops.add(name, torch.log(channels.to(run.dtype))), 1.0, 0.0)
+    slope, offset = predictions.learned_range_line(ctx.scalars["log_var_min"], ctx.scalars["log_var_max"])
+    return LogVariance(ctx.ops.add(name, None if ctx.ops.tracing else channels.to(run.dtype)), slope, offset)
+
+
+def _detached_or_none(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else _detached(t)
 
 
 def _eps_form(run: _Run, ctx: StepContext, out: LinComb, X: LinComb) -> LinComb:
@@ -774,9 +792,10 @@ def _tracked_x0(ops_: Operands, tracked: Dict[str, torch.Tensor], x0: LinComb):
 def _diversity(ctx: StepContext, z: Optional[torch.Tensor]) -> LinComb:
     if z is None:
         return ctx.ops.zero()
-    if ctx.learned_log_var is not None:
-        z = torch.exp(0.5 * ctx.learned_log_var) * z
-    return ctx.ops.add("noise", z) * ctx.scalars["sigma"]
+    noise = ctx.ops.add("noise", z)
+    if ctx.log_variance is not None:   # √Σ ⊙ z
+        noise = ctx.variance_scaled("noise_scaled", noise, 0.5)
+    return noise * ctx.scalars["sigma"]
 
 
 def _noise(shape, generator, device, dtype) -> torch.Tensor:

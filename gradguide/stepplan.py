@@ -54,6 +54,9 @@ class Stage:
     clamp: Optional[tuple]
     output: str
     per_group: bool = False              # inner products per (sample, group), PixelAsParam's per-channel
+    # operands read Σ-scaled (ops.reference.Scaling): (log-scale operand, mask over ``operands``,
+    # first table row of the K slopes, of the K offsets)
+    scaling: Optional[Tuple[str, int, int, int]] = None
 
 
 @dataclass
@@ -108,6 +111,15 @@ class PerSample:
 
 
 @dataclass
+class _Scaled:
+    """An operand ``base ⊙ exp(slope · log_scale + offset)`` of a trace (per-step slope, offset)."""
+    base: str
+    log_scale: str
+    slope: torch.Tensor
+    offset: torch.Tensor
+
+
+@dataclass
 class _Pending:
     policy: str                          # a program of gradguide.ops.policies, or "clip-shift"
     vectors: Dict[str, LinComb]
@@ -137,6 +149,7 @@ class TraceOperands(SymbolicOperands):
         super().__init__(n_steps)
         self.pending: List[_Pending] = []
         self.computed: Dict[str, Computed] = {}
+        self.scaled_operands: Dict[str, _Scaled] = {}
         self.terms = terms
 
     def add(self, name: str, tensor=None) -> LinComb:
@@ -155,6 +168,14 @@ class TraceOperands(SymbolicOperands):
         u = self.add(name)
         self.computed[self.names[-1]] = Computed(position, compute.__func__, names)
         return u
+
+    def scaled(self, name: str, u: LinComb, log_scale: LinComb, slope, offset) -> LinComb:
+        base, log = self.names[self.single(u)], self.names[self.single(log_scale)]
+        v = self.add(name)
+        n = self.batch
+        self.scaled_operands[self.names[-1]] = _Scaled(base, log, torch.as_tensor(slope, dtype=torch.float64).expand(n),
+                                                       torch.as_tensor(offset, dtype=torch.float64).expand(n))
+        return v
 
     def single(self, u: LinComb) -> int:
         """The operand ``u`` is (one operand with weight 1 at every step)."""
@@ -228,8 +249,6 @@ def unsupported(run) -> Optional[str]:
     """What of ``run`` the trace does not follow, before tracing (``None``: trace it)."""
     if run.tables.slots:
         return f"sampler {run.tables.name!r} carries state between steps"
-    if run.tables.learned_variance or run.variance_channels:
-        return "learned-range variance"
     if run.telemetry:
         return "telemetry"
     return None
@@ -262,6 +281,8 @@ def build(run, step_algebra) -> Optional[StepPlan]:
                               prediction=run.prediction)
             x_next, _, _ = step_algebra(run, ctx, {"x": None, "model_cond": None, "model_uncond": None,
                                                    "noise": True if key[0] else None,
+                                                   "variance": True if run.tables.learned_variance else None,
+                                                   "variance_uncond": True if run.tables.learned_variance else None,
                                                    "further": _further_branches(run, steps)}, track=_refuse_tracking)
             space.finish(x_next)
             if ctx.new_state:
@@ -374,6 +395,15 @@ def _emit(space: TraceOperands, stages: List[_Pending], table: _Table, at: torch
         if len(order) > ops.MAX_K:
             raise NotFusable(f"more than {ops.MAX_K} operands in one pass")
         names_v = ("p", "s") if st.policy == "clip-shift" else PROGRAMS[st.policy][0]
+        scaled = [space.scaled_operands.get(space.names[j]) for j in order]
+        scaling = None
+        if any(scaled):
+            logs = {sc.log_scale for sc in scaled if sc is not None}
+            if st.policy == "clip-shift" or len(logs) > 1:
+                raise NotFusable("Σ-scaled operands in a clip-shift pass, or scaled by two variances in one pass")
+            slopes = [table.row(0.0 if sc is None else sc.slope, at) for sc in scaled]
+            offsets = [table.row(0.0 if sc is None else sc.offset, at) for sc in scaled]
+            scaling = (logs.pop(), sum(1 << p for p, sc in enumerate(scaled) if sc is not None), slopes[0], offsets[0])
         vector_rows = []
         for name in names_v:
             rows = [table.row(coefs[name][:, j], at) for j in order]
@@ -385,8 +415,9 @@ def _emit(space: TraceOperands, stages: List[_Pending], table: _Table, at: torch
             else:
                 value = value.expand(len(at)) if isinstance(value, torch.Tensor) else value
                 scalar_specs.append(("row", table.row(value, at)))
-        out.append(Stage(st.policy, [space.names[j] for j in order], len(in_gram) if gram_vectors else 0,
-                         vector_rows, scalar_specs, st.clamp, ",".join(st.outputs), st.per_group))
+        operands = [space.names[j] if sc is None else sc.base for j, sc in zip(order, scaled)]
+        out.append(Stage(st.policy, operands, len(in_gram) if gram_vectors else 0,
+                         vector_rows, scalar_specs, st.clamp, ",".join(st.outputs), st.per_group, scaling))
     produced = {name for s in out for name in s.output.split(",")}
     needed: List[str] = []
 
@@ -397,7 +428,7 @@ def _emit(space: TraceOperands, stages: List[_Pending], table: _Table, at: torch
             need(read)
         needed.append(name)
     for s in out:
-        for name in s.operands:
+        for name in s.operands + ([s.scaling[0]] if s.scaling else []):
             need(name)
     return Variant(out, needed, {n: c for n, c in space.computed.items() if n in needed})
 
@@ -416,7 +447,7 @@ def copy_plan(plan: Optional[StepPlan]) -> Optional[StepPlan]:
     if plan is None:
         return None
     return StepPlan({key: Variant([Stage(s.policy, list(s.operands), s.n_gram, list(s.vector_rows), list(s.scalars),
-                                         s.clamp, s.output, s.per_group) for s in v.stages], list(v.inputs),
+                                         s.clamp, s.output, s.per_group, s.scaling) for s in v.stages], list(v.inputs),
                                   dict(v.computed))
                      for key, v in plan.variants.items()}, list(plan.keys))
 
@@ -429,20 +460,34 @@ def run_stages(run, variant: Variant, column: torch.Tensor, tensors: Dict[str, t
     the first time a stage needs it, after the stages it reads)."""
     terms = [run.branch] + run.score_terms + run.mean_terms + run.post_terms
     for st in variant.stages:
-        for name in st.operands:
+        for name in st.operands + ([st.scaling[0]] if st.scaling else []):
             if name not in tensors:
                 compute(name)
         operands = [tensors[name] for name in st.operands]
         k = len(operands)
+        scaling = None
+        if st.scaling is not None:
+            log_scale, mask, slope, offset = st.scaling
+            scaling = ops.reference.Scaling(tensors[log_scale], column[slope:slope + k].view(1, k),
+                                            column[offset:offset + k].view(1, k), mask)
         if st.policy == "clip-shift":
+            operands = [op.contiguous() for op in operands]   # (its kernels take contiguous rows only)
             coef_p, coef_s = (column[r:r + k].view(1, k) for r in st.vector_rows)
             out_p, out_s = st.output.split(",")
             tensors[out_p], tensors[out_s] = ops.clip_shift_unchecked(coef_p, coef_s, operands, st.clamp, run.backend)
             continue
         groups = run.groups if st.per_group else 1
-        gram = ops.gram_unchecked(operands[:st.n_gram], groups, run.backend) if st.n_gram else None
+        gram = ops.gram_unchecked(operands[:st.n_gram], groups, run.backend, _head(scaling, st.n_gram)) \
+            if st.n_gram else None
         vectors = [column[r:r + k].view(1, 1, k) for r in st.vector_rows]
         scalars = [column[v:v + 1] if kind == "row" else getattr(terms[v[0]], v[1]) for kind, v in st.scalars]
         tensors[st.output] = ops.fused_unchecked(st.policy, run.backend, operands, gram, vectors, scalars,
-                                                 groups if st.n_gram else 1, st.clamp)
+                                                 groups if st.n_gram else 1, st.clamp, scaling=scaling)
     return tensors
+
+
+def _head(scaling, n: int):
+    """``scaling`` restricted to the first ``n`` operands (a Gram's), or None where none of them is scaled."""
+    if scaling is None or not scaling.mask & ((1 << n) - 1):
+        return None
+    return scaling._replace(slope=scaling.slope[:, :n], offset=scaling.offset[:, :n], mask=scaling.mask & ((1 << n) - 1))

@@ -25,6 +25,15 @@ from .. import predictions
 
 
 @dataclass
+class LogVariance:
+    """A learned variance, elementwise: ``log Σ = slope · channels + offset`` (``channels``: an
+    operand; ``slope``, ``offset``: per-step scalars)."""
+    channels: LinComb
+    slope: object
+    offset: object
+
+
+@dataclass
 class StepContext:
     """One step as the guidance terms see it."""
     ops: Operands
@@ -38,7 +47,7 @@ class StepContext:
     new_state: Dict[str, torch.Tensor] = field(default_factory=dict)
     tracked_x0: Optional[Callable[[], torch.Tensor]] = None  # x̂_0 with its autograd graph
     sampler: str = "ddpm"
-    learned_log_var: Optional[torch.Tensor] = None  # ADM learned-range log Σ (elementwise)
+    log_variance: Optional[LogVariance] = None   # a learned variance (ADM's learned range), else None
     prediction: str = "eps"          # the model's parametrisation ("eps", "x0", "v", "flow", "edm", "edm-v")
     input_scale: Optional[torch.Tensor] = None   # flow and EDM models: the model sees input_scale · x_t
     model_output: Optional[torch.Tensor] = None  # the conditional branch's output, with its autograd graph
@@ -68,6 +77,12 @@ class StepContext:
         with torch.enable_grad():
             g_x0 = (self.ops.tensor(g) * self.tracked_x0()).flatten(1).sum(1)
             return self.ops.add("lookahead_vjp", self.grad_wrt_input(g_x0, what))
+
+    def variance_scaled(self, name: str, u: LinComb, power: float = 1.0) -> LinComb:
+        """``Σ^power ⊙ u`` for the operand ``u`` (Σ the learned variance, elementwise), as the
+        operand ``name``."""
+        lv = self.log_variance
+        return self.ops.scaled(name, u, lv.channels, lv.slope * power, lv.offset * power)
 
     def scale_rows(self, u: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
         """``r[b] · u[b]`` for a per-sample ``r`` (``[B]``). Where the result will be the cotangent

@@ -61,9 +61,10 @@ class Classifier(GuidanceTerm):
         return ctx.operand("classifier_grad", self.gradient) * self.scale
 
     def mean(self, ctx: StepContext) -> LinComb:
-        if ctx.learned_log_var is not None:  # ADM learned range: Σ is elementwise
-            return ctx.ops.add("classifier_shift", torch.exp(ctx.learned_log_var) * self.gradient(ctx)) * self.scale
-        return ctx.operand("classifier_grad", self.gradient) * (ctx.scalars["var_mean"] * self.scale)
+        grad = ctx.operand("classifier_grad", self.gradient)
+        if ctx.log_variance is not None:  # ADM's learned range: Σ is elementwise
+            return ctx.variance_scaled("classifier_shift", grad) * self.scale
+        return grad * (ctx.scalars["var_mean"] * self.scale)
 
     def __repr__(self) -> str:
         return f"Classifier(scale={self.scale}, form={self.form!r})"

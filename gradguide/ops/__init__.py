@@ -407,19 +407,56 @@ def reduce_unchecked(operands: List[torch.Tensor], groups: int, backend: str):
     return gram, sums
 
 
-def gram_unchecked(operands: List[torch.Tensor], groups: int, backend: str) -> torch.Tensor:
+def rows_in_place(t: torch.Tensor) -> bool:
+    """Whether the kernels read ``t`` where it is: each sample contiguous, any batch stride (the
+    halves ``out[:, :C]``, ``out[:, C:]`` of a learned-variance model's output)."""
+    return t.is_contiguous() or t[0].is_contiguous()
+
+
+def _in_kernel(backend: str, operands: List[torch.Tensor], scaling) -> bool:
+    """Whether ``backend``'s reduce and fused kernels take these operands and ``scaling`` as they are."""
+    if all(op.is_contiguous() for op in operands) and scaling is None:
+        return True
+    return getattr(_implementation(backend), "TAKES_SCALED_ROWS", False) and \
+        all(rows_in_place(t) for t in operands + ([scaling.log_scale] if scaling is not None else []))
+
+
+def _formed(operands: List[torch.Tensor], scaling) -> List[torch.Tensor]:
+    """The operands as the kernels read them, written out, contiguous (for a pass whose kernels do
+    not form Σ-scaled operands or read row-strided ones themselves)."""
+    out = []
+    for k, op in enumerate(operands):
+        if scaling is not None and scaling.mask >> k & 1:
+            shape = (-1,) + (1,) * (op.dim() - 1)
+            op = reference.variance_scaled(op, scaling.log_scale, scaling.slope[:, k].view(shape),
+                                           scaling.offset[:, k].view(shape)).to(op.dtype)
+        out.append(op.contiguous())
+    return out
+
+
+def gram_unchecked(operands: List[torch.Tensor], groups: int, backend: str,
+                   scaling: Optional[reference.Scaling] = None) -> torch.Tensor:
     """The Gram matrix for :func:`fused_unchecked`, in the dtype the backend's reduce wrote it:
     the fused combines read any float Gram and compute in float64, and upcasting a float32 Gram
-    here would add two launches (Gram and sums) and no precision (the values are the same)."""
+    here would add two launches (Gram and sums) and no precision (the values are the same).
+    ``scaling``: operands read Σ-scaled (:class:`reference.Scaling`); operands may be row-strided
+    (each sample contiguous)."""
     if backend == "reference":
-        return reference.reduce(operands, groups)[0]
-    return _implementation(backend).reduce(operands, groups)[0]
+        return reference.reduce(operands, groups, scaling)[0]
+    if not _in_kernel(backend, operands, scaling):
+        operands, scaling = _formed(operands, scaling), None
+    if scaling is None:
+        return _implementation(backend).reduce(operands, groups)[0]
+    return _implementation(backend).reduce(operands, groups, scaling=scaling)[0]
 
 
 def fused_unchecked(policy: str, backend: str, operands: List[torch.Tensor], gram: Optional[torch.Tensor],
                     vectors: List[torch.Tensor], scalars: List[torch.Tensor], groups: int = 1,
-                    clamp: Optional[tuple] = None, out: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """:func:`fused_combine` without argument checks. ``vectors``: ``[1 or B, 1 or G, K]``
+                    clamp: Optional[tuple] = None, out: Optional[torch.Tensor] = None,
+                    scaling: Optional[reference.Scaling] = None) -> torch.Tensor:
+    """:func:`fused_combine` without argument checks. ``scaling``: operands read Σ-scaled
+    (:class:`reference.Scaling`, formed inside the kernels where they can); operands may be
+    row-strided (each sample contiguous). ``vectors``: ``[1 or B, 1 or G, K]``
     (broadcast over the batch); ``scalars``: 1- or B-element tensors; ``gram``: ``[B, G, Kg,
     Kg]`` over the first ``Kg`` operands (float64; the fused kernels read a float32 one too),
     or None for a policy without one. native (CPU, and CUDA where the op was built with it): the
@@ -438,13 +475,20 @@ def fused_unchecked(policy: str, backend: str, operands: List[torch.Tensor], gra
         raise ValueError("out: the fused kernels compute no gradients and do not write into out with inputs "
                          "that require grad (ops.fused_combine takes the differentiable path for those)")
     if out is not None and not out.is_contiguous():   # the kernels write contiguous rows: a temporary, copied
-        return out.copy_(fused_unchecked(policy, backend, operands, gram, vectors, scalars, groups, clamp))
-    if backend == "native" and native_backend.has_kernel("fused_combine", operands[0].device):
-        return native_backend.fused_combine(policy, operands, gram, vectors, scalars, clamp, out=out)
+        return out.copy_(fused_unchecked(policy, backend, operands, gram, vectors, scalars, groups, clamp,
+                                         scaling=scaling))
+    native = backend == "native" and native_backend.has_kernel("fused_combine", operands[0].device)
+    if backend != "reference" and not (native or backend == "triton") or \
+            (native or backend == "triton") and not _in_kernel(backend, operands, scaling):
+        operands, scaling = _formed(operands, scaling), None
+    extra = {} if scaling is None else {"scaling": scaling}
+    if native:
+        return native_backend.fused_combine(policy, operands, gram, vectors, scalars, clamp, out=out, **extra)
     if backend == "triton":
         if out is not None and not _direct_out(out, operands, [gram, *vectors, *scalars]):
-            return out.copy_(triton_backend.fused_combine(policy, gram, vectors, scalars, operands, clamp=clamp))
-        return triton_backend.fused_combine(policy, gram, vectors, scalars, operands, out=out, clamp=clamp)
+            return out.copy_(triton_backend.fused_combine(policy, gram, vectors, scalars, operands, clamp=clamp,
+                                                          **extra))
+        return triton_backend.fused_combine(policy, gram, vectors, scalars, operands, out=out, clamp=clamp, **extra)
     b, k = operands[0].shape[0], len(operands)
     g = gram.shape[1] if gram is not None else max(v.shape[1] for v in vectors)
     names_v, names_s = policies.POLICIES[policy]   # (policies._dot reads a Gram over the first Kg operands)
@@ -452,7 +496,7 @@ def fused_unchecked(policy: str, backend: str, operands: List[torch.Tensor], gra
                                  {n: v.expand(b, g, k) for n, v in zip(names_v, vectors)},
                                  {n: s.reshape(-1, 1, 1) for n, s in zip(names_s, scalars)})
     if backend == "reference":   # computes into a temporary, then copies into out
-        return reference.combine(coef, operands, out=out, clamp=clamp)
+        return reference.combine(coef, operands, out=out, clamp=clamp, scaling=scaling)
     acc = reference.combine_dtype if backend == "native" else reference.accumulation_dtype
     coef = coef.expand(b, g, k).to(acc(operands[0].dtype)).contiguous()
     if out is not None and not _direct_out(out, operands, [coef]):

@@ -381,3 +381,79 @@ def test_a_cached_configuration_sets_up_in_at_most_10_ops(name):
     ops = step_launches.count_setup(step_launches.WORKLOADS()[name])
     assert len(ops) <= 10, ops
     assert "_local_scalar_dense" not in ops or ops.count("_local_scalar_dense") <= 1, ops   # one host read at most
+
+
+# -- learned variances: Σ-scaled operands ----------------------------------------------------------
+
+def _model_learned(x, t, y=None):
+    """:func:`_model`'s ε and variance channels v ∈ (−1, 1) (ADM's learned range), the branches differ."""
+    return torch.cat([_model(x, t, y), torch.tanh(0.7 * x + (0.0 if y is None else 0.2))], 1)
+
+
+def _run_learned(guidance, projection, clip, fused, variance="learned-range", backend="auto", dtype=torch.float64,
+                 model=_model_learned):
+    x_T = 1.5 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    runs = {}
+    original = sampling._finish_prepare
+
+    def spy(run, fused_flag=True):
+        original(run, fused_flag)
+        runs["run"] = run
+    sampling._finish_prepare = spy
+    noise = sampling._noise
+    sampling._noise = lambda shape, gen, device, dt: noise(shape, gen, device, torch.float64).to(dt)
+    try:
+        out = gg.sample(model, SHAPE, schedule=SCHED, sampler=gg.Sampler("ddpm", variance=variance, clip=clip),
+                        steps=5, guidance=guidance, projection=projection, cond={"y": torch.ones(SHAPE[0])},
+                        x_T=x_T.to(dtype), execution=gg.Execution(backend=backend, fused=fused),
+                        generator=torch.Generator().manual_seed(2))
+    finally:
+        sampling._finish_prepare, sampling._noise = original, noise
+    return out, runs["run"]
+
+
+LEARNED_CASES = [(g, p, c) for g in ("classifier", "cfg+classifier", "none") for p in ("none", "A", "B", "B-channel")
+                 for c in (None, True) if g != "none" or p == "none"] + \
+                [("cfg", p, c) for p in ("C", "C-paper") for c in (None, True)]
+
+
+def _learned_terms(name):
+    return {"classifier": [gg.Classifier(_log_prob, 0.05, form="mean")],
+            "cfg+classifier": [gg.CFG(2.0), gg.Classifier(_log_prob, 0.05, form="mean")],
+            "cfg": [gg.CFG(3.0)], "none": []}[name]
+
+
+_LEARNED_PROJECTIONS = dict(PROJECTIONS, **{"C-paper": gg.PixelAsParam("C", convention="paper")})
+
+
+@pytest.mark.parametrize("guidance,projection,clip", LEARNED_CASES)
+def test_learned_range_variance_takes_the_fused_step(guidance, projection, clip):
+    """ADM's learned range: Σ = exp(slope · v + offset) scales the classifier's mean shift and √Σ the
+    noise, elementwise; the fused step reads them as Σ-scaled operands and equals the general path."""
+    terms = _learned_terms(guidance)
+    want, _ = _run_learned(terms, _LEARNED_PROJECTIONS[projection], clip, fused=False)
+    got, run = _run_learned(terms, _LEARNED_PROJECTIONS[projection], clip, fused=True)
+    assert run.plan is not None, run.fused_reason
+    scaled = [st for v in run.plan.variants.values() for st in v.stages if st.scaling is not None]
+    assert scaled and all(st.scaling[0] in ("variance_channels", "variance_uncond") for st in scaled)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_learned_range_variance_changes_the_step():
+    """The variance channels reach the step: moving v moves the sample (fused and general alike)."""
+    terms = _learned_terms("classifier")
+    base, _ = _run_learned(terms, PROJECTIONS["A"], True, fused=True)
+    shifted, _ = _run_learned(terms, PROJECTIONS["A"], True, fused=True,
+                              model=lambda x, t, y=None: _model_learned(x, t, y) * torch.tensor([1, 1, 0.5, 0.5]
+                                                                                            ).view(1, -1, 1, 1))
+    assert (base - shifted).abs().max() > 1e-3
+
+
+def test_learned_variance_sigma_itself_takes_the_general_path():
+    """diffusers' ``"learned"`` outputs Σ itself: log Σ = log v is no line in the output, so the
+    fused trace refuses it by name and the general step runs it."""
+    model = lambda x, t, y=None: torch.cat([_model(x, t, y), 0.01 + torch.sigmoid(x) * 0.02], 1)   # noqa: E731
+    out, run = _run_learned(_learned_terms("classifier"), PROJECTIONS["A"], None, fused=True, variance="learned",
+                            model=model)
+    assert run.plan is None and "variance 'learned'" in run.fused_reason
+    assert torch.isfinite(out).all()

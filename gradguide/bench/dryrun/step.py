@@ -79,9 +79,13 @@ def _plan_structure(log: dict, variant) -> None:
         return out
 
     for stage in variant.stages:
-        operands = own(stage.operands)
+        # a pass over Σ-scaled operands also reads the variance channels they are scaled by
+        log_scale = [stage.scaling[0]] if stage.scaling else []
+        operands = own(stage.operands + log_scale)
         if stage.n_gram:
-            log["reduce_k"] = max(log["reduce_k"], len(own(stage.operands[:stage.n_gram])))
+            gram_scaled = stage.scaling and stage.scaling[1] & ((1 << stage.n_gram) - 1)
+            log["reduce_k"] = max(log["reduce_k"], len(own(stage.operands[:stage.n_gram]
+                                                           + (log_scale if gram_scaled else []))))
         if stage.output in intermediates:
             sources.update({name: operands for name in stage.output.split(",")})
         elif stage.output != "decoder_input":   # a decoded term's x̂_0: counted with the term
@@ -99,6 +103,7 @@ def _structure_log(log: dict):
     real_reduced, real_combine, real_mat = linear.Operands._reduced, linear.Operands.combine, \
         linear.Operands.materialize
     real_mat_shift = linear.Operands.materialize_clip_shift
+    real_scaled = linear.Operands.scaled
     inside = {"materialize": 0}
     originals = ("x", "model_cond", "model_uncond")
 
@@ -131,13 +136,19 @@ def _structure_log(log: dict):
         self._dryrun_materialized = getattr(self, "_dryrun_materialized", ()) + tuple(names)
         log["materialized"] += len(names)
         return result
+    def scaled(self, name, u, log_scale, slope, offset):   # Σ ⊙ u: formed from u and Σ's channels as they are read
+        result = real_scaled(self, name, u, log_scale, slope, offset)
+        self._dryrun_materialized = getattr(self, "_dryrun_materialized", ()) + (name,)
+        log["materialized"] += 1
+        return result
     linear.Operands._reduced, linear.Operands.combine, linear.Operands.materialize = reduced, combine, materialize
-    linear.Operands.materialize_clip_shift = materialize_clip_shift
+    linear.Operands.materialize_clip_shift, linear.Operands.scaled = materialize_clip_shift, scaled
     try:
         yield
     finally:
         linear.Operands._reduced, linear.Operands.combine, linear.Operands.materialize = \
             real_reduced, real_combine, real_mat
+        linear.Operands.materialize_clip_shift, linear.Operands.scaled = real_mat_shift, real_scaled
         linear.Operands.materialize_clip_shift = real_mat_shift
 
 
