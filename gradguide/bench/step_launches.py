@@ -11,7 +11,7 @@ the sample batch ("big" tensors; the Gram matrix, coefficients and per-step scal
 :func:`minimum_bytes` is the least a step can move: each operand read once per pass that
 needs it, the output written once (see each workload's ``passes``).
 
-``python -m gradguide.bench.step_launches`` prints the table for the five workloads.
+``python -m gradguide.bench.step_launches`` prints the table for the six workloads.
 """
 from __future__ import annotations
 
@@ -96,14 +96,20 @@ class _OpaqueLogProb(torch.autograd.Function):
 
 
 class OpaqueModel:
-    def __init__(self, shape, seed: int = 0):
+    """``learned``: also ADM's learned-range variance channels, ``[B, 2C, ...]`` like ADM's U-Net."""
+
+    def __init__(self, shape, seed: int = 0, learned: bool = False):
         g = torch.Generator().manual_seed(seed)
         self.bias_c = 0.1 * torch.randn(shape[1:], generator=g)
         self.bias_u = 0.1 * torch.randn(shape[1:], generator=g)
+        self.learned = learned
 
     def __call__(self, x, t, y=None):
         with paused():
             bias = (self.bias_c if y is not None else self.bias_u).to(x.dtype)
+            if self.learned:
+                bias = torch.cat([bias, -bias])
+                x = torch.cat([x, x], 1)
         return _Opaque.apply(x, bias)
 
 
@@ -111,7 +117,7 @@ def opaque_log_prob(direction: torch.Tensor) -> Callable:
     return lambda x, t, y=None: _OpaqueLogProb.apply(x, direction.to(x.dtype))
 
 
-# -- the five workloads ---------------------------------------------------------------------
+# -- the six workloads ----------------------------------------------------------------------
 
 @dataclass
 class Workload:
@@ -131,6 +137,11 @@ def _workloads() -> Dict[str, Workload]:
         return dict(sampler="ddpm", guidance=gg.Classifier(opaque_log_prob(d), scale=2.0),
                     projection=gg.PixelAsParam("A"))
 
+    def adm_learned_cls_pxpa(shape):
+        d = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+        return dict(sampler=gg.Sampler("ddpm", variance="learned-range", clip=True), learned=True,
+                    guidance=gg.Classifier(opaque_log_prob(d), scale=2.0, form="mean"), projection=gg.PixelAsParam("A"))
+
     def ddpm_lookahead(shape):
         g = torch.Generator().manual_seed(4)
         return dict(sampler="ddpm", guidance=gg.LookAhead(torch.randn(shape, generator=g), target=1.0))
@@ -148,6 +159,10 @@ def _workloads() -> Dict[str, Workload]:
         "DDIM + CFG": Workload("DDIM + CFG", ddim_cfg, 4),
         # reduce(x, eps, grad) [den = c0 x0(x, eps), cls = grad] + combine(x, eps, grad, z) + write
         "DDPM + classifier + PxP-A": Workload("DDPM + classifier + PxP-A", ddpm_cls_pxpa, 3 + 4 + 1),
+        # ADM's learned range, clipped x̂_0: Σ = exp(slope v + offset) scales the classifier gradient g, √Σ the
+        # noise: reduce(x, eps, v, g) [den = c0 clip(x0(x, eps)), cls = Σ g] + combine(x, eps, v, g, z) + write
+        "ADM learned Σ + classifier + PxP-A": Workload("ADM learned Σ + classifier + PxP-A", adm_learned_cls_pxpa,
+                                                       4 + 5 + 1),
         # reduce(x, eps, g, J^T g) [<g, x0>, |vjp|^2] + combine(x, eps, g, J^T g, z) + write
         "DDPM + G_loss": Workload("DDPM + G_loss", ddpm_lookahead, 4 + 5 + 1),
         # reduce(x, eps_c, eps_u) + combine(x, eps_c, eps_u) + write (eta = 0: no noise)
@@ -167,7 +182,7 @@ def count_step(workload: Workload, shape=(2, 3, 8, 8), step_index: int = 1, back
     import gradguide as gg
     from gradguide import sampling
     kwargs = workload.kwargs(shape)
-    model = OpaqueModel(shape)
+    model = OpaqueModel(shape, learned=kwargs.pop("learned", False))
     run = sampling.prepare_run(model, shape, schedule=gg.Schedule.linear(1000), sampler=kwargs.pop("sampler"),
                                steps=steps, guidance=kwargs.pop("guidance", ()), projection=kwargs.pop("projection", None),
                                cond=kwargs.pop("cond", None), execution=gg.Execution(backend=backend, fused=fused))
@@ -197,9 +212,9 @@ def count_setup(workload: Workload, shape=(2, 3, 8, 8), backend: str = "auto", s
     the device tables the run owns, the model inputs of the branches."""
     import gradguide as gg
     from gradguide import sampling
-    model = OpaqueModel(shape)
     x_T = torch.randn(shape, generator=torch.Generator().manual_seed(1))
     kwargs, schedule = workload.kwargs(shape), gg.Schedule.linear(1000)   # the caller's objects, made once
+    model = OpaqueModel(shape, learned=kwargs.pop("learned", False))
 
     def call():
         return gg.sample(model, shape, schedule=schedule, steps=steps, x_T=x_T,
