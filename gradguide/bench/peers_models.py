@@ -26,7 +26,9 @@ class CheapModel(nn.Module):
         c = x.shape[1]
         # the 1×1 convolution as a channel contraction: torch's CPU conv2d takes a slow path from
         # batch 16 (5.7 ms instead of 0.17 ms at 16×4×64×64 on the 2026-11-23 machine), which made
-        # the B = 8 + CFG and B = 16 rows time that path instead of the samplers
+        # the B = 8 + CFG and B = 16 rows time that path instead of the samplers. A batched matmul,
+        # not einsum: einsum returned a [C, B, H, W]-ordered tensor, where a convolution (and every
+        # real denoiser) returns contiguous NCHW; each runner then paid for that layout differently
         w = self.conv.weight[:, :, 0, 0]
-        y = torch.einsum("oc,bchw->bohw", w, x) + self.conv.bias[:, None, None]
+        y = torch.matmul(w, x.flatten(2)).view(x.shape) + self.conv.bias[:, None, None]
         return y + 0.01 * encoder_hidden_states[:, 0, :c, None, None]
