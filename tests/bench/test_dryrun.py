@@ -190,6 +190,25 @@ def test_decoded_g_loss_paper_workload_is_the_fused_step():
     assert ops_["gradguide_triton.fused_combine"]["launches"] == 2, ops_
 
 
+def test_learned_variance_paper_workload_is_the_fused_step():
+    """ADM-64 with a learned-range variance + classifier guidance (mean form) + PixelAsParam A, DDPM
+    with clipping (the PixelAsParam paper's workload, full size on fake CUDA, Triton): the step is the
+    fused plan — the clipped x̂_0, one reduce and one fused combine reading Σ ⊙ g and √Σ ⊙ z as
+    Σ-scaled operands (formed from g, z and the variance channels as they load, ε and v read in place
+    in the model's output) — at most 8 launches beyond the model and at most 1.2× the minimum bytes
+    (the minimum reads the variance channels in each pass that reads a scaled operand); the general
+    path took 94 launches at 4.6×."""
+    pytest.importorskip("diffusers")
+    report = dryrun.build_report(["adm64-cls-pxpA"], combinations=False, quick=False, backend="triton",
+                                 progress=False, command="test")
+    (r,) = report["workloads"]
+    s = r["summary"]
+    ops_ = next(iter(r["steps_measured"].values()))["guidance"]["ops"]
+    assert s["guidance_launches"] <= 8, ops_
+    assert s["ratio"] <= 1.2, s
+    assert ops_["gradguide_triton.fused_combine"]["launches"] == 2 and "aten.exp" not in ops_, ops_
+
+
 def test_roofline_formula():
     gpu = projection.GPUS["A100-SXM"]
     ops = [(2.039e9, 0, "float32", "add"),                 # 1 ms of bandwidth
