@@ -29,7 +29,7 @@ def test_a_guided_step_is_at_most_8_launches_at_minimum_traffic(name, backend):
         pytest.skip(f"{backend} not available")
     row = step_launches.count_step(step_launches.WORKLOADS()[name], backend=backend)
     assert row["launches"] <= 8, row["ops"]
-    assert row["traffic_ratio"] <= 1.1, row
+    assert row["traffic_ratio"] <= step_launches.WORKLOADS()[name].target_ratio + 1e-9, row
     ns = "gradguide" if backend == "native" else "gradguide_triton"
     assert f"{ns}::fused_combine" in row["ops"]
     # no small torch ops around the kernels: what is left is the step's column of the tables
@@ -391,7 +391,7 @@ def _model_learned(x, t, y=None):
 
 
 def _run_learned(guidance, projection, clip, fused, variance="learned-range", backend="auto", dtype=torch.float64,
-                 model=_model_learned):
+                 model=_model_learned, graph=False, diagnostics=None):
     x_T = 1.5 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     runs = {}
     original = sampling._finish_prepare
@@ -405,8 +405,8 @@ def _run_learned(guidance, projection, clip, fused, variance="learned-range", ba
     try:
         out = gg.sample(model, SHAPE, schedule=SCHED, sampler=gg.Sampler("ddpm", variance=variance, clip=clip),
                         steps=5, guidance=guidance, projection=projection, cond={"y": torch.ones(SHAPE[0])},
-                        x_T=x_T.to(dtype), execution=gg.Execution(backend=backend, fused=fused),
-                        generator=torch.Generator().manual_seed(2))
+                        x_T=x_T.to(dtype), execution=gg.Execution(backend=backend, fused=fused, graph=graph),
+                        diagnostics=diagnostics, generator=torch.Generator().manual_seed(2))
     finally:
         sampling._finish_prepare, sampling._noise = original, noise
     return out, runs["run"]
@@ -437,6 +437,16 @@ def test_learned_range_variance_takes_the_fused_step(guidance, projection, clip)
     scaled = [st for v in run.plan.variants.values() for st in v.stages if st.scaling is not None]
     assert scaled and all(st.scaling[0] in ("variance_channels", "variance_uncond") for st in scaled)
     torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_learned_range_fused_step_never_synchronises_and_replays_in_the_graph_stepper():
+    from gradguide.graphs import GraphCache
+    terms = _learned_terms("cfg+classifier")
+    want, _ = _run_learned(terms, PROJECTIONS["A"], True, fused=True, diagnostics=gg.Diagnostics(check_sync=True))
+    cache = GraphCache(emulate=True)
+    got, run = _run_learned(terms, PROJECTIONS["A"], True, fused=True, graph=cache)
+    assert run.plan is not None and cache.captures >= 1
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_learned_range_variance_changes_the_step():
