@@ -122,5 +122,5 @@ def _plan_layout(plan) -> Optional[tuple]:
     return tuple(plan.keys), tuple(
         (key, tuple((s.policy, tuple(s.operands), s.n_gram, tuple(s.vector_rows),
                      tuple(s.scalars),
-                     s.clamp, s.output, s.per_group) for s in variant.stages))
+                     s.clamp, s.output, s.per_group, s.scaling) for s in variant.stages))
         for key, variant in plan.variants.items())
