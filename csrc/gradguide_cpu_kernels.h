@@ -15,6 +15,20 @@
 //
 // References: gradguide/ops/reference.py (reduce, combine, clip_shift), plain torch.
 
+#ifndef GG_ROW_SCALE_DEFINED
+#define GG_ROW_SCALE_DEFINED
+// Shared by every instruction set's variant (one type, so GG_PICK's pointers agree).
+template <typename scalar_t>
+using scale_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+
+template <typename scalar_t>
+struct RowScale {            // one row's Σ-scaling (see load_scaled); unused where the mask bit is clear
+  const scalar_t* v;         // the row of log_scale
+  scale_t<scalar_t> a[8], c[8];
+  unsigned mask;
+};
+#endif
+
 namespace GG_ISA {
 
 typedef double dvec __attribute__((vector_size(64)));
@@ -70,6 +84,33 @@ GG_TARGET GG_INLINE void store_tail(scalar_t* p, dvec v, int64_t m) {
   for (int64_t l = 0; l < m; ++l) p[l] = static_cast<scalar_t>(v[l]);
 }
 
+// Σ-scaled operands: op * exp(a * v + c) per element (a, c: the row's slope and offset of the
+// operand), formed in float for fp16/bf16/fp32 data and in double for fp64 (gradguide/ops/reference.py,
+// Scaling), then widened: the product is the operand's value, never rounded to its dtype.
+template <typename scalar_t>
+GG_TARGET GG_INLINE scale_t<scalar_t> scaled_value(scalar_t x, scalar_t v, scale_t<scalar_t> a, scale_t<scalar_t> c) {
+  using T = scale_t<scalar_t>;
+  return static_cast<T>(x) * std::exp(static_cast<T>(v) * a + c);
+}
+
+// the first m <= kW scaled elements, zeros after them (as load_tail)
+template <typename scalar_t>
+GG_TARGET GG_INLINE dvec load_scaled(const scalar_t* p, const scalar_t* v, scale_t<scalar_t> a, scale_t<scalar_t> c,
+                                     int64_t m) {
+  dvec r = {};
+  for (int64_t l = 0; l < m; ++l) r[l] = static_cast<double>(scaled_value(p[l], v[l], a, c));
+  return r;
+}
+
+// operand k's block at e (m elements): scaled where S and its mask bit say so
+template <bool S, typename scalar_t>
+GG_TARGET GG_INLINE dvec load_operand(const scalar_t* row, const RowScale<scalar_t>& rs, int k, int64_t e, int64_t m) {
+  if constexpr (S) {
+    if (rs.mask >> k & 1u) return load_scaled(row + e, rs.v + e, rs.a[k], rs.c[k], m);
+  }
+  return m == kW ? load_block(row + e) : load_tail(row + e, m);
+}
+
 GG_TARGET GG_INLINE double fold(dvec v) {  // lanes added in a fixed order
   double s = v[0];
   for (int l = 1; l < kW; ++l) s += v[l];
@@ -90,9 +131,9 @@ GG_TARGET GG_INLINE void gram_block(const dvec (&x)[K], dvec (&acc)[K * (K + 1) 
     for (int j = i; j < K; ++j, ++p) acc[p] += x[i] * x[j];  // exact: fp32 x fp32 fits a double
 }
 
-template <int K, typename scalar_t>
-GG_TARGET void reduce_span(const scalar_t* const* rows, int64_t begin, int64_t end, double* gram_out,
-                           double* sums_out) {
+template <int K, typename scalar_t, bool S>
+GG_TARGET void reduce_span(const scalar_t* const* rows, const RowScale<scalar_t>& rs, int64_t begin, int64_t end,
+                           double* gram_out, double* sums_out) {
   constexpr int P = K * (K + 1) / 2;
   dvec acc[P], sum[K];
 #pragma GCC unroll 64
@@ -103,12 +144,12 @@ GG_TARGET void reduce_span(const scalar_t* const* rows, int64_t begin, int64_t e
   for (; e + kW <= end; e += kW) {
     dvec x[K];
 #pragma GCC unroll 8
-    for (int k = 0; k < K; ++k) x[k] = load_block(rows[k] + e);
+    for (int k = 0; k < K; ++k) x[k] = load_operand<S>(rows[k], rs, k, e, kW);
     gram_block<K>(x, acc, sum);
   }
   if (e < end) {
     dvec x[K];
-    for (int k = 0; k < K; ++k) x[k] = load_tail(rows[k] + e, end - e);
+    for (int k = 0; k < K; ++k) x[k] = load_operand<S>(rows[k], rs, k, e, end - e);
     gram_block<K>(x, acc, sum);
   }
   for (int p = 0; p < P; ++p) gram_out[p] = fold(acc[p]);
@@ -120,9 +161,9 @@ GG_TARGET void reduce_span(const scalar_t* const* rows, int64_t begin, int64_t e
 // K(K+1)/2 + K accumulators of 8 doubles (AVX2: 16 registers of 4 doubles; SSE2/NEON): a tile
 // of each operand is converted to float64 in L1, then each product runs over the tile with
 // only its own 8 lanes live. Bit-identical to reduce_span.
-template <int K, typename scalar_t>
-GG_TARGET void reduce_span_tiled(const scalar_t* const* rows, int64_t begin, int64_t end, double* gram_out,
-                                 double* sums_out) {
+template <int K, typename scalar_t, bool S>
+GG_TARGET void reduce_span_tiled(const scalar_t* const* rows, const RowScale<scalar_t>& rs, int64_t begin,
+                                 int64_t end, double* gram_out, double* sums_out) {
   constexpr int P = K * (K + 1) / 2;
   constexpr int64_t kTile = 256;  // K tiles of 2 KiB: L1-resident for K = 8
   alignas(64) double acc[P][kW] = {}, sum[K][kW] = {};
@@ -132,7 +173,14 @@ GG_TARGET void reduce_span_tiled(const scalar_t* const* rows, int64_t begin, int
     const int64_t padded = (n + kW - 1) / kW * kW;
     for (int k = 0; k < K; ++k) {
       const scalar_t* src = rows[k] + start;
-      for (int64_t e = 0; e < n; ++e) tile[k][e] = static_cast<double>(src[e]);
+      bool scaled = false;
+      if constexpr (S) scaled = rs.mask >> k & 1u;
+      if (scaled) {
+        const scalar_t* v = rs.v + start;
+        for (int64_t e = 0; e < n; ++e) tile[k][e] = static_cast<double>(scaled_value(src[e], v[e], rs.a[k], rs.c[k]));
+      } else {
+        for (int64_t e = 0; e < n; ++e) tile[k][e] = static_cast<double>(src[e]);
+      }
       for (int64_t e = n; e < padded; ++e) tile[k][e] = 0;
     }
     for (int k = 0; k < K; ++k)
@@ -161,27 +209,30 @@ GG_TARGET void reduce_span_tiled(const scalar_t* const* rows, int64_t begin, int
 // Every operand is multiplied, even by a zero weight: 0 * inf = NaN, as the reference.
 // Comparisons are false for NaN, so the clamp keeps NaN (torch.clamp does the same).
 
-template <int K, typename scalar_t>
-GG_TARGET GG_INLINE dvec combine_block(const dvec (&w)[K], const scalar_t* const* rows, int64_t e, int64_t m,
-                                       bool has_low, dvec low, bool has_high, dvec high) {
-  dvec acc = w[0] * (m == kW ? load_block(rows[0] + e) : load_tail(rows[0] + e, m));
+template <int K, typename scalar_t, bool S>
+GG_TARGET GG_INLINE dvec combine_block(const dvec (&w)[K], const scalar_t* const* rows, const RowScale<scalar_t>& rs,
+                                       int64_t e, int64_t m, bool has_low, dvec low, bool has_high, dvec high) {
+  dvec acc = w[0] * load_operand<S>(rows[0], rs, 0, e, m);
 #pragma GCC unroll 8
-  for (int k = 1; k < K; ++k) acc += w[k] * (m == kW ? load_block(rows[k] + e) : load_tail(rows[k] + e, m));
+  for (int k = 1; k < K; ++k) acc += w[k] * load_operand<S>(rows[k], rs, k, e, m);
   if (has_low) acc = acc < low ? low : acc;
   if (has_high) acc = acc > high ? high : acc;
   return acc;
 }
 
-template <int K, typename scalar_t>
-GG_TARGET void combine_span(const scalar_t* const* rows, const double* weights, int64_t begin, int64_t end,
-                            bool has_low, double low_d, bool has_high, double high_d, scalar_t* dst) {
+template <int K, typename scalar_t, bool S>
+GG_TARGET void combine_span(const scalar_t* const* rows, const RowScale<scalar_t>& rs, const double* weights,
+                            int64_t begin, int64_t end, bool has_low, double low_d, bool has_high, double high_d,
+                            scalar_t* dst) {
   dvec w[K];
   for (int k = 0; k < K; ++k) w[k] = dvec{} + weights[k];
   const dvec low = dvec{} + low_d, high = dvec{} + high_d;
   int64_t e = begin;
   for (; e + kW <= end; e += kW)
-    store_block(dst + e, combine_block<K>(w, rows, e, kW, has_low, low, has_high, high));
-  if (e < end) store_tail(dst + e, combine_block<K>(w, rows, e, end - e, has_low, low, has_high, high), end - e);
+    store_block(dst + e, combine_block<K, scalar_t, S>(w, rows, rs, e, kW, has_low, low, has_high, high));
+  if (e < end)
+    store_tail(dst + e, combine_block<K, scalar_t, S>(w, rows, rs, e, end - e, has_low, low, has_high, high),
+               end - e);
 }
 
 // ---------------------------------------------------------------------------------------
