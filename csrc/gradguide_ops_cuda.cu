@@ -80,8 +80,28 @@ struct ScaleOf { using type = float; };
 template <>
 struct ScaleOf<double> { using type = double; };
 
-__device__ __forceinline__ float scale_exp(float x) { return expf(x); }
-__device__ __forceinline__ double scale_exp(double x) { return exp(x); }
+// float exp as the CPU kernels compute it (gradguide_cpu_kernels.h, vexp: range reduction by
+// ln 2, Taylor degree 7, 2^n in two exponent-field factors), not expf: the build's
+// --use_fast_math makes expf the approximate __expf, whose error grows with |x|. FMAs here (the
+// CPU variant has none), so the bits may differ from the CPU's by an ulp; subnormal results
+// flush to zero under fast math. NaN stays NaN, inf -> inf, -inf -> 0.
+__device__ __forceinline__ float scale_exp(float x) {
+  const float t = fminf(fmaxf(x, -104.0f), 89.0f);   // (a NaN x is returned below)
+  const float n = rintf(t * 1.44269502162933349609f);
+  const float r = fmaf(n, 2.12194441701285541058e-4f, fmaf(n, -0.693359375f, t));
+  float p = 1.0f / 5040.0f;
+  p = fmaf(p, r, 1.0f / 720.0f);
+  p = fmaf(p, r, 1.0f / 120.0f);
+  p = fmaf(p, r, 1.0f / 24.0f);
+  p = fmaf(p, r, 1.0f / 6.0f);
+  p = fmaf(p, r, 0.5f);
+  p = fmaf(p, r, 1.0f);
+  p = fmaf(p, r, 1.0f);
+  const int ni = __float2int_rn(n), n1 = ni >> 1, n2 = ni - n1;
+  const float y = (p * __int_as_float((n1 + 127) << 23)) * __int_as_float((n2 + 127) << 23);
+  return x != x ? x : y;
+}
+__device__ __forceinline__ double scale_exp(double x) { return exp(x); }   // fast math leaves double alone
 
 // accumulation: double for float and double data (small combinations of large operands cancel:
 // gradguide/kernels/reduce.py's header, docs/architecture.md#precision; per element a few FMAs, far under the memory bound even

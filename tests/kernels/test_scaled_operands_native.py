@@ -138,6 +138,37 @@ def test_scaled_value_is_formed_in_float32_not_rounded_to_the_dtype():
     assert abs(sums.item() - rounded) > 20 * abs(sums.item() - want32)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_kernels_exp_is_accurate_and_ieee_at_the_ends(dtype):
+    """The factor's exp (vectorised in the kernels): ones scaled by exp(v) through the linear
+    program (weight 1: the output is the factor itself, no rounding for fp32/fp64) against float64
+    exp: within 2 ulps over the normal range, to the subnormal spacing below it, and
+    exp(NaN) = NaN, exp(inf) = inf, exp(-inf) = 0, overflow to inf, underflow to 0."""
+    info = torch.finfo(dtype)
+    top = 88.7 if dtype == torch.float32 else 709.7
+    bottom = -87.3 if dtype == torch.float32 else -708.3
+    v = torch.cat([torch.linspace(bottom, top, 20011, dtype=torch.float64),
+                   torch.linspace(-1.0, 1.0, 4001, dtype=torch.float64),      # |r| near ln2 / 2 and 0
+                   torch.linspace(bottom - 16, bottom, 3001, dtype=torch.float64)]).to(dtype)
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), top + 1, bottom - 40, 0.0], dtype=dtype)
+    v = torch.cat([v, special]).view(1, -1)
+    ones = torch.ones_like(v)
+    one = torch.ones(1, 1, 1, dtype=torch.float64)
+    f64 = dict(dtype=torch.float64)
+    sc = Scaling(v, torch.ones(1, 1, **f64), torch.zeros(1, 1, **f64), 1)
+    got = native_backend.fused_combine("linear", [ones], None, [one], [], scaling=sc)[0]
+    want = torch.exp(v[0].double())
+    n = v.shape[1] - len(special)
+    err = (got[:n].double() - want[:n]).abs()
+    assert (err <= 2 * info.eps * want[:n] + info.tiny * info.eps).all(), (err / want[:n]).max().item()
+    tail = got[n:]
+    assert tail[0].isnan() and tail[1] == float("inf") and tail[2] == 0 and tail[3] == float("inf")
+    assert tail[4] == 0 and tail[5] == 1
+    # and reduce reads the same factors: sums of one operand = sum of its values
+    _, sums = native_backend.reduce([ones[:, :n]], 1, scaling=sc._replace(log_scale=v[:, :n]))
+    torch.testing.assert_close(sums[0, 0, 0], got[:n].double().sum(), rtol=1e-12, atol=0)
+
+
 # -- fused_combine --------------------------------------------------------------------------------
 
 def _program(policy, b, groups, k, kg, g):
