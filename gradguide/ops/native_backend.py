@@ -63,6 +63,7 @@ def _register_fakes() -> None:
     # the fake kernels check what the C++ ops check (shapes, dtypes, devices: opchecks.py), so a
     # fake or meta call, or mixed devices that dispatch to Meta, fail as a real call would
     from . import opchecks, policies
+    from .reference import accumulation_dtype as reference_acc
     names = tuple(policies.POLICIES)
 
     @torch.library.register_fake("gradguide::reduce")
@@ -70,8 +71,9 @@ def _register_fakes() -> None:
         first = opchecks.reduce("gradguide::reduce", operands, groups, log_scale, slope, offset, scaled,
                                 row_strided=True)
         b, k = first.shape[0], len(operands)
-        # the CPU op accumulates the Gram in float64 (reference.py); the CUDA op in float32
-        acc = torch.float64 if first.device.type == "cpu" else _acc(first.dtype)
+        # the CPU op accumulates the Gram in float64 (reference.py); the CUDA op in float64 for
+        # float32/float64 data and float32 for fp16/bf16 (csrc/gradguide_ops_cuda.cu, AccOf)
+        acc = torch.float64 if first.device.type == "cpu" else reference_acc(first.dtype)
         return first.new_empty((b, groups, k, k), dtype=acc), first.new_empty((b, groups, k), dtype=acc)
 
     @torch.library.register_fake("gradguide::combine")
