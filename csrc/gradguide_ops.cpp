@@ -39,8 +39,11 @@
 // (gradguide_policies.h, row_coefficients: the rule of every backend).
 // Errors: TORCH_CHECK_VALUE / TORCH_CHECK_TYPE (ValueError / TypeError in Python) naming the
 // argument; a device without kernels, or a call with no tensor, reaches the fallbacks below.
-// Limits: K <= 8 operands of one dtype, shape and device; non-contiguous operands are made
-// contiguous by the Python glue (gradguide/ops/native_backend.py), and rejected here.
+// Limits: K <= 8 operands of one dtype, shape and device. reduce and fused_combine read
+// row-strided operands (each sample contiguous, any batch stride: the halves of a [B, 2C, ...]
+// model output) in place, and Σ-scaled ones (op * exp(slope * log_scale + offset), formed as
+// they load: gradguide_cpu_kernels.h, load_scaled); anything else non-contiguous is made
+// contiguous by the glue above (gradguide/ops/__init__.py) and rejected here.
 #include <Python.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -152,7 +155,9 @@ static at::Tensor empty_output(const at::Tensor& like) {
 // checks shared by both ops
 
 // Errors name the argument (ValueError / TypeError in Python), as the Python API's do.
-static void check_operands(const std::vector<at::Tensor>& ops, const char* op) {
+// `row_strided`: samples contiguous with any batch stride (reduce, fused_combine: read in place);
+// otherwise contiguous (combine, clip_shift: the glue makes them so).
+static void check_operands(const std::vector<at::Tensor>& ops, const char* op, bool row_strided = false) {
   TORCH_CHECK_VALUE(!ops.empty(), op, ": operands: expected a non-empty list of tensors");
   TORCH_CHECK_VALUE(ops.size() <= kMaxK, op, ": operands: expected at most ", kMaxK, " tensors, got ", ops.size());
   const auto& first = ops[0];
@@ -164,7 +169,12 @@ static void check_operands(const std::vector<at::Tensor>& ops, const char* op) {
                 " differs from operands[0]'s ", first.sizes());
     TORCH_CHECK_VALUE(t.device() == first.device(), op, ": operands[", k, "]: device ", t.device(),
                 " differs from operands[0]'s ", first.device());
-    TORCH_CHECK_VALUE(t.is_contiguous(), op, ": operands[", k, "]: expected a contiguous tensor");
+    if (row_strided) {
+      TORCH_CHECK_VALUE(samples_contiguous(t), op, ": operands[", k,
+                        "]: expected contiguous samples (any batch stride), got strides ", t.strides());
+    } else {
+      TORCH_CHECK_VALUE(t.is_contiguous(), op, ": operands[", k, "]: expected a contiguous tensor");
+    }
   }
   auto st = first.scalar_type();
   TORCH_CHECK_TYPE(st == at::kFloat || st == at::kDouble || st == at::kHalf || st == at::kBFloat16, op,
@@ -186,27 +196,61 @@ static void check_out_overlap(const char* op, const at::Tensor& out, const std::
 // combine's weights and accumulator: float64 (see "Accumulation" above)
 static at::ScalarType acc_type(at::ScalarType) { return at::kDouble; }
 
+// Where row r = (b, g) of operand k starts: base[k] + b * s0[k] + g * n (row-strided operands;
+// for contiguous ones s0 = G * n, i.e. base + r * n as before), and its Σ-scaling.
+template <int K, typename scalar_t>
+struct Rows {
+  std::array<const scalar_t*, K> base;
+  std::array<int64_t, K> s0;
+  int64_t groups, n;
+  ScaleArgs scale;
+
+  Rows(const std::vector<at::Tensor>& ops, int64_t groups_, int64_t n_, const ScaleArgs& scale_)
+      : groups(groups_), n(n_), scale(scale_) {
+    for (int k = 0; k < K; ++k) {
+      base[k] = ops[k].const_data_ptr<scalar_t>();
+      s0[k] = batch_stride(ops[k]);
+    }
+  }
+  void row(int64_t r, std::array<const scalar_t*, K>& ptrs, RowScale<scalar_t>& rs) const {
+    const int64_t b = r / groups, g = r % groups;
+    for (int k = 0; k < K; ++k) ptrs[k] = base[k] + b * s0[k] + g * n;
+    rs.mask = scale.mask;
+    if (scale.mask) {
+      using T = scale_t<scalar_t>;
+      rs.v = static_cast<const scalar_t*>(scale.v) + b * scale.v_s0 + g * n;
+      for (int k = 0; k < K; ++k) {
+        rs.a[k] = static_cast<T>(scale.slope[b * scale.slope_s0 + k * scale.slope_s1]);
+        rs.c[k] = static_cast<T>(scale.offset[b * scale.offset_s0 + k * scale.offset_s1]);
+      }
+    }
+  }
+};
+
 // ---------------------------------------------------------------------------------------
 // reduce
 
 template <int K, typename scalar_t>
-static void reduce_impl(const std::vector<at::Tensor>& ops, int64_t rows, int64_t n, at::Tensor& gram,
-                        at::Tensor& sums) {
+static void reduce_impl(const std::vector<at::Tensor>& ops, int64_t rows, int64_t groups, int64_t n,
+                        const ScaleArgs& scale, at::Tensor& gram, at::Tensor& sums) {
   using acc_t = double;  // see "Accumulation" at the top: the Gram is always float64
   constexpr int P = K * (K + 1) / 2;
   const int64_t chunks = std::max<int64_t>(1, (n + kChunk - 1) / kChunk);
   std::vector<acc_t> part_gram(rows * chunks * P), part_sums(rows * chunks * K);
-  std::array<const scalar_t*, K> base;
-  for (int k = 0; k < K; ++k) base[k] = ops[k].data_ptr<scalar_t>();
+  const Rows<K, scalar_t> layout(ops, groups, n, scale);
   // AVX-512 holds every accumulator in a register; the narrower sets run the tiled variant
-  const auto span = cpu_isa() == Isa::kAvx512 ? GG_PICK(reduce_span, K, scalar_t)
-                                              : GG_PICK(reduce_span_tiled, K, scalar_t);
+  const bool scaled = scale.mask != 0;
+  const auto span = cpu_isa() == Isa::kAvx512
+                        ? (scaled ? GG_PICK(reduce_span, K, scalar_t, true) : GG_PICK(reduce_span, K, scalar_t, false))
+                        : (scaled ? GG_PICK(reduce_span_tiled, K, scalar_t, true)
+                             : GG_PICK(reduce_span_tiled, K, scalar_t, false));
   at::parallel_for(0, rows * chunks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t r = item / chunks, c = item % chunks;
       std::array<const scalar_t*, K> ptrs;
-      for (int k = 0; k < K; ++k) ptrs[k] = base[k] + r * n;
-      span(ptrs.data(), c * kChunk, std::min(n, (c + 1) * kChunk), part_gram.data() + item * P,
+      RowScale<scalar_t> rs;
+      layout.row(r, ptrs, rs);
+      span(ptrs.data(), rs, c * kChunk, std::min(n, (c + 1) * kChunk), part_gram.data() + item * P,
            part_sums.data() + item * K);
     }
   });
@@ -228,17 +272,17 @@ static void reduce_impl(const std::vector<at::Tensor>& ops, int64_t rows, int64_
 }
 
 template <typename scalar_t>
-static void reduce_dispatch_k(const std::vector<at::Tensor>& ops, int64_t rows, int64_t n, at::Tensor& gram,
-                              at::Tensor& sums) {
+static void reduce_dispatch_k(const std::vector<at::Tensor>& ops, int64_t rows, int64_t groups, int64_t n,
+                              const ScaleArgs& sc, at::Tensor& gram, at::Tensor& sums) {
   switch (ops.size()) {
-    case 1: return reduce_impl<1, scalar_t>(ops, rows, n, gram, sums);
-    case 2: return reduce_impl<2, scalar_t>(ops, rows, n, gram, sums);
-    case 3: return reduce_impl<3, scalar_t>(ops, rows, n, gram, sums);
-    case 4: return reduce_impl<4, scalar_t>(ops, rows, n, gram, sums);
-    case 5: return reduce_impl<5, scalar_t>(ops, rows, n, gram, sums);
-    case 6: return reduce_impl<6, scalar_t>(ops, rows, n, gram, sums);
-    case 7: return reduce_impl<7, scalar_t>(ops, rows, n, gram, sums);
-    case 8: return reduce_impl<8, scalar_t>(ops, rows, n, gram, sums);
+    case 1: return reduce_impl<1, scalar_t>(ops, rows, groups, n, sc, gram, sums);
+    case 2: return reduce_impl<2, scalar_t>(ops, rows, groups, n, sc, gram, sums);
+    case 3: return reduce_impl<3, scalar_t>(ops, rows, groups, n, sc, gram, sums);
+    case 4: return reduce_impl<4, scalar_t>(ops, rows, groups, n, sc, gram, sums);
+    case 5: return reduce_impl<5, scalar_t>(ops, rows, groups, n, sc, gram, sums);
+    case 6: return reduce_impl<6, scalar_t>(ops, rows, groups, n, sc, gram, sums);
+    case 7: return reduce_impl<7, scalar_t>(ops, rows, groups, n, sc, gram, sums);
+    case 8: return reduce_impl<8, scalar_t>(ops, rows, groups, n, sc, gram, sums);
   }
 }
 
@@ -249,18 +293,22 @@ static int64_t check_groups(const at::Tensor& first, int64_t groups, const char*
   return per_sample / groups;
 }
 
-std::tuple<at::Tensor, at::Tensor> reduce_cpu(at::TensorList operands, int64_t groups) {
+std::tuple<at::Tensor, at::Tensor> reduce_cpu(at::TensorList operands, int64_t groups,
+                                              const std::optional<at::Tensor>& log_scale,
+                                              const std::optional<at::Tensor>& slope,
+                                              const std::optional<at::Tensor>& offset, int64_t scaled) {
   std::vector<at::Tensor> ops(operands.begin(), operands.end());
-  check_operands(ops, "gradguide::reduce");
+  check_operands(ops, "gradguide::reduce", /*row_strided=*/true);
   const auto& first = ops[0];
   TORCH_CHECK_VALUE(first.device().is_cpu(), "gradguide::reduce: operands: expected CPU tensors, got ", first.device());
   const int64_t b = first.size(0), k = static_cast<int64_t>(ops.size());
   const int64_t n = check_groups(first, groups, "gradguide::reduce");
+  const ScaleArgs sc = scale_args("gradguide::reduce", first, k, log_scale, slope, offset, scaled);
   auto opts = first.options().dtype(at::kDouble);
   at::Tensor gram = at::empty({b, groups, k, k}, opts);
   at::Tensor sums = at::empty({b, groups, k}, opts);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "gradguide_reduce", [&] {
-    reduce_dispatch_k<scalar_t>(ops, b * groups, n, gram, sums);
+    reduce_dispatch_k<scalar_t>(ops, b * groups, groups, n, sc, gram, sums);
   });
   return {gram, sums};
 }
@@ -271,22 +319,23 @@ std::tuple<at::Tensor, at::Tensor> reduce_cpu(at::TensorList operands, int64_t g
 template <typename scalar_t>
 using combine_acc_t = double;
 
-// cf: [rows, K] contiguous float64 weights
+// cf: [rows, K] contiguous float64 weights; rows = B x groups; out contiguous
 template <int K, typename scalar_t>
 static void combine_impl(const std::vector<at::Tensor>& ops, const combine_acc_t<scalar_t>* cf, int64_t rows,
-                         int64_t n, bool has_low, double low, bool has_high, double high, at::Tensor& out) {
+                         int64_t groups, int64_t n, const ScaleArgs& scale, bool has_low, double low, bool has_high,
+                         double high, at::Tensor& out) {
   static_assert(std::is_same_v<combine_acc_t<scalar_t>, double>, "the combine kernels accumulate in float64");
   const int64_t chunks = std::max<int64_t>(1, (n + kChunk - 1) / kChunk);
-  std::array<const scalar_t*, K> base;
-  for (int k = 0; k < K; ++k) base[k] = ops[k].data_ptr<scalar_t>();
+  const Rows<K, scalar_t> layout(ops, groups, n, scale);
   scalar_t* dst = out.data_ptr<scalar_t>();
-  const auto span = GG_PICK(combine_span, K, scalar_t);
+  const auto span = scale.mask ? GG_PICK(combine_span, K, scalar_t, true) : GG_PICK(combine_span, K, scalar_t, false);
   at::parallel_for(0, rows * chunks, 1, [&](int64_t lo, int64_t hi) {
     for (int64_t item = lo; item < hi; ++item) {
       const int64_t r = item / chunks, c = item % chunks;
       std::array<const scalar_t*, K> ptrs;
-      for (int k = 0; k < K; ++k) ptrs[k] = base[k] + r * n;
-      span(ptrs.data(), cf + r * K, c * kChunk, std::min(n, (c + 1) * kChunk), has_low, low, has_high, high,
+      RowScale<scalar_t> rs;
+      layout.row(r, ptrs, rs);
+      span(ptrs.data(), rs, cf + r * K, c * kChunk, std::min(n, (c + 1) * kChunk), has_low, low, has_high, high,
            dst + r * n);
     }
   });
@@ -294,16 +343,17 @@ static void combine_impl(const std::vector<at::Tensor>& ops, const combine_acc_t
 
 template <typename scalar_t>
 static void combine_dispatch_k(const std::vector<at::Tensor>& ops, const combine_acc_t<scalar_t>* coef,
-                               int64_t rows, int64_t n, bool hl, double l, bool hh, double h, at::Tensor& out) {
+                               int64_t rows, int64_t g, int64_t n, const ScaleArgs& sc, bool hl, double l, bool hh,
+                               double h, at::Tensor& out) {
   switch (ops.size()) {
-    case 1: return combine_impl<1, scalar_t>(ops, coef, rows, n, hl, l, hh, h, out);
-    case 2: return combine_impl<2, scalar_t>(ops, coef, rows, n, hl, l, hh, h, out);
-    case 3: return combine_impl<3, scalar_t>(ops, coef, rows, n, hl, l, hh, h, out);
-    case 4: return combine_impl<4, scalar_t>(ops, coef, rows, n, hl, l, hh, h, out);
-    case 5: return combine_impl<5, scalar_t>(ops, coef, rows, n, hl, l, hh, h, out);
-    case 6: return combine_impl<6, scalar_t>(ops, coef, rows, n, hl, l, hh, h, out);
-    case 7: return combine_impl<7, scalar_t>(ops, coef, rows, n, hl, l, hh, h, out);
-    case 8: return combine_impl<8, scalar_t>(ops, coef, rows, n, hl, l, hh, h, out);
+    case 1: return combine_impl<1, scalar_t>(ops, coef, rows, g, n, sc, hl, l, hh, h, out);
+    case 2: return combine_impl<2, scalar_t>(ops, coef, rows, g, n, sc, hl, l, hh, h, out);
+    case 3: return combine_impl<3, scalar_t>(ops, coef, rows, g, n, sc, hl, l, hh, h, out);
+    case 4: return combine_impl<4, scalar_t>(ops, coef, rows, g, n, sc, hl, l, hh, h, out);
+    case 5: return combine_impl<5, scalar_t>(ops, coef, rows, g, n, sc, hl, l, hh, h, out);
+    case 6: return combine_impl<6, scalar_t>(ops, coef, rows, g, n, sc, hl, l, hh, h, out);
+    case 7: return combine_impl<7, scalar_t>(ops, coef, rows, g, n, sc, hl, l, hh, h, out);
+    case 8: return combine_impl<8, scalar_t>(ops, coef, rows, g, n, sc, hl, l, hh, h, out);
   }
 }
 
@@ -337,7 +387,8 @@ void combine_out_cpu(const at::Tensor& coef_in, at::TensorList operands, std::op
   TORCH_CHECK_VALUE(!(high.has_value() && std::isnan(*high)), "gradguide::combine: high: NaN is not a bound");
   at::Tensor coef = coef_in.to(acc_type(first.scalar_type())).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "gradguide_combine", [&] {
-    combine_dispatch_k<scalar_t>(ops, coef.data_ptr<combine_acc_t<scalar_t>>(), b * groups, n, low.has_value(),
+    combine_dispatch_k<scalar_t>(ops, coef.data_ptr<combine_acc_t<scalar_t>>(), b * groups, groups, n, ScaleArgs{},
+                                 low.has_value(),
                                  low.value_or(0.0), high.has_value(), high.value_or(0.0), out);
   });
 }
@@ -368,7 +419,7 @@ static double read_double(const at::Tensor& t, int64_t offset) {
 static void fused_combine_into(const char* op, c10::string_view policy_name, const std::vector<at::Tensor>& ops,
                                const std::optional<at::Tensor>& gram, at::TensorList vectors,
                                at::TensorList scalars, std::optional<double> low, std::optional<double> high,
-                               at::Tensor& out) {
+                               const ScaleArgs& sc, at::Tensor& out) {
   const auto& first = ops[0];
   TORCH_CHECK_VALUE(!(low.has_value() && std::isnan(*low)), op, ": low: NaN is not a bound");
   TORCH_CHECK_VALUE(!(high.has_value() && std::isnan(*high)), op, ": high: NaN is not a bound");
@@ -380,25 +431,28 @@ static void fused_combine_into(const char* op, c10::string_view policy_name, con
   std::vector<double> coef(rows * k);
   for (int64_t r = 0; r < rows; ++r) row_coefficients(args, r, coef.data() + r * k);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, first.scalar_type(), "gradguide_fused_combine", [&] {
-    combine_dispatch_k<scalar_t>(ops, coef.data(), rows, n, low.has_value(), low.value_or(0.0), high.has_value(),
-                                 high.value_or(0.0), out);
+    combine_dispatch_k<scalar_t>(ops, coef.data(), rows, args.groups, n, sc, low.has_value(), low.value_or(0.0),
+                                 high.has_value(), high.value_or(0.0), out);
   });
 }
 
 static std::vector<at::Tensor> fused_operands(const char* op, at::TensorList operands) {
   std::vector<at::Tensor> ops(operands.begin(), operands.end());
-  check_operands(ops, op);
+  check_operands(ops, op, /*row_strided=*/true);
   TORCH_CHECK_VALUE(ops[0].device().is_cpu(), op, ": operands: expected CPU tensors, got ", ops[0].device());
   return ops;
 }
 
 at::Tensor fused_combine_cpu(c10::string_view policy_name, at::TensorList operands, const std::optional<at::Tensor>& gram,
                              at::TensorList vectors, at::TensorList scalars, std::optional<double> low,
-                             std::optional<double> high) {
+                             std::optional<double> high, const std::optional<at::Tensor>& log_scale,
+                             const std::optional<at::Tensor>& slope, const std::optional<at::Tensor>& offset,
+                             int64_t scaled) {
   const char* op = "gradguide::fused_combine";
   const auto ops = fused_operands(op, operands);
+  const ScaleArgs sc = scale_args(op, ops[0], static_cast<int64_t>(ops.size()), log_scale, slope, offset, scaled);
   at::Tensor out = empty_output(ops[0]);
-  fused_combine_into(op, policy_name, ops, gram, vectors, scalars, low, high, out);
+  fused_combine_into(op, policy_name, ops, gram, vectors, scalars, low, high, sc, out);
   return out;
 }
 
@@ -407,17 +461,20 @@ at::Tensor fused_combine_cpu(c10::string_view policy_name, at::TensorList operan
 // update, any other overlap is computed into a temporary and copied (gradguide_fused_args.h).
 void fused_combine_out_cpu(c10::string_view policy_name, at::TensorList operands,
                            const std::optional<at::Tensor>& gram, at::TensorList vectors, at::TensorList scalars,
-                           std::optional<double> low, std::optional<double> high, at::Tensor& out) {
+                           std::optional<double> low, std::optional<double> high, at::Tensor& out,
+                           const std::optional<at::Tensor>& log_scale, const std::optional<at::Tensor>& slope,
+                           const std::optional<at::Tensor>& offset, int64_t scaled) {
   const char* op = "gradguide::fused_combine_out";
   const auto ops = fused_operands(op, operands);
+  const ScaleArgs sc = scale_args(op, ops[0], static_cast<int64_t>(ops.size()), log_scale, slope, offset, scaled);
   check_fused_out(op, out, ops[0]);
-  if (fused_out_needs_temporary(out, operands, gram, vectors, scalars)) {
+  if (fused_out_needs_temporary(out, operands, gram, vectors, scalars, log_scale, slope, offset)) {
     at::Tensor tmp = empty_output(ops[0]);
-    fused_combine_into(op, policy_name, ops, gram, vectors, scalars, low, high, tmp);
+    fused_combine_into(op, policy_name, ops, gram, vectors, scalars, low, high, sc, tmp);
     out.copy_(tmp);
     return;
   }
-  fused_combine_into(op, policy_name, ops, gram, vectors, scalars, low, high, out);
+  fused_combine_into(op, policy_name, ops, gram, vectors, scalars, low, high, sc, out);
 }
 
 
@@ -495,13 +552,18 @@ std::tuple<at::Tensor, at::Tensor> clip_shift_cpu(const at::Tensor& coef_p, cons
 }
 
 TORCH_LIBRARY(gradguide, m) {
-  m.def("reduce(Tensor[] operands, int groups) -> (Tensor, Tensor)");
+  // the trailing optional arguments (row-strided and Σ-scaled operands, gradguide_fused_args.h)
+  // keep every older call valid and its result unchanged
+  m.def("reduce(Tensor[] operands, int groups, Tensor? log_scale=None, Tensor? slope=None, Tensor? offset=None, "
+        "int scaled=0) -> (Tensor, Tensor)");
   m.def("combine(Tensor coef, Tensor[] operands, float? low, float? high) -> Tensor");
   m.def("combine_out(Tensor coef, Tensor[] operands, float? low, float? high, Tensor(a!) out) -> ()");
   m.def("fused_combine(str policy, Tensor[] operands, Tensor? gram, Tensor[] vectors, Tensor[] scalars, "
-        "float? low, float? high) -> Tensor");
+        "float? low, float? high, Tensor? log_scale=None, Tensor? slope=None, Tensor? offset=None, "
+        "int scaled=0) -> Tensor");
   m.def("fused_combine_out(str policy, Tensor[] operands, Tensor? gram, Tensor[] vectors, Tensor[] scalars, "
-        "float? low, float? high, Tensor(a!) out) -> ()");
+        "float? low, float? high, Tensor(a!) out, Tensor? log_scale=None, Tensor? slope=None, "
+        "Tensor? offset=None, int scaled=0) -> ()");
   m.def("clip_shift(Tensor coef_p, Tensor coef_s, Tensor[] operands, float low, float high) -> (Tensor, Tensor)");
 }
 
@@ -517,7 +579,9 @@ TORCH_LIBRARY(gradguide, m) {
                     "with nvcc and a CUDA torch)");
 }
 
-std::tuple<at::Tensor, at::Tensor> reduce_fallback(at::TensorList operands, int64_t) {
+using OptT = std::optional<at::Tensor>;
+std::tuple<at::Tensor, at::Tensor> reduce_fallback(at::TensorList operands, int64_t, const OptT&, const OptT&,
+                                                   const OptT&, int64_t) {
   no_kernel("gradguide::reduce", operands);
 }
 at::Tensor combine_fallback(const at::Tensor&, at::TensorList operands, std::optional<double>,
@@ -529,12 +593,13 @@ void combine_out_fallback(const at::Tensor&, at::TensorList operands, std::optio
   no_kernel("gradguide::combine_out", operands);
 }
 at::Tensor fused_combine_fallback(c10::string_view, at::TensorList operands, const std::optional<at::Tensor>&,
-                                  at::TensorList, at::TensorList, std::optional<double>, std::optional<double>) {
+                                  at::TensorList, at::TensorList, std::optional<double>, std::optional<double>,
+                                  const OptT&, const OptT&, const OptT&, int64_t) {
   no_kernel("gradguide::fused_combine", operands);
 }
 void fused_combine_out_fallback(c10::string_view, at::TensorList operands, const std::optional<at::Tensor>&,
                                 at::TensorList, at::TensorList, std::optional<double>, std::optional<double>,
-                                at::Tensor&) {
+                                at::Tensor&, const OptT&, const OptT&, const OptT&, int64_t) {
   no_kernel("gradguide::fused_combine_out", operands);
 }
 std::tuple<at::Tensor, at::Tensor> clip_shift_fallback(const at::Tensor&, const at::Tensor&, at::TensorList operands,

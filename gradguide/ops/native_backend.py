@@ -63,14 +63,17 @@ def _register_fakes() -> None:
     # the fake kernels check what the C++ ops check (shapes, dtypes, devices: opchecks.py), so a
     # fake or meta call, or mixed devices that dispatch to Meta, fail as a real call would
     from . import opchecks, policies
+    from .reference import accumulation_dtype as reference_acc
     names = tuple(policies.POLICIES)
 
     @torch.library.register_fake("gradguide::reduce")
-    def _reduce_fake(operands, groups):
-        first = opchecks.reduce("gradguide::reduce", operands, groups)
+    def _reduce_fake(operands, groups, log_scale=None, slope=None, offset=None, scaled=0):
+        first = opchecks.reduce("gradguide::reduce", operands, groups, log_scale, slope, offset, scaled,
+                                row_strided=True)
         b, k = first.shape[0], len(operands)
-        # the CPU op accumulates the Gram in float64 (reference.py); the CUDA op in float32
-        acc = torch.float64 if first.device.type == "cpu" else _acc(first.dtype)
+        # the CPU op accumulates the Gram in float64 (reference.py); the CUDA op in float64 for
+        # float32/float64 data and float32 for fp16/bf16 (csrc/gradguide_ops_cuda.cu, AccOf)
+        acc = torch.float64 if first.device.type == "cpu" else reference_acc(first.dtype)
         return first.new_empty((b, groups, k, k), dtype=acc), first.new_empty((b, groups, k), dtype=acc)
 
     @torch.library.register_fake("gradguide::combine")
@@ -85,15 +88,18 @@ def _register_fakes() -> None:
 
     if torch._C._dispatch_has_kernel_for_dispatch_key("gradguide::fused_combine", "CPU"):
         @torch.library.register_fake("gradguide::fused_combine")
-        def _fused_combine_fake(policy, operands, gram, vectors, scalars, low, high):
-            opchecks.fused("gradguide::fused_combine", names, policy, gram, vectors, scalars, operands, low, high)
+        def _fused_combine_fake(policy, operands, gram, vectors, scalars, low, high, log_scale=None, slope=None,
+                                offset=None, scaled=0):
+            opchecks.fused("gradguide::fused_combine", names, policy, gram, vectors, scalars, operands, low, high,
+                           None, log_scale, slope, offset, scaled, row_strided=True)
             return torch.empty_like(operands[0], memory_format=torch.contiguous_format)
 
     if torch._C._dispatch_has_kernel_for_dispatch_key("gradguide::fused_combine_out", "CPU"):
         @torch.library.register_fake("gradguide::fused_combine_out")
-        def _fused_combine_out_fake(policy, operands, gram, vectors, scalars, low, high, out):
+        def _fused_combine_out_fake(policy, operands, gram, vectors, scalars, low, high, out, log_scale=None,
+                                    slope=None, offset=None, scaled=0):
             opchecks.fused("gradguide::fused_combine_out", names, policy, gram, vectors, scalars, operands, low, high,
-                           out)
+                           out, log_scale, slope, offset, scaled, row_strided=True)
             return None
 
     if torch._C._dispatch_has_kernel_for_dispatch_key("gradguide::clip_shift", "CPU"):
@@ -111,10 +117,15 @@ def _register_autograd() -> None:
     ops as the reference's: without them autograd would drop the graph with only a warning.
     ``combine_out`` and ``fused_combine_out`` write into ``out`` and stay non-differentiable
     (the glue never calls them with grad-tracking inputs: ``ops.fused_unchecked`` refuses an
-    ``out`` with them)."""
+    ``out`` with them). A Σ-scaled ``reduce`` is non-differentiable too, like the fused op it
+    feeds: a call with grad-tracking inputs is refused by name (the reference differentiates)."""
 
     def reduce_setup(ctx, inputs, output):
-        operands, groups = inputs
+        operands, groups = inputs[0], inputs[1]
+        scaled = inputs[5] if len(inputs) > 5 else 0
+        if scaled:
+            raise ValueError("gradguide::reduce: log_scale: Σ-scaled operands are not differentiable here "
+                             "(inputs that require grad: use gradguide.ops.reference.reduce(..., scaling=...))")
         ctx.groups = groups
         ctx.save_for_backward(*operands)
 
@@ -129,7 +140,8 @@ def _register_autograd() -> None:
             grad = grad + sym @ rows
         if grad_sums is not None:
             grad = grad + grad_sums.to(acc).unsqueeze(-1)
-        return [grad[:, :, j].reshape(operands[j].shape).to(operands[j].dtype) for j in range(k)], None
+        return ([grad[:, :, j].reshape(operands[j].shape).to(operands[j].dtype) for j in range(k)],
+                *[None] * (len(ctx.needs_input_grad) - 1))   # one per argument the call passed
 
     torch.library.register_autograd("gradguide::reduce", reduce_backward, setup_context=reduce_setup)
 
@@ -159,20 +171,33 @@ def _register_autograd() -> None:
     torch.library.register_autograd("gradguide::combine", combine_backward, setup_context=combine_setup)
 
 
-def fused_combine(policy, operands, gram, vectors, scalars, clamp=None, out=None):
+def fused_combine(policy, operands, gram, vectors, scalars, clamp=None, out=None, scaling=None):
     """``gradguide::fused_combine``: the policy's coefficient program (float64) and the combine;
     with ``out``, ``gradguide::fused_combine_out`` writes it there (any overlap with the inputs
-    other than exactly an operand goes through a temporary inside the op) and returns ``out``."""
+    other than exactly an operand goes through a temporary inside the op) and returns ``out``.
+    Operands may be row-strided (contiguous samples, any batch stride: read in place);
+    ``scaling``: a :class:`gradguide.ops.reference.Scaling`, the operands it marks read scaled."""
     low, high = (None, None) if clamp is None else clamp
     low = None if low is None else float(low)
     high = None if high is None else float(high)
-    if out is None:   # the overload itself: the packet's Python __call__ is a frame per step
-        return torch.ops.gradguide.fused_combine.default(policy, operands, gram, vectors, scalars, low, high)
+    if scaling is None:   # the call of every unscaled step, unchanged
+        if out is None:   # the overload itself: the packet's Python __call__ is a frame per step
+            return torch.ops.gradguide.fused_combine.default(policy, operands, gram, vectors, scalars, low, high)
+        if has_kernel("fused_combine_out", out.device):
+            torch.ops.gradguide.fused_combine_out(policy, operands, gram, vectors, scalars, low, high, out)
+            return out
+        # an older build without the out= op: a fresh output, copied
+        return out.copy_(torch.ops.gradguide.fused_combine(policy, operands, gram, vectors, scalars, low, high))
+    v, a, c, mask = scaling
+    if out is None:
+        return torch.ops.gradguide.fused_combine.default(policy, operands, gram, vectors, scalars, low, high, v, a, c,
+                                                         mask)
     if has_kernel("fused_combine_out", out.device):
-        torch.ops.gradguide.fused_combine_out(policy, operands, gram, vectors, scalars, low, high, out)
+        torch.ops.gradguide.fused_combine_out.default(policy, operands, gram, vectors, scalars, low, high, out, v, a,
+                                                      c, mask)
         return out
-    # an older build without the out= op: a fresh output, copied
-    return out.copy_(torch.ops.gradguide.fused_combine(policy, operands, gram, vectors, scalars, low, high))
+    return out.copy_(torch.ops.gradguide.fused_combine(policy, operands, gram, vectors, scalars, low, high, v, a, c,
+                                                       mask))
 
 
 def clip_shift(coef_p, coef_s, operands, clip):
@@ -180,8 +205,14 @@ def clip_shift(coef_p, coef_s, operands, clip):
     return torch.ops.gradguide.clip_shift(coef_p, coef_s, list(operands), float(clip[0]), float(clip[1]))
 
 
-def reduce(operands, groups: int = 1):
-    return torch.ops.gradguide.reduce(list(operands), groups)
+def reduce(operands, groups: int = 1, scaling=None):
+    """``gradguide::reduce``: the Gram matrix and sums (float64 on CPU); operands may be row-strided
+    (read in place); ``scaling``: a :class:`gradguide.ops.reference.Scaling` (the marked operands
+    read scaled)."""
+    if scaling is None:
+        return torch.ops.gradguide.reduce(list(operands), groups)
+    v, a, c, mask = scaling
+    return torch.ops.gradguide.reduce(list(operands), groups, v, a, c, mask)
 
 
 def combine(coef, operands, out=None, clamp=None):

@@ -18,10 +18,24 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_K = 8
 
 
-def check_operands(op: str, operands) -> torch.Tensor:
+def samples_contiguous(t: torch.Tensor) -> bool:
+    """Whether every sample ``t[b]`` is contiguous (the strides of dims 1.. are those of a contiguous
+    ``t.shape[1:]``, size-1 dims ignored as ``is_contiguous`` does); the batch stride is free: the
+    row-strided layout of the halves ``out[:, :C]``, ``out[:, C:]`` of a ``[B, 2C, ...]`` tensor."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def check_operands(op: str, operands, row_strided: bool = False) -> torch.Tensor:
     """``operands``: 1 to 8 contiguous tensors ``[B, ...]`` (B >= 1) of one float dtype, shape and
-    device; returns the first. (A Triton op runs this on every eager call: one cheap pass, and
-    the detailed messages only once something is wrong.)"""
+    device; returns the first. ``row_strided``: contiguous samples with any batch stride suffice
+    (:func:`samples_contiguous`; the ops that read them in place). (A Triton op runs this on every
+    eager call: one cheap pass, and the detailed messages only once something is wrong.)"""
+    layout_ok = samples_contiguous if row_strided else torch.Tensor.is_contiguous
     if not isinstance(operands, (list, tuple)) or len(operands) == 0:
         raise ValueError(f"{op}: operands: expected a non-empty list of tensors")
     if len(operands) > MAX_K:
@@ -31,7 +45,7 @@ def check_operands(op: str, operands) -> torch.Tensor:
         shape, dtype, device = first.shape, first.dtype, first.device
         if dtype in FLOATS and len(shape) >= 1 and shape[0] >= 1 and all(
                 isinstance(t, torch.Tensor) and t.shape == shape and t.dtype == dtype and t.device == device
-                and t.is_contiguous() for t in operands):
+                and layout_ok(t) for t in operands):
             return first
     for k, t in enumerate(operands):
         if not isinstance(t, torch.Tensor):
@@ -45,8 +59,10 @@ def check_operands(op: str, operands) -> torch.Tensor:
                              f"{tuple(first.shape)}")
         if t.device != first.device:
             raise ValueError(f"{op}: operands[{k}]: device {t.device} differs from operands[0]'s {first.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{op}: operands[{k}]: expected a contiguous tensor")
+        if not layout_ok(t):
+            raise ValueError(f"{op}: operands[{k}]: expected a contiguous tensor" if not row_strided else
+                             f"{op}: operands[{k}]: expected contiguous samples (any batch stride), got strides "
+                             f"{tuple(t.stride())}")
     raise ValueError(f"{op}: operands: expected tensors shaped [B, ...] with B >= 1, got {tuple(first.shape)}")
 
 
@@ -82,9 +98,45 @@ def check_out(op: str, out, first: torch.Tensor) -> None:
                          f"{'' if out.is_contiguous() else ' (not contiguous)'}")
 
 
-def reduce(op: str, operands, groups) -> torch.Tensor:
-    first = check_operands(op, operands)
+def check_scaling(op: str, first: torch.Tensor, k: int, log_scale, slope, offset, scaled) -> None:
+    """Σ-scaled operands (:class:`gradguide.ops.reference.Scaling` as op arguments): ``scaled`` a mask
+    in ``[0, 2**K)``; ``log_scale`` shaped, typed and placed like the operands (contiguous samples,
+    any batch stride); ``slope`` and ``offset`` float64 ``[1 or B, K]`` on their device, any strides.
+    The three tensors come together or not at all; a nonzero mask needs them."""
+    if isinstance(scaled, bool) or not isinstance(scaled, (int, torch.SymInt)):
+        raise TypeError(f"{op}: scaled: expected an int mask, got {type(scaled).__name__}")
+    if not 0 <= scaled < 1 << k:
+        raise ValueError(f"{op}: scaled: expected a mask in [0, 2**K) with K={k} operands, got {scaled}")
+    given = [t is not None for t in (log_scale, slope, offset)]
+    if not any(given):
+        if scaled:
+            raise ValueError(f"{op}: log_scale: scaled={scaled} needs log_scale, slope and offset")
+        return
+    if not all(given):
+        raise ValueError(f"{op}: log_scale, slope, offset: expected all three or none")
+    if not isinstance(log_scale, torch.Tensor):
+        raise TypeError(f"{op}: log_scale: expected a tensor, got {type(log_scale).__name__}")
+    if log_scale.dtype != first.dtype:
+        raise TypeError(f"{op}: log_scale: dtype {log_scale.dtype} differs from the operands' {first.dtype}")
+    if log_scale.shape != first.shape or log_scale.device != first.device:
+        raise ValueError(f"{op}: log_scale: expected a {tuple(first.shape)} tensor on {first.device} (like "
+                         f"operands[0]), got {tuple(log_scale.shape)} on {log_scale.device}")
+    if not samples_contiguous(log_scale):
+        raise ValueError(f"{op}: log_scale: expected contiguous samples (any batch stride), got strides "
+                         f"{tuple(log_scale.stride())}")
+    b = first.shape[0]
+    for name, t in (("slope", slope), ("offset", offset)):
+        check_tensor(op, name, t, first, (torch.float64,))
+        if t.dim() != 2 or t.shape[0] not in (1, b) or t.shape[1] != k:
+            raise ValueError(f"{op}: {name}: expected a float64 [1 or B={b}, K={k}] tensor, got {tuple(t.shape)}")
+
+
+def reduce(op: str, operands, groups, log_scale=None, slope=None, offset=None, scaled=0,
+           row_strided: bool = False) -> torch.Tensor:
+    """``row_strided``: the op reads row-strided operands in place (:func:`check_operands`)."""
+    first = check_operands(op, operands, row_strided)
     check_groups(op, "groups", groups, first)
+    check_scaling(op, first, len(operands), log_scale, slope, offset, scaled)
     return first
 
 
@@ -101,10 +153,14 @@ def combine(op: str, coef, operands, low, high, out=None) -> torch.Tensor:
     return first
 
 
-def fused(op: str, policies, policy, gram, vectors, scalars, operands, low, high, out=None) -> torch.Tensor:
+def fused(op: str, policies, policy, gram, vectors, scalars, operands, low, high, out=None, log_scale=None,
+          slope=None, offset=None, scaled=0, row_strided: bool = False) -> torch.Tensor:
     """``policies``: the policy names the op implements. The vectors' and scalars' shapes are
-    checked where they are read (the kernels' glue, which knows the policy's arity)."""
-    first = check_operands(op, operands)
+    checked where they are read (the kernels' glue, which knows the policy's arity).
+    ``log_scale``, ..., ``scaled``: Σ-scaled operands (:func:`check_scaling`); ``row_strided``: the
+    op reads row-strided operands in place (:func:`check_operands`)."""
+    first = check_operands(op, operands, row_strided)
+    check_scaling(op, first, len(operands), log_scale, slope, offset, scaled)
     if policy not in policies:
         raise ValueError(f"{op}: policy: expected one of {tuple(policies)}, got {policy!r}")
     if gram is not None:
