@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ._common import NUM_WARPS, acc_dtype, pointers, row_align, tile_rows, vec
+from .scaling import scaled
 
 MAX_GRID_1 = 65535  # CUDA's limit on the second grid axis
 
@@ -52,23 +53,28 @@ def _clamp(v, low, high, HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr):
 
 @triton.jit
 def _weighted_tiles(x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3, c4, c5, c6, c7, offs, m,
-                    K: tl.constexpr, ACC: tl.constexpr):
-    """sum_k c_k * x_k[offs] over the first K operands (each from its own pointer)."""
-    acc = c0 * tl.load(x0 + offs, mask=m, other=0.0).to(ACC)
+                    K: tl.constexpr, ACC: tl.constexpr, xv, sc, SCALED: tl.constexpr, F: tl.constexpr):
+    """sum_k c_k * x_k[offs] over the first K operands (each from its own pointer); the operands
+    of SCALED's bits read Σ-scaled (``scaling.py``; ``sc``: their (slope', offset') pairs)."""
+    if SCALED != 0:
+        v = tl.load(xv + offs, mask=m, other=0.0).to(F)
+    else:
+        v = 0.0
+    acc = c0 * scaled(tl.load(x0 + offs, mask=m, other=0.0), 0, SCALED, v, sc[0], sc[1], F).to(ACC)
     if K > 1:
-        acc += c1 * tl.load(x1 + offs, mask=m, other=0.0).to(ACC)
+        acc += c1 * scaled(tl.load(x1 + offs, mask=m, other=0.0), 1, SCALED, v, sc[2], sc[3], F).to(ACC)
     if K > 2:
-        acc += c2 * tl.load(x2 + offs, mask=m, other=0.0).to(ACC)
+        acc += c2 * scaled(tl.load(x2 + offs, mask=m, other=0.0), 2, SCALED, v, sc[4], sc[5], F).to(ACC)
     if K > 3:
-        acc += c3 * tl.load(x3 + offs, mask=m, other=0.0).to(ACC)
+        acc += c3 * scaled(tl.load(x3 + offs, mask=m, other=0.0), 3, SCALED, v, sc[6], sc[7], F).to(ACC)
     if K > 4:
-        acc += c4 * tl.load(x4 + offs, mask=m, other=0.0).to(ACC)
+        acc += c4 * scaled(tl.load(x4 + offs, mask=m, other=0.0), 4, SCALED, v, sc[8], sc[9], F).to(ACC)
     if K > 5:
-        acc += c5 * tl.load(x5 + offs, mask=m, other=0.0).to(ACC)
+        acc += c5 * scaled(tl.load(x5 + offs, mask=m, other=0.0), 5, SCALED, v, sc[10], sc[11], F).to(ACC)
     if K > 6:
-        acc += c6 * tl.load(x6 + offs, mask=m, other=0.0).to(ACC)
+        acc += c6 * scaled(tl.load(x6 + offs, mask=m, other=0.0), 6, SCALED, v, sc[12], sc[13], F).to(ACC)
     if K > 7:
-        acc += c7 * tl.load(x7 + offs, mask=m, other=0.0).to(ACC)
+        acc += c7 * scaled(tl.load(x7 + offs, mask=m, other=0.0), 7, SCALED, v, sc[14], sc[15], F).to(ACC)
     return acc
 
 
@@ -81,20 +87,20 @@ def _coef(coef, k: tl.constexpr, K: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _stream(x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3, c4, c5, c6, c7, out, row, NR, ITERS, low, high,
-            K: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-            HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr):
-    """The combine of one program's blocks of row ``row`` with weights c_k (shared with fused.py)."""
-    N = NR * ALIGN  # a multiple of ALIGN that Triton can see: row starts keep their alignment
-    base = row * N
+def _stream(x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3, c4, c5, c6, c7, out, N, ITERS, low, high,
+            K: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, HAS_LOW: tl.constexpr,
+            HAS_HIGH: tl.constexpr, xv, sc, SCALED: tl.constexpr, F: tl.constexpr):
+    """The combine of one program's blocks of a row with weights c_k (shared with fused.py):
+    ``x0..x7``, ``xv`` (the log-scale) and ``out`` point at the row's start."""
     blk = tl.program_id(1)
     blocks = tl.num_programs(1)
     for i in range(ITERS):
         e = (blk + i * blocks) * BLOCK + tl.arange(0, BLOCK)
         m = e < N
-        v = _weighted_tiles(x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3, c4, c5, c6, c7, base + e, m, K, ACC)
+        v = _weighted_tiles(x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3, c4, c5, c6, c7, e, m, K, ACC,
+                            xv, sc, SCALED, F)
         v = _clamp(v, low, high, HAS_LOW, HAS_HIGH)
-        tl.store(out + base + e, v.to(out.dtype.element_ty), mask=m)
+        tl.store(out + e, v.to(out.dtype.element_ty), mask=m)
 
 
 @triton.jit(do_not_specialize=["NR", "ITERS"])
@@ -102,11 +108,15 @@ def _combine(x0, x1, x2, x3, x4, x5, x6, x7, coef, out, NR, ITERS, low, high,
              K: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
              HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    N = NR * ALIGN  # a multiple of ALIGN that Triton can see: row starts keep their alignment
+    base = row * N
     w = coef + row * K
-    _stream(x0, x1, x2, x3, x4, x5, x6, x7,
+    zero = tl.zeros([], dtype=ACC)
+    _stream(x0 + base, x1 + base, x2 + base, x3 + base, x4 + base, x5 + base, x6 + base, x7 + base,
             _coef(w, 0, K, ACC), _coef(w, 1, K, ACC), _coef(w, 2, K, ACC), _coef(w, 3, K, ACC),
             _coef(w, 4, K, ACC), _coef(w, 5, K, ACC), _coef(w, 6, K, ACC), _coef(w, 7, K, ACC),
-            out, row, NR, ITERS, low, high, K, ALIGN, BLOCK, ACC, HAS_LOW, HAS_HIGH)
+            out + base, N, ITERS, low, high, K, BLOCK, ACC, HAS_LOW, HAS_HIGH, x0,
+            (zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero), 0, ACC)
 
 
 def launch_config(n: int, dtype: torch.dtype):

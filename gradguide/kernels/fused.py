@@ -50,8 +50,9 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import NUM_WARPS, k_padded, pointers
+from ._common import NUM_WARPS, batch_strides, k_padded, pointers, scaling_args, strided_align
 from .combine import _stream, clamp_args, launch_config, tl_acc
+from .scaling import log2_coef
 
 POLICY_IDS = {"cfg": 0, "pxp-a": 1, "pxp-b": 2, "pxp-c": 3, "apg": 4, "linear": 6, "lookahead": 7,
               "tcfg": 8, "mambo": 9}
@@ -122,12 +123,15 @@ def _pick(coef, ks, k: tl.constexpr, K: tl.constexpr, ACC: tl.constexpr):
         return tl.zeros([], dtype=ACC)
 
 
-@triton.jit(do_not_specialize=["NR", "ITERS", "GROUPS"])
+@triton.jit(do_not_specialize=["NR", "ITERS", "GROUPS", "SB0", "SB1", "SB2", "SB3", "SB4", "SB5", "SB6", "SB7",
+                               "SBV", "SLB", "SLK", "OFB", "OFK"])
 def _fused(x0, x1, x2, x3, x4, x5, x6, x7, gram, v0, v1, v2, v3, vb0, vg0, vb1, vg1, vb2, vg2, vb3, vg3,
            s0, s1, s2, s3, s4, s5, s6, s7, t0, t1, t2, t3, t4, t5, t6, t7,
-           out, NR, ITERS, GROUPS, low, high,
+           out, NR, ITERS, GROUPS, low, high, xv, slope, offset,
+           SB0, SB1, SB2, SB3, SB4, SB5, SB6, SB7, SBV, SLB, SLK, OFB, OFK,
            POLICY: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, KG: tl.constexpr, ALIGN: tl.constexpr,
-           BLOCK: tl.constexpr, ACC: tl.constexpr, HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr):
+           BLOCK: tl.constexpr, ACC: tl.constexpr, HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr,
+           SCALED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = row // GROUPS
     g = row % GROUPS
@@ -232,11 +236,29 @@ def _fused(x0, x1, x2, x3, x4, x5, x6, x7, gram, v0, v1, v2, v3, vb0, vg0, vb1, 
     bad += tl.sum(tl.where(kmask, _nonfinite(coef), 0), 0)
     coef = tl.where(bad == 0, coef, float("nan"))
     # --- the combine (combine.py's loop, with these weights) -------------------------------
-    _stream(x0, x1, x2, x3, x4, x5, x6, x7,
+    N = NR * ALIGN  # a multiple of ALIGN that Triton can see: row starts keep their alignment
+    gN = g * N
+    # Σ-scaled operands (scaling.py): formed in fp32, fp64 for fp64 operands (ACC is fp64 for
+    # fp32 operands too, so F follows the operands' dtype, not ACC)
+    F: tl.constexpr = tl.float64 if x0.dtype.element_ty == tl.float64 else tl.float32
+    sc = (log2_coef(slope, SLB, SLK, b, 0, SCALED, F), log2_coef(offset, OFB, OFK, b, 0, SCALED, F),
+          log2_coef(slope, SLB, SLK, b, 1, SCALED, F), log2_coef(offset, OFB, OFK, b, 1, SCALED, F),
+          log2_coef(slope, SLB, SLK, b, 2, SCALED, F), log2_coef(offset, OFB, OFK, b, 2, SCALED, F),
+          log2_coef(slope, SLB, SLK, b, 3, SCALED, F), log2_coef(offset, OFB, OFK, b, 3, SCALED, F),
+          log2_coef(slope, SLB, SLK, b, 4, SCALED, F), log2_coef(offset, OFB, OFK, b, 4, SCALED, F),
+          log2_coef(slope, SLB, SLK, b, 5, SCALED, F), log2_coef(offset, OFB, OFK, b, 5, SCALED, F),
+          log2_coef(slope, SLB, SLK, b, 6, SCALED, F), log2_coef(offset, OFB, OFK, b, 6, SCALED, F),
+          log2_coef(slope, SLB, SLK, b, 7, SCALED, F), log2_coef(offset, OFB, OFK, b, 7, SCALED, F))
+    # row (b, g) of each operand and of the log-scale: their own batch strides (row-strided
+    # operands, scaling.py); the output is contiguous
+    _stream(x0 + (b * SB0 * ALIGN + gN), x1 + (b * SB1 * ALIGN + gN), x2 + (b * SB2 * ALIGN + gN),
+            x3 + (b * SB3 * ALIGN + gN), x4 + (b * SB4 * ALIGN + gN), x5 + (b * SB5 * ALIGN + gN),
+            x6 + (b * SB6 * ALIGN + gN), x7 + (b * SB7 * ALIGN + gN),
             _pick(coef, ks, 0, K, ACC), _pick(coef, ks, 1, K, ACC), _pick(coef, ks, 2, K, ACC),
             _pick(coef, ks, 3, K, ACC), _pick(coef, ks, 4, K, ACC), _pick(coef, ks, 5, K, ACC),
             _pick(coef, ks, 6, K, ACC), _pick(coef, ks, 7, K, ACC),
-            out, row, NR, ITERS, low, high, K, ALIGN, BLOCK, ACC, HAS_LOW, HAS_HIGH)
+            out + row * N, N, ITERS, low, high, K, BLOCK, ACC, HAS_LOW, HAS_HIGH,
+            xv + (b * SBV * ALIGN + gN), sc, SCALED, F)
 
 
 def _broadcast_strides(v, b, groups, k):
@@ -248,13 +270,15 @@ def _broadcast_strides(v, b, groups, k):
     return (v.stride(0) if v.shape[0] > 1 else 0), (v.stride(1) if v.shape[1] > 1 else 0)
 
 
-def fused_combine(policy, gram, vectors, scalars, operands, out=None, clamp=None):
+def fused_combine(policy, gram, vectors, scalars, operands, out=None, clamp=None, scaling=None):
     """``policy``'s coefficients and the combine in one kernel.
 
     ``gram``: ``[B, G, Kg, Kg]`` over the first Kg <= K operands, contiguous, any float dtype
     (None for ``cfg``/``linear``); ``vectors``: the policy's coefficient vectors in order, each
     ``[1 or B, 1 or G, K]`` with unit stride over K, any float dtype; ``scalars``: its scalars
-    in order, each a 1-element or ``[B]`` contiguous tensor of any float dtype.
+    in order, each a 1-element or ``[B]`` contiguous tensor of any float dtype; ``operands``
+    (and ``scaling``'s log-scale) row-strided, ``scaling`` None or ``(log_scale, slope, offset,
+    mask)`` (``scaling.py``); ``out`` (or the fresh output) contiguous.
     """
     if policy not in POLICY_IDS:
         raise NotImplementedError(f"policy {policy!r}: the Triton fused kernel implements {tuple(POLICY_IDS)}")
@@ -276,7 +300,10 @@ def fused_combine(policy, gram, vectors, scalars, operands, out=None, clamp=None
     n = first[0].numel() // groups
     if out is None:
         out = torch.empty_like(first, memory_format=torch.contiguous_format)
-    block, align, blocks, iters = launch_config(n, first.dtype)
+    block, _, blocks, iters = launch_config(n, first.dtype)
+    scaled = scaling is not None and int(scaling[3]) != 0
+    align = strided_align(n, first.dtype, list(operands) + ([scaling[0]] if scaled else []))
+    sa = scaling_args(operands, scaling, align)
     strides = []
     for v in vectors:
         strides += _broadcast_strides(v, b, groups, k)
@@ -292,6 +319,7 @@ def fused_combine(policy, gram, vectors, scalars, operands, out=None, clamp=None
     g = gram if NEEDS_GRAM[policy] else vectors[0]                     # unused without a Gram
     _fused[(b * groups, blocks)](
         *pointers(operands), g, *vecs, *strides, *sc, *sc_strides, out, n // align, iters, groups, low, high,
+        *sa[:3], *batch_strides(operands, align), *sa[3:8],
         POLICY=POLICY_IDS[policy], K=k, KP=k_padded(k), KG=kg, ALIGN=align, BLOCK=block, ACC=tl_acc(first.dtype),
-        HAS_LOW=has_low, HAS_HIGH=has_high, num_warps=NUM_WARPS)
+        HAS_LOW=has_low, HAS_HIGH=has_high, SCALED=sa[8], num_warps=NUM_WARPS)
     return out
