@@ -18,10 +18,27 @@ FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_K = 8
 
 
-def check_operands(op: str, operands) -> torch.Tensor:
+def row_strided(t: torch.Tensor) -> bool:
+    """Whether every sample ``t[b]`` is contiguous (any batch stride): how the Triton reduce and
+    fused kernels read operands (gradguide/kernels/scaling.py), e.g. a half ``out[:, :C]`` of a
+    ``[B, 2C, H, W]`` model output."""
+    expected = 1
+    for size, stride in zip(reversed(t.shape[1:]), reversed(t.stride()[1:])):
+        if size != 1 and stride != expected:
+            return False
+        expected = expected * size
+    return True
+
+
+def _laid_out(t: torch.Tensor, strided: bool) -> bool:
+    return t.is_contiguous() or (strided and row_strided(t))
+
+
+def check_operands(op: str, operands, strided: bool = False) -> torch.Tensor:
     """``operands``: 1 to 8 contiguous tensors ``[B, ...]`` (B >= 1) of one float dtype, shape and
-    device; returns the first. (A Triton op runs this on every eager call: one cheap pass, and
-    the detailed messages only once something is wrong.)"""
+    device (``strided``: row-strided ones too, :func:`row_strided`); returns the first. (A Triton
+    op runs this on every eager call: one cheap pass, and the detailed messages only once
+    something is wrong.)"""
     if not isinstance(operands, (list, tuple)) or len(operands) == 0:
         raise ValueError(f"{op}: operands: expected a non-empty list of tensors")
     if len(operands) > MAX_K:
@@ -31,7 +48,7 @@ def check_operands(op: str, operands) -> torch.Tensor:
         shape, dtype, device = first.shape, first.dtype, first.device
         if dtype in FLOATS and len(shape) >= 1 and shape[0] >= 1 and all(
                 isinstance(t, torch.Tensor) and t.shape == shape and t.dtype == dtype and t.device == device
-                and t.is_contiguous() for t in operands):
+                and _laid_out(t, strided) for t in operands):
             return first
     for k, t in enumerate(operands):
         if not isinstance(t, torch.Tensor):
@@ -45,8 +62,9 @@ def check_operands(op: str, operands) -> torch.Tensor:
                              f"{tuple(first.shape)}")
         if t.device != first.device:
             raise ValueError(f"{op}: operands[{k}]: device {t.device} differs from operands[0]'s {first.device}")
-        if not t.is_contiguous():
-            raise ValueError(f"{op}: operands[{k}]: expected a contiguous tensor")
+        if not _laid_out(t, strided):
+            raise ValueError(f"{op}: operands[{k}]: expected a contiguous tensor"
+                             + (" (or one whose every sample is contiguous)" if strided else ""))
     raise ValueError(f"{op}: operands: expected tensors shaped [B, ...] with B >= 1, got {tuple(first.shape)}")
 
 
@@ -82,8 +100,34 @@ def check_out(op: str, out, first: torch.Tensor) -> None:
                          f"{'' if out.is_contiguous() else ' (not contiguous)'}")
 
 
-def reduce(op: str, operands, groups) -> torch.Tensor:
-    first = check_operands(op, operands)
+def check_scaling(op: str, first: torch.Tensor, k: int, log_scale, slope, offset, scaled) -> None:
+    """The Σ-scaling arguments of an op (``gradguide.ops.reference.Scaling``): ``scaled`` a mask
+    of K bits; with a bit set, ``log_scale`` shaped like the operands (same dtype and device,
+    row-strided) and ``slope``, ``offset`` float64 ``[1 or B, K]`` on the operands' device."""
+    if isinstance(scaled, bool) or not isinstance(scaled, (int, torch.SymInt)) or not 0 <= scaled < 2 ** k:
+        raise ValueError(f"{op}: scaled: expected a mask of K={k} bits (0 <= scaled < {2 ** k}), got {scaled!r}")
+    if not scaled:
+        return
+    b = first.shape[0]
+    if not isinstance(log_scale, torch.Tensor):
+        raise TypeError(f"{op}: log_scale: expected a tensor (scaled={scaled}), got {type(log_scale).__name__}")
+    if log_scale.dtype != first.dtype or log_scale.shape != first.shape or log_scale.device != first.device:
+        raise ValueError(f"{op}: log_scale: expected a {tuple(first.shape)} {first.dtype} tensor on {first.device} "
+                         f"(like the operands), got {tuple(log_scale.shape)} {log_scale.dtype} on {log_scale.device}")
+    if not _laid_out(log_scale, True):
+        raise ValueError(f"{op}: log_scale: expected a tensor whose every sample is contiguous")
+    for name, t in (("slope", slope), ("offset", offset)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name}: expected a tensor (scaled={scaled}), got {type(t).__name__}")
+        if t.dtype != torch.float64:
+            raise TypeError(f"{op}: {name}: expected float64, got {t.dtype}")
+        if t.dim() != 2 or t.shape[0] not in (1, b) or t.shape[1] != k or t.device != first.device:
+            raise ValueError(f"{op}: {name}: expected a float64 [1 or B={b}, K={k}] tensor on {first.device}, "
+                             f"got {tuple(t.shape)} on {t.device}")
+
+
+def reduce(op: str, operands, groups, strided: bool = False) -> torch.Tensor:
+    first = check_operands(op, operands, strided)
     check_groups(op, "groups", groups, first)
     return first
 
@@ -101,10 +145,11 @@ def combine(op: str, coef, operands, low, high, out=None) -> torch.Tensor:
     return first
 
 
-def fused(op: str, policies, policy, gram, vectors, scalars, operands, low, high, out=None) -> torch.Tensor:
+def fused(op: str, policies, policy, gram, vectors, scalars, operands, low, high, out=None,
+          strided: bool = False) -> torch.Tensor:
     """``policies``: the policy names the op implements. The vectors' and scalars' shapes are
     checked where they are read (the kernels' glue, which knows the policy's arity)."""
-    first = check_operands(op, operands)
+    first = check_operands(op, operands, strided)
     if policy not in policies:
         raise ValueError(f"{op}: policy: expected one of {tuple(policies)}, got {policy!r}")
     if gram is not None:
