@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from ._common import NUM_WARPS, acc_dtype, pointers, row_align, tile_rows, vec
-from .scaling import scaled
+from .scaling import scaled_inline
 
 MAX_GRID_1 = 65535  # CUDA's limit on the second grid axis
 
@@ -55,27 +55,32 @@ def _clamp(v, low, high, HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr):
 def _weighted_tiles(x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3, c4, c5, c6, c7, offs, m,
                     K: tl.constexpr, ACC: tl.constexpr, xv, sc, SCALED: tl.constexpr, F: tl.constexpr):
     """sum_k c_k * x_k[offs] over the first K operands (each from its own pointer); the operands
-    of SCALED's bits read Σ-scaled (``scaling.py``; ``sc``: their (slope', offset') pairs)."""
+    of SCALED's bits read Σ-scaled (``scaling.py``; ``sc``: slope, offset, b and their strides)."""
     if SCALED != 0:
         v = tl.load(xv + offs, mask=m, other=0.0).to(F)
     else:
         v = 0.0
-    acc = c0 * scaled(tl.load(x0 + offs, mask=m, other=0.0), 0, SCALED, v, sc[0], sc[1], F).to(ACC)
+    acc = c0 * _op(tl.load(x0 + offs, mask=m, other=0.0), 0, SCALED, v, sc, F).to(ACC)
     if K > 1:
-        acc += c1 * scaled(tl.load(x1 + offs, mask=m, other=0.0), 1, SCALED, v, sc[2], sc[3], F).to(ACC)
+        acc += c1 * _op(tl.load(x1 + offs, mask=m, other=0.0), 1, SCALED, v, sc, F).to(ACC)
     if K > 2:
-        acc += c2 * scaled(tl.load(x2 + offs, mask=m, other=0.0), 2, SCALED, v, sc[4], sc[5], F).to(ACC)
+        acc += c2 * _op(tl.load(x2 + offs, mask=m, other=0.0), 2, SCALED, v, sc, F).to(ACC)
     if K > 3:
-        acc += c3 * scaled(tl.load(x3 + offs, mask=m, other=0.0), 3, SCALED, v, sc[6], sc[7], F).to(ACC)
+        acc += c3 * _op(tl.load(x3 + offs, mask=m, other=0.0), 3, SCALED, v, sc, F).to(ACC)
     if K > 4:
-        acc += c4 * scaled(tl.load(x4 + offs, mask=m, other=0.0), 4, SCALED, v, sc[8], sc[9], F).to(ACC)
+        acc += c4 * _op(tl.load(x4 + offs, mask=m, other=0.0), 4, SCALED, v, sc, F).to(ACC)
     if K > 5:
-        acc += c5 * scaled(tl.load(x5 + offs, mask=m, other=0.0), 5, SCALED, v, sc[10], sc[11], F).to(ACC)
+        acc += c5 * _op(tl.load(x5 + offs, mask=m, other=0.0), 5, SCALED, v, sc, F).to(ACC)
     if K > 6:
-        acc += c6 * scaled(tl.load(x6 + offs, mask=m, other=0.0), 6, SCALED, v, sc[12], sc[13], F).to(ACC)
+        acc += c6 * _op(tl.load(x6 + offs, mask=m, other=0.0), 6, SCALED, v, sc, F).to(ACC)
     if K > 7:
-        acc += c7 * scaled(tl.load(x7 + offs, mask=m, other=0.0), 7, SCALED, v, sc[14], sc[15], F).to(ACC)
+        acc += c7 * _op(tl.load(x7 + offs, mask=m, other=0.0), 7, SCALED, v, sc, F).to(ACC)
     return acc
+
+
+@triton.jit
+def _op(w, k: tl.constexpr, SCALED: tl.constexpr, v, sc, F: tl.constexpr):
+    return scaled_inline(w, k, SCALED, v, sc[0], sc[1], sc[2], sc[3], sc[4], sc[5], sc[6], F)
 
 
 @triton.jit
@@ -111,12 +116,10 @@ def _combine(x0, x1, x2, x3, x4, x5, x6, x7, coef, out, NR, ITERS, low, high,
     N = NR * ALIGN  # a multiple of ALIGN that Triton can see: row starts keep their alignment
     base = row * N
     w = coef + row * K
-    zero = tl.zeros([], dtype=ACC)
     _stream(x0 + base, x1 + base, x2 + base, x3 + base, x4 + base, x5 + base, x6 + base, x7 + base,
             _coef(w, 0, K, ACC), _coef(w, 1, K, ACC), _coef(w, 2, K, ACC), _coef(w, 3, K, ACC),
             _coef(w, 4, K, ACC), _coef(w, 5, K, ACC), _coef(w, 6, K, ACC), _coef(w, 7, K, ACC),
-            out + base, N, ITERS, low, high, K, BLOCK, ACC, HAS_LOW, HAS_HIGH, x0,
-            (zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero, zero), 0, ACC)
+            out + base, N, ITERS, low, high, K, BLOCK, ACC, HAS_LOW, HAS_HIGH, x0, (x0, x0, row, 0, 0, 0, 0), 0, ACC)
 
 
 def launch_config(n: int, dtype: torch.dtype):

@@ -240,6 +240,9 @@ HALF_LANES_MAX_K = 8
 # ptxas's own register target spilled 8-16 B for fp16/bf16 at K = 4 on sm_100 (56 registers);
 # an explicit ceiling above every variant's need (<= 200) lets it allocate what the code needs
 LANES_MAXNREG = 224
+# Σ-scaled operands add a (slope', offset') pair per scaled operand: every fp32 operand scaled at
+# K = 8 spilled 16 B at 224 on sm_86; 255 keeps the same occupancy bound (2 blocks of 4 warps)
+LANES_MAXNREG_SCALED = 255
 _MODES = {"ff": reduce_lanes.FF, "f64": reduce_lanes.F64, "f32": reduce_lanes.F32}
 
 
@@ -284,7 +287,8 @@ def reduce(operands, groups: int = 1, how: str = None, scaling=None):
         reduce_lanes._reduce_lanes[(rows, splits)](*args, part, n // align, iters, *ints, K=k, ALIGN=align,
                                                    BLOCK=block, VEC=vec(first.dtype), MODE=_MODES[how],
                                                    SCALED=mask, num_warps=NUM_WARPS, num_stages=1,
-                                                   enable_fp_fusion=False, maxnreg=LANES_MAXNREG)
+                                                   enable_fp_fusion=False,
+                                                   maxnreg=LANES_MAXNREG_SCALED if mask else LANES_MAXNREG)
     gram = torch.empty(b, groups, k, k, device=first.device, dtype=acc)
     sums = torch.empty(b, groups, k, device=first.device, dtype=acc)
     _reduce_finish[(rows,)](part, gram, sums, splits, K=k, PP=next_pow2(k * k + k), CHUNK=16, num_warps=NUM_WARPS)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
+LOG2E = tl.constexpr(1.4426950408889634)  # log2(e), made a float64 constant where used
 
 
 @triton.jit
@@ -49,5 +49,26 @@ def scaled_masked(w, m, k: tl.constexpr, SCALED: tl.constexpr, v, s, o, F: tl.co
     factor times a padded 0 would be NaN)."""
     if (SCALED >> k) & 1:
         return tl.where(m, w.to(F) * tl.math.exp2(tl.fma(v, s, o)), 0.0)
+    else:
+        return w
+
+
+@triton.jit
+def scaled_inline(w, k: tl.constexpr, SCALED: tl.constexpr, v, slope, offset, b, SLB, SLK, OFB, OFK,
+                  F: tl.constexpr):
+    """:func:`scaled` reading operand k's slope and offset where it is formed (a streaming loop):
+    two uniform loads (cache hits) instead of two registers live through the loop, which kept
+    every-operand-scaled fused kernels within 64 registers. For fp32 F they are rounded to fp32
+    before the log2(e) product (one more fp32 rounding of the exponent; no fp64 op in the loop)."""
+    if (SCALED >> k) & 1:
+        s = tl.load(slope + b * SLB + k * SLK)
+        o = tl.load(offset + b * OFB + k * OFK)
+        if F == tl.float64:
+            s = s * tl.full([], LOG2E, tl.float64)
+            o = o * tl.full([], LOG2E, tl.float64)
+        else:
+            s = s.to(tl.float32) * LOG2E
+            o = o.to(tl.float32) * LOG2E
+        return w.to(F) * tl.math.exp2(tl.fma(v, s, o))
     else:
         return w
