@@ -6,7 +6,9 @@ read: ``K`` is a compile-time constant), so Triton sees every operand's own alig
 specialises pointers that are 16-byte aligned) and no host pointer arithmetic is needed: the
 glue traces under FakeTensor / ``torch.compile`` and is graph-capturable.
 
-Rows (a sample, or one of its G groups) are N contiguous elements; row r starts at ``r * N``.
+Rows (a sample, or one of its G groups) are N contiguous elements; row r starts at ``r * N``
+(the reduce and fused kernels also take row-strided operands, whose row (b, g) starts at
+``b * stride(0) + g * N``: ``scaling.py``).
 The glue passes ``N`` as ``NR = N // ALIGN`` plus the compile-time ``ALIGN``: when N is a
 multiple of the 128-bit vector width ``VEC`` (4 fp32, 8 fp16/bf16, 2 fp64 elements), ALIGN =
 VEC and Triton can prove every row start 16-byte aligned, so operand loads compile to

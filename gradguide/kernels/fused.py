@@ -32,7 +32,12 @@ Policies (the formulas and their plain-torch truth are in ``gradguide/ops/polici
 each formula); ``tests/kernels/test_kernels.py`` holds its table (names, arities) to theirs and every
 program to them on random inputs.
 
-Limits: those of ``combine.py``; the Gram matrix must be the one of the first Kg operands
+Row-strided and Σ-scaled operands (``scaling.py``): the operands and the log-scale are read
+from their own row starts (``b * stride(0) + g * N``; the output is contiguous); a scaled
+operand is formed in fp32 (fp64 for fp64 operands) as it is loaded, its slope and offset read
+where it is formed, and enters the weighted sum like any operand value.
+
+Limits: those of ``combine.py`` (but operands whose every sample is contiguous); the Gram matrix must be the one of the first Kg operands
 (same rows). Zero-norm partners follow the safe division of the reference (a projection
 against a zero vector is the identity; APG's clip leaves a zero Δ alone). Non-finite values
 follow the one rule of every backend (``gradguide/ops/policies.py``): a NaN/inf among a row's

@@ -42,8 +42,13 @@ lists the options measured. Exactness per dtype:
   ``gradguide check-kernels``.
 Within a tile the MMA sums BK products; tiles are added one by one in the accumulator's dtype.
 
-Limits: K <= 8 operands of one dtype (fp16, bf16, fp32, fp64), contiguous (the Python glue
-makes them so), all on one device; any N and B (masking, no power-of-two assumption); rows
+Row-strided and Σ-scaled operands (``scaling.py``): each operand (and the log-scale) is read
+from its own row start; a scaled operand's tile row is formed in fp32 (fp64 for fp64 operands)
+as it is loaded, so the tile of scaled fp16/bf16 operands is fp32 (an ``ieee`` fp32 dot in
+this kernel; the per-thread kernel takes the fp32 values as they are).
+
+Limits: K <= 8 operands of one dtype (fp16, bf16, fp32, fp64), each sample contiguous (any
+batch stride; the Python glue makes other layouts contiguous), all on one device; any N and B (masking, no power-of-two assumption); rows
 shorter than 2**31 elements. Non-finite inputs poison the Gram entries and sums that involve
 them, as the reference does.
 

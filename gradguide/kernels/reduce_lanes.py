@@ -21,6 +21,10 @@ both are exact in fp64) and writes one partial ``[K, K]`` Gram (both triangles) 
 sums, which ``reduce._reduce_finish`` adds in a fixed order. Non-finite inputs: ``c`` of an
 infinite product is NaN, so a non-finite ``s`` is taken as is (inf stays inf, as the reference).
 
+Row-strided and Σ-scaled operands (``scaling.py``): every operand is read from its own row
+start; a scaled operand's vector is formed in fp32 as it is loaded (0 in padding lanes) and is
+that operand's value from then on (F32: not an exact product any more; F64: widened exactly).
+
 The accumulators are written out per entry (``s01``, ``c01``, ...): Triton carries loop values by
 name; entries beyond K are never updated and compile away.
 """
