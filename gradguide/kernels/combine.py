@@ -92,20 +92,21 @@ def _coef(coef, k: tl.constexpr, K: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _stream(x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3, c4, c5, c6, c7, out, N, ITERS, low, high,
+def _stream(x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3, c4, c5, c6, c7, out, base, N, ITERS, low, high,
             K: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, HAS_LOW: tl.constexpr,
             HAS_HIGH: tl.constexpr, xv, sc, SCALED: tl.constexpr, F: tl.constexpr):
-    """The combine of one program's blocks of a row with weights c_k (shared with fused.py):
-    ``x0..x7``, ``xv`` (the log-scale) and ``out`` point at the row's start."""
+    """The combine of one program's blocks of a row with weights c_k (shared with fused.py): the
+    row starts at ``base`` of ``x0..x7``, ``xv`` (the log-scale) and ``out`` (combine: every
+    operand's row r at r * N; fused: pointers already at their rows, base 0)."""
     blk = tl.program_id(1)
     blocks = tl.num_programs(1)
     for i in range(ITERS):
         e = (blk + i * blocks) * BLOCK + tl.arange(0, BLOCK)
         m = e < N
-        v = _weighted_tiles(x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3, c4, c5, c6, c7, e, m, K, ACC,
+        v = _weighted_tiles(x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3, c4, c5, c6, c7, base + e, m, K, ACC,
                             xv, sc, SCALED, F)
         v = _clamp(v, low, high, HAS_LOW, HAS_HIGH)
-        tl.store(out + e, v.to(out.dtype.element_ty), mask=m)
+        tl.store(out + base + e, v.to(out.dtype.element_ty), mask=m)
 
 
 @triton.jit(do_not_specialize=["NR", "ITERS"])
@@ -116,10 +117,10 @@ def _combine(x0, x1, x2, x3, x4, x5, x6, x7, coef, out, NR, ITERS, low, high,
     N = NR * ALIGN  # a multiple of ALIGN that Triton can see: row starts keep their alignment
     base = row * N
     w = coef + row * K
-    _stream(x0 + base, x1 + base, x2 + base, x3 + base, x4 + base, x5 + base, x6 + base, x7 + base,
+    _stream(x0, x1, x2, x3, x4, x5, x6, x7,
             _coef(w, 0, K, ACC), _coef(w, 1, K, ACC), _coef(w, 2, K, ACC), _coef(w, 3, K, ACC),
             _coef(w, 4, K, ACC), _coef(w, 5, K, ACC), _coef(w, 6, K, ACC), _coef(w, 7, K, ACC),
-            out + base, N, ITERS, low, high, K, BLOCK, ACC, HAS_LOW, HAS_HIGH, x0, (x0, x0, row, 0, 0, 0, 0), 0, ACC)
+            out, base, N, ITERS, low, high, K, BLOCK, ACC, HAS_LOW, HAS_HIGH, x0, (x0, x0, row, 0, 0, 0, 0), 0, ACC)
 
 
 def launch_config(n: int, dtype: torch.dtype):

@@ -258,7 +258,7 @@ def _fused(x0, x1, x2, x3, x4, x5, x6, x7, gram, v0, v1, v2, v3, vb0, vg0, vb1, 
             _pick(coef, ks, 0, K, ACC), _pick(coef, ks, 1, K, ACC), _pick(coef, ks, 2, K, ACC),
             _pick(coef, ks, 3, K, ACC), _pick(coef, ks, 4, K, ACC), _pick(coef, ks, 5, K, ACC),
             _pick(coef, ks, 6, K, ACC), _pick(coef, ks, 7, K, ACC),
-            out + row * N, N, ITERS, low, high, K, BLOCK, ACC, HAS_LOW, HAS_HIGH,
+            out + row * N, 0, N, ITERS, low, high, K, BLOCK, ACC, HAS_LOW, HAS_HIGH,
             xv + (b * SBV * ALIGN + gN), sc, SCALED, F)
 
 
