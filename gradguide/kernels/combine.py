@@ -123,10 +123,11 @@ def _combine(x0, x1, x2, x3, x4, x5, x6, x7, coef, out, NR, ITERS, low, high,
             out, base, N, ITERS, low, high, K, BLOCK, ACC, HAS_LOW, HAS_HIGH, x0, (x0, x0, row, 0, 0, 0, 0), 0, ACC)
 
 
-def launch_config(n: int, dtype: torch.dtype):
+def launch_config(n: int, dtype: torch.dtype, per_thread: int = 0):
     """(BLOCK, ALIGN, blocks, iters) for rows of n elements: ``blocks`` programs per row, each
-    handling ``iters`` blocks (1 unless a row has more than 65535 blocks)."""
-    block = tile_rows() * vec(dtype)
+    handling ``iters`` blocks (1 unless a row has more than 65535 blocks); ``per_thread``
+    elements per thread and tile instead of one 128-bit vector."""
+    block = tile_rows() * (per_thread or vec(dtype))
     tiles = -(-n // block)
     iters = -(-tiles // MAX_GRID_1)
     return block, row_align(n, dtype), -(-tiles // iters), iters

@@ -301,9 +301,12 @@ def fused_combine(policy, gram, vectors, scalars, operands, out=None, clamp=None
     n = first[0].numel() // groups
     if out is None:
         out = torch.empty_like(first, memory_format=torch.contiguous_format)
-    block, _, blocks, iters = launch_config(n, first.dtype)
     scaled = scaling is not None and int(scaling[3]) != 0
     align = strided_align(n, first.dtype, list(operands) + ([scaling[0]] if scaled else []))
+    # scaled fp16/bf16 operands without 128-bit loads: 4 elements per thread and tile instead of
+    # 8 (a scalar load takes a register per element: at K = 5 the 8-element tile spilled)
+    per_thread = 4 if scaled and align == 1 and first.element_size() == 2 else 0
+    block, _, blocks, iters = launch_config(n, first.dtype, per_thread)
     sa = scaling_args(operands, scaling, align)
     strides = []
     for v in vectors:
