@@ -26,7 +26,9 @@ Gates, per compiled kernel:
 
 ``variants("ci")`` is a representative subset (every op, policy and dtype, K in {1, 4/5, 8},
 clamp on/off, aligned and unaligned) for the test suite; ``variants("all")`` is every
-combination (``gradguide check-kernels``). Triton caches compiled kernels on disk
+combination (``gradguide check-kernels``), with ``variants("scaled")``: row-strided operands
+and Σ-scaled ones (gradguide/kernels/scaling.py) in reduce and fused, whose log-scale counts
+as an operand for the 128-bit load gate and as one more input tile for the roofline. Triton caches compiled kernels on disk
 (``~/.triton/cache``), so a second run is fast.
 
 Must run with ``TRITON_INTERPRET`` unset (the interpreter replaces the JIT when the kernels
@@ -685,7 +687,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subset", default="all",
                    help="all: every variant the glue can launch (default); ci: the test suite's subset; "
                         "roofline: the roofline-gated variants (reduce, combine, fused; fp32/fp16/bf16; "
-                        "K = 2..8); roofline-ci: those at K = 2, 3, 8; a union joined by '+', e.g. ci+roofline")
+                        "K = 2..8); roofline-ci: those at K = 2, 3, 8; scaled: row-strided, Σ-scaled reduce and fused "
+                        "(pxp-a, linear; fp32/fp16/bf16, K = 2..8, mixed and full masks; part of all); scaled-ci: a cut "
+                        "of it; a union joined by '+', e.g. ci+roofline")
     p.add_argument("--json", default=None, help="write every compiled kernel's figures to this JSON file")
     p.add_argument("--markdown-dir", default=None,
                    help="write kernels-sm<arch>.md tables into this directory (default: none)")
