@@ -55,7 +55,7 @@ def _clamp(v, low, high, HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr):
 def _weighted_tiles(x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3, c4, c5, c6, c7, offs, m,
                     K: tl.constexpr, ACC: tl.constexpr, xv, sc, SCALED: tl.constexpr, F: tl.constexpr):
     """sum_k c_k * x_k[offs] over the first K operands (each from its own pointer); the operands
-    of SCALED's bits read Σ-scaled (``scaling.py``; ``sc``: slope, offset, b and their strides)."""
+    of SCALED's bits read Σ-scaled (``scaling.py``; ``sc``: rows b of slope and offset, their constexpr strides over K)."""
     if SCALED != 0:
         v = tl.load(xv + offs, mask=m, other=0.0).to(F)
     else:
@@ -80,7 +80,7 @@ def _weighted_tiles(x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3, c4, c5, c6, 
 
 @triton.jit
 def _op(w, k: tl.constexpr, SCALED: tl.constexpr, v, sc, F: tl.constexpr):
-    return scaled_inline(w, k, SCALED, v, sc[0], sc[1], sc[2], sc[3], sc[4], sc[5], sc[6], F)
+    return scaled_inline(w, k, SCALED, v, sc[0], sc[1], sc[2], sc[3], F)
 
 
 @triton.jit
@@ -120,7 +120,7 @@ def _combine(x0, x1, x2, x3, x4, x5, x6, x7, coef, out, NR, ITERS, low, high,
     _stream(x0, x1, x2, x3, x4, x5, x6, x7,
             _coef(w, 0, K, ACC), _coef(w, 1, K, ACC), _coef(w, 2, K, ACC), _coef(w, 3, K, ACC),
             _coef(w, 4, K, ACC), _coef(w, 5, K, ACC), _coef(w, 6, K, ACC), _coef(w, 7, K, ACC),
-            out, base, N, ITERS, low, high, K, BLOCK, ACC, HAS_LOW, HAS_HIGH, x0, (x0, x0, row, 0, 0, 0, 0), 0, ACC)
+            out, base, N, ITERS, low, high, K, BLOCK, ACC, HAS_LOW, HAS_HIGH, x0, (x0, x0, 1, 1), 0, ACC)
 
 
 def launch_config(n: int, dtype: torch.dtype, per_thread: int = 0):

@@ -55,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import NUM_WARPS, batch_strides, k_padded, pointers, scaling_args, strided_align
+from ._common import NUM_WARPS, batch_strides, k_padded, pointers, scaling_args, strided_align, vec
 from .combine import _stream, clamp_args, launch_config, tl_acc
 
 POLICY_IDS = {"cfg": 0, "pxp-a": 1, "pxp-b": 2, "pxp-c": 3, "apg": 4, "linear": 6, "lookahead": 7,
@@ -132,14 +132,14 @@ def _pick(coef, ks, k: tl.constexpr, K: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["NR", "ITERS", "GROUPS", "SB0", "SB1", "SB2", "SB3", "SB4", "SB5", "SB6", "SB7",
-                               "SBV", "SLB", "SLK", "OFB", "OFK"])
+                               "SBV", "SLB", "OFB"])
 def _fused(x0, x1, x2, x3, x4, x5, x6, x7, gram, v0, v1, v2, v3, vb0, vg0, vb1, vg1, vb2, vg2, vb3, vg3,
            s0, s1, s2, s3, s4, s5, s6, s7, t0, t1, t2, t3, t4, t5, t6, t7,
            out, NR, ITERS, GROUPS, low, high, xv, slope, offset,
-           SB0, SB1, SB2, SB3, SB4, SB5, SB6, SB7, SBV, SLB, SLK, OFB, OFK,
+           SB0, SB1, SB2, SB3, SB4, SB5, SB6, SB7, SBV, SLB, OFB,
            POLICY: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, KG: tl.constexpr, ALIGN: tl.constexpr,
            BLOCK: tl.constexpr, ACC: tl.constexpr, HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr,
-           SCALED: tl.constexpr):
+           SCALED: tl.constexpr, SLK: tl.constexpr, OFK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = row // GROUPS
     g = row % GROUPS
@@ -249,7 +249,7 @@ def _fused(x0, x1, x2, x3, x4, x5, x6, x7, gram, v0, v1, v2, v3, vb0, vg0, vb1, 
     # Σ-scaled operands (scaling.py): formed in fp32, fp64 for fp64 operands (ACC is fp64 for
     # fp32 operands too, so F follows the operands' dtype, not ACC)
     F: tl.constexpr = tl.float64 if x0.dtype.element_ty == tl.float64 else tl.float32
-    sc = (slope, offset, b, SLB, SLK, OFB, OFK)   # read where a scaled operand is formed (scaling.py)
+    sc = (slope + b * SLB, offset + b * OFB, SLK, OFK)   # read where a scaled operand is formed (scaling.py)
     # row (b, g) of each operand and of the log-scale: their own batch strides (row-strided
     # operands, scaling.py); the output is contiguous
     _stream(x0 + (b * SB0 * ALIGN + gN), x1 + (b * SB1 * ALIGN + gN), x2 + (b * SB2 * ALIGN + gN),
@@ -303,9 +303,9 @@ def fused_combine(policy, gram, vectors, scalars, operands, out=None, clamp=None
         out = torch.empty_like(first, memory_format=torch.contiguous_format)
     scaled = scaling is not None and int(scaling[3]) != 0
     align = strided_align(n, first.dtype, list(operands) + ([scaling[0]] if scaled else []))
-    # scaled fp16/bf16 operands without 128-bit loads: 4 elements per thread and tile instead of
-    # 8 (a scalar load takes a register per element: at K = 5 the 8-element tile spilled)
-    per_thread = 4 if scaled and align == 1 and first.element_size() == 2 else 0
+    # scaled operands without 128-bit loads: half a vector per thread and tile (scalar loads and
+    # their addresses take more registers: fp16 at K = 5 and fp32 at K = 8 spilled a whole one)
+    per_thread = max(1, vec(first.dtype) // 2) if scaled and align == 1 else 0
     block, _, blocks, iters = launch_config(n, first.dtype, per_thread)
     sa = scaling_args(operands, scaling, align)
     strides = []
@@ -323,7 +323,7 @@ def fused_combine(policy, gram, vectors, scalars, operands, out=None, clamp=None
     g = gram if NEEDS_GRAM[policy] else vectors[0]                     # unused without a Gram
     _fused[(b * groups, blocks)](
         *pointers(operands), g, *vecs, *strides, *sc, *sc_strides, out, n // align, iters, groups, low, high,
-        *sa[:3], *batch_strides(operands, align), *sa[3:8],
+        *sa[:3], *batch_strides(operands, align), sa[3], sa[4], sa[6], SLK=sa[5], OFK=sa[7],
         POLICY=POLICY_IDS[policy], K=k, KP=k_padded(k), KG=kg, ALIGN=align, BLOCK=block, ACC=tl_acc(first.dtype),
         HAS_LOW=has_low, HAS_HIGH=has_high, SCALED=sa[8], num_warps=NUM_WARPS,
         **({"maxnreg": SCALED_MAXNREG} if sa[8] else {}))

@@ -54,15 +54,17 @@ def scaled_masked(w, m, k: tl.constexpr, SCALED: tl.constexpr, v, s, o, F: tl.co
 
 
 @triton.jit
-def scaled_inline(w, k: tl.constexpr, SCALED: tl.constexpr, v, slope, offset, b, SLB, SLK, OFB, OFK,
-                  F: tl.constexpr):
-    """:func:`scaled` reading operand k's slope and offset where it is formed (a streaming loop):
-    two uniform loads (cache hits) instead of two registers live through the loop, which kept
-    every-operand-scaled fused kernels within 64 registers. For fp32 F they are rounded to fp32
-    before the log2(e) product (one more fp32 rounding of the exponent; no fp64 op in the loop)."""
+def scaled_inline(w, k: tl.constexpr, SCALED: tl.constexpr, v, slope_row, offset_row, SLK: tl.constexpr,
+                  OFK: tl.constexpr, F: tl.constexpr):
+    """:func:`scaled` reading operand k's slope and offset (``slope_row``, ``offset_row``: row b
+    of the ``[1 or B, K]`` tensors; SLK, OFK: their constexpr strides over K, so every k is an
+    immediate offset from one base register) where it is formed in a streaming loop: two
+    uniform loads (cache hits) instead of two registers per scaled operand live through the
+    loop. For fp32 F they are rounded to fp32 before the log2(e) product (one more fp32
+    rounding of the exponent; no fp64 operation in the loop)."""
     if (SCALED >> k) & 1:
-        s = tl.load(slope + b * SLB + k * SLK)
-        o = tl.load(offset + b * OFB + k * OFK)
+        s = tl.load(slope_row + k * SLK)
+        o = tl.load(offset_row + k * OFK)
         if F == tl.float64:
             s = s * tl.full([], LOG2E, tl.float64)
             o = o * tl.full([], LOG2E, tl.float64)
