@@ -139,7 +139,7 @@ def _fused(x0, x1, x2, x3, x4, x5, x6, x7, gram, v0, v1, v2, v3, vb0, vg0, vb1, 
            SB0, SB1, SB2, SB3, SB4, SB5, SB6, SB7, SBV, SLB, OFB,
            POLICY: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, KG: tl.constexpr, ALIGN: tl.constexpr,
            BLOCK: tl.constexpr, ACC: tl.constexpr, HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr,
-           SCALED: tl.constexpr, SLK: tl.constexpr, OFK: tl.constexpr):
+           SCALED: tl.constexpr, SLK: tl.constexpr, OFK: tl.constexpr, OFF32: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = row // GROUPS
     g = row % GROUPS
@@ -251,15 +251,25 @@ def _fused(x0, x1, x2, x3, x4, x5, x6, x7, gram, v0, v1, v2, v3, vb0, vg0, vb1, 
     F: tl.constexpr = tl.float64 if x0.dtype.element_ty == tl.float64 else tl.float32
     sc = (slope + b * SLB, offset + b * OFB, SLK, OFK)   # read where a scaled operand is formed (scaling.py)
     # row (b, g) of each operand and of the log-scale: their own batch strides (row-strided
-    # operands, scaling.py); the output is contiguous
-    _stream(x0 + (b * SB0 * ALIGN + gN), x1 + (b * SB1 * ALIGN + gN), x2 + (b * SB2 * ALIGN + gN),
-            x3 + (b * SB3 * ALIGN + gN), x4 + (b * SB4 * ALIGN + gN), x5 + (b * SB5 * ALIGN + gN),
-            x6 + (b * SB6 * ALIGN + gN), x7 + (b * SB7 * ALIGN + gN),
+    # operands, scaling.py), as int32 offsets where every element is within 2**31 of its
+    # tensor's start (OFF32: the glue checks); the output is contiguous
+    OT: tl.constexpr = tl.int32 if OFF32 else tl.int64
+    bo = b.to(OT)
+    gO = gN.to(OT)
+    ro = ((bo * SB0) * ALIGN + gO, (bo * SB1) * ALIGN + gO, (bo * SB2) * ALIGN + gO, (bo * SB3) * ALIGN + gO,
+          (bo * SB4) * ALIGN + gO, (bo * SB5) * ALIGN + gO, (bo * SB6) * ALIGN + gO, (bo * SB7) * ALIGN + gO,
+          (bo * SBV) * ALIGN + gO)
+    _stream(x0, x1, x2, x3, x4, x5, x6, x7,
             _pick(coef, ks, 0, K, ACC), _pick(coef, ks, 1, K, ACC), _pick(coef, ks, 2, K, ACC),
             _pick(coef, ks, 3, K, ACC), _pick(coef, ks, 4, K, ACC), _pick(coef, ks, 5, K, ACC),
             _pick(coef, ks, 6, K, ACC), _pick(coef, ks, 7, K, ACC),
-            out + row * N, 0, N, ITERS, low, high, K, BLOCK, ACC, HAS_LOW, HAS_HIGH,
-            xv + (b * SBV * ALIGN + gN), sc, SCALED, F)
+            out, (row * N).to(OT), N, ITERS, low, high, K, BLOCK, ACC, HAS_LOW, HAS_HIGH, xv, sc, SCALED, F, ro)
+
+
+def _offsets_fit_int32(tensors, block: int) -> bool:
+    """Whether every element offset a program forms (its row start plus a block's reach) stays
+    below 2**31 for each tensor."""
+    return all((t.shape[0] - 1) * t.stride(0) + t[0].numel() + block < 2 ** 31 for t in tensors)
 
 
 def _broadcast_strides(v, b, groups, k):
@@ -324,6 +334,7 @@ def fused_combine(policy, gram, vectors, scalars, operands, out=None, clamp=None
     _fused[(b * groups, blocks)](
         *pointers(operands), g, *vecs, *strides, *sc, *sc_strides, out, n // align, iters, groups, low, high,
         *sa[:3], *batch_strides(operands, align), sa[3], sa[4], sa[6], SLK=sa[5], OFK=sa[7],
+        OFF32=_offsets_fit_int32(list(operands) + [out] + ([scaling[0]] if scaled else []), block),
         POLICY=POLICY_IDS[policy], K=k, KP=k_padded(k), KG=kg, ALIGN=align, BLOCK=block, ACC=tl_acc(first.dtype),
         HAS_LOW=has_low, HAS_HIGH=has_high, SCALED=sa[8], num_warps=NUM_WARPS,
         **({"maxnreg": SCALED_MAXNREG} if sa[8] else {}))
