@@ -26,7 +26,9 @@ Gates, per compiled kernel:
 
 ``variants("ci")`` is a representative subset (every op, policy and dtype, K in {1, 4/5, 8},
 clamp on/off, aligned and unaligned) for the test suite; ``variants("all")`` is every
-combination (``gradguide check-kernels``). Triton caches compiled kernels on disk
+combination (``gradguide check-kernels``), with ``variants("scaled")``: row-strided operands
+and Σ-scaled ones (gradguide/kernels/scaling.py) in reduce and fused, whose log-scale counts
+as an operand for the 128-bit load gate and as one more input tile for the roofline. Triton caches compiled kernels on disk
 (``~/.triton/cache``), so a second run is fast.
 
 Must run with ``TRITON_INTERPRET`` unset (the interpreter replaces the JIT when the kernels
@@ -79,15 +81,54 @@ class Variant:
     aligned: bool  # 16-byte aligned operands and rows of a multiple of 8 elements
     clamp: bool = False
     policy: Optional[str] = None
+    scaled: int = 0         # Σ-scaled operands: the mask (reduce and fused; gradguide/kernels/scaling.py)
+    strided: bool = False   # row-strided operands and log-scale: halves of [B, 2N] buffers
 
     @property
     def name(self) -> str:
         op = f"fused[{self.policy}]" if self.op == "fused" else self.op
         return (f"{op} {self.dtype} K={self.k} {'aligned' if self.aligned else 'unaligned'}"
-                + (" clamp" if self.clamp else ""))
+                + (" clamp" if self.clamp else "") + (" strided" if self.strided else "")
+                + (f" scaled={self.scaled:#0{self.k + 2}b}" if self.scaled else ""))
 
 
-SUBSETS = ("all", "ci", "roofline", "roofline-ci")
+SUBSETS = ("all", "ci", "roofline", "roofline-ci", "scaled", "scaled-ci")
+
+
+def mixed_mask(k: int) -> int:
+    """Every other operand Σ-scaled (operands 0, 2, 4, 6): a mixed mask of K bits."""
+    return 0b01010101 & ((1 << k) - 1)
+
+
+def _scaled_variants(ci: bool) -> List[Variant]:
+    """Row-strided, Σ-scaled reduce and fused (pxp-a; linear with a clamp): fp32/fp16/bf16 at
+    K = 2..8 with a mixed mask (aligned: roofline-gated), every operand scaled at K = 2 and 8,
+    fp64 and unaligned ones for the register/spill gates, and row-strided unscaled ones. The
+    CI cut: K = 2, 5, 8 in fp32 and bf16, every kind once."""
+    out: List[Variant] = []
+    dtypes = ("fp32", "bf16") if ci else ROOFLINE_DTYPES
+    for dt in dtypes:
+        for k in ((2, 5, 8) if ci else range(2, 9)):
+            m = mixed_mask(k)
+            out += [Variant("reduce", dt, k, True, scaled=m, strided=True),
+                    Variant("fused", dt, k, True, False, "pxp-a", scaled=m, strided=True),
+                    Variant("fused", dt, k, True, True, "linear", scaled=m, strided=True)]
+        for k in ((8,) if ci else (2, 8)):
+            full = (1 << k) - 1
+            out += [Variant("reduce", dt, k, True, scaled=full, strided=True),
+                    Variant("fused", dt, k, True, False, "pxp-a", scaled=full, strided=True)]
+    out += [Variant("reduce", "fp64", 8, True, scaled=mixed_mask(8), strided=True),
+            Variant("fused", "fp64", 8, True, True, "linear", scaled=mixed_mask(8), strided=True),
+            Variant("reduce", "fp32", 3, False, scaled=0b101, strided=True),
+            Variant("fused", "fp16", 5, False, False, "pxp-a", scaled=0b10101, strided=True),
+            Variant("reduce", "fp16", 4, True, strided=True),
+            Variant("fused", "fp32", 4, True, False, "pxp-a", strided=True)]
+    if not ci:
+        out += [Variant("reduce", "fp64", 2, True, scaled=0b11, strided=True),
+                Variant("fused", "fp64", 2, True, False, "pxp-a", scaled=0b01, strided=True),
+                Variant("reduce", "bf16", 7, False, scaled=mixed_mask(7), strided=True),
+                Variant("fused", "fp32", 8, False, True, "linear", scaled=mixed_mask(8), strided=True)]
+    return out
 ROOFLINE_DTYPES = ("fp32", "fp16", "bf16")
 
 
@@ -101,6 +142,8 @@ def variants(subset: str = "all") -> List[Variant]:
     if subset not in SUBSETS:
         raise ValueError(f"subset: expected one of {SUBSETS} (or a union joined by '+'), got {subset!r}")
     out: List[Variant] = []
+    if subset.startswith("scaled"):
+        return _scaled_variants(subset == "scaled-ci")
     if subset.startswith("roofline"):
         ks = range(2, 9) if subset == "roofline" else (2, 3, 8)
         policies = ("cfg", "apg") if subset == "roofline" else ("apg",)
@@ -118,7 +161,7 @@ def variants(subset: str = "all") -> List[Variant]:
                         out.append(Variant("combine", dt, k, aligned, clamp))
                         out.extend(Variant("fused", dt, k, aligned, clamp, p) for p in POLICIES)
                     out.append(Variant("clip_shift", dt, k, aligned, True))
-        return out
+        return out + _scaled_variants(False)
     for dt in DTYPES:
         for k in (1, 4, 8):
             out.append(Variant("reduce", dt, k, True))
@@ -135,6 +178,12 @@ def variants(subset: str = "all") -> List[Variant]:
     out += [Variant("clip_shift", "fp32", k, True, True) for k in range(1, 9)]
     out += [Variant("clip_shift", dt, k, True, True) for dt in ("fp16", "bf16", "fp64") for k in (1, 8)]
     out += [Variant("clip_shift", "fp32", 3, False, True), Variant("clip_shift", "bf16", 5, False, True)]
+    # row-strided, Σ-scaled reduce and fused (gradguide/kernels/scaling.py)
+    out += [Variant("reduce", "fp32", 5, True, scaled=mixed_mask(5), strided=True),
+            Variant("reduce", "bf16", 8, True, scaled=0xFF, strided=True),
+            Variant("fused", "fp32", 8, True, True, "linear", scaled=mixed_mask(8), strided=True),
+            Variant("fused", "fp16", 4, True, False, "pxp-a", scaled=0b1111, strided=True),
+            Variant("reduce", "fp32", 3, False, scaled=0b101, strided=True)]
     return out
 
 
@@ -192,14 +241,30 @@ def compiling_for(arch: int):
         driver._active = previous
 
 
-def _operands(v: Variant) -> List[torch.Tensor]:
+def _operands(v: Variant, count: Optional[int] = None) -> List[torch.Tensor]:
+    """``count`` (default K) tensors [2, n]; row-strided (``v.strided``): the second halves of
+    [2, 2n] buffers (batch stride 2n, a multiple of 8 elements when aligned; 2n + 1 when not)."""
     dtype = DTYPES[v.dtype]
     n = ALIGNED_N if v.aligned else UNALIGNED_N
     ops = []
-    for _ in range(v.k):
+    for _ in range(v.k if count is None else count):
+        if v.strided:
+            width = 2 * n if v.aligned else 2 * n + 1
+            ops.append(torch.zeros(2, width, dtype=dtype)[:, width - n:])
+            continue
         flat = torch.zeros(2 * n + 1, dtype=dtype)  # CPU tensors: data_ptr is 64-byte aligned
         ops.append((flat[:-1] if v.aligned else flat[1:]).view(2, n))
     return ops
+
+
+def _scaling(v: Variant):
+    """A fused step's Σ-scaling (gradguide.ops.reference.Scaling): the log-scale laid out like the
+    operands, float64 [1, K] slope and [B, K] offset views (strides, no copy)."""
+    if not v.scaled:
+        return None
+    from gradguide.ops.reference import Scaling
+    table = torch.zeros(3 * v.k, dtype=torch.float64)
+    return Scaling(_operands(v, 1)[0], table[:v.k].view(1, v.k), table[v.k:].view(2, v.k), v.scaled)
 
 
 def launch(v: Variant) -> None:
@@ -208,8 +273,9 @@ def launch(v: Variant) -> None:
     ops = _operands(v)
     acc = torch.float64 if v.dtype == "fp64" else torch.float32
     clamp = (-1.0, 1.0) if v.clamp else None
+    scaling = _scaling(v)
     if v.op == "reduce":
-        triton_backend.reduce(ops, 1)
+        triton_backend.reduce(ops, 1, scaling=scaling) if scaling is not None else triton_backend.reduce(ops, 1)
     elif v.op == "combine":
         triton_backend.combine(torch.zeros(2, 1, v.k, dtype=acc), ops, clamp=clamp)
     elif v.op == "clip_shift":
@@ -230,7 +296,8 @@ def launch(v: Variant) -> None:
         gram = None
         if policies.NEEDS_GRAM[v.policy]:
             gram = torch.zeros(2, 1, max(1, v.k - 1), max(1, v.k - 1), dtype=acc)
-        triton_backend.fused_combine(v.policy, gram, vectors, scalars, ops, clamp=clamp)
+        extra = {} if scaling is None else {"scaling": scaling}
+        triton_backend.fused_combine(v.policy, gram, vectors, scalars, ops, clamp=clamp, **extra)
 
 
 # -- reading PTX and cubin ---------------------------------------------------------------------
@@ -335,12 +402,15 @@ def analyse(kernel, arch: int, variant: Variant) -> Dict[str, object]:
     sig = kernel.src.signature
     params = [name for name, ty in sig.items() if ty != "constexpr"]
     operand_params = [p for p in params if re.fullmatch(r"x[0-7]", p)][:variant.k]
+    if variant.scaled and "xv" in params:   # the log-scale: loaded like an operand
+        operand_params.append("xv")
     res = resource_usage(kernel.asm["cubin"])
     num_warps = kernel.metadata.num_warps
     smem = kernel.metadata.shared + res["shared"]
     loads = ptx_loads(kernel.asm["ptx"], params, operand_params)
     row = {"arch": arch, "kernel": kernel.name, "variant": variant.name, "op": variant.op, "dtype": variant.dtype,
            "k": variant.k, "aligned": variant.aligned, "clamp": variant.clamp, "policy": variant.policy,
+           "scaled": variant.scaled, "strided": variant.strided,
            "num_warps": num_warps, "registers": res["reg"], "stack_bytes": res["stack"],
            "local_bytes": res["local"], "shared_bytes": smem, **occupancy(arch, res["reg"], num_warps, smem),
            **loads, "hash": kernel.hash}
@@ -353,7 +423,8 @@ def analyse(kernel, arch: int, variant: Variant) -> Dict[str, object]:
     row["tile_bytes"] = None
     if tile is not None:   # not _reduce_finish
         stores = 1 if variant.op in ("combine", "fused", "clip_shift") else 0
-        row["tile_bytes"] = roofline.traffic(row["mix"], variant.k, tile, DTYPES[variant.dtype].itemsize, stores)
+        row["tile_bytes"] = roofline.traffic(row["mix"], variant.k, tile, DTYPES[variant.dtype].itemsize, stores,
+                                             extra=1 if variant.scaled else 0)
     row["roofline"] = ({g: roofline.project(row["mix"], roofline.GPUS[g], 32 * num_warps, row["tile_bytes"])
                         for g in roofline.gpus_for(arch)} if row["tile_bytes"] else {})
     row["roofline_gated"] = roofline.gated(row)
@@ -616,7 +687,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--subset", default="all",
                    help="all: every variant the glue can launch (default); ci: the test suite's subset; "
                         "roofline: the roofline-gated variants (reduce, combine, fused; fp32/fp16/bf16; "
-                        "K = 2..8); roofline-ci: those at K = 2, 3, 8; a union joined by '+', e.g. ci+roofline")
+                        "K = 2..8); roofline-ci: those at K = 2, 3, 8; scaled: row-strided, Σ-scaled reduce and fused "
+                        "(pxp-a, linear; fp32/fp16/bf16, K = 2..8, mixed and full masks; part of all); scaled-ci: a cut "
+                        "of it; a union joined by '+', e.g. ci+roofline")
     p.add_argument("--json", default=None, help="write every compiled kernel's figures to this JSON file")
     p.add_argument("--markdown-dir", default=None,
                    help="write kernels-sm<arch>.md tables into this directory (default: none)")

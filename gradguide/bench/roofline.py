@@ -15,7 +15,8 @@ Assumptions (every table says so): spec-sheet peak bandwidth and throughputs, no
 factor; the loop's instructions are all that is issued per tile (the prologue and the final
 reduction are amortised over a row's tiles); occupancy hides latency (``compile_gates``
 reports the occupancy bound separately); FMA, add and multiply count once each, whatever their
-flops; tensor-core instructions by their flops (an m16n8k16 MMA is 2·16·8·16 per warp).
+flops; tensor-core instructions by their flops (an m16n8k16 MMA is 2·16·8·16 per warp); MUFU
+(ex2, rcp, rsqrt) at 16 results per SM and clock (the same table, compute capability 8.0-12.0).
 """
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ FP32 = {"FFMA", "FADD", "FMUL", "FFMA32I", "FADD32I", "FMUL32I", "HFMA2", "HADD2
 FP32_PAIRED = {"FFMA2", "FADD2", "FMUL2"}   # two fp32 operations per lane (sm_100): count twice
 FP64 = {"DFMA", "DADD", "DMUL", "DSETP", "DMNMX"}
 CONV = {"F2F", "F2I", "I2F", "F2FP", "I2FP"}
+MUFU = {"MUFU"}   # the special-function unit: ex2 of a Σ-scaled operand (gradguide/kernels/scaling.py), rcp, rsqrt
 MMA = {"HMMA", "DMMA", "IMMA", "HGMMA"}
 
 
@@ -127,6 +129,8 @@ def mix(text: str) -> Dict[str, float]:
             c["fp64"] += 1
         elif base in CONV:
             c["conv"] += 1
+        elif base in MUFU:
+            c["mufu"] += 1
         elif base in MMA:
             c["dmma_flops" if base == "DMMA" else "hmma_flops"] += _mma_flops(op) / 32  # per thread
             c[base] += 1
@@ -138,21 +142,22 @@ def mix(text: str) -> Dict[str, float]:
     return dict(c)
 
 
-def traffic(m: Dict[str, float], k: int, tile: int, esize: int, stores: int) -> float:
+def traffic(m: Dict[str, float], k: int, tile: int, esize: int, stores: int, extra: int = 0) -> float:
     """DRAM bytes of one main-loop iteration for the whole program (CTA): the iteration covers
-    ``u`` tiles of ``tile`` elements per operand (u = 128-bit operand loads per thread / K, the
-    compiler may unroll), each reading K operand tiles and writing ``stores`` output tiles. From
-    the launch, not from the SASS: a thread's load predicated off (the tile-Gram reduce loads
-    operand k only in tile row k) moves no bytes."""
-    u = max(1, round(m.get("LDG.128", 0) / k)) if m.get("LDG.128") else 1
-    return u * (k + stores) * tile * esize
+    ``u`` tiles of ``tile`` elements per operand (u = 128-bit operand loads per thread / (K +
+    extra), the compiler may unroll), each reading K operand tiles and ``extra`` more (the
+    log-scale of Σ-scaled operands) and writing ``stores`` output tiles. From the launch, not
+    from the SASS: a thread's load predicated off (the tile-Gram reduce loads operand k only in
+    tile row k) moves no bytes."""
+    u = max(1, round(m.get("LDG.128", 0) / (k + extra))) if m.get("LDG.128") else 1
+    return u * (k + extra + stores) * tile * esize
 
 
 def project(m: Dict[str, float], gpu: dict, threads: int, nbytes: float) -> Dict[str, float]:
     """Projected / memory-bound time of one loop iteration of a program of ``threads`` threads
     moving ``nbytes`` (:func:`traffic`) on ``gpu`` (see the header)."""
     sm_clk = gpu["fp32"] * 1e12 / (2 * gpu["lanes"])  # SM-clocks per second implied by the fp32 peak
-    per_s = {"fp32": gpu["fp32"] * 1e12 / 2, "fp64": gpu["fp64"] * 1e12 / 2, "conv": 16 * sm_clk,
+    per_s = {"fp32": gpu["fp32"] * 1e12 / 2, "fp64": gpu["fp64"] * 1e12 / 2, "conv": 16 * sm_clk, "mufu": 16 * sm_clk,
              "issue": 128 * sm_clk, "hmma_flops": gpu["tc16"] * 1e12,
              "dmma_flops": gpu["tc64"] * 1e12 if gpu["tc64"] else gpu["fp64"] * 1e12}
     if not nbytes:

@@ -6,7 +6,9 @@ read: ``K`` is a compile-time constant), so Triton sees every operand's own alig
 specialises pointers that are 16-byte aligned) and no host pointer arithmetic is needed: the
 glue traces under FakeTensor / ``torch.compile`` and is graph-capturable.
 
-Rows (a sample, or one of its G groups) are N contiguous elements; row r starts at ``r * N``.
+Rows (a sample, or one of its G groups) are N contiguous elements; row r starts at ``r * N``
+(the reduce and fused kernels also take row-strided operands, whose row (b, g) starts at
+``b * stride(0) + g * N``: ``scaling.py``).
 The glue passes ``N`` as ``NR = N // ALIGN`` plus the compile-time ``ALIGN``: when N is a
 multiple of the 128-bit vector width ``VEC`` (4 fp32, 8 fp16/bf16, 2 fp64 elements), ALIGN =
 VEC and Triton can prove every row start 16-byte aligned, so operand loads compile to
@@ -68,3 +70,34 @@ def target_programs(device: torch.device) -> int:
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+def batch_stride(t: torch.Tensor) -> int:
+    """A row-strided tensor's batch stride in elements (``scaling.py``); 0 for B = 1 (never used)."""
+    return t.stride(0) if t.shape[0] > 1 else 0
+
+
+def strided_align(n: int, dtype: torch.dtype, tensors) -> int:
+    """The ALIGN constexpr of row-strided tensors: VEC when rows of n elements and every batch
+    stride keep 16-byte alignment, else 1."""
+    v = vec(dtype)
+    return v if n % v == 0 and all(batch_stride(t) % v == 0 for t in tensors) else 1
+
+
+def batch_strides(operands, align: int):
+    """The eight ``SB0..SB7`` arguments: each operand's batch stride over ALIGN (0 for padding)."""
+    return [batch_stride(t) // align for t in operands] + [0] * (MAX_K - len(operands))
+
+
+def scaling_args(operands, scaling, align: int):
+    """``(xv, slope, offset, SBV, SLB, SLK, OFB, OFK, SCALED)`` of ``scaling`` = None or
+    ``(log_scale, slope, offset, mask)``: the log-scale tensor, the float64 ``[1 or B, K]``
+    slope and offset read through their strides (0 on a broadcast batch), and the mask;
+    placeholders (never read) without scaling."""
+    if scaling is None or not int(scaling[3]):
+        x = operands[0]
+        return x, x, x, 0, 0, 0, 0, 0, 0
+    v, slope, offset, mask = scaling
+    sb = lambda t: t.stride(0) if t.shape[0] > 1 else 0
+    return (v, slope, offset, batch_stride(v) // align, sb(slope), slope.stride(1), sb(offset), offset.stride(1),
+            int(mask))

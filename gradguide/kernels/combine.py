@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from ._common import NUM_WARPS, acc_dtype, pointers, row_align, tile_rows, vec
+from .scaling import scaled_inline
 
 MAX_GRID_1 = 65535  # CUDA's limit on the second grid axis
 
@@ -51,25 +52,36 @@ def _clamp(v, low, high, HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr):
 
 
 @triton.jit
-def _weighted_tiles(x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3, c4, c5, c6, c7, offs, m,
-                    K: tl.constexpr, ACC: tl.constexpr):
-    """sum_k c_k * x_k[offs] over the first K operands (each from its own pointer)."""
-    acc = c0 * tl.load(x0 + offs, mask=m, other=0.0).to(ACC)
+def _weighted_tiles(x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3, c4, c5, c6, c7, ro, e, m,
+                    K: tl.constexpr, ACC: tl.constexpr, xv, sc, SCALED: tl.constexpr, F: tl.constexpr):
+    """sum_k c_k * x_k[ro_k + e] over the first K operands (each from its own pointer and row
+    offset ``ro[k]``; ``ro[8]``: the log-scale's); the operands of SCALED's bits read Σ-scaled
+    (``scaling.py``; ``sc``: rows b of slope and offset, their constexpr strides over K)."""
+    if SCALED != 0:
+        v = tl.load(xv + (ro[8] + e), mask=m, other=0.0).to(F)
+    else:
+        v = 0.0
+    acc = c0 * _op(tl.load(x0 + (ro[0] + e), mask=m, other=0.0), 0, SCALED, v, sc, F).to(ACC)
     if K > 1:
-        acc += c1 * tl.load(x1 + offs, mask=m, other=0.0).to(ACC)
+        acc += c1 * _op(tl.load(x1 + (ro[1] + e), mask=m, other=0.0), 1, SCALED, v, sc, F).to(ACC)
     if K > 2:
-        acc += c2 * tl.load(x2 + offs, mask=m, other=0.0).to(ACC)
+        acc += c2 * _op(tl.load(x2 + (ro[2] + e), mask=m, other=0.0), 2, SCALED, v, sc, F).to(ACC)
     if K > 3:
-        acc += c3 * tl.load(x3 + offs, mask=m, other=0.0).to(ACC)
+        acc += c3 * _op(tl.load(x3 + (ro[3] + e), mask=m, other=0.0), 3, SCALED, v, sc, F).to(ACC)
     if K > 4:
-        acc += c4 * tl.load(x4 + offs, mask=m, other=0.0).to(ACC)
+        acc += c4 * _op(tl.load(x4 + (ro[4] + e), mask=m, other=0.0), 4, SCALED, v, sc, F).to(ACC)
     if K > 5:
-        acc += c5 * tl.load(x5 + offs, mask=m, other=0.0).to(ACC)
+        acc += c5 * _op(tl.load(x5 + (ro[5] + e), mask=m, other=0.0), 5, SCALED, v, sc, F).to(ACC)
     if K > 6:
-        acc += c6 * tl.load(x6 + offs, mask=m, other=0.0).to(ACC)
+        acc += c6 * _op(tl.load(x6 + (ro[6] + e), mask=m, other=0.0), 6, SCALED, v, sc, F).to(ACC)
     if K > 7:
-        acc += c7 * tl.load(x7 + offs, mask=m, other=0.0).to(ACC)
+        acc += c7 * _op(tl.load(x7 + (ro[7] + e), mask=m, other=0.0), 7, SCALED, v, sc, F).to(ACC)
     return acc
+
+
+@triton.jit
+def _op(w, k: tl.constexpr, SCALED: tl.constexpr, v, sc, F: tl.constexpr):
+    return scaled_inline(w, k, SCALED, v, sc[0], sc[1], sc[2], sc[3], F)
 
 
 @triton.jit
@@ -81,20 +93,29 @@ def _coef(coef, k: tl.constexpr, K: tl.constexpr, ACC: tl.constexpr):
 
 
 @triton.jit
-def _stream(x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3, c4, c5, c6, c7, out, row, NR, ITERS, low, high,
-            K: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
-            HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr):
-    """The combine of one program's blocks of row ``row`` with weights c_k (shared with fused.py)."""
-    N = NR * ALIGN  # a multiple of ALIGN that Triton can see: row starts keep their alignment
-    base = row * N
+def _stream(x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3, c4, c5, c6, c7, out, base, N, ITERS, low, high,
+            K: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr, HAS_LOW: tl.constexpr,
+            HAS_HIGH: tl.constexpr, xv, sc, SCALED: tl.constexpr, F: tl.constexpr, ro):
+    """The combine of one program's blocks of a row with weights c_k (shared with fused.py): the
+    row starts at ``ro[k]`` of ``x_k``, ``ro[8]`` of ``xv`` (the log-scale) and ``base`` of
+    ``out`` (combine: all of them r * N for row r; fused: each operand's own, int32 where the
+    glue allows it, so an operand costs one register beyond its pointer argument)."""
     blk = tl.program_id(1)
     blocks = tl.num_programs(1)
     for i in range(ITERS):
         e = (blk + i * blocks) * BLOCK + tl.arange(0, BLOCK)
         m = e < N
-        v = _weighted_tiles(x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3, c4, c5, c6, c7, base + e, m, K, ACC)
-        v = _clamp(v, low, high, HAS_LOW, HAS_HIGH)
-        tl.store(out + base + e, v.to(out.dtype.element_ty), mask=m)
+        v = _weighted_tiles(x0, x1, x2, x3, x4, x5, x6, x7, c0, c1, c2, c3, c4, c5, c6, c7, ro, e, m, K, ACC,
+                            xv, sc, SCALED, F)
+        if SCALED != 0 and ACC == tl.float64 and out.dtype.element_ty == tl.float32:
+            # fp32 output of an fp64 sum: clamped after the cast, against the fp32 bounds. The same
+            # values (the bounds are fp32 numbers and rounding is monotonic), without fp64 copies
+            # of the bounds live through the loop (scaled operands spilled at K >= 5 with them)
+            v = _clamp(v.to(tl.float32), low, high, HAS_LOW, HAS_HIGH)
+            tl.store(out + base + e, v, mask=m)
+        else:
+            v = _clamp(v, low, high, HAS_LOW, HAS_HIGH)
+            tl.store(out + base + e, v.to(out.dtype.element_ty), mask=m)
 
 
 @triton.jit(do_not_specialize=["NR", "ITERS"])
@@ -102,17 +123,21 @@ def _combine(x0, x1, x2, x3, x4, x5, x6, x7, coef, out, NR, ITERS, low, high,
              K: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr,
              HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
+    N = NR * ALIGN  # a multiple of ALIGN that Triton can see: row starts keep their alignment
+    base = row * N
     w = coef + row * K
     _stream(x0, x1, x2, x3, x4, x5, x6, x7,
             _coef(w, 0, K, ACC), _coef(w, 1, K, ACC), _coef(w, 2, K, ACC), _coef(w, 3, K, ACC),
             _coef(w, 4, K, ACC), _coef(w, 5, K, ACC), _coef(w, 6, K, ACC), _coef(w, 7, K, ACC),
-            out, row, NR, ITERS, low, high, K, ALIGN, BLOCK, ACC, HAS_LOW, HAS_HIGH)
+            out, base, N, ITERS, low, high, K, BLOCK, ACC, HAS_LOW, HAS_HIGH, x0, (x0, x0, 1, 1), 0, ACC,
+            (base, base, base, base, base, base, base, base, base))
 
 
-def launch_config(n: int, dtype: torch.dtype):
+def launch_config(n: int, dtype: torch.dtype, per_thread: int = 0):
     """(BLOCK, ALIGN, blocks, iters) for rows of n elements: ``blocks`` programs per row, each
-    handling ``iters`` blocks (1 unless a row has more than 65535 blocks)."""
-    block = tile_rows() * vec(dtype)
+    handling ``iters`` blocks (1 unless a row has more than 65535 blocks); ``per_thread``
+    elements per thread and tile instead of one 128-bit vector."""
+    block = tile_rows() * (per_thread or vec(dtype))
     tiles = -(-n // block)
     iters = -(-tiles // MAX_GRID_1)
     return block, row_align(n, dtype), -(-tiles // iters), iters

@@ -32,7 +32,12 @@ Policies (the formulas and their plain-torch truth are in ``gradguide/ops/polici
 each formula); ``tests/kernels/test_kernels.py`` holds its table (names, arities) to theirs and every
 program to them on random inputs.
 
-Limits: those of ``combine.py``; the Gram matrix must be the one of the first Kg operands
+Row-strided and Σ-scaled operands (``scaling.py``): the operands and the log-scale are read
+from their own row starts (``b * stride(0) + g * N``; the output is contiguous); a scaled
+operand is formed in fp32 (fp64 for fp64 operands) as it is loaded, its slope and offset read
+where it is formed, and enters the weighted sum like any operand value.
+
+Limits: those of ``combine.py`` (but operands whose every sample is contiguous); the Gram matrix must be the one of the first Kg operands
 (same rows). Zero-norm partners follow the safe division of the reference (a projection
 against a zero vector is the identity; APG's clip leaves a zero Δ alone). Non-finite values
 follow the one rule of every backend (``gradguide/ops/policies.py``): a NaN/inf among a row's
@@ -50,7 +55,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import NUM_WARPS, k_padded, pointers
+from ._common import NUM_WARPS, batch_strides, k_padded, pointers, scaling_args, strided_align, vec
 from .combine import _stream, clamp_args, launch_config, tl_acc
 
 POLICY_IDS = {"cfg": 0, "pxp-a": 1, "pxp-b": 2, "pxp-c": 3, "apg": 4, "linear": 6, "lookahead": 7,
@@ -59,6 +64,10 @@ POLICY_IDS = {"cfg": 0, "pxp-a": 1, "pxp-b": 2, "pxp-c": 3, "apg": 4, "linear": 
 ARITY = {"cfg": (3, 1), "pxp-a": (4, 1), "pxp-b": (4, 1), "pxp-c": (3, 4), "apg": (3, 4), "linear": (1, 0), "lookahead": (4, 8), "tcfg": (3, 3), "mambo": (3, 4)}
 NEEDS_GRAM = {p: p not in ("cfg", "linear") for p in POLICY_IDS}
 MAX_VECTORS, MAX_SCALARS = 4, 8
+# Σ-scaled operands keep a (slope', offset') pair per scaled operand live through the loop: every
+# operand scaled at K = 8 took 72-80 registers on sm_86; a 64-register ceiling (the compile gate)
+# makes ptxas fit it (gradguide check-kernels checks that it does so without spilling)
+SCALED_MAXNREG = 64
 
 
 @triton.jit
@@ -122,12 +131,15 @@ def _pick(coef, ks, k: tl.constexpr, K: tl.constexpr, ACC: tl.constexpr):
         return tl.zeros([], dtype=ACC)
 
 
-@triton.jit(do_not_specialize=["NR", "ITERS", "GROUPS"])
+@triton.jit(do_not_specialize=["NR", "ITERS", "GROUPS", "SB0", "SB1", "SB2", "SB3", "SB4", "SB5", "SB6", "SB7",
+                               "SBV", "SLB", "OFB"])
 def _fused(x0, x1, x2, x3, x4, x5, x6, x7, gram, v0, v1, v2, v3, vb0, vg0, vb1, vg1, vb2, vg2, vb3, vg3,
            s0, s1, s2, s3, s4, s5, s6, s7, t0, t1, t2, t3, t4, t5, t6, t7,
-           out, NR, ITERS, GROUPS, low, high,
+           out, NR, ITERS, GROUPS, low, high, xv, slope, offset,
+           SB0, SB1, SB2, SB3, SB4, SB5, SB6, SB7, SBV, SLB, OFB,
            POLICY: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, KG: tl.constexpr, ALIGN: tl.constexpr,
-           BLOCK: tl.constexpr, ACC: tl.constexpr, HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr):
+           BLOCK: tl.constexpr, ACC: tl.constexpr, HAS_LOW: tl.constexpr, HAS_HIGH: tl.constexpr,
+           SCALED: tl.constexpr, SLK: tl.constexpr, OFK: tl.constexpr, OFF32: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = row // GROUPS
     g = row % GROUPS
@@ -232,11 +244,32 @@ def _fused(x0, x1, x2, x3, x4, x5, x6, x7, gram, v0, v1, v2, v3, vb0, vg0, vb1, 
     bad += tl.sum(tl.where(kmask, _nonfinite(coef), 0), 0)
     coef = tl.where(bad == 0, coef, float("nan"))
     # --- the combine (combine.py's loop, with these weights) -------------------------------
+    N = NR * ALIGN  # a multiple of ALIGN that Triton can see: row starts keep their alignment
+    gN = g * N
+    # Σ-scaled operands (scaling.py): formed in fp32, fp64 for fp64 operands (ACC is fp64 for
+    # fp32 operands too, so F follows the operands' dtype, not ACC)
+    F: tl.constexpr = tl.float64 if x0.dtype.element_ty == tl.float64 else tl.float32
+    sc = (slope + b * SLB, offset + b * OFB, SLK, OFK)   # read where a scaled operand is formed (scaling.py)
+    # row (b, g) of each operand and of the log-scale: their own batch strides (row-strided
+    # operands, scaling.py), as int32 offsets where every element is within 2**31 of its
+    # tensor's start (OFF32: the glue checks); the output is contiguous
+    OT: tl.constexpr = tl.int32 if OFF32 else tl.int64
+    bo = b.to(OT)
+    gO = gN.to(OT)
+    ro = ((bo * SB0) * ALIGN + gO, (bo * SB1) * ALIGN + gO, (bo * SB2) * ALIGN + gO, (bo * SB3) * ALIGN + gO,
+          (bo * SB4) * ALIGN + gO, (bo * SB5) * ALIGN + gO, (bo * SB6) * ALIGN + gO, (bo * SB7) * ALIGN + gO,
+          (bo * SBV) * ALIGN + gO)
     _stream(x0, x1, x2, x3, x4, x5, x6, x7,
             _pick(coef, ks, 0, K, ACC), _pick(coef, ks, 1, K, ACC), _pick(coef, ks, 2, K, ACC),
             _pick(coef, ks, 3, K, ACC), _pick(coef, ks, 4, K, ACC), _pick(coef, ks, 5, K, ACC),
             _pick(coef, ks, 6, K, ACC), _pick(coef, ks, 7, K, ACC),
-            out, row, NR, ITERS, low, high, K, ALIGN, BLOCK, ACC, HAS_LOW, HAS_HIGH)
+            out, (row * N).to(OT), N, ITERS, low, high, K, BLOCK, ACC, HAS_LOW, HAS_HIGH, xv, sc, SCALED, F, ro)
+
+
+def _offsets_fit_int32(tensors, block: int) -> bool:
+    """Whether every element offset a program forms (its row start plus a block's reach) stays
+    below 2**31 for each tensor."""
+    return all((t.shape[0] - 1) * t.stride(0) + t[0].numel() + block < 2 ** 31 for t in tensors)
 
 
 def _broadcast_strides(v, b, groups, k):
@@ -248,13 +281,15 @@ def _broadcast_strides(v, b, groups, k):
     return (v.stride(0) if v.shape[0] > 1 else 0), (v.stride(1) if v.shape[1] > 1 else 0)
 
 
-def fused_combine(policy, gram, vectors, scalars, operands, out=None, clamp=None):
+def fused_combine(policy, gram, vectors, scalars, operands, out=None, clamp=None, scaling=None):
     """``policy``'s coefficients and the combine in one kernel.
 
     ``gram``: ``[B, G, Kg, Kg]`` over the first Kg <= K operands, contiguous, any float dtype
     (None for ``cfg``/``linear``); ``vectors``: the policy's coefficient vectors in order, each
     ``[1 or B, 1 or G, K]`` with unit stride over K, any float dtype; ``scalars``: its scalars
-    in order, each a 1-element or ``[B]`` contiguous tensor of any float dtype.
+    in order, each a 1-element or ``[B]`` contiguous tensor of any float dtype; ``operands``
+    (and ``scaling``'s log-scale) row-strided, ``scaling`` None or ``(log_scale, slope, offset,
+    mask)`` (``scaling.py``); ``out`` (or the fresh output) contiguous.
     """
     if policy not in POLICY_IDS:
         raise NotImplementedError(f"policy {policy!r}: the Triton fused kernel implements {tuple(POLICY_IDS)}")
@@ -276,7 +311,13 @@ def fused_combine(policy, gram, vectors, scalars, operands, out=None, clamp=None
     n = first[0].numel() // groups
     if out is None:
         out = torch.empty_like(first, memory_format=torch.contiguous_format)
-    block, align, blocks, iters = launch_config(n, first.dtype)
+    scaled = scaling is not None and int(scaling[3]) != 0
+    align = strided_align(n, first.dtype, list(operands) + ([scaling[0]] if scaled else []))
+    # scaled operands without 128-bit loads: half a vector per thread and tile (scalar loads and
+    # their addresses take more registers: fp16 at K = 5 and fp32 at K = 8 spilled a whole one)
+    per_thread = max(1, vec(first.dtype) // 2) if scaled and align == 1 else 0
+    block, _, blocks, iters = launch_config(n, first.dtype, per_thread)
+    sa = scaling_args(operands, scaling, align)
     strides = []
     for v in vectors:
         strides += _broadcast_strides(v, b, groups, k)
@@ -292,6 +333,9 @@ def fused_combine(policy, gram, vectors, scalars, operands, out=None, clamp=None
     g = gram if NEEDS_GRAM[policy] else vectors[0]                     # unused without a Gram
     _fused[(b * groups, blocks)](
         *pointers(operands), g, *vecs, *strides, *sc, *sc_strides, out, n // align, iters, groups, low, high,
+        *sa[:3], *batch_strides(operands, align), sa[3], sa[4], sa[6], SLK=sa[5], OFK=sa[7],
+        OFF32=_offsets_fit_int32(list(operands) + [out] + ([scaling[0]] if scaled else []), block),
         POLICY=POLICY_IDS[policy], K=k, KP=k_padded(k), KG=kg, ALIGN=align, BLOCK=block, ACC=tl_acc(first.dtype),
-        HAS_LOW=has_low, HAS_HIGH=has_high, num_warps=NUM_WARPS)
+        HAS_LOW=has_low, HAS_HIGH=has_high, SCALED=sa[8], num_warps=NUM_WARPS,
+        **({"maxnreg": SCALED_MAXNREG} if sa[8] else {}))
     return out

@@ -42,8 +42,13 @@ lists the options measured. Exactness per dtype:
   ``gradguide check-kernels``.
 Within a tile the MMA sums BK products; tiles are added one by one in the accumulator's dtype.
 
-Limits: K <= 8 operands of one dtype (fp16, bf16, fp32, fp64), contiguous (the Python glue
-makes them so), all on one device; any N and B (masking, no power-of-two assumption); rows
+Row-strided and Σ-scaled operands (``scaling.py``): each operand (and the log-scale) is read
+from its own row start; a scaled operand's tile row is formed in fp32 (fp64 for fp64 operands)
+as it is loaded, so the tile of scaled fp16/bf16 operands is fp32 (an ``ieee`` fp32 dot in
+this kernel; the per-thread kernel takes the fp32 values as they are).
+
+Limits: K <= 8 operands of one dtype (fp16, bf16, fp32, fp64), each sample contiguous (any
+batch stride; the Python glue makes other layouts contiguous), all on one device; any N and B (masking, no power-of-two assumption); rows
 shorter than 2**31 elements. Non-finite inputs poison the Gram entries and sums that involve
 them, as the reference does.
 
@@ -56,7 +61,9 @@ import triton
 import triton.language as tl
 
 from . import reduce_lanes
-from ._common import acc_dtype, interpreted, next_pow2, pointers, row_align, target_programs, vec, NUM_WARPS
+from ._common import (acc_dtype, batch_strides, interpreted, next_pow2, pointers, scaling_args, strided_align,
+                      target_programs, vec, NUM_WARPS)
+from .scaling import log2_coef
 
 
 def reference(operands, groups: int = 1):
@@ -78,42 +85,80 @@ def _dot_t(a, b, acc, ACC: tl.constexpr, UPCAST: tl.constexpr):
 @triton.jit
 def _tile_gram(x, ACC: tl.constexpr, UPCAST: tl.constexpr):
     """``x x^T`` of one [16, BK] tile, exact products summed in ACC (see the header)."""
+    if x.dtype == tl.float32 and ACC == tl.float32:
+        # Σ-scaled fp16/bf16 operands: their fp32 values, products rounded to fp32 as the
+        # per-thread kernel's (scaling.py)
+        return tl.dot(x, tl.trans(x), None, input_precision="ieee", out_dtype=ACC)
     if x.dtype == tl.float32:
         x = x.to(tl.float64)
     return _dot_t(x, x, None, ACC, UPCAST)
 
 
-@triton.jit(do_not_specialize=["NR", "ITERS"])
-def _reduce_partials(x0, x1, x2, x3, x4, x5, x6, x7, part, NR, ITERS,
+@triton.jit
+def _row_coef(p, sb, sk, b, k, SCALED: tl.constexpr, F: tl.constexpr):
+    """[16, 1]: row j < 8 of the tile holds ``p[b, j] · log2(e)`` where bit j of SCALED is set, else 0."""
+    c = tl.zeros([16, 1], dtype=F)
+    for j in tl.static_range(8):
+        if (SCALED >> j) & 1:
+            c = tl.where(k == j, log2_coef(p, sb, sk, b, j, SCALED, F), c)
+    return c
+
+
+@triton.jit(do_not_specialize=["NR", "ITERS", "GROUPS", "SB0", "SB1", "SB2", "SB3", "SB4", "SB5", "SB6", "SB7",
+                               "SBV", "SLB", "SLK", "OFB", "OFK"])
+def _reduce_partials(x0, x1, x2, x3, x4, x5, x6, x7, xv, slope, offset, part, NR, ITERS, GROUPS,
+                     SB0, SB1, SB2, SB3, SB4, SB5, SB6, SB7, SBV, SLB, SLK, OFB, OFK,
                      K: tl.constexpr, ALIGN: tl.constexpr, BK: tl.constexpr, ACC: tl.constexpr,
-                     UPCAST: tl.constexpr):
+                     UPCAST: tl.constexpr, SCALED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
     N = NR * ALIGN  # a multiple of ALIGN that Triton can see: row starts keep their alignment
-    base = row * N
+    b = row // GROUPS
+    gN = (row % GROUPS) * N
+    # row (b, g) of each operand: its own batch stride (row-strided operands, scaling.py)
+    p0 = x0 + (b * SB0 * ALIGN + gN)
+    p1 = x1 + (b * SB1 * ALIGN + gN)
+    p2 = x2 + (b * SB2 * ALIGN + gN)
+    p3 = x3 + (b * SB3 * ALIGN + gN)
+    p4 = x4 + (b * SB4 * ALIGN + gN)
+    p5 = x5 + (b * SB5 * ALIGN + gN)
+    p6 = x6 + (b * SB6 * ALIGN + gN)
+    p7 = x7 + (b * SB7 * ALIGN + gN)
+    pv = xv + (b * SBV * ALIGN + gN)
     k = tl.arange(0, 16)[:, None]  # tile row: operand k < K, ones at K, zeros after
     c = tl.arange(0, BK)[None, :] + 0 * k
+    # Σ-scaled rows (scaling.py): formed in fp32 (fp64 for fp64 operands), so the tile of scaled
+    # fp16/bf16 operands is fp32 (never rounded back to the operands' dtype)
+    F: tl.constexpr = tl.float64 if x0.dtype.element_ty == tl.float64 else tl.float32
+    if SCALED != 0:
+        sr = _row_coef(slope, SLB, SLK, b, k, SCALED, F)
+        orow = _row_coef(offset, OFB, OFK, b, k, SCALED, F)
+        on = ((tl.full([16, 1], SCALED, tl.int32) >> k) & 1) != 0
     acc = tl.zeros([16, 16], dtype=ACC)
     for i in range(ITERS):
         e = (split * ITERS + i) * BK + c
         m = e < N
         # each operand fills its own tile row: the masked-off rows issue no memory traffic
-        x = tl.load(x0 + base + e, mask=m & (k == 0), other=0.0)
+        x = tl.load(p0 + e, mask=m & (k == 0), other=0.0)
         if K > 1:
-            x = tl.load(x1 + base + e, mask=m & (k == 1), other=x)
+            x = tl.load(p1 + e, mask=m & (k == 1), other=x)
         if K > 2:
-            x = tl.load(x2 + base + e, mask=m & (k == 2), other=x)
+            x = tl.load(p2 + e, mask=m & (k == 2), other=x)
         if K > 3:
-            x = tl.load(x3 + base + e, mask=m & (k == 3), other=x)
+            x = tl.load(p3 + e, mask=m & (k == 3), other=x)
         if K > 4:
-            x = tl.load(x4 + base + e, mask=m & (k == 4), other=x)
+            x = tl.load(p4 + e, mask=m & (k == 4), other=x)
         if K > 5:
-            x = tl.load(x5 + base + e, mask=m & (k == 5), other=x)
+            x = tl.load(p5 + e, mask=m & (k == 5), other=x)
         if K > 6:
-            x = tl.load(x6 + base + e, mask=m & (k == 6), other=x)
+            x = tl.load(p6 + e, mask=m & (k == 6), other=x)
         if K > 7:
-            x = tl.load(x7 + base + e, mask=m & (k == 7), other=x)
+            x = tl.load(p7 + e, mask=m & (k == 7), other=x)
+        if SCALED != 0:
+            v = tl.load(pv + e, mask=m & on, other=0.0).to(F)
+            x = x.to(F)
+            x = tl.where(on & m, x * tl.math.exp2(tl.fma(v, sr, orow)), x)
         x = tl.where((k == K) & m, 1.0, x).to(x.dtype)  # G[i, K] = sum of operand i
         acc += _tile_gram(x, ACC, UPCAST)  # a fresh tile Gram, added with one rounding per tile
     pg = part + (row * splits + split) * (K * K + K)  # partial Gram [K, K], then sums [K]
@@ -200,13 +245,18 @@ HALF_LANES_MAX_K = 8
 # ptxas's own register target spilled 8-16 B for fp16/bf16 at K = 4 on sm_100 (56 registers);
 # an explicit ceiling above every variant's need (<= 200) lets it allocate what the code needs
 LANES_MAXNREG = 224
+# Σ-scaled operands add a (slope', offset') pair per scaled operand: every fp32 operand scaled at
+# K = 8 spilled 16 B at 224 on sm_86; 255 keeps the same occupancy bound (2 blocks of 4 warps)
+LANES_MAXNREG_SCALED = 255
 _MODES = {"ff": reduce_lanes.FF, "f64": reduce_lanes.F64, "f32": reduce_lanes.F32}
 
 
-def reduce(operands, groups: int = 1, how: str = None):
-    """``(gram[B, G, K, K], sums[B, G, K])`` of K contiguous operands, accumulated in fp64 or
-    float-float (fp32 for fp16/bf16 inputs, whose products are exact in fp32). ``how``
-    overrides :func:`method` (tests run every path under the interpreter)."""
+def reduce(operands, groups: int = 1, how: str = None, scaling=None):
+    """``(gram[B, G, K, K], sums[B, G, K])`` of K row-strided operands (``scaling.py``),
+    accumulated in fp64 or float-float (fp32 for fp16/bf16 inputs, whose products are exact in
+    fp32). ``scaling``: None or ``(log_scale, slope, offset, mask)``, the operands of the mask's
+    bits read Σ-scaled (``scaling.py``). ``how`` overrides :func:`method` (tests run every path
+    under the interpreter)."""
     first = operands[0]
     k = len(operands)
     b = first.shape[0]
@@ -218,24 +268,32 @@ def reduce(operands, groups: int = 1, how: str = None):
             or (how == "f32" and not half):
         raise ValueError(f"how: expected 'dot', 'ff' / 'f64' (float32 operands) or 'f32' (float16/bfloat16), "
                          f"got {how!r} for {first.dtype}")
-    align = row_align(n, first.dtype)
+    scaled = scaling is not None and int(scaling[3]) != 0
+    align = strided_align(n, first.dtype, list(operands) + ([scaling[0]] if scaled else []))
     acc = acc_dtype(first.dtype)
+    sa = scaling_args(operands, scaling, align)
+    args = (*pointers(operands), *sa[:3])                      # pointers: operands, log_scale, slope, offset
+    ints = (groups, *batch_strides(operands, align), *sa[3:8])  # and the strides they are read through
+    mask = sa[8]
     if how == "dot":
         bk, splits, iters = launch_config(n, rows, first.dtype, first.device)
         part = torch.empty(rows * splits * (k * k + k), device=first.device, dtype=acc)
         # num_stages=1: no software pipelining (it would stage the loads through cp.async and shared
         # memory); occupancy hides the load latency
-        _reduce_partials[(rows, splits)](*pointers(operands), part, n // align, iters, K=k, ALIGN=align, BK=bk,
+        _reduce_partials[(rows, splits)](*args, part, n // align, iters, *ints, K=k, ALIGN=align, BK=bk,
                                          ACC=tl.float64 if acc == torch.float64 else tl.float32,
-                                         UPCAST=interpreted(), num_warps=warps(first.dtype), num_stages=1)
+                                         UPCAST=interpreted(), SCALED=mask, num_warps=warps(first.dtype),
+                                         num_stages=1)
     else:
         block, splits, iters = lanes_config(n, rows, first.dtype, first.device)
         part = torch.empty(rows * splits * (k * k + k), device=first.device, dtype=acc)
         # enable_fp_fusion=False: a product contracted into the next addition would break the
         # error-free transformations (TwoSum needs the rounded product it was given)
-        reduce_lanes._reduce_lanes[(rows, splits)](*pointers(operands), part, n // align, iters, K=k, ALIGN=align,
-                                                   BLOCK=block, VEC=vec(first.dtype), MODE=_MODES[how], num_warps=NUM_WARPS,
-                                                   num_stages=1, enable_fp_fusion=False, maxnreg=LANES_MAXNREG)
+        reduce_lanes._reduce_lanes[(rows, splits)](*args, part, n // align, iters, *ints, K=k, ALIGN=align,
+                                                   BLOCK=block, VEC=vec(first.dtype), MODE=_MODES[how],
+                                                   SCALED=mask, num_warps=NUM_WARPS, num_stages=1,
+                                                   enable_fp_fusion=False,
+                                                   maxnreg=LANES_MAXNREG_SCALED if mask else LANES_MAXNREG)
     gram = torch.empty(b, groups, k, k, device=first.device, dtype=acc)
     sums = torch.empty(b, groups, k, device=first.device, dtype=acc)
     _reduce_finish[(rows,)](part, gram, sums, splits, K=k, PP=next_pow2(k * k + k), CHUNK=16, num_warps=NUM_WARPS)

@@ -21,6 +21,10 @@ both are exact in fp64) and writes one partial ``[K, K]`` Gram (both triangles) 
 sums, which ``reduce._reduce_finish`` adds in a fixed order. Non-finite inputs: ``c`` of an
 infinite product is NaN, so a non-finite ``s`` is taken as is (inf stays inf, as the reference).
 
+Row-strided and Σ-scaled operands (``scaling.py``): every operand is read from its own row
+start; a scaled operand's vector is formed in fp32 as it is loaded (0 in padding lanes) and is
+that operand's value from then on (F32: not an exact product any more; F64: widened exactly).
+
 The accumulators are written out per entry (``s01``, ``c01``, ...): Triton carries loop values by
 name; entries beyond K are never updated and compile away.
 """
@@ -28,6 +32,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+
+from .scaling import log2_coef, scaled_masked
 
 FF, F64, F32 = 0, 1, 2  # the MODE constexpr
 
@@ -89,16 +95,39 @@ def _element(y, q: tl.constexpr, VEC: tl.constexpr):
         return _half(_half(_half(tl.reshape(y, [R, 2, 2, 2]), q % 2), (q // 2) % 2), q // 4)
 
 
-@triton.jit(do_not_specialize=["NR", "ITERS"])
-def _reduce_lanes(x0, x1, x2, x3, x4, x5, x6, x7, part, NR, ITERS,
+@triton.jit(do_not_specialize=["NR", "ITERS", "GROUPS", "SB0", "SB1", "SB2", "SB3", "SB4", "SB5", "SB6", "SB7",
+                               "SBV", "SLB", "SLK", "OFB", "OFK"])
+def _reduce_lanes(x0, x1, x2, x3, x4, x5, x6, x7, xv, slope, offset, part, NR, ITERS, GROUPS,
+                  SB0, SB1, SB2, SB3, SB4, SB5, SB6, SB7, SBV, SLB, SLK, OFB, OFK,
                   K: tl.constexpr, ALIGN: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr,
-                  MODE: tl.constexpr):
+                  MODE: tl.constexpr, SCALED: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     split = tl.program_id(1)
     splits = tl.num_programs(1)
     N = NR * ALIGN  # a multiple of ALIGN that Triton can see: row starts keep their alignment
-    base = row * N
+    b = row // GROUPS
+    gN = (row % GROUPS) * N
+    # row (b, g) of each operand: its own batch stride (row-strided operands, scaling.py)
+    p0 = x0 + (b * SB0 * ALIGN + gN)
+    p1 = x1 + (b * SB1 * ALIGN + gN)
+    p2 = x2 + (b * SB2 * ALIGN + gN)
+    p3 = x3 + (b * SB3 * ALIGN + gN)
+    p4 = x4 + (b * SB4 * ALIGN + gN)
+    p5 = x5 + (b * SB5 * ALIGN + gN)
+    p6 = x6 + (b * SB6 * ALIGN + gN)
+    p7 = x7 + (b * SB7 * ALIGN + gN)
+    pv = xv + (b * SBV * ALIGN + gN)
     ACC: tl.constexpr = tl.float64 if MODE == 1 else tl.float32
+    # Σ-scaled operands (scaling.py): formed in fp32 (these are fp32/fp16/bf16 operands)
+    F: tl.constexpr = tl.float32
+    s0, o0 = log2_coef(slope, SLB, SLK, b, 0, SCALED, F), log2_coef(offset, OFB, OFK, b, 0, SCALED, F)
+    s1, o1 = log2_coef(slope, SLB, SLK, b, 1, SCALED, F), log2_coef(offset, OFB, OFK, b, 1, SCALED, F)
+    s2, o2 = log2_coef(slope, SLB, SLK, b, 2, SCALED, F), log2_coef(offset, OFB, OFK, b, 2, SCALED, F)
+    s3, o3 = log2_coef(slope, SLB, SLK, b, 3, SCALED, F), log2_coef(offset, OFB, OFK, b, 3, SCALED, F)
+    s4, o4 = log2_coef(slope, SLB, SLK, b, 4, SCALED, F), log2_coef(offset, OFB, OFK, b, 4, SCALED, F)
+    s5, o5 = log2_coef(slope, SLB, SLK, b, 5, SCALED, F), log2_coef(offset, OFB, OFK, b, 5, SCALED, F)
+    s6, o6 = log2_coef(slope, SLB, SLK, b, 6, SCALED, F), log2_coef(offset, OFB, OFK, b, 6, SCALED, F)
+    s7, o7 = log2_coef(slope, SLB, SLK, b, 7, SCALED, F), log2_coef(offset, OFB, OFK, b, 7, SCALED, F)
     z = tl.zeros([BLOCK // VEC], dtype=ACC)
     s00, s01, s11, s02, s12, s22, s03, s13, s23, s33, s04 = z, z, z, z, z, z, z, z, z, z, z
     s14, s24, s34, s44, s05, s15, s25, s35, s45, s55, s06 = z, z, z, z, z, z, z, z, z, z, z
@@ -111,14 +140,24 @@ def _reduce_lanes(x0, x1, x2, x3, x4, x5, x6, x7, part, NR, ITERS,
     for i in range(ITERS):
         e = (split * ITERS + i) * BLOCK + tl.arange(0, BLOCK)
         m = e < N
-        w0 = tl.load(x0 + base + e, mask=m, other=0.0)
-        w1 = tl.load(x1 + base + e, mask=m, other=0.0) if K > 1 else w0
-        w2 = tl.load(x2 + base + e, mask=m, other=0.0) if K > 2 else w0
-        w3 = tl.load(x3 + base + e, mask=m, other=0.0) if K > 3 else w0
-        w4 = tl.load(x4 + base + e, mask=m, other=0.0) if K > 4 else w0
-        w5 = tl.load(x5 + base + e, mask=m, other=0.0) if K > 5 else w0
-        w6 = tl.load(x6 + base + e, mask=m, other=0.0) if K > 6 else w0
-        w7 = tl.load(x7 + base + e, mask=m, other=0.0) if K > 7 else w0
+        w0 = tl.load(p0 + e, mask=m, other=0.0)
+        w1 = tl.load(p1 + e, mask=m, other=0.0) if K > 1 else w0
+        w2 = tl.load(p2 + e, mask=m, other=0.0) if K > 2 else w0
+        w3 = tl.load(p3 + e, mask=m, other=0.0) if K > 3 else w0
+        w4 = tl.load(p4 + e, mask=m, other=0.0) if K > 4 else w0
+        w5 = tl.load(p5 + e, mask=m, other=0.0) if K > 5 else w0
+        w6 = tl.load(p6 + e, mask=m, other=0.0) if K > 6 else w0
+        w7 = tl.load(p7 + e, mask=m, other=0.0) if K > 7 else w0
+        if SCALED != 0:
+            v = tl.load(pv + e, mask=m, other=0.0).to(F)
+            w0 = scaled_masked(w0, m, 0, SCALED, v, s0, o0, F)
+            w1 = scaled_masked(w1, m, 1, SCALED, v, s1, o1, F)
+            w2 = scaled_masked(w2, m, 2, SCALED, v, s2, o2, F)
+            w3 = scaled_masked(w3, m, 3, SCALED, v, s3, o3, F)
+            w4 = scaled_masked(w4, m, 4, SCALED, v, s4, o4, F)
+            w5 = scaled_masked(w5, m, 5, SCALED, v, s5, o5, F)
+            w6 = scaled_masked(w6, m, 6, SCALED, v, s6, o6, F)
+            w7 = scaled_masked(w7, m, 7, SCALED, v, s7, o7, F)
         for q in tl.static_range(VEC):
             y0 = _element(w0, q, VEC).to(ACC)
             y1 = _element(w1, q, VEC).to(ACC)

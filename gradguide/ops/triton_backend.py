@@ -97,8 +97,18 @@ def _check_combine(op, coef, operands, low, high, out=None):
     opchecks.combine(op, coef, operands, low, high, out)
 
 
-def _check_fused(op, policy, gram, vectors, scalars, operands, low, high, out=None):
-    opchecks.fused(op, FUSED_POLICIES, policy, gram, vectors, scalars, operands, low, high, out)
+def _check_fused(op, policy, gram, vectors, scalars, operands, low, high, out=None, scaling=(None, None, None, 0)):
+    return opchecks.fused(op, FUSED_POLICIES, policy, gram, vectors, scalars, operands, low, high, out, *scaling,
+                          row_strided=True)
+
+
+def _check_reduce(op, operands, groups, scaling):
+    return opchecks.reduce(op, operands, groups, *scaling, row_strided=True)
+
+
+def _scaling(log_scale, slope, offset, scaled):
+    """The kernels' ``scaling`` (gradguide/kernels/scaling.py): None or (log_scale, slope, offset, mask)."""
+    return (log_scale, slope, offset, scaled) if scaled else None
 
 
 def _check_clip_shift(op, coef_p, coef_s, operands, low, high):
@@ -108,14 +118,17 @@ def _check_clip_shift(op, coef_p, coef_s, operands, low, high):
 # -- custom ops: the kernels, and their fake kernels (shapes only) ---------------------------------
 
 @torch.library.custom_op("gradguide_triton::reduce", mutates_args=())
-def _reduce_op(operands: List[torch.Tensor], groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    opchecks.reduce("gradguide_triton::reduce", operands, groups)
-    return _load().reduce.reduce(list(operands), groups)
+def _reduce_op(operands: List[torch.Tensor], groups: int, log_scale: Optional[torch.Tensor] = None,
+               slope: Optional[torch.Tensor] = None, offset: Optional[torch.Tensor] = None,
+               scaled: int = 0) -> Tuple[torch.Tensor, torch.Tensor]:
+    _check_reduce("gradguide_triton::reduce", operands, groups, (log_scale, slope, offset, scaled))
+    return _load().reduce.reduce(list(operands), groups, scaling=_scaling(log_scale, slope, offset, scaled))
 
 
 @_reduce_op.register_fake
-def _(operands, groups):
-    first, k = opchecks.reduce("gradguide_triton::reduce", operands, groups), len(operands)
+def _(operands, groups, log_scale=None, slope=None, offset=None, scaled=0):
+    first = _check_reduce("gradguide_triton::reduce", operands, groups, (log_scale, slope, offset, scaled))
+    k = len(operands)
     acc = _acc(first.dtype)
     return first.new_empty((first.shape[0], groups, k, k), dtype=acc), first.new_empty((first.shape[0], groups, k),
                                                                                           dtype=acc)
@@ -149,30 +162,38 @@ def _(coef, operands, low, high, out):
 
 @torch.library.custom_op("gradguide_triton::fused_combine", mutates_args=())
 def _fused_op(policy: str, gram: Optional[torch.Tensor], vectors: List[torch.Tensor], scalars: List[torch.Tensor],
-              operands: List[torch.Tensor], low: Optional[float], high: Optional[float]) -> torch.Tensor:
-    _check_fused("gradguide_triton::fused_combine", policy, gram, vectors, scalars, operands, low, high)
+              operands: List[torch.Tensor], low: Optional[float], high: Optional[float],
+              log_scale: Optional[torch.Tensor] = None, slope: Optional[torch.Tensor] = None,
+              offset: Optional[torch.Tensor] = None, scaled: int = 0) -> torch.Tensor:
+    _check_fused("gradguide_triton::fused_combine", policy, gram, vectors, scalars, operands, low, high,
+                 scaling=(log_scale, slope, offset, scaled))
     return _load().fused.fused_combine(policy, gram, list(vectors), list(scalars), list(operands),
-                                       clamp=_clamp(low, high))
+                                       clamp=_clamp(low, high), scaling=_scaling(log_scale, slope, offset, scaled))
 
 
 @_fused_op.register_fake
-def _(policy, gram, vectors, scalars, operands, low, high):
-    _check_fused("gradguide_triton::fused_combine", policy, gram, vectors, scalars, operands, low, high)
+def _(policy, gram, vectors, scalars, operands, low, high, log_scale=None, slope=None, offset=None, scaled=0):
+    _check_fused("gradguide_triton::fused_combine", policy, gram, vectors, scalars, operands, low, high,
+                 scaling=(log_scale, slope, offset, scaled))
     return torch.empty_like(operands[0], memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("gradguide_triton::fused_combine_out", mutates_args=("out",))
 def _fused_out_op(policy: str, gram: Optional[torch.Tensor], vectors: List[torch.Tensor],
                   scalars: List[torch.Tensor], operands: List[torch.Tensor], low: Optional[float],
-                  high: Optional[float], out: torch.Tensor) -> None:
-    _check_fused("gradguide_triton::fused_combine_out", policy, gram, vectors, scalars, operands, low, high, out)
+                  high: Optional[float], out: torch.Tensor, log_scale: Optional[torch.Tensor] = None,
+                  slope: Optional[torch.Tensor] = None, offset: Optional[torch.Tensor] = None,
+                  scaled: int = 0) -> None:
+    _check_fused("gradguide_triton::fused_combine_out", policy, gram, vectors, scalars, operands, low, high, out,
+                 scaling=(log_scale, slope, offset, scaled))
     _load().fused.fused_combine(policy, gram, list(vectors), list(scalars), list(operands), out=out,
-                                clamp=_clamp(low, high))
+                                clamp=_clamp(low, high), scaling=_scaling(log_scale, slope, offset, scaled))
 
 
 @_fused_out_op.register_fake
-def _(policy, gram, vectors, scalars, operands, low, high, out):
-    _check_fused("gradguide_triton::fused_combine_out", policy, gram, vectors, scalars, operands, low, high, out)
+def _(policy, gram, vectors, scalars, operands, low, high, out, log_scale=None, slope=None, offset=None, scaled=0):
+    _check_fused("gradguide_triton::fused_combine_out", policy, gram, vectors, scalars, operands, low, high, out,
+                 scaling=(log_scale, slope, offset, scaled))
     return None
 
 
@@ -199,8 +220,23 @@ def _bounds(clamp) -> Tuple[Optional[float], Optional[float]]:
     return (None if clamp[0] is None else float(clamp[0])), (None if clamp[1] is None else float(clamp[1]))
 
 
-def reduce(operands, groups: int = 1):
-    return torch.ops.gradguide_triton.reduce(list(operands), groups)
+def _scaling_args(scaling):
+    """The ops' trailing ``(log_scale, slope, offset, scaled)`` of ``scaling`` (a
+    :class:`gradguide.ops.reference.Scaling` or None), as they are: read through their strides
+    by the kernels (no expand, cast or copy here: each would be a launch)."""
+    if scaling is None:
+        return ()
+    log_scale, slope, offset, mask = scaling
+    if isinstance(mask, bool) or not isinstance(mask, int):
+        raise TypeError(f"scaling.mask: expected an int, got {type(mask).__name__}")
+    return (log_scale, slope, offset, mask) if mask else ()
+
+
+def reduce(operands, groups: int = 1, scaling=None):
+    """``(gram, sums)`` of K operands, contiguous or row-strided (every sample contiguous, any
+    batch stride: read in place); ``scaling``: the operands its mask marks read Σ-scaled
+    (gradguide/kernels/scaling.py)."""
+    return torch.ops.gradguide_triton.reduce(list(operands), groups, *_scaling_args(scaling))
 
 
 def combine(coef, operands, out=None, clamp=None):
@@ -211,21 +247,23 @@ def combine(coef, operands, out=None, clamp=None):
     return out
 
 
-def fused_combine(policy, gram, vectors, scalars, operands, out=None, clamp=None):
+def fused_combine(policy, gram, vectors, scalars, operands, out=None, clamp=None, scaling=None):
     """``policy``'s coefficient program (float64) and the combine in one kernel launch.
 
     The inputs go to the kernel as the step holds them (gradguide/kernels/fused.py): ``gram`` ``[B, G,
     Kg, Kg]`` over the first Kg operands in the reduce's dtype, ``vectors`` ``[1 or B, 1 or G,
-    K]`` views, ``scalars`` 1- or B-element tensors; nothing is padded, expanded or cast here
-    (each would be a launch). ``policy`` must be one of :data:`FUSED_POLICIES`."""
+    K]`` views, ``scalars`` 1- or B-element tensors, ``operands`` contiguous or row-strided,
+    ``scaling`` (:func:`reduce`) as it is; nothing is padded, expanded or cast here (each would
+    be a launch). ``policy`` must be one of :data:`FUSED_POLICIES`."""
     if not supports_policy(policy):
         raise NotImplementedError(f"policy {policy!r}: the fused Triton kernel implements {FUSED_POLICIES}")
     low, high = _bounds(clamp)
+    extra = _scaling_args(scaling)
     if out is None:
         return torch.ops.gradguide_triton.fused_combine(policy, gram, list(vectors), list(scalars), list(operands),
-                                                        low, high)
+                                                        low, high, *extra)
     torch.ops.gradguide_triton.fused_combine_out(policy, gram, list(vectors), list(scalars), list(operands), low,
-                                                 high, out)
+                                                 high, out, *extra)
     return out
 
 

@@ -155,6 +155,45 @@ def test_sass_mix_and_projection():
     assert masked["ratio"] > 10
 
 
+def test_mufu_and_the_log_scale_in_the_roofline():
+    """ex2 (MUFU) issues to its own pipe at 16 per SM and clock; a Σ-scaled kernel's tile also
+    reads the log-scale: K + 1 input tiles per K + 1 128-bit loads."""
+    from gradguide.bench import roofline
+    body = "\n".join(f"        /*{0x100 + 16 * i:04x}*/                   MUFU.EX2 R2, R4 ;" for i in range(40))
+    text = f"""
+        /*00f0*/                   LDG.E.128 R8, [R26.64] ;
+        /*00f8*/                   LDG.E.128 R12, [R28.64] ;
+{body}
+        /*0520*/               @P0 BRA 0xf0 ;
+        /*0550*/                   EXIT ;
+"""
+    m = roofline.mix(text)
+    assert m["mufu"] == 40 and m.get("fp32", 0) == 0 and m["issue"] == 43
+    assert roofline.traffic(m, 1, 512, 4, 1, extra=1) == 3 * 512 * 4    # operand, log-scale, output
+    p = roofline.project(m, roofline.GPUS["RTX 3090"], 128, 3 * 512 * 4)
+    assert p["pipe"] == "mufu"
+    sm_clk = roofline.GPUS["RTX 3090"]["fp32"] * 1e12 / (2 * 128)
+    memory = 3 * 512 * 4 / (936e9)
+    assert abs(p["compute"] - 128 * 40 / (16 * sm_clk) / memory) < 1e-9
+
+
+def test_the_scaled_subset_covers_the_fused_step_kernels():
+    """``--subset scaled``: row-strided, Σ-scaled reduce, fused pxp-a and linear (clamped) in
+    fp32/fp16/bf16 at every K = 2..8 with a mixed mask, aligned (roofline-gated), plus every
+    operand scaled at K = 2 and 8; part of ``all``; a cut of it in ``ci``."""
+    full = cg.variants("scaled")
+    mixed = {(v.op, v.policy, v.dtype, v.k) for v in full if v.aligned and v.strided
+             and v.scaled == cg.mixed_mask(v.k)}
+    assert mixed >= {(op, p, d, k) for op, p in (("reduce", None), ("fused", "pxp-a"), ("fused", "linear"))
+                     for d in ("fp32", "fp16", "bf16") for k in range(2, 9)}
+    assert all(0 < bin(cg.mixed_mask(k)).count("1") < k for k in range(2, 9))
+    assert {(v.dtype, v.k) for v in full if v.scaled == (1 << v.k) - 1 and v.op == "reduce"} >= \
+        {(d, k) for d in ("fp32", "fp16", "bf16") for k in (2, 8)}
+    assert set(full) <= set(cg.variants("all")) and set(cg.variants("scaled-ci")) <= set(full)
+    assert {v.op for v in cg.variants("ci") if v.scaled} == {"reduce", "fused"}
+    assert len({v.name for v in cg.variants("all")}) == len(cg.variants("all"))
+
+
 def _kernel_rows(gates, arch, variant):
     return [r for r in gates["rows"] if r["arch"] == arch and r["variant"] == variant.name]
 
@@ -197,14 +236,15 @@ def test_registers(gates):
 
 
 def test_operand_loads_are_128_bit_when_aligned(gates):
-    """Aligned variants: every operand load is 128-bit and each of the K operands is loaded;
-    unaligned variants (operands one element off, odd rows) get narrower loads: the check can
-    tell them apart."""
+    """Aligned variants: every operand load is 128-bit and each of the K operands is loaded (and
+    the log-scale of Σ-scaled ones); unaligned variants (operands one element off, odd rows or
+    batch strides) get narrower loads: the check can tell them apart."""
     for r in gates["rows"]:
         if r["kernel"] == "_reduce_finish":
             continue
         loads = r["operand_loads"]
-        assert len(loads) == r["k"] and all(loads.values()), (r["arch"], r["variant"], loads)
+        assert len(loads) == r["k"] + (1 if r.get("scaled") else 0) and all(loads.values()), \
+            (r["arch"], r["variant"], loads)
         widths = {w for ws in loads.values() for w in ws}
         if r["aligned"]:
             assert widths == {128}, (r["arch"], r["variant"], widths)
