@@ -65,9 +65,11 @@ ARITY = {"cfg": (3, 1), "pxp-a": (4, 1), "pxp-b": (4, 1), "pxp-c": (3, 4), "apg"
 NEEDS_GRAM = {p: p not in ("cfg", "linear") for p in POLICY_IDS}
 MAX_VECTORS, MAX_SCALARS = 4, 8
 # Σ-scaled operands keep a (slope', offset') pair per scaled operand live through the loop: every
-# operand scaled at K = 8 took 72-80 registers on sm_86; a 64-register ceiling (the compile gate)
-# makes ptxas fit it (gradguide check-kernels checks that it does so without spilling)
-SCALED_MAXNREG = 64
+# operand scaled at K = 8 took 72-80 registers on sm_86, and a 64-register ceiling spilled 8-64 B
+# (fp64 linear K = 8, fp32 clamped K = 7-8, every operand scaled at K = 8 on sm_100/120); a
+# 128-register ceiling leaves ptxas room to fit them without spilling, at half the resident warps
+# for the largest variants (gradguide check-kernels gates it: no spills, <= 128 registers)
+SCALED_MAXNREG = 128
 
 
 @triton.jit

@@ -413,17 +413,9 @@ def rows_in_place(t: torch.Tensor) -> bool:
     return t.is_contiguous() or t[0].is_contiguous()
 
 
-def _in_kernel(backend: str, operands: List[torch.Tensor], scaling) -> bool:
-    """Whether ``backend``'s reduce and fused kernels take these operands and ``scaling`` as they are."""
-    if all(op.is_contiguous() for op in operands) and scaling is None:
-        return True
-    return getattr(_implementation(backend), "TAKES_SCALED_ROWS", False) and \
-        all(rows_in_place(t) for t in operands + ([scaling.log_scale] if scaling is not None else []))
-
-
 def _formed(operands: List[torch.Tensor], scaling) -> List[torch.Tensor]:
-    """The operands as the kernels read them, written out, contiguous (for a pass whose kernels do
-    not form Σ-scaled operands or read row-strided ones themselves)."""
+    """The operands as the fused kernels read them, written out, contiguous: for the torch program
+    + ``combine`` path (a native build without the fused op), whose ``combine`` takes neither."""
     out = []
     for k, op in enumerate(operands):
         if scaling is not None and scaling.mask >> k & 1:
@@ -443,8 +435,6 @@ def gram_unchecked(operands: List[torch.Tensor], groups: int, backend: str,
     (each sample contiguous)."""
     if backend == "reference":
         return reference.reduce(operands, groups, scaling)[0]
-    if not _in_kernel(backend, operands, scaling):
-        operands, scaling = _formed(operands, scaling), None
     if scaling is None:
         return _implementation(backend).reduce(operands, groups)[0]
     return _implementation(backend).reduce(operands, groups, scaling=scaling)[0]
@@ -478,8 +468,7 @@ def fused_unchecked(policy: str, backend: str, operands: List[torch.Tensor], gra
         return out.copy_(fused_unchecked(policy, backend, operands, gram, vectors, scalars, groups, clamp,
                                          scaling=scaling))
     native = backend == "native" and native_backend.has_kernel("fused_combine", operands[0].device)
-    if backend != "reference" and not (native or backend == "triton") or \
-            (native or backend == "triton") and not _in_kernel(backend, operands, scaling):
+    if backend == "native" and not native:   # the torch program, then combine
         operands, scaling = _formed(operands, scaling), None
     extra = {} if scaling is None else {"scaling": scaling}
     if native:
