@@ -65,11 +65,17 @@ ARITY = {"cfg": (3, 1), "pxp-a": (4, 1), "pxp-b": (4, 1), "pxp-c": (3, 4), "apg"
 NEEDS_GRAM = {p: p not in ("cfg", "linear") for p in POLICY_IDS}
 MAX_VECTORS, MAX_SCALARS = 4, 8
 # Σ-scaled operands keep a (slope', offset') pair per scaled operand live through the loop: every
-# operand scaled at K = 8 took 72-80 registers on sm_86, and a 64-register ceiling spilled 8-64 B
-# (fp64 linear K = 8, fp32 clamped K = 7-8, every operand scaled at K = 8 on sm_100/120); a
-# 128-register ceiling leaves ptxas room to fit them without spilling, at half the resident warps
-# for the largest variants (gradguide check-kernels gates it: no spills, <= 128 registers)
-SCALED_MAXNREG = 128
+# operand scaled at K = 8 took 72-80 registers on sm_86. Up to 6 operands fit a 64-register
+# ceiling without spilling (the other kernels' budget); from 7 it spilled 8-64 B (fp64 linear
+# K = 8, fp32 clamped K = 7-8, every operand scaled at K = 8 on sm_100/120), and 128 still spilled
+# 8 B (bf16 PxP-A, all 8 scaled, sm_100): those get 168, at a half or a third of the resident
+# warps (gradguide check-kernels gates it: no spills, <= SCALED_MAXNREG_WIDE registers)
+SCALED_MAXNREG, SCALED_MAXNREG_WIDE, SCALED_WIDE_K = 64, 168, 7
+
+
+def scaled_maxnreg(k: int) -> int:
+    """The register ceiling of a fused combine over ``k`` operands with Σ-scaled ones."""
+    return SCALED_MAXNREG_WIDE if k >= SCALED_WIDE_K else SCALED_MAXNREG
 
 
 @triton.jit
@@ -339,5 +345,5 @@ def fused_combine(policy, gram, vectors, scalars, operands, out=None, clamp=None
         OFF32=_offsets_fit_int32(list(operands) + [out] + ([scaling[0]] if scaled else []), block),
         POLICY=POLICY_IDS[policy], K=k, KP=k_padded(k), KG=kg, ALIGN=align, BLOCK=block, ACC=tl_acc(first.dtype),
         HAS_LOW=has_low, HAS_HIGH=has_high, SCALED=sa[8], num_warps=NUM_WARPS,
-        **({"maxnreg": SCALED_MAXNREG} if sa[8] else {}))
+        **({"maxnreg": scaled_maxnreg(k)} if sa[8] else {}))
     return out
