@@ -749,7 +749,8 @@ def _check_model_output(run: _Run, out, t: torch.Tensor, what: str) -> None:
 
 def _log_variance(run: _Run, ctx: StepContext, channels, name: str) -> Optional[LogVariance]:
     """The learned variance of a branch with variance ``channels`` (a tensor; ``True`` in a
-    traced step): ADM's learned range is a line in them (:func:`predictions.learned_range_line`);
+    traced step): ADM's learned range is a line in them (:func:`predictions.learned_range_line`, per
+    step in the sampler's tables);
     diffusers' ``"learned"`` gives Σ itself, so log Σ is the operand ``log v``."""
     if channels is None or not run.tables.learned_variance:
         return None
@@ -757,8 +758,8 @@ def _log_variance(run: _Run, ctx: StepContext, channels, name: str) -> Optional[
         if ctx.ops.tracing:
             raise stepplan.NotFusable("variance 'learned': log Σ = log v is not a line in the model's output")
         return LogVariance(ctx.ops.add(name, torch.log(channels.to(run.dtype))), 1.0, 0.0)
-    slope, offset = predictions.learned_range_line(ctx.scalars["log_var_min"], ctx.scalars["log_var_max"])
-    return LogVariance(ctx.ops.add(name, None if ctx.ops.tracing else channels.to(run.dtype)), slope, offset)
+    return LogVariance(ctx.ops.add(name, None if ctx.ops.tracing else channels.to(run.dtype)),
+                       ctx.scalars["log_var_slope"], ctx.scalars["log_var_offset"])
 
 
 def _detached_or_none(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

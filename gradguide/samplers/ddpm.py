@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..predictions import LEARNED_VARIANCES, VARIANCES
+from ..predictions import LEARNED_VARIANCES, VARIANCES, learned_range_line
 from . import SamplerTables, common_tables
 
 
@@ -53,8 +53,9 @@ def tables(ts, variance: str = "fixed-small", final_noise: str = "never", **opti
         t.update(sigma=torch.where(last, 0.0, var.sqrt()), var_mean=var)
     else:
         # σ multiplies exp(½ log Σ) ⊙ z elementwise; it only switches the noise off at the end
+        slope, offset = learned_range_line(beta_tilde_clipped.log(), beta.log())
         t.update(sigma=torch.where(last, 0.0, 1.0).to(torch.float64), var_mean=torch.ones_like(beta),
-                 log_var_min=beta_tilde_clipped.log(), log_var_max=beta.log())
+                 log_var_slope=slope, log_var_offset=offset)
     sigma = t["sigma"]
     return SamplerTables("ddpm", ts, t, learned_variance=variance in LEARNED_VARIANCES,
                          draws_noise=(sigma > 0).tolist())
@@ -76,6 +77,7 @@ def _diffusers_tables(ts, variance: str) -> SamplerTables:
     elif variance == "fixed-large":
         t.update(sigma=noisy * beta.sqrt(), var_mean=beta)
     else:
-        t.update(sigma=noisy, var_mean=torch.ones_like(beta), log_var_min=beta_tilde.log(), log_var_max=beta.log())
+        slope, offset = learned_range_line(beta_tilde.log(), beta.log())
+        t.update(sigma=noisy, var_mean=torch.ones_like(beta), log_var_slope=slope, log_var_offset=offset)
     return SamplerTables("ddpm", ts, t, learned_variance=variance in LEARNED_VARIANCES,
                          draws_noise=(t["sigma"] > 0).tolist())

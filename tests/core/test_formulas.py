@@ -90,10 +90,14 @@ def test_ddpm_learned_range_variance():
     abar, abar_prev = ts.abar[i].item(), ts.abar_prev[i].item()
     beta = 1 - abar / abar_prev
     beta_tilde = beta * (1 - abar_prev) / (1 - abar)
-    assert tables["log_var_max"][i].item() == pytest.approx(math.log(beta))
-    assert tables["log_var_min"][i].item() == pytest.approx(math.log(beta_tilde))
+    # log Σ = slope · v + offset: slope = (log β − log β̃)/2, offset = (log β + log β̃)/2
+    assert tables["log_var_slope"][i].item() == pytest.approx((math.log(beta) - math.log(beta_tilde)) / 2)
+    assert tables["log_var_offset"][i].item() == pytest.approx((math.log(beta) + math.log(beta_tilde)) / 2)
     # ADM clips log β̃ at the last step (β̃ = 0 there) to the value one step earlier
-    assert tables["log_var_min"][-1].item() == pytest.approx(tables["log_var_min"][-2].item())
+    beta_last = 1 - (ts.abar[-1] / ts.abar_prev[-1]).item()
+    assert tables["log_var_slope"][-1].item() + tables["log_var_offset"][-1].item() == pytest.approx(math.log(beta_last))
+    assert tables["log_var_offset"][-1].item() - tables["log_var_slope"][-1].item() == pytest.approx(
+        tables["log_var_offset"][-2].item() - tables["log_var_slope"][-2].item())
     # the model's extra channels v give log Σ = f log β + (1 − f) log β̃, f = (v+1)/2
     one = one_step(int(ts.t[i]), int(ts.t[i + 1]))
     x, eps = rand(2, 3, 4, seed=1), rand(2, 3, 4, seed=2)
