@@ -63,7 +63,7 @@ import triton.language as tl
 from . import reduce_lanes
 from ._common import (acc_dtype, batch_strides, interpreted, next_pow2, pointers, scaling_args, strided_align,
                       target_programs, vec, NUM_WARPS)
-from .scaling import log2_coef
+from .scaling import log2_coef, row_pointers
 
 
 def reference(operands, groups: int = 1):
@@ -114,18 +114,9 @@ def _reduce_partials(x0, x1, x2, x3, x4, x5, x6, x7, xv, slope, offset, part, NR
     split = tl.program_id(1)
     splits = tl.num_programs(1)
     N = NR * ALIGN  # a multiple of ALIGN that Triton can see: row starts keep their alignment
+    p0, p1, p2, p3, p4, p5, p6, p7, pv = row_pointers(x0, x1, x2, x3, x4, x5, x6, x7, xv, row, GROUPS, N, SB0, SB1, SB2,
+                                                      SB3, SB4, SB5, SB6, SB7, SBV, ALIGN)
     b = row // GROUPS
-    gN = (row % GROUPS) * N
-    # row (b, g) of each operand: its own batch stride (row-strided operands, scaling.py)
-    p0 = x0 + (b * SB0 * ALIGN + gN)
-    p1 = x1 + (b * SB1 * ALIGN + gN)
-    p2 = x2 + (b * SB2 * ALIGN + gN)
-    p3 = x3 + (b * SB3 * ALIGN + gN)
-    p4 = x4 + (b * SB4 * ALIGN + gN)
-    p5 = x5 + (b * SB5 * ALIGN + gN)
-    p6 = x6 + (b * SB6 * ALIGN + gN)
-    p7 = x7 + (b * SB7 * ALIGN + gN)
-    pv = xv + (b * SBV * ALIGN + gN)
     k = tl.arange(0, 16)[:, None]  # tile row: operand k < K, ones at K, zeros after
     c = tl.arange(0, BK)[None, :] + 0 * k
     # Σ-scaled rows (scaling.py): formed in fp32 (fp64 for fp64 operands), so the tile of scaled

@@ -33,7 +33,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .scaling import log2_coef, scaled_masked
+from .scaling import log2_coef, row_pointers, scaled_masked
 
 FF, F64, F32 = 0, 1, 2  # the MODE constexpr
 
@@ -105,18 +105,9 @@ def _reduce_lanes(x0, x1, x2, x3, x4, x5, x6, x7, xv, slope, offset, part, NR, I
     split = tl.program_id(1)
     splits = tl.num_programs(1)
     N = NR * ALIGN  # a multiple of ALIGN that Triton can see: row starts keep their alignment
+    p0, p1, p2, p3, p4, p5, p6, p7, pv = row_pointers(x0, x1, x2, x3, x4, x5, x6, x7, xv, row, GROUPS, N, SB0, SB1, SB2,
+                                                      SB3, SB4, SB5, SB6, SB7, SBV, ALIGN)
     b = row // GROUPS
-    gN = (row % GROUPS) * N
-    # row (b, g) of each operand: its own batch stride (row-strided operands, scaling.py)
-    p0 = x0 + (b * SB0 * ALIGN + gN)
-    p1 = x1 + (b * SB1 * ALIGN + gN)
-    p2 = x2 + (b * SB2 * ALIGN + gN)
-    p3 = x3 + (b * SB3 * ALIGN + gN)
-    p4 = x4 + (b * SB4 * ALIGN + gN)
-    p5 = x5 + (b * SB5 * ALIGN + gN)
-    p6 = x6 + (b * SB6 * ALIGN + gN)
-    p7 = x7 + (b * SB7 * ALIGN + gN)
-    pv = xv + (b * SBV * ALIGN + gN)
     ACC: tl.constexpr = tl.float64 if MODE == 1 else tl.float32
     # Σ-scaled operands (scaling.py): formed in fp32 (these are fp32/fp16/bf16 operands)
     F: tl.constexpr = tl.float32

@@ -25,6 +25,18 @@ LOG2E = tl.constexpr(1.4426950408889634)  # log2(e), made a float64 constant whe
 
 
 @triton.jit
+def row_pointers(x0, x1, x2, x3, x4, x5, x6, x7, xv, row, GROUPS, N, SB0, SB1, SB2, SB3, SB4, SB5, SB6, SB7, SBV,
+                 ALIGN: tl.constexpr):
+    """Where row (b, g) = (row // GROUPS, row % GROUPS) starts in each operand and the log-scale:
+    each its own batch stride (``SB* · ALIGN`` elements), then g chunks of N."""
+    b = row // GROUPS
+    gN = (row % GROUPS) * N
+    return (x0 + (b * SB0 * ALIGN + gN), x1 + (b * SB1 * ALIGN + gN), x2 + (b * SB2 * ALIGN + gN),
+            x3 + (b * SB3 * ALIGN + gN), x4 + (b * SB4 * ALIGN + gN), x5 + (b * SB5 * ALIGN + gN),
+            x6 + (b * SB6 * ALIGN + gN), x7 + (b * SB7 * ALIGN + gN), xv + (b * SBV * ALIGN + gN))
+
+
+@triton.jit
 def log2_coef(p, sb, sk, b, k: tl.constexpr, SCALED: tl.constexpr, F: tl.constexpr):
     """``p[b, k] · log2(e)`` of a float64 ``[1 or B, K]`` tensor read through strides (sb = 0 on
     a broadcast batch), rounded to F; 0 where bit k of SCALED is clear (never read)."""
