@@ -258,3 +258,22 @@ class ChannelScale(torch.nn.Module):
 
     def forward(self, x, t, **_):
         return x * self.w
+
+
+def policy_program(policy, b, groups, k, kg, g):
+    """A policy's coefficient vectors and scalars (as the kernel tests pass them)."""
+    names_v, names_s = gg.ops.policies.POLICIES[policy]
+    shapes = [(1, 1, k), (b, 1, k), (b, groups, k), (1, groups, k)]
+    vectors = []
+    for j in range(len(names_v)):
+        v = torch.randn(shapes[j % 4], generator=g, dtype=torch.float64 if j % 2 == 0 else torch.float32)
+        if j > 0 and kg:   # the vectors whose inner products a policy takes live on the Gram's operands
+            v[..., kg:] = 0
+        vectors.append(v)
+    scalars = [(torch.rand(b if j % 2 else 1, generator=g, dtype=torch.float64) + 0.5)
+               .to(torch.float32 if j % 3 == 2 else torch.float64) for j in range(len(names_s))]
+    if policy == "lookahead":   # both branches of beta_per_sample across the batch
+        scalars[6] = torch.arange(b, dtype=torch.float64) % 2
+    if policy == "apg":         # a threshold that clips some rows
+        scalars[2] = torch.full((1,), 0.5, dtype=torch.float64)
+    return vectors, scalars

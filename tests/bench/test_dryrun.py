@@ -171,6 +171,16 @@ def test_quick_paper_workload_report_and_projection(tmp_path):
     assert "old" not in text and "sim-lookahead (quick)" in text and text.endswith("tail\n")
 
 
+def _full_size_step(workload: str):
+    """A paper workload's dry run at full size on fake CUDA with Triton: (summary, the step's ops
+    beyond the model)."""
+    pytest.importorskip("diffusers")
+    report = dryrun.build_report([workload], combinations=False, quick=False, backend="triton",
+                                 progress=False, command="test")
+    (r,) = report["workloads"]
+    return r["summary"], next(iter(r["steps_measured"].values()))["guidance"]["ops"]
+
+
 def test_decoded_g_loss_paper_workload_is_the_fused_step():
     """SD + CFG 7.5 + G_loss through the U-Net and the VAE decoder (the gradient-guidance paper's
     image workload at full size on fake CUDA, Triton; its latent-sized extras — the batched
@@ -179,12 +189,7 @@ def test_decoded_g_loss_paper_workload_is_the_fused_step():
     the decoder's pullback, both branches' VJPs from one backward pass, one final combine — at
     most 8 launches beyond the model (decoder and reward included in the model) and at most 1.2×
     the minimum big-tensor bytes; the general path took 74 on the full-size workload."""
-    pytest.importorskip("diffusers")
-    report = dryrun.build_report(["sd-cfg-lookahead"], combinations=False, quick=False, backend="triton",
-                                 progress=False, command="test")
-    (r,) = report["workloads"]
-    s = r["summary"]
-    ops_ = next(iter(r["steps_measured"].values()))["guidance"]["ops"]
+    s, ops_ = _full_size_step("sd-cfg-lookahead")
     assert s["guidance_launches"] <= 8, ops_
     assert s["ratio"] <= 1.2, s
     assert ops_["gradguide_triton.fused_combine"]["launches"] == 2, ops_
@@ -198,12 +203,7 @@ def test_learned_variance_paper_workload_is_the_fused_step():
     in the model's output) — at most 8 launches beyond the model and at most 1.2× the minimum bytes
     (the minimum reads the variance channels in each pass that reads a scaled operand); the general
     path took 94 launches at 4.6×."""
-    pytest.importorskip("diffusers")
-    report = dryrun.build_report(["adm64-cls-pxpA"], combinations=False, quick=False, backend="triton",
-                                 progress=False, command="test")
-    (r,) = report["workloads"]
-    s = r["summary"]
-    ops_ = next(iter(r["steps_measured"].values()))["guidance"]["ops"]
+    s, ops_ = _full_size_step("adm64-cls-pxpA")
     assert s["guidance_launches"] <= 8, ops_
     assert s["ratio"] <= 1.2, s
     assert ops_["gradguide_triton.fused_combine"]["launches"] == 2 and "aten.exp" not in ops_, ops_

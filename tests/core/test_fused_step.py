@@ -128,10 +128,8 @@ CASES = [c for c in itertools.product(["ddpm", "ddim", "ddim-eta1", "dpmpp-2m"],
                                       list(PROJECTIONS), [None, True]) if _valid(c[1], c[2])]
 
 
-def _run(sampler, guidance, projection, clip, fused, dtype=torch.float64, prediction="eps", clip_eps="clipped",
-         backend="auto", steps=5, graph=False, diagnostics=None):
-    eta = 1.0 if sampler == "ddim-eta1" else None
-    terms = _guidance(guidance)
+def _sample_and_run(model, sampler, terms, projection, dtype, execution, diagnostics=None, steps=5):
+    """``(samples, the run sample() prepared)`` from the fixed x_T and noise of these tests."""
     x_T = 1.5 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     runs = {}
     original = sampling._finish_prepare
@@ -145,16 +143,21 @@ def _run(sampler, guidance, projection, clip, fused, dtype=torch.float64, predic
     # differ, so draw in float64 and round
     sampling._noise = lambda shape, gen, device, dt: noise(shape, gen, device, torch.float64).to(dt)
     try:
-        out = gg.sample(_model, SHAPE, schedule=SCHED,
-                        sampler=gg.Sampler(sampler.split("-eta")[0], eta=eta, prediction=prediction, clip=clip,
-                                           clip_eps=clip_eps),
-                        steps=steps, guidance=terms, projection=PROJECTIONS[projection],
-                        cond={"y": torch.ones(SHAPE[0])}, x_T=x_T.to(dtype),
-                        execution=gg.Execution(backend=backend, fused=fused, graph=graph), diagnostics=diagnostics,
-                        generator=torch.Generator().manual_seed(2))
+        out = gg.sample(model, SHAPE, schedule=SCHED, sampler=sampler, steps=steps, guidance=terms,
+                        projection=projection, cond={"y": torch.ones(SHAPE[0])}, x_T=x_T.to(dtype),
+                        execution=execution, diagnostics=diagnostics, generator=torch.Generator().manual_seed(2))
     finally:
         sampling._finish_prepare, sampling._noise = original, noise
     return out, runs["run"]
+
+
+def _run(sampler, guidance, projection, clip, fused, dtype=torch.float64, prediction="eps", clip_eps="clipped",
+         backend="auto", steps=5, graph=False, diagnostics=None):
+    eta = 1.0 if sampler == "ddim-eta1" else None
+    return _sample_and_run(_model, gg.Sampler(sampler.split("-eta")[0], eta=eta, prediction=prediction, clip=clip,
+                                              clip_eps=clip_eps),
+                           _guidance(guidance), PROJECTIONS[projection], dtype,
+                           gg.Execution(backend=backend, fused=fused, graph=graph), diagnostics, steps)
 
 
 def _expect_fused(sampler, guidance, projection, clip):
@@ -392,24 +395,8 @@ def _model_learned(x, t, y=None):
 
 def _run_learned(guidance, projection, clip, fused, variance="learned-range", backend="auto", dtype=torch.float64,
                  model=_model_learned, graph=False, diagnostics=None):
-    x_T = 1.5 * torch.randn(SHAPE, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    runs = {}
-    original = sampling._finish_prepare
-
-    def spy(run, fused_flag=True):
-        original(run, fused_flag)
-        runs["run"] = run
-    sampling._finish_prepare = spy
-    noise = sampling._noise
-    sampling._noise = lambda shape, gen, device, dt: noise(shape, gen, device, torch.float64).to(dt)
-    try:
-        out = gg.sample(model, SHAPE, schedule=SCHED, sampler=gg.Sampler("ddpm", variance=variance, clip=clip),
-                        steps=5, guidance=guidance, projection=projection, cond={"y": torch.ones(SHAPE[0])},
-                        x_T=x_T.to(dtype), execution=gg.Execution(backend=backend, fused=fused, graph=graph),
-                        diagnostics=diagnostics, generator=torch.Generator().manual_seed(2))
-    finally:
-        sampling._finish_prepare, sampling._noise = original, noise
-    return out, runs["run"]
+    return _sample_and_run(model, gg.Sampler("ddpm", variance=variance, clip=clip), guidance, projection, dtype,
+                           gg.Execution(backend=backend, fused=fused, graph=graph), diagnostics)
 
 
 LEARNED_CASES = [(g, p, c) for g in ("classifier", "cfg+classifier", "none") for p in ("none", "A", "B", "B-channel")

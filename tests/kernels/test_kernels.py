@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 import gradguide
 from gradguide import ops
 from gradguide.ops import policies, reference
+from helpers import policy_program
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # per-dtype bound on |error| / scale: fp32 accumulation for low precision inputs (exact upcast),
@@ -644,26 +645,13 @@ def test_fused_kernel_matches_float64_truth(policy, dtype):
     float32 (what the fp32 reduce kernel writes) or float64, awkward row lengths, groups."""
     _backend("triton")
     from gradguide.ops import triton_backend
-    names_v, names_s = policies.POLICIES[policy]
     g = torch.Generator().manual_seed(10 * list(policies.POLICIES).index(policy) + DTYPES.index(dtype))
     for b, per_sample, groups, k, kg, gram_dtype in ((3, (5, 7), 1, 5, 3, torch.float32),
                                                       (2, (3, 8), 3, 8, 8, torch.float64),
                                                       (1, (64,), 4, 1, 1, torch.float64)):
         operands = [torch.randn(b, *per_sample, generator=g, dtype=torch.float64).mul(1 + j).to(dtype)
                     for j in range(k)]
-        shapes = [(1, 1, k), (b, 1, k), (b, groups, k), (1, groups, k)]
-        vectors = []
-        for j in range(len(names_v)):
-            v = torch.randn(shapes[j % 4], generator=g, dtype=torch.float64 if j % 2 == 0 else torch.float32)
-            if j > 0:   # the vectors whose inner products a policy takes live on the Gram's operands
-                v[..., kg:] = 0
-            vectors.append(v)
-        scalars = [(torch.rand(b if j % 2 else 1, generator=g, dtype=torch.float64) + 0.5)
-                   .to(torch.float32 if j % 3 == 2 else torch.float64) for j in range(len(names_s))]
-        if policy == "lookahead":   # both branches of beta_per_sample across the batch
-            scalars[6] = torch.arange(b, dtype=torch.float64) % 2
-        if policy == "apg":         # a threshold that clips some rows
-            scalars[2] = torch.full((1,), 0.5, dtype=torch.float64)
+        vectors, scalars = policy_program(policy, b, groups, k, kg, g)
         gram = None
         if policies.NEEDS_GRAM[policy]:
             gram = reference.reduce(operands[:kg], groups)[0].to(gram_dtype)

@@ -17,6 +17,7 @@ import torch
 
 from gradguide.ops import native_backend, policies, reference
 from gradguide.ops.reference import Scaling
+from helpers import policy_program
 
 if native_backend.status(torch.device("cpu")) is not True:   # CI: a failed build must fail, not skip
     if "native" in os.environ.get("GRADGUIDE_REQUIRE_BACKENDS", "").split(","):
@@ -64,7 +65,6 @@ def _case(b, sample, k, dtype, seed, strided, mask, coef_rows=None):
 
 def _scaled_rows(operands, exact, groups):
     """The float64 scaled operands [B, G, K, N/G] (the truth's own values)."""
-    b = operands[0].shape[0]
     return reference._rows([o.double() for o in operands], groups, torch.float64, exact)
 
 
@@ -171,23 +171,6 @@ def test_the_kernels_exp_is_accurate_and_ieee_at_the_ends(dtype):
 
 # -- fused_combine --------------------------------------------------------------------------------
 
-def _program(policy, b, groups, k, kg, g):
-    """A policy's coefficient vectors and scalars (as the kernel tests pass them)."""
-    names_v, names_s = policies.POLICIES[policy]
-    shapes = [(1, 1, k), (b, 1, k), (b, groups, k), (1, groups, k)]
-    vectors = []
-    for j in range(len(names_v)):
-        v = torch.randn(shapes[j % 4], generator=g, dtype=torch.float64 if j % 2 == 0 else torch.float32)
-        if j > 0 and kg:   # the vectors whose inner products a policy takes live on the Gram's operands
-            v[..., kg:] = 0
-        vectors.append(v)
-    scalars = [(torch.rand(b if j % 2 else 1, generator=g, dtype=torch.float64) + 0.5)
-               .to(torch.float32 if j % 3 == 2 else torch.float64) for j in range(len(names_s))]
-    if policy == "lookahead":   # both branches of beta_per_sample across the batch
-        scalars[6] = torch.arange(b, dtype=torch.float64) % 2
-    if policy == "apg":         # a threshold that clips some rows
-        scalars[2] = torch.full((1,), 0.5, dtype=torch.float64)
-    return vectors, scalars
 
 
 def _fused_truth(policy, gram, vectors, scalars, operands, exact, groups, clamp):
@@ -204,7 +187,7 @@ def _fused_truth(policy, gram, vectors, scalars, operands, exact, groups, clamp)
 
 def _check_fused(policy, operands, scaling, exact, groups, kg, clamp, g, out=None):
     b, k, dtype = operands[0].shape[0], len(operands), operands[0].dtype
-    vectors, scalars = _program(policy, b, groups, k, kg, g)
+    vectors, scalars = policy_program(policy, b, groups, k, kg, g)
     gram = None
     if policies.NEEDS_GRAM[policy]:   # the Gram of the scaled operands (what the scaled reduce gives)
         gram = reference.reduce([o.double() for o in operands[:kg]], groups,
@@ -260,7 +243,7 @@ def test_fused_out_variant_matches_the_fresh_output():
     g = torch.Generator().manual_seed(5)
     for dtype in DTYPES:
         operands, scaling, exact = _case(3, (4, 9), 3, dtype, 11, True, 0b101)
-        vectors, scalars = _program("pxp-a", 3, 1, 3, 2, g)
+        vectors, scalars = policy_program("pxp-a", 3, 1, 3, 2, g)
         gram = reference.reduce([o.double() for o in operands[:2]], 1,
                                 exact._replace(slope=exact.slope[:, :2], offset=exact.offset[:, :2], mask=0b01))[0]
         fresh = native_backend.fused_combine("pxp-a", operands, gram, vectors, scalars, scaling=scaling)
@@ -286,7 +269,7 @@ def test_fused_without_scaling_is_unchanged_and_strided_reads_as_contiguous():
     for dtype in DTYPES:
         operands, scaling, _ = _case(3, (6, 7), 4, dtype, 13, True, 0)
         contiguous = [o.contiguous() for o in operands]
-        vectors, scalars = _program("pxp-a", 3, 2, 4, 3, g)
+        vectors, scalars = policy_program("pxp-a", 3, 2, 4, 3, g)
         gram = reference.reduce([o.double() for o in contiguous[:3]], 2)[0]
         args = (gram, vectors, scalars)
         want = torch.ops.gradguide.fused_combine("pxp-a", contiguous, *args, -1.0, None)
